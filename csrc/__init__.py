@@ -1,0 +1,1 @@
+"""C++/CUDA sources of the compiled kernels (data, built at first use)."""
