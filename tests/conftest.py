@@ -1,0 +1,51 @@
+"""Shared fixtures: locating ../shared (real tiny models, tokenizers) beside the repository.
+
+When ../shared is missing, tests that need it fail under CI (``CI=true``) and are skipped with a reason
+elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = (REPO / ".." / "shared").resolve()
+MODEL_NAMES = {
+    "4": "tiny-rwkv-4v0-660K.pth",
+    "5": "tiny-rwkv-5v1-730K.pth",
+    "5.2": "tiny-rwkv-5v2-730K.pth",
+    "6": "tiny-rwkv-6v0-1m.pth",
+    "7": "tiny-rwkv-7v0-834K.pth",
+}
+
+
+def _require(path: Path) -> Path:
+    if path.exists():
+        return path
+    msg = f"{path} is missing (the shared test data belongs beside the repository)"
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(msg)
+    pytest.skip(msg)
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    return _require(SHARED)
+
+
+@pytest.fixture(scope="session")
+def models_dir(shared_dir) -> Path:
+    return _require(shared_dir / "models")
+
+
+@pytest.fixture(scope="session")
+def model_path(models_dir):
+    """``model_path("5.2")`` or ``model_path("tiny-rwkv-5v2-730K.pth")`` -> Path."""
+
+    def get(name: str) -> Path:
+        return _require(models_dir / MODEL_NAMES.get(name, name))
+
+    return get
