@@ -1,0 +1,323 @@
+"""The ``rwkv-chat`` command line (one binary): the TUI, the daemon's lifecycle, and scriptable clients.
+
+``complete`` and ``chat`` write only generated text to stdout (progress and status go to stderr), so they
+compose in pipes. Exit codes: 0 success, 1 error, 2 usage, 3 a daemon already runs (``daemon start
+--foreground``), 4 the daemon was lost mid-stream, 130 interrupted (the generation is cancelled).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+
+
+def _paths():
+    from rwkv_chat.app.paths import ensure_dirs, get_paths
+
+    return ensure_dirs(get_paths())
+
+
+def _config(paths):
+    from rwkv_chat.app.config import load_config
+
+    return load_config(paths.config_file)
+
+
+def _err(*a) -> None:
+    print(*a, file=sys.stderr, flush=True)
+
+
+def _sampling_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, dest="max_tokens")
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-p", type=float, dest="top_p")
+    p.add_argument("--top-k", type=int, dest="top_k")
+    p.add_argument("--alpha-frequency", type=float, dest="alpha_frequency")
+    p.add_argument("--alpha-presence", type=float, dest="alpha_presence")
+    p.add_argument("--alpha-decay", type=float, dest="alpha_decay")
+    p.add_argument("--seed", type=int)
+
+
+def _sampling(args) -> dict:
+    keys = ("max_tokens", "temperature", "top_p", "top_k", "alpha_frequency", "alpha_presence", "alpha_decay", "seed")
+    return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="rwkv-chat", description="Chat with RWKV language models in the terminal.")
+    sub = ap.add_subparsers(dest="cmd")
+    d = sub.add_parser("daemon", help="start, stop or inspect the background daemon")
+    dsub = d.add_subparsers(dest="daemon_cmd", required=True)
+    ds = dsub.add_parser("start")
+    ds.add_argument("--model")
+    ds.add_argument("--strategy")
+    ds.add_argument("--foreground", action="store_true")
+    dsub.add_parser("stop")
+    dst = dsub.add_parser("status")
+    dst.add_argument("--json", action="store_true")
+    lp = sub.add_parser("load", help="load (or switch) the daemon's model")
+    lp.add_argument("path")
+    lp.add_argument("--strategy", default=None)
+    lp.add_argument("--default", action="store_true", help="also make it the default model in the config")
+    cp = sub.add_parser("complete", help="raw completion, streamed to stdout")
+    cp.add_argument("prompt")
+    cp.add_argument("--stop", action="append", default=[])
+    _sampling_flags(cp)
+    ch = sub.add_parser("chat", help="one chat turn, streamed to stdout")
+    ch.add_argument("message")
+    ch.add_argument("--conversation")
+    _sampling_flags(ch)
+    cv = sub.add_parser("conversations", help="list, show, export or remove conversations")
+    cvs = cv.add_subparsers(dest="conv_cmd", required=True)
+    cvs.add_parser("list").add_argument("--json", action="store_true")
+    cvs.add_parser("show").add_argument("id")
+    ex = cvs.add_parser("export")
+    ex.add_argument("id")
+    ex.add_argument("--format", choices=("md", "json"), default="md")
+    cvs.add_parser("rm").add_argument("id")
+    dp = sub.add_parser("doctor", help="devices, versions, kernel builds, paths")
+    dp.add_argument("--json", action="store_true")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    from rwkv_chat.daemon.client import DaemonError, DaemonLost
+
+    try:
+        if args.cmd is None:
+            return _tui()
+        return {"daemon": _daemon, "load": _load, "complete": _complete, "chat": _chat,
+                "conversations": _conversations, "doctor": _doctor}[args.cmd](args)
+    except DaemonLost as e:
+        _err(f"rwkv-chat: daemon lost: {e.message}")
+        return 4
+    except DaemonError as e:
+        _err(f"rwkv-chat: {e}")
+        return 1
+    except KeyboardInterrupt:
+        _err("rwkv-chat: interrupted")
+        return 130
+
+
+def _tui() -> int:
+    try:
+        from rwkv_chat.app.main import run
+    except ImportError as e:
+        _err(f"rwkv-chat: the terminal UI is not available ({e}); the other commands work: rwkv-chat --help")
+        return 1
+    return run() or 0
+
+
+# ---------------------------------------------------------------- daemon lifecycle
+def _daemon(args) -> int:
+    from rwkv_chat.daemon.client import Client, ping, spawn_daemon
+
+    paths = _paths()
+    if args.daemon_cmd == "start":
+        if args.foreground:
+            from rwkv_chat.daemon.server import AlreadyRunning, serve
+
+            try:
+                return serve(paths, _config(paths), args.model, args.strategy)
+            except AlreadyRunning as e:
+                _err(f"rwkv-chat: {e}")
+                return 3
+        info = ping(paths)
+        if info is not None:
+            _err(f"rwkv-chat: a daemon is already running (pid {info.pid}, {info.request})")
+            if args.model:
+                _err("rwkv-chat: use `rwkv-chat load PATH` to switch its model")
+            return 0
+        info = spawn_daemon(paths, args.model, args.strategy)
+        _err(f"rwkv-chat: daemon started (pid {info.pid}, {info.request})")
+        return 0
+    if args.daemon_cmd == "stop":
+        from rwkv_chat.daemon.server import lock_held
+
+        info = ping(paths)
+        if info is None and not lock_held(paths.lock_file):
+            _err("rwkv-chat: no daemon is running")
+            return 0
+        if info is not None:
+            with Client(paths, autostart=False) as c:
+                c.shutdown()
+        else:
+            pid = paths.lock_file.read_text().strip()
+            if pid.isdigit():
+                os.kill(int(pid), signal.SIGTERM)
+        for _ in range(200):
+            if not lock_held(paths.lock_file):
+                _err("rwkv-chat: daemon stopped")
+                return 0
+            time.sleep(0.05)
+        _err("rwkv-chat: the daemon did not stop within 10 s")
+        return 1
+    # status
+    if ping(paths) is None:
+        if args.json:
+            print(json.dumps({"running": False}))
+        else:
+            print("daemon: not running")
+        return 1
+    with Client(paths, autostart=False) as c:
+        st = c.status()
+    st["running"] = True
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    _print_status(st)
+    return 0
+
+
+def _mib(n) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _print_status(st: dict) -> None:
+    mdl = st["model"]
+    print(f"daemon: pid {st['pid']}, version {st['version']}, protocol {st['protocol']}, up {st['uptime']:.0f} s")
+    if mdl.get("loaded"):
+        print(f"model: {mdl['path']} (RWKV v{mdl['version']}, {mdl['n_layer']} layers x {mdl['n_embd']}, "
+              f"vocab {mdl['vocab_size']}, tokenizer {mdl['tokenizer']})")
+        print(f"strategy: {mdl['strategy']}")
+        for line in str(mdl.get("plan", "")).splitlines():
+            print(f"  {line}")
+    else:
+        print("model: none loaded" + (f" (loading {mdl['loading']})" if mdl.get("loading") else ""))
+    mem = st["memory"]
+    print(f"memory: RSS {_mib(mem.get('rss_bytes', mem['max_rss_bytes']))}"
+          + "".join(f", {c['device']} {_mib(c['allocated_bytes'])} allocated" for c in mem.get("cuda", [])))
+    print("devices: " + ", ".join(st["devices"]))
+    print(f"generations: {len(st['active'])} active, {st['queued']} queued; clients: {st['clients']}")
+    for a in st["active"]:
+        print(f"  {a['job_id']} {a['kind']} {a['conversation_id'] or ''} {a['phase']} tokens={a['tokens']}")
+
+
+def _load(args) -> int:
+    from rwkv_chat.daemon import messages as m
+    from rwkv_chat.daemon.client import Client
+
+    paths = _paths()
+    cfg = _config(paths)
+    strategy = args.strategy or cfg.model.strategy
+    path = os.path.abspath(args.path)
+    with Client(paths) as c:
+        for ev in c.load(path, strategy):
+            if isinstance(ev, m.Progress):
+                _err(f"loading {ev.text} ({ev.done}/{ev.total})")
+            elif isinstance(ev, m.Done):
+                _err(f"loaded {path} with strategy {strategy!r} in {ev.prefill_s:.2f} s")
+    if args.default:
+        from rwkv_chat.app.config import save_config
+
+        cfg.model.path, cfg.model.strategy = path, strategy
+        save_config(cfg, paths.config_file)
+        _err(f"default model saved in {paths.config_file}")
+    return 0
+
+
+def _stream(gen, strip_first: bool = False) -> int:
+    from rwkv_chat.daemon import messages as m
+
+    first = True
+    interactive = sys.stderr.isatty()
+    try:
+        for ev in gen:
+            if isinstance(ev, m.Token):
+                text = ev.text.lstrip() if (first and strip_first) else ev.text
+                first = first and not text
+                sys.stdout.write(text)
+                sys.stdout.flush()
+            elif isinstance(ev, m.Progress) and interactive:
+                sys.stderr.write(f"\r{ev.phase} {ev.done}/{ev.total}")
+                sys.stderr.flush()
+                if ev.done >= ev.total:
+                    sys.stderr.write("\r\x1b[K")
+            elif isinstance(ev, m.Done):
+                if strip_first:
+                    sys.stdout.write("\n")
+                    sys.stdout.flush()
+                _err(f"[{ev.reason}: {ev.tokens} tokens at {ev.tokens_per_s:.1f} tokens/s; "
+                     f"prefill {ev.prompt_tokens} tokens in {ev.prefill_s:.2f} s]")
+    except KeyboardInterrupt:
+        gen.close()          # cancels the generation in the daemon
+        sys.stdout.write("\n")
+        _err("rwkv-chat: cancelled")
+        return 130
+    return 0
+
+
+def _complete(args) -> int:
+    from rwkv_chat.daemon.client import Client
+
+    with Client(_paths()) as c:
+        return _stream(c.complete(args.prompt, stop=args.stop, **_sampling(args)))
+
+
+def _chat(args) -> int:
+    from rwkv_chat.daemon.client import Client
+    from rwkv_chat.daemon.store import check_conversation_id, new_conversation_id
+
+    cid = args.conversation or new_conversation_id()
+    check_conversation_id(cid)
+    if not args.conversation:
+        _err(f"conversation: {cid}")
+    with Client(_paths()) as c:
+        return _stream(c.chat(cid, args.message, **_sampling(args)), strip_first=True)
+
+
+def _conversations(args) -> int:
+    from rwkv_chat.daemon.client import Client
+    from rwkv_chat.daemon.store import check_conversation_id
+
+    if getattr(args, "id", None):
+        check_conversation_id(args.id)
+    with Client(_paths()) as c:
+        if args.conv_cmd == "list":
+            items = c.conversations()
+            if args.json:
+                import msgspec
+
+                print(json.dumps(msgspec.to_builtins(items), indent=2))
+            for it in ([] if args.json else items):
+                when = time.strftime("%Y-%m-%d %H:%M", time.localtime(it.updated))
+                print(f"{it.id}\t{when}\t{it.turns} turns\t{it.title}")
+        elif args.conv_cmd == "show":
+            d = c.conversation(args.id)
+            print(f"# {d.conversation.title or d.conversation.id}")
+            if d.conversation.system_prompt:
+                print(f"System: {d.conversation.system_prompt}")
+            for t in d.turns:
+                print(f"{t.role.capitalize()}: {t.text}")
+        elif args.conv_cmd == "export":
+            sys.stdout.write(c.export(args.id, args.format))
+        elif args.conv_cmd == "rm":
+            c.delete(args.id)
+            _err(f"removed {args.id}")
+    return 0
+
+
+def _doctor(args) -> int:
+    from rwkv_chat.daemon.doctor import report
+
+    rep = report(_paths())
+    if args.json:
+        print(json.dumps(rep, indent=2, default=str))
+        return 0
+    for section, values in rep.items():
+        print(f"[{section}]")
+        if isinstance(values, dict):
+            for k, v in values.items():
+                print(f"  {k}: {v}")
+        else:
+            print(f"  {values}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""Where rwkv-chat keeps its files.
+
+Default directories come from :mod:`platformdirs` (``user_config_dir``, ``user_data_dir``,
+``user_cache_dir``, ``user_runtime_dir``). ``RWKV_CHAT_HOME=DIR`` puts all four under ``DIR``
+(``DIR/config``, ``DIR/data``, ``DIR/cache``, ``DIR/run``), for tests and side-by-side installs.
+
+The runtime directory holds the daemon's connection file, lock file, log and ipc sockets; it is
+created with mode 0700 and its mode is enforced on every call of :func:`ensure_dirs`.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import platformdirs
+
+APP_NAME = "rwkv-chat"
+HOME_ENV = "RWKV_CHAT_HOME"
+
+
+@dataclass(frozen=True)
+class Paths:
+    """The four directories of one rwkv-chat home."""
+
+    config_dir: Path
+    data_dir: Path
+    cache_dir: Path
+    runtime_dir: Path
+
+    @property
+    def config_file(self) -> Path:
+        """The TOML configuration file (``config.toml``)."""
+        return self.config_dir / "config.toml"
+
+    @property
+    def database(self) -> Path:
+        """The SQLite database of conversations and turns."""
+        return self.data_dir / "conversations.sqlite3"
+
+    @property
+    def states_dir(self) -> Path:
+        """Per-conversation state files (safetensors)."""
+        return self.data_dir / "states"
+
+    @property
+    def connection_file(self) -> Path:
+        """The daemon's connection file (endpoints and signing key), mode 0600."""
+        return self.runtime_dir / "daemon.json"
+
+    @property
+    def lock_file(self) -> Path:
+        """The lock file held (fcntl) by the one running daemon of this home."""
+        return self.runtime_dir / "daemon.lock"
+
+    @property
+    def log_file(self) -> Path:
+        """The daemon's log (stdout and stderr of a daemon started in the background)."""
+        return self.cache_dir / "daemon.log"
+
+
+def _runtime_default() -> Path:
+    try:
+        runtime = platformdirs.user_runtime_dir(APP_NAME)
+    except Exception:  # platforms without a runtime dir notion
+        runtime = None
+    if not runtime:
+        runtime = os.path.join(tempfile.gettempdir(), f"{APP_NAME}-{os.getuid()}")
+    return Path(runtime)
+
+
+def get_paths() -> Paths:
+    """The directories of the current home (``RWKV_CHAT_HOME`` or platformdirs); nothing is created."""
+    home = os.environ.get(HOME_ENV)
+    if home:
+        base = Path(home).expanduser().resolve()
+        return Paths(base / "config", base / "data", base / "cache", base / "run")
+    return Paths(
+        Path(platformdirs.user_config_dir(APP_NAME)),
+        Path(platformdirs.user_data_dir(APP_NAME)),
+        Path(platformdirs.user_cache_dir(APP_NAME)),
+        _runtime_default(),
+    )
+
+
+def ensure_dirs(paths: Paths | None = None) -> Paths:
+    """Create the directories (runtime dir mode 0700, enforced) and return the paths."""
+    paths = paths or get_paths()
+    for d in (paths.config_dir, paths.data_dir, paths.cache_dir, paths.states_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    paths.runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    mode = stat.S_IMODE(paths.runtime_dir.stat().st_mode)
+    if mode != 0o700:
+        os.chmod(paths.runtime_dir, 0o700)
+    return paths

@@ -1,0 +1,427 @@
+"""Client library of the rwkv-chat daemon, used by the CLI and the Textual UI.
+
+Contract
+--------
+* ``Client(paths=None, autostart=True, timeout=10.0)`` — connects lazily on first use; if no daemon answers
+  for the home (``RWKV_CHAT_HOME`` or platformdirs) and ``autostart`` is true, starts one in the background
+  and waits until it answers. Raises :class:`DaemonUnavailable` when that fails.
+* Requests (``status``, ``conversations``, ``conversation``, ``create_conversation``, ``rename``, ``delete``,
+  ``set_system_prompt``, ``set_sampling``, ``export``, ``cancel``, ``get_state``) return plain values or
+  message structs of :mod:`rwkv_chat.daemon.messages`; a daemon-side failure raises :class:`DaemonError`
+  (``.kind`` e.g. "NotFound", "InvalidId", "StateError"), a full queue :class:`BusyError`, no reply within
+  ``timeout`` seconds :class:`DaemonUnavailable`.
+* Generations (``complete``, ``chat``, ``regenerate``, ``edit_last_user``, ``load``) return a generator of
+  events: ``Started``, ``Progress`` (phase "load"/"prefill", done/total), ``Token`` (text), and finally
+  ``Done`` (reason "stop"/"length"/"cancelled"/"loaded", full text, token counts, tokens/s). A ``Failed``
+  event raises :class:`GenerationFailed` (``.kind`` e.g. "OOM", "StateError", "NoModel"). Closing the
+  generator early (``close()``, ``break``, KeyboardInterrupt) cancels the generation in the daemon. If the
+  daemon stops sending anything (heartbeats included) for ``lost_after`` seconds, :class:`DaemonLost`.
+* ``subscribe(conversation_id)`` yields every event published on that conversation (any client's
+  generation) until the generator is closed; ``watch_timeout`` bounds each wait (yields None on idle).
+* A background thread sends heartbeats (``connected`` tells whether the daemon answered the last one);
+  the daemon cancels generations of a client whose heartbeats stop.
+
+Threads: methods may be called from any thread; requests are serialized by a lock. Consume one event
+generator per Client at a time (the UI: one Client per worker that streams).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import zmq
+
+from rwkv_chat.app.paths import Paths, ensure_dirs, get_paths
+
+from . import messages as m
+from . import protocol as p
+
+
+class DaemonError(RuntimeError):
+    """The daemon answered with an error; ``kind`` names it."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(f"{kind}: {message}")
+        self.kind = kind
+        self.message = message
+
+
+class BusyError(DaemonError):
+    """The daemon's generation queue is full."""
+
+    def __init__(self, busy: m.Busy):
+        super().__init__("Busy", busy.reason)
+        self.queued, self.limit = busy.queued, busy.limit
+
+
+class GenerationFailed(DaemonError):
+    """A generation (or load) failed in the daemon (``kind`` e.g. "OOM", "StateError", "NoModel")."""
+
+
+class DaemonUnavailable(DaemonError):
+    """No daemon answers (and none could be started)."""
+
+    def __init__(self, message: str):
+        super().__init__("Unavailable", message)
+
+
+class DaemonLost(DaemonError):
+    """The daemon stopped answering in the middle of a stream."""
+
+    def __init__(self, message: str):
+        super().__init__("Lost", message)
+
+
+def _sampling(kw: dict) -> m.Sampling:
+    unknown = set(kw) - set(m.Sampling.__struct_fields__)
+    if unknown:
+        raise TypeError(f"unknown sampling settings {sorted(unknown)}")
+    return m.Sampling(**kw)
+
+
+def spawn_daemon(paths: Paths, model: str | None = None, strategy: str | None = None,
+                 timeout: float = 60.0) -> p.ConnectionInfo:
+    """Start a background daemon for ``paths`` (if none runs) and return its connection info once it
+    answers a ping. Raises DaemonUnavailable if it exits or stays silent for ``timeout`` seconds."""
+    from .server import lock_held
+
+    ensure_dirs(paths)
+    proc = None
+    if not lock_held(paths.lock_file):
+        cmd = [sys.executable, "-m", "rwkv_chat.daemon"]
+        if model:
+            cmd += ["--model", str(model)]
+        if strategy:
+            cmd += ["--strategy", strategy]
+        log = open(paths.log_file, "ab")
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+                                close_fds=True)
+        log.close()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = ping(paths, timeout=0.5)
+        if info is not None:
+            return info
+        if proc is not None and proc.poll() not in (None, 3):
+            tail = paths.log_file.read_text(errors="replace")[-2000:] if paths.log_file.exists() else ""
+            raise DaemonUnavailable(f"the daemon exited with code {proc.returncode}; log {paths.log_file}:\n{tail}")
+        time.sleep(0.05)
+    raise DaemonUnavailable(f"no daemon answered within {timeout:.0f} s (log: {paths.log_file})")
+
+
+def ping(paths: Paths, timeout: float = 1.0) -> p.ConnectionInfo | None:
+    """The connection info of a daemon that answers a ping within ``timeout`` s, else None."""
+    try:
+        info = p.read_connection_file(paths.connection_file)
+    except (FileNotFoundError, p.ProtocolError):
+        return None
+    ctx = zmq.Context.instance()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    try:
+        _secure(s, info)
+        s.connect(info.request)
+        codec = p.Codec(info.key_bytes)
+        s.send_multipart(codec.build(m.Ping(client_id="")))
+        if s.poll(int(timeout * 1000)):
+            reply, _ = codec.parse(s.recv_multipart())
+            return info if isinstance(reply, m.Pong) else None
+        return None
+    except (p.ProtocolError, zmq.ZMQError):
+        return None
+    finally:
+        s.close()
+
+
+def _secure(sock, info: p.ConnectionInfo) -> None:
+    if info.server_public_key:
+        pub, sec = zmq.curve_keypair()
+        sock.curve_serverkey = info.server_public_key.encode()
+        sock.curve_publickey, sock.curve_secretkey = pub, sec
+
+
+class Client:
+    """See the module docstring for the contract."""
+
+    def __init__(self, paths: Paths | None = None, *, autostart: bool = True, timeout: float = 10.0,
+                 heartbeat: float = 1.0, lost_after: float = 6.0):
+        self.paths = paths or get_paths()
+        self.autostart = autostart
+        self.timeout = timeout
+        self.heartbeat = heartbeat
+        self.lost_after = lost_after
+        self.client_id = "k" + secrets.token_hex(8)
+        self.info: p.ConnectionInfo | None = None
+        self.connected = False
+        self.last_event = 0.0
+        self._ctx = zmq.Context()
+        self._lock = threading.RLock()
+        self._req = self._sub = None
+        self._topics: dict[str, int] = {}
+        self._hb_thread = None
+        self._closing = threading.Event()
+
+    # ---------------------------------------------------------------- connection
+    def connect(self) -> "Client":
+        with self._lock:
+            if self.info is not None:
+                return self
+            info = ping(self.paths, timeout=min(2.0, self.timeout))
+            if info is None:
+                if not self.autostart:
+                    raise DaemonUnavailable(f"no daemon is running for {self.paths.runtime_dir}")
+                info = spawn_daemon(self.paths)
+            self.info = info
+            self._codec_req = p.Codec(info.key_bytes)
+            self._codec_sub = p.Codec(info.key_bytes)
+            self._open_req()
+            self._sub = self._ctx.socket(zmq.SUB)
+            self._sub.setsockopt(zmq.LINGER, 0)
+            self._sub.setsockopt(zmq.RCVHWM, 100_000)
+            _secure(self._sub, info)
+            self._sub.connect(info.events)
+            self._sub.setsockopt(zmq.SUBSCRIBE, m.DAEMON_TOPIC.encode())
+            self.connected = True
+            self._hb_thread = threading.Thread(target=self._heartbeats, name="rwkv-chat-heartbeat", daemon=True)
+            self._hb_thread.start()
+            return self
+
+    def _open_req(self) -> None:
+        if self._req is not None:
+            self._req.close(linger=0)
+        self._req = self._ctx.socket(zmq.DEALER)
+        self._req.setsockopt(zmq.LINGER, 0)
+        _secure(self._req, self.info)
+        self._req.connect(self.info.request)
+
+    def close(self) -> None:
+        self._closing.set()
+        if self._hb_thread is not None:
+            self._hb_thread.join(2 * self.heartbeat + 1)
+        with self._lock:
+            self._ctx.destroy(linger=0)
+            self.info = None
+            self.connected = False
+
+    def __enter__(self) -> "Client":
+        return self.connect()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _heartbeats(self) -> None:
+        s = self._ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        _secure(s, self.info)
+        s.connect(self.info.request)
+        codec = p.Codec(self.info.key_bytes)
+        try:
+            while not self._closing.wait(self.heartbeat):
+                s.send_multipart(codec.build(m.Ping(client_id=self.client_id)))
+                ok = False
+                if s.poll(int(self.heartbeat * 2000)):
+                    try:
+                        reply, _ = codec.parse(s.recv_multipart())
+                        ok = isinstance(reply, m.Pong)
+                    except p.ProtocolError:
+                        ok = False
+                self.connected = ok
+                if not ok:      # reconnect the socket so a late pong cannot pair with the next ping
+                    s.close(linger=0)
+                    s = self._ctx.socket(zmq.DEALER)
+                    s.setsockopt(zmq.LINGER, 0)
+                    _secure(s, self.info)
+                    s.connect(self.info.request)
+        except zmq.ZMQError:
+            pass
+        finally:
+            s.close(linger=0)
+
+    # ---------------------------------------------------------------- requests
+    def request(self, msg: m.Msg, timeout: float | None = None, buffers: bool = False):
+        """Send ``msg`` and return the reply (``(reply, buffers)`` with ``buffers``). Raises DaemonError kinds."""
+        self.connect()
+        timeout = self.timeout if timeout is None else timeout
+        with self._lock:
+            self._req.send_multipart(self._codec_req.build(msg))
+            deadline = time.monotonic() + timeout
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._req.poll(int(left * 1000)):
+                    self._open_req()
+                    raise DaemonUnavailable(f"no reply to {type(msg).__name__} within {timeout:.1f} s")
+                try:
+                    reply, bufs = self._codec_req.parse(self._req.recv_multipart(copy=False))
+                    break
+                except p.ProtocolError:
+                    continue
+        if isinstance(reply, m.Busy):
+            raise BusyError(reply)
+        if isinstance(reply, m.Error):
+            raise DaemonError(reply.kind, reply.message)
+        return (reply, bufs) if buffers else reply
+
+    def ping(self) -> bool:
+        try:
+            return isinstance(self.request(m.Ping(client_id=self.client_id), timeout=2.0), m.Pong)
+        except DaemonError:
+            return False
+
+    def status(self) -> dict:
+        import msgspec
+
+        return msgspec.to_builtins(self.request(m.Status(client_id=self.client_id)))
+
+    def shutdown(self) -> None:
+        self.request(m.Shutdown())
+
+    def conversations(self) -> list[m.ConversationInfo]:
+        return self.request(m.ListConversations()).items
+
+    def conversation(self, conversation_id: str) -> m.ConversationDetail:
+        return self.request(m.GetConversation(conversation_id=conversation_id))
+
+    def create_conversation(self, title: str = "", system_prompt: str = "", conversation_id: str = "",
+                            **sampling) -> m.ConversationInfo:
+        return self.request(m.CreateConversation(conversation_id=conversation_id, title=title,
+                                                 system_prompt=system_prompt, sampling=_sampling(sampling))).conversation
+
+    def rename(self, conversation_id: str, title: str) -> None:
+        self.request(m.RenameConversation(conversation_id=conversation_id, title=title))
+
+    def delete(self, conversation_id: str) -> None:
+        self.request(m.DeleteConversation(conversation_id=conversation_id))
+
+    def set_system_prompt(self, conversation_id: str, text: str) -> None:
+        self.request(m.SetSystemPrompt(conversation_id=conversation_id, text=text))
+
+    def set_sampling(self, conversation_id: str, **sampling) -> None:
+        self.request(m.SetSampling(conversation_id=conversation_id, sampling=_sampling(sampling)))
+
+    def export(self, conversation_id: str, fmt: str = "md") -> str:
+        return self.request(m.Export(conversation_id=conversation_id, fmt=fmt)).text
+
+    def cancel(self, job_id: str = "", conversation_id: str = "") -> None:
+        self.request(m.Cancel(job_id=job_id, conversation_id=conversation_id))
+
+    def get_state(self, conversation_id: str) -> tuple[dict, dict]:
+        """``(metadata, tensors)`` of the conversation's saved state (tensors: name -> CPU tensor)."""
+        reply, bufs = self.request(m.GetState(conversation_id=conversation_id), timeout=60, buffers=True)
+        return reply.metadata, p.frames_to_tensors(reply.tensors, bufs)
+
+    # ---------------------------------------------------------------- events
+    def _subscribe(self, topic: str) -> None:
+        self.connect()
+        self._topics[topic] = self._topics.get(topic, 0) + 1
+        if self._topics[topic] > 1:
+            return
+        self._sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
+        nonce = secrets.token_hex(8)      # probe until an event on the topic arrives: the subscription is live
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            self.request(m.Probe(topic=topic, nonce=nonce))
+            end = time.monotonic() + 0.2
+            while time.monotonic() < end:
+                ev = self._next_event(0.05)
+                if ev is not None and isinstance(ev[1], m.ProbeAck) and ev[1].nonce == nonce:
+                    return
+        raise DaemonUnavailable(f"could not subscribe to {topic}")
+
+    def _unsubscribe(self, topic: str) -> None:
+        n = self._topics.get(topic, 0) - 1
+        if n <= 0:
+            self._topics.pop(topic, None)
+            if self._sub is not None and not self._sub.closed:
+                self._sub.setsockopt(zmq.UNSUBSCRIBE, topic.encode())
+        else:
+            self._topics[topic] = n
+
+    def _next_event(self, timeout: float):
+        """``(topic, event)`` or None after ``timeout`` s; raises DaemonLost after ``lost_after`` s of silence."""
+        if self._sub.poll(int(timeout * 1000)):
+            try:
+                topic, ev, _ = self._codec_sub.parse(self._sub.recv_multipart(copy=False), topic=True)
+            except p.ProtocolError:
+                return None
+            self.last_event = time.monotonic()
+            return topic.decode(), ev
+        if self.last_event and time.monotonic() - self.last_event > self.lost_after:
+            self.connected = False
+            raise DaemonLost(f"the daemon sent nothing for {self.lost_after:.0f} s")
+        return None
+
+    def subscribe(self, conversation_id: str, watch_timeout: float = 0.5):
+        """Yield every event published on ``conversation_id`` (None when idle for ``watch_timeout`` s)."""
+        self._subscribe(conversation_id)
+        self.last_event = time.monotonic()
+        try:
+            while True:
+                ev = self._next_event(watch_timeout)
+                if ev is None:
+                    yield None
+                elif ev[0] == conversation_id and not isinstance(ev[1], m.ProbeAck):
+                    yield ev[1]
+        finally:
+            self._unsubscribe(conversation_id)
+
+    def _stream(self, topic: str, msg: m.Msg):
+        self._subscribe(topic)
+        job_id = None
+        try:
+            accepted = self.request(msg)
+            job_id = accepted.job_id
+            self.last_event = time.monotonic()
+            while True:
+                ev = self._next_event(0.25)
+                if ev is None or ev[0] != topic or getattr(ev[1], "job_id", None) != job_id:
+                    continue
+                ev = ev[1]
+                if isinstance(ev, m.Failed):
+                    job_id = None
+                    raise GenerationFailed(ev.kind, ev.message)
+                yield ev
+                if isinstance(ev, m.Done):
+                    job_id = None
+                    return
+        finally:
+            if job_id is not None and self.info is not None:
+                try:
+                    self.request(m.Cancel(job_id=job_id), timeout=2.0)
+                except DaemonError:
+                    pass
+            if self.info is not None:
+                self._unsubscribe(topic)
+
+    def _topic(self) -> str:
+        return "job-" + secrets.token_hex(8)
+
+    def load(self, path: str, strategy: str):
+        """Load (or switch to) a model: events Started, Progress(phase="load"), Done(reason="loaded")."""
+        return self._stream(t := self._topic(), m.Load(client_id=self.client_id, topic=t, path=str(path),
+                                                        strategy=strategy))
+
+    def complete(self, prompt: str, stop: list[str] | None = None, **sampling):
+        """Raw completion of ``prompt`` from the zero state (sampling: temperature, top_p, top_k, seed, …)."""
+        return self._stream(t := self._topic(), m.Complete(client_id=self.client_id, topic=t, prompt=prompt,
+                                                            stop=list(stop or []), sampling=_sampling(sampling)))
+
+    def chat(self, conversation_id: str, message: str, **sampling):
+        """One chat exchange in ``conversation_id`` (created if missing)."""
+        return self._stream(conversation_id, m.Chat(client_id=self.client_id, conversation_id=conversation_id,
+                                                    message=message, sampling=_sampling(sampling)))
+
+    def regenerate(self, conversation_id: str, **sampling):
+        """Drop the last assistant turn, restore the state from before it and generate the reply again."""
+        return self._stream(conversation_id, m.Regenerate(client_id=self.client_id, conversation_id=conversation_id,
+                                                          sampling=_sampling(sampling)))
+
+    def edit_last_user(self, conversation_id: str, text: str, **sampling):
+        """Replace the last user message with ``text`` (dropping the reply) and generate a new reply."""
+        return self._stream(conversation_id, m.EditLastUser(client_id=self.client_id, conversation_id=conversation_id,
+                                                            text=text, sampling=_sampling(sampling)))

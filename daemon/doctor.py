@@ -1,0 +1,58 @@
+"""``rwkv-chat doctor``: devices, versions, paths, daemon, and the kernels' build report."""
+
+from __future__ import annotations
+
+import platform
+import sys
+
+
+def _version(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def report(paths) -> dict:
+    """A JSON-friendly dict of sections: system, torch, devices, packages, paths, daemon, kernels."""
+    import torch
+    import zmq
+
+    from .client import ping
+
+    out: dict = {}
+    out["system"] = {"python": sys.version.split()[0], "platform": platform.platform(),
+                     "executable": sys.executable}
+    out["torch"] = {"version": torch.__version__, "cuda_build": torch.version.cuda or "none",
+                    "cuda_available": torch.cuda.is_available(),
+                    "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
+                    "threads": torch.get_num_threads()}
+    devices = {"cpu": platform.processor() or platform.machine()}
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            prop = torch.cuda.get_device_properties(i)
+            devices[f"cuda:{i}"] = f"{prop.name}, {prop.total_memory / 2**30:.1f} GiB, sm_{prop.major}{prop.minor}"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        devices["mps"] = "available"
+    out["devices"] = devices
+    out["packages"] = {"rwkv-chat": _version("rwkv-chat"), "pyzmq": zmq.__version__,
+                       "libzmq": zmq.zmq_version(), "zmq_ipc": zmq.has("ipc"), "zmq_curve": zmq.has("curve"),
+                       "msgspec": _version("msgspec"), "textual": _version("textual"),
+                       "safetensors": _version("safetensors"), "tokenizers": _version("tokenizers")}
+    out["paths"] = {"config": str(paths.config_dir), "data": str(paths.data_dir), "cache": str(paths.cache_dir),
+                    "runtime": str(paths.runtime_dir), "config_file": str(paths.config_file)}
+    info = ping(paths, timeout=0.5)
+    out["daemon"] = ({"running": True, "pid": info.pid, "request": info.request, "events": info.events}
+                     if info else {"running": False})
+    try:
+        from rwkv_chat.models.kernels import report as kernels_report
+    except ImportError as e:
+        out["kernels"] = {"available": False, "reason": str(e)}
+    else:
+        try:
+            out["kernels"] = kernels_report()
+        except Exception as e:  # noqa: BLE001 — doctor reports, never fails
+            out["kernels"] = {"error": f"{type(e).__name__}: {e}"}
+    return out

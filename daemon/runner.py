@@ -1,0 +1,219 @@
+"""Model-facing steps of the scheduler's jobs: set-up, prefill chunk, one decode step, commit.
+
+Runs only in the scheduler thread. Uses the engine contract of ``rwkv_chat.models`` (``RWKV.forward``,
+``zero_state``, ``load_state``, ``State.save``) and the tokenizer/sampler of ``rwkv_chat.models``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from . import messages as m
+from .jobs import CHAT_STOP, Job, chat_prompt, held_back, transcript
+from .sessions import sampler_to_meta
+from .store import InvalidId, NotFound, Turn
+
+
+class NoModel(RuntimeError):
+    """No model is loaded (start the daemon with --model, set [model] path, or `rwkv-chat load`)."""
+
+
+class Engine:
+    """The loaded model and its tokenizer (scheduler thread only, apart from :meth:`info`)."""
+
+    def __init__(self):
+        self.model = None
+        self.tokenizer = None
+        self._info: dict = {"loaded": False}
+
+    def load(self, path: str, strategy: str, tokenizer: str = "") -> None:
+        from rwkv_chat.models import RWKV
+        from rwkv_chat.models.tokenizers import load_tokenizer
+
+        path = os.path.abspath(os.path.expanduser(path))
+        self._info = {**self._info, "loading": path}
+        try:
+            model = RWKV(model=path, strategy=strategy, verbose=False)
+            tok = load_tokenizer(tokenizer or None, vocab_size=model.vocab_size, model_path=path)
+        except BaseException:
+            self._info = {k: v for k, v in self._info.items() if k != "loading"}
+            raise
+        self.model, self.tokenizer = None, None      # release the old weights first
+        self.model, self.tokenizer = model, tok
+        self._info = {"loaded": True, "path": path, "strategy": strategy, "version": model.version,
+                      "plan": str(model.plan), "fingerprint": model.fingerprint, "n_layer": model.n_layer,
+                      "n_embd": model.n_embd, "vocab_size": model.vocab_size, "tokenizer": tok.name}
+
+    def info(self) -> dict:
+        return dict(self._info)
+
+    def need(self):
+        if self.model is None:
+            raise NoModel("no model is loaded: start the daemon with --model PATH, set [model] path in the "
+                          "config, or run `rwkv-chat load PATH`")
+        return self.model, self.tokenizer
+
+
+def classify(e: BaseException) -> tuple[str, str]:
+    """``(kind, message)`` of an exception for an Error/Failed message."""
+    import torch
+
+    from rwkv_chat.models.errors import RWKVError
+
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+        return "OOM", f"out of memory: {e}".strip()
+    if isinstance(e, (RWKVError, NoModel, NotFound, InvalidId)):
+        return type(e).__name__, str(e)
+    if isinstance(e, FileNotFoundError):
+        return "NotFound", str(e)
+    if isinstance(e, ValueError):
+        return "ValueError", str(e)
+    return "Internal", f"{type(e).__name__}: {e}"
+
+
+def sampler_args(config, *layers):
+    """SamplerArgs from config defaults overridden by each dict/Sampling in ``layers`` (None = keep)."""
+    from rwkv_chat.models.sampling import SamplerArgs
+
+    d = {k: getattr(config.sampling, k) for k in
+         ("temperature", "top_p", "top_k", "alpha_frequency", "alpha_presence", "alpha_decay", "max_tokens")}
+    d["seed"] = None
+    for layer in layers:
+        items = layer.items() if isinstance(layer, dict) else ((f, getattr(layer, f)) for f in layer.__struct_fields__)
+        for k, v in items:
+            if v is not None and k in d:
+                d[k] = v
+    return SamplerArgs(**d)
+
+
+def _pairs(turns) -> list[tuple[str, str]]:
+    return [(turns[i].text, turns[i + 1].text) for i in range(0, len(turns) - 1, 2)]
+
+
+def setup(sched, job: Job) -> None:
+    """Build the job's prompt tokens, starting state and sampler (phase -> "prefill")."""
+    from rwkv_chat.models.sampling import Sampler
+    from rwkv_chat.models.tokenizers import IncrementalDecoder
+
+    model, tok = sched.engine.need()
+    req = job.request
+    sampler_sd = None
+    if job.kind == "complete":
+        args = sampler_args(sched.config, req.sampling)
+        text, job.state, job.stops = req.prompt, model.zero_state(), tuple(req.stop)
+    else:
+        store, cid = sched.store, job.conversation_id
+        conv, turns = store.get(cid), store.turns(cid)
+        args = sampler_args(sched.config, conv.sampling, req.sampling)
+        if job.mode == "chat":
+            message, before = req.message, turns
+            job.drop_from = None
+        else:
+            if len(turns) < 2 or turns[-1].role != "assistant":
+                raise ValueError(f"conversation {cid} has no assistant turn to {job.mode}")
+            message = turns[-2].text if job.mode == "regenerate" else req.text
+            before = turns[:-2]
+            job.drop_from = turns[-2].index
+        job.base_n = len(before) // 2
+        state = None
+        if (not conv.state_stale and 0 < job.base_n <= conv.state_n
+                and (sched.sessions.has(cid, job.base_n) or store.state_path(cid, job.base_n).exists())):
+            state, sampler_sd = sched.sessions.get(model, cid, job.base_n)   # StateError if foreign
+        if state is None:
+            state, sampler_sd = model.zero_state(), None
+            text = transcript(conv.system_prompt, _pairs(before)) + chat_prompt(message)
+        else:
+            text = chat_prompt(message)
+        job.state, job.stops, job.user_text = state, (CHAT_STOP,), message
+        job.user_created, job.user_tokens = time.time(), len(tok.encode(chat_prompt(message)))
+    job.prompt = tok.encode(text)
+    if not job.prompt:
+        raise ValueError("the prompt is empty")
+    job.sampler = Sampler(args, tok)
+    if sampler_sd is not None:
+        job.sampler.load_state_dict(sampler_sd)
+        if args.seed is not None:
+            job.sampler.generator.manual_seed(args.seed)
+    job.decoder = IncrementalDecoder(tok)
+    job.max_tokens = args.max_tokens
+    job.phase, job.t_start = "prefill", time.perf_counter()
+
+
+def prefill_chunk(sched, job: Job) -> None:
+    """Feed the next ``chunk_len`` prompt tokens; emit Progress; phase -> "decode" after the last chunk."""
+    t0 = time.perf_counter()
+    n = sched.config.daemon.chunk_len
+    chunk = job.prompt[job.pos:job.pos + n]
+    job.logits, job.state = sched.engine.model.forward(chunk, job.state)
+    job.pos += len(chunk)
+    job.t_prefill += time.perf_counter() - t0
+    sched.emit(job.topic, m.Progress(job_id=job.id, phase="prefill", done=job.pos, total=len(job.prompt)))
+    if job.pos >= len(job.prompt):
+        job.phase = "decode"
+
+
+def _emit_text(sched, job: Job, upto: int) -> None:
+    if upto > job.emitted:
+        job.seq += 1
+        sched.emit(job.topic, m.Token(job_id=job.id, seq=job.seq, text=job.text[job.emitted:upto]))
+        job.emitted = upto
+
+
+def decode_one(sched, job: Job) -> bool:
+    """Sample one token from the last logits and feed it. Returns True when the job is finished
+    (``job.reason`` "stop" or "length")."""
+    t0 = time.perf_counter()
+    model = sched.engine.model
+    try:
+        if len(job.out_tokens) >= job.max_tokens:
+            job.reason = "length"
+            job.text += job.decoder.flush()
+            if job.kind == "chat":        # close the reply as the template does
+                _, job.state = model.forward(sched.engine.tokenizer.encode(CHAT_STOP), job.state)
+            _emit_text(sched, job, len(job.text))
+            return True
+        token = job.sampler.sample(job.logits)
+        job.out_tokens.append(token)
+        job.logits, job.state = model.forward([token], job.state)
+        job.text += job.decoder.push(token)
+        for s in job.stops:
+            i = job.text.find(s)
+            if i >= 0:
+                job.text = job.text[:i]
+                job.reason = "stop"
+                _emit_text(sched, job, len(job.text))
+                return True
+        _emit_text(sched, job, len(job.text) - held_back(job.text, job.stops))
+        return False
+    finally:
+        job.t_decode += time.perf_counter() - t0
+
+
+def reply_text(job: Job) -> str:
+    return job.text.strip() if job.kind == "chat" else job.text
+
+
+def commit(sched, job: Job) -> None:
+    """Persist a finished chat exchange: state file (atomic), then the turns (one transaction)."""
+    if job.kind != "chat":
+        return
+    store, cid, model = sched.store, job.conversation_id, sched.engine.model
+    n = job.base_n + 1
+    sd = job.sampler.state_dict()
+    path = store.state_path(cid, n)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    job.state.save(path, metadata=sampler_to_meta(sd))
+    now = time.time()
+    store.commit_exchange(
+        cid, Turn(0, "user", job.user_text, job.user_tokens, job.user_created, job.user_created),
+        Turn(0, "assistant", reply_text(job), len(job.out_tokens), job.user_created, now),
+        state_n=n, fingerprint=model.fingerprint, drop_from=job.drop_from)
+    sched.sessions.put(cid, job.state, sd, n)
+    store.prune_states(cid, keep_from=job.base_n)
+
+
+def done_event(job: Job) -> m.Done:
+    rate = len(job.out_tokens) / job.t_decode if job.t_decode > 0 else 0.0
+    return m.Done(job_id=job.id, reason=job.reason, text=reply_text(job), prompt_tokens=len(job.prompt),
+                  tokens=len(job.out_tokens), prefill_s=job.t_prefill, decode_s=job.t_decode, tokens_per_s=rate)

@@ -1,0 +1,261 @@
+"""The daemon process: one per home (fcntl lock), a ROUTER for requests, a PUB for events.
+
+The main loop (this module) does all socket I/O: it parses and answers requests, forwards the
+scheduler's events to the PUB socket, publishes heartbeats, and cancels the generations of clients that
+stopped sending heartbeats. The model lives in the scheduler's inference thread.
+
+Malformed, unsigned, tampered, replayed, stale, oversized or foreign-version frames are dropped and logged
+(``ProtocolError``); the daemon keeps serving.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import secrets
+import signal
+import time
+from pathlib import Path
+
+import zmq
+
+from rwkv_chat.app.config import Config
+from rwkv_chat.app.paths import Paths, ensure_dirs
+
+from . import handlers
+from . import messages as m
+from . import protocol as p
+from .jobs import Job
+from .scheduler import Scheduler
+from .store import Store
+
+log = logging.getLogger("rwkv_chat.daemon")
+
+
+class AlreadyRunning(RuntimeError):
+    """Another daemon holds this home's lock; ``pid`` is its process id (0 if unknown)."""
+
+    def __init__(self, pid: int, lock: Path):
+        super().__init__(f"a daemon is already running for this home (pid {pid or '?'}, lock {lock})")
+        self.pid = pid
+
+
+def acquire_lock(path: Path):
+    """Take the home's daemon lock (fcntl, non-blocking); returns the open file. Raises AlreadyRunning."""
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        text = f.read().strip()
+        f.close()
+        raise AlreadyRunning(int(text) if text.isdigit() else 0, path) from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
+
+
+def lock_held(path: Path) -> bool:
+    """Whether some process holds the daemon lock of ``path`` (a live daemon)."""
+    if not path.exists():
+        return False
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        return False
+
+
+class Server:
+    def __init__(self, paths: Paths, config: Config, model: str | None = None, strategy: str | None = None):
+        self.paths = ensure_dirs(paths)
+        self.config = config
+        self.model = model if model is not None else (config.model.path or None)
+        self.strategy = strategy or config.model.strategy
+        self.started = time.time()
+        self.last_seen: dict[str, float] = {}
+        self.dropped = 0
+        self._stop = False
+        self._events: list = []
+        self._rfd, self._wfd = os.pipe()
+        os.set_blocking(self._rfd, False)
+        os.set_blocking(self._wfd, False)
+        import threading
+        self._ev_lock = threading.Lock()
+
+    # ---------------------------------------------------------------- events from any thread
+    def emit(self, topic: str, event: m.Msg) -> None:
+        with self._ev_lock:
+            self._events.append((topic, event))
+        try:
+            os.write(self._wfd, b"x")
+        except BlockingIOError:
+            pass               # the pipe is full: the main loop is awake anyway
+
+    def _flush_events(self) -> None:
+        try:
+            while os.read(self._rfd, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        with self._ev_lock:
+            events, self._events = self._events, []
+        for topic, ev in events:
+            self.publish(topic, ev)
+
+    def publish(self, topic: str, ev: m.Msg) -> None:
+        self.pub.send_multipart(self.codec_out.build(ev, topic=topic.encode()))
+
+    # ---------------------------------------------------------------- set-up
+    def _bind(self, ctx) -> tuple[str, str, str]:
+        d = self.config.daemon
+        self.router = ctx.socket(zmq.ROUTER)
+        self.pub = ctx.socket(zmq.PUB)
+        self.router.setsockopt(zmq.MAXMSGSIZE, p.MAX_MESSAGE)
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.pub.setsockopt(zmq.LINGER, 0)
+        self.pub.setsockopt(zmq.SNDHWM, 100_000)
+        public = ""
+        if d.bind:
+            have_curve = bool(d.curve_secret_key and d.curve_public_key)
+            p.check_bind(d.bind, have_curve)
+            if have_curve:
+                for s in (self.router, self.pub):
+                    s.curve_server = True
+                    s.curve_secretkey = d.curve_secret_key.encode()
+                    s.curve_publickey = d.curve_public_key.encode()
+                public = d.curve_public_key
+            host, port = d.bind.rsplit(":", 1)
+            req, ev = f"{host}:{port}", f"{host}:{int(port) + 1}"
+            self.router.bind(req)
+            self.pub.bind(ev)
+            return req, ev, public
+        eps = p.default_endpoints(self.paths.runtime_dir)
+        if eps is None:
+            rp = self.router.bind_to_random_port("tcp://127.0.0.1")
+            ep = self.pub.bind_to_random_port("tcp://127.0.0.1")
+            return f"tcp://127.0.0.1:{rp}", f"tcp://127.0.0.1:{ep}", ""
+        for e in eps:
+            Path(e[len("ipc://"):]).unlink(missing_ok=True)     # stale sockets of a killed daemon
+        self.router.bind(eps[0])
+        self.pub.bind(eps[1])
+        for e in eps:
+            os.chmod(e[len("ipc://"):], 0o600)
+        return eps[0], eps[1], ""
+
+    def run(self) -> int:
+        """Serve until stopped (SIGTERM/SIGINT or a Shutdown request). Raises AlreadyRunning."""
+        lock = acquire_lock(self.paths.lock_file)
+        ctx = zmq.Context()
+        conn = self.paths.connection_file
+        try:
+            conn.unlink(missing_ok=True)       # stale file of a killed daemon (we hold the lock)
+            key = p.new_key()
+            self.codec_in = p.Codec(key)
+            self.codec_out = p.Codec(key)
+            req, ev, public = self._bind(ctx)
+            self.store = Store(self.paths.database, self.paths.states_dir)
+            self.scheduler = Scheduler(self.store, self.config, self.emit)
+            self.scheduler.start()
+            if self.model:
+                self.scheduler.submit(Job(id="startup-load", kind="load", client_id="", topic=m.DAEMON_TOPIC,
+                                          request=m.Load(client_id="", topic=m.DAEMON_TOPIC, path=self.model,
+                                                         strategy=self.strategy)))
+            p.write_connection_file(conn, p.ConnectionInfo(request=req, events=ev, key=key.hex(), pid=os.getpid(),
+                                                           server_public_key=public, started=self.started))
+            log.info("daemon %d serving %s (events %s)", os.getpid(), req, ev)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, self._on_signal)
+            self._loop()
+        finally:
+            if hasattr(self, "scheduler"):
+                self.scheduler.stop()
+            try:
+                info = p.read_connection_file(conn)
+                if info.pid == os.getpid():
+                    conn.unlink(missing_ok=True)
+                    for path in p.ipc_paths(info):
+                        path.unlink(missing_ok=True)
+            except (OSError, p.ProtocolError):
+                pass
+            ctx.destroy(linger=0)
+            lock.close()
+            log.info("daemon %d stopped", os.getpid())
+        return 0
+
+    def _on_signal(self, signum, frame) -> None:
+        self._stop = True
+        self.emit("", m.Ok())  # wake the loop (an Ok on the empty topic is harmless)
+
+    # ---------------------------------------------------------------- the loop
+    def _loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.router, zmq.POLLIN)
+        poller.register(self._rfd, zmq.POLLIN)
+        hb = self.config.daemon.heartbeat
+        next_hb = 0.0
+        while not self._stop:
+            ready = dict(poller.poll(timeout=int(hb * 1000 / 2)))
+            if self.router in ready:
+                for _ in range(100):
+                    try:
+                        frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    self._handle(frames)
+            self._flush_events()
+            now = time.time()
+            if now >= next_hb:
+                next_hb = now + hb
+                snap = self.scheduler.snapshot()
+                self.publish(m.DAEMON_TOPIC, m.Heartbeat(pid=os.getpid(), uptime=now - self.started,
+                                                         active=len(snap["active"])))
+                self._reap_clients(snap, now)
+        self._flush_events()
+
+    def _reap_clients(self, snap: dict, now: float) -> None:
+        timeout = self.config.daemon.client_timeout
+        for cid in snap["clients"]:
+            if cid and now - self.last_seen.get(cid, now) > timeout:
+                n = self.scheduler.cancel(client_id=cid)
+                if n:
+                    log.warning("client %s sent no heartbeat for %.1f s: cancelled %d job(s)", cid, timeout, n)
+        for cid in [c for c, t in self.last_seen.items() if now - t > 10 * timeout]:
+            del self.last_seen[cid]
+
+    def _handle(self, frames) -> None:
+        ident = frames[0].bytes
+        try:
+            msg, buffers = self.codec_in.parse(frames[1:])
+        except p.ProtocolError as e:
+            self.dropped += 1
+            log.warning("dropped a frame: %s", e)
+            return
+        client = getattr(msg, "client_id", "")
+        if client:
+            self.last_seen[client] = time.time()
+        try:
+            reply, out_buffers = handlers.handle(self, msg)
+        except Exception as e:  # noqa: BLE001 — any failure becomes a typed Error reply
+            from .runner import classify
+            kind, text = classify(e)
+            if kind == "Internal":
+                log.exception("request %s failed", type(msg).__name__)
+            reply, out_buffers = m.Error(kind=kind, message=text), []
+        try:
+            self.router.send_multipart([ident] + self.codec_out.build(reply, out_buffers))
+        except p.ProtocolError as e:
+            self.router.send_multipart([ident] + self.codec_out.build(m.Error(kind="ProtocolError", message=str(e))))
+
+    def new_job_id(self) -> str:
+        return "j" + secrets.token_hex(6)
+
+
+def serve(paths: Paths, config: Config, model: str | None = None, strategy: str | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return Server(paths, config, model, strategy).run()
