@@ -30,6 +30,7 @@ class Paths:
     data_dir: Path
     cache_dir: Path
     runtime_dir: Path
+    home: Path | None = None      # set when the paths come from RWKV_CHAT_HOME (or home_paths)
 
     @property
     def config_file(self) -> Path:
@@ -76,14 +77,29 @@ def get_paths() -> Paths:
     """The directories of the current home (``RWKV_CHAT_HOME`` or platformdirs); nothing is created."""
     home = os.environ.get(HOME_ENV)
     if home:
-        base = Path(home).expanduser().resolve()
-        return Paths(base / "config", base / "data", base / "cache", base / "run")
+        return home_paths(home)
     return Paths(
         Path(platformdirs.user_config_dir(APP_NAME)),
         Path(platformdirs.user_data_dir(APP_NAME)),
         Path(platformdirs.user_cache_dir(APP_NAME)),
         _runtime_default(),
     )
+
+
+def home_paths(home: str | os.PathLike) -> Paths:
+    """The directories of the home ``home`` (as ``RWKV_CHAT_HOME=home`` would give)."""
+    base = Path(home).expanduser().resolve()
+    return Paths(base / "config", base / "data", base / "cache", base / "run", base)
+
+
+def child_env(paths: Paths, env: dict | None = None) -> dict:
+    """An environment for a child process (the daemon) that uses the same home as ``paths``."""
+    env = dict(os.environ if env is None else env)
+    if paths.home is not None:
+        env[HOME_ENV] = str(paths.home)
+    else:
+        env.pop(HOME_ENV, None)
+    return env
 
 
 def ensure_dirs(paths: Paths | None = None) -> Paths:

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import zmq
 
-from rwkv_chat.app.paths import Paths, ensure_dirs, get_paths
+from rwkv_chat.app.paths import Paths, child_env, ensure_dirs, get_paths
 
 from . import messages as m
 from . import protocol as p
@@ -101,7 +101,7 @@ def spawn_daemon(paths: Paths, model: str | None = None, strategy: str | None = 
             cmd += ["--strategy", strategy]
         log = open(paths.log_file, "ab")
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-                                close_fds=True)
+                                close_fds=True, env=child_env(paths))
         log.close()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

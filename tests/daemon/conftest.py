@@ -1,0 +1,97 @@
+"""Fixtures for daemon tests: homes in tmp dirs, real daemon processes, CLI runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from rwkv_chat.app.config import Config, save_config
+from rwkv_chat.app.paths import ensure_dirs, home_paths
+
+CLI = [sys.executable, "-m", "rwkv_chat.app.cli"]
+
+
+def make_home(root: Path, **daemon) -> Path:
+    """A fresh home with a config whose [daemon] section takes ``daemon`` overrides (fast heartbeats)."""
+    home = Path(root)
+    paths = ensure_dirs(home_paths(home))
+    cfg = Config()
+    cfg.daemon.heartbeat = 0.25
+    cfg.daemon.client_timeout = 2.0
+    for k, v in daemon.items():
+        setattr(cfg.daemon, k, v)
+    save_config(cfg, paths.config_file)
+    return home
+
+
+def env_for(home: Path) -> dict:
+    env = dict(os.environ)
+    env["RWKV_CHAT_HOME"] = str(home)
+    return env
+
+
+def cli(home: Path, *args, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``rwkv-chat ARGS`` with ``RWKV_CHAT_HOME=home``; returns the completed process (text)."""
+    r = subprocess.run([*CLI, *map(str, args)], env=env_for(home), capture_output=True, text=True, timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(f"rwkv-chat {args} exited {r.returncode}\nstdout: {r.stdout}\nstderr: {r.stderr}")
+    return r
+
+
+def start_daemon(home: Path, model: Path | None) -> None:
+    args = ["daemon", "start"] + (["--model", model] if model else [])
+    cli(home, *args)
+
+
+def stop_daemon(home: Path) -> None:
+    cli(home, "daemon", "stop", check=False, timeout=30)
+
+
+def wait_for(pred, timeout: float = 10.0, interval: float = 0.05):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        v = pred()
+        if v:
+            return v
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def daemon_home(tmp_path_factory, model_path):
+    """A running daemon (tiny v5.2 model) shared by one test module; stopped at the end."""
+    home = make_home(tmp_path_factory.mktemp("home"))
+    start_daemon(home, model_path("5.2"))
+    yield home
+    stop_daemon(home)
+
+
+@pytest.fixture()
+def client(daemon_home):
+    from rwkv_chat.daemon.client import Client
+
+    c = Client(home_paths(daemon_home), autostart=False, heartbeat=0.25)
+    c.connect()
+    yield c
+    c.close()
+
+
+def greedy(model_file: Path, prompt: str, n: int) -> str:
+    """The engine's own greedy continuation (argmax, no penalties) of ``prompt``, bytes vocabulary."""
+    from rwkv_chat.models import RWKV
+    from rwkv_chat.models.tokenizers import load_tokenizer
+
+    model = RWKV(model=str(model_file), strategy="cpu fp32", verbose=False)
+    tok = load_tokenizer(vocab_size=model.vocab_size)
+    logits, state = model.forward(tok.encode(prompt), None)
+    out = []
+    for _ in range(n):
+        t = int(logits.argmax())
+        out.append(t)
+        logits, state = model.forward([t], state)
+    return tok.decode(out)

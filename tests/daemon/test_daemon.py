@@ -1,0 +1,215 @@
+"""One real daemon (tiny v5.2 model) serving real clients over ZeroMQ."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import zmq
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from rwkv_chat.app.paths import home_paths
+from rwkv_chat.daemon import messages as m
+from rwkv_chat.daemon import protocol as p
+from rwkv_chat.daemon.client import Client, DaemonError, GenerationFailed
+
+from .conftest import cli, greedy
+
+GREEDY = {"temperature": 0.0, "alpha_frequency": 0.0, "alpha_presence": 0.0}
+
+
+def _run(gen) -> tuple[list, m.Done]:
+    events = list(gen)
+    assert isinstance(events[-1], m.Done)
+    return events, events[-1]
+
+
+def test_cli_complete_equals_engine_greedy(daemon_home, model_path):
+    r = cli(daemon_home, "complete", "The capital of", "--max-tokens", 24, "--temperature", 0,
+            "--alpha-frequency", 0, "--alpha-presence", 0)
+    assert r.stdout == greedy(model_path("5.2"), "The capital of", 24)
+    assert "24 tokens" in r.stderr
+
+
+def test_two_clients_get_independent_streams(daemon_home, model_path):
+    prompts = ["Once upon a time", "In 1990, the"]
+    out: dict = {}
+
+    def worker(prompt):
+        with Client(home_paths(daemon_home), autostart=False) as c:
+            events, done = _run(c.complete(prompt, max_tokens=20, **GREEDY))
+            out[prompt] = ("".join(e.text for e in events if isinstance(e, m.Token)), done)
+
+    threads = [threading.Thread(target=worker, args=(pr,)) for pr in prompts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for pr in prompts:
+        text, done = out[pr]
+        assert text == done.text == greedy(model_path("5.2"), pr, 20)
+
+
+def test_watcher_sees_another_clients_generation_live(daemon_home, client):
+    cid = "watched1"
+    client.create_conversation(conversation_id=cid, title="w")
+    seen: list = []
+    ready = threading.Event()
+
+    def watch():
+        with Client(home_paths(daemon_home), autostart=False) as w:
+            gen = w.subscribe(cid, watch_timeout=0.1)
+            next(gen)                            # subscription is live
+            ready.set()
+            for ev in gen:
+                if ev is not None:
+                    seen.append(ev)
+                if isinstance(ev, m.Done):
+                    gen.close()
+                    return
+
+    t = threading.Thread(target=watch)
+    t.start()
+    assert ready.wait(30)
+    events, done = _run(client.chat(cid, "Hello!", max_tokens=16, **GREEDY))
+    t.join(60)
+    assert isinstance(seen[0], m.Started) and seen[0].message == "Hello!"
+    assert any(isinstance(e, m.Progress) and e.phase == "prefill" for e in seen)
+    assert "".join(e.text for e in seen if isinstance(e, m.Token)) == "".join(
+        e.text for e in events if isinstance(e, m.Token))
+    assert seen[-1] == done
+
+
+def test_cancel_stops_generation_and_commits_nothing(client):
+    cid = "cancel1"
+    gen = client.chat(cid, "Tell me a long story.", max_tokens=5000, temperature=1.0)
+    for ev in gen:
+        if isinstance(ev, m.Token):
+            break
+    client.cancel(conversation_id=cid)
+    rest = list(gen)
+    assert isinstance(rest[-1], m.Done) and rest[-1].reason == "cancelled"
+    assert rest[-1].tokens < 5000
+    assert client.conversation(cid).turns == []
+    assert client.status()["active"] == []
+
+
+def test_closing_the_stream_cancels(client):
+    gen = client.complete("Again and again", max_tokens=5000)
+    for ev in gen:
+        if isinstance(ev, m.Token):
+            break
+    gen.close()
+    from .conftest import wait_for
+
+    wait_for(lambda: client.status()["active"] == [], timeout=10)
+
+
+def test_conversation_lifecycle_regenerate_and_edit(client):
+    info = client.create_conversation(title="Greedy", system_prompt="You are terse.", **GREEDY)
+    cid = info.id
+    _, d1 = _run(client.chat(cid, "What is 2+2?", max_tokens=12))
+    _, d2 = _run(client.chat(cid, "And 3+3?", max_tokens=12))
+    detail = client.conversation(cid)
+    assert [t.role for t in detail.turns] == ["user", "assistant"] * 2
+    assert detail.turns[-1].text == d2.text
+    _, r = _run(client.regenerate(cid, max_tokens=12))   # greedy from the restored state: the same reply
+    assert r.text == d2.text
+    assert len(client.conversation(cid).turns) == 4
+    _, e = _run(client.edit_last_user(cid, "And 5+5?", max_tokens=12))
+    turns = client.conversation(cid).turns
+    assert [t.text for t in turns][2] == "And 5+5?" and turns[3].text == e.text and len(turns) == 4
+    client.rename(cid, "Sums")
+    client.set_sampling(cid, top_k=3)
+    conv = client.conversation(cid).conversation
+    assert conv.title == "Sums" and conv.sampling["top_k"] == 3 and conv.sampling["temperature"] == 0.0
+    assert "**User:** And 5+5?" in client.export(cid, "md")
+    assert json.loads(client.export(cid, "json"))["title"] == "Sums"
+    meta, tensors = client.get_state(cid)
+    assert meta["fingerprint"] == conv.model_fingerprint and tensors
+    assert cid in [c.id for c in client.conversations()]
+    client.delete(cid)
+    with pytest.raises(DaemonError) as ei:
+        client.conversation(cid)
+    assert ei.value.kind == "NotFound"
+
+
+def test_invalid_ids_and_failures_are_typed(daemon_home, client):
+    with pytest.raises(DaemonError) as ei:
+        client.conversation("../etc")
+    assert ei.value.kind == "InvalidId"
+    r = cli(daemon_home, "chat", "--conversation", "../../x", "hi", check=False)
+    assert r.returncode == 1 and "invalid conversation id" in r.stderr
+    with pytest.raises(GenerationFailed):
+        list(client.regenerate(client.create_conversation().id))      # nothing to regenerate
+    with pytest.raises(GenerationFailed) as ei:
+        list(client.load("/nonexistent/model.pth", "cpu fp32"))
+    assert ei.value.kind == "CheckpointError"
+    _, done = _run(client.complete("Still serving", max_tokens=3))        # the old model still serves
+    assert done.tokens == 3
+
+
+def _raw_socket(daemon_home):
+    info = p.read_connection_file(home_paths(daemon_home).connection_file)
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(info.request)
+    return s, p.Codec(info.key_bytes), p.Codec(b"wrong key wrong key wrong key!!")
+
+
+def test_tampered_replayed_and_foreign_frames_are_dropped(daemon_home, client):
+    s, good, bad = _raw_socket(daemon_home)
+    before = client.status()["home"]["dropped_frames"]
+    frames = good.build(m.Ping(client_id=""))
+    s.send_multipart(bad.build(m.Ping(client_id="")))                 # wrong key
+    s.send_multipart([frames[0], frames[1], frames[2] + b"\x00"])     # tampered
+    s.send_multipart(frames[:2])                                       # truncated
+    s.send_multipart(frames)                                           # the genuine one: answered
+    assert s.poll(5000)
+    reply, _ = good.parse(s.recv_multipart())
+    assert isinstance(reply, m.Pong)
+    s.send_multipart(frames)                                           # replayed
+    assert not s.poll(500)
+    s.close()
+    assert client.status()["home"]["dropped_frames"] == before + 4
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(frames=st.lists(st.binary(max_size=64), min_size=0, max_size=5))
+def test_fuzzed_frames_do_not_disturb_the_daemon(daemon_home, frames):
+    s, good, _ = _raw_socket(daemon_home)
+    if frames:
+        s.send_multipart(frames)
+    s.send_multipart(good.build(m.Ping(client_id="")))
+    assert s.poll(5000)
+    assert isinstance(good.parse(s.recv_multipart())[0], m.Pong)
+    s.close()
+
+
+def test_status_doctor_and_second_start(daemon_home, model_path):
+    st_ = json.loads(cli(daemon_home, "daemon", "status", "--json").stdout)
+    assert st_["running"] and st_["model"]["version"] == "5.2" and st_["model"]["strategy"] == "cpu fp32"
+    assert st_["memory"]["rss_bytes"] > 0 and "cpu" in st_["devices"] and st_["uptime"] > 0
+    human = cli(daemon_home, "daemon", "status").stdout
+    assert "RWKV v5.2" in human and "cpu fp32" in human
+    doc = json.loads(cli(daemon_home, "doctor", "--json").stdout)
+    assert doc["daemon"]["running"] and doc["paths"]["data"].startswith(str(daemon_home))
+    assert "kernels" in doc and "version" in doc["torch"]
+    r = cli(daemon_home, "daemon", "start", "--foreground", check=False, timeout=60)
+    assert r.returncode == 3 and f"pid {st_['pid']}" in r.stderr
+    r = cli(daemon_home, "daemon", "start")
+    assert "already running" in r.stderr
+
+
+def test_cli_chat_and_conversations(daemon_home):
+    r = cli(daemon_home, "chat", "--conversation", "cli1", "Hi", "--max-tokens", 8, "--temperature", 0)
+    reply = r.stdout.strip()
+    listing = cli(daemon_home, "conversations", "list").stdout
+    assert "cli1" in listing
+    shown = cli(daemon_home, "conversations", "show", "cli1").stdout
+    assert "User: Hi" in shown and f"Assistant: {reply}" in shown
+    exported = json.loads(cli(daemon_home, "conversations", "export", "cli1", "--format", "json").stdout)
+    assert exported["turns"][1]["text"] == reply
+    cli(daemon_home, "conversations", "rm", "cli1")
+    assert "cli1" not in cli(daemon_home, "conversations", "list").stdout

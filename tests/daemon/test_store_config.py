@@ -1,0 +1,77 @@
+"""SQLite store, conversation ids, export, config file and home paths (no daemon)."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import stat
+
+import pytest
+
+from rwkv_chat.app.config import Config, ConfigError, load_config, save_config
+from rwkv_chat.app.paths import ensure_dirs, get_paths, home_paths
+from rwkv_chat.daemon.store import (SCHEMA_VERSION, InvalidId, NotFound, Store, Turn, check_conversation_id,
+                                    export_conversation)
+
+
+@pytest.mark.parametrize("bad", ["", "../x", "a/b", ".hidden", "a b", "x" * 65, "-a", "a\x00", "é", "a.b"])
+def test_conversation_ids_are_strict(bad):
+    with pytest.raises(InvalidId):
+        check_conversation_id(bad)
+
+
+def test_store_schema_turns_and_export(tmp_path):
+    s = Store(tmp_path / "db.sqlite3", tmp_path / "states")
+    con = sqlite3.connect(tmp_path / "db.sqlite3")
+    assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    s.create("c1", title="T", system_prompt="Be brief.", sampling={"temperature": 0.5})
+    with pytest.raises(ValueError):
+        s.create("c1")
+    s.commit_exchange("c1", Turn(0, "user", "hi", 3, 1.0, 1.0), Turn(0, "assistant", "hello", 4, 1.0, 2.0),
+                      state_n=1, fingerprint="f")
+    s.commit_exchange("c1", Turn(0, "user", "again", 3, 3.0, 3.0), Turn(0, "assistant", "yes", 2, 3.0, 4.0),
+                      state_n=2, fingerprint="f", drop_from=2)
+    c = s.get("c1")
+    assert (c.turns, c.state_n, c.model_fingerprint, c.sampling) == (4, 2, "f", {"temperature": 0.5})
+    assert [t.text for t in s.turns("c1")] == ["hi", "hello", "again", "yes"]
+    md = export_conversation(c, s.turns("c1"), "md")
+    assert "**User:** again" in md and "Be brief." in md
+    data = json.loads(export_conversation(c, s.turns("c1"), "json"))
+    assert data["id"] == "c1" and [t["role"] for t in data["turns"]] == ["user", "assistant"] * 2
+    s.state_dir("c1").mkdir(parents=True)
+    for n in range(3):
+        s.state_path("c1", n).write_bytes(b"x")
+    s.prune_states("c1", keep_from=1)
+    assert sorted(f.name for f in s.state_dir("c1").iterdir()) == ["1.safetensors", "2.safetensors"]
+    s.delete("c1")
+    with pytest.raises(NotFound):
+        s.get("c1")
+    assert not s.state_dir("c1").exists()
+
+
+def test_home_puts_everything_under_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("RWKV_CHAT_HOME", str(tmp_path / "h"))
+    paths = ensure_dirs(get_paths())
+    assert paths == home_paths(tmp_path / "h")
+    for d in (paths.config_dir, paths.data_dir, paths.cache_dir, paths.runtime_dir):
+        assert d.is_dir() and d.is_relative_to(tmp_path / "h")
+    assert stat.S_IMODE(paths.runtime_dir.stat().st_mode) == 0o700
+
+
+def test_config_roundtrip_and_errors(tmp_path):
+    path = tmp_path / "config.toml"
+    assert load_config(path) == Config()
+    cfg = Config()
+    cfg.model.path, cfg.model.strategy, cfg.sampling.top_k, cfg.daemon.client_timeout = "/m.pth", "cpu fp32", 5, 3
+    save_config(cfg, path)
+    assert load_config(path) == cfg
+    path.write_text("[daemon]\nqueue_limit = 'many'\n")
+    with pytest.raises(ConfigError, match="queue_limit"):
+        load_config(path)
+    path.write_text("[nope]\nx = 1\n")
+    with pytest.raises(ConfigError, match="unknown section"):
+        load_config(path)
+    path.write_text("[model\n")
+    with pytest.raises(ConfigError):
+        load_config(path)
