@@ -10,6 +10,11 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# The tiny test models are far too small to gain from intra-op threads; on a 2-core machine running
+# daemons beside the tests, threads only add contention.
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = (REPO / ".." / "shared").resolve()

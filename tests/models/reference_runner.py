@@ -21,6 +21,8 @@ def main() -> None:
     if req.get("v7"):
         os.environ["RWKV_V7_ON"] = "1"
     import torch
+
+    torch.set_num_threads(1)  # tiny models: threads only add contention
     from rwkv.model import RWKV
 
     path = req["model"]
@@ -35,6 +37,8 @@ def main() -> None:
             prompt = job["prompt"]
             logits, state = model.forward(list(prompt), None, full_output=job.get("full_output", False))
             if job.get("full_output"):
+                if logits.dim() == 1:  # the reference returns [vocab] for one token even with full_output
+                    logits = logits.unsqueeze(0)
                 res["full"] = logits.float().tolist()
                 logits = logits[-1]
             res["logits"] = logits.float().tolist()
