@@ -1,0 +1,188 @@
+// Registration of the CUDA ops (namespace rwkv_chat, suffix _cuda) and their argument checks.
+// Every op writes into caller-allocated outputs and returns nothing.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <map>
+#include <mutex>
+#include <utility>
+
+#include "../common/launchers.h"
+#include "checks.h"
+
+namespace rwkv_chat {
+
+void gemm_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c);  // gemm/gemm_cuda.cpp
+
+namespace {
+
+constexpr auto kCUDA = at::DeviceType::CUDA;
+
+void check_launch(int rc, const char* op) {
+    TORCH_CHECK(rc != kUnsupported, op, ": no kernel for this head size/shape");
+    TORCH_CHECK(rc == 0, op, ": CUDA error ", cudaGetErrorString(static_cast<cudaError_t>(rc)));
+}
+
+void wkv4_cuda(const at::Tensor& w, const at::Tensor& u, const at::Tensor& k, const at::Tensor& v,
+               const at::Tensor& aa, const at::Tensor& bb, const at::Tensor& pp, const at::Tensor& y,
+               const at::Tensor& aa_out, const at::Tensor& bb_out, const at::Tensor& pp_out) {
+    const char* op = "rwkv_chat::wkv4_cuda";
+    TORCH_CHECK(k.dim() == 3, op, ": k must be [B, T, C], got ", k.sizes());
+    const int64_t B = k.size(0), T = k.size(1), C = k.size(2);
+    const auto F = k.scalar_type();
+    const int act = act_code(k, op);
+    check_tensor(w, op, "w", kCUDA, at::kFloat, {C});
+    check_tensor(u, op, "u", kCUDA, at::kFloat, {C});
+    check_tensor(k, op, "k", kCUDA, F, {B, T, C});
+    check_tensor(v, op, "v", kCUDA, F, {B, T, C});
+    check_tensor(y, op, "y", kCUDA, F, {B, T, C});
+    for (const auto* t : {&aa, &bb, &pp, &aa_out, &bb_out, &pp_out}) check_tensor(*t, op, "state", kCUDA, at::kFloat, {B, C});
+    check_same_device(op, {w, u, k, v, aa, bb, pp, y, aa_out, bb_out, pp_out});
+    const at::cuda::CUDAGuard guard(k.device());
+    check_launch(wkv4_cuda_launch(act, (int)B, (int)T, (int)C, w.data_ptr<float>(), u.data_ptr<float>(), k.data_ptr(),
+                                  v.data_ptr(), aa.data_ptr<float>(), bb.data_ptr<float>(), pp.data_ptr<float>(),
+                                  y.data_ptr(), aa_out.data_ptr<float>(), bb_out.data_ptr<float>(),
+                                  pp_out.data_ptr<float>(), at::cuda::getCurrentCUDAStream()),
+                 op);
+}
+
+void wkv56_cuda(bool per_token, const at::Tensor& r, const at::Tensor& k, const at::Tensor& v, const at::Tensor& w,
+                const at::Tensor& u, const at::Tensor& s, const at::Tensor& y, const at::Tensor& s_out) {
+    const char* op = per_token ? "rwkv_chat::wkv6_cuda" : "rwkv_chat::wkv5_cuda";
+    TORCH_CHECK(r.dim() == 4, op, ": r must be [B, T, H, N], got ", r.sizes());
+    const int64_t B = r.size(0), T = r.size(1), H = r.size(2), N = r.size(3);
+    const auto F = r.scalar_type();
+    const int act = act_code(r, op);
+    for (const auto* t : {&r, &k, &v, &y}) check_tensor(*t, op, "r/k/v/y", kCUDA, F, {B, T, H, N});
+    if (per_token) check_tensor(w, op, "w", kCUDA, at::kFloat, {B, T, H, N});
+    else check_tensor(w, op, "w", kCUDA, at::kFloat, {H, N});
+    check_tensor(u, op, "u", kCUDA, at::kFloat, {H, N});
+    check_tensor(s, op, "s", kCUDA, at::kFloat, {B, H, N, N});
+    check_tensor(s_out, op, "s_out", kCUDA, at::kFloat, {B, H, N, N});
+    check_same_device(op, {r, k, v, w, u, s, y, s_out});
+    const at::cuda::CUDAGuard guard(r.device());
+    auto stream = at::cuda::getCurrentCUDAStream();
+    const int rc = per_token
+        ? wkv6_cuda_launch(act, (int)B, (int)T, (int)H, (int)N, r.data_ptr(), k.data_ptr(), v.data_ptr(),
+                           w.data_ptr<float>(), u.data_ptr<float>(), s.data_ptr<float>(), y.data_ptr(),
+                           s_out.data_ptr<float>(), stream)
+        : wkv5_cuda_launch(act, false, (int)B, (int)T, (int)H, (int)N, r.data_ptr(), k.data_ptr(), v.data_ptr(),
+                           w.data_ptr<float>(), u.data_ptr<float>(), s.data_ptr<float>(), y.data_ptr(),
+                           s_out.data_ptr<float>(), stream);
+    check_launch(rc, op);
+}
+
+void wkv5_cuda(const at::Tensor& r, const at::Tensor& k, const at::Tensor& v, const at::Tensor& w,
+               const at::Tensor& u, const at::Tensor& s, const at::Tensor& y, const at::Tensor& s_out) {
+    wkv56_cuda(false, r, k, v, w, u, s, y, s_out);
+}
+
+void wkv6_cuda(const at::Tensor& r, const at::Tensor& k, const at::Tensor& v, const at::Tensor& w,
+               const at::Tensor& u, const at::Tensor& s, const at::Tensor& y, const at::Tensor& s_out) {
+    wkv56_cuda(true, r, k, v, w, u, s, y, s_out);
+}
+
+void wkv7_cuda(const at::Tensor& r, const at::Tensor& w, const at::Tensor& k, const at::Tensor& v,
+               const at::Tensor& a, const at::Tensor& b, const at::Tensor& s, const at::Tensor& y,
+               const at::Tensor& s_out) {
+    const char* op = "rwkv_chat::wkv7_cuda";
+    TORCH_CHECK(r.dim() == 4, op, ": r must be [B, T, H, N], got ", r.sizes());
+    const int64_t B = r.size(0), T = r.size(1), H = r.size(2), N = r.size(3);
+    const auto F = r.scalar_type();
+    const int act = act_code(r, op);
+    for (const auto* t : {&r, &k, &v, &a, &b}) check_tensor(*t, op, "r/k/v/a/b", kCUDA, F, {B, T, H, N});
+    check_tensor(w, op, "w", kCUDA, at::kFloat, {B, T, H, N});
+    check_tensor(y, op, "y", kCUDA, at::kFloat, {B, T, H, N});
+    check_tensor(s, op, "s", kCUDA, at::kFloat, {B, H, N, N});
+    check_tensor(s_out, op, "s_out", kCUDA, at::kFloat, {B, H, N, N});
+    check_same_device(op, {r, w, k, v, a, b, s, y, s_out});
+    const at::cuda::CUDAGuard guard(r.device());
+    check_launch(wkv7_cuda_launch(act, (int)B, (int)T, (int)H, (int)N, r.data_ptr(), w.data_ptr<float>(), k.data_ptr(),
+                                  v.data_ptr(), a.data_ptr(), b.data_ptr(), s.data_ptr<float>(), y.data_ptr<float>(),
+                                  s_out.data_ptr<float>(), at::cuda::getCurrentCUDAStream()),
+                 op);
+}
+
+// Split-K completion counters: one zeroed buffer per (device, stream), grown on demand. Each
+// launch leaves its counters at zero again, so launches on one stream can share them.
+unsigned* mm8_counters(int device, cudaStream_t stream, int64_t count) {
+    static std::mutex mu;
+    static std::map<std::pair<int, cudaStream_t>, at::Tensor> buffers;
+    std::lock_guard<std::mutex> lock(mu);
+    auto& t = buffers[{device, stream}];
+    if (!t.defined() || t.numel() < count) {
+        if (t.defined()) {
+            // The old buffer may still be in use by queued kernels on this stream.
+            cudaStreamSynchronize(stream);
+        }
+        t = at::zeros({std::max<int64_t>(count, 1024)},
+                      at::TensorOptions().dtype(at::kInt).device(at::Device(kCUDA, device)));
+    }
+    return reinterpret_cast<unsigned*>(t.data_ptr<int>());
+}
+
+void mm8_cuda(const at::Tensor& x, const at::Tensor& w, const at::Tensor& mx, const at::Tensor& rx,
+              const at::Tensor& my, const at::Tensor& ry, const at::Tensor& y, int64_t split) {
+    const char* op = "rwkv_chat::mm8_cuda";
+    TORCH_CHECK(x.dim() == 2, op, ": x must be [rows, N], got ", x.sizes());
+    const int64_t rows = x.size(0), N = x.size(1);
+    TORCH_CHECK(w.dim() == 2, op, ": w must be [N, M], got ", w.sizes());
+    const int64_t M = w.size(1);
+    const auto F = x.scalar_type();
+    const int act = act_code(x, op);
+    check_tensor(x, op, "x", kCUDA, F, {rows, N});
+    check_tensor(w, op, "w", kCUDA, at::kByte, {N, M});
+    check_tensor(mx, op, "mx", kCUDA, F, {M});
+    check_tensor(rx, op, "rx", kCUDA, F, {M});
+    check_tensor(my, op, "my", kCUDA, F, {N, 1});
+    check_tensor(ry, op, "ry", kCUDA, F, {N, 1});
+    check_tensor(y, op, "y", kCUDA, F, {rows, M});
+    check_same_device(op, {x, w, mx, rx, my, ry, y});
+    TORCH_CHECK(split >= 0, op, ": split must be >= 0 (0 = automatic), got ", split);
+    if (rows == 0 || M == 0) return;
+    const at::cuda::CUDAGuard guard(x.device());
+    auto stream = at::cuda::getCurrentCUDAStream();
+    if (rows <= kMm8MaxGemvRows && M % 16 == 0 && N > 0) {
+        const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+        const int sp = split > 0 ? (int)split : mm8_choose_split((int)rows, (int)N, (int)M, sms);
+        at::Tensor partial;
+        unsigned* counters = nullptr;
+        if (sp > 1) {
+            partial = at::empty({(int64_t)sp * rows * M}, x.options().dtype(at::kFloat));
+            counters = mm8_counters(x.get_device(), stream.stream(), mm8_counter_count((int)rows, (int)M));
+        }
+        check_launch(mm8_gemv_launch(act, (int)rows, (int)N, (int)M, x.data_ptr(), w.data_ptr<uint8_t>(), mx.data_ptr(),
+                                     rx.data_ptr(), my.data_ptr(), ry.data_ptr(), sp,
+                                     sp > 1 ? partial.data_ptr<float>() : nullptr, counters, y.data_ptr(), stream),
+                     op);
+        return;
+    }
+    // Many rows: dequantize once into the activation dtype, then one cuBLAS product (fp32 accumulation).
+    at::Tensor wf = at::empty({N, M}, x.options());
+    check_launch(mm8_dequant_launch(act, (int)N, (int)M, w.data_ptr<uint8_t>(), mx.data_ptr(), rx.data_ptr(),
+                                    my.data_ptr(), ry.data_ptr(), wf.data_ptr(), stream),
+                 op);
+    if (F == at::kFloat) at::mm_out(const_cast<at::Tensor&>(y), x, wf);
+    else gemm_cuda(x, wf, y);
+}
+
+}  // namespace
+}  // namespace rwkv_chat
+
+TORCH_LIBRARY_FRAGMENT(rwkv_chat, m) {
+    m.def("wkv4_cuda(Tensor w, Tensor u, Tensor k, Tensor v, Tensor aa, Tensor bb, Tensor pp, Tensor(a!) y, "
+          "Tensor(b!) aa_out, Tensor(c!) bb_out, Tensor(d!) pp_out) -> ()",
+          &rwkv_chat::wkv4_cuda);
+    m.def("wkv5_cuda(Tensor r, Tensor k, Tensor v, Tensor w, Tensor u, Tensor s, Tensor(a!) y, Tensor(b!) s_out) -> ()",
+          &rwkv_chat::wkv5_cuda);
+    m.def("wkv6_cuda(Tensor r, Tensor k, Tensor v, Tensor w, Tensor u, Tensor s, Tensor(a!) y, Tensor(b!) s_out) -> ()",
+          &rwkv_chat::wkv6_cuda);
+    m.def("wkv7_cuda(Tensor r, Tensor w, Tensor k, Tensor v, Tensor a, Tensor b, Tensor s, Tensor(a!) y, "
+          "Tensor(b!) s_out) -> ()",
+          &rwkv_chat::wkv7_cuda);
+    m.def("mm8_cuda(Tensor x, Tensor w, Tensor mx, Tensor rx, Tensor my, Tensor ry, Tensor(a!) y, int split=0) -> ()",
+          &rwkv_chat::mm8_cuda);
+    m.def("gemm_cuda(Tensor a, Tensor b, Tensor(a!) c) -> ()", &rwkv_chat::gemm_cuda);
+}

@@ -1,0 +1,35 @@
+// C++ CPU kernels (OpenMP), on raw pointers of contiguous tensors. `act` names the activation
+// dtype behind `void*` arguments (0 fp32, 1 fp16, 2 bf16); state and decay are fp32. Shapes and
+// formulas as the CUDA launchers (common/launchers.h). These files include no torch headers
+// beyond c10's Half/BFloat16, so the CPU library builds in one heavy translation unit
+// (bindings/cpu_ops.cpp) plus light ones.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+
+namespace rwkv_chat {
+
+void wkv4_cpu_kernel(int act, int64_t B, int64_t T, int64_t C, const float* w, const float* u, const void* k,
+                     const void* v, const float* aa, const float* bb, const float* pp, void* y, float* aa_out,
+                     float* bb_out, float* pp_out);
+void wkv5_cpu_kernel(int act, int64_t B, int64_t T, int64_t H, int64_t N, const void* r, const void* k,
+                     const void* v, const float* w, const float* u, const float* s, void* y, float* s_out);
+void wkv6_cpu_kernel(int act, int64_t B, int64_t T, int64_t H, int64_t N, const void* r, const void* k,
+                     const void* v, const float* w, const float* u, const float* s, void* y, float* s_out);
+void wkv7_cpu_kernel(int act, int64_t B, int64_t T, int64_t H, int64_t N, const void* r, const float* w,
+                     const void* k, const void* v, const void* a, const void* b, const float* s, float* y,
+                     float* s_out);
+void mm8_cpu_kernel(int act, int64_t rows, int64_t N, int64_t M, const void* x, const uint8_t* w, const void* mx,
+                    const void* rx, const void* my, const void* ry, void* y);
+
+}  // namespace rwkv_chat
+
+#define RWKV_CHAT_CPU_DISPATCH_ACT(act, F, ...)                    \
+    switch (act) {                                                 \
+    case 0: { using F = float; __VA_ARGS__; break; }               \
+    case 1: { using F = c10::Half; __VA_ARGS__; break; }           \
+    default: { using F = c10::BFloat16; __VA_ARGS__; break; }      \
+    }

@@ -1,0 +1,35 @@
+// Shared helpers of the CUDA kernels: activation types and their float conversions.
+// The .cu files include no torch headers (they build fast and stand alone); the torch-facing
+// checks and the operator registration live in csrc/cuda_ops.cpp.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+namespace rwkv_chat {
+
+// Activation dtype codes, shared with the bindings (cuda_ops.cpp).
+enum class ActType : int { F32 = 0, F16 = 1, BF16 = 2 };
+
+__device__ __forceinline__ float to_f32(float x) { return x; }
+__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename F> __device__ __forceinline__ F from_f32(float x);
+template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) {
+    return __float2bfloat16_rn(x);
+}
+
+}  // namespace rwkv_chat
+
+// Instantiate a launcher template for the three activation types, switching on an ActType code.
+#define RWKV_CHAT_DISPATCH_ACT(act, F, ...)                                   \
+    switch (act) {                                                            \
+    case ::rwkv_chat::ActType::F32: { using F = float; __VA_ARGS__; break; }          \
+    case ::rwkv_chat::ActType::F16: { using F = __half; __VA_ARGS__; break; }         \
+    case ::rwkv_chat::ActType::BF16: { using F = __nv_bfloat16; __VA_ARGS__; break; } \
+    }

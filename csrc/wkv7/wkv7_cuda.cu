@@ -1,0 +1,101 @@
+// WKV-7 (RWKV-7 generalized delta rule), CUDA.
+// Formula: ChatRWKV rwkv/cuda/rwkv7.cu (pip rwkv 0.8.32) and RWKV_x070_TMix_seq:
+//   sa = sum_j a_t[j] S[i][j];  S[i][j] <- S[i][j] w_t[j] + sa b_t[j] + v_t[i] k_t[j];  y_t[i] = sum_j S[i][j] r_t[j]
+// with S indexed [value i, key j]. Differences from the reference: batch support (the reference
+// requires B = 1), the decay w arrives as fp32 factors (no exp(-exp()) per element per token),
+// fp32 output, separate input/output state, and inputs staged in shared memory kTC tokens at a
+// time (two barriers per kTC tokens instead of two per token). One block per (batch, head), one
+// thread per value row i holding row i of S in registers (16-byte loads/stores of the row).
+#include <type_traits>
+#include "../common/cuda_common.cuh"
+#include "../common/launchers.h"
+
+namespace rwkv_chat {
+namespace {
+
+template <typename F, int N>
+__global__ void __launch_bounds__(N) wkv7_kernel(int T, int H, const F* __restrict__ r_, const float* __restrict__ w_,
+                                                 const F* __restrict__ k_, const F* __restrict__ v_,
+                                                 const F* __restrict__ a_, const F* __restrict__ b_,
+                                                 const float* __restrict__ s_, float* __restrict__ y_, float* s_out) {
+    constexpr int kTC = N >= 128 ? 4 : (N >= 64 ? 8 : 16);
+    const int bh = blockIdx.x;
+    const int b = bh / H, h = bh % H;
+    const int i = threadIdx.x;
+    __shared__ __align__(16) float sr[kTC][N], sw[kTC][N], sk[kTC][N], sa[kTC][N], sb[kTC][N], sv[kTC][N];
+
+    float S[N];
+    const float4* row = reinterpret_cast<const float4*>(s_ + ((long)bh * N + i) * N);
+#pragma unroll
+    for (int j = 0; j < N / 4; ++j) {
+        const float4 q = row[j];
+        S[4 * j] = q.x; S[4 * j + 1] = q.y; S[4 * j + 2] = q.z; S[4 * j + 3] = q.w;
+    }
+
+    const long C = (long)H * N;
+    const long base = (long)b * T * C + (long)h * N + i;
+    for (int t0 = 0; t0 < T; t0 += kTC) {
+        const int n = min(kTC, T - t0);
+        __syncthreads();
+        for (int tt = 0; tt < n; ++tt) {
+            const long o = base + (long)(t0 + tt) * C;
+            sr[tt][i] = to_f32(r_[o]);
+            sw[tt][i] = w_[o];
+            sk[tt][i] = to_f32(k_[o]);
+            sv[tt][i] = to_f32(v_[o]);
+            sa[tt][i] = to_f32(a_[o]);
+            sb[tt][i] = to_f32(b_[o]);
+        }
+        __syncthreads();
+        for (int tt = 0; tt < n; ++tt) {
+            float p0 = 0.f, p1 = 0.f;
+#pragma unroll
+            for (int j = 0; j < N; j += 2) {
+                p0 += sa[tt][j] * S[j];
+                p1 += sa[tt][j + 1] * S[j + 1];
+            }
+            const float sab = p0 + p1;
+            const float v = sv[tt][i];
+            float y0 = 0.f, y1 = 0.f;
+#pragma unroll
+            for (int j = 0; j < N; j += 2) {
+                S[j] = S[j] * sw[tt][j] + sab * sb[tt][j] + v * sk[tt][j];
+                S[j + 1] = S[j + 1] * sw[tt][j + 1] + sab * sb[tt][j + 1] + v * sk[tt][j + 1];
+                y0 += S[j] * sr[tt][j];
+                y1 += S[j + 1] * sr[tt][j + 1];
+            }
+            y_[base + (long)(t0 + tt) * C] = y0 + y1;
+        }
+    }
+    float4* orow = reinterpret_cast<float4*>(s_out + ((long)bh * N + i) * N);
+#pragma unroll
+    for (int j = 0; j < N / 4; ++j) orow[j] = make_float4(S[4 * j], S[4 * j + 1], S[4 * j + 2], S[4 * j + 3]);
+}
+
+}  // namespace
+
+int wkv7_cuda_launch(int act, int B, int T, int H, int N, const void* r, const float* w, const void* k,
+                     const void* v, const void* a, const void* b, const float* s, float* y, float* s_out,
+                     cudaStream_t stream) {
+    if (B * H == 0) return 0;
+    bool ok = true;
+    auto go = [&](auto n_tag) {
+        constexpr int NN = decltype(n_tag)::value;
+        RWKV_CHAT_DISPATCH_ACT(static_cast<ActType>(act), F,
+            wkv7_kernel<F, NN><<<B * H, NN, 0, stream>>>(T, H, static_cast<const F*>(r), w,
+                static_cast<const F*>(k), static_cast<const F*>(v), static_cast<const F*>(a),
+                static_cast<const F*>(b), s, y, s_out));
+    };
+    switch (N) {
+    case 8: go(std::integral_constant<int, 8>{}); break;
+    case 16: go(std::integral_constant<int, 16>{}); break;
+    case 32: go(std::integral_constant<int, 32>{}); break;
+    case 64: go(std::integral_constant<int, 64>{}); break;
+    case 128: go(std::integral_constant<int, 128>{}); break;
+    default: ok = false;
+    }
+    if (!ok) return kUnsupported;
+    return (int)cudaGetLastError();
+}
+
+}  // namespace rwkv_chat

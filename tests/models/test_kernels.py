@@ -1,0 +1,221 @@
+"""The compiled CPU kernels: build once per session, match the torch paths, typed errors, build cache
+reuse, reported fallback on a failed build, and engine integration on the real tiny models."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from rwkv_chat.models import kernels, quant, wkv
+from rwkv_chat.models.errors import DeviceError, ShapeMismatchError, UnsupportedDtypeError
+from tests.gpu.kernel_cases import TOL, all_cases, case_wkv7, wkv7_inputs
+
+CPU_OPS = ("wkv4", "wkv5", "wkv6", "wkv7", "mm8")
+
+
+@pytest.fixture(scope="session")
+def kernel_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("kernel-cache")
+
+
+@pytest.fixture(scope="session")
+def cpu_loader(kernel_cache):
+    """One CPU build for the whole session (about 20-30 s on 2 cores)."""
+    messages: list[str] = []
+    loader = kernels.KernelLoader(cache_dir=kernel_cache, progress=messages.append)
+    status = loader.ensure_built("cpu")
+    loader.messages = messages
+    return loader, status
+
+
+def test_cpu_build_reports_every_op(cpu_loader):
+    loader, status = cpu_loader
+    assert {f: status[f] for f in CPU_OPS} == {f: "ok" for f in CPU_OPS}, status
+    assert status["gemm"] != "ok" and "torch.matmul" in status["gemm"]
+    rep = loader.report()
+    assert set(rep) == {"cpu", "cuda"} and set(rep["cpu"]) == set(kernels.FAMILIES)
+    build = loader.builds["cpu"]
+    assert build["key"] in build["dir"] and torch.__version__.replace("+", "_") in build["key"]
+    assert loader.messages, "build progress was not reported"
+    for op in CPU_OPS:
+        assert kernels.available("cpu", op)
+
+
+@pytest.mark.parametrize("family,desc,dtype,fn", all_cases("cpu", quick=True),
+                         ids=lambda v: str(v).replace("torch.", "") if not callable(v) else "")
+def test_cpu_kernel_matches_torch_path(cpu_loader, family, desc, dtype, fn):
+    err = fn()   # fresh random inputs, NaN-poisoned outputs, float32 torch reference
+    assert err <= TOL[dtype], f"{family} {desc} {dtype}: relative error {err:.3e}"
+
+
+def test_non_contiguous_inputs_are_served(cpu_loader):
+    r, w, k, v, a, b, s = wkv7_inputs(2, 6, 2, 16, torch.float32, seed=11)
+    rt = r.transpose(0, 1).contiguous().transpose(0, 1)     # same values, non-contiguous
+    assert not rt.is_contiguous()
+    y, s2 = kernels.wkv7(rt, w, k, v, a, b, s)
+    yr, sr = wkv.wkv7_torch(r, w, k, v, a, b, s)
+    assert torch.allclose(y, yr, rtol=1e-5, atol=1e-6) and torch.allclose(s2, sr, rtol=1e-5, atol=1e-6)
+
+
+def test_state_is_not_modified_in_place(cpu_loader):
+    r, w, k, v, a, b, s = wkv7_inputs(1, 3, 2, 16, torch.float32, seed=12)
+    s0 = s.clone()
+    _, s2 = kernels.wkv7(r, w, k, v, a, b, s)
+    assert torch.equal(s, s0) and not torch.equal(s2, s0)
+
+
+def test_sequence_equals_token_by_token(cpu_loader):
+    r, w, k, v, a, b, s = wkv7_inputs(2, 9, 2, 16, torch.float32, seed=13)
+    y_seq, s_seq = kernels.wkv7(r, w, k, v, a, b, s)
+    st, ys = s, []
+    for t in range(9):
+        y, st = kernels.wkv7(*(x[:, t:t + 1] for x in (r, w, k, v, a, b)), st)
+        ys.append(y)
+    assert torch.allclose(torch.cat(ys, 1), y_seq, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(st, s_seq, rtol=1e-6, atol=1e-6)
+
+
+def _wkv5_args(**over):
+    B, T, H, N = 2, 3, 2, 8
+    args = dict(r=torch.randn(B, T, H, N), k=torch.randn(B, T, H, N), v=torch.randn(B, T, H, N),
+                w=torch.rand(H, N), u=torch.randn(H, N), s=torch.randn(B, H, N, N))
+    args.update(over)
+    return args
+
+
+@pytest.mark.parametrize("over,err", [
+    (dict(r=torch.randint(0, 3, (2, 3, 2, 8))), UnsupportedDtypeError),       # integer activations
+    (dict(k=torch.randn(2, 3, 2, 8, dtype=torch.float16)), UnsupportedDtypeError),  # mixed activation dtypes
+    (dict(s=torch.randn(2, 2, 8, 8, dtype=torch.float16)), UnsupportedDtypeError),  # state must be fp32
+    (dict(w=torch.rand(2, 8, dtype=torch.float64)), UnsupportedDtypeError),
+    (dict(v=torch.randn(2, 3, 2, 7)), ShapeMismatchError),
+    (dict(s=torch.randn(2, 2, 8, 9)), ShapeMismatchError),
+    (dict(w=torch.rand(3, 8)), ShapeMismatchError),
+    (dict(r=torch.randn(2, 3, 16)), ShapeMismatchError),
+    (dict(u=torch.randn(2, 8, device="meta")), DeviceError),
+    (dict(w="decay"), UnsupportedDtypeError),
+])
+def test_wkv5_typed_errors(cpu_loader, over, err):
+    with pytest.raises(err):
+        kernels.wkv5(**_wkv5_args(**over))
+
+
+def test_typed_errors_of_every_dispatch(cpu_loader):
+    C = 8
+    k = torch.randn(1, 2, C)
+    st = [torch.zeros(1, C) for _ in range(3)]
+    with pytest.raises(UnsupportedDtypeError):
+        kernels.wkv4(torch.rand(C).half(), torch.rand(C), k, k, *st)
+    with pytest.raises(ShapeMismatchError):
+        kernels.wkv4(torch.rand(C + 1), torch.rand(C), k, k, *st)
+    with pytest.raises(DeviceError):
+        kernels.wkv4(torch.rand(C), torch.rand(C), k, k.to("meta"), *st)
+    r, w, kk, v, a, b, s = wkv7_inputs(1, 2, 1, 16, torch.float32, seed=3)
+    with pytest.raises(UnsupportedDtypeError):
+        kernels.wkv7(r, w.half(), kk, v, a, b, s)
+    with pytest.raises(ShapeMismatchError):
+        kernels.wkv7(r, w, kk, v, a, b, s[..., :8])
+    bad_out = (torch.empty(1, 2, 1, 16).transpose(1, 2), torch.empty(1, 1, 16, 16))
+    with pytest.raises(ShapeMismatchError):
+        kernels.wkv7(r, w, kk, v, a, b, s, out=bad_out)
+    q = quant.quantize_i8(torch.randn(32, 16), torch.float32)
+    with pytest.raises(ShapeMismatchError):
+        kernels.mm8(torch.randn(3, 31), q)
+    with pytest.raises(UnsupportedDtypeError):
+        kernels.mm8(torch.randn(3, 32, dtype=torch.float64), q)
+    with pytest.raises(DeviceError):
+        kernels.mm8(torch.randn(3, 32, device="meta"), q)
+    with pytest.raises(ShapeMismatchError):
+        kernels.gemm(torch.randn(2, 5), torch.randn(4, 3))
+
+
+def test_direct_op_call_rejects_bad_input_without_crashing(cpu_loader):
+    r = torch.randn(1, 1, 1, 8)
+    with pytest.raises(RuntimeError, match="wkv5_cpu"):
+        torch.ops.rwkv_chat.wkv5_cpu(r, r, r, torch.rand(1, 8), torch.rand(1, 8), torch.zeros(1, 1, 8, 8),
+                                     torch.empty(1, 1, 1, 8), torch.empty(1, 1, 8, 7))
+
+
+def test_second_ensure_built_is_instant(cpu_loader):
+    loader, status = cpu_loader
+    t0 = time.perf_counter()
+    assert loader.ensure_built("cpu") == status
+    assert time.perf_counter() - t0 < 0.05
+
+
+def test_build_cache_reused_by_a_new_process(cpu_loader, kernel_cache):
+    code = ("import json, sys; from rwkv_chat.models import kernels; "
+            "L = kernels.KernelLoader(cache_dir=sys.argv[1]); s = L.ensure_built('cpu'); "
+            "print(json.dumps({'status': s, 'build': L.builds['cpu']}))")
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code, str(kernel_cache)], capture_output=True, text=True,
+                         timeout=120, check=True)
+    took = time.perf_counter() - t0
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["build"]["cached"] is True and res["build"]["seconds"] < 2.0, res
+    assert res["status"]["wkv7"] == "ok"
+    assert took < 15, f"a cached load took {took:.1f} s (a rebuild?)"
+
+
+def test_failed_build_falls_back_with_reported_reason(cpu_loader, tmp_path, caplog):
+    broken = tmp_path / "csrc"
+    shutil.copytree(kernels.default_source_dir(), broken, ignore=shutil.ignore_patterns("__pycache__"))
+    ops = broken / "bindings" / "cpu_ops.cpp"
+    ops.write_text("#error deliberately broken kernel source\n" + ops.read_text())
+    loader = kernels.KernelLoader(source_dir=broken, cache_dir=tmp_path / "cache")
+    with caplog.at_level(logging.WARNING, logger="rwkv_chat.kernels"):
+        status = loader.ensure_built("cpu")
+    for fam in kernels.FAMILIES:
+        assert status[fam].startswith("build failed") and "torch path" in status[fam], status[fam]
+    assert "deliberately broken" in status["wkv7"]
+    assert loader.report()["cpu"] == status
+    assert any("build failed" in rec.getMessage() for rec in caplog.records)
+    # Nothing of the broken build was loaded: the process still serves the working ops.
+    assert case_wkv7(1, 2, 1, 16, torch.float32, "cpu", seed=5) <= 1e-5
+
+
+def test_cuda_report_on_a_machine_without_cuda(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the CUDA build is exercised by tests/gpu/verify_kernels.py")
+    loader = kernels.KernelLoader(cache_dir=tmp_path)
+    status = loader.ensure_built("cuda")
+    assert all(v.startswith("CUDA unavailable") for v in status.values()), status
+    assert loader.report()["cuda"] == status
+    assert all(v.startswith("not built") for v in loader.report()["cpu"].values())
+
+
+def test_install_routes_engine_entry_points(cpu_loader, monkeypatch):
+    for mod, name in ((wkv, "wkv4"), (wkv, "wkv5"), (wkv, "wkv7"), (quant, "mm8")):
+        monkeypatch.setattr(mod, name, getattr(mod, name))   # restored after the test
+    kernels.install()
+    assert wkv.wkv4 is kernels.wkv4 and wkv.wkv5 is kernels.wkv5 and wkv.wkv7 is kernels.wkv7
+    assert quant.mm8 is kernels.mm8
+    q = quant.quantize_i8(torch.randn(64, 48), torch.float32)
+    x = torch.randn(3, 64)
+    assert torch.allclose(quant.matmul(x, q), x @ q.dequantize(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("version", ["4", "5", "5.2", "6", "7"])
+@pytest.mark.parametrize("strategy", ["cpu fp32"])
+def test_tiny_models_same_logits_with_kernels(cpu_loader, model_path, monkeypatch, version, strategy):
+    from rwkv_chat.models import RWKV
+    path = model_path(version)
+    tokens = list(b"Kernels: the same numbers.")
+    model = RWKV(model=str(path), strategy=strategy)
+    ref_seq, _ = model.forward(tokens, None, full_output=True)
+    ref_one, _ = model.forward(tokens[:1], None)
+    for mod, name in ((wkv, "wkv4"), (wkv, "wkv5"), (wkv, "wkv7"), (quant, "mm8")):
+        monkeypatch.setattr(mod, name, getattr(mod, name))
+    kernels.install()
+    got_seq, state = model.forward(tokens, None, full_output=True)
+    got_one, _ = model.forward(tokens[:1], None)
+    for got, ref in ((got_seq, ref_seq), (got_one, ref_one)):
+        err = ((got.double() - ref.double()).norm() / ref.double().norm()).item()
+        assert err <= 1e-5, f"v{version} {strategy}: relative error {err:.2e}"
