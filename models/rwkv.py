@@ -14,11 +14,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from . import loader
-from .errors import DeviceError, StateError, TokenError
+from .errors import CheckpointError, DeviceError, StateError, TokenError
 from .generations import module_for
 from .ops import layer_norm, matmul
 from .quant import Int8Weight, quantize_i8
@@ -26,6 +27,7 @@ from .state import State
 from .strategy import Plan, plan_layers, rescale_layer_for, torch_device
 
 _RESCALED = ("att.output.weight", "ffn.value.weight")
+_FINGERPRINTED = ("emb.weight", "head.weight", "ln_out.weight")
 
 
 @dataclass
@@ -36,6 +38,7 @@ class _Context:
     layer: int = 0
     v_first: torch.Tensor | None = None
     tokens: torch.Tensor | None = None
+    wkv7: Callable | None = None      # the WKV-7 to call (None: ``wkv.wkv7``); set by fast decode paths
 
 
 class RWKV:
@@ -43,7 +46,8 @@ class RWKV:
 
     Args:
         model: path to a BlinkDL ``.pth`` or a ``.safetensors`` checkpoint. As in the reference, a path
-            without a suffix gets ``.pth`` appended when that file exists.
+            without a suffix gets ``.pth`` appended when that file exists. Also a checkpoint already in
+            memory: a dict of BlinkDL key -> tensor (e.g. ``rwkv_chat.models.shapes.random_checkpoint``).
         strategy: e.g. ``"cpu fp32"``, ``"cuda fp16"``, ``"cuda fp16i8 *10+ -> cpu fp32"`` (see
             ``rwkv_chat.models.strategy``).
         verbose: print the layer plan, as the reference does.
@@ -53,17 +57,25 @@ class RWKV:
         CheckpointError, StrategyError, DeviceError: see those classes.
     """
 
-    def __init__(self, model: str | Path, strategy: str, verbose: bool = False,
+    def __init__(self, model: str | Path | dict, strategy: str, verbose: bool = False,
                  rescale_layer: int | None = None):
-        path = Path(str(model).strip())
-        if not path.exists() and not path.suffix and path.with_suffix(".pth").exists():
-            path = path.with_suffix(".pth")
+        if isinstance(model, dict):
+            path = Path("<memory>")
+            if not model or not all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in model.items()):
+                raise CheckpointError("a checkpoint dict must map weight names to tensors")
+        else:
+            path = Path(str(model).strip())
+            if not path.exists() and not path.suffix and path.with_suffix(".pth").exists():
+                path = path.with_suffix(".pth")
         self.path = path
         with torch.no_grad():
-            w = loader.read_checkpoint(path)
+            w = dict(model) if isinstance(model, dict) else loader.read_checkpoint(path)
             self.spec = spec = loader.inspect(w)
             loader.check_finite(w)
-            self.fingerprint = loader.fingerprint(w, spec)
+            # the fingerprint samples a few tensors through numpy: give it CPU copies of those
+            sampled = (*_FINGERPRINTED, f"blocks.{spec.n_layer - 1}.ffn.value.weight")
+            self.fingerprint = loader.fingerprint(
+                {k: t.cpu() if k in sampled and t.device.type != "cpu" else t for k, t in w.items()}, spec)
             self.plan: Plan = plan_layers(strategy, spec.n_layer)
             self.strategy = self.plan.strategy
             self._gen = module_for(spec.version)
@@ -173,9 +185,12 @@ class RWKV:
         elif isinstance(tokens, int):
             tokens = [tokens]
         try:
-            tokens = [int(t) for t in tokens]
+            ids = [int(t) for t in tokens]
         except (TypeError, ValueError) as e:
             raise TokenError(f"tokens must be integers: {e}") from e
+        if any(i != t for i, t in zip(ids, tokens)):
+            raise TokenError(f"tokens must be integers, got {list(tokens)[:5]}")
+        tokens = ids
         if not tokens:
             raise TokenError("no tokens to process")
         bad = [t for t in tokens if not 0 <= t < self.vocab_size]

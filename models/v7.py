@@ -69,13 +69,13 @@ def time_mix(x, att_x, s, p, ctx):
     g = torch.sigmoid(xg @ p["att.g1"]) @ p["att.g2"]
     kk = F.normalize((k * p["att.k_k"]).view(B, T, H, N), dim=-1, p=2.0).view(B, T, C)
     k = k * (1 + (a - 1) * p["att.k_a"])
-    if ctx.layer == 0:
+    if ctx.v_first is None:  # the first layer
         ctx.v_first = v
     else:
         v = v + (ctx.v_first.to(v.device) - v) * torch.sigmoid(p["att.v0"] + (xv @ p["att.v1"]) @ p["att.v2"])
     w = torch.exp(-_DECAY_SCALE * torch.sigmoid(p["att.w0"] + w.float()))
     shp = (B, T, H, N)
-    y, s = wkv.wkv7(r.view(shp), w.view(shp), k.view(shp), v.view(shp), (-kk).view(shp), (kk * a).view(shp), s)
+    y, s = (ctx.wkv7 or wkv.wkv7)(r.view(shp), w.view(shp), k.view(shp), v.view(shp), (-kk).view(shp), (kk * a).view(shp), s)
     y = head_group_norm(y.view(B, T, C), H, p["att.ln_x.weight"], p["att.ln_x.bias"]).to(x.dtype)
     y = y + ((r * k * p["att.r_k"]).view(B, T, H, N).sum(dim=-1, keepdim=True) * v.view(B, T, H, N)).view(B, T, C)
     return matmul(y * g, p["att.output.weight"]), x[:, -1], s

@@ -96,7 +96,39 @@ def wkv7_torch(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     return y, s
 
 
+def wkv7_one(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             a: torch.Tensor, b: torch.Tensor, s: torch.Tensor):
+    """``wkv7_torch`` for T = 1 written as broadcasts and last-dim sums (no batched matmuls), so that
+    ``torch.compile`` fuses a decode step's WKV into a couple of kernels. Same arguments and results."""
+    r, k, v, a, b = (x[:, 0].float() for x in (r, k, v, a, b))             # [B, H, N]
+    w = w[:, 0].float()
+    sa = (s * a.unsqueeze(-2)).sum(-1, keepdim=True)                        # [B, H, V, 1]
+    s = s * w.unsqueeze(-2) + sa * b.unsqueeze(-2) + v.unsqueeze(-1) * k.unsqueeze(-2)
+    y = (s * r.unsqueeze(-2)).sum(-1)                                       # [B, H, V]
+    return y.unsqueeze(1), s
+
+
+def wkv7_auto(r, w, k, v, a, b, s):
+    """RWKV-7 WKV in pure torch: one step for T = 1, the chunked form (``prefill.wkv7_chunked``) for T > 1.
+    Same contract as ``wkv7_torch``."""
+    if r.shape[1] == 1:
+        return wkv7_one(r, w, k, v, a, b, s)
+    from .prefill import wkv7_chunked
+
+    return wkv7_chunked(r, w, k, v, a, b, s)
+
+
+def wkv5_auto(r, k, v, w, u, s):
+    """RWKV-5/6 WKV in pure torch: the sequential step for T = 1, the chunked form
+    (``prefill.wkv5_chunked``) for T > 1. Same contract as ``wkv5_torch``."""
+    if r.shape[1] == 1:
+        return wkv5_torch(r, k, v, w, u, s)
+    from .prefill import wkv5_chunked
+
+    return wkv5_chunked(r, k, v, w, u, s)
+
+
 # Public entry points. ``rwkv_chat.models.kernels`` rebinds the work to compiled ops where built.
 wkv4 = wkv4_torch
-wkv5 = wkv5_torch
-wkv7 = wkv7_torch
+wkv5 = wkv5_auto
+wkv7 = wkv7_auto
