@@ -1,0 +1,334 @@
+"""The chat screen: sidebar, conversation view, input, sampling panel, status bar, footer.
+
+Generation events come from the app's link (the open conversation's topic), whoever started the
+generation: this window, another rwkv-chat window or a script. The screen keeps at most one streaming
+reply (``self.bubble``); the daemon runs one generation per conversation at a time.
+"""
+
+from __future__ import annotations
+
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.screen import Screen
+from textual.widgets import Footer
+
+from rwkv_chat.app.config import ConfigError, load_config
+
+from ..widgets.chat_log import AssistantMessage, ChatLog, MessageBox, Notice, UserMessage
+from ..widgets.prompt_input import MAX_MESSAGE_CHARS, PromptInput
+from ..widgets.sampling_panel import SamplingPanel
+from ..widgets.sidebar import Sidebar
+from ..widgets.status_bar import StatusBar
+from .conversation_actions import ConversationActions
+
+SHOWN_TURNS = 60          # turns rendered when a conversation opens (older ones: a note)
+
+
+class ChatScreen(ConversationActions, Screen):
+    AUTO_FOCUS = "#input"
+    BINDINGS = [
+        Binding("escape", "stop", "Stop"),
+        Binding("ctrl+c", "stop_or_copy", "Stop", show=False, priority=True),
+        Binding("ctrl+n", "new_conversation", "New"),
+        Binding("ctrl+r", "regenerate", "Regenerate"),
+        Binding("f2", "rename", "Rename"),
+        Binding("f3", "edit_last", "Edit last"),
+        Binding("f4", "toggle_sampling", "Sampling"),
+        Binding("f5", "system_prompt", "System prompt"),
+        Binding("f6", "export", "Export"),
+        Binding("f7", "copy_last", "Copy reply"),
+        Binding("f8", "delete", "Delete"),
+        Binding("f9", "toggle_sidebar", "Sidebar"),
+        Binding("ctrl+l", "app.load_model", "Model"),
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cid: str | None = None          # the open conversation
+        self.infos: dict = {}                # id -> ConversationInfo
+        self.job: str | None = None          # generation running in the open conversation
+        self.bubble: AssistantMessage | None = None
+        self.pending: str | None = None      # a message this window sent, not yet Started
+
+    def compose(self) -> ComposeResult:
+        with Horizontal(id="main"):
+            yield Sidebar(id="sidebar")
+            with Vertical(id="center"):
+                yield ChatLog(id="log")
+                yield PromptInput(id="input")
+            yield SamplingPanel(self._sampling_defaults(), id="sampling")
+        yield StatusBar(snapshot=self.app.snapshot, id="status")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one(SamplingPanel).display = False
+        self.query_one(SamplingPanel).show({})
+        self.focus_input()
+
+    def _sampling_defaults(self) -> dict:
+        try:
+            s = load_config(self.app.paths.config_file).sampling
+        except ConfigError:
+            from rwkv_chat.app.config import SamplingConfig
+
+            s = SamplingConfig()
+        return {**vars(s), "seed": None}
+
+    # ---------------------------------------------------------------- helpers
+    @property
+    def log_view(self) -> ChatLog:
+        return self.query_one(ChatLog)
+
+    @property
+    def input(self) -> PromptInput:
+        return self.query_one(PromptInput)
+
+    @property
+    def status_bar(self) -> StatusBar:
+        return self.query_one(StatusBar)
+
+    def focus_input(self) -> None:
+        if self.is_mounted:
+            self.input.focus()
+
+    def notice(self, text: str, kind: str = "info") -> None:
+        self.log_view.add(Notice(text, kind=kind))
+
+    def busy(self) -> bool:
+        return self.job is not None or self.bubble is not None
+
+    def start_bubble(self, footer: str = "…") -> AssistantMessage:
+        self.bubble = AssistantMessage(streaming=True, footer=footer)
+        self.log_view.add(self.bubble)
+        return self.bubble
+
+    def end_generation(self, text: str | None, footer: str) -> None:
+        if self.bubble is not None:
+            self.bubble.finish(text, footer)
+        self.bubble, self.job, self.pending = None, None, None
+
+    # ---------------------------------------------------------------- link events (called by the app)
+    def link_connected(self, message) -> None:
+        self.status_bar.connection = "connected"
+        self.status_bar.set_status(message.status)
+        self.infos = {c.id: c for c in message.conversations}
+        if message.restarted:
+            self.notice("The daemon is back; reconnected.", "ok")
+        current = self.cid if self.cid in self.infos else None
+        if current is None and self.infos:
+            current = max(self.infos.values(), key=lambda c: (c.updated, c.id)).id
+        self.query_one(Sidebar).set_items(list(self.infos.values()), current)
+        if current is not None:
+            self.open_conversation(current)
+        elif not message.restarted:
+            self.cid = None
+            self.notice("No conversations yet: type a message and press Enter to start one.")
+
+    def link_lost(self, reason: str) -> None:
+        self.status_bar.connection = "daemon unreachable — reconnecting…"
+        if self.bubble is not None:
+            self.end_generation(None, "interrupted: the daemon stopped answering (the text so far is kept)")
+        self.job = None
+        self.notice(f"Daemon unreachable ({reason}). Reconnecting automatically; start one with "
+                    "`rwkv-chat daemon start` if it does not come back.", "error")
+
+    def link_status(self, status: dict) -> None:
+        self.status_bar.connection = "connected"
+        self.status_bar.set_status(status)
+
+    def link_event(self, topic: str, event) -> None:
+        from rwkv_chat.daemon import messages as m
+
+        if topic != self.cid:
+            return
+        if isinstance(event, m.Started):
+            if event.kind != "chat":
+                return
+            self.job = event.job_id
+            if self.pending is not None and self.bubble is not None:
+                self.pending = None
+                self.bubble.set_footer("…")
+            elif self.bubble is None:     # another window's (or a script's) message
+                self.log_view.add(UserMessage(event.message))
+                self.start_bubble("generating (started elsewhere)…")
+            self.bubble.job_id = event.job_id
+        elif isinstance(event, m.Progress) and event.phase == "prefill":
+            if self.bubble is not None:
+                self.bubble.prefill(event.done, event.total)
+        elif isinstance(event, m.Token):
+            if self.bubble is None:        # joined in the middle of a reply
+                self.start_bubble("generating (joined mid-reply)…")
+                self.job = event.job_id
+            self.bubble.append(event.text)
+        elif isinstance(event, m.Done):
+            mine = self.bubble is not None and self.bubble.mine
+            self.end_generation(event.text, self._done_footer(event))
+            if event.tokens_per_s and event.reason != "cancelled":
+                self.status_bar.set_speed(event.tokens_per_s)
+            if event.reason != "cancelled":
+                self.refresh_conversations(reopen=not mine)
+        elif isinstance(event, m.Failed):
+            self.end_generation(None, f"failed: {event.kind}: {event.message}")
+
+    def _done_footer(self, event) -> str:
+        parts = [f"{event.tokens} tokens"]
+        if not self.app.snapshot and event.tokens_per_s:
+            parts.append(f"{event.tokens_per_s:.1f} tok/s")
+        reason = {"length": "stopped at max tokens",
+                  "cancelled": "stopped (not kept in the conversation)"}.get(event.reason)
+        if reason:
+            parts.append(reason)
+        return " · ".join(parts)
+
+    # ---------------------------------------------------------------- opening a conversation
+    def open_conversation(self, cid: str) -> None:
+        if self.bubble is not None and self.cid != cid:
+            self.end_generation(None, "(switched away; the reply continues in the daemon)")
+        self.cid = cid
+        self.job = None
+        self.app.watch_topic = cid
+        self.query_one(Sidebar).highlight(cid)
+        self.app.request("open", lambda c: c.conversation(cid), self._show_detail)
+
+    def _show_detail(self, detail) -> None:
+        conv = detail.conversation
+        if conv.id != self.cid:
+            return
+        self.infos[conv.id] = conv
+        log = self.log_view
+        log.clear()
+        turns = detail.turns
+        if len(turns) > SHOWN_TURNS:
+            log.add(Notice(f"… {len(turns) - SHOWN_TURNS} earlier turns not shown (export shows all)"))
+            turns = turns[-SHOWN_TURNS:]
+        if conv.system_prompt:
+            log.add(Notice("System prompt: " + conv.system_prompt.splitlines()[0][:200], kind="system"))
+        for t in turns:
+            if t.role == "user":
+                log.add(UserMessage(t.text))
+            else:
+                log.add(AssistantMessage(t.text, footer=f"{t.tokens} tokens"))
+        if conv.turns:
+            fingerprint = (self.app.status.get("model") or {}).get("fingerprint")
+            if fingerprint and conv.model_fingerprint == fingerprint:
+                log.add(Notice("resumed from state, 0 tokens re-read", kind="ok"))
+            elif fingerprint:
+                log.add(Notice("The saved state belongs to another model: the history will be re-read "
+                               "with this one on the next message."))
+        self.query_one(SamplingPanel).show(conv.sampling)
+        log.call_after_refresh(log.scroll_end, animate=False)
+
+    def refresh_conversations(self, reopen: bool = False) -> None:
+        def show(items) -> None:
+            self.infos = {c.id: c for c in items}
+            self.query_one(Sidebar).set_items(items, self.cid)
+            if reopen and self.cid in self.infos and not self.busy():
+                self.open_conversation(self.cid)
+
+        self.app.request("list conversations", lambda c: c.conversations(), show)
+
+    @on(Sidebar.Selected)
+    def _selected(self, event: Sidebar.Selected) -> None:
+        if event.conversation_id != self.cid:
+            self.open_conversation(event.conversation_id)
+        self.focus_input()
+
+    # ---------------------------------------------------------------- sending
+    @on(PromptInput.Submitted)
+    def _submitted(self, event: PromptInput.Submitted) -> None:
+        text = event.text
+        if not text.strip():
+            self.notify("Empty message: nothing sent.", severity="warning", timeout=3)
+            return
+        if len(text) > MAX_MESSAGE_CHARS:
+            self.notify(f"The message has {len(text):,} characters; the limit is {MAX_MESSAGE_CHARS:,}.",
+                        severity="error")
+            return
+        if self.busy():
+            self.notify("A reply is being generated: Esc stops it.", severity="warning", timeout=3)
+            return
+        if not self.app.connected:
+            self.notify("Not connected to the daemon.", severity="error", timeout=3)
+            return
+        self.input.remember(text)
+        self.input.clear()
+        self.log_view.add(UserMessage(text))
+        self.generate("send", lambda c, cid: self._chat_request(c, cid, "Chat", message=text), text)
+
+    def generate(self, action: str, call, pending: str, title: str = "") -> None:
+        """Start a generation: a streaming bubble now; ``call(client, cid)`` (a worker) sends the request once
+        the link watches the conversation (creating the conversation first when none is open)."""
+        bubble = self.start_bubble("waiting for the daemon…")
+        bubble.mine = True
+        self.pending = pending
+        cid, app = self.cid, self.app
+
+        def work(client):
+            nonlocal cid
+            if cid is None:
+                info = client.create_conversation(title=(title or pending).strip().splitlines()[0][:60])
+                cid = info.id
+                app.call_from_thread(self._adopt, info)
+            if not app.wait_watching(cid):
+                raise TimeoutError("could not subscribe to the conversation's events")
+            return call(client, cid)
+
+        def failed(message: str) -> None:
+            if self.bubble is bubble:
+                self.end_generation(None, f"not sent: {message}")
+
+        self.app.request(action, work, None, failed)
+
+    def _adopt(self, info) -> None:
+        self.cid = info.id
+        self.infos[info.id] = info
+        self.query_one(Sidebar).set_items(list(self.infos.values()), info.id)
+
+    @staticmethod
+    def _chat_request(client, cid: str, kind: str, **fields):
+        from rwkv_chat.daemon import messages as m
+
+        return client.request(getattr(m, kind)(client_id=client.client_id, conversation_id=cid, **fields))
+
+    # ---------------------------------------------------------------- stop, copy
+    def action_stop(self) -> None:
+        if not self.busy() or self.cid is None:
+            return
+        cid = self.cid
+        if self.bubble is not None:
+            self.bubble.set_footer("stopping…")
+        self.app.request("stop", lambda c: c.cancel(conversation_id=cid))
+
+    def action_stop_or_copy(self) -> None:
+        if self.busy():
+            self.action_stop()
+        elif self.input.has_focus and self.input.selected_text:
+            self.app.copy_to_clipboard(self.input.selected_text)
+        else:
+            self.notify("Nothing to stop (Ctrl+Q quits).", timeout=2)
+
+    @on(MessageBox.Copy)
+    def _copy(self, event: MessageBox.Copy) -> None:
+        self.app.copy_to_clipboard(event.text)
+        self.notify(f"Copied {len(event.text):,} characters.", timeout=2)
+
+    def action_copy_last(self) -> None:
+        last = self.log_view.last("assistant")
+        if last is None or not last.text:
+            self.notify("No reply to copy.", timeout=2)
+            return
+        self._copy(MessageBox.Copy(last.text))
+
+    def action_toggle_sidebar(self) -> None:
+        sidebar = self.query_one(Sidebar)
+        sidebar.display = not sidebar.display
+
+    def action_toggle_sampling(self) -> None:
+        panel = self.query_one(SamplingPanel)
+        panel.display = not panel.display
+        if panel.display:
+            panel.query_one("Input").focus()
+        else:
+            self.focus_input()

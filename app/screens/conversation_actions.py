@@ -1,0 +1,159 @@
+"""Conversation actions of the chat screen (a mixin of :class:`ChatScreen`): new, rename, delete,
+regenerate, edit the last message, system prompt, export, sampling settings."""
+
+from __future__ import annotations
+
+import re
+import time
+
+from textual import on
+
+from ..widgets.chat_log import UserMessage
+from ..widgets.sampling_panel import SamplingPanel
+from ..widgets.sidebar import title_of
+from .dialogs import PRESETS, Confirm, ExportChoice, TextEditor, TextPrompt
+
+
+def export_path(data_dir, title: str, cid: str, fmt: str):
+    """``<data dir>/exports/<title-slug>-<id>.<md|json>``."""
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", title).strip("-").lower()[:40] or "conversation"
+    return data_dir / "exports" / f"{slug}-{cid}.{fmt}"
+
+
+class ConversationActions:
+    """Mixin: needs ``cid``, ``infos``, ``busy()``, ``generate()``, ``open_conversation()``, ``notice()``."""
+
+    def _need_idle(self) -> bool:
+        if self.busy():
+            self.notify("A reply is being generated: Esc stops it first.", severity="warning", timeout=3)
+            return False
+        return True
+
+    def action_new_conversation(self) -> None:
+        def opened(info) -> None:
+            self.infos[info.id] = info
+            self.query_one("Sidebar").set_items(list(self.infos.values()), info.id)
+            self.open_conversation(info.id)
+            self.focus_input()
+
+        self.app.request("new conversation", lambda c: c.create_conversation(), opened)
+
+    def action_rename(self) -> None:
+        if self.cid is None:
+            return
+        cid = self.cid
+
+        def renamed(title) -> None:
+            if title:
+                self.app.request("rename", lambda c: c.rename(cid, title), lambda _: self.refresh_conversations())
+
+        self.app.push_screen(TextPrompt("Rename the conversation", title_of(self.infos[cid])), renamed)
+
+    def action_delete(self) -> None:
+        if self.cid is None:
+            return
+        cid = self.cid
+
+        def gone(_=None) -> None:
+            self.infos.pop(cid, None)
+            rest = sorted(self.infos.values(), key=lambda c: (-c.updated, c.id))
+            self.query_one("Sidebar").set_items(rest, rest[0].id if rest else None)
+            if self.bubble is not None:
+                self.end_generation(None, "(conversation deleted)")
+            if rest:
+                self.open_conversation(rest[0].id)
+            else:
+                self.cid = None
+                self.app.watch_topic = "~daemon"
+                self.log_view.clear()
+                self.notice("No conversations: type a message and press Enter to start one.")
+
+        def answer(yes) -> None:
+            if yes:
+                self.app.request("delete", lambda c: c.delete(cid), gone)
+
+        self.app.push_screen(Confirm(f"Delete “{title_of(self.infos[cid])}” and its saved state?"), answer)
+
+    def action_regenerate(self) -> None:
+        last = self.log_view.last("assistant")
+        if self.cid is None or last is None or not self._need_idle():
+            self.notify("No reply to regenerate.", timeout=2) if last is None else None
+            return
+        last.remove()
+        self.generate("regenerate", lambda c, cid: self._chat_request(c, cid, "Regenerate"), "")
+
+    def action_edit_last(self) -> None:
+        user = self.log_view.last("user")
+        if self.cid is None or user is None or not self._need_idle():
+            return
+
+        def edited(text) -> None:
+            if text is None or not text.strip() or text == user.text:
+                return
+            msgs = self.log_view.messages()
+            for w in msgs[msgs.index(user):]:
+                w.remove()
+            self.log_view.add(UserMessage(text))
+            self.generate("edit", lambda c, cid: self._chat_request(c, cid, "EditLastUser", text=text), text)
+
+        self.app.push_screen(TextEditor("Edit your last message (a new reply replaces the old one)", user.text),
+                             edited)
+
+    def action_system_prompt(self) -> None:
+        cid = self.cid
+        current = self.infos[cid].system_prompt if cid in self.infos else ""
+
+        def saved(text) -> None:
+            if text is None or text == current:
+                return
+            if cid is None:
+                self.app.request("new conversation", lambda c: c.create_conversation(system_prompt=text),
+                                 lambda info: (self._adopt(info), self.open_conversation(info.id)))
+                return
+            reread = " The history will be re-read with it on the next message." if self.infos[cid].turns else ""
+            self.app.request("system prompt", lambda c: c.set_system_prompt(cid, text),
+                             lambda _: (self.notice("System prompt set." + reread), self.refresh_conversations()))
+
+        self.app.push_screen(TextEditor("System prompt of this conversation", current, PRESETS), saved)
+
+    def action_export(self) -> None:
+        if self.cid is None:
+            return
+        cid, info = self.cid, self.infos.get(self.cid)
+        title = title_of(info) if info else "conversation"
+        data_dir = self.app.paths.data_dir
+
+        def write(client, fmt):
+            text = client.export(cid, fmt)
+            path = export_path(data_dir, title, cid, fmt)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + f".tmp{time.monotonic_ns()}")
+            tmp.write_text(text, encoding="utf-8")
+            tmp.replace(path)
+            return path
+
+        def done(path) -> None:
+            shown = path.name if self.app.snapshot else str(path)
+            self.notice(f"Exported to {shown}", "ok")
+            self.notify(f"Exported to {shown}", timeout=6)
+
+        def chosen(fmt) -> None:
+            if fmt:
+                self.app.request("export", lambda c: write(c, fmt), done)
+
+        self.app.push_screen(ExportChoice(), chosen)
+
+    @on(SamplingPanel.Applied)
+    def _sampling_applied(self, event: SamplingPanel.Applied) -> None:
+        values = {k: v for k, v in event.values.items() if v is not None}
+        cid = self.cid
+
+        def saved(_) -> None:
+            self.notify("Sampling settings saved for this conversation.", timeout=3)
+            self.refresh_conversations()
+
+        if cid is None:
+            self.app.request("new conversation", lambda c: c.create_conversation(**values),
+                             lambda info: (self._adopt(info), self.open_conversation(info.id), saved(None)))
+        else:
+            self.app.request("sampling", lambda c: c.set_sampling(cid, **values), saved)

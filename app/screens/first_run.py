@@ -1,0 +1,163 @@
+"""The model screen: shown when the daemon has no model (first run) or on Ctrl+L, and while one loads.
+
+The user gives a checkpoint path and a strategy; the suggestions come from the devices the daemon sees
+(the same torch view as ``rwkv-chat doctor``). While a model loads (or its kernels build on first use) the
+screen shows a progress view and closes itself once the daemon reports the model loaded.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.text import Text
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.message import Message
+from textual.screen import Screen
+from textual.suggester import SuggestFromList
+from textual.widgets import Button, Checkbox, Footer, Input, Label, OptionList, ProgressBar, Static
+
+CHECKPOINT_SUFFIXES = (".pth", ".safetensors")
+
+
+def suggest_strategies(devices: list[str]) -> list[str]:
+    """Strategies that fit ``devices`` (a status reply's list: "cpu", "cuda:0 NAME", "mps"), best first.
+
+    CUDA: fp16 (fastest), fp16i8 (int8 weights, about half the memory), a split that streams the rest of the
+    layers on the CPU, and one entry per extra GPU. CPU: fp32 (exact) and bf16 (half the memory).
+    """
+    cuda = [d.split()[0] for d in devices if d.startswith("cuda")]
+    out: list[str] = []
+    if cuda:
+        out += ["cuda fp16", "cuda fp16i8", "cuda fp16i8 *10 -> cpu fp32", "cuda fp16 *10+"]
+        out += [f"{d} fp16" for d in cuda[1:]]
+        if len(cuda) > 1:
+            out.append(f"{cuda[0]} fp16 -> {cuda[1]} fp16")
+    if "mps" in devices:
+        out += ["mps fp32"]
+    out += ["cpu fp32", "cpu bf16", "cpu fp32i8"]
+    return out
+
+
+def check_checkpoint(path: str) -> str | None:
+    """A user-facing problem with ``path`` as a checkpoint, or None."""
+    if not path.strip():
+        return "enter the path of a model checkpoint (.pth or .safetensors)"
+    p = Path(os.path.expanduser(path.strip()))
+    if not p.exists():
+        return f"{p} does not exist"
+    if p.is_dir():
+        return f"{p} is a folder; give the checkpoint file"
+    if p.suffix not in CHECKPOINT_SUFFIXES:
+        return f"{p.name}: expected a .pth or .safetensors checkpoint"
+    return None
+
+
+class ModelScreen(Screen):
+    """Model set-up and load progress (see module docstring). Dismisses with True once a model is loaded."""
+
+    BINDINGS = [Binding("escape", "close", "Back to chat"), Binding("f1", "app.help", "Help")]
+
+    @dataclass
+    class LoadRequested(Message):
+        path: str
+        strategy: str
+        remember: bool
+
+    def __init__(self, devices: list[str], *, path: str = "", strategy: str = "", first_run: bool = True,
+                 loading: str = "") -> None:
+        super().__init__()
+        self.devices = devices
+        self.strategies = suggest_strategies(devices)
+        self.path, self.strategy = path, strategy or self.strategies[0]
+        self.first_run = first_run
+        self.loading = loading
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll(id="model-screen"):
+            if self.first_run:
+                yield Static("Welcome to rwkv-chat", classes="title")
+                yield Static("No model is loaded yet. Give the path of an RWKV checkpoint (.pth or .safetensors, "
+                             "versions 4 to 7) and a strategy, then Load. The daemon keeps the model loaded for "
+                             "every rwkv-chat window; `rwkv-chat load PATH --strategy S` does the same from a "
+                             "shell.", classes="explain")
+            else:
+                yield Static("Load a model", classes="title")
+            with Vertical(id="model-form"):
+                yield Label("Checkpoint path")
+                yield Input(self.path, placeholder="/path/to/RWKV-x070-World-0.1B.pth", id="model-path")
+                yield Label("Strategy (device dtype[quant] [*layers] -> …)")
+                yield Input(self.strategy, id="model-strategy", suggester=SuggestFromList(self.strategies))
+                yield Label("Strategies that fit this machine (" + ", ".join(d.split()[0] for d in self.devices) + "):")
+                yield OptionList(*self.strategies, id="strategy-list")
+                yield Checkbox("Make it the default model", True, id="model-remember")
+                with Horizontal(classes="buttons"):
+                    yield Button("Load", id="model-load", variant="primary", compact=True)
+                yield Static("", id="model-error")
+            with Vertical(id="model-progress"):
+                yield Static("", id="progress-text")
+                yield ProgressBar(total=None, show_eta=False, id="progress-bar")
+                yield Static("The first load on a GPU builds the kernels (about a minute); later loads reuse them.",
+                             classes="explain")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.set_loading(self.loading)
+        if not self.loading:
+            self.query_one("#model-path", Input).focus()
+
+    # -- state
+    def set_loading(self, what: str) -> None:
+        """Show the progress view for ``what`` (a path), or the form when empty."""
+        self.loading = what
+        self.query_one("#model-form").display = not what
+        self.query_one("#model-progress").display = bool(what)
+        if what:
+            self.query_one("#progress-text", Static).update(Text(f"Loading {what} …"))
+
+    def show_error(self, message: str) -> None:
+        self.set_loading("")
+        self.query_one("#model-error", Static).update(Text(message))
+
+    def link_status(self, status: dict) -> None:
+        """A daemon status arrived: close when the model is loaded, show progress while one loads."""
+        model = status.get("model") or {}
+        if model.get("loaded") and not model.get("loading") and self.loading:
+            self.dismiss(True)
+        elif model.get("loading") and not self.loading:
+            self.set_loading(model["loading"])
+
+    def finished(self, ok: bool, message: str) -> None:
+        if ok:
+            self.dismiss(True)
+        else:
+            self.show_error(f"The model did not load: {message}")
+
+    # -- input
+    @on(OptionList.OptionSelected, "#strategy-list")
+    def _pick(self, event: OptionList.OptionSelected) -> None:
+        self.query_one("#model-strategy", Input).value = str(event.option.prompt)
+
+    @on(Button.Pressed, "#model-load")
+    @on(Input.Submitted)
+    def _load(self) -> None:
+        path = self.query_one("#model-path", Input).value.strip()
+        strategy = " ".join(self.query_one("#model-strategy", Input).value.split())
+        problem = check_checkpoint(path)
+        if problem is None and not strategy:
+            problem = "enter a strategy, e.g. " + self.strategies[0]
+        if problem:
+            self.query_one("#model-error", Static).update(Text(problem))
+            return
+        path = str(Path(os.path.expanduser(path)).resolve())
+        self.query_one("#model-error", Static).update("")
+        self.set_loading(path)
+        self.post_message(self.LoadRequested(path, strategy, self.query_one(Checkbox).value))
+
+    def action_close(self) -> None:
+        if not self.loading:
+            self.dismiss(False)

@@ -1,0 +1,55 @@
+"""The help screen (F1 / ?): every key binding of the chat screen and the app, and how input works."""
+
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Markdown
+
+INTRO = """\
+# rwkv-chat
+
+Chat with an RWKV model served by the rwkv-chat daemon. Conversations are kept by the daemon with their
+recurrent **state**, so switching back to one resumes it without reading the history again.
+
+**Input** — Enter sends · Shift+Enter or Ctrl+J inserts a new line · Up/Down on the first/last line walk
+the history of sent messages.
+
+**Messages** — Tab to a message and press `c` to copy it.
+"""
+
+
+def key_label(keys: str) -> str:
+    """``"ctrl+n,f2"`` -> ``"Ctrl+N / F2"``."""
+    out = []
+    for k in keys.split(","):
+        parts = [p.capitalize() if len(p) > 1 else p.upper() for p in k.strip().split("+")]
+        out.append("+".join(parts).replace("Question_mark", "?").replace("Escape", "Esc"))
+    return " / ".join(out)
+
+
+def bindings_table(bindings: list[Binding]) -> str:
+    rows = ["| Key | Action |", "|---|---|"]
+    seen = set()
+    for b in bindings:
+        if not b.description or b.description in seen:
+            continue
+        seen.add(b.description)
+        rows.append(f"| {key_label(b.key)} | {b.description} |")
+    return "\n".join(rows)
+
+
+class HelpScreen(ModalScreen):
+    """Modal help; Esc, q or F1 closes it."""
+
+    BINDINGS = [Binding("escape,q,f1,question_mark", "app.pop_screen", "Close help")]
+
+    def __init__(self, bindings: list[Binding]) -> None:
+        super().__init__()
+        self.bindings_list = bindings
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll(id="help"):
+            yield Markdown(INTRO + "\n## Keys\n\n" + bindings_table(self.bindings_list) + "\n\nEsc closes this help.")

@@ -1,0 +1,167 @@
+"""The conversation view: user messages (plain text), assistant replies (Markdown, streamed), notices.
+
+Streaming: tokens are buffered in :class:`AssistantMessage` and flushed to the Markdown widget at most
+``FLUSH_HZ`` times a second (``Markdown.append`` re-parses only the last block), so a fast model does not
+re-render the document per token. When the reply is done the full text replaces the streamed one, so the
+final rendering does not depend on how the tokens were chunked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rich.text import Text
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Vertical, VerticalScroll
+from textual.message import Message
+from textual.widgets import Markdown, ProgressBar, Static
+
+FLUSH_HZ = 15
+PREVIEW_CHARS = 4000       # a longer user message is shown shortened (it is sent whole)
+
+
+def preview(text: str, limit: int = PREVIEW_CHARS) -> str:
+    """``text`` cut to ``limit`` characters with a note of how many were left out."""
+    if len(text) <= limit:
+        return text
+    return text[:limit] + f"\n… ({len(text) - limit:,} more characters)"
+
+
+class MessageBox(Vertical, can_focus=True):
+    """One message; focus it (Tab / click) and press ``c`` to copy its text."""
+
+    BINDINGS = [Binding("c", "copy", "Copy message")]
+
+    @dataclass
+    class Copy(Message):
+        text: str
+
+    role = ""
+
+    def __init__(self, text: str, **kw) -> None:
+        super().__init__(**kw)
+        self.text = text
+
+    def action_copy(self) -> None:
+        self.post_message(self.Copy(self.text))
+
+
+class UserMessage(MessageBox):
+    role = "user"
+
+    def compose(self) -> ComposeResult:
+        yield Static("You", classes="who")
+        yield Static(Text(preview(self.text)), classes="body")
+
+    def set_text(self, text: str) -> None:
+        self.text = text
+        self.query_one(".body", Static).update(Text(preview(text)))
+
+
+class AssistantMessage(MessageBox):
+    """A reply: Markdown body, a prefill progress bar while the prompt is read, a footer line."""
+
+    role = "assistant"
+
+    def __init__(self, text: str = "", *, streaming: bool = False, footer: str = "", **kw) -> None:
+        super().__init__(text, **kw)
+        self.streaming = streaming
+        self._pending: list[str] = []
+        self._footer = footer
+        self.job_id = ""
+        self.mine = False      # started by this window
+
+    def compose(self) -> ComposeResult:
+        yield Static("RWKV", classes="who")
+        yield ProgressBar(total=None, show_eta=False, classes="prefill")
+        yield Markdown(self.text, classes="body")
+        yield Static(self._footer or ("…" if self.streaming else ""), classes="footer")
+
+    def on_mount(self) -> None:
+        self.query_one(ProgressBar).display = False
+        if self.streaming:
+            self._timer = self.set_interval(1 / FLUSH_HZ, self._flush)
+
+    # -- streaming
+    def prefill(self, done: int, total: int) -> None:
+        bar = self.query_one(ProgressBar)
+        if total and done < total:
+            bar.display = True
+            bar.update(total=total, progress=done)
+            self.set_footer(f"reading the prompt: {done:,}/{total:,} tokens")
+        else:
+            bar.display = False
+            self.set_footer("…")
+
+    def append(self, text: str) -> None:
+        self.text += text
+        self._pending.append(text)
+
+    def _flush(self) -> None:
+        if self._pending:
+            chunk = "".join(self._pending)
+            self._pending.clear()
+            self.query_one(Markdown).append(chunk)
+            self.post_message(ChatLog.Grew())
+
+    def finish(self, text: str | None, footer: str) -> None:
+        """Stop streaming; show ``text`` (the daemon's final text, or None to keep what streamed)."""
+        if self.streaming:
+            self._timer.stop()
+            self.streaming = False
+        self._pending.clear()
+        if text is not None:
+            self.text = text
+        self.query_one(ProgressBar).display = False
+        self.query_one(Markdown).update(self.text)
+        self.set_footer(footer)
+        self.post_message(ChatLog.Grew())
+
+    def set_footer(self, footer: str) -> None:
+        self._footer = footer
+        self.query_one(".footer", Static).update(Text(footer))
+
+
+class Notice(Static):
+    """A one-line note in the conversation (resumed from state, daemon lost, …)."""
+
+    def __init__(self, text: str, *, kind: str = "info") -> None:
+        super().__init__(Text(text), classes=f"notice -{kind}")
+
+
+class ChatLog(VerticalScroll):
+    """The scrolling list of messages of the open conversation."""
+
+    @dataclass
+    class Grew(Message):
+        """A message grew (streamed text); the log follows the end if it was there."""
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.can_focus = False
+
+    def clear(self) -> None:
+        self.remove_children()
+
+    def add(self, widget) -> None:
+        follow = self.is_vertical_scroll_end or self.max_scroll_y == 0
+        self.mount(widget)
+        if follow:
+            self.call_after_refresh(self.scroll_end, animate=False)
+
+    @on(Grew)
+    def _follow(self, event: Grew) -> None:
+        event.stop()
+        if self.max_scroll_y - self.scroll_y <= 3:
+            self.call_after_refresh(self.scroll_end, animate=False)
+
+    def messages(self) -> list[MessageBox]:
+        return list(self.query(MessageBox))
+
+    def last(self, role: str) -> MessageBox | None:
+        for w in reversed(self.messages()):
+            if w.role == role:
+                return w
+        return None
