@@ -1,0 +1,323 @@
+"""Token sampling with repetition penalties: the reference ``rwkv.utils.PIPELINE`` sampler, vectorized.
+
+Per generated token, in the reference's order (``PIPELINE.generate`` and ``PIPELINE.sample_logits``):
+
+1. banned tokens get logit ``-inf``;
+2. every token seen so far loses ``alpha_presence + count * alpha_frequency`` from its logit;
+3. ``probs = softmax(logits)``; keep the tokens whose probability is at least the one where the cumulative
+   probability (descending) first reaches ``top_p``; if ``top_k > 0`` keep at most the ``top_k`` likeliest;
+   ``probs ** (1 / temperature)``, renormalized; draw one token (``temperature == 0``: argmax);
+4. a stop token ends here (its count is not recorded);
+5. every count is multiplied by ``alpha_decay``; the token's count grows by 0 if its text is whitespace or
+   digits (a substring of ``" \\t0123456789"``, as in the reference), else by 1. A token with count 0 is still
+   "present" and pays ``alpha_presence``.
+
+Deviation from the reference: when rounding keeps the float32 cumulative sum below ``top_p`` (e.g. ``top_p=1``),
+the reference falls back to the single likeliest token; here every token is kept.
+
+Randomness comes from a ``torch.Generator`` owned by each :class:`Sampler` (seeded from ``SamplerArgs.seed``, or
+from the OS when ``None``); the global RNGs are never touched. Sampling runs on the CPU in float32 whatever the
+logits' device, so a seed gives the same tokens for the same logits on any device.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from .errors import RWKVError, ShapeMismatchError, StateError, TokenError
+
+__all__ = ["SamplerArgs", "Sampler", "SamplingError", "filtered_probs", "WEIGHTLESS_TEXT"]
+
+WEIGHTLESS_TEXT = " \t0123456789"  # tokens whose text is a substring of this add 0 to their count (reference)
+_STATE_FORMAT = 1
+
+
+class SamplingError(RWKVError, ValueError):
+    """Sampling arguments are out of range, or the logits leave nothing to sample (every token banned/NaN)."""
+
+
+def _real(name: str, value: Any, lo: float | None = None, hi: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise SamplingError(f"{name} must be a finite number, got {value!r}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise SamplingError(f"{name} must be in [{lo}, {hi}], got {value!r}")
+    return float(value)
+
+
+def _int(name: str, value: Any, lo: int, hi: int | None = None) -> int:
+    if isinstance(value, bool):
+        raise SamplingError(f"{name} must be an integer, got {value!r}")
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise SamplingError(f"{name} must be an integer, got {value!r}") from None
+    if v < lo or (hi is not None and v > hi):
+        raise SamplingError(f"{name} must be in [{lo}, {hi if hi is not None else 'inf'}], got {v}")
+    return v
+
+
+@dataclass(frozen=True)
+class SamplerArgs:
+    """Sampling settings; defaults are the reference ``PIPELINE_ARGS``.
+
+    Fields:
+        temperature: >= 0 (0 = greedy argmax); applied after the top-p/top-k cut, as ``probs ** (1/T)``.
+        top_p: nucleus mass in [0, 1] (0 keeps only the likeliest token).
+        top_k: keep at most this many tokens; 0 = no limit.
+        alpha_frequency: logit penalty per (decayed) occurrence, >= 0 (GPT-3 frequency penalty).
+        alpha_presence: logit penalty for having occurred at all, >= 0 (GPT-3 presence penalty).
+        alpha_decay: per-token multiplier of the occurrence counts, in [0, 1].
+        token_ban: token ids never sampled. token_stop: token ids that end a generation.
+        seed: RNG seed (integer in [0, 2**63)); None draws one from the OS.
+        max_tokens: most tokens a generation produces, >= 1.
+
+    Raises SamplingError (a ValueError) naming the field for any value out of range.
+    """
+
+    temperature: float = 1.0
+    top_p: float = 0.85
+    top_k: int = 0
+    alpha_frequency: float = 0.2
+    alpha_presence: float = 0.2
+    alpha_decay: float = 0.996
+    token_ban: tuple[int, ...] = field(default=())
+    token_stop: tuple[int, ...] = field(default=())
+    seed: int | None = None
+    max_tokens: int = 200
+
+    def __post_init__(self) -> None:
+        s = object.__setattr__
+        s(self, "temperature", _real("temperature", self.temperature, 0.0))
+        s(self, "top_p", _real("top_p", self.top_p, 0.0, 1.0))
+        s(self, "top_k", _int("top_k", self.top_k, 0))
+        s(self, "alpha_frequency", _real("alpha_frequency", self.alpha_frequency, 0.0))
+        s(self, "alpha_presence", _real("alpha_presence", self.alpha_presence, 0.0))
+        s(self, "alpha_decay", _real("alpha_decay", self.alpha_decay, 0.0, 1.0))
+        for name in ("token_ban", "token_stop"):
+            value = getattr(self, name)
+            if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+                raise SamplingError(f"{name} must be a sequence of token ids, got {value!r}")
+            s(self, name, tuple(_int(f"{name} entry", t, 0) for t in value))
+        if self.seed is not None:
+            s(self, "seed", _int("seed", self.seed, 0, 2**63 - 1))
+        s(self, "max_tokens", _int("max_tokens", self.max_tokens, 1))
+
+
+def filtered_probs(logits: torch.Tensor, args: SamplerArgs) -> torch.Tensor:
+    """The distribution a token is drawn from: ``softmax``, top-p cut, top-k cut, temperature, renormalized.
+
+    Args:
+        logits: float tensor [vocab] (any float dtype/device), after bans and penalties.
+        args: supplies temperature, top_p, top_k.
+    Returns:
+        float32 CPU tensor [vocab] summing to 1. ``temperature == 0`` gives a one-hot at the argmax.
+    Raises SamplingError if no token has a finite logit.
+
+    Source: ``rwkv.utils.PIPELINE.sample_logits`` (CPU branch); the cutoff is computed on the same float32 values
+    with the same float32 cumulative sum, so the kept set equals the reference's (see the module docstring for the
+    one deviation). The temperature is applied as ``(p / p.max()) ** (1/T)`` to avoid underflow at small T.
+    """
+    if logits.dim() != 1:
+        raise ShapeMismatchError(f"logits must be 1-D [vocab], got shape {tuple(logits.shape)}")
+    x = logits.detach().to(device="cpu", dtype=torch.float32)
+    if not bool(torch.isfinite(x).any()):
+        raise SamplingError("no token can be sampled: every logit is -inf or NaN (all tokens banned?)")
+    x = torch.where(torch.isnan(x), -math.inf, x)  # a NaN logit is never sampled
+    if args.temperature == 0:
+        out = torch.zeros_like(x)
+        out[int(torch.argmax(x))] = 1.0
+        return out
+    probs = F.softmax(x, dim=-1)
+    keep = probs >= _top_p_cutoff(probs, args.top_p)
+    if 0 < args.top_k < probs.numel():
+        top = torch.zeros_like(keep)
+        top[torch.topk(probs, args.top_k, sorted=False).indices] = True
+        keep &= top
+    probs = torch.where(keep, probs, torch.zeros((), dtype=probs.dtype))
+    if args.temperature != 1.0:
+        probs = (probs / probs.max()) ** (1.0 / args.temperature)
+    return probs / probs.sum()
+
+
+def _top_p_cutoff(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Smallest kept probability: the descending-sorted probability at which the float32 cumulative sum first
+    reaches ``top_p`` (reference ``sample_logits``); the smallest probability if it never does.
+
+    Only the head of the sorted order is needed, so it grows a ``topk`` window (256, 1024, ...) instead of
+    sorting the whole vocabulary; the window's values are exactly the sorted prefix, so the running sum and
+    the cutoff are those of a full sort.
+    """
+    n = probs.numel()
+    limit = np.float32(top_p)
+    k = min(256, n)
+    while True:
+        if k < n:
+            head = torch.topk(probs, k, sorted=True).values.numpy()
+        else:  # numpy's sort is several times faster than torch.sort on CPU
+            head = np.sort(probs.numpy())[::-1]
+        cumulative = np.cumsum(head)  # float32 running sum, as the reference's np.cumsum
+        reached = cumulative >= limit
+        if reached.any():
+            return torch.tensor(head[int(np.argmax(reached))])
+        if k == n:
+            return torch.tensor(head[-1])
+        k = n if k * 4 >= n else k * 4
+
+
+class Sampler:
+    """Samples tokens one at a time and keeps the repetition-penalty counts of one generation/conversation.
+
+    Args:
+        args: SamplerArgs.
+        tokenizer: decides which tokens count 0 (whitespace/digit text); ``None`` counts every token 1.
+
+    State: ``counts`` float64 [vocab] and ``present`` bool [vocab] (sized by the first logits), and the RNG.
+    ``state_dict()`` / ``load_state_dict()`` save and restore both, so a resumed conversation samples on as if
+    never interrupted.
+    """
+
+    def __init__(self, args: SamplerArgs | None = None, tokenizer=None) -> None:
+        self.args = args if args is not None else SamplerArgs()
+        self.tokenizer = tokenizer
+        self.generator = torch.Generator(device="cpu")
+        if self.args.seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(self.args.seed)
+        self._stop = frozenset(self.args.token_stop)
+        self._ban = torch.tensor(self.args.token_ban, dtype=torch.long)
+        self._weights: dict[int, float] = {}
+        self.vocab_size: int | None = None
+        self.counts: torch.Tensor | None = None  # float64 [vocab]
+        self.present: torch.Tensor | None = None  # bool [vocab]
+        if tokenizer is not None:
+            self._allocate(tokenizer.vocab_size)
+
+    def _allocate(self, vocab_size: int) -> None:
+        if self.args.token_ban and max(self.args.token_ban) >= vocab_size:
+            raise TokenError(f"token_ban has ids outside the vocabulary of {vocab_size}")
+        self.vocab_size = vocab_size
+        self.counts = torch.zeros(vocab_size, dtype=torch.float64)
+        self.present = torch.zeros(vocab_size, dtype=torch.bool)
+
+    def reset(self) -> None:
+        """Forget every occurrence count (the RNG continues)."""
+        if self.counts is not None:
+            self.counts.zero_()
+            self.present.zero_()
+
+    def is_stop(self, token: int) -> bool:
+        """Whether ``token`` is one of ``args.token_stop``."""
+        return token in self._stop
+
+    def weight(self, token: int) -> float:
+        """Count increment of ``token``: 0 if its text is a substring of ``" \\t0123456789"``, else 1."""
+        w = self._weights.get(token)
+        if w is None:
+            if self.tokenizer is None:
+                w = 1.0
+            else:
+                w = 0.0 if self.tokenizer.decode([token]) in WEIGHTLESS_TEXT else 1.0
+            self._weights[token] = w
+        return w
+
+    def penalize(self, logits: torch.Tensor) -> torch.Tensor:
+        """Steps 1-2: a float32 CPU copy of ``logits`` [vocab] with bans and presence/frequency penalties applied.
+
+        Raises ShapeMismatchError if ``logits`` is not 1-D or its size differs from the sampler's vocabulary.
+        """
+        if logits.dim() != 1:
+            raise ShapeMismatchError(f"logits must be 1-D [vocab], got shape {tuple(logits.shape)}")
+        n = logits.shape[0]
+        if self.counts is None:
+            self._allocate(n)
+        elif n != self.vocab_size:
+            raise ShapeMismatchError(f"logits have {n} entries but the sampler's vocabulary has {self.vocab_size}")
+        x = logits.detach().to(device="cpu", dtype=torch.float32, copy=True)
+        if self._ban.numel():
+            x[self._ban] = -math.inf
+        if bool(self.present.any()):
+            # reference: out[n] -= alpha_presence + occurrence[n] * alpha_frequency  (penalty rounded to float32)
+            penalty = (self.counts * self.args.alpha_frequency + self.args.alpha_presence).to(torch.float32)
+            x = torch.where(self.present, x - penalty, x)
+        return x
+
+    def record(self, token: int) -> None:
+        """Step 5: decay every count, then add ``token``'s occurrence. Raises TokenError outside the vocabulary."""
+        if self.counts is None:
+            raise StateError("the sampler has no vocabulary yet: sample once or give it a tokenizer")
+        token = operator.index(token)
+        if not 0 <= token < self.vocab_size:
+            raise TokenError(f"token {token} is outside the vocabulary (0..{self.vocab_size - 1})")
+        self.counts.mul_(self.args.alpha_decay)
+        self.counts[token] += self.weight(token)
+        self.present[token] = True
+
+    def sample(self, logits: torch.Tensor) -> int:
+        """Draw one token from ``logits`` (float tensor [vocab], any device) and update the counts.
+
+        A stop token is returned without being recorded. Raises ShapeMismatchError for logits of the wrong shape,
+        SamplingError if bans/NaN leave nothing to sample.
+        """
+        x = self.penalize(logits)
+        probs = filtered_probs(x, self.args)
+        if self.args.temperature == 0:
+            token = int(torch.argmax(probs))
+        else:
+            ids = torch.nonzero(probs).flatten()  # inverse-CDF draw over the kept tokens only
+            cdf = torch.cumsum(probs[ids].double(), 0)
+            u = torch.rand((), dtype=torch.float64, generator=self.generator) * cdf[-1]
+            token = int(ids[min(int(torch.searchsorted(cdf, u, right=True)), ids.numel() - 1)])
+        if token not in self._stop:
+            self.record(token)
+        return token
+
+    def state_dict(self) -> dict[str, Any]:
+        """Penalty counts and RNG state as plain types (msgpack/JSON friendly apart from ``rng_state`` bytes):
+        ``{"format", "vocab_size", "tokens": list[int], "counts": list[float], "rng_state": bytes}``."""
+        if self.counts is None:
+            tokens: list[int] = []
+            counts: list[float] = []
+        else:
+            ids = torch.nonzero(self.present).flatten()
+            tokens = ids.tolist()
+            counts = self.counts[ids].tolist()
+        return {
+            "format": _STATE_FORMAT,
+            "vocab_size": self.vocab_size or 0,
+            "tokens": tokens,
+            "counts": counts,
+            "rng_state": bytes(self.generator.get_state().numpy().tobytes()),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved. Raises StateError if it is malformed or its vocabulary differs."""
+        try:
+            fmt, vocab, tokens, counts = state["format"], state["vocab_size"], state["tokens"], state["counts"]
+            rng = torch.frombuffer(bytearray(state["rng_state"]), dtype=torch.uint8).clone()
+        except (KeyError, TypeError, ValueError) as e:
+            raise StateError(f"malformed sampler state: {e!r}") from None
+        if fmt != _STATE_FORMAT or len(tokens) != len(counts):
+            raise StateError(f"unsupported sampler state (format {fmt!r}, {len(tokens)} tokens, {len(counts)} counts)")
+        if vocab and self.vocab_size is not None and vocab != self.vocab_size:
+            raise StateError(f"sampler state is for a vocabulary of {vocab}, not {self.vocab_size}")
+        if tokens and (not vocab or min(tokens) < 0 or max(tokens) >= vocab):
+            raise StateError("sampler state has token ids outside its vocabulary")
+        try:
+            self.generator.set_state(rng)
+        except RuntimeError as e:
+            raise StateError(f"sampler state has an invalid RNG state: {e}") from None
+        if vocab:
+            self._allocate(vocab)
+            ids = torch.tensor(tokens, dtype=torch.long)
+            self.counts[ids] = torch.tensor(counts, dtype=torch.float64)
+            self.present[ids] = True
+        elif self.counts is not None:
+            self.reset()

@@ -1,0 +1,275 @@
+"""Sampler against the reference ``rwkv.utils.PIPELINE`` (generate's penalty bookkeeping, sample_logits' cutoffs)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+import rwkv
+from rwkv.rwkv_tokenizer import TRIE_TOKENIZER
+from rwkv.utils import PIPELINE, PIPELINE_ARGS
+from rwkv_chat.models.errors import ShapeMismatchError, StateError
+from rwkv_chat.models.sampling import Sampler, SamplerArgs, SamplingError, filtered_probs
+from rwkv_chat.models.tokenizers import load_tokenizer
+
+HYP = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@pytest.fixture(scope="module")
+def world():
+    return load_tokenizer("world")
+
+
+@pytest.fixture(scope="module")
+def trie():
+    return TRIE_TOKENIZER(os.path.join(os.path.dirname(rwkv.__file__), "rwkv_vocab_v20230424.txt"))
+
+
+def random_logits(n: int, scale: float, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, generator=g) * scale
+
+
+# ---- arguments ----
+
+
+def test_defaults_are_the_reference_pipeline_args():
+    ref = PIPELINE_ARGS()
+    args = SamplerArgs()
+    for name in ("temperature", "top_p", "top_k", "alpha_frequency", "alpha_presence", "alpha_decay"):
+        assert getattr(args, name) == getattr(ref, name), name
+    assert list(args.token_ban) == ref.token_ban and list(args.token_stop) == ref.token_stop
+    assert args.seed is None and args.max_tokens == 200
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        args.temperature = 2.0  # type: ignore[misc]
+    assert SamplerArgs(token_ban=[1, 2]).token_ban == (1, 2)
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("temperature", -0.1), ("temperature", float("nan")), ("temperature", "1"),
+        ("top_p", 1.5), ("top_p", -0.01), ("top_k", -1), ("top_k", 2.5), ("top_k", True),
+        ("alpha_frequency", -1.0), ("alpha_presence", float("inf")), ("alpha_decay", 1.01),
+        ("token_ban", [1, -2]), ("token_stop", "0"), ("token_stop", 3), ("seed", -1), ("seed", 1.0),
+        ("max_tokens", 0),
+    ],
+)
+def test_invalid_args_raise_value_errors_naming_the_field(field, value):
+    with pytest.raises(SamplingError, match=field) as info:
+        SamplerArgs(**{field: value})
+    assert isinstance(info.value, ValueError)
+
+
+# ---- greedy, seeds, state ----
+
+
+@HYP
+@given(n=st.integers(2, 3000), scale=st.floats(0.1, 10), seed=st.integers(0, 2**31))
+def test_greedy_is_argmax(n, scale, seed):
+    logits = random_logits(n, scale, seed)
+    sampler = Sampler(SamplerArgs(temperature=0, alpha_frequency=0, alpha_presence=0))
+    assert sampler.sample(logits) == int(torch.argmax(logits))
+    assert sampler.sample(logits) == int(torch.argmax(logits))
+    probs = filtered_probs(logits, SamplerArgs(temperature=0))
+    assert probs[int(torch.argmax(logits))] == 1.0 and probs.sum() == 1.0
+
+
+def _run(sampler: Sampler, steps: int, n: int = 1000) -> list[int]:
+    return [sampler.sample(random_logits(n, 2.0, i)) for i in range(steps)]
+
+
+def test_same_seed_same_tokens_and_global_rng_untouched(world):
+    torch_state, np_state = torch.random.get_rng_state(), np.random.get_state()
+    args = SamplerArgs(seed=1234, temperature=1.3, top_p=0.95)
+    a, b = _run(Sampler(args, None), 60), _run(Sampler(args, None), 60)
+    assert a == b
+    assert _run(Sampler(dataclasses.replace(args, seed=1235)), 60) != a
+    assert len(set(a)) > 10  # it did sample, not argmax
+    assert torch.equal(torch.random.get_rng_state(), torch_state)
+    assert np.random.get_state()[1].tolist() == np_state[1].tolist()
+    # the World vocabulary: same seed, same tokens
+    big = [random_logits(65536, 3.0, i) for i in range(5)]
+    s1, s2 = Sampler(SamplerArgs(seed=7), world), Sampler(SamplerArgs(seed=7), world)
+    assert [s1.sample(x) for x in big] == [s2.sample(x) for x in big]
+
+
+def test_state_dict_round_trip_continues_identically():
+    args = SamplerArgs(seed=99, temperature=0.9, alpha_frequency=0.5, alpha_presence=0.3)
+    s = Sampler(args)
+    _run(s, 30)
+    saved = s.state_dict()
+    after = [s.sample(random_logits(1000, 2.0, 100 + i)) for i in range(30)]
+    assert saved["tokens"] and len(saved["tokens"]) == len(saved["counts"])
+
+    r = Sampler(dataclasses.replace(args, seed=5))  # a different seed: the saved RNG state must win
+    r.load_state_dict(saved)
+    assert [r.sample(random_logits(1000, 2.0, 100 + i)) for i in range(30)] == after
+    assert torch.equal(r.counts, s.counts) and torch.equal(r.present, s.present)
+
+    with pytest.raises(StateError):
+        Sampler(args, load_tokenizer("bytes")).load_state_dict(saved)  # vocabulary 256, state for 1000
+    with pytest.raises(StateError):
+        Sampler(args).load_state_dict({"format": 1})
+
+
+def test_ban_stop_and_shapes():
+    logits = random_logits(500, 2.0, 0)
+    top = int(torch.argmax(logits))
+    s = Sampler(SamplerArgs(temperature=0, token_ban=(top,), token_stop=(7,)))
+    assert s.sample(logits) != top
+    logits[7] = 100.0
+    assert s.sample(logits) == 7 and s.is_stop(7) and not s.is_stop(top)
+    assert 7 not in s.state_dict()["tokens"]  # a stop token is not recorded (reference: break first)
+    with pytest.raises(ShapeMismatchError):
+        s.sample(torch.zeros(501))
+    with pytest.raises(ShapeMismatchError):
+        s.sample(torch.zeros(2, 500))
+    with pytest.raises(SamplingError, match="banned"):
+        Sampler(SamplerArgs(token_ban=tuple(range(4)))).sample(torch.zeros(4))
+
+
+# ---- the reference's penalty bookkeeping, through the real PIPELINE.generate ----
+
+
+class FakeModel:
+    """``forward`` returns fixed logits that depend on the last token (so greedy choices vary); every fifth call
+    favours the whitespace/digit tokens, so their weight-0 counting is exercised."""
+
+    def __init__(self, candidates: list[int], boosted: list[int], seed: int, vocab: int = 65536) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.base = torch.full((vocab,), -20.0)
+        self.base[candidates] = torch.randn(len(candidates), generator=g) * 0.5
+        self.shift = torch.zeros(7, vocab)
+        self.shift[:, candidates] = torch.randn(7, len(candidates), generator=g) * 0.3
+        self.base[boosted] -= 0.5  # rarely chosen on their own (a weight-0 token, once chosen, tends to stick)
+        self.boost = torch.zeros(vocab)
+        self.boost[boosted] = 1.5
+        self.calls = 0
+
+    def forward(self, tokens, state):
+        self.calls += 1
+        out = self.base + self.shift[tokens[-1] % 7]  # a fresh tensor: the reference edits it in place
+        return (out + self.boost if self.calls % 5 == 0 else out), state
+
+
+SETTINGS = [
+    dict(alpha_frequency=0.2, alpha_presence=0.2, alpha_decay=0.996),
+    dict(alpha_frequency=0.5, alpha_presence=0.0, alpha_decay=0.9),
+    dict(alpha_frequency=0.0, alpha_presence=0.7, alpha_decay=1.0),
+    dict(alpha_frequency=1.0, alpha_presence=0.1, alpha_decay=0.5),
+    dict(alpha_frequency=0.3, alpha_presence=0.3, alpha_decay=0.996, token_ban=[33], token_stop=[0]),
+]
+
+
+@pytest.mark.parametrize("cfg,seed", [(cfg, i) for i, cfg in enumerate(SETTINGS)])
+def test_penalties_match_reference_generate(world, trie, cfg, seed):
+    words = [" ", "\t", "0", "1", "12", "00", " 1", "  ", "\n", "the", " the", ".", ",", "中", " cat", "🎉"]
+    candidates = sorted({t for w in words for t in trie.encode(w) if trie.decode([t]) != "\ufffd"} | {0})
+    boosted = [t for t in candidates if trie.decode([t]) in " \t0123456789"]
+    model = FakeModel(candidates, boosted, seed)
+    steps = 60
+
+    ref_logits: list[torch.Tensor] = []
+    ref_tokens: list[int] = []
+    pipeline = PIPELINE.__new__(PIPELINE)
+    pipeline.model, pipeline.tokenizer = model, trie
+    original = pipeline.sample_logits
+
+    def spy(logits, **kw):
+        ref_logits.append(logits.clone())
+        ref_tokens.append(original(logits, **kw))
+        return ref_tokens[-1]
+
+    pipeline.sample_logits = spy
+    ref_args = PIPELINE_ARGS(temperature=0, top_p=0.85, **cfg)
+    text = pipeline.generate("Hello", token_count=steps, args=ref_args)
+
+    model = FakeModel(candidates, boosted, seed)
+    ours = Sampler(SamplerArgs(temperature=0, **{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}),
+                   world)
+    tokens: list[int] = []
+    moved = 0
+    logits, _ = model.forward(world.encode("Hello"), None)
+    for step in range(steps):
+        assert torch.equal(ours.penalize(logits), ref_logits[step]), step  # exact: same float32 penalties
+        token = ours.sample(logits)
+        assert token == ref_tokens[step], step
+        moved += token != int(torch.argmax(logits))
+        if ours.is_stop(token):
+            break
+        tokens.append(token)
+        logits, _ = model.forward([token], None)
+    assert len(ref_tokens) == len(tokens) + (1 if len(tokens) < steps else 0)
+    assert world.decode(tokens) == text
+    assert moved >= 3  # the penalties changed the greedy choice: the comparison tests the bookkeeping
+    assert set(tokens) & set(boosted), "the weight-0 path is exercised"
+
+
+# ---- top-p / top-k / temperature against the reference's sample_logits ----
+
+
+def reference_probs(logits: torch.Tensor, temperature: float, top_p: float, top_k: int) -> np.ndarray:
+    captured = {}
+
+    def choice(a, p):
+        captured["p"] = np.array(p, copy=True)
+        return int(np.argmax(p))
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(np.random, "choice", choice)
+    try:
+        PIPELINE.sample_logits(None, logits.clone(), temperature=temperature, top_p=top_p, top_k=top_k)
+    finally:
+        mp.undo()
+    return captured["p"]
+
+
+@HYP
+@given(
+    n=st.integers(2, 600),
+    scale=st.floats(0.2, 4.0),
+    seed=st.integers(0, 2**31),
+    top_p=st.one_of(st.just(0.0), st.just(0.85), st.floats(0.0, 0.99)),
+    top_k=st.one_of(st.just(0), st.integers(1, 700)),
+    temperature=st.one_of(st.just(1.0), st.floats(0.4, 2.5)),
+)
+def test_filtered_probs_match_reference(n, scale, seed, top_p, top_k, temperature):
+    logits = random_logits(n, scale, seed)
+    sorted_probs = np.sort(torch.softmax(logits, -1).numpy())[::-1]
+    assume(np.cumsum(sorted_probs)[-1] >= np.float32(top_p))  # the documented deviation is tested apart
+    ref = reference_probs(logits, temperature, top_p, top_k)
+    ours = filtered_probs(logits, SamplerArgs(temperature=temperature, top_p=top_p, top_k=top_k)).numpy()
+    assert np.array_equal(ours > 0, ref > 0)
+    np.testing.assert_allclose(ours, ref, rtol=2e-4, atol=1e-7)
+
+
+def test_filtered_probs_greedy_matches_reference():
+    for seed in range(20):
+        logits = random_logits(300, 2.0, seed)
+        ref = reference_probs(logits, 0, 0.85, 0)
+        ours = filtered_probs(logits, SamplerArgs(temperature=0)).numpy()
+        assert np.array_equal(ours, ref.astype(np.float32))
+
+
+def test_top_p_one_keeps_every_token():
+    # the reference falls back to the single likeliest token when the float32 running sum stays below top_p
+    for seed in range(30):
+        logits = random_logits(5000, 1.0, seed)
+        assert int((filtered_probs(logits, SamplerArgs(top_p=1.0)) > 0).sum()) == 5000
+
+
+def test_sampling_follows_filtered_probs():
+    logits = random_logits(50, 1.0, 3)
+    args = SamplerArgs(seed=0, top_p=0.7, top_k=10, temperature=0.8, alpha_frequency=0, alpha_presence=0)
+    probs = filtered_probs(logits, args)
+    s = Sampler(args)
+    counts = torch.bincount(torch.tensor([s.sample(logits) for _ in range(4000)]), minlength=50).double()
+    assert set(torch.nonzero(counts).flatten().tolist()) <= set(torch.nonzero(probs).flatten().tolist())
+    assert torch.allclose(counts / 4000, probs.double(), atol=0.03)
