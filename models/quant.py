@@ -49,6 +49,9 @@ class Int8Weight:
         return Int8Weight(*(t.to(device=device, non_blocking=non_blocking)
                             for t in (self.w, self.mx, self.rx, self.my, self.ry)))
 
+    def contiguous(self) -> "Int8Weight":
+        return Int8Weight(*(t.contiguous() for t in (self.w, self.mx, self.rx, self.my, self.ry)))
+
     def pin_memory(self) -> "Int8Weight":
         return Int8Weight(*(t.pin_memory() for t in (self.w, self.mx, self.rx, self.my, self.ry)))
 

@@ -39,6 +39,7 @@ class _Context:
     v_first: torch.Tensor | None = None
     tokens: torch.Tensor | None = None
     wkv7: Callable | None = None      # the WKV-7 to call (None: ``wkv.wkv7``); set by fast decode paths
+    matmul: Callable | None = None    # the x @ W to call (None: ``ops.matmul``); set by fast decode paths
 
 
 class RWKV:
