@@ -2,7 +2,8 @@
 
 Contract
 --------
-* ``Client(paths=None, autostart=True, timeout=10.0)`` — connects lazily on first use; if no daemon answers
+* ``Client(paths=None, autostart=True, timeout=10.0)`` — heartbeat and ``lost_after`` default to the
+  config's ``[daemon] heartbeat`` (and 8 heartbeats, at least 2 s). Connects lazily on first use; if no daemon answers
   for the home (``RWKV_CHAT_HOME`` or platformdirs) and ``autostart`` is true, starts one in the background
   and waits until it answers. Raises :class:`DaemonUnavailable` when that fails.
 * Requests (``status``, ``conversations``, ``conversation``, ``create_conversation``, ``rename``, ``delete``,
@@ -150,10 +151,19 @@ class Client:
     """See the module docstring for the contract."""
 
     def __init__(self, paths: Paths | None = None, *, autostart: bool = True, timeout: float = 10.0,
-                 heartbeat: float = 1.0, lost_after: float = 6.0):
+                 heartbeat: float | None = None, lost_after: float | None = None):
         self.paths = paths or get_paths()
         self.autostart = autostart
         self.timeout = timeout
+        if heartbeat is None or lost_after is None:
+            from rwkv_chat.app.config import ConfigError, load_config
+
+            try:
+                hb = load_config(self.paths.config_file).daemon.heartbeat
+            except ConfigError:
+                hb = 1.0
+            heartbeat = hb if heartbeat is None else heartbeat
+            lost_after = max(2.0, 8 * hb) if lost_after is None else lost_after
         self.heartbeat = heartbeat
         self.lost_after = lost_after
         self.client_id = "k" + secrets.token_hex(8)
@@ -225,12 +235,17 @@ class Client:
             while not self._closing.wait(self.heartbeat):
                 s.send_multipart(codec.build(m.Ping(client_id=self.client_id)))
                 ok = False
-                if s.poll(int(self.heartbeat * 2000)):
-                    try:
-                        reply, _ = codec.parse(s.recv_multipart())
-                        ok = isinstance(reply, m.Pong)
-                    except p.ProtocolError:
-                        ok = False
+                end = time.monotonic() + 2 * self.heartbeat
+                while not self._closing.is_set() and time.monotonic() < end:
+                    if s.poll(50):
+                        try:
+                            reply, _ = codec.parse(s.recv_multipart())
+                            ok = isinstance(reply, m.Pong)
+                        except p.ProtocolError:
+                            ok = False
+                        break
+                if self._closing.is_set():
+                    break
                 self.connected = ok
                 if not ok:      # reconnect the socket so a late pong cannot pair with the next ping
                     s.close(linger=0)

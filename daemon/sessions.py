@@ -16,8 +16,11 @@ import json
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from rwkv_chat.models.state import State
+if TYPE_CHECKING:
+    from rwkv_chat.models.state import State
+
 
 SAMPLER_KEY = "rwkv_chat.sampler"
 
@@ -55,6 +58,8 @@ def _spill(state: State) -> tuple[State, list]:
 
 
 def _restore(state: State, placement: list) -> State:
+    from rwkv_chat.models.state import State
+
     it = iter(placement)
     layers = []
     for layer in state.layers:

@@ -1,0 +1,117 @@
+"""Daemon lifecycle: restart and resume, kill -9 of a client or the daemon, queue bound, autostart,
+foreign states. Each test runs its own daemon(s)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from rwkv_chat.app.config import load_config, save_config
+from rwkv_chat.app.paths import home_paths
+from rwkv_chat.daemon import messages as m
+from rwkv_chat.daemon import protocol as p
+from rwkv_chat.daemon.client import BusyError, Client, GenerationFailed
+from rwkv_chat.daemon.jobs import chat_prompt
+
+from .conftest import CLI, cli, env_for, make_home, start_daemon, stop_daemon, wait_for
+
+
+def _chat(c: Client, cid: str, msg: str, **kw) -> m.Done:
+    events = list(c.chat(cid, msg, **kw))
+    return events[-1]
+
+
+def test_resume_after_restart_equals_uninterrupted(tmp_path, model_path):
+    home = make_home(tmp_path / "h")
+    start_daemon(home, model_path("5.2"))
+    paths = home_paths(home)
+    try:
+        turn1 = dict(temperature=1.0, top_p=0.9, seed=7, max_tokens=24)
+        turn2 = dict(temperature=1.0, top_p=0.9, max_tokens=24)   # no seed: the saved RNG continues
+        with Client(paths, autostart=False) as c:
+            u1 = _chat(c, "uninterrupted", "Hello there", **turn1)
+            u2 = _chat(c, "uninterrupted", "What next?", **turn2)
+            r1 = _chat(c, "resumed", "Hello there", **turn1)
+        assert r1.text == u1.text
+        stop_daemon(home)
+        start_daemon(home, model_path("5.2"))
+        with Client(paths, autostart=False) as c:
+            r2 = _chat(c, "resumed", "What next?", **turn2)
+            turns = c.conversation("resumed").turns
+        assert r2.text == u2.text and r2.tokens == u2.tokens
+        assert r2.prompt_tokens == len(chat_prompt("What next?").encode())      # history not re-run
+        assert [t.text for t in turns] == ["Hello there", r1.text, "What next?", r2.text]
+    finally:
+        stop_daemon(home)
+
+
+def _streaming_chat(home, cid, *extra):
+    proc = subprocess.Popen([*CLI, "chat", "--conversation", cid, "Write forever.", "--max-tokens", "100000",
+                             *extra], env=env_for(home), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    os.set_blocking(proc.stdout.fileno(), False)
+    wait_for(lambda: proc.stdout.read(1), timeout=60)     # the stream has begun
+    return proc
+
+
+def test_kill_9_of_a_client_cancels_its_turn_and_of_the_daemon_is_reported(tmp_path, model_path):
+    home = make_home(tmp_path / "h")
+    start_daemon(home, model_path("5.2"))
+    paths = home_paths(home)
+    try:
+        first = cli(home, "chat", "--conversation", "k9", "Hi", "--max-tokens", 8, "--temperature", 0).stdout.strip()
+        proc = _streaming_chat(home, "k9")
+        proc.kill()
+        proc.wait()
+        with Client(paths, autostart=False) as c:
+            wait_for(lambda: c.status()["active"] == [], timeout=15)     # heartbeats stopped -> cancelled
+            assert [t.text for t in c.conversation("k9").turns] == ["Hi", first]
+        # now the daemon dies mid-stream: the client reports it
+        pid = p.read_connection_file(paths.connection_file).pid
+        proc = _streaming_chat(home, "k9")
+        os.kill(pid, signal.SIGKILL)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 4 and "daemon lost" in err.decode()
+        # a new daemon cleans the stale socket/connection file; committed turns survive
+        start_daemon(home, model_path("5.2"))
+        assert p.read_connection_file(paths.connection_file).pid != pid
+        r = cli(home, "chat", "--conversation", "k9", "Again", "--max-tokens", 4, "--temperature", 0)
+        shown = cli(home, "conversations", "show", "k9").stdout
+        assert f"Assistant: {first}" in shown and "User: Again" in shown and r.stdout.strip() in shown
+    finally:
+        stop_daemon(home)
+
+
+def test_autostart_queue_bound_and_foreign_state(tmp_path, model_path):
+    home = make_home(tmp_path / "h", queue_limit=1, max_active=1)
+    paths = home_paths(home)
+    cfg = load_config(paths.config_file)
+    cfg.model.path = str(model_path("5.2"))
+    save_config(cfg, paths.config_file)
+    try:
+        with Client(paths, autostart=True) as c:          # no daemon yet: starts one with the default model
+            done = list(c.complete("Hi", max_tokens=2, temperature=0))[-1]   # waits for the model to load
+            assert done.tokens == 2
+            long = m.Sampling(max_tokens=100000)
+            a = c.request(m.Complete(client_id=c.client_id, topic="qa", prompt="a", sampling=long))
+            wait_for(lambda: c.status()["active"], timeout=10)
+            b = c.request(m.Complete(client_id=c.client_id, topic="qb", prompt="b", sampling=long))
+            assert b.queued == 0
+            with pytest.raises(BusyError) as ei:
+                c.request(m.Complete(client_id=c.client_id, topic="qc", prompt="c", sampling=long))
+            assert (ei.value.queued, ei.value.limit) == (1, 1)
+            c.cancel(job_id=a.job_id)
+            c.cancel(job_id=b.job_id)
+            wait_for(lambda: c.status()["active"] == [] and c.status()["queued"] == 0, timeout=15)
+            _chat(c, "foreign", "Hello", max_tokens=4)
+            list(c.load(str(model_path("6")), "cpu fp32"))
+            assert c.status()["model"]["version"] == "6"
+            with pytest.raises(GenerationFailed) as ei:
+                _chat(c, "foreign", "Still there?", max_tokens=4)
+            assert ei.value.kind == "StateError"
+            assert _chat(c, "fresh", "Hello", max_tokens=3).tokens == 3      # the daemon serves on
+    finally:
+        stop_daemon(home)
