@@ -1,0 +1,225 @@
+"""Kernel benchmark on a GPU: each kernel's time against the bytes it must move, with the copy
+bandwidth measured in the same run, and the WKV-7 sequence kernel against the ``rwkv`` pip
+package's ``wkv7s`` kernel on the same inputs.
+
+    python bench/kernels.py [--cache DIR] [--ref-src DIR_WITH_rwkv7_op.cpp_AND_rwkv7.cu] [--out FILE.md]
+
+Method: CUDA events around a loop of launches, median of 7 repeats; inputs rotate among enough sets
+to exceed the L2 cache, so weights come from device memory. Bytes = every input read once plus every
+output written once. Pass mark for mm8 with one row (decode): >= 70% of the large-copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from rwkv_chat.models import kernels, quant  # noqa: E402
+
+L2_BYTES = 50 * 2**20
+
+
+def time_ms(fn, n_sets: int = 1, iters: int = 40, reps: int = 7, graph: bool = True) -> float:
+    """Median milliseconds per call of fn(i) (i rotates over n_sets input sets).
+
+    graph=True captures `iters` calls in a CUDA graph and times its replays, so host-side launch
+    overhead does not hide microsecond kernels; graph=False times eager launches.
+    """
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for i in range(max(3, n_sets)):
+            fn(i % n_sets)
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    if graph:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, stream=s):
+            for i in range(iters):
+                fn(i % n_sets)
+        run = g.replay
+    else:
+        def run():
+            for i in range(iters):
+                fn(i % n_sets)
+    run()
+    torch.cuda.synchronize()
+    out = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        run()
+        b.record()
+        b.synchronize()
+        out.append(a.elapsed_time(b) / iters)
+    return statistics.median(out)
+
+
+def sets_for(nbytes: int) -> int:
+    return max(2, math.ceil(3 * L2_BYTES / max(nbytes, 1)))
+
+
+def copy_bw(nbytes_moved: int) -> float:
+    """GB/s of a device-to-device copy moving nbytes_moved (read + write), rotating buffers."""
+    half = nbytes_moved // 2
+    n = sets_for(nbytes_moved)
+    src = [torch.randint(0, 255, (half,), dtype=torch.uint8, device="cuda") for _ in range(n)]
+    dst = [torch.empty_like(t) for t in src]
+    ms = time_ms(lambda i: dst[i].copy_(src[i]), n)
+    return 2 * half / ms / 1e6
+
+
+def bench_mm8(rows_md: list, peak: float) -> bool:
+    ok = True
+    rows_md += ["", "### mm8 (fp16 activations, i8 weights)", "",
+                "| rows | N x M | split | time (us) | GB/s | % of large copy | copy same bytes GB/s | torch path (us) |",
+                "|---|---|---|---|---|---|---|---|"]
+    for rows, N, M in ((1, 2048, 2048), (1, 4096, 4096), (1, 4096, 16384), (4, 4096, 4096), (16, 4096, 4096),
+                       (128, 4096, 4096)):
+        n = sets_for(N * M)
+        qs = [quant.quantize_i8(torch.randn(N, M, device="cuda") * 0.1, torch.float16) for _ in range(n)]
+        x = torch.randn(rows, N, device="cuda", dtype=torch.float16)
+        y = torch.empty(rows, M, device="cuda", dtype=torch.float16)
+        nbytes = N * M + rows * (N + M) * 2 + (N + M) * 4
+        small_copy = copy_bw(N * M)
+        t_torch = time_ms(lambda i: quant.mm8_torch(x, qs[i]), n, iters=10, reps=3, graph=False)
+        results = []
+        for split in ((0, 4, 8, 16, 32, 64, 128) if rows == 1 else (0,)):
+            t = time_ms(lambda i: kernels.mm8(x, qs[i], out=y, split=split), n)
+            results.append((split, t))
+        for split, t in results:
+            bw = nbytes / t / 1e6
+            label = "auto" if split == 0 else str(split)
+            rows_md.append(f"| {rows} | {N}x{M} | {label} | {t * 1e3:.1f} | {bw:.0f} | {100 * bw / peak:.0f}% | "
+                           f"{small_copy:.0f} | {t_torch * 1e3:.1f} |")
+        if rows == 1:
+            auto_bw = nbytes / results[0][1] / 1e6
+            ok &= auto_bw >= 0.7 * peak
+        del qs
+        torch.cuda.empty_cache()
+    return ok
+
+
+def load_ref(ref_src: str | None):
+    if not ref_src:
+        return False
+    from torch.utils.cpp_extension import load
+    src = Path(ref_src)
+    build = Path("/tmp/wkv7s_build")
+    build.mkdir(exist_ok=True)
+    load(name="wkv7s", sources=[str(src / "rwkv7_op.cpp"), str(src / "rwkv7.cu")], is_python_module=False,
+         build_directory=str(build), verbose=False,
+         extra_cuda_cflags=["-res-usage", "--use_fast_math", "-O3", "-Xptxas -O3", "--extra-device-vectorization",
+                            "-D_N_=64", "-gencode=arch=compute_90,code=sm_90"])
+    return True
+
+
+def bench_wkv7(rows_md: list, have_ref: bool) -> None:
+    rows_md += ["", "### WKV-7 (fp16 activations, head size 64, fp32 state)", "",
+                "| B | T | H | graph time (us) | eager time (us) | GB/s (graph) | rwkv pip wkv7s eager (us) | "
+                "speed-up vs wkv7s (eager/eager) | y rel. diff vs wkv7s |",
+                "|---|---|---|---|---|---|---|---|---|"]
+    N = 64
+    for B, T, H in ((1, 1, 32), (1, 1, 64), (64, 1, 32), (1, 64, 32), (1, 1024, 32), (1, 4096, 12), (8, 1024, 32)):
+        C = H * N
+        g = torch.Generator(device="cuda").manual_seed(B * 1000 + T)
+        rnd = lambda *s: torch.randn(*s, device="cuda", generator=g)  # noqa: E731
+        r, k, v = (rnd(B, T, H, N).half() for _ in range(3))
+        kk = torch.nn.functional.normalize(rnd(B, T, H, N), dim=-1)
+        a, b = (-kk).half(), (kk * torch.sigmoid(rnd(B, T, H, N))).half()
+        w_raw = torch.log(math.exp(-0.5) * torch.sigmoid(rnd(B, T, H, N))).half()   # decay = exp(-exp(w_raw))
+        w = torch.exp(-torch.exp(w_raw.float()))
+        s = rnd(B, H, N, N) * 0.3
+        y, s2 = torch.empty(B, T, H, N, device="cuda"), torch.empty_like(s)
+        op = torch.ops.rwkv_chat.wkv7_cuda
+        it = 20 if T > 100 else 100
+        t = time_ms(lambda i: op(r, w, k, v, a, b, s, y, s2), iters=it)
+        t_eager = time_ms(lambda i: op(r, w, k, v, a, b, s, y, s2), iters=it, graph=False)
+        nbytes = B * T * C * (5 * 2 + 4 + 4) + 2 * B * H * N * N * 4
+        ref_cell = speed = diff = "-"
+        if have_ref and B == 1:
+            yr = torch.empty(T, C, device="cuda", dtype=torch.float16)
+            st = s[0].clone()
+            args = (r.view(T, C), w_raw.view(T, C), k.view(T, C), v.view(T, C), a.view(T, C), b.view(T, C))
+            torch.ops.wkv7s.forward_fp16(1, T, C, H, st, *args, yr)
+            op(r, w, k, v, a, b, s, y, s2)
+            diff = f"{((yr.float() - y.view(T, C)).norm() / y.norm()).item():.1e}"
+            tr = time_ms(lambda i: torch.ops.wkv7s.forward_fp16(1, T, C, H, st, *args, yr), iters=it, graph=False)
+            ref_cell, speed = f"{tr * 1e3:.1f}", f"{tr / t_eager:.2f}x"
+        rows_md.append(f"| {B} | {T} | {H} | {t * 1e3:.1f} | {t_eager * 1e3:.1f} | {nbytes / t / 1e6:.0f} | "
+                       f"{ref_cell} | {speed} | {diff} |")
+
+
+def bench_wkv456(rows_md: list) -> None:
+    rows_md += ["", "### WKV-4 / WKV-5 / WKV-6 (fp16 activations, fp32 state)", "",
+                "| op | B | T | C | time (us) | GB/s |", "|---|---|---|---|---|---|"]
+    for B, T, H in ((1, 1, 32), (64, 1, 32), (1, 1024, 32)):
+        N, C = 64, 32 * 64
+        r, k, v = (torch.randn(B, T, H, N, device="cuda").half() for _ in range(3))
+        u = torch.randn(H, N, device="cuda")
+        s = torch.randn(B, H, N, N, device="cuda")
+        y, s2 = torch.empty_like(r), torch.empty_like(s)
+        for fam, w in (("wkv5", torch.rand(H, N, device="cuda")), ("wkv6", torch.rand(B, T, H, N, device="cuda"))):
+            op = getattr(torch.ops.rwkv_chat, f"{fam}_cuda")
+            t = time_ms(lambda i: op(r, k, v, w, u, s, y, s2), iters=20 if T > 100 else 100)
+            nbytes = B * T * C * (4 * 2 + (4 if fam == "wkv6" else 0)) + 2 * B * H * N * N * 4
+            rows_md.append(f"| {fam} | {B} | {T} | {C} | {t * 1e3:.1f} | {nbytes / t / 1e6:.0f} |")
+        kk, vv = r.view(B, T, C), v.view(B, T, C)
+        w4, u4 = -torch.rand(C, device="cuda"), torch.randn(C, device="cuda")
+        st = [torch.randn(B, C, device="cuda") for _ in range(3)]
+        outs = [torch.empty_like(kk)] + [torch.empty_like(x) for x in st]
+        t = time_ms(lambda i: torch.ops.rwkv_chat.wkv4_cuda(w4, u4, kk, vv, *st, *outs), iters=20 if T > 100 else 100)
+        nbytes = B * T * C * 3 * 2 + 6 * B * C * 4
+        rows_md.append(f"| wkv4 | {B} | {T} | {C} | {t * 1e3:.1f} | {nbytes / t / 1e6:.0f} |")
+
+
+def bench_gemm(rows_md: list) -> None:
+    rows_md += ["", "### gemm (fp16, fp32 accumulation) vs torch.matmul", "",
+                "| rows | K x M | cuBLAS gemm (us) | torch.matmul (us) | TFLOP/s |", "|---|---|---|---|---|"]
+    for rows, K, M in ((1, 4096, 4096), (16, 4096, 4096), (512, 4096, 4096), (4096, 4096, 4096)):
+        n = sets_for(K * M * 2)
+        ws = [torch.randn(K, M, device="cuda").half() for _ in range(n)]
+        x = torch.randn(rows, K, device="cuda").half()
+        t = time_ms(lambda i: kernels.gemm(x, ws[i]), n)
+        tt = time_ms(lambda i: x @ ws[i], n)
+        rows_md.append(f"| {rows} | {K}x{M} | {t * 1e3:.1f} | {tt * 1e3:.1f} | {2 * rows * K * M / t / 1e9:.1f} |")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cache", default=None)
+    ap.add_argument("--ref-src", default=None, help="folder with the rwkv pip package's rwkv7_op.cpp and rwkv7.cu")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    loader = kernels.KernelLoader(cache_dir=args.cache, progress=print)
+    status = loader.ensure_built("cuda")
+    if any(v != "ok" for v in status.values()):
+        print(status)
+        return 1
+    have_ref = load_ref(args.ref_src)
+    peak = copy_bw(2 * 2**30)
+    md = [f"GPU: {torch.cuda.get_device_name()} ({torch.cuda.get_device_properties(0).multi_processor_count} SMs), "
+          f"torch {torch.__version__}, CUDA {torch.version.cuda}", "",
+          f"Large device-to-device copy (2 GiB moved, read + write): **{peak:.0f} GB/s**"]
+    ok = bench_mm8(md, peak)
+    bench_wkv7(md, have_ref)
+    bench_wkv456(md)
+    bench_gemm(md)
+    md += ["", f"mm8 one-row (auto split) >= 70% of copy bandwidth at 2048², 4096², 4096x16384: "
+           f"{'PASS' if ok else 'FAIL'}"]
+    text = "\n".join(md)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0 if ok else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
