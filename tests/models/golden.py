@@ -11,9 +11,9 @@ from pathlib import Path
 RUNNER = Path(__file__).with_name("reference_runner.py")
 
 
-def reference(model: Path, strategy: str, version: str, jobs: list[dict]) -> list[dict]:
+def reference(model: Path, strategy: str, version: str, jobs: list[dict], deep_embed: bool = False) -> list[dict]:
     """Run ``jobs`` (see reference_runner) on the reference package and return its results."""
-    req = {"model": str(model), "strategy": strategy, "v7": version == "7", "jobs": jobs}
+    req = {"model": str(model), "strategy": strategy, "v7": version == "7", "jobs": jobs, "deep_embed": deep_embed}
     proc = subprocess.run([sys.executable, str(RUNNER)], input=json.dumps(req), capture_output=True,
                           text=True, timeout=600)
     if proc.returncode != 0:

@@ -20,6 +20,8 @@ def main() -> None:
     os.environ["RWKV_CUDA_ON"] = "0"
     if req.get("v7"):
         os.environ["RWKV_V7_ON"] = "1"
+    if req.get("deep_embed"):
+        os.environ["RWKV_DE_VERSION"] = "1"
     import torch
 
     torch.set_num_threads(1)  # tiny models: threads only add contention
