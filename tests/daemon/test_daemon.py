@@ -213,3 +213,21 @@ def test_cli_chat_and_conversations(daemon_home):
     assert exported["turns"][1]["text"] == reply
     cli(daemon_home, "conversations", "rm", "cli1")
     assert "cli1" not in cli(daemon_home, "conversations", "list").stdout
+
+
+def test_ctrl_c_cancels_the_generation_in_the_daemon(daemon_home, client):
+    import os
+    import signal
+    import subprocess
+
+    from .conftest import CLI, env_for, wait_for
+
+    proc = subprocess.Popen([*CLI, "complete", "Forever", "--max-tokens", "100000"], env=env_for(daemon_home),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    os.set_blocking(proc.stdout.fileno(), False)
+    wait_for(lambda: proc.stdout.read(1), timeout=60)
+    assert client.status()["active"]
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and b"cancelled" in err
+    wait_for(lambda: client.status()["active"] == [], timeout=5)    # well before a heartbeat timeout
