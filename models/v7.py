@@ -61,36 +61,38 @@ def time_mix(x, att_x, s, p, ctx):
     H, N = ctx.spec.n_head, ctx.spec.head_size
     xs = time_shift(x, att_x) - x
     xr, xw, xk, xv, xa, xg = (x + xs * p[f"att.x_{m}"] for m in "rwkvag")
-    r = matmul(xr, p["att.receptance.weight"])
-    w = torch.tanh(xw @ p["att.w1"]) @ p["att.w2"]
-    k = matmul(xk, p["att.key.weight"])
-    v = matmul(xv, p["att.value.weight"])
-    a = torch.sigmoid(p["att.a0"] + (xa @ p["att.a1"]) @ p["att.a2"])
-    g = torch.sigmoid(xg @ p["att.g1"]) @ p["att.g2"]
+    mm = ctx.matmul or matmul
+    r = mm(xr, p["att.receptance.weight"])
+    w = mm(torch.tanh(mm(xw, p["att.w1"])), p["att.w2"])
+    k = mm(xk, p["att.key.weight"])
+    v = mm(xv, p["att.value.weight"])
+    a = torch.sigmoid(p["att.a0"] + mm(mm(xa, p["att.a1"]), p["att.a2"]))
+    g = mm(torch.sigmoid(mm(xg, p["att.g1"])), p["att.g2"])
     kk = F.normalize((k * p["att.k_k"]).view(B, T, H, N), dim=-1, p=2.0).view(B, T, C)
     k = k * (1 + (a - 1) * p["att.k_a"])
     if ctx.v_first is None:  # the first layer
         ctx.v_first = v
     else:
-        v = v + (ctx.v_first.to(v.device) - v) * torch.sigmoid(p["att.v0"] + (xv @ p["att.v1"]) @ p["att.v2"])
+        v = v + (ctx.v_first.to(device=v.device, dtype=v.dtype) - v) * torch.sigmoid(p["att.v0"] + mm(mm(xv, p["att.v1"]), p["att.v2"]))
     w = torch.exp(-_DECAY_SCALE * torch.sigmoid(p["att.w0"] + w.float()))
     shp = (B, T, H, N)
     y, s = (ctx.wkv7 or wkv.wkv7)(r.view(shp), w.view(shp), k.view(shp), v.view(shp), (-kk).view(shp), (kk * a).view(shp), s)
-    y = head_group_norm(y.view(B, T, C), H, p["att.ln_x.weight"], p["att.ln_x.bias"]).to(x.dtype)
+    y = head_group_norm(y.view(B, T, C).to(x.dtype), H, p["att.ln_x.weight"], p["att.ln_x.bias"])
     y = y + ((r * k * p["att.r_k"]).view(B, T, H, N).sum(dim=-1, keepdim=True) * v.view(B, T, H, N)).view(B, T, C)
-    return matmul(y * g, p["att.output.weight"]), x[:, -1], s
+    return mm(y * g, p["att.output.weight"]), x[:, -1], s
 
 
 def channel_mix(x, ffn_x, p, ctx):
     """x: [B, T, C] (layer-normed input) -> (ffn(x), new ffn_x [B, C])."""
     xs = time_shift(x, ffn_x) - x
-    k = torch.relu(matmul(x + xs * p["ffn.x_k"], p["ffn.key.weight"])) ** 2
+    mm = ctx.matmul or matmul
+    k = torch.relu(mm(x + xs * p["ffn.x_k"], p["ffn.key.weight"])) ** 2
     if "ffn.s_emb.weight" in p:  # DeepEmbed: a per-token 32×32 modulation of the hidden layer
         B, T, _ = x.shape
         semb = p["ffn.s_emb.weight"][ctx.tokens.to(p["ffn.s_emb.weight"].device)].to(x.device).view(B, T, 32, 32)
         ss = ((x @ p["ffn.s1"]).view(B, T, 1, 32) @ semb).view(B, T, 32)
         k = k * ((ss @ p["ffn.s2"]) + p["ffn.s0"])
-    return matmul(k, p["ffn.value.weight"]), x[:, -1]
+    return mm(k, p["ffn.value.weight"]), x[:, -1]
 
 
 def block(x: torch.Tensor, st: tuple, p: dict, ctx) -> tuple[torch.Tensor, tuple]:

@@ -1,0 +1,270 @@
+"""``rwkv-chat bench``: decode and prefill speed, achieved bandwidth, and the reference package as a peer.
+
+    rwkv-chat bench --shape 1.5B --strategy "cuda fp16" --batch 1 64 --prompt-len 1024 --compare-rwkv-pip
+
+Decode runs through ``models.decode.BatchDecoder`` (CUDA graph + torch.compile on one CUDA device),
+prefill through ``RWKV.forward``. Bytes per decode step = every weight the step reads (all layers and
+the head; the embedding row is negligible) + the recurrent state read and written; achieved GB/s is that
+over the median step time, and the ceiling is a device-to-device copy measured in the same run (bytes
+read + written). The reference ``rwkv`` 0.8.32 runs in a subprocess (``RWKV_V7_ON=1`` must precede its
+import) on the same weights, saved to a temporary ``.pth``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def copy_bandwidth(dev: torch.device) -> float:
+    """Measured device copy bandwidth, GB/s (bytes read + written), median of 10 copies."""
+    n = (1 << 30) if dev.type == "cuda" else (1 << 27)
+    a = torch.empty(n, dtype=torch.uint8, device=dev).random_(0, 255)
+    b = torch.empty_like(a)
+    times = []
+    for i in range(13):
+        _sync(dev)
+        t = time.perf_counter()
+        b.copy_(a)
+        _sync(dev)
+        if i >= 3:
+            times.append(time.perf_counter() - t)
+    del a, b
+    return 2 * n / statistics.median(times) / 1e9
+
+
+def step_bytes(model, batch: int) -> int:
+    """Bytes a decode step must move: weights of every layer and the head, plus the state read + written."""
+    def size(t) -> int:
+        if hasattr(t, "nbytes") and callable(t.nbytes):
+            return t.nbytes()
+        return t.numel() * t.element_size()
+    w = sum(size(t) for layer in model.layers for t in layer.values()) + size(model.head)
+    w += sum(t.numel() * t.element_size() for t in model.ln_out)
+    st = sum(t.numel() * t.element_size() for layer in model.zero_state(1).layers for t in layer)
+    return w + 2 * st * batch
+
+
+def bench_decode(model, batch: int, tokens: int, graphs, compile, gemv: str) -> dict:
+    from rwkv_chat.models.decode import BatchDecoder
+
+    dev = model.emb.device
+    dec = BatchDecoder(model, max_batch=batch, graphs=graphs, compile=compile, gemv=gemv)
+    _, st = model.forward([1, 2, 3, 4], None)
+    handles = [dec.add(st) for _ in range(batch)]
+    toks = {h: (7 * i) % model.vocab_size for i, h in enumerate(handles)}
+    t0 = time.perf_counter()
+    out = dec.step(toks)                           # capture / compile
+    _sync(dev)
+    warm_s = time.perf_counter() - t0
+    for _ in range(5):
+        out = dec.step({h: int(torch.argmax(out[h])) for h in handles[:1]} | {h: 1 for h in handles[1:]})
+    times = []
+    for _ in range(tokens):
+        t = time.perf_counter()
+        if batch == 1:
+            h = handles[0]
+            out = dec.step({h: int(torch.argmax(out[h]))})   # greedy: the argmax syncs each token
+        else:
+            out = dec.step(toks)
+            _sync(dev)
+        times.append(time.perf_counter() - t)
+    times.sort()
+    p50, p90 = times[len(times) // 2], times[int(len(times) * 0.9)]
+    mean = sum(times) / len(times)
+    nbytes = step_bytes(model, batch)
+    return {"batch": batch, "p50_ms": p50 * 1e3, "p90_ms": p90 * 1e3, "tok_s": batch / mean,
+            "gb_s": nbytes / p50 / 1e9, "step_bytes": nbytes, "warmup_s": warm_s,
+            "graphs": dec.graphs, "compile": dec.compile, "gemv": gemv}
+
+
+def bench_prefill(model, prompt_len: int, repeats: int = 5) -> dict:
+    dev = model.emb.device
+    ids = [(i * 131) % model.vocab_size for i in range(prompt_len)]
+    model.forward(ids, None)
+    _sync(dev)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        model.forward(ids, None)
+        _sync(dev)
+        times.append(time.perf_counter() - t)
+    med = statistics.median(times)
+    return {"prompt_len": prompt_len, "ms": med * 1e3, "tok_s": prompt_len / med}
+
+
+_REFERENCE = r'''
+import json, os, sys, time, statistics
+req = json.loads(sys.argv[1])
+out = sys.stdout; sys.stdout = sys.stderr
+import torch
+from rwkv.model import RWKV
+m = RWKV(model=req["model"], strategy=req["strategy"])
+dev = "cuda" if req["strategy"].startswith("cuda") else "cpu"
+sync = (lambda: torch.cuda.synchronize()) if dev == "cuda" else (lambda: None)
+logits, st = m.forward([1, 2, 3, 4], None)
+for _ in range(3):
+    logits, st = m.forward([int(torch.argmax(logits))], st)
+print("ready", file=out, flush=True)
+sys.stdin.readline()
+times = []
+for _ in range(req["tokens"]):
+    t = time.perf_counter()
+    logits, st = m.forward([int(torch.argmax(logits))], st)
+    times.append(time.perf_counter() - t)
+times.sort()
+res = {"p50_ms": times[len(times) // 2] * 1e3, "p90_ms": times[int(len(times) * 0.9)] * 1e3,
+       "tok_s": len(times) / sum(times)}
+n = req["prompt_len"]
+if n:
+    ids = [(i * 131) % req["vocab"] for i in range(n)]
+    m.forward(ids, None); sync()
+    pt = []
+    for _ in range(3):
+        t = time.perf_counter(); m.forward(ids, None); sync(); pt.append(time.perf_counter() - t)
+    res["prefill_tok_s"] = n / statistics.median(pt)
+print(json.dumps(res), file=out, flush=True)
+'''
+
+
+class Reference:
+    """The ``rwkv`` pip package on the same weights, in its own process (started early, so that its
+    CUDA extension builds while our own benchmarks run; it times only after ``run`` is called)."""
+
+    def __init__(self, pth: Path, strategy: str, tokens: int, prompt_len: int, vocab: int, v7: bool):
+        env = dict(os.environ, RWKV_JIT_ON="0" if strategy.startswith("cpu") else "1",
+                   RWKV_CUDA_ON="1" if strategy.startswith("cuda") else "0")
+        if v7:
+            env["RWKV_V7_ON"] = "1"
+        model = str(pth)[:-4] if v7 and str(pth).endswith(".pth") else str(pth)
+        req = {"model": model, "strategy": " ".join(strategy.split()[:2]), "tokens": tokens,
+               "prompt_len": prompt_len, "vocab": vocab}
+        self.proc = subprocess.Popen([sys.executable, "-c", _REFERENCE, json.dumps(req)], env=env, text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=sys.stderr)
+
+    def run(self, timeout: float = 900) -> dict:
+        line = self.proc.stdout.readline()
+        if line.strip() != "ready":
+            self.proc.kill()
+            return {"error": f"reference did not start: {line.strip()!r}"}
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        self.proc.wait(timeout=timeout)
+        try:
+            return json.loads(line)
+        except ValueError:
+            return {"error": f"reference failed: {line.strip()!r}"}
+
+
+def build_model(args):
+    from rwkv_chat.models import RWKV
+    from rwkv_chat.models import shapes
+
+    if args.model:
+        return RWKV(model=args.model, strategy=args.strategy), Path(args.model), args.model
+    fp32 = "fp32" in args.strategy.split()[1]
+    dev = "cuda" if args.strategy.startswith("cuda") and torch.cuda.is_available() else "cpu"
+    w = shapes.random_checkpoint(args.shape, dtype=torch.float32 if fp32 else torch.float16, device=dev)
+    pth = None
+    if args.compare_rwkv_pip:
+        pth = Path(tempfile.mkdtemp(prefix="rwkv-bench-")) / f"rwkv7-{args.shape}.pth"
+        shapes.save_pth(w, pth)
+    model = RWKV(model=w, strategy=args.strategy)
+    del w
+    if dev == "cuda":
+        torch.cuda.empty_cache()
+    return model, pth, f"RWKV-7 {args.shape} (random weights)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="rwkv-chat bench", description=__doc__.split("\n\n")[0])
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--shape", choices=["0.1B", "0.4B", "1.5B", "2.9B", "7.2B"])
+    src.add_argument("--model", help="checkpoint path (.pth / .safetensors)")
+    ap.add_argument("--strategy", default="cuda fp16" if torch.cuda.is_available() else "cpu fp32")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1], help="decode batch sizes")
+    ap.add_argument("--prompt-len", type=int, default=512, help="prefill length (0: skip)")
+    ap.add_argument("--tokens", type=int, default=200, help="timed decode steps")
+    ap.add_argument("--compare-rwkv-pip", action="store_true", help="also time rwkv==0.8.32 on the same weights")
+    ap.add_argument("--no-graph", action="store_true", help="decode without CUDA graphs")
+    ap.add_argument("--no-compile", action="store_true", help="decode without torch.compile")
+    ap.add_argument("--gemv", choices=["cublas", "fused"], default="cublas")
+    ap.add_argument("--md", help="append the table to this markdown file")
+    ap.add_argument("--json", help="append the results (one JSON line) to this file")
+    args = ap.parse_args(argv)
+
+    torch.manual_seed(0)
+    model, pth, name = build_model(args)
+    dev = model.emb.device
+    ref = None
+    if args.compare_rwkv_pip and dev.type == "cuda":  # start early: its CUDA build overlaps our runs
+        ref = Reference(pth, args.strategy, min(args.tokens, 100), args.prompt_len, model.vocab_size,
+                        model.version == "7")
+    bw = copy_bandwidth(dev)
+    graphs = False if args.no_graph else None
+    comp = False if args.no_compile else None
+    with torch.no_grad():
+        dec = []
+        for b in args.batch:
+            n = args.tokens if b == 1 else max(20, args.tokens // 4)
+            try:
+                dec.append(bench_decode(model, b, n, graphs, comp, args.gemv))
+            except Exception as e:  # report, then measure the uncompiled path instead
+                print(f"decode batch {b} with compile failed: {type(e).__name__}: {e}", file=sys.stderr)
+                dec.append(bench_decode(model, b, n, graphs, False, args.gemv))
+        pre = bench_prefill(model, args.prompt_len) if args.prompt_len else None
+    if args.compare_rwkv_pip and ref is None:  # on CPU the peer runs alone, after ours
+        ref = Reference(pth, args.strategy, min(args.tokens, 100), args.prompt_len, model.vocab_size,
+                        model.version == "7")
+    ref_res = ref.run() if ref else None
+    gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({os.cpu_count()} threads)"
+    res = {"model": name, "strategy": args.strategy, "device": gpu, "torch": torch.__version__,
+           "copy_gb_s": bw, "decode": dec, "prefill": pre, "reference": ref_res}
+    lines = [f"### {name}, `{args.strategy}`, {gpu}, torch {torch.__version__}", "",
+             f"copy bandwidth (measured, read+write): {bw:.0f} GB/s", "",
+             "| batch | decode tok/s | p50 ms/step | p90 ms/step | GB/s | % of copy BW | graph | compile |",
+             "|---|---|---|---|---|---|---|---|"]
+    for d in dec:
+        lines.append(f"| {d['batch']} | {d['tok_s']:.1f} | {d['p50_ms']:.3f} | {d['p90_ms']:.3f} | {d['gb_s']:.0f} | "
+                     f"{100 * d['gb_s'] / bw:.0f}% | {d['graphs']} | {d['compile']} |")
+    if pre:
+        lines += ["", f"prefill {pre['prompt_len']} tokens: {pre['tok_s']:.0f} tok/s ({pre['ms']:.1f} ms)"]
+    if ref_res:
+        if "error" in ref_res:
+            lines += ["", f"reference rwkv 0.8.32: {ref_res['error']}"]
+        else:
+            lines += ["", f"reference rwkv 0.8.32: decode {ref_res['tok_s']:.1f} tok/s (p50 {ref_res['p50_ms']:.3f} ms) "
+                      f"-> ratio {dec[0]['tok_s'] / ref_res['tok_s']:.2f}x"]
+            if pre and "prefill_tok_s" in ref_res:
+                lines[-1] += (f"; prefill {ref_res['prefill_tok_s']:.0f} tok/s -> ratio "
+                              f"{pre['tok_s'] / ref_res['prefill_tok_s']:.2f}x")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.md:
+        with open(args.md, "a") as f:
+            f.write(text + "\n")
+    if args.json:
+        with open(args.json, "a") as f:
+            f.write(json.dumps(res) + "\n")
+    if pth and not args.model:
+        pth.unlink(missing_ok=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

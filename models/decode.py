@@ -1,0 +1,285 @@
+"""Fast decode: one token per conversation per step, with static buffers, CUDA graphs and batching.
+
+``BatchDecoder`` keeps up to ``max_batch`` conversations' states in static per-layer buffers (one slot
+each; live slots are kept contiguous in ``[0, n)``). A step feeds one token to every live slot and runs
+the whole model for a batch-size bucket (the smallest of ``buckets`` >= n). On CUDA, each bucket's step
+is captured once in a CUDA graph and replayed per token; the layer function (the generation's own
+``block``, the same one that serves ``RWKV.forward``) is compiled with ``torch.compile`` so that its
+elementwise work is fused. Both are chosen here, at the call site (arguments ``graphs`` and
+``compile``), never by globals or environment variables. Rows never mix (every op is per row), so a
+conversation's result does not depend on which others share its step.
+
+Typical use (a scheduler doing continuous batching)::
+
+    dec = BatchDecoder(model, max_batch=16)
+    h = dec.add(state_after_prefill)            # join
+    out = dec.step({h: token})                  # {handle: float32 [vocab]} (valid until the next step)
+    state = dec.remove(h)                       # leave (the state, batch 1, ready to save)
+
+``decode_greedy`` is the batch-1 convenience used by tests and the benchmark.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from . import wkv
+from .errors import StateError, TokenError
+from .ops import layer_norm, matmul
+from .quant import Int8Weight
+from .rwkv import RWKV, _Context
+from .state import State
+
+DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+#: rows at most for which a product is written as a broadcast-and-sum (fused by torch.compile)
+FUSED_ROWS = 4
+
+
+def fused_matmul(big: str = "cublas") -> Callable:
+    """A ``matmul`` for compiled decode steps: ``x @ W`` (``ops.matmul`` contract: x [..., N], W [N, M]
+    float or ``Int8Weight``; result in ``output_dtype`` or x's dtype).
+
+    For few rows (<= FUSED_ROWS) the small low-rank products, and i8 weights, are written as a
+    broadcast-and-sum that ``torch.compile`` fuses with their producers into one reduction kernel, reading
+    the uint8 weight once (the i8 identity ``x·((w+½)·ry·rx + my + mx) = rx·Σ(x·ry)(w+½) + x·my + mx·Σx``,
+    from the reference's ``mm8_one``). ``big="fused"`` does the same for the large float matrices;
+    ``"cublas"`` leaves those to cuBLAS. fp32 accumulation throughout.
+    """
+    def mm(x: torch.Tensor, w, output_dtype: torch.dtype | None = None) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if isinstance(w, Int8Weight):
+            if rows > FUSED_ROWS:
+                y = x @ w.dequantize(x.dtype)
+            else:
+                xf = x.float()
+                xr = xf * w.ry.view(-1).float()
+                acc = (xr.unsqueeze(-1) * (w.w.float() + 0.5)).sum(-2)               # [..., M]
+                y = (acc * w.rx.float() + (xf * w.my.view(-1).float()).sum(-1, keepdim=True)
+                     + xf.sum(-1, keepdim=True) * w.mx.float()).to(x.dtype)
+        elif rows <= FUSED_ROWS and (big == "fused" or w.shape[1] <= 512 or w.shape[0] <= 512):
+            y = (x.float().unsqueeze(-1) * w.float()).sum(-2).to(x.dtype)
+        else:
+            y = x @ w
+        return y if output_dtype is None or y.dtype == output_dtype else y.to(output_dtype)
+
+    return mm
+
+
+def _layer_step(block, spec, x, bufs, p, v_first, tokens, wkv7, mm):
+    """One layer on static state buffers (updated in place). x: [b, 1, C] -> (x, v_first)."""
+    ctx = _Context(spec, v_first=v_first, tokens=tokens, wkv7=wkv7, matmul=mm)
+    x, new = block(x, bufs, p, ctx)
+    for buf, t in zip(bufs, new):
+        buf.copy_(t)
+    return x, ctx.v_first
+
+
+def _compile_limits():
+    """Room for one compiled layer step per (bucket, first layer or not) while this decoder compiles
+    (dynamo's default recompile limit of 8 would silently fall back to eager)."""
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    return cfg.patch(**{name: 64})
+
+
+class BatchDecoder:
+    """Decode steps over a static batch of conversation slots (CUDA graph per batch-size bucket).
+
+    Args:
+        model: an ``RWKV``.
+        max_batch: number of slots.
+        buckets: batch sizes a step may run at (a graph each); the largest must be >= max_batch.
+        graphs: capture each bucket's step in a CUDA graph. Default: when every layer sits on one CUDA
+            device and none is streamed from CPU memory.
+        compile: compile the layer step with ``torch.compile`` (fused elementwise work). Default: as
+            ``graphs``.
+        gemv: "cublas" or "fused" (see ``fused_matmul``); only with ``compile``.
+    Raises:
+        StateError: ``max_batch`` < 1 or larger than the largest bucket.
+    """
+
+    def __init__(self, model: RWKV, max_batch: int = 1, buckets: tuple[int, ...] = DEFAULT_BUCKETS,
+                 graphs: bool | None = None, compile: bool | None = None, gemv: str = "cublas"):
+        if max_batch < 1:
+            raise StateError(f"max_batch must be >= 1, got {max_batch}")
+        self.model = model
+        self.max_batch = max_batch
+        self.buckets = tuple(sorted(b for b in buckets if b < max_batch)) + (max_batch,)
+        devs = {str(d) for d in model._devices}
+        single_cuda = len(devs) == 1 and model._devices[0].type == "cuda" and \
+            not any(pl.stream for pl in model.plan.layers)
+        self.graphs = single_cuda if graphs is None else bool(graphs) and single_cuda
+        self.compile = self.graphs if compile is None else bool(compile)
+        self._mm = fused_matmul(gemv) if self.compile else None
+        self._wkv7 = wkv.wkv7_one if self.compile else None
+        self._layer = torch.compile(_layer_step, dynamic=False) if self.compile else _layer_step
+        self._bufs = [tuple(t.contiguous() for t in layer) for layer in model.zero_state(max_batch).layers]
+        dev0 = model.emb.device
+        self._ids = torch.zeros(max_batch, 1, dtype=torch.long, device=dev0)
+        self._ids_host = torch.zeros(max_batch, 1, dtype=torch.long,
+                                     pin_memory=dev0.type == "cuda")
+        self._handle_at: list[int] = []          # slot -> handle, for live slots [0, n)
+        self._count: dict[int, int] = {}         # handle -> tokens consumed
+        self._meta: dict[int, dict] = {}
+        self._next = 0
+        self._graph: dict[int, tuple] = {}       # bucket -> (CUDAGraph, logits)
+        self._pool = None
+
+    # -- membership ------------------------------------------------------------------------------
+    @property
+    def size(self) -> int:
+        """Live conversations."""
+        return len(self._handle_at)
+
+    def handles(self) -> list[int]:
+        return list(self._handle_at)
+
+    def add(self, state: State | None = None) -> int:
+        """Join a conversation (its state, batch 1, or None for the zero state); returns its handle.
+
+        Raises:
+            StateError: no free slot, a state of another model, or a batched state.
+        """
+        if self.size >= self.max_batch:
+            raise StateError(f"all {self.max_batch} decode slots are in use")
+        state = self.model.zero_state() if state is None else self.model.place_state(state)
+        if state.batch_size != 1:
+            raise StateError(f"add takes a state of batch 1, got {state.batch_size}")
+        slot = self.size
+        for bufs, layer in zip(self._bufs, state.layers):
+            for buf, t in zip(bufs, layer):
+                buf[slot:slot + 1].copy_(t)
+        h = self._next
+        self._next += 1
+        self._handle_at.append(h)
+        self._count[h] = state.token_count
+        self._meta[h] = dict(state.metadata)
+        return h
+
+    def state(self, handle: int) -> State:
+        """A copy of the conversation's current state (batch 1). Raises StateError for a stale handle."""
+        slot = self._slot(handle)
+        layers = [tuple(buf[slot:slot + 1].clone() for buf in bufs) for bufs in self._bufs]
+        return State(self.model.version, self.model.fingerprint, self.model._gen.STATE_NAMES, layers,
+                     self._count[handle], self._meta[handle])
+
+    def remove(self, handle: int) -> State:
+        """Leave: returns the conversation's state; the last live slot moves into the freed one."""
+        st = self.state(handle)
+        slot, last = self._slot(handle), self.size - 1
+        if slot != last:
+            for bufs in self._bufs:
+                for buf in bufs:
+                    buf[slot].copy_(buf[last])
+            self._handle_at[slot] = self._handle_at[last]
+        self._handle_at.pop()
+        del self._count[handle], self._meta[handle]
+        return st
+
+    def _slot(self, handle: int) -> int:
+        try:
+            return self._handle_at.index(handle)
+        except ValueError:
+            raise StateError(f"no live conversation with handle {handle}") from None
+
+    # -- stepping --------------------------------------------------------------------------------
+    def step(self, tokens: dict[int, int]) -> dict[int, torch.Tensor]:
+        """Feed one token to each given conversation; the others keep their state unchanged.
+
+        Args:
+            tokens: handle -> token id.
+        Returns:
+            handle -> logits float32 [vocab] on the head's device. With graphs these are views of a
+            static buffer, valid until the next ``step``.
+        Raises:
+            StateError: an unknown handle. TokenError: a token outside the vocabulary.
+        """
+        if not tokens:
+            return {}
+        slots = {h: self._slot(h) for h in tokens}
+        for t in tokens.values():
+            if not 0 <= int(t) < self.model.vocab_size:
+                raise TokenError(f"token {t} outside the vocabulary [0, {self.model.vocab_size})")
+        n = self.size
+        bucket = next(b for b in self.buckets if b >= n)
+        held = [s for s in range(n) if self._handle_at[s] not in tokens]
+        saved = [[buf[s].clone() for bufs in self._bufs for buf in bufs] for s in held]
+        host = self._ids_host
+        host.zero_()
+        for h, t in tokens.items():
+            host[slots[h], 0] = int(t)
+        self._ids[:bucket].copy_(host[:bucket], non_blocking=True)
+        logits = self._run(bucket)
+        for s, vals in zip(held, saved):
+            it = iter(vals)
+            for bufs in self._bufs:
+                for buf in bufs:
+                    buf[s].copy_(next(it))
+        for h in tokens:
+            self._count[h] += 1
+        return {h: logits[slots[h]] for h in tokens}
+
+    def _run(self, bucket: int) -> torch.Tensor:
+        if not self.graphs:
+            with _compile_limits():
+                return self._forward(bucket)
+        if bucket not in self._graph:
+            self._capture(bucket)
+        g, out = self._graph[bucket]
+        g.replay()
+        return out
+
+    def _capture(self, bucket: int) -> None:
+        saved = [tuple(buf[:bucket].clone() for buf in bufs) for bufs in self._bufs]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with _compile_limits(), torch.cuda.stream(side):
+            for _ in range(3):  # compile, autotune, settle
+                self._forward(bucket)
+        torch.cuda.current_stream().wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        g = torch.cuda.CUDAGraph()
+        with _compile_limits(), torch.cuda.graph(g, pool=self._pool):
+            out = self._forward(bucket)
+        for bufs, sv in zip(self._bufs, saved):
+            for buf, t in zip(bufs, sv):
+                buf[:bucket].copy_(t)
+        self._graph[bucket] = (g, out)
+
+    @torch.no_grad()
+    def _forward(self, b: int) -> torch.Tensor:
+        """The whole model for the first b slots: ids [b, 1] -> logits float32 [b, vocab]."""
+        m = self.model
+        ids = self._ids[:b]
+        x = m.emb[ids]                                                         # [b, 1, C]
+        v_first = None
+        for i in range(m.n_layer):
+            place, dev = m.plan.layers[i], m._devices[i]
+            x = x.to(device=dev, dtype=place.atype)
+            bufs = tuple(buf[:b] for buf in self._bufs[i])
+            x, v_first = self._layer(m._gen.block, m.spec, x, bufs, m._layer_params(i), v_first,
+                                     ids.to(dev), self._wkv7, self._mm)
+            if m.rescale_layer and (i + 1) % m.rescale_layer == 0:
+                x = x / 2
+        head = m.plan.layers[-1]
+        x = layer_norm(x.to(device=m._devices[-1], dtype=head.atype), *m.ln_out)
+        hw = m.head.to(m._devices[-1], non_blocking=True) if head.stream else m.head
+        return matmul(x, hw).float()[:, 0]                                     # [b, vocab]
+
+
+def decode_greedy(model: RWKV, logits: torch.Tensor, state: State, n: int,
+                  decoder: BatchDecoder | None = None) -> list[int]:
+    """Greedy-decode n tokens after ``logits`` (float32 [vocab]) and ``state`` (batch 1), through a
+    ``BatchDecoder`` (a new one of batch 1 by default). Returns the token ids."""
+    dec = decoder or BatchDecoder(model, max_batch=1)
+    h = dec.add(state)
+    out = []
+    for _ in range(n):
+        tok = int(torch.argmax(logits))
+        out.append(tok)
+        logits = dec.step({h: tok})[h]
+    dec.remove(h)
+    return out
