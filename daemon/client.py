@@ -28,55 +28,18 @@ generator per Client at a time (the UI: one Client per worker that streams).
 
 from __future__ import annotations
 
-import os
 import secrets
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import zmq
 
-from rwkv_chat.app.paths import Paths, child_env, ensure_dirs, get_paths
+from rwkv_chat.app.paths import Paths, get_paths
 
 from . import messages as m
 from . import protocol as p
-
-
-class DaemonError(RuntimeError):
-    """The daemon answered with an error; ``kind`` names it."""
-
-    def __init__(self, kind: str, message: str):
-        super().__init__(f"{kind}: {message}")
-        self.kind = kind
-        self.message = message
-
-
-class BusyError(DaemonError):
-    """The daemon's generation queue is full."""
-
-    def __init__(self, busy: m.Busy):
-        super().__init__("Busy", busy.reason)
-        self.queued, self.limit = busy.queued, busy.limit
-
-
-class GenerationFailed(DaemonError):
-    """A generation (or load) failed in the daemon (``kind`` e.g. "OOM", "StateError", "NoModel")."""
-
-
-class DaemonUnavailable(DaemonError):
-    """No daemon answers (and none could be started)."""
-
-    def __init__(self, message: str):
-        super().__init__("Unavailable", message)
-
-
-class DaemonLost(DaemonError):
-    """The daemon stopped answering in the middle of a stream."""
-
-    def __init__(self, message: str):
-        super().__init__("Lost", message)
+from .errors import BusyError, DaemonError, DaemonLost, DaemonUnavailable, GenerationFailed  # noqa: F401
+from .launcher import _secure, ping, spawn_daemon  # noqa: F401 (re-exported)
 
 
 def _sampling(kw: dict) -> m.Sampling:
@@ -84,67 +47,6 @@ def _sampling(kw: dict) -> m.Sampling:
     if unknown:
         raise TypeError(f"unknown sampling settings {sorted(unknown)}")
     return m.Sampling(**kw)
-
-
-def spawn_daemon(paths: Paths, model: str | None = None, strategy: str | None = None,
-                 timeout: float = 60.0) -> p.ConnectionInfo:
-    """Start a background daemon for ``paths`` (if none runs) and return its connection info once it
-    answers a ping. Raises DaemonUnavailable if it exits or stays silent for ``timeout`` seconds."""
-    from .server import lock_held
-
-    ensure_dirs(paths)
-    proc = None
-    if not lock_held(paths.lock_file):
-        cmd = [sys.executable, "-m", "rwkv_chat.daemon"]
-        if model:
-            cmd += ["--model", str(model)]
-        if strategy:
-            cmd += ["--strategy", strategy]
-        log = open(paths.log_file, "ab")
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-                                close_fds=True, env=child_env(paths))
-        log.close()
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        info = ping(paths, timeout=0.5)
-        if info is not None:
-            return info
-        if proc is not None and proc.poll() not in (None, 3):
-            tail = paths.log_file.read_text(errors="replace")[-2000:] if paths.log_file.exists() else ""
-            raise DaemonUnavailable(f"the daemon exited with code {proc.returncode}; log {paths.log_file}:\n{tail}")
-        time.sleep(0.05)
-    raise DaemonUnavailable(f"no daemon answered within {timeout:.0f} s (log: {paths.log_file})")
-
-
-def ping(paths: Paths, timeout: float = 1.0) -> p.ConnectionInfo | None:
-    """The connection info of a daemon that answers a ping within ``timeout`` s, else None."""
-    try:
-        info = p.read_connection_file(paths.connection_file)
-    except (FileNotFoundError, p.ProtocolError):
-        return None
-    ctx = zmq.Context.instance()
-    s = ctx.socket(zmq.DEALER)
-    s.setsockopt(zmq.LINGER, 0)
-    try:
-        _secure(s, info)
-        s.connect(info.request)
-        codec = p.Codec(info.key_bytes)
-        s.send_multipart(codec.build(m.Ping(client_id="")))
-        if s.poll(int(timeout * 1000)):
-            reply, _ = codec.parse(s.recv_multipart())
-            return info if isinstance(reply, m.Pong) else None
-        return None
-    except (p.ProtocolError, zmq.ZMQError):
-        return None
-    finally:
-        s.close()
-
-
-def _secure(sock, info: p.ConnectionInfo) -> None:
-    if info.server_public_key:
-        pub, sec = zmq.curve_keypair()
-        sock.curve_serverkey = info.server_public_key.encode()
-        sock.curve_publickey, sock.curve_secretkey = pub, sec
 
 
 class Client:
