@@ -81,7 +81,7 @@ def time_mix(x, att_x, s, p, spec):
     v = matmul(mix("att.time_mix_v"), p["att.value.weight"], output_dtype=torch.float32)
     y, s = wkv.wkv5(r.view(B, T, H, N), k.view(B, T, H, N), v.view(B, T, H, N),
                     p["att.time_decay"], p["att.time_first"], s)
-    out = head_group_norm(y.view(B, T, H * N), H, p["att.ln_x.weight"], p["att.ln_x.bias"]).to(x.dtype)
+    out = head_group_norm(y.reshape(B, T, H * N), H, p["att.ln_x.weight"], p["att.ln_x.bias"]).to(x.dtype)
     if "att.gate.weight" in p:
         out = out * F.silu(matmul(mix("att.time_mix_g"), p["att.gate.weight"]))
     return x + matmul(out, p["att.output.weight"]), xx[:, -1], s

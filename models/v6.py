@@ -73,7 +73,7 @@ def time_mix(x, att_x, s, p, spec):
     g = F.silu(matmul(gx, p["att.gate.weight"]))
     w = p["att.time_decay"] + (torch.tanh(wx @ p["att.time_decay_w1"]) @ p["att.time_decay_w2"]).float().view(B, T, H, N)
     y, s = wkv.wkv5(r, k, v, torch.exp(-torch.exp(w)), p["att.time_first"], s)
-    out = head_group_norm(y.view(B, T, H * N), H, p["att.ln_x.weight"], p["att.ln_x.bias"]).to(x.dtype) * g
+    out = head_group_norm(y.reshape(B, T, H * N), H, p["att.ln_x.weight"], p["att.ln_x.bias"]).to(x.dtype) * g
     return x + matmul(out, p["att.output.weight"]), xx[:, -1], s
 
 

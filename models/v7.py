@@ -77,7 +77,7 @@ def time_mix(x, att_x, s, p, ctx):
     w = torch.exp(-_DECAY_SCALE * torch.sigmoid(p["att.w0"] + w.float()))
     shp = (B, T, H, N)
     y, s = (ctx.wkv7 or wkv.wkv7)(r.view(shp), w.view(shp), k.view(shp), v.view(shp), (-kk).view(shp), (kk * a).view(shp), s)
-    y = head_group_norm(y.view(B, T, C).to(x.dtype), H, p["att.ln_x.weight"], p["att.ln_x.bias"])
+    y = head_group_norm(y.reshape(B, T, C).to(x.dtype), H, p["att.ln_x.weight"], p["att.ln_x.bias"])
     y = y + ((r * k * p["att.r_k"]).view(B, T, H, N).sum(dim=-1, keepdim=True) * v.view(B, T, H, N)).view(B, T, C)
     return mm(y * g, p["att.output.weight"]), x[:, -1], s
 
