@@ -33,14 +33,14 @@ class ChatScreen(ConversationActions, Screen):
         Binding("ctrl+c", "stop_or_copy", "Stop", show=False, priority=True),
         Binding("ctrl+n", "new_conversation", "New"),
         Binding("ctrl+r", "regenerate", "Regenerate"),
-        Binding("f2", "rename", "Rename"),
-        Binding("f3", "edit_last", "Edit last"),
-        Binding("f4", "toggle_sampling", "Sampling"),
-        Binding("f5", "system_prompt", "System prompt"),
-        Binding("f6", "export", "Export"),
-        Binding("f7", "copy_last", "Copy reply"),
-        Binding("f8", "delete", "Delete"),
-        Binding("f9", "toggle_sidebar", "Sidebar"),
+        Binding("f2", "rename", "Rename", priority=True),
+        Binding("f3", "edit_last", "Edit last", priority=True),
+        Binding("f4", "toggle_sampling", "Sampling", priority=True),
+        Binding("f5", "system_prompt", "System prompt", priority=True),
+        Binding("f6", "export", "Export", priority=True),
+        Binding("f7", "copy_last", "Copy reply", priority=True),
+        Binding("f8", "delete", "Delete", priority=True),
+        Binding("f9", "toggle_sidebar", "Sidebar", priority=True),
         Binding("ctrl+l", "app.load_model", "Model"),
     ]
 
@@ -51,6 +51,7 @@ class ChatScreen(ConversationActions, Screen):
         self.job: str | None = None          # generation running in the open conversation
         self.bubble: AssistantMessage | None = None
         self.pending: str | None = None      # a message this window sent, not yet Started
+        self.last_done = None                # the last Done event of the open conversation
 
     def compose(self) -> ComposeResult:
         with Horizontal(id="main"):
@@ -164,6 +165,7 @@ class ChatScreen(ConversationActions, Screen):
             self.bubble.append(event.text)
         elif isinstance(event, m.Done):
             mine = self.bubble is not None and self.bubble.mine
+            self.last_done = event
             self.end_generation(event.text, self._done_footer(event))
             if event.tokens_per_s and event.reason != "cancelled":
                 self.status_bar.set_speed(event.tokens_per_s)
@@ -320,6 +322,10 @@ class ChatScreen(ConversationActions, Screen):
             self.notify("No reply to copy.", timeout=2)
             return
         self._copy(MessageBox.Copy(last.text))
+
+    @on(SamplingPanel.Applied)
+    def _sampling_applied(self, event: SamplingPanel.Applied) -> None:
+        self.apply_sampling(event.values)
 
     def action_toggle_sidebar(self) -> None:
         sidebar = self.query_one(Sidebar)

@@ -6,10 +6,7 @@ from __future__ import annotations
 import re
 import time
 
-from textual import on
-
 from ..widgets.chat_log import UserMessage
-from ..widgets.sampling_panel import SamplingPanel
 from ..widgets.sidebar import title_of
 from .dialogs import PRESETS, Confirm, ExportChoice, TextEditor, TextPrompt
 
@@ -143,9 +140,9 @@ class ConversationActions:
 
         self.app.push_screen(ExportChoice(), chosen)
 
-    @on(SamplingPanel.Applied)
-    def _sampling_applied(self, event: SamplingPanel.Applied) -> None:
-        values = {k: v for k, v in event.values.items() if v is not None}
+    def apply_sampling(self, values: dict) -> None:
+        """Save ``values`` (from the sampling panel) as the open conversation's settings."""
+        values = {k: v for k, v in values.items() if v is not None}
         cid = self.cid
 
         def saved(_) -> None:

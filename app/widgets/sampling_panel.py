@@ -58,14 +58,14 @@ class SamplingPanel(VerticalScroll):
         self.defaults = dict(defaults)
 
     def compose(self) -> ComposeResult:
-        yield Static("Sampling", classes="title")
-        for key, label, *_ in FIELDS:
-            yield Label(label)
-            yield Input(id=f"s-{key}", compact=True)
-        yield Static("", id="sampling-error")
+        yield Static("Sampling (F4 closes)", classes="title")
         with Horizontal(classes="buttons"):
             yield Button("Apply", id="sampling-apply", variant="primary", compact=True)
             yield Button("Defaults", id="sampling-reset", compact=True)
+        yield Static("", id="sampling-error")
+        for key, label, *_ in FIELDS:
+            yield Label(label)
+            yield Input(id=f"s-{key}", compact=True)
 
     def show(self, sampling: dict) -> None:
         """Fill the inputs with the defaults overridden by ``sampling`` (a conversation's settings)."""

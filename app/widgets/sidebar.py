@@ -43,7 +43,7 @@ class Sidebar(Vertical):
         ol.clear_options()
         for c in self.items:
             label = Text(title_of(c), overflow="ellipsis", no_wrap=True)
-            label.append(f"  {c.turns // 2}", style="dim")
+            label.append(f" ({c.turns // 2})", style="dim")
             ol.add_option(Option(label, id=c.id))
         self.highlight(current)
 

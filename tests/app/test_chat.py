@@ -1,0 +1,240 @@
+"""Pilot tests of the chat screen against a real daemon (tiny RWKV-5.2, cpu fp32, greedy sampling)."""
+
+from __future__ import annotations
+
+import threading
+
+from rwkv_chat.app.chat_app import ChatApp
+from rwkv_chat.app.screens.dialogs import Confirm, ExportChoice, TextEditor, TextPrompt
+from rwkv_chat.app.screens.help import HelpScreen
+from rwkv_chat.app.widgets.chat_log import AssistantMessage, Notice, UserMessage
+from rwkv_chat.app.widgets.sampling_panel import SamplingPanel
+from rwkv_chat.daemon import messages as m
+
+from .conftest import async_test, wait_for
+
+
+def make_app(daemon, **kw) -> ChatApp:
+    return ChatApp(paths=daemon.paths, autostart=False, snapshot=True, **kw)
+
+
+async def ready(pilot, app):
+    await wait_for(pilot, lambda: app.connected and app.chat.is_mounted, what="connection")
+    await pilot.pause(0.1)
+
+
+async def send(pilot, app, text: str):
+    """Type ``text`` in the input, press Enter, wait for the reply to finish; returns the Done event."""
+    before = app.chat.last_done
+    app.chat.input.insert(text)
+    await pilot.press("enter")
+    await wait_for(pilot, lambda: app.chat.last_done is not before and app.chat.bubble is None, what="the reply")
+    return app.chat.last_done
+
+
+def texts(app, cls):
+    return [w.text for w in app.chat.log_view.query(cls)]
+
+
+@async_test
+async def test_chat_turn_streams_markdown_and_saves(fresh_daemon):
+    app = make_app(fresh_daemon)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await ready(pilot, app)
+        tokens = []
+        real = app.chat.link_event
+        app.chat.link_event = lambda topic, e: (tokens.append(e) if isinstance(e, m.Token) else None, real(topic, e))
+        done = await send(pilot, app, "Hello there")
+        assert done.reason in ("stop", "length")
+        assert len([t for t in tokens if t.job_id == done.job_id]) >= 2          # streamed, not one block
+        assert texts(app, UserMessage) == ["Hello there"]
+        reply = app.chat.log_view.last("assistant")
+        assert reply.text == done.text and reply.text
+        conv = fresh_daemon.client.conversation(app.chat.cid)
+        assert [t.text for t in conv.turns] == ["Hello there", done.text]
+        assert app.chat.input.text == ""
+        assert app.chat.query_one("Sidebar").items[0].id == app.chat.cid
+
+
+@async_test
+async def test_switching_resumes_from_state_without_rereading(fresh_daemon):
+    client = fresh_daemon.client
+    a = client.create_conversation(title="first")
+    for _ in client.chat(a.id, "One"):
+        pass
+    app = make_app(fresh_daemon)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await ready(pilot, app)
+        await pilot.press("ctrl+n")
+        await wait_for(pilot, lambda: app.chat.cid not in (None, a.id), what="a new conversation")
+        await send(pilot, app, "Two")
+        app.chat.query_one("Sidebar").post_message(app.chat.query_one("Sidebar").Selected(a.id))
+        await wait_for(pilot, lambda: app.chat.cid == a.id and texts(app, UserMessage) == ["One"], what="switch")
+        notices = [str(n.render()) for n in app.chat.log_view.query(Notice)]
+        assert "resumed from state, 0 tokens re-read" in notices
+        done = await send(pilot, app, "Three")
+        turns = client.conversation(a.id).turns
+        assert [t.text for t in turns[::2]] == ["One", "Three"]
+        # the prompt fed to the model was only the new message: no history token re-read
+        assert done.prompt_tokens == turns[-2].tokens
+
+
+@async_test
+async def test_new_rename_delete(fresh_daemon):
+    client = fresh_daemon.client
+    app = make_app(fresh_daemon)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await ready(pilot, app)
+        await pilot.press("ctrl+n")
+        await wait_for(pilot, lambda: app.chat.cid is not None, what="new conversation")
+        cid = app.chat.cid
+        await pilot.press("f2")
+        await wait_for(pilot, lambda: isinstance(app.screen, TextPrompt), what="rename dialog")
+        app.screen.query_one("Input").value = ""
+        await pilot.press(*"Renamed chat", "enter")
+        await wait_for(pilot, lambda: any(c.title == "Renamed chat" for c in client.conversations()), what="rename")
+        await wait_for(pilot, lambda: app.chat.infos[cid].title == "Renamed chat", what="sidebar refresh")
+        await pilot.press("f8")
+        await wait_for(pilot, lambda: isinstance(app.screen, Confirm), what="confirm dialog")
+        await pilot.press("y")
+        await wait_for(pilot, lambda: not client.conversations(), what="delete")
+        await wait_for(pilot, lambda: app.chat.cid is None, what="no open conversation")
+
+
+@async_test
+async def test_regenerate_edit_copy_export(fresh_daemon):
+    client = fresh_daemon.client
+    app = make_app(fresh_daemon)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await ready(pilot, app)
+        first = await send(pilot, app, "Tell me a story")
+        cid = app.chat.cid
+        await pilot.press("ctrl+r")
+        await wait_for(pilot, lambda: app.chat.last_done is not first and app.chat.bubble is None, what="regen")
+        turns = client.conversation(cid).turns
+        assert len(turns) == 2 and turns[1].text == app.chat.last_done.text == first.text   # greedy: same reply
+        assert len(texts(app, AssistantMessage)) == 1
+        before = app.chat.last_done
+        await pilot.press("f3")
+        await wait_for(pilot, lambda: isinstance(app.screen, TextEditor), what="edit dialog")
+        app.screen.query_one("TextArea").load_text("Tell me a poem")
+        await pilot.press("ctrl+s")
+        await wait_for(pilot, lambda: app.chat.last_done is not before and app.chat.bubble is None, what="edit")
+        turns = client.conversation(cid).turns
+        assert [t.text for t in turns] == ["Tell me a poem", app.chat.last_done.text]
+        assert texts(app, UserMessage) == ["Tell me a poem"]
+        # copy the last reply (F7) and a focused message (c)
+        await pilot.press("f7")
+        assert app.clipboard == turns[1].text
+        app.chat.log_view.last("user").focus()
+        await pilot.press("c")
+        assert app.clipboard == "Tell me a poem"
+        # export as Markdown into the data dir
+        app.chat.focus_input()
+        await pilot.press("f6")
+        await wait_for(pilot, lambda: isinstance(app.screen, ExportChoice), what="export dialog")
+        await pilot.click("#md")
+        exports = fresh_daemon.paths.data_dir / "exports"
+        await wait_for(pilot, lambda: exports.exists() and list(exports.glob("*.md")), what="export file")
+        path = next(exports.glob("*.md"))
+        assert path.read_text() == client.export(cid, "md")
+        assert any(path.name in str(n.render()) for n in app.chat.log_view.query(Notice))
+
+
+@async_test
+async def test_stop_and_a_second_client_watching(fresh_daemon):
+    """A script's generation in the open conversation shows live; Esc in the UI stops it."""
+    client = fresh_daemon.client
+    conv = client.create_conversation(title="shared")
+    client.set_sampling(conv.id, max_tokens=100000)
+    app = make_app(fresh_daemon)
+    events = []
+    async with app.run_test(size=(100, 30)) as pilot:
+        await ready(pilot, app)
+        await wait_for(pilot, lambda: app.chat.cid == conv.id and app._watched == conv.id, what="watching")
+
+        def other_window():
+            from rwkv_chat.daemon.client import Client
+
+            with Client(fresh_daemon.paths, autostart=False) as other:
+                events.extend(other.chat(conv.id, "Hi from elsewhere"))
+
+        t = threading.Thread(target=other_window)
+        t.start()
+        await wait_for(pilot, lambda: app.chat.bubble is not None and len(app.chat.bubble.text) > 20, what="live")
+        assert texts(app, UserMessage) == ["Hi from elsewhere"]
+        await pilot.press("escape")
+        await wait_for(pilot, lambda: app.chat.bubble is None, what="stopped")
+        t.join(20)
+        assert isinstance(events[-1], m.Done) and events[-1].reason == "cancelled"
+        assert "stopped" in app.chat.log_view.last("assistant")._footer
+        # this window's own generation stops with Ctrl+C too
+        app.chat.input.insert("Again")
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: app.chat.bubble is not None and len(app.chat.bubble.text) > 5, what="own")
+        await pilot.press("ctrl+c")
+        await wait_for(pilot, lambda: app.chat.bubble is None and app.chat.last_done.reason == "cancelled",
+                       what="own stopped")
+
+
+@async_test
+async def test_sampling_panel_saves_per_conversation(fresh_daemon):
+    from rwkv_chat.app.config import load_config
+
+    client = fresh_daemon.client
+    conv = client.create_conversation(title="s")
+    app = make_app(fresh_daemon)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await ready(pilot, app)
+        await wait_for(pilot, lambda: app.chat.cid == conv.id, what="open")
+        await pilot.press("f4")
+        panel = app.chat.query_one(SamplingPanel)
+        assert panel.display
+        cfg = load_config(fresh_daemon.paths.config_file).sampling
+        assert panel.values() == {**vars(cfg), "seed": None}
+        panel.query_one("#s-top_p").value = "1.5"
+        await pilot.click("#sampling-apply")
+        assert "Top p" in str(panel.query_one("#sampling-error").render())
+        panel.query_one("#s-top_p").value = "0.5"
+        panel.query_one("#s-seed").value = "7"
+        panel.query_one("#s-seed").focus()
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: client.conversation(conv.id).conversation.sampling.get("top_p") == 0.5,
+                       what="saved")
+        assert client.conversation(conv.id).conversation.sampling["seed"] == 7
+
+
+@async_test
+async def test_input_history_newlines_and_empty(fresh_daemon):
+    app = make_app(fresh_daemon)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await ready(pilot, app)
+        inp = app.chat.input
+        await pilot.press("enter")                     # empty: nothing sent
+        assert app.chat.bubble is None and not texts(app, UserMessage)
+        await pilot.press(*"line1", "ctrl+j", *"line2")
+        assert inp.text == "line1\nline2"
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: app.chat.bubble is None and app.chat.last_done is not None, what="reply")
+        assert texts(app, UserMessage) == ["line1\nline2"]
+        await pilot.press(*"draft")
+        await pilot.press("up")
+        assert inp.text == "line1\nline2"
+        await pilot.press("down", "down")
+        assert inp.text == "draft"
+
+
+@async_test
+async def test_help_and_theme(fresh_daemon):
+    app = make_app(fresh_daemon)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await ready(pilot, app)
+        await pilot.press("f1")
+        assert isinstance(app.screen, HelpScreen)
+        md = app.screen.query_one("Markdown")
+        assert "Regenerate" in md.source and "Ctrl+R" in md.source
+        await pilot.press("escape")
+        assert app.screen is app.chat
+        dark = app.current_theme.dark
+        await pilot.press("ctrl+t")
+        assert app.current_theme.dark is not dark
