@@ -54,12 +54,14 @@ class RWKV:
         verbose: print the layer plan, as the reference does.
         rescale_layer: halve the residual stream every N layers (v4–v6) to avoid fp16 overflow; default as
             the reference: 6 when any stage is fp16, else 0 (off). RWKV-7 does not rescale.
+        progress: called as ``progress(done, total)`` while the layers are converted and placed
+            (units: layers, total = n_layer + 1).
     Raises:
         CheckpointError, StrategyError, DeviceError: see those classes.
     """
 
     def __init__(self, model: str | Path | dict, strategy: str, verbose: bool = False,
-                 rescale_layer: int | None = None):
+                 rescale_layer: int | None = None, progress: Callable[[int, int], None] | None = None):
         if isinstance(model, dict):
             path = Path("<memory>")
             if not model or not all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in model.items()):
@@ -85,7 +87,7 @@ class RWKV:
                 self.rescale_layer = 0
             else:
                 self.rescale_layer = rescale_layer_for(self.plan.stages) if rescale_layer is None else int(rescale_layer)
-            self._place(w)
+            self._place(w, progress)
         if verbose:
             print(f"RWKV-{spec.version} {path.name}: {spec.n_layer} layers, n_embd {spec.n_embd}, "
                   f"vocab {spec.vocab_size}\n{self.plan}")
@@ -108,15 +110,19 @@ class RWKV:
         return self.spec.vocab_size
 
     # -- loading ---------------------------------------------------------------------------------
-    def _place(self, w: dict[str, torch.Tensor]) -> None:
+    def _place(self, w: dict[str, torch.Tensor], progress=None) -> None:
         spec, plan, gen = self.spec, self.plan, self._gen
         first = plan.layers[0]
         emb = layer_norm(w["emb.weight"].float(), w["blocks.0.ln0.weight"].float(), w["blocks.0.ln0.bias"].float())
         self.layers: list[dict] = [{} for _ in range(spec.n_layer)]
+        total, seen = spec.n_layer + 1, set()
         for key, t in w.items():
             if not key.startswith("blocks.") or ".ln0." in key or key.endswith("ffn.s_emb_x.weight"):
                 continue
             i = int(key.split(".")[1])
+            if progress is not None and i not in seen:
+                seen.add(i)
+                progress(len(seen) - 1, total)
             name, t, kind = gen.convert(key.split(".", 2)[2], t, spec)
             if name.endswith("ffn.s_emb.weight") and f"blocks.{i}.ffn.s_emb_x.weight" in w:
                 t = t.float() + emb @ w[f"blocks.{i}.ffn.s_emb_x.weight"].float().t()
@@ -130,6 +136,8 @@ class RWKV:
         self.head = self._convert(w["head.weight"].t(), "matrix", head, spec.n_layer)
         self._zero = [gen.zero_state(spec, 1, self._devices[i], plan.layers[i].atype, self.layers[i])
                       for i in range(spec.n_layer)]
+        if progress is not None:
+            progress(total, total)
 
     def _convert(self, t: torch.Tensor, kind: str, place, i: int):
         device = self._devices[i]
