@@ -84,6 +84,11 @@ def _compile_limits():
     return cfg.patch(**{name: 64})
 
 
+def _head_step(x, ln_w, ln_b, hw, mm):
+    """ln_out and the head. x: [b, 1, C] -> logits float32 [b, vocab]."""
+    return mm(layer_norm(x, ln_w, ln_b), hw).float()[:, 0]
+
+
 class BatchDecoder:
     """Decode steps over a static batch of conversation slots (CUDA graph per batch-size bucket).
 
@@ -115,6 +120,7 @@ class BatchDecoder:
         self._mm = fused_matmul(gemv) if self.compile else None
         self._wkv7 = wkv.wkv7_one if self.compile else None
         self._layer = torch.compile(_layer_step, dynamic=False) if self.compile else _layer_step
+        self._head = torch.compile(_head_step, dynamic=False) if self.compile else _head_step
         self._bufs = [tuple(t.contiguous() for t in layer) for layer in model.zero_state(max_batch).layers]
         dev0 = model.emb.device
         self._ids = torch.zeros(max_batch, 1, dtype=torch.long, device=dev0)
@@ -265,9 +271,9 @@ class BatchDecoder:
             if m.rescale_layer and (i + 1) % m.rescale_layer == 0:
                 x = x / 2
         head = m.plan.layers[-1]
-        x = layer_norm(x.to(device=m._devices[-1], dtype=head.atype), *m.ln_out)
         hw = m.head.to(m._devices[-1], non_blocking=True) if head.stream else m.head
-        return matmul(x, hw).float()[:, 0]                                     # [b, vocab]
+        return self._head(x.to(device=m._devices[-1], dtype=head.atype), *m.ln_out, hw,
+                          self._mm or matmul)                                  # [b, vocab]
 
 
 def decode_greedy(model: RWKV, logits: torch.Tensor, state: State, n: int,
