@@ -31,10 +31,10 @@ int wkv7_cuda_launch(int act, int B, int T, int H, int N, const void* r, const f
                      const void* v, const void* a, const void* b, const float* s, float* y, float* s_out,
                      cudaStream_t stream);
 
-// mm8 split-K GEMV over `rows` (1..kMm8MaxGemvRows) rows of x [rows, N] with the i8 weight w [N, M]
+// mm8 split-K GEMV over `rows` (1..kMm8MaxGemvRows; more rows: dequantize + cuBLAS) rows of x [rows, N] with the i8 weight w [N, M]
 // (mx, rx [M]; my, ry [N], act dtype); y [rows, M] act. partial: fp32 workspace of
 // split * rows * M floats; counters: zeroed uint32 of mm8_counter_count(...) entries, left zeroed.
-constexpr int kMm8MaxGemvRows = 16;
+constexpr int kMm8MaxGemvRows = 4;
 int mm8_choose_split(int rows, int N, int M, int sm_count);
 int mm8_counter_count(int rows, int M);
 int mm8_gemv_launch(int act, int rows, int N, int M, const void* x, const uint8_t* w, const void* mx,

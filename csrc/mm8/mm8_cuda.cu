@@ -5,12 +5,13 @@
 //   y[r][m] = rx[m] * (sum_n xr[n] w[n][m] + 0.5 sum_n xr[n]) + sum_n x[n] my[n] + mx[m] sum_n x[n],
 // xr[n] = x[r][n] ry[n], which reads each weight byte once and does one FMA per byte and row.
 //
-// GEMV kernel (rows <= kMm8MaxGemvRows): a warp reads 512 consecutive bytes of a weight row
-// (16 bytes per lane, one uint4 load), 8 warps take interleaved rows; the N rows are split into
-// `split` slices (split-K) so that small matrices still fill the GPU. Each block writes its
-// slice's full linear contribution (offsets and scales included) for its 512 columns to an fp32
-// workspace; the last block of a column tile to finish (an atomic counter, reset afterwards)
-// sums the slices and writes y in the activation dtype: one launch, no memset.
+// GEMV kernel (rows <= kMm8MaxGemvRows): a block covers 128 columns (8 threads x 16 bytes, one
+// uint4 load each) and 32 weight rows at a time (32 row groups), each thread keeping kUnroll loads
+// in flight; the N rows are split into `split` slices (split-K) so that small matrices still put
+// the whole weight in flight at once. The block reduces its 32 row groups in shared memory and
+// writes its slice's full linear contribution (offsets and scales included) to an fp32 workspace;
+// the last block of a column tile to finish (an atomic counter, reset afterwards) sums the slices
+// and writes y in the activation dtype: one launch, no memset.
 #include <algorithm>
 #include "../common/cuda_common.cuh"
 #include "../common/launchers.h"
@@ -18,10 +19,11 @@
 namespace rwkv_chat {
 namespace {
 
-constexpr int kWarps = 8;
-constexpr int kThreads = kWarps * 32;
-constexpr int kTileCols = 512;   // 32 lanes x 16 bytes
-constexpr int kUnroll = 4;       // weight rows in flight per warp
+constexpr int kThreads = 256;
+constexpr int kColThreads = 8;                    // threads across a row segment
+constexpr int kTileCols = kColThreads * 16;       // 128 columns per block
+constexpr int kRowGroups = kThreads / kColThreads;  // 32 rows in parallel
+constexpr int kUnroll = 4;                        // weight loads in flight per thread
 
 __device__ __forceinline__ void unpack16(const uint4 q, float f[16]) {
     const unsigned words[4] = {q.x, q.y, q.z, q.w};
@@ -32,6 +34,10 @@ __device__ __forceinline__ void unpack16(const uint4 q, float f[16]) {
     }
 }
 
+// Shared-memory position of column c (0..127) of a row group: the q-th float4 of column group cg
+// goes to q*32 + cg*4, so that 8 threads storing one float4 each hit 8 distinct bank quads.
+__device__ __forceinline__ int red_pos(int c) { return ((c & 15) >> 2) * 32 + (c >> 4) * 4 + (c & 3); }
+
 template <typename F, int R>
 __global__ void __launch_bounds__(kThreads) mm8_gemv_kernel(
     int rows, int N, int M, const F* __restrict__ x, const uint8_t* __restrict__ w, const F* __restrict__ mx,
@@ -41,8 +47,8 @@ __global__ void __launch_bounds__(kThreads) mm8_gemv_kernel(
     const int s = blockIdx.y;
     const int r0 = blockIdx.z * R;              // first x row of this block
     const int nr = min(R, rows - r0);
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int col = tile * kTileCols + lane * 16;
+    const int cg = threadIdx.x % kColThreads, rg = threadIdx.x / kColThreads;
+    const int col = tile * kTileCols + cg * 16;
     const bool col_ok = col < M;                // M % 16 == 0 is checked by the caller
     const int n0 = s * rows_per_split;
     const int n1 = min(N, n0 + rows_per_split);
@@ -56,25 +62,32 @@ __global__ void __launch_bounds__(kThreads) mm8_gemv_kernel(
 #pragma unroll
     for (int r = 0; r < R; ++r) sxr[r] = sxmy[r] = sx[r] = 0.f;
 
-    for (int nb = n0 + warp; nb < n1; nb += kWarps * kUnroll) {
+    for (int nb = n0 + rg; nb < n1; nb += kRowGroups * kUnroll) {
+        // Issue every load of this step (weights, x, row scales) before the first use.
         uint4 q[kUnroll];
+        float ryv[kUnroll], myv[kUnroll], xv_[kUnroll][R];
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
-            const int n = nb + u * kWarps;
-            q[u] = (col_ok && n < n1) ? __ldg(reinterpret_cast<const uint4*>(w + (long)n * M + col))
-                                      : make_uint4(0, 0, 0, 0);
+            const int n = nb + u * kRowGroups;
+            const bool ok = n < n1;
+            q[u] = (col_ok && ok) ? __ldcs(reinterpret_cast<const uint4*>(w + (long)n * M + col))
+                                  : make_uint4(0, 0, 0, 0);
+            ryv[u] = ok ? to_f32(ry[n]) : 0.f;
+            myv[u] = ok ? to_f32(my[n]) : 0.f;
+#pragma unroll
+            for (int r = 0; r < R; ++r) xv_[u][r] = (ok && r < nr) ? to_f32(x[(long)(r0 + r) * N + n]) : 0.f;
         }
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
-            const int n = nb + u * kWarps;
+            const int n = nb + u * kRowGroups;
             if (n < n1) {
                 float f[16];
                 unpack16(q[u], f);
-                const float ryn = to_f32(ry[n]), myn = to_f32(my[n]);
+                const float ryn = ryv[u], myn = myv[u];
 #pragma unroll
                 for (int r = 0; r < R; ++r) {
                     if (r < nr) {
-                        const float xv = to_f32(x[(long)(r0 + r) * N + n]);
+                        const float xv = xv_[u][r];
                         const float xr = xv * ryn;
                         sxr[r] += xr;
                         sxmy[r] += xv * myn;
@@ -87,28 +100,36 @@ __global__ void __launch_bounds__(kThreads) mm8_gemv_kernel(
         }
     }
 
-    // Reduce the 8 warps: per x row, each warp stores its 512 columns, then each thread sums 2 columns.
-    __shared__ float red[kWarps][kTileCols];
-    __shared__ float scal[kWarps][3];
+    // Reduce the 32 row groups per x row: each thread stores its 16 columns, 128 threads sum a column.
+    __shared__ __align__(16) float red[kRowGroups][kTileCols];
+    __shared__ float scal[kRowGroups][3];
+    __shared__ float tot[3];
     __shared__ bool is_last;
 #pragma unroll
     for (int r = 0; r < R; ++r) {
         if (r >= nr) break;   // uniform across the block
         __syncthreads();
 #pragma unroll
-        for (int c = 0; c < 16; ++c) red[warp][lane * 16 + c] = acc[r][c];
-        if (lane == 0) { scal[warp][0] = sxr[r]; scal[warp][1] = sxmy[r]; scal[warp][2] = sx[r]; }
+        for (int qd = 0; qd < 4; ++qd)
+            *reinterpret_cast<float4*>(&red[rg][qd * 32 + cg * 4]) =
+                make_float4(acc[r][4 * qd], acc[r][4 * qd + 1], acc[r][4 * qd + 2], acc[r][4 * qd + 3]);
+        if (cg == 0) { scal[rg][0] = sxr[r]; scal[rg][1] = sxmy[r]; scal[rg][2] = sx[r]; }
         __syncthreads();
-        float a = 0.f, b = 0.f, c = 0.f;
-#pragma unroll
-        for (int v = 0; v < kWarps; ++v) { a += scal[v][0]; b += scal[v][1]; c += scal[v][2]; }
-        for (int cc = threadIdx.x; cc < kTileCols; cc += kThreads) {
-            const int m = tile * kTileCols + cc;
+        if (threadIdx.x < 3) {
+            float t = 0.f;
+            for (int g = 0; g < kRowGroups; ++g) t += scal[g][threadIdx.x];
+            tot[threadIdx.x] = t;
+        }
+        __syncthreads();
+        if (threadIdx.x < kTileCols) {
+            const int c = threadIdx.x;
+            const int m = tile * kTileCols + c;
             if (m < M) {
+                const int pos = red_pos(c);
                 float d = 0.f;
-#pragma unroll
-                for (int v = 0; v < kWarps; ++v) d += red[v][cc];
-                const float contrib = to_f32(rx[m]) * (d + 0.5f * a) + b + to_f32(mx[m]) * c;
+#pragma unroll 8
+                for (int g = 0; g < kRowGroups; ++g) d += red[g][pos];
+                const float contrib = to_f32(rx[m]) * (d + 0.5f * tot[0]) + tot[1] + to_f32(mx[m]) * tot[2];
                 if (split == 1) y[(long)(r0 + r) * M + m] = from_f32<F>(contrib);
                 else partial[((long)s * rows + r0 + r) * M + m] = contrib;
             }
@@ -124,27 +145,43 @@ __global__ void __launch_bounds__(kThreads) mm8_gemv_kernel(
     __syncthreads();
     if (!is_last) return;
     __threadfence();
-    for (int r = 0; r < nr; ++r) {
-        for (int cc = threadIdx.x; cc < kTileCols; cc += kThreads) {
-            const int m = tile * kTileCols + cc;
-            if (m < M) {
-                float t = 0.f;
-                for (int ss = 0; ss < split; ++ss) t += __ldcg(partial + ((long)ss * rows + r0 + r) * M + m);
-                y[(long)(r0 + r) * M + m] = from_f32<F>(t);
-            }
+    for (int e = threadIdx.x; e < nr * kTileCols; e += kThreads) {
+        const int r = e / kTileCols, m = tile * kTileCols + e % kTileCols;
+        if (m < M) {
+            float t = 0.f;
+#pragma unroll 4
+            for (int ss = 0; ss < split; ++ss) t += __ldcg(partial + ((long)ss * rows + r0 + r) * M + m);
+            y[(long)(r0 + r) * M + m] = from_f32<F>(t);
         }
     }
     if (threadIdx.x == 0) *counter = 0u;
 }
 
-template <typename F>
+// Dequantize 16 consecutive bytes of a row per thread (M % 16 == 0) or one byte (any M).
+template <typename F, bool VEC>
 __global__ void mm8_dequant_kernel(int N, int M, const uint8_t* __restrict__ w, const F* __restrict__ mx,
                                    const F* __restrict__ rx, const F* __restrict__ my, const F* __restrict__ ry,
                                    F* __restrict__ out) {
-    const long total = (long)N * M;
-    for (long e = (long)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += (long)gridDim.x * blockDim.x) {
-        const int n = (int)(e / M), m = (int)(e % M);
-        out[e] = from_f32<F>(((float)w[e] + 0.5f) * to_f32(ry[n]) * to_f32(rx[m]) + to_f32(my[n]) + to_f32(mx[m]));
+    const int per = VEC ? 16 : 1;
+    const long chunks = (long)N * M / per;
+    for (long e = (long)blockIdx.x * blockDim.x + threadIdx.x; e < chunks; e += (long)gridDim.x * blockDim.x) {
+        const long first = e * per;
+        const int n = (int)(first / M), m0 = (int)(first % M);
+        const float ryn = to_f32(ry[n]), myn = to_f32(my[n]);
+        if (VEC) {
+            float f[16];
+            unpack16(__ldcs(reinterpret_cast<const uint4*>(w + first)), f);
+            // Build the 16 outputs in registers and store them as 16-byte vectors.
+            union { F v[16]; uint4 q[16 * sizeof(F) / 16]; } o;
+#pragma unroll
+            for (int c = 0; c < 16; ++c)
+                o.v[c] = from_f32<F>((f[c] + 0.5f) * ryn * to_f32(rx[m0 + c]) + myn + to_f32(mx[m0 + c]));
+            uint4* dst = reinterpret_cast<uint4*>(out + first);
+#pragma unroll
+            for (int qd = 0; qd < (int)(16 * sizeof(F) / 16); ++qd) dst[qd] = o.q[qd];
+        } else {
+            out[first] = from_f32<F>(((float)w[first] + 0.5f) * ryn * to_f32(rx[m0]) + myn + to_f32(mx[m0]));
+        }
     }
 }
 
@@ -157,7 +194,7 @@ int mm8_choose_split(int rows, int N, int M, int sm_count) {
     const int groups = (rows + row_group(rows) - 1) / row_group(rows);
     const int target = 2 * std::max(sm_count, 1);   // blocks: about two per multiprocessor
     int split = (target + tiles * groups - 1) / (tiles * groups);
-    split = std::max(1, std::min(split, std::max(1, N / (kWarps * 2))));
+    split = std::max(1, std::min(split, std::max(1, N / kRowGroups)));
     return split;
 }
 
@@ -176,7 +213,7 @@ int mm8_gemv_launch(int act, int rows, int N, int M, const void* x, const uint8_
     const int R = row_group(rows);
     const int groups = (rows + R - 1) / R;
     int rows_per_split = (N + split - 1) / split;
-    rows_per_split = (rows_per_split + kWarps - 1) / kWarps * kWarps;
+    rows_per_split = (rows_per_split + kRowGroups - 1) / kRowGroups * kRowGroups;
     const int eff_split = std::max(1, (N + rows_per_split - 1) / rows_per_split);
     const dim3 grid(tiles, eff_split, groups);
     RWKV_CHAT_DISPATCH_ACT(static_cast<ActType>(act), F,
@@ -196,11 +233,18 @@ int mm8_dequant_launch(int act, int N, int M, const uint8_t* w, const void* mx, 
                        const void* my, const void* ry, void* out, cudaStream_t stream) {
     const long total = (long)N * M;
     if (total == 0) return 0;
+    const bool vec = M % 16 == 0;
+    const long chunks = vec ? total / 16 : total;
     const int threads = 256;
-    const unsigned blocks = (unsigned)std::min<long>((total + threads - 1) / threads, 65535L * 8);
+    const unsigned blocks = (unsigned)std::min<long>((chunks + threads - 1) / threads, 132L * 16);
     RWKV_CHAT_DISPATCH_ACT(static_cast<ActType>(act), F,
-        mm8_dequant_kernel<F><<<blocks, threads, 0, stream>>>(N, M, w, static_cast<const F*>(mx),
-            static_cast<const F*>(rx), static_cast<const F*>(my), static_cast<const F*>(ry), static_cast<F*>(out)));
+        if (vec) {
+            mm8_dequant_kernel<F, true><<<blocks, threads, 0, stream>>>(N, M, w, static_cast<const F*>(mx),
+                static_cast<const F*>(rx), static_cast<const F*>(my), static_cast<const F*>(ry), static_cast<F*>(out));
+        } else {
+            mm8_dequant_kernel<F, false><<<blocks, threads, 0, stream>>>(N, M, w, static_cast<const F*>(mx),
+                static_cast<const F*>(rx), static_cast<const F*>(my), static_cast<const F*>(ry), static_cast<F*>(out));
+        });
     return (int)cudaGetLastError();
 }
 

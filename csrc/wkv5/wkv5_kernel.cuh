@@ -3,7 +3,8 @@
 //   y_t[i] = sum_j r_t[j] * (u[j] * k_t[j] * v_t[i] + S[j][i]),  S[j][i] <- S[j][i] * w_t[j] + k_t[j] * v_t[i]
 // with S indexed [key j, value i]. Differences from the reference: batch support (the reference
 // indexes the state without the batch), separate input/output state, inputs staged in shared
-// memory kTC tokens at a time (two barriers per kTC tokens instead of two per token).
+// memory kTC tokens at a time (two barriers per kTC tokens instead of two per token), the next
+// kTC tokens' loads in flight while the current ones are computed.
 // One block per (batch, head), one thread per value index i holding column i of S in registers;
 // state loads and stores are coalesced (consecutive threads read consecutive values).
 #pragma once
@@ -17,7 +18,7 @@ __global__ void __launch_bounds__(N) wkv5_kernel(int T, int H, const F* __restri
                                                  const F* __restrict__ v_, const float* __restrict__ w_,
                                                  const float* __restrict__ u_, const float* __restrict__ s_,
                                                  F* __restrict__ y_, float* s_out) {
-    constexpr int kTC = N >= 128 ? 8 : 16;
+    constexpr int kTC = N >= 128 ? 4 : (N >= 64 ? 8 : 16);
     const int bh = blockIdx.x;
     const int b = bh / H, h = bh % H;
     const int i = threadIdx.x;
@@ -33,17 +34,34 @@ __global__ void __launch_bounds__(N) wkv5_kernel(int T, int H, const F* __restri
 
     const long C = (long)H * N;
     const long base = (long)b * T * C + (long)h * N + i;
+    // The next chunk's inputs are loaded into registers while the current chunk is computed.
+    float pr[kTC], pk[kTC], pv[kTC], pw[kTC];
+#pragma unroll
+    for (int tt = 0; tt < kTC; ++tt) {
+        if (tt < T) {
+            const long o = base + (long)tt * C;
+            pr[tt] = to_f32(r_[o]); pk[tt] = to_f32(k_[o]); pv[tt] = to_f32(v_[o]);
+            if (PER_TOKEN) pw[tt] = w_[o];
+        }
+    }
     for (int t0 = 0; t0 < T; t0 += kTC) {
         const int n = min(kTC, T - t0);
         __syncthreads();
-        for (int tt = 0; tt < n; ++tt) {
-            const long o = base + (long)(t0 + tt) * C;
-            sr[tt][i] = to_f32(r_[o]);
-            sk[tt][i] = to_f32(k_[o]);
-            sv[tt][i] = to_f32(v_[o]);
-            if (PER_TOKEN) sw[tt][i] = w_[o];
+#pragma unroll
+        for (int tt = 0; tt < kTC; ++tt) {
+            sr[tt][i] = pr[tt]; sk[tt][i] = pk[tt]; sv[tt][i] = pv[tt];
+            if (PER_TOKEN) sw[tt][i] = pw[tt];
         }
         __syncthreads();
+#pragma unroll
+        for (int tt = 0; tt < kTC; ++tt) {
+            const int t = t0 + kTC + tt;
+            if (t < T) {
+                const long o = base + (long)t * C;
+                pr[tt] = to_f32(r_[o]); pk[tt] = to_f32(k_[o]); pv[tt] = to_f32(v_[o]);
+                if (PER_TOKEN) pw[tt] = w_[o];
+            }
+        }
         for (int tt = 0; tt < n; ++tt) {
             const float v = sv[tt][i];
             const float* w = PER_TOKEN ? sw[tt] : sw0;
