@@ -199,6 +199,8 @@ class KernelLoader:
         return {d: dict(v) for d, v in self.status.items()}
 
 
+# The torch paths the engine had before ``install()`` (e.g. the chunked prefill forms); fallbacks use them.
+_TORCH_WKV4, _TORCH_WKV5, _TORCH_WKV7, _TORCH_MM8 = _wkv.wkv4, _wkv.wkv5, _wkv.wkv7, _quant.mm8
 _LOADED: set[tuple[str, str]] = set()      # (device type, family) with a loaded op in this process
 _LOADED_KEYS: set[str] = set()          # build keys whose library is loaded
 _DEFAULT = KernelLoader()
@@ -254,7 +256,7 @@ def wkv4(w, u, k, v, aa, bb, pp, *, out=None):
     check_wkv4(w, u, k, v, aa, bb, pp, out)
     dev = k.device.type
     if not available(dev, "wkv4"):
-        y, a2, b2, p2 = _wkv.wkv4_torch(w, u, k.float(), v.float(), aa, bb, pp)
+        y, a2, b2, p2 = _TORCH_WKV4(w, u, k.float(), v.float(), aa, bb, pp)
         return _fill(out, (y.to(k.dtype), a2, b2, p2))
     k, v = k.contiguous(), v.contiguous()
     o = out or (torch.empty_like(k), torch.empty_like(aa), torch.empty_like(bb), torch.empty_like(pp))
@@ -271,7 +273,7 @@ def wkv5(r, k, v, w, u, s, *, out=None):
     check_wkv5(r, k, v, w, u, s, out)
     dev, fam = r.device.type, ("wkv6" if w.dim() == 4 else "wkv5")
     if not available(dev, fam):
-        y, s2 = _wkv.wkv5_torch(r.float(), k.float(), v.float(), w, u, s)
+        y, s2 = _TORCH_WKV5(r.float(), k.float(), v.float(), w, u, s)
         return _fill(out, (y.to(r.dtype), s2))
     r, k, v = r.contiguous(), k.contiguous(), v.contiguous()
     o = out or (torch.empty_like(r), torch.empty_like(s))
@@ -288,7 +290,7 @@ def wkv7(r, w, k, v, a, b, s, *, out=None):
     check_wkv7(r, w, k, v, a, b, s, out)
     dev = r.device.type
     if not available(dev, "wkv7"):
-        return _fill(out, _wkv.wkv7_torch(r, w, k, v, a, b, s))
+        return _fill(out, _TORCH_WKV7(r, w, k, v, a, b, s))
     r, w, k, v, a, b = (t.contiguous() for t in (r, w, k, v, a, b))
     o = out or (torch.empty(r.shape, dtype=torch.float32, device=r.device), torch.empty_like(s))
     _op(dev, "wkv7")(r, w, k, v, a, b, s.contiguous(), *o)
@@ -309,7 +311,7 @@ def mm8(x: torch.Tensor, q: _quant.Int8Weight, *, out=None, split: int = 0) -> t
     check_mm8(x, q, out)
     dev = x.device.type
     if not available(dev, "mm8"):
-        return _fill(out, (_quant.mm8_torch(x, q),))[0]
+        return _fill(out, (_TORCH_MM8(x, q),))[0]
     N, M = q.w.shape
     x2 = x.reshape(-1, N).contiguous()
     sc = [t if t.dtype == x.dtype else t.to(x.dtype) for t in (q.mx, q.rx, q.my, q.ry)]
