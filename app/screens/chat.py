@@ -115,6 +115,11 @@ class ChatScreen(ConversationActions, Screen):
         self.status_bar.connection = "connected"
         self.status_bar.set_status(message.status)
         self.infos = {c.id: c for c in message.conversations}
+        if message.restarted and self.cid in self.infos:
+            # keep what is on screen (an interrupted reply's text included); only follow the topic again
+            self.query_one(Sidebar).set_items(list(self.infos.values()), self.cid)
+            self.notice("The daemon is back; reconnected.", "ok")
+            return
         if message.restarted:
             self.notice("The daemon is back; reconnected.", "ok")
         current = self.cid if self.cid in self.infos else None
