@@ -56,12 +56,16 @@ class RWKV:
             the reference: 6 when any stage is fp16, else 0 (off). RWKV-7 does not rescale.
         progress: called as ``progress(done, total)`` while the layers are converted and placed
             (units: layers, total = n_layer + 1).
+        kernels: use the compiled WKV/mm8/gemm kernels (``csrc/``), built at first use and cached; where a
+            build fails the pure-torch path runs and ``rwkv_chat.models.kernels.report()`` says why.
+            ``False`` builds nothing for this model (the numbers are the same to rounding either way).
     Raises:
         CheckpointError, StrategyError, DeviceError: see those classes.
     """
 
     def __init__(self, model: str | Path | dict, strategy: str, verbose: bool = False,
-                 rescale_layer: int | None = None, progress: Callable[[int, int], None] | None = None):
+                 rescale_layer: int | None = None, progress: Callable[[int, int], None] | None = None,
+                 kernels: bool = True):
         if isinstance(model, dict):
             path = Path("<memory>")
             if not model or not all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in model.items()):
@@ -88,6 +92,13 @@ class RWKV:
             else:
                 self.rescale_layer = rescale_layer_for(self.plan.stages) if rescale_layer is None else int(rescale_layer)
             self._place(w, progress)
+            self.kernels = {}
+            if kernels:
+                from . import kernels as compiled
+
+                for dev in sorted({d.type for d in self._devices}):
+                    self.kernels[dev] = compiled.ensure_built(dev)
+                compiled.install()
         if verbose:
             print(f"RWKV-{spec.version} {path.name}: {spec.n_layer} layers, n_embd {spec.n_embd}, "
                   f"vocab {spec.vocab_size}\n{self.plan}")

@@ -7,6 +7,7 @@ elsewhere.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,24 @@ import torch
 # The tiny test models are far too small to gain from intra-op threads; on a 2-core machine running
 # daemons beside the tests, threads only add contention.
 torch.set_num_threads(1)
+
+# Tests never touch the user's own home: this process (and daemons it starts without a home of their own)
+# use a home made for the session. The compiled kernels built there are shared with the per-test homes
+# through ``link_kernel_cache``, so they build once per session.
+SESSION_HOME = Path(tempfile.mkdtemp(prefix="rwkv-chat-tests-"))
+os.environ["RWKV_CHAT_HOME"] = str(SESSION_HOME)
+
+
+def link_kernel_cache(home: Path) -> Path:
+    """Make ``home``'s kernel build cache the session's (call before starting a daemon in ``home``)."""
+    shared = SESSION_HOME / "cache" / "kernels"
+    shared.mkdir(parents=True, exist_ok=True)
+    cache = Path(home) / "cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    link = cache / "kernels"
+    if not link.exists():
+        link.symlink_to(shared, target_is_directory=True)
+    return home
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = (REPO / ".." / "shared").resolve()

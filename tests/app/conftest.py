@@ -17,6 +17,8 @@ from rwkv_chat.app.config import Config, save_config
 from rwkv_chat.app.paths import Paths, ensure_dirs, get_paths
 from rwkv_chat.daemon.client import Client, spawn_daemon
 
+from ..conftest import link_kernel_cache
+
 MAX_TOKENS = 24          # short replies keep the tests fast
 
 
@@ -77,6 +79,7 @@ def make_home(root: Path, model: Path | None, max_tokens: int = MAX_TOKENS) -> P
     """A home under ``root`` whose config samples greedily (temperature 0: deterministic replies)."""
     os.environ["RWKV_CHAT_HOME"] = str(root)
     paths = ensure_dirs(get_paths())
+    link_kernel_cache(root)
     cfg = Config()
     cfg.sampling.temperature = 0.0
     cfg.sampling.max_tokens = max_tokens

@@ -13,6 +13,8 @@ import pytest
 from rwkv_chat.app.config import Config, save_config
 from rwkv_chat.app.paths import ensure_dirs, home_paths
 
+from ..conftest import link_kernel_cache
+
 CLI = [sys.executable, "-m", "rwkv_chat.app.cli"]
 
 
@@ -20,6 +22,7 @@ def make_home(root: Path, **daemon) -> Path:
     """A fresh home with a config whose [daemon] section takes ``daemon`` overrides (fast heartbeats)."""
     home = Path(root)
     paths = ensure_dirs(home_paths(home))
+    link_kernel_cache(home)
     cfg = Config()
     cfg.daemon.heartbeat = 0.25
     cfg.daemon.client_timeout = 2.0
