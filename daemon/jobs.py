@@ -1,7 +1,8 @@
 """Jobs run by the scheduler: a load, a raw completion, or one chat exchange.
 
 A generation job goes through phases: ``prefill`` (prompt tokens fed ``chunk_len`` at a time, a Progress
-event per chunk), ``decode`` (one token per scheduler step: sample from the last logits, feed the token),
+event per chunk), ``decode`` (one token per scheduler step: sample from the last logits, feed the token in the
+scheduler's batched decode step),
 then ``done``. The chat template is ChatRWKV's: ``"User: {message}\\n\\nAssistant:"``, the reply ending at
 ``"\\n\\n"`` (fed to the state, so the next exchange starts where the reply ended).
 """
@@ -60,6 +61,8 @@ class Job:
     t_start: float = 0.0
     t_prefill: float = 0.0
     t_decode: float = 0.0
+    t_chunk: float = 0.0          # perf_counter of the last prefill chunk (round-robin among prompts)
+    handle: int | None = None     # slot handle in the engine's BatchDecoder while decoding
     # chat bookkeeping
     base_n: int = 0
     drop_from: int | None = None

@@ -7,6 +7,7 @@ Runs only in the scheduler thread. Uses the engine contract of ``rwkv_chat.model
 from __future__ import annotations
 
 import os
+import re
 import time
 
 from . import messages as m
@@ -20,30 +21,45 @@ class NoModel(RuntimeError):
 
 
 class Engine:
-    """The loaded model and its tokenizer (scheduler thread only, apart from :meth:`info`)."""
+    """The loaded model, its tokenizer and its batch decoder (scheduler thread only, apart from :meth:`info`)."""
 
     def __init__(self):
         self.model = None
         self.tokenizer = None
+        self.decoder = None           # rwkv_chat.models.decode.BatchDecoder of the loaded model
+        self.threads = 0
         self._info: dict = {"loaded": False}
 
-    def load(self, path: str, strategy: str, tokenizer: str = "") -> None:
+    def load(self, path: str, strategy: str, tokenizer: str = "", *, max_batch: int = 16,
+             batch_invariant: bool = True, threads: int = 0, progress=None) -> None:
+        """Load ``path`` with ``strategy``; ``progress(done_layers, total_layers)`` is called while the
+        layers are placed. Sets torch's intra-op threads (``threads``, 0 = :func:`auto_threads`).
+        Raises what ``RWKV`` and ``load_tokenizer`` raise (CheckpointError, StrategyError, MemoryError, …);
+        the previous model stays loaded then."""
+        import torch
+
         from rwkv_chat.models import RWKV
+        from rwkv_chat.models.decode import BatchDecoder
         from rwkv_chat.models.tokenizers import load_tokenizer
 
         path = os.path.abspath(os.path.expanduser(path))
         self._info = {**self._info, "loading": path}
         try:
-            model = RWKV(model=path, strategy=strategy, verbose=False)
+            model = RWKV(model=path, strategy=strategy, verbose=False, progress=progress)
             tok = load_tokenizer(tokenizer or None, vocab_size=model.vocab_size, model_path=path)
+            decoder = BatchDecoder(model, max_batch=max_batch,
+                                   buckets=decode_buckets(model, max_batch, batch_invariant))
         except BaseException:
             self._info = {k: v for k, v in self._info.items() if k != "loading"}
             raise
-        self.model, self.tokenizer = None, None      # release the old weights first
-        self.model, self.tokenizer = model, tok
+        self.model = self.tokenizer = self.decoder = None      # release the old weights first
+        self.model, self.tokenizer, self.decoder = model, tok, decoder
+        self.threads = threads or auto_threads(model)
+        torch.set_num_threads(self.threads)
         self._info = {"loaded": True, "path": path, "strategy": strategy, "version": model.version,
                       "plan": str(model.plan), "fingerprint": model.fingerprint, "n_layer": model.n_layer,
-                      "n_embd": model.n_embd, "vocab_size": model.vocab_size, "tokenizer": tok.name}
+                      "n_embd": model.n_embd, "vocab_size": model.vocab_size, "tokenizer": tok.name,
+                      "threads": self.threads, "max_batch": max_batch, "buckets": list(decoder.buckets)}
 
     def info(self) -> dict:
         return dict(self._info)
@@ -55,14 +71,62 @@ class Engine:
         return self.model, self.tokenizer
 
 
-def classify(e: BaseException) -> tuple[str, str]:
-    """``(kind, message)`` of an exception for an Error/Failed message."""
+#: models with n_embd below this decode fastest on one CPU thread (measured: bench/results/daemon_overhead_cpu.md)
+SMALL_EMBD = 512
+
+
+def auto_threads(model) -> int:
+    """Default torch intra-op threads: 1 for small models (n_embd < SMALL_EMBD: per-op overhead dominates
+    and extra threads only add synchronisation), else min(4, CPU cores)."""
+    if model.n_embd < SMALL_EMBD:
+        return 1
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def decode_buckets(model, max_batch: int, batch_invariant: bool) -> tuple[int, ...]:
+    """Batch sizes the decode step may run at. With ``batch_invariant`` every step runs through the same
+    GEMM kernels whatever the number of live conversations, so a conversation's logits are bit-identical
+    alone or batched: on CPU the smallest bucket is 4 (BLAS computes 1-3 rows with another kernel, whose
+    rounding differs); on CUDA one bucket, ``max_batch`` (cuBLAS picks kernels by shape)."""
+    from rwkv_chat.models.decode import DEFAULT_BUCKETS
+
+    if not batch_invariant:
+        return DEFAULT_BUCKETS
+    if any(d.type == "cuda" for d in model._devices):
+        return (max_batch,)
+    return tuple(b for b in DEFAULT_BUCKETS if b >= 4)
+
+
+_OOM_TEXT = re.compile(r"out of memory|can't allocate memory|cannot allocate memory|not enough memory", re.I)
+
+
+def is_oom(e: BaseException | None) -> bool:
+    """Whether ``e``, or an exception it was raised from (``__cause__``/``__context__``, e.g. a
+    CheckpointError wrapping a failed allocation), is an out-of-memory condition: MemoryError,
+    torch.OutOfMemoryError, ENOMEM, or an allocator RuntimeError."""
+    import errno
+
     import torch
 
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+            return True
+        if isinstance(e, OSError) and e.errno == errno.ENOMEM:
+            return True
+        if isinstance(e, (RuntimeError, OSError)) and _OOM_TEXT.search(str(e)):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def classify(e: BaseException) -> tuple[str, str]:
+    """``(kind, message)`` of an exception for an Error/Failed message."""
     from rwkv_chat.models.errors import RWKVError
 
-    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
-        return "OOM", f"out of memory: {e}".strip()
+    if is_oom(e):
+        return "OOM", f"out of memory: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
     if isinstance(e, (RWKVError, NoModel, NotFound, InvalidId)):
         return type(e).__name__, str(e)
     if isinstance(e, FileNotFoundError):
@@ -160,34 +224,44 @@ def _emit_text(sched, job: Job, upto: int) -> None:
         job.emitted = upto
 
 
-def decode_one(sched, job: Job) -> bool:
-    """Sample one token from the last logits and feed it. Returns True when the job is finished
-    (``job.reason`` "stop" or "length")."""
-    t0 = time.perf_counter()
-    model = sched.engine.model
-    try:
-        if len(job.out_tokens) >= job.max_tokens:
-            job.reason = "length"
-            job.text += job.decoder.flush()
-            if job.kind == "chat":        # close the reply as the template does
-                _, job.state = model.forward(sched.engine.tokenizer.encode(CHAT_STOP), job.state)
+def next_token(job: Job) -> int | None:
+    """Sample the job's next token from its last logits (float32 [vocab]), with its own Sampler;
+    None when ``max_tokens`` tokens were generated already (the job ends with reason "length")."""
+    if len(job.out_tokens) >= job.max_tokens:
+        return None
+    token = job.sampler.sample(job.logits)
+    job.out_tokens.append(token)
+    return token
+
+
+def after_token(sched, job: Job, logits) -> bool:
+    """Take the logits (float32 [vocab]) that followed the job's last token; detokenize it, look for a
+    stop sequence and stream the text that can no longer be part of one. Returns True when the job is
+    finished (``job.reason`` "stop" or "length"; call :func:`close_reply` after taking its state)."""
+    job.logits = logits
+    job.text += job.decoder.push(job.out_tokens[-1])
+    for s in job.stops:
+        i = job.text.find(s)
+        if i >= 0:
+            job.text = job.text[:i]
+            job.reason = "stop"
             _emit_text(sched, job, len(job.text))
             return True
-        token = job.sampler.sample(job.logits)
-        job.out_tokens.append(token)
-        job.logits, job.state = model.forward([token], job.state)
-        job.text += job.decoder.push(token)
-        for s in job.stops:
-            i = job.text.find(s)
-            if i >= 0:
-                job.text = job.text[:i]
-                job.reason = "stop"
-                _emit_text(sched, job, len(job.text))
-                return True
-        _emit_text(sched, job, len(job.text) - held_back(job.text, job.stops))
-        return False
-    finally:
-        job.t_decode += time.perf_counter() - t0
+    if len(job.out_tokens) >= job.max_tokens:
+        job.reason = "length"
+        return True
+    _emit_text(sched, job, len(job.text) - held_back(job.text, job.stops))
+    return False
+
+
+def close_reply(sched, job: Job) -> None:
+    """End a finished job's text: flush the detokenizer (reason "length") and, for a chat reply cut by
+    ``max_tokens``, feed the template's end ``"\\n\\n"`` to ``job.state`` as the template does."""
+    if job.reason == "length":
+        job.text += job.decoder.flush()
+        if job.kind == "chat":
+            _, job.state = sched.engine.model.forward(sched.engine.tokenizer.encode(CHAT_STOP), job.state)
+    _emit_text(sched, job, len(job.text))
 
 
 def reply_text(job: Job) -> str:

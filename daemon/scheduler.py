@@ -9,13 +9,22 @@ most ``max_active`` at once and one per conversation. At most ``queue_limit`` jo
 (``submit`` returns a :class:`~rwkv_chat.daemon.messages.Busy` past that). A load job waits for the active
 generations to finish and runs alone; jobs behind it wait for the model.
 
-One loop iteration = one model step per active generation (a prefill chunk or one decoded token); the
-decode steps of an iteration are gathered in :meth:`_decode_step` so they can become one batched
-``forward_batch`` call.
+Continuous batching: one loop iteration = at most one prefill chunk (``chunk_len`` tokens of one prompt,
+taken round-robin among the prompts being prefilled) followed by ONE batched decode step
+(:meth:`_decode_step`) that feeds a token to every decoding generation through the engine's
+``BatchDecoder``. A generation joins the decoder after its last prefill chunk and leaves it (taking its
+state back) when it is done, fails or is cancelled, always between steps; so a long prompt never stalls
+the streams already decoding, and sampling stays per generation (each job's own Sampler). The decoder's
+batch sizes are chosen so that a generation's logits do not depend on which others share its step
+(``[daemon] batch_invariant``, see :func:`runner.decode_buckets`).
+
+Out of memory (MemoryError, torch.OutOfMemoryError, allocator errors) in a load, prefill or decode step
+fails the jobs concerned with kind "OOM"; the daemon serves on.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -111,10 +120,16 @@ class Scheduler:
                 if admin is None and not self.active:
                     self._wake.wait(0.5)
                     continue
-            if admin is not None:
-                self._run_load(admin)
-                continue
-            self._step_all()
+            try:
+                if admin is not None:
+                    self._run_load(admin)
+                else:
+                    self._step_all()
+            except BaseException as e:    # noqa: BLE001 — the inference thread must survive anything
+                log.exception("scheduler step failed")
+                for job in list(self.active):
+                    self._fail(job, e)
+                gc.collect()
         for j in list(self.active):
             self._finish(j, "cancelled")
 
@@ -147,24 +162,30 @@ class Scheduler:
                 break
 
     def _run_load(self, job: Job) -> None:
-        req = job.request
+        req, d = job.request, self.config.daemon
         self.emit(job.topic, m.Started(job_id=job.id, kind="load"))
-        self.emit(job.topic, m.Progress(job_id=job.id, phase="load", done=0, total=1, text=req.path))
         t0 = time.perf_counter()
+
+        def progress(done: int, total: int) -> None:
+            self.emit(job.topic, m.Progress(job_id=job.id, phase="load", done=done, total=total, text=req.path))
+
         try:
-            self.engine.load(req.path, req.strategy, self.config.model.tokenizer)
+            self.engine.load(req.path, req.strategy, self.config.model.tokenizer, max_batch=d.max_batch,
+                             batch_invariant=d.batch_invariant, threads=d.threads, progress=progress)
         except BaseException as e:     # noqa: BLE001 — a failed load must not end the daemon
             kind, msg = engine.classify(e)
+            del e
+            gc.collect()               # drop the half-built model before serving on
             log.warning("load of %s failed: %s: %s", req.path, kind, msg)
             self.emit(job.topic, m.Failed(job_id=job.id, kind=kind, message=msg))
             return
         self.sessions.clear()
-        self.emit(job.topic, m.Progress(job_id=job.id, phase="load", done=1, total=1, text=req.path))
         self.emit(job.topic, m.Done(job_id=job.id, reason="loaded", text=str(self.engine.info()), prompt_tokens=0,
                                     tokens=0, prefill_s=time.perf_counter() - t0, decode_s=0.0, tokens_per_s=0.0))
 
     def _step_all(self) -> None:
-        decoding = []
+        """One iteration: cancellations and set-ups, one prefill chunk, one batched decode step."""
+        prefilling, decoding = [], []
         for job in list(self.active):
             if job.cancel.is_set():
                 self._finish(job, "cancelled")
@@ -174,23 +195,66 @@ class Scheduler:
                     engine.setup(self, job)
                     self.emit(job.topic, m.Started(job_id=job.id, kind=job.kind, conversation_id=job.conversation_id,
                                                    message=job.user_text))
-                if job.phase == "prefill":
-                    engine.prefill_chunk(self, job)
-                elif job.phase == "decode":
-                    decoding.append(job)
+            except BaseException as e:   # noqa: BLE001
+                self._fail(job, e)
+                continue
+            (prefilling if job.phase == "prefill" else decoding).append(job)
+        if prefilling:
+            job = min(prefilling, key=lambda j: j.t_chunk)          # round-robin: longest without a chunk
+            try:
+                engine.prefill_chunk(self, job)
+                job.t_chunk = time.perf_counter()
             except BaseException as e:   # noqa: BLE001
                 self._fail(job, e)
         if decoding:
             self._decode_step(decoding)
 
     def _decode_step(self, jobs: list[Job]) -> None:
-        """One decoded token for each job (the place where a batched forward will go)."""
+        """One batched decode step: sample each job's token (its own Sampler), feed all tokens in one
+        ``BatchDecoder.step``, then detokenize and check stops per job. Jobs join the decoder here (after
+        their prefill) while slots are free; finished jobs leave it. A failing step fails its jobs."""
+        dec = self.engine.decoder
+        tokens: dict[int, int] = {}
+        stepping: list[Job] = []
         for job in jobs:
             try:
-                if engine.decode_one(self, job):
-                    self._finish(job, job.reason)
+                if job.handle is None:
+                    if dec.size >= dec.max_batch:
+                        continue                     # waits for a free slot
+                    job.handle = dec.add(job.state)
+                    job.state = None                 # the decoder holds it now
+                t0 = time.perf_counter()
+                token = engine.next_token(job)
+                job.t_decode += time.perf_counter() - t0
             except BaseException as e:   # noqa: BLE001
                 self._fail(job, e)
+                continue
+            if token is None:                        # max_tokens reached before this step
+                job.reason = "length"
+                self._finish(job, "length")
+                continue
+            tokens[job.handle] = token
+            stepping.append(job)
+        if not tokens:
+            return
+        t0 = time.perf_counter()
+        try:
+            out = dec.step(tokens)                   # {handle: float32 [vocab]}
+        except BaseException as e:   # noqa: BLE001
+            for job in stepping:
+                self._fail(job, e)
+            return
+        dt = time.perf_counter() - t0
+        for job in stepping:
+            t1 = time.perf_counter()
+            try:
+                finished = engine.after_token(self, job, out[job.handle])
+            except BaseException as e:   # noqa: BLE001
+                self._fail(job, e)
+                continue
+            job.t_decode += dt + time.perf_counter() - t1
+            if finished:
+                self._finish(job, job.reason)
 
     def _fail(self, job: Job, e: BaseException) -> None:
         kind, msg = engine.classify(e)
@@ -203,7 +267,9 @@ class Scheduler:
     def _finish(self, job: Job, reason: str) -> None:
         job.reason = reason
         try:
+            self._leave(job)
             if reason != "cancelled":
+                engine.close_reply(self, job)
                 engine.commit(self, job)
         except BaseException as e:   # noqa: BLE001
             self._fail(job, e)
@@ -211,7 +277,19 @@ class Scheduler:
         self._remove(job)
         self.emit(job.topic, engine.done_event(job))
 
+    def _leave(self, job: Job) -> None:
+        """Take the job's state back from the batch decoder (it leaves between two steps)."""
+        if job.handle is not None:
+            h, job.handle = job.handle, None
+            dec = self.engine.decoder
+            if dec is not None and h in dec.handles():
+                job.state = dec.remove(h)
+
     def _remove(self, job: Job) -> None:
+        try:
+            self._leave(job)
+        except BaseException:   # noqa: BLE001 — the slot is freed below in any case
+            log.exception("job %s could not leave the decoder", job.id)
         with self._lock:
             if job in self.active:
                 self.active.remove(job)
