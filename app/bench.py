@@ -110,7 +110,9 @@ def bench_prefill(model, prompt_len: int, repeats: int = 5) -> dict:
 _REFERENCE = r'''
 import json, os, sys, time, statistics
 req = json.loads(sys.argv[1])
-out = sys.stdout; sys.stdout = sys.stderr
+out = os.fdopen(os.dup(1), "w")   # our results; everything else (banners, extension builds) -> stderr
+os.dup2(2, 1)
+sys.stdout = sys.stderr
 import torch
 from rwkv.model import RWKV
 m = RWKV(model=req["model"], strategy=req["strategy"])
@@ -204,11 +206,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-graph", action="store_true", help="decode without CUDA graphs")
     ap.add_argument("--no-compile", action="store_true", help="decode without torch.compile")
     ap.add_argument("--gemv", choices=["cublas", "fused"], default="cublas")
+    ap.add_argument("--kernels", action="store_true",
+                    help="build and install the compiled kernels (models.kernels) before timing")
     ap.add_argument("--md", help="append the table to this markdown file")
     ap.add_argument("--json", help="append the results (one JSON line) to this file")
     args = ap.parse_args(argv)
 
     torch.manual_seed(0)
+    if args.kernels:
+        from rwkv_chat.models import kernels
+
+        dev_type = "cuda" if args.strategy.startswith("cuda") else "cpu"
+        try:
+            print(f"kernels: {kernels.ensure_built(dev_type)}", file=sys.stderr)
+            kernels.install()
+        except Exception as e:  # the torch paths serve; say so
+            print(f"kernels unavailable: {type(e).__name__}: {e}", file=sys.stderr)
+            args.kernels = False
     model, pth, name = build_model(args)
     dev = model.emb.device
     ref = None
@@ -235,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({os.cpu_count()} threads)"
     res = {"model": name, "strategy": args.strategy, "device": gpu, "torch": torch.__version__,
            "copy_gb_s": bw, "decode": dec, "prefill": pre, "reference": ref_res}
-    lines = [f"### {name}, `{args.strategy}`, {gpu}, torch {torch.__version__}", "",
+    kern = ", compiled kernels installed" if args.kernels else ""
+    lines = [f"### {name}, `{args.strategy}`, {gpu}, torch {torch.__version__}{kern}", "",
              f"copy bandwidth (measured, read+write): {bw:.0f} GB/s", "",
              "| batch | decode tok/s | p50 ms/step | p90 ms/step | GB/s | % of copy BW | graph | compile |",
              "|---|---|---|---|---|---|---|---|"]
