@@ -64,6 +64,8 @@ class ChatScreen(ConversationActions, Screen):
         yield Footer()
 
     def on_mount(self) -> None:
+        if self.app.snapshot:
+            self.input.cursor_blink = False
         self.query_one(SamplingPanel).display = False
         self.query_one(SamplingPanel).show({})
         self.focus_input()
