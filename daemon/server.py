@@ -200,23 +200,31 @@ class Server:
         hb = self.config.daemon.heartbeat
         next_hb = 0.0
         while not self._stop:
-            ready = dict(poller.poll(timeout=int(hb * 1000 / 2)))
-            if self.router in ready:
-                for _ in range(100):
-                    try:
-                        frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
-                    self._handle(frames)
-            self._flush_events()
-            now = time.time()
-            if now >= next_hb:
-                next_hb = now + hb
-                snap = self.scheduler.snapshot()
-                self.publish(m.DAEMON_TOPIC, m.Heartbeat(pid=os.getpid(), uptime=now - self.started,
-                                                         active=len(snap["active"])))
-                self._reap_clients(snap, now)
+            try:
+                next_hb = self._iteration(poller, hb, next_hb)
+            except MemoryError:      # the inference thread ran memory out; what it held is freed by now
+                log.exception("out of memory in the main loop; serving on")
         self._flush_events()
+
+    def _iteration(self, poller, hb: float, next_hb: float) -> float:
+        """One pass of the loop: requests, queued events, the heartbeat; returns the next heartbeat time."""
+        ready = dict(poller.poll(timeout=int(hb * 1000 / 2)))
+        if self.router in ready:
+            for _ in range(100):
+                try:
+                    frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                self._handle(frames)
+        self._flush_events()
+        now = time.time()
+        if now >= next_hb:
+            next_hb = now + hb
+            snap = self.scheduler.snapshot()
+            self.publish(m.DAEMON_TOPIC, m.Heartbeat(pid=os.getpid(), uptime=now - self.started,
+                                                     active=len(snap["active"])))
+            self._reap_clients(snap, now)
+        return next_hb
 
     def _reap_clients(self, snap: dict, now: float) -> None:
         timeout = self.config.daemon.client_timeout
