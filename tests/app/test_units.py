@@ -1,0 +1,76 @@
+"""Pure helpers of the UI: text cleaning, sampling fields, strategy suggestions, help labels, export paths."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from rwkv_chat.app.config import SamplingConfig
+from rwkv_chat.app.screens.conversation_actions import export_path
+from rwkv_chat.app.screens.first_run import check_checkpoint, suggest_strategies
+from rwkv_chat.app.screens.help import key_label
+from rwkv_chat.app.widgets.chat_log import preview
+from rwkv_chat.app.widgets.prompt_input import clean_text
+from rwkv_chat.app.widgets.sampling_panel import FIELDS, parse_field
+
+
+def test_clean_text_drops_controls_and_escapes():
+    assert clean_text("a\x1b[1;31mb\x1b[0m\x00\x08c\r\nd\re\tf\x7f\x9b") == "abc\nd\ne\tf"
+    assert clean_text("") == ""
+    assert clean_text("emoji 🙂 and 中文") == "emoji 🙂 and 中文"
+    assert clean_text("bad \ud800 surrogate") == "bad ? surrogate"
+
+
+def test_sampling_defaults_are_the_reference_sampler_defaults():
+    from rwkv_chat.models.sampling import SamplerArgs
+
+    ref = SamplerArgs()
+    for f in dataclasses.fields(SamplingConfig):
+        if f.name != "max_tokens":            # the config's own choice of reply length
+            assert getattr(SamplingConfig(), f.name) == getattr(ref, f.name), f.name
+    assert {k for k, *_ in FIELDS} == {f.name for f in dataclasses.fields(SamplingConfig)} | {"seed"}
+
+
+def test_parse_field_ranges():
+    assert parse_field("temperature", " 0.7 ") == 0.7
+    assert parse_field("top_k", "40") == 40
+    assert parse_field("seed", "") is None
+    for key, text in [("top_p", "1.5"), ("top_k", "1.5"), ("temperature", "-1"), ("alpha_decay", "nan"),
+                      ("max_tokens", "0"), ("temperature", "abc")]:
+        with pytest.raises(ValueError):
+            parse_field(key, text)
+
+
+def test_strategy_suggestions_fit_the_devices():
+    cpu = suggest_strategies(["cpu"])
+    assert cpu[0] == "cpu fp32" and "cpu bf16" in cpu and not any(s.startswith("cuda") for s in cpu)
+    gpu = suggest_strategies(["cpu", "cuda:0 NVIDIA H100", "cuda:1 NVIDIA H100"])
+    assert gpu[:2] == ["cuda fp16", "cuda fp16i8"] and "cuda:1 fp16" in gpu and "cpu fp32" in gpu
+
+
+def test_every_suggested_strategy_parses():
+    from rwkv_chat.models.strategy import parse_strategy
+
+    for s in suggest_strategies(["cpu", "cuda:0 X", "cuda:1 Y", "mps"]):
+        parse_strategy(s)
+
+
+def test_check_checkpoint(tmp_path):
+    assert "path" in check_checkpoint(" ")
+    assert "does not exist" in check_checkpoint(str(tmp_path / "x.pth"))
+    assert "folder" in check_checkpoint(str(tmp_path))
+    (tmp_path / "m.bin").write_bytes(b"")
+    assert ".pth" in check_checkpoint(str(tmp_path / "m.bin"))
+    (tmp_path / "m.pth").write_bytes(b"")
+    assert check_checkpoint(str(tmp_path / "m.pth")) is None
+
+
+def test_small_helpers():
+    assert key_label("ctrl+n,f2") == "Ctrl+N / F2"
+    assert key_label("escape") == "Esc"
+    assert preview("x" * 10, 4) == "xxxx\n… (6 more characters)"
+    p = export_path(Path("/d"), "Hello, World!", "c1", "md")
+    assert p == Path("/d/exports/hello-world-c1.md")
+    assert export_path(Path("/d"), "???", "c1", "json").name == "conversation-c1.json"
