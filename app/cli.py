@@ -81,10 +81,34 @@ def parser() -> argparse.ArgumentParser:
     cvs.add_parser("rm").add_argument("id")
     dp = sub.add_parser("doctor", help="devices, versions, kernel builds, paths")
     dp.add_argument("--json", action="store_true")
+    sub.add_parser("bench", help="speed of prefill and decode (rwkv-chat bench --help)", add_help=False)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit code. A closed stdout (``rwkv-chat doctor | head``) ends
+    the command quietly with 0 (a generation in progress is cancelled)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        if argv[:1] == ["bench"]:
+            return _bench(argv[1:])
+        return _main(argv)
+    except BrokenPipeError:
+        try:                     # later flushes (interpreter exit) must not raise again
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except OSError:
+            pass
+        return 0
+
+
+def _bench(argv: list[str]) -> int:
+    from rwkv_chat.app.bench import main as bench_main
+
+    return bench_main(argv) or 0
+
+
+def _main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     from rwkv_chat.daemon.client import DaemonError, DaemonLost
 
@@ -206,11 +230,19 @@ def _load(args) -> int:
     cfg = _config(paths)
     strategy = args.strategy or cfg.model.strategy
     path = os.path.abspath(args.path)
+    interactive = sys.stderr.isatty()
     with Client(paths) as c:
         for ev in c.load(path, strategy):
             if isinstance(ev, m.Progress):
-                _err(f"loading {ev.text} ({ev.done}/{ev.total})")
+                line = f"loading {ev.text}: layer {ev.done}/{ev.total}"
+                if interactive:
+                    sys.stderr.write(f"\r\x1b[K{line}")
+                    sys.stderr.flush()
+                else:
+                    _err(line)
             elif isinstance(ev, m.Done):
+                if interactive:
+                    sys.stderr.write("\r\x1b[K")
                 _err(f"loaded {path} with strategy {strategy!r} in {ev.prefill_s:.2f} s")
     if args.default:
         from rwkv_chat.app.config import save_config
@@ -249,6 +281,9 @@ def _stream(gen, strip_first: bool = False) -> int:
         sys.stdout.write("\n")
         _err("rwkv-chat: cancelled")
         return 130
+    except BrokenPipeError:
+        gen.close()          # the reader went away: cancel, then exit quietly (main)
+        raise
     return 0
 
 

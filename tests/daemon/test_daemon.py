@@ -252,3 +252,32 @@ def test_changing_the_system_prompt_rebuilds_the_state_from_the_turns(client, mo
     assert d3.prompt_tokens == len(chat_prompt("Thanks.").encode())     # resumed from the new saved state
     assert [t.text for t in client.conversation(cid).turns] == ["What is 2+2?", d1.text, "And 3+3?", d2.text,
                                                                 "Thanks.", d3.text]
+
+
+def test_cli_load_reports_layer_progress(daemon_home, model_path):
+    from rwkv_chat.models import RWKV
+
+    r = cli(daemon_home, "load", model_path("5.2"))
+    lines = [ln for ln in r.stderr.splitlines() if ": layer " in ln]
+    total = RWKV(model=str(model_path("5.2")), strategy="cpu fp32", verbose=False).n_layer + 1
+    assert lines[0].endswith(f"layer 0/{total}") and lines[-1].endswith(f"layer {total}/{total}")
+    assert "loaded" in r.stderr.splitlines()[-1]
+
+
+def test_cli_closed_stdout_exits_quietly_and_cancels(daemon_home, client):
+    import subprocess
+
+    from .conftest import CLI, env_for, wait_for
+
+    proc = subprocess.Popen([*CLI, "complete", "Forever", "--max-tokens", "100000"], env=env_for(daemon_home),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.read(5)
+    proc.stdout.close()                                   # like `| head -c 5`
+    err = proc.stderr.read()
+    assert proc.wait(60) == 0 and b"Traceback" not in err and b"BrokenPipe" not in err
+    wait_for(lambda: client.status()["active"] == [], timeout=10)
+
+
+def test_cli_bench_dispatches_to_the_benchmark(daemon_home):
+    r = cli(daemon_home, "bench", "--help")
+    assert "--shape" in r.stdout and "--batch" in r.stdout
