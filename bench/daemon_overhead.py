@@ -1,21 +1,26 @@
-"""Per-token time of a generation through the daemon vs calling the engine directly (not a test).
+"""Decode tokens/s through the daemon vs the engine's own loop, at batch 1 and N (not a test).
 
-For each model: the direct path runs ``model.forward`` + ``Sampler.sample`` + ``IncrementalDecoder.push``
-in this process; the daemon path streams ``Client.complete`` from a daemon started in a temporary home,
-timed at the client from the first token event to the ``Done`` event. Greedy decoding, no penalties,
-the same prompt and token count. Prints a Markdown table (and writes it with ``--out FILE``).
+Engine peers (in this process, the daemon's thread count): sampling (``Sampler.sample``, greedy, no
+penalties) and detokenizing (``IncrementalDecoder.push``) run in the loop as in the daemon.
+* batch 1: ``model.forward([token], state)`` per token, and ``BatchDecoder(max_batch=1).step``;
+* batch N: ``BatchDecoder(model, max_batch=N)`` stepping N conversations (default buckets).
+Daemon: N clients stream ``Client.complete`` at once from a daemon started in a temporary home; tokens/s =
+all tokens / time from the first token event to the last ``Done`` (client-observed: ZeroMQ, signing,
+sampling, detokenizing, continuous batching included). The same prompt, greedy, the same token count.
 
-    python bench/daemon_overhead.py [--tokens 256] [--strategy "cpu fp32"] [--out bench/results/x.md] MODEL...
+    python bench/daemon_overhead.py [--tokens 256] [--batch 1 4] [--out bench/results/daemon_overhead_cpu.md] MODEL...
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -23,54 +28,82 @@ GREEDY = dict(temperature=0.0, alpha_frequency=0.0, alpha_presence=0.0)
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 4
 
 
-def direct(model_path: str, strategy: str, n: int, repeats: int) -> list[float]:
+def engine_rates(model_path: str, strategy: str, n: int, batches: list[int], repeats: int) -> dict:
+    """{"forward": tok/s, ("batch", N): tok/s} of the engine's own loops (best of ``repeats``)."""
     from rwkv_chat.models import RWKV
+    from rwkv_chat.models.decode import BatchDecoder
     from rwkv_chat.models.sampling import Sampler, SamplerArgs
     from rwkv_chat.models.tokenizers import IncrementalDecoder, load_tokenizer
 
     model = RWKV(model=model_path, strategy=strategy, verbose=False)
     tok = load_tokenizer(vocab_size=model.vocab_size, model_path=model_path)
-    out = []
+    logits0, state0 = model.forward(tok.encode(PROMPT), None)
+    out: dict = {}
     for _ in range(repeats):
-        sampler = Sampler(SamplerArgs(max_tokens=n, **GREEDY), tok)
-        dec = IncrementalDecoder(tok)
-        logits, state = model.forward(tok.encode(PROMPT), None)
+        sampler, dec = Sampler(SamplerArgs(max_tokens=n, **GREEDY), tok), IncrementalDecoder(tok)
+        logits, state = logits0, state0
         t0 = time.perf_counter()
         for _ in range(n):
             t = sampler.sample(logits)
             logits, state = model.forward([t], state)
             dec.push(t)
-        out.append((time.perf_counter() - t0) / n)
+        out["forward"] = max(out.get("forward", 0), n / (time.perf_counter() - t0))
+        for b in batches:
+            bd = BatchDecoder(model, max_batch=b)
+            hs = [bd.add(state0) for _ in range(b)]
+            samplers = [Sampler(SamplerArgs(max_tokens=n, **GREEDY), tok) for _ in range(b)]
+            decs = [IncrementalDecoder(tok) for _ in range(b)]
+            lg = {h: logits0 for h in hs}
+            t0 = time.perf_counter()
+            for _ in range(n):
+                toks = {h: s.sample(lg[h]) for h, s in zip(hs, samplers)}
+                lg = bd.step(toks)
+                for h, d in zip(hs, decs):
+                    d.push(toks[h])
+            out[("batch", b)] = max(out.get(("batch", b), 0), b * n / (time.perf_counter() - t0))
     return out
 
 
-def via_daemon(model_path: str, strategy: str, n: int, repeats: int) -> tuple[list[float], list[float]]:
+def daemon_rates(model_path: str, strategy: str, n: int, batches: list[int], repeats: int) -> dict:
+    """{N: tok/s} through a real daemon with N concurrent clients (best of ``repeats``)."""
     from rwkv_chat.app.paths import home_paths
     from rwkv_chat.daemon import messages as m
     from rwkv_chat.daemon.client import Client
 
     home = Path(tempfile.mkdtemp(prefix="rwkv-bench-"))
-    env = {"RWKV_CHAT_HOME": str(home)}
+    env = {**os.environ, "RWKV_CHAT_HOME": str(home)}
     cmd = [sys.executable, "-m", "rwkv_chat.app.cli"]
-    import os
-
-    subprocess.run([*cmd, "daemon", "start", "--model", model_path, "--strategy", strategy], check=True,
-                   env={**os.environ, **env}, capture_output=True)
-    client_side, daemon_side = [], []
+    subprocess.run([*cmd, "load", model_path, "--strategy", strategy], check=True, env=env, capture_output=True)
+    out: dict = {}
     try:
-        with Client(home_paths(home), autostart=False) as c:
-            list(c.complete("warm up", max_tokens=4, **GREEDY))
-            for _ in range(repeats):
-                first = None
-                for ev in c.complete(PROMPT, max_tokens=n, **GREEDY):
-                    if isinstance(ev, m.Token) and first is None:
-                        first = time.perf_counter()
-                    elif isinstance(ev, m.Done):
-                        client_side.append((time.perf_counter() - first) / (ev.tokens - 1))
-                        daemon_side.append(ev.decode_s / ev.tokens)
+        paths = home_paths(home)
+        clients = [Client(paths, autostart=False).connect() for _ in range(max(batches))]
+        list(clients[0].complete("warm up", max_tokens=8, **GREEDY))
+        for _ in range(repeats):
+            for b in batches:
+                firsts, ends, counts = [], [], []
+                barrier = threading.Barrier(b)
+
+                def run(c):
+                    barrier.wait()
+                    for ev in c.complete(PROMPT, max_tokens=n, **GREEDY):
+                        if isinstance(ev, m.Token) and ev.seq == 1:
+                            firsts.append(time.perf_counter())
+                        elif isinstance(ev, m.Done):
+                            ends.append(time.perf_counter())
+                            counts.append(ev.tokens - 1)     # tokens after the first event
+                threads = [threading.Thread(target=run, args=(clients[i],)) for i in range(b)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                rate = sum(counts) / (max(ends) - min(firsts))
+                out[b] = max(out.get(b, 0), rate)
+        for c in clients:
+            c.close()
     finally:
-        subprocess.run([*cmd, "daemon", "stop"], env={**os.environ, **env}, capture_output=True)
-    return client_side, daemon_side
+        subprocess.run([*cmd, "daemon", "stop"], env=env, capture_output=True)
+    return out
 
 
 def main() -> None:
@@ -78,21 +111,28 @@ def main() -> None:
     ap.add_argument("models", nargs="+")
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--strategy", default="cpu fp32")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of the engine loops (the daemon's "
+                    "auto choice for these models is 1)")
     ap.add_argument("--out")
     args = ap.parse_args()
     import torch
 
-    lines = [f"Daemon overhead, {args.tokens} greedy tokens, median of {args.repeats}, strategy `{args.strategy}`, "
-             f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}", "",
-             "| model | direct ms/token | daemon (scheduler) ms/token | daemon (client-observed) ms/token | "
-             "client-observed / direct |", "|---|---:|---:|---:|---:|"]
+    torch.set_num_threads(args.threads)
+    lines = [f"Decode tokens/s, {args.tokens} greedy tokens per stream (sampling + detokenizing in every loop), best "
+             f"of {args.repeats}, strategy `{args.strategy}`, {platform.machine()} {os.cpu_count()} cores, "
+             f"{args.threads} torch thread(s), torch {torch.__version__}", "",
+             "| model | batch | engine `forward` loop | engine `BatchDecoder` | daemon (N clients) | "
+             "daemon / BatchDecoder | daemon / forward |", "|---|---:|---:|---:|---:|---:|---:|"]
     for mp in args.models:
-        d = statistics.median(direct(mp, args.strategy, args.tokens, args.repeats))
-        cs, ds = via_daemon(mp, args.strategy, args.tokens, args.repeats)
-        c, s = statistics.median(cs), statistics.median(ds)
-        lines.append(f"| {Path(mp).name} | {d * 1e3:.3f} | {s * 1e3:.3f} | {c * 1e3:.3f} | {c / d:.3f} |")
-        print(lines[-1], file=sys.stderr)
+        e = engine_rates(mp, args.strategy, args.tokens, args.batch, args.repeats)
+        d = daemon_rates(mp, args.strategy, args.tokens, args.batch, args.repeats)
+        for b in args.batch:
+            fwd = e["forward"] if b == 1 else None
+            lines.append(f"| {Path(mp).name} | {b} | {f'{fwd:.0f}' if fwd else '–'} | {e[('batch', b)]:.0f} | "
+                         f"{d[b]:.0f} | {d[b] / e[('batch', b)]:.2f} | {f'{d[b] / fwd:.2f}' if fwd else '–'} |")
+            print(lines[-1], file=sys.stderr)
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
