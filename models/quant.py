@@ -93,9 +93,12 @@ def quantize_i8(weight: torch.Tensor, atype: torch.dtype) -> Int8Weight:
         w = w - mx
         my = torch.amin(w, dim=1).unsqueeze(1)
         w = w - my
+    # A constant column/row has range 0: scale it by 1 instead of 0 (the reference divides by 0 -> NaN).
     rx = torch.amax(w, dim=0)
+    rx = torch.where(rx > 0, rx, torch.ones_like(rx))
     w = w / rx
     ry = torch.amax(w, dim=1).unsqueeze(1)
+    ry = torch.where(ry > 0, ry, torch.ones_like(ry))
     w = w / ry
     q = torch.clip(torch.floor(w * 256), min=0, max=255).to(torch.uint8)
     return Int8Weight(q.contiguous(), mx.to(atype).contiguous(), (rx / 16).to(atype).contiguous(),

@@ -190,3 +190,15 @@ def test_fp16_rescale_matches_reference(model_path):
     assert model.rescale_layer == 6
     logits, _ = model.forward(JOBS[0]["prompt"], None)
     assert (logits - torch.tensor(ref[0]["logits"])).abs().max().item() < 0.05
+
+
+@pytest.mark.parametrize("shape", [(1, 7), (7, 1), (1, 1), (4, 6)])
+def test_i8_degenerate_weights_stay_finite(shape):
+    """Constant rows/columns (range 0) must not divide by zero (the reference yields NaN there)."""
+    from rwkv_chat.models.quant import quantize_i8
+
+    w = torch.full(shape, 0.25) if shape == (4, 6) else torch.randn(shape)
+    q = quantize_i8(w, torch.float32)
+    deq = q.dequantize()
+    assert torch.isfinite(deq).all()
+    assert (deq - w).abs().max().item() <= 1 / 256 + 1e-6
