@@ -21,8 +21,13 @@ CPU_OPS = ("wkv4", "wkv5", "wkv6", "wkv7", "mm8")
 
 
 @pytest.fixture(scope="session")
-def kernel_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("kernel-cache")
+def kernel_cache():
+    """The session's kernel cache (shared with the engine and the test daemons: one build per session)."""
+    from ..conftest import SESSION_HOME
+
+    path = SESSION_HOME / "cache" / "kernels"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 @pytest.fixture(scope="session")
