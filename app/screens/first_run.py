@@ -126,7 +126,7 @@ class ModelScreen(Screen):
     def link_status(self, status: dict) -> None:
         """A daemon status arrived: close when the model is loaded, show progress while one loads."""
         model = status.get("model") or {}
-        if model.get("loaded") and not model.get("loading") and self.loading:
+        if model.get("loaded") and not model.get("loading") and (self.loading or self.first_run):
             self.dismiss(True)
         elif model.get("loading") and not self.loading:
             self.set_loading(model["loading"])

@@ -70,7 +70,8 @@ async def test_first_run_screen_loads_a_model(tmp_path, model_path, home_env):
             await wait_for(pilot, lambda: isinstance(app.screen, ModelScreen), what="the first-run screen")
             screen = app.screen
             assert "cpu fp32" in screen.strategies and "cpu bf16" in screen.strategies
-            await pilot.click("#model-load")                     # no path: an explanation, no load
+            screen.query_one("#model-path").focus()
+            await pilot.press("enter")                           # no path: an explanation, no load
             assert "path" in str(screen.query_one("#model-error").render())
             screen.query_one("#model-path").value = str(tmp_path / "missing.pth")
             screen.query_one("#model-path").focus()
