@@ -38,7 +38,7 @@ from .kernel_checks import (CPU_FAMILIES, CUDA_FAMILIES, FAMILIES, check_mm8, ch
 log = logging.getLogger("rwkv_chat.kernels")
 
 CPU_SOURCES = ("bindings/cpu_ops.cpp", "wkv4/wkv4_cpu.cpp", "wkv5/wkv5_cpu.cpp", "wkv6/wkv6_cpu.cpp",
-               "wkv7/wkv7_cpu.cpp", "mm8/mm8_cpu.cpp")
+               "wkv7/wkv7_cpu.cpp", "mm8/mm8_cpu.cpp", "fused_cpu/fused_cpu.cpp")
 CUDA_SOURCES = ("bindings/cuda_ops.cpp", "gemm/gemm_cuda.cpp", "wkv4/wkv4_cuda.cu", "wkv5/wkv5_cuda.cu",
                 "wkv6/wkv6_cuda.cu", "wkv7/wkv7_cuda.cu", "mm8/mm8_cuda.cu")
 CPU_CFLAGS = ("-O3", "-std=c++17", "-fopenmp")

@@ -1,0 +1,162 @@
+"""The fused CPU call (models/fused_cpu.py, csrc/fused_cpu/) against the eager block path, on the real tiny
+models of every generation: logits and states within float32 rounding, identical greedy tokens, the
+BatchDecoder step, and the eager fallback where the fused call does not serve a strategy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rwkv_chat.models import RWKV, State
+from rwkv_chat.models.decode import BatchDecoder, decode_greedy
+from rwkv_chat.models.errors import StateError
+
+VERSIONS = ("4", "5", "5.2", "6", "7")
+PROMPT = [int(c) for c in b"The quick brown fox"]
+
+
+def _close(a, b, tol=1e-5):
+    assert torch.allclose(a, b, rtol=tol, atol=tol), f"max diff {(a - b).abs().max().item():.3e}"
+
+
+class _Eager:
+    """Run a model through the eager blocks for the duration of a ``with``."""
+
+    def __init__(self, model):
+        self.model, self.fused = model, model.fused_cpu
+
+    def __enter__(self):
+        self.model.fused_cpu = None
+        return self.model
+
+    def __exit__(self, *exc):
+        self.model.fused_cpu = self.fused
+
+
+def _count_blocks(monkeypatch, model) -> list[int]:
+    calls = [0]
+    block = model._gen.block
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return block(*args, **kwargs)
+
+    monkeypatch.setattr(model._gen, "block", counting)
+    return calls
+
+
+@pytest.mark.parametrize("strategy", ["cpu fp32", "cpu fp32i8"])
+@pytest.mark.parametrize("version", VERSIONS)
+def test_fused_matches_eager(model_path, version, strategy, monkeypatch):
+    model = RWKV(model_path(version), strategy)
+    assert model.fused_cpu is not None, model.fused_cpu_reason
+    assert model.fused_cpu_reason is None
+    # i8: the factored product (rx·Σ x·ry·w + Σ x·my + mx·Σ x) cancels large terms, so float32 rounding
+    # differences of its inputs (layer/group norm reductions in another order) grow ~4x; the i8 products
+    # themselves are bitwise the compiled mm8 kernel's.
+    tol = 1e-5 if strategy == "cpu fp32" else 1e-4
+    calls = _count_blocks(monkeypatch, model)
+    # prompt (T > 1, every position) then greedy one-token steps
+    seq_f, st_f = model.forward(PROMPT, None, full_output=True)
+    assert calls[0] == 0, "the fused call must serve the forward"
+    with _Eager(model):
+        seq_e, st_e = model.forward(PROMPT, None, full_output=True)
+    assert calls[0] == model.n_layer
+    _close(seq_f, seq_e, tol)
+    for a, b in zip(st_f, st_e):
+        _close(a, b, tol)
+    assert st_f.token_count == st_e.token_count == len(PROMPT)
+    lf, le = seq_f[-1], seq_e[-1]
+    toks_f, toks_e = [], []
+    for _ in range(24):
+        toks_f.append(int(lf.argmax()))
+        toks_e.append(int(le.argmax()))
+        lf, st_f = model.forward([toks_f[-1]], st_f)
+        with _Eager(model):
+            le, st_e = model.forward([toks_e[-1]], st_e)
+        _close(lf, le, tol)
+    assert toks_f == toks_e
+    for a, b in zip(st_f, st_e):
+        _close(a, b, tol)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_fused_batch_decoder_step(model_path, version):
+    model = RWKV(model_path(version), "cpu fp32")
+    logits, state = model.forward(PROMPT, None)
+    _, other = model.forward([9, 8, 7], None)
+    dec = BatchDecoder(model, max_batch=3)
+    h1, h2 = dec.add(state), dec.add(other)
+    out = dec.step({h1: 5, h2: 6})
+    with _Eager(model):
+        ref1, s1 = model.forward([5], state)
+        ref2, _ = model.forward([6], other)
+        _close(out[h1], ref1)
+        _close(out[h2], ref2)
+        out = dec.step({h1: 3})                      # h2 is held: its state must not move
+        ref1b, _ = model.forward([3], s1)
+    _close(out[h1], ref1b)
+    kept = dec.remove(h2)
+    for a, b in zip(kept, model.forward([6], other)[1]):
+        _close(a, b)
+    # greedy through the decoder (fused) equals greedy through eager forward
+    fused_toks = decode_greedy(model, logits, state, 16)
+    with _Eager(model):
+        eager_toks = decode_greedy(model, logits, state, 16)
+    assert fused_toks == eager_toks
+
+
+def test_forward_leaves_the_given_state_alone(model_path):
+    model = RWKV(model_path("7"), "cpu fp32")
+    _, st = model.forward(PROMPT, None)
+    before = st.clone()
+    model.forward([1], st)
+    model.forward([1, 2, 3], st)
+    for a, b in zip(st, before):
+        assert torch.equal(a, b)
+
+
+def test_mixed_fp32_i8_strategy_is_fused(model_path):
+    model = RWKV(model_path("6"), "cpu fp32 *4 -> cpu fp32i8")
+    assert model.fused_cpu is not None, model.fused_cpu_reason
+    lf, _ = model.forward(PROMPT, None)
+    with _Eager(model):
+        le, _ = model.forward(PROMPT, None)
+    _close(lf, le)
+
+
+@pytest.mark.parametrize("strategy,why", [("cpu bf16", "bfloat16"), ("cpu bf16i8", "bfloat16")])
+def test_unserved_strategy_takes_the_eager_path(model_path, strategy, why, monkeypatch):
+    model = RWKV(model_path("7"), strategy)
+    assert model.fused_cpu is None
+    assert why in model.fused_cpu_reason
+    calls = _count_blocks(monkeypatch, model)
+    logits, state = model.forward(PROMPT, None)
+    assert calls[0] == model.n_layer and torch.isfinite(logits).all()
+    dec = BatchDecoder(model, max_batch=1)
+    h = dec.add(state)
+    dec.step({h: 3})
+    assert calls[0] == 2 * model.n_layer
+
+
+def test_kernels_off_takes_the_eager_path(model_path):
+    model = RWKV(model_path("5.2"), "cpu fp32", kernels=False)
+    assert model.fused_cpu is None and "kernels=False" in model.fused_cpu_reason
+
+
+def test_state_errors_keep_their_meaning(model_path):
+    model = RWKV(model_path("7"), "cpu fp32")
+    other = RWKV(model_path("6"), "cpu fp32")
+    with pytest.raises(StateError):
+        model.forward([1], other.zero_state())
+    good = model.zero_state()
+    bad_layers = list(good.layers)
+    att_x, kv, ffn_x = bad_layers[1]
+    bad_layers[1] = (att_x, kv[:, :, :-1].contiguous(), ffn_x)
+    bad = State(good.version, good.fingerprint, good.names, bad_layers)
+    with pytest.raises(StateError):
+        model.forward([1], bad)
+    # a state in another dtype (e.g. loaded from disk for a bf16 model) still runs: the eager path serves it
+    half = good.to(dtype=torch.bfloat16)
+    logits, _ = model.forward([1], half)
+    assert torch.isfinite(logits).all()
