@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from . import fused7, wkv
+from . import wkv
 from .errors import StateError, TokenError
 from .ops import layer_norm, matmul
 from .quant import Int8Weight
@@ -100,17 +100,13 @@ class BatchDecoder:
             device and none is streamed from CPU memory.
         compile: compile the layer step with ``torch.compile`` (fused elementwise work). Default: as
             ``graphs``.
-        gemv: the GEMV of the large matrices: "auto" (default), "ours" (the grouped GEMV kernel, fused
-            RWKV-7 path), "cublas", or "fused" (see ``fused_matmul``; compiled path).
-        fused: run RWKV-7 steps through the fused CUDA kernels (``models/fused7.py``). Default: where
-            ``fused7.decode_ready`` says they can serve the model and ``graphs`` is on.
+        gemv: "cublas" or "fused" (see ``fused_matmul``); only with ``compile``.
     Raises:
         StateError: ``max_batch`` < 1 or larger than the largest bucket.
     """
 
     def __init__(self, model: RWKV, max_batch: int = 1, buckets: tuple[int, ...] = DEFAULT_BUCKETS,
-                 graphs: bool | None = None, compile: bool | None = None, gemv: str = "auto",
-                 fused: bool | None = None):
+                 graphs: bool | None = None, compile: bool | None = None, gemv: str = "cublas"):
         if max_batch < 1:
             raise StateError(f"max_batch must be >= 1, got {max_batch}")
         self.model = model
@@ -120,16 +116,8 @@ class BatchDecoder:
         single_cuda = len(devs) == 1 and model._devices[0].type == "cuda" and \
             not any(pl.stream for pl in model.plan.layers)
         self.graphs = single_cuda if graphs is None else bool(graphs) and single_cuda
-        ready = fused7.decode_ready(model)
-        self.fused = (ready and self.graphs) if fused is None else bool(fused) and ready
-        if self.fused:
-            fused7.prepare(model)
-            self.gemv = "cublas" if gemv == "cublas" else "ours"
-            compile = False
-        else:
-            self.gemv = "cublas" if gemv in ("auto", "ours") else gemv
         self.compile = self.graphs if compile is None else bool(compile)
-        self._mm = fused_matmul(self.gemv) if self.compile else None
+        self._mm = fused_matmul(gemv) if self.compile else None
         self._wkv7 = wkv.wkv7_one if self.compile else None
         self._layer = torch.compile(_layer_step, dynamic=False) if self.compile else _layer_step
         self._head = torch.compile(_head_step, dynamic=False) if self.compile else _head_step
@@ -273,8 +261,6 @@ class BatchDecoder:
         """The whole model for the first b slots: ids [b, 1] -> logits float32 [b, vocab]."""
         m = self.model
         ids = self._ids[:b]
-        if self.fused:      # RWKV-7 on CUDA: the fused kernels (models/fused7.py)
-            return fused7.decode_step(m, ids, [tuple(buf[:b] for buf in bufs) for bufs in self._bufs], self.gemv)
         fused = getattr(m, "fused_cpu", None)
         if fused is not None and not self.graphs:      # CPU: one compiled call, state updated in place
             views = self._fused_views.get(b)
