@@ -2,8 +2,9 @@
 
     rwkv-chat bench --shape 1.5B --strategy "cuda fp16" --batch 1 64 --prompt-len 1024 --compare-rwkv-pip
 
-Decode runs through ``models.decode.BatchDecoder`` (CUDA graph + torch.compile on one CUDA device),
-prefill through ``RWKV.forward``. Bytes per decode step = every weight the step reads (all layers and
+Decode runs through ``models.decode.BatchDecoder`` (CUDA graph per batch bucket on one CUDA device;
+RWKV-7 through the fused kernels of ``models/fused7.py``, other generations torch.compile'd), prefill
+through ``RWKV.forward`` (RWKV-7 on CUDA: the fused prefill block). Bytes per decode step = every weight the step reads (all layers and
 the head; the embedding row is negligible) + the recurrent state read and written; achieved GB/s is that
 over the median step time, and the ceiling is a device-to-device copy measured in the same run (bytes
 read + written). The reference ``rwkv`` 0.8.32 runs in a subprocess (``RWKV_V7_ON=1`` must precede its
@@ -89,7 +90,7 @@ def bench_decode(model, batch: int, tokens: int, graphs, compile, gemv: str) -> 
     nbytes = step_bytes(model, batch)
     return {"batch": batch, "p50_ms": p50 * 1e3, "p90_ms": p90 * 1e3, "tok_s": batch / mean,
             "gb_s": nbytes / p50 / 1e9, "step_bytes": nbytes, "warmup_s": warm_s,
-            "graphs": dec.graphs, "compile": dec.compile, "gemv": gemv}
+            "graphs": dec.graphs, "compile": dec.compile, "gemv": dec.gemv, "fused": dec.fused}
 
 
 def bench_prefill(model, prompt_len: int, repeats: int = 5) -> dict:
@@ -205,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compare-rwkv-pip", action="store_true", help="also time rwkv==0.8.32 on the same weights")
     ap.add_argument("--no-graph", action="store_true", help="decode without CUDA graphs")
     ap.add_argument("--no-compile", action="store_true", help="decode without torch.compile")
-    ap.add_argument("--gemv", choices=["cublas", "fused"], default="cublas")
+    ap.add_argument("--gemv", choices=["auto", "ours", "cublas", "fused"], default="auto",
+                    help="large-matrix GEMV: ours (grouped kernel, fused RWKV-7 path), cublas, fused (compiled path)")
     ap.add_argument("--kernels", action="store_true",
                     help="build and install the compiled kernels (models.kernels) before timing")
     ap.add_argument("--md", help="append the table to this markdown file")
@@ -252,11 +254,12 @@ def main(argv: list[str] | None = None) -> int:
     kern = ", compiled kernels installed" if args.kernels else ""
     lines = [f"### {name}, `{args.strategy}`, {gpu}, torch {torch.__version__}{kern}", "",
              f"copy bandwidth (measured, read+write): {bw:.0f} GB/s", "",
-             "| batch | decode tok/s | p50 ms/step | p90 ms/step | GB/s | % of copy BW | graph | compile |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| batch | decode tok/s | p50 ms/step | p90 ms/step | GB/s | % of copy BW | graph | path | gemv |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for d in dec:
         lines.append(f"| {d['batch']} | {d['tok_s']:.1f} | {d['p50_ms']:.3f} | {d['p90_ms']:.3f} | {d['gb_s']:.0f} | "
-                     f"{100 * d['gb_s'] / bw:.0f}% | {d['graphs']} | {d['compile']} |")
+                     f"{100 * d['gb_s'] / bw:.0f}% | {d['graphs']} | "
+                     f"{'fused kernels' if d['fused'] else ('torch.compile' if d['compile'] else 'eager')} | {d['gemv']} |")
     if pre:
         lines += ["", f"prefill {pre['prompt_len']} tokens: {pre['tok_s']:.0f} tok/s ({pre['ms']:.1f} ms)"]
     if ref_res:

@@ -39,13 +39,18 @@ log = logging.getLogger("rwkv_chat.kernels")
 
 CPU_SOURCES = ("bindings/cpu_ops.cpp", "wkv4/wkv4_cpu.cpp", "wkv5/wkv5_cpu.cpp", "wkv6/wkv6_cpu.cpp",
                "wkv7/wkv7_cpu.cpp", "mm8/mm8_cpu.cpp", "fused_cpu/fused_cpu.cpp")
-CUDA_SOURCES = ("bindings/cuda_ops.cpp", "gemm/gemm_cuda.cpp", "wkv4/wkv4_cuda.cu", "wkv5/wkv5_cuda.cu",
-                "wkv6/wkv6_cuda.cu", "wkv7/wkv7_cuda.cu", "mm8/mm8_cuda.cu")
+CUDA_SOURCES = ("bindings/cuda_ops.cpp", "bindings/fused_ops.cpp", "gemm/gemm_cuda.cpp", "wkv4/wkv4_cuda.cu",
+                "wkv5/wkv5_cuda.cu", "wkv6/wkv6_cuda.cu", "wkv7/wkv7_cuda.cu", "mm8/mm8_cuda.cu",
+                "fused/v7_fused.cu")
 CPU_CFLAGS = ("-O3", "-std=c++17", "-fopenmp")
 CUDA_CFLAGS = ("-O3", "-std=c++17")
 CUDA_NVCC_FLAGS = ("-O3", "-std=c++17", "-Xptxas=-O3", "--extra-device-vectorization")
 NOT_BUILT = "not built yet (ensure_built has not run for this device)"
 CPU_GEMM_REASON = "no compiled CPU gemm: torch.matmul (oneDNN/MKL) serves CPU products"
+CPU_REASONS = {"gemm": CPU_GEMM_REASON,
+               "v7fused": "the fused RWKV-7 layer kernels (models/fused7.py) are CUDA only"}
+#: the op whose presence marks a family as loaded (default ``<family>_<device>``)
+OP_NAMES = {"v7fused": "v7_tmix_one"}
 
 ProgressFn = Callable[[str], None]
 
@@ -57,17 +62,21 @@ def default_source_dir() -> Path:
 
 
 def default_cache_dir() -> Path:
-    """``<user cache dir>/kernels`` (``$RWKV_CHAT_HOME/cache/kernels`` when RWKV_CHAT_HOME is set)."""
+    """``<user cache dir>/kernels`` (``$RWKV_CHAT_HOME/cache/kernels`` when RWKV_CHAT_HOME is set).
+
+    Never fails for a missing optional package: without ``platformdirs`` (or the app package) the
+    cache goes to ``$XDG_CACHE_HOME/rwkv-chat`` or ``~/.cache/rwkv-chat``, so the kernels still build.
+    """
     try:
         from rwkv_chat.app import paths
         base = Path(paths.cache_dir()) if hasattr(paths, "cache_dir") else Path(paths.get_paths().cache_dir)
-    except ImportError:
+    except Exception:  # noqa: BLE001 - ImportError of platformdirs and anything else: use the fallback
         home = os.environ.get("RWKV_CHAT_HOME")
         if home:
             base = Path(home).expanduser() / "cache"
         else:
-            import platformdirs
-            base = Path(platformdirs.user_cache_dir("rwkv-chat"))
+            xdg = os.environ.get("XDG_CACHE_HOME")
+            base = (Path(xdg) if xdg else Path.home() / ".cache") / "rwkv-chat"
     return base / "kernels"
 
 
@@ -152,8 +161,8 @@ class KernelLoader:
             ops = torch.ops.rwkv_chat
             for f in FAMILIES:
                 if f not in families:
-                    self.status[dev][f] = CPU_GEMM_REASON
-                elif hasattr(ops, f"{f}_{dev}"):
+                    self.status[dev][f] = CPU_REASONS.get(f, "no compiled kernel for this device: torch path")
+                elif hasattr(ops, f"{OP_NAMES.get(f, f)}_{dev}"):
                     self.status[dev][f] = "ok"
                     _LOADED.add((dev, f))
                 else:
@@ -195,7 +204,8 @@ class KernelLoader:
         self._say(f"{dev} kernels {'loaded from cache' if cached else 'built'} in {secs:.1f} s ({key})")
 
     def report(self) -> dict[str, dict[str, str]]:
-        """``{"cpu": {family: "ok" | reason}, "cuda": {...}}`` for families wkv4, wkv5, wkv6, wkv7, mm8, gemm."""
+        """``{"cpu": {family: "ok" | reason}, "cuda": {...}}`` for families wkv4, wkv5, wkv6, wkv7, mm8, gemm,
+        v7fused (the fused RWKV-7 layer kernels, CUDA only)."""
         return {d: dict(v) for d, v in self.status.items()}
 
 

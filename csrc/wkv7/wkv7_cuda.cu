@@ -5,8 +5,11 @@
 // requires B = 1), the decay w arrives as fp32 factors (no exp(-exp()) per element per token),
 // fp32 output, separate input/output state, and inputs staged in shared memory kTC tokens at a
 // time (two barriers per kTC tokens instead of two per token), the next kTC tokens' loads in
-// flight while the current ones are computed. One block per (batch, head), one
-// thread per value row i holding row i of S in registers (16-byte loads/stores of the row).
+// flight while the current ones are computed. The N value rows of a head are independent (a row's
+// update reads only that row), so a head is split over 4 blocks of N/4 rows; 4 threads share a row
+// (N/4 columns each, interleaved so that shared-memory reads hit distinct banks) and reduce the
+// row's two dot products with shuffles: 4x the blocks and a 4x shorter dependency chain per token
+// than one thread per row, which is what bounds a long sequence.
 #include <type_traits>
 #include "../common/cuda_common.cuh"
 #include "../common/launchers.h"
@@ -14,27 +17,31 @@
 namespace rwkv_chat {
 namespace {
 
+constexpr int kLanesPerRow = 4;   // threads sharing one state row (shuffle-reduced)
+
 template <typename F, int N>
 __global__ void __launch_bounds__(N) wkv7_kernel(int T, int H, const F* __restrict__ r_, const float* __restrict__ w_,
                                                  const F* __restrict__ k_, const F* __restrict__ v_,
                                                  const F* __restrict__ a_, const F* __restrict__ b_,
                                                  const float* __restrict__ s_, float* __restrict__ y_, float* s_out) {
     constexpr int kTC = N >= 128 ? 4 : (N >= 64 ? 8 : 16);
+    constexpr int CPT = N / kLanesPerRow;      // state columns per thread
+    constexpr unsigned kMask = N >= 32 ? 0xffffffffu : ((1u << N) - 1u);
     const int bh = blockIdx.x;
     const int b = bh / H, h = bh % H;
-    const int i = threadIdx.x;
+    const int tid = threadIdx.x;
+    const int q = tid % kLanesPerRow;                              // this thread's columns: jj * 4 + q
+    const int i = blockIdx.y * (N / kLanesPerRow) + tid / kLanesPerRow;   // value row
     __shared__ __align__(16) float sr[kTC][N], sw[kTC][N], sk[kTC][N], sa[kTC][N], sb[kTC][N], sv[kTC][N];
 
-    float S[N];
-    const float4* row = reinterpret_cast<const float4*>(s_ + ((long)bh * N + i) * N);
+    float S[CPT];
+    const float* row = s_ + ((long)bh * N + i) * N;
 #pragma unroll
-    for (int j = 0; j < N / 4; ++j) {
-        const float4 q = row[j];
-        S[4 * j] = q.x; S[4 * j + 1] = q.y; S[4 * j + 2] = q.z; S[4 * j + 3] = q.w;
-    }
+    for (int jj = 0; jj < CPT; ++jj) S[jj] = row[jj * kLanesPerRow + q];
 
     const long C = (long)H * N;
-    const long base = (long)b * T * C + (long)h * N + i;
+    const long base = (long)b * T * C + (long)h * N + tid;     // channel tid: loads of every input
+    const long ybase = (long)b * T * C + (long)h * N + i;
     // The next chunk's inputs are loaded into registers (all loads in flight at once) while the
     // current chunk is computed from shared memory.
     float pr[kTC], pw[kTC], pk[kTC], pv[kTC], pa[kTC], pb[kTC];
@@ -51,8 +58,8 @@ __global__ void __launch_bounds__(N) wkv7_kernel(int T, int H, const F* __restri
         __syncthreads();
 #pragma unroll
         for (int tt = 0; tt < kTC; ++tt) {
-            sr[tt][i] = pr[tt]; sw[tt][i] = pw[tt]; sk[tt][i] = pk[tt];
-            sv[tt][i] = pv[tt]; sa[tt][i] = pa[tt]; sb[tt][i] = pb[tt];
+            sr[tt][tid] = pr[tt]; sw[tt][tid] = pw[tt]; sk[tt][tid] = pk[tt];
+            sv[tt][tid] = pv[tt]; sa[tt][tid] = pa[tt]; sb[tt][tid] = pb[tt];
         }
         __syncthreads();
 #pragma unroll
@@ -65,28 +72,27 @@ __global__ void __launch_bounds__(N) wkv7_kernel(int T, int H, const F* __restri
             }
         }
         for (int tt = 0; tt < n; ++tt) {
-            float p0 = 0.f, p1 = 0.f;
+            float p = 0.f;
 #pragma unroll
-            for (int j = 0; j < N; j += 2) {
-                p0 += sa[tt][j] * S[j];
-                p1 += sa[tt][j + 1] * S[j + 1];
-            }
-            const float sab = p0 + p1;
+            for (int jj = 0; jj < CPT; ++jj) p += sa[tt][jj * kLanesPerRow + q] * S[jj];
+            p += __shfl_xor_sync(kMask, p, 1, kLanesPerRow);
+            p += __shfl_xor_sync(kMask, p, 2, kLanesPerRow);
             const float v = sv[tt][i];
-            float y0 = 0.f, y1 = 0.f;
+            float y = 0.f;
 #pragma unroll
-            for (int j = 0; j < N; j += 2) {
-                S[j] = S[j] * sw[tt][j] + sab * sb[tt][j] + v * sk[tt][j];
-                S[j + 1] = S[j + 1] * sw[tt][j + 1] + sab * sb[tt][j + 1] + v * sk[tt][j + 1];
-                y0 += S[j] * sr[tt][j];
-                y1 += S[j + 1] * sr[tt][j + 1];
+            for (int jj = 0; jj < CPT; ++jj) {
+                const int j = jj * kLanesPerRow + q;
+                S[jj] = S[jj] * sw[tt][j] + p * sb[tt][j] + v * sk[tt][j];
+                y += S[jj] * sr[tt][j];
             }
-            y_[base + (long)(t0 + tt) * C] = y0 + y1;
+            y += __shfl_xor_sync(kMask, y, 1, kLanesPerRow);
+            y += __shfl_xor_sync(kMask, y, 2, kLanesPerRow);
+            if (q == 0) y_[ybase + (long)(t0 + tt) * C] = y;
         }
     }
-    float4* orow = reinterpret_cast<float4*>(s_out + ((long)bh * N + i) * N);
+    float* orow = s_out + ((long)bh * N + i) * N;
 #pragma unroll
-    for (int j = 0; j < N / 4; ++j) orow[j] = make_float4(S[4 * j], S[4 * j + 1], S[4 * j + 2], S[4 * j + 3]);
+    for (int jj = 0; jj < CPT; ++jj) orow[jj * kLanesPerRow + q] = S[jj];
 }
 
 }  // namespace
@@ -99,7 +105,7 @@ int wkv7_cuda_launch(int act, int B, int T, int H, int N, const void* r, const f
     auto go = [&](auto n_tag) {
         constexpr int NN = decltype(n_tag)::value;
         RWKV_CHAT_DISPATCH_ACT(static_cast<ActType>(act), F,
-            wkv7_kernel<F, NN><<<B * H, NN, 0, stream>>>(T, H, static_cast<const F*>(r), w,
+            wkv7_kernel<F, NN><<<dim3(B * H, kLanesPerRow), NN, 0, stream>>>(T, H, static_cast<const F*>(r), w,
                 static_cast<const F*>(k), static_cast<const F*>(v), static_cast<const F*>(a),
                 static_cast<const F*>(b), s, y, s_out));
     };

@@ -1,0 +1,38 @@
+#!/bin/bash
+# One GPU device call: installs the carried wheels (.whl: platformdirs, rwkv 0.8.32), starts the
+# reference's CUDA extension build in the background, builds and verifies our kernels, verifies
+# the fused RWKV-7 paths, runs the benchmark matrix, then the comparisons with the reference.
+# Steps are skipped once the time budget (first argument, seconds; default 560) runs short.
+# Everything lands in $OUT (log, *.md, bench.jsonl).
+BUDGET=${1:-560}; shift || true
+STEPS=${*:-"kernels fused b15 b01 b72 b72i8 pip cmp"}
+OUT=${OUT:-/tmp/bench-out}; mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+mkdir -p /tmp/shim/rwkv_chat && touch /tmp/shim/rwkv_chat/__init__.py
+for d in models app daemon csrc; do ln -sfn "$PWD/$d" /tmp/shim/rwkv_chat/$d; done
+export PYTHONPATH=/tmp/shim:/tmp/site PYTHONUNBUFFERED=1 TORCH_EXTENSIONS_DIR=/tmp/rwkv_ext
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
+python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
+( cd /tmp && RWKV_V7_ON=1 RWKV_CUDA_ON=1 MAX_JOBS=6 python3 -c 'import rwkv.model' > "$OUT/ref_build.log" 2>&1; echo "reference build rc=$? at ${SECONDS}s" >> "$OUT/ref_build.log" ) &
+REF=$!
+B="python3 -m rwkv_chat.app.bench --md $OUT/bench.md --json $OUT/bench.jsonl"
+step() {  # step NAME NEED_SECONDS TIMEOUT CMD...
+    local name=$1 need=$2 tmo=$3; shift 3
+    [[ " $STEPS " == *" $name "* ]] || return 0
+    if (( SECONDS + need > BUDGET )); then echo "=== skip $name (t=${SECONDS}s)"; return 0; fi
+    echo "=== $name (t=${SECONDS}s): $*"
+    timeout "$tmo" "$@" 2>&1 | grep -v "^$" | grep -v "UserWarning\|warnings.warn"
+    echo "=== $name rc=${PIPESTATUS[0]} (t=${SECONDS}s)"
+}
+step kernels 200 300 python3 tests/gpu/verify_kernels.py --out "$OUT/verify_kernels.md"
+python3 -c 'from rwkv_chat.models import kernels; import sys; s=kernels.ensure_built("cuda"); print(s); sys.exit(0 if s["v7fused"]=="ok" else 1)' || { echo "our kernels did not build"; exit 1; }
+step fused 60 150 python3 tests/gpu/verify_fused.py --out "$OUT/verify_fused.md"
+step b15 60 150 $B --shape 1.5B --batch 1 --prompt-len 1024 --tokens 200
+step b01 40 100 $B --shape 0.1B --batch 1 --prompt-len 1024 --tokens 300
+step b72 90 200 $B --shape 7.2B --batch 1 64 --prompt-len 1024 --tokens 100
+step b72i8 60 150 $B --shape 7.2B --strategy "cuda fp16i8" --batch 1 --prompt-len 0 --tokens 100
+step b15cublas 40 100 $B --shape 1.5B --batch 1 --prompt-len 0 --tokens 200 --gemv cublas
+while kill -0 $REF 2>/dev/null && (( SECONDS < BUDGET - 150 )); do sleep 2; done; tail -3 "$OUT/ref_build.log"
+step pip 60 200 python3 tests/gpu/verify_model.py --pip-shapes 0.1B 1.5B --out "$OUT/pip.md"
+step cmp 60 200 $B --shape 1.5B --batch 1 --prompt-len 1024 --tokens 100 --compare-rwkv-pip
+echo "done at ${SECONDS}s"

@@ -1,0 +1,194 @@
+// Registration of the fused RWKV-7 layer ops (namespace rwkv_chat, suffix _cuda) and their checks.
+// Every op writes into caller-allocated outputs and returns nothing. Shapes: rows = B*T tokens,
+// C = H*N channels; per-token tensors are contiguous [.., C] with rows*C elements.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <vector>
+
+#include "../fused/fused_launchers.h"
+#include "checks.h"
+
+namespace rwkv_chat {
+namespace {
+
+using OptT = std::optional<at::Tensor>;
+
+void check_rc(int rc, const char* op) {
+    TORCH_CHECK(rc != kUnsupported, op, ": no kernel for this head size/shape");
+    TORCH_CHECK(rc == 0, op, ": CUDA error ", cudaGetErrorString(static_cast<cudaError_t>(rc)));
+}
+
+// A per-token tensor: CUDA, dtype F, contiguous, numel == n.
+void tok(const at::Tensor& t, const char* op, const char* name, at::ScalarType F, int64_t n) {
+    TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be on CUDA");
+    TORCH_CHECK(t.scalar_type() == F, op, ": ", name, " must be ", F, ", got ", t.scalar_type());
+    TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
+    TORCH_CHECK(t.numel() == n, op, ": ", name, " has ", t.numel(), " elements, expected ", n);
+}
+
+const void* opt_ptr(const OptT& t, const char* op, const char* name, at::ScalarType F, int64_t n) {
+    if (!t.has_value() || !t->defined()) return nullptr;
+    tok(*t, op, name, F, n);
+    return t->data_ptr();
+}
+
+void v7_mix_cuda(const at::Tensor& x, const OptT& dx, const OptT& x_out, const at::Tensor& ln_w,
+                 const at::Tensor& ln_b, const OptT& shift, const OptT& shift_out, const at::Tensor& mix,
+                 const at::Tensor& out, int64_t T) {
+    const char* op = "rwkv_chat::v7_mix_cuda";
+    TORCH_CHECK(x.dim() >= 1 && T >= 1, op, ": bad x/T");
+    const int64_t C = x.size(-1), rows = x.numel() / C;
+    TORCH_CHECK(rows % T == 0, op, ": rows ", rows, " not a multiple of T ", T);
+    const int64_t B = rows / T;
+    const auto F = x.scalar_type();
+    const int act = act_code(x, op);
+    tok(x, op, "x", F, rows * C);
+    tok(ln_w, op, "ln_w", F, C);
+    tok(ln_b, op, "ln_b", F, C);
+    TORCH_CHECK(mix.dim() == 2 && mix.size(1) == C, op, ": mix must be [n_mix, C]");
+    tok(mix, op, "mix", F, mix.numel());
+    const int64_t n_mix = mix.size(0);
+    tok(out, op, "out", F, std::max<int64_t>(n_mix, 1) * rows * C);
+    const void* dxp = opt_ptr(dx, op, "dx", F, rows * C);
+    void* xo = const_cast<void*>(opt_ptr(x_out, op, "x_out", F, rows * C));
+    const void* sp = opt_ptr(shift, op, "shift", F, B * C);
+    void* so = const_cast<void*>(opt_ptr(shift_out, op, "shift_out", F, B * C));
+    TORCH_CHECK(T == 1 || (xo != x.data_ptr() && (so == nullptr || so != sp)), op,
+                ": x_out/shift_out may alias x/shift only when T == 1");
+    const at::cuda::CUDAGuard guard(x.device());
+    check_rc(v7_mix_launch(act, (int)rows, (int)T, (int)C, (int)n_mix, x.data_ptr(), dxp, xo, ln_w.data_ptr(),
+                           ln_b.data_ptr(), sp, so, mix.data_ptr(), out.data_ptr(), (long)(rows * C),
+                           c10::cuda::getCurrentCUDAStream()),
+             op);
+}
+
+void gemv_multi_cuda(at::TensorList xs, at::TensorList ws, at::TensorList ys, at::IntArrayRef acts) {
+    const char* op = "rwkv_chat::gemv_multi_cuda";
+    const size_t n = xs.size();
+    TORCH_CHECK(n >= 1 && n <= (size_t)kGemvMaxEntries && ws.size() == n && ys.size() == n && acts.size() == n, op,
+                ": 1..", kGemvMaxEntries, " products with one x, w, y and act each");
+    const auto F = xs[0].scalar_type();
+    const int act = act_code(xs[0], op);
+    const auto YF = ys[0].scalar_type();
+    TORCH_CHECK(YF == F || YF == at::kFloat, op, ": y must be the activation dtype or float32");
+    GemvBatch batch{};
+    batch.n = (int)n;
+    batch.rows = (int)xs[0].size(0);
+    batch.out_f32 = YF == at::kFloat && F != at::kFloat;
+    TORCH_CHECK(batch.rows >= 1 && batch.rows <= kGemvMaxRows, op, ": 1..", kGemvMaxRows, " rows");
+    for (size_t i = 0; i < n; ++i) {
+        const at::Tensor &x = xs[i], &w = ws[i], &y = ys[i];
+        TORCH_CHECK(x.is_cuda() && w.is_cuda() && y.is_cuda() && x.device() == xs[0].device() &&
+                        w.device() == x.device() && y.device() == x.device(), op, ": tensors on one CUDA device");
+        TORCH_CHECK(x.scalar_type() == F && w.scalar_type() == F && y.scalar_type() == YF, op, ": dtypes differ");
+        TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && y.dim() == 2, op, ": x [rows, N], w [M, N], y [rows, M]");
+        TORCH_CHECK(w.is_contiguous(), op, ": w must be contiguous [M, N]");
+        TORCH_CHECK(x.size(0) == batch.rows && y.size(0) == batch.rows && x.size(1) == w.size(1) &&
+                        y.size(1) == w.size(0), op, ": shapes ", x.sizes(), " ", w.sizes(), " ", y.sizes());
+        TORCH_CHECK(x.stride(1) == 1 && y.stride(1) == 1, op, ": x and y rows must be contiguous");
+        TORCH_CHECK(acts[i] >= 0 && acts[i] <= 3, op, ": act must be 0..3");
+        GemvEntry& E = batch.e[i];
+        E.x = x.data_ptr(); E.w = w.data_ptr(); E.y = y.data_ptr();
+        E.x_stride = (long)x.stride(0); E.y_stride = (long)y.stride(0);
+        E.N = (int)w.size(1); E.M = (int)w.size(0); E.act = (int)acts[i];
+    }
+    const at::cuda::CUDAGuard guard(xs[0].device());
+    check_rc(gemv_multi_launch(act, batch, c10::cuda::getCurrentCUDAStream()), op);
+}
+
+void v7_pre_cuda(const at::Tensor& k, const at::Tensor& v, const at::Tensor& wl, const at::Tensor& al,
+                 const OptT& vl, const OptT& v_first, const at::Tensor& w0, const at::Tensor& a0,
+                 const at::Tensor& k_k, const at::Tensor& k_a, const OptT& v0, const at::Tensor& w_out,
+                 const at::Tensor& k_out, const at::Tensor& v_out, const at::Tensor& a_out, const at::Tensor& b_out,
+                 int64_t H) {
+    const char* op = "rwkv_chat::v7_pre_cuda";
+    const int64_t C = w0.numel(), rows = k.numel() / C, N = C / H;
+    const auto F = k.scalar_type();
+    const int act = act_code(k, op);
+    TORCH_CHECK(H >= 1 && C % H == 0 && rows * C == k.numel(), op, ": bad shapes");
+    for (const at::Tensor* t : {&k, &v, &wl, &al, &k_out, &v_out, &a_out, &b_out}) tok(*t, op, "token tensor", F, rows * C);
+    for (const at::Tensor* t : {&a0, &k_k, &k_a}) tok(*t, op, "parameter", F, C);
+    tok(w0, op, "w0", at::kFloat, C);
+    tok(w_out, op, "w_out", at::kFloat, rows * C);
+    const void* vlp = opt_ptr(vl, op, "vl", F, rows * C);
+    const void* vfp = opt_ptr(v_first, op, "v_first", F, rows * C);
+    const void* v0p = opt_ptr(v0, op, "v0", F, C);
+    TORCH_CHECK((vlp == nullptr) == (vfp == nullptr) && (vfp == nullptr) == (v0p == nullptr), op,
+                ": vl, v_first and v0 go together");
+    const at::cuda::CUDAGuard guard(k.device());
+    check_rc(v7_pre_launch(act, (int)rows, (int)H, (int)N, k.data_ptr(), v.data_ptr(), wl.data_ptr(), al.data_ptr(),
+                           vlp, vfp, w0.data_ptr<float>(), a0.data_ptr(), k_k.data_ptr(), k_a.data_ptr(), v0p,
+                           w_out.data_ptr<float>(), k_out.data_ptr(), v_out.data_ptr(), a_out.data_ptr(),
+                           b_out.data_ptr(), c10::cuda::getCurrentCUDAStream()),
+             op);
+}
+
+void v7_post_cuda(const at::Tensor& y, const at::Tensor& r, const at::Tensor& k, const at::Tensor& v,
+                  const at::Tensor& g, const at::Tensor& r_k, const at::Tensor& lnw, const at::Tensor& lnb,
+                  const at::Tensor& out, int64_t H) {
+    const char* op = "rwkv_chat::v7_post_cuda";
+    const int64_t C = r_k.numel(), rows = r.numel() / C, N = C / H;
+    const auto F = r.scalar_type();
+    const int act = act_code(r, op);
+    TORCH_CHECK(H >= 1 && C % H == 0 && rows * C == r.numel(), op, ": bad shapes");
+    for (const at::Tensor* t : {&r, &k, &v, &g, &out}) tok(*t, op, "token tensor", F, rows * C);
+    for (const at::Tensor* t : {&r_k, &lnw, &lnb}) tok(*t, op, "parameter", F, C);
+    tok(y, op, "y", at::kFloat, rows * C);
+    const at::cuda::CUDAGuard guard(r.device());
+    check_rc(v7_post_launch(act, (int)rows, (int)H, (int)N, y.data_ptr<float>(), r.data_ptr(), k.data_ptr(),
+                            v.data_ptr(), g.data_ptr(), r_k.data_ptr(), lnw.data_ptr(), lnb.data_ptr(),
+                            out.data_ptr(), c10::cuda::getCurrentCUDAStream()),
+             op);
+}
+
+void v7_tmix_one_cuda(const at::Tensor& r, const at::Tensor& k, const at::Tensor& v, const at::Tensor& wl,
+                      const at::Tensor& al, const at::Tensor& g, const OptT& vl, const OptT& v_first,
+                      const at::Tensor& w0, const at::Tensor& a0, const at::Tensor& k_k, const at::Tensor& k_a,
+                      const OptT& v0, const at::Tensor& r_k, const at::Tensor& lnw, const at::Tensor& lnb,
+                      const at::Tensor& s, const at::Tensor& out, int64_t H) {
+    const char* op = "rwkv_chat::v7_tmix_one_cuda";
+    const int64_t C = w0.numel(), B = r.numel() / C, N = C / H;
+    const auto F = r.scalar_type();
+    const int act = act_code(r, op);
+    TORCH_CHECK(H >= 1 && C % H == 0 && B * C == r.numel(), op, ": bad shapes");
+    for (const at::Tensor* t : {&r, &k, &v, &wl, &al, &g, &out}) tok(*t, op, "token tensor", F, B * C);
+    for (const at::Tensor* t : {&a0, &k_k, &k_a, &r_k, &lnw, &lnb}) tok(*t, op, "parameter", F, C);
+    tok(w0, op, "w0", at::kFloat, C);
+    tok(s, op, "s", at::kFloat, B * H * N * N);
+    const void* vlp = opt_ptr(vl, op, "vl", F, B * C);
+    const void* vfp = opt_ptr(v_first, op, "v_first", F, B * C);
+    const void* v0p = opt_ptr(v0, op, "v0", F, C);
+    TORCH_CHECK((vlp == nullptr) == (vfp == nullptr) && (vfp == nullptr) == (v0p == nullptr), op,
+                ": vl, v_first and v0 go together");
+    const at::cuda::CUDAGuard guard(r.device());
+    check_rc(v7_tmix_one_launch(act, (int)B, (int)H, (int)N, r.data_ptr(), k.data_ptr(), v.data_ptr(), wl.data_ptr(),
+                                al.data_ptr(), g.data_ptr(), vlp, vfp, w0.data_ptr<float>(), a0.data_ptr(),
+                                k_k.data_ptr(), k_a.data_ptr(), v0p, r_k.data_ptr(), lnw.data_ptr(), lnb.data_ptr(),
+                                s.data_ptr<float>(), out.data_ptr(), c10::cuda::getCurrentCUDAStream()),
+             op);
+}
+
+}  // namespace
+}  // namespace rwkv_chat
+
+TORCH_LIBRARY_FRAGMENT(rwkv_chat, m) {
+    m.def("v7_mix_cuda(Tensor x, Tensor? dx, Tensor(a!)? x_out, Tensor ln_w, Tensor ln_b, Tensor? shift, "
+          "Tensor(b!)? shift_out, Tensor mix, Tensor(c!) out, int T) -> ()",
+          &rwkv_chat::v7_mix_cuda);
+    m.def("gemv_multi_cuda(Tensor[] xs, Tensor[] ws, Tensor(a!)[] ys, int[] acts) -> ()", &rwkv_chat::gemv_multi_cuda);
+    m.def("v7_pre_cuda(Tensor k, Tensor v, Tensor wl, Tensor al, Tensor? vl, Tensor? v_first, Tensor w0, Tensor a0, "
+          "Tensor k_k, Tensor k_a, Tensor? v0, Tensor(a!) w_out, Tensor(b!) k_out, Tensor(c!) v_out, "
+          "Tensor(d!) a_out, Tensor(e!) b_out, int H) -> ()",
+          &rwkv_chat::v7_pre_cuda);
+    m.def("v7_post_cuda(Tensor y, Tensor r, Tensor k, Tensor v, Tensor g, Tensor r_k, Tensor lnw, Tensor lnb, "
+          "Tensor(a!) out, int H) -> ()",
+          &rwkv_chat::v7_post_cuda);
+    m.def("v7_tmix_one_cuda(Tensor r, Tensor k, Tensor v, Tensor wl, Tensor al, Tensor g, Tensor? vl, "
+          "Tensor? v_first, Tensor w0, Tensor a0, Tensor k_k, Tensor k_a, Tensor? v0, Tensor r_k, Tensor lnw, "
+          "Tensor lnb, Tensor(a!) s, Tensor(b!) out, int H) -> ()",
+          &rwkv_chat::v7_tmix_one_cuda);
+}

@@ -1,0 +1,64 @@
+// Host-side launchers of the fused RWKV-7 kernels (csrc/fused/v7_fused.cu). Pointers are raw device
+// pointers of contiguous tensors; `act` is an ActType code (0 fp32, 1 fp16, 2 bf16) naming the
+// activation dtype behind the `void*` arguments. Each launcher returns a cudaError_t value (0 on
+// success) or kUnsupported when the shape has no kernel.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "../common/launchers.h"
+
+namespace rwkv_chat {
+
+constexpr int kGemvMaxEntries = 8;
+constexpr int kGemvMaxRows = 4;
+
+// One product y = act(x) @ W of a grouped GEMV. W is stored [M, N] (row m = output m's weights);
+// x [rows, N] with row stride x_stride, y [rows, M] with row stride y_stride (elements).
+// act: 0 none, 1 tanh, 2 sigmoid, 3 relu^2, applied to x. lpr_log2 and block_begin are set by the launcher.
+struct GemvEntry {
+    const void* x;
+    const void* w;
+    void* y;
+    long x_stride;
+    long y_stride;
+    int N;
+    int M;
+    int act;
+    int lpr_log2;
+    int block_begin;
+};
+
+struct GemvBatch {
+    GemvEntry e[kGemvMaxEntries];
+    int n;        // entries in use
+    int rows;     // 1..kGemvMaxRows
+    int out_f32;  // y is float32 (else the activation dtype)
+};
+
+// x, dx, x_out: [rows = B*T, C]; dx (nullable) is added (rounded to the act dtype) and written to
+// x_out (nullable; must not alias x when T > 1). LayerNorm (ln_w, ln_b [C], eps 1e-5) then the token
+// shift against shift [B, C] (nullable: zeros) and n_mix lerps with mix [n_mix, C] into out
+// [n_mix] x [rows, C] (planes out_stride elements apart); n_mix == 0 writes the LayerNorm itself.
+// shift_out [B, C] (nullable; may alias shift only when T == 1) gets the last token's LayerNorm.
+int v7_mix_launch(int act, int rows, int T, int C, int n_mix, const void* x, const void* dx, void* x_out,
+                  const void* ln_w, const void* ln_b, const void* shift, void* shift_out, const void* mix, void* out,
+                  long out_stride, cudaStream_t stream);
+
+int gemv_multi_launch(int act, GemvBatch batch, cudaStream_t stream);
+
+// Per (row, head) of [rows, H*N] tensors: see v7_fused.cu. vl and v_first null for the first layer.
+int v7_pre_launch(int act, int rows, int H, int N, const void* k, const void* v, const void* wl, const void* al,
+                  const void* vl, const void* v_first, const float* w0, const void* a0, const void* k_k,
+                  const void* k_a, const void* v0, float* w_out, void* k_out, void* v_out, void* a_out, void* b_out,
+                  cudaStream_t stream);
+int v7_post_launch(int act, int rows, int H, int N, const float* y, const void* r, const void* k, const void* v,
+                   const void* g, const void* r_k, const void* lnw, const void* lnb, void* out, cudaStream_t stream);
+// Decode: s [B, H, N, N] fp32 updated in place; out [B, H*N] act.
+int v7_tmix_one_launch(int act, int B, int H, int N, const void* r, const void* k, const void* v, const void* wl,
+                       const void* al, const void* g, const void* vl, const void* v_first, const float* w0,
+                       const void* a0, const void* k_k, const void* k_a, const void* v0, const void* r_k,
+                       const void* lnw, const void* lnb, float* s, void* out, cudaStream_t stream);
+
+}  // namespace rwkv_chat

@@ -1,0 +1,449 @@
+// Fused RWKV-7 layer kernels, CUDA: the elementwise work of a layer in a few launches, and a
+// grouped GEMV for decode. Formulas: ChatRWKV rwkv/model.py (pip rwkv 0.8.32) RWKV_x070_TMix_one/seq
+// and RWKV_x070_CMix_one/seq; see models/v7.py for the same math in torch.
+//
+//   v7_mix       residual add (x + dx, rounded to the activation dtype) + LayerNorm + token shift
+//                + n_mix lerps  xm = xln + (prev - xln) * mix[m]; the shift state takes the last
+//                token's xln. One block per token row; the previous row's LayerNorm is recomputed
+//                in the same block (so T > 1 needs no second pass).
+//   gemv_multi   up to 8 products y_e = act_e(x_e) @ W_e in one launch for 1..4 rows; W_e is stored
+//                [M, N] (output-major, i.e. nn.Linear's layout), so each output is a contiguous dot
+//                product: a group of lpr lanes per output row, 16-byte loads, shuffle reduction.
+//                act: 0 none, 1 tanh, 2 sigmoid, 3 relu^2 (applied to x as it is loaded).
+//   v7_pre       per (token, head): decay w = exp(-e^-1/2 sigmoid(w0 + wl)), in-context rate
+//                a = sigmoid(a0 + al), kk = normalize(k * k_k), k' = k (1 + (a - 1) k_a),
+//                v' = v + (v_first - v) sigmoid(v0 + vl); writes the WKV inputs (w, k', v', -kk, kk a).
+//   v7_post      per (token, head): group norm of the WKV output (eps 64e-5) + (sum r k' r_k) v',
+//                times the gate g.
+//   v7_tmix_one  decode (T = 1): v7_pre + one WKV-7 state step (state in registers) + v7_post in one
+//                block per (batch row, head).
+#include <type_traits>
+#include "../common/cuda_common.cuh"
+#include "fused_launchers.h"
+
+namespace rwkv_chat {
+namespace {
+
+constexpr float kDecayScale = 0.606531f;  // exp(-0.5), as in the reference
+constexpr float kLnEps = 1e-5f;
+constexpr float kGnEps = 64e-5f;
+
+__device__ __forceinline__ float sigmoidf_(float x) { return 1.f / (1.f + __expf(-x)); }
+
+template <typename F> __device__ __forceinline__ float round_act(float x) { return to_f32(from_f32<F>(x)); }
+
+// Sum over the NT threads of a block (NT <= 1024); sh: >= 32 floats of shared memory. All threads
+// get the result. Contains barriers: every thread of the block must call it.
+template <int NT>
+__device__ __forceinline__ float block_sum(float v, float* sh) {
+    constexpr int W = NT < 32 ? NT : 32;
+    constexpr unsigned mask = NT < 32 ? ((1u << NT) - 1u) : 0xffffffffu;
+#pragma unroll
+    for (int o = W / 2; o > 0; o >>= 1) v += __shfl_xor_sync(mask, v, o, W);
+    if (NT <= 32) return v;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    __syncthreads();
+    if (lane == 0) sh[warp] = v;
+    __syncthreads();
+    float t = 0.f;
+#pragma unroll
+    for (int i = 0; i < (NT + 31) / 32; ++i) t += sh[i];
+    return t;
+}
+
+// ---------------------------------------------------------------------------------------------
+// v7_mix
+constexpr int kMixThreads = 1024;
+
+__device__ __forceinline__ float2 block_sum2(float2 v, float2* sh) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        v.x += __shfl_xor_sync(0xffffffffu, v.x, o);
+        v.y += __shfl_xor_sync(0xffffffffu, v.y, o);
+    }
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    __syncthreads();
+    if (lane == 0) sh[warp] = v;
+    __syncthreads();
+    float2 t = make_float2(0.f, 0.f);
+#pragma unroll
+    for (int i = 0; i < kMixThreads / 32; ++i) { t.x += sh[i].x; t.y += sh[i].y; }
+    return t;
+}
+
+template <typename F>
+__global__ void __launch_bounds__(kMixThreads) v7_mix_kernel(
+    int T, int C, int n_mix, const F* __restrict__ x, const F* __restrict__ dx, F* __restrict__ x_out,
+    const F* __restrict__ ln_w, const F* __restrict__ ln_b, const F* __restrict__ shift, F* __restrict__ shift_out,
+    const F* __restrict__ mix, F* __restrict__ out, long out_stride) {
+    extern __shared__ float smem[];
+    float* cur = smem;           // [C]
+    float* prev = smem + C;      // [C]
+    __shared__ float2 red[32];
+    const long row = blockIdx.x;
+    const int b = (int)(row / T), t = (int)(row % T);
+    const bool has_prev = t > 0;
+    // pass 1: values and sums
+    float2 s = make_float2(0.f, 0.f);
+    for (int c = threadIdx.x; c < C; c += kMixThreads) {
+        float v = to_f32(x[row * C + c]);
+        if (dx) v = round_act<F>(v + to_f32(dx[row * C + c]));
+        cur[c] = v;
+        s.x += v;
+        if (has_prev) {
+            float p = to_f32(x[(row - 1) * C + c]);
+            if (dx) p = round_act<F>(p + to_f32(dx[(row - 1) * C + c]));
+            prev[c] = p;
+            s.y += p;
+        }
+    }
+    s = block_sum2(s, red);
+    const float mc = s.x / C, mp = s.y / C;
+    float2 q = make_float2(0.f, 0.f);
+    for (int c = threadIdx.x; c < C; c += kMixThreads) {
+        const float d = cur[c] - mc;
+        q.x += d * d;
+        if (has_prev) { const float e = prev[c] - mp; q.y += e * e; }
+    }
+    q = block_sum2(q, red);
+    const float rc = rsqrtf(q.x / C + kLnEps), rp = rsqrtf(q.y / C + kLnEps);
+    for (int c = threadIdx.x; c < C; c += kMixThreads) {
+        if (dx && x_out) x_out[row * C + c] = from_f32<F>(cur[c]);
+        const float w = to_f32(ln_w[c]), bb = to_f32(ln_b[c]);
+        const float xl = round_act<F>((cur[c] - mc) * rc * w + bb);
+        float pv = 0.f;
+        if (has_prev) pv = round_act<F>((prev[c] - mp) * rp * w + bb);
+        else if (shift) pv = to_f32(shift[(long)b * C + c]);
+        if (n_mix == 0) {
+            out[row * C + c] = from_f32<F>(xl);
+        } else {
+            const float d = pv - xl;
+            for (int m = 0; m < n_mix; ++m)
+                out[m * out_stride + row * C + c] = from_f32<F>(xl + d * to_f32(mix[(long)m * C + c]));
+        }
+        if (t == T - 1 && shift_out) cur[c] = xl;  // kept for the shift state, written below
+    }
+    if (t == T - 1 && shift_out) {
+        __syncthreads();
+        for (int c = threadIdx.x; c < C; c += kMixThreads) shift_out[(long)b * C + c] = from_f32<F>(cur[c]);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// gemv_multi
+constexpr int kGemvThreads = 256;
+constexpr int kGemvWarps = kGemvThreads / 32;
+constexpr int kGemvUnroll = 4;
+
+__device__ __forceinline__ float act_apply(int act, float v) {
+    switch (act) {
+    case 1: return tanhf(v);
+    case 2: return sigmoidf_(v);
+    case 3: { const float r = fmaxf(v, 0.f); return r * r; }
+    default: return v;
+    }
+}
+
+template <typename F, int R, bool VEC>
+__global__ void __launch_bounds__(kGemvThreads) gemv_multi_kernel(GemvBatch batch) {
+    int e = 0;
+#pragma unroll 1
+    while (e + 1 < batch.n && (int)blockIdx.x >= batch.e[e + 1].block_begin) ++e;
+    const GemvEntry& E = batch.e[e];
+    const int lpr = 1 << E.lpr_log2, rpw = 32 / lpr;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int sub = lane / lpr, l = lane % lpr;
+    const int m = ((blockIdx.x - E.block_begin) * kGemvWarps + warp) * rpw + sub;
+    const bool active = m < E.M;
+    const int N = E.N, rows = batch.rows, act = E.act;
+    const F* __restrict__ w = static_cast<const F*>(E.w) + (long)(active ? m : 0) * N;
+    const F* __restrict__ x = static_cast<const F*>(E.x);
+    float acc[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) acc[r] = 0.f;
+    if (VEC) {
+        constexpr int EPV = 16 / sizeof(F);
+        union V { uint4 q; F v[EPV]; };
+        const int step = lpr * EPV;
+        for (int n0 = l * EPV; n0 < N; n0 += step * kGemvUnroll) {
+            V wq[kGemvUnroll];
+#pragma unroll
+            for (int u = 0; u < kGemvUnroll; ++u) {
+                const int n = n0 + u * step;
+                wq[u].q = (active && n < N) ? __ldcs(reinterpret_cast<const uint4*>(w + n)) : make_uint4(0, 0, 0, 0);
+            }
+#pragma unroll
+            for (int u = 0; u < kGemvUnroll; ++u) {
+                const int n = n0 + u * step;
+                if (n < N) {
+#pragma unroll
+                    for (int r = 0; r < R; ++r) {
+                        if (r < rows) {
+                            V xq;
+                            xq.q = __ldg(reinterpret_cast<const uint4*>(x + (long)r * E.x_stride + n));
+                            float xf[EPV];
+#pragma unroll
+                            for (int c = 0; c < EPV; ++c) xf[c] = to_f32(xq.v[c]);
+                            if (act != 0) {
+#pragma unroll
+                                for (int c = 0; c < EPV; ++c) xf[c] = act_apply(act, xf[c]);
+                            }
+#pragma unroll
+                            for (int c = 0; c < EPV; ++c) acc[r] = fmaf(xf[c], to_f32(wq[u].v[c]), acc[r]);
+                        }
+                    }
+                }
+            }
+        }
+    } else {
+        for (int n = l; n < N; n += lpr) {
+            const float wv = active ? to_f32(w[n]) : 0.f;
+#pragma unroll
+            for (int r = 0; r < R; ++r)
+                if (r < rows) acc[r] = fmaf(act_apply(act, to_f32(x[(long)r * E.x_stride + n])), wv, acc[r]);
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1)
+            if (o < lpr) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], o);
+    }
+    if (active && l == 0) {
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            if (r < rows) {
+                const long o = (long)r * E.y_stride + m;
+                if (batch.out_f32) static_cast<float*>(E.y)[o] = acc[r];
+                else static_cast<F*>(E.y)[o] = from_f32<F>(acc[r]);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// v7_pre / v7_post / v7_tmix_one: one block of N threads per (row, head); thread i = channel h*N+i.
+
+struct PreOut { float w, k, v, a, b; };
+
+template <typename F, int N>
+__device__ __forceinline__ PreOut pre_elem(long o, int c, const F* k, const F* v, const F* wl, const F* al,
+                                           const F* vl, const F* v_first, const float* w0, const F* a0,
+                                           const F* k_k, const F* k_a, const F* v0, float* sh) {
+    const float kf = to_f32(k[o]), vf = to_f32(v[o]);
+    PreOut p;
+    p.w = __expf(-kDecayScale * sigmoidf_(w0[c] + to_f32(wl[o])));
+    const float a = sigmoidf_(to_f32(a0[c]) + to_f32(al[o]));
+    const float kk = kf * to_f32(k_k[c]);
+    const float nrm = sqrtf(block_sum<N>(kk * kk, sh));
+    const float kkn = kk / fmaxf(nrm, 1e-12f);
+    p.k = kf * (1.f + (a - 1.f) * to_f32(k_a[c]));
+    p.v = v_first ? vf + (to_f32(v_first[o]) - vf) * sigmoidf_(to_f32(v0[c]) + to_f32(vl[o])) : vf;
+    p.a = -kkn;
+    p.b = kkn * a;
+    return p;
+}
+
+template <typename F, int N>
+__device__ __forceinline__ float post_elem(float y, float rf, float kf, float vf, float g, int c, const F* r_k,
+                                           const F* lnw, const F* lnb, float* sh) {
+    const float mean = block_sum<N>(y, sh) / N;
+    const float d = y - mean;
+    const float var = block_sum<N>(d * d, sh) / N;
+    const float yn = round_act<F>(d * rsqrtf(var + kGnEps) * to_f32(lnw[c]) + to_f32(lnb[c]));
+    const float bonus = block_sum<N>(rf * kf * to_f32(r_k[c]), sh);
+    return (yn + round_act<F>(bonus * vf)) * g;
+}
+
+template <typename F, int N>
+__global__ void __launch_bounds__(N) v7_pre_kernel(int H, const F* __restrict__ k, const F* __restrict__ v,
+                                                   const F* __restrict__ wl, const F* __restrict__ al,
+                                                   const F* __restrict__ vl, const F* __restrict__ v_first,
+                                                   const float* __restrict__ w0, const F* __restrict__ a0,
+                                                   const F* __restrict__ k_k, const F* __restrict__ k_a,
+                                                   const F* __restrict__ v0, float* __restrict__ w_out,
+                                                   F* __restrict__ k_out, F* __restrict__ v_out, F* __restrict__ a_out,
+                                                   F* __restrict__ b_out) {
+    __shared__ float sh[32];
+    const long row = blockIdx.x / H;
+    const int h = blockIdx.x % H;
+    const int c = h * N + threadIdx.x;
+    const long o = row * H * N + c;
+    const PreOut p = pre_elem<F, N>(o, c, k, v, wl, al, vl, v_first, w0, a0, k_k, k_a, v0, sh);
+    w_out[o] = p.w;
+    k_out[o] = from_f32<F>(p.k);
+    v_out[o] = from_f32<F>(p.v);
+    a_out[o] = from_f32<F>(p.a);
+    b_out[o] = from_f32<F>(p.b);
+}
+
+template <typename F, int N>
+__global__ void __launch_bounds__(N) v7_post_kernel(int H, const float* __restrict__ y, const F* __restrict__ r,
+                                                    const F* __restrict__ k, const F* __restrict__ v,
+                                                    const F* __restrict__ g, const F* __restrict__ r_k,
+                                                    const F* __restrict__ lnw, const F* __restrict__ lnb,
+                                                    F* __restrict__ out) {
+    __shared__ float sh[32];
+    const long row = blockIdx.x / H;
+    const int h = blockIdx.x % H;
+    const int c = h * N + threadIdx.x;
+    const long o = row * H * N + c;
+    out[o] = from_f32<F>(post_elem<F, N>(round_act<F>(y[o]), to_f32(r[o]), to_f32(k[o]), to_f32(v[o]),
+                                         to_f32(g[o]), c, r_k, lnw, lnb, sh));
+}
+
+template <typename F, int N>
+__global__ void __launch_bounds__(N) v7_tmix_one_kernel(
+    int H, const F* __restrict__ r, const F* __restrict__ k, const F* __restrict__ v, const F* __restrict__ wl,
+    const F* __restrict__ al, const F* __restrict__ g, const F* __restrict__ vl, const F* __restrict__ v_first,
+    const float* __restrict__ w0, const F* __restrict__ a0, const F* __restrict__ k_k, const F* __restrict__ k_a,
+    const F* __restrict__ v0, const F* __restrict__ r_k, const F* __restrict__ lnw, const F* __restrict__ lnb,
+    float* __restrict__ s, F* __restrict__ out) {
+    __shared__ float sh[32];
+    __shared__ __align__(16) float sw[N], sk[N], sa[N], sb[N], sr[N];
+    const long bh = blockIdx.x;
+    const long row = bh / H;
+    const int h = bh % H, i = threadIdx.x;
+    const int c = h * N + i;
+    const long o = row * H * N + c;
+    // state row i (value index) into registers while the inputs are computed
+    float S[N];
+    float4* srow = reinterpret_cast<float4*>(s + (bh * N + i) * N);
+#pragma unroll
+    for (int j = 0; j < N / 4; ++j) {
+        const float4 q = srow[j];
+        S[4 * j] = q.x; S[4 * j + 1] = q.y; S[4 * j + 2] = q.z; S[4 * j + 3] = q.w;
+    }
+    const PreOut p = pre_elem<F, N>(o, c, k, v, wl, al, vl, v_first, w0, a0, k_k, k_a, v0, sh);
+    // the WKV inputs in the activation dtype, as the sequence path passes them
+    const float rf = to_f32(r[o]);
+    sw[i] = p.w; sk[i] = round_act<F>(p.k); sa[i] = round_act<F>(p.a); sb[i] = round_act<F>(p.b); sr[i] = rf;
+    const float vv = round_act<F>(p.v);
+    __syncthreads();
+    float p0 = 0.f, p1 = 0.f;
+#pragma unroll
+    for (int j = 0; j < N; j += 2) { p0 += sa[j] * S[j]; p1 += sa[j + 1] * S[j + 1]; }
+    const float sab = p0 + p1;
+    float y0 = 0.f, y1 = 0.f;
+#pragma unroll
+    for (int j = 0; j < N; j += 2) {
+        S[j] = S[j] * sw[j] + sab * sb[j] + vv * sk[j];
+        S[j + 1] = S[j + 1] * sw[j + 1] + sab * sb[j + 1] + vv * sk[j + 1];
+        y0 += S[j] * sr[j];
+        y1 += S[j + 1] * sr[j + 1];
+    }
+#pragma unroll
+    for (int j = 0; j < N / 4; ++j) srow[j] = make_float4(S[4 * j], S[4 * j + 1], S[4 * j + 2], S[4 * j + 3]);
+    const float y = round_act<F>(y0 + y1);
+    out[o] = from_f32<F>(post_elem<F, N>(y, rf, sk[i], vv, to_f32(g[o]), c, r_k, lnw, lnb, sh));
+}
+
+template <typename Fn>
+bool head_size_dispatch(int N, Fn&& fn) {
+    switch (N) {
+    case 8: fn(std::integral_constant<int, 8>{}); return true;
+    case 16: fn(std::integral_constant<int, 16>{}); return true;
+    case 32: fn(std::integral_constant<int, 32>{}); return true;
+    case 64: fn(std::integral_constant<int, 64>{}); return true;
+    case 128: fn(std::integral_constant<int, 128>{}); return true;
+    default: return false;
+    }
+}
+
+}  // namespace
+
+int v7_mix_launch(int act, int rows, int T, int C, int n_mix, const void* x, const void* dx, void* x_out,
+                  const void* ln_w, const void* ln_b, const void* shift, void* shift_out, const void* mix, void* out,
+                  long out_stride, cudaStream_t stream) {
+    if (rows == 0) return 0;
+    const size_t smem = 2 * (size_t)C * sizeof(float);
+    if (smem > 48 * 1024) return kUnsupported;
+    RWKV_CHAT_DISPATCH_ACT(static_cast<ActType>(act), F,
+        v7_mix_kernel<F><<<rows, kMixThreads, smem, stream>>>(T, C, n_mix, static_cast<const F*>(x),
+            static_cast<const F*>(dx), static_cast<F*>(x_out), static_cast<const F*>(ln_w),
+            static_cast<const F*>(ln_b), static_cast<const F*>(shift), static_cast<F*>(shift_out),
+            static_cast<const F*>(mix), static_cast<F*>(out), out_stride));
+    return (int)cudaGetLastError();
+}
+
+int gemv_multi_launch(int act, GemvBatch batch, cudaStream_t stream) {
+    if (batch.n < 1 || batch.n > kGemvMaxEntries || batch.rows < 1 || batch.rows > kGemvMaxRows) return kUnsupported;
+    const int esize = act == 0 ? 4 : 2;
+    const int epv = 16 / esize;
+    bool vec = true;
+    int blocks = 0;
+    for (int i = 0; i < batch.n; ++i) {
+        GemvEntry& E = batch.e[i];
+        const int lanes = (E.N + epv - 1) / epv;
+        int lg = 0;
+        while ((1 << lg) < lanes && lg < 5) ++lg;
+        E.lpr_log2 = lg;
+        const int rpw = 32 >> lg;
+        const int warps = (E.M + rpw - 1) / rpw;
+        E.block_begin = blocks;
+        blocks += (warps + kGemvWarps - 1) / kGemvWarps;
+        vec = vec && E.N % epv == 0 && E.x_stride % epv == 0 && reinterpret_cast<uintptr_t>(E.w) % 16 == 0 &&
+              reinterpret_cast<uintptr_t>(E.x) % 16 == 0;
+    }
+    if (blocks == 0) return 0;
+    RWKV_CHAT_DISPATCH_ACT(static_cast<ActType>(act), F,
+        if (batch.rows == 1) {
+            if (vec) gemv_multi_kernel<F, 1, true><<<blocks, kGemvThreads, 0, stream>>>(batch);
+            else gemv_multi_kernel<F, 1, false><<<blocks, kGemvThreads, 0, stream>>>(batch);
+        } else {
+            if (vec) gemv_multi_kernel<F, kGemvMaxRows, true><<<blocks, kGemvThreads, 0, stream>>>(batch);
+            else gemv_multi_kernel<F, kGemvMaxRows, false><<<blocks, kGemvThreads, 0, stream>>>(batch);
+        });
+    return (int)cudaGetLastError();
+}
+
+int v7_pre_launch(int act, int rows, int H, int N, const void* k, const void* v, const void* wl, const void* al,
+                  const void* vl, const void* v_first, const float* w0, const void* a0, const void* k_k,
+                  const void* k_a, const void* v0, float* w_out, void* k_out, void* v_out, void* a_out, void* b_out,
+                  cudaStream_t stream) {
+    if (rows * H == 0) return 0;
+    const bool ok = head_size_dispatch(N, [&](auto n_tag) {
+        constexpr int NN = decltype(n_tag)::value;
+        RWKV_CHAT_DISPATCH_ACT(static_cast<ActType>(act), F,
+            v7_pre_kernel<F, NN><<<rows * H, NN, 0, stream>>>(H, static_cast<const F*>(k), static_cast<const F*>(v),
+                static_cast<const F*>(wl), static_cast<const F*>(al), static_cast<const F*>(vl),
+                static_cast<const F*>(v_first), w0, static_cast<const F*>(a0), static_cast<const F*>(k_k),
+                static_cast<const F*>(k_a), static_cast<const F*>(v0), w_out, static_cast<F*>(k_out),
+                static_cast<F*>(v_out), static_cast<F*>(a_out), static_cast<F*>(b_out)));
+    });
+    return ok ? (int)cudaGetLastError() : kUnsupported;
+}
+
+int v7_post_launch(int act, int rows, int H, int N, const float* y, const void* r, const void* k, const void* v,
+                   const void* g, const void* r_k, const void* lnw, const void* lnb, void* out, cudaStream_t stream) {
+    if (rows * H == 0) return 0;
+    const bool ok = head_size_dispatch(N, [&](auto n_tag) {
+        constexpr int NN = decltype(n_tag)::value;
+        RWKV_CHAT_DISPATCH_ACT(static_cast<ActType>(act), F,
+            v7_post_kernel<F, NN><<<rows * H, NN, 0, stream>>>(H, y, static_cast<const F*>(r),
+                static_cast<const F*>(k), static_cast<const F*>(v), static_cast<const F*>(g),
+                static_cast<const F*>(r_k), static_cast<const F*>(lnw), static_cast<const F*>(lnb),
+                static_cast<F*>(out)));
+    });
+    return ok ? (int)cudaGetLastError() : kUnsupported;
+}
+
+int v7_tmix_one_launch(int act, int B, int H, int N, const void* r, const void* k, const void* v, const void* wl,
+                       const void* al, const void* g, const void* vl, const void* v_first, const float* w0,
+                       const void* a0, const void* k_k, const void* k_a, const void* v0, const void* r_k,
+                       const void* lnw, const void* lnb, float* s, void* out, cudaStream_t stream) {
+    if (B * H == 0) return 0;
+    const bool ok = head_size_dispatch(N, [&](auto n_tag) {
+        constexpr int NN = decltype(n_tag)::value;
+        RWKV_CHAT_DISPATCH_ACT(static_cast<ActType>(act), F,
+            v7_tmix_one_kernel<F, NN><<<B * H, NN, 0, stream>>>(H, static_cast<const F*>(r),
+                static_cast<const F*>(k), static_cast<const F*>(v), static_cast<const F*>(wl),
+                static_cast<const F*>(al), static_cast<const F*>(g), static_cast<const F*>(vl),
+                static_cast<const F*>(v_first), w0, static_cast<const F*>(a0), static_cast<const F*>(k_k),
+                static_cast<const F*>(k_a), static_cast<const F*>(v0), static_cast<const F*>(r_k),
+                static_cast<const F*>(lnw), static_cast<const F*>(lnb), s, static_cast<F*>(out)));
+    });
+    return ok ? (int)cudaGetLastError() : kUnsupported;
+}
+
+}  // namespace rwkv_chat

@@ -1,0 +1,279 @@
+"""Fused RWKV-7 layers on CUDA: the compiled kernels of ``csrc/fused`` in place of the eager block.
+
+Same math as ``models/v7.py`` (ChatRWKV ``RWKV_x070_TMix_*`` / ``RWKV_x070_CMix_*``, pip 0.8.32), in
+a few launches per layer:
+
+Decode (``decode_step``, one token for each of b rows), per layer:
+  1. ``v7_mix``: residual add + ln1 + token shift + the six lerps (r, w, k, v, a, g), att_x updated;
+  2. one grouped GEMV for r, k, v and the first low-rank products (w1, a1, g1, v1) (b <= 4 rows);
+  3. one grouped GEMV for the second low-rank products with tanh / sigmoid applied on the input;
+  4. ``v7_tmix_one``: decay, in-context rate, kk normalization, v_first mix, the WKV-7 state step
+     (state updated in place), per-head group norm, the r·k bonus and the gate;
+  5. GEMV output; 6. ``v7_mix`` residual add + ln2 + shift + lerp; 7. GEMV key; 8. GEMV value with
+     relu² applied on the input. The residual add of 8 happens in the next layer's step 1.
+More than 4 rows: the large products go to cuBLAS (GEMM), the rest stays fused. i8 weights use the
+compiled mm8 GEMV.
+
+Prefill (``sequence_block``, T > 1): ``v7_mix`` (the previous token's LayerNorm recomputed in the
+same block), cuBLAS GEMMs over [B·T, C], ``v7_pre``, the compiled WKV-7 sequence kernel, ``v7_post``.
+
+Weights: ``prepare`` stores each CUDA float matrix output-major (the checkpoint's [out, in] layout,
+exposed as the usual [in, out] view ``W.t()``), so a GEMV reads every output's weights contiguously
+and cuBLAS reads the same memory transposed. Shapes: C channels, H heads of N, b rows.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import v7
+from .ops import matmul
+from .quant import Int8Weight
+
+GEMV_ROWS = 4           # rows served by the grouped GEMV kernel (more: cuBLAS)
+_BIG = ("att.receptance.weight", "att.key.weight", "att.value.weight", "att.output.weight",
+        "ffn.key.weight", "ffn.value.weight")
+_LOW = ("att.w1", "att.w2", "att.a1", "att.a2", "att.g1", "att.g2", "att.v1", "att.v2")
+HEAD_SIZES = (8, 16, 32, 64, 128)
+
+
+def _ops():
+    return torch.ops.rwkv_chat
+
+
+def kernels_loaded() -> bool:
+    from . import kernels
+    return kernels.available("cuda", "v7fused")
+
+
+def _layer_ok(p: dict, x: torch.Tensor, spec) -> bool:
+    return (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16, torch.float32) and "ffn.s_emb.weight" not in p
+            and spec.head_size in HEAD_SIZES and spec.n_embd <= 6144 and p["ln1.weight"].device == x.device)
+
+
+def _output_major(w):
+    """A float [in, out] matrix as the transposed view of a contiguous [out, in] one (same values)."""
+    if isinstance(w, Int8Weight) or not w.is_cuda or w.dim() != 2:
+        return w
+    if w.t().is_contiguous():
+        return w
+    return w.t().contiguous().t()
+
+
+def prepare(model) -> None:
+    """Store the CUDA float matrices output-major and build the fused parameter tensors (idempotent).
+
+    Adds ``model._fused7``: per layer a dict with the six mixes stacked [6, C], the ffn mix [1, C], and
+    the low-rank matrices output-major ([D, C] for w1/a1/g1/v1, [C, D] for w2/a2/g2/v2).
+    """
+    if getattr(model, "_fused7", None) is not None:
+        return
+    per_layer = []
+    for i, p in enumerate(model.layers):
+        for name in _BIG:
+            p[name] = _output_major(p[name])
+        f = {}
+        if p["ln1.weight"].is_cuda:
+            f["mix6"] = torch.stack([p[f"att.x_{m}"] for m in "rwkvag"]).contiguous()
+            f["mixk"] = p["ffn.x_k"].reshape(1, -1).contiguous()
+            for name in _LOW:
+                if name in p:
+                    f[name] = p[name].t().contiguous()
+        per_layer.append(f)
+    model.head = _output_major(model.head)
+    model._fused7 = per_layer
+
+
+def _mm(x, w):
+    """x [rows, N] @ W ([N, M] float view or Int8Weight) -> [rows, M] in x's dtype."""
+    return matmul(x, w)
+
+
+def _gemv(xs, ws, acts, out_dtype=None):
+    """Grouped GEMV: ys[e] = act_e(xs[e]) @ ws[e].t() for output-major ws[e] [M, N]; 1..4 rows."""
+    rows = xs[0].shape[0]
+    dt = out_dtype or xs[0].dtype
+    ys = [torch.empty(rows, w.shape[0], dtype=dt, device=xs[0].device) for w in ws]
+    _ops().gemv_multi_cuda(list(xs), list(ws), ys, list(acts))
+    return ys
+
+
+def _big(x, w, act: int, gemv: bool):
+    """x @ W for a large matrix; act 3 = relu² on x first."""
+    if gemv and not isinstance(w, Int8Weight):
+        return _gemv([x], [w.t()], [act])[0]
+    if act == 3:
+        x = torch.relu(x).square()
+    return _mm(x, w)
+
+
+def decode_step(model, ids: torch.Tensor, bufs: list, gemv: str = "ours") -> torch.Tensor:
+    """The whole model for one token per row through the fused kernels.
+
+    Args:
+        model: an RWKV-7 ``RWKV`` on one CUDA device, after ``prepare``.
+        ids: long [b, 1] token ids on that device.
+        bufs: per layer (att_x [b, C], att_kv float32 [b, H, N, N], ffn_x [b, C]), contiguous, updated
+            in place.
+        gemv: "ours" (grouped GEMV kernel for every product at b <= 4) or "cublas" (large matrices via
+            cuBLAS, low-rank via the grouped GEMV).
+    Returns:
+        logits float32 [b, vocab].
+    """
+    ops = _ops()
+    b = ids.shape[0]
+    spec = model.spec
+    H = spec.n_head
+    small = b <= GEMV_ROWS
+    ours = small and gemv == "ours"
+    x = model.emb[ids.view(-1)]                                                    # [b, C]
+    C = x.shape[-1]
+    dx = None
+    v_first = None
+    for i in range(model.n_layer):
+        p, f = model.layers[i], model._fused7[i]
+        att_x, s, ffn_x = bufs[i]
+        mix = torch.empty(6, b, C, dtype=x.dtype, device=x.device)
+        xn = torch.empty_like(x) if dx is not None else None
+        ops.v7_mix_cuda(x, dx, xn, p["ln1.weight"], p["ln1.bias"], att_x, att_x, f["mix6"], mix, 1)
+        x = xn if xn is not None else x
+        xr, xw, xk, xv, xa, xg = mix
+        first = i == 0
+        if small:
+            xs, ws = [xw, xa, xg], [f["att.w1"], f["att.a1"], f["att.g1"]]
+            if not first:
+                xs.append(xv)
+                ws.append(f["att.v1"])
+            big = [p["att.receptance.weight"], p["att.key.weight"], p["att.value.weight"]]
+            if ours and not any(isinstance(w, Int8Weight) for w in big):
+                out = _gemv([xr, xk, xv] + xs, [w.t() for w in big] + ws, [0] * (3 + len(xs)))
+                r, k, v, low = out[0], out[1], out[2], out[3:]
+            else:
+                r, k, v = (_mm(xx, w) for xx, w in zip((xr, xk, xv), big))
+                low = _gemv(xs, ws, [0] * len(xs))
+            ws2 = [f["att.w2"], f["att.a2"], f["att.g2"]] + ([] if first else [f["att.v2"]])
+            stage2 = _gemv(low, ws2, [1, 0, 2, 0][:len(ws2)])
+            wl, al, g = stage2[:3]
+            vl = None if first else stage2[3]
+        else:
+            r, k, v = (_mm(xx, p[n]) for xx, n in ((xr, "att.receptance.weight"), (xk, "att.key.weight"),
+                                                   (xv, "att.value.weight")))
+            wl = torch.tanh(xw @ p["att.w1"]) @ p["att.w2"]
+            al = (xa @ p["att.a1"]) @ p["att.a2"]
+            g = torch.sigmoid(xg @ p["att.g1"]) @ p["att.g2"]
+            vl = None if first else (xv @ p["att.v1"]) @ p["att.v2"]
+        y = torch.empty_like(x)
+        if small:   # one block per (row, head): pre + state step + post
+            ops.v7_tmix_one_cuda(r, k, v, wl, al, g, vl, v_first, p["att.w0"], p["att.a0"], p["att.k_k"],
+                                 p["att.k_a"], None if first else p["att.v0"], p["att.r_k"], p["att.ln_x.weight"],
+                                 p["att.ln_x.bias"], s, y, H)
+        else:       # many rows: the row-split WKV-7 kernel (4 blocks per head, state in place) keeps more
+            _tmix_split(ops, r, k, v, wl, al, g, vl, v_first, p, s, y, H, spec.head_size)   # SMs busy
+        if first:
+            v_first = v
+        att = _big(y, p["att.output.weight"], 0, ours)
+        xk2 = torch.empty(1, b, C, dtype=x.dtype, device=x.device)
+        xn = torch.empty_like(x)
+        ops.v7_mix_cuda(x, att, xn, p["ln2.weight"], p["ln2.bias"], ffn_x, ffn_x, f["mixk"], xk2, 1)
+        x = xn
+        hk = _big(xk2[0], p["ffn.key.weight"], 0, ours)
+        dx = _big(hk, p["ffn.value.weight"], 3, ours)
+    xo = torch.empty(1, b, C, dtype=x.dtype, device=x.device)
+    ln_w, ln_b = model.ln_out
+    ops.v7_mix_cuda(x, dx, None, ln_w, ln_b, None, None, ln_w.new_empty(0, C), xo, 1)
+    hw = model.head
+    if ours and not isinstance(hw, Int8Weight):
+        return _gemv([xo[0]], [hw.t()], [0], out_dtype=torch.float32)[0]
+    return _mm(xo[0], hw).float()
+
+
+def _tmix_split(ops, r, k, v, wl, al, g, vl, v_first, p, s, y, H, N):
+    """``v7_tmix_one`` as three launches (v7_pre, the WKV-7 kernel at T = 1 updating s in place, v7_post)."""
+    from . import kernels
+
+    b, C = r.shape
+    first = vl is None
+    w_ = torch.empty(b, C, dtype=torch.float32, device=r.device)
+    k_, v_, a_, b_ = (torch.empty_like(r) for _ in range(4))
+    ops.v7_pre_cuda(k, v, wl, al, vl, v_first, p["att.w0"], p["att.a0"], p["att.k_k"], p["att.k_a"],
+                    None if first else p["att.v0"], w_, k_, v_, a_, b_, H)
+    shp = (b, 1, H, N)
+    yw = torch.empty(shp, dtype=torch.float32, device=r.device)
+    kernels.wkv7(r.view(shp), w_.view(shp), k_.view(shp), v_.view(shp), a_.view(shp), b_.view(shp), s, out=(yw, s))
+    ops.v7_post_cuda(yw, r, k_, v_, g, p["att.r_k"], p["att.ln_x.weight"], p["att.ln_x.bias"], y, H)
+
+
+def decode_ready(model) -> bool:
+    """Whether ``decode_step`` can serve this model: RWKV-7 without DeepEmbed, every layer and the head
+    on one CUDA device (none streamed), a supported head size, and the fused kernels built."""
+    if model.version != "7" or not kernels_loaded():
+        return False
+    devs = {str(d) for d in model._devices}
+    if len(devs) != 1 or model._devices[0].type != "cuda" or any(pl.stream for pl in model.plan.layers):
+        return False
+    p0 = model.layers[0]
+    return all(_layer_ok(p, p0["ln1.weight"], model.spec) for p in model.layers)
+
+
+def _fused_block(x: torch.Tensor, st: tuple, p: dict, ctx) -> tuple[torch.Tensor, tuple]:
+    """``v7.block`` for x [B, T, C] on CUDA through the fused kernels (T > 1: prefill)."""
+    from . import kernels
+
+    ops = _ops()
+    B, T, C = x.shape
+    H, N = ctx.spec.n_head, ctx.spec.head_size
+    att_x, s, ffn_x = st
+    dt, dev = x.dtype, x.device
+    rows = B * T
+    x = x.contiguous()
+    mix = torch.empty(6, rows, C, dtype=dt, device=dev)
+    new_att_x = torch.empty(B, C, dtype=dt, device=dev)
+    ops.v7_mix_cuda(x, None, None, p["ln1.weight"], p["ln1.bias"], att_x.contiguous(), new_att_x,
+                    ctx.fused7["mix6"], mix, T)
+    xr, xw, xk, xv, xa, xg = mix
+    r = _mm(xr, p["att.receptance.weight"])
+    k = _mm(xk, p["att.key.weight"])
+    v = _mm(xv, p["att.value.weight"])
+    wl = torch.tanh(xw @ p["att.w1"]) @ p["att.w2"]
+    al = (xa @ p["att.a1"]) @ p["att.a2"]
+    g = torch.sigmoid(xg @ p["att.g1"]) @ p["att.g2"]
+    first = ctx.v_first is None
+    vl = None if first else (xv @ p["att.v1"]) @ p["att.v2"]
+    v_first = None if first else ctx.v_first.to(device=dev, dtype=dt).reshape(rows, C).contiguous()
+    w_ = torch.empty(rows, C, dtype=torch.float32, device=dev)
+    k_, v_, a_, b_ = (torch.empty(rows, C, dtype=dt, device=dev) for _ in range(4))
+    ops.v7_pre_cuda(k, v, wl, al, vl, v_first, p["att.w0"], p["att.a0"], p["att.k_k"], p["att.k_a"],
+                    None if first else p["att.v0"], w_, k_, v_, a_, b_, H)
+    if first:
+        ctx.v_first = v.view(B, T, C)
+    shp = (B, T, H, N)
+    y, s_new = kernels.wkv7(r.view(shp), w_.view(shp), k_.view(shp), v_.view(shp), a_.view(shp), b_.view(shp),
+                            s.contiguous())
+    out = torch.empty(rows, C, dtype=dt, device=dev)
+    ops.v7_post_cuda(y.contiguous(), r, k_, v_, g, p["att.r_k"], p["att.ln_x.weight"], p["att.ln_x.bias"], out, H)
+    x = x + _mm(out, p["att.output.weight"]).view(B, T, C)
+    mk = torch.empty(1, rows, C, dtype=dt, device=dev)
+    new_ffn_x = torch.empty(B, C, dtype=dt, device=dev)
+    ops.v7_mix_cuda(x, None, None, p["ln2.weight"], p["ln2.bias"], ffn_x.contiguous(), new_ffn_x,
+                    ctx.fused7["mixk"], mk, T)
+    h = torch.relu(_mm(mk[0], p["ffn.key.weight"])).square_()
+    x = x + _mm(h, p["ffn.value.weight"]).view(B, T, C)
+    return x, (new_att_x, s_new, new_ffn_x)
+
+
+def sequence_block(model):
+    """A block function for ``RWKV._run`` (``block(x, st, p, ctx)``, as ``v7.block``) that serves CUDA
+    layers of T > 1 tokens through the fused kernels and everything else through ``v7.block``; None
+    when the model is not RWKV-7 or the kernels are not built. Calls ``prepare``."""
+    if model.version != "7" or not kernels_loaded() or not any(d.type == "cuda" for d in model._devices):
+        return None
+    prepare(model)
+    fused = model._fused7
+
+    def block(x, st, p, ctx):
+        if x.shape[1] > 1 and _layer_ok(p, x, ctx.spec) and ctx.matmul is None and ctx.wkv7 is None:
+            ctx.fused7 = fused[ctx.layer]
+            return _fused_block(x, st, p, ctx)
+        return v7.block(x, st, p, ctx)
+
+    return block
