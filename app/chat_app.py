@@ -244,8 +244,14 @@ class ChatApp(App):
             self.post_message(ev.LoadFinished(False, describe(e)))
 
     # ---------------------------------------------------------------- messages from the link
+    def _chat_ready(self) -> bool:
+        return self.chat.is_attached and bool(self.chat.query("StatusBar"))
+
     @on(ev.Connected)
     def _connected(self, message: ev.Connected) -> None:
+        if not self._chat_ready():           # the chat screen is still composing
+            self.set_timer(0.05, lambda: self._connected(message))
+            return
         self.status = message.status
         self.chat.link_connected(message)
         model = message.status.get("model") or {}
@@ -254,17 +260,23 @@ class ChatApp(App):
 
     @on(ev.ConnectionLost)
     def _lost(self, message: ev.ConnectionLost) -> None:
+        if not self._chat_ready():
+            return
         self.chat.link_lost(message.reason)
 
     @on(ev.DaemonStatus)
     def _status(self, message: ev.DaemonStatus) -> None:
         self.status = message.status
+        if not self._chat_ready():
+            return
         self.chat.link_status(message.status)
         if self._model_screen is not None:
             self._model_screen.link_status(message.status)
 
     @on(ev.DaemonEvent)
     def _event(self, message: ev.DaemonEvent) -> None:
+        if not self._chat_ready():
+            return
         self.chat.link_event(message.topic, message.event)
 
     @on(ev.RequestFailed)

@@ -85,7 +85,14 @@ class AssistantMessage(MessageBox):
             self._timer = self.set_interval(1 / FLUSH_HZ, self._flush)
 
     # -- streaming
+    def _ready(self) -> bool:
+        """Whether the children exist (events can arrive between mounting and composing)."""
+        return bool(self.query(ProgressBar))
+
     def prefill(self, done: int, total: int) -> None:
+        if not self._ready():
+            self._footer = f"reading the prompt: {done:,}/{total:,} tokens" if total and done < total else "…"
+            return
         bar = self.query_one(ProgressBar)
         if total and done < total:
             bar.display = True
@@ -100,7 +107,7 @@ class AssistantMessage(MessageBox):
         self._pending.append(text)
 
     def _flush(self) -> None:
-        if self._pending:
+        if self._pending and self._ready():
             chunk = "".join(self._pending)
             self._pending.clear()
             self.query_one(Markdown).append(chunk)
@@ -109,11 +116,16 @@ class AssistantMessage(MessageBox):
     def finish(self, text: str | None, footer: str) -> None:
         """Stop streaming; show ``text`` (the daemon's final text, or None to keep what streamed)."""
         if self.streaming:
-            self._timer.stop()
+            if getattr(self, "_timer", None) is not None:
+                self._timer.stop()
             self.streaming = False
         self._pending.clear()
         if text is not None:
             self.text = text
+        self._footer = footer
+        if not self._ready():
+            self.call_after_refresh(self.finish, None, footer)
+            return
         self.query_one(ProgressBar).display = False
         self.query_one(Markdown).update(self.text)
         self.set_footer(footer)
@@ -121,7 +133,8 @@ class AssistantMessage(MessageBox):
 
     def set_footer(self, footer: str) -> None:
         self._footer = footer
-        self.query_one(".footer", Static).update(Text(footer))
+        if self._ready():
+            self.query_one(".footer", Static).update(Text(footer))
 
 
 class Notice(Static):

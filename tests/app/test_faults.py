@@ -53,7 +53,7 @@ async def test_daemon_killed_mid_reply_then_back(tmp_path, model_path, home_env)
             app.chat.input.insert("Hello again")
             await pilot.press("enter")
             await wait_for(pilot, lambda: app.chat.bubble is not None and len(app.chat.bubble.text) > 5,
-                           what="streaming again")
+                           timeout=40, what="streaming again")
             await pilot.press("escape")
             await wait_for(pilot, lambda: app.chat.bubble is None, what="stopped")
     finally:

@@ -52,12 +52,16 @@ def test_rwkv_chat_binary_in_tmux(tmp_path, model_path, home_env):
                   "the UI connected to a daemon with the model loaded")
         tmux("send-keys", "-t", session, "-l", "Hello from tmux")
         tmux("send-keys", "-t", session, "Enter")
-        pane = wait_pane(session, lambda t: " tokens" in t and "Hello from tmux" in t, 60, "the reply")
         with Client(paths, autostart=False) as c:
+            end = time.monotonic() + 60
+            while time.monotonic() < end and not any(x.turns == 2 for x in c.conversations()):
+                time.sleep(0.2)
             (conv,) = c.conversations()
             turns = c.conversation(conv.id).turns
         assert [t.text for t in turns][0] == "Hello from tmux"
-        assert turns[1].text and turns[1].text.splitlines()[0].strip()[:20] in pane
+        head = turns[1].text.splitlines()[0].strip()[:20]
+        assert head
+        wait_pane(session, lambda t: head in t and f"{turns[1].tokens} tokens" in t, 30, "the reply on screen")
         tmux("send-keys", "-t", session, "C-q")
         end = time.monotonic() + 20
         while not status.exists() and time.monotonic() < end:
