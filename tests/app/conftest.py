@@ -7,7 +7,6 @@ import asyncio
 import functools
 import os
 import signal
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,20 +75,11 @@ def _wait_gone(pid: int, timeout: float = 10.0) -> bool:
     return False
 
 
-def shared_kernel_cache() -> Path:
-    """One kernel cache for all the UI tests of this user (builds are keyed by source hash and versions)."""
-    d = Path(tempfile.gettempdir()) / f"rwkv-chat-test-kernels-{os.getuid()}"
-    d.mkdir(mode=0o700, exist_ok=True)
-    return d
-
-
 def make_home(root: Path, model: Path | None, max_tokens: int = MAX_TOKENS) -> Paths:
     """A home under ``root`` whose config samples greedily (temperature 0: deterministic replies)."""
     os.environ["RWKV_CHAT_HOME"] = str(root)
     paths = ensure_dirs(get_paths())
-    # every test home shares one kernel build cache (a build costs tens of seconds on 2 cores)
-    (paths.cache_dir / "kernels").symlink_to(shared_kernel_cache(), target_is_directory=True)
-    link_kernel_cache(root)
+    link_kernel_cache(root)  # every test home shares the session's kernel build (tens of seconds on 2 cores)
     cfg = Config()
     cfg.sampling.temperature = 0.0
     cfg.sampling.max_tokens = max_tokens
