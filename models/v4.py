@@ -18,7 +18,7 @@ MATRICES = ("key.weight", "value.weight", "receptance.weight", "gate.weight", "o
 
 
 def layer_keys(spec, i: int) -> dict:
-    C, A, F = spec.n_embd, spec.n_att, spec.n_ffn
+    C, A = spec.n_embd, spec.n_att
     return {
         "ln1.weight": (C,), "ln1.bias": (C,), "ln2.weight": (C,), "ln2.bias": (C,),
         "att.time_decay": (A,), "att.time_first": (A,),

@@ -17,8 +17,8 @@ from .v5 import STATE_NAMES, FP32_STATE, zero_state  # noqa: F401  (same state l
 
 
 def layer_keys(spec, i: int) -> dict:
-    C, A, F_, H = spec.n_embd, spec.n_att, spec.n_ffn, spec.n_head
-    keys = {
+    C, A, F_ = spec.n_embd, spec.n_att, spec.n_ffn
+    return {
         "ln1.weight": (C,), "ln1.bias": (C,), "ln2.weight": (C,), "ln2.bias": (C,),
         "att.time_maa_x": (C,), "att.time_maa_w": (C,), "att.time_maa_k": (C,), "att.time_maa_v": (C,),
         "att.time_maa_r": (C,), "att.time_maa_g": (C,), "att.time_maa_w1": None, "att.time_maa_w2": None,
@@ -29,7 +29,6 @@ def layer_keys(spec, i: int) -> dict:
         "ffn.time_maa_k": (C,), "ffn.time_maa_r": (C,), "ffn.key.weight": (F_, C),
         "ffn.value.weight": (C, F_), "ffn.receptance.weight": (C, C),
     }
-    return keys
 
 
 def convert(name: str, t: torch.Tensor, spec) -> tuple[str, torch.Tensor, str]:
