@@ -18,22 +18,33 @@ import torch
 torch.set_num_threads(1)
 
 # Tests never touch the user's own home: this process (and daemons it starts without a home of their own)
-# use a home made for the session. The compiled kernels built there are shared with the per-test homes
-# through ``link_kernel_cache``, so they build once per session.
+# use a home made for the session. Every test home shares one kernel build cache that outlives the session
+# (builds are keyed by source hash, torch version and arch, so a stale build is never reused).
 SESSION_HOME = Path(tempfile.mkdtemp(prefix="rwkv-chat-tests-"))
 os.environ["RWKV_CHAT_HOME"] = str(SESSION_HOME)
+KERNEL_CACHE = Path(tempfile.gettempdir()) / f"rwkv-chat-test-kernels-{os.getuid()}"
 
 
 def link_kernel_cache(home: Path) -> Path:
-    """Make ``home``'s kernel build cache the session's (call before starting a daemon in ``home``)."""
-    shared = SESSION_HOME / "cache" / "kernels"
-    shared.mkdir(parents=True, exist_ok=True)
+    """Make ``home``'s kernel build cache the shared test cache (call before starting a daemon in ``home``)."""
+    KERNEL_CACHE.mkdir(mode=0o700, exist_ok=True)
     cache = Path(home) / "cache"
     cache.mkdir(parents=True, exist_ok=True)
     link = cache / "kernels"
     if not link.exists():
-        link.symlink_to(shared, target_is_directory=True)
+        link.symlink_to(KERNEL_CACHE, target_is_directory=True)
     return home
+
+
+link_kernel_cache(SESSION_HOME)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cpu_kernels_built():
+    """Build (or load from the shared cache) the CPU kernels once, before any daemon needs them."""
+    from rwkv_chat.models import kernels
+
+    return kernels.ensure_built("cpu")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = (REPO / ".." / "shared").resolve()

@@ -263,6 +263,8 @@ class ChatScreen(ConversationActions, Screen):
             return
         self.input.remember(text)
         self.input.clear()
+        if self.cid is None:  # a new conversation starts on a clean view (no empty-state hint above it)
+            self.log_view.clear()
         self.log_view.add(UserMessage(text))
         self.generate("send", lambda c, cid: self._chat_request(c, cid, "Chat", message=text), text)
 

@@ -23,11 +23,10 @@ CPU_OPS = ("wkv4", "wkv5", "wkv6", "wkv7", "mm8")
 @pytest.fixture(scope="session")
 def kernel_cache():
     """The session's kernel cache (shared with the engine and the test daemons: one build per session)."""
-    from ..conftest import SESSION_HOME
+    from ..conftest import KERNEL_CACHE
 
-    path = SESSION_HOME / "cache" / "kernels"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    KERNEL_CACHE.mkdir(mode=0o700, exist_ok=True)
+    return KERNEL_CACHE
 
 
 @pytest.fixture(scope="session")
