@@ -42,16 +42,22 @@ class Engine:
         from rwkv_chat.models.decode import BatchDecoder
         from rwkv_chat.models.tokenizers import load_tokenizer
 
+        from rwkv_chat.models import kernels
+
         path = os.path.abspath(os.path.expanduser(path))
         self._info = {**self._info, "loading": path}
+        # a first use builds the compiled kernels (tens of seconds): status shows what is happening
+        kernels.set_progress(lambda note: self._info.update(note=note))
         try:
             model = RWKV(model=path, strategy=strategy, verbose=False, progress=progress)
             tok = load_tokenizer(tokenizer or None, vocab_size=model.vocab_size, model_path=path)
             decoder = BatchDecoder(model, max_batch=max_batch,
                                    buckets=decode_buckets(model, max_batch, batch_invariant))
         except BaseException:
-            self._info = {k: v for k, v in self._info.items() if k != "loading"}
+            self._info = {k: v for k, v in self._info.items() if k not in ("loading", "note")}
             raise
+        finally:
+            kernels.set_progress(None)
         self.model = self.tokenizer = self.decoder = None      # release the old weights first
         self.model, self.tokenizer, self.decoder = model, tok, decoder
         self.threads = threads or auto_threads(model)

@@ -101,7 +101,7 @@ class ModelScreen(Screen):
             with Vertical(id="model-progress"):
                 yield Static("", id="progress-text")
                 yield ProgressBar(total=None, show_eta=False, id="progress-bar")
-                yield Static("The first load on a GPU builds the kernels (about a minute); later loads reuse them.",
+                yield Static("The first load on a device builds the compiled kernels (about a minute); later loads reuse them.",
                              classes="explain")
         yield Footer()
 
@@ -130,6 +130,8 @@ class ModelScreen(Screen):
             self.dismiss(True)
         elif model.get("loading") and not self.loading:
             self.set_loading(model["loading"])
+        if model.get("loading") and model.get("note"):
+            self.query_one("#model-progress .explain", Static).update(Text(model["note"]))
 
     def finished(self, ok: bool, message: str) -> None:
         if ok:
