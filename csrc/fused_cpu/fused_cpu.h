@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
 
 #include "../common/cpu_kernels.h"
@@ -28,8 +29,62 @@ struct Mat {
 // Products with at least this many multiply-adds (rows * N * M) leave the hand loops.
 constexpr int64_t kBigWork = int64_t(1) << 18;
 
+// The layer functions are compiled for AVX-512, AVX2+FMA and the baseline, picked at load time by the
+// CPU (GCC function multiversioning); the helpers below are inlined into each clone.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && __GNUC__ >= 11
+#define RWKV_FUSED_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define RWKV_FUSED_CLONES
+#endif
+#define RWKV_FUSED_INLINE inline __attribute__((always_inline))
+
+// 8 floats as one value (one AVX2 register; two SSE registers in the baseline clone): the accumulators
+// stay in registers (a plain float array is spilled to the stack on every step).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"   // v8 returned by value: every caller inlines these helpers
+#endif
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v8u __attribute__((vector_size(32), aligned(4)));
+typedef uint8_t u8x8 __attribute__((vector_size(8)));
+RWKV_FUSED_INLINE v8 load8(const float* p) { return *reinterpret_cast<const v8u*>(p); }
+RWKV_FUSED_INLINE void store8(float* p, const v8& v) { *reinterpret_cast<v8u*>(p) = v; }
+RWKV_FUSED_INLINE v8 load8(const uint8_t* p) {
+    u8x8 u;
+    std::memcpy(&u, p, 8);
+    return __builtin_convertvector(u, v8);
+}
+
+// y[0:8K] = x[0:N] @ W[:, 0:8K] (row stride M; W float32 or uint8), K accumulators in registers.
+template <int K, typename W>
+RWKV_FUSED_INLINE void gemv_tile(const float* x, int64_t N, const W* w, int64_t M, float* y) {
+    v8 acc[K];
+    for (int q = 0; q < K; ++q) acc[q] = v8{};
+    for (int64_t n = 0; n < N; ++n) {
+        const v8 xv = v8{} + x[n];
+        const W* wn = w + n * M;
+        for (int q = 0; q < K; ++q) acc[q] += xv * load8(wn + 8 * q);
+    }
+    for (int q = 0; q < K; ++q) store8(y + 8 * q, acc[q]);
+}
+
+// the last M % 8 columns, one at a time
+template <typename W>
+RWKV_FUSED_INLINE void gemv_col(const float* x, int64_t N, const W* w, int64_t M, float* y) {
+    float acc = 0.f;
+    for (int64_t n = 0; n < N; ++n) acc += x[n] * static_cast<float>(w[n * M]);
+    *y = acc;
+}
+
+template <typename W>
+RWKV_FUSED_INLINE void gemv(const float* x, int64_t N, const W* w, int64_t M, float* y) {
+    int64_t j = 0;
+    for (; j + 64 <= M; j += 64) gemv_tile<8>(x, N, w + j, M, y + j);
+    for (; j + 8 <= M; j += 8) gemv_tile<1>(x, N, w + j, M, y + j);
+    for (; j < M; ++j) gemv_col(x, N, w + j, M, y + j);
+}
+
 // y[R, M] = x[R, N] (row stride ldx) @ W. y must not alias x.
-inline void gemm(const float* x, int64_t ldx, int64_t R, const Mat& m, float* y) {
+RWKV_FUSED_INLINE void gemm(const float* x, int64_t ldx, int64_t R, const Mat& m, float* y) {
     const int64_t N = m.N, M = m.M;
     const bool big = R * N * M >= kBigWork;
     if (m.w != nullptr) {
@@ -44,13 +99,7 @@ inline void gemm(const float* x, int64_t ldx, int64_t R, const Mat& m, float* y)
         for (int64_t r = 0; r < R; ++r) {
             const float* xr = x + r * ldx;
             float* yr = y + r * M;
-            std::memset(yr, 0, sizeof(float) * M);
-            for (int64_t n = 0; n < N; ++n) {
-                const float xv = xr[n];
-                const float* wn = m.w + n * M;
-#pragma omp simd
-                for (int64_t j = 0; j < M; ++j) yr[j] += xv * wn[j];
-            }
+            gemv(xr, N, m.w, M, yr);
         }
         return;
     }
@@ -59,27 +108,37 @@ inline void gemm(const float* x, int64_t ldx, int64_t R, const Mat& m, float* y)
         mm8_cpu_kernel(0, R, N, M, x, m.q, m.mx, m.rx, m.my, m.ry, y);
         return;
     }
+    float xs[1024];
     for (int64_t r = 0; r < R; ++r) {
         const float* xr = x + r * ldx;
         float* yr = y + r * M;
-        std::memset(yr, 0, sizeof(float) * M);
         float sxr = 0.f, sxmy = 0.f, sx = 0.f;
-        for (int64_t n = 0; n < N; ++n) {
-            const float xv = xr[n];
-            const float s = xv * m.ry[n];
-            sxr += s;
-            sxmy += xv * m.my[n];
-            sx += xv;
-            const uint8_t* wn = m.q + n * M;
-#pragma omp simd
-            for (int64_t j = 0; j < M; ++j) yr[j] += s * static_cast<float>(wn[j]);
+        for (int64_t n0 = 0; n0 < N; n0 += 1024) {      // xs = x * ry, in slices of 1024 inputs
+            const int64_t n1 = std::min<int64_t>(N, n0 + 1024);
+            for (int64_t n = n0; n < n1; ++n) {
+                const float xv = xr[n];
+                xs[n - n0] = xv * m.ry[n];
+                sxr += xs[n - n0];
+                sxmy += xv * m.my[n];
+                sx += xv;
+            }
+            if (n0 == 0) {             // the first slice writes y, later ones add into it
+                gemv(xs, n1 - n0, m.q, M, yr);
+            } else {
+                float part[64];
+                for (int64_t j0 = 0; j0 < M; j0 += 64) {
+                    const int64_t mj = std::min<int64_t>(64, M - j0);
+                    for (int64_t j = 0; j < mj; ++j) gemv_col(xs, n1 - n0, m.q + n0 * M + j0 + j, M, part + j);
+                    for (int64_t j = 0; j < mj; ++j) yr[j0 + j] += part[j];
+                }
+            }
         }
         for (int64_t j = 0; j < M; ++j) yr[j] = m.rx[j] * (yr[j] + 0.5f * sxr) + sxmy + m.mx[j] * sx;
     }
 }
 
 // LayerNorm over the last dim (eps 1e-5), rows of width C.
-inline void layer_norm(const float* x, int64_t R, int64_t C, const float* w, const float* b, float* y) {
+RWKV_FUSED_INLINE void layer_norm(const float* x, int64_t R, int64_t C, const float* w, const float* b, float* y) {
     for (int64_t r = 0; r < R; ++r) {
         const float* xr = x + r * C;
         float* yr = y + r * C;
@@ -95,7 +154,7 @@ inline void layer_norm(const float* x, int64_t R, int64_t C, const float* w, con
 }
 
 // GroupNorm with one group per head of size N (eps 64e-5, the ln_x of v5-v7), in place on [R, H*N].
-inline void head_group_norm(float* y, int64_t R, int64_t H, int64_t N, const float* w, const float* b) {
+RWKV_FUSED_INLINE void head_group_norm(float* y, int64_t R, int64_t H, int64_t N, const float* w, const float* b) {
     for (int64_t r = 0; r < R; ++r) {
         for (int64_t h = 0; h < H; ++h) {
             float* yh = y + r * H * N + h * N;
@@ -114,11 +173,11 @@ inline void head_group_norm(float* y, int64_t R, int64_t H, int64_t N, const flo
     }
 }
 
-inline float sigmoid(float x) { return 1.f / (1.f + std::exp(-x)); }
+RWKV_FUSED_INLINE float sigmoid(float x) { return 1.f / (1.f + std::exp(-x)); }
 
 // prev[r] = the previous position's features of row r = (b, t): state[b] for t = 0, else x[r - 1].
 // Writes dst[r] = prev[r] (mode 0) or prev[r] - x[r] (mode 1); then state[b] = x[(b, T - 1)].
-inline void time_shift(const float* x, float* state, int64_t B, int64_t T, int64_t C, float* dst, int mode) {
+RWKV_FUSED_INLINE void time_shift(const float* x, float* state, int64_t B, int64_t T, int64_t C, float* dst, int mode) {
     for (int64_t b = 0; b < B; ++b) {
         for (int64_t t = 0; t < T; ++t) {
             const int64_t r = b * T + t;
