@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from . import wkv
+from . import fused7, wkv
 from .errors import StateError, TokenError
 from .ops import layer_norm, matmul
 from .quant import Int8Weight
@@ -100,13 +100,17 @@ class BatchDecoder:
             device and none is streamed from CPU memory.
         compile: compile the layer step with ``torch.compile`` (fused elementwise work). Default: as
             ``graphs``.
-        gemv: "cublas" or "fused" (see ``fused_matmul``); only with ``compile``.
+        gemv: the GEMV of the large matrices: "auto" (default), "ours" (the grouped GEMV kernel, fused
+            RWKV-7 path), "cublas", or "fused" (see ``fused_matmul``; compiled path).
+        fused: run RWKV-7 steps through the fused CUDA kernels (``models/fused7.py``). Default: where
+            ``fused7.decode_ready`` says they can serve the model and ``graphs`` is on.
     Raises:
         StateError: ``max_batch`` < 1 or larger than the largest bucket.
     """
 
     def __init__(self, model: RWKV, max_batch: int = 1, buckets: tuple[int, ...] = DEFAULT_BUCKETS,
-                 graphs: bool | None = None, compile: bool | None = None, gemv: str = "cublas"):
+                 graphs: bool | None = None, compile: bool | None = None, gemv: str = "auto",
+                 fused: bool | None = None):
         if max_batch < 1:
             raise StateError(f"max_batch must be >= 1, got {max_batch}")
         self.model = model
@@ -116,8 +120,16 @@ class BatchDecoder:
         single_cuda = len(devs) == 1 and model._devices[0].type == "cuda" and \
             not any(pl.stream for pl in model.plan.layers)
         self.graphs = single_cuda if graphs is None else bool(graphs) and single_cuda
+        ready = fused7.decode_ready(model)
+        self.fused = (ready and self.graphs) if fused is None else bool(fused) and ready
+        if self.fused:
+            fused7.prepare(model)
+            self.gemv = "cublas" if gemv == "cublas" else "ours"
+            compile = False
+        else:
+            self.gemv = "cublas" if gemv in ("auto", "ours") else gemv
         self.compile = self.graphs if compile is None else bool(compile)
-        self._mm = fused_matmul(gemv) if self.compile else None
+        self._mm = fused_matmul(self.gemv) if self.compile else None
         self._wkv7 = wkv.wkv7_one if self.compile else None
         self._layer = torch.compile(_layer_step, dynamic=False) if self.compile else _layer_step
         self._head = torch.compile(_head_step, dynamic=False) if self.compile else _head_step
@@ -126,6 +138,7 @@ class BatchDecoder:
         self._ids = torch.zeros(max_batch, 1, dtype=torch.long, device=dev0)
         self._ids_host = torch.zeros(max_batch, 1, dtype=torch.long,
                                      pin_memory=dev0.type == "cuda")
+        self._ids_copied = None                  # CUDA event: the last copy out of _ids_host has run
         self._handle_at: list[int] = []          # slot -> handle, for live slots [0, n)
         self._count: dict[int, int] = {}         # handle -> tokens consumed
         self._meta: dict[int, dict] = {}
@@ -214,10 +227,17 @@ class BatchDecoder:
         held = [s for s in range(n) if self._handle_at[s] not in tokens]
         saved = [[buf[s].clone() for bufs in self._bufs for buf in bufs] for s in held]
         host = self._ids_host
+        if self._ids_copied is not None:
+            # the previous step's asynchronous copy out of this pinned buffer must have run before the
+            # buffer is rewritten (the host runs ahead of the GPU when nothing syncs between steps)
+            self._ids_copied.synchronize()
         host.zero_()
         for h, t in tokens.items():
             host[slots[h], 0] = int(t)
         self._ids[:bucket].copy_(host[:bucket], non_blocking=True)
+        if self._ids.is_cuda:
+            self._ids_copied = torch.cuda.Event()
+            self._ids_copied.record()
         logits = self._run(bucket)
         for s, vals in zip(held, saved):
             it = iter(vals)
@@ -261,13 +281,15 @@ class BatchDecoder:
         """The whole model for the first b slots: ids [b, 1] -> logits float32 [b, vocab]."""
         m = self.model
         ids = self._ids[:b]
+        if self.fused:      # RWKV-7 on CUDA: the fused kernels (models/fused7.py)
+            return fused7.decode_step(m, ids, [tuple(buf[:b] for buf in bufs) for bufs in self._bufs], self.gemv)
         fused = getattr(m, "fused_cpu", None)
         if fused is not None and not self.graphs:      # CPU: one compiled call, state updated in place
             views = self._fused_views.get(b)
             if views is None:
                 views = self._fused_views[b] = [buf[:b] for bufs in self._bufs for buf in bufs]
             return fused(ids, views, views)[0][:, 0]
-        x = m.emb[ids]                                                         # [b, 1, C]
+        x = torch.index_select(m.emb, 0, ids.view(-1)).view(b, 1, -1)          # [b, 1, C]
         v_first = None
         for i in range(m.n_layer):
             place, dev = m.plan.layers[i], m._devices[i]

@@ -126,7 +126,7 @@ def decode_step(model, ids: torch.Tensor, bufs: list, gemv: str = "ours") -> tor
     H = spec.n_head
     small = b <= GEMV_ROWS
     ours = small and gemv == "ours"
-    x = model.emb[ids.view(-1)]                                                    # [b, C]
+    x = torch.index_select(model.emb, 0, ids.view(-1))    # [b, C]
     C = x.shape[-1]
     dx = None
     v_first = None

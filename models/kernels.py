@@ -151,7 +151,8 @@ class KernelLoader:
                 self._build_and_load(dev)
             except Exception as e:  # noqa: BLE001 - any build failure becomes a reported fallback
                 lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
-                detail = " | ".join(lines[-6:])[-1500:] if lines else type(e).__name__
+                errs = [ln for ln in lines if "error" in ln.lower()]   # compiler errors before warnings/notes
+                detail = " | ".join((errs or lines)[-6:])[-1500:] if lines else type(e).__name__
                 why = f"build failed ({type(e).__name__}: {detail}); using the torch path"
                 log.warning("rwkv-chat %s kernels: %s", dev, why)
                 self._say(f"{dev} kernels: build failed, using the torch path")

@@ -93,12 +93,16 @@ class RWKV:
                 self.rescale_layer = rescale_layer_for(self.plan.stages) if rescale_layer is None else int(rescale_layer)
             self._place(w, progress)
             self.kernels = {}
+            self._seq_block = None    # RWKV-7 on CUDA: the fused prefill block (models/fused7.py)
             if kernels:
                 from . import kernels as compiled
 
                 for dev in sorted({d.type for d in self._devices}):
                     self.kernels[dev] = compiled.ensure_built(dev)
                 compiled.install()
+                from . import fused7
+
+                self._seq_block = fused7.sequence_block(self)
             from . import fused_cpu
 
             #: the fused CPU call serving CPU forwards (None: eager blocks; ``fused_cpu_reason`` says why)
@@ -272,12 +276,13 @@ class RWKV:
         ctx = _Context(self.spec, tokens=ids)
         x = self.emb[ids.to(self.emb.device)]                                   # [B, T, C]
         layers = []
+        block = self._seq_block if self._seq_block is not None and ids.shape[1] > 1 else self._gen.block
         for i in range(self.n_layer):
             place, dev = self.plan.layers[i], self._devices[i]
             x = x.to(device=dev, dtype=place.atype)
             st = tuple(t.to(dev) for t in state.layers[i])
             ctx.layer = i
-            x, st = self._gen.block(x, st, self._layer_params(i), ctx)
+            x, st = block(x, st, self._layer_params(i), ctx)
             layers.append(st)
             if self.rescale_layer and (i + 1) % self.rescale_layer == 0:
                 x = x / 2
