@@ -25,11 +25,11 @@ from .state import State
 
 _EMPTY = torch.empty(0)
 _VERSION_CODE = {"4": 4, "5": 5, "5.1": 5, "5.2": 5, "6": 6, "7": 7}
-#: the longest sequence the fused call serves when the model's weights are large (the eager path
-#: batches a long prompt's products over tokens just as well, and runs the chunked WKV forms)
-SEQ_TOKENS_LARGE = 16
-#: weights (bytes) up to which the fused call also serves long sequences
-SMALL_MODEL_BYTES = 64 << 20
+#: the longest sequence (tokens per row) the fused call serves. Longer prompts go to the eager path,
+#: whose products batch over tokens just as well and whose elementwise work is vectorized and threaded,
+#: with the chunked WKV forms (measured on the tiny models: the fused call is 1.3-10x faster up to 64
+#: tokens, 0.8-1.4x at 256).
+SEQ_TOKENS = 64
 
 
 def _class():
@@ -134,13 +134,11 @@ class FusedCpu:
         dims = [self.version, spec.n_layer, spec.n_embd, spec.n_att, spec.n_ffn, max(spec.n_head, 1),
                 max(spec.head_size, 1), spec.vocab_size, int(model.rescale_layer or 0)]
         self.obj = _class()(dims, weights)
-        self.weight_bytes = sum(t.numel() * t.element_size() for t in weights)
 
     def serves(self, tokens: int) -> bool:
-        """Whether a forward of ``tokens`` tokens per sequence goes through the fused call: always for
-        one token; for longer sequences when the weights are small (SMALL_MODEL_BYTES) or the sequence is
-        short (SEQ_TOKENS_LARGE)."""
-        return tokens == 1 or tokens <= SEQ_TOKENS_LARGE or self.weight_bytes <= SMALL_MODEL_BYTES
+        """Whether a forward of ``tokens`` tokens per sequence goes through the fused call (up to
+        ``SEQ_TOKENS``)."""
+        return tokens <= SEQ_TOKENS
 
     def __call__(self, ids: torch.Tensor, state_in: list[torch.Tensor], state_out: list[torch.Tensor],
                  full_output: bool = False):

@@ -160,3 +160,19 @@ def test_state_errors_keep_their_meaning(model_path):
     half = good.to(dtype=torch.bfloat16)
     logits, _ = model.forward([1], half)
     assert torch.isfinite(logits).all()
+
+
+def test_long_prompt_takes_the_eager_path(model_path, monkeypatch):
+    from rwkv_chat.models import fused_cpu
+
+    model = RWKV(model_path("5.2"), "cpu fp32")
+    ids = [(i * 37) % 256 for i in range(fused_cpu.SEQ_TOKENS + 6)]
+    calls = _count_blocks(monkeypatch, model)
+    whole, st = model.forward(ids, None)
+    assert calls[0] == model.n_layer                     # eager (chunked WKV) for a long prompt
+    _, s1 = model.forward(ids[:40], None)                # the fused call, in two pieces
+    part, s2 = model.forward(ids[40:], s1)
+    assert calls[0] == model.n_layer
+    _close(whole, part)
+    for a, b in zip(st, s2):
+        _close(a, b)
