@@ -60,11 +60,11 @@ def step_bytes(model, batch: int) -> int:
     return w + 2 * st * batch
 
 
-def bench_decode(model, batch: int, tokens: int, graphs, compile, gemv: str) -> dict:
+def bench_decode(model, batch: int, tokens: int, graphs, compile, gemv: str, large: str = "compiled") -> dict:
     from rwkv_chat.models.decode import BatchDecoder
 
     dev = model.emb.device
-    dec = BatchDecoder(model, max_batch=batch, graphs=graphs, compile=compile, gemv=gemv)
+    dec = BatchDecoder(model, max_batch=batch, graphs=graphs, compile=compile, gemv=gemv, large=large)
     _, st = model.forward([1, 2, 3, 4], None)
     handles = [dec.add(st) for _ in range(batch)]
     toks = {h: (7 * i) % model.vocab_size for i, h in enumerate(handles)}
@@ -90,7 +90,16 @@ def bench_decode(model, batch: int, tokens: int, graphs, compile, gemv: str) -> 
     nbytes = step_bytes(model, batch)
     return {"batch": batch, "p50_ms": p50 * 1e3, "p90_ms": p90 * 1e3, "tok_s": batch / mean,
             "gb_s": nbytes / p50 / 1e9, "step_bytes": nbytes, "warmup_s": warm_s,
-            "graphs": dec.graphs, "compile": dec.compile, "gemv": dec.gemv, "fused": dec.fused}
+            "graphs": dec.graphs, "compile": dec.compile, "gemv": dec.gemv, "fused": dec.fused,
+            "large": dec.large if batch > 4 else None}
+
+
+def _path(d: dict) -> str:
+    if d["fused"] and d.get("large") == "compiled":
+        return "torch.compile (fused path above 4 rows off)"
+    if d["fused"]:
+        return "fused kernels" + (f" ({d['large']})" if d.get("large") else "")
+    return "torch.compile" if d["compile"] else "eager"
 
 
 def bench_prefill(model, prompt_len: int, repeats: int = 5) -> dict:
@@ -208,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-compile", action="store_true", help="decode without torch.compile")
     ap.add_argument("--gemv", choices=["auto", "ours", "cublas", "fused"], default="auto",
                     help="large-matrix GEMV: ours (grouped kernel, fused RWKV-7 path), cublas, fused (compiled path)")
+    ap.add_argument("--large", choices=["fused", "fused-split", "compiled"], default="compiled",
+                    help="fused RWKV-7 decode above 4 rows: fused kernels + cuBLAS, the same with the row-split "
+                         "WKV, or the torch.compile'd step")
     ap.add_argument("--kernels", action="store_true",
                     help="build and install the compiled kernels (models.kernels) before timing")
     ap.add_argument("--md", help="append the table to this markdown file")
@@ -239,10 +251,10 @@ def main(argv: list[str] | None = None) -> int:
         for b in args.batch:
             n = args.tokens if b == 1 else max(20, args.tokens // 4)
             try:
-                dec.append(bench_decode(model, b, n, graphs, comp, args.gemv))
+                dec.append(bench_decode(model, b, n, graphs, comp, args.gemv, args.large))
             except Exception as e:  # report, then measure the uncompiled path instead
                 print(f"decode batch {b} with compile failed: {type(e).__name__}: {e}", file=sys.stderr)
-                dec.append(bench_decode(model, b, n, graphs, False, args.gemv))
+                dec.append(bench_decode(model, b, n, graphs, False, args.gemv, args.large))
         pre = bench_prefill(model, args.prompt_len) if args.prompt_len else None
     if args.compare_rwkv_pip and ref is None:  # on CPU the peer runs alone, after ours
         ref = Reference(pth, args.strategy, min(args.tokens, 100), args.prompt_len, model.vocab_size,
@@ -259,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     for d in dec:
         lines.append(f"| {d['batch']} | {d['tok_s']:.1f} | {d['p50_ms']:.3f} | {d['p90_ms']:.3f} | {d['gb_s']:.0f} | "
                      f"{100 * d['gb_s'] / bw:.0f}% | {d['graphs']} | "
-                     f"{'fused kernels' if d['fused'] else ('torch.compile' if d['compile'] else 'eager')} | {d['gemv']} |")
+                     f"{_path(d)} | {d['gemv']} |")
     if pre:
         lines += ["", f"prefill {pre['prompt_len']} tokens: {pre['tok_s']:.0f} tok/s ({pre['ms']:.1f} ms)"]
     if ref_res:

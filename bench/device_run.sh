@@ -5,7 +5,7 @@
 # Steps are skipped once the time budget (first argument, seconds; default 560) runs short.
 # Everything lands in $OUT (log, *.md, bench.jsonl).
 BUDGET=${1:-560}; shift || true
-STEPS=${*:-"kernels fused b15 b15cublas b01 b72 b72cublas b72i8 pip cmp"}
+STEPS=${*:-"kernels fused b15 b15cublas b01 b72 b72cublas b72i8 b72split b72comp pip cmp"}
 OUT=${OUT:-/tmp/bench-out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 mkdir -p /tmp/shim/rwkv_chat && touch /tmp/shim/rwkv_chat/__init__.py
@@ -31,10 +31,12 @@ step b15 60 150 $B --shape 1.5B --batch 1 --prompt-len 1024 --tokens 200
 step b01 40 100 $B --shape 0.1B --batch 1 --prompt-len 1024 --tokens 300
 step b72 90 200 $B --shape 7.2B --batch 1 64 --prompt-len 1024 --tokens 100
 step b72i8 60 150 $B --shape 7.2B --strategy "cuda fp16i8" --batch 1 --prompt-len 0 --tokens 100
+step b72split 60 150 $B --shape 7.2B --batch 64 --prompt-len 0 --tokens 100 --large fused-split
+step b72comp 90 200 $B --shape 7.2B --batch 64 --prompt-len 0 --tokens 100 --large compiled
 step b15cublas 40 100 $B --shape 1.5B --batch 1 --prompt-len 0 --tokens 200 --gemv cublas
 step b01cublas 30 100 $B --shape 0.1B --batch 1 --prompt-len 0 --tokens 300 --gemv cublas
 step b72cublas 60 150 $B --shape 7.2B --batch 1 --prompt-len 0 --tokens 100 --gemv cublas
 while kill -0 $REF 2>/dev/null && (( SECONDS < BUDGET - 150 )); do sleep 2; done; tail -3 "$OUT/ref_build.log"
-step pip 60 200 python3 tests/gpu/verify_model.py --pip-shapes 0.1B 1.5B --out "$OUT/pip.md"
+step pip 60 200 python3 tests/gpu/verify_model.py --pip-shapes ${PIP_SHAPES:-0.1B 1.5B} --out "$OUT/pip.md"
 step cmp 60 200 $B --shape 1.5B --batch 1 --prompt-len 1024 --tokens 100 --compare-rwkv-pip
 echo "done at ${SECONDS}s"

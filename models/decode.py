@@ -104,13 +104,17 @@ class BatchDecoder:
             RWKV-7 path), "cublas", or "fused" (see ``fused_matmul``; compiled path).
         fused: run RWKV-7 steps through the fused CUDA kernels (``models/fused7.py``). Default: where
             ``fused7.decode_ready`` says they can serve the model and ``graphs`` is on.
+        large: with ``fused``, the path of buckets above ``fused7.GEMV_ROWS`` rows: "compiled" (default: the
+            torch.compile'd static-buffer step, fastest measured at batch 64), "fused" (cuBLAS GEMMs + the
+            fused mix/WKV kernels, one WKV launch per layer) or "fused-split" (WKV as pre + row-split
+            kernel + post).
     Raises:
         StateError: ``max_batch`` < 1 or larger than the largest bucket.
     """
 
     def __init__(self, model: RWKV, max_batch: int = 1, buckets: tuple[int, ...] = DEFAULT_BUCKETS,
                  graphs: bool | None = None, compile: bool | None = None, gemv: str = "auto",
-                 fused: bool | None = None):
+                 fused: bool | None = None, large: str = "compiled"):
         if max_batch < 1:
             raise StateError(f"max_batch must be >= 1, got {max_batch}")
         self.model = model
@@ -122,10 +126,13 @@ class BatchDecoder:
         self.graphs = single_cuda if graphs is None else bool(graphs) and single_cuda
         ready = fused7.decode_ready(model)
         self.fused = (ready and self.graphs) if fused is None else bool(fused) and ready
+        if large not in ("fused", "fused-split", "compiled"):
+            raise StateError(f"large must be 'fused', 'fused-split' or 'compiled', got {large!r}")
+        self.large = large if self.fused else None
         if self.fused:
             fused7.prepare(model)
             self.gemv = "cublas" if gemv == "cublas" else "ours"
-            compile = False
+            compile = large == "compiled" and max_batch > fused7.GEMV_ROWS
         else:
             self.gemv = "cublas" if gemv in ("auto", "ours") else gemv
         self.compile = self.graphs if compile is None else bool(compile)
@@ -281,8 +288,9 @@ class BatchDecoder:
         """The whole model for the first b slots: ids [b, 1] -> logits float32 [b, vocab]."""
         m = self.model
         ids = self._ids[:b]
-        if self.fused:      # RWKV-7 on CUDA: the fused kernels (models/fused7.py)
-            return fused7.decode_step(m, ids, [tuple(buf[:b] for buf in bufs) for bufs in self._bufs], self.gemv)
+        if self.fused and (b <= fused7.GEMV_ROWS or self.large != "compiled"):   # RWKV-7 on CUDA: fused kernels
+            return fused7.decode_step(m, ids, [tuple(buf[:b] for buf in bufs) for bufs in self._bufs], self.gemv,
+                                      "split" if self.large == "fused-split" else "one")
         fused = getattr(m, "fused_cpu", None)
         if fused is not None and not self.graphs:      # CPU: one compiled call, state updated in place
             views = self._fused_views.get(b)

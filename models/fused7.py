@@ -11,8 +11,9 @@ Decode (``decode_step``, one token for each of b rows), per layer:
      (state updated in place), per-head group norm, the r·k bonus and the gate;
   5. GEMV output; 6. ``v7_mix`` residual add + ln2 + shift + lerp; 7. GEMV key; 8. GEMV value with
      relu² applied on the input. The residual add of 8 happens in the next layer's step 1.
-More than 4 rows: the large products go to cuBLAS (GEMM), the rest stays fused. i8 weights use the
-compiled mm8 GEMV.
+More than 4 rows: the large products go to cuBLAS (GEMM), the low-rank products too (activations as
+torch ops), the WKV step stays one fused launch per layer. i8 weights (<= 4 rows) use the grouped mm8
+GEMV: r/k/v in one launch, relu² applied on load for the channel-mix value.
 
 Prefill (``sequence_block``, T > 1): ``v7_mix`` (the previous token's LayerNorm recomputed in the
 same block), cuBLAS GEMMs over [B·T, C], ``v7_pre``, the compiled WKV-7 sequence kernel, ``v7_post``.
@@ -98,16 +99,33 @@ def _gemv(xs, ws, acts, out_dtype=None):
     return ys
 
 
-def _big(x, w, act: int, gemv: bool):
-    """x @ W for a large matrix; act 3 = relu² on x first."""
+def _mm8(xs, qs, acts):
+    """Grouped i8 GEMV: ys[e] = act_e(xs[e]) @ dequantize(qs[e]) for Int8Weight qs[e] (w uint8 [N, M]), 1..4 rows,
+    one launch (the reference's mm8 identity, see ``csrc/mm8/mm8_cuda.cu``); act 0 none, 3 relu²."""
+    rows = xs[0].shape[0]
+    ys = [torch.empty(rows, q.w.shape[1], dtype=xs[0].dtype, device=xs[0].device) for q in qs]
+    _ops().mm8_multi_cuda(list(xs), [q.w for q in qs], [q.mx for q in qs], [q.rx for q in qs], [q.my for q in qs],
+                          [q.ry for q in qs], ys, list(acts))
+    return ys
+
+
+def _i8_ok(ws, x) -> bool:
+    return all(isinstance(w, Int8Weight) and w.w.shape[1] % 16 == 0 and w.w.is_contiguous()
+               and w.mx.dtype == x.dtype for w in ws)
+
+
+def _big(x, w, act: int, gemv: bool, small: bool = False):
+    """x @ W for a large matrix; act 3 = relu² on x first. i8 weights at <= 4 rows: the grouped mm8 GEMV."""
     if gemv and not isinstance(w, Int8Weight):
         return _gemv([x], [w.t()], [act])[0]
+    if small and _i8_ok([w], x):
+        return _mm8([x], [w], [act])[0]
     if act == 3:
         x = torch.relu(x).square()
     return _mm(x, w)
 
 
-def decode_step(model, ids: torch.Tensor, bufs: list, gemv: str = "ours") -> torch.Tensor:
+def decode_step(model, ids: torch.Tensor, bufs: list, gemv: str = "ours", large_wkv: str = "one") -> torch.Tensor:
     """The whole model for one token per row through the fused kernels.
 
     Args:
@@ -116,7 +134,9 @@ def decode_step(model, ids: torch.Tensor, bufs: list, gemv: str = "ours") -> tor
         bufs: per layer (att_x [b, C], att_kv float32 [b, H, N, N], ffn_x [b, C]), contiguous, updated
             in place.
         gemv: "ours" (grouped GEMV kernel for every product at b <= 4) or "cublas" (large matrices via
-            cuBLAS, low-rank via the grouped GEMV).
+            cuBLAS, low-rank via the grouped GEMV). i8 weights at b <= 4 use the grouped mm8 GEMV.
+        large_wkv: b > 4 rows: "one" (``v7_tmix_one``: one pass over the state, read and written once in
+            place, moved through shared memory in coalesced rows) or "split" (``v7_pre`` + the row-split WKV-7 kernel + ``v7_post``).
     Returns:
         logits float32 [b, vocab].
     """
@@ -148,6 +168,9 @@ def decode_step(model, ids: torch.Tensor, bufs: list, gemv: str = "ours") -> tor
             if ours and not any(isinstance(w, Int8Weight) for w in big):
                 out = _gemv([xr, xk, xv] + xs, [w.t() for w in big] + ws, [0] * (3 + len(xs)))
                 r, k, v, low = out[0], out[1], out[2], out[3:]
+            elif _i8_ok(big, x):
+                r, k, v = _mm8([xr, xk, xv], big, [0, 0, 0])
+                low = _gemv(xs, ws, [0] * len(xs))
             else:
                 r, k, v = (_mm(xx, w) for xx, w in zip((xr, xk, xv), big))
                 low = _gemv(xs, ws, [0] * len(xs))
@@ -163,28 +186,28 @@ def decode_step(model, ids: torch.Tensor, bufs: list, gemv: str = "ours") -> tor
             g = torch.sigmoid(xg @ p["att.g1"]) @ p["att.g2"]
             vl = None if first else (xv @ p["att.v1"]) @ p["att.v2"]
         y = torch.empty_like(x)
-        if small:   # one block per (row, head): pre + state step + post
+        if small or large_wkv == "one":   # one block per (row, head): pre + state step + post
             ops.v7_tmix_one_cuda(r, k, v, wl, al, g, vl, v_first, p["att.w0"], p["att.a0"], p["att.k_k"],
                                  p["att.k_a"], None if first else p["att.v0"], p["att.r_k"], p["att.ln_x.weight"],
-                                 p["att.ln_x.bias"], s, y, H)
+                                 p["att.ln_x.bias"], s, y, H, not small)
         else:       # many rows: the row-split WKV-7 kernel (4 blocks per head, state in place) keeps more
             _tmix_split(ops, r, k, v, wl, al, g, vl, v_first, p, s, y, H, spec.head_size)   # SMs busy
         if first:
             v_first = v
-        att = _big(y, p["att.output.weight"], 0, ours)
+        att = _big(y, p["att.output.weight"], 0, ours, small)
         xk2 = torch.empty(1, b, C, dtype=x.dtype, device=x.device)
         xn = torch.empty_like(x)
         ops.v7_mix_cuda(x, att, xn, p["ln2.weight"], p["ln2.bias"], ffn_x, ffn_x, f["mixk"], xk2, 1)
         x = xn
-        hk = _big(xk2[0], p["ffn.key.weight"], 0, ours)
-        dx = _big(hk, p["ffn.value.weight"], 3, ours)
+        hk = _big(xk2[0], p["ffn.key.weight"], 0, ours, small)
+        dx = _big(hk, p["ffn.value.weight"], 3, ours, small)
     xo = torch.empty(1, b, C, dtype=x.dtype, device=x.device)
     ln_w, ln_b = model.ln_out
     ops.v7_mix_cuda(x, dx, None, ln_w, ln_b, None, None, ln_w.new_empty(0, C), xo, 1)
     hw = model.head
     if ours and not isinstance(hw, Int8Weight):
         return _gemv([xo[0]], [hw.t()], [0], out_dtype=torch.float32)[0]
-    return _mm(xo[0], hw).float()
+    return _big(xo[0], hw, 0, False, small).float()
 
 
 def _tmix_split(ops, r, k, v, wl, al, g, vl, v_first, p, s, y, H, N):

@@ -11,6 +11,7 @@
 #include <utility>
 
 #include "../common/launchers.h"
+#include "../mm8/mm8_multi.h"
 #include "checks.h"
 
 namespace rwkv_chat {
@@ -169,6 +170,54 @@ void mm8_cuda(const at::Tensor& x, const at::Tensor& w, const at::Tensor& mx, co
     else gemm_cuda(x, wf, y);
 }
 
+// Grouped mm8 GEMV (decode): entries share the row count (1..kMm8MaxGemvRows); w_e uint8 [N_e, M_e]
+// with M_e % 16 == 0; act_e 0 (none) or 3 (relu^2 on x_e). One launch for every entry.
+void mm8_multi_cuda(at::TensorList xs, at::TensorList ws, at::TensorList mxs, at::TensorList rxs,
+                    at::TensorList mys, at::TensorList rys, at::TensorList ys, at::IntArrayRef acts) {
+    const char* op = "rwkv_chat::mm8_multi_cuda";
+    const size_t n = xs.size();
+    TORCH_CHECK(n >= 1 && n <= (size_t)kMm8MaxEntries && ws.size() == n && mxs.size() == n && rxs.size() == n &&
+                    mys.size() == n && rys.size() == n && ys.size() == n && acts.size() == n,
+                op, ": 1..", kMm8MaxEntries, " products with one x, w, mx, rx, my, ry, y and act each");
+    const auto F = xs[0].scalar_type();
+    const int act = act_code(xs[0], op);
+    TORCH_CHECK(xs[0].dim() == 2, op, ": x must be [rows, N]");
+    Mm8Batch batch{};
+    batch.n = (int)n;
+    batch.rows = (int)xs[0].size(0);
+    TORCH_CHECK(batch.rows >= 1 && batch.rows <= kMm8MaxGemvRows, op, ": 1..", kMm8MaxGemvRows, " rows");
+    for (size_t i = 0; i < n; ++i) {
+        TORCH_CHECK(ws[i].dim() == 2, op, ": w must be [N, M]");
+        const int64_t N = ws[i].size(0), M = ws[i].size(1);
+        check_tensor(xs[i], op, "x", kCUDA, F, {batch.rows, N});
+        check_tensor(ws[i], op, "w", kCUDA, at::kByte, {N, M});
+        check_tensor(mxs[i], op, "mx", kCUDA, F, {M});
+        check_tensor(rxs[i], op, "rx", kCUDA, F, {M});
+        check_tensor(mys[i], op, "my", kCUDA, F, {N, 1});
+        check_tensor(rys[i], op, "ry", kCUDA, F, {N, 1});
+        check_tensor(ys[i], op, "y", kCUDA, F, {batch.rows, M});
+        check_same_device(op, {xs[0], xs[i], ws[i], mxs[i], rxs[i], mys[i], rys[i], ys[i]});
+        TORCH_CHECK(acts[i] == 0 || acts[i] == 3, op, ": act must be 0 or 3");
+        Mm8Entry& E = batch.e[i];
+        E.x = xs[i].data_ptr(); E.w = ws[i].data_ptr<uint8_t>(); E.mx = mxs[i].data_ptr(); E.rx = rxs[i].data_ptr();
+        E.my = mys[i].data_ptr(); E.ry = rys[i].data_ptr(); E.y = ys[i].data_ptr();
+        E.N = (int)N; E.M = (int)M; E.act = (int)acts[i];
+    }
+    const at::cuda::CUDAGuard guard(xs[0].device());
+    const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+    TORCH_CHECK(mm8_multi_prepare(batch, sms) == 0, op, ": unsupported shapes (M must be a multiple of 16)");
+    auto stream = at::cuda::getCurrentCUDAStream();
+    at::Tensor partial;
+    unsigned* counters = nullptr;
+    if (batch.partial_floats > 0) {
+        partial = at::empty({(int64_t)batch.partial_floats}, xs[0].options().dtype(at::kFloat));
+        counters = mm8_counters(xs[0].get_device(), stream.stream(), batch.counter_count);
+    }
+    check_launch(mm8_multi_launch(act, batch, partial.defined() ? partial.data_ptr<float>() : nullptr, counters,
+                                  stream),
+                 op);
+}
+
 }  // namespace
 }  // namespace rwkv_chat
 
@@ -186,4 +235,7 @@ TORCH_LIBRARY_FRAGMENT(rwkv_chat, m) {
     m.def("mm8_cuda(Tensor x, Tensor w, Tensor mx, Tensor rx, Tensor my, Tensor ry, Tensor(a!) y, int split=0) -> ()",
           &rwkv_chat::mm8_cuda);
     m.def("gemm_cuda(Tensor a, Tensor b, Tensor(a!) c) -> ()", &rwkv_chat::gemm_cuda);
+    m.def("mm8_multi_cuda(Tensor[] xs, Tensor[] ws, Tensor[] mxs, Tensor[] rxs, Tensor[] mys, Tensor[] rys, "
+          "Tensor(a!)[] ys, int[] acts) -> ()",
+          &rwkv_chat::mm8_multi_cuda);
 }

@@ -149,7 +149,7 @@ void v7_tmix_one_cuda(const at::Tensor& r, const at::Tensor& k, const at::Tensor
                       const at::Tensor& al, const at::Tensor& g, const OptT& vl, const OptT& v_first,
                       const at::Tensor& w0, const at::Tensor& a0, const at::Tensor& k_k, const at::Tensor& k_a,
                       const OptT& v0, const at::Tensor& r_k, const at::Tensor& lnw, const at::Tensor& lnb,
-                      const at::Tensor& s, const at::Tensor& out, int64_t H) {
+                      const at::Tensor& s, const at::Tensor& out, int64_t H, bool staged) {
     const char* op = "rwkv_chat::v7_tmix_one_cuda";
     const int64_t C = w0.numel(), B = r.numel() / C, N = C / H;
     const auto F = r.scalar_type();
@@ -168,7 +168,7 @@ void v7_tmix_one_cuda(const at::Tensor& r, const at::Tensor& k, const at::Tensor
     check_rc(v7_tmix_one_launch(act, (int)B, (int)H, (int)N, r.data_ptr(), k.data_ptr(), v.data_ptr(), wl.data_ptr(),
                                 al.data_ptr(), g.data_ptr(), vlp, vfp, w0.data_ptr<float>(), a0.data_ptr(),
                                 k_k.data_ptr(), k_a.data_ptr(), v0p, r_k.data_ptr(), lnw.data_ptr(), lnb.data_ptr(),
-                                s.data_ptr<float>(), out.data_ptr(), c10::cuda::getCurrentCUDAStream()),
+                                s.data_ptr<float>(), out.data_ptr(), staged, c10::cuda::getCurrentCUDAStream()),
              op);
 }
 
@@ -189,6 +189,6 @@ TORCH_LIBRARY_FRAGMENT(rwkv_chat, m) {
           &rwkv_chat::v7_post_cuda);
     m.def("v7_tmix_one_cuda(Tensor r, Tensor k, Tensor v, Tensor wl, Tensor al, Tensor g, Tensor? vl, "
           "Tensor? v_first, Tensor w0, Tensor a0, Tensor k_k, Tensor k_a, Tensor? v0, Tensor r_k, Tensor lnw, "
-          "Tensor lnb, Tensor(a!) s, Tensor(b!) out, int H) -> ()",
+          "Tensor lnb, Tensor(a!) s, Tensor(b!) out, int H, bool staged=False) -> ()",
           &rwkv_chat::v7_tmix_one_cuda);
 }

@@ -55,10 +55,11 @@ int v7_pre_launch(int act, int rows, int H, int N, const void* k, const void* v,
                   cudaStream_t stream);
 int v7_post_launch(int act, int rows, int H, int N, const float* y, const void* r, const void* k, const void* v,
                    const void* g, const void* r_k, const void* lnw, const void* lnb, void* out, cudaStream_t stream);
-// Decode: s [B, H, N, N] fp32 updated in place; out [B, H*N] act.
+// Decode: s [B, H, N, N] fp32 updated in place; out [B, H*N] act. staged: move the state through shared
+// memory in coalesced rows (many rows; head sizes <= 64, others ignore it).
 int v7_tmix_one_launch(int act, int B, int H, int N, const void* r, const void* k, const void* v, const void* wl,
                        const void* al, const void* g, const void* vl, const void* v_first, const float* w0,
                        const void* a0, const void* k_k, const void* k_a, const void* v0, const void* r_k,
-                       const void* lnw, const void* lnb, float* s, void* out, cudaStream_t stream);
+                       const void* lnw, const void* lnb, float* s, void* out, bool staged, cudaStream_t stream);
 
 }  // namespace rwkv_chat

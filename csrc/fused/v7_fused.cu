@@ -292,7 +292,10 @@ __global__ void __launch_bounds__(N) v7_post_kernel(int H, const float* __restri
                                          to_f32(g[o]), c, r_k, lnw, lnb, sh));
 }
 
-template <typename F, int N>
+// STAGE: the state moves between global and shared memory in coalesced float4 rows (thread i then
+// takes row i from a padded tile, N + 1 floats per row, no bank conflicts); without it each thread
+// reads its own 4*N-byte row directly (fine for few blocks, strided for many: batch > 4).
+template <typename F, int N, bool STAGE>
 __global__ void __launch_bounds__(N) v7_tmix_one_kernel(
     int H, const F* __restrict__ r, const F* __restrict__ k, const F* __restrict__ v, const F* __restrict__ wl,
     const F* __restrict__ al, const F* __restrict__ g, const F* __restrict__ vl, const F* __restrict__ v_first,
@@ -309,10 +312,25 @@ __global__ void __launch_bounds__(N) v7_tmix_one_kernel(
     // state row i (value index) into registers while the inputs are computed
     float S[N];
     float4* srow = reinterpret_cast<float4*>(s + (bh * N + i) * N);
+    extern __shared__ float stile[];                 // STAGE: [N][N + 1]
+    float4* g4 = reinterpret_cast<float4*>(s + bh * N * N);
+    if (STAGE) {
 #pragma unroll
-    for (int j = 0; j < N / 4; ++j) {
-        const float4 q = srow[j];
-        S[4 * j] = q.x; S[4 * j + 1] = q.y; S[4 * j + 2] = q.z; S[4 * j + 3] = q.w;
+        for (int u = 0; u < N / 4; ++u) {            // N*N/4 float4 over N threads, consecutive per warp
+            const int e = i + N * u;
+            const float4 q = g4[e];
+            float* d = stile + (e / (N / 4)) * (N + 1) + (e % (N / 4)) * 4;
+            d[0] = q.x; d[1] = q.y; d[2] = q.z; d[3] = q.w;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int j = 0; j < N; ++j) S[j] = stile[i * (N + 1) + j];
+    } else {
+#pragma unroll
+        for (int j = 0; j < N / 4; ++j) {
+            const float4 q = srow[j];
+            S[4 * j] = q.x; S[4 * j + 1] = q.y; S[4 * j + 2] = q.z; S[4 * j + 3] = q.w;
+        }
     }
     const PreOut p = pre_elem<F, N>(o, c, k, v, wl, al, vl, v_first, w0, a0, k_k, k_a, v0, sh);
     // the WKV inputs in the activation dtype, as the sequence path passes them
@@ -332,8 +350,21 @@ __global__ void __launch_bounds__(N) v7_tmix_one_kernel(
         y0 += S[j] * sr[j];
         y1 += S[j + 1] * sr[j + 1];
     }
+    if (STAGE) {
+        __syncthreads();
 #pragma unroll
-    for (int j = 0; j < N / 4; ++j) srow[j] = make_float4(S[4 * j], S[4 * j + 1], S[4 * j + 2], S[4 * j + 3]);
+        for (int j = 0; j < N; ++j) stile[i * (N + 1) + j] = S[j];
+        __syncthreads();
+#pragma unroll
+        for (int u = 0; u < N / 4; ++u) {
+            const int e = i + N * u;
+            const float* d = stile + (e / (N / 4)) * (N + 1) + (e % (N / 4)) * 4;
+            g4[e] = make_float4(d[0], d[1], d[2], d[3]);
+        }
+    } else {
+#pragma unroll
+        for (int j = 0; j < N / 4; ++j) srow[j] = make_float4(S[4 * j], S[4 * j + 1], S[4 * j + 2], S[4 * j + 3]);
+    }
     const float y = round_act<F>(y0 + y1);
     out[o] = from_f32<F>(post_elem<F, N>(y, rf, sk[i], vv, to_f32(g[o]), c, r_k, lnw, lnb, sh));
 }
@@ -431,12 +462,24 @@ int v7_post_launch(int act, int rows, int H, int N, const float* y, const void* 
 int v7_tmix_one_launch(int act, int B, int H, int N, const void* r, const void* k, const void* v, const void* wl,
                        const void* al, const void* g, const void* vl, const void* v_first, const float* w0,
                        const void* a0, const void* k_k, const void* k_a, const void* v0, const void* r_k,
-                       const void* lnw, const void* lnb, float* s, void* out, cudaStream_t stream) {
+                       const void* lnw, const void* lnb, float* s, void* out, bool staged, cudaStream_t stream) {
     if (B * H == 0) return 0;
     const bool ok = head_size_dispatch(N, [&](auto n_tag) {
         constexpr int NN = decltype(n_tag)::value;
+        constexpr bool kCanStage = NN >= 4 && NN <= 64;   // tile <= 16.3 KB of shared memory
+        if (staged && kCanStage) {
+            RWKV_CHAT_DISPATCH_ACT(static_cast<ActType>(act), F,
+                v7_tmix_one_kernel<F, NN, kCanStage><<<B * H, NN, NN * (NN + 1) * sizeof(float), stream>>>(H,
+                    static_cast<const F*>(r), static_cast<const F*>(k), static_cast<const F*>(v),
+                    static_cast<const F*>(wl), static_cast<const F*>(al), static_cast<const F*>(g),
+                    static_cast<const F*>(vl), static_cast<const F*>(v_first), w0, static_cast<const F*>(a0),
+                    static_cast<const F*>(k_k), static_cast<const F*>(k_a), static_cast<const F*>(v0),
+                    static_cast<const F*>(r_k), static_cast<const F*>(lnw), static_cast<const F*>(lnb), s,
+                    static_cast<F*>(out)));
+            return;
+        }
         RWKV_CHAT_DISPATCH_ACT(static_cast<ActType>(act), F,
-            v7_tmix_one_kernel<F, NN><<<B * H, NN, 0, stream>>>(H, static_cast<const F*>(r),
+            v7_tmix_one_kernel<F, NN, false><<<B * H, NN, 0, stream>>>(H, static_cast<const F*>(r),
                 static_cast<const F*>(k), static_cast<const F*>(v), static_cast<const F*>(wl),
                 static_cast<const F*>(al), static_cast<const F*>(g), static_cast<const F*>(vl),
                 static_cast<const F*>(v_first), w0, static_cast<const F*>(a0), static_cast<const F*>(k_k),

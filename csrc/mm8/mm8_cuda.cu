@@ -15,6 +15,7 @@
 #include <algorithm>
 #include "../common/cuda_common.cuh"
 #include "../common/launchers.h"
+#include "mm8_multi.h"
 
 namespace rwkv_chat {
 namespace {
@@ -38,13 +39,14 @@ __device__ __forceinline__ void unpack16(const uint4 q, float f[16]) {
 // goes to q*32 + cg*4, so that 8 threads storing one float4 each hit 8 distinct bank quads.
 __device__ __forceinline__ int red_pos(int c) { return ((c & 15) >> 2) * 32 + (c >> 4) * 4 + (c & 3); }
 
+// One block's work: column tile `tile`, split-K slice `s`, x rows [blockIdx.z * R, +R); `act` 3 applies
+// relu^2 to x as it is loaded (rounded to the activation dtype, as the unfused path stores it).
 template <typename F, int R>
-__global__ void __launch_bounds__(kThreads) mm8_gemv_kernel(
+__device__ __forceinline__ void mm8_gemv_body(
     int rows, int N, int M, const F* __restrict__ x, const uint8_t* __restrict__ w, const F* __restrict__ mx,
     const F* __restrict__ rx, const F* __restrict__ my, const F* __restrict__ ry, int split, int rows_per_split,
-    float* __restrict__ partial, unsigned* __restrict__ counters, F* __restrict__ y) {
-    const int tile = blockIdx.x;
-    const int s = blockIdx.y;
+    float* __restrict__ partial, unsigned* __restrict__ counters, F* __restrict__ y, int tile, int s, int act,
+    int n_tiles) {
     const int r0 = blockIdx.z * R;              // first x row of this block
     const int nr = min(R, rows - r0);
     const int cg = threadIdx.x % kColThreads, rg = threadIdx.x / kColThreads;
@@ -75,7 +77,11 @@ __global__ void __launch_bounds__(kThreads) mm8_gemv_kernel(
             ryv[u] = ok ? to_f32(ry[n]) : 0.f;
             myv[u] = ok ? to_f32(my[n]) : 0.f;
 #pragma unroll
-            for (int r = 0; r < R; ++r) xv_[u][r] = (ok && r < nr) ? to_f32(x[(long)(r0 + r) * N + n]) : 0.f;
+            for (int r = 0; r < R; ++r) {
+                float xv = (ok && r < nr) ? to_f32(x[(long)(r0 + r) * N + n]) : 0.f;
+                if (act == 3) { xv = fmaxf(xv, 0.f); xv = to_f32(from_f32<F>(xv * xv)); }
+                xv_[u][r] = xv;
+            }
         }
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
@@ -140,7 +146,7 @@ __global__ void __launch_bounds__(kThreads) mm8_gemv_kernel(
     // Split-K: the last block of this (tile, row group) to finish sums the slices.
     __threadfence();
     __syncthreads();
-    unsigned* counter = counters + blockIdx.z * gridDim.x + tile;
+    unsigned* counter = counters + blockIdx.z * n_tiles + tile;
     if (threadIdx.x == 0) is_last = atomicAdd(counter, 1u) == (unsigned)(split - 1);
     __syncthreads();
     if (!is_last) return;
@@ -155,6 +161,30 @@ __global__ void __launch_bounds__(kThreads) mm8_gemv_kernel(
         }
     }
     if (threadIdx.x == 0) *counter = 0u;
+}
+
+template <typename F, int R>
+__global__ void __launch_bounds__(kThreads) mm8_gemv_kernel(
+    int rows, int N, int M, const F* __restrict__ x, const uint8_t* __restrict__ w, const F* __restrict__ mx,
+    const F* __restrict__ rx, const F* __restrict__ my, const F* __restrict__ ry, int split, int rows_per_split,
+    float* __restrict__ partial, unsigned* __restrict__ counters, F* __restrict__ y) {
+    mm8_gemv_body<F, R>(rows, N, M, x, w, mx, rx, my, ry, split, rows_per_split, partial, counters, y, blockIdx.x,
+                        blockIdx.y, 0, gridDim.x);
+}
+
+// Grouped: blockIdx.x runs over every entry's (slice, tile) blocks, entry e from block_begin.
+template <typename F, int R>
+__global__ void __launch_bounds__(kThreads) mm8_multi_kernel(Mm8Batch batch) {
+    int e = 0;
+#pragma unroll 1
+    while (e + 1 < batch.n && (int)blockIdx.x >= batch.e[e + 1].block_begin) ++e;
+    const Mm8Entry& E = batch.e[e];
+    const int local = blockIdx.x - E.block_begin;
+    const int tiles = (E.M + kTileCols - 1) / kTileCols;
+    mm8_gemv_body<F, R>(batch.rows, E.N, E.M, static_cast<const F*>(E.x), E.w, static_cast<const F*>(E.mx),
+                        static_cast<const F*>(E.rx), static_cast<const F*>(E.my), static_cast<const F*>(E.ry),
+                        E.split, E.rows_per_split, E.partial, E.counters, static_cast<F*>(E.y), local % tiles,
+                        local / tiles, E.act, tiles);
 }
 
 // Dequantize 16 consecutive bytes of a row per thread (M % 16 == 0) or one byte (any M).
@@ -226,6 +256,57 @@ int mm8_gemv_launch(int act, int rows, int N, int M, const void* x, const uint8_
                 static_cast<const F*>(mx), static_cast<const F*>(rx), static_cast<const F*>(my),
                 static_cast<const F*>(ry), eff_split, rows_per_split, partial, counters, static_cast<F*>(y));
         });
+    return (int)cudaGetLastError();
+}
+
+int mm8_multi_prepare(Mm8Batch& batch, int sm_count) {
+    if (batch.n < 1 || batch.n > kMm8MaxEntries || batch.rows < 1 || batch.rows > kMm8MaxGemvRows) return -1;
+    const int R = row_group(batch.rows);
+    const int groups = (batch.rows + R - 1) / R;
+    int tiles_all = 0;
+    for (int i = 0; i < batch.n; ++i) {
+        if (batch.e[i].M % 16 != 0 || batch.e[i].N < 1) return -1;
+        tiles_all += (batch.e[i].M + kTileCols - 1) / kTileCols;
+    }
+    // about two blocks per multiprocessor over the whole group; each entry gets the same split
+    const int target = 2 * std::max(sm_count, 1);
+    const int want = std::max(1, (target + tiles_all * groups - 1) / (tiles_all * groups));
+    int blocks = 0, partial = 0, counters = 0;
+    for (int i = 0; i < batch.n; ++i) {
+        Mm8Entry& E = batch.e[i];
+        const int tiles = (E.M + kTileCols - 1) / kTileCols;
+        int split = std::max(1, std::min(want, std::max(1, E.N / kRowGroups)));
+        int rps = (E.N + split - 1) / split;
+        rps = (rps + kRowGroups - 1) / kRowGroups * kRowGroups;
+        E.split = std::max(1, (E.N + rps - 1) / rps);
+        E.rows_per_split = rps;
+        E.block_begin = blocks;
+        blocks += tiles * E.split;
+        E.partial_offset = partial;
+        E.counter_offset = counters;
+        if (E.split > 1) {
+            partial += E.split * batch.rows * E.M;
+            counters += tiles * groups;
+        }
+    }
+    batch.blocks = blocks;
+    batch.partial_floats = partial;
+    batch.counter_count = counters;
+    return 0;
+}
+
+int mm8_multi_launch(int act, Mm8Batch batch, float* partial, unsigned* counters, cudaStream_t stream) {
+    if (batch.blocks == 0) return 0;
+    for (int i = 0; i < batch.n; ++i) {
+        Mm8Entry& E = batch.e[i];
+        E.partial = E.split > 1 ? partial + E.partial_offset : nullptr;
+        E.counters = E.split > 1 ? counters + E.counter_offset : nullptr;
+    }
+    const int R = row_group(batch.rows);
+    const dim3 grid(batch.blocks, 1, (batch.rows + R - 1) / R);
+    RWKV_CHAT_DISPATCH_ACT(static_cast<ActType>(act), F,
+        if (R == 1) mm8_multi_kernel<F, 1><<<grid, kThreads, 0, stream>>>(batch);
+        else mm8_multi_kernel<F, 4><<<grid, kThreads, 0, stream>>>(batch););
     return (int)cudaGetLastError();
 }
 

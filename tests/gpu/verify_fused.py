@@ -6,7 +6,8 @@ Random weights of an official RWKV-7 shape. Two models share the weights: one wi
 kernels and the fused paths, one built with ``kernels=False`` whose blocks run the eager torch code
 (``models/v7.py``). Checked, relative error ‖a − b‖ / ‖b‖ of fp16 logits and states <= 1e-2:
 prefill (64 tokens, full output) and decode steps through ``BatchDecoder`` (CUDA graphs) at batch
-1 and 3 (grouped GEMV, "ours" and "cublas") and 8 (cuBLAS GEMM), and fp16i8. Exit status 1 on a failure.
+1 and 3 (grouped GEMV, "ours" and "cublas") and 8 (cuBLAS GEMM; WKV fused or row-split; or the torch.compile'd step), and fp16i8
+(grouped mm8 GEMV at 1 and 3 rows). Exit status 1 on a failure.
 """
 
 from __future__ import annotations
@@ -72,16 +73,18 @@ def main() -> int:
         fused = RWKV(model=w, strategy=strategy)
         seq, st = fused.forward(tokens, None, full_output=True)
         # decode (CUDA graph) vs the same model's sequence path over prompt + the decoded tokens, per row
-        cases = [(1, "ours"), (3, "ours"), (1, "cublas"), (8, "auto")] if strategy == "cuda fp16" else [(1, "auto"), (2, "auto")]
-        for batch, gemv in cases:
-            got, _, dec = decode_run(fused, st, batch, 6, gemv=gemv)
+        cases = ([(1, "ours", "fused"), (3, "ours", "fused"), (1, "cublas", "fused"), (8, "auto", "fused"),
+                  (8, "auto", "fused-split"), (8, "auto", "compiled")] if strategy == "cuda fp16"
+                 else [(1, "auto", "fused"), (3, "auto", "fused"), (8, "auto", "fused")])
+        for batch, gemv, large in cases:
+            got, _, dec = decode_run(fused, st, batch, 6, gemv=gemv, large=large)
             if not dec.fused:
                 row(f"decode batch {batch}", strategy, "NOT FUSED (fused7.decode_ready False)", float("inf"))
                 continue
             want = torch.stack([fused.forward(tokens + [(31 * t + 7 * j) % fused.vocab_size for t in range(6)], None,
                                               full_output=True)[0][-6:].float() for j in range(batch)], dim=1)
             row(f"decode batch {batch}, 6 steps vs forward(prompt + 6) of the same model", strategy,
-                f"graph, gemv={dec.gemv}", rel(got, want))
+                f"graph, gemv={dec.gemv}" + (f", large={large}" if batch > 4 else ""), rel(got, want))
         # prefill: fused block vs the eager torch block (a model built without kernels, torch WKV paths)
         plain = RWKV(model=w, strategy=strategy, kernels=False)
         plain._seq_block = None
