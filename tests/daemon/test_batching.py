@@ -58,7 +58,7 @@ def _overlapped(results) -> bool:
 
 @pytest.mark.parametrize("n", [2, 3])
 def test_concurrent_greedy_equals_alone(daemon_home, n):
-    sampling = dict(max_tokens=128, **GREEDY)
+    sampling = dict(max_tokens=600, **GREEDY)  # long enough that the requests surely overlap
     alone = [_generate(daemon_home, pr, sampling)[0] for pr in PROMPTS[:n]]
     together = _concurrent(daemon_home, PROMPTS[:n], sampling)
     assert _overlapped(together), "the generations did not run at the same time"
@@ -66,7 +66,7 @@ def test_concurrent_greedy_equals_alone(daemon_home, n):
 
 
 def test_seeded_sampling_is_unchanged_by_batching(daemon_home):
-    sampling = dict(max_tokens=128, temperature=1.0, top_p=0.9, alpha_frequency=0.2, alpha_presence=0.2, seed=11)
+    sampling = dict(max_tokens=600, temperature=1.0, top_p=0.9, alpha_frequency=0.2, alpha_presence=0.2, seed=11)
     alone = [_generate(daemon_home, pr, sampling)[0] for pr in PROMPTS]
     together = _concurrent(daemon_home, PROMPTS, sampling)
     assert _overlapped(together)
