@@ -22,6 +22,12 @@
 
 namespace rwkv_chat {
 namespace fused {
+
+RWKV_FUSED_CLONES
+void gemv_tiles(const float* x, int64_t N, const float* w, int64_t M, float* y, int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) gemv_tile<8>(x, N, w + 64 * t, M, y + 64 * t);
+}
+
 namespace {
 
 using Buf = std::unique_ptr<float[]>;

@@ -9,8 +9,11 @@
 
 #include <cmath>
 #include <cstdint>
+#include <omp.h>
+
 #include <algorithm>
 #include <cstring>
+#include <memory>
 
 #include "../common/cpu_kernels.h"
 
@@ -83,11 +86,36 @@ RWKV_FUSED_INLINE void gemv(const float* x, int64_t N, const W* w, int64_t M, fl
     for (; j < M; ++j) gemv_col(x, N, w + j, M, y + j);
 }
 
+// Columns [64 t0, 64 t1) of y = x @ W (one row x), in register tiles; compiled per CPU (clones).
+void gemv_tiles(const float* x, int64_t N, const float* w, int64_t M, float* y, int64_t t0, int64_t t1);
+
+// y = x @ W for one row and a large W: 64-column tiles split over the OpenMP threads, each streaming
+// its tiles' rows once (memory-bound: the weight bytes are the cost).
+template <typename W>
+inline void gemv_parallel(const float* x, int64_t N, const W* w, int64_t M, float* y) {
+    const int64_t tiles = M / 64;
+#pragma omp parallel
+    {
+        const int64_t nt = omp_get_num_threads(), id = omp_get_thread_num();
+        const int64_t t0 = tiles * id / nt, t1 = tiles * (id + 1) / nt;
+        if (t1 > t0) gemv_tiles(x, N, w, M, y, t0, t1);
+    }
+    for (int64_t j = tiles * 64; j < M; ++j) {
+        float acc = 0.f;
+        for (int64_t n = 0; n < N; ++n) acc += x[n] * static_cast<float>(w[n * M + j]);
+        y[j] = acc;
+    }
+}
+
 // y[R, M] = x[R, N] (row stride ldx) @ W. y must not alias x.
 RWKV_FUSED_INLINE void gemm(const float* x, int64_t ldx, int64_t R, const Mat& m, float* y) {
     const int64_t N = m.N, M = m.M;
     const bool big = R * N * M >= kBigWork;
     if (m.w != nullptr) {
+        if (big && R == 1 && omp_get_max_threads() > 1) {   // measured: beats MKL's sgemv with 2 threads,
+            gemv_parallel(x, N, m.w, M, y);                 // not with 1
+            return;
+        }
         if (big) {
             auto opts = at::TensorOptions().dtype(at::kFloat);
             at::Tensor xt = at::from_blob(const_cast<float*>(x), {R, N}, {ldx, 1}, opts);

@@ -176,3 +176,14 @@ def test_long_prompt_takes_the_eager_path(model_path, monkeypatch):
     _close(whole, part)
     for a, b in zip(st, s2):
         _close(a, b)
+
+
+def test_rescale_layer_matches_eager(model_path):
+    model = RWKV(model_path("6"), "cpu fp32", rescale_layer=3)
+    assert model.fused_cpu is not None and model.rescale_layer == 3
+    lf, sf = model.forward(PROMPT, None)
+    with _Eager(model):
+        le, se = model.forward(PROMPT, None)
+    _close(lf, le)
+    for a, b in zip(sf, se):
+        _close(a, b)
