@@ -155,6 +155,7 @@ class RWKV:
         self.head = self._convert(w["head.weight"].t(), "matrix", head, spec.n_layer)
         self._zero = [gen.zero_state(spec, 1, self._devices[i], plan.layers[i].atype, self.layers[i])
                       for i in range(spec.n_layer)]
+        self._state_shapes = [t.shape[1:] for z in self._zero for t in z]
         if progress is not None:
             progress(total, total)
 
@@ -190,10 +191,12 @@ class RWKV:
                              f"this is v{self.version}, {self.fingerprint}")
         if state.n_layer != self.n_layer or state.names != self._gen.STATE_NAMES:
             raise StateError("state layout does not match this model")
-        for z, layer in zip(self._zero, state.layers):
-            for a, b in zip(z, layer):
-                if a.shape[1:] != b.shape[1:]:
-                    raise StateError(f"state tensor shape {tuple(b.shape)} does not match {tuple(a.shape)}")
+        shapes = [t.shape[1:] for layer in state.layers for t in layer]     # one pass, no per-tensor calls
+        if shapes != self._state_shapes:
+            for a, b in zip(self._state_shapes, shapes):
+                if a != b:
+                    raise StateError(f"state tensor shape {tuple(b)} (per sequence) does not match {tuple(a)}")
+            raise StateError("state layout does not match this model")
 
     def place_state(self, state: State) -> State:
         """``state`` moved to this model's devices and activation dtypes, after ``check_state``."""
