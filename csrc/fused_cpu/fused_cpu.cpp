@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "fused_cpu.h"
+#include "../common/wkv4_step.h"
 
 namespace rwkv_chat {
 namespace fused {
@@ -345,17 +346,7 @@ class FusedCpuModel : public torch::CustomClassHolder {
                 for (int64_t t = 0; t < T; ++t) {
                     const int64_t o = (b * T + t) * A + c;
                     const float kk = k[o], vv = v[o];
-                    float ww = u[c] + kk;
-                    float p = std::max(p_, ww);
-                    float e1 = std::exp(p_ - p), e2 = std::exp(ww - p);
-                    y[o] = sigmoid(rr[o]) * ((e1 * a_ + e2 * vv) / (e1 * b_ + e2));
-                    ww = w[c] + p_;
-                    p = std::max(ww, kk);
-                    e1 = std::exp(ww - p);
-                    e2 = std::exp(kk - p);
-                    a_ = e1 * a_ + e2 * vv;
-                    b_ = e1 * b_ + e2;
-                    p_ = p;
+                    y[o] = sigmoid(rr[o]) * wkv4_step(w[c], u[c], kk, vv, a_, b_, p_);
                 }
                 aa[b * A + c] = a_; bb[b * A + c] = b_; pp[b * A + c] = p_;
             }

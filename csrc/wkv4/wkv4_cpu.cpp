@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "../common/cpu_kernels.h"
+#include "../common/wkv4_step.h"
 
 namespace rwkv_chat {
 namespace {
@@ -21,18 +22,7 @@ void wkv4_impl(int64_t B, int64_t T, int64_t C, const float* w_, const float* u_
         for (int64_t t = 0; t < T; ++t) {
             const float kk = static_cast<float>(k_[base + t * C]);
             const float vv = static_cast<float>(v_[base + t * C]);
-            float ww = u + kk;
-            float p = std::max(pp, ww);
-            float e1 = std::exp(pp - p);
-            float e2 = std::exp(ww - p);
-            y_[base + t * C] = static_cast<F>((e1 * aa + e2 * vv) / (e1 * bb + e2));
-            ww = w + pp;
-            p = std::max(ww, kk);
-            e1 = std::exp(ww - p);
-            e2 = std::exp(kk - p);
-            aa = e1 * aa + e2 * vv;
-            bb = e1 * bb + e2;
-            pp = p;
+            y_[base + t * C] = static_cast<F>(wkv4_step(w, u, kk, vv, aa, bb, pp));
         }
         aa_out[idx] = aa;
         bb_out[idx] = bb;

@@ -4,6 +4,7 @@
 // coalesced across channels; the next token's k, v are fetched before the current one is used.
 #include "../common/cuda_common.cuh"
 #include "../common/launchers.h"
+#include "../common/wkv4_step.h"
 
 namespace rwkv_chat {
 namespace {
@@ -31,18 +32,7 @@ __global__ void wkv4_kernel(int B, int T, int C, const float* __restrict__ w_, c
             kn = to_f32(k[(long)(t + 1) * C]);
             vn = to_f32(v[(long)(t + 1) * C]);
         }
-        float ww = u + kk;
-        float p = fmaxf(pp, ww);
-        float e1 = expf(pp - p);
-        float e2 = expf(ww - p);
-        y[(long)t * C] = from_f32<F>((e1 * aa + e2 * vv) / (e1 * bb + e2));
-        ww = w + pp;
-        p = fmaxf(ww, kk);
-        e1 = expf(ww - p);
-        e2 = expf(kk - p);
-        aa = e1 * aa + e2 * vv;
-        bb = e1 * bb + e2;
-        pp = p;
+        y[(long)t * C] = from_f32<F>(wkv4_step(w, u, kk, vv, aa, bb, pp));
     }
     aa_out[idx] = aa;
     bb_out[idx] = bb;
