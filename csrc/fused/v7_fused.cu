@@ -32,6 +32,31 @@ __device__ __forceinline__ float sigmoidf_(float x) { return 1.f / (1.f + __expf
 
 template <typename F> __device__ __forceinline__ float round_act(float x) { return to_f32(from_f32<F>(x)); }
 
+// Programmatic dependent launch (sm_90+): kernels launched by `launch` below may start while the
+// previous kernel of the stream (or CUDA graph) still runs. `pdl_trigger` lets the next kernel launch
+// now; `pdl_wait` returns once the previous kernel has completed and its writes are visible. Every
+// thread calls `pdl_wait` before it reads anything a previous kernel wrote (activations, state) and
+// before it writes anything; only immutable weights are read before it. Both are no-ops when the
+// kernel was launched without the attribute or below sm_90.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+// Ask L2 for the 128-byte lines of [p, p + bytes), spread over the block's threads (safe before
+// pdl_wait: L2 is the point of coherence, a prefetch never returns stale data to the SM).
+__device__ __forceinline__ void prefetch_l2(const void* p, long bytes) {
+    if (p == nullptr) return;
+    const char* c = static_cast<const char*>(p);
+    for (long o = (long)threadIdx.x * 128; o < bytes; o += (long)blockDim.x * 128)
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(c + o));
+}
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
+}
+
 // Sum over the NT threads of a block (NT <= 1024); sh: >= 32 floats of shared memory. All threads
 // get the result. Contains barriers: every thread of the block must call it.
 template <int NT>
@@ -80,6 +105,11 @@ __global__ void __launch_bounds__(kMixThreads) v7_mix_kernel(
     float* cur = smem;           // [C]
     float* prev = smem + C;      // [C]
     __shared__ float2 red[32];
+    pdl_trigger();
+    prefetch_l2(ln_w, (long)C * sizeof(F));
+    prefetch_l2(ln_b, (long)C * sizeof(F));
+    prefetch_l2(mix, (long)n_mix * C * sizeof(F));
+    pdl_wait();
     const long row = blockIdx.x;
     const int b = (int)(row / T), t = (int)(row % T);
     const bool has_prev = t > 0;
@@ -134,6 +164,7 @@ __global__ void __launch_bounds__(kMixThreads) v7_mix_kernel(
 constexpr int kGemvThreads = 256;
 constexpr int kGemvWarps = kGemvThreads / 32;
 constexpr int kGemvUnroll = 4;
+constexpr long kGemvTargetWarps = 8192;   // ~ 2 waves of 32 resident warps on 132 SMs
 
 __device__ __forceinline__ float act_apply(int act, float v) {
     switch (act) {
@@ -146,14 +177,18 @@ __device__ __forceinline__ float act_apply(int act, float v) {
 
 template <typename F, int R, bool VEC>
 __global__ void __launch_bounds__(kGemvThreads) gemv_multi_kernel(GemvBatch batch) {
+    pdl_trigger();
     int e = 0;
 #pragma unroll 1
     while (e + 1 < batch.n && (int)blockIdx.x >= batch.e[e + 1].block_begin) ++e;
     const GemvEntry& E = batch.e[e];
     const int lpr = 1 << E.lpr_log2, rpw = 32 / lpr;
+    const int S = 1 << E.ks_log2;                      // warps per output group, each a slice of N
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int sub = lane / lpr, l = lane % lpr;
-    const int m = ((blockIdx.x - E.block_begin) * kGemvWarps + warp) * rpw + sub;
+    const int ks = warp & (S - 1), wg = warp >> E.ks_log2;
+    const int m = ((blockIdx.x - E.block_begin) * (kGemvWarps >> E.ks_log2) + wg) * rpw + sub;
+    const int L = ks * lpr + l, TL = S * lpr;          // this lane's index along N, lanes along N
     const bool active = m < E.M;
     const int N = E.N, rows = batch.rows, act = E.act;
     const F* __restrict__ w = static_cast<const F*>(E.w) + (long)(active ? m : 0) * N;
@@ -164,13 +199,23 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_multi_kernel(GemvBatch batc
     if (VEC) {
         constexpr int EPV = 16 / sizeof(F);
         union V { uint4 q; F v[EPV]; };
-        const int step = lpr * EPV;
-        for (int n0 = l * EPV; n0 < N; n0 += step * kGemvUnroll) {
-            V wq[kGemvUnroll];
+        const int step = TL * EPV, chunk = step * kGemvUnroll;
+        // software pipeline: the next chunk's weights are in flight while this chunk is used; the
+        // first chunk is requested before pdl_wait (weights never change), overlapping the previous kernel
+        V wq[kGemvUnroll];
+        int n0 = L * EPV;
+#pragma unroll
+        for (int u = 0; u < kGemvUnroll; ++u) {
+            const int n = n0 + u * step;
+            wq[u].q = (active && n < N) ? __ldcs(reinterpret_cast<const uint4*>(w + n)) : make_uint4(0, 0, 0, 0);
+        }
+        pdl_wait();
+        for (; n0 < N; n0 += chunk) {
+            V wn[kGemvUnroll];
 #pragma unroll
             for (int u = 0; u < kGemvUnroll; ++u) {
-                const int n = n0 + u * step;
-                wq[u].q = (active && n < N) ? __ldcs(reinterpret_cast<const uint4*>(w + n)) : make_uint4(0, 0, 0, 0);
+                const int n = n0 + chunk + u * step;
+                wn[u].q = (active && n < N) ? __ldcs(reinterpret_cast<const uint4*>(w + n)) : make_uint4(0, 0, 0, 0);
             }
 #pragma unroll
             for (int u = 0; u < kGemvUnroll; ++u) {
@@ -194,9 +239,12 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_multi_kernel(GemvBatch batc
                     }
                 }
             }
+#pragma unroll
+            for (int u = 0; u < kGemvUnroll; ++u) wq[u] = wn[u];
         }
     } else {
-        for (int n = l; n < N; n += lpr) {
+        pdl_wait();
+        for (int n = L; n < N; n += TL) {
             const float wv = active ? to_f32(w[n]) : 0.f;
 #pragma unroll
             for (int r = 0; r < R; ++r)
@@ -209,7 +257,21 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_multi_kernel(GemvBatch batc
         for (int o = 16; o > 0; o >>= 1)
             if (o < lpr) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], o);
     }
-    if (active && l == 0) {
+    if (S > 1) {                                       // uniform in the block (one entry per block)
+        __shared__ float part[kGemvWarps * 32 * R];
+        if (l == 0) {
+#pragma unroll
+            for (int r = 0; r < R; ++r) part[(warp * 32 + sub) * R + r] = acc[r];
+        }
+        __syncthreads();
+        if (ks == 0 && l == 0) {
+            for (int j = 1; j < S; ++j) {
+#pragma unroll
+                for (int r = 0; r < R; ++r) acc[r] += part[((warp + j) * 32 + sub) * R + r];
+            }
+        }
+    }
+    if (active && l == 0 && ks == 0) {
 #pragma unroll
         for (int r = 0; r < R; ++r) {
             if (r < rows) {
@@ -304,6 +366,14 @@ __global__ void __launch_bounds__(N) v7_tmix_one_kernel(
     float* __restrict__ s, F* __restrict__ out) {
     __shared__ float sh[32];
     __shared__ __align__(16) float sw[N], sk[N], sa[N], sb[N], sr[N];
+    pdl_trigger();
+    {
+        const long c0 = (long)(blockIdx.x % H) * N;
+        prefetch_l2(s + (long)blockIdx.x * N * N, (long)N * N * sizeof(float));
+        prefetch_l2(w0 + c0, N * sizeof(float));
+        for (const F* q : {a0, k_k, k_a, v0, r_k, lnw, lnb}) prefetch_l2(q ? q + c0 : nullptr, N * sizeof(F));
+    }
+    pdl_wait();
     const long bh = blockIdx.x;
     const long row = bh / H;
     const int h = bh % H, i = threadIdx.x;
@@ -369,6 +439,40 @@ __global__ void __launch_bounds__(N) v7_tmix_one_kernel(
     out[o] = from_f32<F>(post_elem<F, N>(y, rf, sk[i], vv, to_f32(g[o]), c, r_k, lnw, lnb, sh));
 }
 
+// Whether the current device takes programmatic dependent launches (compute capability 9.0+).
+bool pdl_supported() {
+    static int cache[64] = {0};   // 0 unknown, 1 yes, 2 no
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
+    if (cache[dev] == 0) {
+        int major = 0;
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+        cache[dev] = major >= 9 ? 1 : 2;
+    }
+    return cache[dev] == 1;
+}
+
+// Launch a kernel that calls pdl_wait before touching data of earlier kernels, allowing it to start
+// while the previous kernel in the stream finishes (programmatic stream serialization; a CUDA graph
+// captured from the stream keeps the edge programmatic). Returns the launch's error code.
+template <typename... KArgs, typename... Args>
+cudaError_t launch(void (*kernel)(KArgs...), unsigned grid, unsigned block, size_t smem, cudaStream_t stream,
+                   Args... args) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(grid);
+    cfg.blockDim = dim3(block);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = pdl_supported() ? 1 : 0;
+    return cudaLaunchKernelEx(&cfg, kernel, args...);
+}
+
+int launch_rc(cudaError_t e) { return (int)(e != cudaSuccess ? e : cudaGetLastError()); }
+
 template <typename Fn>
 bool head_size_dispatch(int N, Fn&& fn) {
     switch (N) {
@@ -389,12 +493,13 @@ int v7_mix_launch(int act, int rows, int T, int C, int n_mix, const void* x, con
     if (rows == 0) return 0;
     const size_t smem = 2 * (size_t)C * sizeof(float);
     if (smem > 48 * 1024) return kUnsupported;
+    cudaError_t err = cudaSuccess;
     RWKV_CHAT_DISPATCH_ACT(static_cast<ActType>(act), F,
-        v7_mix_kernel<F><<<rows, kMixThreads, smem, stream>>>(T, C, n_mix, static_cast<const F*>(x),
+        err = launch(v7_mix_kernel<F>, rows, kMixThreads, smem, stream, T, C, n_mix, static_cast<const F*>(x),
             static_cast<const F*>(dx), static_cast<F*>(x_out), static_cast<const F*>(ln_w),
             static_cast<const F*>(ln_b), static_cast<const F*>(shift), static_cast<F*>(shift_out),
             static_cast<const F*>(mix), static_cast<F*>(out), out_stride));
-    return (int)cudaGetLastError();
+    return launch_rc(err);
 }
 
 int gemv_multi_launch(int act, GemvBatch batch, cudaStream_t stream) {
@@ -410,22 +515,32 @@ int gemv_multi_launch(int act, GemvBatch batch, cudaStream_t stream) {
         while ((1 << lg) < lanes && lg < 5) ++lg;
         E.lpr_log2 = lg;
         const int rpw = 32 >> lg;
-        const int warps = (E.M + rpw - 1) / rpw;
+        const int groups = (E.M + rpw - 1) / rpw;
+        // few outputs with long rows: split each dot product over 2..8 warps of a block (partial sums
+        // through shared memory) while the grid stays under kGemvTargetWarps warps and every warp keeps
+        // at least two 16-byte loads per lane
+        int ks = 0;
+        while (ks < 3 && ((long)groups << (ks + 1)) <= kGemvTargetWarps &&
+               (E.N >> (ks + 1)) >= (epv << lg) * kGemvUnroll / 2)
+            ++ks;
+        E.ks_log2 = ks;
+        const int per_block = (kGemvWarps >> ks) * rpw;
         E.block_begin = blocks;
-        blocks += (warps + kGemvWarps - 1) / kGemvWarps;
+        blocks += (E.M + per_block - 1) / per_block;
         vec = vec && E.N % epv == 0 && E.x_stride % epv == 0 && reinterpret_cast<uintptr_t>(E.w) % 16 == 0 &&
               reinterpret_cast<uintptr_t>(E.x) % 16 == 0;
     }
     if (blocks == 0) return 0;
+    cudaError_t err = cudaSuccess;
     RWKV_CHAT_DISPATCH_ACT(static_cast<ActType>(act), F,
         if (batch.rows == 1) {
-            if (vec) gemv_multi_kernel<F, 1, true><<<blocks, kGemvThreads, 0, stream>>>(batch);
-            else gemv_multi_kernel<F, 1, false><<<blocks, kGemvThreads, 0, stream>>>(batch);
+            err = vec ? launch(gemv_multi_kernel<F, 1, true>, blocks, kGemvThreads, 0, stream, batch)
+                      : launch(gemv_multi_kernel<F, 1, false>, blocks, kGemvThreads, 0, stream, batch);
         } else {
-            if (vec) gemv_multi_kernel<F, kGemvMaxRows, true><<<blocks, kGemvThreads, 0, stream>>>(batch);
-            else gemv_multi_kernel<F, kGemvMaxRows, false><<<blocks, kGemvThreads, 0, stream>>>(batch);
+            err = vec ? launch(gemv_multi_kernel<F, kGemvMaxRows, true>, blocks, kGemvThreads, 0, stream, batch)
+                      : launch(gemv_multi_kernel<F, kGemvMaxRows, false>, blocks, kGemvThreads, 0, stream, batch);
         });
-    return (int)cudaGetLastError();
+    return launch_rc(err);
 }
 
 int v7_pre_launch(int act, int rows, int H, int N, const void* k, const void* v, const void* wl, const void* al,
@@ -464,12 +579,13 @@ int v7_tmix_one_launch(int act, int B, int H, int N, const void* r, const void* 
                        const void* a0, const void* k_k, const void* k_a, const void* v0, const void* r_k,
                        const void* lnw, const void* lnb, float* s, void* out, bool staged, cudaStream_t stream) {
     if (B * H == 0) return 0;
+    cudaError_t err = cudaSuccess;
     const bool ok = head_size_dispatch(N, [&](auto n_tag) {
         constexpr int NN = decltype(n_tag)::value;
         constexpr bool kCanStage = NN >= 4 && NN <= 64;   // tile <= 16.3 KB of shared memory
         if (staged && kCanStage) {
             RWKV_CHAT_DISPATCH_ACT(static_cast<ActType>(act), F,
-                v7_tmix_one_kernel<F, NN, kCanStage><<<B * H, NN, NN * (NN + 1) * sizeof(float), stream>>>(H,
+                err = launch(v7_tmix_one_kernel<F, NN, kCanStage>, B * H, NN, NN * (NN + 1) * sizeof(float), stream, H,
                     static_cast<const F*>(r), static_cast<const F*>(k), static_cast<const F*>(v),
                     static_cast<const F*>(wl), static_cast<const F*>(al), static_cast<const F*>(g),
                     static_cast<const F*>(vl), static_cast<const F*>(v_first), w0, static_cast<const F*>(a0),
@@ -479,14 +595,14 @@ int v7_tmix_one_launch(int act, int B, int H, int N, const void* r, const void* 
             return;
         }
         RWKV_CHAT_DISPATCH_ACT(static_cast<ActType>(act), F,
-            v7_tmix_one_kernel<F, NN, false><<<B * H, NN, 0, stream>>>(H, static_cast<const F*>(r),
+            err = launch(v7_tmix_one_kernel<F, NN, false>, B * H, NN, 0, stream, H, static_cast<const F*>(r),
                 static_cast<const F*>(k), static_cast<const F*>(v), static_cast<const F*>(wl),
                 static_cast<const F*>(al), static_cast<const F*>(g), static_cast<const F*>(vl),
                 static_cast<const F*>(v_first), w0, static_cast<const F*>(a0), static_cast<const F*>(k_k),
                 static_cast<const F*>(k_a), static_cast<const F*>(v0), static_cast<const F*>(r_k),
                 static_cast<const F*>(lnw), static_cast<const F*>(lnb), s, static_cast<F*>(out)));
     });
-    return ok ? (int)cudaGetLastError() : kUnsupported;
+    return ok ? launch_rc(err) : kUnsupported;
 }
 
 }  // namespace rwkv_chat
