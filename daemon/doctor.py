@@ -46,13 +46,21 @@ def report(paths) -> dict:
     info = ping(paths, timeout=0.5)
     out["daemon"] = ({"running": True, "pid": info.pid, "request": info.request, "events": info.events}
                      if info else {"running": False})
-    try:
-        from rwkv_chat.models.kernels import report as kernels_report
-    except ImportError as e:
-        out["kernels"] = {"available": False, "reason": str(e)}
-    else:
-        try:
-            out["kernels"] = kernels_report()
-        except Exception as e:  # noqa: BLE001 — doctor reports, never fails
-            out["kernels"] = {"error": f"{type(e).__name__}: {e}"}
+    out["kernels"], out["kernel_builds"] = kernel_status()
     return out
+
+
+def kernel_status() -> tuple[dict, dict]:
+    """Build (or load from the cache) the kernels of every device type and report them:
+    ``({"cpu"|"cuda": {family: "ok" | reason}}, {device: {"key", "dir", "cached", "seconds"}})``.
+    A first run on a machine builds them (about a minute per device type)."""
+    try:
+        from rwkv_chat.models import kernels
+    except ImportError as e:
+        return {"cpu": {"all": f"engine not importable: {e}"}}, {}
+    try:
+        for dev in ("cpu", "cuda"):
+            kernels.ensure_built(dev)       # records a reason instead of raising (e.g. no CUDA)
+        return kernels.report(), dict(kernels.default_loader().builds)
+    except Exception as e:  # noqa: BLE001 — doctor reports, never fails
+        return {"error": f"{type(e).__name__}: {e}"}, {}

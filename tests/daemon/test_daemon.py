@@ -195,7 +195,12 @@ def test_status_doctor_and_second_start(daemon_home, model_path):
     assert "RWKV v5.2" in human and "cpu fp32" in human
     doc = json.loads(cli(daemon_home, "doctor", "--json").stdout)
     assert doc["daemon"]["running"] and doc["paths"]["data"].startswith(str(daemon_home))
-    assert "kernels" in doc and "version" in doc["torch"]
+    assert "version" in doc["torch"]
+    families = ("wkv4", "wkv5", "wkv6", "wkv7", "mm8", "gemm")
+    assert set(families) <= set(doc["kernels"]["cpu"]) and set(families) <= set(doc["kernels"]["cuda"])
+    assert all(doc["kernels"]["cpu"][f] == "ok" for f in ("wkv4", "wkv5", "wkv6", "wkv7", "mm8"))
+    assert all(doc["kernels"]["cuda"][f] != "ok" for f in families) or doc["torch"]["cuda_available"]
+    assert doc["kernel_builds"]["cpu"]["dir"].startswith(str(daemon_home))
     r = cli(daemon_home, "daemon", "start", "--foreground", check=False, timeout=60)
     assert r.returncode == 3 and f"pid {st_['pid']}" in r.stderr
     r = cli(daemon_home, "daemon", "start")
