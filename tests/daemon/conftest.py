@@ -70,6 +70,10 @@ def daemon_home(tmp_path_factory, model_path):
     """A running daemon (tiny v5.2 model) shared by one test module; stopped at the end."""
     home = make_home(tmp_path_factory.mktemp("home"))
     start_daemon(home, model_path("5.2"))
+    from rwkv_chat.daemon.client import Client
+
+    with Client(home_paths(home), autostart=False) as c:   # `daemon start` returns before the model is in
+        wait_for(lambda: (c.status().get("model") or {}).get("loaded"), timeout=180, interval=0.2)
     yield home
     stop_daemon(home)
 
