@@ -17,6 +17,7 @@
 //                times the gate g.
 //   v7_tmix_one  decode (T = 1): v7_pre + one WKV-7 state step (state in registers) + v7_post in one
 //                block per (batch row, head).
+#include <algorithm>
 #include <type_traits>
 #include "../common/cuda_common.cuh"
 #include "fused_launchers.h"
@@ -156,6 +157,58 @@ __global__ void __launch_bounds__(kMixThreads) v7_mix_kernel(
     if (t == T - 1 && shift_out) {
         __syncthreads();
         for (int c = threadIdx.x; c < C; c += kMixThreads) shift_out[(long)b * C + c] = from_f32<F>(cur[c]);
+    }
+}
+
+// v7_mix for T = 1 and few rows: a row's work spread over `slices` blocks of kMix1Threads. Each block
+// reads the whole row (x + dx, from L2) for the LayerNorm statistics (two passes, as v7_mix_kernel)
+// and writes only its slice of the outputs, so no block reduction spans more than 256 threads and
+// the writes and parameter reads are spread over several SMs. x_out must not alias x or dx.
+constexpr int kMix1Threads = 256;
+constexpr int kMixOneMaxRows = 4;
+constexpr int kMixOneMaxSlices = 16;
+
+template <typename F>
+__global__ void __launch_bounds__(kMix1Threads) v7_mix_one_kernel(
+    int C, int n_mix, int slices, const F* __restrict__ x, const F* __restrict__ dx, F* __restrict__ x_out,
+    const F* __restrict__ ln_w, const F* __restrict__ ln_b, const F* shift, F* shift_out,
+    const F* __restrict__ mix, F* __restrict__ out, long out_stride) {
+    extern __shared__ float cur[];   // [C]
+    __shared__ float red[kMix1Threads / 32];
+    const long row = blockIdx.x / slices;
+    const int sl = blockIdx.x % slices, per = (C + slices - 1) / slices;
+    const int c0 = min(C, sl * per), c1 = min(C, c0 + per);
+    pdl_trigger();
+    prefetch_l2(ln_w + c0, (long)(c1 - c0) * sizeof(F));
+    prefetch_l2(ln_b + c0, (long)(c1 - c0) * sizeof(F));
+    for (int m = 0; m < n_mix; ++m) prefetch_l2(mix + (long)m * C + c0, (long)(c1 - c0) * sizeof(F));
+    pdl_wait();
+    const F* xr = x + row * C;
+    const F* dr = dx ? dx + row * C : nullptr;
+    float sum = 0.f;
+    for (int c = threadIdx.x; c < C; c += kMix1Threads) {
+        float v = to_f32(xr[c]);
+        if (dr) v = round_act<F>(v + to_f32(dr[c]));
+        cur[c] = v;
+        sum += v;
+    }
+    const float mean = block_sum<kMix1Threads>(sum, red) / C;
+    float sq = 0.f;
+    for (int c = threadIdx.x; c < C; c += kMix1Threads) { const float d = cur[c] - mean; sq += d * d; }
+    const float rstd = rsqrtf(block_sum<kMix1Threads>(sq, red) / C + kLnEps);
+    for (int c = c0 + threadIdx.x; c < c1; c += kMix1Threads) {
+        const long o = row * C + c;
+        const float v = cur[c];
+        if (dr && x_out) x_out[o] = from_f32<F>(v);
+        const float xl = round_act<F>((v - mean) * rstd * to_f32(ln_w[c]) + to_f32(ln_b[c]));
+        const float pv = shift ? to_f32(shift[o]) : 0.f;
+        if (n_mix == 0) {
+            out[o] = from_f32<F>(xl);
+        } else {
+            const float d = pv - xl;
+            for (int m = 0; m < n_mix; ++m) out[m * out_stride + o] = from_f32<F>(xl + d * to_f32(mix[(long)m * C + c]));
+        }
+        if (shift_out) shift_out[o] = from_f32<F>(xl);
     }
 }
 
@@ -494,6 +547,15 @@ int v7_mix_launch(int act, int rows, int T, int C, int n_mix, const void* x, con
     const size_t smem = 2 * (size_t)C * sizeof(float);
     if (smem > 48 * 1024) return kUnsupported;
     cudaError_t err = cudaSuccess;
+    if (T == 1 && rows <= kMixOneMaxRows && (x_out == nullptr || (x_out != x && x_out != dx))) {   // decode
+        const int slices = std::max(1, std::min(kMixOneMaxSlices, C / kMix1Threads));
+        RWKV_CHAT_DISPATCH_ACT(static_cast<ActType>(act), F,
+            err = launch(v7_mix_one_kernel<F>, rows * slices, kMix1Threads, (size_t)C * sizeof(float), stream, C,
+                n_mix, slices, static_cast<const F*>(x), static_cast<const F*>(dx), static_cast<F*>(x_out),
+                static_cast<const F*>(ln_w), static_cast<const F*>(ln_b), static_cast<const F*>(shift),
+                static_cast<F*>(shift_out), static_cast<const F*>(mix), static_cast<F*>(out), out_stride));
+        return launch_rc(err);
+    }
     RWKV_CHAT_DISPATCH_ACT(static_cast<ActType>(act), F,
         err = launch(v7_mix_kernel<F>, rows, kMixThreads, smem, stream, T, C, n_mix, static_cast<const F*>(x),
             static_cast<const F*>(dx), static_cast<F*>(x_out), static_cast<const F*>(ln_w),
