@@ -216,7 +216,7 @@ __global__ void __launch_bounds__(kMix1Threads) v7_mix_one_kernel(
 // gemv_multi
 constexpr int kGemvThreads = 256;
 constexpr int kGemvWarps = kGemvThreads / 32;
-constexpr int kGemvUnroll = 4;
+constexpr int kGemvUnroll = 2;   // 16-byte loads per lane per chunk (2 chunks in flight); 4 was slower: fewer resident warps
 constexpr long kGemvTargetWarps = 8192;   // ~ 2 waves of 32 resident warps on 132 SMs
 
 __device__ __forceinline__ float act_apply(int act, float v) {
