@@ -4,9 +4,12 @@
 
 Random weights of an official RWKV-7 shape, ``cuda fp16``, ``BatchDecoder`` at batch 1 (one CUDA
 graph). Measures the graph replay alone (CUDA events around 200 back-to-back replays: no argmax, no
-host sync, no token copy) and, with ``torch.profiler``, the kernels inside 5 replays: per kernel name
-the launches per step and the mean device time. "kernel sum" vs "graph step" shows how much of a step
-is gaps between kernels (launch and dependency latency) rather than kernel run time.
+host sync, no token copy) and, with ``torch.profiler``, the kernels of 5 eagerly launched steps
+(``fused7.decode_step`` from Python): per kernel name the launches per step and the mean device time,
+and the 8 launches of the second layer in order. Where the GPU outruns the Python launches (small
+models) each kernel starts after the previous one ended and the durations are its own run time; where
+the launches run ahead (7.2B), a kernel started early under programmatic dependent launch is timed
+from its early start, so those durations overstate.
 """
 
 from __future__ import annotations

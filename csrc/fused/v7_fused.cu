@@ -5,10 +5,12 @@
 //   v7_mix       residual add (x + dx, rounded to the activation dtype) + LayerNorm + token shift
 //                + n_mix lerps  xm = xln + (prev - xln) * mix[m]; the shift state takes the last
 //                token's xln. One block per token row; the previous row's LayerNorm is recomputed
-//                in the same block (so T > 1 needs no second pass).
+//                in the same block (so T > 1 needs no second pass). Decode (T = 1, <= 4 rows):
+//                v7_mix_one, each row over up to 16 blocks that each write one slice.
 //   gemv_multi   up to 8 products y_e = act_e(x_e) @ W_e in one launch for 1..4 rows; W_e is stored
 //                [M, N] (output-major, i.e. nn.Linear's layout), so each output is a contiguous dot
-//                product: a group of lpr lanes per output row, 16-byte loads, shuffle reduction.
+//                product: a group of lpr lanes per output row, 16-byte loads, shuffle reduction;
+//                long rows with few outputs split over up to 4 warps (partials through shared memory).
 //                act: 0 none, 1 tanh, 2 sigmoid, 3 relu^2 (applied to x as it is loaded).
 //   v7_pre       per (token, head): decay w = exp(-e^-1/2 sigmoid(w0 + wl)), in-context rate
 //                a = sigmoid(a0 + al), kk = normalize(k * k_k), k' = k (1 + (a - 1) k_a),
@@ -17,6 +19,7 @@
 //                times the gate g.
 //   v7_tmix_one  decode (T = 1): v7_pre + one WKV-7 state step (state in registers) + v7_post in one
 //                block per (batch row, head).
+// v7_mix, gemv_multi and v7_tmix_one use programmatic dependent launch (see pdl_wait / launch).
 #include <algorithm>
 #include <type_traits>
 #include "../common/cuda_common.cuh"
