@@ -241,11 +241,13 @@ class Client:
         self._sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
         nonce = secrets.token_hex(8)      # probe until an event on the topic arrives: the subscription is live
         deadline = time.monotonic() + self.timeout
-        while time.monotonic() < deadline:
+        wait = 0.005                      # a new subscription is usually live within milliseconds: probe
+        while time.monotonic() < deadline:   # again soon, then less often (up to every 0.2 s)
             self.request(m.Probe(topic=topic, nonce=nonce))
-            end = time.monotonic() + 0.2
+            end = time.monotonic() + wait
+            wait = min(0.2, wait * 2)
             while time.monotonic() < end:
-                ev = self._next_event(0.05)
+                ev = self._next_event(min(0.05, max(0.0, end - time.monotonic())))
                 if ev is not None and isinstance(ev[1], m.ProbeAck) and ev[1].nonce == nonce:
                     return
         raise DaemonUnavailable(f"could not subscribe to {topic}")

@@ -271,6 +271,8 @@ class Scheduler:
             if reason != "cancelled":
                 engine.close_reply(self, job)
                 engine.commit(self, job)
+            else:
+                engine.flush_text(self, job)
         except BaseException as e:   # noqa: BLE001
             self._fail(job, e)
             return
