@@ -3,7 +3,9 @@
 Engine peers (in this process, the daemon's thread count): sampling (``Sampler.sample``, greedy, no
 penalties) and detokenizing (``IncrementalDecoder.push``) run in the loop as in the daemon.
 * batch 1: ``model.forward([token], state)`` per token, and ``BatchDecoder(max_batch=1).step``;
-* batch N: ``BatchDecoder(model, max_batch=N)`` stepping N conversations (default buckets).
+* batch N: ``BatchDecoder(model, max_batch=N)`` stepping N conversations (default buckets);
+* "invariant": N conversations in the daemon's own decoder (``max_batch`` of the default config, the buckets
+  of ``[daemon] batch_invariant``: on CPU no step runs fewer than 4 rows), the ceiling the daemon can reach.
 Daemon: N clients stream ``Client.complete`` at once from a daemon started in a temporary home; tokens/s =
 all tokens / time from the first token event to the last ``Done`` (client-observed: ZeroMQ, signing,
 sampling, detokenizing, continuous batching included). The same prompt, greedy, the same token count.
@@ -35,7 +37,12 @@ def engine_rates(model_path: str, strategy: str, n: int, batches: list[int], rep
     from rwkv_chat.models.sampling import Sampler, SamplerArgs
     from rwkv_chat.models.tokenizers import IncrementalDecoder, load_tokenizer
 
+    from rwkv_chat.app.config import Config
+    from rwkv_chat.daemon.runner import decode_buckets
+
     model = RWKV(model=model_path, strategy=strategy, verbose=False)
+    max_batch = Config().daemon.max_batch
+    inv_buckets = decode_buckets(model, max_batch, True)
     tok = load_tokenizer(vocab_size=model.vocab_size, model_path=model_path)
     logits0, state0 = model.forward(tok.encode(PROMPT), None)
     out: dict = {}
@@ -49,18 +56,19 @@ def engine_rates(model_path: str, strategy: str, n: int, batches: list[int], rep
             dec.push(t)
         out["forward"] = max(out.get("forward", 0), n / (time.perf_counter() - t0))
         for b in batches:
-            bd = BatchDecoder(model, max_batch=b)
-            hs = [bd.add(state0) for _ in range(b)]
-            samplers = [Sampler(SamplerArgs(max_tokens=n, **GREEDY), tok) for _ in range(b)]
-            decs = [IncrementalDecoder(tok) for _ in range(b)]
-            lg = {h: logits0 for h in hs}
-            t0 = time.perf_counter()
-            for _ in range(n):
-                toks = {h: s.sample(lg[h]) for h, s in zip(hs, samplers)}
-                lg = bd.step(toks)
-                for h, d in zip(hs, decs):
-                    d.push(toks[h])
-            out[("batch", b)] = max(out.get(("batch", b), 0), b * n / (time.perf_counter() - t0))
+            for key, bd in ((("batch", b), BatchDecoder(model, max_batch=b)),
+                            (("inv", b), BatchDecoder(model, max_batch=max_batch, buckets=inv_buckets))):
+                hs = [bd.add(state0) for _ in range(b)]
+                samplers = [Sampler(SamplerArgs(max_tokens=n, **GREEDY), tok) for _ in range(b)]
+                decs = [IncrementalDecoder(tok) for _ in range(b)]
+                lg = {h: logits0 for h in hs}
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    toks = {h: s.sample(lg[h]) for h, s in zip(hs, samplers)}
+                    lg = bd.step(toks)
+                    for h, d in zip(hs, decs):
+                        d.push(toks[h])
+                out[key] = max(out.get(key, 0), b * n / (time.perf_counter() - t0))
     return out
 
 
@@ -123,15 +131,17 @@ def main() -> None:
     lines = [f"Decode tokens/s, {args.tokens} greedy tokens per stream (sampling + detokenizing in every loop), best "
              f"of {args.repeats}, strategy `{args.strategy}`, {platform.machine()} {os.cpu_count()} cores, "
              f"{args.threads} torch thread(s), torch {torch.__version__}", "",
-             "| model | batch | engine `forward` loop | engine `BatchDecoder` | daemon (N clients) | "
-             "daemon / BatchDecoder | daemon / forward |", "|---|---:|---:|---:|---:|---:|---:|"]
+             "| model | batch | engine `forward` loop | engine `BatchDecoder` | engine, daemon's buckets | "
+             "daemon (N clients) | daemon / BatchDecoder | daemon / forward | daemon / daemon's buckets |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for mp in args.models:
         e = engine_rates(mp, args.strategy, args.tokens, args.batch, args.repeats)
         d = daemon_rates(mp, args.strategy, args.tokens, args.batch, args.repeats)
         for b in args.batch:
             fwd = e["forward"] if b == 1 else None
             lines.append(f"| {Path(mp).name} | {b} | {f'{fwd:.0f}' if fwd else '–'} | {e[('batch', b)]:.0f} | "
-                         f"{d[b]:.0f} | {d[b] / e[('batch', b)]:.2f} | {f'{d[b] / fwd:.2f}' if fwd else '–'} |")
+                         f"{e[('inv', b)]:.0f} | {d[b]:.0f} | {d[b] / e[('batch', b)]:.2f} | "
+                         f"{f'{d[b] / fwd:.2f}' if fwd else '–'} | {d[b] / e[('inv', b)]:.2f} |")
             print(lines[-1], file=sys.stderr)
     text = "\n".join(lines) + "\n"
     print(text)
