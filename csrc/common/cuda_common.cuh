@@ -8,6 +8,8 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include <type_traits>
+
 namespace rwkv_chat {
 
 // Activation dtype codes, shared with the bindings (cuda_ops.cpp).
@@ -22,6 +24,20 @@ template <> __device__ __forceinline__ float from_f32<float>(float x) { return x
 template <> __device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half_rn(x); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) {
     return __float2bfloat16_rn(x);
+}
+
+// Call go(std::integral_constant<int, N>{}) for a head size the WKV kernels are instantiated for
+// (8, 16, 32, 64, 128); false for any other N.
+template <typename Go>
+inline bool dispatch_head_size(int N, Go&& go) {
+    switch (N) {
+    case 8: go(std::integral_constant<int, 8>{}); return true;
+    case 16: go(std::integral_constant<int, 16>{}); return true;
+    case 32: go(std::integral_constant<int, 32>{}); return true;
+    case 64: go(std::integral_constant<int, 64>{}); return true;
+    case 128: go(std::integral_constant<int, 128>{}); return true;
+    default: return false;
+    }
 }
 
 }  // namespace rwkv_chat

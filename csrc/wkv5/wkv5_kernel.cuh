@@ -86,22 +86,13 @@ template <bool PER_TOKEN>
 int wkv5_launch_impl(int act, int B, int T, int H, int N, const void* r, const void* k, const void* v,
                      const float* w, const float* u, const float* s, void* y, float* s_out, cudaStream_t stream) {
     if (B * H == 0) return 0;
-    bool ok = true;
     auto go = [&](auto n_tag) {
         constexpr int NN = decltype(n_tag)::value;
         RWKV_CHAT_DISPATCH_ACT(static_cast<ActType>(act), F,
             wkv5_kernel<F, NN, PER_TOKEN><<<B * H, NN, 0, stream>>>(T, H, static_cast<const F*>(r),
                 static_cast<const F*>(k), static_cast<const F*>(v), w, u, s, static_cast<F*>(y), s_out));
     };
-    switch (N) {
-    case 8: go(std::integral_constant<int, 8>{}); break;
-    case 16: go(std::integral_constant<int, 16>{}); break;
-    case 32: go(std::integral_constant<int, 32>{}); break;
-    case 64: go(std::integral_constant<int, 64>{}); break;
-    case 128: go(std::integral_constant<int, 128>{}); break;
-    default: ok = false;
-    }
-    if (!ok) return kUnsupported;
+    if (!dispatch_head_size(N, go)) return kUnsupported;
     return (int)cudaGetLastError();
 }
 

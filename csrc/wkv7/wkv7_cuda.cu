@@ -101,7 +101,6 @@ int wkv7_cuda_launch(int act, int B, int T, int H, int N, const void* r, const f
                      const void* v, const void* a, const void* b, const float* s, float* y, float* s_out,
                      cudaStream_t stream) {
     if (B * H == 0) return 0;
-    bool ok = true;
     auto go = [&](auto n_tag) {
         constexpr int NN = decltype(n_tag)::value;
         RWKV_CHAT_DISPATCH_ACT(static_cast<ActType>(act), F,
@@ -109,15 +108,7 @@ int wkv7_cuda_launch(int act, int B, int T, int H, int N, const void* r, const f
                 static_cast<const F*>(k), static_cast<const F*>(v), static_cast<const F*>(a),
                 static_cast<const F*>(b), s, y, s_out));
     };
-    switch (N) {
-    case 8: go(std::integral_constant<int, 8>{}); break;
-    case 16: go(std::integral_constant<int, 16>{}); break;
-    case 32: go(std::integral_constant<int, 32>{}); break;
-    case 64: go(std::integral_constant<int, 64>{}); break;
-    case 128: go(std::integral_constant<int, 128>{}); break;
-    default: ok = false;
-    }
-    if (!ok) return kUnsupported;
+    if (!dispatch_head_size(N, go)) return kUnsupported;
     return (int)cudaGetLastError();
 }
 
