@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .quant import matmul  # noqa: F401  (re-exported: the one matmul every block uses)
+from .quant import matmul
+
+__all__ = ["matmul", "time_shift", "layer_norm", "head_group_norm"]  # matmul: the one every block uses
 
 
 def time_shift(x: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:

@@ -19,10 +19,10 @@ from typing import Callable
 import torch
 
 from . import loader
-from .errors import CheckpointError, DeviceError, StateError, TokenError
+from .errors import CheckpointError, StateError, TokenError
 from .generations import module_for
 from .ops import layer_norm, matmul
-from .quant import Int8Weight, quantize_i8
+from .quant import quantize_i8
 from .state import State
 from .strategy import Plan, plan_layers, rescale_layer_for, torch_device
 

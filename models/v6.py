@@ -13,7 +13,10 @@ import torch.nn.functional as F
 from . import wkv
 from .ops import head_group_norm, layer_norm, matmul, time_shift
 from .v4 import MATRICES
-from .v5 import STATE_NAMES, FP32_STATE, zero_state  # noqa: F401  (same state layout as v5)
+from . import v5
+
+# the same state layout as v5
+STATE_NAMES, FP32_STATE, zero_state = v5.STATE_NAMES, v5.FP32_STATE, v5.zero_state
 
 
 def layer_keys(spec, i: int) -> dict:
