@@ -52,6 +52,7 @@ class ChatScreen(ConversationActions, Screen):
         self.bubble: AssistantMessage | None = None
         self.pending: str | None = None      # a message this window sent, not yet Started
         self.last_done = None                # the last Done event of the open conversation
+        self.resume_unsaid: str | None = None  # conversation opened before the model's fingerprint was known
 
     def compose(self) -> ComposeResult:
         with Horizontal(id="main"):
@@ -145,6 +146,19 @@ class ChatScreen(ConversationActions, Screen):
     def link_status(self, status: dict) -> None:
         self.status_bar.connection = "connected"
         self.status_bar.set_status(status)
+        self._say_resume((status.get("model") or {}).get("fingerprint"))
+
+    def _say_resume(self, fingerprint: str | None) -> None:
+        """Tell how the open conversation resumes, once the loaded model's fingerprint is known."""
+        conv = self.infos.get(self.cid)
+        if not fingerprint or self.resume_unsaid != self.cid or conv is None or self.busy():
+            return
+        self.resume_unsaid = None
+        if conv.model_fingerprint == fingerprint:
+            self.log_view.add(Notice("resumed from state, 0 tokens re-read", kind="ok"))
+        else:
+            self.log_view.add(Notice("The saved state belongs to another model: the history will be re-read "
+                                     "with this one on the next message."))
 
     def link_event(self, topic: str, event) -> None:
         from rwkv_chat.daemon import messages as m
@@ -219,13 +233,8 @@ class ChatScreen(ConversationActions, Screen):
                 log.add(UserMessage(t.text))
             else:
                 log.add(AssistantMessage(t.text, footer=f"{t.tokens} tokens"))
-        if conv.turns:
-            fingerprint = (self.app.status.get("model") or {}).get("fingerprint")
-            if fingerprint and conv.model_fingerprint == fingerprint:
-                log.add(Notice("resumed from state, 0 tokens re-read", kind="ok"))
-            elif fingerprint:
-                log.add(Notice("The saved state belongs to another model: the history will be re-read "
-                               "with this one on the next message."))
+        self.resume_unsaid = conv.id if conv.turns else None
+        self._say_resume((self.app.status.get("model") or {}).get("fingerprint"))
         self.query_one(SamplingPanel).show(conv.sampling)
         log.call_after_refresh(log.scroll_end, animate=False)
 
@@ -271,6 +280,7 @@ class ChatScreen(ConversationActions, Screen):
     def generate(self, action: str, call, pending: str, title: str = "") -> None:
         """Start a generation: a streaming bubble now; ``call(client, cid)`` (a worker) sends the request once
         the link watches the conversation (creating the conversation first when none is open)."""
+        self.resume_unsaid = None
         bubble = self.start_bubble("waiting for the daemon…")
         bubble.mine = True
         self.pending = pending
