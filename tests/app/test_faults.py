@@ -67,7 +67,8 @@ async def test_first_run_screen_loads_a_model(tmp_path, model_path, home_env):
     app = ChatApp(paths=paths, autostart=False, snapshot=True)
     try:
         async with app.run_test(size=(100, 34)) as pilot:
-            await wait_for(pilot, lambda: isinstance(app.screen, ModelScreen), what="the first-run screen")
+            await wait_for(pilot, lambda: isinstance(app.screen, ModelScreen) and app.screen.query("#model-path"),
+                           what="the first-run screen")
             screen = app.screen
             assert "cpu fp32" in screen.strategies and "cpu bf16" in screen.strategies
             screen.query_one("#model-path").focus()
@@ -95,7 +96,8 @@ async def test_bad_strategy_is_reported(tmp_path, model_path, home_env):
     app = ChatApp(paths=paths, autostart=False, snapshot=True)
     try:
         async with app.run_test(size=(100, 34)) as pilot:
-            await wait_for(pilot, lambda: isinstance(app.screen, ModelScreen), what="the first-run screen")
+            await wait_for(pilot, lambda: isinstance(app.screen, ModelScreen) and app.screen.query("#model-path"),
+                           what="the first-run screen")
             screen = app.screen
             screen.query_one("#model-path").value = str(model_path("5.2"))
             screen.query_one("#model-strategy").value = "cpu fp99"
