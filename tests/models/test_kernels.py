@@ -203,7 +203,9 @@ def test_install_routes_engine_entry_points(cpu_loader, monkeypatch):
     assert quant.mm8 is kernels.mm8
     q = quant.quantize_i8(torch.randn(64, 48), torch.float32)
     x = torch.randn(3, 64)
-    assert torch.allclose(quant.matmul(x, q), x @ q.dequantize(), rtol=1e-5, atol=1e-5)
+    y, ref = quant.matmul(x, q), x @ q.dequantize()
+    # relative error by norm, as the other kernel checks: the compiled sum may be split across threads
+    assert ((y - ref).norm() / ref.norm()).item() <= 1e-5
 
 
 @pytest.mark.parametrize("version", ["4", "5", "5.2", "6", "7"])
