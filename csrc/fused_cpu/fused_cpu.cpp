@@ -265,6 +265,15 @@ class FusedCpuModel : public torch::CustomClassHolder {
         gemm(s.xx.get(), C_, B * To, head_, logits);
     }
 
+    // The time-mix output projection and residual: x += y @ W_output (y: [R, A] -> [R, C]).
+    RWKV_FUSED_CLONES
+    void add_output(const Layer& l, Work& s, const float* y) {
+        float* out = s.m[0].get();
+        gemm(y, A_, s.R, l.output, out);
+        float* x = s.x.get();
+        for (int64_t j = 0; j < s.R * C_; ++j) x[j] += out[j];
+    }
+
     // The v4/v5 channel-mix (mode 0: x*m + prev*(1-m)) or the v6 one (mode 1: x + (prev-x)*m).
     RWKV_FUSED_CLONES
     void channel_mix(const Layer& l, Work& s, int64_t B, int64_t T, float* ffn_x, int mode) {
@@ -350,10 +359,7 @@ class FusedCpuModel : public torch::CustomClassHolder {
                 }
                 aa[b * A + c] = a_; bb[b * A + c] = b_; pp[b * A + c] = p_;
             }
-        float* out = s.m[0].get();
-        gemm(y, A, R, l.output, out);
-        float* x = s.x.get();
-        for (int64_t j = 0; j < R * C; ++j) x[j] += out[j];
+        add_output(l, s, y);
         channel_mix(l, s, B, T, st[4], 0);
     }
 
@@ -381,10 +387,7 @@ class FusedCpuModel : public torch::CustomClassHolder {
             gemm(s.m[3].get(), C, R, l.gate, g);
             for (int64_t j = 0; j < R * A; ++j) y[j] *= g[j] * sigmoid(g[j]);
         }
-        float* out = s.m[0].get();
-        gemm(y, A, R, l.output, out);
-        float* x = s.x.get();
-        for (int64_t j = 0; j < R * C; ++j) x[j] += out[j];
+        add_output(l, s, y);
         channel_mix(l, s, B, T, st[2], 0);
     }
 
@@ -429,10 +432,7 @@ class FusedCpuModel : public torch::CustomClassHolder {
         float* y = s.y.get();
         head_group_norm(y, R, H_, N_, l.lnxw, l.lnxb);
         for (int64_t j = 0; j < R * A; ++j) y[j] *= g[j];
-        float* out = s.m[0].get();
-        gemm(y, A, R, l.output, out);
-        float* x = s.x.get();
-        for (int64_t j = 0; j < R * C; ++j) x[j] += out[j];
+        add_output(l, s, y);
         channel_mix(l, s, B, T, st[2], 1);
     }
 
@@ -516,11 +516,9 @@ class FusedCpuModel : public torch::CustomClassHolder {
                 for (int64_t j = 0; j < N; ++j) sum += r[o + j] * k[o + j] * l.v[11][h * N + j];
                 for (int64_t j = 0; j < N; ++j) y[o + j] = (y[o + j] + sum * v[o + j]) * g[o + j];
             }
-        float* out = s.m[0].get();
-        gemm(y, A, R, l.output, out);
-        float* x = s.x.get();
-        for (int64_t j = 0; j < R * C; ++j) x[j] += out[j];
+        add_output(l, s, y);
         // channel-mix: k = relu((x + (prev - x) * x_k) @ Wk)^2; x += k @ Wv
+        float *x = s.x.get(), *out = s.m[0].get();
         layer_norm(x, R, C, l.ln2w, l.ln2b, xx);
         time_shift(xx, st[2], B, T, C, xs, 1);
         float* kx = s.m[1].get();
