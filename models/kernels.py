@@ -39,9 +39,9 @@ log = logging.getLogger("rwkv_chat.kernels")
 
 CPU_SOURCES = ("bindings/cpu_ops.cpp", "wkv4/wkv4_cpu.cpp", "wkv5/wkv5_cpu.cpp", "wkv6/wkv6_cpu.cpp",
                "wkv7/wkv7_cpu.cpp", "mm8/mm8_cpu.cpp", "fused_cpu/fused_cpu.cpp")
-CUDA_SOURCES = ("bindings/cuda_ops.cpp", "bindings/fused_ops.cpp", "gemm/gemm_cuda.cpp", "wkv4/wkv4_cuda.cu",
-                "wkv5/wkv5_cuda.cu", "wkv6/wkv6_cuda.cu", "wkv7/wkv7_cuda.cu", "mm8/mm8_cuda.cu",
-                "fused/v7_fused.cu")
+CUDA_SOURCES = ("bindings/cuda_ops.cpp", "bindings/fused_ops.cpp", "bindings/chunk_ops.cpp", "gemm/gemm_cuda.cpp",
+                "wkv4/wkv4_cuda.cu", "wkv5/wkv5_cuda.cu", "wkv6/wkv6_cuda.cu", "wkv7/wkv7_cuda.cu",
+                "wkv7/wkv7_chunk_cuda.cu", "mm8/mm8_cuda.cu", "fused/v7_fused.cu")
 CPU_CFLAGS = ("-O3", "-std=c++17", "-fopenmp")
 CUDA_CFLAGS = ("-O3", "-std=c++17")
 CUDA_NVCC_FLAGS = ("-O3", "-std=c++17", "-Xptxas=-O3", "--extra-device-vectorization")
@@ -292,10 +292,21 @@ def wkv5(r, k, v, w, u, s, *, out=None):
     return tuple(o)
 
 
-def wkv7(r, w, k, v, a, b, s, *, out=None):
+#: on CUDA, sequences of at least this many tokens take the chunked WKV-7 kernel (head size 64)
+WKV7_CHUNK_MIN_T = 64
+#: tokens per chunk of the chunked WKV-7 kernel (16 or 32)
+WKV7_CHUNK = 32
+
+
+def wkv7(r, w, k, v, a, b, s, *, out=None, chunk: int | None = None):
     """RWKV-7 WKV; same contract as ``wkv.wkv7_torch``: r, k, v, a, b [B, T, H, N] fp32/fp16/bf16 (one
-    dtype), w float32 [B, T, H, N] decay factors, s float32 [B, H, N, N] ([value, key]) ->
-    ``(y float32 [B, T, H, N], new s)``. ``out=(y, s_new)`` writes into given tensors.
+    dtype), w float32 [B, T, H, N] decay factors in RWKV-7's range (``exp(-e^{-1/2}·sigmoid(·))``, so in
+    [0.545, 1)), s float32 [B, H, N, N] ([value, key]) -> ``(y float32 [B, T, H, N], new s)``.
+    ``out=(y, s_new)`` writes into given tensors.
+
+    ``chunk``: None picks the kernel (CUDA, head size 64, T >= ``WKV7_CHUNK_MIN_T``: the chunked kernel of
+    ``csrc/wkv7/wkv7_chunk_cuda.cu`` in chunks of ``WKV7_CHUNK``; otherwise the sequential kernel); 0 forces
+    the sequential kernel; 16 or 32 forces the chunked kernel with that chunk length where it applies.
     Raises: DeviceError, UnsupportedDtypeError, ShapeMismatchError.
     """
     check_wkv7(r, w, k, v, a, b, s, out)
@@ -304,6 +315,12 @@ def wkv7(r, w, k, v, a, b, s, *, out=None):
         return _fill(out, _TORCH_WKV7(r, w, k, v, a, b, s))
     r, w, k, v, a, b = (t.contiguous() for t in (r, w, k, v, a, b))
     o = out or (torch.empty(r.shape, dtype=torch.float32, device=r.device), torch.empty_like(s))
+    T, N = r.shape[1], r.shape[3]
+    if chunk is None:
+        chunk = WKV7_CHUNK if T >= WKV7_CHUNK_MIN_T else 0
+    if chunk in (16, 32) and dev == "cuda" and N == 64 and hasattr(torch.ops.rwkv_chat, "wkv7_chunk_cuda"):
+        torch.ops.rwkv_chat.wkv7_chunk_cuda(r, w, k, v, a, b, s.contiguous(), *o, chunk)
+        return tuple(o)
     _op(dev, "wkv7")(r, w, k, v, a, b, s.contiguous(), *o)
     return tuple(o)
 

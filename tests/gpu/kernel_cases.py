@@ -80,10 +80,10 @@ def wkv7_inputs(B, T, H, N, dtype, seed):
     return r.to(dtype), w, k.to(dtype), v.to(dtype), (-kk).to(dtype), (kk * gate).to(dtype), s
 
 
-def case_wkv7(B, T, H, N, dtype, device, seed):
+def case_wkv7(B, T, H, N, dtype, device, seed, chunk=None):
     ins = wkv7_inputs(B, T, H, N, dtype, seed)
     out = (_poison(torch.empty(B, T, H, N, device=device)), _poison(torch.empty(B, H, N, N, device=device)))
-    got = kernels.wkv7(*(t.to(device) for t in ins), out=out)
+    got = kernels.wkv7(*(t.to(device) for t in ins), out=out, chunk=chunk)
     ref = wkv.wkv7_torch(*(t.float() for t in ins))
     return max(rel_err(a, b) for a, b in zip(got, ref))
 
@@ -124,6 +124,10 @@ def all_cases(device: str, quick: bool = False):
         for B, T, H, N in shapes:
             cases.append(("wkv7", f"B={B} T={T} H={H} N={N}", dt, lambda B=B, T=T, H=H, N=N, dt=dt, s=len(cases):
                           case_wkv7(B, T, H, N, dt, device, s)))
+        if device == "cuda":   # the chunked prefill kernel: partial last chunk, batch > 1, both chunk lengths
+            for B, T, H, L in ((1, 1, 2, 32), (2, 70, 3, 32), (1, 100, 4, 16), (1, 1024, 32, 32), (3, 33, 2, 16)):
+                cases.append(("wkv7", f"chunked L={L} B={B} T={T} H={H} N=64", dt,
+                              lambda B=B, T=T, H=H, L=L, dt=dt, s=len(cases): case_wkv7(B, T, H, 64, dt, device, s, L)))
         shapes = ((1, 64, 48), (5, 96, 80), (1, 33, 37)) if quick else (
             (1, 2048, 2048), (1, 4096, 4096), (1, 1000, 4000), (3, 1024, 2048), (16, 512, 1024), (40, 512, 768),
             (1, 96, 40))

@@ -1,0 +1,55 @@
+// Registration of the chunked WKV-7 prefill op (csrc/wkv7/wkv7_chunk_cuda.cu) and its argument checks.
+// Writes into caller-allocated outputs; the fp32 workspace comes from torch's caching allocator.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "../wkv7/wkv7_chunk.h"
+#include "checks.h"
+
+namespace rwkv_chat {
+namespace {
+
+constexpr auto kCUDA = at::DeviceType::CUDA;
+
+void check_launch(int rc, const char* op) {
+    TORCH_CHECK(rc != kUnsupported, op, ": no kernel for this head size/chunk length");
+    TORCH_CHECK(rc == 0, op, ": CUDA error ", cudaGetErrorString(static_cast<cudaError_t>(rc)));
+}
+
+// Same tensors as wkv7_cuda; chunk: tokens per chunk (16 or 32). Head size 64 only.
+void wkv7_chunk_cuda(const at::Tensor& r, const at::Tensor& w, const at::Tensor& k, const at::Tensor& v,
+                     const at::Tensor& a, const at::Tensor& b, const at::Tensor& s, const at::Tensor& y,
+                     const at::Tensor& s_out, int64_t chunk) {
+    const char* op = "rwkv_chat::wkv7_chunk_cuda";
+    TORCH_CHECK(r.dim() == 4, op, ": r must be [B, T, H, N], got ", r.sizes());
+    const int64_t B = r.size(0), T = r.size(1), H = r.size(2), N = r.size(3);
+    TORCH_CHECK(N == 64, op, ": head size must be 64, got ", N);
+    TORCH_CHECK(chunk == 16 || chunk == 32, op, ": chunk must be 16 or 32, got ", chunk);
+    const auto F = r.scalar_type();
+    const int act = act_code(r, op);
+    for (const auto* t : {&r, &k, &v, &a, &b}) check_tensor(*t, op, "r/k/v/a/b", kCUDA, F, {B, T, H, N});
+    check_tensor(w, op, "w", kCUDA, at::kFloat, {B, T, H, N});
+    check_tensor(y, op, "y", kCUDA, at::kFloat, {B, T, H, N});
+    check_tensor(s, op, "s", kCUDA, at::kFloat, {B, H, N, N});
+    check_tensor(s_out, op, "s_out", kCUDA, at::kFloat, {B, H, N, N});
+    check_same_device(op, {r, w, k, v, a, b, s, y, s_out});
+    const at::cuda::CUDAGuard guard(r.device());
+    const long n = wkv7_chunk_workspace_floats((int)B, (int)T, (int)H, (int)N, (int)chunk);
+    at::Tensor work = at::empty({n}, r.options().dtype(at::kFloat));
+    check_launch(wkv7_chunk_cuda_launch(act, (int)B, (int)T, (int)H, (int)N, (int)chunk, r.data_ptr(),
+                                        w.data_ptr<float>(), k.data_ptr(), v.data_ptr(), a.data_ptr(), b.data_ptr(),
+                                        s.data_ptr<float>(), y.data_ptr<float>(), s_out.data_ptr<float>(),
+                                        work.data_ptr<float>(), at::cuda::getCurrentCUDAStream()),
+                 op);
+}
+
+}  // namespace
+}  // namespace rwkv_chat
+
+TORCH_LIBRARY_FRAGMENT(rwkv_chat, m) {
+    m.def("wkv7_chunk_cuda(Tensor r, Tensor w, Tensor k, Tensor v, Tensor a, Tensor b, Tensor s, Tensor(a!) y, "
+          "Tensor(b!) s_out, int chunk=32) -> ()",
+          &rwkv_chat::wkv7_chunk_cuda);
+}
