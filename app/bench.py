@@ -88,7 +88,16 @@ def bench_decode(model, batch: int, tokens: int, graphs, compile, gemv: str, lar
     p50, p90 = times[len(times) // 2], times[int(len(times) * 0.9)]
     mean = sum(times) / len(times)
     nbytes = step_bytes(model, batch)
-    return {"batch": batch, "p50_ms": p50 * 1e3, "p90_ms": p90 * 1e3, "tok_s": batch / mean,
+    greedy = None
+    if batch == 1:   # the argmax fed back on the device: no host round trip per token
+        h = handles[0]
+        dec.greedy({h: 1}, 3)                      # capture
+        _sync(dev)
+        t = time.perf_counter()
+        dec.greedy({h: int(torch.argmax(out[h]))}, tokens)
+        _sync(dev)
+        greedy = tokens / (time.perf_counter() - t)
+    return {"greedy_tok_s": greedy, "batch": batch, "p50_ms": p50 * 1e3, "p90_ms": p90 * 1e3, "tok_s": batch / mean,
             "gb_s": nbytes / p50 / 1e9, "step_bytes": nbytes, "warmup_s": warm_s,
             "graphs": dec.graphs, "compile": dec.compile, "gemv": dec.gemv, "fused": dec.fused,
             "large": dec.large if batch > 4 else None}
@@ -272,6 +281,10 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {d['batch']} | {d['tok_s']:.1f} | {d['p50_ms']:.3f} | {d['p90_ms']:.3f} | {d['gb_s']:.0f} | "
                      f"{100 * d['gb_s'] / bw:.0f}% | {d['graphs']} | "
                      f"{_path(d)} | {d['gemv']} |")
+    for d in dec:
+        if d.get("greedy_tok_s"):
+            lines += ["", f"batch 1, greedy with the argmax on the device (no host round trip per token; "
+                          f"`BatchDecoder.greedy`): {d['greedy_tok_s']:.1f} tok/s ({1e3 / d['greedy_tok_s']:.3f} ms/token)"]
     if pre:
         lines += ["", f"prefill {pre['prompt_len']} tokens: {pre['tok_s']:.0f} tok/s ({pre['ms']:.1f} ms)"]
     if ref_res:

@@ -151,6 +151,7 @@ class BatchDecoder:
         self._meta: dict[int, dict] = {}
         self._next = 0
         self._graph: dict[int, tuple] = {}       # bucket -> (CUDAGraph, logits)
+        self._greedy_graph: dict[int, tuple] = {}   # bucket -> (CUDAGraph, logits): step + argmax fed back
         self._pool = None
         self._fused_views: dict[int, list[torch.Tensor]] = {}   # bucket -> state views (fused CPU step)
 
@@ -225,6 +226,48 @@ class BatchDecoder:
         """
         if not tokens:
             return {}
+        slots, bucket, held, saved = self._feed(tokens)
+        logits = self._run(bucket)
+        self._restore(held, saved)
+        for h in tokens:
+            self._count[h] += 1
+        return {h: logits[slots[h]] for h in tokens}
+
+    def greedy(self, tokens: dict[int, int], n: int) -> dict[int, list[int]]:
+        """Greedy decoding with the argmax on the device: feed one token to each given conversation,
+        then run n - 1 more steps, each feeding the previous step's argmax without a host round trip
+        (with graphs, the captured step of a bucket ends with the argmax written into the input buffer;
+        the host queues the steps and reads all tokens once at the end).
+
+        The tokens equal n calls of ``step`` with ``int(torch.argmax(logits))`` fed back by the host.
+
+        Args:
+            tokens: handle -> the first token id to feed.
+            n: steps (>= 1).
+        Returns:
+            handle -> the n argmax tokens in order; each conversation has consumed its first token and
+            all but the last of these (feed the last one next, like ``step``'s logits).
+        Raises:
+            StateError: an unknown handle, or n < 1. TokenError: a token outside the vocabulary.
+        """
+        if n < 1:
+            raise StateError(f"greedy needs n >= 1 steps, got {n}")
+        if not tokens:
+            return {}
+        slots, bucket, held, saved = self._feed(tokens)
+        log = torch.empty(n, bucket, dtype=torch.long, device=self._ids.device)
+        for i in range(n):
+            self._run_greedy(bucket)
+            log[i].copy_(self._ids[:bucket, 0])
+        self._restore(held, saved)
+        for h in tokens:
+            self._count[h] += n
+        rows = log.t().tolist()
+        return {h: rows[slots[h]] for h in tokens}
+
+    def _feed(self, tokens: dict[int, int]):
+        """Validate ``tokens``, copy them into the input buffer, save the states of live slots that are
+        not fed. Returns (handle -> slot, bucket, held slots, their saved states)."""
         slots = {h: self._slot(h) for h in tokens}
         for t in tokens.values():
             if not 0 <= int(t) < self.model.vocab_size:
@@ -245,43 +288,62 @@ class BatchDecoder:
         if self._ids.is_cuda:
             self._ids_copied = torch.cuda.Event()
             self._ids_copied.record()
-        logits = self._run(bucket)
+        return slots, bucket, held, saved
+
+    def _restore(self, held: list[int], saved: list) -> None:
         for s, vals in zip(held, saved):
             it = iter(vals)
             for bufs in self._bufs:
                 for buf in bufs:
                     buf[s].copy_(next(it))
-        for h in tokens:
-            self._count[h] += 1
-        return {h: logits[slots[h]] for h in tokens}
 
     def _run(self, bucket: int) -> torch.Tensor:
         if not self.graphs:
             with _compile_limits():
                 return self._forward(bucket)
         if bucket not in self._graph:
-            self._capture(bucket)
+            self._graph[bucket] = self._capture(bucket, self._forward)
         g, out = self._graph[bucket]
         g.replay()
         return out
 
-    def _capture(self, bucket: int) -> None:
+    @torch.no_grad()
+    def _forward_greedy(self, b: int) -> torch.Tensor:
+        """One step whose argmax becomes the next step's input: logits float32 [b, vocab]."""
+        logits = self._forward(b)
+        self._ids[:b, 0].copy_(torch.argmax(logits, dim=-1))
+        return logits
+
+    def _run_greedy(self, bucket: int) -> None:
+        if not self.graphs:
+            with _compile_limits():
+                self._forward_greedy(bucket)
+            return
+        if bucket not in self._greedy_graph:
+            self._greedy_graph[bucket] = self._capture(bucket, self._forward_greedy)
+        self._greedy_graph[bucket][0].replay()
+
+    def _capture(self, bucket: int, body: Callable[[int], torch.Tensor]) -> tuple:
+        """A CUDA graph of ``body(bucket)`` and its static output; the state and input buffers are left
+        as they were before the warm-up runs."""
         saved = [tuple(buf[:bucket].clone() for buf in bufs) for bufs in self._bufs]
+        ids = self._ids.clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with _compile_limits(), torch.cuda.stream(side):
             for _ in range(3):  # compile, autotune, settle
-                self._forward(bucket)
+                body(bucket)
         torch.cuda.current_stream().wait_stream(side)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         g = torch.cuda.CUDAGraph()
         with _compile_limits(), torch.cuda.graph(g, pool=self._pool):
-            out = self._forward(bucket)
+            out = body(bucket)
         for bufs, sv in zip(self._bufs, saved):
             for buf, t in zip(bufs, sv):
                 buf[:bucket].copy_(t)
-        self._graph[bucket] = (g, out)
+        self._ids.copy_(ids)
+        return g, out
 
     @torch.no_grad()
     def _forward(self, b: int) -> torch.Tensor:
@@ -319,10 +381,10 @@ def decode_greedy(model: RWKV, logits: torch.Tensor, state: State, n: int,
     ``BatchDecoder`` (a new one of batch 1 by default). Returns the token ids."""
     dec = decoder or BatchDecoder(model, max_batch=1)
     h = dec.add(state)
-    out = []
-    for _ in range(n):
-        tok = int(torch.argmax(logits))
-        out.append(tok)
-        logits = dec.step({h: tok})[h]
+    if n < 1:
+        dec.remove(h)
+        return []
+    first = int(torch.argmax(logits))
+    out = [first] + (dec.greedy({h: first}, n - 1)[h] if n > 1 else [])
     dec.remove(h)
     return out

@@ -244,16 +244,15 @@ __global__ void __launch_bounds__(kThreads) wkv7_chunk_scan(int nc, const float*
 #pragma unroll
             for (int q = 0; q < PER; ++q) pre[q] = Pn[q * kThreads + tid];
         }
-        float acc[R / 16][N / 16];
-        zero<R, N>(acc);
-        mm_acc<R, N, N, false, false>(acc, Ss, SP, Ps, N);
+        // this chunk's D: loaded before the product, so its latency hides behind the arithmetic
         const float* D = D_ + (((long)bhi * nc + c) * N + row0) * N;
+        float acc[R / 16][N / 16];
+#pragma unroll
+        for (int jj = 0; jj < N / 16; ++jj) acc[0][jj] = D[ty * N + tx + 16 * jj];
+        mm_acc<R, N, N, false, false>(acc, Ss, SP, Ps, N);
         __syncthreads();   // every thread has read Ss
 #pragma unroll
-        for (int jj = 0; jj < N / 16; ++jj) {
-            const int n = tx + 16 * jj;
-            Ss[ty * SP + n] = acc[0][jj] + D[ty * N + n];
-        }
+        for (int jj = 0; jj < N / 16; ++jj) Ss[ty * SP + tx + 16 * jj] = acc[0][jj];
     }
     __syncthreads();
     float* so = s_out + ((long)bhi * N + row0) * N;

@@ -81,3 +81,33 @@ def test_decoder_errors(model_path):
     dec.remove(h)
     with pytest.raises(StateError):
         dec.step({h: 1})                            # stale handle
+
+
+@pytest.mark.parametrize("version", ["7", "5.2"])
+def test_greedy_on_device_equals_host_loop(model_path, version):
+    """``BatchDecoder.greedy`` (argmax fed back without the host) picks the host loop's tokens for every
+    fed conversation, leaves a conversation it does not feed untouched, and counts tokens as ``step``."""
+    model = RWKV(model_path(version), "cpu fp32")
+    prompts = (b"Once upon a time", b"The capital of France", b"0123")
+    starts = [model.forward(list(p), None) for p in prompts]
+    want = [_plain_greedy(model, lg, st, 12) for lg, st in starts[:2]]
+    dec = BatchDecoder(model, max_batch=4, buckets=(1, 2, 4))
+    fed = [dec.add(st) for _, st in starts[:2]]
+    idle = dec.add(starts[2][1])
+    firsts = {h: int(torch.argmax(lg)) for h, (lg, _) in zip(fed, starts)}
+    got = dec.greedy(firsts, 11)
+    for h, (toks, _, _) in zip(fed, want):
+        assert [firsts[h]] + got[h] == toks
+    # the fed conversations consumed their first token and 10 of the 11 returned ones
+    for i, (h, (toks, _, _)) in enumerate(zip(fed, want)):
+        st = dec.state(h)
+        assert st.token_count == starts[i][1].token_count + 11
+        _, ref_state = model.forward(toks[:11], starts[i][1])
+        for a, b in zip(st, ref_state):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(dec.state(idle), starts[2][1]):
+        assert torch.equal(a, b)
+    with pytest.raises(StateError):
+        dec.greedy(firsts, 0)
+    with pytest.raises(TokenError):
+        dec.greedy({fed[0]: model.vocab_size}, 2)
