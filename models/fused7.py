@@ -100,18 +100,19 @@ def _gemv(xs, ws, acts, out_dtype=None):
 
 
 def _mm8(xs, qs, acts):
-    """Grouped i8 GEMV: ys[e] = act_e(xs[e]) @ dequantize(qs[e]) for Int8Weight qs[e] (w uint8 [N, M]), 1..4 rows,
-    one launch (the reference's mm8 identity, see ``csrc/mm8/mm8_cuda.cu``); act 0 none, 3 relu²."""
+    """Grouped i8 GEMV: ys[e] = act_e(xs[e]) @ dequantize(qs[e]) for output-major Int8Weight qs[e] (stored uint8
+    [M, N], N % 16 == 0), 1..4 rows, one launch (the reference's mm8 identity, see ``csrc/mm8/mm8_cuda.cu``);
+    act 0 none, 3 relu²."""
     rows = xs[0].shape[0]
-    ys = [torch.empty(rows, q.w.shape[1], dtype=xs[0].dtype, device=xs[0].device) for q in qs]
-    _ops().mm8_multi_cuda(list(xs), [q.w for q in qs], [q.mx for q in qs], [q.rx for q in qs], [q.my for q in qs],
+    ys = [torch.empty(rows, q.shape[1], dtype=xs[0].dtype, device=xs[0].device) for q in qs]
+    _ops().mm8_multi_cuda(list(xs), [q.storage for q in qs], [q.mx for q in qs], [q.rx for q in qs], [q.my for q in qs],
                           [q.ry for q in qs], ys, list(acts))
     return ys
 
 
 def _i8_ok(ws, x) -> bool:
-    return all(isinstance(w, Int8Weight) and w.w.shape[1] % 16 == 0 and w.w.is_contiguous()
-               and w.mx.dtype == x.dtype for w in ws)
+    return all(isinstance(w, Int8Weight) and w.output_major and w.shape[0] % 16 == 0 and w.storage.is_contiguous()
+               and w.storage.data_ptr() % 16 == 0 and w.mx.dtype == x.dtype for w in ws)
 
 
 def _big(x, w, act: int, gemv: bool, small: bool = False):

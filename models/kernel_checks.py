@@ -101,6 +101,8 @@ def check_wkv7(r, w, k, v, a, b, s, out) -> None:
 
 
 def check_mm8(x, q, out) -> None:
+    """x [..., N] against an ``Int8Weight`` q: w uint8, logical [N, M] (a transposed view of a contiguous
+    [M, N] tensor when ``q.output_major``), mx/rx [M] and my/ry [N, 1] in an activation dtype."""
     op = "mm8"
     x = _act(op, "x", x)
     w = _tensor(op, "q.w", getattr(q, "w", None))
@@ -108,6 +110,9 @@ def check_mm8(x, q, out) -> None:
         raise UnsupportedDtypeError(f"{op}: q.w must be uint8, got {w.dtype}")
     if w.dim() != 2:
         raise ShapeMismatchError(f"{op}: q.w must be [N, M], got {tuple(w.shape)}")
+    if getattr(q, "output_major", False) and not w.t().is_contiguous():
+        raise ShapeMismatchError(f"{op}: an output-major q.w must be the transposed view of a contiguous [M, N] "
+                                 f"tensor, got strides {w.stride()}")
     N, M = w.shape
     if x.dim() < 1 or x.shape[-1] != N:
         raise ShapeMismatchError(f"{op}: x {tuple(x.shape)} does not match q.w [N={N}, M={M}]")

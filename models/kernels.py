@@ -325,26 +325,28 @@ def wkv7(r, w, k, v, a, b, s, *, out=None, chunk: int | None = None):
     return tuple(o)
 
 
-def mm8(x: torch.Tensor, q: _quant.Int8Weight, *, out=None, split: int = 0) -> torch.Tensor:
+def mm8(x: torch.Tensor, q: _quant.Int8Weight, *, out=None) -> torch.Tensor:
     """``x @ q.dequantize()`` for an i8 weight; same contract as ``quant.mm8_torch``.
 
     Args:
         x: [..., N] fp32/fp16/bf16 on q's device.
-        q: Int8Weight with w uint8 [N, M] (scales are cast to x.dtype if they differ).
+        q: Int8Weight (logical [N, M]). The compiled ops read the layout of their device: output-major on
+            CUDA (GEMV for <= 4 rows, else dequantize + cuBLAS), input-major on the CPU; a weight in the
+            other layout is served by the torch path (``quant.mm8_torch``), correct but slower.
+            Scales are cast to x.dtype if they differ.
         out: optional contiguous [..., M] tensor of x.dtype to write.
-        split: split-K slices for the CUDA GEMV (0 = automatic; for benchmarks).
     Returns: [..., M] in x.dtype (fp32 accumulation in the compiled paths).
     Raises: DeviceError, UnsupportedDtypeError, ShapeMismatchError.
     """
     check_mm8(x, q, out)
     dev = x.device.type
-    if not available(dev, "mm8"):
+    if not available(dev, "mm8") or q.output_major != _quant.prefers_output_major(x.device):
         return _fill(out, (_TORCH_MM8(x, q),))[0]
-    N, M = q.w.shape
+    N, M = q.shape
     x2 = x.reshape(-1, N).contiguous()
     sc = [t if t.dtype == x.dtype else t.to(x.dtype) for t in (q.mx, q.rx, q.my, q.ry)]
     y = out if out is not None else torch.empty(*x.shape[:-1], M, dtype=x.dtype, device=x.device)
-    _op(dev, "mm8")(x2, q.w.contiguous(), *(t.contiguous() for t in sc), y.view(-1, M), split)
+    _op(dev, "mm8")(x2, q.storage.contiguous(), *(t.contiguous() for t in sc), y.view(-1, M))
     return y
 
 

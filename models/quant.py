@@ -5,7 +5,11 @@ is shifted by its row minima ``my`` [N, 1] and column minima ``mx`` [M], scaled 
 maxima ``rx`` [M] and row maxima ``ry`` [N, 1], and stored as ``floor(W' · 256)`` clipped to
 uint8. The product is ``x @ ((w + 0.5) · ry · rx + my + mx)`` with ``rx``, ``ry`` pre-divided by 16
 (so ``(w + 0.5)/256 · rx·16 · ry·16`` in the reference's terms). Per-element error is at most
-``rx·ry/256``-ish of the row/column range, see ``Int8Weight.max_abs_error``.
+``rx·ry/256``-ish of the row/column range.
+
+Layouts: the uint8 matrix is stored input-major [N, M] (the reference's; CPU kernels) or output-major
+[M, N] (CUDA: the GEMV reads each output's N bytes contiguously); ``Int8Weight.output_major`` says
+which, and ``Int8Weight.w`` is the logical [N, M] matrix in both.
 """
 
 from __future__ import annotations
@@ -17,14 +21,33 @@ import torch
 from .errors import ShapeMismatchError, UnsupportedDtypeError
 
 
+def prefers_output_major(device: torch.device | str | None) -> bool:
+    """The layout the compiled mm8 kernels of a device read: output-major on CUDA, input-major elsewhere."""
+    return device is not None and torch.device(device).type == "cuda"
+
+
 @dataclass
 class Int8Weight:
     """A weight quantized with the reference's min/max row+column uint8 scheme.
 
+    ``w`` is always the logical uint8 [N, M] (input × output) matrix; ``output_major`` says how its
+    bytes lie in memory:
+
+    * ``False`` (input-major, the reference layout; CPU kernels): ``w`` is contiguous [N, M].
+    * ``True`` (output-major; the CUDA GEMV, each output's N weights contiguous): ``w`` is the
+      transposed view ``stored.t()`` of a contiguous [M, N] tensor, like nn.Linear's weight.
+
+    ``storage`` gives the contiguous tensor itself. Values, ``shape``, ``dequantize`` and ``nbytes``
+    do not depend on the layout. ``to(device)`` converts to the layout the target device's kernels
+    read (``prefers_output_major``) unless ``output_major`` is given.
+
     Attributes:
-        w: uint8 [N, M] (input × output).
+        w: uint8 [N, M] (input × output), laid out as ``output_major`` says.
         mx, rx: activation dtype [M] (column offset and column scale / 16).
         my, ry: activation dtype [N, 1] (row offset and row scale / 16).
+        output_major: the layout flag above.
+    Raises (on construction):
+        ShapeMismatchError: ``output_major`` and ``w`` is not the transposed view of a contiguous tensor.
     """
 
     w: torch.Tensor
@@ -32,9 +55,17 @@ class Int8Weight:
     rx: torch.Tensor
     my: torch.Tensor
     ry: torch.Tensor
+    output_major: bool = False
+
+    def __post_init__(self):
+        if self.output_major and isinstance(self.w, torch.Tensor) and not (
+                self.w.dim() == 2 and self.w.t().is_contiguous()):
+            raise ShapeMismatchError(f"an output-major i8 weight needs w = (contiguous [M, N]).t(), got shape "
+                                     f"{tuple(self.w.shape)} strides {self.w.stride()}")
 
     @property
     def shape(self) -> torch.Size:
+        """[N, M] (input × output) in either layout."""
         return self.w.shape
 
     @property
@@ -45,18 +76,52 @@ class Int8Weight:
     def device(self) -> torch.device:
         return self.w.device
 
-    def to(self, device=None, non_blocking: bool = False) -> "Int8Weight":
-        return Int8Weight(*(t.to(device=device, non_blocking=non_blocking)
-                            for t in (self.w, self.mx, self.rx, self.my, self.ry)))
+    @property
+    def storage(self) -> torch.Tensor:
+        """The uint8 tensor as stored: [M, N] if ``output_major`` else [N, M] (contiguous when built here)."""
+        return self.w.t() if self.output_major else self.w
+
+    def _scales(self, fn) -> tuple:
+        return tuple(fn(t) for t in (self.mx, self.rx, self.my, self.ry))
+
+    def with_layout(self, output_major: bool) -> "Int8Weight":
+        """The same weight in the given layout on its device (``self`` where it already is)."""
+        if output_major == self.output_major:
+            return self
+        w = self.w.t().contiguous().t() if output_major else self.w.contiguous()
+        return Int8Weight(w, self.mx, self.rx, self.my, self.ry, output_major)
+
+    def to(self, device=None, non_blocking: bool = False, output_major: bool | None = None) -> "Int8Weight":
+        """This weight on ``device`` (default: its own), in the layout ``output_major`` (default: the one
+        ``prefers_output_major(device)`` names). The bytes move once; the layout changes on the CUDA side
+        of the move (a transpose there is fast)."""
+        target = torch.device(device) if device is not None else self.device
+        layout = prefers_output_major(target) if output_major is None else output_major
+        q = self.with_layout(layout) if self.device.type == "cuda" else self
+        if target != q.device:
+            stored = q.storage.to(device=target, non_blocking=non_blocking)
+            q = Int8Weight(stored.t() if q.output_major else stored,
+                           *q._scales(lambda t: t.to(device=target, non_blocking=non_blocking)), q.output_major)
+        return q.with_layout(layout)
 
     def contiguous(self) -> "Int8Weight":
-        return Int8Weight(*(t.contiguous() for t in (self.w, self.mx, self.rx, self.my, self.ry)))
+        """Every tensor contiguous in its layout (``w`` stays a transposed view when output-major)."""
+        stored = self.storage.contiguous()
+        return Int8Weight(stored.t() if self.output_major else stored, *self._scales(lambda t: t.contiguous()),
+                          self.output_major)
 
     def pin_memory(self) -> "Int8Weight":
-        return Int8Weight(*(t.pin_memory() for t in (self.w, self.mx, self.rx, self.my, self.ry)))
+        """Page-locked copies (CPU), same layout."""
+        stored = self.storage.contiguous().pin_memory()
+        return Int8Weight(stored.t() if self.output_major else stored, *self._scales(lambda t: t.pin_memory()),
+                          self.output_major)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The float matrix [N, M] this weight stands for, in ``dtype`` (default: its activation dtype)."""
+        """The float matrix [N, M] this weight stands for, in ``dtype`` (default: its activation dtype).
+
+        ``(w + 0.5) · ry · rx + my + mx`` elementwise (the reference's i8 formula); for an output-major
+        weight the result may be a transposed view of a contiguous [M, N] tensor (same values).
+        """
         dtype = dtype or self.mx.dtype
         return ((self.w.to(dtype) + 0.5) * self.ry.to(dtype) * self.rx.to(dtype)
                 + self.my.to(dtype) + self.mx.to(dtype))
@@ -65,12 +130,14 @@ class Int8Weight:
         return sum(t.numel() * t.element_size() for t in (self.w, self.mx, self.rx, self.my, self.ry))
 
 
-def quantize_i8(weight: torch.Tensor, atype: torch.dtype) -> Int8Weight:
+def quantize_i8(weight: torch.Tensor, atype: torch.dtype, output_major: bool | None = None) -> Int8Weight:
     """Quantize a float weight [N, M] (input × output) exactly as the reference does.
 
     Args:
         weight: floating tensor [N, M] on any device.
         atype: the activation dtype the scales are stored in (fp16, bf16 or fp32).
+        output_major: the layout of the result (see ``Int8Weight``); default: the one the weight's
+            device reads (``prefers_output_major``: output-major on CUDA).
     Returns:
         An ``Int8Weight`` on the weight's device.
     Raises:
@@ -101,12 +168,15 @@ def quantize_i8(weight: torch.Tensor, atype: torch.dtype) -> Int8Weight:
     ry = torch.where(ry > 0, ry, torch.ones_like(ry))
     w = w / ry
     q = torch.clip(torch.floor(w * 256), min=0, max=255).to(torch.uint8)
-    return Int8Weight(q.contiguous(), mx.to(atype).contiguous(), (rx / 16).to(atype).contiguous(),
-                      my.to(atype).contiguous(), (ry / 16).to(atype).contiguous())
+    if output_major is None:
+        output_major = prefers_output_major(weight.device)
+    q = q.t().contiguous().t() if output_major else q.contiguous()
+    return Int8Weight(q, mx.to(atype).contiguous(), (rx / 16).to(atype).contiguous(),
+                      my.to(atype).contiguous(), (ry / 16).to(atype).contiguous(), output_major)
 
 
 def mm8_torch(x: torch.Tensor, q: Int8Weight) -> torch.Tensor:
-    """``x @ dequantize(q)`` in pure torch. x: [..., N] -> [..., M], dtype of x."""
+    """``x @ dequantize(q)`` in pure torch, either layout. x: [..., N] -> [..., M], dtype of x."""
     return x @ q.dequantize(x.dtype)
 
 

@@ -22,7 +22,7 @@ from . import loader
 from .errors import CheckpointError, StateError, TokenError
 from .generations import module_for
 from .ops import layer_norm, matmul
-from .quant import quantize_i8
+from .quant import prefers_output_major, quantize_i8
 from .state import State
 from .strategy import Plan, plan_layers, rescale_layer_for, torch_device
 
@@ -164,6 +164,8 @@ class RWKV:
         if kind == "matrix":
             t = quantize_i8(t, place.atype) if place.wtype == torch.uint8 else t.to(place.wtype)
             if place.stream:
+                if place.wtype == torch.uint8:   # the pinned copy in the layout of the device it streams to
+                    t = t.with_layout(prefers_output_major(device))
                 return t.contiguous().pin_memory() if torch.cuda.is_available() else t.contiguous()
         else:
             t = t.to(torch.float32 if kind == "fp32" else place.atype)

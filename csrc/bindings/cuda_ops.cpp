@@ -5,10 +5,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <algorithm>
-#include <map>
-#include <mutex>
-#include <utility>
+#include <stdint.h>
 
 #include "../common/launchers.h"
 #include "../mm8/mm8_multi.h"
@@ -107,71 +104,53 @@ void wkv7_cuda(const at::Tensor& r, const at::Tensor& w, const at::Tensor& k, co
                  op);
 }
 
-// Split-K completion counters: one zeroed buffer per (device, stream), grown on demand. Each
-// launch leaves its counters at zero again, so launches on one stream can share them.
-unsigned* mm8_counters(int device, cudaStream_t stream, int64_t count) {
-    static std::mutex mu;
-    static std::map<std::pair<int, cudaStream_t>, at::Tensor> buffers;
-    std::lock_guard<std::mutex> lock(mu);
-    auto& t = buffers[{device, stream}];
-    if (!t.defined() || t.numel() < count) {
-        if (t.defined()) {
-            // The old buffer may still be in use by queued kernels on this stream.
-            cudaStreamSynchronize(stream);
-        }
-        t = at::zeros({std::max<int64_t>(count, 1024)},
-                      at::TensorOptions().dtype(at::kInt).device(at::Device(kCUDA, device)));
-    }
-    return reinterpret_cast<unsigned*>(t.data_ptr<int>());
-}
-
+// mm8 with the weight stored output-major: w uint8 [M, N] (models/quant.py, Int8Weight.output_major),
+// mx, rx [M], my, ry [N, 1], x [rows, N], y [rows, M] (activation dtype). 1..kMm8MaxGemvRows rows and
+// N % 16 == 0: the GEMV kernel; otherwise dequantize to [M, N] once and one cuBLAS product with its
+// transpose (fp32 accumulation).
 void mm8_cuda(const at::Tensor& x, const at::Tensor& w, const at::Tensor& mx, const at::Tensor& rx,
-              const at::Tensor& my, const at::Tensor& ry, const at::Tensor& y, int64_t split) {
+              const at::Tensor& my, const at::Tensor& ry, const at::Tensor& y) {
     const char* op = "rwkv_chat::mm8_cuda";
     TORCH_CHECK(x.dim() == 2, op, ": x must be [rows, N], got ", x.sizes());
     const int64_t rows = x.size(0), N = x.size(1);
-    TORCH_CHECK(w.dim() == 2, op, ": w must be [N, M], got ", w.sizes());
-    const int64_t M = w.size(1);
+    TORCH_CHECK(w.dim() == 2, op, ": w must be output-major [M, N], got ", w.sizes());
+    const int64_t M = w.size(0);
     const auto F = x.scalar_type();
     const int act = act_code(x, op);
     check_tensor(x, op, "x", kCUDA, F, {rows, N});
-    check_tensor(w, op, "w", kCUDA, at::kByte, {N, M});
+    check_tensor(w, op, "w", kCUDA, at::kByte, {M, N});
     check_tensor(mx, op, "mx", kCUDA, F, {M});
     check_tensor(rx, op, "rx", kCUDA, F, {M});
     check_tensor(my, op, "my", kCUDA, F, {N, 1});
     check_tensor(ry, op, "ry", kCUDA, F, {N, 1});
     check_tensor(y, op, "y", kCUDA, F, {rows, M});
     check_same_device(op, {x, w, mx, rx, my, ry, y});
-    TORCH_CHECK(split >= 0, op, ": split must be >= 0 (0 = automatic), got ", split);
+    TORCH_CHECK(rows <= INT32_MAX && N <= INT32_MAX && M <= INT32_MAX, op, ": shapes beyond int32");
     if (rows == 0 || M == 0) return;
     const at::cuda::CUDAGuard guard(x.device());
     auto stream = at::cuda::getCurrentCUDAStream();
-    if (rows <= kMm8MaxGemvRows && M % 16 == 0 && N > 0) {
+    if (N == 0) {
+        const_cast<at::Tensor&>(y).zero_();
+        return;
+    }
+    if (rows <= kMm8MaxGemvRows && N % 16 == 0 && reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0) {
         const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-        const int sp = split > 0 ? (int)split : mm8_choose_split((int)rows, (int)N, (int)M, sms);
-        at::Tensor partial;
-        unsigned* counters = nullptr;
-        if (sp > 1) {
-            partial = at::empty({(int64_t)sp * rows * M}, x.options().dtype(at::kFloat));
-            counters = mm8_counters(x.get_device(), stream.stream(), mm8_counter_count((int)rows, (int)M));
-        }
         check_launch(mm8_gemv_launch(act, (int)rows, (int)N, (int)M, x.data_ptr(), w.data_ptr<uint8_t>(), mx.data_ptr(),
-                                     rx.data_ptr(), my.data_ptr(), ry.data_ptr(), sp,
-                                     sp > 1 ? partial.data_ptr<float>() : nullptr, counters, y.data_ptr(), stream),
+                                     rx.data_ptr(), my.data_ptr(), ry.data_ptr(), y.data_ptr(), sms, stream),
                      op);
         return;
     }
-    // Many rows: dequantize once into the activation dtype, then one cuBLAS product (fp32 accumulation).
-    at::Tensor wf = at::empty({N, M}, x.options());
-    check_launch(mm8_dequant_launch(act, (int)N, (int)M, w.data_ptr<uint8_t>(), mx.data_ptr(), rx.data_ptr(),
+    // Many rows: dequantize once into the activation dtype ([M, N]), then y = x @ wf^T with cuBLAS.
+    at::Tensor wf = at::empty({M, N}, x.options());
+    check_launch(mm8_dequant_launch(act, (int)M, (int)N, w.data_ptr<uint8_t>(), mx.data_ptr(), rx.data_ptr(),
                                     my.data_ptr(), ry.data_ptr(), wf.data_ptr(), stream),
                  op);
-    if (F == at::kFloat) at::mm_out(const_cast<at::Tensor&>(y), x, wf);
-    else gemm_cuda(x, wf, y);
+    if (F == at::kFloat) at::mm_out(const_cast<at::Tensor&>(y), x, wf.t());
+    else gemm_cuda(x, wf.t(), y);
 }
 
-// Grouped mm8 GEMV (decode): entries share the row count (1..kMm8MaxGemvRows); w_e uint8 [N_e, M_e]
-// with M_e % 16 == 0; act_e 0 (none) or 3 (relu^2 on x_e). One launch for every entry.
+// Grouped mm8 GEMV (decode): entries share the row count (1..kMm8MaxGemvRows); w_e uint8 output-major
+// [M_e, N_e] with N_e % 16 == 0 (16-byte aligned); act_e 0 (none) or 3 (relu^2 on x_e). One launch.
 void mm8_multi_cuda(at::TensorList xs, at::TensorList ws, at::TensorList mxs, at::TensorList rxs,
                     at::TensorList mys, at::TensorList rys, at::TensorList ys, at::IntArrayRef acts) {
     const char* op = "rwkv_chat::mm8_multi_cuda";
@@ -187,10 +166,10 @@ void mm8_multi_cuda(at::TensorList xs, at::TensorList ws, at::TensorList mxs, at
     batch.rows = (int)xs[0].size(0);
     TORCH_CHECK(batch.rows >= 1 && batch.rows <= kMm8MaxGemvRows, op, ": 1..", kMm8MaxGemvRows, " rows");
     for (size_t i = 0; i < n; ++i) {
-        TORCH_CHECK(ws[i].dim() == 2, op, ": w must be [N, M]");
-        const int64_t N = ws[i].size(0), M = ws[i].size(1);
+        TORCH_CHECK(ws[i].dim() == 2, op, ": w must be output-major [M, N]");
+        const int64_t M = ws[i].size(0), N = ws[i].size(1);
         check_tensor(xs[i], op, "x", kCUDA, F, {batch.rows, N});
-        check_tensor(ws[i], op, "w", kCUDA, at::kByte, {N, M});
+        check_tensor(ws[i], op, "w", kCUDA, at::kByte, {M, N});
         check_tensor(mxs[i], op, "mx", kCUDA, F, {M});
         check_tensor(rxs[i], op, "rx", kCUDA, F, {M});
         check_tensor(mys[i], op, "my", kCUDA, F, {N, 1});
@@ -198,6 +177,9 @@ void mm8_multi_cuda(at::TensorList xs, at::TensorList ws, at::TensorList mxs, at
         check_tensor(ys[i], op, "y", kCUDA, F, {batch.rows, M});
         check_same_device(op, {xs[0], xs[i], ws[i], mxs[i], rxs[i], mys[i], rys[i], ys[i]});
         TORCH_CHECK(acts[i] == 0 || acts[i] == 3, op, ": act must be 0 or 3");
+        TORCH_CHECK(N >= 16 && N % 16 == 0 && N <= INT32_MAX && M <= INT32_MAX, op,
+                    ": N must be a positive multiple of 16, got w ", ws[i].sizes());
+        TORCH_CHECK(reinterpret_cast<uintptr_t>(ws[i].data_ptr()) % 16 == 0, op, ": w must be 16-byte aligned");
         Mm8Entry& E = batch.e[i];
         E.x = xs[i].data_ptr(); E.w = ws[i].data_ptr<uint8_t>(); E.mx = mxs[i].data_ptr(); E.rx = rxs[i].data_ptr();
         E.my = mys[i].data_ptr(); E.ry = rys[i].data_ptr(); E.y = ys[i].data_ptr();
@@ -205,17 +187,8 @@ void mm8_multi_cuda(at::TensorList xs, at::TensorList ws, at::TensorList mxs, at
     }
     const at::cuda::CUDAGuard guard(xs[0].device());
     const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-    TORCH_CHECK(mm8_multi_prepare(batch, sms) == 0, op, ": unsupported shapes (M must be a multiple of 16)");
-    auto stream = at::cuda::getCurrentCUDAStream();
-    at::Tensor partial;
-    unsigned* counters = nullptr;
-    if (batch.partial_floats > 0) {
-        partial = at::empty({(int64_t)batch.partial_floats}, xs[0].options().dtype(at::kFloat));
-        counters = mm8_counters(xs[0].get_device(), stream.stream(), batch.counter_count);
-    }
-    check_launch(mm8_multi_launch(act, batch, partial.defined() ? partial.data_ptr<float>() : nullptr, counters,
-                                  stream),
-                 op);
+    TORCH_CHECK(mm8_multi_prepare(batch, sms) == 0, op, ": unsupported shapes");
+    check_launch(mm8_multi_launch(act, batch, at::cuda::getCurrentCUDAStream()), op);
 }
 
 }  // namespace
@@ -232,7 +205,7 @@ TORCH_LIBRARY_FRAGMENT(rwkv_chat, m) {
     m.def("wkv7_cuda(Tensor r, Tensor w, Tensor k, Tensor v, Tensor a, Tensor b, Tensor s, Tensor(a!) y, "
           "Tensor(b!) s_out) -> ()",
           &rwkv_chat::wkv7_cuda);
-    m.def("mm8_cuda(Tensor x, Tensor w, Tensor mx, Tensor rx, Tensor my, Tensor ry, Tensor(a!) y, int split=0) -> ()",
+    m.def("mm8_cuda(Tensor x, Tensor w, Tensor mx, Tensor rx, Tensor my, Tensor ry, Tensor(a!) y) -> ()",
           &rwkv_chat::mm8_cuda);
     m.def("gemm_cuda(Tensor a, Tensor b, Tensor(a!) c) -> ()", &rwkv_chat::gemm_cuda);
     m.def("mm8_multi_cuda(Tensor[] xs, Tensor[] ws, Tensor[] mxs, Tensor[] rxs, Tensor[] mys, Tensor[] rys, "

@@ -31,18 +31,17 @@ int wkv7_cuda_launch(int act, int B, int T, int H, int N, const void* r, const f
                      const void* v, const void* a, const void* b, const float* s, float* y, float* s_out,
                      cudaStream_t stream);
 
-// mm8 split-K GEMV over `rows` (1..kMm8MaxGemvRows; more rows: dequantize + cuBLAS) rows of x [rows, N] with the i8 weight w [N, M]
-// (mx, rx [M]; my, ry [N], act dtype); y [rows, M] act. partial: fp32 workspace of
-// split * rows * M floats; counters: zeroed uint32 of mm8_counter_count(...) entries, left zeroed.
+// mm8 GEMV (csrc/mm8/mm8_cuda.cu) over `rows` (1..kMm8MaxGemvRows) rows of x [rows, N] with the i8
+// weight stored output-major: w uint8 [M, N] (output m's N weights contiguous; N % 16 == 0), mx, rx [M],
+// my, ry [N] (act dtype); y [rows, M] act. sm_count: the device's multiprocessors (sizes the grid).
+// No workspace. More rows (or N % 16 != 0): dequantize + cuBLAS, see the binding.
 constexpr int kMm8MaxGemvRows = 4;
-int mm8_choose_split(int rows, int N, int M, int sm_count);
-int mm8_counter_count(int rows, int M);
 int mm8_gemv_launch(int act, int rows, int N, int M, const void* x, const uint8_t* w, const void* mx,
-                    const void* rx, const void* my, const void* ry, int split, float* partial,
-                    unsigned* counters, void* y, cudaStream_t stream);
+                    const void* rx, const void* my, const void* ry, void* y, int sm_count, cudaStream_t stream);
 
-// Dequantize w [N, M] to the act dtype: out = (w + 0.5) * ry * rx + my + mx.
-int mm8_dequant_launch(int act, int N, int M, const uint8_t* w, const void* mx, const void* rx,
+// Dequantize the output-major w [M, N] to out [M, N] in the act dtype:
+// out[m][n] = (w[m][n] + 0.5) * ry[n] * rx[m] + my[n] + mx[m].
+int mm8_dequant_launch(int act, int M, int N, const uint8_t* w, const void* mx, const void* rx,
                        const void* my, const void* ry, void* out, cudaStream_t stream);
 
 }  // namespace rwkv_chat

@@ -1,17 +1,26 @@
-// mm8: x @ dequantize(w) for the reference's i8 weights (uint8 w [N, M] with row/column offsets
-// and scales), CUDA. Formula: ChatRWKV rwkv/cuda/operators.cu kernel_mm_one_* (pip rwkv 0.8.32):
-//   y[r][m] = sum_n x[r][n] * ((w[n][m] + 0.5) * ry[n] * rx[m] + my[n] + mx[m])
+// mm8: y = x @ dequantize(w) for the reference's i8 weights on CUDA, the uint8 matrix stored
+// output-major (w [M, N]: output m's N weights contiguous; models/quant.py, Int8Weight.output_major).
+// Formula: ChatRWKV rwkv/cuda/operators.cu kernel_mm_one_* (pip rwkv 0.8.32):
+//   y[r][m] = sum_n x[r][n] * ((w[m][n] + 0.5) * ry[n] * rx[m] + my[n] + mx[m])
 // evaluated in fp32 as
-//   y[r][m] = rx[m] * (sum_n xr[n] w[n][m] + 0.5 sum_n xr[n]) + sum_n x[n] my[n] + mx[m] sum_n x[n],
-// xr[n] = x[r][n] ry[n], which reads each weight byte once and does one FMA per byte and row.
+//   y[r][m] = rx[m] * sum_n xr[r][n] (w[m][n] + 0.5) + sum_n x[r][n] my[n] + mx[m] sum_n x[r][n],
+// xr[r][n] = x[r][n] ry[n]: one FMA per weight byte and row. (w + 0.5) is exact in fp32 from one byte
+// permute and one subtraction (the float with bits 0x4B0000bb is 2^23 + b).
 //
-// GEMV kernel (rows <= kMm8MaxGemvRows): a block covers 128 columns (8 threads x 16 bytes, one
-// uint4 load each) and 32 weight rows at a time (32 row groups), each thread keeping kUnroll loads
-// in flight; the N rows are split into `split` slices (split-K) so that small matrices still put
-// the whole weight in flight at once. The block reduces its 32 row groups in shared memory and
-// writes its slice's full linear contribution (offsets and scales included) to an fp32 workspace;
-// the last block of a column tile to finish (an atomic counter, reset afterwards) sums the slices
-// and writes y in the activation dtype: one launch, no memset.
+// GEMV (rows <= kMm8MaxGemvRows), one grid over the outputs of 1..kMm8MaxEntries weights:
+//   * each output is the dot product of one lane group: 32 lanes of a warp (fewer for N < 512);
+//     a step of a lane group is kLoads 16-byte loads per lane (kLoads * 512 weight bytes per warp), all
+//     issued before any is used, and the next step's loads are issued before this step is used;
+//   * a block (8 warps) first issues its first step's weight loads and reads its rx/mx (weights never
+//     change: before the programmatic-dependent-launch wait), then stages xr = act(x) * ry for a tile
+//     of N (all of N unless rows * N * 4 bytes exceed 64 KB) in shared memory as fp32, laid out so the
+//     float4 reads of consecutive lanes fall in distinct banks, and sums x * my and x for the row
+//     constants (one block reduction);
+//   * a lane group serves `outs` (1, 2, 4) outputs one after the other, chosen so the grid stays
+//     >= 2 blocks per multiprocessor; warp-shuffle reduction, fp32 throughout, the result written
+//     once in the activation dtype. No workspace, no atomics, no split-K.
+// act 3 applies relu^2 to x as it is staged (rounded to the activation dtype, as the unfused path
+// stores relu(x)^2 before the product).
 #include <algorithm>
 #include "../common/cuda_common.cuh"
 #include "../common/launchers.h"
@@ -21,309 +30,355 @@ namespace rwkv_chat {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kColThreads = 8;                    // threads across a row segment
-constexpr int kTileCols = kColThreads * 16;       // 128 columns per block
-constexpr int kRowGroups = kThreads / kColThreads;  // 32 rows in parallel
-constexpr int kUnroll = 4;                        // weight loads in flight per thread
+constexpr int kWarps = kThreads / 32;
+constexpr int kLoads = 8;              // 16-byte weight loads per lane per step
+constexpr int kMaxOuts = 4;            // outputs per lane group (one after the other)
+constexpr int kStage = 4;              // x elements per thread loaded together while staging
+constexpr int kSmemMax = 64 * 1024;    // staged xr per block at most (bytes)
+constexpr int kSmemDefault = 48 * 1024;
 
-__device__ __forceinline__ void unpack16(const uint4 q, float f[16]) {
-    const unsigned words[4] = {q.x, q.y, q.z, q.w};
+// Programmatic dependent launch (sm_90+), as in csrc/fused/v7_fused.cu: `pdl_trigger` lets the next
+// kernel of the stream launch now; `pdl_wait` returns once the previous kernel has completed and its
+// writes are visible. Every thread waits before reading x (written by an earlier kernel) and before
+// writing y; only the immutable weights and scales are read before. No-ops without the attribute.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
+}
+
+// w + 0.5 for byte c (0..3) of v, exact.
+__device__ __forceinline__ float byte_plus_half(unsigned v, int c) {
+    return __uint_as_float(__byte_perm(v, 0x4B000000u, 0x7540u + c)) - 8388607.5f;
+}
+
+// Shared-memory float index of tile element i (tile: elements per row, a multiple of 16): the 16
+// elements of chunk L = i / 16 go to 4 float4 slots q * tile/16 + L (q = (i % 16) / 4), so the lanes
+// of a warp reading consecutive chunks read consecutive float4s.
+__device__ __forceinline__ int stage_pos(int i, int tile) {
+    return ((i & 15) >> 2) * (tile >> 2) + (i >> 4) * 4 + (i & 3);
+}
+
+// One step of a lane group: loads j = 0..kLoads-1 of lane l cover tile elements 16 (l + G (c kLoads + j)).
+__device__ __forceinline__ void load_step(uint4 (&q)[kLoads], const uint8_t* __restrict__ w, int N, int M, int m,
+                                          int t0, int len, int G, int l, int c) {
+    const bool mok = m < M;
+    const uint8_t* row = w + (long)(mok ? m : 0) * N + t0;
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-#pragma unroll
-        for (int c = 0; c < 4; ++c) f[4 * e + c] = (float)((words[e] >> (8 * c)) & 0xffu);
+    for (int j = 0; j < kLoads; ++j) {
+        const int e0 = 16 * (l + G * (c * kLoads + j));
+        q[j] = (mok && e0 < len) ? __ldcs(reinterpret_cast<const uint4*>(row + e0)) : make_uint4(0u, 0u, 0u, 0u);
     }
 }
 
-// Shared-memory position of column c (0..127) of a row group: the q-th float4 of column group cg
-// goes to q*32 + cg*4, so that 8 threads storing one float4 each hit 8 distinct bank quads.
-__device__ __forceinline__ int red_pos(int c) { return ((c & 15) >> 2) * 32 + (c >> 4) * 4 + (c & 3); }
-
-// One block's work: column tile `tile`, split-K slice `s`, x rows [blockIdx.z * R, +R); `act` 3 applies
-// relu^2 to x as it is loaded (rounded to the activation dtype, as the unfused path stores it).
 template <typename F, int R>
-__device__ __forceinline__ void mm8_gemv_body(
-    int rows, int N, int M, const F* __restrict__ x, const uint8_t* __restrict__ w, const F* __restrict__ mx,
-    const F* __restrict__ rx, const F* __restrict__ my, const F* __restrict__ ry, int split, int rows_per_split,
-    float* __restrict__ partial, unsigned* __restrict__ counters, F* __restrict__ y, int tile, int s, int act,
-    int n_tiles) {
-    const int r0 = blockIdx.z * R;              // first x row of this block
-    const int nr = min(R, rows - r0);
-    const int cg = threadIdx.x % kColThreads, rg = threadIdx.x / kColThreads;
-    const int col = tile * kTileCols + cg * 16;
-    const bool col_ok = col < M;                // M % 16 == 0 is checked by the caller
-    const int n0 = s * rows_per_split;
-    const int n1 = min(N, n0 + rows_per_split);
+__global__ void __launch_bounds__(kThreads, 2) mm8_gemv_kernel(Mm8Batch batch) {
+    pdl_trigger();
+    int e = 0;
+#pragma unroll 1
+    while (e + 1 < batch.n && (int)blockIdx.x >= batch.e[e + 1].block_begin) ++e;
+    const Mm8Entry& E = batch.e[e];
+    const int N = E.N, M = E.M, rows = batch.rows, act = E.act;
+    const int lg = E.lanes_log2, G = 1 << lg, O = E.outs, KT = E.tile, T = E.tiles;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int l = lane & (G - 1);
+    const int gpb = kThreads >> lg;                                   // lane groups per block
+    const int m0 = (blockIdx.x - E.block_begin) * O * gpb + (threadIdx.x >> lg);   // output o: m0 + o * gpb
+    const uint8_t* __restrict__ w = E.w;
+    const F* __restrict__ x = static_cast<const F*>(E.x);
+    const F* __restrict__ mx = static_cast<const F*>(E.mx);
+    const F* __restrict__ rx = static_cast<const F*>(E.rx);
+    const F* __restrict__ my = static_cast<const F*>(E.my);
+    const F* __restrict__ ry = static_cast<const F*>(E.ry);
+    const int step = 16 * G * kLoads;                                 // row elements per step
 
-    float acc[R][16];
+    // Weights first: the first step's loads and the outputs' column scales, before waiting.
+    uint4 cur[kLoads];
+    load_step(cur, w, N, M, m0, 0, min(KT, N), G, l, 0);
+    float rxo[kMaxOuts], mxo[kMaxOuts];
 #pragma unroll
-    for (int r = 0; r < R; ++r)
-#pragma unroll
-        for (int c = 0; c < 16; ++c) acc[r][c] = 0.f;
-    float sxr[R], sxmy[R], sx[R];
-#pragma unroll
-    for (int r = 0; r < R; ++r) sxr[r] = sxmy[r] = sx[r] = 0.f;
+    for (int o = 0; o < kMaxOuts; ++o) {
+        const int m = m0 + o * gpb;
+        const bool ok = o < O && m < M;
+        rxo[o] = ok ? to_f32(rx[m]) : 0.f;
+        mxo[o] = ok ? to_f32(mx[m]) : 0.f;
+    }
+    pdl_wait();
 
-    for (int nb = n0 + rg; nb < n1; nb += kRowGroups * kUnroll) {
-        // Issue every load of this step (weights, x, row scales) before the first use.
-        uint4 q[kUnroll];
-        float ryv[kUnroll], myv[kUnroll], xv_[kUnroll][R];
+    extern __shared__ float4 xs4[];                                   // [rows][KT] fp32, stage_pos order
+    float* xs = reinterpret_cast<float*>(xs4);
+    __shared__ float red[kWarps][2 * R];
+    float acc[kMaxOuts][R], pmy[R], px[R];
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-            const int n = nb + u * kRowGroups;
-            const bool ok = n < n1;
-            q[u] = (col_ok && ok) ? __ldcs(reinterpret_cast<const uint4*>(w + (long)n * M + col))
-                                  : make_uint4(0, 0, 0, 0);
-            ryv[u] = ok ? to_f32(ry[n]) : 0.f;
-            myv[u] = ok ? to_f32(my[n]) : 0.f;
+    for (int r = 0; r < R; ++r) {
+        pmy[r] = px[r] = 0.f;
 #pragma unroll
-            for (int r = 0; r < R; ++r) {
-                float xv = (ok && r < nr) ? to_f32(x[(long)(r0 + r) * N + n]) : 0.f;
-                if (act == 3) { xv = fmaxf(xv, 0.f); xv = to_f32(from_f32<F>(xv * xv)); }
-                xv_[u][r] = xv;
+        for (int o = 0; o < kMaxOuts; ++o) acc[o][r] = 0.f;
+    }
+
+#pragma unroll 1
+    for (int t = 0; t < T; ++t) {
+        const int t0 = t * KT, len = min(KT, N - t0);
+        if (t > 0) __syncthreads();                                   // everyone is done with tile t-1
+        // Stage xr = act(x) * ry for this tile; sums of x * my and x per row.
+#pragma unroll 1
+        for (int i0 = threadIdx.x; i0 < len; i0 += kThreads * kStage) {
+            float xv[kStage][R], ryv[kStage], myv[kStage];
+#pragma unroll
+            for (int u = 0; u < kStage; ++u) {
+                const int i = i0 + u * kThreads;
+                const bool ok = i < len;
+                ryv[u] = ok ? to_f32(ry[t0 + i]) : 0.f;
+                myv[u] = ok ? to_f32(my[t0 + i]) : 0.f;
+#pragma unroll
+                for (int r = 0; r < R; ++r) xv[u][r] = (ok && r < rows) ? to_f32(x[(long)r * N + t0 + i]) : 0.f;
+            }
+#pragma unroll
+            for (int u = 0; u < kStage; ++u) {
+                const int i = i0 + u * kThreads;
+                if (i < len) {
+                    const int pos = stage_pos(i, KT);
+#pragma unroll
+                    for (int r = 0; r < R; ++r) {
+                        if (r < rows) {
+                            float v = xv[u][r];
+                            if (act == 3) { v = fmaxf(v, 0.f); v = to_f32(from_f32<F>(v * v)); }
+                            pmy[r] = fmaf(v, myv[u], pmy[r]);
+                            px[r] += v;
+                            xs[r * KT + pos] = v * ryv[u];
+                        }
+                    }
+                }
             }
         }
+        if (t == T - 1) {                                             // block sums: warp level here,
+#pragma unroll                                                        // across warps after the loop
+            for (int r = 0; r < R; ++r) {
+                float a = pmy[r], b = px[r];
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-            const int n = nb + u * kRowGroups;
-            if (n < n1) {
-                float f[16];
-                unpack16(q[u], f);
-                const float ryn = ryv[u], myn = myv[u];
+                for (int off = 16; off > 0; off >>= 1) {
+                    a += __shfl_xor_sync(0xffffffffu, a, off);
+                    b += __shfl_xor_sync(0xffffffffu, b, off);
+                }
+                if (lane == 0) { red[warp][r] = a; red[warp][R + r] = b; }
+            }
+        }
+        __syncthreads();
+
+        const int steps = (len + step - 1) / step;
 #pragma unroll
-                for (int r = 0; r < R; ++r) {
-                    if (r < nr) {
-                        const float xv = xv_[u][r];
-                        const float xr = xv * ryn;
-                        sxr[r] += xr;
-                        sxmy[r] += xv * myn;
-                        sx[r] += xv;
-#pragma unroll
-                        for (int c = 0; c < 16; ++c) acc[r][c] = fmaf(xr, f[c], acc[r][c]);
+        for (int o = 0; o < kMaxOuts; ++o) {
+            if (o < O) {
+#pragma unroll 1
+                for (int c = 0; c < steps; ++c) {
+                    // Issue the next step's loads (next chunk, next output or next tile) before using this one.
+                    int nc = c + 1, no = o, nt = t;
+                    if (nc == steps) {
+                        nc = 0;
+                        if (++no == O) { no = 0; ++nt; }
                     }
+                    uint4 nxt[kLoads];
+                    if (nt < T) {
+                        const int nt0 = nt * KT;
+                        load_step(nxt, w, N, M, m0 + no * gpb, nt0, min(KT, N - nt0), G, l, nc);
+                    } else {
+#pragma unroll
+                        for (int j = 0; j < kLoads; ++j) nxt[j] = make_uint4(0u, 0u, 0u, 0u);
+                    }
+#pragma unroll
+                    for (int j = 0; j < kLoads; ++j) {
+                        const int L = l + G * (c * kLoads + j);           // 16-element chunk of the tile
+                        if (16 * L < len) {
+                            const unsigned wd[4] = {cur[j].x, cur[j].y, cur[j].z, cur[j].w};
+#pragma unroll
+                            for (int qd = 0; qd < 4; ++qd) {
+                                float f[4];
+#pragma unroll
+                                for (int b = 0; b < 4; ++b) f[b] = byte_plus_half(wd[qd], b);
+#pragma unroll
+                                for (int r = 0; r < R; ++r) {
+                                    if (r < rows) {
+                                        const float4 xv = xs4[r * (KT >> 2) + qd * (KT >> 4) + L];
+                                        float a = acc[o][r];
+                                        a = fmaf(xv.x, f[0], a);
+                                        a = fmaf(xv.y, f[1], a);
+                                        a = fmaf(xv.z, f[2], a);
+                                        a = fmaf(xv.w, f[3], a);
+                                        acc[o][r] = a;
+                                    }
+                                }
+                            }
+                        }
+                    }
+#pragma unroll
+                    for (int j = 0; j < kLoads; ++j) cur[j] = nxt[j];
                 }
             }
         }
     }
 
-    // Reduce the 32 row groups per x row: each thread stores its 16 columns, 128 threads sum a column.
-    __shared__ __align__(16) float red[kRowGroups][kTileCols];
-    __shared__ float scal[kRowGroups][3];
-    __shared__ float tot[3];
-    __shared__ bool is_last;
+    float tmy[R], tx[R];
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-        if (r >= nr) break;   // uniform across the block
-        __syncthreads();
+        tmy[r] = tx[r] = 0.f;
 #pragma unroll
-        for (int qd = 0; qd < 4; ++qd)
-            *reinterpret_cast<float4*>(&red[rg][qd * 32 + cg * 4]) =
-                make_float4(acc[r][4 * qd], acc[r][4 * qd + 1], acc[r][4 * qd + 2], acc[r][4 * qd + 3]);
-        if (cg == 0) { scal[rg][0] = sxr[r]; scal[rg][1] = sxmy[r]; scal[rg][2] = sx[r]; }
-        __syncthreads();
-        if (threadIdx.x < 3) {
-            float t = 0.f;
-            for (int g = 0; g < kRowGroups; ++g) t += scal[g][threadIdx.x];
-            tot[threadIdx.x] = t;
-        }
-        __syncthreads();
-        if (threadIdx.x < kTileCols) {
-            const int c = threadIdx.x;
-            const int m = tile * kTileCols + c;
-            if (m < M) {
-                const int pos = red_pos(c);
-                float d = 0.f;
-#pragma unroll 8
-                for (int g = 0; g < kRowGroups; ++g) d += red[g][pos];
-                const float contrib = to_f32(rx[m]) * (d + 0.5f * tot[0]) + tot[1] + to_f32(mx[m]) * tot[2];
-                if (split == 1) y[(long)(r0 + r) * M + m] = from_f32<F>(contrib);
-                else partial[((long)s * rows + r0 + r) * M + m] = contrib;
+        for (int wp = 0; wp < kWarps; ++wp) { tmy[r] += red[wp][r]; tx[r] += red[wp][R + r]; }
+    }
+    F* __restrict__ y = static_cast<F*>(E.y);
+#pragma unroll
+    for (int o = 0; o < kMaxOuts; ++o) {
+        if (o < O) {
+            const int m = m0 + o * gpb;
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                if (r < rows) {
+                    float v = acc[o][r];
+#pragma unroll
+                    for (int off = 16; off > 0; off >>= 1)
+                        if (off < G) v += __shfl_xor_sync(0xffffffffu, v, off);
+                    if (l == 0 && m < M) y[(long)r * M + m] = from_f32<F>(fmaf(rxo[o], v, tmy[r]) + mxo[o] * tx[r]);
+                }
             }
         }
     }
-    if (split == 1) return;
-
-    // Split-K: the last block of this (tile, row group) to finish sums the slices.
-    __threadfence();
-    __syncthreads();
-    unsigned* counter = counters + blockIdx.z * n_tiles + tile;
-    if (threadIdx.x == 0) is_last = atomicAdd(counter, 1u) == (unsigned)(split - 1);
-    __syncthreads();
-    if (!is_last) return;
-    __threadfence();
-    for (int e = threadIdx.x; e < nr * kTileCols; e += kThreads) {
-        const int r = e / kTileCols, m = tile * kTileCols + e % kTileCols;
-        if (m < M) {
-            float t = 0.f;
-#pragma unroll 4
-            for (int ss = 0; ss < split; ++ss) t += __ldcg(partial + ((long)ss * rows + r0 + r) * M + m);
-            y[(long)(r0 + r) * M + m] = from_f32<F>(t);
-        }
-    }
-    if (threadIdx.x == 0) *counter = 0u;
 }
 
-template <typename F, int R>
-__global__ void __launch_bounds__(kThreads) mm8_gemv_kernel(
-    int rows, int N, int M, const F* __restrict__ x, const uint8_t* __restrict__ w, const F* __restrict__ mx,
-    const F* __restrict__ rx, const F* __restrict__ my, const F* __restrict__ ry, int split, int rows_per_split,
-    float* __restrict__ partial, unsigned* __restrict__ counters, F* __restrict__ y) {
-    mm8_gemv_body<F, R>(rows, N, M, x, w, mx, rx, my, ry, split, rows_per_split, partial, counters, y, blockIdx.x,
-                        blockIdx.y, 0, gridDim.x);
-}
-
-// Grouped: blockIdx.x runs over every entry's (slice, tile) blocks, entry e from block_begin.
-template <typename F, int R>
-__global__ void __launch_bounds__(kThreads) mm8_multi_kernel(Mm8Batch batch) {
-    int e = 0;
-#pragma unroll 1
-    while (e + 1 < batch.n && (int)blockIdx.x >= batch.e[e + 1].block_begin) ++e;
-    const Mm8Entry& E = batch.e[e];
-    const int local = blockIdx.x - E.block_begin;
-    const int tiles = (E.M + kTileCols - 1) / kTileCols;
-    mm8_gemv_body<F, R>(batch.rows, E.N, E.M, static_cast<const F*>(E.x), E.w, static_cast<const F*>(E.mx),
-                        static_cast<const F*>(E.rx), static_cast<const F*>(E.my), static_cast<const F*>(E.ry),
-                        E.split, E.rows_per_split, E.partial, E.counters, static_cast<F*>(E.y), local % tiles,
-                        local / tiles, E.act, tiles);
-}
-
-// Dequantize 16 consecutive bytes of a row per thread (M % 16 == 0) or one byte (any M).
+// Dequantize the output-major w [M, N]: 16 consecutive bytes of a row per thread (N % 16 == 0) or one.
 template <typename F, bool VEC>
-__global__ void mm8_dequant_kernel(int N, int M, const uint8_t* __restrict__ w, const F* __restrict__ mx,
+__global__ void mm8_dequant_kernel(int M, int N, const uint8_t* __restrict__ w, const F* __restrict__ mx,
                                    const F* __restrict__ rx, const F* __restrict__ my, const F* __restrict__ ry,
                                    F* __restrict__ out) {
-    const int per = VEC ? 16 : 1;
-    const long chunks = (long)N * M / per;
+    constexpr int per = VEC ? 16 : 1;
+    const long chunks = (long)M * N / per;
     for (long e = (long)blockIdx.x * blockDim.x + threadIdx.x; e < chunks; e += (long)gridDim.x * blockDim.x) {
         const long first = e * per;
-        const int n = (int)(first / M), m0 = (int)(first % M);
-        const float ryn = to_f32(ry[n]), myn = to_f32(my[n]);
+        const int m = (int)(first / N), n0 = (int)(first % N);
+        const float rxm = to_f32(rx[m]), mxm = to_f32(mx[m]);
         if (VEC) {
-            float f[16];
-            unpack16(__ldcs(reinterpret_cast<const uint4*>(w + first)), f);
-            // Build the 16 outputs in registers and store them as 16-byte vectors.
+            const uint4 q = __ldcs(reinterpret_cast<const uint4*>(w + first));
+            const unsigned wd[4] = {q.x, q.y, q.z, q.w};
             union { F v[16]; uint4 q[16 * sizeof(F) / 16]; } o;
 #pragma unroll
             for (int c = 0; c < 16; ++c)
-                o.v[c] = from_f32<F>((f[c] + 0.5f) * ryn * to_f32(rx[m0 + c]) + myn + to_f32(mx[m0 + c]));
+                o.v[c] = from_f32<F>(byte_plus_half(wd[c >> 2], c & 3) * to_f32(ry[n0 + c]) * rxm + to_f32(my[n0 + c]) +
+                                     mxm);
             uint4* dst = reinterpret_cast<uint4*>(out + first);
 #pragma unroll
             for (int qd = 0; qd < (int)(16 * sizeof(F) / 16); ++qd) dst[qd] = o.q[qd];
         } else {
-            out[first] = from_f32<F>(((float)w[first] + 0.5f) * ryn * to_f32(rx[m0]) + myn + to_f32(mx[m0]));
+            out[first] = from_f32<F>(((float)w[first] + 0.5f) * to_f32(ry[n0]) * rxm + to_f32(my[n0]) + mxm);
         }
     }
 }
 
-int row_group(int rows) { return rows == 1 ? 1 : 4; }
+bool pdl_supported() {
+    static int cache[64] = {0};   // 0 unknown, 1 yes, 2 no
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
+    if (cache[dev] == 0) {
+        int major = 0;
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+        cache[dev] = major >= 9 ? 1 : 2;
+    }
+    return cache[dev] == 1;
+}
+
+// Launch with programmatic stream serialization (the kernel waits with pdl_wait before touching
+// data of earlier kernels), so it may start while the previous kernel in the stream finishes; a
+// CUDA graph captured from the stream keeps the edge programmatic.
+template <typename F, int R>
+cudaError_t launch_gemv(const Mm8Batch& batch, cudaStream_t stream) {
+    void (*kernel)(Mm8Batch) = mm8_gemv_kernel<F, R>;
+    if (batch.smem_bytes > kSmemDefault) {
+        const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemMax);
+        if (err != cudaSuccess) return err;
+    }
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(batch.blocks);
+    cfg.blockDim = dim3(kThreads);
+    cfg.dynamicSmemBytes = batch.smem_bytes;
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = pdl_supported() ? 1 : 0;
+    return cudaLaunchKernelEx(&cfg, kernel, batch);
+}
+
+int ceil_div(long a, long b) { return (int)((a + b - 1) / b); }
 
 }  // namespace
 
-int mm8_choose_split(int rows, int N, int M, int sm_count) {
-    const int tiles = (M + kTileCols - 1) / kTileCols;
-    const int groups = (rows + row_group(rows) - 1) / row_group(rows);
-    const int target = 2 * std::max(sm_count, 1);   // blocks: about two per multiprocessor
-    int split = (target + tiles * groups - 1) / (tiles * groups);
-    split = std::max(1, std::min(split, std::max(1, N / kRowGroups)));
-    return split;
-}
-
-int mm8_counter_count(int rows, int M) {
-    const int tiles = (M + kTileCols - 1) / kTileCols;
-    const int groups = (rows + row_group(rows) - 1) / row_group(rows);
-    return tiles * groups;
-}
-
-int mm8_gemv_launch(int act, int rows, int N, int M, const void* x, const uint8_t* w, const void* mx,
-                    const void* rx, const void* my, const void* ry, int split, float* partial,
-                    unsigned* counters, void* y, cudaStream_t stream) {
-    if (rows < 1 || rows > kMm8MaxGemvRows || M % 16 != 0 || split < 1) return kUnsupported;
-    if (M == 0) return 0;
-    const int tiles = (M + kTileCols - 1) / kTileCols;
-    const int R = row_group(rows);
-    const int groups = (rows + R - 1) / R;
-    int rows_per_split = (N + split - 1) / split;
-    rows_per_split = (rows_per_split + kRowGroups - 1) / kRowGroups * kRowGroups;
-    const int eff_split = std::max(1, (N + rows_per_split - 1) / rows_per_split);
-    const dim3 grid(tiles, eff_split, groups);
-    RWKV_CHAT_DISPATCH_ACT(static_cast<ActType>(act), F,
-        if (R == 1) {
-            mm8_gemv_kernel<F, 1><<<grid, kThreads, 0, stream>>>(rows, N, M, static_cast<const F*>(x), w,
-                static_cast<const F*>(mx), static_cast<const F*>(rx), static_cast<const F*>(my),
-                static_cast<const F*>(ry), eff_split, rows_per_split, partial, counters, static_cast<F*>(y));
-        } else {
-            mm8_gemv_kernel<F, 4><<<grid, kThreads, 0, stream>>>(rows, N, M, static_cast<const F*>(x), w,
-                static_cast<const F*>(mx), static_cast<const F*>(rx), static_cast<const F*>(my),
-                static_cast<const F*>(ry), eff_split, rows_per_split, partial, counters, static_cast<F*>(y));
-        });
-    return (int)cudaGetLastError();
-}
-
 int mm8_multi_prepare(Mm8Batch& batch, int sm_count) {
-    if (batch.n < 1 || batch.n > kMm8MaxEntries || batch.rows < 1 || batch.rows > kMm8MaxGemvRows) return -1;
-    const int R = row_group(batch.rows);
-    const int groups = (batch.rows + R - 1) / R;
-    int tiles_all = 0;
-    for (int i = 0; i < batch.n; ++i) {
-        if (batch.e[i].M % 16 != 0 || batch.e[i].N < 1) return -1;
-        tiles_all += (batch.e[i].M + kTileCols - 1) / kTileCols;
-    }
-    // about two blocks per multiprocessor over the whole group; each entry gets the same split
-    const int target = 2 * std::max(sm_count, 1);
-    const int want = std::max(1, (target + tiles_all * groups - 1) / (tiles_all * groups));
-    int blocks = 0, partial = 0, counters = 0;
+    if (batch.n < 1 || batch.n > kMm8MaxEntries || batch.rows < 1 || batch.rows > kMm8MaxGemvRows) return kUnsupported;
+    const int max_tile = (kSmemMax / 4 / batch.rows) / 16 * 16;
     for (int i = 0; i < batch.n; ++i) {
         Mm8Entry& E = batch.e[i];
-        const int tiles = (E.M + kTileCols - 1) / kTileCols;
-        int split = std::max(1, std::min(want, std::max(1, E.N / kRowGroups)));
-        int rps = (E.N + split - 1) / split;
-        rps = (rps + kRowGroups - 1) / kRowGroups * kRowGroups;
-        E.split = std::max(1, (E.N + rps - 1) / rps);
-        E.rows_per_split = rps;
+        if (E.N < 16 || E.N % 16 != 0 || E.M < 0 || (E.act != 0 && E.act != 3)) return kUnsupported;
+        int lg = 0;
+        while ((1 << lg) < E.N / 16 && lg < 5) ++lg;
+        E.lanes_log2 = lg;
+        E.tiles = ceil_div(E.N, max_tile);
+        E.tile = (ceil_div(E.N, E.tiles) + 15) / 16 * 16;   // <= max_tile (a multiple of 16)
+    }
+    // Outputs per lane group: the most (4, 2) that still leave >= 2 blocks per multiprocessor.
+    int outs = 1;
+    for (int o = kMaxOuts; o > 1; o /= 2) {
+        long blocks = 0;
+        for (int i = 0; i < batch.n; ++i) blocks += ceil_div(batch.e[i].M, (long)(kThreads >> batch.e[i].lanes_log2) * o);
+        if (blocks >= 2L * std::max(sm_count, 1)) { outs = o; break; }
+    }
+    int blocks = 0, smem = 0;
+    for (int i = 0; i < batch.n; ++i) {
+        Mm8Entry& E = batch.e[i];
+        E.outs = outs;
         E.block_begin = blocks;
-        blocks += tiles * E.split;
-        E.partial_offset = partial;
-        E.counter_offset = counters;
-        if (E.split > 1) {
-            partial += E.split * batch.rows * E.M;
-            counters += tiles * groups;
-        }
+        blocks += ceil_div(E.M, (long)(kThreads >> E.lanes_log2) * outs);
+        smem = std::max(smem, batch.rows * E.tile * (int)sizeof(float));
     }
     batch.blocks = blocks;
-    batch.partial_floats = partial;
-    batch.counter_count = counters;
+    batch.smem_bytes = smem;
     return 0;
 }
 
-int mm8_multi_launch(int act, Mm8Batch batch, float* partial, unsigned* counters, cudaStream_t stream) {
+int mm8_multi_launch(int act, const Mm8Batch& batch, cudaStream_t stream) {
     if (batch.blocks == 0) return 0;
-    for (int i = 0; i < batch.n; ++i) {
-        Mm8Entry& E = batch.e[i];
-        E.partial = E.split > 1 ? partial + E.partial_offset : nullptr;
-        E.counters = E.split > 1 ? counters + E.counter_offset : nullptr;
-    }
-    const int R = row_group(batch.rows);
-    const dim3 grid(batch.blocks, 1, (batch.rows + R - 1) / R);
+    cudaError_t err = cudaSuccess;
     RWKV_CHAT_DISPATCH_ACT(static_cast<ActType>(act), F,
-        if (R == 1) mm8_multi_kernel<F, 1><<<grid, kThreads, 0, stream>>>(batch);
-        else mm8_multi_kernel<F, 4><<<grid, kThreads, 0, stream>>>(batch););
-    return (int)cudaGetLastError();
+        err = batch.rows == 1 ? launch_gemv<F, 1>(batch, stream) : launch_gemv<F, kMm8MaxGemvRows>(batch, stream));
+    return (int)(err != cudaSuccess ? err : cudaGetLastError());
 }
 
-int mm8_dequant_launch(int act, int N, int M, const uint8_t* w, const void* mx, const void* rx,
+int mm8_gemv_launch(int act, int rows, int N, int M, const void* x, const uint8_t* w, const void* mx,
+                    const void* rx, const void* my, const void* ry, void* y, int sm_count, cudaStream_t stream) {
+    Mm8Batch batch{};
+    batch.n = 1;
+    batch.rows = rows;
+    batch.e[0] = Mm8Entry{x, w, mx, rx, my, ry, y, N, M, 0};
+    if (mm8_multi_prepare(batch, sm_count) != 0) return kUnsupported;
+    return mm8_multi_launch(act, batch, stream);
+}
+
+int mm8_dequant_launch(int act, int M, int N, const uint8_t* w, const void* mx, const void* rx,
                        const void* my, const void* ry, void* out, cudaStream_t stream) {
-    const long total = (long)N * M;
+    const long total = (long)M * N;
     if (total == 0) return 0;
-    const bool vec = M % 16 == 0;
+    const bool vec = N % 16 == 0;
     const long chunks = vec ? total / 16 : total;
     const int threads = 256;
     const unsigned blocks = (unsigned)std::min<long>((chunks + threads - 1) / threads, 132L * 16);
     RWKV_CHAT_DISPATCH_ACT(static_cast<ActType>(act), F,
         if (vec) {
-            mm8_dequant_kernel<F, true><<<blocks, threads, 0, stream>>>(N, M, w, static_cast<const F*>(mx),
+            mm8_dequant_kernel<F, true><<<blocks, threads, 0, stream>>>(M, N, w, static_cast<const F*>(mx),
                 static_cast<const F*>(rx), static_cast<const F*>(my), static_cast<const F*>(ry), static_cast<F*>(out));
         } else {
-            mm8_dequant_kernel<F, false><<<blocks, threads, 0, stream>>>(N, M, w, static_cast<const F*>(mx),
+            mm8_dequant_kernel<F, false><<<blocks, threads, 0, stream>>>(M, N, w, static_cast<const F*>(mx),
                 static_cast<const F*>(rx), static_cast<const F*>(my), static_cast<const F*>(ry), static_cast<F*>(out));
         });
     return (int)cudaGetLastError();

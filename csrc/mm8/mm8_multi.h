@@ -1,4 +1,5 @@
-// Grouped mm8 GEMV launchers (csrc/mm8/mm8_cuda.cu), for the fused decode path.
+// Grouped mm8 GEMV launchers (csrc/mm8/mm8_cuda.cu): the decode products of i8 weights stored
+// output-major, one launch for several weights.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -8,11 +9,13 @@
 
 namespace rwkv_chat {
 
-// Grouped mm8 GEMV: up to kMm8MaxEntries products y_e = act_e(x_e) @ dequantize(w_e) in one launch,
-// rows 1..kMm8MaxGemvRows shared by all entries (act 0 none, 3 relu^2 on x). mm8_multi_prepare fills
-// split, rows_per_split, block_begin and the workspace offsets (returns -1 for unsupported shapes);
-// the caller then passes an fp32 workspace of partial_floats floats and counter_count zeroed
-// counters (left zeroed) to mm8_multi_launch.
+// Up to kMm8MaxEntries products y_e = act_e(x_e) @ dequantize(w_e) in one launch, all with the same
+// row count (1..kMm8MaxGemvRows). Per entry (raw device pointers of contiguous tensors, activation
+// dtype unless said otherwise):
+//   x [rows, N]; w uint8 [M, N] (output-major: output m's N weights contiguous; N % 16 == 0);
+//   mx, rx [M]; my, ry [N]; y [rows, M]; act 0 (none) or 3 (relu^2 applied to x as it is loaded).
+// mm8_multi_prepare fills the launch geometry (returns 0, or kUnsupported for a shape with no
+// kernel); mm8_multi_launch then runs every entry in one grid. No workspace, no atomics.
 constexpr int kMm8MaxEntries = 4;
 struct Mm8Entry {
     const void* x;
@@ -22,15 +25,19 @@ struct Mm8Entry {
     const void* my;
     const void* ry;
     void* y;
-    float* partial;
-    unsigned* counters;
     int N, M, act;
-    int split, rows_per_split, block_begin, partial_offset, counter_offset;
+    // filled by mm8_multi_prepare
+    int lanes_log2;   // lanes per output (a group of 1 << lanes_log2 lanes of one warp)
+    int outs;         // outputs per lane group, one after the other (1, 2 or 4)
+    int tile;         // x elements per row staged in shared memory at a time (multiple of 16)
+    int tiles;        // ceil(N / tile)
+    int block_begin;  // first block of this entry in the grid
 };
 struct Mm8Batch {
     Mm8Entry e[kMm8MaxEntries];
-    int n, rows, blocks, partial_floats, counter_count;
+    int n, rows;
+    int blocks, smem_bytes;   // filled by mm8_multi_prepare
 };
 int mm8_multi_prepare(Mm8Batch& batch, int sm_count);
-int mm8_multi_launch(int act, Mm8Batch batch, float* partial, unsigned* counters, cudaStream_t stream);
+int mm8_multi_launch(int act, const Mm8Batch& batch, cudaStream_t stream);
 }  // namespace rwkv_chat
