@@ -37,6 +37,10 @@ DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 FUSED_ROWS = 4
 
 
+#: greedy decode steps captured in one CUDA graph (``BatchDecoder.greedy``)
+GREEDY_UNROLL = 8
+
+
 def fused_matmul(big: str = "cublas") -> Callable:
     """A ``matmul`` for compiled decode steps: ``x @ W`` (``ops.matmul`` contract: x [..., N], W [N, M]
     float or ``Int8Weight``; result in ``output_dtype`` or x's dtype).
@@ -151,7 +155,8 @@ class BatchDecoder:
         self._meta: dict[int, dict] = {}
         self._next = 0
         self._graph: dict[int, tuple] = {}       # bucket -> (CUDAGraph, logits)
-        self._greedy_graph: dict[int, tuple] = {}   # bucket -> (CUDAGraph, logits): step + argmax fed back
+        self._greedy_graph: dict[tuple, tuple] = {}   # (bucket, steps) -> (CUDAGraph, tokens): argmax fed back
+        self._greedy_log: dict[tuple, torch.Tensor] = {}   # (bucket, steps) -> int64 [steps, bucket]
         self._pool = None
         self._fused_views: dict[int, list[torch.Tensor]] = {}   # bucket -> state views (fused CPU step)
 
@@ -256,9 +261,13 @@ class BatchDecoder:
             return {}
         slots, bucket, held, saved = self._feed(tokens)
         log = torch.empty(n, bucket, dtype=torch.long, device=self._ids.device)
-        for i in range(n):
-            self._run_greedy(bucket)
-            log[i].copy_(self._ids[:bucket, 0])
+        i = 0
+        if self.graphs:   # GREEDY_UNROLL steps per graph replay: no launch gap between those steps
+            while n - i >= GREEDY_UNROLL:
+                log[i:i + GREEDY_UNROLL].copy_(self._run_greedy(bucket, GREEDY_UNROLL))
+                i += GREEDY_UNROLL
+        for i in range(i, n):
+            log[i].copy_(self._run_greedy(bucket, 1)[0])
         self._restore(held, saved)
         for h in tokens:
             self._count[h] += n
@@ -308,20 +317,26 @@ class BatchDecoder:
         return out
 
     @torch.no_grad()
-    def _forward_greedy(self, b: int) -> torch.Tensor:
-        """One step whose argmax becomes the next step's input: logits float32 [b, vocab]."""
-        logits = self._forward(b)
-        self._ids[:b, 0].copy_(torch.argmax(logits, dim=-1))
-        return logits
+    def _forward_greedy(self, b: int, steps: int = 1) -> torch.Tensor:
+        """``steps`` steps, each feeding the previous argmax: the chosen tokens, int64 [steps, b]."""
+        log = self._greedy_log.setdefault((b, steps), torch.empty(steps, b, dtype=torch.long,
+                                                                  device=self._ids.device))
+        for j in range(steps):
+            logits = self._forward(b)
+            self._ids[:b, 0].copy_(torch.argmax(logits, dim=-1))
+            log[j].copy_(self._ids[:b, 0])
+        return log
 
-    def _run_greedy(self, bucket: int) -> None:
+    def _run_greedy(self, bucket: int, steps: int) -> torch.Tensor:
         if not self.graphs:
             with _compile_limits():
-                self._forward_greedy(bucket)
-            return
-        if bucket not in self._greedy_graph:
-            self._greedy_graph[bucket] = self._capture(bucket, self._forward_greedy)
-        self._greedy_graph[bucket][0].replay()
+                return self._forward_greedy(bucket, steps)
+        key = (bucket, steps)
+        if key not in self._greedy_graph:
+            self._greedy_graph[key] = self._capture(bucket, lambda b: self._forward_greedy(b, steps))
+        g, out = self._greedy_graph[key]
+        g.replay()
+        return out
 
     def _capture(self, bucket: int, body: Callable[[int], torch.Tensor]) -> tuple:
         """A CUDA graph of ``body(bucket)`` and its static output; the state and input buffers are left

@@ -163,6 +163,133 @@ __global__ void __launch_bounds__(kMixThreads) v7_mix_kernel(
     }
 }
 
+// v7_mix for sequences, vectorized: one row (token) per block of kMixVecThreads threads, each thread
+// holding up to kMixVecMaxIter 16-byte vectors of the row and of the previous row in registers (C <= 8192
+// at fp16), one pass over global memory for the inputs; outputs written as 16-byte vectors. Same
+// results as v7_mix_kernel (same rounding points), which serves the shapes this one does not.
+constexpr int kMixVecThreads = 256;
+constexpr int kMixVecMaxIter = 4;
+
+template <typename F>
+struct Vec16 {
+    static constexpr int n = 16 / (int)sizeof(F);
+    float v[n];
+    __device__ __forceinline__ void load(const F* p) {
+        const uint4 u = *reinterpret_cast<const uint4*>(p);
+        const F* e = reinterpret_cast<const F*>(&u);
+#pragma unroll
+        for (int i = 0; i < n; ++i) v[i] = to_f32(e[i]);
+    }
+    __device__ __forceinline__ void store(F* p) const {
+        uint4 u;
+        F* e = reinterpret_cast<F*>(&u);
+#pragma unroll
+        for (int i = 0; i < n; ++i) e[i] = from_f32<F>(v[i]);
+        *reinterpret_cast<uint4*>(p) = u;
+    }
+};
+
+__device__ __forceinline__ float2 block_sum2_256(float2 v, float2* sh) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        v.x += __shfl_xor_sync(0xffffffffu, v.x, o);
+        v.y += __shfl_xor_sync(0xffffffffu, v.y, o);
+    }
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    __syncthreads();
+    if (lane == 0) sh[warp] = v;
+    __syncthreads();
+    float2 t = make_float2(0.f, 0.f);
+#pragma unroll
+    for (int i = 0; i < kMixVecThreads / 32; ++i) { t.x += sh[i].x; t.y += sh[i].y; }
+    return t;
+}
+
+template <typename F, int kMixVecIter>
+__global__ void __launch_bounds__(kMixVecThreads) v7_mix_vec_kernel(
+    int T, int C, int n_mix, const F* __restrict__ x, const F* __restrict__ dx, F* __restrict__ x_out,
+    const F* __restrict__ ln_w, const F* __restrict__ ln_b, const F* __restrict__ shift, F* __restrict__ shift_out,
+    const F* __restrict__ mix, F* __restrict__ out, long out_stride) {
+    constexpr int V = Vec16<F>::n;
+    __shared__ float2 red[kMixVecThreads / 32];
+    pdl_trigger();
+    pdl_wait();
+    const long row = blockIdx.x;
+    const int b = (int)(row / T), t = (int)(row % T);
+    const bool has_prev = t > 0;
+    Vec16<F> cur[kMixVecIter], prv[kMixVecIter];
+    float2 s = make_float2(0.f, 0.f);
+#pragma unroll
+    for (int it = 0; it < kMixVecIter; ++it) {
+        const int c = (it * kMixVecThreads + threadIdx.x) * V;
+        if (c >= C) break;
+        cur[it].load(x + row * C + c);
+        if (dx) {
+            Vec16<F> d;
+            d.load(dx + row * C + c);
+#pragma unroll
+            for (int i = 0; i < V; ++i) cur[it].v[i] = round_act<F>(cur[it].v[i] + d.v[i]);
+        }
+#pragma unroll
+        for (int i = 0; i < V; ++i) s.x += cur[it].v[i];
+        if (has_prev) {
+            prv[it].load(x + (row - 1) * C + c);
+            if (dx) {
+                Vec16<F> d;
+                d.load(dx + (row - 1) * C + c);
+#pragma unroll
+                for (int i = 0; i < V; ++i) prv[it].v[i] = round_act<F>(prv[it].v[i] + d.v[i]);
+            }
+#pragma unroll
+            for (int i = 0; i < V; ++i) s.y += prv[it].v[i];
+        }
+    }
+    s = block_sum2_256(s, red);
+    const float mc = s.x / C, mp = s.y / C;
+    float2 q = make_float2(0.f, 0.f);
+#pragma unroll
+    for (int it = 0; it < kMixVecIter; ++it) {
+        const int c = (it * kMixVecThreads + threadIdx.x) * V;
+        if (c >= C) break;
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+            const float d = cur[it].v[i] - mc;
+            q.x += d * d;
+            if (has_prev) { const float e = prv[it].v[i] - mp; q.y += e * e; }
+        }
+    }
+    q = block_sum2_256(q, red);
+    const float rc = rsqrtf(q.x / C + kLnEps), rp = rsqrtf(q.y / C + kLnEps);
+#pragma unroll
+    for (int it = 0; it < kMixVecIter; ++it) {
+        const int c = (it * kMixVecThreads + threadIdx.x) * V;
+        if (c >= C) break;
+        if (dx && x_out) cur[it].store(x_out + row * C + c);
+        Vec16<F> w, bb, xl, pv;
+        w.load(ln_w + c);
+        bb.load(ln_b + c);
+        if (!has_prev && shift) pv.load(shift + (long)b * C + c);
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+            xl.v[i] = round_act<F>((cur[it].v[i] - mc) * rc * w.v[i] + bb.v[i]);
+            if (has_prev) pv.v[i] = round_act<F>((prv[it].v[i] - mp) * rp * w.v[i] + bb.v[i]);
+            else if (!shift) pv.v[i] = 0.f;
+        }
+        if (n_mix == 0) {
+            xl.store(out + row * C + c);
+        } else {
+            for (int m = 0; m < n_mix; ++m) {
+                Vec16<F> mx, o;
+                mx.load(mix + (long)m * C + c);
+#pragma unroll
+                for (int i = 0; i < V; ++i) o.v[i] = xl.v[i] + (pv.v[i] - xl.v[i]) * mx.v[i];
+                o.store(out + m * out_stride + row * C + c);
+            }
+        }
+        if (t == T - 1 && shift_out) xl.store(shift_out + (long)b * C + c);
+    }
+}
+
 // v7_mix for T = 1 and few rows: a row's work spread over `slices` blocks of kMix1Threads. Each block
 // reads the whole row (x + dx, from L2) for the LayerNorm statistics (two passes, as v7_mix_kernel)
 // and writes only its slice of the outputs, so no block reduction spans more than 256 threads and
@@ -557,6 +684,25 @@ int v7_mix_launch(int act, int rows, int T, int C, int n_mix, const void* x, con
                 n_mix, slices, static_cast<const F*>(x), static_cast<const F*>(dx), static_cast<F*>(x_out),
                 static_cast<const F*>(ln_w), static_cast<const F*>(ln_b), static_cast<const F*>(shift),
                 static_cast<F*>(shift_out), static_cast<const F*>(mix), static_cast<F*>(out), out_stride));
+        return launch_rc(err);
+    }
+    const int vec = act == 0 ? 4 : 8;
+    const int iters = (C + kMixVecThreads * vec - 1) / (kMixVecThreads * vec);
+    auto al16 = [](const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; };
+    if (C % vec == 0 && iters <= kMixVecMaxIter && out_stride % vec == 0 &&
+        al16(x) && al16(dx) && al16(x_out) && al16(ln_w) && al16(ln_b) && al16(shift) && al16(shift_out) &&
+        al16(mix) && al16(out) && (x_out == nullptr || (x_out != x && x_out != dx))) {
+        auto go = [&](auto it_tag) {
+            constexpr int IT = decltype(it_tag)::value;
+            RWKV_CHAT_DISPATCH_ACT(static_cast<ActType>(act), F,
+                err = launch(v7_mix_vec_kernel<F, IT>, rows, kMixVecThreads, 0, stream, T, C, n_mix,
+                    static_cast<const F*>(x), static_cast<const F*>(dx), static_cast<F*>(x_out),
+                    static_cast<const F*>(ln_w), static_cast<const F*>(ln_b), static_cast<const F*>(shift),
+                    static_cast<F*>(shift_out), static_cast<const F*>(mix), static_cast<F*>(out), out_stride));
+        };
+        if (iters == 1) go(std::integral_constant<int, 1>{});
+        else if (iters == 2) go(std::integral_constant<int, 2>{});
+        else go(std::integral_constant<int, 4>{});
         return launch_rc(err);
     }
     RWKV_CHAT_DISPATCH_ACT(static_cast<ActType>(act), F,

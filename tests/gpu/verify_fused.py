@@ -85,6 +85,17 @@ def main() -> int:
                                               full_output=True)[0][-6:].float() for j in range(batch)], dim=1)
             row(f"decode batch {batch}, 6 steps vs forward(prompt + 6) of the same model", strategy,
                 f"graph, gemv={dec.gemv}" + (f", large={large}" if batch > 4 else ""), rel(got, want))
+        # greedy with the argmax fed back on the device (GREEDY_UNROLL steps per graph) vs the host loop
+        dec = BatchDecoder(fused, max_batch=2)
+        h1, h2 = dec.add(st), dec.add(st)
+        first = tok = int(torch.argmax(seq[-1]))
+        host = []
+        for _ in range(20):
+            tok = int(torch.argmax(dec.step({h1: tok})[h1]))
+            host.append(tok)
+        on_dev = dec.greedy({h2: first}, 20)[h2]
+        row("greedy on the device vs the host argmax loop, 20 tokens (share of tokens that differ)", strategy,
+            "graph, 8 steps per replay + 4 single", sum(a != b for a, b in zip(host, on_dev)) / 20)
         # prefill: fused block vs the eager torch block (a model built without kernels, torch WKV paths)
         plain = RWKV(model=w, strategy=strategy, kernels=False)
         plain._seq_block = None
@@ -95,7 +106,7 @@ def main() -> int:
             lg, s1 = plain.forward([(31 * t) % plain.vocab_size], s1)
             one.append(lg.float())
         kernels.install()
-        row("prefill 64 tokens, logits vs eager torch", strategy, "v7_mix + v7_pre + WKV-7 seq + v7_post",
+        row("prefill 64 tokens, logits vs eager torch", strategy, "v7_mix + v7_pre + chunked WKV-7 + v7_post",
             rel(seq, ref_seq))
         row("prefill 64 tokens, state vs eager torch", strategy, "same", state_rel(st, ref_st))
         got, _, dec = decode_run(fused, ref_st, 1, 6)
