@@ -341,7 +341,8 @@ def mm8(x: torch.Tensor, q: _quant.Int8Weight, *, out=None) -> torch.Tensor:
     check_mm8(x, q, out)
     dev = x.device.type
     if not available(dev, "mm8") or q.output_major != _quant.prefers_output_major(x.device):
-        return _fill(out, (_TORCH_MM8(x, q),))[0]
+        y = _TORCH_MM8(x, q)
+        return y if out is None else out.copy_(y)
     N, M = q.shape
     x2 = x.reshape(-1, N).contiguous()
     sc = [t if t.dtype == x.dtype else t.to(x.dtype) for t in (q.mx, q.rx, q.my, q.ry)]

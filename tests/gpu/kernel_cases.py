@@ -2,8 +2,8 @@
 
 Each case draws fresh random inputs with the value ranges a real model produces, runs the dispatch
 function of ``rwkv_chat.models.kernels`` into NaN-poisoned output tensors, and compares with the
-pure-torch path (``models/wkv.py``, ``models/quant.py``) evaluated in float32 on the same (rounded)
-inputs. Error = ``‖out − ref‖ / ‖ref‖`` per output, the worst output reported.
+pure-torch path (``models/wkv.py``, ``models/quant.py``) evaluated in float32 (mm8: float64) on the
+same (rounded) inputs. Error = ``‖out − ref‖ / ‖ref‖`` per output, the worst output reported.
 """
 
 from __future__ import annotations
@@ -88,14 +88,77 @@ def case_wkv7(B, T, H, N, dtype, device, seed, chunk=None):
     return max(rel_err(a, b) for a, b in zip(got, ref))
 
 
-def case_mm8(rows, N, M, dtype, device, seed):
+def _i8(g, N, M, dtype, device, scale=0.1):
+    """A random i8 weight [N, M] quantized on ``device`` (in the layout that device's kernels read)."""
+    return quant.quantize_i8(_randn(g, N, M, scale=scale).to(device), dtype)
+
+
+def _mm8_ref(x: torch.Tensor, q, act: int = 0) -> torch.Tensor:
+    """float64 reference of act(x) @ dequantize(q) on q's device; act 3 = relu² rounded to x's dtype (as
+    the unfused path stores it)."""
+    x = x.to(q.device)
+    if act == 3:
+        x = torch.relu(x.float()).square().to(x.dtype)
+    return x.double() @ q.dequantize(torch.float64)
+
+
+def case_mm8(rows, N, M, dtype, device, seed, output_major=None, via_cpu=False):
+    """``kernels.mm8`` with the weight in the layout the device's kernels read unless ``output_major`` says
+    otherwise; ``via_cpu``: quantized on the CPU (input-major) and moved, which converts the layout."""
     g = _gen(seed, device)
-    q = quant.quantize_i8(_randn(g, N, M, scale=0.1), dtype)
+    q = _i8(g, N, M, dtype, "cpu" if via_cpu else device)
     x = _randn(g, rows, N).to(dtype)
+    qd = q.to(device, output_major=output_major)
+    if device == "cuda" and output_major is None and not qd.output_major:
+        raise AssertionError("an i8 weight moved to CUDA must be output-major")
     out = _poison(torch.empty(rows, M, dtype=dtype, device=device))
-    got = kernels.mm8(x.to(device), q.to(device), out=out)
-    ref = x.float() @ q.dequantize(torch.float32)
-    return rel_err(got, ref)
+    got = kernels.mm8(x.to(device), qd, out=out)
+    return rel_err(got, _mm8_ref(x, q))
+
+
+def case_mm8_multi(rows, shapes, acts, dtype, device, seed):
+    """The grouped op ``mm8_multi_cuda`` (output-major weights, one launch): worst entry."""
+    g = _gen(seed, device)
+    qs = [_i8(g, N, M, dtype, device) for N, M in shapes]
+    xs = [_randn(g, rows, N).to(dtype).to(device) for N, _ in shapes]
+    if not all(q.output_major for q in qs):
+        raise AssertionError("i8 weights quantized on CUDA must be output-major")
+    ys = [_poison(torch.empty(rows, M, dtype=dtype, device=device)) for _, M in shapes]
+    torch.ops.rwkv_chat.mm8_multi_cuda(xs, [q.storage for q in qs], [q.mx for q in qs], [q.rx for q in qs],
+                                       [q.my for q in qs], [q.ry for q in qs], ys, list(acts))
+    return max(rel_err(y, _mm8_ref(x, q, a)) for y, x, q, a in zip(ys, xs, qs, acts))
+
+
+def case_mm8_chain(rows, C, dtype, device, seed, links=6, graph=False):
+    """``links`` mm8 launches back to back on two ping-pong buffers (each reads what the previous one
+    wrote and overwrites what the one before read), eager or as one CUDA graph: checks that the
+    programmatic-dependent-launch wait orders the reads and writes. Error of the last output."""
+    g = _gen(seed, device)
+    qd = [_i8(g, C, C, dtype, device, scale=C ** -0.5) for _ in range(links)]
+    x0 = _randn(g, rows, C).to(dtype)
+    ref = x0.to(device)
+    for q in qd:
+        ref = (ref.double() @ q.dequantize(torch.float64)).to(dtype)
+    bufs = [x0.to(device), _poison(torch.empty(rows, C, dtype=dtype, device=device))]
+
+    def run():
+        for i, q in enumerate(qd):
+            kernels.mm8(bufs[i % 2], q, out=bufs[(i + 1) % 2])
+
+    if graph:
+        run()                           # warm-up (builds, first launches) outside the capture
+        bufs[0].copy_(x0.to(device))
+        torch.cuda.synchronize()
+        gr = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(gr):
+            run()
+        bufs[0].copy_(x0.to(device))
+        bufs[1].fill_(float("nan"))
+        gr.replay()
+    else:
+        run()
+    torch.cuda.synchronize()
+    return rel_err(bufs[links % 2], ref)
 
 
 def case_gemm(rows, K, M, dtype, device, seed):
@@ -128,12 +191,34 @@ def all_cases(device: str, quick: bool = False):
             for B, T, H, L in ((1, 1, 2, 32), (2, 70, 3, 32), (1, 100, 4, 16), (1, 1024, 32, 32), (3, 33, 2, 16)):
                 cases.append(("wkv7", f"chunked L={L} B={B} T={T} H={H} N=64", dt,
                               lambda B=B, T=T, H=H, L=L, dt=dt, s=len(cases): case_wkv7(B, T, H, 64, dt, device, s, L)))
+        # mm8: 1..4 rows (GEMV on CUDA: one tile, several tiles of N, lane groups < 32 for small N, a
+        # partial last block), more rows (dequantize + cuBLAS), N % 16 != 0 (dequantize path)
         shapes = ((1, 64, 48), (5, 96, 80), (1, 33, 37)) if quick else (
-            (1, 2048, 2048), (1, 4096, 4096), (1, 1000, 4000), (3, 1024, 2048), (16, 512, 1024), (40, 512, 768),
-            (1, 96, 40))
+            (1, 2048, 2048), (1, 4096, 4096), (1, 4096, 16384), (1, 16384, 4096), (1, 24576, 256), (2, 4096, 1000),
+            (3, 1024, 2048), (4, 2048, 4096), (4, 16384, 512), (1, 64, 48), (2, 96, 40), (4, 16, 24), (1, 1000, 4000),
+            (3, 520, 77), (5, 256, 384), (16, 512, 1024), (40, 512, 768), (1, 96, 40))
         for rows, N, M in shapes:
             cases.append(("mm8", f"rows={rows} N={N} M={M}", dt, lambda r=rows, N=N, M=M, dt=dt, s=len(cases):
                           case_mm8(r, N, M, dt, device, s)))
+        if device == "cuda":
+            cases.append(("mm8", "rows=2 N=512 M=300, input-major weight on CUDA (torch path)", dt,
+                          lambda dt=dt, s=len(cases): case_mm8(2, 512, 300, dt, device, s, output_major=False)))
+            for rows in (1, 7):
+                cases.append(("mm8", f"rows={rows} N=1024 M=768, quantized on the CPU and moved (layout converted)", dt,
+                              lambda r=rows, dt=dt, s=len(cases): case_mm8(r, 1024, 768, dt, device, s, via_cpu=True)))
+            groups = ((1, ((4096, 4096), (4096, 4096), (4096, 4096)), (0, 0, 0)),
+                      (1, ((4096, 16384), (16384, 4096)), (0, 3)),
+                      (3, ((1024, 1024), (1024, 4096), (4096, 1024)), (0, 0, 3)),
+                      (4, ((2048, 512), (64, 96), (16384, 256), (96, 33)), (3, 0, 3, 0)),
+                      (2, ((768, 768),), (3,)))
+            for rows, shp, acts in groups:
+                cases.append(("mm8_multi", f"rows={rows} {' '.join(f'{N}x{M}' for N, M in shp)} acts={acts}", dt,
+                              lambda r=rows, shp=shp, a=acts, dt=dt, s=len(cases):
+                              case_mm8_multi(r, shp, a, dt, device, s)))
+            for rows, C, graph in ((1, 2048, False), (1, 2048, True), (4, 1024, True), (8, 512, True)):
+                cases.append(("mm8", f"chain of 6 launches rows={rows} C={C} {'CUDA graph' if graph else 'eager'}", dt,
+                              lambda r=rows, C=C, gr=graph, dt=dt, s=len(cases): case_mm8_chain(r, C, dt, device, s,
+                                                                                                 graph=gr)))
         if device == "cuda" and dt != torch.float32:
             for rows, K, M in ((1, 768, 768), (64, 1024, 4096)):
                 cases.append(("gemm", f"rows={rows} K={K} M={M}", dt, lambda r=rows, K=K, M=M, dt=dt, s=len(cases):
