@@ -7,6 +7,8 @@
 
 #include <stdint.h>
 
+#include <vector>
+
 #include "../common/launchers.h"
 #include "../mm8/mm8_multi.h"
 #include "checks.h"
@@ -104,6 +106,12 @@ void wkv7_cuda(const at::Tensor& r, const at::Tensor& w, const at::Tensor& k, co
                  op);
 }
 
+// The GEMV reads x, w, my and ry with 16-byte loads: a tensor at an unaligned address (a view at an
+// odd offset) is copied first.
+at::Tensor aligned16(const at::Tensor& t) {
+    return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 ? t : t.clone();
+}
+
 // mm8 with the weight stored output-major: w uint8 [M, N] (models/quant.py, Int8Weight.output_major),
 // mx, rx [M], my, ry [N, 1], x [rows, N], y [rows, M] (activation dtype). 1..kMm8MaxGemvRows rows and
 // N % 16 == 0: the GEMV kernel; otherwise dequantize to [M, N] once and one cuBLAS product with its
@@ -133,10 +141,12 @@ void mm8_cuda(const at::Tensor& x, const at::Tensor& w, const at::Tensor& mx, co
         const_cast<at::Tensor&>(y).zero_();
         return;
     }
-    if (rows <= kMm8MaxGemvRows && N % 16 == 0 && reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0) {
+    if (rows <= kMm8MaxGemvRows && N % 16 == 0) {
         const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-        check_launch(mm8_gemv_launch(act, (int)rows, (int)N, (int)M, x.data_ptr(), w.data_ptr<uint8_t>(), mx.data_ptr(),
-                                     rx.data_ptr(), my.data_ptr(), ry.data_ptr(), y.data_ptr(), sms, stream),
+        const at::Tensor xa = aligned16(x), wa = aligned16(w), mya = aligned16(my), rya = aligned16(ry);
+        check_launch(mm8_gemv_launch(act, (int)rows, (int)N, (int)M, xa.data_ptr(), wa.data_ptr<uint8_t>(),
+                                     mx.data_ptr(), rx.data_ptr(), mya.data_ptr(), rya.data_ptr(), y.data_ptr(), sms,
+                                     stream),
                      op);
         return;
     }
@@ -150,7 +160,7 @@ void mm8_cuda(const at::Tensor& x, const at::Tensor& w, const at::Tensor& mx, co
 }
 
 // Grouped mm8 GEMV (decode): entries share the row count (1..kMm8MaxGemvRows); w_e uint8 output-major
-// [M_e, N_e] with N_e % 16 == 0 (16-byte aligned); act_e 0 (none) or 3 (relu^2 on x_e). One launch.
+// [M_e, N_e] with N_e % 16 == 0; act_e 0 (none) or 3 (relu^2 on x_e). One launch.
 void mm8_multi_cuda(at::TensorList xs, at::TensorList ws, at::TensorList mxs, at::TensorList rxs,
                     at::TensorList mys, at::TensorList rys, at::TensorList ys, at::IntArrayRef acts) {
     const char* op = "rwkv_chat::mm8_multi_cuda";
@@ -165,6 +175,8 @@ void mm8_multi_cuda(at::TensorList xs, at::TensorList ws, at::TensorList mxs, at
     batch.n = (int)n;
     batch.rows = (int)xs[0].size(0);
     TORCH_CHECK(batch.rows >= 1 && batch.rows <= kMm8MaxGemvRows, op, ": 1..", kMm8MaxGemvRows, " rows");
+    std::vector<at::Tensor> keep;   // x, w, my, ry of every entry (16-byte aligned copies where needed)
+    keep.reserve(4 * n);
     for (size_t i = 0; i < n; ++i) {
         TORCH_CHECK(ws[i].dim() == 2, op, ": w must be output-major [M, N]");
         const int64_t M = ws[i].size(0), N = ws[i].size(1);
@@ -179,10 +191,11 @@ void mm8_multi_cuda(at::TensorList xs, at::TensorList ws, at::TensorList mxs, at
         TORCH_CHECK(acts[i] == 0 || acts[i] == 3, op, ": act must be 0 or 3");
         TORCH_CHECK(N >= 16 && N % 16 == 0 && N <= INT32_MAX && M <= INT32_MAX, op,
                     ": N must be a positive multiple of 16, got w ", ws[i].sizes());
-        TORCH_CHECK(reinterpret_cast<uintptr_t>(ws[i].data_ptr()) % 16 == 0, op, ": w must be 16-byte aligned");
+        for (const at::Tensor* t : {&xs[i], &ws[i], &mys[i], &rys[i]}) keep.push_back(aligned16(*t));
+        const at::Tensor *xa = &keep[keep.size() - 4], *wa = xa + 1, *mya = xa + 2, *rya = xa + 3;
         Mm8Entry& E = batch.e[i];
-        E.x = xs[i].data_ptr(); E.w = ws[i].data_ptr<uint8_t>(); E.mx = mxs[i].data_ptr(); E.rx = rxs[i].data_ptr();
-        E.my = mys[i].data_ptr(); E.ry = rys[i].data_ptr(); E.y = ys[i].data_ptr();
+        E.x = xa->data_ptr(); E.w = wa->data_ptr<uint8_t>(); E.mx = mxs[i].data_ptr(); E.rx = rxs[i].data_ptr();
+        E.my = mya->data_ptr(); E.ry = rya->data_ptr(); E.y = ys[i].data_ptr();
         E.N = (int)N; E.M = (int)M; E.act = (int)acts[i];
     }
     const at::cuda::CUDAGuard guard(xs[0].device());

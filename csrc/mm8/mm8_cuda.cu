@@ -7,18 +7,22 @@
 // xr[r][n] = x[r][n] ry[n]: one FMA per weight byte and row. (w + 0.5) is exact in fp32 from one byte
 // permute and one subtraction (the float with bits 0x4B0000bb is 2^23 + b).
 //
-// GEMV (rows <= kMm8MaxGemvRows), one grid over the outputs of 1..kMm8MaxEntries weights:
-//   * each output is the dot product of one lane group: 32 lanes of a warp (fewer for N < 512);
-//     a step of a lane group is kLoads 16-byte loads per lane (kLoads * 512 weight bytes per warp), all
-//     issued before any is used, and the next step's loads are issued before this step is used;
-//   * a block (8 warps) first issues its first step's weight loads and reads its rx/mx (weights never
-//     change: before the programmatic-dependent-launch wait), then stages xr = act(x) * ry for a tile
-//     of N (all of N unless rows * N * 4 bytes exceed 64 KB) in shared memory as fp32, laid out so the
-//     float4 reads of consecutive lanes fall in distinct banks, and sums x * my and x for the row
-//     constants (one block reduction);
-//   * a lane group serves `outs` (1, 2, 4) outputs one after the other, chosen so the grid stays
-//     >= 2 blocks per multiprocessor; warp-shuffle reduction, fp32 throughout, the result written
-//     once in the activation dtype. No workspace, no atomics, no split-K.
+// GEMV (rows <= kMm8MaxGemvRows), one grid over the outputs of 1..kMm8MaxEntries weights, 256-thread blocks:
+//   * each output is the dot product of one lane group: 32 lanes of a warp (fewer for N < 512), so a
+//     block serves 8 outputs at a time (more for small N);
+//   * a step of a lane group is kLoads (4) 16-byte loads per lane, 2 KB per warp, all issued before any
+//     is used; two steps are in flight: the first two are issued before the programmatic-dependent-
+//     launch wait (weights never change), with the first output's column scales, and each step used
+//     issues the one after next;
+//   * after the wait the block stages xr = act(x) * ry for a tile of N (all of N unless rows * N * 4
+//     bytes exceed 64 KB) in shared memory as fp32 (16-byte loads of x, ry, my), laid out so the float4
+//     reads of consecutive lanes fall in distinct banks, and sums x * my and x for the row constants
+//     (one block reduction);
+//   * a lane group serves `outs` (1, 2 or 4; 1 when N needs several tiles) outputs one after the other,
+//     chosen so the grid keeps >= 2 blocks per multiprocessor; warp-shuffle reduction, fp32 throughout,
+//     each result written once in the activation dtype. No workspace, no atomics, no split-K.
+// x, w, my, ry must be 16-byte aligned (the binding copies a tensor that is not). Registers: <= 80 at
+// one row (3 blocks per multiprocessor), <= 128 at 2..4 rows; no spills (ptxas -v, sm_90).
 // act 3 applies relu^2 to x as it is staged (rounded to the activation dtype, as the unfused path
 // stores relu(x)^2 before the product).
 #include <algorithm>
@@ -31,9 +35,8 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kLoads = 8;              // 16-byte weight loads per lane per step
+constexpr int kLoads = 4;              // 16-byte weight loads per lane per step (2 steps in flight)
 constexpr int kMaxOuts = 4;            // outputs per lane group (one after the other)
-constexpr int kStage = 4;              // x elements per thread loaded together while staging
 constexpr int kSmemMax = 64 * 1024;    // staged xr per block at most (bytes)
 constexpr int kSmemDefault = 48 * 1024;
 
@@ -59,25 +62,46 @@ __device__ __forceinline__ float byte_plus_half(unsigned v, int c) {
 
 // Shared-memory float index of tile element i (tile: elements per row, a multiple of 16): the 16
 // elements of chunk L = i / 16 go to 4 float4 slots q * tile/16 + L (q = (i % 16) / 4), so the lanes
-// of a warp reading consecutive chunks read consecutive float4s.
+// of a warp reading consecutive chunks read consecutive float4s (no bank conflicts).
 __device__ __forceinline__ int stage_pos(int i, int tile) {
     return ((i & 15) >> 2) * (tile >> 2) + (i >> 4) * 4 + (i & 3);
 }
 
-// One step of a lane group: loads j = 0..kLoads-1 of lane l cover tile elements 16 (l + G (c kLoads + j)).
-__device__ __forceinline__ void load_step(uint4 (&q)[kLoads], const uint8_t* __restrict__ w, int N, int M, int m,
-                                          int t0, int len, int G, int l, int c) {
-    const bool mok = m < M;
-    const uint8_t* row = w + (long)(mok ? m : 0) * N + t0;
-#pragma unroll
-    for (int j = 0; j < kLoads; ++j) {
-        const int e0 = 16 * (l + G * (c * kLoads + j));
-        q[j] = (mok && e0 < len) ? __ldcs(reinterpret_cast<const uint4*>(row + e0)) : make_uint4(0u, 0u, 0u, 0u);
+// The order in which a lane group walks its work: tile t (outer), output o, step c of the tile.
+struct Cursor {
+    int t, o, c;
+};
+__device__ __forceinline__ void advance(Cursor& k, int O, int KT, int N, int step) {
+    const int len = min(KT, N - k.t * KT);
+    if (++k.c == (len + step - 1) / step) {
+        k.c = 0;
+        if (++k.o == O) { k.o = 0; ++k.t; }
     }
 }
 
+// The loads of step k for lane l of a group of G lanes: load j covers tile elements 16 (l + G (c kLoads + j)).
+// Zeros past the row, for outputs >= M and once the cursor is past the last tile.
+__device__ __forceinline__ void load_step(uint4 (&q)[kLoads], const uint8_t* __restrict__ w, int N, int M,
+                                          int KT, int T, int m0, int gpb, int G, int l, const Cursor& k) {
+    const int m = m0 + k.o * gpb, t0 = k.t * KT;
+    const bool ok = k.t < T && m < M;
+    const int len = ok ? min(KT, N - t0) : 0;
+    const uint8_t* row = w + (ok ? (long)m * N + t0 : 0L);
+#pragma unroll
+    for (int j = 0; j < kLoads; ++j) {
+        const int e0 = 16 * (l + G * (k.c * kLoads + j));
+        q[j] = e0 < len ? __ldcs(reinterpret_cast<const uint4*>(row + e0)) : make_uint4(0u, 0u, 0u, 0u);
+    }
+}
+
+template <typename F>
+union Vec16 {
+    uint4 q;
+    F v[16 / sizeof(F)];
+};
+
 template <typename F, int R>
-__global__ void __launch_bounds__(kThreads, 2) mm8_gemv_kernel(Mm8Batch batch) {
+__global__ void __launch_bounds__(kThreads, (R == 1 ? 3 : 2)) mm8_gemv_kernel(Mm8Batch batch) {
     pdl_trigger();
     int e = 0;
 #pragma unroll 1
@@ -97,60 +121,71 @@ __global__ void __launch_bounds__(kThreads, 2) mm8_gemv_kernel(Mm8Batch batch) {
     const F* __restrict__ ry = static_cast<const F*>(E.ry);
     const int step = 16 * G * kLoads;                                 // row elements per step
 
-    // Weights first: the first step's loads and the outputs' column scales, before waiting.
-    uint4 cur[kLoads];
-    load_step(cur, w, N, M, m0, 0, min(KT, N), G, l, 0);
-    float rxo[kMaxOuts], mxo[kMaxOuts];
-#pragma unroll
-    for (int o = 0; o < kMaxOuts; ++o) {
-        const int m = m0 + o * gpb;
-        const bool ok = o < O && m < M;
-        rxo[o] = ok ? to_f32(rx[m]) : 0.f;
-        mxo[o] = ok ? to_f32(mx[m]) : 0.f;
-    }
+    // Weights first (they never change): the first two steps' loads and the outputs' column scales,
+    // before waiting for the previous kernel.
+    uint4 cur[kLoads], nxt[kLoads];
+    Cursor ld{0, 0, 0};
+    load_step(cur, w, N, M, KT, T, m0, gpb, G, l, ld);
+    advance(ld, O, KT, N, step);
+    load_step(nxt, w, N, M, KT, T, m0, gpb, G, l, ld);
+    advance(ld, O, KT, N, step);
+    // column scales of the first output (the next output's are read while this one is computed)
+    float rxm = 0.f, mxm = 0.f;
+    if (m0 < M) { rxm = to_f32(__ldg(rx + m0)); mxm = to_f32(__ldg(mx + m0)); }
     pdl_wait();
 
     extern __shared__ float4 xs4[];                                   // [rows][KT] fp32, stage_pos order
-    float* xs = reinterpret_cast<float*>(xs4);
     __shared__ float red[kWarps][2 * R];
-    float acc[kMaxOuts][R], pmy[R], px[R];
+    float acc[R], pmy[R], px[R], tmy[R], tx[R];
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-        pmy[r] = px[r] = 0.f;
-#pragma unroll
-        for (int o = 0; o < kMaxOuts; ++o) acc[o][r] = 0.f;
-    }
+    for (int r = 0; r < R; ++r) acc[r] = pmy[r] = px[r] = tmy[r] = tx[r] = 0.f;
+    F* __restrict__ y = static_cast<F*>(E.y);
 
 #pragma unroll 1
     for (int t = 0; t < T; ++t) {
         const int t0 = t * KT, len = min(KT, N - t0);
         if (t > 0) __syncthreads();                                   // everyone is done with tile t-1
-        // Stage xr = act(x) * ry for this tile; sums of x * my and x per row.
+        // Stage xr = act(x) * ry for this tile (16-byte loads: V elements per chunk, kChunks chunks per
+        // thread in flight); sums of x * my and x per row.
+        constexpr int V = 16 / sizeof(F);
+        constexpr int kChunks = R == 1 ? 2 : 1;
+        const int nch = len / V;
 #pragma unroll 1
-        for (int i0 = threadIdx.x; i0 < len; i0 += kThreads * kStage) {
-            float xv[kStage][R], ryv[kStage], myv[kStage];
+        for (int c0 = threadIdx.x; c0 < nch; c0 += kThreads * kChunks) {
+            Vec16<F> xq[kChunks][R], rq[kChunks], mq[kChunks];
 #pragma unroll
-            for (int u = 0; u < kStage; ++u) {
-                const int i = i0 + u * kThreads;
-                const bool ok = i < len;
-                ryv[u] = ok ? to_f32(ry[t0 + i]) : 0.f;
-                myv[u] = ok ? to_f32(my[t0 + i]) : 0.f;
+            for (int u = 0; u < kChunks; ++u) {
+                const int ch = c0 + u * kThreads;
+                const bool ok = ch < nch;
+                const long n = t0 + (long)ch * V;
+                rq[u].q = ok ? __ldg(reinterpret_cast<const uint4*>(ry + n)) : make_uint4(0u, 0u, 0u, 0u);
+                mq[u].q = ok ? __ldg(reinterpret_cast<const uint4*>(my + n)) : make_uint4(0u, 0u, 0u, 0u);
 #pragma unroll
-                for (int r = 0; r < R; ++r) xv[u][r] = (ok && r < rows) ? to_f32(x[(long)r * N + t0 + i]) : 0.f;
+                for (int r = 0; r < R; ++r)
+                    xq[u][r].q = (ok && r < rows) ? __ldcg(reinterpret_cast<const uint4*>(x + (long)r * N + n))
+                                                  : make_uint4(0u, 0u, 0u, 0u);
             }
 #pragma unroll
-            for (int u = 0; u < kStage; ++u) {
-                const int i = i0 + u * kThreads;
-                if (i < len) {
-                    const int pos = stage_pos(i, KT);
+            for (int u = 0; u < kChunks; ++u) {
+                const int ch = c0 + u * kThreads;
+                if (ch < nch) {
 #pragma unroll
                     for (int r = 0; r < R; ++r) {
                         if (r < rows) {
-                            float v = xv[u][r];
-                            if (act == 3) { v = fmaxf(v, 0.f); v = to_f32(from_f32<F>(v * v)); }
-                            pmy[r] = fmaf(v, myv[u], pmy[r]);
-                            px[r] += v;
-                            xs[r * KT + pos] = v * ryv[u];
+#pragma unroll
+                            for (int g4 = 0; g4 < V / 4; ++g4) {
+                                float o4[4];
+#pragma unroll
+                                for (int cc = 0; cc < 4; ++cc) {
+                                    const int el = 4 * g4 + cc;
+                                    float v = to_f32(xq[u][r].v[el]);
+                                    if (act == 3) { v = fmaxf(v, 0.f); v = to_f32(from_f32<F>(v * v)); }
+                                    pmy[r] = fmaf(v, to_f32(mq[u].v[el]), pmy[r]);
+                                    px[r] += v;
+                                    o4[cc] = v * to_f32(rq[u].v[el]);
+                                }
+                                xs4[(r * KT + stage_pos(ch * V + 4 * g4, KT)) >> 2] = make_float4(o4[0], o4[1], o4[2], o4[3]);
+                            }
                         }
                     }
                 }
@@ -170,79 +205,69 @@ __global__ void __launch_bounds__(kThreads, 2) mm8_gemv_kernel(Mm8Batch batch) {
         }
         __syncthreads();
 
+        if (t == T - 1) {                                             // the row constants, block-wide
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+#pragma unroll
+                for (int wp = 0; wp < kWarps; ++wp) { tmy[r] += red[wp][r]; tx[r] += red[wp][R + r]; }
+            }
+        }
+
+        // The lane group's outputs in turn (O > 1 only with a single tile); each output's sum stays in
+        // acc until its last tile, then is reduced over the group and written.
         const int steps = (len + step - 1) / step;
-#pragma unroll
-        for (int o = 0; o < kMaxOuts; ++o) {
-            if (o < O) {
 #pragma unroll 1
-                for (int c = 0; c < steps; ++c) {
-                    // Issue the next step's loads (next chunk, next output or next tile) before using this one.
-                    int nc = c + 1, no = o, nt = t;
-                    if (nc == steps) {
-                        nc = 0;
-                        if (++no == O) { no = 0; ++nt; }
-                    }
-                    uint4 nxt[kLoads];
-                    if (nt < T) {
-                        const int nt0 = nt * KT;
-                        load_step(nxt, w, N, M, m0 + no * gpb, nt0, min(KT, N - nt0), G, l, nc);
-                    } else {
+        for (int o = 0; o < O; ++o) {
+#pragma unroll 1
+            for (int c = 0; c < steps; ++c) {
 #pragma unroll
-                        for (int j = 0; j < kLoads; ++j) nxt[j] = make_uint4(0u, 0u, 0u, 0u);
-                    }
+                for (int j = 0; j < kLoads; ++j) {
+                    const int L = l + G * (c * kLoads + j);               // 16-element chunk of the tile
+                    if (16 * L < len) {
+                        const unsigned wd[4] = {cur[j].x, cur[j].y, cur[j].z, cur[j].w};
 #pragma unroll
-                    for (int j = 0; j < kLoads; ++j) {
-                        const int L = l + G * (c * kLoads + j);           // 16-element chunk of the tile
-                        if (16 * L < len) {
-                            const unsigned wd[4] = {cur[j].x, cur[j].y, cur[j].z, cur[j].w};
+                        for (int qd = 0; qd < 4; ++qd) {
+                            float f[4];
 #pragma unroll
-                            for (int qd = 0; qd < 4; ++qd) {
-                                float f[4];
+                            for (int b = 0; b < 4; ++b) f[b] = byte_plus_half(wd[qd], b);
 #pragma unroll
-                                for (int b = 0; b < 4; ++b) f[b] = byte_plus_half(wd[qd], b);
-#pragma unroll
-                                for (int r = 0; r < R; ++r) {
-                                    if (r < rows) {
-                                        const float4 xv = xs4[r * (KT >> 2) + qd * (KT >> 4) + L];
-                                        float a = acc[o][r];
-                                        a = fmaf(xv.x, f[0], a);
-                                        a = fmaf(xv.y, f[1], a);
-                                        a = fmaf(xv.z, f[2], a);
-                                        a = fmaf(xv.w, f[3], a);
-                                        acc[o][r] = a;
-                                    }
+                            for (int r = 0; r < R; ++r) {
+                                if (r < rows) {
+                                    const float4 xv = xs4[r * (KT >> 2) + qd * (KT >> 4) + L];
+                                    float a = acc[r];
+                                    a = fmaf(xv.x, f[0], a);
+                                    a = fmaf(xv.y, f[1], a);
+                                    a = fmaf(xv.z, f[2], a);
+                                    a = fmaf(xv.w, f[3], a);
+                                    acc[r] = a;
                                 }
                             }
                         }
                     }
-#pragma unroll
-                    for (int j = 0; j < kLoads; ++j) cur[j] = nxt[j];
                 }
+                // The step after next goes in flight (next chunk, next output or next tile).
+#pragma unroll
+                for (int j = 0; j < kLoads; ++j) cur[j] = nxt[j];
+                load_step(nxt, w, N, M, KT, T, m0, gpb, G, l, ld);
+                advance(ld, O, KT, N, step);
             }
-        }
-    }
-
-    float tmy[R], tx[R];
+            if (t == T - 1) {
+                const int m = m0 + o * gpb;
+                float rxn = 0.f, mxn = 0.f;                           // the next output's column scales
+                if (o + 1 < O && m + gpb < M) { rxn = to_f32(__ldg(rx + m + gpb)); mxn = to_f32(__ldg(mx + m + gpb)); }
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-        tmy[r] = tx[r] = 0.f;
+                for (int r = 0; r < R; ++r) {
+                    if (r < rows) {
+                        float v = acc[r];
 #pragma unroll
-        for (int wp = 0; wp < kWarps; ++wp) { tmy[r] += red[wp][r]; tx[r] += red[wp][R + r]; }
-    }
-    F* __restrict__ y = static_cast<F*>(E.y);
-#pragma unroll
-    for (int o = 0; o < kMaxOuts; ++o) {
-        if (o < O) {
-            const int m = m0 + o * gpb;
-#pragma unroll
-            for (int r = 0; r < R; ++r) {
-                if (r < rows) {
-                    float v = acc[o][r];
-#pragma unroll
-                    for (int off = 16; off > 0; off >>= 1)
-                        if (off < G) v += __shfl_xor_sync(0xffffffffu, v, off);
-                    if (l == 0 && m < M) y[(long)r * M + m] = from_f32<F>(fmaf(rxo[o], v, tmy[r]) + mxo[o] * tx[r]);
+                        for (int off = 16; off > 0; off >>= 1)
+                            if (off < G) v += __shfl_xor_sync(0xffffffffu, v, off);
+                        if (l == 0 && m < M) y[(long)r * M + m] = from_f32<F>(fmaf(rxm, v, tmy[r]) + mxm * tx[r]);
+                        acc[r] = 0.f;
+                    }
                 }
+                rxm = rxn;
+                mxm = mxn;
             }
         }
     }
@@ -321,6 +346,8 @@ int mm8_multi_prepare(Mm8Batch& batch, int sm_count) {
     for (int i = 0; i < batch.n; ++i) {
         Mm8Entry& E = batch.e[i];
         if (E.N < 16 || E.N % 16 != 0 || E.M < 0 || (E.act != 0 && E.act != 3)) return kUnsupported;
+        for (const void* p : {E.x, static_cast<const void*>(E.w), E.my, E.ry})
+            if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return kUnsupported;   // 16-byte loads
         int lg = 0;
         while ((1 << lg) < E.N / 16 && lg < 5) ++lg;
         E.lanes_log2 = lg;
@@ -337,9 +364,9 @@ int mm8_multi_prepare(Mm8Batch& batch, int sm_count) {
     int blocks = 0, smem = 0;
     for (int i = 0; i < batch.n; ++i) {
         Mm8Entry& E = batch.e[i];
-        E.outs = outs;
+        E.outs = E.tiles == 1 ? outs : 1;     // several outputs per group only with N in one tile
         E.block_begin = blocks;
-        blocks += ceil_div(E.M, (long)(kThreads >> E.lanes_log2) * outs);
+        blocks += ceil_div(E.M, (long)(kThreads >> E.lanes_log2) * E.outs);
         smem = std::max(smem, batch.rows * E.tile * (int)sizeof(float));
     }
     batch.blocks = blocks;

@@ -102,9 +102,10 @@ def _mm8_ref(x: torch.Tensor, q, act: int = 0) -> torch.Tensor:
     return x.double() @ q.dequantize(torch.float64)
 
 
-def case_mm8(rows, N, M, dtype, device, seed, output_major=None, via_cpu=False):
+def case_mm8(rows, N, M, dtype, device, seed, output_major=None, via_cpu=False, unaligned=False):
     """``kernels.mm8`` with the weight in the layout the device's kernels read unless ``output_major`` says
-    otherwise; ``via_cpu``: quantized on the CPU (input-major) and moved, which converts the layout."""
+    otherwise; ``via_cpu``: quantized on the CPU (input-major) and moved, which converts the layout;
+    ``unaligned``: x is a contiguous view one element past a 16-byte boundary."""
     g = _gen(seed, device)
     q = _i8(g, N, M, dtype, "cpu" if via_cpu else device)
     x = _randn(g, rows, N).to(dtype)
@@ -112,7 +113,12 @@ def case_mm8(rows, N, M, dtype, device, seed, output_major=None, via_cpu=False):
     if device == "cuda" and output_major is None and not qd.output_major:
         raise AssertionError("an i8 weight moved to CUDA must be output-major")
     out = _poison(torch.empty(rows, M, dtype=dtype, device=device))
-    got = kernels.mm8(x.to(device), qd, out=out)
+    xd = x.to(device)
+    if unaligned:
+        buf = torch.empty(rows * N + 1, dtype=dtype, device=device)
+        xd = buf[1:].view(rows, N)
+        xd.copy_(x)
+    got = kernels.mm8(xd, qd, out=out)
     return rel_err(got, _mm8_ref(x, q))
 
 
@@ -203,6 +209,8 @@ def all_cases(device: str, quick: bool = False):
         if device == "cuda":
             cases.append(("mm8", "rows=2 N=512 M=300, input-major weight on CUDA (torch path)", dt,
                           lambda dt=dt, s=len(cases): case_mm8(2, 512, 300, dt, device, s, output_major=False)))
+            cases.append(("mm8", "rows=3 N=1024 M=512, x at an unaligned address", dt,
+                          lambda dt=dt, s=len(cases): case_mm8(3, 1024, 512, dt, device, s, unaligned=True)))
             for rows in (1, 7):
                 cases.append(("mm8", f"rows={rows} N=1024 M=768, quantized on the CPU and moved (layout converted)", dt,
                               lambda r=rows, dt=dt, s=len(cases): case_mm8(r, 1024, 768, dt, device, s, via_cpu=True)))
