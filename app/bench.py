@@ -91,7 +91,8 @@ def bench_decode(model, batch: int, tokens: int, graphs, compile, gemv: str, lar
     greedy = None
     if batch == 1:   # the argmax fed back on the device: no host round trip per token
         h = handles[0]
-        dec.greedy({h: 1}, 3)                      # capture
+        from rwkv_chat.models.decode import GREEDY_UNROLL
+        dec.greedy({h: 1}, GREEDY_UNROLL + 1)      # capture both graphs (8 steps, 1 step)
         _sync(dev)
         t = time.perf_counter()
         dec.greedy({h: int(torch.argmax(out[h]))}, tokens)
