@@ -2,10 +2,14 @@
 // output-major (w [M, N]: output m's N weights contiguous; models/quant.py, Int8Weight.output_major).
 // Formula: ChatRWKV rwkv/cuda/operators.cu kernel_mm_one_* (pip rwkv 0.8.32):
 //   y[r][m] = sum_n x[r][n] * ((w[m][n] + 0.5) * ry[n] * rx[m] + my[n] + mx[m])
-// evaluated in fp32 as
-//   y[r][m] = rx[m] * sum_n xr[r][n] (w[m][n] + 0.5) + sum_n x[r][n] my[n] + mx[m] sum_n x[r][n],
-// xr[r][n] = x[r][n] ry[n]: one FMA per weight byte and row. (w + 0.5) is exact in fp32 from one byte
-// permute and one subtraction (the float with bits 0x4B0000bb is 2^23 + b).
+// evaluated as
+//   y[r][m] = rx[m] * (sum_n xr[r][n] (w[m][n] - 128) + 128.5 S1[r]) + S2[r] + mx[m] S3[r],
+//   xr[r][n] = x[r][n] ry[n],  S1 = sum_n xr[r][n],  S2 = sum_n x[r][n] my[n],  S3 = sum_n x[r][n]:
+// one fp32 FMA per weight byte and row; w - 128 is exact from one byte permute and one subtraction
+// (the float with bits 0x4B0000bb is 2^23 + b). The row constants are large next to y (x >= 0 after
+// relu^2 makes S3 ~ N), so they are reduced across threads and combined in fp64, and the bytes are
+// centred at 128 so the fp32 sum stays small: about 1e-6 relative error in fp32 at N = 16384 (fp32
+// partial sums per thread, fp32 lanes).
 //
 // GEMV (rows <= kMm8MaxGemvRows), one grid over the outputs of 1..kMm8MaxEntries weights, 256-thread blocks:
 //   * each output is the dot product of one lane group: 32 lanes of a warp (fewer for N < 512), so a
@@ -55,7 +59,12 @@ __device__ __forceinline__ void pdl_trigger() {
 #endif
 }
 
-// w + 0.5 for byte c (0..3) of v, exact.
+// w - 128 for byte c (0..3) of v, exact: (2^23 + w) - (2^23 + 128).
+__device__ __forceinline__ float byte_centered(unsigned v, int c) {
+    return __uint_as_float(__byte_perm(v, 0x4B000000u, 0x7540u + c)) - 8388736.f;
+}
+
+// w + 0.5 for byte c (0..3) of v, exact: (2^23 + w) - (2^23 - 0.5).
 __device__ __forceinline__ float byte_plus_half(unsigned v, int c) {
     return __uint_as_float(__byte_perm(v, 0x4B000000u, 0x7540u + c)) - 8388607.5f;
 }
@@ -135,10 +144,10 @@ __global__ void __launch_bounds__(kThreads, (R == 1 ? 3 : 2)) mm8_gemv_kernel(Mm
     pdl_wait();
 
     extern __shared__ float4 xs4[];                                   // [rows][KT] fp32, stage_pos order
-    __shared__ float red[kWarps][2 * R];
-    float acc[R], pmy[R], px[R], tmy[R], tx[R];
+    __shared__ double red[kWarps][3 * R];                            // per warp: S1, S2, S3 of each row
+    float acc[R], psr[R], pmy[R], px[R];
 #pragma unroll
-    for (int r = 0; r < R; ++r) acc[r] = pmy[r] = px[r] = tmy[r] = tx[r] = 0.f;
+    for (int r = 0; r < R; ++r) acc[r] = psr[r] = pmy[r] = px[r] = 0.f;
     F* __restrict__ y = static_cast<F*>(E.y);
 
 #pragma unroll 1
@@ -183,6 +192,7 @@ __global__ void __launch_bounds__(kThreads, (R == 1 ? 3 : 2)) mm8_gemv_kernel(Mm
                                     pmy[r] = fmaf(v, to_f32(mq[u].v[el]), pmy[r]);
                                     px[r] += v;
                                     o4[cc] = v * to_f32(rq[u].v[el]);
+                                    psr[r] += o4[cc];
                                 }
                                 xs4[(r * KT + stage_pos(ch * V + 4 * g4, KT)) >> 2] = make_float4(o4[0], o4[1], o4[2], o4[3]);
                             }
@@ -191,27 +201,20 @@ __global__ void __launch_bounds__(kThreads, (R == 1 ? 3 : 2)) mm8_gemv_kernel(Mm
                 }
             }
         }
-        if (t == T - 1) {                                             // block sums: warp level here,
-#pragma unroll                                                        // across warps after the loop
+        if (t == T - 1) {                                             // row constants: fp64 across the
+#pragma unroll                                                        // warp here, across warps at the end
             for (int r = 0; r < R; ++r) {
-                float a = pmy[r], b = px[r];
+                double a = psr[r], b = pmy[r], c = px[r];
 #pragma unroll
                 for (int off = 16; off > 0; off >>= 1) {
                     a += __shfl_xor_sync(0xffffffffu, a, off);
                     b += __shfl_xor_sync(0xffffffffu, b, off);
+                    c += __shfl_xor_sync(0xffffffffu, c, off);
                 }
-                if (lane == 0) { red[warp][r] = a; red[warp][R + r] = b; }
+                if (lane == 0) { red[warp][r] = a; red[warp][R + r] = b; red[warp][2 * R + r] = c; }
             }
         }
         __syncthreads();
-
-        if (t == T - 1) {                                             // the row constants, block-wide
-#pragma unroll
-            for (int r = 0; r < R; ++r) {
-#pragma unroll
-                for (int wp = 0; wp < kWarps; ++wp) { tmy[r] += red[wp][r]; tx[r] += red[wp][R + r]; }
-            }
-        }
 
         // The lane group's outputs in turn (O > 1 only with a single tile); each output's sum stays in
         // acc until its last tile, then is reduced over the group and written.
@@ -229,7 +232,7 @@ __global__ void __launch_bounds__(kThreads, (R == 1 ? 3 : 2)) mm8_gemv_kernel(Mm
                         for (int qd = 0; qd < 4; ++qd) {
                             float f[4];
 #pragma unroll
-                            for (int b = 0; b < 4; ++b) f[b] = byte_plus_half(wd[qd], b);
+                            for (int b = 0; b < 4; ++b) f[b] = byte_centered(wd[qd], b);
 #pragma unroll
                             for (int r = 0; r < R; ++r) {
                                 if (r < rows) {
@@ -262,7 +265,17 @@ __global__ void __launch_bounds__(kThreads, (R == 1 ? 3 : 2)) mm8_gemv_kernel(Mm
 #pragma unroll
                         for (int off = 16; off > 0; off >>= 1)
                             if (off < G) v += __shfl_xor_sync(0xffffffffu, v, off);
-                        if (l == 0 && m < M) y[(long)r * M + m] = from_f32<F>(fmaf(rxm, v, tmy[r]) + mxm * tx[r]);
+                        if (l == 0 && m < M) {
+                            double s1 = 0.0, s2 = 0.0, s3 = 0.0;
+#pragma unroll
+                            for (int wp = 0; wp < kWarps; ++wp) {
+                                s1 += red[wp][r];
+                                s2 += red[wp][R + r];
+                                s3 += red[wp][2 * R + r];
+                            }
+                            const double yv = (double)rxm * ((double)v + 128.5 * s1) + s2 + (double)mxm * s3;
+                            y[(long)r * M + m] = from_f32<F>((float)yv);
+                        }
                         acc[r] = 0.f;
                     }
                 }
