@@ -10,12 +10,7 @@ Daemon: N clients stream ``Client.complete`` at once from a daemon started in a 
 all tokens / time from the first token event to the last ``Done`` (client-observed: ZeroMQ, signing,
 sampling, detokenizing, continuous batching included). The same prompt, greedy, the same token count.
 
-Models: checkpoint paths, and/or ``--shape NAME`` (an official RWKV-7 shape of ``models/shapes.py`` with
-random weights, saved to a temporary ``.pth`` that the daemon loads like any file; vocabulary 65536, so
-daemon and engine both pick the World tokenizer). Nothing is downloaded. The table is printed at the end.
-
     python bench/daemon_overhead.py [--tokens 256] [--batch 1 4] [--out bench/results/daemon_overhead_cpu.md] MODEL...
-    python bench/daemon_overhead.py --shape 0.1B --strategy "cuda fp16" --batch 1 4 8
 """
 
 from __future__ import annotations
@@ -36,8 +31,6 @@ PROMPT = "The quick brown fox jumps over the lazy dog. " * 4
 
 def engine_rates(model_path: str, strategy: str, n: int, batches: list[int], repeats: int) -> dict:
     """{"forward": tok/s, ("batch", N): tok/s} of the engine's own loops (best of ``repeats``)."""
-    import torch
-
     from rwkv_chat.models import RWKV
     from rwkv_chat.models.decode import BatchDecoder
     from rwkv_chat.models.sampling import Sampler, SamplerArgs
@@ -47,16 +40,12 @@ def engine_rates(model_path: str, strategy: str, n: int, batches: list[int], rep
     from rwkv_chat.daemon.runner import decode_buckets
 
     model = RWKV(model=model_path, strategy=strategy, verbose=False)
-    sync = torch.cuda.synchronize if any(d.type == "cuda" for d in model._devices) else (lambda: None)
     max_batch = Config().daemon.max_batch
     inv_buckets = decode_buckets(model, max_batch, True)
     tok = load_tokenizer(vocab_size=model.vocab_size, model_path=model_path)
     logits0, state0 = model.forward(tok.encode(PROMPT), None)
-    decoders = {("batch", b): BatchDecoder(model, max_batch=b) for b in batches}
-    inv = BatchDecoder(model, max_batch=max_batch, buckets=inv_buckets)
-    decoders.update({("inv", b): inv for b in batches})
     out: dict = {}
-    for _ in range(repeats + 1):               # the first round warms up (CUDA graphs, compiled steps)
+    for _ in range(repeats):
         sampler, dec = Sampler(SamplerArgs(max_tokens=n, **GREEDY), tok), IncrementalDecoder(tok)
         logits, state = logits0, state0
         t0 = time.perf_counter()
@@ -64,11 +53,10 @@ def engine_rates(model_path: str, strategy: str, n: int, batches: list[int], rep
             t = sampler.sample(logits)
             logits, state = model.forward([t], state)
             dec.push(t)
-        sync()
         out["forward"] = max(out.get("forward", 0), n / (time.perf_counter() - t0))
         for b in batches:
-            for key in (("batch", b), ("inv", b)):
-                bd = decoders[key]
+            for key, bd in ((("batch", b), BatchDecoder(model, max_batch=b)),
+                            (("inv", b), BatchDecoder(model, max_batch=max_batch, buckets=inv_buckets))):
                 hs = [bd.add(state0) for _ in range(b)]
                 samplers = [Sampler(SamplerArgs(max_tokens=n, **GREEDY), tok) for _ in range(b)]
                 decs = [IncrementalDecoder(tok) for _ in range(b)]
@@ -79,33 +67,8 @@ def engine_rates(model_path: str, strategy: str, n: int, batches: list[int], rep
                     lg = bd.step(toks)
                     for h, d in zip(hs, decs):
                         d.push(toks[h])
-                sync()
                 out[key] = max(out.get(key, 0), b * n / (time.perf_counter() - t0))
-                for h in hs:
-                    bd.remove(h)
-    out["buckets"] = inv_buckets
     return out
-
-
-def _concurrent(clients, prompt: str, n: int, seen) -> None:
-    """Every client streams one greedy completion of ``n`` tokens at once; ``seen(client, event)`` per event."""
-    from rwkv_chat.daemon import messages as m
-
-    barrier, errors = threading.Barrier(len(clients)), []
-
-    def run(c):
-        barrier.wait()
-        for ev in c.complete(prompt, max_tokens=n, **GREEDY):
-            if isinstance(ev, (m.Failed, m.Error)):
-                errors.append(ev)
-            seen(c, ev)
-    threads = [threading.Thread(target=run, args=(c,)) for c in clients]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise SystemExit(f"the daemon failed a generation: {errors[0]}")
 
 
 def daemon_rates(model_path: str, strategy: str, n: int, batches: list[int], repeats: int) -> dict:
@@ -117,29 +80,30 @@ def daemon_rates(model_path: str, strategy: str, n: int, batches: list[int], rep
     home = Path(tempfile.mkdtemp(prefix="rwkv-bench-"))
     env = {**os.environ, "RWKV_CHAT_HOME": str(home)}
     cmd = [sys.executable, "-m", "rwkv_chat.app.cli"]
-    r = subprocess.run([*cmd, "load", model_path, "--strategy", strategy], env=env, capture_output=True, text=True)
-    if r.returncode:
-        subprocess.run([*cmd, "daemon", "stop"], env=env, capture_output=True)
-        raise SystemExit(f"the daemon could not load {model_path}: {r.stderr.strip()[-2000:]}")
+    subprocess.run([*cmd, "load", model_path, "--strategy", strategy], check=True, env=env, capture_output=True)
     out: dict = {}
     try:
         paths = home_paths(home)
         clients = [Client(paths, autostart=False).connect() for _ in range(max(batches))]
-        for b in batches:                      # warm-up: every batch size the timed runs meet
-            _concurrent(clients[:b], "warm up", 8, lambda c, ev: None)
+        list(clients[0].complete("warm up", max_tokens=8, **GREEDY))
         for _ in range(repeats):
             for b in batches:
                 firsts, ends, counts = [], [], []
+                barrier = threading.Barrier(b)
 
-                def seen(c, ev):
-                    if isinstance(ev, m.Token) and ev.seq == 1:
-                        firsts.append(time.perf_counter())
-                    elif isinstance(ev, m.Done):
-                        ends.append(time.perf_counter())
-                        counts.append(ev.tokens - 1)     # tokens after the first event
-                _concurrent(clients[:b], PROMPT, n, seen)
-                if len(counts) != b:
-                    raise SystemExit(f"batch {b}: {len(counts)} of {b} generations finished")
+                def run(c):
+                    barrier.wait()
+                    for ev in c.complete(PROMPT, max_tokens=n, **GREEDY):
+                        if isinstance(ev, m.Token) and ev.seq == 1:
+                            firsts.append(time.perf_counter())
+                        elif isinstance(ev, m.Done):
+                            ends.append(time.perf_counter())
+                            counts.append(ev.tokens - 1)     # tokens after the first event
+                threads = [threading.Thread(target=run, args=(clients[i],)) for i in range(b)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
                 rate = sum(counts) / (max(ends) - min(firsts))
                 out[b] = max(out.get(b, 0), rate)
         for c in clients:
@@ -149,82 +113,36 @@ def daemon_rates(model_path: str, strategy: str, n: int, batches: list[int], rep
     return out
 
 
-def device_name(strategy: str) -> str:
-    """The accelerator (CUDA device name) of ``strategy``, else the CPU model."""
-    import torch
-
-    if "cuda" in strategy and torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def random_model(shape: str, strategy: str, folder: Path) -> str:
-    """Save random weights of the official RWKV-7 ``shape`` (fp16; built on the GPU for a CUDA strategy)
-    as ``<folder>/rwkv7-<shape>-random.pth``; returns its path."""
-    import torch
-
-    from rwkv_chat.models.shapes import random_checkpoint, save_pth
-
-    dev = "cuda" if "cuda" in strategy and torch.cuda.is_available() else "cpu"
-    dtype = torch.float32 if strategy.split()[1:2] == ["fp32"] else torch.float16
-    path = folder / f"rwkv7-{shape}-random.pth"
-    save_pth(random_checkpoint(shape, dtype=dtype, device=dev), path)
-    return str(path)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("models", nargs="*", help="checkpoint paths (.pth / .safetensors)")
-    ap.add_argument("--shape", nargs="+", default=[], help="official RWKV-7 shapes with random weights "
-                    "(0.1B, 0.4B, 1.5B, 2.9B, 7.2B)")
+    ap.add_argument("models", nargs="+")
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--strategy", default="cpu fp32")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the engine loops (the daemon's "
-                    "auto choice for the tiny models is 1; CPU only)")
+                    "auto choice for these models is 1)")
     ap.add_argument("--out")
     args = ap.parse_args()
-    if not args.models and not args.shape:
-        ap.error("give checkpoint paths and/or --shape")
     import torch
 
     torch.set_num_threads(args.threads)
-    tmp = Path(tempfile.mkdtemp(prefix="rwkv-bench-models-"))
-    models = [(Path(mp).name, mp) for mp in args.models]
-    for shape in args.shape:
-        models.append((f"RWKV-7 {shape} (random weights)", random_model(shape, args.strategy, tmp)))
     lines = [f"Decode tokens/s, {args.tokens} greedy tokens per stream (sampling + detokenizing in every loop), best "
-             f"of {args.repeats}, strategy `{args.strategy}`, device: {device_name(args.strategy)}, "
-             f"{platform.machine()} {os.cpu_count()} cores, {args.threads} torch thread(s) in the engine loops, "
-             f"torch {torch.__version__}", "",
+             f"of {args.repeats}, strategy `{args.strategy}`, {platform.machine()} {os.cpu_count()} cores, "
+             f"{args.threads} torch thread(s), torch {torch.__version__}", "",
              "| model | batch | engine `forward` loop | engine `BatchDecoder` | engine, daemon's buckets | "
              "daemon (N clients) | daemon / BatchDecoder | daemon / forward | daemon / daemon's buckets |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    notes = []
-    try:
-        for name, mp in models:
-            e = engine_rates(mp, args.strategy, args.tokens, args.batch, args.repeats)
-            notes.append(f"{name}: the daemon's decode buckets {e['buckets']}")
-            torch.cuda.empty_cache() if torch.cuda.is_available() else None
-            d = daemon_rates(mp, args.strategy, args.tokens, args.batch, args.repeats)
-            for b in args.batch:
-                fwd = e["forward"] if b == 1 else None
-                lines.append(f"| {name} | {b} | {f'{fwd:.0f}' if fwd else '–'} | {e[('batch', b)]:.0f} | "
-                             f"{e[('inv', b)]:.0f} | {d[b]:.0f} | {d[b] / e[('batch', b)]:.2f} | "
-                             f"{f'{d[b] / fwd:.2f}' if fwd else '–'} | {d[b] / e[('inv', b)]:.2f} |")
-                print(lines[-1], file=sys.stderr, flush=True)
-    finally:
-        for f in tmp.iterdir():
-            f.unlink()
-        tmp.rmdir()
-    text = "\n".join(lines + [""] + notes) + "\n"
+    for mp in args.models:
+        e = engine_rates(mp, args.strategy, args.tokens, args.batch, args.repeats)
+        d = daemon_rates(mp, args.strategy, args.tokens, args.batch, args.repeats)
+        for b in args.batch:
+            fwd = e["forward"] if b == 1 else None
+            lines.append(f"| {Path(mp).name} | {b} | {f'{fwd:.0f}' if fwd else '–'} | {e[('batch', b)]:.0f} | "
+                         f"{e[('inv', b)]:.0f} | {d[b]:.0f} | {d[b] / e[('batch', b)]:.2f} | "
+                         f"{f'{d[b] / fwd:.2f}' if fwd else '–'} | {d[b] / e[('inv', b)]:.2f} |")
+            print(lines[-1], file=sys.stderr)
+    text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
         Path(args.out).write_text(text)
