@@ -90,46 +90,17 @@ def auto_threads(model) -> int:
 
 
 def decode_buckets(model, max_batch: int, batch_invariant: bool) -> tuple[int, ...]:
-    """Batch sizes the decode step may run at. With ``batch_invariant`` a conversation's logits must be
-    bit-identical whichever others share its step, so every bucket used must compute a row exactly as the
-    ``max_batch`` bucket does. On CPU this is measured (:func:`invariant_buckets`: the CPU kernels pick their
-    GEMM by shape; the fused CPU kernel is row-count invariant for small matrices, BLAS from 4 rows on, so
-    the tiny models need no padding while larger ones keep a floor of a few rows); on CUDA one bucket,
-    ``max_batch`` (cuBLAS picks kernels by shape; probing would capture a CUDA graph per bucket).
-    Without ``batch_invariant``: the engine's default buckets."""
+    """Batch sizes the decode step may run at. With ``batch_invariant`` every step runs through the same
+    GEMM kernels whatever the number of live conversations, so a conversation's logits are bit-identical
+    alone or batched: on CPU the smallest bucket is 4 (BLAS computes 1-3 rows with another kernel, whose
+    rounding differs); on CUDA one bucket, ``max_batch`` (cuBLAS picks kernels by shape)."""
     from rwkv_chat.models.decode import DEFAULT_BUCKETS
 
     if not batch_invariant:
         return DEFAULT_BUCKETS
-    if any(d.type != "cpu" for d in model._devices):
+    if any(d.type == "cuda" for d in model._devices):
         return (max_batch,)
-    return invariant_buckets(model, max_batch)
-
-
-def invariant_buckets(model, max_batch: int, steps: int = 2) -> tuple[int, ...]:
-    """The candidate buckets (the engine's default ones below ``max_batch``, and ``max_batch``) whose decode
-    steps give every row bit-identical logits to the ``max_batch`` bucket's, found by running ``steps``
-    steps per bucket from the zero state with a distinct token per row (kernels are chosen by shape, never
-    by value, so one set of values shows the kernels' choice). Always includes ``max_batch``."""
-    import torch
-
-    from rwkv_chat.models.decode import DEFAULT_BUCKETS, BatchDecoder
-
-    cands = tuple(b for b in DEFAULT_BUCKETS if b < max_batch) + (max_batch,)
-    dec = BatchDecoder(model, max_batch=max_batch, buckets=cands)
-    vocab = model.vocab_size
-    rows: dict[int, torch.Tensor] = {}
-    for b in cands:
-        hs = [dec.add(None) for _ in range(b)]
-        outs = []
-        for s in range(steps):
-            out = dec.step({h: (31 * i + 7 * s + 1) % vocab for i, h in enumerate(hs)})
-            outs.append(torch.stack([out[h] for h in hs]).float().cpu())
-        rows[b] = torch.stack(outs)                          # [steps, b, vocab]
-        for h in hs:
-            dec.remove(h)
-    ref = rows[max_batch]
-    return tuple(b for b in cands if torch.equal(rows[b], ref[:, :b]))
+    return tuple(b for b in DEFAULT_BUCKETS if b >= 4)
 
 
 _OOM_TEXT = re.compile(r"out of memory|can't allocate memory|cannot allocate memory|not enough memory", re.I)
@@ -279,17 +250,14 @@ def flush_text(sched, job: Job) -> None:
         _emit_text(sched, job, job.ready, force=True)
 
 
-def next_tokens(jobs: list[Job]) -> list[int | BaseException]:
-    """Sample each job's next token from its last logits (float32 [vocab]) with its own Sampler, the
-    greedy ones in one reduction (``sampling.sample_rows``), and append it to ``job.out_tokens``. A job
-    whose sampling fails gets its exception in its place (the others still get their tokens)."""
-    from rwkv_chat.models.sampling import sample_rows
-
-    tokens = sample_rows([j.sampler for j in jobs], [j.logits for j in jobs], return_errors=True)
-    for j, t in zip(jobs, tokens):
-        if not isinstance(t, BaseException):
-            j.out_tokens.append(t)
-    return tokens
+def next_token(job: Job) -> int | None:
+    """Sample the job's next token from its last logits (float32 [vocab]), with its own Sampler;
+    None when ``max_tokens`` tokens were generated already (the job ends with reason "length")."""
+    if len(job.out_tokens) >= job.max_tokens:
+        return None
+    token = job.sampler.sample(job.logits)
+    job.out_tokens.append(token)
+    return token
 
 
 def _at_length(job: Job) -> bool:

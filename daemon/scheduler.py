@@ -210,39 +210,34 @@ class Scheduler:
             self._decode_step(decoding)
 
     def _decode_step(self, jobs: list[Job]) -> None:
-        """One batched decode step: sample every job's token (each with its own Sampler, greedy rows in one
-        reduction: :func:`runner.next_tokens`), feed all tokens in one ``BatchDecoder.step``, then detokenize
-        and check stops per job. Jobs join the decoder here (after their prefill) while slots are free;
-        finished jobs leave it. A failing step fails its jobs."""
+        """One batched decode step: sample each job's token (its own Sampler), feed all tokens in one
+        ``BatchDecoder.step``, then detokenize and check stops per job. Jobs join the decoder here (after
+        their prefill) while slots are free; finished jobs leave it. A failing step fails its jobs."""
         dec = self.engine.decoder
-        ready: list[Job] = []
-        for job in jobs:
-            if job.handle is None:
-                if dec.size >= dec.max_batch:
-                    continue                         # waits for a free slot
-                try:
-                    job.handle = dec.add(job.state)
-                except BaseException as e:   # noqa: BLE001
-                    self._fail(job, e)
-                    continue
-                job.state = None                     # the decoder holds it now
-            if len(job.out_tokens) >= job.max_tokens:   # max_tokens reached before this step
-                self._finish(job, "length")
-                continue
-            ready.append(job)
-        if not ready:
-            return
-        t0 = time.perf_counter()
         tokens: dict[int, int] = {}
         stepping: list[Job] = []
-        for job, token in zip(ready, engine.next_tokens(ready)):
-            if isinstance(token, BaseException):
-                self._fail(job, token)
+        for job in jobs:
+            try:
+                if job.handle is None:
+                    if dec.size >= dec.max_batch:
+                        continue                     # waits for a free slot
+                    job.handle = dec.add(job.state)
+                    job.state = None                 # the decoder holds it now
+                t0 = time.perf_counter()
+                token = engine.next_token(job)
+                job.t_decode += time.perf_counter() - t0
+            except BaseException as e:   # noqa: BLE001
+                self._fail(job, e)
+                continue
+            if token is None:                        # max_tokens reached before this step
+                job.reason = "length"
+                self._finish(job, "length")
                 continue
             tokens[job.handle] = token
             stepping.append(job)
         if not tokens:
             return
+        t0 = time.perf_counter()
         try:
             out = dec.step(tokens)                   # {handle: float32 [vocab]}
         except BaseException as e:   # noqa: BLE001

@@ -33,7 +33,7 @@ from torch.nn import functional as F
 
 from .errors import RWKVError, ShapeMismatchError, StateError, TokenError
 
-__all__ = ["SamplerArgs", "Sampler", "SamplingError", "filtered_probs", "sample_rows", "WEIGHTLESS_TEXT"]
+__all__ = ["SamplerArgs", "Sampler", "SamplingError", "filtered_probs", "WEIGHTLESS_TEXT"]
 
 WEIGHTLESS_TEXT = " \t0123456789"  # tokens whose text is a substring of this add 0 to their count (reference)
 _STATE_FORMAT = 1
@@ -260,23 +260,12 @@ class Sampler:
         self.counts[token] += self.weight(token)
         self.present[token] = True
 
-    @property
-    def plain_greedy(self) -> bool:
-        """Whether a draw is just the argmax of the raw logits: temperature 0, no banned tokens and no
-        presence/frequency penalty (the counts are still kept: a later request may turn penalties on)."""
-        a = self.args
-        return a.temperature == 0 and not a.token_ban and a.alpha_frequency == 0 and a.alpha_presence == 0
-
     def sample(self, logits: torch.Tensor) -> int:
         """Draw one token from ``logits`` (float tensor [vocab], any device) and update the counts.
 
         A stop token is returned without being recorded. Raises ShapeMismatchError for logits of the wrong shape,
         SamplingError if bans/NaN leave nothing to sample.
         """
-        if self.plain_greedy and logits.dim() == 1 and logits.shape[0] == (self.vocab_size or logits.shape[0]):
-            value, token = torch.max(logits.detach(), dim=0)   # first maximum, as argmax; NaN propagates
-            if math.isfinite(float(value)):                    # else: the reference's rules below
-                return self._take(int(token), logits.shape[0])
         x = self.penalize(logits)
         probs = filtered_probs(x, self.args)
         if self.args.temperature == 0:
@@ -286,14 +275,6 @@ class Sampler:
             cdf = torch.cumsum(probs[ids].double(), 0)
             u = torch.rand((), dtype=torch.float64, generator=self.generator) * cdf[-1]
             token = int(ids[min(int(torch.searchsorted(cdf, u, right=True)), ids.numel() - 1)])
-        if token not in self._stop:
-            self.record(token)
-        return token
-
-    def _take(self, token: int, vocab_size: int) -> int:
-        """Record a greedy draw (stop tokens are not recorded); returns it."""
-        if self.counts is None:
-            self._allocate(vocab_size)
         if token not in self._stop:
             self.record(token)
         return token
@@ -340,48 +321,3 @@ class Sampler:
             self.present[ids] = True
         elif self.counts is not None:
             self.reset()
-
-
-#: vocabularies below this size carry argmax indices exactly in float32 (one device-to-host copy per step)
-_EXACT_F32 = 1 << 24
-
-
-def sample_rows(samplers: list[Sampler], rows: list[torch.Tensor], return_errors: bool = False) -> list:
-    """One token per sampler, ``samplers[i]`` drawing from ``rows[i]`` (float tensor [vocab], any device,
-    typically rows of one batched decode step); the same tokens and counts as ``samplers[i].sample(rows[i])``.
-
-    The rows of :attr:`Sampler.plain_greedy` samplers are reduced together: one ``max`` over the stacked
-    rows on their device and one transfer of the winners to the host, instead of a CPU copy, penalties and
-    a one-hot per row. A row whose maximum is not finite (NaN, +inf, all -inf) and every other sampler take
-    :meth:`Sampler.sample`, which applies the reference's rules and raises its errors.
-
-    Raises what :meth:`Sampler.sample` raises (ShapeMismatchError for a row that is not [vocab] of the
-    sampler's vocabulary, SamplingError, ...); with ``return_errors`` such a row's exception takes its place in
-    the list instead, and the other rows still get their tokens.
-    """
-    out: list[int | None] = [None] * len(samplers)
-    fast = [i for i, s in enumerate(samplers) if s.plain_greedy]
-    if fast:
-        vocab = {samplers[i].vocab_size for i in fast} | {rows[i].shape[-1] for i in fast}
-        if any(rows[i].dim() != 1 for i in fast) or len(vocab - {None}) != 1:
-            fast = []                                        # Sampler.sample reports the shape problem
-    if fast:
-        x = rows[fast[0]].unsqueeze(0) if len(fast) == 1 else torch.stack([rows[i] for i in fast])
-        values, ids = torch.max(x.detach(), dim=-1)          # first maximum, as argmax; NaN propagates
-        if x.shape[-1] < _EXACT_F32:
-            pair = torch.stack((values.float(), ids.float())).tolist()
-            values_l, ids_l = pair[0], [int(t) for t in pair[1]]
-        else:
-            values_l, ids_l = values.float().tolist(), ids.tolist()
-        for i, v, t in zip(fast, values_l, ids_l):
-            if math.isfinite(v):
-                out[i] = samplers[i]._take(t, x.shape[-1])
-    for i, s in enumerate(samplers):
-        if out[i] is None:
-            try:
-                out[i] = s.sample(rows[i])
-            except Exception as e:
-                if not return_errors:
-                    raise
-                out[i] = e
-    return out

@@ -29,12 +29,8 @@ struct Mat {
     bool present() const { return w != nullptr || q != nullptr; }
 };
 
-// A single-row product with at least this many multiply-adds (N * M) leaves the hand loops.
+// Products with at least this many multiply-adds (rows * N * M) leave the hand loops.
 constexpr int64_t kBigWork = int64_t(1) << 18;
-// Matrices with fewer entries (N * M) run as hand loops, one row at a time, whatever the row count: a row's
-// result never depends on how many rows share the call (batched decode steps stay row-count invariant).
-// Larger ones go to at::mm from 2 rows on (MKL: the same result for a row at any row count >= 4).
-constexpr int64_t kSmallMat = int64_t(1) << 15;
 
 // The layer functions are compiled for AVX-512, AVX2+FMA and the baseline, picked at load time by the
 // CPU (GCC function multiversioning); the helpers below are inlined into each clone.
@@ -114,7 +110,7 @@ inline void gemv_parallel(const float* x, int64_t N, const W* w, int64_t M, floa
 // y[R, M] = x[R, N] (row stride ldx) @ W. y must not alias x.
 RWKV_FUSED_INLINE void gemm(const float* x, int64_t ldx, int64_t R, const Mat& m, float* y) {
     const int64_t N = m.N, M = m.M;
-    const bool big = N * M >= kSmallMat && (R > 1 || N * M >= kBigWork);
+    const bool big = R * N * M >= kBigWork;
     if (m.w != nullptr) {
         if (big && R == 1 && omp_get_max_threads() > 1) {   // measured: beats MKL's sgemv with 2 threads,
             gemv_parallel(x, N, m.w, M, y);                 // not with 1
