@@ -38,7 +38,6 @@ step b72comp 90 200 $B --shape 7.2B --batch 64 --prompt-len 0 --tokens 100 --lar
 step b15cublas 40 100 $B --shape 1.5B --batch 1 --prompt-len 0 --tokens 200 --gemv cublas
 step b01cublas 30 100 $B --shape 0.1B --batch 1 --prompt-len 0 --tokens 300 --gemv cublas
 step b72cublas 60 150 $B --shape 7.2B --batch 1 --prompt-len 0 --tokens 100 --gemv cublas
-step daemon 120 300 python3 bench/daemon_overhead.py --shape 0.1B 1.5B --strategy "cuda fp16" --batch 1 4 --tokens 256 --out "$OUT/daemon_overhead_gpu.md"
 while kill -0 $REF 2>/dev/null && (( SECONDS < BUDGET - 150 )); do sleep 2; done; tail -3 "$OUT/ref_build.log"
 step pip 60 200 python3 tests/gpu/verify_model.py --pip-shapes ${PIP_SHAPES:-0.1B 1.5B} --out "$OUT/pip.md"
 step cmp 60 200 $B --shape 1.5B --batch 1 --prompt-len 1024 --tokens 100 --compare-rwkv-pip
