@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import platform
 import threading
 import time
@@ -62,22 +61,11 @@ def default_source_dir() -> Path:
 
 
 def default_cache_dir() -> Path:
-    """``<user cache dir>/kernels`` (``$RWKV_CHAT_HOME/cache/kernels`` when RWKV_CHAT_HOME is set).
+    """``<user cache dir>/kernels`` (``$RWKV_CHAT_HOME/cache/kernels`` when RWKV_CHAT_HOME is set), from
+    ``rwkv_chat.app.paths``, the one place paths are decided."""
+    from rwkv_chat.app import paths
 
-    Never fails for a missing optional package: without ``platformdirs`` (or the app package) the
-    cache goes to ``$XDG_CACHE_HOME/rwkv-chat`` or ``~/.cache/rwkv-chat``, so the kernels still build.
-    """
-    try:
-        from rwkv_chat.app import paths
-        base = Path(paths.cache_dir()) if hasattr(paths, "cache_dir") else Path(paths.get_paths().cache_dir)
-    except Exception:  # noqa: BLE001 - ImportError of platformdirs and anything else: use the fallback
-        home = os.environ.get("RWKV_CHAT_HOME")
-        if home:
-            base = Path(home).expanduser() / "cache"
-        else:
-            xdg = os.environ.get("XDG_CACHE_HOME")
-            base = (Path(xdg) if xdg else Path.home() / ".cache") / "rwkv-chat"
-    return base / "kernels"
+    return paths.get_paths().cache_dir / "kernels"
 
 
 def _cuda_arches() -> list[tuple[int, int]]:

@@ -7,16 +7,10 @@
 
 #include "../wkv7/wkv7_chunk.h"
 #include "checks.h"
+#include "cuda_checks.h"
 
 namespace rwkv_chat {
 namespace {
-
-constexpr auto kCUDA = at::DeviceType::CUDA;
-
-void check_launch(int rc, const char* op) {
-    TORCH_CHECK(rc != kUnsupported, op, ": no kernel for this head size/chunk length");
-    TORCH_CHECK(rc == 0, op, ": CUDA error ", cudaGetErrorString(static_cast<cudaError_t>(rc)));
-}
 
 // Same tensors as wkv7_cuda; chunk: tokens per chunk (16 or 32). Head size 64 only.
 void wkv7_chunk_cuda(const at::Tensor& r, const at::Tensor& w, const at::Tensor& k, const at::Tensor& v,

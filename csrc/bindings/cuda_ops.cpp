@@ -12,19 +12,13 @@
 #include "../common/launchers.h"
 #include "../mm8/mm8_multi.h"
 #include "checks.h"
+#include "cuda_checks.h"
 
 namespace rwkv_chat {
 
 void gemm_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c);  // gemm/gemm_cuda.cpp
 
 namespace {
-
-constexpr auto kCUDA = at::DeviceType::CUDA;
-
-void check_launch(int rc, const char* op) {
-    TORCH_CHECK(rc != kUnsupported, op, ": no kernel for this head size/shape");
-    TORCH_CHECK(rc == 0, op, ": CUDA error ", cudaGetErrorString(static_cast<cudaError_t>(rc)));
-}
 
 void wkv4_cuda(const at::Tensor& w, const at::Tensor& u, const at::Tensor& k, const at::Tensor& v,
                const at::Tensor& aa, const at::Tensor& bb, const at::Tensor& pp, const at::Tensor& y,

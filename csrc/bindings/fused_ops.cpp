@@ -11,16 +11,12 @@
 
 #include "../fused/fused_launchers.h"
 #include "checks.h"
+#include "cuda_checks.h"
 
 namespace rwkv_chat {
 namespace {
 
 using OptT = std::optional<at::Tensor>;
-
-void check_rc(int rc, const char* op) {
-    TORCH_CHECK(rc != kUnsupported, op, ": no kernel for this head size/shape");
-    TORCH_CHECK(rc == 0, op, ": CUDA error ", cudaGetErrorString(static_cast<cudaError_t>(rc)));
-}
 
 // A per-token tensor: CUDA, dtype F, contiguous, numel == n.
 void tok(const at::Tensor& t, const char* op, const char* name, at::ScalarType F, int64_t n) {
@@ -60,10 +56,10 @@ void v7_mix_cuda(const at::Tensor& x, const OptT& dx, const OptT& x_out, const a
     TORCH_CHECK(T == 1 || (xo != x.data_ptr() && (so == nullptr || so != sp)), op,
                 ": x_out/shift_out may alias x/shift only when T == 1");
     const at::cuda::CUDAGuard guard(x.device());
-    check_rc(v7_mix_launch(act, (int)rows, (int)T, (int)C, (int)n_mix, x.data_ptr(), dxp, xo, ln_w.data_ptr(),
-                           ln_b.data_ptr(), sp, so, mix.data_ptr(), out.data_ptr(), (long)(rows * C),
-                           c10::cuda::getCurrentCUDAStream()),
-             op);
+    check_launch(v7_mix_launch(act, (int)rows, (int)T, (int)C, (int)n_mix, x.data_ptr(), dxp, xo, ln_w.data_ptr(),
+                               ln_b.data_ptr(), sp, so, mix.data_ptr(), out.data_ptr(), (long)(rows * C),
+                               c10::cuda::getCurrentCUDAStream()),
+                 op);
 }
 
 void gemv_multi_cuda(at::TensorList xs, at::TensorList ws, at::TensorList ys, at::IntArrayRef acts) {
@@ -97,7 +93,7 @@ void gemv_multi_cuda(at::TensorList xs, at::TensorList ws, at::TensorList ys, at
         E.N = (int)w.size(1); E.M = (int)w.size(0); E.act = (int)acts[i];
     }
     const at::cuda::CUDAGuard guard(xs[0].device());
-    check_rc(gemv_multi_launch(act, batch, c10::cuda::getCurrentCUDAStream()), op);
+    check_launch(gemv_multi_launch(act, batch, c10::cuda::getCurrentCUDAStream()), op);
 }
 
 void v7_pre_cuda(const at::Tensor& k, const at::Tensor& v, const at::Tensor& wl, const at::Tensor& al,
@@ -120,11 +116,11 @@ void v7_pre_cuda(const at::Tensor& k, const at::Tensor& v, const at::Tensor& wl,
     TORCH_CHECK((vlp == nullptr) == (vfp == nullptr) && (vfp == nullptr) == (v0p == nullptr), op,
                 ": vl, v_first and v0 go together");
     const at::cuda::CUDAGuard guard(k.device());
-    check_rc(v7_pre_launch(act, (int)rows, (int)H, (int)N, k.data_ptr(), v.data_ptr(), wl.data_ptr(), al.data_ptr(),
-                           vlp, vfp, w0.data_ptr<float>(), a0.data_ptr(), k_k.data_ptr(), k_a.data_ptr(), v0p,
-                           w_out.data_ptr<float>(), k_out.data_ptr(), v_out.data_ptr(), a_out.data_ptr(),
-                           b_out.data_ptr(), c10::cuda::getCurrentCUDAStream()),
-             op);
+    check_launch(v7_pre_launch(act, (int)rows, (int)H, (int)N, k.data_ptr(), v.data_ptr(), wl.data_ptr(), al.data_ptr(),
+                               vlp, vfp, w0.data_ptr<float>(), a0.data_ptr(), k_k.data_ptr(), k_a.data_ptr(), v0p,
+                               w_out.data_ptr<float>(), k_out.data_ptr(), v_out.data_ptr(), a_out.data_ptr(),
+                               b_out.data_ptr(), c10::cuda::getCurrentCUDAStream()),
+                 op);
 }
 
 void v7_post_cuda(const at::Tensor& y, const at::Tensor& r, const at::Tensor& k, const at::Tensor& v,
@@ -139,10 +135,10 @@ void v7_post_cuda(const at::Tensor& y, const at::Tensor& r, const at::Tensor& k,
     for (const at::Tensor* t : {&r_k, &lnw, &lnb}) tok(*t, op, "parameter", F, C);
     tok(y, op, "y", at::kFloat, rows * C);
     const at::cuda::CUDAGuard guard(r.device());
-    check_rc(v7_post_launch(act, (int)rows, (int)H, (int)N, y.data_ptr<float>(), r.data_ptr(), k.data_ptr(),
+    check_launch(v7_post_launch(act, (int)rows, (int)H, (int)N, y.data_ptr<float>(), r.data_ptr(), k.data_ptr(),
                             v.data_ptr(), g.data_ptr(), r_k.data_ptr(), lnw.data_ptr(), lnb.data_ptr(),
                             out.data_ptr(), c10::cuda::getCurrentCUDAStream()),
-             op);
+                 op);
 }
 
 void v7_tmix_one_cuda(const at::Tensor& r, const at::Tensor& k, const at::Tensor& v, const at::Tensor& wl,
@@ -165,11 +161,11 @@ void v7_tmix_one_cuda(const at::Tensor& r, const at::Tensor& k, const at::Tensor
     TORCH_CHECK((vlp == nullptr) == (vfp == nullptr) && (vfp == nullptr) == (v0p == nullptr), op,
                 ": vl, v_first and v0 go together");
     const at::cuda::CUDAGuard guard(r.device());
-    check_rc(v7_tmix_one_launch(act, (int)B, (int)H, (int)N, r.data_ptr(), k.data_ptr(), v.data_ptr(), wl.data_ptr(),
+    check_launch(v7_tmix_one_launch(act, (int)B, (int)H, (int)N, r.data_ptr(), k.data_ptr(), v.data_ptr(), wl.data_ptr(),
                                 al.data_ptr(), g.data_ptr(), vlp, vfp, w0.data_ptr<float>(), a0.data_ptr(),
                                 k_k.data_ptr(), k_a.data_ptr(), v0p, r_k.data_ptr(), lnw.data_ptr(), lnb.data_ptr(),
                                 s.data_ptr<float>(), out.data_ptr(), staged, c10::cuda::getCurrentCUDAStream()),
-             op);
+                 op);
 }
 
 }  // namespace

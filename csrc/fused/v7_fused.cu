@@ -84,6 +84,9 @@ __device__ __forceinline__ float block_sum(float v, float* sh) {
 // v7_mix
 constexpr int kMixThreads = 1024;
 
+// Sum of a float2 over the NT threads of a block (NT a multiple of 32); sh: >= NT / 32 float2 of shared
+// memory. All threads get the result. Contains barriers: every thread of the block must call it.
+template <int NT>
 __device__ __forceinline__ float2 block_sum2(float2 v, float2* sh) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
@@ -96,7 +99,7 @@ __device__ __forceinline__ float2 block_sum2(float2 v, float2* sh) {
     __syncthreads();
     float2 t = make_float2(0.f, 0.f);
 #pragma unroll
-    for (int i = 0; i < kMixThreads / 32; ++i) { t.x += sh[i].x; t.y += sh[i].y; }
+    for (int i = 0; i < NT / 32; ++i) { t.x += sh[i].x; t.y += sh[i].y; }
     return t;
 }
 
@@ -131,7 +134,7 @@ __global__ void __launch_bounds__(kMixThreads) v7_mix_kernel(
             s.y += p;
         }
     }
-    s = block_sum2(s, red);
+    s = block_sum2<kMixThreads>(s, red);
     const float mc = s.x / C, mp = s.y / C;
     float2 q = make_float2(0.f, 0.f);
     for (int c = threadIdx.x; c < C; c += kMixThreads) {
@@ -139,7 +142,7 @@ __global__ void __launch_bounds__(kMixThreads) v7_mix_kernel(
         q.x += d * d;
         if (has_prev) { const float e = prev[c] - mp; q.y += e * e; }
     }
-    q = block_sum2(q, red);
+    q = block_sum2<kMixThreads>(q, red);
     const float rc = rsqrtf(q.x / C + kLnEps), rp = rsqrtf(q.y / C + kLnEps);
     for (int c = threadIdx.x; c < C; c += kMixThreads) {
         if (dx && x_out) x_out[row * C + c] = from_f32<F>(cur[c]);
@@ -189,22 +192,6 @@ struct Vec16 {
     }
 };
 
-__device__ __forceinline__ float2 block_sum2_256(float2 v, float2* sh) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        v.x += __shfl_xor_sync(0xffffffffu, v.x, o);
-        v.y += __shfl_xor_sync(0xffffffffu, v.y, o);
-    }
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    __syncthreads();
-    if (lane == 0) sh[warp] = v;
-    __syncthreads();
-    float2 t = make_float2(0.f, 0.f);
-#pragma unroll
-    for (int i = 0; i < kMixVecThreads / 32; ++i) { t.x += sh[i].x; t.y += sh[i].y; }
-    return t;
-}
-
 template <typename F, int kMixVecIter>
 __global__ void __launch_bounds__(kMixVecThreads) v7_mix_vec_kernel(
     int T, int C, int n_mix, const F* __restrict__ x, const F* __restrict__ dx, F* __restrict__ x_out,
@@ -244,7 +231,7 @@ __global__ void __launch_bounds__(kMixVecThreads) v7_mix_vec_kernel(
             for (int i = 0; i < V; ++i) s.y += prv[it].v[i];
         }
     }
-    s = block_sum2_256(s, red);
+    s = block_sum2<kMixVecThreads>(s, red);
     const float mc = s.x / C, mp = s.y / C;
     float2 q = make_float2(0.f, 0.f);
 #pragma unroll
@@ -258,7 +245,7 @@ __global__ void __launch_bounds__(kMixVecThreads) v7_mix_vec_kernel(
             if (has_prev) { const float e = prv[it].v[i] - mp; q.y += e * e; }
         }
     }
-    q = block_sum2_256(q, red);
+    q = block_sum2<kMixVecThreads>(q, red);
     const float rc = rsqrtf(q.x / C + kLnEps), rp = rsqrtf(q.y / C + kLnEps);
 #pragma unroll
     for (int it = 0; it < kMixVecIter; ++it) {
