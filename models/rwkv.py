@@ -94,6 +94,7 @@ class RWKV:
             self._place(w, progress)
             self.kernels = {}
             self._seq_block = None    # RWKV-7 on CUDA: the fused prefill block (models/fused7.py)
+            self._prefill_graphs = None   # ... and CUDA graphs of it per prompt shape (models/prefill_graph.py)
             if kernels:
                 from . import kernels as compiled
 
@@ -103,6 +104,10 @@ class RWKV:
                 from . import fused7
 
                 self._seq_block = fused7.sequence_block(self)
+                if self._seq_block is not None and fused7.decode_ready(self):
+                    from .prefill_graph import PrefillGraphs
+
+                    self._prefill_graphs = PrefillGraphs(self._stack, self._devices[0])
             from . import fused_cpu
 
             #: the fused CPU call serving CPU forwards (None: eager blocks; ``fused_cpu_reason`` says why)
@@ -278,17 +283,30 @@ class RWKV:
             if out is not None:
                 return out
         self.check_state(state)
-        ctx = _Context(self.spec, tokens=ids)
         x = self.emb[ids.to(self.emb.device)]                                   # [B, T, C]
-        layers = []
-        block = self._seq_block if self._seq_block is not None and ids.shape[1] > 1 else self._gen.block
+        out = None
+        if self._prefill_graphs is not None and ids.shape[1] > 1 and not full_output:
+            out = self._prefill_graphs.run(x, state.layers)
+        logits, layers = out if out is not None else self._stack(x, state.layers, full_output, ids)
+        new = State(state.version, state.fingerprint, state.names, layers,
+                    state.token_count + ids.shape[1], state.metadata)
+        return logits, new
+
+    def _stack(self, x: torch.Tensor, layers: list[tuple], full_output: bool = False,
+               ids: torch.Tensor | None = None) -> tuple[torch.Tensor, list[tuple]]:
+        """The layers, final LayerNorm and head for the embedded input x [B, T, C] and the state's
+        per-layer tensors: (logits float32 [B, T or 1, vocab], the new per-layer state tuples).
+        ``ids`` [B, T] (CPU) serves the layers that read the tokens (DeepEmbed)."""
+        ctx = _Context(self.spec, tokens=ids)
+        new = []
+        block = self._seq_block if self._seq_block is not None and x.shape[1] > 1 else self._gen.block
         for i in range(self.n_layer):
             place, dev = self.plan.layers[i], self._devices[i]
             x = x.to(device=dev, dtype=place.atype)
-            st = tuple(t.to(dev) for t in state.layers[i])
+            st = tuple(t.to(dev) for t in layers[i])
             ctx.layer = i
             x, st = block(x, st, self._layer_params(i), ctx)
-            layers.append(st)
+            new.append(st)
             if self.rescale_layer and (i + 1) % self.rescale_layer == 0:
                 x = x / 2
         if not full_output:
@@ -298,10 +316,7 @@ class RWKV:
         hw = self.head
         if head.stream:
             hw = hw.to(self._devices[-1], non_blocking=True)
-        logits = matmul(x, hw).float()
-        new = State(state.version, state.fingerprint, state.names, layers,
-                    state.token_count + ids.shape[1], state.metadata)
-        return logits, new
+        return matmul(x, hw).float(), new
 
     def __repr__(self) -> str:
         return f"RWKV(v{self.version}, {self.path.name}, strategy={self.strategy!r})"

@@ -28,7 +28,7 @@ struct Mm8Entry {
     int N, M, act;
     // filled by mm8_multi_prepare
     int lanes_log2;   // lanes per output (a group of 1 << lanes_log2 lanes of one warp)
-    int outs;         // outputs per lane group, one after the other (1, 2 or 4)
+    int outs;         // outputs per lane group, one after the other (1..64: the grid fits one wave)
     int tile;         // x elements per row staged in shared memory at a time (multiple of 16)
     int tiles;        // ceil(N / tile)
     int block_begin;  // first block of this entry in the grid
