@@ -81,16 +81,6 @@ def copy_bw(nbytes_moved: int) -> float:
     return 2 * half / ms / 1e6
 
 
-def read_bw(nbytes: int) -> float:
-    """GB/s of a read-only launch over nbytes (``torch.amax`` of int32 words into one value), rotating
-    buffers: what one launch that only reads those bytes achieves in a CUDA graph."""
-    n = sets_for(nbytes)
-    src = [torch.randint(0, 2**30, (nbytes // 4,), dtype=torch.int32, device="cuda") for _ in range(n)]
-    out = torch.empty((), dtype=torch.int32, device="cuda")
-    ms = time_ms(lambda i: torch.amax(src[i], dim=0, out=out), n)
-    return nbytes / ms / 1e6
-
-
 def peak_copy_bw() -> tuple[float, str]:
     """The best device-to-device copy bandwidth measured (GB/s) over 512 MiB and 2 GiB moved, and a label."""
     best = max((copy_bw(m), m) for m in (512 * 2**20, 2 * 2**30))
@@ -109,8 +99,8 @@ def bench_mm8(rows_md: list, peak: float) -> bool:
     rows_md += ["", f"### mm8 (fp16 activations, i8 weights stored output-major; CUDA graph of {MM8_LAUNCHES} "
                     f"launches over weight sets > 3x L2 ({l2_bytes() / 2**20:.0f} MiB))", "",
                 "| rows | N x M | sets | graph time (us) | GB/s | % of large copy | copy same bytes GB/s | "
-                "% of same-bytes copy | read-only launch same bytes GB/s | eager (us) | torch path (us) |",
-                "|---|---|---|---|---|---|---|---|---|---|---|"]
+                "% of same-bytes copy | eager (us) | torch path (us) |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
     for rows, N, M in ((1, 2048, 2048), (1, 4096, 4096), (1, 4096, 16384), (1, 16384, 4096), (1, 4096, 65536),
                        (2, 4096, 4096), (4, 4096, 4096), (16, 4096, 4096), (128, 4096, 4096)):
         n = sets_for(N * M)
@@ -120,13 +110,12 @@ def bench_mm8(rows_md: list, peak: float) -> bool:
         y = torch.empty(rows, M, device="cuda", dtype=torch.float16)
         nbytes = N * M + rows * (N + M) * 2 + (N + M) * 4
         small_copy = copy_bw(N * M)
-        small_read = read_bw(N * M)
         t = time_ms(lambda i: kernels.mm8(x, qs[i], out=y), n, iters=MM8_LAUNCHES)
         t_eager = time_ms(lambda i: kernels.mm8(x, qs[i], out=y), n, iters=MM8_LAUNCHES, reps=3, graph=False)
         t_torch = time_ms(lambda i: quant.mm8_torch(x, qs[i]), n, iters=10, reps=3, graph=False)
         bw = nbytes / t / 1e6
         rows_md.append(f"| {rows} | {N}x{M} | {n} | {t * 1e3:.2f} | {bw:.0f} | {100 * bw / peak:.0f}% | "
-                       f"{small_copy:.0f} | {100 * bw / small_copy:.0f}% | {small_read:.0f} | {t_eager * 1e3:.1f} | "
+                       f"{small_copy:.0f} | {100 * bw / small_copy:.0f}% | {t_eager * 1e3:.1f} | "
                        f"{t_torch * 1e3:.1f} |")
         print(rows_md[-1], flush=True)
         if rows == 1 and (N, M) in MM8_PASS_SHAPES:

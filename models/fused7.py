@@ -90,8 +90,15 @@ def _mm(x, w):
     return matmul(x, w)
 
 
+#: ``_gemv`` act codes: relu², tanh, sigmoid applied to the results (rounded to the activation dtype first), none on x
+RELU2_ON_OUTPUT = 3 * 4
+TANH_ON_OUTPUT = 1 * 4
+SIGMOID_ON_OUTPUT = 2 * 4
+
+
 def _gemv(xs, ws, acts, out_dtype=None):
-    """Grouped GEMV: ys[e] = act_e(xs[e]) @ ws[e].t() for output-major ws[e] [M, N]; 1..4 rows."""
+    """Grouped GEMV: ys[e] = out_act_e(act_e(xs[e]) @ ws[e].t()) for output-major ws[e] [M, N]; 1..4 rows.
+    acts[e] = act + 4 * out_act (codes 0 none, 1 tanh, 2 sigmoid, 3 relu²; see csrc/fused/fused_launchers.h)."""
     rows = xs[0].shape[0]
     dt = out_dtype or xs[0].dtype
     ys = [torch.empty(rows, w.shape[0], dtype=dt, device=xs[0].device) for w in ws]
@@ -166,17 +173,20 @@ def decode_step(model, ids: torch.Tensor, bufs: list, gemv: str = "ours", large_
                 xs.append(xv)
                 ws.append(f["att.v1"])
             big = [p["att.receptance.weight"], p["att.key.weight"], p["att.value.weight"]]
+            # tanh(xw @ w1) and sigmoid(xg @ g1) written by the first low-rank products (rounded as the
+            # reference rounds them), so the second ones load plain inputs
+            low_acts = [TANH_ON_OUTPUT, 0, SIGMOID_ON_OUTPUT, 0][:len(xs)]
             if ours and not any(isinstance(w, Int8Weight) for w in big):
-                out = _gemv([xr, xk, xv] + xs, [w.t() for w in big] + ws, [0] * (3 + len(xs)))
+                out = _gemv([xr, xk, xv] + xs, [w.t() for w in big] + ws, [0, 0, 0] + low_acts)
                 r, k, v, low = out[0], out[1], out[2], out[3:]
             elif _i8_ok(big, x):
                 r, k, v = _mm8([xr, xk, xv], big, [0, 0, 0])
-                low = _gemv(xs, ws, [0] * len(xs))
+                low = _gemv(xs, ws, low_acts)
             else:
                 r, k, v = (_mm(xx, w) for xx, w in zip((xr, xk, xv), big))
-                low = _gemv(xs, ws, [0] * len(xs))
+                low = _gemv(xs, ws, low_acts)
             ws2 = [f["att.w2"], f["att.a2"], f["att.g2"]] + ([] if first else [f["att.v2"]])
-            stage2 = _gemv(low, ws2, [1, 0, 2, 0][:len(ws2)])
+            stage2 = _gemv(low, ws2, [0] * len(ws2))
             wl, al, g = stage2[:3]
             vl = None if first else stage2[3]
         else:
@@ -200,8 +210,13 @@ def decode_step(model, ids: torch.Tensor, bufs: list, gemv: str = "ours", large_
         xn = torch.empty_like(x)
         ops.v7_mix_cuda(x, att, xn, p["ln2.weight"], p["ln2.bias"], ffn_x, ffn_x, f["mixk"], xk2, 1)
         x = xn
-        hk = _big(xk2[0], p["ffn.key.weight"], 0, ours, small)
-        dx = _big(hk, p["ffn.value.weight"], 3, ours, small)
+        fk, fv = p["ffn.key.weight"], p["ffn.value.weight"]
+        if ours and not isinstance(fk, Int8Weight) and not isinstance(fv, Int8Weight):
+            hk = _gemv([xk2[0]], [fk.t()], [RELU2_ON_OUTPUT])[0]     # relu(k) ** 2 written by the key GEMV
+            dx = _gemv([hk], [fv.t()], [0])[0]
+        else:
+            hk = _big(xk2[0], fk, 0, ours, small)
+            dx = _big(hk, fv, 3, ours, small)
     xo = torch.empty(1, b, C, dtype=x.dtype, device=x.device)
     ln_w, ln_b = model.ln_out
     ops.v7_mix_cuda(x, dx, None, ln_w, ln_b, None, None, ln_w.new_empty(0, C), xo, 1)

@@ -86,11 +86,11 @@ void gemv_multi_cuda(at::TensorList xs, at::TensorList ws, at::TensorList ys, at
         TORCH_CHECK(x.size(0) == batch.rows && y.size(0) == batch.rows && x.size(1) == w.size(1) &&
                         y.size(1) == w.size(0), op, ": shapes ", x.sizes(), " ", w.sizes(), " ", y.sizes());
         TORCH_CHECK(x.stride(1) == 1 && y.stride(1) == 1, op, ": x and y rows must be contiguous");
-        TORCH_CHECK(acts[i] >= 0 && acts[i] <= 3, op, ": act must be 0..3");
+        TORCH_CHECK(acts[i] >= 0 && acts[i] <= 15, op, ": act must be 0..15 (on x: act % 4, on y: act / 4)");
         GemvEntry& E = batch.e[i];
         E.x = x.data_ptr(); E.w = w.data_ptr(); E.y = y.data_ptr();
         E.x_stride = (long)x.stride(0); E.y_stride = (long)y.stride(0);
-        E.N = (int)w.size(1); E.M = (int)w.size(0); E.act = (int)acts[i];
+        E.N = (int)w.size(1); E.M = (int)w.size(0); E.act = (int)(acts[i] % 4); E.out_act = (int)(acts[i] / 4);
     }
     const at::cuda::CUDAGuard guard(xs[0].device());
     check_launch(gemv_multi_launch(act, batch, c10::cuda::getCurrentCUDAStream()), op);

@@ -16,7 +16,9 @@ constexpr int kGemvMaxRows = 4;
 
 // One product y = act(x) @ W of a grouped GEMV. W is stored [M, N] (row m = output m's weights);
 // x [rows, N] with row stride x_stride, y [rows, M] with row stride y_stride (elements).
-// act: 0 none, 1 tanh, 2 sigmoid, 3 relu^2, applied to x. lpr_log2 (lanes per output), ks_log2 (warps
+// act: 0 none, 1 tanh, 2 sigmoid, 3 relu^2, applied to x; out_act: the same codes applied to each result
+// after it is rounded to y's dtype (relu^2 there gives the reference's relu(k) ** 2 of the ffn key,
+// rounded as it rounds, so the next product needs no activation on load). lpr_log2 (lanes per output), ks_log2 (warps
 // sharing one output's dot product, split over N) and block_begin are set by the launcher.
 struct GemvEntry {
     const void* x;
@@ -27,6 +29,7 @@ struct GemvEntry {
     int N;
     int M;
     int act;
+    int out_act;
     int lpr_log2;
     int ks_log2;
     int block_begin;

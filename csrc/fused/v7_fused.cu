@@ -11,7 +11,8 @@
 //                [M, N] (output-major, i.e. nn.Linear's layout), so each output is a contiguous dot
 //                product: a group of lpr lanes per output row, 16-byte loads, shuffle reduction;
 //                long rows with few outputs split over up to 4 warps (partials through shared memory).
-//                act: 0 none, 1 tanh, 2 sigmoid, 3 relu^2 (applied to x as it is loaded).
+//                act: 0 none, 1 tanh, 2 sigmoid, 3 relu^2 (applied to x as it is loaded; the same codes
+//                on the results as they are written, for the ffn key's relu^2).
 //   v7_pre       per (token, head): decay w = exp(-e^-1/2 sigmoid(w0 + wl)), in-context rate
 //                a = sigmoid(a0 + al), kk = normalize(k * k_k), k' = k (1 + (a - 1) k_a),
 //                v' = v + (v_first - v) sigmoid(v0 + vl); writes the WKV inputs (w, k', v', -kk, kk a).
@@ -446,8 +447,10 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_multi_kernel(GemvBatch batc
         for (int r = 0; r < R; ++r) {
             if (r < rows) {
                 const long o = (long)r * E.y_stride + m;
-                if (batch.out_f32) static_cast<float*>(E.y)[o] = acc[r];
-                else static_cast<F*>(E.y)[o] = from_f32<F>(acc[r]);
+                float v = acc[r];
+                if (E.out_act != 0) v = act_apply(E.out_act, batch.out_f32 ? v : round_act<F>(v));
+                if (batch.out_f32) static_cast<float*>(E.y)[o] = v;
+                else static_cast<F*>(E.y)[o] = from_f32<F>(v);
             }
         }
     }
