@@ -62,7 +62,8 @@ class PrefillGraphs:
                 entry = self._capture(x, layers)
             except RuntimeError as e:        # a kernel that cannot be captured: stay eager, say why
                 self.disabled = f"prefill graph capture failed: {e}"
-                torch.cuda.synchronize(self._device)
+                if self._device.type == "cuda":
+                    torch.cuda.synchronize(self._device)
                 return None
             self._graphs[key] = entry
             while len(self._graphs) > CAPACITY:
