@@ -6,7 +6,8 @@ package's ``wkv7s`` kernel on the same inputs.
 
 Method: CUDA events around a CUDA graph of back-to-back launches (an eager loop where a column says so),
 median of 7 replays; inputs rotate among enough sets to exceed 3x the L2 cache (read from the device),
-so weights come from device memory. Bytes = every input read once plus every output written once. Pass
+so weights come from device memory. Bytes = every input read once plus every output written once. Peers
+per mm8 size: a copy of the same bytes and a launch that only reads them (Triton), the floor of one launch. Pass
 mark for mm8 with one row (decode): >= 70% of the large-copy bandwidth at 2048², 4096² and 4096x16384.
 """
 
@@ -81,6 +82,42 @@ def copy_bw(nbytes_moved: int) -> float:
     return 2 * half / ms / 1e6
 
 
+def _read_kernel():
+    """A Triton kernel that only reads (grid-stride 16-byte loads, one int32 sum written per program), or
+    None without Triton."""
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
+
+    @triton.jit
+    def read_only(src, out, n, BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        acc = tl.zeros([BLOCK], dtype=tl.int32)
+        for start in range(pid * BLOCK, n, tl.num_programs(0) * BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            acc += tl.load(src + offs, mask=offs < n, other=0, eviction_policy="evict_first")
+        tl.store(out + pid, tl.sum(acc, axis=0))
+
+    return read_only
+
+
+def read_bw(nbytes: int) -> float | None:
+    """GB/s of one launch that only reads nbytes (``_read_kernel``, 8 programs per multiprocessor), rotating
+    buffers, in a CUDA graph: the floor a kernel launch that must read those bytes starts from. None
+    without Triton."""
+    kern = _read_kernel()
+    if kern is None:
+        return None
+    n = sets_for(nbytes)
+    src = [torch.randint(0, 2**30, (nbytes // 4,), dtype=torch.int32, device="cuda") for _ in range(n)]
+    grid = 8 * torch.cuda.get_device_properties(0).multi_processor_count
+    out = torch.empty(grid, dtype=torch.int32, device="cuda")
+    ms = time_ms(lambda i: kern[(grid,)](src[i], out, src[i].numel(), BLOCK=1024), n)
+    return nbytes / ms / 1e6
+
+
 def peak_copy_bw() -> tuple[float, str]:
     """The best device-to-device copy bandwidth measured (GB/s) over 512 MiB and 2 GiB moved, and a label."""
     best = max((copy_bw(m), m) for m in (512 * 2**20, 2 * 2**30))
@@ -99,8 +136,8 @@ def bench_mm8(rows_md: list, peak: float) -> bool:
     rows_md += ["", f"### mm8 (fp16 activations, i8 weights stored output-major; CUDA graph of {MM8_LAUNCHES} "
                     f"launches over weight sets > 3x L2 ({l2_bytes() / 2**20:.0f} MiB))", "",
                 "| rows | N x M | sets | graph time (us) | GB/s | % of large copy | copy same bytes GB/s | "
-                "% of same-bytes copy | eager (us) | torch path (us) |",
-                "|---|---|---|---|---|---|---|---|---|---|"]
+                "% of same-bytes copy | read-only launch same bytes GB/s | eager (us) | torch path (us) |",
+                "|---|---|---|---|---|---|---|---|---|---|---|"]
     for rows, N, M in ((1, 2048, 2048), (1, 4096, 4096), (1, 4096, 16384), (1, 16384, 4096), (1, 4096, 65536),
                        (2, 4096, 4096), (4, 4096, 4096), (16, 4096, 4096), (128, 4096, 4096)):
         n = sets_for(N * M)
@@ -110,12 +147,14 @@ def bench_mm8(rows_md: list, peak: float) -> bool:
         y = torch.empty(rows, M, device="cuda", dtype=torch.float16)
         nbytes = N * M + rows * (N + M) * 2 + (N + M) * 4
         small_copy = copy_bw(N * M)
+        small_read = read_bw(N * M)
+        read_txt = "-" if small_read is None else f"{small_read:.0f}"
         t = time_ms(lambda i: kernels.mm8(x, qs[i], out=y), n, iters=MM8_LAUNCHES)
         t_eager = time_ms(lambda i: kernels.mm8(x, qs[i], out=y), n, iters=MM8_LAUNCHES, reps=3, graph=False)
         t_torch = time_ms(lambda i: quant.mm8_torch(x, qs[i]), n, iters=10, reps=3, graph=False)
         bw = nbytes / t / 1e6
         rows_md.append(f"| {rows} | {N}x{M} | {n} | {t * 1e3:.2f} | {bw:.0f} | {100 * bw / peak:.0f}% | "
-                       f"{small_copy:.0f} | {100 * bw / small_copy:.0f}% | {t_eager * 1e3:.1f} | "
+                       f"{small_copy:.0f} | {100 * bw / small_copy:.0f}% | {read_txt} | {t_eager * 1e3:.1f} | "
                        f"{t_torch * 1e3:.1f} |")
         print(rows_md[-1], flush=True)
         if rows == 1 and (N, M) in MM8_PASS_SHAPES:
