@@ -20,9 +20,16 @@ Sections and keys (all optional; defaults below)::
     queue_limit = 16               # queued generations (all clients) before requests get `Busy`
     max_active = 16                # generations admitted at once (prefilling or decoding)
     max_batch = 16                 # decode slots: generations decoded together in one batched step
-    batch_invariant = true         # smallest decode batch 4 on CPU, so a conversation's numbers do not
-                                   # depend on how many others share its step (CPU BLAS switches kernels
-                                   # below 4 rows); false = batch 1 for a lone stream (~10% faster, tiny models)
+    batch_invariant = "auto"       # whether a conversation's numbers may depend on how many others share
+                                   # its decode step. true: no; only batch sizes measured at load to compute
+                                   # a row bit-identically to max_batch rows are used (CPU: cheap, the tiny
+                                   # models need no padding, larger ones keep a floor of a few rows; CUDA and
+                                   # other accelerators: slower, often every step at max_batch rows, and the
+                                   # load captures a CUDA graph per batch size). false: the engine's default
+                                   # batch sizes, fastest (a lone conversation decodes 1 row; its logits can
+                                   # differ in the last bits from a batched step's). "auto" (default): true on
+                                   # CPU, false on CUDA/other accelerators (where fp16 results of the graph,
+                                   # batched and plain paths agree only within a tolerance anyway)
     chunk_len = 256                # prefill chunk, tokens (one chunk between two decode steps)
     threads = 0                    # torch intra-op threads of the daemon; 0 = auto: 1 for models with
                                    # n_embd < 512 (per-op overhead dominates: 1 thread decodes the tiny
@@ -77,7 +84,7 @@ class DaemonConfig:
     queue_limit: int = 16
     max_active: int = 16
     max_batch: int = 16
-    batch_invariant: bool = True
+    batch_invariant: bool | str = "auto"    # true | false | "auto"
     chunk_len: int = 256
     threads: int = 0
     client_timeout: float = 10.0
@@ -99,7 +106,17 @@ class Config:
 _SECTIONS = {"model": ModelConfig, "sampling": SamplingConfig, "daemon": DaemonConfig}
 
 
+#: keys that take a bool or one of these strings
+_BOOL_OR = {("daemon", "batch_invariant"): ("auto",)}
+
+
 def _coerce(section: str, key: str, value, default):
+    words = _BOOL_OR.get((section, key))
+    if words is not None:
+        if isinstance(value, bool) or value in words:
+            return value
+        choices = ", ".join(f'"{w}"' for w in words)
+        raise ConfigError(f"[{section}] {key} must be true, false or {choices}, got {value!r}")
     want = type(default)
     if want is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)

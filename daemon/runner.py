@@ -31,9 +31,10 @@ class Engine:
         self._info: dict = {"loaded": False}
 
     def load(self, path: str, strategy: str, tokenizer: str = "", *, max_batch: int = 16,
-             batch_invariant: bool = True, threads: int = 0, progress=None) -> None:
+             batch_invariant: bool | str = "auto", threads: int = 0, progress=None) -> None:
         """Load ``path`` with ``strategy``; ``progress(done_layers, total_layers)`` is called while the
-        layers are placed. Sets torch's intra-op threads (``threads``, 0 = :func:`auto_threads`).
+        layers are placed. Sets torch's intra-op threads (``threads``, 0 = :func:`auto_threads`) and the
+        decoder's batch sizes (:func:`decode_buckets` of ``batch_invariant``: True, False or "auto").
         Raises what ``RWKV`` and ``load_tokenizer`` raise (CheckpointError, StrategyError, MemoryError, …);
         the previous model stays loaded then."""
         import torch
@@ -48,20 +49,24 @@ class Engine:
         self._info = {**self._info, "loading": path}
         # a first use builds the compiled kernels (tens of seconds): status shows what is happening
         kernels.set_progress(lambda note: self._info.update(note=note))
+        old_threads = torch.get_num_threads()
         try:
             model = RWKV(model=path, strategy=strategy, verbose=False, progress=progress)
             tok = load_tokenizer(tokenizer or None, vocab_size=model.vocab_size, model_path=path)
+            n_threads = threads or auto_threads(model)
+            torch.set_num_threads(n_threads)                    # the buckets are measured with these threads
+            self._info["note"] = "measuring decode batch sizes"
             decoder = BatchDecoder(model, max_batch=max_batch,
                                    buckets=decode_buckets(model, max_batch, batch_invariant))
         except BaseException:
+            torch.set_num_threads(old_threads)
             self._info = {k: v for k, v in self._info.items() if k not in ("loading", "note")}
             raise
         finally:
             kernels.set_progress(None)
         self.model = self.tokenizer = self.decoder = None      # release the old weights first
         self.model, self.tokenizer, self.decoder = model, tok, decoder
-        self.threads = threads or auto_threads(model)
-        torch.set_num_threads(self.threads)
+        self.threads = n_threads
         self._info = {"loaded": True, "path": path, "strategy": strategy, "version": model.version,
                       "plan": str(model.plan), "fingerprint": model.fingerprint, "n_layer": model.n_layer,
                       "n_embd": model.n_embd, "vocab_size": model.vocab_size, "tokenizer": tok.name,
@@ -89,18 +94,69 @@ def auto_threads(model) -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
-def decode_buckets(model, max_batch: int, batch_invariant: bool) -> tuple[int, ...]:
-    """Batch sizes the decode step may run at. With ``batch_invariant`` every step runs through the same
-    GEMM kernels whatever the number of live conversations, so a conversation's logits are bit-identical
-    alone or batched: on CPU the smallest bucket is 4 (BLAS computes 1-3 rows with another kernel, whose
-    rounding differs); on CUDA one bucket, ``max_batch`` (cuBLAS picks kernels by shape)."""
+def batch_invariance(setting: bool | str, device_types) -> bool:
+    """Whether decode steps must be batch-invariant, from ``[daemon] batch_invariant`` (True, False or
+    "auto") and the device types of the model's layers (e.g. ``{"cpu"}``, ``{"cuda"}``): "auto" means
+    invariant where every layer is on the CPU (cheap there: the tiny models need no padding rows, larger
+    ones a floor of a few) and not on CUDA or any other accelerator (invariance there can cost a
+    ``max_batch``-row step for one conversation, and fp16 results of the graph, batched and plain paths
+    agree only within a tolerance anyway). Raises ConfigError for any other setting."""
+    if isinstance(setting, bool):
+        return setting
+    if setting == "auto":
+        return all(t == "cpu" for t in device_types)
+    from rwkv_chat.app.config import ConfigError
+
+    raise ConfigError(f'[daemon] batch_invariant must be true, false or "auto", got {setting!r}')
+
+
+def decode_buckets(model, max_batch: int, batch_invariant: bool | str) -> tuple[int, ...]:
+    """Batch sizes (rows) the daemon's decode step may run at, ascending, the last one ``max_batch``.
+
+    Invariant (:func:`batch_invariance` of ``batch_invariant`` and the model's devices): a conversation's
+    logits must be bit-identical whichever others share its step, so only the buckets that compute a row
+    exactly as the ``max_batch`` bucket does are used, measured at load by :func:`invariant_buckets` (the
+    kernels pick their GEMM by shape: on CPU the fused kernel is row-count invariant for small matrices up
+    to 16 rows and BLAS from about 4 rows on, so the tiny models keep every bucket and larger ones a floor;
+    on CUDA cuBLAS and the fused GEMV choose by row count, so often only ``max_batch`` is left, and the
+    measurement captures a CUDA graph per bucket: slower to load and to decode). Not invariant: the
+    engine's default buckets (``models.decode.DEFAULT_BUCKETS``), a lone conversation stepping one row.
+    Call it with the daemon's torch thread count already set (CPU kernels can choose by thread count).
+    Raises ConfigError for a bad setting; what ``BatchDecoder.step`` raises during the measurement."""
     from rwkv_chat.models.decode import DEFAULT_BUCKETS
 
-    if not batch_invariant:
+    if not batch_invariance(batch_invariant, {d.type for d in model._devices}):
         return DEFAULT_BUCKETS
-    if any(d.type == "cuda" for d in model._devices):
-        return (max_batch,)
-    return tuple(b for b in DEFAULT_BUCKETS if b >= 4)
+    return invariant_buckets(model, max_batch)
+
+
+def invariant_buckets(model, max_batch: int, steps: int = 2) -> tuple[int, ...]:
+    """The candidate buckets (the engine's default ones below ``max_batch``, and ``max_batch``) whose decode
+    steps give every row bit-identical logits (float32 [vocab]) to the ``max_batch`` bucket's, found by
+    running ``steps`` steps per bucket from the zero state with a distinct token per row (kernels are chosen
+    by shape and thread count, never by value, so one set of values shows their choice). Always includes
+    ``max_batch``. Cost: ``steps`` decode steps per candidate (milliseconds for the tiny models on CPU, about a
+    second for a 1.5B model; on CUDA each bucket's graph capture as well)."""
+    import torch
+
+    from rwkv_chat.models.decode import DEFAULT_BUCKETS, BatchDecoder
+
+    cands = tuple(b for b in DEFAULT_BUCKETS if b < max_batch) + (max_batch,)
+    dec = BatchDecoder(model, max_batch=max_batch, buckets=cands)
+    vocab = model.vocab_size
+    rows: dict[int, torch.Tensor] = {}
+    for b in reversed(cands):                                # max_batch first: a mismatch stops nothing
+        hs = [dec.add(None) for _ in range(b)]
+        outs = []
+        for s in range(steps):
+            out = dec.step({h: (31 * i + 7 * s + 1) % vocab for i, h in enumerate(hs)})
+            outs.append(torch.stack([out[h] for h in hs]).float().cpu())
+        rows[b] = torch.stack(outs)                          # [steps, b, vocab]
+        for h in hs:
+            dec.remove(h)
+    ref = rows[max_batch]
+    del dec
+    return tuple(b for b in cands if torch.equal(rows[b], ref[:, :b]))
 
 
 _OOM_TEXT = re.compile(r"out of memory|can't allocate memory|cannot allocate memory|not enough memory", re.I)
@@ -250,14 +306,17 @@ def flush_text(sched, job: Job) -> None:
         _emit_text(sched, job, job.ready, force=True)
 
 
-def next_token(job: Job) -> int | None:
-    """Sample the job's next token from its last logits (float32 [vocab]), with its own Sampler;
-    None when ``max_tokens`` tokens were generated already (the job ends with reason "length")."""
-    if len(job.out_tokens) >= job.max_tokens:
-        return None
-    token = job.sampler.sample(job.logits)
-    job.out_tokens.append(token)
-    return token
+def next_tokens(jobs: list[Job]) -> list[int | BaseException]:
+    """Sample each job's next token from its last logits (float32 [vocab]) with its own Sampler, the
+    greedy ones in one reduction (``sampling.sample_rows``), and append it to ``job.out_tokens``. A job
+    whose sampling fails gets its exception in its place (the others still get their tokens)."""
+    from rwkv_chat.models.sampling import sample_rows
+
+    tokens = sample_rows([j.sampler for j in jobs], [j.logits for j in jobs], return_errors=True)
+    for j, t in zip(jobs, tokens):
+        if not isinstance(t, BaseException):
+            j.out_tokens.append(t)
+    return tokens
 
 
 def _at_length(job: Job) -> bool:

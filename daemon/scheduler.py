@@ -139,8 +139,8 @@ class Scheduler:
         return None
 
     def _admit_locked(self) -> None:
-        if self._admin:
-            return                       # a load waits: admit nothing new
+        if self._admin or not self._pending:
+            return                       # a load waits: admit nothing new; or nothing waits
         busy = {j.conversation_id for j in self.active if j.conversation_id}
         progressed = True
         while len(self.active) < self.config.daemon.max_active and progressed:
@@ -210,51 +210,57 @@ class Scheduler:
             self._decode_step(decoding)
 
     def _decode_step(self, jobs: list[Job]) -> None:
-        """One batched decode step: sample each job's token (its own Sampler), feed all tokens in one
-        ``BatchDecoder.step``, then detokenize and check stops per job. Jobs join the decoder here (after
-        their prefill) while slots are free; finished jobs leave it. A failing step fails its jobs."""
+        """One batched decode step: sample every job's token (each with its own Sampler, greedy rows in one
+        reduction: :func:`runner.next_tokens`), feed all tokens in one ``BatchDecoder.step``, then detokenize
+        and check stops per job. Jobs join the decoder here (after their prefill) while slots are free;
+        finished jobs leave it. A failing step fails its jobs."""
         dec = self.engine.decoder
+        ready: list[Job] = []
+        for job in jobs:
+            if job.handle is None:
+                if dec.size >= dec.max_batch:
+                    continue                         # waits for a free slot
+                try:
+                    job.handle = dec.add(job.state)
+                except BaseException as e:   # noqa: BLE001
+                    self._fail(job, e)
+                    continue
+                job.state = None                     # the decoder holds it now
+            if len(job.out_tokens) >= job.max_tokens:   # max_tokens reached before this step
+                self._finish(job, "length")
+                continue
+            ready.append(job)
+        if not ready:
+            return
+        t0 = time.perf_counter()
         tokens: dict[int, int] = {}
         stepping: list[Job] = []
-        for job in jobs:
-            try:
-                if job.handle is None:
-                    if dec.size >= dec.max_batch:
-                        continue                     # waits for a free slot
-                    job.handle = dec.add(job.state)
-                    job.state = None                 # the decoder holds it now
-                t0 = time.perf_counter()
-                token = engine.next_token(job)
-                job.t_decode += time.perf_counter() - t0
-            except BaseException as e:   # noqa: BLE001
-                self._fail(job, e)
-                continue
-            if token is None:                        # max_tokens reached before this step
-                job.reason = "length"
-                self._finish(job, "length")
+        for job, token in zip(ready, engine.next_tokens(ready)):
+            if isinstance(token, BaseException):
+                self._fail(job, token)
                 continue
             tokens[job.handle] = token
             stepping.append(job)
         if not tokens:
             return
-        t0 = time.perf_counter()
         try:
             out = dec.step(tokens)                   # {handle: float32 [vocab]}
         except BaseException as e:   # noqa: BLE001
             for job in stepping:
                 self._fail(job, e)
             return
-        dt = time.perf_counter() - t0
+        finished: list[Job] = []
         for job in stepping:
-            t1 = time.perf_counter()
             try:
-                finished = engine.after_token(self, job, out[job.handle])
+                if engine.after_token(self, job, out[job.handle]):
+                    finished.append(job)
             except BaseException as e:   # noqa: BLE001
                 self._fail(job, e)
-                continue
-            job.t_decode += dt + time.perf_counter() - t1
-            if finished:
-                self._finish(job, job.reason)
+        dt = time.perf_counter() - t0                # every stepping job waited the whole step for its token
+        for job in stepping:
+            job.t_decode += dt
+        for job in finished:
+            self._finish(job, job.reason)
 
     def _fail(self, job: Job, e: BaseException) -> None:
         kind, msg = engine.classify(e)

@@ -29,8 +29,17 @@ struct Mat {
     bool present() const { return w != nullptr || q != nullptr; }
 };
 
-// Products with at least this many multiply-adds (rows * N * M) leave the hand loops.
+// Products with at least this many multiply-adds (rows * N * M) leave the hand loops ...
 constexpr int64_t kBigWork = int64_t(1) << 18;
+// ... unless the matrix has fewer entries (N * M) than kSmallMat and the call has at most kStepRows rows
+// (a batched decode step of up to 16 conversations): those run as hand loops, one row at a time, whatever
+// the row count, so a row's result never depends on how many rows share the step and the small models
+// decode row-count invariant without padding rows (the work rule alone sent a 64x256 matrix to BLAS at
+// 16 rows and to the hand loop at 4). Calls of 1-4 rows take the same path as under the work rule for
+// these matrices (4 * 2^16 = kBigWork), so one-token steps are unchanged; calls above kStepRows rows
+// (prompts) keep the work rule, whose BLAS products follow the eager path's summation order.
+constexpr int64_t kSmallMat = int64_t(1) << 16;
+constexpr int64_t kStepRows = 16;
 
 // The layer functions are compiled for AVX-512, AVX2+FMA and the baseline, picked at load time by the
 // CPU (GCC function multiversioning); the helpers below are inlined into each clone.
@@ -110,7 +119,7 @@ inline void gemv_parallel(const float* x, int64_t N, const W* w, int64_t M, floa
 // y[R, M] = x[R, N] (row stride ldx) @ W. y must not alias x.
 RWKV_FUSED_INLINE void gemm(const float* x, int64_t ldx, int64_t R, const Mat& m, float* y) {
     const int64_t N = m.N, M = m.M;
-    const bool big = R * N * M >= kBigWork;
+    const bool big = R * N * M >= kBigWork && (N * M >= kSmallMat || R > kStepRows);
     if (m.w != nullptr) {
         if (big && R == 1 && omp_get_max_threads() > 1) {   // measured: beats MKL's sgemv with 2 threads,
             gemv_parallel(x, N, m.w, M, y);                 // not with 1
