@@ -1,16 +1,26 @@
 """Decode tokens/s through the daemon vs the engine's own loop, at batch 1 and N (not a test).
 
-Engine peers (in this process, the daemon's thread count): sampling (``Sampler.sample``, greedy, no
-penalties) and detokenizing (``IncrementalDecoder.push``) run in the loop as in the daemon.
+Engine peers (in this process, with the daemon's torch thread count unless ``--threads``): sampling
+(``Sampler.sample``, greedy, no penalties) and detokenizing (``IncrementalDecoder.push``) run in the loop as
+in the daemon.
 * batch 1: ``model.forward([token], state)`` per token, and ``BatchDecoder(max_batch=1).step``;
-* batch N: ``BatchDecoder(model, max_batch=N)`` stepping N conversations (default buckets);
-* "invariant": N conversations in the daemon's own decoder (``max_batch`` of the default config, the buckets
-  of ``[daemon] batch_invariant``: on CPU no step runs fewer than 4 rows), the ceiling the daemon can reach.
+* batch N: ``BatchDecoder(model, max_batch=N)`` stepping N conversations (default buckets): the reference
+  the daemon is held to (daemon / BatchDecoder);
+* "daemon's buckets": N conversations in a decoder like the daemon's (``max_batch`` of the default config,
+  the buckets of the default ``[daemon] batch_invariant``, measured at load where invariant).
 Daemon: N clients stream ``Client.complete`` at once from a daemon started in a temporary home; tokens/s =
 all tokens / time from the first token event to the last ``Done`` (client-observed: ZeroMQ, signing,
-sampling, detokenizing, continuous batching included). The same prompt, greedy, the same token count.
+sampling, detokenizing, continuous batching included). The same short prompt (a few tokens, so the
+daemon's window holds almost no prefill), greedy, the same token count. On CUDA the engine loops end with
+``torch.cuda.synchronize()`` before the clock is read (the daemon's clock is the client's: its events
+follow host reads of the sampled tokens).
+
+Models: checkpoint paths, and/or ``--shape NAME`` (an official RWKV-7 shape of ``models/shapes.py`` with
+random weights, saved to a temporary ``.pth`` that the daemon loads like any file; vocabulary 65536, so
+daemon and engine both pick the World tokenizer). Nothing is downloaded. The table is printed at the end.
 
     python bench/daemon_overhead.py [--tokens 256] [--batch 1 4] [--out bench/results/daemon_overhead_cpu.md] MODEL...
+    python bench/daemon_overhead.py --shape 0.1B --strategy "cuda fp16" --batch 1 4 8
 """
 
 from __future__ import annotations
@@ -26,26 +36,37 @@ import time
 from pathlib import Path
 
 GREEDY = dict(temperature=0.0, alpha_frequency=0.0, alpha_presence=0.0)
-PROMPT = "The quick brown fox jumps over the lazy dog. " * 4
+PROMPT = "The"
 
 
-def engine_rates(model_path: str, strategy: str, n: int, batches: list[int], repeats: int) -> dict:
-    """{"forward": tok/s, ("batch", N): tok/s} of the engine's own loops (best of ``repeats``)."""
+def engine_rates(model_path: str, strategy: str, n: int, batches: list[int], repeats: int, threads: int) -> dict:
+    """{"forward": tok/s, ("batch", N): tok/s, ("inv", N): tok/s, "buckets": the daemon-like decoder's buckets,
+    "threads": torch threads used} of the engine's own loops (best of ``repeats``; ``threads`` 0 = the
+    daemon's automatic choice for the model)."""
+    import torch
+
     from rwkv_chat.models import RWKV
     from rwkv_chat.models.decode import BatchDecoder
     from rwkv_chat.models.sampling import Sampler, SamplerArgs
     from rwkv_chat.models.tokenizers import IncrementalDecoder, load_tokenizer
 
     from rwkv_chat.app.config import Config
-    from rwkv_chat.daemon.runner import decode_buckets
+    from rwkv_chat.daemon.runner import auto_threads, decode_buckets
 
     model = RWKV(model=model_path, strategy=strategy, verbose=False)
-    max_batch = Config().daemon.max_batch
-    inv_buckets = decode_buckets(model, max_batch, True)
+    threads = threads or auto_threads(model)
+    torch.set_num_threads(threads)
+    sync = torch.cuda.synchronize if any(d.type == "cuda" for d in model._devices) else (lambda: None)
+    daemon = Config().daemon
+    max_batch = daemon.max_batch
+    inv_buckets = decode_buckets(model, max_batch, daemon.batch_invariant)
     tok = load_tokenizer(vocab_size=model.vocab_size, model_path=model_path)
     logits0, state0 = model.forward(tok.encode(PROMPT), None)
+    decoders = {("batch", b): BatchDecoder(model, max_batch=b) for b in batches}
+    inv = BatchDecoder(model, max_batch=max_batch, buckets=inv_buckets)
+    decoders.update({("inv", b): inv for b in batches})
     out: dict = {}
-    for _ in range(repeats):
+    for _ in range(repeats + 1):               # the first round warms up (CUDA graphs, compiled steps)
         sampler, dec = Sampler(SamplerArgs(max_tokens=n, **GREEDY), tok), IncrementalDecoder(tok)
         logits, state = logits0, state0
         t0 = time.perf_counter()
@@ -53,10 +74,11 @@ def engine_rates(model_path: str, strategy: str, n: int, batches: list[int], rep
             t = sampler.sample(logits)
             logits, state = model.forward([t], state)
             dec.push(t)
+        sync()
         out["forward"] = max(out.get("forward", 0), n / (time.perf_counter() - t0))
         for b in batches:
-            for key, bd in ((("batch", b), BatchDecoder(model, max_batch=b)),
-                            (("inv", b), BatchDecoder(model, max_batch=max_batch, buckets=inv_buckets))):
+            for key in (("batch", b), ("inv", b)):
+                bd = decoders[key]
                 hs = [bd.add(state0) for _ in range(b)]
                 samplers = [Sampler(SamplerArgs(max_tokens=n, **GREEDY), tok) for _ in range(b)]
                 decs = [IncrementalDecoder(tok) for _ in range(b)]
@@ -67,12 +89,38 @@ def engine_rates(model_path: str, strategy: str, n: int, batches: list[int], rep
                     lg = bd.step(toks)
                     for h, d in zip(hs, decs):
                         d.push(toks[h])
+                sync()
                 out[key] = max(out.get(key, 0), b * n / (time.perf_counter() - t0))
+                for h in hs:
+                    bd.remove(h)
+    out["buckets"], out["threads"] = inv_buckets, threads
     return out
 
 
+def _concurrent(clients, prompt: str, n: int, seen) -> None:
+    """Every client streams one greedy completion of ``n`` tokens at once; ``seen(client, event)`` per event."""
+    from rwkv_chat.daemon import messages as m
+
+    barrier, errors = threading.Barrier(len(clients)), []
+
+    def run(c):
+        barrier.wait()
+        for ev in c.complete(prompt, max_tokens=n, **GREEDY):
+            if isinstance(ev, (m.Failed, m.Error)):
+                errors.append(ev)
+            seen(c, ev)
+    threads = [threading.Thread(target=run, args=(c,)) for c in clients]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise SystemExit(f"the daemon failed a generation: {errors[0]}")
+
+
 def daemon_rates(model_path: str, strategy: str, n: int, batches: list[int], repeats: int) -> dict:
-    """{N: tok/s} through a real daemon with N concurrent clients (best of ``repeats``)."""
+    """{N: tok/s} through a real daemon with N concurrent clients (best of ``repeats``), and "info": the
+    daemon's model status (its ``buckets``, ``threads``)."""
     from rwkv_chat.app.paths import home_paths
     from rwkv_chat.daemon import messages as m
     from rwkv_chat.daemon.client import Client
@@ -80,30 +128,30 @@ def daemon_rates(model_path: str, strategy: str, n: int, batches: list[int], rep
     home = Path(tempfile.mkdtemp(prefix="rwkv-bench-"))
     env = {**os.environ, "RWKV_CHAT_HOME": str(home)}
     cmd = [sys.executable, "-m", "rwkv_chat.app.cli"]
-    subprocess.run([*cmd, "load", model_path, "--strategy", strategy], check=True, env=env, capture_output=True)
+    r = subprocess.run([*cmd, "load", model_path, "--strategy", strategy], env=env, capture_output=True, text=True)
+    if r.returncode:
+        subprocess.run([*cmd, "daemon", "stop"], env=env, capture_output=True)
+        raise SystemExit(f"the daemon could not load {model_path}: {r.stderr.strip()[-2000:]}")
     out: dict = {}
     try:
         paths = home_paths(home)
         clients = [Client(paths, autostart=False).connect() for _ in range(max(batches))]
-        list(clients[0].complete("warm up", max_tokens=8, **GREEDY))
+        out["info"] = clients[0].status().get("model") or {}
+        for b in batches:                      # warm-up: every batch size the timed runs meet
+            _concurrent(clients[:b], "warm up", 8, lambda c, ev: None)
         for _ in range(repeats):
             for b in batches:
                 firsts, ends, counts = [], [], []
-                barrier = threading.Barrier(b)
 
-                def run(c):
-                    barrier.wait()
-                    for ev in c.complete(PROMPT, max_tokens=n, **GREEDY):
-                        if isinstance(ev, m.Token) and ev.seq == 1:
-                            firsts.append(time.perf_counter())
-                        elif isinstance(ev, m.Done):
-                            ends.append(time.perf_counter())
-                            counts.append(ev.tokens - 1)     # tokens after the first event
-                threads = [threading.Thread(target=run, args=(clients[i],)) for i in range(b)]
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    t.join()
+                def seen(c, ev):
+                    if isinstance(ev, m.Token) and ev.seq == 1:
+                        firsts.append(time.perf_counter())
+                    elif isinstance(ev, m.Done):
+                        ends.append(time.perf_counter())
+                        counts.append(ev.tokens - 1)     # tokens after the first event
+                _concurrent(clients[:b], PROMPT, n, seen)
+                if len(counts) != b:
+                    raise SystemExit(f"batch {b}: {len(counts)} of {b} generations finished")
                 rate = sum(counts) / (max(ends) - min(firsts))
                 out[b] = max(out.get(b, 0), rate)
         for c in clients:
@@ -113,36 +161,86 @@ def daemon_rates(model_path: str, strategy: str, n: int, batches: list[int], rep
     return out
 
 
+def device_name(strategy: str) -> str:
+    """The accelerator (CUDA device name) of ``strategy``, else the CPU model."""
+    import torch
+
+    if "cuda" in strategy and torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def random_model(shape: str, strategy: str, folder: Path) -> str:
+    """Save random weights of the official RWKV-7 ``shape`` (fp16; built on the GPU for a CUDA strategy)
+    as ``<folder>/rwkv7-<shape>-random.pth``; returns its path."""
+    import torch
+
+    from rwkv_chat.models.shapes import random_checkpoint, save_pth
+
+    dev = "cuda" if "cuda" in strategy and torch.cuda.is_available() else "cpu"
+    dtype = torch.float32 if strategy.split()[1:2] == ["fp32"] else torch.float16
+    path = folder / f"rwkv7-{shape}-random.pth"
+    save_pth(random_checkpoint(shape, dtype=dtype, device=dev), path)
+    return str(path)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("models", nargs="+")
-    ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("models", nargs="*", help="checkpoint paths (.pth / .safetensors)")
+    ap.add_argument("--shape", nargs="+", default=[], help="official RWKV-7 shapes with random weights "
+                    "(0.1B, 0.4B, 1.5B, 2.9B, 7.2B)")
+    ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--strategy", default="cpu fp32")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads of the engine loops (the daemon's "
-                    "auto choice for these models is 1)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads of the engine loops; 0 = the daemon's "
+                    "automatic choice for each model (1 below n_embd 512, else min(4, cores))")
     ap.add_argument("--out")
     args = ap.parse_args()
+    if not args.models and not args.shape:
+        ap.error("give checkpoint paths and/or --shape")
     import torch
 
-    torch.set_num_threads(args.threads)
+    tmp = Path(tempfile.mkdtemp(prefix="rwkv-bench-models-"))
+    models = [(Path(mp).name, mp) for mp in args.models]
+    for shape in args.shape:
+        models.append((f"RWKV-7 {shape} (random weights)", random_model(shape, args.strategy, tmp)))
     lines = [f"Decode tokens/s, {args.tokens} greedy tokens per stream (sampling + detokenizing in every loop), best "
-             f"of {args.repeats}, strategy `{args.strategy}`, {platform.machine()} {os.cpu_count()} cores, "
-             f"{args.threads} torch thread(s), torch {torch.__version__}", "",
+             f"of {args.repeats}, strategy `{args.strategy}`, device: {device_name(args.strategy)}, "
+             f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}", "",
              "| model | batch | engine `forward` loop | engine `BatchDecoder` | engine, daemon's buckets | "
              "daemon (N clients) | daemon / BatchDecoder | daemon / forward | daemon / daemon's buckets |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for mp in args.models:
-        e = engine_rates(mp, args.strategy, args.tokens, args.batch, args.repeats)
-        d = daemon_rates(mp, args.strategy, args.tokens, args.batch, args.repeats)
-        for b in args.batch:
-            fwd = e["forward"] if b == 1 else None
-            lines.append(f"| {Path(mp).name} | {b} | {f'{fwd:.0f}' if fwd else '–'} | {e[('batch', b)]:.0f} | "
-                         f"{e[('inv', b)]:.0f} | {d[b]:.0f} | {d[b] / e[('batch', b)]:.2f} | "
-                         f"{f'{d[b] / fwd:.2f}' if fwd else '–'} | {d[b] / e[('inv', b)]:.2f} |")
-            print(lines[-1], file=sys.stderr)
-    text = "\n".join(lines) + "\n"
+    notes, summary = [], []
+    try:
+        for name, mp in models:
+            e = engine_rates(mp, args.strategy, args.tokens, args.batch, args.repeats, args.threads)
+            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+            d = daemon_rates(mp, args.strategy, args.tokens, args.batch, args.repeats)
+            info = d["info"]
+            notes.append(f"{name}: daemon decode buckets {tuple(info.get('buckets', ()))}, {info.get('threads')} "
+                         f"torch thread(s); engine loops {e['threads']} thread(s), daemon-like buckets "
+                         f"{e['buckets']}")
+            summary += [f"| {name} | {b} | {d[b] / e[('batch', b)]:.2f} |" for b in args.batch]
+            for b in args.batch:
+                fwd = e["forward"] if b == 1 else None
+                lines.append(f"| {name} | {b} | {f'{fwd:.0f}' if fwd else '–'} | {e[('batch', b)]:.0f} | "
+                             f"{e[('inv', b)]:.0f} | {d[b]:.0f} | {d[b] / e[('batch', b)]:.2f} | "
+                             f"{f'{d[b] / fwd:.2f}' if fwd else '–'} | {d[b] / e[('inv', b)]:.2f} |")
+                print(lines[-1], file=sys.stderr, flush=True)
+    finally:
+        for f in tmp.iterdir():
+            f.unlink()
+        tmp.rmdir()
+    text = "\n".join(lines + [""] + notes + ["", "Daemon / engine `BatchDecoder` (default buckets):", "",
+                                              "| model | batch | daemon / engine |", "|---|---:|---:|"]
+                     + summary) + "\n"
     print(text)
     if args.out:
         Path(args.out).write_text(text)

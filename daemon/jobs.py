@@ -58,7 +58,6 @@ class Job:
     emitted: int = 0              # characters of ``text`` sent in Token events
     ready: int = 0                # characters of ``text`` that may be sent (no longer part of a stop)
     seq: int = 0
-    t_emit: float = 0.0           # perf_counter of the last Token event
     reason: str = ""
     t_start: float = 0.0
     t_prefill: float = 0.0

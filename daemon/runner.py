@@ -279,37 +279,47 @@ def prefill_chunk(sched, job: Job) -> None:
         job.phase = "decode"
 
 
-#: seconds between two Token events of one generation: the text decoded meanwhile travels in one event
-#: (a generation's first text goes out at once; the rest at most this late). Publishing costs ~100 µs per
-#: event on both sides (sign, encode, send; verify, decode), as much as a whole decode step of a small model.
+#: seconds between two rounds of Token events: each round sends, in one burst, every decoding generation's
+#: text decoded since its last event (a generation's first text goes out at once; the rest at most this late).
+#: One round for all generations wakes the server loop once per interval instead of once per generation;
+#: publishing costs ~100 µs per event on both sides (sign, encode, send; verify, decode), as much as a whole
+#: decode step of a small model.
 TOKEN_INTERVAL = 0.01
 
 
-def _emit_text(sched, job: Job, upto: int, force: bool = False) -> None:
-    """Mark ``job.text[:upto]`` as sendable and send what is pending in one Token event when ``force``,
-    for the job's first text, or when ``TOKEN_INTERVAL`` s passed since its last event."""
-    job.ready = upto
-    if upto <= job.emitted:
-        return
-    now = time.perf_counter()
-    if not force and job.seq and now - job.t_emit < TOKEN_INTERVAL:
-        return
+def _send(sched, job: Job) -> None:
+    """One Token event with the job's text from ``job.emitted`` to ``job.ready`` (characters)."""
     job.seq += 1
-    job.t_emit = now
-    sched.emit(job.topic, m.Token(job_id=job.id, seq=job.seq, text=job.text[job.emitted:upto]))
-    job.emitted = upto
+    sched.emit(job.topic, m.Token(job_id=job.id, seq=job.seq, text=job.text[job.emitted:job.ready]))
+    job.emitted = job.ready
+
+
+def _emit_text(sched, job: Job, upto: int, force: bool = False) -> None:
+    """Mark ``job.text[:upto]`` as sendable; send it now when ``force`` or for the job's first text, else at
+    the scheduler's next round (:func:`send_ready`)."""
+    job.ready = upto
+    if upto > job.emitted and (force or not job.seq):
+        _send(sched, job)
+
+
+def send_ready(sched, jobs: list[Job]) -> None:
+    """A round of Token events: every job in ``jobs`` with sendable text not yet sent gets one event (the
+    scheduler calls this at most every ``TOKEN_INTERVAL`` s)."""
+    for job in jobs:
+        if job.ready > job.emitted:
+            _send(sched, job)
 
 
 def flush_text(sched, job: Job) -> None:
     """Send the job's pending sendable text now (a cancelled job's last Token event)."""
     if job.ready > job.emitted:
-        _emit_text(sched, job, job.ready, force=True)
+        _send(sched, job)
 
 
 def next_tokens(jobs: list[Job]) -> list[int | BaseException]:
-    """Sample each job's next token from its last logits (float32 [vocab]) with its own Sampler, the
-    greedy ones in one reduction (``sampling.sample_rows``), and append it to ``job.out_tokens``. A job
-    whose sampling fails gets its exception in its place (the others still get their tokens)."""
+    """Sample each job's next token from its last logits (float32 [vocab]) with its own Sampler (greedy
+    rows by one argmax each: ``sampling.sample_rows``) and append it to ``job.out_tokens``. A job whose
+    sampling fails gets its exception in its place (the others still get their tokens)."""
     from rwkv_chat.models.sampling import sample_rows
 
     tokens = sample_rows([j.sampler for j in jobs], [j.logits for j in jobs], return_errors=True)

@@ -50,6 +50,7 @@ class Scheduler:
         self._pending: OrderedDict[str, deque[Job]] = OrderedDict()   # client_id -> FIFO
         self._admin: deque[Job] = deque()                              # load jobs
         self.active: list[Job] = []
+        self._t_round = 0.0             # perf_counter of the last round of Token events
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="rwkv-inference", daemon=True)
 
@@ -256,9 +257,13 @@ class Scheduler:
                     finished.append(job)
             except BaseException as e:   # noqa: BLE001
                 self._fail(job, e)
-        dt = time.perf_counter() - t0                # every stepping job waited the whole step for its token
+        now = time.perf_counter()
+        dt = now - t0                                # every stepping job waited the whole step for its token
         for job in stepping:
             job.t_decode += dt
+        if now - self._t_round >= engine.TOKEN_INTERVAL:   # one round of Token events for all generations
+            self._t_round = now
+            engine.send_ready(self, stepping)
         for job in finished:
             self._finish(job, job.reason)
 
