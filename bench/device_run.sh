@@ -31,6 +31,7 @@ step kbench 60 200 python3 bench/kernels.py --ref-src /tmp/site/rwkv/cuda --out 
 step prof 60 200 python3 bench/prefill_profile.py --shape 1.5B --prompt-len 1024 --out "$OUT/prefill_profile.md"
 step b15 60 150 $B --shape 1.5B --batch 1 --prompt-len 1024 --tokens 200
 step b01 40 100 $B --shape 0.1B --batch 1 --prompt-len 1024 --tokens 300
+step daemon 150 300 python3 bench/daemon_overhead.py --shape 0.1B 1.5B --strategy "cuda fp16" --batch 1 4 --out "$OUT/daemon_overhead_h100.md"
 step b72 90 200 $B --shape 7.2B --batch 1 64 --prompt-len 1024 --tokens 100
 step b72i8 60 150 $B --shape 7.2B --strategy "cuda fp16i8" --batch 1 --prompt-len 0 --tokens 100
 step b72split 60 150 $B --shape 7.2B --batch 64 --prompt-len 0 --tokens 100 --large fused-split
