@@ -22,14 +22,16 @@ Sections and keys (all optional; defaults below)::
     max_batch = 16                 # decode slots: generations decoded together in one batched step
     batch_invariant = "auto"       # whether a conversation's numbers may depend on how many others share
                                    # its decode step. true: no; only batch sizes measured at load to compute
-                                   # a row bit-identically to max_batch rows are used (CPU: cheap, the tiny
-                                   # models need no padding, larger ones keep a floor of a few rows; CUDA and
-                                   # other accelerators: slower, often every step at max_batch rows, and the
-                                   # load captures a CUDA graph per batch size). false: the engine's default
-                                   # batch sizes, fastest (a lone conversation decodes 1 row; its logits can
-                                   # differ in the last bits from a batched step's). "auto" (default): true on
-                                   # CPU, false on CUDA/other accelerators (where fp16 results of the graph,
-                                   # batched and plain paths agree only within a tolerance anyway)
+                                   # a row bit-identically to max_batch rows are used (CPU: the tiny models
+                                   # keep every size, larger ones a floor of a few rows, e.g. 4 for a 0.1B
+                                   # model, which then decodes a lone conversation ~3x slower on 2 cores;
+                                   # CUDA and other accelerators: slower, often every step at max_batch rows,
+                                   # and the load captures a CUDA graph per batch size). false: the engine's
+                                   # default batch sizes, fastest (a lone conversation decodes 1 row; its
+                                   # logits can differ in the last bits from a batched step's). "auto"
+                                   # (default): true on CPU where the measured sizes start at 1 row (no cost),
+                                   # else false; false on CUDA/other accelerators (where fp16 results of the
+                                   # graph, batched and plain paths agree only within a tolerance anyway)
     chunk_len = 256                # prefill chunk, tokens (one chunk between two decode steps)
     threads = 0                    # torch intra-op threads of the daemon; 0 = auto: 1 for models with
                                    # n_embd < 512 (per-op overhead dominates: 1 thread decodes the tiny

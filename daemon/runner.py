@@ -97,8 +97,8 @@ def auto_threads(model) -> int:
 def batch_invariance(setting: bool | str, device_types) -> bool:
     """Whether decode steps must be batch-invariant, from ``[daemon] batch_invariant`` (True, False or
     "auto") and the device types of the model's layers (e.g. ``{"cpu"}``, ``{"cuda"}``): "auto" means
-    invariant where every layer is on the CPU (cheap there: the tiny models need no padding rows, larger
-    ones a floor of a few) and not on CUDA or any other accelerator (invariance there can cost a
+    invariant where every layer is on the CPU (where :func:`decode_buckets` still drops it if the measured
+    buckets have a floor above 1 row) and not on CUDA or any other accelerator (invariance there can cost a
     ``max_batch``-row step for one conversation, and fp16 results of the graph, batched and plain paths
     agree only within a tolerance anyway). Raises ConfigError for any other setting."""
     if isinstance(setting, bool):
@@ -121,13 +121,19 @@ def decode_buckets(model, max_batch: int, batch_invariant: bool | str) -> tuple[
     on CUDA cuBLAS and the fused GEMV choose by row count, so often only ``max_batch`` is left, and the
     measurement captures a CUDA graph per bucket: slower to load and to decode). Not invariant: the
     engine's default buckets (``models.decode.DEFAULT_BUCKETS``), a lone conversation stepping one row.
+    "auto" on CPU keeps the measured buckets only when they start at 1 (invariance costs a lone conversation
+    nothing: the tiny models); otherwise (a floor, e.g. (4, 8, 16) for RWKV-7 0.1B, where MKL computes 1-3
+    rows with other kernels and a 4-row step costs ~3x a 1-row step on 2 cores) it takes the default buckets.
     Call it with the daemon's torch thread count already set (CPU kernels can choose by thread count).
     Raises ConfigError for a bad setting; what ``BatchDecoder.step`` raises during the measurement."""
     from rwkv_chat.models.decode import DEFAULT_BUCKETS
 
     if not batch_invariance(batch_invariant, {d.type for d in model._devices}):
         return DEFAULT_BUCKETS
-    return invariant_buckets(model, max_batch)
+    measured = invariant_buckets(model, max_batch)
+    if batch_invariant == "auto" and measured[0] != 1:
+        return DEFAULT_BUCKETS                   # auto: invariance only where a lone conversation pays nothing
+    return measured
 
 
 def invariant_buckets(model, max_batch: int, steps: int = 2) -> tuple[int, ...]:

@@ -57,6 +57,21 @@ def test_measured_buckets_drop_a_bucket_that_differs(models, monkeypatch):
 
     monkeypatch.setattr(BatchDecoder, "_forward", skewed)
     assert decode_buckets(model, 16, True) == (1, 4, 8, 16)
+    assert decode_buckets(model, 16, "auto") == (1, 4, 8, 16)      # a lone conversation still steps 1 row
+
+
+def test_auto_drops_invariance_that_pads_a_lone_conversation(models, monkeypatch):
+    """With a floor above 1 row (1-row steps differ), true keeps the floor, auto takes the default buckets."""
+    model = models["7"]
+    forward = BatchDecoder._forward
+
+    def skewed(self, b):
+        out = forward(self, b)
+        return out + 1e-3 if b == 1 else out
+
+    monkeypatch.setattr(BatchDecoder, "_forward", skewed)
+    assert decode_buckets(model, 16, True) == (2, 4, 8, 16)
+    assert decode_buckets(model, 16, "auto") == DEFAULT_BUCKETS
 
 
 def test_not_invariant_takes_the_default_buckets(models):
