@@ -337,7 +337,7 @@ constexpr int kGemvWarps = kGemvThreads / 32;
 constexpr int kGemvUnroll = 2;   // 16-byte loads per lane per chunk (2 chunks in flight); 4 was slower: fewer resident warps
 // Split a dot product over warps (ks) while the grid stays under this many warps: ~ one wave of 32 resident
 // warps on 132 SMs. Measured on an H100 (graph of launches over weights > 3x L2, RWKV-7 decode shapes):
-// 4096 vs 8192 vs 16384 per layer of 1.5B 40.5 / 43.0 / 43.4 us, of 7.2B 142.9 / 142.4 / 143.2 us.
+// 4096 vs 8192 vs 16384 per layer of 1.5B 40.5 / 43.0 / 43.4 us, of 7.2B 143.1 / 142.4 / 143.2 us.
 constexpr long kGemvTargetWarps = 4096;
 
 __device__ __forceinline__ float act_apply(int act, float v) {
