@@ -46,16 +46,21 @@ def test_invariant_buckets_keep_a_conversation_bit_identical(models, version, se
         assert torch.equal(_logits_of(model, buckets, others), alone), others
 
 
-def test_measured_buckets_drop_a_bucket_that_differs(models, monkeypatch):
-    """A bucket whose rows differ from the max_batch bucket's is left out (a step made to differ at 2 rows)."""
-    model = models["7"]
+def _skew_steps_of(rows: int, monkeypatch) -> None:
+    """Make every decode step at ``rows`` rows give logits 1e-3 off (a bucket whose kernels round differently)."""
     forward = BatchDecoder._forward
 
     def skewed(self, b):
         out = forward(self, b)
-        return out + 1e-3 if b == 2 else out
+        return out + 1e-3 if b == rows else out
 
     monkeypatch.setattr(BatchDecoder, "_forward", skewed)
+
+
+def test_measured_buckets_drop_a_bucket_that_differs(models, monkeypatch):
+    """A bucket whose rows differ from the max_batch bucket's is left out (a step made to differ at 2 rows)."""
+    model = models["7"]
+    _skew_steps_of(2, monkeypatch)
     assert decode_buckets(model, 16, True) == (1, 4, 8, 16)
     assert decode_buckets(model, 16, "auto") == (1, 4, 8, 16)      # a lone conversation still steps 1 row
 
@@ -63,13 +68,7 @@ def test_measured_buckets_drop_a_bucket_that_differs(models, monkeypatch):
 def test_auto_drops_invariance_that_pads_a_lone_conversation(models, monkeypatch):
     """With a floor above 1 row (1-row steps differ), true keeps the floor, auto takes the default buckets."""
     model = models["7"]
-    forward = BatchDecoder._forward
-
-    def skewed(self, b):
-        out = forward(self, b)
-        return out + 1e-3 if b == 1 else out
-
-    monkeypatch.setattr(BatchDecoder, "_forward", skewed)
+    _skew_steps_of(1, monkeypatch)
     assert decode_buckets(model, 16, True) == (2, 4, 8, 16)
     assert decode_buckets(model, 16, "auto") == DEFAULT_BUCKETS
 
