@@ -26,7 +26,8 @@
 //     that fit the grid in one wave of resident blocks; warp-shuffle reduction, fp32 throughout,
 //     each result written once in the activation dtype. No workspace, no atomics, no split-K.
 // x, w, my, ry must be 16-byte aligned (the binding copies a tensor that is not). Registers: <= 80 at
-// one row (3 blocks per multiprocessor), <= 128 at 2..4 rows; no spills (ptxas -v, sm_90).
+// one row with many outputs (3 blocks per multiprocessor), else <= 128 (2 blocks, kFewOutputs); no spills
+// (ptxas -v, sm_90).
 // act 3 applies relu^2 to x as it is staged (rounded to the activation dtype, as the unfused path
 // stores relu(x)^2 before the product).
 #include <algorithm>
@@ -44,6 +45,12 @@ constexpr int kMaxOuts = 64;           // outputs per lane group (one after the 
 
 constexpr int kSmemMax = 64 * 1024;    // staged xr per block at most (bytes)
 constexpr int kSmemDefault = 48 * 1024;
+// One row with at most this many outputs in all: blocks budgeted for 2 per multiprocessor (128 registers, the
+// staging of x unrolled deeper), else 3 (80 registers, more warps). Measured on an H100 (graph of launches over
+// weight sets > 3x L2), 2 vs 3 per multiprocessor: 2048x2048 4.44 / 4.87 us, 4096x4096 10.5 / 11.9,
+// 16384x4096 32.5 / 39.6, 3 x 2048x2048 9.1 / 9.3; and 3 vs 2 above it: 4096x16384 30.6 / 31.4,
+// 3 x 4096x4096 21.9 / 24.2, 4096x65536 101 / 114.
+constexpr long kFewOutputs = 8192;
 
 // Programmatic dependent launch (sm_90+), as in csrc/fused/v7_fused.cu: `pdl_trigger` lets the next
 // kernel of the stream launch now; `pdl_wait` returns once the previous kernel has completed and its
@@ -110,8 +117,9 @@ union Vec16 {
     F v[16 / sizeof(F)];
 };
 
-template <typename F, int R>
-__global__ void __launch_bounds__(kThreads, (R == 1 ? 3 : 2)) mm8_gemv_kernel(Mm8Batch batch) {
+// BPS: resident blocks per multiprocessor the registers are budgeted for (3: <= 80 registers, 2: <= 128).
+template <typename F, int R, int BPS>
+__global__ void __launch_bounds__(kThreads, BPS) mm8_gemv_kernel(Mm8Batch batch) {
     pdl_trigger();
     int e = 0;
 #pragma unroll 1
@@ -330,9 +338,9 @@ bool pdl_supported() {
 // Launch with programmatic stream serialization (the kernel waits with pdl_wait before touching
 // data of earlier kernels), so it may start while the previous kernel in the stream finishes; a
 // CUDA graph captured from the stream keeps the edge programmatic.
-template <typename F, int R>
+template <typename F, int R, int BPS>
 cudaError_t launch_gemv(const Mm8Batch& batch, cudaStream_t stream) {
-    void (*kernel)(Mm8Batch) = mm8_gemv_kernel<F, R>;
+    void (*kernel)(Mm8Batch) = mm8_gemv_kernel<F, R, BPS>;
     if (batch.smem_bytes > kSmemDefault) {
         const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemMax);
         if (err != cudaSuccess) return err;
@@ -368,12 +376,15 @@ int mm8_multi_prepare(Mm8Batch& batch, int sm_count) {
         E.tiles = ceil_div(E.N, max_tile);
         E.tile = (ceil_div(E.N, E.tiles) + 15) / 16 * 16;   // <= max_tile (a multiple of 16)
     }
-    // Outputs per lane group: the fewest that fit the grid in one wave of resident blocks (3 per
-    // multiprocessor at one row, 2 at 2..4 rows), so no block starts late after another has finished
+    // Outputs per lane group: the fewest that fit the grid in one wave of resident blocks (blocks_per_sm
+    // per multiprocessor), so no block starts late after another has finished
     // (measured on an H100, graph of launches over weight sets > 3x L2: 4096x4096 13.4 -> 12.0 us, 4096x16384 33.7 -> 30.8 us,
     // 4096x65536 111 -> 101 us; one output per group where one already fits: 2048x2048 unchanged).
     // Several outputs per group need N in one tile (always at one row: N <= 16384).
-    const int wave = batch.rows == 1 ? 3 : 2;   // resident blocks per multiprocessor (__launch_bounds__)
+    long outputs = 0;
+    for (int i = 0; i < batch.n; ++i) outputs += batch.e[i].M;
+    batch.blocks_per_sm = batch.rows == 1 && outputs > kFewOutputs ? 3 : 2;
+    const int wave = batch.blocks_per_sm;
     int outs = 1;
     bool one_tile = true;
     for (int i = 0; i < batch.n; ++i) one_tile = one_tile && batch.e[i].tiles == 1;
@@ -401,7 +412,8 @@ int mm8_multi_launch(int act, const Mm8Batch& batch, cudaStream_t stream) {
     if (batch.blocks == 0) return 0;
     cudaError_t err = cudaSuccess;
     RWKV_CHAT_DISPATCH_ACT(static_cast<ActType>(act), F,
-        err = batch.rows == 1 ? launch_gemv<F, 1>(batch, stream) : launch_gemv<F, kMm8MaxGemvRows>(batch, stream));
+        err = batch.rows > 1 ? launch_gemv<F, kMm8MaxGemvRows, 2>(batch, stream)
+              : batch.blocks_per_sm == 3 ? launch_gemv<F, 1, 3>(batch, stream) : launch_gemv<F, 1, 2>(batch, stream));
     return (int)(err != cudaSuccess ? err : cudaGetLastError());
 }
 

@@ -37,6 +37,7 @@ struct Mm8Batch {
     Mm8Entry e[kMm8MaxEntries];
     int n, rows;
     int blocks, smem_bytes;   // filled by mm8_multi_prepare
+    int blocks_per_sm;        // filled by mm8_multi_prepare: the kernel variant (2 or 3 resident blocks)
 };
 int mm8_multi_prepare(Mm8Batch& batch, int sm_count);
 int mm8_multi_launch(int act, const Mm8Batch& batch, cudaStream_t stream);
