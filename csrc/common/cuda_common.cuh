@@ -40,6 +40,54 @@ inline bool dispatch_head_size(int N, Go&& go) {
     }
 }
 
+// Programmatic dependent launch (sm_90+). A kernel launched by `launch_pdl` may start while the previous
+// kernel of the stream (or CUDA graph: capture keeps the edge programmatic) still runs. `pdl_trigger` lets
+// the next kernel launch now; `pdl_wait` returns once the previous kernel has completed and its writes are
+// visible. Every thread calls `pdl_wait` before it reads anything a previous kernel wrote and before it
+// writes anything; only immutable weights are read before it. Both are no-ops when the kernel was
+// launched without the attribute or below sm_90.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
+}
+
+// Whether the current device takes programmatic dependent launches (compute capability 9.0+).
+inline bool pdl_supported() {
+    static int cache[64] = {0};   // 0 unknown, 1 yes, 2 no
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
+    if (cache[dev] == 0) {
+        int major = 0;
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+        cache[dev] = major >= 9 ? 1 : 2;
+    }
+    return cache[dev] == 1;
+}
+
+// Launch a kernel that calls pdl_wait before touching data of earlier kernels, with programmatic stream
+// serialization where the device has it. Returns the launch's error code.
+template <typename... KArgs, typename... Args>
+inline cudaError_t launch_pdl(void (*kernel)(KArgs...), unsigned grid, unsigned block, size_t smem,
+                              cudaStream_t stream, Args... args) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(grid);
+    cfg.blockDim = dim3(block);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = pdl_supported() ? 1 : 0;
+    return cudaLaunchKernelEx(&cfg, kernel, args...);
+}
+
 }  // namespace rwkv_chat
 
 // Instantiate a launcher template for the three activation types, switching on an ActType code.

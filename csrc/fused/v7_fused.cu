@@ -20,7 +20,8 @@
 //                times the gate g.
 //   v7_tmix_one  decode (T = 1): v7_pre + one WKV-7 state step (state in registers) + v7_post in one
 //                block per (batch row, head).
-// v7_mix, gemv_multi and v7_tmix_one use programmatic dependent launch (see pdl_wait / launch).
+// v7_mix, gemv_multi and v7_tmix_one use programmatic dependent launch (pdl_wait / launch_pdl in
+// csrc/common/cuda_common.cuh).
 #include <algorithm>
 #include <type_traits>
 #include "../common/cuda_common.cuh"
@@ -37,17 +38,6 @@ __device__ __forceinline__ float sigmoidf_(float x) { return 1.f / (1.f + __expf
 
 template <typename F> __device__ __forceinline__ float round_act(float x) { return to_f32(from_f32<F>(x)); }
 
-// Programmatic dependent launch (sm_90+): kernels launched by `launch` below may start while the
-// previous kernel of the stream (or CUDA graph) still runs. `pdl_trigger` lets the next kernel launch
-// now; `pdl_wait` returns once the previous kernel has completed and its writes are visible. Every
-// thread calls `pdl_wait` before it reads anything a previous kernel wrote (activations, state) and
-// before it writes anything; only immutable weights are read before it. Both are no-ops when the
-// kernel was launched without the attribute or below sm_90.
-__device__ __forceinline__ void pdl_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
 // Ask L2 for the 128-byte lines of [p, p + bytes), spread over the block's threads (safe before
 // pdl_wait: L2 is the point of coherence, a prefetch never returns stale data to the SM).
 __device__ __forceinline__ void prefetch_l2(const void* p, long bytes) {
@@ -56,12 +46,6 @@ __device__ __forceinline__ void prefetch_l2(const void* p, long bytes) {
     for (long o = (long)threadIdx.x * 128; o < bytes; o += (long)blockDim.x * 128)
         asm volatile("prefetch.global.L2 [%0];" ::"l"(c + o));
 }
-__device__ __forceinline__ void pdl_trigger() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.launch_dependents;" :::);
-#endif
-}
-
 // Sum over the NT threads of a block (NT <= 1024); sh: >= 32 floats of shared memory. All threads
 // get the result. Contains barriers: every thread of the block must call it.
 template <int NT>
@@ -615,51 +599,7 @@ __global__ void __launch_bounds__(N) v7_tmix_one_kernel(
     out[o] = from_f32<F>(post_elem<F, N>(y, rf, sk[i], vv, to_f32(g[o]), c, r_k, lnw, lnb, sh));
 }
 
-// Whether the current device takes programmatic dependent launches (compute capability 9.0+).
-bool pdl_supported() {
-    static int cache[64] = {0};   // 0 unknown, 1 yes, 2 no
-    int dev = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
-    if (cache[dev] == 0) {
-        int major = 0;
-        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-        cache[dev] = major >= 9 ? 1 : 2;
-    }
-    return cache[dev] == 1;
-}
-
-// Launch a kernel that calls pdl_wait before touching data of earlier kernels, allowing it to start
-// while the previous kernel in the stream finishes (programmatic stream serialization; a CUDA graph
-// captured from the stream keeps the edge programmatic). Returns the launch's error code.
-template <typename... KArgs, typename... Args>
-cudaError_t launch(void (*kernel)(KArgs...), unsigned grid, unsigned block, size_t smem, cudaStream_t stream,
-                   Args... args) {
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(grid);
-    cfg.blockDim = dim3(block);
-    cfg.dynamicSmemBytes = smem;
-    cfg.stream = stream;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = pdl_supported() ? 1 : 0;
-    return cudaLaunchKernelEx(&cfg, kernel, args...);
-}
-
 int launch_rc(cudaError_t e) { return (int)(e != cudaSuccess ? e : cudaGetLastError()); }
-
-template <typename Fn>
-bool head_size_dispatch(int N, Fn&& fn) {
-    switch (N) {
-    case 8: fn(std::integral_constant<int, 8>{}); return true;
-    case 16: fn(std::integral_constant<int, 16>{}); return true;
-    case 32: fn(std::integral_constant<int, 32>{}); return true;
-    case 64: fn(std::integral_constant<int, 64>{}); return true;
-    case 128: fn(std::integral_constant<int, 128>{}); return true;
-    default: return false;
-    }
-}
 
 }  // namespace
 
@@ -673,7 +613,7 @@ int v7_mix_launch(int act, int rows, int T, int C, int n_mix, const void* x, con
     if (T == 1 && rows <= kMixOneMaxRows && (x_out == nullptr || (x_out != x && x_out != dx))) {   // decode
         const int slices = std::max(1, std::min(kMixOneMaxSlices, C / kMix1Threads));
         RWKV_CHAT_DISPATCH_ACT(static_cast<ActType>(act), F,
-            err = launch(v7_mix_one_kernel<F>, rows * slices, kMix1Threads, (size_t)C * sizeof(float), stream, C,
+            err = launch_pdl(v7_mix_one_kernel<F>, rows * slices, kMix1Threads, (size_t)C * sizeof(float), stream, C,
                 n_mix, slices, static_cast<const F*>(x), static_cast<const F*>(dx), static_cast<F*>(x_out),
                 static_cast<const F*>(ln_w), static_cast<const F*>(ln_b), static_cast<const F*>(shift),
                 static_cast<F*>(shift_out), static_cast<const F*>(mix), static_cast<F*>(out), out_stride));
@@ -688,7 +628,7 @@ int v7_mix_launch(int act, int rows, int T, int C, int n_mix, const void* x, con
         auto go = [&](auto it_tag) {
             constexpr int IT = decltype(it_tag)::value;
             RWKV_CHAT_DISPATCH_ACT(static_cast<ActType>(act), F,
-                err = launch(v7_mix_vec_kernel<F, IT>, rows, kMixVecThreads, 0, stream, T, C, n_mix,
+                err = launch_pdl(v7_mix_vec_kernel<F, IT>, rows, kMixVecThreads, 0, stream, T, C, n_mix,
                     static_cast<const F*>(x), static_cast<const F*>(dx), static_cast<F*>(x_out),
                     static_cast<const F*>(ln_w), static_cast<const F*>(ln_b), static_cast<const F*>(shift),
                     static_cast<F*>(shift_out), static_cast<const F*>(mix), static_cast<F*>(out), out_stride));
@@ -699,7 +639,7 @@ int v7_mix_launch(int act, int rows, int T, int C, int n_mix, const void* x, con
         return launch_rc(err);
     }
     RWKV_CHAT_DISPATCH_ACT(static_cast<ActType>(act), F,
-        err = launch(v7_mix_kernel<F>, rows, kMixThreads, smem, stream, T, C, n_mix, static_cast<const F*>(x),
+        err = launch_pdl(v7_mix_kernel<F>, rows, kMixThreads, smem, stream, T, C, n_mix, static_cast<const F*>(x),
             static_cast<const F*>(dx), static_cast<F*>(x_out), static_cast<const F*>(ln_w),
             static_cast<const F*>(ln_b), static_cast<const F*>(shift), static_cast<F*>(shift_out),
             static_cast<const F*>(mix), static_cast<F*>(out), out_stride));
@@ -738,11 +678,11 @@ int gemv_multi_launch(int act, GemvBatch batch, cudaStream_t stream) {
     cudaError_t err = cudaSuccess;
     RWKV_CHAT_DISPATCH_ACT(static_cast<ActType>(act), F,
         if (batch.rows == 1) {
-            err = vec ? launch(gemv_multi_kernel<F, 1, true>, blocks, kGemvThreads, 0, stream, batch)
-                      : launch(gemv_multi_kernel<F, 1, false>, blocks, kGemvThreads, 0, stream, batch);
+            err = vec ? launch_pdl(gemv_multi_kernel<F, 1, true>, blocks, kGemvThreads, 0, stream, batch)
+                      : launch_pdl(gemv_multi_kernel<F, 1, false>, blocks, kGemvThreads, 0, stream, batch);
         } else {
-            err = vec ? launch(gemv_multi_kernel<F, kGemvMaxRows, true>, blocks, kGemvThreads, 0, stream, batch)
-                      : launch(gemv_multi_kernel<F, kGemvMaxRows, false>, blocks, kGemvThreads, 0, stream, batch);
+            err = vec ? launch_pdl(gemv_multi_kernel<F, kGemvMaxRows, true>, blocks, kGemvThreads, 0, stream, batch)
+                      : launch_pdl(gemv_multi_kernel<F, kGemvMaxRows, false>, blocks, kGemvThreads, 0, stream, batch);
         });
     return launch_rc(err);
 }
@@ -752,7 +692,7 @@ int v7_pre_launch(int act, int rows, int H, int N, const void* k, const void* v,
                   const void* k_a, const void* v0, float* w_out, void* k_out, void* v_out, void* a_out, void* b_out,
                   cudaStream_t stream) {
     if (rows * H == 0) return 0;
-    const bool ok = head_size_dispatch(N, [&](auto n_tag) {
+    const bool ok = dispatch_head_size(N, [&](auto n_tag) {
         constexpr int NN = decltype(n_tag)::value;
         RWKV_CHAT_DISPATCH_ACT(static_cast<ActType>(act), F,
             v7_pre_kernel<F, NN><<<rows * H, NN, 0, stream>>>(H, static_cast<const F*>(k), static_cast<const F*>(v),
@@ -767,7 +707,7 @@ int v7_pre_launch(int act, int rows, int H, int N, const void* k, const void* v,
 int v7_post_launch(int act, int rows, int H, int N, const float* y, const void* r, const void* k, const void* v,
                    const void* g, const void* r_k, const void* lnw, const void* lnb, void* out, cudaStream_t stream) {
     if (rows * H == 0) return 0;
-    const bool ok = head_size_dispatch(N, [&](auto n_tag) {
+    const bool ok = dispatch_head_size(N, [&](auto n_tag) {
         constexpr int NN = decltype(n_tag)::value;
         RWKV_CHAT_DISPATCH_ACT(static_cast<ActType>(act), F,
             v7_post_kernel<F, NN><<<rows * H, NN, 0, stream>>>(H, y, static_cast<const F*>(r),
@@ -784,12 +724,12 @@ int v7_tmix_one_launch(int act, int B, int H, int N, const void* r, const void* 
                        const void* lnw, const void* lnb, float* s, void* out, bool staged, cudaStream_t stream) {
     if (B * H == 0) return 0;
     cudaError_t err = cudaSuccess;
-    const bool ok = head_size_dispatch(N, [&](auto n_tag) {
+    const bool ok = dispatch_head_size(N, [&](auto n_tag) {
         constexpr int NN = decltype(n_tag)::value;
         constexpr bool kCanStage = NN >= 4 && NN <= 64;   // tile <= 16.3 KB of shared memory
         if (staged && kCanStage) {
             RWKV_CHAT_DISPATCH_ACT(static_cast<ActType>(act), F,
-                err = launch(v7_tmix_one_kernel<F, NN, kCanStage>, B * H, NN, NN * (NN + 1) * sizeof(float), stream, H,
+                err = launch_pdl(v7_tmix_one_kernel<F, NN, kCanStage>, B * H, NN, NN * (NN + 1) * sizeof(float), stream, H,
                     static_cast<const F*>(r), static_cast<const F*>(k), static_cast<const F*>(v),
                     static_cast<const F*>(wl), static_cast<const F*>(al), static_cast<const F*>(g),
                     static_cast<const F*>(vl), static_cast<const F*>(v_first), w0, static_cast<const F*>(a0),
@@ -799,7 +739,7 @@ int v7_tmix_one_launch(int act, int B, int H, int N, const void* r, const void* 
             return;
         }
         RWKV_CHAT_DISPATCH_ACT(static_cast<ActType>(act), F,
-            err = launch(v7_tmix_one_kernel<F, NN, false>, B * H, NN, 0, stream, H, static_cast<const F*>(r),
+            err = launch_pdl(v7_tmix_one_kernel<F, NN, false>, B * H, NN, 0, stream, H, static_cast<const F*>(r),
                 static_cast<const F*>(k), static_cast<const F*>(v), static_cast<const F*>(wl),
                 static_cast<const F*>(al), static_cast<const F*>(g), static_cast<const F*>(vl),
                 static_cast<const F*>(v_first), w0, static_cast<const F*>(a0), static_cast<const F*>(k_k),

@@ -52,21 +52,6 @@ constexpr int kSmemDefault = 48 * 1024;
 // 3 x 4096x4096 21.9 / 24.2, 4096x65536 101 / 114.
 constexpr long kFewOutputs = 8192;
 
-// Programmatic dependent launch (sm_90+), as in csrc/fused/v7_fused.cu: `pdl_trigger` lets the next
-// kernel of the stream launch now; `pdl_wait` returns once the previous kernel has completed and its
-// writes are visible. Every thread waits before reading x (written by an earlier kernel) and before
-// writing y; only the immutable weights and scales are read before. No-ops without the attribute.
-__device__ __forceinline__ void pdl_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void pdl_trigger() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.launch_dependents;" :::);
-#endif
-}
-
 // w - 128 for byte c (0..3) of v, exact: (2^23 + w) - (2^23 + 128).
 __device__ __forceinline__ float byte_centered(unsigned v, int c) {
     return __uint_as_float(__byte_perm(v, 0x4B000000u, 0x7540u + c)) - 8388736.f;
@@ -323,18 +308,6 @@ __global__ void mm8_dequant_kernel(int M, int N, const uint8_t* __restrict__ w, 
     }
 }
 
-bool pdl_supported() {
-    static int cache[64] = {0};   // 0 unknown, 1 yes, 2 no
-    int dev = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
-    if (cache[dev] == 0) {
-        int major = 0;
-        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-        cache[dev] = major >= 9 ? 1 : 2;
-    }
-    return cache[dev] == 1;
-}
-
 // Launch with programmatic stream serialization (the kernel waits with pdl_wait before touching
 // data of earlier kernels), so it may start while the previous kernel in the stream finishes; a
 // CUDA graph captured from the stream keeps the edge programmatic.
@@ -345,17 +318,7 @@ cudaError_t launch_gemv(const Mm8Batch& batch, cudaStream_t stream) {
         const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemMax);
         if (err != cudaSuccess) return err;
     }
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(batch.blocks);
-    cfg.blockDim = dim3(kThreads);
-    cfg.dynamicSmemBytes = batch.smem_bytes;
-    cfg.stream = stream;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = pdl_supported() ? 1 : 0;
-    return cudaLaunchKernelEx(&cfg, kernel, batch);
+    return launch_pdl(kernel, batch.blocks, kThreads, batch.smem_bytes, stream, batch);
 }
 
 int ceil_div(long a, long b) { return (int)((a + b - 1) / b); }
