@@ -17,18 +17,10 @@ void wkv7_chunk_cuda(const at::Tensor& r, const at::Tensor& w, const at::Tensor&
                      const at::Tensor& a, const at::Tensor& b, const at::Tensor& s, const at::Tensor& y,
                      const at::Tensor& s_out, int64_t chunk) {
     const char* op = "rwkv_chat::wkv7_chunk_cuda";
-    TORCH_CHECK(r.dim() == 4, op, ": r must be [B, T, H, N], got ", r.sizes());
-    const int64_t B = r.size(0), T = r.size(1), H = r.size(2), N = r.size(3);
+    int64_t B, T, H, N;
+    const int act = check_wkv7_cuda(op, r, w, k, v, a, b, s, y, s_out, B, T, H, N);
     TORCH_CHECK(N == 64, op, ": head size must be 64, got ", N);
     TORCH_CHECK(chunk == 16 || chunk == 32, op, ": chunk must be 16 or 32, got ", chunk);
-    const auto F = r.scalar_type();
-    const int act = act_code(r, op);
-    for (const auto* t : {&r, &k, &v, &a, &b}) check_tensor(*t, op, "r/k/v/a/b", kCUDA, F, {B, T, H, N});
-    check_tensor(w, op, "w", kCUDA, at::kFloat, {B, T, H, N});
-    check_tensor(y, op, "y", kCUDA, at::kFloat, {B, T, H, N});
-    check_tensor(s, op, "s", kCUDA, at::kFloat, {B, H, N, N});
-    check_tensor(s_out, op, "s_out", kCUDA, at::kFloat, {B, H, N, N});
-    check_same_device(op, {r, w, k, v, a, b, s, y, s_out});
     const at::cuda::CUDAGuard guard(r.device());
     const long n = wkv7_chunk_workspace_floats((int)B, (int)T, (int)H, (int)N, (int)chunk);
     at::Tensor work = at::empty({n}, r.options().dtype(at::kFloat));
