@@ -216,8 +216,14 @@ class ChatApp(App):
             self._call_soon(then, result)
 
     def _call_soon(self, fn, *args) -> None:
+        """Run ``fn(*args)`` on the event loop, unless the app has begun shutting down by then (a reply that
+        arrives while the screens are taken down has no widgets left to update)."""
+        def run() -> None:
+            if self.is_running:
+                fn(*args)
+
         try:
-            self.call_from_thread(fn, *args)
+            self.call_from_thread(run)
         except RuntimeError:      # the app is shutting down
             pass
 
