@@ -33,13 +33,20 @@
 #include <algorithm>
 #include "../common/cuda_common.cuh"
 #include "../common/launchers.h"
+#include "mm8_common.cuh"
 #include "mm8_multi.h"
+#include "mm8_slab.cuh"
 
 namespace rwkv_chat {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
+using mm8::kThreads;
+using mm8::kWarps;
+using mm8::byte_centered;
+using mm8::byte_plus_half;
+using mm8::stage_pos;
+using mm8::stage_tile;
+using mm8::reduce_row_constants;
 constexpr int kLoads = 4;              // 16-byte weight loads per lane per step (2 steps in flight)
 constexpr int kMaxOuts = 64;           // outputs per lane group (one after the other) at most
 
@@ -51,23 +58,6 @@ constexpr int kSmemDefault = 48 * 1024;
 // 16384x4096 32.5 / 39.6, 3 x 2048x2048 9.1 / 9.3; and 3 vs 2 above it: 4096x16384 30.6 / 31.4,
 // 3 x 4096x4096 21.9 / 24.2, 4096x65536 101 / 114.
 constexpr long kFewOutputs = 8192;
-
-// w - 128 for byte c (0..3) of v, exact: (2^23 + w) - (2^23 + 128).
-__device__ __forceinline__ float byte_centered(unsigned v, int c) {
-    return __uint_as_float(__byte_perm(v, 0x4B000000u, 0x7540u + c)) - 8388736.f;
-}
-
-// w + 0.5 for byte c (0..3) of v, exact: (2^23 + w) - (2^23 - 0.5).
-__device__ __forceinline__ float byte_plus_half(unsigned v, int c) {
-    return __uint_as_float(__byte_perm(v, 0x4B000000u, 0x7540u + c)) - 8388607.5f;
-}
-
-// Shared-memory float index of tile element i (tile: elements per row, a multiple of 16): the 16
-// elements of chunk L = i / 16 go to 4 float4 slots q * tile/16 + L (q = (i % 16) / 4), so the lanes
-// of a warp reading consecutive chunks read consecutive float4s (no bank conflicts).
-__device__ __forceinline__ int stage_pos(int i, int tile) {
-    return ((i & 15) >> 2) * (tile >> 2) + (i >> 4) * 4 + (i & 3);
-}
 
 // The order in which a lane group walks its work: tile t (outer), output o, step c of the tile.
 struct Cursor {
@@ -95,12 +85,6 @@ __device__ __forceinline__ void load_step(uint4 (&q)[kLoads], const uint8_t* __r
         q[j] = e0 < len ? __ldcs(reinterpret_cast<const uint4*>(row + e0)) : make_uint4(0u, 0u, 0u, 0u);
     }
 }
-
-template <typename F>
-union Vec16 {
-    uint4 q;
-    F v[16 / sizeof(F)];
-};
 
 // BPS: resident blocks per multiprocessor the registers are budgeted for (3: <= 80 registers, 2: <= 128).
 template <typename F, int R, int BPS>
@@ -148,66 +132,8 @@ __global__ void __launch_bounds__(kThreads, BPS) mm8_gemv_kernel(Mm8Batch batch)
     for (int t = 0; t < T; ++t) {
         const int t0 = t * KT, len = min(KT, N - t0);
         if (t > 0) __syncthreads();                                   // everyone is done with tile t-1
-        // Stage xr = act(x) * ry for this tile (16-byte loads: V elements per chunk, kChunks chunks per
-        // thread in flight); sums of x * my and x per row.
-        constexpr int V = 16 / sizeof(F);
-        constexpr int kChunks = R == 1 ? 2 : 1;
-        const int nch = len / V;
-#pragma unroll 1
-        for (int c0 = threadIdx.x; c0 < nch; c0 += kThreads * kChunks) {
-            Vec16<F> xq[kChunks][R], rq[kChunks], mq[kChunks];
-#pragma unroll
-            for (int u = 0; u < kChunks; ++u) {
-                const int ch = c0 + u * kThreads;
-                const bool ok = ch < nch;
-                const long n = t0 + (long)ch * V;
-                rq[u].q = ok ? __ldg(reinterpret_cast<const uint4*>(ry + n)) : make_uint4(0u, 0u, 0u, 0u);
-                mq[u].q = ok ? __ldg(reinterpret_cast<const uint4*>(my + n)) : make_uint4(0u, 0u, 0u, 0u);
-#pragma unroll
-                for (int r = 0; r < R; ++r)
-                    xq[u][r].q = (ok && r < rows) ? __ldcg(reinterpret_cast<const uint4*>(x + (long)r * N + n))
-                                                  : make_uint4(0u, 0u, 0u, 0u);
-            }
-#pragma unroll
-            for (int u = 0; u < kChunks; ++u) {
-                const int ch = c0 + u * kThreads;
-                if (ch < nch) {
-#pragma unroll
-                    for (int r = 0; r < R; ++r) {
-                        if (r < rows) {
-#pragma unroll
-                            for (int g4 = 0; g4 < V / 4; ++g4) {
-                                float o4[4];
-#pragma unroll
-                                for (int cc = 0; cc < 4; ++cc) {
-                                    const int el = 4 * g4 + cc;
-                                    float v = to_f32(xq[u][r].v[el]);
-                                    if (act == 3) { v = fmaxf(v, 0.f); v = to_f32(from_f32<F>(v * v)); }
-                                    pmy[r] = fmaf(v, to_f32(mq[u].v[el]), pmy[r]);
-                                    px[r] += v;
-                                    o4[cc] = v * to_f32(rq[u].v[el]);
-                                    psr[r] += o4[cc];
-                                }
-                                xs4[(r * KT + stage_pos(ch * V + 4 * g4, KT)) >> 2] = make_float4(o4[0], o4[1], o4[2], o4[3]);
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        if (t == T - 1) {                                             // row constants: fp64 across the
-#pragma unroll                                                        // warp here, across warps at the end
-            for (int r = 0; r < R; ++r) {
-                double a = psr[r], b = pmy[r], c = px[r];
-#pragma unroll
-                for (int off = 16; off > 0; off >>= 1) {
-                    a += __shfl_xor_sync(0xffffffffu, a, off);
-                    b += __shfl_xor_sync(0xffffffffu, b, off);
-                    c += __shfl_xor_sync(0xffffffffu, c, off);
-                }
-                if (lane == 0) { red[warp][r] = a; red[warp][R + r] = b; red[warp][2 * R + r] = c; }
-            }
-        }
+        stage_tile<F, R>(x, ry, my, N, rows, act, t0, len, KT, xs4, psr, pmy, px);
+        if (t == T - 1) reduce_row_constants<R>(psr, pmy, px, red[warp], lane);   // across warps at the end
         __syncthreads();
 
         // The lane group's outputs in turn (O > 1 only with a single tile); each output's sum stays in
@@ -321,6 +247,20 @@ cudaError_t launch_gemv(const Mm8Batch& batch, cudaStream_t stream) {
     return launch_pdl(kernel, batch.blocks, kThreads, batch.smem_bytes, stream, batch);
 }
 
+template <typename F>
+cudaError_t launch_slab(const Mm8Batch& batch, cudaStream_t stream) {
+    void (*kernel)(Mm8Batch) = mm8::mm8_slab_kernel<F>;
+    int max_n = 0;
+    for (int i = 0; i < batch.n; ++i) max_n = std::max(max_n, batch.e[i].N);
+    const int smem = mm8::SlabLayout(max_n, batch.slab_outs, (int)sizeof(F)).bytes;
+    if (smem > kSmemDefault) {
+        const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                     mm8::kSlabSmemMax);
+        if (err != cudaSuccess) return err;
+    }
+    return launch_pdl(kernel, batch.slab_blocks, kThreads, smem, stream, batch);
+}
+
 int ceil_div(long a, long b) { return (int)((a + b - 1) / b); }
 
 }  // namespace
@@ -368,12 +308,17 @@ int mm8_multi_prepare(Mm8Batch& batch, int sm_count) {
     }
     batch.blocks = blocks;
     batch.smem_bytes = smem;
+    mm8::slab_prepare(batch, sm_count);
     return 0;
 }
 
 int mm8_multi_launch(int act, const Mm8Batch& batch, cudaStream_t stream) {
     if (batch.blocks == 0) return 0;
     cudaError_t err = cudaSuccess;
+    if (batch.slab_outs > 0) {
+        RWKV_CHAT_DISPATCH_ACT(static_cast<ActType>(act), F, err = launch_slab<F>(batch, stream));
+        return (int)(err != cudaSuccess ? err : cudaGetLastError());
+    }
     RWKV_CHAT_DISPATCH_ACT(static_cast<ActType>(act), F,
         err = batch.rows > 1 ? launch_gemv<F, kMm8MaxGemvRows, 2>(batch, stream)
               : batch.blocks_per_sm == 3 ? launch_gemv<F, 1, 3>(batch, stream) : launch_gemv<F, 1, 2>(batch, stream));

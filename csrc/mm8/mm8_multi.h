@@ -32,12 +32,16 @@ struct Mm8Entry {
     int tile;         // x elements per row staged in shared memory at a time (multiple of 16)
     int tiles;        // ceil(N / tile)
     int block_begin;  // first block of this entry in the grid
+    int slab_begin;   // first block of this entry in the slab kernel's grid
 };
 struct Mm8Batch {
     Mm8Entry e[kMm8MaxEntries];
     int n, rows;
     int blocks, smem_bytes;   // filled by mm8_multi_prepare
     int blocks_per_sm;        // filled by mm8_multi_prepare: the kernel variant (2 or 3 resident blocks)
+    // filled by mm8_multi_prepare: > 0 runs the bulk-copy kernel (mm8_slab.cuh) with this many outputs per
+    // warp and slab_blocks blocks; 0 the register kernel
+    int slab_outs, slab_blocks;
 };
 int mm8_multi_prepare(Mm8Batch& batch, int sm_count);
 int mm8_multi_launch(int act, const Mm8Batch& batch, cudaStream_t stream);
