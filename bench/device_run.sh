@@ -34,6 +34,7 @@ step b01 40 100 $B --shape 0.1B --batch 1 --prompt-len 1024 --tokens 300
 step daemon 150 300 python3 bench/daemon_overhead.py --shape 0.1B 1.5B --strategy "cuda fp16" --batch 1 4 --out "$OUT/daemon_overhead_h100.md"
 step b72 90 200 $B --shape 7.2B --batch 1 64 --prompt-len 1024 --tokens 100
 step b72i8 60 150 $B --shape 7.2B --strategy "cuda fp16i8" --batch 1 --prompt-len 0 --tokens 100
+step b15i8 40 100 $B --shape 1.5B --strategy "cuda fp16i8" --batch 1 --prompt-len 0 --tokens 200
 step b72split 60 150 $B --shape 7.2B --batch 64 --prompt-len 0 --tokens 100 --large fused-split
 step b72comp 90 200 $B --shape 7.2B --batch 64 --prompt-len 0 --tokens 100 --large compiled
 step b15cublas 40 100 $B --shape 1.5B --batch 1 --prompt-len 0 --tokens 200 --gemv cublas

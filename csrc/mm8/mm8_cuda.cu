@@ -25,6 +25,9 @@
 //   * a lane group serves `outs` outputs one after the other (1 when N needs several tiles), the fewest
 //     that fit the grid in one wave of resident blocks; warp-shuffle reduction, fp32 throughout,
 //     each result written once in the activation dtype. No workspace, no atomics, no split-K.
+// One row whose blocks' weights fit in shared memory, on sm_90+, takes the bulk-copy kernel of
+// mm8_slab.cuh instead (same arithmetic, same results; the weights land in shared memory by bulk
+// asynchronous copies started before the dependency wait).
 // x, w, my, ry must be 16-byte aligned (the binding copies a tensor that is not). Registers: <= 80 at
 // one row with many outputs (3 blocks per multiprocessor), else <= 128 (2 blocks, kFewOutputs); no spills
 // (ptxas -v, sm_90).

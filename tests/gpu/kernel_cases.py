@@ -202,7 +202,8 @@ def all_cases(device: str, quick: bool = False):
         shapes = ((1, 64, 48), (5, 96, 80), (1, 33, 37)) if quick else (
             (1, 2048, 2048), (1, 4096, 4096), (1, 4096, 16384), (1, 16384, 4096), (1, 24576, 256), (2, 4096, 1000),
             (3, 1024, 2048), (4, 2048, 4096), (4, 16384, 512), (1, 64, 48), (2, 96, 40), (4, 16, 24), (1, 1000, 4000),
-            (3, 520, 77), (5, 256, 384), (16, 512, 1024), (40, 512, 768), (1, 96, 40))
+            (3, 520, 77), (5, 256, 384), (16, 512, 1024), (40, 512, 768), (1, 96, 40),
+            (1, 2048, 7168), (1, 512, 1001), (1, 1024, 9))   # bulk-copy kernel: 4 outputs a warp, partial warps
         for rows, N, M in shapes:
             cases.append(("mm8", f"rows={rows} N={N} M={M}", dt, lambda r=rows, N=N, M=M, dt=dt, s=len(cases):
                           case_mm8(r, N, M, dt, device, s)))
@@ -219,7 +220,9 @@ def all_cases(device: str, quick: bool = False):
                       (1, ((4096, 16384), (16384, 4096)), (0, 3)),
                       (3, ((1024, 1024), (1024, 4096), (4096, 1024)), (0, 0, 3)),
                       (4, ((2048, 512), (64, 96), (16384, 256), (96, 33)), (3, 0, 3, 0)),
-                      (2, ((768, 768),), (3,)))
+                      (2, ((768, 768),), (3,)),
+                      (1, ((2048, 2048), (2048, 2048), (2048, 2048)), (0, 0, 0)),   # bulk-copy kernel
+                      (1, ((2048, 7168), (1024, 520)), (0, 3)))
             for rows, shp, acts in groups:
                 cases.append(("mm8_multi", f"rows={rows} {' '.join(f'{N}x{M}' for N, M in shp)} acts={acts}", dt,
                               lambda r=rows, shp=shp, a=acts, dt=dt, s=len(cases):
