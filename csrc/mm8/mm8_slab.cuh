@@ -3,9 +3,9 @@
 // mm8_multi_prepare picks this kernel (Mm8Batch.slab_outs > 0) and fills its geometry.
 //
 // Each warp owns `outs` (slab_outs) consecutive outputs: their rows of w, outs * N contiguous bytes
-// (output-major), are one bulk asynchronous copy started by the warp's lane 0 on the warp's mbarrier
-// as the block starts, before the programmatic-dependent-launch wait, so a block's whole share of the
-// weights is in flight at once and, while the previous kernel finishes, on its way. The register
+// (output-major), are bulk asynchronous copies started by the warp's lane 0 on the warp's mbarrier: all
+// of them as the block starts, before the programmatic-dependent-launch wait, while the previous kernel
+// finishes (small shares), or half before and half right after the wait (shares above kSlabPreAll). The register
 // kernel can keep only two steps in flight per lane and cannot start the next launch's loads while its
 // own blocks hold the registers; these blocks hold <= 64 registers per thread and one block's weights
 // plus its staged x in shared memory (<= kSlabSmemMax), so a block of the next launch fits next to two
@@ -27,6 +27,10 @@ namespace mm8 {
 
 constexpr int kSlabMaxOuts = 4;               // outputs per warp at most
 constexpr int kSlabSmemMax = 112 * 1024 + 512; // dynamic shared memory per block at most (2 per multiprocessor)
+// A warp's weights above this many bytes: half of them requested before the dependency wait, half after
+// (measured on an H100, graph of launches over weight sets > 3x L2: 4096 x 4096 (8 KB a warp) 9.15 us with
+// all before, 7.93 with half, 8.03 with a quarter; 2048 x 2048 (2 KB a warp) 4.58 us with all, 5.11 with half).
+constexpr int kSlabPreAll = 4096;
 constexpr int kSlabMinN = 512;                 // a warp per output needs 32 lanes x 16 bytes
 
 // Dynamic shared memory of a slab block (byte offsets): kWarps + 1 barriers, staged xr (fp32 [N]),
@@ -50,6 +54,7 @@ __global__ void __launch_bounds__(kThreads, 4) mm8_slab_kernel(Mm8Batch batch) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int m0 = ((blockIdx.x - E.slab_begin) * kWarps + warp) * outs;    // the warp's first output
     const int nv = max(0, min(outs, M - m0));                                // of them, those < M
+    const int pre = (nv * N / batch.slab_split + 15) / 16 * 16;               // bytes copied before the wait
 
     extern __shared__ __align__(128) unsigned char slab_smem[];
     const SlabLayout lay(N, outs, (int)sizeof(F));
@@ -61,7 +66,7 @@ __global__ void __launch_bounds__(kThreads, 4) mm8_slab_kernel(Mm8Batch batch) {
     if (lane == 0) {
         mbarrier_init_one(&bars[warp]);
         mbarrier_arrive_expect(&bars[warp], (unsigned)(nv * N));
-        if (nv > 0) bulk_copy_to_shared((void*)ws, E.w + (long)m0 * N, (unsigned)(nv * N), &bars[warp]);
+        if (pre > 0) bulk_copy_to_shared((void*)ws, E.w + (long)m0 * N, (unsigned)pre, &bars[warp]);
         if (warp == 0) {
             const unsigned bytes = (unsigned)(N * sizeof(F));
             mbarrier_init_one(&bars[kWarps]);
@@ -79,6 +84,8 @@ __global__ void __launch_bounds__(kThreads, 4) mm8_slab_kernel(Mm8Batch batch) {
     const F* __restrict__ x = static_cast<const F*>(E.x);
     __syncthreads();                                                          // barriers initialised
     pdl_wait();
+    if (lane == 0 && pre < nv * N)
+        bulk_copy_to_shared((void*)(ws + pre), E.w + (long)m0 * N + pre, (unsigned)(nv * N - pre), &bars[warp]);
     mbarrier_wait(&bars[kWarps], 0);                                          // ry, my in shared memory
 
     __shared__ double red[kWarps][3];
@@ -151,6 +158,7 @@ inline void slab_prepare(Mm8Batch& batch, int sm_count) {
         if (blocks > 2L * (sm_count > 0 ? sm_count : 1)) continue;
         batch.slab_outs = outs;
         batch.slab_blocks = (int)blocks;
+        batch.slab_split = outs * max_n > kSlabPreAll ? 2 : 1;
         int begin = 0;
         for (int i = 0; i < batch.n; ++i) {
             batch.e[i].slab_begin = begin;
