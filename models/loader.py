@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import pickle
 import re
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,7 +94,7 @@ def _read_pth(p: Path) -> dict:
         except pickle.UnpicklingError as e:
             raise CheckpointError(f"{p} contains pickled objects other than tensors; refused to load "
                                   f"it (weights_only=True): {str(e).splitlines()[0]}") from e
-        except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError) as e:
+        except Exception as e:  # any other failure of the unpickler on arbitrary bytes: corrupt
             last = e
     msg = str(last).splitlines()[0] if last else "unknown error"
     raise CheckpointError(f"cannot read checkpoint {p} (truncated or corrupt?): {msg}") from last

@@ -85,6 +85,10 @@ def test_empty_and_truncated_and_garbage(model_path, tmp_path):
     (tmp_path / "junk.pth").write_bytes(os.urandom(4096))
     with pytest.raises(CheckpointError):
         read_checkpoint(tmp_path / "junk.pth")
+    # a pickle whose STOP finds an empty stack: torch's unpickler raises IndexError
+    (tmp_path / "stop.pth").write_bytes(b"\x80\x02.")
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        read_checkpoint(tmp_path / "stop.pth")
     (tmp_path / "junk.safetensors").write_bytes(os.urandom(4096))
     with pytest.raises(CheckpointError):
         read_checkpoint(tmp_path / "junk.safetensors")
