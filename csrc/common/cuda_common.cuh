@@ -43,8 +43,9 @@ inline bool dispatch_head_size(int N, Go&& go) {
 // Programmatic dependent launch (sm_90+). A kernel launched by `launch_pdl` may start while the previous
 // kernel of the stream (or CUDA graph: capture keeps the edge programmatic) still runs. `pdl_trigger` lets
 // the next kernel launch now; `pdl_wait` returns once the previous kernel has completed and its writes are
-// visible. Every thread calls `pdl_wait` before it reads anything a previous kernel wrote and before it
-// writes anything; only immutable weights are read before it. Both are no-ops when the kernel was
+// visible to the whole grid. Every thread calls `pdl_wait` (or is ordered after a thread of its block that
+// did, by a block barrier) before it reads anything a previous kernel wrote and before it writes anything;
+// only immutable weights are read before it. Both are no-ops when the kernel was
 // launched without the attribute or below sm_90.
 __device__ __forceinline__ void pdl_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900

@@ -11,6 +11,13 @@
 // plus its staged x in shared memory (<= kSlabSmemMax), so a block of the next launch fits next to two
 // of this one at 2048 x 2048.
 //
+// The dependency wait: warp 0 waits and a block barrier releases the others (the previous kernel's
+// writes are visible to the whole grid once the wait returns, PTX ISA griddepcontrol; fewer warps
+// polling: 2048 x 2048 3.43 -> 3.29 us on an H100). The next launch is released right after it, not as the
+// block starts: started early, its blocks' weight requests queue ahead of this launch's x and its
+// staging (2048 x 2048 4.60 -> 3.41 us, 3 x 2048 x 2048 7.37 -> 6.04; released later still, after the
+// staging, its weights arrive late: 4.00).
+//
 // After the wait the block stages xr = act(x) * ry (fp32, stage_pos order) and the row constants as the
 // register kernel does; each warp then waits for its copy and walks its outputs together: per 16-element
 // chunk, four float4 of xr from shared memory serve every output's 16 weight bytes (one 16-byte read
@@ -28,9 +35,10 @@ namespace mm8 {
 constexpr int kSlabMaxOuts = 4;               // outputs per warp at most
 constexpr int kSlabSmemMax = 112 * 1024 + 512; // dynamic shared memory per block at most (2 per multiprocessor)
 // A warp's weights above this many bytes: half of them requested before the dependency wait, half after
-// (measured on an H100, graph of launches over weight sets > 3x L2: 4096 x 4096 (8 KB a warp) 9.15 us with
-// all before, 7.93 with half, 8.03 with a quarter; 2048 x 2048 (2 KB a warp) 4.58 us with all, 5.11 with half).
-constexpr int kSlabPreAll = 4096;
+// (measured on an H100, graph of launches over weight sets > 3x L2, all before -> half: 4096 x 4096 and
+// 2048 x 7168 (8 KB a warp) 9.30 -> 8.19 and 7.27 -> 6.85 us; 3 x 2048 x 2048 (6 KB) 5.95 -> 6.85;
+// 2048 x 2048 (2 KB) 3.29 -> 3.67).
+constexpr int kSlabPreAll = 6144;
 constexpr int kSlabMinN = 512;                 // a warp per output needs 32 lanes x 16 bytes
 
 // Dynamic shared memory of a slab block (byte offsets): kWarps + 1 barriers, staged xr (fp32 [N]),
@@ -45,7 +53,6 @@ struct SlabLayout {
 template <typename F>
 __global__ void __launch_bounds__(kThreads, 4) mm8_slab_kernel(Mm8Batch batch) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    pdl_trigger();
     int e = 0;
 #pragma unroll 1
     while (e + 1 < batch.n && (int)blockIdx.x >= batch.e[e + 1].slab_begin) ++e;
@@ -83,7 +90,9 @@ __global__ void __launch_bounds__(kThreads, 4) mm8_slab_kernel(Mm8Batch batch) {
     }
     const F* __restrict__ x = static_cast<const F*>(E.x);
     __syncthreads();                                                          // barriers initialised
-    pdl_wait();
+    if (warp == 0) pdl_wait();
+    __syncthreads();                                                          // the previous kernel is done
+    pdl_trigger();                                                            // the next launch, now
     if (lane == 0 && pre < nv * N)
         bulk_copy_to_shared((void*)(ws + pre), E.w + (long)m0 * N + pre, (unsigned)(nv * N - pre), &bars[warp]);
     mbarrier_wait(&bars[kWarps], 0);                                          // ry, my in shared memory
