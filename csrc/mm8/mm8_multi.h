@@ -40,8 +40,8 @@ struct Mm8Batch {
     int blocks, smem_bytes;   // filled by mm8_multi_prepare
     int blocks_per_sm;        // filled by mm8_multi_prepare: the kernel variant (2 or 3 resident blocks)
     // filled by mm8_multi_prepare: > 0 runs the bulk-copy kernel (mm8_slab.cuh) with this many outputs per
-    // warp and slab_blocks blocks, 1 / slab_split of each warp's weights requested before the dependency
-    // wait and the rest after it; 0 the register kernel
+    // warp and slab_blocks blocks; slab_split 1: every warp requests its weights before the dependency wait,
+    // 2: the first half of a block's warps before it, the others once the block has staged x; 0 the register kernel
     int slab_outs, slab_blocks, slab_split;
 };
 int mm8_multi_prepare(Mm8Batch& batch, int sm_count);

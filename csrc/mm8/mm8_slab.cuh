@@ -3,9 +3,13 @@
 // mm8_multi_prepare picks this kernel (Mm8Batch.slab_outs > 0) and fills its geometry.
 //
 // Each warp owns `outs` (slab_outs) consecutive outputs: their rows of w, outs * N contiguous bytes
-// (output-major), are bulk asynchronous copies started by the warp's lane 0 on the warp's mbarrier: all
-// of them as the block starts, before the programmatic-dependent-launch wait, while the previous kernel
-// finishes (small shares), or half before and half right after the wait (shares above kSlabPreAll). The register
+// (output-major), are one bulk asynchronous copy started by the warp's lane 0 on the warp's mbarrier. Shares
+// up to kSlabPreAll are requested as the block starts, before the programmatic-dependent-launch wait, while
+// the previous kernel finishes. Of larger shares, the first half of the block's warps request theirs so, and
+// the other half once the block has staged x: requested right after the wait, their bytes queued ahead of
+// x's loads (H100, 4096 x 4096: x staged 1.3-2.1 us after the wait; each warp's weights half before and half
+// right after the wait 8.15 us a launch, half the warps before and the rest right after the wait 7.98, the
+// rest after the staging 7.44; RWKV-7 7.2B layer 95.3 -> 94.8 us). The register
 // kernel can keep only two steps in flight per lane and cannot start the next launch's loads while its
 // own blocks hold the registers; these blocks hold <= 64 registers per thread and one block's weights
 // plus its staged x in shared memory (<= kSlabSmemMax), so a block of the next launch fits next to two
@@ -34,10 +38,10 @@ namespace mm8 {
 
 constexpr int kSlabMaxOuts = 4;               // outputs per warp at most
 constexpr int kSlabSmemMax = 112 * 1024 + 512; // dynamic shared memory per block at most (2 per multiprocessor)
-// A warp's weights above this many bytes: half of them requested before the dependency wait, half after
-// (measured on an H100, graph of launches over weight sets > 3x L2, all before -> half: 4096 x 4096 and
-// 2048 x 7168 (8 KB a warp) 9.30 -> 8.19 and 7.27 -> 6.85 us; 3 x 2048 x 2048 (6 KB) 5.95 -> 6.85;
-// 2048 x 2048 (2 KB) 3.29 -> 3.67).
+// A warp's weights above this many bytes: only the first half of the block's warps request theirs before the
+// dependency wait (measured on an H100, graph of launches over weight sets > 3x L2, every warp all before ->
+// half the warps: 4096 x 4096 and 2048 x 7168 (8 KB a warp) 9.35 -> 7.44 and 7.31 -> 6.65 us; smaller
+// shares lose: 3 x 2048 x 2048 (6 KB) 5.95 -> 6.85 with each warp's half after the wait).
 constexpr int kSlabPreAll = 6144;
 constexpr int kSlabMinN = 512;                 // a warp per output needs 32 lanes x 16 bytes
 
@@ -61,7 +65,7 @@ __global__ void __launch_bounds__(kThreads, 4) mm8_slab_kernel(Mm8Batch batch) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int m0 = ((blockIdx.x - E.slab_begin) * kWarps + warp) * outs;    // the warp's first output
     const int nv = max(0, min(outs, M - m0));                                // of them, those < M
-    const int pre = (nv * N / batch.slab_split + 15) / 16 * 16;               // bytes copied before the wait
+    const int pre = batch.slab_split == 1 || warp < kWarps / 2 ? nv * N : 0;  // bytes copied before the wait
 
     extern __shared__ __align__(128) unsigned char slab_smem[];
     const SlabLayout lay(N, outs, (int)sizeof(F));
@@ -93,13 +97,13 @@ __global__ void __launch_bounds__(kThreads, 4) mm8_slab_kernel(Mm8Batch batch) {
     if (warp == 0) pdl_wait();
     __syncthreads();                                                          // the previous kernel is done
     pdl_trigger();                                                            // the next launch, now
-    if (lane == 0 && pre < nv * N)
-        bulk_copy_to_shared((void*)(ws + pre), E.w + (long)m0 * N + pre, (unsigned)(nv * N - pre), &bars[warp]);
     mbarrier_wait(&bars[kWarps], 0);                                          // ry, my in shared memory
 
     __shared__ double red[kWarps][3];
     float psr[1] = {0.f}, pmy[1] = {0.f}, px[1] = {0.f};
     stage_tile<F, 1, true>(x, ry, my, N, 1, act, 0, N, N, xs4, psr, pmy, px);
+    if (lane == 0 && pre < nv * N)                                            // the other half of the warps
+        bulk_copy_to_shared((void*)ws, E.w + (long)m0 * N, (unsigned)(nv * N), &bars[warp]);
     reduce_row_constants<1>(psr, pmy, px, red[warp], lane);
     __syncthreads();
     double s1 = 0.0, s2 = 0.0, s3 = 0.0;
