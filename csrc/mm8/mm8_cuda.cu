@@ -252,7 +252,10 @@ cudaError_t launch_gemv(const Mm8Batch& batch, cudaStream_t stream) {
 
 template <typename F>
 cudaError_t launch_slab(const Mm8Batch& batch, cudaStream_t stream) {
-    void (*kernel)(Mm8Batch) = mm8::mm8_slab_kernel<F>;
+    void (*kernel)(Mm8Batch) = batch.slab_outs == 1   ? mm8::mm8_slab_kernel<F, 1>
+                               : batch.slab_outs == 2 ? mm8::mm8_slab_kernel<F, 2>
+                               : batch.slab_outs == 3 ? mm8::mm8_slab_kernel<F, 3>
+                                                      : mm8::mm8_slab_kernel<F, 4>;
     int max_n = 0;
     for (int i = 0; i < batch.n; ++i) max_n = std::max(max_n, batch.e[i].N);
     const int smem = mm8::SlabLayout(max_n, batch.slab_outs, (int)sizeof(F)).bytes;

@@ -54,14 +54,17 @@ struct SlabLayout {
           bytes(128 + 4 * N + 2 * elem * N + kWarps * outs * N) {}
 };
 
-template <typename F>
+// OUTS = batch.slab_outs, a compile-time count: every warp walks OUTS rows (those past M read bytes no
+// copy wrote and are not written); H100, over a runtime count: 4096 x 4096 7.31 -> 6.95 us, RWKV-7 layer
+// shapes 0.1B 13.9 -> 12.7, 1.5B 29.4 -> 28.0, 7.2B 94.6 -> 93.7 us (3 x 2048 x 2048 alone 5.83 -> 6.10).
+template <typename F, int OUTS>
 __global__ void __launch_bounds__(kThreads, 4) mm8_slab_kernel(Mm8Batch batch) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     int e = 0;
 #pragma unroll 1
     while (e + 1 < batch.n && (int)blockIdx.x >= batch.e[e + 1].slab_begin) ++e;
     const Mm8Entry& E = batch.e[e];
-    const int N = E.N, M = E.M, act = E.act, outs = batch.slab_outs;
+    const int N = E.N, M = E.M, act = E.act, outs = OUTS;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int m0 = ((blockIdx.x - E.slab_begin) * kWarps + warp) * outs;    // the warp's first output
     const int nv = max(0, min(outs, M - m0));                                // of them, those < M
@@ -122,7 +125,7 @@ __global__ void __launch_bounds__(kThreads, 4) mm8_slab_kernel(Mm8Batch batch) {
         for (int qd = 0; qd < 4; ++qd) xv[qd] = xs4[qd * q4 + L];
 #pragma unroll
         for (int o = 0; o < kSlabMaxOuts; ++o) {
-            if (o < nv) {
+            if (o < OUTS) {
                 const uint4 q = reinterpret_cast<const uint4*>(ws + (size_t)o * N)[L];
                 const unsigned wd[4] = {q.x, q.y, q.z, q.w};
                 float a = acc[o];
