@@ -1,6 +1,6 @@
 """Kernel benchmark on a GPU: each kernel's time against the bytes it must move, with the copy
-bandwidth measured in the same run, and the WKV-7 sequence kernel against the ``rwkv`` pip
-package's ``wkv7s`` kernel on the same inputs.
+bandwidth measured in the same run, and the WKV-7 sequence kernel and the chunked WKV-7 kernel that
+prefill runs against the ``rwkv`` pip package's ``wkv7s`` kernel on the same inputs.
 
     python bench/kernels.py [--cache DIR] [--ref-src DIR_WITH_rwkv7_op.cpp_AND_rwkv7.cu] [--out FILE.md]
 
@@ -220,10 +220,13 @@ def load_ref(ref_src: str | None):
 def bench_wkv7(rows_md: list, have_ref: bool) -> None:
     rows_md += ["", "### WKV-7 (fp16 activations, head size 64, fp32 state)", "",
                 "| B | T | H | graph time (us) | eager time (us) | GB/s (graph) | rwkv pip wkv7s eager (us) | "
-                "speed-up vs wkv7s (eager/eager) | y rel. diff vs wkv7s |",
-                "|---|---|---|---|---|---|---|---|---|"]
+                "speed-up vs wkv7s (eager/eager) | y rel. diff vs wkv7s | chunked kernel (prefill, L=32) eager (us) | "
+                "chunked speed-up vs wkv7s (eager/eager) | chunked y rel. diff vs wkv7s |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     N = 64
-    for B, T, H in ((1, 1, 32), (1, 1, 64), (64, 1, 32), (1, 64, 32), (1, 1024, 32), (1, 4096, 12), (8, 1024, 32)):
+    for B, T, H in ((1, 1, 32), (1, 1, 64), (64, 1, 32), (1, 64, 32), (1, 256, 32), (1, 1024, 32), (1, 4096, 12),
+                    (1, 1024, 64), (2, 1024, 32), (2, 1024, 64), (4, 1024, 32), (4, 1024, 64), (8, 1024, 32),
+                    (8, 256, 32)):
         C = H * N
         g = torch.Generator(device="cuda").manual_seed(B * 1000 + T)
         rnd = lambda *s: torch.randn(*s, device="cuda", generator=g)  # noqa: E731
@@ -240,6 +243,13 @@ def bench_wkv7(rows_md: list, have_ref: bool) -> None:
         t_eager = time_ms(lambda i: op(r, w, k, v, a, b, s, y, s2), iters=it, graph=False)
         nbytes = B * T * C * (5 * 2 + 4 + 4) + 2 * B * H * N * N * 4
         ref_cell = speed = diff = "-"
+        chunk_t = chunk_speed = chunk_diff = "-"
+        chunked = T >= 64 and hasattr(torch.ops.rwkv_chat, "wkv7_chunk_cuda")
+        if chunked:
+            yc, sc = torch.empty_like(y), torch.empty_like(s)
+            cop = torch.ops.rwkv_chat.wkv7_chunk_cuda
+            tc = time_ms(lambda i: cop(r, w, k, v, a, b, s, yc, sc, 32), iters=it, graph=False)
+            chunk_t = f"{tc * 1e3:.1f}"
         if have_ref and B == 1:
             yr = torch.empty(T, C, device="cuda", dtype=torch.float16)
             st = s[0].clone()
@@ -247,10 +257,15 @@ def bench_wkv7(rows_md: list, have_ref: bool) -> None:
             torch.ops.wkv7s.forward_fp16(1, T, C, H, st, *args, yr)
             op(r, w, k, v, a, b, s, y, s2)
             diff = f"{((yr.float() - y.view(T, C)).norm() / y.norm()).item():.1e}"
+            if chunked:   # before the timed calls below, which go on from the state they update in place
+                cop(r, w, k, v, a, b, s, yc, sc, 32)
+                chunk_diff = f"{((yr.float() - yc.view(T, C)).norm() / yc.norm()).item():.1e}"
             tr = time_ms(lambda i: torch.ops.wkv7s.forward_fp16(1, T, C, H, st, *args, yr), iters=it, graph=False)
             ref_cell, speed = f"{tr * 1e3:.1f}", f"{tr / t_eager:.2f}x"
+            if chunked:
+                chunk_speed = f"{tr / tc:.2f}x"
         rows_md.append(f"| {B} | {T} | {H} | {t * 1e3:.1f} | {t_eager * 1e3:.1f} | {nbytes / t / 1e6:.0f} | "
-                       f"{ref_cell} | {speed} | {diff} |")
+                       f"{ref_cell} | {speed} | {diff} | {chunk_t} | {chunk_speed} | {chunk_diff} |")
 
 
 def bench_wkv456(rows_md: list) -> None:

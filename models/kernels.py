@@ -280,10 +280,34 @@ def wkv5(r, k, v, w, u, s, *, out=None):
     return tuple(o)
 
 
-#: on CUDA, sequences of at least this many tokens take the chunked WKV-7 kernel (head size 64)
+#: on CUDA, sequences of at least this many tokens take the chunked WKV-7 kernel (head size 64) ...
 WKV7_CHUNK_MIN_T = 64
+#: ... when batch x heads is at most this many per multiprocessor. The chunked kernel's time grows with
+#: batch x heads from the first head on, the sequential kernel's (one dependent chain per head) stays flat
+#: until the heads fill the GPU. H100 (132 multiprocessors), T = 1024, us sequential / chunked: 32 heads
+#: 906 / 243, 64: 947 / 431, 128: 972 / 831, 256: 1077 / 1618 (T = 256: 283 / 424); the ratio does not
+#: depend on T (``bench/results/kernels_bench_h100.md``).
+WKV7_CHUNK_MAX_HEADS_PER_SM = 1.0
 #: tokens per chunk of the chunked WKV-7 kernel (16 or 32)
 WKV7_CHUNK = 32
+
+
+def wkv7_chunk_choice(B: int, T: int, H: int, multiprocessors: int) -> int:
+    """The chunk length ``wkv7`` picks on CUDA for head size 64: ``WKV7_CHUNK`` (the chunked kernel) for
+    T >= ``WKV7_CHUNK_MIN_T`` and B * H <= ``WKV7_CHUNK_MAX_HEADS_PER_SM`` * multiprocessors, else 0 (the
+    sequential kernel)."""
+    many = B * H > WKV7_CHUNK_MAX_HEADS_PER_SM * multiprocessors
+    return 0 if T < WKV7_CHUNK_MIN_T or many else WKV7_CHUNK
+
+
+_SM_COUNTS: dict[int, int] = {}
+
+
+def _multiprocessors(device: torch.device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNTS:
+        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNTS[index]
 
 
 def wkv7(r, w, k, v, a, b, s, *, out=None, chunk: int | None = None):
@@ -292,8 +316,9 @@ def wkv7(r, w, k, v, a, b, s, *, out=None, chunk: int | None = None):
     [0.545, 1)), s float32 [B, H, N, N] ([value, key]) -> ``(y float32 [B, T, H, N], new s)``.
     ``out=(y, s_new)`` writes into given tensors.
 
-    ``chunk``: None picks the kernel (CUDA, head size 64, T >= ``WKV7_CHUNK_MIN_T``: the chunked kernel of
-    ``csrc/wkv7/wkv7_chunk_cuda.cu`` in chunks of ``WKV7_CHUNK``; otherwise the sequential kernel); 0 forces
+    ``chunk``: None picks the kernel (CUDA, head size 64: ``wkv7_chunk_choice``, the chunked kernel of
+    ``csrc/wkv7/wkv7_chunk_cuda.cu`` in chunks of ``WKV7_CHUNK`` for long sequences of few batch x heads;
+    otherwise the sequential kernel); 0 forces
     the sequential kernel; 16 or 32 forces the chunked kernel with that chunk length where it applies.
     Raises: DeviceError, UnsupportedDtypeError, ShapeMismatchError.
     """
@@ -303,9 +328,9 @@ def wkv7(r, w, k, v, a, b, s, *, out=None, chunk: int | None = None):
         return _fill(out, _TORCH_WKV7(r, w, k, v, a, b, s))
     r, w, k, v, a, b = (t.contiguous() for t in (r, w, k, v, a, b))
     o = out or (torch.empty(r.shape, dtype=torch.float32, device=r.device), torch.empty_like(s))
-    T, N = r.shape[1], r.shape[3]
+    B, T, H, N = r.shape
     if chunk is None:
-        chunk = WKV7_CHUNK if T >= WKV7_CHUNK_MIN_T else 0
+        chunk = wkv7_chunk_choice(B, T, H, _multiprocessors(r.device)) if dev == "cuda" else 0
     if chunk in (16, 32) and dev == "cuda" and N == 64 and hasattr(torch.ops.rwkv_chat, "wkv7_chunk_cuda"):
         torch.ops.rwkv_chat.wkv7_chunk_cuda(r, w, k, v, a, b, s.contiguous(), *o, chunk)
         return tuple(o)
