@@ -281,13 +281,13 @@ def wkv5(r, k, v, w, u, s, *, out=None):
 
 
 #: on CUDA, sequences of at least this many tokens take the chunked WKV-7 kernel (head size 64) ...
-WKV7_CHUNK_MIN_T = 64
+WKV7_CHUNK_MIN_T = 128
 #: ... when batch x heads is at most this many per multiprocessor. The chunked kernel's time grows with
 #: batch x heads from the first head on, the sequential kernel's (one dependent chain per head) stays flat
-#: until the heads fill the GPU. H100 (132 multiprocessors), T = 1024, us sequential / chunked: 32 heads
-#: 906 / 243, 64: 947 / 431, 128: 972 / 831, 256: 1077 / 1618 (T = 256: 283 / 424); the ratio does not
-#: depend on T (``bench/results/kernels_bench_h100.md``).
-WKV7_CHUNK_MAX_HEADS_PER_SM = 1.0
+#: until the heads fill the GPU. H100 (132 multiprocessors), us sequential / chunked: T = 1024, 32 heads
+#: 333 / 245, 64 heads 342 / 431, 256 heads 907 / 1617; T = 256, 32 heads 81 / 62; T = 64, 32 heads
+#: 22.5 / 36.9 (``bench/results/kernels_bench_h100.md``).
+WKV7_CHUNK_MAX_HEADS_PER_SM = 1 / 3
 #: tokens per chunk of the chunked WKV-7 kernel (16 or 32)
 WKV7_CHUNK = 32
 

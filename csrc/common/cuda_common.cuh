@@ -71,6 +71,19 @@ inline bool pdl_supported() {
     return cache[dev] == 1;
 }
 
+// The current device's multiprocessor count (cached per device; 1 where it cannot be read).
+inline int device_sm_count() {
+    static int cache[64] = {0};
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 1;
+    if (cache[dev] == 0) {
+        int sms = 0;
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+        cache[dev] = sms > 0 ? sms : 1;
+    }
+    return cache[dev];
+}
+
 // Launch a kernel that calls pdl_wait before touching data of earlier kernels, with programmatic stream
 // serialization where the device has it. Returns the launch's error code.
 template <typename... KArgs, typename... Args>

@@ -189,7 +189,8 @@ def all_cases(device: str, quick: bool = False):
                 cases.append((fam, f"B={B} T={T} H={H} N={N}", dt, lambda B=B, T=T, H=H, N=N, dt=dt, pt=pt, s=len(cases):
                               case_wkv5(B, T, H, N, dt, device, s, per_token=pt)))
         shapes = ((1, 1, 1, 64), (2, 21, 2, 64), (1, 3, 3, 16)) if quick else (
-            (1, 1, 12, 64), (4, 1, 32, 64), (2, 70, 4, 64), (1, 9, 1, 64), (1, 5, 2, 128), (2, 4, 3, 16))
+            (1, 1, 12, 64), (4, 1, 32, 64), (2, 70, 4, 64), (1, 9, 1, 64), (1, 5, 2, 128), (2, 4, 3, 16),
+            (5, 37, 32, 64))   # 160 heads: more than an H100's multiprocessors (the 8-token stages)
         for B, T, H, N in shapes:
             cases.append(("wkv7", f"B={B} T={T} H={H} N={N}", dt, lambda B=B, T=T, H=H, N=N, dt=dt, s=len(cases):
                           case_wkv7(B, T, H, N, dt, device, s)))

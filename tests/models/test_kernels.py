@@ -228,12 +228,14 @@ def test_tiny_models_same_logits_with_kernels(cpu_loader, model_path, monkeypatc
 
 
 def test_wkv7_chunked_kernel_only_for_long_sequences_of_few_heads():
-    """The chunked WKV-7 kernel's time grows with batch x heads, the sequential kernel's stays flat until the
-    heads fill the GPU (bench/results/kernels_bench_h100.md): with 132 multiprocessors, one sequence of 32 or 64
-    heads takes the chunked kernel, 8 x 32 heads the sequential one, and so do short sequences."""
+    """The chunked WKV-7 kernel's time grows with batch x heads from the first head, the sequential kernel's
+    stays flat until the heads fill the GPU (bench/results/kernels_bench_h100.md): with 132 multiprocessors a
+    long sequence of 32 heads takes the chunked kernel, one of 64 heads or a batch of 8 x 32 the sequential
+    one, and so do short sequences."""
     sms, long_t = 132, kernels.WKV7_CHUNK_MIN_T
     assert kernels.wkv7_chunk_choice(1, long_t, 32, sms) == kernels.WKV7_CHUNK
-    assert kernels.wkv7_chunk_choice(2, 4096, 64, sms) == kernels.WKV7_CHUNK
+    assert kernels.wkv7_chunk_choice(1, 4096, 12, sms) == kernels.WKV7_CHUNK
+    assert kernels.wkv7_chunk_choice(1, 4096, 64, sms) == 0
     assert kernels.wkv7_chunk_choice(8, 4096, 32, sms) == 0
     assert kernels.wkv7_chunk_choice(1, long_t - 1, 32, sms) == 0
-    assert kernels.wkv7_chunk_choice(1, 1024, 64, 46) == 0
+    assert kernels.wkv7_chunk_choice(1, 1024, 32, 46) == 0
