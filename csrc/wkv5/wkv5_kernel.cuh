@@ -4,7 +4,9 @@
 // with S indexed [key j, value i]. Differences from the reference: batch support (the reference
 // indexes the state without the batch), separate input/output state, inputs staged in shared
 // memory kTC tokens at a time (two barriers per kTC tokens instead of two per token), the next
-// kTC tokens' loads in flight while the current ones are computed.
+// kTC tokens' loads in flight while the current ones are computed, kept in the activation dtype until
+// they are stored to shared memory (as in csrc/wkv7/wkv7_cuda.cu: converted as they arrived, each chunk
+// waited for its loads before its first token).
 // One block per (batch, head), one thread per value index i holding column i of S in registers;
 // state loads and stores are coalesced (consecutive threads read consecutive values).
 #pragma once
@@ -35,12 +37,13 @@ __global__ void __launch_bounds__(N) wkv5_kernel(int T, int H, const F* __restri
     const long C = (long)H * N;
     const long base = (long)b * T * C + (long)h * N + i;
     // The next chunk's inputs are loaded into registers while the current chunk is computed.
-    float pr[kTC], pk[kTC], pv[kTC], pw[kTC];
+    F pr[kTC], pk[kTC], pv[kTC];
+    float pw[kTC];
 #pragma unroll
     for (int tt = 0; tt < kTC; ++tt) {
         if (tt < T) {
             const long o = base + (long)tt * C;
-            pr[tt] = to_f32(r_[o]); pk[tt] = to_f32(k_[o]); pv[tt] = to_f32(v_[o]);
+            pr[tt] = r_[o]; pk[tt] = k_[o]; pv[tt] = v_[o];
             if (PER_TOKEN) pw[tt] = w_[o];
         }
     }
@@ -49,7 +52,7 @@ __global__ void __launch_bounds__(N) wkv5_kernel(int T, int H, const F* __restri
         __syncthreads();
 #pragma unroll
         for (int tt = 0; tt < kTC; ++tt) {
-            sr[tt][i] = pr[tt]; sk[tt][i] = pk[tt]; sv[tt][i] = pv[tt];
+            sr[tt][i] = to_f32(pr[tt]); sk[tt][i] = to_f32(pk[tt]); sv[tt][i] = to_f32(pv[tt]);
             if (PER_TOKEN) sw[tt][i] = pw[tt];
         }
         __syncthreads();
@@ -58,7 +61,7 @@ __global__ void __launch_bounds__(N) wkv5_kernel(int T, int H, const F* __restri
             const int t = t0 + kTC + tt;
             if (t < T) {
                 const long o = base + (long)t * C;
-                pr[tt] = to_f32(r_[o]); pk[tt] = to_f32(k_[o]); pv[tt] = to_f32(v_[o]);
+                pr[tt] = r_[o]; pk[tt] = k_[o]; pv[tt] = v_[o];
                 if (PER_TOKEN) pw[tt] = w_[o];
             }
         }
