@@ -3,7 +3,7 @@
     rwkv-chat bench --shape 1.5B --strategy "cuda fp16" --batch 1 64 --prompt-len 1024 --compare-rwkv-pip
 
 Decode runs through ``models.decode.BatchDecoder`` (CUDA graph per batch bucket on one CUDA device;
-RWKV-7 through the fused kernels of ``models/fused7.py``, other generations torch.compile'd), prefill
+RWKV-7 through the fused kernels of ``models/backends/fused_cuda.py``, other generations torch.compile'd), prefill
 through ``RWKV.forward`` (RWKV-7 on CUDA: the fused prefill block). Bytes per decode step = every weight the step reads (all layers and
 the head; the embedding row is negligible) + the recurrent state read and written; achieved GB/s is that
 over the median step time, and the ceiling is a device-to-device copy measured in the same run (bytes
@@ -61,7 +61,7 @@ def step_bytes(model, batch: int) -> int:
 
 
 def bench_decode(model, batch: int, tokens: int, graphs, compile, gemv: str, large: str = "compiled") -> dict:
-    from rwkv_chat.models.decode import BatchDecoder
+    from rwkv_chat.models.rwkv.decode import BatchDecoder
 
     dev = model.emb.device
     dec = BatchDecoder(model, max_batch=batch, graphs=graphs, compile=compile, gemv=gemv, large=large)
@@ -91,7 +91,7 @@ def bench_decode(model, batch: int, tokens: int, graphs, compile, gemv: str, lar
     greedy = None
     if batch == 1:   # the argmax fed back on the device: no host round trip per token
         h = handles[0]
-        from rwkv_chat.models.decode import GREEDY_UNROLL
+        from rwkv_chat.models.rwkv.decode import GREEDY_UNROLL
         dec.greedy({h: 1}, GREEDY_UNROLL + 1)      # capture both graphs (8 steps, 1 step)
         _sync(dev)
         t = time.perf_counter()
@@ -114,7 +114,7 @@ def _path(d: dict) -> str:
 
 def bench_prefill(model, prompt_len: int, repeats: int = 5) -> dict:
     """Median prefill time of ``prompt_len`` tokens from the zero state. Where the model prefills through
-    CUDA graphs (``models/prefill_graph.py``: a shape is captured on its second prefill) the timed runs
+    CUDA graphs (``models/rwkv/prefill_graph.py``: a shape is captured on its second prefill) the timed runs
     replay the graph, and the eager path is timed too (``eager_ms``)."""
     dev = model.emb.device
     ids = [(i * 131) % model.vocab_size for i in range(prompt_len)]
@@ -211,7 +211,7 @@ class Reference:
 
 def build_model(args):
     from rwkv_chat.models import RWKV
-    from rwkv_chat.models import shapes
+    from rwkv_chat.models.rwkv import shapes
 
     if args.model:
         return RWKV(model=args.model, strategy=args.strategy), Path(args.model), args.model

@@ -19,7 +19,7 @@ from textual.app import App
 from textual.binding import Binding
 from textual.worker import get_current_worker
 
-from rwkv_chat.app.paths import Paths, ensure_dirs, get_paths
+from rwkv_chat.daemon.paths import Paths, ensure_dirs, get_paths
 
 from .screens.chat import ChatScreen
 from .screens.first_run import ModelScreen
@@ -240,7 +240,7 @@ class ChatApp(App):
                 if isinstance(event, m.Done):
                     info = {"path": path, "strategy": strategy}
             if remember:
-                from rwkv_chat.app.config import load_config, save_config
+                from rwkv_chat.daemon.config import load_config, save_config
 
                 cfg = load_config(self.paths.config_file)
                 cfg.model.path, cfg.model.strategy = path, strategy

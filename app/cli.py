@@ -16,13 +16,13 @@ import time
 
 
 def _paths():
-    from rwkv_chat.app.paths import ensure_dirs, get_paths
+    from rwkv_chat.daemon.paths import ensure_dirs, get_paths
 
     return ensure_dirs(get_paths())
 
 
 def _config(paths):
-    from rwkv_chat.app.config import load_config
+    from rwkv_chat.daemon.config import load_config
 
     return load_config(paths.config_file)
 
@@ -245,7 +245,7 @@ def _load(args) -> int:
                     sys.stderr.write("\r\x1b[K")
                 _err(f"loaded {path} with strategy {strategy!r} in {ev.prefill_s:.2f} s")
     if args.default:
-        from rwkv_chat.app.config import save_config
+        from rwkv_chat.daemon.config import save_config
 
         cfg.model.path, cfg.model.strategy = path, strategy
         save_config(cfg, paths.config_file)

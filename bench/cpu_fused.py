@@ -63,7 +63,7 @@ def reference(pth: Path, v7: bool, threads: int, jit: bool, tokens: int, prompt:
 
 
 def ours(model, threads: int, tokens: int, prompt: int, repeats: int) -> dict:
-    from rwkv_chat.models.decode import BatchDecoder
+    from rwkv_chat.models.rwkv.decode import BatchDecoder
 
     torch.set_num_threads(threads)
     fwd, dec, pre = [], [], []
@@ -90,7 +90,8 @@ def ours(model, threads: int, tokens: int, prompt: int, repeats: int) -> dict:
 
 
 def main(argv=None) -> int:
-    from rwkv_chat.models import RWKV, shapes
+    from rwkv_chat.models import RWKV
+    from rwkv_chat.models.rwkv import shapes
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", default=str(Path(__file__).resolve().parents[1] / ".." / "shared" / "models"))

@@ -15,7 +15,7 @@ daemon's window holds almost no prefill), greedy, the same token count. On CUDA 
 ``torch.cuda.synchronize()`` before the clock is read (the daemon's clock is the client's: its events
 follow host reads of the sampled tokens).
 
-Models: checkpoint paths, and/or ``--shape NAME`` (an official RWKV-7 shape of ``models/shapes.py`` with
+Models: checkpoint paths, and/or ``--shape NAME`` (an official RWKV-7 shape of ``models/rwkv/shapes.py`` with
 random weights, saved to a temporary ``.pth`` that the daemon loads like any file; vocabulary 65536, so
 daemon and engine both pick the World tokenizer). Nothing is downloaded. The table is printed at the end.
 
@@ -46,11 +46,11 @@ def engine_rates(model_path: str, strategy: str, n: int, batches: list[int], rep
     import torch
 
     from rwkv_chat.models import RWKV
-    from rwkv_chat.models.decode import BatchDecoder
-    from rwkv_chat.models.sampling import Sampler, SamplerArgs
-    from rwkv_chat.models.tokenizers import IncrementalDecoder, load_tokenizer
+    from rwkv_chat.models.rwkv.decode import BatchDecoder
+    from rwkv_chat.models.text.sampling import Sampler, SamplerArgs
+    from rwkv_chat.models.text.tokenizers import IncrementalDecoder, load_tokenizer
 
-    from rwkv_chat.app.config import Config
+    from rwkv_chat.daemon.config import Config
     from rwkv_chat.daemon.runner import auto_threads, decode_buckets
 
     model = RWKV(model=model_path, strategy=strategy, verbose=False)
@@ -121,7 +121,7 @@ def _concurrent(clients, prompt: str, n: int, seen) -> None:
 def daemon_rates(model_path: str, strategy: str, n: int, batches: list[int], repeats: int) -> dict:
     """{N: tok/s} through a real daemon with N concurrent clients (best of ``repeats``), and "info": the
     daemon's model status (its ``buckets``, ``threads``)."""
-    from rwkv_chat.app.paths import home_paths
+    from rwkv_chat.daemon.paths import home_paths
     from rwkv_chat.daemon import messages as m
     from rwkv_chat.daemon.client import Client
 
@@ -181,7 +181,7 @@ def random_model(shape: str, strategy: str, folder: Path) -> str:
     as ``<folder>/rwkv7-<shape>-random.pth``; returns its path."""
     import torch
 
-    from rwkv_chat.models.shapes import random_checkpoint, save_pth
+    from rwkv_chat.models.rwkv.shapes import random_checkpoint, save_pth
 
     dev = "cuda" if "cuda" in strategy and torch.cuda.is_available() else "cpu"
     dtype = torch.float32 if strategy.split()[1:2] == ["fp32"] else torch.float16

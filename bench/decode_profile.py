@@ -25,8 +25,9 @@ import torch  # noqa: E402
 
 
 def profile(shape: str, lines: list[str]) -> None:
-    from rwkv_chat.models import RWKV, shapes
-    from rwkv_chat.models.decode import BatchDecoder
+    from rwkv_chat.models import RWKV
+    from rwkv_chat.models.rwkv import shapes
+    from rwkv_chat.models.rwkv.decode import BatchDecoder
 
     w = shapes.random_checkpoint(shape, dtype=torch.float16, device="cuda")
     model = RWKV(model=w, strategy="cuda fp16")
@@ -51,7 +52,7 @@ def profile(shape: str, lines: list[str]) -> None:
     # kernels launched one by one from Python (eager decode_step): each starts after the previous one
     # ended, so the profiler's durations are the kernels' own run times (in the graph, a kernel that
     # starts early under programmatic dependent launch is timed from its early start)
-    from rwkv_chat.models import fused7
+    from rwkv_chat.models.backends import fused_cuda as fused7
     bufs = [tuple(buf[:1] for buf in bufs) for bufs in dec._bufs]
     ids = dec._ids[:1]
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:

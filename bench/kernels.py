@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from rwkv_chat.models import kernels, quant  # noqa: E402
+from rwkv_chat.models import kernels  # noqa: E402
+from rwkv_chat.models.formats import i8 as quant  # noqa: E402
 
 def l2_bytes() -> int:
     """The device's L2 cache size (H100: 50 MB)."""
@@ -165,10 +166,10 @@ def bench_mm8(rows_md: list, peak: float) -> bool:
 
 
 def bench_mm8_decode(rows_md: list, peak: float, shape: str = "7.2B") -> None:
-    """The i8 weight stream of RWKV-7 decode layers as ``models/fused7.py`` issues it (one row): per layer the
+    """The i8 weight stream of RWKV-7 decode layers as ``models/backends/fused_cuda.py`` issues it (one row): per layer the
     grouped op for receptance/key/value, then output, ffn key, ffn value (relu² on load), each an mm8
     launch; layers rotate among sets > 3x L2. GB/s of the weight stream (weights + scales + x + y)."""
-    from rwkv_chat.models import shapes
+    from rwkv_chat.models.rwkv import shapes
 
     _, C = shapes.SHAPES[shape]
     F = 4 * C

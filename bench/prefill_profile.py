@@ -7,7 +7,7 @@ Random weights of an official RWKV-7 shape, ``cuda fp16``. Part 1: ``torch.profi
 device time, largest first, and the sum of all kernels against the wall time. Part 2: the WKV-7 of one
 layer on fresh random inputs of the prompt's shape ([1, T, H, 64], decays in RWKV-7's range): the
 compiled sequential kernel, the compiled chunked kernel (when built) and the pure-torch chunked form
-(``models/prefill.py``) per chunk length, each timed with CUDA events (median of 20), with the relative
+(``models/rwkv/chunked.py``) per chunk length, each timed with CUDA events (median of 20), with the relative
 error of y and of the final state against a float64 run of the sequential recurrence.
 """
 
@@ -40,7 +40,8 @@ def _time(fn, reps: int = 20) -> float:
 
 
 def profile_prefill(shape: str, T: int, lines: list[str]) -> None:
-    from rwkv_chat.models import RWKV, shapes
+    from rwkv_chat.models import RWKV
+    from rwkv_chat.models.rwkv import shapes
 
     w = shapes.random_checkpoint(shape, dtype=torch.float16, device="cuda")
     model = RWKV(model=w, strategy="cuda fp16")
@@ -103,7 +104,8 @@ def _rel(x, ref) -> float:
 
 
 def compare_wkv(T: int, H: int, lines: list[str]) -> None:
-    from rwkv_chat.models import kernels, prefill
+    from rwkv_chat.models import kernels
+    from rwkv_chat.models.rwkv import chunked as prefill
 
     kernels.ensure_built("cuda")
     r, w, k, v, a, b, s = _wkv_inputs(T, H)

@@ -1,8 +1,32 @@
-"""``python -m rwkv_chat.daemon [--model PATH] [--strategy S]`` — run the daemon in the foreground."""
+"""``python -m rwkv_chat.daemon [--model PATH] [--strategy S]`` — run the daemon in the foreground.
 
+Exit codes: 0 after a clean stop, 3 when a daemon already runs for this home (``AlreadyRunning``).
+"""
+
+import argparse
 import sys
 
-from rwkv_chat.app.cli import main
+from .config import ConfigError, load_config
+from .paths import ensure_dirs, get_paths
+from .server import AlreadyRunning, serve
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m rwkv_chat.daemon",
+                                 description="Run the rwkv-chat daemon in the foreground.")
+    ap.add_argument("--model", help="checkpoint to load at start")
+    ap.add_argument("--strategy", help='strategy for --model, e.g. "cpu fp32"')
+    args = ap.parse_args(argv)
+    paths = ensure_dirs(get_paths())
+    try:
+        return serve(paths, load_config(paths.config_file), args.model, args.strategy)
+    except AlreadyRunning as e:
+        print(f"rwkv-chat: {e}", file=sys.stderr, flush=True)
+        return 3
+    except ConfigError as e:
+        print(f"rwkv-chat: {e}", file=sys.stderr, flush=True)
+        return 2
+
 
 if __name__ == "__main__":
-    sys.exit(main(["daemon", "start", "--foreground", *sys.argv[1:]]))
+    sys.exit(main())

@@ -34,7 +34,7 @@ import time
 
 import zmq
 
-from rwkv_chat.app.paths import Paths, get_paths
+from rwkv_chat.daemon.paths import Paths, get_paths
 
 from . import messages as m
 from . import protocol as p
@@ -58,7 +58,7 @@ class Client:
         self.autostart = autostart
         self.timeout = timeout
         if heartbeat is None or lost_after is None:
-            from rwkv_chat.app.config import ConfigError, load_config
+            from rwkv_chat.daemon.config import ConfigError, load_config
 
             try:
                 hb = load_config(self.paths.config_file).daemon.heartbeat

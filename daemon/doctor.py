@@ -46,11 +46,11 @@ def report(paths) -> dict:
     info = ping(paths, timeout=0.5)
     out["daemon"] = ({"running": True, "pid": info.pid, "request": info.request, "events": info.events}
                      if info else {"running": False})
-    out["kernels"], out["kernel_builds"] = kernel_status()
+    out["kernels"], out["kernel_builds"] = kernel_status(paths)
     return out
 
 
-def kernel_status() -> tuple[dict, dict]:
+def kernel_status(paths) -> tuple[dict, dict]:
     """Build (or load from the cache) the kernels of every device type and report them:
     ``({"cpu"|"cuda": {family: "ok" | reason}}, {device: {"key", "dir", "cached", "seconds"}})``.
     A first run on a machine builds them (about a minute per device type)."""
@@ -58,6 +58,7 @@ def kernel_status() -> tuple[dict, dict]:
         from rwkv_chat.models import kernels
     except ImportError as e:
         return {"cpu": {"all": f"engine not importable: {e}"}}, {}
+    kernels.set_cache_dir(paths.cache_dir / "kernels")
     try:
         for dev in ("cpu", "cuda"):
             kernels.ensure_built(dev)       # records a reason instead of raising (e.g. no CUDA)

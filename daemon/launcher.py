@@ -8,7 +8,7 @@ import time
 
 import zmq
 
-from rwkv_chat.app.paths import Paths, child_env, ensure_dirs
+from rwkv_chat.daemon.paths import Paths, child_env, ensure_dirs
 
 from . import messages as m
 from . import protocol as p

@@ -26,7 +26,7 @@ class Engine:
     def __init__(self):
         self.model = None
         self.tokenizer = None
-        self.decoder = None           # rwkv_chat.models.decode.BatchDecoder of the loaded model
+        self.decoder = None           # rwkv_chat.models.rwkv.decode.BatchDecoder of the loaded model
         self.threads = 0
         self._info: dict = {"loaded": False}
 
@@ -40,9 +40,8 @@ class Engine:
         import torch
 
         from rwkv_chat.models import RWKV
-        from rwkv_chat.models.decode import BatchDecoder
-        from rwkv_chat.models.tokenizers import load_tokenizer
-
+        from rwkv_chat.models.rwkv.decode import BatchDecoder
+        from rwkv_chat.models.text.tokenizers import load_tokenizer
         from rwkv_chat.models import kernels
 
         path = os.path.abspath(os.path.expanduser(path))
@@ -105,7 +104,7 @@ def batch_invariance(setting: bool | str, device_types) -> bool:
         return setting
     if setting == "auto":
         return all(t == "cpu" for t in device_types)
-    from rwkv_chat.app.config import ConfigError
+    from rwkv_chat.daemon.config import ConfigError
 
     raise ConfigError(f'[daemon] batch_invariant must be true, false or "auto", got {setting!r}')
 
@@ -126,7 +125,7 @@ def decode_buckets(model, max_batch: int, batch_invariant: bool | str) -> tuple[
     rows with other kernels and a 4-row step costs ~3x a 1-row step on 2 cores) it takes the default buckets.
     Call it with the daemon's torch thread count already set (CPU kernels can choose by thread count).
     Raises ConfigError for a bad setting; what ``BatchDecoder.step`` raises during the measurement."""
-    from rwkv_chat.models.decode import DEFAULT_BUCKETS
+    from rwkv_chat.models.rwkv.decode import DEFAULT_BUCKETS
 
     if not batch_invariance(batch_invariant, {d.type for d in model._devices}):
         return DEFAULT_BUCKETS
@@ -145,7 +144,7 @@ def invariant_buckets(model, max_batch: int, steps: int = 2) -> tuple[int, ...]:
     second for a 1.5B model; on CUDA each bucket's graph capture as well)."""
     import torch
 
-    from rwkv_chat.models.decode import DEFAULT_BUCKETS, BatchDecoder
+    from rwkv_chat.models.rwkv.decode import DEFAULT_BUCKETS, BatchDecoder
 
     cands = tuple(b for b in DEFAULT_BUCKETS if b < max_batch) + (max_batch,)
     dec = BatchDecoder(model, max_batch=max_batch, buckets=cands)
@@ -206,7 +205,7 @@ def classify(e: BaseException) -> tuple[str, str]:
 
 def sampler_args(config, *layers):
     """SamplerArgs from config defaults overridden by each dict/Sampling in ``layers`` (None = keep)."""
-    from rwkv_chat.models.sampling import SamplerArgs
+    from rwkv_chat.models.text.sampling import SamplerArgs
 
     d = {k: getattr(config.sampling, k) for k in
          ("temperature", "top_p", "top_k", "alpha_frequency", "alpha_presence", "alpha_decay", "max_tokens")}
@@ -225,8 +224,8 @@ def _pairs(turns) -> list[tuple[str, str]]:
 
 def setup(sched, job: Job) -> None:
     """Build the job's prompt tokens, starting state and sampler (phase -> "prefill")."""
-    from rwkv_chat.models.sampling import Sampler
-    from rwkv_chat.models.tokenizers import IncrementalDecoder
+    from rwkv_chat.models.text.sampling import Sampler
+    from rwkv_chat.models.text.tokenizers import IncrementalDecoder
 
     model, tok = sched.engine.need()
     req = job.request
@@ -326,7 +325,7 @@ def next_tokens(jobs: list[Job]) -> list[int | BaseException]:
     """Sample each job's next token from its last logits (float32 [vocab]) with its own Sampler (greedy
     rows by one argmax each: ``sampling.sample_rows``) and append it to ``job.out_tokens``. A job whose
     sampling fails gets its exception in its place (the others still get their tokens)."""
-    from rwkv_chat.models.sampling import sample_rows
+    from rwkv_chat.models.text.sampling import sample_rows
 
     tokens = sample_rows([j.sampler for j in jobs], [j.logits for j in jobs], return_errors=True)
     for j, t in zip(jobs, tokens):

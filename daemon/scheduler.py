@@ -41,7 +41,7 @@ log = logging.getLogger("rwkv_chat.daemon")
 class Scheduler:
     def __init__(self, store, config, emit, on_model=None):
         self.store = store
-        self.config = config            # rwkv_chat.app.config.Config
+        self.config = config            # rwkv_chat.daemon.config.Config
         self.emit = emit                # emit(topic: str, event: Msg) — thread-safe
         self.sessions = Sessions(store, config.daemon.resident_states, config.daemon.cpu_states)
         self.engine = engine.Engine()

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import zmq
 
-from rwkv_chat.app.config import Config
-from rwkv_chat.app.paths import Paths, ensure_dirs
+from rwkv_chat.daemon.config import Config
+from rwkv_chat.daemon.paths import Paths, ensure_dirs
 
 from . import handlers
 from . import messages as m
@@ -266,4 +266,7 @@ class Server:
 
 def serve(paths: Paths, config: Config, model: str | None = None, strategy: str | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from rwkv_chat.models import kernels
+
+    kernels.set_cache_dir(paths.cache_dir / "kernels")     # this home's builds
     return Server(paths, config, model, strategy).run()

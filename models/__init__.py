@@ -5,10 +5,10 @@ Public names (drop-in for the ``rwkv`` pip package's ``RWKV``)::
     from rwkv_chat.models import RWKV, State
 """
 
-from .errors import (CheckpointError, DeviceError, RWKVError, ShapeMismatchError, StateError,  # noqa: F401
+from rwkv_chat.models.errors import (CheckpointError, DeviceError, RWKVError, ShapeMismatchError, StateError,  # noqa: F401
                      StrategyError, TokenError, TokenizerError, UnsupportedDtypeError)
-from .rwkv import RWKV  # noqa: F401
-from .state import State  # noqa: F401
+from rwkv_chat.models.rwkv.model import RWKV  # noqa: F401
+from rwkv_chat.models.state import State  # noqa: F401
 
 __all__ = ["RWKV", "State", "RWKVError", "StrategyError", "CheckpointError", "DeviceError", "ShapeMismatchError",
            "UnsupportedDtypeError", "TokenError", "StateError", "TokenizerError"]

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import StateError
+from rwkv_chat.models.errors import StateError
 
 FORMAT = "rwkv-chat-state/1"
 _RESERVED = ("format", "version", "fingerprint", "token_count", "names", "n_layer", "batch")

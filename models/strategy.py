@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import DeviceError, StrategyError
+from rwkv_chat.models.errors import DeviceError, StrategyError
 
 DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}

@@ -44,6 +44,7 @@ def cpu_kernels_built():
     """Build (or load from the shared cache) the CPU kernels once, before any daemon needs them."""
     from rwkv_chat.models import kernels
 
+    kernels.set_cache_dir(KERNEL_CACHE)
     return kernels.ensure_built("cpu")
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,7 +14,7 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import Footer
 
-from rwkv_chat.app.config import ConfigError, load_config
+from rwkv_chat.daemon.config import ConfigError, load_config
 
 from ..widgets.chat_log import AssistantMessage, ChatLog, MessageBox, Notice, UserMessage
 from ..widgets.prompt_input import MAX_MESSAGE_CHARS, PromptInput
@@ -75,7 +75,7 @@ class ChatScreen(ConversationActions, Screen):
         try:
             s = load_config(self.app.paths.config_file).sampling
         except ConfigError:
-            from rwkv_chat.app.config import SamplingConfig
+            from rwkv_chat.daemon.config import SamplingConfig
 
             s = SamplingConfig()
         return {**vars(s), "seed": None}

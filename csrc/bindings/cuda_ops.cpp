@@ -98,7 +98,7 @@ at::Tensor aligned16(const at::Tensor& t) {
     return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 ? t : t.clone();
 }
 
-// mm8 with the weight stored output-major: w uint8 [M, N] (models/quant.py, Int8Weight.output_major),
+// mm8 with the weight stored output-major: w uint8 [M, N] (models/formats/i8.py, Int8Weight.output_major),
 // mx, rx [M], my, ry [N, 1], x [rows, N], y [rows, M] (activation dtype). 1..kMm8MaxGemvRows rows and
 // N % 16 == 0: the GEMV kernel; otherwise dequantize to [M, N] once and one cuBLAS product with its
 // transpose (fp32 accumulation).

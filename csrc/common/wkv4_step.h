@@ -1,6 +1,6 @@
 // One step of the RWKV-4 WKV recurrence with the numerically stable (aa, bb, pp) state, shared by the
 // CPU, fused-CPU and CUDA kernels. Formula: ChatRWKV rwkv/cuda/operators.cu kernel_wkv_forward
-// (pip rwkv 0.8.32); models/wkv.py wkv4_torch is the reference path.
+// (pip rwkv 0.8.32); models/rwkv/wkv.py wkv4_torch is the reference path.
 #pragma once
 #include <cmath>
 

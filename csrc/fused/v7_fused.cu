@@ -1,6 +1,6 @@
 // Fused RWKV-7 layer kernels, CUDA: the elementwise work of a layer in a few launches, and a
 // grouped GEMV for decode. Formulas: ChatRWKV rwkv/model.py (pip rwkv 0.8.32) RWKV_x070_TMix_one/seq
-// and RWKV_x070_CMix_one/seq; see models/v7.py for the same math in torch.
+// and RWKV_x070_CMix_one/seq; see models/rwkv/v7.py for the same math in torch.
 //
 //   v7_mix       residual add (x + dx, rounded to the activation dtype) + LayerNorm + token shift
 //                + n_mix lerps  xm = xln + (prev - xln) * mix[m]; the shift state takes the last

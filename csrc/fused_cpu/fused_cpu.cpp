@@ -1,8 +1,8 @@
 // Fused CPU inference of a whole RWKV model (v4, v5/5.1/5.2, v6, v7) in one call per forward:
 // embedding, every layer, ln_out and the head, for B sequences of T tokens, activations in float32,
 // weights float32 or i8. Registered as the TorchBind class torch.classes.rwkv_chat.FusedCpuModel
-// (built with the other CPU ops into one library). Formulas: the block functions of models/v4.py ..
-// models/v7.py (ChatRWKV rwkv/model.py, pip 0.8.32); the Python side (models/fused_cpu.py) packs the
+// (built with the other CPU ops into one library). Formulas: the block functions of models/rwkv/v4.py ..
+// models/rwkv/v7.py (ChatRWKV rwkv/model.py, pip 0.8.32); the Python side (models/backends/fused_cpu.py) packs the
 // weights in the order read by the constructor below.
 // The torch headers use C++20 bit-field initializers (warned about under -std=c++17); a build log
 // shows only its last lines, so this unit stays quiet and a failure elsewhere remains readable.

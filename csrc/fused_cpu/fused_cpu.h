@@ -1,6 +1,6 @@
 // Fused CPU inference: building blocks shared by the per-generation layer functions (fused_cpu.cpp).
 // Activations are float32 [rows, width] row-major; a weight is [in N, out M] row-major, float32 or
-// the reference's i8 scheme (uint8 w [N, M], scales mx, rx [M], my, ry [N, 1], see models/quant.py).
+// the reference's i8 scheme (uint8 w [N, M], scales mx, rx [M], my, ry [N, 1], see models/formats/i8.py).
 // Small products run as hand loops on one thread (no dispatch, no fork/join); large ones go to
 // at::mm (MKL/oneDNN) or the OpenMP mm8 kernel (mm8/mm8_cpu.cpp).
 #pragma once

@@ -1,5 +1,5 @@
 // mm8: y = x @ dequantize(w) for the reference's i8 weights on CUDA, the uint8 matrix stored
-// output-major (w [M, N]: output m's N weights contiguous; models/quant.py, Int8Weight.output_major).
+// output-major (w [M, N]: output m's N weights contiguous; models/formats/i8.py, Int8Weight.output_major).
 // Formula: ChatRWKV rwkv/cuda/operators.cu kernel_mm_one_* (pip rwkv 0.8.32):
 //   y[r][m] = sum_n x[r][n] * ((w[m][n] + 0.5) * ry[n] * rx[m] + my[n] + mx[m])
 // evaluated as

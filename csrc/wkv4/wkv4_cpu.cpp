@@ -1,4 +1,4 @@
-// WKV-4 on the CPU (OpenMP over batch x channel). Formula: models/wkv.py wkv4_torch, ChatRWKV
+// WKV-4 on the CPU (OpenMP over batch x channel). Formula: models/rwkv/wkv.py wkv4_torch, ChatRWKV
 // rwkv/cuda/operators.cu kernel_wkv_forward (pip rwkv 0.8.32).
 #include <algorithm>
 #include <cmath>

@@ -1,4 +1,4 @@
-// WKV-5/5.1/5.2/6 on the CPU (OpenMP over batch x head). Formula: models/wkv.py wkv5_torch,
+// WKV-5/5.1/5.2/6 on the CPU (OpenMP over batch x head). Formula: models/rwkv/wkv.py wkv5_torch,
 // ChatRWKV rwkv/cuda/rwkv5.cu, rwkv6.cu (pip rwkv 0.8.32); S indexed [key j, value i].
 #pragma once
 

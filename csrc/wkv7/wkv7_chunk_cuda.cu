@@ -1,6 +1,6 @@
 // Chunked WKV-7 for prefill, CUDA: T tokens in three launches whose work is parallel over chunks.
 //
-// The math is models/prefill.py's wkv7_chunked (the WY form of the generalized delta rule: Yang et al.
+// The math is models/rwkv/chunked.py's wkv7_chunked (the WY form of the generalized delta rule: Yang et al.
 // 2024, "Parallelizing Linear Transformers with the Delta Rule over Sequence Length", and
 // flash-linear-attention's chunked DPLR delta rule). State S [V, K] ([value i, key j]), per token
 // S <- S (diag(w_t) + a_t b_tᵀ) + v_t k_tᵀ, y_t = S r_t. Per chunk of L tokens, with the in-chunk decay

@@ -1,4 +1,4 @@
-// WKV-7 on the CPU (OpenMP over batch x head). Formula: models/wkv.py wkv7_torch, ChatRWKV
+// WKV-7 on the CPU (OpenMP over batch x head). Formula: models/rwkv/wkv.py wkv7_torch, ChatRWKV
 // rwkv/cuda/rwkv7.cu (pip rwkv 0.8.32); S indexed [value i, key j].
 #include <algorithm>
 #include <vector>

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from rwkv_chat.app.config import Config, save_config
-from rwkv_chat.app.paths import Paths, ensure_dirs, get_paths
+from rwkv_chat.daemon.config import Config, save_config
+from rwkv_chat.daemon.paths import Paths, ensure_dirs, get_paths
 from rwkv_chat.daemon.client import Client, spawn_daemon
 
 from ..conftest import link_kernel_cache

@@ -179,7 +179,7 @@ async def test_stop_and_a_second_client_watching(fresh_daemon):
 
 @async_test
 async def test_sampling_panel_saves_per_conversation(fresh_daemon):
-    from rwkv_chat.app.config import load_config
+    from rwkv_chat.daemon.config import load_config
 
     client = fresh_daemon.client
     conv = client.create_conversation(title="s")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 from rwkv_chat.app.chat_app import ChatApp
-from rwkv_chat.app.config import load_config
+from rwkv_chat.daemon.config import load_config
 from rwkv_chat.app.screens.dialogs import TextPrompt
 from rwkv_chat.app.screens.first_run import ModelScreen
 from rwkv_chat.app.screens.help import HelpScreen

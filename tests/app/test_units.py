@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from rwkv_chat.app.config import SamplingConfig
+from rwkv_chat.daemon.config import SamplingConfig
 from rwkv_chat.app.screens.conversation_actions import export_path
 from rwkv_chat.app.screens.first_run import check_checkpoint, suggest_strategies
 from rwkv_chat.app.screens.help import key_label
@@ -24,7 +24,7 @@ def test_clean_text_drops_controls_and_escapes():
 
 
 def test_sampling_defaults_are_the_reference_sampler_defaults():
-    from rwkv_chat.models.sampling import SamplerArgs
+    from rwkv_chat.models.text.sampling import SamplerArgs
 
     ref = SamplerArgs()
     for f in dataclasses.fields(SamplingConfig):

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from rwkv_chat.app.config import Config, save_config
-from rwkv_chat.app.paths import ensure_dirs, home_paths
+from rwkv_chat.daemon.config import Config, save_config
+from rwkv_chat.daemon.paths import ensure_dirs, home_paths
 
 from ..conftest import link_kernel_cache
 
@@ -91,7 +91,7 @@ def client(daemon_home):
 def greedy(model_file: Path, prompt: str, n: int) -> str:
     """The engine's own greedy continuation (argmax, no penalties) of ``prompt``, bytes vocabulary."""
     from rwkv_chat.models import RWKV
-    from rwkv_chat.models.tokenizers import load_tokenizer
+    from rwkv_chat.models.text.tokenizers import load_tokenizer
 
     model = RWKV(model=str(model_file), strategy="cpu fp32", verbose=False)
     tok = load_tokenizer(vocab_size=model.vocab_size)

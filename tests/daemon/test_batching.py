@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from rwkv_chat.app.paths import home_paths
+from rwkv_chat.daemon.paths import home_paths
 from rwkv_chat.daemon import messages as m
 from rwkv_chat.daemon.client import Client
 

@@ -8,8 +8,8 @@ import socket
 import pytest
 import zmq
 
-from rwkv_chat.app.config import load_config, save_config
-from rwkv_chat.app.paths import home_paths
+from rwkv_chat.daemon.config import load_config, save_config
+from rwkv_chat.daemon.paths import home_paths
 from rwkv_chat.daemon import messages as m
 from rwkv_chat.daemon import protocol as p
 from rwkv_chat.daemon.client import Client

@@ -9,7 +9,7 @@ import pytest
 import zmq
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from rwkv_chat.app.paths import home_paths
+from rwkv_chat.daemon.paths import home_paths
 from rwkv_chat.daemon import messages as m
 from rwkv_chat.daemon import protocol as p
 from rwkv_chat.daemon.client import Client, DaemonError, GenerationFailed

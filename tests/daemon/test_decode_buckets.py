@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
-from rwkv_chat.app.config import Config, ConfigError, load_config, save_config
+from rwkv_chat.daemon.config import Config, ConfigError, load_config, save_config
 from rwkv_chat.daemon.runner import batch_invariance, decode_buckets
 from rwkv_chat.models import RWKV
-from rwkv_chat.models.decode import DEFAULT_BUCKETS, BatchDecoder
-from rwkv_chat.models.sampling import Sampler, SamplerArgs, SamplingError, sample_rows
+from rwkv_chat.models.rwkv.decode import DEFAULT_BUCKETS, BatchDecoder
+from rwkv_chat.models.text.sampling import Sampler, SamplerArgs, SamplingError, sample_rows
 
 
 @pytest.fixture(scope="module")

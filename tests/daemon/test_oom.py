@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from rwkv_chat.app.paths import home_paths
+from rwkv_chat.daemon.paths import home_paths
 from rwkv_chat.daemon import messages as m
 from rwkv_chat.daemon.client import Client, GenerationFailed
 
@@ -24,7 +24,7 @@ _PROBE = """
 import json, torch, zmq, msgspec
 import rwkv_chat.daemon.server, rwkv_chat.daemon.scheduler, rwkv_chat.daemon.runner
 from rwkv_chat.models import RWKV
-from rwkv_chat.models.decode import BatchDecoder
+from rwkv_chat.models.rwkv.decode import BatchDecoder
 m = RWKV(model={path!r}, strategy="cpu fp32", verbose=False)
 d = BatchDecoder(m, max_batch=16)
 d.step({{d.add(): 1}})
@@ -35,7 +35,7 @@ print(json.dumps(int(peak) * 1024))
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs RLIMIT_AS and /proc")
 def test_oom_on_load_is_typed_and_the_daemon_serves_on(tmp_path, model_path):
-    from rwkv_chat.models.shapes import random_checkpoint, save_pth
+    from rwkv_chat.models.rwkv.shapes import random_checkpoint, save_pth
 
     tiny = model_path("5.2")
     probe = subprocess.run([sys.executable, "-c", _PROBE.format(path=str(tiny))], capture_output=True, text=True,

@@ -8,8 +8,8 @@ import stat
 
 import pytest
 
-from rwkv_chat.app.config import Config, ConfigError, load_config, save_config
-from rwkv_chat.app.paths import ensure_dirs, get_paths, home_paths
+from rwkv_chat.daemon.config import Config, ConfigError, load_config, save_config
+from rwkv_chat.daemon.paths import ensure_dirs, get_paths, home_paths
 from rwkv_chat.daemon.store import (SCHEMA_VERSION, InvalidId, NotFound, Store, Turn, check_conversation_id,
                                     export_conversation)
 

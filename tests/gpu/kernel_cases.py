@@ -2,7 +2,7 @@
 
 Each case draws fresh random inputs with the value ranges a real model produces, runs the dispatch
 function of ``rwkv_chat.models.kernels`` into NaN-poisoned output tensors, and compares with the
-pure-torch path (``models/wkv.py``, ``models/quant.py``) evaluated in float32 (mm8: float64) on the
+pure-torch path (``models/rwkv/wkv.py``, ``models/formats/i8.py``) evaluated in float32 (mm8: float64) on the
 same (rounded) inputs. Error = ``‖out − ref‖ / ‖ref‖`` per output, the worst output reported.
 """
 
@@ -13,7 +13,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from rwkv_chat.models import kernels, quant, wkv
+from rwkv_chat.models import kernels
+from rwkv_chat.models.formats import i8 as quant
+from rwkv_chat.models.rwkv import wkv
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 

@@ -1,10 +1,10 @@
-"""The fused RWKV-7 CUDA paths (``models/fused7.py``) against the plain torch path (run on a GPU machine).
+"""The fused RWKV-7 CUDA paths (``models/backends/fused_cuda.py``) against the plain torch path (run on a GPU machine).
 
     python tests/gpu/verify_fused.py [--shape 0.1B] [--out results.md]
 
 Random weights of an official RWKV-7 shape. Two models share the weights: one with the compiled
 kernels and the fused paths, one built with ``kernels=False`` whose blocks run the eager torch code
-(``models/v7.py``). Checked, relative error ‖a − b‖ / ‖b‖ of fp16 logits and states <= 1e-2:
+(``models/rwkv/v7.py``). Checked, relative error ‖a − b‖ / ‖b‖ of fp16 logits and states <= 1e-2:
 prefill (64 tokens, full output) and decode steps through ``BatchDecoder`` (CUDA graphs) at batch
 1 and 3 (grouped GEMV, "ours" and "cublas") and 8 (cuBLAS GEMM; WKV fused or row-split; or the torch.compile'd step), and fp16i8
 (grouped mm8 GEMV at 1 and 3 rows); the prefill CUDA graph bit-identical to the eager prefill. Exit status
@@ -21,8 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 
-from rwkv_chat.models import RWKV, kernels, quant, shapes, wkv  # noqa: E402
-from rwkv_chat.models.decode import BatchDecoder  # noqa: E402
+from rwkv_chat.models import RWKV, kernels  # noqa: E402
+from rwkv_chat.models.formats import i8 as quant  # noqa: E402
+from rwkv_chat.models.rwkv import shapes, wkv  # noqa: E402
+from rwkv_chat.models.rwkv.decode import BatchDecoder  # noqa: E402
 
 TOL = 1e-2
 TORCH_PATHS = (wkv.wkv4, wkv.wkv5, wkv.wkv7, quant.mm8)
@@ -73,7 +75,7 @@ def main() -> int:
     for strategy in ("cuda fp16", "cuda fp16i8"):
         fused = RWKV(model=w, strategy=strategy)
         seq, st = fused.forward(tokens, None, full_output=True)
-        # prefill through a CUDA graph (models/prefill_graph.py: captured on a shape's second prefill) vs
+        # prefill through a CUDA graph (models/rwkv/prefill_graph.py: captured on a shape's second prefill) vs
         # the eager fused prefill of the same model: bit-identical logits and state
         graphs = fused._prefill_graphs
         more = [(7 * t + 3) % fused.vocab_size for t in range(48)]

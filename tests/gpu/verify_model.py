@@ -28,8 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 
-from rwkv_chat.models import RWKV, kernels, quant, shapes, wkv  # noqa: E402
-from rwkv_chat.models.decode import BatchDecoder  # noqa: E402
+from rwkv_chat.models import RWKV, kernels  # noqa: E402
+from rwkv_chat.models.formats import i8 as quant  # noqa: E402
+from rwkv_chat.models.rwkv import shapes, wkv  # noqa: E402
+from rwkv_chat.models.rwkv.decode import BatchDecoder  # noqa: E402
 
 NAMES = ["tiny-rwkv-4v0-660K.pth", "tiny-rwkv-5v1-730K.pth", "tiny-rwkv-5v2-730K.pth", "tiny-rwkv-6v0-1m.pth",
          "tiny-rwkv-7v0-834K.pth"]

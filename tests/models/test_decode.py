@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rwkv_chat.models import RWKV, StateError, TokenError
-from rwkv_chat.models.decode import BatchDecoder, decode_greedy
+from rwkv_chat.models.rwkv.decode import BatchDecoder, decode_greedy
 
 
 def _plain_greedy(model, logits, state, n):

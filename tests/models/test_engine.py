@@ -144,7 +144,7 @@ def test_strategy_matches_reference(model_path, version, strategy, tol):
 
 def _i8_bound(model_fp32: RWKV, model_i8: RWKV) -> float:
     """Largest per-element dequantization error over all quantized weights (the i8 scheme's bound)."""
-    from rwkv_chat.models.quant import Int8Weight
+    from rwkv_chat.models.formats.i8 import Int8Weight
 
     worst = 0.0
     for p8, p32 in zip(model_i8.layers, model_fp32.layers):
@@ -158,7 +158,7 @@ def _i8_bound(model_fp32: RWKV, model_i8: RWKV) -> float:
 def test_i8_within_error_bound(model_path, version):
     path = model_path(version)
     fp32, i8 = RWKV(path, "cpu fp32"), RWKV(path, "cpu fp32i8")
-    from rwkv_chat.models.quant import Int8Weight
+    from rwkv_chat.models.formats.i8 import Int8Weight
 
     for p8, p32 in zip(i8.layers, fp32.layers):
         for k, w in p8.items():
@@ -195,7 +195,7 @@ def test_fp16_rescale_matches_reference(model_path):
 @pytest.mark.parametrize("shape", [(1, 7), (7, 1), (1, 1), (4, 6)])
 def test_i8_degenerate_weights_stay_finite(shape):
     """Constant rows/columns (range 0) must not divide by zero (the reference yields NaN there)."""
-    from rwkv_chat.models.quant import quantize_i8
+    from rwkv_chat.models.formats.i8 import quantize_i8
 
     w = torch.full(shape, 0.25) if shape == (4, 6) else torch.randn(shape)
     q = quantize_i8(w, torch.float32)

@@ -1,4 +1,4 @@
-"""The fused CPU call (models/fused_cpu.py, csrc/fused_cpu/) against the eager block path, on the real tiny
+"""The fused CPU call (models/backends/fused_cpu.py, csrc/fused_cpu/) against the eager block path, on the real tiny
 models of every generation: logits and states within float32 rounding, identical greedy tokens, the
 BatchDecoder step, and the eager fallback where the fused call does not serve a strategy."""
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rwkv_chat.models import RWKV, State
-from rwkv_chat.models.decode import BatchDecoder, decode_greedy
+from rwkv_chat.models.rwkv.decode import BatchDecoder, decode_greedy
 from rwkv_chat.models.errors import StateError
 
 VERSIONS = ("4", "5", "5.2", "6", "7")
@@ -163,7 +163,7 @@ def test_state_errors_keep_their_meaning(model_path):
 
 
 def test_long_prompt_takes_the_eager_path(model_path, monkeypatch):
-    from rwkv_chat.models import fused_cpu
+    from rwkv_chat.models.backends import fused_cpu
 
     model = RWKV(model_path("5.2"), "cpu fp32")
     ids = [(i * 37) % 256 for i in range(fused_cpu.SEQ_TOKENS + 6)]

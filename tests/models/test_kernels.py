@@ -13,7 +13,9 @@ import time
 import pytest
 import torch
 
-from rwkv_chat.models import kernels, quant, wkv
+from rwkv_chat.models import kernels
+from rwkv_chat.models.formats import i8 as quant
+from rwkv_chat.models.rwkv import wkv
 from rwkv_chat.models.errors import DeviceError, ShapeMismatchError, UnsupportedDtypeError
 from tests.gpu.kernel_cases import TOL, all_cases, case_wkv7, wkv7_inputs
 

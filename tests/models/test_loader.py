@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rwkv_chat.models import RWKV, CheckpointError, DeviceError, StrategyError
-from rwkv_chat.models.loader import detect_version, inspect, read_checkpoint
+from rwkv_chat.models.rwkv.checkpoint import detect_version, inspect, read_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rwkv_chat.models import RWKV, prefill, wkv
+from rwkv_chat.models import RWKV
+from rwkv_chat.models.rwkv import chunked as prefill, wkv
 
 RUNNER = Path(__file__).with_name("reference_runner.py")
 

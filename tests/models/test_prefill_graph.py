@@ -1,4 +1,4 @@
-"""PrefillGraphs bookkeeping (models/prefill_graph.py) on the CPU: when a shape is captured, that replays
+"""PrefillGraphs bookkeeping (models/rwkv/prefill_graph.py) on the CPU: when a shape is captured, that replays
 see new inputs and return fresh tensors, least-recently-used eviction, and the eager fallback after a
 failed capture. The capture itself is replaced by a stand-in that replays the stack into the static
 outputs, as a CUDA graph does; the real graphs are checked bit-identical to the eager prefill on a GPU
@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from rwkv_chat.models import prefill_graph
-from rwkv_chat.models.prefill_graph import PrefillGraphs
+from rwkv_chat.models.rwkv import prefill_graph
+from rwkv_chat.models.rwkv.prefill_graph import PrefillGraphs
 
 
 def stack(x, layers):

@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rwkv_chat.models import kernels, quant
+from rwkv_chat.models import kernels
+from rwkv_chat.models.formats import i8 as quant
 from rwkv_chat.models.errors import ShapeMismatchError
-from rwkv_chat.models.quant import Int8Weight, quantize_i8
+from rwkv_chat.models.formats.i8 import Int8Weight, quantize_i8
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -15,8 +15,8 @@ import rwkv
 from rwkv.rwkv_tokenizer import TRIE_TOKENIZER
 from rwkv.utils import PIPELINE, PIPELINE_ARGS
 from rwkv_chat.models.errors import ShapeMismatchError, StateError
-from rwkv_chat.models.sampling import Sampler, SamplerArgs, SamplingError, filtered_probs
-from rwkv_chat.models.tokenizers import load_tokenizer
+from rwkv_chat.models.text.sampling import Sampler, SamplerArgs, SamplingError, filtered_probs
+from rwkv_chat.models.text.tokenizers import load_tokenizer
 
 HYP = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

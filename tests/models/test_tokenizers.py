@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import rwkv
 from rwkv.rwkv_tokenizer import TRIE_TOKENIZER
 from rwkv_chat.models.errors import TokenError, TokenizerError
-from rwkv_chat.models.tokenizers import (
+from rwkv_chat.models.text.tokenizers import (
     ByteTokenizer,
     IncrementalDecoder,
     NeoXTokenizer,

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import ShapeMismatchError, UnsupportedDtypeError
+from rwkv_chat.models.errors import ShapeMismatchError, UnsupportedDtypeError
 
 
 def prefers_output_major(device: torch.device | str | None) -> bool:

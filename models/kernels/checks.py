@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import DeviceError, ShapeMismatchError, UnsupportedDtypeError
+from rwkv_chat.models.errors import DeviceError, ShapeMismatchError, UnsupportedDtypeError
 
 FAMILIES = ("wkv4", "wkv5", "wkv6", "wkv7", "mm8", "gemm", "v7fused")
 CPU_FAMILIES = ("wkv4", "wkv5", "wkv6", "wkv7", "mm8")

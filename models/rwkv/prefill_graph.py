@@ -1,6 +1,6 @@
 """CUDA graphs of the prefill layer stack, one per prompt shape seen again.
 
-A prefill of T tokens through the fused RWKV-7 block (``models/fused7.py``) is ~25 kernel launches per
+A prefill of T tokens through the fused RWKV-7 block (``models/backends/fused_cuda.py``) is ~25 kernel launches per
 layer; launched eagerly from Python, the GPU idles between the short ones (about 2 ms of 14.7 ms for
 RWKV-7 1.5B at 1024 tokens on an H100, ``bench/results/prefill_profile_h100.md``). ``PrefillGraphs``
 captures the stack (all layers, final LayerNorm and head, from the embedded input) for a (batch, T)

@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import wkv
-from .ops import head_group_norm, layer_norm, matmul, time_shift
-from .v4 import MATRICES, channel_mix, channel_mix_keys
+from rwkv_chat.models.rwkv import wkv
+from rwkv_chat.models.rwkv.nn import head_group_norm, layer_norm, matmul, time_shift
+from rwkv_chat.models.rwkv.v4 import MATRICES, channel_mix, channel_mix_keys
 
 STATE_NAMES = ("att_x", "att_kv", "ffn_x")
 FP32_STATE = ("att_kv",)

@@ -25,7 +25,7 @@ import operator
 from pathlib import Path
 from typing import Iterable
 
-from .errors import TokenError, TokenizerError
+from rwkv_chat.models.errors import TokenError, TokenizerError
 
 __all__ = [
     "Tokenizer",

@@ -1,6 +1,6 @@
 """Fused RWKV-7 layers on CUDA: the compiled kernels of ``csrc/fused`` in place of the eager block.
 
-Same math as ``models/v7.py`` (ChatRWKV ``RWKV_x070_TMix_*`` / ``RWKV_x070_CMix_*``, pip 0.8.32), in
+Same math as ``models/rwkv/v7.py`` (ChatRWKV ``RWKV_x070_TMix_*`` / ``RWKV_x070_CMix_*``, pip 0.8.32), in
 a few launches per layer:
 
 Decode (``decode_step``, one token for each of b rows), per layer:
@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import torch
 
-from . import v7
-from .ops import matmul
-from .quant import Int8Weight
+from rwkv_chat.models.rwkv import v7
+from rwkv_chat.models.rwkv.nn import matmul
+from rwkv_chat.models.formats.i8 import Int8Weight
 
 GEMV_ROWS = 4           # rows served by the grouped GEMV kernel (more: cuBLAS)
 _BIG = ("att.receptance.weight", "att.key.weight", "att.value.weight", "att.output.weight",
@@ -43,7 +43,7 @@ def _ops():
 
 
 def kernels_loaded() -> bool:
-    from . import kernels
+    from rwkv_chat.models import kernels
     return kernels.available("cuda", "v7fused")
 
 
@@ -228,7 +228,7 @@ def decode_step(model, ids: torch.Tensor, bufs: list, gemv: str = "ours", large_
 
 def _tmix_split(ops, r, k, v, wl, al, g, vl, v_first, p, s, y, H, N):
     """``v7_tmix_one`` as three launches (v7_pre, the WKV-7 kernel at T = 1 updating s in place, v7_post)."""
-    from . import kernels
+    from rwkv_chat.models import kernels
 
     b, C = r.shape
     first = vl is None
@@ -256,7 +256,7 @@ def decode_ready(model) -> bool:
 
 def _fused_block(x: torch.Tensor, st: tuple, p: dict, ctx) -> tuple[torch.Tensor, tuple]:
     """``v7.block`` for x [B, T, C] on CUDA through the fused kernels (T > 1: prefill)."""
-    from . import kernels
+    from rwkv_chat.models import kernels
 
     ops = _ops()
     B, T, C = x.shape

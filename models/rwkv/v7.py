@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import wkv
-from .ops import head_group_norm, layer_norm, matmul, time_shift
+from rwkv_chat.models.rwkv import wkv
+from rwkv_chat.models.rwkv.nn import head_group_norm, layer_norm, matmul, time_shift
 
 STATE_NAMES = ("att_x", "att_kv", "ffn_x")
 FP32_STATE = ("att_kv",)

@@ -9,7 +9,7 @@ process reuses the build at once. The ops register under ``torch.ops.rwkv_chat``
 
 A failed build is never silent: the reason is logged and kept, ``report()`` returns it (``rwkv-chat
 doctor --json``), and the dispatch functions (``wkv4``, ``wkv5``, ``wkv7``, ``mm8``, ``gemm``) serve
-those calls with the pure-torch paths of ``models/wkv.py`` and ``models/quant.py``. ``install()``
+those calls with the pure-torch paths of ``models/rwkv/wkv.py`` and ``models/formats/i8.py``. ``install()``
 rebinds ``wkv.wkv4/wkv5/wkv7`` and ``quant.mm8`` to these dispatch functions.
 
 The dispatch functions validate their inputs first, whichever path serves them, and raise
@@ -28,10 +28,10 @@ from typing import Callable
 
 import torch
 
-from . import quant as _quant
-from . import wkv as _wkv
-from .errors import DeviceError, ShapeMismatchError, UnsupportedDtypeError
-from .kernel_checks import (CPU_FAMILIES, CUDA_FAMILIES, FAMILIES, check_mm8, check_wkv4, check_wkv5,
+from rwkv_chat.models.formats import i8 as _quant
+from rwkv_chat.models.rwkv import wkv as _wkv
+from rwkv_chat.models.errors import DeviceError, ShapeMismatchError, UnsupportedDtypeError
+from rwkv_chat.models.kernels.checks import (CPU_FAMILIES, CUDA_FAMILIES, FAMILIES, check_mm8, check_wkv4, check_wkv5,
                          check_wkv7)
 
 log = logging.getLogger("rwkv_chat.kernels")
@@ -47,7 +47,7 @@ CUDA_NVCC_FLAGS = ("-O3", "-std=c++17", "-Xptxas=-O3", "--extra-device-vectoriza
 NOT_BUILT = "not built yet (ensure_built has not run for this device)"
 CPU_GEMM_REASON = "no compiled CPU gemm: torch.matmul (oneDNN/MKL) serves CPU products"
 CPU_REASONS = {"gemm": CPU_GEMM_REASON,
-               "v7fused": "the fused RWKV-7 layer kernels (models/fused7.py) are CUDA only"}
+               "v7fused": "the fused RWKV-7 layer kernels (models/backends/fused_cuda.py) are CUDA only"}
 #: the op whose presence marks a family as loaded (default ``<family>_<device>``)
 OP_NAMES = {"v7fused": "v7_tmix_one"}
 
@@ -61,11 +61,11 @@ def default_source_dir() -> Path:
 
 
 def default_cache_dir() -> Path:
-    """``<user cache dir>/kernels`` (``$RWKV_CHAT_HOME/cache/kernels`` when RWKV_CHAT_HOME is set), from
-    ``rwkv_chat.app.paths``, the one place paths are decided."""
-    from rwkv_chat.app import paths
+    """``<user cache dir>/kernels`` from platformdirs (``~/.cache/rwkv-chat/kernels`` on Linux). The daemon
+    passes its own home's cache directory instead (``set_cache_dir``)."""
+    import platformdirs
 
-    return paths.get_paths().cache_dir / "kernels"
+    return Path(platformdirs.user_cache_dir("rwkv-chat")) / "kernels"
 
 
 def _cuda_arches() -> list[tuple[int, int]]:
@@ -94,6 +94,10 @@ class KernelLoader:
     @property
     def cache_dir(self) -> Path:
         return self._cache_dir or default_cache_dir()
+
+    @cache_dir.setter
+    def cache_dir(self, path: Path | str | None) -> None:
+        self._cache_dir = Path(path) if path else None
 
     def _say(self, msg: str) -> None:
         log.info(msg)
@@ -210,6 +214,11 @@ def default_loader() -> KernelLoader:
     return _DEFAULT
 
 
+def set_cache_dir(path: Path | str | None) -> None:
+    """Keep the default loader's builds under ``path`` (None: ``default_cache_dir()``)."""
+    _DEFAULT.cache_dir = path
+
+
 def set_progress(progress: ProgressFn | None) -> None:
     """Send the default loader's build progress messages to ``progress`` (also logged)."""
     _DEFAULT.progress = progress
@@ -233,7 +242,7 @@ def available(device_type: str, family: str) -> bool:
 def install() -> None:
     """Route the engine's public entry points through the dispatch functions of this module.
 
-    Rebinds ``rwkv_chat.models.wkv.wkv4/wkv5/wkv7`` and ``rwkv_chat.models.quant.mm8``. The dispatch
+    Rebinds ``rwkv_chat.models.rwkv.wkv.wkv4/wkv5/wkv7`` and ``rwkv_chat.models.formats.i8.mm8``. The dispatch
     functions use compiled ops where ``ensure_built`` loaded them and the torch paths elsewhere, so
     calling ``install()`` before or after ``ensure_built`` is safe; it is idempotent.
     """

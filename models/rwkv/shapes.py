@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ShapeMismatchError
+from rwkv_chat.models.errors import ShapeMismatchError
 
 #: name -> (n_layer, n_embd)
 SHAPES: dict[str, tuple[int, int]] = {

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from . import wkv
-from .ops import layer_norm, matmul, time_shift
+from rwkv_chat.models.rwkv import wkv
+from rwkv_chat.models.rwkv.nn import layer_norm, matmul, time_shift
 
 STATE_NAMES = ("att_x", "att_a", "att_b", "att_p", "ffn_x")
 FP32_STATE = ("att_a", "att_b", "att_p")

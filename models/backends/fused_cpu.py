@@ -6,7 +6,7 @@ model's weights once (no copies: the compiled object keeps references to the mod
 TorchBind class ``torch.classes.rwkv_chat.FusedCpuModel`` (``csrc/fused_cpu/``, built into the CPU
 kernel library) and runs B sequences of T tokens through every layer in one call: hand loops for the
 small products, ``at::mm`` (MKL/oneDNN) and the compiled mm8 kernel for the large ones. The formulas are
-those of ``models/v4.py`` … ``models/v7.py`` (ChatRWKV ``rwkv/model.py``, pip 0.8.32); results equal the
+those of ``models/rwkv/v4.py`` … ``models/rwkv/v7.py`` (ChatRWKV ``rwkv/model.py``, pip 0.8.32); results equal the
 eager path to float32 rounding.
 
 Served: every layer on the CPU with float32 activations and float32 or i8 weights (``cpu fp32``,
@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import torch
 
-from .errors import StateError
-from .quant import Int8Weight
-from .state import State
+from rwkv_chat.models.errors import StateError
+from rwkv_chat.models.formats.i8 import Int8Weight
+from rwkv_chat.models.state import State
 
 _EMPTY = torch.empty(0)
 _VERSION_CODE = {"4": 4, "5": 5, "5.1": 5, "5.2": 5, "6": 6, "7": 7}

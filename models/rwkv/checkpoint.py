@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError
+from rwkv_chat.models.errors import CheckpointError
 
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.")
 
@@ -158,7 +158,7 @@ def inspect(w: dict[str, torch.Tensor]) -> ModelSpec:
                      vocab_size=vocab, n_head=n_head, head_size=head_size,
                      time_state=any(k.endswith("att.time_state") for k in w),
                      deep_embed=any(".ffn.s_emb" in k for k in w))
-    from .generations import module_for
+    from rwkv_chat.models.rwkv.generations import module_for
 
     gen = module_for(version)
     expected: dict[str, tuple | None] = {"emb.weight": (vocab, C), "ln_out.weight": (C,), "ln_out.bias": (C,),

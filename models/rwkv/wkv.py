@@ -113,7 +113,7 @@ def wkv7_auto(r, w, k, v, a, b, s):
     Same contract as ``wkv7_torch``."""
     if r.shape[1] == 1:
         return wkv7_one(r, w, k, v, a, b, s)
-    from .prefill import wkv7_chunked
+    from rwkv_chat.models.rwkv.chunked import wkv7_chunked
 
     return wkv7_chunked(r, w, k, v, a, b, s)
 
@@ -123,7 +123,7 @@ def wkv5_auto(r, k, v, w, u, s):
     (``prefill.wkv5_chunked``) for T > 1. Same contract as ``wkv5_torch``."""
     if r.shape[1] == 1:
         return wkv5_torch(r, k, v, w, u, s)
-    from .prefill import wkv5_chunked
+    from rwkv_chat.models.rwkv.chunked import wkv5_chunked
 
     return wkv5_chunked(r, k, v, w, u, s)
 

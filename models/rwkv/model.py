@@ -18,13 +18,13 @@ from typing import Callable
 
 import torch
 
-from . import loader
-from .errors import CheckpointError, StateError, TokenError
-from .generations import module_for
-from .ops import layer_norm, matmul
-from .quant import prefers_output_major, quantize_i8
-from .state import State
-from .strategy import Plan, plan_layers, rescale_layer_for, torch_device
+from rwkv_chat.models.rwkv import checkpoint as loader
+from rwkv_chat.models.errors import CheckpointError, StateError, TokenError
+from rwkv_chat.models.rwkv.generations import module_for
+from rwkv_chat.models.rwkv.nn import layer_norm, matmul
+from rwkv_chat.models.formats.i8 import prefers_output_major, quantize_i8
+from rwkv_chat.models.state import State
+from rwkv_chat.models.strategy import Plan, plan_layers, rescale_layer_for, torch_device
 
 _RESCALED = ("att.output.weight", "ffn.value.weight")
 _FINGERPRINTED = ("emb.weight", "head.weight", "ln_out.weight")
@@ -48,7 +48,7 @@ class RWKV:
     Args:
         model: path to a BlinkDL ``.pth`` or a ``.safetensors`` checkpoint. As in the reference, a path
             without a suffix gets ``.pth`` appended when that file exists. Also a checkpoint already in
-            memory: a dict of BlinkDL key -> tensor (e.g. ``rwkv_chat.models.shapes.random_checkpoint``).
+            memory: a dict of BlinkDL key -> tensor (e.g. ``rwkv_chat.models.rwkv.shapes.random_checkpoint``).
         strategy: e.g. ``"cpu fp32"``, ``"cuda fp16"``, ``"cuda fp16i8 *10+ -> cpu fp32"`` (see
             ``rwkv_chat.models.strategy``).
         verbose: print the layer plan, as the reference does.
@@ -93,22 +93,22 @@ class RWKV:
                 self.rescale_layer = rescale_layer_for(self.plan.stages) if rescale_layer is None else int(rescale_layer)
             self._place(w, progress)
             self.kernels = {}
-            self._seq_block = None    # RWKV-7 on CUDA: the fused prefill block (models/fused7.py)
-            self._prefill_graphs = None   # ... and CUDA graphs of it per prompt shape (models/prefill_graph.py)
+            self._seq_block = None    # RWKV-7 on CUDA: the fused prefill block (models/backends/fused_cuda.py)
+            self._prefill_graphs = None   # ... and CUDA graphs of it per prompt shape (models/rwkv/prefill_graph.py)
             if kernels:
-                from . import kernels as compiled
+                from rwkv_chat.models import kernels as compiled
 
                 for dev in sorted({d.type for d in self._devices}):
                     self.kernels[dev] = compiled.ensure_built(dev)
                 compiled.install()
-                from . import fused7
+                from rwkv_chat.models.backends import fused_cuda as fused7
 
                 self._seq_block = fused7.sequence_block(self)
                 if self._seq_block is not None and fused7.decode_ready(self):
-                    from .prefill_graph import PrefillGraphs
+                    from rwkv_chat.models.rwkv.prefill_graph import PrefillGraphs
 
                     self._prefill_graphs = PrefillGraphs(self._stack, self._devices[0])
-            from . import fused_cpu
+            from rwkv_chat.models.backends import fused_cpu
 
             #: the fused CPU call serving CPU forwards (None: eager blocks; ``fused_cpu_reason`` says why)
             self.fused_cpu = fused_cpu.attach(self)

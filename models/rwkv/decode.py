@@ -25,12 +25,13 @@ from typing import Callable
 
 import torch
 
-from . import fused7, wkv
-from .errors import StateError, TokenError
-from .ops import layer_norm, matmul
-from .quant import Int8Weight
-from .rwkv import RWKV, _Context
-from .state import State
+from rwkv_chat.models.backends import fused_cuda as fused7
+from rwkv_chat.models.rwkv import wkv
+from rwkv_chat.models.errors import StateError, TokenError
+from rwkv_chat.models.rwkv.nn import layer_norm, matmul
+from rwkv_chat.models.formats.i8 import Int8Weight
+from rwkv_chat.models.rwkv.model import RWKV, _Context
+from rwkv_chat.models.state import State
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 #: rows at most for which a product is written as a broadcast-and-sum (fused by torch.compile)
@@ -106,7 +107,7 @@ class BatchDecoder:
             ``graphs``.
         gemv: the GEMV of the large matrices: "auto" (default), "ours" (the grouped GEMV kernel, fused
             RWKV-7 path), "cublas", or "fused" (see ``fused_matmul``; compiled path).
-        fused: run RWKV-7 steps through the fused CUDA kernels (``models/fused7.py``). Default: where
+        fused: run RWKV-7 steps through the fused CUDA kernels (``models/backends/fused_cuda.py``). Default: where
             ``fused7.decode_ready`` says they can serve the model and ``graphs`` is on.
         large: with ``fused``, the path of buckets above ``fused7.GEMV_ROWS`` rows: "compiled" (default: the
             torch.compile'd static-buffer step, fastest measured at batch 64), "fused" (cuBLAS GEMMs + the

@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import wkv
-from .ops import head_group_norm, layer_norm, matmul, time_shift
-from .v4 import MATRICES
-from . import v5
+from rwkv_chat.models.rwkv import wkv
+from rwkv_chat.models.rwkv.nn import head_group_norm, layer_norm, matmul, time_shift
+from rwkv_chat.models.rwkv.v4 import MATRICES
+from rwkv_chat.models.rwkv import v5
 
 # the same state layout as v5
 STATE_NAMES, FP32_STATE, zero_state = v5.STATE_NAMES, v5.FP32_STATE, v5.zero_state

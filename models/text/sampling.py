@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from .errors import RWKVError, ShapeMismatchError, StateError, TokenError
+from rwkv_chat.models.errors import RWKVError, ShapeMismatchError, StateError, TokenError
 
 __all__ = ["SamplerArgs", "Sampler", "SamplingError", "filtered_probs", "sample_rows", "WEIGHTLESS_TEXT"]
 

@@ -1,0 +1,99 @@
+"""The one interface the daemon, the benchmark and the doctor use for every model family.
+
+``load_model(path, strategy)`` reads the files, picks the family (RWKV ``.pth`` / ``.safetensors`` today;
+Qwen2 checkpoint folders next) and returns an object that satisfies ``Model``. Everything behind it —
+generations, weight formats, backends, kernels — is the family's own business.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Protocol, runtime_checkable
+
+import torch
+
+from rwkv_chat.models.errors import CheckpointError
+from rwkv_chat.models.state import State
+from rwkv_chat.models.strategy import Plan
+
+
+@runtime_checkable
+class Model(Protocol):
+    """A language model placed on devices by a strategy, with its conversation state, tokenizer and chat
+    template.
+
+    Attributes:
+        family: "rwkv" (later "qwen2").
+        version: the family's generation ("4", "5", "5.1", "5.2", "6", "7").
+        fingerprint: identifies the weights; a State carries it, and states of other weights are refused.
+        vocab_size: logits per position.
+        plan: which layer lives on which device in which dtype, and which backend serves it.
+        backend: the name of the backend chosen at load (see ``rwkv_chat.models.backends``).
+        devices: the torch device of every layer (the head last).
+        tokenizer: ``rwkv_chat.models.text.tokenizers.Tokenizer`` of this model.
+        chat_template: how a conversation becomes text (``rwkv_chat.models.text.templates``).
+    """
+
+    family: str
+    version: str
+    fingerprint: str
+    vocab_size: int
+    plan: Plan
+
+    @property
+    def backend(self) -> str: ...
+
+    @property
+    def devices(self) -> list[torch.device]: ...
+
+    @property
+    def tokenizer(self): ...
+
+    @property
+    def chat_template(self): ...
+
+    def forward(self, tokens, state: State | None, full_output: bool = False) -> tuple[torch.Tensor, State]:
+        """Tokens (T >= 1) from ``state`` (None: the zero state) -> float32 logits [vocab] (or [T, vocab])
+        and a new State; the given state is not modified."""
+
+    def forward_batch(self, tokens: list[list[int]], state: State | None,
+                      full_output: bool = False) -> tuple[torch.Tensor, State]:
+        """B sequences of equal length -> float32 [B, vocab] (or [B, T, vocab]) and the batched State."""
+
+    def zero_state(self, batch: int = 1) -> State:
+        """A fresh state for ``batch`` sequences."""
+
+    def place_state(self, state: State) -> State:
+        """``state`` checked against this model (StateError) and moved to its devices and dtypes."""
+
+    def load_state(self, path: str | Path) -> State:
+        """A state file read and placed on this model (StateError)."""
+
+    def decoder(self, max_batch: int = 1, buckets: tuple[int, ...] | None = None):
+        """A batched decoder with ``max_batch`` slots: conversations join and leave between one-token steps."""
+
+
+def load_model(path: str | Path, strategy: str, *, tokenizer: str | Path | None = None,
+               progress: Callable[[int, int], None] | None = None, kernels: bool = True) -> Model:
+    """Load any supported checkpoint.
+
+    Args:
+        path: an RWKV ``.pth`` / ``.safetensors`` file.
+        strategy: the strategy string (``rwkv_chat.models.strategy``), e.g. ``"cuda fp16i8 *10 -> cpu fp32"``.
+        tokenizer: "world", "neox", "bytes" or a tokenizer file; None picks by the vocabulary size.
+        progress: ``progress(done, total)`` while the layers are placed (units: layers).
+        kernels: use the compiled kernels where they build (the numbers agree to rounding either way).
+    Returns:
+        A ``Model``.
+    Raises:
+        CheckpointError, StrategyError, DeviceError, TokenizerError: see those classes.
+    """
+    p = Path(str(path).strip()).expanduser()
+    if p.is_dir():
+        raise CheckpointError(f"{p} is a folder: only RWKV checkpoint files (.pth, .safetensors) load so far")
+    from rwkv_chat.models.rwkv.model import RWKV
+    from rwkv_chat.models.text.tokenizers import load_tokenizer
+
+    model = RWKV(model=p, strategy=strategy, progress=progress, kernels=kernels)
+    model.tokenizer = load_tokenizer(tokenizer or None, vocab_size=model.vocab_size, model_path=model.path)
+    return model
