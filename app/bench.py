@@ -50,10 +50,8 @@ def copy_bandwidth(dev: torch.device) -> float:
 
 def step_bytes(model, batch: int) -> int:
     """Bytes a decode step must move: weights of every layer and the head, plus the state read + written."""
-    def size(t) -> int:
-        if hasattr(t, "nbytes") and callable(t.nbytes):
-            return t.nbytes()
-        return t.numel() * t.element_size()
+    from rwkv_chat.models.formats import nbytes as size
+
     w = sum(size(t) for layer in model.layers for t in layer.values()) + size(model.head)
     w += sum(t.numel() * t.element_size() for t in model.ln_out)
     st = sum(t.numel() * t.element_size() for layer in model.zero_state(1).layers for t in layer)
@@ -133,7 +131,7 @@ def bench_prefill(model, prompt_len: int, repeats: int = 5) -> dict:
     _sync(dev)
     med = timed()
     res = {"prompt_len": prompt_len, "ms": med * 1e3, "tok_s": prompt_len / med}
-    graphs = getattr(model, "_prefill_graphs", None)
+    graphs = model.prefill_graphs
     if graphs is not None and graphs.disabled is None:
         graphs.disabled = "timing the eager path"
         try:
@@ -247,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="fused RWKV-7 decode above 4 rows: fused kernels + cuBLAS, the same with the row-split "
                          "WKV, or the torch.compile'd step")
     ap.add_argument("--kernels", action="store_true",
-                    help="build and install the compiled kernels (models.kernels) before timing")
+                    help="build the compiled kernels (models.kernels) before loading and report their status "
+                         "(the model uses them either way where they build)")
     ap.add_argument("--md", help="append the table to this markdown file")
     ap.add_argument("--json", help="append the results (one JSON line) to this file")
     args = ap.parse_args(argv)
@@ -259,7 +258,6 @@ def main(argv: list[str] | None = None) -> int:
         dev_type = "cuda" if args.strategy.startswith("cuda") else "cpu"
         try:
             print(f"kernels: {kernels.ensure_built(dev_type)}", file=sys.stderr)
-            kernels.install()
         except Exception as e:  # the torch paths serve; say so
             print(f"kernels unavailable: {type(e).__name__}: {e}", file=sys.stderr)
             args.kernels = False
@@ -287,10 +285,13 @@ def main(argv: list[str] | None = None) -> int:
                         model.version == "7")
     ref_res = ref.run() if ref else None
     gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({os.cpu_count()} threads)"
+    cmd, machine = command_line(argv, "rwkv-chat bench"), machine_line(dev)
     res = {"model": name, "strategy": args.strategy, "device": gpu, "torch": torch.__version__,
+           "command": cmd, "machine": machine,
            "copy_gb_s": bw, "decode": dec, "prefill": pre, "reference": ref_res}
     kern = ", compiled kernels installed" if args.kernels else ""
     lines = [f"### {name}, `{args.strategy}`, {gpu}, torch {torch.__version__}{kern}", "",
+             f"command: `{cmd}`", "", machine, "",
              f"copy bandwidth (measured, read+write): {bw:.0f} GB/s", "",
              "| batch | decode tok/s | p50 ms/step | p90 ms/step | GB/s | % of copy BW | graph | path | gemv |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -327,6 +328,93 @@ def main(argv: list[str] | None = None) -> int:
     if pth and not args.model:
         pth.unlink(missing_ok=True)
     return 0
+
+
+# Where a result came from: every benchmark and check script (bench/, tests/gpu/) heads its table with
+# ``provenance``, so that each table in bench/results/ names its command, machine, software, tree and date.
+
+def command_line(argv: list[str] | None = None, prog: str | None = None) -> str:
+    """The running command as one shell line: ``sys.orig_argv`` with the interpreter by its name (``python3
+    -m rwkv_chat.app.bench ...``, ``python3 bench/kernels.py ...`` as typed) and an installed entry point by its
+    name (``rwkv-chat bench ...``). Where a caller passes ``argv`` that the process was not started with
+    (``main(argv)`` from Python), ``prog`` followed by ``argv``."""
+    import shlex
+
+    words = list(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])
+    if argv is not None:
+        argv = [str(a) for a in argv]
+        if len(words) < len(argv) or words[len(words) - len(argv):] != argv:
+            return shlex.join([*shlex.split(prog or ""), *argv])
+    if words and Path(words[0]).name.startswith("python"):
+        words[0] = Path(words[0]).name
+        if (len(words) > 1 and not words[1].startswith("-") and not words[1].endswith(".py")
+                and Path(words[1]).is_file()):
+            words = [Path(words[1]).name, *words[2:]]     # an entry point script (bin/rwkv-chat)
+    return shlex.join(words)
+
+
+def _source_tree() -> str | None:
+    """The git commit of the checkout this package runs from (``+ local changes`` where tracked files
+    differ from it), or ``$BENCH_TREE`` where set (a copy without ``.git``, as on a device machine: the
+    caller names what it copied); None otherwise."""
+    if os.environ.get("BENCH_TREE"):
+        return os.environ["BENCH_TREE"]
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*a: str) -> str:
+        return subprocess.run(["git", "-C", str(root), *a], capture_output=True, text=True, timeout=20,
+                              check=True).stdout.strip()
+    try:
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != root:
+            return None
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+        return git("rev-parse", "--short=10", "HEAD") + (" + local changes" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def machine_line(device: str | torch.device | None = None) -> str:
+    """Accelerator (name, multiprocessors, memory, driver), CPU, torch / CUDA / Python versions, source tree
+    and UTC date-time, in one line. ``device``: the CUDA device used (default: device 0 where CUDA is
+    available); a CPU device leaves the accelerator out."""
+    import datetime
+    import platform
+
+    parts = []
+    dev = torch.device(device) if device is not None else None
+    if (dev is None or dev.type == "cuda") and torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0 if dev is None or dev.index is None else dev.index)
+        gpu = f"{p.name} ({p.multi_processor_count} SMs, {p.total_memory / 2**30:.0f} GiB"
+        try:
+            drv = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=20).stdout.split()
+            gpu += f", driver {drv[0]}" if drv else ""
+        except (OSError, subprocess.SubprocessError):
+            pass
+        parts.append(gpu + ")")
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    parts.append(f"{cpu}, {platform.machine()} {os.cpu_count()} cores")
+    sw = f"torch {torch.__version__}" + (f", CUDA {torch.version.cuda}" if torch.version.cuda else "")
+    parts.append(f"{sw}, Python {platform.python_version()}")
+    tree = _source_tree()
+    if tree:
+        parts.append(f"tree {tree}")
+    parts.append(datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+    return "; ".join(parts)
+
+
+def provenance(argv: list[str] | None = None, prog: str | None = None,
+               device: str | torch.device | None = None) -> list[str]:
+    """The lines a result table starts with: ``command: `...` `` (``command_line``), a blank line, and
+    ``machine_line``."""
+    return [f"command: `{command_line(argv, prog)}`", "", machine_line(device)]
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from .screens.first_run import ModelScreen
 from .screens.help import HelpScreen
 from .widgets import events as ev
 
-DAEMON_TOPIC = "~daemon"     # rwkv_chat.daemon.messages.DAEMON_TOPIC (imported lazily with the client)
+DAEMON_TOPIC = "~daemon"     # rwkv_chat.daemon.protocol.messages.DAEMON_TOPIC (imported lazily with the client)
 
 
 def describe(e: BaseException) -> str:
@@ -229,7 +229,7 @@ class ChatApp(App):
 
     @work(thread=True, group="load", exclusive=True)
     def load_model(self, path: str, strategy: str, remember: bool) -> None:
-        from rwkv_chat.daemon import messages as m
+        from rwkv_chat.daemon.protocol import messages as m
 
         client = self.client
         try:

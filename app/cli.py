@@ -144,10 +144,10 @@ def _daemon(args) -> int:
     paths = _paths()
     if args.daemon_cmd == "start":
         if args.foreground:
-            from rwkv_chat.daemon.server import AlreadyRunning, serve
+            from rwkv_chat.daemon.launcher import AlreadyRunning, run_foreground
 
             try:
-                return serve(paths, _config(paths), args.model, args.strategy)
+                return run_foreground(paths, _config(paths), args.model, args.strategy)
             except AlreadyRunning as e:
                 _err(f"rwkv-chat: {e}")
                 return 3
@@ -161,7 +161,7 @@ def _daemon(args) -> int:
         _err(f"rwkv-chat: daemon started (pid {info.pid}, {info.request})")
         return 0
     if args.daemon_cmd == "stop":
-        from rwkv_chat.daemon.server import lock_held
+        from rwkv_chat.daemon.launcher import lock_held
 
         info = ping(paths)
         if info is None and not lock_held(paths.lock_file):
@@ -223,8 +223,8 @@ def _print_status(st: dict) -> None:
 
 
 def _load(args) -> int:
-    from rwkv_chat.daemon import messages as m
     from rwkv_chat.daemon.client import Client
+    from rwkv_chat.daemon.protocol import messages as m
 
     paths = _paths()
     cfg = _config(paths)
@@ -254,7 +254,7 @@ def _load(args) -> int:
 
 
 def _stream(gen, strip_first: bool = False) -> int:
-    from rwkv_chat.daemon import messages as m
+    from rwkv_chat.daemon.protocol import messages as m
 
     first = True
     interactive = sys.stderr.isatty()
@@ -296,7 +296,7 @@ def _complete(args) -> int:
 
 def _chat(args) -> int:
     from rwkv_chat.daemon.client import Client
-    from rwkv_chat.daemon.store import check_conversation_id, new_conversation_id
+    from rwkv_chat.daemon.protocol import check_conversation_id, new_conversation_id
 
     cid = args.conversation or new_conversation_id()
     check_conversation_id(cid)
@@ -308,7 +308,7 @@ def _chat(args) -> int:
 
 def _conversations(args) -> int:
     from rwkv_chat.daemon.client import Client
-    from rwkv_chat.daemon.store import check_conversation_id
+    from rwkv_chat.daemon.protocol import check_conversation_id
 
     if getattr(args, "id", None):
         check_conversation_id(args.id)

@@ -90,6 +90,7 @@ def ours(model, threads: int, tokens: int, prompt: int, repeats: int) -> dict:
 
 
 def main(argv=None) -> int:
+    from rwkv_chat.app.bench import provenance
     from rwkv_chat.models import RWKV
     from rwkv_chat.models.rwkv import shapes
 
@@ -129,7 +130,12 @@ def main(argv=None) -> int:
         del model
         if tmp:
             tmp.unlink(missing_ok=True)
-    lines = ["| model | threads | ours forward tok/s | ours BatchDecoder tok/s | ref JIT=0 | ref JIT=1 | "
+    lines = [*provenance(device="cpu"), "",
+             f"`cpu fp32`; each number the median of {args.repeats} runs; decode: greedy, one token per `forward` "
+             "call (300 tokens, 24 for a random shape), and `BatchDecoder` at batch 1; prefill: one `forward` of 256 "
+             "tokens (128 for a random shape); the reference `rwkv` 0.8.32 in its own process with RWKV_JIT_ON=0 "
+             "and =1, the better of the two the ratio's denominator", "",
+             "| model | threads | ours forward tok/s | ours BatchDecoder tok/s | ref JIT=0 | ref JIT=1 | "
              "decode ratio (forward / best ref) | ours prefill tok/s | ref prefill (best) | prefill ratio |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

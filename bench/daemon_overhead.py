@@ -19,7 +19,7 @@ Models: checkpoint paths, and/or ``--shape NAME`` (an official RWKV-7 shape of `
 random weights, saved to a temporary ``.pth`` that the daemon loads like any file; vocabulary 65536, so
 daemon and engine both pick the World tokenizer). Nothing is downloaded. The table is printed at the end.
 
-    python bench/daemon_overhead.py [--tokens 256] [--batch 1 4] [--out bench/results/daemon_overhead_cpu.md] MODEL...
+    python bench/daemon_overhead.py [--tokens 256] [--batch 1 4] [--out FILE.md] MODEL...
     python bench/daemon_overhead.py --shape 0.1B --strategy "cuda fp16" --batch 1 4 8
 """
 
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -51,19 +50,19 @@ def engine_rates(model_path: str, strategy: str, n: int, batches: list[int], rep
     from rwkv_chat.models.text.tokenizers import IncrementalDecoder, load_tokenizer
 
     from rwkv_chat.daemon.config import Config
-    from rwkv_chat.daemon.runner import auto_threads, decode_buckets
+    from rwkv_chat.daemon.host import auto_threads, decode_buckets
 
     model = RWKV(model=model_path, strategy=strategy, verbose=False)
     threads = threads or auto_threads(model)
     torch.set_num_threads(threads)
-    sync = torch.cuda.synchronize if any(d.type == "cuda" for d in model._devices) else (lambda: None)
+    sync = torch.cuda.synchronize if any(d.type == "cuda" for d in model.devices) else (lambda: None)
     daemon = Config().daemon
     max_batch = daemon.max_batch
     inv_buckets = decode_buckets(model, max_batch, daemon.batch_invariant)
     tok = load_tokenizer(vocab_size=model.vocab_size, model_path=model_path)
     logits0, state0 = model.forward(tok.encode(PROMPT), None)
     decoders = {("batch", b): BatchDecoder(model, max_batch=b) for b in batches}
-    inv = BatchDecoder(model, max_batch=max_batch, buckets=inv_buckets)
+    inv = model.decoder(max_batch, inv_buckets)
     decoders.update({("inv", b): inv for b in batches})
     out: dict = {}
     for _ in range(repeats + 1):               # the first round warms up (CUDA graphs, compiled steps)
@@ -93,13 +92,13 @@ def engine_rates(model_path: str, strategy: str, n: int, batches: list[int], rep
                 out[key] = max(out.get(key, 0), b * n / (time.perf_counter() - t0))
                 for h in hs:
                     bd.remove(h)
-    out["buckets"], out["threads"] = inv_buckets, threads
+    out["buckets"], out["threads"] = tuple(inv.buckets), threads
     return out
 
 
 def _concurrent(clients, prompt: str, n: int, seen) -> None:
     """Every client streams one greedy completion of ``n`` tokens at once; ``seen(client, event)`` per event."""
-    from rwkv_chat.daemon import messages as m
+    from rwkv_chat.daemon.protocol import messages as m
 
     barrier, errors = threading.Barrier(len(clients)), []
 
@@ -122,7 +121,7 @@ def daemon_rates(model_path: str, strategy: str, n: int, batches: list[int], rep
     """{N: tok/s} through a real daemon with N concurrent clients (best of ``repeats``), and "info": the
     daemon's model status (its ``buckets``, ``threads``)."""
     from rwkv_chat.daemon.paths import home_paths
-    from rwkv_chat.daemon import messages as m
+    from rwkv_chat.daemon.protocol import messages as m
     from rwkv_chat.daemon.client import Client
 
     home = Path(tempfile.mkdtemp(prefix="rwkv-bench-"))
@@ -161,21 +160,6 @@ def daemon_rates(model_path: str, strategy: str, n: int, batches: list[int], rep
     return out
 
 
-def device_name(strategy: str) -> str:
-    """The accelerator (CUDA device name) of ``strategy``, else the CPU model."""
-    import torch
-
-    if "cuda" in strategy and torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def random_model(shape: str, strategy: str, folder: Path) -> str:
     """Save random weights of the official RWKV-7 ``shape`` (fp16; built on the GPU for a CUDA strategy)
     as ``<folder>/rwkv7-<shape>-random.pth``; returns its path."""
@@ -207,13 +191,16 @@ def main() -> None:
         ap.error("give checkpoint paths and/or --shape")
     import torch
 
+    from rwkv_chat.app.bench import provenance
+
     tmp = Path(tempfile.mkdtemp(prefix="rwkv-bench-models-"))
     models = [(Path(mp).name, mp) for mp in args.models]
     for shape in args.shape:
         models.append((f"RWKV-7 {shape} (random weights)", random_model(shape, args.strategy, tmp)))
-    lines = [f"Decode tokens/s, {args.tokens} greedy tokens per stream (sampling + detokenizing in every loop), best "
-             f"of {args.repeats}, strategy `{args.strategy}`, device: {device_name(args.strategy)}, "
-             f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}", "",
+    device = "cuda" if "cuda" in args.strategy else "cpu"
+    lines = [*provenance(device=device), "",
+             f"Decode tokens/s, {args.tokens} greedy tokens per stream (sampling + detokenizing in every loop), best "
+             f"of {args.repeats}, strategy `{args.strategy}`", "",
              "| model | batch | engine `forward` loop | engine `BatchDecoder` | engine, daemon's buckets | "
              "daemon (N clients) | daemon / BatchDecoder | daemon / forward | daemon / daemon's buckets |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]

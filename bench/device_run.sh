@@ -1,17 +1,22 @@
 #!/bin/bash
 # One GPU device call: installs the carried wheels (.whl: platformdirs, pyzmq, msgspec, pyrwkv-tokenizer, rwkv 0.8.32), starts the
 # reference's CUDA extension build in the background, builds and verifies our kernels, verifies
-# the fused RWKV-7 paths, runs the benchmark matrix, then the comparisons with the reference.
-# Steps are skipped once the time budget (first argument, seconds; default 560) runs short.
-# Everything lands in $OUT (log, *.md, bench.jsonl).
+# the fused RWKV-7 paths, runs the benchmark rows, then the comparisons with the reference.
+#   bash bench/device_run.sh [BUDGET_SECONDS] [STEP...]      (default 560 s; steps: see `step` lines below)
+# Steps are skipped once the time budget runs short. Everything lands in $OUT: each step's table (headed
+# by its command and machine line), bench.jsonl, and $OUT/<gpu>.md = bench/results/<gpu>.md with the
+# sections of the steps taken replaced (bench/assemble.py): copy it over bench/results/<gpu>.md.
+# The tables name the source tree from git; a copy without .git names none unless BENCH_TREE is set (e.g. to
+# the output of `git describe --always --dirty` in the checkout the copy was made from).
 BUDGET=${1:-560}; shift || true
-STEPS=${*:-"kernels fused b15 b15cublas b01 b72 b72cublas b72i8 b72split b72comp pip cmp"}
+STEPS=${*:-"kernels fused kbench b01 b15 b72 b72i8 b15i8 pip cmp"}
 OUT=${OUT:-/tmp/bench-out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 mkdir -p /tmp/shim/rwkv_chat && touch /tmp/shim/rwkv_chat/__init__.py
 for d in models app daemon csrc; do ln -sfn "$PWD/$d" /tmp/shim/rwkv_chat/$d; done
 export PYTHONPATH=/tmp/shim:/tmp/site PYTHONUNBUFFERED=1 TORCH_EXTENSIONS_DIR=/tmp/rwkv_ext
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv,noheader
+GPU_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
 python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
 [[ " $STEPS " == *" pip "* || " $STEPS " == *" cmp "* ]] && ( cd /tmp && RWKV_V7_ON=1 RWKV_CUDA_ON=1 MAX_JOBS=6 python3 -c 'import rwkv.model' > "$OUT/ref_build.log" 2>&1; echo "reference build rc=$? at ${SECONDS}s" >> "$OUT/ref_build.log" ) &
 REF=$!
@@ -31,7 +36,7 @@ step kbench 60 200 python3 bench/kernels.py --ref-src /tmp/site/rwkv/cuda --out 
 step prof 60 200 python3 bench/prefill_profile.py --shape 1.5B --prompt-len 1024 --out "$OUT/prefill_profile.md"
 step b15 60 150 $B --shape 1.5B --batch 1 --prompt-len 1024 --tokens 200
 step b01 40 100 $B --shape 0.1B --batch 1 --prompt-len 1024 --tokens 300
-step daemon 150 300 python3 bench/daemon_overhead.py --shape 0.1B 1.5B --strategy "cuda fp16" --batch 1 4 --out "$OUT/daemon_overhead_h100.md"
+step daemon 150 300 python3 bench/daemon_overhead.py --shape 0.1B 1.5B --strategy "cuda fp16" --batch 1 4 --out "$OUT/daemon_overhead.md"
 step b72 90 200 $B --shape 7.2B --batch 1 64 --prompt-len 1024 --tokens 100
 step b72i8 60 150 $B --shape 7.2B --strategy "cuda fp16i8" --batch 1 --prompt-len 0 --tokens 100
 step b15i8 40 100 $B --shape 1.5B --strategy "cuda fp16i8" --batch 1 --prompt-len 0 --tokens 200
@@ -43,4 +48,5 @@ step b72cublas 60 150 $B --shape 7.2B --batch 1 --prompt-len 0 --tokens 100 --ge
 while kill -0 $REF 2>/dev/null && (( SECONDS < BUDGET - 150 )); do sleep 2; done; tail -3 "$OUT/ref_build.log"
 step pip 60 200 python3 tests/gpu/verify_model.py --pip-shapes ${PIP_SHAPES:-0.1B 1.5B} --out "$OUT/pip.md"
 step cmp 60 200 $B --shape 1.5B --batch 1 --prompt-len 1024 --tokens 100 --compare-rwkv-pip
+python3 bench/assemble.py "$OUT" --gpu "$GPU_NAME"
 echo "done at ${SECONDS}s"

@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from rwkv_chat.app.bench import provenance  # noqa: E402
 from rwkv_chat.models import kernels  # noqa: E402
 from rwkv_chat.models.formats import i8 as quant  # noqa: E402
 
@@ -318,8 +319,7 @@ def main() -> int:
         return 1
     have_ref = load_ref(args.ref_src)
     peak, peak_label = peak_copy_bw()
-    md = [f"GPU: {torch.cuda.get_device_name()} ({torch.cuda.get_device_properties(0).multi_processor_count} SMs), "
-          f"torch {torch.__version__}, CUDA {torch.version.cuda}", "",
+    md = [*provenance(), "",
           f"Large device-to-device copy (best of 512 MiB and 2 GiB moved, read + write; best at {peak_label}): "
           f"**{peak:.0f} GB/s**"]
     ok = bench_mm8(md, peak)

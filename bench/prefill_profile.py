@@ -66,7 +66,7 @@ def profile_prefill(shape: str, T: int, lines: list[str]) -> None:
         if ev.device_type == torch.autograd.DeviceType.CUDA:
             agg[ev.name].append(ev.device_time)
     total = sum(sum(v) for v in agg.values())
-    lines += [f"## {shape} prefill of {T} tokens, `cuda fp16`, {torch.cuda.get_device_name()}", "",
+    lines += [f"### {shape} prefill of {T} tokens, `cuda fp16`, {torch.cuda.get_device_name()}", "",
               f"wall (events around forward): {wall_ms:.2f} ms = {T / wall_ms * 1e3:.0f} tok/s; "
               f"sum of kernel times: {total / 1e3:.2f} ms", "",
               "| kernel | launches | total ms | share |", "|---|---|---|---|"]
@@ -117,7 +117,7 @@ def compare_wkv(T: int, H: int, lines: list[str]) -> None:
     for L in (16, 32, 64):
         rows.append((f"torch chunked L={L} (`prefill.wkv7_chunked`)",
                      (lambda L=L: prefill.wkv7_chunked(r, w, k, v, a, b, s, chunk=L))))
-    lines += [f"## WKV-7 of one layer, B=1 T={T} H={H} N=64, fp16 inputs, fp32 state ({torch.cuda.get_device_name()})",
+    lines += [f"### WKV-7 of one layer, B=1 T={T} H={H} N=64, fp16 inputs, fp32 state ({torch.cuda.get_device_name()})",
               "", "| path | us | y rel. err vs f64 | state rel. err vs f64 |", "|---|---|---|---|"]
     for name, fn in rows:
         try:
@@ -136,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--wkv-only", action="store_true")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
-    lines: list[str] = []
+    from rwkv_chat.app.bench import provenance
+
+    lines: list[str] = [*provenance(argv, "python3 bench/prefill_profile.py"), ""]
     heads = {"0.1B": 12, "0.4B": 16, "1.5B": 32, "2.9B": 40, "7.2B": 64}[args.shape]
     compare_wkv(args.prompt_len, heads, lines)
     for T, H in ((64, heads), (256, heads), (4096, 12), (1024, 64)):

@@ -7,8 +7,8 @@ import argparse
 import sys
 
 from .config import ConfigError, load_config
+from .launcher import AlreadyRunning, run_foreground
 from .paths import ensure_dirs, get_paths
-from .server import AlreadyRunning, serve
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     paths = ensure_dirs(get_paths())
     try:
-        return serve(paths, load_config(paths.config_file), args.model, args.strategy)
+        return run_foreground(paths, load_config(paths.config_file), args.model, args.strategy)
     except AlreadyRunning as e:
         print(f"rwkv-chat: {e}", file=sys.stderr, flush=True)
         return 3

@@ -8,7 +8,7 @@ Contract
   and waits until it answers. Raises :class:`DaemonUnavailable` when that fails.
 * Requests (``status``, ``conversations``, ``conversation``, ``create_conversation``, ``rename``, ``delete``,
   ``set_system_prompt``, ``set_sampling``, ``export``, ``cancel``, ``get_state``) return plain values or
-  message structs of :mod:`rwkv_chat.daemon.messages`; a daemon-side failure raises :class:`DaemonError`
+  message structs of :mod:`rwkv_chat.daemon.protocol.messages`; a daemon-side failure raises :class:`DaemonError`
   (``.kind`` e.g. "NotFound", "InvalidId", "StateError"), a full queue :class:`BusyError`, no reply within
   ``timeout`` seconds :class:`DaemonUnavailable`.
 * Generations (``complete``, ``chat``, ``regenerate``, ``edit_last_user``, ``load``) return a generator of
@@ -36,17 +36,19 @@ import zmq
 
 from rwkv_chat.daemon.paths import Paths, get_paths
 
-from . import messages as m
 from . import protocol as p
 from .errors import BusyError, DaemonError, DaemonLost, DaemonUnavailable, GenerationFailed  # noqa: F401
 from .launcher import _secure, ping, spawn_daemon  # noqa: F401 (re-exported)
+from .protocol import messages as m
 
 
-def _sampling(kw: dict) -> m.Sampling:
-    unknown = set(kw) - set(m.Sampling.__struct_fields__)
+def _sampling(kw: dict) -> m.SamplingSettings:
+    from rwkv_chat.daemon.config import SAMPLING_KEYS
+
+    unknown = set(kw) - set(SAMPLING_KEYS)
     if unknown:
         raise TypeError(f"unknown sampling settings {sorted(unknown)}")
-    return m.Sampling(**kw)
+    return {k: v for k, v in kw.items() if v is not None}
 
 
 class Client:

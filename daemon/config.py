@@ -7,14 +7,15 @@ Sections and keys (all optional; defaults below)::
     strategy = "cpu fp32"          # reference strategy grammar, e.g. "cuda fp16i8 *10 -> cpu fp32"
     tokenizer = ""                 # "world", "neox", "bytes" or a tokenizer file; "" = by vocabulary size
 
-    [sampling]                     # defaults of every generation (requests and conversations override)
-    temperature = 1.0
-    top_p = 0.85
+    [sampling]                     # defaults of every generation (requests and conversations override);
+    temperature = 1.0              # the engine's one sampling settings type, SamplerArgs, with its defaults
+    top_p = 0.85                   # (rwkv_chat.models.text.sampling; values out of range are a ConfigError)
     top_k = 0
     alpha_frequency = 0.2
     alpha_presence = 0.2
     alpha_decay = 0.996
     max_tokens = 256
+    # seed = 1                     # unset: a random seed per generation
 
     [daemon]
     queue_limit = 16               # queued generations (all clients) before requests get `Busy`
@@ -53,6 +54,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rwkv_chat.models.text.sampling import SETTINGS as SAMPLING_KEYS  # noqa: F401 (re-exported)
+from rwkv_chat.models.text.sampling import SamplerArgs, SamplingError
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -68,17 +72,6 @@ class ModelConfig:
     path: str = ""
     strategy: str = "cpu fp32"
     tokenizer: str = ""
-
-
-@dataclass
-class SamplingConfig:
-    temperature: float = 1.0
-    top_p: float = 0.85
-    top_k: int = 0
-    alpha_frequency: float = 0.2
-    alpha_presence: float = 0.2
-    alpha_decay: float = 0.996
-    max_tokens: int = 256
 
 
 @dataclass
@@ -101,11 +94,11 @@ class DaemonConfig:
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    sampling: SamplerArgs = field(default_factory=SamplerArgs)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
 
 
-_SECTIONS = {"model": ModelConfig, "sampling": SamplingConfig, "daemon": DaemonConfig}
+_SECTIONS = ("model", "sampling", "daemon")
 
 
 #: keys that take a bool or one of these strings
@@ -119,7 +112,7 @@ def _coerce(section: str, key: str, value, default):
             return value
         choices = ", ".join(f'"{w}"' for w in words)
         raise ConfigError(f"[{section}] {key} must be true, false or {choices}, got {value!r}")
-    want = type(default)
+    want = int if default is None else type(default)       # None: [sampling] seed
     if want is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if not isinstance(value, want) or (want is int and isinstance(value, bool)):
@@ -140,12 +133,27 @@ def load_config(path: Path) -> Config:
         if name not in _SECTIONS or not isinstance(table, dict):
             raise ConfigError(f"{path}: unknown section [{name}]")
         obj = getattr(cfg, name)
-        known = {f.name: f for f in dataclasses.fields(obj)}
-        for key, value in table.items():
+        known = _keys(name, obj)
+        for key in table:
             if key not in known:
                 raise ConfigError(f"{path}: unknown key [{name}] {key}")
-            setattr(obj, key, _coerce(name, key, value, getattr(obj, key)))
+        values = {key: _coerce(name, key, value, getattr(obj, key)) for key, value in table.items()}
+        if name == "sampling":
+            try:
+                cfg.sampling = cfg.sampling.updated(values)
+            except SamplingError as e:
+                raise ConfigError(f"{path}: [sampling] {e}") from e
+        else:
+            for key, value in values.items():
+                setattr(obj, key, value)
     return cfg
+
+
+def _keys(section: str, obj) -> tuple[str, ...]:
+    """The keys of a section, in the order they are written."""
+    if section == "sampling":
+        return SAMPLING_KEYS
+    return tuple(f.name for f in dataclasses.fields(obj))
 
 
 def _toml_value(v) -> str:
@@ -158,12 +166,14 @@ def _toml_value(v) -> str:
 
 
 def dump_config(cfg: Config) -> str:
-    """The TOML text of ``cfg`` (every key written)."""
+    """The TOML text of ``cfg`` (every key that has a value written)."""
     lines = []
     for name in _SECTIONS:
         lines.append(f"[{name}]")
-        for f in dataclasses.fields(getattr(cfg, name)):
-            lines.append(f"{f.name} = {_toml_value(getattr(getattr(cfg, name), f.name))}")
+        obj = getattr(cfg, name)
+        for key in _keys(name, obj):
+            if getattr(obj, key) is not None:
+                lines.append(f"{key} = {_toml_value(getattr(obj, key))}")
         lines.append("")
     return "\n".join(lines)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import messages as m
+from .protocol import messages as m
 
 
 class DaemonError(RuntimeError):

@@ -1,41 +1,57 @@
-"""Request handlers of the daemon's main loop: one function per request type -> (reply, raw buffers)."""
+"""Request handlers of the daemon's main loop: :data:`HANDLERS` maps each request type to its handler,
+``handler(server, msg) -> (reply, raw buffers)``. Runs in the server thread; generations are queued on the
+scheduler, everything else is answered at once."""
 
 from __future__ import annotations
 
 import os
-import re
 import resource
 import time
+from typing import Callable
 
-from . import messages as m
-from . import protocol as p
-from .jobs import Job
-from .store import Conversation, check_conversation_id, export_conversation, new_conversation_id
+from .generation import Job
+from .protocol import codec as p
+from .protocol import messages as m
+from .protocol.messages import check_conversation_id, check_topic, new_conversation_id
+from .store import export_conversation
 
-TOPIC_RE = re.compile(r"[A-Za-z0-9~][A-Za-z0-9_~-]{0,127}")
+Handler = Callable[..., "tuple[m.Msg, list]"]
 
-
-def _check_topic(topic: str) -> str:
-    if not TOPIC_RE.fullmatch(topic):
-        raise ValueError(f"invalid topic {topic!r}")
-    return topic
-
-
-def _sampling_dict(s: m.Sampling) -> dict:
-    return {f: getattr(s, f) for f in s.__struct_fields__ if getattr(s, f) is not None}
+#: request type -> handler(server, msg) -> (reply, raw buffers)
+HANDLERS: dict[type, Handler] = {}
 
 
-def conv_info(c: Conversation) -> m.ConversationInfo:
-    return m.ConversationInfo(id=c.id, title=c.title, created=c.created, updated=c.updated,
-                              system_prompt=c.system_prompt, sampling=c.sampling,
-                              model_fingerprint=c.model_fingerprint, turns=c.turns)
+def handles(*types: type):
+    """Register the decorated function as the handler of ``types``."""
+    def register(fn: Handler) -> Handler:
+        for t in types:
+            HANDLERS[t] = fn
+        return fn
+    return register
+
+
+def handle(server, msg) -> tuple[m.Msg, list]:
+    """The reply (and raw buffers) to ``msg``; what a handler raises becomes the server's Error reply."""
+    handler = HANDLERS.get(type(msg))
+    if handler is None:
+        return m.Error(kind="ProtocolError", message=f"{type(msg).__name__} is not a request"), []
+    return handler(server, msg)
+
+
+def _settings(sampling: m.SamplingSettings) -> dict:
+    """The given settings of ``sampling`` (None = not given). Raises SamplingError for an unknown name."""
+    from rwkv_chat.daemon.config import SAMPLING_KEYS
+    from rwkv_chat.models.text.sampling import SamplingError
+
+    given = {k: v for k, v in sampling.items() if v is not None}
+    unknown = sorted(set(given) - set(SAMPLING_KEYS))
+    if unknown:
+        raise SamplingError(f"unknown sampling settings {unknown} (known: {', '.join(SAMPLING_KEYS)})")
+    return given
 
 
 def _detail(server, cid: str) -> m.ConversationDetail:
-    c = server.store.get(cid)
-    turns = [m.TurnInfo(index=t.index, role=t.role, text=t.text, tokens=t.tokens, created=t.created,
-                        finished=t.finished) for t in server.store.turns(cid)]
-    return m.ConversationDetail(conversation=conv_info(c), turns=turns)
+    return m.ConversationDetail(conversation=server.store.get(cid), turns=server.store.turns(cid))
 
 
 def memory() -> dict:
@@ -66,6 +82,19 @@ def devices() -> list[str]:
     return out
 
 
+def _generation(server, msg, kind: str, topic: str, cid: str = "", mode: str = "") -> m.Msg:
+    job = Job(id=server.new_job_id(), kind=kind, client_id=msg.client_id, topic=topic, request=msg,
+              conversation_id=cid, mode=mode)
+    return server.scheduler.submit(job)
+
+
+# ---------------------------------------------------------------- the daemon
+@handles(m.Ping)
+def _ping(server, msg):
+    return m.Pong(pid=os.getpid(), uptime=time.time() - server.started), []
+
+
+@handles(m.Status)
 def _status(server, msg):
     from importlib.metadata import PackageNotFoundError, version
 
@@ -77,87 +106,122 @@ def _status(server, msg):
     paths = server.paths
     return m.StatusReply(
         pid=os.getpid(), version=ver, protocol=p.PROTOCOL_VERSION, uptime=time.time() - server.started,
-        model=snap["model"], memory=memory(), devices=devices(), active=snap["active"], queued=snap["queued"],
+        model=server.host.info(), memory=memory(), devices=devices(), active=snap["active"], queued=snap["queued"],
         clients=sum(1 for t in server.last_seen.values() if time.time() - t < server.config.daemon.client_timeout),
         home={"config": str(paths.config_dir), "data": str(paths.data_dir), "cache": str(paths.cache_dir),
               "runtime": str(paths.runtime_dir), "dropped_frames": server.dropped,
-              "sessions": snap["sessions"]})
+              "sessions": server.sessions.stats()}), []
 
 
-def _generation(server, msg, kind: str, topic: str, cid: str = "", mode: str = ""):
-    job = Job(id=server.new_job_id(), kind=kind, client_id=msg.client_id, topic=topic, request=msg,
-              conversation_id=cid, mode=mode)
-    return server.scheduler.submit(job)
+@handles(m.Probe)
+def _probe(server, msg):
+    server.publish(check_topic(msg.topic), m.ProbeAck(nonce=msg.nonce))
+    return m.Ok(), []
 
 
-def handle(server, msg) -> tuple[m.Msg, list]:
-    store = server.store
-    if isinstance(msg, m.Ping):
-        return m.Pong(pid=os.getpid(), uptime=time.time() - server.started), []
-    if isinstance(msg, m.Status):
-        return _status(server, msg), []
-    if isinstance(msg, m.Probe):
-        server.publish(_check_topic(msg.topic), m.ProbeAck(nonce=msg.nonce))
-        return m.Ok(), []
-    if isinstance(msg, m.Load):
-        return _generation(server, msg, "load", _check_topic(msg.topic)), []
-    if isinstance(msg, m.Complete):
-        return _generation(server, msg, "complete", _check_topic(msg.topic)), []
-    if isinstance(msg, m.Chat):
-        cid = check_conversation_id(msg.conversation_id)
-        if not store.exists(cid):
-            store.create(cid, title=msg.message[:60].splitlines()[0] if msg.message.strip() else "")
-        return _generation(server, msg, "chat", cid, cid, "chat"), []
-    if isinstance(msg, (m.Regenerate, m.EditLastUser)):
-        cid = check_conversation_id(msg.conversation_id)
-        store.get(cid)
-        mode = "regenerate" if isinstance(msg, m.Regenerate) else "edit"
-        return _generation(server, msg, "chat", cid, cid, mode), []
-    if isinstance(msg, m.Cancel):
-        if msg.conversation_id:
-            check_conversation_id(msg.conversation_id)
-        server.scheduler.cancel(job_id=msg.job_id, conversation_id=msg.conversation_id)
-        return m.Ok(), []
-    if isinstance(msg, m.ListConversations):
-        return m.ConversationList(items=[conv_info(c) for c in store.list()]), []
-    if isinstance(msg, m.GetConversation):
-        return _detail(server, msg.conversation_id), []
-    if isinstance(msg, m.CreateConversation):
-        cid = check_conversation_id(msg.conversation_id) if msg.conversation_id else new_conversation_id()
-        store.create(cid, title=msg.title, system_prompt=msg.system_prompt, sampling=_sampling_dict(msg.sampling))
-        return _detail(server, cid), []
-    if isinstance(msg, m.RenameConversation):
-        store.update(msg.conversation_id, title=msg.title)
-        return m.Ok(), []
-    if isinstance(msg, m.DeleteConversation):
+@handles(m.Shutdown)
+def _shutdown(server, msg):
+    server.stop()
+    return m.Ok(), []
+
+
+# ---------------------------------------------------------------- generations
+@handles(m.Load)
+def _load(server, msg):
+    return _generation(server, msg, "load", check_topic(msg.topic)), []
+
+
+@handles(m.Complete)
+def _complete(server, msg):
+    return _generation(server, msg, "complete", check_topic(msg.topic)), []
+
+
+@handles(m.Chat)
+def _chat(server, msg):
+    cid = check_conversation_id(msg.conversation_id)
+    if not server.store.exists(cid):
+        server.store.create(cid, title=msg.message[:60].splitlines()[0] if msg.message.strip() else "")
+    return _generation(server, msg, "chat", cid, cid, "chat"), []
+
+
+@handles(m.Regenerate, m.EditLastUser)
+def _redo(server, msg):
+    cid = check_conversation_id(msg.conversation_id)
+    server.store.get(cid)
+    mode = "regenerate" if isinstance(msg, m.Regenerate) else "edit"
+    return _generation(server, msg, "chat", cid, cid, mode), []
+
+
+@handles(m.Cancel)
+def _cancel(server, msg):
+    if msg.conversation_id:
         check_conversation_id(msg.conversation_id)
-        server.scheduler.cancel(conversation_id=msg.conversation_id)
-        server.scheduler.sessions.drop(msg.conversation_id)
-        store.delete(msg.conversation_id)
-        return m.Ok(), []
-    if isinstance(msg, m.SetSystemPrompt):
-        c = store.get(msg.conversation_id)
-        store.update(c.id, system_prompt=msg.text, state_stale=int(c.turns > 0))
-        server.scheduler.sessions.drop(c.id)
-        return m.Ok(), []
-    if isinstance(msg, m.SetSampling):
-        c = store.get(msg.conversation_id)
-        store.update(c.id, sampling={**c.sampling, **_sampling_dict(msg.sampling)})
-        return m.Ok(), []
-    if isinstance(msg, m.Export):
-        c = store.get(msg.conversation_id)
-        return m.ExportReply(fmt=msg.fmt, text=export_conversation(c, store.turns(c.id), msg.fmt)), []
-    if isinstance(msg, m.GetState):
-        from rwkv_chat.models.state import State
+    server.scheduler.cancel(job_id=msg.job_id, conversation_id=msg.conversation_id)
+    return m.Ok(), []
 
-        c = store.get(msg.conversation_id)
-        state = State.load(store.state_path(c.id, c.state_n))
-        tensors = {f"layers.{i}.{n}": t for i, layer in enumerate(state.layers) for n, t in zip(state.names, layer)}
-        metas, bufs = p.tensor_frames(tensors)
-        meta = {**state.metadata, "version": state.version, "fingerprint": state.fingerprint,
-                "token_count": str(state.token_count)}
-        return m.StateReply(metadata=meta, tensors=metas), bufs
-    if isinstance(msg, m.Shutdown):
-        server._stop = True
-        return m.Ok(), []
-    return m.Error(kind="ProtocolError", message=f"{type(msg).__name__} is not a request"), []
+
+# ---------------------------------------------------------------- conversations
+@handles(m.ListConversations)
+def _list(server, msg):
+    return m.ConversationList(items=server.store.list()), []
+
+
+@handles(m.GetConversation)
+def _get(server, msg):
+    return _detail(server, msg.conversation_id), []
+
+
+@handles(m.CreateConversation)
+def _create(server, msg):
+    cid = check_conversation_id(msg.conversation_id) if msg.conversation_id else new_conversation_id()
+    server.store.create(cid, title=msg.title, system_prompt=msg.system_prompt, sampling=_settings(msg.sampling))
+    return _detail(server, cid), []
+
+
+@handles(m.RenameConversation)
+def _rename(server, msg):
+    server.store.update(msg.conversation_id, title=msg.title)
+    return m.Ok(), []
+
+
+@handles(m.DeleteConversation)
+def _delete(server, msg):
+    check_conversation_id(msg.conversation_id)
+    server.scheduler.cancel(conversation_id=msg.conversation_id)
+    server.sessions.drop(msg.conversation_id)
+    server.store.delete(msg.conversation_id)
+    return m.Ok(), []
+
+
+@handles(m.SetSystemPrompt)
+def _set_system_prompt(server, msg):
+    c = server.store.get(msg.conversation_id)
+    server.store.update(c.id, system_prompt=msg.text, state_stale=int(c.turns > 0))
+    server.sessions.drop(c.id)
+    return m.Ok(), []
+
+
+@handles(m.SetSampling)
+def _set_sampling(server, msg):
+    c = server.store.get(msg.conversation_id)
+    server.store.update(c.id, sampling={**c.sampling, **_settings(msg.sampling)})
+    return m.Ok(), []
+
+
+@handles(m.Export)
+def _export(server, msg):
+    c = server.store.get(msg.conversation_id)
+    return m.ExportReply(fmt=msg.fmt, text=export_conversation(c, server.store.turns(c.id), msg.fmt)), []
+
+
+@handles(m.GetState)
+def _get_state(server, msg):
+    from rwkv_chat.models import State
+
+    c = server.store.get(msg.conversation_id)
+    state = State.load(server.store.state_path(c.id, c.state_n))
+    tensors = {f"layers.{i}.{n}": t for i, layer in enumerate(state.layers) for n, t in zip(state.names, layer)}
+    metas, bufs = p.tensor_frames(tensors)
+    meta = {**state.metadata, "version": state.version, "fingerprint": state.fingerprint,
+            "token_count": str(state.token_count)}
+    return m.StateReply(metadata=meta, tensors=metas), bufs

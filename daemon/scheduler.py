@@ -1,22 +1,23 @@
-"""The inference thread: owns the model, admits queued jobs fairly, steps active generations.
+"""The inference thread: admits queued jobs fairly and steps the admitted generations, batching their decode.
 
 Threading: the server's main loop (socket I/O) calls :meth:`Scheduler.submit` / :meth:`cancel` /
-:meth:`snapshot`; everything else runs in the scheduler's one thread, which alone touches the model.
+:meth:`snapshot`; everything else runs in the scheduler's one thread, which alone touches the model (through
+the :class:`~rwkv_chat.daemon.host.Host` and the :class:`~rwkv_chat.daemon.generation.Generation` objects).
 Events go back through ``emit(topic, event)`` (thread-safe; the server publishes them).
 
 Fairness: pending jobs wait in one FIFO per client; admission takes them round-robin across clients, at
 most ``max_active`` at once and one per conversation. At most ``queue_limit`` jobs wait in all
-(``submit`` returns a :class:`~rwkv_chat.daemon.messages.Busy` past that). A load job waits for the active
-generations to finish and runs alone; jobs behind it wait for the model.
+(``submit`` returns a :class:`~rwkv_chat.daemon.protocol.messages.Busy` past that). A load job waits for the
+active generations to finish and runs alone; jobs behind it wait for the model.
 
 Continuous batching: one loop iteration = at most one prefill chunk (``chunk_len`` tokens of one prompt,
 taken round-robin among the prompts being prefilled) followed by ONE batched decode step
-(:meth:`_decode_step`) that feeds a token to every decoding generation through the engine's
-``BatchDecoder``. A generation joins the decoder after its last prefill chunk and leaves it (taking its
-state back) when it is done, fails or is cancelled, always between steps; so a long prompt never stalls
-the streams already decoding, and sampling stays per generation (each job's own Sampler). The decoder's
-batch sizes are chosen so that a generation's logits do not depend on which others share its step
-(``[daemon] batch_invariant``, see :func:`runner.decode_buckets`).
+(:meth:`_decode_step`) that feeds a token to every decoding generation through the host's batch decoder.
+A generation joins the decoder after its last prefill chunk and leaves it (taking its state back) when it
+is done, fails or is cancelled, always between steps; so a long prompt never stalls the streams already
+decoding, and sampling stays per generation (each its own Sampler). The decoder's batch sizes are chosen so
+that a generation's logits do not depend on which others share its step (``[daemon] batch_invariant``, see
+:func:`~rwkv_chat.daemon.host.decode_buckets`).
 
 Out of memory (MemoryError, torch.OutOfMemoryError, allocator errors) in a load, prefill or decode step
 fails the jobs concerned with kind "OOM"; the daemon serves on.
@@ -30,26 +31,28 @@ import threading
 import time
 from collections import OrderedDict, deque
 
-from . import runner as engine
-from . import messages as m
-from .jobs import Job
-from .sessions import Sessions
+from .generation import TOKEN_INTERVAL, Generation, Job, sample_next, send_round
+from .host import classify
+from .protocol import messages as m
 
 log = logging.getLogger("rwkv_chat.daemon")
 
 
 class Scheduler:
-    def __init__(self, store, config, emit, on_model=None):
+    """Queues, admission and the inference thread's loop over a :class:`~rwkv_chat.daemon.host.Host`, the
+    store and the in-memory conversation states (``sessions``); ``emit(topic, event)`` is thread-safe."""
+
+    def __init__(self, host, store, sessions, config, emit):
+        self.host = host
         self.store = store
+        self.sessions = sessions
         self.config = config            # rwkv_chat.daemon.config.Config
         self.emit = emit                # emit(topic: str, event: Msg) — thread-safe
-        self.sessions = Sessions(store, config.daemon.resident_states, config.daemon.cpu_states)
-        self.engine = engine.Engine()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._pending: OrderedDict[str, deque[Job]] = OrderedDict()   # client_id -> FIFO
         self._admin: deque[Job] = deque()                              # load jobs
-        self.active: list[Job] = []
+        self.active: list[Generation] = []
         self._t_round = 0.0             # perf_counter of the last round of Token events
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="rwkv-inference", daemon=True)
@@ -100,8 +103,7 @@ class Scheduler:
         with self._lock:
             active = [j.info() for j in self.active]
             jobs = list(self._all_jobs_locked())
-        return {"active": active, "queued": self.queued(), "clients": sorted({j.client_id for j in jobs}),
-                "model": self.engine.info(), "sessions": self.sessions.stats()}
+        return {"active": active, "queued": self.queued(), "clients": sorted({j.client_id for j in jobs})}
 
     def _all_jobs_locked(self):
         yield from self.active
@@ -128,8 +130,8 @@ class Scheduler:
                     self._step_all()
             except BaseException as e:    # noqa: BLE001 — the inference thread must survive anything
                 log.exception("scheduler step failed")
-                for job in list(self.active):
-                    self._fail(job, e)
+                for gen in list(self.active):
+                    self._fail(gen, e)
                 gc.collect()
         for j in list(self.active):
             self._finish(j, "cancelled")
@@ -155,8 +157,7 @@ class Scheduler:
                 self._pending.move_to_end(cid)        # round-robin across clients
                 if not q:
                     del self._pending[cid]
-                self.active.append(job)
-                job.phase = "starting"
+                self.active.append(Generation(job, self.host, self.store, self.sessions, self.emit, self.config))
                 if job.conversation_id:
                     busy.add(job.conversation_id)
                 progressed = True
@@ -171,140 +172,117 @@ class Scheduler:
             self.emit(job.topic, m.Progress(job_id=job.id, phase="load", done=done, total=total, text=req.path))
 
         try:
-            self.engine.load(req.path, req.strategy, self.config.model.tokenizer, max_batch=d.max_batch,
-                             batch_invariant=d.batch_invariant, threads=d.threads, progress=progress)
+            self.host.load(req.path, req.strategy, self.config.model.tokenizer, max_batch=d.max_batch,
+                           batch_invariant=d.batch_invariant, threads=d.threads, progress=progress)
         except BaseException as e:     # noqa: BLE001 — a failed load must not end the daemon
-            kind, msg = engine.classify(e)
+            kind, msg = classify(e)
             del e
             gc.collect()               # drop the half-built model before serving on
             log.warning("load of %s failed: %s: %s", req.path, kind, msg)
             self.emit(job.topic, m.Failed(job_id=job.id, kind=kind, message=msg))
             return
         self.sessions.clear()
-        self.emit(job.topic, m.Done(job_id=job.id, reason="loaded", text=str(self.engine.info()), prompt_tokens=0,
+        self.emit(job.topic, m.Done(job_id=job.id, reason="loaded", text=str(self.host.info()), prompt_tokens=0,
                                     tokens=0, prefill_s=time.perf_counter() - t0, decode_s=0.0, tokens_per_s=0.0))
 
     def _step_all(self) -> None:
         """One iteration: cancellations and set-ups, one prefill chunk, one batched decode step."""
         prefilling, decoding = [], []
-        for job in list(self.active):
-            if job.cancel.is_set():
-                self._finish(job, "cancelled")
+        for gen in list(self.active):
+            if gen.cancel.is_set():
+                self._finish(gen, "cancelled")
                 continue
             try:
-                if job.phase == "starting":
-                    engine.setup(self, job)
-                    self.emit(job.topic, m.Started(job_id=job.id, kind=job.kind, conversation_id=job.conversation_id,
-                                                   message=job.user_text))
+                if gen.phase == "starting":
+                    gen.start()
             except BaseException as e:   # noqa: BLE001
-                self._fail(job, e)
+                self._fail(gen, e)
                 continue
-            (prefilling if job.phase == "prefill" else decoding).append(job)
+            (prefilling if gen.phase == "prefill" else decoding).append(gen)
         if prefilling:
-            job = min(prefilling, key=lambda j: j.t_chunk)          # round-robin: longest without a chunk
+            gen = min(prefilling, key=lambda g: g.t_chunk)          # round-robin: longest without a chunk
             try:
-                engine.prefill_chunk(self, job)
-                job.t_chunk = time.perf_counter()
+                gen.prefill_chunk()
             except BaseException as e:   # noqa: BLE001
-                self._fail(job, e)
+                self._fail(gen, e)
         if decoding:
             self._decode_step(decoding)
 
-    def _decode_step(self, jobs: list[Job]) -> None:
-        """One batched decode step: sample every job's token (each with its own Sampler, greedy rows in one
-        reduction: :func:`runner.next_tokens`), feed all tokens in one ``BatchDecoder.step``, then detokenize
-        and check stops per job. Jobs join the decoder here (after their prefill) while slots are free;
-        finished jobs leave it. A failing step fails its jobs."""
-        dec = self.engine.decoder
-        ready: list[Job] = []
-        for job in jobs:
-            if job.handle is None:
+    def _decode_step(self, gens: list[Generation]) -> None:
+        """One batched decode step: sample every generation's token (each with its own Sampler, greedy rows in
+        one reduction: :func:`~rwkv_chat.daemon.generation.sample_next`), feed all tokens in one decoder step,
+        then detokenize and check stops per generation. Generations join the decoder here (after their
+        prefill) while slots are free; finished ones leave it. A failing step fails its generations."""
+        dec = self.host.decoder
+        ready: list[Generation] = []
+        for gen in gens:
+            if gen.handle is None:
                 if dec.size >= dec.max_batch:
                     continue                         # waits for a free slot
                 try:
-                    job.handle = dec.add(job.state)
+                    gen.join(dec)
                 except BaseException as e:   # noqa: BLE001
-                    self._fail(job, e)
+                    self._fail(gen, e)
                     continue
-                job.state = None                     # the decoder holds it now
-            if len(job.out_tokens) >= job.max_tokens:   # max_tokens reached before this step
-                self._finish(job, "length")
+            if gen.at_length():                      # max_tokens reached before this step
+                self._finish(gen, "length")
                 continue
-            ready.append(job)
+            ready.append(gen)
         if not ready:
             return
         t0 = time.perf_counter()
         tokens: dict[int, int] = {}
-        stepping: list[Job] = []
-        for job, token in zip(ready, engine.next_tokens(ready)):
+        stepping: list[Generation] = []
+        for gen, token in zip(ready, sample_next(ready)):
             if isinstance(token, BaseException):
-                self._fail(job, token)
+                self._fail(gen, token)
                 continue
-            tokens[job.handle] = token
-            stepping.append(job)
+            tokens[gen.handle] = token
+            stepping.append(gen)
         if not tokens:
             return
         try:
             out = dec.step(tokens)                   # {handle: float32 [vocab]}
         except BaseException as e:   # noqa: BLE001
-            for job in stepping:
-                self._fail(job, e)
+            for gen in stepping:
+                self._fail(gen, e)
             return
-        finished: list[Job] = []
-        for job in stepping:
+        finished: list[Generation] = []
+        for gen in stepping:
             try:
-                if engine.after_token(self, job, out[job.handle]):
-                    finished.append(job)
+                if gen.push(out[gen.handle]):
+                    finished.append(gen)
             except BaseException as e:   # noqa: BLE001
-                self._fail(job, e)
+                self._fail(gen, e)
         now = time.perf_counter()
-        dt = now - t0                                # every stepping job waited the whole step for its token
-        for job in stepping:
-            job.t_decode += dt
-        if now - self._t_round >= engine.TOKEN_INTERVAL:   # one round of Token events for all generations
+        dt = now - t0                                # every stepping generation waited the whole step
+        for gen in stepping:
+            gen.t_decode += dt
+        if now - self._t_round >= TOKEN_INTERVAL:    # one round of Token events for all generations
             self._t_round = now
-            engine.send_ready(self, stepping)
-        for job in finished:
-            self._finish(job, job.reason)
+            send_round(stepping)
+        for gen in finished:
+            self._finish(gen, gen.reason)
 
-    def _fail(self, job: Job, e: BaseException) -> None:
-        kind, msg = engine.classify(e)
-        log.warning("job %s failed: %s: %s", job.id, kind, msg)
+    def _fail(self, gen: Generation, e: BaseException) -> None:
+        kind, msg = classify(e)
+        log.warning("job %s failed: %s: %s", gen.id, kind, msg)
         if kind == "Internal":
             log.exception("internal error", exc_info=e)
-        self._remove(job)
-        self.emit(job.topic, m.Failed(job_id=job.id, kind=kind, message=msg))
+        self._remove(gen)
+        gen.fail(kind, msg)
 
-    def _finish(self, job: Job, reason: str) -> None:
-        job.reason = reason
+    def _finish(self, gen: Generation, reason: str) -> None:
         try:
-            self._leave(job)
-            if reason != "cancelled":
-                engine.close_reply(self, job)
-                engine.commit(self, job)
-            else:
-                engine.flush_text(self, job)
+            gen.finish(reason)
         except BaseException as e:   # noqa: BLE001
-            self._fail(job, e)
+            self._fail(gen, e)
             return
-        self._remove(job)
-        self.emit(job.topic, engine.done_event(job))
+        self._remove(gen)
+        gen.done()
 
-    def _leave(self, job: Job) -> None:
-        """Take the job's state back from the batch decoder (it leaves between two steps)."""
-        if job.handle is not None:
-            h, job.handle = job.handle, None
-            dec = self.engine.decoder
-            if dec is not None and h in dec.handles():
-                job.state = dec.remove(h)
-
-    def _remove(self, job: Job) -> None:
-        try:
-            self._leave(job)
-        except BaseException:   # noqa: BLE001 — the slot is freed below in any case
-            log.exception("job %s could not leave the decoder", job.id)
+    def _remove(self, gen: Generation) -> None:
+        gen.release()
         with self._lock:
-            if job in self.active:
-                self.active.remove(job)
-        job.phase = "done"
-        job.state = job.logits = None
+            if gen in self.active:
+                self.active.remove(gen)

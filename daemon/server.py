@@ -1,8 +1,9 @@
 """The daemon process: one per home (fcntl lock), a ROUTER for requests, a PUB for events.
 
-The main loop (this module) does all socket I/O: it parses and answers requests, forwards the
-scheduler's events to the PUB socket, publishes heartbeats, and cancels the generations of clients that
-stopped sending heartbeats. The model lives in the scheduler's inference thread.
+The main loop (this module) does all socket I/O: it parses requests and answers each through the table of
+handlers (:data:`rwkv_chat.daemon.handlers.HANDLERS`), forwards the scheduler's events to the PUB socket,
+publishes heartbeats, and cancels the generations of clients that stopped sending heartbeats. The model
+lives in the scheduler's inference thread (the :class:`~rwkv_chat.daemon.host.Host`).
 
 Malformed, unsigned, tampered, replayed, stale, oversized or foreign-version frames are dropped and logged
 (``ProtocolError``); the daemon keeps serving.
@@ -10,11 +11,11 @@ Malformed, unsigned, tampered, replayed, stale, oversized or foreign-version fra
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import secrets
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -24,51 +25,17 @@ from rwkv_chat.daemon.config import Config
 from rwkv_chat.daemon.paths import Paths, ensure_dirs
 
 from . import handlers
-from . import messages as m
-from . import protocol as p
-from .jobs import Job
+from .generation import Job
+from .host import Host, classify
+from .launcher import acquire_lock
+from .protocol import codec as p
+from .protocol import connection
+from .protocol import messages as m
 from .scheduler import Scheduler
+from .sessions import Sessions
 from .store import Store
 
 log = logging.getLogger("rwkv_chat.daemon")
-
-
-class AlreadyRunning(RuntimeError):
-    """Another daemon holds this home's lock; ``pid`` is its process id (0 if unknown)."""
-
-    def __init__(self, pid: int, lock: Path):
-        super().__init__(f"a daemon is already running for this home (pid {pid or '?'}, lock {lock})")
-        self.pid = pid
-
-
-def acquire_lock(path: Path):
-    """Take the home's daemon lock (fcntl, non-blocking); returns the open file. Raises AlreadyRunning."""
-    f = open(path, "a+")
-    try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        text = f.read().strip()
-        f.close()
-        raise AlreadyRunning(int(text) if text.isdigit() else 0, path) from None
-    f.seek(0)
-    f.truncate()
-    f.write(str(os.getpid()))
-    f.flush()
-    return f
-
-
-def lock_held(path: Path) -> bool:
-    """Whether some process holds the daemon lock of ``path`` (a live daemon)."""
-    if not path.exists():
-        return False
-    with open(path, "a+") as f:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-        return False
 
 
 class Server:
@@ -85,7 +52,6 @@ class Server:
         self._rfd, self._wfd = os.pipe()
         os.set_blocking(self._rfd, False)
         os.set_blocking(self._wfd, False)
-        import threading
         self._ev_lock = threading.Lock()
 
     # ---------------------------------------------------------------- events from any thread
@@ -123,7 +89,7 @@ class Server:
         public = ""
         if d.bind:
             have_curve = bool(d.curve_secret_key and d.curve_public_key)
-            p.check_bind(d.bind, have_curve)
+            connection.check_bind(d.bind, have_curve)
             if have_curve:
                 for s in (self.router, self.pub):
                     s.curve_server = True
@@ -135,7 +101,7 @@ class Server:
             self.router.bind(req)
             self.pub.bind(ev)
             return req, ev, public
-        eps = p.default_endpoints(self.paths.runtime_dir)
+        eps = connection.default_endpoints(self.paths.runtime_dir)
         if eps is None:
             rp = self.router.bind_to_random_port("tcp://127.0.0.1")
             ep = self.pub.bind_to_random_port("tcp://127.0.0.1")
@@ -155,19 +121,23 @@ class Server:
         conn = self.paths.connection_file
         try:
             conn.unlink(missing_ok=True)       # stale file of a killed daemon (we hold the lock)
-            key = p.new_key()
+            key = connection.new_key()
             self.codec_in = p.Codec(key)
             self.codec_out = p.Codec(key)
             req, ev, public = self._bind(ctx)
+            d = self.config.daemon
             self.store = Store(self.paths.database, self.paths.states_dir)
-            self.scheduler = Scheduler(self.store, self.config, self.emit)
+            self.sessions = Sessions(self.store, d.resident_states, d.cpu_states)
+            self.host = Host()
+            self.scheduler = Scheduler(self.host, self.store, self.sessions, self.config, self.emit)
             self.scheduler.start()
             if self.model:
                 self.scheduler.submit(Job(id="startup-load", kind="load", client_id="", topic=m.DAEMON_TOPIC,
                                           request=m.Load(client_id="", topic=m.DAEMON_TOPIC, path=self.model,
                                                          strategy=self.strategy)))
-            p.write_connection_file(conn, p.ConnectionInfo(request=req, events=ev, key=key.hex(), pid=os.getpid(),
-                                                           server_public_key=public, started=self.started))
+            connection.write_connection_file(conn, connection.ConnectionInfo(
+                request=req, events=ev, key=key.hex(), pid=os.getpid(), server_public_key=public,
+                started=self.started))
             log.info("daemon %d serving %s (events %s)", os.getpid(), req, ev)
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, self._on_signal)
@@ -176,10 +146,10 @@ class Server:
             if hasattr(self, "scheduler"):
                 self.scheduler.stop()
             try:
-                info = p.read_connection_file(conn)
+                info = connection.read_connection_file(conn)
                 if info.pid == os.getpid():
                     conn.unlink(missing_ok=True)
-                    for path in p.ipc_paths(info):
+                    for path in connection.ipc_paths(info):
                         path.unlink(missing_ok=True)
             except (OSError, p.ProtocolError):
                 pass
@@ -250,7 +220,6 @@ class Server:
         try:
             reply, out_buffers = handlers.handle(self, msg)
         except Exception as e:  # noqa: BLE001 — any failure becomes a typed Error reply
-            from .runner import classify
             kind, text = classify(e)
             if kind == "Internal":
                 log.exception("request %s failed", type(msg).__name__)
@@ -262,6 +231,10 @@ class Server:
 
     def new_job_id(self) -> str:
         return "j" + secrets.token_hex(6)
+
+    def stop(self) -> None:
+        """End the loop after this iteration (a Shutdown request)."""
+        self._stop = True
 
 
 def serve(paths: Paths, config: Config, model: str | None = None, strategy: str | None = None) -> int:

@@ -5,23 +5,24 @@ Schema version lives in ``PRAGMA user_version`` (:data:`SCHEMA_VERSION`). State 
 exchanges (user turn + assistant turn) the state has consumed; the newest and the one before it are
 kept (the one before serves ``regenerate`` and ``edit_last_user``).
 
-Conversation ids match :data:`CONVERSATION_ID_RE` (no path separators, dots or spaces), checked by
-:func:`check_conversation_id` before any path or query is built from one.
+Conversation ids are checked (:func:`~rwkv_chat.daemon.protocol.messages.check_conversation_id`) before any
+path or query is built from one. Conversations and turns come back as the protocol's records
+(``ConversationInfo``, ``TurnInfo``).
 """
 
 from __future__ import annotations
 
 import json
-import re
-import secrets
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
+
+from .protocol.messages import ConversationInfo, TurnInfo, check_conversation_id
+
 SCHEMA_VERSION = 1
-CONVERSATION_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 
 class NotFound(KeyError):
@@ -29,21 +30,6 @@ class NotFound(KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else "not found"
-
-
-class InvalidId(ValueError):
-    """A conversation id does not match ``[A-Za-z0-9][A-Za-z0-9_-]{0,63}``."""
-
-
-def check_conversation_id(cid: str) -> str:
-    """Return ``cid`` if it is a valid conversation id, else raise :class:`InvalidId`."""
-    if not isinstance(cid, str) or not CONVERSATION_ID_RE.fullmatch(cid):
-        raise InvalidId(f"invalid conversation id {cid!r}: use 1-64 of A-Z a-z 0-9 _ - (starting alphanumeric)")
-    return cid
-
-
-def new_conversation_id() -> str:
-    return "c" + secrets.token_hex(6)
 
 
 _SCHEMA = """
@@ -69,30 +55,6 @@ CREATE TABLE turns (
     PRIMARY KEY (conversation_id, idx)
 );
 """
-
-
-@dataclass
-class Conversation:
-    id: str
-    title: str
-    created: float
-    updated: float
-    system_prompt: str
-    sampling: dict
-    model_fingerprint: str
-    state_n: int          # completed exchanges covered by the newest state file
-    state_stale: bool     # the state no longer matches the turns (system prompt changed): rebuild
-    turns: int = 0
-
-
-@dataclass
-class Turn:
-    index: int
-    role: str
-    text: str
-    tokens: int
-    created: float
-    finished: float
 
 
 class Store:
@@ -132,7 +94,7 @@ class Store:
 
     # -- conversations
     def create(self, cid: str, title: str = "", system_prompt: str = "", sampling: dict | None = None,
-               fingerprint: str = "") -> Conversation:
+               fingerprint: str = "") -> ConversationInfo:
         check_conversation_id(cid)
         now = time.time()
         try:
@@ -148,7 +110,7 @@ class Store:
         check_conversation_id(cid)
         return self.db.execute("SELECT 1 FROM conversations WHERE id=?", (cid,)).fetchone() is not None
 
-    def get(self, cid: str) -> Conversation:
+    def get(self, cid: str) -> ConversationInfo:
         check_conversation_id(cid)
         row = self.db.execute(
             "SELECT c.id,c.title,c.created,c.updated,c.system_prompt,c.sampling,c.model_fingerprint,"
@@ -156,10 +118,11 @@ class Store:
             " FROM conversations c WHERE c.id=?", (cid,)).fetchone()
         if row is None:
             raise NotFound(f"no conversation {cid}")
-        return Conversation(row[0], row[1], row[2], row[3], row[4], json.loads(row[5]), row[6], row[7],
-                            bool(row[8]), row[9])
+        return ConversationInfo(id=row[0], title=row[1], created=row[2], updated=row[3], system_prompt=row[4],
+                                sampling=json.loads(row[5]), model_fingerprint=row[6], state_n=row[7],
+                                state_stale=bool(row[8]), turns=row[9])
 
-    def list(self) -> list[Conversation]:
+    def list(self) -> list[ConversationInfo]:
         ids = [r[0] for r in self.db.execute("SELECT id FROM conversations ORDER BY updated DESC")]
         return [self.get(i) for i in ids]
 
@@ -186,12 +149,12 @@ class Store:
             d.rmdir()
 
     # -- turns
-    def turns(self, cid: str) -> list[Turn]:
+    def turns(self, cid: str) -> list[TurnInfo]:
         rows = self.db.execute("SELECT idx,role,text,tokens,created,finished FROM turns WHERE conversation_id=?"
                                " ORDER BY idx", (check_conversation_id(cid),)).fetchall()
-        return [Turn(*r) for r in rows]
+        return [TurnInfo(*r) for r in rows]
 
-    def commit_exchange(self, cid: str, user: Turn, assistant: Turn, state_n: int, fingerprint: str,
+    def commit_exchange(self, cid: str, user: TurnInfo, assistant: TurnInfo, state_n: int, fingerprint: str,
                         drop_from: int | None = None) -> None:
         """Atomically (one transaction): drop turns with index >= ``drop_from``, append ``user`` and
         ``assistant`` and record that the state file ``state_n`` now covers the conversation."""
@@ -228,11 +191,11 @@ class Store:
                 f.unlink(missing_ok=True)
 
 
-def export_conversation(conv: Conversation, turns: list[Turn], fmt: str) -> str:
+def export_conversation(conv: ConversationInfo, turns: list[TurnInfo], fmt: str) -> str:
     """``fmt`` "md" (Markdown transcript) or "json" (conversation fields and turns). Raises ValueError."""
     if fmt == "json":
-        data = {k: v for k, v in conv.__dict__.items() if k not in ("state_n", "state_stale")}
-        data["turns"] = [t.__dict__ for t in turns]
+        data = {k: v for k, v in msgspec.structs.asdict(conv).items() if k not in ("state_n", "state_stale")}
+        data["turns"] = [msgspec.structs.asdict(t) for t in turns]
         return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
     if fmt == "md":
         out = [f"# {conv.title or conv.id}", ""]

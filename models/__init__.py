@@ -1,14 +1,33 @@
-"""The RWKV engine: checkpoints, strategies, one module per generation, state, tokenizers, sampling.
+"""The engine: checkpoints, strategies, one module per generation, state, tokenizers, sampling.
 
-Public names (drop-in for the ``rwkv`` pip package's ``RWKV``)::
+Public names::
 
-    from rwkv_chat.models import RWKV, State
+    from rwkv_chat.models import RWKV, State          # drop-in for the ``rwkv`` pip package's ``RWKV``
+    from rwkv_chat.models import Model, load_model    # the interface every model family implements
+
+The typed errors import without torch; ``RWKV``, ``State``, ``Model`` and ``load_model`` load the engine
+(and torch) on first use, so that light users of ``rwkv_chat.models.text`` (the UI, the protocol) stay light.
 """
 
-from rwkv_chat.models.errors import (CheckpointError, DeviceError, RWKVError, ShapeMismatchError, StateError,  # noqa: F401
-                     StrategyError, TokenError, TokenizerError, UnsupportedDtypeError)
-from rwkv_chat.models.rwkv.model import RWKV  # noqa: F401
-from rwkv_chat.models.state import State  # noqa: F401
+from rwkv_chat.models.errors import (CheckpointError, DeviceError, RWKVError, ShapeMismatchError,  # noqa: F401
+                                     StateError, StrategyError, TokenError, TokenizerError, UnsupportedDtypeError)
 
-__all__ = ["RWKV", "State", "RWKVError", "StrategyError", "CheckpointError", "DeviceError", "ShapeMismatchError",
-           "UnsupportedDtypeError", "TokenError", "StateError", "TokenizerError"]
+_LAZY = {"RWKV": "rwkv_chat.models.rwkv.model", "State": "rwkv_chat.models.state",
+         "Model": "rwkv_chat.models.interface", "load_model": "rwkv_chat.models.interface"}
+
+__all__ = ["RWKV", "State", "Model", "load_model", "RWKVError", "StrategyError", "CheckpointError", "DeviceError",
+           "ShapeMismatchError", "UnsupportedDtypeError", "TokenError", "StateError", "TokenizerError"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'rwkv_chat.models' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -28,7 +28,8 @@ class Model(Protocol):
         fingerprint: identifies the weights; a State carries it, and states of other weights are refused.
         vocab_size: logits per position.
         plan: which layer lives on which device in which dtype, and which backend serves it.
-        backend: the name of the backend chosen at load (see ``rwkv_chat.models.backends``).
+        backend: the backend chosen at load (``rwkv_chat.models.backends.Backend``: ``backend.name`` such as
+            "fused-cuda", ``str(backend)`` with a one-line detail).
         devices: the torch device of every layer (the head last).
         tokenizer: ``rwkv_chat.models.text.tokenizers.Tokenizer`` of this model.
         chat_template: how a conversation becomes text (``rwkv_chat.models.text.templates``).
@@ -41,7 +42,7 @@ class Model(Protocol):
     plan: Plan
 
     @property
-    def backend(self) -> str: ...
+    def backend(self): ...
 
     @property
     def devices(self) -> list[torch.device]: ...
@@ -70,7 +71,10 @@ class Model(Protocol):
         """A state file read and placed on this model (StateError)."""
 
     def decoder(self, max_batch: int = 1, buckets: tuple[int, ...] | None = None):
-        """A batched decoder with ``max_batch`` slots: conversations join and leave between one-token steps."""
+        """A batched decoder with ``max_batch`` slots: conversations join and leave between one-token steps
+        (``add(state) -> handle``, ``step({handle: token}) -> {handle: float32 [vocab]}``, ``remove(handle) ->
+        State``; see ``rwkv_chat.models.rwkv.decode.BatchDecoder``). ``buckets``: the batch sizes a step may run
+        at (None: the family's default)."""
 
 
 def load_model(path: str | Path, strategy: str, *, tokenizer: str | Path | None = None,

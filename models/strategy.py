@@ -6,7 +6,7 @@ Grammar (the ``rwkv`` pip package 0.8.32, ``RWKV.__init__``, ``STRATEGY_REGEX``)
     stage    = DEVICE ' ' DTYPE [QUANT] [ ' *' N [ '+' ] ]
     DEVICE   = cpu | cuda | cuda:N | mps | dml
     DTYPE    = fp16 | fp32 | bf16          (activation dtype; weights too unless quantized)
-    QUANT    = i8                           (weights stored as uint8, see ``quant.py``)
+    QUANT    = i8                           (the weight format, see ``rwkv_chat.models.formats``)
 
 Whitespace: any run of spaces/tabs separates the parts of a stage, and spaces around ``->`` and at
 either end are ignored (the reference accepts exactly one space inside a stage; this is a superset).
@@ -141,12 +141,15 @@ class Plan:
         stages: the parsed stages.
         n_layer: number of blocks.
         layers: ``n_layer + 1`` placements; the last is the head.
+        backend: what serves the placed model (its backend's name and detail, set by the model at load;
+            None for a plan not yet placed).
     """
 
     strategy: str
     stages: tuple[Stage, ...]
     n_layer: int
     layers: tuple[LayerPlacement, ...]
+    backend: str | None = None
 
     @property
     def devices(self) -> tuple[str, ...]:
@@ -175,7 +178,8 @@ class Plan:
         return out
 
     def __str__(self) -> str:
-        """Readable table in the reference's layout: one line per stage, then every layer."""
+        """Readable table in the reference's layout: one line per stage, then every layer (then the backend,
+        once placed)."""
         lines = [f"Strategy: {self.strategy} (total {self.n_layer}+1={self.n_layer + 1} layers)"]
         for d in self.describe():
             line = f"* {d['device']} {d['text'].split()[1]}, store {d['resident']} layers"
@@ -183,6 +187,8 @@ class Plan:
                 line += f", stream {d['streamed']} layers"
             lines.append(line)
         lines.append(" ".join(str(p) for p in self.layers))
+        if self.backend is not None:
+            lines.append(f"Backend: {self.backend}")
         return "\n".join(lines)
 
 

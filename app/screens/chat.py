@@ -14,7 +14,7 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import Footer
 
-from rwkv_chat.daemon.config import ConfigError, load_config
+from rwkv_chat.daemon.config import SAMPLING_KEYS, Config, ConfigError, load_config
 
 from ..widgets.chat_log import AssistantMessage, ChatLog, MessageBox, Notice, UserMessage
 from ..widgets.prompt_input import MAX_MESSAGE_CHARS, PromptInput
@@ -75,10 +75,8 @@ class ChatScreen(ConversationActions, Screen):
         try:
             s = load_config(self.app.paths.config_file).sampling
         except ConfigError:
-            from rwkv_chat.daemon.config import SamplingConfig
-
-            s = SamplingConfig()
-        return {**vars(s), "seed": None}
+            s = Config().sampling
+        return {k: getattr(s, k) for k in SAMPLING_KEYS}
 
     # ---------------------------------------------------------------- helpers
     @property
@@ -161,7 +159,7 @@ class ChatScreen(ConversationActions, Screen):
                                      "with this one on the next message."))
 
     def link_event(self, topic: str, event) -> None:
-        from rwkv_chat.daemon import messages as m
+        from rwkv_chat.daemon.protocol import messages as m
 
         if topic != self.cid:
             return
@@ -309,7 +307,7 @@ class ChatScreen(ConversationActions, Screen):
 
     @staticmethod
     def _chat_request(client, cid: str, kind: str, **fields):
-        from rwkv_chat.daemon import messages as m
+        from rwkv_chat.daemon.protocol import messages as m
 
         return client.request(getattr(m, kind)(client_id=client.client_id, conversation_id=cid, **fields))
 

@@ -2,7 +2,7 @@
 
 Every message is posted from a worker thread with ``post_message`` (thread-safe); handlers run on the
 event loop. Daemon events (``Started``, ``Progress``, ``Token``, ``Done``, ``Failed``) are the structs of
-:mod:`rwkv_chat.daemon.messages`, passed through unchanged.
+:mod:`rwkv_chat.daemon.protocol.messages`, passed through unchanged.
 """
 
 from __future__ import annotations

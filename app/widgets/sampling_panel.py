@@ -1,8 +1,8 @@
 """The sampling panel: the open conversation's sampling settings, saved in the daemon's store.
 
-Defaults are the configuration's ``[sampling]`` section (whose defaults are the reference
-``PIPELINE_ARGS`` / ``SamplerArgs``: temperature 1.0, top_p 0.85, top_k 0, presence and frequency
-penalties 0.2, penalty decay 0.996); a conversation's own settings override them.
+Defaults are the configuration's ``[sampling]`` section (whose defaults are those of the engine's sampling
+settings, ``SamplerArgs``: the reference ``PIPELINE_ARGS``, temperature 1.0, top_p 0.85, top_k 0, presence and
+frequency penalties 0.2, penalty decay 0.996, and max_tokens 256); a conversation's own settings override them.
 """
 
 from __future__ import annotations

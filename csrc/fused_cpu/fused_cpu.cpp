@@ -2,8 +2,8 @@
 // embedding, every layer, ln_out and the head, for B sequences of T tokens, activations in float32,
 // weights float32 or i8. Registered as the TorchBind class torch.classes.rwkv_chat.FusedCpuModel
 // (built with the other CPU ops into one library). Formulas: the block functions of models/rwkv/v4.py ..
-// models/rwkv/v7.py (ChatRWKV rwkv/model.py, pip 0.8.32); the Python side (models/backends/fused_cpu.py) packs the
-// weights in the order read by the constructor below.
+// models/rwkv/v7.py (ChatRWKV rwkv/model.py, pip 0.8.32); the Python side (models/backends/fused_cpu.py) passes the
+// weights as name -> tensor dicts (checkpoint names, see the constructor), looked up once into struct Layer.
 // The torch headers use C++20 bit-field initializers (warned about under -std=c++17); a build log
 // shows only its last lines, so this unit stays quiet and a failure elsewhere remains readable.
 #if defined(__GNUC__) && !defined(__clang__)
@@ -16,6 +16,8 @@
 
 #include <algorithm>
 #include <memory>
+#include <string>
+#include <unordered_set>
 #include <vector>
 
 #include "fused_cpu.h"
@@ -34,79 +36,115 @@ namespace {
 using Buf = std::unique_ptr<float[]>;
 inline Buf buf(int64_t n) { return Buf(new float[std::max<int64_t>(n, 1)]); }
 
+// Token-shift mixing vectors of the time-mix: Layer::mix[...] by generation (the layer functions loop
+// over runs of them in this order).
+enum MixV45 { MixK = 0, MixV, MixR, MixG };              // v4, v5: att.time_mix_{k,v,r,g}
+enum MixV6 { MaaX = 0, MaaW, MaaK, MaaV, MaaR, MaaG };   // v6: att.time_maa_{x,w,k,v,r,g}
+enum MixV7 { Xr = 0, Xw, Xk, Xv, Xa, Xg };               // v7: att.x_{r,w,k,v,a,g}
+
+// One layer's weights: raw pointers into the tensors of its name -> tensor dict (filled once by the
+// constructor; an absent optional weight is nullptr / !present()).
 struct Layer {
-    const float *ln1w, *ln1b, *ln2w, *ln2b;
-    // time-mix vectors (meaning per generation, see the constructor)
-    const float* v[16] = {};
-    Mat lr[10];                 // low-rank / LoRA matrices (float32)
-    Mat key, value, receptance, gate, output;
+    const float *ln1w = nullptr, *ln1b = nullptr, *ln2w = nullptr, *ln2b = nullptr;
+    const float* mix[6] = {};                                // see MixV45 / MixV6 / MixV7
+    const float *time_decay = nullptr, *time_first = nullptr; // v4-v6 ([A]; v5/v6 [H, N] flat)
+    Mat maa_w1, maa_w2, decay_w1, decay_w2;                  // v6 low-rank (float32)
+    const float *w0 = nullptr, *a0 = nullptr, *v0 = nullptr; // v7 (v0: absent on layer 0)
+    const float *k_k = nullptr, *k_a = nullptr, *r_k = nullptr;
+    Mat w1, w2, a1, a2, v1, v2, g1, g2;                      // v7 low-rank (float32; v1, v2: absent on layer 0)
+    Mat key, value, receptance, gate, output;                // gate: v5.1+ and v6 (absent in v5.0)
     const float *lnxw = nullptr, *lnxb = nullptr;
-    const float *fk = nullptr, *fr = nullptr;   // channel-mix mixing vectors
-    Mat fkey, fvalue, freceptance;
+    const float *fk = nullptr, *fr = nullptr;                // channel-mix mixing vectors (fr: v4-v6)
+    Mat fkey, fvalue, freceptance;                           // freceptance: v4-v6
 };
 
-class Reader {
+using WeightDict = c10::Dict<std::string, at::Tensor>;
+
+// The weights of one scope ("the model" or "layer i") looked up by checkpoint name, with dtype/shape
+// checks; records the names read so that finish() can reject the names nothing reads.
+class Named {
   public:
-    explicit Reader(const std::vector<at::Tensor>& ts) : ts_(ts) {}
-    const at::Tensor& next() {
-        TORCH_CHECK(i_ < ts_.size(), "FusedCpuModel: too few weight tensors (", ts_.size(), ")");
-        const at::Tensor& t = ts_[i_++];
-        TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), "FusedCpuModel: weight ", i_ - 1,
-                    " must be a contiguous CPU tensor");
+    Named(const WeightDict& d, std::string scope) : d_(d), scope_(std::move(scope)) {}
+
+    // The tensor called name; undefined when absent (an error unless optional).
+    at::Tensor get(const std::string& name, bool optional = false) {
+        auto it = d_.find(name);
+        if (it == d_.end()) {
+            TORCH_CHECK(optional, "FusedCpuModel: ", scope_, " lacks '", name, "'");
+            return at::Tensor();
+        }
+        read_.insert(name);
+        at::Tensor t = it->value();
+        TORCH_CHECK(t.defined() && t.device().is_cpu() && t.is_contiguous(), "FusedCpuModel: ", scope_, " '", name,
+                    "' must be a contiguous CPU tensor");
         return t;
     }
-    const float* vec(int64_t n, bool optional = false) {
-        const at::Tensor& t = next();
-        if (optional && t.numel() == 0) return nullptr;
-        TORCH_CHECK(t.scalar_type() == at::kFloat && t.numel() == n, "FusedCpuModel: weight ", i_ - 1,
-                    " must be float32 with ", n, " elements, got ", t.scalar_type(), " ", t.sizes());
+    // A float32 vector of n elements (any shape).
+    const float* vec(const std::string& name, int64_t n, bool optional = false) {
+        const at::Tensor t = get(name, optional);
+        if (!t.defined()) return nullptr;
+        TORCH_CHECK(t.scalar_type() == at::kFloat && t.numel() == n, "FusedCpuModel: ", scope_, " '", name,
+                    "' must be float32 with ", n, " elements, got ", t.scalar_type(), " ", t.sizes());
         return t.data_ptr<float>();
     }
-    // A float32 matrix [N, M] (M < 0: any width, read from the tensor; 3-D [K, N, M] allowed with K*N rows).
-    Mat fmat(int64_t N, int64_t M = -1, bool optional = false) {
-        const at::Tensor& t = next();
+    // A float32 matrix [N, M] (M < 0: any width, read from the tensor; 3-D [K, N', M] allowed with K*N' = N).
+    Mat fmat(const std::string& name, int64_t N, int64_t M = -1, bool optional = false) {
+        const at::Tensor t = get(name, optional);
         Mat m;
-        if (optional && t.numel() == 0) return m;
-        TORCH_CHECK(t.scalar_type() == at::kFloat && t.dim() >= 2, "FusedCpuModel: weight ", i_ - 1,
-                    " must be a float32 matrix, got ", t.scalar_type(), " ", t.sizes());
+        if (!t.defined()) return m;
+        TORCH_CHECK(t.scalar_type() == at::kFloat && t.dim() >= 2, "FusedCpuModel: ", scope_, " '", name,
+                    "' must be a float32 matrix, got ", t.scalar_type(), " ", t.sizes());
         m.M = t.size(-1);
         m.N = t.numel() / m.M;
-        TORCH_CHECK(m.N == N && (M < 0 || m.M == M), "FusedCpuModel: weight ", i_ - 1, " has shape ", t.sizes(),
-                    ", expected [", N, ", ", M, "]");
+        TORCH_CHECK(m.N == N && (M < 0 || m.M == M), "FusedCpuModel: ", scope_, " '", name, "' has shape ",
+                    t.sizes(), ", expected [", N, ", ", M, "]");
         m.w = t.data_ptr<float>();
         return m;
     }
-    // A strategy matrix [N, M]: five tensors (w, mx, rx, my, ry); float32 w with empty scales, or uint8 w.
-    Mat mat(int64_t N, int64_t M, bool optional = false) {
-        const at::Tensor& w = next();
-        const at::Tensor *s[4] = {&next(), &next(), &next(), &next()};
+    // A strategy matrix [N, M]: float32 name, or uint8 name with float32 scales name.mx, name.rx [M] and
+    // name.my, name.ry [N, 1] (models/formats/i8.py).
+    Mat mat(const std::string& name, int64_t N, int64_t M, bool optional = false) {
+        const at::Tensor w = get(name, optional);
         Mat m;
-        if (optional && w.numel() == 0) return m;
-        TORCH_CHECK(w.dim() == 2 && w.size(0) == N && w.size(1) == M, "FusedCpuModel: matrix ", i_ - 5,
-                    " has shape ", w.sizes(), ", expected [", N, ", ", M, "]");
+        if (!w.defined()) return m;
+        TORCH_CHECK(w.dim() == 2 && w.size(0) == N && w.size(1) == M, "FusedCpuModel: ", scope_, " '", name,
+                    "' has shape ", w.sizes(), ", expected [", N, ", ", M, "]");
         m.N = N;
         m.M = M;
         if (w.scalar_type() == at::kFloat) {
             m.w = w.data_ptr<float>();
             return m;
         }
-        TORCH_CHECK(w.scalar_type() == at::kByte, "FusedCpuModel: matrix ", i_ - 5, " must be float32 or uint8");
+        TORCH_CHECK(w.scalar_type() == at::kByte, "FusedCpuModel: ", scope_, " '", name,
+                    "' must be float32 or uint8, got ", w.scalar_type());
+        const char* part[4] = {".mx", ".rx", ".my", ".ry"};
         const int64_t n[4] = {M, M, N, N};
         const float* p[4];
         for (int j = 0; j < 4; ++j) {
-            TORCH_CHECK(s[j]->scalar_type() == at::kFloat && s[j]->numel() == n[j], "FusedCpuModel: i8 scale ", j,
-                        " of matrix ", i_ - 5, " must be float32 with ", n[j], " elements");
-            p[j] = s[j]->data_ptr<float>();
+            const std::string sn = name + part[j];
+            const at::Tensor s = get(sn);
+            TORCH_CHECK(s.scalar_type() == at::kFloat && s.numel() == n[j], "FusedCpuModel: ", scope_, " '", sn,
+                        "' (i8 scale) must be float32 with ", n[j], " elements, got ", s.scalar_type(), " ",
+                        s.sizes());
+            p[j] = s.data_ptr<float>();
         }
         m.q = w.data_ptr<uint8_t>();
         m.mx = p[0]; m.rx = p[1]; m.my = p[2]; m.ry = p[3];
         return m;
     }
-    size_t used() const { return i_; }
+    // Raises for the names nothing has read (a weight of a layout this class does not implement).
+    void finish(int64_t version) const {
+        std::string extra;
+        for (const auto& e : d_)
+            if (read_.count(e.key()) == 0) extra += (extra.empty() ? "'" : ", '") + e.key() + "'";
+        TORCH_CHECK(extra.empty(), "FusedCpuModel: ", scope_, " has weights the RWKV-", version,
+                    " fused path does not read: ", extra);
+    }
 
   private:
-    const std::vector<at::Tensor>& ts_;
-    size_t i_ = 0;
+    const WeightDict& d_;
+    std::string scope_;
+    std::unordered_set<std::string> read_;
 };
 
 // Scratch of one forward: R rows.
@@ -119,8 +157,20 @@ struct Work {
 
 class FusedCpuModel : public torch::CustomClassHolder {
   public:
-    // dims: [version (4, 5, 6, 7), n_layer, C, A, F, H, N, vocab, rescale_layer]
-    FusedCpuModel(std::vector<int64_t> dims, std::vector<at::Tensor> weights) : keep_(std::move(weights)) {
+    // dims: [version (4, 5, 6, 7), n_layer, C, A, F, H, N, vocab, rescale_layer].
+    // model: the model-level weights by checkpoint name: "emb.weight" float32 [vocab, C], "ln_out.weight",
+    //   "ln_out.bias" float32 [C], "head.weight" [C, vocab].
+    // layers: n_layer dicts, layer i's weights by their checkpoint names without "blocks.i." ("ln1.weight",
+    //   "att.time_decay", "att.key.weight", ...; the names read per generation are in the constructor body).
+    // Vectors are float32 with the layer's element count (any shape). A matrix "X.weight" [in, out] is
+    // float32, or uint8 with its i8 scales as four more entries "X.weight.mx", "X.weight.rx" float32 [out]
+    // and "X.weight.my", "X.weight.ry" float32 [in, 1]. Every tensor is contiguous on the CPU; the object
+    // keeps the dicts (references, no copies). Optional: v5 "att.gate.weight" (from 5.1; "att.time_mix_g"
+    // is required with it), v7 layer 0's "att.v0", "att.v1", "att.v2". Raises (c10::Error, RuntimeError in
+    // Python) naming the weight: a required name absent, a wrong dtype/shape/device/layout, or a name the
+    // constructor does not read (a weight of a layout it does not implement).
+    FusedCpuModel(std::vector<int64_t> dims, WeightDict model, std::vector<WeightDict> layers)
+        : model_w_(std::move(model)), layer_w_(std::move(layers)) {
         TORCH_CHECK(dims.size() == 9, "FusedCpuModel: dims must have 9 entries");
         ver_ = dims[0]; L_ = dims[1]; C_ = dims[2]; A_ = dims[3]; F_ = dims[4]; H_ = dims[5]; N_ = dims[6];
         V_ = dims[7]; rescale_ = dims[8];
@@ -128,64 +178,89 @@ class FusedCpuModel : public torch::CustomClassHolder {
         TORCH_CHECK(L_ > 0 && C_ > 0 && A_ > 0 && F_ > 0 && V_ > 0, "FusedCpuModel: bad dims");
         TORCH_CHECK(ver_ == 4 || H_ * N_ == A_, "FusedCpuModel: n_head * head_size != n_att");
         TORCH_CHECK(ver_ != 7 || N_ <= 512, "FusedCpuModel: head size above 512");
-        Reader rd(keep_);
+        TORCH_CHECK((int64_t)layer_w_.size() == L_, "FusedCpuModel: ", layer_w_.size(), " layer weight dicts for ",
+                    L_, " layers");
         const int64_t C = C_, A = A_, F = F_;
-        emb_ = rd.vec(V_ * C);
-        lnw_ = rd.vec(C);
-        lnb_ = rd.vec(C);
-        head_ = rd.mat(C, V_);
+        Named g(model_w_, "the model");
+        emb_ = g.vec("emb.weight", V_ * C);
+        lnw_ = g.vec("ln_out.weight", C);
+        lnb_ = g.vec("ln_out.bias", C);
+        head_ = g.mat("head.weight", C, V_);
+        g.finish(ver_);
         layers_.resize(L_);
         for (int64_t i = 0; i < L_; ++i) {
             Layer& l = layers_[i];
-            l.ln1w = rd.vec(C); l.ln1b = rd.vec(C); l.ln2w = rd.vec(C); l.ln2b = rd.vec(C);
+            Named w(layer_w_[i], "layer " + std::to_string(i));
+            l.ln1w = w.vec("ln1.weight", C); l.ln1b = w.vec("ln1.bias", C);
+            l.ln2w = w.vec("ln2.weight", C); l.ln2b = w.vec("ln2.bias", C);
             if (ver_ == 4 || ver_ == 5) {
-                // v: time_decay, time_first, mix_k, mix_v, mix_r, mix_g (v5.1+)
                 const int64_t wn = ver_ == 4 ? A : H_ * N_;
-                l.v[0] = rd.vec(wn); l.v[1] = rd.vec(wn);
-                l.v[2] = rd.vec(C); l.v[3] = rd.vec(C); l.v[4] = rd.vec(C);
+                l.time_decay = w.vec("att.time_decay", wn);
+                l.time_first = w.vec("att.time_first", wn);
+                l.mix[MixK] = w.vec("att.time_mix_k", C);
+                l.mix[MixV] = w.vec("att.time_mix_v", C);
+                l.mix[MixR] = w.vec("att.time_mix_r", C);
                 if (ver_ == 5) {
-                    l.v[5] = rd.vec(C, true);
-                    l.lnxw = rd.vec(A); l.lnxb = rd.vec(A);
+                    l.gate = w.mat("att.gate.weight", C, A, true);
+                    l.mix[MixG] = w.vec("att.time_mix_g", C, !l.gate.present());
+                    l.lnxw = w.vec("att.ln_x.weight", A); l.lnxb = w.vec("att.ln_x.bias", A);
                 }
-                l.key = rd.mat(C, A); l.value = rd.mat(C, A); l.receptance = rd.mat(C, A);
-                if (ver_ == 5) l.gate = rd.mat(C, A, true);
-                l.output = rd.mat(A, C);
-                l.fk = rd.vec(C); l.fr = rd.vec(C);
-                l.fkey = rd.mat(C, F); l.fvalue = rd.mat(F, C); l.freceptance = rd.mat(C, C);
+                l.key = w.mat("att.key.weight", C, A);
+                l.value = w.mat("att.value.weight", C, A);
+                l.receptance = w.mat("att.receptance.weight", C, A);
+                l.output = w.mat("att.output.weight", A, C);
+                l.fk = w.vec("ffn.time_mix_k", C); l.fr = w.vec("ffn.time_mix_r", C);
             } else if (ver_ == 6) {
-                // v: maa_x, maa_w, maa_k, maa_v, maa_r, maa_g, time_decay, time_first
-                for (int j = 0; j < 6; ++j) l.v[j] = rd.vec(C);
-                l.lr[0] = rd.fmat(C);                       // maa_w1 [C, 5D]
-                TORCH_CHECK(l.lr[0].M % 5 == 0, "FusedCpuModel: time_maa_w1 width must be 5*D");
-                l.lr[1] = rd.fmat(l.lr[0].M, C);            // maa_w2 [5, D, C] as [5D, C]
-                l.v[6] = rd.vec(A);
-                l.lr[2] = rd.fmat(C);                       // decay_w1 [C, Dw]
-                l.lr[3] = rd.fmat(l.lr[2].M, A);            // decay_w2 [Dw, A]
-                l.v[7] = rd.vec(A);
-                l.lnxw = rd.vec(A); l.lnxb = rd.vec(A);
-                l.key = rd.mat(C, A); l.value = rd.mat(C, A); l.receptance = rd.mat(C, A);
-                l.gate = rd.mat(C, A); l.output = rd.mat(A, C);
-                l.fk = rd.vec(C); l.fr = rd.vec(C);
-                l.fkey = rd.mat(C, F); l.fvalue = rd.mat(F, C); l.freceptance = rd.mat(C, C);
+                l.mix[MaaX] = w.vec("att.time_maa_x", C);
+                l.mix[MaaW] = w.vec("att.time_maa_w", C);
+                l.mix[MaaK] = w.vec("att.time_maa_k", C);
+                l.mix[MaaV] = w.vec("att.time_maa_v", C);
+                l.mix[MaaR] = w.vec("att.time_maa_r", C);
+                l.mix[MaaG] = w.vec("att.time_maa_g", C);
+                l.maa_w1 = w.fmat("att.time_maa_w1", C);                   // [C, 5D]
+                TORCH_CHECK(l.maa_w1.M % 5 == 0, "FusedCpuModel: layer ", i, " 'att.time_maa_w1' width must be 5*D");
+                l.maa_w2 = w.fmat("att.time_maa_w2", l.maa_w1.M, C);      // [5, D, C] as [5D, C]
+                l.time_decay = w.vec("att.time_decay", A);
+                l.decay_w1 = w.fmat("att.time_decay_w1", C);                // [C, Dw]
+                l.decay_w2 = w.fmat("att.time_decay_w2", l.decay_w1.M, A);  // [Dw, A]
+                l.time_first = w.vec("att.time_first", A);
+                l.lnxw = w.vec("att.ln_x.weight", A); l.lnxb = w.vec("att.ln_x.bias", A);
+                l.key = w.mat("att.key.weight", C, A);
+                l.value = w.mat("att.value.weight", C, A);
+                l.receptance = w.mat("att.receptance.weight", C, A);
+                l.gate = w.mat("att.gate.weight", C, A);
+                l.output = w.mat("att.output.weight", A, C);
+                l.fk = w.vec("ffn.time_maa_k", C); l.fr = w.vec("ffn.time_maa_r", C);
             } else {
-                // v: x_r, x_w, x_k, x_v, x_a, x_g, w0, a0, v0, k_k, k_a, r_k
-                for (int j = 0; j < 6; ++j) l.v[j] = rd.vec(C);
-                l.v[6] = rd.vec(A); l.lr[0] = rd.fmat(C); l.lr[1] = rd.fmat(l.lr[0].M, A);
-                l.v[7] = rd.vec(A); l.lr[2] = rd.fmat(C); l.lr[3] = rd.fmat(l.lr[2].M, A);
-                l.v[8] = rd.vec(A, true); l.lr[4] = rd.fmat(C, -1, true);
-                l.lr[5] = l.lr[4].present() ? rd.fmat(l.lr[4].M, A) : rd.fmat(0, -1, true);
-                TORCH_CHECK(i == 0 || (l.v[8] && l.lr[4].present()), "FusedCpuModel: layer ", i, " lacks v0/v1/v2");
-                l.lr[6] = rd.fmat(C); l.lr[7] = rd.fmat(l.lr[6].M, A);
-                l.v[9] = rd.vec(A); l.v[10] = rd.vec(A); l.v[11] = rd.vec(A);
-                l.lnxw = rd.vec(A); l.lnxb = rd.vec(A);
-                l.key = rd.mat(C, A); l.value = rd.mat(C, A); l.receptance = rd.mat(C, A); l.output = rd.mat(A, C);
-                l.fk = rd.vec(C);
-                l.fkey = rd.mat(C, F); l.fvalue = rd.mat(F, C);
+                l.mix[Xr] = w.vec("att.x_r", C);
+                l.mix[Xw] = w.vec("att.x_w", C);
+                l.mix[Xk] = w.vec("att.x_k", C);
+                l.mix[Xv] = w.vec("att.x_v", C);
+                l.mix[Xa] = w.vec("att.x_a", C);
+                l.mix[Xg] = w.vec("att.x_g", C);
+                l.w0 = w.vec("att.w0", A); l.w1 = w.fmat("att.w1", C); l.w2 = w.fmat("att.w2", l.w1.M, A);
+                l.a0 = w.vec("att.a0", A); l.a1 = w.fmat("att.a1", C); l.a2 = w.fmat("att.a2", l.a1.M, A);
+                const bool first = i == 0;                       // layer 0 makes v_first: no v0/v1/v2
+                l.v0 = w.vec("att.v0", A, first); l.v1 = w.fmat("att.v1", C, -1, first);
+                l.v2 = w.fmat("att.v2", l.v1.M, A, !l.v1.present());
+                l.g1 = w.fmat("att.g1", C); l.g2 = w.fmat("att.g2", l.g1.M, A);
+                l.k_k = w.vec("att.k_k", A); l.k_a = w.vec("att.k_a", A); l.r_k = w.vec("att.r_k", A);
+                l.lnxw = w.vec("att.ln_x.weight", A); l.lnxb = w.vec("att.ln_x.bias", A);
+                l.key = w.mat("att.key.weight", C, A);
+                l.value = w.mat("att.value.weight", C, A);
+                l.receptance = w.mat("att.receptance.weight", C, A);
+                l.output = w.mat("att.output.weight", A, C);
+                l.fk = w.vec("ffn.x_k", C);
             }
+            l.fkey = w.mat("ffn.key.weight", C, F);
+            l.fvalue = w.mat("ffn.value.weight", F, C);
+            if (ver_ != 7) l.freceptance = w.mat("ffn.receptance.weight", C, C);
+            w.finish(ver_);
         }
-        TORCH_CHECK(rd.used() == keep_.size(), "FusedCpuModel: ", keep_.size() - rd.used(), " weight tensors left over");
         for (const Layer& l : layers_)
-            for (const Mat& m : l.lr) lr_max_ = std::max(lr_max_, m.M);
+            for (const Mat* m : {&l.maa_w1, &l.maa_w2, &l.decay_w1, &l.decay_w2, &l.w1, &l.w2, &l.a1, &l.a2, &l.v1,
+                                 &l.v2, &l.g1, &l.g2})
+                lr_max_ = std::max(lr_max_, m->M);
     }
 
     int64_t n_state() const { return ver_ == 4 ? 5 : 3; }
@@ -339,15 +414,15 @@ class FusedCpuModel : public torch::CustomClassHolder {
         for (int64_t r = 0; r < R; ++r)
             for (int64_t c = 0; c < C; ++c) {
                 const int64_t o = r * C + c;
-                kx[o] = xx[o] * l.v[2][c] + sx[o] * (1 - l.v[2][c]);
-                vx[o] = xx[o] * l.v[3][c] + sx[o] * (1 - l.v[3][c]);
-                rx[o] = xx[o] * l.v[4][c] + sx[o] * (1 - l.v[4][c]);
+                kx[o] = xx[o] * l.mix[MixK][c] + sx[o] * (1 - l.mix[MixK][c]);
+                vx[o] = xx[o] * l.mix[MixV][c] + sx[o] * (1 - l.mix[MixV][c]);
+                rx[o] = xx[o] * l.mix[MixR][c] + sx[o] * (1 - l.mix[MixR][c]);
             }
         float *rr = s.r.get(), *k = s.k.get(), *v = s.v.get(), *y = s.y.get();
         gemm(rx, C, R, l.receptance, rr);
         gemm(kx, C, R, l.key, k);
         gemm(vx, C, R, l.value, v);
-        const float *w = l.v[0], *u = l.v[1];
+        const float *w = l.time_decay, *u = l.time_first;
         float *aa = st[1], *bb = st[2], *pp = st[3];
         for (int64_t b = 0; b < B; ++b)
             for (int64_t c = 0; c < A; ++c) {
@@ -369,9 +444,9 @@ class FusedCpuModel : public torch::CustomClassHolder {
         float *xx = s.xx.get(), *sx = s.xs.get();
         layer_norm(s.x.get(), R, C, l.ln1w, l.ln1b, xx);
         time_shift(xx, st[0], B, T, C, sx, 0);
-        const bool gate = l.gate.present() && l.v[5] != nullptr;
-        for (int j = 0; j < (gate ? 4 : 3); ++j) {
-            const float* m = l.v[2 + j];
+        const bool gate = l.gate.present() && l.mix[MixG] != nullptr;
+        for (int j = 0; j < (gate ? 4 : 3); ++j) {     // k, v, r (, g) -> m[0..3]
+            const float* m = l.mix[MixK + j];
             float* d = s.m[j].get();
             for (int64_t r = 0; r < R; ++r)
                 for (int64_t c = 0; c < C; ++c) d[r * C + c] = xx[r * C + c] * m[c] + sx[r * C + c] * (1 - m[c]);
@@ -379,7 +454,7 @@ class FusedCpuModel : public torch::CustomClassHolder {
         gemm(s.m[2].get(), C, R, l.receptance, s.r.get());
         gemm(s.m[0].get(), C, R, l.key, s.k.get());
         gemm(s.m[1].get(), C, R, l.value, s.v.get());
-        wkv56(s, B, T, l.v[0], false, l.v[1], st[1]);
+        wkv56(s, B, T, l.time_decay, false, l.time_first, st[1]);
         float* y = s.y.get();
         head_group_norm(y, R, H_, N_, l.lnxw, l.lnxb);
         if (gate) {
@@ -398,20 +473,20 @@ class FusedCpuModel : public torch::CustomClassHolder {
         layer_norm(s.x.get(), R, C, l.ln1w, l.ln1b, xx);
         time_shift(xx, st[0], B, T, C, sx, 1);
         float* t0 = s.m[5].get();
-        for (int64_t j = 0; j < R * C; ++j) t0[j] = xx[j] + sx[j] * l.v[0][j % C];
-        const int64_t D5 = l.lr[0].M, D = D5 / 5;
+        for (int64_t j = 0; j < R * C; ++j) t0[j] = xx[j] + sx[j] * l.mix[MaaX][j % C];
+        const int64_t D5 = l.maa_w1.M, D = D5 / 5;
         float* xxx = s.h.get();
-        gemm(t0, C, R, l.lr[0], xxx);
+        gemm(t0, C, R, l.maa_w1, xxx);
         for (int64_t j = 0; j < R * D5; ++j) xxx[j] = std::tanh(xxx[j]);
         // mw, mk, mv, mr, mg -> wx, kx, vx, rx, gx in m[0..4]
         float* mm = s.t2.get();
         for (int q = 0; q < 5; ++q) {
-            Mat w2 = l.lr[1];
+            Mat w2 = l.maa_w2;
             w2.N = D;
             w2.w += q * D * C;
             gemm(xxx + q * D, D5, R, w2, mm);
             float* d = s.m[q].get();
-            const float* base = l.v[1 + q];
+            const float* base = l.mix[MaaW + q];
             for (int64_t r = 0; r < R; ++r)
                 for (int64_t c = 0; c < C; ++c) {
                     const int64_t o = r * C + c;
@@ -424,11 +499,11 @@ class FusedCpuModel : public torch::CustomClassHolder {
         float *g = s.g.get(), *w = s.w.get(), *t1 = s.t1.get();
         gemm(s.m[4].get(), C, R, l.gate, g);
         for (int64_t j = 0; j < R * A; ++j) g[j] *= sigmoid(g[j]);
-        gemm(s.m[0].get(), C, R, l.lr[2], t1);
-        for (int64_t j = 0; j < R * l.lr[2].M; ++j) t1[j] = std::tanh(t1[j]);
-        gemm(t1, l.lr[2].M, R, l.lr[3], w);
-        for (int64_t j = 0; j < R * A; ++j) w[j] = std::exp(-std::exp(l.v[6][j % A] + w[j]));
-        wkv56(s, B, T, w, true, l.v[7], st[1]);
+        gemm(s.m[0].get(), C, R, l.decay_w1, t1);
+        for (int64_t j = 0; j < R * l.decay_w1.M; ++j) t1[j] = std::tanh(t1[j]);
+        gemm(t1, l.decay_w1.M, R, l.decay_w2, w);
+        for (int64_t j = 0; j < R * A; ++j) w[j] = std::exp(-std::exp(l.time_decay[j % A] + w[j]));
+        wkv56(s, B, T, w, true, l.time_first, st[1]);
         float* y = s.y.get();
         head_group_norm(y, R, H_, N_, l.lnxw, l.lnxb);
         for (int64_t j = 0; j < R * A; ++j) y[j] *= g[j];
@@ -444,44 +519,44 @@ class FusedCpuModel : public torch::CustomClassHolder {
         time_shift(xx, st[0], B, T, C, xs, 1);
         for (int q = 0; q < 6; ++q) {          // xr, xw, xk, xv, xa, xg
             float* d = s.m[q].get();
-            const float* m = l.v[q];
+            const float* m = l.mix[Xr + q];
             for (int64_t r = 0; r < R; ++r)
                 for (int64_t c = 0; c < C; ++c) d[r * C + c] = xx[r * C + c] + xs[r * C + c] * m[c];
         }
         float *r = s.r.get(), *w = s.w.get(), *k = s.k.get(), *v = s.v.get(), *a = s.a.get(), *g = s.g.get();
         float *t1 = s.t1.get(), *t2 = s.t2.get();
         gemm(s.m[0].get(), C, R, l.receptance, r);
-        gemm(s.m[1].get(), C, R, l.lr[0], t1);
-        for (int64_t j = 0; j < R * l.lr[0].M; ++j) t1[j] = std::tanh(t1[j]);
-        gemm(t1, l.lr[0].M, R, l.lr[1], w);
+        gemm(s.m[1].get(), C, R, l.w1, t1);
+        for (int64_t j = 0; j < R * l.w1.M; ++j) t1[j] = std::tanh(t1[j]);
+        gemm(t1, l.w1.M, R, l.w2, w);
         gemm(s.m[2].get(), C, R, l.key, k);
         gemm(s.m[3].get(), C, R, l.value, v);
-        gemm(s.m[4].get(), C, R, l.lr[2], t1);
-        gemm(t1, l.lr[2].M, R, l.lr[3], a);
-        for (int64_t j = 0; j < R * A; ++j) a[j] = sigmoid(l.v[7][j % A] + a[j]);
-        gemm(s.m[5].get(), C, R, l.lr[6], t1);
-        for (int64_t j = 0; j < R * l.lr[6].M; ++j) t1[j] = sigmoid(t1[j]);
-        gemm(t1, l.lr[6].M, R, l.lr[7], g);
+        gemm(s.m[4].get(), C, R, l.a1, t1);
+        gemm(t1, l.a1.M, R, l.a2, a);
+        for (int64_t j = 0; j < R * A; ++j) a[j] = sigmoid(l.a0[j % A] + a[j]);
+        gemm(s.m[5].get(), C, R, l.g1, t1);
+        for (int64_t j = 0; j < R * l.g1.M; ++j) t1[j] = sigmoid(t1[j]);
+        gemm(t1, l.g1.M, R, l.g2, g);
         // kk = normalize(k * k_k) per head (into t2); k = k * (1 + (a - 1) * k_a)
         for (int64_t rr = 0; rr < R; ++rr)
             for (int64_t h = 0; h < H; ++h) {
                 const int64_t o = rr * A + h * N;
                 float n2 = 0.f;
-                for (int64_t j = 0; j < N; ++j) { t2[o + j] = k[o + j] * l.v[9][h * N + j]; n2 += t2[o + j] * t2[o + j]; }
+                for (int64_t j = 0; j < N; ++j) { t2[o + j] = k[o + j] * l.k_k[h * N + j]; n2 += t2[o + j] * t2[o + j]; }
                 const float inv = 1.f / std::max(std::sqrt(n2), 1e-12f);
                 for (int64_t j = 0; j < N; ++j) t2[o + j] *= inv;
             }
-        for (int64_t j = 0; j < R * A; ++j) k[j] = k[j] * (1 + (a[j] - 1) * l.v[10][j % A]);
+        for (int64_t j = 0; j < R * A; ++j) k[j] = k[j] * (1 + (a[j] - 1) * l.k_a[j % A]);
         float* vf = s.vfirst.get();
         if (i == 0) {
             std::memcpy(vf, v, sizeof(float) * R * A);
         } else {
-            gemm(s.m[3].get(), C, R, l.lr[4], t1);
+            gemm(s.m[3].get(), C, R, l.v1, t1);
             float* vv = s.y.get();
-            gemm(t1, l.lr[4].M, R, l.lr[5], vv);
-            for (int64_t j = 0; j < R * A; ++j) v[j] = v[j] + (vf[j] - v[j]) * sigmoid(l.v[8][j % A] + vv[j]);
+            gemm(t1, l.v1.M, R, l.v2, vv);
+            for (int64_t j = 0; j < R * A; ++j) v[j] = v[j] + (vf[j] - v[j]) * sigmoid(l.v0[j % A] + vv[j]);
         }
-        for (int64_t j = 0; j < R * A; ++j) w[j] = std::exp(-0.606531f * sigmoid(l.v[6][j % A] + w[j]));
+        for (int64_t j = 0; j < R * A; ++j) w[j] = std::exp(-0.606531f * sigmoid(l.w0[j % A] + w[j]));
         // WKV-7: S [value i, key j]; a = -kk, b = kk * a_gate
         float* y = s.y.get();
         for (int64_t b = 0; b < B; ++b)
@@ -513,7 +588,7 @@ class FusedCpuModel : public torch::CustomClassHolder {
             for (int64_t h = 0; h < H; ++h) {
                 const int64_t o = rr * A + h * N;
                 float sum = 0.f;
-                for (int64_t j = 0; j < N; ++j) sum += r[o + j] * k[o + j] * l.v[11][h * N + j];
+                for (int64_t j = 0; j < N; ++j) sum += r[o + j] * k[o + j] * l.r_k[h * N + j];
                 for (int64_t j = 0; j < N; ++j) y[o + j] = (y[o + j] + sum * v[o + j]) * g[o + j];
             }
         add_output(l, s, y);
@@ -530,7 +605,8 @@ class FusedCpuModel : public torch::CustomClassHolder {
         for (int64_t j = 0; j < R * C; ++j) x[j] += out[j];
     }
 
-    std::vector<at::Tensor> keep_;
+    WeightDict model_w_;                 // the weights the pointers below point into
+    std::vector<WeightDict> layer_w_;
     int64_t ver_, L_, C_, A_, F_, H_, N_, V_, rescale_, lr_max_ = 0;
     const float *emb_, *lnw_, *lnb_;
     Mat head_;
@@ -542,6 +618,7 @@ class FusedCpuModel : public torch::CustomClassHolder {
 
 TORCH_LIBRARY_FRAGMENT(rwkv_chat, m) {
     m.class_<rwkv_chat::fused::FusedCpuModel>("FusedCpuModel")
-        .def(torch::init<std::vector<int64_t>, std::vector<at::Tensor>>())
+        .def(torch::init<std::vector<int64_t>, rwkv_chat::fused::WeightDict,
+                         std::vector<rwkv_chat::fused::WeightDict>>())
         .def("forward", &rwkv_chat::fused::FusedCpuModel::forward);
 }

@@ -2,12 +2,12 @@
 
 The eager block functions issue ~60 torch ops per layer per token, each with microseconds of dispatch
 overhead; for small models that overhead is the whole cost of a decode step. ``FusedCpu`` packs a
-model's weights once (no copies: the compiled object keeps references to the model's tensors) into the
-TorchBind class ``torch.classes.rwkv_chat.FusedCpuModel`` (``csrc/fused_cpu/``, built into the CPU
-kernel library) and runs B sequences of T tokens through every layer in one call: hand loops for the
-small products, ``at::mm`` (MKL/oneDNN) and the compiled mm8 kernel for the large ones. The formulas are
-those of ``models/rwkv/v4.py`` … ``models/rwkv/v7.py`` (ChatRWKV ``rwkv/model.py``, pip 0.8.32); results equal the
-eager path to float32 rounding.
+model's weights once, by checkpoint name (no copies: the compiled object keeps references to the
+model's tensors), into the TorchBind class ``torch.classes.rwkv_chat.FusedCpuModel`` (``csrc/fused_cpu/``,
+built into the CPU kernel library) and runs B sequences of T tokens through every layer in one call:
+hand loops for the small products, ``at::mm`` (MKL/oneDNN) and the compiled mm8 kernel for the large
+ones. The formulas are those of ``models/rwkv/v4.py`` … ``models/rwkv/v7.py`` (ChatRWKV ``rwkv/model.py``,
+pip 0.8.32); results equal the eager path to float32 rounding.
 
 Served: every layer on the CPU with float32 activations and float32 or i8 weights (``cpu fp32``,
 ``cpu fp32i8``, mixes of those), generations 4, 5, 5.1, 5.2, 6 and 7 (not RWKV-7 DeepEmbed). Anything
@@ -23,7 +23,6 @@ from rwkv_chat.models.errors import StateError
 from rwkv_chat.models.formats.i8 import Int8Weight
 from rwkv_chat.models.state import State
 
-_EMPTY = torch.empty(0)
 _VERSION_CODE = {"4": 4, "5": 5, "5.1": 5, "5.2": 5, "6": 6, "7": 7}
 #: the longest sequence (tokens per row) the fused call serves. Longer prompts go to the eager path,
 #: whose products batch over tokens just as well and whose elementwise work is vectorized and threaded,
@@ -60,8 +59,8 @@ def reason(model) -> str | None:
     if model.spec.deep_embed:
         return "RWKV-7 DeepEmbed has no fused CPU path"
     for i, pl in enumerate(model.plan.layers):
-        if model._devices[i].type != "cpu":
-            return f"layer {i} is on {model._devices[i]}"
+        if model.devices[i].type != "cpu":
+            return f"layer {i} is on {model.devices[i]}"
         if pl.atype != torch.float32:
             return f"layer {i} computes in {pl.atype} (the fused CPU path serves float32 activations)"
         if pl.wtype not in (torch.float32, torch.uint8):
@@ -69,71 +68,64 @@ def reason(model) -> str | None:
     return None
 
 
-def _mat(w) -> list[torch.Tensor]:
-    if isinstance(w, Int8Weight):
-        return [w.w, w.mx, w.rx, w.my, w.ry]
-    return [w, _EMPTY, _EMPTY, _EMPTY, _EMPTY]
+_I8_PARTS = ("mx", "rx", "my", "ry")
 
 
-def _vec(p: dict, name: str) -> torch.Tensor:
-    t = p.get(name)
-    return _EMPTY if t is None else t.contiguous()
+def named_weights(p: dict) -> dict[str, torch.Tensor]:
+    """Weights by name as ``FusedCpuModel`` reads them.
 
-
-def _layer_weights(version: int, p: dict) -> list[torch.Tensor]:
-    """The tensors of one layer in the order ``FusedCpuModel``'s constructor reads them."""
-    v = lambda n: _vec(p, n)  # noqa: E731
-    m = lambda n: _mat(p[n]) if n in p else [_EMPTY] * 5  # noqa: E731
-    out = [v("ln1.weight"), v("ln1.bias"), v("ln2.weight"), v("ln2.bias")]
-    if version in (4, 5):
-        out += [v("att.time_decay"), v("att.time_first"), v("att.time_mix_k"), v("att.time_mix_v"),
-                v("att.time_mix_r")]
-        if version == 5:
-            out += [v("att.time_mix_g"), v("att.ln_x.weight"), v("att.ln_x.bias")]
-        out += m("att.key.weight") + m("att.value.weight") + m("att.receptance.weight")
-        if version == 5:
-            out += m("att.gate.weight")
-        out += m("att.output.weight")
-        out += [v("ffn.time_mix_k"), v("ffn.time_mix_r")]
-        out += m("ffn.key.weight") + m("ffn.value.weight") + m("ffn.receptance.weight")
-    elif version == 6:
-        out += [v(f"att.time_maa_{c}") for c in "xwkvrg"]
-        out += [v("att.time_maa_w1"), v("att.time_maa_w2"), v("att.time_decay"), v("att.time_decay_w1"),
-                v("att.time_decay_w2"), v("att.time_first"), v("att.ln_x.weight"), v("att.ln_x.bias")]
-        out += (m("att.key.weight") + m("att.value.weight") + m("att.receptance.weight") + m("att.gate.weight")
-                + m("att.output.weight"))
-        out += [v("ffn.time_maa_k"), v("ffn.time_maa_r")]
-        out += m("ffn.key.weight") + m("ffn.value.weight") + m("ffn.receptance.weight")
-    else:
-        out += [v(f"att.x_{c}") for c in "rwkvag"]
-        out += [v("att.w0"), v("att.w1"), v("att.w2"), v("att.a0"), v("att.a1"), v("att.a2"),
-                v("att.v0"), v("att.v1"), v("att.v2"), v("att.g1"), v("att.g2"),
-                v("att.k_k"), v("att.k_a"), v("att.r_k"), v("att.ln_x.weight"), v("att.ln_x.bias")]
-        out += m("att.key.weight") + m("att.value.weight") + m("att.receptance.weight") + m("att.output.weight")
-        out += [v("ffn.x_k")] + m("ffn.key.weight") + m("ffn.value.weight")
+    Args:
+        p: name -> float32 tensor or ``Int8Weight`` (a layer's dict from ``model.layers``, names without
+            ``blocks.<i>.``, or the model-level names ``emb.weight``, ``ln_out.weight``, ``ln_out.bias``,
+            ``head.weight``).
+    Returns:
+        name -> CPU tensor: each tensor as given (``.contiguous()``: a no-op for the loader's contiguous
+        weights); an ``Int8Weight`` ``X`` as uint8 ``X`` [N, M] plus float32 ``X.mx``, ``X.rx`` [M] and
+        ``X.my``, ``X.ry`` [N, 1]. The tensors are the model's (no copies for contiguous weights).
+    """
+    out: dict[str, torch.Tensor] = {}
+    for name, t in p.items():
+        if isinstance(t, Int8Weight):
+            out[name] = t.w
+            for part in _I8_PARTS:
+                out[f"{name}.{part}"] = getattr(t, part)
+        else:
+            out[name] = t.contiguous()
     return out
+
+
+def model_weights(model) -> dict[str, torch.Tensor]:
+    """The model-level weights of ``model`` by checkpoint name (``named_weights`` form): ``emb.weight``
+    float32 [vocab, C], ``ln_out.weight``, ``ln_out.bias`` float32 [C], ``head.weight`` [C, vocab]."""
+    return named_weights({"emb.weight": model.emb, "ln_out.weight": model.ln_out[0],
+                          "ln_out.bias": model.ln_out[1], "head.weight": model.head})
 
 
 class FusedCpu:
     """A model's weights packed for the fused CPU call (references, no copies).
 
+    The compiled object is ``FusedCpuModel(dims, model_weights(model), [named_weights(layer) ...])``:
+    ``dims`` int [version code, n_layer, n_embd, n_att, n_ffn, n_head, head_size, vocab, rescale_layer],
+    then name -> tensor dicts (checkpoint names; an i8 matrix as its five named parts, see
+    ``named_weights``). It looks every name up once when built; the forward reads struct fields.
+
     Args:
         model: an ``RWKV`` for which ``reason(model)`` is None.
     Raises:
-        RuntimeError: the compiled class refused the weights (a layout it does not know).
+        RuntimeError: the compiled class refused the weights: a required name absent (the message names
+            it), a wrong dtype, shape, device or layout, or a name it does not read (a layout it does not
+            know).
     """
 
     def __init__(self, model):
         spec = model.spec
         self.version = _VERSION_CODE[spec.version]
         self.n_layer = spec.n_layer
-        self.n_state = len(model._gen.STATE_NAMES)
-        weights = [model.emb, model.ln_out[0], model.ln_out[1], *_mat(model.head)]
-        for i in range(spec.n_layer):
-            weights += _layer_weights(self.version, model.layers[i])
+        self.n_state = len(model.generation.STATE_NAMES)
+        layers = [named_weights(model.layers[i]) for i in range(spec.n_layer)]
         dims = [self.version, spec.n_layer, spec.n_embd, spec.n_att, spec.n_ffn, max(spec.n_head, 1),
                 max(spec.head_size, 1), spec.vocab_size, int(model.rescale_layer or 0)]
-        self.obj = _class()(dims, weights)
+        self.obj = _class()(dims, model_weights(model), layers)
 
     def serves(self, tokens: int) -> bool:
         """Whether a forward of ``tokens`` tokens per sequence goes through the fused call (up to
@@ -157,7 +149,7 @@ class FusedCpu:
         if state.fingerprint != model.fingerprint or state.version != model.version:
             raise StateError(f"state belongs to another model (v{state.version}, {state.fingerprint}); "
                              f"this is v{model.version}, {model.fingerprint}")
-        if len(state.layers) != self.n_layer or state.names != model._gen.STATE_NAMES:
+        if len(state.layers) != self.n_layer or state.names != model.generation.STATE_NAMES:
             raise StateError("state layout does not match this model")
         flat = [t for layer in state.layers for t in layer]
         try:

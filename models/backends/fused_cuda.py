@@ -1,9 +1,9 @@
-"""Fused RWKV-7 layers on CUDA: the compiled kernels of ``csrc/fused`` in place of the eager block.
+"""The fused CUDA backend: RWKV-7 layers through the compiled kernels of ``csrc/fused`` in place of the eager block.
 
 Same math as ``models/rwkv/v7.py`` (ChatRWKV ``RWKV_x070_TMix_*`` / ``RWKV_x070_CMix_*``, pip 0.8.32), in
 a few launches per layer:
 
-Decode (``decode_step``, one token for each of b rows), per layer:
+Decode (``FusedCuda.decode_step``, one token for each of b rows), per layer:
   1. ``v7_mix``: residual add + ln1 + token shift + the six lerps (r, w, k, v, a, g), att_x updated;
   2. one grouped GEMV for r, k, v and the first low-rank products (w1, a1, g1, v1) (b <= 4 rows);
   3. one grouped GEMV for the second low-rank products with tanh / sigmoid applied on the input;
@@ -15,21 +15,24 @@ More than 4 rows: the large products go to cuBLAS (GEMM), the low-rank products 
 torch ops), the WKV step stays one fused launch per layer. i8 weights (<= 4 rows) use the grouped mm8
 GEMV: r/k/v in one launch, relu² applied on load for the channel-mix value.
 
-Prefill (``sequence_block``, T > 1): ``v7_mix`` (the previous token's LayerNorm recomputed in the
+Prefill (``FusedCuda.sequence_block``, T > 1): ``v7_mix`` (the previous token's LayerNorm recomputed in the
 same block), cuBLAS GEMMs over [B·T, C], ``v7_pre``, the compiled WKV-7 sequence kernel, ``v7_post``.
 
-Weights: ``prepare`` stores each CUDA float matrix output-major (the checkpoint's [out, in] layout,
-exposed as the usual [in, out] view ``W.t()``), so a GEMV reads every output's weights contiguously
-and cuBLAS reads the same memory transposed. Shapes: C channels, H heads of N, b rows.
+Weights: at load (``FusedCuda``), each CUDA float matrix of the model is stored output-major (the
+checkpoint's [out, in] layout, exposed as the usual [in, out] view ``W.t()``), so a GEMV reads every output's
+weights contiguously and cuBLAS reads the same memory transposed; the backend keeps its own per-layer tensors
+(the six mixes stacked, the low-rank matrices output-major). Products of the large matrices outside the GEMV
+kernels go through the model's ops (``ops.matmul``: cuBLAS, the compiled mm8). Shapes: C channels, H heads
+of N, b rows.
 """
 
 from __future__ import annotations
 
 import torch
 
-from rwkv_chat.models.rwkv import v7
-from rwkv_chat.models.rwkv.nn import matmul
+from rwkv_chat.models.backends.base import Backend, Ops
 from rwkv_chat.models.formats.i8 import Int8Weight
+from rwkv_chat.models.kernels import dispatch
 
 GEMV_ROWS = 4           # rows served by the grouped GEMV kernel (more: cuBLAS)
 _BIG = ("att.receptance.weight", "att.key.weight", "att.value.weight", "att.output.weight",
@@ -59,35 +62,6 @@ def _output_major(w):
     if w.t().is_contiguous():
         return w
     return w.t().contiguous().t()
-
-
-def prepare(model) -> None:
-    """Store the CUDA float matrices output-major and build the fused parameter tensors (idempotent).
-
-    Adds ``model._fused7``: per layer a dict with the six mixes stacked [6, C], the ffn mix [1, C], and
-    the low-rank matrices output-major ([D, C] for w1/a1/g1/v1, [C, D] for w2/a2/g2/v2).
-    """
-    if getattr(model, "_fused7", None) is not None:
-        return
-    per_layer = []
-    for i, p in enumerate(model.layers):
-        for name in _BIG:
-            p[name] = _output_major(p[name])
-        f = {}
-        if p["ln1.weight"].is_cuda:
-            f["mix6"] = torch.stack([p[f"att.x_{m}"] for m in "rwkvag"]).contiguous()
-            f["mixk"] = p["ffn.x_k"].reshape(1, -1).contiguous()
-            for name in _LOW:
-                if name in p:
-                    f[name] = p[name].t().contiguous()
-        per_layer.append(f)
-    model.head = _output_major(model.head)
-    model._fused7 = per_layer
-
-
-def _mm(x, w):
-    """x [rows, N] @ W ([N, M] float view or Int8Weight) -> [rows, M] in x's dtype."""
-    return matmul(x, w)
 
 
 #: ``_gemv`` act codes: relu², tanh, sigmoid applied to the results (rounded to the activation dtype first), none on x
@@ -122,114 +96,8 @@ def _i8_ok(ws, x) -> bool:
                and w.storage.data_ptr() % 16 == 0 and w.mx.dtype == x.dtype for w in ws)
 
 
-def _big(x, w, act: int, gemv: bool, small: bool = False):
-    """x @ W for a large matrix; act 3 = relu² on x first. i8 weights at <= 4 rows: the grouped mm8 GEMV."""
-    if gemv and not isinstance(w, Int8Weight):
-        return _gemv([x], [w.t()], [act])[0]
-    if small and _i8_ok([w], x):
-        return _mm8([x], [w], [act])[0]
-    if act == 3:
-        x = torch.relu(x).square()
-    return _mm(x, w)
-
-
-def decode_step(model, ids: torch.Tensor, bufs: list, gemv: str = "ours", large_wkv: str = "one") -> torch.Tensor:
-    """The whole model for one token per row through the fused kernels.
-
-    Args:
-        model: an RWKV-7 ``RWKV`` on one CUDA device, after ``prepare``.
-        ids: long [b, 1] token ids on that device.
-        bufs: per layer (att_x [b, C], att_kv float32 [b, H, N, N], ffn_x [b, C]), contiguous, updated
-            in place.
-        gemv: "ours" (grouped GEMV kernel for every product at b <= 4) or "cublas" (large matrices via
-            cuBLAS, low-rank via the grouped GEMV). i8 weights at b <= 4 use the grouped mm8 GEMV.
-        large_wkv: b > 4 rows: "one" (``v7_tmix_one``: one pass over the state, read and written once in
-            place, moved through shared memory in coalesced rows) or "split" (``v7_pre`` + the row-split WKV-7 kernel + ``v7_post``).
-    Returns:
-        logits float32 [b, vocab].
-    """
-    ops = _ops()
-    b = ids.shape[0]
-    spec = model.spec
-    H = spec.n_head
-    small = b <= GEMV_ROWS
-    ours = small and gemv == "ours"
-    x = torch.index_select(model.emb, 0, ids.view(-1))    # [b, C]
-    C = x.shape[-1]
-    dx = None
-    v_first = None
-    for i in range(model.n_layer):
-        p, f = model.layers[i], model._fused7[i]
-        att_x, s, ffn_x = bufs[i]
-        mix = torch.empty(6, b, C, dtype=x.dtype, device=x.device)
-        xn = torch.empty_like(x) if dx is not None else None
-        ops.v7_mix_cuda(x, dx, xn, p["ln1.weight"], p["ln1.bias"], att_x, att_x, f["mix6"], mix, 1)
-        x = xn if xn is not None else x
-        xr, xw, xk, xv, xa, xg = mix
-        first = i == 0
-        if small:
-            xs, ws = [xw, xa, xg], [f["att.w1"], f["att.a1"], f["att.g1"]]
-            if not first:
-                xs.append(xv)
-                ws.append(f["att.v1"])
-            big = [p["att.receptance.weight"], p["att.key.weight"], p["att.value.weight"]]
-            # tanh(xw @ w1) and sigmoid(xg @ g1) written by the first low-rank products (rounded as the
-            # reference rounds them), so the second ones load plain inputs
-            low_acts = [TANH_ON_OUTPUT, 0, SIGMOID_ON_OUTPUT, 0][:len(xs)]
-            if ours and not any(isinstance(w, Int8Weight) for w in big):
-                out = _gemv([xr, xk, xv] + xs, [w.t() for w in big] + ws, [0, 0, 0] + low_acts)
-                r, k, v, low = out[0], out[1], out[2], out[3:]
-            elif _i8_ok(big, x):
-                r, k, v = _mm8([xr, xk, xv], big, [0, 0, 0])
-                low = _gemv(xs, ws, low_acts)
-            else:
-                r, k, v = (_mm(xx, w) for xx, w in zip((xr, xk, xv), big))
-                low = _gemv(xs, ws, low_acts)
-            ws2 = [f["att.w2"], f["att.a2"], f["att.g2"]] + ([] if first else [f["att.v2"]])
-            stage2 = _gemv(low, ws2, [0] * len(ws2))
-            wl, al, g = stage2[:3]
-            vl = None if first else stage2[3]
-        else:
-            r, k, v = (_mm(xx, p[n]) for xx, n in ((xr, "att.receptance.weight"), (xk, "att.key.weight"),
-                                                   (xv, "att.value.weight")))
-            wl = torch.tanh(xw @ p["att.w1"]) @ p["att.w2"]
-            al = (xa @ p["att.a1"]) @ p["att.a2"]
-            g = torch.sigmoid(xg @ p["att.g1"]) @ p["att.g2"]
-            vl = None if first else (xv @ p["att.v1"]) @ p["att.v2"]
-        y = torch.empty_like(x)
-        if small or large_wkv == "one":   # one block per (row, head): pre + state step + post
-            ops.v7_tmix_one_cuda(r, k, v, wl, al, g, vl, v_first, p["att.w0"], p["att.a0"], p["att.k_k"],
-                                 p["att.k_a"], None if first else p["att.v0"], p["att.r_k"], p["att.ln_x.weight"],
-                                 p["att.ln_x.bias"], s, y, H, not small)
-        else:       # many rows: the row-split WKV-7 kernel (4 blocks per head, state in place) keeps more
-            _tmix_split(ops, r, k, v, wl, al, g, vl, v_first, p, s, y, H, spec.head_size)   # SMs busy
-        if first:
-            v_first = v
-        att = _big(y, p["att.output.weight"], 0, ours, small)
-        xk2 = torch.empty(1, b, C, dtype=x.dtype, device=x.device)
-        xn = torch.empty_like(x)
-        ops.v7_mix_cuda(x, att, xn, p["ln2.weight"], p["ln2.bias"], ffn_x, ffn_x, f["mixk"], xk2, 1)
-        x = xn
-        fk, fv = p["ffn.key.weight"], p["ffn.value.weight"]
-        if ours and not isinstance(fk, Int8Weight) and not isinstance(fv, Int8Weight):
-            hk = _gemv([xk2[0]], [fk.t()], [RELU2_ON_OUTPUT])[0]     # relu(k) ** 2 written by the key GEMV
-            dx = _gemv([hk], [fv.t()], [0])[0]
-        else:
-            hk = _big(xk2[0], fk, 0, ours, small)
-            dx = _big(hk, fv, 3, ours, small)
-    xo = torch.empty(1, b, C, dtype=x.dtype, device=x.device)
-    ln_w, ln_b = model.ln_out
-    ops.v7_mix_cuda(x, dx, None, ln_w, ln_b, None, None, ln_w.new_empty(0, C), xo, 1)
-    hw = model.head
-    if ours and not isinstance(hw, Int8Weight):
-        return _gemv([xo[0]], [hw.t()], [0], out_dtype=torch.float32)[0]
-    return _big(xo[0], hw, 0, False, small).float()
-
-
 def _tmix_split(ops, r, k, v, wl, al, g, vl, v_first, p, s, y, H, N):
     """``v7_tmix_one`` as three launches (v7_pre, the WKV-7 kernel at T = 1 updating s in place, v7_post)."""
-    from rwkv_chat.models import kernels
-
     b, C = r.shape
     first = vl is None
     w_ = torch.empty(b, C, dtype=torch.float32, device=r.device)
@@ -238,81 +106,223 @@ def _tmix_split(ops, r, k, v, wl, al, g, vl, v_first, p, s, y, H, N):
                     None if first else p["att.v0"], w_, k_, v_, a_, b_, H)
     shp = (b, 1, H, N)
     yw = torch.empty(shp, dtype=torch.float32, device=r.device)
-    kernels.wkv7(r.view(shp), w_.view(shp), k_.view(shp), v_.view(shp), a_.view(shp), b_.view(shp), s, out=(yw, s))
+    dispatch.wkv7(r.view(shp), w_.view(shp), k_.view(shp), v_.view(shp), a_.view(shp), b_.view(shp), s, out=(yw, s))
     ops.v7_post_cuda(yw, r, k_, v_, g, p["att.r_k"], p["att.ln_x.weight"], p["att.ln_x.bias"], y, H)
 
 
 def decode_ready(model) -> bool:
-    """Whether ``decode_step`` can serve this model: RWKV-7 without DeepEmbed, every layer and the head
+    """Whether the fused decode step can serve this model: RWKV-7 without DeepEmbed, every layer and the head
     on one CUDA device (none streamed), a supported head size, and the fused kernels built."""
     if model.version != "7" or not kernels_loaded():
         return False
-    devs = {str(d) for d in model._devices}
-    if len(devs) != 1 or model._devices[0].type != "cuda" or any(pl.stream for pl in model.plan.layers):
+    devs = {str(d) for d in model.devices}
+    if len(devs) != 1 or model.devices[0].type != "cuda" or any(pl.stream for pl in model.plan.layers):
         return False
     p0 = model.layers[0]
     return all(_layer_ok(p, p0["ln1.weight"], model.spec) for p in model.layers)
 
 
-def _fused_block(x: torch.Tensor, st: tuple, p: dict, ctx) -> tuple[torch.Tensor, tuple]:
-    """``v7.block`` for x [B, T, C] on CUDA through the fused kernels (T > 1: prefill)."""
-    from rwkv_chat.models import kernels
+class FusedCuda(Backend):
+    """RWKV-7 with layers on CUDA through the fused kernels: prefill blocks (T > 1) of every CUDA layer the
+    kernels serve, and, where ``decode_ready``, the whole one-token decode step. Everything else runs the
+    eager blocks on ``ops``.
 
-    ops = _ops()
-    B, T, C = x.shape
-    H, N = ctx.spec.n_head, ctx.spec.head_size
-    att_x, s, ffn_x = st
-    dt, dev = x.dtype, x.device
-    rows = B * T
-    x = x.contiguous()
-    mix = torch.empty(6, rows, C, dtype=dt, device=dev)
-    new_att_x = torch.empty(B, C, dtype=dt, device=dev)
-    ops.v7_mix_cuda(x, None, None, p["ln1.weight"], p["ln1.bias"], att_x.contiguous(), new_att_x,
-                    ctx.fused7["mix6"], mix, T)
-    xr, xw, xk, xv, xa, xg = mix
-    r = _mm(xr, p["att.receptance.weight"])
-    k = _mm(xk, p["att.key.weight"])
-    v = _mm(xv, p["att.value.weight"])
-    wl = torch.tanh(xw @ p["att.w1"]) @ p["att.w2"]
-    al = (xa @ p["att.a1"]) @ p["att.a2"]
-    g = torch.sigmoid(xg @ p["att.g1"]) @ p["att.g2"]
-    first = ctx.v_first is None
-    vl = None if first else (xv @ p["att.v1"]) @ p["att.v2"]
-    v_first = None if first else ctx.v_first.to(device=dev, dtype=dt).reshape(rows, C).contiguous()
-    w_ = torch.empty(rows, C, dtype=torch.float32, device=dev)
-    k_, v_, a_, b_ = (torch.empty(rows, C, dtype=dt, device=dev) for _ in range(4))
-    ops.v7_pre_cuda(k, v, wl, al, vl, v_first, p["att.w0"], p["att.a0"], p["att.k_k"], p["att.k_a"],
-                    None if first else p["att.v0"], w_, k_, v_, a_, b_, H)
-    if first:
-        ctx.v_first = v.view(B, T, C)
-    shp = (B, T, H, N)
-    y, s_new = kernels.wkv7(r.view(shp), w_.view(shp), k_.view(shp), v_.view(shp), a_.view(shp), b_.view(shp),
-                            s.contiguous())
-    out = torch.empty(rows, C, dtype=dt, device=dev)
-    ops.v7_post_cuda(y.contiguous(), r, k_, v_, g, p["att.r_k"], p["att.ln_x.weight"], p["att.ln_x.bias"], out, H)
-    x = x + _mm(out, p["att.output.weight"]).view(B, T, C)
-    mk = torch.empty(1, rows, C, dtype=dt, device=dev)
-    new_ffn_x = torch.empty(B, C, dtype=dt, device=dev)
-    ops.v7_mix_cuda(x, None, None, p["ln2.weight"], p["ln2.bias"], ffn_x.contiguous(), new_ffn_x,
-                    ctx.fused7["mixk"], mk, T)
-    h = torch.relu(_mm(mk[0], p["ffn.key.weight"])).square_()
-    x = x + _mm(h, p["ffn.value.weight"]).view(B, T, C)
-    return x, (new_att_x, s_new, new_ffn_x)
+    Built by ``attach`` at load. Stores the model's CUDA float matrices output-major (same values; the
+    model's ``layers`` and ``head`` are updated in place) and keeps its own per-layer tensors in ``layers``:
+    ``mix6`` (the six time-mix lerps stacked, [6, C]), ``mixk`` (the channel-mix lerp, [1, C]) and the
+    low-rank matrices output-major ([D, C] for w1/a1/g1/v1, [C, D] for w2/a2/g2/v2); empty for a layer not on
+    CUDA.
 
+    Args:
+        model: an RWKV-7 ``RWKV`` with a layer on CUDA and the fused kernels built.
+        ops: the eager ops (compiled kernels).
+    """
 
-def sequence_block(model):
-    """A block function for ``RWKV._run`` (``block(x, st, p, ctx)``, as ``v7.block``) that serves CUDA
-    layers of T > 1 tokens through the fused kernels and everything else through ``v7.block``; None
-    when the model is not RWKV-7 or the kernels are not built. Calls ``prepare``."""
-    if model.version != "7" or not kernels_loaded() or not any(d.type == "cuda" for d in model._devices):
+    name = "fused-cuda"
+    decode_on_device = True
+
+    def __init__(self, model, ops: Ops):
+        super().__init__(ops)
+        self.spec = model.spec
+        self.layers: list[dict[str, torch.Tensor]] = []
+        for p in model.layers:
+            for name in _BIG:
+                p[name] = _output_major(p[name])
+            f = {}
+            if p["ln1.weight"].is_cuda:
+                f["mix6"] = torch.stack([p[f"att.x_{m}"] for m in "rwkvag"]).contiguous()
+                f["mixk"] = p["ffn.x_k"].reshape(1, -1).contiguous()
+                for name in _LOW:
+                    if name in p:
+                        f[name] = p[name].t().contiguous()
+            self.layers.append(f)
+        model.head = _output_major(model.head)
+        self.decodes = decode_ready(model)
+        #: prefill CUDA graphs where the whole model sits on one CUDA device
+        self.captures_prefill = self.decodes
+        self.detail = ("fused RWKV-7 layer kernels: prefill blocks" + (", decode step" if self.decodes else "")
+                       + "; eager ops elsewhere")
+
+    @classmethod
+    def attach(cls, model, ops: Ops) -> FusedCuda | None:
+        """The backend for ``model`` where it serves it (RWKV-7, the fused kernels built, a layer on CUDA),
+        else None."""
+        if model.version != "7" or not kernels_loaded() or not any(d.type == "cuda" for d in model.devices):
+            return None
+        return cls(model, ops)
+
+    # -- prefill -----------------------------------------------------------------------------------
+    def sequence_block(self, layer: int, x: torch.Tensor, params: dict):
+        """The fused block for a CUDA layer the kernels serve and x [B, T, C] with T > 1, else None."""
+        if x.shape[1] > 1 and _layer_ok(params, x, self.spec):
+            return self._sequence
         return None
-    prepare(model)
-    fused = model._fused7
 
-    def block(x, st, p, ctx):
-        if x.shape[1] > 1 and _layer_ok(p, x, ctx.spec) and ctx.matmul is None and ctx.wkv7 is None:
-            ctx.fused7 = fused[ctx.layer]
-            return _fused_block(x, st, p, ctx)
-        return v7.block(x, st, p, ctx)
+    def _sequence(self, x: torch.Tensor, st: tuple, p: dict, ctx) -> tuple[torch.Tensor, tuple]:
+        """``v7.block`` for x [B, T, C] on CUDA through the fused kernels (T > 1: prefill)."""
+        ops, mm, f = _ops(), self.ops.matmul, self.layers[ctx.layer]
+        B, T, C = x.shape
+        H, N = ctx.spec.n_head, ctx.spec.head_size
+        att_x, s, ffn_x = st
+        dt, dev = x.dtype, x.device
+        rows = B * T
+        x = x.contiguous()
+        mix = torch.empty(6, rows, C, dtype=dt, device=dev)
+        new_att_x = torch.empty(B, C, dtype=dt, device=dev)
+        ops.v7_mix_cuda(x, None, None, p["ln1.weight"], p["ln1.bias"], att_x.contiguous(), new_att_x,
+                        f["mix6"], mix, T)
+        xr, xw, xk, xv, xa, xg = mix
+        r = mm(xr, p["att.receptance.weight"])
+        k = mm(xk, p["att.key.weight"])
+        v = mm(xv, p["att.value.weight"])
+        wl = torch.tanh(xw @ p["att.w1"]) @ p["att.w2"]
+        al = (xa @ p["att.a1"]) @ p["att.a2"]
+        g = torch.sigmoid(xg @ p["att.g1"]) @ p["att.g2"]
+        first = ctx.v_first is None
+        vl = None if first else (xv @ p["att.v1"]) @ p["att.v2"]
+        v_first = None if first else ctx.v_first.to(device=dev, dtype=dt).reshape(rows, C).contiguous()
+        w_ = torch.empty(rows, C, dtype=torch.float32, device=dev)
+        k_, v_, a_, b_ = (torch.empty(rows, C, dtype=dt, device=dev) for _ in range(4))
+        ops.v7_pre_cuda(k, v, wl, al, vl, v_first, p["att.w0"], p["att.a0"], p["att.k_k"], p["att.k_a"],
+                        None if first else p["att.v0"], w_, k_, v_, a_, b_, H)
+        if first:
+            ctx.v_first = v.view(B, T, C)
+        shp = (B, T, H, N)
+        y, s_new = dispatch.wkv7(r.view(shp), w_.view(shp), k_.view(shp), v_.view(shp), a_.view(shp),
+                                 b_.view(shp), s.contiguous())
+        out = torch.empty(rows, C, dtype=dt, device=dev)
+        ops.v7_post_cuda(y.contiguous(), r, k_, v_, g, p["att.r_k"], p["att.ln_x.weight"], p["att.ln_x.bias"],
+                         out, H)
+        x = x + mm(out, p["att.output.weight"]).view(B, T, C)
+        mk = torch.empty(1, rows, C, dtype=dt, device=dev)
+        new_ffn_x = torch.empty(B, C, dtype=dt, device=dev)
+        ops.v7_mix_cuda(x, None, None, p["ln2.weight"], p["ln2.bias"], ffn_x.contiguous(), new_ffn_x,
+                        f["mixk"], mk, T)
+        h = torch.relu(mm(mk[0], p["ffn.key.weight"])).square_()
+        x = x + mm(h, p["ffn.value.weight"]).view(B, T, C)
+        return x, (new_att_x, s_new, new_ffn_x)
 
-    return block
+    # -- decode ------------------------------------------------------------------------------------
+    def _big(self, x, w, act: int, gemv: bool, small: bool = False):
+        """x @ W for a large matrix; act 3 = relu² on x first. i8 weights at <= 4 rows: the grouped mm8 GEMV."""
+        if gemv and not isinstance(w, Int8Weight):
+            return _gemv([x], [w.t()], [act])[0]
+        if small and _i8_ok([w], x):
+            return _mm8([x], [w], [act])[0]
+        if act == 3:
+            x = torch.relu(x).square()
+        return self.ops.matmul(x, w)
+
+    def decode_step(self, model, ids: torch.Tensor, state: list[torch.Tensor], gemv: str = "ours",
+                    large_wkv: str = "one") -> torch.Tensor:
+        """The whole model for one token per row through the fused kernels (where ``decodes``).
+
+        Args:
+            model: the RWKV-7 model this backend was built for (one CUDA device).
+            ids: long [b, 1] token ids on that device.
+            state: flat per-layer state (att_x [b, C], att_kv float32 [b, H, N, N], ffn_x [b, C] per layer),
+                contiguous, updated in place.
+            gemv: "ours" (grouped GEMV kernel for every product at b <= 4) or "cublas" (large matrices via
+                cuBLAS, low-rank via the grouped GEMV). i8 weights at b <= 4 use the grouped mm8 GEMV.
+            large_wkv: b > 4 rows: "one" (``v7_tmix_one``: one pass over the state, read and written once in
+                place, moved through shared memory in coalesced rows) or "split" (``v7_pre`` + the row-split
+                WKV-7 kernel + ``v7_post``).
+        Returns:
+            logits float32 [b, vocab].
+        """
+        ops, mm = _ops(), self.ops.matmul
+        b = ids.shape[0]
+        spec = model.spec
+        H = spec.n_head
+        small = b <= GEMV_ROWS
+        ours = small and gemv == "ours"
+        x = torch.index_select(model.emb, 0, ids.view(-1))    # [b, C]
+        C = x.shape[-1]
+        dx = None
+        v_first = None
+        for i in range(model.n_layer):
+            p, f = model.layers[i], self.layers[i]
+            att_x, s, ffn_x = state[3 * i:3 * i + 3]
+            mix = torch.empty(6, b, C, dtype=x.dtype, device=x.device)
+            xn = torch.empty_like(x) if dx is not None else None
+            ops.v7_mix_cuda(x, dx, xn, p["ln1.weight"], p["ln1.bias"], att_x, att_x, f["mix6"], mix, 1)
+            x = xn if xn is not None else x
+            xr, xw, xk, xv, xa, xg = mix
+            first = i == 0
+            if small:
+                xs, ws = [xw, xa, xg], [f["att.w1"], f["att.a1"], f["att.g1"]]
+                if not first:
+                    xs.append(xv)
+                    ws.append(f["att.v1"])
+                big = [p["att.receptance.weight"], p["att.key.weight"], p["att.value.weight"]]
+                # tanh(xw @ w1) and sigmoid(xg @ g1) written by the first low-rank products (rounded as the
+                # reference rounds them), so the second ones load plain inputs
+                low_acts = [TANH_ON_OUTPUT, 0, SIGMOID_ON_OUTPUT, 0][:len(xs)]
+                if ours and not any(isinstance(w, Int8Weight) for w in big):
+                    out = _gemv([xr, xk, xv] + xs, [w.t() for w in big] + ws, [0, 0, 0] + low_acts)
+                    r, k, v, low = out[0], out[1], out[2], out[3:]
+                elif _i8_ok(big, x):
+                    r, k, v = _mm8([xr, xk, xv], big, [0, 0, 0])
+                    low = _gemv(xs, ws, low_acts)
+                else:
+                    r, k, v = (mm(xx, w) for xx, w in zip((xr, xk, xv), big))
+                    low = _gemv(xs, ws, low_acts)
+                ws2 = [f["att.w2"], f["att.a2"], f["att.g2"]] + ([] if first else [f["att.v2"]])
+                stage2 = _gemv(low, ws2, [0] * len(ws2))
+                wl, al, g = stage2[:3]
+                vl = None if first else stage2[3]
+            else:
+                r, k, v = (mm(xx, p[n]) for xx, n in ((xr, "att.receptance.weight"), (xk, "att.key.weight"),
+                                                      (xv, "att.value.weight")))
+                wl = torch.tanh(xw @ p["att.w1"]) @ p["att.w2"]
+                al = (xa @ p["att.a1"]) @ p["att.a2"]
+                g = torch.sigmoid(xg @ p["att.g1"]) @ p["att.g2"]
+                vl = None if first else (xv @ p["att.v1"]) @ p["att.v2"]
+            y = torch.empty_like(x)
+            if small or large_wkv == "one":   # one block per (row, head): pre + state step + post
+                ops.v7_tmix_one_cuda(r, k, v, wl, al, g, vl, v_first, p["att.w0"], p["att.a0"], p["att.k_k"],
+                                     p["att.k_a"], None if first else p["att.v0"], p["att.r_k"],
+                                     p["att.ln_x.weight"], p["att.ln_x.bias"], s, y, H, not small)
+            else:       # many rows: the row-split WKV-7 kernel (4 blocks per head, state in place) keeps more
+                _tmix_split(ops, r, k, v, wl, al, g, vl, v_first, p, s, y, H, spec.head_size)   # SMs busy
+            if first:
+                v_first = v
+            att = self._big(y, p["att.output.weight"], 0, ours, small)
+            xk2 = torch.empty(1, b, C, dtype=x.dtype, device=x.device)
+            xn = torch.empty_like(x)
+            ops.v7_mix_cuda(x, att, xn, p["ln2.weight"], p["ln2.bias"], ffn_x, ffn_x, f["mixk"], xk2, 1)
+            x = xn
+            fk, fv = p["ffn.key.weight"], p["ffn.value.weight"]
+            if ours and not isinstance(fk, Int8Weight) and not isinstance(fv, Int8Weight):
+                hk = _gemv([xk2[0]], [fk.t()], [RELU2_ON_OUTPUT])[0]     # relu(k) ** 2 written by the key GEMV
+                dx = _gemv([hk], [fv.t()], [0])[0]
+            else:
+                hk = self._big(xk2[0], fk, 0, ours, small)
+                dx = self._big(hk, fv, 3, ours, small)
+        xo = torch.empty(1, b, C, dtype=x.dtype, device=x.device)
+        ln_w, ln_b = model.ln_out
+        ops.v7_mix_cuda(x, dx, None, ln_w, ln_b, None, None, ln_w.new_empty(0, C), xo, 1)
+        hw = model.head
+        if ours and not isinstance(hw, Int8Weight):
+            return _gemv([xo[0]], [hw.t()], [0], out_dtype=torch.float32)[0]
+        return self._big(xo[0], hw, 0, False, small).float()

@@ -1,4 +1,4 @@
-"""Weight quantization: the reference's ``i8`` scheme and the matmul that consumes it.
+"""The ``i8`` weight format: the reference's uint8 quantization and the matmul that consumes it.
 
 ``i8`` (ChatRWKV ``rwkv/model.py``, pip 0.8.32): a float weight ``W`` [N, M] (input × output)
 is shifted by its row minima ``my`` [N, 1] and column minima ``mx`` [M], scaled by its column
@@ -180,17 +180,37 @@ def mm8_torch(x: torch.Tensor, q: Int8Weight) -> torch.Tensor:
     return x @ q.dequantize(x.dtype)
 
 
-# Rebound to the compiled mm8 kernels by ``rwkv_chat.models.kernels`` where they are built.
-mm8 = mm8_torch
+class I8Format:
+    """The ``WeightFormat`` of the reference's uint8 scheme (strategy suffix ``i8``)."""
+
+    suffix = "i8"
+    packed_type = Int8Weight
+    #: the compiled product (``rwkv_chat.models.kernels.mm8``) where built: CPU and CUDA
+    kernel = "mm8"
+
+    def pack(self, weight: torch.Tensor, atype: torch.dtype, device: torch.device, stream: bool = False) -> Int8Weight:
+        """``quantize_i8(weight, atype)`` (weight [N, M] input × output, float, any device) placed on ``device`` in
+        the layout its kernels read (``prefers_output_major``), or, with ``stream``, kept in CPU memory (pinned
+        where CUDA is available) in the layout of ``device``, for the layer's device to copy at use.
+
+        Raises:
+            ShapeMismatchError, UnsupportedDtypeError: see ``quantize_i8``.
+        """
+        q = quantize_i8(weight, atype)
+        if stream:
+            q = q.with_layout(prefers_output_major(device))
+            return q.contiguous().pin_memory() if torch.cuda.is_available() else q.contiguous()
+        return q.to(device).contiguous()
+
+    def matmul(self, x: torch.Tensor, q: Int8Weight, output_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``x @ q.dequantize()`` in pure torch (``mm8_torch``); x [..., N] -> [..., M] in ``output_dtype``
+        (default: x's dtype)."""
+        y = mm8_torch(x, q)
+        return y if output_dtype is None or y.dtype == output_dtype else y.to(output_dtype)
+
+    def nbytes(self, q: Int8Weight) -> int:
+        """Bytes of the uint8 matrix and its four scale vectors."""
+        return q.nbytes()
 
 
-def matmul(x: torch.Tensor, w, output_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``x @ w`` for a float weight [N, M] or an ``Int8Weight``; x: [..., N] -> [..., M].
-
-    The result is cast to ``output_dtype`` (default: x's dtype).
-    """
-    if isinstance(w, Int8Weight):
-        y = mm8(x, w)
-    else:
-        y = x @ w
-    return y if output_dtype is None or y.dtype == output_dtype else y.to(output_dtype)
+FORMAT = I8Format()

@@ -3,11 +3,14 @@
 ``BatchDecoder`` keeps up to ``max_batch`` conversations' states in static per-layer buffers (one slot
 each; live slots are kept contiguous in ``[0, n)``). A step feeds one token to every live slot and runs
 the whole model for a batch-size bucket (the smallest of ``buckets`` >= n). On CUDA, each bucket's step
-is captured once in a CUDA graph and replayed per token; the layer function (the generation's own
-``block``, the same one that serves ``RWKV.forward``) is compiled with ``torch.compile`` so that its
-elementwise work is fused. Both are chosen here, at the call site (arguments ``graphs`` and
-``compile``), never by globals or environment variables. Rows never mix (every op is per row), so a
-conversation's result does not depend on which others share its step.
+is captured once in a CUDA graph and replayed per token. A step runs the model's own layer loop
+(``RWKV.run_layers``) with a per-layer step that calls the generation's ``block`` (the same one that serves
+``RWKV.forward``) on the static buffers; that per-layer step is compiled with ``torch.compile`` so that its
+elementwise work is fused. Where the model's backend serves whole decode steps (``backend.decodes``: the
+fused CUDA kernels, the fused CPU call) the step goes there instead. Graphs, compilation and the fused
+step are chosen here, at the call site (arguments ``graphs``, ``compile``, ``fused``), never by globals or
+environment variables. Rows never mix (every op is per row), so a conversation's result does not depend on
+which others share its step.
 
 Typical use (a scheduler doing continuous batching)::
 
@@ -21,77 +24,22 @@ Typical use (a scheduler doing continuous batching)::
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable
 
 import torch
 
 from rwkv_chat.models.backends import fused_cuda as fused7
-from rwkv_chat.models.rwkv import wkv
 from rwkv_chat.models.errors import StateError, TokenError
-from rwkv_chat.models.rwkv.nn import layer_norm, matmul
-from rwkv_chat.models.formats.i8 import Int8Weight
-from rwkv_chat.models.rwkv.model import RWKV, _Context
+from rwkv_chat.models.rwkv import wkv
+from rwkv_chat.models.rwkv.decode_step import compile_limits, fused_matmul, head_step, layer_step
+from rwkv_chat.models.rwkv.generations import Context
+from rwkv_chat.models.rwkv.model import RWKV
 from rwkv_chat.models.state import State
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-#: rows at most for which a product is written as a broadcast-and-sum (fused by torch.compile)
-FUSED_ROWS = 4
-
-
 #: greedy decode steps captured in one CUDA graph (``BatchDecoder.greedy``)
 GREEDY_UNROLL = 8
-
-
-def fused_matmul(big: str = "cublas") -> Callable:
-    """A ``matmul`` for compiled decode steps: ``x @ W`` (``ops.matmul`` contract: x [..., N], W [N, M]
-    float or ``Int8Weight``; result in ``output_dtype`` or x's dtype).
-
-    For few rows (<= FUSED_ROWS) the small low-rank products, and i8 weights, are written as a
-    broadcast-and-sum that ``torch.compile`` fuses with their producers into one reduction kernel, reading
-    the uint8 weight once (the i8 identity ``x·((w+½)·ry·rx + my + mx) = rx·Σ(x·ry)(w+½) + x·my + mx·Σx``,
-    from the reference's ``mm8_one``). ``big="fused"`` does the same for the large float matrices;
-    ``"cublas"`` leaves those to cuBLAS. fp32 accumulation throughout.
-    """
-    def mm(x: torch.Tensor, w, output_dtype: torch.dtype | None = None) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
-        if isinstance(w, Int8Weight):
-            if rows > FUSED_ROWS:
-                y = x @ w.dequantize(x.dtype)
-            else:
-                xf = x.float()
-                xr = xf * w.ry.view(-1).float()
-                acc = (xr.unsqueeze(-1) * (w.w.float() + 0.5)).sum(-2)               # [..., M]
-                y = (acc * w.rx.float() + (xf * w.my.view(-1).float()).sum(-1, keepdim=True)
-                     + xf.sum(-1, keepdim=True) * w.mx.float()).to(x.dtype)
-        elif rows <= FUSED_ROWS and (big == "fused" or w.shape[1] <= 512 or w.shape[0] <= 512):
-            y = (x.float().unsqueeze(-1) * w.float()).sum(-2).to(x.dtype)
-        else:
-            y = x @ w
-        return y if output_dtype is None or y.dtype == output_dtype else y.to(output_dtype)
-
-    return mm
-
-
-def _layer_step(block, spec, x, bufs, p, v_first, tokens, wkv7, mm):
-    """One layer on static state buffers (updated in place). x: [b, 1, C] -> (x, v_first)."""
-    ctx = _Context(spec, v_first=v_first, tokens=tokens, wkv7=wkv7, matmul=mm)
-    x, new = block(x, bufs, p, ctx)
-    for buf, t in zip(bufs, new):
-        buf.copy_(t)
-    return x, ctx.v_first
-
-
-def _compile_limits():
-    """Room for one compiled layer step per (bucket, first layer or not) while this decoder compiles
-    (dynamo's default recompile limit of 8 would silently fall back to eager)."""
-    cfg = torch._dynamo.config
-    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
-    return cfg.patch(**{name: 64})
-
-
-def _head_step(x, ln_w, ln_b, hw, mm):
-    """ln_out and the head. x: [b, 1, C] -> logits float32 [b, vocab]."""
-    return mm(layer_norm(x, ln_w, ln_b), hw).float()[:, 0]
 
 
 class BatchDecoder:
@@ -107,8 +55,9 @@ class BatchDecoder:
             ``graphs``.
         gemv: the GEMV of the large matrices: "auto" (default), "ours" (the grouped GEMV kernel, fused
             RWKV-7 path), "cublas", or "fused" (see ``fused_matmul``; compiled path).
-        fused: run RWKV-7 steps through the fused CUDA kernels (``models/backends/fused_cuda.py``). Default: where
-            ``fused7.decode_ready`` says they can serve the model and ``graphs`` is on.
+        fused: run RWKV-7 steps through the fused CUDA backend's decode step (``models/backends/fused_cuda.py``).
+            Default: where the model's backend is that one and serves decode steps (``decodes``), and ``graphs``
+            is on.
         large: with ``fused``, the path of buckets above ``fused7.GEMV_ROWS`` rows: "compiled" (default: the
             torch.compile'd static-buffer step, fastest measured at batch 64), "fused" (cuBLAS GEMMs + the
             fused mix/WKV kernels, one WKV launch per layer) or "fused-split" (WKV as pre + row-split
@@ -125,26 +74,26 @@ class BatchDecoder:
         self.model = model
         self.max_batch = max_batch
         self.buckets = tuple(sorted(b for b in buckets if b < max_batch)) + (max_batch,)
-        devs = {str(d) for d in model._devices}
-        single_cuda = len(devs) == 1 and model._devices[0].type == "cuda" and \
+        devs = {str(d) for d in model.devices}
+        single_cuda = len(devs) == 1 and model.devices[0].type == "cuda" and \
             not any(pl.stream for pl in model.plan.layers)
         self.graphs = single_cuda if graphs is None else bool(graphs) and single_cuda
-        ready = fused7.decode_ready(model)
+        backend = model.backend
+        ready = backend.decodes and backend.decode_on_device     # the fused CUDA step
         self.fused = (ready and self.graphs) if fused is None else bool(fused) and ready
         if large not in ("fused", "fused-split", "compiled"):
             raise StateError(f"large must be 'fused', 'fused-split' or 'compiled', got {large!r}")
         self.large = large if self.fused else None
         if self.fused:
-            fused7.prepare(model)
             self.gemv = "cublas" if gemv == "cublas" else "ours"
             compile = large == "compiled" and max_batch > fused7.GEMV_ROWS
         else:
             self.gemv = "cublas" if gemv in ("auto", "ours") else gemv
         self.compile = self.graphs if compile is None else bool(compile)
         self._mm = fused_matmul(self.gemv) if self.compile else None
-        self._wkv7 = wkv.wkv7_one if self.compile else None
-        self._layer = torch.compile(_layer_step, dynamic=False) if self.compile else _layer_step
-        self._head = torch.compile(_head_step, dynamic=False) if self.compile else _head_step
+        self._ops = self._step_ops()       # one object for the decoder's life: the compiled step guards on it
+        self._layer = torch.compile(layer_step, dynamic=False) if self.compile else layer_step
+        self._head = torch.compile(head_step, dynamic=False) if self.compile else head_step
         self._bufs = [tuple(t.contiguous() for t in layer) for layer in model.zero_state(max_batch).layers]
         dev0 = model.emb.device
         self._ids = torch.zeros(max_batch, 1, dtype=torch.long, device=dev0)
@@ -159,7 +108,7 @@ class BatchDecoder:
         self._greedy_graph: dict[tuple, tuple] = {}   # (bucket, steps) -> (CUDAGraph, tokens): argmax fed back
         self._greedy_log: dict[tuple, torch.Tensor] = {}   # (bucket, steps) -> int64 [steps, bucket]
         self._pool = None
-        self._fused_views: dict[int, list[torch.Tensor]] = {}   # bucket -> state views (fused CPU step)
+        self._views: dict[int, tuple[list, list]] = {}   # bucket -> state views (per layer, flat)
 
     # -- membership ------------------------------------------------------------------------------
     @property
@@ -196,7 +145,7 @@ class BatchDecoder:
         """A copy of the conversation's current state (batch 1). Raises StateError for a stale handle."""
         slot = self._slot(handle)
         layers = [tuple(buf[slot:slot + 1].clone() for buf in bufs) for bufs in self._bufs]
-        return State(self.model.version, self.model.fingerprint, self.model._gen.STATE_NAMES, layers,
+        return State(self.model.version, self.model.fingerprint, self.model.generation.STATE_NAMES, layers,
                      self._count[handle], self._meta[handle])
 
     def remove(self, handle: int) -> State:
@@ -311,7 +260,7 @@ class BatchDecoder:
         if not self.graphs:
             if not self.compile:        # the dynamo config patch costs ~12 us: only where it matters
                 return self._forward(bucket)
-            with _compile_limits():
+            with compile_limits():
                 return self._forward(bucket)
         if bucket not in self._graph:
             self._graph[bucket] = self._capture(bucket, self._forward)
@@ -334,7 +283,7 @@ class BatchDecoder:
         if not self.graphs:
             if not self.compile:        # the dynamo config patch costs ~12 us: only where it matters
                 return self._forward_greedy(bucket, steps)
-            with _compile_limits():
+            with compile_limits():
                 return self._forward_greedy(bucket, steps)
         key = (bucket, steps)
         if key not in self._greedy_graph:
@@ -350,14 +299,14 @@ class BatchDecoder:
         ids = self._ids.clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with _compile_limits(), torch.cuda.stream(side):
+        with compile_limits(), torch.cuda.stream(side):
             for _ in range(3):  # compile, autotune, settle
                 body(bucket)
         torch.cuda.current_stream().wait_stream(side)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         g = torch.cuda.CUDAGraph()
-        with _compile_limits(), torch.cuda.graph(g, pool=self._pool):
+        with compile_limits(), torch.cuda.graph(g, pool=self._pool):
             out = body(bucket)
         for bufs, sv in zip(self._bufs, saved):
             for buf, t in zip(bufs, sv):
@@ -365,34 +314,47 @@ class BatchDecoder:
         self._ids.copy_(ids)
         return g, out
 
+    def _step_ops(self):
+        """The ops of the per-layer step: the model's; compiled, with the one-token WKV-7 (``wkv.wkv7_one``) and,
+        for RWKV-7 (whose step is written for them), the broadcast-and-sum products of ``fused_matmul``."""
+        ops = self.model.backend.ops
+        if not self.compile:
+            return ops
+        ops = replace(ops, wkv7=wkv.wkv7_one)
+        return replace(ops, matmul=self._mm) if self.model.version == "7" else ops
+
+    def _step(self, x: torch.Tensor, bufs: tuple, p: dict, ctx: Context) -> tuple[torch.Tensor, tuple]:
+        """The per-layer step of ``RWKV.run_layers``: the (compiled) ``layer_step`` on the slots' buffers."""
+        x, ctx.v_first = self._layer(self.model.generation.block, ctx.spec, x, bufs, p, ctx.v_first,
+                                     ctx.tokens.to(x.device), ctx.ops)
+        return x, bufs
+
+    def _state_views(self, b: int) -> tuple[list, list]:
+        """The first b slots of every state buffer: per layer (tuples) and flat (layer-major)."""
+        views = self._views.get(b)
+        if views is None:
+            layers = [tuple(buf[:b] for buf in bufs) for bufs in self._bufs]
+            views = self._views[b] = (layers, [t for layer in layers for t in layer])
+        return views
+
     @torch.no_grad()
     def _forward(self, b: int) -> torch.Tensor:
         """The whole model for the first b slots: ids [b, 1] -> logits float32 [b, vocab]."""
         m = self.model
         ids = self._ids[:b]
+        layers, flat = self._state_views(b)
+        backend = m.backend
         if self.fused and (b <= fused7.GEMV_ROWS or self.large != "compiled"):   # RWKV-7 on CUDA: fused kernels
-            return fused7.decode_step(m, ids, [tuple(buf[:b] for buf in bufs) for bufs in self._bufs], self.gemv,
-                                      "split" if self.large == "fused-split" else "one")
-        fused = getattr(m, "fused_cpu", None)
-        if fused is not None and not self.graphs:      # CPU: one compiled call, state updated in place
-            views = self._fused_views.get(b)
-            if views is None:
-                views = self._fused_views[b] = [buf[:b] for bufs in self._bufs for buf in bufs]
-            return fused(ids, views, views)[0][:, 0]
+            return backend.decode_step(m, ids, flat, gemv=self.gemv,
+                                       large_wkv="split" if self.large == "fused-split" else "one")
+        if backend.decodes and not backend.decode_on_device and not self.graphs:   # CPU: one compiled call
+            return backend.decode_step(m, ids, flat)
         x = torch.index_select(m.emb, 0, ids.view(-1)).view(b, 1, -1)          # [b, 1, C]
-        v_first = None
-        for i in range(m.n_layer):
-            place, dev = m.plan.layers[i], m._devices[i]
-            x = x.to(device=dev, dtype=place.atype)
-            bufs = tuple(buf[:b] for buf in self._bufs[i])
-            x, v_first = self._layer(m._gen.block, m.spec, x, bufs, m._layer_params(i), v_first,
-                                     ids.to(dev), self._wkv7, self._mm)
-            if m.rescale_layer and (i + 1) % m.rescale_layer == 0:
-                x = x / 2
+        x, _ = m.run_layers(x, layers, Context(m.spec, self._ops, tokens=ids), step=self._step)
         head = m.plan.layers[-1]
-        hw = m.head.to(m._devices[-1], non_blocking=True) if head.stream else m.head
-        return self._head(x.to(device=m._devices[-1], dtype=head.atype), *m.ln_out, hw,
-                          self._mm or matmul)                                  # [b, vocab]
+        hw = m.head_weight()
+        return self._head(x.to(device=m.devices[-1], dtype=head.atype), *m.ln_out, hw,
+                          self._mm or m.backend.ops.matmul)                   # [b, vocab]
 
 
 def decode_greedy(model: RWKV, logits: torch.Tensor, state: State, n: int,

@@ -7,39 +7,29 @@ Drop-in for ``rwkv.model.RWKV`` (ChatRWKV, pip 0.8.32)::
     logits, state = model.forward(tokens, state, full_output=True)  # float32 [T, vocab]
 
 Every generation (4, 5, 5.1, 5.2, 6, 7) takes the full strategy grammar; several models of different
-generations can live in one process. ``forward`` never modifies the state it is given; it returns a new one.
+generations can live in one process, each with its own backend (``model.backend``: the ops its blocks call
+and what replaces them), so one model's ``kernels`` choice never affects another. ``forward`` never modifies
+the state it is given; it returns a new one. ``RWKV`` satisfies ``rwkv_chat.models.Model``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from rwkv_chat.models.rwkv import checkpoint as loader
+from rwkv_chat.models import backends, formats
 from rwkv_chat.models.errors import CheckpointError, StateError, TokenError
-from rwkv_chat.models.rwkv.generations import module_for
-from rwkv_chat.models.rwkv.nn import layer_norm, matmul
-from rwkv_chat.models.formats.i8 import prefers_output_major, quantize_i8
+from rwkv_chat.models.rwkv import checkpoint as loader
+from rwkv_chat.models.rwkv.generations import Context, module_for
+from rwkv_chat.models.rwkv.nn import layer_norm
 from rwkv_chat.models.state import State
 from rwkv_chat.models.strategy import Plan, plan_layers, rescale_layer_for, torch_device
 
 _RESCALED = ("att.output.weight", "ffn.value.weight")
 _FINGERPRINTED = ("emb.weight", "head.weight", "ln_out.weight")
-
-
-@dataclass
-class _Context:
-    """Per-forward values a block may need beside its own layer (v7: v_first; DeepEmbed: tokens)."""
-
-    spec: loader.ModelSpec
-    layer: int = 0
-    v_first: torch.Tensor | None = None
-    tokens: torch.Tensor | None = None
-    wkv7: Callable | None = None      # the WKV-7 to call (None: ``wkv.wkv7``); set by fast decode paths
-    matmul: Callable | None = None    # the x @ W to call (None: ``ops.matmul``); set by fast decode paths
 
 
 class RWKV:
@@ -56,12 +46,23 @@ class RWKV:
             the reference: 6 when any stage is fp16, else 0 (off). RWKV-7 does not rescale.
         progress: called as ``progress(done, total)`` while the layers are converted and placed
             (units: layers, total = n_layer + 1).
-        kernels: use the compiled WKV/mm8/gemm kernels (``csrc/``), built at first use and cached; where a
-            build fails the pure-torch path runs and ``rwkv_chat.models.kernels.report()`` says why.
-            ``False`` builds nothing for this model (the numbers are the same to rounding either way).
+        kernels: use the compiled WKV/mm8 kernels and the fused backends (``csrc/``), built at first use and
+            cached; where a build fails the pure-torch path runs and ``rwkv_chat.models.kernels.report()`` says
+            why. ``False`` builds nothing for this model and runs it in pure torch (the numbers are the same to
+            rounding either way). Per model: other models in the process keep their own choice.
+    Attributes:
+        family: "rwkv". spec: the checkpoint's dimensions (``checkpoint.ModelSpec``). plan: the placement
+            (``strategy.Plan``, naming the backend). devices: the torch device of every layer, the head last.
+        generation: the generation module (``v4`` … ``v7``). backend: what serves the blocks and steps
+            (``rwkv_chat.models.backends``). kernels: ``{device type: {family: "ok" | reason}}`` built for it.
+        layers: per layer, the converted parameters (name -> tensor or packed weight). emb, ln_out, head: the
+            embedding (LayerNorm ln0 applied), the final LayerNorm (weight, bias) and the head matrix.
+        prefill_graphs: CUDA graphs of the prefill per prompt shape (``prefill_graph.PrefillGraphs``), or None.
     Raises:
         CheckpointError, StrategyError, DeviceError: see those classes.
     """
+
+    family = "rwkv"
 
     def __init__(self, model: str | Path | dict, strategy: str, verbose: bool = False,
                  rescale_layer: int | None = None, progress: Callable[[int, int], None] | None = None,
@@ -75,6 +76,7 @@ class RWKV:
             if not path.exists() and not path.suffix and path.with_suffix(".pth").exists():
                 path = path.with_suffix(".pth")
         self.path = path
+        self._tokenizer = None
         with torch.no_grad():
             w = dict(model) if isinstance(model, dict) else loader.read_checkpoint(path)
             self.spec = spec = loader.inspect(w)
@@ -85,33 +87,26 @@ class RWKV:
                 {k: t.cpu() if k in sampled and t.device.type != "cpu" else t for k, t in w.items()}, spec)
             self.plan: Plan = plan_layers(strategy, spec.n_layer)
             self.strategy = self.plan.strategy
-            self._gen = module_for(spec.version)
-            self._devices = [torch_device(p.device) for p in self.plan.layers]
+            self.generation = module_for(spec.version)
+            self.devices: list[torch.device] = [torch_device(p.device) for p in self.plan.layers]
             if spec.version == "7":
                 self.rescale_layer = 0
             else:
                 self.rescale_layer = rescale_layer_for(self.plan.stages) if rescale_layer is None else int(rescale_layer)
             self._place(w, progress)
-            self.kernels = {}
-            self._seq_block = None    # RWKV-7 on CUDA: the fused prefill block (models/backends/fused_cuda.py)
-            self._prefill_graphs = None   # ... and CUDA graphs of it per prompt shape (models/rwkv/prefill_graph.py)
+            self.kernels: dict[str, dict[str, str]] = {}
             if kernels:
                 from rwkv_chat.models import kernels as compiled
 
-                for dev in sorted({d.type for d in self._devices}):
+                for dev in sorted({d.type for d in self.devices}):
                     self.kernels[dev] = compiled.ensure_built(dev)
-                compiled.install()
-                from rwkv_chat.models.backends import fused_cuda as fused7
+            self.backend: backends.Backend = backends.choose(self, kernels)
+            self.plan = replace(self.plan, backend=str(self.backend))
+            self.prefill_graphs = None
+            if self.backend.captures_prefill:
+                from rwkv_chat.models.rwkv.prefill_graph import PrefillGraphs
 
-                self._seq_block = fused7.sequence_block(self)
-                if self._seq_block is not None and fused7.decode_ready(self):
-                    from rwkv_chat.models.rwkv.prefill_graph import PrefillGraphs
-
-                    self._prefill_graphs = PrefillGraphs(self._stack, self._devices[0])
-            from rwkv_chat.models.backends import fused_cpu
-
-            #: the fused CPU call serving CPU forwards (None: eager blocks; ``fused_cpu_reason`` says why)
-            self.fused_cpu = fused_cpu.attach(self)
+                self.prefill_graphs = PrefillGraphs(self._stack, self.devices[0])
         if verbose:
             print(f"RWKV-{spec.version} {path.name}: {spec.n_layer} layers, n_embd {spec.n_embd}, "
                   f"vocab {spec.vocab_size}\n{self.plan}")
@@ -133,9 +128,54 @@ class RWKV:
     def vocab_size(self) -> int:
         return self.spec.vocab_size
 
+    @property
+    def tokenizer(self):
+        """The model's tokenizer (``rwkv_chat.models.text.tokenizers.Tokenizer``): the one set (``load_model``
+        sets it), else the default for the vocabulary size, loaded at first use (TokenizerError if none fits)."""
+        if self._tokenizer is None:
+            from rwkv_chat.models.text.tokenizers import load_tokenizer
+
+            self._tokenizer = load_tokenizer(None, vocab_size=self.vocab_size, model_path=self.path)
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, tokenizer) -> None:
+        self._tokenizer = tokenizer
+
+    @property
+    def chat_template(self):
+        """ChatRWKV's chat format (``rwkv_chat.models.text.templates.RWKV_CHAT``)."""
+        from rwkv_chat.models.text.templates import RWKV_CHAT
+
+        return RWKV_CHAT
+
+    @property
+    def fused_cpu(self):
+        """The fused CPU call serving this model's forwards and decode steps (``backends.fused_cpu.FusedCpu``),
+        or None (``fused_cpu_reason`` says why). Setting None moves a fused CPU model to the eager backend (same
+        ops); setting a ``FusedCpu`` moves the model to the fused CPU backend."""
+        return self.backend.fused if isinstance(self.backend, backends.FusedCpuBackend) else None
+
+    @fused_cpu.setter
+    def fused_cpu(self, fused) -> None:
+        ops = self.backend.ops
+        if fused is not None:
+            self.backend = backends.FusedCpuBackend(ops, fused)
+        elif isinstance(self.backend, backends.FusedCpuBackend):
+            self.backend = backends.Eager(bool(self.kernels), ops)
+        self.plan = replace(self.plan, backend=str(self.backend))
+
+    def decoder(self, max_batch: int = 1, buckets: tuple[int, ...] | None = None):
+        """A ``BatchDecoder`` (``rwkv_chat.models.rwkv.decode``) with ``max_batch`` slots: conversations join
+        and leave between one-token steps. ``buckets``: the batch sizes a step may run at (default
+        ``decode.DEFAULT_BUCKETS``). Raises StateError for ``max_batch`` < 1."""
+        from rwkv_chat.models.rwkv.decode import DEFAULT_BUCKETS, BatchDecoder
+
+        return BatchDecoder(self, max_batch=max_batch, buckets=DEFAULT_BUCKETS if buckets is None else tuple(buckets))
+
     # -- loading ---------------------------------------------------------------------------------
     def _place(self, w: dict[str, torch.Tensor], progress=None) -> None:
-        spec, plan, gen = self.spec, self.plan, self._gen
+        spec, plan, gen = self.spec, self.plan, self.generation
         first = plan.layers[0]
         emb = layer_norm(w["emb.weight"].float(), w["blocks.0.ln0.weight"].float(), w["blocks.0.ln0.bias"].float())
         self.layers: list[dict] = [{} for _ in range(spec.n_layer)]
@@ -152,42 +192,48 @@ class RWKV:
                 t = t.float() + emb @ w[f"blocks.{i}.ffn.s_emb_x.weight"].float().t()
             if self.rescale_layer and name in _RESCALED:
                 t = t / (2 ** (i // self.rescale_layer))
-            self.layers[i][name] = self._convert(t, kind, plan.layers[i], i)
+            self.layers[i][name] = self._convert(t, kind, i)
         head = plan.layers[-1]
-        self.emb = emb.to(dtype=first.atype, device=self._devices[0]).contiguous()
-        self.ln_out = (w["ln_out.weight"].to(head.atype).to(self._devices[-1]),
-                       w["ln_out.bias"].to(head.atype).to(self._devices[-1]))
-        self.head = self._convert(w["head.weight"].t(), "matrix", head, spec.n_layer)
-        self._zero = [gen.zero_state(spec, 1, self._devices[i], plan.layers[i].atype, self.layers[i])
+        self.emb = emb.to(dtype=first.atype, device=self.devices[0]).contiguous()
+        self.ln_out = (w["ln_out.weight"].to(head.atype).to(self.devices[-1]),
+                       w["ln_out.bias"].to(head.atype).to(self.devices[-1]))
+        self.head = self._convert(w["head.weight"].t(), "matrix", spec.n_layer)
+        self._zero = [gen.zero_state(spec, 1, self.devices[i], plan.layers[i].atype, self.layers[i])
                       for i in range(spec.n_layer)]
         self._state_shapes = [t.shape[1:] for z in self._zero for t in z]
         if progress is not None:
             progress(total, total)
 
-    def _convert(self, t: torch.Tensor, kind: str, place, i: int):
-        device = self._devices[i]
+    def _convert(self, t: torch.Tensor, kind: str, i: int):
+        """One tensor of layer i (``n_layer``: the head) placed: a "matrix" packed by the weight format of the
+        layer's stage (``rwkv_chat.models.formats``), "fp32" in float32, "act" in the activation dtype."""
+        place, device = self.plan.layers[i], self.devices[i]
         if kind == "matrix":
-            t = quantize_i8(t, place.atype) if place.wtype == torch.uint8 else t.to(place.wtype)
-            if place.stream:
-                if place.wtype == torch.uint8:   # the pinned copy in the layout of the device it streams to
-                    t = t.with_layout(prefers_output_major(device))
-                return t.contiguous().pin_memory() if torch.cuda.is_available() else t.contiguous()
-        else:
-            t = t.to(torch.float32 if kind == "fp32" else place.atype)
+            fmt = formats.get(self.plan.stages[place.stage].quant)
+            return fmt.pack(t, place.atype, device, stream=place.stream)
+        t = t.to(torch.float32 if kind == "fp32" else place.atype)
         return t.to(device).contiguous()
 
-    def _layer_params(self, i: int) -> dict:
+    def layer_params(self, i: int) -> dict:
+        """Layer i's parameters on its device: the resident ones, or copies of a streamed layer's (issued
+        asynchronously from pinned memory)."""
         p = self.layers[i]
         if not self.plan.layers[i].stream:
             return p
-        dev = self._devices[i]
+        dev = self.devices[i]
         return {k: (v.to(dev, non_blocking=True) if v.device != dev else v) for k, v in p.items()}
+
+    def head_weight(self):
+        """The head matrix [C, vocab] (any weight format) on the head's device (a streamed head copied there)."""
+        if self.plan.layers[-1].stream:
+            return self.head.to(self.devices[-1], non_blocking=True)
+        return self.head
 
     # -- state -----------------------------------------------------------------------------------
     def zero_state(self, batch: int = 1) -> State:
         """A fresh state (the checkpoint's tuned ``time_state`` where it has one) for ``batch`` sequences."""
         layers = [tuple(t.expand(batch, *t.shape[1:]).clone() for t in z) for z in self._zero]
-        return State(self.version, self.fingerprint, self._gen.STATE_NAMES, layers)
+        return State(self.version, self.fingerprint, self.generation.STATE_NAMES, layers)
 
     def check_state(self, state: State) -> None:
         """Raise StateError unless ``state`` belongs to this model (fingerprint, version, shapes)."""
@@ -196,7 +242,7 @@ class RWKV:
         if state.fingerprint != self.fingerprint or state.version != self.version:
             raise StateError(f"state belongs to another model (v{state.version}, {state.fingerprint}); "
                              f"this is v{self.version}, {self.fingerprint}")
-        if state.n_layer != self.n_layer or state.names != self._gen.STATE_NAMES:
+        if state.n_layer != self.n_layer or state.names != self.generation.STATE_NAMES:
             raise StateError("state layout does not match this model")
         shapes = [t.shape[1:] for layer in state.layers for t in layer]     # one pass, no per-tensor calls
         if shapes != self._state_shapes:
@@ -277,16 +323,14 @@ class RWKV:
 
     @torch.no_grad()
     def _run(self, ids: torch.Tensor, state: State, full_output: bool):
-        fused = self.fused_cpu
-        if fused is not None and fused.serves(ids.shape[1]):
-            out = fused.run(self, ids, state, full_output)
-            if out is not None:
-                return out
+        out = self.backend.forward(self, ids, state, full_output)
+        if out is not None:
+            return out
         self.check_state(state)
         x = self.emb[ids.to(self.emb.device)]                                   # [B, T, C]
         out = None
-        if self._prefill_graphs is not None and ids.shape[1] > 1 and not full_output:
-            out = self._prefill_graphs.run(x, state.layers)
+        if self.prefill_graphs is not None and ids.shape[1] > 1 and not full_output:
+            out = self.prefill_graphs.run(x, state.layers)
         logits, layers = out if out is not None else self._stack(x, state.layers, full_output, ids)
         new = State(state.version, state.fingerprint, state.names, layers,
                     state.token_count + ids.shape[1], state.metadata)
@@ -297,26 +341,49 @@ class RWKV:
         """The layers, final LayerNorm and head for the embedded input x [B, T, C] and the state's
         per-layer tensors: (logits float32 [B, T or 1, vocab], the new per-layer state tuples).
         ``ids`` [B, T] (CPU) serves the layers that read the tokens (DeepEmbed)."""
-        ctx = _Context(self.spec, tokens=ids)
+        ops = self.backend.ops
+        x, new = self.run_layers(x, layers, Context(self.spec, ops, tokens=ids))
+        if not full_output:
+            x = x[:, -1:]
+        x = layer_norm(x.to(device=self.devices[-1], dtype=self.plan.layers[-1].atype), *self.ln_out)
+        return ops.matmul(x, self.head_weight()).float(), new
+
+    def run_layers(self, x: torch.Tensor, layers: list[tuple], ctx: Context,
+                   step: Callable | None = None) -> tuple[torch.Tensor, list[tuple]]:
+        """The one layer loop (eager forward, prefill graphs, the batched decoder): every layer in order.
+
+        Per layer: x moves to the layer's device and activation dtype, the state tuple to the layer's device,
+        a streamed layer's parameters are copied in (``layer_params``), the block runs, and every
+        ``rescale_layer`` layers x is halved. The block is ``step`` where given, else the backend's
+        replacement for this layer and input (``backend.sequence_block``, T > 1), else the generation's.
+
+        Args:
+            x: the embedded input [B, T, C].
+            layers: per layer, the state tuple [B, ...] (``STATE_NAMES`` order); not modified by the blocks.
+            ctx: the forward's ``Context`` (``ctx.layer`` is set here; blocks set ``ctx.v_first``).
+            step: a function with the block contract ``step(x, layer_state, params, ctx) -> (x, layer_state)``
+                run for every layer instead (the decoder's compiled static-buffer step).
+        Returns:
+            ``(x, new_layers)``: x [B, T, C] after the last layer, on its device; the per-layer state tuples
+            returned by the blocks.
+        """
+        gen, places, devices = self.generation, self.plan.layers, self.devices
+        replaced = self.backend.sequence_block if step is None and x.shape[1] > 1 else None
         new = []
-        block = self._seq_block if self._seq_block is not None and x.shape[1] > 1 else self._gen.block
         for i in range(self.n_layer):
-            place, dev = self.plan.layers[i], self._devices[i]
-            x = x.to(device=dev, dtype=place.atype)
+            dev = devices[i]
+            x = x.to(device=dev, dtype=places[i].atype)
             st = tuple(t.to(dev) for t in layers[i])
+            p = self.layer_params(i)
             ctx.layer = i
-            x, st = block(x, st, self._layer_params(i), ctx)
+            block = step
+            if block is None and replaced is not None:
+                block = replaced(i, x, p)
+            x, st = (block or gen.block)(x, st, p, ctx)
             new.append(st)
             if self.rescale_layer and (i + 1) % self.rescale_layer == 0:
                 x = x / 2
-        if not full_output:
-            x = x[:, -1:]
-        head = self.plan.layers[-1]
-        x = layer_norm(x.to(device=self._devices[-1], dtype=head.atype), *self.ln_out)
-        hw = self.head
-        if head.stream:
-            hw = hw.to(self._devices[-1], non_blocking=True)
-        return matmul(x, hw).float(), new
+        return x, new
 
     def __repr__(self) -> str:
         return f"RWKV(v{self.version}, {self.path.name}, strategy={self.strategy!r})"

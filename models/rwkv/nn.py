@@ -5,9 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from rwkv_chat.models.formats.i8 import matmul
-
-__all__ = ["matmul", "time_shift", "layer_norm", "head_group_norm"]  # matmul: the one every block uses
+__all__ = ["time_shift", "layer_norm", "head_group_norm"]
 
 
 def time_shift(x: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:

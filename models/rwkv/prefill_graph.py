@@ -2,7 +2,7 @@
 
 A prefill of T tokens through the fused RWKV-7 block (``models/backends/fused_cuda.py``) is ~25 kernel launches per
 layer; launched eagerly from Python, the GPU idles between the short ones (about 2 ms of 14.7 ms for
-RWKV-7 1.5B at 1024 tokens on an H100, ``bench/results/prefill_profile_h100.md``). ``PrefillGraphs``
+RWKV-7 1.5B at 1024 tokens on an H100, ``bench/results/h100.md``, "Prefill profile"). ``PrefillGraphs``
 captures the stack (all layers, final LayerNorm and head, from the embedded input) for a (batch, T)
 shape the second time that shape is prefilled, and replays it from then on: the daemon prefills in
 chunks of ``[daemon] chunk_len`` tokens, so all full chunks share one graph. A graph reads the same

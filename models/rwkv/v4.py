@@ -1,16 +1,16 @@
 """RWKV-4: time-mix with the (aa, bb, pp) WKV state, squared-ReLU channel-mix.
 
 Formulas: ChatRWKV ``rwkv/model.py`` (pip 0.8.32) ``att_one``/``att_seq``/``ffn_one``/``ffn_seq``;
-B. Peng et al., "RWKV: Reinventing RNNs for the Transformer Era" (2023). One block function serves
-one token, a sequence and a batch: x is always [B, T, C].
+B. Peng et al., "RWKV: Reinventing RNNs for the Transformer Era" (2023). ``block`` follows the contract of
+``rwkv_chat.models.rwkv.generations``: x is the residual stream [B, T, C] in and out (one token, a sequence
+and a batch alike); products and the WKV go through ``ctx.ops``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from rwkv_chat.models.rwkv import wkv
-from rwkv_chat.models.rwkv.nn import layer_norm, matmul, time_shift
+from rwkv_chat.models.rwkv.nn import layer_norm, time_shift
 
 STATE_NAMES = ("att_x", "att_a", "att_b", "att_p", "ffn_x")
 FP32_STATE = ("att_a", "att_b", "att_p")
@@ -58,8 +58,9 @@ def zero_state(spec, batch: int, device, atype: torch.dtype, params: dict) -> tu
     return (z(C, atype), z(A, torch.float32), z(A, torch.float32), z(A, torch.float32) - 1e30, z(C, atype))
 
 
-def time_mix(x, att_x, aa, bb, pp, p):
+def _time_mix(x, att_x, aa, bb, pp, p, ops):
     """x: [B, T, C] (activation dtype) -> (x + att(x), new att_x [B, C], aa, bb, pp [B, A] float32)."""
+    matmul = ops.matmul
     xx = layer_norm(x, p["ln1.weight"], p["ln1.bias"])
     sx = time_shift(xx, att_x)
     kx = xx * p["att.time_mix_k"] + sx * (1 - p["att.time_mix_k"])
@@ -68,13 +69,14 @@ def time_mix(x, att_x, aa, bb, pp, p):
     r = torch.sigmoid(matmul(rx, p["att.receptance.weight"]))
     k = matmul(kx, p["att.key.weight"], output_dtype=torch.float32)
     v = matmul(vx, p["att.value.weight"], output_dtype=torch.float32)
-    y, aa, bb, pp = wkv.wkv4(p["att.time_decay"], p["att.time_first"], k, v, aa, bb, pp)
+    y, aa, bb, pp = ops.wkv4(p["att.time_decay"], p["att.time_first"], k, v, aa, bb, pp)
     out = matmul(r * y.to(x.dtype), p["att.output.weight"])
     return x + out, xx[:, -1], aa, bb, pp
 
 
-def channel_mix(x, ffn_x, p):
+def _channel_mix(x, ffn_x, p, ops):
     """The v4/v5 channel-mix. x: [B, T, C] -> (x + ffn(x), new ffn_x [B, C])."""
+    matmul = ops.matmul
     xx = layer_norm(x, p["ln2.weight"], p["ln2.bias"])
     sx = time_shift(xx, ffn_x)
     kx = xx * p["ffn.time_mix_k"] + sx * (1 - p["ffn.time_mix_k"])
@@ -85,8 +87,9 @@ def channel_mix(x, ffn_x, p):
 
 
 def block(x: torch.Tensor, st: tuple, p: dict, ctx) -> tuple[torch.Tensor, tuple]:
-    """One RWKV-4 layer. x: [B, T, C]; st: this layer's state (see STATE_NAMES)."""
+    """One RWKV-4 layer: x [B, T, C] -> (x [B, T, C], new st); st = (att_x, att_a, att_b, att_p, ffn_x)
+    (``STATE_NAMES``; att_a/b/p float32 [B, A], the others [B, C] in x's dtype)."""
     att_x, aa, bb, pp, ffn_x = st
-    x, att_x, aa, bb, pp = time_mix(x, att_x, aa, bb, pp, p)
-    x, ffn_x = channel_mix(x, ffn_x, p)
+    x, att_x, aa, bb, pp = _time_mix(x, att_x, aa, bb, pp, p, ctx.ops)
+    x, ffn_x = _channel_mix(x, ffn_x, p, ctx.ops)
     return x, (att_x, aa, bb, pp, ffn_x)

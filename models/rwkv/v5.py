@@ -2,7 +2,9 @@
 
 Formulas: ChatRWKV ``rwkv/model.py`` (pip 0.8.32) ``att_one_v5``, ``att_one_v5_1``, ``att_seq_v5_2``;
 B. Peng et al., "Eagle and Finch: RWKV with Matrix-Valued States and Dynamic Recurrence" (2024).
-x is always [B, T, C]; state ``att_kv`` is float32 [B, H, N, N] indexed [key, value].
+``block`` follows the contract of ``rwkv_chat.models.rwkv.generations`` (x the residual stream [B, T, C] in and
+out; products and the WKV through ``ctx.ops``); the channel-mix is v4's. State ``att_kv`` is float32
+[B, H, N, N] indexed [key, value].
 """
 
 from __future__ import annotations
@@ -10,9 +12,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from rwkv_chat.models.rwkv import wkv
-from rwkv_chat.models.rwkv.nn import head_group_norm, layer_norm, matmul, time_shift
-from rwkv_chat.models.rwkv.v4 import MATRICES, channel_mix, channel_mix_keys
+from rwkv_chat.models.rwkv import v4
+from rwkv_chat.models.rwkv.nn import head_group_norm, layer_norm, time_shift
+from rwkv_chat.models.rwkv.v4 import MATRICES, channel_mix_keys
 
 STATE_NAMES = ("att_x", "att_kv", "ffn_x")
 FP32_STATE = ("att_kv",)
@@ -69,8 +71,9 @@ def zero_state(spec, batch: int, device, atype: torch.dtype, params: dict) -> tu
             torch.zeros(batch, C, dtype=atype, device=device))
 
 
-def time_mix(x, att_x, s, p, spec):
+def _time_mix(x, att_x, s, p, spec, ops):
     """x: [B, T, C] -> (x + att(x), new att_x [B, C], new s float32 [B, H, N, N])."""
+    matmul = ops.matmul
     B, T, C = x.shape
     H, N = spec.n_head, spec.head_size
     xx = layer_norm(x, p["ln1.weight"], p["ln1.bias"])
@@ -79,7 +82,7 @@ def time_mix(x, att_x, s, p, spec):
     r = matmul(mix("att.time_mix_r"), p["att.receptance.weight"], output_dtype=torch.float32)
     k = matmul(mix("att.time_mix_k"), p["att.key.weight"], output_dtype=torch.float32)
     v = matmul(mix("att.time_mix_v"), p["att.value.weight"], output_dtype=torch.float32)
-    y, s = wkv.wkv5(r.view(B, T, H, N), k.view(B, T, H, N), v.view(B, T, H, N),
+    y, s = ops.wkv5(r.view(B, T, H, N), k.view(B, T, H, N), v.view(B, T, H, N),
                     p["att.time_decay"], p["att.time_first"], s)
     out = head_group_norm(y.reshape(B, T, H * N), H, p["att.ln_x.weight"], p["att.ln_x.bias"]).to(x.dtype)
     if "att.gate.weight" in p:
@@ -88,8 +91,9 @@ def time_mix(x, att_x, s, p, spec):
 
 
 def block(x: torch.Tensor, st: tuple, p: dict, ctx) -> tuple[torch.Tensor, tuple]:
-    """One RWKV-5.x layer. x: [B, T, C]; st = (att_x, att_kv, ffn_x)."""
+    """One RWKV-5.x layer: x [B, T, C] -> (x [B, T, C], new st); st = (att_x [B, C], att_kv float32
+    [B, H, N, N], ffn_x [B, C])."""
     att_x, s, ffn_x = st
-    x, att_x, s = time_mix(x, att_x, s, p, ctx.spec)
-    x, ffn_x = channel_mix(x, ffn_x, p)
+    x, att_x, s = _time_mix(x, att_x, s, p, ctx.spec, ctx.ops)
+    x, ffn_x = v4._channel_mix(x, ffn_x, p, ctx.ops)
     return x, (att_x, s, ffn_x)

@@ -2,7 +2,8 @@
 
 Formulas: ChatRWKV ``rwkv/model.py`` (pip 0.8.32) ``att_one_v6_0``/``att_seq_v6_0``/``ffn_one_v6``;
 B. Peng et al., "Eagle and Finch: RWKV with Matrix-Valued States and Dynamic Recurrence" (2024).
-x is always [B, T, C]; state ``att_kv`` is float32 [B, H, N, N] indexed [key, value].
+``block`` follows the contract of ``rwkv_chat.models.rwkv.generations`` (x the residual stream [B, T, C] in and
+out; products and the WKV through ``ctx.ops``). State ``att_kv`` is float32 [B, H, N, N] indexed [key, value].
 """
 
 from __future__ import annotations
@@ -10,8 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from rwkv_chat.models.rwkv import wkv
-from rwkv_chat.models.rwkv.nn import head_group_norm, layer_norm, matmul, time_shift
+from rwkv_chat.models.rwkv.nn import head_group_norm, layer_norm, time_shift
 from rwkv_chat.models.rwkv.v4 import MATRICES
 from rwkv_chat.models.rwkv import v5
 
@@ -55,8 +55,9 @@ def convert(name: str, t: torch.Tensor, spec) -> tuple[str, torch.Tensor, str]:
     return name, t, "act"
 
 
-def time_mix(x, att_x, s, p, spec):
+def _time_mix(x, att_x, s, p, spec, ops):
     """x: [B, T, C] -> (x + att(x), new att_x [B, C], new s float32 [B, H, N, N])."""
+    matmul = ops.matmul
     B, T, C = x.shape
     H, N = spec.n_head, spec.head_size
     xx = layer_norm(x, p["ln1.weight"], p["ln1.bias"])
@@ -74,13 +75,14 @@ def time_mix(x, att_x, s, p, spec):
     v = matmul(vx, p["att.value.weight"], output_dtype=torch.float32).view(B, T, H, N)
     g = F.silu(matmul(gx, p["att.gate.weight"]))
     w = p["att.time_decay"] + (torch.tanh(wx @ p["att.time_decay_w1"]) @ p["att.time_decay_w2"]).float().view(B, T, H, N)
-    y, s = wkv.wkv5(r, k, v, torch.exp(-torch.exp(w)), p["att.time_first"], s)
+    y, s = ops.wkv5(r, k, v, torch.exp(-torch.exp(w)), p["att.time_first"], s)
     out = head_group_norm(y.reshape(B, T, H * N), H, p["att.ln_x.weight"], p["att.ln_x.bias"]).to(x.dtype) * g
     return x + matmul(out, p["att.output.weight"]), xx[:, -1], s
 
 
-def channel_mix(x, ffn_x, p):
+def _channel_mix(x, ffn_x, p, ops):
     """x: [B, T, C] -> (x + ffn(x), new ffn_x [B, C])."""
+    matmul = ops.matmul
     xx = layer_norm(x, p["ln2.weight"], p["ln2.bias"])
     sx = time_shift(xx, ffn_x) - xx
     kx = xx + sx * p["ffn.time_maa_k"]
@@ -91,8 +93,9 @@ def channel_mix(x, ffn_x, p):
 
 
 def block(x: torch.Tensor, st: tuple, p: dict, ctx) -> tuple[torch.Tensor, tuple]:
-    """One RWKV-6 layer. x: [B, T, C]; st = (att_x, att_kv, ffn_x)."""
+    """One RWKV-6 layer: x [B, T, C] -> (x [B, T, C], new st); st = (att_x [B, C], att_kv float32
+    [B, H, N, N], ffn_x [B, C])."""
     att_x, s, ffn_x = st
-    x, att_x, s = time_mix(x, att_x, s, p, ctx.spec)
-    x, ffn_x = channel_mix(x, ffn_x, p)
+    x, att_x, s = _time_mix(x, att_x, s, p, ctx.spec, ctx.ops)
+    x, ffn_x = _channel_mix(x, ffn_x, p, ctx.ops)
     return x, (att_x, s, ffn_x)

@@ -2,8 +2,10 @@
 
 Formulas: ChatRWKV ``rwkv/model.py`` (pip 0.8.32) ``RWKV_x070_TMix_one/seq`` and ``RWKV_x070_CMix_*``
 (including DeepEmbed ``ffn.s_emb``); B. Peng et al., "RWKV-7 Goose with Expressive Dynamic State
-Evolution" (2025). x is always [B, T, C]; state ``att_kv`` is float32 [B, H, N, N] indexed [value, key].
-The first layer's value ``v_first`` is carried to later layers through ``ctx.v_first``.
+Evolution" (2025). ``block`` follows the contract of ``rwkv_chat.models.rwkv.generations`` (x the residual
+stream [B, T, C] in and out; products and the WKV through ``ctx.ops``). State ``att_kv`` is float32
+[B, H, N, N] indexed [value, key]. The first layer's value ``v_first`` is carried to later layers through
+``ctx.v_first``.
 """
 
 from __future__ import annotations
@@ -11,8 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from rwkv_chat.models.rwkv import wkv
-from rwkv_chat.models.rwkv.nn import head_group_norm, layer_norm, matmul, time_shift
+from rwkv_chat.models.rwkv.nn import head_group_norm, layer_norm, time_shift
 
 STATE_NAMES = ("att_x", "att_kv", "ffn_x")
 FP32_STATE = ("att_kv",)
@@ -55,13 +56,13 @@ def zero_state(spec, batch: int, device, atype: torch.dtype, params: dict) -> tu
             torch.zeros(batch, C, dtype=atype, device=device))
 
 
-def time_mix(x, att_x, s, p, ctx):
+def _time_mix(x, att_x, s, p, ctx):
     """x: [B, T, C] (layer-normed input) -> (att(x), new att_x [B, C], new s float32 [B, H, N, N])."""
     B, T, C = x.shape
     H, N = ctx.spec.n_head, ctx.spec.head_size
     xs = time_shift(x, att_x) - x
     xr, xw, xk, xv, xa, xg = (x + xs * p[f"att.x_{m}"] for m in "rwkvag")
-    mm = ctx.matmul or matmul
+    mm = ctx.ops.matmul
     r = mm(xr, p["att.receptance.weight"])
     w = mm(torch.tanh(mm(xw, p["att.w1"])), p["att.w2"])
     k = mm(xk, p["att.key.weight"])
@@ -76,16 +77,16 @@ def time_mix(x, att_x, s, p, ctx):
         v = v + (ctx.v_first.to(device=v.device, dtype=v.dtype) - v) * torch.sigmoid(p["att.v0"] + mm(mm(xv, p["att.v1"]), p["att.v2"]))
     w = torch.exp(-_DECAY_SCALE * torch.sigmoid(p["att.w0"] + w.float()))
     shp = (B, T, H, N)
-    y, s = (ctx.wkv7 or wkv.wkv7)(r.view(shp), w.view(shp), k.view(shp), v.view(shp), (-kk).view(shp), (kk * a).view(shp), s)
+    y, s = ctx.ops.wkv7(r.view(shp), w.view(shp), k.view(shp), v.view(shp), (-kk).view(shp), (kk * a).view(shp), s)
     y = head_group_norm(y.reshape(B, T, C).to(x.dtype), H, p["att.ln_x.weight"], p["att.ln_x.bias"])
     y = y + ((r * k * p["att.r_k"]).view(B, T, H, N).sum(dim=-1, keepdim=True) * v.view(B, T, H, N)).view(B, T, C)
     return mm(y * g, p["att.output.weight"]), x[:, -1], s
 
 
-def channel_mix(x, ffn_x, p, ctx):
+def _channel_mix(x, ffn_x, p, ctx):
     """x: [B, T, C] (layer-normed input) -> (ffn(x), new ffn_x [B, C])."""
     xs = time_shift(x, ffn_x) - x
-    mm = ctx.matmul or matmul
+    mm = ctx.ops.matmul
     k = torch.relu(mm(x + xs * p["ffn.x_k"], p["ffn.key.weight"])) ** 2
     if "ffn.s_emb.weight" in p:  # DeepEmbed: a per-token 32×32 modulation of the hidden layer
         B, T, _ = x.shape
@@ -96,9 +97,10 @@ def channel_mix(x, ffn_x, p, ctx):
 
 
 def block(x: torch.Tensor, st: tuple, p: dict, ctx) -> tuple[torch.Tensor, tuple]:
-    """One RWKV-7 layer. x: [B, T, C]; st = (att_x, att_kv, ffn_x)."""
+    """One RWKV-7 layer: x [B, T, C] -> (x [B, T, C], new st); st = (att_x [B, C], att_kv float32
+    [B, H, N, N], ffn_x [B, C]). Layer 0 sets ``ctx.v_first``; DeepEmbed layers read ``ctx.tokens``."""
     att_x, s, ffn_x = st
-    xx, att_x, s = time_mix(layer_norm(x, p["ln1.weight"], p["ln1.bias"]), att_x, s, p, ctx)
+    xx, att_x, s = _time_mix(layer_norm(x, p["ln1.weight"], p["ln1.bias"]), att_x, s, p, ctx)
     x = x + xx
-    xx, ffn_x = channel_mix(layer_norm(x, p["ln2.weight"], p["ln2.bias"]), ffn_x, p, ctx)
+    xx, ffn_x = _channel_mix(layer_norm(x, p["ln2.weight"], p["ln2.bias"]), ffn_x, p, ctx)
     return x + xx, (att_x, s, ffn_x)

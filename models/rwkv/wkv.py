@@ -1,8 +1,9 @@
 """The WKV recurrences of every RWKV generation, batched, in pure torch.
 
 These are the reference ("torch") paths: the compiled kernels in ``csrc/`` implement the same
-functions with the same signatures, and ``rwkv_chat.models.kernels`` dispatches to them where
-they are built. Shapes use B = batch, T = tokens, C = channels, H = heads, N = head size.
+functions with the same signatures (``rwkv_chat.models.kernels.dispatch``). A model's blocks call the
+ones its backend chose (``ctx.ops.wkv4/wkv5/wkv7``): ``wkv4_torch``, ``wkv5_auto`` and ``wkv7_auto`` without
+the compiled kernels. Shapes use B = batch, T = tokens, C = channels, H = heads, N = head size.
 
 Formulas follow BlinkDL's ChatRWKV ``rwkv/model.py`` (pip package 0.8.32): ``att_seq`` (v4),
 ``att_seq_v5_2`` / ``att_seq_v6_0`` (v5, v5.1, v5.2, v6) and ``RWKV_x070_TMix_seq`` (v7).
@@ -126,9 +127,3 @@ def wkv5_auto(r, k, v, w, u, s):
     from rwkv_chat.models.rwkv.chunked import wkv5_chunked
 
     return wkv5_chunked(r, k, v, w, u, s)
-
-
-# Public entry points. ``rwkv_chat.models.kernels`` rebinds the work to compiled ops where built.
-wkv4 = wkv4_torch
-wkv5 = wkv5_auto
-wkv7 = wkv7_auto

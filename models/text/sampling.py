@@ -22,18 +22,20 @@ logits' device, so a seed gives the same tokens for the same logits on any devic
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
-
-import numpy as np
-import torch
-from torch.nn import functional as F
+from typing import TYPE_CHECKING, Any
 
 from rwkv_chat.models.errors import RWKVError, ShapeMismatchError, StateError, TokenError
 
-__all__ = ["SamplerArgs", "Sampler", "SamplingError", "filtered_probs", "sample_rows", "WEIGHTLESS_TEXT"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["SamplerArgs", "SETTINGS", "Sampler", "SamplingError", "filtered_probs", "sample_rows",
+           "WEIGHTLESS_TEXT"]
 
 WEIGHTLESS_TEXT = " \t0123456789"  # tokens whose text is a substring of this add 0 to their count (reference)
 _STATE_FORMAT = 1
@@ -65,7 +67,11 @@ def _int(name: str, value: Any, lo: int, hi: int | None = None) -> int:
 
 @dataclass(frozen=True)
 class SamplerArgs:
-    """Sampling settings; defaults are the reference ``PIPELINE_ARGS``.
+    """Sampling settings: the one type of them for the sampler, the daemon's ``[sampling]`` config section and
+    the settings a request or a conversation gives (by field name, see :meth:`updated`).
+
+    Defaults are the reference ``PIPELINE_ARGS``, except ``max_tokens``: 256 (the reference's loop has no such
+    limit; 256 is the documented default of the daemon's ``[sampling] max_tokens``).
 
     Fields:
         temperature: >= 0 (0 = greedy argmax); applied after the top-p/top-k cut, as ``probs ** (1/T)``.
@@ -90,7 +96,7 @@ class SamplerArgs:
     token_ban: tuple[int, ...] = field(default=())
     token_stop: tuple[int, ...] = field(default=())
     seed: int | None = None
-    max_tokens: int = 200
+    max_tokens: int = 256
 
     def __post_init__(self) -> None:
         s = object.__setattr__
@@ -109,6 +115,26 @@ class SamplerArgs:
             s(self, "seed", _int("seed", self.seed, 0, 2**63 - 1))
         s(self, "max_tokens", _int("max_tokens", self.max_tokens, 1))
 
+    def updated(self, overrides: Mapping[str, Any] | None = None, /, **fields: Any) -> SamplerArgs:
+        """A copy with the settings in ``overrides`` and ``fields`` replaced (a None value keeps this one's).
+
+        Args:
+            overrides: setting name -> value, e.g. a conversation's stored settings or a request's.
+        Raises:
+            SamplingError: a name that is not one of :data:`SETTINGS`, or a value out of range.
+        """
+        given = {k: v for k, v in {**(overrides or {}), **fields}.items() if v is not None}
+        unknown = sorted(set(given) - set(SETTINGS))
+        if unknown:
+            raise SamplingError(f"unknown sampling settings {unknown} (known: {', '.join(SETTINGS)})")
+        return dataclasses.replace(self, **given) if given else self
+
+
+#: the settings a configuration, a conversation or a request may give, by name (the token lists are the
+#: caller's own: they depend on the tokenizer)
+SETTINGS = ("temperature", "top_p", "top_k", "alpha_frequency", "alpha_presence", "alpha_decay", "max_tokens",
+            "seed")
+
 
 def filtered_probs(logits: torch.Tensor, args: SamplerArgs) -> torch.Tensor:
     """The distribution a token is drawn from: ``softmax``, top-p cut, top-k cut, temperature, renormalized.
@@ -124,6 +150,8 @@ def filtered_probs(logits: torch.Tensor, args: SamplerArgs) -> torch.Tensor:
     with the same float32 cumulative sum, so the kept set equals the reference's (see the module docstring for the
     one deviation). The temperature is applied as ``(p / p.max()) ** (1/T)`` to avoid underflow at small T.
     """
+    import torch
+    from torch.nn import functional as F
     if logits.dim() != 1:
         raise ShapeMismatchError(f"logits must be 1-D [vocab], got shape {tuple(logits.shape)}")
     x = logits.detach().to(device="cpu", dtype=torch.float32)
@@ -154,6 +182,8 @@ def _top_p_cutoff(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     sorting the whole vocabulary; the window's values are exactly the sorted prefix, so the running sum and
     the cutoff are those of a full sort.
     """
+    import numpy as np
+    import torch
     n = probs.numel()
     limit = np.float32(top_p)
     k = min(256, n)
@@ -184,6 +214,7 @@ class Sampler:
     """
 
     def __init__(self, args: SamplerArgs | None = None, tokenizer=None) -> None:
+        import torch
         self.args = args if args is not None else SamplerArgs()
         self.tokenizer = tokenizer
         self.generator = torch.Generator(device="cpu")
@@ -203,6 +234,7 @@ class Sampler:
             self._allocate(tokenizer.vocab_size)
 
     def _allocate(self, vocab_size: int) -> None:
+        import torch
         if self.args.token_ban and max(self.args.token_ban) >= vocab_size:
             raise TokenError(f"token_ban has ids outside the vocabulary of {vocab_size}")
         self.vocab_size = vocab_size
@@ -237,6 +269,7 @@ class Sampler:
 
         Raises ShapeMismatchError if ``logits`` is not 1-D or its size differs from the sampler's vocabulary.
         """
+        import torch
         if logits.dim() != 1:
             raise ShapeMismatchError(f"logits must be 1-D [vocab], got shape {tuple(logits.shape)}")
         n = logits.shape[0]
@@ -277,6 +310,7 @@ class Sampler:
         A stop token is returned without being recorded. Raises ShapeMismatchError for logits of the wrong shape,
         SamplingError if bans/NaN leave nothing to sample.
         """
+        import torch
         if self.plain_greedy and logits.dim() == 1 and logits.shape[0] == (self.vocab_size or logits.shape[0]):
             token, value = _argmax(logits)                     # first maximum; a NaN wins
             if math.isfinite(value):                           # else: the reference's rules below
@@ -305,6 +339,7 @@ class Sampler:
     def state_dict(self) -> dict[str, Any]:
         """Penalty counts and RNG state as plain types (msgpack/JSON friendly apart from ``rng_state`` bytes):
         ``{"format", "vocab_size", "tokens": list[int], "counts": list[float], "rng_state": bytes}``."""
+        import torch
         if self.counts is None:
             tokens: list[int] = []
             counts: list[float] = []
@@ -322,6 +357,7 @@ class Sampler:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved. Raises StateError if it is malformed or its vocabulary differs."""
+        import torch
         try:
             fmt, vocab, tokens, counts = state["format"], state["vocab_size"], state["tokens"], state["counts"]
             rng = torch.frombuffer(bytearray(state["rng_state"]), dtype=torch.uint8).clone()
@@ -354,6 +390,7 @@ def _argmax(row: torch.Tensor) -> tuple[int, float]:
     """``(index, value)`` of the first maximum of ``row`` (float tensor [vocab], any device); a NaN counts
     as the maximum (as ``torch.max``), so a non-finite value tells the caller to take the reference's rules.
     A float32 CPU row goes through numpy (~12x faster than ``torch.max`` at vocab 65536 on one thread)."""
+    import torch
     if row.device.type == "cpu" and row.dtype == torch.float32:
         x = row.detach().numpy()
         i = int(x.argmax())
@@ -376,6 +413,7 @@ def sample_rows(samplers: list[Sampler], rows: list[torch.Tensor], return_errors
     sampler's vocabulary, SamplingError, ...); with ``return_errors`` such a row's exception takes its place in
     the list instead, and the other rows still get their tokens.
     """
+    import torch
     out: list[int | None] = [None] * len(samplers)
     on_device: list[int] = []
     for i, (s, r) in enumerate(zip(samplers, rows)):

@@ -81,8 +81,7 @@ def make_home(root: Path, model: Path | None, max_tokens: int = MAX_TOKENS) -> P
     paths = ensure_dirs(get_paths())
     link_kernel_cache(root)  # every test home shares the session's kernel build (tens of seconds on 2 cores)
     cfg = Config()
-    cfg.sampling.temperature = 0.0
-    cfg.sampling.max_tokens = max_tokens
+    cfg.sampling = cfg.sampling.updated(temperature=0.0, max_tokens=max_tokens)
     cfg.model.path = str(model) if model else ""
     cfg.model.strategy = "cpu fp32"
     save_config(cfg, paths.config_file)

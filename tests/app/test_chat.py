@@ -9,7 +9,7 @@ from rwkv_chat.app.screens.dialogs import Confirm, ExportChoice, TextEditor, Tex
 from rwkv_chat.app.screens.help import HelpScreen
 from rwkv_chat.app.widgets.chat_log import AssistantMessage, Notice, UserMessage
 from rwkv_chat.app.widgets.sampling_panel import SamplingPanel
-from rwkv_chat.daemon import messages as m
+from rwkv_chat.daemon.protocol import messages as m
 
 from .conftest import async_test, wait_for
 
@@ -179,7 +179,7 @@ async def test_stop_and_a_second_client_watching(fresh_daemon):
 
 @async_test
 async def test_sampling_panel_saves_per_conversation(fresh_daemon):
-    from rwkv_chat.daemon.config import load_config
+    from rwkv_chat.daemon.config import SAMPLING_KEYS, load_config
 
     client = fresh_daemon.client
     conv = client.create_conversation(title="s")
@@ -191,7 +191,7 @@ async def test_sampling_panel_saves_per_conversation(fresh_daemon):
         panel = app.chat.query_one(SamplingPanel)
         assert panel.display
         cfg = load_config(fresh_daemon.paths.config_file).sampling
-        assert panel.values() == {**vars(cfg), "seed": None}
+        assert panel.values() == {**{k: getattr(cfg, k) for k in SAMPLING_KEYS}, "seed": None}
         panel.query_one("#s-top_p").value = "1.5"
         await pilot.click("#sampling-apply")
         assert "Top p" in str(panel.query_one("#sampling-error").render())

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from rwkv_chat.daemon.paths import home_paths
-from rwkv_chat.daemon import messages as m
+from rwkv_chat.daemon.protocol import messages as m
 from rwkv_chat.daemon.client import Client
 
 from .conftest import make_home, start_daemon, stop_daemon
@@ -102,7 +102,7 @@ def test_admission_is_round_robin_across_clients(tmp_path, model_path):
             topics = [f"flood-{i}" for i in range(6)] + ["other-0"]
             for t in topics:
                 watch._subscribe(t)
-            req = dict(prompt="Count with me: one, two, three", stop=[], sampling=m.Sampling(max_tokens=6))
+            req = dict(prompt="Count with me: one, two, three", stop=[], sampling={"max_tokens": 6})
             for t in topics[:6]:
                 flood.request(m.Complete(client_id=flood.client_id, topic=t, **req))
             other.request(m.Complete(client_id=other.client_id, topic="other-0", **req))

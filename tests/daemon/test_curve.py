@@ -10,8 +10,9 @@ import zmq
 
 from rwkv_chat.daemon.config import load_config, save_config
 from rwkv_chat.daemon.paths import home_paths
-from rwkv_chat.daemon import messages as m
+from rwkv_chat.daemon.protocol import messages as m
 from rwkv_chat.daemon import protocol as p
+from rwkv_chat.daemon.protocol import connection
 from rwkv_chat.daemon.client import Client
 
 from .conftest import cli, make_home, start_daemon, stop_daemon
@@ -76,6 +77,6 @@ def test_curve_tcp_daemon_serves_encrypted_clients(tmp_path, model_path):
 
 def test_bind_beyond_loopback_needs_curve_keys():
     with pytest.raises(p.ProtocolError, match="CURVE"):
-        p.check_bind("tcp://0.0.0.0:5555", have_curve=False)
-    p.check_bind("tcp://0.0.0.0:5555", have_curve=True)
-    p.check_bind("tcp://127.0.0.1:5555", have_curve=False)
+        connection.check_bind("tcp://0.0.0.0:5555", have_curve=False)
+    connection.check_bind("tcp://0.0.0.0:5555", have_curve=True)
+    connection.check_bind("tcp://127.0.0.1:5555", have_curve=False)

@@ -10,7 +10,7 @@ import zmq
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from rwkv_chat.daemon.paths import home_paths
-from rwkv_chat.daemon import messages as m
+from rwkv_chat.daemon.protocol import messages as m
 from rwkv_chat.daemon import protocol as p
 from rwkv_chat.daemon.client import Client, DaemonError, GenerationFailed
 
@@ -241,7 +241,7 @@ def test_ctrl_c_cancels_the_generation_in_the_daemon(daemon_home, client):
 def test_changing_the_system_prompt_rebuilds_the_state_from_the_turns(client, model_path):
     """After a new system prompt, the next reply comes from a state rebuilt from the whole transcript
     under that prompt (the engine's greedy continuation of it), and the turn after that from the saved state."""
-    from rwkv_chat.daemon.jobs import CHAT_STOP, chat_prompt, transcript
+    from rwkv_chat.models.text.templates import RWKV_CHAT
 
     info = client.create_conversation(title="sys", system_prompt="You are terse.", **GREEDY)
     cid = info.id
@@ -249,12 +249,12 @@ def test_changing_the_system_prompt_rebuilds_the_state_from_the_turns(client, mo
     client.set_system_prompt(cid, "You answer in rhymes.")
     assert client.conversation(cid).conversation.system_prompt == "You answer in rhymes."
     _, d2 = _run(client.chat(cid, "And 3+3?", max_tokens=12))
-    text = transcript("You answer in rhymes.", [("What is 2+2?", d1.text)]) + chat_prompt("And 3+3?")
+    text = RWKV_CHAT.transcript("You answer in rhymes.", [("What is 2+2?", d1.text)]) + RWKV_CHAT.prompt("And 3+3?")
     assert d2.prompt_tokens == len(text.encode())                       # rebuilt: the whole transcript ran
     want = greedy(model_path("5.2"), text, 12)
-    assert d2.text == want.split(CHAT_STOP)[0].strip()
+    assert d2.text == want.split(RWKV_CHAT.stop)[0].strip()
     _, d3 = _run(client.chat(cid, "Thanks.", max_tokens=4))
-    assert d3.prompt_tokens == len(chat_prompt("Thanks.").encode())     # resumed from the new saved state
+    assert d3.prompt_tokens == len(RWKV_CHAT.prompt("Thanks.").encode())     # resumed from the new saved state
     assert [t.text for t in client.conversation(cid).turns] == ["What is 2+2?", d1.text, "And 3+3?", d2.text,
                                                                 "Thanks.", d3.text]
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rwkv_chat.daemon.config import Config, ConfigError, load_config, save_config
-from rwkv_chat.daemon.runner import batch_invariance, decode_buckets
+from rwkv_chat.daemon.host import batch_invariance, decode_buckets
 from rwkv_chat.models import RWKV
 from rwkv_chat.models.rwkv.decode import DEFAULT_BUCKETS, BatchDecoder
 from rwkv_chat.models.text.sampling import Sampler, SamplerArgs, SamplingError, sample_rows
@@ -70,11 +70,12 @@ def test_auto_drops_invariance_that_pads_a_lone_conversation(models, monkeypatch
     model = models["7"]
     _skew_steps_of(1, monkeypatch)
     assert decode_buckets(model, 16, True) == (2, 4, 8, 16)
-    assert decode_buckets(model, 16, "auto") == DEFAULT_BUCKETS
+    assert decode_buckets(model, 16, "auto") is None                # None: the engine's default buckets
 
 
 def test_not_invariant_takes_the_default_buckets(models):
-    assert decode_buckets(models["7"], 16, False) == DEFAULT_BUCKETS
+    assert decode_buckets(models["7"], 16, False) is None           # None: the engine's default buckets
+    assert models["7"].decoder(16, None).buckets == BatchDecoder(models["7"], 16, DEFAULT_BUCKETS).buckets
 
 
 def test_batch_invariance_setting_by_device():

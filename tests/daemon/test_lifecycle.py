@@ -11,10 +11,10 @@ import pytest
 
 from rwkv_chat.daemon.config import load_config, save_config
 from rwkv_chat.daemon.paths import home_paths
-from rwkv_chat.daemon import messages as m
+from rwkv_chat.daemon.protocol import messages as m
 from rwkv_chat.daemon import protocol as p
 from rwkv_chat.daemon.client import BusyError, Client, GenerationFailed
-from rwkv_chat.daemon.jobs import chat_prompt
+from rwkv_chat.models.text.templates import RWKV_CHAT
 
 from .conftest import CLI, cli, env_for, make_home, start_daemon, stop_daemon, wait_for
 
@@ -42,7 +42,7 @@ def test_resume_after_restart_equals_uninterrupted(tmp_path, model_path):
             r2 = _chat(c, "resumed", "What next?", **turn2)
             turns = c.conversation("resumed").turns
         assert r2.text == u2.text and r2.tokens == u2.tokens
-        assert r2.prompt_tokens == len(chat_prompt("What next?").encode())      # history not re-run
+        assert r2.prompt_tokens == len(RWKV_CHAT.prompt("What next?").encode())      # history not re-run
         assert [t.text for t in turns] == ["Hello there", r1.text, "What next?", r2.text]
     finally:
         stop_daemon(home)
@@ -94,7 +94,7 @@ def test_autostart_queue_bound_and_foreign_state(tmp_path, model_path):
         with Client(paths, autostart=True) as c:          # no daemon yet: starts one with the default model
             done = list(c.complete("Hi", max_tokens=2, temperature=0))[-1]   # waits for the model to load
             assert done.tokens == 2
-            long = m.Sampling(max_tokens=100000)
+            long = {"max_tokens": 100000}
             a = c.request(m.Complete(client_id=c.client_id, topic="qa", prompt="a", sampling=long))
             wait_for(lambda: c.status()["active"], timeout=10)
             b = c.request(m.Complete(client_id=c.client_id, topic="qb", prompt="b", sampling=long))

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from rwkv_chat.daemon.paths import home_paths
-from rwkv_chat.daemon import messages as m
+from rwkv_chat.daemon.protocol import messages as m
 from rwkv_chat.daemon.client import Client, GenerationFailed
 
 from .conftest import env_for, make_home, wait_for
@@ -22,7 +22,7 @@ HEADROOM = 640 * 2**20
 
 _PROBE = """
 import json, torch, zmq, msgspec
-import rwkv_chat.daemon.server, rwkv_chat.daemon.scheduler, rwkv_chat.daemon.runner
+import rwkv_chat.daemon.server, rwkv_chat.daemon.scheduler, rwkv_chat.daemon.generation, rwkv_chat.daemon.host
 from rwkv_chat.models import RWKV
 from rwkv_chat.models.rwkv.decode import BatchDecoder
 m = RWKV(model={path!r}, strategy="cpu fp32", verbose=False)

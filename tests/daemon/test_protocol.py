@@ -10,8 +10,9 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from rwkv_chat.daemon import messages as m
-from rwkv_chat.daemon import protocol as p
+from rwkv_chat.daemon.protocol import messages as m
+from rwkv_chat.daemon.protocol import codec as p
+from rwkv_chat.daemon.protocol import connection
 
 KEY = bytes(range(32))
 
@@ -136,24 +137,24 @@ def test_tensor_frames_roundtrip_without_pickle():
 
 def test_connection_file_permissions(tmp_path):
     d = tmp_path / "run"
-    info = p.ConnectionInfo(request="ipc:///x", events="ipc:///y", key=p.new_key().hex(), pid=1)
+    info = connection.ConnectionInfo(request="ipc:///x", events="ipc:///y", key=connection.new_key().hex(), pid=1)
     path = d / "daemon.json"
-    p.write_connection_file(path, info)
+    connection.write_connection_file(path, info)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert stat.S_IMODE(d.stat().st_mode) == 0o700
-    assert p.read_connection_file(path) == info
+    assert connection.read_connection_file(path) == info
     os.chmod(path, 0o644)
     with pytest.raises(p.ProtocolError, match="other users"):
-        p.read_connection_file(path)
+        connection.read_connection_file(path)
 
 
 def test_tcp_beyond_loopback_needs_curve():
-    p.check_bind("tcp://127.0.0.1:5555", have_curve=False)
-    p.check_bind("tcp://[::1]:5555", have_curve=False)
-    p.check_bind("ipc:///tmp/x.sock", have_curve=False)
+    connection.check_bind("tcp://127.0.0.1:5555", have_curve=False)
+    connection.check_bind("tcp://[::1]:5555", have_curve=False)
+    connection.check_bind("ipc:///tmp/x.sock", have_curve=False)
     for ep in ("tcp://0.0.0.0:5555", "tcp://192.168.1.5:5555", "tcp://example.com:5555"):
         with pytest.raises(p.ProtocolError, match="CURVE"):
-            p.check_bind(ep, have_curve=False)
-        p.check_bind(ep, have_curve=True)
+            connection.check_bind(ep, have_curve=False)
+        connection.check_bind(ep, have_curve=True)
     with pytest.raises(p.ProtocolError):
-        p.check_bind("udp://1.2.3.4:1", have_curve=True)
+        connection.check_bind("udp://1.2.3.4:1", have_curve=True)

@@ -10,8 +10,8 @@ import pytest
 
 from rwkv_chat.daemon.config import Config, ConfigError, load_config, save_config
 from rwkv_chat.daemon.paths import ensure_dirs, get_paths, home_paths
-from rwkv_chat.daemon.store import (SCHEMA_VERSION, InvalidId, NotFound, Store, Turn, check_conversation_id,
-                                    export_conversation)
+from rwkv_chat.daemon.protocol.messages import InvalidId, TurnInfo, check_conversation_id
+from rwkv_chat.daemon.store import SCHEMA_VERSION, NotFound, Store, export_conversation
 
 
 @pytest.mark.parametrize("bad", ["", "../x", "a/b", ".hidden", "a b", "x" * 65, "-a", "a\x00", "é", "a.b"])
@@ -28,9 +28,9 @@ def test_store_schema_turns_and_export(tmp_path):
     s.create("c1", title="T", system_prompt="Be brief.", sampling={"temperature": 0.5})
     with pytest.raises(ValueError):
         s.create("c1")
-    s.commit_exchange("c1", Turn(0, "user", "hi", 3, 1.0, 1.0), Turn(0, "assistant", "hello", 4, 1.0, 2.0),
+    s.commit_exchange("c1", TurnInfo(0, "user", "hi", 3, 1.0, 1.0), TurnInfo(0, "assistant", "hello", 4, 1.0, 2.0),
                       state_n=1, fingerprint="f")
-    s.commit_exchange("c1", Turn(0, "user", "again", 3, 3.0, 3.0), Turn(0, "assistant", "yes", 2, 3.0, 4.0),
+    s.commit_exchange("c1", TurnInfo(0, "user", "again", 3, 3.0, 3.0), TurnInfo(0, "assistant", "yes", 2, 3.0, 4.0),
                       state_n=2, fingerprint="f", drop_from=2)
     c = s.get("c1")
     assert (c.turns, c.state_n, c.model_fingerprint, c.sampling) == (4, 2, "f", {"temperature": 0.5})
@@ -63,7 +63,8 @@ def test_config_roundtrip_and_errors(tmp_path):
     path = tmp_path / "config.toml"
     assert load_config(path) == Config()
     cfg = Config()
-    cfg.model.path, cfg.model.strategy, cfg.sampling.top_k, cfg.daemon.client_timeout = "/m.pth", "cpu fp32", 5, 3
+    cfg.model.path, cfg.model.strategy, cfg.daemon.client_timeout = "/m.pth", "cpu fp32", 3
+    cfg.sampling = cfg.sampling.updated(top_k=5)
     save_config(cfg, path)
     assert load_config(path) == cfg
     path.write_text("[daemon]\nqueue_limit = 'many'\n")

@@ -21,13 +21,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 
+from rwkv_chat.app.bench import provenance  # noqa: E402
 from rwkv_chat.models import RWKV, kernels  # noqa: E402
-from rwkv_chat.models.formats import i8 as quant  # noqa: E402
-from rwkv_chat.models.rwkv import shapes, wkv  # noqa: E402
+from rwkv_chat.models.rwkv import shapes  # noqa: E402
 from rwkv_chat.models.rwkv.decode import BatchDecoder  # noqa: E402
 
 TOL = 1e-2
-TORCH_PATHS = (wkv.wkv4, wkv.wkv5, wkv.wkv7, quant.mm8)
 
 
 def rel(a, b) -> float:
@@ -57,18 +56,20 @@ def main() -> int:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     print(kernels.ensure_built("cuda"), flush=True)
-    kernels.install()
     w = shapes.random_checkpoint(args.shape, dtype=torch.float16, device="cuda", seed=3)
     g = torch.Generator().manual_seed(11)
     tokens = torch.randint(0, 65536, (64,), generator=g).tolist()
-    lines = [f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, RWKV-7 {args.shape} random weights", "",
+    lines = [*provenance(), "", f"RWKV-7 {args.shape}, random weights", "",
              "| case | strategy | fused path | rel. err vs plain fp16 | tolerance | result |", "|---|---|---|---|---|---|"]
     ok = True
+    count = [0, 0]                                     # cases, passed
 
     def row(case, strategy, path, err, tol=TOL):
         nonlocal ok
         good = err <= tol
         ok = ok and good
+        count[0] += 1
+        count[1] += good
         lines.append(f"| {case} | {strategy} | {path} | {err:.2e} | {tol:g} | {'pass' if good else 'FAIL'} |")
         print(lines[-1], flush=True)
 
@@ -77,7 +78,7 @@ def main() -> int:
         seq, st = fused.forward(tokens, None, full_output=True)
         # prefill through a CUDA graph (models/rwkv/prefill_graph.py: captured on a shape's second prefill) vs
         # the eager fused prefill of the same model: bit-identical logits and state
-        graphs = fused._prefill_graphs
+        graphs = fused.prefill_graphs
         more = [(7 * t + 3) % fused.vocab_size for t in range(48)]
         fused.forward(more, None)
         fused.forward(more, None)                      # second use: captured
@@ -98,7 +99,7 @@ def main() -> int:
         for batch, gemv, large in cases:
             got, _, dec = decode_run(fused, st, batch, 6, gemv=gemv, large=large)
             if not dec.fused:
-                row(f"decode batch {batch}", strategy, "NOT FUSED (fused7.decode_ready False)", float("inf"))
+                row(f"decode batch {batch}", strategy, "NOT FUSED (backend.decodes False)", float("inf"))
                 continue
             want = torch.stack([fused.forward(tokens + [(31 * t + 7 * j) % fused.vocab_size for t in range(6)], None,
                                               full_output=True)[0][-6:].float() for j in range(batch)], dim=1)
@@ -117,14 +118,11 @@ def main() -> int:
             "graph, 8 steps per replay + 4 single", sum(a != b for a, b in zip(host, on_dev)) / 20)
         # prefill: fused block vs the eager torch block (a model built without kernels, torch WKV paths)
         plain = RWKV(model=w, strategy=strategy, kernels=False)
-        plain._seq_block = None
-        wkv.wkv4, wkv.wkv5, wkv.wkv7, quant.mm8 = TORCH_PATHS
         ref_seq, ref_st = plain.forward(tokens, None, full_output=True)
         one, s1 = [], ref_st
         for t in range(6):
             lg, s1 = plain.forward([(31 * t) % plain.vocab_size], s1)
             one.append(lg.float())
-        kernels.install()
         row("prefill 64 tokens, logits vs eager torch", strategy, "v7_mix + v7_pre + chunked WKV-7 + v7_post",
             rel(seq, ref_seq))
         row("prefill 64 tokens, state vs eager torch", strategy, "same", state_rel(st, ref_st))
@@ -133,6 +131,7 @@ def main() -> int:
             rel(got[:, 0], torch.stack(one)))
         del fused, plain, dec
         torch.cuda.empty_cache()
+    lines += ["", f"{count[0]} cases: {count[1]} pass, {count[0] - count[1]} fail"]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

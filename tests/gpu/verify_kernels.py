@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 
+from rwkv_chat.app.bench import provenance  # noqa: E402
 from rwkv_chat.models import kernels  # noqa: E402
 from tests.gpu.kernel_cases import TOL, all_cases  # noqa: E402
 
@@ -37,9 +38,10 @@ def main() -> int:
     status = loader.ensure_built("cuda")
     print(json.dumps({"status": status, "build": loader.builds.get("cuda")}, indent=1), flush=True)
     print(f"ensure_built('cuda'): {time.perf_counter() - t0:.1f} s", flush=True)
-    lines = [f"GPU: {torch.cuda.get_device_name()} (torch {torch.__version__}, CUDA {torch.version.cuda})", "",
+    lines = [*provenance(), "",
              "| op | shape | dtype | rel. error | tolerance | result |", "|---|---|---|---|---|---|"]
     failed = [f for f, v in status.items() if v != "ok"]
+    cases = bad = 0
     for fam, desc, dt, fn in all_cases("cuda"):
         try:
             err = fn()
@@ -47,10 +49,14 @@ def main() -> int:
             res = "pass" if ok else "FAIL"
         except Exception as e:  # noqa: BLE001 - reported in the table
             err, ok, res = float("nan"), False, f"ERROR {type(e).__name__}: {str(e)[:120]}"
+        cases += 1
         if not ok:
+            bad += 1
             failed.append(f"{fam} {desc} {dt}")
         lines.append(f"| {fam} | {desc} | {str(dt).replace('torch.', '')} | {err:.2e} | {TOL[dt]:.0e} | {res} |")
         torch.cuda.synchronize()
+    lines += ["", f"{cases} cases: {cases - bad} pass, {bad} fail"
+              + "".join(f"; {f} did not build" for f, v in status.items() if v != "ok")]
     table = "\n".join(lines)
     print(table)
     print(f"\n{len(failed)} failure(s): {failed}" if failed else "\nall kernels pass")

@@ -1,12 +1,12 @@
 """Whole-model check on a GPU: the tiny models' logits under ``cuda fp16`` / ``cuda fp16i8`` with the
-compiled kernels installed, against the CPU fp32 engine (run on a GPU machine).
+compiled kernels (models loaded with ``kernels=True``), against the CPU fp32 engine (run on a GPU machine).
 
     python tests/gpu/verify_model.py --models ../shared/models [--cache DIR] [--out results.md]
     python tests/gpu/verify_model.py --pip-shapes 0.1B 1.5B [--out results.md]
 
 For each model and strategy it reports ‖logits − ref‖ / ‖ref‖ over a 64-token sequence (full_output)
-and for the next single token, with the CUDA kernels installed and with the torch paths, so the
-kernels' share of the fp16 error is visible.
+and for the next single token, with the CUDA kernels (``kernels=True``) and with the torch paths
+(``kernels=False``), so the kernels' share of the fp16 error is visible.
 
 ``--pip-shapes``: the whole model with the compiled kernels and fused paths (``cuda fp16``) against the
 ``rwkv`` pip package 0.8.32 with its CUDA kernels (``RWKV_CUDA_ON=1``, ``RWKV_V7_ON=1``, in its own
@@ -28,14 +28,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 
+from rwkv_chat.app.bench import provenance  # noqa: E402
 from rwkv_chat.models import RWKV, kernels  # noqa: E402
-from rwkv_chat.models.formats import i8 as quant  # noqa: E402
-from rwkv_chat.models.rwkv import shapes, wkv  # noqa: E402
+from rwkv_chat.models.rwkv import shapes  # noqa: E402
 from rwkv_chat.models.rwkv.decode import BatchDecoder  # noqa: E402
 
 NAMES = ["tiny-rwkv-4v0-660K.pth", "tiny-rwkv-5v1-730K.pth", "tiny-rwkv-5v2-730K.pth", "tiny-rwkv-6v0-1m.pth",
          "tiny-rwkv-7v0-834K.pth"]
-TORCH_PATHS = (wkv.wkv4, wkv.wkv5, wkv.wkv7, quant.mm8)
 
 
 def run(model, tokens):
@@ -46,13 +45,6 @@ def run(model, tokens):
 
 def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-def use_kernels(on: bool):
-    if on:
-        kernels.install()
-    else:
-        wkv.wkv4, wkv.wkv5, wkv.wkv7, quant.mm8 = TORCH_PATHS
 
 
 _PIP = r'''
@@ -73,11 +65,10 @@ torch.save(out, req["out"])
 
 def pip_check(names: list[str]) -> list[str]:
     """Our engine (compiled kernels, fused paths) vs rwkv 0.8.32 with RWKV_CUDA_ON=1 on random weights."""
-    lines = [f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}", "",
+    lines = [*provenance(), "",
              "| shape | prompt logits rel. err | worst step logits rel. err (16 steps) | same greedy token | our paths |",
              "|---|---|---|---|---|"]
     kernels.ensure_built("cuda")
-    kernels.install()
     g = torch.Generator().manual_seed(5)
     prompt = torch.randint(0, 65536, (48,), generator=g).tolist()
     for name in names:
@@ -104,7 +95,7 @@ def pip_check(names: list[str]) -> list[str]:
             out = dec.step({h: tok})[h].float().cpu()
             worst = max(worst, rel(out, ref["steps"][i]))
             ours = int(torch.argmax(out))
-        paths = f"prefill {'fused' if model._seq_block else 'eager'}, decode {'fused' if dec.fused else 'compiled'}"
+        paths = f"backend {model.backend.name}, decode {'fused' if dec.fused else 'compiled'}"
         lines.append(f"| {name} | {e_prompt:.2e} | {worst:.2e} | {same}/{len(ref['tokens'])} | {paths} |")
         print(lines[-1], flush=True)
         del model, dec
@@ -129,18 +120,16 @@ def main() -> int:
     print(loader.ensure_built("cuda"), flush=True)
     g = torch.Generator().manual_seed(7)
     tokens = torch.randint(0, 256, (64,), generator=g).tolist()
-    lines = [f"GPU: {torch.cuda.get_device_name()}", "",
+    lines = [*provenance(), "",
              "| model | strategy | kernels | seq rel. err vs cpu fp32 | next-token rel. err |", "|---|---|---|---|---|"]
     worst = 0.0
     for name in NAMES:
         path = Path(args.models) / name
-        use_kernels(False)
-        ref_seq, ref_one = run(RWKV(model=str(path), strategy="cpu fp32"), tokens)
+        ref_seq, ref_one = run(RWKV(model=str(path), strategy="cpu fp32", kernels=False), tokens)
         for strategy in ("cuda fp16", "cuda fp16i8"):
             for on in (True, False):
-                use_kernels(on)
                 try:
-                    seq, one = run(RWKV(model=str(path), strategy=strategy), tokens)
+                    seq, one = run(RWKV(model=str(path), strategy=strategy, kernels=on), tokens)
                     e1, e2 = rel(seq, ref_seq), rel(one, ref_one)
                     cells = f"{e1:.2e} | {e2:.2e}"
                     if on:
@@ -149,7 +138,6 @@ def main() -> int:
                     cells = f"ERROR {type(e).__name__}: {str(e)[:100]} | -"
                 lines.append(f"| {name} | {strategy} | {'compiled' if on else 'torch'} | {cells} |")
                 print(lines[-1], flush=True)
-    use_kernels(False)
     table = "\n".join(lines)
     print(table)
     if args.out:

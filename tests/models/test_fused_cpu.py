@@ -1,6 +1,7 @@
 """The fused CPU call (models/backends/fused_cpu.py, csrc/fused_cpu/) against the eager block path, on the real tiny
 models of every generation: logits and states within float32 rounding, identical greedy tokens, the
-BatchDecoder step, and the eager fallback where the fused call does not serve a strategy."""
+BatchDecoder step, the eager fallback where the fused call does not serve a strategy, and the named-weight
+constructor's refusals (a missing, misshapen or unknown weight, named in the error)."""
 
 from __future__ import annotations
 
@@ -35,13 +36,13 @@ class _Eager:
 
 def _count_blocks(monkeypatch, model) -> list[int]:
     calls = [0]
-    block = model._gen.block
+    block = model.generation.block
 
     def counting(*args, **kwargs):
         calls[0] += 1
         return block(*args, **kwargs)
 
-    monkeypatch.setattr(model._gen, "block", counting)
+    monkeypatch.setattr(model.generation, "block", counting)
     return calls
 
 
@@ -187,3 +188,78 @@ def test_rescale_layer_matches_eager(model_path):
     _close(lf, le)
     for a, b in zip(sf, se):
         _close(a, b)
+
+
+def _packed(model):
+    """``(dims, model-level dict, per-layer dicts)`` as ``FusedCpu`` passes them to ``FusedCpuModel``."""
+    from rwkv_chat.models.backends import fused_cpu
+
+    spec = model.spec
+    dims = [fused_cpu._VERSION_CODE[spec.version], spec.n_layer, spec.n_embd, spec.n_att, spec.n_ffn,
+            max(spec.n_head, 1), max(spec.head_size, 1), spec.vocab_size, 0]
+    return dims, fused_cpu.model_weights(model), [fused_cpu.named_weights(p) for p in model.layers]
+
+
+def test_named_weights_i8_parts(model_path):
+    from rwkv_chat.models.backends import fused_cpu
+
+    model = RWKV(model_path("7"), "cpu fp32i8")
+    named = fused_cpu.named_weights(model.layers[1])
+    w = model.layers[1]["att.key.weight"]
+    assert named["att.key.weight"] is w.w and named["att.key.weight"].dtype == torch.uint8
+    for part in ("mx", "rx", "my", "ry"):
+        assert named[f"att.key.weight.{part}"] is getattr(w, part)
+    assert named["att.x_r"].data_ptr() == model.layers[1]["att.x_r"].data_ptr()    # no copy
+    assert set(fused_cpu.model_weights(model)) == {"emb.weight", "ln_out.weight", "ln_out.bias", "head.weight",
+                                                   "head.weight.mx", "head.weight.rx", "head.weight.my",
+                                                   "head.weight.ry"}
+
+
+@pytest.mark.parametrize("version,layer,name", [
+    ("7", 2, "att.v0"), ("7", 1, "att.k_k"), ("6", 0, "att.time_maa_w2"), ("4", 3, "ffn.receptance.weight"),
+    ("5.2", 1, "att.time_mix_g"),                  # the gate is optional, but with a gate time_mix_g is not
+])
+def test_missing_weight_is_named(model_path, version, layer, name):
+    from rwkv_chat.models.backends import fused_cpu
+
+    model = RWKV(model_path(version), "cpu fp32")
+    dims, top, layers = _packed(model)
+    del layers[layer][name]
+    with pytest.raises(RuntimeError, match=f"layer {layer} lacks '{name}'"):
+        fused_cpu._class()(dims, top, layers)
+    del model.layers[layer][name]                    # attach turns the refusal into the reason
+    assert fused_cpu.attach(model) is None and name in model.fused_cpu_reason
+
+
+def test_bad_named_weights_are_refused(model_path):
+    from rwkv_chat.models.backends import fused_cpu
+
+    model = RWKV(model_path("7"), "cpu fp32i8")
+    dims, top, layers = _packed(model)
+    cls = fused_cpu._class()
+    cls(dims, top, layers)                           # layer 0 has no v0/v1/v2: optional there
+    assert "att.v0" not in layers[0] and "att.v0" in layers[1]
+
+    def refused(match, top=top, layers=layers):
+        with pytest.raises(RuntimeError, match=match):
+            cls(dims, top, layers)
+
+    refused("the model lacks 'head.weight.ry'", top={k: v for k, v in top.items() if k != "head.weight.ry"})
+    for name, t, match in [
+        ("att.bogus", torch.zeros(3), "layer 1 has weights the RWKV-7 fused path does not read: 'att.bogus'"),
+        ("att.x_r", torch.zeros(3), "layer 1 'att.x_r' must be float32 with 64 elements"),
+        ("att.x_r", torch.zeros(64, 2)[:, 0], "layer 1 'att.x_r' must be a contiguous CPU tensor"),
+        ("att.key.weight", torch.zeros(64, 32, dtype=torch.uint8), r"layer 1 'att.key.weight' has shape"),
+        ("att.key.weight.mx", torch.zeros(3), r"layer 1 'att.key.weight.mx' \(i8 scale\) must be float32"),
+    ]:
+        bad = [dict(p) for p in layers]
+        bad[1][name] = t
+        refused(match, layers=bad)
+    refused(f"{model.n_layer - 1} layer weight dicts for {model.n_layer} layers", layers=layers[:-1])
+
+
+def test_v5_without_gate_is_fused(model_path):
+    model = RWKV(model_path("5"), "cpu fp32")       # RWKV-5.0: no att.gate.weight / att.time_mix_g
+    assert model.version == "5"
+    assert "att.gate.weight" not in model.layers[0]
+    assert model.fused_cpu is not None, model.fused_cpu_reason

@@ -197,41 +197,62 @@ def test_cuda_report_on_a_machine_without_cuda(tmp_path):
     assert all(v.startswith("not built") for v in loader.report()["cpu"].values())
 
 
-def test_install_routes_engine_entry_points(cpu_loader, monkeypatch):
-    for mod, name in ((wkv, "wkv4"), (wkv, "wkv5"), (wkv, "wkv7"), (quant, "mm8")):
-        monkeypatch.setattr(mod, name, getattr(mod, name))   # restored after the test
-    kernels.install()
-    assert wkv.wkv4 is kernels.wkv4 and wkv.wkv5 is kernels.wkv5 and wkv.wkv7 is kernels.wkv7
-    assert quant.mm8 is kernels.mm8
+def test_ops_are_chosen_per_model(cpu_loader, model_path, monkeypatch):
+    """A model loaded with kernels=True calls the dispatch functions; one loaded with kernels=False the torch
+    paths, whatever else the process has loaded, and nothing is rebound process-wide."""
+    from rwkv_chat.models import RWKV
+
+    torch_paths = (wkv.wkv4_torch, wkv.wkv5_auto, wkv.wkv7_auto, quant.mm8_torch)
+    plain = RWKV(str(model_path("5.2")), "cpu fp32i8", kernels=False)
+    fast = RWKV(str(model_path("5.2")), "cpu fp32i8")
+    again = RWKV(str(model_path("5.2")), "cpu fp32i8", kernels=False)
+    for m in (plain, again):
+        assert (m.backend.ops.wkv4, m.backend.ops.wkv5, m.backend.ops.wkv7) == torch_paths[:3]
+        assert m.backend.name == "torch" and "Backend: torch" in str(m.plan)
+    assert (fast.backend.ops.wkv4, fast.backend.ops.wkv5, fast.backend.ops.wkv7) == (kernels.wkv4, kernels.wkv5,
+                                                                                      kernels.wkv7)
+    assert fast.backend.name == "fused-cpu" and "Backend: fused-cpu" in str(fast.plan)
+    assert (wkv.wkv4_torch, wkv.wkv5_auto, wkv.wkv7_auto, quant.mm8_torch) == torch_paths
+    assert not hasattr(kernels, "install") and not hasattr(wkv, "wkv7") and not hasattr(quant, "mm8")
     q = quant.quantize_i8(torch.randn(64, 48), torch.float32)
     x = torch.randn(3, 64)
-    y, ref = quant.matmul(x, q), x @ q.dequantize()
-    # relative error by norm, as the other kernel checks: the compiled sum may be split across threads
-    assert ((y - ref).norm() / ref.norm()).item() <= 1e-5
+    ref = x @ q.dequantize()
+    for m in (plain, fast):
+        y = m.backend.ops.matmul(x, q)
+        # relative error by norm, as the other kernel checks: the compiled sum may be split across threads
+        assert ((y - ref).norm() / ref.norm()).item() <= 1e-5
+    # the ops took their functions at load: rebinding a module global later reaches no model
+    from rwkv_chat.models.kernels import dispatch
+
+    monkeypatch.setattr(dispatch, "mm8", None)
+    assert ((fast.backend.ops.matmul(x, q) - ref).norm() / ref.norm()).item() <= 1e-5
 
 
 @pytest.mark.parametrize("version", ["4", "5", "5.2", "6", "7"])
-@pytest.mark.parametrize("strategy", ["cpu fp32"])
-def test_tiny_models_same_logits_with_kernels(cpu_loader, model_path, monkeypatch, version, strategy):
+@pytest.mark.parametrize("strategy", ["cpu fp32", "cpu fp32i8"])
+def test_tiny_models_same_logits_with_kernels(cpu_loader, model_path, version, strategy):
+    """The same logits with the compiled kernels (the model's backend, and its eager blocks on the compiled
+    per-op kernels) as with the torch paths (a model loaded with kernels=False)."""
     from rwkv_chat.models import RWKV
     path = model_path(version)
     tokens = list(b"Kernels: the same numbers.")
+    plain = RWKV(model=str(path), strategy=strategy, kernels=False)
+    ref_seq, _ = plain.forward(tokens, None, full_output=True)
+    ref_one, _ = plain.forward(tokens[:1], None)
     model = RWKV(model=str(path), strategy=strategy)
-    ref_seq, _ = model.forward(tokens, None, full_output=True)
-    ref_one, _ = model.forward(tokens[:1], None)
-    for mod, name in ((wkv, "wkv4"), (wkv, "wkv5"), (wkv, "wkv7"), (quant, "mm8")):
-        monkeypatch.setattr(mod, name, getattr(mod, name))
-    kernels.install()
-    got_seq, state = model.forward(tokens, None, full_output=True)
-    got_one, _ = model.forward(tokens[:1], None)
-    for got, ref in ((got_seq, ref_seq), (got_one, ref_one)):
+    runs = [model.forward(tokens, None, full_output=True)[0], model.forward(tokens[:1], None)[0]]
+    model.fused_cpu = None                                    # the eager blocks with the compiled per-op kernels
+    assert model.backend.name == "eager" and model.backend.ops.wkv7 is kernels.wkv7
+    runs += [model.forward(tokens, None, full_output=True)[0], model.forward(tokens[:1], None)[0]]
+    tol = 1e-5 if strategy == "cpu fp32" else 1e-4
+    for got, ref in zip(runs, (ref_seq, ref_one) * 2):
         err = ((got.double() - ref.double()).norm() / ref.double().norm()).item()
-        assert err <= 1e-5, f"v{version} {strategy}: relative error {err:.2e}"
+        assert err <= tol, f"v{version} {strategy}: relative error {err:.2e}"
 
 
 def test_wkv7_chunked_kernel_only_for_long_sequences_of_few_heads():
     """The chunked WKV-7 kernel's time grows with batch x heads from the first head, the sequential kernel's
-    stays flat until the heads fill the GPU (bench/results/kernels_bench_h100.md): with 132 multiprocessors a
+    stays flat until the heads fill the GPU (bench/results/h100.md, "Kernel benchmark"): with 132 multiprocessors a
     long sequence of 32 heads takes the chunked kernel, one of 64 heads or a batch of 8 x 32 the sequential
     one, and so do short sequences."""
     sms, long_t = 132, kernels.WKV7_CHUNK_MIN_T

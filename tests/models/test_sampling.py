@@ -45,7 +45,7 @@ def test_defaults_are_the_reference_pipeline_args():
     for name in ("temperature", "top_p", "top_k", "alpha_frequency", "alpha_presence", "alpha_decay"):
         assert getattr(args, name) == getattr(ref, name), name
     assert list(args.token_ban) == ref.token_ban and list(args.token_stop) == ref.token_stop
-    assert args.seed is None and args.max_tokens == 200
+    assert args.seed is None and args.max_tokens == 256
     with pytest.raises(dataclasses.FrozenInstanceError):
         args.temperature = 2.0  # type: ignore[misc]
     assert SamplerArgs(token_ban=[1, 2]).token_ban == (1, 2)

@@ -1,35 +1,60 @@
 """Message types of the rwkv-chat daemon protocol (msgspec structs, one per message, tagged union).
 
-Only :mod:`rwkv_chat.daemon.protocol` turns these into frames and back. The tag field ``t`` holds
+Only :mod:`rwkv_chat.daemon.protocol.codec` turns these into frames and back. The tag field ``t`` holds
 the class name. Requests go client -> daemon over the ROUTER socket and get exactly one reply;
 events go daemon -> clients over the PUB socket with topic = conversation id (or a job topic).
 Heartbeat events use the topic :data:`DAEMON_TOPIC`.
+
+Sampling settings travel as :data:`SamplingSettings`: fields of the engine's one sampling settings type
+(``rwkv_chat.models.text.sampling.SamplerArgs``) by name, where a missing or None field falls back to the
+conversation's setting, then to the config's ``[sampling]`` section, then to that type's defaults.
+
+Conversation ids match :data:`CONVERSATION_ID_RE` (no path separators, dots or spaces), checked by
+:func:`check_conversation_id` before any path or query is built from one; topics match :data:`TOPIC_RE`.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Union
+import re
+import secrets
+from typing import Union
 
 import msgspec
 
 DAEMON_TOPIC = "~daemon"
+CONVERSATION_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+TOPIC_RE = re.compile(r"[A-Za-z0-9~][A-Za-z0-9_~-]{0,127}")
+
+#: sampling settings by name (``temperature``, ``top_p``, ``top_k``, ``alpha_frequency``, ``alpha_presence``,
+#: ``alpha_decay``, ``max_tokens``, ``seed``); None or missing = not given here
+SamplingSettings = dict[str, Union[int, float, None]]
+
+
+class InvalidId(ValueError):
+    """A conversation id does not match ``[A-Za-z0-9][A-Za-z0-9_-]{0,63}``."""
+
+
+def check_conversation_id(cid: str) -> str:
+    """Return ``cid`` if it is a valid conversation id, else raise :class:`InvalidId`."""
+    if not isinstance(cid, str) or not CONVERSATION_ID_RE.fullmatch(cid):
+        raise InvalidId(f"invalid conversation id {cid!r}: use 1-64 of A-Z a-z 0-9 _ - (starting alphanumeric)")
+    return cid
+
+
+def new_conversation_id() -> str:
+    """A fresh random conversation id."""
+    return "c" + secrets.token_hex(6)
+
+
+def check_topic(topic: str) -> str:
+    """Return ``topic`` if it is a valid event topic, else raise ValueError."""
+    if not TOPIC_RE.fullmatch(topic):
+        raise ValueError(f"invalid topic {topic!r}")
+    return topic
 
 
 class Msg(msgspec.Struct, tag_field="t", tag=True, forbid_unknown_fields=True):
     """Base of every message."""
-
-
-class Sampling(msgspec.Struct, forbid_unknown_fields=True):
-    """Sampling settings; ``None`` fields fall back to the conversation, then the config."""
-
-    temperature: Optional[float] = None
-    top_p: Optional[float] = None
-    top_k: Optional[int] = None
-    alpha_frequency: Optional[float] = None
-    alpha_presence: Optional[float] = None
-    alpha_decay: Optional[float] = None
-    seed: Optional[int] = None
-    max_tokens: Optional[int] = None
 
 
 class TensorMeta(msgspec.Struct, forbid_unknown_fields=True):
@@ -68,7 +93,7 @@ class Complete(Msg):
     client_id: str
     topic: str
     prompt: str
-    sampling: Sampling = msgspec.field(default_factory=Sampling)
+    sampling: SamplingSettings = {}
     stop: list[str] = []
 
 
@@ -76,20 +101,20 @@ class Chat(Msg):
     client_id: str
     conversation_id: str
     message: str
-    sampling: Sampling = msgspec.field(default_factory=Sampling)
+    sampling: SamplingSettings = {}
 
 
 class Regenerate(Msg):
     client_id: str
     conversation_id: str
-    sampling: Sampling = msgspec.field(default_factory=Sampling)
+    sampling: SamplingSettings = {}
 
 
 class EditLastUser(Msg):
     client_id: str
     conversation_id: str
     text: str
-    sampling: Sampling = msgspec.field(default_factory=Sampling)
+    sampling: SamplingSettings = {}
 
 
 class Cancel(Msg):
@@ -109,7 +134,7 @@ class CreateConversation(Msg):
     conversation_id: str = ""
     title: str = ""
     system_prompt: str = ""
-    sampling: Sampling = msgspec.field(default_factory=Sampling)
+    sampling: SamplingSettings = {}
 
 
 class RenameConversation(Msg):
@@ -127,8 +152,10 @@ class SetSystemPrompt(Msg):
 
 
 class SetSampling(Msg):
+    """Merge ``sampling`` into the conversation's settings (a None value leaves a setting as it is)."""
+
     conversation_id: str
-    sampling: Sampling
+    sampling: SamplingSettings
 
 
 class Export(Msg):
@@ -199,17 +226,23 @@ class StatusReply(Msg):
 
 
 class ConversationInfo(msgspec.Struct, forbid_unknown_fields=True):
+    """A conversation as the store keeps it (``sampling``: its own settings, over the config's)."""
+
     id: str
     title: str
     created: float
     updated: float
     system_prompt: str
-    sampling: dict
+    sampling: SamplingSettings
     model_fingerprint: str
-    turns: int
+    state_n: int = 0              # completed exchanges covered by the newest saved state
+    state_stale: bool = False     # the saved state no longer matches the turns (system prompt changed): rebuilt
+    turns: int = 0
 
 
 class TurnInfo(msgspec.Struct, forbid_unknown_fields=True):
+    """One turn of a conversation (``index`` from 0; ``tokens`` the model saw or produced)."""
+
     index: int
     role: str
     text: str

@@ -1,0 +1,198 @@
+"""The model host: the loaded model, its tokenizer and chat template, its batched decoder and the decoder's
+batch sizes, and what the daemon makes of failures (out of memory above all).
+
+The engine is reached only through its interface: ``rwkv_chat.models.load_model`` returns a ``Model``
+(``.tokenizer``, ``.chat_template``, ``.devices``, ``.decoder(max_batch, buckets)``, ``.forward``, ...).
+Runs in the scheduler thread, apart from :meth:`Host.info`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+
+class NoModel(RuntimeError):
+    """No model is loaded (start the daemon with --model, set [model] path, or `rwkv-chat load`)."""
+
+
+class Host:
+    """The loaded model, its tokenizer, chat template and batch decoder (scheduler thread only, apart from
+    :meth:`info`)."""
+
+    def __init__(self):
+        self.model = None
+        self.tokenizer = None
+        self.template = None          # the model's chat template (rwkv_chat.models.text.templates)
+        self.decoder = None           # the model's batched decoder (Model.decoder)
+        self.threads = 0
+        self._info: dict = {"loaded": False}
+
+    def load(self, path: str, strategy: str, tokenizer: str = "", *, max_batch: int = 16,
+             batch_invariant: bool | str = "auto", threads: int = 0, progress=None) -> None:
+        """Load ``path`` with ``strategy``; ``progress(done_layers, total_layers)`` is called while the
+        layers are placed. Sets torch's intra-op threads (``threads``, 0 = :func:`auto_threads`) and the
+        decoder's batch sizes (:func:`decode_buckets` of ``batch_invariant``: True, False or "auto").
+        Raises what ``load_model`` raises (CheckpointError, StrategyError, TokenizerError, MemoryError, …);
+        the previous model stays loaded then."""
+        import torch
+
+        from rwkv_chat.models import kernels, load_model
+
+        path = os.path.abspath(os.path.expanduser(path))
+        self._info = {**self._info, "loading": path}
+        # a first use builds the compiled kernels (tens of seconds): status shows what is happening
+        kernels.set_progress(lambda note: self._info.update(note=note))
+        old_threads = torch.get_num_threads()
+        try:
+            model = load_model(path, strategy, tokenizer=tokenizer or None, progress=progress)
+            n_threads = threads or auto_threads(model)
+            torch.set_num_threads(n_threads)                    # the buckets are measured with these threads
+            self._info["note"] = "measuring decode batch sizes"
+            decoder = model.decoder(max_batch, decode_buckets(model, max_batch, batch_invariant))
+        except BaseException:
+            torch.set_num_threads(old_threads)
+            self._info = {k: v for k, v in self._info.items() if k not in ("loading", "note")}
+            raise
+        finally:
+            kernels.set_progress(None)
+        self.model = self.tokenizer = self.template = self.decoder = None   # release the old weights first
+        self.model, self.tokenizer, self.template, self.decoder = model, model.tokenizer, model.chat_template, decoder
+        self.threads = n_threads
+        self._info = {"loaded": True, "path": path, "strategy": strategy, "version": model.version,
+                      "plan": str(model.plan), "backend": str(model.backend), "fingerprint": model.fingerprint,
+                      "n_layer": getattr(model, "n_layer", None), "n_embd": getattr(model, "n_embd", None),
+                      "vocab_size": model.vocab_size, "tokenizer": self.tokenizer.name,
+                      "threads": self.threads, "max_batch": max_batch, "buckets": list(decoder.buckets)}
+
+    def info(self) -> dict:
+        return dict(self._info)
+
+    def need(self):
+        """``(model, tokenizer, chat template)`` of the loaded model. Raises NoModel."""
+        if self.model is None:
+            raise NoModel("no model is loaded: start the daemon with --model PATH, set [model] path in the "
+                          "config, or run `rwkv-chat load PATH`")
+        return self.model, self.tokenizer, self.template
+
+
+#: models with n_embd below this decode fastest on one CPU thread (measured: bench/results/cpu.md, "Daemon vs engine")
+SMALL_EMBD = 512
+
+
+def auto_threads(model) -> int:
+    """Default torch intra-op threads: 1 for small models (n_embd < SMALL_EMBD: per-op overhead dominates
+    and extra threads only add synchronisation), else min(4, CPU cores)."""
+    if getattr(model, "n_embd", SMALL_EMBD) < SMALL_EMBD:
+        return 1
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def batch_invariance(setting: bool | str, device_types) -> bool:
+    """Whether decode steps must be batch-invariant, from ``[daemon] batch_invariant`` (True, False or
+    "auto") and the device types of the model's layers (e.g. ``{"cpu"}``, ``{"cuda"}``): "auto" means
+    invariant where every layer is on the CPU (where :func:`decode_buckets` still drops it if the measured
+    buckets have a floor above 1 row) and not on CUDA or any other accelerator (invariance there can cost a
+    ``max_batch``-row step for one conversation, and fp16 results of the graph, batched and plain paths
+    agree only within a tolerance anyway). Raises ConfigError for any other setting."""
+    if isinstance(setting, bool):
+        return setting
+    if setting == "auto":
+        return all(t == "cpu" for t in device_types)
+    from rwkv_chat.daemon.config import ConfigError
+
+    raise ConfigError(f'[daemon] batch_invariant must be true, false or "auto", got {setting!r}')
+
+
+def decode_buckets(model, max_batch: int, batch_invariant: bool | str) -> tuple[int, ...] | None:
+    """Batch sizes (rows) the daemon's decode step may run at, ascending, the last one ``max_batch``; None
+    for the engine's default ones (``model.decoder(max_batch)``).
+
+    Invariant (:func:`batch_invariance` of ``batch_invariant`` and ``model.devices``): a conversation's
+    logits must be bit-identical whichever others share its step, so only the buckets that compute a row
+    exactly as the ``max_batch`` bucket does are used, measured at load by :func:`invariant_buckets` (the
+    kernels pick their GEMM by shape: on CPU the fused kernel is row-count invariant for small matrices up
+    to 16 rows and BLAS from about 4 rows on, so the tiny models keep every bucket and larger ones a floor;
+    on CUDA cuBLAS and the fused GEMV choose by row count, so often only ``max_batch`` is left, and the
+    measurement captures a CUDA graph per bucket: slower to load and to decode). Not invariant: the
+    engine's default buckets (None), a lone conversation stepping one row.
+    "auto" on CPU keeps the measured buckets only when they start at 1 (invariance costs a lone conversation
+    nothing: the tiny models); otherwise (a floor, e.g. (4, 8, 16) for RWKV-7 0.1B, where MKL computes 1-3
+    rows with other kernels and a 4-row step costs ~3x a 1-row step on 2 cores) it takes the default buckets.
+    Call it with the daemon's torch thread count already set (CPU kernels can choose by thread count).
+    Raises ConfigError for a bad setting; what the decoder's ``step`` raises during the measurement."""
+    if not batch_invariance(batch_invariant, {d.type for d in model.devices}):
+        return None
+    measured = invariant_buckets(model, max_batch)
+    if batch_invariant == "auto" and measured[0] != 1:
+        return None                              # auto: invariance only where a lone conversation pays nothing
+    return measured
+
+
+def invariant_buckets(model, max_batch: int, steps: int = 2) -> tuple[int, ...]:
+    """The candidate buckets (those of the engine's default decoder: its default ones below ``max_batch``, and
+    ``max_batch``) whose decode steps give every row bit-identical logits (float32 [vocab]) to the
+    ``max_batch`` bucket's, found by running ``steps`` steps per bucket from the zero state with a distinct
+    token per row (kernels are chosen by shape and thread count, never by value, so one set of values shows
+    their choice). Always includes ``max_batch``. Cost: ``steps`` decode steps per candidate (milliseconds
+    for the tiny models on CPU, about a second for a 1.5B model; on CUDA each bucket's graph capture as well)."""
+    import torch
+
+    dec = model.decoder(max_batch)
+    cands = tuple(dec.buckets)
+    vocab = model.vocab_size
+    rows: dict[int, torch.Tensor] = {}
+    for b in reversed(cands):                                # max_batch first: a mismatch stops nothing
+        hs = [dec.add(None) for _ in range(b)]
+        outs = []
+        for s in range(steps):
+            out = dec.step({h: (31 * i + 7 * s + 1) % vocab for i, h in enumerate(hs)})
+            outs.append(torch.stack([out[h] for h in hs]).float().cpu())
+        rows[b] = torch.stack(outs)                          # [steps, b, vocab]
+        for h in hs:
+            dec.remove(h)
+    ref = rows[max_batch]
+    del dec
+    return tuple(b for b in cands if torch.equal(rows[b], ref[:, :b]))
+
+
+_OOM_TEXT = re.compile(r"out of memory|can't allocate memory|cannot allocate memory|not enough memory", re.I)
+
+
+def is_oom(e: BaseException | None) -> bool:
+    """Whether ``e``, or an exception it was raised from (``__cause__``/``__context__``, e.g. a
+    CheckpointError wrapping a failed allocation), is an out-of-memory condition: MemoryError,
+    torch.OutOfMemoryError, ENOMEM, or an allocator RuntimeError."""
+    import errno
+
+    import torch
+
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+            return True
+        if isinstance(e, OSError) and e.errno == errno.ENOMEM:
+            return True
+        if isinstance(e, (RuntimeError, OSError)) and _OOM_TEXT.search(str(e)):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def classify(e: BaseException) -> tuple[str, str]:
+    """``(kind, message)`` of an exception for an Error/Failed message."""
+    from rwkv_chat.models import RWKVError
+
+    from .protocol.messages import InvalidId
+    from .store import NotFound
+
+    if is_oom(e):
+        return "OOM", f"out of memory: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+    if isinstance(e, (RWKVError, NoModel, NotFound, InvalidId)):
+        return type(e).__name__, str(e)
+    if isinstance(e, FileNotFoundError):
+        return "NotFound", str(e)
+    if isinstance(e, ValueError):
+        return "ValueError", str(e)
+    return "Internal", f"{type(e).__name__}: {e}"

@@ -1,0 +1,183 @@
+"""The op dispatch functions: each compiled op where ``ensure_built`` loaded it, the pure-torch path elsewhere.
+
+``wkv4``, ``wkv5`` (RWKV-5/5.1/5.2 and, with a per-token decay, RWKV-6), ``wkv7``, ``mm8`` and ``gemm`` take
+the arguments of the torch paths (``models/rwkv/wkv.py``, ``models/formats/i8.py``) and return the same
+results to rounding. They validate their inputs first, whichever path serves them, and raise
+``DeviceError``, ``UnsupportedDtypeError`` or ``ShapeMismatchError`` (never ``assert``). A model calls them
+through its backend's ops (``rwkv_chat.models.backends.eager``) when loaded with ``kernels=True``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rwkv_chat.models.errors import DeviceError, ShapeMismatchError, UnsupportedDtypeError
+from rwkv_chat.models.formats import i8 as _quant
+from rwkv_chat.models.kernels import available
+from rwkv_chat.models.kernels.checks import check_mm8, check_wkv4, check_wkv5, check_wkv7
+from rwkv_chat.models.rwkv import wkv as _wkv
+
+#: the pure-torch paths serving the calls whose compiled op is not loaded
+_TORCH_WKV4, _TORCH_WKV5, _TORCH_WKV7, _TORCH_MM8 = _wkv.wkv4_torch, _wkv.wkv5_auto, _wkv.wkv7_auto, _quant.mm8_torch
+
+
+def _op(dev: str, family: str):
+    return getattr(torch.ops.rwkv_chat, f"{family}_{dev}")
+
+
+def wkv4(w, u, k, v, aa, bb, pp, *, out=None):
+    """RWKV-4 WKV; same contract as ``wkv.wkv4_torch`` (w, u float32 [C]; k, v [B, T, C] fp32/fp16/bf16;
+    aa, bb, pp float32 [B, C]) -> ``(y [B, T, C] k.dtype, aa, bb, pp)``, new tensors.
+
+    ``out=(y, aa, bb, pp)`` writes into given contiguous tensors instead.
+    Raises: DeviceError, UnsupportedDtypeError, ShapeMismatchError.
+    """
+    check_wkv4(w, u, k, v, aa, bb, pp, out)
+    dev = k.device.type
+    if not available(dev, "wkv4"):
+        y, a2, b2, p2 = _TORCH_WKV4(w, u, k.float(), v.float(), aa, bb, pp)
+        return _fill(out, (y.to(k.dtype), a2, b2, p2))
+    k, v = k.contiguous(), v.contiguous()
+    o = out or (torch.empty_like(k), torch.empty_like(aa), torch.empty_like(bb), torch.empty_like(pp))
+    _op(dev, "wkv4")(w.contiguous(), u.contiguous(), k, v, aa.contiguous(), bb.contiguous(), pp.contiguous(), *o)
+    return tuple(o)
+
+
+def wkv5(r, k, v, w, u, s, *, out=None):
+    """RWKV-5/5.1/5.2 (w float32 [H, N]) and RWKV-6 (w float32 [B, T, H, N]) WKV; same contract as
+    ``wkv.wkv5_torch``: r, k, v [B, T, H, N] fp32/fp16/bf16, u float32 [H, N], s float32 [B, H, N, N]
+    ([key, value]) -> ``(y [B, T, H, N] r.dtype, new s)``. ``out=(y, s_new)`` writes into given tensors.
+    Raises: DeviceError, UnsupportedDtypeError, ShapeMismatchError.
+    """
+    check_wkv5(r, k, v, w, u, s, out)
+    dev, fam = r.device.type, ("wkv6" if w.dim() == 4 else "wkv5")
+    if not available(dev, fam):
+        y, s2 = _TORCH_WKV5(r.float(), k.float(), v.float(), w, u, s)
+        return _fill(out, (y.to(r.dtype), s2))
+    r, k, v = r.contiguous(), k.contiguous(), v.contiguous()
+    o = out or (torch.empty_like(r), torch.empty_like(s))
+    _op(dev, fam)(r, k, v, w.contiguous(), u.contiguous(), s.contiguous(), *o)
+    return tuple(o)
+
+
+#: on CUDA, sequences of at least this many tokens take the chunked WKV-7 kernel (head size 64) ...
+WKV7_CHUNK_MIN_T = 128
+#: ... when batch x heads is at most this many per multiprocessor. The chunked kernel's time grows with
+#: batch x heads from the first head on, the sequential kernel's (one dependent chain per head) stays flat
+#: until the heads fill the GPU. H100 (132 multiprocessors), us sequential / chunked: T = 1024, 32 heads
+#: 333 / 245, 64 heads 342 / 431, 256 heads 907 / 1617; T = 256, 32 heads 81 / 62; T = 64, 32 heads
+#: 22.5 / 36.9 (``bench/results/h100.md``, "Kernel benchmark").
+WKV7_CHUNK_MAX_HEADS_PER_SM = 1 / 3
+#: tokens per chunk of the chunked WKV-7 kernel (16 or 32)
+WKV7_CHUNK = 32
+
+
+def wkv7_chunk_choice(B: int, T: int, H: int, multiprocessors: int) -> int:
+    """The chunk length ``wkv7`` picks on CUDA for head size 64: ``WKV7_CHUNK`` (the chunked kernel) for
+    T >= ``WKV7_CHUNK_MIN_T`` and B * H <= ``WKV7_CHUNK_MAX_HEADS_PER_SM`` * multiprocessors, else 0 (the
+    sequential kernel)."""
+    many = B * H > WKV7_CHUNK_MAX_HEADS_PER_SM * multiprocessors
+    return 0 if T < WKV7_CHUNK_MIN_T or many else WKV7_CHUNK
+
+
+_SM_COUNTS: dict[int, int] = {}
+
+
+def _multiprocessors(device: torch.device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNTS:
+        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNTS[index]
+
+
+def wkv7(r, w, k, v, a, b, s, *, out=None, chunk: int | None = None):
+    """RWKV-7 WKV; same contract as ``wkv.wkv7_torch``: r, k, v, a, b [B, T, H, N] fp32/fp16/bf16 (one
+    dtype), w float32 [B, T, H, N] decay factors in RWKV-7's range (``exp(-e^{-1/2}·sigmoid(·))``, so in
+    [0.545, 1)), s float32 [B, H, N, N] ([value, key]) -> ``(y float32 [B, T, H, N], new s)``.
+    ``out=(y, s_new)`` writes into given tensors.
+
+    ``chunk``: None picks the kernel (CUDA, head size 64: ``wkv7_chunk_choice``, the chunked kernel of
+    ``csrc/wkv7/wkv7_chunk_cuda.cu`` in chunks of ``WKV7_CHUNK`` for long sequences of few batch x heads;
+    otherwise the sequential kernel); 0 forces
+    the sequential kernel; 16 or 32 forces the chunked kernel with that chunk length where it applies.
+    Raises: DeviceError, UnsupportedDtypeError, ShapeMismatchError.
+    """
+    check_wkv7(r, w, k, v, a, b, s, out)
+    dev = r.device.type
+    if not available(dev, "wkv7"):
+        return _fill(out, _TORCH_WKV7(r, w, k, v, a, b, s))
+    r, w, k, v, a, b = (t.contiguous() for t in (r, w, k, v, a, b))
+    o = out or (torch.empty(r.shape, dtype=torch.float32, device=r.device), torch.empty_like(s))
+    B, T, H, N = r.shape
+    if chunk is None:
+        chunk = wkv7_chunk_choice(B, T, H, _multiprocessors(r.device)) if dev == "cuda" else 0
+    if chunk in (16, 32) and dev == "cuda" and N == 64 and hasattr(torch.ops.rwkv_chat, "wkv7_chunk_cuda"):
+        torch.ops.rwkv_chat.wkv7_chunk_cuda(r, w, k, v, a, b, s.contiguous(), *o, chunk)
+        return tuple(o)
+    _op(dev, "wkv7")(r, w, k, v, a, b, s.contiguous(), *o)
+    return tuple(o)
+
+
+def mm8(x: torch.Tensor, q: _quant.Int8Weight, *, out=None) -> torch.Tensor:
+    """``x @ q.dequantize()`` for an i8 weight; same contract as ``i8.mm8_torch``.
+
+    Args:
+        x: [..., N] fp32/fp16/bf16 on q's device.
+        q: Int8Weight (logical [N, M]). The compiled ops read the layout of their device: output-major on
+            CUDA (GEMV for <= 4 rows, else dequantize + cuBLAS), input-major on the CPU; a weight in the
+            other layout is served by the torch path (``i8.mm8_torch``), correct but slower.
+            Scales are cast to x.dtype if they differ.
+        out: optional contiguous [..., M] tensor of x.dtype to write.
+    Returns: [..., M] in x.dtype (fp32 accumulation in the compiled paths).
+    Raises: DeviceError, UnsupportedDtypeError, ShapeMismatchError.
+    """
+    check_mm8(x, q, out)
+    dev = x.device.type
+    if not available(dev, "mm8") or q.output_major != _quant.prefers_output_major(x.device):
+        y = _TORCH_MM8(x, q)
+        return y if out is None else out.copy_(y)
+    N, M = q.shape
+    x2 = x.reshape(-1, N).contiguous()
+    sc = [t if t.dtype == x.dtype else t.to(x.dtype) for t in (q.mx, q.rx, q.my, q.ry)]
+    y = out if out is not None else torch.empty(*x.shape[:-1], M, dtype=x.dtype, device=x.device)
+    _op(dev, "mm8")(x2, q.storage.contiguous(), *(t.contiguous() for t in sc), y.view(-1, M))
+    return y
+
+
+def gemm(x: torch.Tensor, w: torch.Tensor, output_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``x @ w`` with cuBLAS (fp32 accumulation) for fp16/bf16 on CUDA, ``torch.matmul`` elsewhere.
+
+    Args:
+        x: [..., K]; w: [K, M] of x's dtype and device (row-major, or a transposed row-major matrix).
+        output_dtype: x.dtype (default) or float32 (e.g. logits without an fp16 round trip).
+    Returns: [..., M] in ``output_dtype``.
+    Raises: DeviceError, UnsupportedDtypeError, ShapeMismatchError.
+    """
+    if not isinstance(x, torch.Tensor) or not isinstance(w, torch.Tensor):
+        raise UnsupportedDtypeError("gemm needs tensors")
+    if x.device != w.device:
+        raise DeviceError(f"gemm: x on {x.device}, w on {w.device}")
+    if w.dim() != 2 or x.dim() < 1 or x.shape[-1] != w.shape[0]:
+        raise ShapeMismatchError(f"gemm: x {tuple(x.shape)} @ w {tuple(w.shape)} do not match")
+    if x.dtype != w.dtype or not x.is_floating_point():
+        raise UnsupportedDtypeError(f"gemm: x {x.dtype} and w {w.dtype} must be one floating dtype")
+    odt = output_dtype or x.dtype
+    if odt not in (x.dtype, torch.float32):
+        raise UnsupportedDtypeError(f"gemm: output dtype {odt} must be {x.dtype} or float32")
+    cublas_ok = (x.device.type == "cuda" and available("cuda", "gemm") and x.dtype in (torch.float16, torch.bfloat16)
+                 and (w.is_contiguous() or w.t().is_contiguous()))
+    if not cublas_ok:
+        y = x @ w
+        return y if y.dtype == odt else y.to(odt)
+    K, M = w.shape
+    y = torch.empty(*x.shape[:-1], M, dtype=odt, device=x.device)
+    _op("cuda", "gemm")(x.reshape(-1, K).contiguous(), w, y.view(-1, M))
+    return y
+
+
+def _fill(out, results):
+    if out is None:
+        return tuple(results)
+    for o, r in zip(out, results):
+        o.copy_(r)
+    return tuple(out)
