@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from rwkv_chat.models import backends, formats
-from rwkv_chat.models.errors import CheckpointError, StateError, TokenError
+from rwkv_chat.models.errors import CheckpointError, DeviceError, StateError, TokenError
 from rwkv_chat.models.rwkv import checkpoint as loader
 from rwkv_chat.models.rwkv.generations import Context, module_for
 from rwkv_chat.models.rwkv.nn import layer_norm
@@ -153,13 +153,17 @@ class RWKV:
     def fused_cpu(self):
         """The fused CPU call serving this model's forwards and decode steps (``backends.fused_cpu.FusedCpu``),
         or None (``fused_cpu_reason`` says why). Setting None moves a fused CPU model to the eager backend (same
-        ops); setting a ``FusedCpu`` moves the model to the fused CPU backend."""
+        ops); setting a ``FusedCpu`` moves the model to the fused CPU backend (DeviceError unless every layer
+        is on the CPU)."""
         return self.backend.fused if isinstance(self.backend, backends.FusedCpuBackend) else None
 
     @fused_cpu.setter
     def fused_cpu(self, fused) -> None:
         ops = self.backend.ops
         if fused is not None:
+            off = [str(d) for d in self.devices if d.type != "cpu"]
+            if off:
+                raise DeviceError(f"the fused CPU call serves models on the CPU only; this one has layers on {off[0]}")
             self.backend = backends.FusedCpuBackend(ops, fused)
         elif isinstance(self.backend, backends.FusedCpuBackend):
             self.backend = backends.Eager(bool(self.kernels), ops)
