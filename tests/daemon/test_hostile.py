@@ -4,7 +4,6 @@ strings, non-finite timestamps, floods of bad frames, interrupted saves."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import sqlite3
 import threading
@@ -12,7 +11,6 @@ import time
 
 import msgspec
 import pytest
-import zmq
 
 from rwkv_chat.daemon import protocol as p
 from rwkv_chat.daemon.client import Client, DaemonError
@@ -20,42 +18,7 @@ from rwkv_chat.daemon.paths import home_paths
 from rwkv_chat.daemon.protocol import codec
 from rwkv_chat.daemon.protocol import messages as m
 
-from .conftest import cli, make_home, start_daemon, stop_daemon, wait_for
-
-_ids = itertools.count()
-
-
-class Raw:
-    """A bare DEALER connection to the daemon that signs what it is given: a struct, or any msgpack body."""
-
-    def __init__(self, home):
-        info = p.read_connection_file(home_paths(home).connection_file)
-        self.key = info.key_bytes
-        self.codec = p.Codec(self.key)
-        self.sock = zmq.Context.instance().socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(info.request)
-
-    def frames(self, body, ts: float | None = None) -> list[bytes]:
-        header = msgspec.msgpack.encode(codec.Header(codec.PROTOCOL_VERSION, f"{next(_ids):032x}",
-                                                     time.time() if ts is None else ts))
-        body = body if isinstance(body, bytes) else msgspec.msgpack.encode(body)
-        return [codec._mac(self.key, [header, body]), header, body]
-
-    def send(self, body, ts: float | None = None) -> None:
-        self.sock.send_multipart(self.frames(body, ts))
-
-    def reply(self, timeout: float = 10.0):
-        if not self.sock.poll(int(timeout * 1000)):
-            return None
-        return self.codec.parse(self.sock.recv_multipart())[0]
-
-    def request(self, msg, timeout: float = 10.0):
-        self.send(msg)
-        return self.reply(timeout)
-
-    def close(self) -> None:
-        self.sock.close(linger=0)
+from .conftest import Raw, cli, make_home, start_daemon, stop_daemon, wait_for
 
 
 def _alive(home) -> None:
