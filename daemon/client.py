@@ -9,11 +9,14 @@ Contract
 * Requests (``status``, ``conversations``, ``conversation``, ``create_conversation``, ``rename``, ``delete``,
   ``set_system_prompt``, ``set_sampling``, ``export``, ``cancel``, ``get_state``) return plain values or
   message structs of :mod:`rwkv_chat.daemon.protocol.messages`; a daemon-side failure raises :class:`DaemonError`
-  (``.kind`` e.g. "NotFound", "InvalidId", "StateError"), a full queue :class:`BusyError`, no reply within
-  ``timeout`` seconds :class:`DaemonUnavailable`.
+  (``.kind`` e.g. "NotFound", "InvalidId", "StateError", "LimitError" for a field beyond the protocol's
+  limits), a full queue :class:`BusyError`, no reply within ``timeout`` seconds :class:`DaemonUnavailable`.
+  ``conversations``, ``conversation`` and ``export`` fetch every page the daemon sends them in (listings are
+  summaries: long titles and system prompts cut, ``truncated`` set; ``conversation`` has them whole).
 * Generations (``complete``, ``chat``, ``regenerate``, ``edit_last_user``, ``load``) return a generator of
   events: ``Started``, ``Progress`` (phase "load"/"prefill", done/total), ``Token`` (text), and finally
-  ``Done`` (reason "stop"/"length"/"cancelled"/"loaded", full text, token counts, tokens/s). A ``Failed``
+  ``Done`` (reason "stop"/"length"/"cancelled"/"loaded", full text — joined from the Token events where the
+  daemon sent it cut, ``truncated`` — token counts, tokens/s). A ``Failed``
   event raises :class:`GenerationFailed` (``.kind`` e.g. "OOM", "StateError", "NoModel"). Closing the
   generator early (``close()``, ``break``, KeyboardInterrupt) cancels the generation in the daemon. If the
   daemon stops sending anything (heartbeats included) for ``lost_after`` seconds, :class:`DaemonLost`.
@@ -201,10 +204,28 @@ class Client:
         self.request(m.Shutdown())
 
     def conversations(self) -> list[m.ConversationInfo]:
-        return self.request(m.ListConversations()).items
+        """Summaries of every conversation, most recently updated first (fetched page by page)."""
+        items, seen, offset = [], set(), 0
+        while True:
+            page = self.request(m.ListConversations(offset=offset, limit=m.MAX_PAGE))
+            for it in page.items:
+                if it.id not in seen:
+                    seen.add(it.id)
+                    items.append(it)
+            offset += len(page.items)
+            if not page.items or offset >= page.total:
+                return items
 
     def conversation(self, conversation_id: str) -> m.ConversationDetail:
-        return self.request(m.GetConversation(conversation_id=conversation_id))
+        """The conversation and all its turns (fetched page by page)."""
+        detail = self.request(m.GetConversation(conversation_id=conversation_id))
+        turns = list(detail.turns)
+        while turns and len(turns) < detail.conversation.turns:
+            page = self.request(m.GetConversation(conversation_id=conversation_id, turn_offset=turns[-1].index + 1))
+            if not page.turns:
+                break
+            turns += page.turns
+        return m.ConversationDetail(conversation=detail.conversation, turns=turns)
 
     def create_conversation(self, title: str = "", system_prompt: str = "", conversation_id: str = "",
                             **sampling) -> m.ConversationInfo:
@@ -224,7 +245,14 @@ class Client:
         self.request(m.SetSampling(conversation_id=conversation_id, sampling=_sampling(sampling)))
 
     def export(self, conversation_id: str, fmt: str = "md") -> str:
-        return self.request(m.Export(conversation_id=conversation_id, fmt=fmt)).text
+        """The whole export ("md" or "json"), fetched page by page."""
+        parts, offset = [], 0
+        while True:
+            page = self.request(m.Export(conversation_id=conversation_id, fmt=fmt, offset=offset))
+            parts.append(page.text)
+            offset += len(page.text)
+            if not page.text or offset >= page.total:
+                return "".join(parts)
 
     def cancel(self, job_id: str = "", conversation_id: str = "") -> None:
         self.request(m.Cancel(job_id=job_id, conversation_id=conversation_id))
@@ -294,6 +322,7 @@ class Client:
     def _stream(self, topic: str, msg: m.Msg):
         self._subscribe(topic)
         job_id = None
+        pieces: list[str] = []
         try:
             accepted = self.request(msg)
             job_id = accepted.job_id
@@ -306,6 +335,15 @@ class Client:
                 if isinstance(ev, m.Failed):
                     job_id = None
                     raise GenerationFailed(ev.kind, ev.message)
+                if isinstance(ev, m.Token):
+                    pieces.append(ev.text)
+                elif isinstance(ev, m.Done) and ev.truncated:      # too long for one event: the Tokens have it
+                    import msgspec
+
+                    whole = "".join(pieces)
+                    whole = whole.strip() if isinstance(msg, (m.Chat, m.Regenerate, m.EditLastUser)) else whole
+                    if whole.startswith(ev.text):
+                        ev = msgspec.structs.replace(ev, text=whole, truncated=False)
                 yield ev
                 if isinstance(ev, m.Done):
                     job_id = None

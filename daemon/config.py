@@ -19,6 +19,7 @@ Sections and keys (all optional; defaults below)::
 
     [daemon]
     queue_limit = 16               # queued generations (all clients) before requests get `Busy`
+    max_tokens_limit = 100000      # the most tokens one generation may ask for (max_tokens); more is a LimitError
     max_active = 16                # generations admitted at once (prefilling or decoding)
     max_batch = 16                 # decode slots: generations decoded together in one batched step
     batch_invariant = "auto"       # whether a conversation's numbers may depend on how many others share
@@ -37,7 +38,9 @@ Sections and keys (all optional; defaults below)::
     threads = 0                    # torch intra-op threads of the daemon; 0 = auto: 1 for models with
                                    # n_embd < 512 (per-op overhead dominates: 1 thread decodes the tiny
                                    # models 5x faster than 2 on a 2-core machine), else min(4, cores)
-    client_timeout = 10.0          # seconds without a client heartbeat before its generation is cancelled
+    client_timeout = 10.0          # seconds without a heartbeat (a Ping with the job's client id) or any request
+                                   # from the job's connection before its generation is cancelled; a closed
+                                   # connection's generations are cancelled at once
     heartbeat = 1.0                # seconds between heartbeats (both directions)
     resident_states = 8            # conversation states kept on the model's devices
     cpu_states = 64                # more idle states kept in CPU memory; the rest live on disk only
@@ -77,6 +80,7 @@ class ModelConfig:
 @dataclass
 class DaemonConfig:
     queue_limit: int = 16
+    max_tokens_limit: int = 100_000
     max_active: int = 16
     max_batch: int = 16
     batch_invariant: bool | str = "auto"    # true | false | "auto"
@@ -121,7 +125,8 @@ def _coerce(section: str, key: str, value, default):
 
 
 def load_config(path: Path) -> Config:
-    """Read ``path`` (missing file = defaults). Raises :class:`ConfigError` on bad TOML or types."""
+    """Read ``path`` (missing file = defaults). Raises :class:`ConfigError` on bad TOML or types, or a
+    ``[sampling] max_tokens`` over ``[daemon] max_tokens_limit``."""
     cfg = Config()
     if not path.exists():
         return cfg
@@ -146,6 +151,11 @@ def load_config(path: Path) -> Config:
         else:
             for key, value in values.items():
                 setattr(obj, key, value)
+    if cfg.daemon.max_tokens_limit < 1:
+        raise ConfigError(f"{path}: [daemon] max_tokens_limit must be >= 1, got {cfg.daemon.max_tokens_limit}")
+    if cfg.sampling.max_tokens > cfg.daemon.max_tokens_limit:
+        raise ConfigError(f"{path}: [sampling] max_tokens {cfg.sampling.max_tokens} exceeds [daemon] "
+                          f"max_tokens_limit {cfg.daemon.max_tokens_limit}")
     return cfg
 
 

@@ -18,6 +18,13 @@ The chat format is the model's chat template (``Model.chat_template``); for RWKV
 ``"User: {message}\\n\\nAssistant:"``, the reply ending at ``"\\n\\n"``, which is fed to the state so the next
 exchange starts where the reply ended.
 
+Text: the cost of a generated token does not grow with the text before it. Text sent in Token events is kept
+as a list of pieces (joined once, at the end); only the unsent tail is a string, and the stop sequences are
+found by a :class:`StopScanner` (a KMP automaton per stop string: O(new characters x stops) per token). Token
+events carry at most :data:`~rwkv_chat.daemon.protocol.messages.MAX_EVENT_TEXT` bytes each; a chat reply ends
+(reason "length") at :data:`~rwkv_chat.daemon.protocol.messages.MAX_TEXT` bytes, so a stored turn and its Done
+event stay within one frame.
+
 Runs only in the scheduler thread (a job's ``cancel`` event is set from any thread).
 """
 
@@ -40,6 +47,62 @@ log = logging.getLogger("rwkv_chat.daemon")
 #: decode step of a small model.
 TOKEN_INTERVAL = 0.01
 
+#: characters of text in one Token event (4 UTF-8 bytes at most each: within MAX_EVENT_TEXT)
+PIECE_CHARS = m.MAX_EVENT_TEXT // 4
+
+
+class StopScanner:
+    """Finds stop sequences in a text fed piece by piece: one KMP automaton per stop string, so feeding costs
+    O(characters fed x stop strings) whatever the text before and the stops' lengths (their tables are built
+    once, O(total stop length)).
+
+    Args:
+        stops: the stop strings (non-empty).
+    """
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops = tuple(s for s in stops if s)
+        self.tables = [self._table(s) for s in self.stops]
+        self.matched = [0] * len(self.stops)     # per stop: the longest prefix of it that ends the text fed
+
+    @staticmethod
+    def _table(s: str) -> list[int]:
+        fail, k = [0] * len(s), 0
+        for i in range(1, len(s)):
+            while k and s[i] != s[k]:
+                k = fail[k - 1]
+            if s[i] == s[k]:
+                k += 1
+            fail[i] = k
+        return fail
+
+    def feed(self, piece: str) -> int | None:
+        """Feed ``piece``. Returns None, or, when a stop sequence completed in it, how many characters to cut
+        from the end of the text fed so far (``piece`` included) so that it ends where that stop begins (the
+        first stop to complete; of those completing at once, the longest). The scanner is spent after a match."""
+        if not self.stops:
+            return None
+        stops, tables, matched = self.stops, self.tables, self.matched
+        for j, c in enumerate(piece, 1):
+            best = 0
+            for i, s in enumerate(stops):
+                q = matched[i]
+                while q and s[q] != c:
+                    q = tables[i][q - 1]
+                if s[q] == c:
+                    q += 1
+                if q == len(s):
+                    best = max(best, q)
+                    q = tables[i][q - 1]
+                matched[i] = q
+            if best:
+                return len(piece) - j + best
+        return None
+
+    def held(self) -> int:
+        """Characters at the end of the text fed so far that could begin a stop sequence."""
+        return max(self.matched, default=0)
+
 
 @dataclass
 class Job:
@@ -52,6 +115,7 @@ class Job:
     request: m.Msg
     conversation_id: str = ""
     mode: str = ""                # chat: "chat" | "regenerate" | "edit"
+    owner: bytes = b""            # the connection (ROUTER identity) that sent it; b"" = the daemon itself
     cancel: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.time)
 
@@ -70,6 +134,7 @@ class Generation:
     def __init__(self, job: Job, host, store, sessions, emit, config):
         self.id, self.kind, self.client_id, self.topic = job.id, job.kind, job.client_id, job.topic
         self.request, self.conversation_id, self.mode = job.request, job.conversation_id, job.mode
+        self.owner = job.owner
         self.cancel = job.cancel
         self.host, self.store, self.sessions, self.emit, self.config = host, store, sessions, emit, config
         self.phase = "starting"
@@ -82,9 +147,11 @@ class Generation:
         self.stops: tuple[str, ...] = ()
         self.max_tokens = 0
         self.out_tokens: list[int] = []
-        self.text = ""
-        self.emitted = 0              # characters of ``text`` sent in Token events
-        self.ready = 0                # characters of ``text`` that may be sent (no longer part of a stop)
+        self.sent: list[str] = []     # the text sent in Token events, piece by piece
+        self.pending = ""             # the text after it (not sent yet)
+        self.ready = 0                # characters of ``pending`` that may be sent (no longer part of a stop)
+        self.text_bytes = 0           # UTF-8 bytes of the whole text
+        self.scanner: StopScanner | None = None
         self.seq = 0
         self.reason = ""
         self.t_start = self.t_prefill = self.t_decode = 0.0
@@ -151,10 +218,14 @@ class Generation:
             if args.seed is not None:
                 self.sampler.generator.manual_seed(args.seed)
         self.detok = IncrementalDecoder(tok)
+        from .handlers import check_max_tokens
+
+        check_max_tokens(args.max_tokens, self.config.daemon.max_tokens_limit)
         self.max_tokens = args.max_tokens
+        self.scanner = StopScanner(self.stops)
         self.phase, self.t_start = "prefill", time.perf_counter()
         self.emit(self.topic, m.Started(job_id=self.id, kind=self.kind, conversation_id=self.conversation_id,
-                                        message=self.user_text))
+                                        message=m.clip_bytes(self.user_text, m.MAX_EVENT_TEXT)[0]))
 
     def prefill_chunk(self) -> None:
         """Feed the next ``chunk_len`` prompt tokens; emit Progress; phase -> "decode" after the last chunk."""
@@ -193,42 +264,66 @@ class Generation:
     def push(self, logits) -> bool:
         """Take the logits (float32 [vocab]) that followed the last sampled token; detokenize it, look for a
         stop sequence and stream the text that can no longer be part of one. Returns True when the
-        generation is finished (``reason`` "stop" or "length")."""
+        generation is finished (``reason`` "stop" or "length": ``max_tokens``, or a chat reply of
+        ``MAX_TEXT`` bytes). Costs O(the token's text x stop strings), whatever the text before."""
         self.logits = logits
         piece = self.detok.push(self.out_tokens[-1])
         if not piece:
             return self.at_length()
-        start = len(self.text)
-        self.text += piece
-        for s in self.stops:
-            i = self.text.find(s, max(0, start - len(s) + 1))    # a stop can only end in the new text
-            if i >= 0:
-                self.text = self.text[:i]
-                self.reason = "stop"
-                self._sendable(len(self.text), force=True)
-                return True
+        piece, full = self._append(piece)
+        cut = self.scanner.feed(piece)
+        if cut is not None:          # a stop starts in the unsent text: nothing sent can begin one (held back)
+            self.pending = self.pending[:len(self.pending) - cut]
+            self.reason = "stop"
+            self._sendable(len(self.pending), force=True)
+            return True
+        if full:
+            self.reason = "length"
+            self._sendable(len(self.pending), force=True)
+            return True
         if self.at_length():
             return True
-        self._sendable(len(self.text) - held_back(self.text, self.stops))
+        self._sendable(len(self.pending) - self.scanner.held())
         return False
+
+    def _append(self, piece: str) -> tuple[str, bool]:
+        """Add ``piece`` to the unsent text; for a chat reply, as much of it as keeps the reply within
+        ``MAX_TEXT`` bytes. Returns what was added and whether a chat reply reached that size."""
+        n = m.utf8_len(piece)
+        full = False
+        if self.kind == "chat" and self.text_bytes + n >= m.MAX_TEXT:
+            piece, _ = m.clip_bytes(piece, m.MAX_TEXT - self.text_bytes)
+            n, full = m.utf8_len(piece), True
+        self.pending += piece
+        self.text_bytes += n
+        return piece, full
+
+    @property
+    def text(self) -> str:
+        """The whole text so far (joins the pieces: O(length); for the end of a generation)."""
+        return "".join(self.sent) + self.pending
 
     # ------------------------------------------------------------------ Token events
     def _send(self) -> None:
-        """One Token event with the text from ``emitted`` to ``ready`` (characters)."""
-        self.seq += 1
-        self.emit(self.topic, m.Token(job_id=self.id, seq=self.seq, text=self.text[self.emitted:self.ready]))
-        self.emitted = self.ready
+        """Token events with the first ``ready`` characters of the unsent text, at most ``PIECE_CHARS``
+        characters each."""
+        out, self.pending, self.ready = self.pending[:self.ready], self.pending[self.ready:], 0
+        for i in range(0, len(out), PIECE_CHARS):
+            self.seq += 1
+            chunk = out[i:i + PIECE_CHARS]
+            self.emit(self.topic, m.Token(job_id=self.id, seq=self.seq, text=chunk))
+            self.sent.append(chunk)
 
     def _sendable(self, upto: int, force: bool = False) -> None:
-        """Mark ``text[:upto]`` as sendable; send it now when ``force`` or for the first text, else at the
-        scheduler's next round (:func:`send_round`)."""
+        """Mark the first ``upto`` characters of the unsent text as sendable; send them now when ``force`` or
+        for the first text, else at the scheduler's next round (:func:`send_round`)."""
         self.ready = upto
-        if upto > self.emitted and (force or not self.seq):
+        if upto > 0 and (force or not self.seq):
             self._send()
 
     def send_pending(self) -> None:
         """Send the sendable text not yet sent, if any."""
-        if self.ready > self.emitted:
+        if self.ready > 0:
             self._send()
 
     # ------------------------------------------------------------------ the end
@@ -248,11 +343,11 @@ class Generation:
         """Flush the detokenizer (reason "length") and, for a chat reply cut by ``max_tokens``, feed the
         template's end (``stop``) to the state as the template does."""
         if self.reason == "length":
-            self.text += self.detok.flush()
+            self._append(self.detok.flush())      # (held bytes: at most one character)
             if self.kind == "chat":
                 stop = self.host.template.stop
                 _, self.state = self.host.model.forward(self.host.tokenizer.encode(stop), self.state)
-        self._sendable(len(self.text), force=True)
+        self._sendable(len(self.pending), force=True)
 
     def reply_text(self) -> str:
         return self.text.strip() if self.kind == "chat" else self.text
@@ -287,9 +382,11 @@ class Generation:
     def done(self) -> None:
         """Send the Done event (after :meth:`finish`)."""
         rate = len(self.out_tokens) / self.t_decode if self.t_decode > 0 else 0.0
-        self.emit(self.topic, m.Done(job_id=self.id, reason=self.reason, text=self.reply_text(),
+        text, cut = m.clip_bytes(self.reply_text(), m.MAX_EVENT_TEXT)
+        self.emit(self.topic, m.Done(job_id=self.id, reason=self.reason, text=text,
                                      prompt_tokens=len(self.prompt), tokens=len(self.out_tokens),
-                                     prefill_s=self.t_prefill, decode_s=self.t_decode, tokens_per_s=rate))
+                                     prefill_s=self.t_prefill, decode_s=self.t_decode, tokens_per_s=rate,
+                                     truncated=cut))
 
     def fail(self, kind: str, message: str) -> None:
         """Send the Failed event (``kind`` as ``host.classify`` names it)."""
@@ -314,14 +411,3 @@ def send_round(gens: list[Generation]) -> None:
     scheduler calls this at most every :data:`TOKEN_INTERVAL` s)."""
     for g in gens:
         g.send_pending()
-
-
-def held_back(text: str, stops: tuple[str, ...]) -> int:
-    """Characters at the end of ``text`` that could begin a stop sequence (withheld from the stream)."""
-    k = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:n]):
-                k = max(k, n)
-                break
-    return k

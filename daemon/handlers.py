@@ -1,6 +1,11 @@
 """Request handlers of the daemon's main loop: :data:`HANDLERS` maps each request type to its handler,
 ``handler(server, msg) -> (reply, raw buffers)``. Runs in the server thread; generations are queued on the
-scheduler, everything else is answered at once."""
+scheduler, everything else is answered at once.
+
+Every request is checked against the protocol's limits first (``messages.check_request``: ``LimitError``),
+and a generation's ``max_tokens`` against ``[daemon] max_tokens_limit``. A queued job is owned by the
+connection that sent it (``server.peer``, the ROUTER identity), not by the client id it names.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,8 @@ from typing import Callable
 from .generation import Job
 from .protocol import codec as p
 from .protocol import messages as m
-from .protocol.messages import check_conversation_id, check_topic, new_conversation_id
+from .protocol.messages import (EXPORT_PAGE_CHARS, MAX_PAGE, TURN_PAGE_BYTES, LimitError, check_conversation_id,
+                                check_request, check_topic, new_conversation_id, quote)
 from .store import export_conversation
 
 Handler = Callable[..., "tuple[m.Msg, list]"]
@@ -35,23 +41,37 @@ def handle(server, msg) -> tuple[m.Msg, list]:
     handler = HANDLERS.get(type(msg))
     if handler is None:
         return m.Error(kind="ProtocolError", message=f"{type(msg).__name__} is not a request"), []
+    check_request(msg)
     return handler(server, msg)
 
 
-def _settings(sampling: m.SamplingSettings) -> dict:
-    """The given settings of ``sampling`` (None = not given). Raises SamplingError for an unknown name."""
+def check_max_tokens(value, limit: int) -> None:
+    """Raise LimitError if ``value`` (a ``max_tokens`` setting; None = not given) exceeds ``limit``
+    (``[daemon] max_tokens_limit``)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > limit:
+        raise LimitError(f"max_tokens {value:,} exceeds the daemon's limit of {limit:,} "
+                         "([daemon] max_tokens_limit in the config)")
+
+
+def _settings(server, sampling: m.SamplingSettings) -> dict:
+    """The given settings of ``sampling`` (None = not given). Raises SamplingError for an unknown name or a
+    value out of range, LimitError for ``max_tokens`` over ``[daemon] max_tokens_limit``."""
     from rwkv_chat.daemon.config import SAMPLING_KEYS
     from rwkv_chat.models.text.sampling import SamplingError
 
     given = {k: v for k, v in sampling.items() if v is not None}
     unknown = sorted(set(given) - set(SAMPLING_KEYS))
     if unknown:
-        raise SamplingError(f"unknown sampling settings {unknown} (known: {', '.join(SAMPLING_KEYS)})")
+        names = ", ".join(quote(k, 32) for k in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        raise SamplingError(f"unknown sampling settings {names} (known: {', '.join(SAMPLING_KEYS)})")
+    server.config.sampling.updated(given)                         # SamplingError for a value out of range
+    check_max_tokens(given.get("max_tokens"), server.config.daemon.max_tokens_limit)
     return given
 
 
-def _detail(server, cid: str) -> m.ConversationDetail:
-    return m.ConversationDetail(conversation=server.store.get(cid), turns=server.store.turns(cid))
+def _detail(server, cid: str, turn_offset: int = 0) -> m.ConversationDetail:
+    return m.ConversationDetail(conversation=server.store.get_bounded(cid),
+                                turns=server.store.turns_page(cid, turn_offset, TURN_PAGE_BYTES))
 
 
 def memory() -> dict:
@@ -83,8 +103,10 @@ def devices() -> list[str]:
 
 
 def _generation(server, msg, kind: str, topic: str, cid: str = "", mode: str = "") -> m.Msg:
+    if kind != "load":
+        _settings(server, msg.sampling)
     job = Job(id=server.new_job_id(), kind=kind, client_id=msg.client_id, topic=topic, request=msg,
-              conversation_id=cid, mode=mode)
+              conversation_id=cid, mode=mode, owner=server.peer)
     return server.scheduler.submit(job)
 
 
@@ -139,6 +161,7 @@ def _complete(server, msg):
 @handles(m.Chat)
 def _chat(server, msg):
     cid = check_conversation_id(msg.conversation_id)
+    _settings(server, msg.sampling)
     if not server.store.exists(cid):
         server.store.create(cid, title=msg.message[:60].splitlines()[0] if msg.message.strip() else "")
     return _generation(server, msg, "chat", cid, cid, "chat"), []
@@ -163,18 +186,20 @@ def _cancel(server, msg):
 # ---------------------------------------------------------------- conversations
 @handles(m.ListConversations)
 def _list(server, msg):
-    return m.ConversationList(items=server.store.list()), []
+    items = server.store.list(msg.offset, msg.limit or MAX_PAGE)
+    return m.ConversationList(items=items, total=server.store.count(), offset=msg.offset), []
 
 
 @handles(m.GetConversation)
 def _get(server, msg):
-    return _detail(server, msg.conversation_id), []
+    return _detail(server, msg.conversation_id, msg.turn_offset), []
 
 
 @handles(m.CreateConversation)
 def _create(server, msg):
     cid = check_conversation_id(msg.conversation_id) if msg.conversation_id else new_conversation_id()
-    server.store.create(cid, title=msg.title, system_prompt=msg.system_prompt, sampling=_settings(msg.sampling))
+    server.store.create(cid, title=msg.title, system_prompt=msg.system_prompt,
+                        sampling=_settings(server, msg.sampling))
     return _detail(server, cid), []
 
 
@@ -204,14 +229,16 @@ def _set_system_prompt(server, msg):
 @handles(m.SetSampling)
 def _set_sampling(server, msg):
     c = server.store.get(msg.conversation_id)
-    server.store.update(c.id, sampling={**c.sampling, **_settings(msg.sampling)})
+    server.store.update(c.id, sampling={**c.sampling, **_settings(server, msg.sampling)})
     return m.Ok(), []
 
 
 @handles(m.Export)
 def _export(server, msg):
     c = server.store.get(msg.conversation_id)
-    return m.ExportReply(fmt=msg.fmt, text=export_conversation(c, server.store.turns(c.id), msg.fmt)), []
+    text = export_conversation(c, server.store.turns(c.id), msg.fmt)
+    page = text[msg.offset:msg.offset + EXPORT_PAGE_CHARS]
+    return m.ExportReply(fmt=msg.fmt, text=page, offset=msg.offset, total=len(text)), []
 
 
 @handles(m.GetState)

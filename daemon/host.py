@@ -180,16 +180,28 @@ def is_oom(e: BaseException | None) -> bool:
     return False
 
 
+#: characters of an Error/Failed message (an exception's text beyond it is cut: it may quote what a client sent)
+MAX_ERROR_CHARS = 1000
+
+
 def classify(e: BaseException) -> tuple[str, str]:
-    """``(kind, message)`` of an exception for an Error/Failed message."""
+    """``(kind, message)`` of an exception for an Error/Failed message; the message is at most
+    :data:`MAX_ERROR_CHARS` characters."""
+    kind, text = _classify(e)
+    if len(text) > MAX_ERROR_CHARS:
+        text = text[:MAX_ERROR_CHARS] + f"… ({len(text):,} characters)"
+    return kind, text
+
+
+def _classify(e: BaseException) -> tuple[str, str]:
     from rwkv_chat.models import RWKVError
 
-    from .protocol.messages import InvalidId
+    from .protocol.messages import InvalidId, LimitError
     from .store import NotFound
 
     if is_oom(e):
         return "OOM", f"out of memory: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-    if isinstance(e, (RWKVError, NoModel, NotFound, InvalidId)):
+    if isinstance(e, (RWKVError, NoModel, NotFound, InvalidId, LimitError)):
         return type(e).__name__, str(e)
     if isinstance(e, FileNotFoundError):
         return "NotFound", str(e)

@@ -87,23 +87,29 @@ class Scheduler:
             self._wake.notify_all()
         return m.Accepted(job_id=job.id, topic=job.topic, queued=queued)
 
-    def cancel(self, job_id: str = "", conversation_id: str = "", client_id: str = "") -> int:
-        """Flag matching jobs (queued or active) for cancellation; returns how many."""
+    def cancel(self, job_id: str = "", conversation_id: str = "", owner: bytes = b"") -> int:
+        """Flag the jobs (queued or active) with this id, of this conversation or of this connection
+        (``owner``, a ROUTER identity; b"" matches none) for cancellation; returns how many."""
         n = 0
         with self._lock:
             for j in self._all_jobs_locked():
+                if j.cancel.is_set():
+                    continue
                 if ((job_id and j.id == job_id) or (conversation_id and j.conversation_id == conversation_id)
-                        or (client_id and j.client_id == client_id)):
+                        or (owner and j.owner == owner)):
                     j.cancel.set()
                     n += 1
             self._wake.notify_all()
         return n
 
     def snapshot(self) -> dict:
+        """``active``: info of the admitted generations; ``queued``: jobs waiting; ``owners``: the
+        ``(connection, client id)`` pairs of every job not cancelled (the daemon's own jobs left out)."""
         with self._lock:
             active = [j.info() for j in self.active]
             jobs = list(self._all_jobs_locked())
-        return {"active": active, "queued": self.queued(), "clients": sorted({j.client_id for j in jobs})}
+        owners = sorted({(j.owner, j.client_id) for j in jobs if j.owner and not j.cancel.is_set()})
+        return {"active": active, "queued": self.queued(), "owners": owners}
 
     def _all_jobs_locked(self):
         yield from self.active
@@ -168,8 +174,10 @@ class Scheduler:
         self.emit(job.topic, m.Started(job_id=job.id, kind="load"))
         t0 = time.perf_counter()
 
+        path = m.clip_bytes(req.path, m.MAX_PATH)[0]
+
         def progress(done: int, total: int) -> None:
-            self.emit(job.topic, m.Progress(job_id=job.id, phase="load", done=done, total=total, text=req.path))
+            self.emit(job.topic, m.Progress(job_id=job.id, phase="load", done=done, total=total, text=path))
 
         try:
             self.host.load(req.path, req.strategy, self.config.model.tokenizer, max_batch=d.max_batch,

@@ -2,11 +2,18 @@
 
 The main loop (this module) does all socket I/O: it parses requests and answers each through the table of
 handlers (:data:`rwkv_chat.daemon.handlers.HANDLERS`), forwards the scheduler's events to the PUB socket,
-publishes heartbeats, and cancels the generations of clients that stopped sending heartbeats. The model
-lives in the scheduler's inference thread (the :class:`~rwkv_chat.daemon.host.Host`).
+publishes heartbeats, and cancels the generations of clients that went away. The model lives in the
+scheduler's inference thread (the :class:`~rwkv_chat.daemon.host.Host`).
 
-Malformed, unsigned, tampered, replayed, stale, oversized or foreign-version frames are dropped and logged
-(``ProtocolError``); the daemon keeps serving.
+Ownership: a queued job belongs to the connection that sent it (its ROUTER identity). When that connection
+closes (a socket monitor reports it), its jobs are cancelled at once; a connection that stays open but goes
+silent loses its jobs after ``[daemon] client_timeout`` seconds without a request from it or a heartbeat
+(``Ping``) naming the job's client id.
+
+Malformed, unsigned, tampered, replayed, stale, oversized or foreign-version frames are dropped
+(``ProtocolError``): the first of each :data:`DROP_LOG_INTERVAL` is logged, then one line per interval counts
+the rest. Nothing on the send path ends the loop: an event or reply that cannot be sent is logged, its request
+or job fails with a typed error (``Error`` / ``Failed``), and the daemon serves on.
 """
 
 from __future__ import annotations
@@ -37,6 +44,9 @@ from .store import Store
 
 log = logging.getLogger("rwkv_chat.daemon")
 
+#: seconds between two log lines about dropped frames (the first drop of an interval is logged, the rest counted)
+DROP_LOG_INTERVAL = 10.0
+
 
 class Server:
     def __init__(self, paths: Paths, config: Config, model: str | None = None, strategy: str | None = None):
@@ -45,8 +55,15 @@ class Server:
         self.model = model if model is not None else (config.model.path or None)
         self.strategy = strategy or config.model.strategy
         self.started = time.time()
-        self.last_seen: dict[str, float] = {}
+        self.last_seen: dict[str, float] = {}     # client id -> time of its last request or heartbeat
+        self.conn_seen: dict[bytes, float] = {}   # connection (ROUTER identity) -> time of its last request
+        self.peer = b""                           # the connection whose request is being handled
+        self._fd_peer: dict[int, bytes] = {}      # socket fd -> the connection last seen on it
+        self._stale_disconnects: dict[int, int] = {}
         self.dropped = 0
+        self._drop_log_at = 0.0                   # monotonic time the current drop-log interval ends
+        self._drops_unlogged = 0
+        self._last_drop = ""
         self._stop = False
         self._events: list = []
         self._rfd, self._wfd = os.pipe()
@@ -75,7 +92,24 @@ class Server:
             self.publish(topic, ev)
 
     def publish(self, topic: str, ev: m.Msg) -> None:
-        self.pub.send_multipart(self.codec_out.build(ev, topic=topic.encode()))
+        """Send ``ev`` on ``topic``. An event that cannot be built or sent is logged; a job's event fails
+        the job (``Failed`` kind "ProtocolError", the job cancelled) instead. Never raises."""
+        try:
+            self.pub.send_multipart(self.codec_out.build(ev, topic=topic.encode()))
+            return
+        except Exception as e:  # noqa: BLE001 — the send path never ends the loop
+            log.error("could not publish %s on %s: %s", type(ev).__name__, m.quote(topic), m.quote(str(e), 200))
+            job_id = getattr(ev, "job_id", "")
+            if not job_id or isinstance(ev, m.Failed):
+                return
+        if hasattr(self, "scheduler"):
+            self.scheduler.cancel(job_id=job_id)
+        try:
+            failed = m.Failed(job_id=job_id, kind="ProtocolError",
+                              message=f"the daemon could not send a {type(ev).__name__} event; the job was stopped")
+            self.pub.send_multipart(self.codec_out.build(failed, topic=topic.encode()))
+        except Exception as e:  # noqa: BLE001
+            log.error("could not publish Failed for %s: %s", job_id, m.quote(str(e), 200))
 
     # ---------------------------------------------------------------- set-up
     def _bind(self, ctx) -> tuple[str, str, str]:
@@ -84,6 +118,7 @@ class Server:
         self.pub = ctx.socket(zmq.PUB)
         self.router.setsockopt(zmq.MAXMSGSIZE, p.MAX_MESSAGE)
         self.router.setsockopt(zmq.LINGER, 0)
+        self.monitor = self.router.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.pub.setsockopt(zmq.LINGER, 0)
         self.pub.setsockopt(zmq.SNDHWM, 100_000)
         public = ""
@@ -127,6 +162,9 @@ class Server:
             req, ev, public = self._bind(ctx)
             d = self.config.daemon
             self.store = Store(self.paths.database, self.paths.states_dir)
+            n = self.store.remove_partial_saves()
+            if n:
+                log.info("removed %d temporary file(s) of a save that was interrupted", n)
             self.sessions = Sessions(self.store, d.resident_states, d.cpu_states)
             self.host = Host()
             self.scheduler = Scheduler(self.host, self.store, self.sessions, self.config, self.emit)
@@ -166,6 +204,7 @@ class Server:
     def _loop(self) -> None:
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
+        poller.register(self.monitor, zmq.POLLIN)
         poller.register(self._rfd, zmq.POLLIN)
         hb = self.config.daemon.heartbeat
         next_hb = 0.0
@@ -174,11 +213,18 @@ class Server:
                 next_hb = self._iteration(poller, hb, next_hb)
             except MemoryError:      # the inference thread ran memory out; what it held is freed by now
                 log.exception("out of memory in the main loop; serving on")
+            except Exception:        # noqa: BLE001 — nothing a client sends may end the daemon
+                log.exception("the main loop failed; serving on")
+                time.sleep(0.01)
         self._flush_events()
+        self._log_drops(force=True)
 
     def _iteration(self, poller, hb: float, next_hb: float) -> float:
-        """One pass of the loop: requests, queued events, the heartbeat; returns the next heartbeat time."""
+        """One pass of the loop: closed connections, requests, queued events, the heartbeat; returns the next
+        heartbeat time."""
         ready = dict(poller.poll(timeout=int(hb * 1000 / 2)))
+        if self.monitor in ready:
+            self._disconnects()
         if self.router in ready:
             for _ in range(100):
                 try:
@@ -194,29 +240,98 @@ class Server:
             self.publish(m.DAEMON_TOPIC, m.Heartbeat(pid=os.getpid(), uptime=now - self.started,
                                                      active=len(snap["active"])))
             self._reap_clients(snap, now)
+        self._log_drops()
         return next_hb
 
     def _reap_clients(self, snap: dict, now: float) -> None:
+        """Cancel the jobs of connections that sent nothing, and whose client id no heartbeat named, for
+        ``client_timeout`` seconds."""
         timeout = self.config.daemon.client_timeout
-        for cid in snap["clients"]:
-            if cid and now - self.last_seen.get(cid, now) > timeout:
-                n = self.scheduler.cancel(client_id=cid)
+        for owner, cid in snap["owners"]:
+            seen = max(self.conn_seen.get(owner, 0.0), self.last_seen.get(cid, 0.0) if cid else 0.0)
+            if now - seen > timeout:
+                n = self.scheduler.cancel(owner=owner)
                 if n:
-                    log.warning("client %s sent no heartbeat for %.1f s: cancelled %d job(s)", cid, timeout, n)
-        for cid in [c for c, t in self.last_seen.items() if now - t > 10 * timeout]:
-            del self.last_seen[cid]
+                    log.warning("client %s (connection %s) silent for %.1f s: cancelled %d job(s)",
+                                m.quote(cid), owner.hex(), timeout, n)
+        for table in (self.last_seen, self.conn_seen):
+            for k in [k for k, t in table.items() if now - t > 10 * timeout]:
+                del table[k]
+
+    def _disconnects(self) -> None:
+        """Cancel the jobs of the connections the socket monitor reports closed."""
+        from zmq.utils.monitor import recv_monitor_message
+
+        while True:
+            try:
+                ev = recv_monitor_message(self.monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if ev["event"] != zmq.EVENT_DISCONNECTED:
+                continue
+            fd = int(ev["value"])
+            if self._stale_disconnects.get(fd):          # its fd was reused already: handled then
+                self._stale_disconnects[fd] -= 1
+                continue
+            peer = self._fd_peer.pop(fd, None)
+            if peer is not None:
+                self._gone(peer)
+
+    def _gone(self, peer: bytes) -> None:
+        self.conn_seen.pop(peer, None)
+        n = self.scheduler.cancel(owner=peer)
+        if n:
+            log.info("connection %s closed: cancelled %d job(s)", peer.hex(), n)
+
+    def _track(self, peer: bytes, frame) -> None:
+        """Remember which socket fd ``peer``'s frames come from (to know it when the monitor reports the fd
+        closed). A different peer on a known fd means the one before closed (the fd was reused before its
+        disconnect was seen)."""
+        try:
+            fd = frame.get(zmq.SRCFD)
+        except (zmq.ZMQError, AttributeError, TypeError):
+            return
+        old = self._fd_peer.get(fd)
+        if old is not None and old != peer:
+            self._stale_disconnects[fd] = self._stale_disconnects.get(fd, 0) + 1
+            self._gone(old)
+        self._fd_peer[fd] = peer
+
+    def _dropped_frame(self, e: Exception) -> None:
+        self.dropped += 1
+        self._drops_unlogged += 1
+        self._last_drop = m.quote(str(e), 200)
+        self._log_drops()
+
+    def _log_drops(self, force: bool = False) -> None:
+        """Log dropped frames: the first of an interval at once, then one line per interval with a count."""
+        if not self._drops_unlogged:
+            return
+        now = time.monotonic()
+        if now < self._drop_log_at and not force:
+            return
+        if self._drops_unlogged == 1:
+            log.warning("dropped a frame: %s", self._last_drop)
+        else:
+            log.warning("dropped %d frames in the last %.0f s (the last: %s)", self._drops_unlogged,
+                        DROP_LOG_INTERVAL, self._last_drop)
+        self._drops_unlogged = 0
+        self._drop_log_at = now + DROP_LOG_INTERVAL
 
     def _handle(self, frames) -> None:
         ident = frames[0].bytes
         try:
             msg, buffers = self.codec_in.parse(frames[1:])
         except p.ProtocolError as e:
-            self.dropped += 1
-            log.warning("dropped a frame: %s", e)
+            self._dropped_frame(e)
             return
+        now = time.time()
+        self.conn_seen[ident] = now
+        self._track(ident, frames[-1])
         client = getattr(msg, "client_id", "")
-        if client:
-            self.last_seen[client] = time.time()
+        if isinstance(client, str) and client and len(client) <= m.MAX_ID:
+            self.last_seen[client] = now
+        self.peer = ident
         try:
             reply, out_buffers = handlers.handle(self, msg)
         except Exception as e:  # noqa: BLE001 — any failure becomes a typed Error reply
@@ -224,10 +339,24 @@ class Server:
             if kind == "Internal":
                 log.exception("request %s failed", type(msg).__name__)
             reply, out_buffers = m.Error(kind=kind, message=text), []
+        finally:
+            self.peer = b""
+        self._reply(ident, msg, reply, out_buffers)
+
+    def _reply(self, ident: bytes, msg: m.Msg, reply: m.Msg, buffers) -> None:
+        """Send ``reply``; one that cannot be built is logged and replaced by an Error of kind
+        "ProtocolError"; a send that fails is logged. Never raises."""
         try:
-            self.router.send_multipart([ident] + self.codec_out.build(reply, out_buffers))
-        except p.ProtocolError as e:
-            self.router.send_multipart([ident] + self.codec_out.build(m.Error(kind="ProtocolError", message=str(e))))
+            frames = self.codec_out.build(reply, buffers)
+        except Exception as e:  # noqa: BLE001
+            log.error("could not build the %s reply to %s: %s", type(reply).__name__, type(msg).__name__,
+                      m.quote(str(e), 200))
+            frames = self.codec_out.build(m.Error(kind="ProtocolError", message=(
+                f"the daemon could not send its {type(reply).__name__} reply: {m.quote(str(e), 200)}")))
+        try:
+            self.router.send_multipart([ident] + frames)
+        except zmq.ZMQError as e:
+            log.error("could not send the reply to %s: %s", type(msg).__name__, e)
 
     def new_job_id(self) -> str:
         return "j" + secrets.token_hex(6)

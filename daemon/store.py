@@ -20,7 +20,8 @@ from pathlib import Path
 
 import msgspec
 
-from .protocol.messages import ConversationInfo, TurnInfo, check_conversation_id
+from .protocol.messages import (MAX_TEXT, MAX_TITLE, SUMMARY_CHARS, ConversationInfo, TurnInfo,
+                                check_conversation_id, clip_bytes, quote)
 
 SCHEMA_VERSION = 1
 
@@ -110,21 +111,47 @@ class Store:
         check_conversation_id(cid)
         return self.db.execute("SELECT 1 FROM conversations WHERE id=?", (cid,)).fetchone() is not None
 
-    def get(self, cid: str) -> ConversationInfo:
-        check_conversation_id(cid)
-        row = self.db.execute(
-            "SELECT c.id,c.title,c.created,c.updated,c.system_prompt,c.sampling,c.model_fingerprint,"
-            "c.state_n,c.state_stale,(SELECT COUNT(*) FROM turns t WHERE t.conversation_id=c.id)"
-            " FROM conversations c WHERE c.id=?", (cid,)).fetchone()
-        if row is None:
-            raise NotFound(f"no conversation {cid}")
+    _COLUMNS = ("c.id,c.title,c.created,c.updated,c.system_prompt,c.sampling,c.model_fingerprint,c.state_n,"
+                "c.state_stale,(SELECT COUNT(*) FROM turns t WHERE t.conversation_id=c.id)")
+
+    @staticmethod
+    def _info(row, truncated: bool = False) -> ConversationInfo:
         return ConversationInfo(id=row[0], title=row[1], created=row[2], updated=row[3], system_prompt=row[4],
                                 sampling=json.loads(row[5]), model_fingerprint=row[6], state_n=row[7],
-                                state_stale=bool(row[8]), turns=row[9])
+                                state_stale=bool(row[8]), turns=row[9], truncated=truncated)
 
-    def list(self) -> list[ConversationInfo]:
-        ids = [r[0] for r in self.db.execute("SELECT id FROM conversations ORDER BY updated DESC")]
-        return [self.get(i) for i in ids]
+    def get(self, cid: str) -> ConversationInfo:
+        """The whole conversation record. Raises NotFound, InvalidId."""
+        check_conversation_id(cid)
+        row = self.db.execute(f"SELECT {self._COLUMNS} FROM conversations c WHERE c.id=?", (cid,)).fetchone()
+        if row is None:
+            raise NotFound(f"no conversation {cid}")
+        return self._info(row)
+
+    def get_bounded(self, cid: str) -> ConversationInfo:
+        """:meth:`get` with a title and system prompt cut to the limits (``MAX_TITLE`` characters,
+        ``MAX_TEXT`` bytes; ``truncated`` set when cut): what a reply may carry whatever was stored."""
+        c = self.get(cid)
+        prompt, cut = clip_bytes(c.system_prompt, MAX_TEXT)
+        if cut or len(c.title) > MAX_TITLE:
+            c = msgspec.structs.replace(c, title=c.title[:MAX_TITLE], system_prompt=prompt, truncated=True)
+        return c
+
+    def count(self) -> int:
+        """Conversations in the store."""
+        return self.db.execute("SELECT COUNT(*) FROM conversations").fetchone()[0]
+
+    def list(self, offset: int = 0, limit: int = -1) -> list[ConversationInfo]:
+        """Summaries of ``limit`` conversations (-1 = all) from the ``offset``-th, most recently updated first:
+        title and system prompt cut to ``SUMMARY_CHARS`` characters (``truncated`` set when cut); one query,
+        reading no more of the long texts than the summary holds."""
+        n = SUMMARY_CHARS
+        rows = self.db.execute(
+            f"SELECT c.id,substr(c.title,1,{n}),c.created,c.updated,substr(c.system_prompt,1,{n}),c.sampling,"
+            "c.model_fingerprint,c.state_n,c.state_stale,(SELECT COUNT(*) FROM turns t WHERE t.conversation_id=c.id),"
+            f"length(c.title)>{n} OR length(c.system_prompt)>{n}"
+            " FROM conversations c ORDER BY c.updated DESC, c.id LIMIT ? OFFSET ?", (limit, offset)).fetchall()
+        return [self._info(r[:10], truncated=bool(r[10])) for r in rows]
 
     def update(self, cid: str, **fields) -> None:
         allowed = {"title", "system_prompt", "sampling", "model_fingerprint", "state_n", "state_stale"}
@@ -154,6 +181,23 @@ class Store:
                                " ORDER BY idx", (check_conversation_id(cid),)).fetchall()
         return [TurnInfo(*r) for r in rows]
 
+    def turns_page(self, cid: str, offset: int, budget: int) -> list[TurnInfo]:
+        """Turns of ``cid`` from index ``offset`` on, as many as fit in ``budget`` bytes of UTF-8 text (at least
+        one where any is left); a turn's text longer than ``MAX_TEXT`` bytes (stored by an older version) is
+        cut there with ``truncated`` set. Reads rows only up to the first that does not fit."""
+        out, used = [], 0
+        cur = self.db.execute("SELECT idx,role,text,tokens,created,finished FROM turns WHERE conversation_id=?"
+                              " AND idx>=? ORDER BY idx", (check_conversation_id(cid), offset))
+        for r in cur:
+            text, cut = clip_bytes(r[2], MAX_TEXT)
+            size = len(text.encode("utf-8", "surrogatepass")) + 64
+            if out and used + size > budget:
+                break
+            out.append(TurnInfo(r[0], r[1], text, r[3], r[4], r[5], truncated=cut))
+            used += size
+        cur.close()
+        return out
+
     def commit_exchange(self, cid: str, user: TurnInfo, assistant: TurnInfo, state_n: int, fingerprint: str,
                         drop_from: int | None = None) -> None:
         """Atomically (one transaction): drop turns with index >= ``drop_from``, append ``user`` and
@@ -175,6 +219,18 @@ class Store:
             raise
 
     # -- state files
+    def remove_partial_saves(self) -> int:
+        """Delete the temporary files a save leaves when the process is killed in the middle of it
+        (``*.tmp`` anywhere under the states directory); call only with the daemon's lock held. Returns
+        how many were removed."""
+        n = 0
+        if self.states_dir.exists():
+            for f in self.states_dir.rglob("*.tmp"):
+                if f.is_file() and not f.is_symlink():
+                    f.unlink(missing_ok=True)
+                    n += 1
+        return n
+
     def state_dir(self, cid: str) -> Path:
         return self.states_dir / check_conversation_id(cid)
 
@@ -204,4 +260,4 @@ def export_conversation(conv: ConversationInfo, turns: list[TurnInfo], fmt: str)
         for t in turns:
             out += [f"**{t.role.capitalize()}:** {t.text}", ""]
         return "\n".join(out)
-    raise ValueError(f"unknown export format {fmt!r} (md or json)")
+    raise ValueError(f"unknown export format {quote(fmt)} (md or json)")

@@ -98,8 +98,14 @@ class ConversationActions:
 
     def action_system_prompt(self) -> None:
         cid = self.cid
-        current = self.infos[cid].system_prompt if cid in self.infos else ""
+        info = self.infos.get(cid) if cid is not None else None
+        if info is not None and info.truncated:      # a listing's summary: edit the whole prompt
+            self.app.request("system prompt", lambda c: c.conversation(cid).conversation.system_prompt,
+                             lambda text: self._edit_system_prompt(cid, text))
+            return
+        self._edit_system_prompt(cid, info.system_prompt if info is not None else "")
 
+    def _edit_system_prompt(self, cid, current: str) -> None:
         def saved(text) -> None:
             if text is None or text == current:
                 return

@@ -12,8 +12,8 @@ Frame layout (one ZeroMQ multipart message; a ROUTER prepends the peer identity,
   ``topic? || header || body || buffers``, each part prefixed with its length as 8-byte big-endian.
 
 :meth:`Codec.parse` drops (raises :class:`ProtocolError`) anything unsigned, tampered, truncated,
-oversized, of another protocol version, outside the timestamp window, or replayed (ids seen within the
-window are remembered).
+oversized, of another protocol version, outside the timestamp window (a NaN or infinite timestamp is
+outside it), or replayed (ids seen within the window are remembered).
 
 The key and the endpoints come from the connection file (:mod:`rwkv_chat.daemon.protocol.connection`).
 """
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import secrets
 import time
 from collections import OrderedDict
@@ -124,7 +125,7 @@ class Codec:
         if h.v != PROTOCOL_VERSION:
             raise ProtocolError(f"protocol version {h.v}, this side speaks {PROTOCOL_VERSION}")
         now = self.clock()
-        if abs(now - h.ts) > self.window:
+        if not math.isfinite(h.ts) or not abs(now - h.ts) <= self.window:     # NaN/inf never pass
             raise ProtocolError(f"timestamp {h.ts:.3f} outside the {self.window:.0f} s window")
         if h.id in self._seen:
             raise ProtocolError(f"replayed message {h.id}")

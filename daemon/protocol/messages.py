@@ -11,6 +11,28 @@ conversation's setting, then to the config's ``[sampling]`` section, then to tha
 
 Conversation ids match :data:`CONVERSATION_ID_RE` (no path separators, dots or spaces), checked by
 :func:`check_conversation_id` before any path or query is built from one; topics match :data:`TOPIC_RE`.
+
+Limits
+------
+Every outgoing frame is bounded by construction: a request's fields have the size limits below, checked by
+:func:`check_request` before the daemon acts on a request (an ``Error`` of kind ``"LimitError"`` otherwise);
+errors quote at most :data:`MAX_QUOTE` characters of what a client sent (:func:`quote`); events carry ids,
+and text only in bounded pieces (``Token`` at most :data:`MAX_EVENT_TEXT` bytes, ``Done.text`` cut there
+with ``truncated``); listings come in pages of bounded summaries (``ListConversations``), a conversation's
+turns and an export in pages (``GetConversation.turn_offset``, ``Export.offset``).
+
+========================  ==========================================================================
+:data:`MAX_TEXT`          UTF-8 bytes of a chat message, an edited message or a system prompt; a chat
+                          reply ends (reason "length") when it reaches this size
+:data:`MAX_TITLE`         characters of a conversation title
+:data:`MAX_STOPS`         stop strings of one ``Complete``; each 1 to :data:`MAX_STOP_CHARS` characters
+:data:`MAX_PATH`          UTF-8 bytes of a model path; :data:`MAX_STRATEGY` characters of a strategy
+:data:`MAX_ID`            characters of a client id, a job id, a probe nonce
+:data:`MAX_PAGE`          conversation summaries per ``ListConversations`` page
+========================  ==========================================================================
+
+The number of tokens a generation may produce (``max_tokens``) is bounded by the daemon's config
+(``[daemon] max_tokens_limit``).
 """
 
 from __future__ import annotations
@@ -30,6 +52,63 @@ TOPIC_RE = re.compile(r"[A-Za-z0-9~][A-Za-z0-9_~-]{0,127}")
 SamplingSettings = dict[str, Union[int, float, None]]
 
 
+#: UTF-8 bytes of a chat message, an edited message or a system prompt; a chat reply stops at this size
+MAX_TEXT = 1 << 20
+#: characters of a conversation title
+MAX_TITLE = 256
+#: stop strings of one Complete request, and characters of each (at least 1)
+MAX_STOPS = 16
+MAX_STOP_CHARS = 1024
+#: UTF-8 bytes of a model path; characters of a strategy
+MAX_PATH = 4096
+MAX_STRATEGY = 1024
+#: characters of a client id, a job id or a probe nonce
+MAX_ID = 64
+#: conversation summaries per ListConversations page (a request's limit 0 means this many)
+MAX_PAGE = 200
+#: characters of the system prompt (and title) kept in a conversation summary of a listing
+SUMMARY_CHARS = 200
+#: UTF-8 bytes of text one event carries: a Token's text, a Done's text (cut there, ``truncated`` set),
+#: a Started's message
+MAX_EVENT_TEXT = MAX_TEXT
+#: characters of a client's input quoted in an error message
+MAX_QUOTE = 80
+#: UTF-8 bytes of turn text in one ConversationDetail page (a page holds at least one turn)
+TURN_PAGE_BYTES = 2 << 20
+#: characters of export text in one ExportReply page
+EXPORT_PAGE_CHARS = 256 * 1024
+
+
+class LimitError(ValueError):
+    """A request field is outside its documented bounds (see the module's Limits); the message names the
+    field, its size and the limit."""
+
+
+def quote(value, limit: int = MAX_QUOTE) -> str:
+    """``repr`` of at most ``limit`` characters of ``value`` (a str, else its ``str``), with the full length
+    when cut: safe to put in an error message whatever a client sent."""
+    s = value if isinstance(value, str) else str(value)
+    if len(s) <= limit:
+        return repr(s)
+    return f"{s[:limit]!r}… ({len(s):,} characters)"
+
+
+def clip_bytes(text: str, limit: int) -> tuple[str, bool]:
+    """``(text, False)`` if its UTF-8 encoding has at most ``limit`` bytes, else ``(its longest prefix that
+    does, True)``. O(len(text))."""
+    if len(text) * 4 <= limit:
+        return text, False
+    data = text.encode("utf-8", "surrogatepass")
+    if len(data) <= limit:
+        return text, False
+    return data[:limit].decode("utf-8", "ignore"), True
+
+
+def utf8_len(text: str) -> int:
+    """Bytes of ``text`` in UTF-8 (lone surrogates count 3)."""
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
 class InvalidId(ValueError):
     """A conversation id does not match ``[A-Za-z0-9][A-Za-z0-9_-]{0,63}``."""
 
@@ -37,7 +116,7 @@ class InvalidId(ValueError):
 def check_conversation_id(cid: str) -> str:
     """Return ``cid`` if it is a valid conversation id, else raise :class:`InvalidId`."""
     if not isinstance(cid, str) or not CONVERSATION_ID_RE.fullmatch(cid):
-        raise InvalidId(f"invalid conversation id {cid!r}: use 1-64 of A-Z a-z 0-9 _ - (starting alphanumeric)")
+        raise InvalidId(f"invalid conversation id {quote(cid)}: use 1-64 of A-Z a-z 0-9 _ - (starting alphanumeric)")
     return cid
 
 
@@ -48,8 +127,8 @@ def new_conversation_id() -> str:
 
 def check_topic(topic: str) -> str:
     """Return ``topic`` if it is a valid event topic, else raise ValueError."""
-    if not TOPIC_RE.fullmatch(topic):
-        raise ValueError(f"invalid topic {topic!r}")
+    if not isinstance(topic, str) or not TOPIC_RE.fullmatch(topic):
+        raise ValueError(f"invalid topic {quote(topic)}")
     return topic
 
 
@@ -123,11 +202,19 @@ class Cancel(Msg):
 
 
 class ListConversations(Msg):
-    pass
+    """A page of conversation summaries, most recently updated first: ``limit`` of them (1 to
+    :data:`MAX_PAGE`; 0 = :data:`MAX_PAGE`) from the ``offset``-th."""
+
+    offset: int = 0
+    limit: int = 0
 
 
 class GetConversation(Msg):
+    """A conversation and a page of its turns: from the turn with index ``turn_offset``, as many as fit in
+    :data:`TURN_PAGE_BYTES` of text (at least one)."""
+
     conversation_id: str
+    turn_offset: int = 0
 
 
 class CreateConversation(Msg):
@@ -159,8 +246,11 @@ class SetSampling(Msg):
 
 
 class Export(Msg):
+    """A page of a conversation's export: :data:`EXPORT_PAGE_CHARS` characters from the ``offset``-th."""
+
     conversation_id: str
     fmt: str = "md"
+    offset: int = 0
 
 
 class GetState(Msg):
@@ -226,7 +316,10 @@ class StatusReply(Msg):
 
 
 class ConversationInfo(msgspec.Struct, forbid_unknown_fields=True):
-    """A conversation as the store keeps it (``sampling``: its own settings, over the config's)."""
+    """A conversation as the store keeps it (``sampling``: its own settings, over the config's).
+
+    In a listing it is a summary: ``title`` and ``system_prompt`` cut to :data:`SUMMARY_CHARS` characters,
+    ``truncated`` set when they were (``GetConversation`` has them whole)."""
 
     id: str
     title: str
@@ -238,6 +331,7 @@ class ConversationInfo(msgspec.Struct, forbid_unknown_fields=True):
     state_n: int = 0              # completed exchanges covered by the newest saved state
     state_stale: bool = False     # the saved state no longer matches the turns (system prompt changed): rebuilt
     turns: int = 0
+    truncated: bool = False       # title / system prompt cut (a summary, or stored beyond the limits)
 
 
 class TurnInfo(msgspec.Struct, forbid_unknown_fields=True):
@@ -249,20 +343,31 @@ class TurnInfo(msgspec.Struct, forbid_unknown_fields=True):
     tokens: int
     created: float
     finished: float
+    truncated: bool = False       # text cut to MAX_TEXT bytes (stored beyond the limit by an older version)
 
 
 class ConversationList(Msg):
+    """A page of summaries (``offset`` as asked); ``total``: conversations in all."""
+
     items: list[ConversationInfo]
+    total: int = 0
+    offset: int = 0
 
 
 class ConversationDetail(Msg):
+    """A conversation and a page of its turns (``conversation.turns`` of them in all)."""
+
     conversation: ConversationInfo
     turns: list[TurnInfo]
 
 
 class ExportReply(Msg):
+    """Characters ``offset`` to ``offset + len(text)`` of an export of ``total`` characters."""
+
     fmt: str
     text: str
+    offset: int = 0
+    total: int = 0
 
 
 class StateReply(Msg):
@@ -315,7 +420,10 @@ class Token(Msg):
 
 
 class Done(Msg):
-    """A job ended. ``reason``: "stop", "length", "cancelled"; rates in tokens per second."""
+    """A job ended. ``reason``: "stop", "length", "cancelled"; rates in tokens per second.
+
+    ``text`` is the whole text (a chat reply stripped) when it fits in :data:`MAX_EVENT_TEXT` bytes; else its
+    start, with ``truncated`` set: the job's Token events carry all of it (the client library joins them)."""
 
     job_id: str
     reason: str
@@ -325,6 +433,7 @@ class Done(Msg):
     prefill_s: float
     decode_s: float
     tokens_per_s: float
+    truncated: bool = False
 
 
 class Failed(Msg):
@@ -336,3 +445,42 @@ class Failed(Msg):
 Event = Union[ProbeAck, Heartbeat, Started, Progress, Token, Done, Failed]
 
 AnyMessage = Union[Request, Reply, Event]
+
+
+# ---------------------------------------------------------------- checking requests against the limits
+def _limit(field: str, size: int, limit: int, unit: str) -> None:
+    if size > limit:
+        raise LimitError(f"{field} has {size:,} {unit}; the limit is {limit:,}")
+
+
+def check_request(msg: Msg) -> Msg:
+    """Return ``msg`` if every field is within the limits of the module docstring, else raise
+    :class:`LimitError` naming the field, its size and the limit (sizes in UTF-8 bytes for texts and paths,
+    characters for titles, ids, strategies and stop strings; offsets must be >= 0)."""
+    for field in ("client_id", "job_id", "nonce"):
+        v = getattr(msg, field, None)
+        if isinstance(v, str):
+            _limit(field, len(v), MAX_ID, "characters")
+    if isinstance(msg, (Chat, EditLastUser, SetSystemPrompt, CreateConversation)):
+        field = {Chat: "message", CreateConversation: "system_prompt"}.get(type(msg), "text")
+        _limit(field if not isinstance(msg, SetSystemPrompt) else "system prompt", utf8_len(getattr(msg, field)),
+               MAX_TEXT, "bytes")
+    title = getattr(msg, "title", None)
+    if isinstance(msg, (CreateConversation, RenameConversation)) and title is not None:
+        _limit("title", len(title), MAX_TITLE, "characters")
+    if isinstance(msg, Load):
+        _limit("path", utf8_len(msg.path), MAX_PATH, "bytes")
+        _limit("strategy", len(msg.strategy), MAX_STRATEGY, "characters")
+    if isinstance(msg, Complete):
+        _limit("stop", len(msg.stop), MAX_STOPS, "strings")
+        for s in msg.stop:
+            if not s:
+                raise LimitError("stop strings must not be empty")
+            _limit("a stop string", len(s), MAX_STOP_CHARS, "characters")
+    for field in ("offset", "limit", "turn_offset"):
+        v = getattr(msg, field, None)
+        if isinstance(v, int) and v < 0:
+            raise LimitError(f"{field} must be >= 0, got {v}")
+    if isinstance(msg, ListConversations):
+        _limit("limit", msg.limit, MAX_PAGE, "conversations")
+    return msg

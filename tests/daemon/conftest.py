@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
 import time
+from functools import lru_cache
 from pathlib import Path
 
+import msgspec
 import pytest
+import zmq
 
+from rwkv_chat.daemon import protocol as p
 from rwkv_chat.daemon.config import Config, save_config
 from rwkv_chat.daemon.paths import ensure_dirs, home_paths
+from rwkv_chat.daemon.protocol import codec
 
 from ..conftest import link_kernel_cache
 
@@ -88,13 +94,18 @@ def client(daemon_home):
     c.close()
 
 
-def greedy(model_file: Path, prompt: str, n: int) -> str:
-    """The engine's own greedy continuation (argmax, no penalties) of ``prompt``, bytes vocabulary."""
+@lru_cache(maxsize=2)
+def _reference(model_file: str):
     from rwkv_chat.models import RWKV
     from rwkv_chat.models.text.tokenizers import load_tokenizer
 
-    model = RWKV(model=str(model_file), strategy="cpu fp32", verbose=False)
-    tok = load_tokenizer(vocab_size=model.vocab_size)
+    model = RWKV(model=model_file, strategy="cpu fp32", verbose=False)
+    return model, load_tokenizer(vocab_size=model.vocab_size)
+
+
+def greedy(model_file: Path, prompt: str, n: int) -> str:
+    """The engine's own greedy continuation (argmax, no penalties) of ``prompt``, bytes vocabulary."""
+    model, tok = _reference(str(model_file))
     logits, state = model.forward(tok.encode(prompt), None)
     out = []
     for _ in range(n):
@@ -102,3 +113,39 @@ def greedy(model_file: Path, prompt: str, n: int) -> str:
         out.append(t)
         logits, state = model.forward([t], state)
     return tok.decode(out)
+
+
+_ids = itertools.count()
+
+
+class Raw:
+    """A bare DEALER connection to the daemon that signs what it is given: a struct, or any msgpack body."""
+
+    def __init__(self, home):
+        info = p.read_connection_file(home_paths(home).connection_file)
+        self.key = info.key_bytes
+        self.codec = p.Codec(self.key)
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(info.request)
+
+    def frames(self, body, ts: float | None = None) -> list[bytes]:
+        header = msgspec.msgpack.encode(codec.Header(codec.PROTOCOL_VERSION, f"{next(_ids):032x}",
+                                                     time.time() if ts is None else ts))
+        body = body if isinstance(body, bytes) else msgspec.msgpack.encode(body)
+        return [codec._mac(self.key, [header, body]), header, body]
+
+    def send(self, body, ts: float | None = None) -> None:
+        self.sock.send_multipart(self.frames(body, ts))
+
+    def reply(self, timeout: float = 10.0):
+        if not self.sock.poll(int(timeout * 1000)):
+            return None
+        return self.codec.parse(self.sock.recv_multipart())[0]
+
+    def request(self, msg, timeout: float = 10.0):
+        self.send(msg)
+        return self.reply(timeout)
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
