@@ -128,7 +128,7 @@ def _attack_during_chat(home: Path, cid: str) -> dict:
     paths = home_paths(home)
     info = p.read_connection_file(paths.connection_file)
     args = {"events": info.events, "server_key": info.server_public_key, "secret": SECRET,
-            "client_keys": [info.client_public_key, info.client_secret_key]}
+            "client_keys": [getattr(info, "client_public_key", ""), getattr(info, "client_secret_key", "")]}
     proc = _as_nobody(ATTACKER, args, stdin=subprocess.PIPE)
     try:
         assert proc.stdout.readline().strip() == "ready"
@@ -170,10 +170,10 @@ def test_loopback_tcp_events_reach_no_other_user(tcp_home):
     report = _attack_during_chat(tcp_home, "pin")
     info = p.read_connection_file(home_paths(tcp_home).connection_file)
     assert info.events.startswith("tcp://127.0.0.1:")
+    assert report["received"]["plain"] == 0, report
     # holding the server's public key is not enough: the ZAP handler admits only the connection file's key
-    assert report["received"] == {"plain": 0, "curve_own_key": 0, "curve_leaked_key": report["received"]
-                                  ["curve_leaked_key"]}, report
-    assert report["secret_seen"]["curve_leaked_key"], report      # control: the attack itself works
+    assert report["received"].get("curve_own_key") == 0, report
+    assert report["secret_seen"].get("curve_leaked_key"), report      # control: the attack itself works
 
 
 def test_data_files_private_whatever_the_umask(tcp_home):
@@ -197,7 +197,10 @@ def test_private_dirs_of_another_owner_are_refused(tmp_path):
     home = make_home(tmp_path / "h")
     paths = home_paths(home)
     os.chown(paths.runtime_dir, NOBODY, NOBODY)
-    r = cli(home, "daemon", "start", check=False, timeout=60)
+    try:
+        r = cli(home, "daemon", "start", check=False, timeout=60)
+    finally:
+        stop_daemon(home)
     assert r.returncode == 1 and f"belongs to uid {NOBODY}" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert stat.S_IMODE(paths.runtime_dir.stat().st_mode) == 0o700 and paths.runtime_dir.stat().st_uid == NOBODY
     os.chown(paths.runtime_dir, 0, 0)
