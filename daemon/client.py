@@ -154,9 +154,12 @@ class Client:
         codec = p.Codec(self.info.key_bytes)
         try:
             while not self._closing.wait(self.heartbeat):
-                s.send_multipart(codec.build(m.Ping(client_id=self.client_id)))
                 ok = False
-                end = time.monotonic() + 2 * self.heartbeat
+                try:          # never block: with the daemon gone a DEALER has no peer to queue for
+                    s.send_multipart(codec.build(m.Ping(client_id=self.client_id)), zmq.NOBLOCK)
+                    end = time.monotonic() + 2 * self.heartbeat
+                except zmq.Again:
+                    end = 0.0
                 while not self._closing.is_set() and time.monotonic() < end:
                     if s.poll(50):
                         try:
@@ -334,10 +337,11 @@ class Client:
                 if isinstance(ev, m.Failed):
                     job_id = None
                     raise GenerationFailed(ev.kind, ev.message)
-                yield ev
                 if isinstance(ev, m.Done):
-                    job_id = None
+                    job_id = None        # over: a caller that stops at the Done has nothing to cancel
+                    yield ev
                     return
+                yield ev
         finally:
             if job_id is not None and self.info is not None:
                 try:
