@@ -239,6 +239,7 @@ def _load(args) -> int:
     strategy = args.strategy or cfg.model.strategy
     path = os.path.abspath(args.path)
     interactive = sys.stderr.isatty()
+    said_queued = False
     with Client(paths) as c:
         for ev in c.load(path, strategy):
             if isinstance(ev, m.Progress):
@@ -248,9 +249,16 @@ def _load(args) -> int:
                     sys.stderr.flush()
                 else:
                     _err(line)
+            elif isinstance(ev, m.Queued):
+                if not said_queued:
+                    _err(f"rwkv-chat: the load waits for {ev.active} running generation(s) to finish")
+                said_queued = True
             elif isinstance(ev, m.Done):
                 if interactive:
                     sys.stderr.write("\r\x1b[K")
+                if ev.reason == "cancelled":
+                    _err("rwkv-chat: the load was cancelled (the daemon stopped)")
+                    return 130
                 _err(f"loaded {path} with strategy {strategy!r} in {ev.prefill_s:.2f} s")
     if args.default:
         from rwkv_chat.daemon.config import save_config
