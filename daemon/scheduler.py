@@ -157,6 +157,7 @@ class Scheduler:
                     self._time_out(job, waited)
                 for gen in paused:
                     gen.leave()                      # the state comes back from the decoder; it waits queued
+                    gen.send_pending()               # with its text so far out
                 for topic, ev in reports:
                     self.emit(topic, ev)
                 if admin is not None:

@@ -113,7 +113,8 @@ class Server:
             return req, ev
         eps = connection.ipc_endpoints(self.paths.runtime_dir)
         if eps is None:                   # no ipc in libzmq: loopback tcp, always encrypted
-            connection.check_bind("tcp://127.0.0.1:0", False)
+            if self.keys is None:
+                raise p.ProtocolError("libzmq has neither ipc nor CURVE: no private endpoint is possible")
             rp = self.router.bind_to_random_port("tcp://127.0.0.1")
             ep = self.pub.bind_to_random_port("tcp://127.0.0.1")
             return f"tcp://127.0.0.1:{rp}", f"tcp://127.0.0.1:{ep}"
