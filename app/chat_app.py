@@ -46,7 +46,8 @@ class ChatApp(App):
         paths: the home to use (default: ``RWKV_CHAT_HOME`` or platformdirs).
         autostart: start a daemon when none answers (only on the first connection attempt).
         snapshot: deterministic display for snapshot tests: hides clocks, timings, speeds, memory and paths.
-        lost_after: seconds of silence from the daemon (heartbeats included) before it counts as lost.
+        lost_after: seconds of silence from the daemon (heartbeats included) before it counts as lost
+            (None: the config's ``[daemon] daemon_timeout``, 2.5 s by default).
         status_every: seconds between daemon status polls (model, memory).
     """
 
@@ -61,7 +62,7 @@ class ChatApp(App):
     ]
 
     def __init__(self, *, paths: Paths | None = None, autostart: bool = True, snapshot: bool = False,
-                 lost_after: float = 4.0, status_every: float = 1.0) -> None:
+                 lost_after: float | None = None, status_every: float = 1.0) -> None:
         super().__init__()
         self.paths = ensure_dirs(paths or get_paths())
         self.autostart = autostart
@@ -238,6 +239,8 @@ class ChatApp(App):
             info = {}
             for event in client.load(path, strategy):
                 if isinstance(event, m.Done):
+                    if event.reason == "cancelled":
+                        raise RuntimeError("the load was cancelled (the daemon stopped)")
                     info = {"path": path, "strategy": strategy}
             if remember:
                 from rwkv_chat.daemon.config import load_config, save_config

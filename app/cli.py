@@ -1,8 +1,9 @@
 """The ``rwkv-chat`` command line (one binary): the TUI, the daemon's lifecycle, and scriptable clients.
 
 ``complete`` and ``chat`` write only generated text to stdout (progress and status go to stderr), so they
-compose in pipes. Exit codes: 0 success, 1 error, 2 usage, 3 a daemon already runs (``daemon start
---foreground``), 4 the daemon was lost mid-stream, 130 interrupted (the generation is cancelled).
+compose in pipes. Exit codes: 0 success, 1 error (``daemon status``: no daemon answers), 2 usage, 3 a daemon
+already runs (``daemon start --foreground``), 4 the daemon was lost mid-stream, 130 interrupted or cancelled
+(Ctrl-C, or the daemon cancelled the generation: ``daemon stop``, another client's cancel).
 """
 
 from __future__ import annotations
@@ -111,6 +112,7 @@ def _bench(argv: list[str]) -> int:
 def _main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     from rwkv_chat.daemon.client import DaemonError, DaemonLost
+    from rwkv_chat.daemon.paths import UnsafeDirectory
 
     try:
         if args.cmd is None:
@@ -120,7 +122,7 @@ def _main(argv: list[str]) -> int:
     except DaemonLost as e:
         _err(f"rwkv-chat: daemon lost: {e.message}")
         return 4
-    except DaemonError as e:
+    except (DaemonError, UnsafeDirectory) as e:
         _err(f"rwkv-chat: {e}")
         return 1
     except KeyboardInterrupt:
@@ -140,6 +142,7 @@ def _tui() -> int:
 # ---------------------------------------------------------------- daemon lifecycle
 def _daemon(args) -> int:
     from rwkv_chat.daemon.client import Client, ping, spawn_daemon
+    from rwkv_chat.daemon.launcher import lock_held
 
     paths = _paths()
     if args.daemon_cmd == "start":
@@ -151,7 +154,7 @@ def _daemon(args) -> int:
             except AlreadyRunning as e:
                 _err(f"rwkv-chat: {e}")
                 return 3
-        info = ping(paths)
+        info = ping(paths) if lock_held(paths.lock_file) else None
         if info is not None:
             _err(f"rwkv-chat: a daemon is already running (pid {info.pid}, {info.request})")
             if args.model:
@@ -161,9 +164,7 @@ def _daemon(args) -> int:
         _err(f"rwkv-chat: daemon started (pid {info.pid}, {info.request})")
         return 0
     if args.daemon_cmd == "stop":
-        from rwkv_chat.daemon.launcher import lock_held
-
-        info = ping(paths)
+        info = ping(paths) if lock_held(paths.lock_file) else None
         if info is None and not lock_held(paths.lock_file):
             _err("rwkv-chat: no daemon is running")
             return 0
@@ -182,9 +183,16 @@ def _daemon(args) -> int:
         _err("rwkv-chat: the daemon did not stop within 10 s")
         return 1
     # status
-    if ping(paths) is None:
+    from rwkv_chat.daemon.launcher import daemon_state, not_responding
+
+    state = daemon_state(paths)
+    if state.state != "running":
         if args.json:
-            print(json.dumps({"running": False}))
+            print(json.dumps({"running": False, "state": state.state, "pid": state.pid}))
+        elif state.state == "not responding":
+            print(f"daemon: not responding ({not_responding(state, paths).message})")
+        elif state.state == "starting":
+            print(f"daemon: starting or stopping (pid {state.pid or '?'} holds the lock, no connection file yet)")
         else:
             print("daemon: not running")
         return 1
@@ -231,6 +239,7 @@ def _load(args) -> int:
     strategy = args.strategy or cfg.model.strategy
     path = os.path.abspath(args.path)
     interactive = sys.stderr.isatty()
+    said_queued = False
     with Client(paths) as c:
         for ev in c.load(path, strategy):
             if isinstance(ev, m.Progress):
@@ -240,9 +249,16 @@ def _load(args) -> int:
                     sys.stderr.flush()
                 else:
                     _err(line)
+            elif isinstance(ev, m.Queued):
+                if not said_queued:
+                    _err(f"rwkv-chat: the load waits for {ev.active} running generation(s) to finish")
+                said_queued = True
             elif isinstance(ev, m.Done):
                 if interactive:
                     sys.stderr.write("\r\x1b[K")
+                if ev.reason == "cancelled":
+                    _err("rwkv-chat: the load was cancelled (the daemon stopped)")
+                    return 130
                 _err(f"loaded {path} with strategy {strategy!r} in {ev.prefill_s:.2f} s")
     if args.default:
         from rwkv_chat.daemon.config import save_config
@@ -254,12 +270,22 @@ def _load(args) -> int:
 
 
 def _stream(gen, strip_first: bool = False) -> int:
+    """Write a generation's text to stdout and its progress to stderr; returns the exit code (130 when the
+    generation was cancelled, here or in the daemon)."""
     from rwkv_chat.daemon.protocol import messages as m
 
     first = True
     interactive = sys.stderr.isatty()
+    position = None
     try:
         for ev in gen:
+            if isinstance(ev, m.Queued):
+                if ev.position != position:
+                    position = ev.position
+                    _err(f"rwkv-chat: queued, position {ev.position} of {ev.queued} "
+                         f"({ev.active} generation(s) running)")
+                continue
+            position = None
             if isinstance(ev, m.Token):
                 text = ev.text.lstrip() if (first and strip_first) else ev.text
                 first = first and not text
@@ -276,6 +302,9 @@ def _stream(gen, strip_first: bool = False) -> int:
                     sys.stdout.flush()
                 _err(f"[{ev.reason}: {ev.tokens} tokens at {ev.tokens_per_s:.1f} tokens/s; "
                      f"prefill {ev.prompt_tokens} tokens in {ev.prefill_s:.2f} s]")
+                if ev.reason == "cancelled":
+                    _err("rwkv-chat: cancelled by the daemon (stopped, or cancelled by another client)")
+                    return 130
     except KeyboardInterrupt:
         gen.close()          # cancels the generation in the daemon
         sys.stdout.write("\n")

@@ -1,6 +1,7 @@
 """``python -m rwkv_chat.daemon [--model PATH] [--strategy S]`` — run the daemon in the foreground.
 
-Exit codes: 0 after a clean stop, 3 when a daemon already runs for this home (``AlreadyRunning``).
+Exit codes: 0 after a clean stop, 2 for an unusable config or home (``ConfigError``, ``UnsafeDirectory``,
+an endpoint refused: ``ProtocolError``), 3 when a daemon already runs for this home (``AlreadyRunning``).
 """
 
 import argparse
@@ -8,7 +9,8 @@ import sys
 
 from .config import ConfigError, load_config
 from .launcher import AlreadyRunning, run_foreground
-from .paths import ensure_dirs, get_paths
+from .paths import UnsafeDirectory, ensure_dirs, get_paths
+from .protocol import ProtocolError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,13 +19,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", help="checkpoint to load at start")
     ap.add_argument("--strategy", help='strategy for --model, e.g. "cpu fp32"')
     args = ap.parse_args(argv)
-    paths = ensure_dirs(get_paths())
     try:
+        paths = ensure_dirs(get_paths())
         return run_foreground(paths, load_config(paths.config_file), args.model, args.strategy)
     except AlreadyRunning as e:
         print(f"rwkv-chat: {e}", file=sys.stderr, flush=True)
         return 3
-    except ConfigError as e:
+    except (ConfigError, UnsafeDirectory, ProtocolError) as e:
         print(f"rwkv-chat: {e}", file=sys.stderr, flush=True)
         return 2
 

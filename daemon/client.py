@@ -2,22 +2,29 @@
 
 Contract
 --------
-* ``Client(paths=None, autostart=True, timeout=10.0)`` — heartbeat and ``lost_after`` default to the
-  config's ``[daemon] heartbeat`` (and 8 heartbeats, at least 2 s). Connects lazily on first use; if no daemon answers
-  for the home (``RWKV_CHAT_HOME`` or platformdirs) and ``autostart`` is true, starts one in the background
-  and waits until it answers. Raises :class:`DaemonUnavailable` when that fails.
+* ``Client(paths=None, autostart=True, timeout=10.0)`` — ``heartbeat`` and ``lost_after`` (seconds) default
+  to the config's ``[daemon] heartbeat`` and ``daemon_timeout`` (0.5 and 2.5). Connects lazily on first use;
+  if no daemon runs for the home (``RWKV_CHAT_HOME`` or platformdirs) and ``autostart`` is true, starts one
+  in the background and waits until it answers. Raises :class:`DaemonUnavailable` when that fails, and
+  :class:`DaemonNotResponding` (within about 2 s) when a daemon holds the home but does not answer
+  (stopped with SIGSTOP, hung).
 * Requests (``status``, ``conversations``, ``conversation``, ``create_conversation``, ``rename``, ``delete``,
   ``set_system_prompt``, ``set_sampling``, ``export``, ``cancel``, ``get_state``) return plain values or
   message structs of :mod:`rwkv_chat.daemon.protocol.messages`; a daemon-side failure raises :class:`DaemonError`
   (``.kind`` e.g. "NotFound", "InvalidId", "StateError", "LimitError" for a field beyond the protocol's
-  limits), a full queue :class:`BusyError`, no reply within ``timeout`` seconds :class:`DaemonUnavailable`.
-  ``conversations``, ``conversation`` and ``export`` fetch every page the daemon sends them in (listings are
-  summaries: long titles and system prompts cut, ``truncated`` set; ``conversation`` has them whole).
+  limits), a full queue :class:`BusyError`, no reply within ``timeout`` seconds :class:`DaemonUnavailable`,
+  no sign of life from the daemon (replies, events, pongs of the heartbeat thread) for ``lost_after`` seconds
+  while waiting :class:`DaemonLost`. ``conversations``, ``conversation`` and ``export`` fetch every page the
+  daemon sends them in (listings are summaries: long titles and system prompts cut, ``truncated`` set;
+  ``conversation`` has them whole).
 * Generations (``complete``, ``chat``, ``regenerate``, ``edit_last_user``, ``load``) return a generator of
-  events: ``Started``, ``Progress`` (phase "load"/"prefill", done/total), ``Token`` (text), and finally
-  ``Done`` (reason "stop"/"length"/"cancelled"/"loaded", full text — joined from the Token events where the
-  daemon sent it cut, ``truncated`` — token counts, tokens/s). A ``Failed``
-  event raises :class:`GenerationFailed` (``.kind`` e.g. "OOM", "StateError", "NoModel"). Closing the
+  events: ``Queued`` (position in the queue while it waits for a place, also when a long generation yields
+  its place for a while: ``[daemon] time_slice``), ``Started``, ``Progress`` (phase "load"/"prefill",
+  done/total), ``Token`` (text), and finally ``Done`` (reason "stop"/"length"/"cancelled"/"loaded", full
+  text — joined from the Token events where the daemon sent it cut, ``truncated`` — token counts, tokens/s).
+  A ``Failed`` event raises :class:`GenerationFailed` (``.kind`` e.g. "OOM", "StateError", "NoModel",
+  "QueueTimeout"). A daemon that stops (``rwkv-chat daemon stop``) ends running generations with
+  ``Done(reason="cancelled")``. Closing the
   generator early (``close()``, ``break``, KeyboardInterrupt) cancels the generation in the daemon. If the
   daemon stops sending anything (heartbeats included) for ``lost_after`` seconds, :class:`DaemonLost`.
 * ``subscribe(conversation_id)`` yields every event published on that conversation (any client's
@@ -40,8 +47,9 @@ import zmq
 from rwkv_chat.daemon.paths import Paths, get_paths
 
 from . import protocol as p
-from .errors import BusyError, DaemonError, DaemonLost, DaemonUnavailable, GenerationFailed  # noqa: F401
-from .launcher import _secure, ping, spawn_daemon  # noqa: F401 (re-exported)
+from .errors import (BusyError, DaemonError, DaemonLost, DaemonNotResponding, DaemonUnavailable,  # noqa: F401
+                     GenerationFailed)
+from .launcher import _secure, _silent_state, lock_held, not_responding, ping, spawn_daemon  # noqa: F401
 from .protocol import messages as m
 
 
@@ -63,16 +71,17 @@ class Client:
         self.autostart = autostart
         self.timeout = timeout
         if heartbeat is None or lost_after is None:
-            from rwkv_chat.daemon.config import ConfigError, load_config
+            from rwkv_chat.daemon.config import ConfigError, DaemonConfig, load_config
 
             try:
-                hb = load_config(self.paths.config_file).daemon.heartbeat
+                d = load_config(self.paths.config_file).daemon
             except ConfigError:
-                hb = 1.0
-            heartbeat = hb if heartbeat is None else heartbeat
-            lost_after = max(2.0, 8 * hb) if lost_after is None else lost_after
+                d = DaemonConfig()
+            heartbeat = d.heartbeat if heartbeat is None else heartbeat
+            lost_after = d.daemon_timeout if lost_after is None else lost_after
         self.heartbeat = heartbeat
         self.lost_after = lost_after
+        self.heard = 0.0                  # monotonic time the daemon was last heard (reply, event or pong)
         self.client_id = "k" + secrets.token_hex(8)
         self.info: p.ConnectionInfo | None = None
         self.connected = False
@@ -89,12 +98,20 @@ class Client:
         with self._lock:
             if self.info is not None:
                 return self
-            info = ping(self.paths, timeout=min(2.0, self.timeout))
+            info = None
+            if lock_held(self.paths.lock_file):
+                info = ping(self.paths, timeout=min(1.0, self.timeout))
+                if info is None and _silent_state(self.paths).state == "not responding":
+                    info = ping(self.paths, timeout=min(1.0, self.timeout))     # a second chance
+                    st = _silent_state(self.paths)
+                    if info is None and st.state == "not responding":
+                        raise not_responding(st, self.paths)
             if info is None:
                 if not self.autostart:
                     raise DaemonUnavailable(f"no daemon is running for {self.paths.runtime_dir}")
                 info = spawn_daemon(self.paths)
             self.info = info
+            self.heard = time.monotonic()
             self._codec_req = p.Codec(info.key_bytes)
             self._codec_sub = p.Codec(info.key_bytes)
             self._open_req()
@@ -140,9 +157,12 @@ class Client:
         codec = p.Codec(self.info.key_bytes)
         try:
             while not self._closing.wait(self.heartbeat):
-                s.send_multipart(codec.build(m.Ping(client_id=self.client_id)))
                 ok = False
-                end = time.monotonic() + 2 * self.heartbeat
+                try:          # never block: with the daemon gone a DEALER has no peer to queue for
+                    s.send_multipart(codec.build(m.Ping(client_id=self.client_id)), zmq.NOBLOCK)
+                    end = time.monotonic() + 2 * self.heartbeat
+                except zmq.Again:
+                    end = 0.0
                 while not self._closing.is_set() and time.monotonic() < end:
                     if s.poll(50):
                         try:
@@ -150,6 +170,8 @@ class Client:
                             ok = isinstance(reply, m.Pong)
                         except p.ProtocolError:
                             ok = False
+                        if ok:
+                            self.heard = time.monotonic()
                         break
                 if self._closing.is_set():
                     break
@@ -175,14 +197,23 @@ class Client:
             deadline = time.monotonic() + timeout
             while True:
                 left = deadline - time.monotonic()
-                if left <= 0 or not self._req.poll(int(left * 1000)):
+                if left <= 0:
                     self._open_req()
                     raise DaemonUnavailable(f"no reply to {type(msg).__name__} within {timeout:.1f} s")
+                if not self._req.poll(int(min(left, 0.1) * 1000)):
+                    silent = time.monotonic() - max(self.heard, self.last_event)
+                    if silent > max(self.lost_after, 3 * self.heartbeat):
+                        self._open_req()
+                        self.connected = False
+                        raise DaemonLost(f"no reply to {type(msg).__name__}: the daemon (pid {self.info.pid}) "
+                                         f"sent nothing for {silent:.1f} s")
+                    continue
                 try:
                     reply, bufs = self._codec_req.parse(self._req.recv_multipart(copy=False))
                     break
                 except p.ProtocolError:
                     continue
+            self.heard = time.monotonic()
         if isinstance(reply, m.Busy):
             raise BusyError(reply)
         if isinstance(reply, m.Error):
@@ -302,7 +333,7 @@ class Client:
             return topic.decode(), ev
         if self.last_event and time.monotonic() - self.last_event > self.lost_after:
             self.connected = False
-            raise DaemonLost(f"the daemon sent nothing for {self.lost_after:.0f} s")
+            raise DaemonLost(f"the daemon sent nothing for {self.lost_after:.1f} s")
         return None
 
     def subscribe(self, conversation_id: str, watch_timeout: float = 0.5):
@@ -344,10 +375,11 @@ class Client:
                     whole = whole.strip() if isinstance(msg, (m.Chat, m.Regenerate, m.EditLastUser)) else whole
                     if whole.startswith(ev.text):
                         ev = msgspec.structs.replace(ev, text=whole, truncated=False)
-                yield ev
                 if isinstance(ev, m.Done):
-                    job_id = None
+                    job_id = None        # over: a caller that stops at the Done has nothing to cancel
+                    yield ev
                     return
+                yield ev
         finally:
             if job_id is not None and self.info is not None:
                 try:

@@ -21,6 +21,13 @@ Sections and keys (all optional; defaults below)::
     queue_limit = 16               # queued generations (all clients) before requests get `Busy`
     max_tokens_limit = 100000      # the most tokens one generation may ask for (max_tokens); more is a LimitError
     max_active = 16                # generations admitted at once (prefilling or decoding)
+    time_slice = 10.0              # seconds a generation keeps its place while others wait for one: then it
+                                   # yields (keeping its state and stream) to the back of the queue and
+                                   # resumes when its turn comes again; 0 = never yield
+    queue_timeout = 120.0          # seconds a queued request (a load waiting for running generations, or any
+                                   # request with time_slice = 0) may wait before it fails with kind
+                                   # "QueueTimeout"; 0 = wait forever. Queued requests get `Queued` events
+                                   # (their position) meanwhile
     max_batch = 16                 # decode slots: generations decoded together in one batched step
     batch_invariant = "auto"       # whether a conversation's numbers may depend on how many others share
                                    # its decode step. true: no; only batch sizes measured at load to compute
@@ -38,10 +45,12 @@ Sections and keys (all optional; defaults below)::
     threads = 0                    # torch intra-op threads of the daemon; 0 = auto: 1 for models with
                                    # n_embd < 512 (per-op overhead dominates: 1 thread decodes the tiny
                                    # models 5x faster than 2 on a 2-core machine), else min(4, cores)
-    client_timeout = 10.0          # seconds without a heartbeat (a Ping with the job's client id) or any request
-                                   # from the job's connection before its generation is cancelled; a closed
+    client_timeout = 2.5           # seconds without a heartbeat (a Ping with the job's client id) or any request
+                                   # from the job's connection before its generations are cancelled; a closed
                                    # connection's generations are cancelled at once
-    heartbeat = 1.0                # seconds between heartbeats (both directions)
+    daemon_timeout = 2.5           # seconds without a word from the daemon (heartbeats included) before a
+                                   # client reports it lost (a stream: DaemonLost) or not responding
+    heartbeat = 0.5                # seconds between heartbeats (both directions)
     resident_states = 8            # conversation states kept on the model's devices
     cpu_states = 64                # more idle states kept in CPU memory; the rest live on disk only
     bind = ""                      # "" = ipc:// in the runtime dir; "tcp://HOST:PORT" (beyond loopback needs CURVE)
@@ -82,12 +91,15 @@ class DaemonConfig:
     queue_limit: int = 16
     max_tokens_limit: int = 100_000
     max_active: int = 16
+    time_slice: float = 10.0
+    queue_timeout: float = 120.0
     max_batch: int = 16
     batch_invariant: bool | str = "auto"    # true | false | "auto"
     chunk_len: int = 256
     threads: int = 0
-    client_timeout: float = 10.0
-    heartbeat: float = 1.0
+    client_timeout: float = 2.5
+    daemon_timeout: float = 2.5
+    heartbeat: float = 0.5
     resident_states: int = 8
     cpu_states: int = 64
     bind: str = ""
@@ -108,6 +120,10 @@ _SECTIONS = ("model", "sampling", "daemon")
 #: keys that take a bool or one of these strings
 _BOOL_OR = {("daemon", "batch_invariant"): ("auto",)}
 
+#: seconds that must be > 0 (heartbeats, timeouts of silence) or >= 0 (0 = off)
+_POSITIVE = {("daemon", k) for k in ("heartbeat", "client_timeout", "daemon_timeout")}
+_NON_NEGATIVE = {("daemon", k) for k in ("time_slice", "queue_timeout")}
+
 
 def _coerce(section: str, key: str, value, default):
     words = _BOOL_OR.get((section, key))
@@ -118,9 +134,13 @@ def _coerce(section: str, key: str, value, default):
         raise ConfigError(f"[{section}] {key} must be true, false or {choices}, got {value!r}")
     want = int if default is None else type(default)       # None: [sampling] seed
     if want is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value)
     if not isinstance(value, want) or (want is int and isinstance(value, bool)):
         raise ConfigError(f"[{section}] {key} must be {want.__name__}, got {value!r}")
+    if (section, key) in _POSITIVE and not value > 0:
+        raise ConfigError(f"[{section}] {key} must be > 0 seconds, got {value!r}")
+    if (section, key) in _NON_NEGATIVE and not value >= 0:
+        raise ConfigError(f"[{section}] {key} must be >= 0 seconds (0 = off), got {value!r}")
     return value
 
 
@@ -189,10 +209,12 @@ def dump_config(cfg: Config) -> str:
 
 
 def save_config(cfg: Config, path: Path) -> None:
-    """Write ``cfg`` to ``path`` atomically (temp file, fsync, replace)."""
+    """Write ``cfg`` to ``path`` atomically (temp file, fsync, replace), mode 0600 (it may hold the CURVE
+    secret key)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", encoding="utf-8") as f:
+        os.fchmod(f.fileno(), 0o600)
         f.write(dump_config(cfg))
         f.flush()
         os.fsync(f.fileno())

@@ -38,3 +38,13 @@ class DaemonLost(DaemonError):
 
     def __init__(self, message: str):
         super().__init__("Lost", message)
+
+
+class DaemonNotResponding(DaemonUnavailable):
+    """A daemon holds the home's lock and published its connection file, but does not answer (stopped with
+    SIGSTOP, or hung); ``pid`` is its process id (0 if unknown)."""
+
+    def __init__(self, pid: int, message: str):
+        super().__init__(message)
+        self.kind = "NotResponding"
+        self.pid = pid

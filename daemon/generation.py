@@ -360,7 +360,7 @@ class Generation:
         n = self.base_n + 1
         sd = self.sampler.state_dict()
         path = store.state_path(cid, n)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.state.save(path, metadata=sampler_to_meta(sd))
         now = time.time()
         store.commit_exchange(

@@ -1,5 +1,11 @@
 """Finding, pinging and starting the daemon of a home (used by the client library and the CLI), and the
-home's daemon lock (one daemon per home)."""
+home's daemon lock (one daemon per home).
+
+A home's daemon is in one of four states (:func:`daemon_state`): "running" (it answers a ping), "not
+responding" (a process holds the lock and has published its connection file, but does not answer:
+stopped with SIGSTOP, or hung), "starting" (a process holds the lock, no connection file yet: starting
+up or shutting down) or "not running" (nobody holds the lock).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import zmq
@@ -15,7 +22,7 @@ import zmq
 from rwkv_chat.daemon.paths import Paths, child_env, ensure_dirs
 
 from . import protocol as p
-from .errors import DaemonUnavailable
+from .errors import DaemonNotResponding, DaemonUnavailable
 from .protocol import messages as m
 
 
@@ -57,6 +64,71 @@ def lock_held(path: Path) -> bool:
         return False
 
 
+def lock_pid(path: Path) -> int:
+    """The pid written in the lock file ``path`` by the daemon holding it (0 if unknown)."""
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return 0
+    return int(text) if text.isdigit() else 0
+
+
+@dataclass
+class DaemonState:
+    """What is known of a home's daemon: ``state`` ("running", "not responding", "starting", "not running",
+    see the module docstring), its ``pid`` (0 = unknown) and, when running, its connection ``info``."""
+
+    state: str
+    pid: int = 0
+    info: p.ConnectionInfo | None = None
+
+
+def daemon_state(paths: Paths, timeout: float = 2.0) -> DaemonState:
+    """The state of ``paths``' daemon; a daemon holding the lock gets ``timeout`` seconds to answer a ping."""
+    if not lock_held(paths.lock_file):
+        return DaemonState("not running")
+    info = ping(paths, timeout)
+    if info is not None:
+        return DaemonState("running", info.pid, info)
+    return _silent_state(paths)
+
+
+def _silent_state(paths: Paths) -> DaemonState:
+    """The state of a daemon that did not answer a ping: not running, starting or not responding."""
+    if not lock_held(paths.lock_file):
+        return DaemonState("not running")
+    pid = lock_pid(paths.lock_file)
+    try:
+        info = p.read_connection_file(paths.connection_file)
+    except (OSError, p.ProtocolError):
+        return DaemonState("starting", pid)
+    if pid and info.pid != pid:
+        return DaemonState("starting", pid)        # a dead daemon's file, not yet replaced
+    return DaemonState("not responding", info.pid)
+
+
+def not_responding(state: DaemonState, paths: Paths) -> DaemonNotResponding:
+    """The error for a daemon that holds the lock but does not answer."""
+    pid = state.pid or "?"
+    return DaemonNotResponding(state.pid, (
+        f"the daemon (pid {pid}) holds the lock of {paths.runtime_dir} but does not respond: stopped "
+        f"(kill -CONT {pid} resumes it) or hung (kill {pid} ends it)"))
+
+
+def _start(paths: Paths, model: str | None, strategy: str | None) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "rwkv_chat.daemon"]
+    if model:
+        cmd += ["--model", str(model)]
+    if strategy:
+        cmd += ["--strategy", strategy]
+    log = open(os.open(paths.log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab")
+    try:
+        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+                                close_fds=True, env=child_env(paths))
+    finally:
+        log.close()
+
+
 def run_foreground(paths: Paths, config, model: str | None = None, strategy: str | None = None) -> int:
     """Run the daemon of ``paths`` in this process until it stops (``config``: its ``Config``; ``model`` and
     ``strategy`` override the config's). Returns the exit status; raises AlreadyRunning."""
@@ -66,29 +138,34 @@ def run_foreground(paths: Paths, config, model: str | None = None, strategy: str
 
 
 def spawn_daemon(paths: Paths, model: str | None = None, strategy: str | None = None,
-                 timeout: float = 60.0) -> p.ConnectionInfo:
-    """Start a background daemon for ``paths`` (if none runs) and return its connection info once it
-    answers a ping. Raises DaemonUnavailable if it exits or stays silent for ``timeout`` seconds."""
+                 timeout: float = 60.0, silent_after: float = 1.0) -> p.ConnectionInfo:
+    """Start a background daemon for ``paths`` (if none runs, or once a stopping one is gone) and return its
+    connection info once it answers a ping. Raises DaemonNotResponding when a daemon it did not start holds
+    the lock and stays silent for ``silent_after`` seconds, DaemonUnavailable when the one it started exits
+    or nothing answers within ``timeout`` seconds."""
     ensure_dirs(paths)
     proc = None
-    if not lock_held(paths.lock_file):
-        cmd = [sys.executable, "-m", "rwkv_chat.daemon"]
-        if model:
-            cmd += ["--model", str(model)]
-        if strategy:
-            cmd += ["--strategy", strategy]
-        log = open(paths.log_file, "ab")
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-                                close_fds=True, env=child_env(paths))
-        log.close()
+    silent_since = None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if proc is None and not lock_held(paths.lock_file):
+            proc = _start(paths, model, strategy)
         info = ping(paths, timeout=0.5)
         if info is not None:
             return info
-        if proc is not None and proc.poll() not in (None, 3):
+        if proc is not None and proc.poll() == 3:
+            proc = None                        # another daemon won the lock: wait for that one
+        if proc is not None and proc.poll() is not None:
             tail = paths.log_file.read_text(errors="replace")[-2000:] if paths.log_file.exists() else ""
             raise DaemonUnavailable(f"the daemon exited with code {proc.returncode}; log {paths.log_file}:\n{tail}")
+        if proc is None:
+            st = _silent_state(paths)
+            if st.state != "not responding":
+                silent_since = None
+            elif silent_since is None:
+                silent_since = time.monotonic()
+            elif time.monotonic() - silent_since >= silent_after:
+                raise not_responding(st, paths)
         time.sleep(0.05)
     raise DaemonUnavailable(f"no daemon answered within {timeout:.0f} s (log: {paths.log_file})")
 
@@ -118,7 +195,12 @@ def ping(paths: Paths, timeout: float = 1.0) -> p.ConnectionInfo | None:
 
 
 def _secure(sock, info: p.ConnectionInfo) -> None:
+    """Make ``sock`` a CURVE client of the daemon of ``info`` with the connection file's client key pair (the
+    one the daemon admits), where the daemon uses CURVE. Call before connect."""
     if info.server_public_key:
-        pub, sec = zmq.curve_keypair()
         sock.curve_serverkey = info.server_public_key.encode()
-        sock.curve_publickey, sock.curve_secretkey = pub, sec
+        if info.client_public_key and info.client_secret_key:
+            sock.curve_publickey = info.client_public_key.encode()
+            sock.curve_secretkey = info.client_secret_key.encode()
+        else:                                  # a daemon that admits any key (older connection files)
+            sock.curve_publickey, sock.curve_secretkey = zmq.curve_keypair()

@@ -4,8 +4,10 @@ Default directories come from :mod:`platformdirs` (``user_config_dir``, ``user_d
 ``user_cache_dir``, ``user_runtime_dir``). ``RWKV_CHAT_HOME=DIR`` puts all four under ``DIR``
 (``DIR/config``, ``DIR/data``, ``DIR/cache``, ``DIR/run``), for tests and side-by-side installs.
 
-The runtime directory holds the daemon's connection file, lock file, log and ipc sockets; it is
-created with mode 0700 and its mode is enforced on every call of :func:`ensure_dirs`.
+The runtime directory holds the daemon's connection file, lock file and ipc sockets; the data directory
+holds the conversations (SQLite database, state files). Both are private: :func:`ensure_dirs` creates them
+with mode 0700, enforces that mode on every call whatever the umask, and refuses (:class:`UnsafeDirectory`)
+one that belongs to another user.
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ import platformdirs
 
 APP_NAME = "rwkv-chat"
 HOME_ENV = "RWKV_CHAT_HOME"
+
+
+class UnsafeDirectory(PermissionError):
+    """A private directory of the home (runtime or data) belongs to another user or is not a directory."""
 
 
 @dataclass(frozen=True)
@@ -102,13 +108,29 @@ def child_env(paths: Paths, env: dict | None = None) -> dict:
     return env
 
 
+def private_dir(path: Path) -> Path:
+    """Create ``path`` (and missing parents) if needed and make it a private directory: owned by this user
+    (else :class:`UnsafeDirectory`, nothing changed) and mode 0700 (enforced whatever the umask). Returns
+    ``path``."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    st = path.stat()
+    if not stat.S_ISDIR(st.st_mode):
+        raise UnsafeDirectory(f"{path} is not a directory")
+    if st.st_uid != os.getuid():
+        raise UnsafeDirectory(f"{path} belongs to uid {st.st_uid}, not to this user (uid {os.getuid()}); "
+                              "refusing to keep private files there")
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        os.chmod(path, 0o700)
+    return path
+
+
 def ensure_dirs(paths: Paths | None = None) -> Paths:
-    """Create the directories (runtime dir mode 0700, enforced) and return the paths."""
+    """Create the directories and return the paths. The runtime, data and states directories are private
+    (:func:`private_dir`: mode 0700 enforced, owner checked). Raises :class:`UnsafeDirectory` for one of
+    them that belongs to another user, OSError where a directory cannot be made."""
     paths = paths or get_paths()
-    for d in (paths.config_dir, paths.data_dir, paths.cache_dir, paths.states_dir):
+    for d in (paths.config_dir, paths.cache_dir):
         d.mkdir(parents=True, exist_ok=True)
-    paths.runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    mode = stat.S_IMODE(paths.runtime_dir.stat().st_mode)
-    if mode != 0o700:
-        os.chmod(paths.runtime_dir, 0o700)
+    for d in (paths.runtime_dir, paths.data_dir, paths.states_dir):
+        private_dir(d)
     return paths

@@ -8,7 +8,16 @@ Events go back through ``emit(topic, event)`` (thread-safe; the server publishes
 Fairness: pending jobs wait in one FIFO per client; admission takes them round-robin across clients, at
 most ``max_active`` at once and one per conversation. At most ``queue_limit`` jobs wait in all
 (``submit`` returns a :class:`~rwkv_chat.daemon.protocol.messages.Busy` past that). A load job waits for the
-active generations to finish and runs alone; jobs behind it wait for the model.
+generations in flight to finish and runs alone; jobs behind it wait for the model.
+
+Bounded waits: while jobs wait for a place, an admitted generation that has held its place for ``[daemon]
+time_slice`` seconds yields it: it leaves the decoder with its state, logits and sampler and goes, paused, to
+the back of its client's queue; admitted again, it continues where it stopped (its stream only pauses). So
+behind any number of endless generations a queued one starts within about ``time_slice`` seconds per
+round. A job still queued after ``[daemon] queue_timeout`` seconds (a load behind running generations, or
+anything when ``time_slice`` is 0) fails with kind "QueueTimeout". A cancelled queued job ends at once
+(``Done(reason="cancelled")``). Every waiting job gets ``Queued`` events: when queued, when its position
+changes, and every :data:`QUEUE_REPORT_INTERVAL` seconds.
 
 Continuous batching: one loop iteration = at most one prefill chunk (``chunk_len`` tokens of one prompt,
 taken round-robin among the prompts being prefilled) followed by ONE batched decode step
@@ -38,6 +47,14 @@ from .protocol import messages as m
 log = logging.getLogger("rwkv_chat.daemon")
 
 
+#: seconds between two Queued events of a waiting job whose position did not change
+QUEUE_REPORT_INTERVAL = 1.0
+
+
+class QueueTimeout(RuntimeError):
+    """A job waited longer than ``[daemon] queue_timeout`` seconds for a place."""
+
+
 class Scheduler:
     """Queues, admission and the inference thread's loop over a :class:`~rwkv_chat.daemon.host.Host`, the
     store and the in-memory conversation states (``sessions``); ``emit(topic, event)`` is thread-safe."""
@@ -50,9 +67,13 @@ class Scheduler:
         self.emit = emit                # emit(topic: str, event: Msg) — thread-safe
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
-        self._pending: OrderedDict[str, deque[Job]] = OrderedDict()   # client_id -> FIFO
+        # client_id -> FIFO of jobs and paused generations
+        self._pending: OrderedDict[str, deque[Job | Generation]] = OrderedDict()
         self._admin: deque[Job] = deque()                              # load jobs
         self.active: list[Generation] = []
+        self._since: dict[str, float] = {}         # job id -> monotonic time it (re)entered the queue
+        self._slice_start: dict[str, float] = {}   # job id -> monotonic time it was (re)admitted
+        self._reported: dict[str, tuple[int, float]] = {}   # job id -> (position, time) of its last Queued
         self._t_round = 0.0             # perf_counter of the last round of Token events
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="rwkv-inference", daemon=True)
@@ -80,6 +101,7 @@ class Scheduler:
             queued = sum(len(q) for q in self._pending.values()) + len(self._admin)
             if queued >= limit:
                 return m.Busy(reason=f"{queued} jobs queued (limit {limit})", queued=queued, limit=limit)
+            self._since[job.id] = time.monotonic()
             if job.kind == "load":
                 self._admin.append(job)
             else:
@@ -123,16 +145,30 @@ class Scheduler:
             with self._lock:
                 if self._stopping:
                     break
+                now = time.monotonic()
+                dropped = self._take_cancelled_locked()
+                expired = self._take_expired_locked(now)
+                paused = self._preempt_locked(now)
                 admin = self._take_admin_locked()
                 if admin is None:
-                    self._admit_locked()
-                if admin is None and not self.active:
+                    self._admit_locked(now)
+                reports = self._reports_locked(now)
+                if admin is None and not self.active and not (dropped or expired or paused or reports):
                     self._wake.wait(0.5)
                     continue
             try:
+                for item in dropped:
+                    self._end_queued(item)
+                for job, waited in expired:
+                    self._time_out(job, waited)
+                for gen in paused:
+                    gen.leave()                      # the state comes back from the decoder; it waits queued
+                    gen.send_pending()               # with its text so far out
+                for topic, ev in reports:
+                    self.emit(topic, ev)
                 if admin is not None:
                     self._run_load(admin)
-                else:
+                elif self.active:
                     self._step_all()
             except BaseException as e:    # noqa: BLE001 — the inference thread must survive anything
                 log.exception("scheduler step failed")
@@ -141,33 +177,152 @@ class Scheduler:
                 gc.collect()
         for j in list(self.active):
             self._finish(j, "cancelled")
+        with self._lock:
+            queued = list(self._admin) + [j for q in self._pending.values() for j in q]
+            self._admin.clear()
+            self._pending.clear()
+        for item in queued:
+            self._end_queued(item)
+
+    def _queued_locked(self):
+        """Every queued item in the order admission would take it: loads first, then round-robin across
+        the clients' FIFOs."""
+        yield from self._admin
+        queues = list(self._pending.values())
+        for i in range(max((len(q) for q in queues), default=0)):
+            for q in queues:
+                if i < len(q):
+                    yield q[i]
+
+    def _remove_queued_locked(self, item) -> None:
+        if item in self._admin:
+            self._admin.remove(item)
+            return
+        for cid, q in list(self._pending.items()):
+            if item in q:
+                q.remove(item)
+                if not q:
+                    del self._pending[cid]
+                return
+
+    def _take_cancelled_locked(self) -> list:
+        """Queued jobs and paused generations whose cancel is set, taken out of the queue."""
+        out = [j for j in self._queued_locked() if j.cancel.is_set()]
+        for item in out:
+            self._remove_queued_locked(item)
+            self._forget(item.id)
+        return out
+
+    def _take_expired_locked(self, now: float) -> list[tuple[Job, float]]:
+        """Queued jobs (not paused generations) that waited ``queue_timeout`` seconds, taken out of the queue."""
+        limit = self.config.daemon.queue_timeout
+        if limit <= 0:
+            return []
+        out = [(j, now - self._since.get(j.id, now)) for j in self._queued_locked() if isinstance(j, Job)]
+        out = [(j, w) for j, w in out if w >= limit]
+        for job, _ in out:
+            self._remove_queued_locked(job)
+            self._forget(job.id)
+        return out
+
+    def _paused_locked(self) -> list[Generation]:
+        return [g for q in self._pending.values() for g in q if isinstance(g, Generation)]
+
+    def _preempt_locked(self, now: float) -> list[Generation]:
+        """Active generations that yield their place (``time_slice`` over, someone admissible waits, all
+        places taken, no load waiting), longest-running first; moved to the back of their client's queue."""
+        d = self.config.daemon
+        if d.time_slice <= 0 or self._admin or len(self.active) < d.max_active or not self._pending:
+            return []
+        held = {g.conversation_id for g in self.active + self._paused_locked() if g.conversation_id}
+        waiting = sum(1 for j in self._queued_locked()
+                      if isinstance(j, Generation) or not j.conversation_id or j.conversation_id not in held)
+        due = sorted((g for g in self.active if g.phase in ("prefill", "decode") and not g.cancel.is_set()
+                      and now - self._slice_start.get(g.id, now) >= d.time_slice),
+                     key=lambda g: self._slice_start.get(g.id, now))[:waiting]
+        for gen in due:
+            self.active.remove(gen)
+            self._slice_start.pop(gen.id, None)
+            self._since[gen.id] = now
+            q = self._pending.setdefault(gen.client_id, deque())
+            q.append(gen)
+            self._pending.move_to_end(gen.client_id)
+        return due
 
     def _take_admin_locked(self):
-        if self._admin and not self.active:
-            return self._admin.popleft()
+        if self._admin and not self.active and not self._paused_locked():
+            job = self._admin.popleft()
+            self._forget(job.id)
+            return job
         return None
 
-    def _admit_locked(self) -> None:
-        if self._admin or not self._pending:
-            return                       # a load waits: admit nothing new; or nothing waits
-        busy = {j.conversation_id for j in self.active if j.conversation_id}
+    def _admit_locked(self, now: float) -> None:
+        """Admit queued jobs and paused generations round-robin across clients while places are free; while a
+        load waits, only paused generations (work in flight) come back."""
+        if not self._pending:
+            return
+        paused = self._paused_locked()
+        if self._admin and not paused:
+            return
+        held = {g.conversation_id for g in self.active + paused if g.conversation_id}
         progressed = True
         while len(self.active) < self.config.daemon.max_active and progressed:
             progressed = False
             for cid in list(self._pending):
                 q = self._pending[cid]
-                job = next((j for j in q if not j.conversation_id or j.conversation_id not in busy), None)
-                if job is None:
+                item = next((j for j in q if isinstance(j, Generation) or (
+                    not self._admin and (not j.conversation_id or j.conversation_id not in held))), None)
+                if item is None:
                     continue
-                q.remove(job)
+                q.remove(item)
                 self._pending.move_to_end(cid)        # round-robin across clients
                 if not q:
                     del self._pending[cid]
-                self.active.append(Generation(job, self.host, self.store, self.sessions, self.emit, self.config))
-                if job.conversation_id:
-                    busy.add(job.conversation_id)
+                if isinstance(item, Generation):
+                    gen = item
+                else:
+                    gen = Generation(item, self.host, self.store, self.sessions, self.emit, self.config)
+                self.active.append(gen)
+                self._forget(gen.id)
+                self._slice_start[gen.id] = now
+                if gen.conversation_id:
+                    held.add(gen.conversation_id)
                 progressed = True
                 break
+
+    def _reports_locked(self, now: float) -> list[tuple[str, m.Queued]]:
+        """Queued events due (new position, or :data:`QUEUE_REPORT_INTERVAL` since the last one)."""
+        order = list(self._queued_locked())
+        out = []
+        for pos, item in enumerate(order, 1):
+            last = self._reported.get(item.id)
+            if last is None or last[0] != pos or now - last[1] >= QUEUE_REPORT_INTERVAL:
+                self._reported[item.id] = (pos, now)
+                out.append((item.topic, m.Queued(job_id=item.id, position=pos, queued=len(order),
+                                                 active=len(self.active),
+                                                 waited=now - self._since.get(item.id, now))))
+        return out
+
+    def _forget(self, job_id: str) -> None:
+        self._since.pop(job_id, None)
+        self._reported.pop(job_id, None)
+
+    def _end_queued(self, item) -> None:
+        """End a queued job or paused generation as cancelled (Done, nothing committed)."""
+        if isinstance(item, Generation):
+            self._finish(item, "cancelled")
+            return
+        self.emit(item.topic, m.Done(job_id=item.id, reason="cancelled", text="", prompt_tokens=0, tokens=0,
+                                     prefill_s=0.0, decode_s=0.0, tokens_per_s=0.0))
+
+    def _time_out(self, job: Job, waited: float) -> None:
+        d = self.config.daemon
+        with self._lock:
+            running = len(self.active)
+        msg = (f"waited {waited:.1f} s in the queue behind {running} running generation(s) "
+               f"([daemon] queue_timeout = {d.queue_timeout:g} s); retry later or cancel some")
+        log.warning("job %s: %s", job.id, msg)
+        self.emit(job.topic, m.Failed(job_id=job.id, kind=QueueTimeout.__name__, message=msg))
 
     def _run_load(self, job: Job) -> None:
         req, d = job.request, self.config.daemon
@@ -294,3 +449,5 @@ class Scheduler:
         with self._lock:
             if gen in self.active:
                 self.active.remove(gen)
+            self._slice_start.pop(gen.id, None)
+            self._forget(gen.id)

@@ -2,8 +2,14 @@
 
 The main loop (this module) does all socket I/O: it parses requests and answers each through the table of
 handlers (:data:`rwkv_chat.daemon.handlers.HANDLERS`), forwards the scheduler's events to the PUB socket,
-publishes heartbeats, and cancels the generations of clients that went away. The model lives in the
-scheduler's inference thread (the :class:`~rwkv_chat.daemon.host.Host`).
+publishes heartbeats, cancels the generations of clients that went away or stopped sending heartbeats,
+and answers the ZAP requests of CURVE handshakes (:mod:`rwkv_chat.daemon.auth`: only the connection
+file's client key gets in). The model lives in the scheduler's inference thread (the
+:class:`~rwkv_chat.daemon.host.Host`).
+
+Stopping (SIGTERM, SIGINT or a Shutdown request): the connection file goes first (new clients see no
+daemon), then every running or queued generation ends with ``Done(reason="cancelled")``, published before
+the process exits (the PUB socket lingers up to :data:`STOP_LINGER` seconds for slow subscribers).
 
 Ownership: a queued job belongs to the connection that sent it (its ROUTER identity). When that connection
 closes (a socket monitor reports it), its jobs are cancelled at once; a connection that stays open but goes
@@ -31,7 +37,7 @@ import zmq
 from rwkv_chat.daemon.config import Config
 from rwkv_chat.daemon.paths import Paths, ensure_dirs
 
-from . import handlers
+from . import auth, handlers
 from .generation import Job
 from .host import Host, classify
 from .launcher import acquire_lock
@@ -46,6 +52,8 @@ log = logging.getLogger("rwkv_chat.daemon")
 
 #: seconds between two log lines about dropped frames (the first drop of an interval is logged, the rest counted)
 DROP_LOG_INTERVAL = 10.0
+#: seconds the PUB socket may take, at exit, to deliver the last events (the Done of cancelled generations)
+STOP_LINGER = 1.0
 
 
 class Server:
@@ -112,8 +120,15 @@ class Server:
             log.error("could not publish Failed for %s: %s", job_id, m.quote(str(e), 200))
 
     # ---------------------------------------------------------------- set-up
-    def _bind(self, ctx) -> tuple[str, str, str]:
+    def _bind(self, ctx) -> tuple[str, str]:
+        """Bind the ROUTER and the PUB socket, CURVE servers behind the ZAP handler where libzmq has CURVE;
+        returns ``(request, events)`` endpoints. Raises ProtocolError for an endpoint refused by
+        :func:`~rwkv_chat.daemon.protocol.connection.check_bind` or no usable ipc path, zmq.ZMQError."""
         d = self.config.daemon
+        configured = bool(d.curve_secret_key and d.curve_public_key)
+        self.keys = auth.new_keys(d.curve_public_key, d.curve_secret_key) if configured else auth.new_keys()
+        self.zap = auth.ZapHandler(ctx, [self.keys.client_public] if self.keys else [])   # before any bind
+        self.ipc_dir: Path | None = None
         self.router = ctx.socket(zmq.ROUTER)
         self.pub = ctx.socket(zmq.PUB)
         self.router.setsockopt(zmq.MAXMSGSIZE, p.MAX_MESSAGE)
@@ -121,33 +136,31 @@ class Server:
         self.monitor = self.router.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.pub.setsockopt(zmq.LINGER, 0)
         self.pub.setsockopt(zmq.SNDHWM, 100_000)
-        public = ""
+        if self.keys is not None:
+            for s in (self.router, self.pub):
+                auth.make_server(s, self.keys)
         if d.bind:
-            have_curve = bool(d.curve_secret_key and d.curve_public_key)
-            connection.check_bind(d.bind, have_curve)
-            if have_curve:
-                for s in (self.router, self.pub):
-                    s.curve_server = True
-                    s.curve_secretkey = d.curve_secret_key.encode()
-                    s.curve_publickey = d.curve_public_key.encode()
-                public = d.curve_public_key
+            connection.check_bind(d.bind, configured)
             host, port = d.bind.rsplit(":", 1)
             req, ev = f"{host}:{port}", f"{host}:{int(port) + 1}"
             self.router.bind(req)
             self.pub.bind(ev)
-            return req, ev, public
-        eps = connection.default_endpoints(self.paths.runtime_dir)
-        if eps is None:
+            return req, ev
+        eps = connection.ipc_endpoints(self.paths.runtime_dir)
+        if eps is None:                   # no ipc in libzmq: loopback tcp, always encrypted
+            if self.keys is None:
+                raise p.ProtocolError("libzmq has neither ipc nor CURVE: no private endpoint is possible")
             rp = self.router.bind_to_random_port("tcp://127.0.0.1")
             ep = self.pub.bind_to_random_port("tcp://127.0.0.1")
-            return f"tcp://127.0.0.1:{rp}", f"tcp://127.0.0.1:{ep}", ""
-        for e in eps:
+            return f"tcp://127.0.0.1:{rp}", f"tcp://127.0.0.1:{ep}"
+        req, ev, self.ipc_dir = eps
+        for e in (req, ev):
             Path(e[len("ipc://"):]).unlink(missing_ok=True)     # stale sockets of a killed daemon
-        self.router.bind(eps[0])
-        self.pub.bind(eps[1])
-        for e in eps:
+        self.router.bind(req)
+        self.pub.bind(ev)
+        for e in (req, ev):
             os.chmod(e[len("ipc://"):], 0o600)
-        return eps[0], eps[1], ""
+        return req, ev
 
     def run(self) -> int:
         """Serve until stopped (SIGTERM/SIGINT or a Shutdown request). Raises AlreadyRunning."""
@@ -155,11 +168,16 @@ class Server:
         ctx = zmq.Context()
         conn = self.paths.connection_file
         try:
-            conn.unlink(missing_ok=True)       # stale file of a killed daemon (we hold the lock)
+            try:                               # a killed daemon's file and sockets (we hold the lock)
+                connection.remove_ipc(connection.read_connection_file(conn))
+            except (OSError, p.ProtocolError):
+                pass
+            conn.unlink(missing_ok=True)
             key = connection.new_key()
             self.codec_in = p.Codec(key)
             self.codec_out = p.Codec(key)
-            req, ev, public = self._bind(ctx)
+            req, ev = self._bind(ctx)
+            keys = self.keys
             d = self.config.daemon
             self.store = Store(self.paths.database, self.paths.states_dir)
             n = self.store.remove_partial_saves()
@@ -174,23 +192,32 @@ class Server:
                                           request=m.Load(client_id="", topic=m.DAEMON_TOPIC, path=self.model,
                                                          strategy=self.strategy)))
             connection.write_connection_file(conn, connection.ConnectionInfo(
-                request=req, events=ev, key=key.hex(), pid=os.getpid(), server_public_key=public,
-                started=self.started))
+                request=req, events=ev, key=key.hex(), pid=os.getpid(), started=self.started,
+                server_public_key=keys.server_public.decode() if keys else "",
+                client_public_key=keys.client_public.decode() if keys else "",
+                client_secret_key=keys.client_secret.decode() if keys else "",
+                ipc_dir=str(self.ipc_dir or "")))
             log.info("daemon %d serving %s (events %s)", os.getpid(), req, ev)
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, self._on_signal)
             self._loop()
         finally:
-            if hasattr(self, "scheduler"):
-                self.scheduler.stop()
             try:
                 info = connection.read_connection_file(conn)
                 if info.pid == os.getpid():
-                    conn.unlink(missing_ok=True)
-                    for path in connection.ipc_paths(info):
-                        path.unlink(missing_ok=True)
+                    conn.unlink(missing_ok=True)          # new clients see no daemon from here on
             except (OSError, p.ProtocolError):
-                pass
+                info = None
+            if hasattr(self, "scheduler"):
+                self.scheduler.stop()                     # Done(cancelled) for every generation
+            if hasattr(self, "codec_out") and hasattr(self, "pub"):
+                try:
+                    self._flush_events()
+                except Exception:  # noqa: BLE001 — exiting anyway
+                    log.exception("could not publish the last events")
+                self.pub.close(linger=int(STOP_LINGER * 1000))
+            if info is not None and info.pid == os.getpid():
+                connection.remove_ipc(info)
             ctx.destroy(linger=0)
             lock.close()
             log.info("daemon %d stopped", os.getpid())
@@ -205,6 +232,7 @@ class Server:
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
         poller.register(self.monitor, zmq.POLLIN)
+        poller.register(self.zap.socket, zmq.POLLIN)
         poller.register(self._rfd, zmq.POLLIN)
         hb = self.config.daemon.heartbeat
         next_hb = 0.0
@@ -225,6 +253,8 @@ class Server:
         ready = dict(poller.poll(timeout=int(hb * 1000 / 2)))
         if self.monitor in ready:
             self._disconnects()
+        if self.zap.socket in ready:
+            self.zap.handle()
         if self.router in ready:
             for _ in range(100):
                 try:

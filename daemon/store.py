@@ -1,5 +1,8 @@
 """Persistence: conversations and turns in SQLite (WAL), states as safetensors files.
 
+The database and its ``-wal``/``-shm`` files are mode 0600 whatever the umask (made so before SQLite opens
+them; SQLite gives its side files the database's mode), in the home's 0700 data directory.
+
 Schema version lives in ``PRAGMA user_version`` (:data:`SCHEMA_VERSION`). State files live in
 ``<data dir>/states/<conversation id>/<n>.safetensors`` where ``n`` is the number of completed
 exchanges (user turn + assistant turn) the state has consumed; the newest and the one before it are
@@ -13,6 +16,7 @@ path or query is built from one. Conversations and turns come back as the protoc
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -78,8 +82,24 @@ class Store:
             self._local.con = con
         return con
 
+    def _private_files(self) -> None:
+        """Create the database file if missing and make it and its side files (``-wal``, ``-shm``,
+        ``-journal``) mode 0600, before SQLite opens them."""
+        fd = os.open(self.database, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+        finally:
+            os.close(fd)
+        for suffix in ("-wal", "-shm", "-journal"):
+            side = self.database.with_name(self.database.name + suffix)
+            try:
+                os.chmod(side, 0o600)
+            except FileNotFoundError:
+                pass
+
     def _migrate(self) -> None:
-        self.database.parent.mkdir(parents=True, exist_ok=True)
+        self.database.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._private_files()
         db = self.db
         version = db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:

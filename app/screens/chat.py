@@ -177,10 +177,16 @@ class ChatScreen(ConversationActions, Screen):
         elif isinstance(event, m.Progress) and event.phase == "prefill":
             if self.bubble is not None:
                 self.bubble.prefill(event.done, event.total)
+        elif isinstance(event, m.Queued):
+            if self.bubble is not None:    # waiting for a place (or yielded it for a while)
+                self.bubble.set_footer(f"queued: position {event.position} of {event.queued}, "
+                                       f"{event.active} generation(s) running…")
         elif isinstance(event, m.Token):
             if self.bubble is None:        # joined in the middle of a reply
                 self.start_bubble("generating (joined mid-reply)…")
                 self.job = event.job_id
+            if self.bubble.footer.startswith("queued:"):
+                self.bubble.set_footer("…")
             self.bubble.append(event.text)
         elif isinstance(event, m.Done):
             mine = self.bubble is not None and self.bubble.mine

@@ -131,6 +131,11 @@ class AssistantMessage(MessageBox):
         self.set_footer(footer)
         self.post_message(ChatLog.Grew())
 
+    @property
+    def footer(self) -> str:
+        """The footer line shown under the reply (state, speed, why it stopped)."""
+        return self._footer
+
     def set_footer(self, footer: str) -> None:
         self._footer = footer
         if self._ready():

@@ -394,6 +394,19 @@ class Heartbeat(Msg):
     active: int
 
 
+class Queued(Msg):
+    """A job waits for a place (a generation also when it yielded its place for a while: ``[daemon]
+    time_slice``). ``position``: 1 = next to run; ``queued``: jobs waiting in all; ``active``: generations
+    running; ``waited``: seconds in the queue so far. Sent when the job is queued, when its position changes,
+    and at least every second while it waits."""
+
+    job_id: str
+    position: int
+    queued: int
+    active: int
+    waited: float
+
+
 class Started(Msg):
     """A job started (a watcher learns the user's message, if any)."""
 
@@ -442,7 +455,7 @@ class Failed(Msg):
     message: str
 
 
-Event = Union[ProbeAck, Heartbeat, Started, Progress, Token, Done, Failed]
+Event = Union[ProbeAck, Heartbeat, Queued, Started, Progress, Token, Done, Failed]
 
 AnyMessage = Union[Request, Reply, Event]
 

@@ -1,5 +1,6 @@
 """A tcp bind with CURVE keys: clients connect through the encrypted path and work; a client without
-the server's key gets nothing; a bind beyond loopback without keys is refused."""
+the server's key, or with it but without the client key of the connection file, gets nothing; a bind
+beyond loopback without keys is refused."""
 
 from __future__ import annotations
 
@@ -62,6 +63,20 @@ def test_curve_tcp_daemon_serves_encrypted_clients(tmp_path, model_path):
         s.send_multipart(p.Codec(info.key_bytes).build(m.Ping(client_id="")))
         assert not s.poll(1500)
         s.close()
+        # a CURVE peer holding the server's public key, with a key pair of its own: refused by the ZAP handler
+        for kind in (zmq.DEALER, zmq.SUB):
+            s = zmq.Context.instance().socket(kind)
+            s.setsockopt(zmq.LINGER, 0)
+            s.curve_serverkey = public
+            s.curve_publickey, s.curve_secretkey = zmq.curve_keypair()
+            if kind == zmq.SUB:
+                s.setsockopt(zmq.SUBSCRIBE, b"")
+                s.connect(info.events)
+            else:
+                s.connect(info.request)
+                s.send_multipart(p.Codec(info.key_bytes).build(m.Ping(client_id="")))
+            assert not s.poll(1000)
+            s.close()
         # a CURVE peer that trusts another server key fails the handshake too
         s = zmq.Context.instance().socket(zmq.DEALER)
         s.setsockopt(zmq.LINGER, 0)
