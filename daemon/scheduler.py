@@ -143,6 +143,12 @@ class Scheduler:
             self._finish(j, "cancelled")
 
     def _take_admin_locked(self):
+        """The next load job to run, once no generation is active; load jobs cancelled while they waited
+        (their client closed its connection or went silent) end here with Done(cancelled) and hold up nothing."""
+        for job in [j for j in self._admin if j.cancel.is_set()]:
+            self._admin.remove(job)
+            self.emit(job.topic, m.Done(job_id=job.id, reason="cancelled", text="", prompt_tokens=0, tokens=0,
+                                        prefill_s=0.0, decode_s=0.0, tokens_per_s=0.0))
         if self._admin and not self.active:
             return self._admin.popleft()
         return None
