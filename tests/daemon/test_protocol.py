@@ -174,4 +174,4 @@ def test_requests_beyond_the_limits_are_named_in_short():
     m.check_request(m.SetSystemPrompt(conversation_id="c", text="é" * (m.MAX_TEXT // 2)))
     with pytest.raises(m.LimitError, match="offset must be >= 0"):
         m.check_request(m.ListConversations(offset=-1))
-    assert len(m.quote("\x01" * 10**6)) < 2 * m.MAX_QUOTE + 40
+    assert len(m.quote("\x01" * 10**6)) < 4 * m.MAX_QUOTE + 40          # a repr of its first MAX_QUOTE
