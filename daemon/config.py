@@ -79,6 +79,16 @@ class ConfigError(ValueError):
     """The configuration file is malformed or has a key of the wrong type."""
 
 
+def check_max_tokens(value, limit: int) -> None:
+    """Raise ``LimitError`` (:mod:`rwkv_chat.daemon.protocol.messages`) if ``value``, a ``max_tokens`` setting
+    (None = not given), exceeds ``limit`` (``[daemon] max_tokens_limit``)."""
+    from rwkv_chat.daemon.protocol.messages import LimitError
+
+    if isinstance(value, int) and not isinstance(value, bool) and value > limit:
+        raise LimitError(f"max_tokens {value:,} exceeds the daemon's limit of {limit:,} "
+                         "([daemon] max_tokens_limit in the config)")
+
+
 @dataclass
 class ModelConfig:
     path: str = ""

@@ -218,7 +218,7 @@ class Generation:
             if args.seed is not None:
                 self.sampler.generator.manual_seed(args.seed)
         self.detok = IncrementalDecoder(tok)
-        from .handlers import check_max_tokens
+        from rwkv_chat.daemon.config import check_max_tokens
 
         check_max_tokens(args.max_tokens, self.config.daemon.max_tokens_limit)
         self.max_tokens = args.max_tokens

@@ -17,8 +17,8 @@ from typing import Callable
 from .generation import Job
 from .protocol import codec as p
 from .protocol import messages as m
-from .protocol.messages import (EXPORT_PAGE_CHARS, MAX_PAGE, TURN_PAGE_BYTES, LimitError, check_conversation_id,
-                                check_request, check_topic, new_conversation_id, quote)
+from .protocol.messages import (EXPORT_PAGE_CHARS, MAX_PAGE, TURN_PAGE_BYTES, check_conversation_id, check_request,
+                                check_topic, new_conversation_id, quote)
 from .store import export_conversation
 
 Handler = Callable[..., "tuple[m.Msg, list]"]
@@ -45,18 +45,10 @@ def handle(server, msg) -> tuple[m.Msg, list]:
     return handler(server, msg)
 
 
-def check_max_tokens(value, limit: int) -> None:
-    """Raise LimitError if ``value`` (a ``max_tokens`` setting; None = not given) exceeds ``limit``
-    (``[daemon] max_tokens_limit``)."""
-    if isinstance(value, int) and not isinstance(value, bool) and value > limit:
-        raise LimitError(f"max_tokens {value:,} exceeds the daemon's limit of {limit:,} "
-                         "([daemon] max_tokens_limit in the config)")
-
-
 def _settings(server, sampling: m.SamplingSettings) -> dict:
     """The given settings of ``sampling`` (None = not given). Raises SamplingError for an unknown name or a
     value out of range, LimitError for ``max_tokens`` over ``[daemon] max_tokens_limit``."""
-    from rwkv_chat.daemon.config import SAMPLING_KEYS
+    from rwkv_chat.daemon.config import SAMPLING_KEYS, check_max_tokens
     from rwkv_chat.models.text.sampling import SamplingError
 
     given = {k: v for k, v in sampling.items() if v is not None}

@@ -474,13 +474,13 @@ def check_request(msg: Msg) -> Msg:
         v = getattr(msg, field, None)
         if isinstance(v, str):
             _limit(field, len(v), MAX_ID, "characters")
-    if isinstance(msg, (Chat, EditLastUser, SetSystemPrompt, CreateConversation)):
-        field = {Chat: "message", CreateConversation: "system_prompt"}.get(type(msg), "text")
-        _limit(field if not isinstance(msg, SetSystemPrompt) else "system prompt", utf8_len(getattr(msg, field)),
-               MAX_TEXT, "bytes")
-    title = getattr(msg, "title", None)
-    if isinstance(msg, (CreateConversation, RenameConversation)) and title is not None:
-        _limit("title", len(title), MAX_TITLE, "characters")
+    texts = {Chat: ("message", "message"), EditLastUser: ("text", "message"),
+             SetSystemPrompt: ("text", "system prompt"), CreateConversation: ("system_prompt", "system prompt")}
+    if type(msg) in texts:
+        attr, name = texts[type(msg)]
+        _limit(name, utf8_len(getattr(msg, attr)), MAX_TEXT, "bytes")
+    if isinstance(msg, (CreateConversation, RenameConversation)):
+        _limit("title", len(msg.title), MAX_TITLE, "characters")
     if isinstance(msg, Load):
         _limit("path", utf8_len(msg.path), MAX_PATH, "bytes")
         _limit("strategy", len(msg.strategy), MAX_STRATEGY, "characters")

@@ -166,10 +166,15 @@ def test_a_closed_connection_loses_its_jobs_even_while_its_client_id_pings(daemo
                                        sampling={"max_tokens": 100_000}))
         assert isinstance(acc, m.Accepted)
         wait_for(lambda: acc.job_id in _active_ids(client), timeout=10)
+        load = owner.request(m.Load(client_id="kshared", topic="gone1", path="/nonexistent/vanished.pth",
+                                    strategy="cpu fp32"))
+        assert isinstance(load, m.Accepted)             # queued behind the generation
         owner.close()                                   # the owner vanishes
         t0 = time.monotonic()
         wait_for(lambda: acc.job_id not in _active_ids(client), timeout=6)
         assert time.monotonic() - t0 < 1.5, "cancelled only by a timeout, not when the connection closed"
+        time.sleep(0.5)
+        assert "vanished.pth" not in home_paths(daemon_home).log_file.read_text(), "its queued load ran"
     finally:
         stop.set()
         t.join()

@@ -158,3 +158,20 @@ def test_tcp_beyond_loopback_needs_curve():
         connection.check_bind(ep, have_curve=True)
     with pytest.raises(p.ProtocolError):
         connection.check_bind("udp://1.2.3.4:1", have_curve=True)
+
+
+@pytest.mark.parametrize("ts", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_timestamps_are_outside_the_window(ts):
+    with pytest.raises(p.ProtocolError, match="window"):
+        p.Codec(KEY).parse(_frames(codec=p.Codec(KEY, clock=lambda: ts)))
+
+
+def test_requests_beyond_the_limits_are_named_in_short():
+    with pytest.raises(m.LimitError, match=r"stop has 17 strings; the limit is 16"):
+        m.check_request(m.Complete(client_id="k", topic="t", prompt="", stop=["a"] * 17))
+    with pytest.raises(m.LimitError, match="system prompt"):
+        m.check_request(m.SetSystemPrompt(conversation_id="c", text="é" * (m.MAX_TEXT // 2 + 1)))
+    m.check_request(m.SetSystemPrompt(conversation_id="c", text="é" * (m.MAX_TEXT // 2)))
+    with pytest.raises(m.LimitError, match="offset must be >= 0"):
+        m.check_request(m.ListConversations(offset=-1))
+    assert len(m.quote("\x01" * 10**6)) < 4 * m.MAX_QUOTE + 40          # a repr of its first MAX_QUOTE

@@ -76,3 +76,6 @@ def test_config_roundtrip_and_errors(tmp_path):
     path.write_text("[model\n")
     with pytest.raises(ConfigError):
         load_config(path)
+    path.write_text("[sampling]\nmax_tokens = 500\n[daemon]\nmax_tokens_limit = 400\n")
+    with pytest.raises(ConfigError, match="max_tokens_limit"):
+        load_config(path)
