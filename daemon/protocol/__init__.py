@@ -17,8 +17,10 @@ Usage::
 from . import messages  # noqa: F401
 from .codec import PROTOCOL_VERSION, Codec, ProtocolError, frames_to_tensors, tensor_frames  # noqa: F401
 from .connection import ConnectionInfo, read_connection_file  # noqa: F401
-from .messages import DAEMON_TOPIC, InvalidId, check_conversation_id, new_conversation_id  # noqa: F401
+from .messages import (  # noqa: F401
+    CONVERSATION_ID_RE, DAEMON_TOPIC, InvalidId, check_conversation_id, new_conversation_id,
+)
 
 __all__ = ["messages", "PROTOCOL_VERSION", "Codec", "ProtocolError", "frames_to_tensors", "tensor_frames",
            "ConnectionInfo", "read_connection_file", "DAEMON_TOPIC", "InvalidId", "check_conversation_id",
-           "new_conversation_id"]
+           "new_conversation_id", "CONVERSATION_ID_RE"]
