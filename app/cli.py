@@ -320,11 +320,14 @@ def _load(args) -> int:
     return 0
 
 
-def _stream(gen, strip_first: bool = False) -> int:
+def _stream(gen, strip_first: bool = False, chat: bool = False) -> int:
+    """Write a generation's text to stdout, its progress and summary to stderr (``chat``: a chat turn, which
+    the daemon keeps as far as it got when interrupted)."""
     from rwkv_chat.daemon.protocol import messages as m
 
     first = True
     interactive = sys.stderr.isatty()
+    noted = False
     try:
         for ev in gen:
             if isinstance(ev, m.Token):
@@ -332,7 +335,10 @@ def _stream(gen, strip_first: bool = False) -> int:
                 first = first and not text
                 sys.stdout.write(text)
                 sys.stdout.flush()
-            elif isinstance(ev, m.Progress) and interactive:
+            elif isinstance(ev, m.Progress) and ev.text and not noted:
+                noted = True            # why the history is re-read: said once, terminal or not
+                _err(f"rwkv-chat: {ev.text}")
+            if isinstance(ev, m.Progress) and interactive:
                 sys.stderr.write(f"\r{ev.phase} {ev.done}/{ev.total}")
                 sys.stderr.flush()
                 if ev.done >= ev.total:
@@ -346,7 +352,7 @@ def _stream(gen, strip_first: bool = False) -> int:
     except KeyboardInterrupt:
         gen.close()          # cancels the generation in the daemon
         sys.stdout.write("\n")
-        _err("rwkv-chat: cancelled")
+        _err("rwkv-chat: stopped (the reply so far is kept in the conversation)" if chat else "rwkv-chat: cancelled")
         return 130
     except BrokenPipeError:
         gen.close()          # the reader went away: cancel, then exit quietly (main)
@@ -392,7 +398,7 @@ def _chat(args) -> int:
             _err(f"conversation: {cid}")
         else:
             cid = _resolve(c, args.conversation, new_ok=True)
-        return _stream(c.chat(cid, args.message, **_sampling(args)), strip_first=True)
+        return _stream(c.chat(cid, args.message, **_sampling(args)), strip_first=True, chat=True)
 
 
 def _conversations(args) -> int:
