@@ -80,6 +80,7 @@ class ConversationActions:
         """Whether ``widget`` is not yet known as a stored turn (its reply just ended): say so."""
         if widget.turn is None and not widget.failed:
             self.notify("The conversation is being saved: try again in a moment.", timeout=2)
+            self.sync()
             return True
         return False
 

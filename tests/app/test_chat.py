@@ -15,7 +15,7 @@ from .conftest import async_test, wait_for
 
 
 def make_app(daemon, **kw) -> ChatApp:
-    return ChatApp(paths=daemon.paths, autostart=False, snapshot=True, **kw)
+    return ChatApp(paths=daemon.paths, autostart=False, **{"snapshot": True, **kw})
 
 
 async def ready(pilot, app):
@@ -38,7 +38,7 @@ def texts(app, cls):
 
 @async_test
 async def test_chat_turn_streams_markdown_and_saves(fresh_daemon):
-    app = make_app(fresh_daemon)
+    app = make_app(fresh_daemon, snapshot=False)             # shows the conversation's id (snapshots mask it)
     async with app.run_test(size=(100, 30)) as pilot:
         await ready(pilot, app)
         tokens = []
