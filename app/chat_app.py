@@ -95,9 +95,11 @@ class ChatApp(App):
         if self._model_screen is not None:
             return
         model = self.status.get("model") or {}
-        screen = ModelScreen(self.status.get("devices") or ["cpu"], path=model.get("path", ""),
-                             strategy=model.get("strategy", ""), first_run=first_run,
-                             loading=model.get("loading", ""))
+        error = model.get("error") if not model.get("loaded") else None
+        screen = ModelScreen(self.status.get("devices") or ["cpu"],
+                             path=model.get("path", "") or (error or {}).get("path", ""),
+                             strategy=model.get("strategy", "") or (error or {}).get("strategy", ""),
+                             first_run=first_run, loading=model.get("loading", ""), error=error)
         self._model_screen = screen
 
         def closed(_result) -> None:

@@ -1,9 +1,13 @@
 """The ``rwkv-chat`` command line (one binary): the TUI, the daemon's lifecycle, and scriptable clients.
 
 ``complete`` and ``chat`` write only generated text to stdout (progress and status go to stderr), so they
-compose in pipes. Exit codes: 0 success, 1 error (``daemon status``: no daemon answers), 2 usage, 3 a daemon
-already runs (``daemon start --foreground``), 4 the daemon was lost mid-stream, 130 interrupted or cancelled
-(Ctrl-C, or the daemon cancelled the generation: ``daemon stop``, another client's cancel).
+compose in pipes. Exit codes: 0 success, 1 error (a model that did not load, a failed generation; ``daemon
+status``: no daemon answers), 2 usage (a bad flag, a conversation that does not exist or is named
+ambiguously), 3 a daemon already runs (``daemon start --foreground``), 4 the daemon was lost mid-stream, 130
+interrupted or cancelled (Ctrl-C, or the daemon cancelled the generation: ``daemon stop``, another client's
+cancel).
+
+Conversations are named by their id, by the start of their id (as the TUI shows it) or by their exact title.
 """
 
 from __future__ import annotations
@@ -32,6 +36,10 @@ def _err(*a) -> None:
     print(*a, file=sys.stderr, flush=True)
 
 
+class UsageError(Exception):
+    """A mistake in what the user asked (exit code 2, one line on stderr)."""
+
+
 def _sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, dest="max_tokens")
     p.add_argument("--temperature", type=float)
@@ -53,9 +61,13 @@ def parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd")
     d = sub.add_parser("daemon", help="start, stop or inspect the background daemon")
     dsub = d.add_subparsers(dest="daemon_cmd", required=True)
-    ds = dsub.add_parser("start")
-    ds.add_argument("--model")
-    ds.add_argument("--strategy")
+    ds = dsub.add_parser("start", help="start the daemon in the background (with --model: wait for the load)",
+                         description="Start the daemon in the background. With --model it waits until the model "
+                                     "is loaded (progress on stderr) and exits 1 with the reason if it does not "
+                                     "load; the daemon then runs without a model and `rwkv-chat daemon status` "
+                                     "shows the error.")
+    ds.add_argument("--model", help="checkpoint to load at start, e.g. ~/models/RWKV-x070-World-0.1B.pth")
+    ds.add_argument("--strategy", help='strategy for --model, e.g. "cpu fp32" (default: the config\'s)')
     ds.add_argument("--foreground", action="store_true")
     dsub.add_parser("stop")
     dst = dsub.add_parser("status")
@@ -70,16 +82,19 @@ def parser() -> argparse.ArgumentParser:
     _sampling_flags(cp)
     ch = sub.add_parser("chat", help="one chat turn, streamed to stdout")
     ch.add_argument("message")
-    ch.add_argument("--conversation")
+    ch.add_argument("--conversation", metavar="CONVERSATION",
+                    help="continue this conversation: its id, the start of its id, or its exact title; a new id "
+                         "(letters, digits, _ and -) starts a conversation with that id (default: a new one)")
     _sampling_flags(ch)
     cv = sub.add_parser("conversations", help="list, show, export or remove conversations")
     cvs = cv.add_subparsers(dest="conv_cmd", required=True)
     cvs.add_parser("list").add_argument("--json", action="store_true")
-    cvs.add_parser("show").add_argument("id")
+    conv_help = "the conversation: its id, the start of its id, or its exact title"
+    cvs.add_parser("show").add_argument("id", metavar="CONVERSATION", help=conv_help)
     ex = cvs.add_parser("export")
-    ex.add_argument("id")
+    ex.add_argument("id", metavar="CONVERSATION", help=conv_help)
     ex.add_argument("--format", choices=("md", "json"), default="md")
-    cvs.add_parser("rm").add_argument("id")
+    cvs.add_parser("rm").add_argument("id", metavar="CONVERSATION", help=conv_help)
     dp = sub.add_parser("doctor", help="devices, versions, kernel builds, paths")
     dp.add_argument("--json", action="store_true")
     sub.add_parser("bench", help="speed of prefill and decode (rwkv-chat bench --help)", add_help=False)
@@ -111,18 +126,27 @@ def _bench(argv: list[str]) -> int:
 
 def _main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
-    from rwkv_chat.daemon.client import DaemonError, DaemonLost
+    from rwkv_chat.daemon.client import DaemonError, DaemonLost, GenerationFailed
     from rwkv_chat.daemon.paths import UnsafeDirectory
+    from rwkv_chat.daemon.protocol import InvalidId
 
     try:
         if args.cmd is None:
             return _tui()
         return {"daemon": _daemon, "load": _load, "complete": _complete, "chat": _chat,
                 "conversations": _conversations, "doctor": _doctor}[args.cmd](args)
+    except (UsageError, InvalidId) as e:
+        _err(f"rwkv-chat: {e}")
+        return 2
     except DaemonLost as e:
         _err(f"rwkv-chat: daemon lost: {e.message}")
         return 4
     except (DaemonError, UnsafeDirectory) as e:
+        if isinstance(e, DaemonError) and e.kind in ("InvalidId", "NotFound", "Conflict") \
+                and not isinstance(e, GenerationFailed):
+            # what the user named is not there (any more)
+            _err(f"rwkv-chat: {e.message}")
+            return 2
         _err(f"rwkv-chat: {e}")
         return 1
     except KeyboardInterrupt:
@@ -160,9 +184,10 @@ def _daemon(args) -> int:
             if args.model:
                 _err("rwkv-chat: use `rwkv-chat load PATH` to switch its model")
             return 0
-        info = spawn_daemon(paths, args.model, args.strategy)
+        model = os.path.abspath(os.path.expanduser(args.model)) if args.model else None
+        info = spawn_daemon(paths, model, args.strategy)
         _err(f"rwkv-chat: daemon started (pid {info.pid}, {info.request})")
-        return 0
+        return _wait_for_load(paths) if model else 0
     if args.daemon_cmd == "stop":
         info = ping(paths) if lock_held(paths.lock_file) else None
         if info is None and not lock_held(paths.lock_file):
@@ -206,6 +231,45 @@ def _daemon(args) -> int:
     return 0
 
 
+def _wait_for_load(paths, poll: float = 0.1) -> int:
+    """Follow the load a daemon started with (its status) until it ends: progress on stderr (one line rewritten
+    on a terminal; a line per step otherwise); 0 once loaded, 1 with the one-line reason when it failed."""
+    from rwkv_chat.daemon.client import Client
+
+    interactive = sys.stderr.isatty()
+    shown = ""
+    t0 = time.monotonic()
+    with Client(paths, autostart=False) as c:
+        while True:
+            mdl = c.status()["model"]
+            if not mdl.get("loading"):
+                break
+            progress, note = mdl.get("progress"), mdl.get("note")
+            step = note or (f"layer {progress[0]}/{progress[1]}" if progress else "reading the checkpoint")
+            line = f"loading {mdl['loading']}: {step}"
+            if interactive:
+                sys.stderr.write(f"\r\x1b[K{line}")
+                sys.stderr.flush()
+            elif line != shown and (note or not progress or shown == ""):
+                _err(line)
+            shown = line
+            time.sleep(poll)
+    if interactive and shown:
+        sys.stderr.write("\r\x1b[K")
+    if mdl.get("loaded") and not mdl.get("error"):
+        _err(f"loaded {mdl['path']} with strategy {mdl['strategy']!r} in {time.monotonic() - t0:.1f} s")
+        return 0
+    err = mdl.get("error") or {"kind": "Unknown", "message": "the daemon is not loading a model (see its log)"}
+    after = f"the daemon serves {mdl['path']}" if mdl.get("loaded") else "the daemon runs without a model"
+    _err(f"rwkv-chat: the model did not load: {err['kind']}: {_first_line(err.get('message'))} ({after})")
+    return 1
+
+
+def _first_line(text: str | None) -> str:
+    lines = (text or "").strip().splitlines()
+    return lines[0] if lines else ""
+
+
 def _mib(n) -> str:
     return f"{n / 2**20:.1f} MiB"
 
@@ -221,6 +285,11 @@ def _print_status(st: dict) -> None:
             print(f"  {line}")
     else:
         print("model: none loaded" + (f" (loading {mdl['loading']})" if mdl.get("loading") else ""))
+    err = mdl.get("error")
+    if err:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(err.get("time", 0)))
+        print(f"last load failed ({when}): {err['path']} with strategy {err['strategy']!r}: {err['kind']}: "
+              f"{_first_line(err.get('message'))}")
     mem = st["memory"]
     print(f"memory: RSS {_mib(mem.get('rss_bytes', mem['max_rss_bytes']))}"
           + "".join(f", {c['device']} {_mib(c['allocated_bytes'])} allocated" for c in mem.get("cuda", [])))
@@ -269,14 +338,16 @@ def _load(args) -> int:
     return 0
 
 
-def _stream(gen, strip_first: bool = False) -> int:
-    """Write a generation's text to stdout and its progress to stderr; returns the exit code (130 when the
-    generation was cancelled, here or in the daemon)."""
+def _stream(gen, strip_first: bool = False, chat: bool = False) -> int:
+    """Write a generation's text to stdout, its progress and summary to stderr; returns the exit code (130 when
+    the generation was cancelled, here or in the daemon). ``chat``: a chat turn, which the daemon keeps as far
+    as it got when interrupted."""
     from rwkv_chat.daemon.protocol import messages as m
 
     first = True
     interactive = sys.stderr.isatty()
     position = None
+    noted = False
     try:
         for ev in gen:
             if isinstance(ev, m.Queued):
@@ -291,7 +362,10 @@ def _stream(gen, strip_first: bool = False) -> int:
                 first = first and not text
                 sys.stdout.write(text)
                 sys.stdout.flush()
-            elif isinstance(ev, m.Progress) and interactive:
+            elif isinstance(ev, m.Progress) and ev.text and not noted:
+                noted = True            # why the history is re-read: said once, terminal or not
+                _err(f"rwkv-chat: {ev.text}")
+            if isinstance(ev, m.Progress) and interactive:
                 sys.stderr.write(f"\r{ev.phase} {ev.done}/{ev.total}")
                 sys.stderr.flush()
                 if ev.done >= ev.total:
@@ -308,7 +382,7 @@ def _stream(gen, strip_first: bool = False) -> int:
     except KeyboardInterrupt:
         gen.close()          # cancels the generation in the daemon
         sys.stdout.write("\n")
-        _err("rwkv-chat: cancelled")
+        _err("rwkv-chat: stopped (the reply so far is kept in the conversation)" if chat else "rwkv-chat: cancelled")
         return 130
     except BrokenPipeError:
         gen.close()          # the reader went away: cancel, then exit quietly (main)
@@ -323,24 +397,43 @@ def _complete(args) -> int:
         return _stream(c.complete(args.prompt, stop=args.stop, **_sampling(args)))
 
 
+def _resolve(client, ref: str, new_ok: bool = False) -> str:
+    """The id of the conversation ``ref`` names (its id, the start of its id, or its exact title). With
+    ``new_ok``, a valid id that names none is returned as it is (a new conversation). Raises UsageError."""
+    from rwkv_chat.daemon.protocol import CONVERSATION_ID_RE
+
+    if not ref.strip() or len(ref) > 1000:
+        raise UsageError(f"{ref[:40]!r} does not name a conversation: give its id, the start of its id, or its title")
+    items = client.find(ref)
+    if len(items) == 1:
+        return items[0].id
+    if items:
+        shown = ", ".join(f"{c.id} ({c.title or 'untitled'})" for c in items[:5])
+        raise UsageError(f"{ref!r} names {len(items)}{'+' if len(items) >= 10 else ''} conversations: {shown}; "
+                         "give more of the id")
+    if new_ok and CONVERSATION_ID_RE.fullmatch(ref):
+        return ref
+    hint = ("; leave out --conversation to start a new one, or give a new id (letters, digits, _ and -)"
+            if new_ok else " (`rwkv-chat conversations list` shows them)")
+    raise UsageError(f"no conversation has the id, id prefix or title {ref!r}{hint}")
+
+
 def _chat(args) -> int:
     from rwkv_chat.daemon.client import Client
-    from rwkv_chat.daemon.protocol import check_conversation_id, new_conversation_id
+    from rwkv_chat.daemon.protocol import new_conversation_id
 
-    cid = args.conversation or new_conversation_id()
-    check_conversation_id(cid)
-    if not args.conversation:
-        _err(f"conversation: {cid}")
     with Client(_paths()) as c:
-        return _stream(c.chat(cid, args.message, **_sampling(args)), strip_first=True)
+        if args.conversation is None:
+            cid = new_conversation_id()
+            _err(f"conversation: {cid}")
+        else:
+            cid = _resolve(c, args.conversation, new_ok=True)
+        return _stream(c.chat(cid, args.message, **_sampling(args)), strip_first=True, chat=True)
 
 
 def _conversations(args) -> int:
     from rwkv_chat.daemon.client import Client
-    from rwkv_chat.daemon.protocol import check_conversation_id
 
-    if getattr(args, "id", None):
-        check_conversation_id(args.id)
     with Client(_paths()) as c:
         if args.conv_cmd == "list":
             items = c.conversations()
@@ -351,18 +444,21 @@ def _conversations(args) -> int:
             for it in ([] if args.json else items):
                 when = time.strftime("%Y-%m-%d %H:%M", time.localtime(it.updated))
                 print(f"{it.id}\t{when}\t{it.turns} turns\t{it.title}")
-        elif args.conv_cmd == "show":
-            d = c.conversation(args.id)
+            return 0
+        cid = _resolve(c, args.id)
+        if args.conv_cmd == "show":
+            d = c.conversation(cid)
             print(f"# {d.conversation.title or d.conversation.id}")
             if d.conversation.system_prompt:
                 print(f"System: {d.conversation.system_prompt}")
             for t in d.turns:
-                print(f"{t.role.capitalize()}: {t.text}")
+                stopped = " [stopped]" if t.reason == "cancelled" else ""
+                print(f"{t.role.capitalize()}: {t.text}{stopped}")
         elif args.conv_cmd == "export":
-            sys.stdout.write(c.export(args.id, args.format))
+            sys.stdout.write(c.export(cid, args.format))
         elif args.conv_cmd == "rm":
-            c.delete(args.id)
-            _err(f"removed {args.id}")
+            c.delete(cid)
+            _err(f"removed {cid}")
     return 0
 
 

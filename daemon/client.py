@@ -8,7 +8,7 @@ Contract
   in the background and waits until it answers. Raises :class:`DaemonUnavailable` when that fails, and
   :class:`DaemonNotResponding` (within about 2 s) when a daemon holds the home but does not answer
   (stopped with SIGSTOP, hung).
-* Requests (``status``, ``conversations``, ``conversation``, ``create_conversation``, ``rename``, ``delete``,
+* Requests (``status``, ``conversations``, ``conversation``, ``find``, ``create_conversation``, ``rename``, ``delete``,
   ``set_system_prompt``, ``set_sampling``, ``export``, ``cancel``, ``get_state``) return plain values or
   message structs of :mod:`rwkv_chat.daemon.protocol.messages`; a daemon-side failure raises :class:`DaemonError`
   (``.kind`` e.g. "NotFound", "InvalidId", "StateError", "LimitError" for a field beyond the protocol's
@@ -258,6 +258,11 @@ class Client:
             turns += page.turns
         return m.ConversationDetail(conversation=detail.conversation, turns=turns)
 
+    def find(self, query: str, limit: int = 10) -> list[m.ConversationInfo]:
+        """The conversations ``query`` names: the one with that id; else those with that title; else those whose
+        id starts with it (see :class:`~rwkv_chat.daemon.protocol.messages.FindConversation`)."""
+        return self.request(m.FindConversation(query=query, limit=limit)).items
+
     def create_conversation(self, title: str = "", system_prompt: str = "", conversation_id: str = "",
                             **sampling) -> m.ConversationInfo:
         return self.request(m.CreateConversation(conversation_id=conversation_id, title=title,
@@ -407,12 +412,14 @@ class Client:
         return self._stream(conversation_id, m.Chat(client_id=self.client_id, conversation_id=conversation_id,
                                                     message=message, sampling=_sampling(sampling)))
 
-    def regenerate(self, conversation_id: str, **sampling):
-        """Drop the last assistant turn, restore the state from before it and generate the reply again."""
+    def regenerate(self, conversation_id: str, turn: int = -1, **sampling):
+        """Replace the last reply (``turn``: its index as the caller saw it, -1 for whatever is last; a daemon
+        error "Conflict" when that is not the last) with a new one, from the state before it."""
         return self._stream(conversation_id, m.Regenerate(client_id=self.client_id, conversation_id=conversation_id,
-                                                          sampling=_sampling(sampling)))
+                                                          sampling=_sampling(sampling), turn=turn))
 
-    def edit_last_user(self, conversation_id: str, text: str, **sampling):
-        """Replace the last user message with ``text`` (dropping the reply) and generate a new reply."""
+    def edit_last_user(self, conversation_id: str, text: str, turn: int = -1, **sampling):
+        """Replace the last user message (``turn``: its index as the caller saw it, -1 for whatever is last;
+        "Conflict" when that is not the last) with ``text`` and its reply with a new one."""
         return self._stream(conversation_id, m.EditLastUser(client_id=self.client_id, conversation_id=conversation_id,
-                                                            text=text, sampling=_sampling(sampling)))
+                                                            text=text, sampling=_sampling(sampling), turn=turn))

@@ -4,15 +4,26 @@ The server queues a :class:`Job` (what a client asked for: a model load or a gen
 admitting a generation job, makes a :class:`Generation` of it, which holds what it needs: the model host, the
 store, the in-memory conversation states (sessions), the event callback and the config. Its phases:
 
-* ``starting`` — :meth:`Generation.start` builds the prompt tokens, the starting state (a saved one where the
-  conversation has it, else the model's zero state and the whole transcript) and the sampler; emits Started;
+* ``starting`` — :meth:`Generation.start` builds the prompt tokens, the starting state and the sampler; emits
+  Started. A chat resumes from the newest state of the loaded model that consumed part of the stored
+  transcript (:meth:`~rwkv_chat.daemon.sessions.Sessions.resume`) and reads the rest: nothing after a turn of
+  its own, the whole history on a model it never ran on or when its state files are unreadable (the Progress
+  events then say why);
 * ``prefill`` — :meth:`Generation.prefill_chunk` feeds ``chunk_len`` prompt tokens at a time (a Progress
-  event per chunk);
+  event per chunk); where it re-reads history, the state at the end of the history is saved as well (so a
+  regenerate or an edit of the new exchange needs no re-read either);
 * ``decode`` — one token per batched decode step of the scheduler: :func:`sample_next` samples every
   generation's token from its last logits, the scheduler feeds them to the host's decoder in one step, and
   :meth:`Generation.push` takes each one's new logits (detokenize, stops, streaming);
-* ``done`` — :meth:`Generation.finish` ends the reply and commits a chat exchange (state file, then the turns)
-  or, cancelled, commits nothing; :meth:`Generation.done` then sends Done, or :meth:`Generation.fail` Failed.
+* ``done`` — :meth:`Generation.finish` ends the reply and commits a chat exchange (state file, then the turns).
+  A cancelled (stopped) chat reply is committed too, as far as it got (``reason`` "cancelled"), with its state,
+  so the next message continues after it; one stopped before any reply state exists is committed without a
+  state (the next message re-reads it); a regenerate or edit cancelled before it started changes nothing.
+  :meth:`Generation.done` then sends Done, or :meth:`Generation.fail` Failed.
+
+Randomness: without a seed every generation draws from a fresh random stream (a regenerate gives another
+reply); with one, the same request on the same conversation gives the same reply. A conversation's repetition
+penalties carry on from its saved sampler state.
 
 The chat format is the model's chat template (``Model.chat_template``); for RWKV, ChatRWKV's
 ``"User: {message}\\n\\nAssistant:"``, the reply ending at ``"\\n\\n"``, which is fed to the state so the next
@@ -37,6 +48,7 @@ from dataclasses import dataclass, field
 
 from .protocol import messages as m
 from .sessions import sampler_to_meta
+from .store import DIGEST_KEY, transcript_digest
 
 log = logging.getLogger("rwkv_chat.daemon")
 
@@ -104,6 +116,25 @@ class StopScanner:
         return max(self.matched, default=0)
 
 
+class Conflict(ValueError):
+    """A regenerate or edit names a turn that is not the conversation's last reply / last user message (the
+    conversation changed since the client showed it)."""
+
+
+def redo_turns(turns: list, mode: str, turn: int = -1) -> int:
+    """For a ``mode`` "regenerate" or "edit" of a conversation with ``turns``: the index of its last user turn
+    (from where the turns are replaced). ``turn``: the reply (regenerate) or user message (edit) the client
+    means, -1 for the last. Raises ValueError (nothing to redo), Conflict (``turn`` is not the last)."""
+    if len(turns) < 2 or turns[-1].role != "assistant" or turns[-2].role != "user":
+        raise ValueError(f"the conversation has no reply to {mode}")
+    target = turns[-1] if mode == "regenerate" else turns[-2]
+    if turn != -1 and turn != target.index:
+        what = "reply" if mode == "regenerate" else "user message"
+        raise Conflict(f"turn {turn} is not the last {what} of the conversation (that is turn {target.index}): "
+                       "it changed since it was shown; reload it")
+    return turns[-2].index
+
+
 @dataclass
 class Job:
     """A request the server queued for the scheduler: a model load or a generation."""
@@ -158,7 +189,12 @@ class Generation:
         self.t_chunk = 0.0            # perf_counter of the last prefill chunk (round-robin among prompts)
         self.handle: int | None = None   # slot handle in the host's decoder while decoding
         # chat bookkeeping
-        self.base_n = 0
+        self.base_n = 0               # exchanges before this one
+        self.resumed_n = 0            # exchanges the starting state had consumed
+        self.pairs: list[tuple[str, str]] = []    # (user, reply) of the exchanges before this one
+        self.system_prompt = ""
+        self.history = 0              # prompt tokens of the history re-read before the new message
+        self.note = ""                # why history is re-read (Progress text)
         self.drop_from: int | None = None
         self.user_text = ""
         self.user_created = 0.0
@@ -172,7 +208,8 @@ class Generation:
     # ------------------------------------------------------------------ set-up and prefill
     def start(self) -> None:
         """Build the prompt tokens, starting state and sampler; emit Started (phase -> "prefill").
-        Raises NoModel, StateError (a saved state of other weights), SamplingError, ValueError."""
+        Raises NoModel, NotFound, Conflict, SamplingError, ValueError."""
+        from rwkv_chat.models.errors import StateError
         from rwkv_chat.models.text.sampling import Sampler
         from rwkv_chat.models.text.tokenizers import IncrementalDecoder
 
@@ -182,7 +219,8 @@ class Generation:
         given = {k: v for k, v in req.sampling.items() if v is not None}
         if self.kind == "complete":
             args = self.config.sampling.updated(given)
-            text, self.state, self.stops = req.prompt, model.zero_state(), tuple(req.stop)
+            self.state, self.stops = model.zero_state(), tuple(req.stop)
+            self.prompt = tok.encode(req.prompt)
         else:
             store, cid = self.store, self.conversation_id
             conv, turns = store.get(cid), store.turns(cid)
@@ -191,31 +229,42 @@ class Generation:
                 message, before = req.message, turns
                 self.drop_from = None
             else:
-                if len(turns) < 2 or turns[-1].role != "assistant":
-                    raise ValueError(f"conversation {cid} has no assistant turn to {self.mode}")
+                self.drop_from = redo_turns(turns, self.mode, req.turn)
                 message = turns[-2].text if self.mode == "regenerate" else req.text
                 before = turns[:-2]
-                self.drop_from = turns[-2].index
-            self.base_n = len(before) // 2
-            state = None
-            if (not conv.state_stale and 0 < self.base_n <= conv.state_n
-                    and (self.sessions.has(cid, self.base_n) or store.state_path(cid, self.base_n).exists())):
-                state, sampler_sd = self.sessions.get(model, cid, self.base_n)   # StateError if foreign
-            if state is None:
-                state, sampler_sd = model.zero_state(), None
-                pairs = [(before[i].text, before[i + 1].text) for i in range(0, len(before) - 1, 2)]
-                text = template.transcript(conv.system_prompt, pairs) + template.prompt(message)
-            else:
-                text = template.prompt(message)
-            self.state, self.stops, self.user_text = state, (template.stop,), message
+            self.pairs = [(before[i].text, before[i + 1].text) for i in range(0, len(before) - 1, 2)]
+            self.system_prompt, self.base_n = conv.system_prompt, len(self.pairs)
+            resume = self.sessions.resume(model, cid, conv.system_prompt, self.pairs)
+            full = template.transcript(conv.system_prompt, self.pairs)
+            head = template.transcript(conv.system_prompt, self.pairs[:resume.n]) if resume.state is not None else ""
+            if resume.state is None or not full.startswith(head):
+                resume.state, resume.sampler, resume.n, head = None, None, 0, ""
+            self.state = resume.state if resume.state is not None else model.zero_state()
+            sampler_sd, self.resumed_n = resume.sampler, resume.n
+            history = tok.encode(full[len(head):]) if len(full) > len(head) else []
+            self.prompt = history + tok.encode(template.prompt(message))
+            self.history = len(history) if resume.n < self.base_n else 0
+            if resume.problems:
+                self.note = (f"re-reading the conversation: its saved state could not be used "
+                             f"({resume.problems[0]})")
+            elif self.history:
+                self.note = (f"re-reading {2 * (self.base_n - resume.n)} earlier turns: this model has no saved "
+                             "state after them")
+            self.stops, self.user_text = (template.stop,), message
             self.user_created, self.user_tokens = time.time(), len(tok.encode(template.prompt(message)))
-        self.prompt = tok.encode(text)
         if not self.prompt:
             raise ValueError("the prompt is empty")
         self.sampler = Sampler(args, tok)
         if sampler_sd is not None:
-            self.sampler.load_state_dict(sampler_sd)
-            if args.seed is not None:
+            try:
+                self.sampler.load_state_dict(sampler_sd)
+            except StateError as e:      # the penalty counts start again; the state itself is fine
+                log.warning("conversation %s: sampler state not used: %s", self.conversation_id, e)
+                self.sampler = Sampler(args, tok)
+            # the penalties carry on; the randomness never repeats an earlier generation's: a fresh draw, or the seed
+            if args.seed is None:
+                self.sampler.generator.seed()
+            else:
                 self.sampler.generator.manual_seed(args.seed)
         self.detok = IncrementalDecoder(tok)
         from rwkv_chat.daemon.config import check_max_tokens
@@ -231,14 +280,31 @@ class Generation:
         """Feed the next ``chunk_len`` prompt tokens; emit Progress; phase -> "decode" after the last chunk."""
         t0 = time.perf_counter()
         n = self.config.daemon.chunk_len
-        chunk = self.prompt[self.pos:self.pos + n]
+        end = min(self.pos + n, len(self.prompt))
+        if self.pos < self.history < end:
+            end = self.history                   # a chunk ends where the re-read history does
+        chunk = self.prompt[self.pos:end]
         self.logits, self.state = self.host.model.forward(chunk, self.state)
         self.pos += len(chunk)
+        if self.pos == self.history:
+            self._save_history_state()
         self.t_prefill += time.perf_counter() - t0
         self.t_chunk = time.perf_counter()
-        self.emit(self.topic, m.Progress(job_id=self.id, phase="prefill", done=self.pos, total=len(self.prompt)))
+        self.emit(self.topic, m.Progress(job_id=self.id, phase="prefill", done=self.pos, total=len(self.prompt),
+                                         text=self.note))
         if self.pos >= len(self.prompt):
             self.phase = "decode"
+
+    def _save_history_state(self) -> None:
+        """Save the state after the re-read history (the exchanges before this one) on this model, so a
+        regenerate or edit of this exchange resumes from it. A failure to write it only costs a later re-read."""
+        cid, model = self.conversation_id, self.host.model
+        path = self.store.state_path(cid, self.base_n, model.fingerprint)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.state.save(path, metadata={DIGEST_KEY: transcript_digest(self.system_prompt, self.pairs)})
+        except OSError as e:
+            log.warning("conversation %s: could not save the state after its history: %s", cid, e)
 
     # ------------------------------------------------------------------ decode
     def join(self, decoder) -> None:
@@ -328,47 +394,81 @@ class Generation:
 
     # ------------------------------------------------------------------ the end
     def finish(self, reason: str) -> None:
-        """End the generation with ``reason`` ("stop", "length", "cancelled"): leave the decoder; a cancelled
-        one sends its pending text and commits nothing; else the reply is closed (:meth:`_close_reply`) and a
-        chat exchange committed (:meth:`_commit`). Raises what those raise (the caller then calls :meth:`fail`)."""
+        """End the generation with ``reason`` ("stop", "length", "cancelled"): leave the decoder, close the reply
+        (:meth:`_close_reply`) and commit a chat exchange (:meth:`_commit`), a cancelled one too (a stopped reply
+        is kept as far as it got). A generation cancelled before it started sends nothing and commits nothing,
+        but a plain chat message, which is kept with an empty stopped reply. Raises what those raise (the
+        caller then calls :meth:`fail`)."""
         self.reason = reason
         self.leave()
-        if reason == "cancelled":
+        if self.phase == "starting":
+            if reason == "cancelled" and self.kind == "chat" and self.mode == "chat":
+                self._commit_unstarted()
+            return
+        if reason == "cancelled" and self.kind != "chat":
             self.send_pending()
             return
         self._close_reply()
         self._commit()
 
     def _close_reply(self) -> None:
-        """Flush the detokenizer (reason "length") and, for a chat reply cut by ``max_tokens``, feed the
-        template's end (``stop``) to the state as the template does."""
-        if self.reason == "length":
+        """Flush the detokenizer and, for a chat reply that did not end at the template's ``stop`` (cut by
+        ``max_tokens`` or stopped), feed that ``stop`` to the state as the template does. A chat cancelled while
+        its prompt was read has no reply state (``state`` None then)."""
+        if self.reason in ("length", "cancelled"):
             self._append(self.detok.flush())      # (held bytes: at most one character)
             if self.kind == "chat":
-                stop = self.host.template.stop
-                _, self.state = self.host.model.forward(self.host.tokenizer.encode(stop), self.state)
+                if self.phase == "prefill":
+                    self.state = None
+                elif self.state is not None:
+                    stop = self.host.template.stop
+                    _, self.state = self.host.model.forward(self.host.tokenizer.encode(stop), self.state)
         self._sendable(len(self.pending), force=True)
 
     def reply_text(self) -> str:
         return self.text.strip() if self.kind == "chat" else self.text
 
     def _commit(self) -> None:
-        """Persist a finished chat exchange: state file (atomic), then the turns (one transaction)."""
+        """Persist a finished (or stopped) chat exchange: state file (atomic) where there is a reply state, then
+        the turns (one transaction); prune the state files no longer needed."""
         if self.kind != "chat":
             return
-        store, cid = self.store, self.conversation_id
+        store, cid, model = self.store, self.conversation_id, self.host.model
+        fp = model.fingerprint
         n = self.base_n + 1
+        reply = self.reply_text()
+        digest = transcript_digest(self.system_prompt, self.pairs + [(self.user_text, reply)])
         sd = self.sampler.state_dict()
-        path = store.state_path(cid, n)
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.state.save(path, metadata=sampler_to_meta(sd))
+        path = store.state_path(cid, n, fp)
+        conv = store.get(cid)                    # NotFound: deleted meanwhile
+        saved = self.state is not None and conv.system_prompt == self.system_prompt   # else: consumed the old one
+        if saved:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.state.save(path, metadata={**sampler_to_meta(sd), DIGEST_KEY: digest})
         now = time.time()
-        store.commit_exchange(
-            cid, m.TurnInfo(0, "user", self.user_text, self.user_tokens, self.user_created, self.user_created),
-            m.TurnInfo(0, "assistant", self.reply_text(), len(self.out_tokens), self.user_created, now),
-            state_n=n, fingerprint=self.host.model.fingerprint, drop_from=self.drop_from)
-        self.sessions.put(cid, self.state, sd, n)
-        store.prune_states(cid, keep_from=self.base_n)
+        try:
+            store.commit_exchange(
+                cid, m.TurnInfo(0, "user", self.user_text, self.user_tokens, self.user_created, self.user_created),
+                m.TurnInfo(0, "assistant", reply, len(self.out_tokens), self.user_created, now, self.reason),
+                state_n=n if saved else None, fingerprint=fp, drop_from=self.drop_from)
+        except BaseException:
+            if saved:
+                path.unlink(missing_ok=True)
+            raise
+        if saved:
+            self.sessions.put(cid, self.state, sd, n, digest)
+        else:
+            self.sessions.drop(cid)
+        store.prune_states(cid, fp, keep={self.base_n, n} if saved else {self.base_n, self.resumed_n},
+                           changed_after=self.base_n if self.drop_from is not None else None)
+
+    def _commit_unstarted(self) -> None:
+        """Keep the message of a chat cancelled before it started, with an empty stopped reply (no state)."""
+        now = time.time()
+        self.user_text = self.request.message
+        self.store.commit_exchange(self.conversation_id, m.TurnInfo(0, "user", self.user_text, 0, now, now),
+                                   m.TurnInfo(0, "assistant", "", 0, now, now, "cancelled"),
+                                   state_n=None, fingerprint="")
 
     def release(self) -> None:
         """Leave the decoder whatever happens and drop the state and logits (phase -> "done")."""

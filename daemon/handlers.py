@@ -14,7 +14,7 @@ import resource
 import time
 from typing import Callable
 
-from .generation import Job
+from .generation import Job, redo_turns
 from .protocol import codec as p
 from .protocol import messages as m
 from .protocol.messages import (EXPORT_PAGE_CHARS, MAX_PAGE, TURN_PAGE_BYTES, check_conversation_id, check_request,
@@ -162,8 +162,8 @@ def _chat(server, msg):
 @handles(m.Regenerate, m.EditLastUser)
 def _redo(server, msg):
     cid = check_conversation_id(msg.conversation_id)
-    server.store.get(cid)
     mode = "regenerate" if isinstance(msg, m.Regenerate) else "edit"
+    redo_turns(server.store.turns(server.store.get(cid).id), mode, msg.turn)   # checked again when it starts
     return _generation(server, msg, "chat", cid, cid, mode), []
 
 
@@ -185,6 +185,11 @@ def _list(server, msg):
 @handles(m.GetConversation)
 def _get(server, msg):
     return _detail(server, msg.conversation_id, msg.turn_offset), []
+
+
+@handles(m.FindConversation)
+def _find(server, msg):
+    return m.ConversationList(items=server.store.find(msg.query, msg.limit)), []
 
 
 @handles(m.CreateConversation)
@@ -213,8 +218,11 @@ def _delete(server, msg):
 @handles(m.SetSystemPrompt)
 def _set_system_prompt(server, msg):
     c = server.store.get(msg.conversation_id)
+    if msg.text == c.system_prompt:
+        return m.Ok(), []
     server.store.update(c.id, system_prompt=msg.text, state_stale=int(c.turns > 0))
     server.sessions.drop(c.id)
+    server.store.drop_states(c.id)          # every state consumed the old prompt (and a reply running now saves none)
     return m.Ok(), []
 
 
@@ -238,7 +246,7 @@ def _get_state(server, msg):
     from rwkv_chat.models import State
 
     c = server.store.get(msg.conversation_id)
-    state = State.load(server.store.state_path(c.id, c.state_n))
+    state = State.load(server.store.state_path(c.id, c.state_n, c.model_fingerprint))
     tensors = {f"layers.{i}.{n}": t for i, layer in enumerate(state.layers) for n, t in zip(state.names, layer)}
     metas, bufs = p.tensor_frames(tensors)
     meta = {**state.metadata, "version": state.version, "fingerprint": state.fingerprint,

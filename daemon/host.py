@@ -3,13 +3,26 @@ batch sizes, and what the daemon makes of failures (out of memory above all).
 
 The engine is reached only through its interface: ``rwkv_chat.models.load_model`` returns a ``Model``
 (``.tokenizer``, ``.chat_template``, ``.devices``, ``.decoder(max_batch, buckets)``, ``.forward``, ...).
-Runs in the scheduler thread, apart from :meth:`Host.info`.
+Runs in the scheduler thread, apart from :meth:`Host.info` and :meth:`Host.expect`.
+
+:meth:`Host.info` (the status's ``model``) says what is loaded (``loaded``, ``path``, ``strategy``, ...), what
+is loading (``loading``: the path, ``loading_strategy``, ``progress``: [done, total] layers, ``note``: e.g. a
+kernel build) and how the last load failed (``error``: ``path``, ``strategy``, ``kind``, ``message``, ``time``;
+kept until a load succeeds).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import time
+
+_LOADING = ("loading", "loading_strategy", "progress", "note")
+
+
+def _short(text: str, limit: int = 300) -> str:
+    """``text`` cut to ``limit`` characters (status replies stay small whatever a client sent)."""
+    return text if len(text) <= limit else text[:limit] + f"… ({len(text) - limit:,} more characters)"
 
 
 class NoModel(RuntimeError):
@@ -40,19 +53,28 @@ class Host:
         from rwkv_chat.models import kernels, load_model
 
         path = os.path.abspath(os.path.expanduser(path))
-        self._info = {**self._info, "loading": path}
+        self.expect(path, strategy)
         # a first use builds the compiled kernels (tens of seconds): status shows what is happening
         kernels.set_progress(lambda note: self._info.update(note=note))
+
+        def placed(done: int, total: int) -> None:
+            self._info["progress"] = [done, total]
+            if progress is not None:
+                progress(done, total)
+
         old_threads = torch.get_num_threads()
         try:
-            model = load_model(path, strategy, tokenizer=tokenizer or None, progress=progress)
+            model = load_model(path, strategy, tokenizer=tokenizer or None, progress=placed)
             n_threads = threads or auto_threads(model)
             torch.set_num_threads(n_threads)                    # the buckets are measured with these threads
             self._info["note"] = "measuring decode batch sizes"
             decoder = model.decoder(max_batch, decode_buckets(model, max_batch, batch_invariant))
-        except BaseException:
+        except BaseException as e:
             torch.set_num_threads(old_threads)
-            self._info = {k: v for k, v in self._info.items() if k not in ("loading", "note")}
+            kind, message = classify(e)
+            self._info = {**{k: v for k, v in self._info.items() if k not in _LOADING},
+                          "error": {"path": _short(path), "strategy": _short(strategy), "kind": kind,
+                                    "message": _short(message, 500), "time": time.time()}}
             raise
         finally:
             kernels.set_progress(None)
@@ -67,6 +89,11 @@ class Host:
 
     def info(self) -> dict:
         return dict(self._info)
+
+    def expect(self, path: str, strategy: str) -> None:
+        """Say (in :meth:`info`) that ``path`` is about to load with ``strategy`` (any thread)."""
+        self._info = {**{k: v for k, v in self._info.items() if k not in _LOADING},
+                      "loading": _short(os.path.abspath(os.path.expanduser(path))), "loading_strategy": _short(strategy)}
 
     def need(self):
         """``(model, tokenizer, chat template)`` of the loaded model. Raises NoModel."""
@@ -196,6 +223,7 @@ def classify(e: BaseException) -> tuple[str, str]:
 def _classify(e: BaseException) -> tuple[str, str]:
     from rwkv_chat.models import RWKVError
 
+    from .generation import Conflict
     from .protocol.messages import InvalidId, LimitError
     from .store import NotFound
 
@@ -203,6 +231,8 @@ def _classify(e: BaseException) -> tuple[str, str]:
         return "OOM", f"out of memory: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
     if isinstance(e, (RWKVError, NoModel, NotFound, InvalidId, LimitError)):
         return type(e).__name__, str(e)
+    if isinstance(e, Conflict):
+        return "Conflict", str(e)
     if isinstance(e, FileNotFoundError):
         return "NotFound", str(e)
     if isinstance(e, ValueError):

@@ -188,6 +188,7 @@ class Server:
             self.scheduler = Scheduler(self.host, self.store, self.sessions, self.config, self.emit)
             self.scheduler.start()
             if self.model:
+                self.host.expect(self.model, self.strategy)    # status says so before any client can ask
                 self.scheduler.submit(Job(id="startup-load", kind="load", client_id="", topic=m.DAEMON_TOPIC,
                                           request=m.Load(client_id="", topic=m.DAEMON_TOPIC, path=self.model,
                                                          strategy=self.strategy)))

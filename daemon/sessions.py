@@ -1,9 +1,15 @@
-"""Conversation states held by the daemon, least-recently-used first out.
+"""Conversation states held by the daemon, least-recently-used first out, and where a conversation resumes.
 
 The newest ``resident`` states stay where the model's strategy puts them (its devices and dtypes); idle
 ones beyond that spill to CPU memory (``cpu`` more of them), and beyond that they are dropped from memory:
-every committed state is also on disk (``Store.state_path``), from where :meth:`Sessions.get` reloads it
-with ``model.load_state`` (which checks it belongs to the model and raises ``StateError`` otherwise).
+every committed state is also on disk (``Store.state_path``, one folder per model), from where
+:meth:`Sessions.resume` reloads it with ``model.load_state``.
+
+:meth:`Sessions.resume` finds the newest state of a conversation on the loaded model that has consumed a prefix
+of its stored exchanges (the digest it recorded is that prefix's, :func:`~rwkv_chat.daemon.store.transcript_digest`):
+the caller feeds the rest of the transcript. A state file that cannot be read (corrupt, a field missing or of
+the wrong type, another model's) is set aside with a warning and reported; the conversation then resumes from an
+older state or the zero state, re-reading its history.
 
 Used by the scheduler thread; :meth:`Sessions.drop` and :meth:`Sessions.clear` may come from the server
 thread too (a lock guards the table).
@@ -12,15 +18,20 @@ thread too (a lock guards the table).
 from __future__ import annotations
 
 import base64
+import binascii
 import json
+import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from .store import DIGEST_KEY, transcript_digest
+
 if TYPE_CHECKING:
     from rwkv_chat.models.state import State
 
+log = logging.getLogger("rwkv_chat.daemon")
 
 SAMPLER_KEY = "rwkv_chat.sampler"
 
@@ -30,8 +41,20 @@ class Entry:
     state: State
     sampler: dict | None          # Sampler.state_dict() of the conversation so far
     n: int                        # completed exchanges the state covers
+    digest: str                   # transcript_digest of those exchanges
     placement: list = field(default_factory=list)   # [(device, dtype)] per tensor while spilled
     spilled: bool = False
+
+
+@dataclass
+class Resume:
+    """Where a conversation resumes: ``state`` (None: from the model's zero state) after ``n`` exchanges, its
+    sampler state, and the problems met on the way (unreadable state files, as user-facing sentences)."""
+
+    state: State | None = None
+    sampler: dict | None = None
+    n: int = 0
+    problems: list[str] = field(default_factory=list)
 
 
 def sampler_to_meta(sd: dict | None) -> dict[str, str]:
@@ -43,12 +66,20 @@ def sampler_to_meta(sd: dict | None) -> dict[str, str]:
     return {SAMPLER_KEY: json.dumps(d)}
 
 
-def sampler_from_meta(meta: dict[str, str]) -> dict | None:
+def sampler_from_meta(meta: dict[str, str], path=None) -> dict | None:
+    """The sampler state of a state file's metadata (None without one). Raises StateError naming ``path`` and
+    the field when it is not what :func:`sampler_to_meta` writes."""
+    from rwkv_chat.models.errors import StateError
+
     raw = meta.get(SAMPLER_KEY)
     if not raw:
         return None
-    d = json.loads(raw)
-    d["rng_state"] = base64.b64decode(d["rng_state"])
+    try:
+        d = json.loads(raw)
+        d["rng_state"] = base64.b64decode(d["rng_state"], validate=True)
+    except (ValueError, TypeError, KeyError, binascii.Error) as e:
+        raise StateError(f"state file {path}: metadata field {SAMPLER_KEY!r} is malformed ({type(e).__name__}: "
+                         f"{e})") from None
     return d
 
 
@@ -90,35 +121,46 @@ class Sessions:
         with self._lock:
             self._lru.pop(cid, None)
 
-    def has(self, cid: str, n: int) -> bool:
+    def resume(self, model, cid: str, system_prompt: str, pairs: list[tuple[str, str]]) -> Resume:
+        """The newest state of ``cid`` on ``model`` that consumed the first ``n <= len(pairs)`` of the exchanges
+        ``pairs`` (user text, reply text) under ``system_prompt`` — a private copy — with its sampler state; an
+        empty :class:`Resume` (start from the zero state) when there is none. Unreadable files are deleted and
+        reported in ``problems`` (the conversation is then rebuilt from its turns)."""
+        from rwkv_chat.models.errors import StateError
+
+        fp = model.fingerprint
         with self._lock:
             e = self._lru.get(cid)
-            return e is not None and e.n == n
-
-    def get(self, model, cid: str, n: int) -> tuple[State, dict | None]:
-        """A private copy of the state of ``cid`` after ``n`` exchanges and its sampler state.
-
-        ``n == 0`` without a file gives the model's zero state. Raises StateError (foreign or corrupt file,
-        missing file).
-        """
-        with self._lock:
-            e = self._lru.get(cid)
-            if e is not None and e.n == n:
+            if (e is not None and e.state.fingerprint == fp and e.n <= len(pairs)
+                    and e.digest == transcript_digest(system_prompt, pairs[:e.n])):
                 self._lru.move_to_end(cid)
                 if e.spilled:
                     e.state, e.spilled = _restore(e.state, e.placement), False
                     self._shrink()
-                return e.state.clone(), e.sampler
-        path = self.store.state_path(cid, n)
-        if n == 0 and not path.exists():
-            return model.zero_state(), None
-        state = model.load_state(path)
-        return state, sampler_from_meta(state.metadata)
+                return Resume(e.state.clone(), e.sampler, e.n)
+        out = Resume()
+        for n, path in self.store.state_files(cid, fp):
+            if n > len(pairs):
+                continue
+            try:
+                state = model.load_state(path)
+                sampler = sampler_from_meta(state.metadata, path)
+            except StateError as err:
+                log.warning("conversation %s: %s; set aside, the state is rebuilt from the turns", cid, err)
+                out.problems.append(str(err))
+                path.unlink(missing_ok=True)
+                continue
+            if state.metadata.get(DIGEST_KEY) != transcript_digest(system_prompt, pairs[:n]):
+                continue                 # it consumed turns that were replaced since
+            out.state, out.sampler, out.n = state, sampler, n
+            break
+        return out
 
-    def put(self, cid: str, state: State, sampler: dict | None, n: int) -> None:
-        """Remember ``state`` (the daemon's copy; callers keep using their own) as the newest of ``cid``."""
+    def put(self, cid: str, state: State, sampler: dict | None, n: int, digest: str) -> None:
+        """Remember ``state`` (the daemon's copy; callers keep using their own) as the newest of ``cid``: after
+        ``n`` exchanges whose :func:`~rwkv_chat.daemon.store.transcript_digest` is ``digest``."""
         with self._lock:
-            self._lru[cid] = Entry(state.clone(), sampler, n)
+            self._lru[cid] = Entry(state.clone(), sampler, n, digest)
             self._lru.move_to_end(cid)
             self._shrink()
 

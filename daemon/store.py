@@ -3,10 +3,16 @@
 The database and its ``-wal``/``-shm`` files are mode 0600 whatever the umask (made so before SQLite opens
 them; SQLite gives its side files the database's mode), in the home's 0700 data directory.
 
-Schema version lives in ``PRAGMA user_version`` (:data:`SCHEMA_VERSION`). State files live in
-``<data dir>/states/<conversation id>/<n>.safetensors`` where ``n`` is the number of completed
-exchanges (user turn + assistant turn) the state has consumed; the newest and the one before it are
-kept (the one before serves ``regenerate`` and ``edit_last_user``).
+Schema version lives in ``PRAGMA user_version`` (:data:`SCHEMA_VERSION`). Turns come in exchanges (a user
+turn and its reply; a reply the user stopped is kept as far as it got, ``reason`` "cancelled").
+
+State files live in ``<data dir>/states/<conversation id>/<model fingerprint>/<n>.safetensors`` where ``n`` is
+the number of exchanges the state has consumed: states are kept per model, so a conversation continued on
+another model and then on the first again re-reads only what the first has not seen. Each file records the
+digest of the transcript it consumed (:func:`transcript_digest`, metadata :data:`DIGEST_KEY`): a state whose
+digest is not that of the stored turns (an edit, a new system prompt, a crash between file and turns) is never
+used. Per model the newest state and the one before the last exchange are kept (that one serves
+``regenerate`` and ``edit_last_user``).
 
 Conversation ids are checked (:func:`~rwkv_chat.daemon.protocol.messages.check_conversation_id`) before any
 path or query is built from one. Conversations and turns come back as the protocol's records
@@ -15,8 +21,11 @@ path or query is built from one. Conversations and turns come back as the protoc
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
+import shutil
 import sqlite3
 import threading
 import time
@@ -27,7 +36,17 @@ import msgspec
 from .protocol.messages import (MAX_TEXT, MAX_TITLE, SUMMARY_CHARS, ConversationInfo, TurnInfo,
                                 check_conversation_id, clip_bytes, quote)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+#: metadata entry of a state file: :func:`transcript_digest` of what the state consumed
+DIGEST_KEY = "rwkv_chat.transcript"
+_FINGERPRINT_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def transcript_digest(system_prompt: str, pairs: list[tuple[str, str]]) -> str:
+    """A digest of a conversation's system prompt and its first exchanges ``pairs`` (user text, reply text):
+    what a state after those exchanges has consumed."""
+    return hashlib.sha256(json.dumps([system_prompt, pairs], ensure_ascii=False).encode()).hexdigest()[:32]
 
 
 class NotFound(KeyError):
@@ -57,9 +76,12 @@ CREATE TABLE turns (
     tokens INTEGER NOT NULL DEFAULT 0,
     created REAL NOT NULL,
     finished REAL NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (conversation_id, idx)
 );
 """
+#: schema version -> statements that bring a database of that version to the next
+_MIGRATIONS = {1: ["ALTER TABLE turns ADD COLUMN reason TEXT NOT NULL DEFAULT ''"]}
 
 
 class Store:
@@ -104,14 +126,25 @@ class Store:
         version = db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             raise RuntimeError(f"{self.database} has schema {version}, newer than this program's {SCHEMA_VERSION}")
-        if version == 0:
-            db.execute("BEGIN IMMEDIATE")
-            if db.execute("PRAGMA user_version").fetchone()[0] == 0:
+        if version == SCHEMA_VERSION:
+            return
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0:
                 for stmt in _SCHEMA.split(";"):
                     if stmt.strip():
                         db.execute(stmt.replace("CREATE TABLE", "CREATE TABLE IF NOT EXISTS"))
-                db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                version = SCHEMA_VERSION
+            while version < SCHEMA_VERSION:
+                for stmt in _MIGRATIONS[version]:
+                    db.execute(stmt)
+                version += 1
+            db.execute(f"PRAGMA user_version={version}")
             db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
 
     # -- conversations
     def create(self, cid: str, title: str = "", system_prompt: str = "", sampling: dict | None = None,
@@ -146,7 +179,8 @@ class Store:
         row = self.db.execute(f"SELECT {self._COLUMNS} FROM conversations c WHERE c.id=?", (cid,)).fetchone()
         if row is None:
             raise NotFound(f"no conversation {cid}")
-        return self._info(row)
+        models = [] if row[8] or not row[9] else self.state_models(cid, row[9] // 2)
+        return msgspec.structs.replace(self._info(row), state_models=models)
 
     def get_bounded(self, cid: str) -> ConversationInfo:
         """:meth:`get` with a title and system prompt cut to the limits (``MAX_TITLE`` characters,
@@ -173,6 +207,21 @@ class Store:
             " FROM conversations c ORDER BY c.updated DESC, c.id LIMIT ? OFFSET ?", (limit, offset)).fetchall()
         return [self._info(r[:10], truncated=bool(r[10])) for r in rows]
 
+    def find(self, query: str, limit: int = 10) -> list[ConversationInfo]:
+        """The conversations ``query`` names, by the best kind of match: the conversation whose id it is; else
+        those titled exactly ``query``; else those whose id starts with ``query`` (at most ``limit``, newest
+        first). Empty when none matches."""
+        limit = max(1, min(int(limit), 100))
+        db = self.db
+        rows = db.execute("SELECT id FROM conversations WHERE id=?", (query,)).fetchall()
+        if not rows:
+            rows = db.execute("SELECT id FROM conversations WHERE title=? ORDER BY updated DESC LIMIT ?",
+                              (query, limit)).fetchall()
+        if not rows and query:
+            rows = db.execute("SELECT id FROM conversations WHERE substr(id,1,?)=? ORDER BY updated DESC LIMIT ?",
+                              (len(query), query, limit)).fetchall()
+        return [self.get(r[0]) for r in rows]
+
     def update(self, cid: str, **fields) -> None:
         allowed = {"title", "system_prompt", "sampling", "model_fingerprint", "state_n", "state_stale"}
         if not fields or set(fields) - allowed:
@@ -189,16 +238,12 @@ class Store:
         cur = self.db.execute("DELETE FROM conversations WHERE id=?", (check_conversation_id(cid),))
         if cur.rowcount == 0:
             raise NotFound(f"no conversation {cid}")
-        d = self.state_dir(cid)
-        if d.exists():
-            for f in d.iterdir():
-                f.unlink()
-            d.rmdir()
+        shutil.rmtree(self.state_dir(cid), ignore_errors=True)
 
     # -- turns
     def turns(self, cid: str) -> list[TurnInfo]:
-        rows = self.db.execute("SELECT idx,role,text,tokens,created,finished FROM turns WHERE conversation_id=?"
-                               " ORDER BY idx", (check_conversation_id(cid),)).fetchall()
+        rows = self.db.execute("SELECT idx,role,text,tokens,created,finished,reason FROM turns"
+                               " WHERE conversation_id=? ORDER BY idx", (check_conversation_id(cid),)).fetchall()
         return [TurnInfo(*r) for r in rows]
 
     def turns_page(self, cid: str, offset: int, budget: int) -> list[TurnInfo]:
@@ -206,33 +251,40 @@ class Store:
         one where any is left); a turn's text longer than ``MAX_TEXT`` bytes (stored by an older version) is
         cut there with ``truncated`` set. Reads rows only up to the first that does not fit."""
         out, used = [], 0
-        cur = self.db.execute("SELECT idx,role,text,tokens,created,finished FROM turns WHERE conversation_id=?"
+        cur = self.db.execute("SELECT idx,role,text,tokens,created,finished,reason FROM turns WHERE conversation_id=?"
                               " AND idx>=? ORDER BY idx", (check_conversation_id(cid), offset))
         for r in cur:
             text, cut = clip_bytes(r[2], MAX_TEXT)
             size = len(text.encode("utf-8", "surrogatepass")) + 64
             if out and used + size > budget:
                 break
-            out.append(TurnInfo(r[0], r[1], text, r[3], r[4], r[5], truncated=cut))
+            out.append(TurnInfo(r[0], r[1], text, r[3], r[4], r[5], r[6], truncated=cut))
             used += size
         cur.close()
         return out
 
-    def commit_exchange(self, cid: str, user: TurnInfo, assistant: TurnInfo, state_n: int, fingerprint: str,
+    def commit_exchange(self, cid: str, user: TurnInfo, assistant: TurnInfo, state_n: int | None, fingerprint: str,
                         drop_from: int | None = None) -> None:
         """Atomically (one transaction): drop turns with index >= ``drop_from``, append ``user`` and
-        ``assistant`` and record that the state file ``state_n`` now covers the conversation."""
+        ``assistant`` and, unless ``state_n`` is None (no state was saved), record that the state file
+        ``state_n`` of model ``fingerprint`` now covers the conversation. Raises NotFound (nothing changes)
+        when the conversation is gone (deleted while its reply was generated)."""
         db = self.db
         db.execute("BEGIN IMMEDIATE")
         try:
+            if db.execute("SELECT 1 FROM conversations WHERE id=?", (cid,)).fetchone() is None:
+                raise NotFound(f"no conversation {cid}")
             if drop_from is not None:
                 db.execute("DELETE FROM turns WHERE conversation_id=? AND idx>=?", (cid, drop_from))
             n = db.execute("SELECT COALESCE(MAX(idx)+1,0) FROM turns WHERE conversation_id=?", (cid,)).fetchone()[0]
             for i, t in enumerate((user, assistant)):
-                db.execute("INSERT INTO turns VALUES (?,?,?,?,?,?,?)",
-                           (cid, n + i, t.role, t.text, t.tokens, t.created, t.finished))
-            db.execute("UPDATE conversations SET state_n=?,state_stale=0,model_fingerprint=?,updated=? WHERE id=?",
-                       (state_n, fingerprint, time.time(), cid))
+                db.execute("INSERT INTO turns VALUES (?,?,?,?,?,?,?,?)",
+                           (cid, n + i, t.role, t.text, t.tokens, t.created, t.finished, t.reason))
+            if state_n is None:
+                db.execute("UPDATE conversations SET updated=? WHERE id=?", (time.time(), cid))
+            else:
+                db.execute("UPDATE conversations SET state_n=?,state_stale=0,model_fingerprint=?,updated=?"
+                           " WHERE id=?", (state_n, fingerprint, time.time(), cid))
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -252,19 +304,57 @@ class Store:
         return n
 
     def state_dir(self, cid: str) -> Path:
+        """The folder of every state file of ``cid`` (one sub-folder per model)."""
         return self.states_dir / check_conversation_id(cid)
 
-    def state_path(self, cid: str, n: int) -> Path:
-        return self.state_dir(cid) / f"{int(n)}.safetensors"
+    def model_dir(self, cid: str, fingerprint: str) -> Path:
+        """The folder of the state files of ``cid`` on the model ``fingerprint``."""
+        name = fingerprint if _FINGERPRINT_RE.fullmatch(fingerprint or "") else \
+            "h" + hashlib.sha256(str(fingerprint).encode()).hexdigest()[:32]
+        return self.state_dir(cid) / name
 
-    def prune_states(self, cid: str, keep_from: int) -> None:
-        """Delete state files of ``cid`` older than exchange ``keep_from``."""
+    def state_path(self, cid: str, n: int, fingerprint: str) -> Path:
+        """The state file of ``cid`` after ``n`` exchanges on the model ``fingerprint``."""
+        return self.model_dir(cid, fingerprint) / f"{int(n)}.safetensors"
+
+    def state_files(self, cid: str, fingerprint: str) -> list[tuple[int, Path]]:
+        """``(n, path)`` of the state files of ``cid`` on the model ``fingerprint``, newest (largest n) first."""
+        d = self.model_dir(cid, fingerprint)
+        if not d.is_dir():
+            return []
+        files = [(int(f.stem), f) for f in d.glob("*.safetensors") if f.stem.isdigit()]
+        return sorted(files, key=lambda x: x[0], reverse=True)
+
+    def state_models(self, cid: str, n: int) -> list[str]:
+        """Names (fingerprints) of the models with a state file of ``cid`` after ``n`` exchanges."""
         d = self.state_dir(cid)
-        if not d.exists():
+        if not d.is_dir():
+            return []
+        return sorted(m.name for m in d.iterdir() if (m / f"{int(n)}.safetensors").is_file())
+
+    def prune_states(self, cid: str, fingerprint: str, keep: set[int], changed_after: int | None = None) -> None:
+        """Delete the state files of ``cid`` on the model ``fingerprint`` other than those after ``keep``
+        exchanges; with ``changed_after`` (the exchanges after that many were replaced), the files of every
+        other model after more than that many exchanges too (they consumed replaced turns)."""
+        d = self.state_dir(cid)
+        if not d.is_dir():
             return
-        for f in d.glob("*.safetensors"):
-            if f.stem.isdigit() and int(f.stem) < keep_from:
-                f.unlink(missing_ok=True)
+        own = self.model_dir(cid, fingerprint)
+        for f in d.glob("*.safetensors"):             # the layout before states were kept per model
+            f.unlink(missing_ok=True)
+        for m in d.iterdir():
+            if not m.is_dir():
+                continue
+            for f in m.glob("*.safetensors"):
+                if not f.stem.isdigit():
+                    continue
+                n = int(f.stem)
+                if (n not in keep) if m == own else (changed_after is not None and n > changed_after):
+                    f.unlink(missing_ok=True)
+
+    def drop_states(self, cid: str) -> None:
+        """Delete every state file of ``cid`` (what they consumed is no longer the conversation)."""
+        shutil.rmtree(self.state_dir(cid), ignore_errors=True)
 
 
 def export_conversation(conv: ConversationInfo, turns: list[TurnInfo], fmt: str) -> str:

@@ -167,10 +167,11 @@ class State:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "State":
-        """Read a state written by ``save`` (float32, on the CPU).
+        """Read a state file written by ``save`` (float32, on the CPU).
 
         Raises:
-            StateError: missing, truncated or corrupt file, or not a state file of this format.
+            StateError: missing, truncated or corrupt file, not a state file of this format, or a metadata
+                field or tensor missing or of the wrong type; the message names the file and the field.
         """
         from safetensors import safe_open
 
@@ -182,12 +183,58 @@ class State:
                 meta = dict(f.metadata() or {})
                 if meta.get("format") != FORMAT:
                     raise StateError(f"{path} is not an rwkv-chat state file (format {meta.get('format')!r})")
-                names = tuple(json.loads(meta["names"]))
-                n_layer = int(meta["n_layer"])
-                layers = [tuple(f.get_tensor(f"layers.{i}.{n}") for n in names) for i in range(n_layer)]
+                version, fingerprint = _field(path, meta, "version"), _field(path, meta, "fingerprint")
+                names = _field(path, meta, "names", _names)
+                n_layer = _field(path, meta, "n_layer", _count)
+                batch = _field(path, meta, "batch", _count)
+                token_count = _field(path, meta, "token_count", _count)
+                keys = set(f.keys())
+                layers = []
+                for i in range(n_layer):
+                    layer = []
+                    for n in names:
+                        key = f"layers.{i}.{n}"
+                        if key not in keys:
+                            raise StateError(f"state file {path}: tensor {key!r} is missing")
+                        t = f.get_tensor(key)
+                        if t.dim() < 1 or t.shape[0] != batch or not t.is_floating_point():
+                            raise StateError(f"state file {path}: tensor {key!r} has shape {tuple(t.shape)} and "
+                                             f"dtype {t.dtype}; expected float with {batch} sequence(s) first")
+                        layer.append(t)
+                    layers.append(tuple(layer))
         except StateError:
             raise
-        except Exception as e:  # safetensors' own errors, KeyError, JSON errors
+        except Exception as e:  # safetensors' own errors (truncated header, bad offsets, ...)
             raise StateError(f"cannot read state file {path}: {e}") from e
         user = {k: v for k, v in meta.items() if k not in _RESERVED}
-        return cls(meta["version"], meta["fingerprint"], names, layers, int(meta["token_count"]), user)
+        return cls(version, fingerprint, names, layers, token_count, user)
+
+
+def _names(text: str) -> tuple[str, ...]:
+    names = json.loads(text)
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+        raise ValueError("not a list of tensor names")
+    return tuple(names)
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise ValueError("not a non-negative integer")
+    return int(text)
+
+
+def _field(path: Path, meta: dict[str, str], name: str, parse=None):
+    """Metadata field ``name`` of the state file ``path``, parsed by ``parse``; StateError naming the file and
+    the field when it is missing or does not parse."""
+    if name not in meta:
+        raise StateError(f"state file {path}: metadata field {name!r} is missing")
+    value = meta[name]
+    if parse is None:
+        if not value:
+            raise StateError(f"state file {path}: metadata field {name!r} is empty")
+        return value
+    try:
+        return parse(value)
+    except (ValueError, TypeError) as e:      # json.JSONDecodeError is a ValueError
+        raise StateError(f"state file {path}: metadata field {name!r} has the wrong type "
+                         f"({value[:40]!r}: {e})") from None

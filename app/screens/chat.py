@@ -3,6 +3,11 @@
 Generation events come from the app's link (the open conversation's topic), whoever started the
 generation: this window, another rwkv-chat window or a script. The screen keeps at most one streaming
 reply (``self.bubble``); the daemon runs one generation per conversation at a time.
+
+The view shows what the daemon stored: when a generation ends (a stopped reply is stored too, marked
+stopped) the screen reads the conversation back (:meth:`ChatScreen.sync`), gives every message the index
+of its stored turn (regenerate and edit name that turn, so they act on exactly what is shown) and redraws
+whatever differs. Only a message whose generation failed stays on screen unsaved, marked so.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from ..widgets.status_bar import StatusBar
 from .conversation_actions import ConversationActions
 
 SHOWN_TURNS = 60          # turns rendered when a conversation opens (older ones: a note)
+STOPPED = "stopped (kept as far as it got)"
 
 
 class ChatScreen(ConversationActions, Screen):
@@ -53,6 +59,8 @@ class ChatScreen(ConversationActions, Screen):
         self.pending: str | None = None      # a message this window sent, not yet Started
         self.last_done = None                # the last Done event of the open conversation
         self.resume_unsaid: str | None = None  # conversation opened before the model's fingerprint was known
+        self.action = ""                     # what this window's generation does: "send", "regenerate", "edit"
+        self.hidden_turns = 0                # stored turns of the open conversation not drawn (older ones)
 
     def compose(self) -> ComposeResult:
         with Horizontal(id="main"):
@@ -152,11 +160,11 @@ class ChatScreen(ConversationActions, Screen):
         if not fingerprint or self.resume_unsaid != self.cid or conv is None or self.busy():
             return
         self.resume_unsaid = None
-        if conv.model_fingerprint == fingerprint:
+        if fingerprint in conv.state_models:
             self.log_view.add(Notice("resumed from state, 0 tokens re-read", kind="ok"))
         else:
-            self.log_view.add(Notice("The saved state belongs to another model: the history will be re-read "
-                                     "with this one on the next message."))
+            self.log_view.add(Notice("This model has no saved state after the last turn: the turns it has not "
+                                     "read are re-read on the next message (progress shows in the reply)."))
 
     def link_event(self, topic: str, event) -> None:
         from rwkv_chat.daemon.protocol import messages as m
@@ -176,7 +184,7 @@ class ChatScreen(ConversationActions, Screen):
             self.bubble.job_id = event.job_id
         elif isinstance(event, m.Progress) and event.phase == "prefill":
             if self.bubble is not None:
-                self.bubble.prefill(event.done, event.total)
+                self.bubble.prefill(event.done, event.total, event.text)
         elif isinstance(event, m.Queued):
             if self.bubble is not None:    # waiting for a place (or yielded it for a while)
                 self.bubble.set_footer(f"queued: position {event.position} of {event.queued}, "
@@ -189,22 +197,26 @@ class ChatScreen(ConversationActions, Screen):
                 self.bubble.set_footer("…")
             self.bubble.append(event.text)
         elif isinstance(event, m.Done):
-            mine = self.bubble is not None and self.bubble.mine
             self.last_done = event
             self.end_generation(event.text, self._done_footer(event))
             if event.tokens_per_s and event.reason != "cancelled":
                 self.status_bar.set_speed(event.tokens_per_s)
-            if event.reason != "cancelled":
-                self.refresh_conversations(reopen=not mine)
+            self.refresh_conversations()
+            self.sync()
         elif isinstance(event, m.Failed):
+            bubble, action = self.bubble, self.action if (self.bubble is not None and self.bubble.mine) else ""
             self.end_generation(None, f"failed: {event.kind}: {event.message}")
+            if action == "send" and bubble is not None:
+                self.mark_unsaved(bubble)
+            else:                      # nothing changed in the store: show what is there
+                self.notify(f"{action or 'generation'} failed: {event.kind}: {event.message}", severity="error")
+                self.sync()
 
     def _done_footer(self, event) -> str:
         parts = [f"{event.tokens} tokens"]
         if not self.app.snapshot and event.tokens_per_s:
             parts.append(f"{event.tokens_per_s:.1f} tok/s")
-        reason = {"length": "stopped at max tokens",
-                  "cancelled": "stopped (not kept in the conversation)"}.get(event.reason)
+        reason = {"length": "stopped at max tokens", "cancelled": STOPPED}.get(event.reason)
         if reason:
             parts.append(reason)
         return " · ".join(parts)
@@ -219,7 +231,7 @@ class ChatScreen(ConversationActions, Screen):
         self.query_one(Sidebar).highlight(cid)
         self.app.request("open", lambda c: c.conversation(cid), self._show_detail)
 
-    def _show_detail(self, detail) -> None:
+    def _show_detail(self, detail, announce: bool = True) -> None:
         conv = detail.conversation
         if conv.id != self.cid:
             return
@@ -227,27 +239,66 @@ class ChatScreen(ConversationActions, Screen):
         log = self.log_view
         log.clear()
         turns = detail.turns
-        if len(turns) > SHOWN_TURNS:
-            log.add(Notice(f"… {len(turns) - SHOWN_TURNS} earlier turns not shown (export shows all)"))
+        self.hidden_turns = max(0, len(turns) - SHOWN_TURNS)
+        if self.hidden_turns:
+            log.add(Notice(f"… {self.hidden_turns} earlier turns not shown (export shows all)"))
             turns = turns[-SHOWN_TURNS:]
         if conv.system_prompt:
             log.add(Notice("System prompt: " + conv.system_prompt.splitlines()[0][:200], kind="system"))
         for t in turns:
             if t.role == "user":
-                log.add(UserMessage(t.text))
+                log.add(UserMessage(t.text, turn=t.index))
             else:
-                log.add(AssistantMessage(t.text, footer=f"{t.tokens} tokens"))
-        self.resume_unsaid = conv.id if conv.turns else None
-        self._say_resume((self.app.status.get("model") or {}).get("fingerprint"))
+                log.add(AssistantMessage(t.text, footer=self._turn_footer(t), turn=t.index))
+        if announce:
+            self.resume_unsaid = conv.id if conv.turns else None
+            self._say_resume((self.app.status.get("model") or {}).get("fingerprint"))
         self.query_one(SamplingPanel).show(conv.sampling)
         log.call_after_refresh(log.scroll_end, animate=False)
 
-    def refresh_conversations(self, reopen: bool = False) -> None:
+    @staticmethod
+    def _turn_footer(turn) -> str:
+        return f"{turn.tokens} tokens" + (f" · {STOPPED}" if turn.reason == "cancelled" else "")
+
+    def sync(self) -> None:
+        """Read the open conversation back from the daemon and show exactly what is stored (:meth:`_synced`)."""
+        cid = self.cid
+        if cid is not None:
+            self.app.request("reload the conversation", lambda c: c.conversation(cid), self._synced)
+
+    def _synced(self, detail) -> None:
+        """Give the messages on screen the indices of their stored turns when they are the stored turns (a
+        failed, unsaved message aside); else draw the stored conversation again."""
+        conv = detail.conversation
+        if conv.id != self.cid or self.busy():
+            return
+        self.infos[conv.id] = conv
+        shown = [w for w in self.log_view.messages() if not getattr(w, "failed", False)]
+        turns = detail.turns
+        tail = turns[len(turns) - len(shown):] if len(shown) <= len(turns) else None
+        if (tail is not None and len(turns) - len(shown) == self.hidden_turns
+                and [(w.role, w.text) for w in shown] == [(t.role, t.text) for t in tail]):
+            for w, t in zip(shown, tail):
+                w.turn = t.index
+                if t.reason == "cancelled" and STOPPED not in w._footer:
+                    w.set_footer(self._turn_footer(t))
+            return
+        self._show_detail(detail, announce=False)
+
+    def mark_unsaved(self, bubble: AssistantMessage) -> None:
+        """Mark a failed reply and the message it answered (neither stored) as such."""
+        bubble.failed = True
+        msgs = self.log_view.messages()
+        if bubble in msgs:
+            i = msgs.index(bubble)
+            if i > 0 and msgs[i - 1].role == "user" and msgs[i - 1].turn is None:
+                msgs[i - 1].failed = True
+        bubble.set_footer(bubble._footer + " · not saved: Ctrl+R sends the message again")
+
+    def refresh_conversations(self) -> None:
         def show(items) -> None:
             self.infos = {c.id: c for c in items}
             self.query_one(Sidebar).set_items(items, self.cid)
-            if reopen and self.cid in self.infos and not self.busy():
-                self.open_conversation(self.cid)
 
         self.app.request("list conversations", lambda c: c.conversations(), show)
 
@@ -287,7 +338,7 @@ class ChatScreen(ConversationActions, Screen):
         self.resume_unsaid = None
         bubble = self.start_bubble("waiting for the daemon…")
         bubble.mine = True
-        self.pending = pending
+        self.pending, self.action = pending, action
         cid, app = self.cid, self.app
 
         def work(client):
@@ -303,6 +354,10 @@ class ChatScreen(ConversationActions, Screen):
         def failed(message: str) -> None:
             if self.bubble is bubble:
                 self.end_generation(None, f"not sent: {message}")
+                if action == "send":
+                    self.mark_unsaved(bubble)
+                else:                  # refused (e.g. the conversation changed): show what is stored
+                    self.sync()
 
         self.app.request(action, work, None, failed)
 

@@ -1,5 +1,10 @@
 """Conversation actions of the chat screen (a mixin of :class:`ChatScreen`): new, rename, delete,
-regenerate, edit the last message, system prompt, export, sampling settings."""
+regenerate, edit the last message, system prompt, export, sampling settings.
+
+Regenerate and edit act on the reply / message shown last, by the index of its stored turn (the daemon
+refuses when that is no longer the last one); on a message whose generation failed (not stored) they send
+it again.
+"""
 
 from __future__ import annotations
 
@@ -71,27 +76,59 @@ class ConversationActions:
 
         self.app.push_screen(Confirm(f"Delete “{title_of(self.infos[cid])}” and its saved state?"), answer)
 
+    def _saving(self, widget) -> bool:
+        """Whether ``widget`` is not yet known as a stored turn (its reply just ended): say so."""
+        if widget.turn is None and not widget.failed:
+            self.notify("The conversation is being saved: try again in a moment.", timeout=2)
+            self.sync()
+            return True
+        return False
+
+    def _send_again(self, user, text: str) -> None:
+        """Replace the unsaved (failed) message ``user`` and what follows it by ``text``, sent as a new message."""
+        msgs = self.log_view.messages()
+        for w in msgs[msgs.index(user):] if user in msgs else []:
+            w.remove()
+        self.log_view.add(UserMessage(text))
+        self.generate("send", lambda c, cid: self._chat_request(c, cid, "Chat", message=text), text)
+
     def action_regenerate(self) -> None:
         last = self.log_view.last("assistant")
-        if self.cid is None or last is None or not self._need_idle():
-            self.notify("No reply to regenerate.", timeout=2) if last is None else None
+        if self.cid is None or last is None:
+            self.notify("No reply to regenerate.", timeout=2)
             return
+        if not self._need_idle() or self._saving(last):
+            return
+        if last.failed:
+            user = self.log_view.last("user")
+            if user is not None and user.failed:
+                self._send_again(user, user.text)
+            return
+        turn = last.turn
         last.remove()
-        self.generate("regenerate", lambda c, cid: self._chat_request(c, cid, "Regenerate"), "")
+        self.generate("regenerate", lambda c, cid: self._chat_request(c, cid, "Regenerate", turn=turn), "")
 
     def action_edit_last(self) -> None:
         user = self.log_view.last("user")
-        if self.cid is None or user is None or not self._need_idle():
+        if self.cid is None or user is None or not self._need_idle() or self._saving(user):
             return
 
         def edited(text) -> None:
             if text is None or not text.strip() or text == user.text:
                 return
+            if not user.is_attached or self.busy():       # the view changed meanwhile (a reply, a reload)
+                self.notify("The conversation changed: press F3 again.", severity="warning", timeout=3)
+                return
+            if user.failed:
+                self._send_again(user, text)
+                return
+            turn = user.turn
             msgs = self.log_view.messages()
             for w in msgs[msgs.index(user):]:
                 w.remove()
             self.log_view.add(UserMessage(text))
-            self.generate("edit", lambda c, cid: self._chat_request(c, cid, "EditLastUser", text=text), text)
+            self.generate("edit", lambda c, cid: self._chat_request(c, cid, "EditLastUser", text=text, turn=turn),
+                          text)
 
         self.app.push_screen(TextEditor("Edit your last message (a new reply replaces the old one)", user.text),
                              edited)

@@ -2,7 +2,8 @@
 
 The user gives a checkpoint path and a strategy; the suggestions come from the devices the daemon sees
 (the same torch view as ``rwkv-chat doctor``). While a model loads (or its kernels build on first use) the
-screen shows a progress view and closes itself once the daemon reports the model loaded.
+screen shows a progress view and closes itself once the daemon reports the model loaded; when a load fails
+(this screen's, or the one the daemon was started with) it says what failed, with the form to try again.
 """
 
 from __future__ import annotations
@@ -57,6 +58,12 @@ def check_checkpoint(path: str) -> str | None:
     return None
 
 
+def load_error_text(error: dict) -> str:
+    """What a status's ``model.error`` (a failed load) tells the user."""
+    return (f"The model did not load: {error.get('path', '?')} with strategy {error.get('strategy', '?')!r}: "
+            f"{error.get('kind', 'Error')}: {error.get('message', '')}")
+
+
 class ModelScreen(Screen):
     """Model set-up and load progress (see module docstring). Dismisses with True once a model is loaded."""
 
@@ -69,13 +76,14 @@ class ModelScreen(Screen):
         remember: bool
 
     def __init__(self, devices: list[str], *, path: str = "", strategy: str = "", first_run: bool = True,
-                 loading: str = "") -> None:
+                 loading: str = "", error: dict | None = None) -> None:
         super().__init__()
         self.devices = devices
         self.strategies = suggest_strategies(devices)
         self.path, self.strategy = path, strategy or self.strategies[0]
         self.first_run = first_run
         self.loading = loading
+        self.error = error            # the daemon's last load error (status ``model.error``) shown, if any
 
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="model-screen"):
@@ -108,6 +116,8 @@ class ModelScreen(Screen):
     def on_mount(self) -> None:
         self.set_loading(self.loading)
         if not self.loading:
+            if self.error:
+                self.show_error(load_error_text(self.error))
             self.query_one("#model-path", Input).focus()
 
     # -- state
@@ -124,9 +134,15 @@ class ModelScreen(Screen):
         self.query_one("#model-error", Static).update(Text(message))
 
     def link_status(self, status: dict) -> None:
-        """A daemon status arrived: close when the model is loaded, show progress while one loads."""
+        """A daemon status arrived: close when the model is loaded, show progress while one loads, and what
+        failed when a load failed since this screen last looked."""
         model = status.get("model") or {}
-        if model.get("loaded") and not model.get("loading") and (self.loading or self.first_run):
+        error = model.get("error")
+        if not model.get("loading") and error and error != self.error:
+            self.error = error                   # e.g. the load the daemon was started with
+            if self.loading or self.first_run:
+                self.show_error(load_error_text(error))
+        elif model.get("loaded") and not model.get("loading") and (self.loading or self.first_run):
             self.dismiss(True)
         elif model.get("loading") and not self.loading:
             self.set_loading(model["loading"])

@@ -40,9 +40,11 @@ class MessageBox(Vertical, can_focus=True):
 
     role = ""
 
-    def __init__(self, text: str, **kw) -> None:
+    def __init__(self, text: str, *, turn: int | None = None, **kw) -> None:
         super().__init__(**kw)
         self.text = text
+        self.turn = turn       # the stored turn's index; None until the daemon has stored it (or if it did not)
+        self.failed = False    # its generation failed: not stored (a reply, or the message it answered)
 
     def action_copy(self) -> None:
         self.post_message(self.Copy(self.text))
@@ -89,15 +91,17 @@ class AssistantMessage(MessageBox):
         """Whether the children exist (events can arrive between mounting and composing)."""
         return bool(self.query(ProgressBar))
 
-    def prefill(self, done: int, total: int) -> None:
+    def prefill(self, done: int, total: int, note: str = "") -> None:
+        """Prompt reading progress: ``done`` of ``total`` tokens; ``note``: why history is re-read, if it is."""
+        what = f"{note}: {done:,}/{total:,} tokens" if note else f"reading the prompt: {done:,}/{total:,} tokens"
         if not self._ready():
-            self._footer = f"reading the prompt: {done:,}/{total:,} tokens" if total and done < total else "…"
+            self._footer = what if total and done < total else "…"
             return
         bar = self.query_one(ProgressBar)
         if total and done < total:
             bar.display = True
             bar.update(total=total, progress=done)
-            self.set_footer(f"reading the prompt: {done:,}/{total:,} tokens")
+            self.set_footer(what)
         else:
             bar.display = False
             self.set_footer("…")

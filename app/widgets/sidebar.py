@@ -1,4 +1,5 @@
-"""The conversation sidebar: the daemon store's conversations, newest first; select one to open it."""
+"""The conversation sidebar: the daemon store's conversations, newest first (title, exchanges, and the id the
+command line takes); select one to open it."""
 
 from __future__ import annotations
 
@@ -44,6 +45,8 @@ class Sidebar(Vertical):
         for c in self.items:
             label = Text(title_of(c), overflow="ellipsis", no_wrap=True)
             label.append(f" ({c.turns // 2})", style="dim")
+            shown = "c" + "x" * (len(c.id) - 1) if getattr(self.app, "snapshot", False) else c.id   # random ids
+            label.append(f"\n{shown}", style="dim")     # what `rwkv-chat chat --conversation ID` takes
             ol.add_option(Option(label, id=c.id))
         self.highlight(current)
 

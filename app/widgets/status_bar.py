@@ -45,6 +45,8 @@ class StatusBar(Static):
             self.strategy = model.get("strategy", "")
         elif model.get("loading"):
             self.model, self.strategy = f"loading {os.path.basename(model['loading'])}…", ""
+        elif model.get("error"):
+            self.model, self.strategy = f"no model (load failed: {model['error'].get('kind', 'error')})", ""
         else:
             self.model, self.strategy = "no model", ""
         self.memory = "" if self.snapshot else memory_text(status.get("memory") or {})

@@ -17,9 +17,9 @@ Usage::
 from . import messages  # noqa: F401
 from .codec import PROTOCOL_VERSION, Codec, ProtocolError, frames_to_tensors, tensor_frames  # noqa: F401
 from .connection import ConnectionInfo, read_connection_file  # noqa: F401
-from .messages import (DAEMON_TOPIC, InvalidId, LimitError, check_conversation_id, check_request,  # noqa: F401
-                       new_conversation_id)
+from .messages import (CONVERSATION_ID_RE, DAEMON_TOPIC, InvalidId, LimitError, check_conversation_id,  # noqa: F401
+                       check_request, new_conversation_id)
 
 __all__ = ["messages", "PROTOCOL_VERSION", "Codec", "ProtocolError", "frames_to_tensors", "tensor_frames",
            "ConnectionInfo", "read_connection_file", "DAEMON_TOPIC", "InvalidId", "LimitError", "check_conversation_id",
-           "check_request", "new_conversation_id"]
+           "check_request", "new_conversation_id", "CONVERSATION_ID_RE"]

@@ -184,16 +184,24 @@ class Chat(Msg):
 
 
 class Regenerate(Msg):
+    """Replace the last reply with a new one. ``turn``: the index of the reply the client shows as the last one
+    (the daemon refuses with kind "Conflict" when that is not the conversation's last reply); -1: whatever is last."""
+
     client_id: str
     conversation_id: str
     sampling: SamplingSettings = {}
+    turn: int = -1
 
 
 class EditLastUser(Msg):
+    """Replace the last user message with ``text`` (and its reply with a new one). ``turn``: the index of the
+    user message the client shows as the last one ("Conflict" when it is not); -1: whatever is last."""
+
     client_id: str
     conversation_id: str
     text: str
     sampling: SamplingSettings = {}
+    turn: int = -1
 
 
 class Cancel(Msg):
@@ -215,6 +223,14 @@ class GetConversation(Msg):
 
     conversation_id: str
     turn_offset: int = 0
+
+
+class FindConversation(Msg):
+    """Conversations that ``query`` names, best kind of match first: the one whose id it is; else those with
+    that exact title; else those whose id starts with it (at most ``limit``). Reply: ConversationList."""
+
+    query: str
+    limit: int = 10
 
 
 class CreateConversation(Msg):
@@ -265,7 +281,7 @@ class Shutdown(Msg):
 
 Request = Union[
     Ping, Status, Probe, Load, Complete, Chat, Regenerate, EditLastUser, Cancel, ListConversations,
-    GetConversation, CreateConversation, RenameConversation, DeleteConversation, SetSystemPrompt,
+    GetConversation, FindConversation, CreateConversation, RenameConversation, DeleteConversation, SetSystemPrompt,
     SetSampling, Export, GetState, Shutdown,
 ]
 
@@ -327,15 +343,18 @@ class ConversationInfo(msgspec.Struct, forbid_unknown_fields=True):
     updated: float
     system_prompt: str
     sampling: SamplingSettings
-    model_fingerprint: str
+    model_fingerprint: str        # the model of the newest saved state
     state_n: int = 0              # completed exchanges covered by the newest saved state
     state_stale: bool = False     # the saved state no longer matches the turns (system prompt changed): rebuilt
     turns: int = 0
     truncated: bool = False       # title / system prompt cut (a summary, or stored beyond the limits)
+    state_models: list[str] = []  # fingerprints of the models with a saved state after every turn (no re-read)
 
 
 class TurnInfo(msgspec.Struct, forbid_unknown_fields=True):
-    """One turn of a conversation (``index`` from 0; ``tokens`` the model saw or produced)."""
+    """One turn of a conversation (``index`` from 0; ``tokens`` the model saw or produced). ``reason``, of a
+    reply: why it ended, as in Done ("stop", "length", or "cancelled": a reply stopped by the user, kept as far
+    as it got); "" for user turns and replies stored before reasons were."""
 
     index: int
     role: str
@@ -343,6 +362,7 @@ class TurnInfo(msgspec.Struct, forbid_unknown_fields=True):
     tokens: int
     created: float
     finished: float
+    reason: str = ""
     truncated: bool = False       # text cut to MAX_TEXT bytes (stored beyond the limit by an older version)
 
 
@@ -417,7 +437,9 @@ class Started(Msg):
 
 
 class Progress(Msg):
-    """``phase`` "load" or "prefill"; ``done`` of ``total`` (tokens for prefill, steps for load)."""
+    """``phase`` "load" or "prefill"; ``done`` of ``total`` (tokens for prefill, steps for load). ``text``: for
+    a load the path; for a prefill that re-reads a conversation's history, why (no saved state for this model,
+    an unreadable state file), else ""."""
 
     job_id: str
     phase: str
@@ -433,7 +455,8 @@ class Token(Msg):
 
 
 class Done(Msg):
-    """A job ended. ``reason``: "stop", "length", "cancelled"; rates in tokens per second.
+    """A job ended. ``reason``: "stop", "length", "cancelled" (a chat reply stopped so is kept as far as it got);
+    rates in tokens per second.
 
     ``text`` is the whole text (a chat reply stripped) when it fits in :data:`MAX_EVENT_TEXT` bytes; else its
     start, with ``truncated`` set: the job's Token events carry all of it (the client library joins them)."""

@@ -263,8 +263,12 @@ class RWKV:
         return State(state.version, state.fingerprint, state.names, layers, state.token_count, state.metadata)
 
     def load_state(self, path: str | Path) -> State:
-        """Read a state file (``State.save``) and place it on this model. Raises StateError."""
-        return self.place_state(State.load(path))
+        """Read a state file (``State.save``) and place it on this model. Raises StateError (naming the file)."""
+        state = State.load(path)
+        try:
+            return self.place_state(state)
+        except StateError as e:
+            raise StateError(f"state file {path}: {e}") from None
 
     # -- inference -------------------------------------------------------------------------------
     def _tokens(self, tokens) -> list[int]:

@@ -15,7 +15,7 @@ from .conftest import async_test, wait_for
 
 
 def make_app(daemon, **kw) -> ChatApp:
-    return ChatApp(paths=daemon.paths, autostart=False, snapshot=True, **kw)
+    return ChatApp(paths=daemon.paths, autostart=False, **{"snapshot": True, **kw})
 
 
 async def ready(pilot, app):
@@ -38,7 +38,7 @@ def texts(app, cls):
 
 @async_test
 async def test_chat_turn_streams_markdown_and_saves(fresh_daemon):
-    app = make_app(fresh_daemon)
+    app = make_app(fresh_daemon, snapshot=False)             # shows the conversation's id (snapshots mask it)
     async with app.run_test(size=(100, 30)) as pilot:
         await ready(pilot, app)
         tokens = []
@@ -54,6 +54,8 @@ async def test_chat_turn_streams_markdown_and_saves(fresh_daemon):
         assert [t.text for t in conv.turns] == ["Hello there", done.text]
         assert app.chat.input.text == ""
         assert app.chat.query_one("Sidebar").items[0].id == app.chat.cid
+        option = app.chat.query_one("#conversation-list").get_option_at_index(0)
+        assert app.chat.cid in str(option.prompt)           # the id the command line takes is shown
 
 
 @async_test
@@ -139,6 +141,57 @@ async def test_regenerate_edit_copy_export(fresh_daemon):
         path = next(exports.glob("*.md"))
         assert path.read_text() == client.export(cid, "md")
         assert any(path.name in str(n.render()) for n in app.chat.log_view.query(Notice))
+
+
+def shown_turns(app) -> list[tuple]:
+    return [(w.role, w.text) for w in app.chat.log_view.messages()]
+
+
+def stored_turns(client, cid) -> list[tuple]:
+    return [(t.role, t.text) for t in client.conversation(cid).turns]
+
+
+async def settled(pilot, app, client, before, what: str):
+    """Wait until a generation after ``before`` ended and the view shows the stored turns, each knowing its
+    index (what regenerate and edit name)."""
+    await wait_for(pilot, lambda: app.chat.last_done is not before and app.chat.bubble is None, what=what)
+    await wait_for(pilot, lambda: shown_turns(app) == stored_turns(client, app.chat.cid)
+                   and all(getattr(w, "turn", None) is not None for w in app.chat.log_view.messages()),
+                   timeout=5, what="the view to show the stored conversation")
+
+
+@async_test
+async def test_a_stopped_reply_is_shown_as_stored_and_redo_acts_on_it(fresh_daemon):
+    client = fresh_daemon.client
+    app = make_app(fresh_daemon)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await ready(pilot, app)
+        await send(pilot, app, "Hello")
+        cid = app.chat.cid
+        client.set_sampling(cid, max_tokens=100000)
+        before = app.chat.last_done
+        app.chat.input.insert("Tell me a long story")
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: app.chat.bubble is not None and len(app.chat.bubble.text.strip()) > 10,
+                       what="streaming")
+        await pilot.press("escape")
+        await settled(pilot, app, client, before, "stopped and stored")
+        assert len(shown_turns(app)) == 4
+        assert client.conversation(cid).turns[-1].reason == "cancelled"
+        assert "stopped" in app.chat.log_view.last("assistant")._footer
+        client.set_sampling(cid, max_tokens=8)
+        before = app.chat.last_done
+        await pilot.press("ctrl+r")                          # regenerates the stopped reply shown
+        await settled(pilot, app, client, before, "regenerated")
+        assert shown_turns(app)[2:] == [("user", "Tell me a long story"), ("assistant", app.chat.last_done.text)]
+        await pilot.press("f3")                              # edits the message shown last
+        await wait_for(pilot, lambda: isinstance(app.screen, TextEditor), what="edit dialog")
+        assert app.screen.query_one("TextArea").text == "Tell me a long story"
+        app.screen.query_one("TextArea").load_text("Tell me a short story")
+        before = app.chat.last_done
+        await pilot.press("ctrl+s")
+        await settled(pilot, app, client, before, "edited")
+        assert [t for _, t in shown_turns(app)][::2] == ["Hello", "Tell me a short story"]
 
 
 @async_test

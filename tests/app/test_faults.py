@@ -61,6 +61,30 @@ async def test_daemon_killed_mid_reply_then_back(tmp_path, model_path, home_env)
 
 
 @async_test
+async def test_a_failed_startup_load_is_shown(tmp_path, home_env):
+    from rwkv_chat.daemon.client import Client, spawn_daemon
+
+    from .conftest import Daemon
+
+    bad = tmp_path / "notes.pth"
+    bad.write_text("not a checkpoint\n")
+    paths = make_home(tmp_path / "h", None)
+    info = spawn_daemon(paths, model=str(bad), strategy="cpu fp32")
+    daemon = Daemon(paths, info.pid, Client(paths, autostart=False), bad)
+    app = ChatApp(paths=paths, autostart=False, snapshot=True)
+    try:
+        async with app.run_test(size=(100, 34)) as pilot:
+            await wait_for(pilot, lambda: isinstance(app.screen, ModelScreen) and app.screen.query("#model-error")
+                           and "CheckpointError" in str(app.screen.query_one("#model-error").render()),
+                           what="the load error on the model screen")
+            assert str(bad) in str(app.screen.query_one("#model-error").render())
+            assert app.screen.query_one("#model-path").value == str(bad)     # the form, to try again
+            assert "load failed" in app.chat.status_bar.model
+    finally:
+        daemon.stop()
+
+
+@async_test
 async def test_first_run_screen_loads_a_model(tmp_path, model_path, home_env):
     paths = make_home(tmp_path, None)
     daemon = start_daemon(paths, None)

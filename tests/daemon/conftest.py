@@ -53,8 +53,11 @@ def cli(home: Path, *args, timeout: float = 120, check: bool = True) -> subproce
 
 
 def start_daemon(home: Path, model: Path | None) -> None:
+    """``rwkv-chat daemon start [--model MODEL]``: with a model, it returns once the model is loaded."""
     args = ["daemon", "start"] + (["--model", model] if model else [])
-    cli(home, *args)
+    r = cli(home, *args)
+    if model:
+        assert r.stderr.strip().splitlines()[-1].startswith(f"loaded {model}"), r.stderr
 
 
 def stop_daemon(home: Path) -> None:
@@ -78,8 +81,8 @@ def daemon_home(tmp_path_factory, model_path):
     start_daemon(home, model_path("5.2"))
     from rwkv_chat.daemon.client import Client
 
-    with Client(home_paths(home), autostart=False) as c:   # `daemon start` returns before the model is in
-        wait_for(lambda: (c.status().get("model") or {}).get("loaded"), timeout=180, interval=0.2)
+    with Client(home_paths(home), autostart=False) as c:   # `daemon start --model` returned once it was loaded
+        assert c.status()["model"]["loaded"]
     yield home
     stop_daemon(home)
 

@@ -81,7 +81,7 @@ def test_watcher_sees_another_clients_generation_live(daemon_home, client):
     assert seen[-1] == done
 
 
-def test_cancel_stops_generation_and_commits_nothing(client):
+def test_cancel_stops_generation_and_keeps_the_reply_so_far(client):
     cid = "cancel1"
     gen = client.chat(cid, "Tell me a long story.", max_tokens=5000, temperature=1.0)
     for ev in gen:
@@ -91,7 +91,8 @@ def test_cancel_stops_generation_and_commits_nothing(client):
     rest = list(gen)
     assert isinstance(rest[-1], m.Done) and rest[-1].reason == "cancelled"
     assert rest[-1].tokens < 5000
-    assert client.conversation(cid).turns == []
+    turns = client.conversation(cid).turns
+    assert [(t.text, t.reason) for t in turns] == [("Tell me a long story.", ""), (rest[-1].text, "cancelled")]
     assert client.status()["active"] == []
 
 
@@ -139,9 +140,7 @@ def test_invalid_ids_and_failures_are_typed(daemon_home, client):
     with pytest.raises(DaemonError) as ei:
         client.conversation("../etc")
     assert ei.value.kind == "InvalidId"
-    r = cli(daemon_home, "chat", "--conversation", "../../x", "hi", check=False)
-    assert r.returncode == 1 and "invalid conversation id" in r.stderr
-    with pytest.raises(GenerationFailed):
+    with pytest.raises(DaemonError):
         list(client.regenerate(client.create_conversation().id))      # nothing to regenerate
     with pytest.raises(GenerationFailed) as ei:
         list(client.load("/nonexistent/model.pth", "cpu fp32"))
@@ -218,6 +217,24 @@ def test_cli_chat_and_conversations(daemon_home):
     assert exported["turns"][1]["text"] == reply
     cli(daemon_home, "conversations", "rm", "cli1")
     assert "cli1" not in cli(daemon_home, "conversations", "list").stdout
+
+
+def test_cli_names_conversations_by_id_prefix_or_title_and_refuses_bad_names(daemon_home, client):
+    for args in (["chat", "--conversation", "my trip", "hi"], ["chat", "--conversation", "../../x", "hi"],
+                 ["conversations", "show", "../etc"], ["conversations", "rm", "../etc"],
+                 ["conversations", "export", "no such one"]):
+        r = cli(daemon_home, *args, check=False)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, (args, r.stderr)
+        assert not r.stdout
+    trip = client.create_conversation(title="my trip", conversation_id="trip0a1b2c", **GREEDY)
+    client.create_conversation(title="other", conversation_id="trip0a9z")
+    r = cli(daemon_home, "chat", "--conversation", "my trip", "Where to?", "--max-tokens", 4)
+    assert [t.text for t in client.conversation(trip.id).turns][0] == "Where to?"
+    assert "Where to?" in cli(daemon_home, "conversations", "show", "trip0a1").stdout      # an id prefix
+    r = cli(daemon_home, "conversations", "show", "trip0a", check=False)                   # two of them
+    assert r.returncode == 2 and "trip0a1b2c" in r.stderr and "trip0a9z" in r.stderr
+    cli(daemon_home, "conversations", "rm", "other")
+    assert [c.id for c in client.find("trip0a")] == ["trip0a1b2c"]
 
 
 def test_ctrl_c_cancels_the_generation_in_the_daemon(daemon_home, client):

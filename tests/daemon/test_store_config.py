@@ -39,11 +39,15 @@ def test_store_schema_turns_and_export(tmp_path):
     assert "**User:** again" in md and "Be brief." in md
     data = json.loads(export_conversation(c, s.turns("c1"), "json"))
     assert data["id"] == "c1" and [t["role"] for t in data["turns"]] == ["user", "assistant"] * 2
-    s.state_dir("c1").mkdir(parents=True)
-    for n in range(3):
-        s.state_path("c1", n).write_bytes(b"x")
-    s.prune_states("c1", keep_from=1)
-    assert sorted(f.name for f in s.state_dir("c1").iterdir()) == ["1.safetensors", "2.safetensors"]
+    for fp in ("f", "g"):                                   # states are kept per model
+        s.model_dir("c1", fp).mkdir(parents=True)
+        for n in range(4):
+            s.state_path("c1", n, fp).write_bytes(b"x")
+    assert s.get("c1").state_models == ["f", "g"]           # both have a state after the 2 exchanges
+    s.prune_states("c1", "f", keep={1, 2}, changed_after=1)   # exchange 2 of f replaced g's
+    assert [n for n, _ in s.state_files("c1", "f")] == [2, 1]
+    assert [n for n, _ in s.state_files("c1", "g")] == [1, 0]
+    assert s.get("c1").state_models == ["f"]
     s.delete("c1")
     with pytest.raises(NotFound):
         s.get("c1")
@@ -79,3 +83,30 @@ def test_config_roundtrip_and_errors(tmp_path):
     path.write_text("[sampling]\nmax_tokens = 500\n[daemon]\nmax_tokens_limit = 400\n")
     with pytest.raises(ConfigError, match="max_tokens_limit"):
         load_config(path)
+
+
+def test_store_migrates_schema_1_and_finds_conversations(tmp_path):
+    db = tmp_path / "db.sqlite3"
+    con = sqlite3.connect(db)
+    con.executescript("""
+        CREATE TABLE conversations (id TEXT PRIMARY KEY, title TEXT NOT NULL DEFAULT '', created REAL NOT NULL,
+            updated REAL NOT NULL, system_prompt TEXT NOT NULL DEFAULT '', sampling TEXT NOT NULL DEFAULT '{}',
+            model_fingerprint TEXT NOT NULL DEFAULT '', state_n INTEGER NOT NULL DEFAULT 0,
+            state_stale INTEGER NOT NULL DEFAULT 0);
+        CREATE TABLE turns (conversation_id TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+            idx INTEGER NOT NULL, role TEXT NOT NULL CHECK (role IN ('user', 'assistant')), text TEXT NOT NULL,
+            tokens INTEGER NOT NULL DEFAULT 0, created REAL NOT NULL, finished REAL NOT NULL,
+            PRIMARY KEY (conversation_id, idx));
+        INSERT INTO conversations(id, title, created, updated) VALUES ('old1', 'my trip', 1, 1);
+        INSERT INTO turns VALUES ('old1', 0, 'user', 'hi', 1, 1, 1), ('old1', 1, 'assistant', 'yo', 1, 1, 2);
+        PRAGMA user_version=1;""")
+    con.close()
+    s = Store(db, tmp_path / "states")
+    assert [(t.text, t.reason) for t in s.turns("old1")] == [("hi", ""), ("yo", "")]
+    s.create("c1a2", title="my trip")
+    s.create("c1b3", title="other")
+    assert [c.id for c in s.find("old1")] == ["old1"]                  # an id
+    assert sorted(c.id for c in s.find("my trip")) == ["c1a2", "old1"]  # a title (two: ambiguous)
+    assert [c.id for c in s.find("c1b")] == ["c1b3"]                    # an id prefix
+    assert sorted(c.id for c in s.find("c1")) == ["c1a2", "c1b3"]
+    assert s.find("C1B") == [] and s.find("%") == [] and s.find("") == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import pytest
 import torch
@@ -107,6 +108,28 @@ def test_state_of_another_model_is_refused(model_path, tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 50)
     with pytest.raises(StateError):
         a.load_state(tmp_path / "bad.safetensors")
+
+
+def test_a_state_file_with_a_bad_field_is_a_state_error_naming_file_and_field(model_path, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    a = RWKV(model_path("5.2"), "cpu fp32")
+    _, state = a.forward([1, 2, 3], None)
+    good = state.save(tmp_path / "good.safetensors")
+    with safe_open(str(good), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    cases = {"version": {k: v for k, v in meta.items() if k != "version"}, "token_count": {**meta, "token_count": "abc"},
+             "names": {**meta, "names": "{"}, "n_layer": {**meta, "n_layer": "-1"}}
+    for field, bad_meta in cases.items():
+        path = tmp_path / f"bad-{field}.safetensors"
+        save_file(tensors, str(path), metadata=bad_meta)
+        with pytest.raises(StateError, match=re.escape(str(path)) + f".*'{field}'"):
+            a.load_state(path)
+    path = tmp_path / "missing-tensor.safetensors"
+    save_file({k: t for k, t in tensors.items() if k != "layers.1.att_kv"}, str(path), metadata=meta)
+    with pytest.raises(StateError, match="layers.1.att_kv"):
+        a.load_state(path)
 
 
 def test_several_generations_in_one_process(model_path):
