@@ -186,7 +186,10 @@ class Client:
 
     # ---------------------------------------------------------------- requests
     def request(self, msg: m.Msg, timeout: float | None = None, buffers: bool = False):
-        """Send ``msg`` and return the reply (``(reply, buffers)`` with ``buffers``). Raises DaemonError kinds."""
+        """Send ``msg`` and return the reply (``(reply, buffers)`` with ``buffers``). Raises DaemonError (the
+        daemon's Error reply, by ``kind``), BusyError, DaemonUnavailable (no reply within ``timeout`` seconds,
+        default the client's) or DaemonLost (nothing from the daemon, pongs included, for ``lost_after``
+        seconds, at least 3 heartbeats, while waiting)."""
         self.connect()
         timeout = self.timeout if timeout is None else timeout
         with self._lock:
