@@ -106,6 +106,9 @@ class ModelScreen(Screen):
         yield Footer()
 
     def on_mount(self) -> None:
+        if self.app.snapshot:               # deterministic display: a steady cursor
+            for inp in self.query(Input):
+                inp.cursor_blink = False
         self.set_loading(self.loading)
         if not self.loading:
             self.query_one("#model-path", Input).focus()
