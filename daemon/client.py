@@ -29,7 +29,7 @@ Contract
   daemon stops sending anything (heartbeats included) for ``lost_after`` seconds, :class:`DaemonLost`.
 * ``subscribe(conversation_id)`` yields every event published on that conversation (any client's
   generation) until the generator is closed; ``watch_timeout`` bounds each wait (yields None on idle).
-* A background thread sends heartbeats (``connected`` tells whether the daemon answered the last one);
+* A background thread sends heartbeats (``connected``: the daemon was heard within ``lost_after`` s);
   the daemon cancels generations of a client whose heartbeats stop.
 
 Threads: methods may be called from any thread; requests are serialized by a lock. Consume one event
@@ -150,38 +150,33 @@ class Client:
         self.close()
 
     def _heartbeats(self) -> None:
+        """The heartbeat thread: a Ping every ``heartbeat`` seconds (the daemon keeps this client's
+        generations while they come); every Pong, however late, marks the daemon as heard. ``connected``:
+        heard within ``lost_after`` seconds."""
         s = self._ctx.socket(zmq.DEALER)
         s.setsockopt(zmq.LINGER, 0)
         _secure(s, self.info)
         s.connect(self.info.request)
         codec = p.Codec(self.info.key_bytes)
         try:
-            while not self._closing.wait(self.heartbeat):
-                ok = False
-                try:          # never block: with the daemon gone a DEALER has no peer to queue for
-                    s.send_multipart(codec.build(m.Ping(client_id=self.client_id)), zmq.NOBLOCK)
-                    end = time.monotonic() + 2 * self.heartbeat
-                except zmq.Again:
-                    end = 0.0
-                while not self._closing.is_set() and time.monotonic() < end:
-                    if s.poll(50):
-                        try:
-                            reply, _ = codec.parse(s.recv_multipart())
-                            ok = isinstance(reply, m.Pong)
-                        except p.ProtocolError:
-                            ok = False
-                        if ok:
-                            self.heard = time.monotonic()
-                        break
-                if self._closing.is_set():
-                    break
-                self.connected = ok
-                if not ok:      # reconnect the socket so a late pong cannot pair with the next ping
-                    s.close(linger=0)
-                    s = self._ctx.socket(zmq.DEALER)
-                    s.setsockopt(zmq.LINGER, 0)
-                    _secure(s, self.info)
-                    s.connect(self.info.request)
+            next_ping = 0.0
+            while not self._closing.is_set():
+                now = time.monotonic()
+                if now >= next_ping:
+                    next_ping = now + self.heartbeat
+                    try:      # never block: with the daemon gone a DEALER may have no peer to queue for
+                        s.send_multipart(codec.build(m.Ping(client_id=self.client_id)), zmq.NOBLOCK)
+                    except zmq.Again:
+                        pass
+                    self.connected = now - self.heard < self.lost_after
+                if s.poll(int(max(0.0, min(0.05, next_ping - time.monotonic())) * 1000) + 1):
+                    try:
+                        reply, _ = codec.parse(s.recv_multipart())
+                    except p.ProtocolError:
+                        continue
+                    if isinstance(reply, m.Pong):
+                        self.heard = time.monotonic()
+                        self.connected = True
         except zmq.ZMQError:
             pass
         finally:
@@ -189,7 +184,10 @@ class Client:
 
     # ---------------------------------------------------------------- requests
     def request(self, msg: m.Msg, timeout: float | None = None, buffers: bool = False):
-        """Send ``msg`` and return the reply (``(reply, buffers)`` with ``buffers``). Raises DaemonError kinds."""
+        """Send ``msg`` and return the reply (``(reply, buffers)`` with ``buffers``). Raises DaemonError (the
+        daemon's Error reply, by ``kind``), BusyError, DaemonUnavailable (no reply within ``timeout`` seconds,
+        default the client's) or DaemonLost (nothing from the daemon, pongs included, for ``lost_after``
+        seconds, at least 3 heartbeats, while waiting)."""
         self.connect()
         timeout = self.timeout if timeout is None else timeout
         with self._lock:

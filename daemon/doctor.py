@@ -20,7 +20,7 @@ def report(paths) -> dict:
     import torch
     import zmq
 
-    from .client import ping
+    from .launcher import daemon_state
 
     out: dict = {}
     out["system"] = {"python": sys.version.split()[0], "platform": platform.platform(),
@@ -43,9 +43,11 @@ def report(paths) -> dict:
                        "safetensors": _version("safetensors"), "tokenizers": _version("tokenizers")}
     out["paths"] = {"config": str(paths.config_dir), "data": str(paths.data_dir), "cache": str(paths.cache_dir),
                     "runtime": str(paths.runtime_dir), "config_file": str(paths.config_file)}
-    info = ping(paths, timeout=0.5)
-    out["daemon"] = ({"running": True, "pid": info.pid, "request": info.request, "events": info.events}
-                     if info else {"running": False})
+    st = daemon_state(paths, timeout=1.0)
+    info = st.info
+    out["daemon"] = ({"running": True, "pid": info.pid, "request": info.request, "events": info.events,
+                      "encrypted": bool(info.server_public_key)}
+                     if info else {"running": False, "state": st.state, "pid": st.pid})
     out["kernels"], out["kernel_builds"] = kernel_status(paths)
     return out
 

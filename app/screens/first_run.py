@@ -114,6 +114,9 @@ class ModelScreen(Screen):
         yield Footer()
 
     def on_mount(self) -> None:
+        if self.app.snapshot:               # deterministic display: a steady cursor
+            for inp in self.query(Input):
+                inp.cursor_blink = False
         self.set_loading(self.loading)
         if not self.loading:
             if self.error:

@@ -13,6 +13,7 @@ from rwkv_chat.daemon.paths import home_paths
 from rwkv_chat.daemon.protocol import messages as m
 from rwkv_chat.daemon import protocol as p
 from rwkv_chat.daemon.client import Client, DaemonError, GenerationFailed
+from rwkv_chat.daemon.launcher import _secure
 
 from .conftest import cli, greedy
 
@@ -153,6 +154,7 @@ def _raw_socket(daemon_home):
     info = p.read_connection_file(home_paths(daemon_home).connection_file)
     s = zmq.Context.instance().socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
+    _secure(s, info)                      # the transport of a client holding the connection file
     s.connect(info.request)
     return s, p.Codec(info.key_bytes), p.Codec(b"wrong key wrong key wrong key!!")
 
