@@ -33,6 +33,7 @@ from pathlib import Path
 
 import msgspec
 
+from .paths import private_dir
 from .protocol.messages import (MAX_TEXT, MAX_TITLE, SUMMARY_CHARS, ConversationInfo, TurnInfo,
                                 check_conversation_id, clip_bytes, quote)
 
@@ -316,6 +317,13 @@ class Store:
     def state_path(self, cid: str, n: int, fingerprint: str) -> Path:
         """The state file of ``cid`` after ``n`` exchanges on the model ``fingerprint``."""
         return self.model_dir(cid, fingerprint) / f"{int(n)}.safetensors"
+
+    def make_model_dir(self, cid: str, fingerprint: str) -> Path:
+        """Create (if needed) the folder of ``state_path(cid, n, fingerprint)``: the conversation's folder and
+        the model's inside it, each private (0700, owner checked) whatever the umask. Returns it. Raises
+        UnsafeDirectory, OSError."""
+        private_dir(self.state_dir(cid))
+        return private_dir(self.model_dir(cid, fingerprint))
 
     def state_files(self, cid: str, fingerprint: str) -> list[tuple[int, Path]]:
         """``(n, path)`` of the state files of ``cid`` on the model ``fingerprint``, newest (largest n) first."""

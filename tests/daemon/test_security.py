@@ -2,19 +2,23 @@
 fallback of a long runtime path), not from the files (data dir, database and its -wal/-shm, state files,
 connection file), whatever the umask; a runtime or data dir of another owner is refused.
 
-The other user is ``nobody``: the tests start processes that drop to its uid (they need root, and are
+The other user is ``nobody``: the tests fork children that drop to its uid (they need root, and are
 skipped elsewhere)."""
 
 from __future__ import annotations
 
 import json
 import os
+import select  # noqa: F401 — imported here for the child run as nobody (it cannot read the stdlib's files)
 import shutil
+import signal
 import socket
 import stat
 import subprocess
 import sys
 import tempfile
+import time  # noqa: F401 — as select
+import traceback
 from pathlib import Path
 
 import pytest
@@ -110,9 +114,60 @@ def _free_port_pair() -> int:
     raise AssertionError("no two consecutive free ports")
 
 
-def _as_nobody(script: str, arg, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", script, json.dumps(arg)], user=NOBODY, group=NOBODY,
-                            extra_groups=[], cwd="/", stdout=subprocess.PIPE, text=True, **kw)
+class _AsNobody:
+    """``script`` run as nobody in a forked child, with ``arg`` (JSON) as ``sys.argv[1]`` and pipes for stdin
+    and stdout. The child does not exec: it runs on the interpreter and the modules this process has already
+    imported, so it works where nobody may not read the interpreter's own files (a Python under /root)."""
+
+    def __init__(self, script: str, arg):
+        in_r, in_w = os.pipe()
+        out_r, out_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:                                   # the child: never returns into pytest
+            code = 1
+            try:
+                os.dup2(in_r, 0)
+                os.dup2(out_w, 1)
+                os.setgroups([])
+                os.setgid(NOBODY)
+                os.setuid(NOBODY)
+                os.chdir("/")
+                sys.argv = ["-c", json.dumps(arg)]
+                sys.stdin = open(0, "r", closefd=False)
+                sys.stdout = open(1, "w", closefd=False)
+                exec(compile(script, "<as nobody>", "exec"), {"__name__": "__main__"})
+                sys.stdout.flush()
+                code = 0
+            except BaseException:                      # noqa: BLE001 — reported on stderr, exit 1
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        os.close(in_r)
+        os.close(out_w)
+        self.pid = pid
+        self.stdin = open(in_w, "w")
+        self.stdout = open(out_r, "r")
+
+    def communicate(self, timeout: float = 30.0) -> tuple[str, None]:
+        out = self.stdout.read()
+        self.wait()
+        return out, None
+
+    def kill(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def wait(self) -> int:
+        try:
+            return os.waitpid(self.pid, 0)[1]
+        except ChildProcessError:
+            return 0
+
+
+def _as_nobody(script: str, arg, **kw) -> _AsNobody:
+    return _AsNobody(script, arg)
 
 
 def _read_as_nobody(paths: list[Path]) -> dict:
