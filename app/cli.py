@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import sys
@@ -31,57 +32,161 @@ def _err(*a) -> None:
     print(*a, file=sys.stderr, flush=True)
 
 
+#: (flag, dest, type, low, high, help): the sampling flags of ``complete`` and ``chat``
+SAMPLING_FLAGS = [
+    ("--max-tokens", "max_tokens", int, 1, None, "most tokens to generate (default: the config's, 256)"),
+    ("--temperature", "temperature", float, 0.0, None,
+     "randomness: 0 always picks the likeliest token, 1 (default) samples as the model says"),
+    ("--top-p", "top_p", float, 0.0, 1.0, "sample only from the likeliest tokens holding this much probability "
+                                          "(0-1, default 0.85)"),
+    ("--top-k", "top_k", int, 0, None, "sample only from the K likeliest tokens (0 = no limit, the default)"),
+    ("--alpha-frequency", "alpha_frequency", float, 0.0, None,
+     "penalty per earlier use of a token: fewer repetitions (default 0.2)"),
+    ("--alpha-presence", "alpha_presence", float, 0.0, None,
+     "penalty for a token used at all before (default 0.2)"),
+    ("--alpha-decay", "alpha_decay", float, 0.0, 1.0, "how fast the penalties fade, per token (0-1, default 0.996)"),
+    ("--seed", "seed", int, 0, 2**63 - 1, "random seed: the same seed and settings give the same text"),
+]
+
+
+def _number(kind, lo=None, hi=None):
+    """An argparse type: a ``kind`` (int or float) within [lo, hi], refused in words."""
+    from .texts import between
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not {'a whole number' if kind is int else 'a number'}") from None
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"{between(lo, hi)}, got {text}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
 def _sampling_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", type=int, dest="max_tokens")
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--top-p", type=float, dest="top_p")
-    p.add_argument("--top-k", type=int, dest="top_k")
-    p.add_argument("--alpha-frequency", type=float, dest="alpha_frequency")
-    p.add_argument("--alpha-presence", type=float, dest="alpha_presence")
-    p.add_argument("--alpha-decay", type=float, dest="alpha_decay")
-    p.add_argument("--seed", type=int)
+    g = p.add_argument_group("sampling (default: the conversation's settings, else the config's [sampling])")
+    for flag, dest, kind, lo, hi, text in SAMPLING_FLAGS:
+        g.add_argument(flag, dest=dest, type=_number(kind, lo, hi), metavar="N" if kind is int else "X",
+                       help=text)
 
 
 def _sampling(args) -> dict:
-    keys = ("max_tokens", "temperature", "top_p", "top_k", "alpha_frequency", "alpha_presence", "alpha_decay", "seed")
-    return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    return {dest: getattr(args, dest) for _, dest, *_ in SAMPLING_FLAGS if getattr(args, dest) is not None}
+
+
+def _sub(sub, name: str, summary: str, description: str, examples: list[str], **kw) -> argparse.ArgumentParser:
+    """A subcommand with a one-line ``summary`` (in its parent's list), a ``description`` and examples."""
+    return sub.add_parser(name, help=summary, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                          epilog="examples:\n" + "\n".join(f"  {e}" for e in examples), **kw)
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="rwkv-chat", description="Chat with RWKV language models in the terminal.")
-    sub = ap.add_subparsers(dest="cmd")
-    d = sub.add_parser("daemon", help="start, stop or inspect the background daemon")
-    dsub = d.add_subparsers(dest="daemon_cmd", required=True)
-    ds = dsub.add_parser("start")
-    ds.add_argument("--model")
-    ds.add_argument("--strategy")
-    ds.add_argument("--foreground", action="store_true")
-    dsub.add_parser("stop")
-    dst = dsub.add_parser("status")
-    dst.add_argument("--json", action="store_true")
-    lp = sub.add_parser("load", help="load (or switch) the daemon's model")
-    lp.add_argument("path")
-    lp.add_argument("--strategy", default=None)
-    lp.add_argument("--default", action="store_true", help="also make it the default model in the config")
-    cp = sub.add_parser("complete", help="raw completion, streamed to stdout")
-    cp.add_argument("prompt")
-    cp.add_argument("--stop", action="append", default=[])
+    from .texts import STRATEGY_HELP
+
+    ap = argparse.ArgumentParser(
+        prog="rwkv-chat", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Chat with RWKV language models in the terminal.\n\n"
+                    "With no command, rwkv-chat opens the terminal UI (and starts the background daemon that\n"
+                    "holds the model when none is running). The commands below script the same daemon.",
+        epilog="examples:\n"
+               "  rwkv-chat                                       # open the terminal UI\n"
+               '  rwkv-chat load ~/models/rwkv7-0.1B.pth --strategy "cpu fp32" --default\n'
+               '  rwkv-chat chat "Plan a day in Lyon."\n'
+               "  rwkv-chat COMMAND --help                        # what a command does, with examples")
+    sub = ap.add_subparsers(dest="cmd", title="commands", metavar="COMMAND")
+
+    d = _sub(sub, "daemon", "start, stop or inspect the background daemon",
+             "The daemon holds the model and the conversations; every rwkv-chat window and command talks to it.\n"
+             "Commands start it when none is running, so you rarely need these.",
+             ["rwkv-chat daemon status", "rwkv-chat daemon stop"])
+    dsub = d.add_subparsers(dest="daemon_cmd", required=True, title="daemon commands", metavar="ACTION")
+    ds = _sub(dsub, "start", "start the daemon in the background (or in this terminal with --foreground)",
+              "Start the daemon; it loads --model (else the config's [model] path) with --strategy.\n\n"
+              + STRATEGY_HELP,
+              ['rwkv-chat daemon start --model ~/models/rwkv7-0.1B.pth --strategy "cpu fp32"',
+               "rwkv-chat daemon start --foreground          # logs in this terminal; Ctrl+C stops it"])
+    ds.add_argument("--model", metavar="PATH", help="checkpoint to load (.pth or .safetensors)")
+    ds.add_argument("--strategy", metavar="S", help='where and how the model runs, e.g. "cpu fp32" (see above)')
+    ds.add_argument("--foreground", action="store_true", help="run in this terminal instead of the background")
+    _sub(dsub, "stop", "stop the daemon (generations in progress are cancelled)",
+         "Stop the daemon of this home. Conversations and their states are saved; the next command starts a new one.",
+         ["rwkv-chat daemon stop"])
+    dst = _sub(dsub, "status", "show the daemon's model, memory and generations",
+               "Show whether the daemon runs, its model and strategy, which path serves it (compiled kernels\n"
+               "or pure torch while they build), memory and the generations in progress. Exit status 1 when\n"
+               "no daemon runs.",
+               ["rwkv-chat daemon status", "rwkv-chat daemon status --json | jq .model"])
+    dst.add_argument("--json", action="store_true", help="print the status as JSON")
+
+    lp = _sub(sub, "load", "load (or switch) the daemon's model",
+              "Load a checkpoint into the daemon (replacing the model it has), with a progress bar.\n\n"
+              + STRATEGY_HELP,
+              ['rwkv-chat load ~/models/rwkv7-0.1B.pth --strategy "cpu fp32"',
+               'rwkv-chat load ~/models/rwkv7-1.5B.pth --strategy "cuda fp16" --default'])
+    lp.add_argument("path", metavar="PATH", help="checkpoint file (.pth or .safetensors, RWKV versions 4 to 7)")
+    lp.add_argument("--strategy", default=None, metavar="S",
+                    help="where and how the model runs (default: the config's, cpu fp32 at first; see above)")
+    lp.add_argument("--default", action="store_true",
+                    help="also make it the default model (saved in the config; the daemon loads it when it starts)")
+
+    cp = _sub(sub, "complete", "continue a text (raw completion), streamed to stdout",
+              "Continue PROMPT from the model's empty state (no chat format, no conversation). Only the text\n"
+              "goes to stdout; the timing line goes to stderr.",
+              ['rwkv-chat complete "The capital of France is" --max-tokens 20 --temperature 0',
+               'rwkv-chat complete "def fib(n):" --stop "\\n\\n" > fib.py'])
+    cp.add_argument("prompt", metavar="PROMPT", help="the text to continue (not empty)")
+    cp.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                    help="end the completion where TEXT appears (repeatable)")
     _sampling_flags(cp)
-    ch = sub.add_parser("chat", help="one chat turn, streamed to stdout")
-    ch.add_argument("message")
-    ch.add_argument("--conversation")
+
+    ch = _sub(sub, "chat", "send one message and stream the reply to stdout",
+              "Send MESSAGE in a conversation and print the reply. Without --conversation a new one starts\n"
+              "(its id goes to stderr); the conversation's state is saved, so the next message continues it\n"
+              "without re-reading the history.",
+              ['rwkv-chat chat "Plan a day in Lyon."',
+               'rwkv-chat chat --conversation trip "And the evening?"',
+               'rwkv-chat chat "Name a colour." --temperature 0 --max-tokens 10'])
+    ch.add_argument("message", metavar="MESSAGE", help="your message (not empty)")
+    ch.add_argument("--conversation", metavar="ID",
+                    help="continue (or start) the conversation with this id (letters, digits, - and _)")
     _sampling_flags(ch)
-    cv = sub.add_parser("conversations", help="list, show, export or remove conversations")
-    cvs = cv.add_subparsers(dest="conv_cmd", required=True)
-    cvs.add_parser("list").add_argument("--json", action="store_true")
-    cvs.add_parser("show").add_argument("id")
-    ex = cvs.add_parser("export")
-    ex.add_argument("id")
-    ex.add_argument("--format", choices=("md", "json"), default="md")
-    cvs.add_parser("rm").add_argument("id")
-    dp = sub.add_parser("doctor", help="devices, versions, kernel builds, paths")
-    dp.add_argument("--json", action="store_true")
-    sub.add_parser("bench", help="speed of prefill and decode (rwkv-chat bench --help)", add_help=False)
+
+    cv = _sub(sub, "conversations", "list, show, export or remove conversations",
+              "The daemon's saved conversations (the TUI's sidebar).",
+              ["rwkv-chat conversations list", "rwkv-chat conversations export trip --format md > trip.md"])
+    cvs = cv.add_subparsers(dest="conv_cmd", required=True, title="conversation commands", metavar="ACTION")
+    cl = _sub(cvs, "list", "list conversations, newest first",
+              "One line per conversation: id, last change, exchanges (a message and its reply), title.",
+              ["rwkv-chat conversations list", "rwkv-chat conversations list --json"])
+    cl.add_argument("--json", action="store_true", help="print the conversations as JSON")
+    _sub(cvs, "show", "print a conversation's messages",
+         "Print the title, the system prompt and every message of a conversation.",
+         ["rwkv-chat conversations show trip"]).add_argument("id", metavar="ID", help="the conversation's id")
+    ex = _sub(cvs, "export", "write a conversation as Markdown or JSON to stdout",
+              "Write a conversation to stdout as a Markdown transcript or as JSON (with every field).",
+              ["rwkv-chat conversations export trip > trip.md",
+               "rwkv-chat conversations export trip --format json > trip.json"])
+    ex.add_argument("id", metavar="ID", help="the conversation's id")
+    ex.add_argument("--format", choices=("md", "json"), default="md", help="md (default) or json")
+    _sub(cvs, "rm", "delete a conversation and its saved state",
+         "Delete a conversation, its messages and its saved states.",
+         ["rwkv-chat conversations rm trip"]).add_argument("id", metavar="ID", help="the conversation's id")
+
+    dp = _sub(sub, "doctor", "check devices, versions, kernel builds and paths",
+              "Report the system, torch and its devices, package versions, this home's paths, the daemon\n"
+              "(which path serves its model, and the progress of a kernel build), and the compiled kernels.",
+              ["rwkv-chat doctor", "rwkv-chat doctor --build      # build the kernels now, with progress",
+               "rwkv-chat doctor --json"])
+    dp.add_argument("--json", action="store_true", help="print the report as JSON")
+    dp.add_argument("--build", action="store_true",
+                    help="build the compiled kernels now when they are not built yet (about a minute)")
+    sub.add_parser("bench", help="measure prefill and decode speed (rwkv-chat bench --help)", add_help=False)
     return ap
 
 
@@ -121,11 +226,40 @@ def _main(argv: list[str]) -> int:
         _err(f"rwkv-chat: daemon lost: {e.message}")
         return 4
     except DaemonError as e:
-        _err(f"rwkv-chat: {e}")
+        _err(f"rwkv-chat: {said(e)}")
         return 1
     except KeyboardInterrupt:
         _err("rwkv-chat: interrupted")
         return 130
+
+
+def said(e) -> str:
+    """A daemon error as a sentence: its message, with what kind of trouble it is where the message alone
+    does not say (a busy queue, an internal error)."""
+    if e.kind == "Busy":
+        return f"the daemon is busy: {e.message}"
+    if e.kind == "Internal":
+        return f"internal error in the daemon: {e.message} (its log: rwkv-chat doctor shows where)"
+    return e.message
+
+
+def _with_client(run) -> int:
+    """``run(client)`` with a client of this home's daemon (started when none runs). A daemon this command
+    started is stopped again when the command fails: a failing ``chat`` leaves nothing running behind."""
+    from rwkv_chat.daemon.client import Client, DaemonError
+
+    c = Client(_paths())
+    rc = 1
+    try:
+        rc = run(c)
+        return rc
+    finally:
+        if c.spawned and rc != 0:
+            try:
+                c.shutdown()
+            except DaemonError:
+                pass
+        c.close()
 
 
 def _tui() -> int:
@@ -203,6 +337,8 @@ def _mib(n) -> str:
 
 
 def _print_status(st: dict) -> None:
+    from .texts import serving
+
     mdl = st["model"]
     print(f"daemon: pid {st['pid']}, version {st['version']}, protocol {st['protocol']}, up {st['uptime']:.0f} s")
     if mdl.get("loaded"):
@@ -210,7 +346,9 @@ def _print_status(st: dict) -> None:
               f"vocab {mdl['vocab_size']}, tokenizer {mdl['tokenizer']})")
         print(f"strategy: {mdl['strategy']}")
         for line in str(mdl.get("plan", "")).splitlines():
-            print(f"  {line}")
+            if not line.strip().startswith("Backend:"):
+                print(f"  {line}")
+        print(f"serving: {serving(mdl)}")
     else:
         print("model: none loaded" + (f" (loading {mdl['loading']})" if mdl.get("loading") else ""))
     mem = st["memory"]
@@ -222,28 +360,41 @@ def _print_status(st: dict) -> None:
         print(f"  {a['job_id']} {a['kind']} {a['conversation_id'] or ''} {a['phase']} tokens={a['tokens']}")
 
 
+def progress_bar(done: int, total: int, width: int = 30) -> str:
+    """``[#########.....................]  7/25``."""
+    filled = width * done // total if total else 0
+    return f"[{'#' * filled}{'.' * (width - filled)}] {done:>{len(str(total))}}/{total}"
+
+
 def _load(args) -> int:
-    from rwkv_chat.daemon.client import Client
     from rwkv_chat.daemon.protocol import messages as m
 
     paths = _paths()
     cfg = _config(paths)
     strategy = args.strategy or cfg.model.strategy
-    path = os.path.abspath(args.path)
+    path = os.path.abspath(os.path.expanduser(args.path))
     interactive = sys.stderr.isatty()
-    with Client(paths) as c:
+
+    def run(c) -> int:
+        name = os.path.basename(path)
+        if not interactive:
+            _err(f"loading {path} with strategy {strategy!r} ...")
         for ev in c.load(path, strategy):
-            if isinstance(ev, m.Progress):
-                line = f"loading {ev.text}: layer {ev.done}/{ev.total}"
-                if interactive:
-                    sys.stderr.write(f"\r\x1b[K{line}")
-                    sys.stderr.flush()
-                else:
-                    _err(line)
+            if isinstance(ev, m.Progress) and interactive:      # one bar, redrawn in place
+                sys.stderr.write(f"\r\x1b[Kloading {name} {progress_bar(ev.done, ev.total)} layers")
+                sys.stderr.flush()
             elif isinstance(ev, m.Done):
                 if interactive:
                     sys.stderr.write("\r\x1b[K")
                 _err(f"loaded {path} with strategy {strategy!r} in {ev.prefill_s:.2f} s")
+        return 0
+
+    try:
+        _with_client(run)
+    except BaseException:
+        if interactive:
+            sys.stderr.write("\r\x1b[K")
+        raise
     if args.default:
         from rwkv_chat.daemon.config import save_config
 
@@ -253,20 +404,22 @@ def _load(args) -> int:
     return 0
 
 
-def _stream(gen, strip_first: bool = False) -> int:
+def _stream(gen, strip_first: bool = False, started=None) -> int:
     from rwkv_chat.daemon.protocol import messages as m
 
     first = True
     interactive = sys.stderr.isatty()
     try:
         for ev in gen:
-            if isinstance(ev, m.Token):
+            if isinstance(ev, m.Started) and started is not None:
+                started(ev)
+            elif isinstance(ev, m.Token):
                 text = ev.text.lstrip() if (first and strip_first) else ev.text
                 first = first and not text
                 sys.stdout.write(text)
                 sys.stdout.flush()
             elif isinstance(ev, m.Progress) and interactive:
-                sys.stderr.write(f"\r{ev.phase} {ev.done}/{ev.total}")
+                sys.stderr.write(f"\r\x1b[Kreading the prompt {progress_bar(ev.done, ev.total)} tokens")
                 sys.stderr.flush()
                 if ev.done >= ev.total:
                     sys.stderr.write("\r\x1b[K")
@@ -287,27 +440,38 @@ def _stream(gen, strip_first: bool = False) -> int:
     return 0
 
 
-def _complete(args) -> int:
-    from rwkv_chat.daemon.client import Client
+def _usage(command: str, message: str) -> int:
+    """A user mistake the parser cannot see: one line, exit status 2 (as argparse's own)."""
+    _err(f"rwkv-chat {command}: error: {message}")
+    return 2
 
-    with Client(_paths()) as c:
-        return _stream(c.complete(args.prompt, stop=args.stop, **_sampling(args)))
+
+def _complete(args) -> int:
+    if not args.prompt:
+        return _usage("complete", "the prompt is empty: give the text to continue")
+    return _with_client(lambda c: _stream(c.complete(args.prompt, stop=args.stop, **_sampling(args))))
 
 
 def _chat(args) -> int:
-    from rwkv_chat.daemon.client import Client
     from rwkv_chat.daemon.protocol import check_conversation_id, new_conversation_id
 
+    if not args.message.strip():
+        return _usage("chat", "the message is empty: nothing sent")
     cid = args.conversation or new_conversation_id()
     check_conversation_id(cid)
-    if not args.conversation:
-        _err(f"conversation: {cid}")
-    with Client(_paths()) as c:
-        return _stream(c.chat(cid, args.message, **_sampling(args)), strip_first=True)
+
+    def started(_ev) -> None:
+        if not args.conversation:
+            _err(f"conversation: {cid}")
+
+    return _with_client(lambda c: _stream(c.chat(cid, args.message, **_sampling(args)), strip_first=True,
+                                          started=started))
 
 
 def _conversations(args) -> int:
     from rwkv_chat.daemon.client import Client
+
+    from .texts import exchanges, plural
     from rwkv_chat.daemon.protocol import check_conversation_id
 
     if getattr(args, "id", None):
@@ -321,7 +485,7 @@ def _conversations(args) -> int:
                 print(json.dumps(msgspec.to_builtins(items), indent=2))
             for it in ([] if args.json else items):
                 when = time.strftime("%Y-%m-%d %H:%M", time.localtime(it.updated))
-                print(f"{it.id}\t{when}\t{it.turns} turns\t{it.title}")
+                print(f"{it.id}\t{when}\t{plural(exchanges(it), 'exchange')}\t{it.title}")
         elif args.conv_cmd == "show":
             d = c.conversation(args.id)
             print(f"# {d.conversation.title or d.conversation.id}")
@@ -340,7 +504,22 @@ def _conversations(args) -> int:
 def _doctor(args) -> int:
     from rwkv_chat.daemon.doctor import report
 
-    rep = report(_paths())
+    from .texts import build_line
+
+    interactive = sys.stderr.isatty()
+
+    def progress(build) -> None:
+        p = build.progress()
+        if interactive:
+            sys.stderr.write(f"\r\x1b[K{p['device']} kernels {progress_bar(p['compiled'], p['total'])} sources, "
+                             f"{p['seconds']:.0f} s")
+            sys.stderr.flush()
+        if build.done:
+            if interactive:
+                sys.stderr.write("\r\x1b[K")
+            _err(build_line(p))
+
+    rep = report(_paths(), build=args.build, progress=progress)
     if args.json:
         print(json.dumps(rep, indent=2, default=str))
         return 0
@@ -348,6 +527,8 @@ def _doctor(args) -> int:
         print(f"[{section}]")
         if isinstance(values, dict):
             for k, v in values.items():
+                if k == "kernel_build":
+                    v = "; ".join(build_line(b) for b in v)
                 print(f"  {k}: {v}")
         else:
             print(f"  {values}")

@@ -5,7 +5,7 @@ Contract
 * ``Client(paths=None, autostart=True, timeout=10.0)`` — heartbeat and ``lost_after`` default to the
   config's ``[daemon] heartbeat`` (and 8 heartbeats, at least 2 s). Connects lazily on first use; if no daemon answers
   for the home (``RWKV_CHAT_HOME`` or platformdirs) and ``autostart`` is true, starts one in the background
-  and waits until it answers. Raises :class:`DaemonUnavailable` when that fails.
+  and waits until it answers (``spawned`` is then true). Raises :class:`DaemonUnavailable` when that fails.
 * Requests (``status``, ``conversations``, ``conversation``, ``create_conversation``, ``rename``, ``delete``,
   ``set_system_prompt``, ``set_sampling``, ``export``, ``cancel``, ``get_state``) return plain values or
   message structs of :mod:`rwkv_chat.daemon.protocol.messages`; a daemon-side failure raises :class:`DaemonError`
@@ -38,7 +38,7 @@ from rwkv_chat.daemon.paths import Paths, get_paths
 
 from . import protocol as p
 from .errors import BusyError, DaemonError, DaemonLost, DaemonUnavailable, GenerationFailed  # noqa: F401
-from .launcher import _secure, ping, spawn_daemon  # noqa: F401 (re-exported)
+from .launcher import _secure, lock_held, ping, spawn_daemon  # noqa: F401 (re-exported)
 from .protocol import messages as m
 
 
@@ -73,6 +73,7 @@ class Client:
         self.client_id = "k" + secrets.token_hex(8)
         self.info: p.ConnectionInfo | None = None
         self.connected = False
+        self.spawned = False          # this client started the daemon (autostart)
         self.last_event = 0.0
         self._ctx = zmq.Context()
         self._lock = threading.RLock()
@@ -90,7 +91,9 @@ class Client:
             if info is None:
                 if not self.autostart:
                     raise DaemonUnavailable(f"no daemon is running for {self.paths.runtime_dir}")
+                running = lock_held(self.paths.lock_file)      # one still starting up, not ours
                 info = spawn_daemon(self.paths)
+                self.spawned = not running
             self.info = info
             self._codec_req = p.Codec(info.key_bytes)
             self._codec_sub = p.Codec(info.key_bytes)

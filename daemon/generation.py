@@ -4,7 +4,8 @@ The server queues a :class:`Job` (what a client asked for: a model load or a gen
 admitting a generation job, makes a :class:`Generation` of it, which holds what it needs: the model host, the
 store, the in-memory conversation states (sessions), the event callback and the config. Its phases:
 
-* ``starting`` — :meth:`Generation.start` builds the prompt tokens, the starting state (a saved one where the
+* ``starting`` — :meth:`Generation.start` makes the conversation of a first message (never without a model to
+  answer it), builds the prompt tokens, the starting state (a saved one where the
   conversation has it, else the model's zero state and the whole transcript) and the sampler; emits Started;
 * ``prefill`` — :meth:`Generation.prefill_chunk` feeds ``chunk_len`` prompt tokens at a time (a Progress
   event per chunk);
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 
 from .protocol import messages as m
 from .sessions import sampler_to_meta
+from .store import title_from
 
 log = logging.getLogger("rwkv_chat.daemon")
 
@@ -118,6 +120,8 @@ class Generation:
             text, self.state, self.stops = req.prompt, model.zero_state(), tuple(req.stop)
         else:
             store, cid = self.store, self.conversation_id
+            if self.mode == "chat" and not store.exists(cid):     # made now, with a model to answer
+                store.create(cid, title=title_from(req.message))
             conv, turns = store.get(cid), store.turns(cid)
             args = self.config.sampling.updated({**conv.sampling, **given})
             if self.mode == "chat":
@@ -270,7 +274,8 @@ class Generation:
         now = time.time()
         store.commit_exchange(
             cid, m.TurnInfo(0, "user", self.user_text, self.user_tokens, self.user_created, self.user_created),
-            m.TurnInfo(0, "assistant", self.reply_text(), len(self.out_tokens), self.user_created, now),
+            m.TurnInfo(0, "assistant", self.reply_text(), len(self.out_tokens), self.user_created, now,
+                       reason=self.reason, tokens_per_s=self.tokens_per_s()),
             state_n=n, fingerprint=self.host.model.fingerprint, drop_from=self.drop_from)
         self.sessions.put(cid, self.state, sd, n)
         store.prune_states(cid, keep_from=self.base_n)
@@ -284,9 +289,13 @@ class Generation:
         self.phase = "done"
         self.state = self.logits = None
 
+    def tokens_per_s(self) -> float:
+        """The decode speed so far (tokens per second of decode steps)."""
+        return len(self.out_tokens) / self.t_decode if self.t_decode > 0 else 0.0
+
     def done(self) -> None:
         """Send the Done event (after :meth:`finish`)."""
-        rate = len(self.out_tokens) / self.t_decode if self.t_decode > 0 else 0.0
+        rate = self.tokens_per_s()
         self.emit(self.topic, m.Done(job_id=self.id, reason=self.reason, text=self.reply_text(),
                                      prompt_tokens=len(self.prompt), tokens=len(self.out_tokens),
                                      prefill_s=self.t_prefill, decode_s=self.t_decode, tokens_per_s=rate))

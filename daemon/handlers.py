@@ -138,9 +138,7 @@ def _complete(server, msg):
 
 @handles(m.Chat)
 def _chat(server, msg):
-    cid = check_conversation_id(msg.conversation_id)
-    if not server.store.exists(cid):
-        server.store.create(cid, title=msg.message[:60].splitlines()[0] if msg.message.strip() else "")
+    cid = check_conversation_id(msg.conversation_id)      # a new conversation is made when the reply starts
     return _generation(server, msg, "chat", cid, cid, "chat"), []
 
 

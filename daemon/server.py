@@ -145,6 +145,8 @@ class Server:
         finally:
             if hasattr(self, "scheduler"):
                 self.scheduler.stop()
+            if hasattr(self, "host"):
+                self.host.close()
             try:
                 info = connection.read_connection_file(conn)
                 if info.pid == os.getpid():

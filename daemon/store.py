@@ -22,7 +22,7 @@ import msgspec
 
 from .protocol.messages import ConversationInfo, TurnInfo, check_conversation_id
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 class NotFound(KeyError):
@@ -52,9 +52,16 @@ CREATE TABLE turns (
     tokens INTEGER NOT NULL DEFAULT 0,
     created REAL NOT NULL,
     finished REAL NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    tokens_per_s REAL NOT NULL DEFAULT 0,
     PRIMARY KEY (conversation_id, idx)
 );
 """
+#: schema version -> the statements that bring a database of the version before it there
+_MIGRATIONS = {
+    2: ("ALTER TABLE turns ADD COLUMN reason TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE turns ADD COLUMN tokens_per_s REAL NOT NULL DEFAULT 0"),
+}
 
 
 class Store:
@@ -83,14 +90,24 @@ class Store:
         version = db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             raise RuntimeError(f"{self.database} has schema {version}, newer than this program's {SCHEMA_VERSION}")
-        if version == 0:
-            db.execute("BEGIN IMMEDIATE")
-            if db.execute("PRAGMA user_version").fetchone()[0] == 0:
+        if version == SCHEMA_VERSION:
+            return
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            version = db.execute("PRAGMA user_version").fetchone()[0]     # another process may have begun
+            if version == 0:
                 for stmt in _SCHEMA.split(";"):
                     if stmt.strip():
                         db.execute(stmt.replace("CREATE TABLE", "CREATE TABLE IF NOT EXISTS"))
-                db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            else:
+                for v in range(version + 1, SCHEMA_VERSION + 1):
+                    for stmt in _MIGRATIONS[v]:
+                        db.execute(stmt)
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
 
     # -- conversations
     def create(self, cid: str, title: str = "", system_prompt: str = "", sampling: dict | None = None,
@@ -150,14 +167,16 @@ class Store:
 
     # -- turns
     def turns(self, cid: str) -> list[TurnInfo]:
-        rows = self.db.execute("SELECT idx,role,text,tokens,created,finished FROM turns WHERE conversation_id=?"
+        rows = self.db.execute("SELECT idx,role,text,tokens,created,finished,reason,tokens_per_s FROM turns"
+                               " WHERE conversation_id=?"
                                " ORDER BY idx", (check_conversation_id(cid),)).fetchall()
         return [TurnInfo(*r) for r in rows]
 
     def commit_exchange(self, cid: str, user: TurnInfo, assistant: TurnInfo, state_n: int, fingerprint: str,
                         drop_from: int | None = None) -> None:
         """Atomically (one transaction): drop turns with index >= ``drop_from``, append ``user`` and
-        ``assistant`` and record that the state file ``state_n`` now covers the conversation."""
+        ``assistant`` and record that the state file ``state_n`` now covers the conversation. An untitled
+        conversation takes its title from the user's message (:func:`title_from`)."""
         db = self.db
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -165,10 +184,12 @@ class Store:
                 db.execute("DELETE FROM turns WHERE conversation_id=? AND idx>=?", (cid, drop_from))
             n = db.execute("SELECT COALESCE(MAX(idx)+1,0) FROM turns WHERE conversation_id=?", (cid,)).fetchone()[0]
             for i, t in enumerate((user, assistant)):
-                db.execute("INSERT INTO turns VALUES (?,?,?,?,?,?,?)",
-                           (cid, n + i, t.role, t.text, t.tokens, t.created, t.finished))
+                db.execute("INSERT INTO turns(conversation_id,idx,role,text,tokens,created,finished,reason,"
+                           "tokens_per_s) VALUES (?,?,?,?,?,?,?,?,?)",
+                           (cid, n + i, t.role, t.text, t.tokens, t.created, t.finished, t.reason, t.tokens_per_s))
             db.execute("UPDATE conversations SET state_n=?,state_stale=0,model_fingerprint=?,updated=? WHERE id=?",
                        (state_n, fingerprint, time.time(), cid))
+            db.execute("UPDATE conversations SET title=? WHERE id=? AND title=''", (title_from(user.text), cid))
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -189,6 +210,22 @@ class Store:
         for f in d.glob("*.safetensors"):
             if f.stem.isdigit() and int(f.stem) < keep_from:
                 f.unlink(missing_ok=True)
+
+
+TITLE_CHARS = 60
+
+
+def title_from(message: str) -> str:
+    """A conversation's title from a message: its first non-blank line, cut at a word to at most
+    ``TITLE_CHARS`` characters (with "…")."""
+    line = next((ln.strip() for ln in message.splitlines() if ln.strip()), "")
+    line = " ".join(line.split())
+    if len(line) <= TITLE_CHARS:
+        return line
+    cut = line[:TITLE_CHARS - 1]
+    if " " in cut[TITLE_CHARS // 2:]:
+        cut = cut[:cut.rindex(" ")]
+    return cut.rstrip(" ,.;:-") + "…"
 
 
 def export_conversation(conv: ConversationInfo, turns: list[TurnInfo], fmt: str) -> str:

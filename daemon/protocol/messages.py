@@ -241,7 +241,9 @@ class ConversationInfo(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class TurnInfo(msgspec.Struct, forbid_unknown_fields=True):
-    """One turn of a conversation (``index`` from 0; ``tokens`` the model saw or produced)."""
+    """One turn of a conversation (``index`` from 0; ``tokens`` the model saw or produced). A reply also keeps
+    why it ended (``reason``: "stop", "length") and its decode speed (``tokens_per_s``), shown again when
+    the conversation is reopened."""
 
     index: int
     role: str
@@ -249,6 +251,8 @@ class TurnInfo(msgspec.Struct, forbid_unknown_fields=True):
     tokens: int
     created: float
     finished: float
+    reason: str = ""
+    tokens_per_s: float = 0.0
 
 
 class ConversationList(Msg):
