@@ -13,7 +13,6 @@ from textual.widgets import Button, Input, Markdown
 
 from rwkv_chat.app.chat_app import ChatApp
 from rwkv_chat.app.screens.help import HelpScreen
-from rwkv_chat.app.terminal import PasteSafeParser
 from rwkv_chat.app.widgets.chat_log import AssistantMessage, ChatLog, Notice
 from rwkv_chat.app.widgets.sampling_panel import SamplingPanel
 
@@ -71,6 +70,8 @@ async def test_the_view_follows_a_reply_after_a_paste_and_a_resize(fresh_daemon)
 
 def test_a_paste_with_control_sequences_is_one_paste():
     """ESC sequences inside a bracketed paste are not keys (a pasted \\x0c opened the load screen)."""
+    from rwkv_chat.app.terminal import PasteSafeParser
+
     data = "\x1b[200~abc\x0cdef\x1b[Aghi\x1b[31mred\x1b[0m and \x1b]0;title\x07more" + "x" * 40 + "\x1b[201~z"
     for cut in range(0, len(data), 3):                           # however the terminal's reads split it
         parser = PasteSafeParser()
