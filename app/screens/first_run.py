@@ -93,15 +93,15 @@ class ModelScreen(Screen):
             with Vertical(id="model-form"):
                 yield Label("Checkpoint path")
                 yield Input(self.path, placeholder="/path/to/RWKV-x070-World-0.1B.pth", id="model-path")
-                yield Label("Strategy")
+                yield Label("Strategy (how to write one: below)")
                 yield Input(self.strategy, id="model-strategy", suggester=SuggestFromList(self.strategies))
-                yield Static(Text(STRATEGY_HELP), id="strategy-help", classes="explain")
                 yield Label("Strategies that fit this machine (" + ", ".join(d.split()[0] for d in self.devices) + "):")
                 yield OptionList(*self.strategies, id="strategy-list")
                 yield Checkbox("Make it the default model", True, id="model-remember")
                 with Horizontal(classes="buttons"):
                     yield Button("Load", id="model-load", variant="primary", compact=True)
                 yield Static("", id="model-error")
+                yield Static(Text(STRATEGY_HELP), id="strategy-help", classes="explain")
             with Vertical(id="model-progress"):
                 yield Static("", id="progress-text")
                 yield ProgressBar(total=None, show_eta=False, id="progress-bar")

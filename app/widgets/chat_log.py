@@ -163,9 +163,9 @@ class Notice(Static):
 
 
 class ChatLog(VerticalScroll):
-    """The scrolling list of messages of the open conversation. It is anchored to its end: new messages,
-    streamed text, a taller input (a large paste) or a resized terminal keep the end in view, until the user
-    scrolls up; scrolling back to the end anchors it again."""
+    """The scrolling list of messages of the open conversation. It follows its end: new messages, streamed
+    text, a taller input (a large paste) or a resized terminal keep the end in view, until the user scrolls
+    up; scrolling back to the end follows it again."""
 
     @dataclass
     class Grew(Message):
@@ -174,9 +174,23 @@ class ChatLog(VerticalScroll):
     def __init__(self, **kw) -> None:
         super().__init__(**kw)
         self.can_focus = False
+        self.following = True        # keep the end in view
 
-    def on_mount(self) -> None:
-        self.anchor()
+    def watch_scroll_y(self, old: float, new: float) -> None:
+        super().watch_scroll_y(old, new)
+        # only a move of the view changes this (the user's scrolling, or ours to the end): content that grows
+        # or a view that shrinks leaves scroll_y alone, and on_resize brings the end back
+        self.following = new >= self.max_scroll_y - 1
+
+    def on_resize(self, event) -> None:
+        """The view changed size (the input grew with a paste, the terminal was resized)."""
+        if self.following:
+            self.scroll_end(animate=False)
+
+    def watch_virtual_size(self, old, new) -> None:
+        """The content changed size (a message came, a reply grew or was re-rendered)."""
+        if self.following and new.height != old.height:
+            self.scroll_end(animate=False)
 
     def clear(self) -> None:
         self.remove_children()
@@ -185,13 +199,13 @@ class ChatLog(VerticalScroll):
         self.mount(widget)
 
     def follow(self) -> None:
-        """Show the end and follow it again (a conversation was opened)."""
-        self.anchor()
+        """Show the end and follow it again (a conversation was opened, a message sent)."""
+        self.following = True
         self.call_after_refresh(self.scroll_end, animate=False, immediate=True)
 
     @on(Grew)
     def _grew(self, event: Grew) -> None:
-        event.stop()
+        event.stop()          # the content's new size brings the end back (watch_virtual_size)
 
     def messages(self) -> list[MessageBox]:
         return list(self.query(MessageBox))
