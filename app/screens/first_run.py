@@ -111,6 +111,9 @@ class ModelScreen(Screen):
         yield Footer()
 
     def on_mount(self) -> None:
+        if getattr(self.app, "snapshot", False):        # deterministic display: no blinking cursor
+            for field in self.query(Input):
+                field.cursor_blink = False
         self.set_loading(self.loading)
         if not self.loading:
             self.query_one("#model-path", Input).focus()
