@@ -62,11 +62,11 @@ def serving(model: dict) -> str:
 
 
 def serving_short(model: dict) -> str:
-    """:func:`serving` in a few words for the status bar: ``"fused-cpu"``, ``"torch, CPU kernels 3/7"``."""
+    """:func:`serving` in a few words for the status bar: ``"fused-cpu"``, ``"torch · kernels 3/7"`` (while
+    the kernels build: sources compiled of all)."""
     name = (model.get("backend") or "").split(" ")[0]
     building = [b for b in model.get("kernel_build") or [] if b.get("state") == "building"]
     if building:
         b = building[0]
-        dev = b.get("device", "").upper() if b.get("device") == "cpu" else b.get("device", "")
-        return f"{name}, {dev} kernels building {b.get('compiled', 0)}/{b.get('total', '?')}"
+        return f"{name} · kernels {b.get('compiled', 0)}/{b.get('total', '?')}"
     return name

@@ -135,13 +135,14 @@ def test_conversations_list_counts_exchanges_as_the_sidebar(daemon):
     assert info.turns == 2 and exchanges(info) == 1
 
 
-def test_bench_on_cpu(tmp_path, model_path):
-    r = run(tmp_path, "bench", "--model", model_path("5.2"), "--strategy", "cpu fp32", "--tokens", 4,
-            "--prompt-len", 8)
-    assert r.returncode == 0, r.stderr
-    assert "CPU (1 thread)" in r.stdout
+def test_bench_on_cpu(model_path, capsys):
+    """A CPU run: its threads said (one by default, for both sides), nothing that only a GPU run measures."""
+    assert cli.main(["bench", "--model", str(model_path("5.2")), "--strategy", "cpu fp32", "--tokens", "4",
+                     "--prompt-len", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "CPU (1 thread)" in out and "| backend |" in out
     for gpu_only in ("cublas", "copy bandwidth", "% of copy"):
-        assert gpu_only not in r.stdout
+        assert gpu_only not in out
 
 def test_bench_without_the_reference_package(monkeypatch, capsys):
     """One line, before anything is measured (the package is hidden: ``import rwkv`` fails)."""
