@@ -122,7 +122,7 @@ async def test_first_run_screen_loads_a_model(tmp_path, model_path, home_env):
 async def test_bad_strategy_is_reported(tmp_path, model_path, home_env):
     paths = make_home(tmp_path, None)
     daemon = start_daemon(paths, None)
-    app = ChatApp(paths=paths, autostart=False, snapshot=True)
+    app = ChatApp(paths=paths, autostart=False, snapshot=True, status_every=1000)    # one status: at connection
     try:
         async with app.run_test(size=(100, 34)) as pilot:
             await wait_for(pilot, lambda: isinstance(app.screen, ModelScreen) and app.screen.query("#model-path"),
@@ -135,6 +135,16 @@ async def test_bad_strategy_is_reported(tmp_path, model_path, home_env):
             await wait_for(pilot, lambda: "did not load" in str(screen.query_one("#model-error").render()),
                            what="the load error")
             assert isinstance(app.screen, ModelScreen) and screen.query_one("#model-form").display
+            # a message sent on a stale status ("loaded") is refused by the daemon: it comes back, nothing made
+            await pilot.press("escape")
+            await wait_for(pilot, lambda: app.screen is app.chat, what="back to the chat")
+            app.status = {**app.status, "model": {"loaded": True}}
+            app.chat.input.insert("Anyone?")
+            await pilot.press("enter")
+            await wait_for(pilot, lambda: app.chat.bubble is None and app.chat.input.text == "Anyone?",
+                           what="the message back in the input")
+            assert app.chat.cid is None and not app.chat.log_view.messages()
+            assert daemon.client.conversations() == [] and any("Ctrl+L" in n for n in notices(app))
     finally:
         daemon.stop()
 
