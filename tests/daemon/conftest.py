@@ -16,6 +16,7 @@ import zmq
 
 from rwkv_chat.daemon import protocol as p
 from rwkv_chat.daemon.config import Config, save_config
+from rwkv_chat.daemon.launcher import _secure
 from rwkv_chat.daemon.paths import ensure_dirs, home_paths
 from rwkv_chat.daemon.protocol import codec
 
@@ -130,6 +131,7 @@ class Raw:
         self.codec = p.Codec(self.key)
         self.sock = zmq.Context.instance().socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        _secure(self.sock, info)              # the transport of a client holding the connection file (CURVE)
         self.sock.connect(info.request)
 
     def frames(self, body, ts: float | None = None) -> list[bytes]:
