@@ -5,7 +5,6 @@ a model: ``test_faults.test_first_run_screen_loads_a_model``.)"""
 
 from __future__ import annotations
 
-import time
 
 from textual import events
 from textual.app import App
