@@ -305,7 +305,7 @@ class Generation:
         cid, model = self.conversation_id, self.host.model
         path = self.store.state_path(cid, self.base_n, model.fingerprint)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            self.store.make_model_dir(cid, model.fingerprint)
             self.state.save(path, metadata={DIGEST_KEY: transcript_digest(self.system_prompt, self.pairs)})
         except OSError as e:
             log.warning("conversation %s: could not save the state after its history: %s", cid, e)
@@ -447,7 +447,7 @@ class Generation:
         conv = store.get(cid)                    # NotFound: deleted meanwhile
         saved = self.state is not None and conv.system_prompt == self.system_prompt   # else: consumed the old one
         if saved:
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            store.make_model_dir(cid, fp)
             self.state.save(path, metadata={**sampler_to_meta(sd), DIGEST_KEY: digest})
         now = time.time()
         try:

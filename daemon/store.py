@@ -322,6 +322,16 @@ class Store:
             "h" + hashlib.sha256(str(fingerprint).encode()).hexdigest()[:32]
         return self.state_dir(cid) / name
 
+    def make_model_dir(self, cid: str, fingerprint: str) -> Path:
+        """Create (if missing) the folders of the state files of ``cid`` on the model ``fingerprint``, each
+        mode 0700 whatever the umask (``mkdir(parents=True)`` would make the conversation's folder with the
+        umask's mode). Returns the model's folder."""
+        d = self.model_dir(cid, fingerprint)
+        self.states_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for folder in (d.parent, d):
+            folder.mkdir(exist_ok=True, mode=0o700)
+        return d
+
     def state_path(self, cid: str, n: int, fingerprint: str) -> Path:
         """The state file of ``cid`` after ``n`` exchanges on the model ``fingerprint``."""
         return self.model_dir(cid, fingerprint) / f"{int(n)}.safetensors"
