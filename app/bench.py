@@ -148,6 +148,7 @@ out = os.fdopen(os.dup(1), "w")   # our results; everything else (banners, exten
 os.dup2(2, 1)
 sys.stdout = sys.stderr
 import torch
+torch.set_num_threads(req["threads"])
 from rwkv.model import RWKV
 m = RWKV(model=req["model"], strategy=req["strategy"])
 dev = "cuda" if req["strategy"].startswith("cuda") else "cpu"
@@ -181,22 +182,32 @@ class Reference:
     """The ``rwkv`` pip package on the same weights, in its own process (started early, so that its
     CUDA extension builds while our own benchmarks run; it times only after ``run`` is called)."""
 
-    def __init__(self, pth: Path, strategy: str, tokens: int, prompt_len: int, vocab: int, v7: bool):
-        env = dict(os.environ, RWKV_JIT_ON="0" if strategy.startswith("cpu") else "1",
-                   RWKV_CUDA_ON="1" if strategy.startswith("cuda") else "0")
+    def __init__(self, pth: Path, strategy: str, tokens: int, prompt_len: int, vocab: int, v7: bool,
+                 threads: int = 1):
+        cpu = strategy.startswith("cpu")
+        env = dict(os.environ, RWKV_JIT_ON="0" if cpu else "1", RWKV_CUDA_ON="0" if cpu else "1")
+        if cpu:      # the same CPU threads as ours (OpenMP / MKL read these before torch starts)
+            env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
         if v7:
             env["RWKV_V7_ON"] = "1"
         model = str(pth)[:-4] if v7 and str(pth).endswith(".pth") else str(pth)
         req = {"model": model, "strategy": " ".join(strategy.split()[:2]), "tokens": tokens,
-               "prompt_len": prompt_len, "vocab": vocab}
+               "prompt_len": prompt_len, "vocab": vocab, "threads": threads}
+        self.log = tempfile.TemporaryFile(mode="w+")     # its banners and errors: the last line says why it failed
         self.proc = subprocess.Popen([sys.executable, "-c", _REFERENCE, json.dumps(req)], env=env, text=True,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=sys.stderr)
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log)
+
+    def _why(self) -> str:
+        self.log.seek(0)
+        lines = [ln.strip() for ln in self.log.read().splitlines() if ln.strip()]
+        return lines[-1] if lines else f"exit status {self.proc.returncode}"
 
     def run(self, timeout: float = 900) -> dict:
         line = self.proc.stdout.readline()
         if line.strip() != "ready":
             self.proc.kill()
-            return {"error": f"reference did not start: {line.strip()!r}"}
+            self.proc.wait()
+            return {"error": f"the reference did not start: {self._why()}"}
         self.proc.stdin.write("go\n")
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
@@ -204,7 +215,7 @@ class Reference:
         try:
             return json.loads(line)
         except ValueError:
-            return {"error": f"reference failed: {line.strip()!r}"}
+            return {"error": f"the reference failed: {self._why()}"}
 
 
 def build_model(args):
@@ -227,31 +238,52 @@ def build_model(args):
     return model, pth, f"RWKV-7 {args.shape} (random weights)"
 
 
+EXAMPLES = """examples:
+  rwkv-chat bench --model ~/models/rwkv7-0.1B.pth --strategy "cpu fp32"
+  rwkv-chat bench --shape 0.1B --strategy "cpu fp32" --threads 2 --compare-rwkv-pip
+  rwkv-chat bench --shape 1.5B --strategy "cuda fp16" --batch 1 64 --prompt-len 1024 --compare-rwkv-pip"""
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="rwkv-chat bench", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="rwkv-chat bench", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
     src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--shape", choices=["0.1B", "0.4B", "1.5B", "2.9B", "7.2B"])
-    src.add_argument("--model", help="checkpoint path (.pth / .safetensors)")
-    ap.add_argument("--strategy", default="cuda fp16" if torch.cuda.is_available() else "cpu fp32")
-    ap.add_argument("--batch", type=int, nargs="+", default=[1], help="decode batch sizes")
-    ap.add_argument("--prompt-len", type=int, default=512, help="prefill length (0: skip)")
-    ap.add_argument("--tokens", type=int, default=200, help="timed decode steps")
-    ap.add_argument("--compare-rwkv-pip", action="store_true", help="also time rwkv==0.8.32 on the same weights")
+    src.add_argument("--shape", choices=["0.1B", "0.4B", "1.5B", "2.9B", "7.2B"],
+                     help="an RWKV-7 of this size with random weights (nothing to download)")
+    src.add_argument("--model", metavar="PATH", help="a checkpoint to measure (.pth / .safetensors)")
+    ap.add_argument("--strategy", default="cuda fp16" if torch.cuda.is_available() else "cpu fp32", metavar="S",
+                    help='where and how the model runs (default "cuda fp16" on a GPU, else "cpu fp32"; '
+                         "rwkv-chat load --help explains the syntax)")
+    ap.add_argument("--threads", type=int, default=1, metavar="N",
+                    help="CPU threads for ours and for the reference alike (default 1: steady on a busy machine)")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1], metavar="B", help="decode batch sizes (default 1)")
+    ap.add_argument("--prompt-len", type=int, default=512, metavar="T", help="prefill length (default 512; 0: skip)")
+    ap.add_argument("--tokens", type=int, default=200, metavar="N", help="timed decode steps (default 200)")
+    ap.add_argument("--compare-rwkv-pip", action="store_true",
+                    help="also time the reference package (pip install rwkv==0.8.32) on the same weights")
     ap.add_argument("--no-graph", action="store_true", help="decode without CUDA graphs")
     ap.add_argument("--no-compile", action="store_true", help="decode without torch.compile")
     ap.add_argument("--gemv", choices=["auto", "ours", "cublas", "fused"], default="auto",
-                    help="large-matrix GEMV: ours (grouped kernel, fused RWKV-7 path), cublas, fused (compiled path)")
+                    help="GPU only: large-matrix GEMV: ours (grouped kernel, fused RWKV-7 path), cublas, fused "
+                         "(compiled path)")
     ap.add_argument("--large", choices=["fused", "fused-split", "compiled"], default="compiled",
-                    help="fused RWKV-7 decode above 4 rows: fused kernels + cuBLAS, the same with the row-split "
-                         "WKV, or the torch.compile'd step")
+                    help="GPU only: fused RWKV-7 decode above 4 rows: fused kernels + cuBLAS, the same with the "
+                         "row-split WKV, or the torch.compile'd step")
     ap.add_argument("--kernels", action="store_true",
                     help="build the compiled kernels (models.kernels) before loading and report their status "
                          "(the model uses them either way where they build)")
-    ap.add_argument("--md", help="append the table to this markdown file")
-    ap.add_argument("--json", help="append the results (one JSON line) to this file")
+    ap.add_argument("--md", metavar="FILE", help="append the table to this markdown file")
+    ap.add_argument("--json", metavar="FILE", help="append the results (one JSON line) to this file")
     args = ap.parse_args(argv)
+    if args.threads < 1:
+        ap.error(f"--threads must be 1 or more, got {args.threads}")
+    if args.compare_rwkv_pip and not reference_installed():
+        print("rwkv-chat bench: --compare-rwkv-pip needs the reference package: pip install rwkv==0.8.32",
+              file=sys.stderr)
+        return 1
 
     torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
     if args.kernels:
         from rwkv_chat.models import kernels
 
@@ -263,11 +295,12 @@ def main(argv: list[str] | None = None) -> int:
             args.kernels = False
     model, pth, name = build_model(args)
     dev = model.emb.device
+    gpu = dev.type == "cuda"
     ref = None
-    if args.compare_rwkv_pip and dev.type == "cuda":  # start early: its CUDA build overlaps our runs
+    if args.compare_rwkv_pip and gpu:  # start early: its CUDA build overlaps our runs
         ref = Reference(pth, args.strategy, min(args.tokens, 100), args.prompt_len, model.vocab_size,
-                        model.version == "7")
-    bw = copy_bandwidth(dev)
+                        model.version == "7", args.threads)
+    bw = copy_bandwidth(dev) if gpu else None     # a GPU's ceiling; a CPU copy says little about a decode step
     graphs = False if args.no_graph else None
     comp = False if args.no_compile else None
     with torch.no_grad():
@@ -282,26 +315,33 @@ def main(argv: list[str] | None = None) -> int:
         pre = bench_prefill(model, args.prompt_len) if args.prompt_len else None
     if args.compare_rwkv_pip and ref is None:  # on CPU the peer runs alone, after ours
         ref = Reference(pth, args.strategy, min(args.tokens, 100), args.prompt_len, model.vocab_size,
-                        model.version == "7")
+                        model.version == "7", args.threads)
     ref_res = ref.run() if ref else None
-    gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({os.cpu_count()} threads)"
+    threads = f"{args.threads} thread{'s' if args.threads > 1 else ''}"
+    device = torch.cuda.get_device_name(dev) if gpu else f"CPU ({threads})"
     cmd, machine = command_line(argv, "rwkv-chat bench"), machine_line(dev)
-    res = {"model": name, "strategy": args.strategy, "device": gpu, "torch": torch.__version__,
-           "command": cmd, "machine": machine,
+    res = {"model": name, "strategy": args.strategy, "device": device, "torch": torch.__version__,
+           "threads": args.threads, "command": cmd, "machine": machine,
            "copy_gb_s": bw, "decode": dec, "prefill": pre, "reference": ref_res}
     kern = ", compiled kernels installed" if args.kernels else ""
-    lines = [f"### {name}, `{args.strategy}`, {gpu}, torch {torch.__version__}{kern}", "",
-             f"command: `{cmd}`", "", machine, "",
-             f"copy bandwidth (measured, read+write): {bw:.0f} GB/s", "",
-             "| batch | decode tok/s | p50 ms/step | p90 ms/step | GB/s | % of copy BW | graph | path | gemv |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for d in dec:
-        lines.append(f"| {d['batch']} | {d['tok_s']:.1f} | {d['p50_ms']:.3f} | {d['p90_ms']:.3f} | {d['gb_s']:.0f} | "
-                     f"{100 * d['gb_s'] / bw:.0f}% | {d['graphs']} | "
-                     f"{_path(d)} | {d['gemv']} |")
+    lines = [f"### {name}, `{args.strategy}`, {device}, torch {torch.__version__}{kern}", "",
+             f"command: `{cmd}`", "", machine, ""]
+    if gpu:
+        lines += [f"copy bandwidth (measured, read+write): {bw:.0f} GB/s", "",
+                  "| batch | decode tok/s | p50 ms/step | p90 ms/step | GB/s | % of copy BW | graph | path | gemv |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for d in dec:
+            lines.append(f"| {d['batch']} | {d['tok_s']:.1f} | {d['p50_ms']:.3f} | {d['p90_ms']:.3f} | "
+                         f"{d['gb_s']:.0f} | {100 * d['gb_s'] / bw:.0f}% | {d['graphs']} | {_path(d)} | {d['gemv']} |")
+    else:
+        lines += ["| batch | decode tok/s | p50 ms/step | p90 ms/step | GB/s | backend |", "|---|---|---|---|---|---|"]
+        for d in dec:
+            lines.append(f"| {d['batch']} | {d['tok_s']:.1f} | {d['p50_ms']:.3f} | {d['p90_ms']:.3f} | "
+                         f"{d['gb_s']:.1f} | {model.backend.name} |")
     for d in dec:
         if d.get("greedy_tok_s"):
-            lines += ["", f"batch 1, greedy with the argmax on the device (no host round trip per token; "
+            where = "on the device (no host round trip per token" if gpu else "in the decoder (no sampler"
+            lines += ["", f"batch 1, greedy with the argmax {where}; "
                           f"`BatchDecoder.greedy`): {d['greedy_tok_s']:.1f} tok/s ({1e3 / d['greedy_tok_s']:.3f} ms/token)"]
     if pre:
         lines += ["", f"prefill {pre['prompt_len']} tokens: {pre['tok_s']:.0f} tok/s ({pre['ms']:.1f} ms)"]
@@ -312,8 +352,8 @@ def main(argv: list[str] | None = None) -> int:
         if "error" in ref_res:
             lines += ["", f"reference rwkv 0.8.32: {ref_res['error']}"]
         else:
-            lines += ["", f"reference rwkv 0.8.32: decode {ref_res['tok_s']:.1f} tok/s (p50 {ref_res['p50_ms']:.3f} ms) "
-                      f"-> ratio {dec[0]['tok_s'] / ref_res['tok_s']:.2f}x"]
+            lines += ["", f"reference rwkv 0.8.32 ({threads if not gpu else device}): decode {ref_res['tok_s']:.1f} "
+                      f"tok/s (p50 {ref_res['p50_ms']:.3f} ms) -> ratio {dec[0]['tok_s'] / ref_res['tok_s']:.2f}x"]
             if pre and "prefill_tok_s" in ref_res:
                 lines[-1] += (f"; prefill {ref_res['prefill_tok_s']:.0f} tok/s -> ratio "
                               f"{pre['tok_s'] / ref_res['prefill_tok_s']:.2f}x")
@@ -328,6 +368,16 @@ def main(argv: list[str] | None = None) -> int:
     if pth and not args.model:
         pth.unlink(missing_ok=True)
     return 0
+
+
+def reference_installed() -> bool:
+    """Whether the reference ``rwkv`` package can be imported (``--compare-rwkv-pip``)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("rwkv") is not None
+    except (ImportError, ValueError):
+        return False
 
 
 # Where a result came from: every benchmark and check script (bench/, tests/gpu/) heads its table with

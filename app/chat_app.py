@@ -34,9 +34,17 @@ def describe(e: BaseException) -> str:
     from rwkv_chat.daemon.client import DaemonError
 
     if isinstance(e, DaemonError):
-        kind = {"Unavailable": "daemon unreachable", "Lost": "daemon lost", "Busy": "daemon busy"}.get(e.kind, e.kind)
-        return f"{kind}: {e.message}"
+        kind = {"Unavailable": "daemon unreachable", "Lost": "daemon lost", "Busy": "daemon busy"}.get(e.kind)
+        return f"{kind}: {e.message}" if kind else e.message
     return f"{type(e).__name__}: {e}"
+
+
+def detail(e: BaseException) -> str:
+    """What went wrong with the link to the daemon, without saying again that it is unreachable (the
+    notice says that)."""
+    from rwkv_chat.daemon.client import DaemonError
+
+    return e.message if isinstance(e, DaemonError) else f"{type(e).__name__}: {e}"
 
 
 class ChatApp(App):
@@ -77,6 +85,7 @@ class ChatApp(App):
         self._watched_cond = threading.Condition()
         self.chat = ChatScreen()
         self._model_screen: ModelScreen | None = None
+        self._model_draft: tuple[str, str] | None = None     # path and strategy typed on a closed model screen
 
     # ---------------------------------------------------------------- start-up
     def on_mount(self) -> None:
@@ -96,14 +105,16 @@ class ChatApp(App):
             return
         model = self.status.get("model") or {}
         error = model.get("error") if not model.get("loaded") else None
-        screen = ModelScreen(self.status.get("devices") or ["cpu"],
-                             path=model.get("path", "") or (error or {}).get("path", ""),
-                             strategy=model.get("strategy", "") or (error or {}).get("strategy", ""),
+        path, strategy = self._model_draft or (model.get("path", "") or (error or {}).get("path", ""),
+                                               model.get("strategy", "") or (error or {}).get("strategy", ""))
+        screen = ModelScreen(self.status.get("devices") or ["cpu"], path=path, strategy=strategy,
                              first_run=first_run, loading=model.get("loading", ""), error=error)
         self._model_screen = screen
 
         def closed(_result) -> None:
             self._model_screen = None
+            # what was typed comes back next time (Esc is "not now", not "forget it")
+            self._model_draft = None if _result else screen.draft
             self.chat.focus_input()
 
         self.push_screen(screen, closed)
@@ -128,7 +139,7 @@ class ChatApp(App):
                 self._close(req, watch)
                 if attempt == 0 or self.connected:
                     self.connected = False
-                    self.post_message(ev.ConnectionLost(describe(e)))
+                    self.post_message(ev.ConnectionLost(detail(e)))
                 attempt += 1
                 self._sleep(worker, 1.0)
                 continue
@@ -139,7 +150,7 @@ class ChatApp(App):
                 self._serve(watch, worker)
             except Exception as e:  # noqa: BLE001 — DaemonLost, DaemonUnavailable, zmq errors
                 self.connected, self.client = False, None
-                self.post_message(ev.ConnectionLost(describe(e)))
+                self.post_message(ev.ConnectionLost(detail(e)))
             finally:
                 with self._watched_cond:
                     self._watched = ""
@@ -305,3 +316,5 @@ class ChatApp(App):
         if message.ok:
             self.notify("model loaded", timeout=3)
             self.chat.refresh_conversations()
+            # the new model's status now, not at the next poll (a message sent at once must not be refused)
+            self.request("status", lambda c: c.status(), lambda st: self._status(ev.DaemonStatus(st)))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import sys
@@ -40,64 +41,172 @@ class UsageError(Exception):
     """A mistake in what the user asked (exit code 2, one line on stderr)."""
 
 
+#: (flag, dest, type, low, high, help): the sampling flags of ``complete`` and ``chat``
+SAMPLING_FLAGS = [
+    ("--max-tokens", "max_tokens", int, 1, None, "most tokens to generate (default: the config's, 256)"),
+    ("--temperature", "temperature", float, 0.0, None,
+     "randomness: 0 always picks the likeliest token, 1 (default) samples as the model says"),
+    ("--top-p", "top_p", float, 0.0, 1.0, "sample only from the likeliest tokens holding this much probability "
+                                          "(0-1, default 0.85)"),
+    ("--top-k", "top_k", int, 0, None, "sample only from the K likeliest tokens (0 = no limit, the default)"),
+    ("--alpha-frequency", "alpha_frequency", float, 0.0, None,
+     "penalty per earlier use of a token: fewer repetitions (default 0.2)"),
+    ("--alpha-presence", "alpha_presence", float, 0.0, None,
+     "penalty for a token used at all before (default 0.2)"),
+    ("--alpha-decay", "alpha_decay", float, 0.0, 1.0, "how fast the penalties fade, per token (0-1, default 0.996)"),
+    ("--seed", "seed", int, 0, 2**63 - 1, "random seed: the same seed and settings give the same text"),
+]
+
+
+def _number(kind, lo=None, hi=None):
+    """An argparse type: a ``kind`` (int or float) within [lo, hi], refused in words."""
+    from .texts import between
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not {'a whole number' if kind is int else 'a number'}") from None
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"{between(lo, hi)}, got {text}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
 def _sampling_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", type=int, dest="max_tokens")
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--top-p", type=float, dest="top_p")
-    p.add_argument("--top-k", type=int, dest="top_k")
-    p.add_argument("--alpha-frequency", type=float, dest="alpha_frequency")
-    p.add_argument("--alpha-presence", type=float, dest="alpha_presence")
-    p.add_argument("--alpha-decay", type=float, dest="alpha_decay")
-    p.add_argument("--seed", type=int)
+    g = p.add_argument_group("sampling (default: the conversation's settings, else the config's [sampling])")
+    for flag, dest, kind, lo, hi, text in SAMPLING_FLAGS:
+        g.add_argument(flag, dest=dest, type=_number(kind, lo, hi), metavar="N" if kind is int else "X",
+                       help=text)
 
 
 def _sampling(args) -> dict:
-    keys = ("max_tokens", "temperature", "top_p", "top_k", "alpha_frequency", "alpha_presence", "alpha_decay", "seed")
-    return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    return {dest: getattr(args, dest) for _, dest, *_ in SAMPLING_FLAGS if getattr(args, dest) is not None}
+
+
+def _sub(sub, name: str, summary: str, description: str, examples: list[str], **kw) -> argparse.ArgumentParser:
+    """A subcommand with a one-line ``summary`` (in its parent's list), a ``description`` and examples."""
+    return sub.add_parser(name, help=summary, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                          epilog="examples:\n" + "\n".join(f"  {e}" for e in examples), **kw)
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="rwkv-chat", description="Chat with RWKV language models in the terminal.")
-    sub = ap.add_subparsers(dest="cmd")
-    d = sub.add_parser("daemon", help="start, stop or inspect the background daemon")
-    dsub = d.add_subparsers(dest="daemon_cmd", required=True)
-    ds = dsub.add_parser("start", help="start the daemon in the background (with --model: wait for the load)",
-                         description="Start the daemon in the background. With --model it waits until the model "
-                                     "is loaded (progress on stderr) and exits 1 with the reason if it does not "
-                                     "load; the daemon then runs without a model and `rwkv-chat daemon status` "
-                                     "shows the error.")
-    ds.add_argument("--model", help="checkpoint to load at start, e.g. ~/models/RWKV-x070-World-0.1B.pth")
-    ds.add_argument("--strategy", help='strategy for --model, e.g. "cpu fp32" (default: the config\'s)')
-    ds.add_argument("--foreground", action="store_true")
-    dsub.add_parser("stop")
-    dst = dsub.add_parser("status")
-    dst.add_argument("--json", action="store_true")
-    lp = sub.add_parser("load", help="load (or switch) the daemon's model")
-    lp.add_argument("path")
-    lp.add_argument("--strategy", default=None)
-    lp.add_argument("--default", action="store_true", help="also make it the default model in the config")
-    cp = sub.add_parser("complete", help="raw completion, streamed to stdout")
-    cp.add_argument("prompt")
-    cp.add_argument("--stop", action="append", default=[])
+    from .texts import STRATEGY_HELP
+
+    ap = argparse.ArgumentParser(
+        prog="rwkv-chat", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Chat with RWKV language models in the terminal.\n\n"
+                    "With no command, rwkv-chat opens the terminal UI (and starts the background daemon that\n"
+                    "holds the model when none is running). The commands below script the same daemon.",
+        epilog="examples:\n"
+               "  rwkv-chat                                       # open the terminal UI\n"
+               '  rwkv-chat load ~/models/rwkv7-0.1B.pth --strategy "cpu fp32" --default\n'
+               '  rwkv-chat chat "Plan a day in Lyon."\n'
+               "  rwkv-chat COMMAND --help                        # what a command does, with examples")
+    sub = ap.add_subparsers(dest="cmd", title="commands", metavar="COMMAND")
+
+    d = _sub(sub, "daemon", "start, stop or inspect the background daemon",
+             "The daemon holds the model and the conversations; every rwkv-chat window and command talks to it.\n"
+             "Commands start it when none is running, so you rarely need these.",
+             ["rwkv-chat daemon status", "rwkv-chat daemon stop"])
+    dsub = d.add_subparsers(dest="daemon_cmd", required=True, title="daemon commands", metavar="ACTION")
+    ds = _sub(dsub, "start", "start the daemon in the background (with --model: wait for the load)",
+              "Start the daemon in the background; it loads --model (else the config's [model] path) with\n"
+              "--strategy. With --model it waits until the model is loaded (progress on stderr) and exits 1\n"
+              "with the reason if it does not load; the daemon then runs without a model and\n"
+              "`rwkv-chat daemon status` shows the error.\n\n"
+              + STRATEGY_HELP,
+              ['rwkv-chat daemon start --model ~/models/rwkv7-0.1B.pth --strategy "cpu fp32"',
+               "rwkv-chat daemon start --foreground          # logs in this terminal; Ctrl+C stops it"])
+    ds.add_argument("--model", metavar="PATH", help="checkpoint to load (.pth or .safetensors), e.g. "
+                                                    "~/models/RWKV-x070-World-0.1B.pth; the command waits for it")
+    ds.add_argument("--strategy", metavar="S",
+                    help='where and how the model runs, e.g. "cpu fp32" (default: the config\'s; see above)')
+    ds.add_argument("--foreground", action="store_true", help="run in this terminal instead of the background")
+    _sub(dsub, "stop", "stop the daemon (generations in progress are cancelled)",
+         "Stop the daemon of this home. Conversations and their states are saved (a reply in progress is kept\n"
+         "as far as it got); the next command starts a new one.",
+         ["rwkv-chat daemon stop"])
+    dst = _sub(dsub, "status", "show the daemon's model, memory and generations",
+               "Show whether the daemon runs (or is starting, or not responding), its model and strategy, which\n"
+               "path serves it (compiled kernels or pure torch while they build), the last load error, memory\n"
+               "and the generations in progress. Exit status 1 when no daemon answers.",
+               ["rwkv-chat daemon status", "rwkv-chat daemon status --json | jq .model"])
+    dst.add_argument("--json", action="store_true", help="print the status as JSON")
+
+    lp = _sub(sub, "load", "load (or switch) the daemon's model",
+              "Load a checkpoint into the daemon (replacing the model it has), with a progress bar.\n\n"
+              + STRATEGY_HELP,
+              ['rwkv-chat load ~/models/rwkv7-0.1B.pth --strategy "cpu fp32"',
+               'rwkv-chat load ~/models/rwkv7-1.5B.pth --strategy "cuda fp16" --default'])
+    lp.add_argument("path", metavar="PATH", help="checkpoint file (.pth or .safetensors, RWKV versions 4 to 7)")
+    lp.add_argument("--strategy", default=None, metavar="S",
+                    help="where and how the model runs (default: the config's, cpu fp32 at first; see above)")
+    lp.add_argument("--default", action="store_true",
+                    help="also make it the default model (saved in the config; the daemon loads it when it starts)")
+
+    cp = _sub(sub, "complete", "continue a text (raw completion), streamed to stdout",
+              "Continue PROMPT from the model's empty state (no chat format, no conversation). Only the text\n"
+              "goes to stdout; the timing line goes to stderr.",
+              ['rwkv-chat complete "The capital of France is" --max-tokens 20 --temperature 0',
+               'rwkv-chat complete "def fib(n):" --stop "\\n\\n" > fib.py'])
+    cp.add_argument("prompt", metavar="PROMPT", help="the text to continue (not empty)")
+    cp.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                    help="end the completion where TEXT appears (repeatable)")
     _sampling_flags(cp)
-    ch = sub.add_parser("chat", help="one chat turn, streamed to stdout")
-    ch.add_argument("message")
+    ch = _sub(sub, "chat", "send one message and stream the reply to stdout",
+              "Send MESSAGE in a conversation and print the reply. Without --conversation a new one starts\n"
+              "(its id goes to stderr); the conversation's state is saved, so the next message continues it\n"
+              "without re-reading the history. Ctrl+C stops the reply; what it said so far is kept.",
+              ['rwkv-chat chat "Plan a day in Lyon."',
+               'rwkv-chat chat --conversation "Plan a day in Lyon." "And the evening?"   # by title',
+               'rwkv-chat chat --conversation trip "Hi"   # a new conversation with the id "trip"',
+               'rwkv-chat chat "Name a colour." --temperature 0 --max-tokens 10'])
+    ch.add_argument("message", metavar="MESSAGE", help="your message (not empty)")
     ch.add_argument("--conversation", metavar="CONVERSATION",
                     help="continue this conversation: its id, the start of its id, or its exact title; a new id "
                          "(letters, digits, _ and -) starts a conversation with that id (default: a new one)")
     _sampling_flags(ch)
-    cv = sub.add_parser("conversations", help="list, show, export or remove conversations")
-    cvs = cv.add_subparsers(dest="conv_cmd", required=True)
-    cvs.add_parser("list").add_argument("--json", action="store_true")
+    cv = _sub(sub, "conversations", "list, show, export or remove conversations",
+              "The daemon's saved conversations (the TUI's sidebar). A conversation is named by its id, by the\n"
+              "start of its id (as the sidebar shows it) or by its exact title.",
+              ["rwkv-chat conversations list", "rwkv-chat conversations export trip --format md > trip.md"])
+    cvs = cv.add_subparsers(dest="conv_cmd", required=True, title="conversation commands", metavar="ACTION")
+    cl = _sub(cvs, "list", "list conversations, newest first",
+              "One line per conversation: id, last change, exchanges (a message and its reply), title.",
+              ["rwkv-chat conversations list", "rwkv-chat conversations list --json"])
+    cl.add_argument("--json", action="store_true", help="print the conversations as JSON")
     conv_help = "the conversation: its id, the start of its id, or its exact title"
-    cvs.add_parser("show").add_argument("id", metavar="CONVERSATION", help=conv_help)
-    ex = cvs.add_parser("export")
+    _sub(cvs, "show", "print a conversation's messages",
+         "Print the title, the system prompt and every message of a conversation (a reply that was stopped\n"
+         "is marked [stopped]).",
+         ["rwkv-chat conversations show trip", 'rwkv-chat conversations show "Plan a day in Lyon."']
+         ).add_argument("id", metavar="CONVERSATION", help=conv_help)
+    ex = _sub(cvs, "export", "write a conversation as Markdown or JSON to stdout",
+              "Write a conversation to stdout as a Markdown transcript or as JSON (with every field).",
+              ["rwkv-chat conversations export trip > trip.md",
+               "rwkv-chat conversations export trip --format json > trip.json"])
     ex.add_argument("id", metavar="CONVERSATION", help=conv_help)
-    ex.add_argument("--format", choices=("md", "json"), default="md")
-    cvs.add_parser("rm").add_argument("id", metavar="CONVERSATION", help=conv_help)
-    dp = sub.add_parser("doctor", help="devices, versions, kernel builds, paths")
-    dp.add_argument("--json", action="store_true")
-    sub.add_parser("bench", help="speed of prefill and decode (rwkv-chat bench --help)", add_help=False)
+    ex.add_argument("--format", choices=("md", "json"), default="md", help="md (default) or json")
+    _sub(cvs, "rm", "delete a conversation and its saved state",
+         "Delete a conversation, its messages and its saved states.",
+         ["rwkv-chat conversations rm trip"]).add_argument("id", metavar="CONVERSATION", help=conv_help)
+
+    dp = _sub(sub, "doctor", "check devices, versions, kernel builds and paths",
+              "Report the system, torch and its devices, package versions, this home's paths, the daemon\n"
+              "(its state, which path serves its model, and the progress of a kernel build), and the compiled\n"
+              "kernels.",
+              ["rwkv-chat doctor", "rwkv-chat doctor --build      # build the kernels now, with progress",
+               "rwkv-chat doctor --json"])
+    dp.add_argument("--json", action="store_true", help="print the report as JSON")
+    dp.add_argument("--build", action="store_true",
+                    help="build the compiled kernels now when they are not built yet (about a minute)")
+    sub.add_parser("bench", help="measure prefill and decode speed (rwkv-chat bench --help)", add_help=False)
     return ap
 
 
@@ -147,11 +256,40 @@ def _main(argv: list[str]) -> int:
             # what the user named is not there (any more)
             _err(f"rwkv-chat: {e.message}")
             return 2
-        _err(f"rwkv-chat: {e}")
+        _err(f"rwkv-chat: {said(e) if isinstance(e, DaemonError) else e}")
         return 1
     except KeyboardInterrupt:
         _err("rwkv-chat: interrupted")
         return 130
+
+
+def said(e) -> str:
+    """A daemon error as a sentence: its message, with what kind of trouble it is where the message alone
+    does not say (a busy queue, an internal error)."""
+    if e.kind == "Busy":
+        return f"the daemon is busy: {e.message}"
+    if e.kind == "Internal":
+        return f"internal error in the daemon: {e.message} (its log: rwkv-chat doctor shows where)"
+    return e.message
+
+
+def _with_client(run) -> int:
+    """``run(client)`` with a client of this home's daemon (started when none runs). A daemon this command
+    started is stopped again when the command fails: a failing ``chat`` leaves nothing running behind."""
+    from rwkv_chat.daemon.client import Client, DaemonError
+
+    c = Client(_paths())
+    rc = 1
+    try:
+        rc = run(c)
+        return rc
+    finally:
+        if c.spawned and rc != 0:
+            try:
+                c.shutdown()
+            except DaemonError:
+                pass
+        c.close()
 
 
 def _tui() -> int:
@@ -247,8 +385,10 @@ def _wait_for_load(paths, poll: float = 0.1) -> int:
             progress, note = mdl.get("progress"), mdl.get("note")
             step = note or (f"layer {progress[0]}/{progress[1]}" if progress else "reading the checkpoint")
             line = f"loading {mdl['loading']}: {step}"
-            if interactive:
-                sys.stderr.write(f"\r\x1b[K{line}")
+            if interactive:                                  # one bar, redrawn in place
+                bar = (f"loading {os.path.basename(mdl['loading'])} {progress_bar(*progress)} layers"
+                       if progress and not note else line)
+                sys.stderr.write(f"\r\x1b[K{bar}")
                 sys.stderr.flush()
             elif line != shown and (note or not progress or shown == ""):
                 _err(line)
@@ -275,6 +415,8 @@ def _mib(n) -> str:
 
 
 def _print_status(st: dict) -> None:
+    from .texts import serving
+
     mdl = st["model"]
     print(f"daemon: pid {st['pid']}, version {st['version']}, protocol {st['protocol']}, up {st['uptime']:.0f} s")
     if mdl.get("loaded"):
@@ -282,7 +424,9 @@ def _print_status(st: dict) -> None:
               f"vocab {mdl['vocab_size']}, tokenizer {mdl['tokenizer']})")
         print(f"strategy: {mdl['strategy']}")
         for line in str(mdl.get("plan", "")).splitlines():
-            print(f"  {line}")
+            if not line.strip().startswith("Backend:"):
+                print(f"  {line}")
+        print(f"serving: {serving(mdl)}")
     else:
         print("model: none loaded" + (f" (loading {mdl['loading']})" if mdl.get("loading") else ""))
     err = mdl.get("error")
@@ -299,27 +443,34 @@ def _print_status(st: dict) -> None:
         print(f"  {a['job_id']} {a['kind']} {a['conversation_id'] or ''} {a['phase']} tokens={a['tokens']}")
 
 
+def progress_bar(done: int, total: int, width: int = 30) -> str:
+    """``[#########.....................]  7/25``."""
+    filled = width * done // total if total else 0
+    return f"[{'#' * filled}{'.' * (width - filled)}] {done:>{len(str(total))}}/{total}"
+
+
 def _load(args) -> int:
-    from rwkv_chat.daemon.client import Client
     from rwkv_chat.daemon.protocol import messages as m
 
     paths = _paths()
     cfg = _config(paths)
     strategy = args.strategy or cfg.model.strategy
-    path = os.path.abspath(args.path)
+    path = os.path.abspath(os.path.expanduser(args.path))
     interactive = sys.stderr.isatty()
-    said_queued = False
-    with Client(paths) as c:
+
+    def run(c) -> int:
+        name = os.path.basename(path)
+        said_queued = False
+        if not interactive:
+            _err(f"loading {path} with strategy {strategy!r} ...")
         for ev in c.load(path, strategy):
-            if isinstance(ev, m.Progress):
-                line = f"loading {ev.text}: layer {ev.done}/{ev.total}"
-                if interactive:
-                    sys.stderr.write(f"\r\x1b[K{line}")
-                    sys.stderr.flush()
-                else:
-                    _err(line)
+            if isinstance(ev, m.Progress) and interactive:      # one bar, redrawn in place
+                sys.stderr.write(f"\r\x1b[Kloading {name} {progress_bar(ev.done, ev.total)} layers")
+                sys.stderr.flush()
             elif isinstance(ev, m.Queued):
                 if not said_queued:
+                    if interactive:
+                        sys.stderr.write("\r\x1b[K")
                     _err(f"rwkv-chat: the load waits for {ev.active} running generation(s) to finish")
                 said_queued = True
             elif isinstance(ev, m.Done):
@@ -329,6 +480,16 @@ def _load(args) -> int:
                     _err("rwkv-chat: the load was cancelled (the daemon stopped)")
                     return 130
                 _err(f"loaded {path} with strategy {strategy!r} in {ev.prefill_s:.2f} s")
+        return 0
+
+    try:
+        rc = _with_client(run)
+    except BaseException:
+        if interactive:
+            sys.stderr.write("\r\x1b[K")
+        raise
+    if rc:
+        return rc
     if args.default:
         from rwkv_chat.daemon.config import save_config
 
@@ -338,10 +499,10 @@ def _load(args) -> int:
     return 0
 
 
-def _stream(gen, strip_first: bool = False, chat: bool = False) -> int:
+def _stream(gen, strip_first: bool = False, chat: bool = False, started=None) -> int:
     """Write a generation's text to stdout, its progress and summary to stderr; returns the exit code (130 when
     the generation was cancelled, here or in the daemon). ``chat``: a chat turn, which the daemon keeps as far
-    as it got when interrupted."""
+    as it got when interrupted. ``started(event)`` is called with the Started event (the reply begins)."""
     from rwkv_chat.daemon.protocol import messages as m
 
     first = True
@@ -357,16 +518,20 @@ def _stream(gen, strip_first: bool = False, chat: bool = False) -> int:
                          f"({ev.active} generation(s) running)")
                 continue
             position = None
-            if isinstance(ev, m.Token):
+            if isinstance(ev, m.Started) and started is not None:
+                started(ev)
+            elif isinstance(ev, m.Token):
                 text = ev.text.lstrip() if (first and strip_first) else ev.text
                 first = first and not text
                 sys.stdout.write(text)
                 sys.stdout.flush()
             elif isinstance(ev, m.Progress) and ev.text and not noted:
                 noted = True            # why the history is re-read: said once, terminal or not
+                if interactive:
+                    sys.stderr.write("\r\x1b[K")
                 _err(f"rwkv-chat: {ev.text}")
             if isinstance(ev, m.Progress) and interactive:
-                sys.stderr.write(f"\r{ev.phase} {ev.done}/{ev.total}")
+                sys.stderr.write(f"\r\x1b[Kreading the prompt {progress_bar(ev.done, ev.total)} tokens")
                 sys.stderr.flush()
                 if ev.done >= ev.total:
                     sys.stderr.write("\r\x1b[K")
@@ -390,11 +555,16 @@ def _stream(gen, strip_first: bool = False, chat: bool = False) -> int:
     return 0
 
 
-def _complete(args) -> int:
-    from rwkv_chat.daemon.client import Client
+def _usage(command: str, message: str) -> int:
+    """A user mistake the parser cannot see: one line, exit status 2 (as argparse's own)."""
+    _err(f"rwkv-chat {command}: error: {message}")
+    return 2
 
-    with Client(_paths()) as c:
-        return _stream(c.complete(args.prompt, stop=args.stop, **_sampling(args)))
+
+def _complete(args) -> int:
+    if not args.prompt:
+        return _usage("complete", "the prompt is empty: give the text to continue")
+    return _with_client(lambda c: _stream(c.complete(args.prompt, stop=args.stop, **_sampling(args))))
 
 
 def _resolve(client, ref: str, new_ok: bool = False) -> str:
@@ -419,20 +589,27 @@ def _resolve(client, ref: str, new_ok: bool = False) -> str:
 
 
 def _chat(args) -> int:
-    from rwkv_chat.daemon.client import Client
     from rwkv_chat.daemon.protocol import new_conversation_id
 
-    with Client(_paths()) as c:
-        if args.conversation is None:
-            cid = new_conversation_id()
-            _err(f"conversation: {cid}")
-        else:
-            cid = _resolve(c, args.conversation, new_ok=True)
-        return _stream(c.chat(cid, args.message, **_sampling(args)), strip_first=True, chat=True)
+    if not args.message.strip():
+        return _usage("chat", "the message is empty: nothing sent")
+
+    def run(c) -> int:
+        cid = new_conversation_id() if args.conversation is None else _resolve(c, args.conversation, new_ok=True)
+
+        def started(_ev) -> None:             # the conversation exists from here on
+            if args.conversation is None:
+                _err(f"conversation: {cid}")
+
+        return _stream(c.chat(cid, args.message, **_sampling(args)), strip_first=True, chat=True, started=started)
+
+    return _with_client(run)
 
 
 def _conversations(args) -> int:
     from rwkv_chat.daemon.client import Client
+
+    from .texts import exchanges, plural
 
     with Client(_paths()) as c:
         if args.conv_cmd == "list":
@@ -443,7 +620,7 @@ def _conversations(args) -> int:
                 print(json.dumps(msgspec.to_builtins(items), indent=2))
             for it in ([] if args.json else items):
                 when = time.strftime("%Y-%m-%d %H:%M", time.localtime(it.updated))
-                print(f"{it.id}\t{when}\t{it.turns} turns\t{it.title}")
+                print(f"{it.id}\t{when}\t{plural(exchanges(it), 'exchange')}\t{it.title}")
             return 0
         cid = _resolve(c, args.id)
         if args.conv_cmd == "show":
@@ -465,7 +642,22 @@ def _conversations(args) -> int:
 def _doctor(args) -> int:
     from rwkv_chat.daemon.doctor import report
 
-    rep = report(_paths())
+    from .texts import build_line
+
+    interactive = sys.stderr.isatty()
+
+    def progress(build) -> None:
+        p = build.progress()
+        if interactive:
+            sys.stderr.write(f"\r\x1b[K{p['device']} kernels {progress_bar(p['compiled'], p['total'])} sources, "
+                             f"{p['seconds']:.0f} s")
+            sys.stderr.flush()
+        if build.done:
+            if interactive:
+                sys.stderr.write("\r\x1b[K")
+            _err(build_line(p))
+
+    rep = report(_paths(), build=args.build, progress=progress)
     if args.json:
         print(json.dumps(rep, indent=2, default=str))
         return 0
@@ -473,6 +665,8 @@ def _doctor(args) -> int:
         print(f"[{section}]")
         if isinstance(values, dict):
             for k, v in values.items():
+                if k == "kernel_build":
+                    v = "; ".join(build_line(b) for b in v)
                 print(f"  {k}: {v}")
         else:
             print(f"  {values}")

@@ -13,7 +13,10 @@ def run(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="rwkv-chat", description="The rwkv-chat terminal UI.")
     ap.add_argument("--no-autostart", action="store_true", help="do not start a daemon when none is running")
     args = ap.parse_args(argv or [])
+    from . import terminal
     from .chat_app import ChatApp
+
+    terminal.install()          # pasted text stays text (escape sequences inside a paste are not keys)
 
     app = ChatApp(autostart=not args.no_autostart)
     app.run()

@@ -5,9 +5,9 @@ Contract
 * ``Client(paths=None, autostart=True, timeout=10.0)`` — ``heartbeat`` and ``lost_after`` (seconds) default
   to the config's ``[daemon] heartbeat`` and ``daemon_timeout`` (0.5 and 2.5). Connects lazily on first use;
   if no daemon runs for the home (``RWKV_CHAT_HOME`` or platformdirs) and ``autostart`` is true, starts one
-  in the background and waits until it answers. Raises :class:`DaemonUnavailable` when that fails, and
-  :class:`DaemonNotResponding` (within about 2 s) when a daemon holds the home but does not answer
-  (stopped with SIGSTOP, hung).
+  in the background and waits until it answers (``spawned`` is then true). Raises :class:`DaemonUnavailable`
+  when that fails, and :class:`DaemonNotResponding` (within about 2 s) when a daemon holds the home but does
+  not answer (stopped with SIGSTOP, hung).
 * Requests (``status``, ``conversations``, ``conversation``, ``find``, ``create_conversation``, ``rename``, ``delete``,
   ``set_system_prompt``, ``set_sampling``, ``export``, ``cancel``, ``get_state``) return plain values or
   message structs of :mod:`rwkv_chat.daemon.protocol.messages`; a daemon-side failure raises :class:`DaemonError`
@@ -85,6 +85,7 @@ class Client:
         self.client_id = "k" + secrets.token_hex(8)
         self.info: p.ConnectionInfo | None = None
         self.connected = False
+        self.spawned = False          # this client started the daemon (autostart)
         self.last_event = 0.0
         self._ctx = zmq.Context()
         self._lock = threading.RLock()
@@ -109,7 +110,9 @@ class Client:
             if info is None:
                 if not self.autostart:
                     raise DaemonUnavailable(f"no daemon is running for {self.paths.runtime_dir}")
+                running = lock_held(self.paths.lock_file)      # one still starting up, not ours
                 info = spawn_daemon(self.paths)
+                self.spawned = not running
             self.info = info
             self.heard = time.monotonic()
             self._codec_req = p.Codec(info.key_bytes)

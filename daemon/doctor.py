@@ -1,4 +1,5 @@
-"""``rwkv-chat doctor``: devices, versions, paths, daemon, and the kernels' build report."""
+"""``rwkv-chat doctor``: devices, versions, paths, daemon (what serves its model), and the kernels' build
+report."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ def _version(dist: str) -> str:
         return "not installed"
 
 
-def report(paths) -> dict:
-    """A JSON-friendly dict of sections: system, torch, devices, packages, paths, daemon, kernels."""
+def report(paths, build: bool = False, progress=None) -> dict:
+    """A JSON-friendly dict of sections: system, torch, devices, packages, paths, daemon (and what serves its
+    model), kernels (``build``: build those not built yet, see :func:`kernel_status`)."""
     import torch
     import zmq
 
@@ -48,22 +50,60 @@ def report(paths) -> dict:
     out["daemon"] = ({"running": True, "pid": info.pid, "request": info.request, "events": info.events,
                       "encrypted": bool(info.server_public_key)}
                      if info else {"running": False, "state": st.state, "pid": st.pid})
-    out["kernels"], out["kernel_builds"] = kernel_status(paths)
+    if info:
+        out["daemon"].update(_serving(paths))
+    out["kernels"], out["kernel_builds"] = kernel_status(paths, build=build, progress=progress)
     return out
 
 
-def kernel_status(paths) -> tuple[dict, dict]:
-    """Build (or load from the cache) the kernels of every device type and report them:
-    ``({"cpu"|"cuda": {family: "ok" | reason}}, {device: {"key", "dir", "cached", "seconds"}})``.
-    A first run on a machine builds them (about a minute per device type)."""
+def _serving(paths) -> dict:
+    """What serves the daemon's model: its backend, and the progress of a kernel build it waits for."""
+    from .client import Client, DaemonError
+
+    try:
+        with Client(paths, autostart=False, timeout=3.0) as c:
+            model = c.status().get("model") or {}
+    except DaemonError as e:
+        return {"status": f"no answer: {e.message}"}
+    if not model.get("loaded"):
+        return {"model": "none loaded"}
+    out = {"model": model.get("path"), "backend": model.get("backend")}
+    if model.get("kernel_build"):
+        out["kernel_build"] = model["kernel_build"]
+    if model.get("kernels_error"):
+        out["kernels_error"] = model["kernels_error"]
+    return out
+
+
+NOT_BUILT = ("not built yet: the daemon builds them in the background at its first model load (the model "
+             "answers meanwhile on the pure-torch path); `rwkv-chat doctor --build` builds them now")
+
+
+def kernel_status(paths, build: bool = False, progress=None) -> tuple[dict, dict]:
+    """The kernels of every device type: ``({"cpu"|"cuda": {family: "ok" | reason}}, {device: {"key", "dir",
+    "cached", "seconds"}})``. Built kernels are loaded from this home's cache (instant); kernels not built yet
+    are reported so, or built now with ``build`` (about a minute per device type; ``progress(build)`` is
+    called about twice a second with the ``kernels.BackgroundBuild`` meanwhile)."""
     try:
         from rwkv_chat.models import kernels
     except ImportError as e:
         return {"cpu": {"all": f"engine not importable: {e}"}}, {}
     kernels.set_cache_dir(paths.cache_dir / "kernels")
+    loader = kernels.default_loader()
     try:
+        out = {}
         for dev in ("cpu", "cuda"):
-            kernels.ensure_built(dev)       # records a reason instead of raising (e.g. no CUDA)
-        return kernels.report(), dict(kernels.default_loader().builds)
+            if not loader.ready(dev):
+                if not build:
+                    out[dev] = {f: NOT_BUILT for f in loader.report()[dev]}
+                    continue
+                job = loader.build_in_background(dev, nice=0)
+                while not job.wait(0.5):
+                    if progress is not None:
+                        progress(job)
+                if progress is not None:
+                    progress(job)
+            out[dev] = kernels.ensure_built(dev)   # from the cache; records a reason instead of raising
+        return out, dict(loader.builds)
     except Exception as e:  # noqa: BLE001 — doctor reports, never fails
         return {"error": f"{type(e).__name__}: {e}"}, {}

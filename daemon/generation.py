@@ -4,11 +4,12 @@ The server queues a :class:`Job` (what a client asked for: a model load or a gen
 admitting a generation job, makes a :class:`Generation` of it, which holds what it needs: the model host, the
 store, the in-memory conversation states (sessions), the event callback and the config. Its phases:
 
-* ``starting`` — :meth:`Generation.start` builds the prompt tokens, the starting state and the sampler; emits
-  Started. A chat resumes from the newest state of the loaded model that consumed part of the stored
-  transcript (:meth:`~rwkv_chat.daemon.sessions.Sessions.resume`) and reads the rest: nothing after a turn of
-  its own, the whole history on a model it never ran on or when its state files are unreadable (the Progress
-  events then say why);
+* ``starting`` — :meth:`Generation.start` makes the conversation of a first message (never without a model to
+  answer it), builds the prompt tokens, the starting state and the sampler; emits Started. A chat resumes from
+  the newest state of the loaded model that consumed part of the stored transcript
+  (:meth:`~rwkv_chat.daemon.sessions.Sessions.resume`) and reads the rest: nothing after a turn of its own, the
+  whole history on a model it never ran on or when its state files are unreadable (the Progress events then
+  say why);
 * ``prefill`` — :meth:`Generation.prefill_chunk` feeds ``chunk_len`` prompt tokens at a time (a Progress
   event per chunk); where it re-reads history, the state at the end of the history is saved as well (so a
   regenerate or an edit of the new exchange needs no re-read either);
@@ -18,8 +19,9 @@ store, the in-memory conversation states (sessions), the event callback and the 
 * ``done`` — :meth:`Generation.finish` ends the reply and commits a chat exchange (state file, then the turns).
   A cancelled (stopped) chat reply is committed too, as far as it got (``reason`` "cancelled"), with its state,
   so the next message continues after it; one stopped before any reply state exists is committed without a
-  state (the next message re-reads it); a regenerate or edit cancelled before it started changes nothing.
-  :meth:`Generation.done` then sends Done, or :meth:`Generation.fail` Failed.
+  state (the next message re-reads it); a regenerate or edit cancelled before it started changes nothing, nor
+  does a conversation's first message (the conversation is not made). The stored reply keeps its ``reason``
+  and decode speed. :meth:`Generation.done` then sends Done, or :meth:`Generation.fail` Failed.
 
 Randomness: without a seed every generation draws from a fresh random stream (a regenerate gives another
 reply); with one, the same request on the same conversation gives the same reply. A conversation's repetition
@@ -48,7 +50,7 @@ from dataclasses import dataclass, field
 
 from .protocol import messages as m
 from .sessions import sampler_to_meta
-from .store import DIGEST_KEY, transcript_digest
+from .store import DIGEST_KEY, title_from, transcript_digest
 
 log = logging.getLogger("rwkv_chat.daemon")
 
@@ -223,6 +225,8 @@ class Generation:
             self.prompt = tok.encode(req.prompt)
         else:
             store, cid = self.store, self.conversation_id
+            if self.mode == "chat" and not store.exists(cid):     # made now, with a model to answer
+                store.create(cid, title=title_from(req.message))
             conv, turns = store.get(cid), store.turns(cid)
             args = self.config.sampling.updated({**conv.sampling, **given})
             if self.mode == "chat":
@@ -449,7 +453,8 @@ class Generation:
         try:
             store.commit_exchange(
                 cid, m.TurnInfo(0, "user", self.user_text, self.user_tokens, self.user_created, self.user_created),
-                m.TurnInfo(0, "assistant", reply, len(self.out_tokens), self.user_created, now, self.reason),
+                m.TurnInfo(0, "assistant", reply, len(self.out_tokens), self.user_created, now,
+                           reason=self.reason, tokens_per_s=self.tokens_per_s()),
                 state_n=n if saved else None, fingerprint=fp, drop_from=self.drop_from)
         except BaseException:
             if saved:
@@ -463,7 +468,10 @@ class Generation:
                            changed_after=self.base_n if self.drop_from is not None else None)
 
     def _commit_unstarted(self) -> None:
-        """Keep the message of a chat cancelled before it started, with an empty stopped reply (no state)."""
+        """Keep the message of a chat cancelled before it started, with an empty stopped reply (no state), in a
+        conversation that exists; a first message's conversation, made only when its reply starts, is not made."""
+        if not self.store.exists(self.conversation_id):
+            return
         now = time.time()
         self.user_text = self.request.message
         self.store.commit_exchange(self.conversation_id, m.TurnInfo(0, "user", self.user_text, 0, now, now),
@@ -479,9 +487,13 @@ class Generation:
         self.phase = "done"
         self.state = self.logits = None
 
+    def tokens_per_s(self) -> float:
+        """The decode speed so far (tokens per second of decode steps)."""
+        return len(self.out_tokens) / self.t_decode if self.t_decode > 0 else 0.0
+
     def done(self) -> None:
         """Send the Done event (after :meth:`finish`)."""
-        rate = len(self.out_tokens) / self.t_decode if self.t_decode > 0 else 0.0
+        rate = self.tokens_per_s()
         text, cut = m.clip_bytes(self.reply_text(), m.MAX_EVENT_TEXT)
         self.emit(self.topic, m.Done(job_id=self.id, reason=self.reason, text=text,
                                      prompt_tokens=len(self.prompt), tokens=len(self.out_tokens),

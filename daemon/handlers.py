@@ -152,10 +152,8 @@ def _complete(server, msg):
 
 @handles(m.Chat)
 def _chat(server, msg):
-    cid = check_conversation_id(msg.conversation_id)
+    cid = check_conversation_id(msg.conversation_id)      # a new conversation is made when the reply starts
     _settings(server, msg.sampling)
-    if not server.store.exists(cid):
-        server.store.create(cid, title=msg.message[:60].splitlines()[0] if msg.message.strip() else "")
     return _generation(server, msg, "chat", cid, cid, "chat"), []
 
 

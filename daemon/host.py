@@ -6,16 +6,21 @@ The engine is reached only through its interface: ``rwkv_chat.models.load_model`
 Runs in the scheduler thread, apart from :meth:`Host.info` and :meth:`Host.expect`.
 
 :meth:`Host.info` (the status's ``model``) says what is loaded (``loaded``, ``path``, ``strategy``, ...), what
-is loading (``loading``: the path, ``loading_strategy``, ``progress``: [done, total] layers, ``note``: e.g. a
-kernel build) and how the last load failed (``error``: ``path``, ``strategy``, ``kind``, ``message``, ``time``;
-kept until a load succeeds).
+is loading (``loading``: the path, ``loading_strategy``, ``progress``: [done, total] layers, ``note``: e.g.
+measuring decode batch sizes), the compiled kernels building in the background (``kernel_build``: one
+``BackgroundBuild.progress()`` per device type; ``kernels_error`` once the switch found a build failed) and
+how the last load failed (``error``: ``path``, ``strategy``, ``kind``, ``message``, ``time``; kept until a load
+succeeds).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import time
+
+log = logging.getLogger("rwkv_chat.daemon")
 
 _LOADING = ("loading", "loading_strategy", "progress", "note")
 
@@ -31,31 +36,45 @@ class NoModel(RuntimeError):
 
 class Host:
     """The loaded model, its tokenizer, chat template and batch decoder (scheduler thread only, apart from
-    :meth:`info`)."""
+    :meth:`info`).
 
-    def __init__(self):
+    First use: a model loads at once on the engine's pure-torch path (``kernels=False``) when the compiled
+    kernels of its devices are not built yet; they build in the background (``kernels.build_in_background``,
+    a child process at low priority) and the scheduler moves the model to them between two steps
+    (:meth:`switch_due`, :meth:`use_kernels`). Where they are built already (the cache), the model uses them
+    from the start.
+
+    Args:
+        kernels: the engine's kernel loader (default: the process's, ``rwkv_chat.models.kernels``).
+    """
+
+    def __init__(self, kernels=None):
+        from rwkv_chat.models import kernels as compiled
+
+        self.kernels = kernels if kernels is not None else compiled.default_loader()
         self.model = None
         self.tokenizer = None
         self.template = None          # the model's chat template (rwkv_chat.models.text.templates)
         self.decoder = None           # the model's batched decoder (Model.decoder)
         self.threads = 0
+        self.builds: dict = {}        # device type -> kernels.BackgroundBuild the model waits for
+        self._decoding = (16, "auto")  # (max_batch, batch_invariant) of the loaded model's decoder
         self._info: dict = {"loaded": False}
 
     def load(self, path: str, strategy: str, tokenizer: str = "", *, max_batch: int = 16,
              batch_invariant: bool | str = "auto", threads: int = 0, progress=None) -> None:
         """Load ``path`` with ``strategy``; ``progress(done_layers, total_layers)`` is called while the
         layers are placed. Sets torch's intra-op threads (``threads``, 0 = :func:`auto_threads`) and the
-        decoder's batch sizes (:func:`decode_buckets` of ``batch_invariant``: True, False or "auto").
-        Raises what ``load_model`` raises (CheckpointError, StrategyError, TokenizerError, MemoryError, …);
-        the previous model stays loaded then."""
+        decoder's batch sizes (:func:`decode_buckets` of ``batch_invariant``: True, False or "auto"). The model
+        uses the compiled kernels where they are built; else it serves on the torch path while they build
+        (see the class). Raises what ``load_model`` raises (CheckpointError, StrategyError, TokenizerError,
+        MemoryError, …); the previous model stays loaded then."""
         import torch
 
-        from rwkv_chat.models import kernels, load_model
+        from rwkv_chat.models import load_model
 
         path = os.path.abspath(os.path.expanduser(path))
         self.expect(path, strategy)
-        # a first use builds the compiled kernels (tens of seconds): status shows what is happening
-        kernels.set_progress(lambda note: self._info.update(note=note))
 
         def placed(done: int, total: int) -> None:
             self._info["progress"] = [done, total]
@@ -63,8 +82,16 @@ class Host:
                 progress(done, total)
 
         old_threads = torch.get_num_threads()
+        builds = {}
         try:
-            model = load_model(path, strategy, tokenizer=tokenizer or None, progress=placed)
+            model = load_model(path, strategy, tokenizer=tokenizer or None, progress=placed, kernels=False)
+            types = sorted({d.type for d in model.devices})
+            waiting = [t for t in types if not self.kernels.ready(t)]
+            if waiting:
+                builds = {t: self.builds.get(t) or self.kernels.build_in_background(t) for t in waiting}
+                log.info("serving %s on the torch path while the %s kernels build", path, "/".join(waiting))
+            else:
+                model.use_kernels()                             # built before: from the cache, at once
             n_threads = threads or auto_threads(model)
             torch.set_num_threads(n_threads)                    # the buckets are measured with these threads
             self._info["note"] = "measuring decode batch sizes"
@@ -76,19 +103,55 @@ class Host:
                           "error": {"path": _short(path), "strategy": _short(strategy), "kind": kind,
                                     "message": _short(message, 500), "time": time.time()}}
             raise
-        finally:
-            kernels.set_progress(None)
         self.model = self.tokenizer = self.template = self.decoder = None   # release the old weights first
         self.model, self.tokenizer, self.template, self.decoder = model, model.tokenizer, model.chat_template, decoder
         self.threads = n_threads
+        self.builds = builds
+        self._decoding = (max_batch, batch_invariant)
         self._info = {"loaded": True, "path": path, "strategy": strategy, "version": model.version,
                       "plan": str(model.plan), "backend": str(model.backend), "fingerprint": model.fingerprint,
                       "n_layer": getattr(model, "n_layer", None), "n_embd": getattr(model, "n_embd", None),
                       "vocab_size": model.vocab_size, "tokenizer": self.tokenizer.name,
                       "threads": self.threads, "max_batch": max_batch, "buckets": list(decoder.buckets)}
 
+    # -- the compiled kernels, built in the background
+    def switch_due(self) -> bool:
+        """Whether the kernels the model waited for have finished building (built or failed): time for
+        :meth:`use_kernels`, between two steps."""
+        return bool(self.builds) and all(b.done for b in self.builds.values())
+
+    def use_kernels(self) -> None:
+        """Move the model to the compiled kernels (``Model.use_kernels``) and make its decoder again (new
+        batch sizes measured). The caller takes every generation's state out of the old decoder first and
+        puts it into the new one after. A build that failed leaves the torch fallbacks serving (status says
+        why); an error here keeps the model on the path it had."""
+        builds, self.builds = self.builds, {}
+        failed = [f"{t}: {b.error}" for t, b in builds.items() if b.state == "failed"]
+        model = self.model
+        max_batch, batch_invariant = self._decoding
+        try:
+            model.use_kernels()
+            decoder = model.decoder(max_batch, decode_buckets(model, max_batch, batch_invariant))
+        except Exception as e:  # noqa: BLE001 — the torch path keeps serving
+            log.exception("could not move the model to the compiled kernels; the torch path serves on")
+            failed.append(f"switching failed: {type(e).__name__}: {e}")
+            decoder = model.decoder(max_batch, decode_buckets(model, max_batch, batch_invariant))
+        self.decoder = decoder
+        log.info("the model now runs on %s", model.backend)
+        self._info.update(backend=str(model.backend), plan=str(model.plan), buckets=list(decoder.buckets),
+                          kernels_error="; ".join(failed))
+
+    def close(self) -> None:
+        """Stop the background builds (the daemon is stopping; a later start resumes them)."""
+        for b in self.builds.values():
+            b.cancel()
+
     def info(self) -> dict:
-        return dict(self._info)
+        info = dict(self._info)
+        builds = dict(self.builds)
+        if builds:
+            info["kernel_build"] = [b.progress() for b in builds.values()]
+        return info
 
     def expect(self, path: str, strategy: str) -> None:
         """Say (in :meth:`info`) that ``path`` is about to load with ``strategy`` (any thread)."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import stat
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,7 +72,9 @@ class Paths:
 
 def _runtime_default() -> Path:
     try:
-        runtime = platformdirs.user_runtime_dir(APP_NAME)
+        with warnings.catch_warnings():     # platformdirs warns when XDG_RUNTIME_DIR is unset (ssh, containers)
+            warnings.simplefilter("ignore")  # and falls back to a private /tmp folder: fine for us, say nothing
+            runtime = platformdirs.user_runtime_dir(APP_NAME)
     except Exception:  # platforms without a runtime dir notion
         runtime = None
     if not runtime:

@@ -153,7 +153,8 @@ class Scheduler:
                 if admin is None:
                     self._admit_locked(now)
                 reports = self._reports_locked(now)
-                if admin is None and not self.active and not (dropped or expired or paused or reports):
+                if (admin is None and not self.active and not (dropped or expired or paused or reports)
+                        and not self.host.switch_due()):
                     self._wake.wait(0.5)
                     continue
             try:
@@ -166,6 +167,8 @@ class Scheduler:
                     gen.send_pending()               # with its text so far out
                 for topic, ev in reports:
                     self.emit(topic, ev)
+                if self.host.switch_due():
+                    self._use_kernels()
                 if admin is not None:
                     self._run_load(admin)
                 elif self.active:
@@ -347,6 +350,22 @@ class Scheduler:
         self.sessions.clear()
         self.emit(job.topic, m.Done(job_id=job.id, reason="loaded", text=str(self.host.info()), prompt_tokens=0,
                                     tokens=0, prefill_s=time.perf_counter() - t0, decode_s=0.0, tokens_per_s=0.0))
+
+    def _use_kernels(self) -> None:
+        """The kernels built in the background are ready: move the model to them between two steps. The
+        generations in the decoder leave it (their states come back), the host makes a new decoder, and they
+        join it again; their output is the same to rounding (the engine's promise for both paths)."""
+        joined = [g for g in self.active if g.handle is not None]
+        for gen in joined:
+            gen.leave()
+        try:
+            self.host.use_kernels()
+        finally:
+            for gen in joined:
+                try:
+                    gen.join(self.host.decoder)
+                except BaseException as e:   # noqa: BLE001
+                    self._fail(gen, e)
 
     def _step_all(self) -> None:
         """One iteration: cancellations and set-ups, one prefill chunk, one batched decode step."""

@@ -211,6 +211,8 @@ class Server:
                 info = None
             if hasattr(self, "scheduler"):
                 self.scheduler.stop()                     # Done(cancelled) for every generation
+            if hasattr(self, "host"):
+                self.host.close()                         # background kernel builds stop (resumed at next start)
             if hasattr(self, "codec_out") and hasattr(self, "pub"):
                 try:
                     self._flush_events()

@@ -4,7 +4,9 @@ The database and its ``-wal``/``-shm`` files are mode 0600 whatever the umask (m
 them; SQLite gives its side files the database's mode), in the home's 0700 data directory.
 
 Schema version lives in ``PRAGMA user_version`` (:data:`SCHEMA_VERSION`). Turns come in exchanges (a user
-turn and its reply; a reply the user stopped is kept as far as it got, ``reason`` "cancelled").
+turn and its reply; a reply keeps why it ended, ``reason``, and its decode speed, ``tokens_per_s``; a reply
+the user stopped is kept as far as it got, ``reason`` "cancelled"). Version 2 added those two columns; a
+version 1 database is migrated in place (:data:`_MIGRATIONS`).
 
 State files live in ``<data dir>/states/<conversation id>/<model fingerprint>/<n>.safetensors`` where ``n`` is
 the number of exchanges the state has consumed: states are kept per model, so a conversation continued on
@@ -78,11 +80,16 @@ CREATE TABLE turns (
     created REAL NOT NULL,
     finished REAL NOT NULL,
     reason TEXT NOT NULL DEFAULT '',
+    tokens_per_s REAL NOT NULL DEFAULT 0,
     PRIMARY KEY (conversation_id, idx)
 );
 """
-#: schema version -> statements that bring a database of that version to the next
-_MIGRATIONS = {1: ["ALTER TABLE turns ADD COLUMN reason TEXT NOT NULL DEFAULT ''"]}
+#: schema version -> the statements that bring a database of the version before it there. Version 2: a turn
+#: keeps why it ended (``reason``) and its decode speed (``tokens_per_s``).
+_MIGRATIONS = {
+    2: ("ALTER TABLE turns ADD COLUMN reason TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE turns ADD COLUMN tokens_per_s REAL NOT NULL DEFAULT 0"),
+}
 
 
 class Store:
@@ -131,17 +138,16 @@ class Store:
             return
         db.execute("BEGIN IMMEDIATE")
         try:
-            version = db.execute("PRAGMA user_version").fetchone()[0]
+            version = db.execute("PRAGMA user_version").fetchone()[0]     # another process may have begun
             if version == 0:
                 for stmt in _SCHEMA.split(";"):
                     if stmt.strip():
                         db.execute(stmt.replace("CREATE TABLE", "CREATE TABLE IF NOT EXISTS"))
-                version = SCHEMA_VERSION
-            while version < SCHEMA_VERSION:
-                for stmt in _MIGRATIONS[version]:
-                    db.execute(stmt)
-                version += 1
-            db.execute(f"PRAGMA user_version={version}")
+            else:
+                for v in range(version + 1, SCHEMA_VERSION + 1):
+                    for stmt in _MIGRATIONS[v]:
+                        db.execute(stmt)
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -243,7 +249,7 @@ class Store:
 
     # -- turns
     def turns(self, cid: str) -> list[TurnInfo]:
-        rows = self.db.execute("SELECT idx,role,text,tokens,created,finished,reason FROM turns"
+        rows = self.db.execute("SELECT idx,role,text,tokens,created,finished,reason,tokens_per_s FROM turns"
                                " WHERE conversation_id=? ORDER BY idx", (check_conversation_id(cid),)).fetchall()
         return [TurnInfo(*r) for r in rows]
 
@@ -252,14 +258,14 @@ class Store:
         one where any is left); a turn's text longer than ``MAX_TEXT`` bytes (stored by an older version) is
         cut there with ``truncated`` set. Reads rows only up to the first that does not fit."""
         out, used = [], 0
-        cur = self.db.execute("SELECT idx,role,text,tokens,created,finished,reason FROM turns WHERE conversation_id=?"
-                              " AND idx>=? ORDER BY idx", (check_conversation_id(cid), offset))
+        cur = self.db.execute("SELECT idx,role,text,tokens,created,finished,reason,tokens_per_s FROM turns"
+                              " WHERE conversation_id=? AND idx>=? ORDER BY idx", (check_conversation_id(cid), offset))
         for r in cur:
             text, cut = clip_bytes(r[2], MAX_TEXT)
             size = len(text.encode("utf-8", "surrogatepass")) + 64
             if out and used + size > budget:
                 break
-            out.append(TurnInfo(r[0], r[1], text, r[3], r[4], r[5], r[6], truncated=cut))
+            out.append(TurnInfo(r[0], r[1], text, r[3], r[4], r[5], r[6], r[7], truncated=cut))
             used += size
         cur.close()
         return out
@@ -268,8 +274,9 @@ class Store:
                         drop_from: int | None = None) -> None:
         """Atomically (one transaction): drop turns with index >= ``drop_from``, append ``user`` and
         ``assistant`` and, unless ``state_n`` is None (no state was saved), record that the state file
-        ``state_n`` of model ``fingerprint`` now covers the conversation. Raises NotFound (nothing changes)
-        when the conversation is gone (deleted while its reply was generated)."""
+        ``state_n`` of model ``fingerprint`` now covers the conversation. An untitled conversation takes its
+        title from the user's message (:func:`title_from`). Raises NotFound (nothing changes) when the
+        conversation is gone (deleted while its reply was generated)."""
         db = self.db
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -279,13 +286,15 @@ class Store:
                 db.execute("DELETE FROM turns WHERE conversation_id=? AND idx>=?", (cid, drop_from))
             n = db.execute("SELECT COALESCE(MAX(idx)+1,0) FROM turns WHERE conversation_id=?", (cid,)).fetchone()[0]
             for i, t in enumerate((user, assistant)):
-                db.execute("INSERT INTO turns VALUES (?,?,?,?,?,?,?,?)",
-                           (cid, n + i, t.role, t.text, t.tokens, t.created, t.finished, t.reason))
+                db.execute("INSERT INTO turns(conversation_id,idx,role,text,tokens,created,finished,reason,"
+                           "tokens_per_s) VALUES (?,?,?,?,?,?,?,?,?)",
+                           (cid, n + i, t.role, t.text, t.tokens, t.created, t.finished, t.reason, t.tokens_per_s))
             if state_n is None:
                 db.execute("UPDATE conversations SET updated=? WHERE id=?", (time.time(), cid))
             else:
                 db.execute("UPDATE conversations SET state_n=?,state_stale=0,model_fingerprint=?,updated=?"
                            " WHERE id=?", (state_n, fingerprint, time.time(), cid))
+            db.execute("UPDATE conversations SET title=? WHERE id=? AND title=''", (title_from(user.text), cid))
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -363,6 +372,22 @@ class Store:
     def drop_states(self, cid: str) -> None:
         """Delete every state file of ``cid`` (what they consumed is no longer the conversation)."""
         shutil.rmtree(self.state_dir(cid), ignore_errors=True)
+
+
+TITLE_CHARS = 60
+
+
+def title_from(message: str) -> str:
+    """A conversation's title from a message: its first non-blank line, cut at a word to at most
+    ``TITLE_CHARS`` characters (with "…")."""
+    line = next((ln.strip() for ln in message.splitlines() if ln.strip()), "")
+    line = " ".join(line.split())
+    if len(line) <= TITLE_CHARS:
+        return line
+    cut = line[:TITLE_CHARS - 1]
+    if " " in cut[TITLE_CHARS // 2:]:
+        cut = cut[:cut.rindex(" ")]
+    return cut.rstrip(" ,.;:-") + "…"
 
 
 def export_conversation(conv: ConversationInfo, turns: list[TurnInfo], fmt: str) -> str:

@@ -70,6 +70,11 @@ class Model(Protocol):
     def load_state(self, path: str | Path) -> State:
         """A state file read and placed on this model (StateError)."""
 
+    def use_kernels(self):
+        """Re-choose the backend with the compiled kernels for a model loaded with ``kernels=False`` (between
+        forwards; the results agree to rounding and states carry over; a decoder made before must be made
+        again). Returns the new backend."""
+
     def decoder(self, max_batch: int = 1, buckets: tuple[int, ...] | None = None):
         """A batched decoder with ``max_batch`` slots: conversations join and leave between one-token steps
         (``add(state) -> handle``, ``step({handle: token}) -> {handle: float32 [vocab]}``, ``remove(handle) ->

@@ -12,7 +12,7 @@ whatever differs. Only a message whose generation failed stays on screen unsaved
 
 from __future__ import annotations
 
-from textual import on
+from textual import events, on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
@@ -30,6 +30,8 @@ from .conversation_actions import ConversationActions
 
 SHOWN_TURNS = 60          # turns rendered when a conversation opens (older ones: a note)
 STOPPED = "stopped (kept as far as it got)"
+SWITCH = Binding.Group("Conversation", compact=True)     # the footer shows "^↑^↓ Conversation"
+LOAD_KEY = "Ctrl+L"
 
 
 class ChatScreen(ConversationActions, Screen):
@@ -38,6 +40,10 @@ class ChatScreen(ConversationActions, Screen):
         Binding("escape", "stop", "Stop"),
         Binding("ctrl+c", "stop_or_copy", "Stop", show=False, priority=True),
         Binding("ctrl+n", "new_conversation", "New"),
+        Binding("ctrl+up,alt+up", "switch_conversation(-1)", "Previous conversation", priority=True,
+                group=SWITCH),
+        Binding("ctrl+down,alt+down", "switch_conversation(1)", "Next conversation", priority=True,
+                group=SWITCH),
         Binding("ctrl+r", "regenerate", "Regenerate"),
         Binding("f2", "rename", "Rename", priority=True),
         Binding("f3", "edit_last", "Edit last", priority=True),
@@ -146,7 +152,7 @@ class ChatScreen(ConversationActions, Screen):
         if self.bubble is not None:
             self.end_generation(None, "interrupted: the daemon stopped answering (the text so far is kept)")
         self.job = None
-        self.notice(f"Daemon unreachable ({reason}). Reconnecting automatically; start one with "
+        self.notice(f"Daemon unreachable: {reason}. Reconnecting automatically; start one with "
                     "`rwkv-chat daemon start` if it does not come back.", "error")
 
     def link_status(self, status: dict) -> None:
@@ -175,6 +181,8 @@ class ChatScreen(ConversationActions, Screen):
             if event.kind != "chat":
                 return
             self.job = event.job_id
+            if topic not in self.infos:          # a first message made the conversation: list it
+                self.refresh_conversations()
             if self.pending is not None and self.bubble is not None:
                 self.pending = None
                 self.bubble.set_footer("…")
@@ -204,21 +212,29 @@ class ChatScreen(ConversationActions, Screen):
             self.refresh_conversations()
             self.sync()
         elif isinstance(event, m.Failed):
+            if (event.kind == "NoModel" and self.action == "send" and self.pending is not None
+                    and self.bubble is not None):
+                self.unsend(self.pending)           # nothing was made: the message goes back to the input
+                return
             bubble, action = self.bubble, self.action if (self.bubble is not None and self.bubble.mine) else ""
-            self.end_generation(None, f"failed: {event.kind}: {event.message}")
+            self.end_generation(None, f"failed: {event.message}")
             if action == "send" and bubble is not None:
                 self.mark_unsaved(bubble)
             else:                      # nothing changed in the store: show what is there
-                self.notify(f"{action or 'generation'} failed: {event.kind}: {event.message}", severity="error")
+                self.notify(f"{action or 'generation'} failed: {event.message}", severity="error")
                 self.sync()
 
     def _done_footer(self, event) -> str:
-        parts = [f"{event.tokens} tokens"]
-        if not self.app.snapshot and event.tokens_per_s:
-            parts.append(f"{event.tokens_per_s:.1f} tok/s")
-        reason = {"length": "stopped at max tokens", "cancelled": STOPPED}.get(event.reason)
-        if reason:
-            parts.append(reason)
+        return self._footer(event.tokens, event.tokens_per_s, event.reason)
+
+    def _footer(self, tokens: int, tokens_per_s: float, reason: str) -> str:
+        """A reply's footer, live (a Done event) or reopened (a stored turn): tokens, speed, why it ended."""
+        parts = [f"{tokens} tokens"]
+        if not self.app.snapshot and tokens_per_s:
+            parts.append(f"{tokens_per_s:.1f} tok/s")
+        why = {"length": "stopped at max tokens", "cancelled": STOPPED}.get(reason)
+        if why:
+            parts.append(why)
         return " · ".join(parts)
 
     # ---------------------------------------------------------------- opening a conversation
@@ -251,14 +267,15 @@ class ChatScreen(ConversationActions, Screen):
             else:
                 log.add(AssistantMessage(t.text, footer=self._turn_footer(t), turn=t.index))
         if announce:
+            self.input.use_history([t.text for t in detail.turns if t.role == "user"])
             self.resume_unsaid = conv.id if conv.turns else None
             self._say_resume((self.app.status.get("model") or {}).get("fingerprint"))
         self.query_one(SamplingPanel).show(conv.sampling)
-        log.call_after_refresh(log.scroll_end, animate=False)
+        log.follow()
 
-    @staticmethod
-    def _turn_footer(turn) -> str:
-        return f"{turn.tokens} tokens" + (f" · {STOPPED}" if turn.reason == "cancelled" else "")
+    def _turn_footer(self, turn) -> str:
+        """The footer of a stored reply (its tokens, speed and why it ended, as when it was live)."""
+        return self._footer(turn.tokens, turn.tokens_per_s, turn.reason)
 
     def sync(self) -> None:
         """Read the open conversation back from the daemon and show exactly what is stored (:meth:`_synced`)."""
@@ -302,6 +319,12 @@ class ChatScreen(ConversationActions, Screen):
 
         self.app.request("list conversations", lambda c: c.conversations(), show)
 
+    def on_paste(self, event: events.Paste) -> None:
+        """A paste while a message or the sidebar has the focus goes into the message input."""
+        event.stop()
+        self.input.focus()
+        self.input.post_message(events.Paste(event.text))
+
     @on(Sidebar.Selected)
     def _selected(self, event: Sidebar.Selected) -> None:
         if event.conversation_id != self.cid:
@@ -325,28 +348,34 @@ class ChatScreen(ConversationActions, Screen):
         if not self.app.connected:
             self.notify("Not connected to the daemon.", severity="error", timeout=3)
             return
+        model = self.app.status.get("model") or {}
+        if not model.get("loaded") and not model.get("loading"):
+            self.no_model()                      # nothing is sent, nothing is made: the text stays
+            return
         self.input.remember(text)
         self.input.clear()
         if self.cid is None:  # a new conversation starts on a clean view (no empty-state hint above it)
             self.log_view.clear()
         self.log_view.add(UserMessage(text))
+        self.log_view.follow()
         self.generate("send", lambda c, cid: self._chat_request(c, cid, "Chat", message=text), text)
 
-    def generate(self, action: str, call, pending: str, title: str = "") -> None:
+    def generate(self, action: str, call, pending: str) -> None:
         """Start a generation: a streaming bubble now; ``call(client, cid)`` (a worker) sends the request once
-        the link watches the conversation (creating the conversation first when none is open)."""
+        the link watches the conversation. With no conversation open, a new id is taken: the daemon makes the
+        conversation (titled by the message) when the reply starts, and only then (no model: nothing made)."""
+        from rwkv_chat.daemon.protocol import new_conversation_id
+
         self.resume_unsaid = None
         bubble = self.start_bubble("waiting for the daemon…")
         bubble.mine = True
         self.pending, self.action = pending, action
+        if self.cid is None:
+            self.cid = new_conversation_id()
+            self.app.watch_topic = self.cid
         cid, app = self.cid, self.app
 
         def work(client):
-            nonlocal cid
-            if cid is None:
-                info = client.create_conversation(title=(title or pending).strip().splitlines()[0][:60])
-                cid = info.id
-                app.call_from_thread(self._adopt, info)
             if not app.wait_watching(cid):
                 raise TimeoutError("could not subscribe to the conversation's events")
             return call(client, cid)
@@ -360,6 +389,32 @@ class ChatScreen(ConversationActions, Screen):
                     self.sync()
 
         self.app.request(action, work, None, failed)
+
+    def no_model(self) -> None:
+        """Say that a message cannot be answered without a model, and how to load one here."""
+        text = (f"No model is loaded: press {LOAD_KEY} to load one, then send again "
+                "(your message stays in the input).")
+        last = self.log_view.query(Notice).last() if self.log_view.query(Notice) else None
+        if last is None or str(last.render()) != text:
+            self.notice(text, "error")
+        self.notify(f"No model is loaded: press {LOAD_KEY} to load one.", severity="warning", timeout=4)
+
+    def unsend(self, text: str) -> None:
+        """The daemon refused a message for want of a model: take it off the screen, back into the input, and
+        forget a conversation it would have made."""
+        bubble = self.bubble
+        self.bubble, self.job, self.pending = None, None, None
+        msgs = self.log_view.messages()
+        if bubble is not None:
+            bubble.remove()
+            if len(msgs) >= 2 and msgs[-2].role == "user" and msgs[-2].text == text:
+                msgs[-2].remove()
+        if self.cid not in self.infos:
+            self.cid = None
+            self.app.watch_topic = "~daemon"
+        if not self.input.text.strip():
+            self.input.load_text(text)
+        self.no_model()
 
     def _adopt(self, info) -> None:
         self.cid = info.id
@@ -404,6 +459,17 @@ class ChatScreen(ConversationActions, Screen):
     @on(SamplingPanel.Applied)
     def _sampling_applied(self, event: SamplingPanel.Applied) -> None:
         self.apply_sampling(event.values)
+
+    def action_switch_conversation(self, step: int) -> None:
+        """Open the conversation ``step`` places below (1) or above (-1) the open one in the sidebar."""
+        items = self.query_one(Sidebar).items
+        if not items:
+            return
+        ids = [c.id for c in items]
+        i = ids.index(self.cid) + step if self.cid in ids else (0 if step > 0 else len(ids) - 1)
+        if 0 <= i < len(ids) and ids[i] != self.cid:
+            self.open_conversation(ids[i])
+        self.focus_input()
 
     def action_toggle_sidebar(self) -> None:
         sidebar = self.query_one(Sidebar)

@@ -31,6 +31,16 @@ class ConversationActions:
             return False
         return True
 
+    def _open_known(self) -> str | None:
+        """The open conversation's id when the daemon has made it (a first message makes it only when its
+        reply starts), else None, said to the user."""
+        if self.cid is None:
+            return None
+        if self.cid not in self.infos:
+            self.notify("This conversation is made when its first reply starts: a moment.", timeout=3)
+            return None
+        return self.cid
+
     def action_new_conversation(self) -> None:
         def opened(info) -> None:
             self.infos[info.id] = info
@@ -41,9 +51,9 @@ class ConversationActions:
         self.app.request("new conversation", lambda c: c.create_conversation(), opened)
 
     def action_rename(self) -> None:
-        if self.cid is None:
+        cid = self._open_known()
+        if cid is None:
             return
-        cid = self.cid
 
         def renamed(title) -> None:
             if title:
@@ -52,9 +62,9 @@ class ConversationActions:
         self.app.push_screen(TextPrompt("Rename the conversation", title_of(self.infos[cid])), renamed)
 
     def action_delete(self) -> None:
-        if self.cid is None:
+        cid = self._open_known()
+        if cid is None:
             return
-        cid = self.cid
 
         def gone(_=None) -> None:
             self.infos.pop(cid, None)
@@ -135,6 +145,8 @@ class ConversationActions:
 
     def action_system_prompt(self) -> None:
         cid = self.cid
+        if cid is not None and self._open_known() is None:
+            return
         info = self.infos.get(cid) if cid is not None else None
         if info is not None and info.truncated:      # a listing's summary: edit the whole prompt
             self.app.request("system prompt", lambda c: c.conversation(cid).conversation.system_prompt,
@@ -157,9 +169,10 @@ class ConversationActions:
         self.app.push_screen(TextEditor("System prompt of this conversation", current, PRESETS), saved)
 
     def action_export(self) -> None:
-        if self.cid is None:
+        cid = self._open_known()
+        if cid is None:
             return
-        cid, info = self.cid, self.infos.get(self.cid)
+        info = self.infos.get(cid)
         title = title_of(info) if info else "conversation"
         data_dir = self.app.paths.data_dir
 
@@ -187,6 +200,8 @@ class ConversationActions:
         """Save ``values`` (from the sampling panel) as the open conversation's settings."""
         values = {k: v for k, v in values.items() if v is not None}
         cid = self.cid
+        if cid is not None and self._open_known() is None:
+            return
 
         def saved(_) -> None:
             self.notify("Sampling settings saved for this conversation.", timeout=3)

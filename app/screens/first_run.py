@@ -22,6 +22,8 @@ from textual.screen import Screen
 from textual.suggester import SuggestFromList
 from textual.widgets import Button, Checkbox, Footer, Input, Label, OptionList, ProgressBar, Static
 
+from ..texts import STRATEGY_HELP
+
 CHECKPOINT_SUFFIXES = (".pth", ".safetensors")
 
 
@@ -84,6 +86,7 @@ class ModelScreen(Screen):
         self.first_run = first_run
         self.loading = loading
         self.error = error            # the daemon's last load error (status ``model.error``) shown, if any
+        self.draft = (self.path, self.strategy)      # what was typed, as the screen closed (Esc)
 
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="model-screen"):
@@ -91,14 +94,14 @@ class ModelScreen(Screen):
                 yield Static("Welcome to rwkv-chat", classes="title")
                 yield Static("No model is loaded yet. Give the path of an RWKV checkpoint (.pth or .safetensors, "
                              "versions 4 to 7) and a strategy, then Load. The daemon keeps the model loaded for "
-                             "every rwkv-chat window; `rwkv-chat load PATH --strategy S` does the same from a "
-                             "shell.", classes="explain")
+                             "every rwkv-chat window. Esc goes to the chat (Ctrl+L comes back here).",
+                             classes="explain")
             else:
                 yield Static("Load a model", classes="title")
             with Vertical(id="model-form"):
                 yield Label("Checkpoint path")
                 yield Input(self.path, placeholder="/path/to/RWKV-x070-World-0.1B.pth", id="model-path")
-                yield Label("Strategy (device dtype[quant] [*layers] -> …)")
+                yield Label("Strategy (how to write one: below)")
                 yield Input(self.strategy, id="model-strategy", suggester=SuggestFromList(self.strategies))
                 yield Label("Strategies that fit this machine (" + ", ".join(d.split()[0] for d in self.devices) + "):")
                 yield OptionList(*self.strategies, id="strategy-list")
@@ -106,17 +109,19 @@ class ModelScreen(Screen):
                 with Horizontal(classes="buttons"):
                     yield Button("Load", id="model-load", variant="primary", compact=True)
                 yield Static("", id="model-error")
+                yield Static(Text(STRATEGY_HELP), id="strategy-help", classes="explain")
             with Vertical(id="model-progress"):
                 yield Static("", id="progress-text")
                 yield ProgressBar(total=None, show_eta=False, id="progress-bar")
-                yield Static("The first load on a device builds the compiled kernels (about a minute); later loads reuse them.",
-                             classes="explain")
+                yield Static("The model answers as soon as it is loaded. On first use the compiled kernels build "
+                             "in the background (about a minute) and take over when ready; the status bar shows "
+                             "their progress.", classes="explain")
         yield Footer()
 
     def on_mount(self) -> None:
-        if self.app.snapshot:               # deterministic display: a steady cursor
-            for inp in self.query(Input):
-                inp.cursor_blink = False
+        if getattr(self.app, "snapshot", False):        # deterministic display: no blinking cursor
+            for field in self.query(Input):
+                field.cursor_blink = False
         self.set_loading(self.loading)
         if not self.loading:
             if self.error:
@@ -181,4 +186,5 @@ class ModelScreen(Screen):
 
     def action_close(self) -> None:
         if not self.loading:
+            self.draft = (self.query_one("#model-path", Input).value, self.query_one("#model-strategy", Input).value)
             self.dismiss(False)

@@ -15,9 +15,16 @@ Chat with an RWKV model served by the rwkv-chat daemon. Conversations are kept b
 recurrent **state**, so switching back to one resumes it without reading the history again.
 
 **Input** — Enter sends · Shift+Enter or Ctrl+J inserts a new line · Up/Down on the first/last line walk
-the history of sent messages.
+this conversation's earlier messages · pasted text is inserted as text.
+
+**Conversations** — Ctrl+Up / Ctrl+Down (or Alt+Up / Alt+Down) open the previous / next conversation of the
+sidebar · Ctrl+N starts a new one, titled by its first message · F9 shows or hides the sidebar (Tab to it and
+Enter opens the highlighted one).
 
 **Messages** — Tab to a message and press `c` to copy it.
+
+**Model** — Ctrl+L loads or switches the model. The first time, the model answers at once on the pure-torch
+path while the compiled kernels build in the background; the status bar shows the build and the switch.
 """
 
 

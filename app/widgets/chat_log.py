@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from markdown_it import MarkdownIt
 from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
@@ -20,6 +21,23 @@ from textual.widgets import Markdown, ProgressBar, Static
 
 FLUSH_HZ = 15
 PREVIEW_CHARS = 4000       # a longer user message is shown shortened (it is sent whole)
+
+
+def _keep_line_breaks(state) -> None:
+    """markdown-it core rule: every soft line break becomes a hard one (as ``breaks`` does for HTML; the
+    Markdown widget reads the token types)."""
+    for token in state.tokens:
+        for child in token.children or ():
+            if child.type == "softbreak":
+                child.type = "hardbreak"
+
+
+def reply_parser() -> MarkdownIt:
+    """The Markdown parser of replies: GitHub-like, with every line break kept (a model writes a line break
+    where it means one: addresses, poems, steps, list items; Markdown would join such lines into one)."""
+    parser = MarkdownIt("gfm-like", {"breaks": True})
+    parser.core.ruler.push("keep_line_breaks", _keep_line_breaks)
+    return parser
 
 
 def preview(text: str, limit: int = PREVIEW_CHARS) -> str:
@@ -78,7 +96,7 @@ class AssistantMessage(MessageBox):
     def compose(self) -> ComposeResult:
         yield Static("RWKV", classes="who")
         yield ProgressBar(total=None, show_eta=False, classes="prefill")
-        yield Markdown(self.text, classes="body")
+        yield Markdown(self.text, classes="body", parser_factory=reply_parser)
         yield Static(self._footer or ("…" if self.streaming else ""), classes="footer")
 
     def on_mount(self) -> None:
@@ -154,30 +172,49 @@ class Notice(Static):
 
 
 class ChatLog(VerticalScroll):
-    """The scrolling list of messages of the open conversation."""
+    """The scrolling list of messages of the open conversation. It follows its end: new messages, streamed
+    text, a taller input (a large paste) or a resized terminal keep the end in view, until the user scrolls
+    up; scrolling back to the end follows it again."""
 
     @dataclass
     class Grew(Message):
-        """A message grew (streamed text); the log follows the end if it was there."""
+        """A message grew (streamed text)."""
 
     def __init__(self, **kw) -> None:
         super().__init__(**kw)
         self.can_focus = False
+        self.following = True        # keep the end in view
+
+    def watch_scroll_y(self, old: float, new: float) -> None:
+        super().watch_scroll_y(old, new)
+        # only a move of the view changes this (the user's scrolling, or ours to the end): content that grows
+        # or a view that shrinks leaves scroll_y alone, and on_resize brings the end back
+        self.following = new >= self.max_scroll_y - 1
+
+    def on_resize(self, event) -> None:
+        """The view changed size (the input grew with a paste, the terminal was resized)."""
+        if self.following:
+            self.scroll_end(animate=False)
+
+    def watch_virtual_size(self, old, new) -> None:
+        """The content changed size (a message came, a reply grew or was re-rendered)."""
+        if self.following and new.height != old.height:
+            self.scroll_end(animate=False)
 
     def clear(self) -> None:
         self.remove_children()
 
     def add(self, widget) -> None:
-        follow = self.is_vertical_scroll_end or self.max_scroll_y == 0
         self.mount(widget)
-        if follow:
-            self.call_after_refresh(self.scroll_end, animate=False)
+
+    def follow(self) -> None:
+        """Show the end and follow it again (a conversation was opened, a message sent)."""
+        self.following = True
+        self.call_after_refresh(self.scroll_end, animate=False, immediate=True)
 
     @on(Grew)
-    def _follow(self, event: Grew) -> None:
-        event.stop()
-        if self.max_scroll_y - self.scroll_y <= 3:
-            self.call_after_refresh(self.scroll_end, animate=False)
+    def _grew(self, event: Grew) -> None:
+        event.stop()          # the content's new size brings the end back (watch_virtual_size)
 
     def messages(self) -> list[MessageBox]:
         return list(self.query(MessageBox))

@@ -1,5 +1,6 @@
 """The multi-line message input: Enter sends, Shift+Enter / Ctrl+J insert a new line, Up/Down at the
-first/last line walk the history of sent messages. Pasted text is cleaned of control characters."""
+first/last line walk the open conversation's earlier messages. Pasted text is cleaned of control characters
+(and is never taken for keys: ``rwkv_chat.app.terminal``)."""
 
 from __future__ import annotations
 
@@ -51,6 +52,13 @@ class PromptInput(TextArea):
         self._draft = ""
 
     # -- history
+    def use_history(self, messages: list[str]) -> None:
+        """Up/Down walk ``messages`` (oldest first) from now on: the open conversation's own messages, so a
+        message of another conversation never comes back here."""
+        self.sent = []
+        for text in messages:
+            self.remember(text)
+
     def remember(self, text: str) -> None:
         """Add a sent message to the history (consecutive duplicates collapse)."""
         if text and (not self.sent or self.sent[-1] != text):

@@ -12,9 +12,11 @@ from dataclasses import dataclass
 
 from textual import on
 from textual.app import ComposeResult
-from textual.containers import Horizontal, VerticalScroll
+from textual.containers import Grid, Horizontal, VerticalScroll
 from textual.message import Message
 from textual.widgets import Button, Input, Label, Static
+
+from ..texts import between
 
 # (key, label, type, low, high); None = unbounded. Ranges as SamplerArgs checks them.
 FIELDS = [
@@ -25,7 +27,7 @@ FIELDS = [
     ("alpha_frequency", "Frequency penalty", float, 0.0, None),
     ("alpha_decay", "Penalty decay", float, 0.0, 1.0),
     ("max_tokens", "Max tokens", int, 1, None),
-    ("seed", "Seed (empty = random)", int, 0, 2**63 - 1),
+    ("seed", "Seed (empty: random)", int, 0, 2**63 - 1),
 ]
 
 
@@ -38,15 +40,15 @@ def parse_field(key: str, text: str):
     try:
         value = kind(text)
     except ValueError:
-        raise ValueError(f"{label}: {text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        raise ValueError(f"{label}: {text!r} is not {'a whole number' if kind is int else 'a number'}") from None
     if kind is float and not math.isfinite(value):
-        raise ValueError(f"{label}: must be finite")
+        raise ValueError(f"{label}: must be a finite number")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise ValueError(f"{label}: must be in [{lo}, {hi if hi is not None else '∞'}]")
+        raise ValueError(f"{label} {between(lo, hi)}")
     return value
 
 
-class SamplingPanel(VerticalScroll):
+class SamplingPanel(VerticalScroll, can_focus=False):
     """Inputs for every sampling setting and an Apply button (posts :class:`SamplingPanel.Applied`)."""
 
     @dataclass
@@ -58,14 +60,16 @@ class SamplingPanel(VerticalScroll):
         self.defaults = dict(defaults)
 
     def compose(self) -> ComposeResult:
+        # the fields first: Tab from the message input reaches them directly; the buttons follow them
         yield Static("Sampling (F4 closes)", classes="title")
+        yield Static("", id="sampling-error")
+        with Grid(id="sampling-fields"):
+            for key, label, *_ in FIELDS:
+                yield Label(label, classes="field-label")
+                yield Input(id=f"s-{key}", compact=True, select_on_focus=False)
         with Horizontal(classes="buttons"):
             yield Button("Apply", id="sampling-apply", variant="primary", compact=True)
             yield Button("Defaults", id="sampling-reset", compact=True)
-        yield Static("", id="sampling-error")
-        for key, label, *_ in FIELDS:
-            yield Label(label)
-            yield Input(id=f"s-{key}", compact=True)
 
     def show(self, sampling: dict) -> None:
         """Fill the inputs with the defaults overridden by ``sampling`` (a conversation's settings)."""

@@ -13,6 +13,8 @@ from textual.message import Message
 from textual.widgets import OptionList, Static
 from textual.widgets.option_list import Option
 
+from ..texts import exchanges
+
 
 def title_of(info) -> str:
     """The display title of a ``ConversationInfo`` ("New conversation" when untitled)."""
@@ -44,7 +46,7 @@ class Sidebar(Vertical):
         ol.clear_options()
         for c in self.items:
             label = Text(title_of(c), overflow="ellipsis", no_wrap=True)
-            label.append(f" ({c.turns // 2})", style="dim")
+            label.append(f" ({exchanges(c)})", style="dim")       # as `rwkv-chat conversations list` counts
             shown = "c" + "x" * (len(c.id) - 1) if getattr(self.app, "snapshot", False) else c.id   # random ids
             label.append(f"\n{shown}", style="dim")     # what `rwkv-chat chat --conversation ID` takes
             ol.add_option(Option(label, id=c.id))

@@ -1,4 +1,5 @@
-"""The status bar: model and strategy, device memory, the last reply's speed, the daemon connection."""
+"""The status bar: model, strategy and what serves it (the backend; the compiled kernels' build while the
+pure-torch path answers), device memory, the last reply's speed, the daemon connection."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import os
 from rich.text import Text
 from textual.reactive import reactive
 from textual.widgets import Static
+
+from ..texts import serving_short
 
 
 def mib(n: float | int | None) -> str:
@@ -42,7 +45,7 @@ class StatusBar(Static):
         model = status.get("model") or {}
         if model.get("loaded"):
             self.model = os.path.basename(model.get("path", "")) or "model"
-            self.strategy = model.get("strategy", "")
+            self.strategy = " · ".join(p for p in (model.get("strategy", ""), serving_short(model)) if p)
         elif model.get("loading"):
             self.model, self.strategy = f"loading {os.path.basename(model['loading'])}…", ""
         elif model.get("error"):

@@ -354,7 +354,8 @@ class ConversationInfo(msgspec.Struct, forbid_unknown_fields=True):
 class TurnInfo(msgspec.Struct, forbid_unknown_fields=True):
     """One turn of a conversation (``index`` from 0; ``tokens`` the model saw or produced). ``reason``, of a
     reply: why it ended, as in Done ("stop", "length", or "cancelled": a reply stopped by the user, kept as far
-    as it got); "" for user turns and replies stored before reasons were."""
+    as it got); "" for user turns and replies stored before reasons were. ``tokens_per_s``, of a reply: its
+    decode speed (0 when unknown), shown again when the conversation is reopened."""
 
     index: int
     role: str
@@ -363,6 +364,7 @@ class TurnInfo(msgspec.Struct, forbid_unknown_fields=True):
     created: float
     finished: float
     reason: str = ""
+    tokens_per_s: float = 0.0
     truncated: bool = False       # text cut to MAX_TEXT bytes (stored beyond the limit by an older version)
 
 

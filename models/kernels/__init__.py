@@ -7,6 +7,12 @@ with ``torch.utils.cpp_extension.load`` and ninja, into
 process reuses the build at once. The ops register under ``torch.ops.rwkv_chat`` as
 ``<family>_<device>`` (``wkv7_cuda``, ``mm8_cpu``, ...) and write into caller-allocated outputs.
 
+``ready(device)`` says whether ``ensure_built`` would return at once (the build is cached or loaded, or its
+outcome is known); ``build_in_background(device)`` builds in a child process at low priority while the caller
+serves on the pure-torch path (a model loaded with ``kernels=False``, later switched with ``RWKV.use_kernels``),
+and reports its progress (sources compiled of all). ``python -m rwkv_chat.models.kernels cpu`` builds from a
+shell.
+
 A failed build is never silent: the reason is logged and kept, ``report()`` returns it (``rwkv-chat
 doctor --json``), and the dispatch functions of ``rwkv_chat.models.kernels.dispatch`` (``wkv4``, ``wkv5``,
 ``wkv7``, ``mm8``, ``gemm``, re-exported here) serve those calls with the pure-torch paths of
@@ -19,7 +25,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import platform
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -84,6 +94,7 @@ class KernelLoader:
         self.status: dict[str, dict[str, str]] = {
             "cpu": {f: NOT_BUILT for f in FAMILIES}, "cuda": {f: NOT_BUILT for f in FAMILIES}}
         self.builds: dict[str, dict] = {}
+        self._background: dict[str, BackgroundBuild] = {}
         self._lock = threading.Lock()
 
     @property
@@ -114,6 +125,38 @@ class KernelLoader:
             arch = "-".join(f"sm{a}{b}" for a, b in _cuda_arches()) or "nogpu"
         cuda = torch.version.cuda or "none"
         return f"{device}-{h.hexdigest()[:16]}-torch{torch.__version__}-cuda{cuda}-{arch}".replace("+", "_")
+
+    def library(self, device: str, key: str | None = None) -> Path:
+        """Where the built library of a device type lives (it may not exist yet)."""
+        key = key or self.build_key(device)
+        return self.cache_dir / key / f"rwkv_chat_{device}_{key.split('-')[1][:12]}.so"
+
+    def ready(self, device: str | torch.device) -> bool:
+        """Whether ``ensure_built(device)`` returns at once: its library is loaded or in the cache, its build
+        failed before in this process, or the device type has no kernels to build (no CUDA, "mps", ...)."""
+        dev = torch.device(device).type if not isinstance(device, torch.device) else device.type
+        if dev not in ("cpu", "cuda"):
+            return True
+        with self._lock:
+            if all(v != NOT_BUILT for v in self.status[dev].values()):
+                return True
+        if dev == "cuda" and not torch.cuda.is_available():
+            return True
+        key = self.build_key(dev)
+        return key in _LOADED_KEYS or self.library(dev, key).exists()
+
+    def build_in_background(self, device: str, nice: int = 10) -> "BackgroundBuild":
+        """Build the library of ``device`` ("cpu" or "cuda") in a child process (``python -m
+        rwkv_chat.models.kernels``) at ``nice`` lower priority, so that a model served meanwhile on the torch
+        path keeps the CPU; returns the build (``done``, ``progress()``, ``cancel()``). A build of that device
+        already running is returned instead of starting another. ``ensure_built`` then loads the result from the
+        cache at once; a failed build's reason becomes the device's status (``report()``)."""
+        with self._lock:
+            running = self._background.get(device)
+            if running is not None and not running.done:
+                return running
+            build = self._background[device] = BackgroundBuild(self, device, nice)
+        return build
 
     def ensure_built(self, device: str | torch.device) -> dict[str, str]:
         """Build (or reuse) and load the library for a device type; never raises for a failed build.
@@ -160,8 +203,8 @@ class KernelLoader:
     def _build_and_load(self, dev: str) -> None:
         key = self.build_key(dev)
         build_dir = self.cache_dir / key
-        name = f"rwkv_chat_{dev}_{key.split('-')[1][:12]}"
-        lib = build_dir / f"{name}.so"
+        lib = self.library(dev, key)
+        name = lib.stem
         t0 = time.perf_counter()
         if key in _LOADED_KEYS:          # this very build is already loaded (from any cache dir)
             cached = True
@@ -195,6 +238,79 @@ class KernelLoader:
         """``{"cpu": {family: "ok" | reason}, "cuda": {...}}`` for families wkv4, wkv5, wkv6, wkv7, mm8, gemm,
         v7fused (the fused RWKV-7 layer kernels, CUDA only)."""
         return {d: dict(v) for d, v in self.status.items()}
+
+
+class BackgroundBuild:
+    """A kernel build running in a child process (see ``KernelLoader.build_in_background``).
+
+    Attributes:
+        device: "cpu" or "cuda". directory: the build directory. total: sources to compile.
+        state: "building", "built" or "failed". error: why it failed ("" otherwise). seconds: how long it took.
+    """
+
+    def __init__(self, loader: KernelLoader, device: str, nice: int = 10):
+        self.loader, self.device = loader, device
+        self.key = loader.build_key(device)
+        self.directory = loader.cache_dir / self.key
+        self.total = len(CPU_SOURCES if device == "cpu" else CUDA_SOURCES)
+        self.state, self.error = "building", ""
+        self.started = time.monotonic()
+        self.seconds = 0.0
+        self._finished = threading.Event()
+        cmd = [sys.executable, "-m", "rwkv_chat.models.kernels", device, "--cache-dir", str(loader.cache_dir),
+               "--source-dir", str(loader.source_dir), "--nice", str(nice)]
+        loader._say(f"building {device} kernels in the background in {self.directory}")
+        self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.PIPE, text=True, start_new_session=True)
+        threading.Thread(target=self._wait, name=f"rwkv-kernels-{device}", daemon=True).start()
+
+    def _wait(self) -> None:
+        _, err = self._proc.communicate()
+        self.seconds = time.monotonic() - self.started
+        if self._proc.returncode == 0 and self.loader.library(self.device, self.key).exists():
+            self.state = "built"
+            self.loader._say(f"{self.device} kernels built in the background in {self.seconds:.0f} s")
+        else:
+            lines = [ln.strip() for ln in (err or "").splitlines() if ln.strip()]
+            why = lines[-1] if lines else f"the build process ended with status {self._proc.returncode}"
+            self.error = f"build failed ({why}); using the torch path"
+            with self.loader._lock:      # ensure_built will not try again in this process
+                self.loader.status[self.device] = {f: self.error for f in FAMILIES}
+            self.state = "failed"
+            log.warning("rwkv-chat %s kernels: %s", self.device, self.error)
+        self._finished.set()
+
+    @property
+    def done(self) -> bool:
+        """Whether the build has ended (built or failed)."""
+        return self._finished.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the end of the build; returns ``done``."""
+        return self._finished.wait(timeout)
+
+    def compiled(self) -> int:
+        """Sources compiled so far (object files in the build directory)."""
+        if self.state == "built":
+            return self.total
+        try:
+            return min(self.total, sum(1 for p in self.directory.iterdir() if p.suffix == ".o"))
+        except OSError:
+            return 0
+
+    def progress(self) -> dict:
+        """``{"device", "state", "compiled", "total", "seconds", "error"}`` (JSON-friendly)."""
+        secs = self.seconds if self.done else time.monotonic() - self.started
+        return {"device": self.device, "state": self.state, "compiled": self.compiled(), "total": self.total,
+                "seconds": round(secs, 1), "error": self.error}
+
+    def cancel(self) -> None:
+        """Stop the build (its compiler processes included); a later build resumes from what it compiled."""
+        if self._proc.poll() is None:
+            try:
+                os.killpg(self._proc.pid, signal.SIGTERM)
+            except OSError:
+                pass
 
 
 _LOADED: set[tuple[str, str]] = set()      # (device type, family) with a loaded op in this process

@@ -95,21 +95,44 @@ class RWKV:
                 self.rescale_layer = rescale_layer_for(self.plan.stages) if rescale_layer is None else int(rescale_layer)
             self._place(w, progress)
             self.kernels: dict[str, dict[str, str]] = {}
-            if kernels:
-                from rwkv_chat.models import kernels as compiled
-
-                for dev in sorted({d.type for d in self.devices}):
-                    self.kernels[dev] = compiled.ensure_built(dev)
-            self.backend: backends.Backend = backends.choose(self, kernels)
-            self.plan = replace(self.plan, backend=str(self.backend))
-            self.prefill_graphs = None
-            if self.backend.captures_prefill:
-                from rwkv_chat.models.rwkv.prefill_graph import PrefillGraphs
-
-                self.prefill_graphs = PrefillGraphs(self._stack, self.devices[0])
+            self._choose(kernels)
         if verbose:
             print(f"RWKV-{spec.version} {path.name}: {spec.n_layer} layers, n_embd {spec.n_embd}, "
                   f"vocab {spec.vocab_size}\n{self.plan}")
+
+    def _choose(self, kernels: bool) -> None:
+        """Build (or load) the kernels of the model's device types where ``kernels``, then choose the backend."""
+        self.kernels = {}
+        if kernels:
+            from rwkv_chat.models import kernels as compiled
+
+            for dev in sorted({d.type for d in self.devices}):
+                self.kernels[dev] = compiled.ensure_built(dev)
+        self.backend: backends.Backend = backends.choose(self, kernels)
+        self.plan = replace(self.plan, backend=str(self.backend))
+        self.prefill_graphs = None
+        if self.backend.captures_prefill:
+            from rwkv_chat.models.rwkv.prefill_graph import PrefillGraphs
+
+            self.prefill_graphs = PrefillGraphs(self._stack, self.devices[0])
+
+    def use_kernels(self) -> backends.Backend:
+        """Move a model loaded with ``kernels=False`` to the compiled kernels: build them (or load them from the
+        cache: ``rwkv_chat.models.kernels.ready`` says whether that is instant; a first build takes about a
+        minute, ``build_in_background`` runs it beforehand) and choose the backend again, as a load with
+        ``kernels=True`` does. The results agree with the torch path to float32 rounding, and states move
+        between the two unchanged (one layout), so a caller may switch between two steps of a generation.
+
+        Call it between forwards. A batched decoder made before (``decoder``) keeps the old backend's ops: make
+        a new one and move its conversations over (``remove`` / ``add``). Where a build failed, the backend
+        is the eager one on the torch fallbacks and ``kernels`` says why.
+
+        Returns:
+            The new ``backend``.
+        """
+        with torch.no_grad():
+            self._choose(True)
+        return self.backend
 
     # -- public attributes ---------------------------------------------------------------------
     @property

@@ -45,11 +45,17 @@ class SamplingError(RWKVError, ValueError):
     """Sampling arguments are out of range, or the logits leave nothing to sample (every token banned/NaN)."""
 
 
+def _range(lo, hi) -> str:
+    """``"between 0 and 1"``, ``"0 or more"``: a range in words (error messages)."""
+    num = (lambda v: str(v) if isinstance(v, int) else f"{v:g}")
+    return f"between {num(lo)} and {num(hi)}" if hi is not None else f"{num(lo)} or more"
+
+
 def _real(name: str, value: Any, lo: float | None = None, hi: float | None = None) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise SamplingError(f"{name} must be a finite number, got {value!r}")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise SamplingError(f"{name} must be in [{lo}, {hi}], got {value!r}")
+        raise SamplingError(f"{name} must be {_range(lo, hi)}, got {value!r}")
     return float(value)
 
 
@@ -61,7 +67,7 @@ def _int(name: str, value: Any, lo: int, hi: int | None = None) -> int:
     except TypeError:
         raise SamplingError(f"{name} must be an integer, got {value!r}") from None
     if v < lo or (hi is not None and v > hi):
-        raise SamplingError(f"{name} must be in [{lo}, {hi if hi is not None else 'inf'}], got {v}")
+        raise SamplingError(f"{name} must be {_range(lo, hi)}, got {v}")
     return v
 
 

@@ -107,19 +107,25 @@ def home_env():
         os.environ["RWKV_CHAT_HOME"] = old
 
 
-@pytest.fixture(scope="module")
-def daemon(tmp_path_factory, model_path, home_env):
-    """A daemon serving the tiny RWKV-5.2 model (``cpu fp32``), shared by a test module."""
+@pytest.fixture(scope="session")
+def daemon(tmp_path_factory, model_path):
+    """A daemon serving the tiny RWKV-5.2 model (``cpu fp32``), shared by the UI tests (one start: seconds of
+    imports on a small machine)."""
+    old = os.environ.get("RWKV_CHAT_HOME")
     model = model_path("5.2")
     paths = make_home(tmp_path_factory.mktemp("home"), model)
     d = start_daemon(paths, model)
+    if old is None:
+        os.environ.pop("RWKV_CHAT_HOME", None)
+    else:
+        os.environ["RWKV_CHAT_HOME"] = old
     yield d
     d.stop()
 
 
 @pytest.fixture
-def fresh_daemon(daemon):
-    """The module's daemon with no conversations (for tests that show the conversation list)."""
+def fresh_daemon(daemon, home_env):
+    """The shared daemon with no conversations (for tests that show the conversation list)."""
     os.environ["RWKV_CHAT_HOME"] = str(daemon.paths.data_dir.parent)
     daemon.clear_conversations()
     return daemon

@@ -1,5 +1,5 @@
-"""Faults: the daemon killed mid-reply, a model-less daemon (first run), huge pastes, control characters,
-a 40x12 terminal."""
+"""Faults: the daemon killed mid-reply, a model-less daemon (first run: Esc keeps what was typed, a message
+makes nothing and names the load key), huge pastes, control characters, a 40x12 terminal."""
 
 from __future__ import annotations
 
@@ -18,6 +18,16 @@ from .conftest import async_test, make_home, start_daemon, wait_for
 
 def notices(app) -> list[str]:
     return [str(n.render()) for n in app.chat.log_view.query(Notice)]
+
+
+async def send_and_wait(pilot, app, text: str | None = None):
+    """Press Enter (after typing ``text`` unless None: what the input holds) and wait for the reply."""
+    before = app.chat.last_done
+    if text is not None and app.chat.input.text != text:
+        app.chat.input.clear()
+        app.chat.input.insert(text)
+    await pilot.press("enter")
+    await wait_for(pilot, lambda: app.chat.last_done is not before and app.chat.bubble is None, what="the reply")
 
 
 @async_test
@@ -93,8 +103,25 @@ async def test_first_run_screen_loads_a_model(tmp_path, model_path, home_env):
         async with app.run_test(size=(100, 34)) as pilot:
             await wait_for(pilot, lambda: isinstance(app.screen, ModelScreen) and app.screen.query("#model-path"),
                            what="the first-run screen")
+            explain = " ".join(str(s.render()) for s in app.screen.query("#strategy-help"))
+            assert "DEVICE DTYPE" in explain and "->" in explain and "*N" in explain   # the syntax, explained
+            # Esc first ("not now"): what was typed is kept; a message without a model makes nothing
+            app.screen.query_one("#model-path").value = "/models/typed-but-not-loaded.pth"
+            await pilot.press("escape")
+            await wait_for(pilot, lambda: app.screen is app.chat, what="back to the chat")
+            app.chat.input.insert("Hello?")
+            await pilot.press("enter")
+            await pilot.pause(0.3)
+            assert daemon.client.conversations() == [] and app.chat.cid is None
+            assert app.chat.input.text == "Hello?" and not app.chat.log_view.query(UserMessage)
+            assert any("press Ctrl+L" in n and "rwkv-chat load" not in n for n in notices(app))
+            await pilot.press("ctrl+l")
+            await wait_for(pilot, lambda: isinstance(app.screen, ModelScreen) and app.screen.query("#model-path"),
+                           what="the load screen again")
             screen = app.screen
+            assert screen.query_one("#model-path").value == "/models/typed-but-not-loaded.pth"
             assert "cpu fp32" in screen.strategies and "cpu bf16" in screen.strategies
+            screen.query_one("#model-path").value = ""
             screen.query_one("#model-path").focus()
             await pilot.press("enter")                           # no path: an explanation, no load
             assert "path" in str(screen.query_one("#model-error").render())
@@ -109,6 +136,8 @@ async def test_first_run_screen_loads_a_model(tmp_path, model_path, home_env):
             assert (daemon.client.status()["model"]).get("loaded")
             assert load_config(paths.config_file).model.path == str(model_path("5.2"))
             await wait_for(pilot, lambda: "tiny-rwkv-5v2" in str(app.chat.status_bar.render()), what="status")
+            await send_and_wait(pilot, app, "Hello?")            # the kept message goes once a model is in
+            assert [t.text for t in daemon.client.conversation(app.chat.cid).turns][:1] == ["Hello?"]
     finally:
         daemon.stop()
 
@@ -117,7 +146,7 @@ async def test_first_run_screen_loads_a_model(tmp_path, model_path, home_env):
 async def test_bad_strategy_is_reported(tmp_path, model_path, home_env):
     paths = make_home(tmp_path, None)
     daemon = start_daemon(paths, None)
-    app = ChatApp(paths=paths, autostart=False, snapshot=True)
+    app = ChatApp(paths=paths, autostart=False, snapshot=True, status_every=1000)    # one status: at connection
     try:
         async with app.run_test(size=(100, 34)) as pilot:
             await wait_for(pilot, lambda: isinstance(app.screen, ModelScreen) and app.screen.query("#model-path"),
@@ -130,6 +159,18 @@ async def test_bad_strategy_is_reported(tmp_path, model_path, home_env):
             await wait_for(pilot, lambda: "did not load" in str(screen.query_one("#model-error").render()),
                            what="the load error")
             assert isinstance(app.screen, ModelScreen) and screen.query_one("#model-form").display
+            # a message sent on a stale status ("loaded") is refused by the daemon: it comes back, nothing made
+            await pilot.press("escape")
+            await wait_for(pilot, lambda: app.screen is app.chat, what="back to the chat")
+            app.status = {**app.status, "model": {"loaded": True}}
+            app.chat.input.insert("Anyone?")
+            await pilot.press("enter")
+            await wait_for(pilot, lambda: app.chat.bubble is None and app.chat.input.text == "Anyone?",
+                           what="the message back in the input")
+            # (Textual removes widgets asynchronously: the message and its bubble leave the view a moment later)
+            await wait_for(pilot, lambda: not app.chat.log_view.messages(), what="the message off the view")
+            assert app.chat.cid is None and app.chat.input.text == "Anyone?"
+            assert daemon.client.conversations() == [] and any("Ctrl+L" in n for n in notices(app))
     finally:
         daemon.stop()
 

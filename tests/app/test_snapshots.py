@@ -78,3 +78,16 @@ def test_snapshot_first_run(modelless, snap_compare):
         await settle(pilot, lambda: isinstance(pilot.app.screen, ModelScreen))
 
     assert snap_compare(chat_app(modelless), terminal_size=(100, 34), run_before=before)
+
+
+def test_snapshot_sampling_panel_80_columns_with_an_error(fresh_daemon, snap_compare):
+    """The panel at 80 columns: every field, both buttons and the whole error message in view."""
+    async def before(pilot):
+        await one_turn(pilot)
+        await pilot.press("f4")
+        pilot.app.chat.query_one("#s-top_p").value = "1.5"
+        await pilot.click("#sampling-apply")
+        pilot.app.chat.focus_input()
+        await pilot.pause(0.3)
+
+    assert snap_compare(chat_app(fresh_daemon), terminal_size=(80, 24), run_before=before)

@@ -1,5 +1,6 @@
 """The real ``rwkv-chat`` binary in tmux: it starts the daemon (model from the config), a whole chat turn
-(type, Enter, the reply appears), then Ctrl+Q quits with status 0."""
+(type, Enter, the reply appears), a paste with control and escape sequences (text, not keys), then Ctrl+Q
+quits with status 0."""
 
 from __future__ import annotations
 
@@ -62,6 +63,13 @@ def test_rwkv_chat_binary_in_tmux(tmp_path, model_path, home_env):
         head = turns[1].text.splitlines()[0].strip()[:20]
         assert head
         wait_pane(session, lambda t: head in t and f"{turns[1].tokens} tokens" in t, 30, "the reply on screen")
+        # a paste holding a form feed (Ctrl+L: the load screen) and colour codes is text, not keys
+        clip = tmp_path / "clip.txt"
+        clip.write_bytes(b"pasted\x0c text \x1b[31mred\x1b[0m \x1b[Aend")
+        tmux("load-buffer", "-b", "clip", str(clip))
+        tmux("paste-buffer", "-p", "-b", "clip", "-t", session)
+        pane = wait_pane(session, lambda t: "pasted text red end" in t, 10, "the pasted text in the input")
+        assert "Load a model" not in pane and "Checkpoint path" not in pane
         tmux("send-keys", "-t", session, "C-q")
         end = time.monotonic() + 20
         while not status.exists() and time.monotonic() < end:

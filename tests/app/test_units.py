@@ -73,3 +73,17 @@ def test_small_helpers():
     p = export_path(Path("/d"), "Hello, World!", "c1", "md")
     assert p == Path("/d/exports/hello-world-c1.md")
     assert export_path(Path("/d"), "???", "c1", "json").name == "conversation-c1.json"
+
+
+def test_what_serves_the_model_in_words():
+    from rwkv_chat.app.texts import serving, serving_short
+
+    building = {"backend": "torch (pure torch (kernels=False))",
+                "kernel_build": [{"device": "cpu", "state": "building", "compiled": 3, "total": 7, "seconds": 41.6,
+                                  "error": ""}]}
+    assert serving_short(building) == "torch · kernels 3/7"
+    assert "CPU kernels building: 3/7 sources compiled, 42 s" in serving(building)
+    done = {"backend": "fused-cpu (one compiled C++ call per step)"}
+    assert serving_short(done) == "fused-cpu" and serving(done) == done["backend"]
+    failed = {**done, "backend": "eager (torch ops)", "kernels_error": "cpu: build failed (no compiler)"}
+    assert serving(failed).endswith("cpu: build failed (no compiler)")

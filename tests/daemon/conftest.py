@@ -131,7 +131,7 @@ class Raw:
         self.codec = p.Codec(self.key)
         self.sock = zmq.Context.instance().socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
-        _secure(self.sock, info)          # the transport of a client holding the connection file
+        _secure(self.sock, info)              # the transport of a client holding the connection file (CURVE)
         self.sock.connect(info.request)
 
     def frames(self, body, ts: float | None = None) -> list[bytes]:

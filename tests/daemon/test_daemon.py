@@ -278,14 +278,16 @@ def test_changing_the_system_prompt_rebuilds_the_state_from_the_turns(client, mo
                                                                 "Thanks.", d3.text]
 
 
-def test_cli_load_reports_layer_progress(daemon_home, model_path):
+def test_load_reports_layer_progress(daemon_home, client, model_path):
+    """The load's progress events, layer by layer (``rwkv-chat load`` draws them as one bar on a terminal:
+    ``tests/app/test_cli.py``)."""
     from rwkv_chat.models import RWKV
 
-    r = cli(daemon_home, "load", model_path("5.2"))
-    lines = [ln for ln in r.stderr.splitlines() if ": layer " in ln]
+    events = list(client.load(str(model_path("5.2")), "cpu fp32"))
+    done = [e.done for e in events if isinstance(e, m.Progress)]
     total = RWKV(model=str(model_path("5.2")), strategy="cpu fp32", verbose=False).n_layer + 1
-    assert lines[0].endswith(f"layer 0/{total}") and lines[-1].endswith(f"layer {total}/{total}")
-    assert "loaded" in r.stderr.splitlines()[-1]
+    assert done[0] == 0 and done[-1] == total and done == sorted(done)
+    assert isinstance(events[-1], m.Done) and events[-1].reason == "loaded"
 
 
 def test_cli_closed_stdout_exits_quietly_and_cancels(daemon_home, client):

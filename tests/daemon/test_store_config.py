@@ -110,3 +110,36 @@ def test_store_migrates_schema_1_and_finds_conversations(tmp_path):
     assert [c.id for c in s.find("c1b")] == ["c1b3"]                    # an id prefix
     assert sorted(c.id for c in s.find("c1")) == ["c1a2", "c1b3"]
     assert s.find("C1B") == [] and s.find("%") == [] and s.find("") == []
+
+
+def test_schema_1_is_migrated_replies_keep_reason_and_speed_and_untitled_get_a_title(tmp_path):
+    from rwkv_chat.daemon.store import title_from
+
+    db = sqlite3.connect(tmp_path / "db.sqlite3")
+    db.executescript("""
+        CREATE TABLE conversations (id TEXT PRIMARY KEY, title TEXT NOT NULL DEFAULT '', created REAL NOT NULL,
+            updated REAL NOT NULL, system_prompt TEXT NOT NULL DEFAULT '', sampling TEXT NOT NULL DEFAULT '{}',
+            model_fingerprint TEXT NOT NULL DEFAULT '', state_n INTEGER NOT NULL DEFAULT 0,
+            state_stale INTEGER NOT NULL DEFAULT 0);
+        CREATE TABLE turns (conversation_id TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+            idx INTEGER NOT NULL, role TEXT NOT NULL CHECK (role IN ('user', 'assistant')), text TEXT NOT NULL,
+            tokens INTEGER NOT NULL DEFAULT 0, created REAL NOT NULL, finished REAL NOT NULL,
+            PRIMARY KEY (conversation_id, idx));
+        INSERT INTO conversations(id, title, created, updated) VALUES ('old', 'Kept', 1, 1);
+        INSERT INTO turns VALUES ('old', 0, 'user', 'hi', 1, 1, 1), ('old', 1, 'assistant', 'hello', 2, 1, 2);
+        PRAGMA user_version=1;
+    """)
+    db.close()
+    s = Store(tmp_path / "db.sqlite3", tmp_path / "states")
+    assert [(t.text, t.reason, t.tokens_per_s) for t in s.turns("old")] == [("hi", "", 0.0), ("hello", "", 0.0)]
+    s.commit_exchange("old", TurnInfo(0, "user", "more", 1, 3.0, 3.0),
+                      TurnInfo(0, "assistant", "yes", 2, 3.0, 4.0, reason="length", tokens_per_s=812.5),
+                      state_n=2, fingerprint="f")
+    assert (s.turns("old")[-1].reason, s.turns("old")[-1].tokens_per_s) == ("length", 812.5)
+    assert s.get("old").title == "Kept"                          # a title given is never replaced
+    s.create("new")                                              # Ctrl+N: no title yet
+    s.commit_exchange("new", TurnInfo(0, "user", "\n  Plan a day   in Lyon\nwith kids", 9, 1.0, 1.0),
+                      TurnInfo(0, "assistant", "Sure", 1, 1.0, 2.0), state_n=1, fingerprint="f")
+    assert s.get("new").title == "Plan a day in Lyon"
+    long = title_from("word " * 40)
+    assert len(long) <= 60 and long.endswith("…") and not long.endswith(" …")

@@ -107,3 +107,36 @@ def test_v7_deep_embed_against_reference(model_path, tmp_path):
         out.append(int(torch.argmax(logits)))
         logits, state = model.forward([out[-1]], state)
     assert out == ref["greedy"]
+
+
+def test_both_paths_and_the_switch_between_them(pair, model_path):
+    """First use: a model loaded on the pure-torch path (``kernels=False``, while the kernels build) holds the
+    golden results, and so does the same model after ``use_kernels``; a batched decode moved between the two
+    paths mid-way gives the greedy tokens of a decode on the kernels alone."""
+    version, fast, ref = pair
+    model = RWKV(model_path(version), "cpu fp32", kernels=False)
+    assert model.backend.name == "torch"
+    for stage in ("torch", "kernels"):
+        for job, r in zip(JOBS[:3], ref):
+            full, _ = model.forward(job["prompt"], None, full_output=True)
+            err = (full - torch.tensor(r["full"])).abs().max().item()
+            assert err < 1e-4, f"v{version} on {stage}: max err {err}"
+        if stage == "torch":
+            torch_dec = model.decoder(2)
+            hs = [torch_dec.add(model.forward(job["prompt"], None)[1]) for job in JOBS[:2]]
+            toks = {h: int(torch.argmax(model.forward(job["prompt"], None)[0])) for h, job in zip(hs, JOBS[:2])}
+            out = {h: [t] for h, t in toks.items()}
+            for _ in range(8):
+                logits = torch_dec.step({h: out[h][-1] for h in hs})
+                for h in hs:
+                    out[h].append(int(torch.argmax(logits[h])))
+            states = [torch_dec.remove(h) for h in hs]            # between two steps: states out ...
+            assert model.use_kernels() is model.backend and model.backend.name == fast.backend.name
+            dec = model.decoder(2)                                # ... and into a decoder of the new backend
+            moved = dict(zip(hs, [dec.add(s) for s in states]))
+            for _ in range(8):
+                logits = dec.step({moved[h]: out[h][-1] for h in hs})
+                for h in hs:
+                    out[h].append(int(torch.argmax(logits[moved[h]])))
+    for h, job, r in zip(hs, JOBS[:2], ref):
+        assert out[h] == r["greedy"][:17], f"v{version} prompt={job['prompt'][:10]}"

@@ -262,3 +262,34 @@ def test_wkv7_chunked_kernel_only_for_long_sequences_of_few_heads():
     assert kernels.wkv7_chunk_choice(8, 4096, 32, sms) == 0
     assert kernels.wkv7_chunk_choice(1, long_t - 1, 32, sms) == 0
     assert kernels.wkv7_chunk_choice(1, 1024, 32, 46) == 0
+
+
+def _tiny_sources(root, broken: bool = False):
+    """A source tree with the CPU library's file names, each a one-line C++ file (a build of seconds)."""
+    for i, rel in enumerate(kernels.CPU_SOURCES):
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        body = f"int rwkv_chat_tiny_{i}() {{ return {i}; }}\n"
+        path.write_text(("#error deliberately broken\n" if broken and i == 0 else "") + body)
+    return root
+
+
+def test_background_build_reports_progress_then_is_ready(tmp_path):
+    """First use: the build runs in a child process (the caller serves meanwhile), says how far it got, and
+    leaves the library in the cache for ``ensure_built``; a failed one says why and is not tried again."""
+    good = kernels.KernelLoader(source_dir=_tiny_sources(tmp_path / "good"), cache_dir=tmp_path / "cache")
+    bad = kernels.KernelLoader(source_dir=_tiny_sources(tmp_path / "bad", broken=True), cache_dir=tmp_path / "cache")
+    assert not good.ready("cpu") and not bad.ready("cpu")
+    builds = [good.build_in_background("cpu"), bad.build_in_background("cpu")]
+    assert good.build_in_background("cpu") is builds[0]              # one build per device at a time
+    first = builds[0].progress()
+    assert first["state"] == "building" and first["total"] == len(kernels.CPU_SOURCES) and first["device"] == "cpu"
+    assert all(b.wait(120) for b in builds)
+    done, failed = builds[0].progress(), builds[1].progress()
+    assert done["state"] == "built" and done["compiled"] == done["total"] and done["error"] == ""
+    assert good.ready("cpu") and good.library("cpu").exists()
+    t0 = time.perf_counter()
+    good.ensure_built("cpu")                                       # from the cache: no compiler run
+    assert time.perf_counter() - t0 < 1.0 and good.builds["cpu"]["cached"] is True
+    assert failed["state"] == "failed" and "deliberately broken" in failed["error"]
+    assert bad.ready("cpu") and all(v == failed["error"] for v in bad.report()["cpu"].values())

@@ -1,0 +1,72 @@
+"""Words the command line and the terminal UI share (no Textual import: the CLI starts fast)."""
+
+from __future__ import annotations
+
+#: the strategy syntax, for ``rwkv-chat load --help``, ``daemon start --help`` and the TUI's load screen
+STRATEGY_HELP = """\
+A strategy says where the model's layers run and in which number format:
+  DEVICE DTYPE [*N[+]] [-> DEVICE DTYPE ...]
+  DEVICE   cpu, cuda, cuda:1, mps or dml
+  DTYPE    fp32 (exact; the CPU's choice), bf16 (half the memory), fp16 (GPUs);
+           add i8 for 8-bit weights (about half the memory again): fp16i8, fp32i8
+  *N       this stage holds N layers; *N+ keeps N layers on the GPU and streams the rest from CPU memory
+  ->       the next stage takes the layers that follow
+Examples: "cpu fp32", "cuda fp16", "cuda fp16i8", "cuda fp16 *10 -> cpu fp32", "cuda fp16 *10+\""""
+
+
+def exchanges(info) -> int:
+    """Exchanges (a message and its reply) of a ``ConversationInfo``: what the sidebar and ``conversations
+    list`` count (``info.turns`` counts single messages; a message without a reply counts as one)."""
+    return (info.turns + 1) // 2
+
+
+def plural(n: int, word: str) -> str:
+    """``"1 exchange"``, ``"3 exchanges"``."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _num(v) -> str:
+    return str(v) if isinstance(v, int) else f"{v:g}"
+
+
+def between(lo=None, hi=None) -> str:
+    """A range in words: ``"must be between 0 and 1"``, ``"must be 0 or more"``, ``"must be 1 or less"``."""
+    if lo is not None and hi is not None:
+        return f"must be between {_num(lo)} and {_num(hi)}"
+    if lo is not None:
+        return f"must be {_num(lo)} or more"
+    return f"must be {_num(hi)} or less"
+
+
+def build_line(build: dict) -> str:
+    """A kernel build's progress (``kernels.BackgroundBuild.progress()``) in words."""
+    dev = build.get("device", "?").upper() if build.get("device") == "cpu" else build.get("device", "?")
+    if build.get("state") == "building":
+        return (f"{dev} kernels building: {build.get('compiled', 0)}/{build.get('total', '?')} sources compiled, "
+                f"{build.get('seconds', 0):.0f} s")
+    if build.get("state") == "failed":
+        return f"{dev} kernels: {build.get('error') or 'build failed'}"
+    return f"{dev} kernels built in {build.get('seconds', 0):.0f} s"
+
+
+def serving(model: dict) -> str:
+    """What serves the daemon's model (a status reply's ``model``): its backend, and the kernel build it waits
+    for (until then the pure-torch path answers)."""
+    line = model.get("backend") or "?"
+    building = [b for b in model.get("kernel_build") or [] if b.get("state") == "building"]
+    if building:
+        line += "; moves to the compiled kernels when built (" + "; ".join(map(build_line, building)) + ")"
+    elif model.get("kernels_error"):
+        line += f"; {model['kernels_error']}"
+    return line
+
+
+def serving_short(model: dict) -> str:
+    """:func:`serving` in a few words for the status bar: ``"fused-cpu"``, ``"torch · kernels 3/7"`` (while
+    the kernels build: sources compiled of all)."""
+    name = (model.get("backend") or "").split(" ")[0]
+    building = [b for b in model.get("kernel_build") or [] if b.get("state") == "building"]
+    if building:
+        b = building[0]
+        return f"{name} · kernels {b.get('compiled', 0)}/{b.get('total', '?')}"
+    return name

@@ -1,0 +1,160 @@
+"""The ``rwkv-chat`` command line as a user meets it: help, refusals of mistakes in words (no traceback), the
+load progress, a failing ``chat`` that leaves no daemon behind, ``bench`` on a CPU, the runtime-dir warning."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pty
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rwkv_chat.app import cli
+from rwkv_chat.daemon.launcher import lock_held
+from rwkv_chat.daemon.paths import home_paths
+
+from .conftest import make_home
+
+CLI = [sys.executable, "-m", "rwkv_chat.app.cli"]
+
+
+def run(home: Path | None, *args, env: dict | None = None, timeout: float = 120, **kw):
+    env = dict(os.environ if env is None else env)
+    if home is not None:
+        env["RWKV_CHAT_HOME"] = str(home)
+    return subprocess.run([*CLI, *map(str, args)], env=env, capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def _parsers(p: argparse.ArgumentParser, path=("rwkv-chat",)):
+    yield path, p
+    for action in p._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                if name != "bench":                    # its own parser (rwkv_chat.app.bench), checked below
+                    yield from _parsers(sub, path + (name,))
+
+
+def _undocumented(p: argparse.ArgumentParser, path) -> list[str]:
+    bad = []
+    if not (p.description or "").strip():
+        bad.append(f"{' '.join(path)}: no description")
+    if "examples:" not in (p.epilog or ""):
+        bad.append(f"{' '.join(path)}: no example")
+    for a in p._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            bad += [f"{' '.join(path)} {c.dest}: no summary" for c in a._choices_actions if not c.help]
+        elif not a.help or a.help == argparse.SUPPRESS:
+            bad.append(f"{' '.join(path)} {a.option_strings or a.dest}: no help")
+    return bad
+
+
+def test_every_command_and_flag_says_what_it_does_with_an_example(capsys):
+    bad = [msg for path, p in _parsers(cli.parser()) for msg in _undocumented(p, path)]
+    from rwkv_chat.app import bench
+
+    with pytest.raises(SystemExit):
+        bench.main(["--help"])
+    out = capsys.readouterr().out
+    assert "examples:" in out and "--threads" in out
+    assert not bad, "\n".join(bad)
+    top = run(None, "--help").stdout
+    assert "With no command, rwkv-chat opens the terminal UI" in " ".join(top.split())
+    load = " ".join(run(None, "load", "--help").stdout.split())
+    assert "DEVICE DTYPE" in load and "->" in load and "*N+" in load and "fp16i8" in load
+
+
+def test_mistakes_are_refused_in_words(tmp_path, home_env):
+    home = make_home(tmp_path, None).home
+    for args in (("chat", ""), ("chat", "  \n"), ("complete", "")):
+        r = run(home, *args)
+        assert r.returncode == 2 and "empty" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r
+    assert not lock_held(home_paths(home).lock_file)             # nothing was sent: no daemon started
+    r = run(home, "chat", "hi", "--temperature", "-1")
+    assert r.returncode == 2 and "--temperature: must be 0 or more, got -1" in r.stderr
+    r = run(home, "complete", "x", "--top-p", "2")
+    assert "--top-p: must be between 0 and 1, got 2" in r.stderr and "Traceback" not in r.stderr
+
+    from rwkv_chat.app.widgets.sampling_panel import parse_field
+    from rwkv_chat.models.text.sampling import SamplerArgs, SamplingError
+
+    with pytest.raises(SamplingError, match=r"temperature must be 0 or more, got -1"):
+        SamplerArgs(temperature=-1.0)
+    with pytest.raises(ValueError, match=r"^Top p must be between 0 and 1$"):
+        parse_field("top_p", "1.5")
+
+
+def test_a_failing_chat_leaves_no_daemon_and_no_conversation(tmp_path, home_env):
+    paths = make_home(tmp_path, None)             # no model in the config
+    home = paths.home
+    r = run(home, "chat", "hello")
+    assert r.returncode == 1 and "no model is loaded" in r.stderr and "NoModel" not in r.stderr
+    assert "conversation:" not in r.stderr and "Traceback" not in r.stderr
+    assert not lock_held(paths.lock_file)                        # the daemon it started is gone again
+    with sqlite3.connect(paths.database) as db:
+        assert db.execute("SELECT COUNT(*) FROM conversations").fetchone()[0] == 0
+
+
+def test_load_shows_one_progress_bar(daemon):
+    model = str(daemon.model)
+    r = run(daemon.paths.home, "load", model, "--strategy", "cpu fp32")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 0 and len(lines) == 2 and lines[-1].startswith("loaded"), r.stderr
+    # on a terminal: one bar redrawn in place
+    main, other = pty.openpty()
+    env = dict(os.environ, RWKV_CHAT_HOME=str(daemon.paths.home))
+    p = subprocess.run([*CLI, "load", model, "--strategy", "cpu fp32"], env=env, stdout=subprocess.PIPE,
+                       stderr=other, timeout=120)
+    os.close(other)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(main, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(main)
+    text = out.decode().replace("\x1b[K", "")
+    assert p.returncode == 0 and "[####" in text and "layers" in text
+    assert [ln.rsplit("\r", 1)[-1] for ln in text.strip().splitlines()][-1].startswith("loaded")
+    assert text.count("\n") == 1                                 # every bar on the same line
+
+
+def test_conversations_list_counts_exchanges_as_the_sidebar(daemon):
+    run(daemon.paths.home, "chat", "--conversation", "count1", "Hi", "--max-tokens", 4)
+    listing = run(daemon.paths.home, "conversations", "list").stdout
+    assert "count1" in listing and "\t1 exchange\t" in listing
+    from rwkv_chat.app.texts import exchanges
+
+    info = next(c for c in daemon.client.conversations() if c.id == "count1")
+    assert info.turns == 2 and exchanges(info) == 1
+
+
+def test_bench_on_cpu(model_path, capsys):
+    """A CPU run: its threads said (one by default, for both sides), nothing that only a GPU run measures."""
+    assert cli.main(["bench", "--model", str(model_path("5.2")), "--strategy", "cpu fp32", "--tokens", "4",
+                     "--prompt-len", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "CPU (1 thread)" in out and "| backend |" in out
+    for gpu_only in ("cublas", "copy bandwidth", "% of copy"):
+        assert gpu_only not in out
+
+def test_bench_without_the_reference_package(monkeypatch, capsys):
+    """One line, before anything is measured (the package is hidden: ``import rwkv`` fails)."""
+    monkeypatch.setitem(sys.modules, "rwkv", None)
+    assert cli.main(["bench", "--shape", "0.1B", "--compare-rwkv-pip"]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "pip install rwkv" in err
+
+
+def test_no_runtime_dir_warning(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("XDG_RUNTIME_DIR", "RWKV_CHAT_HOME")}
+    env.update(HOME=str(tmp_path), XDG_CONFIG_HOME=str(tmp_path / "c"), XDG_DATA_HOME=str(tmp_path / "d"),
+               XDG_CACHE_HOME=str(tmp_path / "k"))
+    r = run(None, "daemon", "status", env=env)
+    assert "XDG_RUNTIME_DIR" not in r.stderr and "Warning" not in r.stderr
