@@ -150,3 +150,24 @@ def async_test(fn):
         return asyncio.run(fn(*args, **kwargs))
 
     return wrapper
+
+
+def make_app(daemon, **kw):
+    """A deterministic ChatApp (snapshot mode) on ``daemon``'s home, not starting a daemon of its own."""
+    from rwkv_chat.app.chat_app import ChatApp
+
+    return ChatApp(paths=daemon.paths, autostart=False, **{"snapshot": True, **kw})
+
+
+async def ready(pilot, app):
+    await wait_for(pilot, lambda: app.connected and app.chat.is_mounted, what="connection")
+    await pilot.pause(0.1)
+
+
+async def send(pilot, app, text: str):
+    """Type ``text`` in the input, press Enter, wait for the reply to finish; returns the Done event."""
+    before = app.chat.last_done
+    app.chat.input.insert(text)
+    await pilot.press("enter")
+    await wait_for(pilot, lambda: app.chat.last_done is not before and app.chat.bubble is None, what="the reply")
+    return app.chat.last_done

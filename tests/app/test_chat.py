@@ -4,32 +4,13 @@ from __future__ import annotations
 
 import threading
 
-from rwkv_chat.app.chat_app import ChatApp
 from rwkv_chat.app.screens.dialogs import Confirm, ExportChoice, TextEditor, TextPrompt
 from rwkv_chat.app.screens.help import HelpScreen
 from rwkv_chat.app.widgets.chat_log import AssistantMessage, Notice, UserMessage
 from rwkv_chat.app.widgets.sampling_panel import SamplingPanel
 from rwkv_chat.daemon.protocol import messages as m
 
-from .conftest import async_test, wait_for
-
-
-def make_app(daemon, **kw) -> ChatApp:
-    return ChatApp(paths=daemon.paths, autostart=False, **{"snapshot": True, **kw})
-
-
-async def ready(pilot, app):
-    await wait_for(pilot, lambda: app.connected and app.chat.is_mounted, what="connection")
-    await pilot.pause(0.1)
-
-
-async def send(pilot, app, text: str):
-    """Type ``text`` in the input, press Enter, wait for the reply to finish; returns the Done event."""
-    before = app.chat.last_done
-    app.chat.input.insert(text)
-    await pilot.press("enter")
-    await wait_for(pilot, lambda: app.chat.last_done is not before and app.chat.bubble is None, what="the reply")
-    return app.chat.last_done
+from .conftest import async_test, make_app, ready, send, wait_for
 
 
 def texts(app, cls):

@@ -15,24 +15,7 @@ from rwkv_chat.app.screens.help import HelpScreen
 from rwkv_chat.app.widgets.chat_log import AssistantMessage, ChatLog, Notice
 from rwkv_chat.app.widgets.sampling_panel import SamplingPanel
 
-from .conftest import async_test, make_home, wait_for
-
-
-def make_app(daemon, **kw) -> ChatApp:
-    return ChatApp(paths=daemon.paths, autostart=False, **{"snapshot": True, **kw})
-
-
-async def ready(pilot, app):
-    await wait_for(pilot, lambda: app.connected and app.chat.is_mounted, what="connection")
-    await pilot.pause(0.1)
-
-
-async def send(pilot, app, text: str):
-    before = app.chat.last_done
-    app.chat.input.insert(text)
-    await pilot.press("enter")
-    await wait_for(pilot, lambda: app.chat.last_done is not before and app.chat.bubble is None, what="the reply")
-    return app.chat.last_done
+from .conftest import async_test, make_app, make_home, ready, send, wait_for
 
 
 def at_end(log: ChatLog) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import subprocess
+import socket
 import sys
 import time
 from functools import lru_cache
@@ -154,3 +155,19 @@ class Raw:
 
     def close(self) -> None:
         self.sock.close(linger=0)
+
+
+def free_port_pair() -> int:
+    """A free loopback TCP port P whose neighbour P + 1 is free too (the daemon binds requests on P, events
+    on P + 1)."""
+    for _ in range(50):
+        with socket.socket() as a:
+            a.bind(("127.0.0.1", 0))
+            port = a.getsockname()[1]
+            with socket.socket() as b:
+                try:
+                    b.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+        return port
+    raise AssertionError("no two consecutive free ports")

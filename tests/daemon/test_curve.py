@@ -4,7 +4,6 @@ beyond loopback without keys is refused."""
 
 from __future__ import annotations
 
-import socket
 
 import pytest
 import zmq
@@ -16,23 +15,9 @@ from rwkv_chat.daemon import protocol as p
 from rwkv_chat.daemon.protocol import connection
 from rwkv_chat.daemon.client import Client
 
-from .conftest import cli, make_home, start_daemon, stop_daemon
+from .conftest import cli, free_port_pair, make_home, start_daemon, stop_daemon
 
 GREEDY = {"temperature": 0.0, "alpha_frequency": 0.0, "alpha_presence": 0.0}
-
-
-def _two_free_ports() -> int:
-    for _ in range(50):
-        with socket.socket() as a:
-            a.bind(("127.0.0.1", 0))
-            port = a.getsockname()[1]
-            with socket.socket() as b:
-                try:
-                    b.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-        return port
-    raise AssertionError("no two consecutive free ports")
 
 
 @pytest.mark.skipif(not zmq.has("curve"), reason="libzmq without CURVE")
@@ -43,7 +28,7 @@ def test_curve_tcp_daemon_serves_encrypted_clients(tmp_path, model_path):
     paths = home_paths(home)
     public, secret = zmq.curve_keypair()
     cfg = load_config(paths.config_file)
-    port = _two_free_ports()
+    port = free_port_pair()
     cfg.daemon.bind = f"tcp://127.0.0.1:{port}"
     cfg.daemon.curve_public_key, cfg.daemon.curve_secret_key = public.decode(), secret.decode()
     save_config(cfg, paths.config_file)

@@ -12,7 +12,6 @@ import os
 import select  # noqa: F401 — imported here for the child run as nobody (it cannot read the stdlib's files)
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -22,14 +21,14 @@ import traceback
 from pathlib import Path
 
 import pytest
-import zmq
+import zmq  # noqa: F401 — as select (the attacker script imports it)
 
 from rwkv_chat.daemon import protocol as p
 from rwkv_chat.daemon.client import Client
 from rwkv_chat.daemon.config import load_config, save_config
 from rwkv_chat.daemon.paths import UnsafeDirectory, ensure_dirs, home_paths
 
-from .conftest import cli, make_home, start_daemon, stop_daemon
+from .conftest import cli, free_port_pair, make_home, start_daemon, stop_daemon
 
 NOBODY = 65534
 SECRET = "my PIN is 4711"
@@ -57,7 +56,7 @@ print(json.dumps(out))
 # each received and whether the secret was among them, as JSON.
 ATTACKER = r"""
 import json, os, select, sys, time
-import zmq
+import zmq  # noqa: F401 — as select (the attacker script imports it)
 
 args = json.loads(sys.argv[1])
 out = {"uid": os.getuid()}
@@ -98,20 +97,6 @@ out["received"] = {name: len(b) for name, b in got.items()}
 out["secret_seen"] = {name: args["secret"].encode() in b for name, b in got.items()}
 print(json.dumps(out), flush=True)
 """
-
-
-def _free_port_pair() -> int:
-    for _ in range(50):
-        with socket.socket() as a:
-            a.bind(("127.0.0.1", 0))
-            port = a.getsockname()[1]
-            with socket.socket() as b:
-                try:
-                    b.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-        return port
-    raise AssertionError("no two consecutive free ports")
 
 
 class _AsNobody:
@@ -211,7 +196,7 @@ def tcp_home(model_path):
         home = make_home(base / "home")
         paths = home_paths(home)
         cfg = load_config(paths.config_file)
-        cfg.daemon.bind = f"tcp://127.0.0.1:{_free_port_pair()}"
+        cfg.daemon.bind = f"tcp://127.0.0.1:{free_port_pair()}"
         save_config(cfg, paths.config_file)
         start_daemon(home, model_path("5.2"))
     finally:
