@@ -277,11 +277,19 @@ class ChatScreen(ConversationActions, Screen):
         """The footer of a stored reply (its tokens, speed and why it ended, as when it was live)."""
         return self._footer(turn.tokens, turn.tokens_per_s, turn.reason)
 
-    def sync(self) -> None:
-        """Read the open conversation back from the daemon and show exactly what is stored (:meth:`_synced`)."""
+    def sync(self, then=None) -> None:
+        """Read the open conversation back from the daemon and show exactly what is stored (:meth:`_synced`);
+        ``then()`` runs after that, if the conversation is still the open one."""
         cid = self.cid
-        if cid is not None:
-            self.app.request("reload the conversation", lambda c: c.conversation(cid), self._synced)
+        if cid is None:
+            return
+
+        def synced(detail) -> None:
+            self._synced(detail)
+            if then is not None and self.cid == cid:
+                then()
+
+        self.app.request("reload the conversation", lambda c: c.conversation(cid), synced)
 
     def _synced(self, detail) -> None:
         """Give the messages on screen the indices of their stored turns when they are the stored turns (a

@@ -3,7 +3,8 @@ regenerate, edit the last message, system prompt, export, sampling settings.
 
 Regenerate and edit act on the reply / message shown last, by the index of its stored turn (the daemon
 refuses when that is no longer the last one); on a message whose generation failed (not stored) they send
-it again.
+it again. Pressed while a reply that just ended is being read back (its turn index not known yet), they run
+once the view has it.
 """
 
 from __future__ import annotations
@@ -86,11 +87,13 @@ class ConversationActions:
 
         self.app.push_screen(Confirm(f"Delete “{title_of(self.infos[cid])}” and its saved state?"), answer)
 
-    def _saving(self, widget) -> bool:
-        """Whether ``widget`` is not yet known as a stored turn (its reply just ended): say so."""
+    def _saving(self, widget, retry=None) -> bool:
+        """Whether ``widget`` is not yet known as a stored turn (its reply just ended, the view not yet read
+        back): the view is synced, then ``retry()`` (the action again) runs; without one, the user is told."""
         if widget.turn is None and not widget.failed:
-            self.notify("The conversation is being saved: try again in a moment.", timeout=2)
-            self.sync()
+            if retry is None:
+                self.notify("The conversation is being saved: try again in a moment.", timeout=2)
+            self.sync(then=retry)
             return True
         return False
 
@@ -102,12 +105,12 @@ class ConversationActions:
         self.log_view.add(UserMessage(text))
         self.generate("send", lambda c, cid: self._chat_request(c, cid, "Chat", message=text), text)
 
-    def action_regenerate(self) -> None:
+    def action_regenerate(self, retry: bool = True) -> None:
         last = self.log_view.last("assistant")
         if self.cid is None or last is None:
             self.notify("No reply to regenerate.", timeout=2)
             return
-        if not self._need_idle() or self._saving(last):
+        if not self._need_idle() or self._saving(last, (lambda: self.action_regenerate(False)) if retry else None):
             return
         if last.failed:
             user = self.log_view.last("user")
@@ -118,9 +121,11 @@ class ConversationActions:
         last.remove()
         self.generate("regenerate", lambda c, cid: self._chat_request(c, cid, "Regenerate", turn=turn), "")
 
-    def action_edit_last(self) -> None:
+    def action_edit_last(self, retry: bool = True) -> None:
         user = self.log_view.last("user")
-        if self.cid is None or user is None or not self._need_idle() or self._saving(user):
+        if self.cid is None or user is None or not self._need_idle():
+            return
+        if self._saving(user, (lambda: self.action_edit_last(False)) if retry else None):
             return
 
         def edited(text) -> None:
