@@ -79,9 +79,12 @@ async def test_line_breaks_in_replies_are_kept():
             if streamed:
                 for i in range(0, len(text), 7):
                     msg.append(text[i:i + 7])
-                await pilot.pause(0.3)
-            blocks = [b.render().plain for b in msg.query_one(Markdown).query("MarkdownBlock")]
-            assert "First line\nsecond line" in blocks and "item one\nstill item one" in blocks, blocks
+
+            def kept(m=msg) -> bool:
+                blocks = [b.render().plain for b in m.query_one(Markdown).query("MarkdownBlock")]
+                return "First line\nsecond line" in blocks and "item one\nstill item one" in blocks
+
+            await wait_for(pilot, kept, timeout=10, what="the reply's line breaks, kept")
 
 
 @async_test

@@ -102,7 +102,8 @@ def test_admission_is_round_robin_across_clients(tmp_path, model_path):
             topics = [f"flood-{i}" for i in range(6)] + ["other-0"]
             for t in topics:
                 watch._subscribe(t)
-            req = dict(prompt="Count with me: one, two, three", stop=[], sampling={"max_tokens": 6})
+            # long enough that the running generation still holds the one place while every request queues
+            req = dict(prompt="Count with me: one, two, three", stop=[], sampling={"max_tokens": 300})
             for t in topics[:6]:
                 flood.request(m.Complete(client_id=flood.client_id, topic=t, **req))
             other.request(m.Complete(client_id=other.client_id, topic="other-0", **req))
