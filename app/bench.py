@@ -405,10 +405,7 @@ def command_line(argv: list[str] | None = None, prog: str | None = None) -> str:
 
 def _source_tree() -> str | None:
     """The git commit of the checkout this package runs from (``+ local changes`` where tracked files
-    differ from it), or ``$BENCH_TREE`` where set (a copy without ``.git``, as on a device machine: the
-    caller names what it copied); None otherwise."""
-    if os.environ.get("BENCH_TREE"):
-        return os.environ["BENCH_TREE"]
+    differ from it); None elsewhere (a copy without ``.git``)."""
     root = Path(__file__).resolve().parents[1]
 
     def git(*a: str) -> str:

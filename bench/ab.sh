@@ -48,7 +48,6 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     SITE=":/tmp/site"
 fi
 export PYTHONUNBUFFERED=1
-unset BENCH_TREE   # each table names its worktree's commit (rwkv_chat.app.bench.machine_line)
 
 in_tree() {  # in_tree old|new CMD...: run CMD in that worktree with its package shim first on the path
     local t=$1; shift

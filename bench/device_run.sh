@@ -6,8 +6,7 @@
 # Steps are skipped once the time budget runs short. Everything lands in $OUT: each step's table (headed
 # by its command and machine line), bench.jsonl, and $OUT/<gpu>.md = bench/results/<gpu>.md with the
 # sections of the steps taken replaced (bench/assemble.py): copy it over bench/results/<gpu>.md.
-# The tables name the source tree from git; a copy without .git names none unless BENCH_TREE is set (e.g. to
-# the output of `git describe --always --dirty` in the checkout the copy was made from).
+# The tables name the source tree from git; a copy without .git names none.
 BUDGET=${1:-560}; shift || true
 STEPS=${*:-"kernels fused kbench b01 b15 b72 b72i8 b15i8 pip cmp"}
 OUT=${OUT:-/tmp/bench-out}; mkdir -p "$OUT"

@@ -85,9 +85,9 @@ def test_config_roundtrip_and_errors(tmp_path):
         load_config(path)
 
 
-def test_store_migrates_schema_1_and_finds_conversations(tmp_path):
-    db = tmp_path / "db.sqlite3"
-    con = sqlite3.connect(db)
+def _schema_1_db(path, rows: str) -> None:
+    """A database of schema version 1 (before turns had a reason and a speed) holding ``rows`` (SQL)."""
+    con = sqlite3.connect(path)
     con.executescript("""
         CREATE TABLE conversations (id TEXT PRIMARY KEY, title TEXT NOT NULL DEFAULT '', created REAL NOT NULL,
             updated REAL NOT NULL, system_prompt TEXT NOT NULL DEFAULT '', sampling TEXT NOT NULL DEFAULT '{}',
@@ -97,10 +97,15 @@ def test_store_migrates_schema_1_and_finds_conversations(tmp_path):
             idx INTEGER NOT NULL, role TEXT NOT NULL CHECK (role IN ('user', 'assistant')), text TEXT NOT NULL,
             tokens INTEGER NOT NULL DEFAULT 0, created REAL NOT NULL, finished REAL NOT NULL,
             PRIMARY KEY (conversation_id, idx));
-        INSERT INTO conversations(id, title, created, updated) VALUES ('old1', 'my trip', 1, 1);
-        INSERT INTO turns VALUES ('old1', 0, 'user', 'hi', 1, 1, 1), ('old1', 1, 'assistant', 'yo', 1, 1, 2);
-        PRAGMA user_version=1;""")
+    """ + rows + "\nPRAGMA user_version=1;")
     con.close()
+
+
+def test_store_migrates_schema_1_and_finds_conversations(tmp_path):
+    db = tmp_path / "db.sqlite3"
+    _schema_1_db(db, """
+        INSERT INTO conversations(id, title, created, updated) VALUES ('old1', 'my trip', 1, 1);
+        INSERT INTO turns VALUES ('old1', 0, 'user', 'hi', 1, 1, 1), ('old1', 1, 'assistant', 'yo', 1, 1, 2);""")
     s = Store(db, tmp_path / "states")
     assert [(t.text, t.reason) for t in s.turns("old1")] == [("hi", ""), ("yo", "")]
     s.create("c1a2", title="my trip")
@@ -115,21 +120,9 @@ def test_store_migrates_schema_1_and_finds_conversations(tmp_path):
 def test_schema_1_is_migrated_replies_keep_reason_and_speed_and_untitled_get_a_title(tmp_path):
     from rwkv_chat.daemon.store import title_from
 
-    db = sqlite3.connect(tmp_path / "db.sqlite3")
-    db.executescript("""
-        CREATE TABLE conversations (id TEXT PRIMARY KEY, title TEXT NOT NULL DEFAULT '', created REAL NOT NULL,
-            updated REAL NOT NULL, system_prompt TEXT NOT NULL DEFAULT '', sampling TEXT NOT NULL DEFAULT '{}',
-            model_fingerprint TEXT NOT NULL DEFAULT '', state_n INTEGER NOT NULL DEFAULT 0,
-            state_stale INTEGER NOT NULL DEFAULT 0);
-        CREATE TABLE turns (conversation_id TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
-            idx INTEGER NOT NULL, role TEXT NOT NULL CHECK (role IN ('user', 'assistant')), text TEXT NOT NULL,
-            tokens INTEGER NOT NULL DEFAULT 0, created REAL NOT NULL, finished REAL NOT NULL,
-            PRIMARY KEY (conversation_id, idx));
+    _schema_1_db(tmp_path / "db.sqlite3", """
         INSERT INTO conversations(id, title, created, updated) VALUES ('old', 'Kept', 1, 1);
-        INSERT INTO turns VALUES ('old', 0, 'user', 'hi', 1, 1, 1), ('old', 1, 'assistant', 'hello', 2, 1, 2);
-        PRAGMA user_version=1;
-    """)
-    db.close()
+        INSERT INTO turns VALUES ('old', 0, 'user', 'hi', 1, 1, 1), ('old', 1, 'assistant', 'hello', 2, 1, 2);""")
     s = Store(tmp_path / "db.sqlite3", tmp_path / "states")
     assert [(t.text, t.reason, t.tokens_per_s) for t in s.turns("old")] == [("hi", "", 0.0), ("hello", "", 0.0)]
     s.commit_exchange("old", TurnInfo(0, "user", "more", 1, 3.0, 3.0),
