@@ -9,14 +9,16 @@ The typed errors import without torch; ``RWKV``, ``State``, ``Model`` and ``load
 (and torch) on first use, so that light users of ``rwkv_chat.models.text`` (the UI, the protocol) stay light.
 """
 
-from rwkv_chat.models.errors import (CheckpointError, DeviceError, RWKVError, ShapeMismatchError,  # noqa: F401
-                                     StateError, StrategyError, TokenError, TokenizerError, UnsupportedDtypeError)
+from rwkv_chat.models.errors import (CheckpointError, DeviceError, NumericalOverflowError, RWKVError,  # noqa: F401
+                                     ShapeMismatchError, StateError, StrategyError, TokenError, TokenizerError,
+                                     UnsupportedDtypeError)
 
 _LAZY = {"RWKV": "rwkv_chat.models.rwkv.model", "State": "rwkv_chat.models.state",
          "Model": "rwkv_chat.models.interface", "load_model": "rwkv_chat.models.interface"}
 
 __all__ = ["RWKV", "State", "Model", "load_model", "RWKVError", "StrategyError", "CheckpointError", "DeviceError",
-           "ShapeMismatchError", "UnsupportedDtypeError", "TokenError", "StateError", "TokenizerError"]
+           "ShapeMismatchError", "UnsupportedDtypeError", "TokenError", "StateError", "TokenizerError",
+           "NumericalOverflowError"]
 
 
 def __getattr__(name: str):

@@ -11,7 +11,16 @@ from __future__ import annotations
 
 
 class RWKVError(Exception):
-    """Base class of every engine error."""
+    """Base class of every engine error.
+
+    Errors about one tensor (the fused operators of ``rwkv_chat.models.ops``, weight formats) carry what was
+    expected and what was found: ``tensor`` (its name), ``expected`` and ``actual`` (shapes, dtypes, devices or
+    values, as given), all None when not about one tensor.
+    """
+
+    def __init__(self, message: str = "", *, tensor: str | None = None, expected=None, actual=None):
+        super().__init__(message)
+        self.tensor, self.expected, self.actual = tensor, expected, actual
 
 
 class StrategyError(RWKVError, ValueError):
@@ -36,6 +45,11 @@ class ShapeMismatchError(RWKVError, ValueError):
 
 class UnsupportedDtypeError(RWKVError, TypeError):
     """A tensor or strategy asks for a dtype the op does not support."""
+
+
+class NumericalOverflowError(RWKVError, ArithmeticError):
+    """A result (or an input that must be finite) holds inf or NaN, e.g. a value beyond the range of fp16 or
+    fp8 e4m3 (448) after scaling."""
 
 
 class TokenError(RWKVError, ValueError):

@@ -1,1 +1,40 @@
-"""Triton fused operators for transformer families (RMSNorm+RoPE, gated MLP, fp8 GEMM, LayerNorm+GPTQ projection)."""
+"""Fused operators for transformer families, written in Triton (compiled at first use on CUDA).
+
+Public API (the operator library of the design documents)::
+
+    from rwkv_chat.models.ops import fused_rmsnorm_rope, FusedRMSNormRoPE, fused_gated_mlp, FusedGatedMLP
+    from rwkv_chat.models.ops import quantize_fp8, fp8_gemm, FP8Linear, fused_ln_qkv_gptq
+
+Every op checks its inputs before launching and raises the typed errors re-exported here
+(``DeviceError``, ``ShapeMismatchError``, ``UnsupportedDtypeError``, ``NumericalOverflowError``, each with
+``tensor``, ``expected`` and ``actual``); without CUDA (or without Triton) an op raises ``DeviceError``.
+Names load lazily, so importing this package costs nothing until an op is used.
+"""
+
+from __future__ import annotations
+
+from rwkv_chat.models.errors import (DeviceError, NumericalOverflowError, ShapeMismatchError,  # noqa: F401
+                                     UnsupportedDtypeError)
+
+_LAZY = {
+    "fused_rmsnorm_rope": "rwkv_chat.models.ops.rmsnorm_rope",
+    "FusedRMSNormRoPE": "rwkv_chat.models.ops.rmsnorm_rope",
+    "fused_gated_mlp": "rwkv_chat.models.ops.gated_mlp",
+    "FusedGatedMLP": "rwkv_chat.models.ops.gated_mlp",
+    "quantize_fp8": "rwkv_chat.models.ops.fp8",
+    "fp8_gemm": "rwkv_chat.models.ops.fp8",
+    "FP8Linear": "rwkv_chat.models.ops.fp8",
+    "fused_ln_qkv_gptq": "rwkv_chat.models.ops.gptq",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["DeviceError", "NumericalOverflowError", "ShapeMismatchError", "UnsupportedDtypeError", *_LAZY]
