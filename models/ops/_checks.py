@@ -66,10 +66,13 @@ def check_shape(t: torch.Tensor, name: str, expected: Sequence[int | None]) -> N
 
 
 def check_dim(t: torch.Tensor, name: str, ndims: Sequence[int]) -> None:
-    """Raise ``ShapeMismatchError`` unless ``t.dim()`` is one of ``ndims``; ``expected`` is the text
-    ``"N-D"`` (or ``"N-D | M-D"``), ``actual`` the shape."""
+    """Raise ``ShapeMismatchError`` unless ``t.dim()`` is one of ``ndims`` (a tuple or a range); ``expected``
+    is the text ``"N-D"`` (``"N-D | M-D"``, ``"N-D to M-D"``), ``actual`` the shape."""
     if t.dim() not in ndims:
-        expected = " | ".join(f"{n}-D" for n in ndims)
+        if isinstance(ndims, range):
+            expected = f"{ndims.start}-D to {ndims.stop - 1}-D"
+        else:
+            expected = " | ".join(f"{n}-D" for n in ndims)
         raise ShapeMismatchError(f"{name} has shape {tuple(t.shape)}; expected a {expected} tensor",
                                  tensor=name, expected=expected, actual=tuple(t.shape))
 
