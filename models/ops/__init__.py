@@ -3,6 +3,7 @@
 Public API (the operator library of the design documents)::
 
     from rwkv_chat.models.ops import fused_rmsnorm_rope, FusedRMSNormRoPE, fused_gated_mlp, FusedGatedMLP
+    from rwkv_chat.models.ops import rmsnorm, rope, qk_norm_rope, silu_mul   # the fusions of Qwen2's dataflow
     from rwkv_chat.models.ops import quantize_fp8, fp8_gemm, FP8Linear, fused_ln_qkv_gptq
 
 Every op checks its inputs before launching and raises the typed errors re-exported here
@@ -21,6 +22,10 @@ _LAZY = {
     "FusedRMSNormRoPE": "rwkv_chat.models.ops.rmsnorm_rope",
     "fused_gated_mlp": "rwkv_chat.models.ops.gated_mlp",
     "FusedGatedMLP": "rwkv_chat.models.ops.gated_mlp",
+    "rmsnorm": "rwkv_chat.models.ops.rmsnorm_rope",
+    "rope": "rwkv_chat.models.ops.rmsnorm_rope",
+    "qk_norm_rope": "rwkv_chat.models.ops.rmsnorm_rope",
+    "silu_mul": "rwkv_chat.models.ops.gated_mlp",
     "quantize_fp8": "rwkv_chat.models.ops.fp8",
     "fp8_gemm": "rwkv_chat.models.ops.fp8",
     "FP8Linear": "rwkv_chat.models.ops.fp8",

@@ -1,0 +1,99 @@
+"""Triton kernels of ``gated_mlp.py`` (imported only through ``_triton.kernels``: this module imports triton).
+
+``gated_mlp_kernel``: O[M, N] = act(X @ WG^T) * (X @ WU^T) with X [M, K], WG/WU [N, K] (nn.Linear layout),
+one [BLOCK_M, BLOCK_N] tile of O per program, both products accumulated in fp32 by ``tl.dot`` on fp16/bf16
+tiles (tensor cores: mma / wgmma; tiles are never upcast), the activation and the product applied to the
+fp32 accumulators in the epilogue, one store of O in X's dtype. Tiles run in groups of GROUP_M rows of
+tiles so that neighbouring programs share weight tiles in L2.
+
+Two autotuned launchers share the kernel: ``gated_mlp_small`` for M <= 16 (decode: a GEMV in effect,
+memory-bound on the 2*N*K weights; BLOCK_M = 16, the smallest mma tile, narrow N tiles so that many
+programs stream the weights at once) and ``gated_mlp`` (prefill, batches: large tiles for the tensor
+cores). The autotune key is (M_KEY = next power of two of M, N, K).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+#: activation codes of the kernels (the public names in gated_mlp.ACTIVATIONS)
+SILU, GELU, GELU_TANH = 0, 1, 2
+
+
+@triton.jit
+def _act(g, ACT: tl.constexpr):
+    if ACT == 0:    # silu(g) = g * sigmoid(g)  (SwiGLU, Shazeer 2020)
+        return g * tl.sigmoid(g)
+    elif ACT == 1:  # exact gelu: 0.5 g (1 + erf(g / sqrt 2))  (GeGLU)
+        return 0.5 * g * (1.0 + tl.erf(g * 0.7071067811865476))
+    else:           # tanh gelu: 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))), tanh(z) = 2 sigmoid(2z) - 1
+        z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        return g * tl.sigmoid(2.0 * z)
+
+
+def _config(bm, bn, bk, stages, warps, group=8):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group},
+                         num_stages=stages, num_warps=warps)
+
+
+LARGE_CONFIGS = [
+    _config(128, 128, 64, 3, 8), _config(128, 128, 64, 4, 8), _config(128, 128, 32, 4, 8),
+    _config(128, 64, 64, 4, 4), _config(64, 128, 64, 4, 4), _config(64, 64, 64, 4, 4),
+    _config(128, 64, 64, 3, 8), _config(64, 32, 64, 4, 4),
+]
+SMALL_CONFIGS = [_config(16, bn, bk, stages, 4, group=1)
+                 for bn in (16, 32, 64) for bk in (128, 256) for stages in (3, 4)]
+
+
+@triton.jit
+def gated_mlp_kernel(X, WG, WU, O, M, N, K, M_KEY, sxm, swn, som, ACT: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    in_group = GROUP_M * num_n
+    first_m = (pid // in_group) * GROUP_M
+    group_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % group_m
+    pid_n = (pid % in_group) // group_m
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    # rows/columns past the end wrap onto valid ones (loads without masks; their results are not stored)
+    am = tl.max_contiguous(tl.multiple_of(rm % M, BLOCK_M), BLOCK_M)
+    wn = tl.max_contiguous(tl.multiple_of(rn % N, BLOCK_N), BLOCK_N)
+    a_ptr = X + am[:, None].to(tl.int64) * sxm + rk[None, :]
+    g_ptr = WG + wn[None, :].to(tl.int64) * swn + rk[:, None]
+    u_ptr = WU + wn[None, :].to(tl.int64) * swn + rk[:, None]
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        left = K - k * BLOCK_K
+        a = tl.load(a_ptr, mask=rk[None, :] < left, other=0.0)
+        g = tl.load(g_ptr, mask=rk[:, None] < left, other=0.0)
+        u = tl.load(u_ptr, mask=rk[:, None] < left, other=0.0)
+        acc_g = tl.dot(a, g, acc_g)
+        acc_u = tl.dot(a, u, acc_u)
+        a_ptr += BLOCK_K
+        g_ptr += BLOCK_K
+        u_ptr += BLOCK_K
+    out = _act(acc_g, ACT) * acc_u
+    o_ptr = O + rm[:, None].to(tl.int64) * som + rn[None, :]
+    tl.store(o_ptr, out.to(O.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+gated_mlp = triton.autotune(configs=LARGE_CONFIGS, key=["M_KEY", "N", "K"])(gated_mlp_kernel)
+gated_mlp_small = triton.autotune(configs=SMALL_CONFIGS, key=["M_KEY", "N", "K"])(gated_mlp_kernel)
+
+
+@triton.jit
+def act_mul_kernel(GU, O, N, sgm, som, ACT: tl.constexpr, BLOCK: tl.constexpr):
+    """O[m, :] = act(GU[m, :N]) * GU[m, N:2N], fp32 inside."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = cols < N
+    g = tl.load(GU + row * sgm + cols, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(GU + row * sgm + N + cols, mask=m, other=0.0).to(tl.float32)
+    tl.store(O + row * som + cols, (_act(g, ACT) * u).to(O.dtype.element_ty), mask=m)
