@@ -24,6 +24,8 @@ SECTIONS = (
     ("Fused RWKV-7 paths vs the torch path", "verify_fused.md", False),
     ("Whole model vs rwkv 0.8.32", "pip.md", False),
     ("Kernel benchmark", "kernels_bench.md", False),
+    ("Triton ops vs torch references", "verify_ops.md", False),
+    ("Triton ops benchmark", "ops_bench.md", False),
     ("Decode and prefill", "bench.md", True),
     ("Daemon vs engine", "daemon_overhead.md", False),
     ("Prefill profile", "prefill_profile.md", False),

@@ -31,6 +31,8 @@ step() {  # step NAME NEED_SECONDS TIMEOUT CMD...
 step kernels 200 300 python3 tests/gpu/verify_kernels.py --out "$OUT/verify_kernels.md"
 python3 -c 'from rwkv_chat.models import kernels; import sys; s=kernels.ensure_built("cuda"); print(s); sys.exit(0 if s["v7fused"]=="ok" else 1)' || { echo "our kernels did not build"; exit 1; }
 step fused 60 150 python3 tests/gpu/verify_fused.py --out "$OUT/verify_fused.md"
+step ops 60 200 python3 tests/gpu/verify_ops.py --out "$OUT/verify_ops.md"
+step opsbench 120 300 python3 bench/ops.py --out "$OUT/ops_bench.md"
 step kbench 60 200 python3 bench/kernels.py --ref-src /tmp/site/rwkv/cuda --out "$OUT/kernels_bench.md"
 step prof 60 200 python3 bench/prefill_profile.py --shape 1.5B --prompt-len 1024 --out "$OUT/prefill_profile.md"
 step b15 60 150 $B --shape 1.5B --batch 1 --prompt-len 1024 --tokens 200

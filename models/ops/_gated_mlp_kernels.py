@@ -40,10 +40,11 @@ def _config(bm, bn, bk, stages, warps, group=8):
 LARGE_CONFIGS = [
     _config(128, 128, 64, 3, 8), _config(128, 128, 64, 4, 8), _config(128, 128, 32, 4, 8),
     _config(128, 64, 64, 4, 4), _config(64, 128, 64, 4, 4), _config(64, 64, 64, 4, 4),
-    _config(128, 64, 64, 3, 8), _config(64, 32, 64, 4, 4),
+    _config(128, 64, 64, 3, 8), _config(256, 64, 64, 3, 8), _config(64, 32, 64, 4, 4),
 ]
 SMALL_CONFIGS = [_config(16, bn, bk, stages, 4, group=1)
                  for bn in (16, 32, 64) for bk in (128, 256) for stages in (3, 4)]
+SMALL_CONFIGS += [_config(16, bn, 512, 3, 4, group=1) for bn in (16, 32)]
 
 
 @triton.jit

@@ -1,0 +1,151 @@
+"""Benchmark of the Triton operators of ``rwkv_chat.models.ops`` on a GPU, against torch eager and torch.compile of
+the same computation in the same run, with the ceilings measured in that run.
+
+    python bench/ops.py [--out FILE.md] [--quick]
+
+Ceilings: the device-to-device copy bandwidth (``bench/kernels.py``'s ``peak_copy_bw``: best of 512 MiB and
+2 GiB moved) and the bf16 ``torch.matmul`` peak (best TFLOP/s of 8192^3 and of each GEMM shape below).
+Method: ``bench/kernels.py``'s ``time_ms``: a CUDA graph of back-to-back calls, median of 7 replays, inputs
+rotating among sets whose total exceeds 3x L2 so that weights and activations come from device memory.
+Bytes = every input read once + every output written once; FLOPs of the gated MLP = 2 GEMMs x 2 M H I.
+Peers: "eager" is the unfused torch of Hugging Face's modules in the input dtype (``Qwen2RMSNorm`` then
+``apply_rotary_pos_emb``; ``act(x @ gate^T) * (x @ up^T)``), "compile" is ``torch.compile`` of that function;
+"cuBLAS+silu_mul" is one cuBLAS GEMM on the concatenated [gate; up] weight followed by our ``silu_mul``.
+Pass marks: fused_rmsnorm_rope >= 80% of copy bandwidth; fused_gated_mlp >= 60% of the matmul peak at
+M=8192 and >= 75% of copy bandwidth at M=1 (Qwen2 7B: H=3584, I=18944; 1.5B: H=1536, I=8960).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from bench.kernels import peak_copy_bw, sets_for, time_ms  # noqa: E402
+from rwkv_chat.app.bench import provenance  # noqa: E402
+from rwkv_chat.models import ops  # noqa: E402
+
+DT = torch.bfloat16
+GEMM_SHAPES = ((8192, 3584, 18944), (1, 3584, 18944), (64, 3584, 18944),
+               (8192, 1536, 8960), (1, 1536, 8960), (64, 1536, 8960))
+NORM_SHAPES = ((8192, 28, 128), (8192, 12, 128), (64, 28, 128))   # tokens, heads, head_dim (q of 7B, 1.5B; decode)
+
+
+def rotate_half(x):
+    return torch.cat((-x[..., x.shape[-1] // 2:], x[..., :x.shape[-1] // 2]), dim=-1)
+
+
+def eager_rmsnorm_rope(x, w, cos, sin, eps, heads):
+    """Hugging Face Qwen2RMSNorm then apply_rotary_pos_emb, in x's dtype (the unfused peer)."""
+    xf = x.float()
+    n = w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    n = n.view(*n.shape[:-1], heads, -1)
+    c, s = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    return (n * c + rotate_half(n) * s).view(x.shape)
+
+
+def eager_gated(x, g, u):
+    return F.silu(x @ g.T) * (x @ u.T)
+
+
+def matmul_peak(shapes) -> float:
+    """Best bf16 torch.matmul TFLOP/s over 8192^3 and the given (M, K, N) shapes."""
+    best = 0.0
+    for m, k, n in ((8192, 8192, 8192), *shapes):
+        a = torch.randn(m, k, device="cuda", dtype=DT)
+        b = torch.randn(k, n, device="cuda", dtype=DT)
+        c = torch.empty(m, n, device="cuda", dtype=DT)
+        ms = time_ms(lambda i: torch.matmul(a, b, out=c), 1, iters=10)
+        best = max(best, 2 * m * k * n / ms / 1e9)
+    return best
+
+
+def timed(fn, sets) -> float | str:
+    """ms per call of fn(*sets[i]) (see time_ms), or the error's type name when it cannot be timed."""
+    try:
+        return time_ms(lambda i: fn(*sets[i]), len(sets), iters=20)
+    except Exception as e:  # a peer that fails (e.g. compile) is reported, the table goes on
+        return type(e).__name__
+
+
+def row(name, shape, ms_ours, peers, work, unit, ceiling, mark):
+    """A Markdown row: ours, each peer's time and our speed-up over it, % of the ceiling and the pass mark.
+    work: bytes (unit "GB/s") or FLOPs (unit "TFLOP/s"); ceiling in the same unit."""
+    per_ms = {"GB/s": 1e6, "TFLOP/s": 1e9}[unit]
+    rate = work / ms_ours / per_ms if isinstance(ms_ours, float) else float("nan")
+    pct = 100 * rate / ceiling
+    cells = [name, shape, f"{ms_ours * 1e3:.1f}" if isinstance(ms_ours, float) else ms_ours, f"{rate:.1f} {unit}",
+             f"{pct:.0f}%"]
+    for ms in peers:
+        cells.append(f"{ms * 1e3:.1f} ({ms / ms_ours:.2f}x)" if isinstance(ms, float) and isinstance(ms_ours, float)
+                     else str(ms))
+    verdict = "" if mark is None else ("pass" if pct >= mark else "FAIL") + f" (>= {mark}%)"
+    return "| " + " | ".join(cells + [verdict]) + " |", (mark is None or pct >= mark)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--quick", action="store_true", help="only the 1.5B GEMM shapes and the first norm shape")
+    args = ap.parse_args()
+    gemms = [s for s in GEMM_SHAPES if s[1] == 1536] if args.quick else list(GEMM_SHAPES)
+    norms = NORM_SHAPES[:1] if args.quick else NORM_SHAPES
+    bw, bw_label = peak_copy_bw()
+    peak = matmul_peak([(m, h, 2 * i) for m, h, i in gemms if m >= 4096])
+    md = [*provenance(), "", f"Copy bandwidth {bw:.0f} GB/s ({bw_label}); bf16 matmul peak {peak:.0f} TFLOP/s. "
+          "Times in us per call (CUDA graph); a peer's cell: its time (our speed-up over it).", "",
+          "| op | shape (bf16) | ours us | ours | % of ceiling | eager us | compile us | cuBLAS+silu_mul us | mark |",
+          "|---|---|---|---|---|---|---|---|---|"]
+    print("\n".join(md), flush=True)
+    ok = True
+    compiled_norm = torch.compile(eager_rmsnorm_rope)
+    for tokens, heads, d in norms:
+        hidden = heads * d
+        nbytes = 2 * tokens * hidden * 2 + hidden * 2 + 2 * tokens * d * 2
+        sets = []
+        for _ in range(sets_for(nbytes)):
+            cos, sin = torch.randn(2, tokens, d, device="cuda", dtype=DT)
+            sets.append((torch.randn(1, tokens, hidden, device="cuda", dtype=DT),
+                         torch.randn(hidden, device="cuda", dtype=DT), cos, sin))
+        ours = timed(lambda x, w, c, s: ops.fused_rmsnorm_rope(x, w, c, s, 1e-6), sets)
+        eager = timed(lambda x, w, c, s: eager_rmsnorm_rope(x, w, c, s, 1e-6, heads), sets)
+        comp = timed(lambda x, w, c, s: compiled_norm(x, w, c, s, 1e-6, heads), sets)
+        line, good = row("fused_rmsnorm_rope", f"T={tokens} {heads}x{d}", ours, [eager, comp, "-"], nbytes,
+                         "GB/s", bw, 80)
+        md.append(line)
+        ok &= good
+        print(line, flush=True)
+    compiled_gated = torch.compile(eager_gated)
+    for m, h, i in gemms:
+        nbytes = (2 * i * h + m * h + m * i) * 2
+        sets = []
+        for _ in range(sets_for(nbytes)):
+            g, u = torch.randn(2, i, h, device="cuda", dtype=DT) * h ** -0.5
+            sets.append((torch.randn(m, h, device="cuda", dtype=DT), g, u, torch.cat([g, u])))
+        ours = timed(lambda x, g, u, gu: ops.fused_gated_mlp(x, g, u), sets)
+        eager = timed(lambda x, g, u, gu: eager_gated(x, g, u), sets)
+        comp = timed(lambda x, g, u, gu: compiled_gated(x, g, u), sets)
+        cublas = timed(lambda x, g, u, gu: ops.silu_mul(x @ gu.T), sets)
+        if m >= 4096:
+            line, good = row("fused_gated_mlp", f"M={m} H={h} I={i}", ours, [eager, comp, cublas], 4 * m * h * i,
+                             "TFLOP/s", peak, 60)
+        else:
+            line, good = row("fused_gated_mlp", f"M={m} H={h} I={i}", ours, [eager, comp, cublas], nbytes, "GB/s", bw,
+                             75 if m == 1 else None)
+        md.append(line)
+        ok &= good
+        print(line, flush=True)
+    text = "\n".join(md)
+    print("\n" + text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0 if ok else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""The Triton operators of ``rwkv_chat.models.ops`` against plain torch references (run on a GPU machine).
+
+    python tests/gpu/verify_ops.py [--out results.md]
+
+Fresh random inputs (seeded) over the shapes of Qwen2 0.5B / 1.5B / 7B and Qwen3 heads, in float32, float16 and
+bfloat16 (the GEMM in the half dtypes only). The reference (``tests/models/ops/reference.py``) computes in fp32;
+the error is the largest |ours - reference| / (atol + rtol |reference|) over the output (<= 1 passes, the
+tolerances of an output rounded to its dtype). Prints a Markdown table; exit status 1 on a failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch  # noqa: E402
+
+from rwkv_chat.app.bench import provenance  # noqa: E402
+from rwkv_chat.models import ops  # noqa: E402
+from tests.models.ops.reference import (ref_cos_sin, ref_gated_mlp, ref_qk_norm_rope, ref_rmsnorm,  # noqa: E402
+                                        ref_rmsnorm_rope, ref_rope, ref_silu_mul)
+
+TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
+FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+HALVES = (torch.float16, torch.bfloat16)
+
+
+def score(out: torch.Tensor, ref: torch.Tensor, dtype, scale: float = 1.0) -> float:
+    """max |out - ref| / (atol*scale + rtol |ref|): <= 1 within tolerance; inf for a non-finite output."""
+    out, ref = out.double(), ref.double()
+    if out.shape != ref.shape or not torch.isfinite(out).all():
+        return float("inf")
+    rtol, atol = TOL[dtype]
+    return ((out - ref).abs() / (atol * scale + rtol * ref.abs())).max().item()
+
+
+def rand(gen, *shape, dtype, scale=1.0):
+    return (scale * torch.randn(*shape, generator=gen)).to("cuda", dtype)
+
+
+def tables(gen, b, t, d):
+    pos = torch.randint(0, 30000, (b, 1), generator=gen) + torch.arange(t)
+    cos, sin = ref_cos_sin(pos, d, 1e6)
+    return cos.cuda(), sin.cuda()
+
+
+def cases():
+    """(op, shape text, dtype, ours, reference, error scale) for every checked case."""
+    gen = torch.Generator().manual_seed(2024)
+    for dtype in FLOATS:
+        for b, t, h, d in ((1, 1, 14, 64), (4, 1, 28, 128), (1, 1024, 12, 128), (2, 37, 28, 128)):
+            x, w = rand(gen, b, t, h * d, dtype=dtype), rand(gen, h * d, dtype=dtype)
+            cos, sin = tables(gen, b, t, d)
+            yield ("fused_rmsnorm_rope", f"B={b} T={t} H={h} D={d}", dtype,
+                   lambda: ops.fused_rmsnorm_rope(x, w, cos, sin, 1e-6), lambda: ref_rmsnorm_rope(x, w, cos, sin, 1e-6, h), 4)
+        for rows, hidden in ((1, 896), (64, 1536), (1024, 3584), (3, 100)):
+            x, r, w = rand(gen, rows, hidden, dtype=dtype), rand(gen, rows, hidden, dtype=dtype), rand(gen, hidden, dtype=dtype)
+            yield ("rmsnorm (+residual)", f"rows={rows} hidden={hidden}", dtype,
+                   lambda: ops.rmsnorm(x, w, 1e-6, r)[0], lambda: ref_rmsnorm(x, w, 1e-6, r)[0], 4)
+        for b, t, hq, hkv, d in ((1, 1, 14, 2, 64), (8, 1, 12, 2, 128), (1, 512, 28, 4, 128)):
+            qkv = rand(gen, b, t, (hq + 2 * hkv) * d, dtype=dtype)
+            q, k = qkv[..., :hq * d].view(b, t, hq, d), qkv[..., hq * d:(hq + hkv) * d].view(b, t, hkv, d)
+            cos, sin = tables(gen, b, t, d)
+            yield ("rope q,k", f"B={b} T={t} Hq={hq} Hkv={hkv} D={d}", dtype,
+                   lambda: torch.cat([o.flatten() for o in ops.rope(q, k, cos, sin)]),
+                   lambda: torch.cat([o.flatten() for o in ref_rope(q, k, cos, sin)]), 1)
+        for b, t, hq, hkv, d in ((1, 1, 16, 8, 128), (2, 64, 32, 8, 128)):
+            q, k = rand(gen, b, t, hq, d, dtype=dtype), rand(gen, b, t, hkv, d, dtype=dtype)
+            qw, kw = rand(gen, d, dtype=dtype), rand(gen, d, dtype=dtype)
+            cos, sin = tables(gen, b, t, d)
+            yield ("qk_norm_rope", f"B={b} T={t} Hq={hq} Hkv={hkv} D={d}", dtype,
+                   lambda: torch.cat([o.flatten() for o in ops.qk_norm_rope(q, k, qw, kw, cos, sin, 1e-6)]),
+                   lambda: torch.cat([o.flatten() for o in ref_qk_norm_rope(q, k, qw, kw, cos, sin, 1e-6)]), 4)
+        gu = rand(gen, 64, 2 * 8960, dtype=dtype, scale=3)
+        yield "silu_mul", "M=64 I=8960", dtype, lambda: ops.silu_mul(gu), lambda: ref_silu_mul(gu), 4
+    for dtype in HALVES:
+        for m, hidden, inter in ((1, 896, 4864), (1, 1536, 8960), (1, 3584, 18944), (7, 1536, 8960),
+                                 (16, 3584, 18944), (64, 1536, 8960), (1024, 896, 4864), (333, 200, 333)):
+            x = rand(gen, m, hidden, dtype=dtype)
+            g, u = rand(gen, inter, hidden, dtype=dtype, scale=hidden ** -0.5), rand(gen, inter, hidden, dtype=dtype,
+                                                                                   scale=hidden ** -0.5)
+            for act in (("silu", "gelu", "gelu_tanh") if m == 7 else ("silu",)):
+                yield (f"fused_gated_mlp {act}", f"M={m} H={hidden} I={inter}", dtype,
+                       lambda: ops.fused_gated_mlp(x, g, u, act), lambda: ref_gated_mlp(x, g, u, act), 2)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    rows = [*provenance(), "", "| op | shape | dtype | error / tolerance | result |", "|---|---|---|---|---|"]
+    ok = True
+    for op, shape, dtype, ours, ref, scale in cases():
+        try:
+            s = score(ours(), ref(), dtype, scale)
+            verdict = "pass" if s <= 1 else "FAIL"
+        except Exception as e:  # a crash is a failure of that row, the table goes on
+            s, verdict = float("nan"), f"FAIL ({type(e).__name__}: {str(e)[:80]})"
+        ok &= verdict == "pass"
+        rows.append(f"| {op} | {shape} | {str(dtype).replace('torch.', '')} | {s:.3f} | {verdict} |")
+        print(rows[-1], flush=True)
+    text = "\n".join(rows)
+    print("\n" + text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
