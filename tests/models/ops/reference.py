@@ -11,11 +11,12 @@ import torch.nn.functional as F
 
 
 def ref_cos_sin(positions: torch.Tensor, head_dim: int, theta: float = 1e6) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin fp32 of shape positions.shape + (head_dim,): Hugging Face's default RoPE tables."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    freqs = positions.to(torch.float64)[..., None] * inv_freq
+    """cos, sin fp32 of shape positions.shape + (head_dim,): Hugging Face's default RoPE tables, computed in fp32
+    as ``Qwen2RotaryEmbedding`` does."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    freqs = positions.float()[..., None] * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().float(), emb.sin().float()
+    return emb.cos(), emb.sin()
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
