@@ -9,10 +9,13 @@ tiles so that neighbouring programs share weight tiles in L2.
 Two autotuned launchers share the kernel: ``gated_mlp_small`` for M <= 16 (decode: a GEMV in effect,
 memory-bound on the 2*N*K weights; BLOCK_M = 16, the smallest mma tile, narrow N tiles so that many
 programs stream the weights at once) and ``gated_mlp`` (prefill, batches: large tiles for the tensor
-cores). The autotune key is (M_KEY = next power of two of M, N, K).
+cores). The autotune key is (M_KEY, N, K), M_KEY a bucket of M (``gated_mlp.m_bucket``: 16, 128, 1024, 8192),
+so that a model tunes a few times per weight shape, not once per batch size or prompt length.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import triton
 import triton.language as tl
@@ -85,8 +88,15 @@ def gated_mlp_kernel(X, WG, WU, O, M, N, K, M_KEY, sxm, swn, som, ACT: tl.conste
     tl.store(o_ptr, out.to(O.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-gated_mlp = triton.autotune(configs=LARGE_CONFIGS, key=["M_KEY", "N", "K"])(gated_mlp_kernel)
-gated_mlp_small = triton.autotune(configs=SMALL_CONFIGS, key=["M_KEY", "N", "K"])(gated_mlp_kernel)
+def _autotune(configs):
+    """Autotuned over ``configs`` per (M_KEY, N, K); the choice is kept in Triton's cache dir where this Triton
+    can (``cache_results``), so a new process does not benchmark again."""
+    kw = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+    return triton.autotune(configs=configs, key=["M_KEY", "N", "K"], **kw)
+
+
+gated_mlp = _autotune(LARGE_CONFIGS)(gated_mlp_kernel)
+gated_mlp_small = _autotune(SMALL_CONFIGS)(gated_mlp_kernel)
 
 
 @triton.jit

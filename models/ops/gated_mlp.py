@@ -10,8 +10,8 @@ tile of x, run on fp16/bf16 tensor cores (``tl.dot`` on half tiles, fp32 accumul
 and product are applied to the fp32 accumulators before the one store of the [M, I] result; the [M, I]
 gate and up products never reach memory. M <= 16 (decode) takes narrow-N tiles of 16 rows that stream the
 weights with many programs at once (GEMV-like); larger M takes 64..128-wide tiles. Each tile config is
-autotuned at the first call for a (M rounded up to a power of two, I, H): warm an op up before capturing
-it in a CUDA graph.
+autotuned at the first call for a (bucket of M: ``m_bucket``, I, H), the choice kept in Triton's cache dir
+where the installed Triton supports it: warm an op up (each bucket) before capturing it in a CUDA graph.
 
 ``silu_mul`` is the epilogue alone, for a model that computes ``x @ [gate; up]^T`` with one cuBLAS GEMM.
 ``FusedGatedMLP`` is the whole MLP (``gate_proj``, ``up_proj``, ``down_proj`` as in Hugging Face; the down
@@ -38,6 +38,11 @@ _KERNELS = "rwkv_chat.models.ops._gated_mlp_kernels"
 ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
 #: rows up to which the GEMV-like configs serve
 SMALL_M = 16
+
+
+def m_bucket(m: int) -> int:
+    """The autotune bucket of M rows: 16 (decode, the GEMV-like configs), 128, 1024 or 8192."""
+    return next(b for b in (SMALL_M, 128, 1024) if m <= b) if m <= 1024 else 8192
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -85,7 +90,7 @@ def fused_gated_mlp(x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch
         def grid(meta):
             return (_cdiv(m, meta["BLOCK_M"]) * _cdiv(inter, meta["BLOCK_N"]),)
 
-        launcher[grid](a, wg, wu, out, m, inter, hidden, _triton.next_pow2(min(m, 8192)),
+        launcher[grid](a, wg, wu, out, m, inter, hidden, m_bucket(m),
                        a.stride(0), wg.stride(0), out.stride(0), ACT=code)
     out = out.view(*x.shape[:-1], inter)
     if check_finite:
