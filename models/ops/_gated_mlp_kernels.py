@@ -27,12 +27,12 @@ SILU, GELU, GELU_TANH = 0, 1, 2
 @triton.jit
 def _act(g, ACT: tl.constexpr):
     if ACT == 0:    # silu(g) = g * sigmoid(g)  (SwiGLU, Shazeer 2020)
-        return g * tl.sigmoid(g)
+        out = g * tl.sigmoid(g)
     elif ACT == 1:  # exact gelu: 0.5 g (1 + erf(g / sqrt 2))  (GeGLU)
-        return 0.5 * g * (1.0 + tl.erf(g * 0.7071067811865476))
-    else:           # tanh gelu: 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))), tanh(z) = 2 sigmoid(2z) - 1
-        z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-        return g * tl.sigmoid(2.0 * z)
+        out = 0.5 * g * (1.0 + tl.erf(g * 0.7071067811865476))
+    else:           # tanh gelu: 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))) = g sigmoid(2 sqrt(2/pi) (...))
+        out = g * tl.sigmoid(1.5957691216057308 * (g + 0.044715 * g * g * g))
+    return out
 
 
 def _config(bm, bn, bk, stages, warps, group=8):
@@ -47,7 +47,7 @@ LARGE_CONFIGS = [
 ]
 SMALL_CONFIGS = [_config(16, bn, bk, stages, 4, group=1)
                  for bn in (16, 32, 64) for bk in (128, 256) for stages in (3, 4)]
-SMALL_CONFIGS += [_config(16, bn, 512, 3, 4, group=1) for bn in (16, 32)]
+SMALL_CONFIGS += [_config(16, 16, 512, 3, 4, group=1), _config(16, 32, 512, 2, 4, group=1)]
 
 
 @triton.jit
