@@ -116,7 +116,22 @@ def fused_rmsnorm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor,
     return out
 
 
-def _rope_qk(q, k, q_weight, k_weight, cos, sin, eps, norm: bool, op: str, check_finite: bool):
+def _check_out(out, q, k, tensors: dict) -> None:
+    """Validate ``out`` = (q_out, k_out): q's and k's shapes and dtype, last dim contiguous; adds them to tensors."""
+    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+        raise ShapeMismatchError("out must be a pair (q_out, k_out)", tensor="out", expected="(q_out, k_out)",
+                                 actual=type(out).__name__)
+    for name, o, like in (("q_out", out[0], q), ("k_out", out[1], k)):
+        _checks.check_dtype(o, name)
+        _checks.check_same_dtype({"q": q, name: o}, "q")
+        _checks.check_shape(o, name, tuple(like.shape))
+        if o.dim() and o.stride(-1) != 1:
+            raise ShapeMismatchError(f"{name} has strides {o.stride()}; its last dim must be contiguous", tensor=name,
+                                     expected="stride 1 in the last dim", actual=tuple(o.stride()))
+        tensors[name] = o
+
+
+def _rope_qk(q, k, q_weight, k_weight, cos, sin, eps, norm: bool, op: str, check_finite: bool, out=None):
     _checks.check_dtype(q, "q")
     _checks.check_dtype(k, "k")
     _checks.check_same_dtype({"q": q, "k": k}, "q")
@@ -129,6 +144,8 @@ def _rope_qk(q, k, q_weight, k_weight, cos, sin, eps, norm: bool, op: str, check
             _checks.check_dtype(w, name)
             _checks.check_shape(w, name, (d,))
             tensors[name] = w
+    if out is not None:
+        _check_out(out, q, k, tensors)
     lead = tuple(q.shape[:-2])
     cos, sin, scb, sct = _cos_sin(cos, sin, lead, head_dim=d)
     _checks.check_cuda({**tensors, "cos": cos, "sin": sin})
@@ -136,7 +153,10 @@ def _rope_qk(q, k, q_weight, k_weight, cos, sin, eps, norm: bool, op: str, check
     q4, k4 = (q, k) if q.dim() == 4 else (q.unsqueeze(0), k.unsqueeze(0))
     q4 = q4 if q4.stride(-1) == 1 else q4.contiguous()
     k4 = k4 if k4.stride(-1) == 1 else k4.contiguous()
-    qo, ko = torch.empty(q4.shape, dtype=q.dtype, device=q.device), torch.empty(k4.shape, dtype=k.dtype, device=k.device)
+    if out is None:
+        qo, ko = torch.empty(q4.shape, dtype=q.dtype, device=q.device), torch.empty(k4.shape, dtype=k.dtype, device=k.device)
+    else:
+        qo, ko = (out[0], out[1]) if q.dim() == 4 else (out[0].unsqueeze(0), out[1].unsqueeze(0))
     n_rows = q4.shape[0] * q4.shape[1]
     if n_rows:
         bq, bk, bhalf = _triton.next_pow2(q4.shape[2]), _triton.next_pow2(k4.shape[2]), _triton.next_pow2(d // 2)
@@ -148,31 +168,32 @@ def _rope_qk(q, k, q_weight, k_weight, cos, sin, eps, norm: bool, op: str, check
             qo.stride(0), qo.stride(1), qo.stride(2), ko.stride(0), ko.stride(1), ko.stride(2), scb, sct,
             q4.shape[2], k4.shape[2], float(eps), HALF=d // 2, BLOCK_HQ=bq, BLOCK_HK=bk, BLOCK_HALF=bhalf,
             NORM=1 if norm else 0, num_warps=_warps(2 * max(bq, bk) * bhalf))
-    qo, ko = qo.view(q.shape), ko.view(k.shape)
+    qo, ko = (qo.view(q.shape), ko.view(k.shape)) if out is None else (out[0], out[1])
     if check_finite:
         _checks.check_finite(qo, "q output", str(q.dtype))
         _checks.check_finite(ko, "k output", str(k.dtype))
     return qo, ko
 
 
-def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-         check_finite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, check_finite: bool = False,
+         out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE of q and k in one launch (Qwen2: after the QKV GEMM).
 
     q: ``[B, T, Hq, D]`` (or ``[T, Hq, D]``), k: ``[B, T, Hkv, D]`` (GQA: any Hkv), same float dtype,
     any strides with the last dim contiguous (views of a fused QKV output work without a copy); cos, sin:
-    ``[T, D]`` or ``[B, T, D]`` float. Returns new contiguous (q_rot, k_rot) of q's and k's shapes and dtype.
-    Raises as the module says.
+    ``[T, D]`` or ``[B, T, D]`` float. Returns (q_rot, k_rot) of q's and k's shapes and dtype: new contiguous
+    tensors, or ``out`` = (q_out, k_out) written in place — any strides with the last dim contiguous, e.g.
+    k_out a [B, T, Hkv, D] view of the KV cache, or q and k themselves. Raises as the module says.
     """
-    return _rope_qk(q, k, None, None, cos, sin, 0.0, False, "rope", check_finite)
+    return _rope_qk(q, k, None, None, cos, sin, 0.0, False, "rope", check_finite, out)
 
 
 def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
-                 cos: torch.Tensor, sin: torch.Tensor, eps: float = 1e-6,
-                 check_finite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                 cos: torch.Tensor, sin: torch.Tensor, eps: float = 1e-6, check_finite: bool = False,
+                 out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-head RMSNorm of q and k over D (Qwen3's ``q_norm``/``k_norm``, weights ``[D]``), then RoPE, in one
-    launch. Shapes and dtypes as ``rope``; returns new contiguous (q_out, k_out). Raises as the module says."""
-    return _rope_qk(q, k, q_weight, k_weight, cos, sin, eps, True, "qk_norm_rope", check_finite)
+    launch. Shapes, dtypes and ``out`` as ``rope``. Raises as the module says."""
+    return _rope_qk(q, k, q_weight, k_weight, cos, sin, eps, True, "qk_norm_rope", check_finite, out)
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None,

@@ -93,6 +93,30 @@ def test_rope_of_q_and_k_views_of_a_fused_qkv_output(dtype, b, t, hq, hkv, d, pe
         close(ko, rk[0], dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_rope_writes_into_a_kv_cache_view_and_in_place(dtype):
+    gen = torch.Generator().manual_seed(77)
+    b, t, hq, hkv, d, start = 3, 5, 12, 2, 128, 9
+    q = torch.randn(b, t, hq, d, generator=gen).to("cuda", dtype)
+    k = torch.randn(b, t, hkv, d, generator=gen).to("cuda", dtype)
+    cos, sin = tables(b, t, d, True, gen)
+    rq, rk = ref_rope(q, k, cos, sin)
+    cache = torch.zeros(b, hkv, 32, d, device="cuda", dtype=dtype)   # [B, Hkv, Tmax, D]
+    k_slot = cache.transpose(1, 2)[:, start:start + t]              # [B, T, Hkv, D] view
+    q_out = torch.empty_like(q)
+    got_q, got_k = ops.rope(q, k, cos, sin, out=(q_out, k_slot))
+    assert got_q is q_out and got_k is k_slot
+    close(q_out, rq, dtype)
+    close(cache[:, :, start:start + t].transpose(1, 2), rk, dtype)
+    assert cache[:, :, :start].abs().sum() == 0 and cache[:, :, start + t:].abs().sum() == 0
+    q2, k2 = q.clone(), k.clone()
+    qw, kw = (1 + 0.2 * torch.randn(2, d, generator=gen)).to("cuda", dtype)
+    ops.qk_norm_rope(q2, k2, qw, kw, cos, sin, 1e-6, out=(q2, k2))     # in place
+    wq, wk = ref_qk_norm_rope(q, k, qw, kw, cos, sin, 1e-6)
+    close(q2, wq, dtype, scale=2)
+    close(k2, wk, dtype, scale=2)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("b, t, hq, hkv, d", [(1, 1, 16, 8, 128), (2, 11, 32, 8, 128), (3, 4, 14, 2, 64)])
 def test_qk_norm_rope(dtype, b, t, hq, hkv, d):

@@ -214,3 +214,24 @@ except ops.UnsupportedDtypeError as e:
     lines = out.stdout.splitlines()
     assert lines[1] == "dtype: x"
     assert lines[0].startswith("require: ") and ("CUDA" in lines[0] or "Triton" in lines[0])
+
+
+def test_rope_out_pairs_are_validated():
+    kw = valid()["rope"]
+    q, k = kw["q"], kw["k"]
+    with pytest.raises(ShapeMismatchError) as e:
+        call("rope", out=torch.empty_like(q))
+    assert (e.value.tensor, e.value.expected, e.value.actual) == ("out", "(q_out, k_out)", "Tensor")
+    with pytest.raises(ShapeMismatchError) as e:
+        call("rope", out=(torch.empty_like(q), torch.empty(B, T, HKV + 1, D, dtype=k.dtype)))
+    assert (e.value.tensor, e.value.expected, e.value.actual) == ("k_out", (B, T, HKV, D), (B, T, HKV + 1, D))
+    with pytest.raises(UnsupportedDtypeError) as e:
+        call("qk", out=(torch.empty_like(q, dtype=torch.float32), torch.empty_like(k)))
+    assert (e.value.tensor, e.value.expected, e.value.actual) == ("q_out", "float16", "float32")
+    strided = torch.empty(B, T, HKV, 2 * D, dtype=k.dtype)[..., ::2]
+    with pytest.raises(ShapeMismatchError) as e:
+        call("rope", out=(torch.empty_like(q), strided))
+    assert e.value.tensor == "k_out" and e.value.actual == tuple(strided.stride())
+    cache = torch.empty(B, HKV, 16, D, dtype=k.dtype)                   # a KV cache view is a valid k_out
+    with pytest.raises(DeviceError):
+        call("rope", out=(torch.empty_like(q), cache.transpose(1, 2)[:, 4:4 + T]))
