@@ -11,6 +11,7 @@ Bytes = every input read once + every output written once; FLOPs of the gated ML
 Peers: "eager" is the unfused torch of Hugging Face's modules in the input dtype (``Qwen2RMSNorm`` then
 ``apply_rotary_pos_emb``; ``act(x @ gate^T) * (x @ up^T)``), "compile" is ``torch.compile`` of that function;
 "cuBLAS+silu_mul" is one cuBLAS GEMM on the concatenated [gate; up] weight followed by our ``silu_mul``.
+Also reported (no mark): the model's forms ``rmsnorm`` with a residual and ``rope`` of q and k (GQA 7:1).
 Pass marks: fused_rmsnorm_rope >= 80% of copy bandwidth at 8192 tokens (64 tokens, a decode batch, is only
 reported); fused_gated_mlp >= 60% of the matmul peak at M=8192 and >= 75% of copy bandwidth at M=1 (Qwen2 7B:
 H=3584, I=18944; 1.5B: H=1536, I=8960). Exit status 2 when a mark is missed.
@@ -48,6 +49,19 @@ def eager_rmsnorm_rope(x, w, cos, sin, eps, heads):
     n = n.view(*n.shape[:-1], heads, -1)
     c, s = cos.unsqueeze(-2), sin.unsqueeze(-2)
     return (n * c + rotate_half(n) * s).view(x.shape)
+
+
+def eager_add_rmsnorm(x, r, w, eps):
+    """Hugging Face's residual add then Qwen2RMSNorm, in x's dtype."""
+    h = x + r
+    hf = h.float()
+    return w * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype), h
+
+
+def eager_rope(q, k, cos, sin):
+    """Hugging Face's apply_rotary_pos_emb on [B, T, H, D] (unsqueeze_dim=2), in q's dtype."""
+    c, s = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    return q * c + rotate_half(q) * s, k * c + rotate_half(k) * s
 
 
 def eager_gated(x, g, u):
@@ -120,6 +134,32 @@ def main() -> int:
                          "GB/s", bw, 80 if tokens >= 4096 else None)
         md.append(line)
         ok &= good
+        print(line, flush=True)
+    for tokens, heads, d in norms:     # the model's forms: residual add + RMSNorm; RoPE of q and k (GQA 7:1)
+        hidden, kv = heads * d, max(1, heads // 7) * d
+        nbytes = 4 * tokens * hidden * 2 + hidden * 2
+        sets = [(torch.randn(tokens, hidden, device="cuda", dtype=DT), torch.randn(tokens, hidden, device="cuda", dtype=DT),
+                 torch.randn(hidden, device="cuda", dtype=DT)) for _ in range(sets_for(nbytes))]
+        compiled = torch.compile(eager_add_rmsnorm)
+        cells = [timed(lambda x, r, w: ops.rmsnorm(x, w, 1e-6, r), sets),
+                 timed(lambda x, r, w: eager_add_rmsnorm(x, r, w, 1e-6), sets),
+                 timed(lambda x, r, w: compiled(x, r, w, 1e-6), sets)]
+        line, _ = row("rmsnorm (+residual)", f"T={tokens} H={hidden}", cells[0], [*cells[1:], "-"], nbytes, "GB/s", bw,
+                      None)
+        md.append(line)
+        print(line, flush=True)
+        nbytes = 2 * tokens * (hidden + 2 * kv) * 2 + 2 * tokens * d * 2
+        sets = []
+        for _ in range(sets_for(nbytes)):
+            qkv = torch.randn(1, tokens, hidden + 2 * kv, device="cuda", dtype=DT)
+            cos, sin = torch.randn(2, tokens, d, device="cuda", dtype=DT)
+            sets.append((qkv[..., :hidden].view(1, tokens, heads, d),
+                         qkv[..., hidden:hidden + kv].view(1, tokens, kv // d, d), cos, sin))
+        compiled = torch.compile(eager_rope)
+        cells = [timed(fn, sets) for fn in (ops.rope, eager_rope, compiled)]
+        line, _ = row("rope q,k", f"T={tokens} Hq={heads} Hkv={kv // d} D={d}", cells[0], [*cells[1:], "-"], nbytes,
+                      "GB/s", bw, None)
+        md.append(line)
         print(line, flush=True)
     compiled_gated = torch.compile(eager_gated)
     for m, h, i in gemms:
