@@ -6,6 +6,15 @@ Public API (the operator library of the design documents)::
     from rwkv_chat.models.ops import rmsnorm, rope, qk_norm_rope, silu_mul   # the fusions of Qwen2's dataflow
     from rwkv_chat.models.ops import quantize_fp8, fp8_gemm, FP8Linear, fused_ln_qkv_gptq
 
+The fusions of a Qwen2 / Qwen3 decoder layer (x: [B, T, hidden] bf16/fp16 on CUDA; cos, sin: [T, D] or [B, T, D])::
+
+    h, residual = rmsnorm(x, input_layernorm_w, eps, residual)          # residual add + RMSNorm, one launch
+    qkv = h @ w_qkv.T + b_qkv                                           # one cuBLAS GEMM; q, k, v are views of it
+    q, k = rope(q, k, cos, sin, out=(q_buf, k_cache_slot))              # Qwen3: qk_norm_rope(q, k, q_w, k_w, ...)
+    ...attention...
+    h, residual = rmsnorm(attn_out, post_attention_layernorm_w, eps, residual)
+    y = fused_gated_mlp(h, w_gate, w_up) @ w_down.T                     # or silu_mul(h @ w_gate_up.T) @ w_down.T
+
 Every op checks its inputs before launching and raises the typed errors re-exported here
 (``DeviceError``, ``ShapeMismatchError``, ``UnsupportedDtypeError``, ``NumericalOverflowError``, each with
 ``tensor``, ``expected`` and ``actual``); without CUDA (or without Triton) an op raises ``DeviceError``.
