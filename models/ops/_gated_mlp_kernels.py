@@ -78,8 +78,8 @@ def gated_mlp_kernel(X, WG, WU, O, M, N, K, M_KEY, sxm, swn, som, ACT: tl.conste
         a = tl.load(a_ptr, mask=rk[None, :] < left, other=0.0)
         g = tl.load(g_ptr, mask=rk[:, None] < left, other=0.0)
         u = tl.load(u_ptr, mask=rk[:, None] < left, other=0.0)
-        acc_g = tl.dot(a, g, acc_g)
-        acc_u = tl.dot(a, u, acc_u)
+        acc_g += tl.dot(a, g)
+        acc_u += tl.dot(a, u)
         a_ptr += BLOCK_K
         g_ptr += BLOCK_K
         u_ptr += BLOCK_K
