@@ -382,3 +382,43 @@ def plan_memory(path: str | Path, strategy: str, *, conversations: int = 1, cont
         notes = ("Two streamed layers or fewer stay in the streamer's two device buffers: nothing is copied per token.",)
     return MemoryPlan(str(p), family, desc, plan, tuple(stages), tuple(devices), tuple(transfers),
                       conversations, ctx, notes)
+
+
+def gpus() -> list[str]:
+    """The CUDA devices torch sees here, as strategy device names ("cuda:0", ...)."""
+    return [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+
+
+def suggest(path: str | Path, devices: list[str] | None = None, *, free: dict[str, int | None] | None = None,
+            conversations: int = 1, limit: int = 6) -> list[str]:
+    """Strategies for the checkpoint at ``path`` that fit the free memory of ``devices`` (strategy device names,
+    default: ``gpus()``), best first, at most ``limit``.
+
+    With GPUs: each GPU in fp16, then fp16i8; the layers split evenly over every GPU (fp16, then fp16i8);
+    the first GPU in fp16 streaming from pinned CPU memory with as many resident layers as fit. Without any
+    (or when none fits): ``cpu fp32``, ``cpu bf16`` (and ``cpu fp32i8``), those that fit. A device whose free
+    memory is unknown counts as fitting.
+
+    Raises:
+        CheckpointError: unreadable checkpoint.
+    """
+    devices = gpus() if devices is None else [d for d in devices if d.startswith("cuda")]
+
+    def ok(s: str) -> bool:
+        return plan_memory(path, s, conversations=conversations, free=free).fits is not False
+
+    out: list[str] = []
+    for q in ("fp16", "fp16i8"):
+        out += [f"{d} {q}" for d in devices if ok(f"{d} {q}")]
+        if len(devices) > 1 and ok(s := " -> ".join(f"{d} {q}" for d in devices)):
+            out.append(s)
+    if devices and not any(" -> " not in s and s.endswith("fp16") for s in out):
+        n_layer = plan_memory(path, "cpu fp32", free={}).plan.n_layer
+        lo, hi = -1, n_layer                       # largest resident N that fits in "*N+"
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if ok(f"{devices[0]} fp16 *{mid}+") else (lo, mid)
+        if lo >= 0:
+            out.append(f"{devices[0]} fp16 *{lo}+")
+    out += [s for s in ("cpu fp32", "cpu bf16", "cpu fp32i8") if ok(s)]
+    return out[:limit] or ["cpu fp32", "cpu bf16"]
