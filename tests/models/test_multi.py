@@ -211,18 +211,25 @@ def _cli(*args):
                           capture_output=True, text=True, timeout=120)
 
 
-def test_plan_cli(model_path, tmp_path):
+def test_plan_cli(model_path, tmp_path, capsys):
+    from rwkv_chat.app.plan import main
+
     path = model_path("5.2")
     r = _cli(path, "--strategy", "cpu fp32 *2 -> cpu bf16")
     assert r.returncode == 0, r.stderr
     mp = plan_memory(path, "cpu fp32 *2 -> cpu bf16", free={})
     assert "Strategy: cpu fp32 *2 -> cpu bf16" in r.stdout and mp.describe in r.stdout
     for bad, why in [((path, "--strategy", "cpu fp64"), "unknown dtype 'fp64'"),
-                     ((path, "--strategy", "cuda:0 fp16 *2+ -> cuda:1 fp16 *1+"), "more than one stream stage"),
-                     ((tmp_path / "nope.pth", "--strategy", "cpu fp32"), "checkpoint not found"),
-                     ((tmp_path, "--strategy", "cpu fp32"), "without config.json")]:
+                     ((tmp_path / "nope.pth", "--strategy", "cpu fp32"), "checkpoint not found")]:
         r = _cli(*bad)
         assert r.returncode == 2 and why in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
-    r = _cli(path, "--suggest")
-    assert r.returncode == 0 and "cpu fp32" in r.stdout.splitlines()
+    # the same entry point in this process for the other mistakes
+    for bad, why in [((path, "--strategy", "cuda:0 fp16 *2+ -> cuda:1 fp16 *1+"), "more than one stream stage"),
+                     ((tmp_path, "--strategy", "cpu fp32"), "without config.json"),
+                     ((path, "--strategy", "cpu fp32 *99 -> cpu bf16"), "gets no layers")]:
+        assert main([str(a) for a in bad]) == 2
+        err = capsys.readouterr().err
+        assert why in err and len(err.strip().splitlines()) == 1
+    assert main([str(path), "--suggest"]) == 0
+    assert "cpu fp32" in capsys.readouterr().out.splitlines()
