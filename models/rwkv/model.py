@@ -401,8 +401,8 @@ class RWKV:
         x = layer_norm(x.to(device=self.devices[-1], dtype=self.plan.layers[-1].atype), *self.ln_out)
         return ops.matmul(x, self.head_weight()).float(), new
 
-    def run_layers(self, x: torch.Tensor, layers: list[tuple], ctx: Context,
-                   step: Callable | None = None) -> tuple[torch.Tensor, list[tuple]]:
+    def run_layers(self, x: torch.Tensor, layers: list[tuple], ctx: Context, step: Callable | None = None,
+                   start: int = 0, stop: int | None = None) -> tuple[torch.Tensor, list[tuple]]:
         """The one layer loop (eager forward, prefill graphs, the batched decoder): every layer in order.
 
         Per layer: x moves to the layer's device and activation dtype (at a stage boundary RWKV-7's
@@ -417,14 +417,16 @@ class RWKV:
             ctx: the forward's ``Context`` (``ctx.layer`` is set here; blocks set ``ctx.v_first``).
             step: a function with the block contract ``step(x, layer_state, params, ctx) -> (x, layer_state)``
                 run for every layer instead (the decoder's compiled static-buffer step).
+            start, stop: run only layers ``start`` .. ``stop - 1`` (default: all; the decoder's per-device CUDA
+                graphs run one stage each).
         Returns:
-            ``(x, new_layers)``: x [B, T, C] after the last layer, on its device; the per-layer state tuples
-            returned by the blocks.
+            ``(x, new_layers)``: x [B, T, C] after the last layer run, on its device; the state tuples returned
+            by the blocks run (one per layer of the range).
         """
         gen, places, devices = self.generation, self.plan.layers, self.devices
         replaced = self.backend.sequence_block if step is None and x.shape[1] > 1 else None
         new = []
-        for i in range(self.n_layer):
+        for i in range(start, self.n_layer if stop is None else stop):
             dev = devices[i]
             if x.device != dev and ctx.v_first is not None:     # RWKV-7's v_first crosses a stage with x
                 ctx.v_first = ctx.v_first.to(dev)

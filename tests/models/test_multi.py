@@ -68,7 +68,20 @@ def test_two_cpu_stages_equal_one(model_path, version):
                                                   enumerate(d2.greedy({h2[0]: 5, h2[1]: 6}, 6).values())}
     for x, y in zip(d1.state(h1[1]), d2.state(h2[1])):
         _exact(x, y)
-    assert not d2.graphs            # several stages: no CUDA graph capture (and the CPU has none)
+    assert not d2.graphs            # no CUDA graph on the CPU
+    # the per-stage decode of several GPUs (segments, static hand-over buffers), run without graphs
+    from rwkv_chat.models.rwkv.decode_stages import StagedGraphs
+
+    d3 = BatchDecoder(two, max_batch=4)
+    d3._staged, d3.graphs = StagedGraphs(d3), True
+    assert [(s, e) for _, s, e in d3._staged.segments] == [(0, 2), (2, two.n_layer + 1)]
+    d1 = BatchDecoder(one, max_batch=4)
+    h3 = [d3.add(sb), d3.add(None)]
+    h1 = [d1.add(sa), d1.add(None)]
+    o1, o3 = d1.step({h1[0]: 7, h1[1]: 8}), d3.step({h3[0]: 7, h3[1]: 8})
+    for x, y in zip(h1, h3):
+        _exact(o1[x], o3[y])
+    assert list(d1.greedy({h1[0]: 3, h1[1]: 4}, 5).values()) == list(d3.greedy({h3[0]: 3, h3[1]: 4}, 5).values())
 
 
 @pytest.mark.parametrize("version", VERSIONS)
