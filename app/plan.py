@@ -56,3 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(json.dumps(mp.to_dict(), indent=1, default=str) if args.json else mp)
     return 1 if mp.fits is False else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
