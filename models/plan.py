@@ -27,7 +27,6 @@ the first device, ``model.norm`` + ``lm_head`` as the head layer; a tied ``lm_he
 from __future__ import annotations
 
 import json
-import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,13 +34,11 @@ from typing import Any
 import torch
 
 from rwkv_chat.models import formats
-from rwkv_chat.models.errors import CheckpointError
+from rwkv_chat.models.errors import CheckpointError, StrategyError
+from rwkv_chat.models.header import read_header, safetensors_header
 from rwkv_chat.models.strategy import Plan, plan_layers
 from rwkv_chat.models.stream import slot_bytes
 
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 _NAMES = {torch.float16: "fp16", torch.float32: "fp32", torch.bfloat16: "bf16"}
 _META = torch.device("meta")
 
@@ -163,49 +160,6 @@ def human(n: int) -> str:
     return f"{n} B"
 
 
-# -- reading headers ---------------------------------------------------------------------------------
-def _safetensors_header(p: Path) -> dict[str, torch.Tensor]:
-    try:
-        with open(p, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > 100_000_000:
-                raise ValueError(f"header length {n} is implausible")
-            head = json.loads(f.read(n))
-        return {k: torch.empty(v["shape"], dtype=_ST_DTYPES[v["dtype"]], device=_META)
-                for k, v in head.items() if k != "__metadata__"}
-    except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
-        raise CheckpointError(f"cannot read the safetensors header of {p}: {e}") from None
-
-
-def read_header(path: str | Path) -> dict[str, torch.Tensor]:
-    """A checkpoint's tensors as ``meta`` tensors (names, shapes, dtypes; no data read): ``.safetensors``
-    from its JSON header, ``.pth`` through ``torch.load(map_location="meta", weights_only=True)``.
-
-    Raises:
-        CheckpointError: a missing, empty, unreadable or non-tensor file.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"checkpoint not found: {p}" if not p.exists() else f"checkpoint is not a file: {p}")
-    if p.stat().st_size == 0:
-        raise CheckpointError(f"checkpoint is empty: {p}")
-    if p.suffix == ".safetensors":
-        return _safetensors_header(p)
-    last = None
-    for mmap in (True, False):
-        try:
-            w = torch.load(str(p), map_location="meta", weights_only=True, mmap=mmap)
-            break
-        except Exception as e:  # the unpickler's errors on arbitrary bytes
-            last = e
-    else:
-        raise CheckpointError(f"cannot read checkpoint {p}: {str(last).splitlines()[0] if last else '?'}")
-    if not isinstance(w, dict) or not w or not all(isinstance(k, str) and isinstance(t, torch.Tensor)
-                                                   for k, t in w.items()):
-        raise CheckpointError(f"{p} does not hold a mapping of weight names to tensors")
-    return w
-
-
 # -- free memory ---------------------------------------------------------------------------------------
 def free_memory(device: str) -> int | None:
     """Free bytes on a strategy device ("cpu", "cuda", "cuda:N"), or None when it cannot be known here (no
@@ -282,7 +236,7 @@ def _qwen2(folder: Path, strategy: str, context: int | None):
         raise CheckpointError(f"{folder} has a config.json but no .safetensors weights")
     w: dict[str, torch.Tensor] = {}
     for f in files:
-        w.update(_safetensors_header(f))
+        w.update(safetensors_header(f))
     if "model.embed_tokens.weight" not in w:
         raise CheckpointError(f"{folder}: no 'model.embed_tokens.weight': not a Qwen2 checkpoint")
     plan = plan_layers(strategy, L)
@@ -310,7 +264,13 @@ def _fmt_bytes(t: torch.Tensor, kind: str, stage, atype: torch.dtype) -> tuple[s
         dt = torch.float32 if kind == "fp32" else atype
         return _NAMES.get(dt, str(dt)), _nb(t, dt), None
     fmt = formats.get(stage.quant)
-    packed = fmt.pack(t, atype, _META)
+    try:
+        packed = fmt.pack(t, atype, _META)
+    except Exception:  # a format whose packing needs values: pack zeros of the same shape on the CPU
+        try:
+            packed = fmt.pack(torch.zeros(t.shape, dtype=atype), atype, torch.device("cpu"))
+        except Exception as e:
+            raise StrategyError(f"cannot plan the {fmt.suffix!r} weight format on this machine: {e}") from None
     return (fmt.suffix or _NAMES[atype]), fmt.nbytes(packed), packed
 
 
