@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(found) if args.json else "\n".join(found))
             return 0
         mp = plan_memory(args.model, args.strategy, conversations=args.conversations, context=args.context)
-    except (RWKVError, OSError) as e:
+    except (RWKVError, OSError, ValueError) as e:
         print(f"rwkv-chat plan: {e}", file=sys.stderr)
         return 2
     print(json.dumps(mp.to_dict(), indent=1, default=str) if args.json else mp)

@@ -242,8 +242,9 @@ def _qwen2(folder: Path, strategy: str, context: int | None):
     plan = plan_layers(strategy, L)
     layers: list[list[tuple[str, str, torch.Tensor]]] = [[] for _ in range(L + 1)]
     for key, t in w.items():
-        if key.startswith("model.layers."):
-            i = int(key.split(".")[2])
+        part = key.split(".")[2] if key.startswith("model.layers.") else ""
+        if part.isdigit():
+            i = int(part)
             if i < L:
                 layers[i].append((key, "matrix", t.t()) if t.dim() == 2 else (key, "act", t))
     emb = w["model.embed_tokens.weight"]
