@@ -123,21 +123,20 @@ class LayerStreamer:
 
     def _copy(self, i: int, slot: int) -> None:
         """Issue the copy of layer i's weights into ``slot`` (after the compute that last read it)."""
-        params = {}
+        # buffers first (allocated once, outside the side stream: they belong to the compute stream's pool)
+        plan = [(name, w, [(t, self._buffer(slot, _signature(name, field, t), t)) for field, t in tensors_of(w)])
+                for name, w in self.host[i].items()]
         with torch.cuda.stream(self._stream) if self._cuda else contextlib.nullcontext():
             if self._cuda and self._free[slot] is not None:
                 self._stream.wait_event(self._free[slot])
-            for name, w in self.host[i].items():
-                parts = []
-                for field, t in tensors_of(w):
-                    buf = self._buffer(slot, _signature(name, field, t), t)
+            for _, _, pairs in plan:
+                for t, buf in pairs:
                     buf.copy_(t, non_blocking=self._cuda)
-                    parts.append(buf)
-                params[name] = _rebuild(w, parts)
             if self._cuda:
                 ev = torch.cuda.Event()
                 ev.record(self._stream)
                 self._ready[slot] = ev
+        params = {name: _rebuild(w, [buf for _, buf in pairs]) for name, w, pairs in plan}
         self._holds[slot], self._params[slot] = i, params
         self.copies += 1
         self.copied_bytes += host_bytes(self.host[i])
