@@ -9,7 +9,9 @@ Qwen2 family of ``load_model``), both loaded as ``cuda:0 fp16`` and as ``cuda:0 
 * prompt logits: max |diff| relative to the largest |logit| (fp16 tolerance 2e-2);
 * greedy tokens of both through the model's batched decoder (argmax fed back by the host);
 * decode tok/s at each ``--batch`` (batch 1: greedy; larger: every slot stepping together), beside the
-  single-GPU figures, and whether the decoder used CUDA graphs;
+  single-GPU figures, and whether the decoder used CUDA graphs (one per GPU on the split model:
+  ``models/rwkv/decode_stages.py``), with the relative logits difference of 8 decode steps with and without
+  them (RWKV);
 * the dry-run plan's bytes per device (``rwkv_chat.models.plan``) against ``torch.cuda.memory_allocated``
   after the load.
 
@@ -53,6 +55,17 @@ def run(model, prompt: list[int], tokens: int, batches: list[int]) -> dict:
     out["tokens"] = greedy
     out["graphs"] = getattr(dec, "graphs", None)
     dec.remove(h)
+    if getattr(dec, "graphs", False) and hasattr(model, "run_layers"):   # RWKV: the graphs against no graphs
+        from rwkv_chat.models.rwkv.decode import BatchDecoder
+
+        eager = BatchDecoder(model, max_batch=2, graphs=False)
+        staged = BatchDecoder(model, max_batch=2)
+        he, hs = [eager.add(state) for _ in range(2)], [staged.add(state) for _ in range(2)]
+        worst = 0.0
+        for t in greedy[:8]:
+            a, b = eager.step({x: t for x in he}), staged.step({x: t for x in hs})
+            worst = max(worst, max(float((a[x] - b[y]).abs().max()) for x, y in zip(he, hs)))
+        out["graph_diff"] = worst / float(logits.abs().max())
     for b in batches:
         dec = model.decoder(max_batch=b)
         hs = [dec.add(state) for _ in range(b)]
@@ -101,7 +114,8 @@ def compare(name: str, load, source, split: int, args) -> tuple[list[str], bool]
     for strategy, r in results.items():
         speed = " | ".join(f"{r[f'tok_s_{b}']:.1f}" for b in args.batch)
         check = "- | -" if r is single else f"{diff:.1e}{'' if ok else ' FAIL'} | {same}/{len(r['tokens'])}"
-        rows.append(f"| {name} | {strategy} | {speed} | {r['graphs']} | {check} | {r['mem']} |")
+        graphs = r["graphs"] if "graph_diff" not in r else f"{r['graphs']} (vs none: {r['graph_diff']:.1e})"
+        rows.append(f"| {name} | {strategy} | {speed} | {graphs} | {check} | {r['mem']} |")
     return rows, ok
 
 
