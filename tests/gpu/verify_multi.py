@@ -155,6 +155,13 @@ def main() -> int:
                 hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**QWEN2_7B)).half()
             hf.save_pretrained(folder, safe_serialization=True)
             del hf
+            repo = Path(__file__).resolve().parents[2]
+            for tok in (repo / "shared" / "tokenizers" / "qwen", repo.parent / "shared" / "tokenizers" / "qwen"):
+                if tok.is_dir():                   # the real Qwen2 tokenizer beside the random weights
+                    for f in tok.iterdir():
+                        if f.is_file():
+                            (folder / f.name).write_bytes(f.read_bytes())
+                    break
             try:
                 rows, good = compare("Qwen2-7B", lambda s: load_model(folder, s), folder, args.split, args)
                 lines += rows
