@@ -341,8 +341,10 @@ class BatchDecoder:
 
     def _step(self, x: torch.Tensor, bufs: tuple, p: dict, ctx: Context) -> tuple[torch.Tensor, tuple]:
         """The per-layer step of ``RWKV.run_layers``: the (compiled) ``layer_step`` on the slots' buffers."""
+        if ctx.tokens.device != x.device:          # a stage on another device: the ids move once, with x
+            ctx.tokens = ctx.tokens.to(x.device)
         x, ctx.v_first = self._layer(self.model.generation.block, ctx.spec, x, bufs, p, ctx.v_first,
-                                     ctx.tokens.to(x.device), ctx.ops)
+                                     ctx.tokens, ctx.ops)
         return x, bufs
 
     def _state_views(self, b: int) -> tuple[list, list]:
