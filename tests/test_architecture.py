@@ -19,7 +19,7 @@ DAEMON_FACE = ("protocol", "client", "launcher", "config", "paths", "errors", "d
 #: what the daemon may import of the engine: the top level and these subpackages / modules
 ENGINE_FACE = ("text", "errors", "state", "kernels")
 #: the app modules that may use the engine directly (local tools)
-APP_ENGINE_TOOLS = ("rwkv_chat.app.bench",)
+APP_ENGINE_TOOLS = ("rwkv_chat.app.bench", "rwkv_chat.app.plan")
 
 
 def module_name(path: Path) -> str:
@@ -117,6 +117,8 @@ def test_modules_found():
     ("rwkv_chat.app.cli", "rwkv_chat.daemon.client", True),
     ("rwkv_chat.app.chat_app", "rwkv_chat.models", False),
     ("rwkv_chat.app.bench", "rwkv_chat.models.rwkv.decode", True),
+    ("rwkv_chat.app.plan", "rwkv_chat.models.plan", True),
+    ("rwkv_chat.app.screens.first_run", "rwkv_chat.models.plan", False),
 ])
 def test_rule_itself(importer, target, allowed):
     """The checker refuses what the rules forbid and admits what they allow."""

@@ -8,12 +8,15 @@ screen shows a progress view and closes itself once the daemon reports the model
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from rich.text import Text
-from textual import on
+from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
@@ -103,7 +106,8 @@ class ModelScreen(Screen):
                 yield Input(self.path, placeholder="/path/to/RWKV-x070-World-0.1B.pth", id="model-path")
                 yield Label("Strategy (how to write one: below)")
                 yield Input(self.strategy, id="model-strategy", suggester=SuggestFromList(self.strategies))
-                yield Label("Strategies that fit this machine (" + ", ".join(d.split()[0] for d in self.devices) + "):")
+                yield Label("Strategies that fit this machine (" + ", ".join(d.split()[0] for d in self.devices) + "):",
+                            id="strategy-fit")
                 yield OptionList(*self.strategies, id="strategy-list")
                 yield Checkbox("Make it the default model", True, id="model-remember")
                 with Horizontal(classes="buttons"):
@@ -162,6 +166,42 @@ class ModelScreen(Screen):
             self.dismiss(True)
         else:
             self.show_error(f"The model did not load: {message}")
+
+    # -- strategies that fit the checkpoint (the planner, ``rwkv-chat plan --suggest``)
+    @on(Input.Changed, "#model-path")
+    def _path_changed(self, event: Input.Changed) -> None:
+        if check_checkpoint(event.value) is None and not getattr(self.app, "snapshot", False):
+            self._plan(str(Path(os.path.expanduser(event.value.strip()))))
+
+    @work(exclusive=True, group="plan")
+    async def _plan(self, path: str) -> None:
+        """Ask the planner which strategies fit ``path`` on this machine's devices (their free memory), in a
+        child process (``rwkv-chat plan PATH --suggest --json``: it reads only the checkpoint's header, and
+        the GPU context it opens to measure free memory ends with it); shown when it answers."""
+        await asyncio.sleep(0.3)                     # typing: wait for a pause
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "rwkv_chat.app.plan", path, "--suggest", "--json",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+        try:
+            out, _ = await proc.communicate()
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+        try:
+            found = json.loads(out) if proc.returncode == 0 else None
+        except ValueError:
+            found = None
+        if found and all(isinstance(s, str) for s in found):
+            self.show_strategies(found, Path(path).name)
+
+    def show_strategies(self, strategies: list[str], name: str) -> None:
+        """Replace the suggested strategies with ``strategies`` (those that fit ``name``)."""
+        self.strategies = strategies
+        options = self.query_one("#strategy-list", OptionList)
+        options.clear_options()
+        options.add_options(strategies)
+        self.query_one("#model-strategy", Input).suggester = SuggestFromList(strategies)
+        self.query_one("#strategy-fit", Label).update(f"Strategies that fit {name} on this machine:")
 
     # -- input
     @on(OptionList.OptionSelected, "#strategy-list")

@@ -49,8 +49,10 @@ class BatchDecoder:
         model: an ``RWKV``.
         max_batch: number of slots.
         buckets: batch sizes a step may run at (a graph each); the largest must be >= max_batch.
-        graphs: capture each bucket's step in a CUDA graph. Default: when every layer sits on one CUDA
-            device and none is streamed from CPU memory.
+        graphs: capture each bucket's step in CUDA graphs. Default: when every layer sits on a CUDA device
+            and none is streamed from CPU memory (the streamer's copies run outside graphs). A model on several
+            GPUs gets one graph per device and bucket (``decode_stages.StagedGraphs``: activations handed over
+            between the graphs; greedy steps one at a time).
         compile: compile the layer step with ``torch.compile`` (fused elementwise work). Default: as
             ``graphs``.
         gemv: the GEMV of the large matrices: "auto" (default), "ours" (the grouped GEMV kernel, fused
@@ -75,9 +77,8 @@ class BatchDecoder:
         self.max_batch = max_batch
         self.buckets = tuple(sorted(b for b in buckets if b < max_batch)) + (max_batch,)
         devs = {str(d) for d in model.devices}
-        single_cuda = len(devs) == 1 and model.devices[0].type == "cuda" and \
-            not any(pl.stream for pl in model.plan.layers)
-        self.graphs = single_cuda if graphs is None else bool(graphs) and single_cuda
+        capturable = all(d.type == "cuda" for d in model.devices) and not any(pl.stream for pl in model.plan.layers)
+        self.graphs = capturable if graphs is None else bool(graphs) and capturable
         backend = model.backend
         ready = backend.decodes and backend.decode_on_device     # the fused CUDA step
         self.fused = (ready and self.graphs) if fused is None else bool(fused) and ready
@@ -107,8 +108,13 @@ class BatchDecoder:
         self._graph: dict[int, tuple] = {}       # bucket -> (CUDAGraph, logits)
         self._greedy_graph: dict[tuple, tuple] = {}   # (bucket, steps) -> (CUDAGraph, tokens): argmax fed back
         self._greedy_log: dict[tuple, torch.Tensor] = {}   # (bucket, steps) -> int64 [steps, bucket]
-        self._pool = None
+        self._pools: dict[torch.device, tuple] = {}      # device -> graph memory pool
         self._views: dict[int, tuple[list, list]] = {}   # bucket -> state views (per layer, flat)
+        self._staged = None                              # per-device graphs of a model on several GPUs
+        if self.graphs and len(devs) > 1:
+            from rwkv_chat.models.rwkv.decode_stages import StagedGraphs
+
+            self._staged = StagedGraphs(self)
 
     # -- membership ------------------------------------------------------------------------------
     @property
@@ -212,7 +218,7 @@ class BatchDecoder:
         slots, bucket, held, saved = self._feed(tokens)
         log = torch.empty(n, bucket, dtype=torch.long, device=self._ids.device)
         i = 0
-        if self.graphs:   # GREEDY_UNROLL steps per graph replay: no launch gap between those steps
+        if self.graphs and self._staged is None:   # GREEDY_UNROLL steps per graph replay: no launch gap between
             while n - i >= GREEDY_UNROLL:
                 log[i:i + GREEDY_UNROLL].copy_(self._run_greedy(bucket, GREEDY_UNROLL))
                 i += GREEDY_UNROLL
@@ -262,6 +268,8 @@ class BatchDecoder:
                 return self._forward(bucket)
             with compile_limits():
                 return self._forward(bucket)
+        if self._staged is not None:
+            return self._staged.run(bucket)
         if bucket not in self._graph:
             self._graph[bucket] = self._capture(bucket, self._forward)
         g, out = self._graph[bucket]
@@ -285,6 +293,9 @@ class BatchDecoder:
                 return self._forward_greedy(bucket, steps)
             with compile_limits():
                 return self._forward_greedy(bucket, steps)
+        if self._staged is not None:     # one step: the segments' graphs, the argmax fed back to the first device
+            self._ids[:bucket, 0].copy_(torch.argmax(self._staged.run(bucket), dim=-1))
+            return self._ids[:bucket, 0].view(1, bucket)
         key = (bucket, steps)
         if key not in self._greedy_graph:
             self._greedy_graph[key] = self._capture(bucket, lambda b: self._forward_greedy(b, steps))
@@ -292,9 +303,14 @@ class BatchDecoder:
         g.replay()
         return out
 
-    def _capture(self, bucket: int, body: Callable[[int], torch.Tensor]) -> tuple:
-        """A CUDA graph of ``body(bucket)`` and its static output; the state and input buffers are left
-        as they were before the warm-up runs."""
+    def _capture(self, bucket: int, body: Callable[[int], torch.Tensor], device: torch.device | None = None) -> tuple:
+        """A CUDA graph of ``body(bucket)`` on ``device`` (default: the first layer's) and its static output; the
+        state and input buffers are left as they were before the warm-up runs."""
+        device = self._ids.device if device is None else device
+        with torch.cuda.device(device):
+            return self._capture_on(bucket, body, device)
+
+    def _capture_on(self, bucket: int, body, device: torch.device) -> tuple:
         saved = [tuple(buf[:bucket].clone() for buf in bufs) for bufs in self._bufs]
         ids = self._ids.clone()
         side = torch.cuda.Stream()
@@ -303,10 +319,10 @@ class BatchDecoder:
             for _ in range(3):  # compile, autotune, settle
                 body(bucket)
         torch.cuda.current_stream().wait_stream(side)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
+        if device not in self._pools:
+            self._pools[device] = torch.cuda.graph_pool_handle()
         g = torch.cuda.CUDAGraph()
-        with compile_limits(), torch.cuda.graph(g, pool=self._pool):
+        with compile_limits(), torch.cuda.graph(g, pool=self._pools[device]):
             out = body(bucket)
         for bufs, sv in zip(self._bufs, saved):
             for buf, t in zip(bufs, sv):
@@ -325,8 +341,10 @@ class BatchDecoder:
 
     def _step(self, x: torch.Tensor, bufs: tuple, p: dict, ctx: Context) -> tuple[torch.Tensor, tuple]:
         """The per-layer step of ``RWKV.run_layers``: the (compiled) ``layer_step`` on the slots' buffers."""
+        if ctx.tokens.device != x.device:          # a stage on another device: the ids move once, with x
+            ctx.tokens = ctx.tokens.to(x.device)
         x, ctx.v_first = self._layer(self.model.generation.block, ctx.spec, x, bufs, p, ctx.v_first,
-                                     ctx.tokens.to(x.device), ctx.ops)
+                                     ctx.tokens, ctx.ops)
         return x, bufs
 
     def _state_views(self, b: int) -> tuple[list, list]:
@@ -351,10 +369,13 @@ class BatchDecoder:
             return backend.decode_step(m, ids, flat)
         x = torch.index_select(m.emb, 0, ids.view(-1)).view(b, 1, -1)          # [b, 1, C]
         x, _ = m.run_layers(x, layers, Context(m.spec, self._ops, tokens=ids), step=self._step)
-        head = m.plan.layers[-1]
-        hw = m.head_weight()
-        return self._head(x.to(device=m.devices[-1], dtype=head.atype), *m.ln_out, hw,
-                          self._mm or m.backend.ops.matmul)                   # [b, vocab]
+        return self._logits(x)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """ln_out and the head on the head's device: x [b, 1, C] -> logits float32 [b, vocab]."""
+        m = self.model
+        return self._head(x.to(device=m.devices[-1], dtype=m.plan.layers[-1].atype), *m.ln_out, m.head_weight(),
+                          self._mm or m.backend.ops.matmul)
 
 
 def decode_greedy(model: RWKV, logits: torch.Tensor, state: State, n: int,

@@ -206,6 +206,7 @@ class RWKV:
         first = plan.layers[0]
         emb = layer_norm(w["emb.weight"].float(), w["blocks.0.ln0.weight"].float(), w["blocks.0.ln0.bias"].float())
         self.layers: list[dict] = [{} for _ in range(spec.n_layer)]
+        self._matrices: set[str] = set()
         total, seen = spec.n_layer + 1, set()
         for key, t in w.items():
             if not key.startswith("blocks.") or ".ln0." in key or key.endswith("ffn.s_emb_x.weight"):
@@ -215,6 +216,8 @@ class RWKV:
                 seen.add(i)
                 progress(len(seen) - 1, total)
             name, t, kind = gen.convert(key.split(".", 2)[2], t, spec)
+            if kind == "matrix":
+                self._matrices.add(name)
             if name.endswith("ffn.s_emb.weight") and f"blocks.{i}.ffn.s_emb_x.weight" in w:
                 t = t.float() + emb @ w[f"blocks.{i}.ffn.s_emb_x.weight"].float().t()
             if self.rescale_layer and name in _RESCALED:
@@ -228,6 +231,7 @@ class RWKV:
         self._zero = [gen.zero_state(spec, 1, self.devices[i], plan.layers[i].atype, self.layers[i])
                       for i in range(spec.n_layer)]
         self._state_shapes = [t.shape[1:] for z in self._zero for t in z]
+        self.attach_streamer()
         if progress is not None:
             progress(total, total)
 
@@ -241,19 +245,37 @@ class RWKV:
         t = t.to(torch.float32 if kind == "fp32" else place.atype)
         return t.to(device).contiguous()
 
+    def attach_streamer(self) -> None:
+        """(Re)build ``streamer`` from the plan: the weight matrices of every layer placed ``stream`` (and the
+        head's, when it is streamed) are served by a ``rwkv_chat.models.stream.LayerStreamer`` on the stream
+        stage's device; None when nothing is streamed. The matrices stay where ``_place`` put them (pinned CPU
+        memory); the other tensors of a streamed layer are resident on its device."""
+        from rwkv_chat.models.stream import LayerStreamer
+
+        streamed = [p.index for p in self.plan.layers if p.stream]
+        self.streamer = None
+        if not streamed:
+            return
+        host = {i: {k: v for k, v in self.layers[i].items() if k in self._matrices}
+                for i in streamed if i < self.n_layer}
+        if streamed[-1] == self.n_layer:
+            host[self.n_layer] = {"head": self.head}
+        self.streamer = LayerStreamer(self.devices[streamed[0]], host)
+
     def layer_params(self, i: int) -> dict:
-        """Layer i's parameters on its device: the resident ones, or copies of a streamed layer's (issued
-        asynchronously from pinned memory)."""
+        """Layer i's parameters on its device: the resident ones; for a streamed layer, its matrices in the
+        streamer's device buffers (copied from pinned memory one layer ahead on a side stream; valid while
+        the layer runs: ``stream.LayerStreamer.acquire``)."""
         p = self.layers[i]
         if not self.plan.layers[i].stream:
             return p
-        dev = self.devices[i]
-        return {k: (v.to(dev, non_blocking=True) if v.device != dev else v) for k, v in p.items()}
+        return {**p, **self.streamer.acquire(i)}
 
     def head_weight(self):
-        """The head matrix [C, vocab] (any weight format) on the head's device (a streamed head copied there)."""
+        """The head matrix [C, vocab] (any weight format) on the head's device (a streamed head through the
+        streamer's buffers, valid while the head runs)."""
         if self.plan.layers[-1].stream:
-            return self.head.to(self.devices[-1], non_blocking=True)
+            return self.streamer.acquire(self.n_layer)["head"]
         return self.head
 
     # -- state -----------------------------------------------------------------------------------
@@ -379,12 +401,13 @@ class RWKV:
         x = layer_norm(x.to(device=self.devices[-1], dtype=self.plan.layers[-1].atype), *self.ln_out)
         return ops.matmul(x, self.head_weight()).float(), new
 
-    def run_layers(self, x: torch.Tensor, layers: list[tuple], ctx: Context,
-                   step: Callable | None = None) -> tuple[torch.Tensor, list[tuple]]:
+    def run_layers(self, x: torch.Tensor, layers: list[tuple], ctx: Context, step: Callable | None = None,
+                   start: int = 0, stop: int | None = None) -> tuple[torch.Tensor, list[tuple]]:
         """The one layer loop (eager forward, prefill graphs, the batched decoder): every layer in order.
 
-        Per layer: x moves to the layer's device and activation dtype, the state tuple to the layer's device,
-        a streamed layer's parameters are copied in (``layer_params``), the block runs, and every
+        Per layer: x moves to the layer's device and activation dtype (at a stage boundary RWKV-7's
+        ``ctx.v_first`` moves with it, once), the state tuple to the layer's device, a streamed layer's
+        matrices come from the streamer's buffers (``layer_params``), the block runs, and every
         ``rescale_layer`` layers x is halved. The block is ``step`` where given, else the backend's
         replacement for this layer and input (``backend.sequence_block``, T > 1), else the generation's.
 
@@ -394,15 +417,19 @@ class RWKV:
             ctx: the forward's ``Context`` (``ctx.layer`` is set here; blocks set ``ctx.v_first``).
             step: a function with the block contract ``step(x, layer_state, params, ctx) -> (x, layer_state)``
                 run for every layer instead (the decoder's compiled static-buffer step).
+            start, stop: run only layers ``start`` .. ``stop - 1`` (default: all; the decoder's per-device CUDA
+                graphs run one stage each).
         Returns:
-            ``(x, new_layers)``: x [B, T, C] after the last layer, on its device; the per-layer state tuples
-            returned by the blocks.
+            ``(x, new_layers)``: x [B, T, C] after the last layer run, on its device; the state tuples returned
+            by the blocks run (one per layer of the range).
         """
         gen, places, devices = self.generation, self.plan.layers, self.devices
         replaced = self.backend.sequence_block if step is None and x.shape[1] > 1 else None
         new = []
-        for i in range(self.n_layer):
+        for i in range(start, self.n_layer if stop is None else stop):
             dev = devices[i]
+            if x.device != dev and ctx.v_first is not None:     # RWKV-7's v_first crosses a stage with x
+                ctx.v_first = ctx.v_first.to(dev)
             x = x.to(device=dev, dtype=places[i].atype)
             st = tuple(t.to(dev) for t in layers[i])
             p = self.layer_params(i)

@@ -1,0 +1,62 @@
+"""``rwkv-chat plan MODEL --strategy S``: a dry run of a load, reading only the checkpoint's header.
+
+Prints, per stage and per device, the layers, the weight bytes by format, the state of a conversation, the
+bytes streamed per token for a ``*N+`` stage, the transfers between devices per token, and whether each
+device's need fits its free memory (``rwkv_chat.models.plan``). Nothing is loaded, so it answers in about a
+second even for large checkpoints, and for GPUs this machine does not have (fit "unknown").
+
+This is a local tool: it imports the engine directly (as ``app/bench.py`` does), never through the daemon.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+EXAMPLES = """examples:
+  rwkv-chat plan ~/models/rwkv7-7.2B.pth --strategy "cuda:0 fp16 *16 -> cuda:1 fp16"
+  rwkv-chat plan ~/models/rwkv7-7.2B.pth --strategy "cuda fp16 *10+"
+  rwkv-chat plan ~/models/Qwen2-7B --strategy "cuda fp16" --context 8192
+  rwkv-chat plan ~/models/rwkv7-1.5B.pth --suggest          # strategies that fit this machine
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command; returns 0 (fits or unknown), 1 (a device does not fit) or 2 (a user mistake, one line
+    on stderr)."""
+    ap = argparse.ArgumentParser(prog="rwkv-chat plan", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
+    ap.add_argument("model", metavar="MODEL", help="an RWKV .pth / .safetensors file, or a Qwen2 model folder")
+    ap.add_argument("--strategy", metavar="S", help='e.g. "cuda fp16", "cuda:0 fp16 *16 -> cuda:1 fp16", '
+                    '"cuda fp16 *10+" (rwkv-chat load --help explains the syntax)')
+    ap.add_argument("--suggest", action="store_true", help="list strategies that fit the devices of this machine")
+    ap.add_argument("--conversations", type=int, default=1, metavar="N",
+                    help="conversations whose state the need counts (default 1)")
+    ap.add_argument("--context", type=int, default=None, metavar="T",
+                    help="Qwen2: KV cache tokens per conversation (default 4096)")
+    ap.add_argument("--json", action="store_true", help="print the plan as JSON")
+    args = ap.parse_args(argv)
+    if args.strategy is None and not args.suggest:
+        ap.error("give --strategy S (or --suggest)")
+    if args.conversations < 1 or (args.context is not None and args.context < 1):
+        ap.error("--conversations and --context must be >= 1")
+
+    from rwkv_chat.models.errors import RWKVError
+    from rwkv_chat.models.plan import plan_memory, suggest
+
+    try:
+        if args.suggest and args.strategy is None:
+            found = suggest(args.model, conversations=args.conversations)
+            print(json.dumps(found) if args.json else "\n".join(found))
+            return 0
+        mp = plan_memory(args.model, args.strategy, conversations=args.conversations, context=args.context)
+    except (RWKVError, OSError, ValueError) as e:
+        print(f"rwkv-chat plan: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(mp.to_dict(), indent=1, default=str) if args.json else mp)
+    return 1 if mp.fits is False else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

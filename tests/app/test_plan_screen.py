@@ -1,0 +1,44 @@
+"""The model screen's strategy list comes from the planner once a checkpoint path is typed."""
+
+from __future__ import annotations
+
+import asyncio
+
+from textual.app import App
+from textual.widgets import Label, OptionList
+
+from rwkv_chat.app.screens.first_run import ModelScreen, suggest_strategies
+
+#: what the daemon reported: the list before a path is typed differs from what the planner finds here
+DEVICES = ["cpu", "cuda:0 Some GPU"]
+
+
+def test_model_screen_lists_strategies_that_fit(model_path):
+    from rwkv_chat.models.plan import suggest
+
+    path = model_path("7")
+    want = suggest(path)                        # the planner in this process: this machine's devices
+
+    class Host(App):
+        def on_mount(self) -> None:
+            self.push_screen(ModelScreen(DEVICES))
+
+    async def run() -> None:
+        app = Host()
+        async with app.run_test() as pilot:
+            await pilot.pause()
+            screen = app.screen
+            options = screen.query_one("#strategy-list", OptionList)
+            shown = [str(options.get_option_at_index(i).prompt) for i in range(options.option_count)]
+            assert shown == suggest_strategies(DEVICES) != want
+            screen.query_one("#model-path").value = str(path)
+            for _ in range(600):                # the planner runs in a child process (imports torch)
+                await asyncio.sleep(0.1)
+                if screen.strategies == want:
+                    break
+            assert screen.strategies == want
+            await pilot.pause()
+            assert [str(options.get_option_at_index(i).prompt) for i in range(options.option_count)] == want
+            assert path.name in str(screen.query_one("#strategy-fit", Label).render())
+
+    asyncio.run(run())
