@@ -38,16 +38,31 @@ def _wide_rwkv7(src: Path, dst: Path) -> Path:
 
 
 def _qwen_folder(shared: Path, dst: Path) -> dict[str, Path]:
-    """A tiny random Qwen2 folder (config, safetensors weights, generation config) built with transformers;
-    the tokenizer files are served from ../shared/tokenizers/qwen."""
+    """A tiny random Qwen2 folder in the Hugging Face layout (config.json, model.safetensors with the
+    Qwen2ForCausalLM tensor names, generation_config.json); the tokenizer files are served from
+    ../shared/tokenizers/qwen."""
     import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from safetensors.torch import save_file
 
-    torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=True)
-    Qwen2ForCausalLM(cfg).save_pretrained(dst, safe_serialization=True)
+    cfg = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 151936, "hidden_size": 16,
+           "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+           "max_position_embeddings": 256, "rms_norm_eps": 1e-6, "rope_theta": 1e6, "tie_word_embeddings": True,
+           "torch_dtype": "float16"}
+    (dst / "config.json").write_text(json.dumps(cfg, indent=2))
+    (dst / "generation_config.json").write_text(json.dumps({"bos_token_id": 151643, "eos_token_id": 151645}))
+    g = torch.Generator().manual_seed(0)
+    c, f, kv = cfg["hidden_size"], cfg["intermediate_size"], 8
+    shapes = {"model.embed_tokens.weight": [cfg["vocab_size"], c], "model.norm.weight": [c]}
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes.update({p + "input_layernorm.weight": [c], p + "post_attention_layernorm.weight": [c],
+                       p + "self_attn.q_proj.weight": [c, c], p + "self_attn.q_proj.bias": [c],
+                       p + "self_attn.k_proj.weight": [kv, c], p + "self_attn.k_proj.bias": [kv],
+                       p + "self_attn.v_proj.weight": [kv, c], p + "self_attn.v_proj.bias": [kv],
+                       p + "self_attn.o_proj.weight": [c, c], p + "mlp.gate_proj.weight": [f, c],
+                       p + "mlp.up_proj.weight": [f, c], p + "mlp.down_proj.weight": [c, f]})
+    save_file({k: (torch.randn(s, generator=g) * 0.02).half() for k, s in shapes.items()},
+              str(dst / "model.safetensors"), metadata={"format": "pt"})
     files = {p.name: p for p in dst.iterdir() if p.is_file()}
     tok = shared / "tokenizers" / "qwen"
     files.update({p.name: p for p in tok.iterdir() if p.name in ("tokenizer.json", "tokenizer_config.json")})

@@ -123,7 +123,7 @@ def test_a_repo_with_config_json_is_pulled_as_a_folder(home, hub):
                                                   "tokenizer.json", "tokenizer_config.json"}
     for f in folder.iterdir():
         assert filecmp.cmp(f, hub.repos[QWEN_REPO].files[f.name], shallow=False)
-    assert "shape: 2 layers x 32, vocabulary 151,936" in home.run("models", "show", "qwen2-tiny-instruct").stdout
+    assert "shape: 2 layers x 16, vocabulary 151,936" in home.run("models", "show", "qwen2-tiny-instruct").stdout
 
 
 def test_offline_mode_serves_the_cache_and_names_what_is_missing(home, hub):
