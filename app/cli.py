@@ -123,8 +123,9 @@ def parser() -> argparse.ArgumentParser:
               + STRATEGY_HELP,
               ['rwkv-chat daemon start --model ~/models/rwkv7-0.1B.pth --strategy "cpu fp32"',
                "rwkv-chat daemon start --foreground          # logs in this terminal; Ctrl+C stops it"])
-    ds.add_argument("--model", metavar="PATH", help="checkpoint to load (.pth or .safetensors), e.g. "
-                                                    "~/models/RWKV-x070-World-0.1B.pth; the command waits for it")
+    ds.add_argument("--model", metavar="MODEL", help="model to load: a local model's name (rwkv-chat models) or a "
+                                                     "checkpoint (.pth or .safetensors), e.g. "
+                                                     "~/models/RWKV-x070-World-0.1B.pth; the command waits for it")
     ds.add_argument("--strategy", metavar="S",
                     help='where and how the model runs, e.g. "cpu fp32" (default: the config\'s; see above)')
     ds.add_argument("--foreground", action="store_true", help="run in this terminal instead of the background")
@@ -330,8 +331,13 @@ def _daemon(args) -> int:
             if args.model:
                 _err("rwkv-chat: use `rwkv-chat load PATH` to switch its model")
             return 0
-        model = os.path.abspath(os.path.expanduser(args.model)) if args.model else None
-        info = spawn_daemon(paths, model, args.strategy)
+        from .models_cli import load_target
+
+        try:
+            model, own_strategy = load_target(args.model, paths) if args.model else (None, "")
+        except FileNotFoundError as e:
+            raise UsageError(str(e)) from None
+        info = spawn_daemon(paths, model, args.strategy or own_strategy or None)
         _err(f"rwkv-chat: daemon started (pid {info.pid}, {info.request})")
         return _wait_for_load(paths) if model else 0
     if args.daemon_cmd == "stop":

@@ -51,8 +51,9 @@ def test_pull_then_load_by_name_and_chat_against_a_real_daemon(home, hub, model_
     home.run("pull", TINY_REPO, SEVEN)                                     # already in the cache: no download
     assert len(hub.gets(SEVEN)) == gets and len(home.models()) == 1
 
-    home.run("daemon", "start")
+    r = home.run("daemon", "start", "--model", "tiny-rwkv-7v0-834k")       # a name, resolved by the daemon
     try:
+        assert r.stderr.strip().splitlines()[-1].startswith(f"loaded {entry['path']}")
         r = home.run("load", "tiny-rwkv-7v0-834k")
         assert r.stderr.strip().splitlines()[-1].startswith(f"loaded tiny-rwkv-7v0-834k with strategy 'cpu fp32'")
         want = greedy(model_path("7"), "The capital of", 16)
