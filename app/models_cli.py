@@ -124,7 +124,7 @@ def pull(args) -> int:
         return 1
     except hub.HubError as e:
         _err(f"rwkv-chat: {e}")
-        return 2 if "no such file" in str(e) or "no repo" in str(e) or "no such revision" in str(e) else 1
+        return 2 if isinstance(e, hub.NotOnHub) else 1
     _err(f"pulled {entry.repo} {entry.file or '(folder)'} as {entry.name}: {_describe(entry)}, {_size(entry.bytes)}")
     _err(f"load it with: rwkv-chat load {entry.name}")
     return 0

@@ -209,7 +209,12 @@ class Host:
         return info
 
     def expect(self, path: str, strategy: str) -> None:
-        """Say (in :meth:`info`) that ``path`` is about to load with ``strategy`` (any thread)."""
+        """Say (in :meth:`info`) that ``path`` (or a local model's name) is about to load with ``strategy``
+        (any thread)."""
+        try:
+            path = self.resolve(path)
+        except FileNotFoundError:
+            pass                                # load() says so
         self._info = {**{k: v for k, v in self._info.items() if k not in _LOADING},
                       "loading": _short(os.path.abspath(os.path.expanduser(path))), "loading_strategy": _short(strategy)}
 

@@ -37,6 +37,10 @@ class HubError(RuntimeError):
     the cache, network); the message is one line for the user."""
 
 
+class NotOnHub(HubError):
+    """The repo, revision or file does not exist on the Hub (or the repo is private and no token allows it)."""
+
+
 class ChecksumError(HubError):
     """A downloaded file does not match the checksum the Hub gave for it (it was removed from the cache)."""
 
@@ -66,11 +70,11 @@ def _hub_error(e: BaseException, repo: str, what: str = "") -> HubError:
     if isinstance(e, errors.GatedRepoError):
         return HubError(f"{repo} is gated: accept its terms on the Hub and log in (`hf auth login` or HF_TOKEN)")
     if isinstance(e, errors.RepositoryNotFoundError):
-        return HubError(f"no repo {repo} on the Hub (or it is private: log in with `hf auth login` or HF_TOKEN)")
+        return NotOnHub(f"no repo {repo} on the Hub (or it is private: log in with `hf auth login` or HF_TOKEN)")
     if isinstance(e, errors.RevisionNotFoundError):
-        return HubError(f"{repo} has no such revision")
+        return NotOnHub(f"{repo} has no such revision")
     if isinstance(e, errors.EntryNotFoundError) and not isinstance(e, errors.LocalEntryNotFoundError):
-        return HubError(f"{where}: no such file in the repo")
+        return NotOnHub(f"{where}: no such file in the repo")
     if isinstance(e, (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled)):
         return HubError(f"{where} is not in the local cache and the Hub cannot be reached (offline mode or no "
                         "network)")
