@@ -53,7 +53,8 @@ def add_parsers(sub, make) -> None:
          ["rwkv-chat models show rwkv7-g1-1.5b"]).add_argument("name", metavar="NAME", help="the local name")
     make(msub, "rm", "forget a local model and free its disk space",
          "Forget a local model and delete its files from the Hugging Face cache (files another local model\n"
-         "uses stay).", ["rwkv-chat models rm rwkv7-g1-1.5b"]).add_argument("name", metavar="NAME")
+         "uses stay).", ["rwkv-chat models rm rwkv7-g1-1.5b"]).add_argument("name", metavar="NAME",
+                                                                        help="the local name")
 
     ps = make(sub, "ps", "show the loaded model, its memory, idle time and conversations in memory",
               "What the daemon holds: its model (or that it was unloaded after being idle: it loads again on\n"
