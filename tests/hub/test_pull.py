@@ -136,13 +136,14 @@ def test_offline_mode_serves_the_cache_and_names_what_is_missing(home, hub):
     assert r.returncode == 1 and "not in the local cache" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
-def test_user_mistakes_are_one_line_and_exit_2(home):
+def test_user_mistakes_are_one_line_and_exit_2(home, hub):
     for args in (["pull", "no/such-repo", "x.pth"], ["pull", TINY_REPO, "nope.pth"], ["pull", "justaname"],
+                 ["pull", TINY_REPO, SEVEN, "--revision", "v9"], ["pull", TINY_REPO, SEVEN, "--name", "Bad Name"],
                  ["load", "no-such-model"], ["models", "show", "nope"]):
         r = home.run(*args, check=False)
         assert r.returncode == 2, (args, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, (args, r.stderr)
-    home.run("pull", TINY_REPO, SEVEN)
+    home.run("pull", TINY_REPO, SEVEN, "--revision", hub.repos[TINY_REPO].sha)      # a commit is a revision
     r = home.run("pull", TINY_REPO, SIX, "--name", "tiny-rwkv-7v0-834k", check=False)
     assert r.returncode == 2 and "--name" in r.stderr
 
