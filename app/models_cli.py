@@ -237,6 +237,15 @@ def ps(args) -> int:
                           "queued": st["queued"], "conversations_in_memory": in_memory}, indent=2))
         return 0
     name = mdl.get("name") or ""
+    if not name and mdl.get("path"):                 # loaded by path: a local model may have that file
+        from rwkv_chat.daemon.registry import Registry, RegistryError
+
+        try:
+            same = [e.name for e in Registry(paths.data_dir).entries()
+                    if os.path.realpath(e.path) == os.path.realpath(mdl["path"])]
+        except RegistryError:
+            same = []
+        name = same[0] if same else ""
     where = f"{name} ({mdl['path']})" if name else mdl.get("path", "")
     if mdl.get("loaded"):
         state = "loaded"

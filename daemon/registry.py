@@ -110,8 +110,9 @@ class Registry:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise RegistryError(f"cannot read the model registry {self.file}: {e}") from e
         known = {f.name for f in fields(ModelEntry)}
+        models = data.get("models") if isinstance(data, dict) else None
         out = {}
-        for name, raw in (data.get("models") or {}).items() if isinstance(data, dict) else ():
+        for name, raw in models.items() if isinstance(models, dict) else ():
             if isinstance(raw, dict) and isinstance(raw.get("path"), str):
                 out[name] = ModelEntry(**{k: v for k, v in raw.items() if k in known} | {"name": name})
         return out
