@@ -108,7 +108,8 @@ class ChatApp(App):
         path, strategy = self._model_draft or (model.get("path", "") or (error or {}).get("path", ""),
                                                model.get("strategy", "") or (error or {}).get("strategy", ""))
         screen = ModelScreen(self.status.get("devices") or ["cpu"], path=path, strategy=strategy,
-                             first_run=first_run, loading=model.get("loading", ""), error=error)
+                             first_run=first_run, loading=model.get("loading", ""), error=error,
+                             data_dir=self.paths.data_dir)
         self._model_screen = screen
 
         def closed(_result) -> None:

@@ -123,8 +123,9 @@ def parser() -> argparse.ArgumentParser:
               + STRATEGY_HELP,
               ['rwkv-chat daemon start --model ~/models/rwkv7-0.1B.pth --strategy "cpu fp32"',
                "rwkv-chat daemon start --foreground          # logs in this terminal; Ctrl+C stops it"])
-    ds.add_argument("--model", metavar="PATH", help="checkpoint to load (.pth or .safetensors), e.g. "
-                                                    "~/models/RWKV-x070-World-0.1B.pth; the command waits for it")
+    ds.add_argument("--model", metavar="MODEL", help="model to load: a local model's name (rwkv-chat models) or a "
+                                                     "checkpoint (.pth or .safetensors), e.g. "
+                                                     "~/models/RWKV-x070-World-0.1B.pth; the command waits for it")
     ds.add_argument("--strategy", metavar="S",
                     help='where and how the model runs, e.g. "cpu fp32" (default: the config\'s; see above)')
     ds.add_argument("--foreground", action="store_true", help="run in this terminal instead of the background")
@@ -140,11 +141,13 @@ def parser() -> argparse.ArgumentParser:
     dst.add_argument("--json", action="store_true", help="print the status as JSON")
 
     lp = _sub(sub, "load", "load (or switch) the daemon's model",
-              "Load a checkpoint into the daemon (replacing the model it has), with a progress bar.\n\n"
+              "Load a local model by name (`rwkv-chat models`) or a checkpoint by path into the daemon\n"
+              "(replacing the model it has), with a progress bar.\n\n"
               + STRATEGY_HELP,
-              ['rwkv-chat load ~/models/rwkv7-0.1B.pth --strategy "cpu fp32"',
+              ["rwkv-chat load rwkv7-g1-1.5b", 'rwkv-chat load ~/models/rwkv7-0.1B.pth --strategy "cpu fp32"',
                'rwkv-chat load ~/models/rwkv7-1.5B.pth --strategy "cuda fp16" --default'])
-    lp.add_argument("path", metavar="PATH", help="checkpoint file (.pth or .safetensors, RWKV versions 4 to 7)")
+    lp.add_argument("path", metavar="MODEL", help="a local model's name (rwkv-chat models), or a checkpoint file "
+                                                  "(.pth or .safetensors, RWKV versions 4 to 7) or model folder")
     lp.add_argument("--strategy", default=None, metavar="S",
                     help="where and how the model runs (default: the config's, cpu fp32 at first; see above)")
     lp.add_argument("--default", action="store_true",
@@ -206,6 +209,9 @@ def parser() -> argparse.ArgumentParser:
     dp.add_argument("--json", action="store_true", help="print the report as JSON")
     dp.add_argument("--build", action="store_true",
                     help="build the compiled kernels now when they are not built yet (about a minute)")
+    from .models_cli import add_parsers
+
+    add_parsers(sub, _sub)
     sub.add_parser("bench", help="measure prefill and decode speed (rwkv-chat bench --help)", add_help=False)
     sub.add_parser("plan", help="memory per device of a model and strategy, without loading (rwkv-chat plan --help)",
                    add_help=False)
@@ -248,8 +254,11 @@ def _main(argv: list[str]) -> int:
     try:
         if args.cmd is None:
             return _tui()
+        from . import models_cli
+
         return {"daemon": _daemon, "load": _load, "complete": _complete, "chat": _chat,
-                "conversations": _conversations, "doctor": _doctor}[args.cmd](args)
+                "conversations": _conversations, "doctor": _doctor, "pull": models_cli.pull,
+                "models": models_cli.models, "ps": models_cli.ps, "unload": models_cli.unload}[args.cmd](args)
     except (UsageError, InvalidId) as e:
         _err(f"rwkv-chat: {e}")
         return 2
@@ -328,8 +337,13 @@ def _daemon(args) -> int:
             if args.model:
                 _err("rwkv-chat: use `rwkv-chat load PATH` to switch its model")
             return 0
-        model = os.path.abspath(os.path.expanduser(args.model)) if args.model else None
-        info = spawn_daemon(paths, model, args.strategy)
+        from .models_cli import load_target
+
+        try:
+            model, own_strategy = load_target(args.model, paths) if args.model else (None, "")
+        except FileNotFoundError as e:
+            raise UsageError(str(e)) from None
+        info = spawn_daemon(paths, model, args.strategy or own_strategy or None)
         _err(f"rwkv-chat: daemon started (pid {info.pid}, {info.request})")
         return _wait_for_load(paths) if model else 0
     if args.daemon_cmd == "stop":
@@ -458,10 +472,15 @@ def progress_bar(done: int, total: int, width: int = 30) -> str:
 def _load(args) -> int:
     from rwkv_chat.daemon.protocol import messages as m
 
+    from .models_cli import load_target
+
     paths = _paths()
     cfg = _config(paths)
-    strategy = args.strategy or cfg.model.strategy
-    path = os.path.abspath(os.path.expanduser(args.path))
+    try:
+        path, own_strategy = load_target(args.path, paths)     # a file or folder, or a local model's name
+    except FileNotFoundError as e:
+        raise UsageError(str(e)) from None
+    strategy = args.strategy or own_strategy or cfg.model.strategy
     interactive = sys.stderr.isatty()
 
     def run(c) -> int:
@@ -514,7 +533,7 @@ def _stream(gen, strip_first: bool = False, chat: bool = False, started=None) ->
     first = True
     interactive = sys.stderr.isatty()
     position = None
-    noted = False
+    noted = reloading = False
     try:
         for ev in gen:
             if isinstance(ev, m.Queued):
@@ -531,13 +550,21 @@ def _stream(gen, strip_first: bool = False, chat: bool = False, started=None) ->
                 first = first and not text
                 sys.stdout.write(text)
                 sys.stdout.flush()
+            elif isinstance(ev, m.Progress) and ev.phase == "load":
+                if not reloading:       # the model was unloaded while idle (keep-alive): said once
+                    reloading = True
+                    if interactive:
+                        sys.stderr.write("\r\x1b[K")
+                    _err(f"rwkv-chat: loading the model again (unloaded while idle): {ev.text}")
             elif isinstance(ev, m.Progress) and ev.text and not noted:
                 noted = True            # why the history is re-read: said once, terminal or not
                 if interactive:
                     sys.stderr.write("\r\x1b[K")
                 _err(f"rwkv-chat: {ev.text}")
             if isinstance(ev, m.Progress) and interactive:
-                sys.stderr.write(f"\r\x1b[Kreading the prompt {progress_bar(ev.done, ev.total)} tokens")
+                what = "loading the model" if ev.phase == "load" else "reading the prompt"
+                unit = "layers" if ev.phase == "load" else "tokens"
+                sys.stderr.write(f"\r\x1b[K{what} {progress_bar(ev.done, ev.total)} {unit}")
                 sys.stderr.flush()
                 if ev.done >= ev.total:
                     sys.stderr.write("\r\x1b[K")

@@ -403,6 +403,11 @@ class Client:
         return self._stream(t := self._topic(), m.Load(client_id=self.client_id, topic=t, path=str(path),
                                                         strategy=strategy))
 
+    def unload(self):
+        """Unload the model (it loads again on the next request that needs it): events Started,
+        Done(reason="unloaded")."""
+        return self._stream(t := self._topic(), m.Unload(client_id=self.client_id, topic=t))
+
     def complete(self, prompt: str, stop: list[str] | None = None, **sampling):
         """Raw completion of ``prompt`` from the zero state (sampling: temperature, top_p, top_k, seed, …)."""
         return self._stream(t := self._topic(), m.Complete(client_id=self.client_id, topic=t, prompt=prompt,

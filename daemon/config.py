@@ -53,6 +53,10 @@ Sections and keys (all optional; defaults below)::
     heartbeat = 0.5                # seconds between heartbeats (both directions)
     resident_states = 8            # conversation states kept on the model's devices
     cpu_states = 64                # more idle states kept in CPU memory; the rest live on disk only
+    keep_alive = "30m"             # unload an idle model (no generation running or waiting) after this long:
+                                   # seconds, or "90s", "30m", "2h"; 0 = never. The next request that needs
+                                   # the model loads it again (load progress events, as at start); the
+                                   # conversations' states are on disk and resume as before
     bind = ""                      # "" = ipc:// in the runtime dir; "tcp://HOST:PORT" (beyond loopback needs CURVE)
     curve_secret_key = ""          # Z85 server secret key, required for a tcp bind beyond loopback
     curve_public_key = ""
@@ -112,6 +116,7 @@ class DaemonConfig:
     heartbeat: float = 0.5
     resident_states: int = 8
     cpu_states: int = 64
+    keep_alive: float = 1800.0
     bind: str = ""
     curve_secret_key: str = ""
     curve_public_key: str = ""
@@ -135,7 +140,39 @@ _POSITIVE = {("daemon", k) for k in ("heartbeat", "client_timeout", "daemon_time
 _NON_NEGATIVE = {("daemon", k) for k in ("time_slice", "queue_timeout")}
 
 
+_DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(value) -> float:
+    """Seconds of a duration: a number of seconds (int or float) or a string ``"90"``, ``"90s"``, ``"30m"``,
+    ``"2h"``, ``"1d"``; >= 0. Raises ConfigError."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str) and value.strip():
+        text = value.strip().lower()
+        unit = _DURATION_UNITS.get(text[-1])
+        try:
+            seconds = float(text[:-1] if unit else text) * (unit or 1.0)
+        except ValueError:
+            raise ConfigError(f"{value!r} is not a duration: use seconds or a number with s, m, h or d "
+                              "(\"30m\")") from None
+    else:
+        raise ConfigError(f"{value!r} is not a duration: use seconds or a number with s, m, h or d (\"30m\")")
+    if not seconds >= 0 or seconds == float("inf"):
+        raise ConfigError(f"a duration must be >= 0 seconds, got {value!r}")
+    return seconds
+
+
+#: keys that take a duration (seconds or "30m"), see parse_duration
+_DURATIONS = {("daemon", "keep_alive")}
+
+
 def _coerce(section: str, key: str, value, default):
+    if (section, key) in _DURATIONS:
+        try:
+            return parse_duration(value)
+        except ConfigError as e:
+            raise ConfigError(f"[{section}] {key}: {e}") from None
     words = _BOOL_OR.get((section, key))
     if words is not None:
         if isinstance(value, bool) or value in words:

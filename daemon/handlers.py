@@ -95,7 +95,7 @@ def devices() -> list[str]:
 
 
 def _generation(server, msg, kind: str, topic: str, cid: str = "", mode: str = "") -> m.Msg:
-    if kind != "load":
+    if kind not in ("load", "unload"):
         _settings(server, msg.sampling)
     job = Job(id=server.new_job_id(), kind=kind, client_id=msg.client_id, topic=topic, request=msg,
               conversation_id=cid, mode=mode, owner=server.peer)
@@ -120,7 +120,7 @@ def _status(server, msg):
     paths = server.paths
     return m.StatusReply(
         pid=os.getpid(), version=ver, protocol=p.PROTOCOL_VERSION, uptime=time.time() - server.started,
-        model=server.host.info(), memory=memory(), devices=devices(), active=snap["active"], queued=snap["queued"],
+        model={**server.host.info(), **server.scheduler.keep_alive_info()}, memory=memory(), devices=devices(), active=snap["active"], queued=snap["queued"],
         clients=sum(1 for t in server.last_seen.values() if time.time() - t < server.config.daemon.client_timeout),
         home={"config": str(paths.config_dir), "data": str(paths.data_dir), "cache": str(paths.cache_dir),
               "runtime": str(paths.runtime_dir), "dropped_frames": server.dropped,
@@ -143,6 +143,11 @@ def _shutdown(server, msg):
 @handles(m.Load)
 def _load(server, msg):
     return _generation(server, msg, "load", check_topic(msg.topic)), []
+
+
+@handles(m.Unload)
+def _unload(server, msg):
+    return _generation(server, msg, "unload", check_topic(msg.topic)), []
 
 
 @handles(m.Complete)

@@ -10,7 +10,9 @@ is loading (``loading``: the path, ``loading_strategy``, ``progress``: [done, to
 measuring decode batch sizes), the compiled kernels building in the background (``kernel_build``: one
 ``BackgroundBuild.progress()`` per device type; ``kernels_error`` once the switch found a build failed) and
 how the last load failed (``error``: ``path``, ``strategy``, ``kind``, ``message``, ``time``; kept until a load
-succeeds).
+succeeds). A model given by its local name (``rwkv-chat models``) has ``name`` as well. A model unloaded while
+idle (keep-alive) or by an ``Unload`` request is *parked*: ``loaded`` false, ``unloaded`` ("keep-alive" or
+"request"), ``path``, ``strategy`` and ``unloaded_at`` (Unix time); :meth:`Host.reload` loads it again.
 """
 
 from __future__ import annotations
@@ -48,8 +50,13 @@ class Host:
         kernels: the engine's kernel loader (default: the process's, ``rwkv_chat.models.kernels``).
     """
 
-    def __init__(self, kernels=None):
+    def __init__(self, kernels=None, resolve=None):
         from rwkv_chat.models import kernels as compiled
+
+        #: ``resolve(ref) -> path``: a model file or folder, or a local model's name (the registry's resolve)
+        self.resolve = resolve if resolve is not None else (lambda ref: ref)
+        self._parked: dict | None = None   # load() arguments of a model unloaded by unload(), until reload()
+        self._args: dict | None = None     # load() arguments of the loaded model
 
         self.kernels = kernels if kernels is not None else compiled.default_loader()
         self.model = None
@@ -68,12 +75,23 @@ class Host:
         decoder's batch sizes (:func:`decode_buckets` of ``batch_invariant``: True, False or "auto"). The model
         uses the compiled kernels where they are built; else it serves on the torch path while they build
         (see the class). Raises what ``load_model`` raises (CheckpointError, StrategyError, TokenizerError,
-        MemoryError, …); the previous model stays loaded then."""
+        MemoryError, …); the previous model stays loaded then. ``path`` may be a local model's name (resolved
+        by ``resolve``: FileNotFoundError when it names nothing)."""
         import torch
 
         from rwkv_chat.models import load_model
 
-        path = os.path.abspath(os.path.expanduser(path))
+        args = {"path": path, "strategy": strategy, "tokenizer": tokenizer, "max_batch": max_batch,
+                "batch_invariant": batch_invariant, "threads": threads}
+        ref = path
+        try:
+            path = os.path.abspath(os.path.expanduser(self.resolve(ref)))
+        except FileNotFoundError as e:
+            self._info = {**{k: v for k, v in self._info.items() if k not in _LOADING},
+                          "error": {"path": _short(ref), "strategy": _short(strategy), "kind": "NotFound",
+                                    "message": _short(str(e), 500), "time": time.time()}}
+            raise
+        name = ref if path != os.path.abspath(os.path.expanduser(ref)) else ""
         self.expect(path, strategy)
 
         def placed(done: int, total: int) -> None:
@@ -108,7 +126,8 @@ class Host:
         self.threads = n_threads
         self.builds = builds
         self._decoding = (max_batch, batch_invariant)
-        self._info = {"loaded": True, "path": path, "strategy": strategy, "version": model.version,
+        self._args, self._parked = args, None
+        self._info = {"loaded": True, "path": path, "name": name, "strategy": strategy, "version": model.version,
                       "plan": str(model.plan), "backend": str(model.backend), "fingerprint": model.fingerprint,
                       "n_layer": getattr(model, "n_layer", None), "n_embd": getattr(model, "n_embd", None),
                       "vocab_size": model.vocab_size, "tokenizer": self.tokenizer.name,
@@ -118,7 +137,43 @@ class Host:
     def switch_due(self) -> bool:
         """Whether the kernels the model waited for have finished building (built or failed): time for
         :meth:`use_kernels`, between two steps."""
-        return bool(self.builds) and all(b.done for b in self.builds.values())
+        return self.model is not None and bool(self.builds) and all(b.done for b in self.builds.values())
+
+    # -- keep-alive: unloading an idle model and loading it again
+    @property
+    def parked(self) -> bool:
+        """Whether a model was unloaded by :meth:`unload` and loads again with :meth:`reload`."""
+        return self.model is None and self._parked is not None
+
+    def unload(self, reason: str) -> bool:
+        """Free the model (its weights, decoder, device memory) and remember how it was loaded, so that
+        :meth:`reload` loads it again; ``reason``: "keep-alive" or "request" (shown by :meth:`info`). Returns
+        False when no model was loaded. The caller has no generation running and forgets its in-memory
+        states (they are on disk)."""
+        if self.model is None:
+            return False
+        import gc
+
+        import torch
+
+        info = self._info
+        self._parked = self._args
+        self.model = self.tokenizer = self.template = self.decoder = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        self._info = {"loaded": False, "unloaded": reason, "unloaded_at": time.time(), "path": info.get("path", ""),
+                      "name": info.get("name", ""), "strategy": info.get("strategy", "")}
+        log.info("unloaded %s (%s)", info.get("path"), reason)
+        return True
+
+    def reload(self, progress=None) -> None:
+        """Load the parked model again, as :meth:`load` loaded it (``progress(done, total)`` layers). Raises
+        what :meth:`load` raises; the model is no longer parked then (the status shows the error)."""
+        args, self._parked = self._parked, None
+        if args is None:
+            raise NoModel("no model to load again")
+        self.load(**args, progress=progress)
 
     def use_kernels(self) -> None:
         """Move the model to the compiled kernels (``Model.use_kernels``) and make its decoder again (new
@@ -154,12 +209,19 @@ class Host:
         return info
 
     def expect(self, path: str, strategy: str) -> None:
-        """Say (in :meth:`info`) that ``path`` is about to load with ``strategy`` (any thread)."""
+        """Say (in :meth:`info`) that ``path`` (or a local model's name) is about to load with ``strategy``
+        (any thread)."""
+        try:
+            path = self.resolve(path)
+        except FileNotFoundError:
+            pass                                # load() says so
         self._info = {**{k: v for k, v in self._info.items() if k not in _LOADING},
                       "loading": _short(os.path.abspath(os.path.expanduser(path))), "loading_strategy": _short(strategy)}
 
     def need(self):
         """``(model, tokenizer, chat template)`` of the loaded model. Raises NoModel."""
+        if self.model is None and self._parked is not None:
+            raise NoModel("the model was unloaded while idle and is loading again; retry in a moment")
         if self.model is None:
             raise NoModel("no model is loaded: start the daemon with --model PATH, set [model] path in the "
                           "config, or run `rwkv-chat load PATH`")

@@ -28,6 +28,12 @@ decoding, and sampling stays per generation (each its own Sampler). The decoder'
 that a generation's logits do not depend on which others share its step (``[daemon] batch_invariant``, see
 :func:`~rwkv_chat.daemon.host.decode_buckets`).
 
+Keep-alive (``[daemon] keep_alive`` seconds, 0 = never): once no generation has run or waited for that long,
+the model is unloaded (:meth:`Host.unload`; in-memory states are forgotten, they are on disk). The next
+request that needs it loads it again before it is admitted, with ``Progress(phase="load")`` events on the
+waiting requests' topics; a load that fails then fails them. An ``Unload`` request parks the model the same way
+at once (after the generations in flight, like a load).
+
 Out of memory (MemoryError, torch.OutOfMemoryError, allocator errors) in a load, prefill or decode step
 fails the jobs concerned with kind "OOM"; the daemon serves on.
 """
@@ -42,6 +48,7 @@ from collections import OrderedDict, deque
 
 from .generation import TOKEN_INTERVAL, Generation, Job, sample_next, send_round
 from .host import classify
+from .keepalive import KeepAlive
 from .protocol import messages as m
 
 log = logging.getLogger("rwkv_chat.daemon")
@@ -55,7 +62,7 @@ class QueueTimeout(RuntimeError):
     """A job waited longer than ``[daemon] queue_timeout`` seconds for a place."""
 
 
-class Scheduler:
+class Scheduler(KeepAlive):
     """Queues, admission and the inference thread's loop over a :class:`~rwkv_chat.daemon.host.Host`, the
     store and the in-memory conversation states (``sessions``); ``emit(topic, event)`` is thread-safe."""
 
@@ -75,6 +82,7 @@ class Scheduler:
         self._slice_start: dict[str, float] = {}   # job id -> monotonic time it was (re)admitted
         self._reported: dict[str, tuple[int, float]] = {}   # job id -> (position, time) of its last Queued
         self._t_round = 0.0             # perf_counter of the last round of Token events
+        self.last_used = time.monotonic()  # the last time a generation ran or waited, or a load ended
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="rwkv-inference", daemon=True)
 
@@ -102,7 +110,7 @@ class Scheduler:
             if queued >= limit:
                 return m.Busy(reason=f"{queued} jobs queued (limit {limit})", queued=queued, limit=limit)
             self._since[job.id] = time.monotonic()
-            if job.kind == "load":
+            if job.kind in ("load", "unload"):
                 self._admin.append(job)
             else:
                 self._pending.setdefault(job.client_id, deque()).append(job)
@@ -150,11 +158,16 @@ class Scheduler:
                 expired = self._take_expired_locked(now)
                 paused = self._preempt_locked(now)
                 admin = self._take_admin_locked()
-                if admin is None:
+                parked = self.host.parked
+                if admin is None and not parked:
                     self._admit_locked(now)
+                reload = admin is None and parked and bool(self._pending)     # a request needs the model
+                if admin is not None or self.active or self._pending:
+                    self.last_used = now
+                unload = self.idle_due(now)
                 reports = self._reports_locked(now)
                 if (admin is None and not self.active and not (dropped or expired or paused or reports)
-                        and not self.host.switch_due()):
+                        and not self.host.switch_due() and not reload and not unload):
                     self._wake.wait(0.5)
                     continue
             try:
@@ -169,6 +182,10 @@ class Scheduler:
                     self.emit(topic, ev)
                 if self.host.switch_due():
                     self._use_kernels()
+                if unload:
+                    self._unload("keep-alive")
+                if reload:
+                    self._reload()
                 if admin is not None:
                     self._run_load(admin)
                 elif self.active:
@@ -328,6 +345,8 @@ class Scheduler:
         self.emit(job.topic, m.Failed(job_id=job.id, kind=QueueTimeout.__name__, message=msg))
 
     def _run_load(self, job: Job) -> None:
+        if job.kind == "unload":
+            return self._run_unload(job)
         req, d = job.request, self.config.daemon
         self.emit(job.topic, m.Started(job_id=job.id, kind="load"))
         t0 = time.perf_counter()
@@ -348,6 +367,7 @@ class Scheduler:
             self.emit(job.topic, m.Failed(job_id=job.id, kind=kind, message=msg))
             return
         self.sessions.clear()
+        self.last_used = time.monotonic()
         self.emit(job.topic, m.Done(job_id=job.id, reason="loaded", text=str(self.host.info()), prompt_tokens=0,
                                     tokens=0, prefill_s=time.perf_counter() - t0, decode_s=0.0, tokens_per_s=0.0))
 

@@ -37,7 +37,7 @@ import zmq
 from rwkv_chat.daemon.config import Config
 from rwkv_chat.daemon.paths import Paths, ensure_dirs
 
-from . import auth, handlers
+from . import auth, handlers, registry
 from .generation import Job
 from .host import Host, classify
 from .launcher import acquire_lock
@@ -184,7 +184,7 @@ class Server:
             if n:
                 log.info("removed %d temporary file(s) of a save that was interrupted", n)
             self.sessions = Sessions(self.store, d.resident_states, d.cpu_states)
-            self.host = Host()
+            self.host = Host(resolve=lambda ref: registry.resolve(ref, self.paths.data_dir))
             self.scheduler = Scheduler(self.host, self.store, self.sessions, self.config, self.emit)
             self.scheduler.start()
             if self.model:

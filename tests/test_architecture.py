@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 LAYERS = {"app": "rwkv_chat.app", "daemon": "rwkv_chat.daemon", "models": "rwkv_chat.models"}
 
 #: what app/ may import of the daemon
-DAEMON_FACE = ("protocol", "client", "launcher", "config", "paths", "errors", "doctor")
+DAEMON_FACE = ("protocol", "client", "launcher", "config", "paths", "errors", "doctor", "registry", "hub", "headers")
 #: what the daemon may import of the engine: the top level and these subpackages / modules
 ENGINE_FACE = ("text", "errors", "state", "kernels")
 #: the app modules that may use the engine directly (local tools)

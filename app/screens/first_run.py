@@ -1,6 +1,7 @@
 """The model screen: shown when the daemon has no model (first run) or on Ctrl+L, and while one loads.
 
-The user gives a checkpoint path and a strategy; the suggestions come from the devices the daemon sees
+The user gives a local model's name (chosen from the list of pulled models) or a checkpoint path, and a
+strategy; a collapsed form pulls a model from the Hugging Face Hub (``rwkv-chat pull`` in a worker); the suggestions come from the devices the daemon sees
 (the same torch view as ``rwkv-chat doctor``). While a model loads (or its kernels build on first use) the
 screen shows a progress view and closes itself once the daemon reports the model loaded; when a load fails
 (this screen's, or the one the daemon was started with) it says what failed, with the form to try again.
@@ -26,6 +27,7 @@ from textual.suggester import SuggestFromList
 from textual.widgets import Button, Checkbox, Footer, Input, Label, OptionList, ProgressBar, Static
 
 from ..texts import STRATEGY_HELP
+from ..widgets.model_pull import LocalModels, PullPanel
 
 CHECKPOINT_SUFFIXES = (".pth", ".safetensors")
 
@@ -49,13 +51,30 @@ def suggest_strategies(devices: list[str]) -> list[str]:
     return out
 
 
-def check_checkpoint(path: str) -> str | None:
-    """A user-facing problem with ``path`` as a checkpoint, or None."""
+def is_local_name(ref: str, data_dir: Path | None) -> bool:
+    """Whether ``ref`` is the name of a model of the local registry in ``data_dir``."""
+    from rwkv_chat.daemon.registry import NAME_RE, Registry, RegistryError
+
+    if data_dir is None or not NAME_RE.fullmatch(ref.strip()):
+        return False
+    try:
+        return Registry(data_dir).get(ref.strip()) is not None
+    except RegistryError:
+        return False
+
+
+def check_checkpoint(path: str, data_dir: Path | None = None) -> str | None:
+    """A user-facing problem with ``path`` as a checkpoint (or a local model's name, with the registry's
+    ``data_dir``), or None."""
     if not path.strip():
         return "enter the path of a model checkpoint (.pth or .safetensors)"
+    if is_local_name(path, data_dir):
+        return None
     p = Path(os.path.expanduser(path.strip()))
     if not p.exists():
         return f"{p} does not exist"
+    if p.is_dir() and (p / "config.json").is_file():
+        return None                                   # a model folder (Hugging Face layout)
     if p.is_dir():
         return f"{p} is a folder; give the checkpoint file"
     if p.suffix not in CHECKPOINT_SUFFIXES:
@@ -81,8 +100,9 @@ class ModelScreen(Screen):
         remember: bool
 
     def __init__(self, devices: list[str], *, path: str = "", strategy: str = "", first_run: bool = True,
-                 loading: str = "", error: dict | None = None) -> None:
+                 loading: str = "", error: dict | None = None, data_dir: Path | None = None) -> None:
         super().__init__()
+        self.data_dir = data_dir      # the local model registry's folder (None: no local models, no pull)
         self.devices = devices
         self.strategies = suggest_strategies(devices)
         self.path, self.strategy = path, strategy or self.strategies[0]
@@ -96,14 +116,17 @@ class ModelScreen(Screen):
             if self.first_run:
                 yield Static("Welcome to rwkv-chat", classes="title")
                 yield Static("No model is loaded yet. Give the path of an RWKV checkpoint (.pth or .safetensors, "
-                             "versions 4 to 7) and a strategy, then Load. The daemon keeps the model loaded for "
+                             "versions 4 to 7) or a local model's name (pull one from the Hugging Face Hub "
+                             "below) and a strategy, then Load. The daemon keeps the model loaded for "
                              "every rwkv-chat window. Esc goes to the chat (Ctrl+L comes back here).",
                              classes="explain")
             else:
                 yield Static("Load a model", classes="title")
             with Vertical(id="model-form"):
-                yield Label("Checkpoint path")
+                yield Label("Checkpoint path or local model name")
                 yield Input(self.path, placeholder="/path/to/RWKV-x070-World-0.1B.pth", id="model-path")
+                if self.data_dir is not None:
+                    yield LocalModels(self.data_dir, id="local-models-box")
                 yield Label("Strategy (how to write one: below)")
                 yield Input(self.strategy, id="model-strategy", suggester=SuggestFromList(self.strategies))
                 yield Label("Strategies that fit this machine (" + ", ".join(d.split()[0] for d in self.devices) + "):",
@@ -113,6 +136,8 @@ class ModelScreen(Screen):
                 with Horizontal(classes="buttons"):
                     yield Button("Load", id="model-load", variant="primary", compact=True)
                 yield Static("", id="model-error")
+                if self.data_dir is not None:
+                    yield PullPanel(self.data_dir, id="pull")
                 yield Static(Text(STRATEGY_HELP), id="strategy-help", classes="explain")
             with Vertical(id="model-progress"):
                 yield Static("", id="progress-text")
@@ -208,18 +233,31 @@ class ModelScreen(Screen):
     def _pick(self, event: OptionList.OptionSelected) -> None:
         self.query_one("#model-strategy", Input).value = str(event.option.prompt)
 
+    @on(LocalModels.Chosen)
+    def _local(self, event: LocalModels.Chosen) -> None:
+        self.query_one("#model-path", Input).value = event.name
+        self.query_one("#model-error", Static).update("")
+        self.query_one("#model-load", Button).focus()
+
+    @on(PullPanel.Pulled)
+    def _pulled(self, event: PullPanel.Pulled) -> None:
+        self.query_one(LocalModels).refresh_models()
+        self.query_one("#model-path", Input).value = event.name
+        self.query_one("#model-load", Button).focus()
+
     @on(Button.Pressed, "#model-load")
     @on(Input.Submitted)
     def _load(self) -> None:
         path = self.query_one("#model-path", Input).value.strip()
         strategy = " ".join(self.query_one("#model-strategy", Input).value.split())
-        problem = check_checkpoint(path)
+        problem = check_checkpoint(path, self.data_dir)
         if problem is None and not strategy:
             problem = "enter a strategy, e.g. " + self.strategies[0]
         if problem:
             self.query_one("#model-error", Static).update(Text(problem))
             return
-        path = str(Path(os.path.expanduser(path)).resolve())
+        if not is_local_name(path, self.data_dir):
+            path = str(Path(os.path.expanduser(path)).resolve())
         self.query_one("#model-error", Static).update("")
         self.set_loading(path)
         self.post_message(self.LoadRequested(path, strategy, self.query_one(Checkbox).value))

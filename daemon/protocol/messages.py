@@ -168,6 +168,15 @@ class Load(Msg):
     save_default: bool = False
 
 
+class Unload(Msg):
+    """Unload the model now (after the generations in flight, like a Load): its memory is freed and the next
+    request that needs it loads it again. Events: Started, Done(reason="unloaded"; ``text`` "no model was
+    loaded" when none was)."""
+
+    client_id: str
+    topic: str
+
+
 class Complete(Msg):
     client_id: str
     topic: str
@@ -280,7 +289,7 @@ class Shutdown(Msg):
 
 
 Request = Union[
-    Ping, Status, Probe, Load, Complete, Chat, Regenerate, EditLastUser, Cancel, ListConversations,
+    Ping, Status, Probe, Load, Unload, Complete, Chat, Regenerate, EditLastUser, Cancel, ListConversations,
     GetConversation, FindConversation, CreateConversation, RenameConversation, DeleteConversation, SetSystemPrompt,
     SetSampling, Export, GetState, Shutdown,
 ]
