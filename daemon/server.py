@@ -183,7 +183,7 @@ class Server:
             n = self.store.remove_partial_saves()
             if n:
                 log.info("removed %d temporary file(s) of a save that was interrupted", n)
-            self.sessions = Sessions(self.store, d.resident_states, d.cpu_states)
+            self.sessions = Sessions(self.store, d.resident_states, d.cpu_states, d.prefix_cache_bytes)
             self.host = Host()
             self.scheduler = Scheduler(self.host, self.store, self.sessions, self.config, self.emit)
             self.scheduler.start()
