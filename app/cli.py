@@ -206,6 +206,16 @@ def parser() -> argparse.ArgumentParser:
     dp.add_argument("--json", action="store_true", help="print the report as JSON")
     dp.add_argument("--build", action="store_true",
                     help="build the compiled kernels now when they are not built yet (about a minute)")
+    sv = _sub(sub, "serve", "serve an OpenAI-compatible HTTP API in front of the daemon",
+              "Serve /v1/models, /v1/chat/completions and /v1/completions (streaming too) for any OpenAI client,\n"
+              "on --http HOST:PORT (default: the config's [http] listen, 127.0.0.1:11435). It uses the daemon\n"
+              "(started when none runs) and its model; a conversation's next turn reads only the new message\n"
+              "(the daemon's prefix cache). An address beyond loopback needs an API key ([http] api_key).",
+              ["rwkv-chat serve --http 127.0.0.1:11435",
+               'OPENAI_BASE_URL=http://127.0.0.1:11435/v1 OPENAI_API_KEY=unused python my_openai_script.py'])
+    sv.add_argument("--http", metavar="HOST:PORT", help="where to listen (default: the config's [http] listen)")
+    sv.add_argument("--api-key", metavar="KEY", help="require `Authorization: Bearer KEY` (default: the config's "
+                                                     "[http] api_key)")
     sub.add_parser("bench", help="measure prefill and decode speed (rwkv-chat bench --help)", add_help=False)
     return ap
 
@@ -243,7 +253,7 @@ def _main(argv: list[str]) -> int:
         if args.cmd is None:
             return _tui()
         return {"daemon": _daemon, "load": _load, "complete": _complete, "chat": _chat,
-                "conversations": _conversations, "doctor": _doctor}[args.cmd](args)
+                "conversations": _conversations, "doctor": _doctor, "serve": _serve}[args.cmd](args)
     except (UsageError, InvalidId) as e:
         _err(f"rwkv-chat: {e}")
         return 2
@@ -604,6 +614,27 @@ def _chat(args) -> int:
         return _stream(c.chat(cid, args.message, **_sampling(args)), strip_first=True, chat=True, started=started)
 
     return _with_client(run)
+
+
+def _serve(args) -> int:
+    from rwkv_chat.app.gateway import ListenError, serve
+
+    from rwkv_chat.daemon.config import ConfigError
+
+    paths = _paths()
+    try:
+        http = _config(paths).http
+    except ConfigError as e:
+        _err(f"rwkv-chat serve: {e}")
+        return 1
+    key = http.api_key if args.api_key is None else args.api_key
+    try:
+        return serve(paths, args.http or http.listen, key)
+    except ListenError as e:
+        raise UsageError(str(e)) from None
+    except OSError as e:
+        _err(f"rwkv-chat serve: cannot listen on {args.http or http.listen}: {e.strerror or e}")
+        return 1
 
 
 def _conversations(args) -> int:

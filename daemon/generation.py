@@ -284,7 +284,8 @@ class Generation:
         self.phase = "prefill" if self.pos < len(self.prompt) else "decode"     # all of it cached: decode
         self.t_start = time.perf_counter()
         self.emit(self.topic, m.Started(job_id=self.id, kind=self.kind, conversation_id=self.conversation_id,
-                                        message=m.clip_bytes(self.user_text, m.MAX_EVENT_TEXT)[0]))
+                                        message=m.clip_bytes(self.user_text, m.MAX_EVENT_TEXT)[0],
+                                        cached_tokens=self.cached))
 
     def prefill_chunk(self) -> None:
         """Feed the next ``chunk_len`` prompt tokens; emit Progress; phase -> "decode" after the last chunk."""

@@ -459,12 +459,14 @@ class Queued(Msg):
 
 
 class Started(Msg):
-    """A job started (a watcher learns the user's message, if any)."""
+    """A job started (a watcher learns the user's message, if any). ``cached_tokens``: of a ``ChatMessages``
+    request, the prompt tokens taken from the prefix cache (the rest is read now)."""
 
     job_id: str
     kind: str
     conversation_id: str = ""
     message: str = ""
+    cached_tokens: int = 0
 
 
 class Progress(Msg):
