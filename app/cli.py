@@ -451,6 +451,10 @@ def _print_status(st: dict) -> None:
     print(f"generations: {len(st['active'])} active, {st['queued']} queued; clients: {st['clients']}")
     for a in st["active"]:
         print(f"  {a['job_id']} {a['kind']} {a['conversation_id'] or ''} {a['phase']} tokens={a['tokens']}")
+    pc = st.get("prefix_cache") or {}
+    if pc:
+        print(f"prefix cache: {pc['entries']} states, {_mib(pc['bytes'])} of {_mib(pc['budget'])}; {pc['hits']} hits, "
+              f"{pc['misses']} misses; prompt tokens reused {pc['cached_tokens']}, read {pc['prefilled_tokens']}")
 
 
 def progress_bar(done: int, total: int, width: int = 30) -> str:
