@@ -56,31 +56,40 @@ class Pool:
         self._idle: list = []
         self._lock = threading.Lock()
 
-    @contextmanager
-    def client(self):
-        """A connected client; given back after use, or closed when the daemon went away meanwhile."""
+    def take(self):
+        """A connected client (an idle one, else a new one). Raises DaemonUnavailable."""
         from rwkv_chat.daemon.client import Client
 
         with self._lock:
             c = self._idle.pop() if self._idle else None
         if c is None:
             c = Client(self.paths, autostart=self.autostart)
-        ok = False
         try:
             c.connect()
-            yield c
-            ok = True
-        except (DaemonLost, DaemonUnavailable):
+        except BaseException:
             c.close()
             raise
-        finally:
-            if ok:
-                with self._lock:
-                    keep = len(self._idle) < POOL_IDLE
-                    if keep:
-                        self._idle.append(c)
-                if not keep:
-                    c.close()
+        return c
+
+    def give(self, c, error: BaseException | None = None) -> None:
+        """Give ``c`` back after use; it is closed instead when ``error`` says the daemon went away."""
+        keep = not isinstance(error, (DaemonLost, DaemonUnavailable))
+        with self._lock:
+            keep = keep and len(self._idle) < POOL_IDLE
+            if keep:
+                self._idle.append(c)
+        if not keep:
+            c.close()
+
+    @contextmanager
+    def client(self):
+        c = self.take()
+        try:
+            yield c
+        except BaseException as e:
+            self.give(c, e)
+            raise
+        self.give(c)
 
     def close(self) -> None:
         with self._lock:
@@ -154,9 +163,9 @@ class Gateway:
         return name
 
     def _open(self, req, chat: bool):
-        """Start the generation; returns (client context, client, event generator, Started event)."""
-        ctx = self.pool.client()
-        c = ctx.__enter__()
+        """Start the generation; returns (client, event generator, its first Started, Token or Done event).
+        The caller gives the client back to the pool."""
+        c = self.pool.take()
         try:
             if chat:
                 gen = c.chat_messages(req.messages, stop=req.stop, **req.sampling)
@@ -164,12 +173,11 @@ class Gateway:
                 gen = c.complete(req.prompt, stop=req.stop, **req.sampling)
             for ev in gen:
                 if isinstance(ev, (m.Started, m.Token, m.Done)):
-                    return ctx, c, gen, ev
+                    return c, gen, ev
+            raise ApiError(500, "the daemon ended the generation without a reply", "server_error")
         except BaseException as e:
-            ctx.__exit__(type(e), e, e.__traceback__)
+            self.pool.give(c, e)
             raise
-        ctx.__exit__(None, None, None)
-        raise ApiError(500, "the daemon ended the generation without a reply", "server_error")
 
     # ---------------------------------------------------------------- routes
     def check_key(self, request: Request) -> None:
@@ -200,7 +208,7 @@ class Gateway:
             raise bad(None, f"the request body is not JSON: {e}") from None
         req = parse_chat(body) if chat else parse_completion(body)
         name = await run(self._model, req.model)
-        ctx, c, gen, first = await run(self._open, req, chat)
+        c, gen, first = await run(self._open, req, chat)
         cached = first.cached_tokens if isinstance(first, (m.Started, m.Done)) else 0
         rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         created = int(time.time())
@@ -208,11 +216,13 @@ class Gateway:
         if not req.stream:
             try:
                 done = first if isinstance(first, m.Done) else await run(_last, gen)
-            finally:
-                ctx.__exit__(None, None, None)
+            except BaseException as e:
+                self.pool.give(c, e)
+                raise
+            self.pool.give(c)
             return self._whole(meta, req, chat, done)
         headers = {CACHED_HEADER: str(cached)}
-        return StreamingResponse(self._events(meta, req, chat, ctx, gen, first), media_type="text/event-stream",
+        return StreamingResponse(self._events(meta, req, chat, c, gen, first), media_type="text/event-stream",
                                  headers={**headers, "cache-control": "no-cache"})
 
     def _whole(self, meta: dict, req, chat: bool, done: m.Done) -> Response:
@@ -228,7 +238,7 @@ class Gateway:
         return JSONResponse(body, headers={CACHED_HEADER: str(done.cached_tokens),
                                            PREFILL_HEADER: str(done.prompt_tokens - done.cached_tokens)})
 
-    async def _events(self, meta: dict, req, chat: bool, ctx, gen, first):
+    async def _events(self, meta: dict, req, chat: bool, c, gen, first):
         """The SSE lines of a stream; closing it early (the client went away) cancels the generation."""
         obj = "chat.completion.chunk" if chat else "text_completion"
 
@@ -242,7 +252,7 @@ class Gateway:
 
         strip = Strip() if chat else None
         ev = first
-        ok = False
+        ok, error = False, None
         try:
             if chat:
                 yield chunk(role=True)
@@ -267,12 +277,13 @@ class Gateway:
         except ApiError as e:
             yield sse(e.body())
         except DaemonError as e:
+            error = e
             yield sse(daemon_error(e.kind, e.message).body())
         finally:
             with anyio.CancelScope(shield=True):
                 if not ok:
                     await run(gen.close)              # cancels the generation in the daemon
-                ctx.__exit__(None, None, None)
+                self.pool.give(c, error)
 
 
 def _last(gen) -> m.Done:

@@ -21,7 +21,7 @@ import pytest
 from rwkv_chat.daemon.client import Client
 from rwkv_chat.daemon.paths import home_paths
 
-from ..daemon.conftest import CLI, cli, env_for, make_home, start_daemon, stop_daemon
+from ..daemon.conftest import CLI, cli, env_for, make_home, start_daemon, stop_daemon, wait_for
 
 openai = pytest.importorskip("openai")
 
@@ -206,6 +206,16 @@ def test_concurrent_requests(gateway):
     for t in texts:      # the same as alone (the daemon batches them; its batches are batch-invariant on CPU)
         alone = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": t}], **GREEDY)
         assert results[t] == alone.choices[0].message.content
+
+
+def test_a_client_leaving_a_stream_cancels_its_generation(gateway, homes):
+    client = gateway.client()
+    with Client(home_paths(homes["warm"]), autostart=False) as daemon:
+        with client.completions.create(model=MODEL, prompt="Go on and on", stream=True, temperature=1,
+                                       max_tokens=100_000) as stream:     # a minute of text: no stop string
+            next(iter(stream))
+            assert any(a["kind"] == "complete" for a in daemon.status()["active"])
+        wait_for(lambda: not daemon.status()["active"], timeout=10)
 
 
 @pytest.mark.parametrize("body, status, param", [
