@@ -188,8 +188,20 @@ def test_second_turn_reads_only_the_new_message(gateway, homes):
     assert after["hits"] == hits0 + 1 and after["entries"] > 0
 
 
-def test_concurrent_requests(gateway):
+def test_concurrent_requests(gateway, homes):
     client = gateway.client()
+    # streams in flight at once are generations running at once in the daemon (batched)
+    with Client(home_paths(homes["warm"]), autostart=False) as daemon:
+        streams = [client.completions.create(model=MODEL, prompt=f"Story {i}:", stream=True, temperature=1,
+                                             max_tokens=100_000) for i in range(3)]
+        try:
+            for s in streams:
+                next(iter(s))
+            assert sum(a["kind"] == "complete" for a in daemon.status()["active"]) == 3
+        finally:
+            for s in streams:
+                s.close()
+        wait_for(lambda: not daemon.status()["active"], timeout=10)
     texts = ["One fish.", "Two fish.", "Red fish.", "Blue fish."]
     results: dict[str, str] = {}
 
