@@ -1,6 +1,6 @@
 """The ASGI app of the OpenAI-compatible API (starlette), a client of the daemon over ZeroMQ.
 
-Routes: ``GET /v1/models``, ``POST /v1/chat/completions`` (the daemon's stateless ``ChatMessages``: the prefix
+Routes: ``GET /v1/models`` (the loaded model; ``GET /v1/models/NAME`` it alone, 404 for another), ``POST /v1/chat/completions`` (the daemon's stateless ``ChatMessages``: the prefix
 cache makes the next turn of a conversation read only its new message), ``POST /v1/completions`` (the daemon's
 ``Complete``: raw text from the empty state). Streaming replies are Server-Sent Events, ``data: {chunk}`` lines
 ending with ``data: [DONE]``; an error after the stream began is sent as ``data: {"error": ...}`` before it.
@@ -107,6 +107,10 @@ def model_name(info: dict) -> str:
     return Path(path).stem if path else ""
 
 
+def model_object(name: str) -> dict:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "rwkv-chat"}
+
+
 def error_response(e: ApiError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status)
 
@@ -191,8 +195,11 @@ class Gateway:
     async def models(self, request: Request) -> Response:
         self.check_key(request)
         name = await run(self._model)
-        data = [{"id": name, "object": "model", "created": 0, "owned_by": "rwkv-chat"}] if name else []
-        return JSONResponse({"object": "list", "data": data})
+        return JSONResponse({"object": "list", "data": [model_object(name)] if name else []})
+
+    async def model(self, request: Request) -> Response:
+        self.check_key(request)
+        return JSONResponse(model_object(await run(self._model, request.path_params["model"])))
 
     async def chat(self, request: Request) -> Response:
         return await self._generate(request, chat=True)
@@ -323,6 +330,7 @@ def make_app(paths, api_key: str = "", autostart: bool = True) -> Starlette:
     "" = none; ``autostart``: start the daemon when none runs (as every rwkv-chat command does)."""
     gw = Gateway(paths, api_key, autostart)
     routes = [Route("/v1/models", gw.models, methods=["GET"]),
+              Route("/v1/models/{model:path}", gw.model, methods=["GET"]),
               Route("/v1/chat/completions", gw.chat, methods=["POST"]),
               Route("/v1/completions", gw.completions, methods=["POST"])]
 

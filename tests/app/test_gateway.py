@@ -114,7 +114,11 @@ def cli_reply(home, *args) -> tuple[str, str, int]:
 
 
 def test_models_lists_the_loaded_model(gateway):
-    assert [m.id for m in gateway.client().models.list().data] == [MODEL]
+    client = gateway.client()
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4o")
 
 
 def test_chat_equals_rwkv_chat_chat(gateway, homes):
@@ -134,15 +138,27 @@ def test_chat_equals_rwkv_chat_chat(gateway, homes):
     assert raw.headers["x-rwkv-chat-prefill-tokens"] == str(cold.prompt_tokens)
 
     # streamed: the same text; the whole prompt now comes from the cache (the state after it was kept)
-    stream = client.chat.completions.create(model=MODEL, messages=msgs, stream=True,
-                                            stream_options={"include_usage": True}, **GREEDY)
-    chunks = list(stream)
+    raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=msgs, stream=True,
+                                                           stream_options={"include_usage": True}, **GREEDY)
+    assert raw.headers["x-rwkv-chat-cached-tokens"] == str(cold.prompt_tokens)
+    chunks = list(raw.parse())
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == out.strip()
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == reason
     usage = chunks[-1].usage
     assert not chunks[-1].choices and usage.completion_tokens == tokens
     assert usage.prompt_tokens_details.cached_tokens == usage.prompt_tokens == cold.prompt_tokens
+
+
+def test_chat_stop_strings_end_the_reply(gateway):
+    client = gateway.client()
+    msgs = [{"role": "user", "content": "Say something long."}]
+    full = client.chat.completions.create(model=MODEL, messages=msgs, temperature=0, max_tokens=60)
+    text = full.choices[0].message.content
+    stop = text.split()[2]                     # a word the reply has: the reply ends before it
+    cut = client.chat.completions.create(model=MODEL, messages=msgs, temperature=0, max_tokens=60, stop=[stop, "zz"])
+    assert cut.choices[0].message.content == text.split(stop)[0].strip()
+    assert cut.choices[0].finish_reason == "stop"
 
 
 def test_completions_equal_rwkv_chat_complete(gateway, homes):
