@@ -26,6 +26,10 @@ __all__ = ["ApiError", "CACHED_HEADER", "PREFILL_HEADER", "ListenError", "check_
            "parse_listen", "serve"]
 
 
+#: seconds the replies in flight get to finish when the gateway is stopped (then their streams are cut)
+STOP_GRACE = 3
+
+
 class ListenError(ValueError):
     """The listen address is malformed, or beyond loopback without an API key."""
 
@@ -77,6 +81,6 @@ def serve(paths, listen: str, api_key: str = "") -> int:
     print(f"rwkv-chat: OpenAI-compatible API on http://{shown}:{port}/v1"
           + (" (API key required)" if api_key else ""), file=sys.stderr, flush=True)
     config = uvicorn.Config(make_app(paths, api_key), host=host, port=port, log_level="warning",
-                            access_log=False, lifespan="on")
+                            access_log=False, lifespan="on", timeout_graceful_shutdown=STOP_GRACE)
     uvicorn.Server(config).run()
     return 0

@@ -19,6 +19,7 @@ import urllib.request
 import pytest
 
 from rwkv_chat.daemon.client import Client
+from rwkv_chat.daemon.config import load_config, save_config
 from rwkv_chat.daemon.paths import home_paths
 
 from ..daemon.conftest import CLI, cli, env_for, make_home, start_daemon, stop_daemon, wait_for
@@ -299,9 +300,17 @@ def test_api_key_required_when_configured(homes):
         gw.stop()
 
 
-def test_non_loopback_without_key_is_refused(homes):
+def test_non_loopback_without_key_is_refused(homes, tmp_path):
     r = subprocess.run([*CLI, "serve", "--http", f"0.0.0.0:{free_port()}"], env=env_for(homes["warm"]),
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "API key" in lines[0] and "Traceback" not in r.stderr
+    # the same from the config's [http] section
+    home = make_home(tmp_path)
+    paths = home_paths(home)
+    cfg = load_config(paths.config_file)
+    cfg.http.listen = f"0.0.0.0:{free_port()}"
+    save_config(cfg, paths.config_file)
+    r = subprocess.run([*CLI, "serve"], env=env_for(home), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "API key" in r.stderr
