@@ -226,6 +226,8 @@ class Gateway:
             except BaseException as e:
                 self.pool.give(c, e)
                 raise
+            finally:
+                await run(gen.close)          # after its Done: only ends the client's subscription
             self.pool.give(c)
             return self._whole(meta, req, chat, done)
         headers = {CACHED_HEADER: str(cached)}
@@ -259,7 +261,7 @@ class Gateway:
 
         strip = Strip() if chat else None
         ev = first
-        ok, error = False, None
+        error = None
         try:
             if chat:
                 yield chunk(role=True)
@@ -276,7 +278,6 @@ class Gateway:
                         yield sse({**meta, "object": obj, "choices": [],
                                    "usage": _usage(ev.prompt_tokens, ev.tokens, ev.cached_tokens)})
                     yield "data: [DONE]\n\n"
-                    ok = True
                     return
                 ev = await run(next, gen, None)
                 if ev is None:
@@ -288,8 +289,7 @@ class Gateway:
             yield sse(daemon_error(e.kind, e.message).body())
         finally:
             with anyio.CancelScope(shield=True):
-                if not ok:
-                    await run(gen.close)              # cancels the generation in the daemon
+                await run(gen.close)        # before its Done (the client went away): cancels the generation
                 self.pool.give(c, error)
 
 

@@ -203,6 +203,8 @@ def test_second_turn_reads_only_the_new_message(gateway, homes):
     assert raw.headers["x-rwkv-chat-cached-tokens"] == str(r2.usage.prompt_tokens_details.cached_tokens)
     assert r2.choices[0].message.content == cold.text          # the cache changes nothing in the reply
     assert after["hits"] == hits0 + 1 and after["entries"] > 0
+    line = [x for x in cli(homes["warm"], "daemon", "status").stdout.splitlines() if x.startswith("prefix cache:")]
+    assert line and f"{after['hits']} hits" in line[0]
 
 
 def test_concurrent_requests(gateway, homes):
@@ -314,3 +316,27 @@ def test_non_loopback_without_key_is_refused(homes, tmp_path):
     save_config(cfg, paths.config_file)
     r = subprocess.run([*CLI, "serve"], env=env_for(home), capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "API key" in r.stderr
+
+
+def test_pooled_clients_are_reused_and_keep_no_subscriptions(homes):
+    import uvicorn
+
+    from rwkv_chat.app.gateway import make_app
+
+    app = make_app(home_paths(homes["warm"]), autostart=False)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    th = threading.Thread(target=server.run, daemon=True)
+    th.start()
+    try:
+        wait_for(lambda: server.started, timeout=20)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        for _ in range(3):
+            client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+            list(client.completions.create(model=MODEL, prompt="hi", max_tokens=3, stream=True))
+        idle = app.state.gateway.pool._idle
+        assert len(idle) == 1                              # one request at a time: one client, reused
+        assert not idle[0]._topics                         # every generation's topic was left
+    finally:
+        server.should_exit = True
+        th.join(10)
