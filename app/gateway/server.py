@@ -33,6 +33,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.routing import Route
 
 from rwkv_chat.daemon.errors import DaemonError, DaemonLost, DaemonUnavailable
@@ -230,9 +231,10 @@ class Gateway:
                 await run(gen.close)          # after its Done: only ends the client's subscription
             self.pool.give(c)
             return self._whole(meta, req, chat, done)
-        headers = {CACHED_HEADER: str(cached)}
-        return StreamingResponse(self._events(meta, req, chat, c, gen, first), media_type="text/event-stream",
-                                 headers={**headers, "cache-control": "no-cache"})
+        lease = Lease(self.pool, c, gen)
+        return StreamingResponse(self._events(meta, req, chat, lease, first), media_type="text/event-stream",
+                                 headers={CACHED_HEADER: str(cached), "cache-control": "no-cache"},
+                                 background=BackgroundTask(lease.release))     # also if the stream never began
 
     def _whole(self, meta: dict, req, chat: bool, done: m.Done) -> Response:
         reason = _finish(done.reason)
@@ -247,7 +249,7 @@ class Gateway:
         return JSONResponse(body, headers={CACHED_HEADER: str(done.cached_tokens),
                                            PREFILL_HEADER: str(done.prompt_tokens - done.cached_tokens)})
 
-    async def _events(self, meta: dict, req, chat: bool, c, gen, first):
+    async def _events(self, meta: dict, req, chat: bool, lease: "Lease", first):
         """The SSE lines of a stream; closing it early (the client went away) cancels the generation."""
         obj = "chat.completion.chunk" if chat else "text_completion"
 
@@ -279,7 +281,7 @@ class Gateway:
                                    "usage": _usage(ev.prompt_tokens, ev.tokens, ev.cached_tokens)})
                     yield "data: [DONE]\n\n"
                     return
-                ev = await run(next, gen, None)
+                ev = await run(next, lease.gen, None)
                 if ev is None:
                     raise ApiError(500, "the daemon ended the stream without a reply", "server_error")
         except ApiError as e:
@@ -288,9 +290,24 @@ class Gateway:
             error = e
             yield sse(daemon_error(e.kind, e.message).body())
         finally:
-            with anyio.CancelScope(shield=True):
-                await run(gen.close)        # before its Done (the client went away): cancels the generation
-                self.pool.give(c, error)
+            await lease.release(error)
+
+
+class Lease:
+    """A streaming generation's daemon client and event generator, released once: the generator closed (before
+    its Done, that cancels the generation) and the client given back to the pool."""
+
+    def __init__(self, pool: Pool, client, gen):
+        self.pool, self.client, self.gen = pool, client, gen
+        self.released = False
+
+    async def release(self, error: BaseException | None = None) -> None:
+        if self.released:
+            return
+        self.released = True
+        with anyio.CancelScope(shield=True):
+            await run(self.gen.close)
+            self.pool.give(self.client, error)
 
 
 def _last(gen) -> m.Done:

@@ -334,9 +334,9 @@ def test_pooled_clients_are_reused_and_keep_no_subscriptions(homes):
         for _ in range(3):
             client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3)
             list(client.completions.create(model=MODEL, prompt="hi", max_tokens=3, stream=True))
-        idle = app.state.gateway.pool._idle
-        assert len(idle) == 1                              # one request at a time: one client, reused
-        assert not idle[0]._topics                         # every generation's topic was left
+        idle = app.state.gateway.pool._idle     # a stream's client comes back just after its last chunk
+        wait_for(lambda: idle and not any(c._topics for c in idle), timeout=5)   # every topic was left
+        assert len(idle) <= 2                   # one request at a time: its client reused (or the one before)
     finally:
         server.should_exit = True
         th.join(10)
