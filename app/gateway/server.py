@@ -100,11 +100,12 @@ class Pool:
 
 
 def model_name(info: dict) -> str:
-    """The API's name of the model the daemon has loaded (or is loading): its ``name`` if the daemon gives one,
-    else the file or folder name without extension; "" when there is none."""
+    """The API's name of the model the daemon has loaded, is loading, or unloaded while idle (it loads again for
+    the next request): its ``name`` if the daemon gives one, else the file or folder name without extension;
+    "" when there is none."""
     if info.get("name"):
         return str(info["name"])
-    path = info.get("path") if info.get("loaded") else info.get("loading")
+    path = info.get("path") if info.get("loaded") or info.get("unloaded") else info.get("loading")
     return Path(path).stem if path else ""
 
 
