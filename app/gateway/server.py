@@ -43,6 +43,8 @@ from .schema import ApiError, bad, daemon_error, parse_chat, parse_completion
 
 CACHED_HEADER = "x-rwkv-chat-cached-tokens"
 PREFILL_HEADER = "x-rwkv-chat-prefill-tokens"
+#: extensions left out of a model's name (a folder keeps its whole name: "qwen2.5-0.5b")
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".safetensors", ".bin")
 #: idle daemon clients kept for the next requests
 POOL_IDLE = 8
 #: bytes of a request body at most (413 beyond): the protocol's limit on messages, JSON-escaped
@@ -101,12 +103,15 @@ class Pool:
 
 def model_name(info: dict) -> str:
     """The API's name of the model the daemon has loaded, is loading, or unloaded while idle (it loads again for
-    the next request): its ``name`` if the daemon gives one, else the file or folder name without extension;
-    "" when there is none."""
+    the next request): its ``name`` if the daemon gives one, else the checkpoint's file name without its
+    extension, or the folder's name; "" when there is none."""
     if info.get("name"):
         return str(info["name"])
     path = info.get("path") if info.get("loaded") or info.get("unloaded") else info.get("loading")
-    return Path(path).stem if path else ""
+    if not path:
+        return ""
+    p = Path(path)
+    return p.stem if p.suffix in CHECKPOINT_SUFFIXES else p.name
 
 
 def model_object(name: str) -> dict:

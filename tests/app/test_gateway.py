@@ -340,3 +340,25 @@ def test_pooled_clients_are_reused_and_keep_no_subscriptions(homes):
     finally:
         server.should_exit = True
         th.join(10)
+
+
+def test_listen_addresses_and_model_names():
+    from rwkv_chat.app.gateway import ListenError, check_listen
+    from rwkv_chat.app.gateway.server import Strip, model_name
+
+    assert check_listen("127.0.0.1:11435", "") == ("127.0.0.1", 11435)
+    assert check_listen("[::1]:8080", "") == ("::1", 8080)
+    assert check_listen("localhost:9", "") == ("localhost", 9)
+    assert check_listen("0.0.0.0:9", "key") == ("0.0.0.0", 9)
+    for bad, key in (("0.0.0.0:9", ""), ("[::]:9", ""), ("192.168.1.2:9", ""), ("nohost", "k"), ("h:0", "k"),
+                     ("h:99999", "k")):
+        with pytest.raises(ListenError):
+            check_listen(bad, key)
+    assert model_name({"loaded": True, "path": "/m/tiny.pth"}) == "tiny"
+    assert model_name({"loaded": True, "path": "/m/tiny.pth", "name": "rwkv7-g1"}) == "rwkv7-g1"
+    assert model_name({"loaded": False, "unloaded": "keep-alive", "path": "/m/tiny.pth"}) == "tiny"
+    assert model_name({"loaded": False, "loading": "/m/qwen2.5-0.5b"}) == "qwen2.5-0.5b"
+    assert model_name({"loaded": False}) == ""
+    pieces = ["  ", " Hello", " world", " \n", "", "!", "  \n\n"]
+    s = Strip()
+    assert "".join(s.feed(p) for p in pieces) == "".join(pieces).strip()
