@@ -362,3 +362,16 @@ def test_listen_addresses_and_model_names():
     pieces = ["  ", " Hello", " world", " \n", "", "!", "  \n\n"]
     s = Strip()
     assert "".join(s.feed(p) for p in pieces) == "".join(pieces).strip()
+
+
+def test_systemd_unit_of_the_api():
+    import configparser
+    from pathlib import Path
+
+    cp = configparser.ConfigParser(interpolation=None, strict=True)
+    cp.optionxform = str
+    cp.read_string((Path(__file__).resolve().parents[2] / "packaging" / "rwkv-chat-http.service").read_text())
+    exe, *args = cp["Service"]["ExecStart"].split()
+    assert Path(exe).name == "rwkv-chat" and args == ["serve"]
+    assert cp["Service"]["RestartPreventExitStatus"] == "2"       # a refused address: not restarted
+    assert "rwkv-chat.service" in cp["Unit"]["After"]
