@@ -316,6 +316,12 @@ def test_non_loopback_without_key_is_refused(homes, tmp_path):
     save_config(cfg, paths.config_file)
     r = subprocess.run([*CLI, "serve"], env=env_for(home), capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "API key" in r.stderr
+    with socket.socket() as taken:                # a port in use: one line, exit 1
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        r = subprocess.run([*CLI, "serve", "--http", f"127.0.0.1:{taken.getsockname()[1]}"], env=env_for(home),
+                           capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "cannot listen" in r.stderr
 
 
 def test_pooled_clients_are_reused_and_keep_no_subscriptions(homes):
