@@ -216,10 +216,7 @@ class Gateway:
 
     async def _generate(self, request: Request, chat: bool) -> Response:
         self.check_key(request)
-        try:
-            body = json.loads(await request.body())
-        except (ValueError, UnicodeDecodeError) as e:
-            raise bad(None, f"the request body is not JSON: {e}") from None
+        body = await read_json(request)
         req = parse_chat(body) if chat else parse_completion(body)
         name = await run(self._model, req.model)
         c, gen, first = await run(self._open, req, chat)
@@ -316,6 +313,25 @@ class Lease:
             self.pool.give(self.client, error)
 
 
+async def read_json(request: Request):
+    """The request's JSON body. Raises ApiError: 413 beyond :data:`MAX_BODY` bytes, 400 when it is not JSON."""
+    too_large = ApiError(413, f"the request body is larger than {MAX_BODY:,} bytes", "invalid_request_error",
+                         None, "request_too_large")
+    announced = request.headers.get("content-length", "")
+    if announced.isdigit() and int(announced) > MAX_BODY:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise too_large
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise bad(None, f"the request body is not JSON: {e}") from None
+
+
 def _last(gen) -> m.Done:
     for ev in gen:
         if isinstance(ev, m.Done):
@@ -342,7 +358,7 @@ async def _daemon_error(request: Request, exc: DaemonError) -> Response:
 
 async def _http_error(request: Request, exc: HTTPException) -> Response:
     typ = "invalid_request_error" if exc.status_code < 500 else "server_error"
-    code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status_code)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
     message = {404: f"no such endpoint: {request.method} {request.url.path}",
                405: f"{request.method} is not allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
     return error_response(ApiError(exc.status_code, message, typ, None, code))
@@ -364,6 +380,6 @@ def make_app(paths, api_key: str = "", autostart: bool = True) -> Starlette:
 
     app = Starlette(routes=routes, exception_handlers={ApiError: _api_error, DaemonError: _daemon_error,
                                                        HTTPException: _http_error},
-                    lifespan=lifespan, max_body_size=MAX_BODY)
+                    lifespan=lifespan)
     app.state.gateway = gw
     return app

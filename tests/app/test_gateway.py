@@ -282,6 +282,18 @@ def test_bad_requests_through_the_openai_client(gateway):
     assert code == 400 and err["error"]["type"] == "invalid_request_error"
     code, err, _ = gateway.post("/v1/nothing", {})
     assert code == 404 and err["error"]["code"] == "not_found"
+    from rwkv_chat.app.gateway.server import MAX_BODY
+
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=30)   # announced too large: refused
+    conn.putrequest("POST", "/v1/chat/completions")
+    conn.putheader("content-type", "application/json")
+    conn.putheader("content-length", str(MAX_BODY + 1))
+    conn.endheaders()
+    resp = conn.getresponse()
+    assert resp.status == 413 and json.loads(resp.read())["error"]["code"] == "request_too_large"
+    conn.close()
     # fields the API does not use are ignored
     r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2,
                                        user="someone", logit_bias={}, extra_body={"unknown_field": 1})
