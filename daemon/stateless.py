@@ -18,12 +18,17 @@ A :class:`~rwkv_chat.daemon.generation.Generation` of kind ``"messages"`` calls 
 the starting state from the cache, the sampler's settings), :func:`prompt_read` after its last prefill chunk
 and :func:`reply_done` when its reply ended ("stop" or "length"): those store the state at the end of the
 prompt and after the reply (prompt, reply tokens, and the template's stop where the reply did not produce it)
-in the cache, keyed by exactly the tokens the state consumed.
+in the cache, keyed by exactly the tokens the state consumed. The cache only saves work: when it fails (out of
+memory copying a state, which also empties it) the request goes on, reading its whole prompt.
 """
 
 from __future__ import annotations
 
+import logging
+
 from .protocol import messages as m
+
+log = logging.getLogger("rwkv_chat.daemon")
 
 
 def reply_segment(template, text: str) -> str:
@@ -64,8 +69,12 @@ def start(gen, model, tokenizer, template, given: dict):
     req = gen.request
     args = gen.config.sampling.updated(given)
     gen.prompt = render(template, tokenizer, req.messages)
-    hit = gen.sessions.prefix.lookup(gen.prompt, model.fingerprint)
-    if hit.state is not None:
+    try:
+        hit = gen.sessions.prefix.lookup(gen.prompt, model.fingerprint)
+    except Exception as e:  # noqa: BLE001 — the cache only saves work: the prompt is read whole instead
+        _trouble(gen, "use", e)
+        hit = None
+    if hit is not None and hit.state is not None:
         gen.state, gen.logits, gen.pos, gen.cached = hit.state, hit.logits, hit.length, hit.length
     else:
         gen.state = model.zero_state()
@@ -77,7 +86,7 @@ def start(gen, model, tokenizer, template, given: dict):
 def prompt_read(gen) -> None:
     """After the last prefill chunk: keep the state at the end of the prompt (it is about to enter the
     decoder) and the logits that followed it."""
-    gen.sessions.prefix.store(gen.prompt, gen.host.model.fingerprint, gen.state, gen.logits)
+    _store(gen, gen.prompt)
 
 
 def reply_done(gen, fed: list[int]) -> None:
@@ -85,5 +94,22 @@ def reply_done(gen, fed: list[int]) -> None:
     template's stop for a reply cut by ``max_tokens``): keep the state after them."""
     if gen.state is None or gen.logits is None:
         return
-    tokens = gen.prompt + gen.out_tokens + fed
-    gen.sessions.prefix.store(tokens, gen.host.model.fingerprint, gen.state, gen.logits)
+    _store(gen, gen.prompt + gen.out_tokens + fed)
+
+
+def _store(gen, tokens: list[int]) -> None:
+    """Keep ``gen``'s state and logits as those after ``tokens``; a failure (out of memory copying the state)
+    costs only the cache, never the request."""
+    try:
+        gen.sessions.prefix.store(tokens, gen.host.model.fingerprint, gen.state, gen.logits)
+    except Exception as e:  # noqa: BLE001
+        _trouble(gen, "keep a state in", e)
+
+
+def _trouble(gen, what: str, e: Exception) -> None:
+    """Log a prefix cache failure; out of memory empties the cache (its states hold device memory)."""
+    from .host import is_oom
+
+    if is_oom(e):
+        gen.sessions.prefix.clear()
+    log.warning("job %s: could not %s the prefix cache: %s: %s", gen.id, what, type(e).__name__, e)

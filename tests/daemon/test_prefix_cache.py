@@ -128,3 +128,38 @@ def test_config_http_section_and_cache_budget(tmp_path):
     path.write_text("[daemon]\nprefix_cache_bytes = -1\n")
     with pytest.raises(ConfigError, match="prefix_cache_bytes"):
         load_config(path)
+
+
+def test_a_failing_cache_costs_only_the_cache(model):
+    """Out of memory while copying a state: the request goes on (a miss), and the cache is emptied."""
+    from types import SimpleNamespace
+
+    from rwkv_chat.daemon.sessions import Sessions
+
+    class OOMState:
+        def nbytes(self):
+            return 10
+
+        def clone(self):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB")
+
+    sessions = Sessions(store=None, prefix_bytes=1 << 30)
+    prompt = tokens_of(10)
+    logits, state = model.forward(prompt, None)
+    sessions.prefix.store(prompt, model.fingerprint, state, logits)
+    sessions.prefix.store(prompt[:5], model.fingerprint, OOMState(), logits, copy=False)
+    gen = SimpleNamespace(id="j1", sessions=sessions, host=SimpleNamespace(model=model), prompt=prompt[:5],
+                          state=OOMState(), logits=logits, out_tokens=[])
+    stateless.prompt_read(gen)                       # copying fails: logged, nothing raised
+    assert sessions.prefix.stats()["entries"] == 0   # out of memory: the cache let go of its states
+    from rwkv_chat.models.text.tokenizers import load_tokenizer
+
+    tok = load_tokenizer(vocab_size=256)
+    msgs = [m.ChatMessage("user", "hi")]
+    sessions.prefix.store(stateless.render(RWKV_CHAT, tok, msgs), model.fingerprint, OOMState(), logits, copy=False)
+    gen = SimpleNamespace(id="j2", sessions=sessions, host=SimpleNamespace(model=model), config=SimpleNamespace(
+        sampling=SimpleNamespace(updated=lambda given: given)), state=None, logits=None, pos=0, cached=0,
+        request=m.ChatMessages(client_id="c", topic="t", messages=msgs))
+    stateless.start(gen, model, tok, RWKV_CHAT, {})                    # the hit's copy fails
+    assert gen.cached == 0 and gen.pos == 0 and gen.state is not None     # read from the zero state
+    assert sessions.prefix.stats()["entries"] == 0
