@@ -172,6 +172,16 @@ def parser() -> argparse.ArgumentParser:
                     help="continue this conversation: its id, the start of its id, or its exact title; a new id "
                          "(letters, digits, _ and -) starts a conversation with that id (default: a new one)")
     _sampling_flags(ch)
+    sv = _sub(sub, "serve", "serve an OpenAI-compatible HTTP API in front of the daemon",
+              "Serve /v1/models, /v1/chat/completions and /v1/completions (streaming too) for any OpenAI client,\n"
+              "on --http HOST:PORT (default: the config's [http] listen, 127.0.0.1:11435). It uses the daemon\n"
+              "(started when none runs) and its model; a conversation's next turn reads only the new message\n"
+              "(the daemon's prefix cache). An address beyond loopback needs an API key ([http] api_key).",
+              ["rwkv-chat serve --http 127.0.0.1:11435",
+               'OPENAI_BASE_URL=http://127.0.0.1:11435/v1 OPENAI_API_KEY=unused python my_openai_script.py'])
+    sv.add_argument("--http", metavar="HOST:PORT", help="where to listen (default: the config's [http] listen)")
+    sv.add_argument("--api-key", metavar="KEY", help="require `Authorization: Bearer KEY` (default: the config's "
+                                                     "[http] api_key)")
     cv = _sub(sub, "conversations", "list, show, export or remove conversations",
               "The daemon's saved conversations (the TUI's sidebar). A conversation is named by its id, by the\n"
               "start of its id (as the sidebar shows it) or by its exact title.",
@@ -206,16 +216,6 @@ def parser() -> argparse.ArgumentParser:
     dp.add_argument("--json", action="store_true", help="print the report as JSON")
     dp.add_argument("--build", action="store_true",
                     help="build the compiled kernels now when they are not built yet (about a minute)")
-    sv = _sub(sub, "serve", "serve an OpenAI-compatible HTTP API in front of the daemon",
-              "Serve /v1/models, /v1/chat/completions and /v1/completions (streaming too) for any OpenAI client,\n"
-              "on --http HOST:PORT (default: the config's [http] listen, 127.0.0.1:11435). It uses the daemon\n"
-              "(started when none runs) and its model; a conversation's next turn reads only the new message\n"
-              "(the daemon's prefix cache). An address beyond loopback needs an API key ([http] api_key).",
-              ["rwkv-chat serve --http 127.0.0.1:11435",
-               'OPENAI_BASE_URL=http://127.0.0.1:11435/v1 OPENAI_API_KEY=unused python my_openai_script.py'])
-    sv.add_argument("--http", metavar="HOST:PORT", help="where to listen (default: the config's [http] listen)")
-    sv.add_argument("--api-key", metavar="KEY", help="require `Authorization: Bearer KEY` (default: the config's "
-                                                     "[http] api_key)")
     sub.add_parser("bench", help="measure prefill and decode speed (rwkv-chat bench --help)", add_help=False)
     return ap
 
@@ -250,10 +250,12 @@ def _main(argv: list[str]) -> int:
     from rwkv_chat.daemon.protocol import InvalidId
 
     try:
+        if args.cmd == "serve":
+            return _serve(args)
         if args.cmd is None:
             return _tui()
         return {"daemon": _daemon, "load": _load, "complete": _complete, "chat": _chat,
-                "conversations": _conversations, "doctor": _doctor, "serve": _serve}[args.cmd](args)
+                "conversations": _conversations, "doctor": _doctor}[args.cmd](args)
     except (UsageError, InvalidId) as e:
         _err(f"rwkv-chat: {e}")
         return 2
