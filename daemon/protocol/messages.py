@@ -308,9 +308,9 @@ class Shutdown(Msg):
 
 
 Request = Union[
-    Ping, Status, Probe, Load, Complete, Chat, ChatMessages, Regenerate, EditLastUser, Cancel, ListConversations,
+    Ping, Status, Probe, Load, Complete, Chat, Regenerate, EditLastUser, Cancel, ListConversations,
     GetConversation, FindConversation, CreateConversation, RenameConversation, DeleteConversation, SetSystemPrompt,
-    SetSampling, Export, GetState, Shutdown,
+    SetSampling, Export, GetState, Shutdown, ChatMessages,
 ]
 
 
