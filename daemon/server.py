@@ -183,10 +183,11 @@ class Server:
             n = self.store.remove_partial_saves()
             if n:
                 log.info("removed %d temporary file(s) of a save that was interrupted", n)
-            self.sessions = Sessions(self.store, d.resident_states, d.cpu_states, d.prefix_cache_bytes)
+            self.sessions = Sessions(self.store, d.resident_states, d.cpu_states)
             self.host = Host()
             self.scheduler = Scheduler(self.host, self.store, self.sessions, self.config, self.emit)
             self.scheduler.start()
+            self.sessions.prefix.budget = d.prefix_cache_bytes     # states of stateless chat requests (none yet)
             if self.model:
                 self.host.expect(self.model, self.strategy)    # status says so before any client can ask
                 self.scheduler.submit(Job(id="startup-load", kind="load", client_id="", topic=m.DAEMON_TOPIC,
