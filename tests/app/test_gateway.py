@@ -104,6 +104,7 @@ def gateway(homes):
 def cold_done(homes, messages, **sampling):
     """The Done of ``messages`` on the daemon without a prefix cache."""
     with Client(home_paths(homes["cold"]), autostart=False) as c:
+        assert c.status()["prefix_cache"]["budget"] == 0
         return [ev for ev in c.chat_messages(messages, **sampling)][-1]
 
 
