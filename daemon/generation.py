@@ -23,6 +23,11 @@ store, the in-memory conversation states (sessions), the event callback and the 
   does a conversation's first message (the conversation is not made). The stored reply keeps its ``reason``
   and decode speed. :meth:`Generation.done` then sends Done, or :meth:`Generation.fail` Failed.
 
+A stateless chat (kind ``"messages"``, a ``ChatMessages`` request: the whole conversation as messages, nothing
+stored) is set up by :mod:`~rwkv_chat.daemon.stateless`: its prompt starts from the longest prefix the prefix
+cache holds (all of it cached: straight to ``decode``), and the states at the end of its prompt and after its
+reply go back into the cache.
+
 Randomness: without a seed every generation draws from a fresh random stream (a regenerate gives another
 reply); with one, the same request on the same conversation gives the same reply. A conversation's repetition
 penalties carry on from its saved sampler state.
