@@ -175,6 +175,16 @@ def parser() -> argparse.ArgumentParser:
                     help="continue this conversation: its id, the start of its id, or its exact title; a new id "
                          "(letters, digits, _ and -) starts a conversation with that id (default: a new one)")
     _sampling_flags(ch)
+    sv = _sub(sub, "serve", "serve an OpenAI-compatible HTTP API in front of the daemon",
+              "Serve /v1/models, /v1/chat/completions and /v1/completions (streaming too) for any OpenAI client,\n"
+              "on --http HOST:PORT (default: the config's [http] listen, 127.0.0.1:11435). It uses the daemon\n"
+              "(started when none runs) and its model; a conversation's next turn reads only the new message\n"
+              "(the daemon's prefix cache). An address beyond loopback needs an API key ([http] api_key).",
+              ["rwkv-chat serve --http 127.0.0.1:11435",
+               'OPENAI_BASE_URL=http://127.0.0.1:11435/v1 OPENAI_API_KEY=unused python my_openai_script.py'])
+    sv.add_argument("--http", metavar="HOST:PORT", help="where to listen (default: the config's [http] listen)")
+    sv.add_argument("--api-key", metavar="KEY", help="require `Authorization: Bearer KEY` (default: the config's "
+                                                     "[http] api_key)")
     cv = _sub(sub, "conversations", "list, show, export or remove conversations",
               "The daemon's saved conversations (the TUI's sidebar). A conversation is named by its id, by the\n"
               "start of its id (as the sidebar shows it) or by its exact title.",
@@ -252,6 +262,8 @@ def _main(argv: list[str]) -> int:
     from rwkv_chat.daemon.protocol import InvalidId
 
     try:
+        if args.cmd == "serve":
+            return _serve(args)
         if args.cmd is None:
             return _tui()
         from . import models_cli
@@ -461,6 +473,10 @@ def _print_status(st: dict) -> None:
     print(f"generations: {len(st['active'])} active, {st['queued']} queued; clients: {st['clients']}")
     for a in st["active"]:
         print(f"  {a['job_id']} {a['kind']} {a['conversation_id'] or ''} {a['phase']} tokens={a['tokens']}")
+    pc = st.get("prefix_cache") or {}
+    if pc:
+        print(f"prefix cache: {pc['entries']} states, {_mib(pc['bytes'])} of {_mib(pc['budget'])}; {pc['hits']} hits, "
+              f"{pc['misses']} misses; prompt tokens reused {pc['cached_tokens']}, read {pc['prefilled_tokens']}")
 
 
 def progress_bar(done: int, total: int, width: int = 30) -> str:
@@ -637,6 +653,27 @@ def _chat(args) -> int:
         return _stream(c.chat(cid, args.message, **_sampling(args)), strip_first=True, chat=True, started=started)
 
     return _with_client(run)
+
+
+def _serve(args) -> int:
+    from rwkv_chat.app.gateway import ListenError, serve
+
+    from rwkv_chat.daemon.config import ConfigError
+
+    paths = _paths()
+    try:
+        http = _config(paths).http
+    except ConfigError as e:
+        _err(f"rwkv-chat serve: {e}")
+        return 1
+    key = http.api_key if args.api_key is None else args.api_key
+    try:
+        return serve(paths, args.http or http.listen, key)
+    except ListenError as e:
+        raise UsageError(str(e)) from None
+    except OSError as e:
+        _err(f"rwkv-chat serve: cannot listen on {args.http or http.listen}: {e.strerror or e}")
+        return 1
 
 
 def _conversations(args) -> int:

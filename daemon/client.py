@@ -17,8 +17,8 @@ Contract
   while waiting :class:`DaemonLost`. ``conversations``, ``conversation`` and ``export`` fetch every page the
   daemon sends them in (listings are summaries: long titles and system prompts cut, ``truncated`` set;
   ``conversation`` has them whole).
-* Generations (``complete``, ``chat``, ``regenerate``, ``edit_last_user``, ``load``) return a generator of
-  events: ``Queued`` (position in the queue while it waits for a place, also when a long generation yields
+* Generations (``complete``, ``chat``, ``chat_messages``, ``regenerate``, ``edit_last_user``, ``load``) return
+  a generator of events: ``Queued`` (position in the queue while it waits for a place, also when a long generation yields
   its place for a while: ``[daemon] time_slice``), ``Started``, ``Progress`` (phase "load"/"prefill",
   done/total), ``Token`` (text), and finally ``Done`` (reason "stop"/"length"/"cancelled"/"loaded", full
   text — joined from the Token events where the daemon sent it cut, ``truncated`` — token counts, tokens/s).
@@ -378,7 +378,8 @@ class Client:
                     import msgspec
 
                     whole = "".join(pieces)
-                    whole = whole.strip() if isinstance(msg, (m.Chat, m.Regenerate, m.EditLastUser)) else whole
+                    whole = (whole.strip() if isinstance(msg, (m.Chat, m.Regenerate, m.EditLastUser, m.ChatMessages))
+                             else whole)
                     if whole.startswith(ev.text):
                         ev = msgspec.structs.replace(ev, text=whole, truncated=False)
                 if isinstance(ev, m.Done):
@@ -412,6 +413,14 @@ class Client:
         """Raw completion of ``prompt`` from the zero state (sampling: temperature, top_p, top_k, seed, …)."""
         return self._stream(t := self._topic(), m.Complete(client_id=self.client_id, topic=t, prompt=prompt,
                                                             stop=list(stop or []), sampling=_sampling(sampling)))
+
+    def chat_messages(self, messages: list, stop: list[str] | None = None, **sampling):
+        """A stateless chat completion: the reply to ``messages`` (``ChatMessage`` structs or ``(role, content)``
+        pairs, ending with a user message), no conversation stored. Its Done's ``cached_tokens`` says how many
+        prompt tokens came from the daemon's prefix cache."""
+        msgs = [x if isinstance(x, m.ChatMessage) else m.ChatMessage(role=x[0], content=x[1]) for x in messages]
+        return self._stream(t := self._topic(), m.ChatMessages(client_id=self.client_id, topic=t, messages=msgs,
+                                                                stop=list(stop or []), sampling=_sampling(sampling)))
 
     def chat(self, conversation_id: str, message: str, **sampling):
         """One chat exchange in ``conversation_id`` (created if missing)."""

@@ -51,6 +51,8 @@ Sections and keys (all optional; defaults below)::
     daemon_timeout = 2.5           # seconds without a word from the daemon (heartbeats included) before a
                                    # client reports it lost (a stream: DaemonLost) or not responding
     heartbeat = 0.5                # seconds between heartbeats (both directions)
+    prefix_cache_bytes = 1073741824  # model states after token prefixes kept for stateless chat requests (the
+                                   # HTTP API's), on the model's devices, least recently used out; 0 = off
     resident_states = 8            # conversation states kept on the model's devices
     cpu_states = 64                # more idle states kept in CPU memory; the rest live on disk only
     keep_alive = "30m"             # unload an idle model (no generation running or waiting) after this long:
@@ -60,6 +62,10 @@ Sections and keys (all optional; defaults below)::
     bind = ""                      # "" = ipc:// in the runtime dir; "tcp://HOST:PORT" (beyond loopback needs CURVE)
     curve_secret_key = ""          # Z85 server secret key, required for a tcp bind beyond loopback
     curve_public_key = ""
+
+    [http]                         # the OpenAI-compatible HTTP gateway (`rwkv-chat serve --http`)
+    listen = "127.0.0.1:11435"     # HOST:PORT; an address beyond loopback needs api_key
+    api_key = ""                   # "" = no key; else requests need the header `Authorization: Bearer KEY`
 """
 
 from __future__ import annotations
@@ -114,6 +120,7 @@ class DaemonConfig:
     client_timeout: float = 2.5
     daemon_timeout: float = 2.5
     heartbeat: float = 0.5
+    prefix_cache_bytes: int = 1 << 30
     resident_states: int = 8
     cpu_states: int = 64
     keep_alive: float = 1800.0
@@ -123,13 +130,20 @@ class DaemonConfig:
 
 
 @dataclass
+class HttpConfig:
+    listen: str = "127.0.0.1:11435"
+    api_key: str = ""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     sampling: SamplerArgs = field(default_factory=SamplerArgs)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
 
 
-_SECTIONS = ("model", "sampling", "daemon")
+_SECTIONS = ("model", "sampling", "daemon", "http")
 
 
 #: keys that take a bool or one of these strings
@@ -218,6 +232,9 @@ def load_config(path: Path) -> Config:
         else:
             for key, value in values.items():
                 setattr(obj, key, value)
+    if cfg.daemon.prefix_cache_bytes < 0:
+        raise ConfigError(f"{path}: [daemon] prefix_cache_bytes must be >= 0 (0 = off), got "
+                          f"{cfg.daemon.prefix_cache_bytes}")
     if cfg.daemon.max_tokens_limit < 1:
         raise ConfigError(f"{path}: [daemon] max_tokens_limit must be >= 1, got {cfg.daemon.max_tokens_limit}")
     if cfg.sampling.max_tokens > cfg.daemon.max_tokens_limit:

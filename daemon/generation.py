@@ -23,6 +23,11 @@ store, the in-memory conversation states (sessions), the event callback and the 
   does a conversation's first message (the conversation is not made). The stored reply keeps its ``reason``
   and decode speed. :meth:`Generation.done` then sends Done, or :meth:`Generation.fail` Failed.
 
+A stateless chat (kind ``"messages"``, a ``ChatMessages`` request: the whole conversation as messages, nothing
+stored) is set up by :mod:`~rwkv_chat.daemon.stateless`: its prompt starts from the longest prefix the prefix
+cache holds (all of it cached: straight to ``decode``), and the states at the end of its prompt and after its
+reply go back into the cache.
+
 Randomness: without a seed every generation draws from a fresh random stream (a regenerate gives another
 reply); with one, the same request on the same conversation gives the same reply. A conversation's repetition
 penalties carry on from its saved sampler state.
@@ -142,7 +147,7 @@ class Job:
     """A request the server queued for the scheduler: a model load or a generation."""
 
     id: str
-    kind: str                     # "load" | "complete" | "chat"
+    kind: str                     # "load" | "complete" | "chat" | "messages"
     client_id: str
     topic: str
     request: m.Msg
@@ -201,6 +206,7 @@ class Generation:
         self.user_text = ""
         self.user_created = 0.0
         self.user_tokens = 0
+        self.cached = 0               # "messages": prompt tokens taken from the prefix cache
 
     def info(self) -> dict:
         return {"job_id": self.id, "kind": self.kind, "client_id": self.client_id,
@@ -223,6 +229,10 @@ class Generation:
             args = self.config.sampling.updated(given)
             self.state, self.stops = model.zero_state(), tuple(req.stop)
             self.prompt = tok.encode(req.prompt)
+        elif self.kind == "messages":
+            from . import stateless
+
+            args = stateless.start(self, model, tok, template, given)
         else:
             store, cid = self.store, self.conversation_id
             if self.mode == "chat" and not store.exists(cid):     # made now, with a model to answer
@@ -276,9 +286,11 @@ class Generation:
         check_max_tokens(args.max_tokens, self.config.daemon.max_tokens_limit)
         self.max_tokens = args.max_tokens
         self.scanner = StopScanner(self.stops)
-        self.phase, self.t_start = "prefill", time.perf_counter()
+        self.phase = "prefill" if self.pos < len(self.prompt) else "decode"     # all of it cached: decode
+        self.t_start = time.perf_counter()
         self.emit(self.topic, m.Started(job_id=self.id, kind=self.kind, conversation_id=self.conversation_id,
-                                        message=m.clip_bytes(self.user_text, m.MAX_EVENT_TEXT)[0]))
+                                        message=m.clip_bytes(self.user_text, m.MAX_EVENT_TEXT)[0],
+                                        cached_tokens=self.cached))
 
     def prefill_chunk(self) -> None:
         """Feed the next ``chunk_len`` prompt tokens; emit Progress; phase -> "decode" after the last chunk."""
@@ -298,6 +310,10 @@ class Generation:
                                          text=self.note))
         if self.pos >= len(self.prompt):
             self.phase = "decode"
+            if self.kind == "messages":
+                from . import stateless
+
+                stateless.prompt_read(self)
 
     def _save_history_state(self) -> None:
         """Save the state after the re-read history (the exchanges before this one) on this model, so a
@@ -361,7 +377,7 @@ class Generation:
         ``MAX_TEXT`` bytes. Returns what was added and whether a chat reply reached that size."""
         n = m.utf8_len(piece)
         full = False
-        if self.kind == "chat" and self.text_bytes + n >= m.MAX_TEXT:
+        if self.kind in ("chat", "messages") and self.text_bytes + n >= m.MAX_TEXT:
             piece, _ = m.clip_bytes(piece, m.MAX_TEXT - self.text_bytes)
             n, full = m.utf8_len(piece), True
         self.pending += piece
@@ -412,25 +428,31 @@ class Generation:
         if reason == "cancelled" and self.kind != "chat":
             self.send_pending()
             return
-        self._close_reply()
+        fed = self._close_reply()
+        if self.kind == "messages":
+            from . import stateless
+
+            stateless.reply_done(self, fed)
         self._commit()
 
-    def _close_reply(self) -> None:
+    def _close_reply(self) -> list[int]:
         """Flush the detokenizer and, for a chat reply that did not end at the template's ``stop`` (cut by
         ``max_tokens`` or stopped), feed that ``stop`` to the state as the template does. A chat cancelled while
-        its prompt was read has no reply state (``state`` None then)."""
+        its prompt was read has no reply state (``state`` None then). Returns the tokens fed (the stop's)."""
+        fed: list[int] = []
         if self.reason in ("length", "cancelled"):
             self._append(self.detok.flush())      # (held bytes: at most one character)
-            if self.kind == "chat":
+            if self.kind in ("chat", "messages"):
                 if self.phase == "prefill":
                     self.state = None
                 elif self.state is not None:
-                    stop = self.host.template.stop
-                    _, self.state = self.host.model.forward(self.host.tokenizer.encode(stop), self.state)
+                    fed = self.host.tokenizer.encode(self.host.template.stop)
+                    self.logits, self.state = self.host.model.forward(fed, self.state)
         self._sendable(len(self.pending), force=True)
+        return fed
 
     def reply_text(self) -> str:
-        return self.text.strip() if self.kind == "chat" else self.text
+        return self.text.strip() if self.kind in ("chat", "messages") else self.text
 
     def _commit(self) -> None:
         """Persist a finished (or stopped) chat exchange: state file (atomic) where there is a reply state, then
@@ -498,7 +520,7 @@ class Generation:
         self.emit(self.topic, m.Done(job_id=self.id, reason=self.reason, text=text,
                                      prompt_tokens=len(self.prompt), tokens=len(self.out_tokens),
                                      prefill_s=self.t_prefill, decode_s=self.t_decode, tokens_per_s=rate,
-                                     truncated=cut))
+                                     truncated=cut, cached_tokens=self.cached))
 
     def fail(self, kind: str, message: str) -> None:
         """Send the Failed event (``kind`` as ``host.classify`` names it)."""

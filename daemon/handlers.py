@@ -124,7 +124,8 @@ def _status(server, msg):
         clients=sum(1 for t in server.last_seen.values() if time.time() - t < server.config.daemon.client_timeout),
         home={"config": str(paths.config_dir), "data": str(paths.data_dir), "cache": str(paths.cache_dir),
               "runtime": str(paths.runtime_dir), "dropped_frames": server.dropped,
-              "sessions": server.sessions.stats()}), []
+              "sessions": server.sessions.stats()},
+        prefix_cache=server.sessions.prefix.stats()), []
 
 
 @handles(m.Probe)
@@ -153,6 +154,11 @@ def _unload(server, msg):
 @handles(m.Complete)
 def _complete(server, msg):
     return _generation(server, msg, "complete", check_topic(msg.topic)), []
+
+
+@handles(m.ChatMessages)
+def _chat_messages(server, msg):
+    return _generation(server, msg, "messages", check_topic(msg.topic)), []
 
 
 @handles(m.Chat)

@@ -187,6 +187,7 @@ class Server:
             self.host = Host(resolve=lambda ref: registry.resolve(ref, self.paths.data_dir))
             self.scheduler = Scheduler(self.host, self.store, self.sessions, self.config, self.emit)
             self.scheduler.start()
+            self.sessions.prefix.budget = d.prefix_cache_bytes     # states of stateless chat requests (none yet)
             if self.model:
                 self.host.expect(self.model, self.strategy)    # status says so before any client can ask
                 self.scheduler.submit(Job(id="startup-load", kind="load", client_id="", topic=m.DAEMON_TOPIC,

@@ -11,6 +11,9 @@ the caller feeds the rest of the transcript. A state file that cannot be read (c
 the wrong type, another model's) is set aside with a warning and reported; the conversation then resumes from an
 older state or the zero state, re-reading its history.
 
+:attr:`Sessions.prefix` is the :class:`~rwkv_chat.daemon.prefix_cache.PrefixCache` of stateless chat requests
+(``[daemon] prefix_cache_bytes``), cleared with the rest.
+
 Used by the scheduler thread; :meth:`Sessions.drop` and :meth:`Sessions.clear` may come from the server
 thread too (a lock guards the table).
 """
@@ -26,6 +29,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from .prefix_cache import PrefixCache
 from .store import DIGEST_KEY, transcript_digest
 
 if TYPE_CHECKING:
@@ -105,17 +109,19 @@ def _restore(state: State, placement: list) -> State:
 class Sessions:
     """LRU cache of conversation states (see module docstring)."""
 
-    def __init__(self, store, resident: int = 8, cpu: int = 64):
+    def __init__(self, store, resident: int = 8, cpu: int = 64, prefix_bytes: int = 0):
         self.store = store
+        self.prefix = PrefixCache(prefix_bytes)     # states after token prefixes (stateless chat requests)
         self.resident = max(1, resident)
         self.cpu = max(0, cpu)
         self._lru: OrderedDict[str, Entry] = OrderedDict()
         self._lock = threading.RLock()
 
     def clear(self) -> None:
-        """Forget every in-memory state (a new model was loaded)."""
+        """Forget every in-memory state, the prefix cache's too (a new model was loaded)."""
         with self._lock:
             self._lru.clear()
+        self.prefix.clear()
 
     def drop(self, cid: str) -> None:
         with self._lock:

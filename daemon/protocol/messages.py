@@ -29,6 +29,8 @@ turns and an export in pages (``GetConversation.turn_offset``, ``Export.offset``
 :data:`MAX_PATH`          UTF-8 bytes of a model path; :data:`MAX_STRATEGY` characters of a strategy
 :data:`MAX_ID`            characters of a client id, a job id, a probe nonce
 :data:`MAX_PAGE`          conversation summaries per ``ListConversations`` page
+:data:`MAX_MESSAGES`      messages of one ``ChatMessages`` request; each at most :data:`MAX_TEXT` bytes,
+                          all together at most :data:`MAX_MESSAGES_TEXT` bytes
 ========================  ==========================================================================
 
 The number of tokens a generation may produce (``max_tokens``) is bounded by the daemon's config
@@ -66,6 +68,11 @@ MAX_STRATEGY = 1024
 MAX_ID = 64
 #: conversation summaries per ListConversations page (a request's limit 0 means this many)
 MAX_PAGE = 200
+#: messages of one ChatMessages request, and UTF-8 bytes of their contents together (within one frame)
+MAX_MESSAGES = 4096
+MAX_MESSAGES_TEXT = 3 << 20
+#: roles a ChatMessages message may have
+MESSAGE_ROLES = ("system", "user", "assistant")
 #: characters of the system prompt (and title) kept in a conversation summary of a listing
 SUMMARY_CHARS = 200
 #: UTF-8 bytes of text one event carries: a Token's text, a Done's text (cut there, ``truncated`` set),
@@ -192,6 +199,27 @@ class Chat(Msg):
     sampling: SamplingSettings = {}
 
 
+class ChatMessage(msgspec.Struct, forbid_unknown_fields=True):
+    """One message of a :class:`ChatMessages` request: ``role`` one of :data:`MESSAGE_ROLES`."""
+
+    role: str
+    content: str
+
+
+class ChatMessages(Msg):
+    """A stateless chat completion: ``messages`` (system, user and assistant messages, ending with a user
+    message) rendered with the model's chat template, and the reply to the last one. No conversation is stored;
+    the daemon's prefix cache (``[daemon] prefix_cache_bytes``) keeps states after token prefixes, so a request
+    that repeats an earlier one's messages prefills only what is new (``Done.cached_tokens``). ``stop``: stop
+    strings besides the template's (as for ``Complete``). Events as for ``Complete`` (topic ``topic``)."""
+
+    client_id: str
+    topic: str
+    messages: list[ChatMessage]
+    sampling: SamplingSettings = {}
+    stop: list[str] = []
+
+
 class Regenerate(Msg):
     """Replace the last reply with a new one. ``turn``: the index of the reply the client shows as the last one
     (the daemon refuses with kind "Conflict" when that is not the conversation's last reply); -1: whatever is last."""
@@ -291,7 +319,7 @@ class Shutdown(Msg):
 Request = Union[
     Ping, Status, Probe, Load, Unload, Complete, Chat, Regenerate, EditLastUser, Cancel, ListConversations,
     GetConversation, FindConversation, CreateConversation, RenameConversation, DeleteConversation, SetSystemPrompt,
-    SetSampling, Export, GetState, Shutdown,
+    SetSampling, Export, GetState, Shutdown, ChatMessages,
 ]
 
 
@@ -338,6 +366,7 @@ class StatusReply(Msg):
     queued: int
     clients: int
     home: dict
+    prefix_cache: dict = {}       # the prefix cache of ChatMessages: entries, bytes, budget, hits, misses, tokens
 
 
 class ConversationInfo(msgspec.Struct, forbid_unknown_fields=True):
@@ -439,12 +468,14 @@ class Queued(Msg):
 
 
 class Started(Msg):
-    """A job started (a watcher learns the user's message, if any)."""
+    """A job started (a watcher learns the user's message, if any). ``cached_tokens``: of a ``ChatMessages``
+    request, the prompt tokens taken from the prefix cache (the rest is read now)."""
 
     job_id: str
     kind: str
     conversation_id: str = ""
     message: str = ""
+    cached_tokens: int = 0
 
 
 class Progress(Msg):
@@ -470,7 +501,10 @@ class Done(Msg):
     rates in tokens per second.
 
     ``text`` is the whole text (a chat reply stripped) when it fits in :data:`MAX_EVENT_TEXT` bytes; else its
-    start, with ``truncated`` set: the job's Token events carry all of it (the client library joins them)."""
+    start, with ``truncated`` set: the job's Token events carry all of it (the client library joins them).
+
+    ``cached_tokens``: of the ``prompt_tokens``, those a ``ChatMessages`` request took from the prefix cache
+    instead of reading them (0 for other requests); the prefill read ``prompt_tokens - cached_tokens``."""
 
     job_id: str
     reason: str
@@ -481,6 +515,7 @@ class Done(Msg):
     decode_s: float
     tokens_per_s: float
     truncated: bool = False
+    cached_tokens: int = 0
 
 
 class Failed(Msg):
@@ -498,6 +533,23 @@ AnyMessage = Union[Request, Reply, Event]
 def _limit(field: str, size: int, limit: int, unit: str) -> None:
     if size > limit:
         raise LimitError(f"{field} has {size:,} {unit}; the limit is {limit:,}")
+
+
+def _check_messages(messages: list[ChatMessage]) -> None:
+    """The limits of a ChatMessages request's ``messages`` (count, bytes each and together, roles)."""
+    if not messages:
+        raise LimitError("messages is empty: give at least one user message")
+    _limit("messages", len(messages), MAX_MESSAGES, "messages")
+    total = 0
+    for i, msg in enumerate(messages):
+        if msg.role not in MESSAGE_ROLES:
+            raise LimitError(f"messages[{i}].role is {quote(msg.role, 20)}: use one of {', '.join(MESSAGE_ROLES)}")
+        n = utf8_len(msg.content)
+        _limit(f"messages[{i}].content", n, MAX_TEXT, "bytes")
+        total += n
+    _limit("messages (all contents together)", total, MAX_MESSAGES_TEXT, "bytes")
+    if messages[-1].role != "user":
+        raise LimitError(f"the last message is from the {messages[-1].role}: end with a user message")
 
 
 def check_request(msg: Msg) -> Msg:
@@ -518,7 +570,9 @@ def check_request(msg: Msg) -> Msg:
     if isinstance(msg, Load):
         _limit("path", utf8_len(msg.path), MAX_PATH, "bytes")
         _limit("strategy", len(msg.strategy), MAX_STRATEGY, "characters")
-    if isinstance(msg, Complete):
+    if isinstance(msg, ChatMessages):
+        _check_messages(msg.messages)
+    if isinstance(msg, (Complete, ChatMessages)):
         _limit("stop", len(msg.stop), MAX_STOPS, "strings")
         for s in msg.stop:
             if not s:
