@@ -68,3 +68,19 @@ def test_forward_batch_equals_single(qwen_folders):
     more, _ = model.forward_batch([[7], [8], [9]], state)
     for row, t, logits in zip(rows, (7, 8, 9), more):
         assert torch.allclose(model.forward(row + [t], None)[0], logits, atol=1e-5, rtol=0)
+
+
+def test_random_shapes_folder_loads_in_both(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from rwkv_chat.models.qwen2 import shapes
+
+    folder = shapes.write_random(tmp_path / "tiny", "tiny", torch.float32)
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ours = Qwen2(folder, "cpu fp32", kernels=False)
+    ids = prompt(24, vocab=ours.vocab_size)
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0]
+    assert torch.allclose(ours.forward(ids, None, full_output=True)[0], ref, atol=1e-4, rtol=0)
+    n_layer, C, H, K, F, V, tied = shapes.SHAPES["1.5B"]
+    assert shapes.config("1.5B")["num_hidden_layers"] == n_layer and shapes.config("1.5B")["tie_word_embeddings"]
