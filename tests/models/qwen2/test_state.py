@@ -101,3 +101,15 @@ def test_context_limit(qwen_folders):
     h = dec.add(state)
     with pytest.raises(ContextLimitError):
         dec.step({h: 1})
+
+
+def test_daemon_sessions_spill_and_restore_keep_a_kv_cache(qwen_folders):
+    from rwkv_chat.daemon.sessions import _restore, _spill
+
+    model = Qwen2(qwen_folders["tied"][0], "cpu bf16", kernels=False)
+    _, state = model.forward([4, 5, 6], None)
+    spilled, placement = _spill(state)
+    back = _restore(spilled, placement)
+    assert isinstance(back, KVState) and back.tokens[0].tolist() == [4, 5, 6]
+    assert back.layers[0][0].dtype == torch.bfloat16
+    assert torch.equal(model.forward([7], back)[0], model.forward([7], state.clone())[0])
