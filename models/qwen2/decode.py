@@ -27,11 +27,13 @@ DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 def decode_one(model, ids: torch.Tensor, lens: torch.Tensor, bufs: list, capacity: int) -> torch.Tensor:
-    """One token per row through the whole model over the slot buffers, updated in place.
+    """One token per row through the whole model over the slot buffers, updated in place (no host sync: a CUDA
+    graph captures it as is).
 
     Args:
         model: a ``Qwen2``.
-        ids: int64 [b] token ids (CPU). lens: int64 [b] cached positions per row (CPU; the new token's position).
+        ids: int64 [b] token ids; lens: int64 [b] cached positions per row (the new token's position); both on the
+            first layer's device.
         bufs: per layer (k, v) [>= b, K, capacity, D] on the layer's device; rows [0, b) are used.
     Returns:
         logits float32 [b, vocab] on the head's device.
@@ -39,13 +41,13 @@ def decode_one(model, ids: torch.Tensor, lens: torch.Tensor, bufs: list, capacit
     cfg, ops = model.config, model.backend.ops
     b = ids.shape[0]
     x = model.emb[ids.to(model.emb.device)].view(b, 1, -1)                           # [b, 1, C]
-    visible = torch.arange(capacity)[None, :] <= lens[:, None]                     # [b, capacity]
     on: dict = {}
     for i in range(cfg.n_layer):
         dev = model.devices[i]
         if dev not in on:
             pos = lens.to(dev)
-            on[dev] = (pos.view(b, 1, 1, 1).expand(b, cfg.n_kv_head, 1, cfg.head_dim), visible.to(dev).view(b, 1, 1, -1))
+            visible = torch.arange(capacity, device=dev)[None, :] <= pos[:, None]   # [b, capacity]
+            on[dev] = (pos.view(b, 1, 1, 1).expand(b, cfg.n_kv_head, 1, cfg.head_dim), visible.view(b, 1, 1, -1))
         index, mask = on[dev]
         x = x.to(device=dev, dtype=model.plan.layers[i].atype)
         cos, sin = model.rope(lens, i)                                             # [b, D]
@@ -56,8 +58,7 @@ def decode_one(model, ids: torch.Tensor, lens: torch.Tensor, bufs: list, capacit
             vc.scatter_(2, index, v)
             return ops.attention(q, kc, vc, mask)
 
-        x = block(x, model.layer_params(i), cfg.rms_norm_eps, cfg.head_dim, ops, cos[:, None, None],
-                  sin[:, None, None], attend)
+        x = block(x, model.layer_params(i), cfg.rms_norm_eps, cfg.head_dim, ops, cos[:, None], sin[:, None], attend)
     return model.head_logits(x)[:, 0]
 
 
@@ -67,16 +68,21 @@ class Qwen2Decoder:
     Args:
         model: a ``Qwen2``. max_batch: slots. buckets: batch sizes a step may run at (the smallest >= the live
             slots is used; the largest is ``max_batch``).
+        graphs: capture each bucket's step in a CUDA graph (made again when the capacity grows). Default: when
+            every layer sits on one CUDA device and none is streamed. Then ``step``'s logits are views of a static
+            buffer, valid until the next step.
     Attributes:
-        buckets, max_batch; graphs, compile, fused (False: eager steps), gemv, large (None) for reports.
+        buckets, max_batch, capacity (positions per slot), graphs; compile, fused (False), gemv, large (None) for
+        reports.
     Raises:
         StateError: ``max_batch`` < 1.
     """
 
-    graphs = compile = fused = False
+    compile = fused = False
     gemv = large = None
 
-    def __init__(self, model, max_batch: int = 1, buckets: tuple[int, ...] = DEFAULT_BUCKETS):
+    def __init__(self, model, max_batch: int = 1, buckets: tuple[int, ...] = DEFAULT_BUCKETS,
+                 graphs: bool | None = None):
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise StateError(f"max_batch must be >= 1, got {max_batch}")
         self.model, self.max_batch = model, max_batch
@@ -88,6 +94,14 @@ class Qwen2Decoder:
         self._handle_at: list[int] = []
         self._meta: dict[int, dict] = {}
         self._next = 0
+        dev0 = model.devices[0]
+        single_cuda = len(set(model.devices)) == 1 and dev0.type == "cuda" and \
+            not any(p.stream for p in model.plan.layers)
+        self.graphs = single_cuda if graphs is None else bool(graphs) and single_cuda
+        self._ids_dev = torch.zeros(max_batch, dtype=torch.long, device=dev0)
+        self._lens_dev = torch.zeros(max_batch, dtype=torch.long, device=dev0)
+        self._graph: dict[int, tuple] = {}          # bucket -> (CUDAGraph, static logits) at this capacity
+        self._pool = None
 
     def _alloc(self, capacity: int) -> list:
         cfg, m = self.model.config, self.model
@@ -106,6 +120,7 @@ class Qwen2Decoder:
         tokens = torch.zeros(self.max_batch, cap, dtype=torch.long)
         tokens[:, :self.capacity].copy_(self._tokens)
         self._bufs, self._tokens, self.capacity = new, tokens, cap
+        self._graph.clear()
 
     # -- membership ------------------------------------------------------------------------------
     @property
@@ -203,12 +218,43 @@ class Qwen2Decoder:
         for h, t in tokens.items():
             ids[slots[h]] = int(t)
         lens = self._lens[:b].clone()
-        logits = decode_one(self.model, ids, lens, self._bufs, self.capacity)
+        self._ids_dev[:b].copy_(ids)
+        self._lens_dev[:b].copy_(lens)
+        logits = self._run(b)
         for h, t in tokens.items():
             s = slots[h]
             self._tokens[s, int(lens[s])] = int(t)
             self._lens[s] += 1
         return {h: logits[slots[h]] for h in tokens}
+
+    def _run(self, b: int) -> torch.Tensor:
+        """The step of the first b slots (inputs in ``_ids_dev``, ``_lens_dev``): logits float32 [b, vocab]."""
+        if not self.graphs:
+            return decode_one(self.model, self._ids_dev[:b], self._lens_dev[:b], self._bufs, self.capacity)
+        if b not in self._graph:
+            self._graph[b] = self._capture(b)
+        g, out = self._graph[b]
+        g.replay()
+        return out
+
+    def _capture(self, b: int) -> tuple:
+        """A CUDA graph of the b-slot step and its static logits. The warm-up runs write keys/values only at the
+        slots' next positions (past their lengths), so no cache is disturbed."""
+        def body():
+            return decode_one(self.model, self._ids_dev[:b], self._lens_dev[:b], self._bufs, self.capacity)
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                body()
+        torch.cuda.current_stream().wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=self._pool):
+            out = body()
+        return g, out
 
     def greedy(self, tokens: dict[int, int], n: int) -> dict[int, list[int]]:
         """``n`` steps feeding each conversation its previous argmax (the first step feeds ``tokens``): handle ->

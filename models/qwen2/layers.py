@@ -48,8 +48,15 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotary embedding of q [B, H, T, D] and k [B, K, T, D] with cos, sin [B or 1, 1, T, D] (q's dtype)."""
+    """Rotary embedding of q [B, T, H, D] and k [B, T, K, D] with cos, sin [B or 1, T, D] (q's dtype)."""
+    cos, sin = cos[:, :, None], sin[:, :, None]                                  # [B|1, T, 1, D]
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
+                 cos: torch.Tensor, sin: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen3: RMSNorm of every head of q [B, T, H, D] and k [B, T, K, D] over D (weights [D]), then ``rope``."""
+    return rope(rmsnorm(q, q_weight, eps), rmsnorm(k, k_weight, eps), cos, sin)
 
 
 def gated_mlp(x: torch.Tensor, gate, up, matmul: Callable) -> torch.Tensor:
@@ -72,7 +79,8 @@ class QwenOps:
 
     Attributes:
         rmsnorm: (x [..., C], weight [C], eps) -> [..., C].
-        rope: (q [B, H, T, D], k [B, K, T, D], cos, sin [B|1, 1, T, D]) -> (q, k).
+        rope: (q [B, T, H, D], k [B, T, K, D], cos, sin [B|1, T, D]) -> (q, k).
+        qk_norm_rope: (q, k as rope, q_weight, k_weight [D], cos, sin, eps) -> (q, k): per-head RMSNorm, then RoPE.
         gated_mlp: (x [..., C], gate, up packed [C, F], matmul) -> silu(x @ gate) * (x @ up) [..., F].
         attention: (q [B, H, T, D], k, v [B, K, S, D], mask bool [B|1, 1, T, S] or None (causal)) -> [B, H, T, D].
         matmul: ``formats.matmul_with``'s product (x [..., N], packed [N, M], output_dtype=None) -> [..., M].
@@ -80,6 +88,7 @@ class QwenOps:
 
     rmsnorm: Callable = rmsnorm
     rope: Callable = rope
+    qk_norm_rope: Callable = qk_norm_rope
     gated_mlp: Callable = gated_mlp
     attention: Callable = attention
     matmul: Callable | None = None
@@ -96,7 +105,7 @@ def block(x: torch.Tensor, p: dict, eps: float, head_dim: int, ops: QwenOps, cos
             ``q_norm``, ``k_norm`` [D] (Qwen3).
         eps: RMSNorm epsilon. head_dim: D.
         ops: the operators (``QwenOps``).
-        cos, sin: RoPE of the new positions [B|1, 1, T, D] in x's dtype.
+        cos, sin: RoPE of the new positions [B|1, T, D] in x's dtype.
         attend: ``attend(q [B, H, T, D], k, v [B, K, T, D]) -> [B, H, T, D]``: stores the new keys/values in
             the cache and attends over the cached past and themselves.
     Returns:
@@ -112,8 +121,10 @@ def block(x: torch.Tensor, p: dict, eps: float, head_dim: int, ops: QwenOps, cos
     k = k.view(B, T, -1, head_dim)                                       # [B, T, K, D]
     v = v.view(B, T, -1, head_dim).transpose(1, 2)                       # [B, K, T, D]
     if "q_norm" in p:
-        q, k = ops.rmsnorm(q, p["q_norm"], eps), ops.rmsnorm(k, p["k_norm"], eps)
-    q, k = ops.rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+        q, k = ops.qk_norm_rope(q, k, p["q_norm"], p["k_norm"], cos, sin, eps)
+    else:
+        q, k = ops.rope(q, k, cos, sin)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)                          # [B, H, T, D], [B, K, T, D]
     o = attend(q, k, v)                                                  # [B, H, T, D]
     o = mm(o.transpose(1, 2).reshape(B, T, -1), p["wo"])
     x = x + (o + p["bo"] if "bo" in p else o)

@@ -122,10 +122,14 @@ class Qwen2:
 
     # -- loading ---------------------------------------------------------------------------------
     def _pack(self, w: torch.Tensor, i: int):
-        """An nn.Linear weight [out, in] of layer i (n_layer: the head) packed [in, out] by its stage's format."""
+        """An nn.Linear weight [out, in] of layer i (n_layer: the head) packed [in, out] by its stage's format.
+        Plain float weights stay in nn.Linear's layout ([in, out] is the transposed view of a contiguous
+        [out, in]: ``x @ W`` is ``F.linear``'s GEMM, and fused ops read the rows they expect)."""
         place = self.plan.layers[i]
-        fmt = formats.get(self.plan.stages[place.stage].quant)
-        return fmt.pack(w.t(), place.atype, self.devices[i], stream=place.stream)
+        quant = self.plan.stages[place.stage].quant
+        if quant is None and not place.stream:
+            return w.to(place.atype).to(self.devices[i]).contiguous().t()
+        return formats.get(quant).pack(w.t(), place.atype, self.devices[i], stream=place.stream)
 
     def _vector(self, w: torch.Tensor, i: int) -> torch.Tensor:
         return w.to(self.plan.layers[i].atype).to(self.devices[i]).contiguous()
@@ -200,12 +204,12 @@ class Qwen2:
         positions = positions.to(key[0])
         return tables[0][positions], tables[1][positions]
 
-    def decoder(self, max_batch: int = 1, buckets: tuple[int, ...] | None = None):
-        """A ``Qwen2Decoder`` (``rwkv_chat.models.qwen2.decode``) with ``max_batch`` slots of any cache lengths.
-        Raises StateError for ``max_batch`` < 1."""
+    def decoder(self, max_batch: int = 1, buckets: tuple[int, ...] | None = None, graphs: bool | None = None):
+        """A ``Qwen2Decoder`` (``rwkv_chat.models.qwen2.decode``) with ``max_batch`` slots of any cache lengths;
+        ``graphs``: CUDA graphs of the steps (default: on one CUDA device). Raises StateError for ``max_batch`` < 1."""
         from rwkv_chat.models.qwen2.decode import DEFAULT_BUCKETS, Qwen2Decoder
 
-        return Qwen2Decoder(self, max_batch, DEFAULT_BUCKETS if buckets is None else tuple(buckets))
+        return Qwen2Decoder(self, max_batch, DEFAULT_BUCKETS if buckets is None else tuple(buckets), graphs=graphs)
 
     # -- state -------------------------------------------------------------------------------------
     def zero_state(self, batch: int = 1) -> KVState:
@@ -325,8 +329,7 @@ class Qwen2:
                 vc[:, :, L:need].copy_(v)
                 return ops.attention(q, kc[:, :, :need], vc[:, :, :need], m)
 
-            x = block(x, self.layer_params(i), cfg.rms_norm_eps, cfg.head_dim, ops, cos[None, None],
-                      sin[None, None], attend)
+            x = block(x, self.layer_params(i), cfg.rms_norm_eps, cfg.head_dim, ops, cos[None], sin[None], attend)
         buf.tokens[:, L:need].copy_(ids)
         buf.filled = need
         if not full_output:
