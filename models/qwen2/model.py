@@ -40,14 +40,16 @@ class TorchBackend:
     """What serves a Qwen model: the layer functions of ``layers.py`` on ``ops`` (``QwenOps``).
 
     Attributes:
-        name: "torch" (pure torch, ``kernels=False``) or "eager" (torch ops with the compiled i8 product where built).
-        detail: one line. ops: the ``QwenOps`` the block calls.
+        name: "torch" (pure torch, ``kernels=False``) or "eager" (``kernels=True``: the compiled i8 product where
+            built; on one CUDA device in fp16/bf16, the Triton ops of ``rwkv_chat.models.ops`` that run there,
+            see ``fused.fused_ops``).
+        detail: one line (which ops serve). ops: the ``QwenOps`` the block calls.
     """
 
-    def __init__(self, compiled: bool, ops: QwenOps):
+    def __init__(self, compiled: bool, ops: QwenOps, note: str = "", i8: bool = False):
         self.ops, self.compiled = ops, compiled
         self.name = "eager" if compiled else "torch"
-        self.detail = "torch ops, SDPA attention" + (", compiled i8 product where built" if compiled else "")
+        self.detail = (note or "torch ops") + ", SDPA attention" + (", compiled i8 product where built" if i8 else "")
 
     def __str__(self) -> str:
         return f"{self.name} ({self.detail})"
@@ -170,7 +172,14 @@ class Qwen2:
             for dev in sorted({d.type for d in self.devices}):
                 self.kernels[dev] = compiled.ensure_built(dev)
             table = {f.packed_type: getattr(dispatch, f.kernel) for f in formats.FORMATS.values() if f.kernel}
-        self.backend = TorchBackend(bool(kernels), QwenOps(matmul=formats.matmul_with(table)))
+        ops, note = QwenOps(matmul=formats.matmul_with(table)), ""
+        dtypes = {p.atype for p in self.plan.layers}
+        if kernels and len(set(self.devices)) == 1 and self.devices[0].type == "cuda" and len(dtypes) == 1:
+            from rwkv_chat.models.qwen2.fused import fused_ops
+
+            ops, note = fused_ops(ops, self.devices[0], dtypes.pop())
+            self.kernels.setdefault("cuda", {})["triton"] = note
+        self.backend = TorchBackend(bool(kernels), ops, note, i8=table is not None)
         self.plan = replace(self.plan, backend=str(self.backend))
 
     def use_kernels(self):
@@ -342,7 +351,8 @@ class Qwen2:
     def head_logits(self, x: torch.Tensor) -> torch.Tensor:
         """The final RMSNorm and ``lm_head``: x [B, T, C] -> float32 logits [B, T, vocab] on the head's device."""
         head = self.plan.layers[-1]
-        x = self.backend.ops.rmsnorm(x.to(device=self.devices[-1], dtype=head.atype), self.norm, self.config.rms_norm_eps)
+        x = x.to(device=self.devices[-1], dtype=head.atype)
+        x = self.backend.ops.rmsnorm(x, self.norm, self.config.rms_norm_eps)
         return self.backend.ops.matmul(x, self.head_weight()).float()
 
     def __repr__(self) -> str:

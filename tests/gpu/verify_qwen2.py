@@ -8,6 +8,7 @@ weights written once as a checkpoint folder) and dtype, both engines load the sa
 * logits of a 128-token prompt: ‖ours − transformers‖ / ‖transformers‖ and top-1 agreement (PASS below 2e-2 for
   bf16, 5e-3 for fp16: the rounding of one bf16/fp16 forward), and the same for 16 decode steps fed the reference's
   greedy tokens (teacher forcing) through our batched decoder;
+* with ``kernels=False`` (pure torch) and ``kernels=True`` (the Triton ops where they run: ``fused.py``);
 * decode speed at batch 1: ours (``model.decoder(1)``) and transformers (``model(..., past_key_values=...)`` one
   token at a time, SDPA attention), tokens/s over ``--steps`` steps after a warm-up.
 
@@ -51,11 +52,11 @@ def sync_time(fn, steps: int) -> float:
 
 
 @torch.no_grad()
-def check(folder: Path, dtype: str, steps: int, device: str = "cuda") -> dict:
+def check(folder: Path, dtype: str, steps: int, device: str = "cuda", kernels: bool = True) -> dict:
     from transformers import AutoModelForCausalLM, DynamicCache
 
     dt = DTYPES[dtype]
-    ours = Qwen2(folder, f"{device} {dtype}")
+    ours = Qwen2(folder, f"{device} {dtype}", kernels=kernels)
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dt, attn_implementation="sdpa").to(device).eval()
     vocab = ours.vocab_size
     prompt = torch.randint(0, vocab, (128,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -63,7 +64,8 @@ def check(folder: Path, dtype: str, steps: int, device: str = "cuda") -> dict:
     ref_out = hf(ids, use_cache=True)
     ref = ref_out.logits[0].float()
     got, state = ours.forward(prompt, None, full_output=True)
-    row = {"prompt_rel": rel(got, ref), "prompt_top1": float((got.argmax(-1) == ref.argmax(-1)).float().mean())}
+    row = {"backend": str(ours.backend), "prompt_rel": rel(got, ref),
+           "prompt_top1": float((got.argmax(-1) == ref.argmax(-1)).float().mean())}
     cache = ref_out.past_key_values
     dec = ours.decoder(1)
     h = dec.add(state)
@@ -120,16 +122,16 @@ def main() -> int:
         return 0
     gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     lines = [f"device: {gpu} · torch {torch.__version__}", "",
-             "| shape | dtype | prompt rel | prompt top-1 | decode rel | decode top-1 | ours tok/s | transformers tok/s "
-             "| speed-up | check |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| shape | dtype | ours | prompt rel | prompt top-1 | decode rel | decode top-1 | ours tok/s "
+             "| transformers tok/s | speed-up | check |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     ok = True
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.shapes:
             folder = shapes.write_random(Path(tmp) / name, name, torch.bfloat16, device=args.device)
-            for dtype in args.dtypes:
-                r = check(folder, dtype, args.steps, args.device)
+            for dtype, kernels in ((d, k) for d in args.dtypes for k in (False, True)):
+                r = check(folder, dtype, args.steps, args.device, kernels)
                 ok &= r["pass"]
-                lines.append(f"| {name} | {dtype} | {r['prompt_rel']:.2e} | {r['prompt_top1']:.3f} | "
+                lines.append(f"| {name} | {dtype} | {r['backend']} | {r['prompt_rel']:.2e} | {r['prompt_top1']:.3f} | "
                              f"{r['decode_rel']:.2e} | {r['decode_top1']:.3f} | {r['ours_tok_s']:.1f} | "
                              f"{r['hf_tok_s']:.1f} | {r['ours_tok_s'] / r['hf_tok_s']:.2f}x | "
                              f"{'PASS' if r['pass'] else 'FAIL'} |")
