@@ -125,13 +125,14 @@ def load_model(path: str | Path, strategy: str, *, tokenizer: str | Path | None 
 def _load_qwen(folder: Path, strategy: str, progress, kernels: bool, context_limit: int | None) -> Model:
     """A Qwen2 / Qwen3 folder as a ``Qwen2`` with the folder's tokenizer, chat template and generation defaults."""
     from rwkv_chat.models.errors import TokenizerError
+    from rwkv_chat.models.qwen2.config import read_config
     from rwkv_chat.models.qwen2.model import Qwen2
 
     try:
         from rwkv_chat.models.text.hf import load_hf_text
     except ImportError as e:
         raise TokenizerError(f"{folder}: Hugging Face tokenizers are not supported by this build: {e}") from None
-    text = load_hf_text(folder)
+    text = load_hf_text(folder, read_config(folder).vocab_size)     # the text first: a bad tokenizer fails fast
     model = Qwen2(folder, strategy, context_limit=context_limit, progress=progress, kernels=kernels)
     model.tokenizer, model.chat_template, model.generation = text.tokenizer, text.chat_template, text.generation
     return model
