@@ -115,16 +115,23 @@ def test_i8_runs_and_mostly_agrees(qwen_folders):
     assert torch.allclose(dec.step({h: ids[5]})[h], q8.forward(ids[:6], None)[0], atol=1e-4, rtol=0)
 
 
-def test_load_model_recognises_a_qwen_folder(qwen_folders, tmp_path, shared_dir):
+def test_load_model_recognises_a_qwen_folder(tmp_path, shared_dir):
     from rwkv_chat.models import load_model
+
+    from .conftest import build
 
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(CheckpointError, match="config.json"):
         load_model(empty, "cpu fp32")
     pytest.importorskip("rwkv_chat.models.text.hf", reason="the Hugging Face tokenizer module is not in this tree")
-    folder = copy(qwen_folders["tied"][0], tmp_path / "m")
+    folder = tmp_path / "m"         # the real Qwen vocabulary on a one-layer model
+    build("qwen2", seed=7, vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+          num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True).save_pretrained(folder)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(shared_dir / "tokenizers" / "qwen" / name, folder / name)
     model = load_model(folder, "cpu fp32", kernels=False, context_limit=100)
-    assert model.family == "qwen2" and model.context_limit == 100 and model.tokenizer is not None
+    assert model.family == "qwen2" and model.context_limit == 100
+    ids = model.tokenizer.encode("Hello, 世界")
+    logits, state = model.forward(ids, None)
+    assert logits.shape == (151936,) and state.tokens[0].tolist() == ids
