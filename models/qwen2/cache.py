@@ -4,8 +4,8 @@ Per layer ``names = ("k", "v")``: k, v [B, K, L, D] in the layer's activation dt
 heads, L = ``token_count`` cached positions, D head size, RoPE already applied to k), and the token ids
 ``tokens`` int64 [B, L] (CPU) that produced them.
 
-Growth without a copy per token: a forward writes the new positions into a preallocated ``Buffer`` (capacity a
-multiple of ``CHUNK`` positions, at most the model's context limit) and the new state's tensors are views of its
+Growth without a copy per token: a forward writes the new positions into a preallocated ``Buffer`` (capacity
+``CHUNK · 2^k`` positions, at most the model's context limit) and the new state's tensors are views of its
 first L + T positions; the state it came from still sees its first L (positions below a buffer's ``filled`` mark
 are never written again). A second forward from that older state (a branch) finds ``filled`` past its length and
 copies into a new buffer. ``clone()`` gives compact tensors (capacity = length).
@@ -28,10 +28,19 @@ from rwkv_chat.models.state import FORMAT, State, _count, _field, write_atomic
 
 KIND = "kv-cache"
 NAMES = ("k", "v")
-#: positions a buffer grows by
+#: positions of the smallest buffer; buffers double from there (``span``)
 CHUNK = 256
 _RESERVED = ("format", "version", "fingerprint", "token_count", "names", "n_layer", "batch", "kind", "dtype")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def span(need: int, limit: int) -> int:
+    """Positions to allocate (or attend over) for ``need``: the smallest ``CHUNK · 2^k >= need``, at most ``limit``
+    (but never below ``need``). Doubling keeps the copies of a growing cache linear in its length in all."""
+    cap = CHUNK
+    while cap < need:
+        cap *= 2
+    return max(need, min(limit, cap))
 
 
 class Buffer:
@@ -47,8 +56,8 @@ class Buffer:
 
     @classmethod
     def grown(cls, state: "KVState", need: int, limit: int) -> "Buffer":
-        """A new buffer for ``need`` positions (rounded up to ``CHUNK``, at most ``limit``) holding ``state``'s."""
-        cap = max(need, min(limit, -(-need // CHUNK) * CHUNK))
+        """A new buffer for ``need`` positions (``span(need, limit)``) holding ``state``'s."""
+        cap = span(need, limit)
         L, B = state.token_count, state.batch_size
         layers = []
         for k, v in state.layers:

@@ -4,8 +4,8 @@
 [max_batch, K, capacity, D] (live slots contiguous in ``[0, n)``) and each slot's length ``lens``. A step feeds
 one token per slot: each row's new key/value goes to its own position ``lens[row]`` (``scatter_``), its query is
 rotated for that position, and attends over the positions ``<= lens[row]`` (a boolean mask), so rows never mix.
-The capacity grows by ``cache.CHUNK`` positions when a slot needs it (one copy per CHUNK tokens, never per token),
-up to the model's context limit. Contract as ``rwkv_chat.models.rwkv.decode.BatchDecoder``::
+The capacity doubles from ``cache.CHUNK`` positions when a slot needs more (``cache.span``; never a copy per
+token), up to the model's context limit; a step attends over ``span(longest live slot + 1)`` positions only. Contract as ``rwkv_chat.models.rwkv.decode.BatchDecoder``::
 
     dec = model.decoder(max_batch=16)
     h = dec.add(state_after_prefill)            # join (a KVState of batch 1, or None for an empty cache)
@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from rwkv_chat.models.errors import ContextLimitError, StateError, TokenError
-from rwkv_chat.models.qwen2.cache import CHUNK, NAMES, KVState
+from rwkv_chat.models.qwen2.cache import NAMES, KVState, span
 from rwkv_chat.models.qwen2.layers import block
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -87,7 +87,7 @@ class Qwen2Decoder:
             raise StateError(f"max_batch must be >= 1, got {max_batch}")
         self.model, self.max_batch = model, max_batch
         self.buckets = tuple(sorted(b for b in buckets if b < max_batch)) + (max_batch,)
-        self.capacity = min(CHUNK, model.context_limit)
+        self.capacity = span(1, model.context_limit)
         self._bufs = self._alloc(self.capacity)
         self._tokens = torch.zeros(max_batch, self.capacity, dtype=torch.long)
         self._lens = torch.zeros(max_batch, dtype=torch.long)
@@ -100,7 +100,7 @@ class Qwen2Decoder:
         self.graphs = single_cuda if graphs is None else bool(graphs) and single_cuda
         self._ids_dev = torch.zeros(max_batch, dtype=torch.long, device=dev0)
         self._lens_dev = torch.zeros(max_batch, dtype=torch.long, device=dev0)
-        self._graph: dict[int, tuple] = {}          # bucket -> (CUDAGraph, static logits) at this capacity
+        self._graph: dict[tuple, tuple] = {}        # (bucket, width) -> (CUDAGraph, static logits) at this capacity
         self._pool = None
 
     def _alloc(self, capacity: int) -> list:
@@ -109,10 +109,10 @@ class Qwen2Decoder:
                                   dtype=m.plan.layers[i].atype) for _ in NAMES) for i in range(cfg.n_layer)]
 
     def _grow(self, need: int) -> None:
-        """Make room for ``need`` positions per slot (rounded up to CHUNK, at most the context limit)."""
+        """Make room for ``need`` positions per slot (``cache.span``: doubling, at most the context limit)."""
         if need <= self.capacity:
             return
-        cap = max(need, min(self.model.context_limit, -(-need // CHUNK) * CHUNK))
+        cap = span(need, self.model.context_limit)
         new = self._alloc(cap)
         for (k, v), (nk, nv) in zip(self._bufs, new):
             nk[:, :, :self.capacity].copy_(k)
@@ -212,7 +212,8 @@ class Qwen2Decoder:
                 raise ContextLimitError(f"the conversation holds {int(self._lens[slots[h]])} tokens: its cache is "
                                         f"full (context limit {limit})", limit=limit, needed=limit + 1)
         n = self.size
-        self._grow(int(self._lens[:n].max()) + 1)
+        need = int(self._lens[:n].max()) + 1       # every live row writes at its next position, fed or not
+        self._grow(need)
         b = next(x for x in self.buckets if x >= n)
         ids = torch.zeros(b, dtype=torch.long)
         for h, t in tokens.items():
@@ -220,40 +221,43 @@ class Qwen2Decoder:
         lens = self._lens[:b].clone()
         self._ids_dev[:b].copy_(ids)
         self._lens_dev[:b].copy_(lens)
-        logits = self._run(b)
+        logits = self._run(b, span(need, self.model.context_limit))
         for h, t in tokens.items():
             s = slots[h]
             self._tokens[s, int(lens[s])] = int(t)
             self._lens[s] += 1
         return {h: logits[slots[h]] for h in tokens}
 
-    def _run(self, b: int) -> torch.Tensor:
-        """The step of the first b slots (inputs in ``_ids_dev``, ``_lens_dev``): logits float32 [b, vocab]."""
+    def _run(self, b: int, width: int) -> torch.Tensor:
+        """The step of the first b slots over the first ``width`` positions (inputs in ``_ids_dev``, ``_lens_dev``):
+        logits float32 [b, vocab]. Graphs are kept per (b, width): log2 of the context many widths."""
         if not self.graphs:
-            return decode_one(self.model, self._ids_dev[:b], self._lens_dev[:b], self._bufs, self.capacity)
-        if b not in self._graph:
-            self._graph[b] = self._capture(b)
-        g, out = self._graph[b]
+            return self._body(b, width)
+        key = (b, width)
+        if key not in self._graph:
+            self._graph[key] = self._capture(b, width)
+        g, out = self._graph[key]
         g.replay()
         return out
 
-    def _capture(self, b: int) -> tuple:
-        """A CUDA graph of the b-slot step and its static logits. The warm-up runs write keys/values only at the
-        slots' next positions (past their lengths), so no cache is disturbed."""
-        def body():
-            return decode_one(self.model, self._ids_dev[:b], self._lens_dev[:b], self._bufs, self.capacity)
+    def _body(self, b: int, width: int) -> torch.Tensor:
+        bufs = [(k[:, :, :width], v[:, :, :width]) for k, v in self._bufs]
+        return decode_one(self.model, self._ids_dev[:b], self._lens_dev[:b], bufs, width)
 
+    def _capture(self, b: int, width: int) -> tuple:
+        """A CUDA graph of the step and its static logits. The warm-up runs write keys/values only at the slots'
+        next positions (past their lengths), so no cache is disturbed."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                body()
+                self._body(b, width)
         torch.cuda.current_stream().wait_stream(side)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g, pool=self._pool):
-            out = body()
+            out = self._body(b, width)
         return g, out
 
     def greedy(self, tokens: dict[int, int], n: int) -> dict[int, list[int]]:

@@ -85,3 +85,6 @@ def test_decoder_grows_past_one_chunk(qwen_folders):
     assert dec.capacity > cache.CHUNK
     ref, _ = alone(model, prompt, 6)
     assert tokens + [t] == ref
+    short = dec.add(model.forward([1, 2], None)[1])
+    dec.remove(h)                                   # the long one leaves: steps attend over one chunk again
+    assert torch.allclose(dec.step({short: 3})[short], model.forward([1, 2, 3], None)[0], atol=1e-5, rtol=0)
