@@ -68,9 +68,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     """Scaled dot-product attention with GQA: q [B, H, T, D], k, v [B, K, S, D] (H % K == 0), mask bool
     [B or 1, 1, T, S] (True: attend) or None for causal attention with T == S -> [B, H, T, D].
     ``torch.nn.functional.scaled_dot_product_attention`` (scale 1/√D; float32 softmax in every backend)."""
+    B, H, T, D = q.shape
+    K = k.shape[1]
     if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H != K)
+    if T == 1 and H != K:
+        # one new token: the H / K query heads of a K/V head become its "positions" (same keys, same mask), so
+        # the fused kernels serve GQA without repeating K and V (head h reads K/V head h // (H / K))
+        o = F.scaled_dot_product_attention(q.reshape(B, K, H // K, D), k, v, attn_mask=mask)
+        return o.reshape(B, H, 1, D)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=H != K)
 
 
 @dataclass(frozen=True)
