@@ -331,7 +331,9 @@ class Qwen2:
             x = x.to(device=dev, dtype=self.plan.layers[i].atype)
             cos, sin = self.rope(positions, i)                                   # [T, D]
             kc, vc = buf.layers[i]                                               # [B, K, cap, D]
-            m = None if mask is None else mask.to(dev)
+            if mask is not None and mask.device != dev:
+                mask = mask.to(dev)                                              # once per device
+            m = mask
 
             def attend(q, k, v, kc=kc, vc=vc, m=m):
                 kc[:, :, L:need].copy_(k)

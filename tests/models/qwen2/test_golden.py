@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from rwkv_chat.models import Model, TokenError
 from rwkv_chat.models.qwen2.model import Qwen2
 
 from .conftest import hf_greedy
@@ -21,6 +22,7 @@ def prompt(n: int, vocab: int = 320, seed: int = 5) -> list[int]:
 def test_logits_match_transformers(qwen_folders, variant):
     folder, hf = qwen_folders[variant]
     model = Qwen2(folder, "cpu fp32", kernels=False)
+    assert isinstance(model, Model) and model.family == "qwen2" and model.version == ("3" if variant == "qwen3" else "2")
     ids = prompt(40)
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0]
@@ -84,3 +86,12 @@ def test_random_shapes_folder_loads_in_both(tmp_path):
     assert torch.allclose(ours.forward(ids, None, full_output=True)[0], ref, atol=1e-4, rtol=0)
     n_layer, C, H, K, F, V, tied = shapes.SHAPES["1.5B"]
     assert shapes.config("1.5B")["num_hidden_layers"] == n_layer and shapes.config("1.5B")["tie_word_embeddings"]
+
+
+def test_bad_tokens_are_token_errors(qwen_folders):
+    model = Qwen2(qwen_folders["tied"][0], "cpu fp32", kernels=False)
+    for bad in ([], [model.vocab_size], [-1], [1.5], ["a"]):
+        with pytest.raises(TokenError):
+            model.forward(bad, None)
+    with pytest.raises(TokenError):
+        model.forward_batch([[1, 2], [3]], None)
