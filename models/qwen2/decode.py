@@ -5,7 +5,8 @@
 one token per slot: each row's new key/value goes to its own position ``lens[row]`` (``scatter_``), its query is
 rotated for that position, and attends over the positions ``<= lens[row]`` (a boolean mask), so rows never mix.
 The capacity doubles from ``cache.CHUNK`` positions when a slot needs more (``cache.span``; never a copy per
-token), up to the model's context limit; a step attends over ``span(longest live slot + 1)`` positions only. Contract as ``rwkv_chat.models.rwkv.decode.BatchDecoder``::
+token), up to the model's context limit; a step attends over ``span(longest live slot + 1)`` positions only.
+Contract as ``rwkv_chat.models.rwkv.decode.BatchDecoder``::
 
     dec = model.decoder(max_batch=16)
     h = dec.add(state_after_prefill)            # join (a KVState of batch 1, or None for an empty cache)
