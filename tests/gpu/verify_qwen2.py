@@ -6,8 +6,8 @@ For each shape (``rwkv_chat.models.qwen2.shapes``: "tiny", and the official 0.5B
 weights written once as a checkpoint folder) and dtype, both engines load the same folder on ``cuda``:
 
 * logits of a 128-token prompt: ‖ours − transformers‖ / ‖transformers‖ and top-1 agreement (PASS below
-  2e-2 for bf16, 5e-3 for fp16: the rounding of one bf16/fp16 forward), and the same for 16 decode steps fed the reference's
-  greedy tokens (teacher forcing) through our batched decoder;
+  2e-2 for bf16, 5e-3 for fp16: the rounding of one bf16/fp16 forward), and the same for 16 decode steps fed
+  the reference's greedy tokens (teacher forcing) through our batched decoder;
 * with ``kernels=False`` (pure torch) and ``kernels=True`` (the Triton ops where they run: ``fused.py``);
 * decode speed at batch 1: ours (``model.decoder(1)``) and transformers (``model(..., past_key_values=...)`` one
   token at a time, SDPA attention), tokens/s over ``--steps`` steps after a warm-up.
