@@ -65,19 +65,28 @@ def gated_mlp(x: torch.Tensor, gate, up, matmul: Callable) -> torch.Tensor:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Scaled dot-product attention with GQA: q [B, H, T, D], k, v [B, K, S, D] (H % K == 0), mask bool
-    [B or 1, 1, T, S] (True: attend) or None for causal attention with T == S -> [B, H, T, D].
-    ``torch.nn.functional.scaled_dot_product_attention`` (scale 1/√D; float32 softmax in every backend)."""
+    """Scaled dot-product attention with GQA: q [B, H, T, D], k, v [B, K, S, D] (H % K == 0, S >= T) -> [B, H, T, D].
+
+    ``mask``: bool [B or 1, 1, T, S] (True: attend), or None for causal attention aligned at the end (query t is
+    position S − T + t: the new tokens after S − T cached ones; T == 1 sees every key).
+    ``torch.nn.functional.scaled_dot_product_attention`` (scale 1/√D; float32 softmax in every backend; the flash
+    kernel on CUDA where it applies, ``causal_lower_right`` for a causal block after a cache)."""
     B, H, T, D = q.shape
-    K = k.shape[1]
-    if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H != K)
+    K, S = k.shape[1], k.shape[2]
     if T == 1 and H != K:
         # one new token: the H / K query heads of a K/V head become its "positions" (same keys, same mask), so
         # the fused kernels serve GQA without repeating K and V (head h reads K/V head h // (H / K))
-        o = F.scaled_dot_product_attention(q.reshape(B, K, H // K, D), k, v, attn_mask=mask)
-        return o.reshape(B, H, 1, D)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=H != K)
+        m = mask if mask is None else mask[:, :, :1]
+        return F.scaled_dot_product_attention(q.reshape(B, K, H // K, D), k, v, attn_mask=m).reshape(B, H, 1, D)
+    if mask is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=H != K)
+    if T == S:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H != K)
+    if T == 1:
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=H != K)
+    from torch.nn.attention.bias import causal_lower_right
+
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(T, S), enable_gqa=H != K)
 
 
 @dataclass(frozen=True)
@@ -89,7 +98,8 @@ class QwenOps:
         rope: (q [B, T, H, D], k [B, T, K, D], cos, sin [B|1, T, D]) -> (q, k).
         qk_norm_rope: (q, k as rope, q_weight, k_weight [D], cos, sin, eps) -> (q, k): per-head RMSNorm, then RoPE.
         gated_mlp: (x [..., C], gate, up packed [C, F], matmul) -> silu(x @ gate) * (x @ up) [..., F].
-        attention: (q [B, H, T, D], k, v [B, K, S, D], mask bool [B|1, 1, T, S] or None (causal)) -> [B, H, T, D].
+        attention: (q [B, H, T, D], k, v [B, K, S, D], mask bool [B|1, 1, T, S] or None (causal, aligned at the
+            end)) -> [B, H, T, D].
         matmul: ``formats.matmul_with``'s product (x [..., N], packed [N, M], output_dtype=None) -> [..., M].
     """
 

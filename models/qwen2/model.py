@@ -322,23 +322,17 @@ class Qwen2:
                                     f"({L} cached + {T} new)", limit=self.context_limit, needed=need)
         buf = state.writable(need, self.context_limit)
         positions = torch.arange(L, need)
-        mask = None
-        if L:   # query t (position L + t) sees keys 0 .. L + t
-            mask = (torch.arange(need)[None, :] <= positions[:, None]).view(1, 1, T, need)
         x = self.emb[ids.to(self.emb.device)]                                    # [B, T, C]
         for i in range(cfg.n_layer):
             dev = self.devices[i]
             x = x.to(device=dev, dtype=self.plan.layers[i].atype)
             cos, sin = self.rope(positions, i)                                   # [T, D]
             kc, vc = buf.layers[i]                                               # [B, K, cap, D]
-            if mask is not None and mask.device != dev:
-                mask = mask.to(dev)                                              # once per device
-            m = mask
 
-            def attend(q, k, v, kc=kc, vc=vc, m=m):
+            def attend(q, k, v, kc=kc, vc=vc):      # query t (position L + t) sees keys 0 .. L + t
                 kc[:, :, L:need].copy_(k)
                 vc[:, :, L:need].copy_(v)
-                return ops.attention(q, kc[:, :, :need], vc[:, :, :need], m)
+                return ops.attention(q, kc[:, :, :need], vc[:, :, :need], None)
 
             x = block(x, self.layer_params(i), cfg.rms_norm_eps, cfg.head_dim, ops, cos[None], sin[None], attend)
         buf.tokens[:, L:need].copy_(ids)
