@@ -96,3 +96,15 @@ def test_bad_tokens_are_token_errors(qwen_folders):
             model.forward(bad, None)
     with pytest.raises(TokenError):
         model.forward_batch([[1, 2], [3]], None)
+
+
+def test_bf16_logits_close_to_transformers_bf16(qwen_folders):
+    folder, hf = qwen_folders["qwen3"]
+    model = Qwen2(folder, "cpu bf16", kernels=False)
+    ids = prompt(32, seed=9)
+    ref16 = type(hf).from_pretrained(folder, dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        ref = ref16(torch.tensor([ids])).logits[0].float()
+    ours = model.forward(ids, None, full_output=True)[0]
+    rel = float((ours - ref).norm() / ref.norm())
+    assert ours.dtype == torch.float32 and rel < 2e-2, rel
