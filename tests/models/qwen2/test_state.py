@@ -113,3 +113,6 @@ def test_daemon_sessions_spill_and_restore_keep_a_kv_cache(qwen_folders):
     assert isinstance(back, KVState) and back.tokens[0].tolist() == [4, 5, 6]
     assert back.layers[0][0].dtype == torch.bfloat16
     assert torch.equal(model.forward([7], back)[0], model.forward([7], state.clone())[0])
+    plain = State("7", "f", ("att_x",), [(torch.ones(1, 4, dtype=torch.bfloat16),)], 5, {"a": "b"})
+    again = _restore(*_spill(plain))
+    assert type(again) is State and again.token_count == 5 and again.layers[0][0].dtype == torch.bfloat16
