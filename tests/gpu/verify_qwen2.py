@@ -29,6 +29,7 @@ import torch  # noqa: E402
 
 from rwkv_chat.models.qwen2 import shapes  # noqa: E402
 from rwkv_chat.models.qwen2.model import Qwen2  # noqa: E402
+from rwkv_chat.models.qwen2.speed import cache_kwarg  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TOLERANCE = {"bf16": 2e-2, "fp16": 5e-3, "fp32": 1e-5}
@@ -61,20 +62,17 @@ def check(folder: Path, dtype: str, steps: int, device: str = "cuda", kernels: b
     vocab = ours.vocab_size
     prompt = torch.randint(0, vocab, (128,), generator=torch.Generator().manual_seed(0)).tolist()
     ids = torch.tensor([prompt], device=device)
-    ref_out = hf(ids, use_cache=True)
-    ref = ref_out.logits[0].float()
+    kw = {cache_kwarg(hf): DynamicCache(), "use_cache": True}
+    ref = hf(ids, **kw).logits[0].float()
     got, state = ours.forward(prompt, None, full_output=True)
     row = {"backend": str(ours.backend), "prompt_rel": rel(got, ref),
            "prompt_top1": float((got.argmax(-1) == ref.argmax(-1)).float().mean())}
-    cache = ref_out.past_key_values
     dec = ours.decoder(1)
     h = dec.add(state)
     tok = int(ref[-1].argmax())
     errs, agree = [], 0
     for _ in range(16):
-        r = hf(torch.tensor([[tok]], device=device), past_key_values=cache, use_cache=True)
-        cache = r.past_key_values
-        r = r.logits[0, -1].float()
+        r = hf(torch.tensor([[tok]], device=device), **kw).logits[0, -1].float()
         o = dec.step({h: tok})[h]
         errs.append(rel(o, r))
         agree += int(o.argmax()) == int(r.argmax())
@@ -93,11 +91,11 @@ def check(folder: Path, dtype: str, steps: int, device: str = "cuda", kernels: b
     for _ in range(5):
         ours_step()
     row["ours_tok_s"] = 1.0 / sync_time(ours_step, steps)
-    hc = {"cache": DynamicCache(), "t": 1}
-    hf(torch.tensor([prompt[:16]], device=device), past_key_values=hc["cache"], use_cache=True)
+    hc = {"kw": {cache_kwarg(hf): DynamicCache(), "use_cache": True}, "t": 1}
+    hf(torch.tensor([prompt[:16]], device=device), **hc["kw"])
 
     def hf_step():
-        r = hf(torch.tensor([[hc["t"]]], device=device), past_key_values=hc["cache"], use_cache=True)
+        r = hf(torch.tensor([[hc["t"]]], device=device), **hc["kw"])
         hc["t"] = int(r.logits[0, -1].argmax())
 
     for _ in range(5):
