@@ -70,7 +70,7 @@ class Qwen2:
         plan, devices, backend: as every ``Model``. context_limit: tokens. n_layer, n_embd, vocab_size: sizes.
         tokenizer, chat_template, generation: set by ``load_model`` from the folder's tokenizer files (None here).
     Raises:
-        CheckpointError, StrategyError, DeviceError: see those classes.
+        CheckpointError, StrategyError, DeviceError: see those classes. StateError: a context_limit below 1.
     """
 
     family = "qwen2"
@@ -98,7 +98,8 @@ class Qwen2:
         with torch.no_grad():
             self._place(ck, progress)
         ck.close()
-        self._cos, self._sin = rope_table(cfg.rope_theta, cfg.head_dim, limit)     # float32 [limit, D]
+        # float32 [limit + 1, D]: a full slot of the batched decoder, not fed, still computes its next position
+        self._cos, self._sin = rope_table(cfg.rope_theta, cfg.head_dim, limit + 1)
         self._rope: dict = {}
         self._choose(kernels)
         if verbose:
@@ -204,7 +205,7 @@ class Qwen2:
         return self.head
 
     def rope(self, positions: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of layer i's device and dtype for int64 ``positions`` (any shape P, < context_limit) ->
+        """cos, sin of layer i's device and dtype for int64 ``positions`` (any shape P, <= context_limit) ->
         [*P, D]."""
         key = (self.devices[i], self.plan.layers[i].atype)
         tables = self._rope.get(key)

@@ -101,6 +101,8 @@ def test_context_limit(qwen_folders):
     h = dec.add(state)
     with pytest.raises(ContextLimitError):
         dec.step({h: 1})
+    other = dec.add(model.forward([1, 2], None)[1])       # steps beside a full slot that is not fed
+    assert torch.allclose(dec.step({other: 3})[other], model.forward([1, 2, 3], None)[0], atol=1e-5, rtol=0)
 
 
 def test_daemon_sessions_spill_and_restore_keep_a_kv_cache(qwen_folders):
