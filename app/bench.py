@@ -241,10 +241,56 @@ def build_model(args):
 EXAMPLES = """examples:
   rwkv-chat bench --model ~/models/rwkv7-0.1B.pth --strategy "cpu fp32"
   rwkv-chat bench --shape 0.1B --strategy "cpu fp32" --threads 2 --compare-rwkv-pip
-  rwkv-chat bench --shape 1.5B --strategy "cuda fp16" --batch 1 64 --prompt-len 1024 --compare-rwkv-pip"""
+  rwkv-chat bench --shape 1.5B --strategy "cuda fp16" --batch 1 64 --prompt-len 1024 --compare-rwkv-pip
+  rwkv-chat bench --family qwen2 --shape 1.5B --strategy "cuda bf16" --batch 1 64   (Qwen2; --family qwen2 --help)"""
+
+
+def qwen2_main(argv: list[str]) -> int:
+    """``rwkv-chat bench --family qwen2``: a Qwen2 folder or random weights of an official shape, decode and prefill
+    with the measured ceilings and ``transformers`` as the peer (``rwkv_chat.models.qwen2.speed``)."""
+    from rwkv_chat.models.qwen2 import shapes, speed
+    from rwkv_chat.models.qwen2.model import Qwen2
+    from rwkv_chat.models.strategy import DTYPES, parse_strategy, torch_device
+
+    ap = argparse.ArgumentParser(prog="rwkv-chat bench --family qwen2", description=qwen2_main.__doc__)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--shape", choices=["tiny", *shapes.SHAPES], help="random weights of this shape")
+    src.add_argument("--model", metavar="FOLDER", help="a Hugging Face Qwen2 / Qwen3 folder")
+    ap.add_argument("--strategy", default="cuda bf16" if torch.cuda.is_available() else "cpu fp32", metavar="S")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1], metavar="B", help="decode batch sizes (default 1)")
+    ap.add_argument("--prompt-len", type=int, default=1024, metavar="T", help="prefill length (default 1024; 0: skip)")
+    ap.add_argument("--tokens", type=int, default=100, metavar="N", help="timed decode steps (default 100)")
+    ap.add_argument("--no-peer", action="store_true", help="skip transformers")
+    ap.add_argument("--md", metavar="FILE", help="append the table to this markdown file")
+    args = ap.parse_args(argv)
+    stage = parse_strategy(args.strategy)[0]
+    dev, dtype = torch_device(stage.device), stage.dtype
+    with tempfile.TemporaryDirectory(prefix="qwen2-bench-") as tmp:
+        folder = Path(args.model) if args.model else shapes.write_random(Path(tmp) / args.shape, args.shape, dtype,
+                                                                         device=dev)
+        model = Qwen2(folder, args.strategy)
+        peer = None if args.no_peer else speed.peer_speed(folder, dtype, dev, args.tokens, args.prompt_len)
+        ceiling, peak = copy_bandwidth(dev), speed.matmul_peak(dtype, dev)
+        name = args.model or f"Qwen2 {args.shape} (random)"
+        rows = speed.table_rows(name, model, args.batch, args.prompt_len, args.tokens, ceiling, peak, peer)
+    dt = next(k for k, v in DTYPES.items() if v == dtype)
+    lines = [*provenance(["--family", "qwen2", *argv], prog="rwkv-chat bench", device=dev), "",
+             f"strategy {args.strategy!r}, backend {model.backend}; ceilings: copy {ceiling:.0f} GB/s, {dt} matmul "
+             f"{peak:.1f} TFLOP/s", "", *speed.HEADER, *rows]
+    print("\n".join(lines))
+    if args.md:
+        with open(args.md, "a") as f:
+            f.write("\n".join(lines) + "\n\n")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    family = argparse.ArgumentParser(add_help=False)
+    family.add_argument("--family", choices=["rwkv", "qwen2"], default="rwkv")
+    known, rest = family.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if known.family == "qwen2":
+        return qwen2_main(rest)
+    argv = rest
     ap = argparse.ArgumentParser(prog="rwkv-chat bench", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
     src = ap.add_mutually_exclusive_group(required=True)

@@ -146,8 +146,9 @@ def parser() -> argparse.ArgumentParser:
               + STRATEGY_HELP,
               ["rwkv-chat load rwkv7-g1-1.5b", 'rwkv-chat load ~/models/rwkv7-0.1B.pth --strategy "cpu fp32"',
                'rwkv-chat load ~/models/rwkv7-1.5B.pth --strategy "cuda fp16" --default'])
-    lp.add_argument("path", metavar="MODEL", help="a local model's name (rwkv-chat models), or a checkpoint file "
-                                                  "(.pth or .safetensors, RWKV versions 4 to 7) or model folder")
+    lp.add_argument("path", metavar="MODEL", help="a local model's name (rwkv-chat models), a checkpoint file "
+                                                  "(.pth or .safetensors, RWKV versions 4 to 7) or a Hugging Face "
+                                                  "Qwen2/Qwen3 folder")
     lp.add_argument("--strategy", default=None, metavar="S",
                     help="where and how the model runs (default: the config's, cpu fp32 at first; see above)")
     lp.add_argument("--default", action="store_true",
@@ -452,7 +453,8 @@ def _print_status(st: dict) -> None:
     mdl = st["model"]
     print(f"daemon: pid {st['pid']}, version {st['version']}, protocol {st['protocol']}, up {st['uptime']:.0f} s")
     if mdl.get("loaded"):
-        print(f"model: {mdl['path']} (RWKV v{mdl['version']}, {mdl['n_layer']} layers x {mdl['n_embd']}, "
+        kind = f"Qwen{mdl['version']}" if mdl.get("family") == "qwen2" else f"RWKV v{mdl['version']}"
+        print(f"model: {mdl['path']} ({kind}, {mdl['n_layer']} layers x {mdl['n_embd']}, "
               f"vocab {mdl['vocab_size']}, tokenizer {mdl['tokenizer']})")
         print(f"strategy: {mdl['strategy']}")
         for line in str(mdl.get("plan", "")).splitlines():

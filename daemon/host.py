@@ -127,7 +127,8 @@ class Host:
         self.builds = builds
         self._decoding = (max_batch, batch_invariant)
         self._args, self._parked = args, None
-        self._info = {"loaded": True, "path": path, "name": name, "strategy": strategy, "version": model.version,
+        self._info = {"loaded": True, "path": path, "name": name, "strategy": strategy,
+                      "family": getattr(model, "family", "rwkv"), "version": model.version,
                       "plan": str(model.plan), "backend": str(model.backend), "fingerprint": model.fingerprint,
                       "n_layer": getattr(model, "n_layer", None), "n_embd": getattr(model, "n_embd", None),
                       "vocab_size": model.vocab_size, "tokenizer": self.tokenizer.name,

@@ -93,8 +93,6 @@ def _spill(state: State) -> tuple[State, list]:
 
 
 def _restore(state: State, placement: list) -> State:
-    from rwkv_chat.models.state import State
-
     it = iter(placement)
     layers = []
     for layer in state.layers:
@@ -103,7 +101,7 @@ def _restore(state: State, placement: list) -> State:
             dev, dt = next(it)
             tensors.append(t.to(device=dev, dtype=dt))
         layers.append(tuple(tensors))
-    return State(state.version, state.fingerprint, state.names, layers, state.token_count, state.metadata)
+    return state.with_layers(layers)
 
 
 class Sessions:

@@ -9,7 +9,7 @@ The typed errors import without torch; ``RWKV``, ``State``, ``Model`` and ``load
 (and torch) on first use, so that light users of ``rwkv_chat.models.text`` (the UI, the protocol) stay light.
 """
 
-from rwkv_chat.models.errors import (CheckpointError, DeviceError, NumericalOverflowError, RWKVError,  # noqa: F401
+from rwkv_chat.models.errors import (CheckpointError, ContextLimitError, DeviceError, NumericalOverflowError, RWKVError,  # noqa: F401
                                      ShapeMismatchError, StateError, StrategyError, TokenError, TokenizerError,
                                      UnsupportedDtypeError)
 
@@ -18,7 +18,7 @@ _LAZY = {"RWKV": "rwkv_chat.models.rwkv.model", "State": "rwkv_chat.models.state
 
 __all__ = ["RWKV", "State", "Model", "load_model", "RWKVError", "StrategyError", "CheckpointError", "DeviceError",
            "ShapeMismatchError", "UnsupportedDtypeError", "TokenError", "StateError", "TokenizerError",
-           "NumericalOverflowError"]
+           "NumericalOverflowError", "ContextLimitError"]
 
 
 def __getattr__(name: str):

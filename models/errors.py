@@ -61,5 +61,14 @@ class StateError(RWKVError, ValueError):
     or a state file is corrupt."""
 
 
+class ContextLimitError(StateError):
+    """A conversation would grow past the model's context limit (``model.context_limit`` tokens; a transformer's
+    KV cache). Attributes ``limit`` and ``needed`` (tokens)."""
+
+    def __init__(self, message: str = "", *, limit: int = 0, needed: int = 0):
+        super().__init__(message, expected=limit, actual=needed)
+        self.limit, self.needed = limit, needed
+
+
 class TokenizerError(RWKVError, ValueError):
     """A tokenizer cannot be found, loaded, or does not fit the model's vocabulary."""

@@ -1,7 +1,7 @@
 """The one interface the daemon, the benchmark and the doctor use for every model family.
 
-``load_model(path, strategy)`` reads the files, picks the family (RWKV ``.pth`` / ``.safetensors`` today;
-Qwen2 checkpoint folders next) and returns an object that satisfies ``Model``. Everything behind it —
+``load_model(path, strategy)`` reads the files, picks the family (an RWKV ``.pth`` / ``.safetensors`` file, or a
+Hugging Face Qwen2 / Qwen3 checkpoint folder) and returns an object that satisfies ``Model``. Everything behind it —
 generations, weight formats, backends, kernels — is the family's own business.
 """
 
@@ -23,8 +23,8 @@ class Model(Protocol):
     template.
 
     Attributes:
-        family: "rwkv" (later "qwen2").
-        version: the family's generation ("4", "5", "5.1", "5.2", "6", "7").
+        family: "rwkv" or "qwen2" (Qwen2ForCausalLM and Qwen3ForCausalLM checkpoints).
+        version: the family's generation (RWKV: "4", "5", "5.1", "5.2", "6", "7"; qwen2: "2" or "3").
         fingerprint: identifies the weights; a State carries it, and states of other weights are refused.
         vocab_size: logits per position.
         plan: which layer lives on which device in which dtype, and which backend serves it.
@@ -33,6 +33,10 @@ class Model(Protocol):
         devices: the torch device of every layer (the head last).
         tokenizer: ``rwkv_chat.models.text.tokenizers.Tokenizer`` of this model.
         chat_template: how a conversation becomes text (``rwkv_chat.models.text.templates``).
+
+    A transformer family's state is its KV cache (``rwkv_chat.models.qwen2.cache.KVState``, a ``State``) and it has
+    ``context_limit``: the most tokens a state holds (``ContextLimitError`` past it; ``state.token_count`` is
+    what a state holds).
     """
 
     family: str
@@ -83,15 +87,20 @@ class Model(Protocol):
 
 
 def load_model(path: str | Path, strategy: str, *, tokenizer: str | Path | None = None,
-               progress: Callable[[int, int], None] | None = None, kernels: bool = True) -> Model:
+               progress: Callable[[int, int], None] | None = None, kernels: bool = True,
+               context_limit: int | None = None) -> Model:
     """Load any supported checkpoint.
 
     Args:
-        path: an RWKV ``.pth`` / ``.safetensors`` file.
+        path: an RWKV ``.pth`` / ``.safetensors`` file, or a Hugging Face checkpoint folder whose ``config.json``
+            names ``Qwen2ForCausalLM`` or ``Qwen3ForCausalLM`` (its tokenizer, chat template and generation
+            defaults come from the folder: ``rwkv_chat.models.text.hf.load_hf_text``).
         strategy: the strategy string (``rwkv_chat.models.strategy``), e.g. ``"cuda fp16i8 *10 -> cpu fp32"``.
         tokenizer: "world", "neox", "bytes" or a tokenizer file; None picks by the vocabulary size.
         progress: ``progress(done, total)`` while the layers are placed (units: layers).
         kernels: use the compiled kernels where they build (the numbers agree to rounding either way).
+        context_limit: for a transformer, the most tokens a conversation's KV cache holds (None: the checkpoint's
+            ``max_position_embeddings``, which also caps it); ignored for RWKV.
     Returns:
         A ``Model``.
     Raises:
@@ -99,10 +108,31 @@ def load_model(path: str | Path, strategy: str, *, tokenizer: str | Path | None 
     """
     p = Path(str(path).strip()).expanduser()
     if p.is_dir():
-        raise CheckpointError(f"{p} is a folder: only RWKV checkpoint files (.pth, .safetensors) load so far")
+        from rwkv_chat.models.qwen2.config import is_qwen_folder
+
+        if not is_qwen_folder(p):
+            raise CheckpointError(f"{p} is a folder without a config.json naming Qwen2ForCausalLM or "
+                                  "Qwen3ForCausalLM (RWKV checkpoints are .pth / .safetensors files)")
+        return _load_qwen(p, strategy, progress, kernels, context_limit)
     from rwkv_chat.models.rwkv.model import RWKV
     from rwkv_chat.models.text.tokenizers import load_tokenizer
 
     model = RWKV(model=p, strategy=strategy, progress=progress, kernels=kernels)
     model.tokenizer = load_tokenizer(tokenizer or None, vocab_size=model.vocab_size, model_path=model.path)
+    return model
+
+
+def _load_qwen(folder: Path, strategy: str, progress, kernels: bool, context_limit: int | None) -> Model:
+    """A Qwen2 / Qwen3 folder as a ``Qwen2`` with the folder's tokenizer, chat template and generation defaults."""
+    from rwkv_chat.models.errors import TokenizerError
+    from rwkv_chat.models.qwen2.config import read_config
+    from rwkv_chat.models.qwen2.model import Qwen2
+
+    try:
+        from rwkv_chat.models.text.hf import load_hf_text
+    except ImportError as e:
+        raise TokenizerError(f"{folder}: Hugging Face tokenizers are not supported by this build: {e}") from None
+    text = load_hf_text(folder, read_config(folder).vocab_size)     # the text first: a bad tokenizer fails fast
+    model = Qwen2(folder, strategy, context_limit=context_limit, progress=progress, kernels=kernels)
+    model.tokenizer, model.chat_template, model.generation = text.tokenizer, text.chat_template, text.generation
     return model

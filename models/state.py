@@ -67,6 +67,11 @@ class State:
         return State(self.version, self.fingerprint, self.names, layers,
                      self.token_count if token_count is None else token_count, self.metadata)
 
+    def with_layers(self, layers: list[tuple]) -> "State":
+        """The same state (class, version, fingerprint, token count, metadata) holding other per-layer tensors of
+        the same shapes, e.g. the same tensors moved to other devices."""
+        return self._replace(layers)
+
     def clone(self) -> "State":
         """A deep copy (new tensors on the same devices)."""
         return self._replace([tuple(t.clone() for t in layer) for layer in self.layers])
@@ -146,24 +151,7 @@ class State:
                     n_layer=str(self.n_layer), batch=str(self.batch_size))
         tensors = {f"layers.{i}.{name}": t.detach().to("cpu", torch.float32).contiguous()
                    for i, layer in enumerate(self.layers) for name, t in zip(self.names, layer)}
-        data = save(tensors, metadata=meta)
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-        return path
+        return write_atomic(path, save(tensors, metadata=meta))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "State":
@@ -208,6 +196,28 @@ class State:
             raise StateError(f"cannot read state file {path}: {e}") from e
         user = {k: v for k, v in meta.items() if k not in _RESERVED}
         return cls(version, fingerprint, names, layers, token_count, user)
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (temporary file in the same folder, fsync, rename, fsync of the
+    folder), so a crash never leaves a half-written file. Returns the path."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    return path
 
 
 def _names(text: str) -> tuple[str, ...]:

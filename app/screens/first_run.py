@@ -76,7 +76,9 @@ def check_checkpoint(path: str, data_dir: Path | None = None) -> str | None:
     if p.is_dir() and (p / "config.json").is_file():
         return None                                   # a model folder (Hugging Face layout)
     if p.is_dir():
-        return f"{p} is a folder; give the checkpoint file"
+        if (p / "config.json").is_file():       # a Hugging Face checkpoint folder (Qwen2 / Qwen3)
+            return None
+        return f"{p} is a folder without a config.json; give the checkpoint file or a Hugging Face model folder"
     if p.suffix not in CHECKPOINT_SUFFIXES:
         return f"{p.name}: expected a .pth or .safetensors checkpoint"
     return None

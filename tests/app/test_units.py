@@ -60,6 +60,8 @@ def test_check_checkpoint(tmp_path):
     assert "path" in check_checkpoint(" ")
     assert "does not exist" in check_checkpoint(str(tmp_path / "x.pth"))
     assert "folder" in check_checkpoint(str(tmp_path))
+    (tmp_path / "config.json").write_text("{}")
+    assert check_checkpoint(str(tmp_path)) is None          # a Hugging Face model folder
     (tmp_path / "m.bin").write_bytes(b"")
     assert ".pth" in check_checkpoint(str(tmp_path / "m.bin"))
     (tmp_path / "m.pth").write_bytes(b"")

@@ -1,0 +1,70 @@
+"""A daemon serving a tiny random Qwen2 checkpoint folder (the real Qwen tokenizer and chat template): chat, two
+conversations decoded in one batch, and a restart that resumes from the saved KV cache as if uninterrupted."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+
+import pytest
+
+from rwkv_chat.daemon.client import Client
+from rwkv_chat.daemon.paths import home_paths
+
+from .conftest import make_home, start_daemon, stop_daemon
+
+pytest.importorskip("rwkv_chat.models.text.hf", reason="the Hugging Face tokenizer module is not in this tree")
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def qwen_folder(tmp_path_factory, shared_dir):
+    import torch
+
+    config = transformers.Qwen2Config(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                                      tie_word_embeddings=True)
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("qwen") / "tiny-qwen2"
+    transformers.Qwen2ForCausalLM(config).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(shared_dir / "tokenizers" / "qwen" / name, folder / name)
+    return folder
+
+
+def _chat(c: Client, cid: str, msg: str, **kw):
+    return list(c.chat(cid, msg, **kw))[-1]
+
+
+def test_chat_two_at_once_and_resume_after_restart(tmp_path, qwen_folder):
+    home = make_home(tmp_path / "h", daemon_timeout=20.0)   # loading the Qwen tokenizer holds the GIL for seconds
+    paths = home_paths(home)
+    start_daemon(home, qwen_folder)
+    turn1 = dict(temperature=1.0, top_p=0.9, seed=7, max_tokens=12)
+    turn2 = dict(temperature=1.0, top_p=0.9, seed=8, max_tokens=12)
+    try:
+        with Client(paths, autostart=False) as c:
+            assert c.status()["model"]["family"] == "qwen2"
+            u1 = _chat(c, "uninterrupted", "Hello there", **turn1)
+            u2 = _chat(c, "uninterrupted", "What next?", **turn2)
+        assert u1.tokens > 0 and u2.tokens > 0
+        done = {}
+
+        def run(cid):
+            with Client(paths, autostart=False) as c:
+                done[cid] = _chat(c, cid, "Hello there", **turn1)
+
+        threads = [threading.Thread(target=run, args=(cid,)) for cid in ("a", "b")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert done["a"].text == done["b"].text == u1.text
+        stop_daemon(home)
+        start_daemon(home, qwen_folder)
+        with Client(paths, autostart=False) as c:
+            r2 = _chat(c, "a", "What next?", **turn2)
+        assert r2.text == u2.text and r2.tokens == u2.tokens
+        assert r2.prompt_tokens < 20                 # resumed from the saved cache: the history was not re-read
+    finally:
+        stop_daemon(home)
