@@ -89,6 +89,7 @@ class RWKV:
             self.strategy = self.plan.strategy
             self.generation = module_for(spec.version)
             self.devices: list[torch.device] = [torch_device(p.device) for p in self.plan.layers]
+            formats.check_plan(self.plan, self.devices)
             if spec.version == "7":
                 self.rescale_layer = 0
             else:

@@ -1,0 +1,96 @@
+"""Triton kernels of the weight-only GEMVs (``models/ops/gemv.py``): int4 (GPTQ layout) and fp8 e4m3.
+
+Imported only through ``gemv._kernels()`` (after checking that Triton and CUDA are there). Both kernels take
+x [M, K] (M <= 16 rows, fp16/bf16), dequantize a [BLOCK_K, BLOCK_N] weight tile in registers, and accumulate
+``tl.dot`` products in float32 over a slice of K (``k_per_split``). With one split the result is stored in
+the output dtype; with several, each split adds its partial sums into a float32 output (atomic adds), so that
+small matrices still fill the GPU.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def i4_gemv_kernel(x_ptr, qw_ptr, qz_ptr, sc_ptr, gi_ptr, y_ptr, M, K, N, group, stride_xm, stride_ym,
+                   k_per_split, HAS_GIDX: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y[m, n] = sum_k x[m, k] * (q[k, n] - ((z[g(k), n] + 1) & 15)) * s[g(k), n] (GPTQ v1 zeros)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    m_ok = offs_m < M
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_lo = pid_k * k_per_split
+    for k0 in range(k_lo, k_lo + k_per_split, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        xk = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                     other=0.0)
+        tile_ok = k_ok[:, None] & n_ok[None, :]
+        qw = tl.load(qw_ptr + (offs_k[:, None] // 8) * N + offs_n[None, :], mask=tile_ok, other=0)
+        q = (qw >> ((offs_k[:, None] % 8) * 4)) & 15
+        if HAS_GIDX:
+            g = tl.load(gi_ptr + offs_k, mask=k_ok, other=0)
+        else:
+            g = offs_k // group
+        s = tl.load(sc_ptr + g[:, None] * N + offs_n[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+        zw = tl.load(qz_ptr + g[:, None] * (N // 8) + offs_n[None, :] // 8, mask=tile_ok, other=0)
+        z = (((zw >> ((offs_n[None, :] % 8) * 4)) & 15) + 1) & 15
+        w = ((q - z).to(tl.float32) * s).to(xk.dtype)
+        acc += tl.dot(xk, w)
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    out_ok = m_ok[:, None] & n_ok[None, :]
+    if ATOMIC:
+        tl.atomic_add(y_ptrs, acc, mask=out_ok)
+    else:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
+
+
+@triton.jit
+def f8_gemv_kernel(x_ptr, w_ptr, sc_ptr, y_ptr, M, K, N, stride_xm, stride_ym, k_per_split,
+                   ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y[m, n] = scale[n] * sum_k x[m, k] * float(w8[n, k]) for e4m3fn w8 [N, K] (output-major)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    m_ok = offs_m < M
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_lo = pid_k * k_per_split
+    for k0 in range(k_lo, k_lo + k_per_split, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        xk = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                     other=0.0)
+        w8 = tl.load(w_ptr + offs_n[None, :] * K + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc += tl.dot(xk, w8.to(xk.dtype))
+    acc = acc * tl.load(sc_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    out_ok = m_ok[:, None] & n_ok[None, :]
+    if ATOMIC:
+        tl.atomic_add(y_ptrs, acc, mask=out_ok)
+    else:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
+
+
+@triton.jit
+def fp8_rowwise_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, BLOCK_K: tl.constexpr):
+    """Per-row e4m3 quantization: s[m] = max_k |x[m, k]| / 448 (1 for a zero row), q = e4m3(x / s[m])."""
+    m = tl.program_id(0)
+    amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + m * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(x))
+    a = tl.max(amax, axis=0)
+    s = tl.where(a > 0, a / 448.0, 1.0)
+    tl.store(s_ptr + m, s)
+    for k0 in range(0, K, BLOCK_K):
+        offs = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + m * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
+        q = tl.minimum(tl.maximum(x / s, -448.0), 448.0)
+        tl.store(q_ptr + m * K + offs, q.to(q_ptr.dtype.element_ty), mask=offs < K)

@@ -1,0 +1,92 @@
+"""Weight-only GEMVs for few rows: int4 (GPTQ layout, ``formats.i4``) and fp8 e4m3 (``formats.f8``), in Triton.
+
+A decode step multiplies a few activation rows by every weight once: its time is the weight bytes over the
+memory bandwidth. These kernels read the packed weight (0.5 byte per weight for int4, 1 for fp8), dequantize in
+registers and accumulate in float32, so the step reads a quarter / half of fp16's bytes.
+
+``i4_gemv(x, q)`` and ``f8_gemv(x, q)``: x [M, K] fp16/bf16 on CUDA, M <= ``GEMV_ROWS`` -> [M, N] in x's dtype.
+The dispatch products ``rwkv_chat.models.kernels.mm4`` / ``mmf8`` call them where they apply and use torch
+elsewhere. Errors: ``ShapeMismatchError``, ``UnsupportedDtypeError``, ``DeviceError`` (no CUDA / Triton).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rwkv_chat.models.errors import ShapeMismatchError
+from rwkv_chat.models.formats.f8 import Float8Weight
+from rwkv_chat.models.formats.i4 import Int4Weight
+from rwkv_chat.models.ops._qcommon import HALF_DTYPES, check_cuda, check_dtype, triton_kernels
+
+#: the most rows the GEMVs serve (the tile is 16 rows; beyond 8 a GEMM serves better)
+GEMV_ROWS = 8
+_BLOCK_M, _BLOCK_N, _BLOCK_K = 16, 64, 128
+_SM: dict[int, int] = {}
+
+
+def _kernels():
+    return triton_kernels("rwkv_chat.models.ops._gemv_kernels", "weight-only GEMV")
+
+
+def _sms(device: torch.device) -> int:
+    i = device.index if device.index is not None else torch.cuda.current_device()
+    if i not in _SM:
+        _SM[i] = torch.cuda.get_device_properties(i).multi_processor_count
+    return _SM[i]
+
+
+def _split(K: int, N: int, device) -> tuple[int, int]:
+    """(splits of K, K per split): enough programs to fill every multiprocessor twice."""
+    blocks_n = -(-N // _BLOCK_N)
+    want = max(1, min(-(-2 * _sms(device) // blocks_n), -(-K // _BLOCK_K)))
+    per = -(-K // want)
+    per = -(-per // _BLOCK_K) * _BLOCK_K
+    return -(-K // per), per
+
+
+def _check(x: torch.Tensor, K: int, tensors: dict) -> None:
+    check_dtype(x, "x", HALF_DTYPES)
+    if x.dim() != 2 or x.shape[1] != K or x.shape[0] > GEMV_ROWS:
+        raise ShapeMismatchError(f"x has shape {tuple(x.shape)}; expected [M <= {GEMV_ROWS}, {K}]", tensor="x",
+                                 expected=(f"<= {GEMV_ROWS}", K), actual=tuple(x.shape))
+    check_cuda({"x": x, **tensors})
+
+
+def _launch(kernel, x, N, args, extra, device, **const):
+    M, K = x.shape
+    splits, per = _split(K, N, device)
+    atomic = splits > 1
+    y = (torch.zeros if atomic else torch.empty)(M, N, dtype=torch.float32 if atomic else x.dtype, device=device)
+    grid = (-(-N // _BLOCK_N), splits)
+    kernel[grid](x, *args, y, M, K, N, *extra, x.stride(0), y.stride(0), per, ATOMIC=atomic,
+                 BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K, **const)
+    return y.to(x.dtype) if atomic else y
+
+
+def i4_gemv(x: torch.Tensor, q: Int4Weight) -> torch.Tensor:
+    """``x @ q.dequantize()`` for x [M, K] (M <= GEMV_ROWS, fp16/bf16, CUDA, row-major) -> [M, N] in x's dtype.
+
+    Raises: UnsupportedDtypeError, ShapeMismatchError, DeviceError.
+    """
+    K, N = q.shape
+    kp, np_ = q.qweight.shape[0] * 8, q.qweight.shape[1]
+    _check(x, K, {"qweight": q.qweight, "qzeros": q.qzeros, "scales": q.scales, "g_idx": q.g_idx})
+    x = x.contiguous()
+    if kp != K:
+        x = torch.nn.functional.pad(x, (0, kp - K))
+    k = _kernels()
+    gi = q.g_idx if q.g_idx is not None else q.qweight
+    y = _launch(k.i4_gemv_kernel, x, np_, (q.qweight, q.qzeros, q.scales, gi), (q.group_size,), x.device,
+                HAS_GIDX=q.g_idx is not None)
+    return y if np_ == N else y[:, :N]
+
+
+def f8_gemv(x: torch.Tensor, q: Float8Weight) -> torch.Tensor:
+    """``x @ q.dequantize()`` for x [M, K] (M <= GEMV_ROWS, fp16/bf16, CUDA) -> [M, N] in x's dtype.
+
+    Raises: UnsupportedDtypeError, ShapeMismatchError, DeviceError.
+    """
+    K, N = q.shape
+    _check(x, K, {"w8": q.w8, "scale": q.scale})
+    k = _kernels()
+    return _launch(k.f8_gemv_kernel, x.contiguous(), N, (q.w8, q.scale), (), x.device)
