@@ -207,6 +207,8 @@ def parser() -> argparse.ArgumentParser:
     dp.add_argument("--build", action="store_true",
                     help="build the compiled kernels now when they are not built yet (about a minute)")
     sub.add_parser("bench", help="measure prefill and decode speed (rwkv-chat bench --help)", add_help=False)
+    sub.add_parser("convert", help="pre-quantize a checkpoint for a strategy, or change its container "
+                                   "(rwkv-chat convert --help)", add_help=False)
     return ap
 
 
@@ -217,6 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv[:1] == ["bench"]:
             return _bench(argv[1:])
+        if argv[:1] == ["convert"]:
+            from rwkv_chat.app.convert import main as convert_main
+
+            return convert_main(argv[1:])
         return _main(argv)
     except BrokenPipeError:
         try:                     # later flushes (interpreter exit) must not raise again
