@@ -154,13 +154,14 @@ def mm4(x: torch.Tensor, q: Int4Weight) -> torch.Tensor:
     """``x @ q.dequantize()`` for an i4 weight (``formats.i4``); same contract as ``i4.mm4_torch``.
 
     x [..., K] fp32/fp16/bf16 on q's device -> [..., N] in x's dtype. On CUDA with Triton, fp16/bf16 and at most
-    ``ops.gemv.GEMV_ROWS`` rows: the Triton GEMV (dequantized in registers, fp32 accumulation); more rows:
-    dequantized once per call and multiplied by cuBLAS; elsewhere the torch path.
+    ``ops.gemv.I4_ROWS`` rows (decode batches): the Triton kernel (dequantized in registers, fp32
+    accumulation); more rows (prefill): dequantized once per call and multiplied by cuBLAS; elsewhere the
+    torch path.
     Raises: DeviceError (x and q on different devices), ShapeMismatchError, UnsupportedDtypeError.
     """
     _check_packed(x, q, "i4")
     rows = x.numel() // x.shape[-1]
-    if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and rows <= _gemv.GEMV_ROWS and _triton_ok():
+    if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and rows <= _gemv.I4_ROWS and _triton_ok():
         return _gemv.i4_gemv(x.reshape(rows, -1), q).reshape(*x.shape[:-1], q.shape[1])
     return _i4.mm4_torch(x, q)
 

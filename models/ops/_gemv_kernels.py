@@ -1,7 +1,7 @@
 """Triton kernels of the weight-only GEMVs (``models/ops/gemv.py``): int4 (GPTQ layout) and fp8 e4m3.
 
 Imported only through ``gemv._kernels()`` (after checking that Triton and CUDA are there). Both kernels take
-x [M, K] (M <= 16 rows, fp16/bf16), dequantize a [BLOCK_K, BLOCK_N] weight tile in registers, and accumulate
+x [M, K] (fp16/bf16; BLOCK_M rows per program, the third grid axis over row blocks), dequantize a [BLOCK_K, BLOCK_N] weight tile in registers, and accumulate
 ``tl.dot`` products in float32 over a slice of K (``k_per_split``). With one split the result is stored in
 the output dtype; with several, each split adds its partial sums into a float32 output (atomic adds), so that
 small matrices still fill the GPU.
@@ -18,7 +18,7 @@ def i4_gemv_kernel(x_ptr, qw_ptr, qz_ptr, sc_ptr, gi_ptr, y_ptr, M, K, N, group,
     """y[m, n] = sum_k x[m, k] * (q[k, n] - ((z[g(k), n] + 1) & 15)) * s[g(k), n] (GPTQ v1 zeros)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    offs_m = tl.arange(0, BLOCK_M)
+    offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     m_ok = offs_m < M
@@ -55,7 +55,7 @@ def f8_gemv_kernel(x_ptr, w_ptr, sc_ptr, y_ptr, M, K, N, stride_xm, stride_ym, k
     """y[m, n] = scale[n] * sum_k x[m, k] * float(w8[n, k]) for e4m3fn w8 [N, K] (output-major)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    offs_m = tl.arange(0, BLOCK_M)
+    offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     m_ok = offs_m < M
@@ -75,22 +75,3 @@ def f8_gemv_kernel(x_ptr, w_ptr, sc_ptr, y_ptr, M, K, N, stride_xm, stride_ym, k
         tl.atomic_add(y_ptrs, acc, mask=out_ok)
     else:
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
-
-
-@triton.jit
-def fp8_rowwise_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, BLOCK_K: tl.constexpr):
-    """Per-row e4m3 quantization: s[m] = max_k |x[m, k]| / 448 (1 for a zero row), q = e4m3(x / s[m])."""
-    m = tl.program_id(0)
-    amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + m * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(x))
-    a = tl.max(amax, axis=0)
-    s = tl.where(a > 0, a / 448.0, 1.0)
-    tl.store(s_ptr + m, s)
-    for k0 in range(0, K, BLOCK_K):
-        offs = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + m * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
-        q = tl.minimum(tl.maximum(x / s, -448.0), 448.0)
-        tl.store(q_ptr + m * K + offs, q.to(q_ptr.dtype.element_ty), mask=offs < K)

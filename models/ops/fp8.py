@@ -123,8 +123,8 @@ def _operand(t, s, name: str, per_dim: int):
 
 def _scaled_mm(a8, b8, sa, sb, out_dtype):
     """``torch._scaled_mm`` (a8 row-major [M, K], b8 column-major [K, N]) with tensor-wise or row-wise float32
-    scales. Where a build refuses row-wise scales for this output dtype (some take bfloat16 only), the product
-    is taken with unit scales in float32 and scaled after (same values, one more pass)."""
+    scales. Where a build refuses row-wise scales for this output dtype (some take bfloat16 only), a float16
+    result is the bfloat16 product rounded again, a float32 one the product with unit scales scaled after."""
     rowwise = sa.numel() > 1 or sb.numel() > 1
     sa = sa.reshape(-1, 1) if rowwise else sa.reshape(())
     sb = sb.reshape(1, -1) if rowwise else sb.reshape(())
@@ -139,6 +139,8 @@ def _scaled_mm(a8, b8, sa, sb, out_dtype):
             if not rowwise or out_dtype == torch.bfloat16:
                 raise
             _FP16_ROWWISE_OK[key] = False
+    if out_dtype == torch.float16:      # row-wise scales with a bfloat16 output only: one rounding more
+        return torch._scaled_mm(a8, b8, scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16).to(out_dtype)
     one = torch.ones((), dtype=torch.float32, device=a8.device)
     y = torch._scaled_mm(a8, b8, scale_a=one, scale_b=one, out_dtype=torch.float32)
     return (y * sa * sb).to(out_dtype)

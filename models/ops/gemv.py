@@ -4,7 +4,8 @@ A decode step multiplies a few activation rows by every weight once: its time is
 memory bandwidth. These kernels read the packed weight (0.5 byte per weight for int4, 1 for fp8), dequantize in
 registers and accumulate in float32, so the step reads a quarter / half of fp16's bytes.
 
-``i4_gemv(x, q)`` and ``f8_gemv(x, q)``: x [M, K] fp16/bf16 on CUDA, M <= ``GEMV_ROWS`` -> [M, N] in x's dtype.
+``i4_gemv(x, q)`` (M <= ``I4_ROWS``) and ``f8_gemv(x, q)`` (M <= ``GEMV_ROWS``): x [M, K] fp16/bf16 on CUDA ->
+[M, N] in x's dtype. Row blocks of 16, 32 or 64 (the next power of two of M, at least 16: ``tl.dot``'s minimum).
 The dispatch products ``rwkv_chat.models.kernels.mm4`` / ``mmf8`` call them where they apply and use torch
 elsewhere. Errors: ``ShapeMismatchError``, ``UnsupportedDtypeError``, ``DeviceError`` (no CUDA / Triton).
 """
@@ -18,9 +19,11 @@ from rwkv_chat.models.formats.f8 import Float8Weight
 from rwkv_chat.models.formats.i4 import Int4Weight
 from rwkv_chat.models.ops._qcommon import HALF_DTYPES, check_cuda, check_dtype, triton_kernels
 
-#: the most rows the GEMVs serve (the tile is 16 rows; beyond 8 a GEMM serves better)
+#: the most rows the fp8 GEMV serves (beyond, the fp8 tensor cores: ``ops.fp8``)
 GEMV_ROWS = 8
-_BLOCK_M, _BLOCK_N, _BLOCK_K = 16, 64, 128
+#: the most rows the int4 kernel serves (decode batches; longer prompts dequantize once for cuBLAS)
+I4_ROWS = 256
+_BLOCK_N, _BLOCK_K = 64, 128
 _SM: dict[int, int] = {}
 
 
@@ -44,11 +47,11 @@ def _split(K: int, N: int, device) -> tuple[int, int]:
     return -(-K // per), per
 
 
-def _check(x: torch.Tensor, K: int, tensors: dict) -> None:
+def _check(x: torch.Tensor, K: int, tensors: dict, rows: int = GEMV_ROWS) -> None:
     check_dtype(x, "x", HALF_DTYPES)
-    if x.dim() != 2 or x.shape[1] != K or x.shape[0] > GEMV_ROWS:
-        raise ShapeMismatchError(f"x has shape {tuple(x.shape)}; expected [M <= {GEMV_ROWS}, {K}]", tensor="x",
-                                 expected=(f"<= {GEMV_ROWS}", K), actual=tuple(x.shape))
+    if x.dim() != 2 or x.shape[1] != K or x.shape[0] > rows:
+        raise ShapeMismatchError(f"x has shape {tuple(x.shape)}; expected [M <= {rows}, {K}]", tensor="x",
+                                 expected=(f"<= {rows}", K), actual=tuple(x.shape))
     check_cuda({"x": x, **tensors})
 
 
@@ -57,20 +60,21 @@ def _launch(kernel, x, N, args, extra, device, **const):
     splits, per = _split(K, N, device)
     atomic = splits > 1
     y = (torch.zeros if atomic else torch.empty)(M, N, dtype=torch.float32 if atomic else x.dtype, device=device)
-    grid = (-(-N // _BLOCK_N), splits)
+    block_m = min(64, max(16, 1 << (M - 1).bit_length()))
+    grid = (-(-N // _BLOCK_N), splits, -(-M // block_m))
     kernel[grid](x, *args, y, M, K, N, *extra, x.stride(0), y.stride(0), per, ATOMIC=atomic,
-                 BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K, **const)
+                 BLOCK_M=block_m, BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K, **const)
     return y.to(x.dtype) if atomic else y
 
 
 def i4_gemv(x: torch.Tensor, q: Int4Weight) -> torch.Tensor:
-    """``x @ q.dequantize()`` for x [M, K] (M <= GEMV_ROWS, fp16/bf16, CUDA, row-major) -> [M, N] in x's dtype.
+    """``x @ q.dequantize()`` for x [M, K] (M <= I4_ROWS, fp16/bf16, CUDA) -> [M, N] in x's dtype.
 
     Raises: UnsupportedDtypeError, ShapeMismatchError, DeviceError.
     """
     K, N = q.shape
     kp, np_ = q.qweight.shape[0] * 8, q.qweight.shape[1]
-    _check(x, K, {"qweight": q.qweight, "qzeros": q.qzeros, "scales": q.scales, "g_idx": q.g_idx})
+    _check(x, K, {"qweight": q.qweight, "qzeros": q.qzeros, "scales": q.scales, "g_idx": q.g_idx}, I4_ROWS)
     x = x.contiguous()
     if kp != K:
         x = torch.nn.functional.pad(x, (0, kp - K))
