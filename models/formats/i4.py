@@ -27,6 +27,12 @@ the logical [K, N]; ``dequantize`` and products use only that part).
 Which weights: exactly those the model's generations mark "matrix" (the large projections and the head), as
 for ``i8``; embeddings, norms, RWKV time-mix vectors and the low-rank matrices stay in the activation dtype.
 
+GPTQ checkpoints (e.g. Qwen2 folders with ``quantization_config.quant_method = "gptq"``) load without
+re-quantizing: ``gptq_group_size(config)`` checks the config, ``gptq_linear(tensors, "model.layers.0.self_attn.q_proj",
+config)`` (or ``from_gptq(qweight, qzeros, scales, g_idx)``) returns the ``Int4Weight`` a model multiplies with
+``ctx.ops.matmul`` / ``rwkv_chat.models.kernels.mm4`` (x [..., in_features] -> [..., out_features]; the
+Linear's bias is added by the caller).
+
 Products: ``matmul`` dequantizes in torch and multiplies (any device); ``rwkv_chat.models.kernels.mm4``
 (the format's ``kernel``) serves up to ``rwkv_chat.models.ops.gemv.GEMV_ROWS`` rows on CUDA with a Triton GEMV
 that dequantizes in registers (``models/ops/_gemv_kernels.py``).
@@ -213,7 +219,7 @@ def quantize_i4(weight: torch.Tensor, group_size: int | None = None) -> Int4Weig
 
 
 def from_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor | None = None,
-              bits: int = 4, shape: tuple[int, int] | None = None) -> Int4Weight:
+              bits: int = 4, shape: tuple[int, int] | None = None, v2: bool = False) -> Int4Weight:
     """One Linear of a GPTQ checkpoint (``<name>.qweight``, ``.qzeros``, ``.scales``, ``.g_idx``, AutoGPTQ "v1"
     zeros, 4 bits) as the packed weight the i4 format multiplies, without re-quantizing.
 
@@ -223,7 +229,8 @@ def from_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
     Args:
         qweight: int32 [K/8, N]. qzeros: int32 [K/group, N/8]. scales: float16 (or another float) [K/group, N].
         g_idx: int32/int64 [K] or None. bits: must be 4. shape: the logical (K, N) when smaller than the packed
-            one (default: the packed one).
+            one (default: the packed one). v2: the zeros are stored as z (GPTQModel's "gptq_v2" format); they are
+            rewritten as z - 1 here.
     Raises:
         UnsupportedDtypeError: bits other than 4, integer tensors that are not int32, float scales missing.
         ShapeMismatchError: the shapes above do not fit together.
@@ -248,6 +255,8 @@ def from_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                                  f"{tuple(qzeros.shape)}, scales {tuple(scales.shape)}", tensor="qzeros",
                                  expected=(groups, -(-np_ // 8)), actual=tuple(qzeros.shape))
     group = kp // groups
+    if v2:
+        qzeros = pack_cols((unpack_cols(qzeros) - 1) & 15)
     if np_ % 8:     # our products read whole words of zeros: pad the columns
         pad = _up8(np_) - np_
         qweight = torch.nn.functional.pad(qweight, (0, pad))
@@ -260,6 +269,47 @@ def from_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
         g_idx = None if torch.equal(g_idx.to(torch.int64), trivial) else g_idx.to(torch.int32).contiguous()
     K, N = shape or (kp, np_)
     return Int4Weight(qweight.contiguous(), qzeros.contiguous(), scales.half().contiguous(), g_idx, group, (K, N))
+
+
+def gptq_group_size(config: dict) -> int | None:
+    """Check a GPTQ ``quantization_config`` (a Hugging Face ``config.json`` section) and return its group size
+    (None for -1: one group over the whole input).
+
+    Accepted: ``quant_method`` "gptq", ``bits`` 4, ``checkpoint_format`` "gptq" (v1 zeros, the default) or
+    "gptq_v2" (pass ``v2=True`` to ``from_gptq``). ``desc_act`` (act-order) is served through ``g_idx``.
+
+    Raises: UnsupportedDtypeError naming the field that is not supported.
+    """
+    method, bits = config.get("quant_method"), config.get("bits")
+    fmt = config.get("checkpoint_format", "gptq")
+    for name, value, ok in (("quant_method", method, method == "gptq"), ("bits", bits, bits == 4),
+                            ("checkpoint_format", fmt, fmt in ("gptq", "gptq_v2"))):
+        if not ok:
+            raise UnsupportedDtypeError(f"quantization_config.{name} = {value!r} is not supported by the i4 format "
+                                        "(4-bit GPTQ)", tensor=f"quantization_config.{name}",
+                                        expected={"quant_method": "gptq", "bits": 4}.get(name, "gptq | gptq_v2"),
+                                        actual=value)
+    group = config.get("group_size", 128)
+    return None if group in (-1, None) else int(group)
+
+
+def gptq_linear(tensors, prefix: str, config: dict | None = None, shape: tuple[int, int] | None = None) -> Int4Weight:
+    """The i4 weight of one GPTQ Linear from a checkpoint's tensors: ``<prefix>.qweight``, ``.qzeros``,
+    ``.scales`` and, where present, ``.g_idx`` (a bias ``<prefix>.bias`` is the caller's). ``config``: the
+    ``quantization_config`` (checked by ``gptq_group_size``; "gptq_v2" zeros are converted to v1).
+
+    Raises: CheckpointError (a missing tensor), UnsupportedDtypeError, ShapeMismatchError (see ``from_gptq``).
+    """
+    from rwkv_chat.models.errors import CheckpointError
+
+    missing = [f"{prefix}.{n}" for n in ("qweight", "qzeros", "scales") if f"{prefix}.{n}" not in tensors]
+    if missing:
+        raise CheckpointError(f"GPTQ weights missing: {missing}")
+    if config is not None:
+        gptq_group_size(config)
+    v2 = config is not None and config.get("checkpoint_format") == "gptq_v2"
+    return from_gptq(tensors[f"{prefix}.qweight"], tensors[f"{prefix}.qzeros"], tensors[f"{prefix}.scales"],
+                     tensors.get(f"{prefix}.g_idx"), bits=int((config or {}).get("bits", 4)), shape=shape, v2=v2)
 
 
 def mm4_torch(x: torch.Tensor, q: Int4Weight) -> torch.Tensor:

@@ -131,3 +131,30 @@ def test_typed_errors():
         i4.from_gptq(q.qweight, q.qzeros, q.scales, g_idx=torch.zeros(3, dtype=torch.int32))
     with pytest.raises(ShapeMismatchError):
         kernels.mm4(torch.randn(2, 63), q)
+
+
+def test_gptq_checkpoint_linear_and_config():
+    g = torch.Generator().manual_seed(6)
+    K, N, group = 64, 24, 32
+    w_int = torch.randint(0, 16, (K, N), generator=g)
+    zeros = torch.randint(1, 16, (K // group, N), generator=g)
+    scales = torch.rand(K // group, N, generator=g) * 0.05 + 0.01
+    qweight, qzeros, sc = gptq_pack_reference(w_int, zeros, scales)
+    want = dequant_reference(w_int, zeros, scales, torch.arange(K) // group).float()
+    tensors = {"l.qweight": qweight, "l.qzeros": qzeros, "l.scales": sc,
+               "l.g_idx": (torch.arange(K) // group).to(torch.int32)}
+    cfg = {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": False}
+    q = i4.gptq_linear(tensors, "l", cfg)
+    assert i4.gptq_group_size(cfg) == group and torch.equal(q.dequantize(torch.float32), want)
+    # GPTQModel's v2 zeros (stored as z, not z - 1) give the same matrix
+    v2 = dict(tensors, **{"l.qzeros": i4.pack_cols(zeros.to(torch.int32))})
+    q2 = i4.gptq_linear(v2, "l", dict(cfg, checkpoint_format="gptq_v2"))
+    assert torch.equal(q2.dequantize(torch.float32), want)
+    from rwkv_chat.models.errors import CheckpointError
+
+    with pytest.raises(CheckpointError):
+        i4.gptq_linear(tensors, "other", cfg)
+    for field, value in (("bits", 8), ("quant_method", "awq"), ("checkpoint_format", "marlin")):
+        with pytest.raises(UnsupportedDtypeError) as e:
+            i4.gptq_group_size(dict(cfg, **{field: value}))
+        assert e.value.actual == value
