@@ -12,8 +12,40 @@ import triton.language as tl
 
 
 @triton.jit
+def _dequant_tile(qw_ptr, qz_ptr, sc_ptr, gi_ptr, k0, offs_k, k_ok, offs_n, n_ok, K, N, group, HAS_GIDX: tl.constexpr,
+                  ONE_GROUP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The float32 weight tile [BLOCK_K, BLOCK_N] at rows k0.. and columns offs_n of a GPTQ int4 matrix.
+
+    Each int32 of ``qweight`` is loaded once ([BLOCK_K / 8, BLOCK_N] words) and split into its eight nibbles
+    (row k = 8·i + j is nibble j of word i). With ``ONE_GROUP`` (no g_idx, BLOCK_K divides the group) the tile
+    lies in one group: one row of scales and zeros; otherwise per row through g_idx or k // group.
+    """
+    offs_w = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+    qw = tl.load(qw_ptr + offs_w[:, None] * N + offs_n[None, :], mask=(offs_w[:, None] < K // 8) & n_ok[None, :],
+                 other=0)
+    shifts = tl.arange(0, 8) * 4
+    q = tl.reshape((qw[:, None, :] >> shifts[None, :, None]) & 15, (BLOCK_K, BLOCK_N))
+    if ONE_GROUP:
+        g = k0 // group
+        s = tl.load(sc_ptr + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        zw = tl.load(qz_ptr + g * (N // 8) + offs_n // 8, mask=n_ok, other=0)
+        z = (((zw >> ((offs_n % 8) * 4)) & 15) + 1) & 15
+        return (q - z[None, :]).to(tl.float32) * s[None, :]
+    if HAS_GIDX:
+        g = tl.load(gi_ptr + offs_k, mask=k_ok, other=0)
+    else:
+        g = offs_k // group
+    tile_ok = k_ok[:, None] & n_ok[None, :]
+    s = tl.load(sc_ptr + g[:, None] * N + offs_n[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+    zw = tl.load(qz_ptr + g[:, None] * (N // 8) + offs_n[None, :] // 8, mask=tile_ok, other=0)
+    z = (((zw >> ((offs_n[None, :] % 8) * 4)) & 15) + 1) & 15
+    return (q - z).to(tl.float32) * s
+
+
+@triton.jit
 def i4_gemv_kernel(x_ptr, qw_ptr, qz_ptr, sc_ptr, gi_ptr, y_ptr, M, K, N, group, stride_xm, stride_ym,
-                   k_per_split, HAS_GIDX: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr,
+                   k_per_split, HAS_GIDX: tl.constexpr, ONE_GROUP: tl.constexpr, ATOMIC: tl.constexpr,
+                   BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """y[m, n] = sum_k x[m, k] * (q[k, n] - ((z[g(k), n] + 1) & 15)) * s[g(k), n] (GPTQ v1 zeros)."""
     pid_n = tl.program_id(0)
@@ -24,22 +56,13 @@ def i4_gemv_kernel(x_ptr, qw_ptr, qz_ptr, sc_ptr, gi_ptr, y_ptr, M, K, N, group,
     m_ok = offs_m < M
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_lo = pid_k * k_per_split
-    for k0 in range(k_lo, k_lo + k_per_split, BLOCK_K):
+    for k0 in range(k_lo, tl.minimum(k_lo + k_per_split, K), BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
         xk = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
                      other=0.0)
-        tile_ok = k_ok[:, None] & n_ok[None, :]
-        qw = tl.load(qw_ptr + (offs_k[:, None] // 8) * N + offs_n[None, :], mask=tile_ok, other=0)
-        q = (qw >> ((offs_k[:, None] % 8) * 4)) & 15
-        if HAS_GIDX:
-            g = tl.load(gi_ptr + offs_k, mask=k_ok, other=0)
-        else:
-            g = offs_k // group
-        s = tl.load(sc_ptr + g[:, None] * N + offs_n[None, :], mask=tile_ok, other=0.0).to(tl.float32)
-        zw = tl.load(qz_ptr + g[:, None] * (N // 8) + offs_n[None, :] // 8, mask=tile_ok, other=0)
-        z = (((zw >> ((offs_n[None, :] % 8) * 4)) & 15) + 1) & 15
-        w = ((q - z).to(tl.float32) * s).to(xk.dtype)
+        w = _dequant_tile(qw_ptr, qz_ptr, sc_ptr, gi_ptr, k0, offs_k, k_ok, offs_n, n_ok, K, N, group, HAS_GIDX,
+                          ONE_GROUP, BLOCK_K, BLOCK_N).to(xk.dtype)
         acc += tl.dot(xk, w)
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
     out_ok = m_ok[:, None] & n_ok[None, :]
@@ -61,7 +84,7 @@ def f8_gemv_kernel(x_ptr, w_ptr, sc_ptr, y_ptr, M, K, N, stride_xm, stride_ym, k
     m_ok = offs_m < M
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_lo = pid_k * k_per_split
-    for k0 in range(k_lo, k_lo + k_per_split, BLOCK_K):
+    for k0 in range(k_lo, tl.minimum(k_lo + k_per_split, K), BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
         xk = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],

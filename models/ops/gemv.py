@@ -81,7 +81,7 @@ def i4_gemv(x: torch.Tensor, q: Int4Weight) -> torch.Tensor:
     k = _kernels()
     gi = q.g_idx if q.g_idx is not None else q.qweight
     y = _launch(k.i4_gemv_kernel, x, np_, (q.qweight, q.qzeros, q.scales, gi), (q.group_size,), x.device,
-                HAS_GIDX=q.g_idx is not None)
+                HAS_GIDX=q.g_idx is not None, ONE_GROUP=q.g_idx is None and q.group_size % _BLOCK_K == 0)
     return y if np_ == N else y[:, :N]
 
 

@@ -115,6 +115,7 @@ def fused_ln_qkv_gptq(input: torch.Tensor, qweight: torch.Tensor, qzeros: torch.
     k.ln_qkv_gptq_kernel[grid](x, ln_weight, bias, qweight, qzeros, scales, g_idx if g_idx is not None else qweight,
                                out, M, H, N, widths[0], widths[1], groupsize, eps, x.stride(0), RMS=rms,
                                HAS_BIAS=ln_bias is not None and not rms, HAS_GIDX=g_idx is not None,
+                               ONE_GROUP=g_idx is None and groupsize % _BLOCK_K == 0,
                                BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K)
     return _shape_out(out, B, S, widths)
 
