@@ -2,9 +2,8 @@
 
 Imported only through ``gemv._kernels()`` (after checking that Triton and CUDA are there). Both kernels take
 x [M, K] (fp16/bf16; BLOCK_M rows per program, the third grid axis over row blocks), dequantize a [BLOCK_K, BLOCK_N] weight tile in registers, and accumulate
-``tl.dot`` products in float32 over a slice of K (``k_per_split``). With one split the result is stored in
-the output dtype; with several, each split adds its partial sums into a float32 output (atomic adds), so that
-small matrices still fill the GPU.
+``tl.dot`` products in float32 over a slice of K (``k_per_split``; the second grid axis), so that a decode
+step's matrices fill every multiprocessor. Split results meet in ``_finish``.
 """
 
 import triton
@@ -43,10 +42,34 @@ def _dequant_tile(qw_ptr, qz_ptr, sc_ptr, gi_ptr, k0, offs_k, k_ok, offs_n, n_ok
 
 
 @triton.jit
-def i4_gemv_kernel(x_ptr, qw_ptr, qz_ptr, sc_ptr, gi_ptr, y_ptr, M, K, N, group, stride_xm, stride_ym,
-                   k_per_split, HAS_GIDX: tl.constexpr, ONE_GROUP: tl.constexpr, ATOMIC: tl.constexpr,
-                   BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _finish(acc, y_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, m_ok, n_ok, M, N, stride_ym, n_splits,
+            SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Write a program's float32 partial sums. One split: straight to y. Several: into the workspace
+    [n_splits, M, N]; the tile's counter counts the splits done (acq_rel atomic), and the last one adds the
+    partials in split order, writes y in its dtype and resets the counter to 0 for the next call (no zeroing
+    launch, no atomics on y; the sum order is fixed, so results do not depend on timing)."""
+    out_ok = m_ok[:, None] & n_ok[None, :]
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    if SPLIT:
+        pid_k = tl.program_id(1)
+        tile = offs_m[:, None] * N + offs_n[None, :]
+        tl.store(ws_ptr + pid_k * M * N + tile, acc, mask=out_ok)
+        tile_id = tl.program_id(2) * tl.num_programs(0) + tl.program_id(0)
+        done = tl.atomic_add(cnt_ptr + tile_id, 1, sem="acq_rel")
+        if done == n_splits - 1:
+            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for i in range(0, n_splits):
+                total += tl.load(ws_ptr + i * M * N + tile, mask=out_ok, other=0.0, cache_modifier=".cg")
+            tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=out_ok)
+            tl.atomic_xchg(cnt_ptr + tile_id, 0)
+    else:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
+
+
+@triton.jit
+def i4_gemv_kernel(x_ptr, qw_ptr, qz_ptr, sc_ptr, gi_ptr, y_ptr, ws_ptr, cnt_ptr, M, K, N, group, stride_xm,
+                   stride_ym, k_per_split, n_splits, HAS_GIDX: tl.constexpr, ONE_GROUP: tl.constexpr,
+                   SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """y[m, n] = sum_k x[m, k] * (q[k, n] - ((z[g(k), n] + 1) & 15)) * s[g(k), n] (GPTQ v1 zeros)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -64,17 +87,13 @@ def i4_gemv_kernel(x_ptr, qw_ptr, qz_ptr, sc_ptr, gi_ptr, y_ptr, M, K, N, group,
         w = _dequant_tile(qw_ptr, qz_ptr, sc_ptr, gi_ptr, k0, offs_k, k_ok, offs_n, n_ok, K, N, group, HAS_GIDX,
                           ONE_GROUP, BLOCK_K, BLOCK_N).to(xk.dtype)
         acc += tl.dot(xk, w)
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-    out_ok = m_ok[:, None] & n_ok[None, :]
-    if ATOMIC:
-        tl.atomic_add(y_ptrs, acc, mask=out_ok)
-    else:
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
+    _finish(acc, y_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, m_ok, n_ok, M, N, stride_ym, n_splits, SPLIT, BLOCK_M,
+            BLOCK_N)
 
 
 @triton.jit
-def f8_gemv_kernel(x_ptr, w_ptr, sc_ptr, y_ptr, M, K, N, stride_xm, stride_ym, k_per_split,
-                   ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def f8_gemv_kernel(x_ptr, w_ptr, sc_ptr, y_ptr, ws_ptr, cnt_ptr, M, K, N, stride_xm, stride_ym, k_per_split, n_splits,
+                   SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """y[m, n] = scale[n] * sum_k x[m, k] * float(w8[n, k]) for e4m3fn w8 [N, K] (output-major)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -92,9 +111,5 @@ def f8_gemv_kernel(x_ptr, w_ptr, sc_ptr, y_ptr, M, K, N, stride_xm, stride_ym, k
         w8 = tl.load(w_ptr + offs_n[None, :] * K + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         acc += tl.dot(xk, w8.to(xk.dtype))
     acc = acc * tl.load(sc_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-    out_ok = m_ok[:, None] & n_ok[None, :]
-    if ATOMIC:
-        tl.atomic_add(y_ptrs, acc, mask=out_ok)
-    else:
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
+    _finish(acc, y_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, m_ok, n_ok, M, N, stride_ym, n_splits, SPLIT, BLOCK_M,
+            BLOCK_N)

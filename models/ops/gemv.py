@@ -55,16 +55,36 @@ def _check(x: torch.Tensor, K: int, tensors: dict, rows: int = GEMV_ROWS) -> Non
     check_cuda({"x": x, **tensors})
 
 
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+#: tiles (N blocks × row blocks) one split launch may count in the shared counters
+_MAX_TILES = 1 << 16
+
+
+def _counters(device: torch.device) -> torch.Tensor | None:
+    """The device's split-K counters (int32, zero between launches: the last split of a tile resets its own),
+    made at first use outside CUDA graph capture (None while capturing before that)."""
+    c = _COUNTERS.get(device)
+    if c is None and not torch.cuda.is_current_stream_capturing():
+        c = _COUNTERS[device] = torch.zeros(_MAX_TILES, dtype=torch.int32, device=device)
+    return c
+
+
 def _launch(kernel, x, N, args, extra, device, **const):
+    """Launch a GEMV kernel on x [M, K] (contiguous) -> y [M, N] in x's dtype. Launches on one stream at a time
+    share the device's counters (CUDA graphs and the decoder run one stream)."""
     M, K = x.shape
     splits, per = _split(K, N, device)
-    atomic = splits > 1
-    y = (torch.zeros if atomic else torch.empty)(M, N, dtype=torch.float32 if atomic else x.dtype, device=device)
     block_m = min(64, max(16, 1 << (M - 1).bit_length()))
     grid = (-(-N // _BLOCK_N), splits, -(-M // block_m))
-    kernel[grid](x, *args, y, M, K, N, *extra, x.stride(0), y.stride(0), per, ATOMIC=atomic,
-                 BLOCK_M=block_m, BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K, **const)
-    return y.to(x.dtype) if atomic else y
+    counters = _counters(device) if splits > 1 and grid[0] * grid[2] <= _MAX_TILES else None
+    if counters is None:
+        splits, per = 1, K
+        grid = (grid[0], 1, grid[2])
+    y = torch.empty(M, N, dtype=x.dtype, device=device)
+    ws = torch.empty(splits, M, N, dtype=torch.float32, device=device) if splits > 1 else y
+    kernel[grid](x, *args, y, ws, counters if counters is not None else y, M, K, N, *extra, x.stride(0), y.stride(0),
+                 per, splits, SPLIT=splits > 1, BLOCK_M=block_m, BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K, **const)
+    return y
 
 
 def i4_gemv(x: torch.Tensor, q: Int4Weight) -> torch.Tensor:
