@@ -113,3 +113,23 @@ def f8_gemv_kernel(x_ptr, w_ptr, sc_ptr, y_ptr, ws_ptr, cnt_ptr, M, K, N, stride
     acc = acc * tl.load(sc_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
     _finish(acc, y_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, m_ok, n_ok, M, N, stride_ym, n_splits, SPLIT, BLOCK_M,
             BLOCK_N)
+
+
+@triton.jit
+def fp8_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, BLOCK_K: tl.constexpr):
+    """Per-row e4m3 quantization, one program per row: s[m] = max_k |x[m, k]| / 448 (1 for a zero row),
+    q[m, k] = e4m3(clamp(x[m, k] / s[m], ±448)); q contiguous [M, K], s float32 [M]."""
+    m = tl.program_id(0)
+    amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + m * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(x))
+    a = tl.max(amax, axis=0)
+    s = tl.where(a > 0, a / 448.0, 1.0)
+    tl.store(s_ptr + m, s)
+    for k0 in range(0, K, BLOCK_K):
+        offs = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + m * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
+        q = tl.minimum(tl.maximum(x / s, -448.0), 448.0)
+        tl.store(q_ptr + m * K + offs, q.to(q_ptr.dtype.element_ty), mask=offs < K)

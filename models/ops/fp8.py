@@ -26,7 +26,7 @@ import torch
 
 from rwkv_chat.models.errors import DeviceError, NumericalOverflowError, ShapeMismatchError, UnsupportedDtypeError
 from rwkv_chat.models.formats.f8 import E4M3_MAX, MIN_CAPABILITY, Float8Weight, quantize_f8
-from rwkv_chat.models.ops._qcommon import FLOAT_DTYPES, _name, check_dtype
+from rwkv_chat.models.ops._qcommon import FLOAT_DTYPES, _name, check_dtype, triton_reason
 
 FP8 = torch.float8_e4m3fn
 OUTPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -197,10 +197,15 @@ def fp8_linear(x: torch.Tensor, q: Float8Weight) -> torch.Tensor:
     dispatch product ``kernels.mmf8`` and ``FP8Linear`` check first). x [..., K] -> [..., N] in x's dtype."""
     K, N = q.shape
     x2 = x.reshape(-1, K)
-    xf = x2.float()
-    amax = xf.abs().amax(-1, keepdim=True)
-    sa = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
-    a8 = (xf / sa).clamp(-E4M3_MAX, E4M3_MAX).to(FP8)
+    if x2.is_cuda and triton_reason() is None:     # one launch per call instead of five torch ops
+        from rwkv_chat.models.ops.gemv import fp8_rows
+
+        a8, sa = fp8_rows(x2 if x2.stride(-1) == 1 else x2.contiguous())
+    else:
+        xf = x2.float()
+        amax = xf.abs().amax(-1, keepdim=True)
+        sa = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
+        a8 = (xf / sa).clamp(-E4M3_MAX, E4M3_MAX).to(FP8)
     y = _scaled_mm(a8, q.w8.t(), sa, q.scale, x.dtype if x.dtype in OUTPUT_DTYPES else torch.float32)
     return y.reshape(*x.shape[:-1], N)
 

@@ -114,3 +114,14 @@ def f8_gemv(x: torch.Tensor, q: Float8Weight) -> torch.Tensor:
     _check(x, K, {"w8": q.w8, "scale": q.scale})
     k = _kernels()
     return _launch(k.f8_gemv_kernel, x.contiguous(), N, (q.w8, q.scale), (), x.device)
+
+
+def fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (per-token) e4m3 quantization in one launch: x [M, K] fp16/bf16/fp32 on CUDA (last dim
+    contiguous) -> (q float8_e4m3fn [M, K], scale float32 [M, 1]) with ``x ≈ q * scale`` (``scale = amax / 448``,
+    1 for a zero row). No input checks: callers check (``ops.fp8``)."""
+    M, K = x.shape
+    q = torch.empty(M, K, dtype=torch.float8_e4m3fn, device=x.device)
+    s = torch.empty(M, 1, dtype=torch.float32, device=x.device)
+    _kernels().fp8_rows_kernel[(M,)](x, q, s, K, x.stride(0), BLOCK_K=1024)
+    return q, s

@@ -79,6 +79,18 @@ def fused_op() -> list[tuple]:
     return out
 
 
+def fp8_rows_exact() -> tuple:
+    """The per-token quantization kernel against torch's cast (round to nearest even): equal codes and scales."""
+    from rwkv_chat.models.ops.gemv import fp8_rows
+
+    x = torch.randn(64, 4096, device="cuda", dtype=torch.float16) * 7
+    q, s = fp8_rows(x)
+    ref = x.float().abs().amax(-1, keepdim=True) / 448
+    want = (x.float() / ref).clamp(-448, 448).to(torch.float8_e4m3fn)
+    same = (q.float() == want.float()).float().mean().item()
+    return same, rel(s, ref), same == 1.0 and rel(s, ref) == 0.0
+
+
 def logits(shape: str, fp8_ok: bool) -> list[tuple]:
     ckpt = shapes.random_checkpoint(shape, dtype=torch.float16, device="cuda")
     tokens = [(i * 7919) % 65536 for i in range(64)]
@@ -111,6 +123,11 @@ def main() -> int:
     lines += ["", "| fused_ln_qkv_gptq case | rel err vs torch | ok |", "|---|---:|---|"]
     for case, err, good in fused_op():
         lines.append(f"| {case} | {err:.2e} | {'yes' if good else 'NO'} |")
+        ok &= good
+    if fp8_ok:
+        same, serr, good = fp8_rows_exact()
+        lines += ["", f"fp8 per-token quantization: {same:.2%} of codes equal torch's cast, scale error {serr:.1e} "
+                      f"({'ok' if good else 'NO'})"]
         ok &= good
     lines += ["", f"| {args.shape} cuda fp16 vs | logits rel err | top-1 agreement | compiled vs torch | ok |",
               "|---|---:|---:|---:|---|"]
