@@ -51,7 +51,6 @@ GROUP = 128
 #: the clipping ranges ``quantize_i4`` tries per group and column (fractions of the min/max range); the one with
 #: the least squared error wins (the grid search of GPTQ's ``Quantizer(mse=True)``, without calibration data)
 SHRINKS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
-_SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)
 
 
 def pack_rows(q: torch.Tensor) -> torch.Tensor:
@@ -64,13 +63,13 @@ def pack_rows(q: torch.Tensor) -> torch.Tensor:
         raise ShapeMismatchError(f"pack_rows needs [R, C] with R % 8 == 0, got {tuple(q.shape)}",
                                  tensor="q", expected="[8·r, C]", actual=tuple(q.shape))
     v = q.to(torch.int64).reshape(q.shape[0] // 8, 8, q.shape[1]) & 15
-    word = (v << _SHIFTS.to(v.device, torch.int64).view(1, 8, 1)).sum(1)
+    word = (v << torch.arange(0, 32, 4, dtype=torch.int64, device=v.device).view(1, 8, 1)).sum(1)
     return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
 
 
 def unpack_rows(packed: torch.Tensor) -> torch.Tensor:
     """The inverse of ``pack_rows``: int32 [R/8, C] -> int32 [R, C] in 0..15."""
-    v = (packed.unsqueeze(1) >> _SHIFTS.to(packed.device).view(1, 8, 1)) & 15
+    v = (packed.unsqueeze(1) >> torch.arange(0, 32, 4, dtype=torch.int32, device=packed.device).view(1, 8, 1)) & 15
     return v.reshape(packed.shape[0] * 8, packed.shape[1])
 
 
