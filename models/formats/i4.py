@@ -34,8 +34,9 @@ config)`` (or ``from_gptq(qweight, qzeros, scales, g_idx)``) returns the ``Int4W
 Linear's bias is added by the caller).
 
 Products: ``matmul`` dequantizes in torch and multiplies (any device); ``rwkv_chat.models.kernels.mm4``
-(the format's ``kernel``) serves up to ``rwkv_chat.models.ops.gemv.GEMV_ROWS`` rows on CUDA with a Triton GEMV
-that dequantizes in registers (``models/ops/_gemv_kernels.py``).
+(the format's ``kernel``) serves up to ``rwkv_chat.models.ops.gemv.I4_ROWS`` rows on CUDA with a Triton kernel
+that dequantizes in registers (``models/ops/_gemv_kernels.py``; decode steps and batches), more rows by
+dequantizing once and cuBLAS (prefill).
 """
 
 from __future__ import annotations
