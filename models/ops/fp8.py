@@ -219,6 +219,7 @@ class FP8Linear(torch.nn.Module):
         device: where the weight lives (default CPU). The weight starts as ``nn.Linear``'s initialisation
             quantized; ``from_linear`` or ``load_weight`` replace it.
     Buffers: ``weight`` float8_e4m3fn [out, in], ``weight_scale`` float32 [out]; parameter ``bias`` or None.
+    ``module.to(device)`` moves them; ``module.half()`` would cast the e4m3 weight too (forward then refuses it).
     Raises (construction): ShapeMismatchError for sizes that are not positive multiples of 16.
     """
 
@@ -266,6 +267,10 @@ class FP8Linear(torch.nn.Module):
             raise DeviceError(f"x is on {x.device}, the weight on {self.weight.device}", tensor="x",
                               expected=str(self.weight.device), actual=str(x.device))
         _check_device_fp8(x, "x")
+        if self.weight.dtype != FP8:
+            raise UnsupportedDtypeError(f"the weight was cast to {_name(self.weight.dtype)} (e.g. by module.half()); "
+                                        "FP8Linear keeps it in float8_e4m3fn: call load_weight again",
+                                        tensor="weight", expected="float8_e4m3fn", actual=_name(self.weight.dtype))
         from rwkv_chat.models.kernels.dispatch import mmf8
 
         y = mmf8(x, Float8Weight(self.weight, self.weight_scale))

@@ -124,6 +124,8 @@ def test_fp8_linear_and_its_errors():
         m(torch.ones(3, 32, dtype=torch.int64))
     with pytest.raises(DeviceError):
         m(torch.randn(3, 32, device="meta"))
+    with pytest.raises(UnsupportedDtypeError, match="half"):
+        m.half()(torch.randn(3, 32))
 
 
 def _gptq_args(H=64, widths=(64, 64, 64), group=32, dtype=torch.float16):

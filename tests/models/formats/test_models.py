@@ -85,7 +85,8 @@ def test_a_device_that_cannot_run_a_format_is_refused_naming_the_stage(monkeypat
     formats.check_plan(plan_layers("mps fp16i4", 1), [torch.device("mps")] * 2)
 
 
-@pytest.mark.parametrize("strategy", ["cpu fp32i4", "cpu fp32i8 *3 -> cpu fp32f8", "cpu fp16i4 *2 -> cpu fp32"])
+@pytest.mark.parametrize("strategy", ["cpu fp32i4", "cpu fp32i8 *3 -> cpu fp32f8", "cpu fp16i4 *2 -> cpu fp32",
+                                      "cpu fp16i4 *8 -> cpu fp16i8"])    # fp16: layers 6+ rescaled
 def test_converted_file_gives_the_logits_of_quantizing_at_load(strategy, model_path, tmp_path):
     src = model_path("5.2")
     out = tmp_path / "m.safetensors"
