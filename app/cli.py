@@ -226,6 +226,8 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("bench", help="measure prefill and decode speed (rwkv-chat bench --help)", add_help=False)
     sub.add_parser("plan", help="memory per device of a model and strategy, without loading (rwkv-chat plan --help)",
                    add_help=False)
+    sub.add_parser("convert", help="pre-quantize a checkpoint for a strategy, or change its container "
+                                   "(rwkv-chat convert --help)", add_help=False)
     return ap
 
 
@@ -240,6 +242,10 @@ def main(argv: list[str] | None = None) -> int:
             from rwkv_chat.app.plan import main as plan_main
 
             return plan_main(argv[1:])
+        if argv[:1] == ["convert"]:
+            from rwkv_chat.app.convert import main as convert_main
+
+            return convert_main(argv[1:])
         return _main(argv)
     except BrokenPipeError:
         try:                     # later flushes (interpreter exit) must not raise again

@@ -6,7 +6,7 @@ Grammar (the ``rwkv`` pip package 0.8.32, ``RWKV.__init__``, ``STRATEGY_REGEX``)
     stage    = DEVICE ' ' DTYPE [QUANT] [ ' *' N [ '+' ] ]
     DEVICE   = cpu | cuda | cuda:N | mps | dml
     DTYPE    = fp16 | fp32 | bf16          (activation dtype; weights too unless quantized)
-    QUANT    = i8                           (the weight format, see ``rwkv_chat.models.formats``)
+    QUANT    = i8 | i4 | f8                 (the weight format, see ``rwkv_chat.models.formats``)
 
 Whitespace: any run of spaces/tabs separates the parts of a stage, and spaces around ``->`` and at
 either end are ignored (the reference accepts exactly one space inside a stage; this is a superset).
@@ -20,7 +20,8 @@ and streams every unassigned layer to that device from pinned CPU memory.
 
 The reference's silent traps are ``StrategyError`` here:
 
-* quantization ``i4``/``i3`` (the reference runs them unquantized);
+* quantization ``i3`` (the reference runs it unquantized; ``i4`` is the GPTQ-layout int4 format here, where
+  the reference silently ran ``i4`` unquantized);
 * ``*0`` without ``+`` (the reference divides by zero, or hands the stage all remaining layers);
 * a stage that ends up with no layers: ``*N`` counts before it already cover every layer, stages
   without ``*N`` beside a stream stage (the reference gives them nothing), or fewer layers left
@@ -28,6 +29,12 @@ The reference's silent traps are ``StrategyError`` here:
 * more than one ``*N+`` stage (the reference streams only to the last one);
 * ``*N+`` on ``cpu`` (streaming copies from CPU memory to an accelerator; on the CPU there is
   nothing to stream to).
+
+Weight formats: ``i8`` (the reference's uint8 scheme), ``i4`` (int4, GPTQ layout, group 128) and ``f8``
+(float8 e4m3 with per-output-channel scales). Every layer of a stage carries its stage's format
+(``LayerPlacement.quant``, shown per layer by ``str(plan)``). Whether a device can run a format is checked
+when the plan's devices are known (``rwkv_chat.models.formats.check_plan``): ``f8`` needs CUDA compute
+capability >= 8.9 and runs on the CPU as an exact emulation (shown as ``f8 (emulated)``).
 
 A stream stage whose ``N`` already covers the remaining layers streams nothing; that is accepted
 and shown by ``Plan.describe`` (``streamed: 0``). Every RWKV generation, v7 included, uses the
@@ -45,8 +52,11 @@ from rwkv_chat.models.errors import DeviceError, StrategyError
 
 DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-QUANTS = ("i8",)
-_UNSUPPORTED_QUANTS = ("i4", "i3")
+QUANTS = ("i8", "i4", "f8")
+_UNSUPPORTED_QUANTS = ("i3",)
+#: how each weight format is stored: the dtype of its packed matrix (i4: eight nibbles per int32)
+QUANT_WTYPES = {"i8": torch.uint8, "i4": torch.int32, "f8": torch.float8_e4m3fn}
+_QUANT_WORDS = " | ".join(QUANTS)
 _DEVICE_RE = re.compile(r"(cpu|mps|dml|cuda)(?::([0-9]+))?", re.ASCII)
 _DTYPE_RE = re.compile(r"(fp16|fp32|bf16)(.*)", re.ASCII)
 _COUNT_RE = re.compile(r"\*([0-9]+)(\+?)", re.ASCII)
@@ -65,7 +75,7 @@ class Stage:
     Attributes:
         device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"`` or ``"dml"``.
         dtype: activation dtype (``torch.float16``/``float32``/``bfloat16``).
-        quant: ``"i8"`` for uint8 weights, else ``None``.
+        quant: the weight format, ``"i8"``, ``"i4"`` or ``"f8"``, or ``None`` for plain float weights.
         count: ``N`` of ``*N``/``*N+``, or ``None`` when the stage shares the remaining layers.
         stream: ``True`` for ``*N+`` (N resident, the unassigned layers streamed).
 
@@ -86,7 +96,7 @@ class Stage:
         if self.dtype not in _DTYPE_NAMES:
             raise StrategyError(f"unsupported activation dtype {self.dtype!r} (expected fp16, fp32 or bf16)")
         if self.quant is not None and self.quant not in QUANTS:
-            raise StrategyError(f"quantization {self.quant!r} is not supported (only i8)")
+            raise StrategyError(f"quantization {self.quant!r} is not supported (expected {_QUANT_WORDS})")
         if self.count is not None and (isinstance(self.count, bool) or not isinstance(self.count, int)
                                        or self.count < 0):
             raise StrategyError(f"layer count {self.count!r} must be a non-negative integer")
@@ -101,8 +111,18 @@ class Stage:
 
     @property
     def wtype(self) -> torch.dtype:
-        """Weight storage dtype: ``torch.uint8`` for ``i8``, else the activation dtype."""
-        return torch.uint8 if self.quant == "i8" else self.dtype
+        """Weight storage dtype: ``torch.uint8`` for ``i8``, ``torch.int32`` for ``i4`` (packed nibbles),
+        ``torch.float8_e4m3fn`` for ``f8``, else the activation dtype."""
+        return QUANT_WTYPES.get(self.quant, self.dtype)
+
+    @property
+    def format_name(self) -> str:
+        """The weight format as the plan shows it: ``"fp16"`` (plain, the activation dtype), ``"i8"``, ``"i4"``,
+        ``"f8"``, or ``"f8 (emulated)"`` for ``f8`` on the CPU (e4m3 values dequantized exactly, products in the
+        activation dtype)."""
+        if self.quant is None:
+            return _DTYPE_NAMES[self.dtype]
+        return f"{self.quant} (emulated)" if self.quant == "f8" and self.device == "cpu" else self.quant
 
     def __str__(self) -> str:
         text = f"{self.device} {_DTYPE_NAMES[self.dtype]}{self.quant or ''}"
@@ -116,8 +136,9 @@ class LayerPlacement:
     """Where layer ``index`` lives. ``index == n_layer`` is the head (``ln_out`` + ``head``).
 
     Attributes: device (as in the strategy), atype (activation dtype), wtype (weight dtype, uint8 for
-    i8), stream (weights kept in pinned CPU memory and copied to ``device`` at use), stage (index of
-    the stage that placed it).
+    i8, int32 for i4, float8_e4m3fn for f8), stream (weights kept in pinned CPU memory and copied to
+    ``device`` at use), stage (index of the stage that placed it), quant (the weight format: "i8", "i4",
+    "f8" or None for plain float weights).
     """
 
     index: int
@@ -126,10 +147,16 @@ class LayerPlacement:
     wtype: torch.dtype
     stream: bool
     stage: int
+    quant: str | None = None
 
     def __str__(self) -> str:
-        """The reference's per-layer notation, e.g. ``3-cuda-float16-uint8-stream``."""
-        return f"{self.index}-{self.device}-{_short(self.atype)}-{_short(self.wtype)}{'-stream' if self.stream else ''}"
+        """The reference's per-layer notation, e.g. ``3-cuda-float16-uint8-stream``; the formats the reference
+        lacks are named: ``3-cuda-float16-i4``, ``3-cuda-float16-f8``, ``3-cpu-float32-f8(emulated)``."""
+        if self.quant in (None, "i8"):
+            w = _short(self.wtype)
+        else:
+            w = self.quant + ("(emulated)" if self.quant == "f8" and self.device == "cpu" else "")
+        return f"{self.index}-{self.device}-{_short(self.atype)}-{w}{'-stream' if self.stream else ''}"
 
 
 @dataclass(frozen=True)
@@ -163,7 +190,8 @@ class Plan:
 
     def describe(self) -> list[dict]:
         """One JSON-able dict per stage: ``stage`` (index), ``text``, ``device``, ``atype``, ``wtype``
-        (dtype names such as ``"float16"``), ``quant``, ``first``/``last`` (layer indices, inclusive),
+        (dtype names such as ``"float16"``), ``quant``, ``format`` (``Stage.format_name``, e.g. ``"i4"`` or
+        ``"f8 (emulated)"``), ``first``/``last`` (layer indices, inclusive),
         ``resident``, ``streamed`` (layer counts) and ``head`` (whether the head is in this stage)."""
         out = []
         for i, stage in enumerate(self.stages):
@@ -171,7 +199,7 @@ class Plan:
             out.append({
                 "stage": i, "text": str(stage), "device": stage.device,
                 "atype": _short(stage.dtype), "wtype": _short(stage.wtype), "quant": stage.quant,
-                "first": mine[0].index, "last": mine[-1].index,
+                "format": stage.format_name, "first": mine[0].index, "last": mine[-1].index,
                 "resident": sum(not p.stream for p in mine), "streamed": sum(p.stream for p in mine),
                 "head": mine[-1].index == self.n_layer,
             })
@@ -185,6 +213,8 @@ class Plan:
             line = f"* {d['device']} {d['text'].split()[1]}, store {d['resident']} layers"
             if self.stages[d["stage"]].stream:
                 line += f", stream {d['streamed']} layers"
+            if d["quant"] is not None:
+                line += f", weights {d['format']}"
             lines.append(line)
         lines.append(" ".join(str(p) for p in self.layers))
         if self.backend is not None:
@@ -209,12 +239,13 @@ def _parse_stage(part: str, number: int, strategy: str) -> Stage:
     dt = _DTYPE_RE.fullmatch(tokens[1])
     if dt is None:
         raise StrategyError(f"unknown dtype {tokens[1]!r} in {where} (expected fp16, fp32 or bf16, "
-                            "optionally followed by i8)")
+                            "optionally followed by i8, i4 or f8)")
     quant = dt.group(2) or None
     if quant in _UNSUPPORTED_QUANTS:
-        raise StrategyError(f"quantization {quant!r} in {tokens[1]!r} ({where}) is not supported (only i8)")
+        raise StrategyError(f"quantization {quant!r} in {tokens[1]!r} ({where}) is not supported "
+                            f"(expected {_QUANT_WORDS})")
     if quant is not None and quant not in QUANTS:
-        raise StrategyError(f"unknown quantization {quant!r} in {tokens[1]!r} ({where}) (only i8)")
+        raise StrategyError(f"unknown quantization {quant!r} in {tokens[1]!r} ({where}) (expected {_QUANT_WORDS})")
     count, stream = None, False
     if len(tokens) == 3:
         cm = _COUNT_RE.fullmatch(tokens[2])
@@ -238,7 +269,7 @@ def parse_strategy(strategy: str) -> tuple[Stage, ...]:
     """Parse a strategy string into stages (grammar in the module docstring).
 
     Raises:
-        StrategyError: malformed text (the message quotes the bad part), ``i4``/``i3``, ``*0``,
+        StrategyError: malformed text (the message quotes the bad part), ``i3``, ``*0``,
             ``*N+`` on cpu, or more than one ``*N+`` stage.
     """
     if not isinstance(strategy, str):
@@ -323,7 +354,7 @@ def plan_layers(strategy: str | tuple[Stage, ...], n_layer: int) -> Plan:
     for i, (s, n) in enumerate(zip(stages, plan)):
         for index in range(start, start + n):
             streamed = i == stream_i and index >= start + n - stream_count
-            layers.append(LayerPlacement(index, s.device, s.dtype, s.wtype, streamed, i))
+            layers.append(LayerPlacement(index, s.device, s.dtype, s.wtype, streamed, i, s.quant))
         start += n
     return Plan(text, stages, n_layer, tuple(layers))
 

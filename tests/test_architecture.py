@@ -19,7 +19,7 @@ DAEMON_FACE = ("protocol", "client", "launcher", "config", "paths", "errors", "d
 #: what the daemon may import of the engine: the top level and these subpackages / modules
 ENGINE_FACE = ("text", "errors", "state", "kernels")
 #: the app modules that may use the engine directly (local tools)
-APP_ENGINE_TOOLS = ("rwkv_chat.app.bench", "rwkv_chat.app.plan")
+APP_ENGINE_TOOLS = ("rwkv_chat.app.bench", "rwkv_chat.app.plan", "rwkv_chat.app.convert")
 
 
 def module_name(path: Path) -> str:

@@ -57,7 +57,7 @@ def _layer_ok(p: dict, x: torch.Tensor, spec) -> bool:
 
 def _output_major(w):
     """A float [in, out] matrix as the transposed view of a contiguous [out, in] one (same values)."""
-    if isinstance(w, Int8Weight) or not w.is_cuda or w.dim() != 2:
+    if not isinstance(w, torch.Tensor) or not w.is_cuda or w.dim() != 2:
         return w
     if w.t().is_contiguous():
         return w
@@ -225,7 +225,7 @@ class FusedCuda(Backend):
     # -- decode ------------------------------------------------------------------------------------
     def _big(self, x, w, act: int, gemv: bool, small: bool = False):
         """x @ W for a large matrix; act 3 = relu² on x first. i8 weights at <= 4 rows: the grouped mm8 GEMV."""
-        if gemv and not isinstance(w, Int8Weight):
+        if gemv and isinstance(w, torch.Tensor):
             return _gemv([x], [w.t()], [act])[0]
         if small and _i8_ok([w], x):
             return _mm8([x], [w], [act])[0]
@@ -278,7 +278,7 @@ class FusedCuda(Backend):
                 # tanh(xw @ w1) and sigmoid(xg @ g1) written by the first low-rank products (rounded as the
                 # reference rounds them), so the second ones load plain inputs
                 low_acts = [TANH_ON_OUTPUT, 0, SIGMOID_ON_OUTPUT, 0][:len(xs)]
-                if ours and not any(isinstance(w, Int8Weight) for w in big):
+                if ours and all(isinstance(w, torch.Tensor) for w in big):
                     out = _gemv([xr, xk, xv] + xs, [w.t() for w in big] + ws, [0, 0, 0] + low_acts)
                     r, k, v, low = out[0], out[1], out[2], out[3:]
                 elif _i8_ok(big, x):
@@ -313,7 +313,7 @@ class FusedCuda(Backend):
             ops.v7_mix_cuda(x, att, xn, p["ln2.weight"], p["ln2.bias"], ffn_x, ffn_x, f["mixk"], xk2, 1)
             x = xn
             fk, fv = p["ffn.key.weight"], p["ffn.value.weight"]
-            if ours and not isinstance(fk, Int8Weight) and not isinstance(fv, Int8Weight):
+            if ours and isinstance(fk, torch.Tensor) and isinstance(fv, torch.Tensor):
                 hk = _gemv([xk2[0]], [fk.t()], [RELU2_ON_OUTPUT])[0]     # relu(k) ** 2 written by the key GEMV
                 dx = _gemv([hk], [fv.t()], [0])[0]
             else:
@@ -323,6 +323,6 @@ class FusedCuda(Backend):
         ln_w, ln_b = model.ln_out
         ops.v7_mix_cuda(x, dx, None, ln_w, ln_b, None, None, ln_w.new_empty(0, C), xo, 1)
         hw = model.head
-        if ours and not isinstance(hw, Int8Weight):
+        if ours and isinstance(hw, torch.Tensor):
             return _gemv([xo[0]], [hw.t()], [0], out_dtype=torch.float32)[0]
         return self._big(xo[0], hw, 0, False, small).float()

@@ -5,8 +5,9 @@ implements ``WeightFormat``. ``get(suffix)`` returns it; ``matmul_with(kernels)`
 blocks call (``ctx.ops.matmul``), which picks the format by the type of the packed weight. Weights are
 logically [N, M] (input × output) in every format; products take x [..., N] to [..., M].
 
-Formats: ``fp`` (plain float matrices), ``i8`` (the reference's uint8 scheme). ``i4`` and ``f8`` come next:
-their suffixes are refused with a StrategyError until then.
+Formats: ``fp`` (plain float matrices), ``i8`` (the reference's uint8 scheme), ``i4`` (int4 in the GPTQ
+layout), ``f8`` (float8 e4m3 with per-output-channel scales). ``check_plan`` refuses, at load, a stage whose
+device cannot run its format (``DeviceError`` naming the stage and what would work).
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from typing import Any, Callable, Protocol, runtime_checkable
 
 import torch
 
-from rwkv_chat.models.errors import StrategyError
-from rwkv_chat.models.formats import fp, i8
+from rwkv_chat.models.errors import DeviceError, StrategyError
+from rwkv_chat.models.formats import f8, fp, i4, i8
 
 #: the product ``matmul(x, packed, output_dtype=None) -> Tensor`` a block calls, for every format
 Matmul = Callable[..., torch.Tensor]
@@ -42,6 +43,9 @@ class WeightFormat(Protocol):
         """A float weight [N, M] (input × output) stored for activations of ``atype`` on ``device``; with
         ``stream``, kept in (pinned) CPU memory for the device to copy at use."""
 
+    def check_device(self, device: torch.device) -> str | None:
+        """Why ``device`` cannot run this format (one line naming what would), or None when it can."""
+
     def matmul(self, x: torch.Tensor, packed: Any, output_dtype: torch.dtype | None = None) -> torch.Tensor:
         """``x @ W`` in pure torch: x [..., N] -> [..., M] in ``output_dtype`` (default: x's dtype)."""
 
@@ -50,9 +54,33 @@ class WeightFormat(Protocol):
 
 
 #: strategy suffix -> format
-FORMATS: dict[str, WeightFormat] = {fp.FORMAT.suffix: fp.FORMAT, i8.FORMAT.suffix: i8.FORMAT}
+FORMATS: dict[str, WeightFormat] = {f.suffix: f for f in (fp.FORMAT, i8.FORMAT, i4.FORMAT, f8.FORMAT)}
 #: suffixes of formats to come (refused until they are implemented)
-PLANNED = ("i4", "f8")
+PLANNED: tuple[str, ...] = ()
+
+
+def check_plan(plan, devices) -> None:
+    """Refuse a placement whose devices cannot run their stage's weight format.
+
+    Args:
+        plan: a ``strategy.Plan``; devices: the torch device of every layer (``plan.layers`` order).
+    Raises:
+        DeviceError: naming the stage, the device and what would work (e.g. ``f8`` on a GPU below compute
+            capability 8.9).
+    """
+    seen = set()
+    for place, device in zip(plan.layers, devices):
+        key = (place.stage, str(device))
+        if key in seen:
+            continue
+        seen.add(key)
+        fmt = get(plan.stages[place.stage].quant)
+        check = getattr(fmt, "check_device", None)
+        why = check(device) if check is not None else None
+        if why:
+            stage = plan.stages[place.stage]
+            raise DeviceError(f"stage {str(stage)!r} of strategy {plan.strategy!r}: {why}",
+                              tensor=None, expected=stage.quant, actual=str(device))
 
 
 def get(suffix: str | None) -> WeightFormat:

@@ -27,6 +27,10 @@ class FloatFormat:
             return t.contiguous().pin_memory() if torch.cuda.is_available() else t.contiguous()
         return t.to(device).contiguous()
 
+    def check_device(self, device: torch.device) -> str | None:
+        """Every device runs this format (None)."""
+        return None
+
     def matmul(self, x: torch.Tensor, w: torch.Tensor, output_dtype: torch.dtype | None = None) -> torch.Tensor:
         """``x @ w``; x [..., N] of w's dtype and device -> [..., M] in ``output_dtype`` (default: x's dtype)."""
         y = x @ w

@@ -202,6 +202,10 @@ class I8Format:
             return q.contiguous().pin_memory() if torch.cuda.is_available() else q.contiguous()
         return q.to(device).contiguous()
 
+    def check_device(self, device: torch.device) -> str | None:
+        """Every device runs this format (None)."""
+        return None
+
     def matmul(self, x: torch.Tensor, q: Int8Weight, output_dtype: torch.dtype | None = None) -> torch.Tensor:
         """``x @ q.dequantize()`` in pure torch (``mm8_torch``); x [..., N] -> [..., M] in ``output_dtype``
         (default: x's dtype)."""

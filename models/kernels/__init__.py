@@ -350,4 +350,4 @@ def available(device_type: str, family: str) -> bool:
 
 # the dispatch functions (they read ``available``, defined above)
 from rwkv_chat.models.kernels.dispatch import (WKV7_CHUNK, WKV7_CHUNK_MAX_HEADS_PER_SM, WKV7_CHUNK_MIN_T,  # noqa: E402,F401
-                                               gemm, mm8, wkv4, wkv5, wkv7, wkv7_chunk_choice)
+                                               gemm, mm4, mm8, mmf8, wkv4, wkv5, wkv7, wkv7_chunk_choice)

@@ -1,6 +1,7 @@
 """The op dispatch functions: each compiled op where ``ensure_built`` loaded it, the pure-torch path elsewhere.
 
-``wkv4``, ``wkv5`` (RWKV-5/5.1/5.2 and, with a per-token decay, RWKV-6), ``wkv7``, ``mm8`` and ``gemm`` take
+``wkv4``, ``wkv5`` (RWKV-5/5.1/5.2 and, with a per-token decay, RWKV-6), ``wkv7``, ``mm8``, ``mm4`` (int4,
+GPTQ layout), ``mmf8`` (fp8 e4m3) and ``gemm`` take
 the arguments of the torch paths (``models/rwkv/wkv.py``, ``models/formats/i8.py``) and return the same
 results to rounding. They validate their inputs first, whichever path serves them, and raise
 ``DeviceError``, ``UnsupportedDtypeError`` or ``ShapeMismatchError`` (never ``assert``). A model calls them
@@ -12,9 +13,14 @@ from __future__ import annotations
 import torch
 
 from rwkv_chat.models.errors import DeviceError, ShapeMismatchError, UnsupportedDtypeError
+from rwkv_chat.models.formats import f8 as _f8
+from rwkv_chat.models.formats import i4 as _i4
 from rwkv_chat.models.formats import i8 as _quant
+from rwkv_chat.models.formats.f8 import Float8Weight
+from rwkv_chat.models.formats.i4 import Int4Weight
 from rwkv_chat.models.kernels import available
 from rwkv_chat.models.kernels.checks import check_mm8, check_wkv4, check_wkv5, check_wkv7
+from rwkv_chat.models.ops import gemv as _gemv
 from rwkv_chat.models.rwkv import wkv as _wkv
 
 #: the pure-torch paths serving the calls whose compiled op is not loaded
@@ -142,6 +148,63 @@ def mm8(x: torch.Tensor, q: _quant.Int8Weight, *, out=None) -> torch.Tensor:
     y = out if out is not None else torch.empty(*x.shape[:-1], M, dtype=x.dtype, device=x.device)
     _op(dev, "mm8")(x2, q.storage.contiguous(), *(t.contiguous() for t in sc), y.view(-1, M))
     return y
+
+
+def mm4(x: torch.Tensor, q: Int4Weight) -> torch.Tensor:
+    """``x @ q.dequantize()`` for an i4 weight (``formats.i4``); same contract as ``i4.mm4_torch``.
+
+    x [..., K] fp32/fp16/bf16 on q's device -> [..., N] in x's dtype. On CUDA with Triton, fp16/bf16 and at most
+    ``ops.gemv.I4_ROWS`` rows (decode batches): the Triton kernel (dequantized in registers, fp32
+    accumulation); more rows (prefill): dequantized once per call and multiplied by cuBLAS; elsewhere the
+    torch path.
+    Raises: DeviceError (x and q on different devices), ShapeMismatchError, UnsupportedDtypeError.
+    """
+    _check_packed(x, q, "i4")
+    rows = x.numel() // x.shape[-1]
+    if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and rows <= _gemv.I4_ROWS and _triton_ok():
+        return _gemv.i4_gemv(x.reshape(rows, -1), q).reshape(*x.shape[:-1], q.shape[1])
+    return _i4.mm4_torch(x, q)
+
+
+def mmf8(x: torch.Tensor, q: Float8Weight) -> torch.Tensor:
+    """``x @ q.dequantize()`` for an f8 weight (``formats.f8``); same contract as ``f8.mmf8_torch``.
+
+    x [..., K] fp32/fp16/bf16 on q's device -> [..., N] in x's dtype. On CUDA (compute capability >= 8.9):
+    at most ``ops.gemv.GEMV_ROWS`` rows (fp16/bf16, Triton): the weight-only fp8 GEMV; more rows (K and N
+    multiples of 16): the activations quantized per token and the fp8 tensor cores (``torch._scaled_mm``);
+    elsewhere (the CPU) the exact emulation ``f8.mmf8_torch``.
+    Raises: DeviceError, ShapeMismatchError, UnsupportedDtypeError.
+    """
+    _check_packed(x, q, "f8")
+    if not x.is_cuda:
+        return _f8.mmf8_torch(x, q)
+    rows = x.numel() // x.shape[-1]
+    K, N = q.shape
+    if x.dtype in (torch.float16, torch.bfloat16) and rows <= _gemv.GEMV_ROWS and _triton_ok():
+        return _gemv.f8_gemv(x.reshape(rows, K), q).reshape(*x.shape[:-1], N)
+    if K % 16 == 0 and N % 16 == 0:
+        from rwkv_chat.models.ops.fp8 import fp8_linear
+
+        return fp8_linear(x, q)
+    return _f8.mmf8_torch(x, q)
+
+
+def _triton_ok() -> bool:
+    from rwkv_chat.models.ops._qcommon import triton_reason
+
+    return triton_reason() is None
+
+
+def _check_packed(x, q, fmt: str) -> None:
+    if not isinstance(x, torch.Tensor) or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise UnsupportedDtypeError(f"{fmt} product: x must be a float16/bfloat16/float32 tensor", tensor="x",
+                                    expected="float16 | bfloat16 | float32", actual=getattr(x, "dtype", type(x)))
+    if x.device != q.device:
+        raise DeviceError(f"{fmt} product: x on {x.device}, weight on {q.device}", tensor="x",
+                          expected=str(q.device), actual=str(x.device))
+    if x.dim() < 1 or x.shape[-1] != q.shape[0]:
+        raise ShapeMismatchError(f"{fmt} product: x {tuple(x.shape)} @ w {tuple(q.shape)} do not match",
+                                 tensor="x", expected=(..., q.shape[0]), actual=tuple(x.shape))
 
 
 def gemm(x: torch.Tensor, w: torch.Tensor, output_dtype: torch.dtype | None = None) -> torch.Tensor:

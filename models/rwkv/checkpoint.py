@@ -196,9 +196,10 @@ def _optional(key: str) -> bool:
 
 
 def check_finite(w: dict[str, torch.Tensor]) -> None:
-    """Raise CheckpointError naming the first tensor holding NaN or Inf."""
+    """Raise CheckpointError naming the first tensor holding NaN or Inf (placeholders on the "meta" device of
+    pre-quantized weights are skipped: ``rwkv/convert.py``)."""
     for k, t in w.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if t.is_floating_point() and not t.is_meta and not bool(torch.isfinite(t).all()):
             raise CheckpointError(f"{k!r} contains NaN or Inf values")
 
 

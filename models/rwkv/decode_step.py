@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 
+from rwkv_chat.models import formats
 from rwkv_chat.models.formats.i8 import Int8Weight
 from rwkv_chat.models.rwkv.generations import Context
 from rwkv_chat.models.rwkv.nn import layer_norm
@@ -19,7 +20,7 @@ from rwkv_chat.models.rwkv.nn import layer_norm
 FUSED_ROWS = 4
 
 
-def fused_matmul(big: str = "cublas") -> Callable:
+def fused_matmul(big: str = "cublas", formats_kernels: dict | None = None) -> Callable:
     """A ``matmul`` for compiled RWKV-7 decode steps: ``x @ W`` (``Ops.matmul`` contract: x [..., N], W [N, M]
     float or ``Int8Weight``; result in ``output_dtype`` or x's dtype).
 
@@ -27,8 +28,11 @@ def fused_matmul(big: str = "cublas") -> Callable:
     broadcast-and-sum that ``torch.compile`` fuses with their producers into one reduction kernel, reading
     the uint8 weight once (the i8 identity ``x·((w+½)·ry·rx + my + mx) = rx·Σ(x·ry)(w+½) + x·my + mx·Σx``,
     from the reference's ``mm8_one``). ``big="fused"`` does the same for the large float matrices;
-    ``"cublas"`` leaves those to cuBLAS. fp32 accumulation throughout.
+    ``"cublas"`` leaves those to cuBLAS. fp32 accumulation throughout. Weights of the other formats (i4, f8)
+    go to ``formats.matmul_with(formats_kernels)`` (their compiled products where given, else torch).
     """
+    product = formats.matmul_with(formats_kernels)
+
     def mm(x: torch.Tensor, w, output_dtype: torch.dtype | None = None) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
         if isinstance(w, Int8Weight):
@@ -40,6 +44,8 @@ def fused_matmul(big: str = "cublas") -> Callable:
                 acc = (xr.unsqueeze(-1) * (w.w.float() + 0.5)).sum(-2)               # [..., M]
                 y = (acc * w.rx.float() + (xf * w.my.view(-1).float()).sum(-1, keepdim=True)
                      + xf.sum(-1, keepdim=True) * w.mx.float()).to(x.dtype)
+        elif not isinstance(w, torch.Tensor):     # another weight format (i4, f8): its own product
+            y = product(x, w)
         elif rows <= FUSED_ROWS and (big == "fused" or w.shape[1] <= 512 or w.shape[0] <= 512):
             y = (x.float().unsqueeze(-1) * w.float()).sum(-2).to(x.dtype)
         else:

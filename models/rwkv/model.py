@@ -22,7 +22,9 @@ import torch
 
 from rwkv_chat.models import backends, formats
 from rwkv_chat.models.errors import CheckpointError, DeviceError, StateError, TokenError
+from rwkv_chat.models.formats import serialize
 from rwkv_chat.models.rwkv import checkpoint as loader
+from rwkv_chat.models.rwkv import convert as converted
 from rwkv_chat.models.rwkv.generations import Context, module_for
 from rwkv_chat.models.rwkv.nn import layer_norm
 from rwkv_chat.models.state import State
@@ -78,17 +80,21 @@ class RWKV:
         self.path = path
         self._tokenizer = None
         with torch.no_grad():
-            w = dict(model) if isinstance(model, dict) else loader.read_checkpoint(path)
+            if isinstance(model, dict):
+                w, self._packed, self._packed_meta = dict(model), {}, None
+            else:      # a file converted for a strategy keeps its packed weights apart (rwkv/convert.py)
+                w, self._packed, self._packed_meta = converted.read_packed(path)
             self.spec = spec = loader.inspect(w)
             loader.check_finite(w)
             # the fingerprint samples a few tensors through numpy: give it CPU copies of those
             sampled = (*_FINGERPRINTED, f"blocks.{spec.n_layer - 1}.ffn.value.weight")
-            self.fingerprint = loader.fingerprint(
+            self.fingerprint = self._packed_meta["fingerprint"] if self._packed_meta else loader.fingerprint(
                 {k: t.cpu() if k in sampled and t.device.type != "cpu" else t for k, t in w.items()}, spec)
             self.plan: Plan = plan_layers(strategy, spec.n_layer)
             self.strategy = self.plan.strategy
             self.generation = module_for(spec.version)
             self.devices: list[torch.device] = [torch_device(p.device) for p in self.plan.layers]
+            formats.check_plan(self.plan, self.devices)
             if spec.version == "7":
                 self.rescale_layer = 0
             else:
@@ -218,6 +224,10 @@ class RWKV:
             name, t, kind = gen.convert(key.split(".", 2)[2], t, spec)
             if kind == "matrix":
                 self._matrices.add(name)
+            if key in self._packed:      # pre-quantized: placed as stored, rescaled exactly
+                factor = 2 ** (i // self.rescale_layer) if self.rescale_layer and name in _RESCALED else 1
+                self.layers[i][name] = self._adopt(key, serialize.rescaled(self._packed[key], factor), i)
+                continue
             if name.endswith("ffn.s_emb.weight") and f"blocks.{i}.ffn.s_emb_x.weight" in w:
                 t = t.float() + emb @ w[f"blocks.{i}.ffn.s_emb_x.weight"].float().t()
             if self.rescale_layer and name in _RESCALED:
@@ -227,7 +237,11 @@ class RWKV:
         self.emb = emb.to(dtype=first.atype, device=self.devices[0]).contiguous()
         self.ln_out = (w["ln_out.weight"].to(head.atype).to(self.devices[-1]),
                        w["ln_out.bias"].to(head.atype).to(self.devices[-1]))
-        self.head = self._convert(w["head.weight"].t(), "matrix", spec.n_layer)
+        if "head.weight" in self._packed:
+            self.head = self._adopt("head.weight", self._packed["head.weight"], spec.n_layer)
+        else:
+            self.head = self._convert(w["head.weight"].t(), "matrix", spec.n_layer)
+        self._packed = {}
         self._zero = [gen.zero_state(spec, 1, self.devices[i], plan.layers[i].atype, self.layers[i])
                       for i in range(spec.n_layer)]
         self._state_shapes = [t.shape[1:] for z in self._zero for t in z]
@@ -261,6 +275,11 @@ class RWKV:
         if streamed[-1] == self.n_layer:
             host[self.n_layer] = {"head": self.head}
         self.streamer = LayerStreamer(self.devices[streamed[0]], host)
+    def _adopt(self, key: str, packed, i: int):
+        """A pre-quantized weight of layer i (``n_layer``: the head) placed by its stage (``convert.adopt``)."""
+        place = self.plan.layers[i]
+        return converted.adopt(packed, key, self.plan.stages[place.stage], place.atype, self.devices[i],
+                               place.stream, self._packed_meta or {})
 
     def layer_params(self, i: int) -> dict:
         """Layer i's parameters on its device: the resident ones; for a streamed layer, its matrices in the

@@ -167,8 +167,8 @@ def test_converted_reference_checkpoint_is_refused(weights, tmp_path):
 def test_strategy_and_device_errors(model_path):
     with pytest.raises(StrategyError, match="gpu"):
         RWKV(model_path("7"), "gpu fp16")
-    with pytest.raises(StrategyError, match="i4"):
-        RWKV(model_path("7"), "cpu fp16i4")
+    with pytest.raises(StrategyError, match="i3"):
+        RWKV(model_path("7"), "cpu fp16i3")
     if not torch.cuda.is_available():
         with pytest.raises(DeviceError, match="CUDA"):
             RWKV(model_path("7"), "cuda fp16")

@@ -164,7 +164,7 @@ INVALID = [  # text, quoted bad part, does the reference reject it too?
     ("CUDA fp16", "'CUDA'", True),
     ("cuda", "'cuda'", True),
     ("cuda fp64", "'fp64'", True),
-    ("cuda fp16i4", "'i4'", False),
+    ("cuda fp16i4x", "'i4x'", True),
     ("cuda fp16i3 *2 -> cpu fp32", "'i3'", False),
     ("cuda fp16q8", "'q8'", True),
     ("cuda fp16 *x", "'*x'", True),
@@ -187,7 +187,7 @@ def test_valid_strategies_parse_like_the_reference(text, normalized, first, refe
     stages = parse_strategy(text)
     s = stages[0]
     assert (s.device, s.dtype, s.quant, s.count, s.stream) == first
-    assert s.wtype == (torch.uint8 if s.quant == "i8" else s.dtype)
+    assert s.wtype == {"i8": torch.uint8, "i4": torch.int32, "f8": torch.float8_e4m3fn}.get(s.quant, s.dtype)
     assert " -> ".join(map(str, stages)) == normalized
     if "dml" not in text:  # the reference needs torch_directml for dml
         ref = reference(fake_model(6), text)
@@ -214,7 +214,7 @@ def test_stage_validates_its_fields():
     assert Stage("cpu", torch.float32).wtype == torch.float32
     assert Stage("cuda", torch.float16, "i8").wtype == torch.uint8
     for bad in [dict(device="tpu", dtype=torch.float32), dict(device="cpu", dtype=torch.float64),
-                dict(device="cpu", dtype=torch.float32, quant="i4"),
+                dict(device="cpu", dtype=torch.float32, quant="i3"),
                 dict(device="cpu", dtype=torch.float32, count=-1),
                 dict(device="cuda", dtype=torch.float32, stream=True)]:
         with pytest.raises(StrategyError):
@@ -281,11 +281,13 @@ def test_random_strategies_match_reference(strategy, n_layer, fake_model, refere
 # --------------------------------------------------------------- the reference's silent traps, shown
 
 
-def test_reference_ignores_i4_which_we_reject(reference, fake_model):
+def test_reference_ignores_i4_which_we_quantize(reference, fake_model):
     ref = reference(fake_model(4), "cuda fp16i4")
     assert ref.layers.split()[0] == "0-cuda-float16-float16"  # no quantization happened
-    with pytest.raises(StrategyError, match="'i4'.*not supported"):
-        parse_strategy("cuda fp16i4")
+    plan = plan_layers("cuda fp16i4", 4)
+    assert str(plan.layers[0]) == "0-cuda-float16-i4" and plan.layers[0].quant == "i4"
+    with pytest.raises(StrategyError, match="'i3'.*not supported"):
+        parse_strategy("cuda fp16i3")
 
 
 def test_reference_streams_only_to_the_last_stream_stage(reference, fake_model):

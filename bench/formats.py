@@ -1,0 +1,153 @@
+"""Weight formats on a GPU: batch-1 (and batch-64) decode of random-weight RWKV-7 models of the official shapes in
+fp16 against fp16i8 / fp16i4 / fp16f8 in one call, the fp8 GEMM against the bf16 matmul, and the fused
+LayerNorm + int4 q/k/v projection. Writes a Markdown table (``--out``, e.g. ``bench/results/h200.md``).
+
+    python bench/formats.py --shapes 0.1B 1.5B 7.2B --batch 1 64 --out bench/results/h200-formats.md
+
+Decode runs through ``BatchDecoder`` (CUDA graphs; RWKV-7 through the fused CUDA backend, whose large products go
+to the model's ops: ``kernels.mm8`` / ``mm4`` / ``mmf8``). tok/s is the mean over ``--tokens`` steps after warm-up;
+"× fp16" is the ratio to the fp16 model of the same shape measured in the same call. Bytes per step are the
+weights of every layer and the head (``formats.nbytes``) plus the state read and written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+FORMATS = ("", "i8", "i4", "f8")
+
+
+def _time(fn, reps: int = 50) -> float:
+    """Median seconds of ``fn()`` on the current CUDA device (events; 5 warm-up calls)."""
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def decode_rows(shape: str, batches: list[int], tokens: int) -> list[dict]:
+    from rwkv_chat.app.bench import bench_decode
+    from rwkv_chat.models import RWKV
+    from rwkv_chat.models.rwkv import shapes
+
+    rows = []
+    ckpt = shapes.random_checkpoint(shape, dtype=torch.float16, device="cuda")
+    base: dict[int, float] = {}
+    for fmt in FORMATS:
+        strategy = f"cuda fp16{fmt}"
+        t0 = time.perf_counter()
+        model = RWKV(ckpt, strategy)
+        load_s = time.perf_counter() - t0
+        for b in batches:
+            r = bench_decode(model, b, tokens, graphs=True, compile=None, gemv="auto")
+            tok_s = r["tok_s"]
+            if fmt == "":
+                base[b] = tok_s
+            rows.append({"shape": shape, "strategy": strategy, "batch": b, "tok_s": tok_s,
+                         "ratio": tok_s / base[b], "gb_s": r["gb_s"], "step_mb": r["step_bytes"] / 2**20,
+                         "greedy": r["greedy_tok_s"], "load_s": load_s, "backend": model.backend.name})
+            print(rows[-1], flush=True)
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+    del ckpt
+    gc.collect()
+    torch.cuda.empty_cache()
+    return rows
+
+
+def fp8_gemm_row(n: int = 8192) -> dict:
+    from rwkv_chat.models.ops import fp8_gemm, quantize_fp8
+
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    qa, sa = quantize_fp8(a)
+    qb, sb = quantize_fp8(b.t().contiguous())
+    t_bf16 = _time(lambda: a @ b, 20)
+    t_fp8 = _time(lambda: fp8_gemm(qa, qb.t(), sa, sb.t(), output_dtype=torch.bfloat16), 20)
+    flops = 2 * n ** 3
+    return {"n": n, "bf16_ms": t_bf16 * 1e3, "fp8_ms": t_fp8 * 1e3, "ratio": t_bf16 / t_fp8,
+            "fp8_tflops": flops / t_fp8 / 1e12, "bf16_tflops": flops / t_bf16 / 1e12}
+
+
+def gptq_row(H: int = 4096) -> dict:
+    from rwkv_chat.models.formats import i4
+    from rwkv_chat.models.ops import fused_ln_qkv_gptq
+    from rwkv_chat.models.ops.gptq import fused_ln_qkv_gptq_reference
+
+    q = i4.quantize_i4(torch.randn(H, 3 * H, device="cuda") * 0.02)
+    x = torch.randn(1, 1, H, device="cuda", dtype=torch.float16)
+    lw, lb = torch.rand(H, device="cuda", dtype=torch.float16) + 0.5, torch.randn(H, device="cuda", dtype=torch.float16)
+    args = (x, q.qweight, q.qzeros, q.scales, lw, lb, q.group_size, 1e-5)
+    err = ((fused_ln_qkv_gptq(*args).float() - fused_ln_qkv_gptq_reference(*args).float()).norm()
+           / fused_ln_qkv_gptq_reference(*args).float().norm()).item()
+    t = _time(lambda: fused_ln_qkv_gptq(*args), 200)
+    nbytes = q.nbytes() + 2 * H * 2
+    return {"H": H, "us": t * 1e6, "gb_s": nbytes / t / 1e9, "rel_err": err}
+
+
+def table(dec: list[dict], gemm: dict | None, gptq: dict | None, argv: list[str]) -> str:
+    from rwkv_chat.app.bench import provenance
+
+    lines = ["## Weight formats (bench/formats.py)", "", *provenance(argv, "python bench/formats.py", "cuda"), "",
+             "| shape | strategy | batch | tok/s | × fp16 | GB/s | MiB/step | backend |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
+    for r in dec:
+        lines.append(f"| {r['shape']} | {r['strategy']} | {r['batch']} | {r['tok_s']:.1f} | {r['ratio']:.2f}× | "
+                     f"{r['gb_s']:.0f} | {r['step_mb']:.0f} | {r['backend']} |")
+    if gemm:
+        lines += ["", f"fp8_gemm {gemm['n']}³: {gemm['fp8_ms']:.2f} ms ({gemm['fp8_tflops']:.0f} TFLOP/s) vs bf16 "
+                      f"matmul {gemm['bf16_ms']:.2f} ms ({gemm['bf16_tflops']:.0f} TFLOP/s): {gemm['ratio']:.2f}×"]
+    if gptq:
+        lines += ["", f"fused_ln_qkv_gptq H={gptq['H']}, B=S=1: {gptq['us']:.1f} µs ({gptq['gb_s']:.0f} GB/s of "
+                      f"weights), relative error vs the torch reference {gptq['rel_err']:.2e}"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", nargs="+", default=["0.1B", "1.5B", "7.2B"])
+    ap.add_argument("--batch", nargs="+", type=int, default=[1])
+    ap.add_argument("--tokens", type=int, default=100)
+    ap.add_argument("--skip-ops", action="store_true", help="decode only (no fp8_gemm / fused_ln_qkv_gptq rows)")
+    ap.add_argument("--out", help="write the Markdown table here (appended)")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench/formats.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    from rwkv_chat.models import kernels
+
+    kernels.ensure_built("cuda")
+    dec = [r for s in args.shapes for r in decode_rows(s, args.batch, args.tokens)]
+    gemm = gptq = None
+    if not args.skip_ops:
+        gemm = fp8_gemm_row()
+        gptq = gptq_row()
+    text = table(dec, gemm, gptq, argv)
+    print(text)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write("\n" + text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

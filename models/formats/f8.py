@@ -1,0 +1,151 @@
+"""The ``f8`` weight format: float8 e4m3 (``torch.float8_e4m3fn``) weights with per-output-channel scales.
+
+A float weight ``W`` [K, N] (input × output) is stored as ``w8`` e4m3fn [N, K] (output-major, the layout of
+``nn.Linear`` and of ``torch._scaled_mm``'s column-major second operand; ``Float8Weight.w`` is the logical
+[K, N] view) and ``scale`` float32 [N]: ``scale[n] = max_k |W[k, n]| / 448`` (448 = the largest finite e4m3fn
+value; 1 for an all-zero column) and ``w8[n, k] = e4m3(W[k, n] / scale[n])``, rounded to nearest even (torch's
+cast) after clamping to ±448. Dequantized: ``W'[k, n] = float(w8[n, k]) * scale[n]``.
+
+Products:
+
+* CUDA, compute capability >= 8.9 (Ada, Hopper): up to ``rwkv_chat.models.ops.gemv.GEMV_ROWS`` rows, a
+  weight-only Triton GEMV (e4m3 converted to the activation dtype in registers, fp32 accumulation, the scale
+  applied per column); more rows, the fp8 tensor cores through ``torch._scaled_mm`` with the activations
+  quantized per token (``rwkv_chat.models.ops.fp8``). The format's ``kernel`` is
+  ``rwkv_chat.models.kernels.mmf8``.
+* CPU: an exact emulation: the e4m3 values are converted exactly to float32 and scaled, and the product runs
+  in the activation dtype (``matmul``). The plan calls it "f8 (emulated)"; it is a correctness path, not a
+  speed claim.
+* Other devices (CUDA below 8.9, mps, dml): refused (``check_device``; ``DeviceError`` at load naming the stage).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rwkv_chat.models.errors import ShapeMismatchError, UnsupportedDtypeError
+
+E4M3_MAX = 448.0
+#: CUDA compute capability the fp8 products need (e4m3 tensor cores and conversions: Ada sm_89, Hopper sm_90)
+MIN_CAPABILITY = (8, 9)
+
+
+@dataclass
+class Float8Weight:
+    """An e4m3fn weight with per-output-channel float32 scales.
+
+    Attributes:
+        w8: float8_e4m3fn [N, K] contiguous (output-major). scale: float32 [N].
+    """
+
+    w8: torch.Tensor
+    scale: torch.Tensor
+
+    @property
+    def w(self) -> torch.Tensor:
+        """The logical e4m3fn [K, N] matrix (a transposed view)."""
+        return self.w8.t()
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.w8.shape[1], self.w8.shape[0]))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float8_e4m3fn
+
+    @property
+    def device(self) -> torch.device:
+        return self.w8.device
+
+    def to(self, device=None, non_blocking: bool = False) -> "Float8Weight":
+        return Float8Weight(self.w8.to(device=device, non_blocking=non_blocking),
+                            self.scale.to(device=device, non_blocking=non_blocking))
+
+    def contiguous(self) -> "Float8Weight":
+        return Float8Weight(self.w8.contiguous(), self.scale.contiguous())
+
+    def pin_memory(self) -> "Float8Weight":
+        return Float8Weight(self.w8.pin_memory(), self.scale.pin_memory())
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The float matrix [K, N]: ``float32(w8) * scale`` per column (exact e4m3 values), rounded once to
+        ``dtype``; a transposed view of a contiguous [N, K] tensor."""
+        return (self.w8.float() * self.scale.unsqueeze(1)).to(dtype).t()
+
+    def nbytes(self) -> int:
+        return self.w8.numel() + self.scale.numel() * 4
+
+
+def quantize_f8(weight: torch.Tensor) -> Float8Weight:
+    """Quantize a float weight [K, N] (input × output) to e4m3fn with per-output-channel scales.
+
+    Raises: ShapeMismatchError (not 2-D), UnsupportedDtypeError (not floating point).
+    """
+    if weight.dim() != 2:
+        raise ShapeMismatchError(f"f8 quantization needs a 2-D weight, got shape {tuple(weight.shape)}",
+                                 tensor="weight", expected="[K, N]", actual=tuple(weight.shape))
+    if not weight.is_floating_point():
+        raise UnsupportedDtypeError(f"f8 quantization needs a float weight, got {weight.dtype}",
+                                    tensor="weight", expected="floating point", actual=str(weight.dtype))
+    wt = weight.float().t()                                            # [N, K]
+    amax = wt.abs().amax(1)
+    scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
+    w8 = (wt / scale.unsqueeze(1)).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).contiguous()
+    return Float8Weight(w8, scale.contiguous())
+
+
+def mmf8_torch(x: torch.Tensor, q: Float8Weight) -> torch.Tensor:
+    """The exact emulation: ``x @ q.dequantize(x.dtype)``; x [..., K] -> [..., N] in x's dtype."""
+    return x @ q.dequantize(x.dtype)
+
+
+def capability_reason(device: torch.device) -> str | None:
+    """Why ``device`` cannot run f8 weights, or None (CPU: the emulation; CUDA >= 8.9: the fp8 kernels)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return None
+    if device.type == "cuda":
+        cap = torch.cuda.get_device_capability(device)
+        if cap >= MIN_CAPABILITY:
+            return None
+        name = torch.cuda.get_device_name(device)
+        return (f"f8 needs CUDA compute capability >= {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} (Ada, Hopper); "
+                f"{device} ({name}) is {cap[0]}.{cap[1]}: use i8 or i4 there (e.g. fp16i8)")
+    return f"f8 runs on CUDA (compute capability >= 8.9) and, emulated, on the CPU; not on {device.type}: use i8 or i4"
+
+
+class F8Format:
+    """The ``WeightFormat`` of e4m3 weights (strategy suffix ``f8``)."""
+
+    suffix = "f8"
+    packed_type = Float8Weight
+    #: the dispatch product (``rwkv_chat.models.kernels.mmf8``): GEMV / ``_scaled_mm`` on CUDA
+    kernel = "mmf8"
+
+    def check_device(self, device: torch.device) -> str | None:
+        """See ``capability_reason``."""
+        return capability_reason(device)
+
+    def pack(self, weight: torch.Tensor, atype: torch.dtype, device: torch.device, stream: bool = False) -> Float8Weight:
+        """``quantize_f8(weight)`` on ``device`` (or, with ``stream``, in CPU memory, pinned where CUDA is)."""
+        src = weight.to(device) if torch.device(device).type == "cuda" and not stream else weight
+        q = quantize_f8(src)
+        if stream:
+            q = q.to("cpu").contiguous()
+            return q.pin_memory() if torch.cuda.is_available() else q
+        return q.to(device).contiguous()
+
+    def matmul(self, x: torch.Tensor, q: Float8Weight, output_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The exact emulation ``mmf8_torch``; x [..., K] -> [..., N] in ``output_dtype`` (default x's)."""
+        y = mmf8_torch(x, q)
+        return y if output_dtype is None or y.dtype == output_dtype else y.to(output_dtype)
+
+    def nbytes(self, q: Float8Weight) -> int:
+        """Bytes of the e4m3 matrix (one per weight) and its float32 scales."""
+        return q.nbytes()
+
+
+FORMAT = F8Format()

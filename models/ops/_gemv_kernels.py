@@ -1,0 +1,135 @@
+"""Triton kernels of the weight-only GEMVs (``models/ops/gemv.py``): int4 (GPTQ layout) and fp8 e4m3.
+
+Imported only through ``gemv._kernels()`` (after checking that Triton and CUDA are there). Both kernels take
+x [M, K] (fp16/bf16; BLOCK_M rows per program, the third grid axis over row blocks), dequantize a [BLOCK_K, BLOCK_N] weight tile in registers, and accumulate
+``tl.dot`` products in float32 over a slice of K (``k_per_split``; the second grid axis), so that a decode
+step's matrices fill every multiprocessor. Split results meet in ``_finish``.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _dequant_tile(qw_ptr, qz_ptr, sc_ptr, gi_ptr, k0, offs_k, k_ok, offs_n, n_ok, K, N, group, HAS_GIDX: tl.constexpr,
+                  ONE_GROUP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The float32 weight tile [BLOCK_K, BLOCK_N] at rows k0.. and columns offs_n of a GPTQ int4 matrix.
+
+    Each int32 of ``qweight`` is loaded once ([BLOCK_K / 8, BLOCK_N] words) and split into its eight nibbles
+    (row k = 8·i + j is nibble j of word i). With ``ONE_GROUP`` (no g_idx, BLOCK_K divides the group) the tile
+    lies in one group: one row of scales and zeros; otherwise per row through g_idx or k // group.
+    """
+    offs_w = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+    qw = tl.load(qw_ptr + offs_w[:, None] * N + offs_n[None, :], mask=(offs_w[:, None] < K // 8) & n_ok[None, :],
+                 other=0)
+    shifts = tl.arange(0, 8) * 4
+    q = tl.reshape((qw[:, None, :] >> shifts[None, :, None]) & 15, (BLOCK_K, BLOCK_N))
+    if ONE_GROUP:
+        g = k0 // group
+        s = tl.load(sc_ptr + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        zw = tl.load(qz_ptr + g * (N // 8) + offs_n // 8, mask=n_ok, other=0)
+        z = (((zw >> ((offs_n % 8) * 4)) & 15) + 1) & 15
+        return (q - z[None, :]).to(tl.float32) * s[None, :]
+    if HAS_GIDX:
+        g = tl.load(gi_ptr + offs_k, mask=k_ok, other=0)
+    else:
+        g = offs_k // group
+    tile_ok = k_ok[:, None] & n_ok[None, :]
+    s = tl.load(sc_ptr + g[:, None] * N + offs_n[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+    zw = tl.load(qz_ptr + g[:, None] * (N // 8) + offs_n[None, :] // 8, mask=tile_ok, other=0)
+    z = (((zw >> ((offs_n[None, :] % 8) * 4)) & 15) + 1) & 15
+    return (q - z).to(tl.float32) * s
+
+
+@triton.jit
+def _finish(acc, y_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, m_ok, n_ok, M, N, stride_ym, n_splits,
+            SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Write a program's float32 partial sums. One split: straight to y. Several: into the workspace
+    [n_splits, M, N]; the tile's counter counts the splits done (acq_rel atomic), and the last one adds the
+    partials in split order, writes y in its dtype and resets the counter to 0 for the next call (no zeroing
+    launch, no atomics on y; the sum order is fixed, so results do not depend on timing)."""
+    out_ok = m_ok[:, None] & n_ok[None, :]
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    if SPLIT:
+        pid_k = tl.program_id(1)
+        tile = offs_m[:, None] * N + offs_n[None, :]
+        tl.store(ws_ptr + pid_k * M * N + tile, acc, mask=out_ok)
+        tile_id = tl.program_id(2) * tl.num_programs(0) + tl.program_id(0)
+        done = tl.atomic_add(cnt_ptr + tile_id, 1, sem="acq_rel")
+        if done == n_splits - 1:
+            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for i in range(0, n_splits):
+                total += tl.load(ws_ptr + i * M * N + tile, mask=out_ok, other=0.0, cache_modifier=".cg")
+            tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=out_ok)
+            tl.atomic_xchg(cnt_ptr + tile_id, 0)
+    else:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
+
+
+@triton.jit
+def i4_gemv_kernel(x_ptr, qw_ptr, qz_ptr, sc_ptr, gi_ptr, y_ptr, ws_ptr, cnt_ptr, M, K, N, group, stride_xm,
+                   stride_ym, k_per_split, n_splits, HAS_GIDX: tl.constexpr, ONE_GROUP: tl.constexpr,
+                   SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y[m, n] = sum_k x[m, k] * (q[k, n] - ((z[g(k), n] + 1) & 15)) * s[g(k), n] (GPTQ v1 zeros)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    m_ok = offs_m < M
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_lo = pid_k * k_per_split
+    for k0 in range(k_lo, tl.minimum(k_lo + k_per_split, K), BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        xk = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                     other=0.0)
+        w = _dequant_tile(qw_ptr, qz_ptr, sc_ptr, gi_ptr, k0, offs_k, k_ok, offs_n, n_ok, K, N, group, HAS_GIDX,
+                          ONE_GROUP, BLOCK_K, BLOCK_N).to(xk.dtype)
+        acc += tl.dot(xk, w)
+    _finish(acc, y_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, m_ok, n_ok, M, N, stride_ym, n_splits, SPLIT, BLOCK_M,
+            BLOCK_N)
+
+
+@triton.jit
+def f8_gemv_kernel(x_ptr, w_ptr, sc_ptr, y_ptr, ws_ptr, cnt_ptr, M, K, N, stride_xm, stride_ym, k_per_split, n_splits,
+                   SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y[m, n] = scale[n] * sum_k x[m, k] * float(w8[n, k]) for e4m3fn w8 [N, K] (output-major)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    m_ok = offs_m < M
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_lo = pid_k * k_per_split
+    for k0 in range(k_lo, tl.minimum(k_lo + k_per_split, K), BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        xk = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                     other=0.0)
+        w8 = tl.load(w_ptr + offs_n[None, :] * K + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc += tl.dot(xk, w8.to(xk.dtype))
+    acc = acc * tl.load(sc_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+    _finish(acc, y_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, m_ok, n_ok, M, N, stride_ym, n_splits, SPLIT, BLOCK_M,
+            BLOCK_N)
+
+
+@triton.jit
+def fp8_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, BLOCK_K: tl.constexpr):
+    """Per-row e4m3 quantization, one program per row: s[m] = max_k |x[m, k]| / 448 (1 for a zero row),
+    q[m, k] = e4m3(clamp(x[m, k] / s[m], ±448)); q contiguous [M, K], s float32 [M]."""
+    m = tl.program_id(0)
+    amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + m * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(x))
+    a = tl.max(amax, axis=0)
+    s = tl.where(a > 0, a / 448.0, 1.0)
+    tl.store(s_ptr + m, s)
+    for k0 in range(0, K, BLOCK_K):
+        offs = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + m * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
+        q = tl.minimum(tl.maximum(x / s, -448.0), 448.0)
+        tl.store(q_ptr + m * K + offs, q.to(q_ptr.dtype.element_ty), mask=offs < K)

@@ -1,0 +1,77 @@
+"""Triton kernel of ``fused_ln_qkv_gptq`` (``models/ops/gptq.py``); imported only after Triton was found.
+
+One program computes BLOCK_N output columns for BLOCK_M rows: the rows' LayerNorm (or RMSNorm) statistics in
+float32 by Welford's method over chunks of BLOCK_K (each chunk's mean and M2, merged with Chan et al.'s
+parallel update), then the product with the int4 weight, dequantized in registers ((q - ((z + 1) & 15)) * s,
+GPTQ "v1" zeros) chunk by chunk, the normalized input recomputed per chunk (x, weight and bias re-read from
+cache). The output columns are written into three regions of one buffer: q [M, Nq], k [M, Nk], v [M, Nv].
+"""
+
+import triton
+import triton.language as tl
+
+from rwkv_chat.models.ops._gemv_kernels import _dequant_tile
+
+
+@triton.jit
+def ln_qkv_gptq_kernel(x_ptr, lw_ptr, lb_ptr, qw_ptr, qz_ptr, sc_ptr, gi_ptr, out_ptr, M, H, N, n_q, n_k, group,
+                       eps, stride_xm, RMS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GIDX: tl.constexpr,
+                       ONE_GROUP: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    # -- statistics: Welford over chunks (count, mean, M2 per row), float32
+    count = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    m2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < H
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                    other=0.0).to(tl.float32)
+        n_b = tl.sum(k_ok.to(tl.float32), axis=0)
+        if RMS:
+            m2 += tl.sum(x * x, axis=1)
+        else:
+            mean_b = tl.sum(x, axis=1) / n_b
+            d = tl.where(k_ok[None, :], x - mean_b[:, None], 0.0)
+            m2_b = tl.sum(d * d, axis=1)
+            total = count + n_b
+            delta = mean_b - mean
+            mean = mean + delta * (n_b / total)
+            m2 = m2 + m2_b + delta * delta * (count * n_b / total)
+            count = total
+    if RMS:
+        rstd = 1.0 / tl.sqrt(m2 / H + eps)
+        mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    else:
+        rstd = 1.0 / tl.sqrt(m2 / H + eps)
+    # -- product with the dequantized int4 weight
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < H
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                    other=0.0)
+        lw = tl.load(lw_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+        xn = (x.to(tl.float32) - mean[:, None]) * rstd[:, None] * lw[None, :]
+        if HAS_BIAS:
+            xn += tl.load(lb_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+        xn = tl.where(k_ok[None, :], xn, 0.0).to(x.dtype)
+        w = _dequant_tile(qw_ptr, qz_ptr, sc_ptr, gi_ptr, k0, offs_k, k_ok, offs_n, n_ok, H, N, group, HAS_GIDX,
+                          ONE_GROUP, BLOCK_K, BLOCK_N).to(x.dtype)
+        acc += tl.dot(xn, w)
+    # -- write into the q, k, v regions of the output
+    n_kv = n_q + n_k
+    n_v = N - n_kv
+    in_q = offs_n < n_q
+    in_k = (offs_n >= n_q) & (offs_n < n_kv)
+    base = tl.where(in_q, 0, tl.where(in_k, M * n_q, M * n_kv))
+    width = tl.where(in_q, n_q, tl.where(in_k, n_k, n_v))
+    col = tl.where(in_q, offs_n, tl.where(in_k, offs_n - n_q, offs_n - n_kv))
+    ptrs = out_ptr + base[None, :] + offs_m[:, None] * width[None, :] + col[None, :]
+    tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])

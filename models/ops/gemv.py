@@ -1,0 +1,127 @@
+"""Weight-only GEMVs for few rows: int4 (GPTQ layout, ``formats.i4``) and fp8 e4m3 (``formats.f8``), in Triton.
+
+A decode step multiplies a few activation rows by every weight once: its time is the weight bytes over the
+memory bandwidth. These kernels read the packed weight (0.5 byte per weight for int4, 1 for fp8), dequantize in
+registers and accumulate in float32, so the step reads a quarter / half of fp16's bytes.
+
+``i4_gemv(x, q)`` (M <= ``I4_ROWS``) and ``f8_gemv(x, q)`` (M <= ``GEMV_ROWS``): x [M, K] fp16/bf16 on CUDA ->
+[M, N] in x's dtype. Row blocks of 16, 32 or 64 (the next power of two of M, at least 16: ``tl.dot``'s minimum).
+The dispatch products ``rwkv_chat.models.kernels.mm4`` / ``mmf8`` call them where they apply and use torch
+elsewhere. Errors: ``ShapeMismatchError``, ``UnsupportedDtypeError``, ``DeviceError`` (no CUDA / Triton).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rwkv_chat.models.errors import ShapeMismatchError
+from rwkv_chat.models.formats.f8 import Float8Weight
+from rwkv_chat.models.formats.i4 import Int4Weight
+from rwkv_chat.models.ops._qcommon import HALF_DTYPES, check_cuda, check_dtype, triton_kernels
+
+#: the most rows the fp8 GEMV serves (beyond, the fp8 tensor cores: ``ops.fp8``)
+GEMV_ROWS = 8
+#: the most rows the int4 kernel serves (decode batches; longer prompts dequantize once for cuBLAS)
+I4_ROWS = 256
+_BLOCK_N, _BLOCK_K = 64, 128
+_SM: dict[int, int] = {}
+
+
+def _kernels():
+    return triton_kernels("rwkv_chat.models.ops._gemv_kernels", "weight-only GEMV")
+
+
+def _sms(device: torch.device) -> int:
+    i = device.index if device.index is not None else torch.cuda.current_device()
+    if i not in _SM:
+        _SM[i] = torch.cuda.get_device_properties(i).multi_processor_count
+    return _SM[i]
+
+
+def _split(K: int, N: int, device) -> tuple[int, int]:
+    """(splits of K, K per split): enough programs to fill every multiprocessor twice."""
+    blocks_n = -(-N // _BLOCK_N)
+    want = max(1, min(-(-2 * _sms(device) // blocks_n), -(-K // _BLOCK_K)))
+    per = -(-K // want)
+    per = -(-per // _BLOCK_K) * _BLOCK_K
+    return -(-K // per), per
+
+
+def _check(x: torch.Tensor, K: int, tensors: dict, rows: int = GEMV_ROWS) -> None:
+    check_dtype(x, "x", HALF_DTYPES)
+    if x.dim() != 2 or x.shape[1] != K or x.shape[0] > rows:
+        raise ShapeMismatchError(f"x has shape {tuple(x.shape)}; expected [M <= {rows}, {K}]", tensor="x",
+                                 expected=(f"<= {rows}", K), actual=tuple(x.shape))
+    check_cuda({"x": x, **tensors})
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+#: tiles (N blocks × row blocks) one split launch may count in the shared counters
+_MAX_TILES = 1 << 16
+
+
+def _counters(device: torch.device) -> torch.Tensor | None:
+    """The device's split-K counters (int32, zero between launches: the last split of a tile resets its own),
+    made at first use outside CUDA graph capture (None while capturing before that)."""
+    c = _COUNTERS.get(device)
+    if c is None and not torch.cuda.is_current_stream_capturing():
+        c = _COUNTERS[device] = torch.zeros(_MAX_TILES, dtype=torch.int32, device=device)
+    return c
+
+
+def _launch(kernel, x, N, args, extra, device, **const):
+    """Launch a GEMV kernel on x [M, K] (contiguous) -> y [M, N] in x's dtype. Launches on one stream at a time
+    share the device's counters (CUDA graphs and the decoder run one stream)."""
+    M, K = x.shape
+    splits, per = _split(K, N, device)
+    block_m = min(64, max(16, 1 << (M - 1).bit_length()))
+    grid = (-(-N // _BLOCK_N), splits, -(-M // block_m))
+    counters = _counters(device) if splits > 1 and grid[0] * grid[2] <= _MAX_TILES else None
+    if counters is None:
+        splits, per = 1, K
+        grid = (grid[0], 1, grid[2])
+    y = torch.empty(M, N, dtype=x.dtype, device=device)
+    ws = torch.empty(splits, M, N, dtype=torch.float32, device=device) if splits > 1 else y
+    kernel[grid](x, *args, y, ws, counters if counters is not None else y, M, K, N, *extra, x.stride(0), y.stride(0),
+                 per, splits, SPLIT=splits > 1, BLOCK_M=block_m, BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K, **const)
+    return y
+
+
+def i4_gemv(x: torch.Tensor, q: Int4Weight) -> torch.Tensor:
+    """``x @ q.dequantize()`` for x [M, K] (M <= I4_ROWS, fp16/bf16, CUDA) -> [M, N] in x's dtype.
+
+    Raises: UnsupportedDtypeError, ShapeMismatchError, DeviceError.
+    """
+    K, N = q.shape
+    kp, np_ = q.qweight.shape[0] * 8, q.qweight.shape[1]
+    _check(x, K, {"qweight": q.qweight, "qzeros": q.qzeros, "scales": q.scales, "g_idx": q.g_idx}, I4_ROWS)
+    x = x.contiguous()
+    if kp != K:
+        x = torch.nn.functional.pad(x, (0, kp - K))
+    k = _kernels()
+    gi = q.g_idx if q.g_idx is not None else q.qweight
+    y = _launch(k.i4_gemv_kernel, x, np_, (q.qweight, q.qzeros, q.scales, gi), (q.group_size,), x.device,
+                HAS_GIDX=q.g_idx is not None, ONE_GROUP=q.g_idx is None and q.group_size % _BLOCK_K == 0)
+    return y if np_ == N else y[:, :N]
+
+
+def f8_gemv(x: torch.Tensor, q: Float8Weight) -> torch.Tensor:
+    """``x @ q.dequantize()`` for x [M, K] (M <= GEMV_ROWS, fp16/bf16, CUDA) -> [M, N] in x's dtype.
+
+    Raises: UnsupportedDtypeError, ShapeMismatchError, DeviceError.
+    """
+    K, N = q.shape
+    _check(x, K, {"w8": q.w8, "scale": q.scale})
+    k = _kernels()
+    return _launch(k.f8_gemv_kernel, x.contiguous(), N, (q.w8, q.scale), (), x.device)
+
+
+def fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (per-token) e4m3 quantization in one launch: x [M, K] fp16/bf16/fp32 on CUDA (last dim
+    contiguous) -> (q float8_e4m3fn [M, K], scale float32 [M, 1]) with ``x ≈ q * scale`` (``scale = amax / 448``,
+    1 for a zero row). No input checks: callers check (``ops.fp8``)."""
+    M, K = x.shape
+    q = torch.empty(M, K, dtype=torch.float8_e4m3fn, device=x.device)
+    s = torch.empty(M, 1, dtype=torch.float32, device=x.device)
+    _kernels().fp8_rows_kernel[(M,)](x, q, s, K, x.stride(0), BLOCK_K=1024)
+    return q, s

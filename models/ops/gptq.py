@@ -1,0 +1,140 @@
+"""``fused_ln_qkv_gptq``: LayerNorm (or RMSNorm) and the q/k/v projections with int4 GPTQ weights, one launch.
+
+    out = fused_ln_qkv_gptq(x, qweight, qzeros, scales, ln_weight, ln_bias, groupsize, eps)
+
+computes ``norm(x) @ W`` for the concatenated projection W [H, Nq + Nk + Nv] (input × output) stored in the
+GPTQ int4 layout of ``rwkv_chat.models.formats.i4`` (``qweight`` int32 [H/8, N] packed along the input,
+``qzeros`` int32 [H/group, N/8] packed along the output with AutoGPTQ "v1" zeros, ``scales`` float16
+[H/group, N]), where ``norm`` is LayerNorm (``(x - mean) / sqrt(var + eps) * ln_weight + ln_bias``, biased
+variance, Welford in float32) or, with ``rms=True`` (Qwen2), RMSNorm (``x / sqrt(mean(x²) + eps) *
+ln_weight``, no bias). The weights are dequantized in registers; nothing of W is written to memory.
+
+Returns ``[3, B, S, W]`` when the three widths are equal (W = N / 3; the layout of the design documents), or
+a ``(q [B, S, Nq], k [B, S, Nk], v [B, S, Nv])`` tuple for grouped-query widths (``widths=(Nq, Nk, Nv)``).
+
+``fused_ln_qkv_gptq_reference`` is the same computation in plain torch (any device): the golden reference
+of the tests and the path for machines without CUDA/Triton.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rwkv_chat.models.errors import ShapeMismatchError, UnsupportedDtypeError
+from rwkv_chat.models.formats.i4 import Int4Weight
+from rwkv_chat.models.ops._qcommon import HALF_DTYPES, check_cuda, check_dtype, check_shape, triton_kernels
+
+_BLOCK_M, _BLOCK_N, _BLOCK_K = 16, 64, 128
+
+
+def _check(x, qweight, qzeros, scales, ln_weight, ln_bias, groupsize, eps, widths, g_idx, rms):
+    check_dtype(x, "input", HALF_DTYPES)
+    check_dtype(qweight, "qweight", (torch.int32,))
+    check_dtype(qzeros, "qzeros", (torch.int32,))
+    check_dtype(scales, "scales", (torch.float16, torch.bfloat16, torch.float32))
+    check_dtype(ln_weight, "ln_weight", (x.dtype, torch.float32))
+    if ln_bias is not None:
+        check_dtype(ln_bias, "ln_bias", (x.dtype, torch.float32))
+    if g_idx is not None:
+        check_dtype(g_idx, "g_idx", (torch.int32,))
+    check_shape(x, "input", (None, None, None))
+    H = x.shape[-1]
+    if H % 8:
+        raise ShapeMismatchError(f"hidden size {H} is not a multiple of 8 (GPTQ packs 8 rows per int32)",
+                                 tensor="input", expected="H % 8 == 0", actual=H)
+    check_shape(qweight, "qweight", (H // 8, None))
+    N = qweight.shape[1]
+    if not isinstance(groupsize, int) or isinstance(groupsize, bool) or groupsize <= 0 or H % groupsize:
+        raise ShapeMismatchError(f"groupsize {groupsize!r} must be a positive divisor of H={H}", tensor="groupsize",
+                                 expected=f"divisor of {H}", actual=groupsize)
+    if N % 8:
+        raise ShapeMismatchError(f"output width {N} is not a multiple of 8", tensor="qweight",
+                                 expected="N % 8 == 0", actual=N)
+    check_shape(qzeros, "qzeros", (H // groupsize, N // 8))
+    check_shape(scales, "scales", (H // groupsize, N))
+    check_shape(ln_weight, "ln_weight", (H,))
+    if ln_bias is not None:
+        check_shape(ln_bias, "ln_bias", (H,))
+    if g_idx is not None:
+        check_shape(g_idx, "g_idx", (H,))
+    if widths is None:
+        if N % 3:
+            raise ShapeMismatchError(f"output width {N} is not three equal widths; pass widths=(Nq, Nk, Nv)",
+                                     tensor="qweight", expected="N % 3 == 0", actual=N)
+        widths = (N // 3,) * 3
+    if len(widths) != 3 or sum(widths) != N or min(widths) <= 0:
+        raise ShapeMismatchError(f"widths {tuple(widths)} must be three positive widths summing to {N}",
+                                 tensor="widths", expected=f"sum {N}", actual=tuple(widths))
+    if not (isinstance(eps, float) and eps > 0):
+        raise UnsupportedDtypeError(f"eps must be a positive float, got {eps!r}", tensor="eps",
+                                    expected="float > 0", actual=eps)
+    return tuple(int(w) for w in widths)
+
+
+def _shape_out(flat: torch.Tensor, B: int, S: int, widths):
+    if widths[0] == widths[1] == widths[2]:
+        return flat.view(3, B, S, widths[0])
+    nq, nk, _ = widths
+    M = B * S
+    q, k, v = flat[:M * nq], flat[M * nq:M * (nq + nk)], flat[M * (nq + nk):]
+    return tuple(t.view(B, S, w) for t, w in zip((q, k, v), widths))
+
+
+def fused_ln_qkv_gptq(input: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                      ln_weight: torch.Tensor, ln_bias: torch.Tensor | None, groupsize: int, eps: float = 1e-5, *,
+                      widths: tuple[int, int, int] | None = None, g_idx: torch.Tensor | None = None,
+                      rms: bool = False):
+    """LayerNorm/RMSNorm + q/k/v int4 projections in one Triton launch (module docstring).
+
+    Args:
+        input: [B, S, H] float16/bfloat16 on CUDA.
+        qweight: int32 [H/8, N]; qzeros: int32 [H/groupsize, N/8]; scales: float [H/groupsize, N].
+        ln_weight, ln_bias: [H] (input's dtype or float32); ln_bias None for no bias (and with ``rms``).
+        groupsize: input rows per quantization group (divides H). eps: the norm's epsilon (> 0).
+        widths: (Nq, Nk, Nv) summing to N; default three equal widths.
+        g_idx: optional int32 [H] group of each input row (GPTQ act-order).
+        rms: RMSNorm instead of LayerNorm (Qwen2).
+    Returns:
+        [3, B, S, N/3] in input's dtype for equal widths, else a (q, k, v) tuple of [B, S, width].
+    Raises:
+        UnsupportedDtypeError: a dtype above (or eps not a positive float). ShapeMismatchError: a shape above.
+        DeviceError: an input not on CUDA, inputs on several devices, or no Triton.
+    """
+    widths = _check(input, qweight, qzeros, scales, ln_weight, ln_bias, groupsize, eps, widths, g_idx, rms)
+    check_cuda({"input": input, "qweight": qweight, "qzeros": qzeros, "scales": scales, "ln_weight": ln_weight,
+                "ln_bias": ln_bias, "g_idx": g_idx})
+    k = triton_kernels("rwkv_chat.models.ops._gptq_kernels", "fused_ln_qkv_gptq")
+    B, S, H = input.shape
+    M, N = B * S, qweight.shape[1]
+    x = input.reshape(M, H)
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    out = torch.empty(M * N, dtype=input.dtype, device=input.device)
+    grid = (-(-M // _BLOCK_M), -(-N // _BLOCK_N))
+    bias = ln_bias if ln_bias is not None and not rms else ln_weight
+    k.ln_qkv_gptq_kernel[grid](x, ln_weight, bias, qweight, qzeros, scales, g_idx if g_idx is not None else qweight,
+                               out, M, H, N, widths[0], widths[1], groupsize, eps, x.stride(0), RMS=rms,
+                               HAS_BIAS=ln_bias is not None and not rms, HAS_GIDX=g_idx is not None,
+                               ONE_GROUP=g_idx is None and groupsize % _BLOCK_K == 0,
+                               BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K)
+    return _shape_out(out, B, S, widths)
+
+
+def fused_ln_qkv_gptq_reference(input, qweight, qzeros, scales, ln_weight, ln_bias, groupsize, eps=1e-5, *,
+                                widths=None, g_idx=None, rms=False):
+    """``fused_ln_qkv_gptq`` in plain torch on any device (float32 norm, the weight dequantized by
+    ``formats.i4.Int4Weight.dequantize``, the product in input's dtype); same arguments, results and input
+    errors (no DeviceError: it runs anywhere)."""
+    widths = _check(input, qweight, qzeros, scales, ln_weight, ln_bias, groupsize, eps, widths, g_idx, rms)
+    B, S, H = input.shape
+    xf = input.float()
+    if rms:
+        xn = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps) * ln_weight.float()
+    else:
+        xn = torch.nn.functional.layer_norm(xf, (H,), ln_weight.float(),
+                                            None if ln_bias is None else ln_bias.float(), eps)
+    w = Int4Weight(qweight, qzeros, scales, g_idx, groupsize).dequantize(input.dtype)
+    y = (xn.to(input.dtype) @ w).reshape(B * S, -1)
+    nq, nk, _ = widths
+    flat = torch.cat([y[:, :nq].reshape(-1), y[:, nq:nq + nk].reshape(-1), y[:, nq + nk:].reshape(-1)])
+    return _shape_out(flat, B, S, widths)

@@ -1,0 +1,83 @@
+"""The quantized Triton kernels (int4 / fp8 GEMV with split-K, fused LayerNorm + int4 q/k/v) run in Triton's
+interpreter on the CPU, through their Python wrappers, against the torch references: indexing, masking, the
+split-K epilogue, GPTQ unpacking and the q/k/v output regions, without a GPU (the CUDA code generation itself is
+checked by ``tests/gpu/verify_formats.py``).
+
+    pip install triton && python tests/gpu/interpret_quant_kernels.py
+
+The wrappers' CUDA checks are bypassed here (the interpreter takes CPU tensors). Prints one relative error per
+case and exits 1 when one exceeds 1e-3 (fp16 products of the same values).
+"""
+
+import importlib
+import os
+import sys
+from pathlib import Path
+
+os.environ["TRITON_INTERPRET"] = "1"      # Triton's own switch, read at its import: the kernels run in numpy
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch  # noqa: E402
+
+from rwkv_chat.models.formats import f8, i4  # noqa: E402
+from rwkv_chat.models.ops import gemv, gptq  # noqa: E402
+
+
+def rel(a, b) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def main() -> int:
+    for mod in (gemv, gptq):
+        mod.check_cuda = lambda tensors: None
+        mod.triton_kernels = lambda module, op: importlib.import_module(module)
+    gemv._sms = lambda device: 4                       # few "multiprocessors": split-K on small matrices
+    torch.cuda.is_current_stream_capturing = lambda: False
+    torch.manual_seed(0)
+    errs = []
+    for K, N, M, act in [(256, 128, 1, False), (200, 72, 5, False), (256, 64, 20, True), (512, 64, 3, False),
+                         (384, 40, 40, False), (1024, 256, 2, False)]:
+        q = i4.quantize_i4(torch.randn(K, N))
+        if act:
+            q = i4.Int4Weight(q.qweight, q.qzeros, q.scales, torch.randperm(q.qweight.shape[0] * 8).to(torch.int32)
+                              // q.group_size, q.group_size, q.shape)
+        x = torch.randn(M, K).half()
+        splits = gemv._split(q.qweight.shape[0] * 8, q.qweight.shape[1], None)[0]
+        for _ in range(2):                             # twice: the counters must have been reset
+            errs.append(rel(gemv.i4_gemv(x, q), x.double() @ q.dequantize(torch.float64)))
+        print(f"i4 K={K} N={N} M={M} g_idx={act} splits={splits}: {errs[-1]:.2e}")
+    for K, N, M in [(256, 128, 1), (192, 96, 7), (1024, 64, 8)]:
+        q = f8.quantize_f8(torch.randn(K, N))
+        x = torch.randn(M, K).half()
+        errs.append(rel(gemv.f8_gemv(x, q), x.double() @ q.dequantize(torch.float64)))
+        print(f"f8 K={K} N={N} M={M}: {errs[-1]:.2e}")
+    for M, K in [(3, 100), (16, 2048)]:
+        x = torch.randn(M, K).half() * 5
+        x[0] = 0
+        q, s = gemv.fp8_rows(x)
+        ref = x.float().abs().amax(-1, keepdim=True) / 448
+        ref = torch.where(ref > 0, ref, torch.ones_like(ref))
+        want = (x.float() / ref).clamp(-448, 448).to(torch.float8_e4m3fn)
+        # the interpreter's e4m3 conversion (numpy) rounds ties away and slips at some binade edges; the GPU's
+        # cvt.rn.satfinite does not: the codes are compared loosely here, exactly in verify_formats.py
+        same = (q.float() == want.float()).float().mean().item()
+        errs.append(rel(s, ref) + (0.0 if same > 0.95 else 1.0))
+        print(f"fp8_rows M={M} K={K}: {same:.1%} of codes equal torch's, scale error {rel(s, ref):.1e}")
+    for H, widths, rms, B, S, act in [(256, None, False, 1, 1, False), (256, (256, 64, 64), True, 2, 3, False),
+                                      (192, None, False, 3, 7, False), (256, None, False, 2, 2, True)]:
+        N = 3 * H if widths is None else sum(widths)
+        q = i4.quantize_i4(torch.randn(H, N) * 0.05)
+        g_idx = (torch.randperm(H) // q.group_size).to(torch.int32) if act else None
+        x = (torch.randn(B, S, H) * 3 + 1).half()
+        lw, lb = (torch.rand(H) + 0.5).half(), None if rms else torch.randn(H).half()
+        args = (x, q.qweight, q.qzeros, q.scales, lw, lb, q.group_size, 1e-5)
+        kw = dict(widths=widths, rms=rms, g_idx=g_idx)
+        got, want = gptq.fused_ln_qkv_gptq(*args, **kw), gptq.fused_ln_qkv_gptq_reference(*args, **kw)
+        got, want = (got, want) if isinstance(got, tuple) else ((got,), (want,))
+        errs.append(max(rel(a, b) for a, b in zip(got, want)))
+        print(f"fused_ln_qkv_gptq H={H} widths={widths} rms={rms} B={B} S={S} g_idx={act}: {errs[-1]:.2e}")
+    return 0 if max(errs) < 1e-3 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
