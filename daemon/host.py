@@ -112,7 +112,8 @@ class Host:
                       "plan": str(model.plan), "backend": str(model.backend), "fingerprint": model.fingerprint,
                       "n_layer": getattr(model, "n_layer", None), "n_embd": getattr(model, "n_embd", None),
                       "vocab_size": model.vocab_size, "tokenizer": self.tokenizer.name,
-                      "threads": self.threads, "max_batch": max_batch, "buckets": list(decoder.buckets)}
+                      "threads": self.threads, "max_batch": max_batch, "buckets": list(decoder.buckets),
+                      "context_limit": getattr(model, "context_limit", None)}
 
     # -- the compiled kernels, built in the background
     def switch_due(self) -> bool:
@@ -286,13 +287,14 @@ def classify(e: BaseException) -> tuple[str, str]:
 def _classify(e: BaseException) -> tuple[str, str]:
     from rwkv_chat.models import RWKVError
 
+    from .context import ContextLimitExceeded
     from .generation import Conflict
     from .protocol.messages import InvalidId, LimitError
     from .store import NotFound
 
     if is_oom(e):
         return "OOM", f"out of memory: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-    if isinstance(e, (RWKVError, NoModel, NotFound, InvalidId, LimitError)):
+    if isinstance(e, (RWKVError, NoModel, NotFound, InvalidId, LimitError, ContextLimitExceeded)):
         return type(e).__name__, str(e)
     if isinstance(e, Conflict):
         return "Conflict", str(e)

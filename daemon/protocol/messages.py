@@ -461,7 +461,11 @@ class Done(Msg):
     rates in tokens per second.
 
     ``text`` is the whole text (a chat reply stripped) when it fits in :data:`MAX_EVENT_TEXT` bytes; else its
-    start, with ``truncated`` set: the job's Token events carry all of it (the client library joins them)."""
+    start, with ``truncated`` set: the job's Token events carry all of it (the client library joins them).
+
+    Where the model has a context limit (tokens; ``context_limit``, else None): ``context_used``, the tokens the
+    conversation's state holds after this reply (None when no state was kept), and ``dropped_turns``, the
+    oldest exchanges left out of the model's view to fit (``[model] context_policy = "truncate"``)."""
 
     job_id: str
     reason: str
@@ -472,6 +476,9 @@ class Done(Msg):
     decode_s: float
     tokens_per_s: float
     truncated: bool = False
+    context_used: int | None = None
+    context_limit: int | None = None
+    dropped_turns: int = 0
 
 
 class Failed(Msg):

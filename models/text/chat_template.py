@@ -116,6 +116,8 @@ class HFChatTemplate:
         stop_tokens: ids that end a reply when sampled: the added token that ``stop`` begins with, then
             ``extra_stops`` (e.g. ``(151645, 151643)``).
         prefix_stable: whether the pieces concatenate to the template's own rendering (module docstring).
+        sampling_defaults: the model's sampling defaults by ``SamplerArgs`` name (``load_hf_text`` sets them
+            from generation_config.json), e.g. ``{"temperature": 0.7, "top_p": 0.8, "top_k": 20}``.
 
     Raises ChatTemplateError when the template does not compile or its turns cannot be located.
     """
@@ -128,6 +130,7 @@ class HFChatTemplate:
         except jinja2.TemplateError as e:
             raise ChatTemplateError(f"the chat template does not compile: {e}") from None
         self.special = dict(special)
+        self.sampling_defaults: dict[str, Any] = {}
         closed = self.render(_msgs("", _U1, _A1), generation=False)
         probe = self.render(_msgs("", _U1, _A1, _U2), generation=True)
         a1 = probe.find(_A1)
@@ -217,6 +220,7 @@ class NoChatTemplate:
 
     def __init__(self, folder: str):
         self.folder = folder
+        self.sampling_defaults: dict[str, Any] = {}
 
     def _refuse(self, *args, **kwargs) -> str:
         raise ChatTemplateError(f"the model in {self.folder} has no chat template (tokenizer_config.json has no "

@@ -222,7 +222,8 @@ def load_hf_text(folder: str | Path, vocab_size: int | None = None) -> HFText:
         vocab_size: the model's vocabulary size (the tokenizer's table is padded to it).
     Returns:
         :class:`HFText`; its tokenizer's ``eos_ids`` are generation_config's eos ids then tokenizer_config's
-        ``eos_token``; the template's ``stop_tokens`` are its end token then those.
+        ``eos_token``; the template's ``stop_tokens`` are its end token then those; its ``sampling_defaults``
+        are ``generation.sampling_defaults()``.
     Raises:
         TokenizerError: a file missing or malformed, a tokenizer that does not fit ``vocab_size``.
         ChatTemplateError: a chat template that does not compile or cannot be split into the daemon's pieces.
@@ -245,4 +246,5 @@ def load_hf_text(folder: str | Path, vocab_size: int | None = None) -> HFText:
         template: Any = NoChatTemplate(str(folder))
     else:
         template = HFChatTemplate(source, special, tokenizer, extra_stops=tuple(eos))
+    template.sampling_defaults = generation.sampling_defaults()
     return HFText(tokenizer, template, generation)
