@@ -62,16 +62,20 @@ class Host:
         self._info: dict = {"loaded": False}
 
     def load(self, path: str, strategy: str, tokenizer: str = "", *, max_batch: int = 16,
-             batch_invariant: bool | str = "auto", threads: int = 0, progress=None) -> None:
+             batch_invariant: bool | str = "auto", threads: int = 0, progress=None, context_limit: int = 0) -> None:
         """Load ``path`` with ``strategy``; ``progress(done_layers, total_layers)`` is called while the
         layers are placed. Sets torch's intra-op threads (``threads``, 0 = :func:`auto_threads`) and the
-        decoder's batch sizes (:func:`decode_buckets` of ``batch_invariant``: True, False or "auto"). The model
+        decoder's batch sizes (:func:`decode_buckets` of ``batch_invariant``: True, False or "auto"); the status's
+        ``context_limit`` is the model's own or ``context_limit`` (``[model] context_limit``, see
+        :func:`rwkv_chat.daemon.context.limit_of`), None without one. The model
         uses the compiled kernels where they are built; else it serves on the torch path while they build
         (see the class). Raises what ``load_model`` raises (CheckpointError, StrategyError, TokenizerError,
         MemoryError, …); the previous model stays loaded then."""
         import torch
 
         from rwkv_chat.models import load_model
+
+        from .context import limit_of
 
         path = os.path.abspath(os.path.expanduser(path))
         self.expect(path, strategy)
@@ -113,7 +117,7 @@ class Host:
                       "n_layer": getattr(model, "n_layer", None), "n_embd": getattr(model, "n_embd", None),
                       "vocab_size": model.vocab_size, "tokenizer": self.tokenizer.name,
                       "threads": self.threads, "max_batch": max_batch, "buckets": list(decoder.buckets),
-                      "context_limit": getattr(model, "context_limit", None)}
+                      "context_limit": limit_of(model, context_limit)}
 
     # -- the compiled kernels, built in the background
     def switch_due(self) -> bool:

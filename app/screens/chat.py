@@ -209,6 +209,8 @@ class ChatScreen(ConversationActions, Screen):
             self.end_generation(event.text, self._done_footer(event))
             if event.tokens_per_s and event.reason != "cancelled":
                 self.status_bar.set_speed(event.tokens_per_s)
+            if event.context_limit:
+                self.status_bar.set_context(event.context_used, event.context_limit)
             self.refresh_conversations()
             self.sync()
         elif isinstance(event, m.Failed):
@@ -225,7 +227,10 @@ class ChatScreen(ConversationActions, Screen):
                 self.sync()
 
     def _done_footer(self, event) -> str:
-        return self._footer(event.tokens, event.tokens_per_s, event.reason)
+        footer = self._footer(event.tokens, event.tokens_per_s, event.reason)
+        if event.dropped_turns:
+            footer += f" · context full: the {2 * event.dropped_turns} oldest turns were left out"
+        return footer
 
     def _footer(self, tokens: int, tokens_per_s: float, reason: str) -> str:
         """A reply's footer, live (a Done event) or reopened (a stored turn): tokens, speed, why it ended."""
@@ -241,6 +246,8 @@ class ChatScreen(ConversationActions, Screen):
     def open_conversation(self, cid: str) -> None:
         if self.bubble is not None and self.cid != cid:
             self.end_generation(None, "(switched away; the reply continues in the daemon)")
+        if self.cid != cid:
+            self.status_bar.set_context(None, None)    # known again after this conversation's next reply
         self.cid = cid
         self.job = None
         self.app.watch_topic = cid
