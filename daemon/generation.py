@@ -29,7 +29,10 @@ penalties carry on from its saved sampler state.
 
 The chat format is the model's chat template (``Model.chat_template``); for RWKV, ChatRWKV's
 ``"User: {message}\\n\\nAssistant:"``, the reply ending at ``"\\n\\n"``, which is fed to the state so the next
-exchange starts where the reply ended.
+exchange starts where the reply ended. A reply also ends (reason "stop") when the sampled token is one of the
+template's ``stop_tokens`` (a transformer's ``<|im_end|>``): the state consumed it, it is never shown, and the
+rest of the template's closing text (``after_stop``) is fed after it; a raw completion ends so at the
+tokenizer's ``eos_ids``. The context limit and its policy: :mod:`rwkv_chat.daemon.context`.
 
 Text: the cost of a generated token does not grow with the text before it. Text sent in Token events is kept
 as a list of pieces (joined once, at the end); only the unsent tail is a string, and the stop sequences are

@@ -147,9 +147,15 @@ class HFChatTemplate:
         end = [first[0]] if first and tokenizer.decode(first) in getattr(tokenizer, "added", {}) else []
         self.stop_tokens: tuple[int, ...] = tuple(dict.fromkeys(end + list(extra_stops)))
         self._text = {t: tokenizer.decode([t]) for t in self.stop_tokens}
-        self.prefix_stable = all(
-            self.render(_msgs(s, _U1, _A1, _U2, _A2, _U3), generation=True)
-            == self.transcript(s, [(_U1, _A1), (_U2, _A2)]) + self.prompt(_U3) for s in ("", _S))
+        self.prefix_stable = self._stable("")
+        try:
+            self.prefix_stable = self.prefix_stable and self._stable(_S)
+        except ChatTemplateError:        # no system role (the template raises): a system prompt fails a chat
+            pass
+
+    def _stable(self, system_prompt: str) -> bool:
+        pairs = [(_U1, _A1), (_U2, _A2)]
+        return self.conversation(system_prompt, pairs, _U3) == self.transcript(system_prompt, pairs) + self.prompt(_U3)
 
     def render(self, messages: list[dict[str, Any]], generation: bool = True, **kwargs) -> str:
         """The template's text for ``messages`` (dicts with ``role`` and ``content``), with the generation prompt

@@ -2,7 +2,7 @@
 
     text = load_hf_text("/path/to/Qwen2.5-0.5B-Instruct", vocab_size=151936)
     ids = text.tokenizer.encode("<|im_start|>user\\nhi")    # list[int], as transformers.AutoTokenizer encodes
-    text.chat_template.prompt("hi")                          # "<|im_start|>user\\nhi<|im_end|>\\n<|im_start|>assistant\\n"
+    text.chat_template.prompt("hi")          # "<|im_start|>user\\nhi<|im_end|>\\n<|im_start|>assistant\\n"
     text.chat_template.stop_tokens                           # (151645, 151643): <|im_end|>, <|endoftext|>
     text.generation.sampling_defaults()                      # {"temperature": 0.7, "top_p": 0.8, "top_k": 20}
 
@@ -239,7 +239,8 @@ def load_hf_text(folder: str | Path, vocab_size: int | None = None) -> HFText:
         eos.append(i)
     for i in eos:
         if not 0 <= i < tokenizer.vocab_size:
-            raise TokenizerError(f"{folder}: eos token id {i} is outside the vocabulary (0..{tokenizer.vocab_size - 1})")
+            raise TokenizerError(f"{folder}: eos token id {i} is outside the vocabulary "
+                                 f"(0..{tokenizer.vocab_size - 1})")
     tokenizer.eos_ids = tuple(eos)
     source = _template_source(folder, config)
     if source is None:

@@ -201,6 +201,11 @@ def test_template_errors(qwen_dir, tmp_path):
         HFChatTemplate("{{ raise_exception('only user turns') }}", {}, tok)
     with pytest.raises(ChatTemplateError, match="cannot be split"):
         HFChatTemplate("{% for m in messages %}{{ m['role'] }}{% endfor %}", {}, tok)
+    no_system = HFChatTemplate("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not "
+                               "supported') }}{% endif %}" + QWEN25_LIKE, {}, tok)
+    assert no_system.prefix_stable and no_system.prompt("hi").endswith("<|im_start|>assistant\n")
+    with pytest.raises(ChatTemplateError, match="System role not supported"):
+        no_system.system("be brief")
     (folder / "tokenizer.json").write_text("{}")
     with pytest.raises(TokenizerError):
         load_hf_text(folder)
