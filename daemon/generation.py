@@ -234,7 +234,7 @@ class Generation:
         if self.kind == "complete":
             args = base.updated(given)
             self.state, self.stops = model.zero_state(), tuple(req.stop)
-            self.stop_ids = frozenset(getattr(tok, "eos_ids", ()))
+            self.stop_ids = frozenset(tok.eos_ids)
             self.prompt = tok.encode(req.prompt)
             room = fit_complete(limit=self.limit, prompt=self.prompt) if self.limit else None
         else:

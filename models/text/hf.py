@@ -104,7 +104,6 @@ class HFTokenizer(Tokenizer):
         self._table = table
         self.added = {t.content: i for i, t in added.items()}
         self.special = frozenset(i for i, t in added.items() if t.special)
-        self.eos_ids: tuple[int, ...] = ()
 
     def encode(self, text: str) -> list[int]:
         _utf8(text)
