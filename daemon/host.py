@@ -117,7 +117,8 @@ class Host:
                       "n_layer": getattr(model, "n_layer", None), "n_embd": getattr(model, "n_embd", None),
                       "vocab_size": model.vocab_size, "tokenizer": self.tokenizer.name,
                       "threads": self.threads, "max_batch": max_batch, "buckets": list(decoder.buckets),
-                      "context_limit": limit_of(model, context_limit)}
+                      "context_limit": limit_of(model, context_limit),
+                      "sampling_defaults": dict(getattr(model.chat_template, "sampling_defaults", None) or {})}
 
     # -- the compiled kernels, built in the background
     def switch_due(self) -> bool:

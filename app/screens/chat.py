@@ -60,6 +60,7 @@ class ChatScreen(ConversationActions, Screen):
         super().__init__()
         self.cid: str | None = None          # the open conversation
         self.infos: dict = {}                # id -> ConversationInfo
+        self._model_defaults: dict | None = None   # the loaded model's sampling defaults (the panel shows them)
         self.job: str | None = None          # generation running in the open conversation
         self.bubble: AssistantMessage | None = None
         self.pending: str | None = None      # a message this window sent, not yet Started
@@ -85,12 +86,24 @@ class ChatScreen(ConversationActions, Screen):
         self.query_one(SamplingPanel).show({})
         self.focus_input()
 
-    def _sampling_defaults(self) -> dict:
+    def _sampling_defaults(self, model_defaults: dict | None = None) -> dict:
+        """The settings a generation starts from: the config's [sampling], with the loaded model's own defaults
+        (the status's ``sampling_defaults``) under the keys the config file does not set."""
         try:
-            s = load_config(self.app.paths.config_file).sampling
-        except ConfigError:
+            s = load_config(self.app.paths.config_file).sampling_base(model_defaults)
+        except (ConfigError, ValueError):
             s = Config().sampling
         return {k: getattr(s, k) for k in SAMPLING_KEYS}
+
+    def _model_sampling(self, status: dict) -> None:
+        """Take the loaded model's sampling defaults into the sampling panel (when they change)."""
+        model_defaults = (status.get("model") or {}).get("sampling_defaults") or None
+        if model_defaults != self._model_defaults:
+            self._model_defaults = model_defaults
+            panel = self.query_one(SamplingPanel)
+            panel.defaults = self._sampling_defaults(model_defaults)
+            conv = self.infos.get(self.cid)
+            panel.show(conv.sampling if conv is not None else {})
 
     # ---------------------------------------------------------------- helpers
     @property
@@ -129,6 +142,7 @@ class ChatScreen(ConversationActions, Screen):
     def link_connected(self, message) -> None:
         self.status_bar.connection = "connected"
         self.status_bar.set_status(message.status)
+        self._model_sampling(message.status)
         self.infos = {c.id: c for c in message.conversations}
         if message.restarted and self.cid in self.infos:
             # keep what is on screen (an interrupted reply's text included); only follow the topic again
@@ -158,6 +172,7 @@ class ChatScreen(ConversationActions, Screen):
     def link_status(self, status: dict) -> None:
         self.status_bar.connection = "connected"
         self.status_bar.set_status(status)
+        self._model_sampling(status)
         self._say_resume((status.get("model") or {}).get("fingerprint"))
 
     def _say_resume(self, fingerprint: str | None) -> None:

@@ -456,7 +456,7 @@ class Token(Msg):
     text: str
 
 
-class Done(Msg):
+class Done(Msg, omit_defaults=True):
     """A job ended. ``reason``: "stop", "length", "cancelled" (a chat reply stopped so is kept as far as it got);
     rates in tokens per second.
 
@@ -465,7 +465,9 @@ class Done(Msg):
 
     Where the model has a context limit (tokens; ``context_limit``, else None): ``context_used``, the tokens the
     conversation's state holds after this reply (None when no state was kept), and ``dropped_turns``, the
-    oldest exchanges left out of the model's view to fit (``[model] context_policy = "truncate"``)."""
+    oldest exchanges left out of the model's view to fit (``[model] context_policy = "truncate"``). Fields at
+    their defaults are left out of the frame, so a client that predates these fields reads the Done of a model
+    without a context limit."""
 
     job_id: str
     reason: str

@@ -43,3 +43,21 @@ async def test_the_status_bar_shows_used_of_the_limit_and_truncation(tmp_path, m
             assert bar.context == f"ctx {done.context_used}/{LIMIT}" and done.context_used <= LIMIT
     finally:
         daemon.stop()
+
+
+@async_test
+async def test_the_sampling_panel_shows_the_models_defaults_under_the_configs(fresh_daemon):
+    from textual.widgets import Input
+
+    from rwkv_chat.app.widgets.sampling_panel import SamplingPanel
+
+    app = make_app(fresh_daemon)
+    async with app.run_test(size=(140, 40)) as pilot:
+        await ready(pilot, app)
+        status = fresh_daemon.client.status()
+        assert status["model"]["sampling_defaults"] == {}             # RWKV: none
+        status["model"]["sampling_defaults"] = {"temperature": 0.7, "top_p": 0.8, "top_k": 20}   # a Qwen2 folder's
+        app.chat.link_status(status)
+        panel = app.chat.query_one(SamplingPanel)
+        shown = {k: panel.query_one(f"#s-{k}", Input).value for k in ("temperature", "top_p", "top_k")}
+        assert shown == {"temperature": "0.0", "top_p": "0.8", "top_k": "20"}   # the test config sets temperature

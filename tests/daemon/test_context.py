@@ -189,3 +189,17 @@ def test_the_cli_shows_a_context_error_in_one_line(tmp_path, model_path):
         assert '"context_limit"' in status
     finally:
         stop_daemon(home)
+
+
+def test_a_done_without_a_context_limit_reads_in_a_client_that_predates_the_fields():
+    import msgspec
+
+    new = ("context_used", "context_limit", "dropped_turns")
+    fields = [(f, t, False) if f == "truncated" else (f, t) for f, t in m.Done.__annotations__.items()
+              if f not in new]
+    old = msgspec.defstruct("Done", fields, tag_field="t", tag="Done", forbid_unknown_fields=True)
+    done = m.Done(job_id="j", reason="stop", text="x", prompt_tokens=1, tokens=2, prefill_s=0.0, decode_s=0.0,
+                  tokens_per_s=0.0)
+    assert msgspec.msgpack.decode(msgspec.msgpack.encode(done), type=old).text == "x"
+    limited = msgspec.msgpack.encode(msgspec.structs.replace(done, context_used=5, context_limit=9))
+    assert msgspec.msgpack.decode(limited, type=m.AnyMessage).context_used == 5
