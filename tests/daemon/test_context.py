@@ -181,6 +181,9 @@ def test_the_cli_shows_a_context_error_in_one_line(tmp_path, model_path):
     save_config(cfg, paths.config_file)
     start_daemon(home, model_path("7"))
     try:
+        r = cli(home, "chat", "--conversation", "c0", "hi", "--max-tokens", 4, "--temperature", 0)
+        used = len("User: hi\n\nAssistant:") + 4 + len(RWKV_CHAT.stop)      # bytes vocabulary; cut at 4 tokens
+        assert f"; context {used}/40 tokens]" in r.stderr, r.stderr
         r = cli(home, "chat", "--conversation", "c1", "x" * 60, "--max-tokens", 4, check=False)
         assert r.returncode != 0 and "Traceback" not in r.stderr
         line = r.stderr.strip().splitlines()[-1]
