@@ -5,17 +5,18 @@ state has no length) or ``[model] context_limit`` of the config when set (> 0; t
 both are), so an RWKV model can be given one too. Tokens are counted by the state (``State.token_count``:
 every token it consumed, the reply's closing text included).
 
-A turn fits when the state's tokens, the new prompt (the history re-read, if any, and the message), one
-reply token and the template's closing text stay within the limit; the reply is then cut (reason "length")
-where the closing text would no longer fit. When a turn does not fit, ``[model] context_policy`` decides:
+The reply is always cut (reason "length") where the template's closing text would no longer fit. What a
+turn needs, and what happens when it does not get it, is ``[model] context_policy``'s:
 
-* ``"error"`` (default): the request fails with :class:`ContextLimitExceeded` (kind "ContextLimitExceeded"),
-  saying how many tokens it needs and how to go on;
-* ``"truncate"``: the oldest exchanges are left out of the model's view — the state restarts from the zero
-  state and re-reads the rest of the stored transcript — dropping as few as leave room for a reply of
-  ``min(max_tokens, limit // 2)`` tokens. The stored turns stay as they are; the prefill's Progress event
-  says how many were left out and the Done event carries ``dropped_turns``. A message that does not fit
-  even alone fails as under "error".
+* ``"error"`` (default): the state's tokens, the new prompt (the history re-read, if any, and the message),
+  one reply token and the closing text must fit; else the request fails with :class:`ContextLimitExceeded`
+  (kind "ContextLimitExceeded"), saying how many tokens it needs and how to go on;
+* ``"truncate"``: they must leave room for a reply of ``min(max_tokens, limit // 2)`` tokens; else the oldest
+  exchanges are left out of the model's view — the state restarts from the zero state and re-reads the rest
+  of the stored transcript — as few as leave that room (where no number does, the turn goes on as it is
+  while one reply token fits, else with every earlier exchange left out). The stored turns stay as they
+  are; the prefill's Progress event says how many were left out and the Done event carries
+  ``dropped_turns``. A message that does not fit even alone fails as under "error".
 
 A raw completion has no history to drop: it fails when its prompt does not fit, and is cut at the limit.
 """
@@ -65,24 +66,25 @@ def fit_chat(*, limit: int, policy: str, used: int, prompt: list[int], history: 
         used: tokens the starting state consumed. prompt: the tokens to feed after it (``history`` of them
             re-read from the transcript, then the message's). tok, template: the model's tokenizer and chat
             template. system_prompt, pairs, message: the conversation (pairs = stored exchanges before this one).
-        max_tokens: the reply's token budget (the room truncation leaves: ``min(max_tokens, limit // 2)``).
+        max_tokens: the reply's token budget ("truncate" leaves room for ``min(max_tokens, limit // 2)``).
     Raises:
         ContextLimitExceeded: it does not fit (policy "error"), or the message alone does not (any policy).
     """
     closing = len(tok.encode(template.stop)) if template.stop else 0
     room = _room(limit, used, len(prompt), closing)
-    if room >= 1:
+    truncate = policy == "truncate" and bool(pairs)
+    want = min(max_tokens, limit // 2)
+    if room >= (want if truncate else 1):
         return Window(prompt, history, False, 0, room)
     msg = tok.encode(template.prompt(message))
     need = used + len(prompt) + closing + 1
-    if policy != "truncate" or not pairs:
+    if not truncate:
         if len(tok.encode(template.system(system_prompt))) + len(msg) + closing + 1 > limit:
             raise ContextLimitExceeded(f"the message needs {len(msg):,} tokens: more than the context limit of "
                                        f"{limit:,} tokens leaves for it; shorten it")
         raise ContextLimitExceeded(
             f"the conversation needs {need:,} tokens, beyond the context limit of {limit:,}: start a new "
             "conversation, or set [model] context_policy = \"truncate\" to leave out its oldest turns")
-    want = min(max_tokens, limit // 2)
 
     def window(k: int) -> tuple[list[int], int]:
         hist = tok.encode(template.transcript(system_prompt, pairs[k:]))
@@ -97,6 +99,8 @@ def fit_chat(*, limit: int, policy: str, used: int, prompt: list[int], history: 
             best, hi = (k, ids, hist), k - 1
         else:
             lo = k + 1
+    if best is None and room >= 1:
+        return Window(prompt, history, False, 0, room)
     if best is None:
         ids, hist = window(len(pairs))
         if _room(limit, 0, len(ids), closing) < 1:

@@ -206,3 +206,42 @@ def test_a_done_without_a_context_limit_reads_in_a_client_that_predates_the_fiel
     assert msgspec.msgpack.decode(msgspec.msgpack.encode(done), type=old).text == "x"
     limited = msgspec.msgpack.encode(msgspec.structs.replace(done, context_used=5, context_limit=9))
     assert msgspec.msgpack.decode(limited, type=m.AnyMessage).context_used == 5
+
+
+@pytest.mark.parametrize("limit", [60, 120, 400])
+@pytest.mark.parametrize("max_tokens", [8, 100])
+def test_truncation_leaves_out_the_fewest_exchanges_that_leave_room(limit, max_tokens):
+    from rwkv_chat.daemon.context import ContextLimitExceeded, fit_chat
+    from rwkv_chat.models.text.tokenizers import ByteTokenizer
+
+    tok, tpl = ByteTokenizer(), RWKV_CHAT
+    pairs = [(f"question {i} " + "q" * (7 * i % 23), "answer " + "a" * (11 * i % 31)) for i in range(9)]
+    message = "and now?"
+    prompt = tok.encode(tpl.transcript("sys", pairs) + tpl.prompt(message))
+    closing, want = len(tpl.stop), min(max_tokens, limit // 2)
+
+    def room(k):     # the documented rule, by brute force: zero state, the transcript from exchange k on
+        return limit - len(tok.encode(tpl.transcript("sys", pairs[k:]) + tpl.prompt(message))) - closing
+
+    fits = [k for k in range(1, len(pairs) + 1) if room(k) >= want]
+    try:
+        w = fit_chat(limit=limit, policy="truncate", used=0, prompt=prompt, history=0, tok=tok, template=tpl,
+                     system_prompt="sys", pairs=pairs, message=message, max_tokens=max_tokens)
+    except ContextLimitExceeded:
+        assert room(len(pairs)) < 1
+        return
+    if limit - len(prompt) - closing >= want:
+        assert w.dropped == 0 and not w.zero
+    elif fits:
+        assert w.dropped == fits[0] and w.room == room(fits[0]) and w.zero
+        assert tok.decode(w.prompt) == tpl.transcript("sys", pairs[fits[0]:]) + tpl.prompt(message)
+        assert w.history == len(tok.encode(tpl.transcript("sys", pairs[fits[0]:])))
+    else:
+        assert w.dropped == len(pairs) and w.room == room(len(pairs)) >= 1
+    refuse = dict(limit=limit, policy="error", used=0, prompt=prompt, history=0, tok=tok, template=tpl,
+                  system_prompt="sys", pairs=pairs, message=message, max_tokens=max_tokens)
+    if limit - len(prompt) - closing < 1:
+        with pytest.raises(ContextLimitExceeded, match="context_policy"):
+            fit_chat(**refuse)
+    else:
+        assert fit_chat(**refuse).dropped == 0
