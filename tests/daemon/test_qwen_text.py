@@ -77,3 +77,32 @@ def test_the_cache_holds_the_rendered_conversation_and_the_limit_applies(tmp_pat
         assert tok.decode(state.tokens[0].tolist()).startswith(kept) and done.context_used == state.token_count
     finally:
         sys_.close()
+
+
+def test_a_generation_config_eos_ends_the_reply_and_the_closing_follows(tmp_path, qwen_folder):
+    from rwkv_chat.daemon.generation import Job
+    from rwkv_chat.daemon.protocol import messages as m
+
+    sys_ = InProcess(tmp_path, qwen_folder, Config())
+    try:
+        model, tok = sys_.host.model, sys_.host.tokenizer
+        sampled = dict(temperature=1.0, top_p=1.0, top_k=0, seed=3, max_tokens=8)   # the same draws both times
+        free = sys_.chat("free", "Hello there", **sampled)
+        ids = model.load_state(sys_.store.state_path("free", 1, model.fingerprint)).tokens[0].tolist()
+        prompt = tok.encode(sys_.host.template.system("") + sys_.host.template.prompt("Hello there"))
+        reply = ids[len(prompt):len(prompt) + free[-1].tokens]
+        k = next(i for i in range(1, len(reply)) if reply[i] not in reply[:i])      # a token first seen at i
+        folder = tmp_path / "eos"
+        shutil.copytree(qwen_folder, folder)
+        (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [reply[k]]}))
+        sys_.run(Job(id="load2", kind="load", client_id="", topic=m.DAEMON_TOPIC,
+                     request=m.Load(client_id="", topic=m.DAEMON_TOPIC, path=str(folder), strategy="cpu fp32")))
+        model, tpl = sys_.host.model, sys_.host.template
+        assert tpl.stop_tokens == (151645, reply[k]) and tpl.after_stop(reply[k]) == "<|im_end|>\n"
+        events = sys_.chat("stopped", "Hello there", **sampled)
+        done = events[-1]
+        assert done.reason == "stop" and done.tokens == k + 1 and _reply(events) == tok.decode(reply[:k])
+        state = model.load_state(sys_.store.state_path("stopped", 1, model.fingerprint))
+        assert state.tokens[0].tolist() == prompt + reply[:k + 1] + tok.encode("<|im_end|>\n")
+    finally:
+        sys_.close()
