@@ -86,20 +86,25 @@ class HFTokenizer(Tokenizer):
         if not isinstance(self._hf.model, models.BPE) or not isinstance(self._hf.decoder, decoders.ByteLevel):
             raise TokenizerError(f"{self.path}: only byte-level BPE tokenizers are supported (model "
                                  f"{type(self._hf.model).__name__}, decoder {type(self._hf.decoder).__name__})")
-        vocab = self._hf.get_vocab(with_added_tokens=True)
-        n = max(vocab.values()) + 1
+        added = self._hf.get_added_tokens_decoder()
+        n = max([self._hf.get_vocab_size(with_added_tokens=True), *(i + 1 for i in added)])
         if vocab_size is not None and vocab_size < n:
             raise TokenizerError(f"{self.path} has {n} tokens, more than the model's vocabulary of {vocab_size}")
         table = [b""] * (vocab_size or n)
-        added = self._hf.get_added_tokens_decoder()
-        inverse = _byte_decoder()
-        for token, idx in vocab.items():
+        # the byte-level alphabet -> the latin-1 character of its byte; any other latin-1 character -> one that
+        # latin-1 cannot encode (so a token outside the alphabet is an error, never a wrong byte)
+        alphabet = {ord(c): chr(b) for c, b in _byte_decoder().items()}
+        to_bytes = {**{c: chr(0x10FFFF) for c in range(256)}, **alphabet}
+        for idx in range(n):          # id_to_token per id: the GIL is let go between calls (a daemon loads this)
             if idx in added:
                 table[idx] = added[idx].content.encode("utf-8")
                 continue
+            token = self._hf.id_to_token(idx)
+            if token is None:
+                continue
             try:
-                table[idx] = bytes(inverse[c] for c in token)
-            except KeyError:
+                table[idx] = token.translate(to_bytes).encode("latin-1")
+            except UnicodeEncodeError:
                 raise TokenizerError(f"{self.path}: token {idx} {token!r} is not in the byte-level alphabet") from None
         self._table = table
         self.added = {t.content: i for i, t in added.items()}
