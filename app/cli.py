@@ -596,8 +596,10 @@ def _stream(gen, strip_first: bool = False, chat: bool = False, started=None) ->
                 if strip_first:
                     sys.stdout.write("\n")
                     sys.stdout.flush()
+                context = (f"; context {ev.context_used if ev.context_used is not None else '?'}/"
+                           f"{ev.context_limit} tokens" if ev.context_limit else "")
                 _err(f"[{ev.reason}: {ev.tokens} tokens at {ev.tokens_per_s:.1f} tokens/s; "
-                     f"prefill {ev.prompt_tokens} tokens in {ev.prefill_s:.2f} s]")
+                     f"prefill {ev.prompt_tokens} tokens in {ev.prefill_s:.2f} s{context}]")
                 if ev.reason == "cancelled":
                     _err("rwkv-chat: cancelled by the daemon (stopped, or cancelled by another client)")
                     return 130

@@ -6,10 +6,16 @@ Sections and keys (all optional; defaults below)::
     path = "/path/to/model.pth"    # the daemon's default model ("" = none; load one with `rwkv-chat load`)
     strategy = "cpu fp32"          # reference strategy grammar, e.g. "cuda fp16i8 *10 -> cpu fp32"
     tokenizer = ""                 # "world", "neox", "bytes" or a tokenizer file; "" = by vocabulary size
+    context_limit = 0              # tokens a conversation's state may hold; 0 = the model's own (a transformer's
+                                   # KV cache length; none for RWKV); else this, at most the model's own
+    context_policy = "error"       # past the limit: "error" (the turn fails, saying so) or "truncate" (the
+                                   # oldest turns are left out and the rest re-read; see rwkv_chat.daemon.context)
 
     [sampling]                     # defaults of every generation (requests and conversations override);
     temperature = 1.0              # the engine's one sampling settings type, SamplerArgs, with its defaults
-    top_p = 0.85                   # (rwkv_chat.models.text.sampling; values out of range are a ConfigError)
+    top_p = 0.85                   # (rwkv_chat.models.text.sampling; values out of range are a ConfigError);
+                                   # a key not written here takes the model's own default where it has one
+                                   # (a Hugging Face folder's generation_config.json: temperature, top_p, top_k)
     top_k = 0
     alpha_frequency = 0.2
     alpha_presence = 0.2
@@ -104,6 +110,8 @@ class ModelConfig:
     path: str = ""
     strategy: str = "cpu fp32"
     tokenizer: str = ""
+    context_limit: int = 0
+    context_policy: str = "error"        # "error" | "truncate"
 
 
 @dataclass
@@ -141,6 +149,17 @@ class Config:
     sampling: SamplerArgs = field(default_factory=SamplerArgs)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
+    #: the [sampling] keys the file sets (the others take the model's defaults first: sampling_base)
+    sampling_set: frozenset = field(default_factory=frozenset, compare=False)
+
+    def sampling_base(self, model_defaults=None) -> SamplerArgs:
+        """The sampling settings a generation starts from: the model's defaults (``model_defaults``, setting
+        name -> value, e.g. ``{"temperature": 0.7}``) under the keys the config sets; ``sampling`` as it is
+        when the model has none. Raises SamplingError for a model default out of range."""
+        if not model_defaults:
+            return self.sampling
+        fixed = {k: getattr(self.sampling, k) for k in self.sampling_set | _changed(self.sampling)}
+        return SamplerArgs().updated(model_defaults).updated(fixed)
 
 
 _SECTIONS = ("model", "sampling", "daemon", "http")
@@ -148,6 +167,8 @@ _SECTIONS = ("model", "sampling", "daemon", "http")
 
 #: keys that take a bool or one of these strings
 _BOOL_OR = {("daemon", "batch_invariant"): ("auto",)}
+#: keys that take one of these strings
+_CHOICES = {("model", "context_policy"): ("error", "truncate")}
 
 #: seconds that must be > 0 (heartbeats, timeouts of silence) or >= 0 (0 = off)
 _POSITIVE = {("daemon", k) for k in ("heartbeat", "client_timeout", "daemon_timeout")}
@@ -193,6 +214,9 @@ def _coerce(section: str, key: str, value, default):
             return value
         choices = ", ".join(f'"{w}"' for w in words)
         raise ConfigError(f"[{section}] {key} must be true, false or {choices}, got {value!r}")
+    if (section, key) in _CHOICES and value not in _CHOICES[section, key]:
+        choices = ", ".join(f'"{w}"' for w in _CHOICES[section, key])
+        raise ConfigError(f"[{section}] {key} must be one of {choices}, got {value!r}")
     want = int if default is None else type(default)       # None: [sampling] seed
     if want is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
@@ -202,6 +226,8 @@ def _coerce(section: str, key: str, value, default):
         raise ConfigError(f"[{section}] {key} must be > 0 seconds, got {value!r}")
     if (section, key) in _NON_NEGATIVE and not value >= 0:
         raise ConfigError(f"[{section}] {key} must be >= 0 seconds (0 = off), got {value!r}")
+    if (section, key) == ("model", "context_limit") and value < 0:
+        raise ConfigError(f"[model] context_limit must be >= 0 tokens (0 = the model's own), got {value!r}")
     return value
 
 
@@ -225,6 +251,7 @@ def load_config(path: Path) -> Config:
                 raise ConfigError(f"{path}: unknown key [{name}] {key}")
         values = {key: _coerce(name, key, value, getattr(obj, key)) for key, value in table.items()}
         if name == "sampling":
+            cfg.sampling_set = frozenset(values)
             try:
                 cfg.sampling = cfg.sampling.updated(values)
             except SamplingError as e:
@@ -241,6 +268,12 @@ def load_config(path: Path) -> Config:
         raise ConfigError(f"{path}: [sampling] max_tokens {cfg.sampling.max_tokens} exceeds [daemon] "
                           f"max_tokens_limit {cfg.daemon.max_tokens_limit}")
     return cfg
+
+
+def _changed(sampling: SamplerArgs) -> set[str]:
+    """The sampling keys whose value differs from SamplerArgs' default."""
+    default = SamplerArgs()
+    return {k for k in SAMPLING_KEYS if getattr(sampling, k) != getattr(default, k)}
 
 
 def _keys(section: str, obj) -> tuple[str, ...]:
@@ -260,13 +293,15 @@ def _toml_value(v) -> str:
 
 
 def dump_config(cfg: Config) -> str:
-    """The TOML text of ``cfg`` (every key that has a value written)."""
+    """The TOML text of ``cfg`` (every key that has a value written; of ``[sampling]``, the keys the file set
+    and those changed from the defaults, so the others keep taking the model's defaults)."""
     lines = []
     for name in _SECTIONS:
         lines.append(f"[{name}]")
         obj = getattr(cfg, name)
+        keep = cfg.sampling_set | _changed(cfg.sampling) if name == "sampling" else None
         for key in _keys(name, obj):
-            if getattr(obj, key) is not None:
+            if getattr(obj, key) is not None and (keep is None or key in keep):
                 lines.append(f"{key} = {_toml_value(getattr(obj, key))}")
         lines.append("")
     return "\n".join(lines)

@@ -34,7 +34,10 @@ penalties carry on from its saved sampler state.
 
 The chat format is the model's chat template (``Model.chat_template``); for RWKV, ChatRWKV's
 ``"User: {message}\\n\\nAssistant:"``, the reply ending at ``"\\n\\n"``, which is fed to the state so the next
-exchange starts where the reply ended.
+exchange starts where the reply ended. A reply also ends (reason "stop") when the sampled token is one of the
+template's ``stop_tokens`` (a transformer's ``<|im_end|>``): the state consumed it, it is never shown, and the
+rest of the template's closing text (``after_stop``) is fed after it; a raw completion ends so at the
+tokenizer's ``eos_ids``. The context limit and its policy: :mod:`rwkv_chat.daemon.context`.
 
 Text: the cost of a generated token does not grow with the text before it. Text sent in Token events is kept
 as a list of pieces (joined once, at the end); only the unsent tail is a string, and the stop sequences are
@@ -183,6 +186,11 @@ class Generation:
         self.sampler = None
         self.detok = None             # IncrementalDecoder of the model's tokenizer
         self.stops: tuple[str, ...] = ()
+        self.stop_ids: frozenset[int] = frozenset()   # sampled token ids that end the generation (not shown)
+        self.stop_token: int | None = None            # the one that ended it
+        self.limit: int | None = None                 # context limit in tokens (rwkv_chat.daemon.context)
+        self.dropped = 0                              # exchanges left out to fit the limit
+        self.used: int | None = None                  # tokens the state consumed at the end (with a limit)
         self.max_tokens = 0
         self.out_tokens: list[int] = []
         self.sent: list[str] = []     # the text sent in Token events, piece by piece
@@ -221,14 +229,20 @@ class Generation:
         from rwkv_chat.models.text.sampling import Sampler
         from rwkv_chat.models.text.tokenizers import IncrementalDecoder
 
+        from .context import fit_chat, fit_complete, limit_of
+
         model, tok, template = self.host.need()
         req = self.request
         sampler_sd = None
         given = {k: v for k, v in req.sampling.items() if v is not None}
+        base = self.config.sampling_base(getattr(template, "sampling_defaults", None))
+        self.limit = limit_of(model, self.config.model.context_limit)
         if self.kind == "complete":
-            args = self.config.sampling.updated(given)
+            args = base.updated(given)
             self.state, self.stops = model.zero_state(), tuple(req.stop)
+            self.stop_ids = frozenset(tok.eos_ids)
             self.prompt = tok.encode(req.prompt)
+            room = fit_complete(limit=self.limit, prompt=self.prompt) if self.limit else None
         elif self.kind == "messages":
             from . import stateless
 
@@ -238,7 +252,7 @@ class Generation:
             if self.mode == "chat" and not store.exists(cid):     # made now, with a model to answer
                 store.create(cid, title=title_from(req.message))
             conv, turns = store.get(cid), store.turns(cid)
-            args = self.config.sampling.updated({**conv.sampling, **given})
+            args = base.updated({**conv.sampling, **given})
             if self.mode == "chat":
                 message, before = req.message, turns
                 self.drop_from = None
@@ -265,7 +279,19 @@ class Generation:
                 self.note = (f"re-reading {2 * (self.base_n - resume.n)} earlier turns: this model has no saved "
                              "state after them")
             self.stops, self.user_text = (template.stop,), message
+            self.stop_ids = frozenset(template.stop_tokens)
             self.user_created, self.user_tokens = time.time(), len(tok.encode(template.prompt(message)))
+            room = None
+            if self.limit:
+                w = fit_chat(limit=self.limit, policy=self.config.model.context_policy,
+                             used=self.state.token_count, prompt=self.prompt, history=self.history, tok=tok,
+                             template=template, system_prompt=conv.system_prompt, pairs=self.pairs,
+                             message=message, max_tokens=args.max_tokens)
+                room, self.dropped = w.room, w.dropped
+                if w.zero:
+                    self.state, self.prompt, self.history = model.zero_state(), w.prompt, w.history
+                    self.note = (f"the conversation is longer than the context limit of {self.limit:,} tokens: "
+                                 f"its {2 * w.dropped} oldest turns are left out of the model's view")
         if not self.prompt:
             raise ValueError("the prompt is empty")
         self.sampler = Sampler(args, tok)
@@ -284,7 +310,7 @@ class Generation:
         from rwkv_chat.daemon.config import check_max_tokens
 
         check_max_tokens(args.max_tokens, self.config.daemon.max_tokens_limit)
-        self.max_tokens = args.max_tokens
+        self.max_tokens = args.max_tokens if room is None else max(1, min(args.max_tokens, room))
         self.scanner = StopScanner(self.stops)
         self.phase = "prefill" if self.pos < len(self.prompt) else "decode"     # all of it cached: decode
         self.t_start = time.perf_counter()
@@ -353,6 +379,11 @@ class Generation:
         generation is finished (``reason`` "stop" or "length": ``max_tokens``, or a chat reply of
         ``MAX_TEXT`` bytes). Costs O(the token's text x stop strings), whatever the text before."""
         self.logits = logits
+        if self.out_tokens[-1] in self.stop_ids:     # an end token: consumed by the state, never shown
+            self.stop_token, self.reason = self.out_tokens[-1], "stop"
+            self._append(self.detok.flush())
+            self._sendable(len(self.pending), force=True)
+            return True
         piece = self.detok.push(self.out_tokens[-1])
         if not piece:
             return self.at_length()
@@ -433,13 +464,22 @@ class Generation:
             from . import stateless
 
             stateless.reply_done(self, fed)
+        if self.limit is not None and self.state is not None:
+            self.used = self.state.token_count
         self._commit()
 
     def _close_reply(self) -> list[int]:
         """Flush the detokenizer and, for a chat reply that did not end at the template's ``stop`` (cut by
-        ``max_tokens`` or stopped), feed that ``stop`` to the state as the template does. A chat cancelled while
-        its prompt was read has no reply state (``state`` None then). Returns the tokens fed (the stop's)."""
+        ``max_tokens`` or stopped), feed that ``stop`` to the state as the template does; after a reply ended by
+        one of the template's ``stop_tokens`` (consumed already), feed the rest of its closing text
+        (``template.after_stop``). A chat cancelled while its prompt was read has no reply state (``state``
+        None then). Returns the tokens fed after the reply (the closing text's)."""
         fed: list[int] = []
+        if self.kind in ("chat", "messages") and self.stop_token is not None and self.state is not None:
+            rest = self.host.template.after_stop(self.stop_token)
+            if rest:
+                fed = self.host.tokenizer.encode(rest)
+                _, self.state = self.host.model.forward(fed, self.state)
         if self.reason in ("length", "cancelled"):
             self._append(self.detok.flush())      # (held bytes: at most one character)
             if self.kind in ("chat", "messages"):
@@ -520,7 +560,8 @@ class Generation:
         self.emit(self.topic, m.Done(job_id=self.id, reason=self.reason, text=text,
                                      prompt_tokens=len(self.prompt), tokens=len(self.out_tokens),
                                      prefill_s=self.t_prefill, decode_s=self.t_decode, tokens_per_s=rate,
-                                     truncated=cut, cached_tokens=self.cached))
+                                     truncated=cut, cached_tokens=self.cached, context_used=self.used,
+                                     context_limit=self.limit, dropped_turns=self.dropped))
 
     def fail(self, kind: str, message: str) -> None:
         """Send the Failed event (``kind`` as ``host.classify`` names it)."""

@@ -69,10 +69,12 @@ class Host:
         self._info: dict = {"loaded": False}
 
     def load(self, path: str, strategy: str, tokenizer: str = "", *, max_batch: int = 16,
-             batch_invariant: bool | str = "auto", threads: int = 0, progress=None) -> None:
+             batch_invariant: bool | str = "auto", threads: int = 0, progress=None, context_limit: int = 0) -> None:
         """Load ``path`` with ``strategy``; ``progress(done_layers, total_layers)`` is called while the
         layers are placed. Sets torch's intra-op threads (``threads``, 0 = :func:`auto_threads`) and the
-        decoder's batch sizes (:func:`decode_buckets` of ``batch_invariant``: True, False or "auto"). The model
+        decoder's batch sizes (:func:`decode_buckets` of ``batch_invariant``: True, False or "auto"); the status's
+        ``context_limit`` is the model's own or ``context_limit`` (``[model] context_limit``, see
+        :func:`rwkv_chat.daemon.context.limit_of`), None without one. The model
         uses the compiled kernels where they are built; else it serves on the torch path while they build
         (see the class). Raises what ``load_model`` raises (CheckpointError, StrategyError, TokenizerError,
         MemoryError, …); the previous model stays loaded then. ``path`` may be a local model's name (resolved
@@ -80,6 +82,8 @@ class Host:
         import torch
 
         from rwkv_chat.models import load_model
+
+        from .context import limit_of
 
         args = {"path": path, "strategy": strategy, "tokenizer": tokenizer, "max_batch": max_batch,
                 "batch_invariant": batch_invariant, "threads": threads}
@@ -132,7 +136,9 @@ class Host:
                       "plan": str(model.plan), "backend": str(model.backend), "fingerprint": model.fingerprint,
                       "n_layer": getattr(model, "n_layer", None), "n_embd": getattr(model, "n_embd", None),
                       "vocab_size": model.vocab_size, "tokenizer": self.tokenizer.name,
-                      "threads": self.threads, "max_batch": max_batch, "buckets": list(decoder.buckets)}
+                      "threads": self.threads, "max_batch": max_batch, "buckets": list(decoder.buckets),
+                      "context_limit": limit_of(model, context_limit),
+                      "sampling_defaults": dict(getattr(model.chat_template, "sampling_defaults", None) or {})}
 
     # -- the compiled kernels, built in the background
     def switch_due(self) -> bool:
@@ -349,13 +355,14 @@ def classify(e: BaseException) -> tuple[str, str]:
 def _classify(e: BaseException) -> tuple[str, str]:
     from rwkv_chat.models import RWKVError
 
+    from .context import ContextLimitExceeded
     from .generation import Conflict
     from .protocol.messages import InvalidId, LimitError
     from .store import NotFound
 
     if is_oom(e):
         return "OOM", f"out of memory: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-    if isinstance(e, (RWKVError, NoModel, NotFound, InvalidId, LimitError)):
+    if isinstance(e, (RWKVError, NoModel, NotFound, InvalidId, LimitError, ContextLimitExceeded)):
         return type(e).__name__, str(e)
     if isinstance(e, Conflict):
         return "Conflict", str(e)

@@ -358,7 +358,8 @@ class Scheduler(KeepAlive):
 
         try:
             self.host.load(req.path, req.strategy, self.config.model.tokenizer, max_batch=d.max_batch,
-                           batch_invariant=d.batch_invariant, threads=d.threads, progress=progress)
+                           batch_invariant=d.batch_invariant, threads=d.threads, progress=progress,
+                           context_limit=self.config.model.context_limit)
         except BaseException as e:     # noqa: BLE001 — a failed load must not end the daemon
             kind, msg = classify(e)
             del e

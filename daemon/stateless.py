@@ -65,9 +65,10 @@ def render(template, tokenizer, messages: list[m.ChatMessage]) -> list[int]:
 def start(gen, model, tokenizer, template, given: dict):
     """Set up ``gen`` (a Generation of kind "messages"): its prompt, starting state, logits and read position
     from the prefix cache (``gen.cached`` tokens taken from it), its stops (the template's, then the request's).
-    Returns the sampler settings (the config's ``[sampling]`` updated with ``given``)."""
+    Returns the sampler settings (the model's defaults under the config's ``[sampling]``, updated with
+    ``given``)."""
     req = gen.request
-    args = gen.config.sampling.updated(given)
+    args = gen.config.sampling_base(getattr(template, "sampling_defaults", None)).updated(given)
     gen.prompt = render(template, tokenizer, req.messages)
     try:
         hit = gen.sessions.prefix.lookup(gen.prompt, model.fingerprint)
@@ -79,6 +80,7 @@ def start(gen, model, tokenizer, template, given: dict):
     else:
         gen.state = model.zero_state()
     gen.stops = (template.stop, *req.stop)
+    gen.stop_ids = frozenset(template.stop_tokens)
     gen.user_text = req.messages[-1].content
     return args
 

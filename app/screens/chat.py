@@ -60,6 +60,7 @@ class ChatScreen(ConversationActions, Screen):
         super().__init__()
         self.cid: str | None = None          # the open conversation
         self.infos: dict = {}                # id -> ConversationInfo
+        self._model_defaults: dict | None = None   # the loaded model's sampling defaults (the panel shows them)
         self.job: str | None = None          # generation running in the open conversation
         self.bubble: AssistantMessage | None = None
         self.pending: str | None = None      # a message this window sent, not yet Started
@@ -85,12 +86,24 @@ class ChatScreen(ConversationActions, Screen):
         self.query_one(SamplingPanel).show({})
         self.focus_input()
 
-    def _sampling_defaults(self) -> dict:
+    def _sampling_defaults(self, model_defaults: dict | None = None) -> dict:
+        """The settings a generation starts from: the config's [sampling], with the loaded model's own defaults
+        (the status's ``sampling_defaults``) under the keys the config file does not set."""
         try:
-            s = load_config(self.app.paths.config_file).sampling
-        except ConfigError:
+            s = load_config(self.app.paths.config_file).sampling_base(model_defaults)
+        except (ConfigError, ValueError):
             s = Config().sampling
         return {k: getattr(s, k) for k in SAMPLING_KEYS}
+
+    def _model_sampling(self, status: dict) -> None:
+        """Take the loaded model's sampling defaults into the sampling panel (when they change)."""
+        model_defaults = (status.get("model") or {}).get("sampling_defaults") or None
+        if model_defaults != self._model_defaults:
+            self._model_defaults = model_defaults
+            panel = self.query_one(SamplingPanel)
+            panel.defaults = self._sampling_defaults(model_defaults)
+            conv = self.infos.get(self.cid)
+            panel.show(conv.sampling if conv is not None else {})
 
     # ---------------------------------------------------------------- helpers
     @property
@@ -129,6 +142,7 @@ class ChatScreen(ConversationActions, Screen):
     def link_connected(self, message) -> None:
         self.status_bar.connection = "connected"
         self.status_bar.set_status(message.status)
+        self._model_sampling(message.status)
         self.infos = {c.id: c for c in message.conversations}
         if message.restarted and self.cid in self.infos:
             # keep what is on screen (an interrupted reply's text included); only follow the topic again
@@ -158,6 +172,7 @@ class ChatScreen(ConversationActions, Screen):
     def link_status(self, status: dict) -> None:
         self.status_bar.connection = "connected"
         self.status_bar.set_status(status)
+        self._model_sampling(status)
         self._say_resume((status.get("model") or {}).get("fingerprint"))
 
     def _say_resume(self, fingerprint: str | None) -> None:
@@ -213,6 +228,8 @@ class ChatScreen(ConversationActions, Screen):
             self.end_generation(event.text, self._done_footer(event))
             if event.tokens_per_s and event.reason != "cancelled":
                 self.status_bar.set_speed(event.tokens_per_s)
+            if event.context_limit:
+                self.status_bar.set_context(event.context_used, event.context_limit)
             self.refresh_conversations()
             self.sync()
         elif isinstance(event, m.Failed):
@@ -229,7 +246,10 @@ class ChatScreen(ConversationActions, Screen):
                 self.sync()
 
     def _done_footer(self, event) -> str:
-        return self._footer(event.tokens, event.tokens_per_s, event.reason)
+        footer = self._footer(event.tokens, event.tokens_per_s, event.reason)
+        if event.dropped_turns:
+            footer += f" · context full: the {2 * event.dropped_turns} oldest turns were left out"
+        return footer
 
     def _footer(self, tokens: int, tokens_per_s: float, reason: str) -> str:
         """A reply's footer, live (a Done event) or reopened (a stored turn): tokens, speed, why it ended."""
@@ -245,6 +265,8 @@ class ChatScreen(ConversationActions, Screen):
     def open_conversation(self, cid: str) -> None:
         if self.bubble is not None and self.cid != cid:
             self.end_generation(None, "(switched away; the reply continues in the daemon)")
+        if self.cid != cid:
+            self.status_bar.set_context(None, None)    # known again after this conversation's next reply
         self.cid = cid
         self.job = None
         self.app.watch_topic = cid

@@ -1,5 +1,6 @@
 """The status bar: model, strategy and what serves it (the backend; the compiled kernels' build while the
-pure-torch path answers), device memory, the last reply's speed, the daemon connection."""
+pure-torch path answers), device memory, the last reply's speed, the open conversation's context (tokens
+used of the limit, for a model with a context limit), the daemon connection."""
 
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ class StatusBar(Static):
         self.strategy = ""
         self.memory = ""
         self.speed = ""
+        self.context = ""
         self.activity = ""
 
     def set_status(self, status: dict) -> None:
@@ -53,10 +55,23 @@ class StatusBar(Static):
         else:
             self.model, self.strategy = "no model", ""
         self.memory = "" if self.snapshot else memory_text(status.get("memory") or {})
+        limit = model.get("context_limit") if model.get("loaded") else None
+        if not limit:
+            self.context = ""
+        elif not self.context.endswith(f"/{limit:,}"):
+            self.context = f"ctx ?/{limit:,}"
         self._show()
 
     def set_speed(self, tokens_per_s: float) -> None:
         self.speed = "" if self.snapshot else f"{tokens_per_s:.1f} tok/s"
+        self._show()
+
+    def set_context(self, used: int | None, limit: int | None) -> None:
+        """Show ``used/limit`` tokens of the conversation's context ("" without a limit; "?" for an unknown use)."""
+        if not limit:
+            self.context = ""
+        else:
+            self.context = f"ctx {'?' if used is None else f'{used:,}'}/{limit:,}"
         self._show()
 
     def set_activity(self, text: str) -> None:
@@ -70,7 +85,7 @@ class StatusBar(Static):
     def _show(self) -> None:
         t = Text(no_wrap=True, overflow="ellipsis")
         t.append(self.model or "…", style="bold")
-        for part in (self.strategy, self.memory, self.speed, self.activity):
+        for part in (self.strategy, self.memory, self.speed, self.context, self.activity):
             if part:
                 t.append(" │ ")
                 t.append(part)

@@ -496,7 +496,7 @@ class Token(Msg):
     text: str
 
 
-class Done(Msg):
+class Done(Msg, omit_defaults=True):
     """A job ended. ``reason``: "stop", "length", "cancelled" (a chat reply stopped so is kept as far as it got);
     rates in tokens per second.
 
@@ -504,7 +504,13 @@ class Done(Msg):
     start, with ``truncated`` set: the job's Token events carry all of it (the client library joins them).
 
     ``cached_tokens``: of the ``prompt_tokens``, those a ``ChatMessages`` request took from the prefix cache
-    instead of reading them (0 for other requests); the prefill read ``prompt_tokens - cached_tokens``."""
+    instead of reading them (0 for other requests); the prefill read ``prompt_tokens - cached_tokens``.
+
+    Where the model has a context limit (tokens; ``context_limit``, else None): ``context_used``, the tokens the
+    conversation's state holds after this reply (None when no state was kept), and ``dropped_turns``, the
+    oldest exchanges left out of the model's view to fit (``[model] context_policy = "truncate"``). Fields at
+    their defaults are left out of the frame, so a client that predates these fields reads the Done of a model
+    without a context limit."""
 
     job_id: str
     reason: str
@@ -516,6 +522,9 @@ class Done(Msg):
     tokens_per_s: float
     truncated: bool = False
     cached_tokens: int = 0
+    context_used: int | None = None
+    context_limit: int | None = None
+    dropped_turns: int = 0
 
 
 class Failed(Msg):

@@ -16,9 +16,11 @@ class RWKVChatTemplate:
 
     Attributes:
         stop: the text that ends a reply (and is fed to the state after it).
+        stop_tokens: token ids that end a reply when sampled: none (the reply ends at the text ``stop``).
     """
 
     stop: str = "\n\n"
+    stop_tokens: tuple[int, ...] = ()
 
     def prompt(self, message: str) -> str:
         """The text fed for one user message, up to where the reply starts."""
@@ -27,6 +29,10 @@ class RWKVChatTemplate:
     def system(self, system_prompt: str) -> str:
         """The text fed once at the start of a conversation for its system prompt ("" for none)."""
         return system_prompt + "\n\n" if system_prompt else ""
+
+    def after_stop(self, token: int) -> str:
+        """The text fed after a reply that ended by sampling ``token`` of ``stop_tokens``: "" (there are none)."""
+        return ""
 
     def transcript(self, system_prompt: str, pairs: list[tuple[str, str]]) -> str:
         """A whole conversation as the model saw it (to rebuild a state from the stored turns).

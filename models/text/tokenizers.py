@@ -50,12 +50,15 @@ class Tokenizer:
     Attributes:
         name: short name ("world", "neox", "bytes").
         vocab_size: number of valid token ids; valid ids are ``0 <= id < vocab_size``.
+        eos_ids: ids that end a raw completion when sampled (none for the RWKV vocabularies; a Hugging Face
+            folder's eos tokens, ``rwkv_chat.models.text.hf``).
 
     Subclasses fill ``self._table`` (``list[bytes]``, one entry per id; ``b""`` for control/padding ids such as
     World's end-of-text token 0) and implement :meth:`encode`.
     """
 
     name: str = "tokenizer"
+    eos_ids: tuple[int, ...] = ()
     _table: list[bytes]
 
     @property

@@ -1,0 +1,63 @@
+"""The TUI with a model that has a context limit (``[model] context_limit`` on the tiny RWKV-7, bytes
+vocabulary): the status bar shows the tokens used of the limit, and a reply whose oldest turns were left out
+says so (``context_policy = "truncate"``)."""
+
+from __future__ import annotations
+
+import os
+
+from rwkv_chat.app.widgets.status_bar import StatusBar
+from rwkv_chat.daemon.config import load_config, save_config
+
+from .conftest import async_test, make_app, make_home, ready, send, start_daemon, wait_for
+
+LIMIT = 200
+
+
+@async_test
+async def test_the_status_bar_shows_used_of_the_limit_and_truncation(tmp_path, model_path, home_env):
+    model = model_path("7")
+    paths = make_home(tmp_path / "home", model, max_tokens=16)
+    cfg = load_config(paths.config_file)
+    cfg.model.context_limit, cfg.model.context_policy = LIMIT, "truncate"
+    save_config(cfg, paths.config_file)
+    daemon = start_daemon(paths, model)
+    try:
+        os.environ["RWKV_CHAT_HOME"] = str(tmp_path / "home")
+        app = make_app(daemon)
+        async with app.run_test(size=(140, 30)) as pilot:
+            await ready(pilot, app)
+            bar = app.chat.query_one(StatusBar)
+            await wait_for(pilot, lambda: bar.context == f"ctx ?/{LIMIT}", what="the limit in the status bar")
+            done = await send(pilot, app, "Hello there")
+            assert done.context_limit == LIMIT and 0 < done.context_used <= LIMIT
+            assert bar.context == f"ctx {done.context_used}/{LIMIT}"
+            assert f"ctx {done.context_used}/{LIMIT}" in str(bar.render())
+            for i in range(12):
+                done = await send(pilot, app, f"Tell me more, part {i}.")
+                if done.dropped_turns:
+                    break
+            assert done.dropped_turns, "the conversation never reached the limit"
+            footer = app.chat.log_view.last("assistant").footer
+            assert f"the {2 * done.dropped_turns} oldest turns were left out" in footer
+            assert bar.context == f"ctx {done.context_used}/{LIMIT}" and done.context_used <= LIMIT
+    finally:
+        daemon.stop()
+
+
+@async_test
+async def test_the_sampling_panel_shows_the_models_defaults_under_the_configs(fresh_daemon):
+    from textual.widgets import Input
+
+    from rwkv_chat.app.widgets.sampling_panel import SamplingPanel
+
+    app = make_app(fresh_daemon)
+    async with app.run_test(size=(140, 40)) as pilot:
+        await ready(pilot, app)
+        status = fresh_daemon.client.status()
+        assert status["model"]["sampling_defaults"] == {}             # RWKV: none
+        status["model"]["sampling_defaults"] = {"temperature": 0.7, "top_p": 0.8, "top_k": 20}   # a Qwen2 folder's
+        app.chat.link_status(status)
+        panel = app.chat.query_one(SamplingPanel)
+        shown = {k: panel.query_one(f"#s-{k}", Input).value for k in ("temperature", "top_p", "top_k")}
+        assert shown == {"temperature": "0.0", "top_p": "0.8", "top_k": "20"}   # the test config sets temperature

@@ -1,0 +1,108 @@
+"""The daemon's text side on a tiny random Qwen2 folder with the real Qwen tokenizer and chat template, in
+process (a real Host, Store and Scheduler): the KV cache holds exactly what ``transformers.apply_chat_template``
+renders for the conversation, the context limit is the model's own unless the config sets one, and "truncate"
+re-reads the newest turns only."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from rwkv_chat.daemon.config import Config
+
+from .test_context import InProcess
+
+pytest.importorskip("rwkv_chat.models.qwen2.model", reason="the Qwen2 engine is not in this tree")
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def qwen_folder(tmp_path_factory, shared_dir):
+    import torch
+
+    config = transformers.Qwen2Config(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                                      tie_word_embeddings=True)
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("qwen") / "tiny-qwen2"
+    transformers.Qwen2ForCausalLM(config).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(shared_dir / "tokenizers" / "qwen" / name, folder / name)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [151645, 151643], "top_k": 20}))
+    return folder
+
+
+def _reply(events) -> str:
+    from rwkv_chat.daemon.protocol import messages as m
+
+    return "".join(e.text for e in events if isinstance(e, m.Token))
+
+
+def test_the_cache_holds_the_rendered_conversation_and_the_limit_applies(tmp_path, qwen_folder):
+    from rwkv_chat.daemon.protocol import messages as m
+
+    reference = transformers.AutoTokenizer.from_pretrained(str(qwen_folder))
+    config = Config()
+    sys_ = InProcess(tmp_path, qwen_folder, config)
+    try:
+        model, tok, tpl = sys_.host.model, sys_.host.tokenizer, sys_.host.template
+        assert tpl.stop_tokens == (151645, 151643) and tpl.sampling_defaults == {"top_k": 20}
+        assert sys_.host.info()["sampling_defaults"] == {"top_k": 20}
+        msgs, pairs = [], []
+        for user in ("Hello there 🎉", "和 3+3 呢？"):
+            events = sys_.chat("c", user, max_tokens=6)
+            done = events[-1]
+            assert isinstance(done, m.Done) and done.context_limit == model.context_limit == 512, events
+            msgs += [{"role": "user", "content": user}, {"role": "assistant", "content": _reply(events)}]
+            pairs.append((user, done.text))
+        state = model.load_state(sys_.store.state_path("c", 2, model.fingerprint))
+        assert done.context_used == state.token_count
+        want = reference.apply_chat_template(msgs + [{"role": "user", "content": "next"}], tokenize=False,
+                                             add_generation_prompt=True)
+        assert tok.decode(state.tokens[0].tolist()) + tpl.prompt("next") == want
+        # a configured limit below the model's: the oldest exchanges are left out and the rest re-read
+        config.model.context_limit, config.model.context_policy = 70, "truncate"
+        for user in ("Tell me more.", "And then?", "Why?", "Go on."):
+            events = sys_.chat("c", user, max_tokens=6)
+            done = events[-1]
+            assert isinstance(done, m.Done) and done.context_limit == 70 and done.context_used <= 70, events
+            if done.dropped_turns:
+                break
+            pairs.append((user, done.text))
+        assert done.dropped_turns >= 1
+        state = model.load_state(sys_.store.state_path("c", len(pairs) + 1, model.fingerprint))
+        kept = tpl.transcript("", pairs[done.dropped_turns:]) + tpl.prompt(user)
+        assert tok.decode(state.tokens[0].tolist()).startswith(kept) and done.context_used == state.token_count
+    finally:
+        sys_.close()
+
+
+def test_a_generation_config_eos_ends_the_reply_and_the_closing_follows(tmp_path, qwen_folder):
+    from rwkv_chat.daemon.generation import Job
+    from rwkv_chat.daemon.protocol import messages as m
+
+    sys_ = InProcess(tmp_path, qwen_folder, Config())
+    try:
+        model, tok = sys_.host.model, sys_.host.tokenizer
+        sampled = dict(temperature=1.0, top_p=1.0, top_k=0, seed=3, max_tokens=8)   # the same draws both times
+        free = sys_.chat("free", "Hello there", **sampled)
+        ids = model.load_state(sys_.store.state_path("free", 1, model.fingerprint)).tokens[0].tolist()
+        prompt = tok.encode(sys_.host.template.system("") + sys_.host.template.prompt("Hello there"))
+        reply = ids[len(prompt):len(prompt) + free[-1].tokens]
+        k = next(i for i in range(1, len(reply)) if reply[i] not in reply[:i])      # a token first seen at i
+        folder = tmp_path / "eos"
+        shutil.copytree(qwen_folder, folder)
+        (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [reply[k]]}))
+        sys_.run(Job(id="load2", kind="load", client_id="", topic=m.DAEMON_TOPIC,
+                     request=m.Load(client_id="", topic=m.DAEMON_TOPIC, path=str(folder), strategy="cpu fp32")))
+        model, tpl = sys_.host.model, sys_.host.template
+        assert tpl.stop_tokens == (151645, reply[k]) and tpl.after_stop(reply[k]) == "<|im_end|>\n"
+        events = sys_.chat("stopped", "Hello there", **sampled)
+        done = events[-1]
+        assert done.reason == "stop" and done.tokens == k + 1 and _reply(events) == tok.decode(reply[:k])
+        state = model.load_state(sys_.store.state_path("stopped", 1, model.fingerprint))
+        assert state.tokens[0].tolist() == prompt + reply[:k + 1] + tok.encode("<|im_end|>\n")
+    finally:
+        sys_.close()
