@@ -158,7 +158,7 @@ def test_a_failing_cache_costs_only_the_cache(model):
     msgs = [m.ChatMessage("user", "hi")]
     sessions.prefix.store(stateless.render(RWKV_CHAT, tok, msgs), model.fingerprint, OOMState(), logits, copy=False)
     gen = SimpleNamespace(id="j2", sessions=sessions, host=SimpleNamespace(model=model), config=SimpleNamespace(
-        sampling=SimpleNamespace(updated=lambda given: given)), state=None, logits=None, pos=0, cached=0,
+        sampling_base=lambda defaults: SimpleNamespace(updated=lambda given: given)), state=None, logits=None, pos=0, cached=0,
         request=m.ChatMessages(client_id="c", topic="t", messages=msgs))
     stateless.start(gen, model, tok, RWKV_CHAT, {})                    # the hit's copy fails
     assert gen.cached == 0 and gen.pos == 0 and gen.state is not None     # read from the zero state
