@@ -22,9 +22,8 @@ EXAMPLES = """examples:
 """
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the command; returns 0 (fits or unknown), 1 (a device does not fit) or 2 (a user mistake, one line
-    on stderr)."""
+def parser() -> argparse.ArgumentParser:
+    """The command's argument parser (``rwkv-chat plan --help``)."""
     ap = argparse.ArgumentParser(prog="rwkv-chat plan", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
     ap.add_argument("model", metavar="MODEL", help="an RWKV .pth / .safetensors file, or a Qwen2 model folder")
@@ -36,6 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--context", type=int, default=None, metavar="T",
                     help="Qwen2: KV cache tokens per conversation (default 4096)")
     ap.add_argument("--json", action="store_true", help="print the plan as JSON")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command; returns 0 (fits or unknown), 1 (a device does not fit) or 2 (a user mistake, one line
+    on stderr)."""
+    ap = parser()
     args = ap.parse_args(argv)
     if args.strategy is None and not args.suggest:
         ap.error("give --strategy S (or --suggest)")

@@ -34,7 +34,7 @@ def _parsers(p: argparse.ArgumentParser, path=("rwkv-chat",)):
     for action in p._actions:
         if isinstance(action, argparse._SubParsersAction):
             for name, sub in action.choices.items():
-                if name not in ("bench", "convert"):   # their own parsers (rwkv_chat.app.bench, .convert), below
+                if name not in ("bench", "convert", "plan"):   # their own parsers (rwkv_chat.app.*), below
                     yield from _parsers(sub, path + (name,))
 
 
@@ -54,9 +54,10 @@ def _undocumented(p: argparse.ArgumentParser, path) -> list[str]:
 
 def test_every_command_and_flag_says_what_it_does_with_an_example(capsys):
     bad = [msg for path, p in _parsers(cli.parser()) for msg in _undocumented(p, path)]
-    from rwkv_chat.app import bench, convert
+    from rwkv_chat.app import bench, convert, plan
 
     bad += _undocumented(convert.parser(), ("rwkv-chat", "convert"))
+    bad += _undocumented(plan.parser(), ("rwkv-chat", "plan"))
 
     with pytest.raises(SystemExit):
         bench.main(["--help"])
