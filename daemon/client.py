@@ -281,15 +281,46 @@ class Client:
     def set_sampling(self, conversation_id: str, **sampling) -> None:
         self.request(m.SetSampling(conversation_id=conversation_id, sampling=_sampling(sampling)))
 
-    def export(self, conversation_id: str, fmt: str = "md") -> str:
-        """The whole export ("md" or "json"), fetched page by page."""
+    def export(self, conversation_id: str, fmt: str = "md", branches: str = "") -> str:
+        """The whole export ("md" or "json"), fetched page by page; ``branches`` "all" (every branch) or
+        "current" (the chosen path); "" = json all, md current."""
         parts, offset = [], 0
         while True:
-            page = self.request(m.Export(conversation_id=conversation_id, fmt=fmt, offset=offset))
+            page = self.request(m.Export(conversation_id=conversation_id, fmt=fmt, offset=offset, branches=branches))
             parts.append(page.text)
             offset += len(page.text)
             if not page.text or offset >= page.total:
                 return "".join(parts)
+
+    def branches(self, conversation_id: str) -> m.BranchList:
+        """Every turn of the conversation's tree (texts cut to summaries), fetched page by page."""
+        first = self.request(m.ListBranches(conversation_id=conversation_id))
+        turns = list(first.turns)
+        while turns and len(turns) < first.total:
+            page = self.request(m.ListBranches(conversation_id=conversation_id, offset=turns[-1].index + 1))
+            if not page.turns:
+                break
+            turns += page.turns
+        return m.BranchList(turns=turns, leaf=first.leaf, total=first.total)
+
+    def _whole(self, detail: m.ConversationDetail) -> m.ConversationDetail:
+        turns = list(detail.turns)
+        while turns and len(turns) < detail.conversation.turns:
+            page = self.request(m.GetConversation(conversation_id=detail.conversation.id,
+                                                  turn_offset=turns[-1].index + 1))
+            if not page.turns:
+                break
+            turns += page.turns
+        return m.ConversationDetail(conversation=detail.conversation, turns=turns)
+
+    def switch_branch(self, conversation_id: str, turn: int, step: int = 0) -> m.ConversationDetail:
+        """Choose the sibling ``step`` places from the turn ``turn`` (and the newest path below it); returns
+        the conversation with its new path."""
+        return self._whole(self.request(m.SwitchBranch(conversation_id=conversation_id, turn=turn, step=step)))
+
+    def delete_branch(self, conversation_id: str, turn: int) -> m.ConversationDetail:
+        """Delete the turn ``turn`` and every turn below it (their states too); returns the conversation left."""
+        return self._whole(self.request(m.DeleteBranch(conversation_id=conversation_id, turn=turn)))
 
     def cancel(self, job_id: str = "", conversation_id: str = "") -> None:
         self.request(m.Cancel(job_id=job_id, conversation_id=conversation_id))
@@ -414,13 +445,13 @@ class Client:
                                                     message=message, sampling=_sampling(sampling)))
 
     def regenerate(self, conversation_id: str, turn: int = -1, **sampling):
-        """Replace the last reply (``turn``: its index as the caller saw it, -1 for whatever is last; a daemon
-        error "Conflict" when that is not the last) with a new one, from the state before it."""
+        """A new reply beside the reply ``turn`` (-1: the last of the chosen path; a daemon error "Conflict"
+        when it is not a reply), from the state saved before its message: another branch, chosen."""
         return self._stream(conversation_id, m.Regenerate(client_id=self.client_id, conversation_id=conversation_id,
                                                           sampling=_sampling(sampling), turn=turn))
 
     def edit_last_user(self, conversation_id: str, text: str, turn: int = -1, **sampling):
-        """Replace the last user message (``turn``: its index as the caller saw it, -1 for whatever is last;
-        "Conflict" when that is not the last) with ``text`` and its reply with a new one."""
+        """``text`` beside the user message ``turn`` (-1: the last of the chosen path; "Conflict" when it is not
+        a user message) with a new reply: another branch, chosen."""
         return self._stream(conversation_id, m.EditLastUser(client_id=self.client_id, conversation_id=conversation_id,
                                                             text=text, sampling=_sampling(sampling), turn=turn))

@@ -119,22 +119,30 @@ class StopScanner:
 
 
 class Conflict(ValueError):
-    """A regenerate or edit names a turn that is not the conversation's last reply / last user message (the
-    conversation changed since the client showed it)."""
+    """A regenerate or edit names a turn that is not a reply / user message of the conversation (it changed
+    since the client showed it)."""
 
 
-def redo_turns(turns: list, mode: str, turn: int = -1) -> int:
-    """For a ``mode`` "regenerate" or "edit" of a conversation with ``turns``: the index of its last user turn
-    (from where the turns are replaced). ``turn``: the reply (regenerate) or user message (edit) the client
-    means, -1 for the last. Raises ValueError (nothing to redo), Conflict (``turn`` is not the last)."""
-    if len(turns) < 2 or turns[-1].role != "assistant" or turns[-2].role != "user":
-        raise ValueError(f"the conversation has no reply to {mode}")
-    target = turns[-1] if mode == "regenerate" else turns[-2]
-    if turn != -1 and turn != target.index:
-        what = "reply" if mode == "regenerate" else "user message"
-        raise Conflict(f"turn {turn} is not the last {what} of the conversation (that is turn {target.index}): "
-                       "it changed since it was shown; reload it")
-    return turns[-2].index
+def redo_target(store, cid: str, mode: str, turn: int = -1):
+    """For a ``mode`` "regenerate" or "edit" of the conversation ``cid``: the user turn it answers again or
+    replaces (``TurnInfo``) and the path above that turn (the turns a new branch keeps). ``turn``: the reply
+    (regenerate) or user message (edit) meant, -1 for the last of the chosen path. Raises ValueError (nothing
+    to redo), Conflict (``turn`` is not such a turn), NotFound."""
+    role = "assistant" if mode == "regenerate" else "user"
+    what = "reply" if mode == "regenerate" else "user message"
+    if turn == -1:
+        path = store.turns(cid)
+        if len(path) < 2 or path[-1].role != "assistant" or path[-2].role != "user":
+            raise ValueError(f"the conversation has no reply to {mode}")
+        path = path if mode == "regenerate" else path[:-1]
+    else:
+        path = store.turns(cid, upto=turn) if 0 <= turn else []
+        if not path or path[-1].index != turn or path[-1].role != role:
+            raise Conflict(f"turn {turn} is not a {what} of the conversation: it changed since it was shown; "
+                           "reload it")
+    if mode == "regenerate":           # the path to the reply: its message answered again
+        path = path[:-1]
+    return path[-1], path[:-1]
 
 
 @dataclass
@@ -197,7 +205,9 @@ class Generation:
         self.system_prompt = ""
         self.history = 0              # prompt tokens of the history re-read before the new message
         self.note = ""                # why history is re-read (Progress text)
-        self.drop_from: int | None = None
+        self.parent: int | None = None    # the turn the new message follows (None: the leaf when it commits)
+        self.user_index: int | None = None   # a regenerate: the stored message answered again
+        self.replies: list[int] = []      # the indices of the replies of ``pairs``
         self.user_text = ""
         self.user_created = 0.0
         self.user_tokens = 0
@@ -231,14 +241,15 @@ class Generation:
             args = self.config.sampling.updated({**conv.sampling, **given})
             if self.mode == "chat":
                 message, before = req.message, turns
-                self.drop_from = None
+                self.parent = turns[-1].index if turns else -1
             else:
-                self.drop_from = redo_turns(turns, self.mode, req.turn)
-                message = turns[-2].text if self.mode == "regenerate" else req.text
-                before = turns[:-2]
+                user, before = redo_target(store, cid, self.mode, req.turn)
+                message = user.text if self.mode == "regenerate" else req.text
+                self.parent, self.user_index = user.parent, user.index if self.mode == "regenerate" else None
             self.pairs = [(before[i].text, before[i + 1].text) for i in range(0, len(before) - 1, 2)]
+            self.replies = [before[i + 1].index for i in range(0, len(before) - 1, 2)]
             self.system_prompt, self.base_n = conv.system_prompt, len(self.pairs)
-            resume = self.sessions.resume(model, cid, conv.system_prompt, self.pairs)
+            resume = self.sessions.resume(model, cid, conv.system_prompt, self.pairs, self.replies)
             full = template.transcript(conv.system_prompt, self.pairs)
             head = template.transcript(conv.system_prompt, self.pairs[:resume.n]) if resume.state is not None else ""
             if resume.state is None or not full.startswith(head):
@@ -303,7 +314,9 @@ class Generation:
         """Save the state after the re-read history (the exchanges before this one) on this model, so a
         regenerate or edit of this exchange resumes from it. A failure to write it only costs a later re-read."""
         cid, model = self.conversation_id, self.host.model
-        path = self.store.state_path(cid, self.base_n, model.fingerprint)
+        if not self.base_n:
+            return
+        path = self.store.state_path(cid, self.replies[self.base_n - 1], model.fingerprint)
         try:
             self.store.make_model_dir(cid, model.fingerprint)
             self.state.save(path, metadata={DIGEST_KEY: transcript_digest(self.system_prompt, self.pairs)})
@@ -433,8 +446,8 @@ class Generation:
         return self.text.strip() if self.kind == "chat" else self.text
 
     def _commit(self) -> None:
-        """Persist a finished (or stopped) chat exchange: state file (atomic) where there is a reply state, then
-        the turns (one transaction); prune the state files no longer needed."""
+        """Persist a finished (or stopped) chat exchange: the turns (one transaction); the state file of the new reply after them (every reply's state is kept:
+        a branch from any turn re-reads nothing above it)."""
         if self.kind != "chat":
             return
         store, cid, model = self.store, self.conversation_id, self.host.model
@@ -443,29 +456,24 @@ class Generation:
         reply = self.reply_text()
         digest = transcript_digest(self.system_prompt, self.pairs + [(self.user_text, reply)])
         sd = self.sampler.state_dict()
-        path = store.state_path(cid, n, fp)
         conv = store.get(cid)                    # NotFound: deleted meanwhile
         saved = self.state is not None and conv.system_prompt == self.system_prompt   # else: consumed the old one
-        if saved:
-            store.make_model_dir(cid, fp)
-            self.state.save(path, metadata={**sampler_to_meta(sd), DIGEST_KEY: digest})
         now = time.time()
-        try:
-            store.commit_exchange(
-                cid, m.TurnInfo(0, "user", self.user_text, self.user_tokens, self.user_created, self.user_created),
-                m.TurnInfo(0, "assistant", reply, len(self.out_tokens), self.user_created, now,
-                           reason=self.reason, tokens_per_s=self.tokens_per_s()),
-                state_n=n if saved else None, fingerprint=fp, drop_from=self.drop_from)
-        except BaseException:
-            if saved:
-                path.unlink(missing_ok=True)
-            raise
-        if saved:
+        turn = store.commit_exchange(
+            cid, m.TurnInfo(0, "user", self.user_text, self.user_tokens, self.user_created, self.user_created),
+            m.TurnInfo(0, "assistant", reply, len(self.out_tokens), self.user_created, now,
+                       reason=self.reason, tokens_per_s=self.tokens_per_s()),
+            parent=self.parent, user_index=self.user_index)
+        if saved:                                # after the turns: a state file always names a stored reply
+            try:
+                store.make_model_dir(cid, fp)
+                self.state.save(store.state_path(cid, turn, fp), metadata={**sampler_to_meta(sd), DIGEST_KEY: digest})
+                store.update(cid, state_n=n, model_fingerprint=fp, state_stale=0)
+            except OSError as e:
+                log.warning("conversation %s: could not save the state after turn %d: %s", cid, turn, e)
             self.sessions.put(cid, self.state, sd, n, digest)
         else:
             self.sessions.drop(cid)
-        store.prune_states(cid, fp, keep={self.base_n, n} if saved else {self.base_n, self.resumed_n},
-                           changed_after=self.base_n if self.drop_from is not None else None)
 
     def _commit_unstarted(self) -> None:
         """Keep the message of a chat cancelled before it started, with an empty stopped reply (no state), in a

@@ -14,12 +14,15 @@ import resource
 import time
 from typing import Callable
 
-from .generation import Job, redo_turns
+from .branches import delete_branch, export_conversation, switch_branch, tree_page
+from .generation import Job, redo_target
 from .protocol import codec as p
 from .protocol import messages as m
 from .protocol.messages import (EXPORT_PAGE_CHARS, MAX_PAGE, TURN_PAGE_BYTES, check_conversation_id, check_request,
                                 check_topic, new_conversation_id, quote)
-from .store import export_conversation
+
+#: turns per ListBranches page (summaries of SUMMARY_CHARS characters: a bounded frame)
+BRANCH_PAGE = 200
 
 Handler = Callable[..., "tuple[m.Msg, list]"]
 
@@ -161,7 +164,7 @@ def _chat(server, msg):
 def _redo(server, msg):
     cid = check_conversation_id(msg.conversation_id)
     mode = "regenerate" if isinstance(msg, m.Regenerate) else "edit"
-    redo_turns(server.store.turns(server.store.get(cid).id), mode, msg.turn)   # checked again when it starts
+    redo_target(server.store, server.store.get(cid).id, mode, msg.turn)    # checked again when it starts
     return _generation(server, msg, "chat", cid, cid, mode), []
 
 
@@ -234,9 +237,33 @@ def _set_sampling(server, msg):
 @handles(m.Export)
 def _export(server, msg):
     c = server.store.get(msg.conversation_id)
-    text = export_conversation(c, server.store.turns(c.id), msg.fmt)
+    which = msg.branches or ("all" if msg.fmt == "json" else "current")
+    if which not in ("all", "current"):
+        raise ValueError(f"unknown branches {quote(which)} (all or current)")
+    tree = tree_page(server.store, c.id, 0, -1, m.MAX_TEXT)[0] if which == "all" else None
+    text = export_conversation(c, server.store.turns(c.id), msg.fmt, tree)
     page = text[msg.offset:msg.offset + EXPORT_PAGE_CHARS]
     return m.ExportReply(fmt=msg.fmt, text=page, offset=msg.offset, total=len(text)), []
+
+
+@handles(m.ListBranches)
+def _branches(server, msg):
+    turns, total = tree_page(server.store, msg.conversation_id, msg.offset, BRANCH_PAGE)
+    leaf = server.store.get(msg.conversation_id).leaf
+    return m.BranchList(turns=turns, leaf=leaf, total=total, offset=msg.offset), []
+
+
+@handles(m.SwitchBranch)
+def _switch_branch(server, msg):
+    switch_branch(server.store, msg.conversation_id, msg.turn, msg.step)
+    return _detail(server, msg.conversation_id), []
+
+
+@handles(m.DeleteBranch)
+def _delete_branch(server, msg):
+    delete_branch(server.store, msg.conversation_id, msg.turn)
+    server.sessions.drop(msg.conversation_id)
+    return _detail(server, msg.conversation_id), []
 
 
 @handles(m.GetState)
@@ -244,7 +271,7 @@ def _get_state(server, msg):
     from rwkv_chat.models import State
 
     c = server.store.get(msg.conversation_id)
-    state = State.load(server.store.state_path(c.id, c.state_n, c.model_fingerprint))
+    state = State.load(server.store.state_path(c.id, c.leaf, c.model_fingerprint))
     tensors = {f"layers.{i}.{n}": t for i, layer in enumerate(state.layers) for n, t in zip(state.names, layer)}
     metas, bufs = p.tensor_frames(tensors)
     meta = {**state.metadata, "version": state.version, "fingerprint": state.fingerprint,

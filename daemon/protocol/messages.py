@@ -184,8 +184,9 @@ class Chat(Msg):
 
 
 class Regenerate(Msg):
-    """Replace the last reply with a new one. ``turn``: the index of the reply the client shows as the last one
-    (the daemon refuses with kind "Conflict" when that is not the conversation's last reply); -1: whatever is last."""
+    """A new reply to the message of the reply ``turn`` (-1: the last reply of the chosen path), added beside
+    it as another branch and chosen; it starts from the state saved before that message (nothing above it is
+    read again). Kind "Conflict" when ``turn`` is not a reply of the conversation."""
 
     client_id: str
     conversation_id: str
@@ -194,8 +195,9 @@ class Regenerate(Msg):
 
 
 class EditLastUser(Msg):
-    """Replace the last user message with ``text`` (and its reply with a new one). ``turn``: the index of the
-    user message the client shows as the last one ("Conflict" when it is not); -1: whatever is last."""
+    """An edited user message ``text`` in place of the message ``turn`` (-1: the last of the chosen path),
+    added beside it as another branch (the original stays) with a new reply, and chosen. Kind "Conflict" when
+    ``turn`` is not a user message of the conversation."""
 
     client_id: str
     conversation_id: str
@@ -267,6 +269,32 @@ class Export(Msg):
     conversation_id: str
     fmt: str = "md"
     offset: int = 0
+    branches: str = ""            # "all" (every branch), "current" (the chosen path); "": json all, md current
+
+
+class ListBranches(Msg):
+    """A page of the whole tree of a conversation's turns (every branch), by index from ``offset``: texts cut
+    to :data:`SUMMARY_CHARS` characters. Reply: BranchList."""
+
+    conversation_id: str
+    offset: int = 0
+
+
+class SwitchBranch(Msg):
+    """Choose the sibling ``step`` places after (negative: before) the turn ``turn`` (0: that turn; clamped to
+    the first and last) and the newest path below it. Reply: ConversationDetail of the new path."""
+
+    conversation_id: str
+    turn: int
+    step: int = 0
+
+
+class DeleteBranch(Msg):
+    """Delete the turn ``turn`` and every turn below it, with their saved states (a reply that is its
+    message's only one takes that message along); the rest is kept. Reply: ConversationDetail."""
+
+    conversation_id: str
+    turn: int
 
 
 class GetState(Msg):
@@ -282,7 +310,7 @@ class Shutdown(Msg):
 Request = Union[
     Ping, Status, Probe, Load, Complete, Chat, Regenerate, EditLastUser, Cancel, ListConversations,
     GetConversation, FindConversation, CreateConversation, RenameConversation, DeleteConversation, SetSystemPrompt,
-    SetSampling, Export, GetState, Shutdown,
+    SetSampling, Export, GetState, Shutdown, ListBranches, SwitchBranch, DeleteBranch,
 ]
 
 
@@ -349,6 +377,7 @@ class ConversationInfo(msgspec.Struct, forbid_unknown_fields=True):
     turns: int = 0
     truncated: bool = False       # title / system prompt cut (a summary, or stored beyond the limits)
     state_models: list[str] = []  # fingerprints of the models with a saved state after every turn (no re-read)
+    leaf: int = -1                # the last turn of the chosen path (a conversation is a tree of turns)
 
 
 class TurnInfo(msgspec.Struct, forbid_unknown_fields=True):
@@ -366,6 +395,9 @@ class TurnInfo(msgspec.Struct, forbid_unknown_fields=True):
     reason: str = ""
     tokens_per_s: float = 0.0
     truncated: bool = False       # text cut to MAX_TEXT bytes (stored beyond the limit by an older version)
+    parent: int = -1              # the turn above it (-1: a first message)
+    branch: int = 0               # its place among the turns of the same parent (from 0)
+    branches: int = 1             # turns of the same parent (itself included): > 1 where the tree branches
 
 
 class ConversationList(Msg):
@@ -381,6 +413,16 @@ class ConversationDetail(Msg):
 
     conversation: ConversationInfo
     turns: list[TurnInfo]
+
+
+class BranchList(Msg):
+    """A page of every turn of a conversation (``turns``, texts cut to :data:`SUMMARY_CHARS`, ``truncated`` set
+    when cut) by index from ``offset``; ``total`` turns in all; ``leaf`` ends the chosen path."""
+
+    turns: list[TurnInfo]
+    leaf: int = -1
+    total: int = 0
+    offset: int = 0
 
 
 class ExportReply(Msg):
@@ -401,7 +443,7 @@ class StateReply(Msg):
 
 Reply = Union[
     Ok, Pong, Accepted, Busy, Error, StatusReply, ConversationList, ConversationDetail, ExportReply,
-    StateReply,
+    StateReply, BranchList,
 ]
 
 
@@ -472,6 +514,9 @@ class Done(Msg):
     decode_s: float
     tokens_per_s: float
     truncated: bool = False
+    reread_tokens: int = 0        # of prompt_tokens: the conversation's earlier turns read again (no saved state)
+    cached_tokens: int = 0        # tokens not read: their state came from the shared prompt cache
+    draft_tokens: int = 0         # tokens of the message read ahead while it was typed (draft prefill)
 
 
 class Failed(Msg):
