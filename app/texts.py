@@ -73,9 +73,10 @@ def serving_short(model: dict) -> str:
 
 
 def render_tree(turns: list, leaf: int, width: int = 60) -> str:
-    """The tree ``turns`` as indented lines (``*`` marks the chosen path): a turn's children under it, one
-    level deeper where it has more than one."""
-    kids: dict[int, list[TurnInfo]] = {}
+    """The tree ``turns`` (every ``TurnInfo`` of a conversation) as indented lines, ``*`` marking the chosen
+    path (the one that ends at ``leaf``): a turn's children under it, one level deeper where it has more than
+    one; texts cut to ``width`` characters."""
+    kids: dict[int, list] = {}
     for t in turns:
         kids.setdefault(t.parent, []).append(t)
     by = {t.index: t for t in turns}
