@@ -3,7 +3,8 @@
 The store keeps the tree (each turn's ``parent``, the conversation's ``leaf``: see
 :mod:`~rwkv_chat.daemon.store`). A user turn's children are the replies to it (a regenerate adds one), a
 reply's children the messages after it (an edit adds a sibling message under the same reply). Choosing a
-turn chooses the newest path below it: at each turn, its child of the largest index, down to a leaf.
+turn chooses the path below it that was chosen last (``visited``; the newest child where none was), down to
+a leaf.
 
 Every function takes the :class:`~rwkv_chat.daemon.store.Store`; ids are checked by it. Raises
 :class:`~rwkv_chat.daemon.store.NotFound` for a conversation or turn that does not exist.
@@ -39,31 +40,33 @@ def _children(db, cid: str, parent: int) -> list[int]:
                                      (cid, parent))]
 
 
-def newest_leaf(store, cid: str, turn: int) -> int:
-    """The leaf of the newest path below ``turn`` (``turn`` itself when it has no child; -1: from the root)."""
+def chosen_leaf(store, cid: str, turn: int) -> int:
+    """The leaf of the path below ``turn`` chosen last (``turn`` itself when it has no child; -1: from the
+    root)."""
     db = store.db
     while True:
-        kids = _children(db, cid, turn)
-        if not kids:
+        kid = db.execute("SELECT idx FROM turns WHERE conversation_id=? AND parent=? ORDER BY visited DESC, idx DESC"
+                         " LIMIT 1", (cid, turn)).fetchone()
+        if kid is None:
             return turn
-        turn = kids[-1]
+        turn = kid[0]
 
 
 def switch_branch(store, cid: str, turn: int, step: int = 0) -> int:
-    """Choose the sibling ``step`` places from ``turn`` (clamped to the first / last) and the newest path
-    below it; returns the new leaf."""
+    """Choose the sibling ``step`` places from ``turn`` (clamped to the first / last) and the path below it
+    chosen last; returns the new leaf."""
     _, _, parent = _row(store, cid, turn)
     sibs = _children(store.db, cid, parent)
     target = sibs[max(0, min(len(sibs) - 1, sibs.index(int(turn)) + int(step)))]
-    leaf = newest_leaf(store, cid, target)
-    store.db.execute("UPDATE conversations SET leaf=? WHERE id=?", (leaf, cid))
+    leaf = chosen_leaf(store, cid, target)
+    store.choose(cid, leaf)
     return leaf
 
 
 def delete_branch(store, cid: str, turn: int) -> list[int]:
     """Delete ``turn`` and every turn below it, and the state files of the replies among them; a reply that is
-    the only one of its message takes the message along. When the chosen path went through them, the newest
-    path of what is left under their parent is chosen. Returns the indices deleted."""
+    the only one of its message takes the message along. When the chosen path went through them, the path
+    chosen last among what is left under their parent is chosen. Returns the indices deleted."""
     idx, role, parent = _row(store, cid, turn)
     db = store.db
     if role == "assistant" and parent >= 0 and len(_children(db, cid, parent)) == 1:
@@ -74,7 +77,7 @@ def delete_branch(store, cid: str, turn: int) -> list[int]:
         leaf = db.execute("SELECT leaf FROM conversations WHERE id=?", (cid,)).fetchone()[0]
         db.executemany("DELETE FROM turns WHERE conversation_id=? AND idx=?", [(cid, i) for i in gone])
         if leaf in gone:
-            db.execute("UPDATE conversations SET leaf=? WHERE id=?", (newest_leaf(store, cid, parent), cid))
+            store.choose(cid, chosen_leaf(store, cid, parent))
         db.execute("COMMIT")
     except BaseException:
         db.execute("ROLLBACK")

@@ -8,7 +8,7 @@ turn and its reply; a reply keeps why it ended, ``reason``, and its decode speed
 the user stopped is kept as far as it got, ``reason`` "cancelled"). Version 2 added those two columns.
 
 A conversation is a tree of turns (version 3): every turn names its ``parent`` (-1: a first message) and its
-``depth`` (turns above it); a user turn's children are replies to it, a reply's children the messages after
+``depth`` (turns above it) and when it was last on the chosen path (``visited``); a user turn's children are replies to it, a reply's children the messages after
 it. The conversation's ``leaf`` (a reply, -1 when empty) chooses the path shown and continued:
 :meth:`Store.turns` is that path, root first. A regenerate adds a sibling reply, an edit a sibling message
 (:meth:`Store.commit_exchange`); :mod:`~rwkv_chat.daemon.branches` switches and deletes branches. A turn's
@@ -90,6 +90,7 @@ CREATE TABLE turns (
     tokens_per_s REAL NOT NULL DEFAULT 0,
     parent INTEGER NOT NULL DEFAULT -1,
     depth INTEGER NOT NULL DEFAULT 0,
+    visited REAL NOT NULL DEFAULT 0,
     PRIMARY KEY (conversation_id, idx)
 );
 CREATE INDEX IF NOT EXISTS turns_parent ON turns(conversation_id, parent);
@@ -101,6 +102,7 @@ _MIGRATIONS = {
         "ALTER TABLE turns ADD COLUMN tokens_per_s REAL NOT NULL DEFAULT 0"),
     3: ("ALTER TABLE turns ADD COLUMN parent INTEGER NOT NULL DEFAULT -1",
         "ALTER TABLE turns ADD COLUMN depth INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE turns ADD COLUMN visited REAL NOT NULL DEFAULT 0",
         "UPDATE turns SET parent=COALESCE((SELECT MAX(p.idx) FROM turns p WHERE p.conversation_id=turns.conversation_id"
         " AND p.idx<turns.idx),-1), depth=(SELECT COUNT(*) FROM turns p WHERE p.conversation_id=turns.conversation_id"
         " AND p.idx<turns.idx)",
@@ -311,6 +313,13 @@ class Store:
         cur.close()
         return out
 
+    def choose(self, cid: str, leaf: int) -> None:
+        """Make ``leaf`` the end of the chosen path of ``cid`` and mark the turns of that path visited now (a
+        switch to a turn above them comes back down this path)."""
+        self.db.execute("UPDATE conversations SET leaf=? WHERE id=?", (leaf, cid))
+        self.db.execute(self._PATH + "UPDATE turns SET visited=:v WHERE conversation_id=:c AND idx IN p",
+                        {"c": cid, "a": leaf, "v": time.time()})
+
     def commit_exchange(self, cid: str, user: TurnInfo, assistant: TurnInfo, state_n: int | None = None,
                         fingerprint: str = "", parent: int | None = None, user_index: int | None = None) -> int:
         """Atomically (one transaction): add ``user`` as a child of the turn ``parent`` (None: the conversation's
@@ -350,11 +359,12 @@ class Store:
                            (cid, idx, t.role, t.text, t.tokens, t.created, t.finished, t.reason, t.tokens_per_s,
                             par, dep))
             leaf = rows[-1][0]
+            self.choose(cid, leaf)
             if state_n is None:
-                db.execute("UPDATE conversations SET leaf=?,updated=? WHERE id=?", (leaf, time.time(), cid))
+                db.execute("UPDATE conversations SET updated=? WHERE id=?", (time.time(), cid))
             else:
-                db.execute("UPDATE conversations SET leaf=?,state_n=?,state_stale=0,model_fingerprint=?,updated=?"
-                           " WHERE id=?", (leaf, state_n, fingerprint, time.time(), cid))
+                db.execute("UPDATE conversations SET state_n=?,state_stale=0,model_fingerprint=?,updated=?"
+                           " WHERE id=?", (state_n, fingerprint, time.time(), cid))
             db.execute("UPDATE conversations SET title=? WHERE id=? AND title=''", (title_from(user.text), cid))
             db.execute("COMMIT")
         except BaseException:
