@@ -211,6 +211,10 @@ class Generation:
         self.user_text = ""
         self.user_created = 0.0
         self.user_tokens = 0
+        self.cached = 0               # prompt tokens whose state came from the shared prompt cache
+        self.cache_at = 0             # prompt position after which the state is shared (0: none)
+        self.cache_tokens: list[int] = []
+        self.draft_tokens = 0         # tokens of the message read ahead from its draft
 
     def info(self) -> dict:
         return {"job_id": self.id, "kind": self.kind, "client_id": self.client_id,
@@ -254,9 +258,12 @@ class Generation:
             head = template.transcript(conv.system_prompt, self.pairs[:resume.n]) if resume.state is not None else ""
             if resume.state is None or not full.startswith(head):
                 resume.state, resume.sampler, resume.n, head = None, None, 0, ""
+            shared: list[int] = []
+            if resume.state is None:            # from the start: the system prompt's state may be shared
+                resume.state, head, shared = self._shared_prefix(model, tok, template, conv.system_prompt, full)
             self.state = resume.state if resume.state is not None else model.zero_state()
             sampler_sd, self.resumed_n = resume.sampler, resume.n
-            history = tok.encode(full[len(head):]) if len(full) > len(head) else []
+            history = shared + (tok.encode(full[len(head):]) if len(full) > len(head) else [])
             self.prompt = history + tok.encode(template.prompt(message))
             self.history = len(history) if resume.n < self.base_n else 0
             if resume.problems:
@@ -291,18 +298,38 @@ class Generation:
         self.emit(self.topic, m.Started(job_id=self.id, kind=self.kind, conversation_id=self.conversation_id,
                                         message=m.clip_bytes(self.user_text, m.MAX_EVENT_TEXT)[0]))
 
+    def _shared_prefix(self, model, tok, template, system_prompt: str, full: str):
+        """For a chat read from its start: ``(state, head, tokens)`` — the shared state after the system prompt
+        (``head``, its text) when the prompt cache has it (``tokens`` empty; ``cached`` counts them), else
+        ``(None, head, tokens)`` with the prompt's tokens, to be read first and their state shared once read
+        (``cache_at``); ``(None, "", [])`` without a system prompt or a cache."""
+        prompts = getattr(self.sessions, "prompts", None)
+        head = template.transcript(system_prompt, []) if system_prompt else ""
+        if prompts is None or not head or not full.startswith(head):
+            return None, "", []
+        tokens = tok.encode(head)
+        state = prompts.get(model, tokens)
+        if state is not None:
+            self.cached = len(tokens)
+            return state, head, []
+        self.cache_at, self.cache_tokens = len(tokens), tokens
+        return None, head, tokens
+
     def prefill_chunk(self) -> None:
         """Feed the next ``chunk_len`` prompt tokens; emit Progress; phase -> "decode" after the last chunk."""
         t0 = time.perf_counter()
         n = self.config.daemon.chunk_len
         end = min(self.pos + n, len(self.prompt))
-        if self.pos < self.history < end:
-            end = self.history                   # a chunk ends where the re-read history does
+        for mark in (self.history, self.cache_at):
+            if self.pos < mark < end:
+                end = mark                       # a chunk ends where the re-read history / a shared prefix does
         chunk = self.prompt[self.pos:end]
         self.logits, self.state = self.host.model.forward(chunk, self.state)
         self.pos += len(chunk)
         if self.pos == self.history:
             self._save_history_state()
+        if self.pos == self.cache_at and self.cache_tokens:
+            self.sessions.prompts.put(self.host.model, self.cache_tokens, self.state)
         self.t_prefill += time.perf_counter() - t0
         self.t_chunk = time.perf_counter()
         self.emit(self.topic, m.Progress(job_id=self.id, phase="prefill", done=self.pos, total=len(self.prompt),
@@ -506,7 +533,8 @@ class Generation:
         self.emit(self.topic, m.Done(job_id=self.id, reason=self.reason, text=text,
                                      prompt_tokens=len(self.prompt), tokens=len(self.out_tokens),
                                      prefill_s=self.t_prefill, decode_s=self.t_decode, tokens_per_s=rate,
-                                     truncated=cut))
+                                     truncated=cut, reread_tokens=self.history, cached_tokens=self.cached,
+                                     draft_tokens=self.draft_tokens))
 
     def fail(self, kind: str, message: str) -> None:
         """Send the Failed event (``kind`` as ``host.classify`` names it)."""

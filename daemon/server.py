@@ -45,6 +45,7 @@ from .protocol import codec as p
 from .protocol import connection
 from .protocol import messages as m
 from .scheduler import Scheduler
+from .prompt_cache import PromptCache
 from .sessions import Sessions
 from .store import Store
 
@@ -184,6 +185,8 @@ class Server:
             if n:
                 log.info("removed %d temporary file(s) of a save that was interrupted", n)
             self.sessions = Sessions(self.store, d.resident_states, d.cpu_states)
+            self.sessions.prompts = PromptCache(self.paths.data_dir / "prompt_states", d.prompt_cache_ram_bytes,
+                                                d.prompt_cache_disk_bytes)
             self.host = Host()
             self.scheduler = Scheduler(self.host, self.store, self.sessions, self.config, self.emit)
             self.scheduler.start()

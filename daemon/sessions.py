@@ -111,6 +111,7 @@ class Sessions:
         self.cpu = max(0, cpu)
         self._lru: OrderedDict[str, Entry] = OrderedDict()
         self._lock = threading.RLock()
+        self.prompts = None           # the shared prompt states (daemon.prompt_cache.PromptCache), if any
 
     def clear(self) -> None:
         """Forget every in-memory state (a new model was loaded)."""
