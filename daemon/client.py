@@ -322,6 +322,11 @@ class Client:
         """Delete the turn ``turn`` and every turn below it (their states too); returns the conversation left."""
         return self._whole(self.request(m.DeleteBranch(conversation_id=conversation_id, turn=turn)))
 
+    def draft(self, conversation_id: str, text: str) -> None:
+        """The draft of the next message of ``conversation_id`` as typed so far ("" clears it): the daemon may
+        read it ahead so that the message, once sent, reads only its remainder."""
+        self.request(m.Draft(client_id=self.client_id, conversation_id=conversation_id, text=text))
+
     def cancel(self, job_id: str = "", conversation_id: str = "") -> None:
         self.request(m.Cancel(job_id=job_id, conversation_id=conversation_id))
 

@@ -265,6 +265,13 @@ class Generation:
             sampler_sd, self.resumed_n = resume.sampler, resume.n
             history = shared + (tok.encode(full[len(head):]) if len(full) > len(head) else [])
             self.prompt = history + tok.encode(template.prompt(message))
+            drafts = getattr(self.sessions, "drafts", None)
+            if drafts is not None and self.mode == "chat" and not history:     # read ahead while typed?
+                got = drafts.take(cid, (model.fingerprint, transcript_digest(conv.system_prompt, self.pairs)),
+                                  self.prompt)
+                if got is not None:
+                    self.pos, self.state = got
+                    self.draft_tokens = self.pos
             self.history = len(history) if resume.n < self.base_n else 0
             if resume.problems:
                 self.note = (f"re-reading the conversation: its saved state could not be used "

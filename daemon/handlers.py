@@ -168,6 +168,13 @@ def _redo(server, msg):
     return _generation(server, msg, "chat", cid, cid, mode), []
 
 
+@handles(m.Draft)
+def _draft(server, msg):
+    server.sessions.drafts.update(check_conversation_id(msg.conversation_id), msg.text)
+    server.scheduler.poke()
+    return m.Ok(), []
+
+
 @handles(m.Cancel)
 def _cancel(server, msg):
     if msg.conversation_id:

@@ -28,6 +28,10 @@ decoding, and sampling stays per generation (each its own Sampler). The decoder'
 that a generation's logits do not depend on which others share its step (``[daemon] batch_invariant``, see
 :func:`~rwkv_chat.daemon.host.decode_buckets`).
 
+Draft prefill (:mod:`~rwkv_chat.daemon.drafts`): when no generation is admitted or waiting, an iteration
+reads one chunk of a message being typed into its scratch state instead of sleeping; it never runs before
+another client's prefill or decode step.
+
 Out of memory (MemoryError, torch.OutOfMemoryError, allocator errors) in a load, prefill or decode step
 fails the jobs concerned with kind "OOM"; the daemon serves on.
 """
@@ -75,6 +79,7 @@ class Scheduler:
         self._slice_start: dict[str, float] = {}   # job id -> monotonic time it was (re)admitted
         self._reported: dict[str, tuple[int, float]] = {}   # job id -> (position, time) of its last Queued
         self._t_round = 0.0             # perf_counter of the last round of Token events
+        self.drafts = None              # messages being typed (daemon.drafts.Drafts): read ahead when idle
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="rwkv-inference", daemon=True)
 
@@ -89,6 +94,11 @@ class Scheduler:
                 j.cancel.set()
             self._wake.notify_all()
         self._thread.join(timeout)
+
+    def poke(self) -> None:
+        """Wake the inference thread (a draft to read ahead)."""
+        with self._lock:
+            self._wake.notify_all()
 
     def queued(self) -> int:
         with self._lock:
@@ -153,7 +163,9 @@ class Scheduler:
                 if admin is None:
                     self._admit_locked(now)
                 reports = self._reports_locked(now)
-                if (admin is None and not self.active and not (dropped or expired or paused or reports)
+                draft = (admin is None and not self.active and not self._pending and self.drafts is not None
+                         and self.drafts.due())    # idle only: a draft never delays another's step
+                if (admin is None and not self.active and not (dropped or expired or paused or reports or draft)
                         and not self.host.switch_due()):
                     self._wake.wait(0.5)
                     continue
@@ -173,6 +185,8 @@ class Scheduler:
                     self._run_load(admin)
                 elif self.active:
                     self._step_all()
+                elif draft:
+                    self.drafts.step(self.host, self.store, self.sessions)
             except BaseException as e:    # noqa: BLE001 — the inference thread must survive anything
                 log.exception("scheduler step failed")
                 for gen in list(self.active):

@@ -45,6 +45,7 @@ from .protocol import codec as p
 from .protocol import connection
 from .protocol import messages as m
 from .scheduler import Scheduler
+from .drafts import Drafts
 from .prompt_cache import PromptCache
 from .sessions import Sessions
 from .store import Store
@@ -189,6 +190,7 @@ class Server:
                                                 d.prompt_cache_disk_bytes)
             self.host = Host()
             self.scheduler = Scheduler(self.host, self.store, self.sessions, self.config, self.emit)
+            self.scheduler.drafts = self.sessions.drafts = Drafts(d.draft_prefill)
             self.scheduler.start()
             if self.model:
                 self.host.expect(self.model, self.strategy)    # status says so before any client can ask

@@ -112,6 +112,7 @@ class Sessions:
         self._lru: OrderedDict[str, Entry] = OrderedDict()
         self._lock = threading.RLock()
         self.prompts = None           # the shared prompt states (daemon.prompt_cache.PromptCache), if any
+        self.drafts = None            # the messages being typed (daemon.drafts.Drafts), if any
 
     def clear(self) -> None:
         """Forget every in-memory state (a new model was loaded)."""
@@ -180,5 +181,10 @@ class Sessions:
 
     def stats(self) -> dict:
         with self._lock:
-            return {"resident": sum(not e.spilled for e in self._lru.values()),
-                    "spilled": sum(e.spilled for e in self._lru.values())}
+            out = {"resident": sum(not e.spilled for e in self._lru.values()),
+                   "spilled": sum(e.spilled for e in self._lru.values())}
+        if self.prompts is not None:
+            out["prompt_cache"] = self.prompts.stats()
+        if self.drafts is not None:
+            out["drafts"] = self.drafts.stats()
+        return out

@@ -206,6 +206,16 @@ class EditLastUser(Msg):
     turn: int = -1
 
 
+class Draft(Msg):
+    """The draft of the next message of a conversation as it is typed ("" when cleared): the daemon may read
+    it ahead, at low priority, so that a Chat with that message reads only what was not read yet
+    (``[daemon] draft_prefill``). Reply: Ok (also when drafts are off)."""
+
+    client_id: str
+    conversation_id: str
+    text: str = ""
+
+
 class Cancel(Msg):
     job_id: str = ""
     conversation_id: str = ""
@@ -310,7 +320,7 @@ class Shutdown(Msg):
 Request = Union[
     Ping, Status, Probe, Load, Complete, Chat, Regenerate, EditLastUser, Cancel, ListConversations,
     GetConversation, FindConversation, CreateConversation, RenameConversation, DeleteConversation, SetSystemPrompt,
-    SetSampling, Export, GetState, Shutdown, ListBranches, SwitchBranch, DeleteBranch,
+    SetSampling, Export, GetState, Shutdown, ListBranches, SwitchBranch, DeleteBranch, Draft,
 ]
 
 
@@ -544,7 +554,7 @@ def check_request(msg: Msg) -> Msg:
         v = getattr(msg, field, None)
         if isinstance(v, str):
             _limit(field, len(v), MAX_ID, "characters")
-    texts = {Chat: ("message", "message"), EditLastUser: ("text", "message"),
+    texts = {Chat: ("message", "message"), EditLastUser: ("text", "message"), Draft: ("text", "draft"),
              SetSystemPrompt: ("text", "system prompt"), CreateConversation: ("system_prompt", "system prompt")}
     if type(msg) in texts:
         attr, name = texts[type(msg)]
