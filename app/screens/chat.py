@@ -27,6 +27,7 @@ from ..widgets.sampling_panel import SamplingPanel
 from ..widgets.sidebar import Sidebar
 from ..widgets.status_bar import StatusBar
 from .conversation_actions import ConversationActions
+from .drafting import DraftSender
 
 SHOWN_TURNS = 60          # turns rendered when a conversation opens (older ones: a note)
 STOPPED = "stopped (kept as far as it got)"
@@ -34,7 +35,7 @@ SWITCH = Binding.Group("Conversation", compact=True)     # the footer shows "^â†
 LOAD_KEY = "Ctrl+L"
 
 
-class ChatScreen(ConversationActions, Screen):
+class ChatScreen(ConversationActions, DraftSender, Screen):
     AUTO_FOCUS = "#input"
     BINDINGS = [
         Binding("escape", "stop", "Stop"),
@@ -384,6 +385,7 @@ class ChatScreen(ConversationActions, Screen):
         if not model.get("loaded") and not model.get("loading"):
             self.no_model()                      # nothing is sent, nothing is made: the text stays
             return
+        self.cancel_draft()
         self.input.remember(text)
         self.input.clear()
         if self.cid is None:  # a new conversation starts on a clean view (no empty-state hint above it)

@@ -79,3 +79,26 @@ async def test_branch_arrows_walk_regenerated_replies_and_an_edit(fresh_daemon):
         assert nxt.reread_tokens == 0 and nxt.prompt_tokens == len("User: Go on\n\nAssistant:".encode())
         assert [t.text for t in client.conversation(cid).turns][:4] == ["Hello", first.text, "Tell me a story",
                                                                       replies[0]]
+
+
+@async_test
+async def test_a_message_is_read_while_typed(fresh_daemon):
+    client = fresh_daemon.client
+    app = make_app(fresh_daemon)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await ready(pilot, app)
+        await send(pilot, app, "Hello")
+        cid = app.chat.cid
+        for ch in "Tell me about cats":
+            await pilot.press("space" if ch == " " else ch)
+
+        def read_ahead():
+            d = client.status()["home"]["sessions"]["drafts"].get(cid)
+            return d if d and d["fed"] and d["fed"] == d["tokens"] else None
+
+        d = await wait_for(pilot, read_ahead, what="the draft read ahead")
+        before = app.chat.last_done
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: app.chat.last_done is not before and app.chat.bubble is None, what="reply")
+        assert app.chat.last_done.draft_tokens == d["fed"] > 0
+        assert any("read while typing" in str(n.render()) for n in app.chat.log_view.query(Notice))
