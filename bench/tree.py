@@ -118,11 +118,12 @@ def measure(model_path: str, strategy: str, paste: int, typed: int, repeats: int
                 text = (SENTENCE * (1 + int(n * per) // len(SENTENCE)))[:int(n * per)].strip()
                 row = {"message": name}
                 for draft in (False, True):
-                    times, done = [], None
+                    times, prefill, done = [], [], None
                     for _ in range(repeats):
                         t, done = enter_to_token(c, text, is_typed, draft)
                         times.append(t)
-                    row[draft] = statistics.median(times)
+                        prefill.append(done.prefill_s)
+                    row[draft], row[("prefill", draft)] = statistics.median(times), statistics.median(prefill)
                     row["tokens"], row[("read", draft)] = done.prompt_tokens, done.draft_tokens
                 out["rows"].append(row)
             # branches: three replies to one message, switch between them
@@ -179,9 +180,11 @@ def main() -> None:
     device = "cuda" if "cuda" in args.strategy else "cpu"
     head = [*provenance(device=device), "",
             f"Strategy `{args.strategy}`; greedy replies of {GREEDY['max_tokens']} tokens; each message after one "
-            f"exchange; median of {args.repeats} (Enter to first token) and of 20 (switch).", ""]
+            f"exchange; median of {args.repeats} (Enter to first token: client-observed, from sending the message to its "
+            f"first token event; daemon prefill: `Done.prefill_s`) and of 20 (switch).", ""]
     first = ["| model | message | prompt tokens | Enter → first token, no draft (ms) | with draft (ms) | "
-             "read while typing (tokens) | speed-up |", "|---|---|---:|---:|---:|---:|---:|"]
+             "read while typing (tokens) | speed-up | daemon prefill after Enter, no draft (ms) | with draft (ms) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     second = ["| model | branch switch (ms) | first token on the branch switched to (ms) | tokens read "
               "(re-read) | bytes per saved state | bytes of a shared prompt state |", "|---|---:|---:|---|---:|---:|"]
     notes: list[str] = []
@@ -190,7 +193,8 @@ def main() -> None:
             r = measure(mp, args.strategy, args.paste, args.typed, args.repeats, args.kernel_cache)
             for row in r["rows"]:
                 first.append(f"| {name} | {row['message']} | {row['tokens']} | {row[False] * 1e3:.1f} | "
-                             f"{row[True] * 1e3:.1f} | {row[('read', True)]} | {row[False] / row[True]:.1f}x |")
+                             f"{row[True] * 1e3:.1f} | {row[('read', True)]} | {row[False] / row[True]:.1f}x | "
+                             f"{row[('prefill', False)] * 1e3:.1f} | {row[('prefill', True)] * 1e3:.1f} |")
                 print(first[-1], file=sys.stderr, flush=True)
             read, reread = r["after_switch_tokens"]
             notes.append(f"{name}: served by {r['backend'] or 'the default backend'}")
