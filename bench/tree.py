@@ -55,7 +55,7 @@ def wait_drafted(c, cid: str, timeout: float = 600.0) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         d = c.status()["home"]["sessions"].get("drafts", {}).get(cid)
-        if d and d["tokens"] and d["fed"] == d["tokens"]:
+        if d and not d["pending"] and d["tokens"] and d["fed"] == d["tokens"]:
             return
         time.sleep(0.01)
     raise SystemExit("the daemon did not read the draft ahead")

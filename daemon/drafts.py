@@ -103,9 +103,11 @@ class Drafts:
             self._drafts.pop(cid, None)
 
     def stats(self) -> dict:
-        """Per conversation: tokens read ahead, tokens to read, rollbacks and where the last one went."""
+        """Per conversation: tokens read ahead (``fed``), tokens to read (``tokens``), whether a newer text
+        waits to be tokenized (``pending``), rollbacks and where the last one went (``rolled_to``)."""
         with self._lock:
-            return {cid: {"fed": d.fed, "tokens": len(d.tokens), "rollbacks": d.rollbacks, "rolled_to": d.rolled_to}
+            return {cid: {"fed": d.fed, "tokens": len(d.tokens), "pending": d.dirty, "rollbacks": d.rollbacks,
+                          "rolled_to": d.rolled_to}
                     for cid, d in self._drafts.items()}
 
     def due(self) -> bool:

@@ -94,7 +94,7 @@ async def test_a_message_is_read_while_typed(fresh_daemon):
 
         def read_ahead():
             d = client.status()["home"]["sessions"]["drafts"].get(cid)
-            return d if d and d["fed"] and d["fed"] == d["tokens"] else None
+            return d if d and not d["pending"] and d["fed"] and d["fed"] == d["tokens"] else None
 
         d = await wait_for(pilot, read_ahead, what="the draft read ahead")
         before = app.chat.last_done

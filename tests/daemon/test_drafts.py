@@ -33,7 +33,7 @@ def drafted(c: Client, cid: str) -> dict:
     """The draft of ``cid`` once read ahead as far as it goes."""
     def read():
         d = c.status()["home"]["sessions"]["drafts"].get(cid)
-        return d if d and d["tokens"] and d["fed"] == d["tokens"] else None
+        return d if d and not d["pending"] and d["tokens"] and d["fed"] == d["tokens"] else None
     return wait_for(read, timeout=20)
 
 
