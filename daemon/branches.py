@@ -7,7 +7,8 @@ turn chooses the path below it that was chosen last (``visited``; the newest chi
 a leaf.
 
 Every function takes the :class:`~rwkv_chat.daemon.store.Store`; ids are checked by it. Raises
-:class:`~rwkv_chat.daemon.store.NotFound` for a conversation or turn that does not exist.
+:class:`~rwkv_chat.daemon.store.NotFound` for a conversation or turn that does not exist. :func:`redo_target`
+finds where a regenerate or an edit branches off.
 """
 
 from __future__ import annotations
@@ -117,6 +118,33 @@ def leaves(turns: list[TurnInfo]) -> list[list[TurnInfo]]:
                 path.append(by[path[-1].parent])
             out.append(path[::-1])
     return out
+
+
+class Conflict(ValueError):
+    """A regenerate or edit names a turn that is not a reply / user message of the conversation (it changed
+    since the client showed it)."""
+
+
+def redo_target(store, cid: str, mode: str, turn: int = -1):
+    """For a ``mode`` "regenerate" or "edit" of the conversation ``cid``: the user turn it answers again or
+    replaces (``TurnInfo``) and the path above that turn (the turns a new branch keeps). ``turn``: the reply
+    (regenerate) or user message (edit) meant, -1 for the last of the chosen path. Raises ValueError (nothing
+    to redo), Conflict (``turn`` is not such a turn), NotFound."""
+    role = "assistant" if mode == "regenerate" else "user"
+    what = "reply" if mode == "regenerate" else "user message"
+    if turn == -1:
+        path = store.turns(cid)
+        if len(path) < 2 or path[-1].role != "assistant" or path[-2].role != "user":
+            raise ValueError(f"the conversation has no reply to {mode}")
+        path = path if mode == "regenerate" else path[:-1]
+    else:
+        path = store.turns(cid, upto=turn) if 0 <= turn else []
+        if not path or path[-1].index != turn or path[-1].role != role:
+            raise Conflict(f"turn {turn} is not a {what} of the conversation: it changed since it was shown; "
+                           "reload it")
+    if mode == "regenerate":           # the path to the reply: its message answered again
+        path = path[:-1]
+    return path[-1], path[:-1]
 
 
 def rename_linear_states(store) -> None:

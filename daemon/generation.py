@@ -9,7 +9,11 @@ store, the in-memory conversation states (sessions), the event callback and the 
   the newest state of the loaded model that consumed part of the stored transcript
   (:meth:`~rwkv_chat.daemon.sessions.Sessions.resume`) and reads the rest: nothing after a turn of its own, the
   whole history on a model it never ran on or when its state files are unreadable (the Progress events then
-  say why);
+  say why). A regenerate or an edit branches off the turn it names (:func:`~rwkv_chat.daemon.branches.redo_target`)
+  and starts from the state saved after the reply above it; a chat read from its start takes the shared state
+  of its system prompt (:mod:`~rwkv_chat.daemon.prompt_cache`); a chat whose message was read ahead while it
+  was typed (:mod:`~rwkv_chat.daemon.drafts`) starts after what was read. Done says how many prompt tokens
+  were re-read history, came from the prompt cache, were read while typed;
 * ``prefill`` — :meth:`Generation.prefill_chunk` feeds ``chunk_len`` prompt tokens at a time (a Progress
   event per chunk); where it re-reads history, the state at the end of the history is saved as well (so a
   regenerate or an edit of the new exchange needs no re-read either);
@@ -50,6 +54,7 @@ from dataclasses import dataclass, field
 
 from .protocol import messages as m
 from .sessions import sampler_to_meta
+from .branches import redo_target
 from .store import DIGEST_KEY, title_from, transcript_digest
 
 log = logging.getLogger("rwkv_chat.daemon")
@@ -116,33 +121,6 @@ class StopScanner:
     def held(self) -> int:
         """Characters at the end of the text fed so far that could begin a stop sequence."""
         return max(self.matched, default=0)
-
-
-class Conflict(ValueError):
-    """A regenerate or edit names a turn that is not a reply / user message of the conversation (it changed
-    since the client showed it)."""
-
-
-def redo_target(store, cid: str, mode: str, turn: int = -1):
-    """For a ``mode`` "regenerate" or "edit" of the conversation ``cid``: the user turn it answers again or
-    replaces (``TurnInfo``) and the path above that turn (the turns a new branch keeps). ``turn``: the reply
-    (regenerate) or user message (edit) meant, -1 for the last of the chosen path. Raises ValueError (nothing
-    to redo), Conflict (``turn`` is not such a turn), NotFound."""
-    role = "assistant" if mode == "regenerate" else "user"
-    what = "reply" if mode == "regenerate" else "user message"
-    if turn == -1:
-        path = store.turns(cid)
-        if len(path) < 2 or path[-1].role != "assistant" or path[-2].role != "user":
-            raise ValueError(f"the conversation has no reply to {mode}")
-        path = path if mode == "regenerate" else path[:-1]
-    else:
-        path = store.turns(cid, upto=turn) if 0 <= turn else []
-        if not path or path[-1].index != turn or path[-1].role != role:
-            raise Conflict(f"turn {turn} is not a {what} of the conversation: it changed since it was shown; "
-                           "reload it")
-    if mode == "regenerate":           # the path to the reply: its message answered again
-        path = path[:-1]
-    return path[-1], path[:-1]
 
 
 @dataclass

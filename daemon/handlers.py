@@ -14,8 +14,8 @@ import resource
 import time
 from typing import Callable
 
-from .branches import delete_branch, export_conversation, switch_branch, tree_page
-from .generation import Job, redo_target
+from .branches import delete_branch, export_conversation, redo_target, switch_branch, tree_page
+from .generation import Job
 from .protocol import codec as p
 from .protocol import messages as m
 from .protocol.messages import (EXPORT_PAGE_CHARS, MAX_PAGE, TURN_PAGE_BYTES, check_conversation_id, check_request,

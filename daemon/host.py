@@ -286,7 +286,7 @@ def classify(e: BaseException) -> tuple[str, str]:
 def _classify(e: BaseException) -> tuple[str, str]:
     from rwkv_chat.models import RWKVError
 
-    from .generation import Conflict
+    from .branches import Conflict
     from .protocol.messages import InvalidId, LimitError
     from .store import NotFound
 
