@@ -8,7 +8,8 @@ original. On a message whose generation failed (not stored) they send it again. 
 just ended is being read back (its turn index not known yet), they run once the view has it.
 
 A message with siblings shows ``‹ 2/3 ›``; ←/→ on it, a click on an arrow, or Alt+←/→ (the last such
-message) shows another branch: the daemon chooses it and the view shows its path.
+message) shows another branch: the daemon chooses it and the view shows its path. Delete on it deletes the
+branch shown (asked first); the others stay.
 """
 
 from __future__ import annotations
@@ -183,6 +184,23 @@ class ConversationActions:
                 self.notify(f"branch {now[i].branch + 1}/{now[i].branches} · 0 tokens re-read", timeout=2)
 
         self.app.request("switch branch", lambda c: c.switch_branch(cid, box.turn, event.step), shown)
+
+    def on_message_box_delete_branch(self, event) -> None:
+        """Delete on a message with siblings: delete its branch (it, what follows it and their saved states),
+        asked first; the view shows the branch chosen then."""
+        event.stop()
+        box, cid = event.box, self.cid
+        if cid is None or box.turn is None or not self._need_idle():
+            return
+        turn = box.turn
+
+        def answer(yes) -> None:
+            if yes and self.cid == cid and not self.busy():
+                self.app.request("delete branch", lambda c: c.delete_branch(cid, turn),
+                                 lambda detail: self._show_detail(detail, announce=False))
+
+        self.app.push_screen(Confirm(f"Delete this branch ({box.branch + 1} of {box.branches}) and what follows "
+                                     "it? The other branches stay."), answer)
 
     def action_branch_last(self, step: int) -> None:
         """Alt+←/→: another branch at the last message that has siblings."""

@@ -64,11 +64,12 @@ class BranchArrow(Static):
 class MessageBox(Vertical, can_focus=True):
     """One message; focus it (Tab / click) and press ``c`` to copy its text; where the conversation branches
     at it (a regenerated reply, an edited message), ``‹ 2/3 ›`` shows which branch is shown: ←/→ (or a click
-    on an arrow) show another."""
+    on an arrow) show another, Delete deletes the one shown (asked first)."""
 
     BINDINGS = [Binding("c", "copy", "Copy message"),
                 Binding("left", "branch(-1)", "Previous branch", show=False),
-                Binding("right", "branch(1)", "Next branch", show=False)]
+                Binding("right", "branch(1)", "Next branch", show=False),
+                Binding("delete", "delete_branch", "Delete branch", show=False)]
 
     @dataclass
     class Copy(Message):
@@ -77,6 +78,12 @@ class MessageBox(Vertical, can_focus=True):
     @dataclass
     class Redo(Message):
         """Regenerate this reply / edit this message (a new branch beside it)."""
+
+        box: "MessageBox"
+
+    @dataclass
+    class DeleteBranch(Message):
+        """Delete this message's branch (it and what follows it; its siblings stay)."""
 
         box: "MessageBox"
 
@@ -128,6 +135,10 @@ class MessageBox(Vertical, can_focus=True):
     def action_branch(self, step: int) -> None:
         if self.branches > 1 and self.turn is not None:
             self.post_message(self.Branch(self, step))
+
+    def action_delete_branch(self) -> None:
+        if self.branches > 1 and self.turn is not None:
+            self.post_message(self.DeleteBranch(self))
 
     def action_copy(self) -> None:
         self.post_message(self.Copy(self.text))

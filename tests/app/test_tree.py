@@ -4,7 +4,7 @@ again, and the daemon continues from the branch shown."""
 
 from __future__ import annotations
 
-from rwkv_chat.app.screens.dialogs import TextEditor
+from rwkv_chat.app.screens.dialogs import Confirm, TextEditor
 from rwkv_chat.app.widgets.chat_log import AssistantMessage, BranchArrow, Notice, UserMessage
 
 from .conftest import async_test, make_app, ready, send, wait_for
@@ -79,6 +79,17 @@ async def test_branch_arrows_walk_regenerated_replies_and_an_edit(fresh_daemon):
         assert nxt.reread_tokens == 0 and nxt.prompt_tokens == len("User: Go on\n\nAssistant:".encode())
         assert [t.text for t in client.conversation(cid).turns][:4] == ["Hello", first.text, "Tell me a story",
                                                                       replies[0]]
+        # Delete on the first reply's branch: asked, deleted, the other replies stay
+        await wait_for(pilot, lambda: label(app.chat.log_view.messages()[3]) == "1/3", what="the first reply shown")
+        app.chat.log_view.messages()[3].focus()
+        await pilot.press("delete")
+        await wait_for(pilot, lambda: isinstance(app.screen, Confirm), what="confirm dialog")
+        await pilot.press("y")
+        await wait_for(pilot, lambda: len(app.chat.log_view.messages()) == 4
+                       and label(app.chat.log_view.messages()[3]) == "1/2", what="the branch deleted")
+        assert app.chat.log_view.messages()[3].text == replies[1]    # the reply shown last before it
+        left = [t.text for t in client.branches(cid).turns if t.parent == 2]
+        assert left == replies[1:] and "Go on" not in [t.text for t in client.branches(cid).turns]
 
 
 @async_test
