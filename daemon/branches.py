@@ -180,11 +180,12 @@ def export_conversation(conv: ConversationInfo, turns: list[TurnInfo], fmt: str,
     """``fmt`` "md" (Markdown transcript) or "json" (conversation fields and turns). ``turns``: the chosen path;
     ``tree``: every turn, or None for the chosen path only (json: a "tree" list of every turn with its parent;
     md: one section per branch, its path from the first message). Raises ValueError."""
+    leaf = turns[-1].index if turns else -1
     if fmt == "json":
         data = {k: v for k, v in msgspec.structs.asdict(conv).items() if k not in ("state_n", "state_stale")}
         data["turns"] = [msgspec.structs.asdict(t) for t in turns]
         if tree is not None:
-            data["tree"] = [msgspec.structs.asdict(t) for t in tree]
+            data["leaf"], data["tree"] = leaf, [msgspec.structs.asdict(t) for t in tree]
         return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
     if fmt == "md":
         out = [f"# {conv.title or conv.id}", ""]
@@ -193,7 +194,7 @@ def export_conversation(conv: ConversationInfo, turns: list[TurnInfo], fmt: str,
         paths = [turns] if tree is None else leaves(tree)
         for k, path in enumerate(paths, 1):
             if tree is not None:
-                current = " (current)" if path and path[-1].index == conv.leaf else ""
+                current = " (current)" if path and path[-1].index == leaf else ""
                 out += [f"## Branch {k} of {len(paths)}{current}", ""]
             for t in path:
                 out += [f"**{t.role.capitalize()}:** {t.text}", ""]

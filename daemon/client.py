@@ -250,10 +250,11 @@ class Client:
 
     def conversation(self, conversation_id: str) -> m.ConversationDetail:
         """The conversation and all its turns (fetched page by page)."""
-        detail = self.request(m.GetConversation(conversation_id=conversation_id))
+        detail = self.request(m.GetConversation(conversation_id=conversation_id, branches=True))
         turns = list(detail.turns)
         while turns and len(turns) < detail.conversation.turns:
-            page = self.request(m.GetConversation(conversation_id=conversation_id, turn_offset=turns[-1].index + 1))
+            page = self.request(m.GetConversation(conversation_id=conversation_id, turn_offset=turns[-1].index + 1,
+                                                  branches=True))
             if not page.turns:
                 break
             turns += page.turns
@@ -307,7 +308,7 @@ class Client:
         turns = list(detail.turns)
         while turns and len(turns) < detail.conversation.turns:
             page = self.request(m.GetConversation(conversation_id=detail.conversation.id,
-                                                  turn_offset=turns[-1].index + 1))
+                                                  turn_offset=turns[-1].index + 1, branches=True))
             if not page.turns:
                 break
             turns += page.turns
@@ -396,6 +397,7 @@ class Client:
         self._subscribe(topic)
         job_id = None
         pieces: list[str] = []
+        reuse = None                  # the job's PromptReuse event: its counts go into the Done yielded
         try:
             accepted = self.request(msg)
             job_id = accepted.job_id
@@ -408,6 +410,8 @@ class Client:
                 if isinstance(ev, m.Failed):
                     job_id = None
                     raise GenerationFailed(ev.kind, ev.message)
+                if isinstance(ev, m.PromptReuse):
+                    reuse = ev
                 if isinstance(ev, m.Token):
                     pieces.append(ev.text)
                 elif isinstance(ev, m.Done) and ev.truncated:      # too long for one event: the Tokens have it
@@ -417,6 +421,11 @@ class Client:
                     whole = whole.strip() if isinstance(msg, (m.Chat, m.Regenerate, m.EditLastUser)) else whole
                     if whole.startswith(ev.text):
                         ev = msgspec.structs.replace(ev, text=whole, truncated=False)
+                if isinstance(ev, m.Done) and reuse is not None:
+                    import msgspec
+
+                    ev = msgspec.structs.replace(ev, reread_tokens=reuse.reread_tokens,
+                                                 cached_tokens=reuse.cached_tokens, draft_tokens=reuse.draft_tokens)
                 if isinstance(ev, m.Done):
                     job_id = None        # over: a caller that stops at the Done has nothing to cancel
                     yield ev

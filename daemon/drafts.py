@@ -155,10 +155,12 @@ class Drafts:
                 return False
             cid, d = item
             text, dirty = d.text, d.dirty
-            d.dirty = False
         try:
-            if dirty and not self._retokenize(host, store, sessions, cid, d, text):
-                return True
+            if dirty:
+                if not self._retokenize(host, store, sessions, cid, d, text):
+                    return True
+                with self._lock:               # pending until the tokens are those of the newest text
+                    d.dirty = d.text != text
             end = min(d.fed + chunk, len(d.tokens))
             if end <= d.fed:
                 return True

@@ -515,11 +515,13 @@ class Generation:
         """Send the Done event (after :meth:`finish`)."""
         rate = self.tokens_per_s()
         text, cut = m.clip_bytes(self.reply_text(), m.MAX_EVENT_TEXT)
+        if self.kind == "chat":
+            self.emit(self.topic, m.PromptReuse(job_id=self.id, reread_tokens=self.history, cached_tokens=self.cached,
+                                                draft_tokens=self.draft_tokens))
         self.emit(self.topic, m.Done(job_id=self.id, reason=self.reason, text=text,
                                      prompt_tokens=len(self.prompt), tokens=len(self.out_tokens),
                                      prefill_s=self.t_prefill, decode_s=self.t_decode, tokens_per_s=rate,
-                                     truncated=cut, reread_tokens=self.history, cached_tokens=self.cached,
-                                     draft_tokens=self.draft_tokens))
+                                     truncated=cut))
 
     def fail(self, kind: str, message: str) -> None:
         """Send the Failed event (``kind`` as ``host.classify`` names it)."""

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import resource
+
+import msgspec
 import time
 from typing import Callable
 
@@ -64,9 +66,13 @@ def _settings(server, sampling: m.SamplingSettings) -> dict:
     return given
 
 
-def _detail(server, cid: str, turn_offset: int = 0) -> m.ConversationDetail:
-    return m.ConversationDetail(conversation=server.store.get_bounded(cid),
-                                turns=server.store.turns_page(cid, turn_offset, TURN_PAGE_BYTES))
+def _detail(server, cid: str, turn_offset: int = 0, branches: bool = True) -> m.ConversationDetail:
+    """A conversation and a page of its chosen path; without ``branches`` the turns leave their place in the
+    tree out (a client that does not know those fields reads them)."""
+    turns = server.store.turns_page(cid, turn_offset, TURN_PAGE_BYTES)
+    if not branches:
+        turns = [msgspec.structs.replace(t, parent=-1, branch=0, branches=1) for t in turns]
+    return m.ConversationDetail(conversation=server.store.get_bounded(cid), turns=turns)
 
 
 def memory() -> dict:
@@ -192,7 +198,7 @@ def _list(server, msg):
 
 @handles(m.GetConversation)
 def _get(server, msg):
-    return _detail(server, msg.conversation_id, msg.turn_offset), []
+    return _detail(server, msg.conversation_id, msg.turn_offset, msg.branches), []
 
 
 @handles(m.FindConversation)
@@ -256,7 +262,7 @@ def _export(server, msg):
 @handles(m.ListBranches)
 def _branches(server, msg):
     turns, total = tree_page(server.store, msg.conversation_id, msg.offset, BRANCH_PAGE)
-    leaf = server.store.get(msg.conversation_id).leaf
+    leaf = server.store.leaf(msg.conversation_id)
     return m.BranchList(turns=turns, leaf=leaf, total=total, offset=msg.offset), []
 
 
@@ -278,7 +284,7 @@ def _get_state(server, msg):
     from rwkv_chat.models import State
 
     c = server.store.get(msg.conversation_id)
-    state = State.load(server.store.state_path(c.id, c.leaf, c.model_fingerprint))
+    state = State.load(server.store.state_path(c.id, server.store.leaf(c.id), c.model_fingerprint))
     tensors = {f"layers.{i}.{n}": t for i, layer in enumerate(state.layers) for n, t in zip(state.names, layer)}
     metas, bufs = p.tensor_frames(tensors)
     meta = {**state.metadata, "version": state.version, "fingerprint": state.fingerprint,

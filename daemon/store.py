@@ -204,7 +204,7 @@ class Store:
     def _info(row, truncated: bool = False) -> ConversationInfo:
         return ConversationInfo(id=row[0], title=row[1], created=row[2], updated=row[3], system_prompt=row[4],
                                 sampling=json.loads(row[5]), model_fingerprint=row[6], state_n=row[7],
-                                state_stale=bool(row[8]), turns=row[9], truncated=truncated, leaf=row[10])
+                                state_stale=bool(row[8]), turns=row[9], truncated=truncated)
 
     def get(self, cid: str) -> ConversationInfo:
         """The whole conversation record. Raises NotFound, InvalidId."""
@@ -214,6 +214,13 @@ class Store:
             raise NotFound(f"no conversation {cid}")
         models = [] if row[8] or row[10] < 0 else self.state_models(cid, row[10])
         return msgspec.structs.replace(self._info(row), state_models=models)
+
+    def leaf(self, cid: str) -> int:
+        """The last turn of the chosen path of ``cid`` (-1: no turn). Raises NotFound, InvalidId."""
+        row = self.db.execute("SELECT leaf FROM conversations WHERE id=?", (check_conversation_id(cid),)).fetchone()
+        if row is None:
+            raise NotFound(f"no conversation {cid}")
+        return row[0]
 
     def get_bounded(self, cid: str) -> ConversationInfo:
         """:meth:`get` with a title and system prompt cut to the limits (``MAX_TITLE`` characters,

@@ -67,6 +67,7 @@ class ChatScreen(ConversationActions, DraftSender, Screen):
         self.bubble: AssistantMessage | None = None
         self.pending: str | None = None      # a message this window sent, not yet Started
         self.last_done = None                # the last Done event of the open conversation
+        self.last_reuse = None               # the last PromptReuse event (how a chat's prompt was read)
         self.resume_unsaid: str | None = None  # conversation opened before the model's fingerprint was known
         self.action = ""                     # what this window's generation does: "send", "regenerate", "edit"
         self.hidden_turns = 0                # stored turns of the open conversation not drawn (older ones)
@@ -207,6 +208,8 @@ class ChatScreen(ConversationActions, DraftSender, Screen):
             if self.bubble.footer.startswith("queued:"):
                 self.bubble.set_footer("…")
             self.bubble.append(event.text)
+        elif isinstance(event, m.PromptReuse):
+            self.last_reuse = event
         elif isinstance(event, m.Done):
             self.last_done = event
             mine = self.bubble is not None and self.bubble.mine
@@ -232,13 +235,16 @@ class ChatScreen(ConversationActions, DraftSender, Screen):
     def _say_reuse(self, event, mine: bool) -> None:
         """After a reply this window asked for: how much of the prompt came from saved states (a regenerate or
         an edit reads nothing above the new branch; a preset's prompt comes from the shared cache)."""
+        reuse = self.last_reuse
+        if reuse is None or reuse.job_id != event.job_id:
+            return
         parts = []
         if mine and self.action in ("regenerate", "edit"):
-            parts.append(f"new branch from the saved state: {event.reread_tokens:,} tokens re-read")
-        if event.cached_tokens:
-            parts.append(f"{event.cached_tokens:,} tokens from cache")
-        if event.draft_tokens:
-            parts.append(f"{event.draft_tokens:,} tokens read while typing")
+            parts.append(f"new branch from the saved state: {reuse.reread_tokens:,} tokens re-read")
+        if reuse.cached_tokens:
+            parts.append(f"{reuse.cached_tokens:,} tokens from cache")
+        if reuse.draft_tokens:
+            parts.append(f"{reuse.draft_tokens:,} tokens read while typing")
         if parts:
             self.notice(" · ".join(parts), "ok")
 

@@ -235,6 +235,7 @@ class GetConversation(Msg):
 
     conversation_id: str
     turn_offset: int = 0
+    branches: bool = False        # each turn with its place in the tree (parent, branch, branches)
 
 
 class FindConversation(Msg):
@@ -387,10 +388,9 @@ class ConversationInfo(msgspec.Struct, forbid_unknown_fields=True):
     turns: int = 0
     truncated: bool = False       # title / system prompt cut (a summary, or stored beyond the limits)
     state_models: list[str] = []  # fingerprints of the models with a saved state after every turn (no re-read)
-    leaf: int = -1                # the last turn of the chosen path (a conversation is a tree of turns)
 
 
-class TurnInfo(msgspec.Struct, forbid_unknown_fields=True):
+class TurnInfo(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     """One turn of a conversation (``index`` from 0; ``tokens`` the model saw or produced). ``reason``, of a
     reply: why it ended, as in Done ("stop", "length", or "cancelled": a reply stopped by the user, kept as far
     as it got); "" for user turns and replies stored before reasons were. ``tokens_per_s``, of a reply: its
@@ -405,6 +405,8 @@ class TurnInfo(msgspec.Struct, forbid_unknown_fields=True):
     reason: str = ""
     tokens_per_s: float = 0.0
     truncated: bool = False       # text cut to MAX_TEXT bytes (stored beyond the limit by an older version)
+    # the tree (sent only to a client that asks: GetConversation.branches, and in the replies of the branch
+    # requests; fields at their defaults are not sent, so a client that knows none of them reads the rest)
     parent: int = -1              # the turn above it (-1: a first message)
     branch: int = 0               # its place among the turns of the same parent (from 0)
     branches: int = 1             # turns of the same parent (itself included): > 1 where the tree branches
@@ -508,7 +510,7 @@ class Token(Msg):
     text: str
 
 
-class Done(Msg):
+class Done(Msg, omit_defaults=True):
     """A job ended. ``reason``: "stop", "length", "cancelled" (a chat reply stopped so is kept as far as it got);
     rates in tokens per second.
 
@@ -524,9 +526,24 @@ class Done(Msg):
     decode_s: float
     tokens_per_s: float
     truncated: bool = False
-    reread_tokens: int = 0        # of prompt_tokens: the conversation's earlier turns read again (no saved state)
-    cached_tokens: int = 0        # tokens not read: their state came from the shared prompt cache
-    draft_tokens: int = 0         # tokens of the message read ahead while it was typed (draft prefill)
+    # never sent (a client that knows none of them reads the Done): the client library fills them from the
+    # job's PromptReuse event
+    reread_tokens: int = 0
+    cached_tokens: int = 0
+    draft_tokens: int = 0
+
+
+class PromptReuse(Msg):
+    """How a chat's prompt was read, sent just before its Done: of the Done's ``prompt_tokens``,
+    ``reread_tokens`` were the conversation's earlier turns read again (no saved state for them on this
+    model: 0 for a branch, which starts from the saved state before it), ``draft_tokens`` were read ahead
+    while the message was typed; ``cached_tokens`` were not read at all (their state came from the shared
+    prompt cache). A client that does not know this event drops it."""
+
+    job_id: str
+    reread_tokens: int = 0
+    cached_tokens: int = 0
+    draft_tokens: int = 0
 
 
 class Failed(Msg):
@@ -535,7 +552,7 @@ class Failed(Msg):
     message: str
 
 
-Event = Union[ProbeAck, Heartbeat, Queued, Started, Progress, Token, Done, Failed]
+Event = Union[ProbeAck, Heartbeat, Queued, Started, Progress, Token, Done, Failed, PromptReuse]
 
 AnyMessage = Union[Request, Reply, Event]
 

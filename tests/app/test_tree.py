@@ -34,7 +34,7 @@ async def test_branch_arrows_walk_regenerated_replies_and_an_edit(fresh_daemon):
         for k in range(2):
             await pilot.press("ctrl+r")
             done = await redone(pilot, app, done, f"regenerate {k}")
-            assert done.reread_tokens == 0
+            assert app.chat.last_reuse.job_id == done.job_id and app.chat.last_reuse.reread_tokens == 0
         last = app.chat.log_view.last("assistant")
         await wait_for(pilot, lambda: label(last) == "3/3", what="‹ 3/3 ›")
         assert any("0 tokens re-read" in str(n.render()) for n in app.chat.log_view.query(Notice))
@@ -45,7 +45,7 @@ async def test_branch_arrows_walk_regenerated_replies_and_an_edit(fresh_daemon):
         last.focus()
         for want in (1, 0):
             await pilot.press("left")
-            await wait_for(pilot, lambda: client.conversation(cid).conversation.leaf == [3, 4, 5][want]
+            await wait_for(pilot, lambda: client.branches(cid).leaf == [3, 4, 5][want]
                            and label(app.chat.log_view.last("assistant")) == f"{want + 1}/3", what=f"branch {want}")
             assert app.chat.log_view.last("assistant").text == replies[want]
         await pilot.press("right")
@@ -65,7 +65,7 @@ async def test_branch_arrows_walk_regenerated_replies_and_an_edit(fresh_daemon):
         before = app.chat.last_done
         await pilot.press("ctrl+s")
         edited = await redone(pilot, app, before, "edit")
-        assert edited.reread_tokens == 0
+        assert app.chat.last_reuse.job_id == edited.job_id and app.chat.last_reuse.reread_tokens == 0
         assert [w.text for w in app.chat.log_view.query(UserMessage)] == ["Hi"]
         await wait_for(pilot, lambda: label(app.chat.log_view.messages()[0]) == "2/2", what="‹ 2/2 › on the edit")
         app.chat.focus_input()
@@ -76,7 +76,7 @@ async def test_branch_arrows_walk_regenerated_replies_and_an_edit(fresh_daemon):
         assert [w.text for w in app.chat.log_view.query(AssistantMessage)] == [first.text, replies[0]]
         # the daemon goes on from the branch shown, reading only the new message
         nxt = await send(pilot, app, "Go on")
-        assert nxt.reread_tokens == 0 and nxt.prompt_tokens == len("User: Go on\n\nAssistant:".encode())
+        assert app.chat.last_reuse.reread_tokens == 0 and nxt.prompt_tokens == len("User: Go on\n\nAssistant:".encode())
         assert [t.text for t in client.conversation(cid).turns][:4] == ["Hello", first.text, "Tell me a story",
                                                                       replies[0]]
         # Delete on the first reply's branch: asked, deleted, the other replies stay
@@ -111,5 +111,6 @@ async def test_a_message_is_read_while_typed(fresh_daemon):
         before = app.chat.last_done
         await pilot.press("enter")
         await wait_for(pilot, lambda: app.chat.last_done is not before and app.chat.bubble is None, what="reply")
-        assert app.chat.last_done.draft_tokens == d["fed"] > 0
+        assert app.chat.last_reuse.job_id == app.chat.last_done.job_id
+        assert app.chat.last_reuse.draft_tokens == d["fed"] > 0
         assert any("read while typing" in str(n.render()) for n in app.chat.log_view.query(Notice))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import msgspec
 import pytest
 
 from rwkv_chat.daemon.client import Client, DaemonError
@@ -76,13 +77,18 @@ def test_branches_from_any_turn_equal_a_replay_and_survive_a_restart(home, model
             list(c.regenerate(cid, turn=2))                   # turn 2 is a user message
         assert ei.value.kind == "Conflict"
         tree_before = c.branches(cid)
+        # a client that knows nothing of branches reads the conversation: no field it does not know is sent
+        old = {"index", "role", "text", "tokens", "created", "finished", "reason", "tokens_per_s", "truncated"}
+        raw = msgspec.msgpack.decode(msgspec.msgpack.encode(c.request(m.GetConversation(conversation_id=cid))))
+        assert all(set(t) <= old for t in raw["turns"]) and len(raw["turns"]) == 6
+        assert [t.branches for t in c.conversation(cid).turns] == [1, 3, 2, 1, 1, 1]          # a new one is told
 
     stop_daemon(home)
     start_daemon(home, model)
     with Client(home_paths(home), autostart=False) as c:
         assert c.branches(cid) == tree_before
         d = c.conversation(cid)
-        assert d.conversation.leaf == 5
+        assert c.branches(cid).leaf == 5
         nxt = done(c.chat(cid, "Thanks"))                   # continues from the saved state of turn 5
         assert (nxt.prompt_tokens, nxt.reread_tokens) == (plen("Thanks"), 0)
         assert nxt.text == reference(model, list(zip(msgs, replies)), "Thanks")
@@ -149,10 +155,10 @@ def test_a_schema_2_store_becomes_a_tree_with_its_states_renamed(tmp_path):
     assert [(t.index, t.parent, t.text, t.reason) for t in turns] == [
         (0, -1, "a", ""), (1, 0, "b", "stop"), (2, 1, "c", ""), (3, 2, "d", "cancelled")]
     c = s.get("old")
-    assert (c.leaf, c.turns, c.state_models) == (3, 4, ["f"])
+    assert (s.leaf("old"), c.turns, c.state_models) == (3, 4, ["f"])
     assert sorted(f.name for f in model.iterdir()) == ["1.safetensors", "3.safetensors"]
     assert (model / "3.safetensors").read_text() == "after 2" and (model / "1.safetensors").read_text() == "after 1"
-    assert (s.get("empty").leaf, s.turns("empty")) == (-1, [])
+    assert (s.leaf("empty"), s.turns("empty")) == (-1, [])
     # the migrated conversation branches like a new one
     r = s.commit_exchange("old", m.TurnInfo(0, "user", "c2", 1, 1.0, 1.0), m.TurnInfo(0, "assistant", "d2", 1, 1.0, 2.0),
                           parent=1)
@@ -163,8 +169,8 @@ def test_a_schema_2_store_becomes_a_tree_with_its_states_renamed(tmp_path):
     assert r == 6 and [t.text for t in s.turns("old")] == ["a", "b", "c2", "d3"]
     assert switch_branch(s, "old", 2) == 3 and s.turns("old")[-1].text == "d"
     assert switch_branch(s, "old", 2, 5) == 6                  # clamped to the last sibling; its newest path
-    assert delete_branch(s, "old", 6) == [6] and s.get("old").leaf == 5
+    assert delete_branch(s, "old", 6) == [6] and s.leaf("old") == 5
     assert sorted(delete_branch(s, "old", 5)) == [4, 5]         # the only reply takes its message along
-    assert s.get("old").leaf == 3 and [t.index for t in tree_page(s, "old")[0]] == [0, 1, 2, 3]
+    assert s.leaf("old") == 3 and [t.index for t in tree_page(s, "old")[0]] == [0, 1, 2, 3]
     s2 = Store(tmp_path / "db.sqlite3", tmp_path / "states")   # reopened: nothing migrated again
     assert [t.text for t in s2.turns("old")] == ["a", "b", "c", "d"] and (model / "3.safetensors").exists()
