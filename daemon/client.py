@@ -16,12 +16,16 @@ Contract
   no sign of life from the daemon (replies, events, pongs of the heartbeat thread) for ``lost_after`` seconds
   while waiting :class:`DaemonLost`. ``conversations``, ``conversation`` and ``export`` fetch every page the
   daemon sends them in (listings are summaries: long titles and system prompts cut, ``truncated`` set;
-  ``conversation`` has them whole).
+  ``conversation`` has them whole; its turns with their place in the tree: ``parent``, ``branch`` of
+  ``branches``). The tree: ``branches`` (every turn, summaries), ``switch_branch``, ``delete_branch`` (both
+  return the conversation's new path); ``draft`` sends the message being typed (read ahead by the daemon).
 * Generations (``complete``, ``chat``, ``regenerate``, ``edit_last_user``, ``load``) return a generator of
   events: ``Queued`` (position in the queue while it waits for a place, also when a long generation yields
   its place for a while: ``[daemon] time_slice``), ``Started``, ``Progress`` (phase "load"/"prefill",
   done/total), ``Token`` (text), and finally ``Done`` (reason "stop"/"length"/"cancelled"/"loaded", full
-  text — joined from the Token events where the daemon sent it cut, ``truncated`` — token counts, tokens/s).
+  text — joined from the Token events where the daemon sent it cut, ``truncated`` — token counts, tokens/s;
+  for a chat also how its prompt was read: ``reread_tokens``, ``cached_tokens``, ``draft_tokens``, from the
+  ``PromptReuse`` event before it).
   A ``Failed`` event raises :class:`GenerationFailed` (``.kind`` e.g. "OOM", "StateError", "NoModel",
   "QueueTimeout"). A daemon that stops (``rwkv-chat daemon stop``) ends running generations with
   ``Done(reason="cancelled")``. Closing the
