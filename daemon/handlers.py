@@ -225,6 +225,8 @@ def _delete(server, msg):
     check_conversation_id(msg.conversation_id)
     server.scheduler.cancel(conversation_id=msg.conversation_id)
     server.sessions.drop(msg.conversation_id)
+    if server.sessions.drafts is not None:
+        server.sessions.drafts.forget(msg.conversation_id)
     server.store.delete(msg.conversation_id)
     return m.Ok(), []
 
