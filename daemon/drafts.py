@@ -11,8 +11,9 @@ covering every exchange of its chosen path) or, for a first message, the shared 
 Which tokens: the message sits in the template's prompt (``template.prompt``) after a fixed head (``"User: "``
 for RWKV); the draft's tokens are those of that head and the draft text, less the last :data:`HOLD` (they
 may still change as the text grows or when the rest of the prompt follows). States are kept at a few
-checkpoints (at most :data:`CHECKPOINTS`, the latest chunks' ends); a draft edited before its end rolls back
-to the last checkpoint within the tokens it still shares with the old one, and is read on from there.
+checkpoints (at most :data:`CHECKPOINTS` chunk ends, dense near the end, sparse towards the start:
+:func:`thin`); a draft edited before its end rolls back to the last checkpoint within the tokens it still
+shares with the old one, and is read on from there.
 
 On Enter (:meth:`Drafts.take`) a chat whose prompt is just the new message, from the same base (the same model
 and transcript digest), takes the state of the latest checkpoint whose tokens are a prefix of the message's
@@ -35,8 +36,9 @@ log = logging.getLogger("rwkv_chat.daemon")
 
 #: trailing tokens of a draft not read ahead (they may change as the text grows)
 HOLD = 2
-#: states kept per draft (the base's and the ends of the latest chunks)
-CHECKPOINTS = 4
+#: states kept per draft: the base's, the latest chunk's end, and between them ends spaced wider the older
+#: they are (:func:`thin`)
+CHECKPOINTS = 6
 #: conversations whose drafts are kept at once (least recently updated out first)
 MAX_DRAFTS = 4
 #: tokens per draft chunk
@@ -61,6 +63,18 @@ def message_head(template) -> str | None:
     verbatim once)."""
     parts = template.prompt("\x00").split("\x00")
     return parts[0] if len(parts) == 2 else None
+
+
+def thin(checkpoints: list, keep: int) -> list:
+    """``checkpoints`` ``[(n, state)]`` (ascending ``n``) cut to ``keep`` entries: the first and the last stay;
+    of the others, the one whose removal leaves the smallest gap for its distance from the end goes first (so
+    the kept ones end up dense near the end, where edits are likely, and sparse towards the start)."""
+    cps = list(checkpoints)
+    while len(cps) > max(2, keep):
+        last = cps[-1][0]
+        _, i = min(((cps[i + 1][0] - cps[i - 1][0]) / (last - cps[i][0] + 1), i) for i in range(1, len(cps) - 1))
+        del cps[i]
+    return cps
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -166,7 +180,7 @@ class Drafts:
                 return True
             _, d.state = host.model.forward(d.tokens[d.fed:end], d.state)
             d.fed = end
-            d.checkpoints = (d.checkpoints + [(end, d.state.clone())])[-CHECKPOINTS:]
+            d.checkpoints = thin(d.checkpoints + [(end, d.state.clone())], CHECKPOINTS)
         except Exception as e:  # noqa: BLE001 — a draft is only a head start; drop it
             log.warning("draft of %s dropped: %s", cid, e)
             self.forget(cid)
@@ -187,7 +201,7 @@ class Drafts:
             d.key, d.fed, d.state, d.checkpoints = key, 0, state.clone(), [(0, state.clone())]
         keep = common_prefix(d.tokens, tokens)
         if keep < d.fed:                       # edited before what was read: back to a checkpoint
-            d.checkpoints = [(n, s) for n, s in d.checkpoints if n <= keep] or [(0, state.clone())]
+            d.checkpoints = [(n, s) for n, s in d.checkpoints if n <= keep]     # the base's (0) always
             n, s = d.checkpoints[-1]
             d.fed, d.state = n, s.clone()
             d.rollbacks, d.rolled_to = d.rollbacks + 1, n

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rwkv_chat.daemon.client import Client
-from rwkv_chat.daemon.drafts import DRAFT_CHUNK, HOLD, Drafts
+from rwkv_chat.daemon.drafts import DRAFT_CHUNK, HOLD, Drafts, thin
 from rwkv_chat.daemon.paths import home_paths
 from rwkv_chat.daemon.protocol import messages as m
 from rwkv_chat.models.text.templates import RWKV_CHAT
@@ -94,6 +94,16 @@ def test_a_draft_edited_in_the_middle_rolls_back(home):
         assert 0 < r.draft_tokens == d["fed"]
         other, plain = replay(c, ("Hi", hello.text), after + "?")
         assert r.text == plain.text and same_state(c, cid, other)
+
+
+def test_checkpoints_thin_out_towards_the_start():
+    cps = [(0, None)]
+    for end in range(64, 64 * 40, 64):
+        cps = thin(cps + [(end, None)], 6)
+    ends = [n for n, _ in cps]
+    assert len(ends) == 6 and ends[0] == 0 and ends[-1] == 64 * 39
+    gaps = [b - a for a, b in zip(ends, ends[1:])]
+    assert gaps[-1] == 64 and gaps[0] > gaps[-1] * 4          # dense near the end, sparse towards the start
 
 
 def test_drafts_switched_off_are_ignored():
