@@ -1,6 +1,7 @@
 """Pilot test of the conversation tree in the TUI against a real daemon: regenerated replies and an edited
 message become branches shown with ``‹ n/m ›``; the arrows (keys and clicks) show each branch, read nothing
-again, and the daemon continues from the branch shown."""
+again, and the daemon continues from the branch shown; a message is read while typed; a preset's state
+comes from the shared cache."""
 
 from __future__ import annotations
 
@@ -114,3 +115,20 @@ async def test_a_message_is_read_while_typed(fresh_daemon):
         assert app.chat.last_reuse.job_id == app.chat.last_done.job_id
         assert app.chat.last_reuse.draft_tokens == d["fed"] > 0
         assert any("read while typing" in str(n.render()) for n in app.chat.log_view.query(Notice))
+
+
+@async_test
+async def test_a_preset_prompt_comes_from_the_shared_cache(fresh_daemon):
+    client = fresh_daemon.client
+    preset = "You are a patient teacher. Explain things simply, with one example."
+    a = client.create_conversation(system_prompt=preset).id
+    list(client.chat(a, "Hi"))                                   # reads the preset once
+    b = client.create_conversation(system_prompt=preset).id
+    app = make_app(fresh_daemon)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await ready(pilot, app)
+        await wait_for(pilot, lambda: app.chat.cid == b, what="the newest conversation open")
+        done = await send(pilot, app, "What is rain?")
+        head = len((preset + "\n\n").encode())                   # the tiny model: one token per byte
+        assert app.chat.last_reuse.job_id == done.job_id and app.chat.last_reuse.cached_tokens == head
+        assert any(f"{head} tokens from cache" in str(n.render()) for n in app.chat.log_view.query(Notice))
