@@ -207,6 +207,16 @@ def parser() -> argparse.ArgumentParser:
                "rwkv-chat conversations export trip --format json > trip.json"])
     ex.add_argument("id", metavar="CONVERSATION", help=conv_help)
     ex.add_argument("--format", choices=("md", "json"), default="md", help="md (default) or json")
+    which = ex.add_mutually_exclusive_group()
+    which.add_argument("--all", dest="branches", action="store_const", const="all",
+                       help="every branch (the default of json)")
+    which.add_argument("--path", dest="branches", choices=("current",),
+                       help="only the chosen path: current (the default of md)")
+    _sub(cvs, "tree", "print every branch of a conversation",
+         "Print the tree of a conversation's turns: a regenerated reply or an edited message starts a branch\n"
+         "beside the original; * marks the path the conversation continues from, [2/3] a turn's place among\n"
+         "its siblings.",
+         ["rwkv-chat conversations tree trip"]).add_argument("id", metavar="CONVERSATION", help=conv_help)
     _sub(cvs, "rm", "delete a conversation and its saved state",
          "Delete a conversation, its messages and its saved states.",
          ["rwkv-chat conversations rm trip"]).add_argument("id", metavar="CONVERSATION", help=conv_help)
@@ -712,7 +722,12 @@ def _conversations(args) -> int:
                 stopped = " [stopped]" if t.reason == "cancelled" else ""
                 print(f"{t.role.capitalize()}: {t.text}{stopped}")
         elif args.conv_cmd == "export":
-            sys.stdout.write(c.export(cid, args.format))
+            sys.stdout.write(c.export(cid, args.format, args.branches or ""))
+        elif args.conv_cmd == "tree":
+            from .texts import render_tree
+
+            b = c.branches(cid)
+            print(render_tree(b.turns, b.leaf) if b.turns else "(no turns yet)")
         elif args.conv_cmd == "rm":
             c.delete(cid)
             _err(f"removed {cid}")

@@ -70,3 +70,30 @@ def serving_short(model: dict) -> str:
         b = building[0]
         return f"{name} · kernels {b.get('compiled', 0)}/{b.get('total', '?')}"
     return name
+
+
+def render_tree(turns: list, leaf: int, width: int = 60) -> str:
+    """The tree ``turns`` (every ``TurnInfo`` of a conversation) as indented lines, ``*`` marking the chosen
+    path (the one that ends at ``leaf``): a turn's children under it, one level deeper where it has more than
+    one; texts cut to ``width`` characters."""
+    kids: dict[int, list] = {}
+    for t in turns:
+        kids.setdefault(t.parent, []).append(t)
+    by = {t.index: t for t in turns}
+    chosen, i = set(), leaf
+    while i in by:
+        chosen.add(i)
+        i = by[i].parent
+    lines: list[str] = []
+    stack = [(t, 0) for t in reversed(kids.get(-1, []))]
+    while stack:
+        t, depth = stack.pop()
+        text = " ".join(t.text.split())
+        text = text if len(text) <= width else text[:width - 1] + "…"
+        mark = "*" if t.index in chosen else " "
+        sib = f" [{t.branch + 1}/{t.branches}]" if t.branches > 1 else ""
+        lines.append(f"{mark} {'  ' * depth}{t.index:>3} {t.role[:4]:<4}{sib} {text}")
+        below = kids.get(t.index, [])
+        step = 1 if len(below) > 1 else 0
+        stack += [(c, depth + step) for c in reversed(below)]
+    return "\n".join(lines)

@@ -16,12 +16,16 @@ Contract
   no sign of life from the daemon (replies, events, pongs of the heartbeat thread) for ``lost_after`` seconds
   while waiting :class:`DaemonLost`. ``conversations``, ``conversation`` and ``export`` fetch every page the
   daemon sends them in (listings are summaries: long titles and system prompts cut, ``truncated`` set;
-  ``conversation`` has them whole).
+  ``conversation`` has them whole; its turns with their place in the tree: ``parent``, ``branch`` of
+  ``branches``). The tree: ``branches`` (every turn, summaries), ``switch_branch``, ``delete_branch`` (both
+  return the conversation's new path); ``draft`` sends the message being typed (read ahead by the daemon).
 * Generations (``complete``, ``chat``, ``chat_messages``, ``regenerate``, ``edit_last_user``, ``load``) return
   a generator of events: ``Queued`` (position in the queue while it waits for a place, also when a long generation yields
   its place for a while: ``[daemon] time_slice``), ``Started``, ``Progress`` (phase "load"/"prefill",
   done/total), ``Token`` (text), and finally ``Done`` (reason "stop"/"length"/"cancelled"/"loaded", full
-  text — joined from the Token events where the daemon sent it cut, ``truncated`` — token counts, tokens/s).
+  text — joined from the Token events where the daemon sent it cut, ``truncated`` — token counts, tokens/s;
+  for a chat also how its prompt was read: ``reread_tokens``, ``cached_tokens``, ``draft_tokens``, from the
+  ``PromptReuse`` event before it).
   A ``Failed`` event raises :class:`GenerationFailed` (``.kind`` e.g. "OOM", "StateError", "NoModel",
   "QueueTimeout"). A daemon that stops (``rwkv-chat daemon stop``) ends running generations with
   ``Done(reason="cancelled")``. Closing the
@@ -250,10 +254,11 @@ class Client:
 
     def conversation(self, conversation_id: str) -> m.ConversationDetail:
         """The conversation and all its turns (fetched page by page)."""
-        detail = self.request(m.GetConversation(conversation_id=conversation_id))
+        detail = self.request(m.GetConversation(conversation_id=conversation_id, branches=True))
         turns = list(detail.turns)
         while turns and len(turns) < detail.conversation.turns:
-            page = self.request(m.GetConversation(conversation_id=conversation_id, turn_offset=turns[-1].index + 1))
+            page = self.request(m.GetConversation(conversation_id=conversation_id, turn_offset=turns[-1].index + 1,
+                                                  branches=True))
             if not page.turns:
                 break
             turns += page.turns
@@ -281,15 +286,51 @@ class Client:
     def set_sampling(self, conversation_id: str, **sampling) -> None:
         self.request(m.SetSampling(conversation_id=conversation_id, sampling=_sampling(sampling)))
 
-    def export(self, conversation_id: str, fmt: str = "md") -> str:
-        """The whole export ("md" or "json"), fetched page by page."""
+    def export(self, conversation_id: str, fmt: str = "md", branches: str = "") -> str:
+        """The whole export ("md" or "json"), fetched page by page; ``branches`` "all" (every branch) or
+        "current" (the chosen path); "" = json all, md current."""
         parts, offset = [], 0
         while True:
-            page = self.request(m.Export(conversation_id=conversation_id, fmt=fmt, offset=offset))
+            page = self.request(m.Export(conversation_id=conversation_id, fmt=fmt, offset=offset, branches=branches))
             parts.append(page.text)
             offset += len(page.text)
             if not page.text or offset >= page.total:
                 return "".join(parts)
+
+    def branches(self, conversation_id: str) -> m.BranchList:
+        """Every turn of the conversation's tree (texts cut to summaries), fetched page by page."""
+        first = self.request(m.ListBranches(conversation_id=conversation_id))
+        turns = list(first.turns)
+        while turns and len(turns) < first.total:
+            page = self.request(m.ListBranches(conversation_id=conversation_id, offset=turns[-1].index + 1))
+            if not page.turns:
+                break
+            turns += page.turns
+        return m.BranchList(turns=turns, leaf=first.leaf, total=first.total)
+
+    def _whole(self, detail: m.ConversationDetail) -> m.ConversationDetail:
+        turns = list(detail.turns)
+        while turns and len(turns) < detail.conversation.turns:
+            page = self.request(m.GetConversation(conversation_id=detail.conversation.id,
+                                                  turn_offset=turns[-1].index + 1, branches=True))
+            if not page.turns:
+                break
+            turns += page.turns
+        return m.ConversationDetail(conversation=detail.conversation, turns=turns)
+
+    def switch_branch(self, conversation_id: str, turn: int, step: int = 0) -> m.ConversationDetail:
+        """Choose the sibling ``step`` places from the turn ``turn`` (and the newest path below it); returns
+        the conversation with its new path."""
+        return self._whole(self.request(m.SwitchBranch(conversation_id=conversation_id, turn=turn, step=step)))
+
+    def delete_branch(self, conversation_id: str, turn: int) -> m.ConversationDetail:
+        """Delete the turn ``turn`` and every turn below it (their states too); returns the conversation left."""
+        return self._whole(self.request(m.DeleteBranch(conversation_id=conversation_id, turn=turn)))
+
+    def draft(self, conversation_id: str, text: str) -> None:
+        """The draft of the next message of ``conversation_id`` as typed so far ("" clears it): the daemon may
+        read it ahead so that the message, once sent, reads only its remainder."""
+        self.request(m.Draft(client_id=self.client_id, conversation_id=conversation_id, text=text))
 
     def cancel(self, job_id: str = "", conversation_id: str = "") -> None:
         self.request(m.Cancel(job_id=job_id, conversation_id=conversation_id))
@@ -360,6 +401,7 @@ class Client:
         self._subscribe(topic)
         job_id = None
         pieces: list[str] = []
+        reuse = None                  # the job's PromptReuse event: its counts go into the Done yielded
         try:
             accepted = self.request(msg)
             job_id = accepted.job_id
@@ -372,6 +414,8 @@ class Client:
                 if isinstance(ev, m.Failed):
                     job_id = None
                     raise GenerationFailed(ev.kind, ev.message)
+                if isinstance(ev, m.PromptReuse):
+                    reuse = ev
                 if isinstance(ev, m.Token):
                     pieces.append(ev.text)
                 elif isinstance(ev, m.Done) and ev.truncated:      # too long for one event: the Tokens have it
@@ -382,6 +426,11 @@ class Client:
                              else whole)
                     if whole.startswith(ev.text):
                         ev = msgspec.structs.replace(ev, text=whole, truncated=False)
+                if isinstance(ev, m.Done) and reuse is not None:
+                    import msgspec
+
+                    ev = msgspec.structs.replace(ev, reread_tokens=reuse.reread_tokens,
+                                                 cached_tokens=reuse.cached_tokens, draft_tokens=reuse.draft_tokens)
                 if isinstance(ev, m.Done):
                     job_id = None        # over: a caller that stops at the Done has nothing to cancel
                     yield ev
@@ -428,13 +477,13 @@ class Client:
                                                     message=message, sampling=_sampling(sampling)))
 
     def regenerate(self, conversation_id: str, turn: int = -1, **sampling):
-        """Replace the last reply (``turn``: its index as the caller saw it, -1 for whatever is last; a daemon
-        error "Conflict" when that is not the last) with a new one, from the state before it."""
+        """A new reply beside the reply ``turn`` (-1: the last of the chosen path; a daemon error "Conflict"
+        when it is not a reply), from the state saved before its message: another branch, chosen."""
         return self._stream(conversation_id, m.Regenerate(client_id=self.client_id, conversation_id=conversation_id,
                                                           sampling=_sampling(sampling), turn=turn))
 
     def edit_last_user(self, conversation_id: str, text: str, turn: int = -1, **sampling):
-        """Replace the last user message (``turn``: its index as the caller saw it, -1 for whatever is last;
-        "Conflict" when that is not the last) with ``text`` and its reply with a new one."""
+        """``text`` beside the user message ``turn`` (-1: the last of the chosen path; "Conflict" when it is not
+        a user message) with a new reply: another branch, chosen."""
         return self._stream(conversation_id, m.EditLastUser(client_id=self.client_id, conversation_id=conversation_id,
                                                             text=text, sampling=_sampling(sampling), turn=turn))

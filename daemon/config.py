@@ -65,6 +65,11 @@ Sections and keys (all optional; defaults below)::
                                    # seconds, or "90s", "30m", "2h"; 0 = never. The next request that needs
                                    # the model loads it again (load progress events, as at start); the
                                    # conversations' states are on disk and resume as before
+    prompt_cache_ram_bytes = 268435456    # states after a shared prefix (a system prompt, a preset) kept in
+                                   # CPU memory for every conversation that starts with it; 0 = off
+    prompt_cache_disk_bytes = 1073741824  # the same on disk (<data dir>/prompt_states), least recently used
+                                   # out first; 0 = off
+    draft_prefill = true           # read a message while it is typed (the TUI sends its draft), at low priority
     bind = ""                      # "" = ipc:// in the runtime dir; "tcp://HOST:PORT" (beyond loopback needs CURVE)
     curve_secret_key = ""          # Z85 server secret key, required for a tcp bind beyond loopback
     curve_public_key = ""
@@ -132,6 +137,9 @@ class DaemonConfig:
     resident_states: int = 8
     cpu_states: int = 64
     keep_alive: float = 1800.0
+    prompt_cache_ram_bytes: int = 256 << 20
+    prompt_cache_disk_bytes: int = 1 << 30
+    draft_prefill: bool = True
     bind: str = ""
     curve_secret_key: str = ""
     curve_public_key: str = ""

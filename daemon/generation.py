@@ -9,7 +9,11 @@ store, the in-memory conversation states (sessions), the event callback and the 
   the newest state of the loaded model that consumed part of the stored transcript
   (:meth:`~rwkv_chat.daemon.sessions.Sessions.resume`) and reads the rest: nothing after a turn of its own, the
   whole history on a model it never ran on or when its state files are unreadable (the Progress events then
-  say why);
+  say why). A regenerate or an edit branches off the turn it names (:func:`~rwkv_chat.daemon.branches.redo_target`)
+  and starts from the state saved after the reply above it; a chat read from its start takes the shared state
+  of its system prompt (:mod:`~rwkv_chat.daemon.prompt_cache`); a chat whose message was read ahead while it
+  was typed (:mod:`~rwkv_chat.daemon.drafts`) starts after what was read. Done says how many prompt tokens
+  were re-read history, came from the prompt cache, were read while typed;
 * ``prefill`` — :meth:`Generation.prefill_chunk` feeds ``chunk_len`` prompt tokens at a time (a Progress
   event per chunk); where it re-reads history, the state at the end of the history is saved as well (so a
   regenerate or an edit of the new exchange needs no re-read either);
@@ -58,6 +62,7 @@ from dataclasses import dataclass, field
 
 from .protocol import messages as m
 from .sessions import sampler_to_meta
+from .branches import redo_target
 from .store import DIGEST_KEY, title_from, transcript_digest
 
 log = logging.getLogger("rwkv_chat.daemon")
@@ -126,25 +131,6 @@ class StopScanner:
         return max(self.matched, default=0)
 
 
-class Conflict(ValueError):
-    """A regenerate or edit names a turn that is not the conversation's last reply / last user message (the
-    conversation changed since the client showed it)."""
-
-
-def redo_turns(turns: list, mode: str, turn: int = -1) -> int:
-    """For a ``mode`` "regenerate" or "edit" of a conversation with ``turns``: the index of its last user turn
-    (from where the turns are replaced). ``turn``: the reply (regenerate) or user message (edit) the client
-    means, -1 for the last. Raises ValueError (nothing to redo), Conflict (``turn`` is not the last)."""
-    if len(turns) < 2 or turns[-1].role != "assistant" or turns[-2].role != "user":
-        raise ValueError(f"the conversation has no reply to {mode}")
-    target = turns[-1] if mode == "regenerate" else turns[-2]
-    if turn != -1 and turn != target.index:
-        what = "reply" if mode == "regenerate" else "user message"
-        raise Conflict(f"turn {turn} is not the last {what} of the conversation (that is turn {target.index}): "
-                       "it changed since it was shown; reload it")
-    return turns[-2].index
-
-
 @dataclass
 class Job:
     """A request the server queued for the scheduler: a model load or a generation."""
@@ -210,11 +196,17 @@ class Generation:
         self.system_prompt = ""
         self.history = 0              # prompt tokens of the history re-read before the new message
         self.note = ""                # why history is re-read (Progress text)
-        self.drop_from: int | None = None
+        self.parent: int | None = None    # the turn the new message follows (None: the leaf when it commits)
+        self.user_index: int | None = None   # a regenerate: the stored message answered again
+        self.replies: list[int] = []      # the indices of the replies of ``pairs``
         self.user_text = ""
         self.user_created = 0.0
         self.user_tokens = 0
-        self.cached = 0               # "messages": prompt tokens taken from the prefix cache
+        self.cached = 0               # prompt tokens whose state came from a cache (stateless requests: the
+                                      # prefix cache; chats: the shared prompt cache)
+        self.cache_at = 0             # prompt position after which the state is shared (0: none)
+        self.cache_tokens: list[int] = []
+        self.draft_tokens = 0         # tokens of the message read ahead from its draft
 
     def info(self) -> dict:
         return {"job_id": self.id, "kind": self.kind, "client_id": self.client_id,
@@ -256,22 +248,33 @@ class Generation:
             args = base.updated({**conv.sampling, **given})
             if self.mode == "chat":
                 message, before = req.message, turns
-                self.drop_from = None
+                self.parent = turns[-1].index if turns else -1
             else:
-                self.drop_from = redo_turns(turns, self.mode, req.turn)
-                message = turns[-2].text if self.mode == "regenerate" else req.text
-                before = turns[:-2]
+                user, before = redo_target(store, cid, self.mode, req.turn)
+                message = user.text if self.mode == "regenerate" else req.text
+                self.parent, self.user_index = user.parent, user.index if self.mode == "regenerate" else None
             self.pairs = [(before[i].text, before[i + 1].text) for i in range(0, len(before) - 1, 2)]
+            self.replies = [before[i + 1].index for i in range(0, len(before) - 1, 2)]
             self.system_prompt, self.base_n = conv.system_prompt, len(self.pairs)
-            resume = self.sessions.resume(model, cid, conv.system_prompt, self.pairs)
+            resume = self.sessions.resume(model, cid, conv.system_prompt, self.pairs, self.replies)
             full = template.transcript(conv.system_prompt, self.pairs)
             head = template.transcript(conv.system_prompt, self.pairs[:resume.n]) if resume.state is not None else ""
             if resume.state is None or not full.startswith(head):
                 resume.state, resume.sampler, resume.n, head = None, None, 0, ""
+            shared: list[int] = []
+            if resume.state is None:            # from the start: the system prompt's state may be shared
+                resume.state, head, shared = self._shared_prefix(model, tok, template, conv.system_prompt, full)
             self.state = resume.state if resume.state is not None else model.zero_state()
             sampler_sd, self.resumed_n = resume.sampler, resume.n
-            history = tok.encode(full[len(head):]) if len(full) > len(head) else []
+            history = shared + (tok.encode(full[len(head):]) if len(full) > len(head) else [])
             self.prompt = history + tok.encode(template.prompt(message))
+            drafts = getattr(self.sessions, "drafts", None)
+            if drafts is not None and self.mode == "chat" and not history:     # read ahead while typed?
+                got = drafts.take(cid, (model.fingerprint, transcript_digest(conv.system_prompt, self.pairs)),
+                                  self.prompt)
+                if got is not None:
+                    self.pos, self.state = got
+                    self.draft_tokens = self.pos
             self.history = len(history) if resume.n < self.base_n else 0
             if resume.problems:
                 self.note = (f"re-reading the conversation: its saved state could not be used "
@@ -317,20 +320,40 @@ class Generation:
         self.t_start = time.perf_counter()
         self.emit(self.topic, m.Started(job_id=self.id, kind=self.kind, conversation_id=self.conversation_id,
                                         message=m.clip_bytes(self.user_text, m.MAX_EVENT_TEXT)[0],
-                                        cached_tokens=self.cached))
+                                        cached_tokens=self.cached if self.kind == "messages" else 0))
+
+    def _shared_prefix(self, model, tok, template, system_prompt: str, full: str):
+        """For a chat read from its start: ``(state, head, tokens)`` — the shared state after the system prompt
+        (``head``, its text) when the prompt cache has it (``tokens`` empty; ``cached`` counts them), else
+        ``(None, head, tokens)`` with the prompt's tokens, to be read first and their state shared once read
+        (``cache_at``); ``(None, "", [])`` without a system prompt or a cache."""
+        prompts = getattr(self.sessions, "prompts", None)
+        head = template.transcript(system_prompt, []) if system_prompt else ""
+        if prompts is None or not head or not full.startswith(head):
+            return None, "", []
+        tokens = tok.encode(head)
+        state = prompts.get(model, tokens)
+        if state is not None:
+            self.cached = len(tokens)
+            return state, head, []
+        self.cache_at, self.cache_tokens = len(tokens), tokens
+        return None, head, tokens
 
     def prefill_chunk(self) -> None:
         """Feed the next ``chunk_len`` prompt tokens; emit Progress; phase -> "decode" after the last chunk."""
         t0 = time.perf_counter()
         n = self.config.daemon.chunk_len
         end = min(self.pos + n, len(self.prompt))
-        if self.pos < self.history < end:
-            end = self.history                   # a chunk ends where the re-read history does
+        for mark in (self.history, self.cache_at):
+            if self.pos < mark < end:
+                end = mark                       # a chunk ends where the re-read history / a shared prefix does
         chunk = self.prompt[self.pos:end]
         self.logits, self.state = self.host.model.forward(chunk, self.state)
         self.pos += len(chunk)
         if self.pos == self.history:
             self._save_history_state()
+        if self.pos == self.cache_at and self.cache_tokens:
+            self.sessions.prompts.put(self.host.model, self.cache_tokens, self.state)
         self.t_prefill += time.perf_counter() - t0
         self.t_chunk = time.perf_counter()
         self.emit(self.topic, m.Progress(job_id=self.id, phase="prefill", done=self.pos, total=len(self.prompt),
@@ -346,7 +369,9 @@ class Generation:
         """Save the state after the re-read history (the exchanges before this one) on this model, so a
         regenerate or edit of this exchange resumes from it. A failure to write it only costs a later re-read."""
         cid, model = self.conversation_id, self.host.model
-        path = self.store.state_path(cid, self.base_n, model.fingerprint)
+        if not self.base_n:
+            return
+        path = self.store.state_path(cid, self.replies[self.base_n - 1], model.fingerprint)
         try:
             self.store.make_model_dir(cid, model.fingerprint)
             self.state.save(path, metadata={DIGEST_KEY: transcript_digest(self.system_prompt, self.pairs)})
@@ -496,8 +521,8 @@ class Generation:
         return self.text.strip() if self.kind in ("chat", "messages") else self.text
 
     def _commit(self) -> None:
-        """Persist a finished (or stopped) chat exchange: state file (atomic) where there is a reply state, then
-        the turns (one transaction); prune the state files no longer needed."""
+        """Persist a finished (or stopped) chat exchange: the turns (one transaction); the state file of the new reply after them (every reply's state is kept:
+        a branch from any turn re-reads nothing above it)."""
         if self.kind != "chat":
             return
         store, cid, model = self.store, self.conversation_id, self.host.model
@@ -506,29 +531,24 @@ class Generation:
         reply = self.reply_text()
         digest = transcript_digest(self.system_prompt, self.pairs + [(self.user_text, reply)])
         sd = self.sampler.state_dict()
-        path = store.state_path(cid, n, fp)
         conv = store.get(cid)                    # NotFound: deleted meanwhile
         saved = self.state is not None and conv.system_prompt == self.system_prompt   # else: consumed the old one
-        if saved:
-            store.make_model_dir(cid, fp)
-            self.state.save(path, metadata={**sampler_to_meta(sd), DIGEST_KEY: digest})
         now = time.time()
-        try:
-            store.commit_exchange(
-                cid, m.TurnInfo(0, "user", self.user_text, self.user_tokens, self.user_created, self.user_created),
-                m.TurnInfo(0, "assistant", reply, len(self.out_tokens), self.user_created, now,
-                           reason=self.reason, tokens_per_s=self.tokens_per_s()),
-                state_n=n if saved else None, fingerprint=fp, drop_from=self.drop_from)
-        except BaseException:
-            if saved:
-                path.unlink(missing_ok=True)
-            raise
-        if saved:
+        turn = store.commit_exchange(
+            cid, m.TurnInfo(0, "user", self.user_text, self.user_tokens, self.user_created, self.user_created),
+            m.TurnInfo(0, "assistant", reply, len(self.out_tokens), self.user_created, now,
+                       reason=self.reason, tokens_per_s=self.tokens_per_s()),
+            parent=self.parent, user_index=self.user_index)
+        if saved:                                # after the turns: a state file always names a stored reply
+            try:
+                store.make_model_dir(cid, fp)
+                self.state.save(store.state_path(cid, turn, fp), metadata={**sampler_to_meta(sd), DIGEST_KEY: digest})
+                store.update(cid, state_n=n, model_fingerprint=fp, state_stale=0)
+            except OSError as e:
+                log.warning("conversation %s: could not save the state after turn %d: %s", cid, turn, e)
             self.sessions.put(cid, self.state, sd, n, digest)
         else:
             self.sessions.drop(cid)
-        store.prune_states(cid, fp, keep={self.base_n, n} if saved else {self.base_n, self.resumed_n},
-                           changed_after=self.base_n if self.drop_from is not None else None)
 
     def _commit_unstarted(self) -> None:
         """Keep the message of a chat cancelled before it started, with an empty stopped reply (no state), in a
@@ -558,10 +578,14 @@ class Generation:
         """Send the Done event (after :meth:`finish`)."""
         rate = self.tokens_per_s()
         text, cut = m.clip_bytes(self.reply_text(), m.MAX_EVENT_TEXT)
+        if self.kind == "chat":
+            self.emit(self.topic, m.PromptReuse(job_id=self.id, reread_tokens=self.history, cached_tokens=self.cached,
+                                                draft_tokens=self.draft_tokens))
         self.emit(self.topic, m.Done(job_id=self.id, reason=self.reason, text=text,
                                      prompt_tokens=len(self.prompt), tokens=len(self.out_tokens),
                                      prefill_s=self.t_prefill, decode_s=self.t_decode, tokens_per_s=rate,
-                                     truncated=cut, cached_tokens=self.cached, context_used=self.used,
+                                     truncated=cut, cached_tokens=self.cached if self.kind == "messages" else 0,
+                                     context_used=self.used,
                                      context_limit=self.limit, dropped_turns=self.dropped))
 
     def fail(self, kind: str, message: str) -> None:

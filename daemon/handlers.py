@@ -11,15 +11,20 @@ from __future__ import annotations
 
 import os
 import resource
+
+import msgspec
 import time
 from typing import Callable
 
-from .generation import Job, redo_turns
+from .branches import delete_branch, export_conversation, redo_target, switch_branch, tree_page
+from .generation import Job
 from .protocol import codec as p
 from .protocol import messages as m
 from .protocol.messages import (EXPORT_PAGE_CHARS, MAX_PAGE, TURN_PAGE_BYTES, check_conversation_id, check_request,
                                 check_topic, new_conversation_id, quote)
-from .store import export_conversation
+
+#: turns per ListBranches page (summaries of SUMMARY_CHARS characters: a bounded frame)
+BRANCH_PAGE = 200
 
 Handler = Callable[..., "tuple[m.Msg, list]"]
 
@@ -61,9 +66,13 @@ def _settings(server, sampling: m.SamplingSettings) -> dict:
     return given
 
 
-def _detail(server, cid: str, turn_offset: int = 0) -> m.ConversationDetail:
-    return m.ConversationDetail(conversation=server.store.get_bounded(cid),
-                                turns=server.store.turns_page(cid, turn_offset, TURN_PAGE_BYTES))
+def _detail(server, cid: str, turn_offset: int = 0, branches: bool = True) -> m.ConversationDetail:
+    """A conversation and a page of its chosen path; without ``branches`` the turns leave their place in the
+    tree out (a client that does not know those fields reads them)."""
+    turns = server.store.turns_page(cid, turn_offset, TURN_PAGE_BYTES)
+    if not branches:
+        turns = [msgspec.structs.replace(t, parent=-1, branch=0, branches=1) for t in turns]
+    return m.ConversationDetail(conversation=server.store.get_bounded(cid), turns=turns)
 
 
 def memory() -> dict:
@@ -172,8 +181,15 @@ def _chat(server, msg):
 def _redo(server, msg):
     cid = check_conversation_id(msg.conversation_id)
     mode = "regenerate" if isinstance(msg, m.Regenerate) else "edit"
-    redo_turns(server.store.turns(server.store.get(cid).id), mode, msg.turn)   # checked again when it starts
+    redo_target(server.store, server.store.get(cid).id, mode, msg.turn)    # checked again when it starts
     return _generation(server, msg, "chat", cid, cid, mode), []
+
+
+@handles(m.Draft)
+def _draft(server, msg):
+    server.sessions.drafts.update(check_conversation_id(msg.conversation_id), msg.text)
+    server.scheduler.poke()
+    return m.Ok(), []
 
 
 @handles(m.Cancel)
@@ -193,7 +209,7 @@ def _list(server, msg):
 
 @handles(m.GetConversation)
 def _get(server, msg):
-    return _detail(server, msg.conversation_id, msg.turn_offset), []
+    return _detail(server, msg.conversation_id, msg.turn_offset, msg.branches), []
 
 
 @handles(m.FindConversation)
@@ -220,6 +236,8 @@ def _delete(server, msg):
     check_conversation_id(msg.conversation_id)
     server.scheduler.cancel(conversation_id=msg.conversation_id)
     server.sessions.drop(msg.conversation_id)
+    if server.sessions.drafts is not None:
+        server.sessions.drafts.forget(msg.conversation_id)
     server.store.delete(msg.conversation_id)
     return m.Ok(), []
 
@@ -245,9 +263,33 @@ def _set_sampling(server, msg):
 @handles(m.Export)
 def _export(server, msg):
     c = server.store.get(msg.conversation_id)
-    text = export_conversation(c, server.store.turns(c.id), msg.fmt)
+    which = msg.branches or ("all" if msg.fmt == "json" else "current")
+    if which not in ("all", "current"):
+        raise ValueError(f"unknown branches {quote(which)} (all or current)")
+    tree = tree_page(server.store, c.id, 0, -1, m.MAX_TEXT)[0] if which == "all" else None
+    text = export_conversation(c, server.store.turns(c.id), msg.fmt, tree)
     page = text[msg.offset:msg.offset + EXPORT_PAGE_CHARS]
     return m.ExportReply(fmt=msg.fmt, text=page, offset=msg.offset, total=len(text)), []
+
+
+@handles(m.ListBranches)
+def _branches(server, msg):
+    turns, total = tree_page(server.store, msg.conversation_id, msg.offset, BRANCH_PAGE)
+    leaf = server.store.leaf(msg.conversation_id)
+    return m.BranchList(turns=turns, leaf=leaf, total=total, offset=msg.offset), []
+
+
+@handles(m.SwitchBranch)
+def _switch_branch(server, msg):
+    switch_branch(server.store, msg.conversation_id, msg.turn, msg.step)
+    return _detail(server, msg.conversation_id), []
+
+
+@handles(m.DeleteBranch)
+def _delete_branch(server, msg):
+    delete_branch(server.store, msg.conversation_id, msg.turn)
+    server.sessions.drop(msg.conversation_id)
+    return _detail(server, msg.conversation_id), []
 
 
 @handles(m.GetState)
@@ -255,7 +297,7 @@ def _get_state(server, msg):
     from rwkv_chat.models import State
 
     c = server.store.get(msg.conversation_id)
-    state = State.load(server.store.state_path(c.id, c.state_n, c.model_fingerprint))
+    state = State.load(server.store.state_path(c.id, server.store.leaf(c.id), c.model_fingerprint))
     tensors = {f"layers.{i}.{n}": t for i, layer in enumerate(state.layers) for n, t in zip(state.names, layer)}
     metas, bufs = p.tensor_frames(tensors)
     meta = {**state.metadata, "version": state.version, "fingerprint": state.fingerprint,

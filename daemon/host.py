@@ -355,8 +355,8 @@ def classify(e: BaseException) -> tuple[str, str]:
 def _classify(e: BaseException) -> tuple[str, str]:
     from rwkv_chat.models import RWKVError
 
+    from .branches import Conflict
     from .context import ContextLimitExceeded
-    from .generation import Conflict
     from .protocol.messages import InvalidId, LimitError
     from .store import NotFound
 

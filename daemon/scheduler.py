@@ -34,6 +34,10 @@ request that needs it loads it again before it is admitted, with ``Progress(phas
 waiting requests' topics; a load that fails then fails them. An ``Unload`` request parks the model the same way
 at once (after the generations in flight, like a load).
 
+Draft prefill (:mod:`~rwkv_chat.daemon.drafts`): when no generation is admitted or waiting, an iteration
+reads one chunk of a message being typed into its scratch state instead of sleeping; it never runs before
+another client's prefill or decode step.
+
 Out of memory (MemoryError, torch.OutOfMemoryError, allocator errors) in a load, prefill or decode step
 fails the jobs concerned with kind "OOM"; the daemon serves on.
 """
@@ -83,6 +87,7 @@ class Scheduler(KeepAlive):
         self._reported: dict[str, tuple[int, float]] = {}   # job id -> (position, time) of its last Queued
         self._t_round = 0.0             # perf_counter of the last round of Token events
         self.last_used = time.monotonic()  # the last time a generation ran or waited, or a load ended
+        self.drafts = None              # messages being typed (daemon.drafts.Drafts): read ahead when idle
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="rwkv-inference", daemon=True)
 
@@ -97,6 +102,11 @@ class Scheduler(KeepAlive):
                 j.cancel.set()
             self._wake.notify_all()
         self._thread.join(timeout)
+
+    def poke(self) -> None:
+        """Wake the inference thread (a draft to read ahead)."""
+        with self._lock:
+            self._wake.notify_all()
 
     def queued(self) -> int:
         with self._lock:
@@ -166,7 +176,9 @@ class Scheduler(KeepAlive):
                     self.last_used = now
                 unload = self.idle_due(now)
                 reports = self._reports_locked(now)
-                if (admin is None and not self.active and not (dropped or expired or paused or reports)
+                draft = (admin is None and not self.active and not self._pending and self.drafts is not None
+                         and self.drafts.due())    # idle only: a draft never delays another's step
+                if (admin is None and not self.active and not (dropped or expired or paused or reports or draft)
                         and not self.host.switch_due() and not reload and not unload):
                     self._wake.wait(0.5)
                     continue
@@ -190,6 +202,8 @@ class Scheduler(KeepAlive):
                     self._run_load(admin)
                 elif self.active:
                     self._step_all()
+                elif draft:
+                    self.drafts.step(self.host, self.store, self.sessions)
             except BaseException as e:    # noqa: BLE001 — the inference thread must survive anything
                 log.exception("scheduler step failed")
                 for gen in list(self.active):

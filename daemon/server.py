@@ -45,6 +45,8 @@ from .protocol import codec as p
 from .protocol import connection
 from .protocol import messages as m
 from .scheduler import Scheduler
+from .drafts import Drafts
+from .prompt_cache import PromptCache
 from .sessions import Sessions
 from .store import Store
 
@@ -184,8 +186,11 @@ class Server:
             if n:
                 log.info("removed %d temporary file(s) of a save that was interrupted", n)
             self.sessions = Sessions(self.store, d.resident_states, d.cpu_states)
+            self.sessions.prompts = PromptCache(self.paths.data_dir / "prompt_states", d.prompt_cache_ram_bytes,
+                                                d.prompt_cache_disk_bytes)
             self.host = Host(resolve=lambda ref: registry.resolve(ref, self.paths.data_dir))
             self.scheduler = Scheduler(self.host, self.store, self.sessions, self.config, self.emit)
+            self.scheduler.drafts = self.sessions.drafts = Drafts(d.draft_prefill)
             self.scheduler.start()
             self.sessions.prefix.budget = d.prefix_cache_bytes     # states of stateless chat requests (none yet)
             if self.model:

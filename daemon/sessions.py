@@ -114,6 +114,8 @@ class Sessions:
         self.cpu = max(0, cpu)
         self._lru: OrderedDict[str, Entry] = OrderedDict()
         self._lock = threading.RLock()
+        self.prompts = None           # the shared prompt states (daemon.prompt_cache.PromptCache), if any
+        self.drafts = None            # the messages being typed (daemon.drafts.Drafts), if any
 
     def clear(self) -> None:
         """Forget every in-memory state, the prefix cache's too (a new model was loaded)."""
@@ -125,11 +127,14 @@ class Sessions:
         with self._lock:
             self._lru.pop(cid, None)
 
-    def resume(self, model, cid: str, system_prompt: str, pairs: list[tuple[str, str]]) -> Resume:
+    def resume(self, model, cid: str, system_prompt: str, pairs: list[tuple[str, str]],
+               replies: list[int]) -> Resume:
         """The newest state of ``cid`` on ``model`` that consumed the first ``n <= len(pairs)`` of the exchanges
         ``pairs`` (user text, reply text) under ``system_prompt`` — a private copy — with its sampler state; an
-        empty :class:`Resume` (start from the zero state) when there is none. Unreadable files are deleted and
-        reported in ``problems`` (the conversation is then rebuilt from its turns)."""
+        empty :class:`Resume` (start from the zero state) when there is none. ``replies``: the stored index of
+        each exchange's reply (the state file after exchange ``n`` is that of reply ``replies[n - 1]``).
+        Unreadable files are deleted and reported in ``problems`` (the conversation is then rebuilt from its
+        turns)."""
         from rwkv_chat.models.errors import StateError
 
         fp = model.fingerprint
@@ -143,8 +148,9 @@ class Sessions:
                     self._shrink()
                 return Resume(e.state.clone(), e.sampler, e.n)
         out = Resume()
-        for n, path in self.store.state_files(cid, fp):
-            if n > len(pairs):
+        for n in range(min(len(pairs), len(replies)), 0, -1):
+            path = self.store.state_path(cid, replies[n - 1], fp)
+            if not path.is_file():
                 continue
             try:
                 state = model.load_state(path)
@@ -179,5 +185,10 @@ class Sessions:
 
     def stats(self) -> dict:
         with self._lock:
-            return {"resident": sum(not e.spilled for e in self._lru.values()),
-                    "spilled": sum(e.spilled for e in self._lru.values())}
+            out = {"resident": sum(not e.spilled for e in self._lru.values()),
+                   "spilled": sum(e.spilled for e in self._lru.values())}
+        if self.prompts is not None:
+            out["prompt_cache"] = self.prompts.stats()
+        if self.drafts is not None:
+            out["drafts"] = self.drafts.stats()
+        return out

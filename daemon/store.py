@@ -5,16 +5,22 @@ them; SQLite gives its side files the database's mode), in the home's 0700 data 
 
 Schema version lives in ``PRAGMA user_version`` (:data:`SCHEMA_VERSION`). Turns come in exchanges (a user
 turn and its reply; a reply keeps why it ended, ``reason``, and its decode speed, ``tokens_per_s``; a reply
-the user stopped is kept as far as it got, ``reason`` "cancelled"). Version 2 added those two columns; a
-version 1 database is migrated in place (:data:`_MIGRATIONS`).
+the user stopped is kept as far as it got, ``reason`` "cancelled"). Version 2 added those two columns.
 
-State files live in ``<data dir>/states/<conversation id>/<model fingerprint>/<n>.safetensors`` where ``n`` is
-the number of exchanges the state has consumed: states are kept per model, so a conversation continued on
+A conversation is a tree of turns (version 3): every turn names its ``parent`` (-1: a first message) and its
+``depth`` (turns above it) and when it was last on the chosen path (``visited``); a user turn's children are replies to it, a reply's children the messages after
+it. The conversation's ``leaf`` (a reply, -1 when empty) chooses the path shown and continued:
+:meth:`Store.turns` is that path, root first. A regenerate adds a sibling reply, an edit a sibling message
+(:meth:`Store.commit_exchange`); :mod:`~rwkv_chat.daemon.branches` switches and deletes branches. A turn's
+``idx`` is unique in its conversation and larger than its parent's, so a path is ordered by it. Older
+databases are migrated in place (:data:`_MIGRATIONS`; version 3 makes each turn the child of the one before).
+
+State files live in ``<data dir>/states/<conversation id>/<model fingerprint>/<turn>.safetensors`` where
+``turn`` is the index of the reply after which the state was taken (the state of every reply is kept, so a
+branch from any turn re-reads nothing before it): states are kept per model, so a conversation continued on
 another model and then on the first again re-reads only what the first has not seen. Each file records the
 digest of the transcript it consumed (:func:`transcript_digest`, metadata :data:`DIGEST_KEY`): a state whose
-digest is not that of the stored turns (an edit, a new system prompt, a crash between file and turns) is never
-used. Per model the newest state and the one before the last exchange are kept (that one serves
-``regenerate`` and ``edit_last_user``).
+digest is not that of its path (a new system prompt, a crash between file and turns) is never used.
 
 Conversation ids are checked (:func:`~rwkv_chat.daemon.protocol.messages.check_conversation_id`) before any
 path or query is built from one. Conversations and turns come back as the protocol's records
@@ -37,9 +43,9 @@ import msgspec
 
 from .paths import private_dir
 from .protocol.messages import (MAX_TEXT, MAX_TITLE, SUMMARY_CHARS, ConversationInfo, TurnInfo,
-                                check_conversation_id, clip_bytes, quote)
+                                check_conversation_id, clip_bytes)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 #: metadata entry of a state file: :func:`transcript_digest` of what the state consumed
 DIGEST_KEY = "rwkv_chat.transcript"
@@ -69,7 +75,8 @@ CREATE TABLE conversations (
     sampling TEXT NOT NULL DEFAULT '{}',
     model_fingerprint TEXT NOT NULL DEFAULT '',
     state_n INTEGER NOT NULL DEFAULT 0,
-    state_stale INTEGER NOT NULL DEFAULT 0
+    state_stale INTEGER NOT NULL DEFAULT 0,
+    leaf INTEGER NOT NULL DEFAULT -1
 );
 CREATE TABLE turns (
     conversation_id TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
@@ -81,14 +88,27 @@ CREATE TABLE turns (
     finished REAL NOT NULL,
     reason TEXT NOT NULL DEFAULT '',
     tokens_per_s REAL NOT NULL DEFAULT 0,
+    parent INTEGER NOT NULL DEFAULT -1,
+    depth INTEGER NOT NULL DEFAULT 0,
+    visited REAL NOT NULL DEFAULT 0,
     PRIMARY KEY (conversation_id, idx)
 );
+CREATE INDEX IF NOT EXISTS turns_parent ON turns(conversation_id, parent);
 """
 #: schema version -> the statements that bring a database of the version before it there. Version 2: a turn
 #: keeps why it ended (``reason``) and its decode speed (``tokens_per_s``).
 _MIGRATIONS = {
     2: ("ALTER TABLE turns ADD COLUMN reason TEXT NOT NULL DEFAULT ''",
         "ALTER TABLE turns ADD COLUMN tokens_per_s REAL NOT NULL DEFAULT 0"),
+    3: ("ALTER TABLE turns ADD COLUMN parent INTEGER NOT NULL DEFAULT -1",
+        "ALTER TABLE turns ADD COLUMN depth INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE turns ADD COLUMN visited REAL NOT NULL DEFAULT 0",
+        "UPDATE turns SET parent=COALESCE((SELECT MAX(p.idx) FROM turns p WHERE p.conversation_id=turns.conversation_id"
+        " AND p.idx<turns.idx),-1), depth=(SELECT COUNT(*) FROM turns p WHERE p.conversation_id=turns.conversation_id"
+        " AND p.idx<turns.idx)",
+        "ALTER TABLE conversations ADD COLUMN leaf INTEGER NOT NULL DEFAULT -1",
+        "UPDATE conversations SET leaf=COALESCE((SELECT MAX(t.idx) FROM turns t WHERE t.conversation_id=conversations.id),-1)",
+        "CREATE INDEX IF NOT EXISTS turns_parent ON turns(conversation_id, parent)"),
 }
 
 
@@ -152,6 +172,10 @@ class Store:
         except BaseException:
             db.execute("ROLLBACK")
             raise
+        if 0 < version < 3:
+            from .branches import rename_linear_states
+
+            rename_linear_states(self)
 
     # -- conversations
     def create(self, cid: str, title: str = "", system_prompt: str = "", sampling: dict | None = None,
@@ -171,8 +195,10 @@ class Store:
         check_conversation_id(cid)
         return self.db.execute("SELECT 1 FROM conversations WHERE id=?", (cid,)).fetchone() is not None
 
+    #: the turns of a conversation's chosen path (its leaf's depth + 1)
+    _PATH_LEN = "COALESCE((SELECT t.depth+1 FROM turns t WHERE t.conversation_id=c.id AND t.idx=c.leaf),0)"
     _COLUMNS = ("c.id,c.title,c.created,c.updated,c.system_prompt,c.sampling,c.model_fingerprint,c.state_n,"
-                "c.state_stale,(SELECT COUNT(*) FROM turns t WHERE t.conversation_id=c.id)")
+                f"c.state_stale,{_PATH_LEN},c.leaf")
 
     @staticmethod
     def _info(row, truncated: bool = False) -> ConversationInfo:
@@ -186,8 +212,15 @@ class Store:
         row = self.db.execute(f"SELECT {self._COLUMNS} FROM conversations c WHERE c.id=?", (cid,)).fetchone()
         if row is None:
             raise NotFound(f"no conversation {cid}")
-        models = [] if row[8] or not row[9] else self.state_models(cid, row[9] // 2)
+        models = [] if row[8] or row[10] < 0 else self.state_models(cid, row[10])
         return msgspec.structs.replace(self._info(row), state_models=models)
+
+    def leaf(self, cid: str) -> int:
+        """The last turn of the chosen path of ``cid`` (-1: no turn). Raises NotFound, InvalidId."""
+        row = self.db.execute("SELECT leaf FROM conversations WHERE id=?", (check_conversation_id(cid),)).fetchone()
+        if row is None:
+            raise NotFound(f"no conversation {cid}")
+        return row[0]
 
     def get_bounded(self, cid: str) -> ConversationInfo:
         """:meth:`get` with a title and system prompt cut to the limits (``MAX_TITLE`` characters,
@@ -209,10 +242,10 @@ class Store:
         n = SUMMARY_CHARS
         rows = self.db.execute(
             f"SELECT c.id,substr(c.title,1,{n}),c.created,c.updated,substr(c.system_prompt,1,{n}),c.sampling,"
-            "c.model_fingerprint,c.state_n,c.state_stale,(SELECT COUNT(*) FROM turns t WHERE t.conversation_id=c.id),"
+            f"c.model_fingerprint,c.state_n,c.state_stale,{self._PATH_LEN},c.leaf,"
             f"length(c.title)>{n} OR length(c.system_prompt)>{n}"
             " FROM conversations c ORDER BY c.updated DESC, c.id LIMIT ? OFFSET ?", (limit, offset)).fetchall()
-        return [self._info(r[:10], truncated=bool(r[10])) for r in rows]
+        return [self._info(r[:11], truncated=bool(r[11])) for r in rows]
 
     def find(self, query: str, limit: int = 10) -> list[ConversationInfo]:
         """The conversations ``query`` names, by the best kind of match: the conversation whose id it is; else
@@ -248,47 +281,92 @@ class Store:
         shutil.rmtree(self.state_dir(cid), ignore_errors=True)
 
     # -- turns
-    def turns(self, cid: str) -> list[TurnInfo]:
-        rows = self.db.execute("SELECT idx,role,text,tokens,created,finished,reason,tokens_per_s FROM turns"
-                               " WHERE conversation_id=? ORDER BY idx", (check_conversation_id(cid),)).fetchall()
-        return [TurnInfo(*r) for r in rows]
+    #: the turn ids of a path: from the turn :a (the leaf when :a is NULL) up to the root
+    _PATH = ("WITH RECURSIVE p(i) AS (SELECT COALESCE(:a,(SELECT leaf FROM conversations WHERE id=:c))"
+             " UNION ALL SELECT t.parent FROM turns t, p WHERE t.conversation_id=:c AND t.idx=p.i AND t.parent>=0) ")
+    _TURN = ("SELECT t.idx,t.role,t.text,t.tokens,t.created,t.finished,t.reason,t.tokens_per_s,t.parent,"
+             "(SELECT COUNT(*) FROM turns s WHERE s.conversation_id=t.conversation_id AND s.parent=t.parent"
+             " AND s.idx<t.idx),"
+             "(SELECT COUNT(*) FROM turns s WHERE s.conversation_id=t.conversation_id AND s.parent=t.parent)"
+             " FROM turns t WHERE t.conversation_id=:c AND t.idx IN p")
+
+    @staticmethod
+    def _turn(r, text: str | None = None, truncated: bool = False) -> TurnInfo:
+        return TurnInfo(index=r[0], role=r[1], text=r[2] if text is None else text, tokens=r[3], created=r[4],
+                        finished=r[5], reason=r[6], tokens_per_s=r[7], truncated=truncated, parent=r[8],
+                        branch=r[9], branches=r[10])
+
+    def turns(self, cid: str, upto: int | None = None) -> list[TurnInfo]:
+        """The turns of the conversation's chosen path (to its leaf), or of the path to the turn ``upto``,
+        root first; each with its place among its siblings (``branch`` of ``branches``)."""
+        rows = self.db.execute(self._PATH + self._TURN + " ORDER BY t.idx",
+                               {"c": check_conversation_id(cid), "a": upto}).fetchall()
+        return [self._turn(r) for r in rows]
 
     def turns_page(self, cid: str, offset: int, budget: int) -> list[TurnInfo]:
-        """Turns of ``cid`` from index ``offset`` on, as many as fit in ``budget`` bytes of UTF-8 text (at least
-        one where any is left); a turn's text longer than ``MAX_TEXT`` bytes (stored by an older version) is
-        cut there with ``truncated`` set. Reads rows only up to the first that does not fit."""
+        """Turns of the chosen path of ``cid`` with index ``offset`` or more, as many as fit in ``budget`` bytes
+        of UTF-8 text (at least one where any is left); a turn's text longer than ``MAX_TEXT`` bytes (stored by
+        an older version) is cut there with ``truncated`` set. Reads rows only up to the first that does not fit."""
         out, used = [], 0
-        cur = self.db.execute("SELECT idx,role,text,tokens,created,finished,reason,tokens_per_s FROM turns"
-                              " WHERE conversation_id=? AND idx>=? ORDER BY idx", (check_conversation_id(cid), offset))
+        cur = self.db.execute(self._PATH + self._TURN + " AND t.idx>=:o ORDER BY t.idx",
+                              {"c": check_conversation_id(cid), "a": None, "o": offset})
         for r in cur:
             text, cut = clip_bytes(r[2], MAX_TEXT)
             size = len(text.encode("utf-8", "surrogatepass")) + 64
             if out and used + size > budget:
                 break
-            out.append(TurnInfo(r[0], r[1], text, r[3], r[4], r[5], r[6], r[7], truncated=cut))
+            out.append(self._turn(r, text, cut))
             used += size
         cur.close()
         return out
 
-    def commit_exchange(self, cid: str, user: TurnInfo, assistant: TurnInfo, state_n: int | None, fingerprint: str,
-                        drop_from: int | None = None) -> None:
-        """Atomically (one transaction): drop turns with index >= ``drop_from``, append ``user`` and
-        ``assistant`` and, unless ``state_n`` is None (no state was saved), record that the state file
-        ``state_n`` of model ``fingerprint`` now covers the conversation. An untitled conversation takes its
-        title from the user's message (:func:`title_from`). Raises NotFound (nothing changes) when the
-        conversation is gone (deleted while its reply was generated)."""
+    def choose(self, cid: str, leaf: int) -> None:
+        """Make ``leaf`` the end of the chosen path of ``cid`` and mark the turns of that path visited now (a
+        switch to a turn above them comes back down this path)."""
+        self.db.execute("UPDATE conversations SET leaf=? WHERE id=?", (leaf, cid))
+        self.db.execute(self._PATH + "UPDATE turns SET visited=:v WHERE conversation_id=:c AND idx IN p",
+                        {"c": cid, "a": leaf, "v": time.time()})
+
+    def commit_exchange(self, cid: str, user: TurnInfo, assistant: TurnInfo, state_n: int | None = None,
+                        fingerprint: str = "", parent: int | None = None, user_index: int | None = None) -> int:
+        """Atomically (one transaction): add ``user`` as a child of the turn ``parent`` (None: the conversation's
+        leaf; -1: a first message) and ``assistant`` as its reply — or, with ``user_index`` (a regenerate), only
+        ``assistant``, as another reply to that stored user turn — and make the reply the leaf; unless
+        ``state_n`` is None (no state was saved), record that a state of model ``fingerprint`` covers
+        ``state_n`` exchanges. An untitled conversation takes its title from the user's message
+        (:func:`title_from`). Returns the reply's index. Raises NotFound (nothing changes) when the
+        conversation, ``parent`` or ``user_index`` is gone (deleted while the reply was generated)."""
         db = self.db
         db.execute("BEGIN IMMEDIATE")
         try:
-            if db.execute("SELECT 1 FROM conversations WHERE id=?", (cid,)).fetchone() is None:
+            row = db.execute("SELECT leaf FROM conversations WHERE id=?", (cid,)).fetchone()
+            if row is None:
                 raise NotFound(f"no conversation {cid}")
-            if drop_from is not None:
-                db.execute("DELETE FROM turns WHERE conversation_id=? AND idx>=?", (cid, drop_from))
             n = db.execute("SELECT COALESCE(MAX(idx)+1,0) FROM turns WHERE conversation_id=?", (cid,)).fetchone()[0]
-            for i, t in enumerate((user, assistant)):
+            rows = []
+            if user_index is not None:
+                u = db.execute("SELECT depth FROM turns WHERE conversation_id=? AND idx=? AND role='user'",
+                               (cid, user_index)).fetchone()
+                if u is None:
+                    raise NotFound(f"conversation {cid} has no user turn {user_index}")
+                rows.append((n, assistant, user_index, u[0] + 1))
+            else:
+                parent = row[0] if parent is None else parent
+                depth = 0
+                if parent >= 0:
+                    p = db.execute("SELECT depth FROM turns WHERE conversation_id=? AND idx=?",
+                                   (cid, parent)).fetchone()
+                    if p is None:
+                        raise NotFound(f"conversation {cid} has no turn {parent}")
+                    depth = p[0] + 1
+                rows += [(n, user, parent, depth), (n + 1, assistant, n, depth + 1)]
+            for idx, t, par, dep in rows:
                 db.execute("INSERT INTO turns(conversation_id,idx,role,text,tokens,created,finished,reason,"
-                           "tokens_per_s) VALUES (?,?,?,?,?,?,?,?,?)",
-                           (cid, n + i, t.role, t.text, t.tokens, t.created, t.finished, t.reason, t.tokens_per_s))
+                           "tokens_per_s,parent,depth) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                           (cid, idx, t.role, t.text, t.tokens, t.created, t.finished, t.reason, t.tokens_per_s,
+                            par, dep))
+            leaf = rows[-1][0]
+            self.choose(cid, leaf)
             if state_n is None:
                 db.execute("UPDATE conversations SET updated=? WHERE id=?", (time.time(), cid))
             else:
@@ -299,6 +377,7 @@ class Store:
         except BaseException:
             db.execute("ROLLBACK")
             raise
+        return leaf
 
     # -- state files
     def remove_partial_saves(self) -> int:
@@ -323,51 +402,33 @@ class Store:
             "h" + hashlib.sha256(str(fingerprint).encode()).hexdigest()[:32]
         return self.state_dir(cid) / name
 
-    def state_path(self, cid: str, n: int, fingerprint: str) -> Path:
-        """The state file of ``cid`` after ``n`` exchanges on the model ``fingerprint``."""
-        return self.model_dir(cid, fingerprint) / f"{int(n)}.safetensors"
+    def state_path(self, cid: str, turn: int, fingerprint: str) -> Path:
+        """The state file of ``cid`` after its reply ``turn`` (and the path above it) on the model ``fingerprint``."""
+        return self.model_dir(cid, fingerprint) / f"{int(turn)}.safetensors"
 
     def make_model_dir(self, cid: str, fingerprint: str) -> Path:
-        """Create (if needed) the folder of ``state_path(cid, n, fingerprint)``: the conversation's folder and
+        """Create (if needed) the folder of ``state_path(cid, turn, fingerprint)``: the conversation's folder and
         the model's inside it, each private (0700, owner checked) whatever the umask. Returns it. Raises
         UnsafeDirectory, OSError."""
         private_dir(self.state_dir(cid))
         return private_dir(self.model_dir(cid, fingerprint))
 
-    def state_files(self, cid: str, fingerprint: str) -> list[tuple[int, Path]]:
-        """``(n, path)`` of the state files of ``cid`` on the model ``fingerprint``, newest (largest n) first."""
-        d = self.model_dir(cid, fingerprint)
-        if not d.is_dir():
-            return []
-        files = [(int(f.stem), f) for f in d.glob("*.safetensors") if f.stem.isdigit()]
-        return sorted(files, key=lambda x: x[0], reverse=True)
-
-    def state_models(self, cid: str, n: int) -> list[str]:
-        """Names (fingerprints) of the models with a state file of ``cid`` after ``n`` exchanges."""
+    def state_models(self, cid: str, turn: int) -> list[str]:
+        """Names (fingerprints) of the models with a state file of ``cid`` after its reply ``turn``."""
         d = self.state_dir(cid)
         if not d.is_dir():
             return []
-        return sorted(m.name for m in d.iterdir() if (m / f"{int(n)}.safetensors").is_file())
+        return sorted(m.name for m in d.iterdir() if (m / f"{int(turn)}.safetensors").is_file())
 
-    def prune_states(self, cid: str, fingerprint: str, keep: set[int], changed_after: int | None = None) -> None:
-        """Delete the state files of ``cid`` on the model ``fingerprint`` other than those after ``keep``
-        exchanges; with ``changed_after`` (the exchanges after that many were replaced), the files of every
-        other model after more than that many exchanges too (they consumed replaced turns)."""
+    def drop_turn_states(self, cid: str, turns) -> None:
+        """Delete the state files of ``cid`` after the replies ``turns`` on every model."""
         d = self.state_dir(cid)
         if not d.is_dir():
             return
-        own = self.model_dir(cid, fingerprint)
-        for f in d.glob("*.safetensors"):             # the layout before states were kept per model
-            f.unlink(missing_ok=True)
         for m in d.iterdir():
-            if not m.is_dir():
-                continue
-            for f in m.glob("*.safetensors"):
-                if not f.stem.isdigit():
-                    continue
-                n = int(f.stem)
-                if (n not in keep) if m == own else (changed_after is not None and n > changed_after):
-                    f.unlink(missing_ok=True)
+            if m.is_dir():
+                for t in turns:
+                    (m / f"{int(t)}.safetensors").unlink(missing_ok=True)
 
     def drop_states(self, cid: str) -> None:
         """Delete every state file of ``cid`` (what they consumed is no longer the conversation)."""
@@ -388,19 +449,3 @@ def title_from(message: str) -> str:
     if " " in cut[TITLE_CHARS // 2:]:
         cut = cut[:cut.rindex(" ")]
     return cut.rstrip(" ,.;:-") + "…"
-
-
-def export_conversation(conv: ConversationInfo, turns: list[TurnInfo], fmt: str) -> str:
-    """``fmt`` "md" (Markdown transcript) or "json" (conversation fields and turns). Raises ValueError."""
-    if fmt == "json":
-        data = {k: v for k, v in msgspec.structs.asdict(conv).items() if k not in ("state_n", "state_stale")}
-        data["turns"] = [msgspec.structs.asdict(t) for t in turns]
-        return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
-    if fmt == "md":
-        out = [f"# {conv.title or conv.id}", ""]
-        if conv.system_prompt:
-            out += ["**System:** " + conv.system_prompt, ""]
-        for t in turns:
-            out += [f"**{t.role.capitalize()}:** {t.text}", ""]
-        return "\n".join(out)
-    raise ValueError(f"unknown export format {quote(fmt)} (md or json)")

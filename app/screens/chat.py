@@ -27,6 +27,7 @@ from ..widgets.sampling_panel import SamplingPanel
 from ..widgets.sidebar import Sidebar
 from ..widgets.status_bar import StatusBar
 from .conversation_actions import ConversationActions
+from .drafting import DraftSender
 
 SHOWN_TURNS = 60          # turns rendered when a conversation opens (older ones: a note)
 STOPPED = "stopped (kept as far as it got)"
@@ -34,7 +35,7 @@ SWITCH = Binding.Group("Conversation", compact=True)     # the footer shows "^�
 LOAD_KEY = "Ctrl+L"
 
 
-class ChatScreen(ConversationActions, Screen):
+class ChatScreen(ConversationActions, DraftSender, Screen):
     AUTO_FOCUS = "#input"
     BINDINGS = [
         Binding("escape", "stop", "Stop"),
@@ -45,6 +46,8 @@ class ChatScreen(ConversationActions, Screen):
         Binding("ctrl+down,alt+down", "switch_conversation(1)", "Next conversation", priority=True,
                 group=SWITCH),
         Binding("ctrl+r", "regenerate", "Regenerate"),
+        Binding("alt+left", "branch_last(-1)", "Branch ‹", show=False),
+        Binding("alt+right", "branch_last(1)", "Branch ›", show=False),
         Binding("f2", "rename", "Rename", priority=True),
         Binding("f3", "edit_last", "Edit last", priority=True),
         Binding("f4", "toggle_sampling", "Sampling", priority=True),
@@ -65,6 +68,7 @@ class ChatScreen(ConversationActions, Screen):
         self.bubble: AssistantMessage | None = None
         self.pending: str | None = None      # a message this window sent, not yet Started
         self.last_done = None                # the last Done event of the open conversation
+        self.last_reuse = None               # the last PromptReuse event (how a chat's prompt was read)
         self.resume_unsaid: str | None = None  # conversation opened before the model's fingerprint was known
         self.action = ""                     # what this window's generation does: "send", "regenerate", "edit"
         self.hidden_turns = 0                # stored turns of the open conversation not drawn (older ones)
@@ -223,9 +227,13 @@ class ChatScreen(ConversationActions, Screen):
             if self.bubble.footer.startswith("queued:"):
                 self.bubble.set_footer("…")
             self.bubble.append(event.text)
+        elif isinstance(event, m.PromptReuse):
+            self.last_reuse = event
         elif isinstance(event, m.Done):
             self.last_done = event
+            mine = self.bubble is not None and self.bubble.mine
             self.end_generation(event.text, self._done_footer(event))
+            self._say_reuse(event, mine)
             if event.tokens_per_s and event.reason != "cancelled":
                 self.status_bar.set_speed(event.tokens_per_s)
             if event.context_limit:
@@ -244,6 +252,22 @@ class ChatScreen(ConversationActions, Screen):
             else:                      # nothing changed in the store: show what is there
                 self.notify(f"{action or 'generation'} failed: {event.message}", severity="error")
                 self.sync()
+
+    def _say_reuse(self, event, mine: bool) -> None:
+        """After a reply this window asked for: how much of the prompt came from saved states (a regenerate or
+        an edit reads nothing above the new branch; a preset's prompt comes from the shared cache)."""
+        reuse = self.last_reuse
+        if reuse is None or reuse.job_id != event.job_id:
+            return
+        parts = []
+        if mine and self.action in ("regenerate", "edit"):
+            parts.append(f"new branch from the saved state: {reuse.reread_tokens:,} tokens re-read")
+        if reuse.cached_tokens:
+            parts.append(f"{reuse.cached_tokens:,} tokens from cache")
+        if reuse.draft_tokens:
+            parts.append(f"{reuse.draft_tokens:,} tokens read while typing")
+        if parts:
+            self.notice(" · ".join(parts), "ok")
 
     def _done_footer(self, event) -> str:
         footer = self._footer(event.tokens, event.tokens_per_s, event.reason)
@@ -273,10 +297,12 @@ class ChatScreen(ConversationActions, Screen):
         self.query_one(Sidebar).highlight(cid)
         self.app.request("open", lambda c: c.conversation(cid), self._show_detail)
 
-    def _show_detail(self, detail, announce: bool = True) -> None:
+    def _show_detail(self, detail, announce: bool = True) -> list[MessageBox]:
+        """Draw the conversation ``detail`` (its last ``SHOWN_TURNS`` turns); returns the messages drawn."""
         conv = detail.conversation
+        added: list[MessageBox] = []
         if conv.id != self.cid:
-            return
+            return added
         self.infos[conv.id] = conv
         log = self.log_view
         log.clear()
@@ -289,15 +315,19 @@ class ChatScreen(ConversationActions, Screen):
             log.add(Notice("System prompt: " + conv.system_prompt.splitlines()[0][:200], kind="system"))
         for t in turns:
             if t.role == "user":
-                log.add(UserMessage(t.text, turn=t.index))
+                w = UserMessage(t.text, turn=t.index, branch=t.branch, branches=t.branches)
             else:
-                log.add(AssistantMessage(t.text, footer=self._turn_footer(t), turn=t.index))
+                w = AssistantMessage(t.text, footer=self._turn_footer(t), turn=t.index, branch=t.branch,
+                                     branches=t.branches)
+            log.add(w)
+            added.append(w)
         if announce:
             self.input.use_history([t.text for t in detail.turns if t.role == "user"])
             self.resume_unsaid = conv.id if conv.turns else None
             self._say_resume((self.app.status.get("model") or {}).get("fingerprint"))
         self.query_one(SamplingPanel).show(conv.sampling)
         log.follow()
+        return added
 
     def _turn_footer(self, turn) -> str:
         """The footer of a stored reply (its tokens, speed and why it ended, as when it was live)."""
@@ -331,6 +361,7 @@ class ChatScreen(ConversationActions, Screen):
                 and [(w.role, w.text) for w in shown] == [(t.role, t.text) for t in tail]):
             for w, t in zip(shown, tail):
                 w.turn = t.index
+                w.set_branches(t.branch, t.branches)
                 if t.reason == "cancelled" and STOPPED not in w._footer:
                     w.set_footer(self._turn_footer(t))
             return
@@ -386,6 +417,7 @@ class ChatScreen(ConversationActions, Screen):
         if not model.get("loaded") and not model.get("loading"):
             self.no_model()                      # nothing is sent, nothing is made: the text stays
             return
+        self.cancel_draft()
         self.input.remember(text)
         self.input.clear()
         if self.cid is None:  # a new conversation starts on a clean view (no empty-state hint above it)

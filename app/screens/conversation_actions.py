@@ -1,10 +1,15 @@
 """Conversation actions of the chat screen (a mixin of :class:`ChatScreen`): new, rename, delete,
-regenerate, edit the last message, system prompt, export, sampling settings.
+regenerate, edit a message, switch branches, system prompt, export, sampling settings.
 
-Regenerate and edit act on the reply / message shown last, by the index of its stored turn (the daemon
-refuses when that is no longer the last one); on a message whose generation failed (not stored) they send
-it again. Pressed while a reply that just ended is being read back (its turn index not known yet), they run
-once the view has it.
+Regenerate and edit act on the reply / message shown last (Ctrl+R, F3), or on the one focused (``r`` on a
+reply, ``e`` on a message), by the index of its stored turn: the daemon adds the new reply or message as
+another branch beside it, from the state saved before it (nothing above is read again), and keeps the
+original. On a message whose generation failed (not stored) they send it again. Pressed while a reply that
+just ended is being read back (its turn index not known yet), they run once the view has it.
+
+A message with siblings shows ``‹ 2/3 ›``; ←/→ on it, a click on an arrow, or Alt+←/→ (the last such
+message) shows another branch: the daemon chooses it and the view shows its path. Delete on it deletes the
+branch shown (asked first); the others stay.
 """
 
 from __future__ import annotations
@@ -105,12 +110,12 @@ class ConversationActions:
         self.log_view.add(UserMessage(text))
         self.generate("send", lambda c, cid: self._chat_request(c, cid, "Chat", message=text), text)
 
-    def action_regenerate(self, retry: bool = True) -> None:
-        last = self.log_view.last("assistant")
+    def action_regenerate(self, retry: bool = True, last=None) -> None:
+        last = last or self.log_view.last("assistant")
         if self.cid is None or last is None:
             self.notify("No reply to regenerate.", timeout=2)
             return
-        if not self._need_idle() or self._saving(last, (lambda: self.action_regenerate(False)) if retry else None):
+        if not self._need_idle() or self._saving(last, (lambda: self.action_regenerate(False, last)) if retry else None):
             return
         if last.failed:
             user = self.log_view.last("user")
@@ -118,14 +123,16 @@ class ConversationActions:
                 self._send_again(user, user.text)
             return
         turn = last.turn
-        last.remove()
+        msgs = self.log_view.messages()
+        for w in msgs[msgs.index(last):] if last in msgs else [last]:
+            w.remove()
         self.generate("regenerate", lambda c, cid: self._chat_request(c, cid, "Regenerate", turn=turn), "")
 
-    def action_edit_last(self, retry: bool = True) -> None:
-        user = self.log_view.last("user")
+    def action_edit_last(self, retry: bool = True, user=None) -> None:
+        user = user or self.log_view.last("user")
         if self.cid is None or user is None or not self._need_idle():
             return
-        if self._saving(user, (lambda: self.action_edit_last(False)) if retry else None):
+        if self._saving(user, (lambda: self.action_edit_last(False, user)) if retry else None):
             return
 
         def edited(text) -> None:
@@ -145,8 +152,63 @@ class ConversationActions:
             self.generate("edit", lambda c, cid: self._chat_request(c, cid, "EditLastUser", text=text, turn=turn),
                           text)
 
-        self.app.push_screen(TextEditor("Edit your last message (a new reply replaces the old one)", user.text),
+        self.app.push_screen(TextEditor("Edit the message (the original stays, as another branch)", user.text),
                              edited)
+
+    def on_message_box_redo(self, event) -> None:
+        """``r`` on a reply / ``e`` on a message: regenerate it / edit it (a new branch beside it)."""
+        event.stop()
+        if event.box.role == "assistant":
+            self.action_regenerate(last=event.box)
+        else:
+            self.action_edit_last(user=event.box)
+
+    def on_message_box_branch(self, event) -> None:
+        """Show the branch ``event.step`` places from the message's: the daemon chooses it (its saved states
+        are kept: nothing is read again when the conversation goes on there)."""
+        event.stop()
+        box, cid = event.box, self.cid
+        if cid is None or box.turn is None or not self._need_idle():
+            return
+        msgs = self.log_view.messages()
+        depth = msgs.index(box) + self.hidden_turns if box in msgs else -1     # its place in the path
+        focused = box.has_focus
+
+        def shown(detail) -> None:
+            if self.cid != cid or self.busy():
+                return
+            now = self._show_detail(detail, announce=False)
+            i = depth - self.hidden_turns                 # the sibling shown now, at the same place
+            if depth >= 0 and 0 <= i < len(now):
+                now[i].focus_when_mounted = focused       # ←/→ on a message: on the sibling shown
+                self.notify(f"branch {now[i].branch + 1}/{now[i].branches} · 0 tokens re-read", timeout=2)
+
+        self.app.request("switch branch", lambda c: c.switch_branch(cid, box.turn, event.step), shown)
+
+    def on_message_box_delete_branch(self, event) -> None:
+        """Delete on a message with siblings: delete its branch (it, what follows it and their saved states),
+        asked first; the view shows the branch chosen then."""
+        event.stop()
+        box, cid = event.box, self.cid
+        if cid is None or box.turn is None or not self._need_idle():
+            return
+        turn = box.turn
+
+        def answer(yes) -> None:
+            if yes and self.cid == cid and not self.busy():
+                self.app.request("delete branch", lambda c: c.delete_branch(cid, turn),
+                                 lambda detail: self._show_detail(detail, announce=False))
+
+        self.app.push_screen(Confirm(f"Delete this branch ({box.branch + 1} of {box.branches}) and what follows "
+                                     "it? The other branches stay."), answer)
+
+    def action_branch_last(self, step: int) -> None:
+        """Alt+←/→: another branch at the last message that has siblings."""
+        boxes = [w for w in self.log_view.messages() if w.branches > 1 and w.turn is not None]
+        if not boxes:
+            self.notify("No other branch here: regenerate a reply or edit a message to make one.", timeout=2)
+            return
+        boxes[-1].action_branch(step)
 
     def action_system_prompt(self) -> None:
         cid = self.cid

@@ -21,7 +21,10 @@ this conversation's earlier messages · pasted text is inserted as text.
 sidebar · Ctrl+N starts a new one, titled by its first message · F9 shows or hides the sidebar (Tab to it and
 Enter opens the highlighted one).
 
-**Messages** — Tab to a message and press `c` to copy it.
+**Messages** — Tab to a message and press `c` to copy it, `r` on a reply to regenerate it, `e` on a message
+to edit it: the new reply or message is another branch beside the original, read from the state saved before
+it (nothing above it is read again). A message with branches shows ‹ 2/3 ›: ←/→ on it, a click on an arrow,
+or Alt+←/→ (the last such message) show another branch; Delete on it deletes the branch shown.
 
 **Model** — Ctrl+L loads or switches the model. The first time, the model answers at once on the pure-torch
 path while the compiled kernels build in the background; the status bar shows the build and the switch.

@@ -15,7 +15,7 @@ from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Vertical, VerticalScroll
+from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.widgets import Markdown, ProgressBar, Static
 
@@ -47,32 +47,115 @@ def preview(text: str, limit: int = PREVIEW_CHARS) -> str:
     return text[:limit] + f"\n… ({len(text) - limit:,} more characters)"
 
 
-class MessageBox(Vertical, can_focus=True):
-    """One message; focus it (Tab / click) and press ``c`` to copy its text."""
+class BranchArrow(Static):
+    """``‹`` or ``›`` beside a message with siblings: a click shows the previous / next branch."""
 
-    BINDINGS = [Binding("c", "copy", "Copy message")]
+    def __init__(self, step: int) -> None:
+        super().__init__("‹" if step < 0 else "›", classes="arrow")
+        self.step = step
+
+    def on_click(self, event) -> None:
+        event.stop()
+        box = next((a for a in self.ancestors if isinstance(a, MessageBox)), None)
+        if box is not None:
+            box.action_branch(self.step)
+
+
+class MessageBox(Vertical, can_focus=True):
+    """One message; focus it (Tab / click) and press ``c`` to copy its text; where the conversation branches
+    at it (a regenerated reply, an edited message), ``‹ 2/3 ›`` shows which branch is shown: ←/→ (or a click
+    on an arrow) show another, Delete deletes the one shown (asked first)."""
+
+    BINDINGS = [Binding("c", "copy", "Copy message"),
+                Binding("left", "branch(-1)", "Previous branch", show=False),
+                Binding("right", "branch(1)", "Next branch", show=False),
+                Binding("delete", "delete_branch", "Delete branch", show=False)]
 
     @dataclass
     class Copy(Message):
         text: str
 
-    role = ""
+    @dataclass
+    class Redo(Message):
+        """Regenerate this reply / edit this message (a new branch beside it)."""
 
-    def __init__(self, text: str, *, turn: int | None = None, **kw) -> None:
+        box: "MessageBox"
+
+    @dataclass
+    class DeleteBranch(Message):
+        """Delete this message's branch (it and what follows it; its siblings stay)."""
+
+        box: "MessageBox"
+
+    @dataclass
+    class Branch(Message):
+        """Show the sibling ``step`` places from this message's turn (another branch)."""
+
+        box: "MessageBox"
+        step: int
+
+    role = ""
+    who = ""
+
+    def __init__(self, text: str, *, turn: int | None = None, branch: int = 0, branches: int = 1, **kw) -> None:
         super().__init__(**kw)
         self.text = text
         self.turn = turn       # the stored turn's index; None until the daemon has stored it (or if it did not)
         self.failed = False    # its generation failed: not stored (a reply, or the message it answered)
+        self.branch, self.branches = branch, branches     # its place among its siblings (from 0), how many
+        self.focus_when_mounted = False   # take the focus once mounted (the message shown again after a switch)
+
+    def compose_header(self) -> ComposeResult:
+        with Horizontal(classes="head"):
+            yield Static(self.who, classes="who")
+            yield BranchArrow(-1)
+            yield Static(self._branch_label(), classes="branch")
+            yield BranchArrow(1)
+
+    def _branch_label(self) -> str:
+        return f"{self.branch + 1}/{self.branches}"
+
+    def on_mount(self) -> None:
+        self._show_branches()
+        if self.focus_when_mounted:
+            self.call_after_refresh(self.focus, scroll_visible=False)
+
+    def set_branches(self, branch: int, branches: int) -> None:
+        """Its place among its siblings (``branch`` from 0 of ``branches``): arrows where there are several."""
+        self.branch, self.branches = branch, branches
+        self._show_branches()
+
+    def _show_branches(self) -> None:
+        if not self.query(".branch"):
+            return
+        self.query_one(".branch", Static).update(self._branch_label())
+        for w in self.query(".branch, .arrow"):
+            w.display = self.branches > 1
+
+    def action_branch(self, step: int) -> None:
+        if self.branches > 1 and self.turn is not None:
+            self.post_message(self.Branch(self, step))
+
+    def action_delete_branch(self) -> None:
+        if self.branches > 1 and self.turn is not None:
+            self.post_message(self.DeleteBranch(self))
 
     def action_copy(self) -> None:
         self.post_message(self.Copy(self.text))
 
+    def action_redo(self) -> None:
+        self.post_message(self.Redo(self))
+
 
 class UserMessage(MessageBox):
+    """A message of the user; ``e`` edits it (a new branch beside it)."""
+
+    BINDINGS = [Binding("e", "redo", "Edit message")]
     role = "user"
+    who = "You"
 
     def compose(self) -> ComposeResult:
-        yield Static("You", classes="who")
+        yield from self.compose_header()
         yield Static(Text(preview(self.text)), classes="body")
 
     def set_text(self, text: str) -> None:
@@ -83,7 +166,9 @@ class UserMessage(MessageBox):
 class AssistantMessage(MessageBox):
     """A reply: Markdown body, a prefill progress bar while the prompt is read, a footer line."""
 
+    BINDINGS = [Binding("r", "redo", "Regenerate reply")]
     role = "assistant"
+    who = "RWKV"
 
     def __init__(self, text: str = "", *, streaming: bool = False, footer: str = "", **kw) -> None:
         super().__init__(text, **kw)
@@ -94,12 +179,13 @@ class AssistantMessage(MessageBox):
         self.mine = False      # started by this window
 
     def compose(self) -> ComposeResult:
-        yield Static("RWKV", classes="who")
+        yield from self.compose_header()
         yield ProgressBar(total=None, show_eta=False, classes="prefill")
         yield Markdown(self.text, classes="body", parser_factory=reply_parser)
         yield Static(self._footer or ("…" if self.streaming else ""), classes="footer")
 
     def on_mount(self) -> None:
+        super().on_mount()
         self.query_one(ProgressBar).display = False
         if self.streaming:
             self._timer = self.set_interval(1 / FLUSH_HZ, self._flush)

@@ -221,8 +221,9 @@ class ChatMessages(Msg):
 
 
 class Regenerate(Msg):
-    """Replace the last reply with a new one. ``turn``: the index of the reply the client shows as the last one
-    (the daemon refuses with kind "Conflict" when that is not the conversation's last reply); -1: whatever is last."""
+    """A new reply to the message of the reply ``turn`` (-1: the last reply of the chosen path), added beside
+    it as another branch and chosen; it starts from the state saved before that message (nothing above it is
+    read again). Kind "Conflict" when ``turn`` is not a reply of the conversation."""
 
     client_id: str
     conversation_id: str
@@ -231,14 +232,25 @@ class Regenerate(Msg):
 
 
 class EditLastUser(Msg):
-    """Replace the last user message with ``text`` (and its reply with a new one). ``turn``: the index of the
-    user message the client shows as the last one ("Conflict" when it is not); -1: whatever is last."""
+    """An edited user message ``text`` in place of the message ``turn`` (-1: the last of the chosen path),
+    added beside it as another branch (the original stays) with a new reply, and chosen. Kind "Conflict" when
+    ``turn`` is not a user message of the conversation."""
 
     client_id: str
     conversation_id: str
     text: str
     sampling: SamplingSettings = {}
     turn: int = -1
+
+
+class Draft(Msg):
+    """The draft of the next message of a conversation as it is typed ("" when cleared): the daemon may read
+    it ahead, at low priority, so that a Chat with that message reads only what was not read yet
+    (``[daemon] draft_prefill``). Reply: Ok (also when drafts are off)."""
+
+    client_id: str
+    conversation_id: str
+    text: str = ""
 
 
 class Cancel(Msg):
@@ -260,6 +272,7 @@ class GetConversation(Msg):
 
     conversation_id: str
     turn_offset: int = 0
+    branches: bool = False        # each turn with its place in the tree (parent, branch, branches)
 
 
 class FindConversation(Msg):
@@ -304,6 +317,32 @@ class Export(Msg):
     conversation_id: str
     fmt: str = "md"
     offset: int = 0
+    branches: str = ""            # "all" (every branch), "current" (the chosen path); "": json all, md current
+
+
+class ListBranches(Msg):
+    """A page of the whole tree of a conversation's turns (every branch), by index from ``offset``: texts cut
+    to :data:`SUMMARY_CHARS` characters. Reply: BranchList."""
+
+    conversation_id: str
+    offset: int = 0
+
+
+class SwitchBranch(Msg):
+    """Choose the sibling ``step`` places after (negative: before) the turn ``turn`` (0: that turn; clamped to
+    the first and last) and the newest path below it. Reply: ConversationDetail of the new path."""
+
+    conversation_id: str
+    turn: int
+    step: int = 0
+
+
+class DeleteBranch(Msg):
+    """Delete the turn ``turn`` and every turn below it, with their saved states (a reply that is its
+    message's only one takes that message along); the rest is kept. Reply: ConversationDetail."""
+
+    conversation_id: str
+    turn: int
 
 
 class GetState(Msg):
@@ -319,7 +358,7 @@ class Shutdown(Msg):
 Request = Union[
     Ping, Status, Probe, Load, Unload, Complete, Chat, Regenerate, EditLastUser, Cancel, ListConversations,
     GetConversation, FindConversation, CreateConversation, RenameConversation, DeleteConversation, SetSystemPrompt,
-    SetSampling, Export, GetState, Shutdown, ChatMessages,
+    SetSampling, Export, GetState, Shutdown, ChatMessages, ListBranches, SwitchBranch, DeleteBranch, Draft,
 ]
 
 
@@ -389,7 +428,7 @@ class ConversationInfo(msgspec.Struct, forbid_unknown_fields=True):
     state_models: list[str] = []  # fingerprints of the models with a saved state after every turn (no re-read)
 
 
-class TurnInfo(msgspec.Struct, forbid_unknown_fields=True):
+class TurnInfo(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     """One turn of a conversation (``index`` from 0; ``tokens`` the model saw or produced). ``reason``, of a
     reply: why it ended, as in Done ("stop", "length", or "cancelled": a reply stopped by the user, kept as far
     as it got); "" for user turns and replies stored before reasons were. ``tokens_per_s``, of a reply: its
@@ -404,6 +443,11 @@ class TurnInfo(msgspec.Struct, forbid_unknown_fields=True):
     reason: str = ""
     tokens_per_s: float = 0.0
     truncated: bool = False       # text cut to MAX_TEXT bytes (stored beyond the limit by an older version)
+    # the tree (sent only to a client that asks: GetConversation.branches, and in the replies of the branch
+    # requests; fields at their defaults are not sent, so a client that knows none of them reads the rest)
+    parent: int = -1              # the turn above it (-1: a first message)
+    branch: int = 0               # its place among the turns of the same parent (from 0)
+    branches: int = 1             # turns of the same parent (itself included): > 1 where the tree branches
 
 
 class ConversationList(Msg):
@@ -419,6 +463,16 @@ class ConversationDetail(Msg):
 
     conversation: ConversationInfo
     turns: list[TurnInfo]
+
+
+class BranchList(Msg):
+    """A page of every turn of a conversation (``turns``, texts cut to :data:`SUMMARY_CHARS`, ``truncated`` set
+    when cut) by index from ``offset``; ``total`` turns in all; ``leaf`` ends the chosen path."""
+
+    turns: list[TurnInfo]
+    leaf: int = -1
+    total: int = 0
+    offset: int = 0
 
 
 class ExportReply(Msg):
@@ -439,7 +493,7 @@ class StateReply(Msg):
 
 Reply = Union[
     Ok, Pong, Accepted, Busy, Error, StatusReply, ConversationList, ConversationDetail, ExportReply,
-    StateReply,
+    StateReply, BranchList,
 ]
 
 
@@ -525,6 +579,23 @@ class Done(Msg, omit_defaults=True):
     context_used: int | None = None
     context_limit: int | None = None
     dropped_turns: int = 0
+    # never sent (a client that knows none of them reads the Done): the client library fills them from the
+    # job's PromptReuse event
+    reread_tokens: int = 0
+    draft_tokens: int = 0
+
+
+class PromptReuse(Msg):
+    """How a chat's prompt was read, sent just before its Done: of the Done's ``prompt_tokens``,
+    ``reread_tokens`` were the conversation's earlier turns read again (no saved state for them on this
+    model: 0 for a branch, which starts from the saved state before it), ``draft_tokens`` were read ahead
+    while the message was typed; ``cached_tokens`` were not read at all (their state came from the shared
+    prompt cache). A client that does not know this event drops it."""
+
+    job_id: str
+    reread_tokens: int = 0
+    cached_tokens: int = 0
+    draft_tokens: int = 0
 
 
 class Failed(Msg):
@@ -533,7 +604,7 @@ class Failed(Msg):
     message: str
 
 
-Event = Union[ProbeAck, Heartbeat, Queued, Started, Progress, Token, Done, Failed]
+Event = Union[ProbeAck, Heartbeat, Queued, Started, Progress, Token, Done, Failed, PromptReuse]
 
 AnyMessage = Union[Request, Reply, Event]
 
@@ -569,7 +640,7 @@ def check_request(msg: Msg) -> Msg:
         v = getattr(msg, field, None)
         if isinstance(v, str):
             _limit(field, len(v), MAX_ID, "characters")
-    texts = {Chat: ("message", "message"), EditLastUser: ("text", "message"),
+    texts = {Chat: ("message", "message"), EditLastUser: ("text", "message"), Draft: ("text", "draft"),
              SetSystemPrompt: ("text", "system prompt"), CreateConversation: ("system_prompt", "system prompt")}
     if type(msg) in texts:
         attr, name = texts[type(msg)]

@@ -197,7 +197,7 @@ def test_the_cli_shows_a_context_error_in_one_line(tmp_path, model_path):
 def test_a_done_without_a_context_limit_reads_in_a_client_that_predates_the_fields():
     import msgspec
 
-    new = ("cached_tokens", "context_used", "context_limit", "dropped_turns")
+    new = ("cached_tokens", "context_used", "context_limit", "dropped_turns", "reread_tokens", "draft_tokens")
     fields = [(f, t, False) if f == "truncated" else (f, t) for f, t in m.Done.__annotations__.items()
               if f not in new]
     old = msgspec.defstruct("Done", fields, tag_field="t", tag="Done", forbid_unknown_fields=True)

@@ -1,5 +1,5 @@
-"""The conversation model of one real daemon: stopped replies kept, regenerate and edit by turn, fresh
-randomness, continuing on another model and back, damaged state files rebuilt from the turns."""
+"""The conversation model of one real daemon: stopped replies kept, regenerate and edit by turn (a reply or a
+message of the conversation, else a conflict), fresh randomness, continuing on another model and back, damaged state files rebuilt from the turns."""
 
 from __future__ import annotations
 
@@ -62,11 +62,11 @@ def test_a_stopped_reply_is_kept_with_its_state_and_redo_acts_on_the_turn_named(
                                                                ("assistant", done.text, "cancelled")]
     d, notes = run(c.chat(cid, "Go on", max_tokens=8))     # continues after the stopped reply: nothing re-read
     assert d.prompt_tokens == plen("Go on") and not notes
-    with pytest.raises(DaemonError) as ei:                  # turn 3 (the stopped reply) is no longer the last
-        list(c.regenerate(cid, turn=3))
+    with pytest.raises(DaemonError) as ei:                  # turn 2 is a message, not a reply
+        list(c.regenerate(cid, turn=2))
     assert ei.value.kind == "Conflict"
-    with pytest.raises(DaemonError) as ei:
-        list(c.edit_last_user(cid, "Stop.", turn=2))
+    with pytest.raises(DaemonError) as ei:                  # turn 3 is a reply, not a message
+        list(c.edit_last_user(cid, "Stop.", turn=3))
     assert ei.value.kind == "Conflict"
     assert len(c.conversation(cid).turns) == 6              # nothing was overwritten
     e, _ = run(c.edit_last_user(cid, "Go on, please", turn=4, max_tokens=8))

@@ -102,9 +102,11 @@ def test_a_conversation_beyond_one_frame_comes_in_pages(daemon_home, client):
     texts[3] = "L" * (m.MAX_TEXT + 5000)                                       # stored beyond the limit
     db = sqlite3.connect(home_paths(daemon_home).database, timeout=30)
     with db:
-        db.executemany("INSERT INTO turns(conversation_id,idx,role,text,tokens,created,finished)"
-                       " VALUES (?,?,?,?,?,?,?)",
-                       [(cid, i, "user" if i % 2 == 0 else "assistant", t, 1, 1.0, 1.0) for i, t in enumerate(texts)])
+        db.executemany("INSERT INTO turns(conversation_id,idx,role,text,tokens,created,finished,parent,depth)"
+                       " VALUES (?,?,?,?,?,?,?,?,?)",
+                       [(cid, i, "user" if i % 2 == 0 else "assistant", t, 1, 1.0, 1.0, i - 1, i)
+                        for i, t in enumerate(texts)])
+        db.execute("UPDATE conversations SET leaf=5 WHERE id=?", (cid,))     # the path the turns make
     db.close()
     try:
         detail = client.conversation(cid)

@@ -11,7 +11,8 @@ import pytest
 from rwkv_chat.daemon.config import Config, ConfigError, load_config, save_config
 from rwkv_chat.daemon.paths import ensure_dirs, get_paths, home_paths
 from rwkv_chat.daemon.protocol.messages import InvalidId, TurnInfo, check_conversation_id
-from rwkv_chat.daemon.store import SCHEMA_VERSION, NotFound, Store, export_conversation
+from rwkv_chat.daemon.branches import export_conversation
+from rwkv_chat.daemon.store import SCHEMA_VERSION, NotFound, Store
 
 
 @pytest.mark.parametrize("bad", ["", "../x", "a/b", ".hidden", "a b", "x" * 65, "-a", "a\x00", "é", "a.b"])
@@ -31,7 +32,7 @@ def test_store_schema_turns_and_export(tmp_path):
     s.commit_exchange("c1", TurnInfo(0, "user", "hi", 3, 1.0, 1.0), TurnInfo(0, "assistant", "hello", 4, 1.0, 2.0),
                       state_n=1, fingerprint="f")
     s.commit_exchange("c1", TurnInfo(0, "user", "again", 3, 3.0, 3.0), TurnInfo(0, "assistant", "yes", 2, 3.0, 4.0),
-                      state_n=2, fingerprint="f", drop_from=2)
+                      state_n=2, fingerprint="f")
     c = s.get("c1")
     assert (c.turns, c.state_n, c.model_fingerprint, c.sampling) == (4, 2, "f", {"temperature": 0.5})
     assert [t.text for t in s.turns("c1")] == ["hi", "hello", "again", "yes"]
@@ -39,15 +40,13 @@ def test_store_schema_turns_and_export(tmp_path):
     assert "**User:** again" in md and "Be brief." in md
     data = json.loads(export_conversation(c, s.turns("c1"), "json"))
     assert data["id"] == "c1" and [t["role"] for t in data["turns"]] == ["user", "assistant"] * 2
-    for fp in ("f", "g"):                                   # states are kept per model
+    for fp in ("f", "g"):                                   # states are kept per model, per reply
         s.model_dir("c1", fp).mkdir(parents=True)
-        for n in range(4):
-            s.state_path("c1", n, fp).write_bytes(b"x")
-    assert s.get("c1").state_models == ["f", "g"]           # both have a state after the 2 exchanges
-    s.prune_states("c1", "f", keep={1, 2}, changed_after=1)   # exchange 2 of f replaced g's
-    assert [n for n, _ in s.state_files("c1", "f")] == [2, 1]
-    assert [n for n, _ in s.state_files("c1", "g")] == [1, 0]
-    assert s.get("c1").state_models == ["f"]
+        for t in (1, 3):
+            s.state_path("c1", t, fp).write_bytes(b"x")
+    assert s.get("c1").state_models == ["f", "g"]           # both have a state after the last reply
+    s.drop_turn_states("c1", [3])
+    assert s.get("c1").state_models == [] and s.state_path("c1", 1, "g").exists()
     s.delete("c1")
     with pytest.raises(NotFound):
         s.get("c1")
