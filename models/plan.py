@@ -259,12 +259,13 @@ def _qwen2(folder: Path, strategy: str, context: int | None):
     return plan, layers, states, [C] * (L + 1), ["x"] * (L + 1), desc, ctx
 
 
-def _fmt_bytes(t: torch.Tensor, kind: str, stage, atype: torch.dtype) -> tuple[str, int, Any]:
-    """(format name, bytes, the packed meta weight or None) of one tensor as ``_place`` stores it."""
+def _fmt_bytes(t: torch.Tensor, kind: str, quant: str | None, atype: torch.dtype) -> tuple[str, int, Any]:
+    """(format name, bytes, the packed meta weight or None) of one tensor as ``_place`` stores it; ``quant``: the
+    layer's weight format (``LayerPlacement.quant``: the head of an ``i4`` stage is plain)."""
     if kind != "matrix":
         dt = torch.float32 if kind == "fp32" else atype
         return _NAMES.get(dt, str(dt)), _nb(t, dt), None
-    fmt = formats.get(stage.quant)
+    fmt = formats.get(quant)
     try:
         packed = fmt.pack(t, atype, _META)
     except Exception:  # a format whose packing needs values: pack zeros of the same shape on the CPU
@@ -310,7 +311,7 @@ def plan_memory(path: str | Path, strategy: str, *, conversations: int = 1, cont
             state += states[i]
             streamed = {}
             for name, kind, t in layers[i]:
-                fname, n, packed = _fmt_bytes(t, kind, st, pl.atype)
+                fname, n, packed = _fmt_bytes(t, kind, pl.quant, pl.atype)
                 if pl.stream and kind == "matrix":
                     pinned += n
                     streamed[name] = packed

@@ -129,7 +129,7 @@ class Qwen2:
         Plain float weights stay in nn.Linear's layout ([in, out] is the transposed view of a contiguous
         [out, in]: ``x @ W`` is ``F.linear``'s GEMM, and fused ops read the rows they expect)."""
         place = self.plan.layers[i]
-        quant = self.plan.stages[place.stage].quant
+        quant = place.quant                 # the head of an i4 stage: plain (strategy.HEAD_IN_ACTIVATION)
         if quant is None and not place.stream:
             return w.to(place.atype).to(self.devices[i]).contiguous().t()
         return formats.get(quant).pack(w.t(), place.atype, self.devices[i], stream=place.stream)
@@ -154,7 +154,7 @@ class Qwen2:
         head = plan.layers[-1]
         n = cfg.n_layer
         self.norm = self._vector(ck.get("model.norm.weight"), n)
-        plain = plan.stages[head.stage].quant is None
+        plain = head.quant is None
         if cfg.tie_word_embeddings and plain and not head.stream and self.devices[-1] == self.emb.device \
                 and head.atype == self.emb.dtype:
             self.head = self.emb.t()                                               # [C, V], shares the table

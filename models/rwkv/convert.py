@@ -82,15 +82,16 @@ def convert(src: str | Path, out: str | Path, strategy: str | None = None,
     tensors, packed_keys = {}, {}
     for n, (key, t) in enumerate(w.items()):
         found = _matrix_kind(key, t, spec, gen)
-        stage = plan.stages[plan.layers[found[0]].stage] if found else None
-        if found is None or stage.quant is None:
+        place = plan.layers[found[0]] if found else None
+        stage = plan.stages[place.stage] if found else None
+        if found is None or place.quant is None:       # the head of an i4 stage stays float (HEAD_IN_ACTIVATION)
             tensors[key] = t.contiguous()
         else:
             try:
                 dev = torch_device(stage.device)
             except DeviceError:
                 dev = torch.device("cpu")           # quantize here; the file loads on the stage's device later
-            packed = formats.get(stage.quant).pack(found[1], stage.dtype, dev if dev.type == "cuda" else
+            packed = formats.get(place.quant).pack(found[1], stage.dtype, dev if dev.type == "cuda" else
                                                    torch.device("cpu"))
             suffix, parts, info = serialize.parts(packed)
             tensors.update({f"{key}.{p}": v for p, v in parts.items()})
