@@ -5,8 +5,8 @@ Random weights are harder than trained ones: the logits of this model are nearly
 standard deviation of the logits at ~29% of the positions, against ~2% for the trained tiny RWKV-6/7), and
 its matrices are Gaussian, so the rounding noise of every matrix (i4 round-to-nearest: ~9% relative error per
 matrix at group 64) compounds through the layers to ~32% on the logits. The measured shortfalls of the i8 and
-i4 floors are strict xfails with their values; the i4 product itself is checked exactly against the fp32 model whose matrices are the
-dequantized i4 ones (so a shortfall is the format's rounding, not a wrong product)."""
+i4 floors are strict xfails with their values; the i4 product itself is checked exactly against the fp32 model
+whose matrices are the dequantized i4 ones (so a shortfall is the format's rounding, not a wrong product)."""
 
 from __future__ import annotations
 
