@@ -33,9 +33,10 @@ The reference's silent traps are ``StrategyError`` here:
 Weight formats: ``i8`` (the reference's uint8 scheme), ``i4`` (int4, GPTQ layout, group 128) and ``f8``
 (float8 e4m3 with per-output-channel scales). Every layer of a stage carries its stage's format
 (``LayerPlacement.quant``, shown per layer by ``str(plan)``), except the head of an ``i4`` stage, which stays in
-the activation dtype (``HEAD_IN_ACTIVATION``: its placement has ``quant`` None; ``str(plan)`` says so). Whether a device can run a format is checked
-when the plan's devices are known (``rwkv_chat.models.formats.check_plan``): ``f8`` needs CUDA compute
-capability >= 8.9 and runs on the CPU as an exact emulation (shown as ``f8 (emulated)``).
+the activation dtype (``HEAD_IN_ACTIVATION``: its placement has ``quant`` None; ``str(plan)`` says so).
+Whether a device can run a format is checked when the plan's devices are known
+(``rwkv_chat.models.formats.check_plan``): ``f8`` needs CUDA compute capability >= 8.9 and runs on the CPU as
+an exact emulation (shown as ``f8 (emulated)``).
 
 A stream stage whose ``N`` already covers the remaining layers streams nothing; that is accepted
 and shown by ``Plan.describe`` (``streamed: 0``). Every RWKV generation, v7 included, uses the
