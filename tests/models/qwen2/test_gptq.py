@@ -7,6 +7,8 @@ gives the logits of ``transformers`` running the same model with each Linear rep
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -106,3 +108,28 @@ def test_gptq_folder_needs_i4_stages_and_a_served_config(tmp_path):
         cfg_path.write_text(json.dumps({**cfg, "quantization_config": {**cfg["quantization_config"], **change}}))
         with pytest.raises(CheckpointError, match=match):
             Qwen2(folder, "cpu fp32i4", kernels=False)
+
+
+def test_convert_writes_a_gptq_folder_that_loads_without_quantizing(tmp_path):
+    """``rwkv-chat convert`` of a float folder: a GPTQ folder (group 128: every width of this model is 128 or 256)
+    whose load gives exactly the logits of quantizing the float folder at load, the float head kept."""
+    hf = build("qwen2", seed=6, tie_word_embeddings=False, hidden_size=128, intermediate_size=256)
+    src = tmp_path / "float"
+    hf.save_pretrained(src)
+    out = tmp_path / "gptq"
+    cli = [sys.executable, "-m", "rwkv_chat.app.cli", "convert", str(src), "-o", str(out)]
+    done = subprocess.run([*cli, "--strategy", "cpu fp32i4"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "Qwen2" in done.stderr and "21 i4" in done.stderr                 # 3 layers x 7 Linears
+    quant = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert quant == {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": False,
+                     "checkpoint_format": "gptq"}
+    ids = list(range(7, 47))
+    pre = Qwen2(out, "cpu fp32i4", kernels=False)
+    at_load = Qwen2(src, "cpu fp32i4", kernels=False)
+    assert torch.equal(pre.forward(ids, None, full_output=True)[0], at_load.forward(ids, None, full_output=True)[0])
+    assert (out / "model.safetensors").stat().st_size < (src / "model.safetensors").stat().st_size
+    for strategy, match in (("cpu fp32i8", "every stage must be i4"), (None, "give --strategy with i4 stages")):
+        bad = subprocess.run([*cli[:-1], str(tmp_path / "x")] + (["--strategy", strategy] if strategy else []),
+                             capture_output=True, text=True, timeout=120)
+        assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and match in bad.stderr, bad.stderr
