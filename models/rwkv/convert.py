@@ -6,7 +6,8 @@
   ``torch.save``; ``.safetensors`` with ``safetensors.torch.save_file``);
 * with a strategy (e.g. ``"cuda fp16i4"``), a ``.safetensors`` file in which every matrix of a stage with a
   weight format (``i8``, ``i4``, ``f8``) is stored packed (``formats.serialize``: ``<key>.qweight`` ...) exactly
-  as that format packs it at load, and every other tensor as in the source. Its metadata names it
+  as that format packs it at load (the head of an ``i4`` stage stays float, ``strategy.HEAD_IN_ACTIVATION``),
+  and every other tensor as in the source. Its metadata names it
   (``format = "rwkv-chat-quantized"``) and records the strategy, the packed keys with their formats, the RWKV
   version and the source's fingerprint (so states move between the source and the converted file).
 
