@@ -21,7 +21,8 @@ Need per device = weights + stream buffers + (conversations + 1) states (the mod
 Checkpoints: an RWKV ``.pth`` (``torch.load(map_location="meta")``: tensor shapes and dtypes, no data) or
 ``.safetensors`` (its JSON header); a Hugging Face folder (``config.json`` + ``*.safetensors``) of the Qwen2
 family (matrices in the stage's weight format, norms and biases in the activation dtype, the embedding on
-the first device, ``model.norm`` + ``lm_head`` as the head layer; a tied ``lm_head`` counted as its own copy).
+the first device, ``model.norm`` + ``lm_head`` as the head layer; a tied ``lm_head`` counted as its own copy; a
+GPTQ folder's packed parts counted as i4 bytes as stored).
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ from rwkv_chat.models.stream import slot_bytes
 
 _NAMES = {torch.float16: "fp16", torch.float32: "fp32", torch.bfloat16: "bf16"}
 _META = torch.device("meta")
+#: the parts of a GPTQ Linear (a pre-quantized Qwen2 folder): counted as i4 bytes as stored
+_GPTQ = (".qweight", ".qzeros", ".scales", ".g_idx")
 
 
 @dataclass(frozen=True)
@@ -246,25 +249,33 @@ def _qwen2(folder: Path, strategy: str, context: int | None):
         if part.isdigit():
             i = int(part)
             if i < L:
-                layers[i].append((key, "matrix", t.t()) if t.dim() == 2 else (key, "act", t))
+                layers[i].append((key, "stored", t) if key.endswith(_GPTQ) else
+                                 (key, "matrix", t.t()) if t.dim() == 2 else (key, "act", t))
     emb = w["model.embed_tokens.weight"]
     layers[0].append(("emb", "act", emb))
-    layers[-1] += [("model.norm.weight", "act", w.get("model.norm.weight", torch.empty(C, device=_META))),
-                   ("head", "matrix", w.get("lm_head.weight", emb).t())]
+    layers[-1].append(("model.norm.weight", "act", w.get("model.norm.weight", torch.empty(C, device=_META))))
+    if "lm_head.qweight" in w:                      # a GPTQ folder that quantized its head
+        layers[-1] += [(k, "stored", t) for k, t in w.items() if k.startswith("lm_head.") and k.endswith(_GPTQ)]
+    else:
+        layers[-1].append(("head", "matrix", w.get("lm_head.weight", emb).t()))
     ctx = 4096 if context is None else int(context)
     states = [2 * kv * hd * ctx * torch.empty((), dtype=plan.layers[i].atype).element_size() for i in range(L)]
     states.append(0)
     desc = (f"Qwen2, {L} layers, hidden {C}, {heads} heads ({kv} KV) of {hd}, vocab {emb.shape[0]}"
-            f"{', tied head' if 'lm_head.weight' not in w else ''}")
+            f"{', tied head' if 'lm_head.weight' not in w and 'lm_head.qweight' not in w else ''}"
+            f"{', GPTQ 4-bit' if any(k.endswith('.qweight') for k in w) else ''}")
     return plan, layers, states, [C] * (L + 1), ["x"] * (L + 1), desc, ctx
 
 
-def _fmt_bytes(t: torch.Tensor, kind: str, stage, atype: torch.dtype) -> tuple[str, int, Any]:
-    """(format name, bytes, the packed meta weight or None) of one tensor as ``_place`` stores it."""
+def _fmt_bytes(t: torch.Tensor, kind: str, quant: str | None, atype: torch.dtype) -> tuple[str, int, Any]:
+    """(format name, bytes, the packed meta weight or None) of one tensor as ``_place`` stores it; ``quant``: the
+    layer's weight format (``LayerPlacement.quant``: the head of an ``i4`` stage is plain)."""
+    if kind == "stored":
+        return "i4", _nb(t), None
     if kind != "matrix":
         dt = torch.float32 if kind == "fp32" else atype
         return _NAMES.get(dt, str(dt)), _nb(t, dt), None
-    fmt = formats.get(stage.quant)
+    fmt = formats.get(quant)
     try:
         packed = fmt.pack(t, atype, _META)
     except Exception:  # a format whose packing needs values: pack zeros of the same shape on the CPU
@@ -310,7 +321,7 @@ def plan_memory(path: str | Path, strategy: str, *, conversations: int = 1, cont
             state += states[i]
             streamed = {}
             for name, kind, t in layers[i]:
-                fname, n, packed = _fmt_bytes(t, kind, st, pl.atype)
+                fname, n, packed = _fmt_bytes(t, kind, pl.quant, pl.atype)
                 if pl.stream and kind == "matrix":
                     pinned += n
                     streamed[name] = packed

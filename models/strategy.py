@@ -32,9 +32,11 @@ The reference's silent traps are ``StrategyError`` here:
 
 Weight formats: ``i8`` (the reference's uint8 scheme), ``i4`` (int4, GPTQ layout, group 128) and ``f8``
 (float8 e4m3 with per-output-channel scales). Every layer of a stage carries its stage's format
-(``LayerPlacement.quant``, shown per layer by ``str(plan)``). Whether a device can run a format is checked
-when the plan's devices are known (``rwkv_chat.models.formats.check_plan``): ``f8`` needs CUDA compute
-capability >= 8.9 and runs on the CPU as an exact emulation (shown as ``f8 (emulated)``).
+(``LayerPlacement.quant``, shown per layer by ``str(plan)``), except the head of an ``i4`` stage, which stays in
+the activation dtype (``HEAD_IN_ACTIVATION``: its placement has ``quant`` None; ``str(plan)`` says so).
+Whether a device can run a format is checked when the plan's devices are known
+(``rwkv_chat.models.formats.check_plan``): ``f8`` needs CUDA compute capability >= 8.9 and runs on the CPU as
+an exact emulation (shown as ``f8 (emulated)``).
 
 A stream stage whose ``N`` already covers the remaining layers streams nothing; that is accepted
 and shown by ``Plan.describe`` (``streamed: 0``). Every RWKV generation, v7 included, uses the
@@ -57,6 +59,10 @@ _UNSUPPORTED_QUANTS = ("i3",)
 #: how each weight format is stored: the dtype of its packed matrix (i4: eight nibbles per int32)
 QUANT_WTYPES = {"i8": torch.uint8, "i4": torch.int32, "f8": torch.float8_e4m3fn}
 _QUANT_WORDS = " | ".join(QUANTS)
+#: formats whose stage keeps the head matrix in the activation dtype (as the GPTQ ecosystem keeps ``lm_head``:
+#: AutoGPTQ and llama.cpp leave the output projection in higher precision by default; on small models a 4-bit
+#: head costs most of the top-1 agreement). A pre-quantized checkpoint that quantized its head keeps it so.
+HEAD_IN_ACTIVATION = ("i4",)
 _DEVICE_RE = re.compile(r"(cpu|mps|dml|cuda)(?::([0-9]+))?", re.ASCII)
 _DTYPE_RE = re.compile(r"(fp16|fp32|bf16)(.*)", re.ASCII)
 _COUNT_RE = re.compile(r"\*([0-9]+)(\+?)", re.ASCII)
@@ -137,8 +143,9 @@ class LayerPlacement:
 
     Attributes: device (as in the strategy), atype (activation dtype), wtype (weight dtype, uint8 for
     i8, int32 for i4, float8_e4m3fn for f8), stream (weights kept in pinned CPU memory and copied to
-    ``device`` at use), stage (index of the stage that placed it), quant (the weight format: "i8", "i4",
-    "f8" or None for plain float weights).
+    ``device`` at use), stage (index of the stage that placed it), quant (the weight format of the layer's
+    matrices: "i8", "i4", "f8" or None for plain float weights; None for the head of an ``i4`` stage, see
+    ``HEAD_IN_ACTIVATION``).
     """
 
     index: int
@@ -215,6 +222,8 @@ class Plan:
                 line += f", stream {d['streamed']} layers"
             if d["quant"] is not None:
                 line += f", weights {d['format']}"
+                if d["head"] and self.head.quant is None:
+                    line += f" (head in {_short(self.head.atype)})"
             lines.append(line)
         lines.append(" ".join(str(p) for p in self.layers))
         if self.backend is not None:
@@ -354,7 +363,9 @@ def plan_layers(strategy: str | tuple[Stage, ...], n_layer: int) -> Plan:
     for i, (s, n) in enumerate(zip(stages, plan)):
         for index in range(start, start + n):
             streamed = i == stream_i and index >= start + n - stream_count
-            layers.append(LayerPlacement(index, s.device, s.dtype, s.wtype, streamed, i, s.quant))
+            quant = None if index == n_layer and s.quant in HEAD_IN_ACTIVATION else s.quant
+            wtype = s.dtype if quant is None else s.wtype
+            layers.append(LayerPlacement(index, s.device, s.dtype, wtype, streamed, i, quant))
         start += n
     return Plan(text, stages, n_layer, tuple(layers))
 

@@ -24,8 +24,13 @@ largest divisor of K (padded to a multiple of 8) not above 128 when 128 does not
 64-wide matrices). K and N that are not multiples of 8 are padded with zeros (``Int4Weight.shape`` keeps
 the logical [K, N]; ``dequantize`` and products use only that part).
 
-Which weights: exactly those the model's generations mark "matrix" (the large projections and the head), as
-for ``i8``; embeddings, norms, RWKV time-mix vectors and the low-rank matrices stay in the activation dtype.
+Which weights: the large projections the model's generations mark "matrix", as for ``i8``, but not the head
+(RWKV ``head.weight``, Qwen2 ``lm_head``): an ``i4`` stage keeps it in the activation dtype
+(``rwkv_chat.models.strategy.HEAD_IN_ACTIVATION``; the plan shows it as ``(head in float16)``), as the GPTQ
+ecosystem does by default (AutoGPTQ and llama.cpp keep ``lm_head`` / ``output.weight`` in higher precision);
+on the tiny models a 4-bit head alone costs most of the top-1 agreement. A pre-quantized checkpoint whose head
+is quantized keeps its quantized head. Embeddings, norms, RWKV time-mix vectors and the low-rank matrices stay
+in the activation dtype.
 
 GPTQ checkpoints (e.g. Qwen2 folders with ``quantization_config.quant_method = "gptq"``) load without
 re-quantizing: ``gptq_group_size(config)`` checks the config, ``gptq_linear(tensors, "model.layers.0.self_attn.q_proj",

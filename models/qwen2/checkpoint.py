@@ -22,6 +22,14 @@ Keys (``transformers`` ``modeling_qwen2.py`` / ``modeling_qwen3.py``), nn.Linear
     model.layers.{i}.mlp.down_proj.weight         [C, F]
     model.norm.weight                             [C]
     lm_head.weight                                [V, C]     (absent when tie_word_embeddings)
+
+A GPTQ folder (``quantization_config``: ``quant_method`` "gptq", ``bits`` 4, ``group_size`` G, ``desc_act``,
+``sym``; checked by ``rwkv_chat.models.formats.i4.gptq_group_size``) stores each Linear ``X.weight`` [N, K] of the
+layers (and ``lm_head`` where the quantizer took it; else ``lm_head.weight`` stays float) as::
+
+    X.qweight int32 [K/8, N]    X.qzeros int32 [K/G, N/8]    X.scales float [K/G, N]    X.g_idx int32 [K] (optional)
+
+beside the same biases and float tensors (``gptq_keys``); the layout is the one ``formats.i4`` documents.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ from rwkv_chat.models.errors import CheckpointError
 from rwkv_chat.models.qwen2.config import QwenConfig
 
 INDEX = "model.safetensors.index.json"
+INT_DTYPES = {"I32": torch.int32}
 FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)        # buffers some older exports saved
 _SAMPLE = 1 << 16                                    # bytes of each shard's data hashed into the fingerprint
@@ -63,6 +72,32 @@ def expected_shapes(cfg: QwenConfig) -> dict[str, tuple[int, ...]]:
         if cfg.qk_norm:
             out.update({p + "self_attn.q_norm.weight": (D,), p + "self_attn.k_norm.weight": (D,)})
     return out
+
+
+def gptq_keys(cfg: QwenConfig, group: int | None, head_quantized: bool):
+    """The keys of a GPTQ folder (module docstring): ``(want, kinds, optional)``: key -> shape, key -> "float" or
+    "int", and the optional keys (``g_idx``) -> shape. ``group``: the config's group size (None: one group).
+
+    Raises: CheckpointError: a group size that does not divide a Linear's input width, a width not a multiple of 8.
+    """
+    want, kinds, optional = {}, {}, {}
+    for key, shape in expected_shapes(cfg).items():
+        linear = key.endswith("_proj.weight") or (key == "lm_head.weight" and head_quantized)
+        if not linear:
+            want[key], kinds[key] = shape, "float"
+            continue
+        n, k = shape
+        g = group or k
+        if k % 8 or k % g:
+            raise CheckpointError(f"{cfg.quant_method} checkpoint: {key!r} [{n}, {k}] does not fit GPTQ packing with "
+                                  f"group_size {group} (input width must be a multiple of 8 and of the group)")
+        stem = key[: -len(".weight")]
+        want.update({f"{stem}.qweight": (k // 8, n), f"{stem}.qzeros": (k // g, -(-n // 8)),
+                     f"{stem}.scales": (k // g, n)})
+        kinds.update({f"{stem}.qweight": "int", f"{stem}.qzeros": "int", f"{stem}.scales": "float"})
+        optional[f"{stem}.g_idx"] = (k,)
+        kinds[f"{stem}.g_idx"] = "int"
+    return want, kinds, optional
 
 
 def read_header(path: Path) -> dict:
@@ -125,7 +160,17 @@ class Checkpoint:
                 if key in self.files:
                     raise CheckpointError(f"{shard}: key {key!r} is also in {self.files[key]}")
                 self.files[key] = shard
-        want = expected_shapes(cfg)
+        #: GPTQ folders: the ``quantization_config`` and whether ``lm_head`` is quantized; None for float weights
+        self.gptq: dict | None = None
+        self.head_quantized = False
+        if cfg.quant_method == "gptq":
+            self.head_quantized = "lm_head.qweight" in self.files
+            self.gptq = dict(cfg.quantization_config or {})
+            want, kinds, optional = gptq_keys(cfg, _gptq_group(folder, cfg), self.head_quantized)
+            want.update({k: s for k, s in optional.items() if k in self.files})
+        else:
+            want = expected_shapes(cfg)
+            kinds = dict.fromkeys(want, "float")
         for key, shape in want.items():
             if key not in self.files:
                 raise CheckpointError(f"{self.folder}: key {key!r} is missing (config.json implies it)")
@@ -133,10 +178,11 @@ class Checkpoint:
             if tuple(info.get("shape", ())) != shape:
                 raise CheckpointError(f"{self.files[key]}: key {key!r} has shape {tuple(info.get('shape', ()))}, "
                                       f"config.json implies {shape}")
-            if info.get("dtype") not in FLOAT_DTYPES:
+            allowed = FLOAT_DTYPES if kinds[key] == "float" else INT_DTYPES
+            if info.get("dtype") not in allowed:
                 raise CheckpointError(f"{self.files[key]}: key {key!r} has dtype {info.get('dtype')!r}; "
-                                      f"expected one of {', '.join(FLOAT_DTYPES)}")
-            self.dtypes[key] = FLOAT_DTYPES[info["dtype"]]
+                                      f"expected one of {', '.join(allowed)}")
+            self.dtypes[key] = allowed[info["dtype"]]
         extra = sorted(k for k in self.files if k not in want and not k.endswith(_IGNORED_SUFFIXES)
                        and not (k == "lm_head.weight" and cfg.tie_word_embeddings))
         if extra:
@@ -201,14 +247,15 @@ def open_checkpoint(folder: str | Path, cfg: QwenConfig) -> Checkpoint:
     """Validate the weights of ``folder`` against ``cfg`` (see the module docstring).
 
     Raises:
-        CheckpointError: a pre-quantized folder whose weight format is not served, a missing, truncated or
-            unreadable shard, a missing or unknown key, a wrong shape or dtype; the message names the file and key.
+        CheckpointError: a pre-quantized folder whose weight format is not served (4-bit GPTQ is), a missing,
+            truncated or unreadable shard, a missing or unknown key, a wrong shape or dtype; the message names the
+            file and key.
     """
     folder = Path(folder)
-    if cfg.quant_method is not None:
+    if cfg.quant_method not in (None, "gptq"):
         from rwkv_chat.models import formats
 
-        fmt = {"gptq": "i4", "fp8": "f8"}.get(cfg.quant_method)
+        fmt = {"fp8": "f8"}.get(cfg.quant_method)
         served = fmt is not None and fmt in formats.FORMATS
         raise CheckpointError(
             f"{folder / 'config.json'}: key 'quantization_config' says quant_method {cfg.quant_method!r}: "
@@ -217,3 +264,15 @@ def open_checkpoint(folder: str | Path, cfg: QwenConfig) -> Checkpoint:
                "pre-quantized checkpoints are not served; load the float checkpoint (quantize with the strategy "
                "suffix i8)"))
     return Checkpoint(folder, cfg)
+
+
+def _gptq_group(folder: Path, cfg: QwenConfig) -> int | None:
+    """The group size of a GPTQ folder's ``quantization_config`` (None: one group per column). Raises
+    CheckpointError naming config.json and the field that is not served."""
+    from rwkv_chat.models.errors import UnsupportedDtypeError
+    from rwkv_chat.models.formats.i4 import gptq_group_size
+
+    try:
+        return gptq_group_size(cfg.quantization_config or {})
+    except UnsupportedDtypeError as e:
+        raise CheckpointError(f"{folder / 'config.json'}: {e}") from None

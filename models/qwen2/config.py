@@ -11,7 +11,7 @@ sliding-window attention are refused with a ``CheckpointError`` naming the file 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rwkv_chat.models.errors import CheckpointError
@@ -33,6 +33,7 @@ class QwenConfig:
         qkv_bias: q/k/v projections have biases (Qwen2: always; Qwen3: ``attention_bias``).
         qk_norm: per-head RMSNorm of q and k before RoPE (Qwen3).
         quant_method: ``quantization_config.quant_method`` ("gptq", ...) or None for float weights.
+        quantization_config: the whole ``quantization_config`` object (a dict) or None.
         torch_dtype: the dtype the checkpoint declares ("bfloat16", ...), informational.
     """
 
@@ -52,6 +53,7 @@ class QwenConfig:
     qk_norm: bool
     quant_method: str | None = None
     torch_dtype: str | None = None
+    quantization_config: dict | None = field(default=None, compare=False, hash=False)
 
     @property
     def q_dim(self) -> int:
@@ -146,4 +148,5 @@ def read_config(folder: str | Path) -> QwenConfig:
         rms_norm_eps=get("rms_norm_eps", float, 1e-6), max_position_embeddings=get("max_position_embeddings", int),
         tie_word_embeddings=get("tie_word_embeddings", bool, False, required=False), qkv_bias=bool(bias),
         qk_norm=version == "3", quant_method=quant_method,
+        quantization_config=dict(quant) if isinstance(quant, dict) else None,
         torch_dtype=data.get("torch_dtype") or data.get("dtype"))

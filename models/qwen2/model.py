@@ -9,6 +9,12 @@ The strategy grammar is the one of every family (``rwkv_chat.models.strategy``):
 (final RMSNorm + ``lm_head``) last; per stage a device, an activation dtype and a weight format (``i8`` through
 ``rwkv_chat.models.formats``); ``*N`` pins layers, ``*N+`` streams the unassigned ones. The embedding table lives
 with layer 0. ``forward`` never modifies the state it is given. ``Qwen2`` satisfies ``rwkv_chat.models.Model``.
+
+Pre-quantized GPTQ folders (4-bit, ``checkpoint.py``) load their packed matrices as stored
+(``formats.i4.gptq_linear``, no re-quantizing): every stage of the strategy must then use the ``i4`` format
+(``cuda fp16i4``, ``cpu fp32i4``), else it is a ``StrategyError`` naming the stage and the strategy that works.
+``lm_head`` is i4 where the checkpoint quantized it (the plan's head then says ``i4``), else float in the
+activation dtype as for every ``i4`` stage.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from typing import Callable
 import torch
 
 from rwkv_chat.models import formats
-from rwkv_chat.models.errors import CheckpointError, ContextLimitError, StateError, TokenError
+from rwkv_chat.models.errors import CheckpointError, ContextLimitError, StateError, StrategyError, TokenError
 from rwkv_chat.models.qwen2.cache import NAMES, KVState
 from rwkv_chat.models.qwen2.checkpoint import open_checkpoint
 from rwkv_chat.models.qwen2.config import QwenConfig, read_config
@@ -92,8 +98,11 @@ class Qwen2:
             limit = min(limit, context_limit)
         self.context_limit = limit
         self.plan: Plan = plan_layers(strategy, cfg.n_layer)
+        if ck.gptq is not None:
+            self.plan = _gptq_plan(self.plan, ck, self.path)
         self.strategy = self.plan.strategy
         self.devices: list[torch.device] = [torch_device(p.device) for p in self.plan.layers]
+        formats.check_plan(self.plan, self.devices)          # a format its device cannot run: DeviceError
         self.tokenizer = self.chat_template = self.generation = None
         with torch.no_grad():
             self._place(ck, progress)
@@ -129,10 +138,24 @@ class Qwen2:
         Plain float weights stay in nn.Linear's layout ([in, out] is the transposed view of a contiguous
         [out, in]: ``x @ W`` is ``F.linear``'s GEMM, and fused ops read the rows they expect)."""
         place = self.plan.layers[i]
-        quant = self.plan.stages[place.stage].quant
+        quant = place.quant                 # the head of an i4 stage: plain (strategy.HEAD_IN_ACTIVATION)
         if quant is None and not place.stream:
             return w.to(place.atype).to(self.devices[i]).contiguous().t()
         return formats.get(quant).pack(w.t(), place.atype, self.devices[i], stream=place.stream)
+
+    def _stored(self, ck, key: str, i: int):
+        """The GPTQ Linear ``key`` ("<stem>.weight", [out, in] in a float checkpoint) of layer i as the ``Int4Weight``
+        [in, out] stored in the folder, on the layer's device (pinned CPU memory when streamed)."""
+        from rwkv_chat.models.formats.i4 import gptq_linear
+
+        stem = key[: -len(".weight")]
+        parts = {f"{stem}.{n}": ck.get(f"{stem}.{n}") for n in ("qweight", "qzeros", "scales", "g_idx")
+                 if f"{stem}.{n}" in ck.files}
+        q = gptq_linear(parts, stem, ck.gptq)
+        if self.plan.layers[i].stream:
+            q = q.contiguous()
+            return q.pin_memory() if torch.cuda.is_available() else q
+        return q.to(self.devices[i]).contiguous()
 
     def _vector(self, w: torch.Tensor, i: int) -> torch.Tensor:
         return w.to(self.plan.layers[i].atype).to(self.devices[i]).contiguous()
@@ -147,17 +170,22 @@ class Qwen2:
             if progress is not None:
                 progress(i, total)
             pre = f"model.layers.{i}."
-            p = {name: self._pack(ck.get(pre + key), i) for key, name in _MATRICES.items()}
+            if ck.gptq is not None:
+                p = {name: self._stored(ck, pre + key, i) for key, name in _MATRICES.items()}
+            else:
+                p = {name: self._pack(ck.get(pre + key), i) for key, name in _MATRICES.items()}
             p.update({name: self._vector(ck.get(pre + key), i) for key, name in _VECTORS.items()
                       if pre + key in ck.files})
             self.layers.append(p)
         head = plan.layers[-1]
         n = cfg.n_layer
         self.norm = self._vector(ck.get("model.norm.weight"), n)
-        plain = plan.stages[head.stage].quant is None
+        plain = head.quant is None
         if cfg.tie_word_embeddings and plain and not head.stream and self.devices[-1] == self.emb.device \
                 and head.atype == self.emb.dtype:
             self.head = self.emb.t()                                               # [C, V], shares the table
+        elif ck.head_quantized:
+            self.head = self._stored(ck, "lm_head.weight", n)
         else:
             self.head = self._pack(emb_w if cfg.tie_word_embeddings else ck.get("lm_head.weight"), n)
         if progress is not None:
@@ -354,3 +382,18 @@ class Qwen2:
 
     def __repr__(self) -> str:
         return f"Qwen2(qwen{self.version}, {self.path.name}, strategy={self.strategy!r})"
+
+
+def _gptq_plan(plan: Plan, ck, folder: Path) -> Plan:
+    """``plan`` for a GPTQ folder: every stage must be ``i4``; the head placement says ``i4`` where the checkpoint
+    quantized ``lm_head``. Raises StrategyError naming the stage and a strategy that works."""
+    for stage in plan.stages:
+        if stage.quant != "i4":
+            fixed = " -> ".join(str(replace(s, quant="i4")) for s in plan.stages)
+            raise StrategyError(f"{folder} holds 4-bit GPTQ weights, which load as the i4 format; stage {str(stage)!r} "
+                                f"of strategy {plan.strategy!r} asks for {stage.quant or 'plain float'} weights: use "
+                                f"{fixed!r}")
+    if not ck.head_quantized:
+        return plan
+    head = replace(plan.layers[-1], quant="i4", wtype=torch.int32)
+    return replace(plan, layers=plan.layers[:-1] + (head,))

@@ -6,7 +6,8 @@
   ``torch.save``; ``.safetensors`` with ``safetensors.torch.save_file``);
 * with a strategy (e.g. ``"cuda fp16i4"``), a ``.safetensors`` file in which every matrix of a stage with a
   weight format (``i8``, ``i4``, ``f8``) is stored packed (``formats.serialize``: ``<key>.qweight`` ...) exactly
-  as that format packs it at load, and every other tensor as in the source. Its metadata names it
+  as that format packs it at load (the head of an ``i4`` stage stays float, ``strategy.HEAD_IN_ACTIVATION``),
+  and every other tensor as in the source. Its metadata names it
   (``format = "rwkv-chat-quantized"``) and records the strategy, the packed keys with their formats, the RWKV
   version and the source's fingerprint (so states move between the source and the converted file).
 
@@ -82,15 +83,16 @@ def convert(src: str | Path, out: str | Path, strategy: str | None = None,
     tensors, packed_keys = {}, {}
     for n, (key, t) in enumerate(w.items()):
         found = _matrix_kind(key, t, spec, gen)
-        stage = plan.stages[plan.layers[found[0]].stage] if found else None
-        if found is None or stage.quant is None:
+        place = plan.layers[found[0]] if found else None
+        stage = plan.stages[place.stage] if found else None
+        if found is None or place.quant is None:       # the head of an i4 stage stays float (HEAD_IN_ACTIVATION)
             tensors[key] = t.contiguous()
         else:
             try:
                 dev = torch_device(stage.device)
             except DeviceError:
                 dev = torch.device("cpu")           # quantize here; the file loads on the stage's device later
-            packed = formats.get(stage.quant).pack(found[1], stage.dtype, dev if dev.type == "cuda" else
+            packed = formats.get(place.quant).pack(found[1], stage.dtype, dev if dev.type == "cuda" else
                                                    torch.device("cpu"))
             suffix, parts, info = serialize.parts(packed)
             tensors.update({f"{key}.{p}": v for p, v in parts.items()})

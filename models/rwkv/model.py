@@ -254,7 +254,7 @@ class RWKV:
         layer's stage (``rwkv_chat.models.formats``), "fp32" in float32, "act" in the activation dtype."""
         place, device = self.plan.layers[i], self.devices[i]
         if kind == "matrix":
-            fmt = formats.get(self.plan.stages[place.stage].quant)
+            fmt = formats.get(place.quant)            # the head of an i4 stage: plain (strategy.HEAD_IN_ACTIVATION)
             return fmt.pack(t, place.atype, device, stream=place.stream)
         t = t.to(torch.float32 if kind == "fp32" else place.atype)
         return t.to(device).contiguous()

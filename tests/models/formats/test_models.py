@@ -25,9 +25,15 @@ PROSE = (b"The old lighthouse keeper climbed the narrow stairs every evening, ca
 VERSIONS = ["4", "5", "5.2", "6", "7"]
 #: top-1 agreement the issue asks of each format (f8 has none: reported, and checked to be well above chance)
 FLOORS = {"i8": 0.99, "i4": 0.95, "f8": 0.90}
-#: measured shortfalls of round-to-nearest on these 64-wide models (agreement measured on PROSE): strict
-#: xfails, so an improvement that lifts them shows up as a failure to update this table
-SHORT = {("5", "i8"): 0.978, ("4", "i4"): 0.834, ("5", "i4"): 0.811, ("5.2", "i4"): 0.826}
+#: measured shortfalls on these 64-wide models (agreement on PROSE, the head kept in fp32 by i4): strict xfails,
+#: so an improvement that lifts them shows up as a failure to update this table. Why: the v4/v5/v5.2 models'
+#: logits are nearly tied (the top two within 0.1 standard deviation of the logits at ~20% of the positions,
+#: against ~2% for v6/v7), so the rounding noise of every matrix flips the top-1 there (each of the seven
+#: matrix kinds alone costs v5 3-10 points); the weights have no per-column outliers (max/std ~2.6, as a
+#: Gaussian), and smaller groups do not reach the floor either (v5: 0.832 at 32 rows, 0.863 at 16; v5.2:
+#: 0.877 at 32), so the group stays "128, or the largest that divides K".
+SHORT = {("5", "i8"): 0.978, ("5", "i4"): 0.797, ("5.2", "i4"): 0.855}
+REASON = "nearly tied logits of the tiny model (see SHORT)"
 
 _TEACHER: dict[str, torch.Tensor] = {}
 
@@ -42,12 +48,15 @@ def _logits(path, strategy: str) -> torch.Tensor:
 def test_top1_agreement_with_the_fp32_model(version, quant, model_path, request):
     if (version, quant) in SHORT:
         request.applymarker(pytest.mark.xfail(strict=True, reason=f"RTN {quant} on the tiny v{version} model agrees "
-                                                                  f"{SHORT[version, quant]:.3f} < {FLOORS[quant]}"))
+                                                                  f"{SHORT[version, quant]:.3f} < {FLOORS[quant]}: "
+                                                                  f"{REASON}"))
     path = model_path(version)
     if version not in _TEACHER:
         _TEACHER[version] = _logits(path, "cpu fp32")
     teacher = _TEACHER[version]
-    student = _logits(path, f"cpu fp32{quant}")
+    model = RWKV(path, f"cpu fp32{quant}", kernels=False)
+    assert isinstance(model.head, torch.Tensor) == (quant == "i4")       # i4: the head stays fp32
+    student = model.forward(list(PROSE), None, full_output=True)[0]
     agree = (student.argmax(-1) == teacher.argmax(-1)).float().mean().item()
     rel = ((student - teacher).norm() / teacher.norm()).item()
     print(f"v{version} {quant}{' (emulated)' if quant == 'f8' else ''}: top-1 agreement {agree:.4f} over "
@@ -65,6 +74,10 @@ def test_strategy_grammar_of_the_formats():
     text = str(plan)
     assert "weights i4" in text and "weights f8 (emulated)" in text
     assert str(plan_layers("cpu fp32", 2).layers[0]) == "0-cpu-float32-float32"
+    i4 = plan_layers("cuda fp16i4", 2)                  # i4 keeps the head in the activation dtype
+    assert [p.quant for p in i4.layers] == ["i4", "i4", None] and str(i4.head) == "2-cuda-float16-float16"
+    assert "weights i4 (head in float16)" in str(i4)
+    assert plan_layers("cuda fp16i8", 2).head.quant == "i8" and plan_layers("cpu fp32f8", 2).head.quant == "f8"
     for bad, quoted in (("cuda fp16i3", "'i3'"), ("cpu fp32f4", "'f4'"), ("cuda fp16 *2 -> cpu fp32i4x", "'i4x'")):
         with pytest.raises(StrategyError, match=quoted):
             parse_strategy(bad)

@@ -69,10 +69,12 @@ def test_config_problems_name_file_and_key(qwen_folders, tmp_path):
         cfg_path.write_text(json.dumps(c))
         with pytest.raises(CheckpointError, match=f"config.json: key '{key}'"):
             Qwen2(folder, "cpu fp32", kernels=False)
-    c = dict(good, quantization_config={"quant_method": "gptq", "bits": 4})
-    cfg_path.write_text(json.dumps(c))
-    with pytest.raises(CheckpointError, match="quantization_config.*gptq"):
-        Qwen2(folder, "cpu fp32", kernels=False)
+    for quant, match in (({"quant_method": "awq", "bits": 4}, "quantization_config.*'awq'"),
+                         ({"quant_method": "gptq", "bits": 8}, "config.json: quantization_config.bits = 8"),
+                         ({"quant_method": "gptq", "bits": 4, "group_size": 32}, "q_proj.qweight' is missing")):
+        cfg_path.write_text(json.dumps(dict(good, quantization_config=quant)))
+        with pytest.raises(CheckpointError, match=match):
+            Qwen2(folder, "cpu fp32i4", kernels=False)
     (folder / "config.json").unlink()
     with pytest.raises(CheckpointError, match="config.json: not found"):
         Qwen2(folder, "cpu fp32", kernels=False)
