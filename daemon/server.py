@@ -5,11 +5,8 @@ handlers (:data:`rwkv_chat.daemon.handlers.HANDLERS`), forwards the scheduler's 
 publishes heartbeats, cancels the generations of clients that went away or stopped sending heartbeats,
 and answers the ZAP requests of CURVE handshakes (:mod:`rwkv_chat.daemon.auth`: only the connection
 file's client key gets in). The model lives in the scheduler's inference thread (the
-:class:`~rwkv_chat.daemon.host.Host`): a model load never runs on the loop, which keeps answering (status,
-heartbeats) while one is under way. torch is imported before the connection file is written (the status
-reads torch's devices and memory; had the inference thread been importing it for a first load, the loop
-would wait on that import for seconds), so only what the engine does while holding the GIL can delay a reply
-(parsing a ``tokenizer.json`` with the ``tokenizers`` library: about half a second for Qwen's 151k tokens).
+:class:`~rwkv_chat.daemon.host.Host`): loads never run on the loop, which answers throughout one (torch is
+imported before serving, so the status never waits on the inference thread's import of it).
 
 Stopping (SIGTERM, SIGINT or a Shutdown request): the connection file goes first (new clients see no
 daemon), then every running or queued generation ends with ``Done(reason="cancelled")``, published before
@@ -188,7 +185,7 @@ class Server:
             if n:
                 log.info("removed %d temporary file(s) of a save that was interrupted", n)
             self.sessions = Sessions(self.store, d.resident_states, d.cpu_states)
-            import torch  # noqa: F401 — before serving: the loop never waits on the inference thread's import of it
+            import torch  # noqa: F401 — here: a status during a first load would wait on its import
 
             self.host = Host(resolve=lambda ref: registry.resolve(ref, self.paths.data_dir))
             self.scheduler = Scheduler(self.host, self.store, self.sessions, self.config, self.emit)

@@ -115,7 +115,8 @@ class HFTokenizer(Tokenizer):
             tokenizer_config's ``eos_token``); ``()`` here.
         special: the ids of the special added tokens.
 
-    Raises TokenizerError when the file cannot be loaded, is not byte-level BPE, or has more ids than ``vocab_size``.
+    Raises TokenizerError when the file cannot be loaded, is not byte-level BPE, or has more ids than ``vocab_size``;
+    ``token_bytes``/``decode`` raise it for a token outside the byte-level alphabet (decoded on first use).
     """
 
     name = "hf"
