@@ -5,7 +5,8 @@ handlers (:data:`rwkv_chat.daemon.handlers.HANDLERS`), forwards the scheduler's 
 publishes heartbeats, cancels the generations of clients that went away or stopped sending heartbeats,
 and answers the ZAP requests of CURVE handshakes (:mod:`rwkv_chat.daemon.auth`: only the connection
 file's client key gets in). The model lives in the scheduler's inference thread (the
-:class:`~rwkv_chat.daemon.host.Host`).
+:class:`~rwkv_chat.daemon.host.Host`): loads never run on the loop, which answers throughout one (torch is
+imported before serving, so the status never waits on the inference thread's import of it).
 
 Stopping (SIGTERM, SIGINT or a Shutdown request): the connection file goes first (new clients see no
 daemon), then every running or queued generation ends with ``Done(reason="cancelled")``, published before
@@ -188,6 +189,8 @@ class Server:
             self.sessions = Sessions(self.store, d.resident_states, d.cpu_states)
             self.sessions.prompts = PromptCache(self.paths.data_dir / "prompt_states", d.prompt_cache_ram_bytes,
                                                 d.prompt_cache_disk_bytes)
+            import torch  # noqa: F401 — here: a status during a first load would wait on its import
+
             self.host = Host(resolve=lambda ref: registry.resolve(ref, self.paths.data_dir))
             self.scheduler = Scheduler(self.host, self.store, self.sessions, self.config, self.emit)
             self.scheduler.drafts = self.sessions.drafts = Drafts(d.draft_prefill)

@@ -10,7 +10,8 @@ Files read (only these): ``tokenizer.json`` (the ``tokenizers`` library runs it)
 (special tokens, the ``chat_template``), ``chat_template.jinja`` (preferred over the config's template, as
 transformers does) and ``generation_config.json`` (optional).
 
-The tokenizer maps every id to its exact bytes (:class:`~rwkv_chat.models.text.tokenizers.Tokenizer`'s table):
+The tokenizer maps every id to its exact bytes (:class:`ByteLevelTable`, decoded on first use, so loading costs
+about what ``tokenizers.Tokenizer.from_file`` costs):
 byte-level BPE tokens through GPT-2's byte decoder, added and special tokens as their UTF-8 text (as
 ``transformers``' ``decode`` with ``skip_special_tokens=False`` shows them), so
 :class:`~rwkv_chat.models.text.tokenizers.IncrementalDecoder` streams whole characters whatever a token splits.
@@ -27,7 +28,7 @@ from rwkv_chat.models.errors import TokenizerError
 from rwkv_chat.models.text.chat_template import HFChatTemplate, NoChatTemplate
 from rwkv_chat.models.text.tokenizers import Tokenizer, _byte_decoder, _utf8
 
-__all__ = ["HFTokenizer", "HFGeneration", "HFText", "load_hf_text", "read_json"]
+__all__ = ["HFTokenizer", "HFGeneration", "HFText", "load_hf_text", "read_json", "ByteLevelTable"]
 
 #: the special-token names of tokenizer_config.json that a chat template sees (transformers' special_tokens_map)
 SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
@@ -49,6 +50,54 @@ def read_json(path: Path, required: bool = True) -> dict | None:
     return data
 
 
+def _latin1_map() -> dict[int, str]:
+    """``str.translate`` table: each character of GPT-2's byte-level alphabet -> the latin-1 character of its
+    byte (the printable bytes are themselves: left out); the latin-1 characters outside the alphabet ->
+    U+10FFFF, which latin-1 cannot encode (so a token outside the alphabet is an error, never a wrong byte)."""
+    alphabet = {ord(c): chr(b) for c, b in _byte_decoder().items()}
+    out = {c: chr(0x10FFFF) for c in range(256) if c not in alphabet}
+    out.update({c: b for c, b in alphabet.items() if c != ord(b)})
+    return out
+
+
+_LATIN1 = _latin1_map()
+
+
+class ByteLevelTable:
+    """The ``id -> bytes`` table of a byte-level BPE tokenizer, each id decoded on first use and kept.
+
+    A sequence of ``size`` ``bytes`` (``len``, ``table[i]`` for ``0 <= i < size``): ``added`` ids give their
+    UTF-8 text, the other ids below ``n`` the bytes of their BPE token (``id_to_token`` through GPT-2's byte
+    decoder; source: openai/gpt-2 ``encoder.py``, ``bytes_to_unicode``), ids without a token and the padding ids
+    ``n..size-1`` ``b""``. Nothing is decoded at load (a 151k-token vocabulary costs no load time); one id costs
+    microseconds once.
+
+    Raises TokenizerError (from ``table[i]``) when token ``i`` has a character outside the byte-level alphabet.
+    """
+
+    __slots__ = ("_hf", "_bytes", "_where")
+
+    def __init__(self, hf, n: int, size: int, added: dict[int, bytes], where: object) -> None:
+        self._hf, self._where = hf, where
+        self._bytes: list[bytes | None] = [None] * n + [b""] * (size - n)
+        for i, b in added.items():
+            self._bytes[i] = b
+
+    def __len__(self) -> int:
+        return len(self._bytes)
+
+    def __getitem__(self, i: int) -> bytes:
+        b = self._bytes[i]
+        if b is None:
+            token = self._hf.id_to_token(i)
+            try:
+                b = b"" if token is None else token.translate(_LATIN1).encode("latin-1")
+            except UnicodeEncodeError:
+                raise TokenizerError(f"{self._where}: token {i} {token!r} is not in the byte-level alphabet") from None
+            self._bytes[i] = b
+        return b
+
+
 class HFTokenizer(Tokenizer):
     """A byte-level BPE ``tokenizer.json`` (Qwen2/2.5/3: 151,643 BPE tokens + added tokens).
 
@@ -66,7 +115,8 @@ class HFTokenizer(Tokenizer):
             tokenizer_config's ``eos_token``); ``()`` here.
         special: the ids of the special added tokens.
 
-    Raises TokenizerError when the file cannot be loaded, is not byte-level BPE, or has more ids than ``vocab_size``.
+    Raises TokenizerError when the file cannot be loaded, is not byte-level BPE, or has more ids than ``vocab_size``;
+    ``token_bytes``/``decode`` raise it for a token outside the byte-level alphabet (decoded on first use).
     """
 
     name = "hf"
@@ -90,23 +140,8 @@ class HFTokenizer(Tokenizer):
         n = max([self._hf.get_vocab_size(with_added_tokens=True), *(i + 1 for i in added)])
         if vocab_size is not None and vocab_size < n:
             raise TokenizerError(f"{self.path} has {n} tokens, more than the model's vocabulary of {vocab_size}")
-        table = [b""] * (vocab_size or n)
-        # the byte-level alphabet -> the latin-1 character of its byte; any other latin-1 character -> one that
-        # latin-1 cannot encode (so a token outside the alphabet is an error, never a wrong byte)
-        alphabet = {ord(c): chr(b) for c, b in _byte_decoder().items()}
-        to_bytes = {**{c: chr(0x10FFFF) for c in range(256)}, **alphabet}
-        for idx in range(n):          # id_to_token per id: the GIL is let go between calls (a daemon loads this)
-            if idx in added:
-                table[idx] = added[idx].content.encode("utf-8")
-                continue
-            token = self._hf.id_to_token(idx)
-            if token is None:
-                continue
-            try:
-                table[idx] = token.translate(to_bytes).encode("latin-1")
-            except UnicodeEncodeError:
-                raise TokenizerError(f"{self.path}: token {idx} {token!r} is not in the byte-level alphabet") from None
-        self._table = table
+        self._table = ByteLevelTable(self._hf, n, vocab_size or n, {i: t.content.encode("utf-8")
+                                                                     for i, t in added.items()}, self.path)
         self.added = {t.content: i for i, t in added.items()}
         self.special = frozenset(i for i, t in added.items() if t.special)
 

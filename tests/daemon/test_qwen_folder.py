@@ -36,7 +36,7 @@ def _chat(c: Client, cid: str, msg: str, **kw):
 
 
 def test_chat_two_at_once_and_resume_after_restart(tmp_path, qwen_folder):
-    home = make_home(tmp_path / "h", daemon_timeout=20.0)   # loading the Qwen tokenizer holds the GIL for seconds
+    home = make_home(tmp_path / "h")
     paths = home_paths(home)
     start_daemon(home, qwen_folder)
     turn1 = dict(temperature=1.0, top_p=0.9, seed=7, max_tokens=12)

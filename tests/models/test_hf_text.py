@@ -209,3 +209,29 @@ def test_template_errors(qwen_dir, tmp_path):
     (folder / "tokenizer.json").write_text("{}")
     with pytest.raises(TokenizerError):
         load_hf_text(folder)
+
+
+def test_every_token_has_its_bytes_in_transformers_vocabulary(text, reference):
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    byte_of = {c: b for b, c in bytes_to_unicode().items()}
+    added = {i: t.content for i, t in reference.added_tokens_decoder.items()}
+    tokens = reference.convert_ids_to_tokens(list(range(len(reference))))
+    tok = text.tokenizer
+    for i, t in enumerate(tokens):
+        want = added[i].encode("utf-8") if i in added else bytes(byte_of[c] for c in t)
+        assert tok.token_bytes(i) == want, (i, t)
+
+
+def test_a_token_outside_the_byte_level_alphabet_is_an_error(tmp_path):
+    from tokenizers import Tokenizer, decoders, models
+
+    hf = Tokenizer(models.BPE(vocab={"a": 0, "b": 1, "ab": 2, "中": 3, "Ġ": 4, " ": 5}, merges=[("a", "b")]))
+    hf.decoder = decoders.ByteLevel()
+    hf.save(str(tmp_path / "tokenizer.json"))
+    tok = HFTokenizer(tmp_path / "tokenizer.json", vocab_size=8)
+    assert tok.vocab_size == 8 and tok.token_bytes(2) == b"ab" and tok.token_bytes(4) == b" "
+    assert tok.token_bytes(7) == b""
+    for bad in (3, 5):          # a character beyond latin-1; a latin-1 one that the alphabet writes otherwise
+        with pytest.raises(TokenizerError, match="not in the byte-level alphabet"):
+            tok.token_bytes(bad)
