@@ -38,9 +38,9 @@ step prof 60 200 python3 bench/prefill_profile.py --shape 1.5B --prompt-len 1024
 step b15 60 150 $B --shape 1.5B --batch 1 --prompt-len 1024 --tokens 200
 step qwen 60 180 python3 tests/gpu/verify_qwen2.py --shapes tiny 1.5B --dtypes bf16 --out "$OUT/verify_qwen2.md"
 step formats 40 120 python3 tests/gpu/verify_formats.py --shape 0.1B --out "$OUT/verify_formats.md"
-step qb15 60 150 $B --family qwen2 --shape 1.5B --strategy "cuda bf16" --batch 1 64 --prompt-len 1024 --tokens 100
+step qb15 60 150 python3 -m rwkv_chat.app.bench --md "$OUT/qwen_bench.md" --family qwen2 --shape 1.5B --strategy "cuda bf16" --batch 1 64 --prompt-len 1024 --tokens 100
 step fbench 90 200 python3 bench/formats.py --shapes 1.5B 7.2B --batch 1 --tokens 100 --out "$OUT/formats_bench.md"
-step qb7 80 180 $B --family qwen2 --shape 7B --strategy "cuda bf16" --batch 1 --prompt-len 1024 --tokens 100
+step qb7 80 180 python3 -m rwkv_chat.app.bench --md "$OUT/qwen_bench.md" --family qwen2 --shape 7B --strategy "cuda bf16" --batch 1 --prompt-len 1024 --tokens 100
 step b01 40 100 $B --shape 0.1B --batch 1 --prompt-len 1024 --tokens 300
 step daemon 150 300 python3 bench/daemon_overhead.py --shape 0.1B 1.5B --strategy "cuda fp16" --batch 1 4 --out "$OUT/daemon_overhead.md"
 step b72 90 200 $B --shape 7.2B --batch 1 64 --prompt-len 1024 --tokens 100

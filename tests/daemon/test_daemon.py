@@ -145,7 +145,7 @@ def test_invalid_ids_and_failures_are_typed(daemon_home, client):
         list(client.regenerate(client.create_conversation().id))      # nothing to regenerate
     with pytest.raises(GenerationFailed) as ei:
         list(client.load("/nonexistent/model.pth", "cpu fp32"))
-    assert ei.value.kind == "CheckpointError"
+    assert ei.value.kind == "NotFound" and "/nonexistent/model.pth" in str(ei.value)
     _, done = _run(client.complete("Still serving", max_tokens=3))        # the old model still serves
     assert done.tokens == 3
 

@@ -56,7 +56,7 @@ def test_the_cache_holds_the_rendered_conversation_and_the_limit_applies(tmp_pat
             assert isinstance(done, m.Done) and done.context_limit == model.context_limit == 512, events
             msgs += [{"role": "user", "content": user}, {"role": "assistant", "content": _reply(events)}]
             pairs.append((user, done.text))
-        state = model.load_state(sys_.store.state_path("c", 2, model.fingerprint))
+        state = model.load_state(sys_.store.state_path("c", sys_.store.turns("c")[-1].index, model.fingerprint))
         assert done.context_used == state.token_count
         want = reference.apply_chat_template(msgs + [{"role": "user", "content": "next"}], tokenize=False,
                                              add_generation_prompt=True)
@@ -71,7 +71,7 @@ def test_the_cache_holds_the_rendered_conversation_and_the_limit_applies(tmp_pat
                 break
             pairs.append((user, done.text))
         assert done.dropped_turns >= 1
-        state = model.load_state(sys_.store.state_path("c", len(pairs) + 1, model.fingerprint))
+        state = model.load_state(sys_.store.state_path("c", sys_.store.turns("c")[-1].index, model.fingerprint))
         kept = tpl.transcript("", pairs[done.dropped_turns:]) + tpl.prompt(user)
         assert tok.decode(state.tokens[0].tolist()).startswith(kept) and done.context_used == state.token_count
     finally:
