@@ -24,6 +24,7 @@ dispatch functions through its backend's ops (``rwkv_chat.models.backends``) whe
 from __future__ import annotations
 
 import hashlib
+import contextlib
 import logging
 import os
 import platform
@@ -71,6 +72,24 @@ def default_cache_dir() -> Path:
     import platformdirs
 
     return Path(platformdirs.user_cache_dir("rwkv-chat")) / "kernels"
+
+
+@contextlib.contextmanager
+def _build_lock(build_dir: Path):
+    """Hold an exclusive lock on ``build_dir`` for a build (POSIX ``flock``: released by the kernel when its
+    holder dies, so a build killed midway never blocks the next one; torch's own lock file, which a killed build
+    leaves behind, is removed by the holder). Without ``fcntl`` (Windows) nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:          # pragma: no cover - not POSIX
+        yield
+        return
+    with open(build_dir / ".build-lock", "a+") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def _cuda_arches() -> list[tuple[int, int]]:
@@ -213,26 +232,40 @@ class KernelLoader:
             _LOADED_KEYS.add(key)
             cached = True
         else:
-            from torch.utils.cpp_extension import load
             build_dir.mkdir(parents=True, exist_ok=True)
-            sources = [str(self.source_dir / s) for s in (CPU_SOURCES if dev == "cpu" else CUDA_SOURCES)]
-            missing = [s for s in sources if not Path(s).exists()]
-            if missing:
-                raise FileNotFoundError(f"kernel sources missing: {missing}")
-            self._say(f"building {dev} kernels in {build_dir} (first use; about a minute)")
-            kwargs = dict(name=name, sources=sources, build_directory=str(build_dir), is_python_module=False,
-                          verbose=False, extra_cflags=list(CPU_CFLAGS if dev == "cpu" else CUDA_CFLAGS))
-            if dev == "cpu":
-                kwargs["extra_ldflags"] = ["-fopenmp"]
-            else:
-                gencode = [f"-gencode=arch=compute_{a}{b},code=sm_{a}{b}" for a, b in _cuda_arches()]
-                kwargs["extra_cuda_cflags"] = list(CUDA_NVCC_FLAGS) + gencode
-            load(**kwargs)
-            _LOADED_KEYS.add(key)
-            cached = False
+            with _build_lock(build_dir):      # one builder per build folder; a killed one's lock is stale
+                if lib.exists():              # built by another process while this one waited
+                    torch.ops.load_library(str(lib))
+                    _LOADED_KEYS.add(key)
+                    cached = True
+                else:
+                    self._build(dev, name, build_dir)
+                    _LOADED_KEYS.add(key)
+                    cached = False
         secs = time.perf_counter() - t0
         self.builds[dev] = {"key": key, "dir": str(build_dir), "cached": cached, "seconds": round(secs, 3)}
         self._say(f"{dev} kernels {'loaded from cache' if cached else 'built'} in {secs:.1f} s ({key})")
+
+    def _build(self, dev: str, name: str, build_dir: Path) -> None:
+        """Compile and load the library ``name`` for ``dev`` in ``build_dir`` (the caller holds its build lock)."""
+        from torch.utils.cpp_extension import load
+
+        sources = [str(self.source_dir / s) for s in (CPU_SOURCES if dev == "cpu" else CUDA_SOURCES)]
+        missing = [s for s in sources if not Path(s).exists()]
+        if missing:
+            raise FileNotFoundError(f"kernel sources missing: {missing}")
+        self._say(f"building {dev} kernels in {build_dir} (first use; about a minute)")
+        kwargs = dict(name=name, sources=sources, build_directory=str(build_dir), is_python_module=False,
+                      verbose=False, extra_cflags=list(CPU_CFLAGS if dev == "cpu" else CUDA_CFLAGS))
+        if dev == "cpu":
+            kwargs["extra_ldflags"] = ["-fopenmp"]
+        else:
+            gencode = [f"-gencode=arch=compute_{a}{b},code=sm_{a}{b}" for a, b in _cuda_arches()]
+            kwargs["extra_cuda_cflags"] = list(CUDA_NVCC_FLAGS) + gencode
+        stale = build_dir / "lock"       # torch's own build baton, left behind by a builder that was killed
+        if stale.exists():
+            stale.unlink()
+        load(**kwargs)
 
     def report(self) -> dict[str, dict[str, str]]:
         """``{"cpu": {family: "ok" | reason}, "cuda": {...}}`` for families wkv4, wkv5, wkv6, wkv7, mm8, gemm,

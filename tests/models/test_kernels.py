@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -293,3 +294,29 @@ def test_background_build_reports_progress_then_is_ready(tmp_path):
     assert time.perf_counter() - t0 < 1.0 and good.builds["cpu"]["cached"] is True
     assert failed["state"] == "failed" and "deliberately broken" in failed["error"]
     assert bad.ready("cpu") and all(v == failed["error"] for v in bad.report()["cpu"].values())
+
+
+@pytest.mark.slow
+def test_a_build_killed_midway_does_not_block_the_next(tmp_path):
+    """A build process killed while compiling leaves torch's lock file in the build folder; the next build must
+    neither wait on it forever nor give up: it builds."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from rwkv_chat.models.kernels import KernelLoader
+
+    cmd = [sys.executable, "-m", "rwkv_chat.models.kernels", "cpu", "--cache-dir", str(tmp_path)]
+    build_dir = tmp_path / KernelLoader(cache_dir=tmp_path).build_key("cpu")
+    first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (build_dir / "lock").exists() and time.monotonic() < deadline and first.poll() is None:
+        time.sleep(0.05)
+    assert (build_dir / "lock").exists(), "the first build never started compiling"
+    os.killpg(first.pid, signal.SIGKILL)         # the build and its compiler, as a stopped daemon's child dies
+    first.wait()
+    assert (build_dir / "lock").exists()         # what a killed build leaves behind
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "wkv7: ok" in again.stdout
