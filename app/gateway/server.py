@@ -65,6 +65,9 @@ class Pool:
 
         with self._lock:
             c = self._idle.pop() if self._idle else None
+        if c is not None and not self._current(c):      # the daemon it knew was stopped (and maybe restarted)
+            c.close()
+            c = None
         if c is None:
             c = Client(self.paths, autostart=self.autostart)
         try:
@@ -73,6 +76,16 @@ class Pool:
             c.close()
             raise
         return c
+
+    def _current(self, c) -> bool:
+        """Whether the idle client ``c`` talks to the daemon that runs now (its connection file names the same
+        pid): a daemon stopped and started again between two requests must not cost the next one an error."""
+        from rwkv_chat.daemon.protocol.connection import read_connection_file
+
+        try:
+            return c.info is not None and read_connection_file(self.paths.connection_file).pid == c.info.pid
+        except (OSError, ValueError, DaemonError):     # no file (stopped), or one not to trust
+            return False
 
     def give(self, c, error: BaseException | None = None) -> None:
         """Give ``c`` back after use; it is closed instead when ``error`` says the daemon went away."""

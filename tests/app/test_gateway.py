@@ -394,3 +394,23 @@ def test_systemd_unit_of_the_api():
     assert Path(exe).name == "rwkv-chat" and args == ["serve"]
     assert cp["Service"]["RestartPreventExitStatus"] == "2"       # a refused address: not restarted
     assert "rwkv-chat.service" in cp["Unit"]["After"]
+
+
+def test_the_first_request_after_a_daemon_restart_is_served(tmp_path, model_path):
+    """A pooled client of a daemon that was stopped and started again is not reused: the next request goes to
+    the daemon running now instead of failing."""
+    home = make_home(tmp_path / "home")
+    start_daemon(home, model_path("7"))
+    gw = Gateway(home)
+    try:
+        client = gw.client()
+        assert [m.id for m in client.models.list().data] == [MODEL]        # a client of this daemon is pooled
+        stop_daemon(home)
+        start_daemon(home, model_path("7"))
+        assert [m.id for m in client.models.list().data] == [MODEL]
+        reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                               max_tokens=3)
+        assert reply.choices[0].finish_reason in ("stop", "length")
+    finally:
+        gw.stop()
+        stop_daemon(home)
