@@ -258,7 +258,8 @@ def ps(args) -> int:
     print(f"model: {where}")
     print(f"state: {state}")
     if mdl.get("loaded"):
-        print(f"kind: RWKV v{mdl.get('version')}, {mdl.get('n_layer')} layers x {mdl.get('n_embd')}")
+        family = f"Qwen{mdl.get('version')}" if mdl.get("family") == "qwen2" else f"RWKV v{mdl.get('version')}"
+        print(f"kind: {family}, {mdl.get('n_layer')} layers x {mdl.get('n_embd')}")
     if mdl.get("strategy"):
         print(f"strategy: {mdl['strategy']}")
     print("devices: " + ", ".join(st["devices"]))

@@ -50,6 +50,7 @@ class LocalModels(Vertical):
     def __init__(self, data_dir: Path, **kw) -> None:
         super().__init__(**kw)
         self.data_dir = Path(data_dir)
+        self.display = False          # until the registry is read (on mount): no flash of an empty list
 
     def compose(self) -> ComposeResult:
         yield Label("Local models (pulled from the Hub; choose one to load it by name)")

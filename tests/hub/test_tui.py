@@ -22,8 +22,8 @@ async def test_the_model_screen_pulls_a_model_and_loads_it_by_name(tmp_path, hub
     try:
         app = make_app(daemon)
         async with app.run_test(size=(100, 40)) as pilot:
-            screen = await wait_for(pilot, lambda: isinstance(app.screen, ModelScreen) and app.screen,
-                                    what="the model screen")
+            screen = await wait_for(pilot, lambda: isinstance(app.screen, ModelScreen) and app.screen.query(PullPanel)
+                                    and app.screen, what="the model screen")
             assert not screen.query_one(LocalModels).display                 # nothing pulled yet
             panel = screen.query_one(PullPanel)
             panel.collapsed = False
