@@ -3,8 +3,9 @@
 handle (an int never reused); a step runs at a batch-size bucket, the smallest of ``buckets`` >= the live
 slots, so that one CUDA graph per bucket serves every batch size.
 
-A decoder subclasses :class:`Slots`, calls ``Slots.__init__(self, max_batch, buckets)`` and copies its own
-tensors in ``add`` / ``remove``; the handle <-> slot map lives here.
+A decoder subclasses :class:`Slots`, calls ``Slots.__init__(self, max_batch, buckets)``, sets ``model`` (a
+model of the ``Model`` interface: ``zero_state``, ``place_state``) and copies its own tensors in ``add`` /
+``remove``; the handle <-> slot map lives here.
 """
 
 from __future__ import annotations
@@ -43,9 +44,15 @@ class Slots:
         """The batch size a step over ``n`` live slots runs at (the smallest bucket >= n)."""
         return next(b for b in self.buckets if b >= n)
 
-    def _check_free(self) -> None:
+    def _joining(self, state):
+        """The state a conversation joins with (``add``): ``state`` placed on ``self.model`` (its empty one for
+        None). Raises StateError: no free slot, a state of another model, or a batched state."""
         if self.size >= self.max_batch:
             raise StateError(f"all {self.max_batch} decode slots are in use")
+        state = self.model.zero_state() if state is None else self.model.place_state(state)
+        if state.batch_size != 1:
+            raise StateError(f"add takes a state of batch 1, got {state.batch_size}")
+        return state
 
     def _new_handle(self, metadata) -> int:
         """Give the slot ``size`` (already filled by the caller) a new handle holding a copy of ``metadata``."""

@@ -128,10 +128,7 @@ class Qwen2Decoder(Slots):
         Raises:
             StateError: no free slot, a state of another model, or a batched state.
         """
-        self._check_free()
-        state = self.model.zero_state() if state is None else self.model.place_state(state)
-        if state.batch_size != 1:
-            raise StateError(f"add takes a state of batch 1, got {state.batch_size}")
+        state = self._joining(state)
         L = state.token_count
         self._grow(L)
         slot = self.size

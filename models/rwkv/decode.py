@@ -120,10 +120,7 @@ class BatchDecoder(Slots):
         Raises:
             StateError: no free slot, a state of another model, or a batched state.
         """
-        self._check_free()
-        state = self.model.zero_state() if state is None else self.model.place_state(state)
-        if state.batch_size != 1:
-            raise StateError(f"add takes a state of batch 1, got {state.batch_size}")
+        state = self._joining(state)
         slot = self.size
         for bufs, layer in zip(self._bufs, state.layers):
             for buf, t in zip(bufs, layer):
