@@ -125,12 +125,7 @@ def daemon_rates(model_path: str, strategy: str, n: int, batches: list[int], rep
     from rwkv_chat.daemon.client import Client
 
     home = Path(tempfile.mkdtemp(prefix="rwkv-bench-"))
-    env = {**os.environ, "RWKV_CHAT_HOME": str(home)}
-    cmd = [sys.executable, "-m", "rwkv_chat.app.cli"]
-    r = subprocess.run([*cmd, "load", model_path, "--strategy", strategy], env=env, capture_output=True, text=True)
-    if r.returncode:
-        subprocess.run([*cmd, "daemon", "stop"], env=env, capture_output=True)
-        raise SystemExit(f"the daemon could not load {model_path}: {r.stderr.strip()[-2000:]}")
+    env, cmd = load_daemon(home, model_path, strategy)
     out: dict = {}
     try:
         paths = home_paths(home)
@@ -158,6 +153,27 @@ def daemon_rates(model_path: str, strategy: str, n: int, batches: list[int], rep
     finally:
         subprocess.run([*cmd, "daemon", "stop"], env=env, capture_output=True)
     return out
+
+
+def load_daemon(home: Path, model_path: str, strategy: str) -> tuple[dict, list[str]]:
+    """``rwkv-chat load MODEL --strategy S`` in ``home`` (it starts the daemon there and returns once the model
+    is loaded): ``(env, cmd)`` of the CLI for the later commands (``daemon stop``). SystemExit when it fails."""
+    env = {**os.environ, "RWKV_CHAT_HOME": str(home)}
+    cmd = [sys.executable, "-m", "rwkv_chat.app.cli"]
+    r = subprocess.run([*cmd, "load", model_path, "--strategy", strategy], env=env, capture_output=True, text=True)
+    if r.returncode:
+        subprocess.run([*cmd, "daemon", "stop"], env=env, capture_output=True)
+        raise SystemExit(f"the daemon could not load {model_path}: {r.stderr.strip()[-2000:]}")
+    return env, cmd
+
+
+def bench_models(paths: list[str], shapes: list[str], strategy: str, folder: Path) -> list[tuple[str, str]]:
+    """``(name, checkpoint path)`` of each given checkpoint, then of random weights of each official RWKV-7 shape
+    (saved in ``folder``: ``random_model``)."""
+    models = [(Path(mp).name, mp) for mp in paths]
+    for shape in shapes:
+        models.append((f"RWKV-7 {shape} (random weights)", random_model(shape, strategy, folder)))
+    return models
 
 
 def random_model(shape: str, strategy: str, folder: Path) -> str:
@@ -194,9 +210,7 @@ def main() -> None:
     from rwkv_chat.app.bench import provenance
 
     tmp = Path(tempfile.mkdtemp(prefix="rwkv-bench-models-"))
-    models = [(Path(mp).name, mp) for mp in args.models]
-    for shape in args.shape:
-        models.append((f"RWKV-7 {shape} (random weights)", random_model(shape, args.strategy, tmp)))
+    models = bench_models(args.models, args.shape, args.strategy, tmp)
     device = "cuda" if "cuda" in args.strategy else "cpu"
     lines = [*provenance(device=device), "",
              f"Decode tokens/s, {args.tokens} greedy tokens per stream (sampling + detokenizing in every loop), best "

@@ -25,13 +25,16 @@ Token counts come from the daemon (``Done.prompt_tokens``). Models: checkpoint p
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from daemon_overhead import bench_models, load_daemon  # noqa: E402
 
 GREEDY = {"temperature": 0.0, "alpha_frequency": 0.0, "alpha_presence": 0.0, "max_tokens": 8}
 SENTENCE = "The river runs past the old mill, where the grain was ground for the town in the years before. "
@@ -100,12 +103,7 @@ def measure(model_path: str, strategy: str, paste: int, typed: int, repeats: int
     if kernel_cache:                           # built kernels: no build in the background while measuring
         (home / "cache").mkdir()
         (home / "cache" / "kernels").symlink_to(Path(kernel_cache).resolve(), target_is_directory=True)
-    env = {**os.environ, "RWKV_CHAT_HOME": str(home)}
-    cmd = [sys.executable, "-m", "rwkv_chat.app.cli"]
-    r = subprocess.run([*cmd, "load", model_path, "--strategy", strategy], env=env, capture_output=True, text=True)
-    if r.returncode:
-        subprocess.run([*cmd, "daemon", "stop"], env=env, capture_output=True)
-        raise SystemExit(f"the daemon could not load {model_path}: {r.stderr.strip()[-2000:]}")
+    env, cmd = load_daemon(home, model_path, strategy)
     out: dict = {"rows": []}
     try:
         paths = home_paths(home)
@@ -168,15 +166,10 @@ def main() -> None:
     args = ap.parse_args()
     if not args.models and not args.shape:
         ap.error("give checkpoint paths and/or --shape")
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from daemon_overhead import random_model
-
     from rwkv_chat.app.bench import provenance
 
     tmp = Path(tempfile.mkdtemp(prefix="rwkv-bench-models-"))
-    models = [(Path(mp).name, mp) for mp in args.models]
-    for shape in args.shape:
-        models.append((f"RWKV-7 {shape} (random weights)", random_model(shape, args.strategy, tmp)))
+    models = bench_models(args.models, args.shape, args.strategy, tmp)
     device = "cuda" if "cuda" in args.strategy else "cpu"
     head = [*provenance(device=device), "",
             f"Strategy `{args.strategy}`; greedy replies of {GREEDY['max_tokens']} tokens; each message after one "

@@ -11,22 +11,22 @@
 
 The RWKV generation follows the engine's key rules (ChatRWKV ``rwkv/model.py``, pip 0.8.32, plus RWKV-7):
 4; 5 (``ln_x``); 5.1 (``gate``); 5.2 (2-D ``time_decay``); 6 (``time_maa_*``); 7 (``att.r_k`` / ``att.x_r``).
-Raises :class:`HeaderError` for a file that is none of these or cannot be read.
+The files are read by the engine's torch-free :class:`rwkv_chat.models.Header` (one header reader for the
+planner, the loaders and this module). Raises :class:`HeaderError` for a file that is none of these or cannot
+be read.
 """
 
 from __future__ import annotations
 
 import json
-import pickle
-import struct
-import zipfile
-from collections import OrderedDict
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
 
-#: bytes of a safetensors JSON header read at most (real headers of 7B models are under 1 MiB)
-MAX_HEADER = 64 << 20
+from rwkv_chat.models import CheckpointError, Header
+
+#: bytes of a safetensors JSON header read at most (the engine's bound)
+MAX_HEADER = Header.MAX_HEADER
 
 
 class HeaderError(ValueError):
@@ -64,86 +64,24 @@ def human_count(n: int) -> str:
 
 def safetensors_shapes(path: Path) -> dict[str, list[int]]:
     """Tensor name -> shape of a ``.safetensors`` file (its JSON header only). Raises HeaderError."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) != 8:
-                raise HeaderError(f"{path}: too short for a safetensors file")
-            (n,) = struct.unpack("<Q", raw)
-            if not 2 <= n <= MAX_HEADER:
-                raise HeaderError(f"{path}: not a safetensors file (header length {n})")
-            header = json.loads(f.read(n))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise HeaderError(f"{path}: cannot read the safetensors header: {e}") from e
-    if not isinstance(header, dict):
-        raise HeaderError(f"{path}: the safetensors header is not a table")
-    return {k: list(v.get("shape", [])) for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)}
-
-
-class _Tensor:
-    """Stand-in for a tensor in a ``.pth`` pickle: its shape only."""
-
-    def __init__(self, shape):
-        self.shape = list(shape)
-
-
-def _rebuild_tensor(storage, offset, size, *rest):
-    return _Tensor(size)
-
-
-def _rebuild_parameter(data, *rest):
-    return data
-
-
-class _Unpickler(pickle.Unpickler):
-    """Unpickles a torch state dict into name -> :class:`_Tensor`; any other global is refused."""
-
-    ALLOWED = {("collections", "OrderedDict"): OrderedDict,
-               ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-               ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
-               ("torch._utils", "_rebuild_parameter"): _rebuild_parameter}
-
-    def find_class(self, module, name):
-        if (module, name) in self.ALLOWED:
-            return self.ALLOWED[(module, name)]
-        if module == "torch" and name.endswith("Storage"):
-            return name                       # the storage's dtype, by name
-        raise pickle.UnpicklingError(f"unexpected object {module}.{name} in a checkpoint")
-
-    def persistent_load(self, pid):
-        return pid
+    return _read(Header.safetensors, path).shapes
 
 
 def pth_shapes(path: Path) -> dict[str, list[int]]:
     """Tensor name -> shape of a torch ``.pth`` zip checkpoint (its ``data.pkl`` only). Raises HeaderError."""
-    try:
-        with zipfile.ZipFile(path) as z:
-            names = [n for n in z.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
-            if not names:
-                raise HeaderError(f"{path}: no data.pkl in the archive (not a torch checkpoint)")
-            data = z.read(names[0])
-        obj = _Unpickler(__import__("io").BytesIO(data)).load()
-    except (OSError, zipfile.BadZipFile, pickle.UnpicklingError, EOFError, TypeError, ValueError,
-            AttributeError, IndexError) as e:
-        raise HeaderError(f"{path}: cannot read the checkpoint's keys: {e}") from e
-    if not isinstance(obj, dict):
-        raise HeaderError(f"{path}: the checkpoint is not a state dict")
-    return {k: v.shape for k, v in obj.items() if isinstance(v, _Tensor)}
+    return _read(Header.pth, path).shapes
 
 
 def rwkv_version(shapes: dict[str, list[int]]) -> str:
-    """The RWKV generation of a checkpoint from its key names and shapes (the module's rules)."""
-    keys = shapes.keys()
-    if any(k.endswith("att.r_k") or k.endswith("att.x_r") for k in keys):
-        return "7"
-    if any("time_maa" in k for k in keys):
-        return "6"
-    if any(".ln_x." in k for k in keys):
-        if any("gate.weight" in k for k in keys):
-            td = shapes.get("blocks.0.att.time_decay", [])
-            return "5.2" if len(td) > 1 and td[1] > 1 else "5.1"
-        return "5"
-    return "4"
+    """The RWKV generation of a checkpoint from its key names and shapes (the engine's rules)."""
+    return Header(shapes, "").rwkv_version
+
+
+def _read(reader, path: Path) -> Header:
+    try:
+        return reader(path)
+    except CheckpointError as e:
+        raise HeaderError(str(e)) from e
 
 
 def _rwkv_facts(shapes: dict[str, list[int]], fmt: str, path: Path) -> ModelFacts:

@@ -5,8 +5,8 @@ Public names::
     from rwkv_chat.models import RWKV, State          # drop-in for the ``rwkv`` pip package's ``RWKV``
     from rwkv_chat.models import Model, load_model    # the interface every model family implements
 
-The typed errors import without torch; ``RWKV``, ``State``, ``Model`` and ``load_model`` load the engine
-(and torch) on first use, so that light users of ``rwkv_chat.models.text`` (the UI, the protocol) stay light.
+The typed errors and ``Header`` (a checkpoint's tensor names and shapes from its header) import without
+torch; ``RWKV``, ``State``, ``Model`` and ``load_model`` load the engine (and torch) on first use, so that light users of ``rwkv_chat.models.text`` (the UI, the protocol) stay light.
 """
 
 from rwkv_chat.models.errors import (CheckpointError, ContextLimitError, DeviceError, NumericalOverflowError, RWKVError,  # noqa: F401
@@ -14,9 +14,10 @@ from rwkv_chat.models.errors import (CheckpointError, ContextLimitError, DeviceE
                                      UnsupportedDtypeError)
 
 _LAZY = {"RWKV": "rwkv_chat.models.rwkv.model", "State": "rwkv_chat.models.state",
-         "Model": "rwkv_chat.models.interface", "load_model": "rwkv_chat.models.interface"}
+         "Model": "rwkv_chat.models.interface", "load_model": "rwkv_chat.models.interface",
+         "Header": "rwkv_chat.models.header"}
 
-__all__ = ["RWKV", "State", "Model", "load_model", "RWKVError", "StrategyError", "CheckpointError", "DeviceError",
+__all__ = ["RWKV", "State", "Model", "load_model", "Header", "RWKVError", "StrategyError", "CheckpointError", "DeviceError",
            "ShapeMismatchError", "UnsupportedDtypeError", "TokenError", "StateError", "TokenizerError",
            "NumericalOverflowError", "ContextLimitError"]
 

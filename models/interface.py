@@ -12,7 +12,7 @@ from typing import Callable, Protocol, runtime_checkable
 
 import torch
 
-from rwkv_chat.models.errors import CheckpointError
+from rwkv_chat.models.errors import CheckpointError, TokenError
 from rwkv_chat.models.state import State
 from rwkv_chat.models.strategy import Plan
 
@@ -136,3 +136,28 @@ def _load_qwen(folder: Path, strategy: str, progress, kernels: bool, context_lim
     model = Qwen2(folder, strategy, context_limit=context_limit, progress=progress, kernels=kernels)
     model.tokenizer, model.chat_template, model.generation = text.tokenizer, text.chat_template, text.generation
     return model
+
+
+def token_ids(tokens, vocab_size: int) -> list[int]:
+    """``tokens`` (ints, an int, or a tensor of any shape, flattened) as a non-empty list of ids in
+    ``[0, vocab_size)``: the check every family's ``forward`` makes first.
+
+    Raises:
+        TokenError: a non-integer token, no tokens, or a token outside the vocabulary (the first five named).
+    """
+    if isinstance(tokens, torch.Tensor):
+        tokens = tokens.reshape(-1).tolist()
+    elif isinstance(tokens, int):
+        tokens = [tokens]
+    try:
+        ids = [int(t) for t in tokens]
+    except (TypeError, ValueError) as e:
+        raise TokenError(f"tokens must be integers: {e}") from e
+    if any(i != t for i, t in zip(ids, tokens)):
+        raise TokenError(f"tokens must be integers, got {list(tokens)[:5]}")
+    if not ids:
+        raise TokenError("no tokens to process")
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise TokenError(f"tokens outside the vocabulary [0, {vocab_size}): {bad[:5]}")
+    return ids

@@ -142,10 +142,7 @@ class State:
         """
         from safetensors.torch import save
 
-        meta = {**self.metadata, **(metadata or {})}
-        for k, v in meta.items():
-            if k in _RESERVED or not isinstance(k, str) or not isinstance(v, str):
-                raise StateError(f"metadata entry {k!r} is reserved or not str -> str")
+        meta = merged_metadata(self.metadata, metadata)
         meta.update(format=FORMAT, version=self.version, fingerprint=self.fingerprint,
                     token_count=str(self.token_count), names=json.dumps(self.names),
                     n_layer=str(self.n_layer), batch=str(self.batch_size))
@@ -176,20 +173,12 @@ class State:
                 n_layer = _field(path, meta, "n_layer", _count)
                 batch = _field(path, meta, "batch", _count)
                 token_count = _field(path, meta, "token_count", _count)
-                keys = set(f.keys())
-                layers = []
-                for i in range(n_layer):
-                    layer = []
-                    for n in names:
-                        key = f"layers.{i}.{n}"
-                        if key not in keys:
-                            raise StateError(f"state file {path}: tensor {key!r} is missing")
-                        t = f.get_tensor(key)
-                        if t.dim() < 1 or t.shape[0] != batch or not t.is_floating_point():
-                            raise StateError(f"state file {path}: tensor {key!r} has shape {tuple(t.shape)} and "
-                                             f"dtype {t.dtype}; expected float with {batch} sequence(s) first")
-                        layer.append(t)
-                    layers.append(tuple(layer))
+                def check(key: str, t: torch.Tensor) -> None:
+                    if t.dim() < 1 or t.shape[0] != batch or not t.is_floating_point():
+                        raise StateError(f"state file {path}: tensor {key!r} has shape {tuple(t.shape)} and "
+                                         f"dtype {t.dtype}; expected float with {batch} sequence(s) first")
+
+                layers = read_layers(f, path, n_layer, names, check)
         except StateError:
             raise
         except Exception as e:  # safetensors' own errors (truncated header, bad offsets, ...)
@@ -231,6 +220,36 @@ def _count(text: str) -> int:
     if not text.isdigit():
         raise ValueError("not a non-negative integer")
     return int(text)
+
+
+def merged_metadata(own: dict[str, str], extra: dict[str, str] | None,
+                    reserved: tuple[str, ...] = _RESERVED) -> dict[str, str]:
+    """``own`` updated with ``extra``: the caller's metadata of a state file. Raises StateError for a key in
+    ``reserved`` (the fields the file format writes itself) or an entry that is not str -> str."""
+    meta = {**own, **(extra or {})}
+    for k, v in meta.items():
+        if k in reserved or not isinstance(k, str) or not isinstance(v, str):
+            raise StateError(f"metadata entry {k!r} is reserved or not str -> str")
+    return meta
+
+
+def read_layers(f, path: Path, n_layer: int, names, check) -> list[tuple[torch.Tensor, ...]]:
+    """The tensors ``layers.{i}.{name}`` of an open safetensors file ``f`` (``safe_open``), per layer in the
+    order of ``names``; ``check(key, tensor)`` raises StateError for a tensor of the wrong kind. Raises
+    StateError naming ``path`` and the key of a missing tensor."""
+    keys = set(f.keys())
+    layers = []
+    for i in range(n_layer):
+        layer = []
+        for n in names:
+            key = f"layers.{i}.{n}"
+            if key not in keys:
+                raise StateError(f"state file {path}: tensor {key!r} is missing")
+            t = f.get_tensor(key)
+            check(key, t)
+            layer.append(t)
+        layers.append(tuple(layer))
+    return layers
 
 
 def _field(path: Path, meta: dict[str, str], name: str, parse=None):

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from rwkv_chat.models.errors import ShapeMismatchError, UnsupportedDtypeError
+from rwkv_chat.models.formats.packed import PackedFormat, place
 
 E4M3_MAX = 448.0
 #: CUDA compute capability the fp8 products need (e4m3 tensor cores and conversions: Ada sm_89, Hopper sm_90)
@@ -117,13 +118,15 @@ def capability_reason(device: torch.device) -> str | None:
     return f"f8 runs on CUDA (compute capability >= 8.9) and, emulated, on the CPU; not on {device.type}: use i8 or i4"
 
 
-class F8Format:
-    """The ``WeightFormat`` of e4m3 weights (strategy suffix ``f8``)."""
+class F8Format(PackedFormat):
+    """The ``WeightFormat`` of e4m3 weights (strategy suffix ``f8``); ``matmul``: the exact emulation
+    ``mmf8_torch``; ``nbytes``: the e4m3 matrix (one per weight) and its float32 scales."""
 
     suffix = "f8"
     packed_type = Float8Weight
     #: the dispatch product (``rwkv_chat.models.kernels.mmf8``): GEMV / ``_scaled_mm`` on CUDA
     kernel = "mmf8"
+    torch_product = staticmethod(mmf8_torch)
 
     def check_device(self, device: torch.device) -> str | None:
         """See ``capability_reason``."""
@@ -132,20 +135,7 @@ class F8Format:
     def pack(self, weight: torch.Tensor, atype: torch.dtype, device: torch.device, stream: bool = False) -> Float8Weight:
         """``quantize_f8(weight)`` on ``device`` (or, with ``stream``, in CPU memory, pinned where CUDA is)."""
         src = weight.to(device) if torch.device(device).type == "cuda" and not stream else weight
-        q = quantize_f8(src)
-        if stream:
-            q = q.to("cpu").contiguous()
-            return q.pin_memory() if torch.cuda.is_available() else q
-        return q.to(device).contiguous()
-
-    def matmul(self, x: torch.Tensor, q: Float8Weight, output_dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The exact emulation ``mmf8_torch``; x [..., K] -> [..., N] in ``output_dtype`` (default x's)."""
-        y = mmf8_torch(x, q)
-        return y if output_dtype is None or y.dtype == output_dtype else y.to(output_dtype)
-
-    def nbytes(self, q: Float8Weight) -> int:
-        """Bytes of the e4m3 matrix (one per weight) and its float32 scales."""
-        return q.nbytes()
+        return place(quantize_f8(src), device, stream)
 
 
 FORMAT = F8Format()

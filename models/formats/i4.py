@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 import torch
 
 from rwkv_chat.models.errors import ShapeMismatchError, UnsupportedDtypeError
+from rwkv_chat.models.formats.packed import PackedFormat, place
 
 #: the group size of ``quantize_i4`` where it divides K
 GROUP = 128
@@ -322,36 +323,21 @@ def mm4_torch(x: torch.Tensor, q: Int4Weight) -> torch.Tensor:
     return x @ q.dequantize(x.dtype)
 
 
-class I4Format:
-    """The ``WeightFormat`` of int4 weights in the GPTQ layout (strategy suffix ``i4``)."""
+class I4Format(PackedFormat):
+    """The ``WeightFormat`` of int4 weights in the GPTQ layout (strategy suffix ``i4``); ``nbytes``: qweight,
+    qzeros, scales (and g_idx)."""
 
     suffix = "i4"
     packed_type = Int4Weight
     #: the dispatch product (``rwkv_chat.models.kernels.mm4``): a Triton GEMV on CUDA for few rows
     kernel = "mm4"
-
-    def check_device(self, device: torch.device) -> str | None:
-        """Why ``device`` cannot run i4 weights, or None: every device runs the torch product."""
-        return None
+    torch_product = staticmethod(mm4_torch)
 
     def pack(self, weight: torch.Tensor, atype: torch.dtype, device: torch.device, stream: bool = False) -> Int4Weight:
         """``quantize_i4(weight)`` (weight [K, N], any float dtype and device) on ``device``, or, with ``stream``,
         in CPU memory (pinned where CUDA is available). Quantized on ``device`` when it is CUDA (fast)."""
         src = weight.to(device) if torch.device(device).type == "cuda" and not stream else weight
-        q = quantize_i4(src)
-        if stream:
-            q = q.to("cpu").contiguous()
-            return q.pin_memory() if torch.cuda.is_available() else q
-        return q.to(device).contiguous()
-
-    def matmul(self, x: torch.Tensor, q: Int4Weight, output_dtype: torch.dtype | None = None) -> torch.Tensor:
-        """``x @ q.dequantize()`` in pure torch; x [..., K] -> [..., N] in ``output_dtype`` (default x's)."""
-        y = mm4_torch(x, q)
-        return y if output_dtype is None or y.dtype == output_dtype else y.to(output_dtype)
-
-    def nbytes(self, q: Int4Weight) -> int:
-        """Bytes of qweight, qzeros, scales (and g_idx)."""
-        return q.nbytes()
+        return place(quantize_i4(src), device, stream)
 
 
 FORMAT = I4Format()

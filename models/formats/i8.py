@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from rwkv_chat.models.errors import ShapeMismatchError, UnsupportedDtypeError
+from rwkv_chat.models.formats.packed import PackedFormat
 
 
 def prefers_output_major(device: torch.device | str | None) -> bool:
@@ -180,13 +181,15 @@ def mm8_torch(x: torch.Tensor, q: Int8Weight) -> torch.Tensor:
     return x @ q.dequantize(x.dtype)
 
 
-class I8Format:
-    """The ``WeightFormat`` of the reference's uint8 scheme (strategy suffix ``i8``)."""
+class I8Format(PackedFormat):
+    """The ``WeightFormat`` of the reference's uint8 scheme (strategy suffix ``i8``); ``matmul``: ``mm8_torch``
+    (x [..., N] -> [..., M]); ``nbytes``: the uint8 matrix and its four scale vectors."""
 
     suffix = "i8"
     packed_type = Int8Weight
     #: the compiled product (``rwkv_chat.models.kernels.mm8``) where built: CPU and CUDA
     kernel = "mm8"
+    torch_product = staticmethod(mm8_torch)
 
     def pack(self, weight: torch.Tensor, atype: torch.dtype, device: torch.device, stream: bool = False) -> Int8Weight:
         """``quantize_i8(weight, atype)`` (weight [N, M] input × output, float, any device) placed on ``device`` in
@@ -201,20 +204,6 @@ class I8Format:
             q = q.with_layout(prefers_output_major(device))
             return q.contiguous().pin_memory() if torch.cuda.is_available() else q.contiguous()
         return q.to(device).contiguous()
-
-    def check_device(self, device: torch.device) -> str | None:
-        """Every device runs this format (None)."""
-        return None
-
-    def matmul(self, x: torch.Tensor, q: Int8Weight, output_dtype: torch.dtype | None = None) -> torch.Tensor:
-        """``x @ q.dequantize()`` in pure torch (``mm8_torch``); x [..., N] -> [..., M] in ``output_dtype``
-        (default: x's dtype)."""
-        y = mm8_torch(x, q)
-        return y if output_dtype is None or y.dtype == output_dtype else y.to(output_dtype)
-
-    def nbytes(self, q: Int8Weight) -> int:
-        """Bytes of the uint8 matrix and its four scale vectors."""
-        return q.nbytes()
 
 
 FORMAT = I8Format()

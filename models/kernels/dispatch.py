@@ -190,7 +190,7 @@ def mmf8(x: torch.Tensor, q: Float8Weight) -> torch.Tensor:
 
 
 def _triton_ok() -> bool:
-    from rwkv_chat.models.ops._qcommon import triton_reason
+    from rwkv_chat.models.ops._triton import reason as triton_reason
 
     return triton_reason() is None
 

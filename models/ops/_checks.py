@@ -28,8 +28,13 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
+def dtype_name(d: torch.dtype) -> str:
+    """``torch.float16`` -> ``"float16"``: how the errors name a dtype."""
+    return str(d).replace("torch.", "")
+
+
 def _names(dtypes: Sequence[torch.dtype]) -> str:
-    return " | ".join(str(d).replace("torch.", "") for d in dtypes)
+    return " | ".join(dtype_name(d) for d in dtypes)
 
 
 def check_dtype(t, name: str, allowed: Sequence[torch.dtype] = FLOAT_DTYPES) -> None:
@@ -78,7 +83,8 @@ def check_dim(t: torch.Tensor, name: str, ndims: Sequence[int]) -> None:
 
 
 def check_cuda(tensors: dict[str, torch.Tensor]) -> torch.device:
-    """The one CUDA device every tensor of ``tensors`` (name -> tensor) is on.
+    """The one CUDA device every tensor of ``tensors`` (name -> tensor; a ``None`` value, an optional input
+    left out, is skipped) is on.
 
     Raises ``DeviceError(tensor=name, expected="cuda", actual="cpu")`` for the first tensor not on CUDA
     (the message says what runs there instead: the plain torch path), or ``DeviceError(expected=<first
@@ -86,6 +92,8 @@ def check_cuda(tensors: dict[str, torch.Tensor]) -> torch.device:
     """
     device = None
     for name, t in tensors.items():
+        if t is None:
+            continue
         if t.device.type != "cuda":
             raise DeviceError(f"{name} is on {t.device}; this Triton op runs on CUDA only "
                               "(on other devices use the plain torch path of the model)",

@@ -16,6 +16,7 @@ work instead in the message.
 
 from __future__ import annotations
 
+import functools
 import importlib
 from types import ModuleType
 
@@ -29,7 +30,13 @@ def available() -> bool:
     return _why_not() is None
 
 
-def _why_not() -> str | None:
+def reason() -> str | None:
+    """Why the Triton ops cannot run here (no CUDA device, or triton not importable), or None when they can."""
+    return _why_not()
+
+
+@functools.lru_cache(maxsize=1)
+def _why_not() -> str | None:        # decided once per process: hot paths ask it on every call
     if not torch.cuda.is_available():
         return ("no CUDA device is available (torch " + torch.__version__ + "); the Triton ops run on CUDA "
                 "only, use the plain torch path of the model on this machine")

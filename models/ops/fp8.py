@@ -26,7 +26,9 @@ import torch
 
 from rwkv_chat.models.errors import DeviceError, NumericalOverflowError, ShapeMismatchError, UnsupportedDtypeError
 from rwkv_chat.models.formats.f8 import E4M3_MAX, MIN_CAPABILITY, Float8Weight, quantize_f8
-from rwkv_chat.models.ops._qcommon import FLOAT_DTYPES, _name, check_dtype, triton_reason
+from rwkv_chat.models.ops._checks import FLOAT_DTYPES, check_dtype
+from rwkv_chat.models.ops._checks import dtype_name as _name
+from rwkv_chat.models.ops._triton import reason as triton_reason
 
 FP8 = torch.float8_e4m3fn
 OUTPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

@@ -17,7 +17,8 @@ import torch
 from rwkv_chat.models.errors import ShapeMismatchError
 from rwkv_chat.models.formats.f8 import Float8Weight
 from rwkv_chat.models.formats.i4 import Int4Weight
-from rwkv_chat.models.ops._qcommon import HALF_DTYPES, check_cuda, check_dtype, triton_kernels
+from rwkv_chat.models.ops._checks import HALF_DTYPES, check_cuda, check_dtype
+from rwkv_chat.models.ops._triton import kernels as triton_kernels
 
 #: the most rows the fp8 GEMV serves (beyond, the fp8 tensor cores: ``ops.fp8``)
 GEMV_ROWS = 8

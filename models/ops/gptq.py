@@ -22,7 +22,8 @@ import torch
 
 from rwkv_chat.models.errors import ShapeMismatchError, UnsupportedDtypeError
 from rwkv_chat.models.formats.i4 import Int4Weight
-from rwkv_chat.models.ops._qcommon import HALF_DTYPES, check_cuda, check_dtype, check_shape, triton_kernels
+from rwkv_chat.models.ops._checks import HALF_DTYPES, check_cuda, check_dtype, check_shape
+from rwkv_chat.models.ops._triton import kernels as triton_kernels
 
 _BLOCK_M, _BLOCK_N, _BLOCK_K = 16, 64, 128
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from rwkv_chat.models.errors import StateError
-from rwkv_chat.models.state import FORMAT, State, _count, _field, write_atomic
+from rwkv_chat.models.state import FORMAT, State, _count, _field, merged_metadata, read_layers, write_atomic
 
 KIND = "kv-cache"
 NAMES = ("k", "v")
@@ -155,10 +155,7 @@ class KVState(State):
         atomically. Raises StateError for a reserved or non-str metadata entry."""
         from safetensors.torch import save
 
-        meta = {**self.metadata, **(metadata or {})}
-        for k, v in meta.items():
-            if k in _RESERVED or not isinstance(k, str) or not isinstance(v, str):
-                raise StateError(f"metadata entry {k!r} is reserved or not str -> str")
+        meta = merged_metadata(self.metadata, metadata, _RESERVED)
         dtype = self.layers[0][0].dtype if self.layers else torch.float32
         meta.update(format=FORMAT, kind=KIND, version=self.version, fingerprint=self.fingerprint,
                     token_count=str(self.token_count), names=json.dumps(self.names), n_layer=str(self.n_layer),
@@ -193,21 +190,13 @@ class KVState(State):
                 dtype = _DTYPES.get(meta.get("dtype", ""))
                 if dtype is None:
                     raise StateError(f"state file {path}: metadata field 'dtype' is {meta.get('dtype')!r}")
-                keys = set(f.keys())
-                layers = []
-                for i in range(n_layer):
-                    pair = []
-                    for n in NAMES:
-                        key = f"layers.{i}.{n}"
-                        if key not in keys:
-                            raise StateError(f"state file {path}: tensor {key!r} is missing")
-                        t = f.get_tensor(key)
-                        if t.dtype != dtype or t.dim() != 4 or t.shape[0] != batch or t.shape[2] != count:
-                            raise StateError(f"state file {path}: tensor {key!r} is {t.dtype} {tuple(t.shape)}; "
-                                             f"expected {dtype} [{batch}, K, {count}, D]")
-                        pair.append(t)
-                    layers.append(tuple(pair))
-                if "tokens" not in keys:
+                def check(key: str, t: torch.Tensor) -> None:
+                    if t.dtype != dtype or t.dim() != 4 or t.shape[0] != batch or t.shape[2] != count:
+                        raise StateError(f"state file {path}: tensor {key!r} is {t.dtype} {tuple(t.shape)}; "
+                                         f"expected {dtype} [{batch}, K, {count}, D]")
+
+                layers = read_layers(f, path, n_layer, NAMES, check)
+                if "tokens" not in set(f.keys()):
                     raise StateError(f"state file {path}: tensor 'tokens' is missing")
                 tokens = f.get_tensor("tokens")
                 if tokens.dtype != torch.long:

@@ -36,12 +36,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import struct
 from pathlib import Path
 
 import torch
 
 from rwkv_chat.models.errors import CheckpointError
+from rwkv_chat.models.header import safetensors_json
 from rwkv_chat.models.qwen2.config import QwenConfig
 
 INDEX = "model.safetensors.index.json"
@@ -107,22 +107,8 @@ def read_header(path: Path) -> dict:
         CheckpointError: unreadable, not safetensors, or truncated (a tensor's data reaches past the end of the
             file); the message names the file (and the tensor).
     """
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise CheckpointError(f"{path}: truncated (no safetensors header)")
-            n = struct.unpack("<Q", raw)[0]
-            if n > min(size - 8, 100 << 20):
-                raise CheckpointError(f"{path}: not a safetensors file or truncated (header of {n} bytes)")
-            header = json.loads(f.read(n))
-    except CheckpointError:
-        raise
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot read the safetensors header: {e}") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: the safetensors header is not an object")
+    header, n = safetensors_json(path)
+    size = path.stat().st_size
     data = size - 8 - n
     for key, info in header.items():
         if key == "__metadata__":

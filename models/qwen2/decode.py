@@ -23,6 +23,7 @@ import torch
 from rwkv_chat.models.errors import ContextLimitError, StateError, TokenError
 from rwkv_chat.models.qwen2.cache import NAMES, KVState, span
 from rwkv_chat.models.qwen2.layers import block
+from rwkv_chat.models.slots import Slots
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -63,7 +64,7 @@ def decode_one(model, ids: torch.Tensor, lens: torch.Tensor, bufs: list, capacit
     return model.head_logits(x)[:, 0]
 
 
-class Qwen2Decoder:
+class Qwen2Decoder(Slots):
     """Decode steps over slots of KV caches of any lengths (see the module docstring).
 
     Args:
@@ -86,15 +87,12 @@ class Qwen2Decoder:
                  graphs: bool | None = None):
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise StateError(f"max_batch must be >= 1, got {max_batch}")
-        self.model, self.max_batch = model, max_batch
-        self.buckets = tuple(sorted(b for b in buckets if b < max_batch)) + (max_batch,)
+        Slots.__init__(self, max_batch, buckets)
+        self.model = model
         self.capacity = span(1, model.context_limit)
         self._bufs = self._alloc(self.capacity)
         self._tokens = torch.zeros(max_batch, self.capacity, dtype=torch.long)
         self._lens = torch.zeros(max_batch, dtype=torch.long)
-        self._handle_at: list[int] = []
-        self._meta: dict[int, dict] = {}
-        self._next = 0
         dev0 = model.devices[0]
         single_cuda = len(set(model.devices)) == 1 and dev0.type == "cuda" and \
             not any(p.stream for p in model.plan.layers)
@@ -124,25 +122,13 @@ class Qwen2Decoder:
         self._graph.clear()
 
     # -- membership ------------------------------------------------------------------------------
-    @property
-    def size(self) -> int:
-        """Live conversations."""
-        return len(self._handle_at)
-
-    def handles(self) -> list[int]:
-        return list(self._handle_at)
-
     def add(self, state: KVState | None = None) -> int:
         """Join a conversation (its KVState of batch 1, or None for an empty cache); returns its handle.
 
         Raises:
             StateError: no free slot, a state of another model, or a batched state.
         """
-        if self.size >= self.max_batch:
-            raise StateError(f"all {self.max_batch} decode slots are in use")
-        state = self.model.zero_state() if state is None else self.model.place_state(state)
-        if state.batch_size != 1:
-            raise StateError(f"add takes a state of batch 1, got {state.batch_size}")
+        state = self._joining(state)
         L = state.token_count
         self._grow(L)
         slot = self.size
@@ -151,11 +137,7 @@ class Qwen2Decoder:
             v[slot, :, :L].copy_(sv[0])
         self._tokens[slot, :L].copy_(state.tokens[0])
         self._lens[slot] = L
-        h = self._next
-        self._next += 1
-        self._handle_at.append(h)
-        self._meta[h] = dict(state.metadata)
-        return h
+        return self._new_handle(state.metadata)
 
     def state(self, handle: int) -> KVState:
         """A copy of the conversation's cache (batch 1, compact). Raises StateError for a stale handle."""
@@ -177,17 +159,9 @@ class Qwen2Decoder:
                 v[slot, :, :L].copy_(v[last, :, :L])
             self._tokens[slot].copy_(self._tokens[last])
             self._lens[slot] = L
-            self._handle_at[slot] = self._handle_at[last]
         self._lens[last] = 0
-        self._handle_at.pop()
-        del self._meta[handle]
+        self._free(handle, slot, last)
         return st
-
-    def _slot(self, handle: int) -> int:
-        try:
-            return self._handle_at.index(handle)
-        except ValueError:
-            raise StateError(f"no live conversation with handle {handle}") from None
 
     # -- stepping --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -215,7 +189,7 @@ class Qwen2Decoder:
         n = self.size
         need = int(self._lens[:n].max()) + 1       # every live row writes at its next position, fed or not
         self._grow(need)
-        b = next(x for x in self.buckets if x >= n)
+        b = self.bucket(n)
         ids = torch.zeros(b, dtype=torch.long)
         for h, t in tokens.items():
             ids[slots[h]] = int(t)

@@ -27,6 +27,7 @@ import torch
 
 from rwkv_chat.models import formats
 from rwkv_chat.models.errors import CheckpointError, ContextLimitError, StateError, StrategyError, TokenError
+from rwkv_chat.models.interface import token_ids
 from rwkv_chat.models.qwen2.cache import NAMES, KVState
 from rwkv_chat.models.qwen2.checkpoint import open_checkpoint
 from rwkv_chat.models.qwen2.config import QwenConfig, read_config
@@ -290,22 +291,7 @@ class Qwen2:
     # -- inference -------------------------------------------------------------------------------
     def check_tokens(self, tokens) -> list[int]:
         """``tokens`` (ints, an int or a 1-D tensor) as a non-empty list of ids in the vocabulary (TokenError)."""
-        if isinstance(tokens, torch.Tensor):
-            tokens = tokens.reshape(-1).tolist()
-        elif isinstance(tokens, int):
-            tokens = [tokens]
-        try:
-            ids = [int(t) for t in tokens]
-        except (TypeError, ValueError) as e:
-            raise TokenError(f"tokens must be integers: {e}") from e
-        if any(i != t for i, t in zip(ids, tokens)):
-            raise TokenError(f"tokens must be integers, got {list(tokens)[:5]}")
-        if not ids:
-            raise TokenError("no tokens to process")
-        bad = [t for t in ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise TokenError(f"tokens outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
-        return ids
+        return token_ids(tokens, self.vocab_size)
 
     def forward(self, tokens, state: KVState | None, full_output: bool = False):
         """Run tokens through the model after ``state``.

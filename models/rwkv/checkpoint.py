@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from rwkv_chat.models.errors import CheckpointError
+from rwkv_chat.models.header import rwkv_version
 
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.")
 
@@ -102,19 +103,7 @@ def _read_pth(p: Path) -> dict:
 
 def detect_version(w: dict[str, torch.Tensor]) -> str:
     """The RWKV generation of a checkpoint from its keys (see the module docstring)."""
-    keys = w.keys()
-    if any(k.endswith("att.r_k") or k.endswith("att.x_r") for k in keys):
-        return "7"
-    if any("time_maa" in k for k in keys):
-        return "6"
-    if any(".ln_x." in k for k in keys):
-        if any("gate.weight" in k for k in keys):
-            td = w.get("blocks.0.att.time_decay")
-            if td is not None and td.dim() > 1 and td.shape[1] > 1:
-                return "5.2"
-            return "5.1"
-        return "5"
-    return "4"
+    return rwkv_version({k: v.shape for k, v in w.items()})
 
 
 def _need(w, key: str) -> torch.Tensor:

@@ -35,6 +35,7 @@ from rwkv_chat.models.rwkv import wkv
 from rwkv_chat.models.rwkv.decode_step import compile_limits, fused_matmul, head_step, layer_step
 from rwkv_chat.models.rwkv.generations import Context
 from rwkv_chat.models.rwkv.model import RWKV
+from rwkv_chat.models.slots import Slots
 from rwkv_chat.models.state import State
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -42,7 +43,7 @@ DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 GREEDY_UNROLL = 8
 
 
-class BatchDecoder:
+class BatchDecoder(Slots):
     """Decode steps over a static batch of conversation slots (CUDA graph per batch-size bucket).
 
     Args:
@@ -73,9 +74,8 @@ class BatchDecoder:
                  fused: bool | None = None, large: str = "compiled"):
         if max_batch < 1:
             raise StateError(f"max_batch must be >= 1, got {max_batch}")
+        Slots.__init__(self, max_batch, buckets)
         self.model = model
-        self.max_batch = max_batch
-        self.buckets = tuple(sorted(b for b in buckets if b < max_batch)) + (max_batch,)
         devs = {str(d) for d in model.devices}
         capturable = all(d.type == "cuda" for d in model.devices) and not any(pl.stream for pl in model.plan.layers)
         self.graphs = capturable if graphs is None else bool(graphs) and capturable
@@ -101,10 +101,7 @@ class BatchDecoder:
         self._ids_host = torch.zeros(max_batch, 1, dtype=torch.long,
                                      pin_memory=dev0.type == "cuda")
         self._ids_copied = None                  # CUDA event: the last copy out of _ids_host has run
-        self._handle_at: list[int] = []          # slot -> handle, for live slots [0, n)
         self._count: dict[int, int] = {}         # handle -> tokens consumed
-        self._meta: dict[int, dict] = {}
-        self._next = 0
         self._graph: dict[int, tuple] = {}       # bucket -> (CUDAGraph, logits)
         self._greedy_graph: dict[tuple, tuple] = {}   # (bucket, steps) -> (CUDAGraph, tokens): argmax fed back
         self._greedy_log: dict[tuple, torch.Tensor] = {}   # (bucket, steps) -> int64 [steps, bucket]
@@ -117,34 +114,19 @@ class BatchDecoder:
             self._staged = StagedGraphs(self)
 
     # -- membership ------------------------------------------------------------------------------
-    @property
-    def size(self) -> int:
-        """Live conversations."""
-        return len(self._handle_at)
-
-    def handles(self) -> list[int]:
-        return list(self._handle_at)
-
     def add(self, state: State | None = None) -> int:
         """Join a conversation (its state, batch 1, or None for the zero state); returns its handle.
 
         Raises:
             StateError: no free slot, a state of another model, or a batched state.
         """
-        if self.size >= self.max_batch:
-            raise StateError(f"all {self.max_batch} decode slots are in use")
-        state = self.model.zero_state() if state is None else self.model.place_state(state)
-        if state.batch_size != 1:
-            raise StateError(f"add takes a state of batch 1, got {state.batch_size}")
+        state = self._joining(state)
         slot = self.size
         for bufs, layer in zip(self._bufs, state.layers):
             for buf, t in zip(bufs, layer):
                 buf[slot:slot + 1].copy_(t)
-        h = self._next
-        self._next += 1
-        self._handle_at.append(h)
+        h = self._new_handle(state.metadata)
         self._count[h] = state.token_count
-        self._meta[h] = dict(state.metadata)
         return h
 
     def state(self, handle: int) -> State:
@@ -162,16 +144,9 @@ class BatchDecoder:
             for bufs in self._bufs:
                 for buf in bufs:
                     buf[slot].copy_(buf[last])
-            self._handle_at[slot] = self._handle_at[last]
-        self._handle_at.pop()
-        del self._count[handle], self._meta[handle]
+        self._free(handle, slot, last)
+        del self._count[handle]
         return st
-
-    def _slot(self, handle: int) -> int:
-        try:
-            return self._handle_at.index(handle)
-        except ValueError:
-            raise StateError(f"no live conversation with handle {handle}") from None
 
     # -- stepping --------------------------------------------------------------------------------
     def step(self, tokens: dict[int, int]) -> dict[int, torch.Tensor]:
@@ -238,7 +213,7 @@ class BatchDecoder:
             if not 0 <= int(t) < self.model.vocab_size:
                 raise TokenError(f"token {t} outside the vocabulary [0, {self.model.vocab_size})")
         n = self.size
-        bucket = next(b for b in self.buckets if b >= n)
+        bucket = self.bucket(n)
         held = [s for s in range(n) if self._handle_at[s] not in tokens]
         saved = [[buf[s].clone() for bufs in self._bufs for buf in bufs] for s in held]
         host = self._ids_host

@@ -23,6 +23,7 @@ import torch
 from rwkv_chat.models import backends, formats
 from rwkv_chat.models.errors import CheckpointError, DeviceError, StateError, TokenError
 from rwkv_chat.models.formats import serialize
+from rwkv_chat.models.interface import token_ids
 from rwkv_chat.models.rwkv import checkpoint as loader
 from rwkv_chat.models.rwkv import convert as converted
 from rwkv_chat.models.rwkv.generations import Context, module_for
@@ -336,23 +337,7 @@ class RWKV:
 
     # -- inference -------------------------------------------------------------------------------
     def _tokens(self, tokens) -> list[int]:
-        if isinstance(tokens, torch.Tensor):
-            tokens = tokens.reshape(-1).tolist()
-        elif isinstance(tokens, int):
-            tokens = [tokens]
-        try:
-            ids = [int(t) for t in tokens]
-        except (TypeError, ValueError) as e:
-            raise TokenError(f"tokens must be integers: {e}") from e
-        if any(i != t for i, t in zip(ids, tokens)):
-            raise TokenError(f"tokens must be integers, got {list(tokens)[:5]}")
-        tokens = ids
-        if not tokens:
-            raise TokenError("no tokens to process")
-        bad = [t for t in tokens if not 0 <= t < self.vocab_size]
-        if bad:
-            raise TokenError(f"tokens outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
-        return tokens
+        return token_ids(tokens, self.vocab_size)
 
     def forward(self, tokens, state: State | None, full_output: bool = False):
         """Run tokens through the model.

@@ -4,6 +4,7 @@ temporary ``RWKV_CHAT_HOME``, and helpers to wait on a running Textual app."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import signal
@@ -157,6 +158,16 @@ def make_app(daemon, **kw):
     from rwkv_chat.app.chat_app import ChatApp
 
     return ChatApp(paths=daemon.paths, autostart=False, **{"snapshot": True, **kw})
+
+
+@contextlib.asynccontextmanager
+async def running(daemon, size: tuple[int, int] = (100, 30), **kw):
+    """``make_app(daemon, **kw)`` under Pilot in a terminal of ``size`` (columns, rows), connected and mounted
+    (``ready``): yields ``(pilot, app)``."""
+    app = make_app(daemon, **kw)
+    async with app.run_test(size=size) as pilot:
+        await ready(pilot, app)
+        yield pilot, app
 
 
 async def ready(pilot, app):

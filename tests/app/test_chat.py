@@ -10,7 +10,7 @@ from rwkv_chat.app.widgets.chat_log import AssistantMessage, Notice, UserMessage
 from rwkv_chat.app.widgets.sampling_panel import SamplingPanel
 from rwkv_chat.daemon.protocol import messages as m
 
-from .conftest import async_test, make_app, ready, send, wait_for
+from .conftest import async_test, make_app, ready, running, send, wait_for
 
 
 def texts(app, cls):
@@ -45,9 +45,7 @@ async def test_switching_resumes_from_state_without_rereading(fresh_daemon):
     a = client.create_conversation(title="first")
     for _ in client.chat(a.id, "One"):
         pass
-    app = make_app(fresh_daemon)
-    async with app.run_test(size=(100, 30)) as pilot:
-        await ready(pilot, app)
+    async with running(fresh_daemon, (100, 30)) as (pilot, app):
         await pilot.press("ctrl+n")
         await wait_for(pilot, lambda: app.chat.cid not in (None, a.id), what="a new conversation")
         await send(pilot, app, "Two")
@@ -65,9 +63,7 @@ async def test_switching_resumes_from_state_without_rereading(fresh_daemon):
 @async_test
 async def test_new_rename_delete(fresh_daemon):
     client = fresh_daemon.client
-    app = make_app(fresh_daemon)
-    async with app.run_test(size=(100, 30)) as pilot:
-        await ready(pilot, app)
+    async with running(fresh_daemon, (100, 30)) as (pilot, app):
         await pilot.press("ctrl+n")
         await wait_for(pilot, lambda: app.chat.cid is not None, what="new conversation")
         cid = app.chat.cid
@@ -87,9 +83,7 @@ async def test_new_rename_delete(fresh_daemon):
 @async_test
 async def test_regenerate_edit_copy_export(fresh_daemon):
     client = fresh_daemon.client
-    app = make_app(fresh_daemon)
-    async with app.run_test(size=(100, 30)) as pilot:
-        await ready(pilot, app)
+    async with running(fresh_daemon, (100, 30)) as (pilot, app):
         first = await send(pilot, app, "Tell me a story")
         cid = app.chat.cid
         await pilot.press("ctrl+r")
@@ -144,9 +138,7 @@ async def settled(pilot, app, client, before, what: str):
 @async_test
 async def test_a_stopped_reply_is_shown_as_stored_and_redo_acts_on_it(fresh_daemon):
     client = fresh_daemon.client
-    app = make_app(fresh_daemon)
-    async with app.run_test(size=(100, 30)) as pilot:
-        await ready(pilot, app)
+    async with running(fresh_daemon, (100, 30)) as (pilot, app):
         await send(pilot, app, "Hello")
         cid = app.chat.cid
         client.set_sampling(cid, max_tokens=100000)
@@ -217,9 +209,7 @@ async def test_sampling_panel_saves_per_conversation(fresh_daemon):
 
     client = fresh_daemon.client
     conv = client.create_conversation(title="s")
-    app = make_app(fresh_daemon)
-    async with app.run_test(size=(120, 40)) as pilot:
-        await ready(pilot, app)
+    async with running(fresh_daemon, (120, 40)) as (pilot, app):
         await wait_for(pilot, lambda: app.chat.cid == conv.id, what="open")
         await pilot.press("f4")
         panel = app.chat.query_one(SamplingPanel)
@@ -240,9 +230,7 @@ async def test_sampling_panel_saves_per_conversation(fresh_daemon):
 
 @async_test
 async def test_input_history_newlines_and_empty(fresh_daemon):
-    app = make_app(fresh_daemon)
-    async with app.run_test(size=(100, 30)) as pilot:
-        await ready(pilot, app)
+    async with running(fresh_daemon, (100, 30)) as (pilot, app):
         inp = app.chat.input
         await pilot.press("enter")                     # empty: nothing sent
         assert app.chat.bubble is None and not texts(app, UserMessage)
@@ -260,9 +248,7 @@ async def test_input_history_newlines_and_empty(fresh_daemon):
 
 @async_test
 async def test_help_and_theme(fresh_daemon):
-    app = make_app(fresh_daemon)
-    async with app.run_test(size=(100, 30)) as pilot:
-        await ready(pilot, app)
+    async with running(fresh_daemon, (100, 30)) as (pilot, app):
         await pilot.press("f1")
         assert isinstance(app.screen, HelpScreen)
         md = app.screen.query_one("Markdown")

@@ -8,7 +8,7 @@ from __future__ import annotations
 from rwkv_chat.app.screens.dialogs import Confirm, TextEditor
 from rwkv_chat.app.widgets.chat_log import AssistantMessage, BranchArrow, Notice, UserMessage
 
-from .conftest import async_test, make_app, ready, send, wait_for
+from .conftest import async_test, running, send, wait_for
 
 
 def label(w) -> str:
@@ -24,9 +24,7 @@ async def redone(pilot, app, before, what: str):
 @async_test
 async def test_branch_arrows_walk_regenerated_replies_and_an_edit(fresh_daemon):
     client = fresh_daemon.client
-    app = make_app(fresh_daemon)
-    async with app.run_test(size=(100, 40)) as pilot:
-        await ready(pilot, app)
+    async with running(fresh_daemon, (100, 40)) as (pilot, app):
         first = await send(pilot, app, "Hello")
         second = await send(pilot, app, "Tell me a story")
         cid = app.chat.cid
@@ -96,9 +94,7 @@ async def test_branch_arrows_walk_regenerated_replies_and_an_edit(fresh_daemon):
 @async_test
 async def test_a_message_is_read_while_typed(fresh_daemon):
     client = fresh_daemon.client
-    app = make_app(fresh_daemon)
-    async with app.run_test(size=(100, 30)) as pilot:
-        await ready(pilot, app)
+    async with running(fresh_daemon, (100, 30)) as (pilot, app):
         await send(pilot, app, "Hello")
         cid = app.chat.cid
         for ch in "Tell me about cats":
@@ -124,9 +120,7 @@ async def test_a_preset_prompt_comes_from_the_shared_cache(fresh_daemon):
     a = client.create_conversation(system_prompt=preset).id
     list(client.chat(a, "Hi"))                                   # reads the preset once
     b = client.create_conversation(system_prompt=preset).id
-    app = make_app(fresh_daemon)
-    async with app.run_test(size=(100, 30)) as pilot:
-        await ready(pilot, app)
+    async with running(fresh_daemon, (100, 30)) as (pilot, app):
         await wait_for(pilot, lambda: app.chat.cid == b, what="the newest conversation open")
         done = await send(pilot, app, "What is rain?")
         head = len((preset + "\n\n").encode())                   # the tiny model: one token per byte

@@ -76,6 +76,49 @@ def wait_for(pred, timeout: float = 10.0, interval: float = 0.05):
     raise AssertionError(f"condition not met within {timeout} s")
 
 
+#: greedy sampling of ten tokens: replies the engine's ``greedy`` reproduces
+GREEDY = {"temperature": 0.0, "alpha_frequency": 0.0, "alpha_presence": 0.0, "max_tokens": 10}
+
+
+def done(gen):
+    """The last event of a streamed reply (its ``Done``)."""
+    return list(gen)[-1]
+
+
+def module_daemon(name: str, version: str):
+    """A module-scoped fixture: a running daemon (``daemon start --model`` of the tiny model of ``version``) in a
+    fresh home under a temporary folder named ``name``; yields the home, stops the daemon at the end."""
+    @pytest.fixture(scope="module")
+    def home(tmp_path_factory, model_path):
+        h = make_home(tmp_path_factory.mktemp(name))
+        start_daemon(h, model_path(version))
+        yield h
+        stop_daemon(h)
+
+    return home
+
+
+#: the tiny random Qwen2 of the daemon tests (with the real 151k-token Qwen tokenizer)
+TINY_QWEN = dict(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, max_position_embeddings=512, tie_word_embeddings=True)
+
+
+def write_qwen_folder(folder: Path, shared_dir: Path, dtype=None, **config) -> Path:
+    """A Hugging Face folder of a random Qwen2 (seed 0; ``TINY_QWEN`` updated with ``config``; weights cast to
+    ``dtype`` where given) with the real Qwen tokenizer files from ``shared_dir``; returns ``folder``."""
+    import shutil
+
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**{**TINY_QWEN, **config}))
+    (model if dtype is None else model.to(dtype)).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(shared_dir / "tokenizers" / "qwen" / name, folder / name)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def daemon_home(tmp_path_factory, model_path):
     """A running daemon (tiny v5.2 model) shared by one test module; stopped at the end."""

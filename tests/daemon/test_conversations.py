@@ -10,17 +10,12 @@ from rwkv_chat.daemon.paths import home_paths
 from rwkv_chat.daemon.protocol import messages as m
 from rwkv_chat.models.text.templates import RWKV_CHAT
 
-from .conftest import greedy, make_home, start_daemon, stop_daemon
+from .conftest import greedy, module_daemon
 
 GREEDY = {"temperature": 0.0, "alpha_frequency": 0.0, "alpha_presence": 0.0}
 
 
-@pytest.fixture(scope="module")
-def home(tmp_path_factory, model_path):
-    h = make_home(tmp_path_factory.mktemp("conv"))
-    start_daemon(h, model_path("5.2"))
-    yield h
-    stop_daemon(h)
+home = module_daemon("conv", "5.2")
 
 
 @pytest.fixture()

@@ -3,7 +3,6 @@ and the same state as one read on Enter; a draft edited in the middle rolls back
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from rwkv_chat.daemon.client import Client
@@ -12,21 +11,10 @@ from rwkv_chat.daemon.paths import home_paths
 from rwkv_chat.daemon.protocol import messages as m
 from rwkv_chat.models.text.templates import RWKV_CHAT
 
-from .conftest import greedy, make_home, start_daemon, stop_daemon, wait_for
-
-GREEDY = {"temperature": 0.0, "alpha_frequency": 0.0, "alpha_presence": 0.0, "max_tokens": 10}
+from .conftest import GREEDY, done, greedy, module_daemon, wait_for
 
 
-@pytest.fixture(scope="module")
-def home(tmp_path_factory, model_path):
-    h = make_home(tmp_path_factory.mktemp("drafts"))
-    start_daemon(h, model_path("7"))
-    yield h
-    stop_daemon(h)
-
-
-def done(gen) -> m.Done:
-    return list(gen)[-1]
+home = module_daemon("drafts", "7")
 
 
 def drafted(c: Client, cid: str) -> dict:

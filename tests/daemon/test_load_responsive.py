@@ -5,7 +5,6 @@ by a Load request, while another client asks for the status over and over with t
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import threading
 import time
@@ -16,24 +15,16 @@ from rwkv_chat.daemon.client import Client, DaemonUnavailable
 from rwkv_chat.daemon.config import load_config
 from rwkv_chat.daemon.paths import home_paths
 
-from .conftest import CLI, env_for, make_home, stop_daemon
-
-import transformers  # noqa: E402  (a test dependency)
+from .conftest import CLI, env_for, make_home, stop_daemon, write_qwen_folder
 
 
 @pytest.fixture(scope="module")
 def big_qwen_folder(tmp_path_factory, shared_dir):
     import torch
 
-    config = transformers.Qwen2Config(vocab_size=151936, hidden_size=256, intermediate_size=1024, num_hidden_layers=8,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                      tie_word_embeddings=True)
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("qwen") / "qwen2-47m"
-    transformers.Qwen2ForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(shared_dir / "tokenizers" / "qwen" / name, folder / name)
-    return folder
+    return write_qwen_folder(tmp_path_factory.mktemp("qwen") / "qwen2-47m", shared_dir, torch.bfloat16,
+                             hidden_size=256, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=4,
+                             num_key_value_heads=2)
 
 
 class StatusPoller:

@@ -4,29 +4,16 @@ conversation gets the reply computed from scratch; the tiers keep to their byte 
 
 from __future__ import annotations
 
-import pytest
-
 from rwkv_chat.daemon.client import Client
 from rwkv_chat.daemon.paths import home_paths
-from rwkv_chat.daemon.protocol import messages as m
 from rwkv_chat.models.text.templates import RWKV_CHAT
 
-from .conftest import greedy, make_home, start_daemon, stop_daemon
+from .conftest import GREEDY, done, greedy, module_daemon, start_daemon, stop_daemon
 
-GREEDY = {"temperature": 0.0, "alpha_frequency": 0.0, "alpha_presence": 0.0, "max_tokens": 10}
 PRESET = "You are a helpful assistant. Answer in one short sentence, plainly and kindly."
 
 
-@pytest.fixture(scope="module")
-def home(tmp_path_factory, model_path):
-    h = make_home(tmp_path_factory.mktemp("prompts"))
-    start_daemon(h, model_path("7"))
-    yield h
-    stop_daemon(h)
-
-
-def done(gen) -> m.Done:
-    return list(gen)[-1]
+home = module_daemon("prompts", "7")
 
 
 def fresh(model, message: str) -> str:

@@ -3,7 +3,6 @@ conversations decoded in one batch, and a restart that resumes from the saved KV
 
 from __future__ import annotations
 
-import shutil
 import threading
 
 import pytest
@@ -11,24 +10,12 @@ import pytest
 from rwkv_chat.daemon.client import Client
 from rwkv_chat.daemon.paths import home_paths
 
-from .conftest import make_home, start_daemon, stop_daemon
-
-import transformers  # noqa: E402  (a test dependency)
+from .conftest import make_home, start_daemon, stop_daemon, write_qwen_folder
 
 
 @pytest.fixture(scope="module")
 def qwen_folder(tmp_path_factory, shared_dir):
-    import torch
-
-    config = transformers.Qwen2Config(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
-                                      tie_word_embeddings=True)
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("qwen") / "tiny-qwen2"
-    transformers.Qwen2ForCausalLM(config).save_pretrained(folder)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(shared_dir / "tokenizers" / "qwen" / name, folder / name)
-    return folder
+    return write_qwen_folder(tmp_path_factory.mktemp("qwen") / "tiny-qwen2", shared_dir)
 
 
 def _chat(c: Client, cid: str, msg: str, **kw):

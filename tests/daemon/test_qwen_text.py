@@ -12,6 +12,7 @@ import pytest
 
 from rwkv_chat.daemon.config import Config
 
+from .conftest import write_qwen_folder
 from .test_context import InProcess
 
 import transformers  # noqa: E402  (a test dependency)
@@ -19,16 +20,7 @@ import transformers  # noqa: E402  (a test dependency)
 
 @pytest.fixture(scope="module")
 def qwen_folder(tmp_path_factory, shared_dir):
-    import torch
-
-    config = transformers.Qwen2Config(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
-                                      tie_word_embeddings=True)
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("qwen") / "tiny-qwen2"
-    transformers.Qwen2ForCausalLM(config).save_pretrained(folder)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(shared_dir / "tokenizers" / "qwen" / name, folder / name)
+    folder = write_qwen_folder(tmp_path_factory.mktemp("qwen") / "tiny-qwen2", shared_dir)
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [151645, 151643], "top_k": 20}))
     return folder
 

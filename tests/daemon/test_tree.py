@@ -14,21 +14,10 @@ from rwkv_chat.daemon.paths import home_paths
 from rwkv_chat.daemon.protocol import messages as m
 from rwkv_chat.models.text.templates import RWKV_CHAT
 
-from .conftest import cli, greedy, make_home, start_daemon, stop_daemon
-
-GREEDY = {"temperature": 0.0, "alpha_frequency": 0.0, "alpha_presence": 0.0, "max_tokens": 10}
+from .conftest import GREEDY, cli, done, greedy, module_daemon, start_daemon, stop_daemon
 
 
-@pytest.fixture(scope="module")
-def home(tmp_path_factory, model_path):
-    h = make_home(tmp_path_factory.mktemp("tree"))
-    start_daemon(h, model_path("7"))
-    yield h
-    stop_daemon(h)
-
-
-def done(gen) -> m.Done:
-    return list(gen)[-1]
+home = module_daemon("tree", "7")
 
 
 def plen(message: str) -> int:

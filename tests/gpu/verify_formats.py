@@ -24,6 +24,7 @@ import torch  # noqa: E402
 from rwkv_chat.models import RWKV, kernels  # noqa: E402
 from rwkv_chat.models.formats import f8, i4, i8  # noqa: E402
 from rwkv_chat.models.rwkv import shapes  # noqa: E402
+from tests.gpu.report import finish  # noqa: E402
 
 SHAPES = [(4096, 4096), (2048, 8192), (768, 65536), (1000, 776), (64, 40)]
 ROWS = [1, 4, 8, 16, 64]
@@ -141,11 +142,7 @@ def main() -> int:
         ok &= good
     if not fp8_ok:
         lines.append("\nf8 skipped: compute capability below 8.9")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
-    return 0 if ok else 1
+    return finish(lines, args.out, ok)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import torch  # noqa: E402
 from rwkv_chat.app.bench import provenance  # noqa: E402
 from rwkv_chat.models import RWKV, kernels  # noqa: E402
 from rwkv_chat.models.rwkv import shapes  # noqa: E402
+from tests.gpu.report import finish  # noqa: E402
 from rwkv_chat.models.rwkv.decode import BatchDecoder  # noqa: E402
 
 TOL = 1e-2
@@ -132,11 +133,7 @@ def main() -> int:
         del fused, plain, dec
         torch.cuda.empty_cache()
     lines += ["", f"{count[0]} cases: {count[1]} pass, {count[0] - count[1]} fail"]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
-    return 0 if ok else 1
+    return finish(lines, args.out, ok)
 
 
 if __name__ == "__main__":

@@ -71,3 +71,13 @@ def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
             out.append(t)
             ids.append(t)
     return out
+
+
+def continue_greedy(model, logits, state, n: int):
+    """``(n greedy tokens, the last logits)`` of our model fed one token at a time after ``logits`` / ``state``."""
+    out = []
+    for _ in range(n):
+        t = int(logits.argmax())
+        out.append(t)
+        logits, state = model.forward([t], state)
+    return out, logits

@@ -9,15 +9,11 @@ from rwkv_chat.models.errors import StateError, TokenError
 from rwkv_chat.models.qwen2.cache import KVState
 from rwkv_chat.models.qwen2.model import Qwen2
 
+from .conftest import continue_greedy
+
 
 def alone(model, prompt, n):
-    logits, state = model.forward(prompt, None)
-    out = []
-    for _ in range(n):
-        t = int(logits.argmax())
-        out.append(t)
-        logits, state = model.forward([t], state)
-    return out, logits
+    return continue_greedy(model, *model.forward(prompt, None), n)
 
 
 @pytest.mark.parametrize("variant", ("tied", "qwen3"))

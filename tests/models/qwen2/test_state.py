@@ -11,14 +11,7 @@ from rwkv_chat.models.qwen2.cache import KVState
 from rwkv_chat.models.qwen2.model import Qwen2
 from rwkv_chat.models.state import State
 
-
-def greedy(model, logits, state, n):
-    out = []
-    for _ in range(n):
-        t = int(logits.argmax())
-        out.append(t)
-        logits, state = model.forward([t], state)
-    return out, logits
+from .conftest import continue_greedy
 
 
 def test_saved_state_resumes_identically(qwen_folders, tmp_path):
@@ -26,12 +19,12 @@ def test_saved_state_resumes_identically(qwen_folders, tmp_path):
     ids = list(range(5, 30))
     logits, state = model.forward(ids, None)
     path = state.save(tmp_path / "s.safetensors", metadata={"note": "x"})
-    expected, last = greedy(model, logits, state, 16)
+    expected, last = continue_greedy(model, logits, state, 16)
     fresh = Qwen2(qwen_folders["untied"][0], "cpu fp32", kernels=False)
     loaded = fresh.load_state(path)
     assert isinstance(loaded, KVState) and loaded.token_count == len(ids)
     assert loaded.tokens[0].tolist() == ids and loaded.metadata["note"] == "x"
-    got, last2 = greedy(fresh, logits, loaded, 16)
+    got, last2 = continue_greedy(fresh, logits, loaded, 16)
     assert got == expected and torch.equal(last, last2)
     generic = State.load(path)                  # the daemon's export reads it as a plain State
     assert generic.names == ("k", "v") and generic.token_count == len(ids)
