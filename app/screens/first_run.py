@@ -118,7 +118,7 @@ class ModelScreen(Screen):
             if self.first_run:
                 yield Static("Welcome to rwkv-chat", classes="title")
                 yield Static("No model is loaded yet. Give the path of an RWKV checkpoint (.pth or .safetensors, "
-                             "versions 4 to 7) or a local model's name (pull one from the Hugging Face Hub "
+                             "versions 4 to 7), a Hugging Face Qwen2/Qwen3 folder or a local model's name (pull one from the Hugging Face Hub "
                              "below) and a strategy, then Load. The daemon keeps the model loaded for "
                              "every rwkv-chat window. Esc goes to the chat (Ctrl+L comes back here).",
                              classes="explain")
