@@ -122,6 +122,13 @@ class ChatScreen(ConversationActions, DraftSender, Screen):
     def status_bar(self) -> StatusBar:
         return self.query_one(StatusBar)
 
+    assistant = "RWKV"      # who answers, as the replies are labelled: the loaded model's family
+
+    def _note_family(self, status: dict) -> None:
+        model = status.get("model") or {}
+        if model.get("loaded") or model.get("loading"):
+            self.assistant = "Qwen" if model.get("family") == "qwen2" else "RWKV"
+
     def focus_input(self) -> None:
         if self.is_mounted:
             self.input.focus()
@@ -133,7 +140,7 @@ class ChatScreen(ConversationActions, DraftSender, Screen):
         return self.job is not None or self.bubble is not None
 
     def start_bubble(self, footer: str = "…") -> AssistantMessage:
-        self.bubble = AssistantMessage(streaming=True, footer=footer)
+        self.bubble = AssistantMessage(streaming=True, footer=footer, who=self.assistant)
         self.log_view.add(self.bubble)
         return self.bubble
 
@@ -146,6 +153,7 @@ class ChatScreen(ConversationActions, DraftSender, Screen):
     def link_connected(self, message) -> None:
         self.status_bar.connection = "connected"
         self.status_bar.set_status(message.status)
+        self._note_family(message.status)
         self._model_sampling(message.status)
         self.infos = {c.id: c for c in message.conversations}
         if message.restarted and self.cid in self.infos:
@@ -176,6 +184,7 @@ class ChatScreen(ConversationActions, DraftSender, Screen):
     def link_status(self, status: dict) -> None:
         self.status_bar.connection = "connected"
         self.status_bar.set_status(status)
+        self._note_family(status)
         self._model_sampling(status)
         self._say_resume((status.get("model") or {}).get("fingerprint"))
 
@@ -318,7 +327,7 @@ class ChatScreen(ConversationActions, DraftSender, Screen):
                 w = UserMessage(t.text, turn=t.index, branch=t.branch, branches=t.branches)
             else:
                 w = AssistantMessage(t.text, footer=self._turn_footer(t), turn=t.index, branch=t.branch,
-                                     branches=t.branches)
+                                     branches=t.branches, who=self.assistant)
             log.add(w)
             added.append(w)
         if announce:

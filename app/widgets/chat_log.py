@@ -170,8 +170,10 @@ class AssistantMessage(MessageBox):
     role = "assistant"
     who = "RWKV"
 
-    def __init__(self, text: str = "", *, streaming: bool = False, footer: str = "", **kw) -> None:
+    def __init__(self, text: str = "", *, streaming: bool = False, footer: str = "", who: str = "", **kw) -> None:
         super().__init__(text, **kw)
+        if who:
+            self.who = who          # the model family that answers ("RWKV", "Qwen")
         self.streaming = streaming
         self._pending: list[str] = []
         self._footer = footer

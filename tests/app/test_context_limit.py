@@ -61,3 +61,30 @@ async def test_the_sampling_panel_shows_the_models_defaults_under_the_configs(fr
         panel = app.chat.query_one(SamplingPanel)
         shown = {k: panel.query_one(f"#s-{k}", Input).value for k in ("temperature", "top_p", "top_k")}
         assert shown == {"temperature": "0.0", "top_p": "0.8", "top_k": "20"}   # the test config sets temperature
+
+
+@async_test
+async def test_a_qwen2_folder_in_the_tui(tmp_path, shared_dir, home_env):
+    """The TUI on a Hugging Face Qwen2 folder: replies labelled by the model's family, the context used of the
+    folder's own limit (its max_position_embeddings) in the status bar."""
+    from rwkv_chat.app.widgets.chat_log import AssistantMessage
+
+    from ..daemon.conftest import TINY_QWEN, write_qwen_folder
+
+    folder = write_qwen_folder(tmp_path / "qwen", shared_dir)
+    limit = TINY_QWEN["max_position_embeddings"]
+    paths = make_home(tmp_path / "home", folder, max_tokens=8)
+    daemon = start_daemon(paths, folder)
+    try:
+        app = make_app(daemon)
+        async with app.run_test(size=(140, 30)) as pilot:
+            await ready(pilot, app)
+            bar = app.chat.query_one(StatusBar)
+            await wait_for(pilot, lambda: bar.context == f"ctx ?/{limit}", what="the folder's limit")
+            done = await send(pilot, app, "Hello there")
+            assert done.context_limit == limit and 0 < done.context_used <= limit
+            assert bar.context == f"ctx {done.context_used}/{limit}"
+            reply = app.chat.log_view.last("assistant")
+            assert isinstance(reply, AssistantMessage) and reply.who == "Qwen"
+    finally:
+        daemon.stop()
