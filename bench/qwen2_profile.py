@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 
-def _kernels(fn, lines: list[str], title: str, top: int = 25) -> None:
+def kernel_table(fn, lines: list[str], title: str, top: int = 25) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     for _ in range(3):
@@ -79,10 +79,10 @@ def main() -> int:
             torch.cuda.synchronize()
             lines += [f"decode step with CUDA graphs: {(time.perf_counter() - t0) / 50 * 1e3:.3f} ms", ""]
         else:
-            _kernels(step, lines, "decode step b=1 (no graphs)")
+            kernel_table(step, lines, "decode step b=1 (no graphs)")
         dec.remove(h)
     ids = torch.randint(0, model.vocab_size, (args.prompt_len,)).tolist()
-    _kernels(lambda: model.forward(ids, None), lines, f"prefill {args.prompt_len}")
+    kernel_table(lambda: model.forward(ids, None), lines, f"prefill {args.prompt_len}")
     text = "\n".join(lines)
     print(text)
     if args.out:
