@@ -119,7 +119,8 @@ def parser() -> argparse.ArgumentParser:
               "Start the daemon in the background; it loads --model (else the config's [model] path) with\n"
               "--strategy. With --model it waits until the model is loaded (progress on stderr) and exits 1\n"
               "with the reason if it does not load; the daemon then runs without a model and\n"
-              "`rwkv-chat daemon status` shows the error.\n\n"
+              "`rwkv-chat daemon status` shows the error. If a daemon already runs, --model is loaded into\n"
+              "it (as `rwkv-chat load`).\n\n"
               + STRATEGY_HELP,
               ['rwkv-chat daemon start --model ~/models/rwkv7-0.1B.pth --strategy "cpu fp32"',
                "rwkv-chat daemon start --foreground          # logs in this terminal; Ctrl+C stops it"])
@@ -363,8 +364,8 @@ def _daemon(args) -> int:
         info = ping(paths) if lock_held(paths.lock_file) else None
         if info is not None:
             _err(f"rwkv-chat: a daemon is already running (pid {info.pid}, {info.request})")
-            if args.model:
-                _err("rwkv-chat: use `rwkv-chat load PATH` to switch its model")
+            if args.model:      # the model asked for is loaded into the running daemon, as `load` would
+                return _load(argparse.Namespace(path=args.model, strategy=args.strategy, default=False))
             return 0
         from .models_cli import load_target
 
@@ -514,6 +515,8 @@ def _load(args) -> int:
         path, own_strategy = load_target(args.path, paths)     # a file or folder, or a local model's name
     except FileNotFoundError as e:
         raise UsageError(str(e)) from None
+    if args.strategy is not None and not args.strategy.strip():
+        raise UsageError("--strategy is empty; give one such as \"cpu fp32\" or \"cuda fp16\", or leave the flag out")
     strategy = args.strategy or own_strategy or cfg.model.strategy
     interactive = sys.stderr.isatty()
 

@@ -130,3 +130,19 @@ def test_autostart_queue_bound_and_foreign_state(tmp_path, model_path):
             assert _chat(c, "fresh", "Hello", max_tokens=3).tokens == 3
     finally:
         stop_daemon(home)
+
+
+def test_daemon_start_with_a_model_loads_it_into_a_running_daemon_and_an_empty_strategy_is_refused(tmp_path,
+                                                                                                  model_path):
+    home = make_home(tmp_path / "h")
+    try:
+        start_daemon(home, model_path("5.2"))
+        r = cli(home, "load", model_path("7"), "--strategy", "  ", check=False)
+        assert r.returncode == 2 and "--strategy is empty" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+        r = cli(home, "daemon", "start", "--model", model_path("7"), "--strategy", "cpu fp32")
+        assert "already running" in r.stderr and r.stderr.strip().splitlines()[-1].startswith(
+            f"loaded {model_path('7')}"), r.stderr
+        st = json.loads(cli(home, "daemon", "status", "--json").stdout)
+        assert st["model"]["loaded"] and st["model"]["path"] == str(model_path("7"))
+    finally:
+        stop_daemon(home)
