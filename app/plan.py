@@ -33,7 +33,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--conversations", type=int, default=1, metavar="N",
                     help="conversations whose state the need counts (default 1)")
     ap.add_argument("--context", type=int, default=None, metavar="T",
-                    help="Qwen2: KV cache tokens per conversation (default 4096)")
+                    help="Qwen2: KV cache tokens per conversation (default: the config's [model] context_limit, "
+                    "else the model's max_position_embeddings)")
     ap.add_argument("--json", action="store_true", help="print the plan as JSON")
     return ap
 
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.conversations < 1 or (args.context is not None and args.context < 1):
         ap.error("--conversations and --context must be >= 1")
 
+    from rwkv_chat.daemon.config import ConfigError
     from rwkv_chat.models.errors import RWKVError
     from rwkv_chat.models.plan import plan_memory, suggest
 
@@ -56,8 +58,14 @@ def main(argv: list[str] | None = None) -> int:
             found = suggest(args.model, conversations=args.conversations)
             print(json.dumps(found) if args.json else "\n".join(found))
             return 0
-        mp = plan_memory(args.model, args.strategy, conversations=args.conversations, context=args.context)
-    except (RWKVError, OSError, ValueError) as e:
+        context = args.context
+        if context is None:     # the daemon's [model] context_limit where set, as it would cap the KV cache
+            from rwkv_chat.daemon.config import load_config
+            from rwkv_chat.daemon.paths import get_paths
+
+            context = load_config(get_paths().config_file).model.context_limit or None
+        mp = plan_memory(args.model, args.strategy, conversations=args.conversations, context=context)
+    except (RWKVError, ConfigError, OSError, ValueError) as e:
         print(f"rwkv-chat plan: {e}", file=sys.stderr)
         return 2
     print(json.dumps(mp.to_dict(), indent=1, default=str) if args.json else mp)

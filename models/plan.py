@@ -258,7 +258,7 @@ def _qwen2(folder: Path, strategy: str, context: int | None):
         layers[-1] += [(k, "stored", t) for k, t in w.items() if k.startswith("lm_head.") and k.endswith(_GPTQ)]
     else:
         layers[-1].append(("head", "matrix", w.get("lm_head.weight", emb).t()))
-    ctx = 4096 if context is None else int(context)
+    ctx = int(cfg.get("max_position_embeddings") or 4096) if context is None else int(context)
     states = [2 * kv * hd * ctx * torch.empty((), dtype=plan.layers[i].atype).element_size() for i in range(L)]
     states.append(0)
     desc = (f"Qwen2, {L} layers, hidden {C}, {heads} heads ({kv} KV) of {hd}, vocab {emb.shape[0]}"
@@ -294,7 +294,8 @@ def plan_memory(path: str | Path, strategy: str, *, conversations: int = 1, cont
         path: an RWKV ``.pth`` / ``.safetensors`` file, or a Qwen2 Hugging Face folder.
         strategy: a strategy string (``rwkv_chat.models.strategy``).
         conversations: conversations whose state the need counts (>= 1).
-        context: Qwen2: KV cache tokens per conversation (default 4096); ignored for RWKV.
+        context: Qwen2: KV cache tokens per conversation (default: the model's own limit, ``max_position_embeddings``
+            of config.json, 4096 where it has none); ignored for RWKV.
         free: device -> free bytes, instead of measuring (``free_memory``).
     Raises:
         CheckpointError: unreadable checkpoint. StrategyError: a bad strategy for this model.

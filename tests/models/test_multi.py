@@ -9,6 +9,7 @@ all-resident model; expected bytes from a real load's tensors.
 from __future__ import annotations
 
 import dataclasses
+import json
 import subprocess
 import sys
 
@@ -207,6 +208,28 @@ def test_plan_qwen2_folder(tmp_path):
     kv = 2 * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 100
     assert [s.state for s in mp.stages] == [2 * kv * 4, 1 * kv * 2]
     assert mp.family == "qwen2" and "Qwen2, 3 layers" in str(mp)
+    own = plan_memory(tmp_path, "cpu fp32", free={})          # no --context: the folder's own limit
+    assert own.context == cfg.max_position_embeddings
+    assert sum(s.state for s in own.stages) == cfg.num_hidden_layers * kv * 4 * cfg.max_position_embeddings // 100
+
+
+def test_plan_cli_takes_the_daemons_context_limit(tmp_path, monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    from rwkv_chat.daemon.config import load_config, save_config
+    from rwkv_chat.daemon.paths import get_paths
+
+    cfg = transformers.Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
+    transformers.Qwen2ForCausalLM(cfg).save_pretrained(tmp_path / "q", safe_serialization=True)
+    monkeypatch.setenv("RWKV_CHAT_HOME", str(tmp_path / "home"))
+    r = _cli(tmp_path / "q", "--strategy", "cpu fp32", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["context"] == 2048, r.stderr
+    conf = load_config(get_paths().config_file)
+    conf.model.context_limit = 300
+    get_paths().config_file.parent.mkdir(parents=True, exist_ok=True)
+    save_config(conf, get_paths().config_file)
+    r = _cli(tmp_path / "q", "--strategy", "cpu fp32", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["context"] == 300, r.stderr
 
 
 def test_suggest_on_the_cpu(model_path):
