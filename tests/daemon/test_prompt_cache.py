@@ -11,7 +11,7 @@ from rwkv_chat.daemon.paths import home_paths
 from rwkv_chat.models import load_model
 from rwkv_chat.models.text.templates import RWKV_CHAT
 
-from .conftest import GREEDY, cli, done, greedy, module_daemon, start_daemon, stop_daemon
+from .conftest import GREEDY, cli, done, greedy, module_daemon, start_daemon, stop_daemon, write_qwen_folder
 
 PRESET = "You are a helpful assistant. Answer in one short sentence, plainly and kindly."
 
@@ -202,3 +202,27 @@ def test_cpu_states_skip_the_device_tier(tmp_path, model_path):
     s = cache.stats()
     assert (s["device_entries"], s["ram_entries"], s["ram_bytes"]) == (0, 1, a.nbytes())
     assert s["hits"] == {"device": 0, "ram": 1, "disk": 0}
+
+
+def test_kv_caches_move_through_the_tiers(tmp_path, shared_dir):
+    """A Qwen2 KV cache (KVState: keys, values and token ids) keeps its contents through the device tier,
+    RAM and disk, and comes back from each."""
+    from rwkv_chat.daemon.prompt_cache import PromptCache
+    from rwkv_chat.models import load_model
+
+    model = load_model(str(write_qwen_folder(tmp_path / "q", shared_dir)), "cpu fp32")
+    (ta, a), (tb, b), (tc, c) = _states(model, 3)
+    size = a.nbytes()
+    cache = PromptCache(tmp_path / "p", ram_bytes=int(1.5 * size), disk_bytes=1 << 30,
+                        device_bytes=int(1.5 * size), cpu_device=True)
+    for tokens, st in ((ta, a), (tb, b), (tc, c)):
+        cache.put(model, tokens, st)
+    s = cache.stats()
+    assert (s["device_entries"], s["ram_entries"], s["disk_entries"]) == (1, 1, 3)
+    assert (s["device_bytes"], s["ram_bytes"]) == (size, size)
+    for tokens, st, tier in ((tc, c, "device"), (tb, b, "ram"), (ta, a, "disk")):
+        before = cache.stats()["hits"][tier]
+        got = cache.get(model, tokens)
+        assert cache.stats()["hits"][tier] == before + 1
+        assert type(got) is type(st) and got.token_count == st.token_count == len(tokens)
+        assert (got.tokens == st.tokens).all() and _same(got, st)
