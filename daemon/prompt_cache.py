@@ -21,7 +21,8 @@ that fits its budget (written when the state is put, so it survives a restart). 
 promotes the state into the fastest tier that takes it; the least recently used entries a tier sheds
 to make room are demoted into the next one (device -> RAM -> disk, where a state whose file is gone is
 written again), so a state is lost only when no slower tier has room for it. :meth:`PromptCache.release_device`
-demotes the whole device tier (the model is unloaded or replaced).
+demotes the whole device tier: the daemon calls it before a model load, after an unload, and when a step runs
+out of memory.
 
 A hit hands out a private copy. A file that cannot be read (or whose metadata is not its key's) is removed and
 counts as a miss. Used by the scheduler thread; a lock guards the tables all the same (files are written
