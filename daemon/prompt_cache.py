@@ -11,8 +11,8 @@ turns a tier off). A tier's bytes are the exact sum of its states' tensor bytes 
   CPU-only model's states are in CPU memory already, and go to the RAM tier (the same memory; keeping them
   in two CPU tiers would only double the RAM used). ``cpu_device=True`` makes CPU-placed states device-tier
   entries too (the tier's logic, exercised on a machine without an accelerator);
-* RAM — the state in CPU memory (``State.to("cpu")``, dtypes kept), restored to the model's devices and
-  dtypes on a hit (:func:`~rwkv_chat.daemon.sessions._restore`);
+* RAM — the state in CPU memory (``State.to("cpu")``, dtypes kept), placed on the loaded model's devices and
+  dtypes on a hit (``model.place_state``: right after a reload with another strategy too);
 * disk — ``<directory>/<key>.safetensors`` (``State.save``: atomic; metadata :data:`TOKENS_KEY`, the digest
   and count of the prefix), the file's modification time its last use; read with ``model.load_state``.
 
@@ -41,7 +41,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .paths import private_dir
-from .sessions import _restore, _spill
 
 log = logging.getLogger("rwkv_chat.daemon")
 
@@ -65,7 +64,6 @@ def prefix_key(fingerprint: str, tokens: list[int]) -> str:
 @dataclass
 class _Entry:
     state: object          # the State: placed as the model places it (device tier) or on the CPU (RAM tier)
-    placement: list        # [(device, dtype)] per tensor, where the model places it
     nbytes: int            # state.nbytes()
     meta: str              # "<token digest>:<token count>" (the file's TOKENS_KEY)
     used: float            # time.time() of its last put or hit (a rewritten file's modification time)
@@ -105,8 +103,9 @@ class _Tier:
         return shed
 
 
-def _off_cpu(placement: list) -> bool:
-    return any(dev.type != "cpu" for dev, _ in placement)
+def _off_cpu(state) -> bool:
+    """Whether a tensor of ``state`` is on a device other than the CPU."""
+    return any(t.device.type != "cpu" for layer in state.layers for t in layer)
 
 
 class PromptCache:
@@ -156,10 +155,15 @@ class PromptCache:
                 e.used = time.time()
                 out = e.state.clone()
             elif (e := self._ram.take(key)) is not None:
-                self.hits["ram"] += 1
-                placed = _restore(e.state, e.placement)     # the tier's own tensors where already in place
-                out = placed.clone()
-                self._insert(key, placed, e.meta, writes)
+                try:
+                    placed = model.place_state(e.state)     # the tier's own tensors where already in place
+                except StateError as err:                   # e.g. a context limit now lower than its length
+                    log.warning("prompt cache: %s; dropped", err)
+                    e = None
+                else:
+                    self.hits["ram"] += 1
+                    out = placed.clone()
+                    self._insert(key, placed, e.meta, writes)
         if e is not None:
             self._write(writes)
             _utime(path)                                     # the file's age is the state's last use
@@ -222,18 +226,17 @@ class PromptCache:
     # -- moves between tiers (under the lock; files are written after it by _write) -----------------------
     def _insert(self, key: str, state, meta: str, writes: list) -> None:
         """Keep ``state`` (the cache's own; placed as the model places it) in the fastest tier that takes it."""
-        placement = [(t.device, t.dtype) for layer in state.layers for t in layer]
-        e = _Entry(state, placement, state.nbytes(), meta, time.time())
-        if (self.cpu_device or _off_cpu(placement)) and e.nbytes <= self._device.budget:
+        e = _Entry(state, state.nbytes(), meta, time.time())
+        if (self.cpu_device or _off_cpu(state)) and e.nbytes <= self._device.budget:
             for k, shed in self._device.add(key, e):
                 self._to_ram(k, shed, writes)
         else:
             self._to_ram(key, e, writes)
 
     def _to_ram(self, key: str, e: _Entry, writes: list) -> None:
-        """Keep ``e`` in RAM (on the CPU, its placement remembered), or demote it to disk where it does not fit."""
-        cpu, _ = _spill(e.state)
-        e = _Entry(cpu, e.placement, cpu.nbytes(), e.meta, e.used)
+        """Keep ``e`` in RAM (on the CPU, dtypes kept), or demote it to disk where it does not fit."""
+        cpu = e.state.to("cpu")
+        e = _Entry(cpu, cpu.nbytes(), e.meta, e.used)
         if e.nbytes <= self._ram.budget:
             writes.extend(self._ram.add(key, e))
         else:

@@ -226,3 +226,23 @@ def test_kv_caches_move_through_the_tiers(tmp_path, shared_dir):
         assert cache.stats()["hits"][tier] == before + 1
         assert type(got) is type(st) and got.token_count == st.token_count == len(tokens)
         assert (got.tokens == st.tokens).all() and _same(got, st)
+
+
+def test_a_reload_with_another_strategy_gets_the_states_in_its_dtypes(tmp_path, model_path):
+    """The same checkpoint (one fingerprint) reloaded with another strategy: the device tier is released
+    before the load (as the daemon does), and a RAM hit is placed as the new model places states."""
+    from rwkv_chat.daemon.prompt_cache import PromptCache
+    from rwkv_chat.models import load_model
+
+    fp32 = load_model(str(model_path("7")), "cpu fp32")
+    bf16 = load_model(str(model_path("7")), "cpu bf16")
+    assert fp32.fingerprint == bf16.fingerprint
+    (ta, a), = _states(fp32, 1)
+    cache = PromptCache(tmp_path / "p", ram_bytes=1 << 30, disk_bytes=0, device_bytes=1 << 30, cpu_device=True)
+    cache.put(fp32, ta, a)
+    cache.release_device()
+    ref = bf16.place_state(a)
+    for tier in ("ram", "device"):                            # from RAM, then promoted
+        got = cache.get(bf16, ta)
+        assert _same(got, ref) and cache.stats()["hits"][tier] == 1
+        assert [t.dtype for t in got.layers[0]] == [t.dtype for t in bf16.zero_state().layers[0]]
