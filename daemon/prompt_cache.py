@@ -4,7 +4,8 @@ is computed once and reused by every conversation that starts with it.
 Entries are keyed by :func:`prefix_key`: the model's fingerprint and a digest of the prefix's token ids (the
 key a general token-prefix cache can share). Three tiers, each least-recently-used first out within a byte
 budget (``[daemon] prompt_cache_device_bytes``, ``prompt_cache_ram_bytes``, ``prompt_cache_disk_bytes``; 0
-turns a tier off). A tier's bytes are the exact sum of its states' tensor bytes (``State.nbytes``):
+turns a tier off). A tier's bytes are the exact sum of its states' per-layer tensor bytes (``State.nbytes``;
+a KV cache's token ids, int64 on the CPU, are not counted):
 
 * device — the state as the model places it (its devices and dtypes: GPU memory on CUDA); a hit is a clone
   on those devices, with no host-to-device copy. It holds the states that have a tensor off the CPU: a
