@@ -496,6 +496,20 @@ def _print_status(st: dict) -> None:
     if pc:
         print(f"prefix cache: {pc['entries']} states, {_mib(pc['bytes'])} of {_mib(pc['budget'])}; {pc['hits']} hits, "
               f"{pc['misses']} misses; prompt tokens reused {pc['cached_tokens']}, read {pc['prefilled_tokens']}")
+    ps = st.get("home", {}).get("sessions", {}).get("prompt_cache")
+    if ps:
+        print(prompt_states_line(ps))
+
+
+def prompt_states_line(ps: dict) -> str:
+    """The ``daemon status`` line of the shared prompt states (``PromptCache.stats()``): entries, bytes and
+    budget of each tier (the model's devices, RAM, disk), hits per tier, misses."""
+    where = {"device": "on the model's devices", "ram": "in RAM", "disk": "on disk"}
+    tiers = ", ".join(f"{ps.get(f'{t}_entries', 0)} {w} ({_mib(ps.get(f'{t}_bytes', 0))} of "
+                      f"{_mib(ps.get(f'{t}_budget', 0))})" for t, w in where.items())
+    hits = ps.get("hits", {})
+    return (f"prompt states: {tiers}; hits {hits.get('device', 0)} device, {hits.get('ram', 0)} RAM, "
+            f"{hits.get('disk', 0)} disk; {ps.get('misses', 0)} misses")
 
 
 def progress_bar(done: int, total: int, width: int = 30) -> str:

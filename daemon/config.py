@@ -65,8 +65,11 @@ Sections and keys (all optional; defaults below)::
                                    # seconds, or "90s", "30m", "2h"; 0 = never. The next request that needs
                                    # the model loads it again (load progress events, as at start); the
                                    # conversations' states are on disk and resume as before
-    prompt_cache_ram_bytes = 268435456    # states after a shared prefix (a system prompt, a preset) kept in
-                                   # CPU memory for every conversation that starts with it; 0 = off
+    prompt_cache_device_bytes = 1073741824  # states after a shared prefix (a system prompt, a preset) kept
+                                   # on the model's devices (GPU memory) for every conversation that starts
+                                   # with it, least recently used out first (into RAM); 0 = off. A CPU-only
+                                   # model's states skip this tier (they are in CPU memory: the RAM tier)
+    prompt_cache_ram_bytes = 268435456    # the same in CPU memory (out first into the disk tier); 0 = off
     prompt_cache_disk_bytes = 1073741824  # the same on disk (<data dir>/prompt_states), least recently used
                                    # out first; 0 = off
     draft_prefill = true           # read a message while it is typed (the TUI sends its draft), at low priority
@@ -137,6 +140,7 @@ class DaemonConfig:
     resident_states: int = 8
     cpu_states: int = 64
     keep_alive: float = 1800.0
+    prompt_cache_device_bytes: int = 1 << 30
     prompt_cache_ram_bytes: int = 256 << 20
     prompt_cache_disk_bytes: int = 1 << 30
     draft_prefill: bool = True
@@ -206,6 +210,10 @@ def parse_duration(value) -> float:
     return seconds
 
 
+#: [daemon] keys that are byte budgets: >= 0 (0 = off)
+_BYTE_BUDGETS = ("prefix_cache_bytes", "prompt_cache_device_bytes", "prompt_cache_ram_bytes",
+                 "prompt_cache_disk_bytes")
+
 #: keys that take a duration (seconds or "30m"), see parse_duration
 _DURATIONS = {("daemon", "keep_alive")}
 
@@ -267,9 +275,9 @@ def load_config(path: Path) -> Config:
         else:
             for key, value in values.items():
                 setattr(obj, key, value)
-    if cfg.daemon.prefix_cache_bytes < 0:
-        raise ConfigError(f"{path}: [daemon] prefix_cache_bytes must be >= 0 (0 = off), got "
-                          f"{cfg.daemon.prefix_cache_bytes}")
+    for key in _BYTE_BUDGETS:
+        if getattr(cfg.daemon, key) < 0:
+            raise ConfigError(f"{path}: [daemon] {key} must be >= 0 bytes (0 = off), got {getattr(cfg.daemon, key)}")
     if cfg.daemon.max_tokens_limit < 1:
         raise ConfigError(f"{path}: [daemon] max_tokens_limit must be >= 1, got {cfg.daemon.max_tokens_limit}")
     if cfg.sampling.max_tokens > cfg.daemon.max_tokens_limit:

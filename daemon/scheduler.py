@@ -358,6 +358,12 @@ class Scheduler(KeepAlive):
         log.warning("job %s: %s", job.id, msg)
         self.emit(job.topic, m.Failed(job_id=job.id, kind=QueueTimeout.__name__, message=msg))
 
+    def _release_prompt_states(self) -> None:
+        """Demote the shared prompt states held on the model's devices to RAM (``PromptCache.release_device``)."""
+        prompts = getattr(self.sessions, "prompts", None)
+        if prompts is not None:
+            prompts.release_device()
+
     def _run_load(self, job: Job) -> None:
         if job.kind == "unload":
             return self._run_unload(job)
@@ -370,6 +376,7 @@ class Scheduler(KeepAlive):
         def progress(done: int, total: int) -> None:
             self.emit(job.topic, m.Progress(job_id=job.id, phase="load", done=done, total=total, text=path))
 
+        self._release_prompt_states()         # off the devices before the new weights come
         try:
             self.host.load(req.path, req.strategy, self.config.model.tokenizer, max_batch=d.max_batch,
                            batch_invariant=d.batch_invariant, threads=d.threads, progress=progress,
@@ -484,6 +491,8 @@ class Scheduler(KeepAlive):
     def _fail(self, gen: Generation, e: BaseException) -> None:
         kind, msg = classify(e)
         log.warning("job %s failed: %s: %s", gen.id, kind, msg)
+        if kind == "OOM":
+            self._release_prompt_states()     # the next step gets the device memory they held
         if kind == "Internal":
             log.exception("internal error", exc_info=e)
         self._remove(gen)

@@ -188,7 +188,7 @@ class Server:
                 log.info("removed %d temporary file(s) of a save that was interrupted", n)
             self.sessions = Sessions(self.store, d.resident_states, d.cpu_states)
             self.sessions.prompts = PromptCache(self.paths.data_dir / "prompt_states", d.prompt_cache_ram_bytes,
-                                                d.prompt_cache_disk_bytes)
+                                                d.prompt_cache_disk_bytes, d.prompt_cache_device_bytes)
             import torch  # noqa: F401 — here: a status during a first load would wait on its import
 
             self.host = Host(resolve=lambda ref: registry.resolve(ref, self.paths.data_dir))

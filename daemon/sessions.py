@@ -118,10 +118,13 @@ class Sessions:
         self.drafts = None            # the messages being typed (daemon.drafts.Drafts), if any
 
     def clear(self) -> None:
-        """Forget every in-memory state, the prefix cache's too (a new model was loaded)."""
+        """Forget every in-memory state, the prefix cache's too, and move the shared prompt states off the
+        model's devices (``PromptCache.release_device``; the model was unloaded or another one loaded)."""
         with self._lock:
             self._lru.clear()
         self.prefix.clear()
+        if self.prompts is not None:
+            self.prompts.release_device()
 
     def drop(self, cid: str) -> None:
         with self._lock:

@@ -13,6 +13,7 @@ from rwkv_chat.daemon.paths import home_paths
 from rwkv_chat.daemon.protocol import messages as m
 from rwkv_chat.daemon import protocol as p
 from rwkv_chat.daemon.client import Client, DaemonError, GenerationFailed
+from rwkv_chat.daemon.config import Config
 from rwkv_chat.daemon.launcher import _secure
 
 from .conftest import cli, greedy
@@ -194,6 +195,10 @@ def test_status_doctor_and_second_start(daemon_home, model_path):
     assert st_["memory"]["rss_bytes"] > 0 and "cpu" in st_["devices"] and st_["uptime"] > 0
     human = cli(daemon_home, "daemon", "status").stdout
     assert "RWKV v5.2" in human and "cpu fp32" in human
+    prompts = st_["home"]["sessions"]["prompt_cache"]           # the three tiers of shared prompt states
+    assert prompts["device_budget"] == Config().daemon.prompt_cache_device_bytes
+    assert set(prompts["hits"]) == {"device", "ram", "disk"}
+    assert "prompt states: 0 on the model's devices (0.0 MiB of " in human
     doc = json.loads(cli(daemon_home, "doctor", "--json").stdout)
     assert doc["daemon"]["running"] and doc["paths"]["data"].startswith(str(daemon_home))
     assert "version" in doc["torch"]

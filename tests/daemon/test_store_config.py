@@ -84,6 +84,22 @@ def test_config_roundtrip_and_errors(tmp_path):
         load_config(path)
 
 
+def test_prompt_cache_budgets(tmp_path):
+    """The three tiers' byte budgets: read from [daemon], written back, refused when not a count of bytes."""
+    path = tmp_path / "config.toml"
+    assert Config().daemon.prompt_cache_device_bytes > 0          # the device tier is on by default
+    path.write_text("[daemon]\nprompt_cache_device_bytes = 0\nprompt_cache_ram_bytes = 4096\n")
+    cfg = load_config(path)
+    assert (cfg.daemon.prompt_cache_device_bytes, cfg.daemon.prompt_cache_ram_bytes) == (0, 4096)
+    save_config(cfg, path)
+    assert load_config(path) == cfg
+    for key in ("prompt_cache_device_bytes", "prompt_cache_ram_bytes", "prompt_cache_disk_bytes"):
+        for bad in ("'1G'", "1.5", "true", "-1"):
+            path.write_text(f"[daemon]\n{key} = {bad}\n")
+            with pytest.raises(ConfigError, match=key):
+                load_config(path)
+
+
 def _schema_1_db(path, rows: str) -> None:
     """A database of schema version 1 (before turns had a reason and a speed) holding ``rows`` (SQL)."""
     con = sqlite3.connect(path)
