@@ -779,10 +779,23 @@ def _doctor(args) -> int:
             for k, v in values.items():
                 if k == "kernel_build":
                     v = "; ".join(build_line(b) for b in v)
-                print(f"  {k}: {v}")
+                if isinstance(v, dict):
+                    print(f"  {k}:")
+                    for line in _grouped(v):
+                        print(f"    {line}")
+                else:
+                    print(f"  {k}: {v}")
         else:
             print(f"  {values}")
     return 0
+
+
+def _grouped(values: dict) -> list[str]:
+    """``name: value`` lines of a dict, names that share one text value on one line (``wkv4, wkv5: ok``)."""
+    groups: dict[str, list[str]] = {}
+    for name, v in values.items():
+        groups.setdefault(v if isinstance(v, str) else json.dumps(v, default=str), []).append(str(name))
+    return [f"{', '.join(names)}: {v}" for v, names in groups.items()]
 
 
 if __name__ == "__main__":

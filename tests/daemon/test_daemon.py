@@ -207,6 +207,11 @@ def test_status_doctor_and_second_start(daemon_home, model_path):
     assert all(doc["kernels"]["cpu"][f] == "ok" for f in ("wkv4", "wkv5", "wkv6", "wkv7", "mm8"))
     assert all(doc["kernels"]["cuda"][f] != "ok" for f in families) or doc["torch"]["cuda_available"]
     assert doc["kernel_builds"]["cpu"]["dir"].startswith(str(daemon_home))
+    text = cli(daemon_home, "doctor").stdout          # nested sections as lines, kernels of one status on one line
+    assert "{" not in text and "  cpu:\n" in text
+    cpu_kernels = {f for line in text.split("[kernels]")[1].split("  cuda:")[0].splitlines()[2:]
+                   for f in line.strip().split(":")[0].split(", ") if line.startswith("    ")}
+    assert set(families) <= cpu_kernels, text
     r = cli(daemon_home, "daemon", "start", "--foreground", check=False, timeout=60)
     assert r.returncode == 3 and f"pid {st_['pid']}" in r.stderr
     r = cli(daemon_home, "daemon", "start")
