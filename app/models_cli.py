@@ -13,14 +13,7 @@ import sys
 import time
 
 
-def _err(*a) -> None:
-    print(*a, file=sys.stderr, flush=True)
-
-
-def _paths():
-    from rwkv_chat.daemon.paths import ensure_dirs, get_paths
-
-    return ensure_dirs(get_paths())
+from .cli_common import _err, _paths
 
 
 def add_parsers(sub, make) -> None:

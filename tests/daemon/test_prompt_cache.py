@@ -4,7 +4,7 @@ conversation gets the reply computed from scratch; the tiers keep to their byte 
 
 from __future__ import annotations
 
-from rwkv_chat.app.cli import prompt_states_line
+from rwkv_chat.app.daemon_cli import prompt_states_line
 from rwkv_chat.daemon.client import Client
 from rwkv_chat.daemon.config import Config
 from rwkv_chat.daemon.paths import home_paths
