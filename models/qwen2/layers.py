@@ -70,7 +70,11 @@ def add_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float,
 
 def linear(x: torch.Tensor, w, bias: torch.Tensor | None, matmul: Callable) -> torch.Tensor:
     """``x @ w + bias``: x [..., N], w packed [N, M] (any format), bias [M] or None -> [..., M] in x's dtype.
-    A plain float matrix with a bias is one ``torch.addmm`` (the bias added in the GEMM's epilogue)."""
+    A plain float matrix with a bias is one ``torch.addmm`` (the bias added in the GEMM's epilogue); a tuple of
+    packed weights (parts that could not be joined at load, ``weights.py``) gives its products side by side."""
+    if isinstance(w, tuple):
+        y = torch.cat([matmul(x, part) for part in w], dim=-1)
+        return y if bias is None else y + bias
     if bias is None:
         return matmul(x, w)
     if isinstance(w, torch.Tensor) and x.dtype == w.dtype:
