@@ -49,7 +49,7 @@ class TorchBackend:
     def __init__(self, compiled: bool, ops: QwenOps, note: str = "", i8: bool = False):
         self.ops, self.compiled = ops, compiled
         self.name = "eager" if compiled else "torch"
-        self.detail = (note or "torch ops") + ", SDPA attention" + (", compiled i8 product where built" if i8 else "")
+        self.detail = (note or "torch ops") + ", SDPA prefill attention" + (", compiled i8 product where built" if i8 else "")
 
     def __str__(self) -> str:
         return f"{self.name} ({self.detail})"
