@@ -94,6 +94,7 @@ def rope_store(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lens: to
     _checks.check_shape(qkv, "qkv", (b, width))
     _cache(k_cache, "k_cache", qkv, b, kv, d)
     _cache(v_cache, "v_cache", qkv, b, kv, d)
+    _checks.check_shape(v_cache, "v_cache", (None, kv, k_cache.shape[2], d))
     _lens(lens, b)
     tensors = {"qkv": qkv, "cos": cos, "sin": sin, "lens": lens, "k_cache": k_cache, "v_cache": v_cache}
     norm = q_weight is not None or k_weight is not None
@@ -115,7 +116,8 @@ def rope_store(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lens: to
         kern.rope_store_kernel[(b,)](
             qkv, cos, sin, lens, k_cache, v_cache, q, qw, kw, qkv.stride(0), cos.stride(0),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
-            v_cache.stride(2), q.stride(0), q.stride(1), num_heads, kv, float(eps), HALF=d // 2, BLOCK_HQ=bq,
+            v_cache.stride(2), q.stride(0), q.stride(1), num_heads, kv, k_cache.shape[2], float(eps), HALF=d // 2,
+            BLOCK_HQ=bq,
             BLOCK_HK=bk, BLOCK_HALF=bhalf, NORM=1 if norm else 0, num_warps=4 if bq * bhalf <= 1024 else 8)
     return q
 
