@@ -87,7 +87,7 @@ def _decode_probe(device, dtype, rnd, norm: bool):
     return qkv, cos, sin, lens, kc, vc, H, *w
 
 
-def _rope_store_check(fused, norm):
+def _rope_store_check(fused):
     """fused vs torch ``rope_store`` on copies of the same caches: q and both caches compared."""
     def run(fn, qkv, cos, sin, lens, kc, vc, H, qw, kw):
         kc, vc = kc.clone(), vc.clone()
@@ -117,8 +117,7 @@ def fused_ops(base: layers.QwenOps, device: torch.device, dtype: torch.dtype) ->
     cos, sin = (t.to(device, dtype)[None] for t in layers.rope_table(1e4, D, T))         # [1, T, D]
     w = rnd(C) * 0.1 + 1
     store_args = _decode_probe(device, dtype, rnd, norm=False)
-    fused_store, torch_store = _rope_store_check(chosen["rope_store"], False)
-    fused_store3, torch_store3 = _rope_store_check(chosen["rope_store"], True)
+    fused_store, torch_store = _rope_store_check(chosen["rope_store"])
     q = rnd(3, H, D)
     kc, vc, lens = store_args[4], store_args[5], store_args[3]
     probes = {"rmsnorm": (layers.add_rmsnorm, (rnd(B, T, C), w, 1e-6, rnd(B, T, C))),
@@ -134,7 +133,7 @@ def fused_ops(base: layers.QwenOps, device: torch.device, dtype: torch.dtype) ->
     for name, (ref, args) in probes.items():
         reason = _probe(name, tried[name], ref, args)
         if name == "rope_store" and reason is None:          # Qwen3's per-head norm through the same op
-            reason = _probe(name, fused_store3, torch_store3, _decode_probe(device, dtype, rnd, norm=True))
+            reason = _probe(name, fused_store, torch_store, _decode_probe(device, dtype, rnd, norm=True))
         if name == "gated_mlp" and reason is None:           # the cuBLAS + silu_mul side of prefill
             reason = _probe(name, tried[name], ref, (rnd(2, 80, C) * 0.1, (rnd(2 * F, C) * 0.05).t(),
                                                       lambda x, w: x @ w))
