@@ -11,7 +11,9 @@ Bytes = every input read once + every output written once; FLOPs of the gated ML
 Peers: "eager" is the unfused torch of Hugging Face's modules in the input dtype (``Qwen2RMSNorm`` then
 ``apply_rotary_pos_emb``; ``act(x @ gate^T) * (x @ up^T)``), "compile" is ``torch.compile`` of that function;
 "cuBLAS+silu_mul" is one cuBLAS GEMM on the concatenated [gate; up] weight followed by our ``silu_mul``.
-Also reported (no mark): the model's forms ``rmsnorm`` with a residual and ``rope`` of q and k (GQA 7:1).
+Also reported (no mark): the model's forms ``rmsnorm`` with a residual and ``rope`` of q and k (GQA 7:1), and the
+decode step's ``decode_attention`` (each row at the full length) against its torch form, the masked SDPA it replaces
+(in the "eager" column).
 Pass marks: fused_rmsnorm_rope >= 80% of copy bandwidth at 8192 tokens (64 tokens, a decode batch, is only
 reported); fused_gated_mlp >= 60% of the matmul peak at M=8192 and >= 75% of copy bandwidth at M=1 (Qwen2 7B:
 H=3584, I=18944; 1.5B: H=1536, I=8960). Exit status 2 when a mark is missed.
@@ -31,6 +33,7 @@ import torch.nn.functional as F  # noqa: E402
 from bench.kernels import peak_copy_bw, sets_for, time_ms  # noqa: E402
 from rwkv_chat.app.bench import provenance  # noqa: E402
 from rwkv_chat.models import ops  # noqa: E402
+from rwkv_chat.models.qwen2.layers import decode_attention as decode_attention_torch  # noqa: E402
 
 DT = torch.bfloat16
 GEMM_SHAPES = ((8192, 3584, 18944), (1, 3584, 18944), (64, 3584, 18944),
@@ -180,6 +183,19 @@ def main() -> int:
                              75 if m == 1 else None)
         md.append(line)
         ok &= good
+        print(line, flush=True)
+    for b, hq, hkv, d, length in ((1, 12, 2, 128, 1024), (1, 12, 2, 128, 8192), (1, 28, 4, 128, 8192),
+                                  (1, 28, 4, 128, 32768), (16, 28, 4, 128, 2048)):
+        nbytes = 2 * b * hkv * length * d * 2 + 2 * b * hq * d * 2       # keys and values up to each length, q, out
+        sets = []
+        for _ in range(sets_for(nbytes)):
+            kc, vc = torch.randn(2, b, hkv, length, d, device="cuda", dtype=DT)
+            sets.append((torch.randn(b, hq, d, device="cuda", dtype=DT), kc, vc,
+                         torch.full((b,), length - 1, device="cuda", dtype=torch.long)))
+        cells = [timed(ops.decode_attention, sets), timed(decode_attention_torch, sets)]
+        line, _ = row("decode_attention", f"b={b} Hq={hq} Hkv={hkv} len={length}", cells[0], [cells[1], "-", "-"],
+                      nbytes, "GB/s", bw, None)
+        md.append(line)
         print(line, flush=True)
     text = "\n".join(md)
     print("\n" + text)

@@ -318,6 +318,22 @@ def gptq_linear(tensors, prefix: str, config: dict | None = None, shape: tuple[i
                      tensors.get(f"{prefix}.g_idx"), bits=int((config or {}).get("bits", 4)), shape=shape, v2=v2)
 
 
+def concat_i4(parts: list[Int4Weight]) -> Int4Weight | None:
+    """The i4 weights ``parts`` (each [K, N_i], one K) side by side along the outputs as one [K, sum N_i] weight
+    (q, k, v of a GPTQ folder packed into one product), or None where they cannot be: an N_i not a multiple of 8
+    (padded columns), other group sizes or padded K, or different ``g_idx`` (act-order permutations)."""
+    first = parts[0]
+    for q in parts:
+        if q.shape[1] % 8 or q.qweight.shape[1] != q.shape[1] or q.shape[0] != first.shape[0] \
+                or q.qweight.shape[0] != first.qweight.shape[0] or q.group_size != first.group_size \
+                or q.scales.shape[0] != first.scales.shape[0] or (q.g_idx is None) != (first.g_idx is None) \
+                or (q.g_idx is not None and not torch.equal(q.g_idx, first.g_idx)):
+            return None
+    return Int4Weight(torch.cat([q.qweight for q in parts], 1), torch.cat([q.qzeros for q in parts], 1),
+                      torch.cat([q.scales for q in parts], 1), first.g_idx, first.group_size,
+                      (first.shape[0], sum(q.shape[1] for q in parts)))
+
+
 def mm4_torch(x: torch.Tensor, q: Int4Weight) -> torch.Tensor:
     """``x @ q.dequantize()`` in pure torch: x [..., K] -> [..., N] in x's dtype."""
     return x @ q.dequantize(x.dtype)

@@ -5,6 +5,7 @@ Public API (the operator library of the design documents)::
     from rwkv_chat.models.ops import fused_rmsnorm_rope, FusedRMSNormRoPE, fused_gated_mlp, FusedGatedMLP
     from rwkv_chat.models.ops import rmsnorm, rope, qk_norm_rope, silu_mul   # the fusions of Qwen2's dataflow
     from rwkv_chat.models.ops import quantize_fp8, fp8_gemm, FP8Linear, fused_ln_qkv_gptq
+    from rwkv_chat.models.ops import rope_store, decode_attention          # a decode step's attention
 
 The fusions of a Qwen2 / Qwen3 decoder layer (x: [B, T, hidden] bf16/fp16 on CUDA; cos, sin: [T, D] or [B, T, D])::
 
@@ -14,6 +15,11 @@ The fusions of a Qwen2 / Qwen3 decoder layer (x: [B, T, hidden] bf16/fp16 on CUD
     ...attention...
     h, residual = rmsnorm(attn_out, post_attention_layernorm_w, eps, residual)
     y = fused_gated_mlp(h, w_gate, w_up) @ w_down.T                     # or silu_mul(h @ w_gate_up.T) @ w_down.T
+
+A decode step (one token per row, row r at position lens[r]; caches [b, K, capacity, D])::
+
+    q = rope_store(qkv, cos_table, sin_table, lens, k_cache, v_cache, H)   # RoPE + cache write, one launch
+    o = decode_attention(q, k_cache, v_cache, lens)                      # GQA flash-decoding, no mask
 
 Every op checks its inputs before launching and raises the typed errors re-exported here
 (``DeviceError``, ``ShapeMismatchError``, ``UnsupportedDtypeError``, ``NumericalOverflowError``, each with
@@ -39,6 +45,8 @@ _LAZY = {
     "fp8_gemm": "rwkv_chat.models.ops.fp8",
     "FP8Linear": "rwkv_chat.models.ops.fp8",
     "fused_ln_qkv_gptq": "rwkv_chat.models.ops.gptq",
+    "rope_store": "rwkv_chat.models.ops.decode",
+    "decode_attention": "rwkv_chat.models.ops.decode",
 }
 
 

@@ -94,3 +94,31 @@ def rmsnorm_kernel(X, R, W, O, H, n_cols, sx, sr, so, sh, eps, HAS_RES: tl.const
     rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / n_cols + eps)
     w = tl.load(W + cols, mask=m, other=0.0).to(tl.float32)
     tl.store(O + row * so + cols, (xf * rstd * w).to(O.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def rope_store_kernel(QKV, C, S, POS, KC, VC, QO, QW, KW,
+                      sxr, scp, skb, skh, skp, svb, svh, svp, sob, soh,
+                      n_q, n_k, cap, eps,
+                      HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
+                      BLOCK_HALF: tl.constexpr, NORM: tl.constexpr):
+    """One decode token per program (row r of QKV [b, (Hq + 2 Hkv) D]: q heads, then k heads, then v heads) at its
+    position p = POS[r]: q rotated with cos/sin rows C/S[p] into QO [b, Hq, D]; k rotated into KC[r, :, p, :] and
+    v copied into VC[r, :, p, :] (the cache slots; p clamped to the capacity ``cap`` for the writes, memory-safe
+    whatever the device value). NORM 1: Qwen3's per-head RMSNorm (QW/KW [D]) before RoPE."""
+    r = tl.program_id(0).to(tl.int64)
+    p = tl.load(POS + r).to(tl.int64)
+    c_off = p * scp
+    p = tl.minimum(p, cap - 1)
+    x_off = r * sxr
+    D = 2 * HALF
+    _rope_tile(QKV, QO, QW, C, S, x_off, r * sob, c_off, D, soh, n_q, D, eps, HALF, BLOCK_HQ, BLOCK_HALF, NORM)
+    _rope_tile(QKV, KC, KW, C, S, x_off + n_q * D, r * skb + p * skp, c_off, D, skh, n_k, D, eps,
+               HALF, BLOCK_HK, BLOCK_HALF, NORM)
+    h = tl.arange(0, BLOCK_HK)[:, None]
+    d = tl.arange(0, BLOCK_HALF)[None, :]
+    m = (h < n_k) & (d < HALF)
+    src = QKV + x_off + (n_q + n_k) * D + h * D + d
+    dst = VC + r * svb + p * svp + h * svh + d
+    tl.store(dst, tl.load(src, mask=m, other=0.0).to(VC.dtype.element_ty), mask=m)
+    tl.store(dst + HALF, tl.load(src + HALF, mask=m, other=0.0).to(VC.dtype.element_ty), mask=m)

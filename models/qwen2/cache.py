@@ -56,13 +56,15 @@ class Buffer:
 
     @classmethod
     def grown(cls, state: "KVState", need: int, limit: int) -> "Buffer":
-        """A new buffer for ``need`` positions (``span(need, limit)``) holding ``state``'s."""
+        """A new buffer for ``need`` positions (``span(need, limit)``) holding ``state``'s. The positions past the
+        state's are left uninitialised (no fill kernel per layer): every reader stops at ``filled`` or at the
+        positions a forward wrote first."""
         cap = span(need, limit)
         L, B = state.token_count, state.batch_size
         layers = []
         for k, v in state.layers:
-            nk = k.new_zeros(B, k.shape[1], cap, k.shape[3])
-            nv = v.new_zeros(B, v.shape[1], cap, v.shape[3])
+            nk = k.new_empty(B, k.shape[1], cap, k.shape[3])
+            nv = v.new_empty(B, v.shape[1], cap, v.shape[3])
             nk[:, :, :L].copy_(k)
             nv[:, :, :L].copy_(v)
             layers.append((nk, nv))

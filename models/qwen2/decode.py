@@ -2,8 +2,9 @@
 
 ``Qwen2Decoder`` keeps up to ``max_batch`` conversations' KV caches in per-layer slot buffers k, v
 [max_batch, K, capacity, D] (live slots contiguous in ``[0, n)``) and each slot's length ``lens``. A step feeds
-one token per slot: each row's new key/value goes to its own position ``lens[row]`` (``scatter_``), its query is
-rotated for that position, and attends over the positions ``<= lens[row]`` (a boolean mask), so rows never mix.
+one token per slot: each row's new key/value goes to its own position ``lens[row]``, its query is rotated for that
+position, and attends over the positions ``<= lens[row]`` (``attend.decode``: ``ops.rope_store`` and
+``ops.decode_attention``, one Triton launch each on CUDA), so rows never mix.
 The capacity doubles from ``cache.CHUNK`` positions when a slot needs more (``cache.span``; never a copy per
 token), up to the model's context limit; a step attends over ``span(longest live slot + 1)`` positions only.
 Contract as ``rwkv_chat.models.rwkv.decode.BatchDecoder``::
@@ -21,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from rwkv_chat.models.errors import ContextLimitError, StateError, TokenError
+from rwkv_chat.models.qwen2 import attend as attending
 from rwkv_chat.models.qwen2.cache import NAMES, KVState, span
 from rwkv_chat.models.qwen2.layers import block
 from rwkv_chat.models.slots import Slots
@@ -37,31 +39,27 @@ def decode_one(model, ids: torch.Tensor, lens: torch.Tensor, bufs: list, capacit
         ids: int64 [b] token ids; lens: int64 [b] cached positions per row (the new token's position); both on the
             first layer's device.
         bufs: per layer (k, v) [>= b, K, capacity, D] on the layer's device; rows [0, b) are used.
+        capacity: the positions of ``bufs`` (every ``lens`` value is below it).
     Returns:
         logits float32 [b, vocab] on the head's device.
     """
     cfg, ops = model.config, model.backend.ops
     b = ids.shape[0]
     x = model.emb[ids.to(model.emb.device)].view(b, 1, -1)                           # [b, 1, C]
-    on: dict = {}
+    res, on = None, {}
     for i in range(cfg.n_layer):
-        dev = model.devices[i]
-        if dev not in on:
-            pos = lens.to(dev)
-            visible = torch.arange(capacity, device=dev)[None, :] <= pos[:, None]   # [b, capacity]
-            on[dev] = (pos.view(b, 1, 1, 1).expand(b, cfg.n_kv_head, 1, cfg.head_dim), visible.view(b, 1, 1, -1))
-        index, mask = on[dev]
-        x = x.to(device=dev, dtype=model.plan.layers[i].atype)
-        cos, sin = model.rope(lens, i)                                             # [b, D]
-        kc, vc = bufs[i][0][:b], bufs[i][1][:b]                                    # [b, K, capacity, D]
-
-        def attend(q, k, v, kc=kc, vc=vc, index=index, mask=mask):
-            kc.scatter_(2, index, k)
-            vc.scatter_(2, index, v)
-            return ops.attention(q, kc, vc, mask)
-
-        x = block(x, model.layer_params(i), cfg.rms_norm_eps, cfg.head_dim, ops, cos[:, None], sin[:, None], attend)
-    return model.head_logits(x)[:, 0]
+        dev, atype = model.devices[i], model.plan.layers[i].atype
+        if x.device != dev or x.dtype != atype:
+            x = x.to(device=dev, dtype=atype)
+            res = None if res is None else res.to(device=dev, dtype=atype)
+        here = on.get((dev, atype))
+        if here is None:                                  # the positions and RoPE tables of this device, once
+            here = on[(dev, atype)] = (lens.to(dev), *model.rope_tables(dev, atype))
+        pos, cos, sin = here
+        kc, vc = bufs[i]                                                           # [>= b, K, capacity, D]
+        attend = attending.decode(ops, cos, sin, pos, kc, vc, cfg.n_head, cfg.rms_norm_eps)
+        x, res = block(x, res, model.layer_params(i), cfg.rms_norm_eps, ops, attend)
+    return model.head_logits(x, res)[:, 0]
 
 
 class Qwen2Decoder(Slots):

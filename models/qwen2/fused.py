@@ -1,12 +1,13 @@
 """The Triton operators of ``rwkv_chat.models.ops`` behind ``QwenOps`` (CUDA, fp16/bf16 layers).
 
-``fused_ops(base, device, dtype)`` returns ``(ops, note)``: ``base`` with ``rmsnorm`` (``ops.rmsnorm``), ``rope``
-(``ops.rope``: q and k in one launch), ``qk_norm_rope`` (``ops.qk_norm_rope``: Qwen3's per-head norm + RoPE) and
-``gated_mlp`` (``ops.fused_gated_mlp``: SwiGLU on fp16/bf16 tensor cores, reading the gate/up weights in
-nn.Linear layout) replaced where each op runs: every op is tried once on small inputs of the model's dtype and
-checked against the torch form; an op that fails (no Triton, a compile error, a wrong result) keeps the torch
-form, and ``note`` says which ops serve and why others do not. Attention stays with
-``scaled_dot_product_attention`` (flash / memory-efficient kernels on CUDA).
+``fused_ops(base, device, dtype)`` returns ``(ops, note)``: ``base`` with ``rmsnorm`` (``ops.rmsnorm``: residual
+add + RMSNorm), ``rope`` (``ops.rope``: q and k in one launch), ``qk_norm_rope`` (``ops.qk_norm_rope``: Qwen3's
+per-head norm + RoPE), ``gated_mlp`` (up to ``FUSED_MLP_ROWS`` rows ``ops.fused_gated_mlp``: SwiGLU on fp16/bf16
+tensor cores reading the gate and up halves of the packed [2F, C] matrix; more rows: one cuBLAS GEMM and
+``ops.silu_mul``), and the decode step's ``rope_store`` and ``decode_attention`` (``ops.decode``) replaced where
+each op runs: every op is tried once on small inputs of the model's dtype and checked against the torch form; an
+op that fails (no Triton, a compile error, a wrong result) keeps the torch form, and ``note`` says which ops serve
+and why others do not. Prefill attention stays with ``scaled_dot_product_attention`` (flash kernels on CUDA).
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from rwkv_chat.models.qwen2 import layers
 
 
 def _rmsnorm(fused):
-    def rmsnorm(x, weight, eps):
-        return fused(x, weight, eps)[0]
+    def rmsnorm(x, weight, eps, residual=None):
+        return fused(x, weight, eps, residual)
     return rmsnorm
 
 
@@ -41,12 +42,23 @@ def _qk_norm_rope(fused):
     return qk_norm_rope
 
 
-def _gated(fused, fallback):
-    def gated_mlp(x, gate, up, matmul):
-        if isinstance(gate, torch.Tensor) and isinstance(up, torch.Tensor) and gate.t().is_contiguous() \
-                and up.t().is_contiguous() and x.dtype in (torch.float16, torch.bfloat16):
-            return fused(x, gate.t(), up.t())
-        return fallback(x, gate, up, matmul)
+#: rows up to which the gated MLP runs the fused Triton kernel (both products share each loaded x tile; measured on
+#: an H200, bench/ops.py: M=1 and M=64 at or near cuBLAS); above, one cuBLAS GEMM over the packed gate|up matrix and
+#: ``silu_mul`` (cuBLAS's large-tile GEMM is 9-12% faster at M=8192 there)
+FUSED_MLP_ROWS = 64
+
+
+def _gated(fused, silu_mul, fallback):
+    def gated_mlp(x, gate_up, matmul):
+        if isinstance(gate_up, torch.Tensor) and gate_up.t().is_contiguous() \
+                and x.dtype in (torch.float16, torch.bfloat16) and x.dtype == gate_up.dtype:
+            rows = x.numel() // x.shape[-1]
+            if rows <= FUSED_MLP_ROWS:
+                w = gate_up.t()                                   # [2F, C]: gate rows, then up rows
+                f = w.shape[0] // 2
+                return fused(x, w[:f], w[f:])
+            return silu_mul(x @ gate_up)
+        return fallback(x, gate_up, matmul)
     return gated_mlp
 
 
@@ -63,6 +75,26 @@ def _probe(name: str, fn, ref, args) -> str | None:
     return None
 
 
+def _decode_probe(device, dtype, rnd, norm: bool):
+    """Inputs of ``rope_store`` (and, from its output, ``decode_attention``): 3 rows at positions 0, 5 and 300 of
+    caches of 320 positions (H = 4, K = 2, D = 64; splits along the positions as a long cache takes them)."""
+    H, K, D, cap = 4, 2, 64, 320
+    cos, sin = (t.to(device, dtype) for t in layers.rope_table(1e4, D, cap))
+    lens = torch.tensor([0, 5, 300], device=device)
+    kc, vc = rnd(3, K, cap, D), rnd(3, K, cap, D)
+    qkv = rnd(3, (H + 2 * K) * D)
+    w = (rnd(D) * 0.1 + 1, rnd(D) * 0.1 + 1) if norm else (None, None)
+    return qkv, cos, sin, lens, kc, vc, H, *w
+
+
+def _rope_store_check(fused):
+    """fused vs torch ``rope_store`` on copies of the same caches: q and both caches compared."""
+    def run(fn, qkv, cos, sin, lens, kc, vc, H, qw, kw):
+        kc, vc = kc.clone(), vc.clone()
+        return fn(qkv, cos, sin, lens, kc, vc, H, qw, kw, 1e-6), kc, vc
+    return (lambda *a: run(fused, *a)), (lambda *a: run(layers.rope_store, *a))
+
+
 def fused_ops(base: layers.QwenOps, device: torch.device, dtype: torch.dtype) -> tuple[layers.QwenOps, str]:
     """``base`` with the Triton ops that run on ``device`` in ``dtype`` (see the module docstring)."""
     if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
@@ -72,7 +104,8 @@ def fused_ops(base: layers.QwenOps, device: torch.device, dtype: torch.dtype) ->
 
         chosen = {"rmsnorm": _rmsnorm(triton_ops.rmsnorm), "rope": _rope(triton_ops.rope),
                   "qk_norm_rope": _qk_norm_rope(triton_ops.qk_norm_rope),
-                  "gated_mlp": _gated(triton_ops.fused_gated_mlp, base.gated_mlp)}
+                  "gated_mlp": _gated(triton_ops.fused_gated_mlp, triton_ops.silu_mul, base.gated_mlp),
+                  "rope_store": triton_ops.rope_store, "decode_attention": triton_ops.decode_attention}
     except (ImportError, AttributeError) as e:
         return base, f"torch ops (Triton ops unavailable: {e})"
     g = torch.Generator(device=device).manual_seed(0)
@@ -83,15 +116,27 @@ def fused_ops(base: layers.QwenOps, device: torch.device, dtype: torch.dtype) ->
     B, T, H, K, D, C, F = 2, 3, 4, 2, 64, 256, 512
     cos, sin = (t.to(device, dtype)[None] for t in layers.rope_table(1e4, D, T))         # [1, T, D]
     w = rnd(C) * 0.1 + 1
-    probes = {"rmsnorm": (layers.rmsnorm, (rnd(B, T, C), w, 1e-6)),
+    store_args = _decode_probe(device, dtype, rnd, norm=False)
+    fused_store, torch_store = _rope_store_check(chosen["rope_store"])
+    q = rnd(3, H, D)
+    kc, vc, lens = store_args[4], store_args[5], store_args[3]
+    probes = {"rmsnorm": (layers.add_rmsnorm, (rnd(B, T, C), w, 1e-6, rnd(B, T, C))),
               "rope": (layers.rope, (rnd(B, T, H, D), rnd(B, T, K, D), cos, sin)),
               "qk_norm_rope": (layers.qk_norm_rope, (rnd(B, T, H, D), rnd(B, T, K, D), rnd(D) * 0.1 + 1,
                                                      rnd(D) * 0.1 + 1, cos, sin, 1e-6)),
-              "gated_mlp": (layers.gated_mlp, (rnd(B, T, C) * 0.1, (rnd(F, C) * 0.05).t(), (rnd(F, C) * 0.05).t(),
-                                               lambda x, w: x @ w))}
+              "gated_mlp": (layers.gated_mlp, (rnd(B, T, C) * 0.1, (rnd(2 * F, C) * 0.05).t(), lambda x, w: x @ w)),
+              "rope_store": (torch_store, store_args),
+              "decode_attention": (layers.decode_attention, (q, kc, vc, lens))}
+    tried = {name: chosen[name] for name in probes}
+    tried["rope_store"] = fused_store
     serving, problems = [], []
     for name, (ref, args) in probes.items():
-        reason = _probe(name, chosen[name], ref, args)
+        reason = _probe(name, tried[name], ref, args)
+        if name == "rope_store" and reason is None:          # Qwen3's per-head norm through the same op
+            reason = _probe(name, fused_store, torch_store, _decode_probe(device, dtype, rnd, norm=True))
+        if name == "gated_mlp" and reason is None:           # the cuBLAS + silu_mul side of prefill
+            reason = _probe(name, tried[name], ref, (rnd(2, 80, C) * 0.1, (rnd(2 * F, C) * 0.05).t(),
+                                                      lambda x, w: x @ w))
         if reason is None:
             serving.append(name)
         else:
@@ -99,5 +144,3 @@ def fused_ops(base: layers.QwenOps, device: torch.device, dtype: torch.dtype) ->
             del chosen[name]
     note = f"Triton {', '.join(serving) or 'none'}" + (f" (torch for {'; '.join(problems)})" if problems else "")
     return replace(base, **chosen), note
-
-

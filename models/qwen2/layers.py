@@ -9,11 +9,12 @@ The math is ``transformers``' (``models/qwen2/modeling_qwen2.py``, ``models/qwen
 * SwiGLU MLP: ``down(silu(gate(x)) · up(x))``;
 * Qwen3: RMSNorm over each head's D channels of q and k (``q_norm``, ``k_norm``) before RoPE.
 
-``QwenOps`` names the per-layer operators (``rmsnorm``, ``rope``, ``gated_mlp``, ``attention``, ``matmul``); the
-pure-torch forms are here, and a backend may hand the block fused ones (``rwkv_chat.models.ops`` on CUDA) with
-the same contracts. ``block`` is the one layer function: a sequence (prefill), one token, or a batch of slots
-of the batched decoder all run through it; only ``attend`` (how new keys/values enter the cache and which
-positions each query sees) differs.
+``QwenOps`` names the per-layer operators (``rmsnorm`` with the residual add, ``rope``, ``gated_mlp``,
+``attention``, the decode step's ``rope_store`` and ``decode_attention``, ``matmul``); the pure-torch forms are
+here, and a backend may hand the block fused ones (``rwkv_chat.models.ops`` on CUDA) with the same contracts.
+``block`` is the one layer function: a sequence (prefill), one token, or a batch of slots of the batched decoder
+all run through it; only ``attend`` (``attend.py``: how new keys/values enter the cache and which positions each
+query sees) differs.
 """
 
 from __future__ import annotations
@@ -59,9 +60,36 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_wei
     return rope(rmsnorm(q, q_weight, eps), rmsnorm(k, k_weight, eps), cos, sin)
 
 
-def gated_mlp(x: torch.Tensor, gate, up, matmul: Callable) -> torch.Tensor:
-    """SwiGLU's gated product ``silu(x @ gate) * (x @ up)``: x [..., C], packed weights [C, F] -> [..., F]."""
-    return F.silu(matmul(x, gate)) * matmul(x, up)
+def add_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual add + RMSNorm: ``h = x + residual`` (in x's dtype; ``h = x`` without a residual) ->
+    ``(rmsnorm(h, weight, eps), h)``, both [..., C] in x's dtype (the contract of ``rwkv_chat.models.ops.rmsnorm``)."""
+    h = x if residual is None else x + residual
+    return rmsnorm(h, weight, eps), h
+
+
+def linear(x: torch.Tensor, w, bias: torch.Tensor | None, matmul: Callable) -> torch.Tensor:
+    """``x @ w + bias``: x [..., N], w packed [N, M] (any format), bias [M] or None -> [..., M] in x's dtype.
+    A plain float matrix with a bias is one ``torch.addmm`` (the bias added in the GEMM's epilogue); a tuple of
+    packed weights (parts that could not be joined at load, ``weights.py``) gives its products side by side."""
+    if isinstance(w, tuple):
+        y = torch.cat([matmul(x, part) for part in w], dim=-1)
+        return y if bias is None else y + bias
+    if bias is None:
+        return matmul(x, w)
+    if isinstance(w, torch.Tensor) and x.dtype == w.dtype:
+        return torch.addmm(bias, x.reshape(-1, x.shape[-1]), w).view(*x.shape[:-1], w.shape[1])
+    return matmul(x, w) + bias
+
+
+def gated_mlp(x: torch.Tensor, gate_up, matmul: Callable) -> torch.Tensor:
+    """SwiGLU's gated product ``silu(x @ gate) * (x @ up)``: x [..., C]; ``gate_up`` the packed gate|up weight
+    [C, 2F] (one product; gate the first F outputs) or a pair (gate, up) of packed [C, F] -> [..., F]."""
+    if isinstance(gate_up, tuple):
+        return F.silu(matmul(x, gate_up[0])) * matmul(x, gate_up[1])
+    y = matmul(x, gate_up)
+    f = y.shape[-1] // 2
+    return F.silu(y[..., :f]) * y[..., f:]
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -89,61 +117,83 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(T, S), enable_gqa=H != K)
 
 
+def rope_store(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lens: torch.Tensor, k_cache: torch.Tensor,
+               v_cache: torch.Tensor, num_heads: int, q_weight: torch.Tensor | None = None,
+               k_weight: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
+    """A decode step's new token per row: q, k, v from the packed ``qkv`` [b, (H + 2K)·D], RoPE of q and k at row
+    r's position ``lens[r]`` (cos, sin: the whole tables [P, D] in qkv's dtype; Qwen3: ``qk_norm_rope`` with
+    ``q_weight``, ``k_weight`` [D]), k and v written into ``k_cache``, ``v_cache`` [>= b, K, capacity, D] at
+    ``[r, :, lens[r]]`` (``scatter_``). Returns q [b, H, D]. The torch form of ``rwkv_chat.models.ops.rope_store``."""
+    b = qkv.shape[0]
+    kv, d = k_cache.shape[1], k_cache.shape[3]
+    q, k, v = qkv.view(b, 1, num_heads + 2 * kv, d).split((num_heads, kv, kv), dim=2)   # [b, 1, H|K, D]
+    c, s = cos[lens][:, None], sin[lens][:, None]                                        # [b, 1, D]
+    if q_weight is not None:
+        q, k = qk_norm_rope(q, k, q_weight, k_weight, c, s, eps)
+    else:
+        q, k = rope(q, k, c, s)
+    index = lens.view(b, 1, 1, 1).expand(b, kv, 1, d)
+    k_cache[:b].scatter_(2, index, k.transpose(1, 2))
+    v_cache[:b].scatter_(2, index, v.transpose(1, 2))
+    return q[:, 0]
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+    """One query per row over that row's positions ``0 .. lens[r]``: q [b, H, D], k_cache, v_cache [>= b, K,
+    capacity, D] -> [b, H, D] (``attention`` with the boolean mask of each row's length). The torch form of
+    ``rwkv_chat.models.ops.decode_attention``."""
+    b = q.shape[0]
+    visible = torch.arange(k_cache.shape[2], device=q.device)[None, :] <= lens[:, None]      # [b, capacity]
+    return attention(q[:, :, None], k_cache[:b], v_cache[:b], visible.view(b, 1, 1, -1))[:, :, 0]
+
+
 @dataclass(frozen=True)
 class QwenOps:
-    """The operators ``block`` calls; contracts of the pure-torch forms above.
+    """The operators ``block`` and the attention of ``attend.py`` call; contracts of the pure-torch forms above.
 
     Attributes:
-        rmsnorm: (x [..., C], weight [C], eps) -> [..., C].
+        rmsnorm: (x [..., C], weight [C], eps, residual [..., C] or None) -> (normed, x + residual), as
+            ``add_rmsnorm``.
         rope: (q [B, T, H, D], k [B, T, K, D], cos, sin [B|1, T, D]) -> (q, k).
         qk_norm_rope: (q, k as rope, q_weight, k_weight [D], cos, sin, eps) -> (q, k): per-head RMSNorm, then RoPE.
-        gated_mlp: (x [..., C], gate, up packed [C, F], matmul) -> silu(x @ gate) * (x @ up) [..., F].
+        gated_mlp: (x [..., C], packed gate|up [C, 2F] or a pair, matmul) -> silu(x @ gate) * (x @ up) [..., F].
         attention: (q [B, H, T, D], k, v [B, K, S, D], mask bool [B|1, 1, T, S] or None (causal, aligned at the
             end)) -> [B, H, T, D].
+        rope_store: a decode step's RoPE + cache write, as ``rope_store`` above.
+        decode_attention: a decode step's attention over each row's length, as ``decode_attention`` above.
         matmul: ``formats.matmul_with``'s product (x [..., N], packed [N, M], output_dtype=None) -> [..., M].
     """
 
-    rmsnorm: Callable = rmsnorm
+    rmsnorm: Callable = add_rmsnorm
     rope: Callable = rope
     qk_norm_rope: Callable = qk_norm_rope
     gated_mlp: Callable = gated_mlp
     attention: Callable = attention
+    rope_store: Callable = rope_store
+    decode_attention: Callable = decode_attention
     matmul: Callable | None = None
 
 
-def block(x: torch.Tensor, p: dict, eps: float, head_dim: int, ops: QwenOps, cos: torch.Tensor, sin: torch.Tensor,
-          attend: Callable) -> torch.Tensor:
-    """One decoder layer (pre-norm attention, then pre-norm SwiGLU MLP, each with a residual).
+def block(x: torch.Tensor, residual: torch.Tensor | None, p: dict, eps: float, ops: QwenOps,
+          attend: Callable) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoder layer (pre-norm attention, then pre-norm SwiGLU MLP, each with a residual), with the residual
+    adds fused into the norms: the residual stream entering the layer is ``x + residual`` (``residual`` None: x
+    alone, the first layer), and the layer returns ``(y, residual')`` whose sum is the stream after it (the next
+    layer's input norm, or the final norm, adds them).
 
     Args:
-        x: the residual stream [B, T, C] in the layer's activation dtype.
-        p: the layer's parameters: ``ln1``, ``ln2`` [C]; packed ``wq`` [C, H*D], ``wk``, ``wv`` [C, K*D], ``wo``
-            [H*D, C], ``gate``, ``up`` [C, F], ``down`` [F, C]; optional ``bq``, ``bk``, ``bv``, ``bo`` (biases),
-            ``q_norm``, ``k_norm`` [D] (Qwen3).
-        eps: RMSNorm epsilon. head_dim: D.
-        ops: the operators (``QwenOps``).
-        cos, sin: RoPE of the new positions [B|1, T, D] in x's dtype.
-        attend: ``attend(q [B, H, T, D], k, v [B, K, T, D]) -> [B, H, T, D]``: stores the new keys/values in
-            the cache and attends over the cached past and themselves.
+        x, residual: [B, T, C] in the layer's activation dtype (residual may be None).
+        p: the layer's parameters: ``ln1``, ``ln2`` [C]; packed ``wqkv`` [C, (H+2K)·D] (q, k, v outputs side by
+            side), ``wo`` [H·D, C], ``gate_up`` [C, 2F] (or the pair ``(gate, up)``), ``down`` [F, C]; optional
+            ``bqkv`` [(H+2K)·D], ``bo`` [C] (biases), ``q_norm``, ``k_norm`` [D] (Qwen3).
+        eps: RMSNorm epsilon. ops: the operators (``QwenOps``).
+        attend: ``attend(qkv [B, T, (H+2K)·D], p) -> [B, T, H·D]``: RoPE, the new keys/values into the cache,
+            attention over the cached past and themselves (``attend.py``: prefill, decode).
     Returns:
-        x [B, T, C].
+        (y, residual) [B, T, C].
     """
-    B, T, _ = x.shape
     mm = ops.matmul
-    h = ops.rmsnorm(x, p["ln1"], eps)
-    q, k, v = mm(h, p["wq"]), mm(h, p["wk"]), mm(h, p["wv"])
-    if "bq" in p:
-        q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
-    q = q.view(B, T, -1, head_dim)                                       # [B, T, H, D]
-    k = k.view(B, T, -1, head_dim)                                       # [B, T, K, D]
-    v = v.view(B, T, -1, head_dim).transpose(1, 2)                       # [B, K, T, D]
-    if "q_norm" in p:
-        q, k = ops.qk_norm_rope(q, k, p["q_norm"], p["k_norm"], cos, sin, eps)
-    else:
-        q, k = ops.rope(q, k, cos, sin)
-    q, k = q.transpose(1, 2), k.transpose(1, 2)                          # [B, H, T, D], [B, K, T, D]
-    o = attend(q, k, v)                                                  # [B, H, T, D]
-    o = mm(o.transpose(1, 2).reshape(B, T, -1), p["wo"])
-    x = x + (o + p["bo"] if "bo" in p else o)
-    h = ops.rmsnorm(x, p["ln2"], eps)
-    return x + mm(ops.gated_mlp(h, p["gate"], p["up"], mm), p["down"])
+    h, residual = ops.rmsnorm(x, p["ln1"], eps, residual)
+    o = attend(linear(h, p["wqkv"], p.get("bqkv"), mm), p)
+    h, residual = ops.rmsnorm(linear(o, p["wo"], p.get("bo"), mm), p["ln2"], eps, residual)
+    return mm(ops.gated_mlp(h, p["gate_up"], mm), p["down"]), residual

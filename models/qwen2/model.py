@@ -31,17 +31,10 @@ from rwkv_chat.models.interface import token_ids
 from rwkv_chat.models.qwen2.cache import NAMES, KVState
 from rwkv_chat.models.qwen2.checkpoint import open_checkpoint
 from rwkv_chat.models.qwen2.config import QwenConfig, read_config
+from rwkv_chat.models.qwen2 import attend as attending
+from rwkv_chat.models.qwen2 import weights
 from rwkv_chat.models.qwen2.layers import QwenOps, block, rope_table
 from rwkv_chat.models.strategy import Plan, plan_layers, torch_device
-
-_MATRICES = {"self_attn.q_proj.weight": "wq", "self_attn.k_proj.weight": "wk", "self_attn.v_proj.weight": "wv",
-             "self_attn.o_proj.weight": "wo", "mlp.gate_proj.weight": "gate", "mlp.up_proj.weight": "up",
-             "mlp.down_proj.weight": "down"}
-_VECTORS = {"input_layernorm.weight": "ln1", "post_attention_layernorm.weight": "ln2", "self_attn.q_proj.bias": "bq",
-            "self_attn.k_proj.bias": "bk", "self_attn.v_proj.bias": "bv", "self_attn.o_proj.bias": "bo",
-            "self_attn.q_norm.weight": "q_norm",
-            "self_attn.k_norm.weight": "k_norm"}
-
 
 class TorchBackend:
     """What serves a Qwen model: the layer functions of ``layers.py`` on ``ops`` (``QwenOps``).
@@ -56,7 +49,7 @@ class TorchBackend:
     def __init__(self, compiled: bool, ops: QwenOps, note: str = "", i8: bool = False):
         self.ops, self.compiled = ops, compiled
         self.name = "eager" if compiled else "torch"
-        self.detail = (note or "torch ops") + ", SDPA attention" + (", compiled i8 product where built" if i8 else "")
+        self.detail = (note or "torch ops") + ", SDPA prefill attention" + (", compiled i8 product where built" if i8 else "")
 
     def __str__(self) -> str:
         return f"{self.name} ({self.detail})"
@@ -134,63 +127,8 @@ class Qwen2:
         return self.config.vocab_size
 
     # -- loading ---------------------------------------------------------------------------------
-    def _pack(self, w: torch.Tensor, i: int):
-        """An nn.Linear weight [out, in] of layer i (n_layer: the head) packed [in, out] by its stage's format.
-        Plain float weights stay in nn.Linear's layout ([in, out] is the transposed view of a contiguous
-        [out, in]: ``x @ W`` is ``F.linear``'s GEMM, and fused ops read the rows they expect)."""
-        place = self.plan.layers[i]
-        quant = place.quant                 # the head of an i4 stage: plain (strategy.HEAD_IN_ACTIVATION)
-        if quant is None and not place.stream:
-            return w.to(place.atype).to(self.devices[i]).contiguous().t()
-        return formats.get(quant).pack(w.t(), place.atype, self.devices[i], stream=place.stream)
-
-    def _stored(self, ck, key: str, i: int):
-        """The GPTQ Linear ``key`` ("<stem>.weight", [out, in] in a float checkpoint) of layer i as the ``Int4Weight``
-        [in, out] stored in the folder, on the layer's device (pinned CPU memory when streamed)."""
-        from rwkv_chat.models.formats.i4 import gptq_linear
-
-        stem = key[: -len(".weight")]
-        parts = {f"{stem}.{n}": ck.get(f"{stem}.{n}") for n in ("qweight", "qzeros", "scales", "g_idx")
-                 if f"{stem}.{n}" in ck.files}
-        q = gptq_linear(parts, stem, ck.gptq)
-        if self.plan.layers[i].stream:
-            q = q.contiguous()
-            return q.pin_memory() if torch.cuda.is_available() else q
-        return q.to(self.devices[i]).contiguous()
-
-    def _vector(self, w: torch.Tensor, i: int) -> torch.Tensor:
-        return w.to(self.plan.layers[i].atype).to(self.devices[i]).contiguous()
-
     def _place(self, ck, progress) -> None:
-        cfg, plan = self.config, self.plan
-        total = cfg.n_layer + 1
-        emb_w = ck.get("model.embed_tokens.weight")
-        self.emb = self._vector(emb_w, 0)                                          # [V, C]
-        self.layers: list[dict] = []
-        for i in range(cfg.n_layer):
-            if progress is not None:
-                progress(i, total)
-            pre = f"model.layers.{i}."
-            if ck.gptq is not None:
-                p = {name: self._stored(ck, pre + key, i) for key, name in _MATRICES.items()}
-            else:
-                p = {name: self._pack(ck.get(pre + key), i) for key, name in _MATRICES.items()}
-            p.update({name: self._vector(ck.get(pre + key), i) for key, name in _VECTORS.items()
-                      if pre + key in ck.files})
-            self.layers.append(p)
-        head = plan.layers[-1]
-        n = cfg.n_layer
-        self.norm = self._vector(ck.get("model.norm.weight"), n)
-        plain = head.quant is None
-        if cfg.tie_word_embeddings and plain and not head.stream and self.devices[-1] == self.emb.device \
-                and head.atype == self.emb.dtype:
-            self.head = self.emb.t()                                               # [C, V], shares the table
-        elif ck.head_quantized:
-            self.head = self._stored(ck, "lm_head.weight", n)
-        else:
-            self.head = self._pack(emb_w if cfg.tie_word_embeddings else ck.get("lm_head.weight"), n)
-        if progress is not None:
-            progress(total, total)
+        weights.place(self, ck, progress)
 
     def _choose(self, kernels: bool) -> None:
         self.kernels: dict[str, dict[str, str]] = {}
@@ -225,7 +163,13 @@ class Qwen2:
         if not self.plan.layers[i].stream:
             return p
         dev = self.devices[i]
-        return {k: (v.to(dev, non_blocking=True) if v.device != dev else v) for k, v in p.items()}
+
+        def move(v):
+            if isinstance(v, tuple):
+                return tuple(move(t) for t in v)
+            return v.to(dev, non_blocking=True) if v.device != dev else v
+
+        return {k: move(v) for k, v in p.items()}
 
     def head_weight(self):
         """The head matrix [C, vocab] on the head's device."""
@@ -233,15 +177,13 @@ class Qwen2:
             return self.head.to(self.devices[-1], non_blocking=True)
         return self.head
 
-    def rope(self, positions: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of layer i's device and dtype for int64 ``positions`` (any shape P, <= context_limit) ->
-        [*P, D]."""
-        key = (self.devices[i], self.plan.layers[i].atype)
+    def rope_tables(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [context_limit + 1, D] of every position, on ``device`` in ``dtype`` (made once, kept)."""
+        key = (device, dtype)
         tables = self._rope.get(key)
         if tables is None:
-            tables = self._rope[key] = (self._cos.to(key[0], key[1]), self._sin.to(key[0], key[1]))
-        positions = positions.to(key[0])
-        return tables[0][positions], tables[1][positions]
+            tables = self._rope[key] = (self._cos.to(device, dtype), self._sin.to(device, dtype))
+        return tables
 
     def decoder(self, max_batch: int = 1, buckets: tuple[int, ...] | None = None, graphs: bool | None = None):
         """A ``Qwen2Decoder`` (``rwkv_chat.models.qwen2.decode``) with ``max_batch`` slots of any cache lengths;
@@ -336,34 +278,36 @@ class Qwen2:
             raise ContextLimitError(f"{need} tokens do not fit the context limit of {self.context_limit} tokens "
                                     f"({L} cached + {T} new)", limit=self.context_limit, needed=need)
         buf = state.writable(need, self.context_limit)
-        positions = torch.arange(L, need)
         x = self.emb[ids.to(self.emb.device)]                                    # [B, T, C]
+        res, tables = None, {}
         for i in range(cfg.n_layer):
-            dev = self.devices[i]
-            x = x.to(device=dev, dtype=self.plan.layers[i].atype)
-            cos, sin = self.rope(positions, i)                                   # [T, D]
+            dev, atype = self.devices[i], self.plan.layers[i].atype
+            if x.device != dev or x.dtype != atype:
+                x = x.to(device=dev, dtype=atype)
+                res = None if res is None else res.to(device=dev, dtype=atype)
+            rows = tables.get((dev, atype))
+            if rows is None:                                                     # [T, D] of positions L .. need - 1
+                rows = tables[(dev, atype)] = tuple(t[L:need] for t in self.rope_tables(dev, atype))
             kc, vc = buf.layers[i]                                               # [B, K, cap, D]
-
-            def attend(q, k, v, kc=kc, vc=vc):      # query t (position L + t) sees keys 0 .. L + t
-                kc[:, :, L:need].copy_(k)
-                vc[:, :, L:need].copy_(v)
-                return ops.attention(q, kc[:, :, :need], vc[:, :, :need], None)
-
-            x = block(x, self.layer_params(i), cfg.rms_norm_eps, cfg.head_dim, ops, cos[None], sin[None], attend)
+            attend = attending.prefill(ops, rows[0], rows[1], kc, vc, L, need, cfg.n_head, cfg.rms_norm_eps)
+            x, res = block(x, res, self.layer_params(i), cfg.rms_norm_eps, ops, attend)
         buf.tokens[:, L:need].copy_(ids)
         buf.filled = need
         if not full_output:
-            x = x[:, -1:]
-        logits = self.head_logits(x)
+            x, res = x[:, -1:], res[:, -1:]
+        logits = self.head_logits(x, res)
         new = KVState(self.version, self.fingerprint, NAMES, [(k[:, :, :need], v[:, :, :need]) for k, v in buf.layers],
                       need, state.metadata, tokens=buf.tokens[:, :need], buffer=buf)
         return logits, new
 
-    def head_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """The final RMSNorm and ``lm_head``: x [B, T, C] -> float32 logits [B, T, vocab] on the head's device."""
+    def head_logits(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The final RMSNorm (of ``x + residual``, the last layer's pair) and ``lm_head``: x [B, T, C] -> float32
+        logits [B, T, vocab] on the head's device."""
         head = self.plan.layers[-1]
-        x = x.to(device=self.devices[-1], dtype=head.atype)
-        x = self.backend.ops.rmsnorm(x, self.norm, self.config.rms_norm_eps)
+        dev = self.devices[-1]
+        x = x.to(device=dev, dtype=head.atype)
+        residual = None if residual is None else residual.to(device=dev, dtype=head.atype)
+        x = self.backend.ops.rmsnorm(x, self.norm, self.config.rms_norm_eps, residual)[0]
         return self.backend.ops.matmul(x, self.head_weight()).float()
 
     def __repr__(self) -> str:

@@ -58,6 +58,8 @@ def cache_kwarg(hf) -> str:
 
 
 def _nbytes(w) -> int:
+    if isinstance(w, tuple):                     # parts kept apart at load (weights.py)
+        return sum(_nbytes(t) for t in w)
     return w.numel() * w.element_size() if isinstance(w, torch.Tensor) else formats.nbytes(w)
 
 

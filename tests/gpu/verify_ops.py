@@ -5,7 +5,9 @@
 Fresh random inputs (seeded) over the shapes of Qwen2 0.5B / 1.5B / 7B and Qwen3 heads, in float32, float16 and
 bfloat16 (the GEMM in the half dtypes only). The reference (``tests/models/ops/reference.py``) computes in fp32;
 the error is the largest |ours - reference| / (atol + rtol |reference|) over the output (<= 1 passes, the
-tolerances of an output rounded to its dtype). Prints a Markdown table; exit status 1 on a failure.
+tolerances of an output rounded to its dtype). The decode step's ``rope_store`` and ``decode_attention`` are checked
+against the torch forms of ``models/qwen2/layers.py`` (``decode_cases``). Prints a Markdown table; exit status 1 on
+a failure.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import torch  # noqa: E402
 
 from rwkv_chat.app.bench import provenance  # noqa: E402
 from rwkv_chat.models import ops  # noqa: E402
+from rwkv_chat.models.ops.decode import splits_for  # noqa: E402
+from rwkv_chat.models.qwen2 import layers  # noqa: E402
 from tests.models.ops.reference import (ref_cos_sin, ref_gated_mlp, ref_qk_norm_rope, ref_rmsnorm,  # noqa: E402
                                         ref_rmsnorm_rope, ref_rope, ref_silu_mul)
 
@@ -87,13 +91,63 @@ def cases():
                        lambda: ops.fused_gated_mlp(x, g, u, act), lambda: ref_gated_mlp(x, g, u, act), 2)
 
 
+def _rope_store(fn, qkv, cos, sin, lens, kc, vc, H, qw, kw):
+    """q, and the written cache rows, of ``fn`` (ours or the torch form) on fresh copies of the caches."""
+    kc, vc = kc.clone(), vc.clone()
+    q = fn(qkv, cos, sin, lens, kc, vc, H, qw, kw, 1e-6)
+    return torch.cat([q.flatten(), kc.flatten(), vc.flatten()])      # whole caches: no write past the slots
+
+
+def decode_cases():
+    """The decode step's ops against the torch forms of ``models/qwen2/layers.py`` in fp32 (the path they replace:
+    gathered cos/sin, rope, scatter, SDPA with each row's mask), the shapes of Qwen2 1.5B / 7B and Qwen3; caches
+    from 256 positions (one pass) to 32768 (split along the positions, then combined), rows at random lengths."""
+    gen = torch.Generator().manual_seed(7)
+    for dtype in FLOATS:
+        for b, hq, hkv, d, cap, norm in ((1, 12, 2, 128, 1024, False), (8, 28, 4, 128, 4096, False),
+                                         (4, 16, 8, 128, 512, True), (3, 14, 2, 64, 300, False)):
+            cos, sin = (t.to("cuda", dtype) for t in layers.rope_table(1e6, d, cap + 1))
+            lens = torch.randint(0, cap, (b,), generator=gen).cuda()
+            qkv = rand(gen, b, (hq + 2 * hkv) * d, dtype=dtype)
+            kc, vc = rand(gen, b + 1, hkv, cap, d, dtype=dtype), rand(gen, b + 1, hkv, cap, d, dtype=dtype)
+            w = (rand(gen, d, dtype=dtype, scale=0.1) + 1, rand(gen, d, dtype=dtype, scale=0.1) + 1) if norm else (None,) * 2
+            f32 = [t.float() if t is not None else None for t in (qkv, cos, sin, lens, kc, vc)]
+            f32[3] = lens
+            yield ("rope_store", f"b={b} Hq={hq} Hkv={hkv} D={d} cap={cap}{' norm' if norm else ''}", dtype,
+                   lambda: _rope_store(ops.rope_store, qkv, cos, sin, lens, kc, vc, hq, *w),
+                   lambda: _rope_store(layers.rope_store, *f32, hq, *(t.float() if t is not None else None for t in w)),
+                   4)
+    for dtype in HALVES:
+        for b, hq, hkv, d, cap, splits in ((1, 12, 2, 128, 256, None), (1, 12, 2, 128, 4096, None),
+                                           (1, 28, 4, 128, 32768, None), (16, 28, 4, 128, 2048, None),
+                                           (64, 12, 2, 128, 1024, None), (3, 7, 1, 64, 300, 1), (5, 16, 8, 128, 999, 3)):
+            q = rand(gen, b, hq, d, dtype=dtype)
+            kc, vc = rand(gen, b, hkv, cap, d, dtype=dtype), rand(gen, b, hkv, cap, d, dtype=dtype)
+            lens = torch.randint(0, cap, (b,), generator=gen).cuda()
+            lens[0] = cap - 1
+            n = splits or splits_for(b, hkv, cap, q.device)
+            yield ("decode_attention", f"b={b} Hq={hq} Hkv={hkv} D={d} cap={cap} splits={n}", dtype,
+                   lambda: ops.decode_attention(q, kc, vc, lens, splits=splits),
+                   lambda: layers.decode_attention(q.float(), kc.float(), vc.float(), lens), 2)
+        for m, hidden, inter in ((1, 1536, 8960), (64, 3584, 18944), (300, 1536, 8960)):
+            x = rand(gen, m, hidden, dtype=dtype)
+            gu = rand(gen, 2 * inter, hidden, dtype=dtype, scale=hidden ** -0.5)        # packed gate|up [2F, C]
+            yield ("fused_gated_mlp (packed halves)", f"M={m} H={hidden} I={inter}", dtype,
+                   lambda: ops.fused_gated_mlp(x, gu[:inter], gu[inter:]),
+                   lambda: ref_gated_mlp(x, gu[:inter], gu[inter:]), 2)
+            yield ("cuBLAS + silu_mul (packed)", f"M={m} H={hidden} I={inter}", dtype,
+                   lambda: ops.silu_mul(x @ gu.t()), lambda: ref_gated_mlp(x, gu[:inter], gu[inter:]), 2)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     rows = [*provenance(), "", "| op | shape | dtype | error / tolerance | result |", "|---|---|---|---|---|"]
     ok = True
-    for op, shape, dtype, ours, ref, scale in cases():
+    import itertools
+
+    for op, shape, dtype, ours, ref, scale in itertools.chain(cases(), decode_cases()):
         try:
             s = score(ours(), ref(), dtype, scale)
             verdict = "pass" if s <= 1 else "FAIL"

@@ -1,11 +1,12 @@
 """Qwen2 on a GPU against Hugging Face ``transformers`` on the same random weights (run on a CUDA machine).
 
-    python tests/gpu/verify_qwen2.py [--shapes tiny 0.5B 1.5B] [--dtypes bf16 fp16] [--steps 64] [--out FILE.md]
+    python tests/gpu/verify_qwen2.py [--shapes tiny 0.5B 1.5B] [--dtypes bf16 fp16] [--steps 64] [--prompt-len 300]
+                                     [--out FILE.md]
 
 For each shape (``rwkv_chat.models.qwen2.shapes``: "tiny", and the official 0.5B / 1.5B / 7B shapes with random
 weights written once as a checkpoint folder) and dtype, both engines load the same folder on ``cuda``:
 
-* logits of a 128-token prompt: ‖ours − transformers‖ / ‖transformers‖ and top-1 agreement (PASS below
+* logits of a ``--prompt-len``-token prompt (300: the decode steps then attend over 512 cache positions, split): ‖ours − transformers‖ / ‖transformers‖ and top-1 agreement (PASS below
   2e-2 for bf16, 5e-3 for fp16: the rounding of one bf16/fp16 forward), and the same for 16 decode steps fed
   the reference's greedy tokens (teacher forcing) through our batched decoder;
 * with ``kernels=False`` (pure torch) and ``kernels=True`` (the Triton ops where they run: ``fused.py``);
@@ -53,14 +54,15 @@ def sync_time(fn, steps: int) -> float:
 
 
 @torch.no_grad()
-def check(folder: Path, dtype: str, steps: int, device: str = "cuda", kernels: bool = True) -> dict:
+def check(folder: Path, dtype: str, steps: int, device: str = "cuda", kernels: bool = True,
+          prompt_len: int = 300) -> dict:
     from transformers import AutoModelForCausalLM, DynamicCache
 
     dt = DTYPES[dtype]
     ours = Qwen2(folder, f"{device} {dtype}", kernels=kernels)
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dt, attn_implementation="sdpa").to(device).eval()
     vocab = ours.vocab_size
-    prompt = torch.randint(0, vocab, (128,), generator=torch.Generator().manual_seed(0)).tolist()
+    prompt = torch.randint(0, vocab, (prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
     ids = torch.tensor([prompt], device=device)
     kw = {cache_kwarg(hf): DynamicCache(), "use_cache": True}
     ref = hf(ids, **kw).logits[0].float()
@@ -112,6 +114,9 @@ def main() -> int:
     ap.add_argument("--shapes", nargs="+", default=["tiny", "0.5B", "1.5B"])
     ap.add_argument("--dtypes", nargs="+", default=["bf16", "fp16"], choices=sorted(DTYPES))
     ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--prompt-len", type=int, default=300,
+                    help="prompt tokens (default 300: the decode steps attend over 512 cached positions, which "
+                         "decode_attention splits along the positions; 128 or less takes its one-pass form)")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--device", default="cuda", help="cuda (default), or cpu for a dry run of the script (fp32)")
     args = ap.parse_args()
@@ -127,7 +132,7 @@ def main() -> int:
         for name in args.shapes:
             folder = shapes.write_random(Path(tmp) / name, name, torch.bfloat16, device=args.device)
             for dtype, kernels in ((d, k) for d in args.dtypes for k in (False, True)):
-                r = check(folder, dtype, args.steps, args.device, kernels)
+                r = check(folder, dtype, args.steps, args.device, kernels, args.prompt_len)
                 ok &= r["pass"]
                 lines.append(f"| {name} | {dtype} | {r['backend']} | {r['prompt_rel']:.2e} | {r['prompt_top1']:.3f} | "
                              f"{r['decode_rel']:.2e} | {r['decode_top1']:.3f} | {r['ours_tok_s']:.1f} | "

@@ -180,3 +180,40 @@ def test_device_errors_and_overflow_on_cuda():
     with pytest.raises(ops.NumericalOverflowError) as e:
         ops.fused_gated_mlp(big, w.abs(), w.abs(), check_finite=True)
     assert e.value.tensor == "output" and e.value.expected == "finite"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("norm", [False, True])
+def test_rope_store_equals_the_torch_form(dtype, norm):
+    from rwkv_chat.models.qwen2 import layers
+
+    gen = torch.Generator().manual_seed(11)
+    b, hq, hkv, d, cap = 3, 12, 2, 128, 700
+    cos, sin = (t.to("cuda", dtype) for t in layers.rope_table(1e6, d, cap))
+    lens = torch.tensor([0, 350, cap - 1], device="cuda")
+    qkv = torch.randn(b, (hq + 2 * hkv) * d, generator=gen).to("cuda", dtype)
+    kc, vc = (torch.randn(b + 1, hkv, cap, d, generator=gen).to("cuda", dtype) for _ in range(2))
+    w = tuple(torch.rand(d, generator=gen).to("cuda", dtype) + 0.5 for _ in range(2)) if norm else (None, None)
+    ours, ref = (kc.clone(), vc.clone()), (kc.float(), vc.float())
+    q = ops.rope_store(qkv, cos, sin, lens, *ours, hq, *w)
+    q_ref = layers.rope_store(qkv.float(), cos.float(), sin.float(), lens, *ref, hq,
+                              *(t.float() if t is not None else None for t in w))
+    close(q, q_ref, dtype, 4)
+    close(ours[0], ref[0], dtype, 4)
+    close(ours[1], ref[1], dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("b,hq,hkv,cap,splits", [(1, 12, 2, 256, None), (2, 28, 4, 4096, None), (5, 7, 1, 999, 3),
+                                                  (3, 16, 8, 300, 1)])
+def test_decode_attention_equals_the_masked_sdpa(dtype, b, hq, hkv, cap, splits):
+    from rwkv_chat.models.qwen2 import layers
+
+    gen = torch.Generator().manual_seed(12)
+    d = 128
+    q = torch.randn(b, hq, d, generator=gen).to("cuda", dtype)
+    kc, vc = (torch.randn(b, hkv, cap, d, generator=gen).to("cuda", dtype) for _ in range(2))
+    lens = torch.randint(0, cap, (b,), generator=gen).cuda()
+    lens[0] = cap - 1
+    out = ops.decode_attention(q, kc, vc, lens, splits=splits)
+    close(out, layers.decode_attention(q.float(), kc.float(), vc.float(), lens), dtype, 2)

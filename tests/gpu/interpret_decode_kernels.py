@@ -1,0 +1,61 @@
+"""The decode-step Triton kernels (``rope_store``, ``decode_attention`` with and without splits) run in Triton's
+interpreter on the CPU, through their Python wrappers, against the torch forms of ``models/qwen2/layers.py``
+(indexing, per-row positions, GQA grouping, masking of the last tile, the split combine), without a GPU (the CUDA
+code generation itself is checked by ``tests/gpu/verify_ops.py``).
+
+    pip install triton && python tests/gpu/interpret_decode_kernels.py
+
+The wrappers' CUDA checks are bypassed here (the interpreter takes CPU tensors). Prints the error of each case and
+exits 1 when one exceeds its tolerance (fp16 inputs, fp32 inside on both sides).
+"""
+
+import importlib
+import os
+import sys
+from pathlib import Path
+
+os.environ["TRITON_INTERPRET"] = "1"      # Triton's own switch, read at its import: the kernels run in numpy
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch  # noqa: E402
+
+from rwkv_chat.models.ops import _checks, _triton, decode  # noqa: E402
+from rwkv_chat.models.qwen2 import layers  # noqa: E402
+
+
+def rel(a, b) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def main() -> int:
+    _checks.check_cuda = lambda tensors: None
+    _triton.kernels = lambda module, op: importlib.import_module(module)
+    decode._sms = lambda device: 4                    # few "multiprocessors": splits on short caches
+    torch.manual_seed(0)
+    dt = torch.float16                    # the interpreter's tl.dot mishandles bfloat16 (numpy has none)
+    bad = 0
+    for b, H, K, D, cap, norm in ((3, 4, 2, 64, 96, False), (2, 12, 2, 128, 300, True), (4, 7, 1, 32, 40, False)):
+        cos, sin = (t.to(dt) for t in layers.rope_table(1e4, D, cap + 1))
+        lens = torch.randint(0, cap, (b,))
+        lens[0] = 0
+        qkv = torch.randn(b, (H + 2 * K) * D).to(dt)
+        kc, vc = torch.randn(b + 1, K, cap, D).to(dt), torch.randn(b + 1, K, cap, D).to(dt)
+        w = (torch.randn(D).to(dt) * 0.1 + 1, torch.randn(D).to(dt) * 0.1 + 1) if norm else (None, None)
+        caches = [(kc.clone(), vc.clone()) for _ in range(2)]
+        q_ref = layers.rope_store(qkv, cos, sin, lens, *caches[0], H, *w, 1e-6)
+        q = decode.rope_store(qkv, cos, sin, lens, *caches[1], H, *w, 1e-6)
+        errs = {"rope_store q": rel(q, q_ref), "k cache": rel(caches[1][0], caches[0][0]),
+                "v cache": rel(caches[1][1], caches[0][1])}
+        ref = layers.decode_attention(q_ref.float(), caches[0][0].float(), caches[0][1].float(), lens)
+        for splits in (1, None, 3):
+            out = decode.decode_attention(q_ref, *caches[0], lens, splits=splits)
+            errs[f"decode_attention splits={splits or decode.splits_for(b, K, cap, None)}"] = rel(out, ref)
+        for name, e in errs.items():
+            ok = e < 1e-2
+            bad += not ok
+            print(f"b={b} H={H} K={K} D={D} cap={cap} norm={norm} {name}: {e:.2e} {'ok' if ok else 'FAIL'}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
