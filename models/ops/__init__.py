@@ -5,6 +5,7 @@ Public API (the operator library of the design documents)::
     from rwkv_chat.models.ops import fused_rmsnorm_rope, FusedRMSNormRoPE, fused_gated_mlp, FusedGatedMLP
     from rwkv_chat.models.ops import rmsnorm, rope, qk_norm_rope, silu_mul   # the fusions of Qwen2's dataflow
     from rwkv_chat.models.ops import quantize_fp8, fp8_gemm, FP8Linear, fused_ln_qkv_gptq
+    from rwkv_chat.models.ops import ffn_value          # RWKV channel-mix value product, zero rows of h skipped
 
 The fusions of a Qwen2 / Qwen3 decoder layer (x: [B, T, hidden] bf16/fp16 on CUDA; cos, sin: [T, D] or [B, T, D])::
 
@@ -39,6 +40,7 @@ _LAZY = {
     "fp8_gemm": "rwkv_chat.models.ops.fp8",
     "FP8Linear": "rwkv_chat.models.ops.fp8",
     "fused_ln_qkv_gptq": "rwkv_chat.models.ops.gptq",
+    "ffn_value": "rwkv_chat.models.ops.sparse_ffn",
 }
 
 
