@@ -1,8 +1,9 @@
 """The row-sparse channel-mix value product (``models/ops/sparse_ffn.py``) in Triton's interpreter on the CPU,
 through its Python wrapper: the sparse mode equals the dense mode of the same kernel bit for bit, both equal the
 torch reference within fp16 / bf16 rounding, for M = 1..4 rows, odd shapes (F, C not multiples of the tile), one
-and several splits of F (the split-K epilogue run twice: its counters must reset), h all zero, float32
-output, and NaN in the skipped rows of W (never read by the sparse mode, all through the dense one). The CUDA code generation itself is checked by ``tests/gpu/verify_fused.py``.
+and several splits of F (the split-K epilogue run twice: its counters must reset), h all zero,
+float32 output, and NaN in the skipped rows of W (never read by the sparse mode, read by the dense one). The
+CUDA code generation itself is checked by ``tests/gpu/verify_fused.py``.
 
     pip install triton && python tests/gpu/interpret_sparse_ffn.py
 
