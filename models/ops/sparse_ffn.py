@@ -14,7 +14,7 @@ same kernel reading every row, and both give the same bits (tested in ``tests/gp
     ffn_value_reference(h, w)                        # torch form (float32 product, rounded to h's dtype)
     zero_row_fraction(h)                             # share of rows skipped (synchronises: reporting only)
 
-Split over F across programs (enough to fill every multiprocessor twice); the partials are added in split
+Split over F across programs (about ``WAVES`` per multiprocessor); the partials are added in split
 order by the last program of each column block, so results never depend on timing. CUDA-graph capturable: no
 host synchronisation, allocations of fixed size per shape; the split counters (shared with ``ops.gemv``) are
 made at first use outside capture. Errors: ``UnsupportedDtypeError``, ``ShapeMismatchError``, ``DeviceError``
@@ -34,6 +34,8 @@ from rwkv_chat.models.ops._triton import kernels as triton_kernels
 MAX_ROWS = 4
 #: the tile [BLOCK_F, BLOCK_C] of W one program step reads, and the warps per program
 BLOCK_F, BLOCK_C, NUM_WARPS = 16, 128, 4
+#: programs per multiprocessor the split over F aims at (more bytes in flight; more partial sums to add)
+WAVES = 4
 
 
 def _kernels():
@@ -66,25 +68,28 @@ def check(h: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype | None = None
     return check_cuda({"h": h, "w": w})
 
 
-def split(F: int, C: int, sms: int, block_f: int = BLOCK_F, block_c: int = BLOCK_C) -> tuple[int, int]:
-    """(splits of F, rows of F per split, a multiple of block_f): enough programs for twice ``sms``
-    multiprocessors over the ceil(C / block_c) column blocks."""
+def split(F: int, C: int, sms: int, block_f: int = BLOCK_F, block_c: int = BLOCK_C,
+          waves: int = WAVES) -> tuple[int, int]:
+    """(splits of F, rows of F per split, a multiple of block_f): about ``waves`` programs per multiprocessor
+    (``sms`` of them) over the ceil(C / block_c) column blocks."""
     blocks_c = -(-C // block_c)
-    want = max(1, min(-(-2 * sms // blocks_c), -(-F // block_f)))
+    want = max(1, min(-(-waves * sms // blocks_c), -(-F // block_f)))
     per = -(-F // want)
     per = -(-per // block_f) * block_f
     return -(-F // per), per
 
 
 def ffn_value(h: torch.Tensor, w: torch.Tensor, skip_zeros: bool = True, out_dtype: torch.dtype | None = None,
-              block_f: int = BLOCK_F, block_c: int = BLOCK_C, num_warps: int = NUM_WARPS) -> torch.Tensor:
+              block_f: int = BLOCK_F, block_c: int = BLOCK_C, num_warps: int = NUM_WARPS,
+              waves: int = WAVES) -> torch.Tensor:
     """``h @ w`` for h [M, F] (1 <= M <= 4) and input-major w [F, C] (contiguous), fp16 or bf16 (one dtype), on
     CUDA, float32 accumulation -> [M, C] in ``out_dtype`` (default h's dtype; float32 allowed).
 
     With ``skip_zeros`` the rows f of w where h[:, f] == 0 for every m are not read (exact zeros only); with
     False every row is read by the same kernel. The two give identical bits for finite w (0 · w adds an exact
-    zero; products of two halves are exact in float32). ``block_f``, ``block_c`` (powers of two) and
-    ``num_warps`` pick the tile (benchmarks compare them).
+    zero; products of two halves are exact in float32). ``block_f``, ``block_c`` (powers of two),
+    ``num_warps`` and ``waves`` (programs per multiprocessor) pick the tile and the split (benchmarks compare
+    them).
 
     Raises: UnsupportedDtypeError, ShapeMismatchError, DeviceError (not on CUDA, or Triton missing).
     """
@@ -94,7 +99,7 @@ def ffn_value(h: torch.Tensor, w: torch.Tensor, skip_zeros: bool = True, out_dty
         h = h.contiguous()
     M, F = h.shape
     C = w.shape[1]
-    splits, per = split(F, C, gemv._sms(device), block_f, block_c)
+    splits, per = split(F, C, gemv._sms(device), block_f, block_c, waves)
     grid_c = -(-C // block_c)
     counters = gemv._counters(device) if splits > 1 and grid_c <= gemv._MAX_TILES else None
     if counters is None:

@@ -83,8 +83,8 @@ def main() -> int:
     # one split (a single program over F per column block): the same values as several splits, within rounding
     h, w = relu2_rows(3, 300, torch.float16, 0.5, g), (torch.randn(300, 260, generator=g) * 0.05).half()
     gemv._sms = lambda device: 1
-    one = sparse_ffn.ffn_value(h, w)
-    good = sparse_ffn.split(300, 260, 1)[0] == 1 and rel(one, h.double() @ w.double()) <= TOL[torch.float16]
+    one = sparse_ffn.ffn_value(h, w, waves=1)
+    good = sparse_ffn.split(300, 260, 1, waves=1)[0] == 1 and rel(one, h.double() @ w.double()) <= TOL[torch.float16]
     ok = ok and good
     print(f"one split: rel. err {rel(one, h.double() @ w.double()):.1e} {'ok' if good else 'FAIL'}")
     print("all cases pass" if ok else "FAILED")

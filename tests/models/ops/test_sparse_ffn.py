@@ -88,3 +88,12 @@ def test_a_valid_call_on_cpu_raises_device_error():
 def test_reference_rejects_shapes_that_do_not_chain():
     with pytest.raises(ShapeMismatchError):
         sparse_ffn.ffn_value_reference(torch.randn(2, 24).half(), torch.randn(8, 24).half())
+
+
+def test_the_fused_backend_names_its_value_product_modes_and_rejects_others():
+    from rwkv_chat.models.backends import fused_cuda
+    from rwkv_chat.models.errors import StrategyError
+
+    assert fused_cuda.FFN_MODES == ("sparse", "dense", "gemv")
+    with pytest.raises(StrategyError, match="ffn"):
+        fused_cuda.FusedCuda(None, None, ffn="rows")
