@@ -11,6 +11,9 @@ sparser than random ones). Method as ``bench/kernels.py``: CUDA graph of back-to
 replays, weights rotated over enough copies to exceed 3x the L2 cache. GB/s: full matrix bytes (F·C·2) per
 second ("effective", comparable across paths), and the bytes the sparse kernel actually reads (rows kept).
 ``--tiles``: also sweep the row kernel's tile (BLOCK_F, BLOCK_C, warps, programs per SM) at M = 1.
+``--decode 7.2B``: also whole decode steps of a random RWKV-7 model of that shape (fp16, CUDA graphs) at batch 1
+and 4 with the value product sparse, dense and by the grouped GEMV (``app.bench.bench_decode``; its GB/s counts
+every weight byte of a dense step).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench.kernels import peak_copy_bw, sets_for, time_ms  # noqa: E402
-from rwkv_chat.app.bench import provenance  # noqa: E402
+from rwkv_chat.app.bench import bench_decode, provenance  # noqa: E402
 from rwkv_chat.models import kernels  # noqa: E402
 from rwkv_chat.models.backends import fused_cuda  # noqa: E402
 from rwkv_chat.models.ops import sparse_ffn  # noqa: E402
@@ -86,10 +89,34 @@ def bench_tiles(lines: list, name: str) -> None:
         print(lines[-1], flush=True)
 
 
+def bench_steps(lines: list, shape: str, tokens: int = 200) -> None:
+    """Decode tok/s of a random RWKV-7 ``shape`` model with the value product sparse / dense / grouped GEMV."""
+    from rwkv_chat.models import RWKV
+    from rwkv_chat.models.backends.fused_cuda import FusedCuda
+    from rwkv_chat.models.rwkv import shapes
+
+    model = RWKV(model=shapes.random_checkpoint(shape, dtype=torch.float16, device="cuda", seed=3),
+                 strategy="cuda fp16")
+    lines += ["", f"### decode steps, random RWKV-7 {shape}, cuda fp16, backend {model.backend}", "",
+              "| batch | value product | tok/s | p50 ms/step | GB/s (dense step bytes) |", "|---|---|---|---|---|"]
+    runs = [("sparse", "sparse"), ("dense", "dense")]
+    if getattr(model.backend, "ffn", None) != "sparse":
+        runs = []
+        lines.append(f"| - | NOT SPARSE: {model.backend} | | | |")
+    for label, ffn in runs + [("grouped GEMV", None)]:
+        if ffn is None:      # the output-major layout: a backend built again (no forward since the prefill)
+            model.backend = FusedCuda(model, model.backend.ops, ffn="gemv")
+        for b in (1, 4):
+            d = bench_decode(model, b, tokens, None, None, "auto", ffn=ffn)
+            lines.append(f"| {b} | {label} | {d['tok_s']:.1f} | {d['p50_ms']:.3f} | {d['gb_s']:.0f} |")
+            print(lines[-1], flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--tiles", action="store_true")
+    ap.add_argument("--decode", default=None, help="also time decode steps of a random model of this shape")
     args = ap.parse_args()
     print(kernels.ensure_built("cuda"), flush=True)
     peak, how = peak_copy_bw()
@@ -101,6 +128,8 @@ def main() -> int:
             bench_shape(lines, name, peak)
             if args.tiles:
                 bench_tiles(lines, name)
+    if args.decode:
+        bench_steps(lines, args.decode)
     text = "\n".join(lines) + "\n"
     if args.out:
         Path(args.out).write_text(text)
