@@ -54,7 +54,7 @@ def bench_shape(lines: list, name: str, peak: float) -> None:
     w_out = [w.t().contiguous() for w in w_in]                                                   # output-major
     lines += ["", f"### {name}: C={C}, F={F}, fp16 ({nbytes / 2**20:.0f} MiB; {n} copies rotated)", "",
               "| M | h | rows skipped | gemv (output-major) µs | GB/s | dense rows µs | GB/s | sparse rows µs | "
-              "eff. GB/s | GB/s read | sparse vs gemv | sparse == dense |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "eff. GB/s | GB/s read | sparse vs gemv | sparse == dense | rel. err vs gemv |", "|---" * 13 + "|"]
     for M in (1, 2, 3, 4):
         for dead in (None, 0.8, 0.9):
             h = make_h(M, F, dead, g)
@@ -62,12 +62,15 @@ def bench_shape(lines: list, name: str, peak: float) -> None:
             t_gemv = time_ms(lambda i: fused_cuda._gemv([h], [w_out[i]], [0]), n) * 1e3
             t_dense = time_ms(lambda i: sparse_ffn.ffn_value(h, w_in[i], skip_zeros=False), n) * 1e3
             t_sparse = time_ms(lambda i: sparse_ffn.ffn_value(h, w_in[i]), n) * 1e3
-            same = torch.equal(sparse_ffn.ffn_value(h, w_in[0]), sparse_ffn.ffn_value(h, w_in[0], skip_zeros=False))
+            y = sparse_ffn.ffn_value(h, w_in[0])
+            same = torch.equal(y, sparse_ffn.ffn_value(h, w_in[0], skip_zeros=False))
+            ref = fused_cuda._gemv([h], [w_out[0]], [0])[0].double()
+            err = ((y.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
             gbs = lambda us, b=nbytes: b / us / 1e3       # noqa: E731
             lines.append(f"| {M} | {'relu² of randn' if dead is None else f'{dead:.0%} rows dead'} | {share:.1%} | "
                          f"{t_gemv:.1f} | {gbs(t_gemv):.0f} | {t_dense:.1f} | {gbs(t_dense):.0f} | {t_sparse:.1f} | "
                          f"{gbs(t_sparse):.0f} | {gbs(t_sparse, nbytes * (1 - share)):.0f} | "
-                         f"{t_gemv / t_sparse:.2f}x | {same} |")
+                         f"{t_gemv / t_sparse:.2f}x | {same} | {err:.1e} |")
             print(lines[-1], flush=True)
     lines.append(f"\ncopy bandwidth {peak:.0f} GB/s")
 
@@ -122,7 +125,8 @@ def main() -> int:
     peak, how = peak_copy_bw()
     lines = [*provenance(), "", "## RWKV-7 channel-mix value product, decode (batch 1..4)",
              f"default tile: BLOCK_F={sparse_ffn.BLOCK_F}, BLOCK_C={sparse_ffn.BLOCK_C}, "
-             f"warps={sparse_ffn.NUM_WARPS}, {sparse_ffn.WAVES} programs per SM; copy bandwidth {peak:.0f} GB/s ({how})"]
+             f"warps={sparse_ffn.NUM_WARPS}, {sparse_ffn.WAVES} programs per SM; copy bandwidth {peak:.0f} GB/s "
+             f"({how})"]
     with torch.no_grad():
         for name in SHAPES:
             bench_shape(lines, name, peak)
