@@ -58,11 +58,12 @@ def step_bytes(model, batch: int) -> int:
     return w + 2 * st * batch
 
 
-def bench_decode(model, batch: int, tokens: int, graphs, compile, gemv: str, large: str = "compiled") -> dict:
+def bench_decode(model, batch: int, tokens: int, graphs, compile, gemv: str, large: str = "compiled",
+                 ffn: str | None = None) -> dict:
     from rwkv_chat.models.rwkv.decode import BatchDecoder
 
     dev = model.emb.device
-    dec = BatchDecoder(model, max_batch=batch, graphs=graphs, compile=compile, gemv=gemv, large=large)
+    dec = BatchDecoder(model, max_batch=batch, graphs=graphs, compile=compile, gemv=gemv, large=large, ffn=ffn)
     _, st = model.forward([1, 2, 3, 4], None)
     handles = [dec.add(st) for _ in range(batch)]
     toks = {h: (7 * i) % model.vocab_size for i, h in enumerate(handles)}
@@ -99,14 +100,16 @@ def bench_decode(model, batch: int, tokens: int, graphs, compile, gemv: str, lar
     return {"greedy_tok_s": greedy, "batch": batch, "p50_ms": p50 * 1e3, "p90_ms": p90 * 1e3, "tok_s": batch / mean,
             "gb_s": nbytes / p50 / 1e9, "step_bytes": nbytes, "warmup_s": warm_s,
             "graphs": dec.graphs, "compile": dec.compile, "gemv": dec.gemv, "fused": dec.fused,
-            "large": dec.large if batch > 4 else None}
+            "large": dec.large if batch > 4 else None,
+            "ffn": (dec.ffn or getattr(model.backend, "ffn", None)) if dec.fused and batch <= 4 else None}
 
 
 def _path(d: dict) -> str:
     if d["fused"] and d.get("large") == "compiled":
         return "torch.compile (fused path above 4 rows off)"
     if d["fused"]:
-        return "fused kernels" + (f" ({d['large']})" if d.get("large") else "")
+        ffn = f", channel-mix value {d['ffn']}" if d.get("ffn") and d.get("gemv") == "ours" else ""
+        return "fused kernels" + (f" ({d['large']})" if d.get("large") else "") + ffn
     return "torch.compile" if d["compile"] else "eager"
 
 

@@ -24,6 +24,7 @@ SECTIONS = (
     ("Fused RWKV-7 paths vs the torch path", "verify_fused.md", False),
     ("Whole model vs rwkv 0.8.32", "pip.md", False),
     ("Kernel benchmark", "kernels_bench.md", False),
+    ("Sparse channel-mix value product", "sparse_ffn.md", False),
     ("Triton ops vs torch references", "verify_ops.md", False),
     ("Triton ops benchmark", "ops_bench.md", False),
     ("Decode and prefill", "bench.md", True),

@@ -9,8 +9,11 @@ Decode (``FusedCuda.decode_step``, one token for each of b rows), per layer:
   3. one grouped GEMV for the second low-rank products with tanh / sigmoid applied on the input;
   4. ``v7_tmix_one``: decay, in-context rate, kk normalization, v_first mix, the WKV-7 state step
      (state updated in place), per-head group norm, the r·k bonus and the gate;
-  5. GEMV output; 6. ``v7_mix`` residual add + ln2 + shift + lerp; 7. GEMV key; 8. GEMV value with
-     relu² applied on the input. The residual add of 8 happens in the next layer's step 1.
+  5. GEMV output; 6. ``v7_mix`` residual add + ln2 + shift + lerp; 7. GEMV key writing relu(k)²; 8. the value
+     product: by default ``ops.sparse_ffn.ffn_value`` (Triton), which reads only the rows of the input-major
+     value matrix where some row of relu(k)² is not zero (``ffn="sparse"``; ``"dense"``: the same kernel
+     reading every row, same bits; ``"gemv"``: the output-major grouped GEMV). The residual add of 8 happens in
+     the next layer's step 1.
 More than 4 rows: the large products go to cuBLAS (GEMM), the low-rank products too (activations as
 torch ops), the WKV step stays one fused launch per layer. i8 weights (<= 4 rows) use the grouped mm8
 GEMV: r/k/v in one launch, relu² applied on load for the channel-mix value.
@@ -20,7 +23,9 @@ same block), cuBLAS GEMMs over [B·T, C], ``v7_pre``, the compiled WKV-7 sequenc
 
 Weights: at load (``FusedCuda``), each CUDA float matrix of the model is stored output-major (the
 checkpoint's [out, in] layout, exposed as the usual [in, out] view ``W.t()``), so a GEMV reads every output's
-weights contiguously and cuBLAS reads the same memory transposed; the backend keeps its own per-layer tensors
+weights contiguously and cuBLAS reads the same memory transposed; except, with ``ffn`` "sparse" or "dense",
+the fp16 / bf16 channel-mix value matrices, stored input-major ([F, C] contiguous: the row of input f is
+contiguous, so rows can be skipped; cuBLAS takes either layout); the backend keeps its own per-layer tensors
 (the six mixes stacked, the low-rank matrices output-major). Products of the large matrices outside the GEMV
 kernels go through the model's ops (``ops.matmul``: cuBLAS, the compiled mm8). Shapes: C channels, H heads
 of N, b rows.
@@ -31,14 +36,18 @@ from __future__ import annotations
 import torch
 
 from rwkv_chat.models.backends.base import Backend, Ops
+from rwkv_chat.models.errors import StrategyError
 from rwkv_chat.models.formats.i8 import Int8Weight
 from rwkv_chat.models.kernels import dispatch
+from rwkv_chat.models.ops import _triton, gemv as triton_gemv, sparse_ffn
 
 GEMV_ROWS = 4           # rows served by the grouped GEMV kernel (more: cuBLAS)
 _BIG = ("att.receptance.weight", "att.key.weight", "att.value.weight", "att.output.weight",
         "ffn.key.weight", "ffn.value.weight")
 _LOW = ("att.w1", "att.w2", "att.a1", "att.a2", "att.g1", "att.g2", "att.v1", "att.v2")
 HEAD_SIZES = (8, 16, 32, 64, 128)
+#: the channel-mix value products of decode steps at <= GEMV_ROWS rows (``FusedCuda(ffn=...)``)
+FFN_MODES = ("sparse", "dense", "gemv")
 
 
 def _ops():
@@ -62,6 +71,16 @@ def _output_major(w):
     if w.t().is_contiguous():
         return w
     return w.t().contiguous().t()
+
+
+def _rows_ok(w) -> bool:
+    """Whether ``sparse_ffn.ffn_value`` takes the value matrix w [F, C]: fp16 / bf16 on CUDA."""
+    return isinstance(w, torch.Tensor) and w.is_cuda and w.dim() == 2 and w.dtype in (torch.float16, torch.bfloat16)
+
+
+def _input_major(w):
+    """A float [in, out] CUDA matrix stored contiguous [in, out] (same values): its rows can be skipped."""
+    return w.contiguous() if _rows_ok(w) else _output_major(w)
 
 
 #: ``_gemv`` act codes: relu², tanh, sigmoid applied to the results (rounded to the activation dtype first), none on x
@@ -128,26 +147,44 @@ class FusedCuda(Backend):
     eager blocks on ``ops``.
 
     Built by ``attach`` at load. Stores the model's CUDA float matrices output-major (same values; the
-    model's ``layers`` and ``head`` are updated in place) and keeps its own per-layer tensors in ``layers``:
+    model's ``layers`` and ``head`` are updated in place), the fp16 / bf16 channel-mix value matrices input-major
+    where ``ffn`` is "sparse" or "dense", and keeps its own per-layer tensors in ``layers``:
     ``mix6`` (the six time-mix lerps stacked, [6, C]), ``mixk`` (the channel-mix lerp, [1, C]) and the
     low-rank matrices output-major ([D, C] for w1/a1/g1/v1, [C, D] for w2/a2/g2/v2); empty for a layer not on
     CUDA.
 
     Args:
-        model: an RWKV-7 ``RWKV`` with a layer on CUDA and the fused kernels built.
+        model: an RWKV-7 ``RWKV`` with a layer on CUDA and the fused kernels built. Building the backend
+            again (another ``ffn``) re-lays the matrices out: do it before the model's first forward (CUDA
+            graphs captured since would still point at the old matrices).
         ops: the eager ops (compiled kernels).
+        ffn: the channel-mix value product of decode steps at <= 4 rows (``decode_step``'s default):
+            "sparse" (default: ``ops.sparse_ffn.ffn_value`` on the input-major matrix, rows where relu(k)² is
+            zero for every row not read), "dense" (the same kernel reading every row; same bits) or "gemv" (the
+            grouped GEMV on the output-major matrix). Without Triton, "gemv". The chosen one is named in
+            ``detail``.
+
+    Raises:
+        StrategyError: ``ffn`` not one of ``FFN_MODES``.
     """
 
     name = "fused-cuda"
     decode_on_device = True
 
-    def __init__(self, model, ops: Ops):
+    def __init__(self, model, ops: Ops, ffn: str = "sparse"):
         super().__init__(ops)
+        if ffn not in FFN_MODES:
+            raise StrategyError(f"ffn must be one of {', '.join(FFN_MODES)}; got {ffn!r}")
+        if ffn != "gemv" and not _triton.available():
+            ffn = "gemv"
+        #: the value product of decode steps at <= GEMV_ROWS rows: "sparse", "dense" or "gemv"
+        self.ffn = ffn
         self.spec = model.spec
         self.layers: list[dict[str, torch.Tensor]] = []
+        rows = ffn != "gemv"
         for p in model.layers:
             for name in _BIG:
-                p[name] = _output_major(p[name])
+                p[name] = _input_major(p[name]) if rows and name == "ffn.value.weight" else _output_major(p[name])
             f = {}
             if p["ln1.weight"].is_cuda:
                 f["mix6"] = torch.stack([p[f"att.x_{m}"] for m in "rwkvag"]).contiguous()
@@ -157,19 +194,25 @@ class FusedCuda(Backend):
                         f[name] = p[name].t().contiguous()
             self.layers.append(f)
         model.head = _output_major(model.head)
+        if rows:
+            for d in {w.device for p in model.layers if _rows_ok(w := p["ffn.value.weight"])}:
+                triton_gemv._counters(d)     # the split counters, made here (outside any CUDA graph capture)
         self.decodes = decode_ready(model)
         #: prefill CUDA graphs where the whole model sits on one CUDA device
         self.captures_prefill = self.decodes
-        self.detail = ("fused RWKV-7 layer kernels: prefill blocks" + (", decode step" if self.decodes else "")
-                       + "; eager ops elsewhere")
+        value = {"sparse": "channel-mix value skipping zero rows of relu(k)² (Triton)",
+                 "dense": "channel-mix value by the row kernel, dense (Triton)",
+                 "gemv": "channel-mix value by the grouped GEMV"}[ffn]
+        self.detail = ("fused RWKV-7 layer kernels: prefill blocks" + (f", decode step ({value})" if self.decodes
+                                                                        else "") + "; eager ops elsewhere")
 
     @classmethod
-    def attach(cls, model, ops: Ops) -> FusedCuda | None:
+    def attach(cls, model, ops: Ops, ffn: str = "sparse") -> FusedCuda | None:
         """The backend for ``model`` where it serves it (RWKV-7, the fused kernels built, a layer on CUDA),
-        else None."""
+        else None. ``ffn``: as the constructor's."""
         if model.version != "7" or not kernels_loaded() or not any(d.type == "cuda" for d in model.devices):
             return None
-        return cls(model, ops)
+        return cls(model, ops, ffn)
 
     # -- prefill -----------------------------------------------------------------------------------
     def sequence_block(self, layer: int, x: torch.Tensor, params: dict):
@@ -234,7 +277,7 @@ class FusedCuda(Backend):
         return self.ops.matmul(x, w)
 
     def decode_step(self, model, ids: torch.Tensor, state: list[torch.Tensor], gemv: str = "ours",
-                    large_wkv: str = "one") -> torch.Tensor:
+                    large_wkv: str = "one", ffn: str | None = None) -> torch.Tensor:
         """The whole model for one token per row through the fused kernels (where ``decodes``).
 
         Args:
@@ -247,6 +290,9 @@ class FusedCuda(Backend):
             large_wkv: b > 4 rows: "one" (``v7_tmix_one``: one pass over the state, read and written once in
                 place, moved through shared memory in coalesced rows) or "split" (``v7_pre`` + the row-split
                 WKV-7 kernel + ``v7_post``).
+            ffn: with gemv "ours", the channel-mix value product: "sparse" or "dense" (the row kernel skipping
+                the zero rows of relu(k)² or not; same bits) where the backend stores that matrix input-major
+                (``self.ffn`` "sparse" or "dense"; the grouped GEMV otherwise). None: ``self.ffn``.
         Returns:
             logits float32 [b, vocab].
         """
@@ -256,6 +302,7 @@ class FusedCuda(Backend):
         H = spec.n_head
         small = b <= GEMV_ROWS
         ours = small and gemv == "ours"
+        skip = (ffn or self.ffn) != "dense"
         x = torch.index_select(model.emb, 0, ids.view(-1))    # [b, C]
         C = x.shape[-1]
         dx = None
@@ -315,7 +362,10 @@ class FusedCuda(Backend):
             fk, fv = p["ffn.key.weight"], p["ffn.value.weight"]
             if ours and isinstance(fk, torch.Tensor) and isinstance(fv, torch.Tensor):
                 hk = _gemv([xk2[0]], [fk.t()], [RELU2_ON_OUTPUT])[0]     # relu(k) ** 2 written by the key GEMV
-                dx = _gemv([hk], [fv.t()], [0])[0]
+                if fv.is_contiguous() and _rows_ok(fv) and fv.dtype == hk.dtype:   # input-major: zero rows skipped
+                    dx = sparse_ffn.ffn_value(hk, fv, skip_zeros=skip)
+                else:
+                    dx = _gemv([hk], [fv.t()], [0])[0]
             else:
                 hk = self._big(xk2[0], fk, 0, ours, small)
                 dx = self._big(hk, fv, 3, ours, small)

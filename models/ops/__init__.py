@@ -6,6 +6,7 @@ Public API (the operator library of the design documents)::
     from rwkv_chat.models.ops import rmsnorm, rope, qk_norm_rope, silu_mul   # the fusions of Qwen2's dataflow
     from rwkv_chat.models.ops import quantize_fp8, fp8_gemm, FP8Linear, fused_ln_qkv_gptq
     from rwkv_chat.models.ops import rope_store, decode_attention          # a decode step's attention
+    from rwkv_chat.models.ops import ffn_value          # RWKV channel-mix value product, zero rows of h skipped
 
 The fusions of a Qwen2 / Qwen3 decoder layer (x: [B, T, hidden] bf16/fp16 on CUDA; cos, sin: [T, D] or [B, T, D])::
 
@@ -47,6 +48,7 @@ _LAZY = {
     "fused_ln_qkv_gptq": "rwkv_chat.models.ops.gptq",
     "rope_store": "rwkv_chat.models.ops.decode",
     "decode_attention": "rwkv_chat.models.ops.decode",
+    "ffn_value": "rwkv_chat.models.ops.sparse_ffn",
 }
 
 

@@ -65,13 +65,17 @@ class BatchDecoder(Slots):
             torch.compile'd static-buffer step, fastest measured at batch 64), "fused" (cuBLAS GEMMs + the
             fused mix/WKV kernels, one WKV launch per layer) or "fused-split" (WKV as pre + row-split
             kernel + post).
+        ffn: with ``fused``, the channel-mix value product of steps of <= ``fused7.GEMV_ROWS`` rows: "sparse"
+            (the zero rows of relu(k)² not read) or "dense" (the same kernel reading every row; same bits), where
+            the backend stores that matrix input-major (``FusedCuda.ffn``). Default (None): the backend's choice.
     Raises:
-        StateError: ``max_batch`` < 1 or larger than the largest bucket.
+        StateError: ``max_batch`` < 1 or larger than the largest bucket, or ``ffn`` not None, "sparse" or
+            "dense".
     """
 
     def __init__(self, model: RWKV, max_batch: int = 1, buckets: tuple[int, ...] = DEFAULT_BUCKETS,
                  graphs: bool | None = None, compile: bool | None = None, gemv: str = "auto",
-                 fused: bool | None = None, large: str = "compiled"):
+                 fused: bool | None = None, large: str = "compiled", ffn: str | None = None):
         if max_batch < 1:
             raise StateError(f"max_batch must be >= 1, got {max_batch}")
         Slots.__init__(self, max_batch, buckets)
@@ -85,6 +89,10 @@ class BatchDecoder(Slots):
         if large not in ("fused", "fused-split", "compiled"):
             raise StateError(f"large must be 'fused', 'fused-split' or 'compiled', got {large!r}")
         self.large = large if self.fused else None
+        if ffn not in (None, "sparse", "dense"):
+            raise StateError(f"ffn must be None, 'sparse' or 'dense', got {ffn!r}")
+        #: the channel-mix value product asked of fused steps (None: the backend's, ``FusedCuda.ffn``)
+        self.ffn = ffn if self.fused else None
         if self.fused:
             self.gemv = "cublas" if gemv == "cublas" else "ours"
             compile = large == "compiled" and max_batch > fused7.GEMV_ROWS
@@ -338,7 +346,7 @@ class BatchDecoder(Slots):
         layers, flat = self._state_views(b)
         backend = m.backend
         if self.fused and (b <= fused7.GEMV_ROWS or self.large != "compiled"):   # RWKV-7 on CUDA: fused kernels
-            return backend.decode_step(m, ids, flat, gemv=self.gemv,
+            return backend.decode_step(m, ids, flat, gemv=self.gemv, ffn=self.ffn,
                                        large_wkv="split" if self.large == "fused-split" else "one")
         if backend.decodes and not backend.decode_on_device and not self.graphs:   # CPU: one compiled call
             return backend.decode_step(m, ids, flat)

@@ -7,8 +7,11 @@ kernels and the fused paths, one built with ``kernels=False`` whose blocks run t
 (``models/rwkv/v7.py``). Checked, relative error ‖a − b‖ / ‖b‖ of fp16 logits and states <= 1e-2:
 prefill (64 tokens, full output) and decode steps through ``BatchDecoder`` (CUDA graphs) at batch
 1 and 3 (grouped GEMV, "ours" and "cublas") and 8 (cuBLAS GEMM; WKV fused or row-split; or the torch.compile'd step), and fp16i8
-(grouped mm8 GEMV at 1 and 3 rows); the prefill CUDA graph bit-identical to the eager prefill. Exit status
-1 on a failure.
+(grouped mm8 GEMV at 1 and 3 rows); the prefill CUDA graph bit-identical to the eager prefill. The channel-mix
+value product (``ops.sparse_ffn``, fp16 and bf16): decode steps with the zero rows of relu(k)² skipped
+(``ffn="sparse"``) give the same logits and states (``torch.equal``) as the same kernel reading every row
+(``ffn="dense"``) at batch 1 and 4, and agree with the grouped GEMV on the output-major matrix
+(``FusedCuda(ffn="gemv")``) to TOL; the share of rows skipped is printed per batch. Exit status 1 on a failure.
 """
 
 from __future__ import annotations
@@ -49,6 +52,69 @@ def decode_run(model, state, batch, steps, **kw):
         out = dec.step({h: (31 * t + 7 * j) % model.vocab_size for j, h in enumerate(hs)})
         outs.append(torch.stack([out[h].float().clone() for h in hs]))
     return torch.stack(outs), dec.state(hs[-1]), dec
+
+
+def decode_all(model, state, batch, steps, **kw):
+    """Decode ``steps`` tokens for ``batch`` copies of state through a ``BatchDecoder``: (logits float32
+    [steps, batch, vocab], every row's final State)."""
+    dec = BatchDecoder(model, max_batch=batch, **kw)
+    hs = [dec.add(state) for _ in range(batch)]
+    outs = []
+    for t in range(steps):
+        out = dec.step({h: (31 * t + 7 * j) % model.vocab_size for j, h in enumerate(hs)})
+        outs.append(torch.stack([out[h].float().clone() for h in hs]))
+    return torch.stack(outs), [dec.state(h) for h in hs]
+
+
+def skipped_share(model, state, batch, steps=3) -> float:
+    """The mean share of rows of the value matrices that the sparse product skips over ``steps`` decode steps
+    (eager steps, no CUDA graph: each value product's h is read on the host)."""
+    from rwkv_chat.models.ops import sparse_ffn
+
+    shares, product = [], sparse_ffn.ffn_value
+
+    def counting(h, w, **kw):
+        shares.append(sparse_ffn.zero_row_fraction(h))
+        return product(h, w, **kw)
+
+    sparse_ffn.ffn_value = counting
+    try:
+        decode_all(model, state, batch, steps, graphs=False, fused=True)
+    finally:
+        sparse_ffn.ffn_value = product
+    return sum(shares) / len(shares) if shares else float("nan")
+
+
+def ffn_cases(w, tokens, row) -> None:
+    """Sparse vs dense value products of fused decode steps (bit-identical), vs the grouped GEMV (to TOL)."""
+    from rwkv_chat.models.backends.fused_cuda import FusedCuda
+
+    for strategy in ("cuda fp16", "cuda bf16"):
+        model = RWKV(model=w, strategy=strategy)
+        if getattr(model.backend, "ffn", None) != "sparse":
+            row("channel-mix value product", strategy, f"NOT SPARSE ({model.backend})", float("inf"))
+            continue
+        _, st = model.forward(tokens, None)
+        runs = {}
+        for batch in (1, 4):
+            for ffn in ("sparse", "dense"):
+                runs[batch, ffn] = decode_all(model, st, batch, 6, ffn=ffn)
+            (lg_s, st_s), (lg_d, st_d) = runs[batch, "sparse"], runs[batch, "dense"]
+            same = torch.equal(lg_s, lg_d) and all(torch.equal(a, b) for s1, s2 in zip(st_s, st_d)
+                                                   for l1, l2 in zip(s1.layers, s2.layers) for a, b in zip(l1, l2))
+            share = skipped_share(model, st, batch)
+            row(f"decode batch {batch}, 6 steps: value product sparse vs dense, logits + states torch.equal "
+                f"(rows skipped {share:.1%})", strategy, "graph, ffn=sparse / dense", 0.0 if same else float("inf"),
+                tol=0.0)
+        gemv_model = RWKV(model=w, strategy=strategy)
+        gemv_model.backend = FusedCuda(gemv_model, gemv_model.backend.ops, ffn="gemv")   # output-major again
+        for batch in (1, 4):
+            lg_g, st_g = decode_all(gemv_model, st, batch, 6)
+            lg_s, st_s = runs[batch, "sparse"]
+            row(f"decode batch {batch}, 6 steps: value product sparse rows vs grouped GEMV", strategy,
+                "graph, ffn=sparse / gemv", max(rel(lg_s, lg_g), max(state_rel(a, b) for a, b in zip(st_s, st_g))))
+        del model, gemv_model
+        torch.cuda.empty_cache()
 
 
 def main() -> int:
@@ -132,6 +198,7 @@ def main() -> int:
             rel(got[:, 0], torch.stack(one)))
         del fused, plain, dec
         torch.cuda.empty_cache()
+    ffn_cases(w, tokens, row)
     lines += ["", f"{count[0]} cases: {count[1]} pass, {count[0] - count[1]} fail"]
     return finish(lines, args.out, ok)
 

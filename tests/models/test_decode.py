@@ -81,6 +81,9 @@ def test_decoder_errors(model_path):
     dec.remove(h)
     with pytest.raises(StateError):
         dec.step({h: 1})                            # stale handle
+    with pytest.raises(StateError, match="ffn"):
+        BatchDecoder(model, max_batch=1, ffn="sprase")   # not a value product of the fused step
+    assert BatchDecoder(model, max_batch=1, ffn="dense").ffn is None      # no fused step on CPU: nothing to pick
 
 
 @pytest.mark.parametrize("version", ["7", "5.2"])

@@ -69,3 +69,23 @@ def test_gated_mlp_compiles_on_tensor_cores(target, dtype):
         assert k.metadata.shared >= 2 * one_stage           # multi-buffered: loads overlap the MMAs
         if target == "sm90" and cfg is large:
             assert "wgmma" in ptx
+
+
+@pytest.mark.parametrize("target", list(TARGETS))
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_sparse_ffn_kernel_compiles_with_predicated_vector_loads_of_weight_rows(target, dtype):
+    """The row-sparse value product (``ops.sparse_ffn``) for 1..4 batch rows: the weight tile is read in 16-byte
+    vectors, each load predicated (a skipped row's lanes issue no load), and dense / sparse share one kernel
+    (``skip_zeros`` a runtime argument)."""
+    from rwkv_chat.models.ops import _sparse_ffn_kernels as S
+    from rwkv_chat.models.ops import sparse_ffn
+
+    ptrs = {"h_ptr": dtype, "w_ptr": dtype, "y_ptr": dtype, "ws_ptr": "fp32", "cnt_ptr": "i32"}
+    ints = ["F", "C", "stride_hm", "stride_ym", "f_per_split", "n_splits", "skip_zeros"]
+    for rows in (1, 2, 3, 4):
+        k = compile_kernel(S.sparse_rows_kernel, ptrs, ["M", *ints],
+                           {"ROWS": rows, "SPLIT": True, "BLOCK_F": sparse_ffn.BLOCK_F, "BLOCK_C": sparse_ffn.BLOCK_C},
+                           target, num_warps=sparse_ffn.NUM_WARPS)
+        ptx = k.asm["ptx"]
+        vector_loads = [line for line in ptx.splitlines() if "ld.global" in line and ".v4." in line]
+        assert vector_loads and all(line.strip().startswith("@%p") for line in vector_loads)
