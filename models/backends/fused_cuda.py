@@ -10,10 +10,11 @@ Decode (``FusedCuda.decode_step``, one token for each of b rows), per layer:
   4. ``v7_tmix_one``: decay, in-context rate, kk normalization, v_first mix, the WKV-7 state step
      (state updated in place), per-head group norm, the r·k bonus and the gate;
   5. GEMV output; 6. ``v7_mix`` residual add + ln2 + shift + lerp; 7. GEMV key writing relu(k)²; 8. the value
-     product: by default ``ops.sparse_ffn.ffn_value`` (Triton), which reads only the rows of the input-major
-     value matrix where some row of relu(k)² is not zero (``ffn="sparse"``; ``"dense"``: the same kernel
-     reading every row, same bits; ``"gemv"``: the output-major grouped GEMV). The residual add of 8 happens in
-     the next layer's step 1.
+     product: by default the output-major grouped GEMV (``ffn="gemv"``); ``ffn="sparse"``:
+     ``ops.sparse_ffn.ffn_value`` (Triton), which reads only the rows of the input-major value matrix where some
+     row of relu(k)² is not zero (``"dense"``: the same kernel reading every row, same bits). On an H200 the
+     sparse kernel, skipping ~50% of the rows of random weights, is still slower than the grouped GEMV at 7.2B
+     (bench/results/h200.md), hence the default. The residual add of 8 happens in the next layer's step 1.
 More than 4 rows: the large products go to cuBLAS (GEMM), the low-rank products too (activations as
 torch ops), the WKV step stays one fused launch per layer. i8 weights (<= 4 rows) use the grouped mm8
 GEMV: r/k/v in one launch, relu² applied on load for the channel-mix value.
@@ -159,9 +160,9 @@ class FusedCuda(Backend):
             graphs captured since would still point at the old matrices).
         ops: the eager ops (compiled kernels).
         ffn: the channel-mix value product of decode steps at <= 4 rows (``decode_step``'s default):
-            "sparse" (default: ``ops.sparse_ffn.ffn_value`` on the input-major matrix, rows where relu(k)² is
-            zero for every row not read), "dense" (the same kernel reading every row; same bits) or "gemv" (the
-            grouped GEMV on the output-major matrix). Without Triton, "gemv". The chosen one is named in
+            "gemv" (default: the grouped GEMV on the output-major matrix), "sparse" (``ops.sparse_ffn.ffn_value``
+            on the input-major matrix, rows where relu(k)² is zero for every row not read) or "dense" (the same
+            kernel reading every row; same bits). Without Triton, "gemv". The chosen one is named in
             ``detail``.
 
     Raises:
@@ -171,7 +172,7 @@ class FusedCuda(Backend):
     name = "fused-cuda"
     decode_on_device = True
 
-    def __init__(self, model, ops: Ops, ffn: str = "sparse"):
+    def __init__(self, model, ops: Ops, ffn: str = "gemv"):
         super().__init__(ops)
         if ffn not in FFN_MODES:
             raise StrategyError(f"ffn must be one of {', '.join(FFN_MODES)}; got {ffn!r}")
@@ -207,7 +208,7 @@ class FusedCuda(Backend):
                                                                         else "") + "; eager ops elsewhere")
 
     @classmethod
-    def attach(cls, model, ops: Ops, ffn: str = "sparse") -> FusedCuda | None:
+    def attach(cls, model, ops: Ops, ffn: str = "gemv") -> FusedCuda | None:
         """The backend for ``model`` where it serves it (RWKV-7, the fused kernels built, a layer on CUDA),
         else None. ``ffn``: as the constructor's."""
         if model.version != "7" or not kernels_loaded() or not any(d.type == "cuda" for d in model.devices):
