@@ -51,6 +51,7 @@ struct GemvqArgs {
     const float* fscale;     // f8: [N]
     void* y;                 // [rows, N] activation dtype
     int rows, K, N, Np, group;
+    int group_shift;         // i4: log2(group) when the group is a power of two, else -1
     int tile, tiles;         // x elements per row staged at a time (a multiple of the chunk), ceil(K / tile)
 };
 
@@ -106,18 +107,22 @@ __device__ __forceinline__ void load_step(Step<I4>& st, const GemvqArgs& a, int 
     const long first = t < a.tiles ? (long)t * a.tile / CE : 0L;      // the tile's first chunk in a row
     const int row_chunks = a.K / CE;
 #pragma unroll
-    for (int o = 0; o < kOuts; ++o) {
-        const int n = n0 + o;
+    for (int u = 0; u < kUnroll; ++u) {
+        const int L = c * kStepChunks + 32 * u + lane;
+        long g = 0;                                                    // i4: the chunk's group
+        if constexpr (I4) {
+            const long k = (first + L) * CE;
+            g = a.group_shift >= 0 ? k >> a.group_shift : k / a.group;
+        }
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-            const int L = c * kStepChunks + 32 * u + lane;
+        for (int o = 0; o < kOuts; ++o) {
+            const int n = n0 + o;
             const bool ok = n < a.N && L < nch;
             st.q[o][u] = ok ? __ldcs(a.w + (long)n * row_chunks + first + L) : make_uint4(0u, 0u, 0u, 0u);
             if constexpr (I4) {
                 float s = 0.f;
                 uint32_t z = 0u;
                 if (ok) {
-                    const long g = (first + L) * CE / a.group;
                     s = __half2float(__ldg(a.scales + g * a.Np + n));
                     z = ((__ldg(a.zeros + g * (a.Np / 8) + n / 8) >> (4 * (n % 8))) + 1u) & 15u;
                 }
@@ -352,6 +357,9 @@ int gemvq_i4_launch(int act, int rows, int K, int N, int Np, int group, const vo
     a.zeros = reinterpret_cast<const uint32_t*>(qzeros);
     a.y = y;
     a.rows = rows; a.K = K; a.N = N; a.Np = Np; a.group = group;
+    a.group_shift = -1;
+    if ((group & (group - 1)) == 0)
+        for (a.group_shift = 0; (1 << a.group_shift) < group;) ++a.group_shift;
     return launch<true>(act, a, stream);
 }
 
@@ -362,7 +370,7 @@ int gemvq_f8_launch(int act, int rows, int K, int N, const void* x, const uint8_
     a.w = reinterpret_cast<const uint4*>(w8);
     a.fscale = scale;
     a.y = y;
-    a.rows = rows; a.K = K; a.N = N; a.Np = N; a.group = 1;
+    a.rows = rows; a.K = K; a.N = N; a.Np = N; a.group = 1; a.group_shift = 0;
     return launch<false>(act, a, stream);
 }
 
