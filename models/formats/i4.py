@@ -209,7 +209,17 @@ class Int4Weight:
 
     def dequantize(self, dtype: torch.dtype = torch.float16) -> torch.Tensor:
         """The float matrix [K, N] in ``dtype``: ``(q - ((z_stored + 1) mod 16)) * scale`` (module docstring),
-        computed in float32 and rounded once; either layout."""
+        computed in float32 and rounded once; either layout (output-major: computed as [N, K] and returned as
+        its transposed view, the layout cuBLAS reads as well)."""
+        if self.output_major:
+            stored = self.storage                                      # [Np, Kp/8]
+            shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=stored.device)
+            q = ((stored.unsqueeze(-1) >> shifts) & 15).reshape(stored.shape[0], -1)       # [Np, Kp]
+            z = ((unpack_cols(self.qzeros) + 1) & 15).t()              # [Np, G]
+            g = self.groups()
+            w = (q - z[:, g]).float() * self.scales.float().t()[:, g]
+            K, N = self.shape
+            return w[:N, :K].to(dtype).t()
         q = unpack_rows(self.qweight)                                  # [Kp, Np]
         z = (unpack_cols(self.qzeros) + 1) & 15                        # [G, Np]
         g = self.groups()
