@@ -26,8 +26,8 @@ void gemvq_i4_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
     const int act = act_code(x, op);
     TORCH_CHECK(rows >= 1 && rows <= kGemvqMaxRows, op, ": 1..", kGemvqMaxRows, " rows, got ", rows);
     TORCH_CHECK(K >= 32 && K % 32 == 0, op, ": K must be a positive multiple of 32, got ", K);
-    TORCH_CHECK(group >= 32 && group % 32 == 0 && K % group == 0, op, ": group must be a multiple of 32 dividing K, got ",
-                group);
+    TORCH_CHECK(group >= 32 && group % 32 == 0 && K % group == 0, op,
+                ": group must be a multiple of 32 dividing K, got ", group);
     TORCH_CHECK(Np % 8 == 0 && N <= Np, op, ": qweight rows ", Np, " must be a multiple of 8, at least N = ", N);
     check_tensor(x, op, "x", kCUDA, F, {rows, K});
     check_tensor(qweight, op, "qweight", kCUDA, at::kInt, {Np, K / 8});
@@ -41,8 +41,8 @@ void gemvq_i4_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
     const at::Tensor xa = reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 ? x : x.clone();
     TORCH_CHECK(reinterpret_cast<uintptr_t>(qweight.data_ptr()) % 16 == 0, op, ": qweight must be 16-byte aligned");
     check_launch(gemvq_i4_launch(act, (int)rows, (int)K, (int)N, (int)Np, (int)group, xa.data_ptr(),
-                                 qweight.data_ptr<int32_t>(), qzeros.data_ptr<int32_t>(), scales.data_ptr(), y.data_ptr(),
-                                 at::cuda::getCurrentCUDAStream()),
+                                 qweight.data_ptr<int32_t>(), qzeros.data_ptr<int32_t>(), scales.data_ptr(),
+                                 y.data_ptr(), at::cuda::getCurrentCUDAStream()),
                  op);
 }
 

@@ -15,8 +15,8 @@ from rwkv_chat.models.ops._gemv_kernels import _dequant_tile
 
 @triton.jit
 def ln_qkv_gptq_kernel(x_ptr, lw_ptr, lb_ptr, qw_ptr, qz_ptr, sc_ptr, gi_ptr, out_ptr, M, H, N, n_q, n_k, group,
-                       eps, stride_xm, stride_qk, stride_qn, RMS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GIDX: tl.constexpr,
-                       ONE_GROUP: tl.constexpr,
+                       eps, stride_xm, stride_qk, stride_qn, RMS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       HAS_GIDX: tl.constexpr, ONE_GROUP: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
