@@ -353,6 +353,31 @@ def bench_gemvq(rows_md: list, peak: float) -> None:
             print(rows_md[-1], flush=True)
 
 
+def bench_gemvq_group(rows_md: list) -> None:
+    """Three products in one launch (``dispatch.gemvq_group``, the fused RWKV-7 decode's r, k, v) against three
+    launches (``kernels.mm4`` / ``kernels.mmf8``), one row, CUDA graphs over weight sets > 3x L2."""
+    from rwkv_chat.models.formats import f8, i4
+    from rwkv_chat.models.kernels import dispatch
+
+    rows_md += ["", "### i4 / f8 decode GEMV: r, k, v in one launch vs three (one row, fp16 activations)", "",
+                "| format | 3 x K x N | one launch (us) | three launches (us) |", "|---|---|---|---|"]
+    for fmt in ("i4", "f8"):
+        for C in (2048, 4096):
+            per = C * C // 2 if fmt == "i4" else C * C
+            n = sets_for(3 * per)
+            make = (lambda: i4.quantize_i4(torch.randn(C, C, device="cuda") * C ** -0.5).to("cuda")) if fmt == "i4" \
+                else (lambda: f8.quantize_f8(torch.randn(C, C, device="cuda") * C ** -0.5))
+            qs = [[make() for _ in range(3)] for _ in range(n)]
+            xs = [torch.randn(1, C, device="cuda", dtype=torch.float16) for _ in range(3)]
+            one = kernels.mm4 if fmt == "i4" else kernels.mmf8
+            tg = time_ms(lambda i: dispatch.gemvq_group(xs, qs[i]), n, iters=GEMVQ_LAUNCHES)
+            ts = time_ms(lambda i: [one(x, q) for x, q in zip(xs, qs[i])], n, iters=GEMVQ_LAUNCHES)
+            qs.clear()
+            torch.cuda.empty_cache()
+            rows_md.append(f"| {fmt} | 3 x {C}x{C} | {tg * 1e3:.1f} | {ts * 1e3:.1f} |")
+            print(rows_md[-1], flush=True)
+
+
 def bench_gemm(rows_md: list) -> None:
     rows_md += ["", "### gemm (fp16, fp32 accumulation) vs torch.matmul", "",
                 "| rows | K x M | cuBLAS gemm (us) | torch.matmul (us) | TFLOP/s |", "|---|---|---|---|---|"]
@@ -389,6 +414,7 @@ def main() -> int:
         bench_mm8_decode(md, peak)
     if args.only in (None, "gemvq"):
         bench_gemvq(md, peak)
+        bench_gemvq_group(md)
     if args.only in (None, "wkv"):
         bench_wkv7(md, have_ref)
         bench_wkv456(md)

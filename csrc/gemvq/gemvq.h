@@ -14,18 +14,28 @@
 namespace rwkv_chat {
 
 constexpr int kGemvqMaxRows = 4;
+constexpr int kGemvqMaxEntries = 4;
 
-// int4, GPTQ v1 zeros (models/formats/i4.py, Int4Weight.output_major): x [rows, K]; qweight int32 [Np, K/8]
-// (output n's K nibbles, eight per int32 along K, low nibble first); qzeros int32 [K/group, Np/8] and
-// scales fp16 [K/group, Np] in the GPTQ layout; y [rows, N] (N <= Np, Np % 8 == 0).
-// y[r][n] = sum_k x[r][k] * (q[n][k] - ((zstored[k/group][n] + 1) & 15)) * scales[k/group][n].
-// Needs K % 32 == 0, group % 32 == 0 and group | K, x and qweight 16-byte aligned.
-int gemvq_i4_launch(int act, int rows, int K, int N, int Np, int group, const void* x, const int32_t* qweight,
-                    const int32_t* qzeros, const void* scales, void* y, cudaStream_t stream);
+// One product y = x @ W (raw device pointers of contiguous tensors; x and w 16-byte aligned):
+//   int4, GPTQ v1 zeros (models/formats/i4.py, Int4Weight.output_major): x [rows, K]; w = qweight int32 [Np, K/8]
+//   (output n's K nibbles, eight per int32 along K, low nibble first); zeros = qzeros int32 [K/group, Np/8] and
+//   scales fp16 [K/group, Np] in the GPTQ layout; y [rows, N] (N <= Np, Np % 8 == 0);
+//   y[r][n] = sum_k x[r][k] * (q[n][k] - ((zstored[k/group][n] + 1) & 15)) * scales[k/group][n];
+//   K % 32 == 0, group % 32 == 0 and group | K.
+//   fp8 e4m3 (models/formats/f8.py): x [rows, K]; w = w8 e4m3 bytes [N, K]; fscale fp32 [N]; y [rows, N];
+//   y[r][n] = fscale[n] * sum_k x[r][k] * e4m3(w8[n][k]); K % 16 == 0.
+struct GemvqEntry {
+    const void* x;
+    const void* w;
+    const void* scales;    // int4
+    const void* zeros;     // int4
+    const float* fscale;   // fp8
+    void* y;
+    int K, N, Np, group;   // Np, group: int4
+};
 
-// fp8 e4m3 (models/formats/f8.py): x [rows, K]; w8 e4m3 bytes [N, K]; scale fp32 [N]; y [rows, N].
-// y[r][n] = scale[n] * sum_k x[r][k] * e4m3(w8[n][k]). Needs K % 16 == 0, x and w8 16-byte aligned.
-int gemvq_f8_launch(int act, int rows, int K, int N, const void* x, const uint8_t* w8, const float* scale, void* y,
-                    cudaStream_t stream);
+// 1..kGemvqMaxEntries products of one kind (i4: int4, else fp8), all with `rows` rows (1..kGemvqMaxRows) of
+// the activation dtype `act`, in one launch.
+int gemvq_launch(bool i4, int act, int rows, int n, const GemvqEntry* entries, cudaStream_t stream);
 
 }  // namespace rwkv_chat

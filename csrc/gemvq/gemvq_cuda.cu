@@ -3,6 +3,8 @@
 //   i4: models/formats/i4.py (GPTQ nibbles, v1 zeros), Int4Weight.output_major: qweight int32 [Np, K/8];
 //   f8: models/formats/f8.py: w8 e4m3 [N, K], one fp32 scale per output.
 //
+// One launch serves 1..kGemvqMaxEntries products of one kind with the same rows (GemvqBatch: consecutive block
+// ranges, one per product; the fused RWKV-7 decode's r, k, v), or one product.
 // Layout of the work (256-thread blocks, 8 warps; a warp computes kOuts = 2 neighbouring outputs together):
 //   * a "chunk" is 16 bytes of one output's weights: 32 int4 or 16 fp8 values along K; lane l of a warp
 //     reads chunks l, l + 32, ... of both its outputs (each warp load is 512 contiguous bytes of a row);
@@ -27,7 +29,7 @@
 // sm_89+), then fp32; the output's scale multiplies the finished sum.
 // Instructions per weight in the inner loop at one row (sm_90 SASS, nvcc 13.0): int4 ~3.4 (LOP3, FADD, FFMA,
 // an LDS.128 per 8 values shared by both outputs), fp8 ~2.6 (F2FP per 2, HADD2.F32, FFMA). Registers (ptxas
-// -v, sm_90): int4 108 (one row) / 128 (2..4 rows), fp8 80 / 92; no spills; 2 blocks per multiprocessor.
+// -v, sm_90): int4 111-122 (one row) / 128 (2..4 rows), fp8 80-86 / 96; no spills; 2 blocks per multiprocessor.
 #include <cuda_fp8.h>
 
 #include <algorithm>
@@ -53,9 +55,16 @@ struct GemvqArgs {
     const uint32_t* zeros;   // i4: [K/group, Np/8]
     const float* fscale;     // f8: [N]
     void* y;                 // [rows, N] activation dtype
-    int rows, K, N, Np, group;
+    int K, N, Np, group;
     int group_shift;         // i4: log2(group) when the group is a power of two, else -1
     int tile, tiles;         // x elements per row staged at a time (a multiple of the chunk), ceil(K / tile)
+};
+
+// Up to kGemvqMaxEntries products with the same rows, one grid: entry e has blocks [block_begin[e], block_begin[e+1]).
+struct GemvqBatch {
+    GemvqArgs e[kGemvqMaxEntries];
+    int block_begin[kGemvqMaxEntries];
+    int n, rows;
 };
 
 template <bool I4>
@@ -272,11 +281,15 @@ __device__ __forceinline__ void compute_step(const Step<I4>& st, const float4* x
 
 // R: rows the registers are laid out for (1, or kGemvqMaxRows serving 2..4 rows).
 template <typename F, int R, bool I4>
-__global__ void __launch_bounds__(kThreads, 2) gemvq_kernel(GemvqArgs a) {
+__global__ void __launch_bounds__(kThreads, 2) gemvq_kernel(GemvqBatch batch) {
     pdl_trigger();
     constexpr int CE = Chunk<I4>::kElems;
+    int e = 0;                                             // this block's product
+#pragma unroll 1
+    while (e + 1 < batch.n && (int)blockIdx.x >= batch.block_begin[e + 1]) ++e;
+    const GemvqArgs& a = batch.e[e];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int n0 = ((int)blockIdx.x * kWarps + warp) * kOuts;
+    const int n0 = (((int)blockIdx.x - batch.block_begin[e]) * kWarps + warp) * kOuts;
     const int cap = a.tile / CE;
 
     // Weights first (they never change): the first two steps, before waiting for the previous kernel.
@@ -295,7 +308,7 @@ __global__ void __launch_bounds__(kThreads, 2) gemvq_kernel(GemvqArgs a) {
 #pragma unroll
         for (int r = 0; r < R; ++r) acc[o][r] = 0.f;
     const F* __restrict__ x = static_cast<const F*>(a.x);
-    const int rows = R == 1 ? 1 : a.rows;
+    const int rows = R == 1 ? 1 : batch.rows;
 
 #pragma unroll 1
     for (int t = 0; t < a.tiles; ++t) {
@@ -333,57 +346,66 @@ __global__ void __launch_bounds__(kThreads, 2) gemvq_kernel(GemvqArgs a) {
 
 int ceil_div(long a, long b) { return (int)((a + b - 1) / b); }
 
-// Tile the staged x (rows * tile * 4 bytes <= kSmemMax) and launch with programmatic stream serialization
-// (the kernel waits with pdl_wait before touching data of earlier kernels).
+// Tile each product's staged x (rows * tile * 4 bytes <= kSmemMax) and launch every product in one grid with
+// programmatic stream serialization (the kernel waits with pdl_wait before touching data of earlier kernels).
 template <bool I4>
-int launch(int act, GemvqArgs a, cudaStream_t stream) {
+int launch(int act, GemvqBatch b, cudaStream_t stream) {
     constexpr int CE = Chunk<I4>::kElems;
-    if (a.rows < 1 || a.rows > kGemvqMaxRows || a.K < CE || a.K % CE != 0 || a.N < 0) return kUnsupported;
-    for (const void* p : {a.x, static_cast<const void*>(a.w)})
-        if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return kUnsupported;   // 16-byte loads
-    if (a.N == 0) return 0;
-    const int max_tile = (kSmemMax / 4 / a.rows) / CE * CE;
-    a.tiles = ceil_div(a.K, max_tile);
-    a.tile = (ceil_div(a.K, a.tiles) + CE - 1) / CE * CE;   // <= max_tile
-    const int smem = a.rows * a.tile * (int)sizeof(float);
-    const unsigned blocks = (unsigned)ceil_div(a.N, (long)kWarps * kOuts);
+    if (b.n < 1 || b.n > kGemvqMaxEntries || b.rows < 1 || b.rows > kGemvqMaxRows) return kUnsupported;
+    const int max_tile = (kSmemMax / 4 / b.rows) / CE * CE;
+    long blocks = 0;
+    int smem = 0;
+    for (int i = 0; i < b.n; ++i) {
+        GemvqArgs& a = b.e[i];
+        if (a.K < CE || a.K % CE != 0 || a.N < 0) return kUnsupported;
+        for (const void* p : {a.x, static_cast<const void*>(a.w)})
+            if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return kUnsupported;   // 16-byte loads
+        a.tiles = ceil_div(a.K, max_tile);
+        a.tile = (ceil_div(a.K, a.tiles) + CE - 1) / CE * CE;   // <= max_tile
+        b.block_begin[i] = (int)blocks;
+        blocks += ceil_div(a.N, (long)kWarps * kOuts);
+        smem = std::max(smem, b.rows * a.tile * (int)sizeof(float));
+    }
+    if (blocks == 0) return 0;
     cudaError_t err = cudaSuccess;
     RWKV_CHAT_DISPATCH_ACT(static_cast<ActType>(act), F, {
-        void (*kernel)(GemvqArgs) = a.rows == 1 ? gemvq_kernel<F, 1, I4> : gemvq_kernel<F, kGemvqMaxRows, I4>;
+        void (*kernel)(GemvqBatch) = b.rows == 1 ? gemvq_kernel<F, 1, I4> : gemvq_kernel<F, kGemvqMaxRows, I4>;
         if (smem > kSmemDefault)
             err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemMax);
-        if (err == cudaSuccess) err = launch_pdl(kernel, blocks, kThreads, (size_t)smem, stream, a);
+        if (err == cudaSuccess) err = launch_pdl(kernel, (unsigned)blocks, kThreads, (size_t)smem, stream, b);
     });
     return (int)(err != cudaSuccess ? err : cudaGetLastError());
 }
 
 }  // namespace
 
-int gemvq_i4_launch(int act, int rows, int K, int N, int Np, int group, const void* x, const int32_t* qweight,
-                    const int32_t* qzeros, const void* scales, void* y, cudaStream_t stream) {
-    if (group < 32 || group % 32 != 0 || K % group != 0 || Np < N || Np % 8 != 0) return kUnsupported;
-    GemvqArgs a{};
-    a.x = x;
-    a.w = reinterpret_cast<const uint4*>(qweight);
-    a.scales = static_cast<const __half*>(scales);
-    a.zeros = reinterpret_cast<const uint32_t*>(qzeros);
-    a.y = y;
-    a.rows = rows; a.K = K; a.N = N; a.Np = Np; a.group = group;
-    a.group_shift = -1;
-    if ((group & (group - 1)) == 0)
-        for (a.group_shift = 0; (1 << a.group_shift) < group;) ++a.group_shift;
-    return launch<true>(act, a, stream);
-}
-
-int gemvq_f8_launch(int act, int rows, int K, int N, const void* x, const uint8_t* w8, const float* scale, void* y,
-                    cudaStream_t stream) {
-    GemvqArgs a{};
-    a.x = x;
-    a.w = reinterpret_cast<const uint4*>(w8);
-    a.fscale = scale;
-    a.y = y;
-    a.rows = rows; a.K = K; a.N = N; a.Np = N; a.group = 1; a.group_shift = 0;
-    return launch<false>(act, a, stream);
+int gemvq_launch(bool i4, int act, int rows, int n, const GemvqEntry* entries, cudaStream_t stream) {
+    if (n < 1 || n > kGemvqMaxEntries) return kUnsupported;
+    GemvqBatch b{};
+    b.n = n;
+    b.rows = rows;
+    for (int i = 0; i < n; ++i) {
+        const GemvqEntry& E = entries[i];
+        GemvqArgs& a = b.e[i];
+        a.x = E.x;
+        a.w = static_cast<const uint4*>(E.w);
+        a.y = E.y;
+        a.K = E.K; a.N = E.N;
+        if (i4) {
+            if (E.group < 32 || E.group % 32 != 0 || E.K % E.group != 0 || E.Np < E.N || E.Np % 8 != 0)
+                return kUnsupported;
+            a.scales = static_cast<const __half*>(E.scales);
+            a.zeros = static_cast<const uint32_t*>(E.zeros);
+            a.Np = E.Np; a.group = E.group;
+            a.group_shift = -1;
+            if ((E.group & (E.group - 1)) == 0)
+                for (a.group_shift = 0; (1 << a.group_shift) < E.group;) ++a.group_shift;
+        } else {
+            a.fscale = E.fscale;
+            a.Np = E.N; a.group = 1; a.group_shift = 0;
+        }
+    }
+    return i4 ? launch<true>(act, b, stream) : launch<false>(act, b, stream);
 }
 
 }  // namespace rwkv_chat

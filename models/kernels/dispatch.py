@@ -222,6 +222,39 @@ def mmf8(x: torch.Tensor, q: Float8Weight) -> torch.Tensor:
     return _f8.mmf8_torch(x, q)
 
 
+def gemvq_group(xs: list[torch.Tensor], qs: list) -> list[torch.Tensor] | None:
+    """``[x @ q.dequantize() for x, q in zip(xs, qs)]`` in one launch of the compiled GEMV (``csrc/gemvq``),
+    or None where it does not serve them all (the caller multiplies one by one).
+
+    Served: 1..4 products, every weight i4 (``gemvq_i4_ok``) or every weight f8 (K % 16 == 0), xs 2-D [rows, K_e]
+    of one activation dtype on one CUDA device, the same rows (1..``GEMVQ_ROWS``), the family built.
+    Returns: [rows, N_e] tensors in the activation dtype (fp32 accumulation).
+    Raises: DeviceError, ShapeMismatchError, UnsupportedDtypeError (as ``mm4`` / ``mmf8``) for a packed weight whose
+    x does not fit it.
+    """
+    if not 1 <= len(xs) == len(qs) <= 4:
+        return None
+    for x, q in zip(xs, qs):
+        if not isinstance(q, (Int4Weight, Float8Weight)):
+            return None
+        _check_packed(x, q, "i4" if isinstance(q, Int4Weight) else "f8")
+    x0 = xs[0]
+    if not _gemvq_serves(x0) or any(x.dim() != 2 or x.shape[0] != x0.shape[0] or x.dtype != x0.dtype
+                                    or x.device != x0.device for x in xs):
+        return None
+    ys = [torch.empty(x.shape[0], q.shape[1], dtype=x.dtype, device=x.device) for x, q in zip(xs, qs)]
+    xc = [x.contiguous() for x in xs]
+    if all(isinstance(q, Int4Weight) and gemvq_i4_ok(q) for q in qs):
+        _op("cuda", "gemvq_i4_multi")(xc, [q.storage for q in qs], [q.qzeros for q in qs], [q.scales for q in qs],
+                                      [q.group_size for q in qs], ys)
+        return ys
+    if all(isinstance(q, Float8Weight) and q.shape[0] % 16 == 0 and q.w8.is_contiguous()
+           and q.scale.dtype == torch.float32 for q in qs):
+        _op("cuda", "gemvq_f8_multi")(xc, [q.w8.view(torch.uint8) for q in qs], [q.scale.contiguous() for q in qs], ys)
+        return ys
+    return None
+
+
 def _triton_ok() -> bool:
     from rwkv_chat.models.ops._triton import reason as triton_reason
 

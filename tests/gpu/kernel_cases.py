@@ -214,6 +214,23 @@ def case_gemvq_f8(rows, K, N, dtype, device, seed):
     return rel_err(kernels.mmf8(x, q), x.double() @ q.dequantize(torch.float64))
 
 
+def case_gemvq_group(rows, shapes, fmt, dtype, device, seed):
+    """``dispatch.gemvq_group`` (one launch of ``gemvq_i4_multi_cuda`` / ``gemvq_f8_multi_cuda``) for weights
+    [K_e, N_e] placed on CUDA: worst product against x (rounded) @ the dequantized weight in float64."""
+    from rwkv_chat.models.formats import f8, i4
+    from rwkv_chat.models.kernels import dispatch
+
+    _gemvq_built(device)
+    g = _gen(seed, device)
+    ws = [_randn(g, K, N, scale=K ** -0.5).to(device) for K, N in shapes]
+    qs = [i4.quantize_i4(w).to(device) if fmt == "i4" else f8.quantize_f8(w) for w in ws]
+    xs = [_randn(g, rows, K).to(dtype).to(device) for K, _ in shapes]
+    ys = dispatch.gemvq_group(xs, qs)
+    if ys is None:
+        raise AssertionError("gemvq_group did not serve the products")
+    return max(rel_err(y, x.double() @ q.dequantize(torch.float64)) for y, x, q in zip(ys, xs, qs))
+
+
 def case_gemm(rows, K, M, dtype, device, seed):
     g = _gen(seed, device)
     x, w = _randn(g, rows, K).to(dtype), _randn(g, K, M, scale=K ** -0.5).to(dtype)
@@ -295,6 +312,13 @@ def all_cases(device: str, quick: bool = False):
                                (4, 4096, 4096), (4, 16384, 777), (1, 16, 5), (2, 48, 33), (1, 896, 4864)):
                 cases.append(("gemvq", f"f8 rows={rows} K={K} N={N}", dt,
                               lambda r=rows, K=K, N=N, dt=dt, s=len(cases): case_gemvq_f8(r, K, N, dt, device, s)))
+            for fmt in ("i4", "f8"):   # one launch for several products (the fused RWKV-7 decode's r, k, v)
+                for rows, shp in ((1, ((4096, 4096), (4096, 4096), (4096, 4096))),
+                                  (3, ((2048, 2048), (2048, 520), (4096, 1000), (1024, 4096))),
+                                  (4, ((16384, 4096), (64, 40)))):
+                    cases.append(("gemvq", f"{fmt} group rows={rows} {' '.join(f'{K}x{N}' for K, N in shp)}", dt,
+                                  lambda r=rows, shp=shp, f=fmt, dt=dt, s=len(cases):
+                                  case_gemvq_group(r, shp, f, dt, device, s)))
         if device == "cuda" and dt != torch.float32:
             for rows, K, M in ((1, 768, 768), (64, 1024, 4096)):
                 cases.append(("gemm", f"rows={rows} K={K} M={M}", dt, lambda r=rows, K=K, M=M, dt=dt, s=len(cases):

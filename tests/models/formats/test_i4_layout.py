@@ -149,3 +149,12 @@ def test_kernel_int4_arithmetic_matches_the_reference(dtype):
     y = (chunk * sc).sum(-1)
     ref = x.double() @ q.dequantize(torch.float64)
     assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-6
+
+
+def test_grouped_gemv_is_not_served_on_the_cpu_and_checks_its_inputs():
+    q = _weight(256, 40, 64).with_layout(True)
+    x = torch.randn(2, 256)
+    assert dispatch.gemvq_group([x, x], [q, q]) is None        # no CUDA build: the caller multiplies one by one
+    assert dispatch.gemvq_group([x], [torch.randn(256, 40)]) is None
+    with pytest.raises(ShapeMismatchError):
+        dispatch.gemvq_group([torch.randn(2, 128)], [q])
