@@ -8,7 +8,11 @@
 # sections of the steps taken replaced (bench/assemble.py): copy it over bench/results/<gpu>.md.
 # The tables name the source tree from git; a copy without .git names none.
 BUDGET=${1:-560}; shift || true
+<<<<<<< HEAD
 STEPS=${*:-"kernels fused kbench b01 b15 b72 b72i8 b15i8 pip cmp"}   # also: sparse ops opsbench qwen formats qb15 fbench qb7 tree pcache qprof fprof ...
+=======
+STEPS=${*:-"kernels fused kbench b01 b15 b72 b72i8 b15i8 pip cmp"}   # also: gemvq gbench ops opsbench qwen formats qb15 fbench qb7 tree pcache qprof fprof ...
+>>>>>>> wt-gemv
 OUT=${OUT:-/tmp/bench-out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 mkdir -p /tmp/shim/rwkv_chat && touch /tmp/shim/rwkv_chat/__init__.py
@@ -29,6 +33,8 @@ step() {  # step NAME NEED_SECONDS TIMEOUT CMD...
     echo "=== $name rc=${PIPESTATUS[0]} (t=${SECONDS}s)"
 }
 step kernels 200 300 python3 tests/gpu/verify_kernels.py --out "$OUT/verify_kernels.md"
+step gemvq 120 300 python3 tests/gpu/verify_kernels.py --family gemvq --out "$OUT/verify_gemvq.md"
+step gbench 90 300 python3 bench/kernels.py --only gemvq --out "$OUT/gemvq_bench.md"
 python3 -c 'from rwkv_chat.models import kernels; import sys; s=kernels.ensure_built("cuda"); print(s); sys.exit(0 if s["v7fused"]=="ok" else 1)' || { echo "our kernels did not build"; exit 1; }
 step fused 60 150 python3 tests/gpu/verify_fused.py --out "$OUT/verify_fused.md"
 step ops 60 200 python3 tests/gpu/verify_ops.py --out "$OUT/verify_ops.md"

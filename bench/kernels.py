@@ -3,12 +3,15 @@ bandwidth measured in the same run, and the WKV-7 sequence kernel and the chunke
 prefill runs against the ``rwkv`` pip package's ``wkv7s`` kernel on the same inputs.
 
     python bench/kernels.py [--cache DIR] [--ref-src DIR_WITH_rwkv7_op.cpp_AND_rwkv7.cu] [--out FILE.md]
+                            [--only mm8|gemvq|wkv|gemm]
 
 Method: CUDA events around a CUDA graph of back-to-back launches (an eager loop where a column says so),
 median of 7 replays; inputs rotate among enough sets to exceed 3x the L2 cache (read from the device),
 so weights come from device memory. Bytes = every input read once plus every output written once. Peers
 per mm8 size: a copy of the same bytes and a launch that only reads them (Triton), the floor of one launch. Pass
 mark for mm8 with one row (decode): >= 70% of the large-copy bandwidth at 2048², 4096² and 4096x16384.
+The int4 / fp8 decode GEMVs (``csrc/gemvq``) are timed against the fp16 cuBLAS GEMV of the same matrix in one
+table (``bench_gemvq``).
 """
 
 from __future__ import annotations
@@ -294,6 +297,87 @@ def bench_wkv456(rows_md: list) -> None:
         rows_md.append(f"| wkv4 | {B} | {T} | {C} | {t * 1e3:.1f} | {nbytes / t / 1e6:.0f} |")
 
 
+GEMVQ_SHAPES = ((4096, 4096), (4096, 16384), (16384, 4096))   # K x N (input x output)
+GEMVQ_LAUNCHES = 50
+
+
+def bench_gemvq(rows_md: list, peak: float) -> None:
+    """The int4 and fp8 decode GEMVs (``csrc/gemvq`` through ``kernels.mm4`` / ``kernels.mmf8``; i4 held
+    output-major as on CUDA, group 128) against the fp16 cuBLAS GEMV of the same logical matrix (held
+    output-major, as the fused backend holds float matrices) and the Triton GEMVs of ``ops.gemv``: CUDA graphs
+    of GEMVQ_LAUNCHES launches over weight sets > 3x L2, median of 7 replays. Bytes = weights (+ scales and
+    zeros) + x + y; speed-up = fp16 time / time."""
+    from rwkv_chat.models.formats import f8, i4
+    from rwkv_chat.models.kernels import dispatch
+    from rwkv_chat.models.ops import gemv as triton_gemv
+    from rwkv_chat.models.ops._triton import reason as triton_reason
+
+    triton = triton_reason() is None
+    rows_md += ["", f"### i4 / f8 decode GEMV vs fp16 cuBLAS (fp16 activations; CUDA graph of {GEMVQ_LAUNCHES} "
+                    f"launches over weight sets > 3x L2)", "",
+                "| rows | K x N | fp16 cuBLAS us (GB/s) | i4 us | i4 GB/s | i4 % of copy | i4 speed-up | "
+                "i4 Triton us | f8 us | f8 GB/s | f8 % of copy | f8 speed-up | f8 Triton us |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for rows in (1, 4):
+        for K, N in GEMVQ_SHAPES:
+            x = torch.randn(rows, K, device="cuda", dtype=torch.float16)
+            io = rows * (K + N) * 2
+            # fp16: [N, K] contiguous, multiplied as its [K, N] transposed view
+            n = sets_for(K * N * 2)
+            ws = [(torch.randn(N, K, device="cuda") * K ** -0.5).half().t() for _ in range(n)]
+            t16 = time_ms(lambda i: kernels.gemm(x, ws[i]), n, iters=GEMVQ_LAUNCHES)
+            ws.clear()
+            b16 = K * N * 2 + io
+            # i4
+            group = 128
+            b4 = K * N // 2 + (K // group) * N * 2 + (K // group) * N // 2 + io
+            n = sets_for(b4)
+            qs = [i4.quantize_i4(torch.randn(K, N, device="cuda") * K ** -0.5, group).to("cuda") for _ in range(n)]
+            assert all(dispatch.gemvq_i4_ok(q) for q in qs)
+            t4 = time_ms(lambda i: kernels.mm4(x, qs[i]), n, iters=GEMVQ_LAUNCHES)
+            t4t = time_ms(lambda i: triton_gemv.i4_gemv(x, qs[i]), n, iters=GEMVQ_LAUNCHES) if triton else None
+            qs.clear()
+            # f8
+            b8 = K * N + N * 4 + io
+            n = sets_for(b8)
+            fs = [f8.quantize_f8(torch.randn(K, N, device="cuda") * K ** -0.5) for _ in range(n)]
+            t8 = time_ms(lambda i: kernels.mmf8(x, fs[i]), n, iters=GEMVQ_LAUNCHES)
+            t8t = time_ms(lambda i: triton_gemv.f8_gemv(x, fs[i]), n, iters=GEMVQ_LAUNCHES) if triton else None
+            fs.clear()
+            torch.cuda.empty_cache()
+            bw16, bw4, bw8 = b16 / t16 / 1e6, b4 / t4 / 1e6, b8 / t8 / 1e6
+            tri = lambda t: "-" if t is None else f"{t * 1e3:.1f}"  # noqa: E731
+            rows_md.append(f"| {rows} | {K}x{N} | {t16 * 1e3:.1f} ({bw16:.0f}) | {t4 * 1e3:.1f} | {bw4:.0f} | "
+                           f"{100 * bw4 / peak:.0f}% | {t16 / t4:.2f}x | {tri(t4t)} | {t8 * 1e3:.1f} | {bw8:.0f} | "
+                           f"{100 * bw8 / peak:.0f}% | {t16 / t8:.2f}x | {tri(t8t)} |")
+            print(rows_md[-1], flush=True)
+
+
+def bench_gemvq_group(rows_md: list) -> None:
+    """Three products in one launch (``dispatch.gemvq_group``, the fused RWKV-7 decode's r, k, v) against three
+    launches (``kernels.mm4`` / ``kernels.mmf8``), one row, CUDA graphs over weight sets > 3x L2."""
+    from rwkv_chat.models.formats import f8, i4
+    from rwkv_chat.models.kernels import dispatch
+
+    rows_md += ["", "### i4 / f8 decode GEMV: r, k, v in one launch vs three (one row, fp16 activations)", "",
+                "| format | 3 x K x N | one launch (us) | three launches (us) |", "|---|---|---|---|"]
+    for fmt in ("i4", "f8"):
+        for C in (2048, 4096):
+            per = C * C // 2 if fmt == "i4" else C * C
+            n = sets_for(3 * per)
+            make = (lambda: i4.quantize_i4(torch.randn(C, C, device="cuda") * C ** -0.5).to("cuda")) if fmt == "i4" \
+                else (lambda: f8.quantize_f8(torch.randn(C, C, device="cuda") * C ** -0.5))
+            qs = [[make() for _ in range(3)] for _ in range(n)]
+            xs = [torch.randn(1, C, device="cuda", dtype=torch.float16) for _ in range(3)]
+            one = kernels.mm4 if fmt == "i4" else kernels.mmf8
+            tg = time_ms(lambda i: dispatch.gemvq_group(xs, qs[i]), n, iters=GEMVQ_LAUNCHES)
+            ts = time_ms(lambda i: [one(x, q) for x, q in zip(xs, qs[i])], n, iters=GEMVQ_LAUNCHES)
+            qs.clear()
+            torch.cuda.empty_cache()
+            rows_md.append(f"| {fmt} | 3 x {C}x{C} | {tg * 1e3:.1f} | {ts * 1e3:.1f} |")
+            print(rows_md[-1], flush=True)
+
+
 def bench_gemm(rows_md: list) -> None:
     rows_md += ["", "### gemm (fp16, fp32 accumulation) vs torch.matmul", "",
                 "| rows | K x M | cuBLAS gemm (us) | torch.matmul (us) | TFLOP/s |", "|---|---|---|---|---|"]
@@ -311,6 +395,8 @@ def main() -> int:
     ap.add_argument("--cache", default=None)
     ap.add_argument("--ref-src", default=None, help="folder with the rwkv pip package's rwkv7_op.cpp and rwkv7.cu")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--only", default=None, choices=("mm8", "gemvq", "wkv", "gemm"),
+                    help="run one section (with the copy bandwidth it is measured against)")
     args = ap.parse_args()
     loader = kernels.KernelLoader(cache_dir=args.cache, progress=print)
     status = loader.ensure_built("cuda")
@@ -322,13 +408,21 @@ def main() -> int:
     md = [*provenance(), "",
           f"Large device-to-device copy (best of 512 MiB and 2 GiB moved, read + write; best at {peak_label}): "
           f"**{peak:.0f} GB/s**"]
-    ok = bench_mm8(md, peak)
-    bench_mm8_decode(md, peak)
-    bench_wkv7(md, have_ref)
-    bench_wkv456(md)
-    bench_gemm(md)
-    md += ["", f"mm8 one-row >= 70% of copy bandwidth at 2048², 4096², 4096x16384: "
-           f"{'PASS' if ok else 'FAIL'}"]
+    ok = True
+    if args.only in (None, "mm8"):
+        ok = bench_mm8(md, peak)
+        bench_mm8_decode(md, peak)
+    if args.only in (None, "gemvq"):
+        bench_gemvq(md, peak)
+        bench_gemvq_group(md)
+    if args.only in (None, "wkv"):
+        bench_wkv7(md, have_ref)
+        bench_wkv456(md)
+    if args.only in (None, "gemm"):
+        bench_gemm(md)
+    if args.only in (None, "mm8"):
+        md += ["", f"mm8 one-row >= 70% of copy bandwidth at 2048², 4096², 4096x16384: "
+               f"{'PASS' if ok else 'FAIL'}"]
     text = "\n".join(md)
     print(text)
     if args.out:

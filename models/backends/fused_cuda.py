@@ -17,7 +17,8 @@ Decode (``FusedCuda.decode_step``, one token for each of b rows), per layer:
      (bench/results/h200.md), hence the default. The residual add of 8 happens in the next layer's step 1.
 More than 4 rows: the large products go to cuBLAS (GEMM), the low-rank products too (activations as
 torch ops), the WKV step stays one fused launch per layer. i8 weights (<= 4 rows) use the grouped mm8
-GEMV: r/k/v in one launch, relu² applied on load for the channel-mix value.
+GEMV: r/k/v in one launch, relu² applied on load for the channel-mix value; i4 and f8 weights the grouped
+GEMV of ``csrc/gemvq`` for r/k/v (``dispatch.gemvq_group``), their other products ``dispatch.mm4`` / ``mmf8``.
 
 Prefill (``FusedCuda.sequence_block``, T > 1): ``v7_mix`` (the previous token's LayerNorm recomputed in the
 same block), cuBLAS GEMMs over [B·T, C], ``v7_pre``, the compiled WKV-7 sequence kernel, ``v7_post``.
@@ -331,6 +332,9 @@ class FusedCuda(Backend):
                     r, k, v, low = out[0], out[1], out[2], out[3:]
                 elif _i8_ok(big, x):
                     r, k, v = _mm8([xr, xk, xv], big, [0, 0, 0])
+                    low = _gemv(xs, ws, low_acts)
+                elif (grouped := dispatch.gemvq_group([xr, xk, xv], big)) is not None:    # i4 / f8 weights
+                    r, k, v = grouped
                     low = _gemv(xs, ws, low_acts)
                 else:
                     r, k, v = (mm(xx, w) for xx, w in zip((xr, xk, xv), big))

@@ -38,10 +38,18 @@ config)`` (or ``from_gptq(qweight, qzeros, scales, g_idx)``) returns the ``Int4W
 ``ctx.ops.matmul`` / ``rwkv_chat.models.kernels.mm4`` (x [..., in_features] -> [..., out_features]; the
 Linear's bias is added by the caller).
 
+Layouts in memory: the GPTQ layout above is what loads and what is saved (``formats.serialize``, converted
+files, GPTQ checkpoints). On CUDA the packed words are held output-major instead (``Int4Weight.output_major``:
+``qweight`` the transposed view of a contiguous int32 [Np, Kp/8], each output's nibbles contiguous along K, the
+same words), converted once when the weight moves there (``Int4Weight.to``); zeros, scales and g_idx keep the
+GPTQ layout. Every reader takes either layout: ``dequantize``, ``serialize.parts`` (writes the GPTQ layout), the
+Triton kernels (strided ``qweight``), the CUDA GEMV (output-major only).
+
 Products: ``matmul`` dequantizes in torch and multiplies (any device); ``rwkv_chat.models.kernels.mm4``
-(the format's ``kernel``) serves up to ``rwkv_chat.models.ops.gemv.I4_ROWS`` rows on CUDA with a Triton kernel
-that dequantizes in registers (``models/ops/_gemv_kernels.py``; decode steps and batches), more rows by
-dequantizing once and cuBLAS (prefill).
+(the format's ``kernel``) serves 1..4 rows on CUDA with the compiled GEMV of ``csrc/gemvq`` where it is built
+(output-major weight, no g_idx, K and the group multiples of 32), else up to ``rwkv_chat.models.ops.gemv.I4_ROWS``
+rows with a Triton kernel that dequantizes in registers (``models/ops/_gemv_kernels.py``; decode steps and
+batches), more rows by dequantizing once and cuBLAS (prefill).
 """
 
 from __future__ import annotations
@@ -51,6 +59,7 @@ from dataclasses import dataclass, field
 import torch
 
 from rwkv_chat.models.errors import ShapeMismatchError, UnsupportedDtypeError
+from rwkv_chat.models.formats.i8 import prefers_output_major
 from rwkv_chat.models.formats.packed import PackedFormat, place
 
 #: the group size of ``quantize_i4`` where it divides K
@@ -105,10 +114,25 @@ def _up8(n: int) -> int:
 class Int4Weight:
     """A weight in the GPTQ int4 layout (module docstring), logically [K, N] (input × output).
 
+    ``qweight`` is always the logical int32 [Kp/8, Np] matrix of the GPTQ layout; ``output_major`` says how its
+    words lie in memory:
+
+    * ``False`` (the GPTQ layout: what is loaded, converted and saved): ``qweight`` is contiguous [Kp/8, Np].
+    * ``True`` (CUDA: the decode GEMV ``csrc/gemvq`` reads each output's Kp/2 bytes contiguously): ``qweight``
+      is the transposed view ``storage.t()`` of a contiguous int32 [Np, Kp/8] tensor (row n: output n's Kp
+      nibbles, eight per word along K, low nibble first, the same words as the GPTQ layout).
+
+    ``qzeros``, ``scales`` and ``g_idx`` are the same in both layouts. Values, ``shape``, ``dequantize`` and
+    ``nbytes`` do not depend on the layout; ``to(device)`` converts to the layout the target device's kernels
+    read (``prefers_output_major``: output-major on CUDA) unless ``output_major`` is given, so a weight is held
+    once, in one layout.
+
     Attributes:
-        qweight: int32 [Kp/8, Np]; qzeros: int32 [Kp/group, Np/8]; scales: float16 [Kp/group, Np];
-        g_idx: int32 [Kp] or None. Kp, Np: K and N rounded up to multiples of 8 (zero padding).
-        group_size: input rows per group. shape: the logical (K, N).
+        qweight: int32 [Kp/8, Np] (logical; laid out as ``output_major`` says); qzeros: int32 [Kp/group, Np/8];
+        scales: float16 [Kp/group, Np]; g_idx: int32 [Kp] or None. Kp, Np: K and N rounded up to multiples of
+        8 (zero padding). group_size: input rows per group. shape: the logical (K, N). output_major: the flag above.
+    Raises (on construction):
+        ShapeMismatchError: ``output_major`` and ``qweight`` is not the transposed view of a contiguous tensor.
     """
 
     qweight: torch.Tensor
@@ -117,11 +141,17 @@ class Int4Weight:
     g_idx: torch.Tensor | None
     group_size: int
     shape: tuple = field(default=())
+    output_major: bool = False
 
     def __post_init__(self):
         if not self.shape:
             self.shape = (self.qweight.shape[0] * 8, self.qweight.shape[1])
         self.shape = torch.Size(self.shape)
+        if self.output_major and isinstance(self.qweight, torch.Tensor) and not (
+                self.qweight.dim() == 2 and self.qweight.t().is_contiguous()):
+            raise ShapeMismatchError(f"an output-major i4 weight needs qweight = (contiguous [Np, Kp/8]).t(), got "
+                                     f"shape {tuple(self.qweight.shape)} strides {self.qweight.stride()}",
+                                     tensor="qweight", expected="transposed contiguous", actual=self.qweight.stride())
 
     @property
     def dtype(self) -> torch.dtype:
@@ -131,19 +161,44 @@ class Int4Weight:
     def device(self) -> torch.device:
         return self.qweight.device
 
-    def _map(self, fn) -> "Int4Weight":
-        return Int4Weight(fn(self.qweight), fn(self.qzeros), fn(self.scales),
-                          None if self.g_idx is None else fn(self.g_idx), self.group_size, self.shape)
+    @property
+    def storage(self) -> torch.Tensor:
+        """The int32 words as stored: [Np, Kp/8] if ``output_major`` else [Kp/8, Np] (contiguous when built here)."""
+        return self.qweight.t() if self.output_major else self.qweight
 
-    def to(self, device=None, non_blocking: bool = False) -> "Int4Weight":
-        """This weight on ``device`` (the bytes move once, layout unchanged)."""
-        return self._map(lambda t: t.to(device=device, non_blocking=non_blocking))
+    def _map(self, fn) -> "Int4Weight":
+        """``fn`` applied to every tensor, ``qweight`` through its storage (the layout is kept)."""
+        stored = fn(self.storage)
+        return Int4Weight(stored.t() if self.output_major else stored, fn(self.qzeros), fn(self.scales),
+                          None if self.g_idx is None else fn(self.g_idx), self.group_size, self.shape,
+                          self.output_major)
+
+    def with_layout(self, output_major: bool) -> "Int4Weight":
+        """The same weight in the given layout on its device (``self`` where it already is); the words are
+        transposed once, nothing else changes."""
+        if output_major == self.output_major:
+            return self
+        qweight = self.qweight.t().contiguous().t() if output_major else self.qweight.contiguous()
+        return Int4Weight(qweight, self.qzeros, self.scales, self.g_idx, self.group_size, self.shape, output_major)
+
+    def to(self, device=None, non_blocking: bool = False, output_major: bool | None = None) -> "Int4Weight":
+        """This weight on ``device`` (default: its own), in the layout ``output_major`` (default: the one
+        ``prefers_output_major(device)`` names: output-major on CUDA). The bytes move once; the layout changes
+        on the CUDA side of the move (a transpose there is fast)."""
+        target = torch.device(device) if device is not None else self.device
+        layout = prefers_output_major(target) if output_major is None else output_major
+        q = self.with_layout(layout) if self.device.type == "cuda" else self
+        if target != q.device:
+            q = q._map(lambda t: t.to(device=target, non_blocking=non_blocking))
+        return q.with_layout(layout)
 
     def contiguous(self) -> "Int4Weight":
+        """Every tensor contiguous in its layout (``qweight`` stays a transposed view when output-major)."""
         return self._map(lambda t: t.contiguous())
 
     def pin_memory(self) -> "Int4Weight":
-        return self._map(lambda t: t.pin_memory())
+        """Page-locked copies (CPU), same layout."""
+        return self._map(lambda t: t.contiguous().pin_memory())
 
     def groups(self) -> torch.Tensor:
         """int64 [Kp]: the group of every (padded) input row."""
@@ -154,7 +209,17 @@ class Int4Weight:
 
     def dequantize(self, dtype: torch.dtype = torch.float16) -> torch.Tensor:
         """The float matrix [K, N] in ``dtype``: ``(q - ((z_stored + 1) mod 16)) * scale`` (module docstring),
-        computed in float32 and rounded once."""
+        computed in float32 and rounded once; either layout (output-major: computed as [N, K] and returned as
+        its transposed view, the layout cuBLAS reads as well)."""
+        if self.output_major:
+            stored = self.storage                                      # [Np, Kp/8]
+            shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=stored.device)
+            q = ((stored.unsqueeze(-1) >> shifts) & 15).reshape(stored.shape[0], -1)       # [Np, Kp]
+            z = ((unpack_cols(self.qzeros) + 1) & 15).t()              # [Np, G]
+            g = self.groups()
+            w = (q - z[:, g]).float() * self.scales.float().t()[:, g]
+            K, N = self.shape
+            return w[:N, :K].to(dtype).t()
         q = unpack_rows(self.qweight)                                  # [Kp, Np]
         z = (unpack_cols(self.qzeros) + 1) & 15                        # [G, Np]
         g = self.groups()
@@ -329,9 +394,10 @@ def concat_i4(parts: list[Int4Weight]) -> Int4Weight | None:
                 or q.scales.shape[0] != first.scales.shape[0] or (q.g_idx is None) != (first.g_idx is None) \
                 or (q.g_idx is not None and not torch.equal(q.g_idx, first.g_idx)):
             return None
-    return Int4Weight(torch.cat([q.qweight for q in parts], 1), torch.cat([q.qzeros for q in parts], 1),
-                      torch.cat([q.scales for q in parts], 1), first.g_idx, first.group_size,
-                      (first.shape[0], sum(q.shape[1] for q in parts)))
+    joined = Int4Weight(torch.cat([q.qweight for q in parts], 1), torch.cat([q.qzeros for q in parts], 1),
+                        torch.cat([q.scales for q in parts], 1), first.g_idx, first.group_size,
+                        (first.shape[0], sum(q.shape[1] for q in parts)))
+    return joined.with_layout(first.output_major)          # held as the parts were (output-major on CUDA)
 
 
 def mm4_torch(x: torch.Tensor, q: Int4Weight) -> torch.Tensor:
@@ -345,15 +411,21 @@ class I4Format(PackedFormat):
 
     suffix = "i4"
     packed_type = Int4Weight
-    #: the dispatch product (``rwkv_chat.models.kernels.mm4``): a Triton GEMV on CUDA for few rows
+    #: the dispatch product (``rwkv_chat.models.kernels.mm4``): a compiled / Triton GEMV on CUDA for few rows
     kernel = "mm4"
     torch_product = staticmethod(mm4_torch)
 
     def pack(self, weight: torch.Tensor, atype: torch.dtype, device: torch.device, stream: bool = False) -> Int4Weight:
-        """``quantize_i4(weight)`` (weight [K, N], any float dtype and device) on ``device``, or, with ``stream``,
-        in CPU memory (pinned where CUDA is available). Quantized on ``device`` when it is CUDA (fast)."""
+        """``quantize_i4(weight)`` (weight [K, N], any float dtype and device) on ``device`` in the layout its
+        kernels read (``prefers_output_major``), or, with ``stream``, in CPU memory (pinned where CUDA is
+        available) in the layout of ``device``, for the layer's device to copy at use. Quantized on ``device``
+        when it is CUDA (fast)."""
         src = weight.to(device) if torch.device(device).type == "cuda" and not stream else weight
-        return place(quantize_i4(src), device, stream)
+        q = quantize_i4(src)
+        if stream:
+            q = q.to("cpu", output_major=prefers_output_major(device)).contiguous()
+            return q.pin_memory() if torch.cuda.is_available() else q
+        return place(q, device, stream)
 
 
 FORMAT = I4Format()

@@ -2,8 +2,8 @@
 
 A packed weight of key ``K`` is stored as tensors ``K.<part>``:
 
-* ``i4``: ``K.qweight`` int32 [Kp/8, Np], ``K.qzeros`` int32, ``K.scales`` float16, optional ``K.g_idx``; the
-  logical shape and group size in the file's metadata;
+* ``i4``: ``K.qweight`` int32 [Kp/8, Np] (the GPTQ layout, also for a weight held output-major), ``K.qzeros``
+  int32, ``K.scales`` float16, optional ``K.g_idx``; the logical shape and group size in the file's metadata;
 * ``i8``: ``K.w`` uint8 [N, M] (input-major), ``K.mx``, ``K.rx``, ``K.my``, ``K.ry``;
 * ``f8``: ``K.w8`` e4m3fn [N, K] stored as its bytes (uint8 view), ``K.scale`` float32 [N].
 
@@ -26,7 +26,7 @@ PARTS = {"i4": ("qweight", "qzeros", "scales", "g_idx"), "i8": ("w", "mx", "rx",
 
 def parts(packed) -> tuple[str, dict[str, torch.Tensor], dict]:
     """``(format suffix, {part: CPU contiguous tensor}, info)`` of a packed weight (info: JSON-able)."""
-    if isinstance(packed, Int4Weight):
+    if isinstance(packed, Int4Weight):          # the GPTQ layout whatever the layout in memory
         p = {"qweight": packed.qweight, "qzeros": packed.qzeros, "scales": packed.scales}
         if packed.g_idx is not None:
             p["g_idx"] = packed.g_idx
@@ -68,7 +68,7 @@ def rescaled(packed, factor: float):
         return packed / factor
     if isinstance(packed, Int4Weight):
         return Int4Weight(packed.qweight, packed.qzeros, packed.scales / factor, packed.g_idx, packed.group_size,
-                          packed.shape)
+                          packed.shape, packed.output_major)
     if isinstance(packed, Int8Weight):    # (w + ½)·ry·rx + my + mx: rx, my and mx carry the factor
         return Int8Weight(packed.w, packed.mx / factor, packed.rx / factor, packed.my / factor, packed.ry,
                           packed.output_major)

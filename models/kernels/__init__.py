@@ -15,7 +15,7 @@ shell.
 
 A failed build is never silent: the reason is logged and kept, ``report()`` returns it (``rwkv-chat
 doctor --json``), and the dispatch functions of ``rwkv_chat.models.kernels.dispatch`` (``wkv4``, ``wkv5``,
-``wkv7``, ``mm8``, ``gemm``, re-exported here) serve those calls with the pure-torch paths of
+``wkv7``, ``mm8``, ``mm4``, ``mmf8``, ``gemm``, re-exported here) serve those calls with the pure-torch paths of
 ``models/rwkv/wkv.py`` and ``models/formats/i8.py``. Nothing here rebinds anything: a model uses the
 dispatch functions through its backend's ops (``rwkv_chat.models.backends``) when it is loaded with
 ``kernels=True``.
@@ -46,16 +46,18 @@ CPU_SOURCES = ("bindings/cpu_ops.cpp", "wkv4/wkv4_cpu.cpp", "wkv5/wkv5_cpu.cpp",
                "wkv7/wkv7_cpu.cpp", "mm8/mm8_cpu.cpp", "fused_cpu/fused_cpu.cpp")
 CUDA_SOURCES = ("bindings/cuda_ops.cpp", "bindings/fused_ops.cpp", "bindings/chunk_ops.cpp", "gemm/gemm_cuda.cpp",
                 "wkv4/wkv4_cuda.cu", "wkv5/wkv5_cuda.cu", "wkv6/wkv6_cuda.cu", "wkv7/wkv7_cuda.cu",
-                "wkv7/wkv7_chunk_cuda.cu", "mm8/mm8_cuda.cu", "fused/v7_fused.cu")
+                "wkv7/wkv7_chunk_cuda.cu", "mm8/mm8_cuda.cu", "fused/v7_fused.cu", "bindings/gemvq_ops.cpp",
+                "gemvq/gemvq_cuda.cu")
 CPU_CFLAGS = ("-O3", "-std=c++17", "-fopenmp")
 CUDA_CFLAGS = ("-O3", "-std=c++17")
 CUDA_NVCC_FLAGS = ("-O3", "-std=c++17", "-Xptxas=-O3", "--extra-device-vectorization")
 NOT_BUILT = "not built yet (ensure_built has not run for this device)"
 CPU_GEMM_REASON = "no compiled CPU gemm: torch.matmul (oneDNN/MKL) serves CPU products"
 CPU_REASONS = {"gemm": CPU_GEMM_REASON,
-               "v7fused": "the fused RWKV-7 layer kernels (models/backends/fused_cuda.py) are CUDA only"}
+               "v7fused": "the fused RWKV-7 layer kernels (models/backends/fused_cuda.py) are CUDA only",
+               "gemvq": "the int4/fp8 GEMV kernels (csrc/gemvq) are CUDA only: the torch products serve the CPU"}
 #: the op whose presence marks a family as loaded (default ``<family>_<device>``)
-OP_NAMES = {"v7fused": "v7_tmix_one"}
+OP_NAMES = {"v7fused": "v7_tmix_one", "gemvq": "gemvq_i4"}
 
 ProgressFn = Callable[[str], None]
 
@@ -269,7 +271,7 @@ class KernelLoader:
 
     def report(self) -> dict[str, dict[str, str]]:
         """``{"cpu": {family: "ok" | reason}, "cuda": {...}}`` for families wkv4, wkv5, wkv6, wkv7, mm8, gemm,
-        v7fused (the fused RWKV-7 layer kernels, CUDA only)."""
+        v7fused (the fused RWKV-7 layer kernels, CUDA only), gemvq (the int4 / fp8 decode GEMVs, CUDA only)."""
         return {d: dict(v) for d, v in self.status.items()}
 
 

@@ -12,7 +12,7 @@ import torch
 
 from rwkv_chat.models.errors import DeviceError, ShapeMismatchError, UnsupportedDtypeError
 
-FAMILIES = ("wkv4", "wkv5", "wkv6", "wkv7", "mm8", "gemm", "v7fused")
+FAMILIES = ("wkv4", "wkv5", "wkv6", "wkv7", "mm8", "gemm", "v7fused", "gemvq")
 CPU_FAMILIES = ("wkv4", "wkv5", "wkv6", "wkv7", "mm8")
 CUDA_FAMILIES = FAMILIES
 ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -1,7 +1,7 @@
 """The op dispatch functions: each compiled op where ``ensure_built`` loaded it, the pure-torch path elsewhere.
 
 ``wkv4``, ``wkv5`` (RWKV-5/5.1/5.2 and, with a per-token decay, RWKV-6), ``wkv7``, ``mm8``, ``mm4`` (int4,
-GPTQ layout), ``mmf8`` (fp8 e4m3) and ``gemm`` take
+GPTQ words, either layout), ``mmf8`` (fp8 e4m3) and ``gemm`` take
 the arguments of the torch paths (``models/rwkv/wkv.py``, ``models/formats/i8.py``) and return the same
 results to rounding. They validate their inputs first, whichever path serves them, and raise
 ``DeviceError``, ``UnsupportedDtypeError`` or ``ShapeMismatchError`` (never ``assert``). A model calls them
@@ -150,19 +150,47 @@ def mm8(x: torch.Tensor, q: _quant.Int8Weight, *, out=None) -> torch.Tensor:
     return y
 
 
+#: the most rows the compiled int4 / fp8 GEMVs (``csrc/gemvq``) serve
+GEMVQ_ROWS = 4
+
+
+def gemvq_i4_ok(q: Int4Weight) -> bool:
+    """Whether the compiled int4 GEMV reads this weight: held output-major (``Int4Weight.output_major``), no
+    g_idx, K and the group multiples of 32, float16 scales, contiguous tensors."""
+    K = q.shape[0]
+    return (q.output_major and q.g_idx is None and K % 32 == 0 and q.qweight.shape[0] * 8 == K
+            and q.group_size % 32 == 0 and K % q.group_size == 0 and q.scales.dtype == torch.float16
+            and q.storage.is_contiguous() and q.qzeros.is_contiguous() and q.scales.is_contiguous())
+
+
+def _rows(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1] if x.shape[-1] else 0
+
+
+def _gemvq_serves(x: torch.Tensor) -> bool:
+    rows = _rows(x)
+    return x.is_cuda and available("cuda", "gemvq") and 1 <= rows <= GEMVQ_ROWS
+
+
 def mm4(x: torch.Tensor, q: Int4Weight) -> torch.Tensor:
     """``x @ q.dequantize()`` for an i4 weight (``formats.i4``); same contract as ``i4.mm4_torch``.
 
-    x [..., K] fp32/fp16/bf16 on q's device -> [..., N] in x's dtype. On CUDA with Triton, fp16/bf16 and at most
-    ``ops.gemv.I4_ROWS`` rows (decode batches): the Triton kernel (dequantized in registers, fp32
-    accumulation); more rows (prefill): dequantized once per call and multiplied by cuBLAS; elsewhere the
-    torch path.
+    x [..., K] fp32/fp16/bf16 on q's device -> [..., N] in x's dtype. On CUDA: 1..``GEMVQ_ROWS`` rows with the
+    compiled GEMV of ``csrc/gemvq`` where it is built and reads the weight (``gemvq_i4_ok``: output-major, the
+    layout a weight takes on CUDA); else, fp16/bf16 and at most ``ops.gemv.I4_ROWS`` rows (decode batches): the
+    Triton kernel (either layout; dequantized in registers, fp32 accumulation); more rows (prefill):
+    dequantized once per call and multiplied by cuBLAS; elsewhere the torch path.
     Raises: DeviceError (x and q on different devices), ShapeMismatchError, UnsupportedDtypeError.
     """
     _check_packed(x, q, "i4")
-    rows = x.numel() // x.shape[-1]
-    if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and rows <= _gemv.I4_ROWS and _triton_ok():
-        return _gemv.i4_gemv(x.reshape(rows, -1), q).reshape(*x.shape[:-1], q.shape[1])
+    rows = _rows(x)
+    K, N = q.shape
+    if _gemvq_serves(x) and gemvq_i4_ok(q):
+        y = torch.empty(rows, N, dtype=x.dtype, device=x.device)
+        _op("cuda", "gemvq_i4")(x.reshape(rows, K).contiguous(), q.storage, q.qzeros, q.scales, q.group_size, y)
+        return y.reshape(*x.shape[:-1], N)
+    if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and 1 <= rows <= _gemv.I4_ROWS and _triton_ok():
+        return _gemv.i4_gemv(x.reshape(rows, -1), q).reshape(*x.shape[:-1], N)
     return _i4.mm4_torch(x, q)
 
 
@@ -170,6 +198,7 @@ def mmf8(x: torch.Tensor, q: Float8Weight) -> torch.Tensor:
     """``x @ q.dequantize()`` for an f8 weight (``formats.f8``); same contract as ``f8.mmf8_torch``.
 
     x [..., K] fp32/fp16/bf16 on q's device -> [..., N] in x's dtype. On CUDA (compute capability >= 8.9):
+    1..``GEMVQ_ROWS`` rows, K % 16 == 0: the compiled weight-only GEMV of ``csrc/gemvq`` where it is built; else
     at most ``ops.gemv.GEMV_ROWS`` rows (fp16/bf16, Triton): the weight-only fp8 GEMV; more rows (K and N
     multiples of 16): the activations quantized per token and the fp8 tensor cores (``torch._scaled_mm``);
     elsewhere (the CPU) the exact emulation ``f8.mmf8_torch``.
@@ -178,15 +207,52 @@ def mmf8(x: torch.Tensor, q: Float8Weight) -> torch.Tensor:
     _check_packed(x, q, "f8")
     if not x.is_cuda:
         return _f8.mmf8_torch(x, q)
-    rows = x.numel() // x.shape[-1]
+    rows = _rows(x)
     K, N = q.shape
-    if x.dtype in (torch.float16, torch.bfloat16) and rows <= _gemv.GEMV_ROWS and _triton_ok():
+    if _gemvq_serves(x) and K % 16 == 0 and q.w8.is_contiguous() and q.scale.dtype == torch.float32:
+        y = torch.empty(rows, N, dtype=x.dtype, device=x.device)
+        _op("cuda", "gemvq_f8")(x.reshape(rows, K).contiguous(), q.w8.view(torch.uint8), q.scale.contiguous(), y)
+        return y.reshape(*x.shape[:-1], N)
+    if x.dtype in (torch.float16, torch.bfloat16) and 1 <= rows <= _gemv.GEMV_ROWS and _triton_ok():
         return _gemv.f8_gemv(x.reshape(rows, K), q).reshape(*x.shape[:-1], N)
     if K % 16 == 0 and N % 16 == 0:
         from rwkv_chat.models.ops.fp8 import fp8_linear
 
         return fp8_linear(x, q)
     return _f8.mmf8_torch(x, q)
+
+
+def gemvq_group(xs: list[torch.Tensor], qs: list) -> list[torch.Tensor] | None:
+    """``[x @ q.dequantize() for x, q in zip(xs, qs)]`` in one launch of the compiled GEMV (``csrc/gemvq``),
+    or None where it does not serve them all (the caller multiplies one by one).
+
+    Served: 1..4 products, every weight i4 (``gemvq_i4_ok``) or every weight f8 (K % 16 == 0), xs 2-D [rows, K_e]
+    of one activation dtype on one CUDA device, the same rows (1..``GEMVQ_ROWS``), the family built.
+    Returns: [rows, N_e] tensors in the activation dtype (fp32 accumulation).
+    Raises: DeviceError, ShapeMismatchError, UnsupportedDtypeError (as ``mm4`` / ``mmf8``) for a packed weight whose
+    x does not fit it.
+    """
+    if not 1 <= len(xs) == len(qs) <= 4:
+        return None
+    for x, q in zip(xs, qs):
+        if not isinstance(q, (Int4Weight, Float8Weight)):
+            return None
+        _check_packed(x, q, "i4" if isinstance(q, Int4Weight) else "f8")
+    x0 = xs[0]
+    if not _gemvq_serves(x0) or any(x.dim() != 2 or x.shape[0] != x0.shape[0] or x.dtype != x0.dtype
+                                    or x.device != x0.device for x in xs):
+        return None
+    ys = [torch.empty(x.shape[0], q.shape[1], dtype=x.dtype, device=x.device) for x, q in zip(xs, qs)]
+    xc = [x.contiguous() for x in xs]
+    if all(isinstance(q, Int4Weight) and gemvq_i4_ok(q) for q in qs):
+        _op("cuda", "gemvq_i4_multi")(xc, [q.storage for q in qs], [q.qzeros for q in qs], [q.scales for q in qs],
+                                      [q.group_size for q in qs], ys)
+        return ys
+    if all(isinstance(q, Float8Weight) and q.shape[0] % 16 == 0 and q.w8.is_contiguous()
+           and q.scale.dtype == torch.float32 for q in qs):
+        _op("cuda", "gemvq_f8_multi")(xc, [q.w8.view(torch.uint8) for q in qs], [q.scale.contiguous() for q in qs], ys)
+        return ys
+    return None
 
 
 def _triton_ok() -> bool:

@@ -11,17 +11,18 @@ import triton.language as tl
 
 
 @triton.jit
-def _dequant_tile(qw_ptr, qz_ptr, sc_ptr, gi_ptr, k0, offs_k, k_ok, offs_n, n_ok, K, N, group, HAS_GIDX: tl.constexpr,
-                  ONE_GROUP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+def _dequant_tile(qw_ptr, qz_ptr, sc_ptr, gi_ptr, k0, offs_k, k_ok, offs_n, n_ok, K, N, group, stride_qk, stride_qn,
+                  HAS_GIDX: tl.constexpr, ONE_GROUP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """The float32 weight tile [BLOCK_K, BLOCK_N] at rows k0.. and columns offs_n of a GPTQ int4 matrix.
 
-    Each int32 of ``qweight`` is loaded once ([BLOCK_K / 8, BLOCK_N] words) and split into its eight nibbles
+    Each int32 of ``qweight`` (word [i, n] at ``i * stride_qk + n * stride_qn``: (N, 1) in the GPTQ layout,
+    (1, K / 8) output-major) is loaded once ([BLOCK_K / 8, BLOCK_N] words) and split into its eight nibbles
     (row k = 8·i + j is nibble j of word i). With ``ONE_GROUP`` (no g_idx, BLOCK_K divides the group) the tile
     lies in one group: one row of scales and zeros; otherwise per row through g_idx or k // group.
     """
     offs_w = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-    qw = tl.load(qw_ptr + offs_w[:, None] * N + offs_n[None, :], mask=(offs_w[:, None] < K // 8) & n_ok[None, :],
-                 other=0)
+    qw = tl.load(qw_ptr + offs_w[:, None] * stride_qk + offs_n[None, :] * stride_qn,
+                 mask=(offs_w[:, None] < K // 8) & n_ok[None, :], other=0)
     shifts = tl.arange(0, 8) * 4
     q = tl.reshape((qw[:, None, :] >> shifts[None, :, None]) & 15, (BLOCK_K, BLOCK_N))
     if ONE_GROUP:
@@ -67,8 +68,8 @@ def _finish(acc, y_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, m_ok, n_ok, M, N, strid
 
 
 @triton.jit
-def i4_gemv_kernel(x_ptr, qw_ptr, qz_ptr, sc_ptr, gi_ptr, y_ptr, ws_ptr, cnt_ptr, M, K, N, group, stride_xm,
-                   stride_ym, k_per_split, n_splits, HAS_GIDX: tl.constexpr, ONE_GROUP: tl.constexpr,
+def i4_gemv_kernel(x_ptr, qw_ptr, qz_ptr, sc_ptr, gi_ptr, y_ptr, ws_ptr, cnt_ptr, M, K, N, group, stride_qk, stride_qn,
+                   stride_xm, stride_ym, k_per_split, n_splits, HAS_GIDX: tl.constexpr, ONE_GROUP: tl.constexpr,
                    SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """y[m, n] = sum_k x[m, k] * (q[k, n] - ((z[g(k), n] + 1) & 15)) * s[g(k), n] (GPTQ v1 zeros)."""
     pid_n = tl.program_id(0)
@@ -84,8 +85,8 @@ def i4_gemv_kernel(x_ptr, qw_ptr, qz_ptr, sc_ptr, gi_ptr, y_ptr, ws_ptr, cnt_ptr
         k_ok = offs_k < K
         xk = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
                      other=0.0)
-        w = _dequant_tile(qw_ptr, qz_ptr, sc_ptr, gi_ptr, k0, offs_k, k_ok, offs_n, n_ok, K, N, group, HAS_GIDX,
-                          ONE_GROUP, BLOCK_K, BLOCK_N).to(xk.dtype)
+        w = _dequant_tile(qw_ptr, qz_ptr, sc_ptr, gi_ptr, k0, offs_k, k_ok, offs_n, n_ok, K, N, group, stride_qk,
+                          stride_qn, HAS_GIDX, ONE_GROUP, BLOCK_K, BLOCK_N).to(xk.dtype)
         acc += tl.dot(xk, w)
     _finish(acc, y_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, m_ok, n_ok, M, N, stride_ym, n_splits, SPLIT, BLOCK_M,
             BLOCK_N)

@@ -15,8 +15,8 @@ from rwkv_chat.models.ops._gemv_kernels import _dequant_tile
 
 @triton.jit
 def ln_qkv_gptq_kernel(x_ptr, lw_ptr, lb_ptr, qw_ptr, qz_ptr, sc_ptr, gi_ptr, out_ptr, M, H, N, n_q, n_k, group,
-                       eps, stride_xm, RMS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GIDX: tl.constexpr,
-                       ONE_GROUP: tl.constexpr,
+                       eps, stride_xm, stride_qk, stride_qn, RMS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       HAS_GIDX: tl.constexpr, ONE_GROUP: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -62,8 +62,8 @@ def ln_qkv_gptq_kernel(x_ptr, lw_ptr, lb_ptr, qw_ptr, qz_ptr, sc_ptr, gi_ptr, ou
         if HAS_BIAS:
             xn += tl.load(lb_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
         xn = tl.where(k_ok[None, :], xn, 0.0).to(x.dtype)
-        w = _dequant_tile(qw_ptr, qz_ptr, sc_ptr, gi_ptr, k0, offs_k, k_ok, offs_n, n_ok, H, N, group, HAS_GIDX,
-                          ONE_GROUP, BLOCK_K, BLOCK_N).to(x.dtype)
+        w = _dequant_tile(qw_ptr, qz_ptr, sc_ptr, gi_ptr, k0, offs_k, k_ok, offs_n, n_ok, H, N, group, stride_qk,
+                          stride_qn, HAS_GIDX, ONE_GROUP, BLOCK_K, BLOCK_N).to(x.dtype)
         acc += tl.dot(xn, w)
     # -- write into the q, k, v regions of the output
     n_kv = n_q + n_k

@@ -89,7 +89,8 @@ def _launch(kernel, x, N, args, extra, device, **const):
 
 
 def i4_gemv(x: torch.Tensor, q: Int4Weight) -> torch.Tensor:
-    """``x @ q.dequantize()`` for x [M, K] (M <= I4_ROWS, fp16/bf16, CUDA) -> [M, N] in x's dtype.
+    """``x @ q.dequantize()`` for x [M, K] (M <= I4_ROWS, fp16/bf16, CUDA) -> [M, N] in x's dtype; q in either
+    layout (``Int4Weight.output_major``: the kernel reads ``qweight`` through its strides).
 
     Raises: UnsupportedDtypeError, ShapeMismatchError, DeviceError.
     """
@@ -101,7 +102,8 @@ def i4_gemv(x: torch.Tensor, q: Int4Weight) -> torch.Tensor:
         x = torch.nn.functional.pad(x, (0, kp - K))
     k = _kernels()
     gi = q.g_idx if q.g_idx is not None else q.qweight
-    y = _launch(k.i4_gemv_kernel, x, np_, (q.qweight, q.qzeros, q.scales, gi), (q.group_size,), x.device,
+    y = _launch(k.i4_gemv_kernel, x, np_, (q.qweight, q.qzeros, q.scales, gi),
+                (q.group_size, q.qweight.stride(0), q.qweight.stride(1)), x.device,
                 HAS_GIDX=q.g_idx is not None, ONE_GROUP=q.g_idx is None and q.group_size % _BLOCK_K == 0)
     return y if np_ == N else y[:, :N]
 

@@ -89,7 +89,8 @@ def fused_ln_qkv_gptq(input: torch.Tensor, qweight: torch.Tensor, qzeros: torch.
 
     Args:
         input: [B, S, H] float16/bfloat16 on CUDA.
-        qweight: int32 [H/8, N]; qzeros: int32 [H/groupsize, N/8]; scales: float [H/groupsize, N].
+        qweight: int32 [H/8, N], any strides (the GPTQ layout, or the output-major view ``Int4Weight.qweight`` of
+            a weight held output-major); qzeros: int32 [H/groupsize, N/8]; scales: float [H/groupsize, N].
         ln_weight, ln_bias: [H] (input's dtype or float32); ln_bias None for no bias (and with ``rms``).
         groupsize: input rows per quantization group (divides H). eps: the norm's epsilon (> 0).
         widths: (Nq, Nk, Nv) summing to N; default three equal widths.
@@ -114,7 +115,8 @@ def fused_ln_qkv_gptq(input: torch.Tensor, qweight: torch.Tensor, qzeros: torch.
     grid = (-(-M // _BLOCK_M), -(-N // _BLOCK_N))
     bias = ln_bias if ln_bias is not None and not rms else ln_weight
     k.ln_qkv_gptq_kernel[grid](x, ln_weight, bias, qweight, qzeros, scales, g_idx if g_idx is not None else qweight,
-                               out, M, H, N, widths[0], widths[1], groupsize, eps, x.stride(0), RMS=rms,
+                               out, M, H, N, widths[0], widths[1], groupsize, eps, x.stride(0), qweight.stride(0),
+                               qweight.stride(1), RMS=rms,
                                HAS_BIAS=ln_bias is not None and not rms, HAS_GIDX=g_idx is not None,
                                ONE_GROUP=g_idx is None and groupsize % _BLOCK_K == 0,
                                BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K)

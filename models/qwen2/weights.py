@@ -49,8 +49,10 @@ def stored(model, ck, key: str, i: int):
     parts = {f"{stem}.{n}": ck.get(f"{stem}.{n}") for n in ("qweight", "qzeros", "scales", "g_idx")
              if f"{stem}.{n}" in ck.files}
     q = gptq_linear(parts, stem, ck.gptq)
-    if model.plan.layers[i].stream:
-        q = q.contiguous()
+    if model.plan.layers[i].stream:       # in the layout the layer's device reads (output-major on CUDA)
+        from rwkv_chat.models.formats.i8 import prefers_output_major
+
+        q = q.with_layout(prefers_output_major(model.devices[i])).contiguous()
         return q.pin_memory() if torch.cuda.is_available() else q
     return q.to(model.devices[i]).contiguous()
 

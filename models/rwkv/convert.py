@@ -173,7 +173,7 @@ def adopt(packed, key: str, stage, atype: torch.dtype, device: torch.device, str
         packed = serialize.assemble("i8", {n: getattr(packed, n) if n == "w" else getattr(packed, n).to(atype)
                                            for n in serialize.PARTS["i8"]}, {})
     if stream:
-        if suffix == "i8":
+        if suffix in ("i8", "i4"):        # held in the layout the device's kernels read
             from rwkv_chat.models.formats.i8 import prefers_output_major
 
             packed = packed.with_layout(prefers_output_major(device))

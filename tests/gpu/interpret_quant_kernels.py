@@ -1,6 +1,6 @@
 """The quantized Triton kernels (int4 / fp8 GEMV with split-K, fused LayerNorm + int4 q/k/v) run in Triton's
 interpreter on the CPU, through their Python wrappers, against the torch references: indexing, masking, the
-split-K epilogue, GPTQ unpacking and the q/k/v output regions, without a GPU (the CUDA code generation itself is
+split-K epilogue, GPTQ unpacking (both layouts of ``Int4Weight``) and the q/k/v output regions, without a GPU (the CUDA code generation itself is
 checked by ``tests/gpu/verify_formats.py``).
 
     pip install triton && python tests/gpu/interpret_quant_kernels.py
@@ -35,17 +35,19 @@ def main() -> int:
     torch.cuda.is_current_stream_capturing = lambda: False
     torch.manual_seed(0)
     errs = []
-    for K, N, M, act in [(256, 128, 1, False), (200, 72, 5, False), (256, 64, 20, True), (512, 64, 3, False),
-                         (384, 40, 40, False), (1024, 256, 2, False)]:
+    for K, N, M, act, om in [(256, 128, 1, False, False), (200, 72, 5, False, False), (256, 64, 20, True, False),
+                             (512, 64, 3, False, False), (384, 40, 40, False, False), (1024, 256, 2, False, False),
+                             (256, 128, 1, False, True), (200, 72, 5, False, True), (256, 64, 20, True, True)]:
         q = i4.quantize_i4(torch.randn(K, N))
         if act:
             q = i4.Int4Weight(q.qweight, q.qzeros, q.scales, torch.randperm(q.qweight.shape[0] * 8).to(torch.int32)
                               // q.group_size, q.group_size, q.shape)
+        q = q.with_layout(om)                          # output-major: qweight read through its strides
         x = torch.randn(M, K).half()
         splits = gemv._split(q.qweight.shape[0] * 8, q.qweight.shape[1], None)[0]
         for _ in range(2):                             # twice: the counters must have been reset
             errs.append(rel(gemv.i4_gemv(x, q), x.double() @ q.dequantize(torch.float64)))
-        print(f"i4 K={K} N={N} M={M} g_idx={act} splits={splits}: {errs[-1]:.2e}")
+        print(f"i4 K={K} N={N} M={M} g_idx={act} output_major={om} splits={splits}: {errs[-1]:.2e}")
     for K, N, M in [(256, 128, 1), (192, 96, 7), (1024, 64, 8)]:
         q = f8.quantize_f8(torch.randn(K, N))
         x = torch.randn(M, K).half()
@@ -63,10 +65,12 @@ def main() -> int:
         same = (q.float() == want.float()).float().mean().item()
         errs.append(rel(s, ref) + (0.0 if same > 0.95 else 1.0))
         print(f"fp8_rows M={M} K={K}: {same:.1%} of codes equal torch's, scale error {rel(s, ref):.1e}")
-    for H, widths, rms, B, S, act in [(256, None, False, 1, 1, False), (256, (256, 64, 64), True, 2, 3, False),
-                                      (192, None, False, 3, 7, False), (256, None, False, 2, 2, True)]:
+    for H, widths, rms, B, S, act, om in [(256, None, False, 1, 1, False, False),
+                                          (256, (256, 64, 64), True, 2, 3, False, False),
+                                          (192, None, False, 3, 7, False, False), (256, None, False, 2, 2, True, False),
+                                          (256, (256, 64, 64), True, 2, 3, False, True)]:
         N = 3 * H if widths is None else sum(widths)
-        q = i4.quantize_i4(torch.randn(H, N) * 0.05)
+        q = i4.quantize_i4(torch.randn(H, N) * 0.05).with_layout(om)
         g_idx = (torch.randperm(H) // q.group_size).to(torch.int32) if act else None
         x = (torch.randn(B, S, H) * 3 + 1).half()
         lw, lb = (torch.rand(H) + 0.5).half(), None if rms else torch.randn(H).half()
@@ -75,7 +79,8 @@ def main() -> int:
         got, want = gptq.fused_ln_qkv_gptq(*args, **kw), gptq.fused_ln_qkv_gptq_reference(*args, **kw)
         got, want = (got, want) if isinstance(got, tuple) else ((got,), (want,))
         errs.append(max(rel(a, b) for a, b in zip(got, want)))
-        print(f"fused_ln_qkv_gptq H={H} widths={widths} rms={rms} B={B} S={S} g_idx={act}: {errs[-1]:.2e}")
+        print(f"fused_ln_qkv_gptq H={H} widths={widths} rms={rms} B={B} S={S} g_idx={act} output_major={om}: "
+              f"{errs[-1]:.2e}")
     return 0 if max(errs) < 1e-3 else 1
 
 

@@ -169,6 +169,68 @@ def case_mm8_chain(rows, C, dtype, device, seed, links=6, graph=False):
     return rel_err(bufs[links % 2], ref)
 
 
+def _gemvq_built(device) -> None:
+    if not kernels.available("cuda", "gemvq"):
+        raise AssertionError("the gemvq family is not built: the case would test the fallback")
+
+
+def case_gemvq_i4(rows, K, N, group, dtype, device, seed, graph=False):
+    """``kernels.mm4`` through the compiled int4 GEMV (``csrc/gemvq``): a weight quantized in the GPTQ layout and
+    placed (held output-major on CUDA), against x (rounded) @ the dequantized weight in float64.
+    ``graph``: the launch captured in a CUDA graph and replayed into a poisoned output."""
+    from rwkv_chat.models.formats import i4
+    from rwkv_chat.models.kernels import dispatch
+
+    _gemvq_built(device)
+    g = _gen(seed, device)
+    q = i4.quantize_i4(_randn(g, K, N, scale=K ** -0.5).to(device), group)     # GPTQ layout
+    xd = _randn(g, rows, K).to(dtype).to(device)
+    qd = q.to(device)
+    if q.output_major or not (qd.output_major and dispatch.gemvq_i4_ok(qd)):
+        raise AssertionError("an i4 weight placed on CUDA must be output-major and served by gemvq")
+    ref = xd.double() @ q.dequantize(torch.float64)
+    if not graph:
+        return rel_err(kernels.mm4(xd, qd), ref)
+    kernels.mm4(xd, qd)                       # warm-up outside the capture
+    torch.cuda.synchronize()
+    gr = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(gr):
+        out = kernels.mm4(xd, qd)
+    out.fill_(float("nan"))
+    gr.replay()
+    torch.cuda.synchronize()
+    return rel_err(out, ref)
+
+
+def case_gemvq_f8(rows, K, N, dtype, device, seed):
+    """``kernels.mmf8`` through the compiled fp8 GEMV (``csrc/gemvq``) against x (rounded) @ the exact
+    dequantized weight in float64."""
+    from rwkv_chat.models.formats import f8
+
+    _gemvq_built(device)
+    g = _gen(seed, device)
+    q = f8.quantize_f8(_randn(g, K, N, scale=K ** -0.5).to(device))
+    x = _randn(g, rows, K).to(dtype).to(device)
+    return rel_err(kernels.mmf8(x, q), x.double() @ q.dequantize(torch.float64))
+
+
+def case_gemvq_group(rows, shapes, fmt, dtype, device, seed):
+    """``dispatch.gemvq_group`` (one launch of ``gemvq_i4_multi_cuda`` / ``gemvq_f8_multi_cuda``) for weights
+    [K_e, N_e] placed on CUDA: worst product against x (rounded) @ the dequantized weight in float64."""
+    from rwkv_chat.models.formats import f8, i4
+    from rwkv_chat.models.kernels import dispatch
+
+    _gemvq_built(device)
+    g = _gen(seed, device)
+    ws = [_randn(g, K, N, scale=K ** -0.5).to(device) for K, N in shapes]
+    qs = [i4.quantize_i4(w).to(device) if fmt == "i4" else f8.quantize_f8(w) for w in ws]
+    xs = [_randn(g, rows, K).to(dtype).to(device) for K, _ in shapes]
+    ys = dispatch.gemvq_group(xs, qs)
+    if ys is None:
+        raise AssertionError("gemvq_group did not serve the products")
+    return max(rel_err(y, x.double() @ q.dequantize(torch.float64)) for y, x, q in zip(ys, xs, qs))
+
+
 def case_gemm(rows, K, M, dtype, device, seed):
     g = _gen(seed, device)
     x, w = _randn(g, rows, K).to(dtype), _randn(g, K, M, scale=K ** -0.5).to(dtype)
@@ -234,6 +296,29 @@ def all_cases(device: str, quick: bool = False):
                 cases.append(("mm8", f"chain of 6 launches rows={rows} C={C} {'CUDA graph' if graph else 'eager'}", dt,
                               lambda r=rows, C=C, gr=graph, dt=dt, s=len(cases): case_mm8_chain(r, C, dt, device, s,
                                                                                                  graph=gr)))
+        if device == "cuda":   # int4 / fp8 decode GEMVs: 1..4 rows, odd N, several tiles of K, groups 32..128
+            for rows, K, N, group in ((1, 4096, 4096, 128), (1, 4096, 16384, 128), (1, 16384, 4096, 128),
+                                      (2, 2048, 2048, 128), (3, 4096, 1001, 128), (4, 4096, 4096, 128),
+                                      (4, 16384, 777, 64), (1, 96, 8, 32), (2, 64, 33, 32), (1, 896, 4864, 128),
+                                      (4, 4864, 896, 128), (1, 128, 1, 128)):
+                cases.append(("gemvq", f"i4 rows={rows} K={K} N={N} group={group}", dt,
+                              lambda r=rows, K=K, N=N, gr=group, dt=dt, s=len(cases):
+                              case_gemvq_i4(r, K, N, gr, dt, device, s)))
+            for rows in (1, 4):
+                cases.append(("gemvq", f"i4 rows={rows} K=2048 N=2048 group=128, CUDA graph", dt,
+                              lambda r=rows, dt=dt, s=len(cases): case_gemvq_i4(r, 2048, 2048, 128, dt, device, s,
+                                                                                 graph=True)))
+            for rows, K, N in ((1, 4096, 4096), (1, 4096, 16384), (1, 16384, 4096), (2, 2048, 2048), (3, 4096, 1001),
+                               (4, 4096, 4096), (4, 16384, 777), (1, 16, 5), (2, 48, 33), (1, 896, 4864)):
+                cases.append(("gemvq", f"f8 rows={rows} K={K} N={N}", dt,
+                              lambda r=rows, K=K, N=N, dt=dt, s=len(cases): case_gemvq_f8(r, K, N, dt, device, s)))
+            for fmt in ("i4", "f8"):   # one launch for several products (the fused RWKV-7 decode's r, k, v)
+                for rows, shp in ((1, ((4096, 4096), (4096, 4096), (4096, 4096))),
+                                  (3, ((2048, 2048), (2048, 520), (4096, 1000), (1024, 4096))),
+                                  (4, ((16384, 4096), (64, 40)))):
+                    cases.append(("gemvq", f"{fmt} group rows={rows} {' '.join(f'{K}x{N}' for K, N in shp)}", dt,
+                                  lambda r=rows, shp=shp, f=fmt, dt=dt, s=len(cases):
+                                  case_gemvq_group(r, shp, f, dt, device, s)))
         if device == "cuda" and dt != torch.float32:
             for rows, K, M in ((1, 768, 768), (64, 1024, 4096)):
                 cases.append(("gemm", f"rows={rows} K={K} M={M}", dt, lambda r=rows, K=K, M=M, dt=dt, s=len(cases):

@@ -39,11 +39,12 @@ def products(fp8_ok: bool) -> list[tuple]:
     g = torch.Generator(device="cuda").manual_seed(0)
     for K, N in SHAPES:
         w = torch.randn(K, N, device="cuda", generator=g) / K ** 0.5
-        packed = {"i4": i4.quantize_i4(w), "i8": i8.quantize_i8(w, torch.float16)}
+        q4 = i4.quantize_i4(w)        # the GPTQ layout (Triton); held output-major once placed (gemvq, Triton)
+        packed = {"i4": q4, "i4 output-major": q4.to("cuda"), "i8": i8.quantize_i8(w, torch.float16)}
         if fp8_ok:
             packed["f8"] = f8.quantize_f8(w)
         for name, q in packed.items():
-            fn = {"i4": kernels.mm4, "i8": kernels.mm8, "f8": kernels.mmf8}[name]
+            fn = {"i4": kernels.mm4, "i4 output-major": kernels.mm4, "i8": kernels.mm8, "f8": kernels.mmf8}[name]
             for dt in (torch.float16, torch.bfloat16):
                 if name == "i8" and dt == torch.bfloat16:
                     continue
@@ -64,10 +65,12 @@ def fused_op() -> list[tuple]:
     from rwkv_chat.models.ops.gptq import fused_ln_qkv_gptq_reference
 
     out = []
-    for H, widths, rms, B, S, act in [(4096, None, False, 1, 1, False), (4096, None, False, 2, 7, False),
-                                       (3584, (3584, 512, 512), True, 1, 1, False), (1024, None, True, 3, 5, True)]:
+    cases = [(4096, None, False, 1, 1, False, False), (4096, None, False, 2, 7, False, False),
+             (3584, (3584, 512, 512), True, 1, 1, False, False), (1024, None, True, 3, 5, True, False),
+             (4096, None, False, 2, 7, False, True)]
+    for H, widths, rms, B, S, act, om in cases:
         N = 3 * H if widths is None else sum(widths)
-        q = i4.quantize_i4(torch.randn(H, N, device="cuda") * 0.02)
+        q = i4.quantize_i4(torch.randn(H, N, device="cuda") * 0.02).with_layout(om)   # om: qweight strided
         g_idx = None
         if act:
             g_idx = (torch.randperm(H, device="cuda") // q.group_size).to(torch.int32)
@@ -80,7 +83,8 @@ def fused_op() -> list[tuple]:
         got = got if isinstance(got, tuple) else (got,)
         want = want if isinstance(want, tuple) else (want,)
         err = max(rel(a, b) for a, b in zip(got, want))
-        out.append((f"H={H} widths={widths or 'equal'} rms={rms} B={B} S={S} g_idx={act}", err, err < 1e-2))
+        out.append((f"H={H} widths={widths or 'equal'} rms={rms} B={B} S={S} g_idx={act}"
+                    f"{' output-major' if om else ''}", err, err < 1e-2))
     return out
 
 

@@ -1,6 +1,6 @@
 """Check every CUDA kernel against the pure-torch path on fresh random inputs (run on a GPU machine).
 
-    python tests/gpu/verify_kernels.py [--cache DIR] [--out results.md]
+    python tests/gpu/verify_kernels.py [--cache DIR] [--out results.md] [--family gemvq ...]
 
 Builds the CUDA library (and reuses it from the cache), prints the build report, then runs every case
 of ``tests/gpu/kernel_cases.py`` (fp32, fp16, bf16; T = 1 and sequences; batch 1 and > 1) with
@@ -29,6 +29,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cache", default=None, help="build cache dir (default: the user cache dir)")
     ap.add_argument("--out", default=None, help="write the markdown table here")
+    ap.add_argument("--family", nargs="*", default=None, help="run only these families' cases (e.g. gemvq mm8)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device")
@@ -43,6 +44,8 @@ def main() -> int:
     failed = [f for f, v in status.items() if v != "ok"]
     cases = bad = 0
     for fam, desc, dt, fn in all_cases("cuda"):
+        if args.family and fam not in args.family:
+            continue
         try:
             err = fn()
             ok = err <= TOL[dt]

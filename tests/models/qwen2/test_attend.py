@@ -92,6 +92,8 @@ def test_per_column_formats_pack_a_joined_matrix_as_its_parts():
     cat = concat_i4(q)
     assert cat is not None and tuple(cat.shape) == (64, 64)
     assert torch.equal(cat.dequantize(torch.float32), torch.cat([p.dequantize(torch.float32) for p in q], 1))
+    held = concat_i4([p.with_layout(True) for p in q])          # as CUDA holds them: output-major, kept so
+    assert held.output_major and torch.equal(held.dequantize(torch.float32), cat.dequantize(torch.float32))
     q[1].g_idx = torch.arange(64, dtype=torch.int32).flip(0) // 32            # another act-order: kept apart
     assert concat_i4(q) is None
     assert concat_i4([quantize_i4(torch.randn(64, 12, generator=g), 32), q[0]]) is None   # padded columns

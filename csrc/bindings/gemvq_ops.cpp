@@ -1,0 +1,164 @@
+// Registration of the weight-only GEMV ops for int4 and fp8 weights (csrc/gemvq/gemvq_cuda.cu) and their
+// argument checks. Each op writes into caller-allocated outputs and returns nothing. The _multi ops run
+// 1..kGemvqMaxEntries products of one kind with the same rows in one launch.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <stdint.h>
+
+#include <vector>
+
+#include "../gemvq/gemvq.h"
+#include "checks.h"
+#include "cuda_checks.h"
+
+namespace rwkv_chat {
+namespace {
+
+// x as the kernel reads it: a copy when it is not 16-byte aligned (a view at an odd offset), kept in `keep`.
+const void* aligned_x(const at::Tensor& x, std::vector<at::Tensor>& keep) {
+    if (reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0) return x.data_ptr();
+    keep.push_back(x.clone());
+    return keep.back().data_ptr();
+}
+
+// int4: x [rows, K] (activation dtype F); qweight int32 [Np, K/8] (the output-major storage of
+// models/formats/i4.py, Int4Weight.output_major); qzeros int32 [K/group, Np/8] and scales float16 [K/group, Np]
+// (GPTQ layout, v1 zeros); y [rows, N] (N <= Np). K % 32 == 0, group % 32 == 0.
+GemvqEntry i4_entry(const char* op, const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& qzeros,
+                    const at::Tensor& scales, int64_t group, const at::Tensor& y, int64_t rows, at::ScalarType F,
+                    std::vector<at::Tensor>& keep) {
+    TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && qweight.dim() == 2, op, ": x, y and qweight must be 2-D");
+    const int64_t K = x.size(1), N = y.size(1), Np = qweight.size(0);
+    TORCH_CHECK(K >= 32 && K % 32 == 0, op, ": K must be a positive multiple of 32, got ", K);
+    TORCH_CHECK(group >= 32 && group % 32 == 0 && K % group == 0, op,
+                ": group must be a multiple of 32 dividing K, got ", group);
+    TORCH_CHECK(Np % 8 == 0 && N <= Np, op, ": qweight rows ", Np, " must be a multiple of 8, at least N = ", N);
+    TORCH_CHECK(K <= INT32_MAX && Np <= INT32_MAX, op, ": shapes beyond int32");
+    check_tensor(x, op, "x", kCUDA, F, {rows, K});
+    check_tensor(qweight, op, "qweight", kCUDA, at::kInt, {Np, K / 8});
+    check_tensor(qzeros, op, "qzeros", kCUDA, at::kInt, {K / group, Np / 8});
+    check_tensor(scales, op, "scales", kCUDA, at::kHalf, {K / group, Np});
+    check_tensor(y, op, "y", kCUDA, F, {rows, N});
+    check_same_device(op, {x, qweight, qzeros, scales, y});
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(qweight.data_ptr()) % 16 == 0, op, ": qweight must be 16-byte aligned");
+    GemvqEntry E{};
+    E.x = aligned_x(x, keep);
+    E.w = qweight.data_ptr();
+    E.scales = scales.data_ptr();
+    E.zeros = qzeros.data_ptr();
+    E.y = y.data_ptr();
+    E.K = (int)K; E.N = (int)N; E.Np = (int)Np; E.group = (int)group;
+    return E;
+}
+
+// fp8: x [rows, K] (activation dtype F); w8 the e4m3 bytes [N, K] (uint8 view of models/formats/f8.py's
+// Float8Weight.w8); scale float32 [N]; y [rows, N]. K % 16 == 0.
+GemvqEntry f8_entry(const char* op, const at::Tensor& x, const at::Tensor& w8, const at::Tensor& scale,
+                    const at::Tensor& y, int64_t rows, at::ScalarType F, std::vector<at::Tensor>& keep) {
+    TORCH_CHECK(x.dim() == 2 && w8.dim() == 2, op, ": x and w8 must be 2-D");
+    const int64_t K = x.size(1), N = w8.size(0);
+    TORCH_CHECK(K >= 16 && K % 16 == 0, op, ": K must be a positive multiple of 16, got ", K);
+    TORCH_CHECK(K <= INT32_MAX && N <= INT32_MAX, op, ": shapes beyond int32");
+    check_tensor(x, op, "x", kCUDA, F, {rows, K});
+    check_tensor(w8, op, "w8", kCUDA, at::kByte, {N, K});
+    check_tensor(scale, op, "scale", kCUDA, at::kFloat, {N});
+    check_tensor(y, op, "y", kCUDA, F, {rows, N});
+    check_same_device(op, {x, w8, scale, y});
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(w8.data_ptr()) % 16 == 0, op, ": w8 must be 16-byte aligned");
+    GemvqEntry E{};
+    E.x = aligned_x(x, keep);
+    E.w = w8.data_ptr();
+    E.fscale = scale.data_ptr<float>();
+    E.y = y.data_ptr();
+    E.K = (int)K; E.N = (int)N; E.Np = (int)N; E.group = 1;
+    return E;
+}
+
+// The row count of x [rows, K] (1..kGemvqMaxRows) and its activation code.
+int64_t gemv_rows(const char* op, const at::Tensor& x, int& act) {
+    TORCH_CHECK(x.dim() == 2, op, ": x must be [rows, K], got ", x.sizes());
+    act = act_code(x, op);
+    const int64_t rows = x.size(0);
+    TORCH_CHECK(rows >= 1 && rows <= kGemvqMaxRows, op, ": 1..", kGemvqMaxRows, " rows, got ", rows);
+    return rows;
+}
+
+void run(const char* op, bool i4, int act, int64_t rows, const std::vector<GemvqEntry>& entries,
+         const at::Tensor& x0) {
+    const at::cuda::CUDAGuard guard(x0.device());
+    check_launch(gemvq_launch(i4, act, (int)rows, (int)entries.size(), entries.data(),
+                              at::cuda::getCurrentCUDAStream()),
+                 op);
+}
+
+void gemvq_i4_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& qzeros, const at::Tensor& scales,
+                   int64_t group, const at::Tensor& y) {
+    const char* op = "rwkv_chat::gemvq_i4_cuda";
+    int act = 0;
+    const int64_t rows = gemv_rows(op, x, act);
+    std::vector<at::Tensor> keep;
+    const std::vector<GemvqEntry> entries{i4_entry(op, x, qweight, qzeros, scales, group, y, rows, x.scalar_type(),
+                                                   keep)};
+    run(op, true, act, rows, entries, x);
+}
+
+void gemvq_f8_cuda(const at::Tensor& x, const at::Tensor& w8, const at::Tensor& scale, const at::Tensor& y) {
+    const char* op = "rwkv_chat::gemvq_f8_cuda";
+    int act = 0;
+    const int64_t rows = gemv_rows(op, x, act);
+    std::vector<at::Tensor> keep;
+    const std::vector<GemvqEntry> entries{f8_entry(op, x, w8, scale, y, rows, x.scalar_type(), keep)};
+    run(op, false, act, rows, entries, x);
+}
+
+void gemvq_i4_multi_cuda(at::TensorList xs, at::TensorList qweights, at::TensorList qzeros, at::TensorList scales,
+                         at::IntArrayRef groups, at::TensorList ys) {
+    const char* op = "rwkv_chat::gemvq_i4_multi_cuda";
+    const size_t n = xs.size();
+    TORCH_CHECK(n >= 1 && n <= (size_t)kGemvqMaxEntries && qweights.size() == n && qzeros.size() == n &&
+                    scales.size() == n && groups.size() == n && ys.size() == n,
+                op, ": 1..", kGemvqMaxEntries, " products with one x, qweight, qzeros, scales, group and y each");
+    int act = 0;
+    const int64_t rows = gemv_rows(op, xs[0], act);
+    std::vector<at::Tensor> keep;
+    keep.reserve(n);
+    std::vector<GemvqEntry> entries;
+    for (size_t i = 0; i < n; ++i)
+        entries.push_back(i4_entry(op, xs[i], qweights[i], qzeros[i], scales[i], groups[i], ys[i], rows,
+                                   xs[0].scalar_type(), keep));
+    check_same_device(op, {xs[0], xs[n - 1], ys[n - 1]});
+    run(op, true, act, rows, entries, xs[0]);
+}
+
+void gemvq_f8_multi_cuda(at::TensorList xs, at::TensorList w8s, at::TensorList scales, at::TensorList ys) {
+    const char* op = "rwkv_chat::gemvq_f8_multi_cuda";
+    const size_t n = xs.size();
+    TORCH_CHECK(n >= 1 && n <= (size_t)kGemvqMaxEntries && w8s.size() == n && scales.size() == n && ys.size() == n,
+                op, ": 1..", kGemvqMaxEntries, " products with one x, w8, scale and y each");
+    int act = 0;
+    const int64_t rows = gemv_rows(op, xs[0], act);
+    std::vector<at::Tensor> keep;
+    keep.reserve(n);
+    std::vector<GemvqEntry> entries;
+    for (size_t i = 0; i < n; ++i)
+        entries.push_back(f8_entry(op, xs[i], w8s[i], scales[i], ys[i], rows, xs[0].scalar_type(), keep));
+    check_same_device(op, {xs[0], xs[n - 1], ys[n - 1]});
+    run(op, false, act, rows, entries, xs[0]);
+}
+
+}  // namespace
+}  // namespace rwkv_chat
+
+TORCH_LIBRARY_FRAGMENT(rwkv_chat, m) {
+    m.def("gemvq_i4_cuda(Tensor x, Tensor qweight, Tensor qzeros, Tensor scales, int group, Tensor(a!) y) -> ()",
+          &rwkv_chat::gemvq_i4_cuda);
+    m.def("gemvq_f8_cuda(Tensor x, Tensor w8, Tensor scale, Tensor(a!) y) -> ()", &rwkv_chat::gemvq_f8_cuda);
+    m.def("gemvq_i4_multi_cuda(Tensor[] xs, Tensor[] qweights, Tensor[] qzeros, Tensor[] scales, int[] groups, "
+          "Tensor(a!)[] ys) -> ()",
+          &rwkv_chat::gemvq_i4_multi_cuda);
+    m.def("gemvq_f8_multi_cuda(Tensor[] xs, Tensor[] w8s, Tensor[] scales, Tensor(a!)[] ys) -> ()",
+          &rwkv_chat::gemvq_f8_multi_cuda);
+}
