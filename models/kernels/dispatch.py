@@ -10,6 +10,8 @@ through its backend's ops (``rwkv_chat.models.backends.eager``) when loaded with
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from rwkv_chat.models.errors import DeviceError, ShapeMismatchError, UnsupportedDtypeError
@@ -169,7 +171,77 @@ def _rows(x: torch.Tensor) -> int:
 
 def _gemvq_serves(x: torch.Tensor) -> bool:
     rows = _rows(x)
-    return x.is_cuda and available("cuda", "gemvq") and 1 <= rows <= GEMVQ_ROWS
+    return x.is_cuda and 1 <= rows <= GEMVQ_ROWS and available("cuda", "gemvq") and gemvq_sound(x.device)
+
+
+#: device -> None (the compiled GEMVs agree with the torch products there) or why they do not serve it
+GEMVQ_PROBES: dict[torch.device, str | None] = {}
+
+
+def _probe_key(device) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def gemvq_sound(device: torch.device) -> bool:
+    """Whether the compiled int4 / fp8 GEMVs serve ``device``: on first use there, each (one and three rows,
+    fp16 and bf16, single and grouped) is run on small random weights and compared with the torch products
+    (``i4.mm4_torch``, ``f8.mmf8_torch``) to half-precision rounding; a mismatch or an error keeps the other
+    paths for the process (``GEMVQ_PROBES`` says why). During CUDA graph capture an unprobed device is not
+    served (no probe runs inside a capture)."""
+    device = _probe_key(device)
+    if device in GEMVQ_PROBES:
+        return GEMVQ_PROBES[device] is None
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return False
+    try:
+        GEMVQ_PROBES[device] = _probe_gemvq(device)
+    except Exception as e:  # noqa: BLE001 — the Triton / torch products serve; the probe records why
+        GEMVQ_PROBES[device] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return GEMVQ_PROBES[device] is None
+
+
+def probe_gemvq(model) -> None:
+    """Probe the compiled int4 / fp8 GEMVs (``gemvq_sound``) on every CUDA device of ``model`` with an i4 or f8
+    stage, at load (outside any CUDA graph capture); the outcome goes into ``model.kernels["cuda"]["gemvq
+    probe"]`` ("ok" or why the other paths serve)."""
+    if not any(s.quant in ("i4", "f8") for s in model.plan.stages) or not available("cuda", "gemvq"):
+        return
+    for dev in {d for d in model.devices if d.type == "cuda"}:
+        why = None if gemvq_sound(dev) else GEMVQ_PROBES.get(_probe_key(dev), "not probed")
+        model.kernels.setdefault("cuda", {})["gemvq probe"] = why or "ok"
+
+
+def _probe_gemvq(device: torch.device) -> str | None:
+    from rwkv_chat.models.formats.f8 import quantize_f8
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(256, 72, generator=g) * 0.05
+    q4 = _i4.quantize_i4(w, 128).to(device)
+    q8 = quantize_f8(w).to(device)
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        for dtype in (torch.float16, torch.bfloat16):
+            for rows in (1, 3):
+                x = torch.randn(rows, 256, generator=g).to(device, dtype)
+                checks = []
+                if gemvq_i4_ok(q4):
+                    y = torch.empty(rows, 72, dtype=dtype, device=device)
+                    _op("cuda", "gemvq_i4")(x, q4.storage, q4.qzeros, q4.scales, q4.group_size, y)
+                    checks.append(("gemvq_i4", y, _i4.mm4_torch(x, q4)))
+                    ys = [torch.empty(rows, 72, dtype=dtype, device=device) for _ in range(2)]
+                    _op("cuda", "gemvq_i4_multi")([x, x], [q4.storage] * 2, [q4.qzeros] * 2, [q4.scales] * 2,
+                                                  [q4.group_size] * 2, ys)
+                    checks.append(("gemvq_i4_multi", ys[1], checks[-1][2]))
+                y = torch.empty(rows, 72, dtype=dtype, device=device)
+                _op("cuda", "gemvq_f8")(x, q8.w8.view(torch.uint8), q8.scale.contiguous(), y)
+                checks.append(("gemvq_f8", y, _f8.mmf8_torch(x, q8)))
+                for name, got, want in checks:
+                    err = float((got.float() - want.float()).abs().max() / want.float().abs().max().clamp_min(1e-6))
+                    if not err < 2e-2:
+                        return f"{name} differs from the torch product ({dtype}, {rows} rows: relative error {err:.3g})"
+    return None
 
 
 def mm4(x: torch.Tensor, q: Int4Weight) -> torch.Tensor:

@@ -1,0 +1,53 @@
+"""The compiled int4 / fp8 GEMVs serve a device only after agreeing with the torch products there
+(``dispatch.gemvq_sound``): the probe's logic on the CPU with the compiled ops replaced by stand-ins — a correct
+one (the torch products written into the output), a wrong one, one that raises."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rwkv_chat.models.formats import f8, i4
+from rwkv_chat.models.kernels import dispatch
+
+
+def _ops(wrong: bool = False, broken: bool = False):
+    def i4_op(x, storage, qzeros, scales, group, y):
+        if broken:
+            raise RuntimeError("no kernel image is available for execution on the device")
+        q = i4.Int4Weight(storage.t(), qzeros, scales, None, group, output_major=True)
+        y.copy_(i4.mm4_torch(x, q) * (1.5 if wrong else 1.0))
+
+    def i4_multi(xs, storages, qzeros, scales, groups, ys):
+        for x, st, z, sc, g, y in zip(xs, storages, qzeros, scales, groups, ys):
+            i4_op(x, st, z, sc, g, y)
+
+    def f8_op(x, w8, scale, y):
+        y.copy_(f8.mmf8_torch(x, f8.Float8Weight(w8.view(torch.float8_e4m3fn), scale)))
+
+    table = {"gemvq_i4": i4_op, "gemvq_i4_multi": i4_multi, "gemvq_f8": f8_op}
+    return lambda dev, family: table[family]
+
+
+@pytest.fixture()
+def cpu_held_output_major(monkeypatch):
+    """Weights held output-major on the CPU too (as CUDA holds them), the probe's record emptied after the test."""
+    real_to = i4.Int4Weight.to
+    monkeypatch.setattr(i4.Int4Weight, "to", lambda self, device=None, **kw: real_to(self, device, output_major=True))
+    yield
+    dispatch.GEMVQ_PROBES.clear()
+
+
+@pytest.mark.parametrize("case, sound", [({}, True), ({"wrong": True}, False), ({"broken": True}, False)])
+def test_the_probe_admits_only_kernels_that_agree_with_torch(monkeypatch, cpu_held_output_major, case, sound):
+    monkeypatch.setattr(dispatch, "_op", _ops(**case))
+    dev = torch.device("cpu")
+    assert dispatch.gemvq_sound(dev) is sound
+    why = dispatch.GEMVQ_PROBES[dev]
+    assert (why is None) is sound
+    if case.get("wrong"):
+        assert "gemvq_i4 differs from the torch product" in why
+    if case.get("broken"):
+        assert why.startswith("RuntimeError: no kernel image")
+    monkeypatch.setattr(dispatch, "_op", None)          # decided once per device: no second probe
+    assert dispatch.gemvq_sound(dev) is sound
