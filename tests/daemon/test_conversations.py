@@ -32,11 +32,16 @@ def run(gen) -> tuple[m.Done, set[str]]:
     return events[-1], {e.text for e in events if isinstance(e, m.Progress) and e.text}
 
 
+#: the sampling seed of the replies stopped mid-way (unseeded, a reply may end on its own before the stop)
+SEED = 3
+
+
 def stopped_reply(c: Client, cid: str, message: str) -> m.Done:
-    gen = c.chat(cid, message, max_tokens=5000, temperature=1.0)
+    gen = c.chat(cid, message, max_tokens=5000, temperature=1.0, seed=SEED)    # seeded: a reply that runs on
     text = ""
     for ev in gen:
         text += ev.text if isinstance(ev, m.Token) else ""
+        assert not isinstance(ev, m.Done), f"the reply ended by itself before it could be stopped: {ev}"
         if len(text.strip()) >= 5:
             break
     c.cancel(conversation_id=cid)
