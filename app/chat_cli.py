@@ -17,6 +17,7 @@ def _stream(gen, strip_first: bool = False, chat: bool = False, started=None) ->
     from rwkv_chat.daemon.protocol import messages as m
 
     first = True
+    line_open = False        # text written to stdout that does not end a line
     interactive = sys.stderr.isatty()
     position = None
     noted = reloading = False
@@ -36,6 +37,7 @@ def _stream(gen, strip_first: bool = False, chat: bool = False, started=None) ->
                 first = first and not text
                 sys.stdout.write(text)
                 sys.stdout.flush()
+                line_open = not text.endswith("\n") if text else line_open
             elif isinstance(ev, m.Progress) and ev.phase == "load":
                 if not reloading:       # the model was unloaded while idle (keep-alive): said once
                     reloading = True
@@ -55,7 +57,9 @@ def _stream(gen, strip_first: bool = False, chat: bool = False, started=None) ->
                 if ev.done >= ev.total:
                     sys.stderr.write("\r\x1b[K")
             elif isinstance(ev, m.Done):
-                if strip_first:
+                # a chat reply ends its line; a completion on a terminal too (the summary and the shell prompt
+                # start on their own line), piped it stays the model's text exactly
+                if strip_first or (line_open and sys.stdout.isatty()):
                     sys.stdout.write("\n")
                     sys.stdout.flush()
                 context = (f"; context {ev.context_used if ev.context_used is not None else '?'}/"

@@ -128,6 +128,35 @@ def test_load_shows_one_progress_bar(daemon):
     assert text.count("\n") == 1                                 # every bar on the same line
 
 
+def _on_terminal(home: Path, *args) -> tuple[int, bytes, str]:
+    """Run the CLI with stdout on a pseudo-terminal (stderr piped): exit code, the terminal's bytes, stderr."""
+    main, other = pty.openpty()
+    env = dict(os.environ, RWKV_CHAT_HOME=str(home))
+    p = subprocess.Popen([*CLI, *map(str, args)], env=env, stdout=other, stderr=subprocess.PIPE)
+    os.close(other)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(main, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(main)
+    err = p.stderr.read().decode()
+    return p.wait(timeout=120), out, err
+
+
+def test_a_completion_on_a_terminal_ends_its_line(daemon):
+    home = daemon.paths.home
+    piped = run(home, "complete", "The capital of France is", "--max-tokens", 8, "--temperature", 0)
+    assert piped.returncode == 0 and piped.stdout and not piped.stdout.endswith("\n"), piped   # piped: the text only
+    rc, out, err = _on_terminal(home, "complete", "The capital of France is", "--max-tokens", 8, "--temperature", 0)
+    text = out.decode().replace("\r\n", "\n")
+    assert rc == 0 and text == piped.stdout + "\n", (text, err)      # the summary and the prompt: a line of their own
+
+
 def test_conversations_list_counts_exchanges_as_the_sidebar(daemon):
     run(daemon.paths.home, "chat", "--conversation", "count1", "Hi", "--max-tokens", 4)
     listing = run(daemon.paths.home, "conversations", "list").stdout
