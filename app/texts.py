@@ -93,7 +93,7 @@ def render_tree(turns: list, leaf: int, width: int = 60) -> str:
         text = text if len(text) <= width else text[:width - 1] + "…"
         mark = "*" if t.index in chosen else " "
         sib = f" [{t.branch + 1}/{t.branches}]" if t.branches > 1 else ""
-        lines.append(f"{mark} {'  ' * depth}{t.index:>3} {t.role[:4]:<4}{sib} {text}")
+        lines.append(f"{mark} {'  ' * depth}{t.index:>3} {t.role:<9}{sib} {text}")
         below = kids.get(t.index, [])
         step = 1 if len(below) > 1 else 0
         stack += [(c, depth + step) for c in reversed(below)]
