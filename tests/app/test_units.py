@@ -91,6 +91,14 @@ def test_the_tree_names_each_role_in_full():
     assert lines[2].startswith("*") and not lines[1].startswith("*")           # the chosen path: the second reply
 
 
+def test_status_counts_hits_and_misses_in_words():
+    from rwkv_chat.app.daemon_cli import prompt_states_line
+
+    one = prompt_states_line({"hits": {"device": 0, "ram": 1, "disk": 0}, "misses": 1})
+    two = prompt_states_line({"hits": {}, "misses": 2})
+    assert one.endswith("; 1 miss") and two.endswith("; 2 misses"), (one, two)
+
+
 def test_what_serves_the_model_in_words():
     from rwkv_chat.app.texts import serving, serving_short
 
