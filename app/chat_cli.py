@@ -164,6 +164,8 @@ def _conversations(args) -> int:
                 import msgspec
 
                 print(json.dumps(msgspec.to_builtins(items), indent=2))
+            if not items and not args.json:
+                _err("no conversations yet: `rwkv-chat chat MESSAGE` or the terminal UI (`rwkv-chat`) starts one")
             for it in ([] if args.json else items):
                 when = time.strftime("%Y-%m-%d %H:%M", time.localtime(it.updated))
                 print(f"{it.id}\t{when}\t{plural(exchanges(it), 'exchange')}\t{it.title}")

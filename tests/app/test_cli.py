@@ -4,6 +4,7 @@ load progress, a failing ``chat`` that leaves no daemon behind, ``bench`` on a C
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pty
 import sqlite3
@@ -155,6 +156,15 @@ def test_a_completion_on_a_terminal_ends_its_line(daemon):
     rc, out, err = _on_terminal(home, "complete", "The capital of France is", "--max-tokens", 8, "--temperature", 0)
     text = out.decode().replace("\r\n", "\n")
     assert rc == 0 and text == piped.stdout + "\n", (text, err)      # the summary and the prompt: a line of their own
+
+
+def test_an_empty_conversation_list_says_so(fresh_daemon):
+    home = fresh_daemon.paths.home
+    assert fresh_daemon.client.conversations() == []
+    r = run(home, "conversations", "list")
+    assert r.returncode == 0 and r.stdout == "" and "no conversations yet" in r.stderr, r      # stdout stays a listing
+    r = run(home, "conversations", "list", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout) == [] and r.stderr == "", r
 
 
 def test_conversations_list_counts_exchanges_as_the_sidebar(daemon):
