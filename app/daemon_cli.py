@@ -264,7 +264,9 @@ def _doctor(args) -> int:
         return 0
     for section, values in rep.items():
         print(f"[{section}]")
-        if isinstance(values, dict):
+        if isinstance(values, dict) and not values:
+            print("  none")                   # e.g. no kernel build in this home yet
+        elif isinstance(values, dict):
             for k, v in values.items():
                 if k == "kernel_build":
                     v = "; ".join(build_line(b) for b in v)

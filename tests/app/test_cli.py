@@ -194,6 +194,14 @@ def test_bench_without_the_reference_package(monkeypatch, capsys):
     assert len(err.strip().splitlines()) == 1 and "pip install rwkv" in err
 
 
+def test_doctor_on_a_fresh_home_has_no_empty_section(tmp_path):
+    r = run(tmp_path / "fresh", "doctor")
+    assert r.returncode == 0 and "running: False" in r.stdout, r
+    sections = r.stdout.split("\n[")
+    assert all(len(s.strip().splitlines()) > 1 for s in sections), r.stdout     # a heading and what it holds
+    assert "[kernel_builds]\n  none" in r.stdout
+
+
 def test_no_runtime_dir_warning(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("XDG_RUNTIME_DIR", "RWKV_CHAT_HOME")}
     env.update(HOME=str(tmp_path), XDG_CONFIG_HOME=str(tmp_path / "c"), XDG_DATA_HOME=str(tmp_path / "d"),
