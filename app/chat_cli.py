@@ -39,11 +39,11 @@ def _stream(gen, strip_first: bool = False, chat: bool = False, started=None) ->
                 sys.stdout.flush()
                 line_open = not text.endswith("\n") if text else line_open
             elif isinstance(ev, m.Progress) and ev.phase == "load":
-                if not reloading:       # the model was unloaded while idle (keep-alive): said once
+                if not reloading:       # the model was unloaded (keep-alive, `rwkv-chat unload`): said once
                     reloading = True
                     if interactive:
                         sys.stderr.write("\r\x1b[K")
-                    _err(f"rwkv-chat: loading the model again (unloaded while idle): {ev.text}")
+                    _err(f"rwkv-chat: loading the model again (it was unloaded): {ev.text}")
             elif isinstance(ev, m.Progress) and ev.text and not noted:
                 noted = True            # why the history is re-read: said once, terminal or not
                 if interactive:

@@ -222,8 +222,8 @@ class ChatScreen(ConversationActions, DraftSender, Screen):
             if self.bubble is not None:
                 self.bubble.prefill(event.done, event.total, event.text)
         elif isinstance(event, m.Progress) and event.phase == "load":
-            if self.bubble is not None:    # the model was unloaded while idle (keep-alive): it loads again
-                self.bubble.set_footer(f"loading the model again (unloaded while idle): layer {event.done} of "
+            if self.bubble is not None:    # the model was unloaded (keep-alive, `rwkv-chat unload`): it loads again
+                self.bubble.set_footer(f"loading the model again (it was unloaded): layer {event.done} of "
                                        f"{event.total}…")
         elif isinstance(event, m.Queued):
             if self.bubble is not None:    # waiting for a place (or yielded it for a while)
