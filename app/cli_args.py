@@ -152,7 +152,7 @@ def parser() -> argparse.ArgumentParser:
     sv.add_argument("--http", metavar="HOST:PORT", help="where to listen (default: the config's [http] listen)")
     sv.add_argument("--api-key", metavar="KEY", help="require `Authorization: Bearer KEY` (default: the config's "
                                                      "[http] api_key)")
-    cv = _sub(sub, "conversations", "list, show, export or remove conversations",
+    cv = _sub(sub, "conversations", "list, show, export, tree (branches) or remove conversations",
               "The daemon's saved conversations (the TUI's sidebar). A conversation is named by its id, by the\n"
               "start of its id (as the sidebar shows it) or by its exact title.",
               ["rwkv-chat conversations list", "rwkv-chat conversations export trip --format md > trip.md"])

@@ -71,6 +71,15 @@ def test_every_command_and_flag_says_what_it_does_with_an_example(capsys):
     assert "DEVICE DTYPE" in load and "->" in load and "*N+" in load and "fp16i8" in load
 
 
+def test_the_conversations_summary_names_each_of_its_actions():
+    sub = next(a for a in cli.parser()._actions if isinstance(a, argparse._SubParsersAction))
+    summary = next(c.help for c in sub._choices_actions if c.dest == "conversations")
+    actions = next(a for a in sub.choices["conversations"]._actions
+                   if isinstance(a, argparse._SubParsersAction)).choices
+    missing = [n for n in actions if {"rm": "remove"}.get(n, n) not in summary]
+    assert not missing, (summary, missing)
+
+
 def test_mistakes_are_refused_in_words(tmp_path, home_env):
     home = make_home(tmp_path, None).home
     for args in (("chat", ""), ("chat", "  \n"), ("complete", "")):
