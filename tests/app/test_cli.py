@@ -80,6 +80,15 @@ def test_the_conversations_summary_names_each_of_its_actions():
     assert not missing, (summary, missing)
 
 
+def test_daemon_start_with_no_such_model_is_refused_as_its_help_says(tmp_path):
+    helped = " ".join(run(None, "daemon", "start", "--help").stdout.split())
+    assert "(exit 2, nothing started)" in helped and "Hugging Face Qwen2/Qwen3 folder" in helped
+    home = tmp_path / "h"
+    r = run(home, "daemon", "start", "--model", tmp_path / "none.pth", "--strategy", "cpu fp32")
+    assert r.returncode == 2 and "no model file or local model named" in r.stderr, r
+    assert not lock_held(home_paths(home).lock_file)                     # nothing started
+
+
 def test_mistakes_are_refused_in_words(tmp_path, home_env):
     home = make_home(tmp_path, None).home
     for args in (("chat", ""), ("chat", "  \n"), ("complete", "")):
