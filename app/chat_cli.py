@@ -16,6 +16,8 @@ def _stream(gen, strip_first: bool = False, chat: bool = False, started=None) ->
     as it got when interrupted. ``started(event)`` is called with the Started event (the reply begins)."""
     from rwkv_chat.daemon.protocol import messages as m
 
+    from .texts import queued_reason
+
     first = True
     line_open = False        # text written to stdout that does not end a line
     interactive = sys.stderr.isatty()
@@ -26,8 +28,7 @@ def _stream(gen, strip_first: bool = False, chat: bool = False, started=None) ->
             if isinstance(ev, m.Queued):
                 if ev.position != position:
                     position = ev.position
-                    _err(f"rwkv-chat: queued, position {ev.position} of {ev.queued} "
-                         f"({ev.active} generation(s) running)")
+                    _err(f"rwkv-chat: queued, position {ev.position} of {ev.queued} ({queued_reason(ev.active)})")
                 continue
             position = None
             if isinstance(ev, m.Started) and started is not None:

@@ -21,6 +21,13 @@ def exchanges(info) -> int:
     return (info.turns + 1) // 2
 
 
+def queued_reason(active: int) -> str:
+    """Why a request waits (a ``Queued`` event's ``active``): the generations ahead of it, or, with none running,
+    the model (it waits while a model loads: one unloaded by keep-alive or ``rwkv-chat unload``, another
+    client's ``load``)."""
+    return f"{active} generation(s) running" if active else "waiting for the model"
+
+
 def plural(n: int, word: str) -> str:
     """``"1 exchange"``, ``"3 exchanges"``."""
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
