@@ -123,6 +123,7 @@ class ConversationActions:
             return
         turn = last.turn
         self.log_view.remove_from(last)
+        self.focus_input()           # `r` on a reply: it is gone; what is typed next goes to the input
         self.generate("regenerate", lambda c, cid: self._chat_request(c, cid, "Regenerate", turn=turn), "")
 
     def action_edit_last(self, retry: bool = True, user=None) -> None:
@@ -143,6 +144,7 @@ class ConversationActions:
                 return
             turn = user.turn
             self.log_view.remove_from(user)
+            self.focus_input()       # `e` on a message: it is gone; what is typed next goes to the input
             self.log_view.add(UserMessage(text))
             self.generate("edit", lambda c, cid: self._chat_request(c, cid, "EditLastUser", text=text, turn=turn),
                           text)

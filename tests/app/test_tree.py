@@ -71,7 +71,7 @@ async def test_branch_arrows_walk_regenerated_replies_and_an_edit(fresh_daemon):
         assert app.chat.last_reuse.job_id == edited.job_id and app.chat.last_reuse.reread_tokens == 0
         assert [w.text for w in app.chat.log_view.query(UserMessage)] == ["Hi"]
         await wait_for(pilot, lambda: label(app.chat.log_view.messages()[0]) == "2/2", what="‹ 2/2 › on the edit")
-        app.chat.focus_input()
+        assert app.focused is app.chat.input                # the edited message is gone: typing goes on there
         await pilot.press("alt+left")
         await wait_for(pilot, lambda: [w.text for w in app.chat.log_view.query(UserMessage)] == ["Hello",
                                                                                                  "Tell me a story"],
