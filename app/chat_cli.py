@@ -16,7 +16,10 @@ def _stream(gen, strip_first: bool = False, chat: bool = False, started=None) ->
     as it got when interrupted. ``started(event)`` is called with the Started event (the reply begins)."""
     from rwkv_chat.daemon.protocol import messages as m
 
+    from .texts import queued_reason
+
     first = True
+    line_open = False        # text written to stdout that does not end a line
     interactive = sys.stderr.isatty()
     position = None
     noted = reloading = False
@@ -25,8 +28,7 @@ def _stream(gen, strip_first: bool = False, chat: bool = False, started=None) ->
             if isinstance(ev, m.Queued):
                 if ev.position != position:
                     position = ev.position
-                    _err(f"rwkv-chat: queued, position {ev.position} of {ev.queued} "
-                         f"({ev.active} generation(s) running)")
+                    _err(f"rwkv-chat: queued, position {ev.position} of {ev.queued} ({queued_reason(ev.active)})")
                 continue
             position = None
             if isinstance(ev, m.Started) and started is not None:
@@ -36,12 +38,13 @@ def _stream(gen, strip_first: bool = False, chat: bool = False, started=None) ->
                 first = first and not text
                 sys.stdout.write(text)
                 sys.stdout.flush()
+                line_open = not text.endswith("\n") if text else line_open
             elif isinstance(ev, m.Progress) and ev.phase == "load":
-                if not reloading:       # the model was unloaded while idle (keep-alive): said once
+                if not reloading:       # the model was unloaded (keep-alive, `rwkv-chat unload`): said once
                     reloading = True
                     if interactive:
                         sys.stderr.write("\r\x1b[K")
-                    _err(f"rwkv-chat: loading the model again (unloaded while idle): {ev.text}")
+                    _err(f"rwkv-chat: loading the model again (it was unloaded): {ev.text}")
             elif isinstance(ev, m.Progress) and ev.text and not noted:
                 noted = True            # why the history is re-read: said once, terminal or not
                 if interactive:
@@ -55,7 +58,9 @@ def _stream(gen, strip_first: bool = False, chat: bool = False, started=None) ->
                 if ev.done >= ev.total:
                     sys.stderr.write("\r\x1b[K")
             elif isinstance(ev, m.Done):
-                if strip_first:
+                # a chat reply ends its line; a completion on a terminal too (the summary and the shell prompt
+                # start on their own line), piped it stays the model's text exactly
+                if strip_first or (line_open and sys.stdout.isatty()):
                     sys.stdout.write("\n")
                     sys.stdout.flush()
                 context = (f"; context {ev.context_used if ev.context_used is not None else '?'}/"
@@ -160,6 +165,8 @@ def _conversations(args) -> int:
                 import msgspec
 
                 print(json.dumps(msgspec.to_builtins(items), indent=2))
+            if not items and not args.json:
+                _err("no conversations yet: `rwkv-chat chat MESSAGE` or the terminal UI (`rwkv-chat`) starts one")
             for it in ([] if args.json else items):
                 when = time.strftime("%Y-%m-%d %H:%M", time.localtime(it.updated))
                 print(f"{it.id}\t{when}\t{plural(exchanges(it), 'exchange')}\t{it.title}")

@@ -84,14 +84,16 @@ def parser() -> argparse.ArgumentParser:
               "Start the daemon in the background; it loads --model (else the config's [model] path) with\n"
               "--strategy. With --model it waits until the model is loaded (progress on stderr) and exits 1\n"
               "with the reason if it does not load; the daemon then runs without a model and\n"
-              "`rwkv-chat daemon status` shows the error. If a daemon already runs, --model is loaded into\n"
+              "`rwkv-chat daemon status` shows the error. A --model that names no file, folder or local model\n"
+              "is refused first (exit 2, nothing started). If a daemon already runs, --model is loaded into\n"
               "it (as `rwkv-chat load`).\n\n"
               + STRATEGY_HELP,
               ['rwkv-chat daemon start --model ~/models/rwkv7-0.1B.pth --strategy "cpu fp32"',
                "rwkv-chat daemon start --foreground          # logs in this terminal; Ctrl+C stops it"])
-    ds.add_argument("--model", metavar="MODEL", help="model to load: a local model's name (rwkv-chat models) or a "
+    ds.add_argument("--model", metavar="MODEL", help="model to load: a local model's name (rwkv-chat models), a "
                                                      "checkpoint (.pth or .safetensors), e.g. "
-                                                     "~/models/RWKV-x070-World-0.1B.pth; the command waits for it")
+                                                     "~/models/RWKV-x070-World-0.1B.pth, or a Hugging Face "
+                                                     "Qwen2/Qwen3 folder; the command waits for it")
     ds.add_argument("--strategy", metavar="S",
                     help='where and how the model runs, e.g. "cpu fp32" (default: the config\'s; see above)')
     ds.add_argument("--foreground", action="store_true", help="run in this terminal instead of the background")
@@ -152,7 +154,7 @@ def parser() -> argparse.ArgumentParser:
     sv.add_argument("--http", metavar="HOST:PORT", help="where to listen (default: the config's [http] listen)")
     sv.add_argument("--api-key", metavar="KEY", help="require `Authorization: Bearer KEY` (default: the config's "
                                                      "[http] api_key)")
-    cv = _sub(sub, "conversations", "list, show, export or remove conversations",
+    cv = _sub(sub, "conversations", "list, show, export, tree (branches) or remove conversations",
               "The daemon's saved conversations (the TUI's sidebar). A conversation is named by its id, by the\n"
               "start of its id (as the sidebar shows it) or by its exact title.",
               ["rwkv-chat conversations list", "rwkv-chat conversations export trip --format md > trip.md"])

@@ -159,8 +159,9 @@ def _print_status(st: dict) -> None:
         print(f"  {a['job_id']} {a['kind']} {a['conversation_id'] or ''} {a['phase']} tokens={a['tokens']}")
     pc = st.get("prefix_cache") or {}
     if pc:
-        print(f"prefix cache: {pc['entries']} states, {_mib(pc['bytes'])} of {_mib(pc['budget'])}; {pc['hits']} hits, "
-              f"{pc['misses']} misses; prompt tokens reused {pc['cached_tokens']}, read {pc['prefilled_tokens']}")
+        print(f"prefix cache: {pc['entries']} states, {_mib(pc['bytes'])} of {_mib(pc['budget'])}; "
+              f"{_count(pc['hits'], 'hit')}, {_count(pc['misses'], 'miss')}; "
+              f"prompt tokens reused {pc['cached_tokens']}, read {pc['prefilled_tokens']}")
     ps = st.get("home", {}).get("sessions", {}).get("prompt_cache")
     if ps:
         print(prompt_states_line(ps))
@@ -174,7 +175,12 @@ def prompt_states_line(ps: dict) -> str:
                       f"{_mib(ps.get(f'{t}_budget', 0))})" for t, w in where.items())
     hits = ps.get("hits", {})
     return (f"prompt states: {tiers}; hits {hits.get('device', 0)} device, {hits.get('ram', 0)} RAM, "
-            f"{hits.get('disk', 0)} disk; {ps.get('misses', 0)} misses")
+            f"{hits.get('disk', 0)} disk; {_count(ps.get('misses', 0), 'miss')}")
+
+
+def _count(n: int, word: str) -> str:
+    """``"1 miss"``, ``"2 misses"``, ``"1 hit"``, ``"0 hits"``."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}{'es' if word.endswith('s') else 's'}"
 
 
 def _load(args) -> int:
@@ -258,7 +264,9 @@ def _doctor(args) -> int:
         return 0
     for section, values in rep.items():
         print(f"[{section}]")
-        if isinstance(values, dict):
+        if isinstance(values, dict) and not values:
+            print("  none")                   # e.g. no kernel build in this home yet
+        elif isinstance(values, dict):
             for k, v in values.items():
                 if k == "kernel_build":
                     v = "; ".join(build_line(b) for b in v)

@@ -21,6 +21,13 @@ def exchanges(info) -> int:
     return (info.turns + 1) // 2
 
 
+def queued_reason(active: int) -> str:
+    """Why a request waits (a ``Queued`` event's ``active``): the generations ahead of it, or, with none running,
+    the model (it waits while a model loads: one unloaded by keep-alive or ``rwkv-chat unload``, another
+    client's ``load``)."""
+    return f"{active} generation(s) running" if active else "waiting for the model"
+
+
 def plural(n: int, word: str) -> str:
     """``"1 exchange"``, ``"3 exchanges"``."""
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
@@ -93,7 +100,7 @@ def render_tree(turns: list, leaf: int, width: int = 60) -> str:
         text = text if len(text) <= width else text[:width - 1] + "…"
         mark = "*" if t.index in chosen else " "
         sib = f" [{t.branch + 1}/{t.branches}]" if t.branches > 1 else ""
-        lines.append(f"{mark} {'  ' * depth}{t.index:>3} {t.role[:4]:<4}{sib} {text}")
+        lines.append(f"{mark} {'  ' * depth}{t.index:>3} {t.role:<9}{sib} {text}")
         below = kids.get(t.index, [])
         step = 1 if len(below) > 1 else 0
         stack += [(c, depth + step) for c in reversed(below)]

@@ -210,8 +210,7 @@ class Client:
                     if silent > max(self.lost_after, 3 * self.heartbeat):
                         self._open_req()
                         self.connected = False
-                        raise DaemonLost(f"no reply to {type(msg).__name__}: the daemon (pid {self.info.pid}) "
-                                         f"sent nothing for {silent:.1f} s")
+                        raise DaemonLost(f"no reply to {type(msg).__name__}: {self._silence(silent)}")
                     continue
                 try:
                     reply, bufs = self._codec_req.parse(self._req.recv_multipart(copy=False))
@@ -380,8 +379,16 @@ class Client:
             return topic.decode(), ev
         if self.last_event and time.monotonic() - self.last_event > self.lost_after:
             self.connected = False
-            raise DaemonLost(f"the daemon sent nothing for {self.lost_after:.1f} s")
+            raise DaemonLost(self._silence(self.lost_after))
         return None
+
+    def _silence(self, seconds: float) -> str:
+        """Why the daemon has been silent for ``seconds``: it is gone (stopped, killed; its lock is free), or
+        it holds its lock and sends nothing (stopped with SIGSTOP, hung)."""
+        pid = self.info.pid if self.info is not None else "?"
+        if not lock_held(self.paths.lock_file):
+            return f"the daemon (pid {pid}) is no longer running"
+        return f"the daemon (pid {pid}) sent nothing for {seconds:.1f} s"
 
     def subscribe(self, conversation_id: str, watch_timeout: float = 0.5):
         """Yield every event published on ``conversation_id`` (None when idle for ``watch_timeout`` s)."""

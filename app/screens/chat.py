@@ -21,6 +21,7 @@ from textual.widgets import Footer
 
 from rwkv_chat.daemon.config import SAMPLING_KEYS, Config, ConfigError, load_config
 
+from ..texts import queued_reason
 from ..widgets.chat_log import AssistantMessage, ChatLog, MessageBox, Notice, UserMessage
 from ..widgets.prompt_input import MAX_MESSAGE_CHARS, PromptInput
 from ..widgets.sampling_panel import SamplingPanel
@@ -222,13 +223,13 @@ class ChatScreen(ConversationActions, DraftSender, Screen):
             if self.bubble is not None:
                 self.bubble.prefill(event.done, event.total, event.text)
         elif isinstance(event, m.Progress) and event.phase == "load":
-            if self.bubble is not None:    # the model was unloaded while idle (keep-alive): it loads again
-                self.bubble.set_footer(f"loading the model again (unloaded while idle): layer {event.done} of "
+            if self.bubble is not None:    # the model was unloaded (keep-alive, `rwkv-chat unload`): it loads again
+                self.bubble.set_footer(f"loading the model again (it was unloaded): layer {event.done} of "
                                        f"{event.total}…")
         elif isinstance(event, m.Queued):
             if self.bubble is not None:    # waiting for a place (or yielded it for a while)
                 self.bubble.set_footer(f"queued: position {event.position} of {event.queued}, "
-                                       f"{event.active} generation(s) running…")
+                                       f"{queued_reason(event.active)}…")
         elif isinstance(event, m.Token):
             if self.bubble is None:        # joined in the middle of a reply
                 self.start_bubble("generating (joined mid-reply)…")

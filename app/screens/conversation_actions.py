@@ -104,9 +104,8 @@ class ConversationActions:
 
     def _send_again(self, user, text: str) -> None:
         """Replace the unsaved (failed) message ``user`` and what follows it by ``text``, sent as a new message."""
-        msgs = self.log_view.messages()
-        for w in msgs[msgs.index(user):] if user in msgs else []:
-            w.remove()
+        if user in self.log_view.children:
+            self.log_view.remove_from(user)
         self.log_view.add(UserMessage(text))
         self.generate("send", lambda c, cid: self._chat_request(c, cid, "Chat", message=text), text)
 
@@ -123,9 +122,8 @@ class ConversationActions:
                 self._send_again(user, user.text)
             return
         turn = last.turn
-        msgs = self.log_view.messages()
-        for w in msgs[msgs.index(last):] if last in msgs else [last]:
-            w.remove()
+        self.log_view.remove_from(last)
+        self.focus_input()           # `r` on a reply: it is gone; what is typed next goes to the input
         self.generate("regenerate", lambda c, cid: self._chat_request(c, cid, "Regenerate", turn=turn), "")
 
     def action_edit_last(self, retry: bool = True, user=None) -> None:
@@ -145,9 +143,8 @@ class ConversationActions:
                 self._send_again(user, text)
                 return
             turn = user.turn
-            msgs = self.log_view.messages()
-            for w in msgs[msgs.index(user):]:
-                w.remove()
+            self.log_view.remove_from(user)
+            self.focus_input()       # `e` on a message: it is gone; what is typed next goes to the input
             self.log_view.add(UserMessage(text))
             self.generate("edit", lambda c, cid: self._chat_request(c, cid, "EditLastUser", text=text, turn=turn),
                           text)

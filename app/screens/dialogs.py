@@ -72,6 +72,10 @@ class TextEditor(_Dialog):
                 yield Button("Save (Ctrl+S)", id="ok", variant="primary", compact=True)
                 yield Button("Cancel", id="cancel", compact=True)
 
+    def on_mount(self) -> None:
+        text = self.query_one(TextArea)
+        text.move_cursor(text.document.end)       # typing goes on from the end of the text being edited
+
     @on(Select.Changed, "#preset")
     def _preset(self, event: Select.Changed) -> None:
         if isinstance(event.value, str) and self.presets:

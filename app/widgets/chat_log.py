@@ -295,6 +295,13 @@ class ChatLog(VerticalScroll):
     def add(self, widget) -> None:
         self.mount(widget)
 
+    def remove_from(self, widget) -> None:
+        """Remove ``widget`` and everything shown after it (messages and the notes about them): a reply being
+        regenerated, a message being edited."""
+        shown = list(self.children)
+        for w in shown[shown.index(widget):] if widget in shown else [widget]:
+            w.remove()
+
     def follow(self) -> None:
         """Show the end and follow it again (a conversation was opened, a message sent)."""
         self.following = True

@@ -258,3 +258,25 @@ async def test_help_and_theme(fresh_daemon):
         dark = app.current_theme.dark
         await pilot.press("ctrl+t")
         assert app.current_theme.dark is not dark
+
+
+@async_test
+async def test_the_editor_opens_with_the_cursor_after_the_text():
+    from textual.app import App
+
+    class Host(App):
+        result = None
+
+        def on_mount(self) -> None:
+            self.push_screen(TextEditor("Edit", "Second message\nline two"), self._done)
+
+        def _done(self, value) -> None:
+            self.result = value
+
+    app = Host()
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause(0.1)
+        await pilot.press("!")
+        await pilot.press("ctrl+s")
+        await pilot.pause(0.1)
+    assert app.result == "Second message\nline two!"

@@ -4,6 +4,7 @@ load progress, a failing ``chat`` that leaves no daemon behind, ``bench`` on a C
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pty
 import sqlite3
@@ -70,6 +71,24 @@ def test_every_command_and_flag_says_what_it_does_with_an_example(capsys):
     assert "DEVICE DTYPE" in load and "->" in load and "*N+" in load and "fp16i8" in load
 
 
+def test_the_conversations_summary_names_each_of_its_actions():
+    sub = next(a for a in cli.parser()._actions if isinstance(a, argparse._SubParsersAction))
+    summary = next(c.help for c in sub._choices_actions if c.dest == "conversations")
+    actions = next(a for a in sub.choices["conversations"]._actions
+                   if isinstance(a, argparse._SubParsersAction)).choices
+    missing = [n for n in actions if {"rm": "remove"}.get(n, n) not in summary]
+    assert not missing, (summary, missing)
+
+
+def test_daemon_start_with_no_such_model_is_refused_as_its_help_says(tmp_path):
+    helped = " ".join(run(None, "daemon", "start", "--help").stdout.split())
+    assert "(exit 2, nothing started)" in helped and "Hugging Face Qwen2/Qwen3 folder" in helped
+    home = tmp_path / "h"
+    r = run(home, "daemon", "start", "--model", tmp_path / "none.pth", "--strategy", "cpu fp32")
+    assert r.returncode == 2 and "no model file or local model named" in r.stderr, r
+    assert not lock_held(home_paths(home).lock_file)                     # nothing started
+
+
 def test_mistakes_are_refused_in_words(tmp_path, home_env):
     home = make_home(tmp_path, None).home
     for args in (("chat", ""), ("chat", "  \n"), ("complete", "")):
@@ -128,6 +147,44 @@ def test_load_shows_one_progress_bar(daemon):
     assert text.count("\n") == 1                                 # every bar on the same line
 
 
+def _on_terminal(home: Path, *args) -> tuple[int, bytes, str]:
+    """Run the CLI with stdout on a pseudo-terminal (stderr piped): exit code, the terminal's bytes, stderr."""
+    main, other = pty.openpty()
+    env = dict(os.environ, RWKV_CHAT_HOME=str(home))
+    p = subprocess.Popen([*CLI, *map(str, args)], env=env, stdout=other, stderr=subprocess.PIPE)
+    os.close(other)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(main, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(main)
+    err = p.stderr.read().decode()
+    return p.wait(timeout=120), out, err
+
+
+def test_a_completion_on_a_terminal_ends_its_line(daemon):
+    home = daemon.paths.home
+    piped = run(home, "complete", "The capital of France is", "--max-tokens", 8, "--temperature", 0)
+    assert piped.returncode == 0 and piped.stdout and not piped.stdout.endswith("\n"), piped   # piped: the text only
+    rc, out, err = _on_terminal(home, "complete", "The capital of France is", "--max-tokens", 8, "--temperature", 0)
+    text = out.decode().replace("\r\n", "\n")
+    assert rc == 0 and text == piped.stdout + "\n", (text, err)      # the summary and the prompt: a line of their own
+
+
+def test_an_empty_conversation_list_says_so(fresh_daemon):
+    home = fresh_daemon.paths.home
+    assert fresh_daemon.client.conversations() == []
+    r = run(home, "conversations", "list")
+    assert r.returncode == 0 and r.stdout == "" and "no conversations yet" in r.stderr, r      # stdout stays a listing
+    r = run(home, "conversations", "list", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout) == [] and r.stderr == "", r
+
+
 def test_conversations_list_counts_exchanges_as_the_sidebar(daemon):
     run(daemon.paths.home, "chat", "--conversation", "count1", "Hi", "--max-tokens", 4)
     listing = run(daemon.paths.home, "conversations", "list").stdout
@@ -153,6 +210,14 @@ def test_bench_without_the_reference_package(monkeypatch, capsys):
     assert cli.main(["bench", "--shape", "0.1B", "--compare-rwkv-pip"]) == 1
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "pip install rwkv" in err
+
+
+def test_doctor_on_a_fresh_home_has_no_empty_section(tmp_path):
+    r = run(tmp_path / "fresh", "doctor")
+    assert r.returncode == 0 and "running: False" in r.stdout, r
+    sections = r.stdout.split("\n[")
+    assert all(len(s.strip().splitlines()) > 1 for s in sections), r.stdout     # a heading and what it holds
+    assert "[kernel_builds]\n  none" in r.stdout
 
 
 def test_no_runtime_dir_warning(tmp_path):

@@ -36,7 +36,11 @@ async def test_branch_arrows_walk_regenerated_replies_and_an_edit(fresh_daemon):
             assert app.chat.last_reuse.job_id == done.job_id and app.chat.last_reuse.reread_tokens == 0
         last = app.chat.log_view.last("assistant")
         await wait_for(pilot, lambda: label(last) == "3/3", what="‹ 3/3 ›")
-        assert any("0 tokens re-read" in str(n.render()) for n in app.chat.log_view.query(Notice))
+        # one note, after the reply it is about: a regenerated reply's note goes with it
+        notes = [w for w in app.chat.log_view.children if isinstance(w, Notice) and "re-read" in str(w.render())]
+        assert len(notes) == 1 and "0 tokens re-read" in str(notes[0].render())
+        shown = list(app.chat.log_view.children)
+        assert shown.index(notes[0]) > shown.index(last)
         replies = [t.text for t in client.branches(cid).turns if t.parent == 2]
         assert len(replies) == 3 and replies[2] == last.text
 
@@ -67,7 +71,7 @@ async def test_branch_arrows_walk_regenerated_replies_and_an_edit(fresh_daemon):
         assert app.chat.last_reuse.job_id == edited.job_id and app.chat.last_reuse.reread_tokens == 0
         assert [w.text for w in app.chat.log_view.query(UserMessage)] == ["Hi"]
         await wait_for(pilot, lambda: label(app.chat.log_view.messages()[0]) == "2/2", what="‹ 2/2 › on the edit")
-        app.chat.focus_input()
+        assert app.focused is app.chat.input                # the edited message is gone: typing goes on there
         await pilot.press("alt+left")
         await wait_for(pilot, lambda: [w.text for w in app.chat.log_view.query(UserMessage)] == ["Hello",
                                                                                                  "Tell me a story"],

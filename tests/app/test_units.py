@@ -13,6 +13,8 @@ from rwkv_chat.app.screens.help import key_label
 from rwkv_chat.app.widgets.chat_log import preview
 from rwkv_chat.app.widgets.prompt_input import clean_text
 from rwkv_chat.app.widgets.sampling_panel import FIELDS, parse_field
+from rwkv_chat.app.texts import render_tree
+from rwkv_chat.daemon.protocol.messages import TurnInfo
 
 
 def test_clean_text_drops_controls_and_escapes():
@@ -75,6 +77,26 @@ def test_small_helpers():
     p = export_path(Path("/d"), "Hello, World!", "c1", "md")
     assert p == Path("/d/exports/hello-world-c1.md")
     assert export_path(Path("/d"), "???", "c1", "json").name == "conversation-c1.json"
+
+
+def test_the_tree_names_each_role_in_full():
+    def turn(i, role, text, parent, branch=0, branches=1):
+        return TurnInfo(index=i, role=role, text=text, tokens=1, created=0.0, finished=0.0, parent=parent,
+                        branch=branch, branches=branches)
+
+    turns = [turn(0, "user", "Hi", -1), turn(1, "assistant", "Hello", 0, 0, 2), turn(2, "assistant", "Hey", 0, 1, 2)]
+    lines = render_tree(turns, leaf=2).splitlines()
+    roles = [ln[1:].split()[1] for ln in lines]           # after the mark column: index, role
+    assert roles == [t.role for t in (turns[0], turns[1], turns[2])], lines     # not cut to "assi"
+    assert lines[2].startswith("*") and not lines[1].startswith("*")           # the chosen path: the second reply
+
+
+def test_status_counts_hits_and_misses_in_words():
+    from rwkv_chat.app.daemon_cli import prompt_states_line
+
+    one = prompt_states_line({"hits": {"device": 0, "ram": 1, "disk": 0}, "misses": 1})
+    two = prompt_states_line({"hits": {}, "misses": 2})
+    assert one.endswith("; 1 miss") and two.endswith("; 2 misses"), (one, two)
 
 
 def test_what_serves_the_model_in_words():

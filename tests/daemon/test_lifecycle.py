@@ -76,6 +76,7 @@ def test_kill_9_of_a_client_cancels_its_turn_and_of_the_daemon_is_reported(tmp_p
         os.kill(pid, signal.SIGKILL)
         out, err = proc.communicate(timeout=60)
         assert proc.returncode == 4 and "daemon lost" in err.decode()
+        assert f"the daemon (pid {pid}) is no longer running" in err.decode()        # not "sent nothing": it is gone
         # a new daemon cleans the stale socket/connection file; committed turns survive
         start_daemon(home, model_path("5.2"))
         assert p.read_connection_file(paths.connection_file).pid != pid
@@ -83,6 +84,33 @@ def test_kill_9_of_a_client_cancels_its_turn_and_of_the_daemon_is_reported(tmp_p
         shown = cli(home, "conversations", "show", "k9").stdout
         assert f"Assistant: {first}" in shown and "User: Again" in shown and r.stdout.strip() in shown
     finally:
+        stop_daemon(home)
+
+
+def test_a_connected_client_tells_a_stopped_daemon_from_a_silent_one(tmp_path):
+    """`daemon stop` under a connected client (the TUI's case): its next request says the daemon is no longer
+    running; a daemon that holds its lock but sends nothing (SIGSTOP) is still 'sent nothing'."""
+    from rwkv_chat.daemon.client import DaemonLost
+
+    home = make_home(tmp_path / "h")
+    start_daemon(home, None)
+    paths = home_paths(home)
+    pid = p.read_connection_file(paths.connection_file).pid
+    c = Client(paths, autostart=False, heartbeat=0.25, lost_after=1.0)
+    try:
+        c.status()
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(DaemonLost, match=f"the daemon \\(pid {pid}\\) sent nothing for"):
+                c.status()
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        wait_for(lambda: c.ping(), timeout=10)
+        stop_daemon(home)
+        with pytest.raises(DaemonLost, match=f"the daemon \\(pid {pid}\\) is no longer running"):
+            c.status()
+    finally:
+        c.close()
         stop_daemon(home)
 
 

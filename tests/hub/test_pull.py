@@ -67,7 +67,8 @@ def test_pull_then_load_by_name_and_chat_against_a_real_daemon(home, hub, model_
         ps = home.run("ps").stdout
         assert "state: unloaded (request)" in ps and "conversations in memory: 0" in ps
         r = home.run("complete", "The capital of", "--max-tokens", 16, *GREEDY)   # loads it again
-        assert r.stdout == want and "loading the model again" in r.stderr
+        assert r.stdout == want and "loading the model again (it was unloaded)" in r.stderr   # by request: not "idle"
+        assert "queued, position 1 of 1 (waiting for the model)" in r.stderr, r.stderr        # not "0 generations"
     finally:
         home.run("daemon", "stop", check=False)
 
