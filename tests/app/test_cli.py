@@ -131,20 +131,25 @@ def test_load_shows_one_progress_bar(daemon):
     p = subprocess.run([*CLI, "load", model, "--strategy", "cpu fp32"], env=env, stdout=subprocess.PIPE,
                        stderr=other, timeout=120)
     os.close(other)
+    text = _read_all(main).decode().replace("\x1b[K", "")
+    assert p.returncode == 0 and "[####" in text and "layers" in text
+    assert [ln.rsplit("\r", 1)[-1] for ln in text.strip().splitlines()][-1].startswith("loaded")
+    assert text.count("\n") == 1                                 # every bar on the same line
+
+
+def _read_all(fd: int) -> bytes:
+    """Everything a pseudo-terminal's main side gives until its other side is closed (then closes it)."""
     out = b""
     while True:
         try:
-            chunk = os.read(main, 65536)
+            chunk = os.read(fd, 65536)
         except OSError:
             break
         if not chunk:
             break
         out += chunk
-    os.close(main)
-    text = out.decode().replace("\x1b[K", "")
-    assert p.returncode == 0 and "[####" in text and "layers" in text
-    assert [ln.rsplit("\r", 1)[-1] for ln in text.strip().splitlines()][-1].startswith("loaded")
-    assert text.count("\n") == 1                                 # every bar on the same line
+    os.close(fd)
+    return out
 
 
 def _on_terminal(home: Path, *args) -> tuple[int, bytes, str]:
@@ -153,16 +158,7 @@ def _on_terminal(home: Path, *args) -> tuple[int, bytes, str]:
     env = dict(os.environ, RWKV_CHAT_HOME=str(home))
     p = subprocess.Popen([*CLI, *map(str, args)], env=env, stdout=other, stderr=subprocess.PIPE)
     os.close(other)
-    out = b""
-    while True:
-        try:
-            chunk = os.read(main, 65536)
-        except OSError:
-            break
-        if not chunk:
-            break
-        out += chunk
-    os.close(main)
+    out = _read_all(main)
     err = p.stderr.read().decode()
     return p.wait(timeout=120), out, err
 
