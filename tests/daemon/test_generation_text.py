@@ -6,7 +6,8 @@ from __future__ import annotations
 from hypothesis import given, settings, strategies as st
 
 from rwkv_chat.daemon.config import Config
-from rwkv_chat.daemon.generation import Generation, Job, StopScanner
+from rwkv_chat.daemon.generation import Generation, Job
+from rwkv_chat.daemon.stops import StopScanner
 from rwkv_chat.daemon.protocol import codec as p
 from rwkv_chat.daemon.protocol import messages as m
 
