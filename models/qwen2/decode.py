@@ -24,7 +24,7 @@ import torch
 from rwkv_chat.models.errors import ContextLimitError, StateError, TokenError
 from rwkv_chat.models.qwen2 import attend as attending
 from rwkv_chat.models.qwen2.cache import NAMES, KVState, span
-from rwkv_chat.models.qwen2.layers import block
+from rwkv_chat.models.qwen2.layers import block, to_layer
 from rwkv_chat.models.slots import Slots
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -49,9 +49,7 @@ def decode_one(model, ids: torch.Tensor, lens: torch.Tensor, bufs: list, capacit
     res, on = None, {}
     for i in range(cfg.n_layer):
         dev, atype = model.devices[i], model.plan.layers[i].atype
-        if x.device != dev or x.dtype != atype:
-            x = x.to(device=dev, dtype=atype)
-            res = None if res is None else res.to(device=dev, dtype=atype)
+        x, res = to_layer(x, res, dev, atype)
         here = on.get((dev, atype))
         if here is None:                                  # the positions and RoPE tables of this device, once
             here = on[(dev, atype)] = (lens.to(dev), *model.rope_tables(dev, atype))

@@ -174,6 +174,15 @@ class QwenOps:
     matmul: Callable | None = None
 
 
+def to_layer(x: torch.Tensor, residual: torch.Tensor | None, device: torch.device,
+             dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The residual stream x and the residual ``block`` carries over (None before the first layer) on a layer's
+    device and activation dtype; unchanged (no copy) where they already are."""
+    if x.device == device and x.dtype == dtype:
+        return x, residual
+    return x.to(device=device, dtype=dtype), None if residual is None else residual.to(device=device, dtype=dtype)
+
+
 def block(x: torch.Tensor, residual: torch.Tensor | None, p: dict, eps: float, ops: QwenOps,
           attend: Callable) -> tuple[torch.Tensor, torch.Tensor]:
     """One decoder layer (pre-norm attention, then pre-norm SwiGLU MLP, each with a residual), with the residual

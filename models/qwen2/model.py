@@ -33,7 +33,7 @@ from rwkv_chat.models.qwen2.checkpoint import open_checkpoint
 from rwkv_chat.models.qwen2.config import QwenConfig, read_config
 from rwkv_chat.models.qwen2 import attend as attending
 from rwkv_chat.models.qwen2 import weights
-from rwkv_chat.models.qwen2.layers import QwenOps, block, rope_table
+from rwkv_chat.models.qwen2.layers import QwenOps, block, rope_table, to_layer
 from rwkv_chat.models.strategy import Plan, plan_layers, torch_device
 
 class TorchBackend:
@@ -283,9 +283,7 @@ class Qwen2:
         res, tables = None, {}
         for i in range(cfg.n_layer):
             dev, atype = self.devices[i], self.plan.layers[i].atype
-            if x.device != dev or x.dtype != atype:
-                x = x.to(device=dev, dtype=atype)
-                res = None if res is None else res.to(device=dev, dtype=atype)
+            x, res = to_layer(x, res, dev, atype)
             rows = tables.get((dev, atype))
             if rows is None:                                                     # [T, D] of positions L .. need - 1
                 rows = tables[(dev, atype)] = tuple(t[L:need] for t in self.rope_tables(dev, atype))
