@@ -191,6 +191,9 @@ def gemvq_sound(device: torch.device) -> bool:
     (``i4.mm4_torch``, ``f8.mmf8_torch``) to half-precision rounding; a mismatch or an error keeps the other
     paths for the process (``GEMVQ_PROBES`` says why). During CUDA graph capture an unprobed device is not
     served (no probe runs inside a capture)."""
+    known = GEMVQ_PROBES.get(device, False)         # a tensor's device: one lookup per product once probed
+    if known is not False:
+        return known is None
     device = _probe_key(device)
     if device in GEMVQ_PROBES:
         return GEMVQ_PROBES[device] is None
