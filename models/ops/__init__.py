@@ -7,6 +7,7 @@ Public API (the operator library of the design documents)::
     from rwkv_chat.models.ops import quantize_fp8, fp8_gemm, FP8Linear, fused_ln_qkv_gptq
     from rwkv_chat.models.ops import rope_store, decode_attention          # a decode step's attention
     from rwkv_chat.models.ops import ffn_value          # RWKV channel-mix value product, zero rows of h skipped
+    from rwkv_chat.models.ops import norm_gemv          # residual add + norm + a decode step's GEMV, one launch
 
 The fusions of a Qwen2 / Qwen3 decoder layer (x: [B, T, hidden] bf16/fp16 on CUDA; cos, sin: [T, D] or [B, T, D])::
 
@@ -21,6 +22,12 @@ A decode step (one token per row, row r at position lens[r]; caches [b, K, capac
 
     q = rope_store(qkv, cos_table, sin_table, lens, k_cache, v_cache, H)   # RoPE + cache write, one launch
     o = decode_attention(q, k_cache, v_cache, lens)                      # GQA flash-decoding, no mask
+
+and its projections at 1..4 rows, each with the norm before it in the same launch::
+
+    qkv, residual = norm_gemv(x, w_qkv, norm="rms", norm_weight=ln1, residual=residual, bias=b_qkv)
+    g, residual = norm_gemv(o_proj_out, w_gate_up, norm="rms", norm_weight=ln2, residual=residual, swiglu=True)
+    y, _ = norm_gemv(g, w_down)
 
 Every op checks its inputs before launching and raises the typed errors re-exported here
 (``DeviceError``, ``ShapeMismatchError``, ``UnsupportedDtypeError``, ``NumericalOverflowError``, each with
@@ -49,6 +56,7 @@ _LAZY = {
     "rope_store": "rwkv_chat.models.ops.decode",
     "decode_attention": "rwkv_chat.models.ops.decode",
     "ffn_value": "rwkv_chat.models.ops.sparse_ffn",
+    "norm_gemv": "rwkv_chat.models.ops.prenorm",
 }
 
 

@@ -5,12 +5,14 @@ float32 by Welford's method over chunks of BLOCK_K (each chunk's mean and M2, me
 parallel update), then the product with the int4 weight, dequantized in registers ((q - ((z + 1) & 15)) * s,
 GPTQ "v1" zeros) chunk by chunk, the normalized input recomputed per chunk (x, weight and bias re-read from
 cache). The output columns are written into three regions of one buffer: q [M, Nq], k [M, Nk], v [M, Nv].
+``ln_qkv_gptq_gemv_kernel`` serves M <= 4 rows (decode) as a GEMV (see its docstring).
 """
 
 import triton
 import triton.language as tl
 
 from rwkv_chat.models.ops._gemv_kernels import _dequant_tile
+from rwkv_chat.models.ops._prenorm_kernels import apply_norm, load_rows, row_stats
 
 
 @triton.jit
@@ -65,7 +67,12 @@ def ln_qkv_gptq_kernel(x_ptr, lw_ptr, lb_ptr, qw_ptr, qz_ptr, sc_ptr, gi_ptr, ou
         w = _dequant_tile(qw_ptr, qz_ptr, sc_ptr, gi_ptr, k0, offs_k, k_ok, offs_n, n_ok, H, N, group, stride_qk,
                           stride_qn, HAS_GIDX, ONE_GROUP, BLOCK_K, BLOCK_N).to(x.dtype)
         acc += tl.dot(xn, w)
-    # -- write into the q, k, v regions of the output
+    _store_qkv(out_ptr, acc, offs_m, m_ok, offs_n, n_ok, M, N, n_q, n_k)
+
+
+@triton.jit
+def _store_qkv(out_ptr, acc, offs_m, m_ok, offs_n, n_ok, M, N, n_q, n_k):
+    """Write the [rows, BLOCK_N] sums into the q [M, Nq], k [M, Nk], v [M, Nv] regions of the output."""
     n_kv = n_q + n_k
     n_v = N - n_kv
     in_q = offs_n < n_q
@@ -75,3 +82,30 @@ def ln_qkv_gptq_kernel(x_ptr, lw_ptr, lb_ptr, qw_ptr, qz_ptr, sc_ptr, gi_ptr, ou
     col = tl.where(in_q, offs_n, tl.where(in_k, offs_n - n_q, offs_n - n_kv))
     ptrs = out_ptr + base[None, :] + offs_m[:, None] * width[None, :] + col[None, :]
     tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def ln_qkv_gptq_gemv_kernel(x_ptr, lw_ptr, lb_ptr, qw_ptr, qz_ptr, sc_ptr, gi_ptr, out_ptr, M, H, N, n_q, n_k, group,
+                            eps, stride_xm, stride_qk, stride_qn, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
+                            HAS_GIDX: tl.constexpr, ONE_GROUP: tl.constexpr, R_PAD: tl.constexpr,
+                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The same product for M <= 4 rows (a decode step): a GEMV, no tensor-core tile. One program per BLOCK_N
+    outputs over all of H; the norm statistics by ``_prenorm_kernels.row_stats``; the elementwise products
+    accumulate in a float32 [R_PAD, BLOCK_K, BLOCK_N] register tile summed once at the end. NORM: 1 RMSNorm,
+    2 LayerNorm (``_prenorm_kernels``)."""
+    pid = tl.program_id(0)
+    offs_r = tl.arange(0, R_PAD)
+    r_ok = offs_r < M
+    mean, rstd = row_stats(x_ptr, x_ptr, M, H, stride_xm, stride_xm, eps, NORM, False, R_PAD, BLOCK_K)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    acc = tl.zeros((R_PAD, BLOCK_K, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < H
+        h = load_rows(x_ptr, x_ptr, offs_r, r_ok, offs_k, k_ok, stride_xm, stride_xm, False)
+        xk = apply_norm(h, lw_ptr, lb_ptr, offs_k, k_ok, mean, rstd, NORM, HAS_BIAS)
+        w = _dequant_tile(qw_ptr, qz_ptr, sc_ptr, gi_ptr, k0, offs_k, k_ok, offs_n, n_ok, H, N, group, stride_qk,
+                          stride_qn, HAS_GIDX, ONE_GROUP, BLOCK_K, BLOCK_N)
+        acc += xk[:, :, None] * w.to(h.dtype).to(tl.float32)[None, :, :]
+    _store_qkv(out_ptr, tl.sum(acc, axis=1), offs_r, r_ok, offs_n, n_ok, M, N, n_q, n_k)

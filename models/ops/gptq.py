@@ -23,9 +23,12 @@ import torch
 from rwkv_chat.models.errors import ShapeMismatchError, UnsupportedDtypeError
 from rwkv_chat.models.formats.i4 import Int4Weight
 from rwkv_chat.models.ops._checks import HALF_DTYPES, check_cuda, check_dtype, check_shape
-from rwkv_chat.models.ops._triton import kernels as triton_kernels
+from rwkv_chat.models.ops._triton import kernels as triton_kernels, next_pow2
+from rwkv_chat.models.ops.prenorm import _TILE, _sms as norm_gemv_sms, pick_blocks
 
 _BLOCK_M, _BLOCK_N, _BLOCK_K = 16, 64, 128
+#: rows up to which the product runs as a GEMV (``ln_qkv_gptq_gemv_kernel``; more rows: tensor-core tiles)
+GEMV_ROWS = 4
 
 
 def _check(x, qweight, qzeros, scales, ln_weight, ln_bias, groupsize, eps, widths, g_idx, rms):
@@ -112,9 +115,21 @@ def fused_ln_qkv_gptq(input: torch.Tensor, qweight: torch.Tensor, qzeros: torch.
     if x.stride(1) != 1:
         x = x.contiguous()
     out = torch.empty(M * N, dtype=input.dtype, device=input.device)
-    grid = (-(-M // _BLOCK_M), -(-N // _BLOCK_N))
     bias = ln_bias if ln_bias is not None and not rms else ln_weight
-    k.ln_qkv_gptq_kernel[grid](x, ln_weight, bias, qweight, qzeros, scales, g_idx if g_idx is not None else qweight,
+    gi = g_idx if g_idx is not None else qweight
+    if M <= GEMV_ROWS:
+        r_pad = next_pow2(M)
+        block_n, _ = pick_blocks(M, N, _BLOCK_K, norm_gemv_sms(input.device))
+        block_n = max(8, min(block_n, _TILE // (r_pad * _BLOCK_K)))
+        k.ln_qkv_gptq_gemv_kernel[(-(-N // block_n),)](
+            x, ln_weight, bias, qweight, qzeros, scales, gi, out, M, H, N, widths[0], widths[1], groupsize, eps,
+            x.stride(0), qweight.stride(0), qweight.stride(1), NORM=1 if rms else 2,
+            HAS_BIAS=ln_bias is not None and not rms, HAS_GIDX=g_idx is not None,
+            ONE_GROUP=g_idx is None and groupsize % _BLOCK_K == 0, R_PAD=r_pad, BLOCK_N=block_n, BLOCK_K=_BLOCK_K,
+            num_warps=4)
+        return _shape_out(out, B, S, widths)
+    grid = (-(-M // _BLOCK_M), -(-N // _BLOCK_N))
+    k.ln_qkv_gptq_kernel[grid](x, ln_weight, bias, qweight, qzeros, scales, gi,
                                out, M, H, N, widths[0], widths[1], groupsize, eps, x.stride(0), qweight.stride(0),
                                qweight.stride(1), RMS=rms,
                                HAS_BIAS=ln_bias is not None and not rms, HAS_GIDX=g_idx is not None,

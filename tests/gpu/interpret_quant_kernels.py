@@ -1,6 +1,7 @@
 """The quantized Triton kernels (int4 / fp8 GEMV with split-K, fused LayerNorm + int4 q/k/v) run in Triton's
 interpreter on the CPU, through their Python wrappers, against the torch references: indexing, masking, the
-split-K epilogue, GPTQ unpacking (both layouts of ``Int4Weight``) and the q/k/v output regions, without a GPU (the CUDA code generation itself is
+split-K epilogue, GPTQ unpacking (both layouts of ``Int4Weight``) and the q/k/v output regions (tensor-core tiles
+above 4 rows, the GEMV form at 1..4), without a GPU (the CUDA code generation itself is
 checked by ``tests/gpu/verify_formats.py``).
 
     pip install triton && python tests/gpu/interpret_quant_kernels.py
@@ -32,6 +33,7 @@ def main() -> int:
         mod.check_cuda = lambda tensors: None
         mod.triton_kernels = lambda module, op: importlib.import_module(module)
     gemv._sms = lambda device: 4                       # few "multiprocessors": split-K on small matrices
+    gptq.norm_gemv_sms = lambda device: 4
     torch.cuda.is_current_stream_capturing = lambda: False
     torch.manual_seed(0)
     errs = []
@@ -68,7 +70,9 @@ def main() -> int:
     for H, widths, rms, B, S, act, om in [(256, None, False, 1, 1, False, False),
                                           (256, (256, 64, 64), True, 2, 3, False, False),
                                           (192, None, False, 3, 7, False, False), (256, None, False, 2, 2, True, False),
-                                          (256, (256, 64, 64), True, 2, 3, False, True)]:
+                                          (256, (256, 64, 64), True, 2, 3, False, True),
+                                          (384, (256, 64, 64), True, 3, 1, False, True),
+                                          (256, None, False, 1, 2, True, True), (128, (64, 32, 32), False, 4, 1, False, False)]:
         N = 3 * H if widths is None else sum(widths)
         q = i4.quantize_i4(torch.randn(H, N) * 0.05).with_layout(om)
         g_idx = (torch.randperm(H) // q.group_size).to(torch.int32) if act else None

@@ -1,7 +1,8 @@
 """The Triton kernels in Triton's interpreter on the CPU (``TRITON_INTERPRET=1``, set by each script before it
 imports Triton, hence a separate process per script): the quantized GEMVs and fused LayerNorm + int4 q/k/v
 (``tests/gpu/interpret_quant_kernels.py``), the decode ops ``rope_store`` / ``decode_attention``
-(``interpret_decode_kernels.py``) and a tiny Qwen2 / Qwen3 through the Triton ops against the torch ops
+(``interpret_decode_kernels.py``), the norm + GEMV of a decode step's projections (``interpret_prenorm.py``)
+and a tiny Qwen2 / Qwen3 through the Triton ops against the torch ops
 (``interpret_qwen2_model.py``). Each script compares against torch references and exits non-zero on a mismatch;
 the CUDA code generation itself is checked on a GPU (``tests/gpu/verify_*.py``)."""
 
@@ -19,7 +20,7 @@ GPU = Path(__file__).resolve().parents[2] / "gpu"
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (CPU torch wheel)")
 @pytest.mark.parametrize("script", ["interpret_quant_kernels.py", "interpret_decode_kernels.py",
-                                    "interpret_qwen2_model.py"])
+                                    "interpret_prenorm.py", "interpret_qwen2_model.py"])
 def test_kernels_in_the_triton_interpreter_match_the_torch_references(script):
     out = subprocess.run([sys.executable, str(GPU / script)], capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
