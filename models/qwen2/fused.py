@@ -4,8 +4,10 @@
 add + RMSNorm), ``rope`` (``ops.rope``: q and k in one launch), ``qk_norm_rope`` (``ops.qk_norm_rope``: Qwen3's
 per-head norm + RoPE), ``gated_mlp`` (up to ``FUSED_MLP_ROWS`` rows ``ops.fused_gated_mlp``: SwiGLU on fp16/bf16
 tensor cores reading the gate and up halves of the packed [2F, C] matrix; more rows: one cuBLAS GEMM and
-``ops.silu_mul``), and the decode step's ``rope_store`` and ``decode_attention`` (``ops.decode``) replaced where
-each op runs: every op is tried once on small inputs of the model's dtype and checked against the torch form; an
+``ops.silu_mul``), the decode step's ``rope_store`` and ``decode_attention`` (``ops.decode``), and its products of
+1..4 rows (``linear``, ``norm_linear``, ``norm_gated_mlp``: ``ops.norm_gemv``, the input / post-attention RMSNorm
+with the residual add inside the q|k|v and gate|up GEMVs, SwiGLU in the gate|up epilogue, one launch each)
+replaced where each op runs: every op is tried once on small inputs of the model's dtype and checked against the torch form; an
 op that fails (no Triton, a compile error, a wrong result) keeps the torch form, and ``note`` says which ops serve
 and why others do not. Prefill attention stays with ``scaled_dot_product_attention`` (flash kernels on CUDA).
 """
@@ -42,6 +44,9 @@ def _qk_norm_rope(fused):
     return qk_norm_rope
 
 
+#: rows up to which the projections of a step run ``ops.norm_gemv`` (the norm inside the GEMV; ``ops.prenorm``)
+GEMV_ROWS = 4
+
 #: rows up to which the gated MLP runs the fused Triton kernel (both products share each loaded x tile; measured on
 #: an H200, bench/ops.py: M=1 and M=64 at or near cuBLAS); above, one cuBLAS GEMM over the packed gate|up matrix and
 #: ``silu_mul`` (cuBLAS's large-tile GEMM is 9-12% faster at M=8192 there)
@@ -60,6 +65,38 @@ def _gated(fused, silu_mul, fallback):
             return silu_mul(x @ gate_up)
         return fallback(x, gate_up, matmul)
     return gated_mlp
+
+
+def _gemv_ok(x: torch.Tensor, w) -> bool:
+    """Whether ``ops.norm_gemv`` takes the product x @ w: at most its rows, a plain matrix in x's half dtype held
+    output-major (the [in, out] view of a contiguous nn.Linear [out, in]: ``weights.pack``), on x's CUDA device."""
+    return (isinstance(w, torch.Tensor) and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+            and w.dtype == x.dtype and w.t().is_contiguous() and w.device == x.device
+            and x.numel() <= GEMV_ROWS * x.shape[-1])
+
+
+def _linear(gemv):
+    def linear(x, w, bias, matmul):
+        if _gemv_ok(x, w):
+            return gemv(x, w.t(), bias=bias)[0]
+        return layers.linear(x, w, bias, matmul)
+    return linear
+
+
+def _norm_linear(gemv):
+    def norm_linear(x, residual, norm_weight, eps, w, bias, ops):
+        if _gemv_ok(x, w):
+            return gemv(x, w.t(), norm="rms", norm_weight=norm_weight, eps=eps, residual=residual, bias=bias)
+        return layers.norm_linear(x, residual, norm_weight, eps, w, bias, ops)
+    return norm_linear
+
+
+def _norm_gated(gemv):
+    def norm_gated_mlp(x, residual, norm_weight, eps, gate_up, ops):
+        if _gemv_ok(x, gate_up):
+            return gemv(x, gate_up.t(), norm="rms", norm_weight=norm_weight, eps=eps, residual=residual, swiglu=True)
+        return layers.norm_gated_mlp(x, residual, norm_weight, eps, gate_up, ops)
+    return norm_gated_mlp
 
 
 def _probe(name: str, fn, ref, args) -> str | None:
@@ -95,8 +132,25 @@ def _rope_store_check(fused):
     return (lambda *a: run(fused, *a)), (lambda *a: run(layers.rope_store, *a))
 
 
-def fused_ops(base: layers.QwenOps, device: torch.device, dtype: torch.dtype) -> tuple[layers.QwenOps, str]:
-    """``base`` with the Triton ops that run on ``device`` in ``dtype`` (see the module docstring)."""
+def _prenorm_probes(base: layers.QwenOps, rnd, C: int, F: int, bias: torch.Tensor) -> dict:
+    """Inputs of the decode-step products (1 and 3 rows of [b, 1, C]; w, gate|up held output-major) and their
+    torch forms on ``base`` (each probe list: (reference, args) pairs)."""
+    w, gu = (rnd(bias.numel(), C) * 0.05).t(), (rnd(2 * F, C) * 0.05).t()
+    ln = rnd(C) * 0.1 + 1
+    out = {"linear": [], "norm_linear": [], "norm_gated_mlp": []}
+    for b in (1, 3):
+        x, res = rnd(b, 1, C), rnd(b, 1, C)
+        out["linear"].append((layers.linear, (x, w, bias, lambda a, m: a @ m)))
+        out["norm_linear"].append((layers.norm_linear, (x, res, ln, 1e-6, w, bias, base)))
+        out["norm_gated_mlp"].append((layers.norm_gated_mlp, (x, None if b == 1 else res, ln, 1e-6, gu, base)))
+    return out
+
+
+def fused_ops(base: layers.QwenOps, device: torch.device, dtype: torch.dtype,
+              decode_gemv: bool = True) -> tuple[layers.QwenOps, str]:
+    """``base`` with the Triton ops that run on ``device`` in ``dtype`` (see the module docstring).
+    ``decode_gemv``: the projections of 1..4 rows through ``ops.norm_gemv`` (the norm before a projection inside
+    it); False keeps ``rmsnorm`` + cuBLAS (+ ``fused_gated_mlp``) there (benchmarks compare both)."""
     if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
         return base, "torch ops (the Triton ops serve fp16/bf16 on CUDA)"
     try:
@@ -106,6 +160,9 @@ def fused_ops(base: layers.QwenOps, device: torch.device, dtype: torch.dtype) ->
                   "qk_norm_rope": _qk_norm_rope(triton_ops.qk_norm_rope),
                   "gated_mlp": _gated(triton_ops.fused_gated_mlp, triton_ops.silu_mul, base.gated_mlp),
                   "rope_store": triton_ops.rope_store, "decode_attention": triton_ops.decode_attention}
+        if decode_gemv:
+            chosen.update(linear=_linear(triton_ops.norm_gemv), norm_linear=_norm_linear(triton_ops.norm_gemv),
+                          norm_gated_mlp=_norm_gated(triton_ops.norm_gemv))
     except (ImportError, AttributeError) as e:
         return base, f"torch ops (Triton ops unavailable: {e})"
     g = torch.Generator(device=device).manual_seed(0)
@@ -127,11 +184,18 @@ def fused_ops(base: layers.QwenOps, device: torch.device, dtype: torch.dtype) ->
               "gated_mlp": (layers.gated_mlp, (rnd(B, T, C) * 0.1, (rnd(2 * F, C) * 0.05).t(), lambda x, w: x @ w)),
               "rope_store": (torch_store, store_args),
               "decode_attention": (layers.decode_attention, (q, kc, vc, lens))}
-    tried = {name: chosen[name] for name in probes}
+    extra: dict[str, list] = {}
+    tried = {name: chosen[name] for name in chosen}
     tried["rope_store"] = fused_store
     serving, problems = [], []
+    if decode_gemv:
+        for name, cases in _prenorm_probes(base, rnd, C, F, rnd(2 * C) * 0.1).items():
+            probes[name] = cases[0]
+            extra[name] = cases[1:]
     for name, (ref, args) in probes.items():
         reason = _probe(name, tried[name], ref, args)
+        for more_ref, more_args in extra.get(name, ()):
+            reason = reason or _probe(name, tried[name], more_ref, more_args)
         if name == "rope_store" and reason is None:          # Qwen3's per-head norm through the same op
             reason = _probe(name, fused_store, torch_store, _decode_probe(device, dtype, rnd, norm=True))
         if name == "gated_mlp" and reason is None:           # the cuBLAS + silu_mul side of prefill

@@ -10,8 +10,8 @@ The math is ``transformers``' (``models/qwen2/modeling_qwen2.py``, ``models/qwen
 * Qwen3: RMSNorm over each head's D channels of q and k (``q_norm``, ``k_norm``) before RoPE.
 
 ``QwenOps`` names the per-layer operators (``rmsnorm`` with the residual add, ``rope``, ``gated_mlp``,
-``attention``, the decode step's ``rope_store`` and ``decode_attention``, ``matmul``); the pure-torch forms are
-here, and a backend may hand the block fused ones (``rwkv_chat.models.ops`` on CUDA) with the same contracts.
+``attention``, the decode step's ``rope_store`` and ``decode_attention``, ``linear``, the pre-norm products
+``norm_linear`` and ``norm_gated_mlp``, ``matmul``); the pure-torch forms are here, and a backend may hand the block fused ones (``rwkv_chat.models.ops`` on CUDA) with the same contracts.
 ``block`` is the one layer function: a sequence (prefill), one token, or a batch of slots of the batched decoder
 all run through it; only ``attend`` (``attend.py``: how new keys/values enter the cache and which positions each
 query sees) differs.
@@ -80,6 +80,22 @@ def linear(x: torch.Tensor, w, bias: torch.Tensor | None, matmul: Callable) -> t
     if isinstance(w, torch.Tensor) and x.dtype == w.dtype:
         return torch.addmm(bias, x.reshape(-1, x.shape[-1]), w).view(*x.shape[:-1], w.shape[1])
     return matmul(x, w) + bias
+
+
+def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float, w,
+                bias: torch.Tensor | None, ops: "QwenOps") -> tuple[torch.Tensor, torch.Tensor]:
+    """A pre-norm projection: ``h, residual' = ops.rmsnorm(x, norm_weight, eps, residual)`` then
+    ``ops.linear(h, w, bias)`` -> ``(y [..., M], residual')`` (the composed form of ``QwenOps.norm_linear``)."""
+    h, residual = ops.rmsnorm(x, norm_weight, eps, residual)
+    return ops.linear(h, w, bias, ops.matmul), residual
+
+
+def norm_gated_mlp(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float, gate_up,
+                   ops: "QwenOps") -> tuple[torch.Tensor, torch.Tensor]:
+    """The pre-norm gated product: ``ops.rmsnorm`` then ``ops.gated_mlp`` -> ``(silu(h @ gate) * (h @ up) [..., F],
+    residual')`` (the composed form of ``QwenOps.norm_gated_mlp``)."""
+    h, residual = ops.rmsnorm(x, norm_weight, eps, residual)
+    return ops.gated_mlp(h, gate_up, ops.matmul), residual
 
 
 def gated_mlp(x: torch.Tensor, gate_up, matmul: Callable) -> torch.Tensor:
@@ -161,6 +177,11 @@ class QwenOps:
             end)) -> [B, H, T, D].
         rope_store: a decode step's RoPE + cache write, as ``rope_store`` above.
         decode_attention: a decode step's attention over each row's length, as ``decode_attention`` above.
+        linear: (x [..., N], packed w [N, M], bias [M] or None, matmul) -> [..., M], as ``linear`` above.
+        norm_linear: (x, residual, norm_weight [C], eps, packed w, bias, ops) -> (y, x + residual), as
+            ``norm_linear`` above (a fused form runs the norm inside the product).
+        norm_gated_mlp: (x, residual, norm_weight, eps, gate_up, ops) -> (silu(h @ gate) * (h @ up), x + residual),
+            as ``norm_gated_mlp`` above.
         matmul: ``formats.matmul_with``'s product (x [..., N], packed [N, M], output_dtype=None) -> [..., M].
     """
 
@@ -171,6 +192,9 @@ class QwenOps:
     attention: Callable = attention
     rope_store: Callable = rope_store
     decode_attention: Callable = decode_attention
+    linear: Callable = linear
+    norm_linear: Callable = norm_linear
+    norm_gated_mlp: Callable = norm_gated_mlp
     matmul: Callable | None = None
 
 
@@ -202,7 +226,8 @@ def block(x: torch.Tensor, residual: torch.Tensor | None, p: dict, eps: float, o
         (y, residual) [B, T, C].
     """
     mm = ops.matmul
-    h, residual = ops.rmsnorm(x, p["ln1"], eps, residual)
-    o = attend(linear(h, p["wqkv"], p.get("bqkv"), mm), p)
-    h, residual = ops.rmsnorm(linear(o, p["wo"], p.get("bo"), mm), p["ln2"], eps, residual)
-    return mm(ops.gated_mlp(h, p["gate_up"], mm), p["down"]), residual
+    qkv, residual = ops.norm_linear(x, residual, p["ln1"], eps, p["wqkv"], p.get("bqkv"), ops)
+    o = attend(qkv, p)
+    g, residual = ops.norm_gated_mlp(ops.linear(o, p["wo"], p.get("bo"), mm), residual, p["ln2"], eps,
+                                     p["gate_up"], ops)
+    return ops.linear(g, p["down"], None, mm), residual

@@ -130,7 +130,7 @@ class Qwen2:
     def _place(self, ck, progress) -> None:
         weights.place(self, ck, progress)
 
-    def _choose(self, kernels: bool) -> None:
+    def _choose(self, kernels: bool, decode_gemv: bool = True) -> None:
         self.kernels: dict[str, dict[str, str]] = {}
         table = None
         if kernels and any(s.quant for s in self.plan.stages):
@@ -146,16 +146,17 @@ class Qwen2:
         if kernels and len(set(self.devices)) == 1 and self.devices[0].type == "cuda" and len(dtypes) == 1:
             from rwkv_chat.models.qwen2.fused import fused_ops
 
-            ops, note = fused_ops(ops, self.devices[0], dtypes.pop())
+            ops, note = fused_ops(ops, self.devices[0], dtypes.pop(), decode_gemv=decode_gemv)
             self.kernels.setdefault("cuda", {})["triton"] = note
         self.backend = TorchBackend(bool(kernels), ops, note, i8=table is not None)
         self.plan = replace(self.plan, backend=str(self.backend))
 
-    def use_kernels(self):
+    def use_kernels(self, decode_gemv: bool = True):
         """Re-choose the backend with the compiled products (between forwards; states carry over; a decoder made
-        before must be made again). Returns the new backend."""
+        before must be made again). ``decode_gemv``: the products of 1..4 rows with their norms through
+        ``ops.norm_gemv`` (``fused.fused_ops``; False: RMSNorm + cuBLAS, for comparisons). Returns the new backend."""
         with torch.no_grad():
-            self._choose(True)
+            self._choose(True, decode_gemv)
         return self.backend
 
     def layer_params(self, i: int) -> dict:

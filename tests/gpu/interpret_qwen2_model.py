@@ -1,7 +1,8 @@
 """A tiny random Qwen2 and Qwen3 (``transformers``, fp16 on the CPU) with the Triton ops of ``fused.py`` run in
 Triton's interpreter, against the same model on its torch ops: a 297-token prefill (``rmsnorm`` with the residual,
 ``rope`` / ``qk_norm_rope``, the cuBLAS + ``silu_mul`` side of the gated MLP) and three decode steps over 512 cache
-positions (``rope_store``, ``decode_attention`` split along the positions). The autotuned gated-MLP kernel cannot
+positions (``rope_store``, ``decode_attention`` split along the positions, and the projections of the step with their
+RMSNorms through ``norm_gemv``: q|k|v with bias, o, gate|up with SwiGLU, down). The autotuned gated-MLP kernel cannot
 run in the interpreter: a torch product stands in for it (its reading of the packed gate|up halves is the same
 call); ``tests/gpu/verify_ops.py`` checks it on a GPU.
 
@@ -24,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from rwkv_chat.models import ops  # noqa: E402
-from rwkv_chat.models.ops import _checks, _triton, decode  # noqa: E402
+from rwkv_chat.models.ops import _checks, _triton, decode, prenorm  # noqa: E402
 from rwkv_chat.models.qwen2 import fused  # noqa: E402
 from rwkv_chat.models.qwen2.model import Qwen2  # noqa: E402
 from tests.models.qwen2.conftest import build  # noqa: E402
@@ -41,7 +42,17 @@ def triton_ops(base):
     return replace(base, rmsnorm=fused._rmsnorm(ops.rmsnorm), rope=fused._rope(ops.rope),
                    qk_norm_rope=fused._qk_norm_rope(ops.qk_norm_rope),
                    gated_mlp=fused._gated(gated_product, ops.silu_mul, base.gated_mlp),
-                   rope_store=ops.rope_store, decode_attention=ops.decode_attention)
+                   rope_store=ops.rope_store, decode_attention=ops.decode_attention,
+                   linear=fused._linear(counted), norm_linear=fused._norm_linear(counted),
+                   norm_gated_mlp=fused._norm_gated(counted))
+
+
+LAUNCHES = {"norm_gemv": 0}
+
+
+def counted(*args, **kw):
+    LAUNCHES["norm_gemv"] += 1
+    return ops.norm_gemv(*args, **kw)
 
 
 def run(model, prompt):
@@ -52,8 +63,13 @@ def run(model, prompt):
 
 
 def main() -> int:
-    _checks.check_cuda = lambda tensors: None
-    _triton.kernels = lambda module, op: importlib.import_module(module)
+    _checks.check_cuda = prenorm.check_cuda = lambda tensors: None
+    _triton.kernels = prenorm.triton_kernels = lambda module, op: importlib.import_module(module)
+    prenorm._sms = lambda device: 4
+    on_cuda = fused._gemv_ok                          # the decode products take CPU tensors here
+    fused._gemv_ok = lambda x, w: on_cuda(x, w) or (x.device.type == "cpu" and isinstance(w, torch.Tensor)
+                                                    and w.dtype == x.dtype == torch.float16 and w.t().is_contiguous()
+                                                    and x.numel() <= fused.GEMV_ROWS * x.shape[-1])
     decode._sms = lambda device: 4                    # few "multiprocessors": the decode attention splits
     bad = 0
     for kind, kw in (("qwen2", {}), ("qwen3", dict(head_dim=32, attention_bias=True))):
@@ -63,7 +79,11 @@ def main() -> int:
             prompt = list(range(3, 300))
             want = run(model, prompt)
             model.backend.ops = triton_ops(model.backend.ops)
+            LAUNCHES["norm_gemv"] = 0
             got = run(model, prompt)
+        want_launches = 3 * 4 * model.n_layer           # 3 decode steps, 4 products per layer (prefill: cuBLAS)
+        print(f"{kind}: norm_gemv launches {LAUNCHES['norm_gemv']} (want {want_launches})")
+        bad += LAUNCHES["norm_gemv"] != want_launches
         for name, a, b in zip(("prefill", "decode 1", "decode 2", "decode 3"), got, want):
             e, same = rel(a, b), int(a.argmax()) == int(b.argmax())
             bad += not (e < 1e-2 and same)
