@@ -27,6 +27,7 @@ SECTIONS = (
     ("Sparse channel-mix value product", "sparse_ffn.md", False),
     ("Triton ops vs torch references", "verify_ops.md", False),
     ("Triton ops benchmark", "ops_bench.md", False),
+    ("Decode products with their norms (norm_gemv)", "prenorm_bench.md", False),
     ("Decode and prefill", "bench.md", True),
     ("Daemon vs engine", "daemon_overhead.md", False),
     ("Prefill profile", "prefill_profile.md", False),

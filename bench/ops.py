@@ -13,7 +13,8 @@ Peers: "eager" is the unfused torch of Hugging Face's modules in the input dtype
 "cuBLAS+silu_mul" is one cuBLAS GEMM on the concatenated [gate; up] weight followed by our ``silu_mul``.
 Also reported (no mark): the model's forms ``rmsnorm`` with a residual and ``rope`` of q and k (GQA 7:1), and the
 decode step's ``decode_attention`` (each row at the full length) against its torch form, the masked SDPA it replaces
-(in the "eager" column).
+(in the "eager" column). ``--prenorm [--sweep]``: only ``norm_gemv`` on the products of a Qwen2 decode step (1.5B and
+7B; 1 and 4 rows) against the torch composition and the model's path before it (see ``prenorm_rows``).
 Pass marks: fused_rmsnorm_rope >= 80% of copy bandwidth at 8192 tokens (64 tokens, a decode batch, is only
 reported); fused_gated_mlp >= 60% of the matmul peak at M=8192 and >= 75% of copy bandwidth at M=1 (Qwen2 7B:
 H=3584, I=18944; 1.5B: H=1536, I=8960). Exit status 2 when a mark is missed.
@@ -106,11 +107,112 @@ def row(name, shape, ms_ours, peers, work, unit, ceiling, mark):
     return "| " + " | ".join(cells + [verdict]) + " |", (mark is None or pct >= mark)
 
 
+def eager_prenorm(x, r, ln, w, b, swiglu):
+    h = x + r
+    hf = h.float()
+    hn = (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype) * ln
+    if swiglu:
+        y = hn @ w.t()
+        f = y.shape[-1] // 2
+        return F.silu(y[..., :f]) * y[..., f:], h
+    return F.linear(hn, w, b), h
+
+
+def model_path_before(x, r, ln, w, b, swiglu):
+    """The Qwen2 decode step's products before ``norm_gemv``: Triton residual add + RMSNorm, then cuBLAS (with the
+    bias in its epilogue) or, for SwiGLU, ``fused_gated_mlp``."""
+    hn, h = ops.rmsnorm(x, ln, 1e-6, r)
+    if swiglu:
+        f = w.shape[0] // 2
+        return ops.fused_gated_mlp(hn, w[:f], w[f:]), h
+    return (torch.addmm(b, hn, w.t()) if b is not None else hn @ w.t()), h
+
+
+def prenorm_rows(shapes, bw, sweep) -> list[str]:
+    """``norm_gemv`` on a decode step's products (residual add + RMSNorm inside the q|k|v GEMV with its bias and inside
+    the gate|up GEMV with SwiGLU; o and down plain) at 1 and 4 rows, against the torch composition (eager, compile)
+    and the model's path before it (column "cuBLAS+silu_mul": ``ops.rmsnorm`` + cuBLAS / ``fused_gated_mlp``).
+    With ``sweep``: every (BLOCK_N, BLOCK_K) within the register budget, and the best, after each row."""
+    from rwkv_chat.models.ops.prenorm import pick_blocks
+
+    lines = []
+    compiled = torch.compile(eager_prenorm)
+    for model, name, rows, k, n, norm, bias, swiglu in shapes:
+        n_w = 2 * n if swiglu else n
+        nbytes = (n_w * k + 3 * rows * k + rows * n) * 2
+        sets = []
+        for _ in range(sets_for(nbytes)):
+            sets.append((torch.randn(rows, k, device="cuda", dtype=DT), torch.randn(rows, k, device="cuda", dtype=DT),
+                         torch.rand(k, device="cuda", dtype=DT) + 0.5,
+                         torch.randn(n_w, k, device="cuda", dtype=DT) * k ** -0.5,
+                         torch.randn(n, device="cuda", dtype=DT) if bias else None))
+
+        def ours(x, r, ln, w, b, blocks=None):
+            if norm:
+                return ops.norm_gemv(x, w, norm="rms", norm_weight=ln, residual=r, bias=b, swiglu=swiglu,
+                                     blocks=blocks)
+            return ops.norm_gemv(x, w, bias=b, blocks=blocks)
+
+        def peer(fn):
+            if norm:
+                return lambda x, r, ln, w, b: fn(x, r, ln, w, b, swiglu)
+            return lambda x, r, ln, w, b: F.linear(x, w, b)
+
+        t = timed(ours, sets)
+        cells = [timed(peer(eager_prenorm), sets), timed(peer(compiled), sets), timed(peer(model_path_before), sets)]
+        blocks = pick_blocks(rows, n, k, torch.cuda.get_device_properties(0).multi_processor_count)
+        line, _ = row("norm_gemv", f"{model} {name} rows={rows} K={k} N={n} blocks={blocks}", t, cells, nbytes, "GB/s",
+                      bw, None)
+        lines.append(line)
+        print(line, flush=True)
+        if sweep:
+            r_pad = 1 << (rows - 1).bit_length()
+            found = {}
+            for bn in (1, 2, 4, 8, 16, 32):
+                for bk in (64, 128, 256, 512, 1024):
+                    if r_pad * bn * bk <= 8192 and bk <= 2 * k:
+                        found[(bn, bk)] = timed(lambda *a, bl=(bn, bk): ours(*a, blocks=bl), sets)
+            good = {b: ms for b, ms in found.items() if isinstance(ms, float)}
+            best = min(good, key=good.get) if good else None
+            text = ", ".join(f"{b}: {ms * 1e3:.1f}" for b, ms in sorted(good.items()))
+            line = f"| sweep | {model} {name} rows={rows} | best {best}: {good[best] * 1e3:.1f} us | {text} |" \
+                if best else f"| sweep | {model} {name} rows={rows} | none ran |"
+            lines.append(line)
+            print(line, flush=True)
+    return lines
+
+
+#: (model, product, rows, K, N, with RMSNorm + residual, bias, SwiGLU) of Qwen2 decode steps (N: outputs; SwiGLU F)
+PRENORM_SHAPES = [(m, name, rows, k, n, norm, bias, sw) for rows in (1, 4)
+                  for m, shapes in (("1.5B", (("qkv", 1536, 2048, True, True, False), ("o", 1536, 1536, False, False, False),
+                                              ("gate_up", 1536, 8960, True, False, True),
+                                              ("down", 8960, 1536, False, False, False))),
+                                    ("7B", (("qkv", 3584, 4608, True, True, False), ("o", 3584, 3584, False, False, False),
+                                            ("gate_up", 3584, 18944, True, False, True),
+                                            ("down", 18944, 3584, False, False, False))))
+                  for name, k, n, norm, bias, sw in shapes]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true", help="only the 1.5B GEMM shapes and the first norm shape")
+    ap.add_argument("--prenorm", action="store_true", help="only the norm_gemv rows (decode products of Qwen2)")
+    ap.add_argument("--sweep", action="store_true", help="with --prenorm: every block shape of norm_gemv")
     args = ap.parse_args()
+    if args.prenorm:
+        bw, bw_label = peak_copy_bw()
+        md = [*provenance(), "", f"Copy bandwidth {bw:.0f} GB/s ({bw_label}). Times in us per call (CUDA graph); a "
+              "peer's cell: its time (our speed-up over it); the last peer is the model's path before norm_gemv "
+              "(ops.rmsnorm + cuBLAS, or + fused_gated_mlp).", "",
+              "| op | shape (bf16) | ours us | ours | % of ceiling | eager us | compile us | rmsnorm+cuBLAS us | mark |",
+              "|---|---|---|---|---|---|---|---|---|"]
+        md += prenorm_rows(PRENORM_SHAPES, bw, args.sweep)
+        text = "\n".join(md)
+        print("\n" + text)
+        if args.out:
+            Path(args.out).write_text(text + "\n")
+        return 0
     gemms = [s for s in GEMM_SHAPES if s[1] == 1536] if args.quick else list(GEMM_SHAPES)
     norms = NORM_SHAPES[:1] if args.quick else NORM_SHAPES
     bw, bw_label = peak_copy_bw()
