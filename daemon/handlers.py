@@ -104,6 +104,8 @@ def devices() -> list[str]:
 
 
 def _generation(server, msg, kind: str, topic: str, cid: str = "", mode: str = "") -> m.Msg:
+    """Submit a job of ``kind`` for ``msg`` (its sampling settings checked first, but for a load or an unload:
+    SamplingError, LimitError) and return the scheduler's reply to it."""
     if kind not in ("load", "unload"):
         _settings(server, msg.sampling)
     job = Job(id=server.new_job_id(), kind=kind, client_id=msg.client_id, topic=topic, request=msg,
@@ -150,30 +152,18 @@ def _shutdown(server, msg):
 
 
 # ---------------------------------------------------------------- generations
-@handles(m.Load)
-def _load(server, msg):
-    return _generation(server, msg, "load", check_topic(msg.topic)), []
+#: the generations whose events go to a topic the request names: request type -> job kind
+TOPIC_JOBS = {m.Load: "load", m.Unload: "unload", m.Complete: "complete", m.ChatMessages: "messages"}
 
 
-@handles(m.Unload)
-def _unload(server, msg):
-    return _generation(server, msg, "unload", check_topic(msg.topic)), []
-
-
-@handles(m.Complete)
-def _complete(server, msg):
-    return _generation(server, msg, "complete", check_topic(msg.topic)), []
-
-
-@handles(m.ChatMessages)
-def _chat_messages(server, msg):
-    return _generation(server, msg, "messages", check_topic(msg.topic)), []
+@handles(*TOPIC_JOBS)
+def _topic_job(server, msg):
+    return _generation(server, msg, TOPIC_JOBS[type(msg)], check_topic(msg.topic)), []
 
 
 @handles(m.Chat)
 def _chat(server, msg):
     cid = check_conversation_id(msg.conversation_id)      # a new conversation is made when the reply starts
-    _settings(server, msg.sampling)
     return _generation(server, msg, "chat", cid, cid, "chat"), []
 
 

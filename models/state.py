@@ -13,22 +13,20 @@ the ``rwkv`` pip package, a State also behaves as that package's flat list of te
 
 On disk (``save``/``load``) every tensor is float32 in a safetensors file whose metadata records the
 format, RWKV version, model fingerprint, token count and the caller's own entries; the write is atomic
-(temporary file, fsync, rename), so a crash never leaves a half-written state.
+(temporary file, fsync, rename), so a crash never leaves a half-written state. The file format and its
+reader: :mod:`rwkv_chat.models.state_file`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from rwkv_chat.models.errors import StateError
-
-FORMAT = "rwkv-chat-state/1"
-_RESERVED = ("format", "version", "fingerprint", "token_count", "names", "n_layer", "batch")
+from rwkv_chat.models.state_file import FORMAT, merged_metadata, open_state_file, write_atomic
 
 
 class State:
@@ -158,112 +156,11 @@ class State:
             StateError: missing, truncated or corrupt file, not a state file of this format, or a metadata
                 field or tensor missing or of the wrong type; the message names the file and the field.
         """
-        from safetensors import safe_open
+        with open_state_file(path) as sf:
+            def check(key: str, t: torch.Tensor) -> None:
+                if t.dim() < 1 or t.shape[0] != sf.batch or not t.is_floating_point():
+                    raise StateError(f"state file {sf.path}: tensor {key!r} has shape {tuple(t.shape)} and "
+                                     f"dtype {t.dtype}; expected float with {sf.batch} sequence(s) first")
 
-        path = Path(path)
-        if not path.is_file():
-            raise StateError(f"state file not found: {path}")
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                meta = dict(f.metadata() or {})
-                if meta.get("format") != FORMAT:
-                    raise StateError(f"{path} is not an rwkv-chat state file (format {meta.get('format')!r})")
-                version, fingerprint = _field(path, meta, "version"), _field(path, meta, "fingerprint")
-                names = _field(path, meta, "names", _names)
-                n_layer = _field(path, meta, "n_layer", _count)
-                batch = _field(path, meta, "batch", _count)
-                token_count = _field(path, meta, "token_count", _count)
-                def check(key: str, t: torch.Tensor) -> None:
-                    if t.dim() < 1 or t.shape[0] != batch or not t.is_floating_point():
-                        raise StateError(f"state file {path}: tensor {key!r} has shape {tuple(t.shape)} and "
-                                         f"dtype {t.dtype}; expected float with {batch} sequence(s) first")
-
-                layers = read_layers(f, path, n_layer, names, check)
-        except StateError:
-            raise
-        except Exception as e:  # safetensors' own errors (truncated header, bad offsets, ...)
-            raise StateError(f"cannot read state file {path}: {e}") from e
-        user = {k: v for k, v in meta.items() if k not in _RESERVED}
-        return cls(version, fingerprint, names, layers, token_count, user)
-
-
-def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (temporary file in the same folder, fsync, rename, fsync of the
-    folder), so a crash never leaves a half-written file. Returns the path."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-    return path
-
-
-def _names(text: str) -> tuple[str, ...]:
-    names = json.loads(text)
-    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
-        raise ValueError("not a list of tensor names")
-    return tuple(names)
-
-
-def _count(text: str) -> int:
-    if not text.isdigit():
-        raise ValueError("not a non-negative integer")
-    return int(text)
-
-
-def merged_metadata(own: dict[str, str], extra: dict[str, str] | None,
-                    reserved: tuple[str, ...] = _RESERVED) -> dict[str, str]:
-    """``own`` updated with ``extra``: the caller's metadata of a state file. Raises StateError for a key in
-    ``reserved`` (the fields the file format writes itself) or an entry that is not str -> str."""
-    meta = {**own, **(extra or {})}
-    for k, v in meta.items():
-        if k in reserved or not isinstance(k, str) or not isinstance(v, str):
-            raise StateError(f"metadata entry {k!r} is reserved or not str -> str")
-    return meta
-
-
-def read_layers(f, path: Path, n_layer: int, names, check) -> list[tuple[torch.Tensor, ...]]:
-    """The tensors ``layers.{i}.{name}`` of an open safetensors file ``f`` (``safe_open``), per layer in the
-    order of ``names``; ``check(key, tensor)`` raises StateError for a tensor of the wrong kind. Raises
-    StateError naming ``path`` and the key of a missing tensor."""
-    keys = set(f.keys())
-    layers = []
-    for i in range(n_layer):
-        layer = []
-        for n in names:
-            key = f"layers.{i}.{n}"
-            if key not in keys:
-                raise StateError(f"state file {path}: tensor {key!r} is missing")
-            t = f.get_tensor(key)
-            check(key, t)
-            layer.append(t)
-        layers.append(tuple(layer))
-    return layers
-
-
-def _field(path: Path, meta: dict[str, str], name: str, parse=None):
-    """Metadata field ``name`` of the state file ``path``, parsed by ``parse``; StateError naming the file and
-    the field when it is missing or does not parse."""
-    if name not in meta:
-        raise StateError(f"state file {path}: metadata field {name!r} is missing")
-    value = meta[name]
-    if parse is None:
-        if not value:
-            raise StateError(f"state file {path}: metadata field {name!r} is empty")
-        return value
-    try:
-        return parse(value)
-    except (ValueError, TypeError) as e:      # json.JSONDecodeError is a ValueError
-        raise StateError(f"state file {path}: metadata field {name!r} has the wrong type "
-                         f"({value[:40]!r}: {e})") from None
+            layers = sf.layers(check)
+        return cls(sf.version, sf.fingerprint, sf.names, layers, sf.token_count, sf.user())

@@ -1,6 +1,7 @@
 """The rwkv-chat daemon protocol: what a client needs to talk to a daemon.
 
-* :mod:`.messages` — one msgspec struct per request, reply and event; conversation ids and topics.
+* :mod:`.messages` — one msgspec struct per request, reply and event; conversation ids and topics (gathered
+  from :mod:`.base`, :mod:`.requests`, :mod:`.replies`, :mod:`.events`, :mod:`.limits` and :mod:`.checks`).
 * :mod:`.codec` — builds, signs and parses the frames (the only place raw frames are touched).
 * :mod:`.connection` — the connection file (endpoints, key, pid; 0600 in a 0700 directory) and endpoints.
 

@@ -24,13 +24,14 @@ from pathlib import Path
 import torch
 
 from rwkv_chat.models.errors import StateError
-from rwkv_chat.models.state import FORMAT, State, _count, _field, merged_metadata, read_layers, write_atomic
+from rwkv_chat.models.state import State
+from rwkv_chat.models.state_file import FORMAT, RESERVED, merged_metadata, open_state_file, write_atomic
 
 KIND = "kv-cache"
 NAMES = ("k", "v")
 #: positions of the smallest buffer; buffers double from there (``span``)
 CHUNK = 256
-_RESERVED = ("format", "version", "fingerprint", "token_count", "names", "n_layer", "batch", "kind", "dtype")
+_RESERVED = RESERVED + ("kind", "dtype")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -175,37 +176,18 @@ class KVState(State):
             StateError: missing, truncated or corrupt file, not a KV cache file, or a field or tensor missing or
                 of the wrong type or shape; the message names the file and the field.
         """
-        from safetensors import safe_open
+        with open_state_file(path, what="a KV cache state file", kind=KIND, names=NAMES) as sf:
+            path, batch, count = sf.path, sf.batch, sf.token_count
+            dtype = _DTYPES.get(sf.meta.get("dtype", ""))
+            if dtype is None:
+                raise StateError(f"state file {path}: metadata field 'dtype' is {sf.meta.get('dtype')!r}")
+            def check(key: str, t: torch.Tensor) -> None:
+                if t.dtype != dtype or t.dim() != 4 or t.shape[0] != batch or t.shape[2] != count:
+                    raise StateError(f"state file {path}: tensor {key!r} is {t.dtype} {tuple(t.shape)}; "
+                                     f"expected {dtype} [{batch}, K, {count}, D]")
 
-        path = Path(path)
-        if not path.is_file():
-            raise StateError(f"state file not found: {path}")
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                meta = dict(f.metadata() or {})
-                if meta.get("format") != FORMAT or meta.get("kind") != KIND:
-                    raise StateError(f"{path} is not a KV cache state file (format {meta.get('format')!r}, "
-                                     f"kind {meta.get('kind')!r})")
-                version, fingerprint = _field(path, meta, "version"), _field(path, meta, "fingerprint")
-                n_layer, batch = _field(path, meta, "n_layer", _count), _field(path, meta, "batch", _count)
-                count = _field(path, meta, "token_count", _count)
-                dtype = _DTYPES.get(meta.get("dtype", ""))
-                if dtype is None:
-                    raise StateError(f"state file {path}: metadata field 'dtype' is {meta.get('dtype')!r}")
-                def check(key: str, t: torch.Tensor) -> None:
-                    if t.dtype != dtype or t.dim() != 4 or t.shape[0] != batch or t.shape[2] != count:
-                        raise StateError(f"state file {path}: tensor {key!r} is {t.dtype} {tuple(t.shape)}; "
-                                         f"expected {dtype} [{batch}, K, {count}, D]")
-
-                layers = read_layers(f, path, n_layer, NAMES, check)
-                if "tokens" not in set(f.keys()):
-                    raise StateError(f"state file {path}: tensor 'tokens' is missing")
-                tokens = f.get_tensor("tokens")
-                if tokens.dtype != torch.long:
-                    raise StateError(f"state file {path}: tensor 'tokens' is {tokens.dtype}, expected int64")
-                user = {k: v for k, v in meta.items() if k not in _RESERVED}
-                return cls(version, fingerprint, NAMES, layers, count, user, tokens=tokens)
-        except StateError as e:
-            raise StateError(str(e) if str(path) in str(e) else f"state file {path}: {e}") from None
-        except Exception as e:  # safetensors' own errors (truncated header, bad offsets, ...)
-            raise StateError(f"cannot read state file {path}: {e}") from e
+            layers = sf.layers(check)
+            tokens = sf.tensor("tokens")
+            if tokens.dtype != torch.long:
+                raise StateError(f"state file {path}: tensor 'tokens' is {tokens.dtype}, expected int64")
+            return cls(sf.version, sf.fingerprint, NAMES, layers, count, sf.user(_RESERVED), tokens=tokens)

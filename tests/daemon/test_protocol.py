@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+import typing
 
 import msgspec
 import pytest
@@ -175,3 +176,21 @@ def test_requests_beyond_the_limits_are_named_in_short():
     with pytest.raises(m.LimitError, match="offset must be >= 0"):
         m.check_request(m.ListConversations(offset=-1))
     assert len(m.quote("\x01" * 10**6)) < 4 * m.MAX_QUOTE + 40          # a repr of its first MAX_QUOTE
+
+
+def test_every_message_is_in_its_union_and_in_any_message():
+    """Each message struct of requests.py, replies.py and events.py is in that module's union and is reachable from
+    messages; their unions together are AnyMessage, what the codec decodes, and no other struct derives from Msg."""
+    from rwkv_chat.daemon.protocol import events, replies, requests
+
+    def subclasses(cls):
+        return {s for c in cls.__subclasses__() for s in {c} | subclasses(c)}
+
+    seen = set()
+    for mod, union in ((requests, m.Request), (replies, m.Reply), (events, m.Event)):
+        defined = {v for v in vars(mod).values()
+                   if isinstance(v, type) and issubclass(v, m.Msg) and v.__module__ == mod.__name__}
+        assert defined and defined == set(typing.get_args(union)), mod.__name__
+        assert all(getattr(m, t.__name__) is t for t in defined)
+        seen |= defined
+    assert seen == set(typing.get_args(m.AnyMessage)) == subclasses(m.Msg)
