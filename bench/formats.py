@@ -87,12 +87,17 @@ def fp8_gemm_row(n: int = 8192) -> dict:
             "fp8_tflops": flops / t_fp8 / 1e12, "bf16_tflops": flops / t_bf16 / 1e12}
 
 
-def gptq_row(H: int = 4096) -> dict:
+def gptq_rows(H: int = 4096) -> list[dict]:
+    """``fused_ln_qkv_gptq`` at B=S=1 (the GEMV form) with qweight in the GPTQ layout and held output-major."""
+    return [gptq_row(H, om) for om in (False, True)]
+
+
+def gptq_row(H: int = 4096, output_major: bool = False) -> dict:
     from rwkv_chat.models.formats import i4
     from rwkv_chat.models.ops import fused_ln_qkv_gptq
     from rwkv_chat.models.ops.gptq import fused_ln_qkv_gptq_reference
 
-    q = i4.quantize_i4(torch.randn(H, 3 * H, device="cuda") * 0.02)
+    q = i4.quantize_i4(torch.randn(H, 3 * H, device="cuda") * 0.02).with_layout(output_major)
     x = torch.randn(1, 1, H, device="cuda", dtype=torch.float16)
     lw, lb = torch.rand(H, device="cuda", dtype=torch.float16) + 0.5, torch.randn(H, device="cuda", dtype=torch.float16)
     args = (x, q.qweight, q.qzeros, q.scales, lw, lb, q.group_size, 1e-5)
@@ -100,10 +105,11 @@ def gptq_row(H: int = 4096) -> dict:
            / fused_ln_qkv_gptq_reference(*args).float().norm()).item()
     t = _time(lambda: fused_ln_qkv_gptq(*args), 200)
     nbytes = q.nbytes() + 2 * H * 2
-    return {"H": H, "us": t * 1e6, "gb_s": nbytes / t / 1e9, "rel_err": err}
+    return {"H": H, "us": t * 1e6, "gb_s": nbytes / t / 1e9, "rel_err": err,
+            "layout": "output-major" if output_major else "GPTQ layout"}
 
 
-def table(dec: list[dict], gemm: dict | None, gptq: dict | None, argv: list[str]) -> str:
+def table(dec: list[dict], gemm: dict | None, gptq: list[dict] | None, argv: list[str]) -> str:
     from rwkv_chat.app.bench import provenance
 
     lines = ["## Weight formats (bench/formats.py)", "", *provenance(argv, "python bench/formats.py", "cuda"), "",
@@ -115,9 +121,9 @@ def table(dec: list[dict], gemm: dict | None, gptq: dict | None, argv: list[str]
     if gemm:
         lines += ["", f"fp8_gemm {gemm['n']}³: {gemm['fp8_ms']:.2f} ms ({gemm['fp8_tflops']:.0f} TFLOP/s) vs bf16 "
                       f"matmul {gemm['bf16_ms']:.2f} ms ({gemm['bf16_tflops']:.0f} TFLOP/s): {gemm['ratio']:.2f}×"]
-    if gptq:
-        lines += ["", f"fused_ln_qkv_gptq H={gptq['H']}, B=S=1: {gptq['us']:.1f} µs ({gptq['gb_s']:.0f} GB/s of "
-                      f"weights), relative error vs the torch reference {gptq['rel_err']:.2e}"]
+    for g in gptq or ():
+        lines += ["", f"fused_ln_qkv_gptq H={g['H']}, B=S=1, qweight {g['layout']}: {g['us']:.1f} µs ({g['gb_s']:.0f} "
+                      f"GB/s of weights), relative error vs the torch reference {g['rel_err']:.2e}"]
     return "\n".join(lines) + "\n"
 
 
@@ -140,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     gemm = gptq = None
     if not args.skip_ops:
         gemm = fp8_gemm_row()
-        gptq = gptq_row()
+        gptq = gptq_rows()
     text = table(dec, gemm, gptq, argv)
     print(text)
     if args.out:

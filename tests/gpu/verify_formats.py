@@ -67,7 +67,8 @@ def fused_op() -> list[tuple]:
     out = []
     cases = [(4096, None, False, 1, 1, False, False), (4096, None, False, 2, 7, False, False),
              (3584, (3584, 512, 512), True, 1, 1, False, False), (1024, None, True, 3, 5, True, False),
-             (4096, None, False, 2, 7, False, True)]
+             (4096, None, False, 2, 7, False, True), (4096, None, False, 1, 1, False, True),
+             (3584, (3584, 512, 512), True, 4, 1, False, True), (1024, None, False, 1, 3, True, False)]
     for H, widths, rms, B, S, act, om in cases:
         N = 3 * H if widths is None else sum(widths)
         q = i4.quantize_i4(torch.randn(H, N, device="cuda") * 0.02).with_layout(om)   # om: qweight strided

@@ -6,7 +6,8 @@ Fresh random inputs (seeded) over the shapes of Qwen2 0.5B / 1.5B / 7B and Qwen3
 bfloat16 (the GEMM in the half dtypes only). The reference (``tests/models/ops/reference.py``) computes in fp32;
 the error is the largest |ours - reference| / (atol + rtol |reference|) over the output (<= 1 passes, the
 tolerances of an output rounded to its dtype). The decode step's ``rope_store`` and ``decode_attention`` are checked
-against the torch forms of ``models/qwen2/layers.py`` (``decode_cases``). Prints a Markdown table; exit status 1 on
+against the torch forms of ``models/qwen2/layers.py`` (``decode_cases``), ``norm_gemv`` against its torch reference
+(``prenorm_cases``). Prints a Markdown table; exit status 1 on
 a failure.
 """
 
@@ -139,6 +140,27 @@ def decode_cases():
                    lambda: ops.silu_mul(x @ gu.t()), lambda: ref_gated_mlp(x, gu[:inter], gu[inter:]), 2)
 
 
+def prenorm_cases():
+    """``norm_gemv`` on the products of Qwen2 decode steps (1.5B, 7B; 1 and 4 rows; odd sizes) against
+    ``norm_gemv_reference`` (float32 inside) on the same inputs."""
+    from rwkv_chat.models.ops.prenorm import norm_gemv_reference
+
+    gen = torch.Generator().manual_seed(11)
+    for dtype in HALVES:
+        for rows, k, n, norm, bias, swiglu in ((1, 1536, 2048, "rms", True, False), (4, 1536, 1536, None, False, False),
+                                               (1, 1536, 8960, "rms", False, True), (4, 8960, 1536, None, False, False),
+                                               (1, 3584, 4608, "rms", True, False), (3, 18944, 3584, None, False, False),
+                                               (2, 3584, 18944, "rms", False, True), (3, 1000, 77, "layer", True, False)):
+            x, r = rand(gen, rows, k, dtype=dtype), rand(gen, rows, k, dtype=dtype)
+            w = rand(gen, 2 * n if swiglu else n, k, dtype=dtype, scale=k ** -0.5)
+            kw = dict(norm=norm, norm_weight=rand(gen, k, dtype=dtype, scale=0.1) + 1 if norm else None,
+                      norm_bias=rand(gen, k, dtype=dtype, scale=0.1) if norm == "layer" else None,
+                      residual=r if norm else None, bias=rand(gen, n, dtype=dtype) if bias else None, swiglu=swiglu)
+            yield ("norm_gemv", f"rows={rows} K={k} N={n} norm={norm} bias={bias} swiglu={swiglu}", dtype,
+                   lambda: torch.cat([t.flatten() for t in ops.norm_gemv(x, w, **kw)]),
+                   lambda: torch.cat([t.flatten() for t in norm_gemv_reference(x, w, **kw)]), 2)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
@@ -147,7 +169,7 @@ def main() -> int:
     ok = True
     import itertools
 
-    for op, shape, dtype, ours, ref, scale in itertools.chain(cases(), decode_cases()):
+    for op, shape, dtype, ours, ref, scale in itertools.chain(cases(), decode_cases(), prenorm_cases()):
         try:
             s = score(ours(), ref(), dtype, scale)
             verdict = "pass" if s <= 1 else "FAIL"
