@@ -5,7 +5,7 @@ Public API (the operator library of the design documents)::
     from rwkv_chat.models.ops import fused_rmsnorm_rope, FusedRMSNormRoPE, fused_gated_mlp, FusedGatedMLP
     from rwkv_chat.models.ops import rmsnorm, rope, qk_norm_rope, silu_mul   # the fusions of Qwen2's dataflow
     from rwkv_chat.models.ops import quantize_fp8, fp8_gemm, FP8Linear, fused_ln_qkv_gptq
-    from rwkv_chat.models.ops import rope_store, decode_attention          # a decode step's attention
+    from rwkv_chat.models.ops import rope_store, decode_attention, rope_attention   # a decode step's attention
     from rwkv_chat.models.ops import ffn_value          # RWKV channel-mix value product, zero rows of h skipped
     from rwkv_chat.models.ops import norm_gemv          # residual add + norm + a decode step's GEMV, one launch
 
@@ -22,6 +22,7 @@ A decode step (one token per row, row r at position lens[r]; caches [b, K, capac
 
     q = rope_store(qkv, cos_table, sin_table, lens, k_cache, v_cache, H)   # RoPE + cache write, one launch
     o = decode_attention(q, k_cache, v_cache, lens)                      # GQA flash-decoding, no mask
+    o = rope_attention(qkv, cos_table, sin_table, lens, k_cache, v_cache, H)   # both in one launch
 
 and its projections at 1..4 rows, each with the norm before it in the same launch::
 
@@ -55,6 +56,7 @@ _LAZY = {
     "fused_ln_qkv_gptq": "rwkv_chat.models.ops.gptq",
     "rope_store": "rwkv_chat.models.ops.decode",
     "decode_attention": "rwkv_chat.models.ops.decode",
+    "rope_attention": "rwkv_chat.models.ops.decode",
     "ffn_value": "rwkv_chat.models.ops.sparse_ffn",
     "norm_gemv": "rwkv_chat.models.ops.prenorm",
 }

@@ -67,17 +67,8 @@ def _lens(lens, b: int) -> None:
     _checks.check_shape(lens, "lens", (b,))
 
 
-def rope_store(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lens: torch.Tensor, k_cache: torch.Tensor,
-               v_cache: torch.Tensor, num_heads: int, q_weight: torch.Tensor | None = None,
-               k_weight: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
-    """RoPE of the new token's q and k at each row's position, k and v written into the cache, one launch.
-
-    qkv: ``[b, (H + 2K) * D]`` (last dim contiguous); cos, sin: ``[P, D]`` float tables (P > every lens value);
-    lens: int64/int32 ``[b]`` (row r's position); k_cache, v_cache: ``[>= b, K, capacity, D]`` in qkv's dtype,
-    last dim contiguous; num_heads: H. q_weight, k_weight: ``[D]`` (both or neither): Qwen3's per-head RMSNorm of
-    q and k (epsilon ``eps``) before RoPE. Returns q ``[b, H, D]`` (new, qkv's dtype); the caches are written at
-    ``[r, :, lens[r]]``. Raises as the module says.
-    """
+def _store_inputs(qkv, cos, sin, lens, k_cache, v_cache, num_heads, q_weight, k_weight):
+    """``rope_store``'s validation: (qkv with a contiguous last dim, b, K, D, per-head norm?, tensors by name)."""
     _checks.check_dtype(qkv, "qkv")
     _checks.check_dim(qkv, "qkv", (2,))
     _checks.check_dtype(cos, "cos")
@@ -105,6 +96,22 @@ def rope_store(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lens: to
             tensors[name] = w
     if qkv.stride(-1) != 1:
         qkv = qkv.contiguous()
+    return qkv, b, kv, d, norm, tensors
+
+
+def rope_store(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lens: torch.Tensor, k_cache: torch.Tensor,
+               v_cache: torch.Tensor, num_heads: int, q_weight: torch.Tensor | None = None,
+               k_weight: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
+    """RoPE of the new token's q and k at each row's position, k and v written into the cache, one launch.
+
+    qkv: ``[b, (H + 2K) * D]`` (last dim contiguous); cos, sin: ``[P, D]`` float tables (P > every lens value);
+    lens: int64/int32 ``[b]`` (row r's position); k_cache, v_cache: ``[>= b, K, capacity, D]`` in qkv's dtype,
+    last dim contiguous; num_heads: H. q_weight, k_weight: ``[D]`` (both or neither): Qwen3's per-head RMSNorm of
+    q and k (epsilon ``eps``) before RoPE. Returns q ``[b, H, D]`` (new, qkv's dtype); the caches are written at
+    ``[r, :, lens[r]]``. Raises as the module says.
+    """
+    qkv, b, kv, d, norm, tensors = _store_inputs(qkv, cos, sin, lens, k_cache, v_cache, num_heads, q_weight,
+                                                 k_weight)
     _checks.check_cuda(tensors)
     kern = _triton.kernels(_ROPE, op="rope_store")
     cos, sin = cos.contiguous(), sin.contiguous()
@@ -132,6 +139,27 @@ def splits_for(b: int, kv_heads: int, capacity: int, device: torch.device | None
     if b * kv_heads >= sms:
         return 1
     return max(1, min(-(-2 * sms // (b * kv_heads)), -(-capacity // BLOCK_N)))
+
+
+def _split(b: int, kv: int, cap: int, device, splits: int | None) -> tuple[int, int]:
+    """(splits, positions per split: whole BLOCK_N tiles) of a capacity ``cap`` (``splits_for`` by default)."""
+    n_split = splits_for(b, kv, cap, device) if splits is None else max(1, min(int(splits), -(-cap // BLOCK_N)))
+    split_len = -(-(-(-cap // n_split)) // BLOCK_N) * BLOCK_N
+    return -(-cap // split_len), split_len
+
+
+def _combine(kern, pm, pl, po, out, b: int, heads: int, d: int, n_split: int, bd: int) -> None:
+    kern.decode_combine_kernel[(b, heads)](
+        pm, pl, po, out, out.stride(0), out.stride(1), heads, n_split, HEAD_D=d, BLOCK_D=bd,
+        BLOCK_S=max(2, _triton.next_pow2(n_split)), num_warps=4)
+
+
+def _partials(b: int, heads: int, d: int, n_split: int, out: torch.Tensor):
+    """The float32 running max, sum and output of every (row, head, split) when the positions are split."""
+    if n_split == 1:
+        return out, out, out
+    pm = torch.empty(b * heads * n_split, dtype=torch.float32, device=out.device)
+    return pm, torch.empty_like(pm), torch.empty(b * heads * n_split * d, dtype=torch.float32, device=out.device)
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lens: torch.Tensor,
@@ -163,25 +191,56 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     out = torch.empty(b, heads, d, dtype=q.dtype, device=q.device)
     if b == 0:
         return out
-    n_split = splits_for(b, kv, cap, q.device) if splits is None else max(1, min(int(splits), -(-cap // BLOCK_N)))
-    split_len = -(-(-(-cap // n_split)) // BLOCK_N) * BLOCK_N
-    n_split = -(-cap // split_len)
+    n_split, split_len = _split(b, kv, cap, q.device, splits)
     group = heads // kv
     bd = max(16, _triton.next_pow2(d))
     qk_scale = (d ** -0.5 if scale is None else float(scale)) * 1.4426950408889634      # log2(e): exp2 inside
-    if n_split > 1:
-        pm = torch.empty(b * heads * n_split, dtype=torch.float32, device=q.device)
-        pl = torch.empty_like(pm)
-        po = torch.empty(b * heads * n_split * d, dtype=torch.float32, device=q.device)
-    else:
-        pm = pl = po = out
+    pm, pl, po = _partials(b, heads, d, n_split, out)
     kern.decode_attention_kernel[(b, kv, n_split)](
         q, k_cache, v_cache, lens, out, pm, pl, po, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
         group, heads, n_split, split_len, cap, qk_scale, HEAD_D=d, BLOCK_D=bd,
         BLOCK_G=max(16, _triton.next_pow2(group)), BLOCK_N=BLOCK_N, SPLIT=n_split > 1, num_warps=4)
     if n_split > 1:
-        kern.decode_combine_kernel[(b, heads)](
-            pm, pl, po, out, out.stride(0), out.stride(1), heads, n_split, HEAD_D=d, BLOCK_D=bd,
-            BLOCK_S=max(2, _triton.next_pow2(n_split)), num_warps=4)
+        _combine(kern, pm, pl, po, out, b, heads, d, n_split, bd)
+    return out
+
+
+def rope_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lens: torch.Tensor,
+                   k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, q_weight: torch.Tensor | None = None,
+                   k_weight: torch.Tensor | None = None, eps: float = 1e-6, scale: float | None = None,
+                   splits: int | None = None) -> torch.Tensor:
+    """``decode_attention(rope_store(qkv, ...), k_cache, v_cache, lens)`` in one launch (two with split positions:
+    the combine): the new token's q and k rotated in registers, k and v written into the cache at ``lens[r]``, each
+    row attending over ``0 .. lens[r]``. Arguments as ``rope_store`` (qkv float16/bfloat16 here) plus ``scale``
+    and ``splits`` as ``decode_attention``. Returns ``[b, H, D]`` in qkv's dtype. Raises as both."""
+    qkv, b, kv, d, norm, tensors = _store_inputs(qkv, cos, sin, lens, k_cache, v_cache, num_heads, q_weight,
+                                                 k_weight)
+    _checks.check_dtype(qkv, "qkv", _checks.HALF_DTYPES)
+    if kv == 0 or num_heads % kv:
+        raise ShapeMismatchError(f"{num_heads} query heads, the cache {kv}: a multiple is needed (GQA)",
+                                 tensor="num_heads", expected=f"a multiple of {kv}", actual=num_heads)
+    _checks.check_cuda(tensors)
+    kern = _triton.kernels(_ATTN, op="rope_attention")
+    cos, sin = cos.contiguous(), sin.contiguous()
+    cap = k_cache.shape[2]
+    out = torch.empty(b, num_heads, d, dtype=qkv.dtype, device=qkv.device)
+    if b == 0:
+        return out
+    n_split, split_len = _split(b, kv, cap, qkv.device, splits)
+    group = num_heads // kv
+    bd = max(16, _triton.next_pow2(d))
+    qk_scale = (d ** -0.5 if scale is None else float(scale)) * 1.4426950408889634      # log2(e): exp2 inside
+    pm, pl, po = _partials(b, num_heads, d, n_split, out)
+    qw = q_weight.contiguous() if norm else out
+    kw = k_weight.contiguous() if norm else out
+    kern.rope_attention_kernel[(b, kv, n_split)](
+        qkv, cos, sin, lens, k_cache, v_cache, qw, kw, out, pm, pl, po, qkv.stride(0), cos.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
+        v_cache.stride(2), out.stride(0), out.stride(1), group, num_heads, kv, n_split, split_len, cap, qk_scale,
+        float(eps), HALF=d // 2, BLOCK_HALF=max(16, _triton.next_pow2(d // 2)), BLOCK_D=bd,
+        BLOCK_G=max(16, _triton.next_pow2(group)), BLOCK_N=BLOCK_N, SPLIT=n_split > 1, NORM=1 if norm else 0,
+        num_warps=4)
+    if n_split > 1:
+        _combine(kern, pm, pl, po, out, b, num_heads, d, n_split, bd)
     return out

@@ -8,8 +8,9 @@ the layer's parameters (Qwen3's ``q_norm``/``k_norm``), and return the attention
   copied into the cache buffers kc, vc [B, K, capacity, D] at ``L .. need - 1``, causal attention over positions
   ``0 .. need - 1`` (``ops.attention``);
 * ``decode(ops, cos, sin, lens, kc, vc, n_head, eps)``: one token per row at its own position ``lens[row]`` (cos,
-  sin: the whole tables [P, D]): ``ops.rope_store`` (RoPE + cache write) and ``ops.decode_attention`` (each row
-  over its positions ``0 .. lens[row]``), no host sync (a CUDA graph captures it).
+  sin: the whole tables [P, D]): ``ops.rope_attention`` (RoPE + cache write + each row's attention over its
+  positions ``0 .. lens[row]``; one Triton launch on CUDA, ``rope_store`` then ``decode_attention`` in torch), no
+  host sync (a CUDA graph captures it).
 
 The tables and positions are made once per forward / step on each device (``Qwen2.rope_tables``), never per layer.
 """
@@ -51,7 +52,7 @@ def decode(ops: QwenOps, cos: torch.Tensor, sin: torch.Tensor, lens: torch.Tenso
 
     def attend(qkv: torch.Tensor, p: dict) -> torch.Tensor:
         b = qkv.shape[0]
-        q = ops.rope_store(qkv.view(b, -1), cos, sin, lens, kc, vc, n_head, p.get("q_norm"), p.get("k_norm"), eps)
-        return ops.decode_attention(q, kc, vc, lens).view(b, 1, -1)
+        o = ops.rope_attention(qkv.view(b, -1), cos, sin, lens, kc, vc, n_head, p.get("q_norm"), p.get("k_norm"), eps)
+        return o.view(b, 1, -1)
 
     return attend

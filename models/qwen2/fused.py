@@ -4,7 +4,8 @@
 add + RMSNorm), ``rope`` (``ops.rope``: q and k in one launch), ``qk_norm_rope`` (``ops.qk_norm_rope``: Qwen3's
 per-head norm + RoPE), ``gated_mlp`` (up to ``FUSED_MLP_ROWS`` rows ``ops.fused_gated_mlp``: SwiGLU on fp16/bf16
 tensor cores reading the gate and up halves of the packed [2F, C] matrix; more rows: one cuBLAS GEMM and
-``ops.silu_mul``), the decode step's ``rope_store`` and ``decode_attention`` (``ops.decode``), and its products of
+``ops.silu_mul``), the decode step's ``rope_store`` and ``decode_attention`` (``ops.decode``) and both in one launch
+(``rope_attention``, which the decode step calls), and its products of
 1..4 rows (``linear``, ``norm_linear``, ``norm_gated_mlp``: ``ops.norm_gemv``, the input / post-attention RMSNorm
 with the residual add inside the q|k|v and gate|up GEMVs, SwiGLU in the gate|up epilogue, one launch each)
 replaced where each op runs: every op is tried once on small inputs of the model's dtype and checked against the torch form; an
@@ -124,12 +125,13 @@ def _decode_probe(device, dtype, rnd, norm: bool):
     return qkv, cos, sin, lens, kc, vc, H, *w
 
 
-def _rope_store_check(fused):
-    """fused vs torch ``rope_store`` on copies of the same caches: q and both caches compared."""
+def _cache_check(fused, reference):
+    """fused vs torch form of an op that writes the caches (``rope_store``, ``rope_attention``) on copies of the same
+    caches: its output and both caches compared."""
     def run(fn, qkv, cos, sin, lens, kc, vc, H, qw, kw):
         kc, vc = kc.clone(), vc.clone()
         return fn(qkv, cos, sin, lens, kc, vc, H, qw, kw, 1e-6), kc, vc
-    return (lambda *a: run(fused, *a)), (lambda *a: run(layers.rope_store, *a))
+    return (lambda *a: run(fused, *a)), (lambda *a: run(reference, *a))
 
 
 def _prenorm_probes(base: layers.QwenOps, rnd, C: int, F: int, bias: torch.Tensor) -> dict:
@@ -159,7 +161,8 @@ def fused_ops(base: layers.QwenOps, device: torch.device, dtype: torch.dtype,
         chosen = {"rmsnorm": _rmsnorm(triton_ops.rmsnorm), "rope": _rope(triton_ops.rope),
                   "qk_norm_rope": _qk_norm_rope(triton_ops.qk_norm_rope),
                   "gated_mlp": _gated(triton_ops.fused_gated_mlp, triton_ops.silu_mul, base.gated_mlp),
-                  "rope_store": triton_ops.rope_store, "decode_attention": triton_ops.decode_attention}
+                  "rope_store": triton_ops.rope_store, "decode_attention": triton_ops.decode_attention,
+                  "rope_attention": triton_ops.rope_attention}
         if decode_gemv:
             chosen.update(linear=_linear(triton_ops.norm_gemv), norm_linear=_norm_linear(triton_ops.norm_gemv),
                           norm_gated_mlp=_norm_gated(triton_ops.norm_gemv))
@@ -174,7 +177,7 @@ def fused_ops(base: layers.QwenOps, device: torch.device, dtype: torch.dtype,
     cos, sin = (t.to(device, dtype)[None] for t in layers.rope_table(1e4, D, T))         # [1, T, D]
     w = rnd(C) * 0.1 + 1
     store_args = _decode_probe(device, dtype, rnd, norm=False)
-    fused_store, torch_store = _rope_store_check(chosen["rope_store"])
+    writes = {name: _cache_check(chosen[name], getattr(layers, name)) for name in ("rope_store", "rope_attention")}
     q = rnd(3, H, D)
     kc, vc, lens = store_args[4], store_args[5], store_args[3]
     probes = {"rmsnorm": (layers.add_rmsnorm, (rnd(B, T, C), w, 1e-6, rnd(B, T, C))),
@@ -182,11 +185,12 @@ def fused_ops(base: layers.QwenOps, device: torch.device, dtype: torch.dtype,
               "qk_norm_rope": (layers.qk_norm_rope, (rnd(B, T, H, D), rnd(B, T, K, D), rnd(D) * 0.1 + 1,
                                                      rnd(D) * 0.1 + 1, cos, sin, 1e-6)),
               "gated_mlp": (layers.gated_mlp, (rnd(B, T, C) * 0.1, (rnd(2 * F, C) * 0.05).t(), lambda x, w: x @ w)),
-              "rope_store": (torch_store, store_args),
-              "decode_attention": (layers.decode_attention, (q, kc, vc, lens))}
+              "rope_store": (writes["rope_store"][1], store_args),
+              "decode_attention": (layers.decode_attention, (q, kc, vc, lens)),
+              "rope_attention": (writes["rope_attention"][1], store_args)}
     extra: dict[str, list] = {}
     tried = {name: chosen[name] for name in chosen}
-    tried["rope_store"] = fused_store
+    tried.update({name: fused for name, (fused, _) in writes.items()})
     serving, problems = [], []
     if decode_gemv:
         for name, cases in _prenorm_probes(base, rnd, C, F, rnd(2 * C) * 0.1).items():
@@ -196,8 +200,8 @@ def fused_ops(base: layers.QwenOps, device: torch.device, dtype: torch.dtype,
         reason = _probe(name, tried[name], ref, args)
         for more_ref, more_args in extra.get(name, ()):
             reason = reason or _probe(name, tried[name], more_ref, more_args)
-        if name == "rope_store" and reason is None:          # Qwen3's per-head norm through the same op
-            reason = _probe(name, fused_store, torch_store, _decode_probe(device, dtype, rnd, norm=True))
+        if name in writes and reason is None:                # Qwen3's per-head norm through the same op
+            reason = _probe(name, *writes[name], _decode_probe(device, dtype, rnd, norm=True))
         if name == "gated_mlp" and reason is None:           # the cuBLAS + silu_mul side of prefill
             reason = _probe(name, tried[name], ref, (rnd(2, 80, C) * 0.1, (rnd(2 * F, C) * 0.05).t(),
                                                       lambda x, w: x @ w))

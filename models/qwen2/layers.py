@@ -163,6 +163,15 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return attention(q[:, :, None], k_cache[:b], v_cache[:b], visible.view(b, 1, 1, -1))[:, :, 0]
 
 
+def rope_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lens: torch.Tensor,
+                   k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, q_weight: torch.Tensor | None = None,
+                   k_weight: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
+    """``decode_attention(rope_store(...), k_cache, v_cache, lens)``: a decode step's RoPE, cache write and attention
+    (arguments as ``rope_store``) -> [b, H, D]. The torch form of ``rwkv_chat.models.ops.rope_attention``."""
+    q = rope_store(qkv, cos, sin, lens, k_cache, v_cache, num_heads, q_weight, k_weight, eps)
+    return decode_attention(q, k_cache, v_cache, lens)
+
+
 @dataclass(frozen=True)
 class QwenOps:
     """The operators ``block`` and the attention of ``attend.py`` call; contracts of the pure-torch forms above.
@@ -177,6 +186,7 @@ class QwenOps:
             end)) -> [B, H, T, D].
         rope_store: a decode step's RoPE + cache write, as ``rope_store`` above.
         decode_attention: a decode step's attention over each row's length, as ``decode_attention`` above.
+        rope_attention: both of a decode step in one (``attend.decode`` calls it), as ``rope_attention`` above.
         linear: (x [..., N], packed w [N, M], bias [M] or None, matmul) -> [..., M], as ``linear`` above.
         norm_linear: (x, residual, norm_weight [C], eps, packed w, bias, ops) -> (y, x + residual), as
             ``norm_linear`` above (a fused form runs the norm inside the product).
@@ -192,6 +202,7 @@ class QwenOps:
     attention: Callable = attention
     rope_store: Callable = rope_store
     decode_attention: Callable = decode_attention
+    rope_attention: Callable = rope_attention
     linear: Callable = linear
     norm_linear: Callable = norm_linear
     norm_gated_mlp: Callable = norm_gated_mlp

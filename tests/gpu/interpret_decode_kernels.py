@@ -1,4 +1,5 @@
-"""The decode-step Triton kernels (``rope_store``, ``decode_attention`` with and without splits) run in Triton's
+"""The decode-step Triton kernels (``rope_store``, ``decode_attention`` with and without splits, and ``rope_attention``,
+both in one launch) run in Triton's
 interpreter on the CPU, through their Python wrappers, against the torch forms of ``models/qwen2/layers.py``
 (indexing, per-row positions, GQA grouping, masking of the last tile, the split combine), without a GPU (the CUDA
 code generation itself is checked by ``tests/gpu/verify_ops.py``).
@@ -50,6 +51,11 @@ def main() -> int:
         for splits in (1, None, 3):
             out = decode.decode_attention(q_ref, *caches[0], lens, splits=splits)
             errs[f"decode_attention splits={splits or decode.splits_for(b, K, cap, None)}"] = rel(out, ref)
+            fused = (kc.clone(), vc.clone())
+            out = decode.rope_attention(qkv, cos, sin, lens, *fused, H, *w, 1e-6, splits=splits)
+            errs[f"rope_attention splits={splits or decode.splits_for(b, K, cap, None)}"] = rel(out, ref)
+            errs[f"rope_attention k cache splits={splits}"] = rel(fused[0], caches[1][0])
+            errs[f"rope_attention v cache splits={splits}"] = rel(fused[1], caches[1][1])
         for name, e in errs.items():
             ok = e < 1e-2
             bad += not ok

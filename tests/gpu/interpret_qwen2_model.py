@@ -1,7 +1,7 @@
 """A tiny random Qwen2 and Qwen3 (``transformers``, fp16 on the CPU) with the Triton ops of ``fused.py`` run in
 Triton's interpreter, against the same model on its torch ops: a 297-token prefill (``rmsnorm`` with the residual,
 ``rope`` / ``qk_norm_rope``, the cuBLAS + ``silu_mul`` side of the gated MLP) and three decode steps over 512 cache
-positions (``rope_store``, ``decode_attention`` split along the positions, and the projections of the step with their
+positions (``rope_attention``: RoPE, cache write and attention split along the positions, and the projections of the step with their
 RMSNorms through ``norm_gemv``: q|k|v with bias, o, gate|up with SwiGLU, down). The autotuned gated-MLP kernel cannot
 run in the interpreter: a torch product stands in for it (its reading of the packed gate|up halves is the same
 call); ``tests/gpu/verify_ops.py`` checks it on a GPU.
@@ -43,6 +43,7 @@ def triton_ops(base):
                    qk_norm_rope=fused._qk_norm_rope(ops.qk_norm_rope),
                    gated_mlp=fused._gated(gated_product, ops.silu_mul, base.gated_mlp),
                    rope_store=ops.rope_store, decode_attention=ops.decode_attention,
+                   rope_attention=ops.rope_attention,
                    linear=fused._linear(counted), norm_linear=fused._norm_linear(counted),
                    norm_gated_mlp=fused._norm_gated(counted))
 

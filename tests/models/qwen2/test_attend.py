@@ -120,3 +120,25 @@ def test_the_decode_ops_validate_on_cpu():
     with pytest.raises(ShapeMismatchError) as e:
         ops.decode_attention(q, half[1], half[2], lens[:2])
     assert e.value.tensor == "lens"
+
+
+def test_rope_attention_is_rope_store_then_decode_attention_and_validates_on_cpu():
+    qkv, kc, vc, lens, cos, sin, H = _inputs()
+    kc2, vc2 = kc.clone(), vc.clone()
+    got = layers.rope_attention(qkv, cos, sin, lens, kc, vc, H)
+    q = layers.rope_store(qkv, cos, sin, lens, kc2, vc2, H)
+    assert torch.equal(got, layers.decode_attention(q, kc2, vc2, lens))
+    assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
+    half = [t.half() for t in (qkv, kc, vc, cos, sin)]
+    with pytest.raises(DeviceError):
+        ops.rope_attention(half[0], half[3], half[4], lens, half[1], half[2], H)
+    with pytest.raises(UnsupportedDtypeError) as e:                       # fp32: the attention takes half dtypes
+        ops.rope_attention(qkv, cos, sin, lens, kc, vc, H)
+    assert e.value.tensor == "qkv"
+    with pytest.raises(ShapeMismatchError) as e:
+        ops.rope_attention(half[0], half[3], half[4], lens, half[1], half[2], H + 1)
+    assert e.value.tensor == "qkv"
+    width = (5 + 2 * 2) * 16
+    with pytest.raises(ShapeMismatchError) as e:                           # 5 query heads over 2 key/value heads
+        ops.rope_attention(torch.zeros(3, width, dtype=torch.float16), half[3], half[4], lens, half[1], half[2], 5)
+    assert e.value.tensor == "num_heads"
