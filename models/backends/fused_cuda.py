@@ -18,7 +18,9 @@ Decode (``FusedCuda.decode_step``, one token for each of b rows), per layer:
 More than 4 rows: the large products go to cuBLAS (GEMM), the low-rank products too (activations as
 torch ops), the WKV step stays one fused launch per layer. i8 weights (<= 4 rows) use the grouped mm8
 GEMV: r/k/v in one launch, relu² applied on load for the channel-mix value; i4 and f8 weights the grouped
-GEMV of ``csrc/gemvq`` for r/k/v (``dispatch.gemvq_group``), their other products ``dispatch.mm4`` / ``mmf8``.
+GEMV of ``csrc/gemvq`` for r/k/v (``dispatch.gemvq_group``), their other products ``dispatch.mm4`` / ``mmf8``;
+i4 r/k/v where ``ops.gptq.fused_v7_mix_rkv_i4`` serves (probed at load): steps 1 and 2's r/k/v in one Triton launch
+(ln1, the six mixes and the three int4 products), the low-rank products in the grouped GEMV.
 
 Prefill (``FusedCuda.sequence_block``, T > 1): ``v7_mix`` (the previous token's LayerNorm recomputed in the
 same block), cuBLAS GEMMs over [B·T, C], ``v7_pre``, the compiled WKV-7 sequence kernel, ``v7_post``.
@@ -39,9 +41,10 @@ import torch
 
 from rwkv_chat.models.backends.base import Backend, Ops
 from rwkv_chat.models.errors import StrategyError
+from rwkv_chat.models.formats.i4 import Int4Weight
 from rwkv_chat.models.formats.i8 import Int8Weight
 from rwkv_chat.models.kernels import dispatch
-from rwkv_chat.models.ops import _triton, gemv as triton_gemv, sparse_ffn
+from rwkv_chat.models.ops import _triton, gemv as triton_gemv, gptq as fused_gptq, sparse_ffn
 
 GEMV_ROWS = 4           # rows served by the grouped GEMV kernel (more: cuBLAS)
 _BIG = ("att.receptance.weight", "att.key.weight", "att.value.weight", "att.output.weight",
@@ -115,6 +118,50 @@ def _mm8(xs, qs, acts):
 def _i8_ok(ws, x) -> bool:
     return all(isinstance(w, Int8Weight) and w.output_major and w.shape[0] % 16 == 0 and w.storage.is_contiguous()
                and w.storage.data_ptr() % 16 == 0 and w.mx.dtype == x.dtype for w in ws)
+
+
+def _rkv_i4(p: dict, x: torch.Tensor):
+    """The r, k, v ``Int4Weight`` of layer ``p`` where ``ops.gptq.fused_v7_mix_rkv_i4`` takes them with x (half
+    dtypes, [C, C] weights of one layout and group, no g_idx), else None."""
+    ws = [p[n] for n in _BIG[:3]]
+    if x.dtype not in (torch.float16, torch.bfloat16) or not all(isinstance(w, Int4Weight) and w.device == x.device
+                                                                   for w in ws):
+        return None
+    q0 = ws[0]
+    C = x.shape[-1]
+    ok = all(tuple(w.shape) == (C, C) and w.g_idx is None and w.group_size == q0.group_size
+             and w.qweight.shape == q0.qweight.shape and w.qweight.stride() == q0.qweight.stride() for w in ws)
+    return ws if ok else None
+
+
+def _probe_mix_rkv(model, ops) -> str | None:
+    """None when ``fused_v7_mix_rkv_i4`` runs on the first CUDA layer's i4 weights and equals the two-step path it
+    replaces (``v7_mix`` + the int4 products) for 1 and 3 rows, with and without a residual; else why not."""
+    p = next((p for p in model.layers if p["ln1.weight"].is_cuda), None)
+    if p is None or _rkv_i4(p, p["ln1.weight"]) is None:
+        return "no CUDA layer with int4 r/k/v weights"
+    from rwkv_chat.models.ops import gptq
+
+    ws = _rkv_i4(p, p["ln1.weight"])
+    dt, dev, C = p["ln1.weight"].dtype, p["ln1.weight"].device, p["ln1.weight"].shape[0]
+    g = torch.Generator(device=dev).manual_seed(0)
+    mix6 = torch.stack([p[f"att.x_{m}"] for m in "rwkvag"]).contiguous()
+    try:
+        for rows, with_dx in ((1, True), (3, False)):
+            x, dx, shift = (torch.randn(rows, C, generator=g, device=dev).to(dt) for _ in range(3))
+            dx = dx if with_dx else None
+            s_got, s_want = shift.clone(), shift.clone()
+            got = gptq.fused_v7_mix_rkv_i4(x, dx, p["ln1.weight"], p["ln1.bias"], s_got, mix6, ws)
+            mix = torch.empty(6, rows, C, dtype=dt, device=dev)
+            h = torch.empty_like(x) if with_dx else None
+            _ops().v7_mix_cuda(x, dx, h, p["ln1.weight"], p["ln1.bias"], s_want, s_want, mix6, mix, 1)
+            want = [mix, *(ops.matmul(mix[m], w) for m, w in zip((0, 2, 3), ws)), h if with_dx else x]
+            for a, b in zip([*got, s_got], [*want, s_want]):
+                if a.shape != b.shape or not torch.allclose(a.float(), b.float(), atol=3e-2, rtol=3e-2):
+                    return "fused_v7_mix_rkv_i4 differs from v7_mix + the int4 products"
+    except Exception as e:  # noqa: BLE001 — the two-step path serves; the detail says why
+        return f"fused_v7_mix_rkv_i4: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return None
 
 
 def _tmix_split(ops, r, k, v, wl, al, g, vl, v_first, p, s, y, H, N):
@@ -200,11 +247,17 @@ class FusedCuda(Backend):
             for d in {w.device for p in model.layers if _rows_ok(w := p["ffn.value.weight"])}:
                 triton_gemv._counters(d)     # the split counters, made here (outside any CUDA graph capture)
         self.decodes = decode_ready(model)
+        #: int4 r/k/v: ln1 + the six mixes + the r, k, v products in one launch (``ops.gptq.fused_v7_mix_rkv_i4``,
+        #: Triton; probed here against v7_mix + the int4 products); why not, where it does not serve
+        self.mix_rkv_note = _probe_mix_rkv(model, ops) if self.decodes and _triton.available() else "no Triton"
+        self.mix_rkv = self.mix_rkv_note is None
         #: prefill CUDA graphs where the whole model sits on one CUDA device
         self.captures_prefill = self.decodes
         value = {"sparse": "channel-mix value skipping zero rows of relu(k)² (Triton)",
                  "dense": "channel-mix value by the row kernel, dense (Triton)",
                  "gemv": "channel-mix value by the grouped GEMV"}[ffn]
+        if self.mix_rkv:
+            value += "; ln1 + mixes + int4 r/k/v in one launch (Triton)"
         self.detail = ("fused RWKV-7 layer kernels: prefill blocks" + (f", decode step ({value})" if self.decodes
                                                                         else "") + "; eager ops elsewhere")
 
@@ -312,10 +365,15 @@ class FusedCuda(Backend):
         for i in range(model.n_layer):
             p, f = model.layers[i], self.layers[i]
             att_x, s, ffn_x = state[3 * i:3 * i + 3]
-            mix = torch.empty(6, b, C, dtype=x.dtype, device=x.device)
-            xn = torch.empty_like(x) if dx is not None else None
-            ops.v7_mix_cuda(x, dx, xn, p["ln1.weight"], p["ln1.bias"], att_x, att_x, f["mix6"], mix, 1)
-            x = xn if xn is not None else x
+            rkv_i4 = _rkv_i4(p, x) if small and self.mix_rkv else None
+            if rkv_i4 is not None:      # ln1, the mixes and the int4 r/k/v products: one launch
+                mix, r, k, v, x = fused_gptq.fused_v7_mix_rkv_i4(x, dx, p["ln1.weight"], p["ln1.bias"], att_x,
+                                                                f["mix6"], rkv_i4)
+            else:
+                mix = torch.empty(6, b, C, dtype=x.dtype, device=x.device)
+                xn = torch.empty_like(x) if dx is not None else None
+                ops.v7_mix_cuda(x, dx, xn, p["ln1.weight"], p["ln1.bias"], att_x, att_x, f["mix6"], mix, 1)
+                x = xn if xn is not None else x
             xr, xw, xk, xv, xa, xg = mix
             first = i == 0
             if small:
@@ -327,7 +385,9 @@ class FusedCuda(Backend):
                 # tanh(xw @ w1) and sigmoid(xg @ g1) written by the first low-rank products (rounded as the
                 # reference rounds them), so the second ones load plain inputs
                 low_acts = [TANH_ON_OUTPUT, 0, SIGMOID_ON_OUTPUT, 0][:len(xs)]
-                if ours and all(isinstance(w, torch.Tensor) for w in big):
+                if rkv_i4 is not None:
+                    low = _gemv(xs, ws, low_acts)
+                elif ours and all(isinstance(w, torch.Tensor) for w in big):
                     out = _gemv([xr, xk, xv] + xs, [w.t() for w in big] + ws, [0, 0, 0] + low_acts)
                     r, k, v, low = out[0], out[1], out[2], out[3:]
                 elif _i8_ok(big, x):

@@ -109,3 +109,88 @@ def ln_qkv_gptq_gemv_kernel(x_ptr, lw_ptr, lb_ptr, qw_ptr, qz_ptr, sc_ptr, gi_pt
                           stride_qn, HAS_GIDX, ONE_GROUP, BLOCK_K, BLOCK_N)
         acc += xk[:, :, None] * w.to(h.dtype).to(tl.float32)[None, :, :]
     _store_qkv(out_ptr, tl.sum(acc, axis=1), offs_r, r_ok, offs_n, n_ok, M, N, n_q, n_k)
+
+
+@triton.jit
+def _v7_rkv_product(x_ptr, dx_ptr, lw_ptr, lb_ptr, shift_ptr, mix_ptr, qw_ptr, qz_ptr, sc_ptr, mean, rstd,
+                    offs_r, r_ok, offs_n, n_ok, C, N, group, stride_xm, stride_dm, stride_sm, stride_qk, stride_qn,
+                    HAS_DX: tl.constexpr, ONE_GROUP: tl.constexpr, R_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
+    """Sum over C of the mixed input ``round(xl + (shift - xl) * mix)`` (xl the rounded LayerNorm of x + dx) times
+    the dequantized int4 weight: [R_PAD, BLOCK_N] float32."""
+    acc = tl.zeros((R_PAD, BLOCK_K, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, C, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < C
+        h = load_rows(x_ptr, dx_ptr, offs_r, r_ok, offs_k, k_ok, stride_xm, stride_dm, HAS_DX)
+        xl = apply_norm(h, lw_ptr, lb_ptr, offs_k, k_ok, mean, rstd, 2, True)
+        m = r_ok[:, None] & k_ok[None, :]
+        pv = tl.load(shift_ptr + offs_r[:, None] * stride_sm + offs_k[None, :], mask=m, other=0.0).to(tl.float32)
+        mx = tl.load(mix_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+        xm = (xl + (pv - xl) * mx[None, :]).to(h.dtype).to(tl.float32)
+        w = _dequant_tile(qw_ptr, qz_ptr, sc_ptr, qw_ptr, k0, offs_k, k_ok, offs_n, n_ok, C, N, group, stride_qk,
+                          stride_qn, False, ONE_GROUP, BLOCK_K, BLOCK_N)
+        acc += xm[:, :, None] * w.to(h.dtype).to(tl.float32)[None, :, :]
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
+def v7_mix_rkv_i4_kernel(x_ptr, dx_ptr, xo_ptr, lw_ptr, lb_ptr, shift_ptr, mix_ptr, mo_ptr,
+                         qr_ptr, zr_ptr, sr_ptr, qk_ptr, zk_ptr, sk_ptr, qv_ptr, zv_ptr, sv_ptr,
+                         r_ptr, k_ptr, v_ptr, cnt_ptr, rows, C, N, group, eps,
+                         stride_xm, stride_dm, stride_sm, stride_qk, stride_qn,
+                         HAS_DX: tl.constexpr, ONE_GROUP: tl.constexpr, R_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr):
+    """RWKV-7 decode, the start of a layer in one launch: h = x + dx, xl = LayerNorm(h) (ln1), the six token-shift
+    mixes ``round(xl + (shift - xl) * mix6[m])`` (r, w, k, v, a, g; written to mo [6, rows, C] by program 0, with
+    h to xo), and the r, k, v products with their int4 weights (program e·nb + j: product e, outputs j·BLOCK_N..).
+    Every program reads ``shift`` (the previous token's xl); the last program to finish (an acq_rel counter, reset
+    to 0 after) writes the new one, xl, so no program reads it after it changed."""
+    pid = tl.program_id(0)
+    nb = tl.cdiv(N, BLOCK_N)
+    e = pid // nb
+    offs_r = tl.arange(0, R_PAD)
+    r_ok = offs_r < rows
+    offs_n = (pid % nb) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    out_ok = r_ok[:, None] & n_ok[None, :]
+    mean, rstd = row_stats(x_ptr, dx_ptr, rows, C, stride_xm, stride_dm, eps, 2, HAS_DX, R_PAD, BLOCK_K)
+    if e == 0:
+        y = _v7_rkv_product(x_ptr, dx_ptr, lw_ptr, lb_ptr, shift_ptr, mix_ptr, qr_ptr, zr_ptr, sr_ptr, mean, rstd,
+                            offs_r, r_ok, offs_n, n_ok, C, N, group, stride_xm, stride_dm, stride_sm, stride_qk,
+                            stride_qn, HAS_DX, ONE_GROUP, R_PAD, BLOCK_N, BLOCK_K)
+        tl.store(r_ptr + offs_r[:, None] * N + offs_n[None, :], y.to(r_ptr.dtype.element_ty), mask=out_ok)
+    elif e == 1:
+        y = _v7_rkv_product(x_ptr, dx_ptr, lw_ptr, lb_ptr, shift_ptr, mix_ptr + 2 * C, qk_ptr, zk_ptr, sk_ptr, mean,
+                            rstd, offs_r, r_ok, offs_n, n_ok, C, N, group, stride_xm, stride_dm, stride_sm, stride_qk,
+                            stride_qn, HAS_DX, ONE_GROUP, R_PAD, BLOCK_N, BLOCK_K)
+        tl.store(k_ptr + offs_r[:, None] * N + offs_n[None, :], y.to(k_ptr.dtype.element_ty), mask=out_ok)
+    else:
+        y = _v7_rkv_product(x_ptr, dx_ptr, lw_ptr, lb_ptr, shift_ptr, mix_ptr + 3 * C, qv_ptr, zv_ptr, sv_ptr, mean,
+                            rstd, offs_r, r_ok, offs_n, n_ok, C, N, group, stride_xm, stride_dm, stride_sm, stride_qk,
+                            stride_qn, HAS_DX, ONE_GROUP, R_PAD, BLOCK_N, BLOCK_K)
+        tl.store(v_ptr + offs_r[:, None] * N + offs_n[None, :], y.to(v_ptr.dtype.element_ty), mask=out_ok)
+    if pid == 0:                     # the residual stream and the six mixes
+        for k0 in range(0, C, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < C
+            m = r_ok[:, None] & k_ok[None, :]
+            h = load_rows(x_ptr, dx_ptr, offs_r, r_ok, offs_k, k_ok, stride_xm, stride_dm, HAS_DX)
+            if HAS_DX:
+                tl.store(xo_ptr + offs_r[:, None] * C + offs_k[None, :], h, mask=m)
+            xl = apply_norm(h, lw_ptr, lb_ptr, offs_k, k_ok, mean, rstd, 2, True)
+            pv = tl.load(shift_ptr + offs_r[:, None] * stride_sm + offs_k[None, :], mask=m, other=0.0).to(tl.float32)
+            for j in range(0, 6):
+                mx = tl.load(mix_ptr + j * C + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+                tl.store(mo_ptr + j * rows * C + offs_r[:, None] * C + offs_k[None, :],
+                         (xl + (pv - xl) * mx[None, :]).to(h.dtype), mask=m)
+    done = tl.atomic_add(cnt_ptr, 1, sem="acq_rel")
+    if done == tl.num_programs(0) - 1:   # every program has read shift: the new shift state, xl
+        for k0 in range(0, C, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < C
+            h = load_rows(x_ptr, dx_ptr, offs_r, r_ok, offs_k, k_ok, stride_xm, stride_dm, HAS_DX)
+            xl = apply_norm(h, lw_ptr, lb_ptr, offs_k, k_ok, mean, rstd, 2, True)
+            tl.store(shift_ptr + offs_r[:, None] * stride_sm + offs_k[None, :], xl.to(h.dtype),
+                     mask=r_ok[:, None] & k_ok[None, :])
+        tl.atomic_xchg(cnt_ptr, 0)

@@ -13,14 +13,15 @@ Returns ``[3, B, S, W]`` when the three widths are equal (W = N / 3; the layout 
 a ``(q [B, S, Nq], k [B, S, Nk], v [B, S, Nv])`` tuple for grouped-query widths (``widths=(Nq, Nk, Nv)``).
 
 ``fused_ln_qkv_gptq_reference`` is the same computation in plain torch (any device): the golden reference
-of the tests and the path for machines without CUDA/Triton.
+of the tests and the path for machines without CUDA/Triton. ``fused_v7_mix_rkv_i4`` is its RWKV-7 form for a
+decode step: LayerNorm + the six token-shift mixes + the r, k, v int4 products in one launch (with its reference).
 """
 
 from __future__ import annotations
 
 import torch
 
-from rwkv_chat.models.errors import ShapeMismatchError, UnsupportedDtypeError
+from rwkv_chat.models.errors import DeviceError, ShapeMismatchError, UnsupportedDtypeError
 from rwkv_chat.models.formats.i4 import Int4Weight
 from rwkv_chat.models.ops._checks import HALF_DTYPES, check_cuda, check_dtype, check_shape
 from rwkv_chat.models.ops._triton import kernels as triton_kernels, next_pow2
@@ -156,3 +157,87 @@ def fused_ln_qkv_gptq_reference(input, qweight, qzeros, scales, ln_weight, ln_bi
     nq, nk, _ = widths
     flat = torch.cat([y[:, :nq].reshape(-1), y[:, nq:nq + nk].reshape(-1), y[:, nq + nk:].reshape(-1)])
     return _shape_out(flat, B, S, widths)
+
+
+def _v7_check(x, dx, ln_weight, ln_bias, shift, mix6, weights):
+    check_dtype(x, "x", HALF_DTYPES)
+    check_shape(x, "x", (None, None))
+    rows, C = x.shape
+    if not 1 <= rows <= GEMV_ROWS:
+        raise ShapeMismatchError(f"x has {rows} rows; the fused RWKV-7 mix + r/k/v serves 1..{GEMV_ROWS}",
+                                 tensor="x", expected=f"(1..{GEMV_ROWS}, C)", actual=tuple(x.shape))
+    for name, t, shape in (("dx", dx, (rows, C)), ("shift", shift, (rows, C)), ("ln_weight", ln_weight, (C,)),
+                           ("ln_bias", ln_bias, (C,)), ("mix6", mix6, (6, C))):
+        if t is None and name == "dx":
+            continue
+        check_dtype(t, name, (x.dtype,))
+        check_shape(t, name, shape)
+    if len(weights) != 3 or not all(isinstance(q, Int4Weight) for q in weights):
+        raise UnsupportedDtypeError("weights must be the three Int4Weight of r, k, v", tensor="weights",
+                                    expected="(Int4Weight,) * 3", actual=tuple(type(q).__name__ for q in weights))
+    q0 = weights[0]
+    for name, q in zip("rkv", weights):
+        if tuple(q.shape) != (C, C) or q.qweight.shape != q0.qweight.shape or q.qweight.stride() != q0.qweight.stride() \
+                or q.group_size != q0.group_size or q.g_idx is not None:
+            raise ShapeMismatchError(f"weight {name}: [C, C] int4 weights of one layout and group, no g_idx, are "
+                                     f"served (C={C})", tensor=name, expected=(C, C), actual=tuple(q.shape))
+    return rows, C
+
+
+def fused_v7_mix_rkv_i4(x: torch.Tensor, dx: torch.Tensor | None, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
+                        shift: torch.Tensor, mix6: torch.Tensor, weights, eps: float = 1e-5):
+    """The RWKV-7 form of ``fused_ln_qkv_gptq`` for a decode step, one launch: h = x + dx (rounded to x's dtype; x
+    alone without dx), xl = LayerNorm(h) (ln1, rounded), the six token-shift mixes ``round(xl + (shift - xl) *
+    mix6[m])`` (r, w, k, v, a, g: ChatRWKV ``RWKV_x070_TMix_one``'s ``xr .. xg``), the r, k, v products with their
+    int4 weights, and the new shift state: ``shift`` is overwritten with xl.
+
+    Args:
+        x, dx: [rows, C] float16/bfloat16 on CUDA, 1..4 rows (dx may be None). ln_weight, ln_bias: [C].
+        shift: [rows, C] the previous token's xl (updated in place). mix6: [6, C].
+        weights: (r, k, v) ``Int4Weight`` [C, C] of one layout and group size, no g_idx.
+        eps: LayerNorm epsilon (ChatRWKV: 1e-5).
+    Returns:
+        ``(mix [6, rows, C], r, k, v [rows, C], h [rows, C])`` in x's dtype.
+    Raises:
+        UnsupportedDtypeError, ShapeMismatchError: an input above. DeviceError: not on CUDA, or no Triton.
+    """
+    rows, C = _v7_check(x, dx, ln_weight, ln_bias, shift, mix6, weights)
+    q0 = weights[0]
+    check_cuda({"x": x, "dx": dx, "ln_weight": ln_weight, "shift": shift, "mix6": mix6, "qweight": q0.qweight})
+    k = triton_kernels("rwkv_chat.models.ops._gptq_kernels", "fused_v7_mix_rkv_i4")
+    from rwkv_chat.models.ops.gemv import _counters
+
+    counters = _counters(x.device)
+    if counters is None:
+        raise DeviceError("fused_v7_mix_rkv_i4: its counter is made outside CUDA graph capture; call it once before "
+                          "capturing", expected="a first call outside capture", actual="capturing")
+    x = x.contiguous()
+    dx = dx.contiguous() if dx is not None else None
+    N = q0.qweight.shape[1]
+    r_pad = next_pow2(rows)
+    block_n = max(8, min(pick_blocks(rows, 3 * N, _BLOCK_K, norm_gemv_sms(x.device))[0], _TILE // (r_pad * _BLOCK_K)))
+    out = torch.empty(3, rows, N, dtype=x.dtype, device=x.device)
+    mix = torch.empty(6, rows, C, dtype=x.dtype, device=x.device)
+    h = torch.empty_like(x) if dx is not None else x
+    r, kk, v = weights
+    k.v7_mix_rkv_i4_kernel[(3 * (-(-N // block_n)),)](
+        x, dx if dx is not None else x, h, ln_weight, ln_bias, shift, mix6, mix,
+        r.qweight, r.qzeros, r.scales, kk.qweight, kk.qzeros, kk.scales, v.qweight, v.qzeros, v.scales,
+        out[0], out[1], out[2], counters, rows, C, N, q0.group_size, float(eps), x.stride(0),
+        (dx if dx is not None else x).stride(0), shift.stride(0), q0.qweight.stride(0), q0.qweight.stride(1),
+        HAS_DX=dx is not None, ONE_GROUP=q0.group_size % _BLOCK_K == 0, R_PAD=r_pad, BLOCK_N=block_n,
+        BLOCK_K=_BLOCK_K, num_warps=4)
+    ys = out[:, :, :C].contiguous() if N != C else out
+    return mix, ys[0], ys[1], ys[2], h
+
+
+def fused_v7_mix_rkv_i4_reference(x, dx, ln_weight, ln_bias, shift, mix6, weights, eps=1e-5):
+    """``fused_v7_mix_rkv_i4`` in plain torch (any device; float32 inside, each stage rounded as the kernel rounds):
+    same arguments, results (``shift`` updated in place) and input errors (no DeviceError)."""
+    rows, C = _v7_check(x, dx, ln_weight, ln_bias, shift, mix6, weights)
+    h = x if dx is None else (x.float() + dx.float()).to(x.dtype)
+    xl = torch.nn.functional.layer_norm(h.float(), (C,), ln_weight.float(), ln_bias.float(), eps).to(x.dtype)
+    mix = (xl.float()[None] + (shift.float() - xl.float())[None] * mix6.float()[:, None]).to(x.dtype)
+    ys = [(mix[m].float() @ q.dequantize(x.dtype).float()).to(x.dtype) for m, q in zip((0, 2, 3), weights)]
+    shift.copy_(xl)
+    return mix, ys[0], ys[1], ys[2], h

@@ -85,6 +85,22 @@ def main() -> int:
         errs.append(max(rel(a, b) for a, b in zip(got, want)))
         print(f"fused_ln_qkv_gptq H={H} widths={widths} rms={rms} B={B} S={S} g_idx={act} output_major={om}: "
               f"{errs[-1]:.2e}")
+    gemv.torch.cuda.is_current_stream_capturing = lambda: False
+    for C, rows, has_dx, om, group in [(256, 1, True, True, 128), (192, 3, False, False, 64), (384, 4, True, False, 128),
+                                       (128, 2, True, True, 32)]:
+        g = torch.Generator().manual_seed(C + rows)
+        rnd = lambda *s: torch.randn(*s, generator=g).half()                  # noqa: E731
+        qs = [i4.quantize_i4(torch.randn(C, C, generator=g) * C ** -0.5, group).with_layout(om) for _ in range(3)]
+        x, dx, shift = rnd(rows, C), rnd(rows, C) if has_dx else None, rnd(rows, C)
+        lw, lb, mix6 = torch.rand(C, generator=g).half() + 0.5, rnd(C) * 0.1, torch.rand(6, C, generator=g).half()
+        s_got, s_want = shift.clone(), shift.clone()
+        got = gptq.fused_v7_mix_rkv_i4(x, dx, lw, lb, s_got, mix6, qs)
+        want = gptq.fused_v7_mix_rkv_i4_reference(x, dx, lw, lb, s_want, mix6, qs)
+        e = max([rel(a, b) for a, b in zip(got, want)] + [rel(s_got, s_want)])
+        errs.append(e)
+        print(f"fused_v7_mix_rkv_i4 C={C} rows={rows} dx={has_dx} output_major={om} group={group}: {e:.2e} "
+              f"(counter back to {int(gemv._counters(torch.device('cpu'))[0])})")
+        errs.append(float(int(gemv._counters(torch.device("cpu"))[0]) != 0))
     return 0 if max(errs) < 1e-3 else 1
 
 

@@ -143,9 +143,13 @@ def main() -> int:
         lines.append(f"| {case} | {strategy} | {path} | {err:.2e} | {tol:g} | {'pass' if good else 'FAIL'} |")
         print(lines[-1], flush=True)
 
-    for strategy in ("cuda fp16", "cuda fp16i8"):
+    for strategy in ("cuda fp16", "cuda fp16i8", "cuda fp16i4"):
         fused = RWKV(model=w, strategy=strategy)
         seq, st = fused.forward(tokens, None, full_output=True)
+        if strategy.endswith("i4"):     # ln1 + mixes + int4 r/k/v in one launch: probed at load, used by decode
+            note = getattr(fused.backend, "mix_rkv_note", "not the fused backend")
+            row("ln1 + mixes + int4 r/k/v in one launch serves (load probe)", strategy,
+                "fused_v7_mix_rkv_i4" if note is None else f"NOT SERVING ({note})", 0.0 if note is None else float("inf"))
         # prefill through a CUDA graph (models/rwkv/prefill_graph.py: captured on a shape's second prefill) vs
         # the eager fused prefill of the same model: bit-identical logits and state
         graphs = fused.prefill_graphs
