@@ -4,7 +4,8 @@ imports Triton, hence a separate process per script): the quantized GEMVs and fu
 (``interpret_decode_kernels.py``), the norm + GEMV of a decode step's projections (``interpret_prenorm.py``)
 and a tiny Qwen2 / Qwen3 through the Triton ops against the torch ops
 (``interpret_qwen2_model.py``). Each script compares against torch references and exits non-zero on a mismatch;
-the CUDA code generation itself is checked on a GPU (``tests/gpu/verify_*.py``)."""
+the CUDA code generation is checked without a GPU by compiling every kernel for sm_90 with Triton's own compiler
+(``tests/gpu/compile_triton.py``) and on a GPU by ``tests/gpu/verify_*.py``."""
 
 from __future__ import annotations
 
@@ -24,3 +25,12 @@ GPU = Path(__file__).resolve().parents[2] / "gpu"
 def test_kernels_in_the_triton_interpreter_match_the_torch_references(script):
     out = subprocess.run([sys.executable, str(GPU / script)], capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (CPU torch wheel)")
+def test_every_triton_kernel_compiles_for_hopper_without_a_gpu():
+    """``tests/gpu/compile_triton.py``: each op's launches lowered to a cubin for sm_90 by Triton's own compiler."""
+    out = subprocess.run([sys.executable, str(GPU / "compile_triton.py"), "--quick"], capture_output=True, text=True,
+                         timeout=900)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    assert " 0 cases failed" in out.stdout and "rope_attention_kernel" in out.stdout and "norm_gemv_kernel" in out.stdout
