@@ -87,26 +87,49 @@ def fp8_gemm_row(n: int = 8192) -> dict:
             "fp8_tflops": flops / t_fp8 / 1e12, "bf16_tflops": flops / t_bf16 / 1e12}
 
 
-def gptq_rows(H: int = 4096) -> list[dict]:
-    """``fused_ln_qkv_gptq`` at B=S=1 (the GEMV form) with qweight in the GPTQ layout and held output-major."""
-    return [gptq_row(H, om) for om in (False, True)]
+def gptq_rows(H: int = 4096, sweep: bool = False) -> list[dict]:
+    """``fused_ln_qkv_gptq`` at B=S=1 (the GEMV form) with qweight in the GPTQ layout and held output-major; with
+    ``sweep`` also every (BLOCK_N, BLOCK_K, warps) of the GEMV form (the best per layout)."""
+    return [gptq_row(H, om, sweep) for om in (False, True)]
 
 
-def gptq_row(H: int = 4096, output_major: bool = False) -> dict:
+GPTQ_SWEEP = [(bn, bk, w) for bn in (8, 16, 32, 64) for bk in (64, 128, 256) for w in (4, 8) if bn * bk <= 16384]
+
+
+def gptq_row(H: int = 4096, output_major: bool = False, sweep: bool = False) -> dict:
+    """Kernel time of one call in a CUDA graph (``bench.kernels.time_ms``: weight sets rotated past 3x the L2
+    cache, so the weights come from device memory; no host launch cost in the figure)."""
+    from bench.kernels import sets_for, time_ms
     from rwkv_chat.models.formats import i4
     from rwkv_chat.models.ops import fused_ln_qkv_gptq
     from rwkv_chat.models.ops.gptq import fused_ln_qkv_gptq_reference
 
-    q = i4.quantize_i4(torch.randn(H, 3 * H, device="cuda") * 0.02).with_layout(output_major)
+    qs = [i4.quantize_i4(torch.randn(H, 3 * H, device="cuda") * 0.02).with_layout(output_major)]
+    qs += [i4.quantize_i4(torch.randn(H, 3 * H, device="cuda") * 0.02).with_layout(output_major)
+           for _ in range(sets_for(qs[0].nbytes()) - 1)]
     x = torch.randn(1, 1, H, device="cuda", dtype=torch.float16)
     lw, lb = torch.rand(H, device="cuda", dtype=torch.float16) + 0.5, torch.randn(H, device="cuda", dtype=torch.float16)
-    args = (x, q.qweight, q.qzeros, q.scales, lw, lb, q.group_size, 1e-5)
-    err = ((fused_ln_qkv_gptq(*args).float() - fused_ln_qkv_gptq_reference(*args).float()).norm()
-           / fused_ln_qkv_gptq_reference(*args).float().norm()).item()
-    t = _time(lambda: fused_ln_qkv_gptq(*args), 200)
-    nbytes = q.nbytes() + 2 * H * 2
-    return {"H": H, "us": t * 1e6, "gb_s": nbytes / t / 1e9, "rel_err": err,
-            "layout": "output-major" if output_major else "GPTQ layout"}
+
+    def args(q):
+        return (x, q.qweight, q.qzeros, q.scales, lw, lb, q.group_size, 1e-5)
+    err = ((fused_ln_qkv_gptq(*args(qs[0])).float() - fused_ln_qkv_gptq_reference(*args(qs[0])).float()).norm()
+           / fused_ln_qkv_gptq_reference(*args(qs[0])).float().norm()).item()
+    t = time_ms(lambda i: fused_ln_qkv_gptq(*args(qs[i])), len(qs)) / 1e3
+    nbytes = qs[0].nbytes() + 2 * H * 2
+    row = {"H": H, "us": t * 1e6, "gb_s": nbytes / t / 1e9, "rel_err": err,
+           "layout": "output-major" if output_major else "GPTQ layout"}
+    if sweep:
+        found = {}
+        for blocks in GPTQ_SWEEP:
+            try:
+                found[blocks] = time_ms(lambda i, b=blocks: fused_ln_qkv_gptq(*args(qs[i]), blocks=b), len(qs)) * 1e3
+            except Exception as e:  # noqa: BLE001 — a config that does not compile is left out of the sweep
+                print(f"blocks {blocks}: {type(e).__name__}", file=sys.stderr)
+        if found:
+            best = min(found, key=found.get)
+            row["sweep"] = f"best (BLOCK_N, BLOCK_K, warps) {best}: {found[best]:.1f} µs; " + ", ".join(
+                f"{b}: {us:.1f}" for b, us in sorted(found.items()))
+    return row
 
 
 def table(dec: list[dict], gemm: dict | None, gptq: list[dict] | None, argv: list[str]) -> str:
@@ -123,7 +146,10 @@ def table(dec: list[dict], gemm: dict | None, gptq: list[dict] | None, argv: lis
                       f"matmul {gemm['bf16_ms']:.2f} ms ({gemm['bf16_tflops']:.0f} TFLOP/s): {gemm['ratio']:.2f}×"]
     for g in gptq or ():
         lines += ["", f"fused_ln_qkv_gptq H={g['H']}, B=S=1, qweight {g['layout']}: {g['us']:.1f} µs ({g['gb_s']:.0f} "
-                      f"GB/s of weights), relative error vs the torch reference {g['rel_err']:.2e}"]
+                      f"GB/s of weights; kernel time in a CUDA graph), relative error vs the torch reference "
+                      f"{g['rel_err']:.2e}"]
+        if "sweep" in g:
+            lines += ["", f"sweep ({g['layout']}): {g['sweep']}"]
     return "\n".join(lines) + "\n"
 
 
@@ -134,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", nargs="+", type=int, default=[1])
     ap.add_argument("--tokens", type=int, default=100)
     ap.add_argument("--skip-ops", action="store_true", help="decode only (no fp8_gemm / fused_ln_qkv_gptq rows)")
+    ap.add_argument("--sweep", action="store_true", help="also every block shape of fused_ln_qkv_gptq's GEMV form")
     ap.add_argument("--out", help="write the Markdown table here (appended)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -146,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     gemm = gptq = None
     if not args.skip_ops:
         gemm = fp8_gemm_row()
-        gptq = gptq_rows()
+        gptq = gptq_rows(sweep=args.sweep)
     text = table(dec, gemm, gptq, argv)
     print(text)
     if args.out:

@@ -132,7 +132,7 @@ def prenorm_rows(shapes, bw, sweep) -> list[str]:
     """``norm_gemv`` on a decode step's products (residual add + RMSNorm inside the q|k|v GEMV with its bias and inside
     the gate|up GEMV with SwiGLU; o and down plain) at 1 and 4 rows, against the torch composition (eager, compile)
     and the model's path before it (column "cuBLAS+silu_mul": ``ops.rmsnorm`` + cuBLAS / ``fused_gated_mlp``).
-    With ``sweep``: every (BLOCK_N, BLOCK_K) within the register budget, and the best, after each row."""
+    With ``sweep``: every (BLOCK_N, BLOCK_K, warps) within the register budget, and the best, after each row."""
     from rwkv_chat.models.ops.prenorm import pick_blocks
 
     lines = []
@@ -170,8 +170,9 @@ def prenorm_rows(shapes, bw, sweep) -> list[str]:
             found = {}
             for bn in (1, 2, 4, 8, 16, 32):
                 for bk in (64, 128, 256, 512, 1024):
-                    if r_pad * bn * bk <= 8192 and bk <= 2 * k:
-                        found[(bn, bk)] = timed(lambda *a, bl=(bn, bk): ours(*a, blocks=bl), sets)
+                    for warps in (4, 8):
+                        if r_pad * bn * bk <= 2048 * warps and bk <= 2 * k:
+                            found[(bn, bk, warps)] = timed(lambda *a, bl=(bn, bk, warps): ours(*a, blocks=bl), sets)
             good = {b: ms for b, ms in found.items() if isinstance(ms, float)}
             best = min(good, key=good.get) if good else None
             text = ", ".join(f"{b}: {ms * 1e3:.1f}" for b, ms in sorted(good.items()))

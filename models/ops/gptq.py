@@ -88,7 +88,7 @@ def _shape_out(flat: torch.Tensor, B: int, S: int, widths):
 def fused_ln_qkv_gptq(input: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                       ln_weight: torch.Tensor, ln_bias: torch.Tensor | None, groupsize: int, eps: float = 1e-5, *,
                       widths: tuple[int, int, int] | None = None, g_idx: torch.Tensor | None = None,
-                      rms: bool = False):
+                      rms: bool = False, blocks: tuple[int, ...] | None = None):
     """LayerNorm/RMSNorm + q/k/v int4 projections in one Triton launch (module docstring).
 
     Args:
@@ -100,6 +100,8 @@ def fused_ln_qkv_gptq(input: torch.Tensor, qweight: torch.Tensor, qzeros: torch.
         widths: (Nq, Nk, Nv) summing to N; default three equal widths.
         g_idx: optional int32 [H] group of each input row (GPTQ act-order).
         rms: RMSNorm instead of LayerNorm (Qwen2).
+        blocks: for 1..4 rows (the GEMV form), (BLOCK_N, BLOCK_K[, num_warps]) powers of two (BLOCK_K a multiple
+            of 8) instead of the default (benchmark sweeps).
     Returns:
         [3, B, S, N/3] in input's dtype for equal widths, else a (q, k, v) tuple of [B, S, width].
     Raises:
@@ -120,14 +122,17 @@ def fused_ln_qkv_gptq(input: torch.Tensor, qweight: torch.Tensor, qzeros: torch.
     gi = g_idx if g_idx is not None else qweight
     if M <= GEMV_ROWS:
         r_pad = next_pow2(M)
-        block_n, _ = pick_blocks(M, N, _BLOCK_K, norm_gemv_sms(input.device))
-        block_n = max(8, min(block_n, _TILE // (r_pad * _BLOCK_K)))
+        if blocks is None:
+            block_n, _ = pick_blocks(M, N, _BLOCK_K, norm_gemv_sms(input.device))
+            block_n, block_k, warps = max(8, min(block_n, _TILE // (r_pad * _BLOCK_K))), _BLOCK_K, 4
+        else:
+            block_n, block_k, warps = (*blocks, 4)[:3]
         k.ln_qkv_gptq_gemv_kernel[(-(-N // block_n),)](
             x, ln_weight, bias, qweight, qzeros, scales, gi, out, M, H, N, widths[0], widths[1], groupsize, eps,
             x.stride(0), qweight.stride(0), qweight.stride(1), NORM=1 if rms else 2,
             HAS_BIAS=ln_bias is not None and not rms, HAS_GIDX=g_idx is not None,
-            ONE_GROUP=g_idx is None and groupsize % _BLOCK_K == 0, R_PAD=r_pad, BLOCK_N=block_n, BLOCK_K=_BLOCK_K,
-            num_warps=4)
+            ONE_GROUP=g_idx is None and groupsize % block_k == 0, R_PAD=r_pad, BLOCK_N=block_n, BLOCK_K=block_k,
+            num_warps=warps)
         return _shape_out(out, B, S, widths)
     grid = (-(-M // _BLOCK_M), -(-N // _BLOCK_N))
     k.ln_qkv_gptq_kernel[grid](x, ln_weight, bias, qweight, qzeros, scales, gi,
@@ -140,7 +145,7 @@ def fused_ln_qkv_gptq(input: torch.Tensor, qweight: torch.Tensor, qzeros: torch.
 
 
 def fused_ln_qkv_gptq_reference(input, qweight, qzeros, scales, ln_weight, ln_bias, groupsize, eps=1e-5, *,
-                                widths=None, g_idx=None, rms=False):
+                                widths=None, g_idx=None, rms=False, blocks=None):
     """``fused_ln_qkv_gptq`` in plain torch on any device (float32 norm, the weight dequantized by
     ``formats.i4.Int4Weight.dequantize``, the product in input's dtype); same arguments, results and input
     errors (no DeviceError: it runs anywhere)."""

@@ -100,7 +100,7 @@ def _check(x, weight, norm, norm_weight, norm_bias, eps, residual, bias, swiglu)
 def norm_gemv(x: torch.Tensor, weight: torch.Tensor, *, norm: str | None = None, norm_weight: torch.Tensor | None = None,
               norm_bias: torch.Tensor | None = None, eps: float = 1e-6, residual: torch.Tensor | None = None,
               bias: torch.Tensor | None = None, swiglu: bool = False,
-              blocks: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              blocks: tuple[int, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Residual add + norm + GEMV (+ bias, or SwiGLU) in one Triton launch (module docstring).
 
     Args:
@@ -111,7 +111,8 @@ def norm_gemv(x: torch.Tensor, weight: torch.Tensor, *, norm: str | None = None,
         residual: None or x's shape and dtype: the norm reads ``x + residual``.
         bias: None or [N] (x's dtype or float32), added to the float32 sums.
         swiglu: ``silu(gate) * up`` of the packed gate|up weight.
-        blocks: (BLOCK_N, BLOCK_K) powers of two instead of ``pick_blocks`` (benchmark sweeps).
+        blocks: (BLOCK_N, BLOCK_K[, num_warps]) powers of two instead of ``pick_blocks`` and 4 warps (benchmark
+            sweeps).
     Returns:
         ``(y, h)``: y [..., N] (or [..., F]) in x's dtype; h = x + residual (x itself without a residual), x's shape.
     Raises:
@@ -132,7 +133,7 @@ def norm_gemv(x: torch.Tensor, weight: torch.Tensor, *, norm: str | None = None,
     else:
         rr = h = xr
     y = torch.empty(rows, n_out, dtype=x.dtype, device=x.device)
-    block_n, block_k = blocks or pick_blocks(rows, n_out, K, _sms(x.device))
+    block_n, block_k, warps = (*(blocks or pick_blocks(rows, n_out, K, _sms(x.device))), 4)[:3]
     code = NORMS[norm]
     lw = norm_weight if code else xr
     lb = norm_bias if code == 2 and norm_bias is not None else lw
@@ -141,7 +142,7 @@ def norm_gemv(x: torch.Tensor, weight: torch.Tensor, *, norm: str | None = None,
         xr.stride(0), rr.stride(0), h.stride(0), weight.stride(0), y.stride(0), float(eps),
         NORM=code, HAS_RES=residual is not None, HAS_LNB=code == 2 and norm_bias is not None,
         HAS_BIAS=bias is not None, SWIGLU=bool(swiglu), R_PAD=next_pow2(rows), BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=4)
+        num_warps=warps)
     shape = x.shape[:-1]
     return y.view(*shape, n_out), (h.view(x.shape) if residual is not None else x)
 
