@@ -158,11 +158,13 @@ GEMVQ_ROWS = 4
 
 def gemvq_i4_ok(q: Int4Weight) -> bool:
     """Whether the compiled int4 GEMV reads this weight: held output-major (``Int4Weight.output_major``), no
-    g_idx, K and the group multiples of 32, float16 scales, contiguous tensors."""
+    g_idx, K and the group multiples of 32, float16 scales, contiguous tensors, Np % 8 == 0 and 16-byte aligned
+    words (the binding's own checks, so a weight it would refuse takes the Triton / torch path instead)."""
     K = q.shape[0]
     return (q.output_major and q.g_idx is None and K % 32 == 0 and q.qweight.shape[0] * 8 == K
             and q.group_size % 32 == 0 and K % q.group_size == 0 and q.scales.dtype == torch.float16
-            and q.storage.is_contiguous() and q.qzeros.is_contiguous() and q.scales.is_contiguous())
+            and q.storage.is_contiguous() and q.qzeros.is_contiguous() and q.scales.is_contiguous()
+            and q.storage.shape[0] % 8 == 0 and q.storage.data_ptr() % 16 == 0)
 
 
 def _rows(x: torch.Tensor) -> int:
@@ -284,7 +286,8 @@ def mmf8(x: torch.Tensor, q: Float8Weight) -> torch.Tensor:
         return _f8.mmf8_torch(x, q)
     rows = _rows(x)
     K, N = q.shape
-    if _gemvq_serves(x) and K % 16 == 0 and q.w8.is_contiguous() and q.scale.dtype == torch.float32:
+    if _gemvq_serves(x) and K % 16 == 0 and q.w8.is_contiguous() and q.w8.data_ptr() % 16 == 0 \
+            and q.scale.dtype == torch.float32:
         y = torch.empty(rows, N, dtype=x.dtype, device=x.device)
         _op("cuda", "gemvq_f8")(x.reshape(rows, K).contiguous(), q.w8.view(torch.uint8), q.scale.contiguous(), y)
         return y.reshape(*x.shape[:-1], N)
@@ -324,7 +327,7 @@ def gemvq_group(xs: list[torch.Tensor], qs: list) -> list[torch.Tensor] | None:
                                       [q.group_size for q in qs], ys)
         return ys
     if all(isinstance(q, Float8Weight) and q.shape[0] % 16 == 0 and q.w8.is_contiguous()
-           and q.scale.dtype == torch.float32 for q in qs):
+           and q.w8.data_ptr() % 16 == 0 and q.scale.dtype == torch.float32 for q in qs):
         _op("cuda", "gemvq_f8_multi")(xc, [q.w8.view(torch.uint8) for q in qs], [q.scale.contiguous() for q in qs], ys)
         return ys
     return None

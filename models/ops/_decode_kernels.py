@@ -107,7 +107,7 @@ def _rotated(QKV, W, C, S, offs, c_off, dh, dm, rm, eps, HALF: tl.constexpr, NOR
 @triton.jit
 def rope_attention_kernel(QKV, C, S, LENS, KC, VC, QW, KW, O, PM, PL, PO,
                           sxr, scp, skb, skh, skp, svb, svh, svp, sob, soh,
-                          n_group, n_head, n_kv, n_split, split_len, cap, qk_scale, eps,
+                          n_group, n_head, n_kv, n_split, split_len, cap, n_pos, qk_scale, eps,
                           HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr,
                           BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, NORM: tl.constexpr):
     """``rope_store`` + ``decode_attention`` in one launch: program (row, key/value head, split) rotates its group's
@@ -120,7 +120,7 @@ def rope_attention_kernel(QKV, C, S, LENS, KC, VC, QW, KW, O, PM, PL, PO,
     sp = tl.program_id(2)
     D = 2 * HALF
     p = tl.minimum(tl.load(LENS + row).to(tl.int64), cap - 1)
-    c_off = tl.load(LENS + row).to(tl.int64) * scp
+    c_off = tl.minimum(tl.load(LENS + row).to(tl.int64), n_pos - 1) * scp        # the tables' rows, clamped
     start = sp * split_len
     end = tl.minimum(start + split_len, p)
     g = tl.arange(0, BLOCK_G)

@@ -145,7 +145,8 @@ def v7_mix_rkv_i4_kernel(x_ptr, dx_ptr, xo_ptr, lw_ptr, lb_ptr, shift_ptr, mix_p
     mixes ``round(xl + (shift - xl) * mix6[m])`` (r, w, k, v, a, g; written to mo [6, rows, C] by program 0, with
     h to xo), and the r, k, v products with their int4 weights (program e·nb + j: product e, outputs j·BLOCK_N..).
     Every program reads ``shift`` (the previous token's xl); the last program to finish (an acq_rel counter, reset
-    to 0 after) writes the new one, xl, so no program reads it after it changed."""
+    to 0 after) writes the new one, xl, so no program reads it after it changed. The counter is shared with the
+    split-K GEMVs of ``gemv.py`` (slot 0): launches on one stream at a time (CUDA graphs and the decoders run one)."""
     pid = tl.program_id(0)
     nb = tl.cdiv(N, BLOCK_N)
     e = pid // nb
@@ -184,6 +185,7 @@ def v7_mix_rkv_i4_kernel(x_ptr, dx_ptr, xo_ptr, lw_ptr, lb_ptr, shift_ptr, mix_p
                 mx = tl.load(mix_ptr + j * C + offs_k, mask=k_ok, other=0.0).to(tl.float32)
                 tl.store(mo_ptr + j * rows * C + offs_r[:, None] * C + offs_k[None, :],
                          (xl + (pv - xl) * mx[None, :]).to(h.dtype), mask=m)
+    tl.debug_barrier()                   # every warp's reads of shift come before this program's release
     done = tl.atomic_add(cnt_ptr, 1, sem="acq_rel")
     if done == tl.num_programs(0) - 1:   # every program has read shift: the new shift state, xl
         for k0 in range(0, C, BLOCK_K):

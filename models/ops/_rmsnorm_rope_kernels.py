@@ -99,16 +99,16 @@ def rmsnorm_kernel(X, R, W, O, H, n_cols, sx, sr, so, sh, eps, HAS_RES: tl.const
 @triton.jit
 def rope_store_kernel(QKV, C, S, POS, KC, VC, QO, QW, KW,
                       sxr, scp, skb, skh, skp, svb, svh, svp, sob, soh,
-                      n_q, n_k, cap, eps,
+                      n_q, n_k, cap, n_pos, eps,
                       HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
                       BLOCK_HALF: tl.constexpr, NORM: tl.constexpr):
     """One decode token per program (row r of QKV [b, (Hq + 2 Hkv) D]: q heads, then k heads, then v heads) at its
     position p = POS[r]: q rotated with cos/sin rows C/S[p] into QO [b, Hq, D]; k rotated into KC[r, :, p, :] and
-    v copied into VC[r, :, p, :] (the cache slots; p clamped to the capacity ``cap`` for the writes, memory-safe
-    whatever the device value). NORM 1: Qwen3's per-head RMSNorm (QW/KW [D]) before RoPE."""
+    v copied into VC[r, :, p, :] (the cache slots; p clamped to the capacity ``cap`` for the writes and to the
+    ``n_pos`` rows of C/S for the reads, memory-safe whatever the device value). NORM 1: Qwen3's per-head RMSNorm (QW/KW [D]) before RoPE."""
     r = tl.program_id(0).to(tl.int64)
     p = tl.load(POS + r).to(tl.int64)
-    c_off = p * scp
+    c_off = tl.minimum(p, n_pos - 1) * scp
     p = tl.minimum(p, cap - 1)
     x_off = r * sxr
     D = 2 * HALF

@@ -17,8 +17,9 @@ row r over positions ``0 .. lens[r]`` (GQA: H % K == 0, query head h reads key/v
 multiprocessors idle (flash-decoding; a small combine launch merges the splits).
 
 Both are graph-safe: no host sync, the launch grid depends only on shapes (the capacity), never on the device
-values of ``lens``. ``lens[r] < capacity`` is the caller's contract (not checked: a device value; the kernels
-clamp their reads and writes to the capacity).
+values of ``lens``. ``lens[r] < capacity`` and ``lens[r] <`` the rows of cos/sin are the caller's contract (not
+checked: a device value; the kernels clamp their cache reads and writes to the capacity and their cos/sin reads to
+the tables' rows).
 
 Errors (validated before anything runs): ``UnsupportedDtypeError`` (``decode_attention``: float16/bfloat16 only;
 ``rope_store``: float16/bfloat16/float32; ``lens`` int32/int64), ``ShapeMismatchError`` (``tensor``,
@@ -123,7 +124,8 @@ def rope_store(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lens: to
         kern.rope_store_kernel[(b,)](
             qkv, cos, sin, lens, k_cache, v_cache, q, qw, kw, qkv.stride(0), cos.stride(0),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
-            v_cache.stride(2), q.stride(0), q.stride(1), num_heads, kv, k_cache.shape[2], float(eps), HALF=d // 2,
+            v_cache.stride(2), q.stride(0), q.stride(1), num_heads, kv, k_cache.shape[2], cos.shape[0], float(eps),
+            HALF=d // 2,
             BLOCK_HQ=bq,
             BLOCK_HK=bk, BLOCK_HALF=bhalf, NORM=1 if norm else 0, num_warps=4 if bq * bhalf <= 1024 else 8)
     return q
@@ -237,7 +239,8 @@ def rope_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lens
     kern.rope_attention_kernel[(b, kv, n_split)](
         qkv, cos, sin, lens, k_cache, v_cache, qw, kw, out, pm, pl, po, qkv.stride(0), cos.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
-        v_cache.stride(2), out.stride(0), out.stride(1), group, num_heads, kv, n_split, split_len, cap, qk_scale,
+        v_cache.stride(2), out.stride(0), out.stride(1), group, num_heads, kv, n_split, split_len, cap, cos.shape[0],
+        qk_scale,
         float(eps), HALF=d // 2, BLOCK_HALF=max(16, _triton.next_pow2(d // 2)), BLOCK_D=bd,
         BLOCK_G=max(16, _triton.next_pow2(group)), BLOCK_N=BLOCK_N, SPLIT=n_split > 1, NORM=1 if norm else 0,
         num_warps=4)

@@ -117,6 +117,8 @@ def fused_ln_qkv_gptq(input: torch.Tensor, qweight: torch.Tensor, qzeros: torch.
     x = input.reshape(M, H)
     if x.stride(1) != 1:
         x = x.contiguous()
+    qzeros, scales, ln_weight = qzeros.contiguous(), scales.contiguous(), ln_weight.contiguous()
+    ln_bias = ln_bias.contiguous() if ln_bias is not None else None
     out = torch.empty(M * N, dtype=input.dtype, device=input.device)
     bias = ln_bias if ln_bias is not None and not rms else ln_weight
     gi = g_idx if g_idx is not None else qweight
@@ -216,8 +218,12 @@ def fused_v7_mix_rkv_i4(x: torch.Tensor, dx: torch.Tensor | None, ln_weight: tor
     if counters is None:
         raise DeviceError("fused_v7_mix_rkv_i4: its counter is made outside CUDA graph capture; call it once before "
                           "capturing", expected="a first call outside capture", actual="capturing")
+    if shift.stride(-1) != 1:
+        raise ShapeMismatchError("shift is updated in place: its last dim must be contiguous", tensor="shift",
+                                 expected="stride 1 in the last dim", actual=tuple(shift.stride()))
     x = x.contiguous()
     dx = dx.contiguous() if dx is not None else None
+    ln_weight, ln_bias, mix6 = ln_weight.contiguous(), ln_bias.contiguous(), mix6.contiguous()
     N = q0.qweight.shape[1]
     r_pad = next_pow2(rows)
     block_n = max(8, min(pick_blocks(rows, 3 * N, _BLOCK_K, norm_gemv_sms(x.device))[0], _TILE // (r_pad * _BLOCK_K)))

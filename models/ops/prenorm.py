@@ -123,6 +123,7 @@ def norm_gemv(x: torch.Tensor, weight: torch.Tensor, *, norm: str | None = None,
                 "bias": bias})
     if weight.stride(-1) != 1:
         weight = weight.contiguous()
+    norm_weight, norm_bias, bias = (t.contiguous() if t is not None else None for t in (norm_weight, norm_bias, bias))
     k = triton_kernels("rwkv_chat.models.ops._prenorm_kernels", op="norm_gemv")
     xr = x.reshape(rows, K)
     xr = xr if xr.stride(-1) == 1 else xr.contiguous()
