@@ -88,14 +88,10 @@ def wkv7_chunk_choice(B: int, T: int, H: int, multiprocessors: int) -> int:
     return 0 if T < WKV7_CHUNK_MIN_T or many else WKV7_CHUNK
 
 
-_SM_COUNTS: dict[int, int] = {}
-
-
 def _multiprocessors(device: torch.device) -> int:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNTS:
-        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SM_COUNTS[index]
+    from rwkv_chat.models.ops._triton import multiprocessors
+
+    return multiprocessors(device)
 
 
 def wkv7(r, w, k, v, a, b, s, *, out=None, chunk: int | None = None):

@@ -17,7 +17,7 @@ from rwkv_chat.models.ops._prenorm_kernels import apply_norm, load_rows, row_sta
 
 @triton.jit
 def ln_qkv_gptq_kernel(x_ptr, lw_ptr, lb_ptr, qw_ptr, qz_ptr, sc_ptr, gi_ptr, out_ptr, M, H, N, n_q, n_k, group,
-                       eps, stride_xm, stride_qk, stride_qn, RMS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       eps, stride_xm, stride_qk, stride_qn, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
                        HAS_GIDX: tl.constexpr, ONE_GROUP: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -25,31 +25,7 @@ def ln_qkv_gptq_kernel(x_ptr, lw_ptr, lb_ptr, qw_ptr, qz_ptr, sc_ptr, gi_ptr, ou
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < M
     # -- statistics: Welford over chunks (count, mean, M2 per row), float32
-    count = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    m2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < H
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
-                    other=0.0).to(tl.float32)
-        n_b = tl.sum(k_ok.to(tl.float32), axis=0)
-        if RMS:
-            m2 += tl.sum(x * x, axis=1)
-        else:
-            mean_b = tl.sum(x, axis=1) / n_b
-            d = tl.where(k_ok[None, :], x - mean_b[:, None], 0.0)
-            m2_b = tl.sum(d * d, axis=1)
-            total = count + n_b
-            delta = mean_b - mean
-            mean = mean + delta * (n_b / total)
-            m2 = m2 + m2_b + delta * delta * (count * n_b / total)
-            count = total
-    if RMS:
-        rstd = 1.0 / tl.sqrt(m2 / H + eps)
-        mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    else:
-        rstd = 1.0 / tl.sqrt(m2 / H + eps)
+    mean, rstd = row_stats(x_ptr, x_ptr, offs_m, m_ok, H, stride_xm, stride_xm, eps, NORM, False, BLOCK_M, BLOCK_K)
     # -- product with the dequantized int4 weight
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
@@ -57,13 +33,8 @@ def ln_qkv_gptq_kernel(x_ptr, lw_ptr, lb_ptr, qw_ptr, qz_ptr, sc_ptr, gi_ptr, ou
     for k0 in range(0, H, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < H
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
-                    other=0.0)
-        lw = tl.load(lw_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-        xn = (x.to(tl.float32) - mean[:, None]) * rstd[:, None] * lw[None, :]
-        if HAS_BIAS:
-            xn += tl.load(lb_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-        xn = tl.where(k_ok[None, :], xn, 0.0).to(x.dtype)
+        x = load_rows(x_ptr, x_ptr, offs_m, m_ok, offs_k, k_ok, stride_xm, stride_xm, False)
+        xn = apply_norm(x, lw_ptr, lb_ptr, offs_k, k_ok, mean, rstd, NORM, HAS_BIAS).to(x.dtype)
         w = _dequant_tile(qw_ptr, qz_ptr, sc_ptr, gi_ptr, k0, offs_k, k_ok, offs_n, n_ok, H, N, group, stride_qk,
                           stride_qn, HAS_GIDX, ONE_GROUP, BLOCK_K, BLOCK_N).to(x.dtype)
         acc += tl.dot(xn, w)
@@ -96,7 +67,7 @@ def ln_qkv_gptq_gemv_kernel(x_ptr, lw_ptr, lb_ptr, qw_ptr, qz_ptr, sc_ptr, gi_pt
     pid = tl.program_id(0)
     offs_r = tl.arange(0, R_PAD)
     r_ok = offs_r < M
-    mean, rstd = row_stats(x_ptr, x_ptr, M, H, stride_xm, stride_xm, eps, NORM, False, R_PAD, BLOCK_K)
+    mean, rstd = row_stats(x_ptr, x_ptr, offs_r, r_ok, H, stride_xm, stride_xm, eps, NORM, False, R_PAD, BLOCK_K)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     acc = tl.zeros((R_PAD, BLOCK_K, BLOCK_N), dtype=tl.float32)
@@ -155,7 +126,7 @@ def v7_mix_rkv_i4_kernel(x_ptr, dx_ptr, xo_ptr, lw_ptr, lb_ptr, shift_ptr, mix_p
     offs_n = (pid % nb) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     out_ok = r_ok[:, None] & n_ok[None, :]
-    mean, rstd = row_stats(x_ptr, dx_ptr, rows, C, stride_xm, stride_dm, eps, 2, HAS_DX, R_PAD, BLOCK_K)
+    mean, rstd = row_stats(x_ptr, dx_ptr, offs_r, r_ok, C, stride_xm, stride_dm, eps, 2, HAS_DX, R_PAD, BLOCK_K)
     if e == 0:
         y = _v7_rkv_product(x_ptr, dx_ptr, lw_ptr, lb_ptr, shift_ptr, mix_ptr, qr_ptr, zr_ptr, sr_ptr, mean, rstd,
                             offs_r, r_ok, offs_n, n_ok, C, N, group, stride_xm, stride_dm, stride_sm, stride_qk,

@@ -34,11 +34,10 @@ def load_rows(x_ptr, res_ptr, offs_r, r_ok, offs_k, k_ok, stride_xm, stride_rm, 
 
 
 @triton.jit
-def row_stats(x_ptr, res_ptr, rows, K, stride_xm, stride_rm, eps, NORM: tl.constexpr, HAS_RES: tl.constexpr,
+def row_stats(x_ptr, res_ptr, offs_r, r_ok, K, stride_xm, stride_rm, eps, NORM: tl.constexpr, HAS_RES: tl.constexpr,
               R_PAD: tl.constexpr, BLOCK_K: tl.constexpr):
-    """(mean, rstd) float32 [R_PAD] of the rows h over their K values (mean 0 for RMSNorm)."""
-    offs_r = tl.arange(0, R_PAD)
-    r_ok = offs_r < rows
+    """(mean, rstd) float32 [R_PAD] of the rows ``offs_r`` (masked by ``r_ok``) of h over their K values (mean 0 for
+    RMSNorm)."""
     count = tl.zeros((R_PAD,), dtype=tl.float32)
     mean = tl.zeros((R_PAD,), dtype=tl.float32)
     m2 = tl.zeros((R_PAD,), dtype=tl.float32)
@@ -90,7 +89,8 @@ def norm_gemv_kernel(x_ptr, res_ptr, h_ptr, lw_ptr, lb_ptr, w_ptr, b_ptr, y_ptr,
     n_ok = offs_n < N
     wn = tl.where(n_ok, offs_n, 0).to(tl.int64)          # rows past N read row 0 (not stored)
     if NORM != 0:
-        mean, rstd = row_stats(x_ptr, res_ptr, rows, K, stride_xm, stride_rm, eps, NORM, HAS_RES, R_PAD, BLOCK_K)
+        mean, rstd = row_stats(x_ptr, res_ptr, offs_r, r_ok, K, stride_xm, stride_rm, eps, NORM, HAS_RES, R_PAD,
+                               BLOCK_K)
     else:
         mean = tl.zeros((R_PAD,), dtype=tl.float32)
         rstd = mean

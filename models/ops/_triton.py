@@ -64,6 +64,17 @@ def kernels(module: str, op: str) -> ModuleType:
     return importlib.import_module(module)
 
 
+_SMS: dict[int, int] = {}
+
+
+def multiprocessors(device: torch.device) -> int:
+    """The multiprocessor count of a CUDA device (asked once per device): grids are sized to fill them."""
+    i = device.index if device.index is not None else torch.cuda.current_device()
+    if i not in _SMS:
+        _SMS[i] = torch.cuda.get_device_properties(i).multi_processor_count
+    return _SMS[i]
+
+
 def next_pow2(n: int) -> int:
     """The smallest power of two >= n (>= 1): Triton block sizes must be powers of two."""
     return 1 << max(0, (int(n) - 1).bit_length())

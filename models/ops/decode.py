@@ -32,6 +32,7 @@ import torch
 
 from rwkv_chat.models.errors import ShapeMismatchError
 from rwkv_chat.models.ops import _checks, _triton
+from rwkv_chat.models.ops._triton import multiprocessors as _sms
 
 _ROPE = "rwkv_chat.models.ops._rmsnorm_rope_kernels"
 _ATTN = "rwkv_chat.models.ops._decode_kernels"
@@ -40,14 +41,7 @@ INDEX_DTYPES = (torch.int32, torch.int64)
 BLOCK_N = 64
 #: a capacity up to which one pass (no split, no combine) serves whatever the grid
 ONE_PASS = 256
-_SM: dict[int, int] = {}
 
-
-def _sms(device: torch.device) -> int:
-    i = device.index if device.index is not None else torch.cuda.current_device()
-    if i not in _SM:
-        _SM[i] = torch.cuda.get_device_properties(i).multi_processor_count
-    return _SM[i]
 
 
 def _cache(t, name: str, like: torch.Tensor, b: int, heads: int, d: int) -> None:
@@ -143,25 +137,36 @@ def splits_for(b: int, kv_heads: int, capacity: int, device: torch.device | None
     return max(1, min(-(-2 * sms // (b * kv_heads)), -(-capacity // BLOCK_N)))
 
 
-def _split(b: int, kv: int, cap: int, device, splits: int | None) -> tuple[int, int]:
-    """(splits, positions per split: whole BLOCK_N tiles) of a capacity ``cap`` (``splits_for`` by default)."""
-    n_split = splits_for(b, kv, cap, device) if splits is None else max(1, min(int(splits), -(-cap // BLOCK_N)))
-    split_len = -(-(-(-cap // n_split)) // BLOCK_N) * BLOCK_N
-    return -(-cap // split_len), split_len
+class _Launch:
+    """What an attention launch over a cache of ``cap`` positions needs beside its tensors: the splits of the
+    positions (``splits_for`` by default; each whole BLOCK_N tiles), the query heads per key/value head, block
+    sizes, the base-2 score scale, and the float32 partials (running max, sum, output of every (row, head, split))
+    that ``combine`` merges into ``out`` when the positions are split."""
 
+    def __init__(self, b: int, heads: int, kv: int, d: int, cap: int, out: torch.Tensor, scale: float | None,
+                 splits: int | None):
+        n_split = splits_for(b, kv, cap, out.device) if splits is None else max(1, min(int(splits),
+                                                                                        -(-cap // BLOCK_N)))
+        self.split_len = -(-(-(-cap // n_split)) // BLOCK_N) * BLOCK_N
+        self.n_split = -(-cap // self.split_len)
+        self.group = heads // kv
+        self.bd, self.bg = max(16, _triton.next_pow2(d)), max(16, _triton.next_pow2(self.group))
+        self.qk_scale = (d ** -0.5 if scale is None else float(scale)) * 1.4426950408889634   # log2(e): exp2 inside
+        self.b, self.heads, self.d, self.out = b, heads, d, out
+        if self.n_split == 1:
+            self.pm = self.pl = self.po = out
+        else:
+            self.pm = torch.empty(b * heads * self.n_split, dtype=torch.float32, device=out.device)
+            self.pl = torch.empty_like(self.pm)
+            self.po = torch.empty(b * heads * self.n_split * d, dtype=torch.float32, device=out.device)
 
-def _combine(kern, pm, pl, po, out, b: int, heads: int, d: int, n_split: int, bd: int) -> None:
-    kern.decode_combine_kernel[(b, heads)](
-        pm, pl, po, out, out.stride(0), out.stride(1), heads, n_split, HEAD_D=d, BLOCK_D=bd,
-        BLOCK_S=max(2, _triton.next_pow2(n_split)), num_warps=4)
-
-
-def _partials(b: int, heads: int, d: int, n_split: int, out: torch.Tensor):
-    """The float32 running max, sum and output of every (row, head, split) when the positions are split."""
-    if n_split == 1:
-        return out, out, out
-    pm = torch.empty(b * heads * n_split, dtype=torch.float32, device=out.device)
-    return pm, torch.empty_like(pm), torch.empty(b * heads * n_split * d, dtype=torch.float32, device=out.device)
+    def combine(self, kern) -> None:
+        """Merge the splits of each (row, query head) into ``out`` (nothing with one split)."""
+        if self.n_split > 1:
+            out = self.out
+            kern.decode_combine_kernel[(self.b, self.heads)](
+                self.pm, self.pl, self.po, out, out.stride(0), out.stride(1), self.heads, self.n_split, HEAD_D=self.d,
+                BLOCK_D=self.bd, BLOCK_S=max(2, _triton.next_pow2(self.n_split)), num_warps=4)
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lens: torch.Tensor,
@@ -193,18 +198,13 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     out = torch.empty(b, heads, d, dtype=q.dtype, device=q.device)
     if b == 0:
         return out
-    n_split, split_len = _split(b, kv, cap, q.device, splits)
-    group = heads // kv
-    bd = max(16, _triton.next_pow2(d))
-    qk_scale = (d ** -0.5 if scale is None else float(scale)) * 1.4426950408889634      # log2(e): exp2 inside
-    pm, pl, po = _partials(b, heads, d, n_split, out)
-    kern.decode_attention_kernel[(b, kv, n_split)](
-        q, k_cache, v_cache, lens, out, pm, pl, po, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
-        k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
-        group, heads, n_split, split_len, cap, qk_scale, HEAD_D=d, BLOCK_D=bd,
-        BLOCK_G=max(16, _triton.next_pow2(group)), BLOCK_N=BLOCK_N, SPLIT=n_split > 1, num_warps=4)
-    if n_split > 1:
-        _combine(kern, pm, pl, po, out, b, heads, d, n_split, bd)
+    a = _Launch(b, heads, kv, d, cap, out, scale, splits)
+    kern.decode_attention_kernel[(b, kv, a.n_split)](
+        q, k_cache, v_cache, lens, out, a.pm, a.pl, a.po, q.stride(0), q.stride(1), k_cache.stride(0),
+        k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0),
+        out.stride(1), a.group, heads, a.n_split, a.split_len, cap, a.qk_scale, HEAD_D=d, BLOCK_D=a.bd,
+        BLOCK_G=a.bg, BLOCK_N=BLOCK_N, SPLIT=a.n_split > 1, num_warps=4)
+    a.combine(kern)
     return out
 
 
@@ -229,21 +229,14 @@ def rope_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lens
     out = torch.empty(b, num_heads, d, dtype=qkv.dtype, device=qkv.device)
     if b == 0:
         return out
-    n_split, split_len = _split(b, kv, cap, qkv.device, splits)
-    group = num_heads // kv
-    bd = max(16, _triton.next_pow2(d))
-    qk_scale = (d ** -0.5 if scale is None else float(scale)) * 1.4426950408889634      # log2(e): exp2 inside
-    pm, pl, po = _partials(b, num_heads, d, n_split, out)
+    a = _Launch(b, num_heads, kv, d, cap, out, scale, splits)
     qw = q_weight.contiguous() if norm else out
     kw = k_weight.contiguous() if norm else out
-    kern.rope_attention_kernel[(b, kv, n_split)](
-        qkv, cos, sin, lens, k_cache, v_cache, qw, kw, out, pm, pl, po, qkv.stride(0), cos.stride(0),
+    kern.rope_attention_kernel[(b, kv, a.n_split)](
+        qkv, cos, sin, lens, k_cache, v_cache, qw, kw, out, a.pm, a.pl, a.po, qkv.stride(0), cos.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
-        v_cache.stride(2), out.stride(0), out.stride(1), group, num_heads, kv, n_split, split_len, cap, cos.shape[0],
-        qk_scale,
-        float(eps), HALF=d // 2, BLOCK_HALF=max(16, _triton.next_pow2(d // 2)), BLOCK_D=bd,
-        BLOCK_G=max(16, _triton.next_pow2(group)), BLOCK_N=BLOCK_N, SPLIT=n_split > 1, NORM=1 if norm else 0,
-        num_warps=4)
-    if n_split > 1:
-        _combine(kern, pm, pl, po, out, b, num_heads, d, n_split, bd)
+        v_cache.stride(2), out.stride(0), out.stride(1), a.group, num_heads, kv, a.n_split, a.split_len, cap,
+        cos.shape[0], a.qk_scale, float(eps), HALF=d // 2, BLOCK_HALF=max(16, _triton.next_pow2(d // 2)),
+        BLOCK_D=a.bd, BLOCK_G=a.bg, BLOCK_N=BLOCK_N, SPLIT=a.n_split > 1, NORM=1 if norm else 0, num_warps=4)
+    a.combine(kern)
     return out

@@ -19,24 +19,18 @@ from rwkv_chat.models.formats.f8 import Float8Weight
 from rwkv_chat.models.formats.i4 import Int4Weight
 from rwkv_chat.models.ops._checks import HALF_DTYPES, check_cuda, check_dtype
 from rwkv_chat.models.ops._triton import kernels as triton_kernels
+from rwkv_chat.models.ops._triton import multiprocessors as _sms
 
 #: the most rows the fp8 GEMV serves (beyond, the fp8 tensor cores: ``ops.fp8``)
 GEMV_ROWS = 8
 #: the most rows the int4 kernel serves (decode batches; longer prompts dequantize once for cuBLAS)
 I4_ROWS = 256
 _BLOCK_N, _BLOCK_K = 64, 128
-_SM: dict[int, int] = {}
 
 
 def _kernels():
     return triton_kernels("rwkv_chat.models.ops._gemv_kernels", "weight-only GEMV")
 
-
-def _sms(device: torch.device) -> int:
-    i = device.index if device.index is not None else torch.cuda.current_device()
-    if i not in _SM:
-        _SM[i] = torch.cuda.get_device_properties(i).multi_processor_count
-    return _SM[i]
 
 
 def _split(K: int, N: int, device) -> tuple[int, int]:

@@ -25,7 +25,8 @@ from rwkv_chat.models.errors import DeviceError, ShapeMismatchError, Unsupported
 from rwkv_chat.models.formats.i4 import Int4Weight
 from rwkv_chat.models.ops._checks import HALF_DTYPES, check_cuda, check_dtype, check_shape
 from rwkv_chat.models.ops._triton import kernels as triton_kernels, next_pow2
-from rwkv_chat.models.ops.prenorm import _TILE, _sms as norm_gemv_sms, pick_blocks
+from rwkv_chat.models.ops._triton import multiprocessors as _sms
+from rwkv_chat.models.ops.prenorm import _TILE, pick_blocks
 
 _BLOCK_M, _BLOCK_N, _BLOCK_K = 16, 64, 128
 #: rows up to which the product runs as a GEMV (``ln_qkv_gptq_gemv_kernel``; more rows: tensor-core tiles)
@@ -125,7 +126,7 @@ def fused_ln_qkv_gptq(input: torch.Tensor, qweight: torch.Tensor, qzeros: torch.
     if M <= GEMV_ROWS:
         r_pad = next_pow2(M)
         if blocks is None:
-            block_n, _ = pick_blocks(M, N, _BLOCK_K, norm_gemv_sms(input.device))
+            block_n, _ = pick_blocks(M, N, _BLOCK_K, _sms(input.device))
             block_n, block_k, warps = max(8, min(block_n, _TILE // (r_pad * _BLOCK_K))), _BLOCK_K, 4
         else:
             block_n, block_k, warps = (*blocks, 4)[:3]
@@ -139,7 +140,7 @@ def fused_ln_qkv_gptq(input: torch.Tensor, qweight: torch.Tensor, qzeros: torch.
     grid = (-(-M // _BLOCK_M), -(-N // _BLOCK_N))
     k.ln_qkv_gptq_kernel[grid](x, ln_weight, bias, qweight, qzeros, scales, gi,
                                out, M, H, N, widths[0], widths[1], groupsize, eps, x.stride(0), qweight.stride(0),
-                               qweight.stride(1), RMS=rms,
+                               qweight.stride(1), NORM=1 if rms else 2,
                                HAS_BIAS=ln_bias is not None and not rms, HAS_GIDX=g_idx is not None,
                                ONE_GROUP=g_idx is None and groupsize % _BLOCK_K == 0,
                                BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K)
@@ -226,7 +227,7 @@ def fused_v7_mix_rkv_i4(x: torch.Tensor, dx: torch.Tensor | None, ln_weight: tor
     ln_weight, ln_bias, mix6 = ln_weight.contiguous(), ln_bias.contiguous(), mix6.contiguous()
     N = q0.qweight.shape[1]
     r_pad = next_pow2(rows)
-    block_n = max(8, min(pick_blocks(rows, 3 * N, _BLOCK_K, norm_gemv_sms(x.device))[0], _TILE // (r_pad * _BLOCK_K)))
+    block_n = max(8, min(pick_blocks(rows, 3 * N, _BLOCK_K, _sms(x.device))[0], _TILE // (r_pad * _BLOCK_K)))
     out = torch.empty(3, rows, N, dtype=x.dtype, device=x.device)
     mix = torch.empty(6, rows, C, dtype=x.dtype, device=x.device)
     h = torch.empty_like(x) if dx is not None else x

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from rwkv_chat.models.errors import ShapeMismatchError, UnsupportedDtypeError
 from rwkv_chat.models.ops._checks import HALF_DTYPES, check_cuda, check_dtype, check_same_dtype, check_shape
 from rwkv_chat.models.ops._triton import kernels as triton_kernels, next_pow2
+from rwkv_chat.models.ops._triton import multiprocessors as _sms
 
 #: the most activation rows one launch serves (a decode batch; more rows are a GEMM's work)
 MAX_ROWS = 4
@@ -33,14 +34,7 @@ NORMS = {None: 0, "rms": 1, "layer": 2}
 #: elements of the float32 accumulator tile per program (rows × BLOCK_N × BLOCK_K): 32 registers a thread at
 #: 4 warps, twice that with SwiGLU
 _TILE = 4096
-_SM: dict[int, int] = {}
 
-
-def _sms(device: torch.device) -> int:
-    i = device.index if device.index is not None else torch.cuda.current_device()
-    if i not in _SM:
-        _SM[i] = torch.cuda.get_device_properties(i).multi_processor_count
-    return _SM[i]
 
 
 def pick_blocks(rows: int, n: int, k: int, sms: int) -> tuple[int, int]:

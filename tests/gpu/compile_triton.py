@@ -79,7 +79,7 @@ def install(arch: int, case: list) -> None:
             mod.triton_kernels = _triton.kernels
     for mod in (decode, gemv, prenorm):
         mod._sms = lambda device: 132
-    gptq.norm_gemv_sms = lambda device: 132
+    gptq._sms = lambda device: 132
     torch.cuda.is_current_stream_capturing = lambda: False
 
 

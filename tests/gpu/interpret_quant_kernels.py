@@ -33,7 +33,7 @@ def main() -> int:
         mod.check_cuda = lambda tensors: None
         mod.triton_kernels = lambda module, op: importlib.import_module(module)
     gemv._sms = lambda device: 4                       # few "multiprocessors": split-K on small matrices
-    gptq.norm_gemv_sms = lambda device: 4
+    gptq._sms = lambda device: 4
     torch.cuda.is_current_stream_capturing = lambda: False
     torch.manual_seed(0)
     errs = []
