@@ -20,7 +20,10 @@ from rwkv_chat.models.qwen2.model import Qwen2
 from ..formats.test_models import PROSE
 from .trained import RECIPE, train, training_text
 
-#: the issue's floors; f8 has none (reported, and checked to be far above chance)
+#: the issue's floors; f8 has none (reported, and checked to be far above chance). Measured on the teacher of
+#: ``trained.RECIPE`` (seed 0): i8 1.000, i4 0.986, f8 0.996 (logits' relative errors 0.0007, 0.0054, 0.0045);
+#: seeds 1 and 2: i4 0.994 and 0.988. Trained longer the teacher is harder on i4 (200 steps, seeds 0-2: i4 0.967,
+#: 0.980, 0.996; i8 0.994-1.000), still above the floor.
 FLOORS = {"i8": 0.99, "i4": 0.95, "f8": 0.0}
 
 
