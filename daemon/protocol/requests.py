@@ -133,6 +133,7 @@ class GetConversation(Msg):
     conversation_id: str
     turn_offset: int = 0
     branches: bool = False        # each turn with its place in the tree (parent, branch, branches)
+    context: bool = False         # with the context in use (ConversationDetail.context_used / context_limit)
 
 
 class FindConversation(Msg):
@@ -195,6 +196,7 @@ class SwitchBranch(Msg):
     conversation_id: str
     turn: int
     step: int = 0
+    context: bool = False         # with the context in use of the new path (as GetConversation.context)
 
 
 class DeleteBranch(Msg):
@@ -203,6 +205,7 @@ class DeleteBranch(Msg):
 
     conversation_id: str
     turn: int
+    context: bool = False         # with the context in use of the path left (as GetConversation.context)
 
 
 class GetState(Msg):
