@@ -171,7 +171,7 @@ class Sessions:
         passed over (and left for :meth:`resume` to set aside); one whose tensors are damaged counts here
         though :meth:`resume` would pass over it. Any thread."""
         from rwkv_chat.models.errors import StateError
-        from rwkv_chat.models.state_file import open_state_file
+        from rwkv_chat.models.state import read_header
 
         fp = model.fingerprint
         with self._lock:
@@ -180,10 +180,10 @@ class Sessions:
                 return e.n, e.state.token_count
 
         def read(path):
-            with open_state_file(path) as sf:
-                if sf.fingerprint != fp:
-                    raise StateError(f"state file {path} is another model's ({sf.fingerprint})")
-                return sf.token_count, sf.meta
+            fingerprint, count, meta = read_header(path)
+            if fingerprint != fp:
+                raise StateError(f"state file {path} is another model's ({fingerprint})")
+            return count, meta
 
         n, count = self._newest(fp, cid, system_prompt, pairs, replies, read, lambda path, err: None)
         return None if count is None else (n, count)
