@@ -15,7 +15,7 @@ from rwkv_chat.daemon.client import Client
 from rwkv_chat.daemon.paths import home_paths
 from rwkv_chat.daemon.protocol import messages as m
 
-from .conftest import done, make_home, start_daemon, stop_daemon, write_qwen_folder
+from .conftest import cli, done, make_home, start_daemon, stop_daemon, write_qwen_folder
 
 SAMPLING = dict(temperature=1.0, top_p=0.9, max_tokens=12)
 
@@ -60,6 +60,9 @@ def test_the_context_in_use_is_what_the_next_reply_starts_from(tmp_path, qwen_fo
         with Client(paths, autostart=False) as c:
             for cid in ("plain", "sys"):                     # from the state files' metadata
                 assert c.context(cid) == (last[cid].context_used, limit)
+        shown = cli(home, "conversations", "show", "sys")
+        assert shown.stderr.strip().splitlines()[-1] == f"[context {last['sys'].context_used}/{limit} tokens]"
+        assert "User: What next?" in shown.stdout
         stop_daemon(home)
         for cid in ("plain", "sys"):                        # no saved state left: the history is read again
             shutil.rmtree(paths.states_dir / cid)
@@ -87,6 +90,7 @@ def test_no_context_in_use_without_a_limit_or_a_model(tmp_path, model_path):
             assert c.context("r") == (None, None)
             d = c.conversation("r", context=True)
             assert (d.context_used, d.context_limit) == (None, None) and len(d.turns) == 2
+        assert "context" not in cli(home, "conversations", "show", "r").stderr
         stop_daemon(home)
         start_daemon(home, None)                            # no model loaded
         with Client(paths, autostart=False) as c:
