@@ -97,3 +97,36 @@ def test_no_context_in_use_without_a_limit_or_a_model(tmp_path, model_path):
             assert c.context("r") == (None, None)
     finally:
         stop_daemon(home)
+
+
+class _OldGet(msgspec.Struct, tag_field="t", tag="GetConversation", forbid_unknown_fields=True):
+    """GetConversation as a daemon before ``context`` reads it."""
+
+    conversation_id: str
+    turn_offset: int = 0
+    branches: bool = False
+
+
+class _OldDetail(msgspec.Struct, tag_field="t", tag="ConversationDetail", forbid_unknown_fields=True):
+    """ConversationDetail as a client before ``context_used`` reads it."""
+
+    conversation: m.ConversationInfo
+    turns: list[m.TurnInfo]
+
+
+def test_older_peers_read_what_does_not_ask_for_the_context():
+    enc = msgspec.msgpack.Encoder()
+    req = msgspec.msgpack.decode(enc.encode(m.GetConversation(conversation_id="c", turn_offset=2, branches=True)),
+                                 type=_OldGet)
+    assert (req.conversation_id, req.turn_offset, req.branches) == ("c", 2, True)
+    for msg in (m.SwitchBranch(conversation_id="c", turn=1), m.DeleteBranch(conversation_id="c", turn=1)):
+        assert "context" not in msgspec.msgpack.decode(enc.encode(msg))
+    assert msgspec.msgpack.decode(enc.encode(m.GetConversation(conversation_id="c", context=True)))["context"]
+    conv = m.ConversationInfo(id="c", title="", created=0.0, updated=0.0, system_prompt="", sampling={},
+                              model_fingerprint="")
+    turns = [m.TurnInfo(0, "user", "Hi", 2, 0.0, 0.0)]
+    old = msgspec.msgpack.decode(enc.encode(m.ConversationDetail(conversation=conv, turns=turns)), type=_OldDetail)
+    assert old.turns == turns
+    with pytest.raises(msgspec.ValidationError):      # why a client must ask for it
+        msgspec.msgpack.decode(enc.encode(m.ConversationDetail(conversation=conv, turns=turns, context_used=5,
+                                                               context_limit=512)), type=_OldDetail)
