@@ -9,13 +9,15 @@ every committed state is also on disk (``Store.state_path``, one folder per mode
 of its stored exchanges (the digest it recorded is that prefix's, :func:`~rwkv_chat.daemon.store.transcript_digest`):
 the caller feeds the rest of the transcript. A state file that cannot be read (corrupt, a field missing or of
 the wrong type, another model's) is set aside with a warning and reported; the conversation then resumes from an
-older state or the zero state, re-reading its history.
+older state or the zero state, re-reading its history. :meth:`Sessions.peek` finds the same state without
+loading it (the in-memory one, or a state file's header): the context a conversation has in use
+(``rwkv_chat.daemon.context.conversation_used``).
 
 :attr:`Sessions.prefix` is the :class:`~rwkv_chat.daemon.prefix_cache.PrefixCache` of stateless chat requests
 (``[daemon] prefix_cache_bytes``), cleared with the rest.
 
-Used by the scheduler thread; :meth:`Sessions.drop` and :meth:`Sessions.clear` may come from the server
-thread too (a lock guards the table).
+Used by the scheduler thread; :meth:`Sessions.drop`, :meth:`Sessions.clear` and :meth:`Sessions.peek` may
+come from the server thread too (a lock guards the table).
 """
 
 from __future__ import annotations

@@ -132,6 +132,22 @@ async def test_an_opened_conversation_shows_its_context_in_use(tmp_path, shared_
                     await wait_for(pilot, lambda: app.chat.cid != cid, what="the other conversation")
                     app_cids.append(app.chat.cid)
             assert sorted(app_cids) == sorted(last) and last[app_cids[0]] != last[app_cids[1]]
+        # opened before the model loads: shown once it has
+        daemon.stop()
+        cfg = load_config(paths.config_file)
+        cfg.model.path = ""
+        save_config(cfg, paths.config_file)
+        daemon = start_daemon(paths, None)
+        app = make_app(daemon)
+        async with app.run_test(size=(140, 30)) as pilot:
+            await ready(pilot, app)
+            bar = app.chat.query_one(StatusBar)
+            await wait_for(pilot, lambda: app.chat.cid in last, what="the last conversation opened")
+            await pilot.pause(0.3)
+            assert "ctx" not in bar.context
+            list(daemon.client.load(str(folder), "cpu fp32"))
+            shown = f"ctx {last[app.chat.cid]:,}/{limit:,}"
+            await wait_for(pilot, lambda: bar.context == shown, what=f"{shown} once the model loaded")
     finally:
         daemon.stop()
 
