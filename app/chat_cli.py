@@ -173,13 +173,15 @@ def _conversations(args) -> int:
             return 0
         cid = _resolve(c, args.id)
         if args.conv_cmd == "show":
-            d = c.conversation(cid)
+            d = c.conversation(cid, context=True)
             print(f"# {d.conversation.title or d.conversation.id}")
             if d.conversation.system_prompt:
                 print(f"System: {d.conversation.system_prompt}")
             for t in d.turns:
                 stopped = " [stopped]" if t.reason == "cancelled" else ""
                 print(f"{t.role.capitalize()}: {t.text}{stopped}")
+            if d.context_limit:          # as after a reply of `rwkv-chat chat`: what the next one starts from
+                _err(f"[context {d.context_used}/{d.context_limit} tokens]")
         elif args.conv_cmd == "export":
             sys.stdout.write(c.export(cid, args.format, args.branches or ""))
         elif args.conv_cmd == "tree":

@@ -251,17 +251,11 @@ class Client:
             if not page.items or offset >= page.total:
                 return items
 
-    def conversation(self, conversation_id: str) -> m.ConversationDetail:
-        """The conversation and all its turns (fetched page by page)."""
-        detail = self.request(m.GetConversation(conversation_id=conversation_id, branches=True))
-        turns = list(detail.turns)
-        while turns and len(turns) < detail.conversation.turns:
-            page = self.request(m.GetConversation(conversation_id=conversation_id, turn_offset=turns[-1].index + 1,
-                                                  branches=True))
-            if not page.turns:
-                break
-            turns += page.turns
-        return m.ConversationDetail(conversation=detail.conversation, turns=turns)
+    def conversation(self, conversation_id: str, context: bool = False) -> m.ConversationDetail:
+        """The conversation and all its turns (fetched page by page); with ``context``, the context in use on
+        the loaded model too (``context_used`` of ``context_limit`` tokens; None without a limit)."""
+        return self._whole(self.request(m.GetConversation(conversation_id=conversation_id, branches=True,
+                                                          context=context)))
 
     def find(self, query: str, limit: int = 10) -> list[m.ConversationInfo]:
         """The conversations ``query`` names: the one with that id; else those with that title; else those whose
@@ -307,7 +301,14 @@ class Client:
             turns += page.turns
         return m.BranchList(turns=turns, leaf=first.leaf, total=first.total)
 
+    def context(self, conversation_id: str) -> tuple[int | None, int | None]:
+        """``(used, limit)``: tokens of the conversation's context in use on the loaded model (what its next
+        message starts from) and the model's context limit; ``(None, None)`` without a model or a limit."""
+        d = self.request(m.GetConversation(conversation_id=conversation_id, context=True))
+        return d.context_used, d.context_limit
+
     def _whole(self, detail: m.ConversationDetail) -> m.ConversationDetail:
+        """``detail`` with the rest of its turns, fetched page by page (its context fields kept)."""
         turns = list(detail.turns)
         while turns and len(turns) < detail.conversation.turns:
             page = self.request(m.GetConversation(conversation_id=detail.conversation.id,
@@ -315,16 +316,21 @@ class Client:
             if not page.turns:
                 break
             turns += page.turns
-        return m.ConversationDetail(conversation=detail.conversation, turns=turns)
+        return m.ConversationDetail(conversation=detail.conversation, turns=turns, context_used=detail.context_used,
+                                    context_limit=detail.context_limit)
 
-    def switch_branch(self, conversation_id: str, turn: int, step: int = 0) -> m.ConversationDetail:
+    def switch_branch(self, conversation_id: str, turn: int, step: int = 0,
+                      context: bool = False) -> m.ConversationDetail:
         """Choose the sibling ``step`` places from the turn ``turn`` (and the newest path below it); returns
-        the conversation with its new path."""
-        return self._whole(self.request(m.SwitchBranch(conversation_id=conversation_id, turn=turn, step=step)))
+        the conversation with its new path (``context``: and its context in use, as :meth:`conversation`)."""
+        return self._whole(self.request(m.SwitchBranch(conversation_id=conversation_id, turn=turn, step=step,
+                                                       context=context)))
 
-    def delete_branch(self, conversation_id: str, turn: int) -> m.ConversationDetail:
-        """Delete the turn ``turn`` and every turn below it (their states too); returns the conversation left."""
-        return self._whole(self.request(m.DeleteBranch(conversation_id=conversation_id, turn=turn)))
+    def delete_branch(self, conversation_id: str, turn: int, context: bool = False) -> m.ConversationDetail:
+        """Delete the turn ``turn`` and every turn below it (their states too); returns the conversation left
+        (``context``: and its context in use, as :meth:`conversation`)."""
+        return self._whole(self.request(m.DeleteBranch(conversation_id=conversation_id, turn=turn,
+                                                       context=context)))
 
     def draft(self, conversation_id: str, text: str) -> None:
         """The draft of the next message of ``conversation_id`` as typed so far ("" clears it): the daemon may

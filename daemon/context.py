@@ -19,6 +19,11 @@ turn needs, and what happens when it does not get it, is ``[model] context_polic
   ``dropped_turns``. A message that does not fit even alone fails as under "error".
 
 A raw completion has no history to drop: it fails when its prompt does not fit, and is cut at the limit.
+
+What a chat turn reads before its message (:func:`chat_history`) is one computation for the turn itself and for
+the context use a conversation reports before its next turn (:func:`conversation_used`, in
+``GetConversation(context=True)``): the tokens the starting state consumed (a saved state's ``token_count``; 0
+for the zero state) plus the history re-read after it — the number the next Done's ``context_used`` starts from.
 """
 
 from __future__ import annotations
@@ -26,6 +31,79 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 POLICIES = ("error", "truncate")
+
+
+def exchanges(turns) -> tuple[list[tuple[str, str]], list[int]]:
+    """The completed exchanges of a path of turns (``TurnInfo``, root first, user and reply alternating):
+    ``(pairs, replies)`` — (user text, reply text) of each, and the stored index of each reply. A last user
+    turn without its reply is left out."""
+    pairs = [(turns[i].text, turns[i + 1].text) for i in range(0, len(turns) - 1, 2)]
+    replies = [turns[i + 1].index for i in range(0, len(turns) - 1, 2)]
+    return pairs, replies
+
+
+@dataclass
+class History:
+    """What a chat turn reads before its message (:func:`chat_history`): ``tokens``, read after the starting
+    state; ``resumed``: that state is the resumed one (else the zero state); ``shared``: the first ``shared`` of
+    ``tokens`` are the system prompt's transcript, whose state the shared prompt cache may hold (0: none)."""
+
+    tokens: list[int]
+    resumed: bool
+    shared: int = 0
+
+
+def chat_history(tok, template, system_prompt: str, pairs: list[tuple[str, str]], resumed: int | None,
+                 share: bool) -> History:
+    """The history a chat turn reads before its message.
+
+    Args:
+        tok, template: the model's tokenizer and chat template.
+        system_prompt, pairs: the conversation (pairs = its completed exchanges, (user text, reply text)).
+        resumed: exchanges of ``pairs`` a saved state consumed (None: no state to resume from).
+        share: whether the system prompt's state may come from (or go to) the shared prompt cache.
+    Returns:
+        The transcript after the resumed state's exchanges, tokenized; where there is no resumed state or its
+        transcript is no longer a prefix of the whole, the whole transcript from the zero state — with
+        ``share``, the system prompt's transcript tokenized on its own first (``shared`` tokens).
+    """
+    full = template.transcript(system_prompt, pairs)
+
+    def rest(head: str) -> list[int]:
+        return tok.encode(full[len(head):]) if len(full) > len(head) else []
+
+    if resumed is not None:
+        head = template.transcript(system_prompt, pairs[:resumed])
+        if full.startswith(head):
+            return History(rest(head), True)
+    head = template.transcript(system_prompt, []) if share and system_prompt else ""
+    if head and full.startswith(head):
+        shared = tok.encode(head)
+        return History(shared + rest(head), False, len(shared))
+    return History(rest(""), False)
+
+
+def conversation_used(conversation, turns, *, model, tok, template, sessions) -> int:
+    """Tokens of a conversation's context in use before its next message: what the next chat turn on ``model``
+    finds consumed when its message starts (that turn's Done ``context_used`` is this plus the message's,
+    the reply's and the closing text's tokens), where it drops no turns (policy "truncate").
+
+    Args:
+        conversation: its ``ConversationInfo`` (``id``, ``system_prompt``). turns: its chosen path
+            (``Store.turns``). model, tok, template: the loaded model, its tokenizer and chat template.
+        sessions: the daemon's ``Sessions`` (:meth:`~rwkv_chat.daemon.sessions.Sessions.peek` finds the state
+            the turn would resume from, reading only state-file metadata; ``prompts`` set: the system prompt's
+            state is shared).
+    Returns:
+        The resumed state's ``token_count`` (0 for the zero state) plus the tokens of the history read after
+        it (:func:`chat_history`).
+    """
+    pairs, replies = exchanges(turns)
+    found = sessions.peek(model, conversation.id, conversation.system_prompt, pairs, replies)
+    n, count = found if found is not None else (None, 0)
+    h = chat_history(tok, template, conversation.system_prompt, pairs, n,
+                     share=getattr(sessions, "prompts", None) is not None)
+    return (count if h.resumed else 0) + len(h.tokens)
 
 
 class ContextLimitExceeded(ValueError):

@@ -169,7 +169,7 @@ class Generation:
         from rwkv_chat.models.text.sampling import Sampler
         from rwkv_chat.models.text.tokenizers import IncrementalDecoder
 
-        from .context import fit_chat, fit_complete, limit_of
+        from .context import chat_history, exchanges, fit_chat, fit_complete, limit_of
 
         model, tok, template = self.host.need()
         req = self.request
@@ -201,20 +201,23 @@ class Generation:
                 user, before = redo_target(store, cid, self.mode, req.turn)
                 message = user.text if self.mode == "regenerate" else req.text
                 self.parent, self.user_index = user.parent, user.index if self.mode == "regenerate" else None
-            self.pairs = [(before[i].text, before[i + 1].text) for i in range(0, len(before) - 1, 2)]
-            self.replies = [before[i + 1].index for i in range(0, len(before) - 1, 2)]
+            self.pairs, self.replies = exchanges(before)
             self.system_prompt, self.base_n = conv.system_prompt, len(self.pairs)
             resume = self.sessions.resume(model, cid, conv.system_prompt, self.pairs, self.replies)
-            full = template.transcript(conv.system_prompt, self.pairs)
-            head = template.transcript(conv.system_prompt, self.pairs[:resume.n]) if resume.state is not None else ""
-            if resume.state is None or not full.startswith(head):
-                resume.state, resume.sampler, resume.n, head = None, None, 0, ""
-            shared: list[int] = []
-            if resume.state is None:            # from the start: the system prompt's state may be shared
-                resume.state, head, shared = self._shared_prefix(model, tok, template, conv.system_prompt, full)
+            prompts = getattr(self.sessions, "prompts", None)
+            h = chat_history(tok, template, conv.system_prompt, self.pairs,
+                             resume.n if resume.state is not None else None, share=prompts is not None)
+            if not h.resumed:
+                resume.state, resume.sampler, resume.n = None, None, 0
+            history = h.tokens
+            if h.shared:                        # from the start: the system prompt's state may be shared
+                cached = prompts.get(model, history[:h.shared])
+                if cached is not None:
+                    resume.state, self.cached, history = cached, h.shared, history[h.shared:]
+                else:
+                    self.cache_at, self.cache_tokens = h.shared, history[:h.shared]
             self.state = resume.state if resume.state is not None else model.zero_state()
             sampler_sd, self.resumed_n = resume.sampler, resume.n
-            history = shared + (tok.encode(full[len(head):]) if len(full) > len(head) else [])
             self.prompt = history + tok.encode(template.prompt(message))
             drafts = getattr(self.sessions, "drafts", None)
             if drafts is not None and self.mode == "chat" and not history:     # read ahead while typed?
@@ -269,23 +272,6 @@ class Generation:
         self.emit(self.topic, m.Started(job_id=self.id, kind=self.kind, conversation_id=self.conversation_id,
                                         message=m.clip_bytes(self.user_text, m.MAX_EVENT_TEXT)[0],
                                         cached_tokens=self.cached if self.kind == "messages" else 0))
-
-    def _shared_prefix(self, model, tok, template, system_prompt: str, full: str):
-        """For a chat read from its start: ``(state, head, tokens)`` — the shared state after the system prompt
-        (``head``, its text) when the prompt cache has it (``tokens`` empty; ``cached`` counts them), else
-        ``(None, head, tokens)`` with the prompt's tokens, to be read first and their state shared once read
-        (``cache_at``); ``(None, "", [])`` without a system prompt or a cache."""
-        prompts = getattr(self.sessions, "prompts", None)
-        head = template.transcript(system_prompt, []) if system_prompt else ""
-        if prompts is None or not head or not full.startswith(head):
-            return None, "", []
-        tokens = tok.encode(head)
-        state = prompts.get(model, tokens)
-        if state is not None:
-            self.cached = len(tokens)
-            return state, head, []
-        self.cache_at, self.cache_tokens = len(tokens), tokens
-        return None, head, tokens
 
     def prefill_chunk(self) -> None:
         """Feed the next ``chunk_len`` prompt tokens; emit Progress; phase -> "decode" after the last chunk."""

@@ -17,7 +17,9 @@ import time
 from typing import Callable
 
 from .branches import delete_branch, export_conversation, redo_target, switch_branch, tree_page
+from .context import conversation_used, limit_of
 from .generation import Job
+from .host import NoModel
 from .protocol import codec as p
 from .protocol import messages as m
 from .protocol.messages import (EXPORT_PAGE_CHARS, MAX_PAGE, TURN_PAGE_BYTES, check_conversation_id, check_request,
@@ -66,13 +68,33 @@ def _settings(server, sampling: m.SamplingSettings) -> dict:
     return given
 
 
-def _detail(server, cid: str, turn_offset: int = 0, branches: bool = True) -> m.ConversationDetail:
+def _detail(server, cid: str, turn_offset: int = 0, branches: bool = True,
+            context: bool = False) -> m.ConversationDetail:
     """A conversation and a page of its chosen path; without ``branches`` the turns leave their place in the
-    tree out (a client that does not know those fields reads them)."""
+    tree out (a client that does not know those fields reads them); with ``context``, the context in use
+    (:func:`_context`)."""
     turns = server.store.turns_page(cid, turn_offset, TURN_PAGE_BYTES)
     if not branches:
         turns = [msgspec.structs.replace(t, parent=-1, branch=0, branches=1) for t in turns]
-    return m.ConversationDetail(conversation=server.store.get_bounded(cid), turns=turns)
+    used, limit = _context(server, cid) if context else (None, None)
+    return m.ConversationDetail(conversation=server.store.get_bounded(cid), turns=turns, context_used=used,
+                                context_limit=limit)
+
+
+def _context(server, cid: str) -> tuple[int | None, int | None]:
+    """``(used, limit)`` tokens of the conversation's context on the loaded model
+    (:func:`~rwkv_chat.daemon.context.conversation_used`: saved states' metadata, the tokenizer on the
+    history no state covers); ``(None, None)`` without a model or without a context limit."""
+    try:
+        model, tok, template = server.host.need()
+    except NoModel:
+        return None, None
+    limit = limit_of(model, server.config.model.context_limit)
+    if not limit or tok is None or template is None:
+        return None, None
+    used = conversation_used(server.store.get(cid), server.store.turns(cid), model=model, tok=tok,
+                             template=template, sessions=server.sessions)
+    return used, limit
 
 
 def memory() -> dict:
@@ -199,7 +221,7 @@ def _list(server, msg):
 
 @handles(m.GetConversation)
 def _get(server, msg):
-    return _detail(server, msg.conversation_id, msg.turn_offset, msg.branches), []
+    return _detail(server, msg.conversation_id, msg.turn_offset, msg.branches, msg.context), []
 
 
 @handles(m.FindConversation)
@@ -272,14 +294,14 @@ def _branches(server, msg):
 @handles(m.SwitchBranch)
 def _switch_branch(server, msg):
     switch_branch(server.store, msg.conversation_id, msg.turn, msg.step)
-    return _detail(server, msg.conversation_id), []
+    return _detail(server, msg.conversation_id, context=msg.context), []
 
 
 @handles(m.DeleteBranch)
 def _delete_branch(server, msg):
     delete_branch(server.store, msg.conversation_id, msg.turn)
     server.sessions.drop(msg.conversation_id)
-    return _detail(server, msg.conversation_id), []
+    return _detail(server, msg.conversation_id, context=msg.context), []
 
 
 @handles(m.GetState)

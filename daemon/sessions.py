@@ -9,13 +9,15 @@ every committed state is also on disk (``Store.state_path``, one folder per mode
 of its stored exchanges (the digest it recorded is that prefix's, :func:`~rwkv_chat.daemon.store.transcript_digest`):
 the caller feeds the rest of the transcript. A state file that cannot be read (corrupt, a field missing or of
 the wrong type, another model's) is set aside with a warning and reported; the conversation then resumes from an
-older state or the zero state, re-reading its history.
+older state or the zero state, re-reading its history. :meth:`Sessions.peek` finds the same state without
+loading it (the in-memory one, or a state file's header): the context a conversation has in use
+(``rwkv_chat.daemon.context.conversation_used``).
 
 :attr:`Sessions.prefix` is the :class:`~rwkv_chat.daemon.prefix_cache.PrefixCache` of stateless chat requests
 (``[daemon] prefix_cache_bytes``), cleared with the rest.
 
-Used by the scheduler thread; :meth:`Sessions.drop` and :meth:`Sessions.clear` may come from the server
-thread too (a lock guards the table).
+Used by the scheduler thread; :meth:`Sessions.drop`, :meth:`Sessions.clear` and :meth:`Sessions.peek` may
+come from the server thread too (a lock guards the table).
 """
 
 from __future__ import annotations
@@ -140,34 +142,86 @@ class Sessions:
         turns)."""
         from rwkv_chat.models.errors import StateError
 
-        fp = model.fingerprint
         with self._lock:
-            e = self._lru.get(cid)
-            if (e is not None and e.state.fingerprint == fp and e.n <= len(pairs)
-                    and e.digest == transcript_digest(system_prompt, pairs[:e.n])):
-                self._lru.move_to_end(cid)
+            e = self._entry(model.fingerprint, cid, system_prompt, pairs)
+            if e is not None:
                 if e.spilled:
                     e.state, e.spilled = _restore(e.state, e.placement), False
                     self._shrink()
                 return Resume(e.state.clone(), e.sampler, e.n)
         out = Resume()
+
+        def read(path):
+            state = model.load_state(path)
+            return (state, sampler_from_meta(state.metadata, path)), state.metadata
+
+        def unreadable(path, err: StateError) -> None:
+            log.warning("conversation %s: %s; set aside, the state is rebuilt from the turns", cid, err)
+            out.problems.append(str(err))
+            path.unlink(missing_ok=True)
+
+        n, got = self._newest(model.fingerprint, cid, system_prompt, pairs, replies, read, unreadable)
+        if got is not None:
+            (out.state, out.sampler), out.n = got, n
+        return out
+
+    def peek(self, model, cid: str, system_prompt: str, pairs: list[tuple[str, str]],
+             replies: list[int]) -> tuple[int, int] | None:
+        """Where :meth:`resume` would resume ``cid`` on ``model`` (same arguments), without loading a state:
+        ``(n, token_count)`` of the state it finds — the in-memory one, else the newest matching state file,
+        of which only the metadata is read — or None (the zero state). A file whose metadata cannot be read is
+        passed over (and left for :meth:`resume` to set aside); one whose tensors are damaged counts here
+        though :meth:`resume` would pass over it. Any thread."""
+        from rwkv_chat.models.errors import StateError
+        from rwkv_chat.models.state import read_header
+
+        fp = model.fingerprint
+        with self._lock:
+            e = self._entry(fp, cid, system_prompt, pairs, touch=False)
+            if e is not None:
+                return e.n, e.state.token_count
+
+        def read(path):
+            fingerprint, count, meta = read_header(path)
+            if fingerprint != fp:
+                raise StateError(f"state file {path} is another model's ({fingerprint})")
+            return count, meta
+
+        n, count = self._newest(fp, cid, system_prompt, pairs, replies, read, lambda path, err: None)
+        return None if count is None else (n, count)
+
+    def _entry(self, fp: str, cid: str, system_prompt: str, pairs: list[tuple[str, str]],
+               touch: bool = True) -> Entry | None:
+        """The in-memory state of ``cid`` when it is of the model ``fp`` and consumed a prefix of ``pairs``
+        (moved to the newest end with ``touch``); None otherwise. Called with the lock held."""
+        e = self._lru.get(cid)
+        if (e is not None and e.state.fingerprint == fp and e.n <= len(pairs)
+                and e.digest == transcript_digest(system_prompt, pairs[:e.n])):
+            if touch:
+                self._lru.move_to_end(cid)
+            return e
+        return None
+
+    def _newest(self, fp: str, cid: str, system_prompt: str, pairs: list[tuple[str, str]], replies: list[int],
+                read, unreadable) -> tuple[int, object]:
+        """The newest state file of ``cid`` on the model ``fp`` whose digest is that of the exchanges before it:
+        ``(n, read(path)[0])``, or ``(0, None)``. ``read(path) -> (value, metadata)`` raises StateError for a file
+        it cannot use, which ``unreadable(path, error)`` is told of (the search goes on with older files)."""
+        from rwkv_chat.models.errors import StateError
+
         for n in range(min(len(pairs), len(replies)), 0, -1):
             path = self.store.state_path(cid, replies[n - 1], fp)
             if not path.is_file():
                 continue
             try:
-                state = model.load_state(path)
-                sampler = sampler_from_meta(state.metadata, path)
+                value, meta = read(path)
             except StateError as err:
-                log.warning("conversation %s: %s; set aside, the state is rebuilt from the turns", cid, err)
-                out.problems.append(str(err))
-                path.unlink(missing_ok=True)
+                unreadable(path, err)
                 continue
-            if state.metadata.get(DIGEST_KEY) != transcript_digest(system_prompt, pairs[:n]):
+            if meta.get(DIGEST_KEY) != transcript_digest(system_prompt, pairs[:n]):
                 continue                 # it consumed turns that were replaced since
-            out.state, out.sampler, out.n = state, sampler, n
-            break
-        return out
+            return n, value
+        return 0, None
 
     def put(self, cid: str, state: State, sampler: dict | None, n: int, digest: str) -> None:
         """Remember ``state`` (the daemon's copy; callers keep using their own) as the newest of ``cid``: after

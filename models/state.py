@@ -14,7 +14,8 @@ the ``rwkv`` pip package, a State also behaves as that package's flat list of te
 On disk (``save``/``load``) every tensor is float32 in a safetensors file whose metadata records the
 format, RWKV version, model fingerprint, token count and the caller's own entries; the write is atomic
 (temporary file, fsync, rename), so a crash never leaves a half-written state. The file format and its
-reader: :mod:`rwkv_chat.models.state_file`.
+reader: :mod:`rwkv_chat.models.state_file`; :func:`read_header` reads what a state file records without its
+tensors (any family's: a transformer's KV cache state too).
 """
 
 from __future__ import annotations
@@ -27,6 +28,15 @@ import torch
 
 from rwkv_chat.models.errors import StateError
 from rwkv_chat.models.state_file import FORMAT, merged_metadata, open_state_file, write_atomic
+
+
+def read_header(path: str | os.PathLike) -> tuple[str, int, dict[str, str]]:
+    """``(fingerprint, token_count, metadata)`` of the state file ``path`` — the model's fingerprint, the tokens
+    the state consumed, all of its str -> str metadata — read without loading a tensor (any family's state file:
+    ``State`` or a family's own, e.g. a KV cache). Raises StateError as ``open_state_file`` does (missing file,
+    another format, a common metadata field missing or malformed, a corrupt header)."""
+    with open_state_file(path) as sf:
+        return sf.fingerprint, sf.token_count, dict(sf.meta)
 
 
 class State:

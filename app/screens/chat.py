@@ -36,6 +36,12 @@ SWITCH = Binding.Group("Conversation", compact=True)     # the footer shows "^â†
 LOAD_KEY = "Ctrl+L"
 
 
+def _fingerprint(status: dict) -> str | None:
+    """The loaded model's fingerprint in a status reply (None while none is loaded)."""
+    model = status.get("model") or {}
+    return model.get("fingerprint") if model.get("loaded") else None
+
+
 class ChatScreen(ConversationActions, DraftSender, Screen):
     AUTO_FOCUS = "#input"
     BINDINGS = [
@@ -73,6 +79,8 @@ class ChatScreen(ConversationActions, DraftSender, Screen):
         self.resume_unsaid: str | None = None  # conversation opened before the model's fingerprint was known
         self.action = ""                     # what this window's generation does: "send", "regenerate", "edit"
         self.hidden_turns = 0                # stored turns of the open conversation not drawn (older ones)
+        self.context_seq = 0                 # bumped by each conversation opened and each Done shown
+        self.context_model: tuple | None = None   # (conversation, model fingerprint) whose context was asked
 
     def compose(self) -> ComposeResult:
         with Horizontal(id="main"):
@@ -188,6 +196,9 @@ class ChatScreen(ConversationActions, DraftSender, Screen):
         self._note_family(status)
         self._model_sampling(status)
         self._say_resume((status.get("model") or {}).get("fingerprint"))
+        fp = _fingerprint(status)
+        if fp and self.cid in self.infos and self.context_model != (self.cid, fp) and not self.busy():
+            self.refresh_context()           # a model loaded (or another one) since the conversation opened
 
     def _say_resume(self, fingerprint: str | None) -> None:
         """Tell how the open conversation resumes, once the loaded model's fingerprint is known."""
@@ -247,6 +258,7 @@ class ChatScreen(ConversationActions, DraftSender, Screen):
             if event.tokens_per_s and event.reason != "cancelled":
                 self.status_bar.set_speed(event.tokens_per_s)
             if event.context_limit:
+                self.context_seq += 1        # newer than any context use asked for before
                 self.status_bar.set_context(event.context_used, event.context_limit)
             self.refresh_conversations()
             self.sync()
@@ -300,12 +312,37 @@ class ChatScreen(ConversationActions, DraftSender, Screen):
         if self.bubble is not None and self.cid != cid:
             self.end_generation(None, "(switched away; the reply continues in the daemon)")
         if self.cid != cid:
-            self.status_bar.set_context(None, None)    # known again after this conversation's next reply
+            self.status_bar.set_context(None, None)    # this conversation's comes with it
         self.cid = cid
         self.job = None
         self.app.watch_topic = cid
         self.query_one(Sidebar).highlight(cid)
-        self.app.request("open", lambda c: c.conversation(cid), self._show_detail)
+        self.context_seq += 1
+        self.context_model = (cid, _fingerprint(self.app.status))
+        show_context = self.context_shower()
+
+        def opened(detail) -> None:
+            self._show_detail(detail)
+            show_context(detail.context_used, detail.context_limit)
+
+        self.app.request("open", lambda c: c.conversation(cid, context=True), opened)
+
+    def context_shower(self):
+        """``show(used, limit)``: shows the open conversation's context use in the status bar, unless another
+        conversation was opened or a Done told a newer one since this was made."""
+        cid, seq = self.cid, self.context_seq
+
+        def show(used: int | None, limit: int | None) -> None:
+            if self.cid == cid and self.context_seq == seq:
+                self.status_bar.set_context(used, limit)
+        return show
+
+    def refresh_context(self) -> None:
+        """Ask the daemon for the open conversation's context use on the loaded model; show it."""
+        cid = self.cid
+        self.context_model = (cid, _fingerprint(self.app.status))
+        show = self.context_shower()
+        self.app.request("context use", lambda c: c.context(cid), lambda got: show(*got))
 
     def _show_detail(self, detail, announce: bool = True) -> list[MessageBox]:
         """Draw the conversation ``detail`` (its last ``SHOWN_TURNS`` turns); returns the messages drawn."""

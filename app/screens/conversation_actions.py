@@ -29,7 +29,8 @@ def export_path(data_dir, title: str, cid: str, fmt: str):
 
 
 class ConversationActions:
-    """Mixin: needs ``cid``, ``infos``, ``busy()``, ``generate()``, ``open_conversation()``, ``notice()``."""
+    """Mixin: needs ``cid``, ``infos``, ``busy()``, ``generate()``, ``open_conversation()``, ``notice()``,
+    ``context_shower()``."""
 
     def _need_idle(self) -> bool:
         if self.busy():
@@ -170,17 +171,19 @@ class ConversationActions:
         msgs = self.log_view.messages()
         depth = msgs.index(box) + self.hidden_turns if box in msgs else -1     # its place in the path
         focused = box.has_focus
+        show_context = self.context_shower()
 
         def shown(detail) -> None:
             if self.cid != cid or self.busy():
                 return
             now = self._show_detail(detail, announce=False)
+            show_context(detail.context_used, detail.context_limit)
             i = depth - self.hidden_turns                 # the sibling shown now, at the same place
             if depth >= 0 and 0 <= i < len(now):
                 now[i].focus_when_mounted = focused       # ←/→ on a message: on the sibling shown
                 self.notify(f"branch {now[i].branch + 1}/{now[i].branches} · 0 tokens re-read", timeout=2)
 
-        self.app.request("switch branch", lambda c: c.switch_branch(cid, box.turn, event.step), shown)
+        self.app.request("switch branch", lambda c: c.switch_branch(cid, box.turn, event.step, context=True), shown)
 
     def on_message_box_delete_branch(self, event) -> None:
         """Delete on a message with siblings: delete its branch (it, what follows it and their saved states),
@@ -193,8 +196,13 @@ class ConversationActions:
 
         def answer(yes) -> None:
             if yes and self.cid == cid and not self.busy():
-                self.app.request("delete branch", lambda c: c.delete_branch(cid, turn),
-                                 lambda detail: self._show_detail(detail, announce=False))
+                show_context = self.context_shower()
+
+                def shown(detail) -> None:
+                    self._show_detail(detail, announce=False)
+                    show_context(detail.context_used, detail.context_limit)
+
+                self.app.request("delete branch", lambda c: c.delete_branch(cid, turn, context=True), shown)
 
         self.app.push_screen(Confirm(f"Delete this branch ({box.branch + 1} of {box.branches}) and what follows "
                                      "it? The other branches stay."), answer)

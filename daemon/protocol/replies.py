@@ -106,11 +106,19 @@ class ConversationList(Msg):
     offset: int = 0
 
 
-class ConversationDetail(Msg):
-    """A conversation and a page of its turns (``conversation.turns`` of them in all)."""
+class ConversationDetail(Msg, omit_defaults=True):
+    """A conversation and a page of its turns (``conversation.turns`` of them in all).
+
+    Where the request asked for it (``context``) and the loaded model has a context limit: ``context_used``,
+    the tokens of the conversation's chosen path the model has consumed — what its next message starts from
+    (its Done's ``context_used`` before the message's own tokens; ``rwkv_chat.daemon.context``) — of
+    ``context_limit`` tokens. Else both None, and not sent (fields at their defaults are not: a client that
+    knows neither reads the rest)."""
 
     conversation: ConversationInfo
     turns: list[TurnInfo]
+    context_used: int | None = None
+    context_limit: int | None = None
 
 
 class BranchList(Msg):

@@ -126,13 +126,17 @@ class ListConversations(Msg):
     limit: int = 0
 
 
-class GetConversation(Msg):
+class GetConversation(Msg, omit_defaults=True):
     """A conversation and a page of its turns: from the turn with index ``turn_offset``, as many as fit in
     :data:`TURN_PAGE_BYTES` of text (at least one)."""
 
     conversation_id: str
     turn_offset: int = 0
     branches: bool = False        # each turn with its place in the tree (parent, branch, branches)
+    # with the context in use (ConversationDetail.context_used / context_limit); fields at their defaults are not
+    # sent (here and in SwitchBranch, DeleteBranch), so a daemon that knows no ``context`` reads a request
+    # that does not ask
+    context: bool = False
 
 
 class FindConversation(Msg):
@@ -188,21 +192,23 @@ class ListBranches(Msg):
     offset: int = 0
 
 
-class SwitchBranch(Msg):
+class SwitchBranch(Msg, omit_defaults=True):
     """Choose the sibling ``step`` places after (negative: before) the turn ``turn`` (0: that turn; clamped to
     the first and last) and the newest path below it. Reply: ConversationDetail of the new path."""
 
     conversation_id: str
     turn: int
     step: int = 0
+    context: bool = False         # with the context in use of the new path (as GetConversation.context)
 
 
-class DeleteBranch(Msg):
+class DeleteBranch(Msg, omit_defaults=True):
     """Delete the turn ``turn`` and every turn below it, with their saved states (a reply that is its
     message's only one takes that message along); the rest is kept. Reply: ConversationDetail."""
 
     conversation_id: str
     turn: int
+    context: bool = False         # with the context in use of the path left (as GetConversation.context)
 
 
 class GetState(Msg):

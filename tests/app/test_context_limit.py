@@ -88,3 +88,83 @@ async def test_a_qwen2_folder_in_the_tui(tmp_path, shared_dir, home_env):
             assert isinstance(reply, AssistantMessage) and reply.who == "Qwen"
     finally:
         daemon.stop()
+
+
+@async_test
+async def test_an_opened_conversation_shows_its_context_in_use(tmp_path, shared_dir, home_env):
+    """After a restart of the daemon, the conversation the TUI opens (and one switched to) shows the context its
+    last reply's Done reported, before any new reply."""
+    from ..daemon.conftest import TINY_QWEN, write_qwen_folder
+
+    folder = write_qwen_folder(tmp_path / "qwen", shared_dir)
+    limit = TINY_QWEN["max_position_embeddings"]
+    paths = make_home(tmp_path / "home", folder, max_tokens=8)
+    daemon = start_daemon(paths, folder)
+    try:
+        app = make_app(daemon)
+        last = {}
+        async with app.run_test(size=(140, 30)) as pilot:
+            await ready(pilot, app)
+            for first, second in (("Hello there", "What next?"), ("Hi", "And then?")):
+                await pilot.press("ctrl+n")                     # a new conversation
+                await wait_for(pilot, lambda: app.chat.cid is not None and app.chat.cid not in last,
+                               what="a new conversation")
+                await send(pilot, app, first)
+                done = await send(pilot, app, second)
+                last[app.chat.cid] = done.context_used
+        assert len(last) == 2 and all(last.values())
+        daemon.stop()
+        daemon = start_daemon(paths, folder)
+        app = make_app(daemon)
+        async with app.run_test(size=(140, 30)) as pilot:
+            await ready(pilot, app)
+            bar = app.chat.query_one(StatusBar)
+            await wait_for(pilot, lambda: app.chat.cid in last, what="the last conversation opened")
+            opened = app.chat.cid
+            app_cids = [opened]
+            for step in (1, None):
+                cid = app.chat.cid
+                shown = f"ctx {last[cid]:,}/{limit:,}"
+                await wait_for(pilot, lambda: bar.context == shown, what=f"{shown} in the status bar")
+                assert shown in str(bar.render()) and app.chat.last_done is None     # no reply since
+                if step is not None:                            # switch to the other conversation
+                    app.chat.action_switch_conversation(step)
+                    await wait_for(pilot, lambda: app.chat.cid != cid, what="the other conversation")
+                    app_cids.append(app.chat.cid)
+            assert sorted(app_cids) == sorted(last) and last[app_cids[0]] != last[app_cids[1]]
+        # opened before the model loads: shown once it has
+        daemon.stop()
+        cfg = load_config(paths.config_file)
+        cfg.model.path = ""
+        save_config(cfg, paths.config_file)
+        daemon = start_daemon(paths, None)
+        app = make_app(daemon)
+        async with app.run_test(size=(140, 30)) as pilot:
+            await ready(pilot, app)
+            bar = app.chat.query_one(StatusBar)
+            await wait_for(pilot, lambda: app.chat.cid in last, what="the last conversation opened")
+            await pilot.pause(0.3)
+            assert "ctx" not in bar.context
+            list(daemon.client.load(str(folder), "cpu fp32"))
+            shown = f"ctx {last[app.chat.cid]:,}/{limit:,}"
+            await wait_for(pilot, lambda: bar.context == shown, what=f"{shown} once the model loaded")
+    finally:
+        daemon.stop()
+
+
+@async_test
+async def test_no_context_part_for_a_model_without_a_limit(fresh_daemon):
+    """The RWKV model (no context limit): an opened conversation with exchanges shows no ctx part."""
+    from rwkv_chat.app.widgets.chat_log import AssistantMessage
+
+    for message in ("Hello there", "What next?"):
+        assert list(fresh_daemon.client.chat("rwkv", message))[-1].context_limit is None
+    app = make_app(fresh_daemon)
+    async with app.run_test(size=(140, 30)) as pilot:
+        await ready(pilot, app)
+        await wait_for(pilot, lambda: app.chat.cid == "rwkv" and isinstance(app.chat.log_view.last("assistant"),
+                                                                           AssistantMessage),
+                       what="the conversation opened")
+        await pilot.pause(0.3)
+        bar = app.chat.query_one(StatusBar)
+        assert bar.context == "" and "ctx" not in str(bar.render())
