@@ -187,7 +187,8 @@ class Generation:
             from . import stateless
 
             args = stateless.start(self, model, tok, template, given)
-            room = fit_complete(limit=self.limit, prompt=self.prompt) if self.limit else None
+            closing = len(tok.encode(template.stop)) if template.stop else 0
+            room = fit_complete(limit=self.limit, prompt=self.prompt, closing=closing) if self.limit else None
         else:
             store, cid = self.store, self.conversation_id
             if self.mode == "chat" and not store.exists(cid):     # made now, with a model to answer
