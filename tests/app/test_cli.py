@@ -200,6 +200,29 @@ def test_bench_on_cpu(model_path, capsys):
     for gpu_only in ("cublas", "copy bandwidth", "% of copy"):
         assert gpu_only not in out
 
+def test_bench_of_a_qwen2_folder_given_to_model(tmp_path, shared_dir, capsys):
+    """A folder given to ``--model`` is a Hugging Face checkpoint: measured as ``--family qwen2`` would."""
+    from ..daemon.conftest import write_qwen_folder
+
+    folder = write_qwen_folder(tmp_path / "qwen", shared_dir)
+    assert cli.main(["bench", "--model", str(folder), "--no-peer", "--tokens", "2", "--prompt-len", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "--family qwen2" in out and "decode b=1" in out and "prefill 4" in out
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--model", "MISSING.pth"], "not found"),
+    (["--shape", "0.1B", "--strategy", "cpu fp32i3"], "'i3'"),
+    (["--family", "qwen2", "--model", "MISSING"], "not a folder"),
+    (["--family", "qwen2", "--shape", "tiny", "--strategy", "cuda:0 bf16 -> cpu"], "strategy"),
+])
+def test_bench_mistakes_are_one_line(tmp_path, args, words, capsys):
+    args = [str(tmp_path / a) if a.startswith("MISSING") else a for a in args]
+    assert cli.main(["bench", *args]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("rwkv-chat bench: ") and words in err, err
+
+
 def test_bench_without_the_reference_package(monkeypatch, capsys):
     """One line, before anything is measured (the package is hidden: ``import rwkv`` fails)."""
     monkeypatch.setitem(sys.modules, "rwkv", None)
