@@ -133,3 +133,18 @@ def test_convert_writes_a_gptq_folder_that_loads_without_quantizing(tmp_path):
         bad = subprocess.run([*cli[:-1], str(tmp_path / "x")] + (["--strategy", strategy] if strategy else []),
                              capture_output=True, text=True, timeout=120)
         assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and match in bad.stderr, bad.stderr
+
+
+def test_convert_refuses_an_output_that_is_a_file_or_a_full_folder(tmp_path):
+    """A GPTQ output is a folder: a file there, or a folder with files, is refused in words that say which."""
+    from rwkv_chat.models.qwen2.convert import convert
+
+    src = tmp_path / "float"
+    build("qwen2", seed=7).save_pretrained(src)
+    (tmp_path / "file.safetensors").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match=r"file\.safetensors is a file: .*GPTQ folder"):
+        convert(src, tmp_path / "file.safetensors", "cpu fp32i4")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "a").write_text("a")
+    with pytest.raises(CheckpointError, match="full exists and is not an empty folder"):
+        convert(src, tmp_path / "full", "cpu fp32i4")
