@@ -75,6 +75,7 @@ class TextEditor(_Dialog):
     def on_mount(self) -> None:
         text = self.query_one(TextArea)
         text.move_cursor(text.document.end)       # typing goes on from the end of the text being edited
+        text.focus()                              # the text, not the preset selector above it
 
     @on(Select.Changed, "#preset")
     def _preset(self, event: Select.Changed) -> None:
