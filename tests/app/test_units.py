@@ -111,3 +111,15 @@ def test_what_serves_the_model_in_words():
     assert serving_short(done) == "fused-cpu" and serving(done) == done["backend"]
     failed = {**done, "backend": "eager (torch ops)", "kernels_error": "cpu: build failed (no compiler)"}
     assert serving(failed).endswith("cpu: build failed (no compiler)")
+
+
+def test_the_strategy_help_says_f8_runs_on_the_cpu_too():
+    """f8's device check admits the CPU (an exact emulation), so the help does not call it a GPU-only format."""
+    import torch
+
+    from rwkv_chat.app.texts import STRATEGY_HELP
+    from rwkv_chat.models import formats
+
+    assert formats.get("f8").check_device(torch.device("cpu")) is None
+    clause = " ".join(STRATEGY_HELP.split()).split("f8 (", 1)[1].split(")", 1)[0]
+    assert "CPU" in clause, clause
