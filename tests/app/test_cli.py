@@ -120,6 +120,19 @@ def test_a_failing_chat_leaves_no_daemon_and_no_conversation(tmp_path, home_env)
         assert db.execute("SELECT COUNT(*) FROM conversations").fetchone()[0] == 0
 
 
+def test_a_chat_after_the_configured_model_failed_to_load_says_why(tmp_path, home_env):
+    """The config names a model file that is gone: the chat's refusal names the failed load, not the config
+    key that is set already."""
+    paths = make_home(tmp_path, tmp_path / "gone.pth")
+    try:
+        r = run(paths.home, "chat", "hello")
+        err = r.stderr.strip()
+        assert r.returncode == 1 and len(err.splitlines()) == 1 and "Traceback" not in err, r
+        assert "gone.pth" in err and "failed" in err and "set [model] path" not in err, err
+    finally:
+        run(paths.home, "daemon", "stop")
+
+
 def test_load_shows_one_progress_bar(daemon):
     model = str(daemon.model)
     r = run(daemon.paths.home, "load", model, "--strategy", "cpu fp32")
