@@ -55,7 +55,7 @@ class TextPrompt(_Dialog):
 class TextEditor(_Dialog):
     """Multi-line editor (Ctrl+S or the Save button); ``presets`` adds a preset selector."""
 
-    BINDINGS = [Binding("ctrl+s", "save", "Save", priority=True)]
+    BINDINGS = [Binding("ctrl+s", "save", "Save")]
 
     def __init__(self, title: str, value: str = "", presets: dict[str, str] | None = None) -> None:
         super().__init__()
