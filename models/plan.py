@@ -21,8 +21,9 @@ Need per device = weights + stream buffers + (conversations + 1) states (the mod
 Checkpoints: an RWKV ``.pth`` (``torch.load(map_location="meta")``: tensor shapes and dtypes, no data) or
 ``.safetensors`` (its JSON header); a Hugging Face folder (``config.json`` + ``*.safetensors``) of the Qwen2
 family (matrices in the stage's weight format, norms and biases in the activation dtype, the embedding on
-the first device, ``model.norm`` + ``lm_head`` as the head layer; a tied ``lm_head`` counted as its own copy; a
-GPTQ folder's packed parts counted as i4 bytes as stored).
+the first device, ``model.norm`` + ``lm_head`` as the head layer; a tied ``lm_head`` counted as its own copy
+unless it is the embedding table itself: plain, resident, on the embedding's device and in its dtype; a GPTQ
+folder's packed parts counted as i4 bytes as stored).
 """
 
 from __future__ import annotations
@@ -226,6 +227,15 @@ def _rwkv(w: dict[str, torch.Tensor], strategy: str, context: int | None):
     return plan, layers, states, transfer, whats, desc, None
 
 
+def _shares_embedding(plan: Plan) -> bool:
+    """Whether a tied head is the embedding table itself (its transposed view, as ``qwen2/weights.place`` makes
+    it): a plain, resident head on the embedding's device, in its dtype."""
+    first, head = plan.layers[0], plan.layers[-1]
+    cuda0 = {first.device, head.device} <= {"cuda", "cuda:0"}      # "cuda": the current device, 0 in a new process
+    same = cuda0 or (first.device == head.device and head.device.split(":")[0] in ("cpu", "cuda"))
+    return head.quant is None and not head.stream and same and head.atype == first.atype
+
+
 def _qwen2(folder: Path, strategy: str, context: int | None):
     try:
         cfg = json.loads((folder / "config.json").read_text())
@@ -254,15 +264,16 @@ def _qwen2(folder: Path, strategy: str, context: int | None):
     emb = w["model.embed_tokens.weight"]
     layers[0].append(("emb", "act", emb))
     layers[-1].append(("model.norm.weight", "act", w.get("model.norm.weight", torch.empty(C, device=_META))))
+    tied = "lm_head.weight" not in w and "lm_head.qweight" not in w
     if "lm_head.qweight" in w:                      # a GPTQ folder that quantized its head
         layers[-1] += [(k, "stored", t) for k, t in w.items() if k.startswith("lm_head.") and k.endswith(_GPTQ)]
-    else:
+    elif not (tied and _shares_embedding(plan)):
         layers[-1].append(("head", "matrix", w.get("lm_head.weight", emb).t()))
     ctx = int(cfg.get("max_position_embeddings") or 4096) if context is None else int(context)
     states = [2 * kv * hd * ctx * torch.empty((), dtype=plan.layers[i].atype).element_size() for i in range(L)]
     states.append(0)
     desc = (f"Qwen2, {L} layers, hidden {C}, {heads} heads ({kv} KV) of {hd}, vocab {emb.shape[0]}"
-            f"{', tied head' if 'lm_head.weight' not in w and 'lm_head.qweight' not in w else ''}"
+            f"{', tied head' if tied else ''}"
             f"{', GPTQ 4-bit' if any(k.endswith('.qweight') for k in w) else ''}")
     return plan, layers, states, [C] * (L + 1), ["x"] * (L + 1), desc, ctx
 

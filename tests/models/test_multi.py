@@ -213,6 +213,25 @@ def test_plan_qwen2_folder(tmp_path):
     assert sum(s.state for s in own.stages) == cfg.num_hidden_layers * kv * 4 * cfg.max_position_embeddings // 100
 
 
+@pytest.mark.parametrize("strategy", ["cpu fp32", "cpu fp32i4", "cpu fp32 *2 -> cpu bf16", "cpu bf16 *1 -> cpu fp32"])
+def test_plan_of_a_tied_qwen2_equals_a_real_load(tmp_path, strategy):
+    """A tied head that the load makes the embedding table itself costs nothing of its own; where it cannot be
+    (another dtype), it is counted. Bytes from the loaded model's tensors, the shared table counted once."""
+    transformers = pytest.importorskip("transformers")
+    from rwkv_chat.models.qwen2.model import Qwen2
+
+    cfg = transformers.Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    transformers.Qwen2ForCausalLM(cfg).save_pretrained(tmp_path, safe_serialization=True)
+    m = Qwen2(tmp_path, strategy, kernels=False)
+    table = m.emb.untyped_storage().data_ptr()
+    shared = isinstance(m.head, torch.Tensor) and m.head.untyped_storage().data_ptr() == table
+    loaded = formats.nbytes(m.emb) + formats.nbytes(m.norm) + (0 if shared else formats.nbytes(m.head)) + \
+        sum(formats.nbytes(v) for layer in m.layers for v in layer.values())
+    mp = plan_memory(tmp_path, strategy, free={})
+    assert sum(sum(st.weights.values()) for st in mp.stages) == loaded
+
+
 def test_plan_cli_takes_the_daemons_context_limit(tmp_path, monkeypatch):
     transformers = pytest.importorskip("transformers")
     from rwkv_chat.daemon.config import load_config, save_config
