@@ -266,3 +266,20 @@ def test_a_stateless_chat_cut_at_the_context_limit_ends_with_its_reply(tmp_path,
         assert done.text == greedy(model_file, prompt, done.tokens).strip()
     finally:
         sys_.close()
+
+
+def test_a_refused_first_message_leaves_no_conversation(tmp_path, model_path):
+    """A chat that would make a conversation but is refused (the message beyond the context limit) leaves
+    none behind; a refused message in a conversation that exists leaves that conversation as it was."""
+    config = Config()
+    config.model.context_limit = 40
+    sys_ = InProcess(tmp_path, model_path("7"), config)
+    try:
+        events = sys_.chat("new", "x" * 100, max_tokens=5)
+        assert isinstance(events[-1], m.Failed) and "shorten it" in events[-1].message, events
+        assert not sys_.store.exists("new")
+        assert isinstance(sys_.chat("kept", "Hi", max_tokens=2)[-1], m.Done)
+        assert isinstance(sys_.chat("kept", "x" * 100, max_tokens=5)[-1], m.Failed)
+        assert sys_.store.exists("kept") and len(sys_.store.turns("kept")) == 2
+    finally:
+        sys_.close()
