@@ -227,6 +227,19 @@ def _rwkv(w: dict[str, torch.Tensor], strategy: str, context: int | None):
     return plan, layers, states, transfer, whats, desc, None
 
 
+def _folder_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Name -> meta tensor of every ``*.safetensors`` file of ``folder`` (their headers only)."""
+    w: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        w.update(safetensors_header(f))
+    return w
+
+
+def _gptq(w: dict) -> bool:
+    """Whether a folder's tensors (name -> meta tensor) are a GPTQ checkpoint's (packed ``.qweight`` parts)."""
+    return any(k.endswith(".qweight") for k in w)
+
+
 def _shares_embedding(plan: Plan) -> bool:
     """Whether a tied head is the embedding table itself (its transposed view, as ``qwen2/weights.place`` makes
     it): a plain, resident head on the embedding's device, in its dtype."""
@@ -247,12 +260,14 @@ def _qwen2(folder: Path, strategy: str, context: int | None):
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{folder} has a config.json but no .safetensors weights")
-    w: dict[str, torch.Tensor] = {}
-    for f in files:
-        w.update(safetensors_header(f))
+    w = _folder_tensors(folder)
     if "model.embed_tokens.weight" not in w:
         raise CheckpointError(f"{folder}: no 'model.embed_tokens.weight': not a Qwen2 checkpoint")
     plan = plan_layers(strategy, L)
+    if _gptq(w):                                    # the loader's check: i4 stages only
+        from rwkv_chat.models.qwen2.model import gptq_plan
+
+        plan = gptq_plan(plan, folder, "lm_head.qweight" in w)
     layers: list[list[tuple[str, str, torch.Tensor]]] = [[] for _ in range(L + 1)]
     for key, t in w.items():
         part = key.split(".")[2] if key.startswith("model.layers.") else ""
@@ -274,7 +289,7 @@ def _qwen2(folder: Path, strategy: str, context: int | None):
     states.append(0)
     desc = (f"Qwen2, {L} layers, hidden {C}, {heads} heads ({kv} KV) of {hd}, vocab {emb.shape[0]}"
             f"{', tied head' if tied else ''}"
-            f"{', GPTQ 4-bit' if any(k.endswith('.qweight') for k in w) else ''}")
+            f"{', GPTQ 4-bit' if _gptq(w) else ''}")
     return plan, layers, states, [C] * (L + 1), ["x"] * (L + 1), desc, ctx
 
 
@@ -380,29 +395,35 @@ def suggest(path: str | Path, devices: list[str] | None = None, *, free: dict[st
 
     With GPUs: each GPU in fp16, then fp16i8; the layers split evenly over every GPU (fp16, then fp16i8);
     the first GPU in fp16 streaming from pinned CPU memory with as many resident layers as fit. Without any
-    (or when none fits): ``cpu fp32``, ``cpu bf16`` (and ``cpu fp32i8``), those that fit. A device whose free
-    memory is unknown counts as fitting.
+    (or when none fits): ``cpu fp32``, ``cpu bf16`` (and ``cpu fp32i8``), those that fit. A GPTQ folder loads
+    only as i4: fp16i4 on the GPUs, ``cpu fp32i4`` and ``cpu bf16i4``. A device whose free memory is unknown
+    counts as fitting.
 
     Raises:
         CheckpointError: unreadable checkpoint.
     """
     devices = gpus() if devices is None else [d for d in devices if d.startswith("cuda")]
+    p = Path(str(path).strip()).expanduser()
+    gptq = p.is_dir() and _gptq(_folder_tensors(p))
+    gpu_formats, cpu = (("fp16i4",), ("cpu fp32i4", "cpu bf16i4")) if gptq else \
+        (("fp16", "fp16i8"), ("cpu fp32", "cpu bf16", "cpu fp32i8"))
 
     def ok(s: str) -> bool:
         return plan_memory(path, s, conversations=conversations, free=free).fits is not False
 
     out: list[str] = []
-    for q in ("fp16", "fp16i8"):
+    for q in gpu_formats:
         out += [f"{d} {q}" for d in devices if ok(f"{d} {q}")]
         if len(devices) > 1 and ok(s := " -> ".join(f"{d} {q}" for d in devices)):
             out.append(s)
-    if devices and not any(" -> " not in s and s.endswith("fp16") for s in out):
-        n_layer = plan_memory(path, "cpu fp32", free={}).plan.n_layer
+    q = gpu_formats[0]
+    if devices and not any(" -> " not in s and s.endswith(q) for s in out):
+        n_layer = plan_memory(path, cpu[0], free={}).plan.n_layer
         lo, hi = -1, n_layer                       # largest resident N that fits in "*N+"
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if ok(f"{devices[0]} fp16 *{mid}+") else (lo, mid)
+            lo, hi = (mid, hi) if ok(f"{devices[0]} {q} *{mid}+") else (lo, mid)
         if lo >= 0:
-            out.append(f"{devices[0]} fp16 *{lo}+")
-    out += [s for s in ("cpu fp32", "cpu bf16", "cpu fp32i8") if ok(s)]
-    return out[:limit] or ["cpu fp32", "cpu bf16"]
+            out.append(f"{devices[0]} {q} *{lo}+")
+    out += [s for s in cpu if ok(s)]
+    return out[:limit] or list(cpu[:2])
