@@ -19,8 +19,9 @@ Need per device = weights + stream buffers + (conversations + 1) states (the mod
 + pinned host copies (on the CPU). Activations and allocator slack are not counted.
 
 Checkpoints: an RWKV ``.pth`` (``torch.load(map_location="meta")``: tensor shapes and dtypes, no data) or
-``.safetensors`` (its JSON header); a Hugging Face folder (``config.json`` + ``*.safetensors``) of the Qwen2
-family (matrices in the stage's weight format, norms and biases in the activation dtype, the embedding on
+``.safetensors`` (its JSON header; a file of ``rwkv-chat convert``: its packed weights as the loader places
+them, each stage required to ask for their format); a Hugging Face folder (``config.json`` +
+``*.safetensors``) of the Qwen2 family (matrices in the stage's weight format, norms and biases in the activation dtype, the embedding on
 the first device, ``model.norm`` + ``lm_head`` as the head layer; a tied ``lm_head`` counted as its own copy
 unless it is the embedding table itself: plain, resident, on the embedding's device and in its dtype; a GPTQ
 folder's packed parts counted as i4 bytes as stored).
@@ -194,28 +195,63 @@ def _nb(t: torch.Tensor, dtype: torch.dtype | None = None) -> int:
     return t.numel() * (torch.empty((), dtype=dtype).element_size() if dtype else t.element_size())
 
 
-def _rwkv(w: dict[str, torch.Tensor], strategy: str, context: int | None):
+def _rwkv_tensors(p: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict | None]:
+    """``(w, packed, meta)`` of an RWKV checkpoint's header, as ``rwkv.convert.read_packed`` reads the file (on
+    meta tensors): a file pre-quantized by ``rwkv-chat convert`` has each packed key's parts assembled into
+    ``packed`` and a placeholder [out, in] in ``w``; ``meta``: its metadata (None for any other checkpoint)."""
+    from rwkv_chat.models.formats import serialize
+    from rwkv_chat.models.header import safetensors_json
+    from rwkv_chat.models.rwkv.convert import MAGIC
+
+    w = read_header(p)
+    meta = safetensors_json(p)[0].get("__metadata__") if p.suffix == ".safetensors" else None
+    if not isinstance(meta, dict) or meta.get("format") != MAGIC:
+        return w, {}, None
+    try:
+        keys = json.loads(meta["packed"])
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{p}: unreadable packed-weight table in its metadata ({e})") from None
+    packed = {}
+    for key, info in keys.items():
+        names = [n for n in serialize.PARTS.get(info.get("format"), ()) if f"{key}.{n}" in w]
+        q = packed[key] = serialize.assemble(info.get("format"), {n: w.pop(f"{key}.{n}") for n in names}, info)
+        k_in, n_out = q.shape
+        w[key] = torch.empty(n_out, k_in, device=_META)
+    return w, packed, meta
+
+
+def _rwkv(w: dict[str, torch.Tensor], packed: dict[str, Any], meta: dict | None, strategy: str,
+          context: int | None):
     from rwkv_chat.models.rwkv import checkpoint as loader
+    from rwkv_chat.models.rwkv.convert import adopt
     from rwkv_chat.models.rwkv.generations import module_for
 
     spec = loader.inspect(w)
     plan = plan_layers(strategy, spec.n_layer)
     gen = module_for(spec.version)
-    layers: list[list[tuple[str, str, torch.Tensor]]] = [[] for _ in range(spec.n_layer + 1)]
+
+    def matrix(key: str, i: int, name: str, t: torch.Tensor) -> tuple[str, str, Any]:
+        if key not in packed:
+            return name, "matrix", t
+        pl = plan.layers[i]           # placed as the loader places it (its check: the stage's format)
+        return name, "packed", adopt(packed[key], key, plan.stages[pl.stage], pl.atype, _META, False, meta or {})
+
+    layers: list[list[tuple[str, str, Any]]] = [[] for _ in range(spec.n_layer + 1)]
     for key, t in w.items():
         if not key.startswith("blocks.") or ".ln0." in key or key.endswith("ffn.s_emb_x.weight"):
             continue
         i = int(key.split(".")[1])
         name, t, kind = gen.convert(key.split(".", 2)[2], t, spec)
-        layers[i].append((name, kind, t))
+        layers[i].append(matrix(key, i, name, t) if kind == "matrix" else (name, kind, t))
     C = spec.n_embd
     layers[0].append(("emb", "act", w["emb.weight"]))
     layers[-1] += [("ln_out.weight", "act", w["ln_out.weight"]), ("ln_out.bias", "act", w["ln_out.bias"]),
-                   ("head", "matrix", w["head.weight"].t())]
+                   matrix("head.weight", spec.n_layer, "head", w["head.weight"].t())]
     states = []
     for i in range(spec.n_layer):
         pl = plan.layers[i]
-        params = {n: t.to(torch.float32 if k == "fp32" else pl.atype) for n, k, t in layers[i] if k != "matrix"}
+        params = {n: t.to(torch.float32 if k == "fp32" else pl.atype) for n, k, t in layers[i]
+                  if k not in ("matrix", "packed")}
         states.append(sum(_nb(t) for t in gen.zero_state(spec, 1, _META, pl.atype, params)))
     states.append(0)
     handoff = 2 if spec.version == "7" else 1              # x, and RWKV-7's v_first beside it
@@ -233,6 +269,19 @@ def _folder_tensors(folder: Path) -> dict[str, torch.Tensor]:
     for f in sorted(folder.glob("*.safetensors")):
         w.update(safetensors_header(f))
     return w
+
+
+def _held_format(p: Path) -> tuple[str | None, str | None]:
+    """``(format, strategy)``: the one weight format a checkpoint holds its matrices in, which every stage must
+    use ("i4" for a GPTQ folder, the format of a file pre-quantized by ``rwkv-chat convert``; None for float
+    weights), and the strategy a pre-quantized file with several formats was converted for (else None)."""
+    if p.is_dir():
+        return ("i4" if _gptq(_folder_tensors(p)) else None), None
+    _, packed, meta = _rwkv_tensors(p) if p.suffix == ".safetensors" else (None, {}, None)
+    suffixes = {formats.format_of(q).suffix for q in packed.values()}
+    if len(suffixes) > 1:
+        return None, (meta or {}).get("strategy")
+    return (suffixes.pop() if suffixes else None), None
 
 
 def _gptq(w: dict) -> bool:
@@ -298,6 +347,9 @@ def _fmt_bytes(t: torch.Tensor, kind: str, quant: str | None, atype: torch.dtype
     layer's weight format (``LayerPlacement.quant``: the head of an ``i4`` stage is plain)."""
     if kind == "stored":
         return "i4", _nb(t), None
+    if kind == "packed":                       # a pre-quantized file's weight as the loader places it
+        fmt = formats.format_of(t)
+        return fmt.suffix, fmt.nbytes(t), t
     if kind != "matrix":
         dt = torch.float32 if kind == "fp32" else atype
         return _NAMES.get(dt, str(dt)), _nb(t, dt), None
@@ -335,7 +387,7 @@ def plan_memory(path: str | Path, strategy: str, *, conversations: int = 1, cont
     else:
         if not p.exists() and not p.suffix and p.with_suffix(".pth").exists():
             p = p.with_suffix(".pth")
-        plan, layers, states, transfer, whats, desc, ctx = _rwkv(read_header(p), strategy, context)
+        plan, layers, states, transfer, whats, desc, ctx = _rwkv(*_rwkv_tensors(p), strategy, context)
         family = "rwkv"
     stages = []
     for d in plan.describe():
@@ -395,18 +447,21 @@ def suggest(path: str | Path, devices: list[str] | None = None, *, free: dict[st
 
     With GPUs: each GPU in fp16, then fp16i8; the layers split evenly over every GPU (fp16, then fp16i8);
     the first GPU in fp16 streaming from pinned CPU memory with as many resident layers as fit. Without any
-    (or when none fits): ``cpu fp32``, ``cpu bf16`` (and ``cpu fp32i8``), those that fit. A GPTQ folder loads
-    only as i4: fp16i4 on the GPUs, ``cpu fp32i4`` and ``cpu bf16i4``. A device whose free memory is unknown
-    counts as fitting.
+    (or when none fits): ``cpu fp32``, ``cpu bf16`` (and ``cpu fp32i8``), those that fit. A checkpoint that
+    holds one weight format (a GPTQ folder: i4; a file of ``rwkv-chat convert``: its format) loads only as
+    that format: fp16 with it on the GPUs, fp32 and bf16 with it on the CPU; a converted file with several
+    formats, only as the strategy it was converted for. A device whose free memory is unknown counts as
+    fitting.
 
     Raises:
         CheckpointError: unreadable checkpoint.
     """
     devices = gpus() if devices is None else [d for d in devices if d.startswith("cuda")]
-    p = Path(str(path).strip()).expanduser()
-    gptq = p.is_dir() and _gptq(_folder_tensors(p))
-    gpu_formats, cpu = (("fp16i4",), ("cpu fp32i4", "cpu bf16i4")) if gptq else \
-        (("fp16", "fp16i8"), ("cpu fp32", "cpu bf16", "cpu fp32i8"))
+    q, converted_for = _held_format(Path(str(path).strip()).expanduser())
+    if converted_for:                               # several formats: the strategy it was converted for
+        return [converted_for]
+    gpu_formats, cpu = (("fp16", "fp16i8"), ("cpu fp32", "cpu bf16", "cpu fp32i8")) if q is None else \
+        ((f"fp16{q}",), (f"cpu fp32{q}", f"cpu bf16{q}"))
 
     def ok(s: str) -> bool:
         return plan_memory(path, s, conversations=conversations, free=free).fits is not False

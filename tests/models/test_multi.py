@@ -160,6 +160,27 @@ def test_plan_bytes_equal_a_real_load(model_path, version, strategy):
     assert mp.fits is True and mp.devices[0].device == "cpu" and not mp.transfers
 
 
+@pytest.mark.parametrize("strategy", ["cpu fp32i8", "cpu bf16i4", "cpu fp32f8", "cpu fp32i8 *2 -> cpu fp32i4"])
+def test_plan_of_a_converted_file_equals_a_real_load(model_path, tmp_path, strategy):
+    """A file of ``rwkv-chat convert``: planned as the loader places its packed weights, refused (in the
+    loader's words) for a strategy asking other formats, and suggested only as strategies that load it."""
+    from rwkv_chat.models.errors import StrategyError
+    from rwkv_chat.models.rwkv.convert import convert
+
+    out = tmp_path / "packed.safetensors"
+    convert(model_path("5.2"), out, strategy)
+    m = RWKV(out, strategy, kernels=False)
+    mp = plan_memory(out, strategy, free={"cpu": 1 << 40})
+    assert {s.stage: sum(s.weights.values()) for s in mp.stages} == _loaded_bytes(m)
+    with pytest.raises(StrategyError) as loaded:
+        RWKV(out, "cpu fp32", kernels=False)
+    with pytest.raises(StrategyError) as planned:
+        plan_memory(out, "cpu fp32", free={})
+    assert str(planned.value) == str(loaded.value)
+    fits = suggest(out, [])
+    assert fits and all(RWKV(out, s, kernels=False).plan.strategy == s for s in fits), fits
+
+
 def test_plan_streaming_and_transfers(model_path):
     path = model_path("7")
     m = RWKV(path, "cpu fp16", kernels=False)
