@@ -213,6 +213,17 @@ def test_bench_on_cpu(model_path, capsys):
     for gpu_only in ("cublas", "copy bandwidth", "% of copy"):
         assert gpu_only not in out
 
+def test_plan_suggest_into_a_closed_pipe_exits_quietly(model_path):
+    """``rwkv-chat plan M --suggest | head -0``: the reader gone before the suggestions are written (unbuffered
+    output writes them at once) is no error."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([*CLI, "plan", str(model_path("7")), "--suggest"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(60) == 0 and err == b"", err
+
+
 def test_bench_of_a_qwen2_folder_given_to_model(tmp_path, shared_dir, capsys):
     """A folder given to ``--model`` is a Hugging Face checkpoint: measured as ``--family qwen2`` would."""
     from ..daemon.conftest import write_qwen_folder
