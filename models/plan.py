@@ -385,6 +385,9 @@ def plan_memory(path: str | Path, strategy: str, *, conversations: int = 1, cont
         plan, layers, states, transfer, whats, desc, ctx = _qwen2(p, strategy, context)
         family = "qwen2"
     else:
+        from rwkv_chat.models.qwen2.config import check_not_a_folder_file
+
+        check_not_a_folder_file(p)
         if not p.exists() and not p.suffix and p.with_suffix(".pth").exists():
             p = p.with_suffix(".pth")
         plan, layers, states, transfer, whats, desc, ctx = _rwkv(*_rwkv_tensors(p), strategy, context)

@@ -181,6 +181,25 @@ def test_plan_of_a_converted_file_equals_a_real_load(model_path, tmp_path, strat
     assert fits and all(RWKV(out, s, kernels=False).plan.strategy == s for s in fits), fits
 
 
+def test_plan_of_a_file_that_is_no_checkpoint_says_so_as_the_loader_does(tmp_path):
+    """The planner's words for a JSON file, or a file of a Qwen folder, are the loader's."""
+    from rwkv_chat.models import load_model
+    from rwkv_chat.models.errors import CheckpointError
+
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    transformers.Qwen2ForCausalLM(cfg).save_pretrained(tmp_path / "q", safe_serialization=True)
+    (tmp_path / "notes.json").write_text('{"a": 1}')
+    for path, words in ((tmp_path / "notes.json", "is not a checkpoint"),
+                        (tmp_path / "q" / "model.safetensors", "load the folder")):
+        with pytest.raises(CheckpointError, match=words) as planned:
+            plan_memory(path, "cpu fp32", free={})
+        with pytest.raises(CheckpointError) as loaded:
+            load_model(path, "cpu fp32")
+        assert str(planned.value) == str(loaded.value)
+
+
 def test_plan_streaming_and_transfers(model_path):
     path = model_path("7")
     m = RWKV(path, "cpu fp16", kernels=False)
