@@ -8,7 +8,7 @@ import pytest
 
 from rwkv_chat.daemon.config import SAMPLING_KEYS, Config
 from rwkv_chat.app.screens.conversation_actions import export_path
-from rwkv_chat.app.screens.first_run import check_checkpoint, suggest_strategies
+from rwkv_chat.app.screens.first_run import check_checkpoint, checkpoint_path, suggest_strategies
 from rwkv_chat.app.screens.help import key_label
 from rwkv_chat.app.widgets.chat_log import preview
 from rwkv_chat.app.widgets.prompt_input import clean_text
@@ -68,6 +68,8 @@ def test_check_checkpoint(tmp_path):
     assert ".pth" in check_checkpoint(str(tmp_path / "m.bin"))
     (tmp_path / "m.pth").write_bytes(b"")
     assert check_checkpoint(str(tmp_path / "m.pth")) is None
+    assert check_checkpoint(str(tmp_path / "m")) is None     # m.pth, as `rwkv-chat load` and the engine take it
+    assert checkpoint_path(str(tmp_path / "m")) == str((tmp_path / "m.pth").resolve())
 
 
 def test_small_helpers():
