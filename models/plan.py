@@ -21,10 +21,11 @@ Need per device = weights + stream buffers + (conversations + 1) states (the mod
 Checkpoints: an RWKV ``.pth`` (``torch.load(map_location="meta")``: tensor shapes and dtypes, no data) or
 ``.safetensors`` (its JSON header; a file of ``rwkv-chat convert``: its packed weights as the loader places
 them, each stage required to ask for their format); a Hugging Face folder (``config.json`` +
-``*.safetensors``) of the Qwen2 family (matrices in the stage's weight format, norms and biases in the activation dtype, the embedding on
-the first device, ``model.norm`` + ``lm_head`` as the head layer; a tied ``lm_head`` counted as its own copy
-unless it is the embedding table itself: plain, resident, on the embedding's device and in its dtype; a GPTQ
-folder's packed parts counted as i4 bytes as stored).
+``*.safetensors``) of the Qwen2 family (matrices in the stage's weight format, norms and biases in the
+activation dtype, the embedding on the first device, ``model.norm`` + ``lm_head`` as the head layer; a tied
+``lm_head`` counted as its own copy unless it is the embedding table itself: plain, resident, on the
+embedding's device and in its dtype; a GPTQ folder's packed parts counted as i4 bytes as stored, its stages
+required to be i4 as the loader requires).
 """
 
 from __future__ import annotations
