@@ -172,7 +172,10 @@ class Generation:
         except BaseException:
             if self.created:
                 self.created = False
-                self.store.delete(self.conversation_id)
+                try:
+                    self.store.delete(self.conversation_id)
+                except Exception as e:  # noqa: BLE001 — the refusal is what the client must hear
+                    log.warning("conversation %s: not removed after a refused start: %s", self.conversation_id, e)
             raise
 
     def _start(self) -> None:
