@@ -133,6 +133,20 @@ def test_a_chat_after_the_configured_model_failed_to_load_says_why(tmp_path, hom
         run(paths.home, "daemon", "stop")
 
 
+def test_a_broken_config_is_one_line_without_earlier_log_lines(tmp_path, home_env):
+    """A wrong value in config.toml: ``daemon start`` and a ``chat`` that would start one say so in one line
+    naming the file, not with the daemon log's tail (earlier runs' lines included)."""
+    paths = make_home(tmp_path, None)
+    paths.config_file.write_text('[sampling]\ntemperature = "hot"\n')
+    paths.log_file.write_text("2026-01-01 00:00:00,000 WARNING rwkv_chat.daemon: an earlier run's problem\n")
+    for args in (("daemon", "start"), ("chat", "hello")):
+        r = run(paths.home, *args)
+        err = r.stderr.strip()
+        assert r.returncode == 1 and len(err.splitlines()) == 1 and "Traceback" not in err, r
+        assert str(paths.config_file) in err and "temperature" in err and "earlier run" not in err, err
+    assert not lock_held(paths.lock_file)
+
+
 def test_load_shows_one_progress_bar(daemon):
     model = str(daemon.model)
     r = run(daemon.paths.home, "load", model, "--strategy", "cpu fp32")
