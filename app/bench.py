@@ -258,8 +258,10 @@ def qwen2_main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="rwkv-chat bench --family qwen2", description=qwen2_main.__doc__)
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--shape", choices=["tiny", *shapes.SHAPES], help="random weights of this shape")
-    src.add_argument("--model", metavar="FOLDER", help="a Hugging Face Qwen2 / Qwen3 folder")
-    ap.add_argument("--strategy", default="cuda bf16" if torch.cuda.is_available() else "cpu fp32", metavar="S")
+    src.add_argument("--model", metavar="FOLDER",
+                     help="a Hugging Face Qwen2 / Qwen3 folder (a folder given to rwkv-chat bench --model is one)")
+    ap.add_argument("--strategy", default="cuda bf16" if torch.cuda.is_available() else "cpu fp32", metavar="S",
+                    help='where and how the model runs (default "cuda bf16" on a GPU, else "cpu fp32")')
     ap.add_argument("--batch", type=int, nargs="+", default=[1], metavar="B", help="decode batch sizes (default 1)")
     ap.add_argument("--prompt-len", type=int, default=1024, metavar="T", help="prefill length (default 1024; 0: skip)")
     ap.add_argument("--tokens", type=int, default=100, metavar="N", help="timed decode steps (default 100)")
@@ -293,18 +295,34 @@ def qwen2_main(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``rwkv-chat bench``; returns the exit code. ``--family qwen2``, or a folder given to ``--model`` (a
+    Hugging Face checkpoint), measures a Qwen2 (:func:`qwen2_main`). A mistake the engine finds (a missing or
+    unreadable model, a bad strategy, a device this torch lacks) is one line on stderr and exit code 2."""
+    from rwkv_chat.models.errors import RWKVError
+
     family = argparse.ArgumentParser(add_help=False)
-    family.add_argument("--family", choices=["rwkv", "qwen2"], default="rwkv")
+    family.add_argument("--family", choices=["rwkv", "qwen2"])
     known, rest = family.parse_known_args(sys.argv[1:] if argv is None else argv)
-    if known.family == "qwen2":
-        return qwen2_main(rest)
-    argv = rest
+    peek = argparse.ArgumentParser(add_help=False)
+    peek.add_argument("--model")
+    model = peek.parse_known_args(rest)[0].model
+    qwen = known.family == "qwen2" or (known.family is None and bool(model) and Path(model).expanduser().is_dir())
+    try:
+        return qwen2_main(rest) if qwen else rwkv_main(rest)
+    except RWKVError as e:
+        print(f"rwkv-chat bench: {e}", file=sys.stderr)
+        return 2
+
+
+def rwkv_main(argv: list[str]) -> int:
+    """``rwkv-chat bench`` of an RWKV checkpoint or of random weights of an official RWKV-7 shape."""
     ap = argparse.ArgumentParser(prog="rwkv-chat bench", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--shape", choices=["0.1B", "0.4B", "1.5B", "2.9B", "7.2B"],
                      help="an RWKV-7 of this size with random weights (nothing to download)")
-    src.add_argument("--model", metavar="PATH", help="a checkpoint to measure (.pth / .safetensors)")
+    src.add_argument("--model", metavar="PATH",
+                     help="a checkpoint to measure (.pth / .safetensors; a Qwen2 folder: see --family qwen2 --help)")
     ap.add_argument("--strategy", default="cuda fp16" if torch.cuda.is_available() else "cpu fp32", metavar="S",
                     help='where and how the model runs (default "cuda fp16" on a GPU, else "cpu fp32"; '
                          "rwkv-chat load --help explains the syntax)")

@@ -191,12 +191,14 @@ def models(args) -> int:
 def load_target(ref: str, paths) -> tuple[str, str]:
     """What ``rwkv-chat load REF`` sends: ``(path or local name, the model's own default strategy or "")``.
     Raises FileNotFoundError when ``ref`` is neither an existing file/folder nor a local model's name."""
-    from rwkv_chat.daemon.registry import NAME_RE, Registry
+    from rwkv_chat.daemon.registry import NAME_RE, Registry, existing_path
 
     p = os.path.expanduser(ref)
     if os.path.exists(p):
         return os.path.abspath(p), ""
     entry = Registry(paths.data_dir).get(ref) if NAME_RE.fullmatch(ref) else None
+    if entry is None and (found := existing_path(ref)) is not None:      # "model" for model.pth
+        return os.path.abspath(found), ""
     if entry is None:
         raise FileNotFoundError(f"no model file or local model named {ref!r} (`rwkv-chat models` lists the local "
                                 "models; `rwkv-chat pull` downloads one)")

@@ -39,6 +39,16 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _context(given: int | None) -> int | None:
+    """``--context``, else the daemon's ``[model] context_limit`` where set (it caps the KV cache so)."""
+    if given is not None:
+        return given
+    from rwkv_chat.daemon.config import load_config
+    from rwkv_chat.daemon.paths import get_paths
+
+    return load_config(get_paths().config_file).model.context_limit or None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command; returns 0 (fits or unknown), 1 (a device does not fit) or 2 (a user mistake, one line
     on stderr)."""
@@ -55,19 +65,16 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.suggest and args.strategy is None:
-            found = suggest(args.model, conversations=args.conversations)
-            print(json.dumps(found) if args.json else "\n".join(found))
-            return 0
-        context = args.context
-        if context is None:     # the daemon's [model] context_limit where set, as it would cap the KV cache
-            from rwkv_chat.daemon.config import load_config
-            from rwkv_chat.daemon.paths import get_paths
-
-            context = load_config(get_paths().config_file).model.context_limit or None
-        mp = plan_memory(args.model, args.strategy, conversations=args.conversations, context=context)
+            found, mp = suggest(args.model, conversations=args.conversations), None
+        else:
+            found, mp = None, plan_memory(args.model, args.strategy, conversations=args.conversations,
+                                          context=_context(args.context))
     except (RWKVError, ConfigError, OSError, ValueError) as e:
         print(f"rwkv-chat plan: {e}", file=sys.stderr)
         return 2
+    if found is not None:       # printed outside the handler above: a closed stdout is the caller's (cli.main)
+        print(json.dumps(found) if args.json else "\n".join(found))
+        return 0
     print(json.dumps(mp.to_dict(), indent=1, default=str) if args.json else mp)
     return 1 if mp.fits is False else 0
 

@@ -265,7 +265,10 @@ def load_config(path: Path) -> Config:
         for key in table:
             if key not in known:
                 raise ConfigError(f"{path}: unknown key [{name}] {key}")
-        values = {key: _coerce(name, key, value, getattr(obj, key)) for key, value in table.items()}
+        try:
+            values = {key: _coerce(name, key, value, getattr(obj, key)) for key, value in table.items()}
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
         if name == "sampling":
             cfg.sampling_set = frozenset(values)
             try:

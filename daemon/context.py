@@ -18,7 +18,8 @@ turn needs, and what happens when it does not get it, is ``[model] context_polic
   are; the prefill's Progress event says how many were left out and the Done event carries
   ``dropped_turns``. A message that does not fit even alone fails as under "error".
 
-A raw completion has no history to drop: it fails when its prompt does not fit, and is cut at the limit.
+A raw completion has no history to drop: it fails when its prompt does not fit, and is cut at the limit; a
+stateless chat (``ChatMessages``) likewise, its reply cut where its closing text still fits.
 
 What a chat turn reads before its message (:func:`chat_history`) is one computation for the turn itself and for
 the context use a conversation reports before its next turn (:func:`conversation_used`, in
@@ -189,10 +190,11 @@ def fit_chat(*, limit: int, policy: str, used: int, prompt: list[int], history: 
     return Window(ids, hist, True, k, _room(limit, 0, len(ids), closing))
 
 
-def fit_complete(*, limit: int, prompt: list[int]) -> int:
-    """The most tokens a raw completion of ``prompt`` may generate within ``limit``. Raises
-    ContextLimitExceeded when the prompt leaves no room for one."""
-    room = limit - len(prompt)
+def fit_complete(*, limit: int, prompt: list[int], closing: int = 0) -> int:
+    """The most tokens a raw completion of ``prompt`` may generate within ``limit``, leaving room for ``closing``
+    tokens fed after it (a stateless chat's: the template's closing text). Raises ContextLimitExceeded when the
+    prompt leaves no room for one."""
+    room = limit - len(prompt) - closing
     if room < 1:
         raise ContextLimitExceeded(f"the prompt has {len(prompt):,} tokens: the context limit of {limit:,} "
                                    "tokens leaves no room for a reply; shorten it")

@@ -126,6 +126,7 @@ class Generation:
         self.dropped = 0                              # exchanges left out to fit the limit
         self.used: int | None = None                  # tokens the state consumed at the end (with a limit)
         self.max_tokens = 0
+        self.created = False                          # start() made the conversation for this chat message
         self.out_tokens: list[int] = []
         self.sent: list[str] = []     # the text sent in Token events, piece by piece
         self.pending = ""             # the text after it (not sent yet)
@@ -164,7 +165,20 @@ class Generation:
     # ------------------------------------------------------------------ set-up and prefill
     def start(self) -> None:
         """Build the prompt tokens, starting state and sampler; emit Started (phase -> "prefill").
-        Raises NoModel, NotFound, Conflict, SamplingError, ValueError."""
+        Raises NoModel, NotFound, Conflict, SamplingError, ValueError, ContextLimitExceeded; a conversation made
+        for this chat message is removed again then (a refused message leaves no empty conversation)."""
+        try:
+            self._start()
+        except BaseException:
+            if self.created:
+                self.created = False
+                try:
+                    self.store.delete(self.conversation_id)
+                except Exception as e:  # noqa: BLE001 — the refusal is what the client must hear
+                    log.warning("conversation %s: not removed after a refused start: %s", self.conversation_id, e)
+            raise
+
+    def _start(self) -> None:
         from rwkv_chat.models.errors import StateError
         from rwkv_chat.models.text.sampling import Sampler
         from rwkv_chat.models.text.tokenizers import IncrementalDecoder
@@ -187,11 +201,13 @@ class Generation:
             from . import stateless
 
             args = stateless.start(self, model, tok, template, given)
-            room = fit_complete(limit=self.limit, prompt=self.prompt) if self.limit else None
+            closing = len(tok.encode(template.stop)) if template.stop else 0
+            room = fit_complete(limit=self.limit, prompt=self.prompt, closing=closing) if self.limit else None
         else:
             store, cid = self.store, self.conversation_id
             if self.mode == "chat" and not store.exists(cid):     # made now, with a model to answer
                 store.create(cid, title=title_from(req.message))
+                self.created = True
             conv, turns = store.get(cid), store.turns(cid)
             args = base.updated({**conv.sampling, **given})
             if self.mode == "chat":

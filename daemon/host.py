@@ -226,9 +226,13 @@ class Host:
                       "loading": _short(os.path.abspath(os.path.expanduser(path))), "loading_strategy": _short(strategy)}
 
     def need(self):
-        """``(model, tokenizer, chat template)`` of the loaded model. Raises NoModel."""
+        """``(model, tokenizer, chat template)`` of the loaded model. Raises NoModel (saying how the last load
+        failed, where one did)."""
         if self.model is None and self._parked is not None:
             raise NoModel("the model was unloaded while idle and is loading again; retry in a moment")
+        if self.model is None and (err := self._info.get("error")):
+            raise NoModel(f"no model is loaded: loading {err['path']} with strategy {err['strategy']!r} failed "
+                          f"({err['message']}); run `rwkv-chat load PATH --strategy S` (--default keeps it)")
         if self.model is None:
             raise NoModel("no model is loaded: start the daemon with --model PATH, set [model] path in the "
                           "config, or run `rwkv-chat load PATH`")

@@ -141,9 +141,18 @@ def spawn_daemon(paths: Paths, model: str | None = None, strategy: str | None = 
                  timeout: float = 60.0, silent_after: float = 1.0) -> p.ConnectionInfo:
     """Start a background daemon for ``paths`` (if none runs, or once a stopping one is gone) and return its
     connection info once it answers a ping. Raises DaemonNotResponding when a daemon it did not start holds
-    the lock and stays silent for ``silent_after`` seconds, DaemonUnavailable when the one it started exits
-    or nothing answers within ``timeout`` seconds."""
+    the lock and stays silent for ``silent_after`` seconds, DaemonUnavailable when the config file is invalid
+    (its one line: a daemon would exit on it), when the one it started exits (with what it logged since it was
+    started) or nothing answers within ``timeout`` seconds."""
+    from .config import ConfigError, load_config
+
     ensure_dirs(paths)
+    if not lock_held(paths.lock_file):
+        try:
+            load_config(paths.config_file)
+        except ConfigError as e:
+            raise DaemonUnavailable(f"the daemon cannot start: {e}") from None
+    logged = paths.log_file.stat().st_size if paths.log_file.exists() else 0
     proc = None
     silent_since = None
     deadline = time.monotonic() + timeout
@@ -156,7 +165,11 @@ def spawn_daemon(paths: Paths, model: str | None = None, strategy: str | None = 
         if proc is not None and proc.poll() == 3:
             proc = None                        # another daemon won the lock: wait for that one
         if proc is not None and proc.poll() is not None:
-            tail = paths.log_file.read_text(errors="replace")[-2000:] if paths.log_file.exists() else ""
+            tail = ""
+            if paths.log_file.exists():
+                with open(paths.log_file, "rb") as f:     # this start's lines only, not earlier runs'
+                    f.seek(logged)
+                    tail = f.read().decode(errors="replace")[-2000:]
             raise DaemonUnavailable(f"the daemon exited with code {proc.returncode}; log {paths.log_file}:\n{tail}")
         if proc is None:
             st = _silent_state(paths)

@@ -175,20 +175,33 @@ class Registry:
         return out
 
 
-def resolve(ref: str, data_dir: str | os.PathLike) -> str:
-    """The path of the model ``ref`` names: an existing file or folder as it is; else the path of the
-    registry entry called ``ref``. Raises FileNotFoundError when it is neither (a path that does not exist,
-    or a name the registry does not know)."""
+def existing_path(ref: str) -> str | None:
+    """``ref`` (``~`` expanded) where it names an existing file or folder, else ``ref + ".pth"`` where that
+    exists (the reference package's rule: a checkpoint named without its suffix), else None."""
     p = Path(ref).expanduser()
     if p.exists():
         return str(p)
+    if not p.suffix and p.with_name(p.name + ".pth").is_file():
+        return str(p.with_name(p.name + ".pth"))
+    return None
+
+
+def resolve(ref: str, data_dir: str | os.PathLike) -> str:
+    """The path of the model ``ref`` names: an existing file or folder as it is; else the path of the
+    registry entry called ``ref``; else ``ref + ".pth"`` where that exists. Raises FileNotFoundError when it
+    is none of them (a path that does not exist, or a name the registry does not know)."""
+    p = Path(ref).expanduser()
+    if p.exists():
+        return str(p)
+    entry = Registry(data_dir).get(ref) if NAME_RE.fullmatch(ref) else None
+    if entry is not None:
+        if not Path(entry.path).exists():
+            raise FileNotFoundError(f"the files of the local model {ref!r} are gone ({entry.path}); pull it "
+                                    f"again (`rwkv-chat pull {entry.repo} {entry.file}`) or remove it "
+                                    f"(`rwkv-chat models rm {ref}`)")
+        return entry.path
+    if (found := existing_path(ref)) is not None:
+        return found
     if NAME_RE.fullmatch(ref):
-        entry = Registry(data_dir).get(ref)
-        if entry is not None:
-            if not Path(entry.path).exists():
-                raise FileNotFoundError(f"the files of the local model {ref!r} are gone ({entry.path}); pull it "
-                                        f"again (`rwkv-chat pull {entry.repo} {entry.file}`) or remove it "
-                                        f"(`rwkv-chat models rm {ref}`)")
-            return entry.path
         raise FileNotFoundError(f"no model file or local model named {ref!r} (`rwkv-chat models` lists them)")
     raise FileNotFoundError(f"no such model file or folder: {ref}")

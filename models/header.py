@@ -186,6 +186,22 @@ def safetensors_header(p: Path) -> dict:
         raise CheckpointError(f"cannot read the safetensors header of {p}: {e}") from None
 
 
+#: how a torch.save file starts: a zip archive (the default since torch 1.6) or a pickle of protocol 2+
+PTH_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
+def check_torch_file(p: Path) -> None:
+    """Raise CheckpointError unless the file ``p`` starts as a ``torch.save`` file does (``PTH_MAGIC``): a JSON
+    or text file given as a checkpoint is named as no checkpoint, before an unpickler reads it."""
+    try:
+        with open(p, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {p}: {e}") from None
+    if not head.startswith(PTH_MAGIC):
+        raise CheckpointError(f"{p} is not a checkpoint: neither a torch.save file (.pth) nor .safetensors")
+
+
 def read_header(path: str | Path) -> dict:
     """A checkpoint's tensors as ``meta`` tensors (name -> ``torch.Tensor``: names, shapes, dtypes; no data
     read): ``.safetensors`` from its JSON header, ``.pth`` through ``torch.load(map_location="meta",
@@ -203,6 +219,7 @@ def read_header(path: str | Path) -> dict:
         raise CheckpointError(f"checkpoint is empty: {p}")
     if p.suffix == ".safetensors":
         return safetensors_header(p)
+    check_torch_file(p)
     last = None
     for mmap in (True, False):
         try:

@@ -106,10 +106,11 @@ def load_model(path: str | Path, strategy: str, *, tokenizer: str | Path | None 
     Raises:
         CheckpointError, StrategyError, DeviceError, TokenizerError: see those classes.
     """
-    p = Path(str(path).strip()).expanduser()
-    if p.is_dir():
-        from rwkv_chat.models.qwen2.config import is_qwen_folder
+    from rwkv_chat.models.qwen2.config import check_not_a_folder_file, is_qwen_folder
 
+    p = Path(str(path).strip()).expanduser()
+    check_not_a_folder_file(p)
+    if p.is_dir():
         if not is_qwen_folder(p):
             raise CheckpointError(f"{p} is a folder without a config.json naming Qwen2ForCausalLM or "
                                   "Qwen3ForCausalLM (RWKV checkpoints are .pth / .safetensors files)")

@@ -19,10 +19,13 @@ Need per device = weights + stream buffers + (conversations + 1) states (the mod
 + pinned host copies (on the CPU). Activations and allocator slack are not counted.
 
 Checkpoints: an RWKV ``.pth`` (``torch.load(map_location="meta")``: tensor shapes and dtypes, no data) or
-``.safetensors`` (its JSON header); a Hugging Face folder (``config.json`` + ``*.safetensors``) of the Qwen2
-family (matrices in the stage's weight format, norms and biases in the activation dtype, the embedding on
-the first device, ``model.norm`` + ``lm_head`` as the head layer; a tied ``lm_head`` counted as its own copy; a
-GPTQ folder's packed parts counted as i4 bytes as stored).
+``.safetensors`` (its JSON header; a file of ``rwkv-chat convert``: its packed weights as the loader places
+them, each stage required to ask for their format); a Hugging Face folder (``config.json`` +
+``*.safetensors``) of the Qwen2 family (matrices in the stage's weight format, norms and biases in the
+activation dtype, the embedding on the first device, ``model.norm`` + ``lm_head`` as the head layer; a tied
+``lm_head`` counted as its own copy unless it is the embedding table itself: plain, resident, on the
+embedding's device and in its dtype; a GPTQ folder's packed parts counted as i4 bytes as stored, its stages
+required to be i4 as the loader requires).
 """
 
 from __future__ import annotations
@@ -193,28 +196,63 @@ def _nb(t: torch.Tensor, dtype: torch.dtype | None = None) -> int:
     return t.numel() * (torch.empty((), dtype=dtype).element_size() if dtype else t.element_size())
 
 
-def _rwkv(w: dict[str, torch.Tensor], strategy: str, context: int | None):
+def _rwkv_tensors(p: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict | None]:
+    """``(w, packed, meta)`` of an RWKV checkpoint's header, as ``rwkv.convert.read_packed`` reads the file (on
+    meta tensors): a file pre-quantized by ``rwkv-chat convert`` has each packed key's parts assembled into
+    ``packed`` and a placeholder [out, in] in ``w``; ``meta``: its metadata (None for any other checkpoint)."""
+    from rwkv_chat.models.formats import serialize
+    from rwkv_chat.models.header import safetensors_json
+    from rwkv_chat.models.rwkv.convert import MAGIC
+
+    w = read_header(p)
+    meta = safetensors_json(p)[0].get("__metadata__") if p.suffix == ".safetensors" else None
+    if not isinstance(meta, dict) or meta.get("format") != MAGIC:
+        return w, {}, None
+    try:
+        keys = json.loads(meta["packed"])
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{p}: unreadable packed-weight table in its metadata ({e})") from None
+    packed = {}
+    for key, info in keys.items():
+        names = [n for n in serialize.PARTS.get(info.get("format"), ()) if f"{key}.{n}" in w]
+        q = packed[key] = serialize.assemble(info.get("format"), {n: w.pop(f"{key}.{n}") for n in names}, info)
+        k_in, n_out = q.shape
+        w[key] = torch.empty(n_out, k_in, device=_META)
+    return w, packed, meta
+
+
+def _rwkv(w: dict[str, torch.Tensor], packed: dict[str, Any], meta: dict | None, strategy: str,
+          context: int | None):
     from rwkv_chat.models.rwkv import checkpoint as loader
+    from rwkv_chat.models.rwkv.convert import adopt
     from rwkv_chat.models.rwkv.generations import module_for
 
     spec = loader.inspect(w)
     plan = plan_layers(strategy, spec.n_layer)
     gen = module_for(spec.version)
-    layers: list[list[tuple[str, str, torch.Tensor]]] = [[] for _ in range(spec.n_layer + 1)]
+
+    def matrix(key: str, i: int, name: str, t: torch.Tensor) -> tuple[str, str, Any]:
+        if key not in packed:
+            return name, "matrix", t
+        pl = plan.layers[i]           # placed as the loader places it (its check: the stage's format)
+        return name, "packed", adopt(packed[key], key, plan.stages[pl.stage], pl.atype, _META, False, meta or {})
+
+    layers: list[list[tuple[str, str, Any]]] = [[] for _ in range(spec.n_layer + 1)]
     for key, t in w.items():
         if not key.startswith("blocks.") or ".ln0." in key or key.endswith("ffn.s_emb_x.weight"):
             continue
         i = int(key.split(".")[1])
         name, t, kind = gen.convert(key.split(".", 2)[2], t, spec)
-        layers[i].append((name, kind, t))
+        layers[i].append(matrix(key, i, name, t) if kind == "matrix" else (name, kind, t))
     C = spec.n_embd
     layers[0].append(("emb", "act", w["emb.weight"]))
     layers[-1] += [("ln_out.weight", "act", w["ln_out.weight"]), ("ln_out.bias", "act", w["ln_out.bias"]),
-                   ("head", "matrix", w["head.weight"].t())]
+                   matrix("head.weight", spec.n_layer, "head", w["head.weight"].t())]
     states = []
     for i in range(spec.n_layer):
         pl = plan.layers[i]
-        params = {n: t.to(torch.float32 if k == "fp32" else pl.atype) for n, k, t in layers[i] if k != "matrix"}
+        params = {n: t.to(torch.float32 if k == "fp32" else pl.atype) for n, k, t in layers[i]
+                  if k not in ("matrix", "packed")}
         states.append(sum(_nb(t) for t in gen.zero_state(spec, 1, _META, pl.atype, params)))
     states.append(0)
     handoff = 2 if spec.version == "7" else 1              # x, and RWKV-7's v_first beside it
@@ -224,6 +262,41 @@ def _rwkv(w: dict[str, torch.Tensor], strategy: str, context: int | None):
     desc = (f"RWKV-{spec.version}, {spec.n_layer} layers, n_embd {C}, vocab {spec.vocab_size}"
             f"{', DeepEmbed' if spec.deep_embed else ''}")
     return plan, layers, states, transfer, whats, desc, None
+
+
+def _folder_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Name -> meta tensor of every ``*.safetensors`` file of ``folder`` (their headers only)."""
+    w: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        w.update(safetensors_header(f))
+    return w
+
+
+def _held_format(p: Path) -> tuple[str | None, str | None]:
+    """``(format, strategy)``: the one weight format a checkpoint holds its matrices in, which every stage must
+    use ("i4" for a GPTQ folder, the format of a file pre-quantized by ``rwkv-chat convert``; None for float
+    weights), and the strategy a pre-quantized file with several formats was converted for (else None)."""
+    if p.is_dir():
+        return ("i4" if _gptq(_folder_tensors(p)) else None), None
+    _, packed, meta = _rwkv_tensors(p) if p.suffix == ".safetensors" else (None, {}, None)
+    suffixes = {formats.format_of(q).suffix for q in packed.values()}
+    if len(suffixes) > 1:
+        return None, (meta or {}).get("strategy")
+    return (suffixes.pop() if suffixes else None), None
+
+
+def _gptq(w: dict) -> bool:
+    """Whether a folder's tensors (name -> meta tensor) are a GPTQ checkpoint's (packed ``.qweight`` parts)."""
+    return any(k.endswith(".qweight") for k in w)
+
+
+def _shares_embedding(plan: Plan) -> bool:
+    """Whether a tied head is the embedding table itself (its transposed view, as ``qwen2/weights.place`` makes
+    it): a plain, resident head on the embedding's device, in its dtype."""
+    first, head = plan.layers[0], plan.layers[-1]
+    cuda0 = {first.device, head.device} <= {"cuda", "cuda:0"}      # "cuda": the current device, 0 in a new process
+    same = cuda0 or (first.device == head.device and head.device.split(":")[0] in ("cpu", "cuda"))
+    return head.quant is None and not head.stream and same and head.atype == first.atype
 
 
 def _qwen2(folder: Path, strategy: str, context: int | None):
@@ -237,12 +310,14 @@ def _qwen2(folder: Path, strategy: str, context: int | None):
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{folder} has a config.json but no .safetensors weights")
-    w: dict[str, torch.Tensor] = {}
-    for f in files:
-        w.update(safetensors_header(f))
+    w = _folder_tensors(folder)
     if "model.embed_tokens.weight" not in w:
         raise CheckpointError(f"{folder}: no 'model.embed_tokens.weight': not a Qwen2 checkpoint")
     plan = plan_layers(strategy, L)
+    if _gptq(w):                                    # the loader's check: i4 stages only
+        from rwkv_chat.models.qwen2.model import gptq_plan
+
+        plan = gptq_plan(plan, folder, "lm_head.qweight" in w)
     layers: list[list[tuple[str, str, torch.Tensor]]] = [[] for _ in range(L + 1)]
     for key, t in w.items():
         part = key.split(".")[2] if key.startswith("model.layers.") else ""
@@ -254,16 +329,17 @@ def _qwen2(folder: Path, strategy: str, context: int | None):
     emb = w["model.embed_tokens.weight"]
     layers[0].append(("emb", "act", emb))
     layers[-1].append(("model.norm.weight", "act", w.get("model.norm.weight", torch.empty(C, device=_META))))
+    tied = "lm_head.weight" not in w and "lm_head.qweight" not in w
     if "lm_head.qweight" in w:                      # a GPTQ folder that quantized its head
         layers[-1] += [(k, "stored", t) for k, t in w.items() if k.startswith("lm_head.") and k.endswith(_GPTQ)]
-    else:
+    elif not (tied and _shares_embedding(plan)):
         layers[-1].append(("head", "matrix", w.get("lm_head.weight", emb).t()))
     ctx = int(cfg.get("max_position_embeddings") or 4096) if context is None else int(context)
     states = [2 * kv * hd * ctx * torch.empty((), dtype=plan.layers[i].atype).element_size() for i in range(L)]
     states.append(0)
     desc = (f"Qwen2, {L} layers, hidden {C}, {heads} heads ({kv} KV) of {hd}, vocab {emb.shape[0]}"
-            f"{', tied head' if 'lm_head.weight' not in w and 'lm_head.qweight' not in w else ''}"
-            f"{', GPTQ 4-bit' if any(k.endswith('.qweight') for k in w) else ''}")
+            f"{', tied head' if tied else ''}"
+            f"{', GPTQ 4-bit' if _gptq(w) else ''}")
     return plan, layers, states, [C] * (L + 1), ["x"] * (L + 1), desc, ctx
 
 
@@ -272,6 +348,9 @@ def _fmt_bytes(t: torch.Tensor, kind: str, quant: str | None, atype: torch.dtype
     layer's weight format (``LayerPlacement.quant``: the head of an ``i4`` stage is plain)."""
     if kind == "stored":
         return "i4", _nb(t), None
+    if kind == "packed":                       # a pre-quantized file's weight as the loader places it
+        fmt = formats.format_of(t)
+        return fmt.suffix, fmt.nbytes(t), t
     if kind != "matrix":
         dt = torch.float32 if kind == "fp32" else atype
         return _NAMES.get(dt, str(dt)), _nb(t, dt), None
@@ -307,9 +386,12 @@ def plan_memory(path: str | Path, strategy: str, *, conversations: int = 1, cont
         plan, layers, states, transfer, whats, desc, ctx = _qwen2(p, strategy, context)
         family = "qwen2"
     else:
+        from rwkv_chat.models.qwen2.config import check_not_a_folder_file
+
+        check_not_a_folder_file(p)
         if not p.exists() and not p.suffix and p.with_suffix(".pth").exists():
             p = p.with_suffix(".pth")
-        plan, layers, states, transfer, whats, desc, ctx = _rwkv(read_header(p), strategy, context)
+        plan, layers, states, transfer, whats, desc, ctx = _rwkv(*_rwkv_tensors(p), strategy, context)
         family = "rwkv"
     stages = []
     for d in plan.describe():
@@ -369,29 +451,38 @@ def suggest(path: str | Path, devices: list[str] | None = None, *, free: dict[st
 
     With GPUs: each GPU in fp16, then fp16i8; the layers split evenly over every GPU (fp16, then fp16i8);
     the first GPU in fp16 streaming from pinned CPU memory with as many resident layers as fit. Without any
-    (or when none fits): ``cpu fp32``, ``cpu bf16`` (and ``cpu fp32i8``), those that fit. A device whose free
-    memory is unknown counts as fitting.
+    (or when none fits): ``cpu fp32``, ``cpu bf16`` (and ``cpu fp32i8``), those that fit. A checkpoint that
+    holds one weight format (a GPTQ folder: i4; a file of ``rwkv-chat convert``: its format) loads only as
+    that format: fp16 with it on the GPUs, fp32 and bf16 with it on the CPU; a converted file with several
+    formats, only as the strategy it was converted for. A device whose free memory is unknown counts as
+    fitting.
 
     Raises:
         CheckpointError: unreadable checkpoint.
     """
     devices = gpus() if devices is None else [d for d in devices if d.startswith("cuda")]
+    q, converted_for = _held_format(Path(str(path).strip()).expanduser())
+    if converted_for:                               # several formats: the strategy it was converted for
+        return [converted_for]
+    gpu_formats, cpu = (("fp16", "fp16i8"), ("cpu fp32", "cpu bf16", "cpu fp32i8")) if q is None else \
+        ((f"fp16{q}",), (f"cpu fp32{q}", f"cpu bf16{q}"))
 
     def ok(s: str) -> bool:
         return plan_memory(path, s, conversations=conversations, free=free).fits is not False
 
     out: list[str] = []
-    for q in ("fp16", "fp16i8"):
+    for q in gpu_formats:
         out += [f"{d} {q}" for d in devices if ok(f"{d} {q}")]
         if len(devices) > 1 and ok(s := " -> ".join(f"{d} {q}" for d in devices)):
             out.append(s)
-    if devices and not any(" -> " not in s and s.endswith("fp16") for s in out):
-        n_layer = plan_memory(path, "cpu fp32", free={}).plan.n_layer
+    q = gpu_formats[0]
+    if devices and not any(" -> " not in s and s.endswith(q) for s in out):
+        n_layer = plan_memory(path, cpu[0], free={}).plan.n_layer
         lo, hi = -1, n_layer                       # largest resident N that fits in "*N+"
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if ok(f"{devices[0]} fp16 *{mid}+") else (lo, mid)
+            lo, hi = (mid, hi) if ok(f"{devices[0]} {q} *{mid}+") else (lo, mid)
         if lo >= 0:
-            out.append(f"{devices[0]} fp16 *{lo}+")
-    out += [s for s in ("cpu fp32", "cpu bf16", "cpu fp32i8") if ok(s)]
-    return out[:limit] or ["cpu fp32", "cpu bf16"]
+            out.append(f"{devices[0]} {q} *{lo}+")
+    out += [s for s in cpu if ok(s)]
+    return out[:limit] or list(cpu[:2])

@@ -211,10 +211,13 @@ KINDS = {"LimitError": (400, "invalid_request_error"), "SamplingError": (400, "i
          "ValueError": (400, "invalid_request_error"), "TokenError": (400, "invalid_request_error"),
          "Busy": (429, "rate_limit_error"), "NoModel": (503, "server_error"),
          "QueueTimeout": (503, "server_error"), "OOM": (503, "server_error"), "Unavailable": (503, "server_error"),
-         "NotResponding": (503, "server_error"), "Lost": (503, "server_error")}
+         "NotResponding": (503, "server_error"), "Lost": (503, "server_error"),
+         "ContextLimitExceeded": (400, "invalid_request_error"), "ContextLimitError": (400, "invalid_request_error")}
+#: the daemon's error kind -> OpenAI's error code where OpenAI has one (else the code is the kind)
+CODES = {"ContextLimitExceeded": "context_length_exceeded", "ContextLimitError": "context_length_exceeded"}
 
 
 def daemon_error(kind: str, message: str) -> ApiError:
     """The ApiError of a daemon error or failed generation of ``kind``."""
     status, typ = KINDS.get(kind, (500, "server_error"))
-    return ApiError(status, message, typ, None, kind)
+    return ApiError(status, message, typ, None, CODES.get(kind, kind))

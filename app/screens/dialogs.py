@@ -55,7 +55,7 @@ class TextPrompt(_Dialog):
 class TextEditor(_Dialog):
     """Multi-line editor (Ctrl+S or the Save button); ``presets`` adds a preset selector."""
 
-    BINDINGS = [Binding("ctrl+s", "save", "Save", priority=True)]
+    BINDINGS = [Binding("ctrl+s", "save", "Save")]
 
     def __init__(self, title: str, value: str = "", presets: dict[str, str] | None = None) -> None:
         super().__init__()
@@ -75,6 +75,7 @@ class TextEditor(_Dialog):
     def on_mount(self) -> None:
         text = self.query_one(TextArea)
         text.move_cursor(text.document.end)       # typing goes on from the end of the text being edited
+        text.focus()                              # the text, not the preset selector above it
 
     @on(Select.Changed, "#preset")
     def _preset(self, event: Select.Changed) -> None:

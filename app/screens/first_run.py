@@ -63,6 +63,15 @@ def is_local_name(ref: str, data_dir: Path | None) -> bool:
         return False
 
 
+def checkpoint_path(text: str) -> str:
+    """The absolute path a typed checkpoint path names (``~`` expanded; "model" for model.pth, as ``rwkv-chat
+    load`` takes it)."""
+    from rwkv_chat.daemon.registry import existing_path
+
+    text = text.strip()
+    return str(Path(existing_path(text) or os.path.expanduser(text)).resolve())
+
+
 def check_checkpoint(path: str, data_dir: Path | None = None) -> str | None:
     """A user-facing problem with ``path`` as a checkpoint (or a local model's name, with the registry's
     ``data_dir``), or None."""
@@ -70,11 +79,9 @@ def check_checkpoint(path: str, data_dir: Path | None = None) -> str | None:
         return "enter the path of a model checkpoint (.pth or .safetensors)"
     if is_local_name(path, data_dir):
         return None
-    p = Path(os.path.expanduser(path.strip()))
+    p = Path(checkpoint_path(path))
     if not p.exists():
         return f"{p} does not exist"
-    if p.is_dir() and (p / "config.json").is_file():
-        return None                                   # a model folder (Hugging Face layout)
     if p.is_dir():
         if (p / "config.json").is_file():       # a Hugging Face checkpoint folder (Qwen2 / Qwen3)
             return None
@@ -198,7 +205,7 @@ class ModelScreen(Screen):
     @on(Input.Changed, "#model-path")
     def _path_changed(self, event: Input.Changed) -> None:
         if check_checkpoint(event.value) is None and not getattr(self.app, "snapshot", False):
-            self._plan(str(Path(os.path.expanduser(event.value.strip()))))
+            self._plan(checkpoint_path(event.value))
 
     @work(exclusive=True, group="plan")
     async def _plan(self, path: str) -> None:
@@ -259,7 +266,7 @@ class ModelScreen(Screen):
             self.query_one("#model-error", Static).update(Text(problem))
             return
         if not is_local_name(path, self.data_dir):
-            path = str(Path(os.path.expanduser(path)).resolve())
+            path = checkpoint_path(path)
         self.query_one("#model-error", Static).update("")
         self.set_loading(path)
         self.post_message(self.LoadRequested(path, strategy, self.query_one(Checkbox).value))

@@ -74,6 +74,12 @@ def is_qwen_folder(path: Path) -> bool:
     return isinstance(archs, list) and any(a in ARCHITECTURES for a in archs)
 
 
+def check_not_a_folder_file(path: Path) -> None:
+    """Raise CheckpointError when ``path`` is a file (not a ``.pth``) of a Qwen folder: the folder is what loads."""
+    if path.is_file() and path.suffix != ".pth" and is_qwen_folder(path.parent):
+        raise CheckpointError(f"{path} is a file of the Hugging Face folder {path.parent}: load the folder")
+
+
 def read_config(folder: str | Path) -> QwenConfig:
     """Read and validate ``folder/config.json``.
 

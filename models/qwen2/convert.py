@@ -41,7 +41,7 @@ def convert(src: str | Path, out: str | Path, strategy: str,
 
     Returns: ``{"out", "family": "qwen2", "version", "strategy", "packed": {"i4": count}, "bytes", "group_size"}``.
     Raises:
-        CheckpointError: an unreadable or already quantized source, ``out`` an existing non-empty folder or the
+        CheckpointError: an unreadable or already quantized source, ``out`` a file, an existing non-empty folder or the
             source, widths that are not multiples of 8.
         StrategyError: a malformed strategy, or a stage that is not ``i4``.
     """
@@ -56,7 +56,10 @@ def convert(src: str | Path, out: str | Path, strategy: str,
         raise CheckpointError(f"{src}: already quantized ({cfg.quant_method}); convert the float checkpoint")
     if out.resolve() == src.resolve():
         raise CheckpointError(f"output {out} is the source itself")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"output {out} is a file: a Qwen2 folder converts to a GPTQ folder; name a new or "
+                              "empty folder")
+    if out.exists() and any(out.iterdir()):
         raise CheckpointError(f"output {out} exists and is not an empty folder")
     ck = open_checkpoint(src, cfg)
     widths = (cfg.hidden_size, cfg.q_dim, cfg.intermediate_size)

@@ -93,7 +93,7 @@ class Qwen2:
         self.context_limit = limit
         self.plan: Plan = plan_layers(strategy, cfg.n_layer)
         if ck.gptq is not None:
-            self.plan = _gptq_plan(self.plan, ck, self.path)
+            self.plan = gptq_plan(self.plan, self.path, ck.head_quantized)
         self.strategy = self.plan.strategy
         self.devices: list[torch.device] = [torch_device(p.device) for p in self.plan.layers]
         formats.check_plan(self.plan, self.devices)          # a format its device cannot run: DeviceError
@@ -314,16 +314,17 @@ class Qwen2:
         return f"Qwen2(qwen{self.version}, {self.path.name}, strategy={self.strategy!r})"
 
 
-def _gptq_plan(plan: Plan, ck, folder: Path) -> Plan:
+def gptq_plan(plan: Plan, folder: Path, head_quantized: bool) -> Plan:
     """``plan`` for a GPTQ folder: every stage must be ``i4``; the head placement says ``i4`` where the checkpoint
-    quantized ``lm_head``. Raises StrategyError naming the stage and a strategy that works."""
+    quantized ``lm_head`` (``head_quantized``). The loader's and the memory planner's check. Raises StrategyError
+    naming the stage and a strategy that works."""
     for stage in plan.stages:
         if stage.quant != "i4":
             fixed = " -> ".join(str(replace(s, quant="i4")) for s in plan.stages)
             raise StrategyError(f"{folder} holds 4-bit GPTQ weights, which load as the i4 format; stage {str(stage)!r} "
                                 f"of strategy {plan.strategy!r} asks for {stage.quant or 'plain float'} weights: use "
                                 f"{fixed!r}")
-    if not ck.head_quantized:
+    if not head_quantized:
         return plan
     head = replace(plan.layers[-1], quant="i4", wtype=torch.int32)
     return replace(plan, layers=plan.layers[:-1] + (head,))

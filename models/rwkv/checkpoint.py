@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from rwkv_chat.models.errors import CheckpointError
-from rwkv_chat.models.header import rwkv_version
+from rwkv_chat.models.header import check_torch_file, rwkv_version
 
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.")
 
@@ -88,6 +88,7 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def _read_pth(p: Path) -> dict:
+    check_torch_file(p)
     last: Exception | None = None
     for mmap in (True, False):  # legacy (non-zip) files cannot be memory-mapped
         try:

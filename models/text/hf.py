@@ -175,8 +175,9 @@ class HFGeneration:
 
     def sampling_defaults(self) -> dict[str, Any]:
         """The defaults that map onto ``SamplerArgs`` by name: ``temperature`` (0 when ``do_sample`` is false),
-        ``top_p``, ``top_k``."""
-        out: dict[str, Any] = {}
+        ``top_p``, ``top_k``; ``alpha_presence`` and ``alpha_frequency`` always 0 (``transformers`` has no
+        presence or frequency penalty, so the reference sampler's RWKV defaults do not apply)."""
+        out: dict[str, Any] = {"alpha_presence": 0.0, "alpha_frequency": 0.0}
         if self.do_sample is False:
             out["temperature"] = 0.0
         elif self.temperature is not None:

@@ -280,3 +280,53 @@ async def test_the_editor_opens_with_the_cursor_after_the_text():
         await pilot.press("ctrl+s")
         await pilot.pause(0.1)
     assert app.result == "Second message\nline two!"
+
+
+@async_test
+async def test_the_system_prompt_editor_takes_typing_beside_its_presets():
+    """With a preset selector the text still has the focus: what is typed is what Ctrl+S saves."""
+    from textual.app import App
+
+    from rwkv_chat.app.screens.dialogs import PRESETS
+
+    class Host(App):
+        result = None
+
+        def on_mount(self) -> None:
+            self.push_screen(TextEditor("System prompt", "", PRESETS), self._done)
+
+        def _done(self, value) -> None:
+            self.result = value
+
+    app = Host()
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause(0.1)
+        await pilot.press(*"You are a pirate.")
+        await pilot.press("ctrl+s")
+        await pilot.pause(0.1)
+    assert app.result == "You are a pirate."
+
+
+@async_test
+async def test_the_editor_saves_text_typed_just_before_ctrl_s():
+    """Keys that arrive in one read (fast typing, a terminal's burst) reach the text before Ctrl+S saves it."""
+    from textual import events
+    from textual.app import App
+
+    class Host(App):
+        result = None
+
+        def on_mount(self) -> None:
+            self.push_screen(TextEditor("Edit", "Hello"), self._done)
+
+        def _done(self, value) -> None:
+            self.result = value
+
+    app = Host()
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause(0.1)
+        for ch in " again":
+            app.post_message(events.Key(ch, ch))
+        app.post_message(events.Key("ctrl+s", None))
+        await pilot.pause(0.3)
+    assert app.result == "Hello again"

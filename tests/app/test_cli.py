@@ -120,6 +120,33 @@ def test_a_failing_chat_leaves_no_daemon_and_no_conversation(tmp_path, home_env)
         assert db.execute("SELECT COUNT(*) FROM conversations").fetchone()[0] == 0
 
 
+def test_a_chat_after_the_configured_model_failed_to_load_says_why(tmp_path, home_env):
+    """The config names a model file that is gone: the chat's refusal names the failed load, not the config
+    key that is set already."""
+    paths = make_home(tmp_path, tmp_path / "gone.pth")
+    try:
+        r = run(paths.home, "chat", "hello")
+        err = r.stderr.strip()
+        assert r.returncode == 1 and len(err.splitlines()) == 1 and "Traceback" not in err, r
+        assert "gone.pth" in err and "failed" in err and "set [model] path" not in err, err
+    finally:
+        run(paths.home, "daemon", "stop")
+
+
+def test_a_broken_config_is_one_line_without_earlier_log_lines(tmp_path, home_env):
+    """A wrong value in config.toml: ``daemon start`` and a ``chat`` that would start one say so in one line
+    naming the file, not with the daemon log's tail (earlier runs' lines included)."""
+    paths = make_home(tmp_path, None)
+    paths.config_file.write_text('[sampling]\ntemperature = "hot"\n')
+    paths.log_file.write_text("2026-01-01 00:00:00,000 WARNING rwkv_chat.daemon: an earlier run's problem\n")
+    for args in (("daemon", "start"), ("chat", "hello")):
+        r = run(paths.home, *args)
+        err = r.stderr.strip()
+        assert r.returncode == 1 and len(err.splitlines()) == 1 and "Traceback" not in err, r
+        assert str(paths.config_file) in err and "temperature" in err and "earlier run" not in err, err
+    assert not lock_held(paths.lock_file)
+
+
 def test_load_shows_one_progress_bar(daemon):
     model = str(daemon.model)
     r = run(daemon.paths.home, "load", model, "--strategy", "cpu fp32")
@@ -199,6 +226,40 @@ def test_bench_on_cpu(model_path, capsys):
     assert "CPU (1 thread)" in out and "| backend |" in out
     for gpu_only in ("cublas", "copy bandwidth", "% of copy"):
         assert gpu_only not in out
+
+def test_plan_suggest_into_a_closed_pipe_exits_quietly(model_path):
+    """``rwkv-chat plan M --suggest | head -0``: the reader gone before the suggestions are written (unbuffered
+    output writes them at once) is no error."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([*CLI, "plan", str(model_path("7")), "--suggest"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(60) == 0 and err == b"", err
+
+
+def test_bench_of_a_qwen2_folder_given_to_model(tmp_path, shared_dir, capsys):
+    """A folder given to ``--model`` is a Hugging Face checkpoint: measured as ``--family qwen2`` would."""
+    from ..daemon.conftest import write_qwen_folder
+
+    folder = write_qwen_folder(tmp_path / "qwen", shared_dir)
+    assert cli.main(["bench", "--model", str(folder), "--no-peer", "--tokens", "2", "--prompt-len", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "--family qwen2" in out and "decode b=1" in out and "prefill 4" in out
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--model", "MISSING.pth"], "not found"),
+    (["--shape", "0.1B", "--strategy", "cpu fp32i3"], "'i3'"),
+    (["--family", "qwen2", "--model", "MISSING"], "not a folder"),
+    (["--family", "qwen2", "--shape", "tiny", "--strategy", "cuda:0 bf16 -> cpu"], "strategy"),
+])
+def test_bench_mistakes_are_one_line(tmp_path, args, words, capsys):
+    args = [str(tmp_path / a) if a.startswith("MISSING") else a for a in args]
+    assert cli.main(["bench", *args]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("rwkv-chat bench: ") and words in err, err
+
 
 def test_bench_without_the_reference_package(monkeypatch, capsys):
     """One line, before anything is measured (the package is hidden: ``import rwkv`` fails)."""

@@ -414,3 +414,26 @@ def test_the_first_request_after_a_daemon_restart_is_served(tmp_path, model_path
     finally:
         gw.stop()
         stop_daemon(home)
+
+
+def test_a_prompt_beyond_the_context_limit_is_a_bad_request(tmp_path, model_path):
+    """OpenAI's answer to a prompt the model's context cannot hold: 400, code ``context_length_exceeded``."""
+    home = make_home(tmp_path / "home")
+    config_file = home_paths(home).config_file
+    cfg = load_config(config_file)
+    cfg.model.context_limit = 64
+    save_config(cfg, config_file)
+    start_daemon(home, model_path("7"))
+    gw = Gateway(home)
+    try:
+        for path, body in (("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 100}]}),
+                           ("/v1/completions", {"prompt": "x" * 100})):
+            code, err, _ = gw.post(path, {"model": MODEL, "max_tokens": 3, **body})
+            assert code == 400 and err["error"]["type"] == "invalid_request_error", err
+            assert err["error"]["code"] == "context_length_exceeded"
+            assert "context limit of 64" in err["error"]["message"]
+        with pytest.raises(openai.BadRequestError):
+            gw.client().chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x" * 100}])
+    finally:
+        gw.stop()
+        stop_daemon(home)

@@ -8,7 +8,7 @@ import pytest
 
 from rwkv_chat.daemon.config import SAMPLING_KEYS, Config
 from rwkv_chat.app.screens.conversation_actions import export_path
-from rwkv_chat.app.screens.first_run import check_checkpoint, suggest_strategies
+from rwkv_chat.app.screens.first_run import check_checkpoint, checkpoint_path, suggest_strategies
 from rwkv_chat.app.screens.help import key_label
 from rwkv_chat.app.widgets.chat_log import preview
 from rwkv_chat.app.widgets.prompt_input import clean_text
@@ -68,6 +68,8 @@ def test_check_checkpoint(tmp_path):
     assert ".pth" in check_checkpoint(str(tmp_path / "m.bin"))
     (tmp_path / "m.pth").write_bytes(b"")
     assert check_checkpoint(str(tmp_path / "m.pth")) is None
+    assert check_checkpoint(str(tmp_path / "m")) is None     # m.pth, as `rwkv-chat load` and the engine take it
+    assert checkpoint_path(str(tmp_path / "m")) == str((tmp_path / "m.pth").resolve())
 
 
 def test_small_helpers():
@@ -111,3 +113,15 @@ def test_what_serves_the_model_in_words():
     assert serving_short(done) == "fused-cpu" and serving(done) == done["backend"]
     failed = {**done, "backend": "eager (torch ops)", "kernels_error": "cpu: build failed (no compiler)"}
     assert serving(failed).endswith("cpu: build failed (no compiler)")
+
+
+def test_the_strategy_help_says_f8_runs_on_the_cpu_too():
+    """f8's device check admits the CPU (an exact emulation), so the help does not call it a GPU-only format."""
+    import torch
+
+    from rwkv_chat.app.texts import STRATEGY_HELP
+    from rwkv_chat.models import formats
+
+    assert formats.get("f8").check_device(torch.device("cpu")) is None
+    clause = " ".join(STRATEGY_HELP.split()).split("f8 (", 1)[1].split(")", 1)[0]
+    assert "CPU" in clause, clause

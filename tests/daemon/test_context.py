@@ -245,3 +245,41 @@ def test_truncation_leaves_out_the_fewest_exchanges_that_leave_room(limit, max_t
             fit_chat(**refuse)
     else:
         assert fit_chat(**refuse).dropped == 0
+
+
+def test_a_stateless_chat_cut_at_the_context_limit_ends_with_its_reply(tmp_path, model_path):
+    """A ``ChatMessages`` reply runs until the template's closing text would no longer fit, then ends "length"
+    with the text so far (it is not lost to a failure while the closing text is fed for the prefix cache)."""
+    model_file = model_path("7")
+    config = Config()
+    config.model.context_limit = 40          # bytes vocabulary: 1 token per byte
+    sys_ = InProcess(tmp_path, model_file, config)
+    try:
+        job = Job(id="s", kind="messages", client_id="t", topic="s", request=m.ChatMessages(
+            client_id="t", topic="s", messages=[m.ChatMessage(role="user", content="Hello")],
+            sampling={**GREEDY, "max_tokens": 500}))
+        done = sys_.run(job)[-1]
+        prompt = RWKV_CHAT.transcript("", []) + RWKV_CHAT.prompt("Hello")
+        closing = len(RWKV_CHAT.stop)
+        assert isinstance(done, m.Done) and done.reason == "length", done
+        assert done.tokens == 40 - len(prompt) - closing and done.context_used == 40
+        assert done.text == greedy(model_file, prompt, done.tokens).strip()
+    finally:
+        sys_.close()
+
+
+def test_a_refused_first_message_leaves_no_conversation(tmp_path, model_path):
+    """A chat that would make a conversation but is refused (the message beyond the context limit) leaves
+    none behind; a refused message in a conversation that exists leaves that conversation as it was."""
+    config = Config()
+    config.model.context_limit = 40
+    sys_ = InProcess(tmp_path, model_path("7"), config)
+    try:
+        events = sys_.chat("new", "x" * 100, max_tokens=5)
+        assert isinstance(events[-1], m.Failed) and "shorten it" in events[-1].message, events
+        assert not sys_.store.exists("new")
+        assert isinstance(sys_.chat("kept", "Hi", max_tokens=2)[-1], m.Done)
+        assert isinstance(sys_.chat("kept", "x" * 100, max_tokens=5)[-1], m.Failed)
+        assert sys_.store.exists("kept") and len(sys_.store.turns("kept")) == 2
+    finally:
+        sys_.close()

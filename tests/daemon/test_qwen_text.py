@@ -39,8 +39,9 @@ def test_the_cache_holds_the_rendered_conversation_and_the_limit_applies(tmp_pat
     sys_ = InProcess(tmp_path, qwen_folder, config)
     try:
         model, tok, tpl = sys_.host.model, sys_.host.tokenizer, sys_.host.template
-        assert tpl.stop_tokens == (151645, 151643) and tpl.sampling_defaults == {"top_k": 20}
-        assert sys_.host.info()["sampling_defaults"] == {"top_k": 20}
+        defaults = {"top_k": 20, "alpha_presence": 0.0, "alpha_frequency": 0.0}
+        assert tpl.stop_tokens == (151645, 151643) and tpl.sampling_defaults == defaults
+        assert sys_.host.info()["sampling_defaults"] == defaults
         msgs, pairs = [], []
         for user in ("Hello there 🎉", "和 3+3 呢？"):
             events = sys_.chat("c", user, max_tokens=6)
@@ -95,5 +96,32 @@ def test_a_generation_config_eos_ends_the_reply_and_the_closing_follows(tmp_path
         assert done.reason == "stop" and done.tokens == k + 1 and _reply(events) == tok.decode(reply[:k])
         state = model.load_state(sys_.store.state_path("stopped", 1, model.fingerprint))
         assert state.tokens[0].tolist() == prompt + reply[:k + 1] + tok.encode("<|im_end|>\n")
+    finally:
+        sys_.close()
+
+
+def test_a_greedy_completion_with_the_folders_defaults_is_transformers_greedy(tmp_path, qwen_folder):
+    """``transformers`` applies no presence or frequency penalty: a Hugging Face folder's defaults leave them at
+    0 (a ``[sampling]`` key would still win), so temperature 0 alone gives ``transformers``' greedy text."""
+    import torch
+
+    from rwkv_chat.daemon.generation import Job
+    from rwkv_chat.daemon.protocol import messages as m
+
+    sys_ = InProcess(tmp_path, qwen_folder, Config())
+    try:
+        events = sys_.run(Job(id="g", kind="complete", client_id="t", topic="g", request=m.Complete(
+            client_id="t", topic="g", prompt="The capital of France is", sampling={"temperature": 0.0,
+                                                                                 "max_tokens": 12})))
+        done = events[-1]
+        reference = transformers.AutoTokenizer.from_pretrained(str(qwen_folder))
+        hf = transformers.AutoModelForCausalLM.from_pretrained(str(qwen_folder), dtype=torch.float32).eval()
+        ids = reference("The capital of France is", return_tensors="pt").input_ids
+        with torch.no_grad():
+            out = hf.generate(ids, max_new_tokens=done.tokens, do_sample=False, eos_token_id=None)
+        assert isinstance(done, m.Done) and done.tokens == 12, events
+        assert done.text == reference.decode(out[0, ids.shape[1]:])
+        defaults = sys_.host.info()["sampling_defaults"]        # what the TUI's sampling panel shows
+        assert defaults["alpha_presence"] == defaults["alpha_frequency"] == 0.0
     finally:
         sys_.close()

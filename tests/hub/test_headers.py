@@ -3,6 +3,7 @@ local names; the registry file."""
 
 from __future__ import annotations
 
+import os
 import pickle
 import zipfile
 
@@ -71,3 +72,28 @@ def test_the_registry_resolves_names_and_refuses_a_taken_one(tmp_path, model_pat
         reg.add(ModelEntry(name="Bad Name", path="/x"))
     reg.remove("seven")
     assert reg.entries() == []
+
+
+def test_a_checkpoint_named_without_its_pth_suffix_resolves_as_the_reference_package_does(tmp_path, model_path):
+    """``load model`` takes model.pth (the engine and the planner do); a local model of that name comes first."""
+    import shutil
+    from types import SimpleNamespace
+
+    from rwkv_chat.app.models_cli import load_target
+
+    shutil.copy(model_path("7"), tmp_path / "m.pth")
+    bare = str(tmp_path / "m")
+    assert resolve(bare, tmp_path) == str(tmp_path / "m.pth")
+    assert load_target(bare, SimpleNamespace(data_dir=tmp_path)) == (str(tmp_path / "m.pth"), "")
+    (tmp_path / "cwd").mkdir()
+    shutil.copy(model_path("6"), tmp_path / "cwd" / "seven.pth")
+    Registry(tmp_path).add(ModelEntry(name="seven", path=str(model_path("7")), repo="a/b", file="x.pth"))
+    old = os.getcwd()
+    try:
+        os.chdir(tmp_path / "cwd")
+        assert resolve("seven", tmp_path) == str(model_path("7"))
+        assert load_target("seven", SimpleNamespace(data_dir=tmp_path))[0] == "seven"
+    finally:
+        os.chdir(old)
+    with pytest.raises(FileNotFoundError):
+        resolve(str(tmp_path / "nothing"), tmp_path)

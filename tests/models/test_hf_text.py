@@ -134,13 +134,14 @@ def test_generation_config_and_other_eos(qwen_dir, tmp_path, reference):
         {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05,
          "eos_token_id": [151645, 151643]}))
     t = load_hf_text(tmp_path, vocab_size=151936)
-    assert t.generation.sampling_defaults() == {"temperature": 0.7, "top_p": 0.8, "top_k": 20}
+    no_penalties = {"alpha_presence": 0.0, "alpha_frequency": 0.0}           # transformers has none
+    assert t.generation.sampling_defaults() == {"temperature": 0.7, "top_p": 0.8, "top_k": 20, **no_penalties}
     assert t.generation.repetition_penalty == 1.05
     assert t.tokenizer.eos_ids == (151645, 151643)
     assert t.chat_template.stop_tokens == (151645, 151643)
     assert t.chat_template.after_stop(151643) == "<|im_end|>\n"     # another eos: the whole closing follows
     (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": False, "temperature": 0.7}))
-    assert load_hf_text(tmp_path).generation.sampling_defaults() == {"temperature": 0.0}
+    assert load_hf_text(tmp_path).generation.sampling_defaults() == {"temperature": 0.0, **no_penalties}
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": "x"}))
     with pytest.raises(TokenizerError, match="generation_config.json"):
         load_hf_text(tmp_path)

@@ -94,6 +94,15 @@ def test_empty_and_truncated_and_garbage(model_path, tmp_path):
         read_checkpoint(tmp_path / "junk.safetensors")
 
 
+def test_a_file_that_is_no_checkpoint_says_so(tmp_path):
+    """A JSON or text file given as a .pth is no checkpoint (not "pickled objects other than tensors")."""
+    for name, data in (("config.json", b'{"hidden_size": 64}'), ("notes.pth", b"hello\n")):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(CheckpointError, match=f"{name} is not a checkpoint") as e:
+            RWKV(tmp_path / name, "cpu fp32")
+        assert "pickled" not in str(e.value) and "corrupt" not in str(e.value)
+
+
 class _Evil:
     def __reduce__(self):
         return (os.system, ("touch PWNED_BY_PICKLE",))

@@ -160,6 +160,46 @@ def test_plan_bytes_equal_a_real_load(model_path, version, strategy):
     assert mp.fits is True and mp.devices[0].device == "cpu" and not mp.transfers
 
 
+@pytest.mark.parametrize("strategy", ["cpu fp32i8", "cpu bf16i4", "cpu fp32f8", "cpu fp32i8 *2 -> cpu fp32i4"])
+def test_plan_of_a_converted_file_equals_a_real_load(model_path, tmp_path, strategy):
+    """A file of ``rwkv-chat convert``: planned as the loader places its packed weights, refused (in the
+    loader's words) for a strategy asking other formats, and suggested only as strategies that load it."""
+    from rwkv_chat.models.errors import StrategyError
+    from rwkv_chat.models.rwkv.convert import convert
+
+    out = tmp_path / "packed.safetensors"
+    convert(model_path("5.2"), out, strategy)
+    m = RWKV(out, strategy, kernels=False)
+    mp = plan_memory(out, strategy, free={"cpu": 1 << 40})
+    assert {s.stage: sum(s.weights.values()) for s in mp.stages} == _loaded_bytes(m)
+    with pytest.raises(StrategyError) as loaded:
+        RWKV(out, "cpu fp32", kernels=False)
+    with pytest.raises(StrategyError) as planned:
+        plan_memory(out, "cpu fp32", free={})
+    assert str(planned.value) == str(loaded.value)
+    fits = suggest(out, [])
+    assert fits and all(RWKV(out, s, kernels=False).plan.strategy == s for s in fits), fits
+
+
+def test_plan_of_a_file_that_is_no_checkpoint_says_so_as_the_loader_does(tmp_path):
+    """The planner's words for a JSON file, or a file of a Qwen folder, are the loader's."""
+    from rwkv_chat.models import load_model
+    from rwkv_chat.models.errors import CheckpointError
+
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    transformers.Qwen2ForCausalLM(cfg).save_pretrained(tmp_path / "q", safe_serialization=True)
+    (tmp_path / "notes.json").write_text('{"a": 1}')
+    for path, words in ((tmp_path / "notes.json", "is not a checkpoint"),
+                        (tmp_path / "q" / "model.safetensors", "load the folder")):
+        with pytest.raises(CheckpointError, match=words) as planned:
+            plan_memory(path, "cpu fp32", free={})
+        with pytest.raises(CheckpointError) as loaded:
+            load_model(path, "cpu fp32")
+        assert str(planned.value) == str(loaded.value)
+
+
 def test_plan_streaming_and_transfers(model_path):
     path = model_path("7")
     m = RWKV(path, "cpu fp16", kernels=False)
@@ -211,6 +251,25 @@ def test_plan_qwen2_folder(tmp_path):
     own = plan_memory(tmp_path, "cpu fp32", free={})          # no --context: the folder's own limit
     assert own.context == cfg.max_position_embeddings
     assert sum(s.state for s in own.stages) == cfg.num_hidden_layers * kv * 4 * cfg.max_position_embeddings // 100
+
+
+@pytest.mark.parametrize("strategy", ["cpu fp32", "cpu fp32i4", "cpu fp32 *2 -> cpu bf16", "cpu bf16 *1 -> cpu fp32"])
+def test_plan_of_a_tied_qwen2_equals_a_real_load(tmp_path, strategy):
+    """A tied head that the load makes the embedding table itself costs nothing of its own; where it cannot be
+    (another dtype), it is counted. Bytes from the loaded model's tensors, the shared table counted once."""
+    transformers = pytest.importorskip("transformers")
+    from rwkv_chat.models.qwen2.model import Qwen2
+
+    cfg = transformers.Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    transformers.Qwen2ForCausalLM(cfg).save_pretrained(tmp_path, safe_serialization=True)
+    m = Qwen2(tmp_path, strategy, kernels=False)
+    table = m.emb.untyped_storage().data_ptr()
+    shared = isinstance(m.head, torch.Tensor) and m.head.untyped_storage().data_ptr() == table
+    loaded = formats.nbytes(m.emb) + formats.nbytes(m.norm) + (0 if shared else formats.nbytes(m.head)) + \
+        sum(formats.nbytes(v) for layer in m.layers for v in layer.values())
+    mp = plan_memory(tmp_path, strategy, free={})
+    assert sum(sum(st.weights.values()) for st in mp.stages) == loaded
 
 
 def test_plan_cli_takes_the_daemons_context_limit(tmp_path, monkeypatch):

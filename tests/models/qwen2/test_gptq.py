@@ -110,6 +110,27 @@ def test_gptq_folder_needs_i4_stages_and_a_served_config(tmp_path):
             Qwen2(folder, "cpu fp32i4", kernels=False)
 
 
+@pytest.mark.parametrize("head", [False, True])
+def test_the_planner_plans_and_suggests_only_what_a_gptq_folder_loads_as(tmp_path, head):
+    """The memory planner refuses a strategy the loader refuses (in the loader's words), and suggests only i4
+    strategies (each of which loads)."""
+    from rwkv_chat.models.plan import suggest
+
+    folder, _ = make_gptq_folder(tmp_path, False, head)
+    for bad in ("cpu fp32", "cpu fp32i8 *1 -> cpu bf16i4"):
+        with pytest.raises(StrategyError) as loaded:
+            Qwen2(folder, bad, kernels=False)
+        with pytest.raises(StrategyError) as planned:
+            plan_memory(folder, bad, free={})
+        assert str(planned.value) == str(loaded.value)
+    assert suggest(folder, []) == ["cpu fp32i4", "cpu bf16i4"]
+    for strategy in suggest(folder, []):
+        assert Qwen2(folder, strategy, kernels=False).plan.strategy == strategy
+    room = {"cpu": 1 << 40, "cuda:0": 1 << 40}
+    assert suggest(folder, ["cuda:0"], free=room)[0] == "cuda:0 fp16i4"
+    assert plan_memory(folder, "cpu fp32i4", free={}).plan.layers[-1].quant == ("i4" if head else None)
+
+
 def test_convert_writes_a_gptq_folder_that_loads_without_quantizing(tmp_path):
     """``rwkv-chat convert`` of a float folder: a GPTQ folder (group 128: every width of this model is 128 or 256)
     whose load gives exactly the logits of quantizing the float folder at load, the float head kept."""
@@ -133,3 +154,18 @@ def test_convert_writes_a_gptq_folder_that_loads_without_quantizing(tmp_path):
         bad = subprocess.run([*cli[:-1], str(tmp_path / "x")] + (["--strategy", strategy] if strategy else []),
                              capture_output=True, text=True, timeout=120)
         assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and match in bad.stderr, bad.stderr
+
+
+def test_convert_refuses_an_output_that_is_a_file_or_a_full_folder(tmp_path):
+    """A GPTQ output is a folder: a file there, or a folder with files, is refused in words that say which."""
+    from rwkv_chat.models.qwen2.convert import convert
+
+    src = tmp_path / "float"
+    build("qwen2", seed=7).save_pretrained(src)
+    (tmp_path / "file.safetensors").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match=r"file\.safetensors is a file: .*GPTQ folder"):
+        convert(src, tmp_path / "file.safetensors", "cpu fp32i4")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "a").write_text("a")
+    with pytest.raises(CheckpointError, match="full exists and is not an empty folder"):
+        convert(src, tmp_path / "full", "cpu fp32i4")

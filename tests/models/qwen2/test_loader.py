@@ -136,3 +136,6 @@ def test_load_model_recognises_a_qwen_folder(tmp_path, shared_dir):
     ids = model.tokenizer.encode("Hello, 世界")
     logits, state = model.forward(ids, None)
     assert logits.shape == (151936,) and state.tokens[0].tolist() == ids
+    for part in ("model.safetensors", "config.json"):    # a file of the folder: the folder is what loads
+        with pytest.raises(CheckpointError, match=f"{part} is a file of the Hugging Face folder .*: load the folder"):
+            load_model(folder / part, "cpu fp32")
