@@ -26,8 +26,11 @@ def test_chat_two_at_once_and_resume_after_restart(tmp_path, qwen_folder):
     home = make_home(tmp_path / "h")
     paths = home_paths(home)
     start_daemon(home, qwen_folder)
-    turn1 = dict(temperature=1.0, top_p=0.9, seed=7, max_tokens=12)
-    turn2 = dict(temperature=1.0, top_p=0.9, seed=8, max_tokens=12)
+    # greedy: the replies are compared token for token across batch sizes and a restart, whose products round
+    # differently (~1e-7 on the CPU's logits); a random model's distribution is nearly flat over 151,936 tokens,
+    # so a sampled token can move with that rounding, the argmax does not (the sampler is tested on its own)
+    turn1 = dict(temperature=0.0, max_tokens=12)
+    turn2 = dict(temperature=0.0, max_tokens=12)
     try:
         with Client(paths, autostart=False) as c:
             assert c.status()["model"]["family"] == "qwen2"
