@@ -63,18 +63,23 @@ async def test_the_sampling_panel_shows_the_models_defaults_under_the_configs(fr
         assert shown == {"temperature": "0.0", "top_p": "0.8", "top_k": "20"}   # the test config sets temperature
 
 
+def qwen_daemon(tmp_path, shared_dir):
+    """(the folder, the home's paths, the folder's context limit, a daemon started on a tiny Qwen2 folder with
+    replies of 8 tokens)."""
+    from ..daemon.conftest import TINY_QWEN, write_qwen_folder
+
+    folder = write_qwen_folder(tmp_path / "qwen", shared_dir)
+    paths = make_home(tmp_path / "home", folder, max_tokens=8)
+    return folder, paths, TINY_QWEN["max_position_embeddings"], start_daemon(paths, folder)
+
+
 @async_test
 async def test_a_qwen2_folder_in_the_tui(tmp_path, shared_dir, home_env):
     """The TUI on a Hugging Face Qwen2 folder: replies labelled by the model's family, the context used of the
     folder's own limit (its max_position_embeddings) in the status bar."""
     from rwkv_chat.app.widgets.chat_log import AssistantMessage
 
-    from ..daemon.conftest import TINY_QWEN, write_qwen_folder
-
-    folder = write_qwen_folder(tmp_path / "qwen", shared_dir)
-    limit = TINY_QWEN["max_position_embeddings"]
-    paths = make_home(tmp_path / "home", folder, max_tokens=8)
-    daemon = start_daemon(paths, folder)
+    folder, paths, limit, daemon = qwen_daemon(tmp_path, shared_dir)
     try:
         app = make_app(daemon)
         async with app.run_test(size=(140, 30)) as pilot:
@@ -94,12 +99,7 @@ async def test_a_qwen2_folder_in_the_tui(tmp_path, shared_dir, home_env):
 async def test_an_opened_conversation_shows_its_context_in_use(tmp_path, shared_dir, home_env):
     """After a restart of the daemon, the conversation the TUI opens (and one switched to) shows the context its
     last reply's Done reported, before any new reply."""
-    from ..daemon.conftest import TINY_QWEN, write_qwen_folder
-
-    folder = write_qwen_folder(tmp_path / "qwen", shared_dir)
-    limit = TINY_QWEN["max_position_embeddings"]
-    paths = make_home(tmp_path / "home", folder, max_tokens=8)
-    daemon = start_daemon(paths, folder)
+    folder, paths, limit, daemon = qwen_daemon(tmp_path, shared_dir)
     try:
         app = make_app(daemon)
         last = {}
