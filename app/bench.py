@@ -266,9 +266,9 @@ def qwen2_main(argv: list[str]) -> int:
     ap.add_argument("--prompt-len", type=int, default=1024, metavar="T", help="prefill length (default 1024; 0: skip)")
     ap.add_argument("--tokens", type=int, default=100, metavar="N", help="timed decode steps (default 100)")
     ap.add_argument("--no-peer", action="store_true", help="skip transformers")
-    ap.add_argument("--gemv", choices=["ours", "cublas"], default="ours",
-                    help="decode products of 1..4 rows: ours (norm_gemv, the RMSNorm inside; default) or cublas "
-                         "(RMSNorm, then cuBLAS)")
+    ap.add_argument("--gemv", choices=["ours", "cublas"], default="cublas",
+                    help="decode products of 1..4 rows: cublas (RMSNorm, then cuBLAS; default) or ours (norm_gemv, "
+                         "the RMSNorm inside)")
     ap.add_argument("--md", metavar="FILE", help="append the table to this markdown file")
     args = ap.parse_args(argv)
     stage = parse_strategy(args.strategy)[0]
@@ -277,8 +277,8 @@ def qwen2_main(argv: list[str]) -> int:
         folder = Path(args.model) if args.model else shapes.write_random(Path(tmp) / args.shape, args.shape, dtype,
                                                                          device=dev)
         model = Qwen2(folder, args.strategy)
-        if args.gemv == "cublas":
-            model.use_kernels(decode_gemv=False)
+        if args.gemv == "ours":
+            model.use_kernels(decode_gemv=True)
         peer = None if args.no_peer else speed.peer_speed(folder, dtype, dev, args.tokens, args.prompt_len)
         ceiling, peak = copy_bandwidth(dev), speed.matmul_peak(dtype, dev)
         name = args.model or f"Qwen2 {args.shape} (random)"

@@ -19,8 +19,9 @@ More than 4 rows: the large products go to cuBLAS (GEMM), the low-rank products 
 torch ops), the WKV step stays one fused launch per layer. i8 weights (<= 4 rows) use the grouped mm8
 GEMV: r/k/v in one launch, relu² applied on load for the channel-mix value; i4 and f8 weights the grouped
 GEMV of ``csrc/gemvq`` for r/k/v (``dispatch.gemvq_group``), their other products ``dispatch.mm4`` / ``mmf8``;
-i4 r/k/v where ``ops.gptq.fused_v7_mix_rkv_i4`` serves (probed at load): steps 1 and 2's r/k/v in one Triton launch
-(ln1, the six mixes and the three int4 products), the low-rank products in the grouped GEMV.
+with ``FusedCuda(mix_rkv=True)``, i4 r/k/v through ``ops.gptq.fused_v7_mix_rkv_i4`` (probed at load): steps 1 and
+2's r/k/v in one Triton launch (ln1, the six mixes and the three int4 products), the low-rank products in the
+grouped GEMV.
 
 Prefill (``FusedCuda.sequence_block``, T > 1): ``v7_mix`` (the previous token's LayerNorm recomputed in the
 same block), cuBLAS GEMMs over [B·T, C], ``v7_pre``, the compiled WKV-7 sequence kernel, ``v7_post``.
@@ -212,6 +213,9 @@ class FusedCuda(Backend):
             on the input-major matrix, rows where relu(k)² is zero for every row not read) or "dense" (the same
             kernel reading every row; same bits). Without Triton, "gemv". The chosen one is named in
             ``detail``.
+        mix_rkv: int4 r/k/v through ``ops.gptq.fused_v7_mix_rkv_i4`` (ln1, the mixes and the three products in one
+            Triton launch; probed). Off by default: its Triton GEMV read the int4 weights at ~0.4 TB/s on an H100
+            (bench/results/h100.md), so v7_mix + the compiled grouped int4 GEMV serve.
 
     Raises:
         StrategyError: ``ffn`` not one of ``FFN_MODES``.
@@ -220,7 +224,7 @@ class FusedCuda(Backend):
     name = "fused-cuda"
     decode_on_device = True
 
-    def __init__(self, model, ops: Ops, ffn: str = "gemv"):
+    def __init__(self, model, ops: Ops, ffn: str = "gemv", mix_rkv: bool = False):
         super().__init__(ops)
         if ffn not in FFN_MODES:
             raise StrategyError(f"ffn must be one of {', '.join(FFN_MODES)}; got {ffn!r}")
@@ -249,7 +253,10 @@ class FusedCuda(Backend):
         self.decodes = decode_ready(model)
         #: int4 r/k/v: ln1 + the six mixes + the r, k, v products in one launch (``ops.gptq.fused_v7_mix_rkv_i4``,
         #: Triton; probed here against v7_mix + the int4 products); why not, where it does not serve
-        self.mix_rkv_note = _probe_mix_rkv(model, ops) if self.decodes and _triton.available() else "no Triton"
+        if not mix_rkv:
+            self.mix_rkv_note = "off (FusedCuda(mix_rkv=True) turns it on)"
+        else:
+            self.mix_rkv_note = _probe_mix_rkv(model, ops) if self.decodes and _triton.available() else "no Triton"
         self.mix_rkv = self.mix_rkv_note is None
         #: prefill CUDA graphs where the whole model sits on one CUDA device
         self.captures_prefill = self.decodes

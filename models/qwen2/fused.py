@@ -149,10 +149,11 @@ def _prenorm_probes(base: layers.QwenOps, rnd, C: int, F: int, bias: torch.Tenso
 
 
 def fused_ops(base: layers.QwenOps, device: torch.device, dtype: torch.dtype,
-              decode_gemv: bool = True) -> tuple[layers.QwenOps, str]:
+              decode_gemv: bool = False) -> tuple[layers.QwenOps, str]:
     """``base`` with the Triton ops that run on ``device`` in ``dtype`` (see the module docstring).
     ``decode_gemv``: the projections of 1..4 rows through ``ops.norm_gemv`` (the norm before a projection inside
-    it); False keeps ``rmsnorm`` + cuBLAS (+ ``fused_gated_mlp``) there (benchmarks compare both)."""
+    it); False (default) keeps ``rmsnorm`` + cuBLAS (+ ``fused_gated_mlp``) there: on an H100 the norm_gemv path
+    decoded Qwen2 1.5B at 486 tok/s against 533 (bench/results/h100.md), so it is opt-in until it is faster."""
     if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
         return base, "torch ops (the Triton ops serve fp16/bf16 on CUDA)"
     try:

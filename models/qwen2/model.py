@@ -130,7 +130,7 @@ class Qwen2:
     def _place(self, ck, progress) -> None:
         weights.place(self, ck, progress)
 
-    def _choose(self, kernels: bool, decode_gemv: bool = True) -> None:
+    def _choose(self, kernels: bool, decode_gemv: bool = False) -> None:
         self.kernels: dict[str, dict[str, str]] = {}
         table = None
         if kernels and any(s.quant for s in self.plan.stages):
@@ -151,10 +151,11 @@ class Qwen2:
         self.backend = TorchBackend(bool(kernels), ops, note, i8=table is not None)
         self.plan = replace(self.plan, backend=str(self.backend))
 
-    def use_kernels(self, decode_gemv: bool = True):
+    def use_kernels(self, decode_gemv: bool = False):
         """Re-choose the backend with the compiled products (between forwards; states carry over; a decoder made
         before must be made again). ``decode_gemv``: the products of 1..4 rows with their norms through
-        ``ops.norm_gemv`` (``fused.fused_ops``; False: RMSNorm + cuBLAS, for comparisons). Returns the new backend."""
+        ``ops.norm_gemv`` (``fused.fused_ops``; opt-in: slower than RMSNorm + cuBLAS on an H100). Returns the new
+        backend."""
         with torch.no_grad():
             self._choose(True, decode_gemv)
         return self.backend

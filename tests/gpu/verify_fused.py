@@ -146,9 +146,12 @@ def main() -> int:
     for strategy in ("cuda fp16", "cuda fp16i8", "cuda fp16i4"):
         fused = RWKV(model=w, strategy=strategy)
         seq, st = fused.forward(tokens, None, full_output=True)
-        if strategy.endswith("i4"):     # ln1 + mixes + int4 r/k/v in one launch: probed at load, used by decode
-            note = getattr(fused.backend, "mix_rkv_note", "not the fused backend")
-            row("ln1 + mixes + int4 r/k/v in one launch serves (load probe)", strategy,
+        if strategy.endswith("i4"):     # ln1 + mixes + int4 r/k/v in one launch (opt-in): its load probe
+            from rwkv_chat.models.backends.fused_cuda import FusedCuda
+
+            note = FusedCuda(fused, fused.backend.ops, mix_rkv=True).mix_rkv_note \
+                if isinstance(fused.backend, FusedCuda) else "not the fused backend"
+            row("ln1 + mixes + int4 r/k/v in one launch (FusedCuda(mix_rkv=True)) vs v7_mix + int4 GEMVs", strategy,
                 "fused_v7_mix_rkv_i4" if note is None else f"NOT SERVING ({note})", 0.0 if note is None else float("inf"))
         # prefill through a CUDA graph (models/rwkv/prefill_graph.py: captured on a shape's second prefill) vs
         # the eager fused prefill of the same model: bit-identical logits and state
