@@ -31,6 +31,14 @@ SECTIONS = (
     ("Decode and prefill", "bench.md", True),
     ("Daemon vs engine", "daemon_overhead.md", False),
     ("Prefill profile", "prefill_profile.md", False),
+    ("Compiled int4 / fp8 GEMVs (csrc/gemvq)", "verify_gemvq.md", False),
+    ("Int4 / fp8 decode GEMVs vs fp16 cuBLAS", "gemvq_bench.md", False),
+    ("Weight formats (bench/formats.py)", "formats_bench.md", False),
+    ("RWKV-7 decode step per weight format (profile)", "formats_profile.md", False),
+    ("Weight-format checks", "verify_formats.md", False),
+    ("Qwen2 (ours vs Hugging Face transformers on the same weights)", "qwen_bench.md", True),
+    ("Qwen2 checks", "verify_qwen2.md", False),
+    ("Conversation tree, draft prefill and shared prompt states", "tree.md", False),
 )
 PREAMBLE = ("Every section is written by the script its `command:` line names, with the machine, torch, source "
             "tree and date of that run. `bash bench/device_run.sh` regenerates this file section by section "
@@ -93,6 +101,14 @@ def sections(text: str) -> dict[str, str]:
     return out
 
 
+def own_heading_dropped(text: str) -> str:
+    """A result file's text without the ``## `` heading some scripts open it with (the section gives one)."""
+    lines = text.strip("\n").splitlines()
+    if lines and lines[0].startswith("## "):
+        lines = lines[1:]
+    return "\n".join(lines).strip("\n")
+
+
 def merge(old: str, new: str) -> str:
     """Blocks of ``new`` replace the blocks of ``old`` with the same key, in place; new keys are appended."""
     merged = dict(blocks(old))
@@ -116,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         f = args.out_dir / name
         body = old.get(title, "")
         if f.is_file() and f.read_text().strip():
-            new = f.read_text().strip("\n")
+            new = own_heading_dropped(f.read_text())
             body = merge(body, new) if per_block else new
             taken.append(name)
         if body:

@@ -1,6 +1,7 @@
 // Registration of the weight-only GEMV ops for int4 and fp8 weights (csrc/gemvq/gemvq_cuda.cu) and their
 // argument checks. Each op writes into caller-allocated outputs and returns nothing. The _multi ops run
-// 1..kGemvqMaxEntries products of one kind with the same rows in one launch.
+// 1..kGemvqMaxEntries products of one kind with the same rows in one launch, each with its input activation
+// (acts: 0 none, 3 relu(x)^2 rounded to the activation dtype).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -44,6 +45,7 @@ GemvqEntry i4_entry(const char* op, const at::Tensor& x, const at::Tensor& qweig
     check_tensor(y, op, "y", kCUDA, F, {rows, N});
     check_same_device(op, {x, qweight, qzeros, scales, y});
     TORCH_CHECK(reinterpret_cast<uintptr_t>(qweight.data_ptr()) % 16 == 0, op, ": qweight must be 16-byte aligned");
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(scales.data_ptr()) % 4 == 0, op, ": scales must be 4-byte aligned");
     GemvqEntry E{};
     E.x = aligned_x(x, keep);
     E.w = qweight.data_ptr();
@@ -114,37 +116,51 @@ void gemvq_f8_cuda(const at::Tensor& x, const at::Tensor& w8, const at::Tensor& 
     run(op, false, act, rows, entries, x);
 }
 
+// The input activation of product i (kGemvqActNone or kGemvqActRelu2).
+int entry_act(const char* op, at::IntArrayRef acts, size_t i) {
+    const int64_t a = acts[i];
+    TORCH_CHECK(a == kGemvqActNone || a == kGemvqActRelu2, op, ": act must be ", kGemvqActNone, " (none) or ",
+                kGemvqActRelu2, " (relu(x)^2), got ", a);
+    return (int)a;
+}
+
 void gemvq_i4_multi_cuda(at::TensorList xs, at::TensorList qweights, at::TensorList qzeros, at::TensorList scales,
-                         at::IntArrayRef groups, at::TensorList ys) {
+                         at::IntArrayRef groups, at::IntArrayRef acts, at::TensorList ys) {
     const char* op = "rwkv_chat::gemvq_i4_multi_cuda";
     const size_t n = xs.size();
     TORCH_CHECK(n >= 1 && n <= (size_t)kGemvqMaxEntries && qweights.size() == n && qzeros.size() == n &&
-                    scales.size() == n && groups.size() == n && ys.size() == n,
-                op, ": 1..", kGemvqMaxEntries, " products with one x, qweight, qzeros, scales, group and y each");
+                    scales.size() == n && groups.size() == n && acts.size() == n && ys.size() == n,
+                op, ": 1..", kGemvqMaxEntries, " products with one x, qweight, qzeros, scales, group, act and y each");
     int act = 0;
     const int64_t rows = gemv_rows(op, xs[0], act);
     std::vector<at::Tensor> keep;
     keep.reserve(n);
     std::vector<GemvqEntry> entries;
-    for (size_t i = 0; i < n; ++i)
+    for (size_t i = 0; i < n; ++i) {
         entries.push_back(i4_entry(op, xs[i], qweights[i], qzeros[i], scales[i], groups[i], ys[i], rows,
                                    xs[0].scalar_type(), keep));
+        entries.back().act = entry_act(op, acts, i);
+    }
     check_same_device(op, {xs[0], xs[n - 1], ys[n - 1]});
     run(op, true, act, rows, entries, xs[0]);
 }
 
-void gemvq_f8_multi_cuda(at::TensorList xs, at::TensorList w8s, at::TensorList scales, at::TensorList ys) {
+void gemvq_f8_multi_cuda(at::TensorList xs, at::TensorList w8s, at::TensorList scales, at::IntArrayRef acts,
+                         at::TensorList ys) {
     const char* op = "rwkv_chat::gemvq_f8_multi_cuda";
     const size_t n = xs.size();
-    TORCH_CHECK(n >= 1 && n <= (size_t)kGemvqMaxEntries && w8s.size() == n && scales.size() == n && ys.size() == n,
-                op, ": 1..", kGemvqMaxEntries, " products with one x, w8, scale and y each");
+    TORCH_CHECK(n >= 1 && n <= (size_t)kGemvqMaxEntries && w8s.size() == n && scales.size() == n &&
+                    acts.size() == n && ys.size() == n,
+                op, ": 1..", kGemvqMaxEntries, " products with one x, w8, scale, act and y each");
     int act = 0;
     const int64_t rows = gemv_rows(op, xs[0], act);
     std::vector<at::Tensor> keep;
     keep.reserve(n);
     std::vector<GemvqEntry> entries;
-    for (size_t i = 0; i < n; ++i)
+    for (size_t i = 0; i < n; ++i) {
         entries.push_back(f8_entry(op, xs[i], w8s[i], scales[i], ys[i], rows, xs[0].scalar_type(), keep));
+        entries.back().act = entry_act(op, acts, i);
+    }
     check_same_device(op, {xs[0], xs[n - 1], ys[n - 1]});
     run(op, false, act, rows, entries, xs[0]);
 }
@@ -157,8 +173,8 @@ TORCH_LIBRARY_FRAGMENT(rwkv_chat, m) {
           &rwkv_chat::gemvq_i4_cuda);
     m.def("gemvq_f8_cuda(Tensor x, Tensor w8, Tensor scale, Tensor(a!) y) -> ()", &rwkv_chat::gemvq_f8_cuda);
     m.def("gemvq_i4_multi_cuda(Tensor[] xs, Tensor[] qweights, Tensor[] qzeros, Tensor[] scales, int[] groups, "
-          "Tensor(a!)[] ys) -> ()",
+          "int[] acts, Tensor(a!)[] ys) -> ()",
           &rwkv_chat::gemvq_i4_multi_cuda);
-    m.def("gemvq_f8_multi_cuda(Tensor[] xs, Tensor[] w8s, Tensor[] scales, Tensor(a!)[] ys) -> ()",
+    m.def("gemvq_f8_multi_cuda(Tensor[] xs, Tensor[] w8s, Tensor[] scales, int[] acts, Tensor(a!)[] ys) -> ()",
           &rwkv_chat::gemvq_f8_multi_cuda);
 }

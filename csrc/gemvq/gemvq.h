@@ -1,5 +1,5 @@
 // Host-side launchers of the weight-only GEMV kernels for quantized weights (csrc/gemvq/gemvq_cuda.cu):
-// y = x @ W for 1..kGemvqMaxRows rows of x with W stored output-major (each output's K weights contiguous).
+// y = act(x) @ W for 1..kGemvqMaxRows rows of x with W stored output-major (each output's K weights contiguous).
 // Pointers are raw device pointers of contiguous tensors; `act` is an ActType code (0 fp32, 1 fp16,
 // 2 bf16) naming the dtype of x and y. Each launcher returns a cudaError_t value (0 on success) or
 // kUnsupported when the shape has no kernel. No workspace, no atomics, no host synchronization
@@ -16,14 +16,19 @@ namespace rwkv_chat {
 constexpr int kGemvqMaxRows = 4;
 constexpr int kGemvqMaxEntries = 4;
 
+// What a product applies to x before multiplying (GemvqEntry::act; the codes of the fused backend's GEMVs).
+constexpr int kGemvqActNone = 0;
+constexpr int kGemvqActRelu2 = 3;   // relu(x)^2, rounded to the activation dtype (the RWKV channel-mix value)
+
 // One product y = x @ W (raw device pointers of contiguous tensors; x and w 16-byte aligned):
 //   int4, GPTQ v1 zeros (models/formats/i4.py, Int4Weight.output_major): x [rows, K]; w = qweight int32 [Np, K/8]
 //   (output n's K nibbles, eight per int32 along K, low nibble first); zeros = qzeros int32 [K/group, Np/8] and
 //   scales fp16 [K/group, Np] in the GPTQ layout; y [rows, N] (N <= Np, Np % 8 == 0);
-//   y[r][n] = sum_k x[r][k] * (q[n][k] - ((zstored[k/group][n] + 1) & 15)) * scales[k/group][n];
+//   y[r][n] = sum_k a[r][k] * (q[n][k] - ((zstored[k/group][n] + 1) & 15)) * scales[k/group][n], a = act(x);
 //   K % 32 == 0, group % 32 == 0 and group | K.
 //   fp8 e4m3 (models/formats/f8.py): x [rows, K]; w = w8 e4m3 bytes [N, K]; fscale fp32 [N]; y [rows, N];
-//   y[r][n] = fscale[n] * sum_k x[r][k] * e4m3(w8[n][k]); K % 16 == 0.
+//   y[r][n] = fscale[n] * sum_k a[r][k] * e4m3(w8[n][k]); K % 16 == 0.
+// scales 4-byte aligned (int4: both scales of an output pair are one load).
 struct GemvqEntry {
     const void* x;
     const void* w;
@@ -32,6 +37,7 @@ struct GemvqEntry {
     const float* fscale;   // fp8
     void* y;
     int K, N, Np, group;   // Np, group: int4
+    int act;               // kGemvqActNone or kGemvqActRelu2
 };
 
 // 1..kGemvqMaxEntries products of one kind (i4: int4, else fp8), all with `rows` rows (1..kGemvqMaxRows) of

@@ -1,38 +1,59 @@
-// gemvq: weight-only GEMV y = x @ W for 1..kGemvqMaxRows rows (decode) with W quantized and stored
+// gemvq: weight-only GEMV y = act(x) @ W for 1..kGemvqMaxRows rows (decode) with W quantized and stored
 // output-major, each output's K weights contiguous (declarations and formulas: gemvq.h):
 //   i4: models/formats/i4.py (GPTQ nibbles, v1 zeros), Int4Weight.output_major: qweight int32 [Np, K/8];
 //   f8: models/formats/f8.py: w8 e4m3 [N, K], one fp32 scale per output.
 //
 // One launch serves 1..kGemvqMaxEntries products of one kind with the same rows (GemvqBatch: consecutive block
-// ranges, one per product; the fused RWKV-7 decode's r, k, v), or one product.
-// Layout of the work (256-thread blocks, 8 warps; a warp computes kOuts = 2 neighbouring outputs together):
+// ranges, one per product, sized by the product's share of the weights; the fused RWKV-7 decode's r, k, v), or
+// one product.
+// Layout of the work (256-thread blocks, 8 warps; the one-tile products of a launch share about kBlocksPerSm
+// blocks per multiprocessor, a product with several tiles takes one block per 8 items):
+//   * an "item" is kOuts = 2 neighbouring outputs over all of K, computed by one warp; the warps of a product
+//     take its items in a grid-stride loop (warp w: items w, w + W, ..., W the product's warps), so each block
+//     stages x once and every warp keeps weight loads in flight across its items (no block waits for a new
+//     wave to start: a block lives as long as the product);
 //   * a "chunk" is 16 bytes of one output's weights: 32 int4 or 16 fp8 values along K; lane l of a warp
-//     reads chunks l, l + 32, ... of both its outputs (each warp load is 512 contiguous bytes of a row);
-//   * a step is kUnroll (2) chunks per lane and output, all loads issued before any is used; two steps are
-//     in flight: the first two are issued before the programmatic-dependent-launch wait (weights never
-//     change), with the i4 group scales and zero points of their chunks, and each step used issues the one
-//     after next (a 16-byte streaming load per chunk, __ldcs);
-//   * after the wait the block stages x (all rows, a tile of K: all of K unless rows * K * 4 bytes exceed
-//     64 KB) in shared memory as fp32, laid out so the float4 reads of consecutive lanes (consecutive
-//     chunks) fall in distinct banks; both outputs of a warp use each float4 read;
-//   * fp32 products and accumulation, one warp-shuffle reduction per output and row at the end, each
-//     result written once in the activation dtype. No workspace, no atomics, no split-K.
+//     reads chunks l, l + 32, ... of both outputs of its item (each warp load is 512 contiguous bytes of a row);
+//   * a step is kUnroll (2) chunks per lane and output; two steps are in flight (the first two issued before
+//     the programmatic-dependent-launch wait: weights never change); each step used issues the one after next,
+//     which runs on into the warp's next item (a 16-byte streaming load per chunk, __ldcs, and for i4 the
+//     chunk's group scale and zero point);
+//   * after the wait the block stages act(x) (all rows, a tile of K: all of K unless it exceeds 64 KB; with
+//     several tiles a warp takes one item) in shared memory, laid out so the 16-byte reads of consecutive
+//     lanes (consecutive chunks) fall in distinct banks; both outputs of an item use each read;
+//   * one warp-shuffle reduction per output and row at the end of an item, each result written once in the
+//     activation dtype. No workspace, no atomics, no split-K.
 //
-// int4 decode, exact and one logic op per value: with v the int32 of 8 nibbles (value e = bits 4e..4e+3),
-// the float with bits 0x4B000000 | (v & (15 << 4p)) is 2^23 + q * 16^p (the nibble lands in the mantissa,
-// p <= 4); subtracting the float 2^23 + z * 16^p (z: the group's zero point) gives (q - z) * 16^p exactly.
-// Values 0..4 are read from v at p = e, values 5..7 from v >> 16 at p = e - 4, so x[k] is staged
-// pre-multiplied by 16^-p(k % 8) (exact: a power of two) and one fp32 FMA per value and row gives
-// x[k] * (q - z). Each chunk lies in one group (group % 32 == 0): its partial sum is multiplied by the
-// group's scale once (sum_k x (q - z) s = s * sum_k x (q - z) over a group).
-// fp8 decode: two e4m3 values to half2 by __nv_cvt_fp8x2_to_halfraw2 (cuda_fp8.h; one instruction on
-// sm_89+), then fp32; the output's scale multiplies the finished sum.
-// Instructions per weight in the inner loop at one row (sm_90 SASS, nvcc 13.0): int4 ~3.4 (LOP3, FADD, FFMA,
-// an LDS.128 per 8 values shared by both outputs), fp8 ~2.6 (F2FP per 2, HADD2.F32, FFMA). Registers (ptxas
-// -v, sm_90): int4 111-122 (one row) / 128 (2..4 rows), fp8 80-86 / 96; no spills; 2 blocks per multiprocessor.
+// int4 with fp16 activations (the decode of `cuda fp16i4`): half2 arithmetic, two weights per instruction.
+// With v the int32 of 8 nibbles (value e = bits 4e..4e+3) and h = v >> 8, one LOP3 each gives the half2 pairs
+// 0x6400 | nibble: (1024 + q0, 1024 + q4) from v & 0x000F000F, (1024 + 16 q1, 1024 + 16 q5) from v & 0x00F000F0,
+// and (q2, q6), (16 q3, 16 q7) from h the same way; one HSUB2 of (1024 + z) or (1024 + 16 z) (z: the group's
+// zero point) leaves (q - z) or 16 (q - z) exactly, and one HFMA2 per pair and row multiplies by x, staged as
+// the matching half2 pairs, odd positions pre-divided by 16 (exact). A chunk's 32 products add up in half2
+// (16 per half), then in fp32 times the group's scale (each chunk lies in one group, group % 32 == 0). So that
+// fp16 neither overflows nor loses x, each row of x is staged times 2^e, a power of two taking the row's
+// largest |act(x)| into [32, 64): a half2 partial stays below 16 * 15 * 64 = 15,360; the result is multiplied
+// by 2^-e (exact): per 8 weights 4 LOP3, 1 shift and 4 HSUB2, and 4 HFMA2 per row.
+// int4, bf16 / fp32 activations: fp32 arithmetic. The float with bits 0x4B000000 | (v & (15 << 4p)) is
+// 2^23 + q * 16^p (the nibble lands in the mantissa, p <= 4); subtracting the float 2^23 + z * 16^p gives
+// (q - z) * 16^p exactly. Values 0..4 are read from v at p = e, values 5..7 from v >> 16 at p = e - 4, so x[k]
+// is staged pre-multiplied by 16^-p(k % 8) (exact) and one fp32 FMA per value and row gives x[k] * (q - z);
+// a chunk's partial sum is multiplied by the group's scale once.
+// fp8: two e4m3 values to half2 by __nv_cvt_fp8x2_to_halfraw2 (cuda_fp8.h; one instruction on sm_89+); with fp16
+// activations one HFMA2 per pair and row, a chunk's 16 products summed in half2 (x staged times 2^e, the row's
+// largest |act(x)| in [4, 8): a partial stays below 8 * 448 * 8 = 28,672), then in fp32; else fp32 arithmetic.
+// The output's scale multiplies the finished sum.
+// act (GemvqAct): kGemvqActRelu2 stages relu(x)^2 rounded to the activation dtype (the reference rounds it so),
+// the RWKV channel-mix value's input, so its product needs no separate launch.
+// Instructions per weight in the streaming loop at one row (sm_90 SASS, nvcc 13.0, bookkeeping and loads
+// included): int4 half2 ~3.0 (the per-step design before this one: ~6.7), fp8 half2 ~2.0 (fp32: ~4.1).
+// Registers (ptxas -v, sm_90): int4 120-128, fp8 86-102; no spills; 2 blocks per multiprocessor.
 #include <cuda_fp8.h>
 
+#include <stdint.h>
+
 #include <algorithm>
+#include <type_traits>
 
 #include "../common/cuda_common.cuh"
 #include "gemvq.h"
@@ -42,9 +63,11 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kOuts = 2;                 // outputs per warp, computed together
+constexpr int kOuts = 2;                 // outputs per warp item, computed together (load_step: one half2 of
+                                         // scales and one word of zero points serve both)
 constexpr int kUnroll = 2;               // 16-byte weight loads per lane and output in a step
 constexpr int kStepChunks = 32 * kUnroll;
+constexpr int kBlocksPerSm = 2;          // __launch_bounds__ and the grid size
 constexpr int kSmemMax = 64 * 1024;      // staged x per block at most (bytes)
 constexpr int kSmemDefault = 48 * 1024;
 
@@ -57,7 +80,10 @@ struct GemvqArgs {
     void* y;                 // [rows, N] activation dtype
     int K, N, Np, group;
     int group_shift;         // i4: log2(group) when the group is a power of two, else -1
+    int act;                 // GemvqAct applied to x as it is staged
     int tile, tiles;         // x elements per row staged at a time (a multiple of the chunk), ceil(K / tile)
+    int items;               // ceil(N / kOuts)
+    int stride;              // warps of this product (kWarps * its blocks): a warp's step from item to item
 };
 
 // Up to kGemvqMaxEntries products with the same rows, one grid: entry e has blocks [block_begin[e], block_begin[e+1]).
@@ -70,11 +96,20 @@ struct GemvqBatch {
 template <bool I4>
 struct Chunk {
     static constexpr int kElems = I4 ? 32 : 16;   // weights per 16 bytes
-    static constexpr int kQuads = kElems / 4;     // float4 slots of staged x per chunk and row
+    static constexpr int kQuads = kElems / 4;     // float4 slots of staged fp32 x per chunk and row
 };
 
-// The weights of one step for one lane: kOuts outputs x kUnroll chunks (zeros past the tile or the outputs),
-// and for i4 each chunk's group scale and zero point (0..15).
+// Whether a product takes the half2 form: fp16 activations.
+template <typename F, bool I4>
+constexpr bool kHalf2 = std::is_same<F, __half>::value;
+
+// Half2 form: the largest |x| staged (times 2^e) is in [2^kTop / 2, 2^kTop), so that a chunk's partial sums stay
+// far below 65,504: int4 16 products of |q - z| <= 15 per half (< 16 * 15 * 64), fp8 8 of |w| <= 448 (< 8 * 448 * 8).
+template <bool I4>
+constexpr int kTop = I4 ? 6 : 3;
+
+// The weights of one step for one lane: kOuts outputs x kUnroll chunks (zeros past the tile, the outputs or the
+// warp's items), and for i4 each chunk's group scale and zero point (0..15).
 template <bool I4>
 struct Step {
     uint4 q[kOuts][kUnroll];
@@ -82,10 +117,15 @@ struct Step {
     uint32_t z[kOuts][kUnroll];
 };
 
-template <typename F>
+// A warp's position in its sequence of steps: item m (its m-th), tile t, step c of the tile.
+struct Cursor {
+    int m, t, c;
+};
+
+template <typename T>
 union Vec16 {
     uint4 q;
-    F v[16 / sizeof(F)];
+    T v[16 / sizeof(T)];
 };
 
 __device__ __forceinline__ uint32_t word(const uint4& q, int j) {
@@ -94,16 +134,38 @@ __device__ __forceinline__ uint32_t word(const uint4& q, int j) {
 
 // (v & MASK) | magic in one LOP3 (C++ `&` then `|` with two immediates compiles to two); magic in a register.
 template <uint32_t MASK>
-__device__ __forceinline__ float nibble_bits(uint32_t v, uint32_t magic) {
+__device__ __forceinline__ uint32_t lop_bits(uint32_t v, uint32_t magic) {
     uint32_t d;
     asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(v), "n"(MASK), "r"(magic));
-    return __uint_as_float(d);
+    return d;
 }
 
-// 16^-p for value e (0..7) of an int4 word, p = e for e <= 4, e - 4 above (the decode of the header).
+__device__ __forceinline__ __half2 as_half2(uint32_t u) {
+    union { uint32_t u; __half2 h; } c;
+    c.u = u;
+    return c.h;
+}
+
+__device__ __forceinline__ uint32_t half2_bits(__half2 h) {
+    union { uint32_t u; __half2 h; } c;
+    c.h = h;
+    return c.u;
+}
+
+// 16^-p for value e (0..7) of an int4 word in the fp32 form, p = e for e <= 4, e - 4 above (the header).
 __device__ __forceinline__ float nibble_prescale(int e) {
     const int p = e < 5 ? e : e - 4;
     return p == 0 ? 1.f : p == 1 ? 0.0625f : p == 2 ? 0.00390625f : p == 3 ? 0.000244140625f : 1.52587890625e-05f;
+}
+
+// act(x) for one value, rounded to the activation dtype as the reference rounds relu(x)^2.
+template <typename F>
+__device__ __forceinline__ float apply_act(float v, int act) {
+    if (act == kGemvqActRelu2) {
+        v = v < 0.f ? 0.f : v;                // NaN stays NaN, as torch.relu keeps it
+        v = to_f32(from_f32<F>(v * v));
+    }
+    return v;
 }
 
 // Chunks in tile t (0 past the last tile).
@@ -111,54 +173,96 @@ __device__ __forceinline__ int tile_chunks(const GemvqArgs& a, int t, int ce) {
     return t < a.tiles ? min(a.tile, a.K - t * a.tile) / ce : 0;
 }
 
-// The load cursor (tile t, step c) moves to the next step.
+// The cursor moves to the next step of the warp's sequence (items of `count`).
 template <bool I4>
-__device__ __forceinline__ void advance(const GemvqArgs& a, int& t, int& c) {
-    if (t >= a.tiles) return;
-    const int steps = (tile_chunks(a, t, Chunk<I4>::kElems) + kStepChunks - 1) / kStepChunks;
-    if (++c >= steps) { c = 0; ++t; }
+__device__ __forceinline__ void advance(const GemvqArgs& a, Cursor& p, int count) {
+    if (p.m >= count) return;
+    const int steps = (tile_chunks(a, p.t, Chunk<I4>::kElems) + kStepChunks - 1) / kStepChunks;
+    if (++p.c >= steps) {
+        p.c = 0;
+        if (++p.t >= a.tiles) { p.t = 0; ++p.m; }
+    }
 }
 
-// Step (t, c) of outputs n0, n0 + 1 for this lane: chunk c * kStepChunks + 32 u + lane of the tile.
+// The step at cursor p for this lane: chunk c * kStepChunks + 32 u + lane of tile t, outputs n0, n0 + 1 of
+// item first + m * stride. Offsets in 32 bits (the launcher checks the sizes). n0 is even and Np a multiple
+// of 8, so both outputs' scales are one aligned half2 and their zero points one word of qzeros.
 template <bool I4>
-__device__ __forceinline__ void load_step(Step<I4>& st, const GemvqArgs& a, int n0, int lane, int t, int c) {
+__device__ __forceinline__ void load_step(Step<I4>& st, const GemvqArgs& a, int first, int count, int lane,
+                                          const Cursor& p) {
     constexpr int CE = Chunk<I4>::kElems;
-    const int nch = tile_chunks(a, t, CE);
-    const long first = t < a.tiles ? (long)t * a.tile / CE : 0L;      // the tile's first chunk in a row
+    const int nch = p.m < count ? tile_chunks(a, p.t, CE) : 0;
     const int row_chunks = a.K / CE;
+    const int n0 = (first + p.m * a.stride) * kOuts;
+    const int chunk0 = p.t * (a.tile / CE) + p.c * kStepChunks + lane;   // chunk of u = 0 in the row
+    const int L0 = p.c * kStepChunks + lane;                             // ... in the tile
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-        const int L = c * kStepChunks + 32 * u + lane;
-        long g = 0;                                                    // i4: the chunk's group
-        if constexpr (I4) {
-            const long k = (first + L) * CE;
-            g = a.group_shift >= 0 ? k >> a.group_shift : k / a.group;
-        }
+        const int chunk = chunk0 + 32 * u;
+        const bool in = L0 + 32 * u < nch;
 #pragma unroll
-        for (int o = 0; o < kOuts; ++o) {
-            const int n = n0 + o;
-            const bool ok = n < a.N && L < nch;
-            st.q[o][u] = ok ? __ldcs(a.w + (long)n * row_chunks + first + L) : make_uint4(0u, 0u, 0u, 0u);
-            if constexpr (I4) {
-                float s = 0.f;
-                uint32_t z = 0u;
-                if (ok) {
-                    s = __half2float(__ldg(a.scales + g * a.Np + n));
-                    z = ((__ldg(a.zeros + g * (a.Np / 8) + n / 8) >> (4 * (n % 8))) + 1u) & 15u;
-                }
-                st.s[o][u] = s;
-                st.z[o][u] = z;
+        for (int o = 0; o < kOuts; ++o)
+            st.q[o][u] = in && n0 + o < a.N ? __ldcs(a.w + (n0 + o) * row_chunks + chunk) : make_uint4(0u, 0u, 0u, 0u);
+        if constexpr (I4) {
+            float2 s = make_float2(0.f, 0.f);
+            uint32_t zw = 0u;
+            if (in && n0 < a.N) {
+                const int k = chunk * CE;
+                const int g = a.group_shift >= 0 ? k >> a.group_shift : k / a.group;
+                s = __half22float2(__ldg(reinterpret_cast<const __half2*>(a.scales + g * a.Np + n0)));
+                zw = __ldg(a.zeros + g * (a.Np >> 3) + (n0 >> 3)) >> (4 * (n0 & 7));
             }
+            st.s[0][u] = s.x;
+            st.s[1][u] = s.y;
+            st.z[0][u] = (zw + 1u) & 15u;
+            st.z[1][u] = ((zw >> 4) + 1u) & 15u;
         }
     }
 }
 
-// Stage rows x [rows, K] of the tile [t0, t0 + len) in shared memory as fp32: chunk L of row r, quad d at
-// float4 xs4[(r * kQuads + d) * cap + L] (cap: chunks of a full tile), i4 values pre-multiplied by
-// nibble_prescale. One thread per chunk and row (16-byte loads of x).
+// Half2 form: per row r, 2^e (scale) and 2^-e (unscale) taking the row's largest |act(x)| into
+// [2^(TOP-1), 2^TOP) (1 for a row of zeros; e clamped to [-30, 30]). Every thread of the block takes part
+// (barriers).
+template <int R, int TOP>
+__device__ __forceinline__ void half_row_scales(const __half* __restrict__ x, int K, int rows, int act,
+                                                float* scale, float* unscale, unsigned* amax) {
+    if (threadIdx.x < R) amax[threadIdx.x] = 0u;
+    __syncthreads();
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        if (r < rows) {
+            float m = 0.f;
+            const uint4* src = reinterpret_cast<const uint4*>(x + (long)r * K);
+#pragma unroll 1
+            for (int i = threadIdx.x; i < K / 8; i += kThreads) {
+                Vec16<__half> u;
+                u.q = __ldcg(src + i);
+#pragma unroll
+                for (int e = 0; e < 8; ++e) m = fmaxf(m, fabsf(apply_act<__half>(to_f32(u.v[e]), act)));
+            }
+#pragma unroll
+            for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+            if ((threadIdx.x & 31) == 0) atomicMax(amax + r, __float_as_uint(m));   // m >= 0: bits order as values
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x < R) {
+        const int E = (int)((amax[threadIdx.x] >> 23) & 255u);           // amax in [2^(E-127), 2^(E-126))
+        const int e = max(-30, min(30, 126 + TOP - E));
+        scale[threadIdx.x] = __uint_as_float((uint32_t)(127 + e) << 23);
+        unscale[threadIdx.x] = __uint_as_float((uint32_t)(127 - e) << 23);
+    }
+    __syncthreads();
+}
+
+// Stage act(x) rows [rows, K] of the tile [t0, t0 + len) in shared memory. fp32 form: chunk L of row r, quad d
+// at float4 xs4[(r * kQuads + d) * cap + L] (cap: chunks of a full tile), i4 values pre-multiplied by
+// nibble_prescale. Half2 form, all values times scale[r]: int4, word j of chunk L at uint4 [(r * 4 + j) * cap + L]
+// holding the half2 pairs (x0, x4), (x1, x5) / 16, (x2, x6), (x3, x7) / 16 of its 8 values; fp8, the chunk's 16
+// values in order at uint4 [(r * 2 + h) * cap + L], h = 0, 1. One thread per chunk and row (16-byte loads of x).
 template <typename F, bool I4>
-__device__ __forceinline__ void stage_tile(const F* __restrict__ x, int K, int rows, int t0, int len, int cap,
-                                           float4* xs4) {
+__device__ __forceinline__ void stage_tile(const F* __restrict__ x, int K, int rows, int act, int t0, int len,
+                                           int cap, uint4* xs, const float* scale) {
     constexpr int CE = Chunk<I4>::kElems, QD = Chunk<I4>::kQuads, V = 16 / sizeof(F);
     const int nch = len / CE;
 #pragma unroll 1
@@ -171,22 +275,157 @@ __device__ __forceinline__ void stage_tile(const F* __restrict__ x, int K, int r
             Vec16<F> u;
             u.q = __ldcg(src + c);
 #pragma unroll
-            for (int e = 0; e < V; ++e) v[c * V + e] = to_f32(u.v[e]);
+            for (int e = 0; e < V; ++e) v[c * V + e] = apply_act<F>(to_f32(u.v[e]), act);
         }
-        if constexpr (I4) {
+        if constexpr (kHalf2<F, I4> && !I4) {
+            const float s = scale[r];
 #pragma unroll
-            for (int e = 0; e < CE; ++e) v[e] *= nibble_prescale(e & 7);
+            for (int h = 0; h < 2; ++h) {
+                const float* w = v + 8 * h;
+                uint4 o;
+                o.x = half2_bits(__floats2half2_rn(w[0] * s, w[1] * s));
+                o.y = half2_bits(__floats2half2_rn(w[2] * s, w[3] * s));
+                o.z = half2_bits(__floats2half2_rn(w[4] * s, w[5] * s));
+                o.w = half2_bits(__floats2half2_rn(w[6] * s, w[7] * s));
+                xs[(r * 2 + h) * cap + L] = o;
+            }
+        } else if constexpr (kHalf2<F, I4>) {
+            const float s = scale[r], s16 = s * 0.0625f;
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const float* w = v + 8 * j;
+                uint4 o;
+                o.x = half2_bits(__floats2half2_rn(w[0] * s, w[4] * s));
+                o.y = half2_bits(__floats2half2_rn(w[1] * s16, w[5] * s16));
+                o.z = half2_bits(__floats2half2_rn(w[2] * s, w[6] * s));
+                o.w = half2_bits(__floats2half2_rn(w[3] * s16, w[7] * s16));
+                xs[(r * 4 + j) * cap + L] = o;
+            }
+        } else {
+            if constexpr (I4) {
+#pragma unroll
+                for (int e = 0; e < CE; ++e) v[e] *= nibble_prescale(e & 7);
+            }
+            float4* xs4 = reinterpret_cast<float4*>(xs);
+#pragma unroll
+            for (int d = 0; d < QD; ++d)
+                xs4[(r * QD + d) * cap + L] = make_float4(v[4 * d], v[4 * d + 1], v[4 * d + 2], v[4 * d + 3]);
         }
-#pragma unroll
-        for (int d = 0; d < QD; ++d)
-            xs4[(r * QD + d) * cap + L] = make_float4(v[4 * d], v[4 * d + 1], v[4 * d + 2], v[4 * d + 3]);
     }
 }
 
-// acc[o][r] += the products of step c's chunks (tile of nch chunks, staged x in xs4).
+// acc[o][r] += the products of step c's chunks (tile of nch chunks, staged x in xs), half2 form.
+template <int R>
+__device__ __forceinline__ void compute_step_half(const Step<true>& st, const uint4* xs, int cap, int nch, int c,
+                                                  int lane, int rows, float (&acc)[kOuts][R]) {
+    const uint32_t magic = 0x64006400u;                // the half2 (1024, 1024)
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+        const int L = c * kStepChunks + 32 * u + lane;
+        if (L >= nch) continue;
+        __half2 zl[kOuts], zh[kOuts], part[kOuts][R];
+#pragma unroll
+        for (int o = 0; o < kOuts; ++o) {
+            zl[o] = as_half2(magic | (st.z[o][u] * 0x00010001u));          // (1024 + z, 1024 + z)
+            zh[o] = as_half2(magic | ((st.z[o][u] << 4) * 0x00010001u));   // (1024 + 16 z, 1024 + 16 z)
+#pragma unroll
+            for (int r = 0; r < R; ++r) part[o][r] = as_half2(0u);
+        }
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            __half2 w[kOuts][4];
+#pragma unroll
+            for (int o = 0; o < kOuts; ++o) {
+                const uint32_t v = word(st.q[o][u], j), h = v >> 8;
+                w[o][0] = __hsub2(as_half2(lop_bits<0x000F000Fu>(v, magic)), zl[o]);
+                w[o][1] = __hsub2(as_half2(lop_bits<0x00F000F0u>(v, magic)), zh[o]);
+                w[o][2] = __hsub2(as_half2(lop_bits<0x000F000Fu>(h, magic)), zl[o]);
+                w[o][3] = __hsub2(as_half2(lop_bits<0x00F000F0u>(h, magic)), zh[o]);
+            }
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                if (r < rows) {
+                    const uint4 xv = xs[(r * 4 + j) * cap + L];
+                    const __half2 x0 = as_half2(xv.x), x1 = as_half2(xv.y), x2 = as_half2(xv.z), x3 = as_half2(xv.w);
+#pragma unroll
+                    for (int o = 0; o < kOuts; ++o) {
+                        __half2 s = part[o][r];
+                        s = __hfma2(w[o][0], x0, s);
+                        s = __hfma2(w[o][1], x1, s);
+                        s = __hfma2(w[o][2], x2, s);
+                        s = __hfma2(w[o][3], x3, s);
+                        part[o][r] = s;
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int o = 0; o < kOuts; ++o)
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                const float2 f = __half22float2(part[o][r]);
+                acc[o][r] = fmaf(st.s[o][u], f.x + f.y, acc[o][r]);
+            }
+    }
+}
+
+// acc[o][r] += the products of step c's chunks (tile of nch chunks, staged x in xs), fp8 weights, half2 form:
+// two e4m3 values to a half2 by one conversion, one HFMA2 per pair and row, a chunk's 16 products summed in
+// half2 then in fp32 (the output's scale multiplies the finished sum).
+template <int R>
+__device__ __forceinline__ void compute_step_half_f8(const Step<false>& st, const uint4* xs, int cap, int nch,
+                                                     int c, int lane, int rows, float (&acc)[kOuts][R]) {
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+        const int L = c * kStepChunks + 32 * u + lane;
+        if (L >= nch) continue;
+        __half2 part[kOuts][R];
+#pragma unroll
+        for (int o = 0; o < kOuts; ++o)
+#pragma unroll
+            for (int r = 0; r < R; ++r) part[o][r] = as_half2(0u);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            __half2 w[kOuts][4];
+#pragma unroll
+            for (int o = 0; o < kOuts; ++o)
+#pragma unroll
+                for (int j = 0; j < 2; ++j) {
+                    const uint32_t v = word(st.q[o][u], 2 * h + j);
+                    w[o][2 * j] = __half2(__nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(v & 0xFFFFu), __NV_E4M3));
+                    w[o][2 * j + 1] = __half2(__nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(v >> 16), __NV_E4M3));
+                }
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                if (r < rows) {
+                    const uint4 xv = xs[(r * 2 + h) * cap + L];
+                    const __half2 x0 = as_half2(xv.x), x1 = as_half2(xv.y), x2 = as_half2(xv.z), x3 = as_half2(xv.w);
+#pragma unroll
+                    for (int o = 0; o < kOuts; ++o) {
+                        __half2 s = part[o][r];
+                        s = __hfma2(w[o][0], x0, s);
+                        s = __hfma2(w[o][1], x1, s);
+                        s = __hfma2(w[o][2], x2, s);
+                        s = __hfma2(w[o][3], x3, s);
+                        part[o][r] = s;
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int o = 0; o < kOuts; ++o)
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                const float2 f = __half22float2(part[o][r]);
+                acc[o][r] += f.x + f.y;
+            }
+    }
+}
+
+// acc[o][r] += the products of step c's chunks (tile of nch chunks, staged fp32 x in xs4), fp32 form.
 template <int R, bool I4>
-__device__ __forceinline__ void compute_step(const Step<I4>& st, const float4* xs4, int cap, int nch, int c,
-                                             int lane, int rows, float (&acc)[kOuts][R]) {
+__device__ __forceinline__ void compute_step_f32(const Step<I4>& st, const float4* xs4, int cap, int nch, int c,
+                                                 int lane, int rows, float (&acc)[kOuts][R]) {
     constexpr int QD = Chunk<I4>::kQuads;
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
@@ -210,14 +449,14 @@ __device__ __forceinline__ void compute_step(const Step<I4>& st, const float4* x
 #pragma unroll
                 for (int o = 0; o < kOuts; ++o) {
                     const uint32_t v = word(st.q[o][u], j), h = v >> 16;
-                    f[o][0] = nibble_bits<0x0000000Fu>(v, magic) - cz[o][0];
-                    f[o][1] = nibble_bits<0x000000F0u>(v, magic) - cz[o][1];
-                    f[o][2] = nibble_bits<0x00000F00u>(v, magic) - cz[o][2];
-                    f[o][3] = nibble_bits<0x0000F000u>(v, magic) - cz[o][3];
-                    f[o][4] = nibble_bits<0x000F0000u>(v, magic) - cz[o][4];
-                    f[o][5] = nibble_bits<0x000000F0u>(h, magic) - cz[o][1];
-                    f[o][6] = nibble_bits<0x00000F00u>(h, magic) - cz[o][2];
-                    f[o][7] = nibble_bits<0x0000F000u>(h, magic) - cz[o][3];
+                    f[o][0] = __uint_as_float(lop_bits<0x0000000Fu>(v, magic)) - cz[o][0];
+                    f[o][1] = __uint_as_float(lop_bits<0x000000F0u>(v, magic)) - cz[o][1];
+                    f[o][2] = __uint_as_float(lop_bits<0x00000F00u>(v, magic)) - cz[o][2];
+                    f[o][3] = __uint_as_float(lop_bits<0x0000F000u>(v, magic)) - cz[o][3];
+                    f[o][4] = __uint_as_float(lop_bits<0x000F0000u>(v, magic)) - cz[o][4];
+                    f[o][5] = __uint_as_float(lop_bits<0x000000F0u>(h, magic)) - cz[o][1];
+                    f[o][6] = __uint_as_float(lop_bits<0x00000F00u>(h, magic)) - cz[o][2];
+                    f[o][7] = __uint_as_float(lop_bits<0x0000F000u>(h, magic)) - cz[o][3];
                 }
 #pragma unroll
                 for (int r = 0; r < R; ++r) {
@@ -279,54 +518,12 @@ __device__ __forceinline__ void compute_step(const Step<I4>& st, const float4* x
     }
 }
 
-// R: rows the registers are laid out for (1, or kGemvqMaxRows serving 2..4 rows).
+// The finished item m of this warp: one warp-shuffle reduction per output and row, written by lane 0.
 template <typename F, int R, bool I4>
-__global__ void __launch_bounds__(kThreads, 2) gemvq_kernel(GemvqBatch batch) {
-    pdl_trigger();
-    constexpr int CE = Chunk<I4>::kElems;
-    int e = 0;                                             // this block's product
-#pragma unroll 1
-    while (e + 1 < batch.n && (int)blockIdx.x >= batch.block_begin[e + 1]) ++e;
-    const GemvqArgs& a = batch.e[e];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int n0 = (((int)blockIdx.x - batch.block_begin[e]) * kWarps + warp) * kOuts;
-    const int cap = a.tile / CE;
-
-    // Weights first (they never change): the first two steps, before waiting for the previous kernel.
-    Step<I4> cur, nxt;
-    int lt = 0, lc = 0;
-    load_step<I4>(cur, a, n0, lane, lt, lc);
-    advance<I4>(a, lt, lc);
-    load_step<I4>(nxt, a, n0, lane, lt, lc);
-    advance<I4>(a, lt, lc);
-    pdl_wait();
-
-    extern __shared__ float4 xs4[];
-    float acc[kOuts][R];
-#pragma unroll
-    for (int o = 0; o < kOuts; ++o)
-#pragma unroll
-        for (int r = 0; r < R; ++r) acc[o][r] = 0.f;
-    const F* __restrict__ x = static_cast<const F*>(a.x);
-    const int rows = R == 1 ? 1 : batch.rows;
-
-#pragma unroll 1
-    for (int t = 0; t < a.tiles; ++t) {
-        const int t0 = t * a.tile, len = min(a.tile, a.K - t0), nch = len / CE;
-        if (t > 0) __syncthreads();                        // everyone is done with tile t-1
-        stage_tile<F, I4>(x, a.K, rows, t0, len, cap, xs4);
-        __syncthreads();
-        const int steps = (nch + kStepChunks - 1) / kStepChunks;
-#pragma unroll 1
-        for (int c = 0; c < steps; ++c) {
-            compute_step<R, I4>(cur, xs4, cap, nch, c, lane, rows, acc);
-            cur = nxt;                                     // the step after next goes in flight
-            load_step<I4>(nxt, a, n0, lane, lt, lc);
-            advance<I4>(a, lt, lc);
-        }
-    }
-
+__device__ __forceinline__ void write_item(const GemvqArgs& a, int first, int m, int lane, int rows,
+                                           const float* unscale, float (&acc)[kOuts][R]) {
     F* __restrict__ y = static_cast<F*>(a.y);
+    const int n0 = (first + m * a.stride) * kOuts;
 #pragma unroll
     for (int o = 0; o < kOuts; ++o) {
         const int n = n0 + o;
@@ -338,33 +535,213 @@ __global__ void __launch_bounds__(kThreads, 2) gemvq_kernel(GemvqBatch batch) {
                 float v = acc[o][r];
 #pragma unroll
                 for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+                if constexpr (kHalf2<F, I4>) v *= unscale[r];
                 if (lane == 0 && n < a.N) y[(long)r * a.N + n] = from_f32<F>(v * sc);
             }
+            acc[o][r] = 0.f;
         }
     }
 }
 
+// The load side of a warp's sequence when K is staged in one tile: its item m (the m-th), step c of the item,
+// and the item's addresses (outputs n0, n0 + 1): the weights of output n0 from this lane's first chunk, and
+// for i4 the half2 of both scales and the word of both zero points (nibble shift) of group 0.
+template <bool I4>
+struct Loader {
+    const uint4* w;
+    const __half2* sc;
+    const uint32_t* zw;
+    int shift, n0, m, c;
+};
+
+template <bool I4>
+__device__ __forceinline__ void loader_item(Loader<I4>& ld, const GemvqArgs& a, int first, int lane) {
+    ld.n0 = (first + ld.m * a.stride) * kOuts;
+    ld.w = a.w + ld.n0 * (a.K / Chunk<I4>::kElems) + lane;
+    if constexpr (I4) {
+        ld.sc = reinterpret_cast<const __half2*>(a.scales + ld.n0);
+        ld.zw = a.zeros + (ld.n0 >> 3);
+        ld.shift = 4 * (ld.n0 & 7);
+    }
+}
+
+// st = the step at ld (zeros past the warp's items, the row or the outputs); ld moves to the next step.
+template <bool I4>
+__device__ __forceinline__ void loader_step(Step<I4>& st, Loader<I4>& ld, const GemvqArgs& a, int first, int count,
+                                            int lane, int nch, int spi) {
+    constexpr int CE = Chunk<I4>::kElems;
+    const bool live = ld.m < count, second = ld.n0 + 1 < a.N;
+    const int row_chunks = a.K / CE;
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+        const int L = ld.c * kStepChunks + 32 * u;                     // this lane's chunk: L + lane
+        const bool in = live && L + lane < nch;
+        st.q[0][u] = in ? __ldcs(ld.w + L) : make_uint4(0u, 0u, 0u, 0u);
+        st.q[1][u] = in && second ? __ldcs(ld.w + row_chunks + L) : make_uint4(0u, 0u, 0u, 0u);
+        if constexpr (I4) {
+            float2 s = make_float2(0.f, 0.f);
+            uint32_t zw = 0u;
+            if (in) {
+                const int k = (L + lane) * CE;
+                const int g = a.group_shift >= 0 ? k >> a.group_shift : k / a.group;
+                s = __half22float2(__ldg(ld.sc + g * (a.Np >> 1)));
+                zw = __ldg(ld.zw + g * (a.Np >> 3)) >> ld.shift;
+            }
+            st.s[0][u] = s.x;
+            st.s[1][u] = s.y;
+            st.z[0][u] = (zw + 1u) & 15u;
+            st.z[1][u] = ((zw >> 4) + 1u) & 15u;
+        }
+    }
+    if (live && ++ld.c >= spi) {
+        ld.c = 0;
+        ++ld.m;
+        if (ld.m < count) loader_item<I4>(ld, a, first, lane);
+    }
+}
+
+template <typename F, int R, bool I4>
+__device__ __forceinline__ void compute_step(const Step<I4>& st, const uint4* xs, int cap, int nch, int c, int lane,
+                                             int rows, float (&acc)[kOuts][R]) {
+    if constexpr (kHalf2<F, I4> && I4)
+        compute_step_half<R>(st, xs, cap, nch, c, lane, rows, acc);
+    else if constexpr (kHalf2<F, I4>)
+        compute_step_half_f8<R>(st, xs, cap, nch, c, lane, rows, acc);
+    else
+        compute_step_f32<R, I4>(st, reinterpret_cast<const float4*>(xs), cap, nch, c, lane, rows, acc);
+}
+
+// One step of a one-tile sequence: multiply the weights in st (the warp's item m, step c), write the item at
+// its last step; st takes the step after next from ld.
+template <typename F, int R, bool I4>
+__device__ __forceinline__ void stream_step(Step<I4>& st, Loader<I4>& ld, const GemvqArgs& a, int& m, int& c,
+                                            int first, int count, int lane, int rows, int nch, int spi,
+                                            const uint4* xs, const float* unscale, float (&acc)[kOuts][R]) {
+    compute_step<F, R, I4>(st, xs, nch, nch, c, lane, rows, acc);
+    loader_step<I4>(st, ld, a, first, count, lane, nch, spi);
+    if (++c >= spi) {
+        c = 0;
+        write_item<F, R, I4>(a, first, m, lane, rows, unscale, acc);
+        ++m;
+    }
+}
+
+// R: rows the registers are laid out for (1, or kGemvqMaxRows serving 2..4 rows).
+template <typename F, int R, bool I4>
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm) gemvq_kernel(GemvqBatch batch) {
+    pdl_trigger();
+    constexpr int CE = Chunk<I4>::kElems;
+    int e = 0;                                             // this block's product
+#pragma unroll 1
+    while (e + 1 < batch.n && (int)blockIdx.x >= batch.block_begin[e + 1]) ++e;
+    const GemvqArgs& a = batch.e[e];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int first = ((int)blockIdx.x - batch.block_begin[e]) * kWarps + warp;   // this warp's first item
+    // the warp's items: first, first + stride, ... (one with several tiles: every warp meets every barrier)
+    const int count = a.tiles > 1 ? 1 : first < a.items ? (a.items - first + a.stride - 1) / a.stride : 0;
+    const int cap = a.tile / CE;
+    const int nch = a.K / CE, spi = (nch + kStepChunks - 1) / kStepChunks;   // one tile: chunks, steps per item
+
+    // Weights first (they never change): the first two steps, before waiting for the previous kernel.
+    Step<I4> s0, s1;                                       // one tile: steps 2i and 2i + 1 (no copies)
+    Loader<I4> ld{};
+    Cursor lp{0, 0, 0};
+    if (a.tiles == 1) {
+        if (count > 0) loader_item<I4>(ld, a, first, lane);
+        loader_step<I4>(s0, ld, a, first, count, lane, nch, spi);
+        loader_step<I4>(s1, ld, a, first, count, lane, nch, spi);
+    } else {
+        load_step<I4>(s0, a, first, count, lane, lp);
+        advance<I4>(a, lp, count);
+        load_step<I4>(s1, a, first, count, lane, lp);
+        advance<I4>(a, lp, count);
+    }
+    pdl_wait();
+
+    extern __shared__ uint4 xs[];
+    __shared__ float scale[R], unscale[R];
+    __shared__ unsigned amax[R];
+    const F* __restrict__ x = static_cast<const F*>(a.x);
+    const int rows = R == 1 ? 1 : batch.rows;
+    if constexpr (kHalf2<F, I4>) half_row_scales<R, kTop<I4>>(x, a.K, rows, a.act, scale, unscale, amax);
+    float acc[kOuts][R];
+#pragma unroll
+    for (int o = 0; o < kOuts; ++o)
+#pragma unroll
+        for (int r = 0; r < R; ++r) acc[o][r] = 0.f;
+
+    if (a.tiles == 1) {
+        stage_tile<F, I4>(x, a.K, rows, a.act, 0, a.K, cap, xs, scale);
+        __syncthreads();
+        const int total = count * spi;
+        int m = 0, c = 0;
+#pragma unroll 1
+        for (int i = 0; i < total; i += 2) {
+            stream_step<F, R, I4>(s0, ld, a, m, c, first, count, lane, rows, nch, spi, xs, unscale, acc);
+            if (i + 1 < total)
+                stream_step<F, R, I4>(s1, ld, a, m, c, first, count, lane, rows, nch, spi, xs, unscale, acc);
+        }
+        return;
+    }
+    // Several tiles (count == 1): stage each tile, multiply its steps, the weights two steps ahead.
+#pragma unroll 1
+    for (int t = 0; t < a.tiles; ++t) {
+        const int t0 = t * a.tile, len = min(a.tile, a.K - t0), tch = len / CE;
+        if (t > 0) __syncthreads();                        // everyone is done with tile t-1
+        stage_tile<F, I4>(x, a.K, rows, a.act, t0, len, cap, xs, scale);
+        __syncthreads();
+        const int steps = (tch + kStepChunks - 1) / kStepChunks;
+#pragma unroll 1
+        for (int c = 0; c < steps; ++c) {
+            compute_step<F, R, I4>(s0, xs, cap, tch, c, lane, rows, acc);
+            s0 = s1;
+            load_step<I4>(s1, a, first, count, lane, lp);
+            advance<I4>(a, lp, count);
+        }
+    }
+    write_item<F, R, I4>(a, first, 0, lane, rows, unscale, acc);
+}
+
 int ceil_div(long a, long b) { return (int)((a + b - 1) / b); }
 
-// Tile each product's staged x (rows * tile * 4 bytes <= kSmemMax) and launch every product in one grid with
-// programmatic stream serialization (the kernel waits with pdl_wait before touching data of earlier kernels).
+// Tile each product's staged x (<= kSmemMax bytes), give each product a share of at most kBlocksPerSm blocks
+// per multiprocessor by its weights (at least one block, at most one per kWarps items; a product with several
+// tiles: one item per warp) and launch every product in one grid with programmatic stream serialization (the
+// kernel waits with pdl_wait before touching data of earlier kernels).
 template <bool I4>
 int launch(int act, GemvqBatch b, cudaStream_t stream) {
     constexpr int CE = Chunk<I4>::kElems;
     if (b.n < 1 || b.n > kGemvqMaxEntries || b.rows < 1 || b.rows > kGemvqMaxRows) return kUnsupported;
-    const int max_tile = (kSmemMax / 4 / b.rows) / CE * CE;
-    long blocks = 0;
+    const int bytes = act == static_cast<int>(ActType::F16) ? 2 : 4;   // per staged x value (half2 form: 2)
+    const int max_tile = (kSmemMax / bytes / b.rows) / CE * CE;
+    double work = 0;
     int smem = 0;
     for (int i = 0; i < b.n; ++i) {
         GemvqArgs& a = b.e[i];
         if (a.K < CE || a.K % CE != 0 || a.N < 0) return kUnsupported;
+        if (a.act != kGemvqActNone && a.act != kGemvqActRelu2) return kUnsupported;
         for (const void* p : {a.x, static_cast<const void*>(a.w)})
             if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return kUnsupported;   // 16-byte loads
+        if ((long)a.Np * (a.K / CE) > INT32_MAX || (I4 && (long)a.Np * (a.K / a.group) > INT32_MAX))
+            return kUnsupported;                                 // 32-bit offsets in the kernel
+        if (I4 && reinterpret_cast<uintptr_t>(a.scales) % 4 != 0) return kUnsupported;   // half2 loads
         a.tiles = ceil_div(a.K, max_tile);
         a.tile = (ceil_div(a.K, a.tiles) + CE - 1) / CE * CE;   // <= max_tile
+        a.items = ceil_div(a.N, kOuts);
+        smem = std::max(smem, b.rows * a.tile * bytes);
+        if (a.tiles == 1) work += (double)a.N * a.K;
+    }
+    const int slots = device_sm_count() * kBlocksPerSm;
+    long blocks = 0;
+    for (int i = 0; i < b.n; ++i) {
+        GemvqArgs& a = b.e[i];
+        const int most = ceil_div(a.items, kWarps);
+        int nb = most;
+        if (a.tiles == 1 && work > 0)
+            nb = std::max(1, std::min(most, (int)((double)slots * a.N * a.K / work + 0.5)));
+        a.stride = nb * kWarps;
         b.block_begin[i] = (int)blocks;
-        blocks += ceil_div(a.N, (long)kWarps * kOuts);
-        smem = std::max(smem, b.rows * a.tile * (int)sizeof(float));
+        blocks += nb;
     }
     if (blocks == 0) return 0;
     cudaError_t err = cudaSuccess;
@@ -391,6 +768,7 @@ int gemvq_launch(bool i4, int act, int rows, int n, const GemvqEntry* entries, c
         a.w = static_cast<const uint4*>(E.w);
         a.y = E.y;
         a.K = E.K; a.N = E.N;
+        a.act = E.act;
         if (i4) {
             if (E.group < 32 || E.group % 32 != 0 || E.K % E.group != 0 || E.Np < E.N || E.Np % 8 != 0)
                 return kUnsupported;

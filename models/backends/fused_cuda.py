@@ -18,7 +18,8 @@ Decode (``FusedCuda.decode_step``, one token for each of b rows), per layer:
 More than 4 rows: the large products go to cuBLAS (GEMM), the low-rank products too (activations as
 torch ops), the WKV step stays one fused launch per layer. i8 weights (<= 4 rows) use the grouped mm8
 GEMV: r/k/v in one launch, relu² applied on load for the channel-mix value; i4 and f8 weights the grouped
-GEMV of ``csrc/gemvq`` for r/k/v (``dispatch.gemvq_group``), their other products ``dispatch.mm4`` / ``mmf8``;
+GEMV of ``csrc/gemvq`` (``dispatch.gemvq_group``) for r/k/v in one launch and each other product (relu² of the
+channel-mix value's input applied as the kernel loads it);
 with ``FusedCuda(mix_rkv=True)``, i4 r/k/v through ``ops.gptq.fused_v7_mix_rkv_i4`` (probed at load): steps 1 and
 2's r/k/v in one Triton launch (ln1, the six mixes and the three int4 products), the low-rank products in the
 grouped GEMV.
@@ -329,11 +330,14 @@ class FusedCuda(Backend):
 
     # -- decode ------------------------------------------------------------------------------------
     def _big(self, x, w, act: int, gemv: bool, small: bool = False):
-        """x @ W for a large matrix; act 3 = relu² on x first. i8 weights at <= 4 rows: the grouped mm8 GEMV."""
+        """x @ W for a large matrix; act 3 = relu² on x first. i8 weights at <= 4 rows: the grouped mm8 GEMV;
+        i4 / f8 weights: the compiled GEMV of ``csrc/gemvq`` (relu² applied as it loads x) where it serves."""
         if gemv and isinstance(w, torch.Tensor):
             return _gemv([x], [w.t()], [act])[0]
         if small and _i8_ok([w], x):
             return _mm8([x], [w], [act])[0]
+        if small and (y := dispatch.gemvq_group([x], [w], [act])) is not None:
+            return y[0]
         if act == 3:
             x = torch.relu(x).square()
         return self.ops.matmul(x, w)

@@ -9,8 +9,9 @@ cast) after clamping to ±448. Dequantized: ``W'[k, n] = float(w8[n, k]) * scale
 Products:
 
 * CUDA, compute capability >= 8.9 (Ada, Hopper): 1..4 rows, the compiled weight-only GEMV of ``csrc/gemvq``
-  where it is built (reads ``w8`` [N, K] as stored; e4m3 converted in registers, fp32 accumulation, the scale
-  applied per output), else up to ``rwkv_chat.models.ops.gemv.GEMV_ROWS`` rows a weight-only Triton GEMV (the
+  where it is built (reads ``w8`` [N, K] as stored; e4m3 converted in registers; fp16 activations: each chunk
+  of 16 products summed in half precision with x scaled by a power of two, then fp32, else fp32 throughout; the
+  scale applied per output), else up to ``rwkv_chat.models.ops.gemv.GEMV_ROWS`` rows a weight-only Triton GEMV (the
   same arithmetic); more rows, the fp8 tensor cores through ``torch._scaled_mm`` with the activations
   quantized per token (``rwkv_chat.models.ops.fp8``). The format's ``kernel`` is
   ``rwkv_chat.models.kernels.mmf8``.

@@ -154,13 +154,14 @@ GEMVQ_ROWS = 4
 
 def gemvq_i4_ok(q: Int4Weight) -> bool:
     """Whether the compiled int4 GEMV reads this weight: held output-major (``Int4Weight.output_major``), no
-    g_idx, K and the group multiples of 32, float16 scales, contiguous tensors, Np % 8 == 0 and 16-byte aligned
-    words (the binding's own checks, so a weight it would refuse takes the Triton / torch path instead)."""
+    g_idx, K and the group multiples of 32, float16 scales, contiguous tensors, Np % 8 == 0, 16-byte aligned
+    words and 4-byte aligned scales (the binding's own checks, so a weight it would refuse takes the Triton /
+    torch path instead)."""
     K = q.shape[0]
     return (q.output_major and q.g_idx is None and K % 32 == 0 and q.qweight.shape[0] * 8 == K
             and q.group_size % 32 == 0 and K % q.group_size == 0 and q.scales.dtype == torch.float16
             and q.storage.is_contiguous() and q.qzeros.is_contiguous() and q.scales.is_contiguous()
-            and q.storage.shape[0] % 8 == 0 and q.storage.data_ptr() % 16 == 0)
+            and q.storage.shape[0] % 8 == 0 and q.storage.data_ptr() % 16 == 0 and q.scales.data_ptr() % 4 == 0)
 
 
 def _rows(x: torch.Tensor) -> int:
@@ -233,7 +234,7 @@ def _probe_gemvq(device: torch.device) -> str | None:
                     checks.append(("gemvq_i4", y, _i4.mm4_torch(x, q4)))
                     ys = [torch.empty(rows, 72, dtype=dtype, device=device) for _ in range(2)]
                     _op("cuda", "gemvq_i4_multi")([x, x], [q4.storage] * 2, [q4.qzeros] * 2, [q4.scales] * 2,
-                                                  [q4.group_size] * 2, ys)
+                                                  [q4.group_size] * 2, [0, 0], ys)
                     checks.append(("gemvq_i4_multi", ys[1], checks[-1][2]))
                 y = torch.empty(rows, 72, dtype=dtype, device=device)
                 _op("cuda", "gemvq_f8")(x, q8.w8.view(torch.uint8), q8.scale.contiguous(), y)
@@ -296,17 +297,25 @@ def mmf8(x: torch.Tensor, q: Float8Weight) -> torch.Tensor:
     return _f8.mmf8_torch(x, q)
 
 
-def gemvq_group(xs: list[torch.Tensor], qs: list) -> list[torch.Tensor] | None:
-    """``[x @ q.dequantize() for x, q in zip(xs, qs)]`` in one launch of the compiled GEMV (``csrc/gemvq``),
-    or None where it does not serve them all (the caller multiplies one by one).
+#: input activations of ``gemvq_group`` (``csrc/gemvq/gemvq.h``): none, relu(x)² rounded to the activation dtype
+GEMVQ_ACTS = (0, 3)
+
+
+def gemvq_group(xs: list[torch.Tensor], qs: list, acts: list[int] | None = None) -> list[torch.Tensor] | None:
+    """``[act(x) @ q.dequantize() for x, q in zip(xs, qs)]`` in one launch of the compiled GEMV
+    (``csrc/gemvq``), or None where it does not serve them all (the caller multiplies one by one).
 
     Served: 1..4 products, every weight i4 (``gemvq_i4_ok``) or every weight f8 (K % 16 == 0), xs 2-D [rows, K_e]
     of one activation dtype on one CUDA device, the same rows (1..``GEMVQ_ROWS``), the family built.
-    Returns: [rows, N_e] tensors in the activation dtype (fp32 accumulation).
+    acts: per product 0 (x as is, the default) or 3 (``torch.relu(x).square()`` in x's dtype, the RWKV
+    channel-mix value's input) applied as x is loaded.
+    Returns: [rows, N_e] tensors in the activation dtype (fp32 accumulation; fp16 activations: each 32 int4 or
+    16 fp8 products summed in half precision first, x scaled by a power of two, ``csrc/gemvq``).
     Raises: DeviceError, ShapeMismatchError, UnsupportedDtypeError (as ``mm4`` / ``mmf8``) for a packed weight whose
     x does not fit it.
     """
-    if not 1 <= len(xs) == len(qs) <= 4:
+    acts = [0] * len(xs) if acts is None else list(acts)
+    if not 1 <= len(xs) == len(qs) == len(acts) <= 4 or any(a not in GEMVQ_ACTS for a in acts):
         return None
     for x, q in zip(xs, qs):
         if not isinstance(q, (Int4Weight, Float8Weight)):
@@ -320,11 +329,12 @@ def gemvq_group(xs: list[torch.Tensor], qs: list) -> list[torch.Tensor] | None:
     xc = [x.contiguous() for x in xs]
     if all(isinstance(q, Int4Weight) and gemvq_i4_ok(q) for q in qs):
         _op("cuda", "gemvq_i4_multi")(xc, [q.storage for q in qs], [q.qzeros for q in qs], [q.scales for q in qs],
-                                      [q.group_size for q in qs], ys)
+                                      [q.group_size for q in qs], acts, ys)
         return ys
     if all(isinstance(q, Float8Weight) and q.shape[0] % 16 == 0 and q.w8.is_contiguous()
            and q.w8.data_ptr() % 16 == 0 and q.scale.dtype == torch.float32 for q in qs):
-        _op("cuda", "gemvq_f8_multi")(xc, [q.w8.view(torch.uint8) for q in qs], [q.scale.contiguous() for q in qs], ys)
+        _op("cuda", "gemvq_f8_multi")(xc, [q.w8.view(torch.uint8) for q in qs], [q.scale.contiguous() for q in qs],
+                                      acts, ys)
         return ys
     return None
 

@@ -214,21 +214,25 @@ def case_gemvq_f8(rows, K, N, dtype, device, seed):
     return rel_err(kernels.mmf8(x, q), x.double() @ q.dequantize(torch.float64))
 
 
-def case_gemvq_group(rows, shapes, fmt, dtype, device, seed):
+def case_gemvq_group(rows, shapes, fmt, dtype, device, seed, acts=None, x_scale=1.0):
     """``dispatch.gemvq_group`` (one launch of ``gemvq_i4_multi_cuda`` / ``gemvq_f8_multi_cuda``) for weights
-    [K_e, N_e] placed on CUDA: worst product against x (rounded) @ the dequantized weight in float64."""
+    [K_e, N_e] placed on CUDA: worst product against act(x) (rounded as torch rounds it) @ the dequantized weight
+    in float64. acts: per product 0 or 3 (relu² on x); x_scale: the magnitude of x (the half-precision form
+    scales each row of x by a power of two: rows far from 1 test it)."""
     from rwkv_chat.models.formats import f8, i4
     from rwkv_chat.models.kernels import dispatch
 
     _gemvq_built(device)
     g = _gen(seed, device)
+    acts = acts or [0] * len(shapes)
     ws = [_randn(g, K, N, scale=K ** -0.5).to(device) for K, N in shapes]
     qs = [i4.quantize_i4(w).to(device) if fmt == "i4" else f8.quantize_f8(w) for w in ws]
-    xs = [_randn(g, rows, K).to(dtype).to(device) for K, _ in shapes]
-    ys = dispatch.gemvq_group(xs, qs)
+    xs = [_randn(g, rows, K, scale=x_scale).to(dtype).to(device) for K, _ in shapes]
+    ys = dispatch.gemvq_group(xs, qs, acts)
     if ys is None:
         raise AssertionError("gemvq_group did not serve the products")
-    return max(rel_err(y, x.double() @ q.dequantize(torch.float64)) for y, x, q in zip(ys, xs, qs))
+    ins = [torch.relu(x).square() if a == 3 else x for x, a in zip(xs, acts)]
+    return max(rel_err(y, x.double() @ q.dequantize(torch.float64)) for y, x, q in zip(ys, ins, qs))
 
 
 def case_gemm(rows, K, M, dtype, device, seed):
@@ -319,6 +323,15 @@ def all_cases(device: str, quick: bool = False):
                     cases.append(("gemvq", f"{fmt} group rows={rows} {' '.join(f'{K}x{N}' for K, N in shp)}", dt,
                                   lambda r=rows, shp=shp, f=fmt, dt=dt, s=len(cases):
                                   case_gemvq_group(r, shp, f, dt, device, s)))
+                # relu² on load (the channel-mix value), x far from 1 (the power-of-two scaling of the fp16 form)
+                for rows, shp, acts, xsc in ((1, ((4096, 16384), (16384, 4096)), [0, 3], 4.0),
+                                             (4, ((4096, 1000), (8192, 2048)), [3, 3], 30.0),
+                                             (1, ((2048, 2048), (2048, 520)), [0, 0], 300.0),
+                                             (2, ((2048, 2048),), [0], 1e-3)):
+                    cases.append(("gemvq", f"{fmt} group rows={rows} {' '.join(f'{K}x{N}' for K, N in shp)} "
+                                           f"acts={acts} |x|~{xsc:g}", dt,
+                                  lambda r=rows, shp=shp, f=fmt, a=acts, xs_=xsc, dt=dt, s=len(cases):
+                                  case_gemvq_group(r, shp, f, dt, device, s, a, xs_)))
         if device == "cuda" and dt != torch.float32:
             for rows, K, M in ((1, 768, 768), (64, 1024, 4096)):
                 cases.append(("gemm", f"rows={rows} K={K} M={M}", dt, lambda r=rows, K=K, M=M, dt=dt, s=len(cases):

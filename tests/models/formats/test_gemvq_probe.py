@@ -18,9 +18,9 @@ def _ops(wrong: bool = False, broken: bool = False):
         q = i4.Int4Weight(storage.t(), qzeros, scales, None, group, output_major=True)
         y.copy_(i4.mm4_torch(x, q) * (1.5 if wrong else 1.0))
 
-    def i4_multi(xs, storages, qzeros, scales, groups, ys):
-        for x, st, z, sc, g, y in zip(xs, storages, qzeros, scales, groups, ys):
-            i4_op(x, st, z, sc, g, y)
+    def i4_multi(xs, storages, qzeros, scales, groups, acts, ys):
+        for x, st, z, sc, g, a, y in zip(xs, storages, qzeros, scales, groups, acts, ys):
+            i4_op(torch.relu(x).square() if a == 3 else x, st, z, sc, g, y)
 
     def f8_op(x, w8, scale, y):
         y.copy_(f8.mmf8_torch(x, f8.Float8Weight(w8.view(torch.float8_e4m3fn), scale)))
