@@ -186,7 +186,7 @@ def _probe_key(device) -> torch.device:
 
 def gemvq_sound(device: torch.device) -> bool:
     """Whether the compiled int4 / fp8 GEMVs serve ``device``: on first use there, each (one and three rows,
-    fp16 and bf16, single and grouped) is run on small random weights and compared with the torch products
+    fp16 and bf16, single and grouped, x as is and relu(x)²) is run on small random weights and compared with the torch products
     (``i4.mm4_torch``, ``f8.mmf8_torch``) to half-precision rounding; a mismatch or an error keeps the other
     paths for the process (``GEMVQ_PROBES`` says why). During CUDA graph capture an unprobed device is not
     served (no probe runs inside a capture)."""
@@ -227,6 +227,7 @@ def _probe_gemvq(device: torch.device) -> str | None:
         for dtype in (torch.float16, torch.bfloat16):
             for rows in (1, 3):
                 x = torch.randn(rows, 256, generator=g).to(device, dtype)
+                relu2 = torch.relu(x).square()
                 checks = []
                 if gemvq_i4_ok(q4):
                     y = torch.empty(rows, 72, dtype=dtype, device=device)
@@ -234,11 +235,15 @@ def _probe_gemvq(device: torch.device) -> str | None:
                     checks.append(("gemvq_i4", y, _i4.mm4_torch(x, q4)))
                     ys = [torch.empty(rows, 72, dtype=dtype, device=device) for _ in range(2)]
                     _op("cuda", "gemvq_i4_multi")([x, x], [q4.storage] * 2, [q4.qzeros] * 2, [q4.scales] * 2,
-                                                  [q4.group_size] * 2, [0, 0], ys)
-                    checks.append(("gemvq_i4_multi", ys[1], checks[-1][2]))
+                                                  [q4.group_size] * 2, [0, 3], ys)
+                    checks.append(("gemvq_i4_multi", ys[0], checks[-1][2]))
+                    checks.append(("gemvq_i4_multi relu²", ys[1], _i4.mm4_torch(relu2, q4)))
                 y = torch.empty(rows, 72, dtype=dtype, device=device)
                 _op("cuda", "gemvq_f8")(x, q8.w8.view(torch.uint8), q8.scale.contiguous(), y)
                 checks.append(("gemvq_f8", y, _f8.mmf8_torch(x, q8)))
+                ys = [torch.empty(rows, 72, dtype=dtype, device=device)]
+                _op("cuda", "gemvq_f8_multi")([x], [q8.w8.view(torch.uint8)], [q8.scale.contiguous()], [3], ys)
+                checks.append(("gemvq_f8_multi relu²", ys[0], _f8.mmf8_torch(relu2, q8)))
                 for name, got, want in checks:
                     err = float((got.float() - want.float()).abs().max() / want.float().abs().max().clamp_min(1e-6))
                     if not err < 2e-2:

@@ -1,6 +1,6 @@
 """The compiled int4 / fp8 GEMVs serve a device only after agreeing with the torch products there
 (``dispatch.gemvq_sound``): the probe's logic on the CPU with the compiled ops replaced by stand-ins — a correct
-one (the torch products written into the output), a wrong one, one that raises."""
+one (the torch products written into the output), a wrong one, one that raises, one that ignores relu²."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from rwkv_chat.models.formats import f8, i4
 from rwkv_chat.models.kernels import dispatch
 
 
-def _ops(wrong: bool = False, broken: bool = False):
+def _ops(wrong: bool = False, broken: bool = False, no_act: bool = False):
     def i4_op(x, storage, qzeros, scales, group, y):
         if broken:
             raise RuntimeError("no kernel image is available for execution on the device")
@@ -20,12 +20,16 @@ def _ops(wrong: bool = False, broken: bool = False):
 
     def i4_multi(xs, storages, qzeros, scales, groups, acts, ys):
         for x, st, z, sc, g, a, y in zip(xs, storages, qzeros, scales, groups, acts, ys):
-            i4_op(torch.relu(x).square() if a == 3 else x, st, z, sc, g, y)
+            i4_op(torch.relu(x).square() if a == 3 and not no_act else x, st, z, sc, g, y)
 
     def f8_op(x, w8, scale, y):
         y.copy_(f8.mmf8_torch(x, f8.Float8Weight(w8.view(torch.float8_e4m3fn), scale)))
 
-    table = {"gemvq_i4": i4_op, "gemvq_i4_multi": i4_multi, "gemvq_f8": f8_op}
+    def f8_multi(xs, w8s, scales, acts, ys):
+        for x, w8, sc, a, y in zip(xs, w8s, scales, acts, ys):
+            f8_op(torch.relu(x).square() if a == 3 else x, w8, sc, y)
+
+    table = {"gemvq_i4": i4_op, "gemvq_i4_multi": i4_multi, "gemvq_f8": f8_op, "gemvq_f8_multi": f8_multi}
     return lambda dev, family: table[family]
 
 
@@ -38,7 +42,8 @@ def cpu_held_output_major(monkeypatch):
     dispatch.GEMVQ_PROBES.clear()
 
 
-@pytest.mark.parametrize("case, sound", [({}, True), ({"wrong": True}, False), ({"broken": True}, False)])
+@pytest.mark.parametrize("case, sound", [({}, True), ({"wrong": True}, False), ({"broken": True}, False),
+                                         ({"no_act": True}, False)])
 def test_the_probe_admits_only_kernels_that_agree_with_torch(monkeypatch, cpu_held_output_major, case, sound):
     monkeypatch.setattr(dispatch, "_op", _ops(**case))
     dev = torch.device("cpu")
@@ -47,6 +52,8 @@ def test_the_probe_admits_only_kernels_that_agree_with_torch(monkeypatch, cpu_he
     assert (why is None) is sound
     if case.get("wrong"):
         assert "gemvq_i4 differs from the torch product" in why
+    if case.get("no_act"):
+        assert "gemvq_i4_multi relu² differs from the torch product" in why
     if case.get("broken"):
         assert why.startswith("RuntimeError: no kernel image")
     monkeypatch.setattr(dispatch, "_op", None)          # decided once per device: no second probe
