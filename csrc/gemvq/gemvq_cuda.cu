@@ -314,6 +314,42 @@ __device__ __forceinline__ void stage_tile(const F* __restrict__ x, int K, int r
     }
 }
 
+// Half2 form: part[o][r] += the four half2 products of w[o] with the staged uint4 of row r at
+// xs[(r * per + slot) * cap + L] (per: uint4 per chunk and row).
+template <int R>
+__device__ __forceinline__ void hfma_rows(const __half2 (&w)[kOuts][4], const uint4* xs, int per, int slot, int cap,
+                                          int L, int rows, __half2 (&part)[kOuts][R]) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        if (r < rows) {
+            const uint4 xv = xs[(r * per + slot) * cap + L];
+            const __half2 x0 = as_half2(xv.x), x1 = as_half2(xv.y), x2 = as_half2(xv.z), x3 = as_half2(xv.w);
+#pragma unroll
+            for (int o = 0; o < kOuts; ++o) {
+                __half2 t = part[o][r];
+                t = __hfma2(w[o][0], x0, t);
+                t = __hfma2(w[o][1], x1, t);
+                t = __hfma2(w[o][2], x2, t);
+                t = __hfma2(w[o][3], x3, t);
+                part[o][r] = t;
+            }
+        }
+    }
+}
+
+// Half2 form, a chunk done: acc[o][r] += s[o] * (both halves of part[o][r]) in fp32.
+template <int R>
+__device__ __forceinline__ void finish_chunk(const float (&s)[kOuts], const __half2 (&part)[kOuts][R],
+                                             float (&acc)[kOuts][R]) {
+#pragma unroll
+    for (int o = 0; o < kOuts; ++o)
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const float2 f = __half22float2(part[o][r]);
+            acc[o][r] = fmaf(s[o], f.x + f.y, acc[o][r]);
+        }
+}
+
 // acc[o][r] += the products of step c's chunks (tile of nch chunks, staged x in xs), half2 form.
 template <int R>
 __device__ __forceinline__ void compute_step_half(const Step<true>& st, const uint4* xs, int cap, int nch, int c,
@@ -342,30 +378,10 @@ __device__ __forceinline__ void compute_step_half(const Step<true>& st, const ui
                 w[o][2] = __hsub2(as_half2(lop_bits<0x000F000Fu>(h, magic)), zl[o]);
                 w[o][3] = __hsub2(as_half2(lop_bits<0x00F000F0u>(h, magic)), zh[o]);
             }
-#pragma unroll
-            for (int r = 0; r < R; ++r) {
-                if (r < rows) {
-                    const uint4 xv = xs[(r * 4 + j) * cap + L];
-                    const __half2 x0 = as_half2(xv.x), x1 = as_half2(xv.y), x2 = as_half2(xv.z), x3 = as_half2(xv.w);
-#pragma unroll
-                    for (int o = 0; o < kOuts; ++o) {
-                        __half2 s = part[o][r];
-                        s = __hfma2(w[o][0], x0, s);
-                        s = __hfma2(w[o][1], x1, s);
-                        s = __hfma2(w[o][2], x2, s);
-                        s = __hfma2(w[o][3], x3, s);
-                        part[o][r] = s;
-                    }
-                }
-            }
+            hfma_rows<R>(w, xs, 4, j, cap, L, rows, part);
         }
-#pragma unroll
-        for (int o = 0; o < kOuts; ++o)
-#pragma unroll
-            for (int r = 0; r < R; ++r) {
-                const float2 f = __half22float2(part[o][r]);
-                acc[o][r] = fmaf(st.s[o][u], f.x + f.y, acc[o][r]);
-            }
+        const float sc[kOuts] = {st.s[0][u], st.s[1][u]};
+        finish_chunk<R>(sc, part, acc);
     }
 }
 
@@ -395,30 +411,10 @@ __device__ __forceinline__ void compute_step_half_f8(const Step<false>& st, cons
                     w[o][2 * j] = __half2(__nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(v & 0xFFFFu), __NV_E4M3));
                     w[o][2 * j + 1] = __half2(__nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(v >> 16), __NV_E4M3));
                 }
-#pragma unroll
-            for (int r = 0; r < R; ++r) {
-                if (r < rows) {
-                    const uint4 xv = xs[(r * 2 + h) * cap + L];
-                    const __half2 x0 = as_half2(xv.x), x1 = as_half2(xv.y), x2 = as_half2(xv.z), x3 = as_half2(xv.w);
-#pragma unroll
-                    for (int o = 0; o < kOuts; ++o) {
-                        __half2 s = part[o][r];
-                        s = __hfma2(w[o][0], x0, s);
-                        s = __hfma2(w[o][1], x1, s);
-                        s = __hfma2(w[o][2], x2, s);
-                        s = __hfma2(w[o][3], x3, s);
-                        part[o][r] = s;
-                    }
-                }
-            }
+            hfma_rows<R>(w, xs, 2, h, cap, L, rows, part);
         }
-#pragma unroll
-        for (int o = 0; o < kOuts; ++o)
-#pragma unroll
-            for (int r = 0; r < R; ++r) {
-                const float2 f = __half22float2(part[o][r]);
-                acc[o][r] += f.x + f.y;
-            }
+        const float one[kOuts] = {1.f, 1.f};
+        finish_chunk<R>(one, part, acc);
     }
 }
 
