@@ -186,7 +186,7 @@ def _probe_key(device) -> torch.device:
 
 def gemvq_sound(device: torch.device) -> bool:
     """Whether the compiled int4 / fp8 GEMVs serve ``device``: on first use there, each (one and three rows,
-    fp16 and bf16, single and grouped, x as is and relu(x)²) is run on small random weights and compared with the torch products
+    fp16 and bf16, single and grouped, x as is and relu(x)², x staged whole and in tiles) is run on small random weights and compared with the torch products
     (``i4.mm4_torch``, ``f8.mmf8_torch``) to half-precision rounding; a mismatch or an error keeps the other
     paths for the process (``GEMVQ_PROBES`` says why). During CUDA graph capture an unprobed device is not
     served (no probe runs inside a capture)."""
@@ -223,6 +223,8 @@ def _probe_gemvq(device: torch.device) -> str | None:
     w = torch.randn(256, 72, generator=g) * 0.05
     q4 = _i4.quantize_i4(w, 128).to(device)
     q8 = quantize_f8(w).to(device)
+    wl = torch.randn(11264, 16, generator=g) * 0.01
+    q4l, q8l = _i4.quantize_i4(wl, 128).to(device), quantize_f8(wl).to(device)
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         for dtype in (torch.float16, torch.bfloat16):
             for rows in (1, 3):
@@ -244,6 +246,14 @@ def _probe_gemvq(device: torch.device) -> str | None:
                 ys = [torch.empty(rows, 72, dtype=dtype, device=device)]
                 _op("cuda", "gemvq_f8_multi")([x], [q8.w8.view(torch.uint8)], [q8.scale.contiguous()], [3], ys)
                 checks.append(("gemvq_f8_multi relu²", ys[0], _f8.mmf8_torch(relu2, q8)))
+                if rows == 3:       # x staged in several tiles of K (rows * K * 2 or 4 bytes > 64 KB)
+                    xl = torch.randn(rows, 11264, generator=g).to(device, dtype)
+                    y = torch.empty(rows, 16, dtype=dtype, device=device)
+                    if gemvq_i4_ok(q4l):
+                        _op("cuda", "gemvq_i4")(xl, q4l.storage, q4l.qzeros, q4l.scales, q4l.group_size, y)
+                        checks.append(("gemvq_i4 (K in tiles)", y.clone(), _i4.mm4_torch(xl, q4l)))
+                    _op("cuda", "gemvq_f8")(xl, q8l.w8.view(torch.uint8), q8l.scale.contiguous(), y)
+                    checks.append(("gemvq_f8 (K in tiles)", y, _f8.mmf8_torch(xl, q8l)))
                 for name, got, want in checks:
                     err = float((got.float() - want.float()).abs().max() / want.float().abs().max().clamp_min(1e-6))
                     if not err < 2e-2:
