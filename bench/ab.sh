@@ -9,6 +9,7 @@
 #                  (tests/gpu/verify_fused.py)
 #   b01 b15 b72    on both trees, the decode/prefill rows of device_run.sh's steps of the same names
 #                  (python3 -m rwkv_chat.app.bench ...), old and new taking turns going first
+#   b72i4 b72f8 b15i4   the same for the weight formats' decode (cuda fp16i4 / fp16f8, batch 1 [and 4])
 # then prints the rows side by side, new/old per number, and flags every ratio outside +-3%.
 # $OUT (default /tmp/ab-out) receives the logs, the tables, <tree>-<row>.jsonl and ab.md (the comparison).
 # Wheels in .whl/ (as device_run.sh carries them) are installed to /tmp/site first, if there are any.
@@ -76,18 +77,21 @@ declare -A ROW=(
     [b01]="--shape 0.1B --batch 1 --prompt-len 1024 --tokens 300"
     [b15]="--shape 1.5B --batch 1 --prompt-len 1024 --tokens 200"
     [b72]="--shape 7.2B --batch 1 64 --prompt-len 1024 --tokens 100"
+    [b72i4]="--shape 7.2B --strategy 'cuda fp16i4' --batch 1 4 --prompt-len 0 --tokens 100"
+    [b72f8]="--shape 7.2B --strategy 'cuda fp16f8' --batch 1 4 --prompt-len 0 --tokens 100"
+    [b15i4]="--shape 1.5B --strategy 'cuda fp16i4' --batch 1 --prompt-len 0 --tokens 200"
 )
 ROWS=""
 turn=0
-for r in b01 b15 b72; do
+for r in b01 b15 b72 b72i4 b72f8 b15i4; do
     [[ "$STEPS" == *" $r "* ]] || continue
     ROWS+=" $r"
     if (( turn++ % 2 == 0 )); then order="old new"; else order="new old"; fi
     for t in $order; do
         rm -f "$OUT/$t-$r.jsonl"
         echo "=== $t $r: python3 -m rwkv_chat.app.bench ${ROW[$r]}"
-        # shellcheck disable=SC2086  # the row's flags are words
-        in_tree "$t" timeout 900 python3 -m rwkv_chat.app.bench --md "$OUT/$t-bench.md" --json "$OUT/$t-$r.jsonl" ${ROW[$r]} \
+        eval "args=(${ROW[$r]})"    # the row's flags as shell words (a quoted strategy stays one)
+        in_tree "$t" timeout 900 python3 -m rwkv_chat.app.bench --md "$OUT/$t-bench.md" --json "$OUT/$t-$r.jsonl" "${args[@]}" \
             > "$OUT/$t-$r.log" 2>&1 || echo "    rc=$? (see $OUT/$t-$r.log)"
     done
 done
