@@ -18,8 +18,8 @@
 //     the programmatic-dependent-launch wait: weights never change); each step used issues the one after next,
 //     which runs on into the warp's next item (a 16-byte streaming load per chunk, __ldcs, and for i4 the
 //     chunk's group scale and zero point);
-//   * after the wait the block stages act(x) (all rows, a tile of K: all of K unless it exceeds 64 KB; with
-//     several tiles a warp takes one item) in shared memory, laid out so the 16-byte reads of consecutive
+//   * after the wait the block stages act(x) (all rows, a tile of K: all of K unless it exceeds 64 KB, else
+//     tiles of whole steps, and a warp takes one item) in shared memory, laid out so the 16-byte reads of consecutive
 //     lanes (consecutive chunks) fall in distinct banks; both outputs of an item use each read;
 //   * one warp-shuffle reduction per output and row at the end of an item, each result written once in the
 //     activation dtype. No workspace, no atomics, no split-K.
@@ -63,7 +63,7 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kOuts = 2;                 // outputs per warp item, computed together (load_step: one half2 of
+constexpr int kOuts = 2;                 // outputs per warp item, computed together (loader_step: one half2 of
                                          // scales and one word of zero points serve both)
 constexpr int kUnroll = 2;               // 16-byte weight loads per lane and output in a step
 constexpr int kStepChunks = 32 * kUnroll;
@@ -100,7 +100,7 @@ struct Chunk {
 };
 
 // Whether a product takes the half2 form: fp16 activations.
-template <typename F, bool I4>
+template <typename F>
 constexpr bool kHalf2 = std::is_same<F, __half>::value;
 
 // Half2 form: the largest |x| staged (times 2^e) is in [2^kTop / 2, 2^kTop), so that a chunk's partial sums stay
@@ -115,11 +115,6 @@ struct Step {
     uint4 q[kOuts][kUnroll];
     float s[kOuts][kUnroll];
     uint32_t z[kOuts][kUnroll];
-};
-
-// A warp's position in its sequence of steps: item m (its m-th), tile t, step c of the tile.
-struct Cursor {
-    int m, t, c;
 };
 
 template <typename T>
@@ -166,58 +161,6 @@ __device__ __forceinline__ float apply_act(float v, int act) {
         v = to_f32(from_f32<F>(v * v));
     }
     return v;
-}
-
-// Chunks in tile t (0 past the last tile).
-__device__ __forceinline__ int tile_chunks(const GemvqArgs& a, int t, int ce) {
-    return t < a.tiles ? min(a.tile, a.K - t * a.tile) / ce : 0;
-}
-
-// The cursor moves to the next step of the warp's sequence (items of `count`).
-template <bool I4>
-__device__ __forceinline__ void advance(const GemvqArgs& a, Cursor& p, int count) {
-    if (p.m >= count) return;
-    const int steps = (tile_chunks(a, p.t, Chunk<I4>::kElems) + kStepChunks - 1) / kStepChunks;
-    if (++p.c >= steps) {
-        p.c = 0;
-        if (++p.t >= a.tiles) { p.t = 0; ++p.m; }
-    }
-}
-
-// The step at cursor p for this lane: chunk c * kStepChunks + 32 u + lane of tile t, outputs n0, n0 + 1 of
-// item first + m * stride. Offsets in 32 bits (the launcher checks the sizes). n0 is even and Np a multiple
-// of 8, so both outputs' scales are one aligned half2 and their zero points one word of qzeros.
-template <bool I4>
-__device__ __forceinline__ void load_step(Step<I4>& st, const GemvqArgs& a, int first, int count, int lane,
-                                          const Cursor& p) {
-    constexpr int CE = Chunk<I4>::kElems;
-    const int nch = p.m < count ? tile_chunks(a, p.t, CE) : 0;
-    const int row_chunks = a.K / CE;
-    const int n0 = (first + p.m * a.stride) * kOuts;
-    const int chunk0 = p.t * (a.tile / CE) + p.c * kStepChunks + lane;   // chunk of u = 0 in the row
-    const int L0 = p.c * kStepChunks + lane;                             // ... in the tile
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-        const int chunk = chunk0 + 32 * u;
-        const bool in = L0 + 32 * u < nch;
-#pragma unroll
-        for (int o = 0; o < kOuts; ++o)
-            st.q[o][u] = in && n0 + o < a.N ? __ldcs(a.w + (n0 + o) * row_chunks + chunk) : make_uint4(0u, 0u, 0u, 0u);
-        if constexpr (I4) {
-            float2 s = make_float2(0.f, 0.f);
-            uint32_t zw = 0u;
-            if (in && n0 < a.N) {
-                const int k = chunk * CE;
-                const int g = a.group_shift >= 0 ? k >> a.group_shift : k / a.group;
-                s = __half22float2(__ldg(reinterpret_cast<const __half2*>(a.scales + g * a.Np + n0)));
-                zw = __ldg(a.zeros + g * (a.Np >> 3) + (n0 >> 3)) >> (4 * (n0 & 7));
-            }
-            st.s[0][u] = s.x;
-            st.s[1][u] = s.y;
-            st.z[0][u] = (zw + 1u) & 15u;
-            st.z[1][u] = ((zw >> 4) + 1u) & 15u;
-        }
-    }
 }
 
 // Half2 form: per row r, 2^e (scale) and 2^-e (unscale) taking the row's largest |act(x)| into
@@ -277,7 +220,7 @@ __device__ __forceinline__ void stage_tile(const F* __restrict__ x, int K, int r
 #pragma unroll
             for (int e = 0; e < V; ++e) v[c * V + e] = apply_act<F>(to_f32(u.v[e]), act);
         }
-        if constexpr (kHalf2<F, I4> && !I4) {
+        if constexpr (kHalf2<F> && !I4) {
             const float s = scale[r];
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
@@ -289,7 +232,7 @@ __device__ __forceinline__ void stage_tile(const F* __restrict__ x, int K, int r
                 o.w = half2_bits(__floats2half2_rn(w[6] * s, w[7] * s));
                 xs[(r * 2 + h) * cap + L] = o;
             }
-        } else if constexpr (kHalf2<F, I4>) {
+        } else if constexpr (kHalf2<F>) {
             const float s = scale[r], s16 = s * 0.0625f;
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
@@ -531,7 +474,7 @@ __device__ __forceinline__ void write_item(const GemvqArgs& a, int first, int m,
                 float v = acc[o][r];
 #pragma unroll
                 for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-                if constexpr (kHalf2<F, I4>) v *= unscale[r];
+                if constexpr (kHalf2<F>) v *= unscale[r];
                 if (lane == 0 && n < a.N) y[(long)r * a.N + n] = from_f32<F>(v * sc);
             }
             acc[o][r] = 0.f;
@@ -539,9 +482,10 @@ __device__ __forceinline__ void write_item(const GemvqArgs& a, int first, int m,
     }
 }
 
-// The load side of a warp's sequence when K is staged in one tile: its item m (the m-th), step c of the item,
-// and the item's addresses (outputs n0, n0 + 1): the weights of output n0 from this lane's first chunk, and
-// for i4 the half2 of both scales and the word of both zero points (nibble shift) of group 0.
+// The load side of a warp's sequence: its item m (the m-th), step c of the item (over all of K, whatever the
+// tiles: a tile is a whole number of steps), and the item's addresses (outputs n0, n0 + 1): the weights of
+// output n0 from this lane's first chunk, and for i4 the half2 of both scales and the word of both zero
+// points (nibble shift) of group 0.
 template <bool I4>
 struct Loader {
     const uint4* w;
@@ -561,12 +505,13 @@ __device__ __forceinline__ void loader_item(Loader<I4>& ld, const GemvqArgs& a, 
     }
 }
 
-// st = the step at ld (zeros past the warp's items, the row or the outputs); ld moves to the next step.
+// st = the step at ld (zeros past the warp's items, the row or the outputs; nch chunks per row, spi steps per
+// item); ld moves to the next step.
 template <bool I4>
 __device__ __forceinline__ void loader_step(Step<I4>& st, Loader<I4>& ld, const GemvqArgs& a, int first, int count,
                                             int lane, int nch, int spi) {
     constexpr int CE = Chunk<I4>::kElems;
-    const bool live = ld.m < count, second = ld.n0 + 1 < a.N;
+    const bool live = ld.m < count && ld.n0 < a.N, second = ld.n0 + 1 < a.N;
     const int row_chunks = a.K / CE;
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
@@ -599,9 +544,9 @@ __device__ __forceinline__ void loader_step(Step<I4>& st, Loader<I4>& ld, const 
 template <typename F, int R, bool I4>
 __device__ __forceinline__ void compute_step(const Step<I4>& st, const uint4* xs, int cap, int nch, int c, int lane,
                                              int rows, float (&acc)[kOuts][R]) {
-    if constexpr (kHalf2<F, I4> && I4)
+    if constexpr (kHalf2<F> && I4)
         compute_step_half<R>(st, xs, cap, nch, c, lane, rows, acc);
-    else if constexpr (kHalf2<F, I4>)
+    else if constexpr (kHalf2<F>)
         compute_step_half_f8<R>(st, xs, cap, nch, c, lane, rows, acc);
     else
         compute_step_f32<R, I4>(st, reinterpret_cast<const float4*>(xs), cap, nch, c, lane, rows, acc);
@@ -636,22 +581,14 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) gemvq_kernel(GemvqBatc
     // the warp's items: first, first + stride, ... (one with several tiles: every warp meets every barrier)
     const int count = a.tiles > 1 ? 1 : first < a.items ? (a.items - first + a.stride - 1) / a.stride : 0;
     const int cap = a.tile / CE;
-    const int nch = a.K / CE, spi = (nch + kStepChunks - 1) / kStepChunks;   // one tile: chunks, steps per item
+    const int nch = a.K / CE, spi = (nch + kStepChunks - 1) / kStepChunks;   // chunks and steps per item
 
     // Weights first (they never change): the first two steps, before waiting for the previous kernel.
     Step<I4> s0, s1;                                       // one tile: steps 2i and 2i + 1 (no copies)
     Loader<I4> ld{};
-    Cursor lp{0, 0, 0};
-    if (a.tiles == 1) {
-        if (count > 0) loader_item<I4>(ld, a, first, lane);
-        loader_step<I4>(s0, ld, a, first, count, lane, nch, spi);
-        loader_step<I4>(s1, ld, a, first, count, lane, nch, spi);
-    } else {
-        load_step<I4>(s0, a, first, count, lane, lp);
-        advance<I4>(a, lp, count);
-        load_step<I4>(s1, a, first, count, lane, lp);
-        advance<I4>(a, lp, count);
-    }
+    if (count > 0) loader_item<I4>(ld, a, first, lane);
+    loader_step<I4>(s0, ld, a, first, count, lane, nch, spi);
+    loader_step<I4>(s1, ld, a, first, count, lane, nch, spi);
     pdl_wait();
 
     extern __shared__ uint4 xs[];
@@ -659,7 +596,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) gemvq_kernel(GemvqBatc
     __shared__ unsigned amax[R];
     const F* __restrict__ x = static_cast<const F*>(a.x);
     const int rows = R == 1 ? 1 : batch.rows;
-    if constexpr (kHalf2<F, I4>) half_row_scales<R, kTop<I4>>(x, a.K, rows, a.act, scale, unscale, amax);
+    if constexpr (kHalf2<F>) half_row_scales<R, kTop<I4>>(x, a.K, rows, a.act, scale, unscale, amax);
     float acc[kOuts][R];
 #pragma unroll
     for (int o = 0; o < kOuts; ++o)
@@ -679,7 +616,8 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) gemvq_kernel(GemvqBatc
         }
         return;
     }
-    // Several tiles (count == 1): stage each tile, multiply its steps, the weights two steps ahead.
+    // Several tiles (count == 1): stage each tile, multiply its steps (the item's steps in order: a tile is a
+    // whole number of steps), the weights two steps ahead.
 #pragma unroll 1
     for (int t = 0; t < a.tiles; ++t) {
         const int t0 = t * a.tile, len = min(a.tile, a.K - t0), tch = len / CE;
@@ -691,8 +629,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) gemvq_kernel(GemvqBatc
         for (int c = 0; c < steps; ++c) {
             compute_step<F, R, I4>(s0, xs, cap, tch, c, lane, rows, acc);
             s0 = s1;
-            load_step<I4>(s1, a, first, count, lane, lp);
-            advance<I4>(a, lp, count);
+            loader_step<I4>(s1, ld, a, first, count, lane, nch, spi);
         }
     }
     write_item<F, R, I4>(a, first, 0, lane, rows, unscale, acc);
@@ -721,8 +658,10 @@ int launch(int act, GemvqBatch b, cudaStream_t stream) {
         if ((long)a.Np * (a.K / CE) > INT32_MAX || (I4 && (long)a.Np * (a.K / a.group) > INT32_MAX))
             return kUnsupported;                                 // 32-bit offsets in the kernel
         if (I4 && reinterpret_cast<uintptr_t>(a.scales) % 4 != 0) return kUnsupported;   // half2 loads
-        a.tiles = ceil_div(a.K, max_tile);
-        a.tile = (ceil_div(a.K, a.tiles) + CE - 1) / CE * CE;   // <= max_tile
+        // one tile, or tiles of whole steps (the loader walks the row's steps across tiles)
+        a.tile = a.K <= max_tile ? a.K : max_tile / (kStepChunks * CE) * (kStepChunks * CE);
+        if (a.tile < CE) return kUnsupported;
+        a.tiles = ceil_div(a.K, a.tile);
         a.items = ceil_div(a.N, kOuts);
         smem = std::max(smem, b.rows * a.tile * bytes);
         if (a.tiles == 1) work += (double)a.N * a.K;
