@@ -51,6 +51,7 @@ step tree 90 240 python3 bench/tree.py --shape 1.5B --strategy "cuda fp16" --rep
 step pcache 40 120 python3 tests/gpu/verify_prompt_cache.py --out "$OUT/verify_prompt_cache.md"
 step qprof 90 200 python3 bench/qwen2_profile.py --shape 1.5B --out "$OUT/qwen2_profile.md"
 step fprof 120 240 python3 bench/formats_profile.py --shape 7.2B --out "$OUT/formats_profile.md"
+step fprof64 120 300 python3 bench/formats_profile.py --shape 7.2B --formats "" --batch 64 --large fused --out "$OUT/formats_profile.md"
 step b01 40 100 $B --shape 0.1B --batch 1 --prompt-len 1024 --tokens 300
 step daemon 150 300 python3 bench/daemon_overhead.py --shape 0.1B 1.5B --strategy "cuda fp16" --batch 1 4 --out "$OUT/daemon_overhead.md"
 step b72 90 200 $B --shape 7.2B --batch 1 64 --prompt-len 1024 --tokens 100

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 
-def kernel_table(fn, lines: list[str], title: str, top: int = 25) -> None:
+def kernel_table(fn, lines: list[str], title: str, top: int = 25, level: int = 3) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     for _ in range(3):
@@ -43,7 +43,7 @@ def kernel_table(fn, lines: list[str], title: str, top: int = 25) -> None:
             a[1] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
     total = sum(v[1] for v in agg.values()) / 1e3
     n = sum(v[0] for v in agg.values())
-    lines += [f"### {title}", "", f"wall {wall:.3f} ms, kernels {total:.3f} ms in {n} launches", "",
+    lines += [f"{'#' * level} {title}", "", f"wall {wall:.3f} ms, kernels {total:.3f} ms in {n} launches", "",
               "| kernel | launches | ms | % |", "|---|---|---|---|"]
     for name, (cnt, us) in sorted(agg.items(), key=lambda kv: -kv[1][1])[:top]:
         lines.append(f"| `{name}` | {cnt} | {us / 1e3:.3f} | {100 * us / 1e3 / max(total, 1e-9):.1f} |")
