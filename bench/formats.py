@@ -116,8 +116,14 @@ def gptq_row(H: int = 4096, output_major: bool = False, sweep: bool = False) -> 
            / fused_ln_qkv_gptq_reference(*args(qs[0])).float().norm()).item()
     t = time_ms(lambda i: fused_ln_qkv_gptq(*args(qs[i])), len(qs)) / 1e3
     nbytes = qs[0].nbytes() + 2 * H * 2
+    from rwkv_chat.models.kernels import dispatch
+
+    q = qs[0]
+    compiled = dispatch.norm_gemv_i4(x.view(1, H), q.qweight, q.qzeros, q.scales, q.group_size, lw, lb, 1e-5,
+                                     False) is not None
     row = {"H": H, "us": t * 1e6, "gb_s": nbytes / t / 1e9, "rel_err": err,
-           "layout": "output-major" if output_major else "GPTQ layout"}
+           "layout": "output-major" if output_major else "GPTQ layout",
+           "path": "compiled int4 GEMV (csrc/gemvq)" if compiled else "Triton"}
     if sweep:
         found = {}
         for blocks in GPTQ_SWEEP:
@@ -135,9 +141,10 @@ def gptq_row(H: int = 4096, output_major: bool = False, sweep: bool = False) -> 
 def table(dec: list[dict], gemm: dict | None, gptq: list[dict] | None, argv: list[str]) -> str:
     from rwkv_chat.app.bench import provenance
 
-    lines = ["## Weight formats (bench/formats.py)", "", *provenance(argv, "python bench/formats.py", "cuda"), "",
-             "| shape | strategy | batch | tok/s | × fp16 | GB/s | MiB/step | backend |",
-             "|---|---|---:|---:|---:|---:|---:|---|"]
+    lines = ["## Weight formats (bench/formats.py)", "", *provenance(argv, "python bench/formats.py", "cuda")]
+    if dec:
+        lines += ["", "| shape | strategy | batch | tok/s | × fp16 | GB/s | MiB/step | backend |",
+                  "|---|---|---:|---:|---:|---:|---:|---|"]
     for r in dec:
         lines.append(f"| {r['shape']} | {r['strategy']} | {r['batch']} | {r['tok_s']:.1f} | {r['ratio']:.2f}× | "
                      f"{r['gb_s']:.0f} | {r['step_mb']:.0f} | {r['backend']} |")
@@ -145,7 +152,8 @@ def table(dec: list[dict], gemm: dict | None, gptq: list[dict] | None, argv: lis
         lines += ["", f"fp8_gemm {gemm['n']}³: {gemm['fp8_ms']:.2f} ms ({gemm['fp8_tflops']:.0f} TFLOP/s) vs bf16 "
                       f"matmul {gemm['bf16_ms']:.2f} ms ({gemm['bf16_tflops']:.0f} TFLOP/s): {gemm['ratio']:.2f}×"]
     for g in gptq or ():
-        lines += ["", f"fused_ln_qkv_gptq H={g['H']}, B=S=1, qweight {g['layout']}: {g['us']:.1f} µs ({g['gb_s']:.0f} "
+        lines += ["", f"fused_ln_qkv_gptq H={g['H']}, B=S=1, qweight {g['layout']} ({g['path']}): {g['us']:.1f} µs "
+                      f"({g['gb_s']:.0f} "
                       f"GB/s of weights; kernel time in a CUDA graph), relative error vs the torch reference "
                       f"{g['rel_err']:.2e}"]
         if "sweep" in g:
@@ -156,7 +164,8 @@ def table(dec: list[dict], gemm: dict | None, gptq: list[dict] | None, argv: lis
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shapes", nargs="+", default=["0.1B", "1.5B", "7.2B"])
+    ap.add_argument("--shapes", nargs="*", default=["0.1B", "1.5B", "7.2B"],
+                    help="decode rows of these shapes (none: the op rows only)")
     ap.add_argument("--batch", nargs="+", type=int, default=[1])
     ap.add_argument("--tokens", type=int, default=100)
     ap.add_argument("--skip-ops", action="store_true", help="decode only (no fp8_gemm / fused_ln_qkv_gptq rows)")

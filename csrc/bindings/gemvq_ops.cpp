@@ -116,6 +116,33 @@ void gemvq_f8_cuda(const at::Tensor& x, const at::Tensor& w8, const at::Tensor& 
     run(op, false, act, rows, entries, x);
 }
 
+// int4 with the row's LayerNorm (ln_b optional) or RMSNorm (rms) applied to x as it is staged: y = norm(x) @ W,
+// float32 statistics, norm(x) rounded to x's dtype. ln_w, ln_b [K] in x's dtype, 16-byte aligned; eps > 0.
+void gemvq_i4_norm_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& qzeros,
+                        const at::Tensor& scales, int64_t group, const at::Tensor& ln_w,
+                        const c10::optional<at::Tensor>& ln_b, double eps, bool rms, const at::Tensor& y) {
+    const char* op = "rwkv_chat::gemvq_i4_norm_cuda";
+    int act = 0;
+    const int64_t rows = gemv_rows(op, x, act);
+    std::vector<at::Tensor> keep;
+    std::vector<GemvqEntry> entries{i4_entry(op, x, qweight, qzeros, scales, group, y, rows, x.scalar_type(), keep)};
+    const int64_t K = x.size(1);
+    check_tensor(ln_w, op, "ln_w", kCUDA, x.scalar_type(), {K});
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(ln_w.data_ptr()) % 16 == 0, op, ": ln_w must be 16-byte aligned");
+    TORCH_CHECK(eps > 0, op, ": eps must be positive, got ", eps);
+    GemvqEntry& E = entries.back();
+    E.act = rms ? kGemvqActRmsNorm : kGemvqActLayerNorm;
+    E.ln_w = ln_w.data_ptr();
+    E.eps = (float)eps;
+    if (ln_b.has_value() && ln_b->defined() && !rms) {
+        check_tensor(*ln_b, op, "ln_b", kCUDA, x.scalar_type(), {K});
+        TORCH_CHECK(reinterpret_cast<uintptr_t>(ln_b->data_ptr()) % 16 == 0, op, ": ln_b must be 16-byte aligned");
+        E.ln_b = ln_b->data_ptr();
+    }
+    check_same_device(op, {x, ln_w});
+    run(op, true, act, rows, entries, x);
+}
+
 // The input activation of product i (kGemvqActNone or kGemvqActRelu2).
 int entry_act(const char* op, at::IntArrayRef acts, size_t i) {
     const int64_t a = acts[i];
@@ -175,6 +202,9 @@ TORCH_LIBRARY_FRAGMENT(rwkv_chat, m) {
     m.def("gemvq_i4_multi_cuda(Tensor[] xs, Tensor[] qweights, Tensor[] qzeros, Tensor[] scales, int[] groups, "
           "int[] acts, Tensor(a!)[] ys) -> ()",
           &rwkv_chat::gemvq_i4_multi_cuda);
+    m.def("gemvq_i4_norm_cuda(Tensor x, Tensor qweight, Tensor qzeros, Tensor scales, int group, Tensor ln_w, "
+          "Tensor? ln_b, float eps, bool rms, Tensor(a!) y) -> ()",
+          &rwkv_chat::gemvq_i4_norm_cuda);
     m.def("gemvq_f8_multi_cuda(Tensor[] xs, Tensor[] w8s, Tensor[] scales, int[] acts, Tensor(a!)[] ys) -> ()",
           &rwkv_chat::gemvq_f8_multi_cuda);
 }

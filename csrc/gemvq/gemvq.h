@@ -19,6 +19,9 @@ constexpr int kGemvqMaxEntries = 4;
 // What a product applies to x before multiplying (GemvqEntry::act; the codes of the fused backend's GEMVs).
 constexpr int kGemvqActNone = 0;
 constexpr int kGemvqActRelu2 = 3;   // relu(x)^2, rounded to the activation dtype (the RWKV channel-mix value)
+// The row's norm, float32 statistics over the whole row, the result rounded to the activation dtype:
+constexpr int kGemvqActLayerNorm = 4;   // (x - mean) / sqrt(var + eps) * ln_w + ln_b (biased var; ln_b may be null)
+constexpr int kGemvqActRmsNorm = 5;     // x / sqrt(mean(x^2) + eps) * ln_w
 
 // One product y = x @ W (raw device pointers of contiguous tensors; x and w 16-byte aligned):
 //   int4, GPTQ v1 zeros (models/formats/i4.py, Int4Weight.output_major): x [rows, K]; w = qweight int32 [Np, K/8]
@@ -37,7 +40,10 @@ struct GemvqEntry {
     const float* fscale;   // fp8
     void* y;
     int K, N, Np, group;   // Np, group: int4
-    int act;               // kGemvqActNone or kGemvqActRelu2
+    int act;               // kGemvqActNone, kGemvqActRelu2, kGemvqActLayerNorm or kGemvqActRmsNorm
+    const void* ln_w;      // the norms: [K] in the activation dtype, 16-byte aligned
+    const void* ln_b;      // LayerNorm: [K] like ln_w, or null (no bias)
+    float eps;             // the norms' epsilon
 };
 
 // 1..kGemvqMaxEntries products of one kind (i4: int4, else fp8), all with `rows` rows (1..kGemvqMaxRows) of

@@ -81,6 +81,9 @@ struct GemvqArgs {
     int K, N, Np, group;
     int group_shift;         // i4: log2(group) when the group is a power of two, else -1
     int act;                 // GemvqAct applied to x as it is staged
+    const void* ln_w;        // the norms' weight and bias (activation dtype; ln_b may be null), epsilon
+    const void* ln_b;
+    float eps;
     int tile, tiles;         // x elements per row staged at a time (a multiple of the chunk), ceil(K / tile)
     int items;               // ceil(N / kOuts)
     int stride;              // warps of this product (kWarps * its blocks): a warp's step from item to item
@@ -198,27 +201,162 @@ __device__ __forceinline__ void half_row_scales(const __half* __restrict__ x, in
     __syncthreads();
 }
 
+__host__ __device__ __forceinline__ bool is_norm(int act) {
+    return act == kGemvqActLayerNorm || act == kGemvqActRmsNorm;
+}
+
+// The norms (kGemvqActLayerNorm / kGemvqActRmsNorm): per row r the mean (0 for RMSNorm) and 1 / sqrt(var + eps)
+// (RMSNorm: 1 / sqrt(mean(x^2) + eps)) in float32 from one pass over the row (sums of x - x[0], shifted against
+// cancellation; a fixed-order reduction: the same bits every run), and for the half2 form scale / unscale as
+// half_row_scales sets them, from a bound of the largest |normed x|: max |x - mean| * rstd * max |ln_w| +
+// max |ln_b| (any power of two keeps the half values exact; the bound only keeps the sums in range). Every thread
+// of the block takes part (barriers).
+template <typename F, int R, int TOP>
+__device__ __forceinline__ void norm_stats(const F* __restrict__ x, const GemvqArgs& a, int rows, bool half_form,
+                                           float* scale, float* unscale, float* nmean, float* nrstd) {
+    constexpr int V = 16 / sizeof(F);
+    __shared__ float red[kWarps][R][4];
+    __shared__ float wred[kWarps][2];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, K = a.K;
+    const bool rms = a.act == kGemvqActRmsNorm;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        if (r < rows) {
+            const float shift = rms ? 0.f : to_f32(x[(long)r * K]);
+            float s1 = 0.f, s2 = 0.f, mx = -INFINITY, mn = INFINITY;
+            const uint4* src = reinterpret_cast<const uint4*>(x + (long)r * K);
+#pragma unroll 1
+            for (int i = threadIdx.x; i < K / V; i += kThreads) {
+                Vec16<F> u;
+                u.q = __ldcg(src + i);
+#pragma unroll
+                for (int e = 0; e < V; ++e) {
+                    const float v = to_f32(u.v[e]), d = v - shift;
+                    s1 += d;
+                    s2 = fmaf(d, d, s2);
+                    mx = fmaxf(mx, v);
+                    mn = fminf(mn, v);
+                }
+            }
+#pragma unroll
+            for (int off = 16; off > 0; off >>= 1) {
+                s1 += __shfl_xor_sync(0xffffffffu, s1, off);
+                s2 += __shfl_xor_sync(0xffffffffu, s2, off);
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+                mn = fminf(mn, __shfl_xor_sync(0xffffffffu, mn, off));
+            }
+            if (lane == 0) {
+                red[warp][r][0] = s1;
+                red[warp][r][1] = s2;
+                red[warp][r][2] = mx;
+                red[warp][r][3] = mn;
+            }
+        }
+    }
+    float wm = 0.f, bm = 0.f;
+    const F* lw = static_cast<const F*>(a.ln_w);
+    const F* lb = rms ? nullptr : static_cast<const F*>(a.ln_b);
+#pragma unroll 1
+    for (int i = threadIdx.x; i < K / V; i += kThreads) {
+        Vec16<F> u;
+        u.q = __ldg(reinterpret_cast<const uint4*>(lw) + i);
+#pragma unroll
+        for (int e = 0; e < V; ++e) wm = fmaxf(wm, fabsf(to_f32(u.v[e])));
+        if (lb) {
+            u.q = __ldg(reinterpret_cast<const uint4*>(lb) + i);
+#pragma unroll
+            for (int e = 0; e < V; ++e) bm = fmaxf(bm, fabsf(to_f32(u.v[e])));
+        }
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+        wm = fmaxf(wm, __shfl_xor_sync(0xffffffffu, wm, off));
+        bm = fmaxf(bm, __shfl_xor_sync(0xffffffffu, bm, off));
+    }
+    if (lane == 0) {
+        wred[warp][0] = wm;
+        wred[warp][1] = bm;
+    }
+    __syncthreads();
+    const int r = threadIdx.x;
+    if (r < R && r < rows) {
+        float s1 = 0.f, s2 = 0.f, mx = -INFINITY, mn = INFINITY, w = 0.f, b = 0.f;
+        for (int k = 0; k < kWarps; ++k) {
+            s1 += red[k][r][0];
+            s2 += red[k][r][1];
+            mx = fmaxf(mx, red[k][r][2]);
+            mn = fminf(mn, red[k][r][3]);
+            w = fmaxf(w, wred[k][0]);
+            b = fmaxf(b, wred[k][1]);
+        }
+        float mean, rstd, dev;
+        if (rms) {
+            mean = 0.f;
+            rstd = rsqrtf(s2 / K + a.eps);
+            dev = fmaxf(fabsf(mx), fabsf(mn));
+        } else {
+            const float m1 = s1 / K;
+            mean = to_f32(x[(long)r * K]) + m1;
+            rstd = rsqrtf(fmaxf(s2 / K - m1 * m1, 0.f) + a.eps);
+            dev = fmaxf(mx - mean, mean - mn);
+        }
+        nmean[r] = mean;
+        nrstd[r] = rstd;
+        if (half_form) {
+            const float bound = dev * rstd * w + b;
+            const int E = (int)((__float_as_uint(bound) >> 23) & 255u);
+            const int e = max(-30, min(30, 126 + TOP - E));
+            scale[r] = __uint_as_float((uint32_t)(127 + e) << 23);
+            unscale[r] = __uint_as_float((uint32_t)(127 - e) << 23);
+        }
+    }
+    __syncthreads();
+}
+
 // Stage act(x) rows [rows, K] of the tile [t0, t0 + len) in shared memory. fp32 form: chunk L of row r, quad d
 // at float4 xs4[(r * kQuads + d) * cap + L] (cap: chunks of a full tile), i4 values pre-multiplied by
 // nibble_prescale. Half2 form, all values times scale[r]: int4, word j of chunk L at uint4 [(r * 4 + j) * cap + L]
 // holding the half2 pairs (x0, x4), (x1, x5) / 16, (x2, x6), (x3, x7) / 16 of its 8 values; fp8, the chunk's 16
 // values in order at uint4 [(r * 2 + h) * cap + L], h = 0, 1. One thread per chunk and row (16-byte loads of x).
-template <typename F, bool I4>
+template <typename F, bool I4, bool NORM>
 __device__ __forceinline__ void stage_tile(const F* __restrict__ x, int K, int rows, int act, int t0, int len,
-                                           int cap, uint4* xs, const float* scale) {
+                                           int cap, uint4* xs, const float* scale, const GemvqArgs& a,
+                                           const float* nmean, const float* nrstd) {
     constexpr int CE = Chunk<I4>::kElems, QD = Chunk<I4>::kQuads, V = 16 / sizeof(F);
     const int nch = len / CE;
+    const bool norm = NORM && is_norm(act);
+    const F* lb = act == kGemvqActLayerNorm ? static_cast<const F*>(a.ln_b) : nullptr;
 #pragma unroll 1
     for (int i = threadIdx.x; i < rows * nch; i += kThreads) {
         const int r = i / nch, L = i - r * nch;
         const uint4* src = reinterpret_cast<const uint4*>(x + (long)r * K + t0 + (long)L * CE);
         float v[CE];
+        if constexpr (NORM) {
+          if (norm) {                          // (x - mean) * rstd * w + b, rounded to F as the reference rounds it
+            const float mean = nmean[r], rstd = nrstd[r];
+            const uint4* wsrc = reinterpret_cast<const uint4*>(static_cast<const F*>(a.ln_w) + t0 + (long)L * CE);
+            const uint4* bsrc = lb ? reinterpret_cast<const uint4*>(lb + t0 + (long)L * CE) : nullptr;
 #pragma unroll
-        for (int c = 0; c < CE / V; ++c) {
-            Vec16<F> u;
-            u.q = __ldcg(src + c);
+            for (int c = 0; c < CE / V; ++c) {
+                Vec16<F> u, w, b;
+                u.q = __ldcg(src + c);
+                w.q = __ldg(wsrc + c);
+                b.q = bsrc ? __ldg(bsrc + c) : make_uint4(0u, 0u, 0u, 0u);
 #pragma unroll
-            for (int e = 0; e < V; ++e) v[c * V + e] = apply_act<F>(to_f32(u.v[e]), act);
+                for (int e = 0; e < V; ++e)
+                    v[c * V + e] = to_f32(from_f32<F>(fmaf((to_f32(u.v[e]) - mean) * rstd, to_f32(w.v[e]),
+                                                           to_f32(b.v[e]))));
+            }
+          }
+        }
+        if (!norm) {
+#pragma unroll
+            for (int c = 0; c < CE / V; ++c) {
+                Vec16<F> u;
+                u.q = __ldcg(src + c);
+#pragma unroll
+                for (int e = 0; e < V; ++e) v[c * V + e] = apply_act<F>(to_f32(u.v[e]), act);
+            }
         }
         if constexpr (kHalf2<F> && !I4) {
             const float s = scale[r];
@@ -567,8 +705,9 @@ __device__ __forceinline__ void stream_step(Step<I4>& st, Loader<I4>& ld, const 
     }
 }
 
-// R: rows the registers are laid out for (1, or kGemvqMaxRows serving 2..4 rows).
-template <typename F, int R, bool I4>
+// R: rows the registers are laid out for (1, or kGemvqMaxRows serving 2..4 rows). NORM: a kernel that also serves
+// the norms (int4 only; its staging needs registers the others keep for weights in flight).
+template <typename F, int R, bool I4, bool NORM>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) gemvq_kernel(GemvqBatch batch) {
     pdl_trigger();
     constexpr int CE = Chunk<I4>::kElems;
@@ -592,11 +731,17 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) gemvq_kernel(GemvqBatc
     pdl_wait();
 
     extern __shared__ uint4 xs[];
-    __shared__ float scale[R], unscale[R];
+    __shared__ float scale[R], unscale[R], nmean[R], nrstd[R];
     __shared__ unsigned amax[R];
     const F* __restrict__ x = static_cast<const F*>(a.x);
     const int rows = R == 1 ? 1 : batch.rows;
-    if constexpr (kHalf2<F>) half_row_scales<R, kTop<I4>>(x, a.K, rows, a.act, scale, unscale, amax);
+    bool normed = false;
+    if constexpr (NORM) {
+        normed = is_norm(a.act);                           // uniform in the block (one product per block)
+        if (normed) norm_stats<F, R, kTop<I4>>(x, a, rows, kHalf2<F>, scale, unscale, nmean, nrstd);
+    }
+    if constexpr (kHalf2<F>)
+        if (!normed) half_row_scales<R, kTop<I4>>(x, a.K, rows, a.act, scale, unscale, amax);
     float acc[kOuts][R];
 #pragma unroll
     for (int o = 0; o < kOuts; ++o)
@@ -604,7 +749,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) gemvq_kernel(GemvqBatc
         for (int r = 0; r < R; ++r) acc[o][r] = 0.f;
 
     if (a.tiles == 1) {
-        stage_tile<F, I4>(x, a.K, rows, a.act, 0, a.K, cap, xs, scale);
+        stage_tile<F, I4, NORM>(x, a.K, rows, a.act, 0, a.K, cap, xs, scale, a, nmean, nrstd);
         __syncthreads();
         const int total = count * spi;
         int m = 0, c = 0;
@@ -622,7 +767,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) gemvq_kernel(GemvqBatc
     for (int t = 0; t < a.tiles; ++t) {
         const int t0 = t * a.tile, len = min(a.tile, a.K - t0), tch = len / CE;
         if (t > 0) __syncthreads();                        // everyone is done with tile t-1
-        stage_tile<F, I4>(x, a.K, rows, a.act, t0, len, cap, xs, scale);
+        stage_tile<F, I4, NORM>(x, a.K, rows, a.act, t0, len, cap, xs, scale, a, nmean, nrstd);
         __syncthreads();
         const int steps = (tch + kStepChunks - 1) / kStepChunks;
 #pragma unroll 1
@@ -649,12 +794,15 @@ int launch(int act, GemvqBatch b, cudaStream_t stream) {
     const int max_tile = (kSmemMax / bytes / b.rows) / CE * CE;
     double work = 0;
     int smem = 0;
+    bool norm = false;
     for (int i = 0; i < b.n; ++i) {
         GemvqArgs& a = b.e[i];
         if (a.K < CE || a.K % CE != 0 || a.N < 0) return kUnsupported;
-        if (a.act != kGemvqActNone && a.act != kGemvqActRelu2) return kUnsupported;
-        for (const void* p : {a.x, static_cast<const void*>(a.w)})
-            if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return kUnsupported;   // 16-byte loads
+        if (a.act != kGemvqActNone && a.act != kGemvqActRelu2 && !is_norm(a.act)) return kUnsupported;
+        if (is_norm(a.act) && (!I4 || a.ln_w == nullptr || !(a.eps > 0.f))) return kUnsupported;
+        norm = norm || is_norm(a.act);
+        for (const void* p : {a.x, static_cast<const void*>(a.w), a.ln_w, a.ln_b})
+            if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return kUnsupported;   // 16-byte loads (null passes)
         if ((long)a.Np * (a.K / CE) > INT32_MAX || (I4 && (long)a.Np * (a.K / a.group) > INT32_MAX))
             return kUnsupported;                                 // 32-bit offsets in the kernel
         if (I4 && reinterpret_cast<uintptr_t>(a.scales) % 4 != 0) return kUnsupported;   // half2 loads
@@ -681,7 +829,9 @@ int launch(int act, GemvqBatch b, cudaStream_t stream) {
     if (blocks == 0) return 0;
     cudaError_t err = cudaSuccess;
     RWKV_CHAT_DISPATCH_ACT(static_cast<ActType>(act), F, {
-        void (*kernel)(GemvqBatch) = b.rows == 1 ? gemvq_kernel<F, 1, I4> : gemvq_kernel<F, kGemvqMaxRows, I4>;
+        void (*kernel)(GemvqBatch) =
+            norm ? (b.rows == 1 ? gemvq_kernel<F, 1, I4, I4> : gemvq_kernel<F, kGemvqMaxRows, I4, I4>)
+                 : (b.rows == 1 ? gemvq_kernel<F, 1, I4, false> : gemvq_kernel<F, kGemvqMaxRows, I4, false>);
         if (smem > kSmemDefault)
             err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemMax);
         if (err == cudaSuccess) err = launch_pdl(kernel, (unsigned)blocks, kThreads, (size_t)smem, stream, b);
@@ -704,6 +854,9 @@ int gemvq_launch(bool i4, int act, int rows, int n, const GemvqEntry* entries, c
         a.y = E.y;
         a.K = E.K; a.N = E.N;
         a.act = E.act;
+        a.ln_w = E.ln_w;
+        a.ln_b = E.ln_b;
+        a.eps = E.eps;
         if (i4) {
             if (E.group < 32 || E.group % 32 != 0 || E.K % E.group != 0 || E.Np < E.N || E.Np % 8 != 0)
                 return kUnsupported;

@@ -175,6 +175,8 @@ def _gemvq_serves(x: torch.Tensor) -> bool:
 
 #: device -> None (the compiled GEMVs agree with the torch products there) or why they do not serve it
 GEMVQ_PROBES: dict[torch.device, str | None] = {}
+#: the same for the int4 GEMV with the norm on load (``norm_gemv_i4``)
+GEMVQ_NORM_PROBES: dict[torch.device, str | None] = {}
 
 
 def _probe_key(device) -> torch.device:
@@ -186,23 +188,34 @@ def _probe_key(device) -> torch.device:
 
 def gemvq_sound(device: torch.device) -> bool:
     """Whether the compiled int4 / fp8 GEMVs serve ``device``: on first use there, each (one and three rows,
-    fp16 and bf16, single and grouped, x as is and relu(x)², x staged whole and in tiles) is run on small random weights and compared with the torch products
-    (``i4.mm4_torch``, ``f8.mmf8_torch``) to half-precision rounding; a mismatch or an error keeps the other
-    paths for the process (``GEMVQ_PROBES`` says why). During CUDA graph capture an unprobed device is not
-    served (no probe runs inside a capture)."""
-    known = GEMVQ_PROBES.get(device, False)         # a tensor's device: one lookup per product once probed
+    fp16 and bf16, single and grouped, x as is and relu(x)², x staged whole and in tiles) is run on small random
+    weights and compared with the torch products (``i4.mm4_torch``, ``f8.mmf8_torch``) to half-precision rounding;
+    a mismatch or an error keeps the other paths for the process (``GEMVQ_PROBES`` says why). During CUDA graph
+    capture an unprobed device is not served (no probe runs inside a capture)."""
+    return _sound(GEMVQ_PROBES, _probe_gemvq, device)
+
+
+def gemvq_norm_sound(device: torch.device) -> bool:
+    """Whether ``norm_gemv_i4`` serves ``device``: ``gemvq_sound``, then its own probe the same way (LayerNorm and
+    RMSNorm, one and three rows, fp16 and bf16, against the norm in float32 then ``i4.mm4_torch``;
+    ``GEMVQ_NORM_PROBES`` says why not). A mismatch there leaves the other compiled GEMVs serving."""
+    return gemvq_sound(device) and _sound(GEMVQ_NORM_PROBES, _probe_gemvq_norm, device)
+
+
+def _sound(table: dict, probe, device) -> bool:
+    known = table.get(device, False)                # a tensor's device: one lookup per product once probed
     if known is not False:
         return known is None
     device = _probe_key(device)
-    if device in GEMVQ_PROBES:
-        return GEMVQ_PROBES[device] is None
+    if device in table:
+        return table[device] is None
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return False
     try:
-        GEMVQ_PROBES[device] = _probe_gemvq(device)
+        table[device] = probe(device)
     except Exception as e:  # noqa: BLE001 — the Triton / torch products serve; the probe records why
-        GEMVQ_PROBES[device] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    return GEMVQ_PROBES[device] is None
+        table[device] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return table[device] is None
 
 
 def probe_gemvq(model) -> None:
@@ -259,6 +272,71 @@ def _probe_gemvq(device: torch.device) -> str | None:
                     if not err < 2e-2:
                         return f"{name} differs from the torch product ({dtype}, {rows} rows: relative error {err:.3g})"
     return None
+
+
+def _probe_gemvq_norm(device: torch.device) -> str | None:
+    g = torch.Generator().manual_seed(1)
+    q4 = _i4.quantize_i4(torch.randn(256, 72, generator=g) * 0.05, 128).to(device)
+    if not gemvq_i4_ok(q4):
+        return "the int4 weight is not held output-major on this device"
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        for dtype in (torch.float16, torch.bfloat16):
+            for rows in (1, 3):
+                x = (torch.randn(rows, 256, generator=g) * 3 + 1).to(device, dtype)
+                lw = torch.rand(256, generator=g).to(device, dtype) + 0.5
+                lb = (torch.randn(256, generator=g) * 0.1).to(device, dtype)
+                for rms in (False, True):
+                    b = None if rms else lb
+                    y = torch.empty(rows, 72, dtype=dtype, device=device)
+                    _op("cuda", "gemvq_i4_norm")(x, q4.storage, q4.qzeros, q4.scales, q4.group_size, lw, b, 1e-5,
+                                                 rms, y)
+                    want = _i4.mm4_torch(_norm_torch(x, lw, b, 1e-5, rms), q4).float()
+                    err = float((y.float() - want).abs().max() / want.abs().max().clamp_min(1e-6))
+                    if not err < 2e-2:
+                        return (f"gemvq_i4_norm ({'RMS' if rms else 'Layer'}Norm) differs from the torch product "
+                                f"({dtype}, {rows} rows: relative error {err:.3g})")
+    return None
+
+
+def _norm_torch(x, w, b, eps: float, rms: bool) -> torch.Tensor:
+    """LayerNorm (b may be None) or RMSNorm of x's rows in float32, rounded to x's dtype (``gemvq_i4_norm``'s
+    reference; the form of ``ops.gptq.fused_ln_qkv_gptq_reference``)."""
+    xf = x.float()
+    if rms:
+        return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps) * w.float()).to(x.dtype)
+    return torch.nn.functional.layer_norm(xf, (x.shape[-1],), w.float(), None if b is None else b.float(),
+                                          eps).to(x.dtype)
+
+
+def norm_gemv_i4(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group: int,
+                 ln_weight: torch.Tensor, ln_bias: torch.Tensor | None, eps: float, rms: bool) -> torch.Tensor | None:
+    """``norm(x) @ W`` for 1..``GEMVQ_ROWS`` rows in one launch of the compiled int4 GEMV (``csrc/gemvq``: the
+    row's LayerNorm, or RMSNorm with ``rms``, computed by every block as it stages x, float32 statistics, the
+    normed x rounded to x's dtype), or None where it does not serve (the caller takes another path).
+
+    Served: x fp16/bf16 [rows, K] on a CUDA device where the family is built and probed sound; W in the GPTQ
+    layout held output-major (``qweight`` int32 [K/8, N] the transposed view of a contiguous [N, K/8], as
+    ``Int4Weight.qweight`` of a weight on CUDA), ``qzeros`` int32 [K/group, N/8] (v1 zeros) and ``scales`` float16
+    [K/group, N] contiguous, group % 32 == 0, N % 8 == 0; ln_weight (and ln_bias, or None) [K] in x's dtype.
+    Returns: [rows, N] in x's dtype. Inputs are not checked beyond what decides serving (the caller's op checks
+    them and raises its typed errors).
+    """
+    rows, K = x.shape if x.dim() == 2 else (0, 0)
+    N = qweight.shape[1] if qweight.dim() == 2 else 0
+    if not (x.dim() == 2 and x.dtype in (torch.float16, torch.bfloat16) and _gemvq_serves(x)
+            and gemvq_norm_sound(x.device) and K % 32 == 0
+            and group % 32 == 0 and K % group == 0 and N % 8 == 0 and qweight.dtype == torch.int32
+            and qweight.t().is_contiguous() and qweight.shape[0] * 8 == K
+            and qweight.data_ptr() % 16 == 0 and qzeros.is_contiguous() and scales.is_contiguous()
+            and scales.dtype == torch.float16 and scales.data_ptr() % 4 == 0 and ln_weight.dtype == x.dtype
+            and ln_weight.is_contiguous() and ln_weight.data_ptr() % 16 == 0
+            and (rms or ln_bias is None or (ln_bias.dtype == x.dtype and ln_bias.is_contiguous()
+                                            and ln_bias.data_ptr() % 16 == 0))):
+        return None
+    y = torch.empty(rows, N, dtype=x.dtype, device=x.device)
+    _op("cuda", "gemvq_i4_norm")(x.contiguous(), qweight.t(), qzeros, scales, group, ln_weight,
+                                 None if rms else ln_bias, float(eps), bool(rms), y)
+    return y
 
 
 def mm4(x: torch.Tensor, q: Int4Weight) -> torch.Tensor:

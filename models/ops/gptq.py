@@ -90,7 +90,10 @@ def fused_ln_qkv_gptq(input: torch.Tensor, qweight: torch.Tensor, qzeros: torch.
                       ln_weight: torch.Tensor, ln_bias: torch.Tensor | None, groupsize: int, eps: float = 1e-5, *,
                       widths: tuple[int, int, int] | None = None, g_idx: torch.Tensor | None = None,
                       rms: bool = False, blocks: tuple[int, ...] | None = None):
-    """LayerNorm/RMSNorm + q/k/v int4 projections in one Triton launch (module docstring).
+    """LayerNorm/RMSNorm + q/k/v int4 projections in one launch (module docstring): for 1..4 rows with W held
+    output-major (``Int4Weight.qweight`` of a weight on CUDA), no g_idx and the norm's parameters in input's dtype,
+    the compiled int4 GEMV of ``csrc/gemvq`` (``kernels.dispatch.norm_gemv_i4``: every block computes the row's
+    norm as it stages x; a copy regroups q/k/v for 2..4 rows) where it is built; else Triton.
 
     Args:
         input: [B, S, H] float16/bfloat16 on CUDA.
@@ -123,6 +126,16 @@ def fused_ln_qkv_gptq(input: torch.Tensor, qweight: torch.Tensor, qzeros: torch.
     out = torch.empty(M * N, dtype=input.dtype, device=input.device)
     bias = ln_bias if ln_bias is not None and not rms else ln_weight
     gi = g_idx if g_idx is not None else qweight
+    if M <= GEMV_ROWS and blocks is None and g_idx is None:
+        from rwkv_chat.models.kernels import dispatch      # the compiled form (csrc/gemvq), where it serves
+
+        y = dispatch.norm_gemv_i4(x, qweight, qzeros, scales, groupsize, ln_weight, ln_bias, eps, rms)
+        if y is not None:
+            if M == 1:
+                return _shape_out(y.view(-1), B, S, widths)
+            nq, nk, _ = widths
+            return _shape_out(torch.cat([y[:, :nq].reshape(-1), y[:, nq:nq + nk].reshape(-1),
+                                         y[:, nq + nk:].reshape(-1)]), B, S, widths)
     if M <= GEMV_ROWS:
         r_pad = next_pow2(M)
         if blocks is None:

@@ -235,6 +235,25 @@ def case_gemvq_group(rows, shapes, fmt, dtype, device, seed, acts=None, x_scale=
     return max(rel_err(y, x.double() @ q.dequantize(torch.float64)) for y, x, q in zip(ys, ins, qs))
 
 
+def case_gemvq_norm(rows, K, N, dtype, device, seed, rms=False, bias=True, shift=0.0):
+    """``dispatch.norm_gemv_i4`` (LayerNorm or RMSNorm of x staged by every block, then the int4 GEMV) against the
+    norm in float32 rounded to x's dtype (``ops.gptq.fused_ln_qkv_gptq_reference``'s form) @ the dequantized weight
+    in float64; shift: a common offset of x (the LayerNorm's mean)."""
+    from rwkv_chat.models.formats import i4
+    from rwkv_chat.models.kernels import dispatch
+
+    _gemvq_built(device)
+    g = _gen(seed, device)
+    q = i4.quantize_i4(_randn(g, K, N, scale=K ** -0.5)).to(device)
+    x = (_randn(g, rows, K, scale=3.0) + shift).to(dtype).to(device)
+    w = (_randn(g, K, scale=0.2) + 1).to(dtype).to(device)
+    b = None if rms or not bias else _randn(g, K, scale=0.5).to(dtype).to(device)
+    y = dispatch.norm_gemv_i4(x, q.qweight, q.qzeros, q.scales, q.group_size, w, b, 1e-5, rms)
+    if y is None:
+        raise AssertionError("norm_gemv_i4 did not serve the product")
+    return rel_err(y, dispatch._norm_torch(x, w, b, 1e-5, rms).double() @ q.dequantize(torch.float64))
+
+
 def case_gemm(rows, K, M, dtype, device, seed):
     g = _gen(seed, device)
     x, w = _randn(g, rows, K).to(dtype), _randn(g, K, M, scale=K ** -0.5).to(dtype)
@@ -332,6 +351,14 @@ def all_cases(device: str, quick: bool = False):
                                            f"acts={acts} |x|~{xsc:g}", dt,
                                   lambda r=rows, shp=shp, f=fmt, a=acts, xs_=xsc, dt=dt, s=len(cases):
                                   case_gemvq_group(r, shp, f, dt, device, s, a, xs_)))
+            # LayerNorm / RMSNorm on load (fused_ln_qkv_gptq's compiled form; fp16/bf16); K = 20480: x in tiles
+            for rows, K, N, rms, bias, shift in () if dt == torch.float32 else ((1, 4096, 12288, False, True, 0.0), (3, 2048, 1000, False, False, 5.0),
+                                                 (1, 1536, 2048, True, False, 0.0), (4, 4096, 520, True, False, 2.0),
+                                                 (2, 20480, 256, False, True, 1.0)):
+                cases.append(("gemvq", f"i4 {'RMSNorm' if rms else 'LayerNorm'}{'' if bias or rms else ' no bias'} "
+                                       f"rows={rows} {K}x{N} x+{shift:g}", dt,
+                              lambda r=rows, K=K, N=N, rms=rms, b=bias, sh=shift, dt=dt, s=len(cases):
+                              case_gemvq_norm(r, K, N, dt, device, s, rms, b, sh)))
         if device == "cuda" and dt != torch.float32:
             for rows, K, M in ((1, 768, 768), (64, 1024, 4096)):
                 cases.append(("gemm", f"rows={rows} K={K} M={M}", dt, lambda r=rows, K=K, M=M, dt=dt, s=len(cases):

@@ -1,6 +1,7 @@
 """The compiled int4 / fp8 GEMVs serve a device only after agreeing with the torch products there
 (``dispatch.gemvq_sound``): the probe's logic on the CPU with the compiled ops replaced by stand-ins — a correct
-one (the torch products written into the output), a wrong one, one that raises, one that ignores relu²."""
+one (the torch products written into the output), a wrong one, one that raises, one that ignores relu², one
+that skips the norm."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from rwkv_chat.models.formats import f8, i4
 from rwkv_chat.models.kernels import dispatch
 
 
-def _ops(wrong: bool = False, broken: bool = False, no_act: bool = False):
+def _ops(wrong: bool = False, broken: bool = False, no_act: bool = False, no_norm: bool = False):
     def i4_op(x, storage, qzeros, scales, group, y):
         if broken:
             raise RuntimeError("no kernel image is available for execution on the device")
@@ -22,6 +23,9 @@ def _ops(wrong: bool = False, broken: bool = False, no_act: bool = False):
         for x, st, z, sc, g, a, y in zip(xs, storages, qzeros, scales, groups, acts, ys):
             i4_op(torch.relu(x).square() if a == 3 and not no_act else x, st, z, sc, g, y)
 
+    def i4_norm(x, storage, qzeros, scales, group, w, b, eps, rms, y):
+        i4_op(x if no_norm else dispatch._norm_torch(x, w, b, eps, rms), storage, qzeros, scales, group, y)
+
     def f8_op(x, w8, scale, y):
         y.copy_(f8.mmf8_torch(x, f8.Float8Weight(w8.view(torch.float8_e4m3fn), scale)))
 
@@ -29,7 +33,8 @@ def _ops(wrong: bool = False, broken: bool = False, no_act: bool = False):
         for x, w8, sc, a, y in zip(xs, w8s, scales, acts, ys):
             f8_op(torch.relu(x).square() if a == 3 else x, w8, sc, y)
 
-    table = {"gemvq_i4": i4_op, "gemvq_i4_multi": i4_multi, "gemvq_f8": f8_op, "gemvq_f8_multi": f8_multi}
+    table = {"gemvq_i4": i4_op, "gemvq_i4_multi": i4_multi, "gemvq_i4_norm": i4_norm, "gemvq_f8": f8_op,
+             "gemvq_f8_multi": f8_multi}
     return lambda dev, family: table[family]
 
 
@@ -40,6 +45,7 @@ def cpu_held_output_major(monkeypatch):
     monkeypatch.setattr(i4.Int4Weight, "to", lambda self, device=None, **kw: real_to(self, device, output_major=True))
     yield
     dispatch.GEMVQ_PROBES.clear()
+    dispatch.GEMVQ_NORM_PROBES.clear()
 
 
 @pytest.mark.parametrize("case, sound", [({}, True), ({"wrong": True}, False), ({"broken": True}, False),
@@ -58,3 +64,16 @@ def test_the_probe_admits_only_kernels_that_agree_with_torch(monkeypatch, cpu_he
         assert why.startswith("RuntimeError: no kernel image")
     monkeypatch.setattr(dispatch, "_op", None)          # decided once per device: no second probe
     assert dispatch.gemvq_sound(dev) is sound
+
+
+@pytest.mark.parametrize("no_norm", [False, True])
+def test_the_norm_probe_is_its_own(monkeypatch, cpu_held_output_major, no_norm):
+    """A GEMV that skips the norm keeps norm_gemv_i4 off, and only it: the other compiled GEMVs still serve."""
+    monkeypatch.setattr(dispatch, "_op", _ops(no_norm=no_norm))
+    dev = torch.device("cpu")
+    assert dispatch.gemvq_norm_sound(dev) is not no_norm
+    assert dispatch.gemvq_sound(dev)
+    why = dispatch.GEMVQ_NORM_PROBES[dev]
+    assert (why is None) is not no_norm
+    if no_norm:
+        assert "gemvq_i4_norm (LayerNorm) differs from the torch product" in why
