@@ -180,6 +180,37 @@ def _tmix_split(ops, r, k, v, wl, al, g, vl, v_first, p, s, y, H, N):
     ops.v7_post_cuda(yw, r, k_, v_, g, p["att.r_k"], p["att.ln_x.weight"], p["att.ln_x.bias"], y, H)
 
 
+#: the six lerps of ``mix6_many`` (decode steps of more than GEMV_ROWS rows): r, k, v then v, w, a contiguous
+MANY_ORDER = "rkvwag"
+
+
+def _stack_many(p: dict, f: dict) -> None:
+    """The tensors of decode steps of more than ``GEMV_ROWS`` rows, for one CUDA layer: ``mix6_many`` (the lerps in
+    ``MANY_ORDER``, so that r|k|v and v|w|a are each one [3, b, C] slice of the mix output), ``low1`` [3, C, D] and
+    ``low2`` [3, D, C] (v1|w1|a1 and v2|w2|a2 zero-padded to the largest D; zeros for v in the first layer: one
+    batched GEMM for each stage) and, where r, k, v are plain matrices of one shape and dtype, ``rkv`` [3, C, C]
+    (output-major, the model's three matrices becoming views of it: same values, no second copy)."""
+    f["mix6_many"] = torch.stack([p[f"att.x_{m}"] for m in MANY_ORDER]).contiguous()
+    w1 = [p.get("att.v1"), p["att.w1"], p["att.a1"]]
+    w2 = [p.get("att.v2"), p["att.w2"], p["att.a2"]]
+    C, D = p["att.w1"].shape[0], max(w.shape[1] for w in w1 if w is not None)
+    ref = p["att.w1"]
+    f["low1"] = torch.zeros(3, C, D, dtype=ref.dtype, device=ref.device)
+    f["low2"] = torch.zeros(3, D, C, dtype=ref.dtype, device=ref.device)
+    for i, (a, b) in enumerate(zip(w1, w2)):
+        if a is not None:
+            f["low1"][i, :, :a.shape[1]] = a
+            f["low2"][i, :b.shape[0]] = b
+    big = [p[n] for n in _BIG[:3]]
+    if all(isinstance(w, torch.Tensor) and w.is_cuda and w.dim() == 2 and w.shape == big[0].shape
+           and w.dtype == big[0].dtype and w.dtype in (torch.float16, torch.bfloat16, torch.float32) for w in big):
+        rkv = torch.empty(3, big[0].shape[1], big[0].shape[0], dtype=big[0].dtype, device=big[0].device)
+        for i, n in enumerate(_BIG[:3]):
+            rkv[i] = p[n].t()
+            p[n] = rkv[i].t()
+        f["rkv"] = rkv
+
+
 def decode_ready(model) -> bool:
     """Whether the fused decode step can serve this model: RWKV-7 without DeepEmbed, every layer and the head
     on one CUDA device (none streamed), a supported head size, and the fused kernels built."""
@@ -246,6 +277,7 @@ class FusedCuda(Backend):
                 for name in _LOW:
                     if name in p:
                         f[name] = p[name].t().contiguous()
+                _stack_many(p, f)
             self.layers.append(f)
         model.head = _output_major(model.head)
         if rows:
@@ -383,9 +415,13 @@ class FusedCuda(Backend):
             else:
                 mix = torch.empty(6, b, C, dtype=x.dtype, device=x.device)
                 xn = torch.empty_like(x) if dx is not None else None
-                ops.v7_mix_cuda(x, dx, xn, p["ln1.weight"], p["ln1.bias"], att_x, att_x, f["mix6"], mix, 1)
+                ops.v7_mix_cuda(x, dx, xn, p["ln1.weight"], p["ln1.bias"], att_x, att_x,
+                                f["mix6"] if small else f["mix6_many"], mix, 1)
                 x = xn if xn is not None else x
-            xr, xw, xk, xv, xa, xg = mix
+            if small:
+                xr, xw, xk, xv, xa, xg = mix
+            else:
+                xr, xk, xv, xw, xa, xg = mix
             first = i == 0
             if small:
                 xs, ws = [xw, xa, xg], [f["att.w1"], f["att.a1"], f["att.g1"]]
@@ -414,13 +450,17 @@ class FusedCuda(Backend):
                 stage2 = _gemv(low, ws2, [0] * len(ws2))
                 wl, al, g = stage2[:3]
                 vl = None if first else stage2[3]
-            else:
-                r, k, v = (mm(xx, p[n]) for xx, n in ((xr, "att.receptance.weight"), (xk, "att.key.weight"),
-                                                      (xv, "att.value.weight")))
-                wl = torch.tanh(xw @ p["att.w1"]) @ p["att.w2"]
-                al = (xa @ p["att.a1"]) @ p["att.a2"]
+            else:       # batched GEMMs: r|k|v (plain matrices), v|w|a's two low-rank stages
+                if "rkv" in f:
+                    r, k, v = torch.bmm(mix[0:3], f["rkv"].transpose(1, 2))
+                else:
+                    r, k, v = (mm(xx, p[n]) for xx, n in ((xr, "att.receptance.weight"), (xk, "att.key.weight"),
+                                                          (xv, "att.value.weight")))
+                low = torch.bmm(mix[2:5], f["low1"])
+                low[1].tanh_()
+                vl, wl, al = torch.bmm(low, f["low2"])
+                vl = None if first else vl
                 g = torch.sigmoid(xg @ p["att.g1"]) @ p["att.g2"]
-                vl = None if first else (xv @ p["att.v1"]) @ p["att.v2"]
             y = torch.empty_like(x)
             if small or large_wkv == "one":   # one block per (row, head): pre + state step + post
                 ops.v7_tmix_one_cuda(r, k, v, wl, al, g, vl, v_first, p["att.w0"], p["att.a0"], p["att.k_k"],
