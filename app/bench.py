@@ -58,7 +58,7 @@ def step_bytes(model, batch: int) -> int:
     return w + 2 * st * batch
 
 
-def bench_decode(model, batch: int, tokens: int, graphs, compile, gemv: str, large: str = "compiled",
+def bench_decode(model, batch: int, tokens: int, graphs, compile, gemv: str, large: str = "fused",
                  ffn: str | None = None) -> dict:
     from rwkv_chat.models.rwkv.decode import BatchDecoder
 
@@ -338,9 +338,9 @@ def rwkv_main(argv: list[str]) -> int:
     ap.add_argument("--gemv", choices=["auto", "ours", "cublas", "fused"], default="auto",
                     help="GPU only: large-matrix GEMV: ours (grouped kernel, fused RWKV-7 path), cublas, fused "
                          "(compiled path)")
-    ap.add_argument("--large", choices=["fused", "fused-split", "compiled"], default="compiled",
-                    help="GPU only: fused RWKV-7 decode above 4 rows: fused kernels + cuBLAS, the same with the "
-                         "row-split WKV, or the torch.compile'd step")
+    ap.add_argument("--large", choices=["fused", "fused-split", "compiled"], default="fused",
+                    help="GPU only: fused RWKV-7 decode above 4 rows: fused kernels + batched cuBLAS GEMMs "
+                         "(default), the same with the row-split WKV, or the torch.compile'd step")
     ap.add_argument("--kernels", action="store_true",
                     help="build the compiled kernels (models.kernels) before loading and report their status "
                          "(the model uses them either way where they build)")

@@ -4,8 +4,8 @@
                                     [--out formats_profile.md]
 
 Random weights of an official RWKV-7 shape, ``cuda fp16`` + format. For each format: a ``BatchDecoder`` of
-``--batch`` rows on the fused path without graphs (above 4 rows ``--large`` picks the step: the torch.compile'd
-one, or the fused kernels with cuBLAS products), three warm-up steps, then ``torch.profiler`` over one step: per
+``--batch`` rows on the fused path without graphs (above 4 rows ``--large`` picks the step: the fused kernels with
+batched cuBLAS products, or the torch.compile'd one), three warm-up steps, then ``torch.profiler`` over one step: per
 kernel name the launches and the summed device time, largest first, the sum of all kernels and the wall time of the
 step (eager). ``--out`` gains one section per run (appended: runs of several batch sizes share a file).
 """
@@ -29,8 +29,8 @@ def main() -> int:
     ap.add_argument("--shape", default="7.2B")
     ap.add_argument("--formats", nargs="+", default=["", "i8", "i4", "f8"])
     ap.add_argument("--batch", type=int, default=1, help="rows per decode step (default 1)")
-    ap.add_argument("--large", choices=["fused", "fused-split", "compiled"], default="compiled",
-                    help="above 4 rows: the step's path (BatchDecoder's large; default compiled)")
+    ap.add_argument("--large", choices=["fused", "fused-split", "compiled"], default="fused",
+                    help="above 4 rows: the step's path (BatchDecoder's large; default fused)")
     ap.add_argument("--out")
     args = ap.parse_args()
     if args.batch < 1:

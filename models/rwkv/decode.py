@@ -61,10 +61,11 @@ class BatchDecoder(Slots):
         fused: run RWKV-7 steps through the fused CUDA backend's decode step (``models/backends/fused_cuda.py``).
             Default: where the model's backend is that one and serves decode steps (``decodes``), and ``graphs``
             is on.
-        large: with ``fused``, the path of buckets above ``fused7.GEMV_ROWS`` rows: "compiled" (default: the
-            torch.compile'd static-buffer step, fastest measured at batch 64), "fused" (cuBLAS GEMMs + the
-            fused mix/WKV kernels, one WKV launch per layer) or "fused-split" (WKV as pre + row-split
-            kernel + post).
+        large: with ``fused``, the path of buckets above ``fused7.GEMV_ROWS`` rows: "fused" (default: the fused
+            mix/WKV kernels, one WKV launch per layer, r|k|v and the low-rank stages as batched cuBLAS GEMMs;
+            1.09x the compiled step at batch 64 on an H100, bench/results/h100.md, and no compile time),
+            "fused-split" (WKV as pre + row-split kernel + post) or "compiled" (the torch.compile'd
+            static-buffer step).
         ffn: with ``fused``, the channel-mix value product of steps of <= ``fused7.GEMV_ROWS`` rows: "sparse"
             (the zero rows of relu(k)² not read) or "dense" (the same kernel reading every row; same bits), where
             the backend stores that matrix input-major (``FusedCuda.ffn``). Default (None): the backend's choice.
@@ -75,7 +76,7 @@ class BatchDecoder(Slots):
 
     def __init__(self, model: RWKV, max_batch: int = 1, buckets: tuple[int, ...] = DEFAULT_BUCKETS,
                  graphs: bool | None = None, compile: bool | None = None, gemv: str = "auto",
-                 fused: bool | None = None, large: str = "compiled", ffn: str | None = None):
+                 fused: bool | None = None, large: str = "fused", ffn: str | None = None):
         if max_batch < 1:
             raise StateError(f"max_batch must be >= 1, got {max_batch}")
         Slots.__init__(self, max_batch, buckets)
