@@ -15,8 +15,9 @@ Decode (``FusedCuda.decode_step``, one token for each of b rows), per layer:
      row of relu(k)² is not zero (``"dense"``: the same kernel reading every row, same bits). On an H200 the
      sparse kernel, skipping ~50% of the rows of random weights, is still slower than the grouped GEMV at 7.2B
      (bench/results/h200.md), hence the default. The residual add of 8 happens in the next layer's step 1.
-More than 4 rows: the large products go to cuBLAS (GEMM), the low-rank products too (activations as
-torch ops), the WKV step stays one fused launch per layer. i8 weights (<= 4 rows) use the grouped mm8
+More than 4 rows (the mix lerps in ``MANY_ORDER``): r|k|v as one batched cuBLAS GEMM over a [3, C, C] stack
+(plain matrices), the v|w|a low-rank stages as two batched GEMMs (``low_rank_many``), g's and the channel-mix
+products as cuBLAS GEMMs, the WKV step one fused launch per layer. i8 weights (<= 4 rows) use the grouped mm8
 GEMV: r/k/v in one launch, relu² applied on load for the channel-mix value; i4 and f8 weights the grouped
 GEMV of ``csrc/gemvq`` (``dispatch.gemvq_group``) for r/k/v in one launch and each other product (relu² of the
 channel-mix value's input applied as the kernel loads it);
@@ -202,13 +203,23 @@ def _stack_many(p: dict, f: dict) -> None:
             f["low1"][i, :, :a.shape[1]] = a
             f["low2"][i, :b.shape[0]] = b
     big = [p[n] for n in _BIG[:3]]
-    if all(isinstance(w, torch.Tensor) and w.is_cuda and w.dim() == 2 and w.shape == big[0].shape
+    if all(isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape == big[0].shape
            and w.dtype == big[0].dtype and w.dtype in (torch.float16, torch.bfloat16, torch.float32) for w in big):
         rkv = torch.empty(3, big[0].shape[1], big[0].shape[0], dtype=big[0].dtype, device=big[0].device)
         for i, n in enumerate(_BIG[:3]):
             rkv[i] = p[n].t()
             p[n] = rkv[i].t()
         f["rkv"] = rkv
+
+
+def low_rank_many(mix: torch.Tensor, f: dict) -> torch.Tensor:
+    """The v, w, a low-rank products of a decode step of many rows in two batched GEMMs: mix [6, b, C] in
+    ``MANY_ORDER`` (slices 2:5 are xv, xw, xa), f with ``low1`` / ``low2`` of ``_stack_many``. Returns [3, b, C]:
+    ``xv @ v1 @ v2`` (zeros in the first layer), ``tanh(xw @ w1) @ w2``, ``xa @ a1 @ a2`` (ChatRWKV
+    ``RWKV_x070_TMix_one``; each stage rounded to the activation dtype as the reference rounds it)."""
+    low = torch.bmm(mix[2:5], f["low1"])
+    low[1].tanh_()
+    return torch.bmm(low, f["low2"])
 
 
 def decode_ready(model) -> bool:
@@ -456,9 +467,7 @@ class FusedCuda(Backend):
                 else:
                     r, k, v = (mm(xx, p[n]) for xx, n in ((xr, "att.receptance.weight"), (xk, "att.key.weight"),
                                                           (xv, "att.value.weight")))
-                low = torch.bmm(mix[2:5], f["low1"])
-                low[1].tanh_()
-                vl, wl, al = torch.bmm(low, f["low2"])
+                vl, wl, al = low_rank_many(mix, f)
                 vl = None if first else vl
                 g = torch.sigmoid(xg @ p["att.g1"]) @ p["att.g2"]
             y = torch.empty_like(x)

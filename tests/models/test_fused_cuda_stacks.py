@@ -1,0 +1,71 @@
+"""The tensors the fused CUDA backend stacks for decode steps of many rows (``fused_cuda._stack_many``) and the
+batched low-rank products over them (``fused_cuda.low_rank_many``), against the per-matrix products of
+``models/rwkv/v7.py`` (ChatRWKV ``RWKV_x070_TMix_one``). Device-independent code, checked on the CPU; the
+whole decode step on the GPU is ``tests/gpu/verify_fused.py``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rwkv_chat.models.backends import fused_cuda
+
+C, DIMS = 64, {"w": 16, "a": 12, "v": 8, "g": 24}
+
+
+def _layer(first: bool, dtype=torch.float64) -> dict:
+    g = torch.Generator().manual_seed(3 + first)
+    p = {f"att.x_{m}": torch.randn(C, generator=g, dtype=dtype) for m in "rwkvag"}
+    for m, d in DIMS.items():
+        if m == "v" and first:
+            continue
+        p[f"att.{m}1"] = torch.randn(C, d, generator=g, dtype=dtype) * 0.3
+        p[f"att.{m}2"] = torch.randn(d, C, generator=g, dtype=dtype) * 0.3
+    for n in ("att.receptance.weight", "att.key.weight", "att.value.weight"):
+        p[n] = torch.randn(C, C, generator=g, dtype=dtype).t().contiguous().t()   # output-major, as the backend holds
+    return p
+
+
+def test_the_lerp_order_makes_rkv_and_vwa_slices():
+    assert fused_cuda.MANY_ORDER[0:3] == "rkv" and fused_cuda.MANY_ORDER[2:5] == "vwa"
+    assert sorted(fused_cuda.MANY_ORDER) == sorted("rwkvag")
+    p, f = _layer(False), {}
+    fused_cuda._stack_many(p, f)
+    for i, m in enumerate(fused_cuda.MANY_ORDER):
+        assert torch.equal(f["mix6_many"][i], p[f"att.x_{m}"])
+
+
+@pytest.mark.parametrize("first", [False, True])
+def test_batched_low_rank_products_equal_the_per_matrix_ones(first):
+    p, f = _layer(first), {}
+    fused_cuda._stack_many(p, f)
+    b = 5
+    xs = {m: torch.randn(b, C, dtype=torch.float64) for m in "rwkvag"}
+    mix = torch.stack([xs[m] for m in fused_cuda.MANY_ORDER])
+    vl, wl, al = fused_cuda.low_rank_many(mix, f)
+    torch.testing.assert_close(wl, torch.tanh(xs["w"] @ p["att.w1"]) @ p["att.w2"], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(al, (xs["a"] @ p["att.a1"]) @ p["att.a2"], rtol=1e-12, atol=1e-12)
+    if first:
+        assert not vl.any()
+    else:
+        torch.testing.assert_close(vl, (xs["v"] @ p["att.v1"]) @ p["att.v2"], rtol=1e-12, atol=1e-12)
+
+
+def test_rkv_become_views_of_one_stack_with_the_same_values():
+    p, f = _layer(False, torch.float32), {}
+    before = {n: p[n].clone() for n in fused_cuda._BIG[:3]}
+    fused_cuda._stack_many(p, f)
+    assert f["rkv"].shape == (3, C, C) and f["rkv"].is_contiguous()
+    x = torch.randn(4, C)
+    got = torch.bmm(x.expand(3, 4, C), f["rkv"].transpose(1, 2))
+    for i, n in enumerate(fused_cuda._BIG[:3]):
+        assert torch.equal(p[n], before[n])
+        assert p[n].t().is_contiguous() and p[n].untyped_storage().data_ptr() == f["rkv"].untyped_storage().data_ptr()
+        torch.testing.assert_close(got[i], x @ before[n], rtol=1e-5, atol=1e-5)
+
+
+def test_mismatched_rkv_are_left_alone():
+    p, f = _layer(False, torch.float32), {}
+    p["att.value.weight"] = p["att.value.weight"].half()        # a dtype unlike the others: no stack
+    fused_cuda._stack_many(p, f)
+    assert "rkv" not in f
