@@ -110,12 +110,12 @@ def fused_ln_qkv_gptq(input: torch.Tensor, qweight: torch.Tensor, qzeros: torch.
         [3, B, S, N/3] in input's dtype for equal widths, else a (q, k, v) tuple of [B, S, width].
     Raises:
         UnsupportedDtypeError: a dtype above (or eps not a positive float). ShapeMismatchError: a shape above.
-        DeviceError: an input not on CUDA, inputs on several devices, or no Triton.
+        DeviceError: an input not on CUDA, inputs on several devices, or no Triton where the compiled form does
+            not serve.
     """
     widths = _check(input, qweight, qzeros, scales, ln_weight, ln_bias, groupsize, eps, widths, g_idx, rms)
     check_cuda({"input": input, "qweight": qweight, "qzeros": qzeros, "scales": scales, "ln_weight": ln_weight,
                 "ln_bias": ln_bias, "g_idx": g_idx})
-    k = triton_kernels("rwkv_chat.models.ops._gptq_kernels", "fused_ln_qkv_gptq")
     B, S, H = input.shape
     M, N = B * S, qweight.shape[1]
     x = input.reshape(M, H)
@@ -123,9 +123,6 @@ def fused_ln_qkv_gptq(input: torch.Tensor, qweight: torch.Tensor, qzeros: torch.
         x = x.contiguous()
     qzeros, scales, ln_weight = qzeros.contiguous(), scales.contiguous(), ln_weight.contiguous()
     ln_bias = ln_bias.contiguous() if ln_bias is not None else None
-    out = torch.empty(M * N, dtype=input.dtype, device=input.device)
-    bias = ln_bias if ln_bias is not None and not rms else ln_weight
-    gi = g_idx if g_idx is not None else qweight
     if M <= GEMV_ROWS and blocks is None and g_idx is None:
         from rwkv_chat.models.kernels import dispatch      # the compiled form (csrc/gemvq), where it serves
 
@@ -136,6 +133,10 @@ def fused_ln_qkv_gptq(input: torch.Tensor, qweight: torch.Tensor, qzeros: torch.
             nq, nk, _ = widths
             return _shape_out(torch.cat([y[:, :nq].reshape(-1), y[:, nq:nq + nk].reshape(-1),
                                          y[:, nq + nk:].reshape(-1)]), B, S, widths)
+    k = triton_kernels("rwkv_chat.models.ops._gptq_kernels", "fused_ln_qkv_gptq")
+    out = torch.empty(M * N, dtype=input.dtype, device=input.device)
+    bias = ln_bias if ln_bias is not None and not rms else ln_weight
+    gi = g_idx if g_idx is not None else qweight
     if M <= GEMV_ROWS:
         r_pad = next_pow2(M)
         if blocks is None:
