@@ -255,7 +255,7 @@ def qwen2_main(argv: list[str]) -> int:
     from rwkv_chat.models.qwen2.model import Qwen2
     from rwkv_chat.models.strategy import DTYPES, parse_strategy, torch_device
 
-    ap = argparse.ArgumentParser(prog="rwkv-chat bench --family qwen2", description=qwen2_main.__doc__)
+    ap = argparse.ArgumentParser(prog="rwkv-chat bench --family qwen2", description=(qwen2_main.__doc__ or "").replace("``", ""))
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--shape", choices=["tiny", *shapes.SHAPES], help="random weights of this shape")
     src.add_argument("--model", metavar="FOLDER",
@@ -271,6 +271,7 @@ def qwen2_main(argv: list[str]) -> int:
                          "the RMSNorm inside)")
     ap.add_argument("--md", metavar="FILE", help="append the table to this markdown file")
     args = ap.parse_args(argv)
+    check_run_args(ap, args)
     stage = parse_strategy(args.strategy)[0]
     dev, dtype = torch_device(stage.device), stage.dtype
     with tempfile.TemporaryDirectory(prefix="qwen2-bench-") as tmp:
@@ -292,6 +293,24 @@ def qwen2_main(argv: list[str]) -> int:
         with open(args.md, "a") as f:
             f.write("\n".join(lines) + "\n\n")
     return 0
+
+
+def check_run_args(ap: argparse.ArgumentParser, args) -> None:
+    """One-line usage errors (``ap.error``: exit 2) for run lengths and output files a run could not use: decode
+    steps and batch sizes of 1 or more, a prefill length of 0 or more, ``--md`` / ``--json`` in an existing
+    folder (checked before the run, so that no result is lost at its end)."""
+    if args.tokens < 1:
+        ap.error(f"--tokens must be 1 or more, got {args.tokens}")
+    if any(b < 1 for b in args.batch):
+        ap.error(f"--batch sizes must be 1 or more, got {' '.join(map(str, args.batch))}")
+    if args.prompt_len < 0:
+        ap.error(f"--prompt-len must be 0 (skip the prefill) or more, got {args.prompt_len}")
+    for flag in ("md", "json"):
+        out = getattr(args, flag, None)
+        if out and not Path(out).expanduser().resolve().parent.is_dir():
+            ap.error(f"--{flag} {out}: the folder {Path(out).expanduser().resolve().parent} does not exist")
+        if out and Path(out).is_dir():
+            ap.error(f"--{flag} {out} is a folder; give a file to append to")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -316,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def rwkv_main(argv: list[str]) -> int:
     """``rwkv-chat bench`` of an RWKV checkpoint or of random weights of an official RWKV-7 shape."""
-    ap = argparse.ArgumentParser(prog="rwkv-chat bench", description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog="rwkv-chat bench", description=__doc__.split("\n\n")[0].replace("``", ""),
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--shape", choices=["0.1B", "0.4B", "1.5B", "2.9B", "7.2B"],
@@ -349,6 +368,7 @@ def rwkv_main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     if args.threads < 1:
         ap.error(f"--threads must be 1 or more, got {args.threads}")
+    check_run_args(ap, args)
     if args.compare_rwkv_pip and not reference_installed():
         print("rwkv-chat bench: --compare-rwkv-pip needs the reference package: pip install rwkv==0.8.32",
               file=sys.stderr)

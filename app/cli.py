@@ -55,7 +55,7 @@ def _bench(argv: list[str]) -> int:
 def _main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     from rwkv_chat.daemon.client import DaemonError, DaemonLost, GenerationFailed
-    from rwkv_chat.daemon.paths import UnsafeDirectory
+    from rwkv_chat.daemon.paths import UnsafeDirectory, UnusableDirectory
     from rwkv_chat.daemon.protocol import InvalidId
 
     try:
@@ -74,6 +74,9 @@ def _main(argv: list[str]) -> int:
     except DaemonLost as e:
         _err(f"rwkv-chat: daemon lost: {e.message}")
         return 4
+    except UnusableDirectory as e:
+        _err(f"rwkv-chat: {e}")
+        return 1
     except (DaemonError, UnsafeDirectory) as e:
         if isinstance(e, DaemonError) and e.kind in ("InvalidId", "NotFound", "Conflict") \
                 and not isinstance(e, GenerationFailed):

@@ -24,7 +24,7 @@ EXAMPLES = """examples:
 
 def parser() -> argparse.ArgumentParser:
     """The command's argument parser (``rwkv-chat plan --help``)."""
-    ap = argparse.ArgumentParser(prog="rwkv-chat plan", description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog="rwkv-chat plan", description=__doc__.split("\n\n")[0].replace("``", ""),
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
     ap.add_argument("model", metavar="MODEL", help="an RWKV .pth / .safetensors file, or a Qwen2 model folder")
     ap.add_argument("--strategy", metavar="S", help='e.g. "cuda fp16", "cuda:0 fp16 *16 -> cuda:1 fp16", '
@@ -56,8 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.strategy is None and not args.suggest:
         ap.error("give --strategy S (or --suggest)")
-    if args.conversations < 1 or (args.context is not None and args.context < 1):
-        ap.error("--conversations and --context must be >= 1")
+    if args.conversations < 1:
+        ap.error(f"--conversations must be 1 or more, got {args.conversations}")
+    if args.context is not None and args.context < 1:
+        ap.error(f"--context must be 1 or more, got {args.context}")
 
     from rwkv_chat.daemon.config import ConfigError
     from rwkv_chat.models.errors import RWKVError

@@ -9,7 +9,7 @@ import sys
 
 from .config import ConfigError, load_config
 from .launcher import AlreadyRunning, run_foreground
-from .paths import UnsafeDirectory, ensure_dirs, get_paths
+from .paths import UnsafeDirectory, UnusableDirectory, ensure_dirs, get_paths
 from .protocol import ProtocolError
 
 
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     except AlreadyRunning as e:
         print(f"rwkv-chat: {e}", file=sys.stderr, flush=True)
         return 3
-    except (ConfigError, UnsafeDirectory, ProtocolError) as e:
+    except (ConfigError, UnsafeDirectory, UnusableDirectory, ProtocolError) as e:
         print(f"rwkv-chat: {e}", file=sys.stderr, flush=True)
         return 2
 

@@ -29,6 +29,11 @@ class UnsafeDirectory(PermissionError):
     """A private directory of the home (runtime or data) belongs to another user or is not a directory."""
 
 
+class UnusableDirectory(OSError):
+    """A directory of the home cannot be made (a file in its place, no permission, a read-only or missing
+    mount); the message names the directory and, where it comes from ``RWKV_CHAT_HOME``, that variable."""
+
+
 @dataclass(frozen=True)
 class Paths:
     """The four directories of one rwkv-chat home."""
@@ -130,10 +135,17 @@ def private_dir(path: Path) -> Path:
 def ensure_dirs(paths: Paths | None = None) -> Paths:
     """Create the directories and return the paths. The runtime, data and states directories are private
     (:func:`private_dir`: mode 0700 enforced, owner checked). Raises :class:`UnsafeDirectory` for one of
-    them that belongs to another user, OSError where a directory cannot be made."""
+    them that belongs to another user, :class:`UnusableDirectory` where a directory cannot be made."""
     paths = paths or get_paths()
-    for d in (paths.config_dir, paths.cache_dir):
-        d.mkdir(parents=True, exist_ok=True)
-    for d in (paths.runtime_dir, paths.data_dir, paths.states_dir):
-        private_dir(d)
+    try:
+        for d in (paths.config_dir, paths.cache_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        for d in (paths.runtime_dir, paths.data_dir, paths.states_dir):
+            private_dir(d)
+    except UnsafeDirectory:
+        raise
+    except OSError as e:
+        where = f" ({HOME_ENV}={paths.home})" if paths.home is not None else ""
+        raise UnusableDirectory(f"cannot make {e.filename or 'a directory'}{where}: "
+                                f"{e.strerror or type(e).__name__}") from e
     return paths

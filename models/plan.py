@@ -153,7 +153,8 @@ class MemoryPlan:
             lines.append("Transfers per token: " + "; ".join(
                 f"{t.src} -> {t.dst} before layer {t.layer}: {human(t.bytes)} ({t.what})" for t in self.transfers))
         else:
-            lines.append("Transfers per token: none (one device)")
+            runs = sorted({s.device for s in self.stages})
+            lines.append(f"Transfers per token: none (every layer runs on {', '.join(runs)})")
         lines += list(self.notes)
         return "\n".join(lines)
 
@@ -167,6 +168,20 @@ def human(n: int) -> str:
 
 
 # -- free memory ---------------------------------------------------------------------------------------
+def absent_device(device: str) -> str | None:
+    """Why a strategy device is not on this machine ("cuda:1" with one GPU, "cuda" in a CPU build of torch,
+    "mps" off Apple silicon), or None where it is (or cannot be checked: "dml")."""
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            return f"this machine has no CUDA device (torch {torch.__version__})"
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            return f"this machine has {torch.cuda.device_count()} CUDA device(s), no {device}"
+    if device.startswith("mps") and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        return "this machine has no MPS device"
+    return None
+
+
 def free_memory(device: str) -> int | None:
     """Free bytes on a strategy device ("cpu", "cuda", "cuda:N"), or None when it cannot be known here (no
     such GPU, another device kind)."""
@@ -435,6 +450,9 @@ def plan_memory(path: str | Path, strategy: str, *, conversations: int = 1, cont
     notes = ()
     if any(s.streamed and s.streamed_per_token == 0 for s in stages):
         notes = ("Two streamed layers or fewer stay in the streamer's two device buffers: nothing is copied per token.",)
+    absent = {d.device: why for d in devices if (why := absent_device(d.device))}
+    notes += tuple(f"{dev}: {why}; this plan is for a machine that has it (loading it here is refused)."
+                   for dev, why in absent.items())
     return MemoryPlan(str(p), family, desc, plan, tuple(stages), tuple(devices), tuple(transfers),
                       conversations, ctx, notes)
 

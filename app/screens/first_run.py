@@ -91,6 +91,16 @@ def check_checkpoint(path: str, data_dir: Path | None = None) -> str | None:
     return None
 
 
+#: words of a failed load's message that make it a strategy (or device) mistake, not a model one
+STRATEGY_WORDS = ("strategy", "dtype", "device", "cuda", "mps", "dml", "directml")
+
+
+def error_field(message: str) -> str:
+    """The id of the form's field a failed load's ``message`` is about: "model-strategy" or "model-path"."""
+    low = message.lower()
+    return "model-strategy" if any(w in low for w in STRATEGY_WORDS) else "model-path"
+
+
 def load_error_text(error: dict) -> str:
     """What a status's ``model.error`` (a failed load) tells the user."""
     return (f"The model did not load: {error.get('path', '?')} with strategy {error.get('strategy', '?')!r}: "
@@ -118,6 +128,7 @@ class ModelScreen(Screen):
         self.first_run = first_run
         self.loading = loading
         self.error = error            # the daemon's last load error (status ``model.error``) shown, if any
+        self.strategies_for: str | None = None   # the model path the strategy list was planned for
         self.draft = (self.path, self.strategy)      # what was typed, as the screen closed (Esc)
 
     def compose(self) -> ComposeResult:
@@ -164,7 +175,8 @@ class ModelScreen(Screen):
         if not self.loading:
             if self.error:
                 self.show_error(load_error_text(self.error))
-            self.query_one("#model-path", Input).focus()
+            else:
+                self.query_one("#model-path", Input).focus()
 
     # -- state
     def set_loading(self, what: str) -> None:
@@ -176,8 +188,11 @@ class ModelScreen(Screen):
             self.query_one("#progress-text", Static).update(Text(f"Loading {what} …"))
 
     def show_error(self, message: str) -> None:
+        """Back to the form with ``message``; the cursor goes to the field the message is about (the strategy
+        for a strategy or device mistake, else the model), so that typing on corrects that one."""
         self.set_loading("")
         self.query_one("#model-error", Static).update(Text(message))
+        self.query_one(f"#{error_field(message)}", Input).focus()
 
     def link_status(self, status: dict) -> None:
         """A daemon status arrived: close when the model is loaded, show progress while one loads, and what
@@ -204,6 +219,9 @@ class ModelScreen(Screen):
     # -- strategies that fit the checkpoint (the planner, ``rwkv-chat plan --suggest``)
     @on(Input.Changed, "#model-path")
     def _path_changed(self, event: Input.Changed) -> None:
+        if self.strategies_for not in (None, event.value):       # the list was planned for another model
+            self.query_one("#strategy-fit", Label).update("Strategies that fit this machine:")
+            self.strategies_for = None
         if check_checkpoint(event.value) is None and not getattr(self.app, "snapshot", False):
             self._plan(checkpoint_path(event.value))
 
@@ -227,6 +245,7 @@ class ModelScreen(Screen):
             found = None
         if found and all(isinstance(s, str) for s in found):
             self.show_strategies(found, Path(path).name)
+            self.strategies_for = self.query_one("#model-path", Input).value
 
     def show_strategies(self, strategies: list[str], name: str) -> None:
         """Replace the suggested strategies with ``strategies`` (those that fit ``name``)."""

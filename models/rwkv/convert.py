@@ -58,7 +58,8 @@ def convert(src: str | Path, out: str | Path, strategy: str | None = None,
     Returns:
         ``{"out", "version", "strategy", "packed": {format: count}, "bytes"}``.
     Raises:
-        CheckpointError: unreadable source, an unsupported output suffix, ``out`` equal to ``src``.
+        CheckpointError: unreadable source, a source ``convert`` already packed, an unsupported output suffix,
+            ``out`` equal to ``src`` or in a folder that does not exist.
         StrategyError: a malformed strategy.
     """
     src, out = Path(src), Path(out)
@@ -66,6 +67,11 @@ def convert(src: str | Path, out: str | Path, strategy: str | None = None,
         raise CheckpointError(f"output {out} must end in .pth or .safetensors")
     if out.resolve() == src.resolve():
         raise CheckpointError(f"output {out} is the source itself")
+    if not out.resolve().parent.is_dir():
+        raise CheckpointError(f"output {out}: the folder {out.resolve().parent} does not exist")
+    if (done := converted_metadata(src)) is not None:
+        raise CheckpointError(f"{src} was already converted (for {done.get('strategy')!r}): its weights are packed; "
+                              "convert the original checkpoint")
     w = loader.read_checkpoint(src)
     spec = loader.inspect(w)
     loader.check_finite(w)
@@ -108,7 +114,6 @@ def convert(src: str | Path, out: str | Path, strategy: str | None = None,
 
 
 def _write(tensors: dict, out: Path, meta: dict) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".part")
     if out.suffix == ".safetensors":
         from safetensors.torch import save_file
@@ -117,6 +122,22 @@ def _write(tensors: dict, out: Path, meta: dict) -> None:
     else:
         torch.save(tensors, str(tmp))
     tmp.replace(out)
+
+
+def converted_metadata(path: str | Path) -> dict | None:
+    """The metadata of a file ``convert`` wrote with a strategy (its ``format`` is ours), else None (any other
+    file, or one that cannot be read: the reader reports that)."""
+    p = Path(path)
+    if p.suffix != ".safetensors" or not p.is_file():
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(p), framework="pt") as f:
+            meta = f.metadata()
+    except Exception:       # noqa: BLE001 - read_checkpoint reports the file's problem
+        return None
+    return meta if meta and meta.get("format") == MAGIC else None
 
 
 def read_packed(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, dict | None]:
@@ -130,16 +151,8 @@ def read_packed(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, dict |
     Raises: CheckpointError (unreadable file, inconsistent packed parts).
     """
     p = Path(path)
-    meta = None
-    if p.suffix == ".safetensors" and p.is_file():
-        try:
-            from safetensors import safe_open
-
-            with safe_open(str(p), framework="pt") as f:
-                meta = f.metadata()
-        except Exception:       # noqa: BLE001 - read_checkpoint reports the file's problem below
-            meta = None
-    if not meta or meta.get("format") != MAGIC:
+    meta = converted_metadata(p)
+    if meta is None:
         return loader.read_checkpoint(p), {}, None
     raw = loader.read_checkpoint(p)
     try:

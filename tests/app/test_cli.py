@@ -261,12 +261,41 @@ def test_bench_mistakes_are_one_line(tmp_path, args, words, capsys):
     assert len(err.strip().splitlines()) == 1 and err.startswith("rwkv-chat bench: ") and words in err, err
 
 
+@pytest.mark.parametrize("args, words", [
+    (["--tokens", "0"], "--tokens must be 1 or more, got 0"),
+    (["--batch", "1", "0"], "--batch sizes must be 1 or more, got 1 0"),
+    (["--prompt-len", "-5"], "--prompt-len must be 0 (skip the prefill) or more, got -5"),
+    (["--md", "NODIR/x.md"], "does not exist"),
+    (["--json", "NODIR/x.json"], "does not exist"),
+    (["--family", "qwen2", "--shape", "tiny", "--tokens", "-1"], "--tokens must be 1 or more"),
+])
+def test_bench_run_lengths_and_output_files_are_checked_first(tmp_path, model_path, args, words, capsys):
+    """Before anything is loaded or measured: an exit of 2 with the usage and the reason, no traceback."""
+    args = [str(tmp_path / a) if a.startswith("NODIR") else a for a in args]
+    src = [] if "--family" in args else ["--model", str(model_path)]
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", *src, *args])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and words in err and "Traceback" not in err, err
+
+
 def test_bench_without_the_reference_package(monkeypatch, capsys):
     """One line, before anything is measured (the package is hidden: ``import rwkv`` fails)."""
     monkeypatch.setitem(sys.modules, "rwkv", None)
     assert cli.main(["bench", "--shape", "0.1B", "--compare-rwkv-pip"]) == 1
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "pip install rwkv" in err
+
+
+def test_a_home_that_cannot_be_made_is_one_line(tmp_path):
+    """RWKV_CHAT_HOME naming a file (or a place that cannot hold folders): one line naming it, exit 1."""
+    f = tmp_path / "a-file"
+    f.write_text("x")
+    for args in (("doctor",), ("conversations", "list")):
+        r = run(f, *args)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r
+        assert r.stderr.strip().splitlines() == [f"rwkv-chat: cannot make {f}/config (RWKV_CHAT_HOME={f}): "
+                                                 "Not a directory"], r.stderr
 
 
 def test_doctor_on_a_fresh_home_has_no_empty_section(tmp_path):

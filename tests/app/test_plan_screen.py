@@ -40,5 +40,33 @@ def test_model_screen_lists_strategies_that_fit(model_path):
             await pilot.pause()
             assert [str(options.get_option_at_index(i).prompt) for i in range(options.option_count)] == want
             assert path.name in str(screen.query_one("#strategy-fit", Label).render())
+            screen.query_one("#model-path").value = str(path) + "x"       # another (unfinished) path
+            await pilot.pause()
+            assert path.name not in str(screen.query_one("#strategy-fit", Label).render())
+
+    asyncio.run(run())
+
+
+def test_a_failed_load_puts_the_cursor_in_the_field_it_is_about():
+    """Typing after a failed load corrects what failed: the strategy after a strategy or device mistake, the
+    model path after any other."""
+
+    class Host(App):
+        def on_mount(self) -> None:
+            self.push_screen(ModelScreen(DEVICES))
+
+    async def run() -> None:
+        app = Host()
+        async with app.run_test() as pilot:
+            await pilot.pause()
+            screen = app.screen
+            for message, field in (("StrategyError: unknown dtype 'fp64' in strategy 'cpu fp64'", "model-strategy"),
+                                   ("DeviceError: CUDA is not available in this torch build", "model-strategy"),
+                                   ("CheckpointError: /x/y.pth: checkpoint not found", "model-path")):
+                screen.set_loading("/x/y.pth")
+                screen.finished(False, message)
+                await pilot.pause()
+                assert app.focused is not None and app.focused.id == field, (message, app.focused)
+                assert message in str(screen.query_one("#model-error").render())
 
     asyncio.run(run())

@@ -218,6 +218,17 @@ def test_plan_streaming_and_transfers(model_path):
     assert two.fits is None and "fit unknown" in str(two)
     tight = plan_memory(path, "cpu fp32", free={"cpu": 1000})
     assert tight.fits is False and "DOES NOT FIT" in str(tight)
+    # weights streamed from pinned host memory move no activations between devices
+    assert "Transfers per token: none (every layer runs on cuda)" in str(mp)
+
+
+def test_a_plan_for_devices_this_machine_lacks_says_so(model_path, monkeypatch):
+    """A plan is read from headers and may be for another machine; it names the devices missing here."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    mp = plan_memory(model_path("7"), "cuda fp16 *4+", free={"cpu": 1 << 40})
+    assert any(n.startswith("cuda: this machine has no CUDA device") and "loading it here is refused" in n
+               for n in mp.notes), mp.notes
+    assert not plan_memory(model_path("7"), "cpu fp32", free={"cpu": 1 << 40}).notes
 
 
 def test_plan_reads_safetensors_headers(model_path, tmp_path):
@@ -326,5 +337,9 @@ def test_plan_cli(model_path, tmp_path, capsys):
         assert main([str(a) for a in bad]) == 2
         err = capsys.readouterr().err
         assert why in err and len(err.strip().splitlines()) == 1
+    for flag, value in (("--conversations", "0"), ("--context", "-3")):
+        with pytest.raises(SystemExit):
+            main([str(path), "--strategy", "cpu fp32", flag, value])
+        assert f"{flag} must be 1 or more, got {value}" in capsys.readouterr().err
     assert main([str(path), "--suggest"]) == 0
     assert "cpu fp32" in capsys.readouterr().out.splitlines()

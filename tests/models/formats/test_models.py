@@ -132,3 +132,18 @@ def test_container_conversion_and_the_cli(model_path, tmp_path):
     bad = subprocess.run([*cli, "convert", str(src), "--strategy", "cpu fp32i9", "-o", str(tmp_path / "x.safetensors")],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "'i9'" in bad.stderr
+
+
+def test_convert_refuses_a_converted_file_and_a_missing_folder(model_path, tmp_path):
+    from rwkv_chat.models.errors import CheckpointError
+    from rwkv_chat.models.rwkv.convert import convert
+
+    once = tmp_path / "once.safetensors"
+    convert(model_path("7"), once, "cpu fp32i8")
+    with pytest.raises(CheckpointError, match=r"already converted \(for 'cpu fp32i8'\).*convert the original"):
+        convert(once, tmp_path / "twice.safetensors", "cpu fp32i4")
+    with pytest.raises(CheckpointError, match="already converted"):
+        convert(once, tmp_path / "plain.pth")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        convert(model_path("7"), tmp_path / "no" / "dir" / "x.safetensors", "cpu fp32i8")
+    assert not (tmp_path / "no").exists()
