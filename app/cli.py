@@ -12,6 +12,7 @@ Conversations are named by their id, by the start of their id (as the TUI shows 
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
@@ -52,8 +53,21 @@ def _bench(argv: list[str]) -> int:
     return bench_main(argv) or 0
 
 
+def _subparser(ap: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The innermost parser of the command ``args`` names (``rwkv-chat conversations rm`` -> its own parser)."""
+    for action in ap._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            name = getattr(args, action.dest, None)
+            if name in action.choices:
+                return _subparser(action.choices[name], args)
+    return ap
+
+
 def _main(argv: list[str]) -> int:
-    args = parser().parse_args(argv)
+    ap = parser()
+    args, extra = ap.parse_known_args(argv)
+    if extra:       # a mistyped flag: the usage of the command it was given to, not the top-level one
+        _subparser(ap, args).error(f"unrecognized arguments: {' '.join(extra)}")
     from rwkv_chat.daemon.client import DaemonError, DaemonLost, GenerationFailed
     from rwkv_chat.daemon.paths import UnsafeDirectory, UnusableDirectory
     from rwkv_chat.daemon.protocol import InvalidId

@@ -287,6 +287,15 @@ def test_bench_without_the_reference_package(monkeypatch, capsys):
     assert len(err.strip().splitlines()) == 1 and "pip install rwkv" in err
 
 
+def test_a_mistyped_flag_shows_the_usage_of_its_command(tmp_path):
+    r = run(tmp_path / "home", "load", "x.pth", "--stratgy", "cpu fp32")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.splitlines()[0].startswith("usage: rwkv-chat load ")
+    assert "rwkv-chat load: error: unrecognized arguments: --stratgy cpu fp32" in r.stderr
+    r = run(tmp_path / "home", "conversations", "list", "--bogus")
+    assert "usage: rwkv-chat conversations list" in r.stderr and "--bogus" in r.stderr
+
+
 def test_a_home_that_cannot_be_made_is_one_line(tmp_path):
     """RWKV_CHAT_HOME naming a file (or a place that cannot hold folders): one line naming it, exit 1."""
     f = tmp_path / "a-file"
