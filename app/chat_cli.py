@@ -153,6 +153,10 @@ def _serve(args) -> int:
         return 1
 
 
+#: characters of an id prefix that ``conversations rm`` takes (a shorter one could name a conversation by accident)
+RM_MIN_PREFIX = 4
+
+
 def _conversations(args) -> int:
     from rwkv_chat.daemon.client import Client
 
@@ -190,6 +194,9 @@ def _conversations(args) -> int:
             b = c.branches(cid)
             print(render_tree(b.turns, b.leaf) if b.turns else "(no turns yet)")
         elif args.conv_cmd == "rm":
+            if args.id != cid and cid.startswith(args.id) and len(args.id) < RM_MIN_PREFIX:
+                raise UsageError(f"{args.id!r} is only the start of {cid}: removing takes at least {RM_MIN_PREFIX} "
+                                 "characters of the id, the whole id or the title")
             c.delete(cid)
             _err(f"removed {cid}")
     return 0

@@ -60,6 +60,16 @@ def _sub(sub, name: str, summary: str, description: str, examples: list[str], **
                           epilog="examples:\n" + "\n".join(f"  {e}" for e in examples), **kw)
 
 
+def _version() -> str:
+    """The installed package's version (``pyproject.toml``), or "unknown" for a source tree not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("rwkv-chat")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def parser() -> argparse.ArgumentParser:
     from .texts import STRATEGY_HELP
 
@@ -73,6 +83,8 @@ def parser() -> argparse.ArgumentParser:
                '  rwkv-chat load ~/models/rwkv7-0.1B.pth --strategy "cpu fp32" --default\n'
                '  rwkv-chat chat "Plan a day in Lyon."\n'
                "  rwkv-chat COMMAND --help                        # what a command does, with examples")
+    ap.add_argument("--version", action="version", version=f"rwkv-chat {_version()}",
+                    help="print the installed version and exit")
     sub = ap.add_subparsers(dest="cmd", title="commands", metavar="COMMAND")
 
     d = _sub(sub, "daemon", "start, stop or inspect the background daemon",

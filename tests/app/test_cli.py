@@ -67,6 +67,10 @@ def test_every_command_and_flag_says_what_it_does_with_an_example(capsys):
     assert not bad, "\n".join(bad)
     top = run(None, "--help").stdout
     assert "With no command, rwkv-chat opens the terminal UI" in " ".join(top.split())
+    from importlib.metadata import version
+
+    v = run(None, "--version")
+    assert v.returncode == 0 and v.stdout.strip() == f"rwkv-chat {version('rwkv-chat')}"
     load = " ".join(run(None, "load", "--help").stdout.split())
     assert "DEVICE DTYPE" in load and "->" in load and "*N+" in load and "fp16i8" in load
 
