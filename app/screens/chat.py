@@ -44,6 +44,8 @@ def _fingerprint(status: dict) -> str | None:
 
 class ChatScreen(ConversationActions, DraftSender, Screen):
     AUTO_FOCUS = "#input"
+    #: F5-F8 (system prompt, export, copy reply, delete) are left out of the footer so that it keeps the app's
+    #: keys (Help, Quit) on a 160-column terminal; F1 lists every key
     BINDINGS = [
         Binding("escape", "stop", "Stop"),
         Binding("ctrl+c", "stop_or_copy", "Stop", show=False, priority=True),
@@ -58,10 +60,10 @@ class ChatScreen(ConversationActions, DraftSender, Screen):
         Binding("f2", "rename", "Rename", priority=True),
         Binding("f3", "edit_last", "Edit last", priority=True),
         Binding("f4", "toggle_sampling", "Sampling", priority=True),
-        Binding("f5", "system_prompt", "System prompt", priority=True),
-        Binding("f6", "export", "Export", priority=True),
-        Binding("f7", "copy_last", "Copy reply", priority=True),
-        Binding("f8", "delete", "Delete", priority=True),
+        Binding("f5", "system_prompt", "System prompt", priority=True, show=False),
+        Binding("f6", "export", "Export", priority=True, show=False),
+        Binding("f7", "copy_last", "Copy reply", priority=True, show=False),
+        Binding("f8", "delete", "Delete", priority=True, show=False),
         Binding("f9", "toggle_sidebar", "Sidebar", priority=True),
         Binding("ctrl+l", "app.load_model", "Model"),
     ]
@@ -90,7 +92,7 @@ class ChatScreen(ConversationActions, DraftSender, Screen):
                 yield PromptInput(id="input")
             yield SamplingPanel(self._sampling_defaults(), id="sampling")
         yield StatusBar(snapshot=self.app.snapshot, id="status")
-        yield Footer()
+        yield Footer(compact=True)         # one space between keys: more of them on a narrow terminal
 
     def on_mount(self) -> None:
         if self.app.snapshot:
