@@ -381,7 +381,8 @@ def rwkv_main(argv: list[str]) -> int:
 
         dev_type = "cuda" if args.strategy.startswith("cuda") else "cpu"
         try:
-            print(f"kernels: {kernels.ensure_built(dev_type)}", file=sys.stderr)
+            status = kernels.ensure_built(dev_type)
+            print("kernels: " + "; ".join(f"{fam}: {why}" for fam, why in status.items()), file=sys.stderr)
         except Exception as e:  # the torch paths serve; say so
             print(f"kernels unavailable: {type(e).__name__}: {e}", file=sys.stderr)
             args.kernels = False
