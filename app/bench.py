@@ -307,8 +307,8 @@ def check_run_args(ap: argparse.ArgumentParser, args) -> None:
         ap.error(f"--prompt-len must be 0 (skip the prefill) or more, got {args.prompt_len}")
     for flag in ("md", "json"):
         out = getattr(args, flag, None)
-        if out and not Path(out).expanduser().resolve().parent.is_dir():
-            ap.error(f"--{flag} {out}: the folder {Path(out).expanduser().resolve().parent} does not exist")
+        if out and not Path(out).resolve().parent.is_dir():       # the path as the run will open it
+            ap.error(f"--{flag} {out}: the folder {Path(out).resolve().parent} does not exist")
         if out and Path(out).is_dir():
             ap.error(f"--{flag} {out} is a folder; give a file to append to")
 

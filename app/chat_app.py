@@ -264,7 +264,7 @@ class ChatApp(App):
                 save_config(cfg, self.paths.config_file)
             self.post_message(ev.LoadFinished(True, info=info))
         except Exception as e:  # noqa: BLE001
-            self.post_message(ev.LoadFinished(False, describe(e)))
+            self.post_message(ev.LoadFinished(False, describe(e), kind=getattr(e, "kind", None) or type(e).__name__))
 
     # ---------------------------------------------------------------- messages from the link
     def _chat_ready(self) -> bool:
@@ -313,7 +313,7 @@ class ChatApp(App):
     @on(ev.LoadFinished)
     def _load_finished(self, message: ev.LoadFinished) -> None:
         if self._model_screen is not None:
-            self._model_screen.finished(message.ok, message.message)
+            self._model_screen.finished(message.ok, message.message, message.kind)
         if message.ok:
             self.notify("model loaded", timeout=3)
             self.chat.refresh_conversations()

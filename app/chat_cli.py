@@ -194,7 +194,8 @@ def _conversations(args) -> int:
             b = c.branches(cid)
             print(render_tree(b.turns, b.leaf) if b.turns else "(no turns yet)")
         elif args.conv_cmd == "rm":
-            if args.id != cid and cid.startswith(args.id) and len(args.id) < RM_MIN_PREFIX:
+            if args.id != cid and cid.startswith(args.id) and len(args.id) < RM_MIN_PREFIX \
+                    and not any(it.title == args.id for it in c.find(args.id)):
                 raise UsageError(f"{args.id!r} is only the start of {cid}: removing takes at least {RM_MIN_PREFIX} "
                                  "characters of the id, the whole id or the title")
             c.delete(cid)

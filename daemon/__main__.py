@@ -25,7 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     except AlreadyRunning as e:
         print(f"rwkv-chat: {e}", file=sys.stderr, flush=True)
         return 3
-    except (ConfigError, UnsafeDirectory, UnusableDirectory, ProtocolError) as e:
+    except UnusableDirectory as e:
+        print(f"rwkv-chat: {e}", file=sys.stderr, flush=True)
+        return 1
+    except (ConfigError, UnsafeDirectory, ProtocolError) as e:
         print(f"rwkv-chat: {e}", file=sys.stderr, flush=True)
         return 2
 

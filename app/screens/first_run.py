@@ -91,14 +91,13 @@ def check_checkpoint(path: str, data_dir: Path | None = None) -> str | None:
     return None
 
 
-#: words of a failed load's message that make it a strategy (or device) mistake, not a model one
-STRATEGY_WORDS = ("strategy", "dtype", "device", "cuda", "mps", "dml", "directml")
+#: error kinds of a failed load that are about its strategy (or device), not its model
+STRATEGY_KINDS = ("StrategyError", "DeviceError")
 
 
-def error_field(message: str) -> str:
-    """The id of the form's field a failed load's ``message`` is about: "model-strategy" or "model-path"."""
-    low = message.lower()
-    return "model-strategy" if any(w in low for w in STRATEGY_WORDS) else "model-path"
+def error_field(kind: str | None) -> str:
+    """The id of the form's field a failed load of error ``kind`` is about: "model-strategy" or "model-path"."""
+    return "model-strategy" if kind in STRATEGY_KINDS else "model-path"
 
 
 def load_error_text(error: dict) -> str:
@@ -174,7 +173,7 @@ class ModelScreen(Screen):
         self.set_loading(self.loading)
         if not self.loading:
             if self.error:
-                self.show_error(load_error_text(self.error))
+                self.show_error(load_error_text(self.error), self.error.get("kind"))
             else:
                 self.query_one("#model-path", Input).focus()
 
@@ -187,12 +186,12 @@ class ModelScreen(Screen):
         if what:
             self.query_one("#progress-text", Static).update(Text(f"Loading {what} …"))
 
-    def show_error(self, message: str) -> None:
-        """Back to the form with ``message``; the cursor goes to the field the message is about (the strategy
-        for a strategy or device mistake, else the model), so that typing on corrects that one."""
+    def show_error(self, message: str, kind: str | None = None) -> None:
+        """Back to the form with ``message``; the cursor goes to the field the error is about (the strategy for a
+        strategy or device mistake, by its ``kind``, else the model), so that typing on corrects that one."""
         self.set_loading("")
         self.query_one("#model-error", Static).update(Text(message))
-        self.query_one(f"#{error_field(message)}", Input).focus()
+        self.query_one(f"#{error_field(kind)}", Input).focus()
 
     def link_status(self, status: dict) -> None:
         """A daemon status arrived: close when the model is loaded, show progress while one loads, and what
@@ -202,7 +201,7 @@ class ModelScreen(Screen):
         if not model.get("loading") and error and error != self.error:
             self.error = error                   # e.g. the load the daemon was started with
             if self.loading or self.first_run:
-                self.show_error(load_error_text(error))
+                self.show_error(load_error_text(error), error.get("kind"))
         elif model.get("loaded") and not model.get("loading") and (self.loading or self.first_run):
             self.dismiss(True)
         elif model.get("loading") and not self.loading:
@@ -210,11 +209,11 @@ class ModelScreen(Screen):
         if model.get("loading") and model.get("note"):
             self.query_one("#model-progress .explain", Static).update(Text(model["note"]))
 
-    def finished(self, ok: bool, message: str) -> None:
+    def finished(self, ok: bool, message: str, kind: str | None = None) -> None:
         if ok:
             self.dismiss(True)
         else:
-            self.show_error(f"The model did not load: {message}")
+            self.show_error(f"The model did not load: {message}", kind)
 
     # -- strategies that fit the checkpoint (the planner, ``rwkv-chat plan --suggest``)
     @on(Input.Changed, "#model-path")

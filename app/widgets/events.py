@@ -61,8 +61,9 @@ class RequestFailed(Message):
 
 @dataclass
 class LoadFinished(Message):
-    """A model load ended: ``ok``, and the daemon's error text when not."""
+    """A model load ended: ``ok``, and the daemon's error text and kind (e.g. "StrategyError") when not."""
 
     ok: bool
     message: str = ""
     info: dict = field(default_factory=dict)
+    kind: str = ""

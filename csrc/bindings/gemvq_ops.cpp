@@ -129,7 +129,7 @@ void gemvq_i4_norm_cuda(const at::Tensor& x, const at::Tensor& qweight, const at
     const int64_t K = x.size(1);
     check_tensor(ln_w, op, "ln_w", kCUDA, x.scalar_type(), {K});
     TORCH_CHECK(reinterpret_cast<uintptr_t>(ln_w.data_ptr()) % 16 == 0, op, ": ln_w must be 16-byte aligned");
-    TORCH_CHECK(eps > 0, op, ": eps must be positive, got ", eps);
+    TORCH_CHECK((float)eps > 0.f, op, ": eps must be positive in float32, got ", eps);
     GemvqEntry& E = entries.back();
     E.act = rms ? kGemvqActRmsNorm : kGemvqActLayerNorm;
     E.ln_w = ln_w.data_ptr();
@@ -138,6 +138,7 @@ void gemvq_i4_norm_cuda(const at::Tensor& x, const at::Tensor& qweight, const at
         check_tensor(*ln_b, op, "ln_b", kCUDA, x.scalar_type(), {K});
         TORCH_CHECK(reinterpret_cast<uintptr_t>(ln_b->data_ptr()) % 16 == 0, op, ": ln_b must be 16-byte aligned");
         E.ln_b = ln_b->data_ptr();
+        check_same_device(op, {x, *ln_b});
     }
     check_same_device(op, {x, ln_w});
     run(op, true, act, rows, entries, x);

@@ -203,7 +203,9 @@ def _stack_many(p: dict, f: dict) -> None:
             f["low1"][i, :, :a.shape[1]] = a
             f["low2"][i, :b.shape[0]] = b
     big = [p[n] for n in _BIG[:3]]
-    if all(isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape == big[0].shape
+    # on the layer's device only: a streamed layer's matrices stay in the streamer's pinned host memory
+    dev = p["ln1.weight"].device
+    if all(isinstance(w, torch.Tensor) and w.device == dev and w.dim() == 2 and w.shape == big[0].shape
            and w.dtype == big[0].dtype and w.dtype in (torch.float16, torch.bfloat16, torch.float32) for w in big):
         rkv = torch.empty(3, big[0].shape[1], big[0].shape[0], dtype=big[0].dtype, device=big[0].device)
         for i, n in enumerate(_BIG[:3]):

@@ -70,7 +70,7 @@ def convert(src: str | Path, out: str | Path, strategy: str | None = None,
     if not out.resolve().parent.is_dir():
         raise CheckpointError(f"output {out}: the folder {out.resolve().parent} does not exist")
     if (done := converted_metadata(src)) is not None:
-        raise CheckpointError(f"{src} was already converted (for {done.get('strategy')!r}): its weights are packed; "
+        raise CheckpointError(f"{src} was already converted (for {done.get('strategy')!r}) by rwkv-chat convert; "
                               "convert the original checkpoint")
     w = loader.read_checkpoint(src)
     spec = loader.inspect(w)

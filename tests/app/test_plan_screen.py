@@ -60,11 +60,13 @@ def test_a_failed_load_puts_the_cursor_in_the_field_it_is_about():
         async with app.run_test() as pilot:
             await pilot.pause()
             screen = app.screen
-            for message, field in (("StrategyError: unknown dtype 'fp64' in strategy 'cpu fp64'", "model-strategy"),
-                                   ("DeviceError: CUDA is not available in this torch build", "model-strategy"),
-                                   ("CheckpointError: /x/y.pth: checkpoint not found", "model-path")):
+            for message, kind, field in (
+                    ("unknown dtype 'fp64' in strategy 'cpu fp64'", "StrategyError", "model-strategy"),
+                    ("CUDA is not available in this torch build", "DeviceError", "model-strategy"),
+                    ("/cuda-models/y.pth with strategy 'cuda fp16': checkpoint not found", "CheckpointError",
+                     "model-path")):
                 screen.set_loading("/x/y.pth")
-                screen.finished(False, message)
+                screen.finished(False, message, kind)
                 await pilot.pause()
                 assert app.focused is not None and app.focused.id == field, (message, app.focused)
                 assert message in str(screen.query_one("#model-error").render())

@@ -250,6 +250,9 @@ def test_cli_names_conversations_by_id_prefix_or_title_and_refuses_bad_names(dae
     r = cli(daemon_home, "conversations", "rm", "tri", check=False)          # a short prefix removes nothing
     assert r.returncode == 2 and "at least 4 characters" in r.stderr and r.stderr.count("\n") == 1, r.stderr
     assert [c.id for c in client.find("trip0a")] == ["trip0a1b2c"]
+    client.create_conversation(title="ab", conversation_id="ab12cd34")
+    cli(daemon_home, "conversations", "rm", "ab")                            # a short title is a title
+    assert not client.find("ab12")
 
 
 def test_ctrl_c_cancels_the_generation_in_the_daemon(daemon_home, client):

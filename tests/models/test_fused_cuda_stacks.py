@@ -16,6 +16,7 @@ C, DIMS = 64, {"w": 16, "a": 12, "v": 8, "g": 24}
 def _layer(first: bool, dtype=torch.float64) -> dict:
     g = torch.Generator().manual_seed(3 + first)
     p = {f"att.x_{m}": torch.randn(C, generator=g, dtype=dtype) for m in "rwkvag"}
+    p["ln1.weight"] = torch.ones(C, dtype=dtype)
     for m, d in DIMS.items():
         if m == "v" and first:
             continue
@@ -69,3 +70,7 @@ def test_mismatched_rkv_are_left_alone():
     p["att.value.weight"] = p["att.value.weight"].half()        # a dtype unlike the others: no stack
     fused_cuda._stack_many(p, f)
     assert "rkv" not in f
+    p, f = _layer(False, torch.float32), {}
+    p["ln1.weight"] = p["ln1.weight"].to("meta")     # the layer on another device than r/k/v (a streamed layer's
+    fused_cuda._stack_many(p, f)                     # matrices stay in the streamer's host memory)
+    assert "rkv" not in f and p["att.key.weight"].device.type == "cpu"

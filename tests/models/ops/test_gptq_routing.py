@@ -42,8 +42,9 @@ def test_rows_are_regrouped_as_the_reference_returns_them(monkeypatch, B, S, wid
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-3, atol=2e-3)
 
 
-def test_the_gptq_layout_and_g_idx_keep_the_triton_form(monkeypatch):
-    """Weights in the GPTQ layout ([K/8, N] contiguous) or with g_idx never reach the compiled GEMV."""
+def test_g_idx_and_block_sweeps_keep_the_triton_form(monkeypatch):
+    """Weights with g_idx (act order) and explicit block shapes (sweeps) never reach the compiled GEMV (the GPTQ
+    layout, [K/8, N] contiguous, is refused by ``norm_gemv_i4`` itself: ``qweight.t()`` is not contiguous)."""
     calls = []
     monkeypatch.setattr(gptq, "check_cuda", lambda tensors: None)
     monkeypatch.setattr(dispatch, "norm_gemv_i4", _torch_norm_gemv(calls))
