@@ -13,15 +13,18 @@ from rwkv_chat.app.screens.first_run import ModelScreen, suggest_strategies
 DEVICES = ["cpu", "cuda:0 Some GPU"]
 
 
+class Host(App):
+    """An app showing only the model screen."""
+
+    def on_mount(self) -> None:
+        self.push_screen(ModelScreen(DEVICES))
+
+
 def test_model_screen_lists_strategies_that_fit(model_path):
     from rwkv_chat.models.plan import suggest
 
     path = model_path("7")
     want = suggest(path)                        # the planner in this process: this machine's devices
-
-    class Host(App):
-        def on_mount(self) -> None:
-            self.push_screen(ModelScreen(DEVICES))
 
     async def run() -> None:
         app = Host()
@@ -50,10 +53,6 @@ def test_model_screen_lists_strategies_that_fit(model_path):
 def test_a_failed_load_puts_the_cursor_in_the_field_it_is_about():
     """Typing after a failed load corrects what failed: the strategy after a strategy or device mistake, the
     model path after any other."""
-
-    class Host(App):
-        def on_mount(self) -> None:
-            self.push_screen(ModelScreen(DEVICES))
 
     async def run() -> None:
         app = Host()
