@@ -140,7 +140,8 @@ def _print_status(st: dict) -> None:
               f"vocab {mdl['vocab_size']}, tokenizer {mdl['tokenizer']})")
         print(f"strategy: {mdl['strategy']}")
         for line in str(mdl.get("plan", "")).splitlines():
-            if not line.strip().startswith("Backend:"):
+            # the stages; not the per-layer list ("0-cpu-float32-float32 1-…", `rwkv-chat plan` shows it)
+            if line.startswith(("Strategy:", "*")):
                 print(f"  {line}")
         print(f"serving: {serving(mdl)}")
     else:

@@ -27,7 +27,7 @@ FIELDS = [
     ("alpha_frequency", "Frequency penalty", float, 0.0, None),
     ("alpha_decay", "Penalty decay", float, 0.0, 1.0),
     ("max_tokens", "Max tokens", int, 1, None),
-    ("seed", "Seed (empty: random)", int, 0, 2**63 - 1),
+    ("seed", "Seed", int, 0, 2**63 - 1),
 ]
 
 
@@ -66,7 +66,8 @@ class SamplingPanel(VerticalScroll, can_focus=False):
         with Grid(id="sampling-fields"):
             for key, label, *_ in FIELDS:
                 yield Label(label, classes="field-label")
-                yield Input(id=f"s-{key}", compact=True, select_on_focus=False)
+                yield Input(id=f"s-{key}", compact=True, select_on_focus=False,
+                            placeholder="random" if key == "seed" else "")      # an empty seed: random
         with Horizontal(classes="buttons"):
             yield Button("Apply", id="sampling-apply", variant="primary", compact=True)
             yield Button("Defaults", id="sampling-reset", compact=True)

@@ -46,9 +46,10 @@ class Sidebar(Vertical):
         ol.clear_options()
         for c in self.items:
             label = Text(title_of(c), overflow="ellipsis", no_wrap=True)
-            label.append(f" ({exchanges(c)})", style="dim")       # as `rwkv-chat conversations list` counts
             shown = "c" + "x" * (len(c.id) - 1) if getattr(self.app, "snapshot", False) else c.id   # random ids
-            label.append(f"\n{shown}", style="dim")     # what `rwkv-chat chat --conversation ID` takes
+            # the id (what `rwkv-chat chat --conversation ID` takes) and the exchanges (as `rwkv-chat conversations
+            # list` counts them) on the second line: a long title no longer pushes the count onto a line of its own
+            label.append(f"\n{shown} ({exchanges(c)})", style="dim")
             ol.add_option(Option(label, id=c.id))
         self.highlight(current)
 

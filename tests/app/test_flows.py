@@ -140,7 +140,7 @@ async def test_switching_conversations_by_keyboard_with_their_own_history(fresh_
         await wait_for(pilot, lambda: app.chat.infos[b].title == "Bananas are yellow", what="the title")
         sidebar = app.chat.query_one("Sidebar")
         shown = [str(o.prompt).split("\n") for o in sidebar.query_one("OptionList").options]
-        assert ["Bananas are yellow (1)", b] in shown                 # title (exchanges), then the id
+        assert ["Bananas are yellow", f"{b} (1)"] in shown             # the title, then the id (exchanges)
         await pilot.press("ctrl+down")                              # the older conversation, below it
         await wait_for(pilot, lambda: app.chat.cid == a.id and len(app.chat.log_view.messages()) == 2,
                        what="switched down")

@@ -195,6 +195,7 @@ def test_status_doctor_and_second_start(daemon_home, model_path):
     assert st_["memory"]["rss_bytes"] > 0 and "cpu" in st_["devices"] and st_["uptime"] > 0
     human = cli(daemon_home, "daemon", "status").stdout
     assert "RWKV v5.2" in human and "cpu fp32" in human
+    assert "  * cpu fp32, store" in human and "0-cpu-float32" not in human    # the stages, not every layer
     prompts = st_["home"]["sessions"]["prompt_cache"]           # the three tiers of shared prompt states
     assert prompts["device_budget"] == Config().daemon.prompt_cache_device_bytes
     assert set(prompts["hits"]) == {"device", "ram", "disk"}
