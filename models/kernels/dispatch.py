@@ -23,6 +23,7 @@ from rwkv_chat.models.formats.i4 import Int4Weight
 from rwkv_chat.models.kernels import available
 from rwkv_chat.models.kernels.checks import check_mm8, check_wkv4, check_wkv5, check_wkv7
 from rwkv_chat.models.ops import gemv as _gemv
+from rwkv_chat.models.ops.gptq import norm_rows
 from rwkv_chat.models.rwkv import wkv as _wkv
 
 #: the pure-torch paths serving the calls whose compiled op is not loaded
@@ -268,10 +269,15 @@ def _probe_gemvq(device: torch.device) -> str | None:
                     _op("cuda", "gemvq_f8")(xl, q8l.w8.view(torch.uint8), q8l.scale.contiguous(), y)
                     checks.append(("gemvq_f8 (K in tiles)", y, _f8.mmf8_torch(xl, q8l)))
                 for name, got, want in checks:
-                    err = float((got.float() - want.float()).abs().max() / want.float().abs().max().clamp_min(1e-6))
+                    err = _probe_error(got, want)
                     if not err < 2e-2:
                         return f"{name} differs from the torch product ({dtype}, {rows} rows: relative error {err:.3g})"
     return None
+
+
+def _probe_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """A probe's measure: the largest difference relative to the largest |want| (half-precision rounding ~1e-3)."""
+    return float((got.float() - want.float()).abs().max() / want.float().abs().max().clamp_min(1e-6))
 
 
 def _probe_gemvq_norm(device: torch.device) -> str | None:
@@ -290,22 +296,11 @@ def _probe_gemvq_norm(device: torch.device) -> str | None:
                     y = torch.empty(rows, 72, dtype=dtype, device=device)
                     _op("cuda", "gemvq_i4_norm")(x, q4.storage, q4.qzeros, q4.scales, q4.group_size, lw, b, 1e-5,
                                                  rms, y)
-                    want = _i4.mm4_torch(_norm_torch(x, lw, b, 1e-5, rms), q4).float()
-                    err = float((y.float() - want).abs().max() / want.abs().max().clamp_min(1e-6))
+                    err = _probe_error(y, _i4.mm4_torch(norm_rows(x, lw, b, 1e-5, rms), q4))
                     if not err < 2e-2:
                         return (f"gemvq_i4_norm ({'RMS' if rms else 'Layer'}Norm) differs from the torch product "
                                 f"({dtype}, {rows} rows: relative error {err:.3g})")
     return None
-
-
-def _norm_torch(x, w, b, eps: float, rms: bool) -> torch.Tensor:
-    """LayerNorm (b may be None) or RMSNorm of x's rows in float32, rounded to x's dtype (``gemvq_i4_norm``'s
-    reference; the form of ``ops.gptq.fused_ln_qkv_gptq_reference``)."""
-    xf = x.float()
-    if rms:
-        return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps) * w.float()).to(x.dtype)
-    return torch.nn.functional.layer_norm(xf, (x.shape[-1],), w.float(), None if b is None else b.float(),
-                                          eps).to(x.dtype)
 
 
 def norm_gemv_i4(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group: int,

@@ -86,6 +86,26 @@ def _shape_out(flat: torch.Tensor, B: int, S: int, widths):
     return tuple(t.view(B, S, w) for t, w in zip((q, k, v), widths))
 
 
+def norm_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float,
+              rms: bool = False) -> torch.Tensor:
+    """LayerNorm (``bias`` may be None) or, with ``rms``, RMSNorm of x's last dim in float32, rounded to x's
+    dtype: the norm of ``fused_ln_qkv_gptq_reference`` (and of the compiled form's checks)."""
+    xf = x.float()
+    if rms:
+        return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
+    return torch.nn.functional.layer_norm(xf, (x.shape[-1],), weight.float(), None if bias is None else bias.float(),
+                                          eps).to(x.dtype)
+
+
+def _regroup(y: torch.Tensor, B: int, S: int, widths):
+    """The op's result from the products y [B*S, N] of the concatenated q|k|v: each projection's rows together."""
+    if y.shape[0] == 1:
+        return _shape_out(y.view(-1), B, S, widths)
+    nq, nk, _ = widths
+    return _shape_out(torch.cat([y[:, :nq].reshape(-1), y[:, nq:nq + nk].reshape(-1), y[:, nq + nk:].reshape(-1)]),
+                      B, S, widths)
+
+
 def fused_ln_qkv_gptq(input: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                       ln_weight: torch.Tensor, ln_bias: torch.Tensor | None, groupsize: int, eps: float = 1e-5, *,
                       widths: tuple[int, int, int] | None = None, g_idx: torch.Tensor | None = None,
@@ -128,11 +148,7 @@ def fused_ln_qkv_gptq(input: torch.Tensor, qweight: torch.Tensor, qzeros: torch.
 
         y = dispatch.norm_gemv_i4(x, qweight, qzeros, scales, groupsize, ln_weight, ln_bias, eps, rms)
         if y is not None:
-            if M == 1:
-                return _shape_out(y.view(-1), B, S, widths)
-            nq, nk, _ = widths
-            return _shape_out(torch.cat([y[:, :nq].reshape(-1), y[:, nq:nq + nk].reshape(-1),
-                                         y[:, nq + nk:].reshape(-1)]), B, S, widths)
+            return _regroup(y, B, S, widths)
     k = triton_kernels("rwkv_chat.models.ops._gptq_kernels", "fused_ln_qkv_gptq")
     out = torch.empty(M * N, dtype=input.dtype, device=input.device)
     bias = ln_bias if ln_bias is not None and not rms else ln_weight
@@ -168,17 +184,8 @@ def fused_ln_qkv_gptq_reference(input, qweight, qzeros, scales, ln_weight, ln_bi
     errors (no DeviceError: it runs anywhere)."""
     widths = _check(input, qweight, qzeros, scales, ln_weight, ln_bias, groupsize, eps, widths, g_idx, rms)
     B, S, H = input.shape
-    xf = input.float()
-    if rms:
-        xn = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps) * ln_weight.float()
-    else:
-        xn = torch.nn.functional.layer_norm(xf, (H,), ln_weight.float(),
-                                            None if ln_bias is None else ln_bias.float(), eps)
     w = Int4Weight(qweight, qzeros, scales, g_idx, groupsize).dequantize(input.dtype)
-    y = (xn.to(input.dtype) @ w).reshape(B * S, -1)
-    nq, nk, _ = widths
-    flat = torch.cat([y[:, :nq].reshape(-1), y[:, nq:nq + nk].reshape(-1), y[:, nq + nk:].reshape(-1)])
-    return _shape_out(flat, B, S, widths)
+    return _regroup((norm_rows(input, ln_weight, ln_bias, eps, rms) @ w).reshape(B * S, -1), B, S, widths)
 
 
 def _v7_check(x, dx, ln_weight, ln_bias, shift, mix6, weights):

@@ -241,6 +241,7 @@ def case_gemvq_norm(rows, K, N, dtype, device, seed, rms=False, bias=True, shift
     in float64; shift: a common offset of x (the LayerNorm's mean)."""
     from rwkv_chat.models.formats import i4
     from rwkv_chat.models.kernels import dispatch
+    from rwkv_chat.models.ops.gptq import norm_rows
 
     _gemvq_built(device)
     g = _gen(seed, device)
@@ -251,7 +252,7 @@ def case_gemvq_norm(rows, K, N, dtype, device, seed, rms=False, bias=True, shift
     y = dispatch.norm_gemv_i4(x, q.qweight, q.qzeros, q.scales, q.group_size, w, b, 1e-5, rms)
     if y is None:
         raise AssertionError("norm_gemv_i4 did not serve the product")
-    return rel_err(y, dispatch._norm_torch(x, w, b, 1e-5, rms).double() @ q.dequantize(torch.float64))
+    return rel_err(y, norm_rows(x, w, b, 1e-5, rms).double() @ q.dequantize(torch.float64))
 
 
 def case_gemm(rows, K, M, dtype, device, seed):

@@ -10,6 +10,7 @@ import torch
 
 from rwkv_chat.models.formats import f8, i4
 from rwkv_chat.models.kernels import dispatch
+from rwkv_chat.models.ops.gptq import norm_rows
 
 
 def _ops(wrong: bool = False, broken: bool = False, no_act: bool = False, no_norm: bool = False):
@@ -24,7 +25,7 @@ def _ops(wrong: bool = False, broken: bool = False, no_act: bool = False, no_nor
             i4_op(torch.relu(x).square() if a == 3 and not no_act else x, st, z, sc, g, y)
 
     def i4_norm(x, storage, qzeros, scales, group, w, b, eps, rms, y):
-        i4_op(x if no_norm else dispatch._norm_torch(x, w, b, eps, rms), storage, qzeros, scales, group, y)
+        i4_op(x if no_norm else norm_rows(x, w, b, eps, rms), storage, qzeros, scales, group, y)
 
     def f8_op(x, w8, scale, y):
         y.copy_(f8.mmf8_torch(x, f8.Float8Weight(w8.view(torch.float8_e4m3fn), scale)))

@@ -17,7 +17,7 @@ def _torch_norm_gemv(calls):
     def norm_gemv_i4(x, qweight, qzeros, scales, group, w, b, eps, rms):
         calls.append(tuple(x.shape))
         q = i4.Int4Weight(qweight, qzeros, scales, None, group, output_major=True)
-        return i4.mm4_torch(dispatch._norm_torch(x, w, b, eps, rms), q)
+        return i4.mm4_torch(gptq.norm_rows(x, w, b, eps, rms), q)
     return norm_gemv_i4
 
 
