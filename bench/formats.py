@@ -74,17 +74,25 @@ def decode_rows(shape: str, batches: list[int], tokens: int) -> list[dict]:
 
 
 def fp8_gemm_row(n: int = 8192) -> dict:
+    """``fp8_gemm`` at n³ against the bf16 ``torch.matmul`` of the same call, both timed as CUDA graphs of
+    back-to-back calls (``bench/kernels.py``'s ``time_ms``, median of 7 replays): with per-row / per-column
+    scales (the form ``FP8Linear`` uses: a per token, b per output channel) and with one scale per operand."""
+    from bench.kernels import time_ms
     from rwkv_chat.models.ops import fp8_gemm, quantize_fp8
 
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     qa, sa = quantize_fp8(a)
     qb, sb = quantize_fp8(b.t().contiguous())
-    t_bf16 = _time(lambda: a @ b, 20)
-    t_fp8 = _time(lambda: fp8_gemm(qa, qb.t(), sa, sb.t(), output_dtype=torch.bfloat16), 20)
+    qa1, sa1 = quantize_fp8(a, granularity="tensor")
+    qb1, sb1 = quantize_fp8(b.t().contiguous(), granularity="tensor")
+    t_bf16 = time_ms(lambda i: a @ b, 1, iters=10) / 1e3
+    t_fp8 = time_ms(lambda i: fp8_gemm(qa, qb.t(), sa, sb.t(), output_dtype=torch.bfloat16), 1, iters=10) / 1e3
+    t_one = time_ms(lambda i: fp8_gemm(qa1, qb1.t(), sa1, sb1, output_dtype=torch.bfloat16), 1, iters=10) / 1e3
     flops = 2 * n ** 3
     return {"n": n, "bf16_ms": t_bf16 * 1e3, "fp8_ms": t_fp8 * 1e3, "ratio": t_bf16 / t_fp8,
-            "fp8_tflops": flops / t_fp8 / 1e12, "bf16_tflops": flops / t_bf16 / 1e12}
+            "fp8_tflops": flops / t_fp8 / 1e12, "bf16_tflops": flops / t_bf16 / 1e12,
+            "tensor_ms": t_one * 1e3, "tensor_ratio": t_bf16 / t_one}
 
 
 def gptq_rows(H: int = 4096, sweep: bool = False) -> list[dict]:
@@ -150,7 +158,9 @@ def table(dec: list[dict], gemm: dict | None, gptq: list[dict] | None, argv: lis
                      f"{r['gb_s']:.0f} | {r['step_mb']:.0f} | {r['backend']} |")
     if gemm:
         lines += ["", f"fp8_gemm {gemm['n']}³: {gemm['fp8_ms']:.2f} ms ({gemm['fp8_tflops']:.0f} TFLOP/s) vs bf16 "
-                      f"matmul {gemm['bf16_ms']:.2f} ms ({gemm['bf16_tflops']:.0f} TFLOP/s): {gemm['ratio']:.2f}×"]
+                      f"matmul {gemm['bf16_ms']:.2f} ms ({gemm['bf16_tflops']:.0f} TFLOP/s): {gemm['ratio']:.2f}× "
+                      f"(scales per row of a and per column of b; one scale per operand: {gemm['tensor_ms']:.2f} ms, "
+                      f"{gemm['tensor_ratio']:.2f}×; CUDA graphs, median of 7 replays)"]
     for g in gptq or ():
         lines += ["", f"fused_ln_qkv_gptq H={g['H']}, B=S=1, qweight {g['layout']} ({g['path']}): {g['us']:.1f} µs "
                       f"({g['gb_s']:.0f} "

@@ -31,17 +31,19 @@
 // zero point) leaves (q - z) or 16 (q - z) exactly, and one HFMA2 per pair and row multiplies by x, staged as
 // the matching half2 pairs, odd positions pre-divided by 16 (exact). A chunk's 32 products add up in half2
 // (16 per half), then in fp32 times the group's scale (each chunk lies in one group, group % 32 == 0). So that
-// fp16 neither overflows nor loses x, each row of x is staged times 2^e, a power of two taking the row's
-// largest |act(x)| into [32, 64): a half2 partial stays below 16 * 15 * 64 = 15,360; the result is multiplied
-// by 2^-e (exact): per 8 weights 4 LOP3, 1 shift and 4 HSUB2, and 4 HFMA2 per row.
+// fp16 neither overflows nor loses x, each staged chunk of x is multiplied by its own 2^e, a power of two taking
+// the chunk's largest |act(x)| into [32, 64) (computed as the chunk is staged: no pass over the row before it):
+// a half2 partial stays below 16 * 15 * 64 = 15,360, and the chunk's partial is multiplied by 2^-e (exact) with
+// the group's scale: per 8 weights 4 LOP3, 1 shift and 4 HSUB2, and 4 HFMA2 per row.
 // int4, bf16 / fp32 activations: fp32 arithmetic. The float with bits 0x4B000000 | (v & (15 << 4p)) is
 // 2^23 + q * 16^p (the nibble lands in the mantissa, p <= 4); subtracting the float 2^23 + z * 16^p gives
 // (q - z) * 16^p exactly. Values 0..4 are read from v at p = e, values 5..7 from v >> 16 at p = e - 4, so x[k]
 // is staged pre-multiplied by 16^-p(k % 8) (exact) and one fp32 FMA per value and row gives x[k] * (q - z);
 // a chunk's partial sum is multiplied by the group's scale once.
 // fp8: two e4m3 values to half2 by __nv_cvt_fp8x2_to_halfraw2 (cuda_fp8.h; one instruction on sm_89+); with fp16
-// activations one HFMA2 per pair and row, a chunk's 16 products summed in half2 (x staged times 2^e, the row's
-// largest |act(x)| in [4, 8): a partial stays below 8 * 448 * 8 = 28,672), then in fp32; else fp32 arithmetic.
+// activations one HFMA2 per pair and row, a chunk's 16 products summed in half2 (the chunk of x staged times its
+// 2^e, its largest |act(x)| in [4, 8): a partial stays below 8 * 448 * 8 = 28,672), then in fp32; else fp32
+// arithmetic.
 // The output's scale multiplies the finished sum.
 // act (GemvqAct): kGemvqActRelu2 stages relu(x)^2 rounded to the activation dtype (the reference rounds it so),
 // the RWKV channel-mix value's input, so its product needs no separate launch.
@@ -167,39 +169,17 @@ __device__ __forceinline__ float apply_act(float v, int act) {
     return v;
 }
 
-// Half2 form: per row r, 2^e (scale) and 2^-e (unscale) taking the row's largest |act(x)| into
-// [2^(TOP-1), 2^TOP) (1 for a row of zeros; e clamped to [-30, 30]). Every thread of the block takes part
-// (barriers).
-template <int R, int TOP>
-__device__ __forceinline__ void half_row_scales(const __half* __restrict__ x, int K, int rows, int act,
-                                                float* scale, float* unscale, unsigned* amax) {
-    if (threadIdx.x < R) amax[threadIdx.x] = 0u;
-    __syncthreads();
+// Half2 form: 2^e for one staged chunk of n values v (after the activation), taking its largest |v| into
+// [2^(TOP-1), 2^TOP) (e clamped to [-30, 30]: a chunk of zeros gets 2^30); *unscale = 2^-e.
+template <int TOP, int n>
+__device__ __forceinline__ float chunk_scale(const float* v, float* unscale) {
+    float m = 0.f;
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-        if (r < rows) {
-            float m = 0.f;
-            const uint4* src = reinterpret_cast<const uint4*>(x + (long)r * K);
-#pragma unroll 1
-            for (int i = threadIdx.x; i < K / 8; i += kThreads) {
-                Vec16<__half> u;
-                u.q = __ldcg(src + i);
-#pragma unroll
-                for (int e = 0; e < 8; ++e) m = fmaxf(m, fabsf(apply_act<__half>(to_f32(u.v[e]), act)));
-            }
-#pragma unroll
-            for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
-            if ((threadIdx.x & 31) == 0) atomicMax(amax + r, __float_as_uint(m));   // m >= 0: bits order as values
-        }
-    }
-    __syncthreads();
-    if (threadIdx.x < R) {
-        const int E = (int)((amax[threadIdx.x] >> 23) & 255u);           // amax in [2^(E-127), 2^(E-126))
-        const int e = max(-30, min(30, 126 + TOP - E));
-        scale[threadIdx.x] = __uint_as_float((uint32_t)(127 + e) << 23);
-        unscale[threadIdx.x] = __uint_as_float((uint32_t)(127 - e) << 23);
-    }
-    __syncthreads();
+    for (int e = 0; e < n; ++e) m = fmaxf(m, fabsf(v[e]));
+    const int E = (int)((__float_as_uint(m) >> 23) & 255u);             // m in [2^(E-127), 2^(E-126))
+    const int e = max(-30, min(30, 126 + TOP - E));
+    *unscale = __uint_as_float((uint32_t)(127 - e) << 23);
+    return __uint_as_float((uint32_t)(127 + e) << 23);
 }
 
 __host__ __device__ __forceinline__ bool is_norm(int act) {
@@ -208,23 +188,19 @@ __host__ __device__ __forceinline__ bool is_norm(int act) {
 
 // The norms (kGemvqActLayerNorm / kGemvqActRmsNorm): per row r the mean (0 for RMSNorm) and 1 / sqrt(var + eps)
 // (RMSNorm: 1 / sqrt(mean(x^2) + eps)) in float32 from one pass over the row (sums of x - x[0], shifted against
-// cancellation; a fixed-order reduction: the same bits every run), and for the half2 form scale / unscale as
-// half_row_scales sets them, from a bound of the largest |normed x|: max |x - mean| * rstd * max |ln_w| +
-// max |ln_b| (any power of two keeps the half values exact; the bound only keeps the sums in range). Every thread
-// of the block takes part (barriers).
-template <typename F, int R, int TOP>
-__device__ __forceinline__ void norm_stats(const F* __restrict__ x, const GemvqArgs& a, int rows, bool half_form,
-                                           float* scale, float* unscale, float* nmean, float* nrstd) {
+// cancellation; a fixed-order reduction: the same bits every run). Every thread of the block takes part (barriers).
+template <typename F, int R>
+__device__ __forceinline__ void norm_stats(const F* __restrict__ x, const GemvqArgs& a, int rows, float* nmean,
+                                           float* nrstd) {
     constexpr int V = 16 / sizeof(F);
-    __shared__ float red[kWarps][R][4];
-    __shared__ float wred[kWarps][2];
+    __shared__ float red[kWarps][R][2];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, K = a.K;
     const bool rms = a.act == kGemvqActRmsNorm;
 #pragma unroll
     for (int r = 0; r < R; ++r) {
         if (r < rows) {
             const float shift = rms ? 0.f : to_f32(x[(long)r * K]);
-            float s1 = 0.f, s2 = 0.f, mx = -INFINITY, mn = INFINITY;
+            float s1 = 0.f, s2 = 0.f;
             const uint4* src = reinterpret_cast<const uint4*>(x + (long)r * K);
 #pragma unroll 1
             for (int i = threadIdx.x; i < K / V; i += kThreads) {
@@ -235,83 +211,48 @@ __device__ __forceinline__ void norm_stats(const F* __restrict__ x, const GemvqA
                     const float v = to_f32(u.v[e]), d = v - shift;
                     s1 += d;
                     s2 = fmaf(d, d, s2);
-                    mx = fmaxf(mx, v);
-                    mn = fminf(mn, v);
                 }
             }
 #pragma unroll
             for (int off = 16; off > 0; off >>= 1) {
                 s1 += __shfl_xor_sync(0xffffffffu, s1, off);
                 s2 += __shfl_xor_sync(0xffffffffu, s2, off);
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-                mn = fminf(mn, __shfl_xor_sync(0xffffffffu, mn, off));
             }
             if (lane == 0) {
                 red[warp][r][0] = s1;
                 red[warp][r][1] = s2;
-                red[warp][r][2] = mx;
-                red[warp][r][3] = mn;
             }
         }
-    }
-    float wm = 0.f, bm = 0.f;
-    const F* lw = static_cast<const F*>(a.ln_w);
-    const F* lb = rms ? nullptr : static_cast<const F*>(a.ln_b);
-#pragma unroll 1
-    for (int i = threadIdx.x; i < K / V; i += kThreads) {
-        Vec16<F> u;
-        u.q = __ldg(reinterpret_cast<const uint4*>(lw) + i);
-#pragma unroll
-        for (int e = 0; e < V; ++e) wm = fmaxf(wm, fabsf(to_f32(u.v[e])));
-        if (lb) {
-            u.q = __ldg(reinterpret_cast<const uint4*>(lb) + i);
-#pragma unroll
-            for (int e = 0; e < V; ++e) bm = fmaxf(bm, fabsf(to_f32(u.v[e])));
-        }
-    }
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) {
-        wm = fmaxf(wm, __shfl_xor_sync(0xffffffffu, wm, off));
-        bm = fmaxf(bm, __shfl_xor_sync(0xffffffffu, bm, off));
-    }
-    if (lane == 0) {
-        wred[warp][0] = wm;
-        wred[warp][1] = bm;
     }
     __syncthreads();
     const int r = threadIdx.x;
     if (r < R && r < rows) {
-        float s1 = 0.f, s2 = 0.f, mx = -INFINITY, mn = INFINITY, w = 0.f, b = 0.f;
+        float s1 = 0.f, s2 = 0.f;
         for (int k = 0; k < kWarps; ++k) {
             s1 += red[k][r][0];
             s2 += red[k][r][1];
-            mx = fmaxf(mx, red[k][r][2]);
-            mn = fminf(mn, red[k][r][3]);
-            w = fmaxf(w, wred[k][0]);
-            b = fmaxf(b, wred[k][1]);
         }
-        float mean, rstd, dev;
         if (rms) {
-            mean = 0.f;
-            rstd = rsqrtf(s2 / K + a.eps);
-            dev = fmaxf(fabsf(mx), fabsf(mn));
+            nmean[r] = 0.f;
+            nrstd[r] = rsqrtf(s2 / K + a.eps);
         } else {
             const float m1 = s1 / K;
-            mean = to_f32(x[(long)r * K]) + m1;
-            rstd = rsqrtf(fmaxf(s2 / K - m1 * m1, 0.f) + a.eps);
-            dev = fmaxf(mx - mean, mean - mn);
-        }
-        nmean[r] = mean;
-        nrstd[r] = rstd;
-        if (half_form) {
-            const float bound = dev * rstd * w + b;
-            const int E = (int)((__float_as_uint(bound) >> 23) & 255u);
-            const int e = max(-30, min(30, 126 + TOP - E));
-            scale[r] = __uint_as_float((uint32_t)(127 + e) << 23);
-            unscale[r] = __uint_as_float((uint32_t)(127 - e) << 23);
+            nmean[r] = to_f32(x[(long)r * K]) + m1;
+            nrstd[r] = rsqrtf(fmaxf(s2 / K - m1 * m1, 0.f) + a.eps);
         }
     }
     __syncthreads();
+}
+
+// Half2 form: the per-chunk 2^-e of the staged tile, float [rows, cap] after the staged x in shared memory.
+template <bool I4>
+__device__ __forceinline__ float* chunk_unscales(uint4* xs, int rows, int cap) {
+    return reinterpret_cast<float*>(xs + rows * (I4 ? 4 : 2) * cap);
+}
+
+template <bool I4>
+__device__ __forceinline__ const float* chunk_unscales(const uint4* xs, int rows, int cap) {
+    return reinterpret_cast<const float*>(xs + rows * (I4 ? 4 : 2) * cap);
 }
 
 // Stage act(x) rows [rows, K] of the tile [t0, t0 + len) in shared memory. fp32 form: chunk L of row r, quad d
@@ -321,8 +262,8 @@ __device__ __forceinline__ void norm_stats(const F* __restrict__ x, const GemvqA
 // values in order at uint4 [(r * 2 + h) * cap + L], h = 0, 1. One thread per chunk and row (16-byte loads of x).
 template <typename F, bool I4, bool NORM>
 __device__ __forceinline__ void stage_tile(const F* __restrict__ x, int K, int rows, int act, int t0, int len,
-                                           int cap, uint4* xs, const float* scale, const GemvqArgs& a,
-                                           const float* nmean, const float* nrstd) {
+                                           int cap, uint4* xs, const GemvqArgs& a, const float* nmean,
+                                           const float* nrstd) {
     constexpr int CE = Chunk<I4>::kElems, QD = Chunk<I4>::kQuads, V = 16 / sizeof(F);
     const int nch = len / CE;
     const bool norm = NORM && is_norm(act);
@@ -360,7 +301,7 @@ __device__ __forceinline__ void stage_tile(const F* __restrict__ x, int K, int r
             }
         }
         if constexpr (kHalf2<F> && !I4) {
-            const float s = scale[r];
+            const float s = chunk_scale<kTop<I4>, CE>(v, chunk_unscales<I4>(xs, rows, cap) + r * cap + L);
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
                 const float* w = v + 8 * h;
@@ -372,7 +313,8 @@ __device__ __forceinline__ void stage_tile(const F* __restrict__ x, int K, int r
                 xs[(r * 2 + h) * cap + L] = o;
             }
         } else if constexpr (kHalf2<F>) {
-            const float s = scale[r], s16 = s * 0.0625f;
+            const float s = chunk_scale<kTop<I4>, CE>(v, chunk_unscales<I4>(xs, rows, cap) + r * cap + L);
+            const float s16 = s * 0.0625f;
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
                 const float* w = v + 8 * j;
@@ -419,17 +361,22 @@ __device__ __forceinline__ void hfma_rows(const __half2 (&w)[kOuts][4], const ui
     }
 }
 
-// Half2 form, a chunk done: acc[o][r] += s[o] * (both halves of part[o][r]) in fp32.
+// Half2 form, a chunk done: acc[o][r] += s[o] * 2^-e(chunk, r) * (both halves of part[o][r]) in fp32; us: the
+// chunk's unscale of row 0 (rows cap apart).
 template <int R>
-__device__ __forceinline__ void finish_chunk(const float (&s)[kOuts], const __half2 (&part)[kOuts][R],
-                                             float (&acc)[kOuts][R]) {
+__device__ __forceinline__ void finish_chunk(const float (&s)[kOuts], const float* us, int cap, int rows,
+                                             const __half2 (&part)[kOuts][R], float (&acc)[kOuts][R]) {
 #pragma unroll
-    for (int o = 0; o < kOuts; ++o)
+    for (int r = 0; r < R; ++r) {
+        if (r < rows) {
+            const float u = us[r * cap];
 #pragma unroll
-        for (int r = 0; r < R; ++r) {
-            const float2 f = __half22float2(part[o][r]);
-            acc[o][r] = fmaf(s[o], f.x + f.y, acc[o][r]);
+            for (int o = 0; o < kOuts; ++o) {
+                const float2 f = __half22float2(part[o][r]);
+                acc[o][r] = fmaf(s[o] * u, f.x + f.y, acc[o][r]);
+            }
         }
+    }
 }
 
 // acc[o][r] += the products of step c's chunks (tile of nch chunks, staged x in xs), half2 form.
@@ -463,7 +410,7 @@ __device__ __forceinline__ void compute_step_half(const Step<true>& st, const ui
             hfma_rows<R>(w, xs, 4, j, cap, L, rows, part);
         }
         const float sc[kOuts] = {st.s[0][u], st.s[1][u]};
-        finish_chunk<R>(sc, part, acc);
+        finish_chunk<R>(sc, chunk_unscales<true>(xs, rows, cap) + L, cap, rows, part, acc);
     }
 }
 
@@ -496,7 +443,7 @@ __device__ __forceinline__ void compute_step_half_f8(const Step<false>& st, cons
             hfma_rows<R>(w, xs, 2, h, cap, L, rows, part);
         }
         const float one[kOuts] = {1.f, 1.f};
-        finish_chunk<R>(one, part, acc);
+        finish_chunk<R>(one, chunk_unscales<false>(xs, rows, cap) + L, cap, rows, part, acc);
     }
 }
 
@@ -599,7 +546,7 @@ __device__ __forceinline__ void compute_step_f32(const Step<I4>& st, const float
 // The finished item m of this warp: one warp-shuffle reduction per output and row, written by lane 0.
 template <typename F, int R, bool I4>
 __device__ __forceinline__ void write_item(const GemvqArgs& a, int first, int m, int lane, int rows,
-                                           const float* unscale, float (&acc)[kOuts][R]) {
+                                           float (&acc)[kOuts][R]) {
     F* __restrict__ y = static_cast<F*>(a.y);
     const int n0 = (first + m * a.stride) * kOuts;
 #pragma unroll
@@ -613,7 +560,6 @@ __device__ __forceinline__ void write_item(const GemvqArgs& a, int first, int m,
                 float v = acc[o][r];
 #pragma unroll
                 for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-                if constexpr (kHalf2<F>) v *= unscale[r];
                 if (lane == 0 && n < a.N) y[(long)r * a.N + n] = from_f32<F>(v * sc);
             }
             acc[o][r] = 0.f;
@@ -696,12 +642,12 @@ __device__ __forceinline__ void compute_step(const Step<I4>& st, const uint4* xs
 template <typename F, int R, bool I4>
 __device__ __forceinline__ void stream_step(Step<I4>& st, Loader<I4>& ld, const GemvqArgs& a, int& m, int& c,
                                             int first, int count, int lane, int rows, int nch, int spi,
-                                            const uint4* xs, const float* unscale, float (&acc)[kOuts][R]) {
+                                            const uint4* xs, float (&acc)[kOuts][R]) {
     compute_step<F, R, I4>(st, xs, nch, nch, c, lane, rows, acc);
     loader_step<I4>(st, ld, a, first, count, lane, nch, spi);
     if (++c >= spi) {
         c = 0;
-        write_item<F, R, I4>(a, first, m, lane, rows, unscale, acc);
+        write_item<F, R, I4>(a, first, m, lane, rows, acc);
         ++m;
     }
 }
@@ -732,17 +678,11 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) gemvq_kernel(GemvqBatc
     pdl_wait();
 
     extern __shared__ uint4 xs[];
-    __shared__ float scale[R], unscale[R], nmean[R], nrstd[R];
-    __shared__ unsigned amax[R];
+    __shared__ float nmean[R], nrstd[R];
     const F* __restrict__ x = static_cast<const F*>(a.x);
     const int rows = R == 1 ? 1 : batch.rows;
-    bool normed = false;
-    if constexpr (NORM) {
-        normed = is_norm(a.act);                           // uniform in the block (one product per block)
-        if (normed) norm_stats<F, R, kTop<I4>>(x, a, rows, kHalf2<F>, scale, unscale, nmean, nrstd);
-    }
-    if constexpr (kHalf2<F>)
-        if (!normed) half_row_scales<R, kTop<I4>>(x, a.K, rows, a.act, scale, unscale, amax);
+    if constexpr (NORM)
+        if (is_norm(a.act)) norm_stats<F, R>(x, a, rows, nmean, nrstd);   // uniform in the block (one product)
     float acc[kOuts][R];
 #pragma unroll
     for (int o = 0; o < kOuts; ++o)
@@ -750,15 +690,15 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) gemvq_kernel(GemvqBatc
         for (int r = 0; r < R; ++r) acc[o][r] = 0.f;
 
     if (a.tiles == 1) {
-        stage_tile<F, I4, NORM>(x, a.K, rows, a.act, 0, a.K, cap, xs, scale, a, nmean, nrstd);
+        stage_tile<F, I4, NORM>(x, a.K, rows, a.act, 0, a.K, cap, xs, a, nmean, nrstd);
         __syncthreads();
         const int total = count * spi;
         int m = 0, c = 0;
 #pragma unroll 1
         for (int i = 0; i < total; i += 2) {
-            stream_step<F, R, I4>(s0, ld, a, m, c, first, count, lane, rows, nch, spi, xs, unscale, acc);
+            stream_step<F, R, I4>(s0, ld, a, m, c, first, count, lane, rows, nch, spi, xs, acc);
             if (i + 1 < total)
-                stream_step<F, R, I4>(s1, ld, a, m, c, first, count, lane, rows, nch, spi, xs, unscale, acc);
+                stream_step<F, R, I4>(s1, ld, a, m, c, first, count, lane, rows, nch, spi, xs, acc);
         }
         return;
     }
@@ -768,7 +708,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) gemvq_kernel(GemvqBatc
     for (int t = 0; t < a.tiles; ++t) {
         const int t0 = t * a.tile, len = min(a.tile, a.K - t0), tch = len / CE;
         if (t > 0) __syncthreads();                        // everyone is done with tile t-1
-        stage_tile<F, I4, NORM>(x, a.K, rows, a.act, t0, len, cap, xs, scale, a, nmean, nrstd);
+        stage_tile<F, I4, NORM>(x, a.K, rows, a.act, t0, len, cap, xs, a, nmean, nrstd);
         __syncthreads();
         const int steps = (tch + kStepChunks - 1) / kStepChunks;
 #pragma unroll 1
@@ -778,7 +718,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) gemvq_kernel(GemvqBatc
             loader_step<I4>(s1, ld, a, first, count, lane, nch, spi);
         }
     }
-    write_item<F, R, I4>(a, first, 0, lane, rows, unscale, acc);
+    write_item<F, R, I4>(a, first, 0, lane, rows, acc);
 }
 
 int ceil_div(long a, long b) { return (int)((a + b - 1) / b); }
@@ -791,8 +731,9 @@ template <bool I4>
 int launch(int act, GemvqBatch b, cudaStream_t stream) {
     constexpr int CE = Chunk<I4>::kElems;
     if (b.n < 1 || b.n > kGemvqMaxEntries || b.rows < 1 || b.rows > kGemvqMaxRows) return kUnsupported;
-    const int bytes = act == static_cast<int>(ActType::F16) ? 2 : 4;   // per staged x value (half2 form: 2)
-    const int max_tile = (kSmemMax / bytes / b.rows) / CE * CE;
+    const bool half = act == static_cast<int>(ActType::F16);
+    const int per_chunk = half ? CE * 2 + 4 : CE * 4;          // staged bytes per chunk and row (half2: + 2^-e)
+    const int max_tile = (kSmemMax / b.rows / per_chunk) * CE;
     double work = 0;
     int smem = 0;
     bool norm = false;
@@ -812,7 +753,7 @@ int launch(int act, GemvqBatch b, cudaStream_t stream) {
         if (a.tile < CE) return kUnsupported;
         a.tiles = ceil_div(a.K, a.tile);
         a.items = ceil_div(a.N, kOuts);
-        smem = std::max(smem, b.rows * a.tile * bytes);
+        smem = std::max(smem, b.rows * (a.tile / CE) * per_chunk);
         if (a.tiles == 1) work += (double)a.N * a.K;
     }
     const int slots = device_sm_count() * kBlocksPerSm;
