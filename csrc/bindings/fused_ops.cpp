@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <cuda_runtime_api.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -96,6 +97,38 @@ void gemv_multi_cuda(at::TensorList xs, at::TensorList ws, at::TensorList ys, at
     check_launch(gemv_multi_launch(act, batch, c10::cuda::getCurrentCUDAStream()), op);
 }
 
+void ffn_rows_cuda(const at::Tensor& h, const at::Tensor& w, const at::Tensor& y, const at::Tensor& counters,
+                   bool skip_zeros, int64_t blocks_per_sm) {
+    const char* op = "rwkv_chat::ffn_rows_cuda";
+    const auto F = h.scalar_type();
+    const int act = act_code(h, op);
+    TORCH_CHECK(h.is_cuda() && w.device() == h.device() && y.device() == h.device() && counters.device() == h.device(),
+                op, ": tensors on one CUDA device");
+    TORCH_CHECK(h.dim() == 2 && w.dim() == 2 && y.dim() == 2 && h.size(1) == w.size(0) && y.size(0) == h.size(0) &&
+                    y.size(1) == w.size(1), op, ": h [rows, F], w [F, C], y [rows, C]; got ", h.sizes(), " ",
+                w.sizes(), " ", y.sizes());
+    TORCH_CHECK(h.size(0) >= 1 && h.size(0) <= kGemvMaxRows, op, ": 1..", kGemvMaxRows, " rows");
+    TORCH_CHECK(w.scalar_type() == F, op, ": w must be ", F);
+    TORCH_CHECK(y.scalar_type() == F || y.scalar_type() == at::kFloat, op, ": y must be ", F, " or float32");
+    TORCH_CHECK(w.is_contiguous() && h.stride(1) == 1 && y.stride(1) == 1, op,
+                ": w contiguous [F, C], rows of h and y contiguous");
+    TORCH_CHECK(counters.scalar_type() == at::kInt && counters.is_contiguous(), op, ": counters int32, contiguous");
+    TORCH_CHECK(blocks_per_sm >= 1 && blocks_per_sm <= 16, op, ": blocks_per_sm 1..16");
+    const int rows = (int)h.size(0), Fd = (int)w.size(0), C = (int)w.size(1);
+    const at::cuda::CUDAGuard guard(h.device());
+    int sms = 0;
+    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, h.get_device()) != cudaSuccess || sms < 1) sms = 1;
+    const FfnRowsPlan plan = ffn_rows_plan(act, rows, Fd, C, (int)blocks_per_sm, sms);
+    TORCH_CHECK(counters.numel() >= plan.tiles, op, ": counters must hold ", plan.tiles, " entries");
+    at::Tensor part;
+    if (plan.workspace > 0) part = at::empty({plan.workspace}, h.options().dtype(at::kFloat));
+    check_launch(ffn_rows_launch(act, plan, rows, Fd, C, h.data_ptr(), (long)h.stride(0), w.data_ptr(), y.data_ptr(),
+                                 (long)y.stride(0), y.scalar_type() == at::kFloat && F != at::kFloat,
+                                 plan.workspace > 0 ? part.data_ptr<float>() : nullptr, counters.data_ptr<int>(),
+                                 skip_zeros, c10::cuda::getCurrentCUDAStream()),
+                 op);
+}
+
 void v7_pre_cuda(const at::Tensor& k, const at::Tensor& v, const at::Tensor& wl, const at::Tensor& al,
                  const OptT& vl, const OptT& v_first, const at::Tensor& w0, const at::Tensor& a0,
                  const at::Tensor& k_k, const at::Tensor& k_a, const OptT& v0, const at::Tensor& w_out,
@@ -176,6 +209,8 @@ TORCH_LIBRARY_FRAGMENT(rwkv_chat, m) {
           "Tensor(b!)? shift_out, Tensor mix, Tensor(c!) out, int T) -> ()",
           &rwkv_chat::v7_mix_cuda);
     m.def("gemv_multi_cuda(Tensor[] xs, Tensor[] ws, Tensor(a!)[] ys, int[] acts) -> ()", &rwkv_chat::gemv_multi_cuda);
+    m.def("ffn_rows_cuda(Tensor h, Tensor w, Tensor(a!) y, Tensor(b!) counters, bool skip_zeros, "
+          "int blocks_per_sm=2) -> ()", &rwkv_chat::ffn_rows_cuda);
     m.def("v7_pre_cuda(Tensor k, Tensor v, Tensor wl, Tensor al, Tensor? vl, Tensor? v_first, Tensor w0, Tensor a0, "
           "Tensor k_k, Tensor k_a, Tensor? v0, Tensor(a!) w_out, Tensor(b!) k_out, Tensor(c!) v_out, "
           "Tensor(d!) a_out, Tensor(e!) b_out, int H) -> ()",

@@ -84,6 +84,9 @@ inline int device_sm_count() {
     return cache[dev];
 }
 
+// A launcher's return code: the launch's error, else any error the launch left pending (0: none).
+inline int launch_rc(cudaError_t e) { return (int)(e != cudaSuccess ? e : cudaGetLastError()); }
+
 // Launch a kernel that calls pdl_wait before touching data of earlier kernels, with programmatic stream
 // serialization where the device has it. Returns the launch's error code.
 template <typename... KArgs, typename... Args>

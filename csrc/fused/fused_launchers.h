@@ -67,4 +67,23 @@ int v7_tmix_one_launch(int act, int B, int H, int N, const void* r, const void* 
                        const void* a0, const void* k_k, const void* k_a, const void* v0, const void* r_k,
                        const void* lnw, const void* lnb, float* s, void* out, bool staged, cudaStream_t stream);
 
+// The channel-mix value product y = h @ W of decode steps for h [rows <= kGemvMaxRows, F] (row stride h_stride)
+// and W [F, C] input-major (contiguous), reading only the rows f of W where some h[m, f] != 0 (skip) or every row
+// (same bits): csrc/fused/ffn_rows.cu. y [rows, C] in the act dtype or float32 (y_f32), row stride y_stride.
+// ffn_rows_plan sizes the grid; part: float32 workspace of plan.workspace elements (none when 0); counters: int32,
+// at least plan.tiles, zero (left zero).
+struct FfnRowsPlan {
+    int tpr;          // threads per column tile (16 bytes of W each)
+    int tiles;        // column tiles
+    int slices;       // ranges of F, `per` rows each
+    int per;
+    int threads;      // per block
+    size_t smem;      // dynamic shared memory per block
+    long workspace;   // float32 elements of `part`
+};
+FfnRowsPlan ffn_rows_plan(int act, int rows, int F, int C, int blocks_per_sm, int sm_count);
+int ffn_rows_launch(int act, const FfnRowsPlan& plan, int rows, int F, int C, const void* h, long h_stride,
+                    const void* w, void* y, long y_stride, bool y_f32, float* part, int* counters, bool skip,
+                    cudaStream_t stream);
+
 }  // namespace rwkv_chat

@@ -599,8 +599,6 @@ __global__ void __launch_bounds__(N) v7_tmix_one_kernel(
     out[o] = from_f32<F>(post_elem<F, N>(y, rf, sk[i], vv, to_f32(g[o]), c, r_k, lnw, lnb, sh));
 }
 
-int launch_rc(cudaError_t e) { return (int)(e != cudaSuccess ? e : cudaGetLastError()); }
-
 }  // namespace
 
 int v7_mix_launch(int act, int rows, int T, int C, int n_mix, const void* x, const void* dx, void* x_out,

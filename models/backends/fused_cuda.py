@@ -10,11 +10,10 @@ Decode (``FusedCuda.decode_step``, one token for each of b rows), per layer:
   4. ``v7_tmix_one``: decay, in-context rate, kk normalization, v_first mix, the WKV-7 state step
      (state updated in place), per-head group norm, the r·k bonus and the gate;
   5. GEMV output; 6. ``v7_mix`` residual add + ln2 + shift + lerp; 7. GEMV key writing relu(k)²; 8. the value
-     product: by default the output-major grouped GEMV (``ffn="gemv"``); ``ffn="sparse"``:
-     ``ops.sparse_ffn.ffn_value`` (Triton), which reads only the rows of the input-major value matrix where some
-     row of relu(k)² is not zero (``"dense"``: the same kernel reading every row, same bits). On an H200 the
-     sparse kernel, skipping ~50% of the rows of random weights, is still slower than the grouped GEMV at 7.2B
-     (bench/results/h200.md), hence the default. The residual add of 8 happens in the next layer's step 1.
+     product: by default the output-major grouped GEMV (``ffn="gemv"``); ``ffn="sparse"``: the compiled row
+     kernel (``dispatch.ffn_rows``, ``csrc/fused/ffn_rows.cu``), which reads only the rows of the input-major value
+     matrix where some row of relu(k)² is not zero (``"dense"``: the same kernel reading every row, same bits;
+     benchmarks: bench/sparse_ffn.py). The residual add of 8 happens in the next layer's step 1.
 More than 4 rows (the mix lerps in ``MANY_ORDER``): r|k|v as one batched cuBLAS GEMM over a [3, C, C] stack
 (plain matrices), the v|w|a low-rank stages as two batched GEMMs (``low_rank_many``), g's and the channel-mix
 products as cuBLAS GEMMs, the WKV step one fused launch per layer. i8 weights (<= 4 rows) use the grouped mm8
@@ -47,7 +46,7 @@ from rwkv_chat.models.errors import StrategyError
 from rwkv_chat.models.formats.i4 import Int4Weight
 from rwkv_chat.models.formats.i8 import Int8Weight
 from rwkv_chat.models.kernels import dispatch
-from rwkv_chat.models.ops import _triton, gemv as triton_gemv, gptq as fused_gptq, sparse_ffn
+from rwkv_chat.models.ops import _triton, gemv as triton_gemv, gptq as fused_gptq
 
 GEMV_ROWS = 4           # rows served by the grouped GEMV kernel (more: cuBLAS)
 _BIG = ("att.receptance.weight", "att.key.weight", "att.value.weight", "att.output.weight",
@@ -82,8 +81,15 @@ def _output_major(w):
 
 
 def _rows_ok(w) -> bool:
-    """Whether ``sparse_ffn.ffn_value`` takes the value matrix w [F, C]: fp16 / bf16 on CUDA."""
+    """Whether the row kernel (``_value_rows``) gets the value matrix w [F, C] input-major: fp16 / bf16 on CUDA."""
     return isinstance(w, torch.Tensor) and w.is_cuda and w.dim() == 2 and w.dtype in (torch.float16, torch.bfloat16)
+
+
+def _value_rows(h, w, skip: bool, mm):
+    """The channel-mix value product h [b, F] @ w on the input-major w [F, C]: the compiled row kernel
+    (``dispatch.ffn_rows``: with ``skip`` the rows where h is zero in every row are left unread), else ``mm``."""
+    y = dispatch.ffn_rows(h, w, skip_zeros=skip)
+    return y if y is not None else mm(h, w)
 
 
 def _input_major(w):
@@ -254,10 +260,9 @@ class FusedCuda(Backend):
             graphs captured since would still point at the old matrices).
         ops: the eager ops (compiled kernels).
         ffn: the channel-mix value product of decode steps at <= 4 rows (``decode_step``'s default):
-            "gemv" (default: the grouped GEMV on the output-major matrix), "sparse" (``ops.sparse_ffn.ffn_value``
-            on the input-major matrix, rows where relu(k)² is zero for every row not read) or "dense" (the same
-            kernel reading every row; same bits). Without Triton, "gemv". The chosen one is named in
-            ``detail``.
+            "gemv" (default: the grouped GEMV on the output-major matrix), "sparse" (the compiled row kernel
+            ``dispatch.ffn_rows`` on the input-major matrix, rows where relu(k)² is zero for every row not read)
+            or "dense" (the same kernel reading every row; same bits). The chosen one is named in ``detail``.
         mix_rkv: int4 r/k/v through ``ops.gptq.fused_v7_mix_rkv_i4`` (ln1, the mixes and the three products in one
             Triton launch; probed). Off by default: its Triton GEMV read the int4 weights at ~0.4 TB/s on an H100
             (bench/results/h100.md), so v7_mix + the compiled grouped int4 GEMV serve.
@@ -273,8 +278,6 @@ class FusedCuda(Backend):
         super().__init__(ops)
         if ffn not in FFN_MODES:
             raise StrategyError(f"ffn must be one of {', '.join(FFN_MODES)}; got {ffn!r}")
-        if ffn != "gemv" and not _triton.available():
-            ffn = "gemv"
         #: the value product of decode steps at <= GEMV_ROWS rows: "sparse", "dense" or "gemv"
         self.ffn = ffn
         self.spec = model.spec
@@ -306,8 +309,8 @@ class FusedCuda(Backend):
         self.mix_rkv = self.mix_rkv_note is None
         #: prefill CUDA graphs where the whole model sits on one CUDA device
         self.captures_prefill = self.decodes
-        value = {"sparse": "channel-mix value skipping zero rows of relu(k)² (Triton)",
-                 "dense": "channel-mix value by the row kernel, dense (Triton)",
+        value = {"sparse": "channel-mix value skipping zero rows of relu(k)²",
+                 "dense": "channel-mix value by the row kernel, dense",
                  "gemv": "channel-mix value by the grouped GEMV"}[ffn]
         if self.mix_rkv:
             value += "; ln1 + mixes + int4 r/k/v in one launch (Triton)"
@@ -490,7 +493,7 @@ class FusedCuda(Backend):
             if ours and isinstance(fk, torch.Tensor) and isinstance(fv, torch.Tensor):
                 hk = _gemv([xk2[0]], [fk.t()], [RELU2_ON_OUTPUT])[0]     # relu(k) ** 2 written by the key GEMV
                 if fv.is_contiguous() and _rows_ok(fv) and fv.dtype == hk.dtype:   # input-major: zero rows skipped
-                    dx = sparse_ffn.ffn_value(hk, fv, skip_zeros=skip)
+                    dx = _value_rows(hk, fv, skip, mm)
                 else:
                     dx = _gemv([hk], [fv.t()], [0])[0]
             else:

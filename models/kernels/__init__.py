@@ -46,7 +46,7 @@ CPU_SOURCES = ("bindings/cpu_ops.cpp", "wkv4/wkv4_cpu.cpp", "wkv5/wkv5_cpu.cpp",
                "wkv7/wkv7_cpu.cpp", "mm8/mm8_cpu.cpp", "fused_cpu/fused_cpu.cpp")
 CUDA_SOURCES = ("bindings/cuda_ops.cpp", "bindings/fused_ops.cpp", "bindings/chunk_ops.cpp", "gemm/gemm_cuda.cpp",
                 "wkv4/wkv4_cuda.cu", "wkv5/wkv5_cuda.cu", "wkv6/wkv6_cuda.cu", "wkv7/wkv7_cuda.cu",
-                "wkv7/wkv7_chunk_cuda.cu", "mm8/mm8_cuda.cu", "fused/v7_fused.cu", "bindings/gemvq_ops.cpp",
+                "wkv7/wkv7_chunk_cuda.cu", "mm8/mm8_cuda.cu", "fused/v7_fused.cu", "fused/ffn_rows.cu", "bindings/gemvq_ops.cpp",
                 "gemvq/gemvq_cuda.cu")
 CPU_CFLAGS = ("-O3", "-std=c++17", "-fopenmp")
 CUDA_CFLAGS = ("-O3", "-std=c++17")

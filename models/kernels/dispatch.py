@@ -427,6 +427,38 @@ def gemvq_group(xs: list[torch.Tensor], qs: list, acts: list[int] | None = None)
     return None
 
 
+#: the most rows of h ``ffn_rows`` takes (decode batches served by the fused RWKV-7 step's GEMVs)
+FFN_ROWS_MAX = 4
+
+
+def ffn_rows(h: torch.Tensor, w: torch.Tensor, skip_zeros: bool = True, out_dtype: torch.dtype | None = None,
+             blocks_per_sm: int = 2) -> torch.Tensor | None:
+    """``h @ w`` for h [M, F] (1 <= M <= 4) and input-major w [F, C] (contiguous: row f holds the C weights of input
+    f), by the compiled row kernel (``csrc/fused/ffn_rows.cu``): the RWKV channel-mix value product of decode
+    steps, h = relu(k)². With ``skip_zeros`` the rows f where h[m, f] == 0 for every m are not read; without, every
+    row is (same bits). float32 accumulation in ascending f, rounded once -> [M, C] in ``out_dtype`` (h's dtype
+    by default, or float32). ``blocks_per_sm`` sizes the grid (benchmarks sweep it).
+
+    Returns None where the kernel does not serve (family not built, not one CUDA device, h and w not one of
+    fp16 / bf16 / fp32, shapes that do not chain, w not contiguous or its rows not 16-byte multiples, CUDA graph
+    capture before the device's split counters exist): the caller multiplies another way.
+    """
+    if not (isinstance(h, torch.Tensor) and isinstance(w, torch.Tensor) and h.is_cuda and w.device == h.device
+            and h.dim() == 2 and w.dim() == 2 and 1 <= h.shape[0] <= FFN_ROWS_MAX and h.shape[1] == w.shape[0]
+            and h.dtype == w.dtype and h.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and out_dtype in (None, h.dtype, torch.float32) and w.is_contiguous()
+            and (w.shape[1] * w.element_size()) % 16 == 0 and w.data_ptr() % 16 == 0
+            and available("cuda", "v7fused")):
+        return None
+    counters = _gemv._counters(h.device)
+    if counters is None:
+        return None
+    h = h if h.stride(1) == 1 else h.contiguous()
+    y = torch.empty(h.shape[0], w.shape[1], dtype=out_dtype or h.dtype, device=h.device)
+    _op("cuda", "ffn_rows")(h, w, y, counters, bool(skip_zeros), int(blocks_per_sm))
+    return y
+
+
 def _triton_ok() -> bool:
     from rwkv_chat.models.ops._triton import reason as triton_reason
 

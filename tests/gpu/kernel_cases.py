@@ -255,6 +255,47 @@ def case_gemvq_norm(rows, K, N, dtype, device, seed, rms=False, bias=True, shift
     return rel_err(y, norm_rows(x, w, b, 1e-5, rms).double() @ q.dequantize(torch.float64))
 
 
+def case_ffn_rows(rows, F, C, dtype, device, seed, dead=0.0, out_f32=False, graph=False):
+    """``dispatch.ffn_rows`` (the compiled row kernel of the channel-mix value product, ``csrc/fused/ffn_rows.cu``)
+    on h = relu(randn)² (``dead``: that share of rows zero in every row of h) and an input-major w [F, C] whose
+    rows that h leaves unread are NaN: against h @ w in float64 with those rows zero. The sparse result must be
+    finite (the NaN rows were not read) and the dense one (every row read) of the clean w bit-identical to it.
+    ``graph``: launched twice in a CUDA graph replay (the split counters reset themselves)."""
+    from rwkv_chat.models.kernels import dispatch
+
+    if not kernels.available("cuda", "v7fused"):
+        raise AssertionError("the v7fused family is not built: the case would test nothing")
+    g = _gen(seed, device)
+    h = torch.relu(_randn(g, rows, F)).square()
+    if dead:
+        h[:, torch.rand(F, generator=g) < dead] = 0
+    h = h.to(dtype).to(device)
+    w = _randn(g, F, C, scale=F ** -0.5).to(dtype).to(device)
+    unread = (h == 0).all(dim=0)
+    poisoned = w.clone()
+    poisoned[unread] = float("nan")
+    od = torch.float32 if out_f32 else None
+    ref = h.double() @ torch.where(unread[:, None], torch.zeros_like(w), w).double()
+    if graph:
+        dispatch.ffn_rows(h, poisoned, out_dtype=od)
+        torch.cuda.synchronize()
+        gr = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(gr):
+            got = dispatch.ffn_rows(h, poisoned, out_dtype=od)
+        for _ in range(2):
+            got.fill_(float("nan"))
+            gr.replay()
+        torch.cuda.synchronize()
+    else:
+        got = dispatch.ffn_rows(h, poisoned, out_dtype=od)
+    if got is None:
+        raise AssertionError("dispatch.ffn_rows did not serve the case")
+    dense = dispatch.ffn_rows(h, w, skip_zeros=False, out_dtype=od)
+    if not torch.equal(got, dense):
+        return math.inf
+    return rel_err(got, ref)
+
+
 def case_gemm(rows, K, M, dtype, device, seed):
     g = _gen(seed, device)
     x, w = _randn(g, rows, K).to(dtype), _randn(g, K, M, scale=K ** -0.5).to(dtype)
@@ -320,6 +361,16 @@ def all_cases(device: str, quick: bool = False):
                 cases.append(("mm8", f"chain of 6 launches rows={rows} C={C} {'CUDA graph' if graph else 'eager'}", dt,
                               lambda r=rows, C=C, gr=graph, dt=dt, s=len(cases): case_mm8_chain(r, C, dt, device, s,
                                                                                                  graph=gr)))
+        if device == "cuda":   # the channel-mix value row kernel: 7.2B / 1.5B / 0.1B shapes, odd F and C, dead rows
+            for rows, F, C, dead, f32, graph in ((1, 16384, 4096, 0.0, False, False), (4, 16384, 4096, 0.0, False, True),
+                                                 (2, 8192, 2048, 0.8, False, False), (3, 3072, 768, 0.0, True, False),
+                                                 (1, 4000, 520, 0.5, False, True), (4, 100, 64, 0.0, False, False),
+                                                 (1, 1, 8, 0.0, False, False), (2, 2000, 1000, 1.0, True, False),
+                                                 (1, 70000, 96, 0.9, False, False)):
+                cases.append(("ffn_rows", f"rows={rows} F={F} C={C} dead={dead}{' fp32 out' if f32 else ''}"
+                              f"{' CUDA graph' if graph else ''}", dt,
+                              lambda r=rows, F=F, C=C, d=dead, f=f32, gr=graph, dt=dt, s=len(cases):
+                              case_ffn_rows(r, F, C, dt, device, s, d, f, gr)))
         if device == "cuda":   # int4 / fp8 decode GEMVs: 1..4 rows, odd N, several tiles of K, groups 32..128
             for rows, K, N, group in ((1, 4096, 4096, 128), (1, 4096, 16384, 128), (1, 16384, 4096, 128),
                                       (2, 2048, 2048, 128), (3, 4096, 1001, 128), (4, 4096, 4096, 128),

@@ -8,7 +8,7 @@ kernels and the fused paths, one built with ``kernels=False`` whose blocks run t
 prefill (64 tokens, full output) and decode steps through ``BatchDecoder`` (CUDA graphs) at batch
 1 and 3 (grouped GEMV, "ours" and "cublas") and 8 (cuBLAS GEMM; WKV fused or row-split; or the torch.compile'd step), and fp16i8
 (grouped mm8 GEMV at 1 and 3 rows); the prefill CUDA graph bit-identical to the eager prefill. The channel-mix
-value product (``ops.sparse_ffn``, fp16 and bf16): decode steps with the zero rows of relu(k)² skipped
+value product (the compiled row kernel ``dispatch.ffn_rows``, fp16 and bf16): decode steps with the zero rows of relu(k)² skipped
 (``ffn="sparse"``) give the same logits and states (``torch.equal``) as the same kernel reading every row
 (``ffn="dense"``) at batch 1 and 4, and agree with the grouped GEMV on the output-major matrix
 (``FusedCuda(ffn="gemv")``) to TOL; the share of rows skipped is printed per batch. Exit status 1 on a failure.
@@ -69,19 +69,20 @@ def decode_all(model, state, batch, steps, **kw):
 def skipped_share(model, state, batch, steps=3) -> float:
     """The mean share of rows of the value matrices that the sparse product skips over ``steps`` decode steps
     (eager steps, no CUDA graph: each value product's h is read on the host)."""
+    from rwkv_chat.models.backends import fused_cuda
     from rwkv_chat.models.ops import sparse_ffn
 
-    shares, product = [], sparse_ffn.ffn_value
+    shares, product = [], fused_cuda._value_rows
 
-    def counting(h, w, **kw):
+    def counting(h, w, *args):
         shares.append(sparse_ffn.zero_row_fraction(h))
-        return product(h, w, **kw)
+        return product(h, w, *args)
 
-    sparse_ffn.ffn_value = counting
+    fused_cuda._value_rows = counting
     try:
         decode_all(model, state, batch, steps, graphs=False, fused=True)
     finally:
-        sparse_ffn.ffn_value = product
+        fused_cuda._value_rows = product
     return sum(shares) / len(shares) if shares else float("nan")
 
 

@@ -74,3 +74,17 @@ def test_mismatched_rkv_are_left_alone():
     p["ln1.weight"] = p["ln1.weight"].to("meta")     # the layer on another device than r/k/v (a streamed layer's
     fused_cuda._stack_many(p, f)                     # matrices stay in the streamer's host memory)
     assert "rkv" not in f and p["att.key.weight"].device.type == "cpu"
+
+
+def test_value_rows_off_cuda_is_the_plain_product():
+    """The channel-mix value product of decode steps: the compiled row kernel serves CUDA tensors only
+    (``dispatch.ffn_rows`` is None elsewhere, whatever the layout), and the backend then multiplies with its mm."""
+    from rwkv_chat.models.kernels import dispatch
+
+    g = torch.Generator().manual_seed(5)
+    h = torch.relu(torch.randn(3, 96, generator=g)).square().half()
+    w = torch.randn(96, 40, generator=g).half()
+    assert dispatch.ffn_rows(h, w) is None
+    assert dispatch.ffn_rows(h, w, skip_zeros=False) is None
+    got = fused_cuda._value_rows(h, w, True, lambda a, b: (a.float() @ b.float()).half())
+    assert torch.equal(got, (h.float() @ w.float()).half())

@@ -1,0 +1,222 @@
+// The channel-mix value product of RWKV decode steps, reading only the rows of the value matrix where relu(k)^2
+// is not zero, CUDA:  y[m, :] = sum_f h[m, f] W[f, :]  for h [rows <= 4, F], W [F, C] input-major (row f: the C
+// weights of input f, contiguous). Formula: ChatRWKV RWKV_x070_CMix_one / the channel-mix of every generation
+// (pip rwkv 0.8.32): y = relu(x Wk)^2 Wv. BlinkDL's Albatross engine skips the same rows.
+//
+// h has many exact zeros (about half of relu(k)^2 on random weights, more on trained ones), and a decode step's
+// product costs the bytes of W read, so rows f with h[m, f] == 0 for every m are left unread. Work split:
+//   grid   = tiles (column tiles of TPR threads x 16 bytes) x slices (contiguous ranges of F);
+//   block  = G groups of TPR threads; group g walks the g-th contiguous sub-range of the block's slice.
+// A block first lists the rows of its slice to read (ballot + prefix over warps, ascending f), then each thread
+// streams kRowsUnroll rows at a time (16-byte loads, all in flight before the first product) and accumulates in
+// fp32 in ascending f. Groups add up in a fixed order in shared memory; slices meet in a float32 workspace,
+// added in slice order by the last block of each tile (a per-tile counter, reset by that block). Every sum runs
+// in ascending f with the same grouping whether zero rows are skipped or not, and fmaf(0, w, acc) == acc for
+// finite w (acc is never -0), so skip = 0 (every row read) and skip = 1 give the same bits.
+// Programmatic dependent launch: nothing of h, the workspace or the counters is touched before pdl_wait.
+#include "../common/cuda_common.cuh"
+#include "fused_launchers.h"
+
+namespace rwkv_chat {
+namespace {
+
+constexpr int kRowsThreads = 256;
+constexpr int kRowsMaxSlice = 1024;   // rows of F per block (the shared-memory row list)
+constexpr int kRowsUnroll = 8;        // rows of W in flight per thread
+
+template <typename F>
+struct RowVec {
+    static constexpr int n = 16 / (int)sizeof(F);
+    union { uint4 q; F v[n]; };
+};
+
+template <typename F, int R>
+__global__ void __launch_bounds__(kRowsThreads) ffn_rows_kernel(
+    const F* __restrict__ h, long h_stride, const F* __restrict__ w, void* __restrict__ y, long y_stride,
+    float* __restrict__ part, int* __restrict__ counters, int rows, int Fdim, int C, int per, int slices, int tiles,
+    int tpr, int skip, int out_f32) {
+    constexpr int V = RowVec<F>::n;
+    extern __shared__ float red[];             // [G][TPR][R][V] group partials (G > 1)
+    __shared__ int idx[kRowsMaxSlice];
+    __shared__ int warp_n[kRowsThreads / 32];
+    __shared__ int last;
+    pdl_trigger();
+    const int tile = blockIdx.x % tiles, slice = blockIdx.x / tiles;
+    const int nthreads = blockDim.x, G = nthreads / tpr;
+    const int tid = threadIdx.x, g = tid / tpr, t = tid % tpr;
+    const int lane = tid & 31, warp = tid >> 5, nwarps = (nthreads + 31) / 32;
+    const int f0 = slice * per, f1 = min(Fdim, f0 + per), n = max(0, f1 - f0);
+    const int c = (tile * tpr + t) * V;
+    const bool col_ok = c < C;
+    pdl_wait();
+    // 1. the rows of [f0, f1) to read, ascending
+    int count = 0;
+    for (int base = 0; base < n; base += nthreads) {
+        const int i = base + tid;
+        bool keep = i < n;
+        if (keep && skip) {
+            bool nz = false;
+#pragma unroll
+            for (int r = 0; r < R; ++r)
+                if (r < rows) nz = nz || to_f32(h[(long)r * h_stride + f0 + i]) != 0.f;
+            keep = nz;
+        }
+        const unsigned ball = __ballot_sync(0xffffffffu, keep);
+        if (lane == 0) warp_n[warp] = __popc(ball);
+        __syncthreads();
+        int off = count;
+        for (int k = 0; k < warp; ++k) off += warp_n[k];
+        if (keep) idx[off + __popc(ball & ((1u << lane) - 1u))] = f0 + i;
+        for (int k = 0; k < nwarps; ++k) count += warp_n[k];
+        __syncthreads();
+    }
+    // 2. group g: the listed rows in [f0 + g * pg, f0 + (g + 1) * pg)
+    const int pg = (n + G - 1) / G;
+    auto lower = [&](int f) {
+        int lo = 0, hi = count;
+        while (lo < hi) {
+            const int mid = (lo + hi) >> 1;
+            if (idx[mid] < f) lo = mid + 1; else hi = mid;
+        }
+        return lo;
+    };
+    const int i0 = lower(f0 + g * pg), i1 = lower(f0 + (g + 1) * pg);
+    float acc[R][V];
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int v = 0; v < V; ++v) acc[r][v] = 0.f;
+    if (col_ok) {
+        for (int i = i0; i < i1; i += kRowsUnroll) {
+            RowVec<F> wq[kRowsUnroll];
+#pragma unroll
+            for (int u = 0; u < kRowsUnroll; ++u) {
+                if (i + u < i1) wq[u].q = __ldcs(reinterpret_cast<const uint4*>(w + (long)idx[i + u] * C + c));
+                else wq[u].q = make_uint4(0, 0, 0, 0);
+            }
+#pragma unroll
+            for (int u = 0; u < kRowsUnroll; ++u) {
+                if (i + u < i1) {
+                    const int f = idx[i + u];
+#pragma unroll
+                    for (int r = 0; r < R; ++r) {
+                        if (r < rows) {
+                            const float hv = to_f32(h[(long)r * h_stride + f]);
+#pragma unroll
+                            for (int v = 0; v < V; ++v) acc[r][v] = fmaf(hv, to_f32(wq[u].v[v]), acc[r][v]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    // 3. groups in order, then slices in order
+    if (G > 1) {
+        float* mine = red + (long)(g * tpr + t) * R * V;
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+#pragma unroll
+            for (int v = 0; v < V; ++v) mine[r * V + v] = acc[r][v];
+        __syncthreads();
+        if (g == 0) {
+            for (int k = 1; k < G; ++k) {
+                const float* o = red + (long)(k * tpr + t) * R * V;
+#pragma unroll
+                for (int r = 0; r < R; ++r)
+#pragma unroll
+                    for (int v = 0; v < V; ++v) acc[r][v] += o[r * V + v];
+            }
+        }
+    }
+    auto store = [&](int r, const float* s) {
+        if (out_f32) {
+            float* o = static_cast<float*>(y) + (long)r * y_stride + c;
+#pragma unroll
+            for (int v = 0; v < V; ++v) o[v] = s[v];
+        } else {
+            RowVec<F> o;
+#pragma unroll
+            for (int v = 0; v < V; ++v) o.v[v] = from_f32<F>(s[v]);
+            *reinterpret_cast<uint4*>(static_cast<F*>(y) + (long)r * y_stride + c) = o.q;
+        }
+    };
+    if (slices == 1) {
+        if (g == 0 && col_ok)
+#pragma unroll
+            for (int r = 0; r < R; ++r)
+                if (r < rows) store(r, acc[r]);
+        return;
+    }
+    if (g == 0 && col_ok) {
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            if (r < rows) {
+                float* p = part + ((long)slice * rows + r) * C + c;
+#pragma unroll
+                for (int v = 0; v < V; ++v) p[v] = acc[r][v];
+            }
+        }
+    }
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) last = atomicAdd(counters + tile, 1) == slices - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    if (g == 0 && col_ok) {
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            if (r < rows) {
+                float s[V];
+#pragma unroll
+                for (int v = 0; v < V; ++v) s[v] = 0.f;
+                for (int k = 0; k < slices; ++k) {
+                    const float* p = part + ((long)k * rows + r) * C + c;
+#pragma unroll
+                    for (int v = 0; v < V; ++v) s[v] += __ldcg(p + v);
+                }
+                store(r, s);
+            }
+        }
+    }
+    if (tid == 0) counters[tile] = 0;
+}
+
+}  // namespace
+
+FfnRowsPlan ffn_rows_plan(int act, int rows, int Fdim, int C, int blocks_per_sm, int sm_count) {
+    FfnRowsPlan p{};
+    const int esize = act == 0 ? 4 : 2, V = 16 / esize;
+    const int lanes = (C + V - 1) / V;
+    p.tpr = lanes >= 64 * 4 ? 64 : 32;                       // threads per column tile (16 bytes each)
+    p.tiles = (lanes + p.tpr - 1) / p.tpr;
+    p.threads = kRowsThreads;
+    const int want = max(1, blocks_per_sm * sm_count / p.tiles);
+    int slices = min(want, max(1, Fdim / 128));               // >= 128 rows of F per block where F allows
+    slices = max(slices, (Fdim + kRowsMaxSlice - 1) / kRowsMaxSlice);
+    p.per = (Fdim + slices - 1) / slices;
+    p.slices = (Fdim + p.per - 1) / p.per;
+    p.smem = (size_t)kRowsThreads * (rows > 1 ? kGemvMaxRows : 1) * V * sizeof(float);
+    p.workspace = p.slices > 1 ? (long)p.slices * rows * C : 0;
+    return p;
+}
+
+int ffn_rows_launch(int act, const FfnRowsPlan& p, int rows, int Fdim, int C, const void* h, long h_stride,
+                    const void* w, void* y, long y_stride, bool y_f32, float* part, int* counters, bool skip,
+                    cudaStream_t stream) {
+    const int esize = act == 0 ? 4 : 2, V = 16 / esize;
+    if (rows < 1 || rows > kGemvMaxRows || C % V || h_stride < Fdim || reinterpret_cast<uintptr_t>(w) % 16 ||
+        (!y_f32 && (y_stride % V || reinterpret_cast<uintptr_t>(y) % 16)) || p.per > kRowsMaxSlice)
+        return kUnsupported;
+    if (Fdim == 0 || C == 0) return 0;
+    const unsigned blocks = (unsigned)(p.tiles * p.slices);
+    cudaError_t err = cudaSuccess;
+    RWKV_CHAT_DISPATCH_ACT(static_cast<ActType>(act), F,
+        auto kernel = rows == 1 ? ffn_rows_kernel<F, 1> : ffn_rows_kernel<F, kGemvMaxRows>;
+        err = launch_pdl(kernel, blocks, (unsigned)p.threads, p.smem, stream, static_cast<const F*>(h), h_stride,
+                         static_cast<const F*>(w), y, y_stride, part, counters, rows, Fdim, C, p.per, p.slices,
+                         p.tiles, p.tpr, skip ? 1 : 0, y_f32 ? 1 : 0));
+    return launch_rc(err);
+}
+
+}  // namespace rwkv_chat
