@@ -104,6 +104,42 @@ def bench_decode(model, batch: int, tokens: int, graphs, compile, gemv: str, lar
             "ffn": (dec.ffn or getattr(model.backend, "ffn", None)) if dec.fused and batch <= 4 else None}
 
 
+#: eager decode steps over which ``skipped_rows`` averages
+SKIP_STEPS = 8
+
+
+def use_sparse_ffn(model) -> str | None:
+    """Rebuild the fused CUDA backend of ``model`` (before its first forward) with the row kernel for the
+    channel-mix value product; None on success, else why it cannot (not RWKV-7 on the fused CUDA backend)."""
+    from rwkv_chat.models.backends.fused_cuda import FusedCuda
+
+    if not isinstance(model.backend, FusedCuda) or not model.backend.decodes:
+        return f"needs an RWKV-7 model on the fused CUDA backend (this one: {model.backend})"
+    model.backend = FusedCuda(model, model.backend.ops, ffn="sparse")
+    return None
+
+
+def skipped_rows(model, steps: int = SKIP_STEPS) -> float | None:
+    """The mean share of rows of the value matrices that the row kernel leaves unread over ``steps`` eager
+    batch-1 decode steps (greedy from a short prompt), or None where no step used it."""
+    from rwkv_chat.models.rwkv.decode import BatchDecoder
+
+    be = model.backend
+    be.skipped = []
+    try:
+        dec = BatchDecoder(model, max_batch=1, graphs=False, compile=False, gemv="ours")
+        _, st = model.forward([1, 2, 3, 4], None)
+        h = dec.add(st)
+        tok = 5
+        for _ in range(steps):
+            out = dec.step({h: tok})
+            tok = int(torch.argmax(out[h]))
+        shares = be.skipped
+    finally:
+        be.skipped = None
+    return sum(shares) / len(shares) if shares else None
+
+
 def _path(d: dict) -> str:
     if d["fused"] and d.get("large") == "compiled":
         return "torch.compile (fused path above 4 rows off)"
@@ -360,6 +396,10 @@ def rwkv_main(argv: list[str]) -> int:
     ap.add_argument("--large", choices=["fused", "fused-split", "compiled"], default="fused",
                     help="GPU only: fused RWKV-7 decode above 4 rows: fused kernels + batched cuBLAS GEMMs "
                          "(default), the same with the row-split WKV, or the torch.compile'd step")
+    ap.add_argument("--ffn", choices=["gemv", "sparse"], default="gemv",
+                    help="GPU only: the RWKV-7 channel-mix value product of decode steps at <= 4 rows: the grouped "
+                         "GEMV (default) or the row kernel that skips the rows where relu(k)^2 is zero (lossless; "
+                         "the share of rows skipped is reported)")
     ap.add_argument("--kernels", action="store_true",
                     help="build the compiled kernels (models.kernels) before loading and report their status "
                          "(the model uses them either way where they build)")
@@ -389,6 +429,14 @@ def rwkv_main(argv: list[str]) -> int:
     model, pth, name = build_model(args)
     dev = model.emb.device
     gpu = dev.type == "cuda"
+    skipped = None
+    if args.ffn == "sparse":
+        why = use_sparse_ffn(model)
+        if why:
+            print(f"rwkv-chat bench: --ffn sparse: {why}", file=sys.stderr)
+            return 2
+        with torch.no_grad():
+            skipped = skipped_rows(model)
     ref = None
     if args.compare_rwkv_pip and gpu:  # start early: its CUDA build overlaps our runs
         ref = Reference(pth, args.strategy, min(args.tokens, 100), args.prompt_len, model.vocab_size,
@@ -431,6 +479,10 @@ def rwkv_main(argv: list[str]) -> int:
         for d in dec:
             lines.append(f"| {d['batch']} | {d['tok_s']:.1f} | {d['p50_ms']:.3f} | {d['p90_ms']:.3f} | "
                          f"{d['gb_s']:.1f} | {model.backend.name} |")
+    if skipped is not None:
+        lines += ["", f"channel-mix value product by the row kernel: {100 * skipped:.1f}% of the value matrices' rows "
+                      f"skipped (relu(k)^2 zero; mean over {SKIP_STEPS} eager batch-1 decode steps)"]
+        res["ffn_skipped"] = skipped
     for d in dec:
         if d.get("greedy_tok_s"):
             where = "on the device (no host round trip per token" if gpu else "in the decoder (no sampler"

@@ -280,6 +280,9 @@ class FusedCuda(Backend):
             raise StrategyError(f"ffn must be one of {', '.join(FFN_MODES)}; got {ffn!r}")
         #: the value product of decode steps at <= GEMV_ROWS rows: "sparse", "dense" or "gemv"
         self.ffn = ffn
+        #: when a list, each row-kernel value product of a decode step appends the share of the matrix's rows that
+        #: relu(k)² leaves unread (a host sync: for reports over eager steps, never while a CUDA graph captures)
+        self.skipped: list[float] | None = None
         self.spec = model.spec
         self.layers: list[dict[str, torch.Tensor]] = []
         rows = ffn != "gemv"
@@ -494,6 +497,8 @@ class FusedCuda(Backend):
                 hk = _gemv([xk2[0]], [fk.t()], [RELU2_ON_OUTPUT])[0]     # relu(k) ** 2 written by the key GEMV
                 if fv.is_contiguous() and _rows_ok(fv) and fv.dtype == hk.dtype:   # input-major: zero rows skipped
                     dx = _value_rows(hk, fv, skip, mm)
+                    if self.skipped is not None:
+                        self.skipped.append(float((hk == 0).all(dim=0).float().mean()))
                 else:
                     dx = _gemv([hk], [fv.t()], [0])[0]
             else:

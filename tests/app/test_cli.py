@@ -231,6 +231,15 @@ def test_bench_on_cpu(model_path, capsys):
     for gpu_only in ("cublas", "copy bandwidth", "% of copy"):
         assert gpu_only not in out
 
+def test_bench_sparse_ffn_off_the_fused_cuda_backend_is_one_line(model_path, capsys):
+    """``--ffn sparse`` measures the row kernel of the fused CUDA backend: elsewhere one line and exit 2."""
+    assert cli.main(["bench", "--model", str(model_path("7")), "--strategy", "cpu fp32", "--ffn", "sparse",
+                     "--tokens", "2", "--prompt-len", "0"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith("rwkv-chat bench: --ffn sparse: needs an RWKV-7 model on the fused CUDA backend"), err
+
+
 def test_plan_suggest_into_a_closed_pipe_exits_quietly(model_path):
     """``rwkv-chat plan M --suggest | head -0``: the reader gone before the suggestions are written (unbuffered
     output writes them at once) is no error."""
