@@ -127,7 +127,7 @@ def skipped_rows(model, steps: int = SKIP_STEPS) -> float | None:
     be = model.backend
     be.skipped = []
     try:
-        dec = BatchDecoder(model, max_batch=1, graphs=False, compile=False, gemv="ours")
+        dec = BatchDecoder(model, max_batch=1, graphs=False, compile=False, gemv="ours", fused=True)
         _, st = model.forward([1, 2, 3, 4], None)
         h = dec.add(st)
         tok = 5

@@ -11,7 +11,8 @@ h = relu(k)² of Gaussian k (about half zero per row; the share of rows zero in 
 sparser than random ones). Method as ``bench/kernels.py``: CUDA graph of back-to-back launches, median of 7
 replays, weights rotated over enough copies to exceed 3x the L2 cache. GB/s: full matrix bytes (F·C·2) per
 second ("effective", comparable across paths), and the bytes the sparse kernel actually reads (rows kept).
-``--tiles``: also sweep the row kernel's grid (blocks per multiprocessor) at M = 1 and 4.
+``--tiles``: also sweep the row kernel's grid (blocks per multiprocessor, threads per column tile) at M = 1
+and 4.
 ``--decode 7.2B``: also whole decode steps of a random RWKV-7 model of that shape (fp16, CUDA graphs) at batch 1
 and 4 with the value product sparse, dense and by the grouped GEMV (``app.bench.bench_decode``; its GB/s counts
 every weight byte of a dense step).
@@ -35,7 +36,8 @@ from rwkv_chat.models.kernels import dispatch  # noqa: E402
 from rwkv_chat.models.ops import _triton, sparse_ffn  # noqa: E402
 
 SHAPES = {"7.2B": (4096, 16384), "1.5B": (2048, 8192)}
-BLOCKS_PER_SM = (1, 2, 3, 4, 6, 8)
+BLOCKS_PER_SM = (1, 2, 4)
+TILE_THREADS = (0, 16, 32, 128)
 
 
 def make_h(M: int, F: int, dead: float | None, g: torch.Generator) -> torch.Tensor:
@@ -86,15 +88,18 @@ def bench_tiles(lines: list, name: str) -> None:
     g = torch.Generator(device="cuda").manual_seed(1)
     w_in = [(torch.randn(F, C, generator=g, device="cuda") * 0.02).half() for _ in range(n)]
     lines += ["", f"### {name}, grid sweep of the row kernel", "",
-              "| M | rows skipped | blocks per SM | dense µs | sparse µs |", "|---|---|---|---|---|"]
+              "| M | rows skipped | blocks per SM | threads per column tile | dense µs | sparse µs |",
+              "|---|---|---|---|---|---|"]
     for M in (1, 4):
         h = make_h(M, F, None, g)
         share = sparse_ffn.zero_row_fraction(h)
         for bps in BLOCKS_PER_SM:
-            td = time_ms(lambda i: dispatch.ffn_rows(h, w_in[i], skip_zeros=False, blocks_per_sm=bps), n) * 1e3
-            ts = time_ms(lambda i: dispatch.ffn_rows(h, w_in[i], blocks_per_sm=bps), n) * 1e3
-            lines.append(f"| {M} | {share:.1%} | {bps} | {td:.1f} | {ts:.1f} |")
-            print(lines[-1], flush=True)
+            for tpr in TILE_THREADS:
+                kw = dict(blocks_per_sm=bps, tile_threads=tpr)
+                td = time_ms(lambda i: dispatch.ffn_rows(h, w_in[i], skip_zeros=False, **kw), n) * 1e3
+                ts = time_ms(lambda i: dispatch.ffn_rows(h, w_in[i], **kw), n) * 1e3
+                lines.append(f"| {M} | {share:.1%} | {bps} | {tpr or 'auto'} | {td:.1f} | {ts:.1f} |")
+                print(lines[-1], flush=True)
 
 
 def bench_steps(lines: list, shape: str, tokens: int = 200) -> None:

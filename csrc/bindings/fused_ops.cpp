@@ -98,7 +98,7 @@ void gemv_multi_cuda(at::TensorList xs, at::TensorList ws, at::TensorList ys, at
 }
 
 void ffn_rows_cuda(const at::Tensor& h, const at::Tensor& w, const at::Tensor& y, const at::Tensor& counters,
-                   bool skip_zeros, int64_t blocks_per_sm) {
+                   bool skip_zeros, int64_t blocks_per_sm, int64_t tile_threads) {
     const char* op = "rwkv_chat::ffn_rows_cuda";
     const auto F = h.scalar_type();
     const int act = act_code(h, op);
@@ -114,11 +114,13 @@ void ffn_rows_cuda(const at::Tensor& h, const at::Tensor& w, const at::Tensor& y
                 ": w contiguous [F, C], rows of h and y contiguous");
     TORCH_CHECK(counters.scalar_type() == at::kInt && counters.is_contiguous(), op, ": counters int32, contiguous");
     TORCH_CHECK(blocks_per_sm >= 1 && blocks_per_sm <= 16, op, ": blocks_per_sm 1..16");
+    TORCH_CHECK(tile_threads == 0 || tile_threads == 16 || tile_threads == 32 || tile_threads == 64 ||
+                    tile_threads == 128 || tile_threads == 256, op, ": tile_threads 0 (auto), 16, 32, 64, 128 or 256");
     const int rows = (int)h.size(0), Fd = (int)w.size(0), C = (int)w.size(1);
     const at::cuda::CUDAGuard guard(h.device());
     int sms = 0;
     if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, h.get_device()) != cudaSuccess || sms < 1) sms = 1;
-    const FfnRowsPlan plan = ffn_rows_plan(act, rows, Fd, C, (int)blocks_per_sm, sms);
+    const FfnRowsPlan plan = ffn_rows_plan(act, rows, Fd, C, (int)blocks_per_sm, sms, (int)tile_threads);
     TORCH_CHECK(counters.numel() >= plan.tiles, op, ": counters must hold ", plan.tiles, " entries");
     at::Tensor part;
     if (plan.workspace > 0) part = at::empty({plan.workspace}, h.options().dtype(at::kFloat));
@@ -210,7 +212,7 @@ TORCH_LIBRARY_FRAGMENT(rwkv_chat, m) {
           &rwkv_chat::v7_mix_cuda);
     m.def("gemv_multi_cuda(Tensor[] xs, Tensor[] ws, Tensor(a!)[] ys, int[] acts) -> ()", &rwkv_chat::gemv_multi_cuda);
     m.def("ffn_rows_cuda(Tensor h, Tensor w, Tensor(a!) y, Tensor(b!) counters, bool skip_zeros, "
-          "int blocks_per_sm=2) -> ()", &rwkv_chat::ffn_rows_cuda);
+          "int blocks_per_sm=2, int tile_threads=0) -> ()", &rwkv_chat::ffn_rows_cuda);
     m.def("v7_pre_cuda(Tensor k, Tensor v, Tensor wl, Tensor al, Tensor? vl, Tensor? v_first, Tensor w0, Tensor a0, "
           "Tensor k_k, Tensor k_a, Tensor? v0, Tensor(a!) w_out, Tensor(b!) k_out, Tensor(c!) v_out, "
           "Tensor(d!) a_out, Tensor(e!) b_out, int H) -> ()",

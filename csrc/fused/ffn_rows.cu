@@ -246,11 +246,13 @@ __global__ void __launch_bounds__(kRowsThreads) ffn_rows_kernel(
 
 }  // namespace
 
-FfnRowsPlan ffn_rows_plan(int act, int rows, int Fdim, int C, int blocks_per_sm, int sm_count) {
+FfnRowsPlan ffn_rows_plan(int act, int rows, int Fdim, int C, int blocks_per_sm, int sm_count, int tile_threads) {
     FfnRowsPlan p{};
     const int esize = act == 0 ? 4 : 2, V = 16 / esize;
     const int lanes = (C + V - 1) / V;
-    p.tpr = lanes >= 64 * 4 ? 64 : 32;                       // threads per column tile (16 bytes each)
+    // threads per column tile (16 bytes each): tile_threads where given (16, 32, 64, 128 or 256), else 64 for
+    // wide rows and 32 otherwise
+    p.tpr = tile_threads > 0 ? tile_threads : lanes >= 64 * 4 ? 64 : 32;
     p.tiles = (lanes + p.tpr - 1) / p.tpr;
     p.threads = kRowsThreads;
     const int want = max(1, blocks_per_sm * sm_count / p.tiles);
@@ -271,7 +273,8 @@ int ffn_rows_launch(int act, const FfnRowsPlan& p, int rows, int Fdim, int C, co
                     cudaStream_t stream) {
     const int esize = act == 0 ? 4 : 2, V = 16 / esize;
     if (rows < 1 || rows > kGemvMaxRows || C % V || h_stride < Fdim || reinterpret_cast<uintptr_t>(w) % 16 ||
-        (!y_f32 && (y_stride % V || reinterpret_cast<uintptr_t>(y) % 16)) || p.per > kRowsMaxSlice)
+        (!y_f32 && (y_stride % V || reinterpret_cast<uintptr_t>(y) % 16)) || p.per > kRowsMaxSlice ||
+        p.tpr < 16 || kRowsThreads % p.tpr)
         return kUnsupported;
     if (Fdim == 0 || C == 0) return 0;
     const unsigned blocks = (unsigned)(p.tiles * p.slices);

@@ -81,7 +81,7 @@ struct FfnRowsPlan {
     size_t smem;      // dynamic shared memory per block
     long workspace;   // float32 elements of `part`
 };
-FfnRowsPlan ffn_rows_plan(int act, int rows, int F, int C, int blocks_per_sm, int sm_count);
+FfnRowsPlan ffn_rows_plan(int act, int rows, int F, int C, int blocks_per_sm, int sm_count, int tile_threads = 0);
 int ffn_rows_launch(int act, const FfnRowsPlan& plan, int rows, int F, int C, const void* h, long h_stride,
                     const void* w, void* y, long y_stride, bool y_f32, float* part, int* counters, bool skip,
                     cudaStream_t stream);

@@ -432,12 +432,13 @@ FFN_ROWS_MAX = 4
 
 
 def ffn_rows(h: torch.Tensor, w: torch.Tensor, skip_zeros: bool = True, out_dtype: torch.dtype | None = None,
-             blocks_per_sm: int = 2) -> torch.Tensor | None:
+             blocks_per_sm: int = 2, tile_threads: int = 0) -> torch.Tensor | None:
     """``h @ w`` for h [M, F] (1 <= M <= 4) and input-major w [F, C] (contiguous: row f holds the C weights of input
     f), by the compiled row kernel (``csrc/fused/ffn_rows.cu``): the RWKV channel-mix value product of decode
     steps, h = relu(k)². With ``skip_zeros`` the rows f where h[m, f] == 0 for every m are not read; without, every
     row is (same bits). float32 accumulation in ascending f, rounded once -> [M, C] in ``out_dtype`` (h's dtype
-    by default, or float32). ``blocks_per_sm`` sizes the grid (benchmarks sweep it).
+    by default, or float32). ``blocks_per_sm`` sizes the grid and ``tile_threads`` (0: the kernel's choice; 16..256)
+    the column tile, 16 bytes of a row per thread (benchmarks sweep both).
 
     Returns None where the kernel does not serve (family not built, not one CUDA device, h and w not one of
     fp16 / bf16 / fp32, shapes that do not chain, w not contiguous or its rows not 16-byte multiples, CUDA graph
@@ -455,7 +456,7 @@ def ffn_rows(h: torch.Tensor, w: torch.Tensor, skip_zeros: bool = True, out_dtyp
         return None
     h = h if h.stride(1) == 1 else h.contiguous()
     y = torch.empty(h.shape[0], w.shape[1], dtype=out_dtype or h.dtype, device=h.device)
-    _op("cuda", "ffn_rows")(h, w, y, counters, bool(skip_zeros), int(blocks_per_sm))
+    _op("cuda", "ffn_rows")(h, w, y, counters, bool(skip_zeros), int(blocks_per_sm), int(tile_threads))
     return y
 
 
