@@ -55,7 +55,7 @@ def bench_shape(lines: list, name: str, peak: float) -> None:
     g = torch.Generator(device="cuda").manual_seed(0)
     w_in = [(torch.randn(F, C, generator=g, device="cuda") * 0.02).half() for _ in range(n)]    # input-major
     w_out = [w.t().contiguous() for w in w_in]                                                   # output-major
-    lines += ["", f"### {name}: C={C}, F={F}, fp16 ({nbytes / 2**20:.0f} MiB; {n} copies rotated)", "",
+    lines += ["", f"#### {name}: C={C}, F={F}, fp16 ({nbytes / 2**20:.0f} MiB; {n} copies rotated)", "",
               "| M | h | rows skipped | gemv (output-major) µs | GB/s | dense rows µs | GB/s | sparse rows µs | "
               "eff. GB/s | GB/s read | sparse vs gemv | Triton sparse µs | sparse == dense | rel. err vs gemv |",
               "|---" * 14 + "|"]
@@ -87,7 +87,7 @@ def bench_tiles(lines: list, name: str) -> None:
     n = sets_for(F * C * 2)
     g = torch.Generator(device="cuda").manual_seed(1)
     w_in = [(torch.randn(F, C, generator=g, device="cuda") * 0.02).half() for _ in range(n)]
-    lines += ["", f"### {name}, grid sweep of the row kernel", "",
+    lines += ["", f"#### {name}, grid sweep of the row kernel", "",
               "| M | rows skipped | blocks per SM | threads per column tile | dense µs | sparse µs |",
               "|---|---|---|---|---|---|"]
     for M in (1, 4):
@@ -112,7 +112,7 @@ def bench_steps(lines: list, shape: str, tokens: int = 200) -> None:
                  strategy="cuda fp16")
     if isinstance(model.backend, FusedCuda):             # the row kernel's input-major layout, before any forward
         model.backend = FusedCuda(model, model.backend.ops, ffn="sparse")
-    lines += ["", f"### decode steps, random RWKV-7 {shape}, cuda fp16, backend {model.backend}", "",
+    lines += ["", f"#### decode steps, random RWKV-7 {shape}, cuda fp16, backend {model.backend}", "",
               "| batch | value product | tok/s | p50 ms/step | GB/s (dense step bytes) |", "|---|---|---|---|---|"]
     runs = [("sparse", "sparse"), ("dense", "dense")]
     if getattr(model.backend, "ffn", None) != "sparse":
@@ -135,7 +135,7 @@ def main() -> int:
     args = ap.parse_args()
     print(kernels.ensure_built("cuda"), flush=True)
     peak, how = peak_copy_bw()
-    lines = [*provenance(), "", "## RWKV-7 channel-mix value product, decode (batch 1..4)",
+    lines = [*provenance(), "", "### RWKV-7 channel-mix value product, decode (batch 1..4)", "",
              f"row kernel: ``dispatch.ffn_rows`` (csrc/fused/ffn_rows.cu, 2 blocks per SM); Triton: "
              f"``ops.sparse_ffn.ffn_value``; copy bandwidth {peak:.0f} GB/s ({how})"]
     with torch.no_grad():
