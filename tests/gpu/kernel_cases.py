@@ -255,12 +255,13 @@ def case_gemvq_norm(rows, K, N, dtype, device, seed, rms=False, bias=True, shift
     return rel_err(y, norm_rows(x, w, b, 1e-5, rms).double() @ q.dequantize(torch.float64))
 
 
-def case_ffn_rows(rows, F, C, dtype, device, seed, dead=0.0, out_f32=False, graph=False):
+def case_ffn_rows(rows, F, C, dtype, device, seed, dead=0.0, out_f32=False, graph=False, tile_threads=0):
     """``dispatch.ffn_rows`` (the compiled row kernel of the channel-mix value product, ``csrc/fused/ffn_rows.cu``)
     on h = relu(randn)² (``dead``: that share of rows zero in every row of h) and an input-major w [F, C] whose
     rows that h leaves unread are NaN: against h @ w in float64 with those rows zero. The sparse result must be
     finite (the NaN rows were not read) and the dense one (every row read) of the clean w bit-identical to it.
-    ``graph``: launched twice in a CUDA graph replay (the split counters reset themselves)."""
+    ``graph``: launched twice in a CUDA graph replay (the split counters reset themselves); ``tile_threads``: the
+    kernel's column tile (0: its own choice)."""
     from rwkv_chat.models.kernels import dispatch
 
     if not kernels.available("cuda", "v7fused"):
@@ -277,20 +278,20 @@ def case_ffn_rows(rows, F, C, dtype, device, seed, dead=0.0, out_f32=False, grap
     od = torch.float32 if out_f32 else None
     ref = h.double() @ torch.where(unread[:, None], torch.zeros_like(w), w).double()
     if graph:
-        dispatch.ffn_rows(h, poisoned, out_dtype=od)
+        dispatch.ffn_rows(h, poisoned, out_dtype=od, tile_threads=tile_threads)
         torch.cuda.synchronize()
         gr = torch.cuda.CUDAGraph()
         with torch.cuda.graph(gr):
-            got = dispatch.ffn_rows(h, poisoned, out_dtype=od)
+            got = dispatch.ffn_rows(h, poisoned, out_dtype=od, tile_threads=tile_threads)
         for _ in range(2):
             got.fill_(float("nan"))
             gr.replay()
         torch.cuda.synchronize()
     else:
-        got = dispatch.ffn_rows(h, poisoned, out_dtype=od)
+        got = dispatch.ffn_rows(h, poisoned, out_dtype=od, tile_threads=tile_threads)
     if got is None:
         raise AssertionError("dispatch.ffn_rows did not serve the case")
-    dense = dispatch.ffn_rows(h, w, skip_zeros=False, out_dtype=od)
+    dense = dispatch.ffn_rows(h, w, skip_zeros=False, out_dtype=od, tile_threads=tile_threads)
     if not torch.equal(got, dense):
         return math.inf
     return rel_err(got, ref)
@@ -371,6 +372,10 @@ def all_cases(device: str, quick: bool = False):
                               f"{' CUDA graph' if graph else ''}", dt,
                               lambda r=rows, F=F, C=C, d=dead, f=f32, gr=graph, dt=dt, s=len(cases):
                               case_ffn_rows(r, F, C, dt, device, s, d, f, gr)))
+            for rows, F, C, tpr in ((1, 16384, 4096, 16), (4, 8192, 2048, 128), (3, 3000, 1000, 256)):
+                cases.append(("ffn_rows", f"rows={rows} F={F} C={C} dead=0.5 tile_threads={tpr}", dt,
+                              lambda r=rows, F=F, C=C, t=tpr, dt=dt, s=len(cases):
+                              case_ffn_rows(r, F, C, dt, device, s, 0.5, tile_threads=t)))
         if device == "cuda":   # int4 / fp8 decode GEMVs: 1..4 rows, odd N, several tiles of K, groups 32..128
             for rows, K, N, group in ((1, 4096, 4096, 128), (1, 4096, 16384, 128), (1, 16384, 4096, 128),
                                       (2, 2048, 2048, 128), (3, 4096, 1001, 128), (4, 4096, 4096, 128),
