@@ -50,6 +50,27 @@ __device__ __forceinline__ void load_rows(RowVec<F> (&wq)[kRowsUnroll], const F*
     }
 }
 
+// Group 0's acc += the other groups' acc, in group order, through `red` ([G][TPR][R][V] floats). Every thread of
+// the block calls it (a barrier inside); the caller makes `red` free first.
+template <int R, int V>
+__device__ __forceinline__ void sum_groups(float (&acc)[R][V], float* red, int g, int t, int tpr, int G) {
+    float* mine = red + (long)(g * tpr + t) * R * V;
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int v = 0; v < V; ++v) mine[r * V + v] = acc[r][v];
+    __syncthreads();
+    if (g == 0) {
+        for (int k = 1; k < G; ++k) {
+            const float* o = red + (long)(k * tpr + t) * R * V;
+#pragma unroll
+            for (int r = 0; r < R; ++r)
+#pragma unroll
+                for (int v = 0; v < V; ++v) acc[r][v] += o[r * V + v];
+        }
+    }
+}
+
 template <typename F, int R>
 __global__ void __launch_bounds__(kRowsThreads) ffn_rows_kernel(
     const F* __restrict__ h, long h_stride, const F* __restrict__ w, void* __restrict__ y, long y_stride,
@@ -138,21 +159,7 @@ __global__ void __launch_bounds__(kRowsThreads) ffn_rows_kernel(
     }
     // 3. groups in order (shared memory), then slices (the last block of the tile)
     __syncthreads();                                   // the row list is done with: its bytes become `red`
-    float* mine = red + (long)(g * tpr + t) * R * V;
-#pragma unroll
-    for (int r = 0; r < R; ++r)
-#pragma unroll
-        for (int v = 0; v < V; ++v) mine[r * V + v] = acc[r][v];
-    __syncthreads();
-    if (g == 0) {
-        for (int k = 1; k < G; ++k) {
-            const float* o = red + (long)(k * tpr + t) * R * V;
-#pragma unroll
-            for (int r = 0; r < R; ++r)
-#pragma unroll
-                for (int v = 0; v < V; ++v) acc[r][v] += o[r * V + v];
-        }
-    }
+    sum_groups<R, V>(acc, red, g, t, tpr, G);
     auto store = [&](int r, const float* s) {
         if (out_f32) {
             float* o = static_cast<float*>(y) + (long)r * y_stride + c;
@@ -224,19 +231,8 @@ __global__ void __launch_bounds__(kRowsThreads) ffn_rows_kernel(
         }
     }
     __syncthreads();
-#pragma unroll
-    for (int r = 0; r < R; ++r)
-#pragma unroll
-        for (int v = 0; v < V; ++v) mine[r * V + v] = acc[r][v];
-    __syncthreads();
+    sum_groups<R, V>(acc, red, g, t, tpr, G);
     if (g == 0 && col_ok) {
-        for (int k = 1; k < G; ++k) {
-            const float* o = red + (long)(k * tpr + t) * R * V;
-#pragma unroll
-            for (int r = 0; r < R; ++r)
-#pragma unroll
-                for (int v = 0; v < V; ++v) acc[r][v] += o[r * V + v];
-        }
 #pragma unroll
         for (int r = 0; r < R; ++r)
             if (r < rows) store(r, acc[r]);
