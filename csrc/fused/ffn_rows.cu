@@ -246,9 +246,9 @@ FfnRowsPlan ffn_rows_plan(int act, int rows, int Fdim, int C, int blocks_per_sm,
     FfnRowsPlan p{};
     const int esize = act == 0 ? 4 : 2, V = 16 / esize;
     const int lanes = (C + V - 1) / V;
-    // threads per column tile (16 bytes each): tile_threads where given (16, 32, 64, 128 or 256), else 64 for
-    // wide rows and 32 otherwise
-    p.tpr = tile_threads > 0 ? tile_threads : lanes >= 64 * 4 ? 64 : 32;
+    // threads per column tile (16 bytes each): tile_threads where given (16, 32, 64, 128 or 256), else 64 for rows
+    // of >= 8 KiB and 32 below (H100, bench/sparse_ffn.py grid sweep: C = 4096 fp16 fastest at 64, C = 2048 at 32)
+    p.tpr = tile_threads > 0 ? tile_threads : lanes >= 512 ? 64 : 32;
     p.tiles = (lanes + p.tpr - 1) / p.tpr;
     p.threads = kRowsThreads;
     const int want = max(1, blocks_per_sm * sm_count / p.tiles);
