@@ -21,6 +21,7 @@ from pathlib import Path
 #: (section title, result file in OUT_DIR, merged per command block)
 SECTIONS = (
     ("Kernel checks", "verify_kernels.md", False),
+    ("RWKV-7 against the Albatross-class engine (same call)", "peers.md", False),
     ("Fused RWKV-7 paths vs the torch path", "verify_fused.md", False),
     ("Whole model vs rwkv 0.8.32", "pip.md", False),
     ("Kernel benchmark", "kernels_bench.md", False),

@@ -8,7 +8,7 @@
 # sections of the steps taken replaced (bench/assemble.py): copy it over bench/results/<gpu>.md.
 # The tables name the source tree from git; a copy without .git names none.
 BUDGET=${1:-560}; shift || true
-STEPS=${*:-"kernels fused kbench b01 b15 b72 b72i8 b15i8 pip cmp"}   # also: gemvq gbench sparse b72sp b15sp b01sp b72x256 fbench64 ops opsbench prenorm qwen formats qb15 qb15ours fbench qpeers qb7 tree pcache qprof fprof ...
+STEPS=${*:-"kernels fused kbench b01 b15 b72 b72i8 b15i8 pip cmp"}   # also: gemvq gbench sparse b72sp b15sp b01sp b72x256 fbench64 peers ops opsbench prenorm qwen formats qb15 qb15ours fbench qpeers qb7 tree pcache qprof fprof ...
 OUT=${OUT:-/tmp/bench-out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 mkdir -p /tmp/shim/rwkv_chat && touch /tmp/shim/rwkv_chat/__init__.py
@@ -60,6 +60,8 @@ step b72 90 200 $B --shape 7.2B --batch 1 64 --prompt-len 1024 --tokens 100
 step b72i8 60 150 $B --shape 7.2B --strategy "cuda fp16i8" --batch 1 --prompt-len 0 --tokens 100
 step b72sp 60 150 $B --shape 7.2B --batch 1 --prompt-len 0 --tokens 100 --ffn sparse
 step b72x256 60 200 $B --shape 7.2B --batch 256 --prompt-len 0 --tokens 40
+# the Albatross-class peer (carry .peers, see ../shared/peers/run_peers.sh; PEER_SHAPES, PEER_CASES pick its rows)
+step peers 120 500 bash -c 'PEER_CASES=${PEER_CASES:-1x1,64x1,1x1024} bash .peers/run_peers.sh ${PEER_SHAPES:-0.1B 1.5B 7.2B} | tee "$0"' "$OUT/peers.md"
 step b15sp 40 100 $B --shape 1.5B --batch 1 --prompt-len 0 --tokens 200 --ffn sparse
 step b01sp 30 100 $B --shape 0.1B --batch 1 --prompt-len 0 --tokens 300 --ffn sparse
 step b15i8 40 100 $B --shape 1.5B --strategy "cuda fp16i8" --batch 1 --prompt-len 0 --tokens 200
