@@ -130,7 +130,10 @@ def mm8(x: torch.Tensor, q: _quant.Int8Weight, *, out=None) -> torch.Tensor:
         x: [..., N] fp32/fp16/bf16 on q's device.
         q: Int8Weight (logical [N, M]). The compiled ops read the layout of their device: output-major on
             CUDA (GEMV for <= 4 rows, else dequantize + cuBLAS), input-major on the CPU; a weight in the
-            other layout is served by the torch path (``i8.mm8_torch``), correct but slower.
+            other layout is served by the torch path (``i8.mm8_torch``), correct but slower. On CUDA, 5 to
+            ``ops.gemv.I8_ROWS`` rows of fp16 / bf16 (decode batches) go to the Triton kernel reading the uint8
+            weights as they are (``ops.gemv.i8_gemm``, either layout) where it is probed sound
+            (``i8_gemm_sound``).
             Scales are cast to x.dtype if they differ.
         out: optional contiguous [..., M] tensor of x.dtype to write.
     Returns: [..., M] in x.dtype (fp32 accumulation in the compiled paths).
@@ -138,6 +141,10 @@ def mm8(x: torch.Tensor, q: _quant.Int8Weight, *, out=None) -> torch.Tensor:
     """
     check_mm8(x, q, out)
     dev = x.device.type
+    if _i8_gemm_serves(x):
+        N, M = q.shape
+        y = _gemv.i8_gemm(x.reshape(-1, N), q).reshape(*x.shape[:-1], M)
+        return y if out is None else out.copy_(y)
     if not available(dev, "mm8") or q.output_major != _quant.prefers_output_major(x.device):
         y = _TORCH_MM8(x, q)
         return y if out is None else out.copy_(y)
@@ -151,6 +158,14 @@ def mm8(x: torch.Tensor, q: _quant.Int8Weight, *, out=None) -> torch.Tensor:
 
 #: the most rows the compiled int4 / fp8 GEMVs (``csrc/gemvq``) serve
 GEMVQ_ROWS = 4
+#: the most rows the compiled mm8 GEMV serves (``csrc/mm8``; more: ``ops.gemv.i8_gemm`` or dequantize + cuBLAS)
+MM8_GEMV_ROWS = 4
+
+
+def _i8_gemm_serves(x: torch.Tensor) -> bool:
+    rows = _rows(x)
+    return (x.is_cuda and MM8_GEMV_ROWS < rows <= _gemv.I8_ROWS and x.dtype in (torch.float16, torch.bfloat16)
+            and _triton_ok() and i8_gemm_sound(x.device))
 
 
 def gemvq_i4_ok(q: Int4Weight) -> bool:
@@ -219,15 +234,47 @@ def _sound(table: dict, probe, device) -> bool:
     return table[device] is None
 
 
-def probe_gemvq(model) -> None:
-    """Probe the compiled int4 / fp8 GEMVs (``gemvq_sound``) on every CUDA device of ``model`` with an i4 or f8
-    stage, at load (outside any CUDA graph capture); the outcome goes into ``model.kernels["cuda"]["gemvq
-    probe"]`` ("ok" or why the other paths serve)."""
-    if not any(s.quant in ("i4", "f8") for s in model.plan.stages) or not available("cuda", "gemvq"):
-        return
+def probe_weight_kernels(model) -> None:
+    """Probe, at load (outside any CUDA graph capture), on every CUDA device of ``model``: the compiled int4 / fp8
+    GEMVs (``gemvq_sound``) where a stage is i4 or f8, the Triton i8 kernel of batches (``i8_gemm_sound``) where a
+    stage is i8. The outcomes go into ``model.kernels["cuda"]`` ("gemvq probe", "i8 gemm probe": "ok" or why the
+    other paths serve)."""
+    quants = {s.quant for s in model.plan.stages}
     for dev in {d for d in model.devices if d.type == "cuda"}:
-        why = None if gemvq_sound(dev) else GEMVQ_PROBES.get(_probe_key(dev), "not probed")
-        model.kernels.setdefault("cuda", {})["gemvq probe"] = why or "ok"
+        if quants & {"i4", "f8"} and available("cuda", "gemvq"):
+            why = None if gemvq_sound(dev) else GEMVQ_PROBES.get(_probe_key(dev), "not probed")
+            model.kernels.setdefault("cuda", {})["gemvq probe"] = why or "ok"
+        if "i8" in quants and _triton_ok():
+            why = None if i8_gemm_sound(dev) else I8_GEMM_PROBES.get(_probe_key(dev), "not probed")
+            model.kernels.setdefault("cuda", {})["i8 gemm probe"] = why or "ok"
+
+
+#: device -> None (the Triton i8 kernel agrees with the torch product there) or why it does not serve it
+I8_GEMM_PROBES: dict[torch.device, str | None] = {}
+
+
+def i8_gemm_sound(device: torch.device) -> bool:
+    """Whether the Triton i8 kernel of batches (``ops.gemv.i8_gemm``) serves ``device``: on first use there it runs
+    on small random weights (both layouts, fp16 and bf16, 5 and 37 rows, K not a multiple of its tile) and is
+    compared with ``i8.mm8_torch`` to half-precision rounding; a mismatch or an error keeps the compiled path
+    (dequantize + cuBLAS) for the process (``I8_GEMM_PROBES`` says why). Not probed inside a CUDA graph capture."""
+    return _sound(I8_GEMM_PROBES, _probe_i8_gemm, device)
+
+
+def _probe_i8_gemm(device: torch.device) -> str | None:
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(200, 72, generator=g) * 0.1 + 0.02
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        for dtype in (torch.float16, torch.bfloat16):
+            for om in (True, False):
+                q = _quant.quantize_i8(w, dtype, output_major=om).to(device, output_major=om)
+                for rows in (5, 37):
+                    x = torch.randn(rows, 200, generator=g).to(device, dtype)
+                    err = _probe_error(_gemv.i8_gemm(x, q), _quant.mm8_torch(x, q))
+                    if not err < 2e-2:
+                        return (f"i8_gemm differs from the torch product ({dtype}, {rows} rows, "
+                                f"{'output' if om else 'input'}-major: relative error {err:.3g})")
+    return None
 
 
 def _probe_gemvq(device: torch.device) -> str | None:

@@ -1,6 +1,7 @@
-"""Triton kernels of the weight-only GEMVs (``models/ops/gemv.py``): int4 (GPTQ layout) and fp8 e4m3.
+"""Triton kernels of the weight-only GEMVs (``models/ops/gemv.py``): int4 (GPTQ layout), fp8 e4m3 and the reference's
+uint8 scheme (i8, for batches above the compiled GEMV's rows).
 
-Imported only through ``gemv._kernels()`` (after checking that Triton and CUDA are there). Both kernels take
+Imported only through ``gemv._kernels()`` (after checking that Triton and CUDA are there). The kernels take
 x [M, K] (fp16/bf16; BLOCK_M rows per program, the third grid axis over row blocks), dequantize a [BLOCK_K, BLOCK_N] weight tile in registers, and accumulate
 ``tl.dot`` products in float32 over a slice of K (``k_per_split``; the second grid axis), so that a decode
 step's matrices fill every multiprocessor. Split results meet in ``_finish``.
@@ -112,6 +113,44 @@ def f8_gemv_kernel(x_ptr, w_ptr, sc_ptr, y_ptr, ws_ptr, cnt_ptr, M, K, N, stride
         w8 = tl.load(w_ptr + offs_n[None, :] * K + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         acc += tl.dot(xk, w8.to(xk.dtype))
     acc = acc * tl.load(sc_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+    _finish(acc, y_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, m_ok, n_ok, M, N, stride_ym, n_splits, SPLIT, BLOCK_M,
+            BLOCK_N)
+
+
+@triton.jit
+def i8_gemm_kernel(x_ptr, w_ptr, mx_ptr, rx_ptr, my_ptr, ry_ptr, y_ptr, ws_ptr, cnt_ptr, M, K, N, stride_wk,
+                   stride_wn, stride_xm, stride_ym, k_per_split, n_splits, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The reference's mm8 product y[m, n] = sum_k x[m, k] ((w[k, n] + 0.5) ry[k] rx[n] + my[k] + mx[n]) for uint8
+    w [K, N] (element [k, n] at k * stride_wk + n * stride_wn: either layout), as
+    rx[n] sum_k (x[m, k] ry[k]) (w[k, n] + 0.5) + sum_k x[m, k] my[k] + mx[n] sum_k x[m, k]: the first sum on the
+    tensor cores in x's dtype (w + 0.5 is exact in fp16), the row sums in float32 beside it."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    m_ok = offs_m < M
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    sx = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    sxm = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    k_lo = pid_k * k_per_split
+    for k0 in range(k_lo, tl.minimum(k_lo + k_per_split, K), BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        xk = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                     other=0.0)
+        xf = xk.to(tl.float32)
+        ry = tl.load(ry_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+        my = tl.load(my_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+        sx += tl.sum(xf, axis=1)
+        sxm += tl.sum(xf * my[None, :], axis=1)
+        w = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                    mask=k_ok[:, None] & n_ok[None, :], other=0)
+        acc += tl.dot((xf * ry[None, :]).to(xk.dtype), (w.to(tl.float32) + 0.5).to(xk.dtype))
+    rx = tl.load(rx_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    mx = tl.load(mx_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    acc = acc * rx[None, :] + sxm[:, None] + sx[:, None] * mx[None, :]
     _finish(acc, y_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, m_ok, n_ok, M, N, stride_ym, n_splits, SPLIT, BLOCK_M,
             BLOCK_N)
 

@@ -1,13 +1,14 @@
-"""Weight-only GEMVs for few rows: int4 (GPTQ layout, ``formats.i4``) and fp8 e4m3 (``formats.f8``), in Triton.
+"""Weight-only GEMVs for few rows: int4 (GPTQ layout, ``formats.i4``), fp8 e4m3 (``formats.f8``) and the reference's
+uint8 scheme (``formats.i8``), in Triton.
 
 A decode step multiplies a few activation rows by every weight once: its time is the weight bytes over the
 memory bandwidth. These kernels read the packed weight (0.5 byte per weight for int4, 1 for fp8), dequantize in
 registers and accumulate in float32, so the step reads a quarter / half of fp16's bytes.
 
-``i4_gemv(x, q)`` (M <= ``I4_ROWS``) and ``f8_gemv(x, q)`` (M <= ``GEMV_ROWS``): x [M, K] fp16/bf16 on CUDA ->
-[M, N] in x's dtype. Row blocks of 16, 32 or 64 (the next power of two of M, at least 16: ``tl.dot``'s minimum).
-The dispatch products ``rwkv_chat.models.kernels.mm4`` / ``mmf8`` call them where they apply and use torch
-elsewhere. Errors: ``ShapeMismatchError``, ``UnsupportedDtypeError``, ``DeviceError`` (no CUDA / Triton).
+``i4_gemv(x, q)`` (M <= ``I4_ROWS``), ``f8_gemv(x, q)`` (M <= ``GEMV_ROWS``) and ``i8_gemm(x, q)`` (M <= ``I8_ROWS``):
+x [M, K] fp16/bf16 on CUDA -> [M, N] in x's dtype. Row blocks of 16, 32 or 64 (the next power of two of M, at
+least 16: ``tl.dot``'s minimum). The dispatch products ``rwkv_chat.models.kernels.mm4`` / ``mmf8`` / ``mm8`` call
+them where they apply and use torch (or the compiled kernels) elsewhere. Errors: ``ShapeMismatchError``, ``UnsupportedDtypeError``, ``DeviceError`` (no CUDA / Triton).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from rwkv_chat.models.errors import ShapeMismatchError
 from rwkv_chat.models.formats.f8 import Float8Weight
 from rwkv_chat.models.formats.i4 import Int4Weight
+from rwkv_chat.models.formats.i8 import Int8Weight
 from rwkv_chat.models.ops._checks import HALF_DTYPES, check_cuda, check_dtype
 from rwkv_chat.models.ops._triton import kernels as triton_kernels
 from rwkv_chat.models.ops._triton import multiprocessors as _sms
@@ -25,6 +27,8 @@ from rwkv_chat.models.ops._triton import multiprocessors as _sms
 GEMV_ROWS = 8
 #: the most rows the int4 kernel serves (decode batches; longer prompts dequantize once for cuBLAS)
 I4_ROWS = 256
+#: the most rows the i8 kernel serves (decode batches above the compiled mm8 GEMV's; prompts dequantize for cuBLAS)
+I8_ROWS = 256
 _BLOCK_N, _BLOCK_K = 64, 128
 
 
@@ -100,6 +104,23 @@ def i4_gemv(x: torch.Tensor, q: Int4Weight) -> torch.Tensor:
                 (q.group_size, q.qweight.stride(0), q.qweight.stride(1)), x.device,
                 HAS_GIDX=q.g_idx is not None, ONE_GROUP=q.g_idx is None and q.group_size % _BLOCK_K == 0)
     return y if np_ == N else y[:, :N]
+
+
+def i8_gemm(x: torch.Tensor, q: Int8Weight) -> torch.Tensor:
+    """``x @ q.dequantize()`` for the reference's uint8 scheme (``formats.i8``: (w + 0.5) ry rx + my + mx) and x [M, K]
+    (M <= I8_ROWS, fp16/bf16, CUDA) -> [M, N] in x's dtype; q in either layout (``Int8Weight.output_major``: the
+    kernel reads ``w`` through its strides), its scales in any float dtype. The uint8 weights are read once, as they
+    are (no dequantized copy): rx ⊙ ((x ry) @ (w + 0.5)) + x @ my + (sum of x) mx, the first product on the tensor
+    cores in x's dtype with float32 accumulation.
+
+    Raises: UnsupportedDtypeError, ShapeMismatchError, DeviceError.
+    """
+    K, N = q.shape
+    _check(x, K, {"w": q.w, "mx": q.mx, "rx": q.rx, "my": q.my, "ry": q.ry}, I8_ROWS)
+    x = x.contiguous()
+    k = _kernels()
+    return _launch(k.i8_gemm_kernel, x, N, (q.w, q.mx.contiguous(), q.rx.contiguous(), q.my.contiguous(),
+                                            q.ry.contiguous()), (q.w.stride(0), q.w.stride(1)), x.device)
 
 
 def f8_gemv(x: torch.Tensor, q: Float8Weight) -> torch.Tensor:

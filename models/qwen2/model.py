@@ -139,7 +139,7 @@ class Qwen2:
 
             for dev in sorted({d.type for d in self.devices}):
                 self.kernels[dev] = compiled.ensure_built(dev)
-            dispatch.probe_gemvq(self)
+            dispatch.probe_weight_kernels(self)
             table = {f.packed_type: getattr(dispatch, f.kernel) for f in formats.FORMATS.values() if f.kernel}
         ops, note = QwenOps(matmul=formats.matmul_with(table)), ""
         dtypes = {p.atype for p in self.plan.layers}

@@ -113,11 +113,11 @@ class RWKV:
         if kernels:
             from rwkv_chat.models import kernels as compiled
 
-            from rwkv_chat.models.kernels.dispatch import probe_gemvq
+            from rwkv_chat.models.kernels.dispatch import probe_weight_kernels
 
             for dev in sorted({d.type for d in self.devices}):
                 self.kernels[dev] = compiled.ensure_built(dev)
-            probe_gemvq(self)
+            probe_weight_kernels(self)
         self.backend: backends.Backend = backends.choose(self, kernels)
         self.plan = replace(self.plan, backend=str(self.backend))
         self.prefill_graphs = None

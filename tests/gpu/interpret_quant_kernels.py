@@ -1,5 +1,6 @@
-"""The quantized Triton kernels (int4 / fp8 GEMV with split-K, fused LayerNorm + int4 q/k/v) run in Triton's
-interpreter on the CPU, through their Python wrappers, against the torch references: indexing, masking, the
+"""The quantized Triton kernels (int4 / fp8 GEMV and the i8 kernel of batches with split-K, fused LayerNorm + int4
+q/k/v) run in Triton's interpreter on the CPU, through their Python wrappers, against the torch references (fp16:
+the interpreter's bfloat16 is not numpy's): indexing, masking, the
 split-K epilogue, GPTQ unpacking (both layouts of ``Int4Weight``) and the q/k/v output regions (tensor-core tiles
 above 4 rows, the GEMV form at 1..4), without a GPU (the CUDA code generation itself is
 checked by ``tests/gpu/verify_formats.py``).
@@ -20,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 
-from rwkv_chat.models.formats import f8, i4  # noqa: E402
+from rwkv_chat.models.formats import f8, i4, i8  # noqa: E402
 from rwkv_chat.models.ops import gemv, gptq  # noqa: E402
 
 
@@ -50,6 +51,13 @@ def main() -> int:
         for _ in range(2):                             # twice: the counters must have been reset
             errs.append(rel(gemv.i4_gemv(x, q), x.double() @ q.dequantize(torch.float64)))
         print(f"i4 K={K} N={N} M={M} g_idx={act} output_major={om} splits={splits}: {errs[-1]:.2e}")
+    for K, N, M, om in [(256, 128, 5, True), (200, 72, 17, False), (1000, 64, 64, True), (384, 40, 33, False)]:
+        q = i8.quantize_i8(torch.randn(K, N) * 0.1 + 0.02, torch.float16, output_major=om)
+        x = torch.randn(M, K).half()
+        splits = gemv._split(K, N, None)[0]
+        for _ in range(2):                             # twice: the counters must have been reset
+            errs.append(rel(gemv.i8_gemm(x, q), x.double() @ q.dequantize(torch.float64)))
+        print(f"i8 K={K} N={N} M={M} output_major={om} splits={splits}: {errs[-1]:.2e}")
     for K, N, M in [(256, 128, 1), (192, 96, 7), (1024, 64, 8)]:
         q = f8.quantize_f8(torch.randn(K, N))
         x = torch.randn(M, K).half()
