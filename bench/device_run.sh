@@ -47,7 +47,7 @@ step fbench64 100 240 python3 bench/formats.py --shapes 7.2B --batch 64 --tokens
 step qpeers 150 500 bash -c 'bash bench/quant_peers.sh 1.5B 7.2B | tee "$0"' "$OUT/quant_peers.md"
 step prenorm 120 300 python3 bench/ops.py --prenorm --sweep --out "$OUT/prenorm_bench.md"
 step qb15ours 50 150 python3 -m rwkv_chat.app.bench --md "$OUT/qwen_bench.md" --family qwen2 --shape 1.5B --strategy "cuda bf16" --batch 1 --prompt-len 0 --tokens 100 --no-peer --gemv ours
-step qb7 80 180 python3 -m rwkv_chat.app.bench --md "$OUT/qwen_bench.md" --family qwen2 --shape 7B --strategy "cuda bf16" --batch 1 --prompt-len 1024 --tokens 100
+step qb7 80 180 python3 -m rwkv_chat.app.bench --md "$OUT/qwen_bench.md" --family qwen2 --shape 7B --strategy "cuda bf16" --batch 1 64 --prompt-len 1024 --tokens 100
 step tree 90 240 python3 bench/tree.py --shape 1.5B --strategy "cuda fp16" --repeats 3 --out "$OUT/tree.md" \
     --kernel-cache "$(python3 -c 'from rwkv_chat.models.kernels import default_cache_dir; print(default_cache_dir())')"
 step pcache 40 120 python3 tests/gpu/verify_prompt_cache.py --out "$OUT/verify_prompt_cache.md"
