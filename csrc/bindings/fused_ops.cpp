@@ -118,6 +118,10 @@ void ffn_rows_cuda(const at::Tensor& h, const at::Tensor& w, const at::Tensor& y
                     tile_threads == 128 || tile_threads == 256, op, ": tile_threads 0 (auto), 16, 32, 64, 128 or 256");
     const int rows = (int)h.size(0), Fd = (int)w.size(0), C = (int)w.size(1);
     const at::cuda::CUDAGuard guard(h.device());
+    if (Fd == 0 || C == 0) {   // an empty sum: zeros (nothing to launch)
+        y.zero_();
+        return;
+    }
     int sms = 0;
     if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, h.get_device()) != cudaSuccess || sms < 1) sms = 1;
     const FfnRowsPlan plan = ffn_rows_plan(act, rows, Fd, C, (int)blocks_per_sm, sms, (int)tile_threads);

@@ -12,8 +12,9 @@
 // flight while one is used) and accumulates in fp32 in ascending f. Groups add up in order in shared memory;
 // slices meet in a float32 workspace, added by the last block of each tile (a per-tile counter, reset by that
 // block) in a fixed order: group g sums slices g, g + G, ..., then the groups in order. Every sum has the same
-// terms in the same order whether zero rows are skipped or not, and fmaf(0, w, acc) == acc for finite w (acc is
-// never -0), so skip = 0 (every row read) and skip = 1 give the same bits.
+// terms in the same order whether zero rows are skipped or not, and fmaf(0, w, acc) == acc for finite w unless acc
+// is -0 (a negative product below 2^-149 rounded to -0: bf16 / fp32 inputs, an output that is exactly zero; fp16
+// products are >= 2^-48), so skip = 0 (every row read) and skip = 1 give the same bits, up to that sign of zero.
 // Programmatic dependent launch: nothing of h, the workspace or the counters is touched before pdl_wait.
 #include "../common/cuda_common.cuh"
 #include "fused_launchers.h"
@@ -268,7 +269,7 @@ int ffn_rows_launch(int act, const FfnRowsPlan& p, int rows, int Fdim, int C, co
                     const void* w, void* y, long y_stride, bool y_f32, float* part, int* counters, bool skip,
                     cudaStream_t stream) {
     const int esize = act == 0 ? 4 : 2, V = 16 / esize;
-    if (rows < 1 || rows > kGemvMaxRows || C % V || h_stride < Fdim || reinterpret_cast<uintptr_t>(w) % 16 ||
+    if (rows < 1 || rows > kGemvMaxRows || C % V || (rows > 1 && h_stride < Fdim) || reinterpret_cast<uintptr_t>(w) % 16 ||
         (!y_f32 && (y_stride % V || reinterpret_cast<uintptr_t>(y) % 16)) || p.per > kRowsMaxSlice ||
         p.tpr < 16 || kRowsThreads % p.tpr)
         return kUnsupported;

@@ -257,7 +257,8 @@ __device__ __forceinline__ const float* chunk_unscales(const uint4* xs, int rows
 
 // Stage act(x) rows [rows, K] of the tile [t0, t0 + len) in shared memory. fp32 form: chunk L of row r, quad d
 // at float4 xs4[(r * kQuads + d) * cap + L] (cap: chunks of a full tile), i4 values pre-multiplied by
-// nibble_prescale. Half2 form, all values times scale[r]: int4, word j of chunk L at uint4 [(r * 4 + j) * cap + L]
+// nibble_prescale. Half2 form, each chunk times its own power of two (chunk_scale; its inverse at chunk_unscales):
+// int4, word j of chunk L at uint4 [(r * 4 + j) * cap + L]
 // holding the half2 pairs (x0, x4), (x1, x5) / 16, (x2, x6), (x3, x7) / 16 of its 8 values; fp8, the chunk's 16
 // values in order at uint4 [(r * 2 + h) * cap + L], h = 0, 1. One thread per chunk and row (16-byte loads of x).
 template <typename F, bool I4, bool NORM>

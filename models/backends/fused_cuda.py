@@ -85,11 +85,16 @@ def _rows_ok(w) -> bool:
     return isinstance(w, torch.Tensor) and w.is_cuda and w.dim() == 2 and w.dtype in (torch.float16, torch.bfloat16)
 
 
-def _value_rows(h, w, skip: bool, mm):
+def _value_rows(h, w, skip: bool, mm, skipped: list | None = None):
     """The channel-mix value product h [b, F] @ w on the input-major w [F, C]: the compiled row kernel
-    (``dispatch.ffn_rows``: with ``skip`` the rows where h is zero in every row are left unread), else ``mm``."""
+    (``dispatch.ffn_rows``: with ``skip`` the rows where h is zero in every row are left unread), else ``mm``.
+    ``skipped``: where the kernel skipped rows, the share it left unread is appended (a host sync)."""
     y = dispatch.ffn_rows(h, w, skip_zeros=skip)
-    return y if y is not None else mm(h, w)
+    if y is None:
+        return mm(h, w)
+    if skip and skipped is not None:
+        skipped.append(float((h == 0).all(dim=0).float().mean()))
+    return y
 
 
 def _input_major(w):
@@ -280,8 +285,8 @@ class FusedCuda(Backend):
             raise StrategyError(f"ffn must be one of {', '.join(FFN_MODES)}; got {ffn!r}")
         #: the value product of decode steps at <= GEMV_ROWS rows: "sparse", "dense" or "gemv"
         self.ffn = ffn
-        #: when a list, each row-kernel value product of a decode step appends the share of the matrix's rows that
-        #: relu(k)² leaves unread (a host sync: for reports over eager steps, never while a CUDA graph captures)
+        #: when a list, each value product of a decode step that the row kernel served skipping zero rows appends the
+        #: share of rows it left unread (a host sync: for reports over eager steps, never while a graph captures)
         self.skipped: list[float] | None = None
         self.spec = model.spec
         self.layers: list[dict[str, torch.Tensor]] = []
@@ -496,9 +501,7 @@ class FusedCuda(Backend):
             if ours and isinstance(fk, torch.Tensor) and isinstance(fv, torch.Tensor):
                 hk = _gemv([xk2[0]], [fk.t()], [RELU2_ON_OUTPUT])[0]     # relu(k) ** 2 written by the key GEMV
                 if fv.is_contiguous() and _rows_ok(fv) and fv.dtype == hk.dtype:   # input-major: zero rows skipped
-                    dx = _value_rows(hk, fv, skip, mm)
-                    if self.skipped is not None:
-                        self.skipped.append(float((hk == 0).all(dim=0).float().mean()))
+                    dx = _value_rows(hk, fv, skip, mm, self.skipped)
                 else:
                     dx = _gemv([hk], [fv.t()], [0])[0]
             else:

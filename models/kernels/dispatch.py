@@ -488,20 +488,20 @@ def ffn_rows(h: torch.Tensor, w: torch.Tensor, skip_zeros: bool = True, out_dtyp
     the column tile, 16 bytes of a row per thread (benchmarks sweep both).
 
     Returns None where the kernel does not serve (family not built, not one CUDA device, h and w not one of
-    fp16 / bf16 / fp32, shapes that do not chain, w not contiguous or its rows not 16-byte multiples, CUDA graph
-    capture before the device's split counters exist): the caller multiplies another way.
+    fp16 / bf16 / fp32, shapes that do not chain or are empty, w not contiguous or its rows not 16-byte multiples,
+    CUDA graph capture before the device's split counters exist): the caller multiplies another way.
     """
     if not (isinstance(h, torch.Tensor) and isinstance(w, torch.Tensor) and h.is_cuda and w.device == h.device
             and h.dim() == 2 and w.dim() == 2 and 1 <= h.shape[0] <= FFN_ROWS_MAX and h.shape[1] == w.shape[0]
             and h.dtype == w.dtype and h.dtype in (torch.float16, torch.bfloat16, torch.float32)
             and out_dtype in (None, h.dtype, torch.float32) and w.is_contiguous()
-            and (w.shape[1] * w.element_size()) % 16 == 0 and w.data_ptr() % 16 == 0
-            and available("cuda", "v7fused")):
+            and w.shape[0] > 0 and w.shape[1] > 0 and (w.shape[1] * w.element_size()) % 16 == 0
+            and w.data_ptr() % 16 == 0 and available("cuda", "v7fused")):
         return None
     counters = _gemv._counters(h.device)
     if counters is None:
         return None
-    h = h if h.stride(1) == 1 else h.contiguous()
+    h = h.contiguous()
     y = torch.empty(h.shape[0], w.shape[1], dtype=out_dtype or h.dtype, device=h.device)
     _op("cuda", "ffn_rows")(h, w, y, counters, bool(skip_zeros), int(blocks_per_sm), int(tile_threads))
     return y

@@ -123,8 +123,9 @@ def i8_gemm_kernel(x_ptr, w_ptr, mx_ptr, rx_ptr, my_ptr, ry_ptr, y_ptr, ws_ptr, 
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """The reference's mm8 product y[m, n] = sum_k x[m, k] ((w[k, n] + 0.5) ry[k] rx[n] + my[k] + mx[n]) for uint8
     w [K, N] (element [k, n] at k * stride_wk + n * stride_wn: either layout), as
-    rx[n] sum_k (x[m, k] ry[k]) (w[k, n] + 0.5) + sum_k x[m, k] my[k] + mx[n] sum_k x[m, k]: the first sum on the
-    tensor cores in x's dtype (w + 0.5 is exact in fp16), the row sums in float32 beside it."""
+    rx[n] (sum_k xr[m, k] w[k, n] + 0.5 sum_k xr[m, k]) + sum_k x[m, k] my[k] + mx[n] sum_k x[m, k] with xr = x ry
+    rounded to x's dtype: the first sum on the tensor cores in x's dtype (w, 0..255, is exact in fp16 and bf16),
+    the row sums in float32 beside it."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -134,6 +135,7 @@ def i8_gemm_kernel(x_ptr, w_ptr, mx_ptr, rx_ptr, my_ptr, ry_ptr, y_ptr, ws_ptr, 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     sx = tl.zeros((BLOCK_M,), dtype=tl.float32)
     sxm = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    sxr = tl.zeros((BLOCK_M,), dtype=tl.float32)
     k_lo = pid_k * k_per_split
     for k0 in range(k_lo, tl.minimum(k_lo + k_per_split, K), BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -147,10 +149,12 @@ def i8_gemm_kernel(x_ptr, w_ptr, mx_ptr, rx_ptr, my_ptr, ry_ptr, y_ptr, ws_ptr, 
         sxm += tl.sum(xf * my[None, :], axis=1)
         w = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
                     mask=k_ok[:, None] & n_ok[None, :], other=0)
-        acc += tl.dot((xf * ry[None, :]).to(xk.dtype), (w.to(tl.float32) + 0.5).to(xk.dtype))
+        xr = (xf * ry[None, :]).to(xk.dtype)
+        sxr += tl.sum(xr.to(tl.float32), axis=1)
+        acc += tl.dot(xr, w.to(xk.dtype))
     rx = tl.load(rx_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
     mx = tl.load(mx_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-    acc = acc * rx[None, :] + sxm[:, None] + sx[:, None] * mx[None, :]
+    acc = (acc + 0.5 * sxr[:, None]) * rx[None, :] + sxm[:, None] + sx[:, None] * mx[None, :]
     _finish(acc, y_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, m_ok, n_ok, M, N, stride_ym, n_splits, SPLIT, BLOCK_M,
             BLOCK_N)
 

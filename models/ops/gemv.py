@@ -110,8 +110,8 @@ def i8_gemm(x: torch.Tensor, q: Int8Weight) -> torch.Tensor:
     """``x @ q.dequantize()`` for the reference's uint8 scheme (``formats.i8``: (w + 0.5) ry rx + my + mx) and x [M, K]
     (M <= I8_ROWS, fp16/bf16, CUDA) -> [M, N] in x's dtype; q in either layout (``Int8Weight.output_major``: the
     kernel reads ``w`` through its strides), its scales in any float dtype. The uint8 weights are read once, as they
-    are (no dequantized copy): rx ⊙ ((x ry) @ (w + 0.5)) + x @ my + (sum of x) mx, the first product on the tensor
-    cores in x's dtype with float32 accumulation.
+    are (no dequantized copy): rx ⊙ ((x ry) @ w + 0.5 Σ x ry) + x @ my + (Σ x) mx, the product on the tensor cores in
+    x's dtype (w exact) with float32 accumulation.
 
     Raises: UnsupportedDtypeError, ShapeMismatchError, DeviceError.
     """
