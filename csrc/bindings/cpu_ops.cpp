@@ -95,6 +95,26 @@ void mm8_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& mx, con
                    ry.data_ptr(), y.data_ptr());
 }
 
+void gemvq_i4_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& qzeros, const at::Tensor& scales,
+                  int64_t group, const at::Tensor& y) {
+    const char* op = "rwkv_chat::gemvq_i4_cpu";
+    TORCH_CHECK(x.dim() == 2 && qweight.dim() == 2 && y.dim() == 2, op, ": x [rows, K], qweight [Kp/8, Np], y [rows, N]");
+    const int64_t rows = x.size(0), K = x.size(1), Kp = qweight.size(0) * 8, Np = qweight.size(1), N = y.size(1);
+    const auto F = x.scalar_type();
+    const int act = act_code(x, op), st = act_code(scales, op);
+    TORCH_CHECK(group > 0 && group % 8 == 0 && Kp % group == 0, op, ": group must be a positive multiple of 8 dividing ",
+                Kp, ", got ", group);
+    TORCH_CHECK(K <= Kp && N <= Np && Np % 8 == 0, op, ": x has ", K, " columns and y ", N, " for qweight ",
+                qweight.sizes());
+    check_tensor(x, op, "x", kCPU, F, {rows, K});
+    check_tensor(qweight, op, "qweight", kCPU, at::kInt, {Kp / 8, Np});
+    check_tensor(qzeros, op, "qzeros", kCPU, at::kInt, {Kp / group, Np / 8});
+    check_tensor(scales, op, "scales", kCPU, scales.scalar_type(), {Kp / group, Np});
+    check_tensor(y, op, "y", kCPU, F, {rows, N});
+    gemvq_i4_cpu_kernel(act, st, rows, K, Kp, N, Np, group, x.data_ptr(), qweight.data_ptr<int32_t>(),
+                        qzeros.data_ptr<int32_t>(), scales.data_ptr(), y.data_ptr());
+}
+
 }  // namespace
 }  // namespace rwkv_chat
 
@@ -111,4 +131,6 @@ TORCH_LIBRARY_FRAGMENT(rwkv_chat, m) {
           &rwkv_chat::wkv7_cpu);
     m.def("mm8_cpu(Tensor x, Tensor w, Tensor mx, Tensor rx, Tensor my, Tensor ry, Tensor(a!) y, int split=0) -> ()",
           &rwkv_chat::mm8_cpu);
+    m.def("gemvq_i4_cpu(Tensor x, Tensor qweight, Tensor qzeros, Tensor scales, int group, Tensor(a!) y) -> ()",
+          &rwkv_chat::gemvq_i4_cpu);
 }

@@ -24,6 +24,11 @@ void wkv7_cpu_kernel(int act, int64_t B, int64_t T, int64_t H, int64_t N, const 
                      float* s_out);
 void mm8_cpu_kernel(int act, int64_t rows, int64_t N, int64_t M, const void* x, const uint8_t* w, const void* mx,
                     const void* rx, const void* my, const void* ry, void* y);
+// int4, GPTQ layout (csrc/gemvq/gemvq_cpu.cpp): x [rows, K] (act), qweight int32 [Kp/8, Np], qzeros int32
+// [Kp/group, Np/8], scales [Kp/group, Np] (scale_type: an act code), group % 8 == 0, K <= Kp; y [rows, N] (act).
+void gemvq_i4_cpu_kernel(int act, int scale_type, int64_t rows, int64_t K, int64_t Kp, int64_t N, int64_t Np,
+                         int64_t group, const void* x, const int32_t* qweight, const int32_t* qzeros,
+                         const void* scales, void* y);
 
 }  // namespace rwkv_chat
 

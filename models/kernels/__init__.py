@@ -43,7 +43,7 @@ from rwkv_chat.models.kernels.checks import CPU_FAMILIES, CUDA_FAMILIES, FAMILIE
 log = logging.getLogger("rwkv_chat.kernels")
 
 CPU_SOURCES = ("bindings/cpu_ops.cpp", "wkv4/wkv4_cpu.cpp", "wkv5/wkv5_cpu.cpp", "wkv6/wkv6_cpu.cpp",
-               "wkv7/wkv7_cpu.cpp", "mm8/mm8_cpu.cpp", "fused_cpu/fused_cpu.cpp")
+               "wkv7/wkv7_cpu.cpp", "mm8/mm8_cpu.cpp", "fused_cpu/fused_cpu.cpp", "gemvq/gemvq_cpu.cpp")
 CUDA_SOURCES = ("bindings/cuda_ops.cpp", "bindings/fused_ops.cpp", "bindings/chunk_ops.cpp", "gemm/gemm_cuda.cpp",
                 "wkv4/wkv4_cuda.cu", "wkv5/wkv5_cuda.cu", "wkv6/wkv6_cuda.cu", "wkv7/wkv7_cuda.cu",
                 "wkv7/wkv7_chunk_cuda.cu", "mm8/mm8_cuda.cu", "fused/v7_fused.cu", "fused/ffn_rows.cu", "bindings/gemvq_ops.cpp",
@@ -54,8 +54,7 @@ CUDA_NVCC_FLAGS = ("-O3", "-std=c++17", "-Xptxas=-O3", "--extra-device-vectoriza
 NOT_BUILT = "not built yet (ensure_built has not run for this device)"
 CPU_GEMM_REASON = "no compiled CPU gemm: torch.matmul (oneDNN/MKL) serves CPU products"
 CPU_REASONS = {"gemm": CPU_GEMM_REASON,
-               "v7fused": "the fused RWKV-7 layer kernels (models/backends/fused_cuda.py) are CUDA only",
-               "gemvq": "the int4/fp8 GEMV kernels (csrc/gemvq) are CUDA only: the torch products serve the CPU"}
+               "v7fused": "the fused RWKV-7 layer kernels (models/backends/fused_cuda.py) are CUDA only"}
 #: the op whose presence marks a family as loaded (default ``<family>_<device>``)
 OP_NAMES = {"v7fused": "v7_tmix_one", "gemvq": "gemvq_i4"}
 
@@ -271,7 +270,8 @@ class KernelLoader:
 
     def report(self) -> dict[str, dict[str, str]]:
         """``{"cpu": {family: "ok" | reason}, "cuda": {...}}`` for families wkv4, wkv5, wkv6, wkv7, mm8, gemm,
-        v7fused (the fused RWKV-7 layer kernels, CUDA only), gemvq (the int4 / fp8 decode GEMVs, CUDA only)."""
+        v7fused (the fused RWKV-7 layer kernels, CUDA only), gemvq (the int4 / fp8 decode GEMVs; on the CPU the int4
+        product of any rows)."""
         return {d: dict(v) for d, v in self.status.items()}
 
 

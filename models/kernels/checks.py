@@ -13,7 +13,7 @@ import torch
 from rwkv_chat.models.errors import DeviceError, ShapeMismatchError, UnsupportedDtypeError
 
 FAMILIES = ("wkv4", "wkv5", "wkv6", "wkv7", "mm8", "gemm", "v7fused", "gemvq")
-CPU_FAMILIES = ("wkv4", "wkv5", "wkv6", "wkv7", "mm8")
+CPU_FAMILIES = ("wkv4", "wkv5", "wkv6", "wkv7", "mm8", "gemvq")
 CUDA_FAMILIES = FAMILIES
 ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

@@ -184,6 +184,18 @@ def _rows(x: torch.Tensor) -> int:
     return x.numel() // x.shape[-1] if x.shape[-1] else 0
 
 
+#: the most rows the compiled CPU int4 product serves (more: dequantized once and multiplied by torch's GEMM)
+I4_CPU_ROWS = 64
+
+
+def _i4_cpu_serves(x: torch.Tensor, q: Int4Weight) -> bool:
+    return (x.device.type == "cpu" and 1 <= _rows(x) <= I4_CPU_ROWS and q.qweight.device.type == "cpu"
+            and not q.output_major and q.g_idx is None
+            and q.group_size % 8 == 0 and (q.qweight.shape[0] * 8) % q.group_size == 0 and q.qweight.is_contiguous()
+            and q.qzeros.is_contiguous() and q.scales.is_contiguous() and q.qweight.dtype == torch.int32
+            and q.scales.dtype in (torch.float32, torch.float16, torch.bfloat16) and available("cpu", "gemvq"))
+
+
 def _gemvq_serves(x: torch.Tensor) -> bool:
     rows = _rows(x)
     return x.is_cuda and 1 <= rows <= GEMVQ_ROWS and available("cuda", "gemvq") and gemvq_sound(x.device)
@@ -388,12 +400,18 @@ def mm4(x: torch.Tensor, q: Int4Weight) -> torch.Tensor:
     compiled GEMV of ``csrc/gemvq`` where it is built and reads the weight (``gemvq_i4_ok``: output-major, the
     layout a weight takes on CUDA); else, fp16/bf16 and at most ``ops.gemv.I4_ROWS`` rows (decode batches): the
     Triton kernel (either layout; dequantized in registers, fp32 accumulation); more rows (prefill):
-    dequantized once per call and multiplied by cuBLAS; elsewhere the torch path.
+    dequantized once per call and multiplied by cuBLAS. On the CPU, up to ``I4_CPU_ROWS`` rows: the compiled
+    product of ``csrc/gemvq/gemvq_cpu.cpp`` reading the GPTQ words as stored (no g_idx, the group a multiple of 8);
+    elsewhere the torch path.
     Raises: DeviceError (x and q on different devices), ShapeMismatchError, UnsupportedDtypeError.
     """
     _check_packed(x, q, "i4")
     rows = _rows(x)
     K, N = q.shape
+    if _i4_cpu_serves(x, q):
+        y = torch.empty(rows, N, dtype=x.dtype, device=x.device)
+        _op("cpu", "gemvq_i4")(x.reshape(rows, K).contiguous(), q.qweight, q.qzeros, q.scales, q.group_size, y)
+        return y.reshape(*x.shape[:-1], N)
     if _gemvq_serves(x) and gemvq_i4_ok(q):
         y = torch.empty(rows, N, dtype=x.dtype, device=x.device)
         _op("cuda", "gemvq_i4")(x.reshape(rows, K).contiguous(), q.storage, q.qzeros, q.scales, q.group_size, y)

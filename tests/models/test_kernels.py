@@ -20,7 +20,7 @@ from rwkv_chat.models.rwkv import wkv
 from rwkv_chat.models.errors import DeviceError, ShapeMismatchError, UnsupportedDtypeError
 from tests.gpu.kernel_cases import TOL, all_cases, case_wkv7, wkv7_inputs
 
-CPU_OPS = ("wkv4", "wkv5", "wkv6", "wkv7", "mm8")
+CPU_OPS = ("wkv4", "wkv5", "wkv6", "wkv7", "mm8", "gemvq")
 
 
 @pytest.fixture(scope="session")
@@ -230,7 +230,7 @@ def test_ops_are_chosen_per_model(cpu_loader, model_path, monkeypatch):
 
 
 @pytest.mark.parametrize("version", ["4", "5", "5.2", "6", "7"])
-@pytest.mark.parametrize("strategy", ["cpu fp32", "cpu fp32i8"])
+@pytest.mark.parametrize("strategy", ["cpu fp32", "cpu fp32i8", "cpu fp32i4"])
 def test_tiny_models_same_logits_with_kernels(cpu_loader, model_path, version, strategy):
     """The same logits with the compiled kernels (the model's backend, and its eager blocks on the compiled
     per-op kernels) as with the torch paths (a model loaded with kernels=False)."""
@@ -246,9 +246,38 @@ def test_tiny_models_same_logits_with_kernels(cpu_loader, model_path, version, s
     assert model.backend.name == "eager" and model.backend.ops.wkv7 is kernels.wkv7
     runs += [model.forward(tokens, None, full_output=True)[0], model.forward(tokens[:1], None)[0]]
     tol = 1e-5 if strategy == "cpu fp32" else 1e-4
+    if strategy.endswith("i4"):      # the compiled int4 product served the eager blocks
+        assert kernels.available("cpu", "gemvq")
     for got, ref in zip(runs, (ref_seq, ref_one) * 2):
         err = ((got.double() - ref.double()).norm() / ref.double().norm()).item()
         assert err <= tol, f"v{version} {strategy}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("K,N,rows,group,dtype,scale_dtype", [
+    (256, 128, 1, 128, torch.float32, torch.float16), (1024, 300, 17, 128, torch.float32, torch.float16),
+    (512, 520, 9, 128, torch.float32, torch.float32), (96, 40, 5, 32, torch.float32, torch.bfloat16),
+    (512, 64, 2, 64, torch.bfloat16, torch.float16), (136, 24, 3, 8, torch.float16, torch.float16)])
+def test_cpu_int4_product_equals_the_dequantized_one(cpu_loader, K, N, rows, group, dtype, scale_dtype):
+    """``kernels.mm4`` on the CPU through the compiled product (``csrc/gemvq/gemvq_cpu.cpp``: GPTQ words read as
+    stored, more than 8 rows in passes, N and K padded to the packing) against x @ the dequantized weight in
+    float64; weights with g_idx, a group not a multiple of 8 or more rows than it serves take the torch path."""
+    from rwkv_chat.models.formats import i4
+    from rwkv_chat.models.kernels import dispatch
+
+    g = torch.Generator().manual_seed(K + N + rows)
+    q = i4.quantize_i4(torch.randn(K, N, generator=g) * 0.1, group)
+    q = i4.Int4Weight(q.qweight, q.qzeros, q.scales.to(scale_dtype), None, q.group_size, q.shape)
+    x = torch.randn(rows, K, generator=g).to(dtype)
+    assert dispatch._i4_cpu_serves(x, q)
+    got = kernels.mm4(x, q)
+    ref = x.double() @ q.dequantize(torch.float64)
+    assert got.dtype == dtype and got.shape == (rows, N)
+    assert ((got.double() - ref).norm() / ref.norm()).item() <= (1e-6 if dtype == torch.float32 else 4e-3)
+    many = torch.randn(dispatch.I4_CPU_ROWS + 1, K, generator=g).to(dtype)
+    assert not dispatch._i4_cpu_serves(many, q)
+    desc = i4.Int4Weight(q.qweight, q.qzeros, q.scales, torch.arange(K, dtype=torch.int32) // q.group_size,
+                         q.group_size, q.shape)
+    assert not dispatch._i4_cpu_serves(x, desc)
 
 
 def test_wkv7_chunked_kernel_only_for_long_sequences_of_few_heads():

@@ -1,0 +1,85 @@
+// int4 products on the CPU: y = x @ dequantize(q) for a weight in the GPTQ layout (models/formats/i4.py), read as
+// it is stored (0.5 byte per weight; no dequantized copy). Formula (AutoGPTQ "v1" zeros):
+//   w[k, n] = (q[k, n] - z[g, n]) * s[g, n],  z = (stored zero + 1) mod 16,  g = k / group,
+// evaluated per group as  y[r, n] += s[g, n] * (sum_k x[r, k] q[k, n] - z[g, n] * sum_k x[r, k])  in float32
+// (the integer nibbles enter the sums exactly). OpenMP over column blocks; each thread streams the packed words of
+// its block (contiguous int32 along N: qweight [Kp/8, Np]), turns each word row into floats once and adds it into
+// up to kMaxRows rows of x (more rows: passes of kMaxRows), vectorized over the columns. group must be a multiple of 8 (a word never straddles two groups); K <= Kp (rows k >= K are
+// padding: x is taken as 0 there), N <= Np.
+#include <algorithm>
+
+#include "../common/cpu_kernels.h"
+
+namespace rwkv_chat {
+namespace {
+
+constexpr int64_t kCols = 128;    // output columns per block (one thread)
+constexpr int64_t kMaxRows = 8;   // rows of x per pass over the weights
+
+template <typename F, typename S>
+void i4_impl(int64_t rows, int64_t K, int64_t Kp, int64_t N, int64_t Np, int64_t group, const F* x,
+             const int32_t* qw, const int32_t* qz, const S* sc, F* y) {
+    const int64_t blocks = (N + kCols - 1) / kCols, groups = Kp / group;
+#pragma omp parallel for schedule(static)
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+        const int64_t m0 = blk * kCols, cols = std::min(N, m0 + kCols) - m0;
+        float out[kMaxRows][kCols], acc[kMaxRows][kCols], nib[8][kCols];
+        for (int64_t r = 0; r < rows; ++r) std::fill(out[r], out[r] + cols, 0.f);
+        for (int64_t g = 0; g < groups; ++g) {
+            const int64_t k0 = g * group, k1 = std::min(K, k0 + group);
+            if (k0 >= k1) break;
+            float sx[kMaxRows] = {};
+            for (int64_t r = 0; r < rows; ++r) std::fill(acc[r], acc[r] + cols, 0.f);
+            for (int64_t k = k0; k < k1; k += 8) {
+                const uint32_t* wr = reinterpret_cast<const uint32_t*>(qw + (k / 8) * Np + m0);
+                for (int j = 0; j < 8; ++j) {              // the word row's nibbles, once for every row of x
+#pragma omp simd
+                    for (int64_t m = 0; m < cols; ++m) nib[j][m] = static_cast<float>((wr[m] >> (4 * j)) & 15u);
+                }
+                for (int64_t r = 0; r < rows; ++r) {
+                    float xv[8];
+                    for (int j = 0; j < 8; ++j) {
+                        xv[j] = k + j < k1 ? static_cast<float>(x[r * K + k + j]) : 0.f;
+                        sx[r] += xv[j];
+                    }
+                    float* ar = acc[r];
+#pragma omp simd
+                    for (int64_t m = 0; m < cols; ++m) {
+                        float a = ar[m];
+                        for (int j = 0; j < 8; ++j) a += xv[j] * nib[j][m];
+                        ar[m] = a;
+                    }
+                }
+            }
+            const int32_t* zr = qz + g * (Np / 8);
+            const S* sr = sc + g * Np + m0;
+            for (int64_t m = 0; m < cols; ++m) {
+                const int64_t n = m0 + m;
+                const float z = static_cast<float>(((static_cast<uint32_t>(zr[n / 8]) >> (4 * (n % 8))) + 1u) & 15u);
+                const float s = static_cast<float>(sr[m]);
+                for (int64_t r = 0; r < rows; ++r) out[r][m] += s * (acc[r][m] - z * sx[r]);
+            }
+        }
+        for (int64_t r = 0; r < rows; ++r)
+            for (int64_t m = 0; m < cols; ++m) y[r * N + m0 + m] = static_cast<F>(out[r][m]);
+    }
+}
+
+}  // namespace
+
+void gemvq_i4_cpu_kernel(int act, int scale_type, int64_t rows, int64_t K, int64_t Kp, int64_t N, int64_t Np,
+                         int64_t group, const void* x, const int32_t* qweight, const int32_t* qzeros,
+                         const void* scales, void* y) {
+    for (int64_t r0 = 0; r0 < rows; r0 += kMaxRows) {       // kMaxRows rows of x share each decoded word row
+        const int64_t n = std::min(kMaxRows, rows - r0);
+        const int esize = act == 0 ? 4 : 2;
+        const char* xb = static_cast<const char*>(x) + r0 * K * esize;
+        char* yb = static_cast<char*>(y) + r0 * N * esize;
+        RWKV_CHAT_CPU_DISPATCH_ACT(act, F,
+            RWKV_CHAT_CPU_DISPATCH_ACT(scale_type, S,
+                i4_impl<F, S>(n, K, Kp, N, Np, group, reinterpret_cast<const F*>(xb), qweight, qzeros,
+                              static_cast<const S*>(scales), reinterpret_cast<F*>(yb))));
+    }
+}
+
+}  // namespace rwkv_chat
