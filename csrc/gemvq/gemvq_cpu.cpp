@@ -32,6 +32,22 @@ void i4_impl(int64_t rows, int64_t K, int64_t Kp, int64_t N, int64_t Np, int64_t
             for (int64_t r = 0; r < rows; ++r) std::fill(acc[r], acc[r] + cols, 0.f);
             for (int64_t k = k0; k < k1; k += 8) {
                 const uint32_t* wr = reinterpret_cast<const uint32_t*>(qw + (k / 8) * Np + m0);
+                if (rows == 1) {                           // one row: the nibbles straight into the sums
+                    float xv[8];
+                    for (int j = 0; j < 8; ++j) {
+                        xv[j] = k + j < k1 ? static_cast<float>(x[k + j]) : 0.f;
+                        sx[0] += xv[j];
+                    }
+                    float* ar = acc[0];
+#pragma omp simd
+                    for (int64_t m = 0; m < cols; ++m) {
+                        const uint32_t w = wr[m];
+                        float a = ar[m];
+                        for (int j = 0; j < 8; ++j) a += xv[j] * static_cast<float>((w >> (4 * j)) & 15u);
+                        ar[m] = a;
+                    }
+                    continue;
+                }
                 for (int j = 0; j < 8; ++j) {              // the word row's nibbles, once for every row of x
 #pragma omp simd
                     for (int64_t m = 0; m < cols; ++m) nib[j][m] = static_cast<float>((wr[m] >> (4 * j)) & 15u);

@@ -184,8 +184,9 @@ def _rows(x: torch.Tensor) -> int:
     return x.numel() // x.shape[-1] if x.shape[-1] else 0
 
 
-#: the most rows the compiled CPU int4 product serves (more: dequantized once and multiplied by torch's GEMM)
-I4_CPU_ROWS = 64
+#: the most rows the compiled CPU int4 product serves (more: dequantized once and multiplied by torch's GEMM; on
+#: 2 cores at 2048 x 2048 the two meet near 48 rows)
+I4_CPU_ROWS = 32
 
 
 def _i4_cpu_serves(x: torch.Tensor, q: Int4Weight) -> bool:
