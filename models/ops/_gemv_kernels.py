@@ -69,23 +69,33 @@ def _finish(acc, y_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, m_ok, n_ok, M, N, strid
 
 
 @triton.jit
+def _program_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's rows and columns of y (grid: column blocks, splits of K, row blocks) and their masks."""
+    offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return offs_m, offs_n, offs_m < M, offs_n < N
+
+
+@triton.jit
+def _x_tile(x_ptr, offs_m, m_ok, k0, K, stride_xm, BLOCK_K: tl.constexpr):
+    """The columns k0 .. k0 + BLOCK_K of x's rows offs_m (zeros past K or M), with those columns and their mask."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    k_ok = offs_k < K
+    xk = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+    return offs_k, k_ok, xk
+
+
+@triton.jit
 def i4_gemv_kernel(x_ptr, qw_ptr, qz_ptr, sc_ptr, gi_ptr, y_ptr, ws_ptr, cnt_ptr, M, K, N, group, stride_qk, stride_qn,
                    stride_xm, stride_ym, k_per_split, n_splits, HAS_GIDX: tl.constexpr, ONE_GROUP: tl.constexpr,
                    SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """y[m, n] = sum_k x[m, k] * (q[k, n] - ((z[g(k), n] + 1) & 15)) * s[g(k), n] (GPTQ v1 zeros)."""
-    pid_n = tl.program_id(0)
+    offs_m, offs_n, m_ok, n_ok = _program_tile(M, N, BLOCK_M, BLOCK_N)
     pid_k = tl.program_id(1)
-    offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
-    m_ok = offs_m < M
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_lo = pid_k * k_per_split
     for k0 in range(k_lo, tl.minimum(k_lo + k_per_split, K), BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < K
-        xk = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
-                     other=0.0)
+        offs_k, k_ok, xk = _x_tile(x_ptr, offs_m, m_ok, k0, K, stride_xm, BLOCK_K)
         w = _dequant_tile(qw_ptr, qz_ptr, sc_ptr, gi_ptr, k0, offs_k, k_ok, offs_n, n_ok, K, N, group, stride_qk,
                           stride_qn, HAS_GIDX, ONE_GROUP, BLOCK_K, BLOCK_N).to(xk.dtype)
         acc += tl.dot(xk, w)
@@ -97,19 +107,12 @@ def i4_gemv_kernel(x_ptr, qw_ptr, qz_ptr, sc_ptr, gi_ptr, y_ptr, ws_ptr, cnt_ptr
 def f8_gemv_kernel(x_ptr, w_ptr, sc_ptr, y_ptr, ws_ptr, cnt_ptr, M, K, N, stride_xm, stride_ym, k_per_split, n_splits,
                    SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """y[m, n] = scale[n] * sum_k x[m, k] * float(w8[n, k]) for e4m3fn w8 [N, K] (output-major)."""
-    pid_n = tl.program_id(0)
+    offs_m, offs_n, m_ok, n_ok = _program_tile(M, N, BLOCK_M, BLOCK_N)
     pid_k = tl.program_id(1)
-    offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
-    m_ok = offs_m < M
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_lo = pid_k * k_per_split
     for k0 in range(k_lo, tl.minimum(k_lo + k_per_split, K), BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < K
-        xk = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
-                     other=0.0)
+        offs_k, k_ok, xk = _x_tile(x_ptr, offs_m, m_ok, k0, K, stride_xm, BLOCK_K)
         w8 = tl.load(w_ptr + offs_n[None, :] * K + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         acc += tl.dot(xk, w8.to(xk.dtype))
     acc = acc * tl.load(sc_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
@@ -126,22 +129,15 @@ def i8_gemm_kernel(x_ptr, w_ptr, mx_ptr, rx_ptr, my_ptr, ry_ptr, y_ptr, ws_ptr, 
     rx[n] (sum_k xr[m, k] w[k, n] + 0.5 sum_k xr[m, k]) + sum_k x[m, k] my[k] + mx[n] sum_k x[m, k] with xr = x ry
     rounded to x's dtype: the first sum on the tensor cores in x's dtype (w, 0..255, is exact in fp16 and bf16),
     the row sums in float32 beside it."""
-    pid_n = tl.program_id(0)
+    offs_m, offs_n, m_ok, n_ok = _program_tile(M, N, BLOCK_M, BLOCK_N)
     pid_k = tl.program_id(1)
-    offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
-    m_ok = offs_m < M
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     sx = tl.zeros((BLOCK_M,), dtype=tl.float32)
     sxm = tl.zeros((BLOCK_M,), dtype=tl.float32)
     sxr = tl.zeros((BLOCK_M,), dtype=tl.float32)
     k_lo = pid_k * k_per_split
     for k0 in range(k_lo, tl.minimum(k_lo + k_per_split, K), BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < K
-        xk = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
-                     other=0.0)
+        offs_k, k_ok, xk = _x_tile(x_ptr, offs_m, m_ok, k0, K, stride_xm, BLOCK_K)
         xf = xk.to(tl.float32)
         ry = tl.load(ry_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
         my = tl.load(my_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
