@@ -104,14 +104,14 @@ def bench_tiles(lines: list, name: str) -> None:
 
 def bench_steps(lines: list, shape: str, tokens: int = 200) -> None:
     """Decode tok/s of a random RWKV-7 ``shape`` model with the value product sparse / dense / grouped GEMV."""
+    from rwkv_chat.app.bench import use_sparse_ffn
     from rwkv_chat.models import RWKV
     from rwkv_chat.models.backends.fused_cuda import FusedCuda
     from rwkv_chat.models.rwkv import shapes
 
     model = RWKV(model=shapes.random_checkpoint(shape, dtype=torch.float16, device="cuda", seed=3),
                  strategy="cuda fp16")
-    if isinstance(model.backend, FusedCuda):             # the row kernel's input-major layout, before any forward
-        model.backend = FusedCuda(model, model.backend.ops, ffn="sparse")
+    use_sparse_ffn(model)             # the row kernel's input-major layout, before any forward (else "NOT SPARSE")
     lines += ["", f"#### decode steps, random RWKV-7 {shape}, cuda fp16, backend {model.backend}", "",
               "| batch | value product | tok/s | p50 ms/step | GB/s (dense step bytes) |", "|---|---|---|---|---|"]
     runs = [("sparse", "sparse"), ("dense", "dense")]

@@ -2,9 +2,9 @@
 // Every op writes into caller-allocated outputs and returns nothing. Shapes: rows = B*T tokens,
 // C = H*N channels; per-token tensors are contiguous [.., C] with rows*C elements.
 #include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <cuda_runtime_api.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -122,8 +122,7 @@ void ffn_rows_cuda(const at::Tensor& h, const at::Tensor& w, const at::Tensor& y
         y.zero_();
         return;
     }
-    int sms = 0;
-    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, h.get_device()) != cudaSuccess || sms < 1) sms = 1;
+    const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
     const FfnRowsPlan plan = ffn_rows_plan(act, rows, Fd, C, (int)blocks_per_sm, sms, (int)tile_threads);
     TORCH_CHECK(counters.numel() >= plan.tiles, op, ": counters must hold ", plan.tiles, " entries");
     at::Tensor part;

@@ -29,15 +29,19 @@ void i4_impl(int64_t rows, int64_t K, int64_t Kp, int64_t N, int64_t Np, int64_t
             const int64_t k0 = g * group, k1 = std::min(K, k0 + group);
             if (k0 >= k1) break;
             float sx[kMaxRows] = {};
+            // x[r, k .. k + 8) as floats (0 past the group's end), added to the row's sum
+            auto load_x = [&](int64_t r, int64_t k, float* xv) {
+                for (int j = 0; j < 8; ++j) {
+                    xv[j] = k + j < k1 ? static_cast<float>(x[r * K + k + j]) : 0.f;
+                    sx[r] += xv[j];
+                }
+            };
             for (int64_t r = 0; r < rows; ++r) std::fill(acc[r], acc[r] + cols, 0.f);
             for (int64_t k = k0; k < k1; k += 8) {
                 const uint32_t* wr = reinterpret_cast<const uint32_t*>(qw + (k / 8) * Np + m0);
                 if (rows == 1) {                           // one row: the nibbles straight into the sums
                     float xv[8];
-                    for (int j = 0; j < 8; ++j) {
-                        xv[j] = k + j < k1 ? static_cast<float>(x[k + j]) : 0.f;
-                        sx[0] += xv[j];
-                    }
+                    load_x(0, k, xv);
                     float* ar = acc[0];
 #pragma omp simd
                     for (int64_t m = 0; m < cols; ++m) {
@@ -54,10 +58,7 @@ void i4_impl(int64_t rows, int64_t K, int64_t Kp, int64_t N, int64_t Np, int64_t
                 }
                 for (int64_t r = 0; r < rows; ++r) {
                     float xv[8];
-                    for (int j = 0; j < 8; ++j) {
-                        xv[j] = k + j < k1 ? static_cast<float>(x[r * K + k + j]) : 0.f;
-                        sx[r] += xv[j];
-                    }
+                    load_x(r, k, xv);
                     float* ar = acc[r];
 #pragma omp simd
                     for (int64_t m = 0; m < cols; ++m) {

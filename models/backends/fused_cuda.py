@@ -46,7 +46,7 @@ from rwkv_chat.models.errors import StrategyError
 from rwkv_chat.models.formats.i4 import Int4Weight
 from rwkv_chat.models.formats.i8 import Int8Weight
 from rwkv_chat.models.kernels import dispatch
-from rwkv_chat.models.ops import _triton, gemv as triton_gemv, gptq as fused_gptq
+from rwkv_chat.models.ops import _triton, gemv as triton_gemv, gptq as fused_gptq, sparse_ffn
 
 GEMV_ROWS = 4           # rows served by the grouped GEMV kernel (more: cuBLAS)
 _BIG = ("att.receptance.weight", "att.key.weight", "att.value.weight", "att.output.weight",
@@ -93,7 +93,7 @@ def _value_rows(h, w, skip: bool, mm, skipped: list | None = None):
     if y is None:
         return mm(h, w)
     if skip and skipped is not None:
-        skipped.append(float((h == 0).all(dim=0).float().mean()))
+        skipped.append(sparse_ffn.zero_row_fraction(h))
     return y
 
 

@@ -69,20 +69,11 @@ def decode_all(model, state, batch, steps, **kw):
 def skipped_share(model, state, batch, steps=3) -> float:
     """The mean share of rows of the value matrices that the sparse product skips over ``steps`` decode steps
     (eager steps, no CUDA graph: each value product's h is read on the host)."""
-    from rwkv_chat.models.backends import fused_cuda
-    from rwkv_chat.models.ops import sparse_ffn
-
-    shares, product = [], fused_cuda._value_rows
-
-    def counting(h, w, *args):
-        shares.append(sparse_ffn.zero_row_fraction(h))
-        return product(h, w, *args)
-
-    fused_cuda._value_rows = counting
+    model.backend.skipped = shares = []       # the backend records each skipping product's share
     try:
         decode_all(model, state, batch, steps, graphs=False, fused=True)
     finally:
-        fused_cuda._value_rows = product
+        model.backend.skipped = None
     return sum(shares) / len(shares) if shares else float("nan")
 
 
