@@ -302,9 +302,10 @@ def qwen2_main(argv: list[str]) -> int:
     ap.add_argument("--prompt-len", type=int, default=1024, metavar="T", help="prefill length (default 1024; 0: skip)")
     ap.add_argument("--tokens", type=int, default=100, metavar="N", help="timed decode steps (default 100)")
     ap.add_argument("--no-peer", action="store_true", help="skip transformers")
-    ap.add_argument("--gemv", choices=["ours", "cublas"], default="cublas",
-                    help="decode products of 1..4 rows: cublas (RMSNorm, then cuBLAS; default) or ours (norm_gemv, "
-                         "the RMSNorm inside)")
+    ap.add_argument("--gemv", choices=["cublas", "triton", "compiled", "compiled-norm"], default="compiled",
+                    help="decode products of 1..4 rows: compiled (RMSNorm, then the compiled grouped GEMV; default), "
+                         "compiled-norm (the RMSNorm inside its launches), cublas (RMSNorm, then cuBLAS) or triton "
+                         "(norm_gemv, the RMSNorm inside)")
     ap.add_argument("--md", metavar="FILE", help="append the table to this markdown file")
     args = ap.parse_args(argv)
     check_run_args(ap, args)
@@ -314,8 +315,8 @@ def qwen2_main(argv: list[str]) -> int:
         folder = Path(args.model) if args.model else shapes.write_random(Path(tmp) / args.shape, args.shape, dtype,
                                                                          device=dev)
         model = Qwen2(folder, args.strategy)
-        if args.gemv == "ours":
-            model.use_kernels(decode_gemv=True)
+        if args.gemv != "compiled":
+            model.use_kernels(gemv=args.gemv)
         peer = None if args.no_peer else speed.peer_speed(folder, dtype, dev, args.tokens, args.prompt_len)
         ceiling, peak = copy_bandwidth(dev), speed.matmul_peak(dtype, dev)
         name = args.model or f"Qwen2 {args.shape} (random)"

@@ -21,6 +21,7 @@ from pathlib import Path
 #: (section title, result file in OUT_DIR, merged per command block)
 SECTIONS = (
     ("Kernel checks", "verify_kernels.md", False),
+    ("Grouped GEMV (bias, SwiGLU) and i8 product checks", "verify_gemv_group.md", False),
     ("RWKV-7 against the Albatross-class engine (same call)", "peers.md", False),
     ("Fused RWKV-7 paths vs the torch path", "verify_fused.md", False),
     ("Whole model vs rwkv 0.8.32", "pip.md", False),
@@ -41,6 +42,7 @@ SECTIONS = (
     ("Weight-format checks", "verify_formats.md", False),
     ("Qwen2 (ours vs Hugging Face transformers on the same weights)", "qwen_bench.md", True),
     ("Qwen2 checks", "verify_qwen2.md", False),
+    ("Qwen2 decode step and prefill profile (diagnostic)", "qwen2_profile.md", False),
     ("Conversation tree, draft prefill and shared prompt states", "tree.md", False),
 )
 PREAMBLE = ("Every section is written by the script its `command:` line names, with the machine, torch, source "

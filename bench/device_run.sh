@@ -46,12 +46,17 @@ step fbench 120 240 python3 bench/formats.py --shapes 1.5B 7.2B --batch 1 --toke
 step fbench64 100 240 python3 bench/formats.py --shapes 7.2B --batch 64 --tokens 20 --skip-ops --out "$OUT/formats_bench64.md"
 step qpeers 150 500 bash -c 'bash bench/quant_peers.sh 1.5B 7.2B | tee "$0"' "$OUT/quant_peers.md"
 step prenorm 120 300 python3 bench/ops.py --prenorm --sweep --out "$OUT/prenorm_bench.md"
-step qb15ours 50 150 python3 -m rwkv_chat.app.bench --md "$OUT/qwen_bench.md" --family qwen2 --shape 1.5B --strategy "cuda bf16" --batch 1 --prompt-len 0 --tokens 100 --no-peer --gemv ours
+step qb15ours 50 150 python3 -m rwkv_chat.app.bench --md "$OUT/qwen_bench.md" --family qwen2 --shape 1.5B --strategy "cuda bf16" --batch 1 --prompt-len 0 --tokens 100 --no-peer --gemv triton
+step kgemv 60 200 python3 tests/gpu/verify_kernels.py --family gemv_group mm8 --out "$OUT/verify_gemv_group.md"
+step qwenc 90 240 python3 tests/gpu/verify_qwen2.py --shapes tiny 1.5B --dtypes bf16 --gemv cublas compiled-norm --out "$OUT/verify_qwen2.md"
+QB="python3 -m rwkv_chat.app.bench --md $OUT/qwen_bench.md --family qwen2 --strategy cuda\ bf16 --batch 1 --prompt-len 0 --tokens 100 --no-peer"
+step qb15g 80 200 bash -c "$QB --shape 1.5B --gemv cublas && $QB --shape 1.5B --gemv compiled && $QB --shape 1.5B --gemv compiled-norm"
+step qb7g 120 300 bash -c "$QB --shape 7B --gemv cublas && $QB --shape 7B --gemv compiled && $QB --shape 7B --gemv compiled-norm"
 step qb7 80 180 python3 -m rwkv_chat.app.bench --md "$OUT/qwen_bench.md" --family qwen2 --shape 7B --strategy "cuda bf16" --batch 1 64 --prompt-len 1024 --tokens 100
 step tree 90 240 python3 bench/tree.py --shape 1.5B --strategy "cuda fp16" --repeats 3 --out "$OUT/tree.md" \
     --kernel-cache "$(python3 -c 'from rwkv_chat.models.kernels import default_cache_dir; print(default_cache_dir())')"
 step pcache 40 120 python3 tests/gpu/verify_prompt_cache.py --out "$OUT/verify_prompt_cache.md"
-step qprof 90 200 python3 bench/qwen2_profile.py --shape 1.5B --out "$OUT/qwen2_profile.md"
+step qprof 90 200 python3 bench/qwen2_profile.py --shape 1.5B --gemv compiled --out "$OUT/qwen2_profile.md"
 step fprof 120 240 python3 bench/formats_profile.py --shape 7.2B --out "$OUT/formats_profile.md"
 step fprof64 120 300 python3 bench/formats_profile.py --shape 7.2B --formats "" --batch 64 --large fused --out "$OUT/formats_profile.md"
 step b01 40 100 $B --shape 0.1B --batch 1 --prompt-len 1024 --tokens 300

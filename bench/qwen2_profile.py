@@ -55,15 +55,22 @@ def main() -> int:
     ap.add_argument("--shape", default="1.5B")
     ap.add_argument("--prompt-len", type=int, default=1024)
     ap.add_argument("--strategy", default="cuda bf16")
+    ap.add_argument("--gemv", choices=["cublas", "triton", "compiled", "compiled-norm"], default="compiled",
+                    help="the products of 1..4 rows (Qwen2.use_kernels)")
     ap.add_argument("--out")
     args = ap.parse_args()
     from rwkv_chat.models.qwen2 import shapes
     from rwkv_chat.models.qwen2.model import Qwen2
 
-    lines = [f"## Qwen2 {args.shape} profile ({args.strategy})", ""]
+    from rwkv_chat.app.bench import provenance
+
+    lines = [*provenance(), "", f"Qwen2 {args.shape}, `{args.strategy}`, products of 1..4 rows: {args.gemv}, random "
+             "weights", ""]
     with tempfile.TemporaryDirectory() as tmp:
         folder = shapes.write_random(Path(tmp) / "m", args.shape, device="cuda")
         model = Qwen2(folder, args.strategy)
+        if args.gemv != "compiled":
+            model.use_kernels(gemv=args.gemv)
     _, state = model.forward(list(range(1, 65)), None)
     for graphs in (False, True):
         dec = model.decoder(1, graphs=graphs)

@@ -63,11 +63,15 @@ void v7_mix_cuda(const at::Tensor& x, const OptT& dx, const OptT& x_out, const a
                  op);
 }
 
-void gemv_multi_cuda(at::TensorList xs, at::TensorList ws, at::TensorList ys, at::IntArrayRef acts) {
+void gemv_multi_cuda(at::TensorList xs, at::TensorList ws, at::TensorList ys, at::IntArrayRef acts,
+                     const c10::List<std::optional<at::Tensor>>& biases, at::IntArrayRef glus, const OptT& norm_residual,
+                     const OptT& norm_weight, const OptT& h_out, double eps) {
     const char* op = "rwkv_chat::gemv_multi_cuda";
     const size_t n = xs.size();
     TORCH_CHECK(n >= 1 && n <= (size_t)kGemvMaxEntries && ws.size() == n && ys.size() == n && acts.size() == n, op,
                 ": 1..", kGemvMaxEntries, " products with one x, w, y and act each");
+    TORCH_CHECK((biases.size() == 0 || biases.size() == n) && (glus.size() == 0 || glus.size() == n), op,
+                ": biases and glu: empty or one per product");
     const auto F = xs[0].scalar_type();
     const int act = act_code(xs[0], op);
     const auto YF = ys[0].scalar_type();
@@ -84,14 +88,47 @@ void gemv_multi_cuda(at::TensorList xs, at::TensorList ws, at::TensorList ys, at
         TORCH_CHECK(x.scalar_type() == F && w.scalar_type() == F && y.scalar_type() == YF, op, ": dtypes differ");
         TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && y.dim() == 2, op, ": x [rows, N], w [M, N], y [rows, M]");
         TORCH_CHECK(w.is_contiguous(), op, ": w must be contiguous [M, N]");
-        TORCH_CHECK(x.size(0) == batch.rows && y.size(0) == batch.rows && x.size(1) == w.size(1) &&
-                        y.size(1) == w.size(0), op, ": shapes ", x.sizes(), " ", w.sizes(), " ", y.sizes());
+        const bool glu = glus.size() > 0 && glus[i] != 0;
+        const int64_t M = glu ? w.size(0) / 2 : w.size(0);
+        TORCH_CHECK(!glu || w.size(0) % 2 == 0, op, ": a glu weight is [2M, N] (gate rows, then up rows)");
+        TORCH_CHECK(x.size(0) == batch.rows && y.size(0) == batch.rows && x.size(1) == w.size(1) && y.size(1) == M,
+                    op, ": shapes ", x.sizes(), " ", w.sizes(), " ", y.sizes());
         TORCH_CHECK(x.stride(1) == 1 && y.stride(1) == 1, op, ": x and y rows must be contiguous");
         TORCH_CHECK(acts[i] >= 0 && acts[i] <= 15, op, ": act must be 0..15 (on x: act % 4, on y: act / 4)");
+        TORCH_CHECK(!glu || acts[i] < 4, op, ": a glu product takes no activation on its output");
+        const void* bias = nullptr;
+        if (biases.size() > 0) {
+            const std::optional<at::Tensor> b = biases[i];
+            if (b.has_value()) {
+                TORCH_CHECK(!glu, op, ": a glu product takes no bias");
+                TORCH_CHECK(b->is_cuda() && b->device() == x.device() && b->scalar_type() == F && b->is_contiguous() &&
+                                b->numel() == M, op, ": bias must be a contiguous [", M, "] ", F, " on x's device");
+                bias = b->data_ptr();
+            }
+        }
         GemvEntry& E = batch.e[i];
-        E.x = x.data_ptr(); E.w = w.data_ptr(); E.y = y.data_ptr();
+        E.x = x.data_ptr(); E.w = w.data_ptr(); E.y = y.data_ptr(); E.bias = bias; E.glu = glu ? 1 : 0;
         E.x_stride = (long)x.stride(0); E.y_stride = (long)y.stride(0);
-        E.N = (int)w.size(1); E.M = (int)w.size(0); E.act = (int)(acts[i] % 4); E.out_act = (int)(acts[i] / 4);
+        E.N = (int)w.size(1); E.M = (int)M; E.act = (int)(acts[i] % 4); E.out_act = (int)(acts[i] / 4);
+    }
+    if (norm_weight.has_value()) {   // RMSNorm(x + residual) is every product's input; x is xs[0] (all the same)
+        const at::Tensor& x = xs[0];
+        const int64_t C = x.size(1);
+        TORCH_CHECK(x.is_contiguous(), op, ": the normed x must be contiguous [rows, C]");
+        for (size_t i = 1; i < n; ++i)
+            TORCH_CHECK(xs[i].data_ptr() == x.data_ptr() && xs[i].sizes() == x.sizes(), op,
+                        ": with a norm every product takes the same x");
+        GemvNorm& nm = batch.norm;
+        nm.x = x.data_ptr();
+        nm.w = opt_ptr(norm_weight, op, "norm_weight", F, C);
+        nm.residual = opt_ptr(norm_residual, op, "norm_residual", F, batch.rows * C);
+        nm.h_out = const_cast<void*>(opt_ptr(h_out, op, "h_out", F, batch.rows * C));
+        TORCH_CHECK(nm.h_out == nullptr || (nm.h_out != nm.x && nm.h_out != nm.residual), op,
+                    ": h_out must not alias x or the residual");
+        nm.eps = (float)eps;
+        nm.C = (int)C;
+    } else {
+        TORCH_CHECK(!norm_residual.has_value() && !h_out.has_value(), op, ": a residual or h_out needs norm_weight");
     }
     const at::cuda::CUDAGuard guard(xs[0].device());
     check_launch(gemv_multi_launch(act, batch, c10::cuda::getCurrentCUDAStream()), op);
@@ -213,7 +250,9 @@ TORCH_LIBRARY_FRAGMENT(rwkv_chat, m) {
     m.def("v7_mix_cuda(Tensor x, Tensor? dx, Tensor(a!)? x_out, Tensor ln_w, Tensor ln_b, Tensor? shift, "
           "Tensor(b!)? shift_out, Tensor mix, Tensor(c!) out, int T) -> ()",
           &rwkv_chat::v7_mix_cuda);
-    m.def("gemv_multi_cuda(Tensor[] xs, Tensor[] ws, Tensor(a!)[] ys, int[] acts) -> ()", &rwkv_chat::gemv_multi_cuda);
+    m.def("gemv_multi_cuda(Tensor[] xs, Tensor[] ws, Tensor(a!)[] ys, int[] acts, Tensor?[] biases, int[] glu, "
+          "Tensor? norm_residual, Tensor? norm_weight, Tensor(b!)? h_out, float eps) -> ()",
+          &rwkv_chat::gemv_multi_cuda);
     m.def("ffn_rows_cuda(Tensor h, Tensor w, Tensor(a!) y, Tensor(b!) counters, bool skip_zeros, "
           "int blocks_per_sm=2, int tile_threads=0) -> ()", &rwkv_chat::ffn_rows_cuda);
     m.def("v7_pre_cuda(Tensor k, Tensor v, Tensor wl, Tensor al, Tensor? vl, Tensor? v_first, Tensor w0, Tensor a0, "

@@ -18,11 +18,16 @@ constexpr int kGemvMaxRows = 4;
 // x [rows, N] with row stride x_stride, y [rows, M] with row stride y_stride (elements).
 // act: 0 none, 1 tanh, 2 sigmoid, 3 relu^2, applied to x; out_act: the same codes applied to each result
 // after it is rounded to y's dtype (relu^2 there gives the reference's relu(k) ** 2 of the ffn key,
-// rounded as it rounds, so the next product needs no activation on load). lpr_log2 (lanes per output), ks_log2 (warps
-// sharing one output's dot product, split over N) and block_begin are set by the launcher.
+// rounded as it rounds, so the next product needs no activation on load). bias (nullable, [M] in the activation
+// dtype) is added to each sum before it is rounded (nn.Linear's bias, as a GEMM epilogue adds it). glu: W is [2M, N],
+// the gate rows then the up rows, and y = silu(x @ gate^T) * (x @ up^T) with each product rounded to the activation
+// dtype first and silu rounded too (SwiGLU as transformers' Qwen2MLP computes it in that dtype; no bias, no out_act).
+// lpr_log2 (lanes per output), ks_log2 (warps sharing one output's dot product, split over N) and block_begin are set
+// by the launcher.
 struct GemvEntry {
     const void* x;
     const void* w;
+    const void* bias;
     void* y;
     long x_stride;
     long y_stride;
@@ -30,16 +35,35 @@ struct GemvEntry {
     int M;
     int act;
     int out_act;
+    int glu;
     int lpr_log2;
     int ks_log2;
     int block_begin;
 };
 
+// The RMSNorm in front of a grouped GEMV (GemvBatch.norm): every entry's input is
+// xn = round(w * round(h * rsqrt(mean(h^2) + eps))) with h = round(x + residual) (h = x without a residual), as
+// transformers' Qwen2RMSNorm rounds it; x, residual, h_out [rows, C] contiguous rows (stride C), w [C], all in the
+// activation dtype. Each block normalizes the rows itself into shared memory (no extra launch); the first block
+// writes h to h_out (nullable; must not alias x or residual). Needs C % (16 / element size) == 0, 16-byte aligned
+// x, residual and weights, every product non-empty with N == C, and rows * C elements within kGemvNormStageBytes:
+// else gemv_multi_launch returns kUnsupported.
+constexpr int kGemvNormStageBytes = 40 * 1024;
+struct GemvNorm {
+    const void* x;
+    const void* residual;
+    const void* w;
+    void* h_out;
+    float eps;
+    int C;
+};
+
 struct GemvBatch {
     GemvEntry e[kGemvMaxEntries];
-    int n;        // entries in use
-    int rows;     // 1..kGemvMaxRows
-    int out_f32;  // y is float32 (else the activation dtype)
+    GemvNorm norm;  // used when norm.x != nullptr (every entry's x is then ignored; its N must be norm.C)
+    int n;          // entries in use
+    int rows;       // 1..kGemvMaxRows
+    int out_f32;    // y is float32 (else the activation dtype)
 };
 
 // x, dx, x_out: [rows = B*T, C]; dx (nullable) is added (rounded to the act dtype) and written to

@@ -7,12 +7,14 @@
 //                token's xln. One block per token row; the previous row's LayerNorm is recomputed
 //                in the same block (so T > 1 needs no second pass). Decode (T = 1, <= 4 rows):
 //                v7_mix_one, each row over up to 16 blocks that each write one slice.
-//   gemv_multi   up to 8 products y_e = act_e(x_e) @ W_e in one launch for 1..4 rows; W_e is stored
-//                [M, N] (output-major, i.e. nn.Linear's layout), so each output is a contiguous dot
+//   gemv_multi   up to 8 products y_e = act_e(x_e) @ W_e (+ bias_e) in one launch for 1..4 rows; W_e is
+//                stored [M, N] (output-major, i.e. nn.Linear's layout), so each output is a contiguous dot
 //                product: a group of lpr lanes per output row, 16-byte loads, shuffle reduction;
 //                long rows with few outputs split over up to 4 warps (partials through shared memory).
 //                act: 0 none, 1 tanh, 2 sigmoid, 3 relu^2 (applied to x as it is loaded; the same codes
-//                on the results as they are written, for the ffn key's relu^2).
+//                on the results as they are written, for the ffn key's relu^2). SwiGLU entries (glu) read
+//                a gate row and an up row per output; a batch may carry an RMSNorm (GemvNorm) that each
+//                block applies to x + residual in shared memory first (Qwen2's decode products).
 //   v7_pre       per (token, head): decay w = exp(-e^-1/2 sigmoid(w0 + wl)), in-context rate
 //                a = sigmoid(a0 + al), kk = normalize(k * k_k), k' = k (1 + (a - 1) k_a),
 //                v' = v + (v_first - v) sigmoid(v0 + vl); writes the WKV inputs (w, k', v', -kk, kk a).
@@ -333,8 +335,75 @@ __device__ __forceinline__ float act_apply(int act, float v) {
     }
 }
 
-template <typename F, int R, bool VEC>
+// The RMSNorm of GemvBatch.norm (see fused_launchers.h) into xs [rows, C] in shared memory; every thread of the block
+// calls it after pdl_wait. red: >= kGemvWarps * R floats of shared memory.
+template <typename F, int R>
+__device__ __forceinline__ void gemv_norm_stage(const GemvNorm& nm, int rows, F* xs, float* red) {
+    constexpr int EPV = 16 / sizeof(F);
+    union V { uint4 q; F v[EPV]; };
+    const int C = nm.C, nv = C / EPV;
+    const uint4* x = static_cast<const uint4*>(nm.x);
+    const uint4* res = static_cast<const uint4*>(nm.residual);
+    uint4* hout = blockIdx.x == 0 ? static_cast<uint4*>(nm.h_out) : nullptr;
+    uint4* xq = reinterpret_cast<uint4*>(xs);
+    float ss[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        ss[r] = 0.f;
+        if (r < rows) {
+            for (int i = threadIdx.x; i < nv; i += blockDim.x) {
+                const long o = (long)r * nv + i;
+                V a;
+                a.q = __ldg(x + o);
+                if (res) {
+                    V b;
+                    b.q = __ldg(res + o);
+#pragma unroll
+                    for (int c = 0; c < EPV; ++c) a.v[c] = from_f32<F>(to_f32(a.v[c]) + to_f32(b.v[c]));
+                }
+                if (hout) hout[o] = a.q;
+#pragma unroll
+                for (int c = 0; c < EPV; ++c) { const float f = to_f32(a.v[c]); ss[r] = fmaf(f, f, ss[r]); }
+                xq[o] = a.q;
+            }
+        }
+    }
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) ss[r] += __shfl_xor_sync(0xffffffffu, ss[r], o);
+        if (lane == 0) red[warp * R + r] = ss[r];
+    }
+    __syncthreads();
+    const uint4* w = static_cast<const uint4*>(nm.w);
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        if (r < rows) {
+            float t = 0.f;
+            for (int j = 0; j < (int)(blockDim.x / 32); ++j) t += red[j * R + r];
+            const float inv = rsqrtf(t / C + nm.eps);
+            for (int i = threadIdx.x; i < nv; i += blockDim.x) {   // the elements this thread staged
+                const long o = (long)r * nv + i;
+                V a, g;
+                a.q = xq[o];
+                g.q = __ldg(w + i);
+#pragma unroll
+                for (int c = 0; c < EPV; ++c) a.v[c] = from_f32<F>(to_f32(g.v[c]) * round_act<F>(to_f32(a.v[c]) * inv));
+                xq[o] = a.q;
+            }
+        }
+    }
+    __syncthreads();
+}
+
+// GLU: the kernel of batches with a SwiGLU entry (E.glu): a second accumulator per row for the up row m + M, loaded
+// beside the gate row m (the other entries of such a batch run as in the plain kernel). NORM: the batch's RMSNorm
+// (batch.norm) staged in shared memory is every entry's x (VEC only).
+template <typename F, int R, bool VEC, bool GLU, bool NORM>
 __global__ void __launch_bounds__(kGemvThreads) gemv_multi_kernel(GemvBatch batch) {
+    static_assert(!NORM || VEC, "the RMSNorm stage needs the vector path");
+    extern __shared__ __align__(16) unsigned char gemv_smem[];
     pdl_trigger();
     int e = 0;
 #pragma unroll 1
@@ -348,32 +417,47 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_multi_kernel(GemvBatch batc
     const int m = ((blockIdx.x - E.block_begin) * (kGemvWarps >> E.ks_log2) + wg) * rpw + sub;
     const int L = ks * lpr + l, TL = S * lpr;          // this lane's index along N, lanes along N
     const bool active = m < E.M;
+    const bool glu = GLU && E.glu != 0;
     const int N = E.N, rows = batch.rows, act = E.act;
     const F* __restrict__ w = static_cast<const F*>(E.w) + (long)(active ? m : 0) * N;
-    const F* __restrict__ x = static_cast<const F*>(E.x);
-    float acc[R];
+    const F* __restrict__ w2 = w + (glu ? (long)E.M * N : 0);   // the up row (GLU entries)
+    const F* __restrict__ x = NORM ? reinterpret_cast<const F*>(gemv_smem) : static_cast<const F*>(E.x);
+    const long x_stride = NORM ? (long)batch.norm.C : E.x_stride;
+    float acc[R], acc2[GLU ? R : 1];
 #pragma unroll
     for (int r = 0; r < R; ++r) acc[r] = 0.f;
+#pragma unroll
+    for (int r = 0; r < (GLU ? R : 1); ++r) acc2[r] = 0.f;
     if (VEC) {
         constexpr int EPV = 16 / sizeof(F);
         union V { uint4 q; F v[EPV]; };
         const int step = TL * EPV, chunk = step * kGemvUnroll;
         // software pipeline: the next chunk's weights are in flight while this chunk is used; the
         // first chunk is requested before pdl_wait (weights never change), overlapping the previous kernel
-        V wq[kGemvUnroll];
+        V wq[kGemvUnroll], wq2[GLU ? kGemvUnroll : 1];
         int n0 = L * EPV;
 #pragma unroll
         for (int u = 0; u < kGemvUnroll; ++u) {
             const int n = n0 + u * step;
             wq[u].q = (active && n < N) ? __ldcs(reinterpret_cast<const uint4*>(w + n)) : make_uint4(0, 0, 0, 0);
+            if constexpr (GLU)
+                wq2[u].q = (glu && active && n < N) ? __ldcs(reinterpret_cast<const uint4*>(w2 + n))
+                                                    : make_uint4(0, 0, 0, 0);
         }
         pdl_wait();
+        if constexpr (NORM) {
+            __shared__ float red[kGemvWarps * R];
+            gemv_norm_stage<F, R>(batch.norm, rows, reinterpret_cast<F*>(gemv_smem), red);
+        }
         for (; n0 < N; n0 += chunk) {
-            V wn[kGemvUnroll];
+            V wn[kGemvUnroll], wn2[GLU ? kGemvUnroll : 1];
 #pragma unroll
             for (int u = 0; u < kGemvUnroll; ++u) {
                 const int n = n0 + chunk + u * step;
                 wn[u].q = (active && n < N) ? __ldcs(reinterpret_cast<const uint4*>(w + n)) : make_uint4(0, 0, 0, 0);
+                if constexpr (GLU)
+                    wn2[u].q = (glu && active && n < N) ? __ldcs(reinterpret_cast<const uint4*>(w2 + n))
+                                                        : make_uint4(0, 0, 0, 0);
             }
 #pragma unroll
             for (int u = 0; u < kGemvUnroll; ++u) {
@@ -383,7 +467,8 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_multi_kernel(GemvBatch batc
                     for (int r = 0; r < R; ++r) {
                         if (r < rows) {
                             V xq;
-                            xq.q = __ldg(reinterpret_cast<const uint4*>(x + (long)r * E.x_stride + n));
+                            if constexpr (NORM) xq.q = *reinterpret_cast<const uint4*>(x + (long)r * x_stride + n);
+                            else xq.q = __ldg(reinterpret_cast<const uint4*>(x + (long)r * x_stride + n));
                             float xf[EPV];
 #pragma unroll
                             for (int c = 0; c < EPV; ++c) xf[c] = to_f32(xq.v[c]);
@@ -393,48 +478,76 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_multi_kernel(GemvBatch batc
                             }
 #pragma unroll
                             for (int c = 0; c < EPV; ++c) acc[r] = fmaf(xf[c], to_f32(wq[u].v[c]), acc[r]);
+                            if constexpr (GLU) {
+#pragma unroll
+                                for (int c = 0; c < EPV; ++c) acc2[r] = fmaf(xf[c], to_f32(wq2[u].v[c]), acc2[r]);
+                            }
                         }
                     }
                 }
             }
 #pragma unroll
-            for (int u = 0; u < kGemvUnroll; ++u) wq[u] = wn[u];
+            for (int u = 0; u < kGemvUnroll; ++u) {
+                wq[u] = wn[u];
+                if constexpr (GLU) wq2[u] = wn2[u];
+            }
         }
     } else {
         pdl_wait();
         for (int n = L; n < N; n += TL) {
             const float wv = active ? to_f32(w[n]) : 0.f;
+            const float wv2 = (GLU && glu && active) ? to_f32(w2[n]) : 0.f;
 #pragma unroll
             for (int r = 0; r < R; ++r)
-                if (r < rows) acc[r] = fmaf(act_apply(act, to_f32(x[(long)r * E.x_stride + n])), wv, acc[r]);
+                if (r < rows) {
+                    const float xv = act_apply(act, to_f32(x[(long)r * x_stride + n]));
+                    acc[r] = fmaf(xv, wv, acc[r]);
+                    if constexpr (GLU) acc2[r] = fmaf(xv, wv2, acc2[r]);
+                }
         }
     }
 #pragma unroll
     for (int r = 0; r < R; ++r) {
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1)
-            if (o < lpr) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], o);
+            if (o < lpr) {
+                acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], o);
+                if constexpr (GLU) acc2[r] += __shfl_xor_sync(0xffffffffu, acc2[r], o);
+            }
     }
     if (S > 1) {                                       // uniform in the block (one entry per block)
-        __shared__ float part[kGemvWarps * 32 * R];
+        __shared__ float part[kGemvWarps * 32 * R * (GLU ? 2 : 1)];
         if (l == 0) {
 #pragma unroll
-            for (int r = 0; r < R; ++r) part[(warp * 32 + sub) * R + r] = acc[r];
+            for (int r = 0; r < R; ++r) {
+                part[(warp * 32 + sub) * R + r] = acc[r];
+                if constexpr (GLU) part[(kGemvWarps * 32 + warp * 32 + sub) * R + r] = acc2[r];
+            }
         }
         __syncthreads();
         if (ks == 0 && l == 0) {
             for (int j = 1; j < S; ++j) {
 #pragma unroll
-                for (int r = 0; r < R; ++r) acc[r] += part[((warp + j) * 32 + sub) * R + r];
+                for (int r = 0; r < R; ++r) {
+                    acc[r] += part[((warp + j) * 32 + sub) * R + r];
+                    if constexpr (GLU) acc2[r] += part[(kGemvWarps * 32 + (warp + j) * 32 + sub) * R + r];
+                }
             }
         }
     }
     if (active && l == 0 && ks == 0) {
+        const float bias = E.bias ? to_f32(static_cast<const F*>(E.bias)[m]) : 0.f;
 #pragma unroll
         for (int r = 0; r < R; ++r) {
             if (r < rows) {
                 const long o = (long)r * E.y_stride + m;
-                float v = acc[r];
+                float v = acc[r] + bias;
+                if constexpr (GLU) {
+                    if (glu) {                         // silu(gate) * up, each rounded as the reference rounds it
+                        const float gate = round_act<F>(v);
+                        v = round_act<F>(gate * sigmoidf_(gate)) * round_act<F>(acc2[r]);
+                    }
+                }
                 if (E.out_act != 0) v = act_apply(E.out_act, batch.out_f32 ? v : round_act<F>(v));
                 if (batch.out_f32) static_cast<float*>(E.y)[o] = v;
                 else static_cast<F*>(E.y)[o] = from_f32<F>(v);
@@ -648,10 +761,11 @@ int gemv_multi_launch(int act, GemvBatch batch, cudaStream_t stream) {
     if (batch.n < 1 || batch.n > kGemvMaxEntries || batch.rows < 1 || batch.rows > kGemvMaxRows) return kUnsupported;
     const int esize = act == 0 ? 4 : 2;
     const int epv = 16 / esize;
-    bool vec = true;
+    bool vec = true, glu = false;
     int blocks = 0;
     for (int i = 0; i < batch.n; ++i) {
         GemvEntry& E = batch.e[i];
+        glu = glu || E.glu != 0;
         const int lanes = (E.N + epv - 1) / epv;
         int lg = 0;
         while ((1 << lg) < lanes && lg < 5) ++lg;
@@ -669,19 +783,49 @@ int gemv_multi_launch(int act, GemvBatch batch, cudaStream_t stream) {
         const int per_block = (kGemvWarps >> ks) * rpw;
         E.block_begin = blocks;
         blocks += (E.M + per_block - 1) / per_block;
-        vec = vec && E.N % epv == 0 && E.x_stride % epv == 0 && reinterpret_cast<uintptr_t>(E.w) % 16 == 0 &&
-              reinterpret_cast<uintptr_t>(E.x) % 16 == 0;
+        // (with the norm, x comes from shared memory with row stride C: its own pointer and stride do not matter)
+        vec = vec && E.N % epv == 0 && reinterpret_cast<uintptr_t>(E.w) % 16 == 0 &&
+              (batch.norm.x != nullptr || (E.x_stride % epv == 0 && reinterpret_cast<uintptr_t>(E.x) % 16 == 0)) &&
+              (E.glu == 0 || reinterpret_cast<uintptr_t>(static_cast<const char*>(E.w) + (long)E.M * E.N * esize) %
+                                 16 == 0);
+    }
+    const GemvNorm& nm = batch.norm;
+    const bool norm = nm.x != nullptr;
+    size_t smem = 0;
+    if (norm) {
+        auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+        smem = (size_t)batch.rows * nm.C * esize;
+        // the static arrays (partial sums, the norm's reduction) take up to ~5 KiB of the 48 KiB a launch gets
+        // without opting in to more
+        bool ok = vec && blocks > 0 && nm.C > 0 && nm.C % epv == 0 && smem <= kGemvNormStageBytes &&
+                  aligned(nm.x) && aligned(nm.residual) && aligned(nm.w) && aligned(nm.h_out);
+        for (int i = 0; i < batch.n; ++i) ok = ok && batch.e[i].N == nm.C && batch.e[i].M > 0;
+        if (!ok) return kUnsupported;
     }
     if (blocks == 0) return 0;
     cudaError_t err = cudaSuccess;
-    RWKV_CHAT_DISPATCH_ACT(static_cast<ActType>(act), F,
-        if (batch.rows == 1) {
-            err = vec ? launch_pdl(gemv_multi_kernel<F, 1, true>, blocks, kGemvThreads, 0, stream, batch)
-                      : launch_pdl(gemv_multi_kernel<F, 1, false>, blocks, kGemvThreads, 0, stream, batch);
-        } else {
-            err = vec ? launch_pdl(gemv_multi_kernel<F, kGemvMaxRows, true>, blocks, kGemvThreads, 0, stream, batch)
-                      : launch_pdl(gemv_multi_kernel<F, kGemvMaxRows, false>, blocks, kGemvThreads, 0, stream, batch);
-        });
+    auto go = [&](auto glu_tag, auto norm_tag) {
+        constexpr bool G = decltype(glu_tag)::value, NM = decltype(norm_tag)::value;
+        RWKV_CHAT_DISPATCH_ACT(static_cast<ActType>(act), F,
+            if (NM) {
+                err = batch.rows == 1
+                          ? launch_pdl(gemv_multi_kernel<F, 1, true, G, true>, blocks, kGemvThreads, smem, stream, batch)
+                          : launch_pdl(gemv_multi_kernel<F, kGemvMaxRows, true, G, true>, blocks, kGemvThreads, smem,
+                                       stream, batch);
+            } else if (batch.rows == 1) {
+                err = vec ? launch_pdl(gemv_multi_kernel<F, 1, true, G, false>, blocks, kGemvThreads, 0, stream, batch)
+                          : launch_pdl(gemv_multi_kernel<F, 1, false, G, false>, blocks, kGemvThreads, 0, stream, batch);
+            } else {
+                err = vec ? launch_pdl(gemv_multi_kernel<F, kGemvMaxRows, true, G, false>, blocks, kGemvThreads, 0,
+                                       stream, batch)
+                          : launch_pdl(gemv_multi_kernel<F, kGemvMaxRows, false, G, false>, blocks, kGemvThreads, 0,
+                                       stream, batch);
+            });
+    };
+    if (glu && norm) go(std::true_type{}, std::true_type{});
+    else if (glu) go(std::true_type{}, std::false_type{});
+    else if (norm) go(std::false_type{}, std::true_type{});
+    else go(std::false_type{}, std::false_type{});
     return launch_rc(err);
 }
 

@@ -42,7 +42,7 @@ from __future__ import annotations
 import torch
 
 from rwkv_chat.models.backends.base import Backend, Ops
-from rwkv_chat.models.errors import StrategyError
+from rwkv_chat.models.errors import DeviceError, StrategyError
 from rwkv_chat.models.formats.i4 import Int4Weight
 from rwkv_chat.models.formats.i8 import Int8Weight
 from rwkv_chat.models.kernels import dispatch
@@ -111,10 +111,10 @@ SIGMOID_ON_OUTPUT = 2 * 4
 def _gemv(xs, ws, acts, out_dtype=None):
     """Grouped GEMV: ys[e] = out_act_e(act_e(xs[e]) @ ws[e].t()) for output-major ws[e] [M, N]; 1..4 rows.
     acts[e] = act + 4 * out_act (codes 0 none, 1 tanh, 2 sigmoid, 3 relu²; see csrc/fused/fused_launchers.h)."""
-    rows = xs[0].shape[0]
-    dt = out_dtype or xs[0].dtype
-    ys = [torch.empty(rows, w.shape[0], dtype=dt, device=xs[0].device) for w in ws]
-    _ops().gemv_multi_cuda(list(xs), list(ws), ys, list(acts))
+    ys = dispatch.gemv_group(list(xs), list(ws), list(acts), out_dtype=out_dtype)
+    if ys is None:
+        raise DeviceError("the grouped GEMV (rwkv_chat::gemv_multi_cuda) did not take these products: "
+                          f"{[tuple(x.shape) for x in xs]} x {[tuple(w.shape) for w in ws]}")
     return ys
 
 

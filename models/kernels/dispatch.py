@@ -526,6 +526,107 @@ def ffn_rows(h: torch.Tensor, w: torch.Tensor, skip_zeros: bool = True, out_dtyp
     return y
 
 
+#: the most products and rows ``gemv_group`` takes in one launch (``csrc/fused/fused_launchers.h``)
+GEMV_GROUP_MAX, GEMV_ROWS_MAX = 8, 4
+#: the most bytes of normed rows ``norm_gemv_group`` stages in a block's shared memory (the launcher's bound: 48 KiB
+#: less the kernel's static arrays, ~5 KiB)
+NORM_STAGE_BYTES = 40 * 1024
+
+
+def gemv_group(xs: list[torch.Tensor], ws: list[torch.Tensor], acts: list[int] | None = None, *,
+               biases: list[torch.Tensor | None] | None = None, glu: list[bool] | None = None,
+               out_dtype: torch.dtype | None = None) -> list[torch.Tensor] | None:
+    """Up to 8 products of 1..4 rows in one launch of the compiled grouped GEMV (``csrc/fused/v7_fused.cu``,
+    ``gemv_multi``): ``ys[e] = out_act(act(xs[e]) @ ws[e].t() + biases[e])`` with float32 sums rounded once.
+
+    Args:
+        xs: [rows, N_e] each, one CUDA device and dtype (fp16, bf16 or fp32), rows 1..4 and the same for all,
+            inner stride 1.
+        ws: output-major [M_e, N_e] contiguous, x's dtype (nn.Linear's layout; the model's [in, out] view is
+            ``ws[e].t()``); with ``glu[e]`` [2M_e, N_e], the gate rows then the up rows.
+        acts: per product ``act + 4 * out_act`` (codes 0 none, 1 tanh, 2 sigmoid, 3 relu²; act on x as it is
+            loaded, out_act on the rounded result); None: all 0.
+        biases: per product None or [M_e] in x's dtype, added before rounding (a GEMM epilogue's bias).
+        glu: per product, SwiGLU: ``silu(x @ gate.t()) * (x @ up.t())`` [rows, M_e], each product and the silu
+            rounded to x's dtype (Qwen2MLP in transformers); no bias, no out_act.
+        out_dtype: x's dtype (default) or float32 (the results unrounded).
+    Returns:
+        the [rows, M_e] results, or None where the compiled op is not loaded or the inputs are not its kind (the
+        caller multiplies another way).
+    """
+    plan = _gemv_plan(xs, ws, acts, biases, glu, out_dtype)
+    if plan is None:
+        return None
+    ys, acts, biases, glu = plan
+    _op("cuda", "gemv_multi")(list(xs), list(ws), ys, acts, biases, glu, None, None, None, 0.0)
+    return ys
+
+
+def norm_gemv_group(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                    ws: list[torch.Tensor], *, biases: list[torch.Tensor | None] | None = None,
+                    glu: list[bool] | None = None) -> tuple[list[torch.Tensor], torch.Tensor] | None:
+    """``gemv_group`` of the products of one RMSNorm'd row block, the norm inside the launch (each block normalizes
+    the rows itself, so no launch is spent on it): ``h = x + residual`` (x without a residual),
+    ``xn = norm_weight * (h * rsqrt(mean(h²) + eps))`` rounded as transformers' Qwen2RMSNorm rounds it, then
+    ``ys[e] = xn @ ws[e].t() (+ biases[e])`` (or SwiGLU with ``glu[e]``).
+
+    Args:
+        x, residual: [rows, C] contiguous (rows 1..4), fp16 / bf16 / fp32 on one CUDA device; residual may be None.
+        norm_weight: [C] in x's dtype. eps: the norm's epsilon.
+        ws, biases, glu: as ``gemv_group``, every N_e == C.
+    Returns:
+        ``(ys, h)``: the results and h (a new tensor; x itself without a residual), or None where the kernel does
+        not take the inputs (not loaded, C not a multiple of 16 bytes, rows * C beyond ``NORM_STAGE_BYTES``,
+        misaligned, an empty product): the caller norms and multiplies another way.
+    """
+    if not (isinstance(x, torch.Tensor) and x.dim() == 2 and x.is_contiguous() and x.data_ptr() % 16 == 0
+            and isinstance(norm_weight, torch.Tensor) and norm_weight.dtype == x.dtype
+            and norm_weight.device == x.device and norm_weight.is_contiguous() and norm_weight.numel() == x.shape[1]
+            and norm_weight.data_ptr() % 16 == 0 and (x.shape[1] * x.element_size()) % 16 == 0
+            and x.numel() * x.element_size() <= NORM_STAGE_BYTES and all(
+                isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[0] > 0 and w.data_ptr() % 16 == 0 for w in ws)
+            and (residual is None or (residual.shape == x.shape and residual.dtype == x.dtype
+                                      and residual.device == x.device and residual.is_contiguous()
+                                      and residual.data_ptr() % 16 == 0))):
+        return None
+    plan = _gemv_plan([x] * len(ws), ws, None, biases, glu, None)
+    if plan is None:
+        return None
+    ys, acts, biases, glu = plan
+    h = torch.empty_like(x) if residual is not None else None
+    _op("cuda", "gemv_multi")([x] * len(ws), list(ws), ys, acts, biases, glu, residual, norm_weight, h, float(eps))
+    return ys, (x if h is None else h)
+
+
+def _gemv_plan(xs, ws, acts, biases, glu, out_dtype):
+    """The checks of ``gemv_group``: None where the op does not take the products, else (outputs, acts, biases, glu
+    flags) ready for the op."""
+    n = len(xs)
+    if not (1 <= n <= GEMV_GROUP_MAX and len(ws) == n and available("cuda", "v7fused")):
+        return None
+    x0 = xs[0]
+    dt = x0.dtype
+    if not (dt in (torch.float16, torch.bfloat16, torch.float32) and x0.is_cuda and x0.dim() == 2
+            and 1 <= x0.shape[0] <= GEMV_ROWS_MAX and out_dtype in (None, dt, torch.float32)):
+        return None
+    glu = [bool(g) for g in glu] if glu is not None else [False] * n
+    biases = list(biases) if biases is not None else [None] * n
+    acts = list(acts) if acts is not None else [0] * n
+    if not (len(glu) == len(biases) == len(acts) == n):
+        return None
+    for x, w, b, g, a in zip(xs, ws, biases, glu, acts):
+        if not (isinstance(w, torch.Tensor) and x.device == x0.device and w.device == x0.device and x.dtype == dt
+                and w.dtype == dt and x.dim() == 2 and w.dim() == 2 and x.shape[0] == x0.shape[0]
+                and x.shape[1] == w.shape[1] and w.is_contiguous() and x.stride(1) == 1 and 0 <= a <= 15
+                and (not g or (w.shape[0] % 2 == 0 and b is None and a < 4))
+                and (b is None or (b.dtype == dt and b.device == x0.device and b.is_contiguous()
+                                   and b.numel() == w.shape[0]))):
+            return None
+    ys = [torch.empty(x0.shape[0], w.shape[0] // (2 if g else 1), dtype=out_dtype or dt, device=x0.device)
+          for w, g in zip(ws, glu)]
+    return ys, acts, biases, [int(g) for g in glu]
+
+
 def _triton_ok() -> bool:
     from rwkv_chat.models.ops._triton import reason as triton_reason
 

@@ -1,4 +1,5 @@
-"""The Triton operators of ``rwkv_chat.models.ops`` behind ``QwenOps`` (CUDA, fp16/bf16 layers).
+"""The Triton operators of ``rwkv_chat.models.ops`` and the compiled grouped GEMV behind ``QwenOps`` (CUDA, fp16/bf16
+layers).
 
 ``fused_ops(base, device, dtype)`` returns ``(ops, note)``: ``base`` with ``rmsnorm`` (``ops.rmsnorm``: residual
 add + RMSNorm), ``rope`` (``ops.rope``: q and k in one launch), ``qk_norm_rope`` (``ops.qk_norm_rope``: Qwen3's
@@ -6,9 +7,10 @@ per-head norm + RoPE), ``gated_mlp`` (up to ``FUSED_MLP_ROWS`` rows ``ops.fused_
 tensor cores reading the gate and up halves of the packed [2F, C] matrix; more rows: one cuBLAS GEMM and
 ``ops.silu_mul``), the decode step's ``rope_store`` and ``decode_attention`` (``ops.decode``) and both in one launch
 (``rope_attention``, which the decode step calls), and its products of
-1..4 rows (``linear``, ``norm_linear``, ``norm_gated_mlp``: ``ops.norm_gemv``, the input / post-attention RMSNorm
-with the residual add inside the q|k|v and gate|up GEMVs, SwiGLU in the gate|up epilogue, one launch each)
-replaced where each op runs: every op is tried once on small inputs of the model's dtype and checked against the torch form; an
+1..4 rows (``linear``, ``norm_linear``, ``norm_gated_mlp``) as ``gemv`` says (``GEMV_MODES``): with "compiled"
+the grouped GEMV of ``csrc/fused`` (q|k|v's bias and SwiGLU in its epilogue), with "compiled-norm" also the
+residual add and RMSNorm inside the q|k|v and gate|up launches, with "triton" the norms inside ``ops.norm_gemv``.
+Ops are replaced where each runs: every op is tried once on small inputs of the model's dtype and checked against the torch form; an
 op that fails (no Triton, a compile error, a wrong result) keeps the torch form, and ``note`` says which ops serve
 and why others do not. Prefill attention stays with ``scaled_dot_product_attention`` (flash kernels on CUDA).
 """
@@ -100,6 +102,68 @@ def _norm_gated(gemv):
     return norm_gated_mlp
 
 
+def _compiled_ok(x: torch.Tensor, w) -> bool:
+    """Whether the compiled grouped GEMV (``kernels.dispatch.gemv_group``) takes x [..., N] @ w: at most its rows,
+    w a plain matrix in x's half dtype held output-major, on x's CUDA device."""
+    return (isinstance(w, torch.Tensor) and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+            and w.dtype == x.dtype and w.t().is_contiguous() and w.device == x.device
+            and x.numel() <= GEMV_ROWS * x.shape[-1])
+
+
+def _compiled_linear(dispatch):
+    def linear(x, w, bias, matmul):
+        if _compiled_ok(x, w) and (bias is None or bias.dtype == x.dtype):
+            ys = dispatch.gemv_group([x.reshape(-1, x.shape[-1])], [w.t()], biases=[bias])
+            if ys is not None:
+                return ys[0].view(*x.shape[:-1], w.shape[1])
+        return layers.linear(x, w, bias, matmul)
+    return linear
+
+
+def _compiled_gated(dispatch, fallback):
+    def gated_mlp(x, gate_up, matmul):
+        if _compiled_ok(x, gate_up):
+            ys = dispatch.gemv_group([x.reshape(-1, x.shape[-1])], [gate_up.t()], glu=[True])
+            if ys is not None:
+                return ys[0].view(*x.shape[:-1], gate_up.shape[1] // 2)
+        return fallback(x, gate_up, matmul)
+    return gated_mlp
+
+
+#: the most outputs a product takes with the RMSNorm inside its launch ("compiled-norm"): every block normalizes the
+#: rows itself, re-reading them from L2, so a product of many blocks (the head: 151,936 outputs) keeps the norm launch
+NORM_INSIDE_MAX_OUTPUTS = 32768
+
+
+def _norm_product(dispatch, x, residual, norm_weight, eps, w, bias, glu: bool):
+    """The residual add, RMSNorm and one product (``glu``: SwiGLU's gate|up) in one launch of
+    ``dispatch.norm_gemv_group`` -> (y, x + residual), or None where it does not take them."""
+    if not (_compiled_ok(x, w) and (bias is None or bias.dtype == x.dtype)
+            and w.shape[1] // (2 if glu else 1) <= NORM_INSIDE_MAX_OUTPUTS):
+        return None
+    flat = x.reshape(-1, x.shape[-1])
+    out = dispatch.norm_gemv_group(flat, None if residual is None else residual.reshape(flat.shape), norm_weight,
+                                   eps, [w.t()], biases=[bias], glu=[glu])
+    if out is None:
+        return None
+    (y,), h = out
+    return y.view(*x.shape[:-1], y.shape[-1]), h.view(x.shape)
+
+
+def _compiled_norm_linear(dispatch):
+    def norm_linear(x, residual, norm_weight, eps, w, bias, ops):
+        out = _norm_product(dispatch, x, residual, norm_weight, eps, w, bias, False)
+        return out if out is not None else layers.norm_linear(x, residual, norm_weight, eps, w, bias, ops)
+    return norm_linear
+
+
+def _compiled_norm_gated(dispatch):
+    def norm_gated_mlp(x, residual, norm_weight, eps, gate_up, ops):
+        out = _norm_product(dispatch, x, residual, norm_weight, eps, gate_up, None, True)
+        return out if out is not None else layers.norm_gated_mlp(x, residual, norm_weight, eps, gate_up, ops)
+    return norm_gated_mlp
+
+
 def _probe(name: str, fn, ref, args) -> str | None:
     """None when ``fn(*args)`` runs and agrees with ``ref(*args)`` to half-precision rounding, else the reason."""
     try:
@@ -148,12 +212,23 @@ def _prenorm_probes(base: layers.QwenOps, rnd, C: int, F: int, bias: torch.Tenso
     return out
 
 
+#: the products of 1..GEMV_ROWS rows (``fused_ops(gemv=...)``): "cublas" (RMSNorm, then cuBLAS and
+#: ``fused_gated_mlp``), "triton" (``ops.norm_gemv``: the RMSNorm inside each GEMV), "compiled" (RMSNorm, then the
+#: compiled grouped GEMV of ``csrc/fused``, ``kernels.dispatch.gemv_group``: q|k|v with its bias in the epilogue,
+#: o, gate|up with SwiGLU in the epilogue, down, the head), "compiled-norm" (the same with the residual add and
+#: RMSNorm inside the q|k|v and gate|up launches, ``kernels.dispatch.norm_gemv_group``)
+GEMV_MODES = ("cublas", "triton", "compiled", "compiled-norm")
+
+
 def fused_ops(base: layers.QwenOps, device: torch.device, dtype: torch.dtype,
-              decode_gemv: bool = False) -> tuple[layers.QwenOps, str]:
-    """``base`` with the Triton ops that run on ``device`` in ``dtype`` (see the module docstring).
-    ``decode_gemv``: the projections of 1..4 rows through ``ops.norm_gemv`` (the norm before a projection inside
-    it); False (default) keeps ``rmsnorm`` + cuBLAS (+ ``fused_gated_mlp``) there: on an H100 the norm_gemv path
-    decoded Qwen2 1.5B at 486 tok/s against 533 (bench/results/h100.md), so it is opt-in until it is faster."""
+              gemv: str = "compiled") -> tuple[layers.QwenOps, str]:
+    """``base`` with the Triton ops that run on ``device`` in ``dtype`` (see the module docstring), and the products
+    of 1..4 rows as ``gemv`` says (``GEMV_MODES``). "compiled" is the default (on an H100, Qwen2 1.5B decoded at
+    624.5 tok/s against 527.0 for "cublas" and 486 for "triton": bench/results/h100.md); it and "compiled-norm"
+    need the compiled CUDA library (``kernels.ensure_built("cuda")``): where it is not loaded, or a probe finds it
+    wrong, cuBLAS serves and the note says why. Raises ValueError for another ``gemv``."""
+    if gemv not in GEMV_MODES:
+        raise ValueError(f"gemv must be one of {GEMV_MODES}, not {gemv!r}")
     if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
         return base, "torch ops (the Triton ops serve fp16/bf16 on CUDA)"
     try:
@@ -164,11 +239,23 @@ def fused_ops(base: layers.QwenOps, device: torch.device, dtype: torch.dtype,
                   "gated_mlp": _gated(triton_ops.fused_gated_mlp, triton_ops.silu_mul, base.gated_mlp),
                   "rope_store": triton_ops.rope_store, "decode_attention": triton_ops.decode_attention,
                   "rope_attention": triton_ops.rope_attention}
-        if decode_gemv:
+        if gemv == "triton":
             chosen.update(linear=_linear(triton_ops.norm_gemv), norm_linear=_norm_linear(triton_ops.norm_gemv),
                           norm_gated_mlp=_norm_gated(triton_ops.norm_gemv))
     except (ImportError, AttributeError) as e:
         return base, f"torch ops (Triton ops unavailable: {e})"
+    compiled_problem = None
+    if gemv.startswith("compiled"):
+        from rwkv_chat.models import kernels
+        from rwkv_chat.models.kernels import dispatch
+
+        if kernels.available("cuda", "v7fused"):
+            chosen.update(linear=_compiled_linear(dispatch), gated_mlp=_compiled_gated(dispatch, chosen["gated_mlp"]))
+            if gemv == "compiled-norm":
+                chosen.update(norm_linear=_compiled_norm_linear(dispatch),
+                              norm_gated_mlp=_compiled_norm_gated(dispatch))
+        else:
+            compiled_problem = "compiled GEMV: the compiled CUDA library is not loaded"
     g = torch.Generator(device=device).manual_seed(0)
 
     def rnd(*shape):
@@ -192,11 +279,17 @@ def fused_ops(base: layers.QwenOps, device: torch.device, dtype: torch.dtype,
     extra: dict[str, list] = {}
     tried = {name: chosen[name] for name in chosen}
     tried.update({name: fused for name, (fused, _) in writes.items()})
-    serving, problems = [], []
-    if decode_gemv:
+    serving, problems = [], [compiled_problem] if compiled_problem else []
+    if "norm_linear" in chosen:    # the decode products with their norms: 1 and 3 rows, with and without a residual
         for name, cases in _prenorm_probes(base, rnd, C, F, rnd(2 * C) * 0.1).items():
             probes[name] = cases[0]
             extra[name] = cases[1:]
+    if gemv.startswith("compiled") and "linear" in chosen:   # and without a bias; SwiGLU of 1 and 3 rows
+        probes.setdefault("linear", (layers.linear, (rnd(1, 1, C), (rnd(2 * C, C) * 0.05).t(), rnd(2 * C) * 0.1,
+                                                     lambda a, m: a @ m)))
+        extra.setdefault("linear", []).append((layers.linear, (rnd(3, 1, C), (rnd(2 * C, C) * 0.05).t(), None, lambda a, m: a @ m)))
+        extra["gated_mlp"] = [(layers.gated_mlp, (rnd(b, 1, C) * 0.1, (rnd(2 * F, C) * 0.05).t(), lambda x, w: x @ w))
+                              for b in (1, 3)]
     for name, (ref, args) in probes.items():
         reason = _probe(name, tried[name], ref, args)
         for more_ref, more_args in extra.get(name, ()):

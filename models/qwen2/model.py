@@ -130,7 +130,11 @@ class Qwen2:
     def _place(self, ck, progress) -> None:
         weights.place(self, ck, progress)
 
-    def _choose(self, kernels: bool, decode_gemv: bool = False) -> None:
+    def _choose(self, kernels: bool, gemv: str = "compiled") -> None:
+        from rwkv_chat.models.qwen2.fused import GEMV_MODES
+
+        if gemv not in GEMV_MODES:
+            raise ValueError(f"gemv must be one of {GEMV_MODES}, not {gemv!r}")
         self.kernels: dict[str, dict[str, str]] = {}
         table = None
         if kernels and any(s.quant for s in self.plan.stages):
@@ -146,18 +150,23 @@ class Qwen2:
         if kernels and len(set(self.devices)) == 1 and self.devices[0].type == "cuda" and len(dtypes) == 1:
             from rwkv_chat.models.qwen2.fused import fused_ops
 
-            ops, note = fused_ops(ops, self.devices[0], dtypes.pop(), decode_gemv=decode_gemv)
+            if gemv.startswith("compiled") and "cuda" not in self.kernels:
+                from rwkv_chat.models import kernels as compiled
+
+                self.kernels["cuda"] = compiled.ensure_built("cuda")
+            ops, note = fused_ops(ops, self.devices[0], dtypes.pop(), gemv=gemv)
             self.kernels.setdefault("cuda", {})["triton"] = note
         self.backend = TorchBackend(bool(kernels), ops, note, i8=table is not None)
         self.plan = replace(self.plan, backend=str(self.backend))
 
-    def use_kernels(self, decode_gemv: bool = False):
+    def use_kernels(self, gemv: str = "compiled"):
         """Re-choose the backend with the compiled products (between forwards; states carry over; a decoder made
-        before must be made again). ``decode_gemv``: the products of 1..4 rows with their norms through
-        ``ops.norm_gemv`` (``fused.fused_ops``; opt-in: slower than RMSNorm + cuBLAS on an H100). Returns the new
-        backend."""
+        before must be made again). ``gemv``: how the products of 1..4 rows run on CUDA (``fused.GEMV_MODES``):
+        "compiled" (the default: the compiled grouped GEMV of ``csrc/fused``, built on first use; cuBLAS where it is
+        not built), "compiled-norm" (the same with the RMSNorms inside its launches), "cublas" or "triton"
+        (``ops.norm_gemv``). Returns the new backend. Raises ValueError for another ``gemv``."""
         with torch.no_grad():
-            self._choose(True, decode_gemv)
+            self._choose(True, gemv)
         return self.backend
 
     def layer_params(self, i: int) -> dict:
@@ -308,8 +317,9 @@ class Qwen2:
         dev = self.devices[-1]
         x = x.to(device=dev, dtype=head.atype)
         residual = None if residual is None else residual.to(device=dev, dtype=head.atype)
-        x = self.backend.ops.rmsnorm(x, self.norm, self.config.rms_norm_eps, residual)[0]
-        return self.backend.ops.matmul(x, self.head_weight()).float()
+        ops = self.backend.ops
+        return ops.norm_linear(x, residual, self.norm, self.config.rms_norm_eps, self.head_weight(), None,
+                               ops)[0].float()
 
     def __repr__(self) -> str:
         return f"Qwen2(qwen{self.version}, {self.path.name}, strategy={self.strategy!r})"

@@ -140,13 +140,17 @@ def case_mm8_multi(rows, shapes, acts, dtype, device, seed):
 def case_mm8_chain(rows, C, dtype, device, seed, links=6, graph=False):
     """``links`` mm8 launches back to back on two ping-pong buffers (each reads what the previous one
     wrote and overwrites what the one before read), eager or as one CUDA graph: checks that the
-    programmatic-dependent-launch wait orders the reads and writes. Error of the last output."""
+    programmatic-dependent-launch wait orders the reads and writes. Error of the last output against the same
+    launches run one at a time on fresh buffers with a device synchronization after each (each link's own error
+    against float64 is the single-launch cases' business; rounded in bf16 through the tensor-core kernel of 5+
+    rows it compounds over the links to ~1e-2)."""
     g = _gen(seed, device)
     qd = [_i8(g, C, C, dtype, device, scale=C ** -0.5) for _ in range(links)]
     x0 = _randn(g, rows, C).to(dtype)
     ref = x0.to(device)
     for q in qd:
-        ref = (ref.double() @ q.dequantize(torch.float64)).to(dtype)
+        ref = kernels.mm8(ref, q, out=_poison(torch.empty(rows, C, dtype=dtype, device=device)))
+        torch.cuda.synchronize()
     bufs = [x0.to(device), _poison(torch.empty(rows, C, dtype=dtype, device=device))]
 
     def run():
@@ -253,6 +257,89 @@ def case_gemvq_norm(rows, K, N, dtype, device, seed, rms=False, bias=True, shift
     if y is None:
         raise AssertionError("norm_gemv_i4 did not serve the product")
     return rel_err(y, norm_rows(x, w, b, 1e-5, rms).double() @ q.dequantize(torch.float64))
+
+
+def case_gemv_group(rows, products, dtype, device, seed, graph=False):
+    """``dispatch.gemv_group`` (the compiled grouped GEMV, ``csrc/fused/v7_fused.cu``) on ``products`` = (M, N, kind)
+    with kind "plain", "bias" (nn.Linear's bias in the epilogue) or "glu" (SwiGLU over a [2M, N] gate|up matrix),
+    all in one launch: against float64 of the same rounded inputs (glu: gate, up and silu(gate) rounded to the dtype
+    first, as transformers' Qwen2MLP rounds them). ``graph``: captured and replayed into poisoned outputs."""
+    from rwkv_chat.models.kernels import dispatch
+
+    if not kernels.available("cuda", "v7fused"):
+        raise AssertionError("the v7fused family is not built: the case would test nothing")
+    g = _gen(seed, device)
+    xs, ws, biases, glu, refs = [], [], [], [], []
+    for M, N, kind in products:
+        x = _randn(g, rows, N).to(dtype).to(device)
+        w = _randn(g, 2 * M if kind == "glu" else M, N, scale=N ** -0.5).to(dtype).to(device)
+        b = _randn(g, M, scale=0.5).to(dtype).to(device) if kind == "bias" else None
+        y = x.double() @ w.double().t()
+        if kind == "glu":
+            gate, up = y[:, :M].to(dtype).double(), y[:, M:].to(dtype).double()
+            y = F.silu(gate).to(dtype).double() * up
+        elif b is not None:
+            y = y + b.double()
+        xs.append(x), ws.append(w), biases.append(b), glu.append(kind == "glu"), refs.append(y)
+
+    def run():
+        return dispatch.gemv_group(xs, ws, biases=biases, glu=glu)
+
+    ys = run()
+    if ys is None:
+        raise AssertionError("gemv_group did not take the products")
+    if graph:
+        torch.cuda.synchronize()
+        gr = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(gr):
+            ys = run()
+        for y in ys:
+            y.fill_(float("nan"))
+        gr.replay()
+    torch.cuda.synchronize()
+    return max(rel_err(y, r) for y, r in zip(ys, refs))
+
+
+def case_norm_gemv_group(rows, C, products, dtype, device, seed, residual=True):
+    """``dispatch.norm_gemv_group``: the residual add and RMSNorm inside the grouped GEMV's launch (Qwen2 decode), on
+    products (M, kind) of the normed [rows, C] input, kinds as ``case_gemv_group``. Reference in float64 from the
+    same rounded inputs with transformers' Qwen2RMSNorm rounding (h = x + residual and h * rsqrt(mean(h²) + eps)
+    rounded to the dtype, then the weight product rounded); h must equal x + residual rounded, exactly."""
+    from rwkv_chat.models.kernels import dispatch
+
+    if not kernels.available("cuda", "v7fused"):
+        raise AssertionError("the v7fused family is not built: the case would test nothing")
+    g = _gen(seed, device)
+    eps = 1e-6
+    scale = torch.arange(1, rows + 1, dtype=torch.float32)[:, None]     # rows of different RMS
+    x = (_randn(g, rows, C) * scale).to(dtype).to(device)
+    res = (_randn(g, rows, C, scale=4.0) * scale).to(dtype).to(device) if residual else None
+    nw = (1 + _randn(g, C, scale=0.1)).to(dtype).to(device)
+    h = x if res is None else (x.double() + res.double()).to(dtype)
+    hd = h.double()
+    xn = (nw.double() * (hd * torch.rsqrt(hd.square().mean(-1, keepdim=True) + eps)).to(dtype).double()).to(dtype)
+    ws, biases, glu, refs = [], [], [], []
+    for M, kind in products:
+        w = _randn(g, 2 * M if kind == "glu" else M, C, scale=C ** -0.5).to(dtype).to(device)
+        b = _randn(g, M, scale=0.5).to(dtype).to(device) if kind == "bias" else None
+        y = xn.double() @ w.double().t()
+        if kind == "glu":
+            y = F.silu(y[:, :M].to(dtype).double()).to(dtype).double() * y[:, M:].to(dtype).double()
+        elif b is not None:
+            y = y + b.double()
+        ws.append(w), biases.append(b), glu.append(kind == "glu"), refs.append(y)
+    out = dispatch.norm_gemv_group(x, res, nw, eps, ws, biases=biases, glu=glu)
+    if rows * C * x.element_size() > dispatch.NORM_STAGE_BYTES:     # beyond the staged rows' bound: declined
+        if out is not None:
+            raise AssertionError("norm_gemv_group took rows beyond its shared-memory bound")
+        return 0.0
+    if out is None:
+        raise AssertionError("norm_gemv_group did not take the products")
+    ys, h_got = out
+    torch.cuda.synchronize()
+    if not torch.equal(h_got, h):
+        return math.inf
+    return max(rel_err(y, r) for y, r in zip(ys, refs))
 
 
 def case_ffn_rows(rows, F, C, dtype, device, seed, dead=0.0, out_f32=False, graph=False, tile_threads=0):
@@ -362,6 +449,28 @@ def all_cases(device: str, quick: bool = False):
                 cases.append(("mm8", f"chain of 6 launches rows={rows} C={C} {'CUDA graph' if graph else 'eager'}", dt,
                               lambda r=rows, C=C, gr=graph, dt=dt, s=len(cases): case_mm8_chain(r, C, dt, device, s,
                                                                                                  graph=gr)))
+        if device == "cuda":   # the grouped GEMV with a bias and SwiGLU (Qwen2 decode: q|k|v, o, gate|up, down, head)
+            for rows, products, graph in ((1, ((2048, 1536, "bias"), (1536, 1536, "plain")), False),
+                                          (1, ((8960, 1536, "glu"),), False), (1, ((1536, 8960, "plain"),), False),
+                                          (3, ((8960, 1536, "glu"), (4608, 3584, "bias")), False),
+                                          (4, ((100, 40, "glu"), (33, 24, "bias"), (7, 1000, "glu")), False),
+                                          (2, ((9, 13, "glu"), (5, 13, "bias")), False),   # unaligned: scalar loads
+                                          (2, ((18944, 3584, "glu"), (3584, 18944, "plain")), True),
+                                          (1, ((151936, 1536, "plain"),), False)):
+                desc = " ".join(f"{M}x{N} {kind}" for M, N, kind in products)
+                cases.append(("gemv_group", f"rows={rows} {desc}{' CUDA graph' if graph else ''}", dt,
+                              lambda r=rows, p=products, gr=graph, dt=dt, s=len(cases):
+                              case_gemv_group(r, p, dt, device, s, gr)))
+            for rows, C, products, residual in ((1, 1536, ((2048, "bias"),), True), (1, 1536, ((8960, "glu"),), True),
+                                                (3, 1536, ((8960, "glu"), (2048, "bias")), True),
+                                                (1, 3584, ((151936 // 4, "plain"),), True),
+                                                (4, 896, ((1152, "bias"),), False), (2, 64, ((40, "glu"),), True),
+                                                (4, 5120, ((512, "glu"), (256, "bias")), True)):   # 40 KiB staged
+                desc = " ".join(f"{M} {kind}" for M, kind in products)
+                cases.append(("gemv_group", f"RMSNorm inside: rows={rows} C={C} {desc}"
+                              f"{'' if residual else ', no residual'}", dt,
+                              lambda r=rows, C=C, p=products, res=residual, dt=dt, s=len(cases):
+                              case_norm_gemv_group(r, C, p, dt, device, s, res)))
         if device == "cuda":   # the channel-mix value row kernel: 7.2B / 1.5B / 0.1B shapes, odd F and C, dead rows
             for rows, F, C, dead, f32, graph in ((1, 16384, 4096, 0.0, False, False), (4, 16384, 4096, 0.0, False, True),
                                                  (2, 8192, 2048, 0.8, False, False), (3, 3072, 768, 0.0, True, False),

@@ -55,11 +55,13 @@ def sync_time(fn, steps: int) -> float:
 
 @torch.no_grad()
 def check(folder: Path, dtype: str, steps: int, device: str = "cuda", kernels: bool = True,
-          prompt_len: int = 300) -> dict:
+          prompt_len: int = 300, gemv: str | None = None) -> dict:
     from transformers import AutoModelForCausalLM, DynamicCache
 
     dt = DTYPES[dtype]
     ours = Qwen2(folder, f"{device} {dtype}", kernels=kernels)
+    if kernels and gemv is not None:
+        ours.use_kernels(gemv=gemv)
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dt, attn_implementation="sdpa").to(device).eval()
     vocab = ours.vocab_size
     prompt = torch.randint(0, vocab, (prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -67,7 +69,7 @@ def check(folder: Path, dtype: str, steps: int, device: str = "cuda", kernels: b
     kw = {cache_kwarg(hf): DynamicCache(), "use_cache": True}
     ref = hf(ids, **kw).logits[0].float()
     got, state = ours.forward(prompt, None, full_output=True)
-    row = {"backend": str(ours.backend), "prompt_rel": rel(got, ref),
+    row = {"backend": str(ours.backend) + ("" if gemv is None else f", gemv {gemv}"), "prompt_rel": rel(got, ref),
            "prompt_top1": float((got.argmax(-1) == ref.argmax(-1)).float().mean())}
     dec = ours.decoder(1)
     h = dec.add(state)
@@ -117,6 +119,9 @@ def main() -> int:
     ap.add_argument("--prompt-len", type=int, default=300,
                     help="prompt tokens (default 300: the decode steps attend over 512 cached positions, which "
                          "decode_attention splits along the positions; 128 or less takes its one-pass form)")
+    ap.add_argument("--gemv", nargs="*", default=[], choices=["cublas", "triton", "compiled-norm"],
+                    help="also check the kernels=True model with these products of 1..4 rows (Qwen2.use_kernels; "
+                         "the default is compiled)")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--device", default="cuda", help="cuda (default), or cpu for a dry run of the script (fp32)")
     args = ap.parse_args()
@@ -131,8 +136,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.shapes:
             folder = shapes.write_random(Path(tmp) / name, name, torch.bfloat16, device=args.device)
-            for dtype, kernels in ((d, k) for d in args.dtypes for k in (False, True)):
-                r = check(folder, dtype, args.steps, args.device, kernels, args.prompt_len)
+            variants = [(False, None), (True, None)] + [(True, g) for g in args.gemv]
+            for dtype, (kernels, gemv) in ((d, v) for d in args.dtypes for v in variants):
+                r = check(folder, dtype, args.steps, args.device, kernels, args.prompt_len, gemv)
                 ok &= r["pass"]
                 lines.append(f"| {name} | {dtype} | {r['backend']} | {r['prompt_rel']:.2e} | {r['prompt_top1']:.3f} | "
                              f"{r['decode_rel']:.2e} | {r['decode_top1']:.3f} | {r['ours_tok_s']:.1f} | "
