@@ -101,22 +101,35 @@ def bench_decode(model, batch: int, tokens: int, graphs, compile, gemv: str, lar
             "gb_s": nbytes / p50 / 1e9, "step_bytes": nbytes, "warmup_s": warm_s,
             "graphs": dec.graphs, "compile": dec.compile, "gemv": dec.gemv, "fused": dec.fused,
             "large": dec.large if batch > 4 else None,
-            "ffn": (dec.ffn or getattr(model.backend, "ffn", None)) if dec.fused and batch <= 4 else None}
+            "ffn": (dec.ffn or getattr(model.backend, "ffn", None)) if dec.fused and batch <= 4 else None,
+            "fold_norms": bool(getattr(model.backend, "fold_norms", False)) and dec.fused and batch <= 4}
 
 
 #: eager decode steps over which ``skipped_rows`` averages
 SKIP_STEPS = 8
 
 
-def use_sparse_ffn(model) -> str | None:
+def use_sparse_ffn(model, fold_norms: bool = False) -> str | None:
     """Rebuild the fused CUDA backend of ``model`` (before its first forward) with the row kernel for the
-    channel-mix value product; None on success, else why it cannot (not RWKV-7 on the fused CUDA backend)."""
+    channel-mix value product; None on success, else why it cannot (not RWKV-7 on the fused CUDA backend).
+    ``fold_norms``: as ``use_folded_norms``."""
     from rwkv_chat.models.backends.fused_cuda import FusedCuda
 
     if not isinstance(model.backend, FusedCuda) or not model.backend.decodes:
         return f"needs an RWKV-7 model on the fused CUDA backend (this one: {model.backend})"
-    model.backend = FusedCuda(model, model.backend.ops, ffn="sparse")
+    model.backend = FusedCuda(model, model.backend.ops, ffn="sparse", fold_norms=fold_norms)
     return None
+
+
+def use_folded_norms(model) -> str | None:
+    """Rebuild the fused CUDA backend of ``model`` (before its first forward) with ln1 / ln2 inside the grouped GEMV
+    launches of decode steps (``FusedCuda(fold_norms=True)``, probed); None on success, else why not."""
+    from rwkv_chat.models.backends.fused_cuda import FusedCuda
+
+    if not isinstance(model.backend, FusedCuda) or not model.backend.decodes:
+        return f"needs an RWKV-7 model on the fused CUDA backend (this one: {model.backend})"
+    model.backend = FusedCuda(model, model.backend.ops, ffn=model.backend.ffn, fold_norms=True)
+    return model.backend.fold_note
 
 
 def skipped_rows(model, steps: int = SKIP_STEPS) -> float | None:
@@ -145,7 +158,8 @@ def _path(d: dict) -> str:
         return "torch.compile (fused path above 4 rows off)"
     if d["fused"]:
         ffn = f", channel-mix value {d['ffn']}" if d.get("ffn") and d.get("gemv") == "ours" else ""
-        return "fused kernels" + (f" ({d['large']})" if d.get("large") else "") + ffn
+        fold = ", ln1 / ln2 inside the GEMVs" if d.get("fold_norms") else ""
+        return "fused kernels" + (f" ({d['large']})" if d.get("large") else "") + ffn + fold
     return "torch.compile" if d["compile"] else "eager"
 
 
@@ -401,6 +415,9 @@ def rwkv_main(argv: list[str]) -> int:
                     help="GPU only: the RWKV-7 channel-mix value product of decode steps at <= 4 rows: the grouped "
                          "GEMV (default) or the row kernel that skips the rows where relu(k)^2 is zero (lossless; "
                          "the share of rows skipped is reported)")
+    ap.add_argument("--fold-norms", action="store_true",
+                    help="GPU only: RWKV-7 decode steps at <= 4 rows with ln1 / ln2 (residual add, LayerNorm, "
+                         "token-shift lerps) inside the grouped GEMV launches (two launches per layer fewer)")
     ap.add_argument("--kernels", action="store_true",
                     help="build the compiled kernels (models.kernels) before loading and report their status "
                          "(the model uses them either way where they build)")
@@ -432,12 +449,17 @@ def rwkv_main(argv: list[str]) -> int:
     gpu = dev.type == "cuda"
     skipped = None
     if args.ffn == "sparse":
-        why = use_sparse_ffn(model)
+        why = use_sparse_ffn(model, args.fold_norms)
         if why:
             print(f"rwkv-chat bench: --ffn sparse: {why}", file=sys.stderr)
             return 2
         with torch.no_grad():
             skipped = skipped_rows(model)
+    elif args.fold_norms:
+        why = use_folded_norms(model)
+        if why:
+            print(f"rwkv-chat bench: --fold-norms: {why}", file=sys.stderr)
+            return 2
     ref = None
     if args.compare_rwkv_pip and gpu:  # start early: its CUDA build overlaps our runs
         ref = Reference(pth, args.strategy, min(args.tokens, 100), args.prompt_len, model.vocab_size,

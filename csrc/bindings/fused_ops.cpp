@@ -65,7 +65,9 @@ void v7_mix_cuda(const at::Tensor& x, const OptT& dx, const OptT& x_out, const a
 
 void gemv_multi_cuda(at::TensorList xs, at::TensorList ws, at::TensorList ys, at::IntArrayRef acts,
                      const c10::List<std::optional<at::Tensor>>& biases, at::IntArrayRef glus, const OptT& norm_residual,
-                     const OptT& norm_weight, const OptT& h_out, double eps) {
+                     const OptT& norm_weight, const OptT& h_out, double eps, const OptT& norm_bias, const OptT& shift,
+                     const OptT& xn_out, const c10::List<std::optional<at::Tensor>>& mixes, const OptT& copy_src,
+                     const OptT& copy_dst) {
     const char* op = "rwkv_chat::gemv_multi_cuda";
     const size_t n = xs.size();
     TORCH_CHECK(n >= 1 && n <= (size_t)kGemvMaxEntries && ws.size() == n && ys.size() == n && acts.size() == n, op,
@@ -127,8 +129,32 @@ void gemv_multi_cuda(at::TensorList xs, at::TensorList ws, at::TensorList ys, at
                     ": h_out must not alias x or the residual");
         nm.eps = (float)eps;
         nm.C = (int)C;
+        nm.b = opt_ptr(norm_bias, op, "norm_bias", F, C);
+        nm.kind = nm.b ? 2 : 1;                        // a bias: LayerNorm (RWKV-7); none: RMSNorm (Qwen2)
+        nm.shift = opt_ptr(shift, op, "shift", F, batch.rows * C);
+        nm.xn_out = const_cast<void*>(opt_ptr(xn_out, op, "xn_out", F, batch.rows * C));
+        TORCH_CHECK(nm.kind == 2 || (nm.shift == nullptr && nm.xn_out == nullptr && mixes.size() == 0), op,
+                    ": shift, xn_out and mixes belong to the LayerNorm (norm_bias)");
+        for (const void* p : {nm.x, nm.residual, nm.shift, nm.w, nm.b})
+            TORCH_CHECK(p == nullptr || (p != nm.h_out && p != nm.xn_out), op, ": h_out and xn_out must not alias an input");
+        TORCH_CHECK(mixes.size() == 0 || mixes.size() == n, op, ": mixes: empty or one per product");
+        for (size_t i = 0; i < mixes.size(); ++i) {
+            const std::optional<at::Tensor> mx = mixes[i];
+            batch.e[i].mix = mx.has_value() ? opt_ptr(mx, op, "mix", F, C) : nullptr;
+        }
     } else {
-        TORCH_CHECK(!norm_residual.has_value() && !h_out.has_value(), op, ": a residual or h_out needs norm_weight");
+        TORCH_CHECK(!norm_residual.has_value() && !h_out.has_value() && !norm_bias.has_value() && !shift.has_value() &&
+                        !xn_out.has_value() && mixes.size() == 0,
+                    op, ": a residual, h_out, norm_bias, shift, xn_out or mixes need norm_weight");
+    }
+    if (copy_src.has_value() || copy_dst.has_value()) {
+        TORCH_CHECK(copy_src.has_value() && copy_dst.has_value(), op, ": copy_src and copy_dst go together");
+        const int64_t cn = copy_src->numel();
+        batch.copy_src = opt_ptr(copy_src, op, "copy_src", F, cn);
+        batch.copy_dst = const_cast<void*>(opt_ptr(copy_dst, op, "copy_dst", F, cn));
+        TORCH_CHECK(copy_src->device() == xs[0].device() && copy_dst->device() == xs[0].device(), op,
+                    ": the side copy's tensors on x's device");
+        batch.copy_n = cn;
     }
     const at::cuda::CUDAGuard guard(xs[0].device());
     check_launch(gemv_multi_launch(act, batch, c10::cuda::getCurrentCUDAStream()), op);
@@ -251,7 +277,8 @@ TORCH_LIBRARY_FRAGMENT(rwkv_chat, m) {
           "Tensor(b!)? shift_out, Tensor mix, Tensor(c!) out, int T) -> ()",
           &rwkv_chat::v7_mix_cuda);
     m.def("gemv_multi_cuda(Tensor[] xs, Tensor[] ws, Tensor(a!)[] ys, int[] acts, Tensor?[] biases, int[] glu, "
-          "Tensor? norm_residual, Tensor? norm_weight, Tensor(b!)? h_out, float eps) -> ()",
+          "Tensor? norm_residual, Tensor? norm_weight, Tensor(b!)? h_out, float eps, Tensor? norm_bias, Tensor? shift, "
+          "Tensor(c!)? xn_out, Tensor?[] mixes, Tensor? copy_src, Tensor(d!)? copy_dst) -> ()",
           &rwkv_chat::gemv_multi_cuda);
     m.def("ffn_rows_cuda(Tensor h, Tensor w, Tensor(a!) y, Tensor(b!) counters, bool skip_zeros, "
           "int blocks_per_sm=2, int tile_threads=0) -> ()", &rwkv_chat::ffn_rows_cuda);

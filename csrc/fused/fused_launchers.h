@@ -28,6 +28,7 @@ struct GemvEntry {
     const void* x;
     const void* w;
     const void* bias;
+    const void* mix;   // GemvNorm kind 2: this product's token-shift lerp vector [C] (nullable)
     void* y;
     long x_stride;
     long y_stride;
@@ -41,26 +42,39 @@ struct GemvEntry {
     int block_begin;
 };
 
-// The RMSNorm in front of a grouped GEMV (GemvBatch.norm): every entry's input is
-// xn = round(w * round(h * rsqrt(mean(h^2) + eps))) with h = round(x + residual) (h = x without a residual), as
-// transformers' Qwen2RMSNorm rounds it; x, residual, h_out [rows, C] contiguous rows (stride C), w [C], all in the
-// activation dtype. Each block normalizes the rows itself into shared memory (no extra launch); the first block
-// writes h to h_out (nullable; must not alias x or residual). Needs C % (16 / element size) == 0, 16-byte aligned
-// x, residual and weights, every product non-empty with N == C, and rows * C elements within kGemvNormStageBytes:
-// else gemv_multi_launch returns kUnsupported.
+// The norm in front of a grouped GEMV (GemvBatch.norm), used when x != nullptr; every entry's N must be C and its own
+// x is then ignored. h = round(x + residual) (h = x without a residual), then by kind:
+//   1 RMSNorm (transformers' Qwen2RMSNorm rounding): xn = round(w * round(h * rsqrt(mean(h^2) + eps)));
+//   2 LayerNorm + token shift (RWKV-7, as v7_mix): xl = round((h - mean) * rsqrt(var + eps) * w + b), and an entry
+//     with a mix vector takes round(xl + (shift - xl) * mix) (shift: the previous token's xl [rows, C], nullable =
+//     zeros), one without takes xl.
+// x, residual, shift, h_out, xn_out [rows, C] contiguous rows (stride C), w, b, mix [C], all in the activation dtype.
+// Each block normalizes the rows itself into shared memory (no extra launch); the first block writes h to h_out and
+// (kind 2) xl to xn_out (both nullable; they must not alias any input of the launch: a later launch copies xl into
+// the shift state, GemvBatch.copy_*). Needs C % (16 / element size) == 0, 16-byte aligned rows and vectors, every
+// product non-empty, and rows * C elements within kGemvNormStageBytes: else gemv_multi_launch returns kUnsupported.
 constexpr int kGemvNormStageBytes = 40 * 1024;
 struct GemvNorm {
     const void* x;
     const void* residual;
     const void* w;
+    const void* b;
+    const void* shift;
     void* h_out;
+    void* xn_out;
     float eps;
     int C;
+    int kind;
 };
 
+// copy_n elements (activation dtype) from copy_src to copy_dst, done by the launch's threads after pdl_wait (a side
+// job: the shift state a previous launch's norm left in xn_out). Nothing else in the launch may touch either.
 struct GemvBatch {
     GemvEntry e[kGemvMaxEntries];
     GemvNorm norm;  // used when norm.x != nullptr (every entry's x is then ignored; its N must be norm.C)
+    const void* copy_src;
+    void* copy_dst;
+    long copy_n;
     int n;          // entries in use
     int rows;       // 1..kGemvMaxRows
     int out_f32;    // y is float32 (else the activation dtype)

@@ -335,21 +335,43 @@ __device__ __forceinline__ float act_apply(int act, float v) {
     }
 }
 
-// The RMSNorm of GemvBatch.norm (see fused_launchers.h) into xs [rows, C] in shared memory; every thread of the block
-// calls it after pdl_wait. red: >= kGemvWarps * R floats of shared memory.
+// The norm of GemvBatch.norm (see fused_launchers.h: kind 1 RMSNorm, kind 2 LayerNorm) into xs [rows, C] in shared
+// memory; every thread of the block calls it after pdl_wait. red: >= kGemvWarps * R floats of shared memory.
 template <typename F, int R>
 __device__ __forceinline__ void gemv_norm_stage(const GemvNorm& nm, int rows, F* xs, float* red) {
     constexpr int EPV = 16 / sizeof(F);
     union V { uint4 q; F v[EPV]; };
     const int C = nm.C, nv = C / EPV;
+    const bool first = blockIdx.x == 0;
     const uint4* x = static_cast<const uint4*>(nm.x);
     const uint4* res = static_cast<const uint4*>(nm.residual);
-    uint4* hout = blockIdx.x == 0 ? static_cast<uint4*>(nm.h_out) : nullptr;
+    uint4* hout = first ? static_cast<uint4*>(nm.h_out) : nullptr;
     uint4* xq = reinterpret_cast<uint4*>(xs);
-    float ss[R];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+    // block sums of the R rows' per-thread values (every thread gets them); two barriers
+    auto row_sums = [&](float (&v)[R]) {
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) v[r] += __shfl_xor_sync(0xffffffffu, v[r], o);
+        }
+        __syncthreads();                                 // red may still be read by a previous call
+        if (lane == 0) {
+#pragma unroll
+            for (int r = 0; r < R; ++r) red[warp * R + r] = v[r];
+        }
+        __syncthreads();
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            float t = 0.f;
+            for (int j = 0; j < warps; ++j) t += red[j * R + r];
+            v[r] = t;
+        }
+    };
+    float s1[R];                                         // sum of h (kind 2) or of h^2 (kind 1)
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-        ss[r] = 0.f;
+        s1[r] = 0.f;
         if (r < rows) {
             for (int i = threadIdx.x; i < nv; i += blockDim.x) {
                 const long o = (long)r * nv + i;
@@ -363,38 +385,81 @@ __device__ __forceinline__ void gemv_norm_stage(const GemvNorm& nm, int rows, F*
                 }
                 if (hout) hout[o] = a.q;
 #pragma unroll
-                for (int c = 0; c < EPV; ++c) { const float f = to_f32(a.v[c]); ss[r] = fmaf(f, f, ss[r]); }
+                for (int c = 0; c < EPV; ++c) {
+                    const float f = to_f32(a.v[c]);
+                    s1[r] = nm.kind == 1 ? fmaf(f, f, s1[r]) : s1[r] + f;
+                }
                 xq[o] = a.q;
             }
         }
     }
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) ss[r] += __shfl_xor_sync(0xffffffffu, ss[r], o);
-        if (lane == 0) red[warp * R + r] = ss[r];
-    }
-    __syncthreads();
+    row_sums(s1);
     const uint4* w = static_cast<const uint4*>(nm.w);
+    if (nm.kind == 1) {
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-        if (r < rows) {
-            float t = 0.f;
-            for (int j = 0; j < (int)(blockDim.x / 32); ++j) t += red[j * R + r];
-            const float inv = rsqrtf(t / C + nm.eps);
-            for (int i = threadIdx.x; i < nv; i += blockDim.x) {   // the elements this thread staged
-                const long o = (long)r * nv + i;
-                V a, g;
-                a.q = xq[o];
-                g.q = __ldg(w + i);
+        for (int r = 0; r < R; ++r) {
+            if (r < rows) {
+                const float inv = rsqrtf(s1[r] / C + nm.eps);
+                for (int i = threadIdx.x; i < nv; i += blockDim.x) {   // the elements this thread staged
+                    const long o = (long)r * nv + i;
+                    V a, g;
+                    a.q = xq[o];
+                    g.q = __ldg(w + i);
 #pragma unroll
-                for (int c = 0; c < EPV; ++c) a.v[c] = from_f32<F>(to_f32(g.v[c]) * round_act<F>(to_f32(a.v[c]) * inv));
-                xq[o] = a.q;
+                    for (int c = 0; c < EPV; ++c)
+                        a.v[c] = from_f32<F>(to_f32(g.v[c]) * round_act<F>(to_f32(a.v[c]) * inv));
+                    xq[o] = a.q;
+                }
+            }
+        }
+    } else {                                             // LayerNorm: the variance about the mean (two passes)
+        float s2[R];
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            s2[r] = 0.f;
+            if (r < rows) {
+                const float mean = s1[r] / C;
+                for (int i = threadIdx.x; i < nv; i += blockDim.x) {
+                    V a;
+                    a.q = xq[(long)r * nv + i];
+#pragma unroll
+                    for (int c = 0; c < EPV; ++c) { const float d = to_f32(a.v[c]) - mean; s2[r] = fmaf(d, d, s2[r]); }
+                }
+            }
+        }
+        row_sums(s2);
+        const uint4* bias = static_cast<const uint4*>(nm.b);
+        uint4* xnout = first ? static_cast<uint4*>(nm.xn_out) : nullptr;
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            if (r < rows) {
+                const float mean = s1[r] / C, rstd = rsqrtf(s2[r] / C + nm.eps);
+                for (int i = threadIdx.x; i < nv; i += blockDim.x) {
+                    const long o = (long)r * nv + i;
+                    V a, g, bb;
+                    a.q = xq[o];
+                    g.q = __ldg(w + i);
+                    bb.q = __ldg(bias + i);
+#pragma unroll
+                    for (int c = 0; c < EPV; ++c)
+                        a.v[c] = from_f32<F>((to_f32(a.v[c]) - mean) * rstd * to_f32(g.v[c]) + to_f32(bb.v[c]));
+                    xq[o] = a.q;
+                    if (xnout) xnout[o] = a.q;
+                }
             }
         }
     }
     __syncthreads();
+}
+
+// GemvBatch's side copy (copy_src -> copy_dst), spread over every thread of the launch; after pdl_wait.
+template <typename F>
+__device__ __forceinline__ void gemv_side_copy(const GemvBatch& batch) {
+    if (batch.copy_n <= 0) return;
+    const F* src = static_cast<const F*>(batch.copy_src);
+    F* dst = static_cast<F*>(batch.copy_dst);
+    for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < batch.copy_n; i += (long)gridDim.x * blockDim.x)
+        dst[i] = src[i];
 }
 
 // GLU: the kernel of batches with a SwiGLU entry (E.glu): a second accumulator per row for the up row m + M, loaded
@@ -445,10 +510,14 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_multi_kernel(GemvBatch batc
                                                     : make_uint4(0, 0, 0, 0);
         }
         pdl_wait();
+        gemv_side_copy<F>(batch);
         if constexpr (NORM) {
             __shared__ float red[kGemvWarps * R];
             gemv_norm_stage<F, R>(batch.norm, rows, reinterpret_cast<F*>(gemv_smem), red);
         }
+        // NORM kind 2: this entry's token-shift lerp, applied to the staged LayerNorm as x is loaded
+        const F* __restrict__ lerp = NORM && batch.norm.kind == 2 ? static_cast<const F*>(E.mix) : nullptr;
+        const F* __restrict__ prev = static_cast<const F*>(batch.norm.shift);
         for (; n0 < N; n0 += chunk) {
             V wn[kGemvUnroll], wn2[GLU ? kGemvUnroll : 1];
 #pragma unroll
@@ -472,6 +541,15 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_multi_kernel(GemvBatch batc
                             float xf[EPV];
 #pragma unroll
                             for (int c = 0; c < EPV; ++c) xf[c] = to_f32(xq.v[c]);
+                            if (NORM && lerp) {        // round(xl + (prev - xl) * mix), as v7_mix writes it
+                                V mq, pq;
+                                mq.q = __ldg(reinterpret_cast<const uint4*>(lerp + n));
+                                pq.q = prev ? __ldg(reinterpret_cast<const uint4*>(prev + (long)r * x_stride + n))
+                                            : make_uint4(0, 0, 0, 0);
+#pragma unroll
+                                for (int c = 0; c < EPV; ++c)
+                                    xf[c] = round_act<F>(xf[c] + (to_f32(pq.v[c]) - xf[c]) * to_f32(mq.v[c]));
+                            }
                             if (act != 0) {
 #pragma unroll
                                 for (int c = 0; c < EPV; ++c) xf[c] = act_apply(act, xf[c]);
@@ -494,6 +572,7 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_multi_kernel(GemvBatch batc
         }
     } else {
         pdl_wait();
+        gemv_side_copy<F>(batch);
         for (int n = L; n < N; n += TL) {
             const float wv = active ? to_f32(w[n]) : 0.f;
             const float wv2 = (GLU && glu && active) ? to_f32(w2[n]) : 0.f;
@@ -798,8 +877,11 @@ int gemv_multi_launch(int act, GemvBatch batch, cudaStream_t stream) {
         // the static arrays (partial sums, the norm's reduction) take up to ~5 KiB of the 48 KiB a launch gets
         // without opting in to more
         bool ok = vec && blocks > 0 && nm.C > 0 && nm.C % epv == 0 && smem <= kGemvNormStageBytes &&
-                  aligned(nm.x) && aligned(nm.residual) && aligned(nm.w) && aligned(nm.h_out);
-        for (int i = 0; i < batch.n; ++i) ok = ok && batch.e[i].N == nm.C && batch.e[i].M > 0;
+                  (nm.kind == 1 || nm.kind == 2) && (nm.kind == 1 || nm.b != nullptr) && nm.w != nullptr &&
+                  aligned(nm.x) && aligned(nm.residual) && aligned(nm.w) && aligned(nm.b) && aligned(nm.shift) &&
+                  aligned(nm.h_out) && aligned(nm.xn_out);
+        for (int i = 0; i < batch.n; ++i)
+            ok = ok && batch.e[i].N == nm.C && batch.e[i].M > 0 && aligned(batch.e[i].mix);
         if (!ok) return kUnsupported;
     }
     if (blocks == 0) return 0;

@@ -108,10 +108,16 @@ TANH_ON_OUTPUT = 1 * 4
 SIGMOID_ON_OUTPUT = 2 * 4
 
 
-def _gemv(xs, ws, acts, out_dtype=None):
+#: tanh(xw @ w1) and sigmoid(xg @ g1) written by the first low-rank products (rounded as the reference rounds them),
+#: so the second ones load plain inputs (order w1, a1, g1, v1)
+_LOW_ACTS = [TANH_ON_OUTPUT, 0, SIGMOID_ON_OUTPUT, 0]
+
+
+def _gemv(xs, ws, acts, out_dtype=None, copy=None):
     """Grouped GEMV: ys[e] = out_act_e(act_e(xs[e]) @ ws[e].t()) for output-major ws[e] [M, N]; 1..4 rows.
-    acts[e] = act + 4 * out_act (codes 0 none, 1 tanh, 2 sigmoid, 3 relu²; see csrc/fused/fused_launchers.h)."""
-    ys = dispatch.gemv_group(list(xs), list(ws), list(acts), out_dtype=out_dtype)
+    acts[e] = act + 4 * out_act (codes 0 none, 1 tanh, 2 sigmoid, 3 relu²; see csrc/fused/fused_launchers.h).
+    copy: a side copy (src, dst) done by the same launch (``dispatch.gemv_group``)."""
+    ys = dispatch.gemv_group(list(xs), list(ws), list(acts), out_dtype=out_dtype, copy=copy)
     if ys is None:
         raise DeviceError("the grouped GEMV (rwkv_chat::gemv_multi_cuda) did not take these products: "
                           f"{[tuple(x.shape) for x in xs]} x {[tuple(w.shape) for w in ws]}")
@@ -175,6 +181,42 @@ def _probe_mix_rkv(model, ops) -> str | None:
                     return "fused_v7_mix_rkv_i4 differs from v7_mix + the int4 products"
     except Exception as e:  # noqa: BLE001 — the two-step path serves; the detail says why
         return f"fused_v7_mix_rkv_i4: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return None
+
+
+def _probe_fold(be: "FusedCuda", model) -> str | None:
+    """None when decode steps with ln1 / ln2 inside the GEMV launches (``fold_norms``) agree with the unfolded steps
+    (logits and every state tensor within 1e-2 relative, the LayerNorm sums taken in another order) for 1 and 3
+    rows from a random state; else why not."""
+    spec, dev = model.spec, model.devices[0]
+    dt = model.layers[0]["ln1.weight"].dtype
+    C, H, N = spec.n_embd, spec.n_head, spec.head_size
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def rel(a, b):
+        return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+    try:
+        with torch.no_grad():
+            for b in (1, 3):
+                state = []
+                for _ in range(model.n_layer):
+                    state += [(torch.randn(b, C, generator=g) * 0.5).to(dev, dt),
+                              (torch.randn(b, H, N, N, generator=g) * 0.1).to(dev),
+                              (torch.randn(b, C, generator=g) * 0.5).to(dev, dt)]
+                ids = torch.randint(0, model.emb.shape[0], (b, 1), generator=g).to(dev)
+                other = [t.clone() for t in state]
+                be.fold_norms = False
+                want = be.decode_step(model, ids, state)
+                be.fold_norms = True
+                got = be.decode_step(model, ids, other)
+                if not torch.isfinite(got).all() or rel(got, want) > 1e-2 or any(
+                        rel(x, y) > 1e-2 for x, y in zip(other, state)):
+                    return "ln1 / ln2 inside the GEMV launches differ from the unfolded decode step"
+    except Exception as e:  # noqa: BLE001 — the unfolded step serves; the note says why
+        return f"ln1 / ln2 inside the GEMV launches: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    finally:
+        be.fold_norms = False
     return None
 
 
@@ -271,6 +313,10 @@ class FusedCuda(Backend):
         mix_rkv: int4 r/k/v through ``ops.gptq.fused_v7_mix_rkv_i4`` (ln1, the mixes and the three products in one
             Triton launch; probed). Off by default: its Triton GEMV read the int4 weights at ~0.4 TB/s on an H100
             (bench/results/h100.md), so v7_mix + the compiled grouped int4 GEMV serve.
+        fold_norms: decode steps of <= 4 rows on plain fp16 / bf16 / fp32 matrices run ln1 / ln2 with their residual
+            adds and token-shift lerps inside the grouped GEMV launches that take them (``dispatch.ln_mix_gemv_group``;
+            the shift states put in place by the next GEMV launch), two launches per layer fewer; probed here against
+            the unfolded step (``fold_note`` says why not where it does not serve). Off by default until measured.
 
     Raises:
         StrategyError: ``ffn`` not one of ``FFN_MODES``.
@@ -279,7 +325,7 @@ class FusedCuda(Backend):
     name = "fused-cuda"
     decode_on_device = True
 
-    def __init__(self, model, ops: Ops, ffn: str = "gemv", mix_rkv: bool = False):
+    def __init__(self, model, ops: Ops, ffn: str = "gemv", mix_rkv: bool = False, fold_norms: bool = False):
         super().__init__(ops)
         if ffn not in FFN_MODES:
             raise StrategyError(f"ffn must be one of {', '.join(FFN_MODES)}; got {ffn!r}")
@@ -315,6 +361,13 @@ class FusedCuda(Backend):
         else:
             self.mix_rkv_note = _probe_mix_rkv(model, ops) if self.decodes and _triton.available() else "no Triton"
         self.mix_rkv = self.mix_rkv_note is None
+        #: ln1 / ln2 inside the grouped GEMV launches of decode steps; why not, where it does not serve
+        self.fold_norms = False
+        if not fold_norms:
+            self.fold_note = "off (FusedCuda(fold_norms=True) turns it on)"
+        else:
+            self.fold_note = _probe_fold(self, model) if self.decodes else "the model does not decode here"
+            self.fold_norms = self.fold_note is None
         #: prefill CUDA graphs where the whole model sits on one CUDA device
         self.captures_prefill = self.decodes
         value = {"sparse": "channel-mix value skipping zero rows of relu(k)²",
@@ -322,6 +375,8 @@ class FusedCuda(Backend):
                  "gemv": "channel-mix value by the grouped GEMV"}[ffn]
         if self.mix_rkv:
             value += "; ln1 + mixes + int4 r/k/v in one launch (Triton)"
+        if self.fold_norms:
+            value += "; ln1 / ln2 inside the GEMV launches"
         self.detail = ("fused RWKV-7 layer kernels: prefill blocks" + (f", decode step ({value})" if self.decodes
                                                                         else "") + "; eager ops elsewhere")
 
@@ -385,6 +440,47 @@ class FusedCuda(Backend):
         return x, (new_att_x, s_new, new_ffn_x)
 
     # -- decode ------------------------------------------------------------------------------------
+    def _fold_first(self, ours: bool, i: int, x, dx, p: dict, f: dict, att_x, big: list):
+        """Layer i's ln1 (with the residual add of dx) and the six lerps inside the launch of r, k, v and the first
+        low-rank products (``dispatch.ln_mix_gemv_group``) -> (r, k, v, [w1, a1, g1(, v1)] outputs, x + dx, ln1
+        output: the next att_x, for a later launch to put in place), or None where it does not serve."""
+        if not (ours and all(isinstance(w, torch.Tensor) for w in big)):
+            return None
+        later = i > 0
+        m = f["mix6"]                                    # r, w, k, v, a, g
+        ws = [w.t() for w in big] + [f["att.w1"], f["att.a1"], f["att.g1"]] + ([f["att.v1"]] if later else [])
+        mixes = [m[0], m[2], m[3], m[1], m[4], m[5]] + ([m[3]] if later else [])
+        out = dispatch.ln_mix_gemv_group(x, dx, p["ln1.weight"], p["ln1.bias"], att_x, mixes, ws,
+                                         [0, 0, 0] + _LOW_ACTS[:len(ws) - 3])
+        if out is None:
+            return None
+        ys, h, xl = out
+        return ys[0], ys[1], ys[2], ys[3:], h, xl
+
+    def _fold_key(self, ours: bool, x, att, p: dict, f: dict, ffn_x, fk, fv):
+        """ln2 (with the residual add of att) and the channel-mix lerp inside the key launch, where the value
+        product is the grouped GEMV (output-major value matrix) -> (relu(k)², x + att, ln2 output: the next ffn_x,
+        which the value launch puts in place), or None."""
+        if not (ours and isinstance(fk, torch.Tensor) and isinstance(fv, torch.Tensor) and fv.t().is_contiguous()
+                and not (fv.is_contiguous() and _rows_ok(fv))):
+            return None
+        out = dispatch.ln_mix_gemv_group(x, att, p["ln2.weight"], p["ln2.bias"], ffn_x, [f["mixk"][0]], [fk.t()],
+                                         [RELU2_ON_OUTPUT])
+        if out is None:
+            return None
+        (hk,), h, xl = out
+        return hk, h, xl
+
+    def _ffn(self, xk, fk, fv, ours: bool, small: bool, skip: bool, mm):
+        """The channel-mix products of a decode step from the lerped ln2 output xk [b, C] -> [b, C]."""
+        if ours and isinstance(fk, torch.Tensor) and isinstance(fv, torch.Tensor):
+            hk = _gemv([xk], [fk.t()], [RELU2_ON_OUTPUT])[0]     # relu(k) ** 2 written by the key GEMV
+            if fv.is_contiguous() and _rows_ok(fv) and fv.dtype == hk.dtype:   # input-major: zero rows skipped
+                return _value_rows(hk, fv, skip, mm, self.skipped)
+            return _gemv([hk], [fv.t()], [0])[0]
+        hk = self._big(xk, fk, 0, ours, small)
+        return self._big(hk, fv, 3, ours, small)
+
     def _big(self, x, w, act: int, gemv: bool, small: bool = False):
         """x @ W for a large matrix; act 3 = relu² on x first. i8 weights at <= 4 rows: the grouped mm8 GEMV;
         i4 / f8 weights: the compiled GEMV of ``csrc/gemvq`` (relu² applied as it loads x) where it serves."""
@@ -433,7 +529,12 @@ class FusedCuda(Backend):
             p, f = model.layers[i], self.layers[i]
             att_x, s, ffn_x = state[3 * i:3 * i + 3]
             rkv_i4 = _rkv_i4(p, x) if small and self.mix_rkv else None
-            if rkv_i4 is not None:      # ln1, the mixes and the int4 r/k/v products: one launch
+            big = [p["att.receptance.weight"], p["att.key.weight"], p["att.value.weight"]]
+            first = i == 0
+            folded = self._fold_first(ours, i, x, dx, p, f, att_x, big) if self.fold_norms else None
+            if folded is not None:      # ln1 + the mixes inside the r/k/v + first low-rank launch
+                r, k, v, low, x, shift1 = folded
+            elif rkv_i4 is not None:    # ln1, the mixes and the int4 r/k/v products: one launch
                 mix, r, k, v, x = fused_gptq.fused_v7_mix_rkv_i4(x, dx, p["ln1.weight"], p["ln1.bias"], att_x,
                                                                 f["mix6"], rkv_i4)
             else:
@@ -442,20 +543,21 @@ class FusedCuda(Backend):
                 ops.v7_mix_cuda(x, dx, xn, p["ln1.weight"], p["ln1.bias"], att_x, att_x,
                                 f["mix6"] if small else f["mix6_many"], mix, 1)
                 x = xn if xn is not None else x
-            if small:
+            if folded is None and small:
                 xr, xw, xk, xv, xa, xg = mix
-            else:
+            elif folded is None:
                 xr, xk, xv, xw, xa, xg = mix
-            first = i == 0
-            if small:
+            if folded is not None:
+                ws2 = [f["att.w2"], f["att.a2"], f["att.g2"]] + ([] if first else [f["att.v2"]])
+                stage2 = _gemv(low, ws2, [0] * len(ws2), copy=(shift1, att_x))     # att_x <- ln1 (all have read it)
+                wl, al, g = stage2[:3]
+                vl = None if first else stage2[3]
+            elif small:
                 xs, ws = [xw, xa, xg], [f["att.w1"], f["att.a1"], f["att.g1"]]
                 if not first:
                     xs.append(xv)
                     ws.append(f["att.v1"])
-                big = [p["att.receptance.weight"], p["att.key.weight"], p["att.value.weight"]]
-                # tanh(xw @ w1) and sigmoid(xg @ g1) written by the first low-rank products (rounded as the
-                # reference rounds them), so the second ones load plain inputs
-                low_acts = [TANH_ON_OUTPUT, 0, SIGMOID_ON_OUTPUT, 0][:len(xs)]
+                low_acts = _LOW_ACTS[:len(xs)]
                 if rkv_i4 is not None:
                     low = _gemv(xs, ws, low_acts)
                 elif ours and all(isinstance(w, torch.Tensor) for w in big):
@@ -493,20 +595,17 @@ class FusedCuda(Backend):
             if first:
                 v_first = v
             att = self._big(y, p["att.output.weight"], 0, ours, small)
-            xk2 = torch.empty(1, b, C, dtype=x.dtype, device=x.device)
-            xn = torch.empty_like(x)
-            ops.v7_mix_cuda(x, att, xn, p["ln2.weight"], p["ln2.bias"], ffn_x, ffn_x, f["mixk"], xk2, 1)
-            x = xn
             fk, fv = p["ffn.key.weight"], p["ffn.value.weight"]
-            if ours and isinstance(fk, torch.Tensor) and isinstance(fv, torch.Tensor):
-                hk = _gemv([xk2[0]], [fk.t()], [RELU2_ON_OUTPUT])[0]     # relu(k) ** 2 written by the key GEMV
-                if fv.is_contiguous() and _rows_ok(fv) and fv.dtype == hk.dtype:   # input-major: zero rows skipped
-                    dx = _value_rows(hk, fv, skip, mm, self.skipped)
-                else:
-                    dx = _gemv([hk], [fv.t()], [0])[0]
+            folded = self._fold_key(ours, x, att, p, f, ffn_x, fk, fv) if self.fold_norms else None
+            if folded is not None:      # ln2 + the lerp inside the key launch; ffn_x put in place by the value's
+                hk, x, shift2 = folded
+                dx = _gemv([hk], [fv.t()], [0], copy=(shift2, ffn_x))[0]
             else:
-                hk = self._big(xk2[0], fk, 0, ours, small)
-                dx = self._big(hk, fv, 3, ours, small)
+                xk2 = torch.empty(1, b, C, dtype=x.dtype, device=x.device)
+                xn = torch.empty_like(x)
+                ops.v7_mix_cuda(x, att, xn, p["ln2.weight"], p["ln2.bias"], ffn_x, ffn_x, f["mixk"], xk2, 1)
+                x = xn
+                dx = self._ffn(xk2[0], fk, fv, ours, small, skip, mm)
         xo = torch.empty(1, b, C, dtype=x.dtype, device=x.device)
         ln_w, ln_b = model.ln_out
         ops.v7_mix_cuda(x, dx, None, ln_w, ln_b, None, None, ln_w.new_empty(0, C), xo, 1)

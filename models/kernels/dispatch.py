@@ -535,7 +535,8 @@ NORM_STAGE_BYTES = 40 * 1024
 
 def gemv_group(xs: list[torch.Tensor], ws: list[torch.Tensor], acts: list[int] | None = None, *,
                biases: list[torch.Tensor | None] | None = None, glu: list[bool] | None = None,
-               out_dtype: torch.dtype | None = None) -> list[torch.Tensor] | None:
+               out_dtype: torch.dtype | None = None,
+               copy: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[torch.Tensor] | None:
     """Up to 8 products of 1..4 rows in one launch of the compiled grouped GEMV (``csrc/fused/v7_fused.cu``,
     ``gemv_multi``): ``ys[e] = out_act(act(xs[e]) @ ws[e].t() + biases[e])`` with float32 sums rounded once.
 
@@ -550,16 +551,30 @@ def gemv_group(xs: list[torch.Tensor], ws: list[torch.Tensor], acts: list[int] |
         glu: per product, SwiGLU: ``silu(x @ gate.t()) * (x @ up.t())`` [rows, M_e], each product and the silu
             rounded to x's dtype (Qwen2MLP in transformers); no bias, no out_act.
         out_dtype: x's dtype (default) or float32 (the results unrounded).
+        copy: (src, dst), contiguous tensors of x's dtype and device with as many elements, copied by the same
+            launch after it has waited for the previous one (``ln_mix_gemv_group``'s shift state, put in place once
+            every block of that launch has read the old one). Neither may be an input or output of the products.
     Returns:
         the [rows, M_e] results, or None where the compiled op is not loaded or the inputs are not its kind (the
         caller multiplies another way).
     """
     plan = _gemv_plan(xs, ws, acts, biases, glu, out_dtype)
-    if plan is None:
+    if plan is None or not _copy_ok(copy, xs[0]):
         return None
     ys, acts, biases, glu = plan
-    _op("cuda", "gemv_multi")(list(xs), list(ws), ys, acts, biases, glu, None, None, None, 0.0)
+    src, dst = copy if copy is not None else (None, None)
+    _op("cuda", "gemv_multi")(list(xs), list(ws), ys, acts, biases, glu, None, None, None, 0.0, None, None, None, [],
+                              src, dst)
     return ys
+
+
+def _copy_ok(copy, x: torch.Tensor) -> bool:
+    if copy is None:
+        return True
+    src, dst = copy
+    return (isinstance(src, torch.Tensor) and isinstance(dst, torch.Tensor) and src.dtype == dst.dtype == x.dtype
+            and src.device == dst.device == x.device and src.numel() == dst.numel() and src.is_contiguous()
+            and dst.is_contiguous())
 
 
 def norm_gemv_group(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
@@ -594,8 +609,55 @@ def norm_gemv_group(x: torch.Tensor, residual: torch.Tensor | None, norm_weight:
         return None
     ys, acts, biases, glu = plan
     h = torch.empty_like(x) if residual is not None else None
-    _op("cuda", "gemv_multi")([x] * len(ws), list(ws), ys, acts, biases, glu, residual, norm_weight, h, float(eps))
+    _op("cuda", "gemv_multi")([x] * len(ws), list(ws), ys, acts, biases, glu, residual, norm_weight, h, float(eps),
+                              None, None, None, [], None, None)
     return ys, (x if h is None else h)
+
+
+def _rows_ok(x: torch.Tensor, *vectors) -> bool:
+    """x [rows, C] contiguous and 16-byte aligned, C a multiple of 16 bytes, rows * C within ``NORM_STAGE_BYTES``,
+    and each of ``vectors`` (None or [C]) of x's dtype and device, contiguous and aligned."""
+    return (isinstance(x, torch.Tensor) and x.dim() == 2 and x.is_cuda and x.is_contiguous() and x.data_ptr() % 16 == 0
+            and (x.shape[1] * x.element_size()) % 16 == 0 and x.numel() * x.element_size() <= NORM_STAGE_BYTES
+            and all(v is None or (isinstance(v, torch.Tensor) and v.dtype == x.dtype and v.device == x.device
+                                  and v.is_contiguous() and v.numel() == x.shape[1] and v.data_ptr() % 16 == 0)
+                    for v in vectors))
+
+
+def ln_mix_gemv_group(x: torch.Tensor, dx: torch.Tensor | None, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
+                      shift: torch.Tensor, mixes: list[torch.Tensor | None], ws: list[torch.Tensor],
+                      acts: list[int] | None = None, eps: float = 1e-5
+                      ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor] | None:
+    """The RWKV-7 decode step's residual add + LayerNorm + token-shift lerps inside the launch of the products that
+    take them (``csrc/fused/v7_fused.cu``: each block normalizes the rows itself, so ``v7_mix`` needs no launch):
+    ``h = x + dx`` (x without dx), ``xl = LayerNorm(h)`` (eps 1e-5), product e takes
+    ``xl + (shift - xl) * mixes[e]`` (xl where ``mixes[e]`` is None), each rounded as ``v7_mix`` rounds it, then
+    ``ys[e] = out_act(act(.) @ ws[e].t())`` as ``gemv_group``.
+
+    Args:
+        x, dx: [rows, C] contiguous (rows 1..4), fp16 / bf16 / fp32 on one CUDA device; dx may be None.
+        ln_weight, ln_bias: [C]. shift: [rows, C], the previous token's xl (read, not written).
+        mixes: per product [C] or None. ws, acts: as ``gemv_group``, every N_e == C.
+    Returns:
+        ``(ys, h, xl)``: h a new tensor (x itself without dx) and xl a new [rows, C] tensor: the next shift state,
+        for the caller to put in place after this launch (``gemv_group(copy=(xl, shift))`` of a later launch). None
+        where the kernel does not take the inputs: the caller runs ``v7_mix`` and the products.
+    """
+    if not (_rows_ok(x, ln_weight, ln_bias, *mixes) and len(mixes) == len(ws)
+            and (dx is None or (_rows_ok(dx) and dx.shape == x.shape and dx.dtype == x.dtype))
+            and isinstance(shift, torch.Tensor) and _rows_ok(shift) and shift.shape == x.shape
+            and shift.dtype == x.dtype and all(isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[0] > 0
+                                               and w.data_ptr() % 16 == 0 for w in ws)):
+        return None
+    plan = _gemv_plan([x] * len(ws), ws, acts, None, None, None)
+    if plan is None:
+        return None
+    ys, acts, biases, glu = plan
+    h = torch.empty_like(x) if dx is not None else None
+    xl = torch.empty_like(x)
+    _op("cuda", "gemv_multi")([x] * len(ws), list(ws), ys, acts, biases, glu, dx, ln_weight, h, float(eps), ln_bias,
+                              shift, xl, list(mixes), None, None)
+    return ys, (x if h is None else h), xl
 
 
 def _gemv_plan(xs, ws, acts, biases, glu, out_dtype):

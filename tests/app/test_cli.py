@@ -240,6 +240,15 @@ def test_bench_sparse_ffn_off_the_fused_cuda_backend_is_one_line(model_path, cap
     assert err.startswith("rwkv-chat bench: --ffn sparse: needs an RWKV-7 model on the fused CUDA backend"), err
 
 
+def test_bench_fold_norms_off_the_fused_cuda_backend_is_one_line(model_path, capsys):
+    """``--fold-norms`` measures a decode path of the fused CUDA backend: elsewhere one line and exit 2."""
+    assert cli.main(["bench", "--model", str(model_path("7")), "--strategy", "cpu fp32", "--fold-norms",
+                     "--tokens", "2", "--prompt-len", "0"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith("rwkv-chat bench: --fold-norms: needs an RWKV-7 model on the fused CUDA backend"), err
+
+
 def test_plan_suggest_into_a_closed_pipe_exits_quietly(model_path):
     """``rwkv-chat plan M --suggest | head -0``: the reader gone before the suggestions are written (unbuffered
     output writes them at once) is no error."""

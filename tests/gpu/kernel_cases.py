@@ -342,6 +342,48 @@ def case_norm_gemv_group(rows, C, products, dtype, device, seed, residual=True):
     return max(rel_err(y, r) for y, r in zip(ys, refs))
 
 
+def case_ln_mix_gemv_group(rows, C, Ms, dtype, device, seed, residual=True):
+    """``dispatch.ln_mix_gemv_group`` (RWKV-7 decode: residual add + LayerNorm + token-shift lerps inside the grouped
+    GEMV's launch) on products of M outputs each (the first without a lerp, the others with their own mix vector),
+    then a ``gemv_group`` launch whose side copy puts xl into the shift state: against float64 of the same rounded
+    inputs with v7_mix's rounding. h must equal x + dx rounded exactly, the copied shift state equal xl exactly."""
+    from rwkv_chat.models.kernels import dispatch
+
+    if not kernels.available("cuda", "v7fused"):
+        raise AssertionError("the v7fused family is not built: the case would test nothing")
+    g = _gen(seed, device)
+    scale = torch.arange(1, rows + 1, dtype=torch.float32)[:, None]
+    x = (_randn(g, rows, C) * scale).to(dtype).to(device)
+    dx = _randn(g, rows, C).to(dtype).to(device) if residual else None
+    lw, lb = (1 + _randn(g, C, scale=0.1)).to(dtype).to(device), _randn(g, C, scale=0.1).to(dtype).to(device)
+    shift = _randn(g, rows, C).to(dtype).to(device)
+    mixes = [None] + [torch.rand(C, generator=g).to(dtype).to(device) for _ in Ms[1:]]
+    ws = [_randn(g, M, C, scale=C ** -0.5).to(dtype).to(device) for M in Ms]
+    h = x if dx is None else (x.double() + dx.double()).to(dtype)
+    hd = h.double()
+    mean = hd.mean(-1, keepdim=True)
+    xl = ((hd - mean) * torch.rsqrt(hd.var(-1, unbiased=False, keepdim=True) + 1e-5) * lw.double()
+          + lb.double()).to(dtype)
+    refs = []
+    for mx, w in zip(mixes, ws):
+        xe = xl if mx is None else (xl.double() + (shift.double() - xl.double()) * mx.double()).to(dtype)
+        refs.append(xe.double() @ w.double().t())
+    out = dispatch.ln_mix_gemv_group(x, dx, lw, lb, shift, mixes, ws)
+    if rows * C * x.element_size() > dispatch.NORM_STAGE_BYTES:
+        if out is not None:
+            raise AssertionError("ln_mix_gemv_group took rows beyond its shared-memory bound")
+        return 0.0
+    if out is None:
+        raise AssertionError("ln_mix_gemv_group did not take the products")
+    ys, h_got, xl_got = out
+    # a later launch (any products) puts xl into the shift state as its side job, as the decode step does
+    dispatch.gemv_group([ys[0]], [torch.zeros(8, Ms[0], dtype=dtype, device=device)], copy=(xl_got, shift))
+    torch.cuda.synchronize()
+    if not torch.equal(h_got, h) or not torch.equal(shift, xl_got):
+        return math.inf
+    return max([rel_err(xl_got, xl)] + [rel_err(y, r) for y, r in zip(ys, refs)])
+
+
 def case_ffn_rows(rows, F, C, dtype, device, seed, dead=0.0, out_f32=False, graph=False, tile_threads=0):
     """``dispatch.ffn_rows`` (the compiled row kernel of the channel-mix value product, ``csrc/fused/ffn_rows.cu``)
     on h = relu(randn)² (``dead``: that share of rows zero in every row of h) and an input-major w [F, C] whose
@@ -471,6 +513,14 @@ def all_cases(device: str, quick: bool = False):
                               f"{'' if residual else ', no residual'}", dt,
                               lambda r=rows, C=C, p=products, res=residual, dt=dt, s=len(cases):
                               case_norm_gemv_group(r, C, p, dt, device, s, res)))
+            for rows, C, Ms, residual in ((1, 768, (768, 768, 64), True), (1, 2048, (2048, 96, 2048), False),
+                                          (3, 4096, (4096, 4096, 4096, 128, 128, 480, 96), True),
+                                          (4, 4096, (16384,), True), (2, 24, (24, 16), True),
+                                          (4, 6144, (64, 64), True)):   # 6144 x 4 rows: beyond the bound in fp32
+                cases.append(("gemv_group", f"LayerNorm + lerps inside: rows={rows} C={C} M={Ms}"
+                              f"{'' if residual else ', no residual'}, shift copied by the next launch", dt,
+                              lambda r=rows, C=C, M=Ms, res=residual, dt=dt, s=len(cases):
+                              case_ln_mix_gemv_group(r, C, M, dt, device, s, res)))
         if device == "cuda":   # the channel-mix value row kernel: 7.2B / 1.5B / 0.1B shapes, odd F and C, dead rows
             for rows, F, C, dead, f32, graph in ((1, 16384, 4096, 0.0, False, False), (4, 16384, 4096, 0.0, False, True),
                                                  (2, 8192, 2048, 0.8, False, False), (3, 3072, 768, 0.0, True, False),

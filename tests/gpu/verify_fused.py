@@ -112,6 +112,41 @@ def ffn_cases(w, tokens, row) -> None:
         torch.cuda.empty_cache()
 
 
+def fold_cases(w, tokens, row) -> None:
+    """ln1 / ln2 inside the grouped GEMV launches (``FusedCuda(fold_norms=True)``, its load probe): decode steps
+    (CUDA graphs) vs the same model's unfolded decode steps (logits and states; the LayerNorm sums in another order),
+    and in fp16 vs the sequence path over prompt + the decoded tokens."""
+    from rwkv_chat.models.backends.fused_cuda import FusedCuda
+
+    for strategy in ("cuda fp16", "cuda bf16"):
+        model = RWKV(model=w, strategy=strategy)
+        note = "not the fused backend"
+        if isinstance(model.backend, FusedCuda):
+            model.backend = FusedCuda(model, model.backend.ops, fold_norms=True)
+            note = model.backend.fold_note
+        if note is not None:
+            row("decode with ln1 / ln2 inside the GEMV launches (FusedCuda(fold_norms=True))", strategy,
+                f"NOT SERVING ({note})", float("inf"))
+            continue
+        _, st = model.forward(tokens, None)
+        tol = TOL if strategy.endswith("fp16") else 2 * TOL      # bf16: 8 mantissa bits, other sum order
+        for batch in (1, 3):
+            got, st_got = decode_all(model, st, batch, 6)
+            model.backend.fold_norms = False
+            want, st_want = decode_all(model, st, batch, 6)
+            model.backend.fold_norms = True
+            row(f"decode batch {batch}, 6 steps: ln1 / ln2 inside the GEMV launches vs v7_mix launches (logits, "
+                "states)", strategy, "graph, fold_norms / unfolded",
+                max(rel(got, want), max(state_rel(a, b) for a, b in zip(st_got, st_want))), tol=tol)
+            if strategy.endswith("fp16"):
+                ref = torch.stack([model.forward(tokens + [(31 * t + 7 * j) % model.vocab_size for t in range(6)],
+                                                 None, full_output=True)[0][-6:].float() for j in range(batch)], dim=1)
+                row(f"decode batch {batch}, 6 steps vs forward(prompt + 6), ln1 / ln2 inside the GEMV launches",
+                    strategy, "graph, fold_norms", rel(got, ref))
+        del model
+        torch.cuda.empty_cache()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="0.1B")
@@ -201,6 +236,7 @@ def main() -> int:
         del fused, plain, dec
         torch.cuda.empty_cache()
     ffn_cases(w, tokens, row)
+    fold_cases(w, tokens, row)
     lines += ["", f"{count[0]} cases: {count[1]} pass, {count[0] - count[1]} fail"]
     return finish(lines, args.out, ok)
 
