@@ -102,7 +102,8 @@ def bench_decode(model, batch: int, tokens: int, graphs, compile, gemv: str, lar
             "graphs": dec.graphs, "compile": dec.compile, "gemv": dec.gemv, "fused": dec.fused,
             "large": dec.large if batch > 4 else None,
             "ffn": (dec.ffn or getattr(model.backend, "ffn", None)) if dec.fused and batch <= 4 else None,
-            "fold_norms": bool(getattr(model.backend, "fold_norms", False)) and dec.fused and batch <= 4}
+            "fold_norms": bool(getattr(model.backend, "fold_norms", False)) and dec.fused and batch <= 4
+            and dec.gemv == "ours"}
 
 
 #: eager decode steps over which ``skipped_rows`` averages
@@ -118,7 +119,7 @@ def use_sparse_ffn(model, fold_norms: bool = False) -> str | None:
     if not isinstance(model.backend, FusedCuda) or not model.backend.decodes:
         return f"needs an RWKV-7 model on the fused CUDA backend (this one: {model.backend})"
     model.backend = FusedCuda(model, model.backend.ops, ffn="sparse", fold_norms=fold_norms)
-    return None
+    return model.backend.fold_note if fold_norms else None
 
 
 def use_folded_norms(model) -> str | None:
@@ -451,7 +452,7 @@ def rwkv_main(argv: list[str]) -> int:
     if args.ffn == "sparse":
         why = use_sparse_ffn(model, args.fold_norms)
         if why:
-            print(f"rwkv-chat bench: --ffn sparse: {why}", file=sys.stderr)
+            print(f"rwkv-chat bench: --ffn sparse{' --fold-norms' if args.fold_norms else ''}: {why}", file=sys.stderr)
             return 2
         with torch.no_grad():
             skipped = skipped_rows(model)

@@ -559,8 +559,8 @@ def gemv_group(xs: list[torch.Tensor], ws: list[torch.Tensor], acts: list[int] |
         caller multiplies another way).
     """
     plan = _gemv_plan(xs, ws, acts, biases, glu, out_dtype)
-    if plan is None or not _copy_ok(copy, xs[0]):
-        return None
+    if plan is None or not _copy_ok(copy, xs[0]) or (copy is not None and not any(w.shape[0] for w in ws)):
+        return None                     # (a launch of empty products runs no thread: nothing would copy)
     ys, acts, biases, glu = plan
     src, dst = copy if copy is not None else (None, None)
     _op("cuda", "gemv_multi")(list(xs), list(ws), ys, acts, biases, glu, None, None, None, 0.0, None, None, None, [],
@@ -594,15 +594,7 @@ def norm_gemv_group(x: torch.Tensor, residual: torch.Tensor | None, norm_weight:
         not take the inputs (not loaded, C not a multiple of 16 bytes, rows * C beyond ``NORM_STAGE_BYTES``,
         misaligned, an empty product): the caller norms and multiplies another way.
     """
-    if not (isinstance(x, torch.Tensor) and x.dim() == 2 and x.is_contiguous() and x.data_ptr() % 16 == 0
-            and isinstance(norm_weight, torch.Tensor) and norm_weight.dtype == x.dtype
-            and norm_weight.device == x.device and norm_weight.is_contiguous() and norm_weight.numel() == x.shape[1]
-            and norm_weight.data_ptr() % 16 == 0 and (x.shape[1] * x.element_size()) % 16 == 0
-            and x.numel() * x.element_size() <= NORM_STAGE_BYTES and all(
-                isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[0] > 0 and w.data_ptr() % 16 == 0 for w in ws)
-            and (residual is None or (residual.shape == x.shape and residual.dtype == x.dtype
-                                      and residual.device == x.device and residual.is_contiguous()
-                                      and residual.data_ptr() % 16 == 0))):
+    if not (isinstance(norm_weight, torch.Tensor) and _norm_inputs_ok(x, [norm_weight], [residual], ws)):
         return None
     plan = _gemv_plan([x] * len(ws), ws, None, biases, glu, None)
     if plan is None:
@@ -624,6 +616,16 @@ def _rows_ok(x: torch.Tensor, *vectors) -> bool:
                     for v in vectors))
 
 
+def _norm_inputs_ok(x: torch.Tensor, vectors: list, rows: list, ws: list) -> bool:
+    """The inputs of a norm inside the grouped GEMV: ``_rows_ok`` for x and ``vectors``; each of ``rows`` None or
+    like x (shape, dtype, aligned); every weight a non-empty 16-byte aligned matrix."""
+    return (_rows_ok(x, *vectors)
+            and all(r is None or (_rows_ok(r) and r.shape == x.shape and r.dtype == x.dtype and r.device == x.device)
+                    for r in rows)
+            and all(isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[0] > 0 and w.data_ptr() % 16 == 0
+                    for w in ws))
+
+
 def ln_mix_gemv_group(x: torch.Tensor, dx: torch.Tensor | None, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
                       shift: torch.Tensor, mixes: list[torch.Tensor | None], ws: list[torch.Tensor],
                       acts: list[int] | None = None, eps: float = 1e-5
@@ -643,11 +645,8 @@ def ln_mix_gemv_group(x: torch.Tensor, dx: torch.Tensor | None, ln_weight: torch
         for the caller to put in place after this launch (``gemv_group(copy=(xl, shift))`` of a later launch). None
         where the kernel does not take the inputs: the caller runs ``v7_mix`` and the products.
     """
-    if not (_rows_ok(x, ln_weight, ln_bias, *mixes) and len(mixes) == len(ws)
-            and (dx is None or (_rows_ok(dx) and dx.shape == x.shape and dx.dtype == x.dtype))
-            and isinstance(shift, torch.Tensor) and _rows_ok(shift) and shift.shape == x.shape
-            and shift.dtype == x.dtype and all(isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[0] > 0
-                                               and w.data_ptr() % 16 == 0 for w in ws)):
+    if not (all(isinstance(t, torch.Tensor) for t in (ln_weight, ln_bias, shift)) and len(mixes) == len(ws)
+            and _norm_inputs_ok(x, [ln_weight, ln_bias, *mixes], [dx, shift], ws)):
         return None
     plan = _gemv_plan([x] * len(ws), ws, acts, None, None, None)
     if plan is None:

@@ -516,7 +516,9 @@ def all_cases(device: str, quick: bool = False):
             for rows, C, Ms, residual in ((1, 768, (768, 768, 64), True), (1, 2048, (2048, 96, 2048), False),
                                           (3, 4096, (4096, 4096, 4096, 128, 128, 480, 96), True),
                                           (4, 4096, (16384,), True), (2, 24, (24, 16), True),
-                                          (4, 6144, (64, 64), True)):   # 6144 x 4 rows: beyond the bound in fp32
+                                          (2, 4096, (4096, 64, 480), True),   # within the bound in fp32 too
+                                          (4, 5120, (5120, 64), True),        # 40 KiB staged in fp16 / bf16
+                                          (4, 6144, (64, 64), True)):   # 6144 x 4 rows: beyond the bound (declined)
                 cases.append(("gemv_group", f"LayerNorm + lerps inside: rows={rows} C={C} M={Ms}"
                               f"{'' if residual else ', no residual'}, shift copied by the next launch", dt,
                               lambda r=rows, C=C, M=Ms, res=residual, dt=dt, s=len(cases):
