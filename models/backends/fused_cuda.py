@@ -14,6 +14,9 @@ Decode (``FusedCuda.decode_step``, one token for each of b rows), per layer:
      kernel (``dispatch.ffn_rows``, ``csrc/fused/ffn_rows.cu``), which reads only the rows of the input-major value
      matrix where some row of relu(k)² is not zero (``"dense"``: the same kernel reading every row, same bits;
      benchmarks: bench/sparse_ffn.py). The residual add of 8 happens in the next layer's step 1.
+  With ``FusedCuda(fold_norms=True)`` (opt-in, probed) steps 1 and 6 run inside the launches of 2 and 7 (each block
+  normalizes the row itself: ``dispatch.ln_mix_gemv_group``); the new att_x / ffn_x go to scratch tensors that the
+  launches of 3 and 8 copy into the state, once every block that read the old ones has finished.
 More than 4 rows (the mix lerps in ``MANY_ORDER``): r|k|v as one batched cuBLAS GEMM over a [3, C, C] stack
 (plain matrices), the v|w|a low-rank stages as two batched GEMMs (``low_rank_many``), g's and the channel-mix
 products as cuBLAS GEMMs, the WKV step one fused launch per layer. i8 weights (<= 4 rows) use the grouped mm8
