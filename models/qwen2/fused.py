@@ -225,9 +225,8 @@ def fused_ops(base: layers.QwenOps, device: torch.device, dtype: torch.dtype,
     """``base`` with the Triton ops that run on ``device`` in ``dtype`` (see the module docstring), and the products
     of 1..4 rows as ``gemv`` says (``GEMV_MODES``). "compiled" is the default (on an H100, Qwen2 1.5B decoded at
     624.5 tok/s against 527.0 for "cublas" in one call, bench/results/h100.md; "triton" decoded at 486 in an earlier
-    call); it and "compiled-norm"
-    need the compiled CUDA library (``kernels.ensure_built("cuda")``): where it is not loaded, or a probe finds it
-    wrong, cuBLAS serves and the note says why. Raises ValueError for another ``gemv``."""
+    call); it and "compiled-norm" need the compiled CUDA library (``kernels.ensure_built("cuda")``): where it is not
+    loaded, or a probe finds it wrong, cuBLAS serves and the note says why. Raises ValueError for another ``gemv``."""
     if gemv not in GEMV_MODES:
         raise ValueError(f"gemv must be one of {GEMV_MODES}, not {gemv!r}")
     if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
