@@ -118,7 +118,8 @@ def use_sparse_ffn(model, fold_norms: bool = False) -> str | None:
 
     if not isinstance(model.backend, FusedCuda) or not model.backend.decodes:
         return f"needs an RWKV-7 model on the fused CUDA backend (this one: {model.backend})"
-    model.backend = FusedCuda(model, model.backend.ops, ffn="sparse", fold_norms=fold_norms)
+    model.backend = FusedCuda(model, model.backend.ops, ffn="sparse", mix_rkv=model.backend.mix_rkv,
+                              fold_norms=fold_norms)
     return model.backend.fold_note if fold_norms else None
 
 
@@ -129,7 +130,8 @@ def use_folded_norms(model) -> str | None:
 
     if not isinstance(model.backend, FusedCuda) or not model.backend.decodes:
         return f"needs an RWKV-7 model on the fused CUDA backend (this one: {model.backend})"
-    model.backend = FusedCuda(model, model.backend.ops, ffn=model.backend.ffn, fold_norms=True)
+    model.backend = FusedCuda(model, model.backend.ops, ffn=model.backend.ffn, mix_rkv=model.backend.mix_rkv,
+                              fold_norms=True)
     return model.backend.fold_note
 
 
