@@ -596,14 +596,22 @@ def norm_gemv_group(x: torch.Tensor, residual: torch.Tensor | None, norm_weight:
     """
     if not (isinstance(norm_weight, torch.Tensor) and _norm_inputs_ok(x, [norm_weight], [residual], ws)):
         return None
-    plan = _gemv_plan([x] * len(ws), ws, None, biases, glu, None)
+    out = _norm_launch(x, residual, norm_weight, eps, ws, None, biases, glu)
+    return None if out is None else out[:2]
+
+
+def _norm_launch(x, residual, weight, eps, ws, acts, biases, glu, ln_bias=None, shift=None, mixes=None):
+    """One ``gemv_multi`` launch with the norm inside (RMSNorm; LayerNorm + lerps where ``ln_bias`` is given) on
+    checked inputs -> (ys, h, xl: the LayerNorm output or None), or None where ``_gemv_plan`` declines."""
+    plan = _gemv_plan([x] * len(ws), ws, acts, biases, glu, None)
     if plan is None:
         return None
     ys, acts, biases, glu = plan
     h = torch.empty_like(x) if residual is not None else None
-    _op("cuda", "gemv_multi")([x] * len(ws), list(ws), ys, acts, biases, glu, residual, norm_weight, h, float(eps),
-                              None, None, None, [], None, None)
-    return ys, (x if h is None else h)
+    xl = torch.empty_like(x) if ln_bias is not None else None
+    _op("cuda", "gemv_multi")([x] * len(ws), list(ws), ys, acts, biases, glu, residual, weight, h, float(eps), ln_bias,
+                              shift, xl, list(mixes or []), None, None)
+    return ys, (x if h is None else h), xl
 
 
 def _rows_ok(x: torch.Tensor, *vectors) -> bool:
@@ -648,15 +656,7 @@ def ln_mix_gemv_group(x: torch.Tensor, dx: torch.Tensor | None, ln_weight: torch
     if not (all(isinstance(t, torch.Tensor) for t in (ln_weight, ln_bias, shift)) and len(mixes) == len(ws)
             and _norm_inputs_ok(x, [ln_weight, ln_bias, *mixes], [dx, shift], ws)):
         return None
-    plan = _gemv_plan([x] * len(ws), ws, acts, None, None, None)
-    if plan is None:
-        return None
-    ys, acts, biases, glu = plan
-    h = torch.empty_like(x) if dx is not None else None
-    xl = torch.empty_like(x)
-    _op("cuda", "gemv_multi")([x] * len(ws), list(ws), ys, acts, biases, glu, dx, ln_weight, h, float(eps), ln_bias,
-                              shift, xl, list(mixes), None, None)
-    return ys, (x if h is None else h), xl
+    return _norm_launch(x, dx, ln_weight, eps, ws, acts, None, None, ln_bias, shift, mixes)
 
 
 def _gemv_plan(xs, ws, acts, biases, glu, out_dtype):

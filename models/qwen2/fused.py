@@ -71,8 +71,9 @@ def _gated(fused, silu_mul, fallback):
 
 
 def _gemv_ok(x: torch.Tensor, w) -> bool:
-    """Whether ``ops.norm_gemv`` takes the product x @ w: at most its rows, a plain matrix in x's half dtype held
-    output-major (the [in, out] view of a contiguous nn.Linear [out, in]: ``weights.pack``), on x's CUDA device."""
+    """Whether a decode GEMV (``ops.norm_gemv``, or the compiled grouped GEMV of ``kernels.dispatch``) takes the
+    product x @ w: at most its rows, a plain matrix in x's half dtype held output-major (the [in, out] view of a
+    contiguous nn.Linear [out, in]: ``weights.pack``), on x's CUDA device."""
     return (isinstance(w, torch.Tensor) and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
             and w.dtype == x.dtype and w.t().is_contiguous() and w.device == x.device
             and x.numel() <= GEMV_ROWS * x.shape[-1])
@@ -102,17 +103,9 @@ def _norm_gated(gemv):
     return norm_gated_mlp
 
 
-def _compiled_ok(x: torch.Tensor, w) -> bool:
-    """Whether the compiled grouped GEMV (``kernels.dispatch.gemv_group``) takes x [..., N] @ w: at most its rows,
-    w a plain matrix in x's half dtype held output-major, on x's CUDA device."""
-    return (isinstance(w, torch.Tensor) and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
-            and w.dtype == x.dtype and w.t().is_contiguous() and w.device == x.device
-            and x.numel() <= GEMV_ROWS * x.shape[-1])
-
-
 def _compiled_linear(dispatch):
     def linear(x, w, bias, matmul):
-        if _compiled_ok(x, w) and (bias is None or bias.dtype == x.dtype):
+        if _gemv_ok(x, w) and (bias is None or bias.dtype == x.dtype):
             ys = dispatch.gemv_group([x.reshape(-1, x.shape[-1])], [w.t()], biases=[bias])
             if ys is not None:
                 return ys[0].view(*x.shape[:-1], w.shape[1])
@@ -122,7 +115,7 @@ def _compiled_linear(dispatch):
 
 def _compiled_gated(dispatch, fallback):
     def gated_mlp(x, gate_up, matmul):
-        if _compiled_ok(x, gate_up):
+        if _gemv_ok(x, gate_up):
             ys = dispatch.gemv_group([x.reshape(-1, x.shape[-1])], [gate_up.t()], glu=[True])
             if ys is not None:
                 return ys[0].view(*x.shape[:-1], gate_up.shape[1] // 2)
@@ -138,7 +131,7 @@ NORM_INSIDE_MAX_OUTPUTS = 32768
 def _norm_product(dispatch, x, residual, norm_weight, eps, w, bias, glu: bool):
     """The residual add, RMSNorm and one product (``glu``: SwiGLU's gate|up) in one launch of
     ``dispatch.norm_gemv_group`` -> (y, x + residual), or None where it does not take them."""
-    if not (_compiled_ok(x, w) and (bias is None or bias.dtype == x.dtype)
+    if not (_gemv_ok(x, w) and (bias is None or bias.dtype == x.dtype)
             and w.shape[1] // (2 if glu else 1) <= NORM_INSIDE_MAX_OUTPUTS):
         return None
     flat = x.reshape(-1, x.shape[-1])
