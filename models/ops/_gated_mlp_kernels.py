@@ -9,8 +9,13 @@ tiles so that neighbouring programs share weight tiles in L2.
 Two autotuned launchers share the kernel: ``gated_mlp_small`` for M <= 16 (decode: a GEMV in effect,
 memory-bound on the 2*N*K weights; BLOCK_M = 16, the smallest mma tile, narrow N tiles so that many
 programs stream the weights at once) and ``gated_mlp`` (prefill, batches: large tiles for the tensor
-cores). The autotune key is (M_KEY, N, K), M_KEY a bucket of M (``gated_mlp.m_bucket``: 16, 128, 1024, 8192),
-so that a model tunes a few times per weight shape, not once per batch size or prompt length.
+cores). The autotune key is (M_KEY, N, K), M_KEY a bucket of M (``gated_mlp.m_bucket``: 1, 2, 4, 16, 128, 1024,
+8192), so that a model tunes a few times per weight shape, not once per batch size or prompt length.
+
+For M <= 4 the small launcher also tries CUDA-core configs (``DOT`` = 0, BLOCK_M = the bucket: no padding of the
+rows to an mma tile): each program loads [BLOCK_N, BLOCK_K] weight tiles contiguous along K (16-byte vectors),
+multiplies them by the x rows in fp32 and sums along K (``tl.sum``); more, smaller programs with no shared-memory
+pipeline than the mma configs, and the autotuner keeps whichever is faster for the shape.
 """
 
 from __future__ import annotations
@@ -35,8 +40,8 @@ def _act(g, ACT: tl.constexpr):
     return out
 
 
-def _config(bm, bn, bk, stages, warps, group=8):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group},
+def _config(bm, bn, bk, stages, warps, group=8, dot=1):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group, "DOT": dot},
                          num_stages=stages, num_warps=warps)
 
 
@@ -52,11 +57,17 @@ SMALL_CONFIGS += [_config(16, 16, 512, 3, 4, group=1), _config(16, 32, 512, 2, 4
 # (H=1536, I=8960: 560 programs of BLOCK_N=16 on 132 multiprocessors read at 2.8 TB/s with the configs above)
 SMALL_CONFIGS += [_config(16, 16, 256, 6, 4, group=1), _config(16, 32, 256, 5, 8, group=1),
                   _config(16, 64, 128, 5, 8, group=1), _config(16, 16, 512, 4, 8, group=1)]
+#: the CUDA-core configs of 1, 2 or 4 rows (BLOCK_M = the bucket), about 64 fp32 weight elements per thread per tile
+GEMV_ROWS = (1, 2, 4)
+GEMV_CONFIGS = [_config(bm, bn, bk, stages, max(1, min(8, bm * bn * bk // (32 * 64))), group=1, dot=0)
+                for bm in GEMV_ROWS for bn, bk in ((4, 1024), (8, 512), (8, 1024), (16, 256), (16, 512), (32, 256))
+                for stages in (2, 3)]
 
 
 @triton.jit
 def gated_mlp_kernel(X, WG, WU, O, M, N, K, M_KEY, sxm, swn, som, ACT: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                     DOT: tl.constexpr = 1):
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -73,34 +84,57 @@ def gated_mlp_kernel(X, WG, WU, O, M, N, K, M_KEY, sxm, swn, som, ACT: tl.conste
     am = rm % M
     wn = rn % N
     a_ptr = X + am[:, None].to(tl.int64) * sxm + rk[None, :]
-    g_ptr = WG + wn[None, :].to(tl.int64) * swn + rk[:, None]
-    u_ptr = WU + wn[None, :].to(tl.int64) * swn + rk[:, None]
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        left = K - k * BLOCK_K
-        a = tl.load(a_ptr, mask=rk[None, :] < left, other=0.0)
-        g = tl.load(g_ptr, mask=rk[:, None] < left, other=0.0)
-        u = tl.load(u_ptr, mask=rk[:, None] < left, other=0.0)
-        acc_g += tl.dot(a, g)
-        acc_u += tl.dot(a, u)
-        a_ptr += BLOCK_K
-        g_ptr += BLOCK_K
-        u_ptr += BLOCK_K
+    if DOT:     # tensor cores: [BLOCK_K, BLOCK_N] weight tiles, half operands, fp32 accumulators
+        g_ptr = WG + wn[None, :].to(tl.int64) * swn + rk[:, None]
+        u_ptr = WU + wn[None, :].to(tl.int64) * swn + rk[:, None]
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            left = K - k * BLOCK_K
+            a = tl.load(a_ptr, mask=rk[None, :] < left, other=0.0)
+            g = tl.load(g_ptr, mask=rk[:, None] < left, other=0.0)
+            u = tl.load(u_ptr, mask=rk[:, None] < left, other=0.0)
+            acc_g += tl.dot(a, g)
+            acc_u += tl.dot(a, u)
+            a_ptr += BLOCK_K
+            g_ptr += BLOCK_K
+            u_ptr += BLOCK_K
+    else:       # CUDA cores (BLOCK_M <= 4 rows): [BLOCK_N, BLOCK_K] tiles contiguous along K, fp32 products summed
+        g_ptr = WG + wn[:, None].to(tl.int64) * swn + rk[None, :]
+        u_ptr = WU + wn[:, None].to(tl.int64) * swn + rk[None, :]
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            k_ok = rk[None, :] < K - k * BLOCK_K
+            a = tl.load(a_ptr, mask=k_ok, other=0.0).to(tl.float32)
+            g = tl.load(g_ptr, mask=k_ok, other=0.0).to(tl.float32)
+            u = tl.load(u_ptr, mask=k_ok, other=0.0).to(tl.float32)
+            acc_g += tl.sum(a[:, None, :] * g[None, :, :], axis=2)
+            acc_u += tl.sum(a[:, None, :] * u[None, :, :], axis=2)
+            a_ptr += BLOCK_K
+            g_ptr += BLOCK_K
+            u_ptr += BLOCK_K
     out = _act(acc_g, ACT) * acc_u
     o_ptr = O + rm[:, None].to(tl.int64) * som + rn[None, :]
     tl.store(o_ptr, out.to(O.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-def _autotune(configs):
+def small_configs(configs, named_args, **kwargs):
+    """The configs of the small launcher that serve a bucket of M (``M_KEY``): the mma configs, and the CUDA-core
+    configs whose BLOCK_M is that bucket (1, 2 or 4 rows; none above 4)."""
+    m_key = named_args["M_KEY"]
+    return [c for c in configs if c.kwargs["DOT"] or c.kwargs["BLOCK_M"] == m_key]
+
+
+def _autotune(configs, prune=None):
     """Autotuned over ``configs`` per (M_KEY, N, K); the choice is kept in Triton's cache dir where this Triton
     can (``cache_results``), so a new process does not benchmark again."""
     kw = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+    if prune is not None:
+        kw["prune_configs_by"] = {"early_config_prune": prune}
     return triton.autotune(configs=configs, key=["M_KEY", "N", "K"], **kw)
 
 
 gated_mlp = _autotune(LARGE_CONFIGS)(gated_mlp_kernel)
-gated_mlp_small = _autotune(SMALL_CONFIGS)(gated_mlp_kernel)
+gated_mlp_small = _autotune(SMALL_CONFIGS + GEMV_CONFIGS, prune=small_configs)(gated_mlp_kernel)
 
 
 @triton.jit

@@ -41,8 +41,9 @@ SMALL_M = 16
 
 
 def m_bucket(m: int) -> int:
-    """The autotune bucket of M rows: 16 (decode, the GEMV-like configs), 128, 1024 or 8192."""
-    return next(b for b in (SMALL_M, 128, 1024) if m <= b) if m <= 1024 else 8192
+    """The autotune bucket of M rows: 1, 2, 4 (decode: the CUDA-core configs beside the GEMV-like mma ones), 16 (the
+    mma ones alone), 128, 1024 or 8192."""
+    return next(b for b in (1, 2, 4, SMALL_M, 128, 1024) if m <= b) if m <= 1024 else 8192
 
 
 def _cdiv(a: int, b: int) -> int:

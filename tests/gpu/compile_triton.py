@@ -104,7 +104,8 @@ def cases(quick: bool = False):
         yield f"fused_rmsnorm_rope {dt}", lambda dt=dt, c=cos, s=sin: ops.fused_rmsnorm_rope(
             r(1, 16, 12 * 128, dt=dt), r(12 * 128, dt=dt), c, s, 1e-6)
         yield f"silu_mul {dt}", lambda dt=dt: ops.silu_mul(r(4, 2 * 8960, dt=dt))
-    for cfg in ([gk.SMALL_CONFIGS[-1], gk.LARGE_CONFIGS[0]] if quick else gk.SMALL_CONFIGS + gk.LARGE_CONFIGS):
+    for cfg in ([gk.SMALL_CONFIGS[-1], gk.GEMV_CONFIGS[-1], gk.LARGE_CONFIGS[0]] if quick
+                else gk.SMALL_CONFIGS + gk.GEMV_CONFIGS + gk.LARGE_CONFIGS):
         meta = dict(cfg.kwargs)
 
         def gated(meta=meta, cfg=cfg):

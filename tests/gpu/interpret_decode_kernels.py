@@ -1,5 +1,5 @@
 """The decode-step Triton kernels (``rope_store``, ``decode_attention`` with and without splits, and ``rope_attention``,
-both in one launch) run in Triton's
+both in one launch; the gated-MLP kernel in each kind of config its small-M launcher autotunes over) run in Triton's
 interpreter on the CPU, through their Python wrappers, against the torch forms of ``models/qwen2/layers.py``
 (indexing, per-row positions, GQA grouping, masking of the last tile, the split combine), without a GPU (the CUDA
 code generation itself is checked by ``tests/gpu/verify_ops.py``).
@@ -60,6 +60,35 @@ def main() -> int:
             ok = e < 1e-2
             bad += not ok
             print(f"b={b} H={H} K={K} D={D} cap={cap} norm={norm} {name}: {e:.2e} {'ok' if ok else 'FAIL'}")
+    return bad_gated(dt, bad)
+
+
+def bad_gated(dt, bad: int) -> int:
+    """``gated_mlp_kernel`` launched with one mma config and every CUDA-core config (1, 2, 4 rows) of the small
+    launcher, on odd shapes (K and N not multiples of the tiles), against the fp32 torch form."""
+    from rwkv_chat.models.ops import _gated_mlp_kernels as G
+    from tests.models.ops.reference import ref_gated_mlp
+
+    names = {G.SILU: "silu", G.GELU: "gelu", G.GELU_TANH: "gelu_tanh"}
+    seen = set()
+    for cfg in [G.SMALL_CONFIGS[0]] + G.GEMV_CONFIGS:
+        meta = dict(cfg.kwargs)
+        key = (meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"], meta["DOT"])
+        if key in seen:                   # num_stages does not change what the interpreter computes
+            continue
+        seen.add(key)
+        for m in sorted({1, meta["BLOCK_M"]} if not meta["DOT"] else {1, 3}):
+            act = (G.SILU, G.GELU, G.GELU_TANH)[m % 3]
+            k, n = 300, 37
+            x = torch.randn(m, k).to(dt)
+            g, u = (torch.randn(n, k) * k ** -0.5).to(dt), (torch.randn(n, k) * k ** -0.5).to(dt)
+            o = torch.empty(m, n, dtype=dt)
+            grid = (-(-m // meta["BLOCK_M"]) * -(-n // meta["BLOCK_N"]),)
+            G.gated_mlp_kernel[grid](x, g, u, o, m, n, k, m, x.stride(0), g.stride(0), o.stride(0), ACT=act, **meta)
+            e = rel(o, ref_gated_mlp(x, g, u, names[act]))
+            ok = e < 1e-2
+            bad += not ok
+            print(f"gated_mlp {meta} M={m} {names[act]}: {e:.2e} {'ok' if ok else 'FAIL'}")
     return 1 if bad else 0
 
 

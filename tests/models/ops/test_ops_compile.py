@@ -72,6 +72,25 @@ def test_gated_mlp_compiles_on_tensor_cores(target, dtype):
 
 
 @pytest.mark.parametrize("target", list(TARGETS))
+@pytest.mark.parametrize("rows", G.GEMV_ROWS)
+def test_gated_mlp_cuda_core_configs_compile_to_vector_loads_without_mma(target, rows):
+    """The small launcher's CUDA-core configs (1, 2, 4 rows): weight tiles read in 16-byte vectors along K, fp32 FMAs,
+    no tensor-core instruction and no padding of the rows to an mma tile."""
+    cfgs = [c for c in G.GEMV_CONFIGS if c.kwargs["BLOCK_M"] == rows]
+    assert cfgs and all(c.kwargs["DOT"] == 0 for c in cfgs)
+    for cfg in cfgs[:2]:
+        k = compile_kernel(G.gated_mlp_kernel, {n: "bf16" for n in ("X", "WG", "WU", "O")},
+                           ["M", "N", "K", "M_KEY", "sxm", "swn", "som"], dict(cfg.kwargs, ACT=G.SILU), target,
+                           num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        ptx = k.asm["ptx"]
+        assert "mma" not in ptx
+        assert any("ld.global" in line and ".v4." in line for line in ptx.splitlines())
+    kept = G.small_configs(G.SMALL_CONFIGS + G.GEMV_CONFIGS, {"M_KEY": rows})
+    assert {c.kwargs["BLOCK_M"] for c in kept if not c.kwargs["DOT"]} == {rows} and any(c.kwargs["DOT"] for c in kept)
+    assert all(c.kwargs["DOT"] for c in G.small_configs(G.SMALL_CONFIGS + G.GEMV_CONFIGS, {"M_KEY": 16}))
+
+
+@pytest.mark.parametrize("target", list(TARGETS))
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_sparse_ffn_kernel_compiles_with_predicated_vector_loads_of_weight_rows(target, dtype):
     """The row-sparse value product (``ops.sparse_ffn``) for 1..4 batch rows: the weight tile is read in 16-byte
