@@ -22,6 +22,8 @@ from pathlib import Path
 SECTIONS = (
     ("Kernel checks", "verify_kernels.md", False),
     ("Grouped GEMV (bias, SwiGLU) and i8 product checks", "verify_gemv_group.md", False),
+    ("WKV-5 / WKV-6 checks (sequential and chunked kernels)", "verify_wkv56.md", False),
+    ("WKV kernel benchmark", "wkv_bench.md", False),
     ("RWKV-7 against the Albatross-class engine (same call)", "peers.md", False),
     ("Fused RWKV-7 paths vs the torch path", "verify_fused.md", False),
     ("Whole model vs rwkv 0.8.32", "pip.md", False),

@@ -288,6 +288,12 @@ def bench_wkv456(rows_md: list) -> None:
             t = time_ms(lambda i: op(r, k, v, w, u, s, y, s2), iters=20 if T > 100 else 100)
             nbytes = B * T * C * (4 * 2 + (4 if fam == "wkv6" else 0)) + 2 * B * H * N * N * 4
             rows_md.append(f"| {fam} | {B} | {T} | {C} | {t * 1e3:.1f} | {nbytes / t / 1e6:.0f} |")
+            if T > 1:     # the chunked Triton kernel on the same inputs (ops.wkv5_chunk, kernels.wkv5(chunk=16))
+                yc, sc = kernels.wkv5(r, k, v, w, u, s, chunk=16)
+                diff = ((yc.float() - y.float()).norm() / y.float().norm()).item()
+                tc = time_ms(lambda i: kernels.wkv5(r, k, v, w, u, s, out=(yc, sc), chunk=16), iters=20)
+                rows_md.append(f"| {fam} chunked L=16 (Triton; {t / tc:.2f}x the sequential kernel, y rel. diff "
+                               f"{diff:.1e}) | {B} | {T} | {C} | {tc * 1e3:.1f} | {nbytes / tc / 1e6:.0f} |")
         kk, vv = r.view(B, T, C), v.view(B, T, C)
         w4, u4 = -torch.rand(C, device="cuda"), torch.randn(C, device="cuda")
         st = [torch.randn(B, C, device="cuda") for _ in range(3)]

@@ -23,6 +23,7 @@ from rwkv_chat.models.formats.i4 import Int4Weight
 from rwkv_chat.models.kernels import available
 from rwkv_chat.models.kernels.checks import check_mm8, check_wkv4, check_wkv5, check_wkv7
 from rwkv_chat.models.ops import gemv as _gemv
+from rwkv_chat.models.ops import wkv5_chunk as _wkv5c
 from rwkv_chat.models.ops.gptq import norm_rows
 from rwkv_chat.models.rwkv import wkv as _wkv
 
@@ -52,14 +53,19 @@ def wkv4(w, u, k, v, aa, bb, pp, *, out=None):
     return tuple(o)
 
 
-def wkv5(r, k, v, w, u, s, *, out=None):
+def wkv5(r, k, v, w, u, s, *, out=None, chunk: int | None = None):
     """RWKV-5/5.1/5.2 (w float32 [H, N]) and RWKV-6 (w float32 [B, T, H, N]) WKV; same contract as
     ``wkv.wkv5_torch``: r, k, v [B, T, H, N] fp32/fp16/bf16, u float32 [H, N], s float32 [B, H, N, N]
     ([key, value]) -> ``(y [B, T, H, N] r.dtype, new s)``. ``out=(y, s_new)`` writes into given tensors.
+
+    ``chunk``: None or 0 takes the compiled sequential kernel; 16 takes the chunked Triton kernel
+    (``ops.wkv5_chunk``, CUDA, head sizes 16..128) where it serves, else the sequential one.
     Raises: DeviceError, UnsupportedDtypeError, ShapeMismatchError.
     """
     check_wkv5(r, k, v, w, u, s, out)
     dev, fam = r.device.type, ("wkv6" if w.dim() == 4 else "wkv5")
+    if chunk == _wkv5c.CHUNK and dev == "cuda" and _wkv5c.serves(r) and _triton_ok():
+        return _wkv5c.wkv5_chunk(r, k, v, w, u, s, out=out)
     if not available(dev, fam):
         y, s2 = _TORCH_WKV5(r.float(), k.float(), v.float(), w, u, s)
         return _fill(out, (y.to(r.dtype), s2))

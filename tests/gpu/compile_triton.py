@@ -159,6 +159,13 @@ def cases(quick: bool = False):
     for rows in (1, 4):
         yield f"ffn_value rows={rows}", lambda rows=rows: sparse_ffn.ffn_value(
             torch.relu(r(rows, 8192, dt=hf)) ** 2, r(8192, 2048, dt=hf))
+    from rwkv_chat.models.ops import wkv5_chunk
+    for per_token, N, dt in ((True, 64, hf), (False, 64, bf), (True, 128, torch.float32), (True, 32, hf)):
+        B, T, H = 1, 40, 2
+        w = torch.rand(B, T, H, N) if per_token else torch.rand(H, N)
+        yield (f"wkv5_chunk {'v6' if per_token else 'v5'} N={N} {dt}", lambda B=B, T=T, H=H, N=N, dt=dt, w=w:
+               wkv5_chunk.wkv5_chunk(*(r(B, T, H, N, dt=dt) for _ in range(3)), w, torch.randn(H, N),
+                                     torch.randn(B, H, N, N)))
 
 
 def ptxas_info(ptx: str, arch: int) -> str:
