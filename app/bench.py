@@ -103,7 +103,9 @@ def bench_decode(model, batch: int, tokens: int, graphs, compile, gemv: str, lar
             "large": dec.large if batch > 4 else None,
             "ffn": (dec.ffn or getattr(model.backend, "ffn", None)) if dec.fused and batch <= 4 else None,
             "fold_norms": bool(getattr(model.backend, "fold_norms", False)) and dec.fused and batch <= 4
-            and dec.gemv == "ours"}
+            and dec.gemv == "ours",
+            "tuned_gemm": (bool(getattr(model.backend, "tuned_gemm", False)) if dec.fused and batch > 4
+                           and dec.large != "compiled" else None)}
 
 
 #: eager decode steps over which ``skipped_rows`` averages
@@ -156,13 +158,28 @@ def skipped_rows(model, steps: int = SKIP_STEPS) -> float | None:
     return sum(shares) / len(shares) if shares else None
 
 
+def tuned_gemm_note() -> str | None:
+    """One line on the per-shape cuBLASLt choices of this process's products above 4 rows (None when none)."""
+    from rwkv_chat.models.kernels import dispatch
+
+    st = [s for s in dispatch.gemm_tuned_stats() if s["rows"] > 4 and s["us_first"] > 0]
+    if not st:
+        return None
+    first, best = sum(s["us_first"] for s in st), sum(s["us_best"] for s in st)
+    won = sum(s["index"] > 0 for s in st)
+    return (f"products above 4 rows: cuBLASLt algorithm timed per shape at the first step (L2 flushed before each "
+            f"timed call): {len(st)} shapes, {won} of them faster than the heuristic's first pick; one call of each: "
+            f"{first:.1f} us by the first pick, {best:.1f} us kept ({first / best:.2f}x)")
+
+
 def _path(d: dict) -> str:
     if d["fused"] and d.get("large") == "compiled":
         return "torch.compile (fused path above 4 rows off)"
     if d["fused"]:
         ffn = f", channel-mix value {d['ffn']}" if d.get("ffn") and d.get("gemv") == "ours" else ""
         fold = ", ln1 / ln2 inside the GEMVs" if d.get("fold_norms") else ""
-        return "fused kernels" + (f" ({d['large']})" if d.get("large") else "") + ffn + fold
+        tuned = {True: ", cuBLASLt tuned per shape", False: ", cuBLAS heuristic"}.get(d.get("tuned_gemm"), "")
+        return "fused kernels" + (f" ({d['large']})" if d.get("large") else "") + ffn + fold + tuned
     return "torch.compile" if d["compile"] else "eager"
 
 
@@ -421,6 +438,9 @@ def rwkv_main(argv: list[str]) -> int:
     ap.add_argument("--fold-norms", action="store_true",
                     help="GPU only: RWKV-7 decode steps at <= 4 rows with ln1 / ln2 (residual add, LayerNorm, "
                          "token-shift lerps) inside the grouped GEMV launches (two launches per layer fewer)")
+    ap.add_argument("--untuned-gemm", action="store_true",
+                    help="GPU only: RWKV-7 decode above 4 rows with cuBLAS's heuristic algorithm for every product "
+                         "instead of the cuBLASLt algorithm timed per shape at the first step")
     ap.add_argument("--kernels", action="store_true",
                     help="build the compiled kernels (models.kernels) before loading and report their status "
                          "(the model uses them either way where they build)")
@@ -463,6 +483,8 @@ def rwkv_main(argv: list[str]) -> int:
         if why:
             print(f"rwkv-chat bench: --fold-norms: {why}", file=sys.stderr)
             return 2
+    if args.untuned_gemm and hasattr(model.backend, "tuned_gemm"):
+        model.backend.tuned_gemm = False
     ref = None
     if args.compare_rwkv_pip and gpu:  # start early: its CUDA build overlaps our runs
         ref = Reference(pth, args.strategy, min(args.tokens, 100), args.prompt_len, model.vocab_size,
@@ -505,6 +527,8 @@ def rwkv_main(argv: list[str]) -> int:
         for d in dec:
             lines.append(f"| {d['batch']} | {d['tok_s']:.1f} | {d['p50_ms']:.3f} | {d['p90_ms']:.3f} | "
                          f"{d['gb_s']:.1f} | {model.backend.name} |")
+    if any(d.get("tuned_gemm") for d in dec) and (note := tuned_gemm_note()):
+        lines += ["", note]
     if skipped is not None:
         lines += ["", f"channel-mix value product by the row kernel: {100 * skipped:.1f}% of the value matrices' rows "
                       f"skipped (relu(k)^2 zero; mean over {SKIP_STEPS} eager batch-1 decode steps)"]

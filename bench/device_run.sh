@@ -48,7 +48,7 @@ step qpeers 150 500 bash -c 'bash bench/quant_peers.sh 1.5B 7.2B | tee "$0"' "$O
 step prenorm 120 300 python3 bench/ops.py --prenorm --sweep --out "$OUT/prenorm_bench.md"
 step qb15ours 50 150 python3 -m rwkv_chat.app.bench --md "$OUT/qwen_bench.md" --family qwen2 --shape 1.5B --strategy "cuda bf16" --batch 1 --prompt-len 0 --tokens 100 --no-peer --gemv triton
 step kgemv 60 200 python3 tests/gpu/verify_kernels.py --family gemv_group mm8 --out "$OUT/verify_gemv_group.md"
-step kwkv 60 240 bash -c 'python3 tests/gpu/verify_kernels.py --family wkv5 wkv6 --out "$0" && python3 bench/kernels.py --only wkv --out "$1"' "$OUT/verify_wkv56.md" "$OUT/wkv_bench.md"
+step kwkv 60 240 bash -c 'python3 tests/gpu/verify_kernels.py --family wkv5 wkv6 gemm --out "$0" && python3 bench/kernels.py --only wkv --out "$1"' "$OUT/verify_wkv56.md" "$OUT/wkv_bench.md"
 step qwenc 90 240 python3 tests/gpu/verify_qwen2.py --shapes tiny 1.5B --dtypes bf16 --gemv cublas compiled-norm --out "$OUT/verify_qwen2.md"
 QB="python3 -m rwkv_chat.app.bench --md $OUT/qwen_bench.md --family qwen2 --strategy cuda\ bf16 --batch 1 --prompt-len 0 --tokens 100 --no-peer"
 step qb15g 80 200 bash -c "$QB --shape 1.5B --gemv cublas && $QB --shape 1.5B --gemv compiled && $QB --shape 1.5B --gemv compiled-norm"
@@ -62,6 +62,8 @@ step fprof 120 240 python3 bench/formats_profile.py --shape 7.2B --out "$OUT/for
 step fprof64 120 300 python3 bench/formats_profile.py --shape 7.2B --formats "" --batch 64 --large fused --out "$OUT/formats_profile.md"
 step b01 40 100 $B --shape 0.1B --batch 1 --prompt-len 1024 --tokens 300
 step fold 90 240 bash -c "$B --shape 0.1B --batch 1 --prompt-len 0 --tokens 300 && $B --shape 0.1B --batch 1 --prompt-len 0 --tokens 300 --fold-norms && $B --shape 1.5B --batch 1 --prompt-len 0 --tokens 200 && $B --shape 1.5B --batch 1 --prompt-len 0 --tokens 200 --fold-norms"
+step b15t 60 200 bash -c "$B --shape 1.5B --batch 64 --prompt-len 0 --tokens 80 && $B --shape 1.5B --batch 64 --prompt-len 0 --tokens 80 --untuned-gemm"
+step b72t 100 300 bash -c "$B --shape 7.2B --batch 64 256 --prompt-len 0 --tokens 80 && $B --shape 7.2B --batch 64 --prompt-len 0 --tokens 80 --untuned-gemm"
 step daemon 150 300 python3 bench/daemon_overhead.py --shape 0.1B 1.5B --strategy "cuda fp16" --batch 1 4 --out "$OUT/daemon_overhead.md"
 step b72 90 200 $B --shape 7.2B --batch 1 64 --prompt-len 1024 --tokens 100
 step b72i8 60 150 $B --shape 7.2B --strategy "cuda fp16i8" --batch 1 --prompt-len 0 --tokens 100

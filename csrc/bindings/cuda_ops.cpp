@@ -17,6 +17,8 @@
 namespace rwkv_chat {
 
 void gemm_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c);  // gemm/gemm_cuda.cpp
+void gemm_tuned_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c);  // gemm/gemm_lt.cpp
+at::Tensor gemm_tuned_stats_cuda();                                                    // gemm/gemm_lt.cpp
 
 namespace {
 
@@ -207,6 +209,8 @@ TORCH_LIBRARY_FRAGMENT(rwkv_chat, m) {
     m.def("mm8_cuda(Tensor x, Tensor w, Tensor mx, Tensor rx, Tensor my, Tensor ry, Tensor(a!) y) -> ()",
           &rwkv_chat::mm8_cuda);
     m.def("gemm_cuda(Tensor a, Tensor b, Tensor(a!) c) -> ()", &rwkv_chat::gemm_cuda);
+    m.def("gemm_tuned_cuda(Tensor a, Tensor b, Tensor(a!) c) -> ()", &rwkv_chat::gemm_tuned_cuda);
+    m.def("gemm_tuned_stats_cuda() -> Tensor", &rwkv_chat::gemm_tuned_stats_cuda);
     m.def("mm8_multi_cuda(Tensor[] xs, Tensor[] ws, Tensor[] mxs, Tensor[] rxs, Tensor[] mys, Tensor[] rys, "
           "Tensor(a!)[] ys, int[] acts) -> ()",
           &rwkv_chat::mm8_multi_cuda);

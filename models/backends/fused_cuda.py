@@ -60,6 +60,9 @@ HEAD_SIZES = (8, 16, 32, 64, 128)
 FFN_MODES = ("sparse", "dense", "gemv")
 
 
+_HALVES = (torch.float16, torch.bfloat16)
+
+
 def _ops():
     return torch.ops.rwkv_chat
 
@@ -274,14 +277,15 @@ def _stack_many(p: dict, f: dict) -> None:
         f["rkv"] = rkv
 
 
-def low_rank_many(mix: torch.Tensor, f: dict) -> torch.Tensor:
+def low_rank_many(mix: torch.Tensor, f: dict, bmm=torch.bmm) -> torch.Tensor:
     """The v, w, a low-rank products of a decode step of many rows in two batched GEMMs: mix [6, b, C] in
     ``MANY_ORDER`` (slices 2:5 are xv, xw, xa), f with ``low1`` / ``low2`` of ``_stack_many``. Returns [3, b, C]:
     ``xv @ v1 @ v2`` (zeros in the first layer), ``tanh(xw @ w1) @ w2``, ``xa @ a1 @ a2`` (ChatRWKV
-    ``RWKV_x070_TMix_one``; each stage rounded to the activation dtype as the reference rounds it)."""
-    low = torch.bmm(mix[2:5], f["low1"])
+    ``RWKV_x070_TMix_one``; each stage rounded to the activation dtype as the reference rounds it). ``bmm``: the
+    batched product (``torch.bmm``, or the tuned ``dispatch.bgemm``)."""
+    low = bmm(mix[2:5], f["low1"])
     low[1].tanh_()
-    return torch.bmm(low, f["low2"])
+    return bmm(low, f["low2"])
 
 
 def decode_ready(model) -> bool:
@@ -332,7 +336,8 @@ class FusedCuda(Backend):
     name = "fused-cuda"
     decode_on_device = True
 
-    def __init__(self, model, ops: Ops, ffn: str = "gemv", mix_rkv: bool = False, fold_norms: bool = False):
+    def __init__(self, model, ops: Ops, ffn: str = "gemv", mix_rkv: bool = False, fold_norms: bool = False,
+                 tuned_gemm: bool = True):
         super().__init__(ops)
         if ffn not in FFN_MODES:
             raise StrategyError(f"ffn must be one of {', '.join(FFN_MODES)}; got {ffn!r}")
@@ -377,6 +382,10 @@ class FusedCuda(Backend):
         else:
             self.fold_note = _probe_fold(self, model) if self.decodes else "the model does not decode here"
             self.fold_norms = self.fold_note is None
+        #: decode steps of more than GEMV_ROWS rows run their fp16 / bf16 products through cuBLASLt with the algorithm
+        #: timed per shape (``dispatch.gemm(tuned=True)`` / ``dispatch.bgemm``; probed here, outside any capture)
+        self.tuned_gemm = bool(tuned_gemm and self.decodes and all(
+            dispatch.gemm_tuned_sound(d) for d in model.devices if d.type == "cuda"))
         #: prefill CUDA graphs where the whole model sits on one CUDA device
         self.captures_prefill = self.decodes
         value = {"sparse": "channel-mix value skipping zero rows of relu(k)²",
@@ -386,6 +395,8 @@ class FusedCuda(Backend):
             value += "; ln1 + mixes + int4 r/k/v in one launch (Triton)"
         if self.fold_norms:
             value += "; ln1 / ln2 inside the GEMV launches" if ffn == "gemv" else "; ln1 inside the GEMV launch"
+        if self.tuned_gemm:
+            value += "; cuBLASLt algorithm timed per shape above 4 rows"
         self.detail = ("fused RWKV-7 layer kernels: prefill blocks" + (f", decode step ({value})" if self.decodes
                                                                         else "") + "; eager ops elsewhere")
 
@@ -503,6 +514,13 @@ class FusedCuda(Backend):
             return y[0]
         if act == 3:
             x = torch.relu(x).square()
+        return self.ops.matmul(x, w) if small else self._many(x, w)
+
+    def _many(self, x, w):
+        """x @ W at more than GEMV_ROWS rows: the per-shape tuned cuBLASLt GEMM for fp16 / bf16 matrices
+        (``tuned_gemm``), else the model's product."""
+        if self.tuned_gemm and isinstance(w, torch.Tensor) and w.dtype == x.dtype and x.dtype in _HALVES:
+            return dispatch.gemm(x, w, tuned=True)
         return self.ops.matmul(x, w)
 
     def decode_step(self, model, ids: torch.Tensor, state: list[torch.Tensor], gemv: str = "ours",
@@ -588,12 +606,13 @@ class FusedCuda(Backend):
                 wl, al, g = stage2[:3]
                 vl = None if first else stage2[3]
             else:       # batched GEMMs: r|k|v (plain matrices), v|w|a's two low-rank stages
+                bmm = dispatch.bgemm if self.tuned_gemm else torch.bmm
                 if "rkv" in f:
-                    r, k, v = torch.bmm(mix[0:3], f["rkv"].transpose(1, 2))
+                    r, k, v = bmm(mix[0:3], f["rkv"].transpose(1, 2))
                 else:
-                    r, k, v = (mm(xx, p[n]) for xx, n in ((xr, "att.receptance.weight"), (xk, "att.key.weight"),
-                                                          (xv, "att.value.weight")))
-                vl, wl, al = low_rank_many(mix, f)
+                    r, k, v = (self._many(xx, p[n]) for xx, n in ((xr, "att.receptance.weight"),
+                                                                 (xk, "att.key.weight"), (xv, "att.value.weight")))
+                vl, wl, al = low_rank_many(mix, f, bmm)
                 vl = None if first else vl
                 g = torch.sigmoid(xg @ p["att.g1"]) @ p["att.g2"]
             y = torch.empty_like(x)

@@ -712,12 +712,14 @@ def _check_packed(x, q, fmt: str) -> None:
                                  tensor="x", expected=(..., q.shape[0]), actual=tuple(x.shape))
 
 
-def gemm(x: torch.Tensor, w: torch.Tensor, output_dtype: torch.dtype | None = None) -> torch.Tensor:
+def gemm(x: torch.Tensor, w: torch.Tensor, output_dtype: torch.dtype | None = None, tuned: bool = False) -> torch.Tensor:
     """``x @ w`` with cuBLAS (fp32 accumulation) for fp16/bf16 on CUDA, ``torch.matmul`` elsewhere.
 
     Args:
         x: [..., K]; w: [K, M] of x's dtype and device (row-major, or a transposed row-major matrix).
         output_dtype: x.dtype (default) or float32 (e.g. logits without an fp16 round trip).
+        tuned: through cuBLASLt with the algorithm timed per shape at its first call (``csrc/gemm/gemm_lt.cpp``)
+            where ``gemm_tuned_sound`` says it serves; make the first call of each shape outside CUDA-graph capture.
     Returns: [..., M] in ``output_dtype``.
     Raises: DeviceError, UnsupportedDtypeError, ShapeMismatchError.
     """
@@ -739,8 +741,74 @@ def gemm(x: torch.Tensor, w: torch.Tensor, output_dtype: torch.dtype | None = No
         return y if y.dtype == odt else y.to(odt)
     K, M = w.shape
     y = torch.empty(*x.shape[:-1], M, dtype=odt, device=x.device)
-    _op("cuda", "gemm")(x.reshape(-1, K).contiguous(), w, y.view(-1, M))
+    fam = "gemm_tuned" if tuned and gemm_tuned_sound(x.device) else "gemm"
+    _op("cuda", fam)(x.reshape(-1, K).contiguous(), w, y.view(-1, M))
     return y
+
+
+def bgemm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Batched ``x @ w`` (``torch.bmm``'s contract) through the per-shape tuned cuBLASLt GEMM where it serves.
+
+    Args:
+        x: [B, rows, K] fp16/bf16; w: [B, K, M] of x's dtype, each matrix row-major or a transposed row-major one
+            (``W.transpose(1, 2)`` of a contiguous [B, M, K]).
+    Returns: [B, rows, M] in x's dtype; ``torch.bmm`` where the tuned GEMM does not serve (another device, dtype or
+    layout).
+    """
+    B, rows, K = x.shape
+    M = w.shape[-1]
+    per = w.stride(0) == K * M and ((w.stride(1), w.stride(2)) in ((M, 1), (1, K)))
+    if (x.device.type != "cuda" or x.dtype not in (torch.float16, torch.bfloat16) or w.dtype != x.dtype or not per
+            or tuple(w.shape[:2]) != (B, K) or not gemm_tuned_sound(x.device)):
+        return torch.bmm(x, w)
+    y = torch.empty(B, rows, M, dtype=x.dtype, device=x.device)
+    torch.ops.rwkv_chat.gemm_tuned_cuda(x.contiguous(), w, y)
+    return y
+
+
+_TUNED_SOUND: dict[torch.device, bool] = {}
+
+
+def gemm_tuned_sound(device: torch.device) -> bool:
+    """Whether the tuned cuBLASLt GEMM (``gemm_tuned_cuda``) is built and agrees with torch on ``device``: checked
+    once per device on small products (plain and batched, both weight layouts, fp16 and bf16) against float32
+    torch; False on any error. Call it outside CUDA-graph capture first (the fused backend does, at load)."""
+    device = torch.device(device)
+    if device not in _TUNED_SOUND:
+        _TUNED_SOUND[device] = _probe_tuned(device)
+    return _TUNED_SOUND[device]
+
+
+def _probe_tuned(device: torch.device) -> bool:
+    if device.type != "cuda" or not available("cuda", "gemm") or not hasattr(torch.ops.rwkv_chat, "gemm_tuned_cuda"):
+        return False
+    try:
+        g = torch.Generator(device="cpu").manual_seed(0)
+        for dt in (torch.float16, torch.bfloat16):
+            x = torch.randn(3, 7, 96, generator=g).to(device, dt)
+            wm = torch.randn(3, 80, 96, generator=g).to(device, dt)      # [B, M, K]: used transposed
+            for w in (wm.transpose(1, 2), wm.transpose(1, 2).contiguous()):
+                ref = torch.bmm(x.float(), w.float())
+                y = torch.empty(3, 7, 80, dtype=dt, device=device)
+                torch.ops.rwkv_chat.gemm_tuned_cuda(x, w, y)
+                y2 = torch.empty(7, 80, dtype=dt, device=device)
+                torch.ops.rwkv_chat.gemm_tuned_cuda(x[1], w[1], y2)
+                for got, want in ((y, ref), (y2, ref[1])):
+                    if not torch.isfinite(got).all() or (got.float() - want).norm() > 1e-2 * want.norm():
+                        return False
+        return True
+    except RuntimeError:
+        return False
+
+
+def gemm_tuned_stats() -> list[dict]:
+    """The tuned GEMM's kept choices (``gemm_tuned_cuda``): per shape the device, batch, rows, K, M, microseconds of
+    cuBLASLt's heuristic first pick and of the kept algorithm (L2 flushed before each timed call), the kept one's
+    index in the heuristic's list and how many were timed. Empty where the op is not built."""
+    if not hasattr(torch.ops, "rwkv_chat") or not hasattr(torch.ops.rwkv_chat, "gemm_tuned_stats_cuda"):
+        return []
+    keys = ("device", "batch", "rows", "K", "M", "us_first", "us_best", "index", "timed")
+    return [dict(zip(keys, row)) for row in torch.ops.rwkv_chat.gemm_tuned_stats_cuda().tolist()]
 
 
 def _fill(out, results):

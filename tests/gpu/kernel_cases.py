@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from rwkv_chat.models import kernels
+from rwkv_chat.models.kernels import dispatch
 from rwkv_chat.models.formats import i8 as quant
 from rwkv_chat.models.rwkv import wkv
 
@@ -426,11 +427,25 @@ def case_ffn_rows(rows, F, C, dtype, device, seed, dead=0.0, out_f32=False, grap
     return rel_err(got, ref)
 
 
-def case_gemm(rows, K, M, dtype, device, seed):
+def case_gemm(rows, K, M, dtype, device, seed, tuned=False, batch=0, transposed=False):
+    """``kernels.gemm`` (cuBLAS, or the per-shape tuned cuBLASLt GEMM: ``tuned``), or ``dispatch.bgemm`` over
+    ``batch`` matrices; ``transposed``: the weight stored [M, K] and viewed [K, M] (the backend's output-major
+    layout). Each tuned call after the first reuses the kept algorithm: run twice, both compared."""
     g = _gen(seed, device)
-    x, w = _randn(g, rows, K).to(dtype), _randn(g, K, M, scale=K ** -0.5).to(dtype)
-    got = kernels.gemm(x.to(device), w.to(device), output_dtype=torch.float32)
-    return rel_err(got, x.double() @ w.double())
+    n = max(batch, 1)
+    x = _randn(g, n, rows, K).to(dtype)
+    w = _randn(g, n, M, K, scale=K ** -0.5).to(dtype).transpose(1, 2) if transposed else \
+        _randn(g, n, K, M, scale=K ** -0.5).to(dtype)
+    ref = x.double() @ w.double()
+    xd, wd = x.to(device), w.to(device)
+    if batch:
+        errs = [rel_err(dispatch.bgemm(xd, wd), ref) for _ in range(2)]
+    else:
+        errs = [rel_err(kernels.gemm(xd[0], wd[0], output_dtype=torch.float32, tuned=tuned), ref[0]) for _ in range(2)]
+    if tuned or batch:
+        if not dispatch.gemm_tuned_sound(xd.device):
+            return math.inf                   # the tuned GEMM must serve on CUDA: its probe failing is a failure
+    return max(errs)
 
 
 def all_cases(device: str, quick: bool = False):
@@ -587,4 +602,12 @@ def all_cases(device: str, quick: bool = False):
             for rows, K, M in ((1, 768, 768), (64, 1024, 4096)):
                 cases.append(("gemm", f"rows={rows} K={K} M={M}", dt, lambda r=rows, K=K, M=M, dt=dt, s=len(cases):
                               case_gemm(r, K, M, dt, device, s)))
+            # the per-shape tuned cuBLASLt GEMM of decode steps above 4 rows: plain and batched, both weight layouts
+            for rows, K, M, batch, tr in ((64, 4096, 4096, 0, True), (64, 4096, 16384, 0, True), (5, 2048, 2048, 0, False),
+                                          (64, 4096, 4096, 3, True), (64, 2048, 96, 3, False), (256, 96, 2048, 3, False),
+                                          (17, 333, 250, 0, True)):
+                cases.append(("gemm", f"tuned cuBLASLt rows={rows} K={K} M={M} batch={batch} "
+                                      f"{'output-major' if tr else 'row-major'}", dt,
+                              lambda r=rows, K=K, M=M, b=batch, tr=tr, dt=dt, s=len(cases):
+                              case_gemm(r, K, M, dt, device, s, tuned=True, batch=b, transposed=tr)))
     return cases
