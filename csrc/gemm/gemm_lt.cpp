@@ -8,11 +8,14 @@
 // M] / [rows, M] contiguous in a's dtype or fp32. fp32 accumulation (CUBLAS_COMPUTE_32F), alpha 1, beta 0.
 // Row-major C = A B is computed as column-major C^T = B^T A^T (as gemm_cuda.cpp).
 //
-// The first call of a shape (per device, dtype and layout) outside CUDA-graph capture asks cuBLASLt for up to
-// kCandidates algorithms (workspace <= kWorkspaceBytes) and times each over kTimedRuns runs, the L2 cache
-// flushed before every run (a weight that fits in L2 would otherwise time as if it streamed from L2), then keeps
-// the fastest. Later calls, and calls inside a capture, run the kept choice (a first call inside a capture takes
-// the heuristic's first pick and keeps nothing). gemm_tuned_stats_cuda() reports every kept choice.
+// The first call of a shape (per device, dtypes, layout and buffer alignments) outside CUDA-graph capture asks
+// cuBLASLt for up to kCandidates algorithms that fit PyTorch's cuBLASLt workspace of this stream, and times each
+// (the fastest of kTimedRuns runs after kWarmRuns untimed ones), the L2 cache flushed before every timed run (a
+// weight that fits in L2 would otherwise time as if it streamed from L2); another algorithm replaces the
+// heuristic's first pick only when it is kMinGain faster. Later calls, and calls inside a capture, run the kept
+// choice; a first call inside a capture takes the heuristic's first pick and keeps nothing. Where cuBLASLt offers
+// nothing, or its algorithm fails, plain cuBLAS (gemm_cuda.cpp) computes the product. gemm_tuned_stats_cuda()
+// reports every kept choice.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -33,8 +36,9 @@ void gemm_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c);  
 namespace {
 
 constexpr int kCandidates = 32;
-constexpr size_t kWorkspaceBytes = 32u << 20;
+constexpr int kWarmRuns = 3;
 constexpr int kTimedRuns = 5;
+constexpr float kMinGain = 0.03f;             // another algorithm must beat the heuristic's first pick by 3%
 constexpr size_t kFlushBytes = 128u << 20;   // > 2x the L2 of an H100 (50 MiB) or H200
 
 // dev, batch, rows, K, M, b_t, a's and c's data types, the pointers' alignments (bytes, <= 256, as one number)
@@ -42,17 +46,15 @@ using Key = std::tuple<int, int64_t, int64_t, int64_t, int64_t, bool, int, int, 
 
 struct Choice {
     cublasLtMatmulAlgo_t algo;
-    size_t workspace;
-    float us_first;   // the heuristic's first pick (us per call)
-    float us_best;
+    float us_first;   // the heuristic's first pick (us per call; < 0: not timed)
+    float us_best;    // the kept algorithm
     int index;        // of the kept algorithm in the heuristic's list
     int count;        // algorithms timed
+    bool cublas;      // every candidate failed: plain cuBLAS (gemm_cuda) serves this shape
 };
 
 std::mutex g_mu;
 std::map<Key, Choice> g_choices;
-// per device; never destroyed (freeing device memory during static destruction at exit would race the driver)
-auto* g_workspace = new std::map<int, at::Tensor>();
 
 cudaDataType_t dtype_of(const at::Tensor& t) {
     switch (t.scalar_type()) {
@@ -99,13 +101,6 @@ struct Descs {
     Descs& operator=(const Descs&) = delete;
 };
 
-at::Tensor& buffer(std::map<int, at::Tensor>& m, const at::Device& dev, size_t bytes) {
-    auto it = m.find(dev.index());
-    if (it == m.end())
-        it = m.emplace(dev.index(), at::empty({(int64_t)bytes}, at::TensorOptions().dtype(at::kByte).device(dev))).first;
-    return it->second;
-}
-
 cublasStatus_t run(cublasLtHandle_t h, const Descs& d, const cublasLtMatmulAlgo_t* algo, const at::Tensor& a,
                    const at::Tensor& b, const at::Tensor& c, void* ws, size_t ws_bytes, cudaStream_t stream) {
     const float alpha = 1.f, beta = 0.f;
@@ -113,33 +108,43 @@ cublasStatus_t run(cublasLtHandle_t h, const Descs& d, const cublasLtMatmulAlgo_
                           c.data_ptr(), d.C, algo, ws, ws_bytes, stream);
 }
 
-// Mean us per call of `algo` over kTimedRuns runs, each after an L2 flush; < 0 when it fails.
+// The fastest of kTimedRuns runs of `algo` (us), each after an L2 flush, after kWarmRuns untimed ones; < 0 when
+// anything fails (the CUDA errors it caused are cleared; the caller checked that none was pending before).
 float time_algo(cublasLtHandle_t h, const Descs& d, const cublasLtMatmulAlgo_t& algo, const at::Tensor& a,
-                const at::Tensor& b, const at::Tensor& c, void* ws, size_t ws_bytes, at::Tensor& flush,
+                const at::Tensor& b, const at::Tensor& c, void* ws, size_t ws_bytes, const at::Tensor& flush,
                 cudaStream_t stream) {
-    if (run(h, d, &algo, a, b, c, ws, ws_bytes, stream) != CUBLAS_STATUS_SUCCESS) return -1.f;   // warm-up
+    for (int i = 0; i < kWarmRuns; ++i)
+        if (run(h, d, &algo, a, b, c, ws, ws_bytes, stream) != CUBLAS_STATUS_SUCCESS) {
+            cudaGetLastError();
+            return -1.f;
+        }
     cudaEvent_t ev[2 * kTimedRuns];
-    for (auto& e : ev) cudaEventCreate(&e);
+    int made = 0;
     bool ok = true;
+    for (; made < 2 * kTimedRuns && ok; ++made) ok = cudaEventCreate(&ev[made]) == cudaSuccess;
+    if (!ok) --made;
     for (int i = 0; i < kTimedRuns && ok; ++i) {
-        cudaMemsetAsync(flush.data_ptr(), i, flush.numel(), stream);
-        cudaEventRecord(ev[2 * i], stream);
-        ok = run(h, d, &algo, a, b, c, ws, ws_bytes, stream) == CUBLAS_STATUS_SUCCESS;
-        cudaEventRecord(ev[2 * i + 1], stream);
+        ok = cudaMemsetAsync(flush.data_ptr(), i, flush.numel(), stream) == cudaSuccess &&
+             cudaEventRecord(ev[2 * i], stream) == cudaSuccess &&
+             run(h, d, &algo, a, b, c, ws, ws_bytes, stream) == CUBLAS_STATUS_SUCCESS &&
+             cudaEventRecord(ev[2 * i + 1], stream) == cudaSuccess;
     }
-    float total = 0.f;
+    float best = -1.f;
     if (ok && cudaStreamSynchronize(stream) == cudaSuccess) {
-        for (int i = 0; i < kTimedRuns; ++i) {
+        for (int i = 0; i < kTimedRuns && ok; ++i) {
             float ms = 0.f;
-            cudaEventElapsedTime(&ms, ev[2 * i], ev[2 * i + 1]);
-            total += ms;
+            ok = cudaEventElapsedTime(&ms, ev[2 * i], ev[2 * i + 1]) == cudaSuccess && ms > 0.f;
+            if (ok && (best < 0.f || ms < best)) best = ms;
         }
     } else {
         ok = false;
     }
-    for (auto& e : ev) cudaEventDestroy(e);
-    cudaGetLastError();   // a failed candidate leaves no sticky error behind
-    return ok ? total * 1000.f / kTimedRuns : -1.f;
+    for (int i = 0; i < made; ++i) cudaEventDestroy(ev[i]);
+    if (!ok) {
+        cudaGetLastError();
+        return -1.f;
+    }
+    return best * 1000.f;
 }
 
 // The largest power of two (<= 256) dividing the address: cuBLASLt's heuristic assumes 256-byte aligned buffers
@@ -151,9 +156,46 @@ uint32_t alignment(const void* p) {
     return al;
 }
 
+// Whether `stream` is capturing a CUDA graph (an error asking counts as capturing: no timing then).
 bool capturing(cudaStream_t stream) {
     cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
-    return cudaStreamIsCapturing(stream, &st) != cudaSuccess || st != cudaStreamCaptureStatusNone;
+    if (cudaStreamIsCapturing(stream, &st) != cudaSuccess) {
+        cudaGetLastError();
+        return true;
+    }
+    return st != cudaStreamCaptureStatusNone;
+}
+
+// Plain cuBLAS, one matrix at a time: where cuBLASLt has no algorithm, or the one kept fails.
+void fallback(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c) {
+    if (a.dim() == 2) {
+        gemm_cuda(a, b, c);
+        return;
+    }
+    for (int64_t i = 0; i < a.size(0); ++i) gemm_cuda(a[i], b[i], c[i]);
+}
+
+// The candidates cuBLASLt's heuristic offers for `d` (at most kCandidates), for buffers of these alignments and a
+// workspace of ws_bytes; empty where it offers none.
+std::vector<cublasLtMatmulHeuristicResult_t> candidates(cublasLtHandle_t h, const Descs& d, size_t ws_bytes,
+                                                        uint32_t al_a, uint32_t al_b, uint32_t al_c) {
+    cublasLtMatmulPreference_t pref = nullptr;
+    std::vector<cublasLtMatmulHeuristicResult_t> res(kCandidates);
+    int n = 0;
+    const uint64_t ws64 = ws_bytes;
+    const bool found = LT_OK(cublasLtMatmulPreferenceCreate(&pref)) &&
+        LT_OK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws64, sizeof(ws64))) &&
+        LT_OK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &al_a, sizeof(al_a))) &&
+        LT_OK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &al_b, sizeof(al_b))) &&
+        LT_OK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al_c, sizeof(al_c))) &&
+        LT_OK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al_c, sizeof(al_c))) &&
+        LT_OK(cublasLtMatmulAlgoGetHeuristic(h, d.op, d.A, d.B, d.C, d.C, pref, kCandidates, res.data(), &n));
+    if (pref) cublasLtMatmulPreferenceDestroy(pref);
+    res.resize(found ? std::max(n, 0) : 0);
+    std::vector<cublasLtMatmulHeuristicResult_t> ok;
+    for (const auto& r : res)
+        if (r.state == CUBLAS_STATUS_SUCCESS && r.workspaceSize <= ws_bytes) ok.push_back(r);
+    return ok;
 }
 
 }  // namespace
@@ -183,62 +225,50 @@ void gemm_tuned_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor&
     const at::cuda::OptionalCUDAGuard guard(a.device());
     cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     cublasLtHandle_t h = at::cuda::getCurrentCUDABlasLtHandle();
+    // PyTorch's own cuBLASLt workspace for this handle and stream (safe under graph capture, never shared with
+    // another stream's work in flight)
+    void* ws = at::cuda::getCUDABlasLtWorkspace();
+    const size_t ws_bytes = at::cuda::getCUDABlasLtWorkspaceSize();
     const cudaDataType_t ta = dtype_of(a), tc = dtype_of(c);
     const Descs d(batch, rows, K, M, b_t, ta, tc);
-    TORCH_CHECK(d.ok, op, ": cuBLASLt rejected the descriptors of ", a.sizes(), " @ ", b.sizes());
+    if (!d.ok) return fallback(a, b, c);
     const uint32_t al_a = alignment(b.data_ptr()), al_b = alignment(a.data_ptr()), al_c = alignment(c.data_ptr());
     const Key key{a.get_device(), batch, rows, K, M, b_t, (int)ta, (int)tc, al_a | (al_b << 9) | (al_c << 18)};
 
     std::lock_guard<std::mutex> lock(g_mu);
-    at::Tensor& ws = buffer(*g_workspace, a.device(), kWorkspaceBytes);
     auto it = g_choices.find(key);
     if (it == g_choices.end()) {
-        cublasLtMatmulPreference_t pref = nullptr;
-        cublasLtMatmulHeuristicResult_t res[kCandidates];
-        int n = 0;
-        const size_t ws_bytes = kWorkspaceBytes;
-        const bool found = LT_OK(cublasLtMatmulPreferenceCreate(&pref)) &&
-            LT_OK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws_bytes,
-                                                       sizeof(ws_bytes))) &&
-            LT_OK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &al_a,
-                                                       sizeof(al_a))) &&
-            LT_OK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &al_b,
-                                                       sizeof(al_b))) &&
-            LT_OK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al_c,
-                                                       sizeof(al_c))) &&
-            LT_OK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al_c,
-                                                       sizeof(al_c))) &&
-            LT_OK(cublasLtMatmulAlgoGetHeuristic(h, d.op, d.A, d.B, d.C, d.C, pref, kCandidates, res, &n)) && n > 0;
-        if (pref) cublasLtMatmulPreferenceDestroy(pref);
-        if (!found) {                 // no cuBLASLt algorithm for this shape: plain cuBLAS, per matrix
-            for (int64_t i = 0; i < batch; ++i)
-                gemm_cuda(batched ? a[i] : a, batched ? b[i] : b, batched ? c[i] : c);
+        const auto res = candidates(h, d, ws_bytes, al_a, al_b, al_c);
+        const bool tune = !res.empty() && !capturing(stream) && cudaPeekAtLastError() == cudaSuccess;
+        if (!tune) {                  // nothing offered, a capture, or someone's error pending: decide nothing now
+            if (res.empty() || run(h, d, &res[0].algo, a, b, c, ws, ws_bytes, stream) != CUBLAS_STATUS_SUCCESS)
+                fallback(a, b, c);
             return;
         }
-        if (capturing(stream)) {      // no timing inside a capture: the heuristic's first pick, nothing kept
-            TORCH_CHECK(run(h, d, &res[0].algo, a, b, c, ws.data_ptr(), kWorkspaceBytes, stream) == CUBLAS_STATUS_SUCCESS,
-                        op, ": cublasLtMatmul failed");
-            return;
+        at::Tensor flush;
+        try {
+            flush = at::empty({(int64_t)kFlushBytes}, at::TensorOptions().dtype(at::kByte).device(a.device()));
+        } catch (const c10::Error&) {  // no room to flush the L2: keep the heuristic's first pick untimed
         }
-        at::Tensor flush = at::empty({(int64_t)kFlushBytes}, at::TensorOptions().dtype(at::kByte).device(a.device()));
-        Choice best{res[0].algo, res[0].workspaceSize, -1.f, -1.f, 0, 0};
-        for (int i = 0; i < n; ++i) {
-            if (res[i].state != CUBLAS_STATUS_SUCCESS || res[i].workspaceSize > kWorkspaceBytes) continue;
-            const float us = time_algo(h, d, res[i].algo, a, b, c, ws.data_ptr(), kWorkspaceBytes, flush, stream);
+        Choice best{res[0].algo, -1.f, -1.f, 0, 0, false};
+        for (int i = 0; flush.defined() && i < (int)res.size(); ++i) {
+            const float us = time_algo(h, d, res[i].algo, a, b, c, ws, ws_bytes, flush, stream);
             if (us < 0.f) continue;
             ++best.count;
             if (i == 0) best.us_first = us;
-            if (best.us_best < 0.f || us < best.us_best) {
+            // another algorithm replaces the first pick only when it is kMinGain faster
+            const float bar = best.index == 0 && best.us_best >= 0.f ? best.us_best * (1.f - kMinGain) : best.us_best;
+            if (best.us_best < 0.f || us < bar) {
                 best.algo = res[i].algo;
-                best.workspace = res[i].workspaceSize;
                 best.us_best = us;
                 best.index = i;
             }
         }
+        if (best.count == 0 && flush.defined()) best.cublas = true;   // every candidate failed: plain cuBLAS
         it = g_choices.emplace(key, best).first;
     }
-    TORCH_CHECK(run(h, d, &it->second.algo, a, b, c, ws.data_ptr(), kWorkspaceBytes, stream) == CUBLAS_STATUS_SUCCESS,
-                op, ": cublasLtMatmul failed for ", a.sizes(), " @ ", b.sizes());
+    if (it->second.cublas || run(h, d, &it->second.algo, a, b, c, ws, ws_bytes, stream) != CUBLAS_STATUS_SUCCESS)
+        fallback(a, b, c);
 }
 
 // Every kept choice as float64 [n, 9]: device, batch, rows, K, M, us of the heuristic's first pick, us of the kept

@@ -741,7 +741,8 @@ def gemm(x: torch.Tensor, w: torch.Tensor, output_dtype: torch.dtype | None = No
         return y if y.dtype == odt else y.to(odt)
     K, M = w.shape
     y = torch.empty(*x.shape[:-1], M, dtype=odt, device=x.device)
-    fam = "gemm_tuned" if tuned and gemm_tuned_sound(x.device) else "gemm"
+    exact = w.stride() in ((M, 1), (1, K))          # the tuned GEMM reads the strides as they are
+    fam = "gemm_tuned" if tuned and exact and gemm_tuned_sound(x.device) else "gemm"
     _op("cuda", fam)(x.reshape(-1, K).contiguous(), w, y.view(-1, M))
     return y
 
@@ -755,6 +756,8 @@ def bgemm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     Returns: [B, rows, M] in x's dtype; ``torch.bmm`` where the tuned GEMM does not serve (another device, dtype or
     layout).
     """
+    if x.dim() != 3 or w.dim() != 3:
+        return torch.bmm(x, w)                      # torch's own error for the wrong ranks
     B, rows, K = x.shape
     M = w.shape[-1]
     per = w.stride(0) == K * M and ((w.stride(1), w.stride(2)) in ((M, 1), (1, K)))
@@ -775,6 +778,8 @@ def gemm_tuned_sound(device: torch.device) -> bool:
     torch; False on any error. Call it outside CUDA-graph capture first (the fused backend does, at load)."""
     device = torch.device(device)
     if device not in _TUNED_SOUND:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return False                            # no probe inside a capture; decided at the next eager call
         _TUNED_SOUND[device] = _probe_tuned(device)
     return _TUNED_SOUND[device]
 
@@ -786,6 +791,12 @@ def _probe_tuned(device: torch.device) -> bool:
         g = torch.Generator(device="cpu").manual_seed(0)
         for dt in (torch.float16, torch.bfloat16):
             x = torch.randn(3, 7, 96, generator=g).to(device, dt)
+            w32 = torch.randn(96, 40, generator=g).to(device, dt)
+            y32 = torch.empty(7, 40, dtype=torch.float32, device=device)      # an fp32 output
+            torch.ops.rwkv_chat.gemm_tuned_cuda(x[0], w32, y32)
+            want32 = x[0].float() @ w32.float()
+            if not torch.isfinite(y32).all() or (y32 - want32).norm() > 1e-2 * want32.norm():
+                return False
             wm = torch.randn(3, 80, 96, generator=g).to(device, dt)      # [B, M, K]: used transposed
             for w in (wm.transpose(1, 2), wm.transpose(1, 2).contiguous()):
                 ref = torch.bmm(x.float(), w.float())
