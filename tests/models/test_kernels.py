@@ -114,6 +114,41 @@ def test_wkv5_typed_errors(cpu_loader, over, err):
         kernels.wkv5(**_wkv5_args(**over))
 
 
+def test_chunked_wkv5_request_falls_back_off_cuda_and_its_op_raises_typed_errors(cpu_loader):
+    """``kernels.wkv5(chunk=16)`` on the CPU takes the compiled sequential kernel (the chunked one is Triton, CUDA
+    only) and gives the reference's numbers; ``ops.wkv5_chunk`` itself refuses CPU tensors and a head size it does not
+    take with typed errors, after the same input checks as ``kernels.wkv5``."""
+    from rwkv_chat.models.ops import wkv5_chunk
+    from rwkv_chat.models.rwkv.wkv import wkv5_torch
+
+    a = _wkv5_args()
+    y, s = kernels.wkv5(**a, chunk=16)
+    y_ref, s_ref = wkv5_torch(**a)
+    assert torch.allclose(y, y_ref, atol=1e-5) and torch.allclose(s, s_ref, atol=1e-5)
+    with pytest.raises(DeviceError):
+        wkv5_chunk.wkv5_chunk(**_wkv5_args(r=torch.randn(2, 3, 2, 16), k=torch.randn(2, 3, 2, 16),
+                                           v=torch.randn(2, 3, 2, 16), w=torch.rand(2, 16), u=torch.randn(2, 16),
+                                           s=torch.randn(2, 2, 16, 16)))
+    with pytest.raises(ShapeMismatchError):
+        wkv5_chunk.wkv5_chunk(**a)                              # head size 8
+    with pytest.raises(UnsupportedDtypeError):
+        wkv5_chunk.wkv5_chunk(**_wkv5_args(s=torch.randn(2, 2, 8, 8, dtype=torch.float16)))
+
+
+def test_tuned_gemm_requests_fall_back_to_torch_off_cuda(cpu_loader):
+    """``gemm(tuned=True)`` and ``bgemm`` off CUDA give torch's products (the tuned cuBLASLt GEMM is CUDA only and
+    says it does not serve there); bgemm keeps torch.bmm's errors for the wrong ranks."""
+    from rwkv_chat.models.kernels import dispatch
+
+    x, w = torch.randn(5, 12), torch.randn(9, 12)
+    assert torch.equal(kernels.gemm(x, w.t(), tuned=True), x @ w.t())
+    xb, wb = torch.randn(3, 5, 12), torch.randn(3, 9, 12).transpose(1, 2)
+    assert torch.equal(dispatch.bgemm(xb, wb), torch.bmm(xb, wb))
+    assert dispatch.gemm_tuned_sound(torch.device("cpu")) is False
+    with pytest.raises(RuntimeError):
+        dispatch.bgemm(x, wb)
+
+
 def test_typed_errors_of_every_dispatch(cpu_loader):
     C = 8
     k = torch.randn(1, 2, C)
