@@ -125,16 +125,24 @@ def use_sparse_ffn(model, fold_norms: bool = False) -> str | None:
     return model.backend.fold_note if fold_norms else None
 
 
-def use_folded_norms(model) -> str | None:
+def fold_by_default(model) -> bool:
+    """Whether the fused CUDA backend folds ln1 / ln2 into the GEMV launches for this model by default."""
+    from rwkv_chat.models.backends.fused_cuda import FOLD_NORMS_MAX_C
+
+    return model.spec.n_embd <= FOLD_NORMS_MAX_C
+
+
+def use_folded_norms(model, on: bool = True) -> str | None:
     """Rebuild the fused CUDA backend of ``model`` (before its first forward) with ln1 / ln2 inside the grouped GEMV
-    launches of decode steps (``FusedCuda(fold_norms=True)``, probed); None on success, else why not."""
+    launches of decode steps (``FusedCuda(fold_norms=True)``, probed), or (``on`` False) without; None on success,
+    else why not."""
     from rwkv_chat.models.backends.fused_cuda import FusedCuda
 
     if not isinstance(model.backend, FusedCuda) or not model.backend.decodes:
         return f"needs an RWKV-7 model on the fused CUDA backend (this one: {model.backend})"
     model.backend = FusedCuda(model, model.backend.ops, ffn=model.backend.ffn, mix_rkv=model.backend.mix_rkv,
-                              fold_norms=True)
-    return model.backend.fold_note
+                              fold_norms=on)
+    return model.backend.fold_note if on else None
 
 
 def skipped_rows(model, steps: int = SKIP_STEPS) -> float | None:
@@ -336,10 +344,10 @@ def qwen2_main(argv: list[str]) -> int:
     ap.add_argument("--prompt-len", type=int, default=1024, metavar="T", help="prefill length (default 1024; 0: skip)")
     ap.add_argument("--tokens", type=int, default=100, metavar="N", help="timed decode steps (default 100)")
     ap.add_argument("--no-peer", action="store_true", help="skip transformers")
-    ap.add_argument("--gemv", choices=["cublas", "triton", "compiled", "compiled-norm"], default="compiled",
-                    help="decode products of 1..4 rows: compiled (RMSNorm, then the compiled grouped GEMV; default), "
-                         "compiled-norm (the RMSNorm inside its launches), cublas (RMSNorm, then cuBLAS) or triton "
-                         "(norm_gemv, the RMSNorm inside)")
+    ap.add_argument("--gemv", choices=["cublas", "triton", "compiled", "compiled-norm"], default="compiled-norm",
+                    help="decode products of 1..4 rows: compiled-norm (the compiled grouped GEMV with the residual add "
+                         "and RMSNorm inside its launches; default), compiled (RMSNorm, then the compiled grouped "
+                         "GEMV), cublas (RMSNorm, then cuBLAS) or triton (norm_gemv, the RMSNorm inside)")
     ap.add_argument("--md", metavar="FILE", help="append the table to this markdown file")
     args = ap.parse_args(argv)
     check_run_args(ap, args)
@@ -349,7 +357,7 @@ def qwen2_main(argv: list[str]) -> int:
         folder = Path(args.model) if args.model else shapes.write_random(Path(tmp) / args.shape, args.shape, dtype,
                                                                          device=dev)
         model = Qwen2(folder, args.strategy)
-        if args.gemv != "compiled":
+        if args.gemv != "compiled-norm":      # the model's default (models/qwen2/fused.py DEFAULT_GEMV)
             model.use_kernels(gemv=args.gemv)
         peer = None if args.no_peer else speed.peer_speed(folder, dtype, dev, args.tokens, args.prompt_len)
         ceiling, peak = copy_bandwidth(dev), speed.matmul_peak(dtype, dev)
@@ -438,6 +446,9 @@ def rwkv_main(argv: list[str]) -> int:
     ap.add_argument("--fold-norms", action="store_true",
                     help="GPU only: RWKV-7 decode steps at <= 4 rows with ln1 / ln2 (residual add, LayerNorm, "
                          "token-shift lerps) inside the grouped GEMV launches (two launches per layer fewer)")
+    ap.add_argument("--no-fold-norms", action="store_true",
+                    help="GPU only: RWKV-7 decode steps with ln1 / ln2 in launches of their own (the default above "
+                         "C = 768; --fold-norms forces them inside for any size)")
     ap.add_argument("--untuned-gemm", action="store_true",
                     help="GPU only: RWKV-7 decode above 4 rows with cuBLAS's heuristic algorithm for every product "
                          "instead of the cuBLASLt algorithm timed per shape at the first step")
@@ -450,6 +461,8 @@ def rwkv_main(argv: list[str]) -> int:
     if args.threads < 1:
         ap.error(f"--threads must be 1 or more, got {args.threads}")
     check_run_args(ap, args)
+    if args.fold_norms and args.no_fold_norms:
+        ap.error("--fold-norms and --no-fold-norms exclude each other")
     if args.compare_rwkv_pip and not reference_installed():
         print("rwkv-chat bench: --compare-rwkv-pip needs the reference package: pip install rwkv==0.8.32",
               file=sys.stderr)
@@ -472,16 +485,16 @@ def rwkv_main(argv: list[str]) -> int:
     gpu = dev.type == "cuda"
     skipped = None
     if args.ffn == "sparse":
-        why = use_sparse_ffn(model, args.fold_norms)
+        why = use_sparse_ffn(model, args.fold_norms or (not args.no_fold_norms and fold_by_default(model)))
         if why:
             print(f"rwkv-chat bench: --ffn sparse{' --fold-norms' if args.fold_norms else ''}: {why}", file=sys.stderr)
             return 2
         with torch.no_grad():
             skipped = skipped_rows(model)
-    elif args.fold_norms:
-        why = use_folded_norms(model)
+    elif args.fold_norms or args.no_fold_norms:
+        why = use_folded_norms(model, on=not args.no_fold_norms)
         if why:
-            print(f"rwkv-chat bench: --fold-norms: {why}", file=sys.stderr)
+            print(f"rwkv-chat bench: --{'no-' if args.no_fold_norms else ''}fold-norms: {why}", file=sys.stderr)
             return 2
     if args.untuned_gemm and hasattr(model.backend, "tuned_gemm"):
         model.backend.tuned_gemm = False

@@ -14,7 +14,8 @@ Decode (``FusedCuda.decode_step``, one token for each of b rows), per layer:
      kernel (``dispatch.ffn_rows``, ``csrc/fused/ffn_rows.cu``), which reads only the rows of the input-major value
      matrix where some row of relu(k)² is not zero (``"dense"``: the same kernel reading every row, same bits;
      benchmarks: bench/sparse_ffn.py). The residual add of 8 happens in the next layer's step 1.
-  With ``FusedCuda(fold_norms=True)`` (opt-in, probed) steps 1 and 6 run inside the launches of 2 and 7 (each block
+  With ``fold_norms`` (probed; what ``attach`` picks for C <= ``FOLD_NORMS_MAX_C``) steps 1 and 6 run inside the
+  launches of 2 and 7 (each block
   normalizes the row itself: ``dispatch.ln_mix_gemv_group``); the new att_x / ffn_x go to scratch tensors that the
   launches of 3 and 8 copy into the state, once every block that read the old ones has finished.
 More than 4 rows (the mix lerps in ``MANY_ORDER``): r|k|v as one batched cuBLAS GEMM over a [3, C, C] stack
@@ -56,6 +57,10 @@ _BIG = ("att.receptance.weight", "att.key.weight", "att.value.weight", "att.outp
         "ffn.key.weight", "ffn.value.weight")
 _LOW = ("att.w1", "att.w2", "att.a1", "att.a2", "att.g1", "att.g2", "att.v1", "att.v2")
 HEAD_SIZES = (8, 16, 32, 64, 128)
+#: the widest model (C) whose decode steps ``attach`` builds with ln1 / ln2 inside the GEMV launches (``fold_norms``):
+#: every block normalizes the row itself, which pays where launches dominate. H100, one call (bench/results/h100.md):
+#: 0.1B (C = 768) 2,908 -> 3,117 tok/s greedy on the device, 1.5B (C = 2048) 669.8 -> 588.4
+FOLD_NORMS_MAX_C = 768
 #: the channel-mix value products of decode steps at <= GEMV_ROWS rows (``FusedCuda(ffn=...)``)
 FFN_MODES = ("sparse", "dense", "gemv")
 
@@ -378,7 +383,8 @@ class FusedCuda(Backend):
         #: how many ln1 and ln2 the decode steps built so far ran inside a GEMV launch (the probe's evidence)
         self.folded = [0, 0]
         if not fold_norms:
-            self.fold_note = "off (FusedCuda(fold_norms=True) turns it on)"
+            self.fold_note = (f"off (FusedCuda(fold_norms=True) turns it on; the default above C = {FOLD_NORMS_MAX_C}, "
+                              "where it measured slower)")
         else:
             self.fold_note = _probe_fold(self, model) if self.decodes else "the model does not decode here"
             self.fold_norms = self.fold_note is None
@@ -406,7 +412,7 @@ class FusedCuda(Backend):
         else None. ``ffn``: as the constructor's."""
         if model.version != "7" or not kernels_loaded() or not any(d.type == "cuda" for d in model.devices):
             return None
-        return cls(model, ops, ffn)
+        return cls(model, ops, ffn, fold_norms=model.spec.n_embd <= FOLD_NORMS_MAX_C)
 
     # -- prefill -----------------------------------------------------------------------------------
     def sequence_block(self, layer: int, x: torch.Tensor, params: dict):

@@ -211,15 +211,18 @@ def _prenorm_probes(base: layers.QwenOps, rnd, C: int, F: int, bias: torch.Tenso
 #: o, gate|up with SwiGLU in the epilogue, down, the head), "compiled-norm" (the same with the residual add and
 #: RMSNorm inside the q|k|v and gate|up launches, ``kernels.dispatch.norm_gemv_group``)
 GEMV_MODES = ("cublas", "triton", "compiled", "compiled-norm")
+#: the mode a Qwen2 on CUDA takes: on an H100 (one call, bench/results/h100.md), Qwen2 1.5B bf16 decoded at 653.3
+#: tok/s with "compiled-norm", 636.6 with "compiled" and 546.3 with "cublas"; verify_qwen2 passes with each
+DEFAULT_GEMV = "compiled-norm"
 
 
 def fused_ops(base: layers.QwenOps, device: torch.device, dtype: torch.dtype,
-              gemv: str = "compiled") -> tuple[layers.QwenOps, str]:
+              gemv: str = DEFAULT_GEMV) -> tuple[layers.QwenOps, str]:
     """``base`` with the Triton ops that run on ``device`` in ``dtype`` (see the module docstring), and the products
-    of 1..4 rows as ``gemv`` says (``GEMV_MODES``). "compiled" is the default (on an H100, Qwen2 1.5B decoded at
-    624.5 tok/s against 527.0 for "cublas" in one call, bench/results/h100.md; "triton" decoded at 486 in an earlier
-    call); it and "compiled-norm" need the compiled CUDA library (``kernels.ensure_built("cuda")``): where it is not
-    loaded, or a probe finds it wrong, cuBLAS serves and the note says why. Raises ValueError for another ``gemv``."""
+    of 1..4 rows as ``gemv`` says (``GEMV_MODES``; ``DEFAULT_GEMV`` by default; "triton" decoded at 486 tok/s in an
+    earlier H100 call). "compiled" and "compiled-norm" need the compiled CUDA library (``kernels.ensure_built("cuda")``):
+    where it is not loaded, or a probe finds it wrong, cuBLAS serves and the note says why. Raises ValueError for
+    another ``gemv``."""
     if gemv not in GEMV_MODES:
         raise ValueError(f"gemv must be one of {GEMV_MODES}, not {gemv!r}")
     if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):

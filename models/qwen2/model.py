@@ -130,9 +130,10 @@ class Qwen2:
     def _place(self, ck, progress) -> None:
         weights.place(self, ck, progress)
 
-    def _choose(self, kernels: bool, gemv: str = "compiled") -> None:
-        from rwkv_chat.models.qwen2.fused import GEMV_MODES
+    def _choose(self, kernels: bool, gemv: str | None = None) -> None:
+        from rwkv_chat.models.qwen2.fused import DEFAULT_GEMV, GEMV_MODES
 
+        gemv = DEFAULT_GEMV if gemv is None else gemv
         if gemv not in GEMV_MODES:
             raise ValueError(f"gemv must be one of {GEMV_MODES}, not {gemv!r}")
         self.kernels: dict[str, dict[str, str]] = {}
@@ -159,12 +160,13 @@ class Qwen2:
         self.backend = TorchBackend(bool(kernels), ops, note, i8=table is not None)
         self.plan = replace(self.plan, backend=str(self.backend))
 
-    def use_kernels(self, gemv: str = "compiled"):
+    def use_kernels(self, gemv: str | None = None):
         """Re-choose the backend with the compiled products (between forwards; states carry over; a decoder made
-        before must be made again). ``gemv``: how the products of 1..4 rows run on CUDA (``fused.GEMV_MODES``):
-        "compiled" (the default: the compiled grouped GEMV of ``csrc/fused``, built on first use; cuBLAS where it is
-        not built), "compiled-norm" (the same with the RMSNorms inside its launches), "cublas" or "triton"
-        (``ops.norm_gemv``). Returns the new backend. Raises ValueError for another ``gemv``."""
+        before must be made again). ``gemv``: how the products of 1..4 rows run on CUDA (``fused.GEMV_MODES``;
+        None: ``fused.DEFAULT_GEMV``): "compiled-norm" (the default: the compiled grouped GEMV of ``csrc/fused`` with
+        the residual adds and RMSNorms inside its launches, built on first use; cuBLAS where it is not built),
+        "compiled" (the same with separate RMSNorm launches), "cublas" or "triton" (``ops.norm_gemv``). Returns the
+        new backend. Raises ValueError for another ``gemv``."""
         with torch.no_grad():
             self._choose(True, gemv)
         return self.backend

@@ -249,6 +249,21 @@ def test_bench_fold_norms_off_the_fused_cuda_backend_is_one_line(model_path, cap
     assert err.startswith("rwkv-chat bench: --fold-norms: needs an RWKV-7 model on the fused CUDA backend"), err
 
 
+def test_bench_fold_norms_flags_exclude_each_other_and_no_fold_is_one_line_off_cuda(model_path, capsys):
+    """``--fold-norms`` with ``--no-fold-norms`` is a usage error (exit 2); ``--no-fold-norms`` alone measures the
+    fused CUDA backend's unfolded step: elsewhere one line and exit 2."""
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "--model", str(model_path("7")), "--strategy", "cpu fp32", "--fold-norms",
+                  "--no-fold-norms", "--tokens", "2", "--prompt-len", "0"])
+    assert e.value.code == 2
+    assert "--fold-norms and --no-fold-norms exclude each other" in capsys.readouterr().err
+    assert cli.main(["bench", "--model", str(model_path("7")), "--strategy", "cpu fp32", "--no-fold-norms",
+                     "--tokens", "2", "--prompt-len", "0"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith("rwkv-chat bench: --no-fold-norms: needs an RWKV-7 model on the fused CUDA backend"), err
+
+
 def test_plan_suggest_into_a_closed_pipe_exits_quietly(model_path):
     """``rwkv-chat plan M --suggest | head -0``: the reader gone before the suggestions are written (unbuffered
     output writes them at once) is no error."""

@@ -16,10 +16,10 @@ def test_bench_family_qwen2_prints_the_table(capsys):
 
 
 def test_bench_family_qwen2_gemv_choices_on_a_cpu(capsys):
-    """--gemv compiled-norm on a CPU strategy: the CUDA-only products do not serve, the torch ops do, the table
-    prints; an unknown choice is one usage line (exit 2)."""
+    """--gemv compiled (not the default: the model re-chooses its products) on a CPU strategy: the CUDA-only products
+    do not serve, the torch ops do, the table prints; an unknown choice is one usage line (exit 2)."""
     assert cli.main(["bench", "--family", "qwen2", "--shape", "tiny", "--strategy", "cpu fp32", "--batch", "1",
-                     "--prompt-len", "0", "--tokens", "2", "--no-peer", "--gemv", "compiled-norm"]) == 0
+                     "--prompt-len", "0", "--tokens", "2", "--no-peer", "--gemv", "compiled"]) == 0
     assert "| Qwen2 tiny (random) | decode b=1 |" in capsys.readouterr().out
     try:
         cli.main(["bench", "--family", "qwen2", "--shape", "tiny", "--gemv", "fast"])
