@@ -332,7 +332,12 @@ class FusedCuda(Backend):
         fold_norms: decode steps of <= 4 rows on plain fp16 / bf16 / fp32 matrices run ln1 / ln2 with their residual
             adds and token-shift lerps inside the grouped GEMV launches that take them (``dispatch.ln_mix_gemv_group``;
             the shift states put in place by the next GEMV launch), two launches per layer fewer; probed here against
-            the unfolded step (``fold_note`` says why not where it does not serve). Off by default until measured.
+            the unfolded step (``fold_note`` says why not where it does not serve). Off here by default; ``attach``
+            turns it on up to C = ``FOLD_NORMS_MAX_C`` (faster at 0.1B, slower at 1.5B on an H100).
+        tuned_gemm: decode steps of more than 4 rows run their fp16 / bf16 products through cuBLASLt with the
+            algorithm timed per shape at the first step (``dispatch.gemm(tuned=True)`` / ``dispatch.bgemm``; probed
+            here, ``tuned_gemm`` False where the probe fails). On by default: 7.2B at batch 64 1.03x cuBLAS's
+            heuristic on an H100, 1.5B even.
 
     Raises:
         StrategyError: ``ffn`` not one of ``FFN_MODES``.
