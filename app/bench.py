@@ -112,17 +112,27 @@ def bench_decode(model, batch: int, tokens: int, graphs, compile, gemv: str, lar
 SKIP_STEPS = 8
 
 
-def use_sparse_ffn(model, fold_norms: bool = False) -> str | None:
-    """Rebuild the fused CUDA backend of ``model`` (before its first forward) with the row kernel for the
-    channel-mix value product; None on success, else why it cannot (not RWKV-7 on the fused CUDA backend).
-    ``fold_norms``: as ``use_folded_norms``."""
+def rebuild_fused(model, **changes) -> str | None:
+    """Rebuild the fused CUDA backend of ``model`` (before its first forward) with ``changes`` to its settings
+    (``ffn``, ``mix_rkv``, ``fold_norms``, ``tuned_gemm``; the others kept); None on success, else why it cannot (not
+    RWKV-7 on the fused CUDA backend). A probed setting that does not serve is left off: the backend says why
+    (``fold_note``)."""
     from rwkv_chat.models.backends.fused_cuda import FusedCuda
 
-    if not isinstance(model.backend, FusedCuda) or not model.backend.decodes:
-        return f"needs an RWKV-7 model on the fused CUDA backend (this one: {model.backend})"
-    model.backend = FusedCuda(model, model.backend.ops, ffn="sparse", mix_rkv=model.backend.mix_rkv,
-                              fold_norms=fold_norms)
-    return model.backend.fold_note if fold_norms else None
+    be = model.backend
+    if not isinstance(be, FusedCuda) or not be.decodes:
+        return f"needs an RWKV-7 model on the fused CUDA backend (this one: {be})"
+    settings = dict(ffn=be.ffn, mix_rkv=be.mix_rkv, fold_norms=be.fold_norms, tuned_gemm=be.tuned_gemm)
+    model.backend = FusedCuda(model, be.ops, **{**settings, **changes})
+    return None
+
+
+def use_sparse_ffn(model, fold_norms: bool = False) -> str | None:
+    """Rebuild the fused CUDA backend of ``model`` (before its first forward) with the row kernel for the
+    channel-mix value product; None on success, else why it cannot (not RWKV-7 on the fused CUDA backend, or
+    ``fold_norms`` asked for and not serving)."""
+    why = rebuild_fused(model, ffn="sparse", fold_norms=fold_norms)
+    return why or (model.backend.fold_note if fold_norms else None)
 
 
 def fold_by_default(model) -> bool:
@@ -130,19 +140,6 @@ def fold_by_default(model) -> bool:
     from rwkv_chat.models.backends.fused_cuda import FOLD_NORMS_MAX_C
 
     return model.spec.n_embd <= FOLD_NORMS_MAX_C
-
-
-def use_folded_norms(model, on: bool = True) -> str | None:
-    """Rebuild the fused CUDA backend of ``model`` (before its first forward) with ln1 / ln2 inside the grouped GEMV
-    launches of decode steps (``FusedCuda(fold_norms=True)``, probed), or (``on`` False) without; None on success,
-    else why not."""
-    from rwkv_chat.models.backends.fused_cuda import FusedCuda
-
-    if not isinstance(model.backend, FusedCuda) or not model.backend.decodes:
-        return f"needs an RWKV-7 model on the fused CUDA backend (this one: {model.backend})"
-    model.backend = FusedCuda(model, model.backend.ops, ffn=model.backend.ffn, mix_rkv=model.backend.mix_rkv,
-                              fold_norms=on)
-    return model.backend.fold_note if on else None
 
 
 def skipped_rows(model, steps: int = SKIP_STEPS) -> float | None:
@@ -166,18 +163,33 @@ def skipped_rows(model, steps: int = SKIP_STEPS) -> float | None:
     return sum(shares) / len(shares) if shares else None
 
 
-def tuned_gemm_note() -> str | None:
-    """One line on the per-shape cuBLASLt choices of this process's products above 4 rows (None when none)."""
+def _tuned_stats() -> list[dict]:
     from rwkv_chat.models.kernels import dispatch
 
-    st = [s for s in dispatch.gemm_tuned_stats() if s["rows"] > 4 and s["us_first"] > 0]
-    if not st:
-        return None
-    first, best = sum(s["us_first"] for s in st), sum(s["us_best"] for s in st)
-    won = sum(s["index"] > 0 for s in st)
-    return (f"products above 4 rows: cuBLASLt algorithm timed per shape at the first step (L2 flushed before each "
-            f"timed call): {len(st)} shapes, {won} of them faster than the heuristic's first pick; one call of each: "
-            f"{first:.1f} us by the first pick, {best:.1f} us kept ({first / best:.2f}x)")
+    return dispatch.gemm_tuned_stats()
+
+
+def _shape_key(s: dict) -> tuple:
+    return tuple(s[k] for k in ("device", "batch", "rows", "K", "M"))
+
+
+def tuned_gemm_note(batches, before: set) -> str | None:
+    """One line per decode batch size above 4 on the per-shape cuBLASLt choices its steps made (products of ``rows``
+    equal to that batch size, not among ``before``: the shapes kept before the decode runs, e.g. the load probe's);
+    None when there are none."""
+    new = [s for s in _tuned_stats() if _shape_key(s) not in before and s["us_first"] > 0]
+    lines = []
+    for b in batches:
+        st = [s for s in new if s["rows"] == b]
+        if not st:
+            continue
+        first, best = sum(s["us_first"] for s in st), sum(s["us_best"] for s in st)
+        won = sum(s["index"] > 0 for s in st)
+        lines.append(f"batch {b}: cuBLASLt algorithm timed per shape at the first step (L2 flushed before each timed "
+                     f"call): {len(st)} product shapes, {won} of them on another algorithm than the heuristic's first "
+                     f"pick; one call of each: {first:.1f} us by the first pick, {best:.1f} us kept "
+                     f"({first / best:.2f}x)")
+    return "\n\n".join(lines) or None
 
 
 def _path(d: dict) -> str:
@@ -330,6 +342,7 @@ def qwen2_main(argv: list[str]) -> int:
     """``rwkv-chat bench --family qwen2``: a Qwen2 folder or random weights of an official shape, decode and prefill
     with the measured ceilings and ``transformers`` as the peer (``rwkv_chat.models.qwen2.speed``)."""
     from rwkv_chat.models.qwen2 import shapes, speed
+    from rwkv_chat.models.qwen2.fused import DEFAULT_GEMV, GEMV_MODES
     from rwkv_chat.models.qwen2.model import Qwen2
     from rwkv_chat.models.strategy import DTYPES, parse_strategy, torch_device
 
@@ -344,10 +357,11 @@ def qwen2_main(argv: list[str]) -> int:
     ap.add_argument("--prompt-len", type=int, default=1024, metavar="T", help="prefill length (default 1024; 0: skip)")
     ap.add_argument("--tokens", type=int, default=100, metavar="N", help="timed decode steps (default 100)")
     ap.add_argument("--no-peer", action="store_true", help="skip transformers")
-    ap.add_argument("--gemv", choices=["cublas", "triton", "compiled", "compiled-norm"], default="compiled-norm",
-                    help="decode products of 1..4 rows: compiled-norm (the compiled grouped GEMV with the residual add "
-                         "and RMSNorm inside its launches; default), compiled (RMSNorm, then the compiled grouped "
-                         "GEMV), cublas (RMSNorm, then cuBLAS) or triton (norm_gemv, the RMSNorm inside)")
+    ap.add_argument("--gemv", choices=GEMV_MODES, default=DEFAULT_GEMV,
+                    help=f"decode products of 1..4 rows (default {DEFAULT_GEMV}): compiled-norm (the compiled grouped "
+                         "GEMV with the residual add and RMSNorm inside its launches), compiled (RMSNorm, then the "
+                         "compiled grouped GEMV), cublas (RMSNorm, then cuBLAS) or triton (norm_gemv, the RMSNorm "
+                         "inside)")
     ap.add_argument("--md", metavar="FILE", help="append the table to this markdown file")
     args = ap.parse_args(argv)
     check_run_args(ap, args)
@@ -357,7 +371,7 @@ def qwen2_main(argv: list[str]) -> int:
         folder = Path(args.model) if args.model else shapes.write_random(Path(tmp) / args.shape, args.shape, dtype,
                                                                          device=dev)
         model = Qwen2(folder, args.strategy)
-        if args.gemv != "compiled-norm":      # the model's default (models/qwen2/fused.py DEFAULT_GEMV)
+        if args.gemv != DEFAULT_GEMV:          # the model chose its default at load
             model.use_kernels(gemv=args.gemv)
         peer = None if args.no_peer else speed.peer_speed(folder, dtype, dev, args.tokens, args.prompt_len)
         ceiling, peak = copy_bandwidth(dev), speed.matmul_peak(dtype, dev)
@@ -484,20 +498,25 @@ def rwkv_main(argv: list[str]) -> int:
     dev = model.emb.device
     gpu = dev.type == "cuda"
     skipped = None
+    changes, flags = {}, []
     if args.ffn == "sparse":
-        why = use_sparse_ffn(model, args.fold_norms or (not args.no_fold_norms and fold_by_default(model)))
+        changes["ffn"], flags = "sparse", ["--ffn sparse"]
+        # the width's default fold, which quietly stays off where it does not serve, unless a flag says otherwise
+        changes["fold_norms"] = args.fold_norms or (not args.no_fold_norms and fold_by_default(model))
+    if args.fold_norms or args.no_fold_norms:
+        changes["fold_norms"] = args.fold_norms
+        flags.append("--fold-norms" if args.fold_norms else "--no-fold-norms")
+    if args.untuned_gemm:
+        changes["tuned_gemm"] = False
+        flags.append("--untuned-gemm")
+    if changes:
+        why = rebuild_fused(model, **changes) or (model.backend.fold_note if args.fold_norms else None)
         if why:
-            print(f"rwkv-chat bench: --ffn sparse{' --fold-norms' if args.fold_norms else ''}: {why}", file=sys.stderr)
+            print(f"rwkv-chat bench: {' '.join(flags)}: {why}", file=sys.stderr)
             return 2
+    if args.ffn == "sparse":
         with torch.no_grad():
             skipped = skipped_rows(model)
-    elif args.fold_norms or args.no_fold_norms:
-        why = use_folded_norms(model, on=not args.no_fold_norms)
-        if why:
-            print(f"rwkv-chat bench: --{'no-' if args.no_fold_norms else ''}fold-norms: {why}", file=sys.stderr)
-            return 2
-    if args.untuned_gemm and hasattr(model.backend, "tuned_gemm"):
-        model.backend.tuned_gemm = False
     ref = None
     if args.compare_rwkv_pip and gpu:  # start early: its CUDA build overlaps our runs
         ref = Reference(pth, args.strategy, min(args.tokens, 100), args.prompt_len, model.vocab_size,
@@ -505,6 +524,7 @@ def rwkv_main(argv: list[str]) -> int:
     bw = copy_bandwidth(dev) if gpu else None     # a GPU's ceiling; a CPU copy says little about a decode step
     graphs = False if args.no_graph else None
     comp = False if args.no_compile else None
+    tuned_before = {_shape_key(s) for s in _tuned_stats()}     # the load probe's shapes, not the decode's
     with torch.no_grad():
         dec = []
         for b in args.batch:
@@ -540,7 +560,7 @@ def rwkv_main(argv: list[str]) -> int:
         for d in dec:
             lines.append(f"| {d['batch']} | {d['tok_s']:.1f} | {d['p50_ms']:.3f} | {d['p90_ms']:.3f} | "
                          f"{d['gb_s']:.1f} | {model.backend.name} |")
-    if any(d.get("tuned_gemm") for d in dec) and (note := tuned_gemm_note()):
+    if any(d.get("tuned_gemm") for d in dec) and (note := tuned_gemm_note([d["batch"] for d in dec], tuned_before)):
         lines += ["", note]
     if skipped is not None:
         lines += ["", f"channel-mix value product by the row kernel: {100 * skipped:.1f}% of the value matrices' rows "

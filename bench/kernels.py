@@ -29,6 +29,7 @@ import torch  # noqa: E402
 from rwkv_chat.app.bench import provenance  # noqa: E402
 from rwkv_chat.models import kernels  # noqa: E402
 from rwkv_chat.models.formats import i8 as quant  # noqa: E402
+from rwkv_chat.models.ops.wkv5_chunk import wkv5_chunk  # noqa: E402
 
 def l2_bytes() -> int:
     """The device's L2 cache size (H100: 50 MB)."""
@@ -289,9 +290,9 @@ def bench_wkv456(rows_md: list) -> None:
             nbytes = B * T * C * (4 * 2 + (4 if fam == "wkv6" else 0)) + 2 * B * H * N * N * 4
             rows_md.append(f"| {fam} | {B} | {T} | {C} | {t * 1e3:.1f} | {nbytes / t / 1e6:.0f} |")
             if T > 1:     # the chunked Triton kernel on the same inputs (ops.wkv5_chunk, kernels.wkv5(chunk=16))
-                yc, sc = kernels.wkv5(r, k, v, w, u, s, chunk=16)
+                yc, sc = wkv5_chunk(r, k, v, w, u, s)
                 diff = ((yc.float() - y.float()).norm() / y.float().norm()).item()
-                tc = time_ms(lambda i: kernels.wkv5(r, k, v, w, u, s, out=(yc, sc), chunk=16), iters=20)
+                tc = time_ms(lambda i: wkv5_chunk(r, k, v, w, u, s, out=(yc, sc)), iters=20)
                 rows_md.append(f"| {fam} chunked L=16 (Triton; {t / tc:.2f}x the sequential kernel, y rel. diff "
                                f"{diff:.1e}) | {B} | {T} | {C} | {tc * 1e3:.1f} | {nbytes / tc / 1e6:.0f} |")
         kk, vv = r.view(B, T, C), v.view(B, T, C)

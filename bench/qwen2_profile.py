@@ -55,12 +55,14 @@ def main() -> int:
     ap.add_argument("--shape", default="1.5B")
     ap.add_argument("--prompt-len", type=int, default=1024)
     ap.add_argument("--strategy", default="cuda bf16")
-    ap.add_argument("--gemv", choices=["cublas", "triton", "compiled", "compiled-norm"], default="compiled",
-                    help="the products of 1..4 rows (Qwen2.use_kernels)")
+    from rwkv_chat.models.qwen2 import shapes
+    from rwkv_chat.models.qwen2.fused import DEFAULT_GEMV, GEMV_MODES
+    from rwkv_chat.models.qwen2.model import Qwen2
+
+    ap.add_argument("--gemv", choices=GEMV_MODES, default=DEFAULT_GEMV,
+                    help=f"the products of 1..4 rows (Qwen2.use_kernels; default {DEFAULT_GEMV}, the model's)")
     ap.add_argument("--out")
     args = ap.parse_args()
-    from rwkv_chat.models.qwen2 import shapes
-    from rwkv_chat.models.qwen2.model import Qwen2
 
     from rwkv_chat.app.bench import provenance
 
@@ -69,7 +71,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         folder = shapes.write_random(Path(tmp) / "m", args.shape, device="cuda")
         model = Qwen2(folder, args.strategy)
-        if args.gemv != "compiled":
+        if args.gemv != DEFAULT_GEMV:
             model.use_kernels(gemv=args.gemv)
     _, state = model.forward(list(range(1, 65)), None)
     for graphs in (False, True):

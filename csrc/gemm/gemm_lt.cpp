@@ -20,6 +20,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cublasLt.h>
+#include <torch/version.h>
 
 #include <stdint.h>
 
@@ -225,10 +226,16 @@ void gemm_tuned_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor&
     const at::cuda::OptionalCUDAGuard guard(a.device());
     cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     cublasLtHandle_t h = at::cuda::getCurrentCUDABlasLtHandle();
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 9)
     // PyTorch's own cuBLASLt workspace for this handle and stream (safe under graph capture, never shared with
     // another stream's work in flight)
     void* ws = at::cuda::getCUDABlasLtWorkspace();
     const size_t ws_bytes = at::cuda::getCUDABlasLtWorkspaceSize();
+#else
+    // older torch exposes no cuBLASLt workspace: algorithms that need none
+    void* ws = nullptr;
+    const size_t ws_bytes = 0;
+#endif
     const cudaDataType_t ta = dtype_of(a), tc = dtype_of(c);
     const Descs d(batch, rows, K, M, b_t, ta, tc);
     if (!d.ok) return fallback(a, b, c);

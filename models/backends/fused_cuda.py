@@ -18,9 +18,12 @@ Decode (``FusedCuda.decode_step``, one token for each of b rows), per layer:
   launches of 2 and 7 (each block
   normalizes the row itself: ``dispatch.ln_mix_gemv_group``); the new att_x / ffn_x go to scratch tensors that the
   launches of 3 and 8 copy into the state, once every block that read the old ones has finished.
-More than 4 rows (the mix lerps in ``MANY_ORDER``): r|k|v as one batched cuBLAS GEMM over a [3, C, C] stack
-(plain matrices), the v|w|a low-rank stages as two batched GEMMs (``low_rank_many``), g's and the channel-mix
-products as cuBLAS GEMMs, the WKV step one fused launch per layer. i8 weights (<= 4 rows) use the grouped mm8
+More than 4 rows (the mix lerps in ``MANY_ORDER``): r|k|v as one batched GEMM over a [3, C, C] stack (plain
+matrices), the v|w|a low-rank stages as two batched GEMMs (``low_rank_many``), the output, channel-mix and head
+products as GEMMs, all through cuBLASLt with the algorithm timed per shape at the first step (``tuned_gemm``:
+``dispatch.gemm(tuned=True)`` / ``dispatch.bgemm``; the choice is kept per process, so a step's rounding can
+differ between processes that timed differently, never between the rows of one step); g's two small low-rank
+products by torch; the WKV step one fused launch per layer. i8 weights (<= 4 rows) use the grouped mm8
 GEMV: r/k/v in one launch, relu² applied on load for the channel-mix value; i4 and f8 weights the grouped
 GEMV of ``csrc/gemvq`` (``dispatch.gemvq_group``) for r/k/v in one launch and each other product (relu² of the
 channel-mix value's input applied as the kernel loads it);
@@ -37,7 +40,7 @@ weights contiguously and cuBLAS reads the same memory transposed; except, with `
 the fp16 / bf16 channel-mix value matrices, stored input-major ([F, C] contiguous: the row of input f is
 contiguous, so rows can be skipped; cuBLAS takes either layout); the backend keeps its own per-layer tensors
 (the six mixes stacked, the low-rank matrices output-major). Products of the large matrices outside the GEMV
-kernels go through the model's ops (``ops.matmul``: cuBLAS, the compiled mm8). Shapes: C channels, H heads
+kernels and the tuned GEMMs go through the model's ops (``ops.matmul``: cuBLAS, the compiled mm8). Shapes: C channels, H heads
 of N, b rows.
 """
 

@@ -60,8 +60,10 @@ def wkv5(r, k, v, w, u, s, *, out=None, chunk: int | None = None):
 
     ``chunk``: None or 0 takes the compiled sequential kernel; 16 takes the chunked Triton kernel
     (``ops.wkv5_chunk``, CUDA, head sizes 16..128) where it serves, else the sequential one.
-    Raises: DeviceError, UnsupportedDtypeError, ShapeMismatchError.
+    Raises: DeviceError, UnsupportedDtypeError, ShapeMismatchError; ValueError for another ``chunk``.
     """
+    if chunk not in (None, 0, _wkv5c.CHUNK):
+        raise ValueError(f"wkv5: chunk must be None, 0 or {_wkv5c.CHUNK}, not {chunk!r}")
     check_wkv5(r, k, v, w, u, s, out)
     dev, fam = r.device.type, ("wkv6" if w.dim() == 4 else "wkv5")
     if chunk == _wkv5c.CHUNK and dev == "cuda" and _wkv5c.serves(r) and _triton_ok():

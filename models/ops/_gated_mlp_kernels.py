@@ -2,13 +2,13 @@
 
 ``gated_mlp_kernel``: O[M, N] = act(X @ WG^T) * (X @ WU^T) with X [M, K], WG/WU [N, K] (nn.Linear layout),
 one [BLOCK_M, BLOCK_N] tile of O per program, both products accumulated in fp32 by ``tl.dot`` on fp16/bf16
-tiles (tensor cores: mma / wgmma; tiles are never upcast), the activation and the product applied to the
-fp32 accumulators in the epilogue, one store of O in X's dtype. Tiles run in groups of GROUP_M rows of
-tiles so that neighbouring programs share weight tiles in L2.
+tiles (tensor cores: mma / wgmma; tiles are never upcast; the CUDA-core configs below excepted), the activation
+and the product applied to the fp32 accumulators in the epilogue, one store of O in X's dtype. Tiles run in
+groups of GROUP_M rows of tiles so that neighbouring programs share weight tiles in L2.
 
 Two autotuned launchers share the kernel: ``gated_mlp_small`` for M <= 16 (decode: a GEMV in effect,
-memory-bound on the 2*N*K weights; BLOCK_M = 16, the smallest mma tile, narrow N tiles so that many
-programs stream the weights at once) and ``gated_mlp`` (prefill, batches: large tiles for the tensor
+memory-bound on the 2*N*K weights; BLOCK_M = 16, the smallest mma tile, or 1 / 2 / 4 rows on the CUDA cores, narrow
+N tiles so that many programs stream the weights at once) and ``gated_mlp`` (prefill, batches: large tiles for the tensor
 cores). The autotune key is (M_KEY, N, K), M_KEY a bucket of M (``gated_mlp.m_bucket``: 1, 2, 4, 16, 128, 1024,
 8192), so that a model tunes a few times per weight shape, not once per batch size or prompt length.
 

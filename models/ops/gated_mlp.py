@@ -9,7 +9,9 @@ Formula (Shazeer 2020, "GLU Variants Improve Transformer"; Hugging Face ``Qwen2M
 tile of x, run on fp16/bf16 tensor cores (``tl.dot`` on half tiles, fp32 accumulators) and the activation
 and product are applied to the fp32 accumulators before the one store of the [M, I] result; the [M, I]
 gate and up products never reach memory. M <= 16 (decode) takes narrow-N tiles of 16 rows that stream the
-weights with many programs at once (GEMV-like); larger M takes 64..128-wide tiles. Each tile config is
+weights with many programs at once (GEMV-like); at 1, 2 or 4 rows the autotuner also weighs CUDA-core tiles of
+exactly those rows (the half weights widened to fp32 in registers and summed along K), whichever is faster;
+larger M takes 64..128-wide tiles. Each tile config is
 autotuned at the first call for a (bucket of M: ``m_bucket``, I, H), the choice kept in Triton's cache dir
 where the installed Triton supports it: warm an op up (each bucket) before capturing it in a CUDA graph.
 

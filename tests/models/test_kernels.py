@@ -133,6 +133,8 @@ def test_chunked_wkv5_request_falls_back_off_cuda_and_its_op_raises_typed_errors
         wkv5_chunk.wkv5_chunk(**a)                              # head size 8
     with pytest.raises(UnsupportedDtypeError):
         wkv5_chunk.wkv5_chunk(**_wkv5_args(s=torch.randn(2, 2, 8, 8, dtype=torch.float16)))
+    with pytest.raises(ValueError, match="chunk must be"):
+        kernels.wkv5(**a, chunk=32)                              # a chunk length no kernel takes
 
 
 def test_tuned_gemm_requests_fall_back_to_torch_off_cuda(cpu_loader):
