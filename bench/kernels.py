@@ -295,6 +295,11 @@ def bench_wkv456(rows_md: list) -> None:
                 tc = time_ms(lambda i: wkv5_chunk(r, k, v, w, u, s, out=(yc, sc)), iters=20)
                 rows_md.append(f"| {fam} chunked L=16 (Triton; {t / tc:.2f}x the sequential kernel, y rel. diff "
                                f"{diff:.1e}) | {B} | {T} | {C} | {tc * 1e3:.1f} | {nbytes / tc / 1e6:.0f} |")
+                yp, sp = wkv5_chunk(r, k, v, w, u, s, parallel=True)
+                diff = ((yp.float() - y.float()).norm() / y.float().norm()).item()
+                tp = time_ms(lambda i: wkv5_chunk(r, k, v, w, u, s, out=(yp, sp), parallel=True), iters=20)
+                rows_md.append(f"| {fam} chunked L=16, three launches (Triton; {t / tp:.2f}x the sequential kernel, "
+                               f"y rel. diff {diff:.1e}) | {B} | {T} | {C} | {tp * 1e3:.1f} | {nbytes / tp / 1e6:.0f} |")
         kk, vv = r.view(B, T, C), v.view(B, T, C)
         w4, u4 = -torch.rand(C, device="cuda"), torch.randn(C, device="cuda")
         st = [torch.randn(B, C, device="cuda") for _ in range(3)]

@@ -33,9 +33,52 @@ def _log_decay(w_ptr, off, h, cols, ok, PER_TOKEN: tl.constexpr, N: tl.constexpr
 
 
 @triton.jit
+def _rows(t, T, tt, L: tl.constexpr):
+    """Masks of a chunk's tokens t [L]: in the sequence, with a previous token in the chunk, with a next one."""
+    ok = t < T
+    return ok, ok & (tt >= 1), (t + 1 < T) & (tt < L - 1)
+
+
+@triton.jit
+def _r_decayed(r_ptr, w_ptr, off, h, kk, ok, ok_prev, row, PER_TOKEN: tl.constexpr, N: tl.constexpr):
+    """r_t * exp(g_exc[t]) [L, N] float32: r decayed from the chunk's start state to token t's read."""
+    r = tl.load(r_ptr + off[:, None] + kk[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+    return r * tl.exp(tl.cumsum(_log_decay(w_ptr, off - row, h, kk, ok_prev, PER_TOKEN, N), axis=0))
+
+
+@triton.jit
+def _chunk(r_ptr, k_ptr, w_ptr, u, off, h, kk, tt, ok, ok_prev, ok_next, row,
+           PER_TOKEN: tl.constexpr, N: tl.constexpr, L: tl.constexpr, BK: tl.constexpr):
+    """One chunk's in-chunk terms (module docstring): r * exp(g_exc) [L, N], k * exp(g_suf) [L, N], exp(sum lw)
+    [N] and the scores [L, L] (bonus on the diagonal), all float32."""
+    r = tl.load(r_ptr + off[:, None] + kk[None, :], mask=ok[:, None], other=0.0).to(tl.float32)     # [L, N]
+    k = tl.load(k_ptr + off[:, None] + kk[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+    lw = _log_decay(w_ptr, off, h, kk, ok, PER_TOKEN, N)                                 # [L, N]
+    g_exc = tl.cumsum(_log_decay(w_ptr, off - row, h, kk, ok_prev, PER_TOKEN, N), axis=0)            # sum_{i<t}
+    g_suf = tl.cumsum(_log_decay(w_ptr, off + row, h, kk, ok_next, PER_TOKEN, N), axis=0, reverse=True)
+    strict = tt[:, None] > tt[None, :]                                                   # [t, j]: j < t
+    later = (tt[:, None] > tt[None, :] + 1)[:, :, None]                                  # [m, j]: m > j + 1
+    bk = tl.arange(0, BK)
+    scores = tl.zeros((L, L), tl.float32)
+    for k0 in tl.static_range(0, N, BK):                 # one block of BK key channels at a time
+        cols = k0 + bk
+        rb = tl.load(r_ptr + off[:, None] + cols[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+        kb = tl.load(k_ptr + off[:, None] + cols[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+        lpb = _log_decay(w_ptr, off - row, h, cols, ok_prev, PER_TOKEN, N)               # [L, BK]: lw_{m-1}
+        # x[m, j, :] = lw_{m-1} for m > j + 1: the cumulative sum over m is e[t, j] at m = t
+        e = tl.cumsum(tl.where(later, lpb[:, None, :], 0.0), axis=0)                     # [L, L, BK]
+        d = tl.where(strict[:, :, None], tl.exp(e), 0.0)
+        scores += tl.sum(rb[:, None, :] * kb[None, :, :] * d, axis=2)
+    bonus = tl.sum(r * k * u[None, :], axis=1)                                           # [L]
+    scores += tl.where(tt[:, None] == tt[None, :], bonus[:, None], 0.0)
+    return r * tl.exp(g_exc), k * tl.exp(g_suf), tl.exp(tl.sum(lw, axis=0)), scores
+
+
+@triton.jit
 def wkv5_chunk_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s_ptr, y_ptr, so_ptr, T, H,
                       PER_TOKEN: tl.constexpr, N: tl.constexpr, L: tl.constexpr, BV: tl.constexpr,
                       BK: tl.constexpr):
+    """One program per (batch x head, BV value columns) walking every chunk in order (the state slice in registers)."""
     bh = tl.program_id(0)
     b = bh // H
     h = bh % H
@@ -43,42 +86,84 @@ def wkv5_chunk_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s_ptr, y_ptr, so_ptr, T
     kk = tl.arange(0, N)                                  # key channels
     vv = v0 + tl.arange(0, BV)                            # this program's value columns
     tt = tl.arange(0, L)
-    bk = tl.arange(0, BK)
     row = H * N                                           # elements between consecutive tokens
     base = b.to(tl.int64) * T * row + h * N               # token 0, channel 0 of (b, h)
     sbase = bh.to(tl.int64) * N * N
     S = tl.load(s_ptr + sbase + kk[:, None] * N + vv[None, :])                          # [N, BV] float32
     u = tl.load(u_ptr + h * N + kk)                                                      # [N]
-    strict = tt[:, None] > tt[None, :]                                                   # [t, j]: j < t
-    later = (tt[:, None] > tt[None, :] + 1)[:, :, None]                                  # [m, j]: m > j + 1
     for c in range(0, tl.cdiv(T, L)):
         t = c * L + tt
-        ok = t < T
-        ok_prev = ok & (tt >= 1)
-        ok_next = (t + 1 < T) & (tt < L - 1)
+        ok, ok_prev, ok_next = _rows(t, T, tt, L)
         off = base + t.to(tl.int64) * row                                                # [L]
-        r = tl.load(r_ptr + off[:, None] + kk[None, :], mask=ok[:, None], other=0.0).to(tl.float32)   # [L, N]
-        k = tl.load(k_ptr + off[:, None] + kk[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
         v = tl.load(v_ptr + off[:, None] + vv[None, :], mask=ok[:, None], other=0.0).to(tl.float32)   # [L, BV]
-        lw = _log_decay(w_ptr, off, h, kk, ok, PER_TOKEN, N)                             # [L, N]
-        g_exc = tl.cumsum(_log_decay(w_ptr, off - row, h, kk, ok_prev, PER_TOKEN, N), axis=0)          # sum_{i<t}
-        g_suf = tl.cumsum(_log_decay(w_ptr, off + row, h, kk, ok_next, PER_TOKEN, N), axis=0, reverse=True)
-        g_all = tl.sum(lw, axis=0)                                                       # [N]
-        # scores [L(t), L(j)], one block of BK key channels at a time
-        scores = tl.zeros((L, L), tl.float32)
-        for k0 in tl.static_range(0, N, BK):
-            cols = k0 + bk
-            rb = tl.load(r_ptr + off[:, None] + cols[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-            kb = tl.load(k_ptr + off[:, None] + cols[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-            lpb = _log_decay(w_ptr, off - row, h, cols, ok_prev, PER_TOKEN, N)           # [L, BK]: lw_{m-1}
-            # x[m, j, :] = lw_{m-1} for m > j + 1: the cumulative sum over m is e[t, j] at m = t
-            e = tl.cumsum(tl.where(later, lpb[:, None, :], 0.0), axis=0)                 # [L, L, BK]
-            d = tl.where(strict[:, :, None], tl.exp(e), 0.0)
-            scores += tl.sum(rb[:, None, :] * kb[None, :, :] * d, axis=2)
-        bonus = tl.sum(r * k * u[None, :], axis=1)                                       # [L]
-        scores += tl.where(tt[:, None] == tt[None, :], bonus[:, None], 0.0)
-        y = tl.dot(r * tl.exp(g_exc), S, input_precision="ieee") + tl.dot(scores, v, input_precision="ieee")
+        rd, kp, decay, scores = _chunk(r_ptr, k_ptr, w_ptr, u, off, h, kk, tt, ok, ok_prev, ok_next, row,
+                                       PER_TOKEN, N, L, BK)
+        y = tl.dot(rd, S, input_precision="ieee") + tl.dot(scores, v, input_precision="ieee")
         tl.store(y_ptr + off[:, None] + vv[None, :], y.to(y_ptr.dtype.element_ty), mask=ok[:, None])
-        kp = k * tl.exp(g_suf)                                                           # [L, N]
-        S = tl.exp(g_all)[:, None] * S + tl.dot(tl.trans(kp), v, input_precision="ieee")
+        S = decay[:, None] * S + tl.dot(tl.trans(kp), v, input_precision="ieee")
     tl.store(so_ptr + sbase + kk[:, None] * N + vv[None, :], S)
+
+
+@triton.jit
+def wkv5_prep_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, yw_ptr, d_ptr, g_ptr, T, H, nc,
+                     PER_TOKEN: tl.constexpr, N: tl.constexpr, L: tl.constexpr, BK: tl.constexpr):
+    """Phase 1, one program per (batch x head, chunk), all chunks at once: the in-chunk output scores @ v into yw
+    (float32 [B, T, H, N]), the chunk's state increment (k * exp(g_suf))^T @ v into d ([B*H, nc, N, N]) and its decay
+    exp(sum lw) into g ([B*H, nc, N])."""
+    bh = tl.program_id(0)
+    c = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    kk = tl.arange(0, N)
+    tt = tl.arange(0, L)
+    row = H * N
+    t = c * L + tt
+    ok, ok_prev, ok_next = _rows(t, T, tt, L)
+    off = b.to(tl.int64) * T * row + h * N + t.to(tl.int64) * row
+    u = tl.load(u_ptr + h * N + kk)
+    v = tl.load(v_ptr + off[:, None] + kk[None, :], mask=ok[:, None], other=0.0).to(tl.float32)     # [L, N]
+    rd, kp, decay, scores = _chunk(r_ptr, k_ptr, w_ptr, u, off, h, kk, tt, ok, ok_prev, ok_next, row,
+                                   PER_TOKEN, N, L, BK)
+    tl.store(yw_ptr + off[:, None] + kk[None, :], tl.dot(scores, v, input_precision="ieee"), mask=ok[:, None])
+    cbase = (bh.to(tl.int64) * nc + c)
+    tl.store(d_ptr + cbase * N * N + kk[:, None] * N + kk[None, :], tl.dot(tl.trans(kp), v, input_precision="ieee"))
+    tl.store(g_ptr + cbase * N + kk, decay)
+
+
+@triton.jit
+def wkv5_scan_kernel(s_ptr, d_ptr, g_ptr, so_ptr, nc, N: tl.constexpr, BV: tl.constexpr):
+    """Phase 2, one program per (batch x head, BV value columns): the only sequential part. Walks the chunks,
+    replacing each chunk's increment in d by the state at the chunk's start (the same slice, read before written),
+    S <- exp(sum lw) * S + increment; the final state into so."""
+    bh = tl.program_id(0)
+    vv = tl.program_id(1) * BV + tl.arange(0, BV)
+    kk = tl.arange(0, N)
+    sbase = bh.to(tl.int64) * N * N
+    S = tl.load(s_ptr + sbase + kk[:, None] * N + vv[None, :])                          # [N, BV]
+    for c in range(0, nc):
+        cbase = bh.to(tl.int64) * nc + c
+        at = d_ptr + cbase * N * N + kk[:, None] * N + vv[None, :]
+        inc = tl.load(at)
+        tl.store(at, S)
+        S = tl.load(g_ptr + cbase * N + kk)[:, None] * S + inc
+    tl.store(so_ptr + sbase + kk[:, None] * N + vv[None, :], S)
+
+
+@triton.jit
+def wkv5_out_kernel(r_ptr, w_ptr, yw_ptr, d_ptr, y_ptr, T, H, nc,
+                    PER_TOKEN: tl.constexpr, N: tl.constexpr, L: tl.constexpr):
+    """Phase 3, one program per (batch x head, chunk): y = yw + (r * exp(g_exc)) @ S_start, in y's dtype."""
+    bh = tl.program_id(0)
+    c = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    kk = tl.arange(0, N)
+    tt = tl.arange(0, L)
+    row = H * N
+    t = c * L + tt
+    ok, ok_prev, ok_next = _rows(t, T, tt, L)
+    off = b.to(tl.int64) * T * row + h * N + t.to(tl.int64) * row
+    rd = _r_decayed(r_ptr, w_ptr, off, h, kk, ok, ok_prev, row, PER_TOKEN, N)
+    S = tl.load(d_ptr + (bh.to(tl.int64) * nc + c) * N * N + kk[:, None] * N + kk[None, :])
+    y = tl.load(yw_ptr + off[:, None] + kk[None, :], mask=ok[:, None], other=0.0) + tl.dot(rd, S, input_precision="ieee")
+    tl.store(y_ptr + off[:, None] + kk[None, :], y.to(y_ptr.dtype.element_ty), mask=ok[:, None])

@@ -41,8 +41,13 @@ def serves(r: torch.Tensor) -> bool:
 
 
 def wkv5_chunk(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor,
-               s: torch.Tensor, *, out: tuple[torch.Tensor, torch.Tensor] | None = None):
+               s: torch.Tensor, *, out: tuple[torch.Tensor, torch.Tensor] | None = None, parallel: bool = False):
     """The RWKV-5/6 WKV over T tokens, chunked; same contract as ``wkv.wkv5_torch``.
+
+    ``parallel``: three launches instead of one (``_wkv5_chunk_kernels``: every chunk's in-chunk terms at once, one
+    program per batch x head x chunk; a scan over the chunks' state increments, the only sequential part; the
+    outputs at once), for few heads and long sequences, where the one-launch form keeps few multiprocessors busy.
+    Float32 workspace: 4 (B T H N + B H nc N (N + 1)) bytes, nc = ceil(T / CHUNK).
 
     Args:
         r, k, v: [B, T, H, N] float32 / float16 / bfloat16 (one dtype), N in ``HEAD_SIZES``.
@@ -64,10 +69,19 @@ def wkv5_chunk(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tenso
     kern = _triton.kernels(_KERNELS, op="wkv5_chunk")
     r, k, v, w, u, s = (t.contiguous() for t in (r, k, v, w, u, s))
     y, s_new = out if out is not None else (torch.empty_like(r), torch.empty_like(s))
-    if B * H and T:
-        bv = min(BLOCK_V, N)
-        kern.wkv5_chunk_kernel[(B * H, N // bv)](r, k, v, w, u, s, y, s_new, T, H, PER_TOKEN=w.dim() == 4, N=N,
-                                                 L=CHUNK, BV=bv, BK=min(BLOCK_K, N), num_warps=4)
+    bv, bk, per_token = min(BLOCK_V, N), min(BLOCK_K, N), w.dim() == 4
+    if B * H and T and parallel:
+        nc = -(-T // CHUNK)
+        yw = torch.empty(B, T, H, N, dtype=torch.float32, device=r.device)
+        d = torch.empty(B * H, nc, N, N, dtype=torch.float32, device=r.device)
+        g = torch.empty(B * H, nc, N, dtype=torch.float32, device=r.device)
+        kern.wkv5_prep_kernel[(B * H, nc)](r, k, v, w, u, yw, d, g, T, H, nc, PER_TOKEN=per_token, N=N, L=CHUNK,
+                                           BK=bk, num_warps=4)
+        kern.wkv5_scan_kernel[(B * H, N // bv)](s, d, g, s_new, nc, N=N, BV=bv, num_warps=4)
+        kern.wkv5_out_kernel[(B * H, nc)](r, w, yw, d, y, T, H, nc, PER_TOKEN=per_token, N=N, L=CHUNK, num_warps=4)
+    elif B * H and T:
+        kern.wkv5_chunk_kernel[(B * H, N // bv)](r, k, v, w, u, s, y, s_new, T, H, PER_TOKEN=per_token, N=N,
+                                                 L=CHUNK, BV=bv, BK=bk, num_warps=4)
     elif s_new.data_ptr() != s.data_ptr():
         s_new.copy_(s)
     return y, s_new

@@ -163,9 +163,11 @@ def cases(quick: bool = False):
     for per_token, N, dt in ((True, 64, hf), (False, 64, bf), (True, 128, torch.float32), (True, 32, hf)):
         B, T, H = 1, 40, 2
         w = torch.rand(B, T, H, N) if per_token else torch.rand(H, N)
-        yield (f"wkv5_chunk {'v6' if per_token else 'v5'} N={N} {dt}", lambda B=B, T=T, H=H, N=N, dt=dt, w=w:
-               wkv5_chunk.wkv5_chunk(*(r(B, T, H, N, dt=dt) for _ in range(3)), w, torch.randn(H, N),
-                                     torch.randn(B, H, N, N)))
+        for par in (False, True):
+            yield (f"wkv5_chunk {'v6' if per_token else 'v5'} N={N} {dt} {'three launches' if par else 'one launch'}",
+                   lambda B=B, T=T, H=H, N=N, dt=dt, w=w, par=par:
+                   wkv5_chunk.wkv5_chunk(*(r(B, T, H, N, dt=dt) for _ in range(3)), w, torch.randn(H, N),
+                                         torch.randn(B, H, N, N), parallel=par))
 
 
 def ptxas_info(ptx: str, arch: int) -> str:

@@ -1,4 +1,5 @@
 """``wkv5_chunk`` (the chunked RWKV-5/6 WKV, Triton) run in Triton's interpreter on the CPU through its Python wrapper,
+in both forms (one launch walking the chunks; three launches: the chunks at once, a scan, the outputs at once),
 against the sequential recurrence ``wkv5_torch`` in float64: RWKV-5 (decay per head) and RWKV-6 (per token) decays,
 strong decays (w down to 0, which the segment sums must keep exact) next to weak ones, T not a multiple of the chunk,
 several chunks, every head size the kernel takes, a non-zero start state, fp16 inputs and float32 ones, and the state
@@ -38,10 +39,16 @@ def case(B, T, H, N, per_token, dtype, strong, gen):
     u = torch.randn(H, N, generator=gen) * 0.5
     s = torch.randn(B, H, N, N, generator=gen)
     y_ref, s_ref = wkv5_torch(r.double(), k.double(), v.double(), w.double(), u.double(), s.double())
-    y, s_new = wkv5_chunk.wkv5_chunk(r, k, v, w, u, s.clone())
-    s_in = s.clone()
-    y2, s2 = wkv5_chunk.wkv5_chunk(r, k, v, w, u, s_in, out=(torch.empty_like(r), s_in))   # state in place
-    return {"y": rel(y, y_ref), "state": rel(s_new, s_ref), "in place": rel(s2, s_new) + rel(y2, y)}
+    errs = {}
+    for parallel in (False, True):
+        y, s_new = wkv5_chunk.wkv5_chunk(r, k, v, w, u, s.clone(), parallel=parallel)
+        s_in = s.clone()
+        y2, s2 = wkv5_chunk.wkv5_chunk(r, k, v, w, u, s_in, out=(torch.empty_like(r), s_in),   # state in place
+                                       parallel=parallel)
+        form = "three launches" if parallel else "one launch"
+        errs.update({f"{form} y": rel(y, y_ref), f"{form} state": rel(s_new, s_ref),
+                     f"{form} in place": rel(s2, s_new) + rel(y2, y)})
+    return errs
 
 
 def main() -> int:

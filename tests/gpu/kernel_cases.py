@@ -58,7 +58,7 @@ def case_wkv4(B, T, C, dtype, device, seed):
     return max(rel_err(a, b) for a, b in zip(got, ref))
 
 
-def case_wkv5(B, T, H, N, dtype, device, seed, per_token=False, chunk=None):
+def case_wkv5(B, T, H, N, dtype, device, seed, per_token=False, chunk=None, parallel=False):
     g = _gen(seed, device)
     r, k, v = (_randn(g, B, T, H, N, scale=0.5).to(dtype) for _ in range(3))
     wshape = (B, T, H, N) if per_token else (H, N)
@@ -71,7 +71,7 @@ def case_wkv5(B, T, H, N, dtype, device, seed, per_token=False, chunk=None):
     ins = [dev(t) for t in (r, k, v, w, u, s)]
     if chunk and not (_wkv5c.serves(ins[0]) and dispatch._triton_ok()):
         return math.inf                       # the chunked kernel must serve here: a quiet fallback is a failure
-    got = kernels.wkv5(*ins, out=out, chunk=chunk)
+    got = _wkv5c.wkv5_chunk(*ins, out=out, parallel=True) if parallel else kernels.wkv5(*ins, out=out, chunk=chunk)
     ref = wkv.wkv5_torch(r.float(), k.float(), v.float(), w, u, s)
     return max(rel_err(a, b) for a, b in zip(got, ref))
 
@@ -469,9 +469,11 @@ def all_cases(device: str, quick: bool = False):
         if device == "cuda":   # the chunked Triton kernel (ops.wkv5_chunk): partial last chunk, several head sizes
             for fam, pt in (("wkv5", False), ("wkv6", True)):
                 for B, T, H, N in ((1, 1, 2, 64), (2, 45, 4, 64), (1, 1024, 32, 64), (3, 33, 2, 32), (1, 20, 2, 128)):
-                    cases.append((fam, f"chunked L=16 B={B} T={T} H={H} N={N}", dt,
-                                  lambda B=B, T=T, H=H, N=N, dt=dt, pt=pt, s=len(cases):
-                                  case_wkv5(B, T, H, N, dt, device, s, per_token=pt, chunk=16)))
+                    for par in (False, True):
+                        cases.append((fam, f"chunked L=16 {'three launches' if par else 'one launch'} B={B} T={T} "
+                                           f"H={H} N={N}", dt,
+                                      lambda B=B, T=T, H=H, N=N, dt=dt, pt=pt, par=par, s=len(cases):
+                                      case_wkv5(B, T, H, N, dt, device, s, per_token=pt, chunk=16, parallel=par)))
         shapes = ((1, 1, 1, 64), (2, 21, 2, 64), (1, 3, 3, 16)) if quick else (
             (1, 1, 12, 64), (4, 1, 32, 64), (2, 70, 4, 64), (1, 9, 1, 64), (1, 5, 2, 128), (2, 4, 3, 16),
             (5, 37, 32, 64))   # 160 heads: more than an H100's multiprocessors (the 8-token stages)
