@@ -105,21 +105,28 @@ def wkv5_chunk_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s_ptr, y_ptr, so_ptr, T
 
 
 @triton.jit
-def wkv5_prep_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, yw_ptr, d_ptr, g_ptr, T, H, nc,
-                     PER_TOKEN: tl.constexpr, N: tl.constexpr, L: tl.constexpr, BK: tl.constexpr):
-    """Phase 1, one program per (batch x head, chunk), all chunks at once: the in-chunk output scores @ v into yw
-    (float32 [B, T, H, N]), the chunk's state increment (k * exp(g_suf))^T @ v into d ([B*H, nc, N, N]) and its decay
-    exp(sum lw) into g ([B*H, nc, N])."""
+def _chunk_program(T, H, N: tl.constexpr, L: tl.constexpr):
+    """The (batch x head, chunk) of a program of grid (B * H, nc): bh, c, h, key channels, in-chunk positions, the
+    token stride, the chunk's token offsets [L] and their masks (``_rows``)."""
     bh = tl.program_id(0)
     c = tl.program_id(1)
-    b = bh // H
     h = bh % H
     kk = tl.arange(0, N)
     tt = tl.arange(0, L)
     row = H * N
     t = c * L + tt
     ok, ok_prev, ok_next = _rows(t, T, tt, L)
-    off = b.to(tl.int64) * T * row + h * N + t.to(tl.int64) * row
+    off = (bh // H).to(tl.int64) * T * row + h * N + t.to(tl.int64) * row
+    return bh, c, h, kk, tt, row, off, ok, ok_prev, ok_next
+
+
+@triton.jit
+def wkv5_prep_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, yw_ptr, d_ptr, g_ptr, T, H, nc,
+                     PER_TOKEN: tl.constexpr, N: tl.constexpr, L: tl.constexpr, BK: tl.constexpr):
+    """Phase 1, one program per (batch x head, chunk), all chunks at once: the in-chunk output scores @ v into yw
+    (float32 [B, T, H, N]), the chunk's state increment (k * exp(g_suf))^T @ v into d ([B*H, nc, N, N]) and its decay
+    exp(sum lw) into g ([B*H, nc, N])."""
+    bh, c, h, kk, tt, row, off, ok, ok_prev, ok_next = _chunk_program(T, H, N, L)
     u = tl.load(u_ptr + h * N + kk)
     v = tl.load(v_ptr + off[:, None] + kk[None, :], mask=ok[:, None], other=0.0).to(tl.float32)     # [L, N]
     rd, kp, decay, scores = _chunk(r_ptr, k_ptr, w_ptr, u, off, h, kk, tt, ok, ok_prev, ok_next, row,
@@ -153,16 +160,7 @@ def wkv5_scan_kernel(s_ptr, d_ptr, g_ptr, so_ptr, nc, N: tl.constexpr, BV: tl.co
 def wkv5_out_kernel(r_ptr, w_ptr, yw_ptr, d_ptr, y_ptr, T, H, nc,
                     PER_TOKEN: tl.constexpr, N: tl.constexpr, L: tl.constexpr):
     """Phase 3, one program per (batch x head, chunk): y = yw + (r * exp(g_exc)) @ S_start, in y's dtype."""
-    bh = tl.program_id(0)
-    c = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    kk = tl.arange(0, N)
-    tt = tl.arange(0, L)
-    row = H * N
-    t = c * L + tt
-    ok, ok_prev, ok_next = _rows(t, T, tt, L)
-    off = b.to(tl.int64) * T * row + h * N + t.to(tl.int64) * row
+    bh, c, h, kk, tt, row, off, ok, ok_prev, ok_next = _chunk_program(T, H, N, L)
     rd = _r_decayed(r_ptr, w_ptr, off, h, kk, ok, ok_prev, row, PER_TOKEN, N)
     S = tl.load(d_ptr + (bh.to(tl.int64) * nc + c) * N * N + kk[:, None] * N + kk[None, :])
     y = tl.load(yw_ptr + off[:, None] + kk[None, :], mask=ok[:, None], other=0.0) + tl.dot(rd, S, input_precision="ieee")
