@@ -135,13 +135,6 @@ def use_sparse_ffn(model, fold_norms: bool = False) -> str | None:
     return why or (model.backend.fold_note if fold_norms else None)
 
 
-def fold_by_default(model) -> bool:
-    """Whether the fused CUDA backend folds ln1 / ln2 into the GEMV launches for this model by default."""
-    from rwkv_chat.models.backends.fused_cuda import FOLD_NORMS_MAX_C
-
-    return model.spec.n_embd <= FOLD_NORMS_MAX_C
-
-
 def skipped_rows(model, steps: int = SKIP_STEPS) -> float | None:
     """The mean share of rows of the value matrices that the row kernel leaves unread over ``steps`` eager
     batch-1 decode steps (greedy from a short prompt), or None where no step used it."""
@@ -500,9 +493,7 @@ def rwkv_main(argv: list[str]) -> int:
     skipped = None
     changes, flags = {}, []
     if args.ffn == "sparse":
-        changes["ffn"], flags = "sparse", ["--ffn sparse"]
-        # the width's default fold, which quietly stays off where it does not serve, unless a flag says otherwise
-        changes["fold_norms"] = args.fold_norms or (not args.no_fold_norms and fold_by_default(model))
+        changes["ffn"], flags = "sparse", ["--ffn sparse"]    # the fold kept as attach chose it for this width
     if args.fold_norms or args.no_fold_norms:
         changes["fold_norms"] = args.fold_norms
         flags.append("--fold-norms" if args.fold_norms else "--no-fold-norms")

@@ -68,9 +68,6 @@ FOLD_NORMS_MAX_C = 768
 FFN_MODES = ("sparse", "dense", "gemv")
 
 
-_HALVES = (torch.float16, torch.bfloat16)
-
-
 def _ops():
     return torch.ops.rwkv_chat
 
@@ -531,9 +528,10 @@ class FusedCuda(Backend):
         return self.ops.matmul(x, w) if small else self._many(x, w)
 
     def _many(self, x, w):
-        """x @ W at more than GEMV_ROWS rows: the per-shape tuned cuBLASLt GEMM for fp16 / bf16 matrices
-        (``tuned_gemm``), else the model's product."""
-        if self.tuned_gemm and isinstance(w, torch.Tensor) and w.dtype == x.dtype and x.dtype in _HALVES:
+        """x @ W at more than GEMV_ROWS rows: plain matrices through ``dispatch.gemm(tuned=True)`` with
+        ``tuned_gemm`` (the per-shape tuned cuBLASLt GEMM for fp16 / bf16, torch for the rest), else the model's
+        product."""
+        if self.tuned_gemm and isinstance(w, torch.Tensor):
             return dispatch.gemm(x, w, tuned=True)
         return self.ops.matmul(x, w)
 
