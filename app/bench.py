@@ -114,7 +114,7 @@ SKIP_STEPS = 8
 
 def rebuild_fused(model, **changes) -> str | None:
     """Rebuild the fused CUDA backend of ``model`` (before its first forward) with ``changes`` to its settings
-    (``ffn``, ``mix_rkv``, ``fold_norms``, ``tuned_gemm``; the others kept); None on success, else why it cannot (not
+    (``ffn``, ``mix_rkv``, ``fold_norms``, ``tuned_gemm``, ``wkv7_tensor_cores``; the others kept); None on success, else why it cannot (not
     RWKV-7 on the fused CUDA backend). A probed setting that does not serve is left off: the backend says why
     (``fold_note``)."""
     from rwkv_chat.models.backends.fused_cuda import FusedCuda
@@ -122,7 +122,8 @@ def rebuild_fused(model, **changes) -> str | None:
     be = model.backend
     if not isinstance(be, FusedCuda) or not be.decodes:
         return f"needs an RWKV-7 model on the fused CUDA backend (this one: {be})"
-    settings = dict(ffn=be.ffn, mix_rkv=be.mix_rkv, fold_norms=be.fold_norms, tuned_gemm=be.tuned_gemm)
+    settings = dict(ffn=be.ffn, mix_rkv=be.mix_rkv, fold_norms=be.fold_norms, tuned_gemm=be.tuned_gemm,
+                    wkv7_tensor_cores=be.wkv7_tensor_cores)
     model.backend = FusedCuda(model, be.ops, **{**settings, **changes})
     return None
 
@@ -459,6 +460,9 @@ def rwkv_main(argv: list[str]) -> int:
     ap.add_argument("--untuned-gemm", action="store_true",
                     help="GPU only: RWKV-7 decode above 4 rows with cuBLAS's heuristic algorithm for every product "
                          "instead of the cuBLASLt algorithm timed per shape at the first step")
+    ap.add_argument("--wkv7-cuda-cores", action="store_true",
+                    help="GPU only: RWKV-7 prefill with the chunked WKV-7 on the CUDA cores instead of the tensor "
+                         "cores (Triton)")
     ap.add_argument("--kernels", action="store_true",
                     help="build the compiled kernels (models.kernels) before loading and report their status "
                          "(the model uses them either way where they build)")
@@ -500,6 +504,9 @@ def rwkv_main(argv: list[str]) -> int:
     if args.untuned_gemm:
         changes["tuned_gemm"] = False
         flags.append("--untuned-gemm")
+    if args.wkv7_cuda_cores:
+        changes["wkv7_tensor_cores"] = False
+        flags.append("--wkv7-cuda-cores")
     if changes:
         why = rebuild_fused(model, **changes) or (model.backend.fold_note if args.fold_norms else None)
         if why:

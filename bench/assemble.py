@@ -23,6 +23,7 @@ SECTIONS = (
     ("Kernel checks", "verify_kernels.md", False),
     ("Grouped GEMV (bias, SwiGLU) and i8 product checks", "verify_gemv_group.md", False),
     ("WKV-5 / WKV-6 (sequential and chunked) and tuned GEMM checks", "verify_wkv56.md", False),
+    ("Chunked WKV-7 checks (tensor cores and CUDA cores)", "verify_wkv7.md", False),
     ("WKV kernel benchmark", "wkv_bench.md", False),
     ("RWKV-7 against the Albatross-class engine (same call)", "peers.md", False),
     ("Fused RWKV-7 paths vs the torch path", "verify_fused.md", False),

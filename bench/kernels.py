@@ -28,8 +28,10 @@ import torch  # noqa: E402
 
 from rwkv_chat.app.bench import provenance  # noqa: E402
 from rwkv_chat.models import kernels  # noqa: E402
+from rwkv_chat.models.kernels import dispatch  # noqa: E402
 from rwkv_chat.models.formats import i8 as quant  # noqa: E402
 from rwkv_chat.models.ops.wkv5_chunk import wkv5_chunk  # noqa: E402
+from rwkv_chat.models.ops.wkv7_chunk import wkv7_chunk  # noqa: E402
 
 def l2_bytes() -> int:
     """The device's L2 cache size (H100: 50 MB)."""
@@ -226,9 +228,10 @@ def load_ref(ref_src: str | None):
 def bench_wkv7(rows_md: list, have_ref: bool) -> None:
     rows_md += ["", "### WKV-7 (fp16 activations, head size 64, fp32 state)", "",
                 "| B | T | H | graph time (us) | eager time (us) | GB/s (graph) | rwkv pip wkv7s eager (us) | "
-                "speed-up vs wkv7s (eager/eager) | y rel. diff vs wkv7s | chunked kernel (prefill, L=32) eager (us) | "
-                "chunked speed-up vs wkv7s (eager/eager) | chunked y rel. diff vs wkv7s |",
-                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                "speed-up vs wkv7s (eager/eager) | y rel. diff vs wkv7s | chunked, CUDA cores L=32 (graph us) | "
+                "chunked, tensor cores L=32 (graph us) | tensor cores L=16 (graph us) | tensor cores y, state rel. diff "
+                "vs the sequential kernel |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     N = 64
     for B, T, H in ((1, 1, 32), (1, 1, 64), (64, 1, 32), (1, 64, 32), (1, 128, 32), (1, 256, 32), (1, 1024, 32),
                     (1, 4096, 12),
@@ -250,13 +253,18 @@ def bench_wkv7(rows_md: list, have_ref: bool) -> None:
         t_eager = time_ms(lambda i: op(r, w, k, v, a, b, s, y, s2), iters=it, graph=False)
         nbytes = B * T * C * (5 * 2 + 4 + 4) + 2 * B * H * N * N * 4
         ref_cell = speed = diff = "-"
-        chunk_t = chunk_speed = chunk_diff = "-"
-        chunked = T >= 64 and hasattr(torch.ops.rwkv_chat, "wkv7_chunk_cuda")
-        if chunked:
+        cuda_t = tc32 = tc16 = tc_diff = "-"
+        if T >= 64 and hasattr(torch.ops.rwkv_chat, "wkv7_chunk_cuda"):
             yc, sc = torch.empty_like(y), torch.empty_like(s)
             cop = torch.ops.rwkv_chat.wkv7_chunk_cuda
-            tc = time_ms(lambda i: cop(r, w, k, v, a, b, s, yc, sc, 32), iters=it, graph=False)
-            chunk_t = f"{tc * 1e3:.1f}"
+            cuda_t = f"{time_ms(lambda i: cop(r, w, k, v, a, b, s, yc, sc, 32), iters=it) * 1e3:.1f}"
+        if T >= 16 and dispatch._triton_ok():   # the tensor-core kernels (ops.wkv7_chunk), y and state checked first
+            yt, st_ = wkv7_chunk(r, w, k, v, a, b, s)
+            op(r, w, k, v, a, b, s, y, s2)
+            tc_diff = (f"{((yt - y).norm() / y.norm()).item():.1e}, "
+                       f"{((st_ - s2).norm() / s2.norm()).item():.1e}")
+            tc32, tc16 = (f"{time_ms(lambda i, L=L: wkv7_chunk(r, w, k, v, a, b, s, out=(yt, st_), chunk=L), iters=it) * 1e3:.1f}"
+                          for L in (32, 16))
         if have_ref and B == 1:
             yr = torch.empty(T, C, device="cuda", dtype=torch.float16)
             st = s[0].clone()
@@ -264,15 +272,10 @@ def bench_wkv7(rows_md: list, have_ref: bool) -> None:
             torch.ops.wkv7s.forward_fp16(1, T, C, H, st, *args, yr)
             op(r, w, k, v, a, b, s, y, s2)
             diff = f"{((yr.float() - y.view(T, C)).norm() / y.norm()).item():.1e}"
-            if chunked:   # before the timed calls below, which go on from the state they update in place
-                cop(r, w, k, v, a, b, s, yc, sc, 32)
-                chunk_diff = f"{((yr.float() - yc.view(T, C)).norm() / yc.norm()).item():.1e}"
             tr = time_ms(lambda i: torch.ops.wkv7s.forward_fp16(1, T, C, H, st, *args, yr), iters=it, graph=False)
             ref_cell, speed = f"{tr * 1e3:.1f}", f"{tr / t_eager:.2f}x"
-            if chunked:
-                chunk_speed = f"{tr / tc:.2f}x"
         rows_md.append(f"| {B} | {T} | {H} | {t * 1e3:.1f} | {t_eager * 1e3:.1f} | {nbytes / t / 1e6:.0f} | "
-                       f"{ref_cell} | {speed} | {diff} | {chunk_t} | {chunk_speed} | {chunk_diff} |")
+                       f"{ref_cell} | {speed} | {diff} | {cuda_t} | {tc32} | {tc16} | {tc_diff} |")
 
 
 def bench_wkv456(rows_md: list) -> None:
@@ -320,7 +323,6 @@ def bench_gemvq(rows_md: list, peak: float) -> None:
     of GEMVQ_LAUNCHES launches over weight sets > 3x L2, median of 7 replays. Bytes = weights (+ scales and
     zeros) + x + y; speed-up = fp16 time / time."""
     from rwkv_chat.models.formats import f8, i4
-    from rwkv_chat.models.kernels import dispatch
     from rwkv_chat.models.ops import gemv as triton_gemv
     from rwkv_chat.models.ops._triton import reason as triton_reason
 
@@ -369,7 +371,6 @@ def bench_gemvq_group(rows_md: list) -> None:
     """Three products in one launch (``dispatch.gemvq_group``, the fused RWKV-7 decode's r, k, v) against three
     launches (``kernels.mm4`` / ``kernels.mmf8``), one row, CUDA graphs over weight sets > 3x L2."""
     from rwkv_chat.models.formats import f8, i4
-    from rwkv_chat.models.kernels import dispatch
 
     rows_md += ["", "### i4 / f8 decode GEMV: r, k, v in one launch vs three (one row, fp16 activations)", "",
                 "| format | 3 x K x N | one launch (us) | three launches (us) |", "|---|---|---|---|"]

@@ -338,6 +338,8 @@ class FusedCuda(Backend):
             algorithm timed per shape at the first step (``dispatch.gemm(tuned=True)`` / ``dispatch.bgemm``; probed
             here, ``tuned_gemm`` False where the probe fails). On by default: 7.2B at batch 64 1.03x cuBLAS's
             heuristic on an H100, 1.5B even.
+        wkv7_tensor_cores: prefill's chunked WKV-7 on the tensor cores (``ops.wkv7_chunk``, Triton) where Triton
+            serves, else on the CUDA cores (``csrc/wkv7/wkv7_chunk_cuda.cu``): ``dispatch.wkv7(tensor_cores=...)``.
 
     Raises:
         StrategyError: ``ffn`` not one of ``FFN_MODES``.
@@ -347,7 +349,7 @@ class FusedCuda(Backend):
     decode_on_device = True
 
     def __init__(self, model, ops: Ops, ffn: str = "gemv", mix_rkv: bool = False, fold_norms: bool = False,
-                 tuned_gemm: bool = True):
+                 tuned_gemm: bool = True, wkv7_tensor_cores: bool = True):
         super().__init__(ops)
         if ffn not in FFN_MODES:
             raise StrategyError(f"ffn must be one of {', '.join(FFN_MODES)}; got {ffn!r}")
@@ -397,6 +399,8 @@ class FusedCuda(Backend):
         #: timed per shape (``dispatch.gemm(tuned=True)`` / ``dispatch.bgemm``; probed here, outside any capture)
         self.tuned_gemm = bool(tuned_gemm and self.decodes and all(
             dispatch.gemm_tuned_sound(d) for d in model.devices if d.type == "cuda"))
+        #: prefill's chunked WKV-7 on the tensor cores (Triton) rather than the CUDA cores
+        self.wkv7_tensor_cores = wkv7_tensor_cores
         #: prefill CUDA graphs where the whole model sits on one CUDA device
         self.captures_prefill = self.decodes
         value = {"sparse": "channel-mix value skipping zero rows of relu(k)²",
@@ -408,7 +412,8 @@ class FusedCuda(Backend):
             value += "; ln1 / ln2 inside the GEMV launches" if ffn == "gemv" else "; ln1 inside the GEMV launch"
         if self.tuned_gemm:
             value += "; cuBLASLt algorithm timed per shape above 4 rows"
-        self.detail = ("fused RWKV-7 layer kernels: prefill blocks" + (f", decode step ({value})" if self.decodes
+        pre = "" if wkv7_tensor_cores else " (chunked WKV-7 on the CUDA cores)"
+        self.detail = (f"fused RWKV-7 layer kernels: prefill blocks{pre}" + (f", decode step ({value})" if self.decodes
                                                                         else "") + "; eager ops elsewhere")
 
     @classmethod
@@ -457,7 +462,7 @@ class FusedCuda(Backend):
             ctx.v_first = v.view(B, T, C)
         shp = (B, T, H, N)
         y, s_new = dispatch.wkv7(r.view(shp), w_.view(shp), k_.view(shp), v_.view(shp), a_.view(shp),
-                                 b_.view(shp), s.contiguous())
+                                 b_.view(shp), s.contiguous(), tensor_cores=self.wkv7_tensor_cores)
         out = torch.empty(rows, C, dtype=dt, device=dev)
         ops.v7_post_cuda(y.contiguous(), r, k_, v_, g, p["att.r_k"], p["att.ln_x.weight"], p["att.ln_x.bias"],
                          out, H)

@@ -24,6 +24,7 @@ from rwkv_chat.models.kernels import available
 from rwkv_chat.models.kernels.checks import check_mm8, check_wkv4, check_wkv5, check_wkv7
 from rwkv_chat.models.ops import gemv as _gemv
 from rwkv_chat.models.ops import wkv5_chunk as _wkv5c
+from rwkv_chat.models.ops import wkv7_chunk as _wkv7c
 from rwkv_chat.models.ops.gptq import norm_rows
 from rwkv_chat.models.rwkv import wkv as _wkv
 
@@ -85,16 +86,19 @@ WKV7_CHUNK_MIN_T = 128
 #: 333 / 245, 64 heads 342 / 431, 256 heads 907 / 1617; T = 256, 32 heads 81 / 62; T = 64, 32 heads
 #: 22.5 / 36.9 (``bench/results/h100.md``, "Kernel benchmark").
 WKV7_CHUNK_MAX_HEADS_PER_SM = 1 / 3
+#: the same bound for the tensor-core chunked kernel (``ops.wkv7_chunk``), whose all-chunks phase is no longer bound
+#: by the CUDA cores
+WKV7_TC_CHUNK_MAX_HEADS_PER_SM = 2
 #: tokens per chunk of the chunked WKV-7 kernel (16 or 32)
 WKV7_CHUNK = 32
 
 
-def wkv7_chunk_choice(B: int, T: int, H: int, multiprocessors: int) -> int:
+def wkv7_chunk_choice(B: int, T: int, H: int, multiprocessors: int, tensor_cores: bool = False) -> int:
     """The chunk length ``wkv7`` picks on CUDA for head size 64: ``WKV7_CHUNK`` (the chunked kernel) for
-    T >= ``WKV7_CHUNK_MIN_T`` and B * H <= ``WKV7_CHUNK_MAX_HEADS_PER_SM`` * multiprocessors, else 0 (the
-    sequential kernel)."""
-    many = B * H > WKV7_CHUNK_MAX_HEADS_PER_SM * multiprocessors
-    return 0 if T < WKV7_CHUNK_MIN_T or many else WKV7_CHUNK
+    T >= ``WKV7_CHUNK_MIN_T`` and B * H <= ``WKV7_CHUNK_MAX_HEADS_PER_SM`` (``WKV7_TC_CHUNK_MAX_HEADS_PER_SM`` for
+    the tensor-core kernel) * multiprocessors, else 0 (the sequential kernel)."""
+    per_sm = WKV7_TC_CHUNK_MAX_HEADS_PER_SM if tensor_cores else WKV7_CHUNK_MAX_HEADS_PER_SM
+    return 0 if T < WKV7_CHUNK_MIN_T or B * H > per_sm * multiprocessors else WKV7_CHUNK
 
 
 def _multiprocessors(device: torch.device) -> int:
@@ -103,7 +107,7 @@ def _multiprocessors(device: torch.device) -> int:
     return multiprocessors(device)
 
 
-def wkv7(r, w, k, v, a, b, s, *, out=None, chunk: int | None = None):
+def wkv7(r, w, k, v, a, b, s, *, out=None, chunk: int | None = None, tensor_cores: bool = True):
     """RWKV-7 WKV; same contract as ``wkv.wkv7_torch``: r, k, v, a, b [B, T, H, N] fp32/fp16/bf16 (one
     dtype), w float32 [B, T, H, N] decay factors in RWKV-7's range (``exp(-e^{-1/2}·sigmoid(·))``, so in
     [0.545, 1)), s float32 [B, H, N, N] ([value, key]) -> ``(y float32 [B, T, H, N], new s)``.
@@ -113,6 +117,8 @@ def wkv7(r, w, k, v, a, b, s, *, out=None, chunk: int | None = None):
     ``csrc/wkv7/wkv7_chunk_cuda.cu`` in chunks of ``WKV7_CHUNK`` for long sequences of few batch x heads;
     otherwise the sequential kernel); 0 forces
     the sequential kernel; 16 or 32 forces the chunked kernel with that chunk length where it applies.
+    ``tensor_cores``: the chunked kernel on the tensor cores (``ops.wkv7_chunk``, Triton) where Triton serves; False
+    takes the CUDA-core one of ``csrc/wkv7/wkv7_chunk_cuda.cu`` (also the fallback without Triton).
     Raises: DeviceError, UnsupportedDtypeError, ShapeMismatchError.
     """
     check_wkv7(r, w, k, v, a, b, s, out)
@@ -123,10 +129,14 @@ def wkv7(r, w, k, v, a, b, s, *, out=None, chunk: int | None = None):
     o = out or (torch.empty(r.shape, dtype=torch.float32, device=r.device), torch.empty_like(s))
     B, T, H, N = r.shape
     if chunk is None:
-        chunk = wkv7_chunk_choice(B, T, H, _multiprocessors(r.device)) if dev == "cuda" else 0
-    if chunk in (16, 32) and dev == "cuda" and N == 64 and hasattr(torch.ops.rwkv_chat, "wkv7_chunk_cuda"):
-        torch.ops.rwkv_chat.wkv7_chunk_cuda(r, w, k, v, a, b, s.contiguous(), *o, chunk)
-        return tuple(o)
+        tc = tensor_cores and N == 64 and _triton_ok()
+        chunk = wkv7_chunk_choice(B, T, H, _multiprocessors(r.device), tc) if dev == "cuda" else 0
+    if chunk in (16, 32) and dev == "cuda" and N == 64:
+        if tensor_cores and _triton_ok():
+            return _wkv7c.wkv7_chunk(r, w, k, v, a, b, s, out=o, chunk=chunk)
+        if hasattr(torch.ops.rwkv_chat, "wkv7_chunk_cuda"):
+            torch.ops.rwkv_chat.wkv7_chunk_cuda(r, w, k, v, a, b, s.contiguous(), *o, chunk)
+            return tuple(o)
     _op(dev, "wkv7")(r, w, k, v, a, b, s.contiguous(), *o)
     return tuple(o)
 
