@@ -101,6 +101,52 @@ def wkv7_chunk_choice(B: int, T: int, H: int, multiprocessors: int, tensor_cores
     return 0 if T < WKV7_CHUNK_MIN_T or B * H > per_sm * multiprocessors else WKV7_CHUNK
 
 
+_WKV7_TC_SOUND: dict[tuple[torch.device, torch.dtype], bool] = {}
+
+
+def wkv7_tc_sound(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the tensor-core chunked WKV-7 (``ops.wkv7_chunk``) runs on ``device`` for inputs of ``dtype`` and
+    agrees with the sequential kernel (the compiled one where built, else ``wkv.wkv7_torch``): y and the state within
+    1e-4 relative for 70 tokens of 2 heads in both chunk lengths, inputs as RWKV-7 makes them. Checked once per
+    (device, dtype), outside CUDA-graph capture (False inside one until an eager call has checked); False on any
+    error (no Triton, a compile failure)."""
+    device = torch.device(device)
+    key = (device, dtype)
+    if key not in _WKV7_TC_SOUND:
+        if device.type != "cuda" or not _triton_ok():
+            return False
+        if torch.cuda.is_current_stream_capturing():
+            return False
+        _WKV7_TC_SOUND[key] = _probe_wkv7_tc(device, dtype)
+    return _WKV7_TC_SOUND[key]
+
+
+def _probe_wkv7_tc(device: torch.device, dtype: torch.dtype) -> bool:
+    try:
+        g = torch.Generator(device="cpu").manual_seed(0)
+        B, T, H, N = 1, 70, 2, 64
+        r, k, v = (torch.randn(B, T, H, N, generator=g) for _ in range(3))
+        kk = torch.nn.functional.normalize(torch.randn(B, T, H, N, generator=g), dim=-1)
+        a, b = -kk, kk * torch.sigmoid(torch.randn(B, T, H, N, generator=g))
+        w = torch.exp(-0.6065 * torch.sigmoid(torch.randn(B, T, H, N, generator=g)))
+        s = torch.randn(B, H, N, N, generator=g) * 0.3
+        r, k, v, a, b = (t.to(device, dtype) for t in (r, k, v, a, b))
+        w, s = w.to(device), s.to(device)
+        if available("cuda", "wkv7"):
+            want = (torch.empty(B, T, H, N, device=device), torch.empty_like(s))
+            _op("cuda", "wkv7")(r, w, k, v, a, b, s, *want)
+        else:
+            want = _wkv.wkv7_torch(r, w, k, v, a, b, s)
+        for chunk in (16, 32):
+            got = _wkv7c.wkv7_chunk(r, w, k, v, a, b, s, chunk=chunk)
+            for x, y in zip(got, want):
+                if not torch.isfinite(x).all() or (x - y).norm() > 1e-4 * y.norm():
+                    return False
+        return True
+    except Exception:  # noqa: BLE001 — the CUDA-core kernel serves
+        return False
+
+
 def _multiprocessors(device: torch.device) -> int:
     from rwkv_chat.models.ops._triton import multiprocessors
 
@@ -117,8 +163,8 @@ def wkv7(r, w, k, v, a, b, s, *, out=None, chunk: int | None = None, tensor_core
     ``csrc/wkv7/wkv7_chunk_cuda.cu`` in chunks of ``WKV7_CHUNK`` for long sequences of few batch x heads;
     otherwise the sequential kernel); 0 forces
     the sequential kernel; 16 or 32 forces the chunked kernel with that chunk length where it applies.
-    ``tensor_cores``: the chunked kernel on the tensor cores (``ops.wkv7_chunk``, Triton) where Triton serves; False
-    takes the CUDA-core one of ``csrc/wkv7/wkv7_chunk_cuda.cu`` (also the fallback without Triton).
+    ``tensor_cores``: the chunked kernel on the tensor cores (``ops.wkv7_chunk``, Triton) where ``wkv7_tc_sound``;
+    False takes the CUDA-core one of ``csrc/wkv7/wkv7_chunk_cuda.cu`` (also the fallback where it is not sound).
     Raises: DeviceError, UnsupportedDtypeError, ShapeMismatchError.
     """
     check_wkv7(r, w, k, v, a, b, s, out)
@@ -129,10 +175,10 @@ def wkv7(r, w, k, v, a, b, s, *, out=None, chunk: int | None = None, tensor_core
     o = out or (torch.empty(r.shape, dtype=torch.float32, device=r.device), torch.empty_like(s))
     B, T, H, N = r.shape
     if chunk is None:
-        tc = tensor_cores and N == 64 and _triton_ok()
+        tc = tensor_cores and N == 64 and dev == "cuda" and wkv7_tc_sound(r.device, r.dtype)
         chunk = wkv7_chunk_choice(B, T, H, _multiprocessors(r.device), tc) if dev == "cuda" else 0
     if chunk in (16, 32) and dev == "cuda" and N == 64:
-        if tensor_cores and _triton_ok():
+        if tensor_cores and wkv7_tc_sound(r.device, r.dtype):
             return _wkv7c.wkv7_chunk(r, w, k, v, a, b, s, out=o, chunk=chunk)
         if hasattr(torch.ops.rwkv_chat, "wkv7_chunk_cuda"):
             torch.ops.rwkv_chat.wkv7_chunk_cuda(r, w, k, v, a, b, s.contiguous(), *o, chunk)

@@ -89,7 +89,7 @@ def wkv7_inputs(B, T, H, N, dtype, seed):
 
 def case_wkv7(B, T, H, N, dtype, device, seed, chunk=None, tensor_cores=True):
     ins = wkv7_inputs(B, T, H, N, dtype, seed)
-    if chunk and tensor_cores and not dispatch._triton_ok():
+    if chunk and tensor_cores and not dispatch.wkv7_tc_sound(torch.device(device), dtype):
         return math.inf                       # the tensor-core kernel must serve here: a quiet fallback is a failure
     out = (_poison(torch.empty(B, T, H, N, device=device)), _poison(torch.empty(B, H, N, N, device=device)))
     got = kernels.wkv7(*(t.to(device) for t in ins), out=out, chunk=chunk, tensor_cores=tensor_cores)
