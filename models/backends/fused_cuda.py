@@ -412,7 +412,7 @@ class FusedCuda(Backend):
             value += "; ln1 / ln2 inside the GEMV launches" if ffn == "gemv" else "; ln1 inside the GEMV launch"
         if self.tuned_gemm:
             value += "; cuBLASLt algorithm timed per shape above 4 rows"
-        pre = "" if wkv7_tensor_cores else " (chunked WKV-7 on the CUDA cores)"
+        pre = "" if wkv7_tensor_cores and _triton.available() else " (chunked WKV-7 on the CUDA cores)"
         self.detail = (f"fused RWKV-7 layer kernels: prefill blocks{pre}" + (f", decode step ({value})" if self.decodes
                                                                         else "") + "; eager ops elsewhere")
 

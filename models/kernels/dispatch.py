@@ -159,9 +159,8 @@ def wkv7(r, w, k, v, a, b, s, *, out=None, chunk: int | None = None, tensor_core
     [0.545, 1)), s float32 [B, H, N, N] ([value, key]) -> ``(y float32 [B, T, H, N], new s)``.
     ``out=(y, s_new)`` writes into given tensors.
 
-    ``chunk``: None picks the kernel (CUDA, head size 64: ``wkv7_chunk_choice``, the chunked kernel of
-    ``csrc/wkv7/wkv7_chunk_cuda.cu`` in chunks of ``WKV7_CHUNK`` for long sequences of few batch x heads;
-    otherwise the sequential kernel); 0 forces
+    ``chunk``: None picks the kernel (CUDA, head size 64: ``wkv7_chunk_choice``, a chunked kernel in chunks of
+    ``WKV7_CHUNK`` for long sequences of few batch x heads; otherwise the sequential kernel); 0 forces
     the sequential kernel; 16 or 32 forces the chunked kernel with that chunk length where it applies.
     ``tensor_cores``: the chunked kernel on the tensor cores (``ops.wkv7_chunk``, Triton) where ``wkv7_tc_sound``;
     False takes the CUDA-core one of ``csrc/wkv7/wkv7_chunk_cuda.cu`` (also the fallback where it is not sound).
@@ -175,7 +174,7 @@ def wkv7(r, w, k, v, a, b, s, *, out=None, chunk: int | None = None, tensor_core
     o = out or (torch.empty(r.shape, dtype=torch.float32, device=r.device), torch.empty_like(s))
     B, T, H, N = r.shape
     if chunk is None:
-        tc = tensor_cores and N == 64 and dev == "cuda" and wkv7_tc_sound(r.device, r.dtype)
+        tc = tensor_cores and _wkv7c.serves(r) and dev == "cuda" and wkv7_tc_sound(r.device, r.dtype)
         chunk = wkv7_chunk_choice(B, T, H, _multiprocessors(r.device), tc) if dev == "cuda" else 0
     if chunk in (16, 32) and dev == "cuda" and N == 64:
         if tensor_cores and wkv7_tc_sound(r.device, r.dtype):

@@ -17,6 +17,7 @@ work instead in the message.
 from __future__ import annotations
 
 import functools
+import contextlib
 import importlib
 from types import ModuleType
 
@@ -73,6 +74,12 @@ def multiprocessors(device: torch.device) -> int:
     if i not in _SMS:
         _SMS[i] = torch.cuda.get_device_properties(i).multi_processor_count
     return _SMS[i]
+
+
+def on(device: torch.device):
+    """The context that makes ``device`` current for Triton launches (which take the current device and stream, not
+    the tensors'): ``torch.cuda.device(device)`` on CUDA, nothing elsewhere (the interpreter's CPU tensors)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def next_pow2(n: int) -> int:

@@ -106,10 +106,11 @@ def wkv5_chunk_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s_ptr, y_ptr, so_ptr, T
 
 @triton.jit
 def _chunk_program(T, H, N: tl.constexpr, L: tl.constexpr):
-    """The (batch x head, chunk) of a program of grid (B * H, nc): bh, c, h, key channels, in-chunk positions, the
-    token stride, the chunk's token offsets [L] and their masks (``_rows``)."""
-    bh = tl.program_id(0)
-    c = tl.program_id(1)
+    """The (batch x head, chunk) of a program of grid (nc, B * H) (the chunks on the axis without the 65535 bound):
+    bh, c, h, key channels, in-chunk positions, the token stride, the chunk's token offsets [L] and their masks
+    (``_rows``)."""
+    c = tl.program_id(0)
+    bh = tl.program_id(1)
     h = bh % H
     kk = tl.arange(0, N)
     tt = tl.arange(0, L)

@@ -75,13 +75,16 @@ def wkv5_chunk(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tenso
         yw = torch.empty(B, T, H, N, dtype=torch.float32, device=r.device)
         d = torch.empty(B * H, nc, N, N, dtype=torch.float32, device=r.device)
         g = torch.empty(B * H, nc, N, dtype=torch.float32, device=r.device)
-        kern.wkv5_prep_kernel[(B * H, nc)](r, k, v, w, u, yw, d, g, T, H, nc, PER_TOKEN=per_token, N=N, L=CHUNK,
-                                           BK=bk, num_warps=4)
-        kern.wkv5_scan_kernel[(B * H, N // bv)](s, d, g, s_new, nc, N=N, BV=bv, num_warps=4)
-        kern.wkv5_out_kernel[(B * H, nc)](r, w, yw, d, y, T, H, nc, PER_TOKEN=per_token, N=N, L=CHUNK, num_warps=4)
+        with _triton.on(r.device):
+            kern.wkv5_prep_kernel[(nc, B * H)](r, k, v, w, u, yw, d, g, T, H, nc, PER_TOKEN=per_token, N=N,
+                                               L=CHUNK, BK=bk, num_warps=4)
+            kern.wkv5_scan_kernel[(B * H, N // bv)](s, d, g, s_new, nc, N=N, BV=bv, num_warps=4)
+            kern.wkv5_out_kernel[(nc, B * H)](r, w, yw, d, y, T, H, nc, PER_TOKEN=per_token, N=N, L=CHUNK,
+                                              num_warps=4)
     elif B * H and T:
-        kern.wkv5_chunk_kernel[(B * H, N // bv)](r, k, v, w, u, s, y, s_new, T, H, PER_TOKEN=per_token, N=N,
-                                                 L=CHUNK, BV=bv, BK=bk, num_warps=4)
+        with _triton.on(r.device):
+            kern.wkv5_chunk_kernel[(B * H, N // bv)](r, k, v, w, u, s, y, s_new, T, H, PER_TOKEN=per_token, N=N,
+                                                     L=CHUNK, BV=bv, BK=bk, num_warps=4)
     elif s_new.data_ptr() != s.data_ptr():
         s_new.copy_(s)
     return y, s_new

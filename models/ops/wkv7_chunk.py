@@ -79,11 +79,12 @@ def wkv7_chunk(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         nc = -(-T // L)
         work = torch.empty(BH * nc * (2 * N * N + 2 * L * N), dtype=torch.float32, device=r.device)
         p, d, q, yv = work.split([BH * nc * N * N, BH * nc * N * N, BH * nc * L * N, BH * nc * L * N])
-        kern.wkv7_prep_kernel[(BH, nc)](r, w, k, v, a, b, p, d, q, yv, T, H, nc, N=N, L=L, PREC=precision,
-                                        num_warps=4)
-        kern.wkv7_scan_kernel[(BH, N // SCAN_ROWS)](s, p, d, s_new, nc, N=N, R=SCAN_ROWS, PREC=precision,
-                                                    num_warps=4, num_stages=2)
-        kern.wkv7_out_kernel[(BH, nc)](q, yv, d, y, T, H, nc, N=N, L=L, PREC=precision, num_warps=4)
+        with _triton.on(r.device):
+            kern.wkv7_prep_kernel[(nc, BH)](r, w, k, v, a, b, p, d, q, yv, T, H, nc, N=N, L=L, PREC=precision,
+                                            num_warps=4)
+            kern.wkv7_scan_kernel[(BH, N // SCAN_ROWS)](s, p, d, s_new, nc, N=N, R=SCAN_ROWS, PREC=precision,
+                                                        num_warps=4, num_stages=2)
+            kern.wkv7_out_kernel[(nc, BH)](q, yv, d, y, T, H, nc, N=N, L=L, PREC=precision, num_warps=4)
     elif s_new.data_ptr() != s.data_ptr():
         s_new.copy_(s)
     return y, s_new
