@@ -460,9 +460,9 @@ def rwkv_main(argv: list[str]) -> int:
     ap.add_argument("--untuned-gemm", action="store_true",
                     help="GPU only: RWKV-7 decode above 4 rows with cuBLAS's heuristic algorithm for every product "
                          "instead of the cuBLASLt algorithm timed per shape at the first step")
-    ap.add_argument("--wkv7-cuda-cores", action="store_true",
-                    help="GPU only: RWKV-7 prefill with the chunked WKV-7 on the CUDA cores instead of the tensor "
-                         "cores (Triton)")
+    ap.add_argument("--wkv7-chunk", choices=("tensor-cores", "cuda-cores"),
+                    help="GPU only: RWKV-7 prefill's chunked WKV-7 on the tensor cores (Triton, tf32x3) or the CUDA "
+                         "cores (csrc/wkv7); default: the fused backend's choice")
     ap.add_argument("--kernels", action="store_true",
                     help="build the compiled kernels (models.kernels) before loading and report their status "
                          "(the model uses them either way where they build)")
@@ -504,9 +504,9 @@ def rwkv_main(argv: list[str]) -> int:
     if args.untuned_gemm:
         changes["tuned_gemm"] = False
         flags.append("--untuned-gemm")
-    if args.wkv7_cuda_cores:
-        changes["wkv7_tensor_cores"] = False
-        flags.append("--wkv7-cuda-cores")
+    if args.wkv7_chunk:
+        changes["wkv7_tensor_cores"] = args.wkv7_chunk == "tensor-cores"
+        flags.append(f"--wkv7-chunk {args.wkv7_chunk}")
     if changes:
         why = rebuild_fused(model, **changes) or (model.backend.fold_note if args.fold_norms else None)
         if why:

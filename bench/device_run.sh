@@ -50,7 +50,7 @@ step qb15ours 50 150 python3 -m rwkv_chat.app.bench --md "$OUT/qwen_bench.md" --
 step kgemv 60 200 python3 tests/gpu/verify_kernels.py --family gemv_group mm8 --out "$OUT/verify_gemv_group.md"
 step kwkv 60 240 bash -c 'python3 tests/gpu/verify_kernels.py --family wkv5 wkv6 gemm --out "$0" && python3 bench/kernels.py --only wkv --out "$1"' "$OUT/verify_wkv56.md" "$OUT/wkv_bench.md"
 step kwkv7 60 300 bash -c 'python3 tests/gpu/verify_kernels.py --family wkv7 --out "$0" && python3 bench/kernels.py --only wkv --out "$1"' "$OUT/verify_wkv7.md" "$OUT/wkv_bench.md"
-step pre7 150 400 bash -c "$B --shape 1.5B --batch 1 --prompt-len 1024 --tokens 30 && $B --shape 1.5B --batch 1 --prompt-len 1024 --tokens 30 --wkv7-cuda-cores && $B --shape 7.2B --batch 1 --prompt-len 1024 --tokens 20 && $B --shape 7.2B --batch 1 --prompt-len 1024 --tokens 20 --wkv7-cuda-cores && $B --shape 0.1B --batch 1 --prompt-len 1024 --tokens 30 && $B --shape 0.1B --batch 1 --prompt-len 1024 --tokens 30 --wkv7-cuda-cores"
+step pre7 150 400 bash -c "for s in 1.5B 7.2B 0.1B; do for k in tensor-cores cuda-cores; do $B --shape \$s --batch 1 --prompt-len 1024 --tokens 20 --wkv7-chunk \$k || exit 1; done; done"
 step qwenc 90 240 python3 tests/gpu/verify_qwen2.py --shapes tiny 1.5B --dtypes bf16 --gemv cublas compiled-norm --out "$OUT/verify_qwen2.md"
 QB="python3 -m rwkv_chat.app.bench --md $OUT/qwen_bench.md --family qwen2 --strategy cuda\ bf16 --batch 1 --prompt-len 0 --tokens 100 --no-peer"
 step qb15g 80 200 bash -c "$QB --shape 1.5B --gemv cublas && $QB --shape 1.5B --gemv compiled && $QB --shape 1.5B --gemv compiled-norm"

@@ -340,6 +340,7 @@ class FusedCuda(Backend):
             heuristic on an H100, 1.5B even.
         wkv7_tensor_cores: prefill's chunked WKV-7 on the tensor cores (``ops.wkv7_chunk``, Triton) where Triton
             serves, else on the CUDA cores (``csrc/wkv7/wkv7_chunk_cuda.cu``): ``dispatch.wkv7(tensor_cores=...)``.
+            Off by default: not yet timed on a GPU (``rwkv-chat bench --wkv7-chunk tensor-cores`` compares).
 
     Raises:
         StrategyError: ``ffn`` not one of ``FFN_MODES``.
@@ -349,7 +350,7 @@ class FusedCuda(Backend):
     decode_on_device = True
 
     def __init__(self, model, ops: Ops, ffn: str = "gemv", mix_rkv: bool = False, fold_norms: bool = False,
-                 tuned_gemm: bool = True, wkv7_tensor_cores: bool = True):
+                 tuned_gemm: bool = True, wkv7_tensor_cores: bool = False):
         super().__init__(ops)
         if ffn not in FFN_MODES:
             raise StrategyError(f"ffn must be one of {', '.join(FFN_MODES)}; got {ffn!r}")
@@ -412,7 +413,7 @@ class FusedCuda(Backend):
             value += "; ln1 / ln2 inside the GEMV launches" if ffn == "gemv" else "; ln1 inside the GEMV launch"
         if self.tuned_gemm:
             value += "; cuBLASLt algorithm timed per shape above 4 rows"
-        pre = "" if wkv7_tensor_cores and _triton.available() else " (chunked WKV-7 on the CUDA cores)"
+        pre = " (chunked WKV-7 on the tensor cores)" if wkv7_tensor_cores and _triton.available() else ""
         self.detail = (f"fused RWKV-7 layer kernels: prefill blocks{pre}" + (f", decode step ({value})" if self.decodes
                                                                         else "") + "; eager ops elsewhere")
 

@@ -153,7 +153,7 @@ def _multiprocessors(device: torch.device) -> int:
     return multiprocessors(device)
 
 
-def wkv7(r, w, k, v, a, b, s, *, out=None, chunk: int | None = None, tensor_cores: bool = True):
+def wkv7(r, w, k, v, a, b, s, *, out=None, chunk: int | None = None, tensor_cores: bool = False):
     """RWKV-7 WKV; same contract as ``wkv.wkv7_torch``: r, k, v, a, b [B, T, H, N] fp32/fp16/bf16 (one
     dtype), w float32 [B, T, H, N] decay factors in RWKV-7's range (``exp(-e^{-1/2}·sigmoid(·))``, so in
     [0.545, 1)), s float32 [B, H, N, N] ([value, key]) -> ``(y float32 [B, T, H, N], new s)``.
