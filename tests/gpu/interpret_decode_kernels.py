@@ -10,27 +10,19 @@ The wrappers' CUDA checks are bypassed here (the interpreter takes CPU tensors).
 exits 1 when one exceeds its tolerance (fp16 inputs, fp32 inside on both sides).
 """
 
-import importlib
-import os
 import sys
-from pathlib import Path
 
-os.environ["TRITON_INTERPRET"] = "1"      # Triton's own switch, read at its import: the kernels run in numpy
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import interpreter  # noqa: E402,F401  (switches Triton's interpreter on before triton is imported)
+from interpreter import rel  # noqa: E402
 
 import torch  # noqa: E402
 
-from rwkv_chat.models.ops import _checks, _triton, decode  # noqa: E402
+from rwkv_chat.models.ops import decode  # noqa: E402
 from rwkv_chat.models.qwen2 import layers  # noqa: E402
 
 
-def rel(a, b) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
-
-
 def main() -> int:
-    _checks.check_cuda = lambda tensors: None
-    _triton.kernels = lambda module, op: importlib.import_module(module)
+    interpreter.bypass_device_checks()
     decode._sms = lambda device: 4                    # few "multiprocessors": splits on short caches
     torch.manual_seed(0)
     dt = torch.float16                    # the interpreter's tl.dot mishandles bfloat16 (numpy has none)

@@ -12,20 +12,14 @@ exits 1 when one exceeds its tolerance (fp16 inputs).
 """
 
 import importlib
-import os
 import sys
-from pathlib import Path
 
-os.environ["TRITON_INTERPRET"] = "1"      # Triton's own switch, read at its import: the kernels run in numpy
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import interpreter  # noqa: E402,F401  (switches Triton's interpreter on before triton is imported)
+from interpreter import rel  # noqa: E402
 
 import torch  # noqa: E402
 
 from rwkv_chat.models.ops import prenorm as ng  # noqa: E402
-
-
-def rel(a, b) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 def exact(x, w, norm, lw, lb, eps, res, bias, swiglu):

@@ -12,21 +12,15 @@ case and exits 1 when one exceeds 1e-3 (fp16 products of the same values).
 """
 
 import importlib
-import os
 import sys
-from pathlib import Path
 
-os.environ["TRITON_INTERPRET"] = "1"      # Triton's own switch, read at its import: the kernels run in numpy
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import interpreter  # noqa: E402,F401  (switches Triton's interpreter on before triton is imported)
+from interpreter import rel  # noqa: E402
 
 import torch  # noqa: E402
 
 from rwkv_chat.models.formats import f8, i4, i8  # noqa: E402
 from rwkv_chat.models.ops import gemv, gptq  # noqa: E402
-
-
-def rel(a, b) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def main() -> int:

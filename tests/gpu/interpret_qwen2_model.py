@@ -12,15 +12,15 @@ Prints the relative error of the logits per case; exit status 1 when one exceeds
 """
 
 import importlib
-import os
 import sys
 import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-os.environ["TRITON_INTERPRET"] = "1"      # Triton's own switch, read at its import: the kernels run in numpy
+import interpreter  # noqa: E402,F401  (switches Triton's interpreter on before triton is imported)
+from interpreter import rel  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
@@ -29,10 +29,6 @@ from rwkv_chat.models.ops import _checks, _triton, decode, prenorm  # noqa: E402
 from rwkv_chat.models.qwen2 import fused  # noqa: E402
 from rwkv_chat.models.qwen2.model import Qwen2  # noqa: E402
 from tests.models.qwen2.conftest import build  # noqa: E402
-
-
-def rel(a, b) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def triton_ops(base):

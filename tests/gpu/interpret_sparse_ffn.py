@@ -13,12 +13,10 @@ line per case; exits 1 on a failure.
 """
 
 import importlib
-import os
 import sys
-from pathlib import Path
 
-os.environ["TRITON_INTERPRET"] = "1"      # Triton's own switch, read at its import: the kernels run in numpy
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import interpreter  # noqa: E402,F401  (switches Triton's interpreter on before triton is imported)
+from interpreter import rel  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -26,11 +24,6 @@ from rwkv_chat.models.ops import gemv, sparse_ffn  # noqa: E402
 
 #: |kernel - reference| / |reference| allowed: float32 sums in another order, one rounding to the output dtype
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-5}
-
-
-def rel(a, b) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def relu2_rows(M, F, dtype, zero_share, g) -> torch.Tensor:

@@ -12,22 +12,15 @@ The wrapper's CUDA check is bypassed here (the interpreter takes CPU tensors). P
 exits 1 when one exceeds its tolerance.
 """
 
-import importlib
-import os
 import sys
-from pathlib import Path
 
-os.environ["TRITON_INTERPRET"] = "1"      # Triton's own switch, read at its import: the kernels run in numpy
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import interpreter  # noqa: E402,F401  (switches Triton's interpreter on before triton is imported)
+from interpreter import rel  # noqa: E402
 
 import torch  # noqa: E402
 
-from rwkv_chat.models.ops import _checks, _triton, wkv5_chunk  # noqa: E402
+from rwkv_chat.models.ops import wkv5_chunk  # noqa: E402
 from rwkv_chat.models.rwkv.wkv import wkv5_torch  # noqa: E402
-
-
-def rel(a, b) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 def case(B, T, H, N, per_token, dtype, strong, gen):
@@ -52,8 +45,7 @@ def case(B, T, H, N, per_token, dtype, strong, gen):
 
 
 def main() -> int:
-    _checks.check_cuda = lambda tensors: None
-    _triton.kernels = lambda module, op: importlib.import_module(module)
+    interpreter.bypass_device_checks()
     gen = torch.Generator().manual_seed(0)
     bad = 0
     for B, T, H, N, per_token, dtype, strong in ((1, 37, 2, 64, True, torch.float32, False),
