@@ -340,7 +340,8 @@ class FusedCuda(Backend):
             heuristic on an H100, 1.5B even.
         wkv7_tensor_cores: prefill's chunked WKV-7 on the tensor cores (``ops.wkv7_chunk``, Triton) where Triton
             serves, else on the CUDA cores (``csrc/wkv7/wkv7_chunk_cuda.cu``): ``dispatch.wkv7(tensor_cores=...)``.
-            Off by default: not yet timed on a GPU (``rwkv-chat bench --wkv7-chunk tensor-cores`` compares).
+            Off by default: slower so far (H100, T = 1,024, 32 heads: 402.6 us against 238.0; ``rwkv-chat bench
+            --wkv7-chunk tensor-cores`` compares the model's prefill).
 
     Raises:
         StrategyError: ``ffn`` not one of ``FFN_MODES``.

@@ -86,19 +86,17 @@ WKV7_CHUNK_MIN_T = 128
 #: 333 / 245, 64 heads 342 / 431, 256 heads 907 / 1617; T = 256, 32 heads 81 / 62; T = 64, 32 heads
 #: 22.5 / 36.9 (``bench/results/h100.md``, "Kernel benchmark").
 WKV7_CHUNK_MAX_HEADS_PER_SM = 1 / 3
-#: the same bound for the tensor-core chunked kernel (``ops.wkv7_chunk``), whose all-chunks phase is no longer bound
-#: by the CUDA cores
-WKV7_TC_CHUNK_MAX_HEADS_PER_SM = 2
 #: tokens per chunk of the chunked WKV-7 kernel (16 or 32)
 WKV7_CHUNK = 32
 
 
-def wkv7_chunk_choice(B: int, T: int, H: int, multiprocessors: int, tensor_cores: bool = False) -> int:
+def wkv7_chunk_choice(B: int, T: int, H: int, multiprocessors: int) -> int:
     """The chunk length ``wkv7`` picks on CUDA for head size 64: ``WKV7_CHUNK`` (the chunked kernel) for
-    T >= ``WKV7_CHUNK_MIN_T`` and B * H <= ``WKV7_CHUNK_MAX_HEADS_PER_SM`` (``WKV7_TC_CHUNK_MAX_HEADS_PER_SM`` for
-    the tensor-core kernel) * multiprocessors, else 0 (the sequential kernel)."""
-    per_sm = WKV7_TC_CHUNK_MAX_HEADS_PER_SM if tensor_cores else WKV7_CHUNK_MAX_HEADS_PER_SM
-    return 0 if T < WKV7_CHUNK_MIN_T or B * H > per_sm * multiprocessors else WKV7_CHUNK
+    T >= ``WKV7_CHUNK_MIN_T`` and B * H <= ``WKV7_CHUNK_MAX_HEADS_PER_SM`` * multiprocessors, else 0 (the
+    sequential kernel). The same bound serves the tensor-core chunked kernel, whose time also grows with batch x
+    heads from the first head (H100: 402.6 / 773.2 / 1479.4 us at 32 / 64 / 128 heads of T = 1024)."""
+    many = B * H > WKV7_CHUNK_MAX_HEADS_PER_SM * multiprocessors
+    return 0 if T < WKV7_CHUNK_MIN_T or many else WKV7_CHUNK
 
 
 _WKV7_TC_SOUND: dict[tuple[torch.device, torch.dtype], bool] = {}
@@ -163,7 +161,8 @@ def wkv7(r, w, k, v, a, b, s, *, out=None, chunk: int | None = None, tensor_core
     ``WKV7_CHUNK`` for long sequences of few batch x heads; otherwise the sequential kernel); 0 forces
     the sequential kernel; 16 or 32 forces the chunked kernel with that chunk length where it applies.
     ``tensor_cores``: the chunked kernel on the tensor cores (``ops.wkv7_chunk``, Triton) where ``wkv7_tc_sound``;
-    False takes the CUDA-core one of ``csrc/wkv7/wkv7_chunk_cuda.cu`` (also the fallback where it is not sound).
+    False (the default: slower so far, H100 T = 1024, 32 heads: 402.6 us against 238.0) takes the CUDA-core one of
+    ``csrc/wkv7/wkv7_chunk_cuda.cu`` (also the fallback where the tensor-core one is not sound).
     Raises: DeviceError, UnsupportedDtypeError, ShapeMismatchError.
     """
     check_wkv7(r, w, k, v, a, b, s, out)
@@ -174,8 +173,7 @@ def wkv7(r, w, k, v, a, b, s, *, out=None, chunk: int | None = None, tensor_core
     o = out or (torch.empty(r.shape, dtype=torch.float32, device=r.device), torch.empty_like(s))
     B, T, H, N = r.shape
     if chunk is None:
-        tc = tensor_cores and _wkv7c.serves(r) and dev == "cuda" and wkv7_tc_sound(r.device, r.dtype)
-        chunk = wkv7_chunk_choice(B, T, H, _multiprocessors(r.device), tc) if dev == "cuda" else 0
+        chunk = wkv7_chunk_choice(B, T, H, _multiprocessors(r.device)) if dev == "cuda" else 0
     if chunk in (16, 32) and dev == "cuda" and N == 64:
         if tensor_cores and wkv7_tc_sound(r.device, r.dtype):
             return _wkv7c.wkv7_chunk(r, w, k, v, a, b, s, out=o, chunk=chunk)

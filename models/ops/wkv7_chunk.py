@@ -12,7 +12,10 @@ float64, as the sequential kernel), so the all-chunks phase is no longer bound b
 
     y, s_new = wkv7_chunk(r, w, k, v, a, b, s)      # same contract as models.rwkv.wkv.wkv7_torch
 
-No host synchronisation: CUDA-graph capturable. Float32 workspace: 4 B H nc (2 N² + 2 L N) bytes, nc = ceil(T / L).
+Not yet faster than the CUDA-core kernels (H100, T = 1,024, 32 heads of 64: 348.3 us at L = 16, 402.6 at L = 32,
+against 238.0; ``bench/results/h100.md``): the all-chunks phase in tf32x3 costs 1.8-3.1x its one-pass tf32 time, and
+at L = 32 the inverse's dependent products dominate it. So ``kernels.dispatch.wkv7`` takes it only when asked
+(``tensor_cores=True``). No host synchronisation: CUDA-graph capturable. Float32 workspace: 4 B H nc (2 N² + 2 L N) bytes, nc = ceil(T / L).
 Checked in Triton's interpreter against the float64 recurrence (``tests/gpu/interpret_wkv7_chunk.py``, in CI) and
 on a GPU against the sequential kernel (``tests/gpu/verify_kernels.py``).
 
@@ -35,6 +38,9 @@ CHUNK, CHUNKS = 32, (16, 32)
 HEAD_SIZE = 64
 #: value rows per program of the scan
 SCAN_ROWS = 16
+#: warps of the all-chunks phase per chunk length (H100, T = 1024, 32 heads: L = 32 233 us with 8, 278 with 4;
+#: L = 16 134 with 4, 215 with 8; bench/results/h100.md, "Lab: the chunked WKV-7 on the tensor cores")
+PREP_WARPS = {16: 4, 32: 8}
 
 
 def serves(r: torch.Tensor) -> bool:
@@ -81,7 +87,7 @@ def wkv7_chunk(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         p, d, q, yv = work.split([BH * nc * N * N, BH * nc * N * N, BH * nc * L * N, BH * nc * L * N])
         with _triton.on(r.device):
             kern.wkv7_prep_kernel[(nc, BH)](r, w, k, v, a, b, p, d, q, yv, T, H, nc, N=N, L=L, PREC=precision,
-                                            num_warps=4)
+                                            num_warps=PREP_WARPS[L])
             kern.wkv7_scan_kernel[(BH, N // SCAN_ROWS)](s, p, d, s_new, nc, N=N, R=SCAN_ROWS, PREC=precision,
                                                         num_warps=4, num_stages=2)
             kern.wkv7_out_kernel[(nc, BH)](q, yv, d, y, T, H, nc, N=N, L=L, PREC=precision, num_warps=4)
