@@ -13,7 +13,8 @@ The chunked RWKV-7 WKV of ``models/rwkv/chunked.py``'s ``wkv7_chunked`` (same fo
 * ``wkv7_out_kernel``, one program per (batch x head, chunk): y = Q S_startᵀ + Y_v.
 
 Every product runs on the tensor cores in ``PREC`` (``"tf32x3"``: three tf32 products per float32 product, the
-float32 precision class; ``"ieee"``: float32 on the CUDA cores). The inverse: each 16 x 16 diagonal block by
+float32 precision class; ``"tf32"``: one; ``"ieee"``: float32 on the CUDA cores), the all-chunks phase's in-chunk
+products in ``PREC_IN``. The inverse: each 16 x 16 diagonal block by
 forward substitution (the rows of every block at once), then T = T_bd + T_bd A_off T_bd for L = 32 (A_off: M_ab
 below the diagonal blocks), exact since T_bd A_off T_bd A_off = 0 for two blocks.
 """
@@ -49,9 +50,10 @@ def _unit_lower_inverse(A, tt, L: tl.constexpr, PREC: tl.constexpr):
 
 @triton.jit
 def wkv7_prep_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, p_ptr, d_ptr, q_ptr, yv_ptr, T, H, nc,
-                     N: tl.constexpr, L: tl.constexpr, PREC: tl.constexpr):
+                     N: tl.constexpr, L: tl.constexpr, PREC: tl.constexpr, PREC_IN: tl.constexpr):
     """Phase 1, one program per (batch x head, chunk): P, D ([B*H, nc, N, N]) and Q, Y_v ([B*H, nc, L, N]),
-    float32 (module docstring). Tokens past T: zero vectors with decay 1 (they change nothing)."""
+    float32 (module docstring); the in-chunk products (the L x L matrices, the inverse, W, U_v, Q, Y_v) in PREC_IN,
+    the products of P and D in PREC. Tokens past T: zero vectors with decay 1 (they change nothing)."""
     bh, c, h, kk, tt, row, off, ok, ok_prev, ok_next = _chunk_program(T, H, N, L)
     r = _load(r_ptr, off, kk, ok, 0.0)                                                  # [L, N] each
     k = _load(k_ptr, off, kk, ok, 0.0)
@@ -72,18 +74,18 @@ def wkv7_prep_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, p_ptr, d_ptr, q_p
     k_p = k * tail
     strict = tt[:, None] > tt[None, :]
     incl = tt[:, None] >= tt[None, :]
-    m_ab = tl.where(strict, tl.dot(a_t, tl.trans(b_h), input_precision=PREC), 0.0)     # [L, L]
-    m_ak = tl.where(strict, tl.dot(a_t, tl.trans(k_h), input_precision=PREC), 0.0)
-    m_rb = tl.where(incl, tl.dot(r_t, tl.trans(b_h), input_precision=PREC), 0.0)
-    m_rk = tl.where(incl, tl.dot(r_t, tl.trans(k_h), input_precision=PREC), 0.0)
-    t_inv = _unit_lower_inverse(m_ab, tt, L, PREC)
-    w_m = tl.dot(t_inv, a_t, input_precision=PREC)                                        # U = W S_0ᵀ + U_v
-    u_v = tl.dot(t_inv, tl.dot(m_ak, v, input_precision=PREC), input_precision=PREC)
+    m_ab = tl.where(strict, tl.dot(a_t, tl.trans(b_h), input_precision=PREC_IN), 0.0)     # [L, L]
+    m_ak = tl.where(strict, tl.dot(a_t, tl.trans(k_h), input_precision=PREC_IN), 0.0)
+    m_rb = tl.where(incl, tl.dot(r_t, tl.trans(b_h), input_precision=PREC_IN), 0.0)
+    m_rk = tl.where(incl, tl.dot(r_t, tl.trans(k_h), input_precision=PREC_IN), 0.0)
+    t_inv = _unit_lower_inverse(m_ab, tt, L, PREC_IN)
+    w_m = tl.dot(t_inv, a_t, input_precision=PREC_IN)                                        # U = W S_0ᵀ + U_v
+    u_v = tl.dot(t_inv, tl.dot(m_ak, v, input_precision=PREC_IN), input_precision=PREC_IN)
     diag = tl.where(kk[:, None] == kk[None, :], tl.exp(tl.sum(lw, axis=0))[:, None], 0.0)
     p = diag + tl.dot(tl.trans(w_m), b_p, input_precision=PREC)                          # [K, K]
     d = tl.dot(tl.trans(u_v), b_p, input_precision=PREC) + tl.dot(tl.trans(v), k_p, input_precision=PREC)  # [V, K]
-    q = r_t + tl.dot(m_rb, w_m, input_precision=PREC)                                     # y = Q S_cᵀ + Y_v
-    y_v = tl.dot(m_rb, u_v, input_precision=PREC) + tl.dot(m_rk, v, input_precision=PREC)
+    q = r_t + tl.dot(m_rb, w_m, input_precision=PREC_IN)                                     # y = Q S_cᵀ + Y_v
+    y_v = tl.dot(m_rb, u_v, input_precision=PREC_IN) + tl.dot(m_rk, v, input_precision=PREC_IN)
     cbase = bh.to(tl.int64) * nc + c
     sq = cbase * N * N + kk[:, None] * N + kk[None, :]
     tl.store(p_ptr + sq, p)

@@ -13,9 +13,11 @@ float64, as the sequential kernel), so the all-chunks phase is no longer bound b
     y, s_new = wkv7_chunk(r, w, k, v, a, b, s)      # same contract as models.rwkv.wkv.wkv7_torch
 
 Not yet faster than the CUDA-core kernels (H100, T = 1,024, 32 heads of 64: 348.3 us at L = 16, 402.6 at L = 32,
-against 238.0; ``bench/results/h100.md``): the all-chunks phase in tf32x3 costs 1.8-3.1x its one-pass tf32 time, and
-at L = 32 the inverse's dependent products dominate it. So ``kernels.dispatch.wkv7`` takes it only when asked
-(``tensor_cores=True``). No host synchronisation: CUDA-graph capturable. Float32 workspace: 4 B H nc (2 N² + 2 L N) bytes, nc = ceil(T / L).
+against 238.0; ``bench/results/h100.md``): the all-chunks phase in tf32x3 costs 1.8-3.1x its one-pass tf32 time
+(its small products keep the tensor cores at about 40 TFLOP/s; at L = 32 the inverse's fifteen full-tile products are
+a third of its multiply-adds), and the scan is a chain of one small product per chunk. So ``kernels.dispatch.wkv7``
+takes it only when asked (``tensor_cores=True``); ``precision`` picks cheaper passes for measuring. No host
+synchronisation: CUDA-graph capturable. Float32 workspace: 4 B H nc (2 N² + 2 L N) bytes, nc = ceil(T / L).
 Checked in Triton's interpreter against the float64 recurrence (``tests/gpu/interpret_wkv7_chunk.py``, in CI) and
 on a GPU against the sequential kernel (``tests/gpu/verify_kernels.py``).
 
@@ -41,6 +43,9 @@ SCAN_ROWS = 16
 #: warps of the all-chunks phase per chunk length (H100, T = 1024, 32 heads: L = 32 233 us with 8, 278 with 4;
 #: L = 16 134 with 4, 215 with 8; bench/results/h100.md, "Lab: the chunked WKV-7 on the tensor cores")
 PREP_WARPS = {16: 4, 32: 8}
+#: ``precision`` -> the input precision of (the state's products: P, D, the scan, the outputs; the in-chunk products)
+PRECISIONS = {"tf32x3": ("tf32x3", "tf32x3"), "mixed": ("tf32x3", "tf32"), "tf32": ("tf32", "tf32"),
+              "ieee": ("ieee", "ieee")}
 
 
 def serves(r: torch.Tensor) -> bool:
@@ -59,8 +64,9 @@ def wkv7_chunk(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         s: float32 [B, H, 64, 64] indexed [value, key] (read, not modified unless ``out`` names it).
         out: ``(y, s_new)`` to write into (s_new may be s itself).
         chunk: tokens per chunk, 16 or 32.
-        precision: the products' ``input_precision``: ``"tf32x3"`` (tensor cores, float32 class) or ``"ieee"``
-            (float32 on the CUDA cores; a check of the first).
+        precision: the products' ``input_precision``: ``"tf32x3"`` (tensor cores, float32 class), ``"mixed"``
+            (the in-chunk products of the all-chunks phase in one tf32 pass, the state's in tf32x3), ``"tf32"``
+            (one pass throughout: faster, about 1e-3 relative per product) or ``"ieee"`` (float32 on the CUDA cores).
     Returns:
         ``(y float32 [B, T, H, 64], s_new float32 [B, H, 64, 64])``.
     Raises:
@@ -68,8 +74,9 @@ def wkv7_chunk(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     """
     if chunk not in CHUNKS:
         raise ValueError(f"wkv7_chunk: chunk must be one of {CHUNKS}, not {chunk!r}")
-    if precision not in ("tf32x3", "ieee"):
-        raise ValueError(f"wkv7_chunk: precision must be 'tf32x3' or 'ieee', not {precision!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"wkv7_chunk: precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    prec, prec_in = PRECISIONS[precision]
     check_wkv7(r, w, k, v, a, b, s, out)
     B, T, H, N = r.shape
     if N != HEAD_SIZE:
@@ -86,11 +93,11 @@ def wkv7_chunk(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         work = torch.empty(BH * nc * (2 * N * N + 2 * L * N), dtype=torch.float32, device=r.device)
         p, d, q, yv = work.split([BH * nc * N * N, BH * nc * N * N, BH * nc * L * N, BH * nc * L * N])
         with _triton.on(r.device):
-            kern.wkv7_prep_kernel[(nc, BH)](r, w, k, v, a, b, p, d, q, yv, T, H, nc, N=N, L=L, PREC=precision,
-                                            num_warps=PREP_WARPS[L])
-            kern.wkv7_scan_kernel[(BH, N // SCAN_ROWS)](s, p, d, s_new, nc, N=N, R=SCAN_ROWS, PREC=precision,
+            kern.wkv7_prep_kernel[(nc, BH)](r, w, k, v, a, b, p, d, q, yv, T, H, nc, N=N, L=L, PREC=prec,
+                                            PREC_IN=prec_in, num_warps=PREP_WARPS[L])
+            kern.wkv7_scan_kernel[(BH, N // SCAN_ROWS)](s, p, d, s_new, nc, N=N, R=SCAN_ROWS, PREC=prec,
                                                         num_warps=4, num_stages=2)
-            kern.wkv7_out_kernel[(nc, BH)](q, yv, d, y, T, H, nc, N=N, L=L, PREC=precision, num_warps=4)
+            kern.wkv7_out_kernel[(nc, BH)](q, yv, d, y, T, H, nc, N=N, L=L, PREC=prec, num_warps=4)
     elif s_new.data_ptr() != s.data_ptr():
         s_new.copy_(s)
     return y, s_new

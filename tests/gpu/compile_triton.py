@@ -169,7 +169,7 @@ def cases(quick: bool = False):
                    wkv5_chunk.wkv5_chunk(*(r(B, T, H, N, dt=dt) for _ in range(3)), w, torch.randn(H, N),
                                          torch.randn(B, H, N, N), parallel=par))
     from rwkv_chat.models.ops import wkv7_chunk
-    for L, dt, prec in ((32, hf, "tf32x3"), (16, bf, "tf32x3"), (32, torch.float32, "ieee")):
+    for L, dt, prec in ((32, hf, "tf32x3"), (16, bf, "tf32x3"), (32, hf, "mixed"), (32, torch.float32, "ieee")):
         B, T, H, N = 1, 70, 2, 64
         yield (f"wkv7_chunk L={L} {dt} {prec}",
                lambda B=B, T=T, H=H, N=N, L=L, dt=dt, prec=prec:
