@@ -3,7 +3,8 @@
 # reference's CUDA extension build in the background, builds and verifies our kernels, verifies
 # the fused RWKV-7 paths, runs the benchmark rows, then the comparisons with the reference.
 #   bash bench/device_run.sh [BUDGET_SECONDS] [STEP...]      (default 560 s; steps: see `step` lines below)
-# Steps are skipped once the time budget runs short. Everything lands in $OUT: each step's table (headed
+# Steps run in this file's order, whatever order the command line names them in, and are skipped once the time budget
+# runs short (so put the step that matters most early in the file, or name fewer). Everything lands in $OUT: each step's table (headed
 # by its command and machine line), bench.jsonl, and $OUT/<gpu>.md = bench/results/<gpu>.md with the
 # sections of the steps taken replaced (bench/assemble.py): copy it over bench/results/<gpu>.md.
 # The tables name the source tree from git; a copy without .git names none.
