@@ -114,9 +114,9 @@ SKIP_STEPS = 8
 
 def rebuild_fused(model, **changes) -> str | None:
     """Rebuild the fused CUDA backend of ``model`` (before its first forward) with ``changes`` to its settings
-    (``ffn``, ``mix_rkv``, ``fold_norms``, ``tuned_gemm``, ``wkv7_tensor_cores``; the others kept); None on success, else why it cannot (not
-    RWKV-7 on the fused CUDA backend). A probed setting that does not serve is left off: the backend says why
-    (``fold_note``)."""
+    (``ffn``, ``mix_rkv``, ``fold_norms``, ``tuned_gemm``, ``wkv7_tensor_cores``; the others kept); None on success,
+    else why it cannot (not RWKV-7 on the fused CUDA backend). A probed setting that does not serve is left off: the
+    backend says why (``fold_note``)."""
     from rwkv_chat.models.backends.fused_cuda import FusedCuda
 
     be = model.backend

@@ -263,8 +263,9 @@ def bench_wkv7(rows_md: list, have_ref: bool) -> None:
             op(r, w, k, v, a, b, s, y, s2)
             tc_diff = (f"{((yt - y).norm() / y.norm()).item():.1e}, "
                        f"{((st_ - s2).norm() / s2.norm()).item():.1e}")
-            tc32, tc16 = (f"{time_ms(lambda i, L=L: wkv7_chunk(r, w, k, v, a, b, s, out=(yt, st_), chunk=L), iters=it) * 1e3:.1f}"
-                          for L in (32, 16))
+            tc32, tc16 = (f"{t_ * 1e3:.1f}" for t_ in (
+                time_ms(lambda i, L=L: wkv7_chunk(r, w, k, v, a, b, s, out=(yt, st_), chunk=L), iters=it)
+                for L in (32, 16)))
         if have_ref and B == 1:
             yr = torch.empty(T, C, device="cuda", dtype=torch.float16)
             st = s[0].clone()

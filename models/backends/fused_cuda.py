@@ -415,8 +415,8 @@ class FusedCuda(Backend):
         if self.tuned_gemm:
             value += "; cuBLASLt algorithm timed per shape above 4 rows"
         pre = " (chunked WKV-7 on the tensor cores)" if wkv7_tensor_cores and _triton.available() else ""
-        self.detail = (f"fused RWKV-7 layer kernels: prefill blocks{pre}" + (f", decode step ({value})" if self.decodes
-                                                                        else "") + "; eager ops elsewhere")
+        decode = f", decode step ({value})" if self.decodes else ""
+        self.detail = f"fused RWKV-7 layer kernels: prefill blocks{pre}{decode}; eager ops elsewhere"
 
     @classmethod
     def attach(cls, model, ops: Ops, ffn: str = "gemv") -> FusedCuda | None:

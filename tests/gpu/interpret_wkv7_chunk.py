@@ -1,6 +1,6 @@
 """``wkv7_chunk`` (the chunked RWKV-7 WKV on the tensor cores, Triton) run in Triton's interpreter on the CPU through
-its Python wrapper, against the sequential recurrence (``wkv.wkv7_torch``'s formula) in float64: inputs as RWKV-7 makes them
-(a = -kk, b = kk * gate, kk unit-norm per head), decays across RWKV-7's whole range (down to 0.545, the strongest
+its Python wrapper, against the sequential recurrence (``wkv.wkv7_torch``'s formula) in float64: inputs as RWKV-7
+makes them (a = -kk, b = kk * gate, kk unit-norm per head), decays across RWKV-7's whole range (down to 0.545, the strongest
 it allows, where 1/Γ over a chunk of 32 reaches e^19.4) next to weak ones, T not a multiple of the chunk, one
 token, several chunks, both chunk lengths, batch > 1, a non-zero start state, fp16 / bf16 / float32 inputs, and the
 state written into the input's own tensor. The interpreter computes every product in float32 whatever the
