@@ -3,8 +3,9 @@
 # reference's CUDA extension build in the background, builds and verifies our kernels, verifies
 # the fused RWKV-7 paths, runs the benchmark rows, then the comparisons with the reference.
 #   bash bench/device_run.sh [BUDGET_SECONDS] [STEP...]      (default 560 s; steps: see `step` lines below)
-# Steps run in this file's order, whatever order the command line names them in, and are skipped once the time budget
-# runs short (so put the step that matters most early in the file, or name fewer). Everything lands in $OUT: each step's table (headed
+# Steps run in the order the command line names them (unknown names are reported), each skipped once the time budget
+# runs short; our kernels are built and checked before the first step that needs them. Everything lands in $OUT: each
+# step's table (headed
 # by its command and machine line), bench.jsonl, and $OUT/<gpu>.md = bench/results/<gpu>.md with the
 # sections of the steps taken replaced (bench/assemble.py): copy it over bench/results/<gpu>.md.
 # The tables name the source tree from git; a copy without .git names none.
@@ -21,18 +22,35 @@ python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.versio
 [[ " $STEPS " == *" pip "* || " $STEPS " == *" cmp "* ]] && ( cd /tmp && RWKV_V7_ON=1 RWKV_CUDA_ON=1 MAX_JOBS=6 python3 -c 'import rwkv.model' > "$OUT/ref_build.log" 2>&1; echo "reference build rc=$? at ${SECONDS}s" >> "$OUT/ref_build.log" ) &
 REF=$!
 B="python3 -m rwkv_chat.app.bench --md $OUT/bench.md --json $OUT/bench.jsonl"
-step() {  # step NAME NEED_SECONDS TIMEOUT CMD...
-    local name=$1 need=$2 tmo=$3; shift 3
-    [[ " $STEPS " == *" $name "* ]] || return 0
-    if (( SECONDS + need > BUDGET )); then echo "=== skip $name (t=${SECONDS}s)"; return 0; fi
-    echo "=== $name (t=${SECONDS}s): $*"
-    timeout "$tmo" "$@" 2>&1 | grep -v "^$" | grep -v "UserWarning\|warnings.warn"
+declare -A NEED TMO CMD
+step() {  # step NAME NEED_SECONDS TIMEOUT CMD...: defines a step (run below, in the order of $STEPS)
+    local name=$1; NEED[$name]=$2; TMO[$name]=$3; shift 3
+    CMD[$name]=$(printf '%q ' "$@")
+}
+run_step() {
+    local name=$1
+    [[ -n ${CMD[$name]:-} ]] || { echo "=== unknown step $name"; return 0; }
+    if (( SECONDS + NEED[$name] > BUDGET )); then echo "=== skip $name (t=${SECONDS}s)"; return 0; fi
+    case $name in kernels|gemvq|gbench) ;; *) ensure_kernels || exit 1 ;; esac
+    case $name in pip|cmp) wait_ref ;; esac
+    echo "=== $name (t=${SECONDS}s): ${CMD[$name]}"
+    eval "timeout ${TMO[$name]} ${CMD[$name]}" 2>&1 | grep -v "^$" | grep -v "UserWarning\|warnings.warn"
     echo "=== $name rc=${PIPESTATUS[0]} (t=${SECONDS}s)"
+}
+KERNELS_OK=
+ensure_kernels() {  # once: our kernels built, the fused RWKV-7 family among them
+    [[ -n $KERNELS_OK ]] && return 0
+    python3 -c 'from rwkv_chat.models import kernels; import sys; s=kernels.ensure_built("cuda"); print(s); sys.exit(0 if s["v7fused"]=="ok" else 1)' || { echo "our kernels did not build"; return 1; }
+    KERNELS_OK=1
+}
+REF_DONE=
+wait_ref() {  # once: the reference's CUDA build, started in the background above
+    [[ -n $REF_DONE ]] && return 0
+        REF_DONE=1
 }
 step kernels 200 300 python3 tests/gpu/verify_kernels.py --out "$OUT/verify_kernels.md"
 step gemvq 120 300 python3 tests/gpu/verify_kernels.py --family gemvq --out "$OUT/verify_gemvq.md"
 step gbench 90 300 python3 bench/kernels.py --only gemvq --out "$OUT/gemvq_bench.md"
-python3 -c 'from rwkv_chat.models import kernels; import sys; s=kernels.ensure_built("cuda"); print(s); sys.exit(0 if s["v7fused"]=="ok" else 1)' || { echo "our kernels did not build"; exit 1; }
 step fused 60 150 python3 tests/gpu/verify_fused.py --out "$OUT/verify_fused.md"
 step ops 60 200 python3 tests/gpu/verify_ops.py --out "$OUT/verify_ops.md"
 step opsbench 120 300 python3 bench/ops.py --out "$OUT/ops_bench.md"
@@ -82,8 +100,8 @@ step b72comp 90 200 $B --shape 7.2B --batch 64 --prompt-len 0 --tokens 100 --lar
 step b15cublas 40 100 $B --shape 1.5B --batch 1 --prompt-len 0 --tokens 200 --gemv cublas
 step b01cublas 30 100 $B --shape 0.1B --batch 1 --prompt-len 0 --tokens 300 --gemv cublas
 step b72cublas 60 150 $B --shape 7.2B --batch 1 --prompt-len 0 --tokens 100 --gemv cublas
-while kill -0 $REF 2>/dev/null && (( SECONDS < BUDGET - 150 )); do sleep 2; done; tail -3 "$OUT/ref_build.log"
 step pip 60 200 python3 tests/gpu/verify_model.py --pip-shapes ${PIP_SHAPES:-0.1B 1.5B} --out "$OUT/pip.md"
 step cmp 60 200 $B --shape 1.5B --batch 1 --prompt-len 1024 --tokens 100 --compare-rwkv-pip
+for name in $STEPS; do run_step "$name"; done
 python3 bench/assemble.py "$OUT" --gpu "$GPU_NAME"
 echo "done at ${SECONDS}s"
