@@ -10,7 +10,6 @@ through its backend's ops (``rwkv_chat.models.backends.eager``) when loaded with
 
 from __future__ import annotations
 
-import contextlib
 
 import torch
 
@@ -22,6 +21,7 @@ from rwkv_chat.models.formats.f8 import Float8Weight
 from rwkv_chat.models.formats.i4 import Int4Weight
 from rwkv_chat.models.kernels import available
 from rwkv_chat.models.kernels.checks import check_mm8, check_wkv4, check_wkv5, check_wkv7
+from rwkv_chat.models.ops import _triton
 from rwkv_chat.models.ops import gemv as _gemv
 from rwkv_chat.models.ops import wkv5_chunk as _wkv5c
 from rwkv_chat.models.ops import wkv7_chunk as _wkv7c
@@ -99,56 +99,46 @@ def wkv7_chunk_choice(B: int, T: int, H: int, multiprocessors: int) -> int:
     return 0 if T < WKV7_CHUNK_MIN_T or many else WKV7_CHUNK
 
 
-_WKV7_TC_SOUND: dict[tuple[torch.device, torch.dtype], bool] = {}
+#: per input dtype, per device: None where the tensor-core chunked WKV-7 serves, else why not (``wkv7_tc_sound``)
+WKV7_TC_PROBES: dict[torch.dtype, dict[torch.device, str | None]] = {}
 
 
 def wkv7_tc_sound(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the tensor-core chunked WKV-7 (``ops.wkv7_chunk``) runs on ``device`` for inputs of ``dtype`` and
     agrees with the sequential kernel (the compiled one where built, else ``wkv.wkv7_torch``): y and the state within
     1e-4 relative for 70 tokens of 2 heads in both chunk lengths, inputs as RWKV-7 makes them. Checked once per
-    (device, dtype), outside CUDA-graph capture (False inside one until an eager call has checked); False on any
-    error (no Triton, a compile failure)."""
-    device = torch.device(device)
-    key = (device, dtype)
-    if key not in _WKV7_TC_SOUND:
-        if device.type != "cuda" or not _triton_ok():
-            return False
-        if torch.cuda.is_current_stream_capturing():
-            return False
-        _WKV7_TC_SOUND[key] = _probe_wkv7_tc(device, dtype)
-    return _WKV7_TC_SOUND[key]
-
-
-def _probe_wkv7_tc(device: torch.device, dtype: torch.dtype) -> bool:
-    try:
-        g = torch.Generator(device="cpu").manual_seed(0)
-        B, T, H, N = 1, 70, 2, 64
-        r, k, v = (torch.randn(B, T, H, N, generator=g) for _ in range(3))
-        kk = torch.nn.functional.normalize(torch.randn(B, T, H, N, generator=g), dim=-1)
-        a, b = -kk, kk * torch.sigmoid(torch.randn(B, T, H, N, generator=g))
-        w = torch.exp(-0.6065 * torch.sigmoid(torch.randn(B, T, H, N, generator=g)))
-        s = torch.randn(B, H, N, N, generator=g) * 0.3
-        r, k, v, a, b = (t.to(device, dtype) for t in (r, k, v, a, b))
-        w, s = w.to(device), s.to(device)
-        if available("cuda", "wkv7"):
-            want = (torch.empty(B, T, H, N, device=device), torch.empty_like(s))
-            _op("cuda", "wkv7")(r, w, k, v, a, b, s, *want)
-        else:
-            want = _wkv.wkv7_torch(r, w, k, v, a, b, s)
-        for chunk in (16, 32):
-            got = _wkv7c.wkv7_chunk(r, w, k, v, a, b, s, chunk=chunk)
-            for x, y in zip(got, want):
-                if not torch.isfinite(x).all() or (x - y).norm() > 1e-4 * y.norm():
-                    return False
-        return True
-    except Exception:  # noqa: BLE001 — the CUDA-core kernel serves
+    (device, dtype) as the other probes are (``_sound``: not inside a CUDA-graph capture; ``WKV7_TC_PROBES`` says
+    why not); False off CUDA and without Triton."""
+    if torch.device(device).type != "cuda" or not _triton_ok():
         return False
+    return _sound(WKV7_TC_PROBES.setdefault(dtype, {}), lambda d: _probe_wkv7_tc(d, dtype), device)
+
+
+def _probe_wkv7_tc(device: torch.device, dtype: torch.dtype) -> str | None:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    B, T, H, N = 1, 70, 2, 64
+    r, k, v = (torch.randn(B, T, H, N, generator=g) for _ in range(3))
+    kk = torch.nn.functional.normalize(torch.randn(B, T, H, N, generator=g), dim=-1)
+    a, b = -kk, kk * torch.sigmoid(torch.randn(B, T, H, N, generator=g))
+    w = torch.exp(-0.6065 * torch.sigmoid(torch.randn(B, T, H, N, generator=g)))
+    s = torch.randn(B, H, N, N, generator=g) * 0.3
+    r, k, v, a, b = (t.to(device, dtype) for t in (r, k, v, a, b))
+    w, s = w.to(device), s.to(device)
+    if available("cuda", "wkv7"):
+        want = (torch.empty(B, T, H, N, device=device), torch.empty_like(s))
+        _op("cuda", "wkv7")(r, w, k, v, a, b, s, *want)
+    else:
+        want = _wkv.wkv7_torch(r, w, k, v, a, b, s)
+    for chunk in (16, 32):
+        got = _wkv7c.wkv7_chunk(r, w, k, v, a, b, s, chunk=chunk)
+        for name, x, y in zip(("y", "state"), got, want):
+            if not torch.isfinite(x).all() or (x - y).norm() > 1e-4 * y.norm():
+                return f"chunks of {chunk}: {name} differs from the sequential kernel"
+    return None
 
 
 def _multiprocessors(device: torch.device) -> int:
-    from rwkv_chat.models.ops._triton import multiprocessors
-
-    return multiprocessors(device)
+    return _triton.multiprocessors(device)
 
 
 def wkv7(r, w, k, v, a, b, s, *, out=None, chunk: int | None = None, tensor_cores: bool = False):
@@ -338,7 +328,7 @@ def i8_gemm_sound(device: torch.device) -> bool:
 def _probe_i8_gemm(device: torch.device) -> str | None:
     g = torch.Generator().manual_seed(2)
     w = torch.randn(200, 72, generator=g) * 0.1 + 0.02
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+    with _triton.on(device):
         for dtype in (torch.float16, torch.bfloat16):
             for om in (True, False):
                 q = _quant.quantize_i8(w, dtype, output_major=om).to(device, output_major=om)
@@ -360,7 +350,7 @@ def _probe_gemvq(device: torch.device) -> str | None:
     q8 = quantize_f8(w).to(device)
     wl = torch.randn(11264, 16, generator=g) * 0.01
     q4l, q8l = _i4.quantize_i4(wl, 128).to(device), quantize_f8(wl).to(device)
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+    with _triton.on(device):
         for dtype in (torch.float16, torch.bfloat16):
             for rows in (1, 3):
                 x = torch.randn(rows, 256, generator=g).to(device, dtype)
@@ -406,7 +396,7 @@ def _probe_gemvq_norm(device: torch.device) -> str | None:
     q4 = _i4.quantize_i4(torch.randn(256, 72, generator=g) * 0.05, 128).to(device)
     if not gemvq_i4_ok(q4):
         return "the int4 weight is not held output-major on this device"
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+    with _triton.on(device):
         for dtype in (torch.float16, torch.bfloat16):
             for rows in (1, 3):
                 x = (torch.randn(rows, 256, generator=g) * 3 + 1).to(device, dtype)
@@ -750,9 +740,7 @@ def _gemv_plan(xs, ws, acts, biases, glu, out_dtype):
 
 
 def _triton_ok() -> bool:
-    from rwkv_chat.models.ops._triton import reason as triton_reason
-
-    return triton_reason() is None
+    return _triton.reason() is None
 
 
 def _check_packed(x, q, fmt: str) -> None:

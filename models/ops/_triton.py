@@ -16,8 +16,8 @@ work instead in the message.
 
 from __future__ import annotations
 
-import functools
 import contextlib
+import functools
 import importlib
 from types import ModuleType
 

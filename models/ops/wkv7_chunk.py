@@ -48,11 +48,6 @@ PRECISIONS = {"tf32x3": ("tf32x3", "tf32x3"), "mixed": ("tf32x3", "tf32"), "tf32
               "ieee": ("ieee", "ieee")}
 
 
-def serves(r: torch.Tensor) -> bool:
-    """True when ``wkv7_chunk`` takes r's head size (r [B, T, H, N])."""
-    return r.dim() == 4 and r.shape[-1] == HEAD_SIZE
-
-
 def wkv7_chunk(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor,
                b: torch.Tensor, s: torch.Tensor, *, out: tuple[torch.Tensor, torch.Tensor] | None = None,
                chunk: int = CHUNK, precision: str = "tf32x3"):
