@@ -1,4 +1,4 @@
-// Registration of the weight-only GEMV ops for int4 and fp8 weights (csrc/gemvq/gemvq_cuda.cu) and their
+// Registration of the weight-only GEMV ops for int4, fp8 and uint8 (i8) weights (csrc/gemvq/gemvq_cuda.cu) and their
 // argument checks. Each op writes into caller-allocated outputs and returns nothing. The _multi ops run
 // 1..kGemvqMaxEntries products of one kind with the same rows in one launch, each with its input activation
 // (acts: 0 none, 3 relu(x)^2 rounded to the activation dtype).
@@ -79,6 +79,39 @@ GemvqEntry f8_entry(const char* op, const at::Tensor& x, const at::Tensor& w8, c
     return E;
 }
 
+// uint8, the reference's i8: x [rows, K] (activation dtype F); w the uint8 [N, K] (models/formats/i8.py,
+// Int8Weight.output_major storage); mx, rx [N] and my, ry [K] in F (the reference's [K, 1] row vectors flattened);
+// y [rows, N]. K % 16 == 0.
+GemvqEntry u8_entry(const char* op, const at::Tensor& x, const at::Tensor& w, const at::Tensor& mx,
+                    const at::Tensor& rx, const at::Tensor& my, const at::Tensor& ry, const at::Tensor& y,
+                    int64_t rows, at::ScalarType F, std::vector<at::Tensor>& keep) {
+    TORCH_CHECK(x.dim() == 2 && w.dim() == 2, op, ": x and w must be 2-D");
+    const int64_t K = x.size(1), N = w.size(0);
+    TORCH_CHECK(K >= 16 && K % 16 == 0, op, ": K must be a positive multiple of 16, got ", K);
+    TORCH_CHECK(K <= INT32_MAX && N <= INT32_MAX, op, ": shapes beyond int32");
+    check_tensor(x, op, "x", kCUDA, F, {rows, K});
+    check_tensor(w, op, "w", kCUDA, at::kByte, {N, K});
+    check_tensor(mx, op, "mx", kCUDA, F, {N});
+    check_tensor(rx, op, "rx", kCUDA, F, {N});
+    TORCH_CHECK(my.numel() == K && ry.numel() == K && my.is_contiguous() && ry.is_contiguous(), op,
+                ": my and ry must be contiguous with K = ", K, " values");
+    check_tensor(my.view({K}), op, "my", kCUDA, F, {K});
+    check_tensor(ry.view({K}), op, "ry", kCUDA, F, {K});
+    check_tensor(y, op, "y", kCUDA, F, {rows, N});
+    check_same_device(op, {x, w, mx, rx, my, ry, y});
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0, op, ": w must be 16-byte aligned");
+    GemvqEntry E{};
+    E.x = aligned_x(x, keep);
+    E.w = w.data_ptr();
+    E.mx = mx.data_ptr();
+    E.rx = rx.data_ptr();
+    E.my = aligned_x(my, keep);
+    E.ry = aligned_x(ry, keep);
+    E.y = y.data_ptr();
+    E.K = (int)K; E.N = (int)N; E.Np = (int)N; E.group = 1;
+    return E;
+}
+
 // The row count of x [rows, K] (1..kGemvqMaxRows) and its activation code.
 int64_t gemv_rows(const char* op, const at::Tensor& x, int& act) {
     TORCH_CHECK(x.dim() == 2, op, ": x must be [rows, K], got ", x.sizes());
@@ -88,10 +121,10 @@ int64_t gemv_rows(const char* op, const at::Tensor& x, int& act) {
     return rows;
 }
 
-void run(const char* op, bool i4, int act, int64_t rows, const std::vector<GemvqEntry>& entries,
+void run(const char* op, int kind, int act, int64_t rows, const std::vector<GemvqEntry>& entries,
          const at::Tensor& x0) {
     const at::cuda::CUDAGuard guard(x0.device());
-    check_launch(gemvq_launch(i4, act, (int)rows, (int)entries.size(), entries.data(),
+    check_launch(gemvq_launch(kind, act, (int)rows, (int)entries.size(), entries.data(),
                               at::cuda::getCurrentCUDAStream()),
                  op);
 }
@@ -104,7 +137,7 @@ void gemvq_i4_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
     std::vector<at::Tensor> keep;
     const std::vector<GemvqEntry> entries{i4_entry(op, x, qweight, qzeros, scales, group, y, rows, x.scalar_type(),
                                                    keep)};
-    run(op, true, act, rows, entries, x);
+    run(op, kGemvqI4, act, rows, entries, x);
 }
 
 void gemvq_f8_cuda(const at::Tensor& x, const at::Tensor& w8, const at::Tensor& scale, const at::Tensor& y) {
@@ -113,7 +146,7 @@ void gemvq_f8_cuda(const at::Tensor& x, const at::Tensor& w8, const at::Tensor& 
     const int64_t rows = gemv_rows(op, x, act);
     std::vector<at::Tensor> keep;
     const std::vector<GemvqEntry> entries{f8_entry(op, x, w8, scale, y, rows, x.scalar_type(), keep)};
-    run(op, false, act, rows, entries, x);
+    run(op, kGemvqF8, act, rows, entries, x);
 }
 
 // int4 with the row's LayerNorm (ln_b optional) or RMSNorm (rms) applied to x as it is staged: y = norm(x) @ W,
@@ -141,7 +174,7 @@ void gemvq_i4_norm_cuda(const at::Tensor& x, const at::Tensor& qweight, const at
         check_same_device(op, {x, *ln_b});
     }
     check_same_device(op, {x, ln_w});
-    run(op, true, act, rows, entries, x);
+    run(op, kGemvqI4, act, rows, entries, x);
 }
 
 // The input activation of product i (kGemvqActNone or kGemvqActRelu2).
@@ -170,7 +203,7 @@ void gemvq_i4_multi_cuda(at::TensorList xs, at::TensorList qweights, at::TensorL
         entries.back().act = entry_act(op, acts, i);
     }
     check_same_device(op, {xs[0], xs[n - 1], ys[n - 1]});
-    run(op, true, act, rows, entries, xs[0]);
+    run(op, kGemvqI4, act, rows, entries, xs[0]);
 }
 
 void gemvq_f8_multi_cuda(at::TensorList xs, at::TensorList w8s, at::TensorList scales, at::IntArrayRef acts,
@@ -190,7 +223,28 @@ void gemvq_f8_multi_cuda(at::TensorList xs, at::TensorList w8s, at::TensorList s
         entries.back().act = entry_act(op, acts, i);
     }
     check_same_device(op, {xs[0], xs[n - 1], ys[n - 1]});
-    run(op, false, act, rows, entries, xs[0]);
+    run(op, kGemvqF8, act, rows, entries, xs[0]);
+}
+
+void gemvq_u8_multi_cuda(at::TensorList xs, at::TensorList ws, at::TensorList mxs, at::TensorList rxs,
+                         at::TensorList mys, at::TensorList rys, at::IntArrayRef acts, at::TensorList ys) {
+    const char* op = "rwkv_chat::gemvq_u8_multi_cuda";
+    const size_t n = xs.size();
+    TORCH_CHECK(n >= 1 && n <= (size_t)kGemvqMaxEntries && ws.size() == n && mxs.size() == n && rxs.size() == n &&
+                    mys.size() == n && rys.size() == n && acts.size() == n && ys.size() == n,
+                op, ": 1..", kGemvqMaxEntries, " products with one x, w, mx, rx, my, ry, act and y each");
+    int act = 0;
+    const int64_t rows = gemv_rows(op, xs[0], act);
+    std::vector<at::Tensor> keep;
+    keep.reserve(3 * n);
+    std::vector<GemvqEntry> entries;
+    for (size_t i = 0; i < n; ++i) {
+        entries.push_back(u8_entry(op, xs[i], ws[i], mxs[i], rxs[i], mys[i], rys[i], ys[i], rows,
+                                   xs[0].scalar_type(), keep));
+        entries.back().act = entry_act(op, acts, i);
+    }
+    check_same_device(op, {xs[0], xs[n - 1], ys[n - 1]});
+    run(op, kGemvqU8, act, rows, entries, xs[0]);
 }
 
 }  // namespace
@@ -208,4 +262,7 @@ TORCH_LIBRARY_FRAGMENT(rwkv_chat, m) {
           &rwkv_chat::gemvq_i4_norm_cuda);
     m.def("gemvq_f8_multi_cuda(Tensor[] xs, Tensor[] w8s, Tensor[] scales, int[] acts, Tensor(a!)[] ys) -> ()",
           &rwkv_chat::gemvq_f8_multi_cuda);
+    m.def("gemvq_u8_multi_cuda(Tensor[] xs, Tensor[] ws, Tensor[] mxs, Tensor[] rxs, Tensor[] mys, Tensor[] rys, "
+          "int[] acts, Tensor(a!)[] ys) -> ()",
+          &rwkv_chat::gemvq_u8_multi_cuda);
 }

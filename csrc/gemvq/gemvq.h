@@ -16,6 +16,11 @@ namespace rwkv_chat {
 constexpr int kGemvqMaxRows = 4;
 constexpr int kGemvqMaxEntries = 4;
 
+// The weight kinds (gemvq_launch's `kind`): fp8 e4m3, int4 GPTQ, the reference's uint8 (i8).
+constexpr int kGemvqF8 = 0;
+constexpr int kGemvqI4 = 1;
+constexpr int kGemvqU8 = 2;
+
 // What a product applies to x before multiplying (GemvqEntry::act; the codes of the fused backend's GEMVs).
 constexpr int kGemvqActNone = 0;
 constexpr int kGemvqActRelu2 = 3;   // relu(x)^2, rounded to the activation dtype (the RWKV channel-mix value)
@@ -31,6 +36,11 @@ constexpr int kGemvqActRmsNorm = 5;     // x / sqrt(mean(x^2) + eps) * ln_w
 //   K % 32 == 0, group % 32 == 0 and group | K.
 //   fp8 e4m3 (models/formats/f8.py): x [rows, K]; w = w8 e4m3 bytes [N, K]; fscale fp32 [N]; y [rows, N];
 //   y[r][n] = fscale[n] * sum_k a[r][k] * e4m3(w8[n][k]); K % 16 == 0.
+//   uint8, the reference's i8 (models/formats/i8.py, Int8Weight.output_major): x [rows, K]; w = uint8 [N, K];
+//   rx, mx [N] and ry, my [K] in the activation dtype (ry, my 16-byte aligned); y [rows, N];
+//   y[r][n] = sum_k a[r][k] * ((w[n][k] + 0.5) * ry[k] * rx[n] + my[k] + mx[n])
+//           = rx[n] * (sum_k a'[k] * (w[n][k] - 128) + 128.5 * sum_k a'[k]) + sum_k a[r][k] * my[k]
+//             + mx[n] * sum_k a[r][k],  a' = a[r][k] * ry[k];  K % 16 == 0.
 // scales 4-byte aligned (int4: both scales of an output pair are one load).
 struct GemvqEntry {
     const void* x;
@@ -38,6 +48,10 @@ struct GemvqEntry {
     const void* scales;    // int4
     const void* zeros;     // int4
     const float* fscale;   // fp8
+    const void* rx;        // uint8: [N] activation dtype, with mx
+    const void* mx;
+    const void* ry;        // uint8: [K] activation dtype, with my (16-byte aligned)
+    const void* my;
     void* y;
     int K, N, Np, group;   // Np, group: int4
     int act;               // kGemvqActNone, kGemvqActRelu2, kGemvqActLayerNorm or kGemvqActRmsNorm
@@ -46,8 +60,8 @@ struct GemvqEntry {
     float eps;             // the norms' epsilon
 };
 
-// 1..kGemvqMaxEntries products of one kind (i4: int4, else fp8), all with `rows` rows (1..kGemvqMaxRows) of
-// the activation dtype `act`, in one launch.
-int gemvq_launch(bool i4, int act, int rows, int n, const GemvqEntry* entries, cudaStream_t stream);
+// 1..kGemvqMaxEntries products of one kind (kGemvqF8, kGemvqI4 or kGemvqU8), all with `rows` rows
+// (1..kGemvqMaxRows) of the activation dtype `act`, in one launch.
+int gemvq_launch(int kind, int act, int rows, int n, const GemvqEntry* entries, cudaStream_t stream);
 
 }  // namespace rwkv_chat

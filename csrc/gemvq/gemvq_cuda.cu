@@ -1,7 +1,10 @@
 // gemvq: weight-only GEMV y = act(x) @ W for 1..kGemvqMaxRows rows (decode) with W quantized and stored
 // output-major, each output's K weights contiguous (declarations and formulas: gemvq.h):
 //   i4: models/formats/i4.py (GPTQ nibbles, v1 zeros), Int4Weight.output_major: qweight int32 [Np, K/8];
-//   f8: models/formats/f8.py: w8 e4m3 [N, K], one fp32 scale per output.
+//   f8: models/formats/f8.py: w8 e4m3 [N, K], one fp32 scale per output;
+//   u8: models/formats/i8.py (the reference's i8), Int8Weight.output_major: uint8 [N, K] with the reference's four
+//   scale vectors, read through its identity (gemvq.h): the per-input scale ry applied to x as it is staged, the
+//   row sums of x, x * my and x * ry gathered by the block while staging, the per-output rx, mx in the epilogue.
 //
 // One launch serves 1..kGemvqMaxEntries products of one kind with the same rows (GemvqBatch: consecutive block
 // ranges, one per product, sized by the product's share of the weights; the fused RWKV-7 decode's r, k, v), or
@@ -40,6 +43,10 @@
 // (q - z) * 16^p exactly. Values 0..4 are read from v at p = e, values 5..7 from v >> 16 at p = e - 4, so x[k]
 // is staged pre-multiplied by 16^-p(k % 8) (exact) and one fp32 FMA per value and row gives x[k] * (q - z);
 // a chunk's partial sum is multiplied by the group's scale once.
+// uint8: one PRMT per two bytes builds the half2 (1024 + w0, 1024 + w1), one HSUB2 of 1152 leaves w - 128 exactly;
+// with fp16 activations one HFMA2 per pair and row, a chunk's 16 products in half2 (x staged times its 2^e, its
+// largest |x * ry| in [8, 16): a partial stays below 8 * 128 * 16 = 16,384), then fp32; else fp32 arithmetic on the
+// float 2^23 + w (one PRMT) less 2^23 + 128.
 // fp8: two e4m3 values to half2 by __nv_cvt_fp8x2_to_halfraw2 (cuda_fp8.h; one instruction on sm_89+); with fp16
 // activations one HFMA2 per pair and row, a chunk's 16 products summed in half2 (the chunk of x staged times its
 // 2^e, its largest |act(x)| in [4, 8): a partial stays below 8 * 448 * 8 = 28,672), then in fp32; else fp32
@@ -80,6 +87,10 @@ struct GemvqArgs {
     const __half* scales;    // i4: [K/group, Np]
     const uint32_t* zeros;   // i4: [K/group, Np/8]
     const float* fscale;     // f8: [N]
+    const void* rx;          // u8: [N] activation dtype (rx, mx) and [K] (ry, my; 16-byte aligned)
+    const void* mx;
+    const void* ry;
+    const void* my;
     void* y;                 // [rows, N] activation dtype
     int K, N, Np, group;
     int group_shift;         // i4: log2(group) when the group is a power of two, else -1
@@ -99,9 +110,14 @@ struct GemvqBatch {
     int n, rows;
 };
 
-template <bool I4>
+template <int Q>
+constexpr bool kIsI4 = Q == kGemvqI4;
+template <int Q>
+constexpr bool kIsU8 = Q == kGemvqU8;
+
+template <int Q>
 struct Chunk {
-    static constexpr int kElems = I4 ? 32 : 16;   // weights per 16 bytes
+    static constexpr int kElems = kIsI4<Q> ? 32 : 16;   // weights per 16 bytes
     static constexpr int kQuads = kElems / 4;     // float4 slots of staged fp32 x per chunk and row
 };
 
@@ -110,13 +126,14 @@ template <typename F>
 constexpr bool kHalf2 = std::is_same<F, __half>::value;
 
 // Half2 form: the largest |x| staged (times 2^e) is in [2^kTop / 2, 2^kTop), so that a chunk's partial sums stay
-// far below 65,504: int4 16 products of |q - z| <= 15 per half (< 16 * 15 * 64), fp8 8 of |w| <= 448 (< 8 * 448 * 8).
-template <bool I4>
-constexpr int kTop = I4 ? 6 : 3;
+// far below 65,504: int4 16 products of |q - z| <= 15 per half (< 16 * 15 * 64), fp8 8 of |w| <= 448 (< 8 * 448 * 8),
+// uint8 8 of |w - 128| <= 128 (< 8 * 128 * 16).
+template <int Q>
+constexpr int kTop = kIsI4<Q> ? 6 : kIsU8<Q> ? 4 : 3;
 
 // The weights of one step for one lane: kOuts outputs x kUnroll chunks (zeros past the tile, the outputs or the
 // warp's items), and for i4 each chunk's group scale and zero point (0..15).
-template <bool I4>
+template <int Q>
 struct Step {
     uint4 q[kOuts][kUnroll];
     float s[kOuts][kUnroll];
@@ -245,14 +262,14 @@ __device__ __forceinline__ void norm_stats(const F* __restrict__ x, const GemvqA
 }
 
 // Half2 form: the per-chunk 2^-e of the staged tile, float [rows, cap] after the staged x in shared memory.
-template <bool I4>
+template <int Q>
 __device__ __forceinline__ float* chunk_unscales(uint4* xs, int rows, int cap) {
-    return reinterpret_cast<float*>(xs + rows * (I4 ? 4 : 2) * cap);
+    return reinterpret_cast<float*>(xs + rows * (kIsI4<Q> ? 4 : 2) * cap);
 }
 
-template <bool I4>
+template <int Q>
 __device__ __forceinline__ const float* chunk_unscales(const uint4* xs, int rows, int cap) {
-    return reinterpret_cast<const float*>(xs + rows * (I4 ? 4 : 2) * cap);
+    return reinterpret_cast<const float*>(xs + rows * (kIsI4<Q> ? 4 : 2) * cap);
 }
 
 // Stage act(x) rows [rows, K] of the tile [t0, t0 + len) in shared memory. fp32 form: chunk L of row r, quad d
@@ -261,11 +278,11 @@ __device__ __forceinline__ const float* chunk_unscales(const uint4* xs, int rows
 // int4, word j of chunk L at uint4 [(r * 4 + j) * cap + L]
 // holding the half2 pairs (x0, x4), (x1, x5) / 16, (x2, x6), (x3, x7) / 16 of its 8 values; fp8, the chunk's 16
 // values in order at uint4 [(r * 2 + h) * cap + L], h = 0, 1. One thread per chunk and row (16-byte loads of x).
-template <typename F, bool I4, bool NORM>
+template <typename F, int R, int Q, bool NORM>
 __device__ __forceinline__ void stage_tile(const F* __restrict__ x, int K, int rows, int act, int t0, int len,
                                            int cap, uint4* xs, const GemvqArgs& a, const float* nmean,
-                                           const float* nrstd) {
-    constexpr int CE = Chunk<I4>::kElems, QD = Chunk<I4>::kQuads, V = 16 / sizeof(F);
+                                           const float* nrstd, float (&cs)[R][3]) {
+    constexpr int CE = Chunk<Q>::kElems, QD = Chunk<Q>::kQuads, V = 16 / sizeof(F);
     const int nch = len / CE;
     const bool norm = NORM && is_norm(act);
     const F* lb = act == kGemvqActLayerNorm ? static_cast<const F*>(a.ln_b) : nullptr;
@@ -301,8 +318,35 @@ __device__ __forceinline__ void stage_tile(const F* __restrict__ x, int K, int r
                 for (int e = 0; e < V; ++e) v[c * V + e] = apply_act<F>(to_f32(u.v[e]), act);
             }
         }
-        if constexpr (kHalf2<F> && !I4) {
-            const float s = chunk_scale<kTop<I4>, CE>(v, chunk_unscales<I4>(xs, rows, cap) + r * cap + L);
+        if constexpr (kIsU8<Q>) {      // a' = a * ry staged; this thread's part of the row's sums in cs[r]
+            const uint4* rsrc = reinterpret_cast<const uint4*>(static_cast<const F*>(a.ry) + t0 + (long)L * CE);
+            const uint4* msrc = reinterpret_cast<const uint4*>(static_cast<const F*>(a.my) + t0 + (long)L * CE);
+            float sa = 0.f, sm = 0.f, sx = 0.f;
+#pragma unroll
+            for (int c = 0; c < CE / V; ++c) {
+                Vec16<F> ry, my;
+                ry.q = __ldg(rsrc + c);
+                my.q = __ldg(msrc + c);
+#pragma unroll
+                for (int e = 0; e < V; ++e) {
+                    const float u = v[c * V + e];
+                    sx += u;
+                    sm = fmaf(u, to_f32(my.v[e]), sm);
+                    v[c * V + e] = u * to_f32(ry.v[e]);
+                    sa += v[c * V + e];
+                }
+            }
+#pragma unroll
+            for (int q = 0; q < R; ++q) {
+                if (q == r) {
+                    cs[q][0] += sa;
+                    cs[q][1] += sm;
+                    cs[q][2] += sx;
+                }
+            }
+        }
+        if constexpr (kHalf2<F> && !kIsI4<Q>) {
+            const float s = chunk_scale<kTop<Q>, CE>(v, chunk_unscales<Q>(xs, rows, cap) + r * cap + L);
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
                 const float* w = v + 8 * h;
@@ -314,7 +358,7 @@ __device__ __forceinline__ void stage_tile(const F* __restrict__ x, int K, int r
                 xs[(r * 2 + h) * cap + L] = o;
             }
         } else if constexpr (kHalf2<F>) {
-            const float s = chunk_scale<kTop<I4>, CE>(v, chunk_unscales<I4>(xs, rows, cap) + r * cap + L);
+            const float s = chunk_scale<kTop<Q>, CE>(v, chunk_unscales<Q>(xs, rows, cap) + r * cap + L);
             const float s16 = s * 0.0625f;
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
@@ -327,7 +371,7 @@ __device__ __forceinline__ void stage_tile(const F* __restrict__ x, int K, int r
                 xs[(r * 4 + j) * cap + L] = o;
             }
         } else {
-            if constexpr (I4) {
+            if constexpr (kIsI4<Q>) {
 #pragma unroll
                 for (int e = 0; e < CE; ++e) v[e] *= nibble_prescale(e & 7);
             }
@@ -337,6 +381,32 @@ __device__ __forceinline__ void stage_tile(const F* __restrict__ x, int K, int r
                 xs4[(r * QD + d) * cap + L] = make_float4(v[4 * d], v[4 * d + 1], v[4 * d + 2], v[4 * d + 3]);
         }
     }
+}
+
+// u8: the row sums over the block, cst[r] = (sum a', sum a * my, sum a) of row r from every thread's cs (all of
+// K: called once every tile is staged). Every thread of the block takes part (barriers).
+template <int R>
+__device__ __forceinline__ void reduce_row_sums(const float (&cs)[R][3], float (*cst)[3]) {
+    __shared__ float red[kWarps][R][3];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+#pragma unroll
+        for (int j = 0; j < 3; ++j) {
+            float v = cs[r][j];
+#pragma unroll
+            for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+            if (lane == 0) red[warp][r][j] = v;
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x < R * 3) {
+        const int r = threadIdx.x / 3, j = threadIdx.x - 3 * r;
+        float v = 0.f;
+        for (int k = 0; k < kWarps; ++k) v += red[k][r][j];
+        cst[r][j] = v;
+    }
+    __syncthreads();
 }
 
 // Half2 form: part[o][r] += the four half2 products of w[o] with the staged uint4 of row r at
@@ -382,7 +452,7 @@ __device__ __forceinline__ void finish_chunk(const float (&s)[kOuts], const floa
 
 // acc[o][r] += the products of step c's chunks (tile of nch chunks, staged x in xs), half2 form.
 template <int R>
-__device__ __forceinline__ void compute_step_half(const Step<true>& st, const uint4* xs, int cap, int nch, int c,
+__device__ __forceinline__ void compute_step_half(const Step<kGemvqI4>& st, const uint4* xs, int cap, int nch, int c,
                                                   int lane, int rows, float (&acc)[kOuts][R]) {
     const uint32_t magic = 0x64006400u;                // the half2 (1024, 1024)
 #pragma unroll
@@ -411,7 +481,7 @@ __device__ __forceinline__ void compute_step_half(const Step<true>& st, const ui
             hfma_rows<R>(w, xs, 4, j, cap, L, rows, part);
         }
         const float sc[kOuts] = {st.s[0][u], st.s[1][u]};
-        finish_chunk<R>(sc, chunk_unscales<true>(xs, rows, cap) + L, cap, rows, part, acc);
+        finish_chunk<R>(sc, chunk_unscales<kGemvqI4>(xs, rows, cap) + L, cap, rows, part, acc);
     }
 }
 
@@ -419,7 +489,7 @@ __device__ __forceinline__ void compute_step_half(const Step<true>& st, const ui
 // two e4m3 values to a half2 by one conversion, one HFMA2 per pair and row, a chunk's 16 products summed in
 // half2 then in fp32 (the output's scale multiplies the finished sum).
 template <int R>
-__device__ __forceinline__ void compute_step_half_f8(const Step<false>& st, const uint4* xs, int cap, int nch,
+__device__ __forceinline__ void compute_step_half_f8(const Step<kGemvqF8>& st, const uint4* xs, int cap, int nch,
                                                      int c, int lane, int rows, float (&acc)[kOuts][R]) {
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
@@ -444,20 +514,54 @@ __device__ __forceinline__ void compute_step_half_f8(const Step<false>& st, cons
             hfma_rows<R>(w, xs, 2, h, cap, L, rows, part);
         }
         const float one[kOuts] = {1.f, 1.f};
-        finish_chunk<R>(one, chunk_unscales<false>(xs, rows, cap) + L, cap, rows, part, acc);
+        finish_chunk<R>(one, chunk_unscales<kGemvqF8>(xs, rows, cap) + L, cap, rows, part, acc);
     }
 }
 
-// acc[o][r] += the products of step c's chunks (tile of nch chunks, staged fp32 x in xs4), fp32 form.
-template <int R, bool I4>
-__device__ __forceinline__ void compute_step_f32(const Step<I4>& st, const float4* xs4, int cap, int nch, int c,
-                                                 int lane, int rows, float (&acc)[kOuts][R]) {
-    constexpr int QD = Chunk<I4>::kQuads;
+// acc[o][r] += the products of step c's chunks (tile of nch chunks, staged x in xs), uint8 weights, half2 form:
+// one PRMT makes the half2 pair (1024 + w0, 1024 + w1) of two bytes (bits 0x64 above each), one HSUB2 of 1152
+// leaves (w - 128) exactly; one HFMA2 per pair and row, a chunk's 16 products summed in half2, then in fp32.
+template <int R>
+__device__ __forceinline__ void compute_step_half_u8(const Step<kGemvqU8>& st, const uint4* xs, int cap, int nch,
+                                                     int c, int lane, int rows, float (&acc)[kOuts][R]) {
+    const __half2 bias = as_half2(0x64806480u);         // (1152, 1152)
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
         const int L = c * kStepChunks + 32 * u + lane;
         if (L >= nch) continue;
-        if constexpr (I4) {
+        __half2 part[kOuts][R];
+#pragma unroll
+        for (int o = 0; o < kOuts; ++o)
+#pragma unroll
+            for (int r = 0; r < R; ++r) part[o][r] = as_half2(0u);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            __half2 w[kOuts][4];
+#pragma unroll
+            for (int o = 0; o < kOuts; ++o)
+#pragma unroll
+                for (int j = 0; j < 2; ++j) {
+                    const uint32_t v = word(st.q[o][u], 2 * h + j);
+                    w[o][2 * j] = __hsub2(as_half2(__byte_perm(v, 0x64646464u, 0x4140u)), bias);
+                    w[o][2 * j + 1] = __hsub2(as_half2(__byte_perm(v, 0x64646464u, 0x4342u)), bias);
+                }
+            hfma_rows<R>(w, xs, 2, h, cap, L, rows, part);
+        }
+        const float one[kOuts] = {1.f, 1.f};
+        finish_chunk<R>(one, chunk_unscales<kGemvqU8>(xs, rows, cap) + L, cap, rows, part, acc);
+    }
+}
+
+// acc[o][r] += the products of step c's chunks (tile of nch chunks, staged fp32 x in xs4), fp32 form.
+template <int R, int Q>
+__device__ __forceinline__ void compute_step_f32(const Step<Q>& st, const float4* xs4, int cap, int nch, int c,
+                                                 int lane, int rows, float (&acc)[kOuts][R]) {
+    constexpr int QD = Chunk<Q>::kQuads;
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+        const int L = c * kStepChunks + 32 * u + lane;
+        if (L >= nch) continue;
+        if constexpr (kIsI4<Q>) {
             const uint32_t magic = 0x4B000000u;       // the bits of the float 2^23
             float cz[kOuts][5];                       // 2^23 + z * 16^p: the zero point at each nibble place
 #pragma unroll
@@ -516,6 +620,12 @@ __device__ __forceinline__ void compute_step_f32(const Step<I4>& st, const float
 #pragma unroll
                 for (int o = 0; o < kOuts; ++o) {
                     const uint32_t v = word(st.q[o][u], j);
+                    if constexpr (kIsU8<Q>) {      // the float 2^23 + w (bits 0x4B0000ww) less 2^23 + 128
+#pragma unroll
+                        for (int b = 0; b < 4; ++b)
+                            f[o][b] = __uint_as_float(__byte_perm(v, 0x4B000000u, 0x7440u + b)) - 8388736.f;
+                        continue;
+                    }
                     const __half2 lo(__nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(v & 0xFFFFu), __NV_E4M3));
                     const __half2 hi(__nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(v >> 16), __NV_E4M3));
                     const float2 a = __half22float2(lo), b = __half22float2(hi);
@@ -545,23 +655,35 @@ __device__ __forceinline__ void compute_step_f32(const Step<I4>& st, const float
 }
 
 // The finished item m of this warp: one warp-shuffle reduction per output and row, written by lane 0.
-template <typename F, int R, bool I4>
+// u8: y = rx[n] * (sum + 128.5 * sum a') + sum a * my + mx[n] * sum a (the row sums in cst).
+template <typename F, int R, int Q>
 __device__ __forceinline__ void write_item(const GemvqArgs& a, int first, int m, int lane, int rows,
-                                           float (&acc)[kOuts][R]) {
+                                           float (&acc)[kOuts][R], const float (*cst)[3]) {
     F* __restrict__ y = static_cast<F*>(a.y);
     const int n0 = (first + m * a.stride) * kOuts;
 #pragma unroll
     for (int o = 0; o < kOuts; ++o) {
         const int n = n0 + o;
-        float sc = 1.f;
-        if constexpr (!I4) sc = n < a.N ? __ldg(a.fscale + n) : 0.f;
+        float sc = 1.f, mxn = 0.f;
+        if constexpr (kIsU8<Q>) {
+            if (n < a.N) {
+                sc = to_f32(static_cast<const F*>(a.rx)[n]);
+                mxn = to_f32(static_cast<const F*>(a.mx)[n]);
+            }
+        } else if constexpr (!kIsI4<Q>) {
+            sc = n < a.N ? __ldg(a.fscale + n) : 0.f;
+        }
 #pragma unroll
         for (int r = 0; r < R; ++r) {
             if (r < rows) {
                 float v = acc[o][r];
 #pragma unroll
                 for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-                if (lane == 0 && n < a.N) y[(long)r * a.N + n] = from_f32<F>(v * sc);
+                if constexpr (kIsU8<Q>)
+                    v = fmaf(sc, fmaf(128.5f, cst[r][0], v), fmaf(mxn, cst[r][2], cst[r][1]));
+                else
+                    v *= sc;
+                if (lane == 0 && n < a.N) y[(long)r * a.N + n] = from_f32<F>(v);
             }
             acc[o][r] = 0.f;
         }
@@ -572,7 +694,7 @@ __device__ __forceinline__ void write_item(const GemvqArgs& a, int first, int m,
 // tiles: a tile is a whole number of steps), and the item's addresses (outputs n0, n0 + 1): the weights of
 // output n0 from this lane's first chunk, and for i4 the half2 of both scales and the word of both zero
 // points (nibble shift) of group 0.
-template <bool I4>
+template <int Q>
 struct Loader {
     const uint4* w;
     const __half2* sc;
@@ -580,11 +702,11 @@ struct Loader {
     int shift, n0, m, c;
 };
 
-template <bool I4>
-__device__ __forceinline__ void loader_item(Loader<I4>& ld, const GemvqArgs& a, int first, int lane) {
+template <int Q>
+__device__ __forceinline__ void loader_item(Loader<Q>& ld, const GemvqArgs& a, int first, int lane) {
     ld.n0 = (first + ld.m * a.stride) * kOuts;
-    ld.w = a.w + ld.n0 * (a.K / Chunk<I4>::kElems) + lane;
-    if constexpr (I4) {
+    ld.w = a.w + ld.n0 * (a.K / Chunk<Q>::kElems) + lane;
+    if constexpr (kIsI4<Q>) {
         ld.sc = reinterpret_cast<const __half2*>(a.scales + ld.n0);
         ld.zw = a.zeros + (ld.n0 >> 3);
         ld.shift = 4 * (ld.n0 & 7);
@@ -593,10 +715,10 @@ __device__ __forceinline__ void loader_item(Loader<I4>& ld, const GemvqArgs& a, 
 
 // st = the step at ld (zeros past the warp's items, the row or the outputs; nch chunks per row, spi steps per
 // item); ld moves to the next step.
-template <bool I4>
-__device__ __forceinline__ void loader_step(Step<I4>& st, Loader<I4>& ld, const GemvqArgs& a, int first, int count,
+template <int Q>
+__device__ __forceinline__ void loader_step(Step<Q>& st, Loader<Q>& ld, const GemvqArgs& a, int first, int count,
                                             int lane, int nch, int spi) {
-    constexpr int CE = Chunk<I4>::kElems;
+    constexpr int CE = Chunk<Q>::kElems;
     const bool live = ld.m < count && ld.n0 < a.N, second = ld.n0 + 1 < a.N;
     const int row_chunks = a.K / CE;
 #pragma unroll
@@ -605,7 +727,7 @@ __device__ __forceinline__ void loader_step(Step<I4>& st, Loader<I4>& ld, const 
         const bool in = live && L + lane < nch;
         st.q[0][u] = in ? __ldcs(ld.w + L) : make_uint4(0u, 0u, 0u, 0u);
         st.q[1][u] = in && second ? __ldcs(ld.w + row_chunks + L) : make_uint4(0u, 0u, 0u, 0u);
-        if constexpr (I4) {
+        if constexpr (kIsI4<Q>) {
             float2 s = make_float2(0.f, 0.f);
             uint32_t zw = 0u;
             if (in) {
@@ -623,42 +745,44 @@ __device__ __forceinline__ void loader_step(Step<I4>& st, Loader<I4>& ld, const 
     if (live && ++ld.c >= spi) {
         ld.c = 0;
         ++ld.m;
-        if (ld.m < count) loader_item<I4>(ld, a, first, lane);
+        if (ld.m < count) loader_item<Q>(ld, a, first, lane);
     }
 }
 
-template <typename F, int R, bool I4>
-__device__ __forceinline__ void compute_step(const Step<I4>& st, const uint4* xs, int cap, int nch, int c, int lane,
+template <typename F, int R, int Q>
+__device__ __forceinline__ void compute_step(const Step<Q>& st, const uint4* xs, int cap, int nch, int c, int lane,
                                              int rows, float (&acc)[kOuts][R]) {
-    if constexpr (kHalf2<F> && I4)
+    if constexpr (kHalf2<F> && kIsI4<Q>)
         compute_step_half<R>(st, xs, cap, nch, c, lane, rows, acc);
+    else if constexpr (kHalf2<F> && kIsU8<Q>)
+        compute_step_half_u8<R>(st, xs, cap, nch, c, lane, rows, acc);
     else if constexpr (kHalf2<F>)
         compute_step_half_f8<R>(st, xs, cap, nch, c, lane, rows, acc);
     else
-        compute_step_f32<R, I4>(st, reinterpret_cast<const float4*>(xs), cap, nch, c, lane, rows, acc);
+        compute_step_f32<R, Q>(st, reinterpret_cast<const float4*>(xs), cap, nch, c, lane, rows, acc);
 }
 
 // One step of a one-tile sequence: multiply the weights in st (the warp's item m, step c), write the item at
 // its last step; st takes the step after next from ld.
-template <typename F, int R, bool I4>
-__device__ __forceinline__ void stream_step(Step<I4>& st, Loader<I4>& ld, const GemvqArgs& a, int& m, int& c,
+template <typename F, int R, int Q>
+__device__ __forceinline__ void stream_step(Step<Q>& st, Loader<Q>& ld, const GemvqArgs& a, int& m, int& c,
                                             int first, int count, int lane, int rows, int nch, int spi,
-                                            const uint4* xs, float (&acc)[kOuts][R]) {
-    compute_step<F, R, I4>(st, xs, nch, nch, c, lane, rows, acc);
-    loader_step<I4>(st, ld, a, first, count, lane, nch, spi);
+                                            const uint4* xs, float (&acc)[kOuts][R], const float (*cst)[3]) {
+    compute_step<F, R, Q>(st, xs, nch, nch, c, lane, rows, acc);
+    loader_step<Q>(st, ld, a, first, count, lane, nch, spi);
     if (++c >= spi) {
         c = 0;
-        write_item<F, R, I4>(a, first, m, lane, rows, acc);
+        write_item<F, R, Q>(a, first, m, lane, rows, acc, cst);
         ++m;
     }
 }
 
 // R: rows the registers are laid out for (1, or kGemvqMaxRows serving 2..4 rows). NORM: a kernel that also serves
 // the norms (int4 only; its staging needs registers the others keep for weights in flight).
-template <typename F, int R, bool I4, bool NORM>
+template <typename F, int R, int Q, bool NORM>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) gemvq_kernel(GemvqBatch batch) {
     pdl_trigger();
-    constexpr int CE = Chunk<I4>::kElems;
+    constexpr int CE = Chunk<Q>::kElems;
     int e = 0;                                             // this block's product
 #pragma unroll 1
     while (e + 1 < batch.n && (int)blockIdx.x >= batch.block_begin[e + 1]) ++e;
@@ -671,15 +795,19 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) gemvq_kernel(GemvqBatc
     const int nch = a.K / CE, spi = (nch + kStepChunks - 1) / kStepChunks;   // chunks and steps per item
 
     // Weights first (they never change): the first two steps, before waiting for the previous kernel.
-    Step<I4> s0, s1;                                       // one tile: steps 2i and 2i + 1 (no copies)
-    Loader<I4> ld{};
-    if (count > 0) loader_item<I4>(ld, a, first, lane);
-    loader_step<I4>(s0, ld, a, first, count, lane, nch, spi);
-    loader_step<I4>(s1, ld, a, first, count, lane, nch, spi);
+    Step<Q> s0, s1;                                       // one tile: steps 2i and 2i + 1 (no copies)
+    Loader<Q> ld{};
+    if (count > 0) loader_item<Q>(ld, a, first, lane);
+    loader_step<Q>(s0, ld, a, first, count, lane, nch, spi);
+    loader_step<Q>(s1, ld, a, first, count, lane, nch, spi);
     pdl_wait();
 
     extern __shared__ uint4 xs[];
     __shared__ float nmean[R], nrstd[R];
+    __shared__ float cst[R][3];                            // u8: the rows' sums (reduce_row_sums)
+    float cs[R][3];
+#pragma unroll
+    for (int r = 0; r < R; ++r) cs[r][0] = cs[r][1] = cs[r][2] = 0.f;
     const F* __restrict__ x = static_cast<const F*>(a.x);
     const int rows = R == 1 ? 1 : batch.rows;
     if constexpr (NORM)
@@ -691,15 +819,16 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) gemvq_kernel(GemvqBatc
         for (int r = 0; r < R; ++r) acc[o][r] = 0.f;
 
     if (a.tiles == 1) {
-        stage_tile<F, I4, NORM>(x, a.K, rows, a.act, 0, a.K, cap, xs, a, nmean, nrstd);
+        stage_tile<F, R, Q, NORM>(x, a.K, rows, a.act, 0, a.K, cap, xs, a, nmean, nrstd, cs);
         __syncthreads();
+        if constexpr (kIsU8<Q>) reduce_row_sums<R>(cs, cst);
         const int total = count * spi;
         int m = 0, c = 0;
 #pragma unroll 1
         for (int i = 0; i < total; i += 2) {
-            stream_step<F, R, I4>(s0, ld, a, m, c, first, count, lane, rows, nch, spi, xs, acc);
+            stream_step<F, R, Q>(s0, ld, a, m, c, first, count, lane, rows, nch, spi, xs, acc, cst);
             if (i + 1 < total)
-                stream_step<F, R, I4>(s1, ld, a, m, c, first, count, lane, rows, nch, spi, xs, acc);
+                stream_step<F, R, Q>(s1, ld, a, m, c, first, count, lane, rows, nch, spi, xs, acc, cst);
         }
         return;
     }
@@ -709,17 +838,18 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) gemvq_kernel(GemvqBatc
     for (int t = 0; t < a.tiles; ++t) {
         const int t0 = t * a.tile, len = min(a.tile, a.K - t0), tch = len / CE;
         if (t > 0) __syncthreads();                        // everyone is done with tile t-1
-        stage_tile<F, I4, NORM>(x, a.K, rows, a.act, t0, len, cap, xs, a, nmean, nrstd);
+        stage_tile<F, R, Q, NORM>(x, a.K, rows, a.act, t0, len, cap, xs, a, nmean, nrstd, cs);
         __syncthreads();
         const int steps = (tch + kStepChunks - 1) / kStepChunks;
 #pragma unroll 1
         for (int c = 0; c < steps; ++c) {
-            compute_step<F, R, I4>(s0, xs, cap, tch, c, lane, rows, acc);
+            compute_step<F, R, Q>(s0, xs, cap, tch, c, lane, rows, acc);
             s0 = s1;
-            loader_step<I4>(s1, ld, a, first, count, lane, nch, spi);
+            loader_step<Q>(s1, ld, a, first, count, lane, nch, spi);
         }
     }
-    write_item<F, R, I4>(a, first, 0, lane, rows, acc);
+    if constexpr (kIsU8<Q>) reduce_row_sums<R>(cs, cst);   // every tile staged: the rows' sums are whole
+    write_item<F, R, Q>(a, first, 0, lane, rows, acc, cst);
 }
 
 int ceil_div(long a, long b) { return (int)((a + b - 1) / b); }
@@ -728,9 +858,9 @@ int ceil_div(long a, long b) { return (int)((a + b - 1) / b); }
 // per multiprocessor by its weights (at least one block, at most one per kWarps items; a product with several
 // tiles: one item per warp) and launch every product in one grid with programmatic stream serialization (the
 // kernel waits with pdl_wait before touching data of earlier kernels).
-template <bool I4>
+template <int Q>
 int launch(int act, GemvqBatch b, cudaStream_t stream) {
-    constexpr int CE = Chunk<I4>::kElems;
+    constexpr int CE = Chunk<Q>::kElems;
     if (b.n < 1 || b.n > kGemvqMaxEntries || b.rows < 1 || b.rows > kGemvqMaxRows) return kUnsupported;
     const bool half = act == static_cast<int>(ActType::F16);
     const int per_chunk = half ? CE * 2 + 4 : CE * 4;          // staged bytes per chunk and row (half2: + 2^-e)
@@ -742,13 +872,14 @@ int launch(int act, GemvqBatch b, cudaStream_t stream) {
         GemvqArgs& a = b.e[i];
         if (a.K < CE || a.K % CE != 0 || a.N < 0) return kUnsupported;
         if (a.act != kGemvqActNone && a.act != kGemvqActRelu2 && !is_norm(a.act)) return kUnsupported;
-        if (is_norm(a.act) && (!I4 || a.ln_w == nullptr || !(a.eps > 0.f))) return kUnsupported;
+        if (is_norm(a.act) && (!kIsI4<Q> || a.ln_w == nullptr || !(a.eps > 0.f))) return kUnsupported;
         norm = norm || is_norm(a.act);
-        for (const void* p : {a.x, static_cast<const void*>(a.w), a.ln_w, a.ln_b})
+        for (const void* p : {a.x, static_cast<const void*>(a.w), a.ln_w, a.ln_b, a.ry, a.my})
             if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return kUnsupported;   // 16-byte loads (null passes)
-        if ((long)a.Np * (a.K / CE) > INT32_MAX || (I4 && (long)a.Np * (a.K / a.group) > INT32_MAX))
+        if ((long)a.Np * (a.K / CE) > INT32_MAX || (kIsI4<Q> && (long)a.Np * (a.K / a.group) > INT32_MAX))
             return kUnsupported;                                 // 32-bit offsets in the kernel
-        if (I4 && reinterpret_cast<uintptr_t>(a.scales) % 4 != 0) return kUnsupported;   // half2 loads
+        if (kIsI4<Q> && reinterpret_cast<uintptr_t>(a.scales) % 4 != 0) return kUnsupported;   // half2 loads
+        if (kIsU8<Q> && (!a.rx || !a.mx || !a.ry || !a.my)) return kUnsupported;
         // one tile, or tiles of whole steps (the loader walks the row's steps across tiles)
         a.tile = a.K <= max_tile ? a.K : max_tile / (kStepChunks * CE) * (kStepChunks * CE);
         if (a.tile < CE) return kUnsupported;
@@ -773,8 +904,8 @@ int launch(int act, GemvqBatch b, cudaStream_t stream) {
     cudaError_t err = cudaSuccess;
     RWKV_CHAT_DISPATCH_ACT(static_cast<ActType>(act), F, {
         void (*kernel)(GemvqBatch) =
-            norm ? (b.rows == 1 ? gemvq_kernel<F, 1, I4, I4> : gemvq_kernel<F, kGemvqMaxRows, I4, I4>)
-                 : (b.rows == 1 ? gemvq_kernel<F, 1, I4, false> : gemvq_kernel<F, kGemvqMaxRows, I4, false>);
+            norm ? (b.rows == 1 ? gemvq_kernel<F, 1, Q, kIsI4<Q>> : gemvq_kernel<F, kGemvqMaxRows, Q, kIsI4<Q>>)
+                 : (b.rows == 1 ? gemvq_kernel<F, 1, Q, false> : gemvq_kernel<F, kGemvqMaxRows, Q, false>);
         if (smem > kSmemDefault)
             err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemMax);
         if (err == cudaSuccess) err = launch_pdl(kernel, (unsigned)blocks, kThreads, (size_t)smem, stream, b);
@@ -784,8 +915,9 @@ int launch(int act, GemvqBatch b, cudaStream_t stream) {
 
 }  // namespace
 
-int gemvq_launch(bool i4, int act, int rows, int n, const GemvqEntry* entries, cudaStream_t stream) {
-    if (n < 1 || n > kGemvqMaxEntries) return kUnsupported;
+int gemvq_launch(int kind, int act, int rows, int n, const GemvqEntry* entries, cudaStream_t stream) {
+    if (n < 1 || n > kGemvqMaxEntries || kind < kGemvqF8 || kind > kGemvqU8) return kUnsupported;
+    const bool i4 = kind == kGemvqI4;
     GemvqBatch b{};
     b.n = n;
     b.rows = rows;
@@ -811,10 +943,12 @@ int gemvq_launch(bool i4, int act, int rows, int n, const GemvqEntry* entries, c
                 for (a.group_shift = 0; (1 << a.group_shift) < E.group;) ++a.group_shift;
         } else {
             a.fscale = E.fscale;
+            a.rx = E.rx; a.mx = E.mx; a.ry = E.ry; a.my = E.my;
             a.Np = E.N; a.group = 1; a.group_shift = 0;
         }
     }
-    return i4 ? launch<true>(act, b, stream) : launch<false>(act, b, stream);
+    return i4 ? launch<kGemvqI4>(act, b, stream)
+              : kind == kGemvqU8 ? launch<kGemvqU8>(act, b, stream) : launch<kGemvqF8>(act, b, stream);
 }
 
 }  // namespace rwkv_chat

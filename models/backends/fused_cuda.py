@@ -23,10 +23,10 @@ matrices), the v|w|a low-rank stages as two batched GEMMs (``low_rank_many``), t
 products as GEMMs, all through cuBLASLt with the algorithm timed per shape at the first step (``tuned_gemm``:
 ``dispatch.gemm(tuned=True)`` / ``dispatch.bgemm``; the choice is kept per process, so a step's rounding can
 differ between processes that timed differently, never between the rows of one step); g's two small low-rank
-products by torch; the WKV step one fused launch per layer. i8 weights (<= 4 rows) use the grouped mm8
-GEMV: r/k/v in one launch, relu² applied on load for the channel-mix value; i4 and f8 weights the grouped
-GEMV of ``csrc/gemvq`` (``dispatch.gemvq_group``) for r/k/v in one launch and each other product (relu² of the
-channel-mix value's input applied as the kernel loads it);
+products by torch; the WKV step one fused launch per layer. i8 weights (<= 4 rows) use the grouped uint8
+GEMV of ``csrc/gemvq`` (else ``csrc/mm8``'s): r/k/v in one launch, relu² applied on load for the channel-mix
+value; i4 and f8 weights the grouped GEMV of ``csrc/gemvq`` (``dispatch.gemvq_group``) for r/k/v in one launch
+and each other product (relu² of the channel-mix value's input applied as the kernel loads it);
 with ``FusedCuda(mix_rkv=True)``, i4 r/k/v through ``ops.gptq.fused_v7_mix_rkv_i4`` (probed at load): steps 1 and
 2's r/k/v in one Triton launch (ln1, the six mixes and the three int4 products), the low-rank products in the
 grouped GEMV.
@@ -137,8 +137,11 @@ def _gemv(xs, ws, acts, out_dtype=None, copy=None):
 
 def _mm8(xs, qs, acts):
     """Grouped i8 GEMV: ys[e] = act_e(xs[e]) @ dequantize(qs[e]) for output-major Int8Weight qs[e] (stored uint8
-    [M, N], N % 16 == 0), 1..4 rows, one launch (the reference's mm8 identity, see ``csrc/mm8/mm8_cuda.cu``);
+    [M, N], N % 16 == 0), 1..4 rows, one launch: the uint8 GEMV of ``csrc/gemvq`` where it serves
+    (``dispatch.gemvq_group``), else ``csrc/mm8``'s (the reference's mm8 identity, see ``csrc/mm8/mm8_cuda.cu``);
     act 0 none, 3 relu²."""
+    if (ys := dispatch.gemvq_group(list(xs), list(qs), list(acts))) is not None:
+        return ys
     rows = xs[0].shape[0]
     ys = [torch.empty(rows, q.shape[1], dtype=xs[0].dtype, device=xs[0].device) for q in qs]
     _ops().mm8_multi_cuda(list(xs), [q.storage for q in qs], [q.mx for q in qs], [q.rx for q in qs], [q.my for q in qs],

@@ -180,7 +180,9 @@ def mm8(x: torch.Tensor, q: _quant.Int8Weight, *, out=None) -> torch.Tensor:
     Args:
         x: [..., N] fp32/fp16/bf16 on q's device.
         q: Int8Weight (logical [N, M]). The compiled ops read the layout of their device: output-major on
-            CUDA (GEMV for <= 4 rows, else dequantize + cuBLAS), input-major on the CPU; a weight in the
+            CUDA (GEMV for <= 4 rows: the uint8 GEMV of ``csrc/gemvq`` where ``gemvq_u8_sound`` and it reads the
+            weight (``gemvq_u8_ok``), else ``csrc/mm8``'s; more rows: dequantize + cuBLAS), input-major on the
+            CPU; a weight in the
             other layout is served by the torch path (``i8.mm8_torch``), correct but slower. On CUDA, 5 to
             ``ops.gemv.I8_ROWS`` rows of fp16 / bf16 (decode batches) go to the Triton kernel reading the uint8
             weights as they are (``ops.gemv.i8_gemm``, either layout) where it is probed sound
@@ -192,6 +194,10 @@ def mm8(x: torch.Tensor, q: _quant.Int8Weight, *, out=None) -> torch.Tensor:
     """
     check_mm8(x, q, out)
     dev = x.device.type
+    if _gemvq_u8_serves(x) and gemvq_u8_ok(q, x):
+        N, M = q.shape
+        y = _gemvq_u8([x.reshape(-1, N)], [q], [0])[0].reshape(*x.shape[:-1], M)
+        return y if out is None else out.copy_(y)
     if _i8_gemm_serves(x):
         N, M = q.shape
         y = _gemv.i8_gemm(x.reshape(-1, N), q).reshape(*x.shape[:-1], M)
@@ -217,6 +223,27 @@ def _i8_gemm_serves(x: torch.Tensor) -> bool:
     rows = _rows(x)
     return (x.is_cuda and MM8_GEMV_ROWS < rows <= _gemv.I8_ROWS and x.dtype in (torch.float16, torch.bfloat16)
             and _triton_ok() and i8_gemm_sound(x.device))
+
+
+def gemvq_u8_ok(q: _quant.Int8Weight, x: torch.Tensor) -> bool:
+    """Whether the compiled uint8 GEMV (``csrc/gemvq``) reads this i8 weight with activations ``x``: held
+    output-major (the CUDA layout), K % 16 == 0, the matrix contiguous and 16-byte aligned, the four scale vectors
+    contiguous in x's dtype (the binding's own checks, so a weight it would refuse takes the mm8 path)."""
+    return (q.output_major and q.shape[0] % 16 == 0 and q.storage.is_contiguous() and q.storage.data_ptr() % 16 == 0
+            and all(t.dtype == x.dtype and t.is_contiguous() for t in (q.mx, q.rx, q.my, q.ry)))
+
+
+def _gemvq_u8_serves(x: torch.Tensor) -> bool:
+    rows = _rows(x)
+    return x.is_cuda and 1 <= rows <= GEMVQ_ROWS and available("cuda", "gemvq") and gemvq_u8_sound(x.device)
+
+
+def _gemvq_u8(xs: list[torch.Tensor], qs: list, acts: list[int]) -> list[torch.Tensor]:
+    """One launch of ``gemvq_u8_multi_cuda``: ``[act(x) @ q.dequantize() for x, q in zip(xs, qs)]``, xs 2-D."""
+    ys = [torch.empty(x.shape[0], q.shape[1], dtype=x.dtype, device=x.device) for x, q in zip(xs, qs)]
+    _op("cuda", "gemvq_u8_multi")([x.contiguous() for x in xs], [q.storage for q in qs], [q.mx for q in qs],
+                                  [q.rx for q in qs], [q.my for q in qs], [q.ry for q in qs], list(acts), ys)
+    return ys
 
 
 def gemvq_i4_ok(q: Int4Weight) -> bool:
@@ -257,6 +284,8 @@ def _gemvq_serves(x: torch.Tensor) -> bool:
 GEMVQ_PROBES: dict[torch.device, str | None] = {}
 #: the same for the int4 GEMV with the norm on load (``norm_gemv_i4``)
 GEMVQ_NORM_PROBES: dict[torch.device, str | None] = {}
+#: the same for the uint8 (i8) GEMV (``gemvq_u8_sound``)
+GEMVQ_U8_PROBES: dict[torch.device, str | None] = {}
 
 
 def _probe_key(device) -> torch.device:
@@ -282,6 +311,14 @@ def gemvq_norm_sound(device: torch.device) -> bool:
     return gemvq_sound(device) and _sound(GEMVQ_NORM_PROBES, _probe_gemvq_norm, device)
 
 
+def gemvq_u8_sound(device: torch.device) -> bool:
+    """Whether the compiled uint8 GEMV serves i8 weights on ``device``: on first use there it is run (one and three
+    rows, fp16 / bf16 / fp32, two products in one launch with x as is and relu(x)², x staged whole and in tiles) on
+    small random weights and compared with ``i8.mm8_torch`` to half-precision rounding; a mismatch or an error
+    keeps the mm8 GEMV for the process (``GEMVQ_U8_PROBES`` says why). Not probed inside a CUDA graph capture."""
+    return _sound(GEMVQ_U8_PROBES, _probe_gemvq_u8, device)
+
+
 def _sound(table: dict, probe, device) -> bool:
     known = table.get(device, False)                # a tensor's device: one lookup per product once probed
     if known is not False:
@@ -300,14 +337,18 @@ def _sound(table: dict, probe, device) -> bool:
 
 def probe_weight_kernels(model) -> None:
     """Probe, at load (outside any CUDA graph capture), on every CUDA device of ``model``: the compiled int4 / fp8
-    GEMVs (``gemvq_sound``) where a stage is i4 or f8, the Triton i8 kernel of batches (``i8_gemm_sound``) where a
-    stage is i8. The outcomes go into ``model.kernels["cuda"]`` ("gemvq probe", "i8 gemm probe": "ok" or why the
-    other paths serve)."""
+    GEMVs (``gemvq_sound``) where a stage is i4 or f8; where a stage is i8, the compiled uint8 GEMV
+    (``gemvq_u8_sound``) and the Triton i8 kernel of batches (``i8_gemm_sound``). The outcomes go into
+    ``model.kernels["cuda"]`` ("gemvq probe", "gemvq u8 probe", "i8 gemm probe": "ok" or why the other paths
+    serve)."""
     quants = {s.quant for s in model.plan.stages}
     for dev in {d for d in model.devices if d.type == "cuda"}:
         if quants & {"i4", "f8"} and available("cuda", "gemvq"):
             why = None if gemvq_sound(dev) else GEMVQ_PROBES.get(_probe_key(dev), "not probed")
             model.kernels.setdefault("cuda", {})["gemvq probe"] = why or "ok"
+        if "i8" in quants and available("cuda", "gemvq"):
+            why = None if gemvq_u8_sound(dev) else GEMVQ_U8_PROBES.get(_probe_key(dev), "not probed")
+            model.kernels.setdefault("cuda", {})["gemvq u8 probe"] = why or "ok"
         if "i8" in quants and _triton_ok():
             why = None if i8_gemm_sound(dev) else I8_GEMM_PROBES.get(_probe_key(dev), "not probed")
             model.kernels.setdefault("cuda", {})["i8 gemm probe"] = why or "ok"
@@ -383,6 +424,25 @@ def _probe_gemvq(device: torch.device) -> str | None:
                     err = _probe_error(got, want)
                     if not err < 2e-2:
                         return f"{name} differs from the torch product ({dtype}, {rows} rows: relative error {err:.3g})"
+    return None
+
+
+def _probe_gemvq_u8(device: torch.device) -> str | None:
+    g = torch.Generator().manual_seed(3)
+    w, wl = torch.randn(256, 72, generator=g) * 0.05 + 0.01, torch.randn(11264, 16, generator=g) * 0.01
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        q, ql = (_quant.quantize_i8(t, dtype, output_major=True).to(device, output_major=True) for t in (w, wl))
+        for rows in (1, 3):
+            x = torch.randn(rows, 256, generator=g).to(device, dtype)
+            checks = list(zip(("gemvq_u8_multi", "gemvq_u8_multi relu²"), _gemvq_u8([x, x], [q, q], [0, 3]),
+                              (_quant.mm8_torch(x, q), _quant.mm8_torch(torch.relu(x).square(), q))))
+            if rows == 3:           # x staged in several tiles of K (rows * K * 2.25 or 4 bytes > 64 KB)
+                xl = torch.randn(rows, 11264, generator=g).to(device, dtype)
+                checks.append(("gemvq_u8 (K in tiles)", _gemvq_u8([xl], [ql], [0])[0], _quant.mm8_torch(xl, ql)))
+            for name, got, want in checks:
+                err = _probe_error(got, want)
+                if not err < 2e-2:
+                    return f"{name} differs from the torch product ({dtype}, {rows} rows: relative error {err:.3g})"
     return None
 
 
@@ -510,18 +570,27 @@ def gemvq_group(xs: list[torch.Tensor], qs: list, acts: list[int] | None = None)
     """``[act(x) @ q.dequantize() for x, q in zip(xs, qs)]`` in one launch of the compiled GEMV
     (``csrc/gemvq``), or None where it does not serve them all (the caller multiplies one by one).
 
-    Served: 1..4 products, every weight i4 (``gemvq_i4_ok``) or every weight f8 (K % 16 == 0), xs 2-D [rows, K_e]
-    of one activation dtype on one CUDA device, the same rows (1..``GEMVQ_ROWS``), the family built.
+    Served: 1..4 products, every weight i4 (``gemvq_i4_ok``), every weight f8 (K % 16 == 0) or every weight i8
+    (``gemvq_u8_ok``, where ``gemvq_u8_sound``), xs 2-D [rows, K_e] of one activation dtype on one CUDA device,
+    the same rows (1..``GEMVQ_ROWS``), the family built.
     acts: per product 0 (x as is, the default) or 3 (``torch.relu(x).square()`` in x's dtype, the RWKV
     channel-mix value's input) applied as x is loaded.
     Returns: [rows, N_e] tensors in the activation dtype (fp32 accumulation; fp16 activations: each 32 int4 or
-    16 fp8 products summed in half precision first, x scaled by a power of two, ``csrc/gemvq``).
+    16 fp8 / uint8 products summed in half precision first, x scaled by a power of two, ``csrc/gemvq``).
     Raises: DeviceError, ShapeMismatchError, UnsupportedDtypeError (as ``mm4`` / ``mmf8``) for a packed weight whose
     x does not fit it.
     """
     acts = [0] * len(xs) if acts is None else list(acts)
     if not 1 <= len(xs) == len(qs) == len(acts) <= 4 or any(a not in GEMVQ_ACTS for a in acts):
         return None
+    if all(isinstance(q, _quant.Int8Weight) for q in qs):
+        for x, q in zip(xs, qs):
+            check_mm8(x, q, None)
+        x0 = xs[0]
+        if not (_gemvq_u8_serves(x0) and all(x.dim() == 2 and x.shape[0] == x0.shape[0] and x.dtype == x0.dtype
+                                             and gemvq_u8_ok(q, x) for x, q in zip(xs, qs))):
+            return None
+        return _gemvq_u8(list(xs), list(qs), acts)
     for x, q in zip(xs, qs):
         if not isinstance(q, (Int4Weight, Float8Weight)):
             return None

@@ -225,19 +225,49 @@ def case_gemvq_f8(rows, K, N, dtype, device, seed):
     return rel_err(kernels.mmf8(x, q), x.double() @ q.dequantize(torch.float64))
 
 
+def case_gemvq_u8(rows, K, N, dtype, device, seed, graph=False):
+    """``kernels.mm8`` through the compiled uint8 GEMV (``csrc/gemvq``; the reference's i8 weight held output-major
+    on CUDA) against x (rounded) @ the dequantized weight in float64. ``graph``: captured in a CUDA graph and
+    replayed into a poisoned output."""
+    from rwkv_chat.models.formats import i8
+    from rwkv_chat.models.kernels import dispatch
+
+    _gemvq_built(device)
+    g = _gen(seed, device)
+    q = i8.quantize_i8(_randn(g, K, N, scale=K ** -0.5).to(device), dtype)
+    x = _randn(g, rows, K).to(dtype).to(device)
+    if not (dispatch.gemvq_u8_ok(q, x) and dispatch.gemvq_u8_sound(x.device)):
+        raise AssertionError(f"the uint8 GEMV does not serve this weight: {dispatch.GEMVQ_U8_PROBES}")
+    ref = x.double() @ q.dequantize(torch.float64)
+    if not graph:
+        return rel_err(kernels.mm8(x, q), ref)
+    kernels.mm8(x, q)
+    torch.cuda.synchronize()
+    gr = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(gr):
+        out = kernels.mm8(x, q)
+    out.fill_(float("nan"))
+    gr.replay()
+    torch.cuda.synchronize()
+    return rel_err(out, ref)
+
+
 def case_gemvq_group(rows, shapes, fmt, dtype, device, seed, acts=None, x_scale=1.0):
-    """``dispatch.gemvq_group`` (one launch of ``gemvq_i4_multi_cuda`` / ``gemvq_f8_multi_cuda``) for weights
+    """``dispatch.gemvq_group`` (one launch of ``gemvq_i4_multi_cuda`` / ``gemvq_f8_multi_cuda`` /
+    ``gemvq_u8_multi_cuda``) for weights
     [K_e, N_e] placed on CUDA: worst product against act(x) (rounded as torch rounds it) @ the dequantized weight
     in float64. acts: per product 0 or 3 (relu² on x); x_scale: the magnitude of x (the half-precision form
     scales each row of x by a power of two: rows far from 1 test it)."""
-    from rwkv_chat.models.formats import f8, i4
+    from rwkv_chat.models.formats import f8, i4, i8
     from rwkv_chat.models.kernels import dispatch
 
     _gemvq_built(device)
     g = _gen(seed, device)
     acts = acts or [0] * len(shapes)
     ws = [_randn(g, K, N, scale=K ** -0.5).to(device) for K, N in shapes]
-    qs = [i4.quantize_i4(w).to(device) if fmt == "i4" else f8.quantize_f8(w) for w in ws]
+    pack = {"i4": lambda w: i4.quantize_i4(w).to(device), "f8": f8.quantize_f8,
+            "i8": lambda w: i8.quantize_i8(w, dtype)}[fmt]
+    qs = [pack(w) for w in ws]
     xs = [_randn(g, rows, K, scale=x_scale).to(dtype).to(device) for K, _ in shapes]
     ys = dispatch.gemvq_group(xs, qs, acts)
     if ys is None:
@@ -569,7 +599,7 @@ def all_cases(device: str, quick: bool = False):
                 cases.append(("ffn_rows", f"rows={rows} F={F} C={C} dead=0.5 tile_threads={tpr}", dt,
                               lambda r=rows, F=F, C=C, t=tpr, dt=dt, s=len(cases):
                               case_ffn_rows(r, F, C, dt, device, s, 0.5, tile_threads=t)))
-        if device == "cuda":   # int4 / fp8 decode GEMVs: 1..4 rows, odd N, several tiles of K, groups 32..128
+        if device == "cuda":   # int4 / fp8 / uint8 decode GEMVs: 1..4 rows, odd N, several tiles of K, groups 32..128
             for rows, K, N, group in ((1, 4096, 4096, 128), (1, 4096, 16384, 128), (1, 16384, 4096, 128),
                                       (2, 2048, 2048, 128), (3, 4096, 1001, 128), (4, 4096, 4096, 128),
                                       (4, 16384, 777, 64), (1, 96, 8, 32), (2, 64, 33, 32), (1, 896, 4864, 128),
@@ -585,7 +615,15 @@ def all_cases(device: str, quick: bool = False):
                                (4, 4096, 4096), (4, 16384, 777), (1, 16, 5), (2, 48, 33), (1, 896, 4864)):
                 cases.append(("gemvq", f"f8 rows={rows} K={K} N={N}", dt,
                               lambda r=rows, K=K, N=N, dt=dt, s=len(cases): case_gemvq_f8(r, K, N, dt, device, s)))
-            for fmt in ("i4", "f8"):   # one launch for several products (the fused RWKV-7 decode's r, k, v)
+            for rows, K, N in ((1, 4096, 4096), (1, 4096, 16384), (1, 16384, 4096), (2, 2048, 2048), (3, 4096, 1001),
+                               (4, 16384, 777), (1, 16, 5), (2, 48, 33), (4, 20480, 64)):
+                cases.append(("gemvq", f"i8 (uint8) rows={rows} K={K} N={N}", dt,
+                              lambda r=rows, K=K, N=N, dt=dt, s=len(cases): case_gemvq_u8(r, K, N, dt, device, s)))
+            for rows in (1, 4):
+                cases.append(("gemvq", f"i8 (uint8) rows={rows} K=2048 N=2048, CUDA graph", dt,
+                              lambda r=rows, dt=dt, s=len(cases): case_gemvq_u8(r, 2048, 2048, dt, device, s,
+                                                                                 graph=True)))
+            for fmt in ("i4", "f8", "i8"):   # one launch for several products (the fused RWKV-7 decode's r, k, v)
                 for rows, shp in ((1, ((4096, 4096), (4096, 4096), (4096, 4096))),
                                   (3, ((2048, 2048), (2048, 520), (4096, 1000), (1024, 4096))),
                                   (4, ((16384, 4096), (64, 40)))):

@@ -1,14 +1,14 @@
-"""The compiled int4 / fp8 GEMVs serve a device only after agreeing with the torch products there
-(``dispatch.gemvq_sound``): the probe's logic on the CPU with the compiled ops replaced by stand-ins — a correct
-one (the torch products written into the output), a wrong one, one that raises, one that ignores relu², one
-that skips the norm."""
+"""The compiled int4 / fp8 / uint8 GEMVs serve a device only after agreeing with the torch products there
+(``dispatch.gemvq_sound``, ``gemvq_u8_sound``): the probe's logic on the CPU with the compiled ops replaced by
+stand-ins — a correct one (the torch products written into the output), a wrong one, one that raises, one that
+ignores relu², one that skips the norm, one that drops the part of x staged in later tiles."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from rwkv_chat.models.formats import f8, i4
+from rwkv_chat.models.formats import f8, i4, i8
 from rwkv_chat.models.kernels import dispatch
 from rwkv_chat.models.ops.gptq import norm_rows
 
@@ -78,3 +78,35 @@ def test_the_norm_probe_is_its_own(monkeypatch, cpu_held_output_major, no_norm):
     assert (why is None) is not no_norm
     if no_norm:
         assert "gemvq_i4_norm (LayerNorm) differs from the torch product" in why
+
+
+def _u8_ops(wrong: bool = False, no_act: bool = False, tiles: bool = True):
+    """A stand-in for ``gemvq_u8_multi``: the torch product (times 1.5 with ``wrong``, relu² ignored with
+    ``no_act``, x past its first 1024 columns ignored where a row is staged in tiles, without ``tiles``)."""
+    def u8_multi(xs, ws, mxs, rxs, mys, rys, acts, ys):
+        for x, w, mx, rx, my, ry, a, y in zip(xs, ws, mxs, rxs, mys, rys, acts, ys):
+            q = i8.Int8Weight(w.t(), mx, rx, my, ry, output_major=True)
+            x = torch.relu(x).square() if a == 3 and not no_act else x
+            if not tiles and x.numel() * x.element_size() > 64 * 1024:
+                x = torch.cat([x[:, :1024], torch.zeros_like(x[:, 1024:])], 1)
+            y.copy_(i8.mm8_torch(x, q) * (1.5 if wrong else 1.0))
+    return lambda dev, family: {"gemvq_u8_multi": u8_multi}[family]
+
+
+@pytest.mark.parametrize("case, why", [({}, None), ({"wrong": True}, "gemvq_u8_multi differs"),
+                                       ({"no_act": True}, "gemvq_u8_multi relu² differs"),
+                                       ({"tiles": False}, "gemvq_u8 (K in tiles) differs")])
+def test_the_u8_probe_admits_only_a_kernel_that_agrees_with_torch(monkeypatch, case, why):
+    """The i8 GEMV has its own probe: every case it runs must agree with ``i8.mm8_torch``; once decided, a device is
+    not probed again, and the int4 / fp8 probe is not decided by it."""
+    monkeypatch.setattr(dispatch, "_op", _u8_ops(**case))
+    dev = torch.device("cpu")
+    try:
+        assert dispatch.gemvq_u8_sound(dev) is (why is None)
+        got = dispatch.GEMVQ_U8_PROBES[dev]
+        assert got is None if why is None else got.startswith(why), got
+        monkeypatch.setattr(dispatch, "_op", None)
+        assert dispatch.gemvq_u8_sound(dev) is (why is None)
+        assert dev not in dispatch.GEMVQ_PROBES
+    finally:
+        dispatch.GEMVQ_U8_PROBES.clear()
