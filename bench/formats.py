@@ -42,6 +42,13 @@ def _time(fn, reps: int = 50) -> float:
     return times[len(times) // 2]
 
 
+def _backend(model, fmt: str) -> str:
+    """The backend's name, with the probe outcome of the compiled GEMVs a quantized format's decode uses."""
+    probes = getattr(model, "kernels", {}).get("cuda", {})
+    key = {"i8": "gemvq u8 probe", "i4": "gemvq probe", "f8": "gemvq probe"}.get(fmt)
+    return f"{model.backend.name} ({key}: {probes[key]})" if key in probes else model.backend.name
+
+
 def decode_rows(shape: str, batches: list[int], tokens: int) -> list[dict]:
     from rwkv_chat.app.bench import bench_decode
     from rwkv_chat.models import RWKV
@@ -62,7 +69,7 @@ def decode_rows(shape: str, batches: list[int], tokens: int) -> list[dict]:
                 base[b] = tok_s
             rows.append({"shape": shape, "strategy": strategy, "batch": b, "tok_s": tok_s,
                          "ratio": tok_s / base[b], "gb_s": r["gb_s"], "step_mb": r["step_bytes"] / 2**20,
-                         "greedy": r["greedy_tok_s"], "load_s": load_s, "backend": model.backend.name})
+                         "greedy": r["greedy_tok_s"], "load_s": load_s, "backend": _backend(model, fmt)})
             print(rows[-1], flush=True)
         del model
         gc.collect()
