@@ -485,12 +485,14 @@ __device__ __forceinline__ void compute_step_half(const Step<kGemvqI4>& st, cons
     }
 }
 
-// acc[o][r] += the products of step c's chunks (tile of nch chunks, staged x in xs), fp8 weights, half2 form:
-// two e4m3 values to a half2 by one conversion, one HFMA2 per pair and row, a chunk's 16 products summed in
-// half2 then in fp32 (the output's scale multiplies the finished sum).
-template <int R>
-__device__ __forceinline__ void compute_step_half_f8(const Step<kGemvqF8>& st, const uint4* xs, int cap, int nch,
-                                                     int c, int lane, int rows, float (&acc)[kOuts][R]) {
+// acc[o][r] += the products of step c's chunks (tile of nch chunks, staged x in xs), one byte per weight (fp8 or
+// uint8), half2 form: two bytes to a half2 (fp8: one conversion; uint8: one PRMT makes (1024 + w0, 1024 + w1), bits
+// 0x64 above each byte, and one HSUB2 of 1152 leaves w - 128 exactly), one HFMA2 per pair and row, a chunk's 16
+// products summed in half2 then in fp32 (the output's scales applied to the finished sum).
+template <int Q, int R>
+__device__ __forceinline__ void compute_step_half_bytes(const Step<Q>& st, const uint4* xs, int cap, int nch, int c,
+                                                        int lane, int rows, float (&acc)[kOuts][R]) {
+    const __half2 bias = as_half2(0x64806480u);         // uint8: (1152, 1152)
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
         const int L = c * kStepChunks + 32 * u + lane;
@@ -508,47 +510,18 @@ __device__ __forceinline__ void compute_step_half_f8(const Step<kGemvqF8>& st, c
 #pragma unroll
                 for (int j = 0; j < 2; ++j) {
                     const uint32_t v = word(st.q[o][u], 2 * h + j);
-                    w[o][2 * j] = __half2(__nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(v & 0xFFFFu), __NV_E4M3));
-                    w[o][2 * j + 1] = __half2(__nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(v >> 16), __NV_E4M3));
+                    if constexpr (kIsU8<Q>) {
+                        w[o][2 * j] = __hsub2(as_half2(__byte_perm(v, 0x64646464u, 0x4140u)), bias);
+                        w[o][2 * j + 1] = __hsub2(as_half2(__byte_perm(v, 0x64646464u, 0x4342u)), bias);
+                    } else {
+                        w[o][2 * j] = __half2(__nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(v & 0xFFFFu), __NV_E4M3));
+                        w[o][2 * j + 1] = __half2(__nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(v >> 16), __NV_E4M3));
+                    }
                 }
             hfma_rows<R>(w, xs, 2, h, cap, L, rows, part);
         }
         const float one[kOuts] = {1.f, 1.f};
-        finish_chunk<R>(one, chunk_unscales<kGemvqF8>(xs, rows, cap) + L, cap, rows, part, acc);
-    }
-}
-
-// acc[o][r] += the products of step c's chunks (tile of nch chunks, staged x in xs), uint8 weights, half2 form:
-// one PRMT makes the half2 pair (1024 + w0, 1024 + w1) of two bytes (bits 0x64 above each), one HSUB2 of 1152
-// leaves (w - 128) exactly; one HFMA2 per pair and row, a chunk's 16 products summed in half2, then in fp32.
-template <int R>
-__device__ __forceinline__ void compute_step_half_u8(const Step<kGemvqU8>& st, const uint4* xs, int cap, int nch,
-                                                     int c, int lane, int rows, float (&acc)[kOuts][R]) {
-    const __half2 bias = as_half2(0x64806480u);         // (1152, 1152)
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-        const int L = c * kStepChunks + 32 * u + lane;
-        if (L >= nch) continue;
-        __half2 part[kOuts][R];
-#pragma unroll
-        for (int o = 0; o < kOuts; ++o)
-#pragma unroll
-            for (int r = 0; r < R; ++r) part[o][r] = as_half2(0u);
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            __half2 w[kOuts][4];
-#pragma unroll
-            for (int o = 0; o < kOuts; ++o)
-#pragma unroll
-                for (int j = 0; j < 2; ++j) {
-                    const uint32_t v = word(st.q[o][u], 2 * h + j);
-                    w[o][2 * j] = __hsub2(as_half2(__byte_perm(v, 0x64646464u, 0x4140u)), bias);
-                    w[o][2 * j + 1] = __hsub2(as_half2(__byte_perm(v, 0x64646464u, 0x4342u)), bias);
-                }
-            hfma_rows<R>(w, xs, 2, h, cap, L, rows, part);
-        }
-        const float one[kOuts] = {1.f, 1.f};
-        finish_chunk<R>(one, chunk_unscales<kGemvqU8>(xs, rows, cap) + L, cap, rows, part, acc);
+        finish_chunk<R>(one, chunk_unscales<Q>(xs, rows, cap) + L, cap, rows, part, acc);
     }
 }
 
@@ -754,10 +727,8 @@ __device__ __forceinline__ void compute_step(const Step<Q>& st, const uint4* xs,
                                              int rows, float (&acc)[kOuts][R]) {
     if constexpr (kHalf2<F> && kIsI4<Q>)
         compute_step_half<R>(st, xs, cap, nch, c, lane, rows, acc);
-    else if constexpr (kHalf2<F> && kIsU8<Q>)
-        compute_step_half_u8<R>(st, xs, cap, nch, c, lane, rows, acc);
     else if constexpr (kHalf2<F>)
-        compute_step_half_f8<R>(st, xs, cap, nch, c, lane, rows, acc);
+        compute_step_half_bytes<Q, R>(st, xs, cap, nch, c, lane, rows, acc);
     else
         compute_step_f32<R, Q>(st, reinterpret_cast<const float4*>(xs), cap, nch, c, lane, rows, acc);
 }

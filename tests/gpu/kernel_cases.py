@@ -185,6 +185,19 @@ def _gemvq_built(device) -> None:
         raise AssertionError("the gemvq family is not built: the case would test the fallback")
 
 
+def _replayed(fn):
+    """fn() captured in a CUDA graph (after a warm-up outside it), its output poisoned, then the graph replayed."""
+    fn()
+    torch.cuda.synchronize()
+    gr = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(gr):
+        out = fn()
+    out.fill_(float("nan"))
+    gr.replay()
+    torch.cuda.synchronize()
+    return out
+
+
 def case_gemvq_i4(rows, K, N, group, dtype, device, seed, graph=False):
     """``kernels.mm4`` through the compiled int4 GEMV (``csrc/gemvq``): a weight quantized in the GPTQ layout and
     placed (held output-major on CUDA), against x (rounded) @ the dequantized weight in float64.
@@ -200,17 +213,7 @@ def case_gemvq_i4(rows, K, N, group, dtype, device, seed, graph=False):
     if q.output_major or not (qd.output_major and dispatch.gemvq_i4_ok(qd)):
         raise AssertionError("an i4 weight placed on CUDA must be output-major and served by gemvq")
     ref = xd.double() @ q.dequantize(torch.float64)
-    if not graph:
-        return rel_err(kernels.mm4(xd, qd), ref)
-    kernels.mm4(xd, qd)                       # warm-up outside the capture
-    torch.cuda.synchronize()
-    gr = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(gr):
-        out = kernels.mm4(xd, qd)
-    out.fill_(float("nan"))
-    gr.replay()
-    torch.cuda.synchronize()
-    return rel_err(out, ref)
+    return rel_err(_replayed(lambda: kernels.mm4(xd, qd)) if graph else kernels.mm4(xd, qd), ref)
 
 
 def case_gemvq_f8(rows, K, N, dtype, device, seed):
@@ -239,17 +242,7 @@ def case_gemvq_u8(rows, K, N, dtype, device, seed, graph=False):
     if not (dispatch.gemvq_u8_ok(q, x) and dispatch.gemvq_u8_sound(x.device)):
         raise AssertionError(f"the uint8 GEMV does not serve this weight: {dispatch.GEMVQ_U8_PROBES}")
     ref = x.double() @ q.dequantize(torch.float64)
-    if not graph:
-        return rel_err(kernels.mm8(x, q), ref)
-    kernels.mm8(x, q)
-    torch.cuda.synchronize()
-    gr = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(gr):
-        out = kernels.mm8(x, q)
-    out.fill_(float("nan"))
-    gr.replay()
-    torch.cuda.synchronize()
-    return rel_err(out, ref)
+    return rel_err(_replayed(lambda: kernels.mm8(x, q)) if graph else kernels.mm8(x, q), ref)
 
 
 def case_gemvq_group(rows, shapes, fmt, dtype, device, seed, acts=None, x_scale=1.0):
