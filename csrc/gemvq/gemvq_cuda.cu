@@ -121,6 +121,12 @@ struct Chunk {
     static constexpr int kQuads = kElems / 4;     // float4 slots of staged fp32 x per chunk and row
 };
 
+// u8: the type of the row sums and of the epilogue. Their terms cancel (rx * 128.5 * sum a' + mx * sum a + sum a * my
+// is far smaller than each term where x is all positive, as relu(x)^2 is), so float32 activations keep them in double
+// (per 16-value chunk in float, across chunks, threads and the epilogue in double); half activations in float.
+template <typename F>
+using RowSum = std::conditional_t<std::is_same<F, float>::value, double, float>;
+
 // Whether a product takes the half2 form: fp16 activations.
 template <typename F>
 constexpr bool kHalf2 = std::is_same<F, __half>::value;
@@ -281,7 +287,7 @@ __device__ __forceinline__ const float* chunk_unscales(const uint4* xs, int rows
 template <typename F, int R, int Q, bool NORM>
 __device__ __forceinline__ void stage_tile(const F* __restrict__ x, int K, int rows, int act, int t0, int len,
                                            int cap, uint4* xs, const GemvqArgs& a, const float* nmean,
-                                           const float* nrstd, float (&cs)[R][3]) {
+                                           const float* nrstd, RowSum<F> (&cs)[R][3]) {
     constexpr int CE = Chunk<Q>::kElems, QD = Chunk<Q>::kQuads, V = 16 / sizeof(F);
     const int nch = len / CE;
     const bool norm = NORM && is_norm(act);
@@ -385,15 +391,15 @@ __device__ __forceinline__ void stage_tile(const F* __restrict__ x, int K, int r
 
 // u8: the row sums over the block, cst[r] = (sum a', sum a * my, sum a) of row r from every thread's cs (all of
 // K: called once every tile is staged). Every thread of the block takes part (barriers).
-template <int R>
-__device__ __forceinline__ void reduce_row_sums(const float (&cs)[R][3], float (*cst)[3]) {
-    __shared__ float red[kWarps][R][3];
+template <int R, typename S>
+__device__ __forceinline__ void reduce_row_sums(const S (&cs)[R][3], S (*cst)[3]) {
+    __shared__ S red[kWarps][R][3];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
     for (int r = 0; r < R; ++r) {
 #pragma unroll
         for (int j = 0; j < 3; ++j) {
-            float v = cs[r][j];
+            S v = cs[r][j];
 #pragma unroll
             for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
             if (lane == 0) red[warp][r][j] = v;
@@ -402,7 +408,7 @@ __device__ __forceinline__ void reduce_row_sums(const float (&cs)[R][3], float (
     __syncthreads();
     if (threadIdx.x < R * 3) {
         const int r = threadIdx.x / 3, j = threadIdx.x - 3 * r;
-        float v = 0.f;
+        S v = 0;
         for (int k = 0; k < kWarps; ++k) v += red[k][r][j];
         cst[r][j] = v;
     }
@@ -631,7 +637,7 @@ __device__ __forceinline__ void compute_step_f32(const Step<Q>& st, const float4
 // u8: y = rx[n] * (sum + 128.5 * sum a') + sum a * my + mx[n] * sum a (the row sums in cst).
 template <typename F, int R, int Q>
 __device__ __forceinline__ void write_item(const GemvqArgs& a, int first, int m, int lane, int rows,
-                                           float (&acc)[kOuts][R], const float (*cst)[3]) {
+                                           float (&acc)[kOuts][R], const RowSum<F> (*cst)[3]) {
     F* __restrict__ y = static_cast<F*>(a.y);
     const int n0 = (first + m * a.stride) * kOuts;
 #pragma unroll
@@ -653,7 +659,8 @@ __device__ __forceinline__ void write_item(const GemvqArgs& a, int first, int m,
 #pragma unroll
                 for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
                 if constexpr (kIsU8<Q>)
-                    v = fmaf(sc, fmaf(128.5f, cst[r][0], v), fmaf(mxn, cst[r][2], cst[r][1]));
+                    v = (float)((RowSum<F>)sc * ((RowSum<F>)v + (RowSum<F>)128.5 * cst[r][0])
+                                + (RowSum<F>)mxn * cst[r][2] + cst[r][1]);
                 else
                     v *= sc;
                 if (lane == 0 && n < a.N) y[(long)r * a.N + n] = from_f32<F>(v);
@@ -738,7 +745,7 @@ __device__ __forceinline__ void compute_step(const Step<Q>& st, const uint4* xs,
 template <typename F, int R, int Q>
 __device__ __forceinline__ void stream_step(Step<Q>& st, Loader<Q>& ld, const GemvqArgs& a, int& m, int& c,
                                             int first, int count, int lane, int rows, int nch, int spi,
-                                            const uint4* xs, float (&acc)[kOuts][R], const float (*cst)[3]) {
+                                            const uint4* xs, float (&acc)[kOuts][R], const RowSum<F> (*cst)[3]) {
     compute_step<F, R, Q>(st, xs, nch, nch, c, lane, rows, acc);
     loader_step<Q>(st, ld, a, first, count, lane, nch, spi);
     if (++c >= spi) {
@@ -775,10 +782,10 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) gemvq_kernel(GemvqBatc
 
     extern __shared__ uint4 xs[];
     __shared__ float nmean[R], nrstd[R];
-    __shared__ float cst[R][3];                            // u8: the rows' sums (reduce_row_sums)
-    float cs[R][3];
+    __shared__ RowSum<F> cst[R][3];                        // u8: the rows' sums (reduce_row_sums)
+    RowSum<F> cs[R][3];
 #pragma unroll
-    for (int r = 0; r < R; ++r) cs[r][0] = cs[r][1] = cs[r][2] = 0.f;
+    for (int r = 0; r < R; ++r) cs[r][0] = cs[r][1] = cs[r][2] = 0;
     const F* __restrict__ x = static_cast<const F*>(a.x);
     const int rows = R == 1 ? 1 : batch.rows;
     if constexpr (NORM)
@@ -792,7 +799,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) gemvq_kernel(GemvqBatc
     if (a.tiles == 1) {
         stage_tile<F, R, Q, NORM>(x, a.K, rows, a.act, 0, a.K, cap, xs, a, nmean, nrstd, cs);
         __syncthreads();
-        if constexpr (kIsU8<Q>) reduce_row_sums<R>(cs, cst);
+        if constexpr (kIsU8<Q>) reduce_row_sums<R, RowSum<F>>(cs, cst);
         const int total = count * spi;
         int m = 0, c = 0;
 #pragma unroll 1
@@ -819,7 +826,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) gemvq_kernel(GemvqBatc
             loader_step<Q>(s1, ld, a, first, count, lane, nch, spi);
         }
     }
-    if constexpr (kIsU8<Q>) reduce_row_sums<R>(cs, cst);   // every tile staged: the rows' sums are whole
+    if constexpr (kIsU8<Q>) reduce_row_sums<R, RowSum<F>>(cs, cst);   // every tile staged: the rows' sums are whole
     write_item<F, R, Q>(a, first, 0, lane, rows, acc, cst);
 }
 

@@ -62,9 +62,6 @@ GEMV_ROWS = (1, 2, 4)
 GEMV_CONFIGS = [_config(bm, bn, bk, stages, max(1, min(8, bm * bn * bk // (32 * 64))), group=1, dot=0)
                 for bm in GEMV_ROWS for bn, bk in ((4, 1024), (8, 512), (8, 1024), (16, 256), (16, 512), (32, 256))
                 for stages in (2, 3)]
-# a whole row of K <= 2048 per tile (1.5B-class H = 1536): every weight byte of a program in flight at once
-GEMV_CONFIGS += [_config(bm, bn, 2048, 2, max(1, min(8, bm * bn * 2048 // (32 * 64))), group=1, dot=0)
-                 for bm in GEMV_ROWS for bn in (2, 4)]
 
 
 @triton.jit
