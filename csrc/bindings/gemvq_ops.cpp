@@ -81,7 +81,7 @@ GemvqEntry f8_entry(const char* op, const at::Tensor& x, const at::Tensor& w8, c
 
 // uint8, the reference's i8: x [rows, K] (activation dtype F); w the uint8 [N, K] (models/formats/i8.py,
 // Int8Weight.output_major storage); mx, rx [N] and my, ry [K] in F (the reference's [K, 1] row vectors flattened);
-// y [rows, N]. K % 16 == 0.
+// y [rows, N]. K % 16 == 0; F float16 or bfloat16.
 GemvqEntry u8_entry(const char* op, const at::Tensor& x, const at::Tensor& w, const at::Tensor& mx,
                     const at::Tensor& rx, const at::Tensor& my, const at::Tensor& ry, const at::Tensor& y,
                     int64_t rows, at::ScalarType F, std::vector<at::Tensor>& keep) {
@@ -89,6 +89,7 @@ GemvqEntry u8_entry(const char* op, const at::Tensor& x, const at::Tensor& w, co
     const int64_t K = x.size(1), N = w.size(0);
     TORCH_CHECK(K >= 16 && K % 16 == 0, op, ": K must be a positive multiple of 16, got ", K);
     TORCH_CHECK(K <= INT32_MAX && N <= INT32_MAX, op, ": shapes beyond int32");
+    TORCH_CHECK(F == at::kHalf || F == at::kBFloat16, op, ": x must be float16 or bfloat16 (float32: mm8_multi_cuda)");
     check_tensor(x, op, "x", kCUDA, F, {rows, K});
     check_tensor(w, op, "w", kCUDA, at::kByte, {N, K});
     check_tensor(mx, op, "mx", kCUDA, F, {N});

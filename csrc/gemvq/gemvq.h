@@ -40,7 +40,7 @@ constexpr int kGemvqActRmsNorm = 5;     // x / sqrt(mean(x^2) + eps) * ln_w
 //   rx, mx [N] and ry, my [K] in the activation dtype (ry, my 16-byte aligned); y [rows, N];
 //   y[r][n] = sum_k a[r][k] * ((w[n][k] + 0.5) * ry[k] * rx[n] + my[k] + mx[n])
 //           = rx[n] * (sum_k a'[k] * (w[n][k] - 128) + 128.5 * sum_k a'[k]) + sum_k a[r][k] * my[k]
-//             + mx[n] * sum_k a[r][k],  a' = a[r][k] * ry[k];  K % 16 == 0.
+//             + mx[n] * sum_k a[r][k],  a' = a[r][k] * ry[k];  K % 16 == 0; fp16 / bf16 activations only.
 // scales 4-byte aligned (int4: both scales of an output pair are one load).
 struct GemvqEntry {
     const void* x;

@@ -45,8 +45,10 @@
 // a chunk's partial sum is multiplied by the group's scale once.
 // uint8: one PRMT per two bytes builds the half2 (1024 + w0, 1024 + w1), one HSUB2 of 1152 leaves w - 128 exactly;
 // with fp16 activations one HFMA2 per pair and row, a chunk's 16 products in half2 (x staged times its 2^e, its
-// largest |x * ry| in [8, 16): a partial stays below 8 * 128 * 16 = 16,384), then fp32; else fp32 arithmetic on the
-// float 2^23 + w (one PRMT) less 2^23 + 128.
+// largest |x * ry| in [8, 16): a partial stays below 8 * 128 * 16 = 16,384), then fp32; bf16 activations: fp32
+// arithmetic on the float 2^23 + w (one PRMT) less 2^23 + 128. Float32 activations are refused (csrc/mm8's GEMV
+// serves them): the row sums' terms cancel where x is all positive (relu(x)^2), beyond float32's 1e-5 over
+// K = 16,384 (H100: 1.15e-5).
 // fp8: two e4m3 values to half2 by __nv_cvt_fp8x2_to_halfraw2 (cuda_fp8.h; one instruction on sm_89+); with fp16
 // activations one HFMA2 per pair and row, a chunk's 16 products summed in half2 (the chunk of x staged times its
 // 2^e, its largest |act(x)| in [4, 8): a partial stays below 8 * 448 * 8 = 28,672), then in fp32; else fp32
@@ -120,12 +122,6 @@ struct Chunk {
     static constexpr int kElems = kIsI4<Q> ? 32 : 16;   // weights per 16 bytes
     static constexpr int kQuads = kElems / 4;     // float4 slots of staged fp32 x per chunk and row
 };
-
-// u8: the type of the row sums and of the epilogue. Their terms cancel (rx * 128.5 * sum a' + mx * sum a + sum a * my
-// is far smaller than each term where x is all positive, as relu(x)^2 is), so float32 activations keep them in double
-// (per 16-value chunk in float, across chunks, threads and the epilogue in double); half activations in float.
-template <typename F>
-using RowSum = std::conditional_t<std::is_same<F, float>::value, double, float>;
 
 // Whether a product takes the half2 form: fp16 activations.
 template <typename F>
@@ -287,7 +283,7 @@ __device__ __forceinline__ const float* chunk_unscales(const uint4* xs, int rows
 template <typename F, int R, int Q, bool NORM>
 __device__ __forceinline__ void stage_tile(const F* __restrict__ x, int K, int rows, int act, int t0, int len,
                                            int cap, uint4* xs, const GemvqArgs& a, const float* nmean,
-                                           const float* nrstd, RowSum<F> (&cs)[R][3]) {
+                                           const float* nrstd, float (&cs)[R][3]) {
     constexpr int CE = Chunk<Q>::kElems, QD = Chunk<Q>::kQuads, V = 16 / sizeof(F);
     const int nch = len / CE;
     const bool norm = NORM && is_norm(act);
@@ -391,15 +387,15 @@ __device__ __forceinline__ void stage_tile(const F* __restrict__ x, int K, int r
 
 // u8: the row sums over the block, cst[r] = (sum a', sum a * my, sum a) of row r from every thread's cs (all of
 // K: called once every tile is staged). Every thread of the block takes part (barriers).
-template <int R, typename S>
-__device__ __forceinline__ void reduce_row_sums(const S (&cs)[R][3], S (*cst)[3]) {
-    __shared__ S red[kWarps][R][3];
+template <int R>
+__device__ __forceinline__ void reduce_row_sums(const float (&cs)[R][3], float (*cst)[3]) {
+    __shared__ float red[kWarps][R][3];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
     for (int r = 0; r < R; ++r) {
 #pragma unroll
         for (int j = 0; j < 3; ++j) {
-            S v = cs[r][j];
+            float v = cs[r][j];
 #pragma unroll
             for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
             if (lane == 0) red[warp][r][j] = v;
@@ -408,7 +404,7 @@ __device__ __forceinline__ void reduce_row_sums(const S (&cs)[R][3], S (*cst)[3]
     __syncthreads();
     if (threadIdx.x < R * 3) {
         const int r = threadIdx.x / 3, j = threadIdx.x - 3 * r;
-        S v = 0;
+        float v = 0.f;
         for (int k = 0; k < kWarps; ++k) v += red[k][r][j];
         cst[r][j] = v;
     }
@@ -637,7 +633,7 @@ __device__ __forceinline__ void compute_step_f32(const Step<Q>& st, const float4
 // u8: y = rx[n] * (sum + 128.5 * sum a') + sum a * my + mx[n] * sum a (the row sums in cst).
 template <typename F, int R, int Q>
 __device__ __forceinline__ void write_item(const GemvqArgs& a, int first, int m, int lane, int rows,
-                                           float (&acc)[kOuts][R], const RowSum<F> (*cst)[3]) {
+                                           float (&acc)[kOuts][R], const float (*cst)[3]) {
     F* __restrict__ y = static_cast<F*>(a.y);
     const int n0 = (first + m * a.stride) * kOuts;
 #pragma unroll
@@ -659,8 +655,7 @@ __device__ __forceinline__ void write_item(const GemvqArgs& a, int first, int m,
 #pragma unroll
                 for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
                 if constexpr (kIsU8<Q>)
-                    v = (float)((RowSum<F>)sc * ((RowSum<F>)v + (RowSum<F>)128.5 * cst[r][0])
-                                + (RowSum<F>)mxn * cst[r][2] + cst[r][1]);
+                    v = fmaf(sc, fmaf(128.5f, cst[r][0], v), fmaf(mxn, cst[r][2], cst[r][1]));
                 else
                     v *= sc;
                 if (lane == 0 && n < a.N) y[(long)r * a.N + n] = from_f32<F>(v);
@@ -745,7 +740,7 @@ __device__ __forceinline__ void compute_step(const Step<Q>& st, const uint4* xs,
 template <typename F, int R, int Q>
 __device__ __forceinline__ void stream_step(Step<Q>& st, Loader<Q>& ld, const GemvqArgs& a, int& m, int& c,
                                             int first, int count, int lane, int rows, int nch, int spi,
-                                            const uint4* xs, float (&acc)[kOuts][R], const RowSum<F> (*cst)[3]) {
+                                            const uint4* xs, float (&acc)[kOuts][R], const float (*cst)[3]) {
     compute_step<F, R, Q>(st, xs, nch, nch, c, lane, rows, acc);
     loader_step<Q>(st, ld, a, first, count, lane, nch, spi);
     if (++c >= spi) {
@@ -782,10 +777,10 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) gemvq_kernel(GemvqBatc
 
     extern __shared__ uint4 xs[];
     __shared__ float nmean[R], nrstd[R];
-    __shared__ RowSum<F> cst[R][3];                        // u8: the rows' sums (reduce_row_sums)
-    RowSum<F> cs[R][3];
+    __shared__ float cst[R][3];                            // u8: the rows' sums (reduce_row_sums)
+    float cs[R][3];
 #pragma unroll
-    for (int r = 0; r < R; ++r) cs[r][0] = cs[r][1] = cs[r][2] = 0;
+    for (int r = 0; r < R; ++r) cs[r][0] = cs[r][1] = cs[r][2] = 0.f;
     const F* __restrict__ x = static_cast<const F*>(a.x);
     const int rows = R == 1 ? 1 : batch.rows;
     if constexpr (NORM)
@@ -799,7 +794,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) gemvq_kernel(GemvqBatc
     if (a.tiles == 1) {
         stage_tile<F, R, Q, NORM>(x, a.K, rows, a.act, 0, a.K, cap, xs, a, nmean, nrstd, cs);
         __syncthreads();
-        if constexpr (kIsU8<Q>) reduce_row_sums<R, RowSum<F>>(cs, cst);
+        if constexpr (kIsU8<Q>) reduce_row_sums<R>(cs, cst);
         const int total = count * spi;
         int m = 0, c = 0;
 #pragma unroll 1
@@ -826,7 +821,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) gemvq_kernel(GemvqBatc
             loader_step<Q>(s1, ld, a, first, count, lane, nch, spi);
         }
     }
-    if constexpr (kIsU8<Q>) reduce_row_sums<R, RowSum<F>>(cs, cst);   // every tile staged: the rows' sums are whole
+    if constexpr (kIsU8<Q>) reduce_row_sums<R>(cs, cst);   // every tile staged: the rows' sums are whole
     write_item<F, R, Q>(a, first, 0, lane, rows, acc, cst);
 }
 
@@ -840,6 +835,7 @@ template <int Q>
 int launch(int act, GemvqBatch b, cudaStream_t stream) {
     constexpr int CE = Chunk<Q>::kElems;
     if (b.n < 1 || b.n > kGemvqMaxEntries || b.rows < 1 || b.rows > kGemvqMaxRows) return kUnsupported;
+    if (kIsU8<Q> && act == static_cast<int>(ActType::F32)) return kUnsupported;   // float32: csrc/mm8's GEMV
     const bool half = act == static_cast<int>(ActType::F16);
     const int per_chunk = half ? CE * 2 + 4 : CE * 4;          // staged bytes per chunk and row (half2: + 2^-e)
     const int max_tile = (kSmemMax / b.rows / per_chunk) * CE;
@@ -881,12 +877,16 @@ int launch(int act, GemvqBatch b, cudaStream_t stream) {
     if (blocks == 0) return 0;
     cudaError_t err = cudaSuccess;
     RWKV_CHAT_DISPATCH_ACT(static_cast<ActType>(act), F, {
+      if constexpr (kIsU8<Q> && std::is_same<F, float>::value) {
+        err = cudaErrorNotSupported;     // not reached: refused above
+      } else {
         void (*kernel)(GemvqBatch) =
             norm ? (b.rows == 1 ? gemvq_kernel<F, 1, Q, kIsI4<Q>> : gemvq_kernel<F, kGemvqMaxRows, Q, kIsI4<Q>>)
                  : (b.rows == 1 ? gemvq_kernel<F, 1, Q, false> : gemvq_kernel<F, kGemvqMaxRows, Q, false>);
         if (smem > kSmemDefault)
             err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemMax);
         if (err == cudaSuccess) err = launch_pdl(kernel, (unsigned)blocks, kThreads, (size_t)smem, stream, b);
+      }
     });
     return (int)(err != cudaSuccess ? err : cudaGetLastError());
 }

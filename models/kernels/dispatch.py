@@ -226,10 +226,12 @@ def _i8_gemm_serves(x: torch.Tensor) -> bool:
 
 
 def gemvq_u8_ok(q: _quant.Int8Weight, x: torch.Tensor) -> bool:
-    """Whether the compiled uint8 GEMV (``csrc/gemvq``) reads this i8 weight with activations ``x``: held
-    output-major (the CUDA layout), K % 16 == 0, the matrix contiguous and 16-byte aligned, the four scale vectors
-    contiguous in x's dtype (the binding's own checks, so a weight it would refuse takes the mm8 path)."""
-    return (q.output_major and q.shape[0] % 16 == 0 and q.storage.is_contiguous() and q.storage.data_ptr() % 16 == 0
+    """Whether the compiled uint8 GEMV (``csrc/gemvq``) reads this i8 weight with activations ``x``: fp16 / bf16 x
+    (float32 takes ``csrc/mm8``'s GEMV: the uint8 form's row sums cancel beyond float32's tolerance where x is all
+    positive), held output-major (the CUDA layout), K % 16 == 0, the matrix contiguous and 16-byte aligned, the four
+    scale vectors contiguous in x's dtype (the binding's own checks, so a weight it would refuse takes the mm8
+    path)."""
+    return (x.dtype in (torch.float16, torch.bfloat16) and q.output_major and q.shape[0] % 16 == 0 and q.storage.is_contiguous() and q.storage.data_ptr() % 16 == 0
             and all(t.dtype == x.dtype and t.is_contiguous() for t in (q.mx, q.rx, q.my, q.ry)))
 
 
@@ -313,7 +315,7 @@ def gemvq_norm_sound(device: torch.device) -> bool:
 
 def gemvq_u8_sound(device: torch.device) -> bool:
     """Whether the compiled uint8 GEMV serves i8 weights on ``device``: on first use there it is run (one and three
-    rows, fp16 / bf16 / fp32, two products in one launch with x as is and relu(x)², x staged whole and in tiles) on
+    rows, fp16 and bf16, two products in one launch with x as is and relu(x)², x staged whole and in tiles) on
     small random weights and compared with ``i8.mm8_torch`` to half-precision rounding; a mismatch or an error
     keeps the mm8 GEMV for the process (``GEMVQ_U8_PROBES`` says why). Not probed inside a CUDA graph capture."""
     return _sound(GEMVQ_U8_PROBES, _probe_gemvq_u8, device)
@@ -430,7 +432,7 @@ def _probe_gemvq(device: torch.device) -> str | None:
 def _probe_gemvq_u8(device: torch.device) -> str | None:
     g = torch.Generator().manual_seed(3)
     w, wl = torch.randn(256, 72, generator=g) * 0.05 + 0.01, torch.randn(11264, 16, generator=g) * 0.01
-    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+    for dtype in (torch.float16, torch.bfloat16):
         q, ql = (_quant.quantize_i8(t, dtype, output_major=True).to(device, output_major=True) for t in (w, wl))
         for rows in (1, 3):
             x = torch.randn(rows, 256, generator=g).to(device, dtype)

@@ -110,3 +110,16 @@ def test_the_u8_probe_admits_only_a_kernel_that_agrees_with_torch(monkeypatch, c
         assert dev not in dispatch.GEMVQ_PROBES
     finally:
         dispatch.GEMVQ_U8_PROBES.clear()
+
+
+def test_the_u8_gemv_reads_half_activations_only():
+    """float32 i8 products stay on csrc/mm8's GEMV (the uint8 form's row sums cancel beyond float32's tolerance where
+    x is all positive); fp16 / bf16 ones are the uint8 GEMV's where the weight's layout and scales fit."""
+    w = torch.randn(64, 24) * 0.1
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        q = i8.quantize_i8(w, dtype, output_major=True)
+        assert dispatch.gemvq_u8_ok(q, torch.zeros(1, 64, dtype=dtype)) is (dtype != torch.float32)
+    q = i8.quantize_i8(w, torch.float16, output_major=False)
+    assert not dispatch.gemvq_u8_ok(q, torch.zeros(1, 64, dtype=torch.float16))      # input-major: the CPU layout
+    q = i8.quantize_i8(w, torch.float16, output_major=True)
+    assert not dispatch.gemvq_u8_ok(q, torch.zeros(1, 64, dtype=torch.bfloat16))     # scales in another dtype
