@@ -240,6 +240,7 @@ void gemvq_u8_multi_cuda(at::TensorList xs, at::TensorList ws, at::TensorList mx
     keep.reserve(3 * n);
     std::vector<GemvqEntry> entries;
     for (size_t i = 0; i < n; ++i) {
+        check_same_device(op, {xs[0], xs[i]});
         entries.push_back(u8_entry(op, xs[i], ws[i], mxs[i], rxs[i], mys[i], rys[i], ys[i], rows,
                                    xs[0].scalar_type(), keep));
         entries.back().act = entry_act(op, acts, i);

@@ -58,7 +58,7 @@
 // the RWKV channel-mix value's input, so its product needs no separate launch.
 // Instructions per weight in the streaming loop at one row (sm_90 SASS, nvcc 13.0, bookkeeping and loads
 // included): int4 half2 ~3.0 (the per-step design before this one: ~6.7), fp8 half2 ~2.0 (fp32: ~4.1).
-// Registers (ptxas -v, sm_90): int4 120-128, fp8 86-102; no spills, except the norm-serving 2..4-row
+// Registers (ptxas -v, sm_90): int4 120-128, fp8 86-102, uint8 110-123; no spills, except the norm-serving 2..4-row
 // instantiations (a few dozen bytes, in the prologue); 2 blocks per multiprocessor.
 #include <cuda_fp8.h>
 

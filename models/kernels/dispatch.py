@@ -189,12 +189,14 @@ def mm8(x: torch.Tensor, q: _quant.Int8Weight, *, out=None) -> torch.Tensor:
             (``i8_gemm_sound``).
             Scales are cast to x.dtype if they differ.
         out: optional contiguous [..., M] tensor of x.dtype to write.
-    Returns: [..., M] in x.dtype (fp32 accumulation in the compiled paths).
+    Returns: [..., M] in x.dtype (fp32 accumulation in the compiled paths, except the uint8 GEMV with fp16 x: each
+    chunk of 16 products summed in half precision first, x scaled by a power of two, then fp32; within half
+    rounding of the reference's fp16 product, not bit-equal to it).
     Raises: DeviceError, UnsupportedDtypeError, ShapeMismatchError.
     """
     check_mm8(x, q, out)
     dev = x.device.type
-    if _gemvq_u8_serves(x) and gemvq_u8_ok(q, x):
+    if gemvq_u8_ok(q, x) and _gemvq_u8_serves(x):
         N, M = q.shape
         y = _gemvq_u8([x.reshape(-1, N)], [q], [0])[0].reshape(*x.shape[:-1], M)
         return y if out is None else out.copy_(y)
@@ -340,15 +342,16 @@ def _sound(table: dict, probe, device) -> bool:
 def probe_weight_kernels(model) -> None:
     """Probe, at load (outside any CUDA graph capture), on every CUDA device of ``model``: the compiled int4 / fp8
     GEMVs (``gemvq_sound``) where a stage is i4 or f8; where a stage is i8, the compiled uint8 GEMV
-    (``gemvq_u8_sound``) and the Triton i8 kernel of batches (``i8_gemm_sound``). The outcomes go into
+    (``gemvq_u8_sound``; fp16 / bf16 stages) and the Triton i8 kernel of batches (``i8_gemm_sound``). The outcomes go into
     ``model.kernels["cuda"]`` ("gemvq probe", "gemvq u8 probe", "i8 gemm probe": "ok" or why the other paths
     serve)."""
     quants = {s.quant for s in model.plan.stages}
+    half_i8 = any(s.quant == "i8" and s.dtype in (torch.float16, torch.bfloat16) for s in model.plan.stages)
     for dev in {d for d in model.devices if d.type == "cuda"}:
         if quants & {"i4", "f8"} and available("cuda", "gemvq"):
             why = None if gemvq_sound(dev) else GEMVQ_PROBES.get(_probe_key(dev), "not probed")
             model.kernels.setdefault("cuda", {})["gemvq probe"] = why or "ok"
-        if "i8" in quants and available("cuda", "gemvq"):
+        if half_i8 and available("cuda", "gemvq"):      # the uint8 GEMV serves fp16 / bf16 activations
             why = None if gemvq_u8_sound(dev) else GEMVQ_U8_PROBES.get(_probe_key(dev), "not probed")
             model.kernels.setdefault("cuda", {})["gemvq u8 probe"] = why or "ok"
         if "i8" in quants and _triton_ok():
@@ -589,8 +592,8 @@ def gemvq_group(xs: list[torch.Tensor], qs: list, acts: list[int] | None = None)
         for x, q in zip(xs, qs):
             check_mm8(x, q, None)
         x0 = xs[0]
-        if not (_gemvq_u8_serves(x0) and all(x.dim() == 2 and x.shape[0] == x0.shape[0] and x.dtype == x0.dtype
-                                             and gemvq_u8_ok(q, x) for x, q in zip(xs, qs))):
+        if not (all(x.dim() == 2 and x.shape[0] == x0.shape[0] and x.dtype == x0.dtype and x.device == x0.device
+                    and gemvq_u8_ok(q, x) for x, q in zip(xs, qs)) and _gemvq_u8_serves(x0)):
             return None
         return _gemvq_u8(list(xs), list(qs), acts)
     for x, q in zip(xs, qs):
