@@ -123,3 +123,22 @@ def test_the_u8_gemv_reads_half_activations_only():
     assert not dispatch.gemvq_u8_ok(q, torch.zeros(1, 64, dtype=torch.float16))      # input-major: the CPU layout
     q = i8.quantize_i8(w, torch.float16, output_major=True)
     assert not dispatch.gemvq_u8_ok(q, torch.zeros(1, 64, dtype=torch.bfloat16))     # scales in another dtype
+
+
+@pytest.mark.parametrize("dtype, probed", [(torch.float16, True), (torch.bfloat16, True), (torch.float32, False)])
+def test_the_load_probes_the_u8_gemv_for_half_i8_stages_only(monkeypatch, dtype, probed):
+    """``probe_weight_kernels`` runs the uint8 GEMV's probe where a CUDA stage is fp16 / bf16 i8 (float32 i8 stays on
+    the mm8 GEMV, so nothing is probed or reported for it)."""
+    from types import SimpleNamespace
+
+    from rwkv_chat.models.strategy import Stage
+
+    asked = []
+    monkeypatch.setattr(dispatch, "available", lambda dev, family: True)
+    monkeypatch.setattr(dispatch, "_triton_ok", lambda: False)
+    monkeypatch.setattr(dispatch, "gemvq_u8_sound", lambda dev: asked.append(dev) or True)
+    model = SimpleNamespace(plan=SimpleNamespace(stages=[Stage("cuda", dtype, "i8")]),
+                            devices=[torch.device("cuda", 0)], kernels={})
+    dispatch.probe_weight_kernels(model)
+    assert (asked == [torch.device("cuda", 0)]) is probed
+    assert (model.kernels.get("cuda", {}).get("gemvq u8 probe") == "ok") is probed
