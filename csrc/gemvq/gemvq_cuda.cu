@@ -516,8 +516,9 @@ __device__ __forceinline__ void compute_step_half_bytes(const Step<Q>& st, const
                         w[o][2 * j] = __hsub2(as_half2(__byte_perm(v, 0x64646464u, 0x4140u)), bias);
                         w[o][2 * j + 1] = __hsub2(as_half2(__byte_perm(v, 0x64646464u, 0x4342u)), bias);
                     } else {
-                        w[o][2 * j] = __half2(__nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(v & 0xFFFFu), __NV_E4M3));
-                        w[o][2 * j + 1] = __half2(__nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(v >> 16), __NV_E4M3));
+                        const auto lo = (__nv_fp8x2_storage_t)(v & 0xFFFFu), hi = (__nv_fp8x2_storage_t)(v >> 16);
+                        w[o][2 * j] = __half2(__nv_cvt_fp8x2_to_halfraw2(lo, __NV_E4M3));
+                        w[o][2 * j + 1] = __half2(__nv_cvt_fp8x2_to_halfraw2(hi, __NV_E4M3));
                     }
                 }
             hfma_rows<R>(w, xs, 2, h, cap, L, rows, part);

@@ -233,7 +233,8 @@ def gemvq_u8_ok(q: _quant.Int8Weight, x: torch.Tensor) -> bool:
     positive), held output-major (the CUDA layout), K % 16 == 0, the matrix contiguous and 16-byte aligned, the four
     scale vectors contiguous in x's dtype (the binding's own checks, so a weight it would refuse takes the mm8
     path)."""
-    return (x.dtype in (torch.float16, torch.bfloat16) and q.output_major and q.shape[0] % 16 == 0 and q.storage.is_contiguous() and q.storage.data_ptr() % 16 == 0
+    return (x.dtype in (torch.float16, torch.bfloat16) and q.output_major and q.shape[0] % 16 == 0
+            and q.storage.is_contiguous() and q.storage.data_ptr() % 16 == 0
             and all(t.dtype == x.dtype and t.is_contiguous() for t in (q.mx, q.rx, q.my, q.ry)))
 
 
@@ -342,8 +343,8 @@ def _sound(table: dict, probe, device) -> bool:
 def probe_weight_kernels(model) -> None:
     """Probe, at load (outside any CUDA graph capture), on every CUDA device of ``model``: the compiled int4 / fp8
     GEMVs (``gemvq_sound``) where a stage is i4 or f8; where a stage is i8, the compiled uint8 GEMV
-    (``gemvq_u8_sound``; fp16 / bf16 stages) and the Triton i8 kernel of batches (``i8_gemm_sound``). The outcomes go into
-    ``model.kernels["cuda"]`` ("gemvq probe", "gemvq u8 probe", "i8 gemm probe": "ok" or why the other paths
+    (``gemvq_u8_sound``; fp16 / bf16 stages) and the Triton i8 kernel of batches (``i8_gemm_sound``). The outcomes go
+    into ``model.kernels["cuda"]`` ("gemvq probe", "gemvq u8 probe", "i8 gemm probe": "ok" or why the other paths
     serve)."""
     quants = {s.quant for s in model.plan.stages}
     half_i8 = any(s.quant == "i8" and s.dtype in (torch.float16, torch.bfloat16) for s in model.plan.stages)
