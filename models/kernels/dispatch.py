@@ -10,7 +10,6 @@ through its backend's ops (``rwkv_chat.models.backends.eager``) when loaded with
 
 from __future__ import annotations
 
-
 import torch
 
 from rwkv_chat.models.errors import DeviceError, ShapeMismatchError, UnsupportedDtypeError
@@ -137,10 +136,6 @@ def _probe_wkv7_tc(device: torch.device, dtype: torch.dtype) -> str | None:
     return None
 
 
-def _multiprocessors(device: torch.device) -> int:
-    return _triton.multiprocessors(device)
-
-
 def wkv7(r, w, k, v, a, b, s, *, out=None, chunk: int | None = None, tensor_cores: bool = False):
     """RWKV-7 WKV; same contract as ``wkv.wkv7_torch``: r, k, v, a, b [B, T, H, N] fp32/fp16/bf16 (one
     dtype), w float32 [B, T, H, N] decay factors in RWKV-7's range (``exp(-e^{-1/2}·sigmoid(·))``, so in
@@ -163,7 +158,7 @@ def wkv7(r, w, k, v, a, b, s, *, out=None, chunk: int | None = None, tensor_core
     o = out or (torch.empty(r.shape, dtype=torch.float32, device=r.device), torch.empty_like(s))
     B, T, H, N = r.shape
     if chunk is None:
-        chunk = wkv7_chunk_choice(B, T, H, _multiprocessors(r.device)) if dev == "cuda" else 0
+        chunk = wkv7_chunk_choice(B, T, H, _triton.multiprocessors(r.device)) if dev == "cuda" else 0
     if chunk in (16, 32) and dev == "cuda" and N == 64:
         if tensor_cores and wkv7_tc_sound(r.device, r.dtype):
             return _wkv7c.wkv7_chunk(r, w, k, v, a, b, s, out=o, chunk=chunk)
@@ -182,8 +177,8 @@ def mm8(x: torch.Tensor, q: _quant.Int8Weight, *, out=None) -> torch.Tensor:
         q: Int8Weight (logical [N, M]). The compiled ops read the layout of their device: output-major on
             CUDA (GEMV for <= 4 rows: the uint8 GEMV of ``csrc/gemvq`` where ``gemvq_u8_sound`` and it reads the
             weight (``gemvq_u8_ok``), else ``csrc/mm8``'s; more rows: dequantize + cuBLAS), input-major on the
-            CPU; a weight in the
-            other layout is served by the torch path (``i8.mm8_torch``), correct but slower. On CUDA, 5 to
+            CPU; a weight in the other layout is served by the torch path (``i8.mm8_torch``), correct but slower.
+            On CUDA, 5 to
             ``ops.gemv.I8_ROWS`` rows of fp16 / bf16 (decode batches) go to the Triton kernel reading the uint8
             weights as they are (``ops.gemv.i8_gemm``, either layout) where it is probed sound
             (``i8_gemm_sound``).
