@@ -194,6 +194,23 @@ PRENORM_SHAPES = [(m, name, rows, k, n, norm, bias, sw) for rows in (1, 4)
                   for name, k, n, norm, bias, sw in shapes]
 
 
+def load_compiled() -> str:
+    """Build / load the compiled kernels (``models.kernels``) so that the ops may take them: "loaded" or why not."""
+    from rwkv_chat.models import kernels
+    try:
+        kernels.ensure_built("cuda")
+    except Exception as e:  # the Triton forms still serve; the header says why
+        return f"not loaded ({type(e).__name__}: {str(e)[:80]})"
+    return "loaded" if kernels.available("cuda", "v7fused") else "not loaded"
+
+
+def served_by(m: int, h: int, i: int) -> str:
+    """" (compiled)" where fused_gated_mlp of these rows chose the compiled grouped GEMV, else ""."""
+    from rwkv_chat.models.ops import gated_mlp
+    key = (torch.device("cuda", torch.cuda.current_device()), DT, gated_mlp.m_bucket(m), i, h)
+    return " (compiled)" if gated_mlp._COMPILED_FASTER.get(key) else ""
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
@@ -214,12 +231,15 @@ def main() -> int:
         if args.out:
             Path(args.out).write_text(text + "\n")
         return 0
+    compiled = load_compiled()
     gemms = [s for s in GEMM_SHAPES if s[1] == 1536] if args.quick else list(GEMM_SHAPES)
     norms = NORM_SHAPES[:1] if args.quick else NORM_SHAPES
     bw, bw_label = peak_copy_bw()
     peak = matmul_peak([(m, h, 2 * i) for m, h, i in gemms if m >= 4096])
     md = [*provenance(), "", f"Copy bandwidth {bw:.0f} GB/s ({bw_label}); bf16 matmul peak {peak:.0f} TFLOP/s. "
-          "Times in us per call (CUDA graph); a peer's cell: its time (our speed-up over it).", "",
+          "Times in us per call (CUDA graph); a peer's cell: its time (our speed-up over it). Compiled kernels: "
+          f"{compiled} (SwiGLU of 1..4 rows takes the compiled grouped GEMV where the op measured it faster: "
+          "\"compiled\" after the shape).", "",
           "| op | shape (bf16) | ours us | ours | % of ceiling | eager us | compile us | cuBLAS+silu_mul us | mark |",
           "|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(md), flush=True)
@@ -282,8 +302,8 @@ def main() -> int:
             line, good = row("fused_gated_mlp", f"M={m} H={h} I={i}", ours, [eager, comp, cublas], 4 * m * h * i,
                              "TFLOP/s", peak, 60)
         else:
-            line, good = row("fused_gated_mlp", f"M={m} H={h} I={i}", ours, [eager, comp, cublas], nbytes, "GB/s", bw,
-                             75 if m == 1 else None)
+            line, good = row("fused_gated_mlp", f"M={m} H={h} I={i}{served_by(m, h, i)}", ours, [eager, comp, cublas],
+                             nbytes, "GB/s", bw, 75 if m == 1 else None)
         md.append(line)
         ok &= good
         print(line, flush=True)

@@ -64,7 +64,8 @@ void v7_mix_cuda(const at::Tensor& x, const OptT& dx, const OptT& x_out, const a
 }
 
 void gemv_multi_cuda(at::TensorList xs, at::TensorList ws, at::TensorList ys, at::IntArrayRef acts,
-                     const c10::List<std::optional<at::Tensor>>& biases, at::IntArrayRef glus, const OptT& norm_residual,
+                     const c10::List<std::optional<at::Tensor>>& biases, at::IntArrayRef glus,
+                     const c10::List<std::optional<at::Tensor>>& ups, const OptT& norm_residual,
                      const OptT& norm_weight, const OptT& h_out, double eps, const OptT& norm_bias, const OptT& shift,
                      const OptT& xn_out, const c10::List<std::optional<at::Tensor>>& mixes, const OptT& copy_src,
                      const OptT& copy_dst) {
@@ -72,8 +73,8 @@ void gemv_multi_cuda(at::TensorList xs, at::TensorList ws, at::TensorList ys, at
     const size_t n = xs.size();
     TORCH_CHECK(n >= 1 && n <= (size_t)kGemvMaxEntries && ws.size() == n && ys.size() == n && acts.size() == n, op,
                 ": 1..", kGemvMaxEntries, " products with one x, w, y and act each");
-    TORCH_CHECK((biases.size() == 0 || biases.size() == n) && (glus.size() == 0 || glus.size() == n), op,
-                ": biases and glu: empty or one per product");
+    TORCH_CHECK((biases.size() == 0 || biases.size() == n) && (glus.size() == 0 || glus.size() == n) &&
+                    (ups.size() == 0 || ups.size() == n), op, ": biases, glu and ups: empty or one per product");
     const auto F = xs[0].scalar_type();
     const int act = act_code(xs[0], op);
     const auto YF = ys[0].scalar_type();
@@ -90,9 +91,16 @@ void gemv_multi_cuda(at::TensorList xs, at::TensorList ws, at::TensorList ys, at
         TORCH_CHECK(x.scalar_type() == F && w.scalar_type() == F && y.scalar_type() == YF, op, ": dtypes differ");
         TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && y.dim() == 2, op, ": x [rows, N], w [M, N], y [rows, M]");
         TORCH_CHECK(w.is_contiguous(), op, ": w must be contiguous [M, N]");
-        const bool glu = glus.size() > 0 && glus[i] != 0;
-        const int64_t M = glu ? w.size(0) / 2 : w.size(0);
-        TORCH_CHECK(!glu || w.size(0) % 2 == 0, op, ": a glu weight is [2M, N] (gate rows, then up rows)");
+        const int64_t glu = glus.size() > 0 ? glus[i] : 0;
+        TORCH_CHECK(glu >= 0 && glu <= 2, op, ": glu must be 0 (none), 1 (rounded as the reference) or 2 (float32)");
+        const std::optional<at::Tensor> up = ups.size() > 0 ? ups[i] : std::optional<at::Tensor>();
+        TORCH_CHECK(!up.has_value() || glu, op, ": an up matrix belongs to a glu product");
+        const int64_t M = glu && !up.has_value() ? w.size(0) / 2 : w.size(0);
+        TORCH_CHECK(!glu || up.has_value() || w.size(0) % 2 == 0, op,
+                    ": a glu weight is [2M, N] (gate rows, then up rows) without its own up matrix");
+        TORCH_CHECK(!up.has_value() || (up->is_cuda() && up->device() == x.device() && up->scalar_type() == F &&
+                                        up->is_contiguous() && up->sizes() == w.sizes()),
+                    op, ": the up matrix must be a contiguous ", F, " tensor of w's shape on x's device");
         TORCH_CHECK(x.size(0) == batch.rows && y.size(0) == batch.rows && x.size(1) == w.size(1) && y.size(1) == M,
                     op, ": shapes ", x.sizes(), " ", w.sizes(), " ", y.sizes());
         TORCH_CHECK(x.stride(1) == 1 && y.stride(1) == 1, op, ": x and y rows must be contiguous");
@@ -109,7 +117,8 @@ void gemv_multi_cuda(at::TensorList xs, at::TensorList ws, at::TensorList ys, at
             }
         }
         GemvEntry& E = batch.e[i];
-        E.x = x.data_ptr(); E.w = w.data_ptr(); E.y = y.data_ptr(); E.bias = bias; E.glu = glu ? 1 : 0;
+        E.x = x.data_ptr(); E.w = w.data_ptr(); E.y = y.data_ptr(); E.bias = bias; E.glu = (int)glu;
+        E.w_up = up.has_value() ? up->data_ptr() : nullptr;
         E.x_stride = (long)x.stride(0); E.y_stride = (long)y.stride(0);
         E.N = (int)w.size(1); E.M = (int)M; E.act = (int)(acts[i] % 4); E.out_act = (int)(acts[i] / 4);
     }
@@ -277,7 +286,7 @@ TORCH_LIBRARY_FRAGMENT(rwkv_chat, m) {
           "Tensor(b!)? shift_out, Tensor mix, Tensor(c!) out, int T) -> ()",
           &rwkv_chat::v7_mix_cuda);
     m.def("gemv_multi_cuda(Tensor[] xs, Tensor[] ws, Tensor(a!)[] ys, int[] acts, Tensor?[] biases, int[] glu, "
-          "Tensor? norm_residual, Tensor? norm_weight, Tensor(b!)? h_out, float eps, Tensor? norm_bias, Tensor? shift, "
+          "Tensor?[] ups, Tensor? norm_residual, Tensor? norm_weight, Tensor(b!)? h_out, float eps, Tensor? norm_bias, Tensor? shift, "
           "Tensor(c!)? xn_out, Tensor?[] mixes, Tensor? copy_src, Tensor(d!)? copy_dst) -> ()",
           &rwkv_chat::gemv_multi_cuda);
     m.def("ffn_rows_cuda(Tensor h, Tensor w, Tensor(a!) y, Tensor(b!) counters, bool skip_zeros, "

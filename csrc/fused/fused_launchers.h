@@ -19,14 +19,17 @@ constexpr int kGemvMaxRows = 4;
 // act: 0 none, 1 tanh, 2 sigmoid, 3 relu^2, applied to x; out_act: the same codes applied to each result
 // after it is rounded to y's dtype (relu^2 there gives the reference's relu(k) ** 2 of the ffn key,
 // rounded as it rounds, so the next product needs no activation on load). bias (nullable, [M] in the activation
-// dtype) is added to each sum before it is rounded (nn.Linear's bias, as a GEMM epilogue adds it). glu: W is [2M, N],
-// the gate rows then the up rows, and y = silu(x @ gate^T) * (x @ up^T) with each product rounded to the activation
-// dtype first and silu rounded too (SwiGLU as transformers' Qwen2MLP computes it in that dtype; no bias, no out_act).
+// dtype) is added to each sum before it is rounded (nn.Linear's bias, as a GEMM epilogue adds it). glu (SwiGLU,
+// y = silu(x @ gate^T) * (x @ up^T); no bias, no out_act): W holds the gate rows [M, N] and the up rows are w_up
+// [M, N] (nullable: W is [2M, N], the gate rows then the up rows). glu 1 rounds each product and the silu to the
+// activation dtype first (as transformers' Qwen2MLP computes it in that dtype); glu 2 keeps both products and the
+// silu in float32 and rounds once (ops.fused_gated_mlp's contract).
 // lpr_log2 (lanes per output), ks_log2 (warps sharing one output's dot product, split over N) and block_begin are set
 // by the launcher.
 struct GemvEntry {
     const void* x;
     const void* w;
+    const void* w_up;  // glu entries: the up rows [M, N] (nullable: they follow the gate rows in w)
     const void* bias;
     const void* mix;   // GemvNorm kind 2: this product's token-shift lerp vector [C] (nullable)
     void* y;

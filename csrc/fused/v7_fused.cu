@@ -13,8 +13,9 @@
 //                long rows with few outputs split over up to 4 warps (partials through shared memory).
 //                act: 0 none, 1 tanh, 2 sigmoid, 3 relu^2 (applied to x as it is loaded; the same codes
 //                on the results as they are written, for the ffn key's relu^2). SwiGLU entries (glu) read
-//                a gate row and an up row per output; a batch may carry an RMSNorm (GemvNorm) that each
-//                block applies to x + residual in shared memory first (Qwen2's decode products).
+//                a gate row and an up row per output (the up rows after the gate rows, or their own matrix);
+//                a batch may carry an RMSNorm (GemvNorm) that each block applies to x + residual in shared
+//                memory first (Qwen2's decode products).
 //   v7_pre       per (token, head): decay w = exp(-e^-1/2 sigmoid(w0 + wl)), in-context rate
 //                a = sigmoid(a0 + al), kk = normalize(k * k_k), k' = k (1 + (a - 1) k_a),
 //                v' = v + (v_first - v) sigmoid(v0 + vl); writes the WKV inputs (w, k', v', -kk, kk a).
@@ -485,7 +486,9 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_multi_kernel(GemvBatch batc
     const bool glu = GLU && E.glu != 0;
     const int N = E.N, rows = batch.rows, act = E.act;
     const F* __restrict__ w = static_cast<const F*>(E.w) + (long)(active ? m : 0) * N;
-    const F* __restrict__ w2 = w + (glu ? (long)E.M * N : 0);   // the up row (GLU entries)
+    const F* __restrict__ w2 = !glu ? w                            // the up row (GLU entries)
+                               : E.w_up ? static_cast<const F*>(E.w_up) + (long)(active ? m : 0) * N
+                                        : w + (long)E.M * N;
     const F* __restrict__ x = NORM ? reinterpret_cast<const F*>(gemv_smem) : static_cast<const F*>(E.x);
     const long x_stride = NORM ? (long)batch.norm.C : E.x_stride;
     float acc[R], acc2[GLU ? R : 1];
@@ -622,7 +625,9 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_multi_kernel(GemvBatch batc
                 const long o = (long)r * E.y_stride + m;
                 float v = acc[r] + bias;
                 if constexpr (GLU) {
-                    if (glu) {                         // silu(gate) * up, each rounded as the reference rounds it
+                    if (glu && E.glu == 2) {           // silu(gate) * up in float32, rounded once below
+                        v = v * sigmoidf_(v) * acc2[r];
+                    } else if (glu) {                  // silu(gate) * up, each rounded as the reference rounds it
                         const float gate = round_act<F>(v);
                         v = round_act<F>(gate * sigmoidf_(gate)) * round_act<F>(acc2[r]);
                     }
@@ -865,8 +870,9 @@ int gemv_multi_launch(int act, GemvBatch batch, cudaStream_t stream) {
         // (with the norm, x comes from shared memory with row stride C: its own pointer and stride do not matter)
         vec = vec && E.N % epv == 0 && reinterpret_cast<uintptr_t>(E.w) % 16 == 0 &&
               (batch.norm.x != nullptr || (E.x_stride % epv == 0 && reinterpret_cast<uintptr_t>(E.x) % 16 == 0)) &&
-              (E.glu == 0 || reinterpret_cast<uintptr_t>(static_cast<const char*>(E.w) + (long)E.M * E.N * esize) %
-                                 16 == 0);
+              (E.glu == 0 ||
+               reinterpret_cast<uintptr_t>(E.w_up ? E.w_up : static_cast<const char*>(E.w) + (long)E.M * E.N * esize) %
+                       16 == 0);
     }
     const GemvNorm& nm = batch.norm;
     const bool norm = nm.x != nullptr;

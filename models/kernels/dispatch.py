@@ -684,9 +684,32 @@ def gemv_group(xs: list[torch.Tensor], ws: list[torch.Tensor], acts: list[int] |
         return None                     # (a launch of empty products runs no thread: nothing would copy)
     ys, acts, biases, glu = plan
     src, dst = copy if copy is not None else (None, None)
-    _op("cuda", "gemv_multi")(list(xs), list(ws), ys, acts, biases, glu, None, None, None, 0.0, None, None, None, [],
-                              src, dst)
+    _op("cuda", "gemv_multi")(list(xs), list(ws), ys, acts, biases, glu, [], None, None, None, 0.0, None, None, None,
+                              [], src, dst)
     return ys
+
+
+def gated_gemv(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
+    """SwiGLU of 1..4 rows in one launch of the compiled grouped GEMV: ``silu(x @ gate.t()) * (x @ up.t())``, both
+    products and the silu in float32, rounded once to x's dtype (``ops.fused_gated_mlp``'s contract; Shazeer 2020).
+
+    Args:
+        x: [rows, H], rows 1..4, float16 / bfloat16 / float32 on a CUDA device, inner stride 1.
+        gate, up: [I, H] each (nn.Linear's layout), contiguous, x's dtype and device.
+    Returns:
+        [rows, I] in x's dtype, or None where the compiled op is not loaded or does not take the inputs (the caller
+        multiplies another way).
+    """
+    if not (isinstance(up, torch.Tensor) and isinstance(gate, torch.Tensor) and up.shape == gate.shape
+            and up.dtype == gate.dtype and up.device == gate.device and up.is_contiguous()):
+        return None
+    plan = _gemv_plan([x], [gate], None, None, None, None)      # (as a plain product: y is [rows, I])
+    if plan is None:
+        return None
+    ys = plan[0]
+    _op("cuda", "gemv_multi")([x], [gate], ys, [0], [None], [2], [up], None, None, None, 0.0, None, None, None, [],
+                              None, None)
+    return ys[0]
 
 
 def _copy_ok(copy, x: torch.Tensor) -> bool:
@@ -730,8 +753,8 @@ def _norm_launch(x, residual, weight, eps, ws, acts, biases, glu, ln_bias=None, 
     ys, acts, biases, glu = plan
     h = torch.empty_like(x) if residual is not None else None
     xl = torch.empty_like(x) if ln_bias is not None else None
-    _op("cuda", "gemv_multi")([x] * len(ws), list(ws), ys, acts, biases, glu, residual, weight, h, float(eps), ln_bias,
-                              shift, xl, list(mixes or []), None, None)
+    _op("cuda", "gemv_multi")([x] * len(ws), list(ws), ys, acts, biases, glu, [], residual, weight, h, float(eps),
+                              ln_bias, shift, xl, list(mixes or []), None, None)
     return ys, (x if h is None else h), xl
 
 

@@ -14,6 +14,9 @@ exactly those rows (the half weights widened to fp32 in registers and summed alo
 larger M takes 64..128-wide tiles. Each tile config is
 autotuned at the first call for a (bucket of M: ``m_bucket``, I, H), the choice kept in Triton's cache dir
 where the installed Triton supports it: warm an op up (each bucket) before capturing it in a CUDA graph.
+SwiGLU of 1..4 rows may instead take the compiled grouped GEMV of ``csrc/fused`` (``kernels.dispatch.gated_gemv``:
+the same float32 sums and one rounding) where the compiled kernels are loaded in the process: the first call of a
+(device, dtype, M bucket, I, H) times both and keeps the faster for the process.
 
 ``silu_mul`` is the epilogue alone, for a model that computes ``x @ [gate; up]^T`` with one cuBLAS GEMM.
 ``FusedGatedMLP`` is the whole MLP (``gate_proj``, ``up_proj``, ``down_proj`` as in Hugging Face; the down
@@ -40,6 +43,10 @@ _KERNELS = "rwkv_chat.models.ops._gated_mlp_kernels"
 ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
 #: rows up to which the GEMV-like configs serve
 SMALL_M = 16
+#: rows up to which SwiGLU may take the compiled grouped GEMV (``kernels.dispatch.GEMV_ROWS_MAX``)
+COMPILED_ROWS = 4
+#: (device, dtype, M bucket, I, H) -> whether the compiled SwiGLU GEMV was measured faster than the Triton kernel
+_COMPILED_FASTER: dict[tuple, bool] = {}
 
 
 def m_bucket(m: int) -> int:
@@ -86,19 +93,64 @@ def fused_gated_mlp(x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch
     if wu.stride(0) != wg.stride(0):
         wg, wu = wg.contiguous(), wu.contiguous()
     m = a.shape[0]
-    out = torch.empty((m, inter), dtype=x.dtype, device=x.device)
-    if m and inter:
-        launcher = kern.gated_mlp_small if m <= SMALL_M else kern.gated_mlp
-
-        def grid(meta):
-            return (_cdiv(m, meta["BLOCK_M"]) * _cdiv(inter, meta["BLOCK_N"]),)
-
-        launcher[grid](a, wg, wu, out, m, inter, hidden, m_bucket(m),
-                       a.stride(0), wg.stride(0), out.stride(0), ACT=code)
+    out = _compiled_gemv(kern, a, wg, wu) if 0 < m <= COMPILED_ROWS and inter and code == 0 else None
+    if out is None:
+        out = torch.empty((m, inter), dtype=x.dtype, device=x.device)
+        if m and inter:
+            _launch(kern, a, wg, wu, out, code)
     out = out.view(*x.shape[:-1], inter)
     if check_finite:
         _checks.check_finite(out, "output", str(x.dtype))
     return out
+
+
+def _launch(kern, a, wg, wu, out, code: int) -> None:
+    """The Triton kernel: out [M, I] = act(a @ wg^T) * (a @ wu^T) on checked, inner-contiguous inputs."""
+    m, inter, hidden = a.shape[0], wg.shape[0], wg.shape[1]
+    launcher = kern.gated_mlp_small if m <= SMALL_M else kern.gated_mlp
+
+    def grid(meta):
+        return (_cdiv(m, meta["BLOCK_M"]) * _cdiv(inter, meta["BLOCK_N"]),)
+
+    launcher[grid](a, wg, wu, out, m, inter, hidden, m_bucket(m), a.stride(0), wg.stride(0), out.stride(0), ACT=code)
+
+
+def _compiled_gemv(kern, a, wg, wu) -> torch.Tensor | None:
+    """SwiGLU of 1..4 rows through the compiled grouped GEMV (``kernels.dispatch.gated_gemv``) where it is loaded,
+    takes the inputs and was measured faster than the Triton kernel for this (device, dtype, M bucket, I, H): the
+    first call of a key times both (``_compiled_faster``; during a CUDA graph capture, with no decision yet, the
+    compiled one serves). None: the Triton kernel serves."""
+    from rwkv_chat.models.kernels import dispatch      # (dispatch imports the ops package: imported at first use)
+    key = (a.device, a.dtype, m_bucket(a.shape[0]), wg.shape[0], wg.shape[1])
+    faster = _COMPILED_FASTER.get(key)
+    if faster is False:
+        return None
+    y = dispatch.gated_gemv(a, wg, wu)
+    if y is None or faster or torch.cuda.is_current_stream_capturing():
+        return y
+    _COMPILED_FASTER[key] = faster = _compiled_faster(kern, a, wg, wu, y)
+    return y if faster else None
+
+
+def _compiled_faster(kern, a, wg, wu, y, reps: int = 10, rounds: int = 3) -> bool:
+    """Whether the compiled GEMV's best time over ``rounds`` of ``reps`` back-to-back calls is at most the Triton
+    kernel's (its autotuning done first). CUDA events on the current stream; synchronizes the device."""
+    from rwkv_chat.models.kernels import dispatch
+    out = torch.empty_like(y)
+    runs = {"compiled": lambda: dispatch.gated_gemv(a, wg, wu), "triton": lambda: _launch(kern, a, wg, wu, out, 0)}
+    for run in runs.values():
+        run()
+    best = dict.fromkeys(runs, float("inf"))
+    for _ in range(rounds):
+        for name, run in runs.items():
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(reps):
+                run()
+            stop.record()
+            stop.synchronize()
+            best[name] = min(best[name], start.elapsed_time(stop))
+    return best["compiled"] <= best["triton"]
 
 
 def silu_mul(gate_up: torch.Tensor, activation: str = "silu", check_finite: bool = False) -> torch.Tensor:

@@ -7,8 +7,8 @@ bfloat16 (the GEMM in the half dtypes only). The reference (``tests/models/ops/r
 the error is the largest |ours - reference| / (atol + rtol |reference|) over the output (<= 1 passes, the
 tolerances of an output rounded to its dtype). The decode step's ``rope_store`` and ``decode_attention`` are checked
 against the torch forms of ``models/qwen2/layers.py`` (``decode_cases``), ``norm_gemv`` against its torch reference
-(``prenorm_cases``). Prints a Markdown table; exit status 1 on
-a failure.
+(``prenorm_cases``); SwiGLU of 1..4 rows through the compiled grouped GEMV (``compiled_gated_cases``, after the
+rest: it loads the compiled kernels). Prints a Markdown table; exit status 1 on a failure.
 """
 
 from __future__ import annotations
@@ -140,6 +140,25 @@ def decode_cases():
                    lambda: ops.silu_mul(x @ gu.t()), lambda: ref_gated_mlp(x, gu[:inter], gu[inter:]), 2)
 
 
+def compiled_gated_cases():
+    """SwiGLU of 1..4 rows through the compiled grouped GEMV (``kernels.dispatch.gated_gemv``: gate and up as two
+    matrices, float32 inside, one rounding) and ``fused_gated_mlp`` once the compiled kernels are loaded (the op then
+    times both forms per shape and keeps the faster), against ``ref_gated_mlp``. Built here (``ensure_built``)."""
+    from rwkv_chat.models import kernels
+    from rwkv_chat.models.kernels import dispatch
+
+    kernels.ensure_built("cuda")
+    gen = torch.Generator().manual_seed(12)
+    for dtype in HALVES:
+        for m, hidden, inter in ((1, 896, 4864), (1, 1536, 8960), (2, 1536, 8960), (4, 3584, 18944), (3, 1000, 77)):
+            x = rand(gen, m, hidden, dtype=dtype)
+            g, u = (rand(gen, inter, hidden, dtype=dtype, scale=hidden ** -0.5) for _ in range(2))
+            yield ("gated_gemv (compiled)", f"M={m} H={hidden} I={inter}", dtype, lambda: dispatch.gated_gemv(x, g, u),
+                   lambda: ref_gated_mlp(x, g, u), 2)
+            yield ("fused_gated_mlp, compiled loaded", f"M={m} H={hidden} I={inter}", dtype,
+                   lambda: ops.fused_gated_mlp(x, g, u), lambda: ref_gated_mlp(x, g, u), 2)
+
+
 def prenorm_cases():
     """``norm_gemv`` on the products of Qwen2 decode steps (1.5B, 7B; 1 and 4 rows; odd sizes) against
     ``norm_gemv_reference`` (float32 inside) on the same inputs."""
@@ -169,7 +188,7 @@ def main() -> int:
     ok = True
     import itertools
 
-    for op, shape, dtype, ours, ref, scale in itertools.chain(cases(), decode_cases(), prenorm_cases()):
+    for op, shape, dtype, ours, ref, scale in itertools.chain(cases(), decode_cases(), prenorm_cases(), compiled_gated_cases()):
         try:
             s = score(ours(), ref(), dtype, scale)
             verdict = "pass" if s <= 1 else "FAIL"
