@@ -52,7 +52,7 @@ step kernels 200 300 python3 tests/gpu/verify_kernels.py --out "$OUT/verify_kern
 step gemvq 120 300 python3 tests/gpu/verify_kernels.py --family gemvq --out "$OUT/verify_gemvq.md"
 step gbench 90 300 python3 bench/kernels.py --only gemvq --out "$OUT/gemvq_bench.md"
 step fused 60 150 python3 tests/gpu/verify_fused.py --out "$OUT/verify_fused.md"
-step ops 60 200 python3 tests/gpu/verify_ops.py --out "$OUT/verify_ops.md"
+step ops 120 330 python3 tests/gpu/verify_ops.py --out "$OUT/verify_ops.md"
 step opsbench 120 300 python3 bench/ops.py --out "$OUT/ops_bench.md"
 step kbench 60 200 python3 bench/kernels.py --ref-src /tmp/site/rwkv/cuda --out "$OUT/kernels_bench.md"
 step sparse 60 300 python3 bench/sparse_ffn.py --tiles --out "$OUT/sparse_ffn.md"

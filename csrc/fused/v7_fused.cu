@@ -338,8 +338,11 @@ __device__ __forceinline__ float act_apply(int act, float v) {
 
 // The norm of GemvBatch.norm (see fused_launchers.h: kind 1 RMSNorm, kind 2 LayerNorm) into xs [rows, C] in shared
 // memory; every thread of the block calls it after pdl_wait. red: >= kGemvWarps * R floats of shared memory.
+// lerp (kind 2, nullable): the token-shift lerp vector [C] of the block's product (one product per block), applied as
+// the LayerNorm is staged, xs = round(xl + (shift - xl) * lerp) (as v7_mix writes it; xn_out still gets xl), so the
+// product's loop reads x from shared memory alone.
 template <typename F, int R>
-__device__ __forceinline__ void gemv_norm_stage(const GemvNorm& nm, int rows, F* xs, float* red) {
+__device__ __forceinline__ void gemv_norm_stage(const GemvNorm& nm, int rows, F* xs, float* red, const F* lerp) {
     constexpr int EPV = 16 / sizeof(F);
     union V { uint4 q; F v[EPV]; };
     const int C = nm.C, nv = C / EPV;
@@ -444,8 +447,18 @@ __device__ __forceinline__ void gemv_norm_stage(const GemvNorm& nm, int rows, F*
 #pragma unroll
                     for (int c = 0; c < EPV; ++c)
                         a.v[c] = from_f32<F>((to_f32(a.v[c]) - mean) * rstd * to_f32(g.v[c]) + to_f32(bb.v[c]));
-                    xq[o] = a.q;
                     if (xnout) xnout[o] = a.q;
+                    if (lerp) {
+                        V mq, pq;
+                        mq.q = __ldg(reinterpret_cast<const uint4*>(lerp) + i);
+                        pq.q = nm.shift ? __ldg(static_cast<const uint4*>(nm.shift) + o) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+                        for (int c = 0; c < EPV; ++c) {
+                            const float xf = to_f32(a.v[c]);
+                            a.v[c] = from_f32<F>(xf + (to_f32(pq.v[c]) - xf) * to_f32(mq.v[c]));
+                        }
+                    }
+                    xq[o] = a.q;
                 }
             }
         }
@@ -512,15 +525,21 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_multi_kernel(GemvBatch batc
                 wq2[u].q = (glu && active && n < N) ? __ldcs(reinterpret_cast<const uint4*>(w2 + n))
                                                     : make_uint4(0, 0, 0, 0);
         }
+        if (active && batch.prefetch_bytes > 0) {    // more of this row into L2 while the previous kernel runs
+            const long first = (long)chunk * sizeof(F);
+            const long end = min((long)N * (long)sizeof(F), first + (long)batch.prefetch_bytes);
+            for (long o = first + (long)L * 128; o < end; o += (long)TL * 128) {
+                asm volatile("prefetch.global.L2 [%0];" ::"l"(reinterpret_cast<const char*>(w) + o));
+                if (GLU && glu) asm volatile("prefetch.global.L2 [%0];" ::"l"(reinterpret_cast<const char*>(w2) + o));
+            }
+        }
         pdl_wait();
         gemv_side_copy<F>(batch);
         if constexpr (NORM) {
             __shared__ float red[kGemvWarps * R];
-            gemv_norm_stage<F, R>(batch.norm, rows, reinterpret_cast<F*>(gemv_smem), red);
+            gemv_norm_stage<F, R>(batch.norm, rows, reinterpret_cast<F*>(gemv_smem), red,
+                                  batch.norm.kind == 2 ? static_cast<const F*>(E.mix) : nullptr);
         }
-        // NORM kind 2: this entry's token-shift lerp, applied to the staged LayerNorm as x is loaded
-        const F* __restrict__ lerp = NORM && batch.norm.kind == 2 ? static_cast<const F*>(E.mix) : nullptr;
-        const F* __restrict__ prev = static_cast<const F*>(batch.norm.shift);
         for (; n0 < N; n0 += chunk) {
             V wn[kGemvUnroll], wn2[GLU ? kGemvUnroll : 1];
 #pragma unroll
@@ -544,15 +563,6 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_multi_kernel(GemvBatch batc
                             float xf[EPV];
 #pragma unroll
                             for (int c = 0; c < EPV; ++c) xf[c] = to_f32(xq.v[c]);
-                            if (NORM && lerp) {        // round(xl + (prev - xl) * mix), as v7_mix writes it
-                                V mq, pq;
-                                mq.q = __ldg(reinterpret_cast<const uint4*>(lerp + n));
-                                pq.q = prev ? __ldg(reinterpret_cast<const uint4*>(prev + (long)r * x_stride + n))
-                                            : make_uint4(0, 0, 0, 0);
-#pragma unroll
-                                for (int c = 0; c < EPV; ++c)
-                                    xf[c] = round_act<F>(xf[c] + (to_f32(pq.v[c]) - xf[c]) * to_f32(mq.v[c]));
-                            }
                             if (act != 0) {
 #pragma unroll
                                 for (int c = 0; c < EPV; ++c) xf[c] = act_apply(act, xf[c]);

@@ -1,6 +1,6 @@
 """The Triton operators of ``rwkv_chat.models.ops`` against plain torch references (run on a GPU machine).
 
-    python tests/gpu/verify_ops.py [--out results.md]
+    python tests/gpu/verify_ops.py [--out results.md] [--groups ops decode prenorm compiled]
 
 Fresh random inputs (seeded) over the shapes of Qwen2 0.5B / 1.5B / 7B and Qwen3 heads, in float32, float16 and
 bfloat16 (the GEMM in the half dtypes only). The reference (``tests/models/ops/reference.py``) computes in fp32;
@@ -180,15 +180,21 @@ def prenorm_cases():
                    lambda: torch.cat([t.flatten() for t in norm_gemv_reference(x, w, **kw)]), 2)
 
 
+#: the case groups, in the order they run (``compiled`` last: it loads the compiled kernels)
+GROUPS = {"ops": cases, "decode": decode_cases, "prenorm": prenorm_cases, "compiled": compiled_gated_cases}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
+    ap.add_argument("--groups", nargs="+", choices=sorted(GROUPS), default=list(GROUPS),
+                    help="case groups to run (default: all, in this order: %(default)s)")
     args = ap.parse_args()
     rows = [*provenance(), "", "| op | shape | dtype | error / tolerance | result |", "|---|---|---|---|---|"]
     ok = True
     import itertools
 
-    for op, shape, dtype, ours, ref, scale in itertools.chain(cases(), decode_cases(), prenorm_cases(), compiled_gated_cases()):
+    for op, shape, dtype, ours, ref, scale in itertools.chain(*(GROUPS[g]() for g in args.groups)):
         try:
             s = score(ours(), ref(), dtype, scale)
             verdict = "pass" if s <= 1 else "FAIL"
