@@ -68,7 +68,7 @@ void gemv_multi_cuda(at::TensorList xs, at::TensorList ws, at::TensorList ys, at
                      const c10::List<std::optional<at::Tensor>>& ups, const OptT& norm_residual,
                      const OptT& norm_weight, const OptT& h_out, double eps, const OptT& norm_bias, const OptT& shift,
                      const OptT& xn_out, const c10::List<std::optional<at::Tensor>>& mixes, const OptT& copy_src,
-                     const OptT& copy_dst, int64_t prefetch_bytes) {
+                     const OptT& copy_dst) {
     const char* op = "rwkv_chat::gemv_multi_cuda";
     const size_t n = xs.size();
     TORCH_CHECK(n >= 1 && n <= (size_t)kGemvMaxEntries && ws.size() == n && ys.size() == n && acts.size() == n, op,
@@ -83,8 +83,6 @@ void gemv_multi_cuda(at::TensorList xs, at::TensorList ws, at::TensorList ys, at
     batch.n = (int)n;
     batch.rows = (int)xs[0].size(0);
     batch.out_f32 = YF == at::kFloat && F != at::kFloat;
-    TORCH_CHECK(prefetch_bytes >= 0 && prefetch_bytes <= (1 << 20), op, ": prefetch_bytes must be 0..2^20");
-    batch.prefetch_bytes = (int)prefetch_bytes;
     TORCH_CHECK(batch.rows >= 1 && batch.rows <= kGemvMaxRows, op, ": 1..", kGemvMaxRows, " rows");
     for (size_t i = 0; i < n; ++i) {
         const at::Tensor &x = xs[i], &w = ws[i], &y = ys[i];
@@ -289,7 +287,7 @@ TORCH_LIBRARY_FRAGMENT(rwkv_chat, m) {
           &rwkv_chat::v7_mix_cuda);
     m.def("gemv_multi_cuda(Tensor[] xs, Tensor[] ws, Tensor(a!)[] ys, int[] acts, Tensor?[] biases, int[] glu, "
           "Tensor?[] ups, Tensor? norm_residual, Tensor? norm_weight, Tensor(b!)? h_out, float eps, Tensor? norm_bias, Tensor? shift, "
-          "Tensor(c!)? xn_out, Tensor?[] mixes, Tensor? copy_src, Tensor(d!)? copy_dst, int prefetch_bytes=0) -> ()",
+          "Tensor(c!)? xn_out, Tensor?[] mixes, Tensor? copy_src, Tensor(d!)? copy_dst) -> ()",
           &rwkv_chat::gemv_multi_cuda);
     m.def("ffn_rows_cuda(Tensor h, Tensor w, Tensor(a!) y, Tensor(b!) counters, bool skip_zeros, "
           "int blocks_per_sm=2, int tile_threads=0) -> ()", &rwkv_chat::ffn_rows_cuda);

@@ -81,7 +81,6 @@ struct GemvBatch {
     int n;          // entries in use
     int rows;       // 1..kGemvMaxRows
     int out_f32;    // y is float32 (else the activation dtype)
-    int prefetch_bytes;  // per output row: bytes past the first chunk requested into L2 before pdl_wait (0: none)
 };
 
 // x, dx, x_out: [rows = B*T, C]; dx (nullable) is added (rounded to the act dtype) and written to

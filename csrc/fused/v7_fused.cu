@@ -525,14 +525,6 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_multi_kernel(GemvBatch batc
                 wq2[u].q = (glu && active && n < N) ? __ldcs(reinterpret_cast<const uint4*>(w2 + n))
                                                     : make_uint4(0, 0, 0, 0);
         }
-        if (active && batch.prefetch_bytes > 0) {    // more of this row into L2 while the previous kernel runs
-            const long first = (long)chunk * sizeof(F);
-            const long end = min((long)N * (long)sizeof(F), first + (long)batch.prefetch_bytes);
-            for (long o = first + (long)L * 128; o < end; o += (long)TL * 128) {
-                asm volatile("prefetch.global.L2 [%0];" ::"l"(reinterpret_cast<const char*>(w) + o));
-                if (GLU && glu) asm volatile("prefetch.global.L2 [%0];" ::"l"(reinterpret_cast<const char*>(w2) + o));
-            }
-        }
         pdl_wait();
         gemv_side_copy<F>(batch);
         if constexpr (NORM) {

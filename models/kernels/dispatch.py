@@ -649,9 +649,6 @@ def ffn_rows(h: torch.Tensor, w: torch.Tensor, skip_zeros: bool = True, out_dtyp
 
 #: the most products and rows ``gemv_group`` takes in one launch (``csrc/fused/fused_launchers.h``)
 GEMV_GROUP_MAX, GEMV_ROWS_MAX = 8, 4
-#: per output row of the grouped GEMV, the bytes past its first chunk that a block requests into L2 before it waits
-#: for the previous kernel (programmatic dependent launch: weights never change, so streaming them may start early)
-GEMV_PREFETCH_BYTES = 4096
 #: the most bytes of normed rows ``norm_gemv_group`` stages in a block's shared memory (the launcher's bound: 48 KiB
 #: less the kernel's static arrays, ~5 KiB)
 NORM_STAGE_BYTES = 40 * 1024
@@ -687,8 +684,8 @@ def gemv_group(xs: list[torch.Tensor], ws: list[torch.Tensor], acts: list[int] |
         return None                     # (a launch of empty products runs no thread: nothing would copy)
     ys, acts, biases, glu = plan
     src, dst = copy if copy is not None else (None, None)
-    _op("cuda", "gemv_multi")(list(xs), list(ws), ys, acts, biases, glu, [], None, None, None, 0.0, None, None, None,
-                              [], src, dst, GEMV_PREFETCH_BYTES)
+    _op("cuda", "gemv_multi")(list(xs), list(ws), ys, acts, biases, glu, [], None, None, None, 0.0, None, None, None, [],
+                              src, dst)
     return ys
 
 
@@ -711,7 +708,7 @@ def gated_gemv(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.T
         return None
     ys = plan[0]
     _op("cuda", "gemv_multi")([x], [gate], ys, [0], [None], [2], [up], None, None, None, 0.0, None, None, None, [],
-                              None, None, GEMV_PREFETCH_BYTES)
+                              None, None)
     return ys[0]
 
 
@@ -757,7 +754,7 @@ def _norm_launch(x, residual, weight, eps, ws, acts, biases, glu, ln_bias=None, 
     h = torch.empty_like(x) if residual is not None else None
     xl = torch.empty_like(x) if ln_bias is not None else None
     _op("cuda", "gemv_multi")([x] * len(ws), list(ws), ys, acts, biases, glu, [], residual, weight, h, float(eps),
-                              ln_bias, shift, xl, list(mixes or []), None, None, GEMV_PREFETCH_BYTES)
+                              ln_bias, shift, xl, list(mixes or []), None, None)
     return ys, (x if h is None else h), xl
 
 
