@@ -447,10 +447,11 @@ def rwkv_main(argv: list[str]) -> int:
     ap.add_argument("--large", choices=["fused", "fused-split", "compiled"], default="fused",
                     help="GPU only: fused RWKV-7 decode above 4 rows: fused kernels + batched cuBLAS GEMMs "
                          "(default), the same with the row-split WKV, or the torch.compile'd step")
-    ap.add_argument("--ffn", choices=["gemv", "sparse"], default="gemv",
+    ap.add_argument("--ffn", choices=["gemv", "sparse"],
                     help="GPU only: the RWKV-7 channel-mix value product of decode steps at <= 4 rows: the grouped "
-                         "GEMV (default) or the row kernel that skips the rows where relu(k)^2 is zero (lossless; "
-                         "the share of rows skipped is reported)")
+                         "GEMV or the row kernel that skips the rows where relu(k)^2 is zero (lossless; the share of "
+                         "rows skipped is reported); default: the fused backend's choice for the width (the row "
+                         "kernel from C = 4096, the 7.2B shape)")
     ap.add_argument("--fold-norms", action="store_true",
                     help="GPU only: RWKV-7 decode steps at <= 4 rows with ln1 / ln2 (residual add, LayerNorm, "
                          "token-shift lerps) inside the grouped GEMV launches (two launches per layer fewer)")
@@ -496,8 +497,8 @@ def rwkv_main(argv: list[str]) -> int:
     gpu = dev.type == "cuda"
     skipped = None
     changes, flags = {}, []
-    if args.ffn == "sparse":
-        changes["ffn"], flags = "sparse", ["--ffn sparse"]    # the fold kept as attach chose it for this width
+    if args.ffn:
+        changes["ffn"], flags = args.ffn, [f"--ffn {args.ffn}"]   # the fold kept as attach chose it for this width
     if args.fold_norms or args.no_fold_norms:
         changes["fold_norms"] = args.fold_norms
         flags.append("--fold-norms" if args.fold_norms else "--no-fold-norms")
@@ -512,7 +513,7 @@ def rwkv_main(argv: list[str]) -> int:
         if why:
             print(f"rwkv-chat bench: {' '.join(flags)}: {why}", file=sys.stderr)
             return 2
-    if args.ffn == "sparse":
+    if getattr(model.backend, "ffn", None) == "sparse" and getattr(model.backend, "decodes", False):
         with torch.no_grad():
             skipped = skipped_rows(model)
     ref = None

@@ -10,7 +10,8 @@ Decode (``FusedCuda.decode_step``, one token for each of b rows), per layer:
   4. ``v7_tmix_one``: decay, in-context rate, kk normalization, v_first mix, the WKV-7 state step
      (state updated in place), per-head group norm, the r·k bonus and the gate;
   5. GEMV output; 6. ``v7_mix`` residual add + ln2 + shift + lerp; 7. GEMV key writing relu(k)²; 8. the value
-     product: by default the output-major grouped GEMV (``ffn="gemv"``); ``ffn="sparse"``: the compiled row
+     product: the output-major grouped GEMV (``ffn="gemv"``, what ``attach`` picks below C = ``SPARSE_FFN_MIN_C``);
+     ``ffn="sparse"`` (from that width up): the compiled row
      kernel (``dispatch.ffn_rows``, ``csrc/fused/ffn_rows.cu``), which reads only the rows of the input-major value
      matrix where some row of relu(k)² is not zero (``"dense"``: the same kernel reading every row, same bits;
      benchmarks: bench/sparse_ffn.py). The residual add of 8 happens in the next layer's step 1.
@@ -66,10 +67,22 @@ HEAD_SIZES = (8, 16, 32, 64, 128)
 FOLD_NORMS_MAX_C = 768
 #: the channel-mix value products of decode steps at <= GEMV_ROWS rows (``FusedCuda(ffn=...)``)
 FFN_MODES = ("sparse", "dense", "gemv")
+#: the narrowest model (C) whose decode steps ``attach`` builds with ``ffn="sparse"`` (the row kernel skipping the zero
+#: rows of relu(k)², same bits as reading them all). H100 (bench/results/h100.md, "Sparse channel-mix value product"):
+#: at the 7.2B shape (C = 4096) the product is 1.07-1.41x the grouped GEMV at 1..4 rows already with random weights
+#: (25-50% rows skipped at 1-2 rows) and 2.4-5.6x with 80-90% dead rows, the whole step 1.10x at batch 1; at the 1.5B
+#: shape it is 0.53-0.81x with random weights at 1..4 rows, so narrower models keep the grouped GEMV.
+SPARSE_FFN_MIN_C = 4096
 
 
 def _ops():
     return torch.ops.rwkv_chat
+
+
+def default_ffn(n_embd: int) -> str:
+    """The channel-mix value product ``attach`` picks for a model of width ``n_embd`` (C): "sparse" from
+    ``SPARSE_FFN_MIN_C`` up, else "gemv" (see ``FFN_MODES``)."""
+    return "sparse" if n_embd >= SPARSE_FFN_MIN_C else "gemv"
 
 
 def kernels_loaded() -> bool:
@@ -422,12 +435,13 @@ class FusedCuda(Backend):
         self.detail = f"fused RWKV-7 layer kernels: prefill blocks{pre}{decode}; eager ops elsewhere"
 
     @classmethod
-    def attach(cls, model, ops: Ops, ffn: str = "gemv") -> FusedCuda | None:
+    def attach(cls, model, ops: Ops, ffn: str | None = None) -> FusedCuda | None:
         """The backend for ``model`` where it serves it (RWKV-7, the fused kernels built, a layer on CUDA),
-        else None. ``ffn``: as the constructor's."""
+        else None. ``ffn``: as the constructor's; None: ``default_ffn`` of the model's width."""
         if model.version != "7" or not kernels_loaded() or not any(d.type == "cuda" for d in model.devices):
             return None
-        return cls(model, ops, ffn, fold_norms=model.spec.n_embd <= FOLD_NORMS_MAX_C)
+        C = model.spec.n_embd
+        return cls(model, ops, ffn or default_ffn(C), fold_norms=C <= FOLD_NORMS_MAX_C)
 
     # -- prefill -----------------------------------------------------------------------------------
     def sequence_block(self, layer: int, x: torch.Tensor, params: dict):
