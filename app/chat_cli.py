@@ -65,7 +65,9 @@ def _stream(gen, strip_first: bool = False, chat: bool = False, started=None) ->
                     sys.stdout.flush()
                 context = (f"; context {ev.context_used if ev.context_used is not None else '?'}/"
                            f"{ev.context_limit} tokens" if ev.context_limit else "")
-                _err(f"[{ev.reason}: {ev.tokens} tokens at {ev.tokens_per_s:.1f} tokens/s; "
+                full = ev.reason == "length" and ev.context_limit and ev.context_used == ev.context_limit
+                reason = "context limit reached" if full else ev.reason
+                _err(f"[{reason}: {ev.tokens} tokens at {ev.tokens_per_s:.1f} tokens/s; "
                      f"prefill {ev.prompt_tokens} tokens in {ev.prefill_s:.2f} s{context}]")
                 if ev.reason == "cancelled":
                     _err("rwkv-chat: cancelled by the daemon (stopped, or cancelled by another client)")

@@ -63,7 +63,8 @@ def serving(model: dict) -> str:
     line = model.get("backend") or "?"
     building = [b for b in model.get("kernel_build") or [] if b.get("state") == "building"]
     if building:
-        line += "; moves to the compiled kernels when built (" + "; ".join(map(build_line, building)) + ")"
+        line += ("; takes the compiled kernels where they serve it once built ("
+                 + "; ".join(map(build_line, building)) + ")")
     elif model.get("kernels_error"):
         line += f"; {model['kernels_error']}"
     return line

@@ -15,11 +15,13 @@ Sections and keys (all optional; defaults below)::
     temperature = 1.0              # the engine's one sampling settings type, SamplerArgs, with its defaults
     top_p = 0.85                   # (rwkv_chat.models.text.sampling; values out of range are a ConfigError);
                                    # a key not written here takes the model's own default where it has one
-                                   # (a Hugging Face folder's generation_config.json: temperature, top_p, top_k)
+                                   # (a Hugging Face folder's generation_config.json: temperature, top_p, top_k,
+                                   # repetition_penalty)
     top_k = 0
     alpha_frequency = 0.2
     alpha_presence = 0.2
     alpha_decay = 0.996
+    repetition_penalty = 1.0       # > 0; 1 = off: Hugging Face's penalty on the context's tokens
     max_tokens = 256
     # seed = 1                     # unset: a random seed per generation
 

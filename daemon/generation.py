@@ -277,6 +277,8 @@ class Generation:
                 self.sampler.generator.seed()
             else:
                 self.sampler.generator.manual_seed(args.seed)
+        if self.sampler.seen is not None:       # the context that a repetition penalty applies to
+            self.sampler.observe(self.prompt)
         self.detok = IncrementalDecoder(tok)
         from rwkv_chat.daemon.config import check_max_tokens
 

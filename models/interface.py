@@ -106,12 +106,14 @@ def load_model(path: str | Path, strategy: str, *, tokenizer: str | Path | None 
     Raises:
         CheckpointError, StrategyError, DeviceError, TokenizerError: see those classes.
     """
-    from rwkv_chat.models.qwen2.config import check_not_a_folder_file, is_qwen_folder
+    from rwkv_chat.models.qwen2.config import check_not_a_folder_file, is_qwen_folder, read_config
 
     p = Path(str(path).strip()).expanduser()
     check_not_a_folder_file(p)
     if p.is_dir():
         if not is_qwen_folder(p):
+            if (p / "config.json").is_file():
+                read_config(p)          # says what is wrong with it: not JSON, another architecture
             raise CheckpointError(f"{p} is a folder without a config.json naming Qwen2ForCausalLM or "
                                   "Qwen3ForCausalLM (RWKV checkpoints are .pth / .safetensors files)")
         return _load_qwen(p, strategy, progress, kernels, context_limit)

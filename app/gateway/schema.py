@@ -14,6 +14,7 @@ default):
 ``temperature`` ``top_p`` ``top_k``        same names (``top_k`` is not OpenAI's but commonly sent)
 ``presence_penalty`` ``frequency_penalty`` ``alpha_presence``, ``alpha_frequency`` (>= 0: the sampler's
                                            penalties are never negative)
+``repetition_penalty``                     same name (not OpenAI's; vLLM's extension: > 0, 1 = off)
 ``max_tokens`` ``max_completion_tokens``   ``max_tokens`` (the latter wins when both are sent)
 ``seed``                                   ``seed`` (0 to 2**63 - 1)
 ``stop``                                   a string or a list of up to 16 strings (empty ones ignored)
@@ -69,6 +70,14 @@ class Request:
     stop: list[str] = field(default_factory=list)
 
 
+def _positive(body: dict, name: str) -> float | None:
+    """``body[name]`` checked as a number more than 0 (None when absent or null)."""
+    v = _number(body, name, 0)
+    if v == 0:
+        raise bad(name, f"{name} must be more than 0, got 0")
+    return v
+
+
 def _number(body: dict, name: str, lo: float | None = None, hi: float | None = None, integer: bool = False):
     """``body[name]`` checked (None when absent or null)."""
     v = body.get(name)
@@ -106,6 +115,7 @@ def _common(body) -> Request:
                 "top_k": _number(body, "top_k", 0, None, integer=True),
                 "alpha_presence": _number(body, "presence_penalty", 0),
                 "alpha_frequency": _number(body, "frequency_penalty", 0),
+                "repetition_penalty": _positive(body, "repetition_penalty"),
                 "seed": _number(body, "seed", 0, 2**63 - 1, integer=True),
                 "max_tokens": _number(body, "max_tokens", 1, None, integer=True)}
     mct = _number(body, "max_completion_tokens", 1, None, integer=True)

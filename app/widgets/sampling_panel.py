@@ -26,6 +26,7 @@ FIELDS = [
     ("alpha_presence", "Presence penalty", float, 0.0, None),
     ("alpha_frequency", "Frequency penalty", float, 0.0, None),
     ("alpha_decay", "Penalty decay", float, 0.0, 1.0),
+    ("repetition_penalty", "Repetition penalty", float, 0.0, None),
     ("max_tokens", "Max tokens", int, 1, None),
     ("seed", "Seed", int, 0, 2**63 - 1),
 ]

@@ -162,8 +162,8 @@ class HFTokenizer(Tokenizer):
 class HFGeneration:
     """``generation_config.json``'s defaults (None where the file does not set one).
 
-    Fields: ``temperature`` (>= 0), ``top_p`` (0..1), ``top_k`` (0 = off), ``repetition_penalty`` (HF's
-    multiplicative penalty; the sampler has no such setting), ``do_sample`` (False = greedy), ``eos_token_ids``.
+    Fields: ``temperature`` (>= 0), ``top_p`` (0..1), ``top_k`` (0 = off), ``repetition_penalty`` (> 0, HF's
+    multiplicative penalty on the context's tokens), ``do_sample`` (False = greedy), ``eos_token_ids``.
     """
 
     temperature: float | None = None
@@ -175,8 +175,9 @@ class HFGeneration:
 
     def sampling_defaults(self) -> dict[str, Any]:
         """The defaults that map onto ``SamplerArgs`` by name: ``temperature`` (0 when ``do_sample`` is false),
-        ``top_p``, ``top_k``; ``alpha_presence`` and ``alpha_frequency`` always 0 (``transformers`` has no
-        presence or frequency penalty, so the reference sampler's RWKV defaults do not apply)."""
+        ``top_p``, ``top_k``, ``repetition_penalty``; ``alpha_presence`` and ``alpha_frequency`` always 0
+        (``transformers`` has no presence or frequency penalty, so the reference sampler's RWKV defaults do not
+        apply)."""
         out: dict[str, Any] = {"alpha_presence": 0.0, "alpha_frequency": 0.0}
         if self.do_sample is False:
             out["temperature"] = 0.0
@@ -186,6 +187,8 @@ class HFGeneration:
             out["top_p"] = self.top_p
         if self.top_k is not None:
             out["top_k"] = self.top_k
+        if self.repetition_penalty is not None:
+            out["repetition_penalty"] = self.repetition_penalty
         return out
 
 
@@ -213,6 +216,8 @@ def read_generation(path: Path) -> HFGeneration:
         return kind(v)
 
     do_sample = data.get("do_sample")
+    if data.get("repetition_penalty") == 0:
+        raise TokenizerError(f"{path}: repetition_penalty must be more than 0 (1 = off), got 0")
     return HFGeneration(temperature=num("temperature", float, 0.0), top_p=num("top_p", float, 0.0, 1.0),
                         top_k=num("top_k", int, 0), repetition_penalty=num("repetition_penalty", float, 0.0),
                         do_sample=do_sample if isinstance(do_sample, bool) else None,

@@ -3,6 +3,10 @@
 Per generated token, in the reference's order (``PIPELINE.generate`` and ``PIPELINE.sample_logits``):
 
 1. banned tokens get logit ``-inf``;
+   (not in the reference) with ``repetition_penalty`` != 1, every token of the context (the prompts fed and the tokens
+   generated, :meth:`Sampler.observe` / :meth:`Sampler.record`) has its logit divided by it where positive and
+   multiplied by it where negative: Hugging Face's ``RepetitionPenaltyLogitsProcessor`` (CTRL, Keskar et al. 2019),
+   the penalty a ``generation_config.json`` gives;
 2. every token seen so far loses ``alpha_presence + count * alpha_frequency`` from its logit;
 3. ``probs = softmax(logits)``; keep the tokens whose probability is at least the one where the cumulative
    probability (descending) first reaches ``top_p``; if ``top_k > 0`` keep at most the ``top_k`` likeliest;
@@ -86,6 +90,7 @@ class SamplerArgs:
         alpha_frequency: logit penalty per (decayed) occurrence, >= 0 (GPT-3 frequency penalty).
         alpha_presence: logit penalty for having occurred at all, >= 0 (GPT-3 presence penalty).
         alpha_decay: per-token multiplier of the occurrence counts, in [0, 1].
+        repetition_penalty: > 0; 1 = off (Hugging Face's multiplicative penalty on the context's tokens).
         token_ban: token ids never sampled. token_stop: token ids that end a generation.
         seed: RNG seed (integer in [0, 2**63)); None draws one from the OS.
         max_tokens: most tokens a generation produces, >= 1.
@@ -99,6 +104,7 @@ class SamplerArgs:
     alpha_frequency: float = 0.2
     alpha_presence: float = 0.2
     alpha_decay: float = 0.996
+    repetition_penalty: float = 1.0
     token_ban: tuple[int, ...] = field(default=())
     token_stop: tuple[int, ...] = field(default=())
     seed: int | None = None
@@ -112,6 +118,9 @@ class SamplerArgs:
         s(self, "alpha_frequency", _real("alpha_frequency", self.alpha_frequency, 0.0))
         s(self, "alpha_presence", _real("alpha_presence", self.alpha_presence, 0.0))
         s(self, "alpha_decay", _real("alpha_decay", self.alpha_decay, 0.0, 1.0))
+        s(self, "repetition_penalty", _real("repetition_penalty", self.repetition_penalty, 0.0))
+        if self.repetition_penalty == 0:
+            raise SamplingError("repetition_penalty must be more than 0 (1 = off), got 0")
         for name in ("token_ban", "token_stop"):
             value = getattr(self, name)
             if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
@@ -138,8 +147,8 @@ class SamplerArgs:
 
 #: the settings a configuration, a conversation or a request may give, by name (the token lists are the
 #: caller's own: they depend on the tokenizer)
-SETTINGS = ("temperature", "top_p", "top_k", "alpha_frequency", "alpha_presence", "alpha_decay", "max_tokens",
-            "seed")
+SETTINGS = ("temperature", "top_p", "top_k", "alpha_frequency", "alpha_presence", "alpha_decay",
+            "repetition_penalty", "max_tokens", "seed")
 
 
 def filtered_probs(logits: torch.Tensor, args: SamplerArgs) -> torch.Tensor:
@@ -230,12 +239,14 @@ class Sampler:
             self.generator.manual_seed(self.args.seed)
         self._stop = frozenset(self.args.token_stop)
         a = self.args
-        self._plain = a.temperature == 0 and not a.token_ban and a.alpha_frequency == 0 and a.alpha_presence == 0
+        self._plain = (a.temperature == 0 and not a.token_ban and a.alpha_frequency == 0 and a.alpha_presence == 0
+                       and a.repetition_penalty == 1)
         self._ban = torch.tensor(self.args.token_ban, dtype=torch.long)
         self._weights: dict[int, float] = {}
         self.vocab_size: int | None = None
         self.counts: torch.Tensor | None = None  # float64 [vocab]
         self.present: torch.Tensor | None = None  # bool [vocab]
+        self.seen: torch.Tensor | None = None  # bool [vocab]: the context's tokens (repetition_penalty)
         if tokenizer is not None:
             self._allocate(tokenizer.vocab_size)
 
@@ -246,14 +257,28 @@ class Sampler:
         self.vocab_size = vocab_size
         self.counts = torch.zeros(vocab_size, dtype=torch.float64)
         self.present = torch.zeros(vocab_size, dtype=torch.bool)
+        self.seen = torch.zeros(vocab_size, dtype=torch.bool)
         self._counts_np = self.counts.numpy()    # the same memory: per-token updates without torch dispatch
         self._present_np = self.present.numpy()
+        self._seen_np = self.seen.numpy()
 
     def reset(self) -> None:
         """Forget every occurrence count (the RNG continues)."""
         if self.counts is not None:
             self.counts.zero_()
             self.present.zero_()
+            self.seen.zero_()
+
+    def observe(self, tokens) -> None:
+        """Mark ``tokens`` (ids fed to the model: a prompt) as part of the context that ``repetition_penalty``
+        applies to, as Hugging Face applies it to every id of ``input_ids``. Needs a vocabulary (a tokenizer given
+        or a token sampled before); ids outside it raise TokenError."""
+        if self.seen is None:
+            raise StateError("the sampler has no vocabulary yet: sample once or give it a tokenizer")
+        ids = [operator.index(t) for t in tokens]
+        if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
+            raise TokenError(f"a prompt token is outside the vocabulary (0..{self.vocab_size - 1})")
+        self._seen_np[ids] = True
 
     def is_stop(self, token: int) -> bool:
         """Whether ``token`` is one of ``args.token_stop``."""
@@ -286,6 +311,10 @@ class Sampler:
         x = logits.detach().to(device="cpu", dtype=torch.float32, copy=True)
         if self._ban.numel():
             x[self._ban] = -math.inf
+        rp = self.args.repetition_penalty
+        if rp != 1 and bool(self.seen.any()):
+            # transformers RepetitionPenaltyLogitsProcessor: score < 0 ? score * penalty : score / penalty
+            x = torch.where(self.seen, torch.where(x < 0, x * rp, x / rp), x)
         if bool(self.present.any()):
             # reference: out[n] -= alpha_presence + occurrence[n] * alpha_frequency  (penalty rounded to float32)
             penalty = (self.counts * self.args.alpha_frequency + self.args.alpha_presence).to(torch.float32)
@@ -303,6 +332,7 @@ class Sampler:
         counts *= self.args.alpha_decay
         counts[token] += self.weight(token)
         self._present_np[token] = True
+        self._seen_np[token] = True
 
     @property
     def plain_greedy(self) -> bool:
@@ -344,20 +374,24 @@ class Sampler:
 
     def state_dict(self) -> dict[str, Any]:
         """Penalty counts and RNG state as plain types (msgpack/JSON friendly apart from ``rng_state`` bytes):
-        ``{"format", "vocab_size", "tokens": list[int], "counts": list[float], "rng_state": bytes}``."""
+        ``{"format", "vocab_size", "tokens": list[int], "counts": list[float], "seen": list[int], "rng_state":
+        bytes}`` (``seen``: the context's tokens of ``repetition_penalty``; a state without it takes ``tokens``)."""
         import torch
         if self.counts is None:
             tokens: list[int] = []
             counts: list[float] = []
+            seen: list[int] = []
         else:
             ids = torch.nonzero(self.present).flatten()
             tokens = ids.tolist()
             counts = self.counts[ids].tolist()
+            seen = torch.nonzero(self.seen).flatten().tolist()
         return {
             "format": _STATE_FORMAT,
             "vocab_size": self.vocab_size or 0,
             "tokens": tokens,
             "counts": counts,
+            "seen": seen,
             "rng_state": bytes(self.generator.get_state().numpy().tobytes()),
         }
 
@@ -366,14 +400,17 @@ class Sampler:
         import torch
         try:
             fmt, vocab, tokens, counts = state["format"], state["vocab_size"], state["tokens"], state["counts"]
+            seen = list(state.get("seen", tokens))
             rng = torch.frombuffer(bytearray(state["rng_state"]), dtype=torch.uint8).clone()
         except (KeyError, TypeError, ValueError) as e:
             raise StateError(f"malformed sampler state: {e!r}") from None
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in (*tokens, *seen)):
+            raise StateError("malformed sampler state: token ids must be integers")
         if fmt != _STATE_FORMAT or len(tokens) != len(counts):
             raise StateError(f"unsupported sampler state (format {fmt!r}, {len(tokens)} tokens, {len(counts)} counts)")
         if vocab and self.vocab_size is not None and vocab != self.vocab_size:
             raise StateError(f"sampler state is for a vocabulary of {vocab}, not {self.vocab_size}")
-        if tokens and (not vocab or min(tokens) < 0 or max(tokens) >= vocab):
+        if (tokens or seen) and (not vocab or min(tokens + seen) < 0 or max(tokens + seen) >= vocab):
             raise StateError("sampler state has token ids outside its vocabulary")
         try:
             self.generator.set_state(rng)
@@ -384,6 +421,7 @@ class Sampler:
             ids = torch.tensor(tokens, dtype=torch.long)
             self.counts[ids] = torch.tensor(counts, dtype=torch.float64)
             self.present[ids] = True
+            self.seen[torch.tensor(seen, dtype=torch.long)] = True
         elif self.counts is not None:
             self.reset()
 

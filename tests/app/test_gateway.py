@@ -259,6 +259,8 @@ def test_a_client_leaving_a_stream_cancels_its_generation(gateway, homes):
     ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, 400, "max_tokens"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "stop": [1]}, 400, "stop"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": 2}, 400, "n"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "repetition_penalty": 0}, 400,
+     "repetition_penalty"),
     ({"messages": [{"role": "user", "content": "x"}]}, 400, "model"),
     ({"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]}, 404, "model"),
 ])
@@ -437,3 +439,16 @@ def test_a_prompt_beyond_the_context_limit_is_a_bad_request(tmp_path, model_path
     finally:
         gw.stop()
         stop_daemon(home)
+
+
+def test_sampling_fields_map_to_the_daemons_settings():
+    """OpenAI's names (and vLLM's ``repetition_penalty``) become the daemon's sampling settings by name."""
+    from rwkv_chat.app.gateway.schema import parse_chat
+    from rwkv_chat.models.text.sampling import SETTINGS
+
+    req = parse_chat({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temperature": 0.5,
+                      "presence_penalty": 0.1, "frequency_penalty": 0.2, "repetition_penalty": 1.1, "seed": 3,
+                      "max_completion_tokens": 9})
+    assert req.sampling == {"temperature": 0.5, "alpha_presence": 0.1, "alpha_frequency": 0.2,
+                            "repetition_penalty": 1.1, "seed": 3, "max_tokens": 9}
+    assert set(req.sampling) <= set(SETTINGS)

@@ -125,3 +125,37 @@ def test_a_greedy_completion_with_the_folders_defaults_is_transformers_greedy(tm
         assert defaults["alpha_presence"] == defaults["alpha_frequency"] == 0.0
     finally:
         sys_.close()
+
+
+def test_the_folders_repetition_penalty_gives_transformers_greedy_with_that_penalty(tmp_path, qwen_folder):
+    """A ``generation_config.json`` repetition_penalty applies as ``transformers.generate`` applies it: to every
+    token of the prompt and of the text so far; greedy decoding then gives the same text."""
+    import torch
+
+    from rwkv_chat.daemon.generation import Job
+    from rwkv_chat.daemon.protocol import messages as m
+
+    folder = tmp_path / "penalized"
+    shutil.copytree(qwen_folder, folder)
+    config_path = folder / "generation_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "repetition_penalty": 1.3}))
+    sys_ = InProcess(tmp_path / "home", folder, Config())
+    try:
+        assert sys_.host.info()["sampling_defaults"]["repetition_penalty"] == 1.3
+        prompt = "The capital of France is Paris. The capital of"
+        events = sys_.run(Job(id="g", kind="complete", client_id="t", topic="g", request=m.Complete(
+            client_id="t", topic="g", prompt=prompt, sampling={"temperature": 0.0, "max_tokens": 16})))
+        done = events[-1]
+        reference = transformers.AutoTokenizer.from_pretrained(str(folder))
+        hf = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+        ids = reference(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            out = hf.generate(ids, max_new_tokens=done.tokens, do_sample=False, eos_token_id=None,
+                              repetition_penalty=1.3, top_k=None)
+            plain = hf.generate(ids, max_new_tokens=done.tokens, do_sample=False, eos_token_id=None,
+                                repetition_penalty=1.0, top_k=None)
+        assert isinstance(done, m.Done) and done.tokens == 16, events
+        assert done.text == reference.decode(out[0, ids.shape[1]:])
+        assert not torch.equal(out, plain)          # the penalty changed the text: the check has teeth
+    finally:
+        sys_.close()

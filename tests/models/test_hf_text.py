@@ -135,13 +135,17 @@ def test_generation_config_and_other_eos(qwen_dir, tmp_path, reference):
          "eos_token_id": [151645, 151643]}))
     t = load_hf_text(tmp_path, vocab_size=151936)
     no_penalties = {"alpha_presence": 0.0, "alpha_frequency": 0.0}           # transformers has none
-    assert t.generation.sampling_defaults() == {"temperature": 0.7, "top_p": 0.8, "top_k": 20, **no_penalties}
+    assert t.generation.sampling_defaults() == {"temperature": 0.7, "top_p": 0.8, "top_k": 20,
+                                                "repetition_penalty": 1.05, **no_penalties}
     assert t.generation.repetition_penalty == 1.05
     assert t.tokenizer.eos_ids == (151645, 151643)
     assert t.chat_template.stop_tokens == (151645, 151643)
     assert t.chat_template.after_stop(151643) == "<|im_end|>\n"     # another eos: the whole closing follows
     (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": False, "temperature": 0.7}))
     assert load_hf_text(tmp_path).generation.sampling_defaults() == {"temperature": 0.0, **no_penalties}
+    (tmp_path / "generation_config.json").write_text(json.dumps({"repetition_penalty": 0}))
+    with pytest.raises(TokenizerError, match="repetition_penalty must be more than 0"):
+        load_hf_text(tmp_path)
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": "x"}))
     with pytest.raises(TokenizerError, match="generation_config.json"):
         load_hf_text(tmp_path)

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import rwkv
 from rwkv.rwkv_tokenizer import TRIE_TOKENIZER
 from rwkv.utils import PIPELINE, PIPELINE_ARGS
-from rwkv_chat.models.errors import ShapeMismatchError, StateError
+from rwkv_chat.models.errors import ShapeMismatchError, StateError, TokenError
 from rwkv_chat.models.text.sampling import Sampler, SamplerArgs, SamplingError, filtered_probs
 from rwkv_chat.models.text.tokenizers import load_tokenizer
 
@@ -58,7 +58,8 @@ def test_defaults_are_the_reference_pipeline_args():
         ("top_p", 1.5), ("top_p", -0.01), ("top_k", -1), ("top_k", 2.5), ("top_k", True),
         ("alpha_frequency", -1.0), ("alpha_presence", float("inf")), ("alpha_decay", 1.01),
         ("token_ban", [1, -2]), ("token_stop", "0"), ("token_stop", 3), ("seed", -1), ("seed", 1.0),
-        ("max_tokens", 0),
+        ("max_tokens", 0), ("repetition_penalty", 0.0), ("repetition_penalty", -1.0),
+        ("repetition_penalty", float("nan")),
     ],
 )
 def test_invalid_args_raise_value_errors_naming_the_field(field, value):
@@ -117,6 +118,55 @@ def test_state_dict_round_trip_continues_identically():
         Sampler(args, load_tokenizer("bytes")).load_state_dict(saved)  # vocabulary 256, state for 1000
     with pytest.raises(StateError):
         Sampler(args).load_state_dict({"format": 1})
+
+
+# ---- repetition penalty (Hugging Face's) ----
+
+
+@pytest.mark.parametrize("penalty", [1.05, 1.3, 0.8])
+def test_repetition_penalty_matches_transformers_on_the_context_and_generated_tokens(penalty):
+    """The prompt's tokens (observe) and each generated one are penalized as transformers'
+    RepetitionPenaltyLogitsProcessor penalizes the ids of input_ids; greedy draws follow its argmax."""
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    hf = RepetitionPenaltyLogitsProcessor(penalty)
+    prompt = [3, 17, 17, 250, 999, 3]
+    s = Sampler(SamplerArgs(temperature=0, alpha_frequency=0, alpha_presence=0, repetition_penalty=penalty))
+    assert not s.plain_greedy
+    ids = list(prompt)
+    for step in range(12):
+        logits = random_logits(1000, 3.0, step)
+        if step == 0:
+            s.penalize(logits)                  # the vocabulary, then the context
+            s.observe(prompt)
+        want = hf(torch.tensor([ids]), logits.clone().unsqueeze(0))[0]
+        torch.testing.assert_close(s.penalize(logits), want, rtol=0, atol=0)
+        token = s.sample(logits)
+        assert token == int(torch.argmax(want))
+        ids.append(token)
+
+
+def test_repetition_penalty_state_carries_the_context_and_old_states_still_load():
+    args = SamplerArgs(seed=3, temperature=0.8, repetition_penalty=1.2)
+    s = Sampler(args)
+    s.penalize(random_logits(1000, 1.0, 0))
+    s.observe([5, 6, 7])
+    _run(s, 10)
+    saved = s.state_dict()
+    assert {5, 6, 7} <= set(saved["seen"]) and set(saved["tokens"]) <= set(saved["seen"])
+    r = Sampler(args)
+    r.load_state_dict(saved)
+    assert torch.equal(r.seen, s.seen)
+    old = {k: v for k, v in saved.items() if k != "seen"}       # a state written before the penalty existed
+    o = Sampler(args)
+    o.load_state_dict(old)
+    assert torch.equal(o.seen, o.present)
+    with pytest.raises(StateError):
+        Sampler(args).load_state_dict({**saved, "seen": [1, 2000]})
+    with pytest.raises(StateError):
+        Sampler(args).load_state_dict({**saved, "seen": ["x"]})
+    with pytest.raises(TokenError):
+        s.observe([1000])
 
 
 def test_ban_stop_and_shapes():

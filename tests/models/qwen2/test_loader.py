@@ -126,6 +126,12 @@ def test_load_model_recognises_a_qwen_folder(tmp_path, shared_dir):
     empty.mkdir()
     with pytest.raises(CheckpointError, match="config.json"):
         load_model(empty, "cpu fp32")
+    (empty / "config.json").write_text("{bad")                      # the file is there: say what is wrong with it
+    with pytest.raises(CheckpointError, match="config.json: cannot read it as JSON"):
+        load_model(empty, "cpu fp32")
+    (empty / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    with pytest.raises(CheckpointError, match="'architectures' is \\['LlamaForCausalLM'\\]; served: Qwen2ForCausalLM"):
+        load_model(empty, "cpu fp32")
     folder = tmp_path / "m"         # the real Qwen vocabulary on a one-layer model
     build("qwen2", seed=7, vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
           num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True).save_pretrained(folder)
