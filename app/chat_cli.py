@@ -16,11 +16,12 @@ def _stream(gen, strip_first: bool = False, chat: bool = False, started=None) ->
     as it got when interrupted. ``started(event)`` is called with the Started event (the reply begins)."""
     from rwkv_chat.daemon.protocol import messages as m
 
-    from .texts import queued_reason
+    from .texts import queued_reason, terminal_safe
 
     first = True
     line_open = False        # text written to stdout that does not end a line
     interactive = sys.stderr.isatty()
+    tty = sys.stdout.isatty()
     position = None
     noted = reloading = False
     try:
@@ -36,7 +37,7 @@ def _stream(gen, strip_first: bool = False, chat: bool = False, started=None) ->
             elif isinstance(ev, m.Token):
                 text = ev.text.lstrip() if (first and strip_first) else ev.text
                 first = first and not text
-                sys.stdout.write(text)
+                sys.stdout.write(terminal_safe(text) if tty else text)     # piped: the model's text exactly
                 sys.stdout.flush()
                 line_open = not text.endswith("\n") if text else line_open
             elif isinstance(ev, m.Progress) and ev.phase == "load":
@@ -162,7 +163,7 @@ RM_MIN_PREFIX = 4
 def _conversations(args) -> int:
     from rwkv_chat.daemon.client import Client
 
-    from .texts import exchanges, plural
+    from .texts import exchanges, plural, terminal_safe
 
     with Client(_paths()) as c:
         if args.conv_cmd == "list":
@@ -185,7 +186,8 @@ def _conversations(args) -> int:
                 print(f"System: {d.conversation.system_prompt}")
             for t in d.turns:
                 stopped = " [stopped]" if t.reason == "cancelled" else ""
-                print(f"{t.role.capitalize()}: {t.text}{stopped}")
+                text = terminal_safe(t.text) if sys.stdout.isatty() else t.text
+                print(f"{t.role.capitalize()}: {text}{stopped}")
             if d.context_limit:          # as after a reply of `rwkv-chat chat`: what the next one starts from
                 _err(f"[context {d.context_used}/{d.context_limit} tokens]")
         elif args.conv_cmd == "export":

@@ -46,6 +46,17 @@ def between(lo=None, hi=None) -> str:
     return f"must be {_num(hi)} or less"
 
 
+#: C0 controls but newline and tab, DEL and the C1 controls -> visible stand-ins (Unicode's control pictures)
+_UNSAFE = {**{c: chr(0x2400 + c) for c in range(0x20) if c not in (0x09, 0x0A)}, 0x7F: "\u2421",
+           **{c: "\ufffd" for c in range(0x80, 0xA0)}}
+
+
+def terminal_safe(text: str) -> str:
+    """``text`` with every control character a terminal would act on (escape sequences, carriage returns,
+    bells, ...; newline and tab excepted) shown as a visible stand-in, for model output written to a terminal."""
+    return text.translate(_UNSAFE)
+
+
 def build_line(build: dict) -> str:
     """A kernel build's progress (``kernels.BackgroundBuild.progress()``) in words."""
     dev = build.get("device", "?").upper() if build.get("device") == "cpu" else build.get("device", "?")

@@ -125,3 +125,13 @@ def test_the_strategy_help_says_f8_runs_on_the_cpu_too():
     assert formats.get("f8").check_device(torch.device("cpu")) is None
     clause = " ".join(STRATEGY_HELP.split()).split("f8 (", 1)[1].split(")", 1)[0]
     assert "CPU" in clause, clause
+
+
+def test_model_text_for_a_terminal_shows_control_characters_instead_of_obeying_them():
+    from rwkv_chat.app.texts import terminal_safe
+
+    text = "ok\x1b[2J\x1b]0;title\x07 \r done\x7f\x9b31m 世界 🎉\n\tnext\x00"
+    out = terminal_safe(text)
+    assert out == "ok\u241b[2J\u241b]0;title\u2407 \u240d done\u2421\ufffd31m 世界 🎉\n\tnext\u2400"
+    assert not any(ord(c) < 0x20 and c not in "\n\t" or 0x7f <= ord(c) < 0xa0 for c in out)
+    assert terminal_safe("plain text, 中文\n") == "plain text, 中文\n"
