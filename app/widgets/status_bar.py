@@ -42,9 +42,13 @@ class StatusBar(Static):
         self.speed = ""
         self.context = ""
         self.activity = ""
+        self._served = None      # (path, strategy) of the model the speed was measured on
 
     def set_status(self, status: dict) -> None:
         model = status.get("model") or {}
+        served = (model.get("path"), model.get("strategy")) if model.get("loaded") else None
+        if served != self._served:
+            self._served, self.speed = served, ""         # another model (or none): the last speed was not its
         if model.get("loaded"):
             self.model = os.path.basename(model.get("path", "")) or "model"
             self.strategy = " · ".join(p for p in (model.get("strategy", ""), serving_short(model)) if p)

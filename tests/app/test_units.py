@@ -135,3 +135,29 @@ def test_model_text_for_a_terminal_shows_control_characters_instead_of_obeying_t
     assert out == "ok\u241b[2J\u241b]0;title\u2407 \u240d done\u2421\ufffd31m 世界 🎉\n\tnext\u2400"
     assert not any(ord(c) < 0x20 and c not in "\n\t" or 0x7f <= ord(c) < 0xa0 for c in out)
     assert terminal_safe("plain text, 中文\n") == "plain text, 中文\n"
+
+
+def test_the_status_bar_forgets_the_last_speed_when_another_model_serves():
+    import asyncio
+
+    from textual.app import App
+
+    from rwkv_chat.app.widgets.status_bar import StatusBar
+
+    class Bar(App):
+        def compose(self):
+            yield StatusBar()
+
+    async def run():
+        app = Bar()
+        async with app.run_test():
+            bar = app.query_one(StatusBar)
+            qwen = {"model": {"loaded": True, "path": "/m/qwen", "strategy": "cpu fp32"}}
+            bar.set_status(qwen)
+            bar.set_speed(36.5)
+            bar.set_status(qwen)                                 # the same model: its speed stays
+            assert bar.speed == "36.5 tok/s"
+            bar.set_status({"model": {"loaded": True, "path": "/m/rwkv.pth", "strategy": "cpu fp32"}})
+            assert bar.speed == ""
+
+    asyncio.run(run())
