@@ -99,11 +99,11 @@ def tree_page(store, cid: str, offset: int = 0, limit: int = 200,
         f"SELECT t.idx,t.role,substr(t.text,1,{n}),t.tokens,t.created,t.finished,t.reason,t.tokens_per_s,t.parent,"
         "(SELECT COUNT(*) FROM turns s WHERE s.conversation_id=t.conversation_id AND s.parent=t.parent"
         " AND s.idx<t.idx),"
-        "(SELECT COUNT(*) FROM turns s WHERE s.conversation_id=t.conversation_id AND s.parent=t.parent),"
+        "(SELECT COUNT(*) FROM turns s WHERE s.conversation_id=t.conversation_id AND s.parent=t.parent),t.family,"
         f"length(t.text)>{n} FROM turns t WHERE t.conversation_id=? AND t.idx>=? ORDER BY t.idx LIMIT ?",
         (cid, offset, limit)).fetchall()
     total = db.execute("SELECT COUNT(*) FROM turns WHERE conversation_id=?", (cid,)).fetchone()[0]
-    return [store._turn(r[:11], truncated=bool(r[11])) for r in rows], total
+    return [store._turn(r[:12], truncated=bool(r[12])) for r in rows], total
 
 
 def leaves(turns: list[TurnInfo]) -> list[list[TurnInfo]]:

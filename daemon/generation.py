@@ -489,7 +489,7 @@ class Generation:
         turn = store.commit_exchange(
             cid, m.TurnInfo(0, "user", self.user_text, self.user_tokens, self.user_created, self.user_created),
             m.TurnInfo(0, "assistant", reply, len(self.out_tokens), self.user_created, now,
-                       reason=self.reason, tokens_per_s=self.tokens_per_s()),
+                       reason=self.reason, tokens_per_s=self.tokens_per_s(), family=model.family),
             parent=self.parent, user_index=self.user_index)
         if saved:                                # after the turns: a state file always names a stored reply
             try:

@@ -71,11 +71,11 @@ def _settings(server, sampling: m.SamplingSettings) -> dict:
 def _detail(server, cid: str, turn_offset: int = 0, branches: bool = True,
             context: bool = False) -> m.ConversationDetail:
     """A conversation and a page of its chosen path; without ``branches`` the turns leave their place in the
-    tree out (a client that does not know those fields reads them); with ``context``, the context in use
-    (:func:`_context`)."""
+    tree and the family of each reply out (a client that does not know those fields reads them); with
+    ``context``, the context in use (:func:`_context`)."""
     turns = server.store.turns_page(cid, turn_offset, TURN_PAGE_BYTES)
     if not branches:
-        turns = [msgspec.structs.replace(t, parent=-1, branch=0, branches=1) for t in turns]
+        turns = [msgspec.structs.replace(t, parent=-1, branch=0, branches=1, family="") for t in turns]
     used, limit = _context(server, cid) if context else (None, None)
     return m.ConversationDetail(conversation=server.store.get_bounded(cid), turns=turns, context_used=used,
                                 context_limit=limit)

@@ -45,7 +45,7 @@ from .paths import private_dir
 from .protocol.messages import (MAX_TEXT, MAX_TITLE, SUMMARY_CHARS, ConversationInfo, TurnInfo,
                                 check_conversation_id, clip_bytes)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 #: metadata entry of a state file: :func:`transcript_digest` of what the state consumed
 DIGEST_KEY = "rwkv_chat.transcript"
@@ -91,6 +91,7 @@ CREATE TABLE turns (
     parent INTEGER NOT NULL DEFAULT -1,
     depth INTEGER NOT NULL DEFAULT 0,
     visited REAL NOT NULL DEFAULT 0,
+    family TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (conversation_id, idx)
 );
 CREATE INDEX IF NOT EXISTS turns_parent ON turns(conversation_id, parent);
@@ -109,6 +110,7 @@ _MIGRATIONS = {
         "ALTER TABLE conversations ADD COLUMN leaf INTEGER NOT NULL DEFAULT -1",
         "UPDATE conversations SET leaf=COALESCE((SELECT MAX(t.idx) FROM turns t WHERE t.conversation_id=conversations.id),-1)",
         "CREATE INDEX IF NOT EXISTS turns_parent ON turns(conversation_id, parent)"),
+    4: ("ALTER TABLE turns ADD COLUMN family TEXT NOT NULL DEFAULT ''",),
 }
 
 
@@ -287,14 +289,14 @@ class Store:
     _TURN = ("SELECT t.idx,t.role,t.text,t.tokens,t.created,t.finished,t.reason,t.tokens_per_s,t.parent,"
              "(SELECT COUNT(*) FROM turns s WHERE s.conversation_id=t.conversation_id AND s.parent=t.parent"
              " AND s.idx<t.idx),"
-             "(SELECT COUNT(*) FROM turns s WHERE s.conversation_id=t.conversation_id AND s.parent=t.parent)"
-             " FROM turns t WHERE t.conversation_id=:c AND t.idx IN p")
+             "(SELECT COUNT(*) FROM turns s WHERE s.conversation_id=t.conversation_id AND s.parent=t.parent),"
+             "t.family FROM turns t WHERE t.conversation_id=:c AND t.idx IN p")
 
     @staticmethod
     def _turn(r, text: str | None = None, truncated: bool = False) -> TurnInfo:
         return TurnInfo(index=r[0], role=r[1], text=r[2] if text is None else text, tokens=r[3], created=r[4],
                         finished=r[5], reason=r[6], tokens_per_s=r[7], truncated=truncated, parent=r[8],
-                        branch=r[9], branches=r[10])
+                        branch=r[9], branches=r[10], family=r[11])
 
     def turns(self, cid: str, upto: int | None = None) -> list[TurnInfo]:
         """The turns of the conversation's chosen path (to its leaf), or of the path to the turn ``upto``,
@@ -362,9 +364,9 @@ class Store:
                 rows += [(n, user, parent, depth), (n + 1, assistant, n, depth + 1)]
             for idx, t, par, dep in rows:
                 db.execute("INSERT INTO turns(conversation_id,idx,role,text,tokens,created,finished,reason,"
-                           "tokens_per_s,parent,depth) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                           "tokens_per_s,parent,depth,family) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                            (cid, idx, t.role, t.text, t.tokens, t.created, t.finished, t.reason, t.tokens_per_s,
-                            par, dep))
+                            par, dep, t.family))
             leaf = rows[-1][0]
             self.choose(cid, leaf)
             if state_n is None:

@@ -135,10 +135,15 @@ class ChatScreen(ConversationActions, DraftSender, Screen):
 
     assistant = "RWKV"      # who answers, as the replies are labelled: the loaded model's family
 
+    @staticmethod
+    def _who(family: str) -> str:
+        """A reply's label for a model family ("qwen2" -> "Qwen", else "RWKV")."""
+        return "Qwen" if family == "qwen2" else "RWKV"
+
     def _note_family(self, status: dict) -> None:
         model = status.get("model") or {}
         if model.get("loaded") or model.get("loading"):
-            self.assistant = "Qwen" if model.get("family") == "qwen2" else "RWKV"
+            self.assistant = self._who(model.get("family") or "")
 
     def focus_input(self) -> None:
         if self.is_mounted:
@@ -367,7 +372,7 @@ class ChatScreen(ConversationActions, DraftSender, Screen):
                 w = UserMessage(t.text, turn=t.index, branch=t.branch, branches=t.branches)
             else:
                 w = AssistantMessage(t.text, footer=self._turn_footer(t), turn=t.index, branch=t.branch,
-                                     branches=t.branches, who=self.assistant)
+                                     branches=t.branches, who=self._who(t.family) if t.family else self.assistant)
             log.add(w)
             added.append(w)
         if announce:

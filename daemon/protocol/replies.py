@@ -91,11 +91,14 @@ class TurnInfo(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     reason: str = ""
     tokens_per_s: float = 0.0
     truncated: bool = False       # text cut to MAX_TEXT bytes (stored beyond the limit by an older version)
-    # the tree (sent only to a client that asks: GetConversation.branches, and in the replies of the branch
-    # requests; fields at their defaults are not sent, so a client that knows none of them reads the rest)
+    # the tree and a reply's family (sent only to a client that asks: GetConversation.branches, and in the replies
+    # of the branch requests; fields at their defaults are not sent, so a client that knows none of them reads the
+    # rest)
     parent: int = -1              # the turn above it (-1: a first message)
     branch: int = 0               # its place among the turns of the same parent (from 0)
     branches: int = 1             # turns of the same parent (itself included): > 1 where the tree branches
+    family: str = ""              # of a reply: the family of the model that wrote it ("rwkv", "qwen2"); "" for user
+                                  # turns and replies stored before it was kept
 
 
 class ConversationList(Msg):

@@ -132,7 +132,8 @@ class GetConversation(Msg, omit_defaults=True):
 
     conversation_id: str
     turn_offset: int = 0
-    branches: bool = False        # each turn with its place in the tree (parent, branch, branches)
+    branches: bool = False        # each turn with its place in the tree (parent, branch, branches) and, for a
+                                  # reply, the family of the model that wrote it
     # with the context in use (ConversationDetail.context_used / context_limit); fields at their defaults are not
     # sent (here and in SwitchBranch, DeleteBranch), so a daemon that knows no ``context`` reads a request
     # that does not ask

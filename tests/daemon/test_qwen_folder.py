@@ -53,7 +53,9 @@ def test_chat_two_at_once_and_resume_after_restart(tmp_path, qwen_folder):
         start_daemon(home, qwen_folder)
         with Client(paths, autostart=False) as c:
             r2 = _chat(c, "a", "What next?", **turn2)
+            turns = c.conversation("a").turns
         assert r2.text == u2.text and r2.tokens == u2.tokens
+        assert [t.family for t in turns] == ["", "qwen2", "", "qwen2"]     # each reply says which model wrote it
         assert r2.prompt_tokens < 20                 # resumed from the saved cache: the history was not re-read
     finally:
         stop_daemon(home)

@@ -144,6 +144,10 @@ def test_schema_1_is_migrated_replies_keep_reason_and_speed_and_untitled_get_a_t
                       TurnInfo(0, "assistant", "yes", 2, 3.0, 4.0, reason="length", tokens_per_s=812.5),
                       state_n=2, fingerprint="f")
     assert (s.turns("old")[-1].reason, s.turns("old")[-1].tokens_per_s) == ("length", 812.5)
+    s.commit_exchange("old", TurnInfo(0, "user", "and Qwen?", 1, 5.0, 5.0),
+                      TurnInfo(0, "assistant", "here", 1, 5.0, 6.0, family="qwen2"), state_n=3, fingerprint="g")
+    assert [t.family for t in s.turns("old")] == ["", "", "", "", "", "qwen2"]     # replies keep who wrote them
+    assert [t.family for t in s.turns_page("old", 0, 1 << 20)][-1] == "qwen2"
     assert s.get("old").title == "Kept"                          # a title given is never replaced
     s.create("new")                                              # Ctrl+N: no title yet
     s.commit_exchange("new", TurnInfo(0, "user", "\n  Plan a day   in Lyon\nwith kids", 9, 1.0, 1.0),

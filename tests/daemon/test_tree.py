@@ -139,8 +139,9 @@ def test_a_schema_2_store_becomes_a_tree_with_its_states_renamed(tmp_path):
     for n in range(3):                      # the linear layout: named by exchanges consumed
         (model / f"{n}.safetensors").write_text(f"after {n}")
     s = Store(tmp_path / "db.sqlite3", tmp_path / "states")
-    assert SCHEMA_VERSION == 3
+    assert SCHEMA_VERSION == 4
     turns = s.turns("old")
+    assert all(t.family == "" for t in turns)          # replies stored before the family was kept
     assert [(t.index, t.parent, t.text, t.reason) for t in turns] == [
         (0, -1, "a", ""), (1, 0, "b", "stop"), (2, 1, "c", ""), (3, 2, "d", "cancelled")]
     c = s.get("old")
