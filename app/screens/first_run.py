@@ -151,7 +151,8 @@ class ModelScreen(Screen):
                 yield Label("Strategies that fit this machine (" + ", ".join(d.split()[0] for d in self.devices) + "):",
                             id="strategy-fit")
                 yield OptionList(*self.strategies, id="strategy-list")
-                yield Checkbox("Make it the default model", True, id="model-remember")
+                # the first model becomes the default; a later load (Ctrl+L) keeps the default unless asked
+                yield Checkbox("Make it the default model", self.first_run, id="model-remember")
                 with Horizontal(classes="buttons"):
                     yield Button("Load", id="model-load", variant="primary", compact=True)
                 yield Static("", id="model-error")

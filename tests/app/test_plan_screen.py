@@ -71,3 +71,22 @@ def test_a_failed_load_puts_the_cursor_in_the_field_it_is_about():
                 assert message in str(screen.query_one("#model-error").render())
 
     asyncio.run(run())
+
+
+def test_only_the_first_model_becomes_the_default_unless_asked():
+    """On the first run the loaded model becomes the daemon's default; a later load (Ctrl+L) leaves the default
+    as it is unless the box is ticked."""
+    from textual.widgets import Checkbox
+
+    async def run(first_run: bool) -> bool:
+        class One(App):
+            def on_mount(self) -> None:
+                self.push_screen(ModelScreen(DEVICES, first_run=first_run))
+
+        app = One()
+        async with app.run_test() as pilot:
+            await pilot.pause()
+            return app.screen.query_one("#model-remember", Checkbox).value
+
+    assert asyncio.run(run(True)) is True
+    assert asyncio.run(run(False)) is False
