@@ -40,10 +40,9 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     from rwkv_chat.models.errors import RWKVError
-    from rwkv_chat.models.rwkv.convert import convert
+    from rwkv_chat.models.rwkv.convert import convert as rwkv_convert
 
-    if Path(args.model).expanduser().is_dir():
-        convert = _qwen2_convert
+    convert = _qwen2_convert if Path(args.model).expanduser().is_dir() else rwkv_convert
 
     def progress(done: int, total: int) -> None:
         if sys.stderr.isatty():

@@ -410,7 +410,6 @@ def plan_memory(path: str | Path, strategy: str, *, conversations: int = 1, cont
         family = "rwkv"
     stages = []
     for d in plan.describe():
-        st = plan.stages[d["stage"]]
         weights: dict[str, int] = {}
         pinned = state = 0
         streamed_layers = []
