@@ -109,7 +109,7 @@ class ChatApp(App):
                                                model.get("strategy", "") or (error or {}).get("strategy", ""))
         screen = ModelScreen(self.status.get("devices") or ["cpu"], path=path, strategy=strategy,
                              first_run=first_run, loading=model.get("loading", ""), error=error,
-                             data_dir=self.paths.data_dir)
+                             data_dir=self.paths.data_dir, remember=not model.get("loaded"))
         self._model_screen = screen
 
         def closed(_result) -> None:

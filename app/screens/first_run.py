@@ -118,8 +118,12 @@ class ModelScreen(Screen):
         remember: bool
 
     def __init__(self, devices: list[str], *, path: str = "", strategy: str = "", first_run: bool = True,
-                 loading: str = "", error: dict | None = None, data_dir: Path | None = None) -> None:
+                 loading: str = "", error: dict | None = None, data_dir: Path | None = None,
+                 remember: bool | None = None) -> None:
         super().__init__()
+        #: whether "Make it the default model" starts ticked (None: on the first run): the daemon's first model
+        #: becomes the default, a load beside a loaded one leaves the default as it is unless asked
+        self.remember = first_run if remember is None else remember
         self.data_dir = data_dir      # the local model registry's folder (None: no local models, no pull)
         self.devices = devices
         self.strategies = suggest_strategies(devices)
@@ -151,8 +155,7 @@ class ModelScreen(Screen):
                 yield Label("Strategies that fit this machine (" + ", ".join(d.split()[0] for d in self.devices) + "):",
                             id="strategy-fit")
                 yield OptionList(*self.strategies, id="strategy-list")
-                # the first model becomes the default; a later load (Ctrl+L) keeps the default unless asked
-                yield Checkbox("Make it the default model", self.first_run, id="model-remember")
+                yield Checkbox("Make it the default model", self.remember, id="model-remember")
                 with Horizontal(classes="buttons"):
                     yield Button("Load", id="model-load", variant="primary", compact=True)
                 yield Static("", id="model-error")

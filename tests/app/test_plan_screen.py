@@ -74,19 +74,20 @@ def test_a_failed_load_puts_the_cursor_in_the_field_it_is_about():
 
 
 def test_only_the_first_model_becomes_the_default_unless_asked():
-    """On the first run the loaded model becomes the daemon's default; a later load (Ctrl+L) leaves the default
-    as it is unless the box is ticked."""
+    """The box starts ticked on the first run (and wherever the app asks: no model loaded yet), unticked for a load
+    beside a loaded model, which leaves the daemon's default as it is unless ticked."""
     from textual.widgets import Checkbox
 
-    async def run(first_run: bool) -> bool:
+    async def run(**kw) -> bool:
         class One(App):
             def on_mount(self) -> None:
-                self.push_screen(ModelScreen(DEVICES, first_run=first_run))
+                self.push_screen(ModelScreen(DEVICES, **kw))
 
         app = One()
         async with app.run_test() as pilot:
             await pilot.pause()
             return app.screen.query_one("#model-remember", Checkbox).value
 
-    assert asyncio.run(run(True)) is True
-    assert asyncio.run(run(False)) is False
+    assert asyncio.run(run(first_run=True)) is True
+    assert asyncio.run(run(first_run=False)) is False
+    assert asyncio.run(run(first_run=False, remember=True)) is True
