@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import math
 
+from .texts import POSITIVE
+
 
 #: (flag, dest, type, low, high, help): the sampling flags of ``complete`` and ``chat``
 SAMPLING_FLAGS = [
@@ -21,7 +23,7 @@ SAMPLING_FLAGS = [
     ("--alpha-presence", "alpha_presence", float, 0.0, None,
      "penalty for a token used at all before (default 0.2)"),
     ("--alpha-decay", "alpha_decay", float, 0.0, 1.0, "how fast the penalties fade, per token (0-1, default 0.996)"),
-    ("--repetition-penalty", "repetition_penalty", float, 0.0, None,
+    ("--repetition-penalty", "repetition_penalty", float, POSITIVE, None,
      "divide the scores of tokens already in the context by this (Hugging Face's penalty; more than 0, 1 = off, "
      "the default unless the model's generation_config.json sets one)"),
     ("--seed", "seed", int, 0, 2**63 - 1, "random seed: the same seed and settings give the same text"),
@@ -29,8 +31,8 @@ SAMPLING_FLAGS = [
 
 
 def _number(kind, lo=None, hi=None):
-    """An argparse type: a ``kind`` (int or float) within [lo, hi], refused in words."""
-    from .texts import between
+    """An argparse type: a ``kind`` (int or float) within [lo, hi] (``texts.in_range``), refused in words."""
+    from .texts import between, in_range
 
     def parse(text: str):
         try:
@@ -40,7 +42,7 @@ def _number(kind, lo=None, hi=None):
                 f"{text!r} is not {'a whole number' if kind is int else 'a number'}") from None
         if kind is float and not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-        if (lo is not None and value < lo) or (hi is not None and value > hi):
+        if not in_range(value, lo, hi):
             raise argparse.ArgumentTypeError(f"{between(lo, hi)}, got {text}")
         return value
 

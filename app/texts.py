@@ -37,8 +37,22 @@ def _num(v) -> str:
     return str(v) if isinstance(v, int) else f"{v:g}"
 
 
+#: a low bound of a number setting: more than 0 (0 itself refused)
+POSITIVE = "positive"
+
+
+def in_range(value, lo=None, hi=None) -> bool:
+    """Whether ``value`` is within [lo, hi] (None: unbounded; ``lo`` = ``POSITIVE``: more than 0)."""
+    if lo == POSITIVE:
+        return value > 0 and (hi is None or value <= hi)
+    return (lo is None or value >= lo) and (hi is None or value <= hi)
+
+
 def between(lo=None, hi=None) -> str:
-    """A range in words: ``"must be between 0 and 1"``, ``"must be 0 or more"``, ``"must be 1 or less"``."""
+    """A range in words: ``"must be between 0 and 1"``, ``"must be 0 or more"``, ``"must be 1 or less"``,
+    ``"must be more than 0"`` (``lo`` = ``POSITIVE``)."""
+    if lo == POSITIVE:
+        return "must be more than 0"
     if lo is not None and hi is not None:
         return f"must be between {_num(lo)} and {_num(hi)}"
     if lo is not None:

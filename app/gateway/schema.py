@@ -72,9 +72,9 @@ class Request:
 
 def _positive(body: dict, name: str) -> float | None:
     """``body[name]`` checked as a number more than 0 (None when absent or null)."""
-    v = _number(body, name, 0)
-    if v == 0:
-        raise bad(name, f"{name} must be more than 0, got 0")
+    v = _number(body, name)
+    if v is not None and v <= 0:
+        raise bad(name, f"{name} must be more than 0, got {v:g}")
     return v
 
 

@@ -16,9 +16,9 @@ from textual.containers import Grid, Horizontal, VerticalScroll
 from textual.message import Message
 from textual.widgets import Button, Input, Label, Static
 
-from ..texts import between
+from ..texts import POSITIVE, between, in_range
 
-# (key, label, type, low, high); None = unbounded. Ranges as SamplerArgs checks them.
+# (key, label, type, low, high); None = unbounded, POSITIVE = more than 0. Ranges as SamplerArgs checks them.
 FIELDS = [
     ("temperature", "Temperature", float, 0.0, None),
     ("top_p", "Top p", float, 0.0, 1.0),
@@ -26,7 +26,7 @@ FIELDS = [
     ("alpha_presence", "Presence penalty", float, 0.0, None),
     ("alpha_frequency", "Frequency penalty", float, 0.0, None),
     ("alpha_decay", "Penalty decay", float, 0.0, 1.0),
-    ("repetition_penalty", "Repetition penalty", float, 0.0, None),
+    ("repetition_penalty", "Repetition penalty", float, POSITIVE, None),
     ("max_tokens", "Max tokens", int, 1, None),
     ("seed", "Seed", int, 0, 2**63 - 1),
 ]
@@ -44,7 +44,7 @@ def parse_field(key: str, text: str):
         raise ValueError(f"{label}: {text!r} is not {'a whole number' if kind is int else 'a number'}") from None
     if kind is float and not math.isfinite(value):
         raise ValueError(f"{label}: must be a finite number")
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
+    if not in_range(value, lo, hi):
         raise ValueError(f"{label} {between(lo, hi)}")
     return value
 

@@ -103,6 +103,9 @@ def test_mistakes_are_refused_in_words(tmp_path, home_env):
     assert r.returncode == 2 and "--temperature: must be 0 or more, got -1" in r.stderr
     r = run(home, "complete", "x", "--top-p", "2")
     assert "--top-p: must be between 0 and 1, got 2" in r.stderr and "Traceback" not in r.stderr
+    for bad in ("0", "-1"):
+        r = run(home, "complete", "x", "--repetition-penalty", bad)
+        assert r.returncode == 2 and f"--repetition-penalty: must be more than 0, got {bad}" in r.stderr
 
     from rwkv_chat.app.widgets.sampling_panel import parse_field
     from rwkv_chat.models.text.sampling import SamplerArgs, SamplingError

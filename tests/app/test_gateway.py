@@ -261,6 +261,8 @@ def test_a_client_leaving_a_stream_cancels_its_generation(gateway, homes):
     ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": 2}, 400, "n"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "repetition_penalty": 0}, 400,
      "repetition_penalty"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "repetition_penalty": -1}, 400,
+     "repetition_penalty"),
     ({"messages": [{"role": "user", "content": "x"}]}, 400, "model"),
     ({"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]}, 404, "model"),
 ])

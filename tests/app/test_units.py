@@ -42,6 +42,10 @@ def test_parse_field_ranges():
                       ("max_tokens", "0"), ("temperature", "abc")]:
         with pytest.raises(ValueError):
             parse_field(key, text)
+    assert parse_field("repetition_penalty", "1.05") == 1.05
+    for text in ("0", "-1"):                        # more than 0, as the sampler takes it
+        with pytest.raises(ValueError, match="^Repetition penalty must be more than 0$"):
+            parse_field("repetition_penalty", text)
 
 
 def test_strategy_suggestions_fit_the_devices():
