@@ -207,8 +207,8 @@ def load_compiled() -> str:
 def served_by(m: int, h: int, i: int) -> str:
     """" (compiled)" where fused_gated_mlp of these rows chose the compiled grouped GEMV, else ""."""
     from rwkv_chat.models.ops import gated_mlp
-    key = (torch.device("cuda", torch.cuda.current_device()), DT, gated_mlp.m_bucket(m), i, h)
-    return " (compiled)" if gated_mlp._COMPILED_FASTER.get(key) else ""
+    chosen = gated_mlp.compiled_chosen(torch.device("cuda", torch.cuda.current_device()), DT, m, i, h)
+    return " (compiled)" if chosen else ""
 
 
 def main() -> int:

@@ -286,8 +286,8 @@ TORCH_LIBRARY_FRAGMENT(rwkv_chat, m) {
           "Tensor(b!)? shift_out, Tensor mix, Tensor(c!) out, int T) -> ()",
           &rwkv_chat::v7_mix_cuda);
     m.def("gemv_multi_cuda(Tensor[] xs, Tensor[] ws, Tensor(a!)[] ys, int[] acts, Tensor?[] biases, int[] glu, "
-          "Tensor?[] ups, Tensor? norm_residual, Tensor? norm_weight, Tensor(b!)? h_out, float eps, Tensor? norm_bias, Tensor? shift, "
-          "Tensor(c!)? xn_out, Tensor?[] mixes, Tensor? copy_src, Tensor(d!)? copy_dst) -> ()",
+          "Tensor?[] ups, Tensor? norm_residual, Tensor? norm_weight, Tensor(b!)? h_out, float eps, Tensor? norm_bias, "
+          "Tensor? shift, Tensor(c!)? xn_out, Tensor?[] mixes, Tensor? copy_src, Tensor(d!)? copy_dst) -> ()",
           &rwkv_chat::gemv_multi_cuda);
     m.def("ffn_rows_cuda(Tensor h, Tensor w, Tensor(a!) y, Tensor(b!) counters, bool skip_zeros, "
           "int blocks_per_sm=2, int tile_threads=0) -> ()", &rwkv_chat::ffn_rows_cuda);

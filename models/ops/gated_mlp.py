@@ -121,7 +121,7 @@ def _compiled_gemv(kern, a, wg, wu) -> torch.Tensor | None:
     first call of a key times both (``_compiled_faster``; during a CUDA graph capture, with no decision yet, the
     compiled one serves). None: the Triton kernel serves."""
     from rwkv_chat.models.kernels import dispatch      # (dispatch imports the ops package: imported at first use)
-    key = (a.device, a.dtype, m_bucket(a.shape[0]), wg.shape[0], wg.shape[1])
+    key = _choice_key(a.device, a.dtype, a.shape[0], wg.shape[0], wg.shape[1])
     faster = _COMPILED_FASTER.get(key)
     if faster is False:
         return None
@@ -130,6 +130,16 @@ def _compiled_gemv(kern, a, wg, wu) -> torch.Tensor | None:
         return y
     _COMPILED_FASTER[key] = faster = _compiled_faster(kern, a, wg, wu, y)
     return y if faster else None
+
+
+def _choice_key(device, dtype, m: int, inter: int, hidden: int) -> tuple:
+    return (torch.device(device), dtype, m_bucket(m), inter, hidden)
+
+
+def compiled_chosen(device, dtype, m: int, inter: int, hidden: int) -> bool:
+    """Whether SwiGLU of ``m`` rows (x [m, hidden], weights [inter, hidden], ``dtype`` on ``device``) was measured
+    faster through the compiled grouped GEMV in this process (False also where nothing was measured yet)."""
+    return bool(_COMPILED_FASTER.get(_choice_key(device, dtype, m, inter, hidden)))
 
 
 def _compiled_faster(kern, a, wg, wu, y, reps: int = 10, rounds: int = 3) -> bool:
