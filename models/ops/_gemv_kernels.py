@@ -2,7 +2,8 @@
 uint8 scheme (i8, for batches above the compiled GEMV's rows).
 
 Imported only through ``gemv._kernels()`` (after checking that Triton and CUDA are there). The kernels take
-x [M, K] (fp16/bf16; BLOCK_M rows per program, the third grid axis over row blocks), dequantize a [BLOCK_K, BLOCK_N] weight tile in registers, and accumulate
+x [M, K] (fp16/bf16; BLOCK_M rows per program, the third grid axis over row blocks), dequantize a [BLOCK_K, BLOCK_N] weight tile in registers
+(the i8 kernel: [BLOCK_N, BLOCK_K], the product's first operand), and accumulate
 ``tl.dot`` products in float32 over a slice of K (``k_per_split``; the second grid axis), so that a decode
 step's matrices fill every multiprocessor. Split results meet in ``_finish``.
 """
@@ -121,41 +122,6 @@ def f8_gemv_kernel(x_ptr, w_ptr, sc_ptr, y_ptr, ws_ptr, cnt_ptr, M, K, N, stride
 
 
 @triton.jit
-def i8_gemm_kernel(x_ptr, w_ptr, mx_ptr, rx_ptr, my_ptr, ry_ptr, y_ptr, ws_ptr, cnt_ptr, M, K, N, stride_wk,
-                   stride_wn, stride_xm, stride_ym, k_per_split, n_splits, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The reference's mm8 product y[m, n] = sum_k x[m, k] ((w[k, n] + 0.5) ry[k] rx[n] + my[k] + mx[n]) for uint8
-    w [K, N] (element [k, n] at k * stride_wk + n * stride_wn: either layout), as
-    rx[n] (sum_k xr[m, k] w[k, n] + 0.5 sum_k xr[m, k]) + sum_k x[m, k] my[k] + mx[n] sum_k x[m, k] with xr = x ry
-    rounded to x's dtype: the first sum on the tensor cores in x's dtype (w, 0..255, is exact in fp16 and bf16),
-    the row sums in float32 beside it."""
-    offs_m, offs_n, m_ok, n_ok = _program_tile(M, N, BLOCK_M, BLOCK_N)
-    pid_k = tl.program_id(1)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    sx = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    sxm = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    sxr = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    k_lo = pid_k * k_per_split
-    for k0 in range(k_lo, tl.minimum(k_lo + k_per_split, K), BLOCK_K):
-        offs_k, k_ok, xk = _x_tile(x_ptr, offs_m, m_ok, k0, K, stride_xm, BLOCK_K)
-        xf = xk.to(tl.float32)
-        ry = tl.load(ry_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-        my = tl.load(my_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-        sx += tl.sum(xf, axis=1)
-        sxm += tl.sum(xf * my[None, :], axis=1)
-        w = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                    mask=k_ok[:, None] & n_ok[None, :], other=0)
-        xr = (xf * ry[None, :]).to(xk.dtype)
-        sxr += tl.sum(xr.to(tl.float32), axis=1)
-        acc += tl.dot(xr, w.to(xk.dtype))
-    rx = tl.load(rx_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-    mx = tl.load(mx_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-    acc = (acc + 0.5 * sxr[:, None]) * rx[None, :] + sxm[:, None] + sx[:, None] * mx[None, :]
-    _finish(acc, y_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, m_ok, n_ok, M, N, stride_ym, n_splits, SPLIT, BLOCK_M,
-            BLOCK_N)
-
-
-@triton.jit
 def fp8_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, BLOCK_K: tl.constexpr):
     """Per-row e4m3 quantization, one program per row: s[m] = max_k |x[m, k]| / 448 (1 for a zero row),
     q[m, k] = e4m3(clamp(x[m, k] / s[m], ±448)); q contiguous [M, K], s float32 [M]."""
@@ -173,3 +139,43 @@ def fp8_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, BLOCK_K: tl.constexpr):
         x = tl.load(x_ptr + m * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
         q = tl.minimum(tl.maximum(x / s, -448.0), 448.0)
         tl.store(q_ptr + m * K + offs, q.to(q_ptr.dtype.element_ty), mask=offs < K)
+
+
+@triton.jit
+def i8_gemm_kernel(x_ptr, w_ptr, mx_ptr, rx_ptr, my_ptr, ry_ptr, y_ptr, ws_ptr, cnt_ptr, M, K, N, stride_wk,
+                   stride_wn, stride_xm, stride_ym, k_per_split, n_splits, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The reference's mm8 product y[m, n] = sum_k x[m, k] ((w[k, n] + 0.5) ry[k] rx[n] + my[k] + mx[n]) for uint8
+    w [K, N] (element [k, n] at k * stride_wk + n * stride_wn: either layout), as
+    rx[n] (sum_k xr[m, k] w[k, n] + 0.5 sum_k xr[m, k]) + sum_k x[m, k] my[k] + mx[n] sum_k x[m, k] with xr = x ry
+    rounded to x's dtype: the first sum on the tensor cores in x's dtype (w, 0..255, is exact in fp16 and bf16),
+    the row sums in float32 beside it. The operands are swapped (y^T = W^T xr^T): the uint8 tile [BLOCK_N, BLOCK_K],
+    converted in registers, is the product's first operand, which the tensor cores take from registers (H100, 16 to
+    128 rows: 1.2-1.9x the kernel with x first)."""
+    offs_m, offs_n, m_ok, n_ok = _program_tile(M, N, BLOCK_M, BLOCK_N)
+    pid_k = tl.program_id(1)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    sx = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    sxm = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    sxr = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    k_lo = pid_k * k_per_split
+    for k0 in range(k_lo, tl.minimum(k_lo + k_per_split, K), BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None], mask=m_ok[None, :] & k_ok[:, None],
+                     other=0.0)                                                                    # [BK, BM]
+        xf = xt.to(tl.float32)
+        ry = tl.load(ry_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+        my = tl.load(my_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+        sx += tl.sum(xf, axis=0)
+        sxm += tl.sum(xf * my[:, None], axis=0)
+        w = tl.load(w_ptr + offs_k[None, :] * stride_wk + offs_n[:, None] * stride_wn,
+                    mask=k_ok[None, :] & n_ok[:, None], other=0)                                   # [BN, BK]
+        xr = (xf * ry[:, None]).to(xt.dtype)
+        sxr += tl.sum(xr.to(tl.float32), axis=0)
+        acc = tl.dot(w.to(xt.dtype), xr, acc)
+    rx = tl.load(rx_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    mx = tl.load(mx_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    out = (tl.trans(acc) + 0.5 * sxr[:, None]) * rx[None, :] + sxm[:, None] + sx[:, None] * mx[None, :]
+    _finish(out, y_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, m_ok, n_ok, M, N, stride_ym, n_splits, SPLIT, BLOCK_M,
+            BLOCK_N)

@@ -37,13 +37,21 @@ def _kernels():
 
 
 
-def _split(K: int, N: int, device) -> tuple[int, int]:
+def _split(K: int, N: int, device, block_n: int = _BLOCK_N, block_k: int = _BLOCK_K) -> tuple[int, int]:
     """(splits of K, K per split): enough programs to fill every multiprocessor twice."""
-    blocks_n = -(-N // _BLOCK_N)
-    want = max(1, min(-(-2 * _sms(device) // blocks_n), -(-K // _BLOCK_K)))
+    blocks_n = -(-N // block_n)
+    want = max(1, min(-(-2 * _sms(device) // blocks_n), -(-K // block_k)))
     per = -(-K // want)
-    per = -(-per // _BLOCK_K) * _BLOCK_K
+    per = -(-per // block_k) * block_k
     return -(-K // per), per
+
+
+def i8_tiles(rows: int) -> dict:
+    """The i8 kernel's tile for a batch of ``rows``: BLOCK_N outputs by BLOCK_K inputs, warps and pipeline stages
+    (H100, K x N of 4096 x 4096, 4096 x 16384 and 16384 x 4096: (64, 64, 4, 4) fastest at 16 rows, (128, 64, 4, 4)
+    at 64 and 128)."""
+    bn = 64 if rows <= 32 else 128
+    return {"BLOCK_N": bn, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4}
 
 
 def _check(x: torch.Tensor, K: int, tensors: dict, rows: int = GEMV_ROWS) -> None:
@@ -68,13 +76,16 @@ def _counters(device: torch.device) -> torch.Tensor | None:
     return c
 
 
-def _launch(kernel, x, N, args, extra, device, **const):
-    """Launch a GEMV kernel on x [M, K] (contiguous) -> y [M, N] in x's dtype. Launches on one stream at a time
+def _launch(kernel, x, N, args, extra, device, tiles: dict | None = None, **const):
+    """Launch a GEMV kernel on x [M, K] (contiguous) -> y [M, N] in x's dtype; ``tiles``: BLOCK_N, BLOCK_K and
+    launch options (default: ``_BLOCK_N`` x ``_BLOCK_K``, Triton's defaults). Launches on one stream at a time
     share the device's counters (CUDA graphs and the decoder run one stream)."""
     M, K = x.shape
-    splits, per = _split(K, N, device)
+    tiles = tiles or {"BLOCK_N": _BLOCK_N, "BLOCK_K": _BLOCK_K}
+    block_n = tiles["BLOCK_N"]
+    splits, per = _split(K, N, device, block_n, tiles["BLOCK_K"])
     block_m = min(64, max(16, 1 << (M - 1).bit_length()))
-    grid = (-(-N // _BLOCK_N), splits, -(-M // block_m))
+    grid = (-(-N // block_n), splits, -(-M // block_m))
     counters = _counters(device) if splits > 1 and grid[0] * grid[2] <= _MAX_TILES else None
     if counters is None:
         splits, per = 1, K
@@ -82,7 +93,7 @@ def _launch(kernel, x, N, args, extra, device, **const):
     y = torch.empty(M, N, dtype=x.dtype, device=device)
     ws = torch.empty(splits, M, N, dtype=torch.float32, device=device) if splits > 1 else y
     kernel[grid](x, *args, y, ws, counters if counters is not None else y, M, K, N, *extra, x.stride(0), y.stride(0),
-                 per, splits, SPLIT=splits > 1, BLOCK_M=block_m, BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K, **const)
+                 per, splits, SPLIT=splits > 1, BLOCK_M=block_m, **tiles, **const)
     return y
 
 
@@ -111,7 +122,7 @@ def i8_gemm(x: torch.Tensor, q: Int8Weight) -> torch.Tensor:
     (M <= I8_ROWS, fp16/bf16, CUDA) -> [M, N] in x's dtype; q in either layout (``Int8Weight.output_major``: the
     kernel reads ``w`` through its strides), its scales in any float dtype. The uint8 weights are read once, as they
     are (no dequantized copy): rx ⊙ ((x ry) @ w + 0.5 Σ x ry) + x @ my + (Σ x) mx, the product on the tensor cores in
-    x's dtype (w exact) with float32 accumulation.
+    x's dtype (w exact, the weight tile as the first operand) with float32 accumulation; tiles by ``i8_tiles``.
 
     Raises: UnsupportedDtypeError, ShapeMismatchError, DeviceError.
     """
@@ -120,7 +131,8 @@ def i8_gemm(x: torch.Tensor, q: Int8Weight) -> torch.Tensor:
     x = x.contiguous()
     k = _kernels()
     return _launch(k.i8_gemm_kernel, x, N, (q.w, q.mx.contiguous(), q.rx.contiguous(), q.my.contiguous(),
-                                            q.ry.contiguous()), (q.w.stride(0), q.w.stride(1)), x.device)
+                                            q.ry.contiguous()), (q.w.stride(0), q.w.stride(1)), x.device,
+                   i8_tiles(x.shape[0]))
 
 
 def f8_gemv(x: torch.Tensor, q: Float8Weight) -> torch.Tensor:

@@ -93,8 +93,12 @@ class Qwen2Decoder(Slots):
         single_cuda = len(set(model.devices)) == 1 and dev0.type == "cuda" and \
             not any(p.stream for p in model.plan.layers)
         self.graphs = single_cuda if graphs is None else bool(graphs) and single_cuda
-        self._ids_dev = torch.zeros(max_batch, dtype=torch.long, device=dev0)
-        self._lens_dev = torch.zeros(max_batch, dtype=torch.long, device=dev0)
+        # a step's inputs: token ids (row 0) and cached lengths (row 1), staged in pinned memory and copied
+        # asynchronously in one transfer, so the host prepares the next step while the GPU runs this one
+        self._inputs_host = torch.zeros(2, max_batch, dtype=torch.long, pin_memory=dev0.type == "cuda")
+        self._inputs_dev = torch.zeros(2, max_batch, dtype=torch.long, device=dev0)
+        self._ids_dev, self._lens_dev = self._inputs_dev
+        self._inputs_copied = None               # CUDA event: the last copy out of _inputs_host has run
         self._graph: dict[tuple, tuple] = {}        # (bucket, width) -> (CUDAGraph, static logits) at this capacity
         self._pool = None
 
@@ -186,18 +190,30 @@ class Qwen2Decoder(Slots):
         need = int(self._lens[:n].max()) + 1       # every live row writes at its next position, fed or not
         self._grow(need)
         b = self.bucket(n)
-        ids = torch.zeros(b, dtype=torch.long)
-        for h, t in tokens.items():
-            ids[slots[h]] = int(t)
-        lens = self._lens[:b].clone()
-        self._ids_dev[:b].copy_(ids)
-        self._lens_dev[:b].copy_(lens)
+        self._stage(tokens, slots)
         logits = self._run(b, span(need, self.model.context_limit))
         for h, t in tokens.items():
             s = slots[h]
-            self._tokens[s, int(lens[s])] = int(t)
+            self._tokens[s, int(self._lens[s])] = int(t)
             self._lens[s] += 1
         return {h: logits[slots[h]] for h in tokens}
+
+    def _stage(self, tokens: dict[int, int], slots: dict[int, int]) -> None:
+        """Copy the step's token ids (0 for rows not fed) and every slot's length to the device (one asynchronous
+        copy out of pinned memory on CUDA); a step reads the rows of its bucket."""
+        host = self._inputs_host
+        if self._inputs_copied is not None:
+            # the previous step's copy out of this buffer must have run before it is rewritten (the host runs
+            # ahead of the GPU when nothing syncs between steps)
+            self._inputs_copied.synchronize()
+        host[0].zero_()
+        for h, t in tokens.items():
+            host[0, slots[h]] = int(t)
+        host[1].copy_(self._lens)
+        self._inputs_dev.copy_(host, non_blocking=True)          # all slots: one contiguous transfer
+        if self._inputs_dev.is_cuda:
+            self._inputs_copied = torch.cuda.Event()
+            self._inputs_copied.record()
 
     def _run(self, b: int, width: int) -> torch.Tensor:
         """The step of the first b slots over the first ``width`` positions (inputs in ``_ids_dev``, ``_lens_dev``):
