@@ -18,11 +18,19 @@ def _daemon(args) -> int:
 
     paths = _paths()
     if args.daemon_cmd == "start":
+        from .models_cli import load_target
+
+        cfg = _config(paths)
         if args.foreground:
             from rwkv_chat.daemon.launcher import AlreadyRunning, run_foreground
 
             try:
-                return run_foreground(paths, _config(paths), args.model, args.strategy)
+                model, own_strategy = load_target(args.model, paths, cfg.model.strategy) if args.model \
+                    else (None, "")
+            except FileNotFoundError as e:
+                raise UsageError(str(e)) from None
+            try:
+                return run_foreground(paths, cfg, model, args.strategy or own_strategy or None)
             except AlreadyRunning as e:
                 _err(f"rwkv-chat: {e}")
                 return 3
@@ -32,10 +40,8 @@ def _daemon(args) -> int:
             if args.model:      # the model asked for is loaded into the running daemon, as `load` would
                 return _load(argparse.Namespace(path=args.model, strategy=args.strategy, default=False))
             return 0
-        from .models_cli import load_target
-
         try:
-            model, own_strategy = load_target(args.model, paths) if args.model else (None, "")
+            model, own_strategy = load_target(args.model, paths, cfg.model.strategy) if args.model else (None, "")
         except FileNotFoundError as e:
             raise UsageError(str(e)) from None
         info = spawn_daemon(paths, model, args.strategy or own_strategy or None)
@@ -192,7 +198,8 @@ def _load(args) -> int:
     paths = _paths()
     cfg = _config(paths)
     try:
-        path, own_strategy = load_target(args.path, paths)     # a file or folder, or a local model's name
+        # a file or folder, or a local model's name; a pre-quantized file brings its format to the default strategy
+        path, own_strategy = load_target(args.path, paths, cfg.model.strategy)
     except FileNotFoundError as e:
         raise UsageError(str(e)) from None
     if args.strategy is not None and not args.strategy.strip():

@@ -31,7 +31,7 @@ required to be i4 as the loader requires).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ import torch
 from rwkv_chat.models import formats
 from rwkv_chat.models.errors import CheckpointError, StrategyError
 from rwkv_chat.models.header import read_header, safetensors_header
-from rwkv_chat.models.strategy import Plan, plan_layers
+from rwkv_chat.models.strategy import Plan, parse_strategy, plan_layers
 from rwkv_chat.models.stream import slot_bytes
 
 _NAMES = {torch.float16: "fp16", torch.float32: "fp32", torch.bfloat16: "bf16"}
@@ -459,6 +459,25 @@ def plan_memory(path: str | Path, strategy: str, *, conversations: int = 1, cont
 def gpus() -> list[str]:
     """The CUDA devices torch sees here, as strategy device names ("cuda:0", ...)."""
     return [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+
+
+def fitted_strategy(path: str | Path, strategy: str) -> str:
+    """A default ``strategy`` fitted to the weights the checkpoint at ``path`` holds: every stage in the checkpoint's
+    one weight format where it holds one (a GPTQ folder: ``i4``; a file of ``rwkv-chat convert``: its format),
+    devices, dtypes and layer counts kept (``"cuda fp16"`` -> ``"cuda fp16i4"``); the strategy a converted file of
+    several formats was converted for; ``strategy`` itself for float weights. For defaults only (the config's
+    strategy when the user names none): a strategy the user gives is loaded as given, and a mismatch is refused
+    with a message that names the fix.
+
+    Raises:
+        CheckpointError: unreadable checkpoint. StrategyError: ``strategy`` outside the grammar.
+    """
+    held, converted_for = _held_format(Path(str(path).strip()).expanduser())
+    if converted_for:
+        return converted_for
+    if held is None:
+        return strategy
+    return " -> ".join(str(replace(stage, quant=held)) for stage in parse_strategy(strategy))
 
 
 def suggest(path: str | Path, devices: list[str] | None = None, *, free: dict[str, int | None] | None = None,

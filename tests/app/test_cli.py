@@ -171,6 +171,23 @@ def test_load_shows_one_progress_bar(daemon):
     assert text.count("\n") == 1                                 # every bar on the same line
 
 
+def test_a_converted_file_loads_in_its_own_format_when_no_strategy_is_given(daemon, tmp_path):
+    """`rwkv-chat load CONVERTED` with no --strategy: the config's strategy (cpu fp32) in the file's format; a
+    strategy the user names is still loaded as given (here refused, in one line naming the fix)."""
+    out = tmp_path / "m-i4.safetensors"
+    r = run(daemon.paths.home, "convert", str(daemon.model), "--strategy", "cpu fp32i4", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    try:
+        r = run(daemon.paths.home, "load", str(out))
+        assert r.returncode == 0 and r.stderr.strip().splitlines()[-1].startswith(f"loaded {out} with strategy "
+                                                                                  "'cpu fp32i4'"), r.stderr
+        r = run(daemon.paths.home, "load", str(out), "--strategy", "cpu fp32")
+        err = r.stderr.strip().splitlines()[-1]
+        assert r.returncode == 1 and "i4" in err and "Traceback" not in r.stderr, r.stderr
+    finally:
+        run(daemon.paths.home, "load", str(daemon.model), "--strategy", "cpu fp32")
+
+
 def _read_all(fd: int) -> bytes:
     """Everything a pseudo-terminal's main side gives until its other side is closed (then closes it)."""
     out = b""

@@ -18,7 +18,7 @@ import torch
 
 from rwkv_chat.models import RWKV, formats
 from rwkv_chat.models.formats.i8 import quantize_i8
-from rwkv_chat.models.plan import plan_memory, read_header, suggest
+from rwkv_chat.models.plan import fitted_strategy, plan_memory, read_header, suggest
 from rwkv_chat.models.rwkv.decode import BatchDecoder
 from rwkv_chat.models.stream import LayerStreamer
 
@@ -179,6 +179,11 @@ def test_plan_of_a_converted_file_equals_a_real_load(model_path, tmp_path, strat
     assert str(planned.value) == str(loaded.value)
     fits = suggest(out, [])
     assert fits and all(RWKV(out, s, kernels=False).plan.strategy == s for s in fits), fits
+    # a default strategy (the config's) fitted to what the file holds loads it
+    fitted = fitted_strategy(out, "cpu fp32")
+    assert RWKV(out, fitted, kernels=False).plan.strategy == fitted
+    assert fitted == (strategy if " -> " in strategy else f"cpu fp32{strategy.split()[1][4:]}")
+    assert fitted_strategy(model_path("5.2"), "cpu bf16 *2 -> cpu fp32") == "cpu bf16 *2 -> cpu fp32"
 
 
 def test_plan_of_a_file_that_is_no_checkpoint_says_so_as_the_loader_does(tmp_path):
