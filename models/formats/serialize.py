@@ -10,9 +10,13 @@ A packed weight of key ``K`` is stored as tensors ``K.<part>``:
 ``parts(packed) -> (suffix, {part: tensor}, info)`` and ``assemble(suffix, parts, info)`` invert each other
 bit for bit. ``rescaled(packed, factor)`` divides the weight a packed matrix stands for by ``factor`` (a power of
 two: exact), as quantizing the divided float matrix would give (the fp16 residual rescale of RWKV v4–v6).
+``write_checkpoint(tensors, out, metadata)`` writes such tensors as a ``.safetensors`` or ``.pth`` file.
 """
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import torch
 
@@ -75,3 +79,21 @@ def rescaled(packed, factor: float):
     if isinstance(packed, Float8Weight):
         return Float8Weight(packed.w8, packed.scale / factor)
     raise TypeError(f"{type(packed).__name__} is not a packed weight")
+
+
+def write_checkpoint(tensors: dict[str, torch.Tensor], out: str | Path, metadata: dict | None = None) -> None:
+    """Write ``tensors`` to ``out``: ``.safetensors`` (``metadata`` as its string metadata) or else ``torch.save``;
+    through ``out.part``, renamed when complete, with the permissions a new file gets here (the umask's: the
+    safetensors writer alone leaves 0600). Raises OSError."""
+    out = Path(out)
+    tmp = out.with_name(out.name + ".part")
+    if out.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
+    else:
+        torch.save(tensors, str(tmp))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    tmp.replace(out)

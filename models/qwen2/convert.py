@@ -30,6 +30,7 @@ import torch
 
 from rwkv_chat.models.errors import CheckpointError, StrategyError
 from rwkv_chat.models.formats.i4 import group_size_for, quantize_i4
+from rwkv_chat.models.formats.serialize import write_checkpoint
 from rwkv_chat.models.qwen2.checkpoint import INDEX, open_checkpoint
 from rwkv_chat.models.qwen2.config import read_config
 from rwkv_chat.models.strategy import parse_strategy
@@ -41,7 +42,8 @@ def convert(src: str | Path, out: str | Path, strategy: str,
 
     Returns: ``{"out", "family": "qwen2", "version", "strategy", "packed": {"i4": count}, "bytes", "group_size"}``.
     Raises:
-        CheckpointError: an unreadable or already quantized source, ``out`` a file, an existing non-empty folder or the
+        CheckpointError: an unreadable or already quantized source, ``out`` a file (or named like one: .safetensors,
+            .pth, .bin), an existing non-empty folder, a folder whose parent does not exist, or the
             source, widths that are not multiples of 8.
         StrategyError: a malformed strategy, or a stage that is not ``i4``.
     """
@@ -61,6 +63,11 @@ def convert(src: str | Path, out: str | Path, strategy: str,
                               "empty folder")
     if out.exists() and any(out.iterdir()):
         raise CheckpointError(f"output {out} exists and is not an empty folder")
+    if not out.exists() and out.suffix in (".safetensors", ".pth", ".bin"):
+        raise CheckpointError(f"output {out}: a Qwen2 folder converts to a GPTQ folder, not a {out.suffix} file; name "
+                              "a new or empty folder")
+    if not out.resolve().parent.is_dir():
+        raise CheckpointError(f"output {out}: the folder {out.resolve().parent} does not exist")
     ck = open_checkpoint(src, cfg)
     widths = (cfg.hidden_size, cfg.q_dim, cfg.intermediate_size)
     outs = (cfg.q_dim, cfg.kv_dim, cfg.hidden_size, cfg.intermediate_size)
@@ -83,19 +90,15 @@ def convert(src: str | Path, out: str | Path, strategy: str,
         if progress is not None:
             progress(n + 1, len(keys))
     ck.close()
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(exist_ok=True)
     for f in src.iterdir():
         if f.is_file() and f.suffix != ".safetensors" and f.name not in (INDEX, "config.json"):
             shutil.copy2(f, out / f.name)
     data = json.loads((src / "config.json").read_text(encoding="utf-8"))
     data["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": False,
                                    "sym": False, "checkpoint_format": "gptq"}
-    from safetensors.torch import save_file
-
-    tmp = out / "model.safetensors.part"
-    save_file(tensors, str(tmp), metadata={"format": "pt", "quantized_by": "rwkv-chat convert",
-                                           "strategy": " -> ".join(str(s) for s in stages)})
-    tmp.replace(out / "model.safetensors")
+    write_checkpoint(tensors, out / "model.safetensors", {"format": "pt", "quantized_by": "rwkv-chat convert",
+                                                          "strategy": " -> ".join(str(s) for s in stages)})
     (out / "config.json").write_text(json.dumps(data, indent=2), encoding="utf-8")
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     return {"out": str(out), "family": "qwen2", "version": cfg.version, "strategy": " -> ".join(map(str, stages)),

@@ -79,7 +79,7 @@ def convert(src: str | Path, out: str | Path, strategy: str | None = None,
     counts: dict[str, int] = {}
     if strategy is None:
         tensors = {k: t.contiguous() for k, t in w.items()}
-        _write(tensors, out, {"fingerprint": fp})
+        serialize.write_checkpoint(tensors, out, {"fingerprint": fp})
         return {"out": str(out), "version": spec.version, "strategy": None, "packed": counts,
                 "bytes": out.stat().st_size}
     if out.suffix != ".safetensors":
@@ -108,20 +108,9 @@ def convert(src: str | Path, out: str | Path, strategy: str | None = None,
             progress(n + 1, len(w))
     meta = {"format": MAGIC, "strategy": plan.strategy, "rwkv_version": spec.version, "fingerprint": fp,
             "packed": json.dumps(packed_keys)}
-    _write(tensors, out, meta)
+    serialize.write_checkpoint(tensors, out, meta)
     return {"out": str(out), "version": spec.version, "strategy": plan.strategy, "packed": counts,
             "bytes": out.stat().st_size}
-
-
-def _write(tensors: dict, out: Path, meta: dict) -> None:
-    tmp = out.with_name(out.name + ".part")
-    if out.suffix == ".safetensors":
-        from safetensors.torch import save_file
-
-        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in meta.items()})
-    else:
-        torch.save(tensors, str(tmp))
-    tmp.replace(out)
 
 
 def converted_metadata(path: str | Path) -> dict | None:
