@@ -4,6 +4,7 @@ files (``rwkv-chat convert``) giving the logits of quantizing at load."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -129,6 +130,12 @@ def test_container_conversion_and_the_cli(model_path, tmp_path):
                         capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0, ok.stderr
     assert "i4" in ok.stderr and (tmp_path / "q.safetensors").exists()
+    umask = os.umask(0o022)                         # a converted file is readable as any new file here
+    try:
+        convert.convert(src, tmp_path / "r.safetensors", "cpu fp32i8")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "r.safetensors").stat().st_mode & 0o777 == 0o644
     bad = subprocess.run([*cli, "convert", str(src), "--strategy", "cpu fp32i9", "-o", str(tmp_path / "x.safetensors")],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "'i9'" in bad.stderr

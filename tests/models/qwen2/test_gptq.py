@@ -169,3 +169,9 @@ def test_convert_refuses_an_output_that_is_a_file_or_a_full_folder(tmp_path):
     (tmp_path / "full" / "a").write_text("a")
     with pytest.raises(CheckpointError, match="full exists and is not an empty folder"):
         convert(src, tmp_path / "full", "cpu fp32i4")
+    with pytest.raises(CheckpointError, match=r"new\.safetensors: a Qwen2 folder converts to a GPTQ folder, not a "
+                                              r"\.safetensors file"):
+        convert(src, tmp_path / "new.safetensors", "cpu fp32i4")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        convert(src, tmp_path / "no" / "gptq", "cpu fp32i4")
+    assert not (tmp_path / "new.safetensors").exists() and not (tmp_path / "no").exists()
