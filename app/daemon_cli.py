@@ -18,19 +18,11 @@ def _daemon(args) -> int:
 
     paths = _paths()
     if args.daemon_cmd == "start":
-        from .models_cli import load_target
-
-        cfg = _config(paths)
         if args.foreground:
             from rwkv_chat.daemon.launcher import AlreadyRunning, run_foreground
 
             try:
-                model, own_strategy = load_target(args.model, paths, cfg.model.strategy) if args.model \
-                    else (None, "")
-            except FileNotFoundError as e:
-                raise UsageError(str(e)) from None
-            try:
-                return run_foreground(paths, cfg, model, args.strategy or own_strategy or None)
+                return run_foreground(paths, _config(paths), args.model, args.strategy)
             except AlreadyRunning as e:
                 _err(f"rwkv-chat: {e}")
                 return 3
@@ -40,8 +32,10 @@ def _daemon(args) -> int:
             if args.model:      # the model asked for is loaded into the running daemon, as `load` would
                 return _load(argparse.Namespace(path=args.model, strategy=args.strategy, default=False))
             return 0
+        from .models_cli import load_target
+
         try:
-            model, own_strategy = load_target(args.model, paths, cfg.model.strategy) if args.model else (None, "")
+            model, own_strategy = load_target(args.model, paths) if args.model else (None, "")
         except FileNotFoundError as e:
             raise UsageError(str(e)) from None
         info = spawn_daemon(paths, model, args.strategy or own_strategy or None)
@@ -198,20 +192,22 @@ def _load(args) -> int:
     paths = _paths()
     cfg = _config(paths)
     try:
-        # a file or folder, or a local model's name; a pre-quantized file brings its format to the default strategy
-        path, own_strategy = load_target(args.path, paths, cfg.model.strategy)
+        path, own_strategy = load_target(args.path, paths)     # a file or folder, or a local model's name
     except FileNotFoundError as e:
         raise UsageError(str(e)) from None
     if args.strategy is not None and not args.strategy.strip():
         raise UsageError("--strategy is empty; give one such as \"cpu fp32\" or \"cuda fp16\", or leave the flag out")
-    strategy = args.strategy or own_strategy or cfg.model.strategy
+    # none named: "" asks for the daemon's default (the config's strategy, in the checkpoint's own weight format
+    # where it holds one: a file of `rwkv-chat convert`, a GPTQ folder)
+    strategy = " ".join((args.strategy or own_strategy or "").split())
     interactive = sys.stderr.isatty()
 
     def run(c) -> int:
+        nonlocal strategy
         name = os.path.basename(path)
         said_queued = False
         if not interactive:
-            _err(f"loading {path} with strategy {strategy!r} ...")
+            _err(f"loading {path} with " + (f"strategy {strategy!r}" if strategy else "the default strategy") + " ...")
         for ev in c.load(path, strategy):
             if isinstance(ev, m.Progress) and interactive:      # one bar, redrawn in place
                 sys.stderr.write(f"\r\x1b[Kloading {name} {progress_bar(ev.done, ev.total)} layers")
@@ -228,6 +224,7 @@ def _load(args) -> int:
                 if ev.reason == "cancelled":
                     _err("rwkv-chat: the load was cancelled (the daemon stopped)")
                     return 130
+                strategy = strategy or (c.status().get("model") or {}).get("strategy", "")
                 _err(f"loaded {path} with strategy {strategy!r} in {ev.prefill_s:.2f} s")
         return 0
 

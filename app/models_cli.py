@@ -188,38 +188,21 @@ def models(args) -> int:
         return 2
 
 
-def load_target(ref: str, paths, default: str = "") -> tuple[str, str]:
-    """What ``rwkv-chat load REF`` sends: ``(path or local name, the model's own default strategy or "")``. A
-    checkpoint that holds its matrices in one weight format (``rwkv-chat convert``, a GPTQ folder) has ``default``
-    (the config's strategy) in that format as its own (``plan.fitted_strategy``). Raises FileNotFoundError when
-    ``ref`` is neither an existing file/folder nor a local model's name."""
+def load_target(ref: str, paths) -> tuple[str, str]:
+    """What ``rwkv-chat load REF`` sends: ``(path or local name, the model's own default strategy or "")``.
+    Raises FileNotFoundError when ``ref`` is neither an existing file/folder nor a local model's name."""
     from rwkv_chat.daemon.registry import NAME_RE, Registry, existing_path
 
     p = os.path.expanduser(ref)
     if os.path.exists(p):
-        return os.path.abspath(p), _held_strategy(p, default)
+        return os.path.abspath(p), ""
     entry = Registry(paths.data_dir).get(ref) if NAME_RE.fullmatch(ref) else None
     if entry is None and (found := existing_path(ref)) is not None:      # "model" for model.pth
-        return os.path.abspath(found), _held_strategy(found, default)
+        return os.path.abspath(found), ""
     if entry is None:
         raise FileNotFoundError(f"no model file or local model named {ref!r} (`rwkv-chat models` lists the local "
                                 "models; `rwkv-chat pull` downloads one)")
     return entry.name, entry.strategy
-
-
-def _held_strategy(path: str, default: str) -> str:
-    """``default`` fitted to the checkpoint's weight format where that changes it, else "" (the caller's default
-    stands); "" too where the checkpoint cannot be read here (the daemon's load reports why)."""
-    if not default:
-        return ""
-    from rwkv_chat.models.errors import CheckpointError, StrategyError
-    from rwkv_chat.models.plan import fitted_strategy
-
-    try:
-        fitted = fitted_strategy(path, default)
-    except (CheckpointError, StrategyError, OSError, ValueError):
-        return ""
-    return "" if fitted == default else fitted
 
 
 # ---------------------------------------------------------------- ps / unload

@@ -215,6 +215,20 @@ class Host:
             info["kernel_build"] = [b.progress() for b in builds.values()]
         return info
 
+    def strategy_for(self, path: str, strategy: str, default: str) -> str:
+        """The strategy a load of ``path`` (a checkpoint or a local model's name) runs with: ``strategy`` where one
+        is named; else ``default`` (the config's) in the checkpoint's own weight format where it holds one (a file
+        of ``rwkv-chat convert``, a GPTQ folder: ``plan.fitted_strategy``), so a pre-quantized file loads as it
+        is. A checkpoint that cannot be read here keeps ``default`` (the load reports why)."""
+        if strategy:
+            return strategy
+        from rwkv_chat.models import RWKVError, fitted_strategy
+
+        try:
+            return fitted_strategy(os.path.expanduser(self.resolve(path)), default)
+        except (FileNotFoundError, RWKVError, OSError, ValueError):
+            return default
+
     def expect(self, path: str, strategy: str) -> None:
         """Say (in :meth:`info`) that ``path`` (or a local model's name) is about to load with ``strategy``
         (any thread)."""

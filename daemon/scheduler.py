@@ -378,7 +378,8 @@ class Scheduler(KeepAlive):
 
         self._release_prompt_states()         # off the devices before the new weights come
         try:
-            self.host.load(req.path, req.strategy, self.config.model.tokenizer, max_batch=d.max_batch,
+            strategy = self.host.strategy_for(req.path, req.strategy, self.config.model.strategy)
+            self.host.load(req.path, strategy, self.config.model.tokenizer, max_batch=d.max_batch,
                            batch_invariant=d.batch_invariant, threads=d.threads, progress=progress,
                            context_limit=self.config.model.context_limit)
         except BaseException as e:     # noqa: BLE001 — a failed load must not end the daemon

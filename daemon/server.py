@@ -64,7 +64,7 @@ class Server:
         self.paths = ensure_dirs(paths)
         self.config = config
         self.model = model if model is not None else (config.model.path or None)
-        self.strategy = strategy or config.model.strategy
+        self.strategy = strategy or ""      # "": the config's, fitted to the checkpoint (host.strategy_for)
         self.started = time.time()
         self.last_seen: dict[str, float] = {}     # client id -> time of its last request or heartbeat
         self.conn_seen: dict[bytes, float] = {}   # connection (ROUTER identity) -> time of its last request
@@ -197,6 +197,7 @@ class Server:
             self.scheduler.start()
             self.sessions.prefix.budget = d.prefix_cache_bytes     # states of stateless chat requests (none yet)
             if self.model:
+                self.strategy = self.host.strategy_for(self.model, self.strategy, self.config.model.strategy)
                 self.host.expect(self.model, self.strategy)    # status says so before any client can ask
                 self.scheduler.submit(Job(id="startup-load", kind="load", client_id="", topic=m.DAEMON_TOPIC,
                                           request=m.Load(client_id="", topic=m.DAEMON_TOPIC, path=self.model,

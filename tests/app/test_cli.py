@@ -171,11 +171,13 @@ def test_load_shows_one_progress_bar(daemon):
     assert text.count("\n") == 1                                 # every bar on the same line
 
 
-def test_a_converted_file_loads_in_its_own_format_when_no_strategy_is_given(daemon, tmp_path):
+def test_a_converted_file_loads_in_its_own_format_when_no_strategy_is_given(daemon, tmp_path, home_env):
     """`rwkv-chat load CONVERTED` with no --strategy: the config's strategy (cpu fp32) in the file's format; a
     strategy the user names is still loaded as given (here refused, in one line naming the fix)."""
     out = tmp_path / "m-i4.safetensors"
     r = run(daemon.paths.home, "convert", str(daemon.model), "--strategy", "cpu fp32i4", "-o", str(out))
+    i8 = tmp_path / "m-i8.safetensors"
+    assert run(daemon.paths.home, "convert", str(daemon.model), "--strategy", "cpu fp32i8", "-o", str(i8)).returncode == 0
     assert r.returncode == 0, r.stderr
     try:
         r = run(daemon.paths.home, "load", str(out))
@@ -186,6 +188,13 @@ def test_a_converted_file_loads_in_its_own_format_when_no_strategy_is_given(daem
         assert r.returncode == 1 and "i4" in err and "Traceback" not in r.stderr, r.stderr
     finally:
         run(daemon.paths.home, "load", str(daemon.model), "--strategy", "cpu fp32")
+    # a daemon started with it (no --strategy): the same default, from the daemon's own config
+    home = make_home(tmp_path / "home", None)
+    try:
+        r = run(home.home, "daemon", "start", "--model", str(i8))
+        assert r.returncode == 0 and "with strategy 'cpu fp32i8'" in r.stderr, r.stderr
+    finally:
+        run(home.home, "daemon", "stop")
 
 
 def _read_all(fd: int) -> bytes:
