@@ -323,3 +323,30 @@ def test_sampling_follows_filtered_probs():
     counts = torch.bincount(torch.tensor([s.sample(logits) for _ in range(4000)]), minlength=50).double()
     assert set(torch.nonzero(counts).flatten().tolist()) <= set(torch.nonzero(probs).flatten().tolist())
     assert torch.allclose(counts / 4000, probs.double(), atol=0.03)
+
+
+@pytest.mark.parametrize("args", [dict(top_p=0.85), dict(top_p=0.3, temperature=0.7), dict(top_p=0.8, top_k=20),
+                                  dict(top_p=1.0, top_k=5, temperature=1.3), dict(top_p=0.95, top_k=300),
+                                  dict(temperature=0, alpha_presence=0.5)])
+def test_the_kept_token_draw_takes_the_tokens_of_the_full_path(args):
+    """``Sampler.sample`` draws from the kept tokens only (``_draw_kept``); with the same seed it takes the tokens
+    the full path (``filtered_probs`` over the vocabulary) takes, over peaked and flat logits, with ties at the
+    top-k cut and penalties changing the logits as the draws go."""
+    g = torch.Generator().manual_seed(5)
+    rows = [torch.randn(3000, generator=g) * scale for scale in (0.5, 3.0, 8.0) for _ in range(40)]
+    tie = torch.randn(3000, generator=g) * 4
+    tie[tie.topk(30).indices[15:25]] = tie.max() - 1        # ten equal logits across a cut at 20
+    rows.append(tie)
+    cfg = SamplerArgs(seed=11, alpha_frequency=0.2, alpha_presence=0.1, repetition_penalty=1.1).updated(args)
+    fast, full = Sampler(cfg), Sampler(cfg)
+    full._draw_kept = lambda x: None
+    decided, draw_kept = [], fast._draw_kept
+
+    def spy(x):
+        token = draw_kept(x)
+        decided.append(token is not None)
+        return token
+    fast._draw_kept = spy
+    for i, row in enumerate(rows):
+        assert fast.sample(row) == full.sample(row), i
+    assert sum(decided) >= len(rows) // 2                   # the kept-token path decided most draws
