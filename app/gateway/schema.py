@@ -31,6 +31,7 @@ Errors follow OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}`
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 from rwkv_chat.daemon.protocol import messages as m
@@ -78,8 +79,12 @@ def _positive(body: dict, name: str) -> float | None:
     return v
 
 
+#: the largest integer a request field may hold (the protocol's 64-bit integers)
+MAX_INT = 2**63 - 1
+
+
 def _number(body: dict, name: str, lo: float | None = None, hi: float | None = None, integer: bool = False):
-    """``body[name]`` checked (None when absent or null)."""
+    """``body[name]`` checked (None when absent or null); an integer field at most :data:`MAX_INT`."""
     v = body.get(name)
     if v is None:
         return None
@@ -89,10 +94,14 @@ def _number(body: dict, name: str, lo: float | None = None, hi: float | None = N
         raise bad(name, f"{name} must be {kind}, got {v!r:.80}")
     if not math.isfinite(v):
         raise bad(name, f"{name} must be a finite number")
+    if integer:
+        v, hi = int(v), MAX_INT if hi is None else hi
     if (lo is not None and v < lo) or (hi is not None and v > hi):
-        where = f"between {lo:g} and {hi:g}" if hi is not None else f"{lo:g} or more"
-        raise bad(name, f"{name} must be {where}, got {v:g}")
-    return int(v) if integer else float(v)
+        show = (lambda x: f"{int(x)}") if integer else (lambda x: f"{x:g}")
+        where = f"between {show(lo)} and {show(hi)}" if hi is not None else f"{show(lo)} or more"
+        got = f"{v}" if integer and len(str(v)) <= 40 else (f"{v:.3e}" if integer else f"{v:g}")
+        raise bad(name, f"{name} must be {where}, got {got}")
+    return v if integer else float(v)
 
 
 def _common(body) -> Request:
@@ -116,7 +125,7 @@ def _common(body) -> Request:
                 "alpha_presence": _number(body, "presence_penalty", 0),
                 "alpha_frequency": _number(body, "frequency_penalty", 0),
                 "repetition_penalty": _positive(body, "repetition_penalty"),
-                "seed": _number(body, "seed", 0, 2**63 - 1, integer=True),
+                "seed": _number(body, "seed", 0, MAX_INT, integer=True),
                 "max_tokens": _number(body, "max_tokens", 1, None, integer=True)}
     mct = _number(body, "max_completion_tokens", 1, None, integer=True)
     if mct is not None:
@@ -227,7 +236,32 @@ KINDS = {"LimitError": (400, "invalid_request_error"), "SamplingError": (400, "i
 CODES = {"ContextLimitExceeded": "context_length_exceeded", "ContextLimitError": "context_length_exceeded"}
 
 
+#: the request field a daemon error of this kind is about, where the message names one first (``max_tokens ...``)
+_PARAMS = ("max_tokens", "top_k", "seed", "stop", "temperature", "top_p", "prompt", "messages")
+
+
 def daemon_error(kind: str, message: str) -> ApiError:
-    """The ApiError of a daemon error or failed generation of ``kind``."""
+    """The ApiError of a daemon error or failed generation of ``kind``: OpenAI's code where it has one, else the
+    kind in snake_case (``LimitError`` -> ``limit_error``); ``param`` the field a limit names first."""
     status, typ = KINDS.get(kind, (500, "server_error"))
-    return ApiError(status, message, typ, None, CODES.get(kind, kind))
+    code = CODES.get(kind) or re.sub(r"(?<!^)(?=[A-Z])", "_", kind).lower()
+    param = next((p for p in _PARAMS if message.startswith(p)), None) if status == 400 else None
+    return ApiError(status, message, typ, param, code)
+
+
+def check_text(value, where: str = "") -> None:
+    """Every string in a parsed JSON body is encodable text: a lone surrogate (JSON's ``\\ud800`` escape alone) is
+    refused as a 400 naming where it is. Raises ApiError."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise bad(where or None, f"{where or 'the body'} holds a lone surrogate (\\u{ord(value[e.start]):04x}) at "
+                                     f"character {e.start}: not text") from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            check_text(k, where)
+            check_text(v, f"{where}.{k}" if where else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            check_text(v, f"{where}[{i}]")

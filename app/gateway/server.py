@@ -39,7 +39,7 @@ from starlette.routing import Route
 from rwkv_chat.daemon.errors import DaemonError, DaemonLost, DaemonUnavailable
 from rwkv_chat.daemon.protocol import messages as m
 
-from .schema import ApiError, bad, daemon_error, parse_chat, parse_completion
+from .schema import ApiError, bad, check_text, daemon_error, parse_chat, parse_completion
 
 CACHED_HEADER = "x-rwkv-chat-cached-tokens"
 PREFILL_HEADER = "x-rwkv-chat-prefill-tokens"
@@ -131,8 +131,14 @@ def model_object(name: str) -> dict:
     return {"id": name, "object": "model", "created": 0, "owned_by": "rwkv-chat"}
 
 
+#: seconds a client told "busy" (429) is asked to wait before it tries again
+RETRY_AFTER_S = 1
+
+
 def error_response(e: ApiError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status)
+    """OpenAI's error body; a 429 also says when to try again (``Retry-After``)."""
+    headers = {"retry-after": str(RETRY_AFTER_S)} if e.status == 429 else None
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
 
 def _usage(prompt: int, completion: int, cached: int) -> dict:
@@ -207,8 +213,8 @@ class Gateway:
     def check_key(self, request: Request) -> None:
         if not self.api_key:
             return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+        scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.api_key.encode()):
             raise ApiError(401, "a valid API key is required: send the header `Authorization: Bearer KEY`",
                            "invalid_request_error", None, "invalid_api_key")
 
@@ -239,7 +245,7 @@ class Gateway:
         meta = {"id": rid, "created": created, "model": name}
         if not req.stream:
             try:
-                done = first if isinstance(first, m.Done) else await run(_last, gen)
+                done = first if isinstance(first, m.Done) else await _until_done(request, gen)
             except BaseException as e:
                 self.pool.give(c, e)
                 raise
@@ -340,16 +346,25 @@ async def read_json(request: Request):
             raise too_large
         chunks.append(chunk)
     try:
-        return json.loads(b"".join(chunks))
+        body = json.loads(b"".join(chunks))
     except (ValueError, UnicodeDecodeError) as e:
         raise bad(None, f"the request body is not JSON: {e}") from None
+    check_text(body)
+    return body
 
 
-def _last(gen) -> m.Done:
-    for ev in gen:
+async def _until_done(request: Request, gen) -> m.Done:
+    """The Done of a generation answered as a whole. A client that goes away meanwhile (seen at each event: tokens,
+    prefill progress) ends the wait with a 499 (nginx's "client closed request", which nobody receives); the caller
+    then closes ``gen`` before its Done, which cancels the generation, as a stream's end does."""
+    while True:
+        ev = await run(next, gen, None)
+        if ev is None:
+            raise ApiError(500, "the daemon ended the generation without a reply", "server_error")
         if isinstance(ev, m.Done):
             return ev
-    raise ApiError(500, "the daemon ended the generation without a reply", "server_error")
+        if await request.is_disconnected():
+            raise ApiError(499, "the client closed the request", "invalid_request_error", None, "client_closed")
 
 
 def sse(obj: dict) -> str:

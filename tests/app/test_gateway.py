@@ -250,6 +250,45 @@ def test_a_client_leaving_a_stream_cancels_its_generation(gateway, homes):
         wait_for(lambda: not daemon.status()["active"], timeout=10)
 
 
+def test_a_client_leaving_a_whole_reply_cancels_its_generation(gateway, homes):
+    """Not streamed: the client that gives up (a read timeout) cancels the generation, as a stream's does."""
+    import http.client
+
+    with Client(home_paths(homes["warm"]), autostart=False) as daemon:
+        conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=1.5)
+        conn.request("POST", "/v1/completions", json.dumps({"model": MODEL, "prompt": "Go on", "temperature": 1,
+                                                           "max_tokens": 100_000}),
+                     {"content-type": "application/json"})
+        with pytest.raises(TimeoutError):
+            conn.getresponse()
+        assert any(a["kind"] == "complete" for a in daemon.status()["active"])
+        conn.close()
+        wait_for(lambda: not daemon.status()["active"], timeout=10)
+
+
+@pytest.mark.parametrize("body, param, words", [
+    ({"max_tokens": 10**21}, "max_tokens", "between 1 and 9223372036854775807"),
+    ({"top_k": 10**23}, "top_k", "between 0 and 9223372036854775807"),
+    ({"seed": 2**63}, "seed", "got 9223372036854775808"),
+    ({"prompt": "a\ud800b"}, "prompt", "lone surrogate"),
+    ({"stop": ["x", "\udfff"]}, "stop[1]", "lone surrogate"),
+])
+def test_out_of_range_integers_and_lone_surrogates_are_bad_requests(gateway, body, param, words):
+    code, err, _ = gateway.post("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 2, **body})
+    assert code == 400 and err["error"]["param"] == param and words in err["error"]["message"], err
+
+
+def test_daemon_limits_name_their_field_and_a_busy_daemon_says_when_to_retry(gateway):
+    from rwkv_chat.app.gateway.schema import daemon_error
+    from rwkv_chat.app.gateway.server import error_response
+
+    code, err, _ = gateway.post("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 10**9})
+    assert code == 400 and err["error"]["param"] == "max_tokens" and err["error"]["code"] == "limit_error", err
+    busy = error_response(daemon_error("Busy", "the queue is full"))
+    assert busy.status_code == 429 and busy.headers["retry-after"] == "1"
+    assert json.loads(busy.body)["error"]["code"] == "busy"
+
+
 @pytest.mark.parametrize("body, status, param", [
     ({"model": MODEL}, 400, "messages"),
     ({"model": MODEL, "messages": "hi"}, 400, "messages"),
@@ -315,6 +354,10 @@ def test_api_key_required_when_configured(homes):
         code, err, _ = gw.post("/v1/completions", {"model": MODEL, "prompt": "x"})
         assert code == 401 and err["error"]["code"] == "invalid_api_key"
         assert [m.id for m in gw.client("s3cret").models.list().data] == [MODEL]
+        # the scheme's case does not matter (RFC 7235)
+        code, _, _ = gw.post("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 1},
+                             {"authorization": "bearer s3cret"})
+        assert code == 200
     finally:
         gw.stop()
 
