@@ -199,7 +199,7 @@ def _load(args) -> int:
         raise UsageError("--strategy is empty; give one such as \"cpu fp32\" or \"cuda fp16\", or leave the flag out")
     # none named: "" asks for the daemon's default (the config's strategy, in the checkpoint's own weight format
     # where it holds one: a file of `rwkv-chat convert`, a GPTQ folder)
-    strategy = " ".join((args.strategy or own_strategy or "").split())
+    strategy = named = " ".join((args.strategy or own_strategy or "").split())
     interactive = sys.stderr.isatty()
 
     def run(c) -> int:
@@ -239,7 +239,8 @@ def _load(args) -> int:
     if args.default:
         from rwkv_chat.daemon.config import save_config
 
-        cfg.model.path, cfg.model.strategy = path, strategy
+        # a strategy named is kept; none named keeps the config's (the daemon fits it to each checkpoint)
+        cfg.model.path, cfg.model.strategy = path, named or cfg.model.strategy
         save_config(cfg, paths.config_file)
         _err(f"default model saved in {paths.config_file}")
     return 0

@@ -219,14 +219,15 @@ class Host:
         """The strategy a load of ``path`` (a checkpoint or a local model's name) runs with: ``strategy`` where one
         is named; else ``default`` (the config's) in the checkpoint's own weight format where it holds one (a file
         of ``rwkv-chat convert``, a GPTQ folder: ``plan.fitted_strategy``), so a pre-quantized file loads as it
-        is. A checkpoint that cannot be read here keeps ``default`` (the load reports why)."""
+        is. Best effort: a checkpoint that cannot be read here, whatever the error, keeps ``default`` (the load
+        reports why)."""
         if strategy:
             return strategy
-        from rwkv_chat.models import RWKVError, fitted_strategy
+        from rwkv_chat.models import fitted_strategy
 
         try:
             return fitted_strategy(os.path.expanduser(self.resolve(path)), default)
-        except (FileNotFoundError, RWKVError, OSError, ValueError):
+        except Exception:  # noqa: BLE001 — the load that follows reads the file and says what is wrong
             return default
 
     def expect(self, path: str, strategy: str) -> None:

@@ -217,16 +217,13 @@ def _rwkv_tensors(p: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dic
     ``packed`` and a placeholder [out, in] in ``w``; ``meta``: its metadata (None for any other checkpoint)."""
     from rwkv_chat.models.formats import serialize
     from rwkv_chat.models.header import safetensors_json
-    from rwkv_chat.models.rwkv.convert import MAGIC
+    from rwkv_chat.models.rwkv.convert import MAGIC, packed_table
 
     w = read_header(p)
     meta = safetensors_json(p)[0].get("__metadata__") if p.suffix == ".safetensors" else None
     if not isinstance(meta, dict) or meta.get("format") != MAGIC:
         return w, {}, None
-    try:
-        keys = json.loads(meta["packed"])
-    except (KeyError, ValueError) as e:
-        raise CheckpointError(f"{p}: unreadable packed-weight table in its metadata ({e})") from None
+    keys = packed_table(p, meta)
     packed = {}
     for key, info in keys.items():
         names = [n for n in serialize.PARTS.get(info.get("format"), ()) if f"{key}.{n}" in w]

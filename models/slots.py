@@ -5,7 +5,8 @@ slots, so that one CUDA graph per bucket serves every batch size.
 
 A decoder subclasses :class:`Slots`, calls ``Slots.__init__(self, max_batch, buckets)``, sets ``model`` (a
 model of the ``Model`` interface: ``zero_state``, ``place_state``) and copies its own tensors in ``add`` /
-``remove``; the handle <-> slot map lives here.
+``remove``; the handle <-> slot map lives here. :class:`StepInputs` stages a step's small inputs (token ids,
+lengths) for the device.
 """
 
 from __future__ import annotations
@@ -74,3 +75,42 @@ class Slots:
             return self._handle_at.index(handle)
         except ValueError:
             raise StateError(f"no live conversation with handle {handle}") from None
+
+
+class StepInputs:
+    """A step's small integer inputs on their way to the device: written into a host tensor (pinned where the
+    device is CUDA), copied asynchronously, so the host prepares the next step while the GPU runs this one.
+
+    ``host()`` returns the host tensor once the previous copy out of it has run (the host may run ahead of the GPU
+    by one step, never rewrite what is still to be copied); ``send(rows)`` copies its first ``rows`` (all by
+    default) into ``device`` on the current stream of ``device``'s GPU, where an event marks the copy.
+
+    Args:
+        device: the device tensor the inputs go to (any shape; its first dimension is the rows of ``send``).
+    """
+
+    def __init__(self, device) -> None:
+        import torch
+
+        self.device = device
+        self._host = torch.zeros_like(device, device="cpu").pin_memory() if device.is_cuda else \
+            torch.zeros_like(device, device="cpu")
+        self._copied = torch.cuda.Event() if device.is_cuda else None
+        self._pending = False
+
+    def host(self):
+        """The host tensor, free to be written."""
+        if self._pending:
+            self._copied.synchronize()
+            self._pending = False
+        return self._host
+
+    def send(self, rows: int | None = None) -> None:
+        """Copy the host tensor's first ``rows`` (all: None) to the device tensor."""
+        import torch
+
+        dst, src = (self.device, self._host) if rows is None else (self.device[:rows], self._host[:rows])
+        dst.copy_(src, non_blocking=True)
+        if self._copied is not None:
+            self._copied.record(torch.cuda.current_stream(self.device.device))
+            self._pending = True

@@ -92,14 +92,16 @@ def _number(body: dict, name: str, lo: float | None = None, hi: float | None = N
     if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not (
             isinstance(v, int) or (isinstance(v, float) and v.is_integer()))):
         raise bad(name, f"{name} must be {kind}, got {v!r:.80}")
-    if not math.isfinite(v):
+    if isinstance(v, float) and not math.isfinite(v):
         raise bad(name, f"{name} must be a finite number")
     if integer:
         v, hi = int(v), MAX_INT if hi is None else hi
+    elif isinstance(v, int) and abs(v) > 2**1023:          # beyond any float
+        raise bad(name, f"{name} must be a finite number, got an integer of {len(str(abs(v)))} digits")
     if (lo is not None and v < lo) or (hi is not None and v > hi):
         show = (lambda x: f"{int(x)}") if integer else (lambda x: f"{x:g}")
         where = f"between {show(lo)} and {show(hi)}" if hi is not None else f"{show(lo)} or more"
-        got = f"{v}" if integer and len(str(v)) <= 40 else (f"{v:.3e}" if integer else f"{v:g}")
+        got = (f"{v}" if len(str(v)) <= 40 else f"an integer of {len(str(abs(v)))} digits") if integer else f"{v:g}"
         raise bad(name, f"{name} must be {where}, got {got}")
     return v if integer else float(v)
 
@@ -244,24 +246,25 @@ def daemon_error(kind: str, message: str) -> ApiError:
     """The ApiError of a daemon error or failed generation of ``kind``: OpenAI's code where it has one, else the
     kind in snake_case (``LimitError`` -> ``limit_error``); ``param`` the field a limit names first."""
     status, typ = KINDS.get(kind, (500, "server_error"))
-    code = CODES.get(kind) or re.sub(r"(?<!^)(?=[A-Z])", "_", kind).lower()
-    param = next((p for p in _PARAMS if message.startswith(p)), None) if status == 400 else None
+    code = CODES.get(kind) or re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", kind).lower()     # OOM -> oom
+    param = next((p for p in _PARAMS if re.match(rf"{p}\b", message)), None) if status == 400 else None
     return ApiError(status, message, typ, param, code)
 
 
-def check_text(value, where: str = "") -> None:
+def check_text(body) -> None:
     """Every string in a parsed JSON body is encodable text: a lone surrogate (JSON's ``\\ud800`` escape alone) is
-    refused as a 400 naming where it is. Raises ApiError."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise bad(where or None, f"{where or 'the body'} holds a lone surrogate (\\u{ord(value[e.start]):04x}) at "
-                                     f"character {e.start}: not text") from None
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            check_text(k, where)
-            check_text(v, f"{where}.{k}" if where else str(k))
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            check_text(v, f"{where}[{i}]")
+    refused as a 400 naming where it is (walked without recursion: any depth json accepts). Raises ApiError."""
+    todo = [(body, "")]
+    while todo:
+        value, where = todo.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise bad(where or None, f"{where or 'the body'} holds a lone surrogate "
+                                         f"(\\u{ord(value[e.start]):04x}) at character {e.start}: not text") from None
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                todo += [(k, where), (v, f"{where}.{k}" if where else str(k))]
+        elif isinstance(value, list):
+            todo += [(v, f"{where}[{i}]") for i, v in enumerate(value)]

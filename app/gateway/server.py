@@ -244,14 +244,18 @@ class Gateway:
         created = int(time.time())
         meta = {"id": rid, "created": created, "model": name}
         if not req.stream:
+            error = None
             try:
                 done = first if isinstance(first, m.Done) else await _until_done(request, gen)
             except BaseException as e:
-                self.pool.give(c, e)
+                error = e
                 raise
             finally:
-                await run(gen.close)          # after its Done: only ends the client's subscription
-            self.pool.give(c)
+                # closed before its Done (the client left) it cancels the generation through the client's socket:
+                # only then may another request take that client from the pool
+                with anyio.CancelScope(shield=True):
+                    await run(gen.close)
+                    self.pool.give(c, error)
             return self._whole(meta, req, chat, done)
         lease = Lease(self.pool, c, gen)
         return StreamingResponse(self._events(meta, req, chat, lease, first), media_type="text/event-stream",
@@ -347,8 +351,8 @@ async def read_json(request: Request):
         chunks.append(chunk)
     try:
         body = json.loads(b"".join(chunks))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise bad(None, f"the request body is not JSON: {e}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise bad(None, f"the request body is not JSON: {e or 'nested too deeply'}") from None
     check_text(body)
     return body
 

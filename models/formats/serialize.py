@@ -93,7 +93,20 @@ def write_checkpoint(tensors: dict[str, torch.Tensor], out: str | Path, metadata
         save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
     else:
         torch.save(tensors, str(tmp))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
+    os.chmod(tmp, 0o666 & ~_umask())
     tmp.replace(out)
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where the system shows it (Linux: /proc/self/status), else
+    set and restored at once."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

@@ -25,7 +25,7 @@ from rwkv_chat.models.errors import ContextLimitError, StateError, TokenError
 from rwkv_chat.models.qwen2 import attend as attending
 from rwkv_chat.models.qwen2.cache import NAMES, KVState, span
 from rwkv_chat.models.qwen2.layers import block, to_layer
-from rwkv_chat.models.slots import Slots
+from rwkv_chat.models.slots import Slots, StepInputs
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -95,10 +95,8 @@ class Qwen2Decoder(Slots):
         self.graphs = single_cuda if graphs is None else bool(graphs) and single_cuda
         # a step's inputs: token ids (row 0) and cached lengths (row 1), staged in pinned memory and copied
         # asynchronously in one transfer, so the host prepares the next step while the GPU runs this one
-        self._inputs_host = torch.zeros(2, max_batch, dtype=torch.long, pin_memory=dev0.type == "cuda")
-        self._inputs_dev = torch.zeros(2, max_batch, dtype=torch.long, device=dev0)
-        self._ids_dev, self._lens_dev = self._inputs_dev
-        self._inputs_copied = None               # CUDA event: the last copy out of _inputs_host has run
+        self._inputs = StepInputs(torch.zeros(2, max_batch, dtype=torch.long, device=dev0))
+        self._ids_dev, self._lens_dev = self._inputs.device
         self._graph: dict[tuple, tuple] = {}        # (bucket, width) -> (CUDAGraph, static logits) at this capacity
         self._pool = None
 
@@ -201,19 +199,12 @@ class Qwen2Decoder(Slots):
     def _stage(self, tokens: dict[int, int], slots: dict[int, int]) -> None:
         """Copy the step's token ids (0 for rows not fed) and every slot's length to the device (one asynchronous
         copy out of pinned memory on CUDA); a step reads the rows of its bucket."""
-        host = self._inputs_host
-        if self._inputs_copied is not None:
-            # the previous step's copy out of this buffer must have run before it is rewritten (the host runs
-            # ahead of the GPU when nothing syncs between steps)
-            self._inputs_copied.synchronize()
+        host = self._inputs.host()
         host[0].zero_()
         for h, t in tokens.items():
             host[0, slots[h]] = int(t)
         host[1].copy_(self._lens)
-        self._inputs_dev.copy_(host, non_blocking=True)          # all slots: one contiguous transfer
-        if self._inputs_dev.is_cuda:
-            self._inputs_copied = torch.cuda.Event()
-            self._inputs_copied.record()
+        self._inputs.send()                                       # all slots: one contiguous transfer
 
     def _run(self, b: int, width: int) -> torch.Tensor:
         """The step of the first b slots over the first ``width`` positions (inputs in ``_ids_dev``, ``_lens_dev``):

@@ -144,10 +144,7 @@ def read_packed(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, dict |
     if meta is None:
         return loader.read_checkpoint(p), {}, None
     raw = loader.read_checkpoint(p)
-    try:
-        keys = json.loads(meta["packed"])
-    except (KeyError, ValueError) as e:
-        raise CheckpointError(f"{p}: unreadable packed-weight table in its metadata ({e})") from e
+    keys = packed_table(p, meta)
     w, packed = {}, {}
     for key, info in keys.items():
         names = [n for n in serialize.PARTS.get(info.get("format"), ()) if f"{key}.{n}" in raw]
@@ -158,6 +155,18 @@ def read_packed(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, dict |
         w[key] = torch.empty(n_out, k_in, device="meta")          # the checkpoint's [out, in]
     w.update(raw)
     return w, packed, {**meta, "packed": keys}
+
+
+def packed_table(path: Path, meta: dict) -> dict[str, dict]:
+    """The packed-weight table of a converted file's metadata: key -> its format and shape info. Raises
+    CheckpointError when it is missing, not JSON or not a table of weights."""
+    try:
+        keys = json.loads(meta["packed"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable packed-weight table in its metadata ({e})") from None
+    if not isinstance(keys, dict) or not all(isinstance(v, dict) for v in keys.values()):
+        raise CheckpointError(f"{path}: the packed-weight table in its metadata is not a table of weights")
+    return keys
 
 
 def adopt(packed, key: str, stage, atype: torch.dtype, device: torch.device, stream: bool, meta: dict):

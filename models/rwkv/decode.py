@@ -35,7 +35,7 @@ from rwkv_chat.models.rwkv import wkv
 from rwkv_chat.models.rwkv.decode_step import compile_limits, fused_matmul, head_step, layer_step
 from rwkv_chat.models.rwkv.generations import Context
 from rwkv_chat.models.rwkv.model import RWKV
-from rwkv_chat.models.slots import Slots
+from rwkv_chat.models.slots import Slots, StepInputs
 from rwkv_chat.models.state import State
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -107,9 +107,7 @@ class BatchDecoder(Slots):
         self._bufs = [tuple(t.contiguous() for t in layer) for layer in model.zero_state(max_batch).layers]
         dev0 = model.emb.device
         self._ids = torch.zeros(max_batch, 1, dtype=torch.long, device=dev0)
-        self._ids_host = torch.zeros(max_batch, 1, dtype=torch.long,
-                                     pin_memory=dev0.type == "cuda")
-        self._ids_copied = None                  # CUDA event: the last copy out of _ids_host has run
+        self._inputs = StepInputs(self._ids)     # the step's token ids, staged in pinned memory
         self._count: dict[int, int] = {}         # handle -> tokens consumed
         self._graph: dict[int, tuple] = {}       # bucket -> (CUDAGraph, logits)
         self._greedy_graph: dict[tuple, tuple] = {}   # (bucket, steps) -> (CUDAGraph, tokens): argmax fed back
@@ -225,18 +223,11 @@ class BatchDecoder(Slots):
         bucket = self.bucket(n)
         held = [s for s in range(n) if self._handle_at[s] not in tokens]
         saved = [[buf[s].clone() for bufs in self._bufs for buf in bufs] for s in held]
-        host = self._ids_host
-        if self._ids_copied is not None:
-            # the previous step's asynchronous copy out of this pinned buffer must have run before the
-            # buffer is rewritten (the host runs ahead of the GPU when nothing syncs between steps)
-            self._ids_copied.synchronize()
+        host = self._inputs.host()
         host.zero_()
         for h, t in tokens.items():
             host[slots[h], 0] = int(t)
-        self._ids[:bucket].copy_(host[:bucket], non_blocking=True)
-        if self._ids.is_cuda:
-            self._ids_copied = torch.cuda.Event()
-            self._ids_copied.record()
+        self._inputs.send(bucket)
         return slots, bucket, held, saved
 
     def _restore(self, held: list[int], saved: list) -> None:

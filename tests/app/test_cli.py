@@ -193,6 +193,11 @@ def test_a_converted_file_loads_in_its_own_format_when_no_strategy_is_given(daem
     try:
         r = run(home.home, "daemon", "start", "--model", str(i8))
         assert r.returncode == 0 and "with strategy 'cpu fp32i8'" in r.stderr, r.stderr
+        # made the default: the file, and the config's strategy as it was (fitted to each checkpoint at load)
+        r = run(home.home, "load", str(i8), "--default")
+        assert r.returncode == 0 and "with strategy 'cpu fp32i8'" in r.stderr, r.stderr
+        saved = home.config_file.read_text()
+        assert str(i8) in saved and 'strategy = "cpu fp32"' in saved, saved
     finally:
         run(home.home, "daemon", "stop")
 

@@ -268,6 +268,8 @@ def test_a_client_leaving_a_whole_reply_cancels_its_generation(gateway, homes):
 
 @pytest.mark.parametrize("body, param, words", [
     ({"max_tokens": 10**21}, "max_tokens", "between 1 and 9223372036854775807"),
+    ({"max_tokens": 10**400}, "max_tokens", "an integer of 401 digits"),
+    ({"temperature": 10**400}, "temperature", "must be a finite number"),
     ({"top_k": 10**23}, "top_k", "between 0 and 9223372036854775807"),
     ({"seed": 2**63}, "seed", "got 9223372036854775808"),
     ({"prompt": "a\ud800b"}, "prompt", "lone surrogate"),
@@ -287,6 +289,10 @@ def test_daemon_limits_name_their_field_and_a_busy_daemon_says_when_to_retry(gat
     busy = error_response(daemon_error("Busy", "the queue is full"))
     assert busy.status_code == 429 and busy.headers["retry-after"] == "1"
     assert json.loads(busy.body)["error"]["code"] == "busy"
+    assert daemon_error("OOM", "out of memory").code == "oom"
+    assert daemon_error("LimitError", "stopped strings: too many").param is None      # a field named as a word
+    code, err, _ = gateway.post("/v1/completions", b"[" * 100_000 + b"]" * 100_000)    # nested past json's depth
+    assert code == 400 and "not JSON" in err["error"]["message"]
 
 
 @pytest.mark.parametrize("body, status, param", [

@@ -141,6 +141,28 @@ def test_container_conversion_and_the_cli(model_path, tmp_path):
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "'i9'" in bad.stderr
 
 
+def test_a_converted_file_with_a_broken_packed_table_is_a_checkpoint_error(model_path, tmp_path):
+    """Loader and planner say what is wrong with a converted file whose metadata table is not a table of weights;
+    the default strategy fitted to it stays the one given (the load reports the file)."""
+    from safetensors.torch import load_file, save_file
+
+    from rwkv_chat.models.errors import CheckpointError
+    from rwkv_chat.models.plan import fitted_strategy, plan_memory
+    from rwkv_chat.models.rwkv.convert import converted_metadata
+
+    good = tmp_path / "good.safetensors"
+    convert.convert(model_path("7"), good, "cpu fp32i8")
+    meta = converted_metadata(good)
+    for table in ("[1]", '{"k": 3}', "not json"):
+        bad = tmp_path / "bad.safetensors"
+        save_file(load_file(good), bad, metadata={**meta, "packed": table})
+        for load in (lambda: RWKV(bad, "cpu fp32i8", kernels=False), lambda: plan_memory(bad, "cpu fp32i8", free={})):
+            with pytest.raises(CheckpointError, match="packed-weight table"):
+                load()
+        with pytest.raises(CheckpointError):
+            fitted_strategy(bad, "cpu fp32")
+
+
 def test_convert_refuses_a_converted_file_and_a_missing_folder(model_path, tmp_path):
     from rwkv_chat.models.errors import CheckpointError
     from rwkv_chat.models.rwkv.convert import convert
