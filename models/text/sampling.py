@@ -209,7 +209,11 @@ def _top_p_cutoff(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return _top_p_head(probs, top_p)[0]
 
 
-def _top_p_head(probs: torch.Tensor, top_p: float, top_k: int = 0):
+#: the first sorted window of the top-p search (``_top_p_head``)
+WINDOW = 256
+
+
+def _top_p_head(probs: torch.Tensor, top_p: float, top_k: int = 0, first=None):
     """``(cutoff, kept)``: the cutoff of ``_top_p_cutoff`` and, where the sorted window that found it shows every
     token at or above it, those tokens' ids (int64 tensor, likeliest first; ties at the cutoff included), else None.
     With ``top_k`` > 0, a window of more than ``top_k`` tokens whose running sum has not reached ``top_p`` ends the
@@ -218,16 +222,20 @@ def _top_p_head(probs: torch.Tensor, top_p: float, top_k: int = 0):
     Only the head of the sorted order is needed, so it grows a ``topk`` window (256, 1024, ...) instead of
     sorting the whole vocabulary; the window's values are exactly the sorted prefix, so the running sum and
     the cutoff are those of a full sort. A window whose last value still reaches the cutoff may leave tokens of
-    that value outside it: ``kept`` is None then.
+    that value outside it: ``kept`` is None then. ``first``: the first window's ``(values, ids)`` where the caller
+    took it already (``torch.topk(probs, WINDOW, sorted=True)`` of a batch of rows).
     """
     import numpy as np
     import torch
     n = probs.numel()
     limit = np.float32(top_p)
-    k = min(256, n)
+    k = min(WINDOW, n)
     while True:
         ids = None
-        if k < n:
+        if first is not None and k < n:
+            head_t, ids = first
+            head, first = head_t.numpy(), None
+        elif k < n:
             head_t, ids = torch.topk(probs, k, sorted=True)
             head = head_t.numpy()
         else:  # numpy's sort is several times faster than torch.sort on CPU
@@ -329,6 +337,12 @@ class Sampler:
         Raises ShapeMismatchError if ``logits`` is not 1-D or its size differs from the sampler's vocabulary.
         """
         import torch
+        self._check_row(logits)
+        return self._penalized(logits.detach().to(device="cpu", dtype=torch.float32, copy=True))
+
+    def _check_row(self, logits: torch.Tensor) -> None:
+        """A row this sampler draws from: 1-D, of its vocabulary (the first row sets it). Raises
+        ShapeMismatchError (TokenError: a banned token outside the vocabulary the first row sets)."""
         if logits.dim() != 1:
             raise ShapeMismatchError(f"logits must be 1-D [vocab], got shape {tuple(logits.shape)}")
         n = logits.shape[0]
@@ -336,7 +350,10 @@ class Sampler:
             self._allocate(n)
         elif n != self.vocab_size:
             raise ShapeMismatchError(f"logits have {n} entries but the sampler's vocabulary has {self.vocab_size}")
-        x = logits.detach().to(device="cpu", dtype=torch.float32, copy=True)
+
+    def _penalized(self, x: torch.Tensor) -> torch.Tensor:
+        """Steps 1-2 on ``x`` (a float32 CPU row of the vocabulary, this sampler's own copy), in place; returns it."""
+        import torch
         if self._ban.numel():
             x[self._ban] = -math.inf
         rp = self.args.repetition_penalty
@@ -414,14 +431,18 @@ class Sampler:
         of a window that ended before the cutoff: the full path decides, as before."""
         import torch
         from torch.nn import functional as F
-        a = self.args
         top = float(x.max())                       # NaN propagates: any NaN, -inf everywhere or +inf -> None
         if not math.isfinite(top):
             return None
-        if a.temperature == 0:
+        if self.args.temperature == 0:
             return int(torch.argmax(x))
-        probs = F.softmax(x, dim=-1)
-        cutoff, kept = _top_p_head(probs, a.top_p, a.top_k)
+        return self._draw_probs(F.softmax(x, dim=-1))
+
+    def _draw_probs(self, probs: torch.Tensor, first=None) -> int | None:
+        """``_draw_kept`` from the softmax ``probs`` [vocab] of finite logits (``first``: see ``_top_p_head``)."""
+        import torch
+        a = self.args
+        cutoff, kept = _top_p_head(probs, a.top_p, a.top_k, first)
         if kept is not None and 0 < a.top_k < kept.numel():
             values = probs[kept]
             if values[a.top_k - 1] == values[a.top_k]:   # a tie at the cut: topk's choice decides
@@ -556,6 +577,7 @@ def sample_rows(samplers: list[Sampler], rows: list[torch.Tensor], return_errors
         for i, v, t in zip(on_device, values_l, ids_l):
             if math.isfinite(v):
                 out[i] = samplers[i]._take(t, x.shape[-1])
+    _sample_batched(samplers, rows, out)
     for i, s in enumerate(samplers):
         if out[i] is None:
             try:
@@ -565,3 +587,43 @@ def sample_rows(samplers: list[Sampler], rows: list[torch.Tensor], return_errors
                     raise
                 out[i] = e
     return out
+
+
+def _sample_batched(samplers: list[Sampler], rows: list[torch.Tensor], out: list) -> None:
+    """The rows still undrawn in ``out`` that share a vocabulary and a device, drawn together: one copy to the
+    host, the penalties per row, one softmax and one first sorted window over the stacked rows, then each row's
+    kept tokens as ``Sampler.sample`` takes them (the same values: the batched softmax equals the row's on the
+    CPU). Rows this path cannot decide alike (a wrong shape, a non-finite logit, a window that does not decide)
+    are left for ``Sampler.sample``."""
+    import torch
+    from torch.nn import functional as F
+    todo = [i for i, t in enumerate(out) if t is None and rows[i].dim() == 1
+            and rows[i].shape[0] == (samplers[i].vocab_size or rows[i].shape[0])]
+    groups: dict[tuple, list[int]] = {}
+    for i in todo:
+        groups.setdefault((rows[i].shape[0], rows[i].device), []).append(i)
+    for group in groups.values():
+        if len(group) < 2:
+            continue
+        try:
+            for i in group:
+                samplers[i]._check_row(rows[i])        # sizes a new sampler's counts (a bad ban: its own path)
+        except RWKVError:
+            continue
+        x = torch.stack([rows[i].detach() for i in group]).to(device="cpu", dtype=torch.float32)   # one copy
+        for j, i in enumerate(group):
+            samplers[i]._penalized(x[j])
+        finite = [math.isfinite(v) for v in x.max(dim=1).values.tolist()]    # NaN, all -inf, +inf: the row's path
+        soft = [j for j, i in enumerate(group) if finite[j] and samplers[i].args.temperature != 0]
+        for j, i in enumerate(group):
+            if finite[j] and samplers[i].args.temperature == 0:
+                out[i] = samplers[i]._take(int(torch.argmax(x[j])), x.shape[1])
+        if not soft:
+            continue
+        probs = F.softmax(x[soft], dim=-1)
+        k = min(WINDOW, probs.shape[1])
+        values, ids = torch.topk(probs, k, dim=-1, sorted=True) if k < probs.shape[1] else (None, None)
+        for r, j in enumerate(soft):
+            s = samplers[group[j]]
+            token = s._draw_probs(probs[r], None if values is None else (values[r], ids[r]))
+            out[group[j]] = None if token is None else s._take(token, probs.shape[1])

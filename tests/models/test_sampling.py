@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 
 import numpy as np
@@ -350,3 +351,36 @@ def test_the_kept_token_draw_takes_the_tokens_of_the_full_path(args):
     for i, row in enumerate(rows):
         assert fast.sample(row) == full.sample(row), i
     assert sum(decided) >= len(rows) // 2                   # the kept-token path decided most draws
+
+
+def test_rows_sampled_together_take_the_tokens_of_each_alone():
+    """``sample_rows`` over a batch (one copy, one softmax, one sorted window for the rows) gives every sampler the
+    token and the counts ``Sampler.sample`` gives it alone, over steps, with greedy, penalized and sampled rows,
+    a row of NaN, a row of -inf with a NaN, and a tie at a top-k cut."""
+    from rwkv_chat.models.text.sampling import sample_rows
+
+    g = torch.Generator().manual_seed(8)
+    args = [dict(temperature=0), dict(temperature=0, alpha_presence=0.4), dict(top_p=0.5), dict(top_p=0.9, top_k=7),
+            dict(top_p=1.0, top_k=40, temperature=0.6), dict(top_p=0.999, repetition_penalty=1.2), dict(top_p=1.0)]
+    make = lambda: [Sampler(SamplerArgs(seed=i, alpha_frequency=0.3, **a)) for i, a in enumerate(args)]  # noqa: E731
+    batched, alone = make(), make()
+    for step in range(12):
+        rows = [torch.randn(2000, generator=g) * (1 + 3 * (i % 3)) for i in range(len(args))]
+        if step == 3:
+            rows[2][5] = float("nan")
+        if step == 5:
+            rows[3][:] = -math.inf
+            rows[3][9] = float("nan")
+        if step == 7:
+            rows[3][rows[3].topk(12).indices[5:9]] = rows[3].max() - 0.5
+        got = sample_rows(batched, rows, return_errors=True)
+        want = []
+        for s, r in zip(alone, rows):
+            try:
+                want.append(s.sample(r))
+            except Exception as e:  # noqa: BLE001
+                want.append(e)
+        assert [type(t) if isinstance(t, Exception) else t for t in got] == \
+            [type(t) if isinstance(t, Exception) else t for t in want], step
+        for a, b in zip(batched, alone):
+            assert torch.equal(a.counts, b.counts) and torch.equal(a.seen, b.seen)
