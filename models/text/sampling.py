@@ -620,7 +620,7 @@ def _sample_batched(samplers: list[Sampler], rows: list[torch.Tensor], out: list
                 out[i] = samplers[i]._take(int(torch.argmax(x[j])), x.shape[1])
         if not soft:
             continue
-        probs = F.softmax(x[soft], dim=-1)
+        probs = F.softmax(x if len(soft) == len(group) else x[soft], dim=-1)
         k = min(WINDOW, probs.shape[1])
         values, ids = torch.topk(probs, k, dim=-1, sorted=True) if k < probs.shape[1] else (None, None)
         for r, j in enumerate(soft):
