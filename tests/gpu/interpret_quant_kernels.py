@@ -48,7 +48,8 @@ def main() -> int:
     for K, N, M, om in [(256, 128, 5, True), (200, 72, 17, False), (1000, 64, 64, True), (384, 40, 33, False)]:
         q = i8.quantize_i8(torch.randn(K, N) * 0.1 + 0.02, torch.float16, output_major=om)
         x = torch.randn(M, K).half()
-        splits = gemv._split(K, N, None)[0]
+        tiles = gemv.i8_tiles(M)
+        splits = gemv._split(K, N, None, tiles["BLOCK_N"], tiles["BLOCK_K"])[0]
         for _ in range(2):                             # twice: the counters must have been reset
             errs.append(rel(gemv.i8_gemm(x, q), x.double() @ q.dequantize(torch.float64)))
         print(f"i8 K={K} N={N} M={M} output_major={om} splits={splits}: {errs[-1]:.2e}")
