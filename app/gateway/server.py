@@ -213,7 +213,7 @@ class Gateway:
     def check_key(self, request: Request) -> None:
         if not self.api_key:
             return
-        scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
+        scheme, given = (request.headers.get("authorization", "").split(None, 1) + ["", ""])[:2]
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.api_key.encode()):
             raise ApiError(401, "a valid API key is required: send the header `Authorization: Bearer KEY`",
                            "invalid_request_error", None, "invalid_api_key")
