@@ -114,7 +114,8 @@ def parser() -> argparse.ArgumentParser:
                                                      "~/models/RWKV-x070-World-0.1B.pth, or a Hugging Face "
                                                      "Qwen2/Qwen3 folder; the command waits for it")
     ds.add_argument("--strategy", metavar="S",
-                    help='where and how the model runs, e.g. "cpu fp32" (default: the config\'s; see above)')
+                    help='where and how the model runs, e.g. "cpu fp32" (default: the config\'s, in a '
+                         'pre-quantized checkpoint\'s own format; see above)')
     ds.add_argument("--foreground", action="store_true", help="run in this terminal instead of the background")
     _sub(dsub, "stop", "stop the daemon (generations in progress are cancelled)",
          "Stop the daemon of this home. Conversations and their states are saved (a reply in progress is kept\n"
@@ -137,7 +138,8 @@ def parser() -> argparse.ArgumentParser:
                                                   "(.pth or .safetensors, RWKV versions 4 to 7) or a Hugging Face "
                                                   "Qwen2/Qwen3 folder")
     lp.add_argument("--strategy", default=None, metavar="S",
-                    help="where and how the model runs (default: the config's, cpu fp32 at first; see above)")
+                    help="where and how the model runs (default: the config's, cpu fp32 at first, in a "
+                         "pre-quantized checkpoint's own format; see above)")
     lp.add_argument("--default", action="store_true",
                     help="also make it the default model (saved in the config; the daemon loads it when it starts)")
 
