@@ -215,21 +215,15 @@ def _rwkv_tensors(p: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dic
     """``(w, packed, meta)`` of an RWKV checkpoint's header, as ``rwkv.convert.read_packed`` reads the file (on
     meta tensors): a file pre-quantized by ``rwkv-chat convert`` has each packed key's parts assembled into
     ``packed`` and a placeholder [out, in] in ``w``; ``meta``: its metadata (None for any other checkpoint)."""
-    from rwkv_chat.models.formats import serialize
     from rwkv_chat.models.header import safetensors_json
-    from rwkv_chat.models.rwkv.convert import MAGIC, packed_table
+    from rwkv_chat.models.rwkv.convert import MAGIC, packed_table, unpack
 
     w = read_header(p)
     meta = safetensors_json(p)[0].get("__metadata__") if p.suffix == ".safetensors" else None
     if not isinstance(meta, dict) or meta.get("format") != MAGIC:
         return w, {}, None
-    keys = packed_table(p, meta)
-    packed = {}
-    for key, info in keys.items():
-        names = [n for n in serialize.PARTS.get(info.get("format"), ()) if f"{key}.{n}" in w]
-        q = packed[key] = serialize.assemble(info.get("format"), {n: w.pop(f"{key}.{n}") for n in names}, info)
-        k_in, n_out = q.shape
-        w[key] = torch.empty(n_out, k_in, device=_META)
+    placeholders, packed = unpack(packed_table(p, meta), w)
+    w.update(placeholders)
     return w, packed, meta
 
 

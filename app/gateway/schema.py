@@ -97,13 +97,18 @@ def _number(body: dict, name: str, lo: float | None = None, hi: float | None = N
     if integer:
         v, hi = int(v), MAX_INT if hi is None else hi
     elif isinstance(v, int) and abs(v) > 2**1023:          # beyond any float
-        raise bad(name, f"{name} must be a finite number, got an integer of {len(str(abs(v)))} digits")
+        raise bad(name, f"{name} must be a finite number, got {_shown(v)}")
     if (lo is not None and v < lo) or (hi is not None and v > hi):
-        show = (lambda x: f"{int(x)}") if integer else (lambda x: f"{x:g}")
+        show = _shown if integer else (lambda x: f"{x:g}")
         where = f"between {show(lo)} and {show(hi)}" if hi is not None else f"{show(lo)} or more"
-        got = (f"{v}" if len(str(v)) <= 40 else f"an integer of {len(str(abs(v)))} digits") if integer else f"{v:g}"
-        raise bad(name, f"{name} must be {where}, got {got}")
+        raise bad(name, f"{name} must be {where}, got {show(v)}")
     return v if integer else float(v)
+
+
+def _shown(v: int) -> str:
+    """An integer as a message shows it: exactly, or its length where it is long."""
+    text = str(v)
+    return text if len(text) <= 40 else f"an integer of {len(text.lstrip('-'))} digits"
 
 
 def _common(body) -> Request:

@@ -145,16 +145,22 @@ def read_packed(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, dict |
         return loader.read_checkpoint(p), {}, None
     raw = loader.read_checkpoint(p)
     keys = packed_table(p, meta)
-    w, packed = {}, {}
-    for key, info in keys.items():
-        names = [n for n in serialize.PARTS.get(info.get("format"), ()) if f"{key}.{n}" in raw]
-        parts = {n: raw.pop(f"{key}.{n}") for n in names}
-        q = serialize.assemble(info.get("format"), parts, info)
-        packed[key] = q
-        k_in, n_out = q.shape
-        w[key] = torch.empty(n_out, k_in, device="meta")          # the checkpoint's [out, in]
+    w, packed = unpack(keys, raw)
     w.update(raw)
     return w, packed, {**meta, "packed": keys}
+
+
+def unpack(keys: dict[str, dict], tensors: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """The packed weights of ``keys`` (``packed_table``) assembled from their parts, taken out of ``tensors``:
+    ``(placeholders, packed)``, a placeholder on the "meta" device with each key's checkpoint shape [out, in] and
+    the packed weight of each key. Raises CheckpointError (inconsistent parts)."""
+    placeholders, packed = {}, {}
+    for key, info in keys.items():
+        names = [n for n in serialize.PARTS.get(info.get("format"), ()) if f"{key}.{n}" in tensors]
+        q = packed[key] = serialize.assemble(info.get("format"), {n: tensors.pop(f"{key}.{n}") for n in names}, info)
+        k_in, n_out = q.shape
+        placeholders[key] = torch.empty(n_out, k_in, device="meta")
+    return placeholders, packed
 
 
 def packed_table(path: Path, meta: dict) -> dict[str, dict]:
