@@ -24,13 +24,15 @@ tokens alone (the sorted window that found the top-p cutoff holds them): a draw 
 vocabulary instead of a dozen (one CPU thread, vocabulary 151,936: 0.8-1.6 ms against 1.8-18.4 ms, the most at
 top_p 1 with a top_k). A kept set larger than the window, or a top-k cut at a tie, is made over the whole
 vocabulary from the cutoff found; top_p 1 without a top_k still sorts the whole vocabulary (about 19 ms there), as
-the reference's cumulative sum asks. ``sample_rows`` copies the rows of one step that share a vocabulary to the host
-at once and takes their softmax and first window together (2 CPU threads, 16 / 64 rows of 65,536: 8.3 / 32.8 ms a
-step against 14.8 / 51.4 row by row).
+the reference's cumulative sum asks. Rows of one decode step are drawn together by
+``batch_sampling.sample_rows``: on an accelerator the penalties, the softmax and the sorted window are computed on
+the device and only the window comes to the host.
 
 Randomness comes from a ``torch.Generator`` owned by each :class:`Sampler` (seeded from ``SamplerArgs.seed``, or
-from the OS when ``None``); the global RNGs are never touched. Sampling runs on the CPU in float32 whatever the
-logits' device, so a seed gives the same tokens for the same logits on any device.
+from the OS when ``None``); the global RNGs are never touched. The draw itself (cutoff, top-k, temperature, the
+inverse CDF) runs on the CPU in float32 and float64 whatever the logits' device, so a seed gives the same tokens
+for the same logits on the CPU; on an accelerator the softmax's last bits are the device's (see
+``batch_sampling``).
 """
 
 from __future__ import annotations
@@ -47,8 +49,7 @@ from rwkv_chat.models.errors import RWKVError, ShapeMismatchError, StateError, T
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["SamplerArgs", "SETTINGS", "Sampler", "SamplingError", "filtered_probs", "sample_rows",
-           "WEIGHTLESS_TEXT"]
+__all__ = ["SamplerArgs", "SETTINGS", "Sampler", "SamplingError", "filtered_probs", "WEIGHTLESS_TEXT"]
 
 WEIGHTLESS_TEXT = " \t0123456789"  # tokens whose text is a substring of this add 0 to their count (reference)
 _STATE_FORMAT = 1
@@ -216,16 +217,18 @@ WINDOW = 256
 
 
 def _top_p_head(probs: torch.Tensor, top_p: float, top_k: int = 0, first=None):
-    """``(cutoff, kept)``: the cutoff of ``_top_p_cutoff`` and, where the sorted window that found it shows every
-    token at or above it, those tokens' ids (int64 tensor, likeliest first; ties at the cutoff included), else None.
-    With ``top_k`` > 0, a window of more than ``top_k`` tokens whose running sum has not reached ``top_p`` ends the
-    search: every token in it is kept by top-p, and the top-k cut falls inside it (cutoff None, kept the window).
+    """``(cutoff, kept, values)``: the cutoff of ``_top_p_cutoff`` and, where the sorted window that found it shows
+    every token at or above it, those tokens' ids (int64 CPU tensor, likeliest first; ties at the cutoff included)
+    and their probabilities (float32 CPU tensor), else None, None. With ``top_k`` > 0, a window of more than
+    ``top_k`` tokens whose running sum has not reached ``top_p`` ends the search: every token in it is kept by
+    top-p, and the top-k cut falls inside it (cutoff None, kept the window).
 
-    Only the head of the sorted order is needed, so it grows a ``topk`` window (256, 1024, ...) instead of
-    sorting the whole vocabulary; the window's values are exactly the sorted prefix, so the running sum and
-    the cutoff are those of a full sort. A window whose last value still reaches the cutoff may leave tokens of
-    that value outside it: ``kept`` is None then. ``first``: the first window's ``(values, ids)`` where the caller
-    took it already (``torch.topk(probs, WINDOW, sorted=True)`` of a batch of rows).
+    ``probs``: float32 [vocab] on any device (a window is sorted there and copied to the host). Only the head of
+    the sorted order is needed, so it grows a ``topk`` window (256, 1024, ...) instead of sorting the whole
+    vocabulary; the window's values are exactly the sorted prefix, so the running sum and the cutoff are those of
+    a full sort. A window whose last value still reaches the cutoff may leave tokens of that value outside it:
+    ``kept`` is None then. ``first``: the first window's ``(values, ids)`` on the host where the caller took it
+    already (``torch.topk(probs, WINDOW, sorted=True)`` of a batch of rows, or the whole row sorted).
     """
     import numpy as np
     import torch
@@ -233,24 +236,26 @@ def _top_p_head(probs: torch.Tensor, top_p: float, top_k: int = 0, first=None):
     limit = np.float32(top_p)
     k = min(WINDOW, n)
     while True:
-        ids = None
-        if first is not None and k < n:
+        if first is not None:
             head_t, ids = first
-            head, first = head_t.numpy(), None
+            k, first = head_t.numel(), None
         elif k < n:
-            head_t, ids = torch.topk(probs, k, sorted=True)
-            head = head_t.numpy()
-        else:  # numpy's sort is several times faster than torch.sort on CPU
-            head = np.sort(probs.numpy())[::-1]
+            head_t, ids = (t.cpu() for t in torch.topk(probs, k, sorted=True))
+        elif probs.device.type == "cpu":  # numpy's sort is several times faster than torch.sort on CPU
+            head_t, ids = torch.from_numpy(np.ascontiguousarray(np.sort(probs.numpy())[::-1])), None
+        else:
+            head_t, ids = (t.cpu() for t in torch.sort(probs, descending=True))
+        head = head_t.numpy()
         cumulative = np.cumsum(head)  # float32 running sum, as the reference's np.cumsum
         reached = cumulative >= limit
         if reached.any() or k == n:
             cutoff = head[int(np.argmax(reached))] if reached.any() else head[-1]
             count = int(np.count_nonzero(head >= cutoff))
-            kept = ids[:count] if ids is not None and count < k else None
-            return torch.tensor(cutoff), kept
+            if ids is not None and count < k:
+                return torch.tensor(cutoff), ids[:count], head_t[:count]
+            return torch.tensor(cutoff), None, None
         if 0 < top_k < k:
-            return None, ids
+            return None, ids, head_t
         k = n if k * 4 >= n else k * 4
 
 
@@ -299,6 +304,8 @@ class Sampler:
         self._counts_np = self.counts.numpy()    # the same memory: per-token updates without torch dispatch
         self._present_np = self.present.numpy()
         self._seen_np = self.seen.numpy()
+        self._present_ids: list[int] = []        # the ids set in present / seen, each once (penalties touch these)
+        self._seen_ids: list[int] = []
 
     def reset(self) -> None:
         """Forget every occurrence count (the RNG continues)."""
@@ -306,6 +313,8 @@ class Sampler:
             self.counts.zero_()
             self.present.zero_()
             self.seen.zero_()
+            self._present_ids.clear()
+            self._seen_ids.clear()
 
     def observe(self, tokens) -> None:
         """Mark ``tokens`` (ids fed to the model: a prompt) as part of the context that ``repetition_penalty``
@@ -313,10 +322,14 @@ class Sampler:
         or a token sampled before); ids outside it raise TokenError."""
         if self.seen is None:
             raise StateError("the sampler has no vocabulary yet: sample once or give it a tokenizer")
+        import numpy as np
         ids = [operator.index(t) for t in tokens]
         if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
             raise TokenError(f"a prompt token is outside the vocabulary (0..{self.vocab_size - 1})")
-        self._seen_np[ids] = True
+        ids = np.unique(np.asarray(ids, dtype=np.int64))
+        new = ids[~self._seen_np[ids]]
+        self._seen_np[new] = True
+        self._seen_ids.extend(new.tolist())
 
     def is_stop(self, token: int) -> bool:
         """Whether ``token`` is one of ``args.token_stop``."""
@@ -359,17 +372,25 @@ class Sampler:
         if self._ban.numel():
             x[self._ban] = -math.inf
         rp = self.args.repetition_penalty
-        if rp != 1:
+        if rp != 1 and self._seen_ids:
             # transformers RepetitionPenaltyLogitsProcessor: score < 0 ? score * penalty : score / penalty
-            ids = torch.nonzero(self.seen).flatten()         # the context's tokens only (few, of a vocabulary)
+            ids = torch.tensor(self._seen_ids, dtype=torch.long)    # the context's tokens only (few, of a vocabulary)
             v = x[ids]
             x[ids] = torch.where(v < 0, v * rp, v / rp)
-        ids = torch.nonzero(self.present).flatten()
-        if ids.numel():
-            # reference: out[n] -= alpha_presence + occurrence[n] * alpha_frequency  (penalty rounded to float32)
-            penalty = (self.counts[ids] * self.args.alpha_frequency + self.args.alpha_presence).to(torch.float32)
-            x[ids] = x[ids] - penalty
+        if self._present_ids:
+            ids, penalty = self._penalties()
+            x[ids] = x[ids] - torch.from_numpy(penalty)
         return x
+
+    def _penalties(self):
+        """``(ids, penalty)``: the present tokens (int64 tensor [n]) and what step 2 takes from their logits
+        (float32 numpy [n]). Reference: ``out[n] -= alpha_presence + occurrence[n] * alpha_frequency``, the penalty
+        computed in float64 and rounded to float32."""
+        import numpy as np
+        import torch
+        ids = np.asarray(self._present_ids, dtype=np.int64)
+        penalty = (self._counts_np[ids] * self.args.alpha_frequency + self.args.alpha_presence).astype(np.float32)
+        return torch.from_numpy(ids), penalty
 
     def record(self, token: int) -> None:
         """Step 5: decay every count, then add ``token``'s occurrence. Raises TokenError outside the vocabulary."""
@@ -381,8 +402,12 @@ class Sampler:
         counts = self._counts_np                  # views of self.counts / self.present (same float64 math)
         counts *= self.args.alpha_decay
         counts[token] += self.weight(token)
-        self._present_np[token] = True
-        self._seen_np[token] = True
+        if not self._present_np[token]:
+            self._present_np[token] = True
+            self._present_ids.append(token)
+        if not self._seen_np[token]:
+            self._seen_np[token] = True
+            self._seen_ids.append(token)
 
     @property
     def plain_greedy(self) -> bool:
@@ -394,8 +419,17 @@ class Sampler:
         """Draw one token from ``logits`` (float tensor [vocab], any device) and update the counts.
 
         A stop token is returned without being recorded. Raises ShapeMismatchError for logits of the wrong shape,
-        SamplingError if bans/NaN leave nothing to sample.
+        SamplingError if bans/NaN leave nothing to sample. Logits on an accelerator are penalized, softmaxed and
+        windowed there (``batch_sampling.sample_rows``); only the sorted window comes to the host.
         """
+        if logits.device.type != "cpu":
+            from rwkv_chat.models.text.batch_sampling import sample_rows
+            return sample_rows([self], [logits])[0]
+        return self._sample_host(logits)
+
+    def _sample_host(self, logits: torch.Tensor) -> int:
+        """:meth:`sample` with every step after the copy on the host (float32): the reference's rules, and the
+        path any row the batched paths do not decide takes."""
         import torch
         if self.plain_greedy and logits.dim() == 1 and logits.shape[0] == (self.vocab_size or logits.shape[0]):
             token, value = _argmax(logits)                     # first maximum; a NaN wins
@@ -441,24 +475,25 @@ class Sampler:
         return self._draw_probs(F.softmax(x, dim=-1))
 
     def _draw_probs(self, probs: torch.Tensor, first=None) -> int | None:
-        """``_draw_kept`` from the softmax ``probs`` [vocab] of finite logits (``first``: see ``_top_p_head``)."""
+        """``_draw_kept`` from the softmax ``probs`` [vocab] of finite logits (float32, any device; ``first``: see
+        ``_top_p_head``). The kept tokens' values come from the sorted window, so only the window leaves the
+        device; a kept set the windows do not show is made from the row on the host."""
         import torch
         a = self.args
-        cutoff, kept = _top_p_head(probs, a.top_p, a.top_k, first)
+        cutoff, kept, values = _top_p_head(probs, a.top_p, a.top_k, first)
         if kept is not None and 0 < a.top_k < kept.numel():
-            values = probs[kept]
             if values[a.top_k - 1] == values[a.top_k]:   # a tie at the cut: topk's choice decides
                 kept = None
             else:
-                kept = kept[:a.top_k]
+                kept, values = kept[:a.top_k], values[:a.top_k]
         if kept is None:
             if cutoff is None:
                 return None
-            full = _kept_probs(probs, cutoff, a)
+            full = _kept_probs(probs.cpu(), cutoff, a)
             ids = torch.nonzero(full).flatten()
             return self._inverse_cdf(ids, full[ids])
-        ids = torch.sort(kept).values               # ascending, as the full path's nonzero
-        p = probs[ids]
+        ids, order = torch.sort(kept)               # ascending, as the full path's nonzero
+        p = values[order]
         if a.temperature != 1.0:
             p = (p / p.max()) ** (1.0 / a.temperature)
         return self._inverse_cdf(ids, p / p.sum())
@@ -521,6 +556,8 @@ class Sampler:
             self.counts[ids] = torch.tensor(counts, dtype=torch.float64)
             self.present[ids] = True
             self.seen[torch.tensor(seen, dtype=torch.long)] = True
+            self._present_ids = torch.nonzero(self.present).flatten().tolist()
+            self._seen_ids = torch.nonzero(self.seen).flatten().tolist()
         elif self.counts is not None:
             self.reset()
 
@@ -540,92 +577,3 @@ def _argmax(row: torch.Tensor) -> tuple[int, float]:
         return i, float(x[i])
     value, token = torch.max(row.detach(), dim=0)
     return int(token), float(value)
-
-
-def sample_rows(samplers: list[Sampler], rows: list[torch.Tensor], return_errors: bool = False) -> list:
-    """One token per sampler, ``samplers[i]`` drawing from ``rows[i]`` (float tensor [vocab], any device,
-    typically rows of one batched decode step); the same tokens and counts as ``samplers[i].sample(rows[i])``.
-
-    The rows of :attr:`Sampler.plain_greedy` samplers take the argmax without the penalty and one-hot
-    machinery: on the CPU one numpy argmax per row (no copy); on an accelerator one ``max`` over the stacked
-    rows on their device and one transfer of the winners to the host (instead of a copy of every row). A row
-    whose maximum is not finite (NaN, +inf, all -inf) and every other sampler take :meth:`Sampler.sample`,
-    which applies the reference's rules and raises its errors.
-
-    Raises what :meth:`Sampler.sample` raises (ShapeMismatchError for a row that is not [vocab] of the
-    sampler's vocabulary, SamplingError, ...); with ``return_errors`` such a row's exception takes its place in
-    the list instead, and the other rows still get their tokens.
-    """
-    import torch
-    out: list[int | None] = [None] * len(samplers)
-    on_device: list[int] = []
-    for i, (s, r) in enumerate(zip(samplers, rows)):
-        if not s._plain or r.dim() != 1 or r.shape[0] != (s.vocab_size or r.shape[0]):
-            continue                                         # Sampler.sample: full rules, or the shape error
-        if r.device.type == "cpu":
-            token, value = _argmax(r)
-            if math.isfinite(value):
-                out[i] = s._take(token, r.shape[0])
-        else:
-            on_device.append(i)
-    if on_device and len({(rows[i].shape[0], rows[i].device) for i in on_device}) == 1:
-        x = rows[on_device[0]].unsqueeze(0) if len(on_device) == 1 else torch.stack([rows[i] for i in on_device])
-        values, ids = torch.max(x.detach(), dim=-1)          # first maximum, as argmax; NaN propagates
-        if x.shape[-1] < _EXACT_F32:                         # one transfer: values and indices together
-            pair = torch.stack((values.float(), ids.float())).tolist()
-            values_l, ids_l = pair[0], [int(t) for t in pair[1]]
-        else:
-            values_l, ids_l = values.float().tolist(), ids.tolist()
-        for i, v, t in zip(on_device, values_l, ids_l):
-            if math.isfinite(v):
-                out[i] = samplers[i]._take(t, x.shape[-1])
-    _sample_batched(samplers, rows, out)
-    for i, s in enumerate(samplers):
-        if out[i] is None:
-            try:
-                out[i] = s.sample(rows[i])
-            except Exception as e:
-                if not return_errors:
-                    raise
-                out[i] = e
-    return out
-
-
-def _sample_batched(samplers: list[Sampler], rows: list[torch.Tensor], out: list) -> None:
-    """The rows still undrawn in ``out`` that share a vocabulary and a device, drawn together: one copy to the
-    host, the penalties per row, one softmax and one first sorted window over the stacked rows, then each row's
-    kept tokens as ``Sampler.sample`` takes them (the same values: the batched softmax equals the row's on the
-    CPU). Rows this path cannot decide alike (a wrong shape, a non-finite logit, a window that does not decide)
-    are left for ``Sampler.sample``."""
-    import torch
-    from torch.nn import functional as F
-    todo = [i for i, t in enumerate(out) if t is None and rows[i].dim() == 1
-            and rows[i].shape[0] == (samplers[i].vocab_size or rows[i].shape[0])]
-    groups: dict[tuple, list[int]] = {}
-    for i in todo:
-        groups.setdefault((rows[i].shape[0], rows[i].device), []).append(i)
-    for group in groups.values():
-        if len(group) < 2:
-            continue
-        try:
-            for i in group:
-                samplers[i]._check_row(rows[i])        # sizes a new sampler's counts (a bad ban: its own path)
-        except RWKVError:
-            continue
-        x = torch.stack([rows[i].detach() for i in group]).to(device="cpu", dtype=torch.float32)   # one copy
-        for j, i in enumerate(group):
-            samplers[i]._penalized(x[j])
-        finite = [math.isfinite(v) for v in x.max(dim=1).values.tolist()]    # NaN, all -inf, +inf: the row's path
-        soft = [j for j, i in enumerate(group) if finite[j] and samplers[i].args.temperature != 0]
-        for j, i in enumerate(group):
-            if finite[j] and samplers[i].args.temperature == 0:
-                out[i] = samplers[i]._take(int(torch.argmax(x[j])), x.shape[1])
-        if not soft:
-            continue
-        probs = F.softmax(x if len(soft) == len(group) else x[soft], dim=-1)
-        k = min(WINDOW, probs.shape[1])
-        values, ids = torch.topk(probs, k, dim=-1, sorted=True) if k < probs.shape[1] else (None, None)
-        for r, j in enumerate(soft):
-            s = samplers[group[j]]
-            token = s._draw_probs(probs[r], None if values is None else (values[r], ids[r]))
-            out[group[j]] = None if token is None else s._take(token, probs.shape[1])

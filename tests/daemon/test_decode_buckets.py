@@ -12,7 +12,8 @@ from rwkv_chat.daemon.config import Config, ConfigError, load_config, save_confi
 from rwkv_chat.daemon.host import batch_invariance, decode_buckets
 from rwkv_chat.models import RWKV
 from rwkv_chat.models.rwkv.decode import DEFAULT_BUCKETS, BatchDecoder
-from rwkv_chat.models.text.sampling import Sampler, SamplerArgs, SamplingError, sample_rows
+from rwkv_chat.models.text.batch_sampling import sample_rows
+from rwkv_chat.models.text.sampling import Sampler, SamplerArgs, SamplingError
 
 
 @pytest.fixture(scope="module")

@@ -353,19 +353,25 @@ def test_the_kept_token_draw_takes_the_tokens_of_the_full_path(args):
     assert sum(decided) >= len(rows) // 2                   # the kept-token path decided most draws
 
 
-def test_rows_sampled_together_take_the_tokens_of_each_alone():
-    """``sample_rows`` over a batch (one copy, one softmax, one sorted window for the rows) gives every sampler the
-    token and the counts ``Sampler.sample`` gives it alone, over steps, with greedy, penalized and sampled rows,
-    a row of NaN, a row of -inf with a NaN, and a tie at a top-k cut."""
-    from rwkv_chat.models.text.sampling import sample_rows
+@pytest.mark.parametrize("vocab", [2000, 256, 100])
+def test_rows_sampled_together_take_the_tokens_of_each_alone(vocab):
+    """``sample_rows`` over a batch (one copy, penalties as indexed updates over the batch, one softmax, one sorted
+    window for the rows, or the whole rows sorted at a vocabulary that small) gives every sampler the token and the
+    counts ``Sampler.sample`` gives it alone, over steps, with greedy, penalized, banned and sampled rows, a row of
+    NaN, a row of -inf with a NaN, and a tie at a top-k cut."""
+    from rwkv_chat.models.text.batch_sampling import sample_rows
 
     g = torch.Generator().manual_seed(8)
     args = [dict(temperature=0), dict(temperature=0, alpha_presence=0.4), dict(top_p=0.5), dict(top_p=0.9, top_k=7),
-            dict(top_p=1.0, top_k=40, temperature=0.6), dict(top_p=0.999, repetition_penalty=1.2), dict(top_p=1.0)]
+            dict(top_p=1.0, top_k=40, temperature=0.6), dict(top_p=0.999, repetition_penalty=1.2), dict(top_p=1.0),
+            dict(top_p=0.7, token_ban=(3, 5, 3), repetition_penalty=0.8, alpha_presence=0)]
     make = lambda: [Sampler(SamplerArgs(seed=i, alpha_frequency=0.3, **a)) for i, a in enumerate(args)]  # noqa: E731
     batched, alone = make(), make()
+    for s in batched + alone:
+        s._allocate(vocab)
+        s.observe([1, 2, 7, 2])
     for step in range(12):
-        rows = [torch.randn(2000, generator=g) * (1 + 3 * (i % 3)) for i in range(len(args))]
+        rows = [torch.randn(vocab, generator=g) * (1 + 3 * (i % 3)) for i in range(len(args))]
         if step == 3:
             rows[2][5] = float("nan")
         if step == 5:
@@ -384,3 +390,26 @@ def test_rows_sampled_together_take_the_tokens_of_each_alone():
             [type(t) if isinstance(t, Exception) else t for t in want], step
         for a, b in zip(batched, alone):
             assert torch.equal(a.counts, b.counts) and torch.equal(a.seen, b.seen)
+
+
+def test_a_row_drawn_alone_on_the_batched_path_takes_the_tokens_of_the_host_path():
+    """One row through the batched path (as an accelerator's row goes: ``_sample_group`` with a group of one) takes
+    the host path's tokens and counts, and its indexed penalties give the host path's logits bit for bit."""
+    from rwkv_chat.models.text.batch_sampling import _penalize, _sample_group
+
+    g = torch.Generator().manual_seed(21)
+    cfg = SamplerArgs(seed=4, top_p=0.8, top_k=50, temperature=0.9, alpha_frequency=0.3, alpha_presence=0.2,
+                      repetition_penalty=1.3, token_ban=(0, 9))
+    one, host = Sampler(cfg), Sampler(cfg)
+    for s in (one, host):
+        s._allocate(5000)
+        s.observe(range(0, 5000, 37))
+    for step in range(30):
+        row = torch.randn(5000, generator=g) * (1 + step % 4)
+        x = row.unsqueeze(0).clone()
+        _penalize(x, [one])
+        assert torch.equal(x[0], host.penalize(row)), step
+        out = [None]
+        _sample_group([one], [row], [0], out)
+        assert out[0] == host.sample(row), step
+        assert torch.equal(one.counts, host.counts) and torch.equal(one.present, host.present)
