@@ -1,8 +1,10 @@
 """Decode tokens/s through the daemon vs the engine's own loop, at batch 1 and N (not a test).
 
 Engine peers (in this process, with the daemon's torch thread count unless ``--threads``): sampling
-(``Sampler.sample``, greedy, no penalties) and detokenizing (``IncrementalDecoder.push``) run in the loop as
-in the daemon.
+(``Sampler.sample`` at batch 1, ``sample_rows`` over a batch, as the daemon draws) and detokenizing
+(``IncrementalDecoder.push``) run in the loop as in the daemon. ``--sampling greedy`` (the default) draws the
+argmax without penalties; ``--sampling default`` draws with the daemon's default settings (temperature 1, top_p
+0.85, presence and frequency penalties 0.2, a fixed seed per stream), in the engine loops and in the daemon alike.
 * batch 1: ``model.forward([token], state)`` per token, and ``BatchDecoder(max_batch=1).step``;
 * batch N: ``BatchDecoder(model, max_batch=N)`` stepping N conversations (default buckets): the reference
   the daemon is held to (daemon / BatchDecoder);
@@ -11,7 +13,8 @@ in the daemon.
 Daemon: N clients stream ``Client.complete`` at once from a daemon started in a temporary home; tokens/s =
 all tokens / time from the first token event to the last ``Done`` (client-observed: ZeroMQ, signing,
 sampling, detokenizing, continuous batching included). The same short prompt (a few tokens, so the
-daemon's window holds almost no prefill), greedy, the same token count. On CUDA the engine loops end with
+daemon's window holds almost no prefill), the same sampling settings, the same token count (a sampled stream
+that draws a stop token ends early: its tokens are counted). On CUDA the engine loops end with
 ``torch.cuda.synchronize()`` before the clock is read (the daemon's clock is the client's: its events
 follow host reads of the sampled tokens).
 
@@ -35,10 +38,12 @@ import time
 from pathlib import Path
 
 GREEDY = dict(temperature=0.0, alpha_frequency=0.0, alpha_presence=0.0)
+SAMPLING = {"greedy": GREEDY, "default": {}}   # "default": SamplerArgs' defaults (the daemon's [sampling])
 PROMPT = "The"
 
 
-def engine_rates(model_path: str, strategy: str, n: int, batches: list[int], repeats: int, threads: int) -> dict:
+def engine_rates(model_path: str, strategy: str, n: int, batches: list[int], repeats: int, threads: int,
+                 sampling: dict) -> dict:
     """{"forward": tok/s, ("batch", N): tok/s, ("inv", N): tok/s, "buckets": the daemon-like decoder's buckets,
     "threads": torch threads used} of the engine's own loops (best of ``repeats``; ``threads`` 0 = the
     daemon's automatic choice for the model)."""
@@ -46,6 +51,7 @@ def engine_rates(model_path: str, strategy: str, n: int, batches: list[int], rep
 
     from rwkv_chat.models import RWKV
     from rwkv_chat.models.rwkv.decode import BatchDecoder
+    from rwkv_chat.models.text.batch_sampling import sample_rows
     from rwkv_chat.models.text.sampling import Sampler, SamplerArgs
     from rwkv_chat.models.text.tokenizers import IncrementalDecoder, load_tokenizer
 
@@ -66,7 +72,7 @@ def engine_rates(model_path: str, strategy: str, n: int, batches: list[int], rep
     decoders.update({("inv", b): inv for b in batches})
     out: dict = {}
     for _ in range(repeats + 1):               # the first round warms up (CUDA graphs, compiled steps)
-        sampler, dec = Sampler(SamplerArgs(max_tokens=n, **GREEDY), tok), IncrementalDecoder(tok)
+        sampler, dec = Sampler(SamplerArgs(max_tokens=n, seed=0, **sampling), tok), IncrementalDecoder(tok)
         logits, state = logits0, state0
         t0 = time.perf_counter()
         for _ in range(n):
@@ -79,12 +85,12 @@ def engine_rates(model_path: str, strategy: str, n: int, batches: list[int], rep
             for key in (("batch", b), ("inv", b)):
                 bd = decoders[key]
                 hs = [bd.add(state0) for _ in range(b)]
-                samplers = [Sampler(SamplerArgs(max_tokens=n, **GREEDY), tok) for _ in range(b)]
+                samplers = [Sampler(SamplerArgs(max_tokens=n, seed=k, **sampling), tok) for k in range(b)]
                 decs = [IncrementalDecoder(tok) for _ in range(b)]
                 lg = {h: logits0 for h in hs}
                 t0 = time.perf_counter()
                 for _ in range(n):
-                    toks = {h: s.sample(lg[h]) for h, s in zip(hs, samplers)}
+                    toks = dict(zip(hs, sample_rows(samplers, [lg[h] for h in hs])))
                     lg = bd.step(toks)
                     for h, d in zip(hs, decs):
                         d.push(toks[h])
@@ -92,23 +98,24 @@ def engine_rates(model_path: str, strategy: str, n: int, batches: list[int], rep
                 out[key] = max(out.get(key, 0), b * n / (time.perf_counter() - t0))
                 for h in hs:
                     bd.remove(h)
-    out["buckets"], out["threads"] = tuple(inv.buckets), threads
+    out["buckets"], out["threads"], out["backend"] = tuple(inv.buckets), threads, str(model.backend)
     return out
 
 
-def _concurrent(clients, prompt: str, n: int, seen) -> None:
-    """Every client streams one greedy completion of ``n`` tokens at once; ``seen(client, event)`` per event."""
+def _concurrent(clients, prompt: str, n: int, seen, sampling: dict) -> None:
+    """Every client streams one completion of ``n`` tokens at once (client k with seed k); ``seen(client,
+    event)`` per event."""
     from rwkv_chat.daemon.protocol import messages as m
 
     barrier, errors = threading.Barrier(len(clients)), []
 
-    def run(c):
+    def run(c, k):
         barrier.wait()
-        for ev in c.complete(prompt, max_tokens=n, **GREEDY):
+        for ev in c.complete(prompt, max_tokens=n, seed=k, **sampling):
             if isinstance(ev, (m.Failed, m.Error)):
                 errors.append(ev)
             seen(c, ev)
-    threads = [threading.Thread(target=run, args=(c,)) for c in clients]
+    threads = [threading.Thread(target=run, args=(c, k)) for k, c in enumerate(clients)]
     for t in threads:
         t.start()
     for t in threads:
@@ -117,22 +124,31 @@ def _concurrent(clients, prompt: str, n: int, seen) -> None:
         raise SystemExit(f"the daemon failed a generation: {errors[0]}")
 
 
-def daemon_rates(model_path: str, strategy: str, n: int, batches: list[int], repeats: int) -> dict:
+def daemon_rates(model_path: str, strategy: str, n: int, batches: list[int], repeats: int, sampling: dict) -> dict:
     """{N: tok/s} through a real daemon with N concurrent clients (best of ``repeats``), and "info": the
     daemon's model status (its ``buckets``, ``threads``)."""
     from rwkv_chat.daemon.paths import home_paths
     from rwkv_chat.daemon.protocol import messages as m
     from rwkv_chat.daemon.client import Client
 
+    from rwkv_chat.models import kernels
+
     home = Path(tempfile.mkdtemp(prefix="rwkv-bench-"))
+    paths = home_paths(home)
+    paths.cache_dir.mkdir(parents=True, exist_ok=True)     # the engine's kernel builds, not a fresh build
+    (paths.cache_dir / "kernels").symlink_to(Path(kernels.default_loader().cache_dir or kernels.default_cache_dir()))
     env, cmd = load_daemon(home, model_path, strategy)
     out: dict = {}
     try:
-        paths = home_paths(home)
         clients = [Client(paths, autostart=False).connect() for _ in range(max(batches))]
-        out["info"] = clients[0].status().get("model") or {}
+        t_end = time.monotonic() + 900
+        while any(b.get("state") == "building" for b in (clients[0].status().get("model") or {}).get("kernel_build", ())):
+            if time.monotonic() > t_end:
+                raise SystemExit("the daemon's kernels were still building after 900 s")
+            time.sleep(0.5)                    # the daemon serves with its compiled kernels once they are built
         for b in batches:                      # warm-up: every batch size the timed runs meet
-            _concurrent(clients[:b], "warm up", 8, lambda c, ev: None)
+            _concurrent(clients[:b], "warm up", 8, lambda c, ev: None, sampling)
+        out["info"] = clients[0].status().get("model") or {}
         for _ in range(repeats):
             for b in batches:
                 firsts, ends, counts = [], [], []
@@ -143,7 +159,7 @@ def daemon_rates(model_path: str, strategy: str, n: int, batches: list[int], rep
                     elif isinstance(ev, m.Done):
                         ends.append(time.perf_counter())
                         counts.append(ev.tokens - 1)     # tokens after the first event
-                _concurrent(clients[:b], PROMPT, n, seen)
+                _concurrent(clients[:b], PROMPT, n, seen, sampling)
                 if len(counts) != b:
                     raise SystemExit(f"batch {b}: {len(counts)} of {b} generations finished")
                 rate = sum(counts) / (max(ends) - min(firsts))
@@ -201,6 +217,8 @@ def main() -> None:
     ap.add_argument("--strategy", default="cpu fp32")
     ap.add_argument("--threads", type=int, default=0, help="torch threads of the engine loops; 0 = the daemon's "
                     "automatic choice for each model (1 below n_embd 512, else min(4, cores))")
+    ap.add_argument("--sampling", choices=sorted(SAMPLING), default="greedy",
+                    help="greedy (argmax, no penalties) or the daemon's default sampling settings")
     ap.add_argument("--out")
     args = ap.parse_args()
     if not args.models and not args.shape:
@@ -213,21 +231,22 @@ def main() -> None:
     models = bench_models(args.models, args.shape, args.strategy, tmp)
     device = "cuda" if "cuda" in args.strategy else "cpu"
     lines = [*provenance(device=device), "",
-             f"Decode tokens/s, {args.tokens} greedy tokens per stream (sampling + detokenizing in every loop), best "
-             f"of {args.repeats}, strategy `{args.strategy}`", "",
+             f"Decode tokens/s, {args.tokens} tokens per stream, sampling `{args.sampling}` (sampling + detokenizing "
+             f"in every loop), best of {args.repeats}, strategy `{args.strategy}`", "",
              "| model | batch | engine `forward` loop | engine `BatchDecoder` | engine, daemon's buckets | "
              "daemon (N clients) | daemon / BatchDecoder | daemon / forward | daemon / daemon's buckets |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     notes, summary = [], []
     try:
         for name, mp in models:
-            e = engine_rates(mp, args.strategy, args.tokens, args.batch, args.repeats, args.threads)
+            sampling = SAMPLING[args.sampling]
+            e = engine_rates(mp, args.strategy, args.tokens, args.batch, args.repeats, args.threads, sampling)
             torch.cuda.empty_cache() if torch.cuda.is_available() else None
-            d = daemon_rates(mp, args.strategy, args.tokens, args.batch, args.repeats)
+            d = daemon_rates(mp, args.strategy, args.tokens, args.batch, args.repeats, sampling)
             info = d["info"]
             notes.append(f"{name}: daemon decode buckets {tuple(info.get('buckets', ()))}, {info.get('threads')} "
-                         f"torch thread(s); engine loops {e['threads']} thread(s), daemon-like buckets "
-                         f"{e['buckets']}")
+                         f"torch thread(s), backend {info.get('backend')}; engine loops {e['threads']} thread(s), "
+                         f"daemon-like buckets {e['buckets']}, backend {e['backend']}")
             summary += [f"| {name} | {b} | {d[b] / e[('batch', b)]:.2f} |" for b in args.batch]
             for b in args.batch:
                 fwd = e["forward"] if b == 1 else None
