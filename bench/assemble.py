@@ -35,6 +35,8 @@ SECTIONS = (
     ("Decode products with their norms (norm_gemv)", "prenorm_bench.md", False),
     ("Decode and prefill", "bench.md", True),
     ("Daemon vs engine", "daemon_overhead.md", False),
+    ("Daemon vs engine, sampled", "daemon_sampled.md", False),
+    ("Sampling on the GPU vs the host path", "verify_sampling.md", False),
     ("Prefill profile", "prefill_profile.md", False),
     ("Compiled int4 / fp8 GEMVs (csrc/gemvq)", "verify_gemvq.md", False),
     ("Int4 / fp8 decode GEMVs vs fp16 cuBLAS", "gemvq_bench.md", False),
