@@ -136,10 +136,12 @@ def _penalize(x: torch.Tensor, samplers: list[Sampler]) -> None:
         flat[ban_ids_t] = -math.inf
 
 
-def _sample_group(samplers: list[Sampler], rows: list[torch.Tensor], group: list[int], out: list) -> None:
+def _sample_group(samplers: list[Sampler], rows: list[torch.Tensor], group: list[int], out: list,
+                  whole_rows_here: bool | None = None) -> None:
     """Draw the rows ``group`` (one vocabulary, one device) together; see the module docstring. A sampler whose
     first row does not fit it (a banned id outside the vocabulary) and rows with a non-finite maximum are left
-    undrawn in ``out``."""
+    undrawn in ``out``. Rows the first window does not decide: ``_draw_whole_rows`` on the rows' device where
+    ``whole_rows_here`` (default: on an accelerator), else the host's growing windows."""
     import torch
     from torch.nn import functional as F
     try:
@@ -178,12 +180,56 @@ def _sample_group(samplers: list[Sampler], rows: list[torch.Tensor], group: list
                 out[group[j]] = samplers[group[j]]._take(t, vocab)
     if not soft:
         return
+    if whole_rows_here is None:
+        whole_rows_here = x.device.type != "cpu"
     width = values.shape[1]
     host_values = host[at:at + len(soft) * width].view(len(soft), width).float()
     host_ids = host[at + len(soft) * width:].view(len(soft), width).long()
+    undecided: list[int] = []
     for r, j in enumerate(soft):
         if not math.isfinite(top[j]):
             continue
         s = samplers[group[j]]
-        token = s._draw_probs(probs[r], (host_values[r], host_ids[r]))
+        token = s._draw_probs(probs[r], (host_values[r], host_ids[r]), grow=not whole_rows_here)
+        if token is None and whole_rows_here:
+            undecided.append(r)
         out[group[j]] = None if token is None else s._take(token, vocab)
+    if undecided:
+        chosen = [samplers[group[soft[r]]] for r in undecided]
+        sel = torch.tensor(undecided, device=probs.device) if len(undecided) < len(soft) else None
+        for r, token in zip(undecided, _draw_whole_rows(probs if sel is None else probs[sel], chosen)):
+            out[group[soft[r]]] = samplers[group[soft[r]]]._take(token, vocab)
+
+
+def _draw_whole_rows(probs: torch.Tensor, samplers: list[Sampler]) -> list[int]:
+    """One token per row of ``probs`` (float32 [rows, vocab], softmax of finite logits, any device), row j drawn
+    for ``samplers[j]`` over the whole vocabulary on the rows' device: the rows sorted, the float32 running sum's
+    top-p cutoff (the reference's), the top-k cut (the first ``top_k`` of the sorted order: at a tie, the sort's
+    choice, as ``topk``'s on the host), the temperature, renormalized, then the inverse-CDF draw over the token ids
+    in ascending order with the sampler's own uniform number (drawn here, on the host, one per row as
+    ``Sampler._inverse_cdf`` draws it). Only the tokens come back. The same arithmetic as ``sampling._kept_probs``
+    and ``Sampler._inverse_cdf``; a GPU's running sums add in another order than the CPU's."""
+    import numpy as np
+    import torch
+    rows, vocab = probs.shape
+    dev = probs.device
+    args = [s.args for s in samplers]
+    u = [float(torch.rand((), dtype=torch.float64, generator=s.generator)) for s in samplers]
+    params = torch.tensor([[float(np.float32(a.top_p)), a.top_k if 0 < a.top_k < vocab else vocab,
+                            a.temperature, ui] for a, ui in zip(args, u)], dtype=torch.float64).to(dev)
+    top_p, top_k, temperature, u_t = params.unbind(1)
+    values, ids = torch.sort(probs, dim=1, descending=True)
+    reached = torch.cumsum(values, dim=1) >= top_p.float()[:, None]       # float32 running sum, as the reference
+    at = torch.where(reached.any(dim=1), reached.to(torch.uint8).argmax(dim=1), vocab - 1)
+    cutoff = values.gather(1, at[:, None])                                  # [rows, 1]
+    order = torch.arange(vocab, device=dev)
+    top = torch.zeros_like(reached).scatter_(1, ids, order[None, :] < top_k.long()[:, None])
+    keep = (probs >= cutoff) & top
+    q = torch.where(keep, probs, torch.zeros((), dtype=probs.dtype, device=dev))
+    scaled = (q / q.amax(dim=1, keepdim=True)) ** (1.0 / temperature).float()[:, None]
+    q = torch.where((temperature != 1.0)[:, None], scaled, q)
+    q = q / q.sum(dim=1, keepdim=True)
+    cdf = torch.cumsum(q.double(), dim=1)
+    pick = torch.searchsorted(cdf, u_t[:, None] * cdf[:, -1:], right=True)
+    last = torch.where(keep, order[None, :], -1).amax(dim=1, keepdim=True)   # the largest kept id
+    return torch.minimum(pick, last).flatten().tolist()

@@ -216,7 +216,7 @@ def _top_p_cutoff(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 WINDOW = 256
 
 
-def _top_p_head(probs: torch.Tensor, top_p: float, top_k: int = 0, first=None):
+def _top_p_head(probs: torch.Tensor, top_p: float, top_k: int = 0, first=None, grow: bool = True):
     """``(cutoff, kept, values)``: the cutoff of ``_top_p_cutoff`` and, where the sorted window that found it shows
     every token at or above it, those tokens' ids (int64 CPU tensor, likeliest first; ties at the cutoff included)
     and their probabilities (float32 CPU tensor), else None, None. With ``top_k`` > 0, a window of more than
@@ -228,7 +228,8 @@ def _top_p_head(probs: torch.Tensor, top_p: float, top_k: int = 0, first=None):
     vocabulary; the window's values are exactly the sorted prefix, so the running sum and the cutoff are those of
     a full sort. A window whose last value still reaches the cutoff may leave tokens of that value outside it:
     ``kept`` is None then. ``first``: the first window's ``(values, ids)`` on the host where the caller took it
-    already (``torch.topk(probs, WINDOW, sorted=True)`` of a batch of rows, or the whole row sorted).
+    already (``torch.topk(probs, WINDOW, sorted=True)`` of a batch of rows, or the whole row sorted). With
+    ``grow`` False the search ends after the first window: ``(None, None, None)`` where it did not decide.
     """
     import numpy as np
     import torch
@@ -256,6 +257,8 @@ def _top_p_head(probs: torch.Tensor, top_p: float, top_k: int = 0, first=None):
             return torch.tensor(cutoff), None, None
         if 0 < top_k < k:
             return None, ids, head_t
+        if not grow:
+            return None, None, None
         k = n if k * 4 >= n else k * 4
 
 
@@ -474,20 +477,21 @@ class Sampler:
             return int(torch.argmax(x))
         return self._draw_probs(F.softmax(x, dim=-1))
 
-    def _draw_probs(self, probs: torch.Tensor, first=None) -> int | None:
+    def _draw_probs(self, probs: torch.Tensor, first=None, grow: bool = True) -> int | None:
         """``_draw_kept`` from the softmax ``probs`` [vocab] of finite logits (float32, any device; ``first``: see
         ``_top_p_head``). The kept tokens' values come from the sorted window, so only the window leaves the
-        device; a kept set the windows do not show is made from the row on the host."""
+        device; a kept set the windows do not show is made from the row on the host. With ``grow`` False, None
+        (and no random draw) wherever the first window does not show the kept set."""
         import torch
         a = self.args
-        cutoff, kept, values = _top_p_head(probs, a.top_p, a.top_k, first)
+        cutoff, kept, values = _top_p_head(probs, a.top_p, a.top_k, first, grow)
         if kept is not None and 0 < a.top_k < kept.numel():
             if values[a.top_k - 1] == values[a.top_k]:   # a tie at the cut: topk's choice decides
                 kept = None
             else:
                 kept, values = kept[:a.top_k], values[:a.top_k]
         if kept is None:
-            if cutoff is None:
+            if cutoff is None or not grow:
                 return None
             full = _kept_probs(probs.cpu(), cutoff, a)
             ids = torch.nonzero(full).flatten()
