@@ -96,6 +96,17 @@ def _greedy_on_device(samplers: list[Sampler], rows: list[torch.Tensor], on_devi
             out[i] = samplers[i]._take(t, x.shape[-1])
 
 
+def _to_device(array, device) -> torch.Tensor:
+    """A numpy array as a tensor on ``device``: on CUDA one asynchronous copy from pinned memory (torch's caching
+    host allocator keeps the block until the copy has run), so the host queues the sampling's kernels while the
+    decode step still runs instead of waiting for it at every copy."""
+    import torch
+    t = torch.from_numpy(array)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def _penalize(x: torch.Tensor, samplers: list[Sampler]) -> None:
     """Steps 1-2 of ``sampling`` on the stacked rows ``x`` (float32 [rows, vocab], any device; row j is
     ``samplers[j]``'s), in place: the same float32 operations as ``Sampler._penalized`` on each row (the
@@ -120,11 +131,11 @@ def _penalize(x: torch.Tensor, samplers: list[Sampler]) -> None:
     sizes = [sum(a.size for a in part) for part in (rp_ids, pen_ids, ban_ids)]
     if not sum(sizes):
         return
-    ids = torch.from_numpy(np.concatenate(rp_ids + pen_ids + ban_ids)).to(x.device)        # one transfer
+    ids = _to_device(np.concatenate(rp_ids + pen_ids + ban_ids), x.device)
     rp_ids_t, pen_ids_t, ban_ids_t = ids.split(sizes)
     flat = x.view(-1)
     if sizes[0] or sizes[1]:
-        values = torch.from_numpy(np.concatenate(rp_f + pen_v)).to(x.device)               # one transfer
+        values = _to_device(np.concatenate(rp_f + pen_v), x.device)
         factor, penalty = values.split(sizes[:2])
         if sizes[0]:
             # transformers RepetitionPenaltyLogitsProcessor: score < 0 ? score * penalty : score / penalty
@@ -215,8 +226,8 @@ def _draw_whole_rows(probs: torch.Tensor, samplers: list[Sampler]) -> list[int]:
     dev = probs.device
     args = [s.args for s in samplers]
     u = [float(torch.rand((), dtype=torch.float64, generator=s.generator)) for s in samplers]
-    params = torch.tensor([[float(np.float32(a.top_p)), a.top_k if 0 < a.top_k < vocab else vocab,
-                            a.temperature, ui] for a, ui in zip(args, u)], dtype=torch.float64).to(dev)
+    params = _to_device(np.array([[float(np.float32(a.top_p)), a.top_k if 0 < a.top_k < vocab else vocab,
+                                   a.temperature, ui] for a, ui in zip(args, u)], dtype=np.float64), dev)
     top_p, top_k, temperature, u_t = params.unbind(1)
     values, ids = torch.sort(probs, dim=1, descending=True)
     reached = torch.cumsum(values, dim=1) >= top_p.float()[:, None]       # float32 running sum, as the reference
