@@ -10,8 +10,8 @@ the rows on the host (the CPU path). After every step the host samplers' state (
 the device ones, so each step is compared from the same state. Logits: Gaussian rows with scales 2-8 (peaked
 like a trained model's, some flat).
 
-Checked: at least 99% of the draws agree in every setting (the device's softmax may differ from the CPU's in
-the last bits, which moves a draw only at a boundary). Prints a table with the agreement and the ms per step of both paths
+Checked: in every setting at most 1% of the draws differ (one where fewer than 100 are drawn): the device's
+softmax and running sums round differently from the CPU's, which moves a draw only at a boundary. Prints a table with the agreement and the ms per step of both paths
 (the host path's time includes the copy of the rows; ``--threads`` torch threads, as the daemon's default) and
 exits 1 on a failed check.
 """
@@ -90,7 +90,7 @@ def main() -> int:
         for batch in (1, 16, 64):
             for name, over in SETTINGS.items():
                 r = run(vocab, batch, name, over, args.steps)
-                good = r["agree"] >= 0.99 * r["n"]
+                good = r["n"] - r["agree"] <= max(1, 0.01 * r["n"])
                 ok &= good
                 lines.append(f"| {vocab} | {batch} | {name} | {r['agree']}/{r['n']} | {r['ms_dev']:.2f} | "
                              f"{r['ms_host']:.2f} | {r['ms_host'] / r['ms_dev']:.1f}x | {'pass' if good else 'FAIL'} |")
