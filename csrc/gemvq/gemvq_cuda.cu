@@ -288,9 +288,13 @@ __device__ __forceinline__ void stage_tile(const F* __restrict__ x, int K, int r
     const int nch = len / CE;
     const bool norm = NORM && is_norm(act);
     const F* lb = act == kGemvqActLayerNorm ? static_cast<const F*>(a.ln_b) : nullptr;
+    // u8: each thread stages the same chunks of every row, so that a row's sums (cs) add the same terms in the
+    // same order whatever its slot in the batch (a conversation's logits do not depend on its slot)
 #pragma unroll 1
-    for (int i = threadIdx.x; i < rows * nch; i += kThreads) {
-        const int r = i / nch, L = i - r * nch;
+    for (int i = threadIdx.x; i < (kIsU8<Q> ? nch : rows * nch); i += kThreads)
+#pragma unroll 1
+    for (int rr = 0; rr < (kIsU8<Q> ? rows : 1); ++rr) {
+        const int r = kIsU8<Q> ? rr : i / nch, L = kIsU8<Q> ? i : i - r * nch;
         const uint4* src = reinterpret_cast<const uint4*>(x + (long)r * K + t0 + (long)L * CE);
         float v[CE];
         if constexpr (NORM) {
