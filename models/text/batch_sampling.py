@@ -7,23 +7,26 @@ than a copy of the vocabulary to the host:
   one transfer of the winners;
 * the other rows that share a vocabulary and a device (one row is enough on an accelerator, two on the CPU) are
   stacked there as float32 [rows, vocab]; the bans, the repetition penalty and the presence / frequency penalties
-  are applied with three indexed updates over the batch (the ids and values of every row gathered on the host
-  first: one transfer each); then one softmax, and one ``topk`` of :data:`~sampling.WINDOW` sorted tokens per row
-  (the whole row sorted where the vocabulary is that small). One transfer brings each row's maximum, the greedy
-  rows' argmax and the sorted windows to the host, where each row is drawn as ``Sampler.sample`` draws it (the
-  top-p cutoff from the float32 running sum of the window, the top-k cut, the temperature, the inverse-CDF draw
-  with the sampler's own generator). A window that does not reach the cutoff grows on the device.
+  are applied as one indexed update over the batch (every changed logit an entry, gathered on the host and sent in
+  asynchronous copies); then one softmax, and one ``topk`` of :data:`~sampling.WINDOW` sorted tokens per row (the
+  whole row sorted where the vocabulary is that small). One transfer brings each row's maximum, argmax and sorted
+  window to the host, where each row is drawn as ``Sampler.sample`` draws it (the top-p cutoff from the float32
+  running sum of the window, the top-k cut, the temperature, the inverse-CDF draw with the sampler's own
+  generator). A row whose window does not show its top-p set is drawn over the whole vocabulary on the device
+  (``device_sampling.whole_rows_tokens``; on the CPU the window grows instead, as in ``Sampler.sample``). On CUDA
+  both passes replay CUDA graphs (``device_sampling.SamplingGraphs``).
 
 On the CPU this is the same arithmetic as ``Sampler.sample`` in the same order, so the tokens are identical (a
 test draws both ways). On an accelerator the softmax is the device's: its float32 values may differ from the CPU's
 in the last bits, so a seed gives the same tokens there as on the CPU except where such a difference moves the
 top-p cutoff or the draw across a boundary. Rows this path cannot decide alike (a NaN or infinite maximum, a tie at
 a top-k cut beyond the windows) take ``Sampler._sample_host``, which applies the reference's rules and raises its
-errors. Cost, H100 and vocabulary 65,536: see ``bench/daemon_overhead.py --sampling default``.
+errors. Cost: ``tests/gpu/verify_sampling.py`` and ``bench/daemon_overhead.py --sampling default``.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import TYPE_CHECKING
 
@@ -34,6 +37,8 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["sample_rows"]
+
+log = logging.getLogger(__name__)
 
 
 def sample_rows(samplers: list[Sampler], rows: list[torch.Tensor], return_errors: bool = False) -> list:
@@ -66,7 +71,10 @@ def sample_rows(samplers: list[Sampler], rows: list[torch.Tensor], return_errors
             groups.setdefault((r.shape[0], r.device), []).append(i)
     for (_, device), group in groups.items():
         if len(group) >= (2 if device.type == "cpu" else 1):
-            _sample_group(samplers, rows, group, out)
+            try:
+                _sample_group(samplers, rows, group, out)
+            except Exception:   # noqa: BLE001 - the rows left undrawn take the host path, which reports per row
+                log.warning("sampling on %s failed; those rows are drawn on the host", device, exc_info=True)
     for i, s in enumerate(samplers):
         if out[i] is None:
             try:
@@ -96,151 +104,93 @@ def _greedy_on_device(samplers: list[Sampler], rows: list[torch.Tensor], on_devi
             out[i] = samplers[i]._take(t, x.shape[-1])
 
 
-def _to_device(array, device) -> torch.Tensor:
-    """A numpy array as a tensor on ``device``: on CUDA one asynchronous copy from pinned memory (torch's caching
-    host allocator keeps the block until the copy has run), so the host queues the sampling's kernels while the
-    decode step still runs instead of waiting for it at every copy."""
-    import torch
-    t = torch.from_numpy(array)
-    if device.type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
-
-
 def _penalize(x: torch.Tensor, samplers: list[Sampler]) -> None:
     """Steps 1-2 of ``sampling`` on the stacked rows ``x`` (float32 [rows, vocab], any device; row j is
-    ``samplers[j]``'s), in place: the same float32 operations as ``Sampler._penalized`` on each row (the
-    repetition penalty's factors as float32 values, true divisions), the bans last (a banned logit ends at -inf
-    whatever came before it, as when it is banned first)."""
-    import numpy as np
-    import torch
-    vocab = x.shape[1]
-    rp_ids, rp_f, pen_ids, pen_v, ban_ids = [], [], [], [], []
-    for j, s in enumerate(samplers):
-        a, base = s.args, j * vocab
-        if a.repetition_penalty != 1 and s._seen_ids:
-            ids = np.asarray(s._seen_ids, dtype=np.int64)
-            rp_ids.append(ids + base)
-            rp_f.append(np.full(ids.size, a.repetition_penalty, dtype=np.float32))
-        if s._present_ids and (a.alpha_frequency or a.alpha_presence):
-            ids, penalty = s._penalties()
-            pen_ids.append(ids.numpy() + base)
-            pen_v.append(penalty)
-        if s._ban.numel():
-            ban_ids.append(np.unique(s._ban.numpy()) + base)
-    sizes = [sum(a.size for a in part) for part in (rp_ids, pen_ids, ban_ids)]
-    if not sum(sizes):
-        return
-    ids = _to_device(np.concatenate(rp_ids + pen_ids + ban_ids), x.device)
-    rp_ids_t, pen_ids_t, ban_ids_t = ids.split(sizes)
-    flat = x.view(-1)
-    if sizes[0] or sizes[1]:
-        values = _to_device(np.concatenate(rp_f + pen_v), x.device)
-        factor, penalty = values.split(sizes[:2])
-        if sizes[0]:
-            # transformers RepetitionPenaltyLogitsProcessor: score < 0 ? score * penalty : score / penalty
-            v = flat[rp_ids_t]
-            flat[rp_ids_t] = torch.where(v < 0, v * factor, v / factor)
-        if sizes[1]:
-            flat[pen_ids_t] = flat[pen_ids_t] - penalty
-    if sizes[2]:
-        flat[ban_ids_t] = -math.inf
+    ``samplers[j]``'s), in place, as one indexed update (``device_sampling.apply_entries``): the float32 results of
+    ``Sampler._penalized`` on each row."""
+    ds = _passes()
+    ids, values = ds.pack_entries([ds.row_entries(s) for s in samplers], x.shape[1])
+    if ids.size:
+        ds.apply_entries(x.view(-1), ds.to_device(ids, x.device), ds.to_device(values, x.device))
+
+
+def _passes():
+    from rwkv_chat.models.text import device_sampling
+    return device_sampling
+
+
+#: device -> its ``device_sampling.SamplingGraphs`` (CUDA only)
+_GRAPHS: dict = {}
+
+
+def _graphs(device):
+    """The sampling graphs of a CUDA ``device`` (made at first use)."""
+    g = _GRAPHS.get(device)
+    if g is None:
+        g = _GRAPHS[device] = _passes().SamplingGraphs(device, WINDOW)
+    return g
 
 
 def _sample_group(samplers: list[Sampler], rows: list[torch.Tensor], group: list[int], out: list,
                   whole_rows_here: bool | None = None) -> None:
     """Draw the rows ``group`` (one vocabulary, one device) together; see the module docstring. A sampler whose
     first row does not fit it (a banned id outside the vocabulary) and rows with a non-finite maximum are left
-    undrawn in ``out``. Rows the first window does not decide: ``_draw_whole_rows`` on the rows' device where
-    ``whole_rows_here`` (default: on an accelerator), else the host's growing windows."""
+    undrawn in ``out``. Rows the first window does not decide: ``whole_rows_tokens`` on the rows' device where
+    ``whole_rows_here`` (default: on an accelerator), else the host's growing windows. On CUDA both passes replay
+    CUDA graphs where ``device_sampling.SamplingGraphs`` has them."""
     import torch
-    from torch.nn import functional as F
+    ds = _passes()
     try:
         for i in group:
             samplers[i]._check_row(rows[i])            # sizes a new sampler's counts (a bad ban: its own path)
     except RWKVError:
         return
-    x = torch.stack([rows[i].detach() for i in group]).to(dtype=torch.float32)     # [R, vocab], a copy
-    _penalize(x, [samplers[i] for i in group])
-    vocab = x.shape[1]
-    greedy = [j for j, i in enumerate(group) if samplers[i].args.temperature == 0]
-    soft = [j for j, i in enumerate(group) if samplers[i].args.temperature != 0]
-    parts = [x.max(dim=1).values]                         # NaN, all -inf, +inf: the row's own path
-    if greedy:
-        sel = x if len(greedy) == len(group) else x[greedy]
-        parts.append(torch.argmax(sel, dim=1).to(torch.float32 if vocab < _EXACT_F32 else torch.float64))
-    probs = values = ids = None
-    if soft:
-        probs = F.softmax(x if len(soft) == len(group) else x[soft], dim=-1)
-        if vocab > WINDOW:
-            values, ids = torch.topk(probs, WINDOW, dim=-1, sorted=True)
-        else:                                             # a small vocabulary: the whole row sorted
-            values, ids = torch.sort(probs, dim=-1, descending=True)
-        parts += [values.flatten(), ids.flatten().to(values.dtype if vocab < _EXACT_F32 else torch.float64)]
-    if vocab < _EXACT_F32:
-        host = torch.cat(parts).cpu()                     # one transfer (one wait for the device)
-    else:
-        host = torch.cat([p.double() for p in parts]).cpu()
-    top = host[:len(group)].tolist()
-    at = len(group)
-    if greedy:
-        winners = host[at:at + len(greedy)].long().tolist()
-        at += len(greedy)
-        for j, t in zip(greedy, winners):
-            if math.isfinite(top[j]):
-                out[group[j]] = samplers[group[j]]._take(t, vocab)
-    if not soft:
-        return
+    chosen = [samplers[i] for i in group]
+    device, vocab = rows[group[0]].device, rows[group[0]].shape[0]
     if whole_rows_here is None:
-        whole_rows_here = x.device.type != "cpu"
-    width = values.shape[1]
-    host_values = host[at:at + len(soft) * width].view(len(soft), width).float()
-    host_ids = host[at + len(soft) * width:].view(len(soft), width).long()
+        whole_rows_here = device.type != "cpu"
+    entries = [ds.row_entries(s) for s in chosen]
+    replayed = _graphs(device).first([rows[i].detach() for i in group], entries) if device.type == "cuda" else None
+    if replayed is not None:
+        graph, host = replayed
+        probs = graph.probs
+        n_rows = graph.rows
+    else:
+        graph = None
+        x = torch.stack([rows[i].detach() for i in group]).to(dtype=torch.float32)    # [R, vocab], a copy
+        ids, values = ds.pack_entries(entries, vocab)
+        if ids.size:
+            ds.apply_entries(x.view(-1), ds.to_device(ids, device), ds.to_device(values, device))
+        packed, probs = ds.first_pass(x, WINDOW)
+        host = packed.cpu()                               # one transfer (one wait for the device)
+        n_rows = len(group)
+    top, arg, values_h, ids_h = ds.unpack_first(host, n_rows, vocab, WINDOW)
     undecided: list[int] = []
-    for r, j in enumerate(soft):
+    for j, s in enumerate(chosen):
         if not math.isfinite(top[j]):
+            continue                                      # NaN, all -inf, +inf: the row's own path
+        if s.args.temperature == 0:
+            out[group[j]] = s._take(arg[j], vocab)
             continue
-        s = samplers[group[j]]
-        token = s._draw_probs(probs[r], (host_values[r], host_ids[r]), grow=not whole_rows_here)
+        token = s._draw_probs(probs[j], (values_h[j], ids_h[j]), grow=not whole_rows_here)
         if token is None and whole_rows_here:
-            undecided.append(r)
+            undecided.append(j)
         out[group[j]] = None if token is None else s._take(token, vocab)
-    if undecided:
-        chosen = [samplers[group[soft[r]]] for r in undecided]
-        sel = torch.tensor(undecided, device=probs.device) if len(undecided) < len(soft) else None
-        for r, token in zip(undecided, _draw_whole_rows(probs if sel is None else probs[sel], chosen)):
-            out[group[soft[r]]] = samplers[group[soft[r]]]._take(token, vocab)
-
-
-def _draw_whole_rows(probs: torch.Tensor, samplers: list[Sampler]) -> list[int]:
-    """One token per row of ``probs`` (float32 [rows, vocab], softmax of finite logits, any device), row j drawn
-    for ``samplers[j]`` over the whole vocabulary on the rows' device: the rows sorted, the float32 running sum's
-    top-p cutoff (the reference's), the top-k cut (the first ``top_k`` of the sorted order: at a tie, the sort's
-    choice, as ``topk``'s on the host), the temperature, renormalized, then the inverse-CDF draw over the token ids
-    in ascending order with the sampler's own uniform number (drawn here, on the host, one per row as
-    ``Sampler._inverse_cdf`` draws it). Only the tokens come back. The same arithmetic as ``sampling._kept_probs``
-    and ``Sampler._inverse_cdf``; a GPU's running sums add in another order than the CPU's."""
-    import numpy as np
-    import torch
-    rows, vocab = probs.shape
-    dev = probs.device
-    args = [s.args for s in samplers]
-    u = [float(torch.rand((), dtype=torch.float64, generator=s.generator)) for s in samplers]
-    params = _to_device(np.array([[float(np.float32(a.top_p)), a.top_k if 0 < a.top_k < vocab else vocab,
-                                   a.temperature, ui] for a, ui in zip(args, u)], dtype=np.float64), dev)
-    top_p, top_k, temperature, u_t = params.unbind(1)
-    values, ids = torch.sort(probs, dim=1, descending=True)
-    reached = torch.cumsum(values, dim=1) >= top_p.float()[:, None]       # float32 running sum, as the reference
-    at = torch.where(reached.any(dim=1), reached.to(torch.uint8).argmax(dim=1), vocab - 1)
-    cutoff = values.gather(1, at[:, None])                                  # [rows, 1]
-    order = torch.arange(vocab, device=dev)
-    top = torch.zeros_like(reached).scatter_(1, ids, order[None, :] < top_k.long()[:, None])
-    keep = (probs >= cutoff) & top
-    q = torch.where(keep, probs, torch.zeros((), dtype=probs.dtype, device=dev))
-    scaled = (q / q.amax(dim=1, keepdim=True)) ** (1.0 / temperature).float()[:, None]
-    q = torch.where((temperature != 1.0)[:, None], scaled, q)
-    q = q / q.sum(dim=1, keepdim=True)
-    cdf = torch.cumsum(q.double(), dim=1)
-    pick = torch.searchsorted(cdf, u_t[:, None] * cdf[:, -1:], right=True)
-    last = torch.where(keep, order[None, :], -1).amax(dim=1, keepdim=True)   # the largest kept id
-    return torch.minimum(pick, last).flatten().tolist()
+    if not undecided:
+        return
+    tokens = None
+    if graph is not None:
+        params = ds.whole_row_params([], vocab, graph.rows)            # rows not drawn here draw anything
+        params[undecided] = ds.whole_row_params([chosen[j] for j in undecided], vocab)
+        got = _graphs(device).whole(graph, params)
+        if got is not None:
+            tokens = got[undecided].tolist()
+        else:
+            sel = torch.tensor(undecided, device=device)
+            tokens = ds.whole_rows_tokens(probs[sel], ds.to_device(params[undecided], device)).tolist()
+    else:
+        params = ds.whole_row_params([chosen[j] for j in undecided], vocab)
+        sel = torch.tensor(undecided, device=device) if len(undecided) < len(chosen) else None
+        tokens = ds.whole_rows_tokens(probs if sel is None else probs[sel], ds.to_device(params, device)).tolist()
+    for j, token in zip(undecided, tokens):
+        out[group[j]] = chosen[j]._take(token, vocab)

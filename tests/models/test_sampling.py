@@ -417,25 +417,25 @@ def test_a_row_drawn_alone_on_the_batched_path_takes_the_tokens_of_the_host_path
 
 def test_whole_rows_drawn_on_the_rows_device_take_the_host_paths_tokens():
     """Rows whose first sorted window does not reach the cutoff (flat logits) are drawn over the whole vocabulary on
-    the rows' device (``_draw_whole_rows``, as an accelerator's rows are): sorted there, the running sum's cutoff,
+    the rows' device (``device_sampling.whole_rows_tokens``, as an accelerator's rows are): sorted there, the running sum's cutoff,
     the top-k cut, the temperature, the inverse CDF with the sampler's own uniform number. With the same seeds and
     state the host path takes the same tokens, but for a draw a running sum added in another order moves (torch's
     CPU cumsum accumulates in float64, the reference's in float32)."""
-    from rwkv_chat.models.text import batch_sampling
+    from rwkv_chat.models.text import device_sampling
     from rwkv_chat.models.text.batch_sampling import _sample_group
 
     whole = []
-    real = batch_sampling._draw_whole_rows
+    real = device_sampling.whole_rows_tokens
 
-    def spy(probs, samplers):
+    def spy(probs, params):
         whole.append(probs.shape[0])
-        return real(probs, samplers)
+        return real(probs, params)
 
     g = torch.Generator().manual_seed(3)
     settings_ = [dict(top_p=0.85), dict(top_p=0.3, temperature=0.7), dict(top_p=1.0, top_k=40, temperature=1.3),
                  dict(top_p=0.95, top_k=2000), dict(top_p=0.6, repetition_penalty=1.2), dict(top_p=1.0)]
     agree = total = 0
-    batch_sampling._draw_whole_rows = spy
+    device_sampling.whole_rows_tokens = spy
     try:
         for vocab in (3000, 65536):
             for cfg in settings_:
@@ -451,6 +451,6 @@ def test_whole_rows_drawn_on_the_rows_device_take_the_host_paths_tokens():
                     for a, b in zip(device_like, host):
                         a.load_state_dict(b.state_dict())
     finally:
-        batch_sampling._draw_whole_rows = real
+        device_sampling.whole_rows_tokens = real
     assert sum(whole) >= total // 2                      # most rows took the whole-row path
     assert agree >= 0.98 * total, (agree, total)
