@@ -14,7 +14,7 @@ than a copy of the vocabulary to the host:
   running sum of the window, the top-k cut, the temperature, the inverse-CDF draw with the sampler's own
   generator). A row whose window does not show its top-p set is drawn over the whole vocabulary on the device
   (``device_sampling.whole_rows_tokens``; on the CPU the window grows instead, as in ``Sampler.sample``). On CUDA
-  both passes replay CUDA graphs (``device_sampling.SamplingGraphs``).
+  both passes can replay CUDA graphs (``sample_rows(..., cuda_graphs=True)``: ``device_sampling.SamplingGraphs``).
 
 On the CPU this is the same arithmetic as ``Sampler.sample`` in the same order, so the tokens are identical (a
 test draws both ways). On an accelerator the softmax is the device's: its float32 values may differ from the CPU's
@@ -41,14 +41,16 @@ __all__ = ["sample_rows"]
 log = logging.getLogger(__name__)
 
 
-def sample_rows(samplers: list[Sampler], rows: list[torch.Tensor], return_errors: bool = False) -> list:
+def sample_rows(samplers: list[Sampler], rows: list[torch.Tensor], return_errors: bool = False,
+                cuda_graphs: bool = False) -> list:
     """One token per sampler, ``samplers[i]`` drawing from ``rows[i]`` (float tensor [vocab], any device,
     typically rows of one batched decode step); the tokens and counts of ``samplers[i].sample(rows[i])`` (on an
     accelerator: see the module docstring for where the device's softmax may differ).
 
     Raises what :meth:`Sampler.sample` raises (ShapeMismatchError for a row that is not [vocab] of the
     sampler's vocabulary, SamplingError, ...); with ``return_errors`` such a row's exception takes its place in
-    the list instead, and the other rows still get their tokens.
+    the list instead, and the other rows still get their tokens. ``cuda_graphs``: replay the passes of CUDA rows
+    as CUDA graphs (``device_sampling.SamplingGraphs``; opt-in: not yet measured on a GPU).
     """
     from rwkv_chat.models.text.sampling import _argmax
     out: list[int | None] = [None] * len(samplers)
@@ -72,7 +74,7 @@ def sample_rows(samplers: list[Sampler], rows: list[torch.Tensor], return_errors
     for (_, device), group in groups.items():
         if len(group) >= (2 if device.type == "cpu" else 1):
             try:
-                _sample_group(samplers, rows, group, out)
+                _sample_group(samplers, rows, group, out, graphs=_graphs(device) if cuda_graphs else None)
             except Exception:   # noqa: BLE001 - the rows left undrawn take the host path, which reports per row
                 log.warning("sampling on %s failed; those rows are drawn on the host", device, exc_info=True)
     for i, s in enumerate(samplers):
@@ -124,7 +126,9 @@ _GRAPHS: dict = {}
 
 
 def _graphs(device):
-    """The sampling graphs of a CUDA ``device`` (made at first use)."""
+    """The sampling graphs of a CUDA ``device`` (made at first use); None elsewhere."""
+    if device.type != "cuda":
+        return None
     g = _GRAPHS.get(device)
     if g is None:
         g = _GRAPHS[device] = _passes().SamplingGraphs(device, WINDOW)
@@ -132,12 +136,12 @@ def _graphs(device):
 
 
 def _sample_group(samplers: list[Sampler], rows: list[torch.Tensor], group: list[int], out: list,
-                  whole_rows_here: bool | None = None) -> None:
+                  whole_rows_here: bool | None = None, graphs=None) -> None:
     """Draw the rows ``group`` (one vocabulary, one device) together; see the module docstring. A sampler whose
     first row does not fit it (a banned id outside the vocabulary) and rows with a non-finite maximum are left
     undrawn in ``out``. Rows the first window does not decide: ``whole_rows_tokens`` on the rows' device where
-    ``whole_rows_here`` (default: on an accelerator), else the host's growing windows. On CUDA both passes replay
-    CUDA graphs where ``device_sampling.SamplingGraphs`` has them."""
+    ``whole_rows_here`` (default: on an accelerator), else the host's growing windows. ``graphs``: a
+    ``device_sampling.SamplingGraphs`` of the rows' device whose graphs replay both passes where it has them."""
     import torch
     ds = _passes()
     try:
@@ -150,7 +154,7 @@ def _sample_group(samplers: list[Sampler], rows: list[torch.Tensor], group: list
     if whole_rows_here is None:
         whole_rows_here = device.type != "cpu"
     entries = [ds.row_entries(s) for s in chosen]
-    replayed = _graphs(device).first([rows[i].detach() for i in group], entries) if device.type == "cuda" else None
+    replayed = graphs.first([rows[i].detach() for i in group], entries) if graphs is not None else None
     if replayed is not None:
         graph, host = replayed
         probs = graph.probs
@@ -182,7 +186,7 @@ def _sample_group(samplers: list[Sampler], rows: list[torch.Tensor], group: list
     if graph is not None:
         params = ds.whole_row_params([], vocab, graph.rows)            # rows not drawn here draw anything
         params[undecided] = ds.whole_row_params([chosen[j] for j in undecided], vocab)
-        got = _graphs(device).whole(graph, params)
+        got = graphs.whole(graph, params)
         if got is not None:
             tokens = got[undecided].tolist()
         else:

@@ -8,7 +8,8 @@
    one transfer to the host;
 2. ``whole_rows_tokens``, for rows whose window does not show the top-p set: the draw over the whole vocabulary.
 
-Eagerly these are some 30 small launches a step. On CUDA, :class:`SamplingGraphs` captures each pass once per
+Eagerly these are some 30 small launches a step. On CUDA, :class:`SamplingGraphs` (opt-in:
+``batch_sampling.sample_rows(..., cuda_graphs=True)``; not yet measured on a GPU) captures each pass once per
 (rows bucket, vocabulary, entries capacity) into a CUDA graph with static inputs (the rows, the entries padded to
 the capacity with a scratch index, the draw's parameters) and replays it: one launch per pass. A graph serves only
 after a probe finds its outputs equal to the eager passes' on the same inputs (bit for bit); otherwise, or where a
@@ -194,18 +195,17 @@ class _FirstGraph:
         ids, vals = pack_entries([], vocab, cap, rows)
         self.ids = torch.from_numpy(ids).to(device)
         self.values = torch.from_numpy(vals).to(device)
-        self.graph = _capture(lambda: self._body(), device, pool)
-        self.packed, self.probs = self._out
+        self.graph, (self.packed, self.probs) = _capture(self._body, device, pool)
         self.whole = None                                  # (graph, params, tokens), or False: eager
 
     def _body(self):
         apply_entries(self.flat, self.ids, self.values)
-        self._out = first_pass(self.x, self.window)
-        return self._out
+        return first_pass(self.x, self.window)
 
 
 def _capture(body, device, pool):
-    """A CUDA graph of ``body()`` (warmed up twice on a side stream first) in the memory pool ``pool``."""
+    """``(graph, outputs)``: a CUDA graph of ``body()`` (warmed up twice on a side stream first) in the memory pool
+    ``pool``, and the captured call's outputs (the static tensors each replay writes)."""
     import torch
     with torch.cuda.device(device):
         side = torch.cuda.Stream(device)
@@ -216,8 +216,8 @@ def _capture(body, device, pool):
         torch.cuda.current_stream(device).wait_stream(side)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g, pool=pool):
-            body()
-    return g
+            out = body()
+    return g, out
 
 
 class SamplingGraphs:
@@ -281,9 +281,8 @@ class SamplingGraphs:
             try:
                 p = torch.zeros(e.rows, 4, dtype=torch.float64, device=self.device)
                 p[:, 0], p[:, 1], p[:, 2] = 1.0, e.vocab, 1.0
-                out = {}
-                g = _capture(lambda: out.__setitem__("t", whole_rows_tokens(e.probs, p)), self.device, self.pool)
-                e.whole = (g, p, out["t"])
+                g, tokens = _capture(lambda: whole_rows_tokens(e.probs, p), self.device, self.pool)
+                e.whole = (g, p, tokens)
             except Exception:   # noqa: BLE001
                 e.whole = False
                 return None

@@ -417,8 +417,8 @@ def test_a_row_drawn_alone_on_the_batched_path_takes_the_tokens_of_the_host_path
 
 def test_whole_rows_drawn_on_the_rows_device_take_the_host_paths_tokens():
     """Rows whose first sorted window does not reach the cutoff (flat logits) are drawn over the whole vocabulary on
-    the rows' device (``device_sampling.whole_rows_tokens``, as an accelerator's rows are): sorted there, the running sum's cutoff,
-    the top-k cut, the temperature, the inverse CDF with the sampler's own uniform number. With the same seeds and
+    the rows' device (``device_sampling.whole_rows_tokens``, as an accelerator's rows are): sorted there, the
+    running sum's cutoff, the top-k cut, the temperature, the inverse CDF with the sampler's own uniform number. With the same seeds and
     state the host path takes the same tokens, but for a draw a running sum added in another order moves (torch's
     CPU cumsum accumulates in float64, the reference's in float32)."""
     from rwkv_chat.models.text import device_sampling
@@ -454,3 +454,76 @@ def test_whole_rows_drawn_on_the_rows_device_take_the_host_paths_tokens():
         device_sampling.whole_rows_tokens = real
     assert sum(whole) >= total // 2                      # most rows took the whole-row path
     assert agree >= 0.98 * total, (agree, total)
+
+
+class _Replay:
+    """A stand-in for a captured CUDA graph on the CPU: each replay runs the body again and writes its outputs into
+    the tensors the capture returned (as a graph's replay writes its static outputs)."""
+
+    def __init__(self, body, out, corrupt=False):
+        self.body, self.out, self.corrupt = body, out, corrupt
+
+    def replay(self):
+        new = self.body()
+        for static, fresh in zip(*(t if isinstance(t, tuple) else (t,) for t in (self.out, new))):
+            static.copy_(fresh)
+        if self.corrupt:
+            (self.out[0] if isinstance(self.out, tuple) else self.out).view(-1)[0] += 1
+
+
+def _stand_in_graphs(monkeypatch, corrupt=False):
+    from rwkv_chat.models.text import device_sampling as ds
+
+    def capture(body, device, pool):
+        out = body()
+        return _Replay(body, out, corrupt), out
+    monkeypatch.setattr(ds, "_capture", capture)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)
+    return ds.SamplingGraphs(torch.device("cpu"), 256, limit=2)
+
+
+def test_the_sampling_graphs_serve_what_the_eager_passes_give(monkeypatch):
+    """``SamplingGraphs`` (CUDA graphs of the sampling passes), run with a stand-in for the captured graph on the
+    CPU: its static rows, padded entries, scratch index, rows bucket and whole-row parameters give the tokens and
+    counts of the host path over steps whose penalty entries grow past the first capacity (new graphs), with bans,
+    greedy and flat rows, and a batch smaller than its bucket; old shapes are dropped past the limit."""
+    from rwkv_chat.models.text.batch_sampling import _sample_group
+
+    graphs = _stand_in_graphs(monkeypatch)
+    g = torch.Generator().manual_seed(13)
+    cfgs = [dict(top_p=0.85), dict(temperature=0, alpha_presence=0.5), dict(top_p=0.6, top_k=30, token_ban=(2, 4)),
+            dict(top_p=0.9, repetition_penalty=1.3, temperature=0.8)]
+    fast = [Sampler(SamplerArgs(seed=i, **c)) for i, c in enumerate(cfgs)]
+    host = [Sampler(SamplerArgs(seed=i, **c)) for i, c in enumerate(cfgs)]
+    agree = total = 0
+    for step in range(40):
+        rows = [torch.randn(3000, generator=g) * (0.5 + 3 * ((i + step) % 3)) for i in range(len(cfgs))]
+        got = [None] * len(cfgs)
+        _sample_group(fast, rows, list(range(len(cfgs))), got, whole_rows_here=True, graphs=graphs)
+        want = [s._sample_host(r) for s, r in zip(host, rows)]
+        agree += sum(a == b for a, b in zip(got, want))
+        total += len(cfgs)
+        for a, b in zip(fast, host):
+            a.load_state_dict(b.state_dict())
+        if step == 10:                                   # a prompt's tokens: the entries outgrow 64 a row
+            for smp in fast + host:
+                smp.observe(range(500, 600))
+        if step == 20:                                   # three rows in a bucket of four
+            fast, host, cfgs = fast[:3], host[:3], cfgs[:3]
+    assert agree >= 0.98 * total, (agree, total)
+    assert len(graphs.graphs) <= 2 and not graphs.eager
+    assert max(key[2] for key in graphs.graphs) > 64     # the entries outgrew the first capacity
+
+
+def test_a_sampling_graph_that_differs_from_the_eager_passes_is_not_used(monkeypatch):
+    """A graph whose first replay differs from the eager passes on the same inputs is dropped and its shape runs
+    eagerly from then on (``first`` returns None)."""
+    graphs = _stand_in_graphs(monkeypatch, corrupt=True)
+    s = Sampler(SamplerArgs(seed=0))
+    s._allocate(3000)
+    row = torch.randn(3000)
+    from rwkv_chat.models.text import device_sampling as ds
+    assert graphs.first([row], [ds.row_entries(s)]) is None
+    assert graphs.eager and not graphs.graphs
+    assert graphs.first([row], [ds.row_entries(s)]) is None
