@@ -492,13 +492,14 @@ def test_the_sampling_graphs_serve_what_the_eager_passes_give(monkeypatch):
 
     graphs = _stand_in_graphs(monkeypatch)
     g = torch.Generator().manual_seed(13)
-    cfgs = [dict(top_p=0.85), dict(temperature=0, alpha_presence=0.5), dict(top_p=0.6, top_k=30, token_ban=(2, 4)),
-            dict(top_p=0.9, repetition_penalty=1.3, temperature=0.8)]
+    cfgs = [dict(top_p=0.85, token_ban=(0,)), dict(temperature=0, alpha_presence=0.5),
+            dict(top_p=0.6, top_k=30, token_ban=(2, 4)), dict(top_p=0.9, repetition_penalty=1.3, temperature=0.8)]
     fast = [Sampler(SamplerArgs(seed=i, **c)) for i, c in enumerate(cfgs)]
     host = [Sampler(SamplerArgs(seed=i, **c)) for i, c in enumerate(cfgs)]
     agree = total = 0
     for step in range(40):
         rows = [torch.randn(3000, generator=g) * (0.5 + 3 * ((i + step) % 3)) for i in range(len(cfgs))]
+        rows[0][0] = 50.0                                # banned: never drawn
         got = [None] * len(cfgs)
         _sample_group(fast, rows, list(range(len(cfgs))), got, whole_rows_here=True, graphs=graphs)
         want = [s._sample_host(r) for s, r in zip(host, rows)]
