@@ -136,7 +136,9 @@ def daemon_rates(model_path: str, strategy: str, n: int, batches: list[int], rep
     home = Path(tempfile.mkdtemp(prefix="rwkv-bench-"))
     paths = home_paths(home)
     paths.cache_dir.mkdir(parents=True, exist_ok=True)     # the engine's kernel builds, not a fresh build
-    (paths.cache_dir / "kernels").symlink_to(Path(kernels.default_loader().cache_dir or kernels.default_cache_dir()))
+    engine_builds = Path(kernels.default_loader().cache_dir)
+    engine_builds.mkdir(parents=True, exist_ok=True)
+    (paths.cache_dir / "kernels").symlink_to(engine_builds)
     env, cmd = load_daemon(home, model_path, strategy)
     out: dict = {}
     try:

@@ -5,16 +5,17 @@ than a copy of the vocabulary to the host:
 
 * rows whose sampler is :attr:`Sampler.plain_greedy` take one ``max`` over the stacked rows on their device and
   one transfer of the winners;
-* the other rows that share a vocabulary and a device (one row is enough on an accelerator, two on the CPU) are
-  stacked there as float32 [rows, vocab]; the bans, the repetition penalty and the presence / frequency penalties
-  are applied as one indexed update over the batch (every changed logit an entry, gathered on the host and sent in
-  asynchronous copies); then one softmax, and one ``topk`` of :data:`~sampling.WINDOW` sorted tokens per row (the
-  whole row sorted where the vocabulary is that small). One transfer brings each row's maximum, argmax and sorted
-  window to the host, where each row is drawn as ``Sampler.sample`` draws it (the top-p cutoff from the float32
-  running sum of the window, the top-k cut, the temperature, the inverse-CDF draw with the sampler's own
-  generator). A row whose window does not show its top-p set is drawn over the whole vocabulary on the device
-  (``device_sampling.whole_rows_tokens``; on the CPU the window grows instead, as in ``Sampler.sample``). On CUDA
-  both passes can replay CUDA graphs (``sample_rows(..., cuda_graphs=True)``: ``device_sampling.SamplingGraphs``).
+* the other rows that share a vocabulary and a device (one row is enough on CUDA, two on the CPU; other accelerators
+  take the per-row host path) are stacked there as float32 [rows, vocab]; the bans, the repetition penalty and the
+  presence / frequency penalties are applied as one indexed update over the batch (every changed logit an entry,
+  gathered on the host and sent in asynchronous copies); then one softmax, and one ``topk`` of
+  :data:`~sampling.WINDOW` sorted tokens per row (the whole row sorted where the vocabulary is that small). One
+  transfer brings each row's maximum, argmax and sorted window to the host, where each row is drawn as
+  ``Sampler.sample`` draws it (the top-p cutoff from the float32 running sum of the window, the top-k cut, the
+  temperature, the inverse-CDF draw with the sampler's own generator). A row whose window does not show its top-p
+  set is drawn over the whole vocabulary on the device (``device_sampling.whole_rows_tokens``; on the CPU the window
+  grows instead, as in ``Sampler.sample``). On CUDA both passes can replay CUDA graphs (``sample_rows(...,
+  cuda_graphs=True)``: ``device_sampling.SamplingGraphs``).
 
 On the CPU this is the same arithmetic as ``Sampler.sample`` in the same order, so the tokens are identical (a
 test draws both ways). On an accelerator the softmax is the device's: its float32 values may differ from the CPU's
@@ -65,14 +66,17 @@ def sample_rows(samplers: list[Sampler], rows: list[torch.Tensor], return_errors
         else:
             on_device.append(i)
     if on_device:
-        _greedy_on_device(samplers, rows, on_device, out)
+        try:
+            _greedy_on_device(samplers, rows, on_device, out)
+        except Exception:   # noqa: BLE001 - the rows left undrawn take the host path, which reports per row
+            log.warning("greedy sampling on the device failed; those rows are drawn on the host", exc_info=True)
     groups: dict[tuple, list[int]] = {}
     for i, t in enumerate(out):
         r = rows[i]
         if t is None and r.dim() == 1 and r.shape[0] == (samplers[i].vocab_size or r.shape[0]):
             groups.setdefault((r.shape[0], r.device), []).append(i)
-    for (_, device), group in groups.items():
-        if len(group) >= (2 if device.type == "cpu" else 1):
+    for (_, device), group in groups.items():   # other accelerators (MPS, DirectML: no float64) take the host path
+        if len(group) >= {"cpu": 2, "cuda": 1}.get(device.type, len(group) + 1):
             try:
                 _sample_group(samplers, rows, group, out, graphs=_graphs(device) if cuda_graphs else None)
             except Exception:   # noqa: BLE001 - the rows left undrawn take the host path, which reports per row

@@ -142,17 +142,19 @@ def whole_row_params(samplers: list[Sampler], vocab: int, rows: int | None = Non
 
 def whole_rows_tokens(probs: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     """One token per row (int64 [R]) of ``probs`` (float32 [R, vocab], the softmax of finite logits) over the whole
-    vocabulary, with ``params`` (float64 [R, 4], ``whole_row_params``): the rows sorted, the float32 running sum's
-    top-p cutoff (reference ``sample_logits``), the top-k cut (the first ``top_k`` of the sorted order: at a tie the
-    sort's choice, as ``topk``'s on the host), the temperature (``(p / max) ** (1 / T)``), renormalized, then the
-    inverse-CDF draw over the token ids in ascending order (``Sampler._inverse_cdf``: float64 cumulative sum, the
-    first id whose sum exceeds u times the total)."""
+    vocabulary, with ``params`` (float64 [R, 4], ``whole_row_params``): the rows sorted (stable: equal values in
+    ascending ids), the float32 running sum's top-p cutoff (reference ``sample_logits``; every token at top_p >= 1),
+    the top-k cut (the first ``top_k`` of the sorted order: at a tie the lowest ids, as ``sampling._kept_probs``),
+    the temperature (``(p / max) ** (1 / T)``), renormalized, then the inverse-CDF draw over the token ids in
+    ascending order (``Sampler._inverse_cdf``: float64 cumulative sum, the first kept id whose sum exceeds u times
+    the total). The running sums are the device's: their rounding may move the cutoff or a draw at a boundary."""
     import torch
     rows, vocab = probs.shape
     top_p, top_k, temperature, u = params.unbind(1)
-    values, ids = torch.sort(probs, dim=1, descending=True)
+    values, ids = torch.sort(probs, dim=1, descending=True, stable=True)
     reached = torch.cumsum(values, dim=1) >= top_p.float()[:, None]
-    at = torch.where(reached.any(dim=1), reached.to(torch.uint8).argmax(dim=1), vocab - 1)
+    decided = reached.any(dim=1) & (top_p < 1)
+    at = torch.where(decided, reached.to(torch.uint8).argmax(dim=1), vocab - 1)
     cutoff = values.gather(1, at[:, None])
     order = torch.arange(vocab, device=probs.device)
     top = torch.zeros_like(reached).scatter_(1, ids, order[None, :] < top_k.long()[:, None])
@@ -162,9 +164,12 @@ def whole_rows_tokens(probs: torch.Tensor, params: torch.Tensor) -> torch.Tensor
     q = torch.where((temperature != 1.0)[:, None], scaled, q)
     q = q / q.sum(dim=1, keepdim=True)
     cdf = torch.cumsum(q.double(), dim=1)
-    pick = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True)
-    last = torch.where(keep, order[None, :], torch.full_like(order, -1)[None, :]).amax(dim=1, keepdim=True)
-    return torch.minimum(pick, last).flatten()
+    pick = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True).clamp(max=vocab - 1)
+    # the first kept id at or after each position (a scan's rounding may give a token left out a sliver of width)
+    kept_ids = torch.where(keep, order[None, :], torch.full_like(order, vocab)[None, :])
+    following = kept_ids.flip(1).cummin(dim=1).values.flip(1)
+    last = kept_ids.masked_fill(~keep, -1).amax(dim=1, keepdim=True)
+    return torch.minimum(following.gather(1, pick), last).flatten()
 
 
 def to_device(array, device) -> torch.Tensor:

@@ -16,8 +16,10 @@ Per generated token, in the reference's order (``PIPELINE.generate`` and ``PIPEL
    digits (a substring of ``" \\t0123456789"``, as in the reference), else by 1. A token with count 0 is still
    "present" and pays ``alpha_presence``.
 
-Deviation from the reference: when rounding keeps the float32 cumulative sum below ``top_p`` (e.g. ``top_p=1``),
-the reference falls back to the single likeliest token; here every token is kept.
+Deviations from the reference: when rounding keeps the float32 cumulative sum below ``top_p``, the reference
+falls back to the single likeliest token; here every token is kept. ``top_p >= 1`` keeps every token whatever the
+running sum does (the reference's may also reach 1 before the smallest tokens and cut them, which a temperature
+above 1 makes visible). At a tie at the top-k cut the lowest token ids are kept (the reference's argsort keeps any).
 
 ``Sampler.sample`` applies the penalties at the penalized tokens only and, after the softmax, works on the kept
 tokens alone (the sorted window that found the top-p cutoff holds them): a draw costs a few passes over the
@@ -196,9 +198,11 @@ def _kept_probs(probs: torch.Tensor, cutoff: torch.Tensor, args: SamplerArgs) ->
     temperature, renormalized (float32 [vocab], zero outside the kept tokens)."""
     import torch
     keep = probs >= cutoff
-    if 0 < args.top_k < probs.numel():
-        top = torch.zeros_like(keep)
-        top[torch.topk(probs, args.top_k, sorted=False).indices] = True
+    if 0 < args.top_k < probs.numel():             # the top_k likeliest; at a tie at the cut, the lowest ids
+        kth = torch.topk(probs, args.top_k, sorted=False).values.min()
+        top = probs > kth
+        tied = torch.nonzero(probs == kth).flatten()[:args.top_k - int(top.sum())]
+        top[tied] = True
         keep &= top
     probs = torch.where(keep, probs, torch.zeros((), dtype=probs.dtype))
     if args.temperature != 1.0:
@@ -235,6 +239,10 @@ def _top_p_head(probs: torch.Tensor, top_p: float, top_k: int = 0, first=None, g
     import torch
     n = probs.numel()
     limit = np.float32(top_p)
+    if top_p >= 1:                  # every token is kept by top-p (module docstring: no running sum decides)
+        if not 0 < top_k < n:
+            return (torch.tensor(float(probs.min())) if grow else None), None, None
+        limit = np.float32(np.inf)  # the window with the top-k cut in it decides
     k = min(WINDOW, n)
     while True:
         if first is not None:
@@ -243,7 +251,7 @@ def _top_p_head(probs: torch.Tensor, top_p: float, top_k: int = 0, first=None, g
         elif k < n:
             head_t, ids = (t.cpu() for t in torch.topk(probs, k, sorted=True))
         elif probs.device.type == "cpu":  # numpy's sort is several times faster than torch.sort on CPU
-            head_t, ids = torch.from_numpy(np.ascontiguousarray(np.sort(probs.numpy())[::-1])), None
+            head_t, ids = torch.from_numpy(np.sort(probs.numpy())[::-1].copy()), None
         else:
             head_t, ids = (t.cpu() for t in torch.sort(probs, descending=True))
         head = head_t.numpy()

@@ -418,9 +418,9 @@ def test_a_row_drawn_alone_on_the_batched_path_takes_the_tokens_of_the_host_path
 def test_whole_rows_drawn_on_the_rows_device_take_the_host_paths_tokens():
     """Rows whose first sorted window does not reach the cutoff (flat logits) are drawn over the whole vocabulary on
     the rows' device (``device_sampling.whole_rows_tokens``, as an accelerator's rows are): sorted there, the
-    running sum's cutoff, the top-k cut, the temperature, the inverse CDF with the sampler's own uniform number. With the same seeds and
-    state the host path takes the same tokens, but for a draw a running sum added in another order moves (torch's
-    CPU cumsum accumulates in float64, the reference's in float32)."""
+    running sum's cutoff, the top-k cut, the temperature, the inverse CDF with the sampler's own uniform number.
+    With the same seeds and state the host path takes the same tokens, but for a draw a running sum added in
+    another order moves (torch's CPU cumsum accumulates in float64, the reference's in float32)."""
     from rwkv_chat.models.text import device_sampling
     from rwkv_chat.models.text.batch_sampling import _sample_group
 
@@ -528,3 +528,31 @@ def test_a_sampling_graph_that_differs_from_the_eager_passes_is_not_used(monkeyp
     assert graphs.first([row], [ds.row_entries(s)]) is None
     assert graphs.eager and not graphs.graphs
     assert graphs.first([row], [ds.row_entries(s)]) is None
+
+
+def test_ties_at_the_top_k_cut_and_top_p_one_draw_alike_on_both_paths():
+    """At a tie at the top-k cut both paths keep the lowest token ids, and top_p 1 keeps every token on both
+    (whatever a float32 running sum does: on peaked rows it reaches 1 before the smallest tokens, which a
+    temperature above 1 would make likely): the whole-row path and the host path draw the same tokens."""
+    from rwkv_chat.models.text.batch_sampling import _sample_group
+
+    g = torch.Generator().manual_seed(17)
+    cfgs = [dict(top_p=1.0, top_k=10), dict(top_p=0.95, top_k=50, temperature=1.5), dict(top_p=1.0, temperature=2.0),
+            dict(top_p=1.0, temperature=3.0, alpha_presence=0.3)]
+    for vocab, make in ((1000, lambda: torch.randint(0, 3, (1000,), generator=g).float() * 0.5),
+                        (65536, lambda: torch.randn(65536, generator=g) * 5)):
+        whole = [Sampler(SamplerArgs(seed=i, **c)) for i, c in enumerate(cfgs)]
+        host = [Sampler(SamplerArgs(seed=i, **c)) for i, c in enumerate(cfgs)]
+        for step in range(8):
+            rows = [make() for _ in cfgs]
+            got = [None] * len(cfgs)
+            _sample_group(whole, rows, list(range(len(cfgs))), got, whole_rows_here=True)
+            assert got == [s._sample_host(r) for s, r in zip(host, rows)], (vocab, step)
+
+
+def test_top_p_one_keeps_every_token_of_a_peaked_row_and_a_vocabulary_of_one_samples():
+    logits = torch.randn(1000, generator=torch.Generator().manual_seed(16)) * 8
+    running = np.cumsum(np.sort(torch.softmax(logits, -1).numpy())[::-1])        # float32, as the reference's
+    assert np.argmax(running >= np.float32(1)) < 999          # reaches 1 before the smallest tokens
+    assert int((filtered_probs(logits, SamplerArgs(top_p=1.0, temperature=2.0)) > 0).sum()) == 1000
+    assert Sampler(SamplerArgs(seed=0)).sample(torch.tensor([0.5])) == 0
