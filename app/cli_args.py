@@ -5,18 +5,18 @@ from __future__ import annotations
 import argparse
 import math
 
-from .texts import POSITIVE
+from .texts import MAX_INT, POSITIVE
 
 
 #: (flag, dest, type, low, high, help): the sampling flags of ``complete`` and ``chat``
 SAMPLING_FLAGS = [
-    ("--max-tokens", "max_tokens", int, 1, None, "most tokens to generate (default: the config's, 256)"),
+    ("--max-tokens", "max_tokens", int, 1, MAX_INT, "most tokens to generate (default: the config's, 256)"),
     ("--temperature", "temperature", float, 0.0, None,
      "randomness: 0 always picks the likeliest token, 1 samples as the model says (default 1, or what a model "
      "folder's generation_config.json sets)"),
     ("--top-p", "top_p", float, 0.0, 1.0, "sample only from the likeliest tokens holding this much probability "
                                           "(0-1, default 0.85, or the model folder's)"),
-    ("--top-k", "top_k", int, 0, None, "sample only from the K likeliest tokens (0 = no limit, the default, or the "
+    ("--top-k", "top_k", int, 0, MAX_INT, "sample only from the K likeliest tokens (0 = no limit, the default, or the "
                                        "model folder's)"),
     ("--alpha-frequency", "alpha_frequency", float, 0.0, None,
      "penalty per earlier use of a token: fewer repetitions (default 0.2)"),
@@ -26,7 +26,7 @@ SAMPLING_FLAGS = [
     ("--repetition-penalty", "repetition_penalty", float, POSITIVE, None,
      "divide the scores of tokens already in the context by this (Hugging Face's penalty; more than 0, 1 = off, "
      "the default unless the model's generation_config.json sets one)"),
-    ("--seed", "seed", int, 0, 2**63 - 1, "random seed: the same seed and settings give the same text"),
+    ("--seed", "seed", int, 0, MAX_INT, "random seed: the same seed and settings give the same text"),
 ]
 
 

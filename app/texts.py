@@ -39,6 +39,8 @@ def _num(v) -> str:
 
 #: a low bound of a number setting: more than 0 (0 itself refused)
 POSITIVE = "positive"
+#: the largest integer a request carries (the protocol's signed 64-bit fields)
+MAX_INT = 2**63 - 1
 
 
 def in_range(value, lo=None, hi=None) -> bool:

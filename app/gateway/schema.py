@@ -34,6 +34,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
+from rwkv_chat.app.texts import MAX_INT
 from rwkv_chat.daemon.protocol import messages as m
 
 #: OpenAI role -> the daemon's
@@ -79,8 +80,6 @@ def _positive(body: dict, name: str) -> float | None:
     return v
 
 
-#: the largest integer a request field may hold (the protocol's 64-bit integers)
-MAX_INT = 2**63 - 1
 
 
 def _number(body: dict, name: str, lo: float | None = None, hi: float | None = None, integer: bool = False):

@@ -16,19 +16,19 @@ from textual.containers import Grid, Horizontal, VerticalScroll
 from textual.message import Message
 from textual.widgets import Button, Input, Label, Static
 
-from ..texts import POSITIVE, between, in_range
+from ..texts import MAX_INT, POSITIVE, between, in_range
 
 # (key, label, type, low, high); None = unbounded, POSITIVE = more than 0. Ranges as SamplerArgs checks them.
 FIELDS = [
     ("temperature", "Temperature", float, 0.0, None),
     ("top_p", "Top p", float, 0.0, 1.0),
-    ("top_k", "Top k (0 = off)", int, 0, None),
+    ("top_k", "Top k (0 = off)", int, 0, MAX_INT),
     ("alpha_presence", "Presence penalty", float, 0.0, None),
     ("alpha_frequency", "Frequency penalty", float, 0.0, None),
     ("alpha_decay", "Penalty decay", float, 0.0, 1.0),
     ("repetition_penalty", "Repetition penalty", float, POSITIVE, None),
-    ("max_tokens", "Max tokens", int, 1, None),
-    ("seed", "Seed", int, 0, 2**63 - 1),
+    ("max_tokens", "Max tokens", int, 1, MAX_INT),
+    ("seed", "Seed", int, 0, MAX_INT),
 ]
 
 

@@ -185,6 +185,8 @@ def filtered_probs(logits: torch.Tensor, args: SamplerArgs) -> torch.Tensor:
     if not bool(torch.isfinite(x).any()):
         raise SamplingError("no token can be sampled: every logit is -inf or NaN (all tokens banned?)")
     x = torch.where(torch.isnan(x), -math.inf, x)  # a NaN logit is never sampled
+    if bool(torch.isposinf(x).any()):               # +inf logits share all the probability (softmax's limit)
+        x = torch.where(torch.isposinf(x), 0.0, -math.inf)
     if args.temperature == 0:
         out = torch.zeros_like(x)
         out[int(torch.argmax(x))] = 1.0

@@ -106,6 +106,9 @@ def test_mistakes_are_refused_in_words(tmp_path, home_env):
     for bad in ("0", "-1"):
         r = run(home, "complete", "x", "--repetition-penalty", bad)
         assert r.returncode == 2 and f"--repetition-penalty: must be more than 0, got {bad}" in r.stderr
+    for flag in ("--top-k", "--max-tokens"):                        # beyond the protocol's 64-bit integers
+        r = run(home, "chat", "hi", flag, str(2**64))
+        assert r.returncode == 2 and f"{flag}: must be between" in r.stderr and "Traceback" not in r.stderr
 
     from rwkv_chat.app.widgets.sampling_panel import parse_field
     from rwkv_chat.models.text.sampling import SamplerArgs, SamplingError

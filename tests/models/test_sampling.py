@@ -556,3 +556,18 @@ def test_top_p_one_keeps_every_token_of_a_peaked_row_and_a_vocabulary_of_one_sam
     assert np.argmax(running >= np.float32(1)) < 999          # reaches 1 before the smallest tokens
     assert int((filtered_probs(logits, SamplerArgs(top_p=1.0, temperature=2.0)) > 0).sum()) == 1000
     assert Sampler(SamplerArgs(seed=0)).sample(torch.tensor([0.5])) == 0
+
+
+def test_logits_a_penalty_makes_infinite_share_the_probability():
+    """A repetition penalty so small that it divides the context's positive logits to +inf (float32) leaves those
+    tokens, and only them, to be drawn (the softmax's limit), on the host and on the batched path."""
+    from rwkv_chat.models.text.batch_sampling import sample_rows
+
+    cfg = SamplerArgs(seed=3, repetition_penalty=1e-300, alpha_frequency=0, alpha_presence=0)
+    row = torch.linspace(-1, 1, 300)
+    for draw in (lambda s: s.sample(row), lambda s: sample_rows([s, Sampler(cfg)], [row, row])[0]):
+        s = Sampler(cfg)
+        s._allocate(300)
+        s.observe([250, 260, 10])                     # 10 has a negative logit: multiplied, stays finite
+        got = {draw(s) for _ in range(60)}
+        assert got <= {250, 260} and len(got) == 2, got
