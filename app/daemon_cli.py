@@ -144,6 +144,11 @@ def _print_status(st: dict) -> None:
             if line.startswith(("Strategy:", "*")):
                 print(f"  {line}")
         print(f"serving: {serving(mdl)}")
+        if "batch_invariant" in mdl:
+            print(f"decode: up to {mdl['max_batch']} conversations a step, batch sizes {tuple(mdl['buckets'])}; "
+                  + ("a conversation's tokens do not depend on the others in its step" if mdl["batch_invariant"]
+                     else "batch-invariant: no (a sampled conversation's text may differ with its neighbours in the "
+                          "last bits of its logits; [daemon] batch_invariant = true in config.toml makes it exact)"))
     else:
         print("model: none loaded" + (f" (loading {mdl['loading']})" if mdl.get("loading") else ""))
     err = mdl.get("error")

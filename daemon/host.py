@@ -117,7 +117,8 @@ class Host:
             n_threads = threads or auto_threads(model)
             torch.set_num_threads(n_threads)                    # the buckets are measured with these threads
             self._info["note"] = "measuring decode batch sizes"
-            decoder = model.decoder(max_batch, decode_buckets(model, max_batch, batch_invariant))
+            buckets = decode_buckets(model, max_batch, batch_invariant)
+            decoder = model.decoder(max_batch, buckets)
         except BaseException as e:
             torch.set_num_threads(old_threads)
             kind, message = classify(e)
@@ -137,6 +138,7 @@ class Host:
                       "n_layer": getattr(model, "n_layer", None), "n_embd": getattr(model, "n_embd", None),
                       "vocab_size": model.vocab_size, "tokenizer": self.tokenizer.name,
                       "threads": self.threads, "max_batch": max_batch, "buckets": list(decoder.buckets),
+                      "batch_invariant": buckets is not None,
                       "context_limit": limit_of(model, context_limit),
                       "sampling_defaults": dict(getattr(model.chat_template, "sampling_defaults", None) or {})}
 
@@ -193,15 +195,17 @@ class Host:
         max_batch, batch_invariant = self._decoding
         try:
             model.use_kernels()
-            decoder = model.decoder(max_batch, decode_buckets(model, max_batch, batch_invariant))
+            buckets = decode_buckets(model, max_batch, batch_invariant)
+            decoder = model.decoder(max_batch, buckets)
         except Exception as e:  # noqa: BLE001 — the torch path keeps serving
             log.exception("could not move the model to the compiled kernels; the torch path serves on")
             failed.append(f"switching failed: {type(e).__name__}: {e}")
-            decoder = model.decoder(max_batch, decode_buckets(model, max_batch, batch_invariant))
+            buckets = decode_buckets(model, max_batch, batch_invariant)
+            decoder = model.decoder(max_batch, buckets)
         self.decoder = decoder
         log.info("the model now runs on %s", model.backend)
         self._info.update(backend=str(model.backend), plan=str(model.plan), buckets=list(decoder.buckets),
-                          kernels_error="; ".join(failed))
+                          batch_invariant=buckets is not None, kernels_error="; ".join(failed))
 
     def close(self) -> None:
         """Stop the background builds (the daemon is stopping; a later start resumes them)."""

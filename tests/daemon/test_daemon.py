@@ -196,6 +196,9 @@ def test_status_doctor_and_second_start(daemon_home, model_path):
     human = cli(daemon_home, "daemon", "status").stdout
     assert "RWKV v5.2" in human and "cpu fp32" in human
     assert "  * cpu fp32, store" in human and "0-cpu-float32" not in human    # the stages, not every layer
+    invariant = st_["model"]["batch_invariant"]                 # whether neighbours can change a conversation
+    assert isinstance(invariant, bool)
+    assert ("do not depend on the others" if invariant else "batch-invariant: no") in human
     prompts = st_["home"]["sessions"]["prompt_cache"]           # the three tiers of shared prompt states
     assert prompts["device_budget"] == Config().daemon.prompt_cache_device_bytes
     assert set(prompts["hits"]) == {"device", "ram", "disk"}
