@@ -32,7 +32,7 @@ import math
 from typing import TYPE_CHECKING
 
 from rwkv_chat.models.errors import RWKVError
-from rwkv_chat.models.text.sampling import _EXACT_F32, WINDOW, Sampler
+from rwkv_chat.models.text.sampling import WINDOW, Sampler
 
 if TYPE_CHECKING:
     import torch
@@ -100,7 +100,7 @@ def _greedy_on_device(samplers: list[Sampler], rows: list[torch.Tensor], on_devi
         return
     x = rows[on_device[0]].unsqueeze(0) if len(on_device) == 1 else torch.stack([rows[i] for i in on_device])
     values, ids = torch.max(x.detach(), dim=-1)          # first maximum, as argmax; NaN propagates
-    if x.shape[-1] < _EXACT_F32:                         # one transfer: values and indices together
+    if x.shape[-1] < _passes().EXACT_F32:                # one transfer: values and indices together
         pair = torch.stack((values.float(), ids.float())).tolist()
         values_l, ids_l = pair[0], [int(t) for t in pair[1]]
     else:
@@ -113,9 +113,14 @@ def _greedy_on_device(samplers: list[Sampler], rows: list[torch.Tensor], on_devi
 def _penalize(x: torch.Tensor, samplers: list[Sampler]) -> None:
     """Steps 1-2 of ``sampling`` on the stacked rows ``x`` (float32 [rows, vocab], any device; row j is
     ``samplers[j]``'s), in place, as one indexed update (``device_sampling.apply_entries``): the float32 results of
-    ``Sampler._penalized`` on each row."""
+    ``Sampler.penalize`` on each row."""
+    _apply_rows(x, [_passes().row_entries(s) for s in samplers])
+
+
+def _apply_rows(x: torch.Tensor, entries: list) -> None:
+    """Row j's penalty ``entries[j]`` (``device_sampling.row_entries``) applied to the stacked rows ``x``."""
     ds = _passes()
-    ids, values = ds.pack_entries([ds.row_entries(s) for s in samplers], x.shape[1])
+    ids, values = ds.pack_entries(entries, x.shape[1])
     if ids.size:
         ds.apply_entries(x.view(-1), ds.to_device(ids, x.device), ds.to_device(values, x.device))
 
@@ -166,9 +171,7 @@ def _sample_group(samplers: list[Sampler], rows: list[torch.Tensor], group: list
     else:
         graph = None
         x = torch.stack([rows[i].detach() for i in group]).to(dtype=torch.float32)    # [R, vocab], a copy
-        ids, values = ds.pack_entries(entries, vocab)
-        if ids.size:
-            ds.apply_entries(x.view(-1), ds.to_device(ids, device), ds.to_device(values, device))
+        _apply_rows(x, entries)
         packed, probs = ds.first_pass(x, WINDOW)
         host = packed.cpu()                               # one transfer (one wait for the device)
         n_rows = len(group)
@@ -186,19 +189,16 @@ def _sample_group(samplers: list[Sampler], rows: list[torch.Tensor], group: list
         out[group[j]] = None if token is None else s._take(token, vocab)
     if not undecided:
         return
-    tokens = None
+    params = ds.whole_row_params([chosen[j] for j in undecided], vocab)
+    got = None
     if graph is not None:
-        params = ds.whole_row_params([], vocab, graph.rows)            # rows not drawn here draw anything
-        params[undecided] = ds.whole_row_params([chosen[j] for j in undecided], vocab)
-        got = graphs.whole(graph, params)
-        if got is not None:
-            tokens = got[undecided].tolist()
-        else:
-            sel = torch.tensor(undecided, device=device)
-            tokens = ds.whole_rows_tokens(probs[sel], ds.to_device(params[undecided], device)).tolist()
+        every = ds.whole_row_params([], vocab, graph.rows)             # rows not drawn here draw anything
+        every[undecided] = params
+        got = graphs.whole(graph, every)
+    if got is not None:
+        tokens = got[undecided].tolist()
     else:
-        params = ds.whole_row_params([chosen[j] for j in undecided], vocab)
-        sel = torch.tensor(undecided, device=device) if len(undecided) < len(chosen) else None
-        tokens = ds.whole_rows_tokens(probs if sel is None else probs[sel], ds.to_device(params, device)).tolist()
+        rows_p = probs if undecided == list(range(probs.shape[0])) else probs[torch.tensor(undecided, device=device)]
+        tokens = ds.whole_rows_tokens(rows_p, ds.to_device(params, device)).tolist()
     for j, token in zip(undecided, tokens):
         out[group[j]] = chosen[j]._take(token, vocab)

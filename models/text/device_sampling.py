@@ -35,14 +35,16 @@ def row_entries(s: Sampler):
     """The logits ``s``'s penalties change, as ``(ids, values)``: ids int64 numpy [n] (sorted, unique) and values
     float32 numpy [3, n] (the repetition penalty's factor, 1 where it does not apply; the presence / frequency
     penalty, 0 where none; 1.0 for a banned id); None where nothing changes. Per entry ``apply_entries`` gives the
-    float32 result of ``Sampler._penalized``: a factor of 1 and a penalty of 0 leave a logit as it is."""
+    float32 result of steps 1-2 of ``sampling`` (the repetition penalty, then the presence / frequency penalty, a
+    ban last): a factor of 1 and a penalty of 0 leave a logit as it is."""
     import numpy as np
     a = s.args
     seen = np.asarray(s._seen_ids, dtype=np.int64) if a.repetition_penalty != 1 and s._seen_ids else None
     present = penalty = None
     if s._present_ids and (a.alpha_frequency or a.alpha_presence):
-        present_t, penalty = s._penalties()
-        present = present_t.numpy()
+        # reference: out[n] -= alpha_presence + occurrence[n] * alpha_frequency (in float64, rounded to float32)
+        present = np.asarray(s._present_ids, dtype=np.int64)
+        penalty = (s._counts_np[present] * a.alpha_frequency + a.alpha_presence).astype(np.float32)
     ban = np.unique(s._ban.numpy()) if s._ban.numel() else None
     parts = [p for p in (seen, present, ban) if p is not None]
     if not parts:

@@ -380,30 +380,15 @@ class Sampler:
             raise ShapeMismatchError(f"logits have {n} entries but the sampler's vocabulary has {self.vocab_size}")
 
     def _penalized(self, x: torch.Tensor) -> torch.Tensor:
-        """Steps 1-2 on ``x`` (a float32 CPU row of the vocabulary, this sampler's own copy), in place; returns it."""
+        """Steps 1-2 on ``x`` (a float32 row of the vocabulary, this sampler's own copy), in place; returns it. The
+        penalized tokens only, as the batched path applies them (``device_sampling.row_entries``)."""
         import torch
-        if self._ban.numel():
-            x[self._ban] = -math.inf
-        rp = self.args.repetition_penalty
-        if rp != 1 and self._seen_ids:
-            # transformers RepetitionPenaltyLogitsProcessor: score < 0 ? score * penalty : score / penalty
-            ids = torch.tensor(self._seen_ids, dtype=torch.long)    # the context's tokens only (few, of a vocabulary)
-            v = x[ids]
-            x[ids] = torch.where(v < 0, v * rp, v / rp)
-        if self._present_ids:
-            ids, penalty = self._penalties()
-            x[ids] = x[ids] - torch.from_numpy(penalty)
-        return x
 
-    def _penalties(self):
-        """``(ids, penalty)``: the present tokens (int64 tensor [n]) and what step 2 takes from their logits
-        (float32 numpy [n]). Reference: ``out[n] -= alpha_presence + occurrence[n] * alpha_frequency``, the penalty
-        computed in float64 and rounded to float32."""
-        import numpy as np
-        import torch
-        ids = np.asarray(self._present_ids, dtype=np.int64)
-        penalty = (self._counts_np[ids] * self.args.alpha_frequency + self.args.alpha_presence).astype(np.float32)
-        return torch.from_numpy(ids), penalty
+        from rwkv_chat.models.text.device_sampling import apply_entries, row_entries
+        entries = row_entries(self)
+        if entries is not None:
+            apply_entries(x, torch.from_numpy(entries[0]), torch.from_numpy(entries[1]))
+        return x
 
     def record(self, token: int) -> None:
         """Step 5: decay every count, then add ``token``'s occurrence. Raises TokenError outside the vocabulary."""
@@ -496,7 +481,7 @@ class Sampler:
         a = self.args
         cutoff, kept, values = _top_p_head(probs, a.top_p, a.top_k, first, grow)
         if kept is not None and 0 < a.top_k < kept.numel():
-            if values[a.top_k - 1] == values[a.top_k]:   # a tie at the cut: topk's choice decides
+            if values[a.top_k - 1] == values[a.top_k]:   # a tie at the cut: the lowest ids, over the vocabulary
                 kept = None
             else:
                 kept, values = kept[:a.top_k], values[:a.top_k]
@@ -574,10 +559,6 @@ class Sampler:
             self._seen_ids = torch.nonzero(self.seen).flatten().tolist()
         elif self.counts is not None:
             self.reset()
-
-
-#: vocabularies below this size carry argmax indices exactly in float32 (one device-to-host copy per step)
-_EXACT_F32 = 1 << 24
 
 
 def _argmax(row: torch.Tensor) -> tuple[int, float]:
