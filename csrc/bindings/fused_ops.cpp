@@ -169,7 +169,11 @@ void gemv_multi_cuda(at::TensorList xs, at::TensorList ws, at::TensorList ys, at
     check_launch(gemv_multi_launch(act, batch, c10::cuda::getCurrentCUDAStream()), op);
 }
 
-void ffn_rows_cuda(const at::Tensor& h, const at::Tensor& w, const at::Tensor& y, const at::Tensor& counters,
+// The channel-mix value product by the row kernel (csrc/fused/ffn_rows.cu). w: [F, C] input-major in h's dtype, or
+// uint8 with mx, rx [C] and my, ry [F] (or [F, 1]) in h's dtype (the i8 format), or float8_e4m3fn / uint8 bytes
+// with scale float32 [C] (the f8 format). relu2: h holds the raw k (relu(k)^2 is taken as it loads).
+void ffn_rows_cuda(const at::Tensor& h, const at::Tensor& w, const OptT& mx, const OptT& rx, const OptT& my,
+                   const OptT& ry, const OptT& scale, const at::Tensor& y, const at::Tensor& counters, bool relu2,
                    bool skip_zeros, int64_t blocks_per_sm, int64_t tile_threads) {
     const char* op = "rwkv_chat::ffn_rows_cuda";
     const auto F = h.scalar_type();
@@ -180,7 +184,36 @@ void ffn_rows_cuda(const at::Tensor& h, const at::Tensor& w, const at::Tensor& y
                     y.size(1) == w.size(1), op, ": h [rows, F], w [F, C], y [rows, C]; got ", h.sizes(), " ",
                 w.sizes(), " ", y.sizes());
     TORCH_CHECK(h.size(0) >= 1 && h.size(0) <= kGemvMaxRows, op, ": 1..", kGemvMaxRows, " rows");
-    TORCH_CHECK(w.scalar_type() == F, op, ": w must be ", F);
+    const int rows = (int)h.size(0), Fd = (int)w.size(0), C = (int)w.size(1);
+    const bool i8 = mx.has_value() || rx.has_value() || my.has_value() || ry.has_value();
+    const bool f8 = scale.has_value();
+    TORCH_CHECK(!(i8 && f8), op, ": either the i8 scales (mx, rx, my, ry) or the f8 scale");
+    const int wkind = i8 ? 1 : f8 ? 2 : 0;
+    FfnRowsQuant qs;
+    if (wkind == 0) {
+        TORCH_CHECK(w.scalar_type() == F, op, ": w must be ", F);
+    } else {
+        TORCH_CHECK(F != at::kFloat, op, ": uint8 / e4m3 weights take float16 or bfloat16 h");
+        TORCH_CHECK(w.element_size() == 1 && (w.scalar_type() == at::kByte || w.scalar_type() == at::kFloat8_e4m3fn),
+                    op, ": w must be uint8 or float8_e4m3fn");
+    }
+    if (wkind == 1) {
+        TORCH_CHECK(mx && rx && my && ry, op, ": the i8 format needs mx, rx, my and ry");
+        for (const at::Tensor* t : {&*mx, &*rx}) TORCH_CHECK(t->scalar_type() == F && t->is_contiguous() &&
+                                                                 t->numel() == C && t->device() == h.device(),
+                                                             op, ": mx, rx contiguous [C] in h's dtype");
+        for (const at::Tensor* t : {&*my, &*ry}) TORCH_CHECK(t->scalar_type() == F && t->is_contiguous() &&
+                                                                 t->numel() == Fd && t->device() == h.device(),
+                                                             op, ": my, ry contiguous [F] in h's dtype");
+        qs.mx = mx->data_ptr();
+        qs.rx = rx->data_ptr();
+        qs.my = my->data_ptr();
+        qs.ry = ry->data_ptr();
+    } else if (wkind == 2) {
+        TORCH_CHECK(scale->scalar_type() == at::kFloat && scale->is_contiguous() && scale->numel() == C &&
+                        scale->device() == h.device(), op, ": scale float32 contiguous [C]");
+        qs.scale = scale->data_ptr<float>();
+    }
     TORCH_CHECK(y.scalar_type() == F || y.scalar_type() == at::kFloat, op, ": y must be ", F, " or float32");
     TORCH_CHECK(w.is_contiguous() && h.stride(1) == 1 && y.stride(1) == 1, op,
                 ": w contiguous [F, C], rows of h and y contiguous");
@@ -188,21 +221,20 @@ void ffn_rows_cuda(const at::Tensor& h, const at::Tensor& w, const at::Tensor& y
     TORCH_CHECK(blocks_per_sm >= 1 && blocks_per_sm <= 16, op, ": blocks_per_sm 1..16");
     TORCH_CHECK(tile_threads == 0 || tile_threads == 16 || tile_threads == 32 || tile_threads == 64 ||
                     tile_threads == 128 || tile_threads == 256, op, ": tile_threads 0 (auto), 16, 32, 64, 128 or 256");
-    const int rows = (int)h.size(0), Fd = (int)w.size(0), C = (int)w.size(1);
     const at::cuda::CUDAGuard guard(h.device());
     if (Fd == 0 || C == 0) {   // an empty sum: zeros (nothing to launch)
         y.zero_();
         return;
     }
     const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-    const FfnRowsPlan plan = ffn_rows_plan(act, rows, Fd, C, (int)blocks_per_sm, sms, (int)tile_threads);
+    const FfnRowsPlan plan = ffn_rows_plan(act, wkind, rows, Fd, C, (int)blocks_per_sm, sms, (int)tile_threads);
     TORCH_CHECK(counters.numel() >= plan.tiles, op, ": counters must hold ", plan.tiles, " entries");
     at::Tensor part;
     if (plan.workspace > 0) part = at::empty({plan.workspace}, h.options().dtype(at::kFloat));
-    check_launch(ffn_rows_launch(act, plan, rows, Fd, C, h.data_ptr(), (long)h.stride(0), w.data_ptr(), y.data_ptr(),
-                                 (long)y.stride(0), y.scalar_type() == at::kFloat && F != at::kFloat,
+    check_launch(ffn_rows_launch(act, wkind, plan, rows, Fd, C, h.data_ptr(), (long)h.stride(0), w.data_ptr(), qs,
+                                 y.data_ptr(), (long)y.stride(0), y.scalar_type() == at::kFloat && F != at::kFloat,
                                  plan.workspace > 0 ? part.data_ptr<float>() : nullptr, counters.data_ptr<int>(),
-                                 skip_zeros, c10::cuda::getCurrentCUDAStream()),
+                                 skip_zeros, relu2, c10::cuda::getCurrentCUDAStream()),
                  op);
 }
 
@@ -289,8 +321,9 @@ TORCH_LIBRARY_FRAGMENT(rwkv_chat, m) {
           "Tensor?[] ups, Tensor? norm_residual, Tensor? norm_weight, Tensor(b!)? h_out, float eps, Tensor? norm_bias, "
           "Tensor? shift, Tensor(c!)? xn_out, Tensor?[] mixes, Tensor? copy_src, Tensor(d!)? copy_dst) -> ()",
           &rwkv_chat::gemv_multi_cuda);
-    m.def("ffn_rows_cuda(Tensor h, Tensor w, Tensor(a!) y, Tensor(b!) counters, bool skip_zeros, "
-          "int blocks_per_sm=2, int tile_threads=0) -> ()", &rwkv_chat::ffn_rows_cuda);
+    m.def("ffn_rows_cuda(Tensor h, Tensor w, Tensor? mx, Tensor? rx, Tensor? my, Tensor? ry, Tensor? scale, "
+          "Tensor(a!) y, Tensor(b!) counters, bool relu2, bool skip_zeros, int blocks_per_sm=2, "
+          "int tile_threads=0) -> ()", &rwkv_chat::ffn_rows_cuda);
     m.def("v7_pre_cuda(Tensor k, Tensor v, Tensor wl, Tensor al, Tensor? vl, Tensor? v_first, Tensor w0, Tensor a0, "
           "Tensor k_k, Tensor k_a, Tensor? v0, Tensor(a!) w_out, Tensor(b!) k_out, Tensor(c!) v_out, "
           "Tensor(d!) a_out, Tensor(e!) b_out, int H) -> ()",

@@ -15,7 +15,17 @@
 // terms in the same order whether zero rows are skipped or not, and fmaf(0, w, acc) == acc for finite w unless acc
 // is -0 (a negative product below 2^-149 rounded to -0: bf16 / fp32 inputs, an output that is exactly zero; fp16
 // products are >= 2^-48), so skip = 0 (every row read) and skip = 1 give the same bits, up to that sign of zero.
+//
+// Weight kinds (template WK): 0, W in the act dtype F; 1, uint8 (the i8 format, models/formats/i8.py: w'[f, c] =
+// (q + 0.5) ry[f] rx[c] + my[f] + mx[c], rx / ry already divided by 16), summed as rx[c] sum_f (h ry[f]) (q + 0.5)
+// + sum_f h my[f] + mx[c] sum_f h, the two sums over every row of the block's slice (skipped ones add zero);
+// 2, e4m3 (the f8 format, models/formats/f8.py: w' = e4m3(q) scale[c], scale float32), the scale applied to each
+// block's sum. A 16-byte load holds 16 / sizeof(W) weights of a row. relu2: h is relu(k)^2 of the raw k given,
+// rounded to F (the product the reference rounds), before the zero test.
 // Programmatic dependent launch: nothing of h, the workspace or the counters is touched before pdl_wait.
+#include <cuda_fp8.h>
+#include <type_traits>
+
 #include "../common/cuda_common.cuh"
 #include "fused_launchers.h"
 
@@ -33,12 +43,46 @@ struct RowVec {
     union { uint4 q; F v[n]; };
 };
 
+// The weights of a row, 16 bytes: V values of W (F itself, or one byte each for the uint8 / e4m3 kinds).
+template <typename F, int WK>
+using WeightT = typename std::conditional<WK == 0, F, uint8_t>::type;
+
+// The groups' sums go through shared memory VC columns at a time (at most 8: 32 KiB for 4 rows of 256 threads).
+template <int V>
+__host__ __device__ constexpr int red_cols() { return V < 8 ? V : 8; }
+
 // Dynamic shared memory: the row list (int [kRowsMaxSlice]) and h at those rows (float [R][kRowsMaxSlice]) while
-// rows are streamed; afterwards the same bytes hold the groups' sums (float [G][TPR][R][V]).
-template <typename F, int R>
+// rows are streamed; afterwards the same bytes hold the groups' sums (float [G][TPR][R][VC]).
+template <typename W, int R>
 __host__ __device__ constexpr size_t ffn_rows_smem() {
-    const size_t list = (size_t)kRowsMaxSlice * (1 + R) * 4, red = (size_t)kRowsThreads * R * (16 / sizeof(F)) * 4;
+    const size_t list = (size_t)kRowsMaxSlice * (1 + R) * 4,
+                 red = (size_t)kRowsThreads * R * red_cols<16 / (int)sizeof(W)>() * 4;
     return list > red ? list : red;
+}
+
+// The value of weight u of a loaded row as float: F's value; uint8 q + 0.5 (2^23 + q - (2^23 - 0.5), exact);
+// e4m3's value (pairs converted by one instruction on sm_89+).
+template <typename F, int WK, int V>
+__device__ __forceinline__ void weights_f32(const RowVec<WeightT<F, WK>>& wq, float (&out)[V]) {
+    if constexpr (WK == 0) {
+#pragma unroll
+        for (int v = 0; v < V; ++v) out[v] = to_f32(wq.v[v]);
+    } else if constexpr (WK == 1) {
+#pragma unroll
+        for (int v = 0; v < V; ++v) out[v] = __uint_as_float(0x4B000000u | wq.v[v]) - 8388607.5f;
+    } else {
+        const unsigned* u = reinterpret_cast<const unsigned*>(&wq.q);
+#pragma unroll
+        for (int j = 0; j < V / 4; ++j) {
+            const __half2 lo(__nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(u[j] & 0xFFFFu), __NV_E4M3));
+            const __half2 hi(__nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(u[j] >> 16), __NV_E4M3));
+            const float2 a = __half22float2(lo), b = __half22float2(hi);
+            out[4 * j] = a.x;
+            out[4 * j + 1] = a.y;
+            out[4 * j + 2] = b.x;
+            out[4 * j + 3] = b.y;
+        }
+    }
 }
 
 template <typename F, int R>
@@ -51,38 +95,45 @@ __device__ __forceinline__ void load_rows(RowVec<F> (&wq)[kRowsUnroll], const F*
     }
 }
 
-// Group 0's acc += the other groups' acc, in group order, through `red` ([G][TPR][R][V] floats). Every thread of
-// the block calls it (a barrier inside); the caller makes `red` free first.
+// Group 0's acc += the other groups' acc, in group order, through `red` ([G][TPR][R][VC] floats, VC columns at a
+// time). Every thread of the block calls it (barriers inside); the caller makes `red` free first.
 template <int R, int V>
 __device__ __forceinline__ void sum_groups(float (&acc)[R][V], float* red, int g, int t, int tpr, int G) {
-    float* mine = red + (long)(g * tpr + t) * R * V;
+    constexpr int VC = red_cols<V>();
+    float* mine = red + (long)(g * tpr + t) * R * VC;
 #pragma unroll
-    for (int r = 0; r < R; ++r)
+    for (int v0 = 0; v0 < V; v0 += VC) {
+        if (v0) __syncthreads();                       // group 0 has read the previous columns
 #pragma unroll
-        for (int v = 0; v < V; ++v) mine[r * V + v] = acc[r][v];
-    __syncthreads();
-    if (g == 0) {
-        for (int k = 1; k < G; ++k) {
-            const float* o = red + (long)(k * tpr + t) * R * V;
+        for (int r = 0; r < R; ++r)
 #pragma unroll
-            for (int r = 0; r < R; ++r)
+            for (int v = 0; v < VC; ++v) mine[r * VC + v] = acc[r][v0 + v];
+        __syncthreads();
+        if (g == 0) {
+            for (int k = 1; k < G; ++k) {
+                const float* o = red + (long)(k * tpr + t) * R * VC;
 #pragma unroll
-                for (int v = 0; v < V; ++v) acc[r][v] += o[r * V + v];
+                for (int r = 0; r < R; ++r)
+#pragma unroll
+                    for (int v = 0; v < VC; ++v) acc[r][v0 + v] += o[r * VC + v];
+            }
         }
     }
 }
 
-template <typename F, int R>
+template <typename F, int WK, int R>
 __global__ void __launch_bounds__(kRowsThreads) ffn_rows_kernel(
-    const F* __restrict__ h, long h_stride, const F* __restrict__ w, void* __restrict__ y, long y_stride,
-    float* __restrict__ part, int* __restrict__ counters, int rows, int Fdim, int C, int per, int slices, int tiles,
-    int tpr, int skip, int out_f32) {
-    constexpr int V = RowVec<F>::n;
+    const F* __restrict__ h, long h_stride, const WeightT<F, WK>* __restrict__ w, FfnRowsQuant qs,
+    void* __restrict__ y, long y_stride, float* __restrict__ part, int* __restrict__ counters, int rows, int Fdim,
+    int C, int per, int slices, int tiles, int tpr, int skip, int relu2, int out_f32) {
+    using W = WeightT<F, WK>;
+    constexpr int V = RowVec<W>::n;
     extern __shared__ float smem[];
     int* idx = reinterpret_cast<int*>(smem);           // [kRowsMaxSlice]
     float* hs = smem + kRowsMaxSlice;                  // [R][kRowsMaxSlice]
     float* red = smem;                                 // [G][TPR][R][V], after the rows are streamed
     __shared__ int warp_n[kRowsThreads / 32];
+    __shared__ float sums[2][R][kRowsThreads / 32];    // uint8 kind: each warp's sum of h and of h my
     __shared__ int last;
     pdl_trigger();
     const int tile = blockIdx.x % tiles, slice = blockIdx.x / tiles;
@@ -93,8 +144,11 @@ __global__ void __launch_bounds__(kRowsThreads) ffn_rows_kernel(
     const int c = (tile * tpr + t) * V;
     const bool col_ok = c < C;
     pdl_wait();
-    // 1. the rows of [f0, f1) to read, ascending, with h at them
+    // 1. the rows of [f0, f1) to read, ascending, with h at them (uint8 kind: h ry, and the sums of h and h my)
     int count = 0;
+    float t0[R], t1[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) t0[r] = t1[r] = 0.f;
     for (int base = 0; base < n; base += nthreads) {
         const int i = base + tid;
         float hv[R];
@@ -102,7 +156,21 @@ __global__ void __launch_bounds__(kRowsThreads) ffn_rows_kernel(
 #pragma unroll
         for (int r = 0; r < R; ++r) {
             hv[r] = (i < n && r < rows) ? to_f32(h[(long)r * h_stride + f0 + i]) : 0.f;
+            if (relu2) {
+                const float k = fmaxf(hv[r], 0.f);
+                hv[r] = to_f32(from_f32<F>(k * k));
+            }
             nz = nz || hv[r] != 0.f;
+        }
+        if constexpr (WK == 1) {
+            const float ry = i < n ? to_f32(static_cast<const F*>(qs.ry)[f0 + i]) : 0.f;
+            const float my = i < n ? to_f32(static_cast<const F*>(qs.my)[f0 + i]) : 0.f;
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                t0[r] += hv[r];
+                t1[r] = fmaf(hv[r], my, t1[r]);
+                hv[r] *= ry;
+            }
         }
         const bool keep = i < n && (nz || !skip);
         const unsigned ball = __ballot_sync(0xffffffffu, keep);
@@ -118,6 +186,29 @@ __global__ void __launch_bounds__(kRowsThreads) ffn_rows_kernel(
         }
         for (int k = 0; k < nwarps; ++k) count += warp_n[k];
         __syncthreads();
+    }
+    if constexpr (WK == 1) {                           // the block's sums of h and h my, warps in order
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) {
+                t0[r] += __shfl_xor_sync(0xffffffffu, t0[r], o);
+                t1[r] += __shfl_xor_sync(0xffffffffu, t1[r], o);
+            }
+            if (lane == 0) {
+                sums[0][r][warp] = t0[r];
+                sums[1][r][warp] = t1[r];
+            }
+        }
+        __syncthreads();
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            t0[r] = t1[r] = 0.f;
+            for (int k = 0; k < nwarps; ++k) {
+                t0[r] += sums[0][r][k];
+                t1[r] += sums[1][r][k];
+            }
+        }
     }
     // 2. group g: the listed rows in [f0 + g * pg, f0 + (g + 1) * pg), two batches of rows in flight
     const int pg = (n + G - 1) / G;
@@ -136,20 +227,22 @@ __global__ void __launch_bounds__(kRowsThreads) ffn_rows_kernel(
 #pragma unroll
         for (int v = 0; v < V; ++v) acc[r][v] = 0.f;
     if (col_ok && i0 < i1) {
-        RowVec<F> wq[kRowsUnroll];
-        load_rows<F, R>(wq, w, idx, i0, i1, C, c);
+        RowVec<W> wq[kRowsUnroll];
+        load_rows<W, R>(wq, w, idx, i0, i1, C, c);
         for (int i = i0; i < i1; i += kRowsUnroll) {
-            RowVec<F> wn[kRowsUnroll];
-            load_rows<F, R>(wn, w, idx, i + kRowsUnroll, i1, C, c);
+            RowVec<W> wn[kRowsUnroll];
+            load_rows<W, R>(wn, w, idx, i + kRowsUnroll, i1, C, c);
 #pragma unroll
             for (int u = 0; u < kRowsUnroll; ++u) {
                 if (i + u < i1) {
+                    float wf[V];
+                    weights_f32<F, WK, V>(wq[u], wf);
 #pragma unroll
                     for (int r = 0; r < R; ++r) {
                         if (r < rows) {
                             const float hv = hs[r * kRowsMaxSlice + i + u];
 #pragma unroll
-                            for (int v = 0; v < V; ++v) acc[r][v] = fmaf(hv, to_f32(wq[u].v[v]), acc[r][v]);
+                            for (int v = 0; v < V; ++v) acc[r][v] = fmaf(hv, wf[v], acc[r][v]);
                         }
                     }
                 }
@@ -161,16 +254,37 @@ __global__ void __launch_bounds__(kRowsThreads) ffn_rows_kernel(
     // 3. groups in order (shared memory), then slices (the last block of the tile)
     __syncthreads();                                   // the row list is done with: its bytes become `red`
     sum_groups<R, V>(acc, red, g, t, tpr, G);
+    if constexpr (WK != 0) {                           // the block's sum of w' h from its sum of q h
+        if (g == 0 && col_ok) {
+#pragma unroll
+            for (int v = 0; v < V; ++v) {
+                if constexpr (WK == 1) {
+                    const float rx = to_f32(static_cast<const F*>(qs.rx)[c + v]);
+                    const float mx = to_f32(static_cast<const F*>(qs.mx)[c + v]);
+#pragma unroll
+                    for (int r = 0; r < R; ++r) acc[r][v] = fmaf(rx, acc[r][v], fmaf(mx, t0[r], t1[r]));
+                } else {
+                    const float sc = qs.scale[c + v];
+#pragma unroll
+                    for (int r = 0; r < R; ++r) acc[r][v] *= sc;
+                }
+            }
+        }
+    }
     auto store = [&](int r, const float* s) {
         if (out_f32) {
             float* o = static_cast<float*>(y) + (long)r * y_stride + c;
 #pragma unroll
             for (int v = 0; v < V; ++v) o[v] = s[v];
         } else {
-            RowVec<F> o;
+            F* o = static_cast<F*>(y) + (long)r * y_stride + c;
 #pragma unroll
-            for (int v = 0; v < V; ++v) o.v[v] = from_f32<F>(s[v]);
-            *reinterpret_cast<uint4*>(static_cast<F*>(y) + (long)r * y_stride + c) = o.q;
+            for (int v0 = 0; v0 < V; v0 += RowVec<F>::n) {
+                RowVec<F> ov;
+#pragma unroll
+                for (int v = 0; v < RowVec<F>::n; ++v) ov.v[v] = from_f32<F>(s[v0 + v]);
+                *reinterpret_cast<uint4*>(o + v0) = ov.q;
+            }
         }
     };
     if (slices == 1) {
@@ -243,9 +357,10 @@ __global__ void __launch_bounds__(kRowsThreads) ffn_rows_kernel(
 
 }  // namespace
 
-FfnRowsPlan ffn_rows_plan(int act, int rows, int Fdim, int C, int blocks_per_sm, int sm_count, int tile_threads) {
+FfnRowsPlan ffn_rows_plan(int act, int wkind, int rows, int Fdim, int C, int blocks_per_sm, int sm_count,
+                          int tile_threads) {
     FfnRowsPlan p{};
-    const int esize = act == 0 ? 4 : 2, V = 16 / esize;
+    const int esize = wkind != 0 ? 1 : act == 0 ? 4 : 2, V = 16 / esize;
     const int lanes = (C + V - 1) / V;
     // threads per column tile (16 bytes each): tile_threads where given (16, 32, 64, 128 or 256), else 64 for rows
     // of >= 8 KiB and 32 below (H100, bench/sparse_ffn.py grid sweep: C = 4096 fp16 fastest at 64, C = 2048 at 32)
@@ -259,28 +374,56 @@ FfnRowsPlan ffn_rows_plan(int act, int rows, int Fdim, int C, int blocks_per_sm,
     slices = max(slices, (Fdim + kRowsMaxSlice - 1) / kRowsMaxSlice);
     p.per = (Fdim + slices - 1) / slices;
     p.slices = (Fdim + p.per - 1) / p.per;
-    p.smem = act == 0 ? (rows > 1 ? ffn_rows_smem<float, kGemvMaxRows>() : ffn_rows_smem<float, 1>())
-                      : (rows > 1 ? ffn_rows_smem<__half, kGemvMaxRows>() : ffn_rows_smem<__half, 1>());
+    const bool many = rows > 1;
+    p.smem = wkind != 0 ? (many ? ffn_rows_smem<uint8_t, kGemvMaxRows>() : ffn_rows_smem<uint8_t, 1>())
+             : act == 0 ? (many ? ffn_rows_smem<float, kGemvMaxRows>() : ffn_rows_smem<float, 1>())
+                        : (many ? ffn_rows_smem<__half, kGemvMaxRows>() : ffn_rows_smem<__half, 1>());
     p.workspace = p.slices > 1 ? (long)p.slices * rows * C : 0;
     return p;
 }
 
-int ffn_rows_launch(int act, const FfnRowsPlan& p, int rows, int Fdim, int C, const void* h, long h_stride,
-                    const void* w, void* y, long y_stride, bool y_f32, float* part, int* counters, bool skip,
-                    cudaStream_t stream) {
-    const int esize = act == 0 ? 4 : 2, V = 16 / esize;
+namespace {
+
+template <typename F, int WK>
+cudaError_t ffn_rows_start(const FfnRowsPlan& p, unsigned blocks, int rows, int Fdim, int C, const void* h,
+                           long h_stride, const void* w, const FfnRowsQuant& qs, void* y, long y_stride, bool y_f32,
+                           float* part, int* counters, bool skip, bool relu2, cudaStream_t stream) {
+    auto kernel = rows == 1 ? ffn_rows_kernel<F, WK, 1> : ffn_rows_kernel<F, WK, kGemvMaxRows>;
+    return launch_pdl(kernel, blocks, (unsigned)p.threads, p.smem, stream, static_cast<const F*>(h), h_stride,
+                      static_cast<const WeightT<F, WK>*>(w), qs, y, y_stride, part, counters, rows, Fdim, C, p.per,
+                      p.slices, p.tiles, p.tpr, skip ? 1 : 0, relu2 ? 1 : 0, y_f32 ? 1 : 0);
+}
+
+}  // namespace
+
+int ffn_rows_launch(int act, int wkind, const FfnRowsPlan& p, int rows, int Fdim, int C, const void* h,
+                    long h_stride, const void* w, const FfnRowsQuant& qs, void* y, long y_stride, bool y_f32,
+                    float* part, int* counters, bool skip, bool relu2, cudaStream_t stream) {
+    const int esize = wkind != 0 ? 1 : act == 0 ? 4 : 2, V = 16 / esize;
+    const int ysize = y_f32 || act == 0 ? 4 : 2;
     if (rows < 1 || rows > kGemvMaxRows || C % V || (rows > 1 && h_stride < Fdim) || reinterpret_cast<uintptr_t>(w) % 16 ||
-        (!y_f32 && (y_stride % V || reinterpret_cast<uintptr_t>(y) % 16)) || p.per > kRowsMaxSlice ||
-        p.tpr < 16 || kRowsThreads % p.tpr)
+        (!y_f32 && (y_stride % (16 / ysize) || reinterpret_cast<uintptr_t>(y) % 16)) || p.per > kRowsMaxSlice ||
+        p.tpr < 16 || kRowsThreads % p.tpr || wkind < 0 || wkind > 2 || (wkind != 0 && act == 0) ||
+        (wkind == 1 && !(qs.mx && qs.rx && qs.my && qs.ry)) || (wkind == 2 && !qs.scale))
         return kUnsupported;
     if (Fdim == 0 || C == 0) return 0;
     const unsigned blocks = (unsigned)(p.tiles * p.slices);
     cudaError_t err = cudaSuccess;
     RWKV_CHAT_DISPATCH_ACT(static_cast<ActType>(act), F,
-        auto kernel = rows == 1 ? ffn_rows_kernel<F, 1> : ffn_rows_kernel<F, kGemvMaxRows>;
-        err = launch_pdl(kernel, blocks, (unsigned)p.threads, p.smem, stream, static_cast<const F*>(h), h_stride,
-                         static_cast<const F*>(w), y, y_stride, part, counters, rows, Fdim, C, p.per, p.slices,
-                         p.tiles, p.tpr, skip ? 1 : 0, y_f32 ? 1 : 0));
+        if constexpr (std::is_same<F, float>::value) {
+            err = ffn_rows_start<F, 0>(p, blocks, rows, Fdim, C, h, h_stride, w, qs, y, y_stride, y_f32, part,
+                                       counters, skip, relu2, stream);
+        } else {
+            if (wkind == 0)
+                err = ffn_rows_start<F, 0>(p, blocks, rows, Fdim, C, h, h_stride, w, qs, y, y_stride, y_f32, part,
+                                           counters, skip, relu2, stream);
+            else if (wkind == 1)
+                err = ffn_rows_start<F, 1>(p, blocks, rows, Fdim, C, h, h_stride, w, qs, y, y_stride, y_f32, part,
+                                           counters, skip, relu2, stream);
+            else
+                err = ffn_rows_start<F, 2>(p, blocks, rows, Fdim, C, h, h_stride, w, qs, y, y_stride, y_f32, part,
+                                           counters, skip, relu2, stream);
+        });
     return launch_rc(err);
 }
 

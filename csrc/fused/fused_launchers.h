@@ -109,7 +109,8 @@ int v7_tmix_one_launch(int act, int B, int H, int N, const void* r, const void* 
                        const void* lnw, const void* lnb, float* s, void* out, bool staged, cudaStream_t stream);
 
 // The channel-mix value product y = h @ W of decode steps for h [rows <= kGemvMaxRows, F] (row stride h_stride)
-// and W [F, C] input-major (contiguous), reading only the rows f of W where some h[m, f] != 0 (skip) or every row
+// and W [F, C] input-major (contiguous; also uint8 / e4m3 with their scales, below), reading only the rows f of W
+// where some h[m, f] != 0 (skip) or every row
 // (same bits): csrc/fused/ffn_rows.cu. y [rows, C] in the act dtype or float32 (y_f32), row stride y_stride.
 // ffn_rows_plan sizes the grid; part: float32 workspace of plan.workspace elements (none when 0); counters: int32,
 // at least plan.tiles, zero (left zero).
@@ -122,9 +123,20 @@ struct FfnRowsPlan {
     size_t smem;      // dynamic shared memory per block
     long workspace;   // float32 elements of `part`
 };
-FfnRowsPlan ffn_rows_plan(int act, int rows, int F, int C, int blocks_per_sm, int sm_count, int tile_threads = 0);
-int ffn_rows_launch(int act, const FfnRowsPlan& plan, int rows, int F, int C, const void* h, long h_stride,
-                    const void* w, void* y, long y_stride, bool y_f32, float* part, int* counters, bool skip,
-                    cudaStream_t stream);
+// Weight kinds (wkind): 0, W in the act dtype; 1, uint8 (the i8 format; mx, rx [C] and my, ry [F] in the act dtype);
+// 2, e4m3 bytes (the f8 format; scale float32 [C]). Kinds 1 and 2 take fp16 / bf16 activations. relu2: h holds the
+// raw k, and relu(k)^2 rounded to the act dtype is used.
+struct FfnRowsQuant {
+    const void* mx = nullptr;
+    const void* rx = nullptr;
+    const void* my = nullptr;
+    const void* ry = nullptr;
+    const float* scale = nullptr;
+};
+FfnRowsPlan ffn_rows_plan(int act, int wkind, int rows, int F, int C, int blocks_per_sm, int sm_count,
+                          int tile_threads = 0);
+int ffn_rows_launch(int act, int wkind, const FfnRowsPlan& plan, int rows, int F, int C, const void* h,
+                    long h_stride, const void* w, const FfnRowsQuant& qs, void* y, long y_stride, bool y_f32,
+                    float* part, int* counters, bool skip, bool relu2, cudaStream_t stream);
 
 }  // namespace rwkv_chat

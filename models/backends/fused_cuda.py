@@ -39,7 +39,9 @@ Weights: at load (``FusedCuda``), each CUDA float matrix of the model is stored 
 checkpoint's [out, in] layout, exposed as the usual [in, out] view ``W.t()``), so a GEMV reads every output's
 weights contiguously and cuBLAS reads the same memory transposed; except, with ``ffn`` "sparse" or "dense",
 the fp16 / bf16 channel-mix value matrices, stored input-major ([F, C] contiguous: the row of input f is
-contiguous, so rows can be skipped; cuBLAS takes either layout); the backend keeps its own per-layer tensors
+contiguous, so rows can be skipped; cuBLAS takes either layout), and the i8 ones likewise (uint8 rows; the row
+kernel takes relu(k)² of the key product's raw k as it loads it; products of more rows through
+``ops.gemv.i8_gemm``, which reads either layout, or the dequantized matrix); the backend keeps its own per-layer tensors
 (the six mixes stacked, the low-rank matrices output-major). Products of the large matrices outside the GEMV
 kernels and the tuned GEMMs go through the model's ops (``ops.matmul``: cuBLAS, the compiled mm8). Shapes: C channels, H heads
 of N, b rows.
@@ -96,7 +98,10 @@ def _layer_ok(p: dict, x: torch.Tensor, spec) -> bool:
 
 
 def _output_major(w):
-    """A float [in, out] matrix as the transposed view of a contiguous [out, in] one (same values)."""
+    """A float [in, out] matrix as the transposed view of a contiguous [out, in] one, an i8 weight on CUDA held
+    output-major (same values)."""
+    if isinstance(w, Int8Weight) and w.w.is_cuda:
+        return w.with_layout(True)
     if not isinstance(w, torch.Tensor) or not w.is_cuda or w.dim() != 2:
         return w
     if w.t().is_contiguous():
@@ -105,24 +110,39 @@ def _output_major(w):
 
 
 def _rows_ok(w) -> bool:
-    """Whether the row kernel (``_value_rows``) gets the value matrix w [F, C] input-major: fp16 / bf16 on CUDA."""
+    """Whether the row kernel (``_value_rows``) gets the value matrix w [F, C] input-major: fp16 / bf16 on CUDA, or
+    an i8 weight there (uint8 rows of 16-byte multiples, its scales in fp16 / bf16)."""
+    if isinstance(w, Int8Weight):
+        return (w.w.is_cuda and w.shape[1] % 16 == 0 and w.mx.dtype in (torch.float16, torch.bfloat16)
+                and all(t.dtype == w.mx.dtype for t in (w.rx, w.my, w.ry)))
     return isinstance(w, torch.Tensor) and w.is_cuda and w.dim() == 2 and w.dtype in (torch.float16, torch.bfloat16)
 
 
-def _value_rows(h, w, skip: bool, mm, skipped: list | None = None):
-    """The channel-mix value product h [b, F] @ w on the input-major w [F, C]: the compiled row kernel
-    (``dispatch.ffn_rows``: with ``skip`` the rows where h is zero in every row are left unread), else ``mm``.
-    ``skipped``: where the kernel skipped rows, the share it left unread is appended (a host sync)."""
-    y = dispatch.ffn_rows(h, w, skip_zeros=skip)
+def _rows_laid(w, h) -> bool:
+    """Whether w is held input-major for the row kernel with activations h (``_input_major`` put it so)."""
+    if isinstance(w, Int8Weight):
+        return not w.output_major and _rows_ok(w) and w.mx.dtype == h.dtype
+    return isinstance(w, torch.Tensor) and w.is_contiguous() and _rows_ok(w) and w.dtype == h.dtype
+
+
+def _value_rows(h, w, skip: bool, mm, skipped: list | None = None, relu2: bool = False):
+    """The channel-mix value product h [b, F] @ w on the input-major w [F, C] (a float matrix, or an input-major
+    ``Int8Weight``): the compiled row kernel (``dispatch.ffn_rows``: with ``skip`` the rows where h is zero in every
+    row are left unread), else ``mm``. ``relu2``: h is the raw k and relu(k)² is multiplied. ``skipped``: where the
+    kernel skipped rows, the share it left unread is appended (a host sync)."""
+    y = dispatch.ffn_rows(h, w, skip_zeros=skip, relu2=relu2)
     if y is None:
-        return mm(h, w)
+        return mm(torch.relu(h).square() if relu2 else h, w)
     if skip and skipped is not None:
-        skipped.append(sparse_ffn.zero_row_fraction(h))
+        skipped.append(sparse_ffn.zero_row_fraction(torch.relu(h) if relu2 else h))
     return y
 
 
 def _input_major(w):
-    """A float [in, out] CUDA matrix stored contiguous [in, out] (same values): its rows can be skipped."""
+    """A float [in, out] CUDA matrix stored contiguous [in, out], an i8 weight held input-major (same values): its
+    rows can be skipped."""
+    if isinstance(w, Int8Weight):
+        return w.with_layout(False) if _rows_ok(w) else w
     return w.contiguous() if _rows_ok(w) else _output_major(w)
 
 
@@ -518,7 +538,7 @@ class FusedCuda(Backend):
         product is the grouped GEMV (output-major value matrix) -> (relu(k)², x + att, ln2 output: the next ffn_x,
         which the value launch puts in place), or None."""
         if not (ours and isinstance(fk, torch.Tensor) and isinstance(fv, torch.Tensor) and fv.t().is_contiguous()
-                and not (fv.is_contiguous() and _rows_ok(fv))):
+                and not _rows_laid(fv, x)):
             return None
         out = dispatch.ln_mix_gemv_group(x, att, p["ln2.weight"], p["ln2.bias"], ffn_x, [f["mixk"][0]], [fk.t()],
                                          [RELU2_ON_OUTPUT])
@@ -532,10 +552,12 @@ class FusedCuda(Backend):
         """The channel-mix products of a decode step from the lerped ln2 output xk [b, C] -> [b, C]."""
         if ours and isinstance(fk, torch.Tensor) and isinstance(fv, torch.Tensor):
             hk = _gemv([xk], [fk.t()], [RELU2_ON_OUTPUT])[0]     # relu(k) ** 2 written by the key GEMV
-            if fv.is_contiguous() and _rows_ok(fv) and fv.dtype == hk.dtype:   # input-major: zero rows skipped
+            if _rows_laid(fv, hk):                               # input-major: zero rows skipped
                 return _value_rows(hk, fv, skip, mm, self.skipped)
             return _gemv([hk], [fv.t()], [0])[0]
         hk = self._big(xk, fk, 0, ours, small)
+        if small and _rows_laid(fv, hk):                         # i8 rows: relu² taken as the row kernel loads k
+            return _value_rows(hk, fv, skip, mm, self.skipped, relu2=True)
         return self._big(hk, fv, 3, ours, small)
 
     def _big(self, x, w, act: int, gemv: bool, small: bool = False):

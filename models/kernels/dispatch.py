@@ -618,22 +618,37 @@ def gemvq_group(xs: list[torch.Tensor], qs: list, acts: list[int] | None = None)
 FFN_ROWS_MAX = 4
 
 
-def ffn_rows(h: torch.Tensor, w: torch.Tensor, skip_zeros: bool = True, out_dtype: torch.dtype | None = None,
-             blocks_per_sm: int = 2, tile_threads: int = 0) -> torch.Tensor | None:
+def ffn_rows(h: torch.Tensor, w, skip_zeros: bool = True, out_dtype: torch.dtype | None = None,
+             blocks_per_sm: int = 2, tile_threads: int = 0, relu2: bool = False) -> torch.Tensor | None:
     """``h @ w`` for h [M, F] (1 <= M <= 4) and input-major w [F, C] (contiguous: row f holds the C weights of input
     f), by the compiled row kernel (``csrc/fused/ffn_rows.cu``): the RWKV channel-mix value product of decode
     steps, h = relu(k)². With ``skip_zeros`` the rows f where h[m, f] == 0 for every m are not read; without, every
     row is (same bits). float32 accumulation in ascending f, rounded once -> [M, C] in ``out_dtype`` (h's dtype
     by default, or float32). ``blocks_per_sm`` sizes the grid and ``tile_threads`` (0: the kernel's choice; 16..256)
-    the column tile, 16 bytes of a row per thread (benchmarks sweep both).
+    the column tile, 16 bytes of a row per thread (benchmarks sweep both). ``relu2``: h holds the raw k and the
+    kernel takes relu(k)² (rounded to h's dtype) as it loads it.
+
+    w: a float tensor of h's dtype, or an input-major ``Int8Weight`` (``output_major`` False; the i8 format's
+    (q + 0.5) ry rx + my + mx summed as rx ⊙ ((h ry) @ (q + 0.5)) + h @ my + (Σ h) mx, its scale vectors in h's
+    dtype, h fp16 / bf16).
 
     Returns None where the kernel does not serve (family not built, not one CUDA device, h and w not one of
     fp16 / bf16 / fp32, shapes that do not chain or are empty, w not contiguous or its rows not 16-byte multiples,
     CUDA graph capture before the device's split counters exist): the caller multiplies another way.
     """
-    if not (isinstance(h, torch.Tensor) and isinstance(w, torch.Tensor) and h.is_cuda and w.device == h.device
+    scales = (None, None, None, None)
+    if isinstance(w, _quant.Int8Weight):
+        if not (not w.output_major and h.dtype in (torch.float16, torch.bfloat16)
+                and all(t.dtype == h.dtype and t.is_contiguous() and t.device == h.device
+                        for t in (w.mx, w.rx, w.my, w.ry))):
+            return None
+        scales = (w.mx, w.rx, w.my.view(-1), w.ry.view(-1))
+        w = w.storage
+    elif not (isinstance(w, torch.Tensor) and h.dtype == w.dtype):
+        return None
+    if not (isinstance(h, torch.Tensor) and h.is_cuda and w.device == h.device
             and h.dim() == 2 and w.dim() == 2 and 1 <= h.shape[0] <= FFN_ROWS_MAX and h.shape[1] == w.shape[0]
-            and h.dtype == w.dtype and h.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and h.dtype in (torch.float16, torch.bfloat16, torch.float32)
             and out_dtype in (None, h.dtype, torch.float32) and w.is_contiguous()
             and w.shape[0] > 0 and w.shape[1] > 0 and (w.shape[1] * w.element_size()) % 16 == 0
             and w.data_ptr() % 16 == 0 and available("cuda", "v7fused")):
@@ -643,7 +658,8 @@ def ffn_rows(h: torch.Tensor, w: torch.Tensor, skip_zeros: bool = True, out_dtyp
         return None
     h = h.contiguous()
     y = torch.empty(h.shape[0], w.shape[1], dtype=out_dtype or h.dtype, device=h.device)
-    _op("cuda", "ffn_rows")(h, w, y, counters, bool(skip_zeros), int(blocks_per_sm), int(tile_threads))
+    _op("cuda", "ffn_rows")(h, w, *scales, None, y, counters, bool(relu2), bool(skip_zeros), int(blocks_per_sm),
+                            int(tile_threads))
     return y
 
 

@@ -456,6 +456,45 @@ def case_ffn_rows(rows, F, C, dtype, device, seed, dead=0.0, out_f32=False, grap
     return rel_err(got, ref)
 
 
+def case_ffn_rows_i8(rows, F, C, dtype, device, seed, dead=0.0, graph=False):
+    """``dispatch.ffn_rows`` on an input-major i8 weight (``formats.i8``, uint8 rows; the kernel's uint8 kind) with
+    ``relu2``: k = randn (``dead``: that share of columns of k negative in every row, so relu(k)² is zero there),
+    against relu(k)² rounded to ``dtype`` times the float64 dequantized matrix; the sparse result bit-identical to
+    the dense one (every row read). ``graph``: launched twice in a CUDA graph replay."""
+    from rwkv_chat.models.formats.i8 import quantize_i8
+    from rwkv_chat.models.kernels import dispatch
+
+    if not kernels.available("cuda", "v7fused"):
+        raise AssertionError("the v7fused family is not built: the case would test nothing")
+    g = _gen(seed, device)
+    k = _randn(g, rows, F)
+    if dead:
+        k[:, torch.rand(F, generator=g) < dead] = -1.0
+    k = k.to(dtype).to(device)
+    q = quantize_i8(_randn(g, F, C, scale=F ** -0.5).to(device), dtype, output_major=False)
+    h = torch.relu(k).square()
+    wd = (q.w.double() + 0.5) * q.ry.double() * q.rx.double() + q.my.double() + q.mx.double()
+    ref = h.double() @ wd
+    if graph:
+        dispatch.ffn_rows(k, q, relu2=True)
+        torch.cuda.synchronize()
+        gr = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(gr):
+            got = dispatch.ffn_rows(k, q, relu2=True)
+        for _ in range(2):
+            got.fill_(float("nan"))
+            gr.replay()
+        torch.cuda.synchronize()
+    else:
+        got = dispatch.ffn_rows(k, q, relu2=True)
+    if got is None:
+        raise AssertionError("dispatch.ffn_rows did not serve the case")
+    dense = dispatch.ffn_rows(k, q, skip_zeros=False, relu2=True)
+    if not torch.equal(got, dense):
+        return math.inf
+    return rel_err(got, ref)
+
+
 def case_gemm(rows, K, M, dtype, device, seed, tuned=False, batch=0, transposed=False):
     """``kernels.gemm`` (cuBLAS, or the per-shape tuned cuBLASLt GEMM: ``tuned``), or ``dispatch.bgemm`` over
     ``batch`` matrices; ``transposed``: the weight stored [M, K] and viewed [K, M] (the backend's output-major
@@ -592,6 +631,14 @@ def all_cases(device: str, quick: bool = False):
                 cases.append(("ffn_rows", f"rows={rows} F={F} C={C} dead=0.5 tile_threads={tpr}", dt,
                               lambda r=rows, F=F, C=C, t=tpr, dt=dt, s=len(cases):
                               case_ffn_rows(r, F, C, dt, device, s, 0.5, tile_threads=t)))
+            if dt != torch.float32:    # i8 weights (uint8 rows) with relu² on load
+                for rows, F, C, dead, graph in ((1, 16384, 4096, 0.0, False), (4, 16384, 4096, 0.5, True),
+                                                (2, 8192, 2048, 0.8, False), (3, 3000, 1008, 0.0, False),
+                                                (1, 100, 16, 1.0, False)):
+                    cases.append(("ffn_rows", f"i8 rows={rows} F={F} C={C} dead={dead} relu2"
+                                  f"{' CUDA graph' if graph else ''}", dt,
+                                  lambda r=rows, F=F, C=C, d=dead, gr=graph, dt=dt, s=len(cases):
+                                  case_ffn_rows_i8(r, F, C, dt, device, s, d, gr)))
         if device == "cuda":   # int4 / fp8 / uint8 decode GEMVs: 1..4 rows, odd N, several tiles of K, groups 32..128
             for rows, K, N, group in ((1, 4096, 4096, 128), (1, 4096, 16384, 128), (1, 16384, 4096, 128),
                                       (2, 2048, 2048, 128), (3, 4096, 1001, 128), (4, 4096, 4096, 128),
