@@ -14,8 +14,8 @@ than a copy of the vocabulary to the host:
   ``Sampler.sample`` draws it (the top-p cutoff from the float32 running sum of the window, the top-k cut, the
   temperature, the inverse-CDF draw with the sampler's own generator). A row whose window does not show its top-p
   set is drawn over the whole vocabulary on the device (``device_sampling.whole_rows_tokens``; on the CPU the window
-  grows instead, as in ``Sampler.sample``). On CUDA both passes can replay CUDA graphs (``sample_rows(...,
-  cuda_graphs=True)``: ``device_sampling.SamplingGraphs``).
+  grows instead, as in ``Sampler.sample``). On CUDA both passes replay CUDA graphs (``device_sampling.SamplingGraphs``,
+  each probed against the eager passes at its first use; ``sample_rows(..., cuda_graphs=False)``: eager).
 
 On the CPU this is the same arithmetic as ``Sampler.sample`` in the same order, so the tokens are identical (a
 test draws both ways). On an accelerator the softmax is the device's: its float32 values may differ from the CPU's
@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 
 def sample_rows(samplers: list[Sampler], rows: list[torch.Tensor], return_errors: bool = False,
-                cuda_graphs: bool = False) -> list:
+                cuda_graphs: bool = True) -> list:
     """One token per sampler, ``samplers[i]`` drawing from ``rows[i]`` (float tensor [vocab], any device,
     typically rows of one batched decode step); the tokens and counts of ``samplers[i].sample(rows[i])`` (on an
     accelerator: see the module docstring for where the device's softmax may differ).
@@ -51,7 +51,7 @@ def sample_rows(samplers: list[Sampler], rows: list[torch.Tensor], return_errors
     Raises what :meth:`Sampler.sample` raises (ShapeMismatchError for a row that is not [vocab] of the
     sampler's vocabulary, SamplingError, ...); with ``return_errors`` such a row's exception takes its place in
     the list instead, and the other rows still get their tokens. ``cuda_graphs``: replay the passes of CUDA rows
-    as CUDA graphs (``device_sampling.SamplingGraphs``; opt-in: not yet measured on a GPU).
+    as CUDA graphs (``device_sampling.SamplingGraphs``); False: launch them eagerly.
     """
     from rwkv_chat.models.text.sampling import _argmax
     out: list[int | None] = [None] * len(samplers)

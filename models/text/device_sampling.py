@@ -8,8 +8,9 @@
    one transfer to the host;
 2. ``whole_rows_tokens``, for rows whose window does not show the top-p set: the draw over the whole vocabulary.
 
-Eagerly these are some 30 small launches a step. On CUDA, :class:`SamplingGraphs` (opt-in:
-``batch_sampling.sample_rows(..., cuda_graphs=True)``; not yet measured on a GPU) captures each pass once per
+Eagerly these are some 30 small launches a step. On CUDA, :class:`SamplingGraphs` (what
+``batch_sampling.sample_rows`` uses unless ``cuda_graphs=False``; on an H100, one row 0.4-1.0 ms a step against
+0.7-1.6 eagerly, 16 rows 1.5-6.6 against 1.9-6.9: ``tests/gpu/verify_sampling.py``) captures each pass once per
 (rows bucket, vocabulary, entries capacity) into a CUDA graph with static inputs (the rows, the entries padded to
 the capacity with a scratch index, the draw's parameters) and replays it: one launch per pass. A graph serves only
 after a probe finds its outputs equal to the eager passes' on the same inputs (bit for bit); otherwise, or where a
