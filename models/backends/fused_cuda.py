@@ -39,9 +39,9 @@ Weights: at load (``FusedCuda``), each CUDA float matrix of the model is stored 
 checkpoint's [out, in] layout, exposed as the usual [in, out] view ``W.t()``), so a GEMV reads every output's
 weights contiguously and cuBLAS reads the same memory transposed; except, with ``ffn`` "sparse" or "dense",
 the fp16 / bf16 channel-mix value matrices, stored input-major ([F, C] contiguous: the row of input f is
-contiguous, so rows can be skipped; cuBLAS takes either layout), and the i8 ones likewise (uint8 rows; the row
-kernel takes relu(k)² of the key product's raw k as it loads it; products of more rows through
-``ops.gemv.i8_gemm``, which reads either layout, or the dequantized matrix); the backend keeps its own per-layer tensors
+contiguous, so rows can be skipped; cuBLAS takes either layout), and the i8 and f8 ones likewise (uint8 / e4m3 rows;
+the row kernel takes relu(k)² of the key product's raw k as it loads it; products of more rows: i8 through
+``ops.gemv.i8_gemm``, which reads either layout, or the dequantized matrix, f8 through an output-major copy); the backend keeps its own per-layer tensors
 (the six mixes stacked, the low-rank matrices output-major). Products of the large matrices outside the GEMV
 kernels and the tuned GEMMs go through the model's ops (``ops.matmul``: cuBLAS, the compiled mm8). Shapes: C channels, H heads
 of N, b rows.
@@ -53,6 +53,7 @@ import torch
 
 from rwkv_chat.models.backends.base import Backend, Ops
 from rwkv_chat.models.errors import DeviceError, StrategyError
+from rwkv_chat.models.formats.f8 import Float8Weight
 from rwkv_chat.models.formats.i4 import Int4Weight
 from rwkv_chat.models.formats.i8 import Int8Weight
 from rwkv_chat.models.kernels import dispatch
@@ -98,10 +99,12 @@ def _layer_ok(p: dict, x: torch.Tensor, spec) -> bool:
 
 
 def _output_major(w):
-    """A float [in, out] matrix as the transposed view of a contiguous [out, in] one, an i8 weight on CUDA held
+    """A float [in, out] matrix as the transposed view of a contiguous [out, in] one, an i8 / f8 weight on CUDA held
     output-major (same values)."""
     if isinstance(w, Int8Weight) and w.w.is_cuda:
         return w.with_layout(True)
+    if isinstance(w, Float8Weight) and w.w8.is_cuda:
+        return w.with_layout(False)
     if not isinstance(w, torch.Tensor) or not w.is_cuda or w.dim() != 2:
         return w
     if w.t().is_contiguous():
@@ -111,10 +114,13 @@ def _output_major(w):
 
 def _rows_ok(w) -> bool:
     """Whether the row kernel (``_value_rows``) gets the value matrix w [F, C] input-major: fp16 / bf16 on CUDA, or
-    an i8 weight there (uint8 rows of 16-byte multiples, its scales in fp16 / bf16)."""
+    an i8 weight there (uint8 rows of 16-byte multiples, its scales in fp16 / bf16), or an f8 one (e4m3 rows of
+    16-byte multiples, float32 scales)."""
     if isinstance(w, Int8Weight):
         return (w.w.is_cuda and w.shape[1] % 16 == 0 and w.mx.dtype in (torch.float16, torch.bfloat16)
                 and all(t.dtype == w.mx.dtype for t in (w.rx, w.my, w.ry)))
+    if isinstance(w, Float8Weight):
+        return w.w8.is_cuda and w.shape[1] % 16 == 0 and w.scale.dtype == torch.float32
     return isinstance(w, torch.Tensor) and w.is_cuda and w.dim() == 2 and w.dtype in (torch.float16, torch.bfloat16)
 
 
@@ -122,6 +128,8 @@ def _rows_laid(w, h) -> bool:
     """Whether w is held input-major for the row kernel with activations h (``_input_major`` put it so)."""
     if isinstance(w, Int8Weight):
         return not w.output_major and _rows_ok(w) and w.mx.dtype == h.dtype
+    if isinstance(w, Float8Weight):
+        return w.input_major and _rows_ok(w) and h.dtype in (torch.float16, torch.bfloat16)
     return isinstance(w, torch.Tensor) and w.is_contiguous() and _rows_ok(w) and w.dtype == h.dtype
 
 
@@ -139,10 +147,12 @@ def _value_rows(h, w, skip: bool, mm, skipped: list | None = None, relu2: bool =
 
 
 def _input_major(w):
-    """A float [in, out] CUDA matrix stored contiguous [in, out], an i8 weight held input-major (same values): its
-    rows can be skipped."""
+    """A float [in, out] CUDA matrix stored contiguous [in, out], an i8 / f8 weight held input-major (same values):
+    its rows can be skipped."""
     if isinstance(w, Int8Weight):
         return w.with_layout(False) if _rows_ok(w) else w
+    if isinstance(w, Float8Weight):
+        return w.with_layout(True) if _rows_ok(w) else w
     return w.contiguous() if _rows_ok(w) else _output_major(w)
 
 
@@ -556,7 +566,7 @@ class FusedCuda(Backend):
                 return _value_rows(hk, fv, skip, mm, self.skipped)
             return _gemv([hk], [fv.t()], [0])[0]
         hk = self._big(xk, fk, 0, ours, small)
-        if small and _rows_laid(fv, hk):                         # i8 rows: relu² taken as the row kernel loads k
+        if small and _rows_laid(fv, hk):                   # i8 / f8 rows: relu² taken as the row kernel loads k
             return _value_rows(hk, fv, skip, mm, self.skipped, relu2=True)
         return self._big(hk, fv, 3, ours, small)
 

@@ -40,7 +40,10 @@ class Float8Weight:
     """An e4m3fn weight with per-output-channel float32 scales.
 
     Attributes:
-        w8: float8_e4m3fn [N, K] contiguous (output-major). scale: float32 [N].
+        w8: float8_e4m3fn [N, K]: contiguous (output-major, what loads and the GEMVs and ``torch._scaled_mm``
+            read), or the transposed view of a contiguous [K, N] (``input_major``: each input's N weights
+            contiguous, the layout the fused CUDA backend gives RWKV channel-mix value matrices so that a decode
+            step can skip their rows). scale: float32 [N].
     """
 
     w8: torch.Tensor
@@ -54,6 +57,18 @@ class Float8Weight:
     @property
     def shape(self) -> torch.Size:
         return torch.Size((self.w8.shape[1], self.w8.shape[0]))
+
+    @property
+    def input_major(self) -> bool:
+        """Whether ``w8`` is held input-major (the transposed view of a contiguous [K, N])."""
+        return not self.w8.is_contiguous() and self.w8.t().is_contiguous()
+
+    def with_layout(self, input_major: bool) -> "Float8Weight":
+        """The same weight held input-major or output-major on its device (``self`` where it already is)."""
+        if input_major == self.input_major and (input_major or self.w8.is_contiguous()):
+            return self
+        w8 = self.w8.t().contiguous().t() if input_major else self.w8.contiguous()
+        return Float8Weight(w8, self.scale)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -75,8 +90,8 @@ class Float8Weight:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float matrix [K, N]: ``float32(w8) * scale`` per column (exact e4m3 values), rounded once to
-        ``dtype``; a transposed view of a contiguous [N, K] tensor."""
-        return (self.w8.float() * self.scale.unsqueeze(1)).to(dtype).t()
+        ``dtype``; a transposed view of a contiguous [N, K] tensor in either layout (so products do not depend on it)."""
+        return (self.w8.float().contiguous() * self.scale.unsqueeze(1)).to(dtype).t()
 
     def nbytes(self) -> int:
         return self.w8.numel() + self.scale.numel() * 4

@@ -554,6 +554,8 @@ def mmf8(x: torch.Tensor, q: Float8Weight) -> torch.Tensor:
         y = torch.empty(rows, N, dtype=x.dtype, device=x.device)
         _op("cuda", "gemvq_f8")(x.reshape(rows, K).contiguous(), q.w8.view(torch.uint8), q.scale.contiguous(), y)
         return y.reshape(*x.shape[:-1], N)
+    if q.input_major:               # the GEMVs and _scaled_mm read w8 output-major: a transient copy so laid out
+        q = q.with_layout(False)
     if x.dtype in (torch.float16, torch.bfloat16) and 1 <= rows <= _gemv.GEMV_ROWS and _triton_ok():
         return _gemv.f8_gemv(x.reshape(rows, K), q).reshape(*x.shape[:-1], N)
     if K % 16 == 0 and N % 16 == 0:
@@ -630,20 +632,27 @@ def ffn_rows(h: torch.Tensor, w, skip_zeros: bool = True, out_dtype: torch.dtype
 
     w: a float tensor of h's dtype, or an input-major ``Int8Weight`` (``output_major`` False; the i8 format's
     (q + 0.5) ry rx + my + mx summed as rx ⊙ ((h ry) @ (q + 0.5)) + h @ my + (Σ h) mx, its scale vectors in h's
-    dtype, h fp16 / bf16).
+    dtype, h fp16 / bf16), or an input-major ``Float8Weight`` (``input_major``; e4m3 rows, the float32 scale per
+    output applied to each block's sum; h fp16 / bf16).
 
     Returns None where the kernel does not serve (family not built, not one CUDA device, h and w not one of
     fp16 / bf16 / fp32, shapes that do not chain or are empty, w not contiguous or its rows not 16-byte multiples,
     CUDA graph capture before the device's split counters exist): the caller multiplies another way.
     """
-    scales = (None, None, None, None)
+    scales = (None, None, None, None, None)
     if isinstance(w, _quant.Int8Weight):
         if not (not w.output_major and h.dtype in (torch.float16, torch.bfloat16)
                 and all(t.dtype == h.dtype and t.is_contiguous() and t.device == h.device
                         for t in (w.mx, w.rx, w.my, w.ry))):
             return None
-        scales = (w.mx, w.rx, w.my.view(-1), w.ry.view(-1))
+        scales = (w.mx, w.rx, w.my.view(-1), w.ry.view(-1), None)
         w = w.storage
+    elif isinstance(w, Float8Weight):
+        if not (w.input_major and h.dtype in (torch.float16, torch.bfloat16) and w.scale.dtype == torch.float32
+                and w.scale.is_contiguous() and w.scale.device == h.device):
+            return None
+        scales = (None, None, None, None, w.scale)
+        w = w.w8.t()
     elif not (isinstance(w, torch.Tensor) and h.dtype == w.dtype):
         return None
     if not (isinstance(h, torch.Tensor) and h.is_cuda and w.device == h.device
@@ -658,7 +667,7 @@ def ffn_rows(h: torch.Tensor, w, skip_zeros: bool = True, out_dtype: torch.dtype
         return None
     h = h.contiguous()
     y = torch.empty(h.shape[0], w.shape[1], dtype=out_dtype or h.dtype, device=h.device)
-    _op("cuda", "ffn_rows")(h, w, *scales, None, y, counters, bool(relu2), bool(skip_zeros), int(blocks_per_sm),
+    _op("cuda", "ffn_rows")(h, w, *scales, y, counters, bool(relu2), bool(skip_zeros), int(blocks_per_sm),
                             int(tile_threads))
     return y
 

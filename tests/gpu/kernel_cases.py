@@ -456,11 +456,13 @@ def case_ffn_rows(rows, F, C, dtype, device, seed, dead=0.0, out_f32=False, grap
     return rel_err(got, ref)
 
 
-def case_ffn_rows_i8(rows, F, C, dtype, device, seed, dead=0.0, graph=False):
-    """``dispatch.ffn_rows`` on an input-major i8 weight (``formats.i8``, uint8 rows; the kernel's uint8 kind) with
-    ``relu2``: k = randn (``dead``: that share of columns of k negative in every row, so relu(k)² is zero there),
-    against relu(k)² rounded to ``dtype`` times the float64 dequantized matrix; the sparse result bit-identical to
-    the dense one (every row read). ``graph``: launched twice in a CUDA graph replay."""
+def case_ffn_rows_i8(rows, F, C, dtype, device, seed, dead=0.0, graph=False, fmt="i8"):
+    """``dispatch.ffn_rows`` on an input-major i8 weight (``formats.i8``, uint8 rows; the kernel's uint8 kind; ``fmt``
+    "f8": an input-major ``formats.f8`` weight, e4m3 rows) with ``relu2``: k = randn (``dead``: that share of columns
+    of k negative in every row, so relu(k)² is zero there), against relu(k)² rounded to ``dtype`` times the float64
+    dequantized matrix; the sparse result bit-identical to the dense one (every row read). ``graph``: launched twice
+    in a CUDA graph replay."""
+    from rwkv_chat.models.formats.f8 import quantize_f8
     from rwkv_chat.models.formats.i8 import quantize_i8
     from rwkv_chat.models.kernels import dispatch
 
@@ -471,9 +473,16 @@ def case_ffn_rows_i8(rows, F, C, dtype, device, seed, dead=0.0, graph=False):
     if dead:
         k[:, torch.rand(F, generator=g) < dead] = -1.0
     k = k.to(dtype).to(device)
-    q = quantize_i8(_randn(g, F, C, scale=F ** -0.5).to(device), dtype, output_major=False)
+    w = _randn(g, F, C, scale=F ** -0.5).to(device)
+    if fmt == "f8":
+        q = quantize_f8(w).with_layout(True)
+        if not q.input_major:
+            raise AssertionError("the f8 weight is not held input-major")
+        wd = q.w8.double().t() * q.scale.double()
+    else:
+        q = quantize_i8(w, dtype, output_major=False)
+        wd = (q.w.double() + 0.5) * q.ry.double() * q.rx.double() + q.my.double() + q.mx.double()
     h = torch.relu(k).square()
-    wd = (q.w.double() + 0.5) * q.ry.double() * q.rx.double() + q.my.double() + q.mx.double()
     ref = h.double() @ wd
     if graph:
         dispatch.ffn_rows(k, q, relu2=True)
@@ -635,10 +644,11 @@ def all_cases(device: str, quick: bool = False):
                 for rows, F, C, dead, graph in ((1, 16384, 4096, 0.0, False), (4, 16384, 4096, 0.5, True),
                                                 (2, 8192, 2048, 0.8, False), (3, 3000, 1008, 0.0, False),
                                                 (1, 100, 16, 1.0, False)):
-                    cases.append(("ffn_rows", f"i8 rows={rows} F={F} C={C} dead={dead} relu2"
-                                  f"{' CUDA graph' if graph else ''}", dt,
-                                  lambda r=rows, F=F, C=C, d=dead, gr=graph, dt=dt, s=len(cases):
-                                  case_ffn_rows_i8(r, F, C, dt, device, s, d, gr)))
+                    for fmt in ("i8", "f8"):
+                        cases.append(("ffn_rows", f"{fmt} rows={rows} F={F} C={C} dead={dead} relu2"
+                                      f"{' CUDA graph' if graph else ''}", dt,
+                                      lambda r=rows, F=F, C=C, d=dead, gr=graph, dt=dt, s=len(cases), fm=fmt:
+                                      case_ffn_rows_i8(r, F, C, dt, device, s, d, gr, fm)))
         if device == "cuda":   # int4 / fp8 / uint8 decode GEMVs: 1..4 rows, odd N, several tiles of K, groups 32..128
             for rows, K, N, group in ((1, 4096, 4096, 128), (1, 4096, 16384, 128), (1, 16384, 4096, 128),
                                       (2, 2048, 2048, 128), (3, 4096, 1001, 128), (4, 4096, 4096, 128),

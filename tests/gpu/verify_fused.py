@@ -8,8 +8,8 @@ kernels and the fused paths, one built with ``kernels=False`` whose blocks run t
 prefill (64 tokens, full output) and decode steps through ``BatchDecoder`` (CUDA graphs) at batch
 1 and 3 (grouped GEMV, "ours" and "cublas") and 8 (cuBLAS GEMM; WKV fused or row-split; or the torch.compile'd step), and fp16i8
 (grouped mm8 GEMV at 1 and 3 rows); the prefill CUDA graph bit-identical to the eager prefill. The channel-mix
-value product (the compiled row kernel ``dispatch.ffn_rows``, fp16 and bf16, and i8 weights with fp16 / bf16 activations: uint8
-rows, relu² taken as it loads k): decode steps with the zero rows of relu(k)² skipped
+value product (the compiled row kernel ``dispatch.ffn_rows``, fp16 and bf16, i8 weights with fp16 / bf16 activations and f8 weights
+with fp16: uint8 / e4m3 rows, relu² taken as it loads k): decode steps with the zero rows of relu(k)² skipped
 (``ffn="sparse"``) give the same logits and states (``torch.equal``) as the same kernel reading every row
 (``ffn="dense"``) at batch 1 and 4, and agree with the grouped GEMV on the output-major matrix
 (``FusedCuda(ffn="gemv")``) to TOL; the share of rows skipped is printed per batch. Exit status 1 on a failure.
@@ -82,7 +82,7 @@ def ffn_cases(w, tokens, row) -> None:
     """Sparse vs dense value products of fused decode steps (bit-identical), vs the grouped GEMV (to TOL)."""
     from rwkv_chat.models.backends.fused_cuda import FusedCuda
 
-    for strategy in ("cuda fp16", "cuda bf16", "cuda fp16i8", "cuda bf16i8"):
+    for strategy in ("cuda fp16", "cuda bf16", "cuda fp16i8", "cuda bf16i8", "cuda fp16f8"):
         model = RWKV(model=w, strategy=strategy)
         if isinstance(model.backend, FusedCuda):        # the row kernel's input-major layout, before any forward
             model.backend = FusedCuda(model, model.backend.ops, ffn="sparse")

@@ -44,6 +44,27 @@ def test_f8_values_are_true_e4m3_and_dequantize_exactly():
     assert formats.nbytes(q) == 96 * 48 + 48 * 4
 
 
+def test_f8_input_major_layout_holds_the_same_weight():
+    """``with_layout(True)``: w8 the transposed view of a contiguous [K, N] (each input's weights contiguous, the
+    layout the fused backend gives channel-mix value matrices), the same values, product and saved parts; back to
+    output-major with ``with_layout(False)``."""
+    from rwkv_chat.models.formats import serialize
+
+    g = torch.Generator().manual_seed(5)
+    q = f8.quantize_f8(torch.randn(64, 48, generator=g))
+    r = q.with_layout(True)
+    assert not q.input_major and r.input_major and r.w8.t().is_contiguous() and not r.w8.is_contiguous()
+    assert r.with_layout(True) is r and q.with_layout(False) is q
+    assert torch.equal(r.w8.view(torch.uint8), q.w8.view(torch.uint8)) and r.shape == q.shape
+    assert torch.equal(r.dequantize(), q.dequantize())
+    x = torch.randn(3, 64, generator=g)
+    assert torch.equal(kernels.mmf8(x, r), kernels.mmf8(x, q))
+    back = r.with_layout(False)
+    assert back.w8.is_contiguous() and torch.equal(back.w8.view(torch.uint8), q.w8.view(torch.uint8))
+    (s1, p1, _), (s2, p2, _) = serialize.parts(q), serialize.parts(r)
+    assert s1 == s2 == "f8" and all(torch.equal(p1[k], p2[k]) for k in p1)
+
+
 def test_f8_device_support():
     assert f8.capability_reason(torch.device("cpu")) is None
     assert "i8 or i4" in f8.capability_reason(torch.device("mps"))
