@@ -6,8 +6,10 @@ LayerNorm + int4 q/k/v projection. Writes a Markdown table (``--out``, e.g. ``be
 
 Decode runs through ``BatchDecoder`` (CUDA graphs; RWKV-7 through the fused CUDA backend, whose large products go
 to the model's ops: ``kernels.mm8`` / ``mm4`` / ``mmf8``). tok/s is the mean over ``--tokens`` steps after warm-up;
-"× fp16" is the ratio to the fp16 model of the same shape measured in the same call. Bytes per step are the
-weights of every layer and the head (``formats.nbytes``) plus the state read and written.
+"× fp16" is the ratio to the fp16 model of the same shape measured in the same call (with ``--ffn``, the same
+channel-mix value product: each format's model rebuilt with each one, the share of rows the row kernel skipped
+reported). Bytes per step are the weights of every layer and the head (``formats.nbytes``) plus the state read and
+written (every row of the value matrices counted).
 """
 
 from __future__ import annotations
@@ -49,31 +51,41 @@ def _backend(model, fmt: str) -> str:
     return f"{model.backend.name} ({key}: {probes[key]})" if key in probes else model.backend.name
 
 
-def decode_rows(shape: str, batches: list[int], tokens: int) -> list[dict]:
-    from rwkv_chat.app.bench import bench_decode
+def decode_rows(shape: str, batches: list[int], tokens: int, ffns: list[str | None] = (None,)) -> list[dict]:
+    """Decode rows of every format (and, per ``ffns`` entry not None, the fused backend rebuilt with that channel-mix
+    value product: "gemv" or "sparse")."""
+    from rwkv_chat.app.bench import bench_decode, rebuild_fused, skipped_rows
     from rwkv_chat.models import RWKV
     from rwkv_chat.models.rwkv import shapes
 
     rows = []
     ckpt = shapes.random_checkpoint(shape, dtype=torch.float16, device="cuda")
-    base: dict[int, float] = {}
+    base: dict[tuple, float] = {}
     for fmt in FORMATS:
         strategy = f"cuda fp16{fmt}"
-        t0 = time.perf_counter()
-        model = RWKV(ckpt, strategy)
-        load_s = time.perf_counter() - t0
-        for b in batches:
-            r = bench_decode(model, b, tokens, graphs=True, compile=None, gemv="auto")
-            tok_s = r["tok_s"]
-            if fmt == "":
-                base[b] = tok_s
-            rows.append({"shape": shape, "strategy": strategy, "batch": b, "tok_s": tok_s,
-                         "ratio": tok_s / base[b], "gb_s": r["gb_s"], "step_mb": r["step_bytes"] / 2**20,
-                         "greedy": r["greedy_tok_s"], "load_s": load_s, "backend": _backend(model, fmt)})
-            print(rows[-1], flush=True)
-        del model
-        gc.collect()
-        torch.cuda.empty_cache()
+        for ffn in ffns:
+            t0 = time.perf_counter()
+            model = RWKV(ckpt, strategy)
+            load_s = time.perf_counter() - t0
+            note = ""
+            if ffn is not None:
+                why = rebuild_fused(model, ffn=ffn)
+                note = f", value product {ffn}" if why is None else f", value product: {why}"
+                if why is None and ffn == "sparse" and (share := skipped_rows(model)) is not None:
+                    note += f" ({share:.1%} of rows skipped)"
+            for b in batches:
+                r = bench_decode(model, b, tokens, graphs=True, compile=None, gemv="auto")
+                tok_s = r["tok_s"]
+                if fmt == "":
+                    base[b, ffn] = tok_s
+                rows.append({"shape": shape, "strategy": strategy, "batch": b, "tok_s": tok_s,
+                             "ratio": tok_s / base[b, ffn], "gb_s": r["gb_s"], "step_mb": r["step_bytes"] / 2**20,
+                             "greedy": r["greedy_tok_s"], "load_s": load_s,
+                             "backend": _backend(model, fmt) + (note if b <= 4 else "")})
+                print(rows[-1], flush=True)
+            del model
+            gc.collect()
+            torch.cuda.empty_cache()
     del ckpt
     gc.collect()
     torch.cuda.empty_cache()
@@ -187,6 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=100)
     ap.add_argument("--skip-ops", action="store_true", help="decode only (no fp8_gemm / fused_ln_qkv_gptq rows)")
     ap.add_argument("--sweep", action="store_true", help="also every block shape of fused_ln_qkv_gptq's GEMV form")
+    ap.add_argument("--ffn", nargs="+", choices=["gemv", "sparse"], default=None,
+                    help="each format also with these RWKV-7 channel-mix value products of decode steps at <= 4 rows "
+                         "(the grouped GEMV; the row kernel skipping zero rows of relu(k)^2); default: the backend's "
+                         "choice for the width")
     ap.add_argument("--out", help="write the Markdown table here (appended)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -195,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     from rwkv_chat.models import kernels
 
     kernels.ensure_built("cuda")
-    dec = [r for s in args.shapes for r in decode_rows(s, args.batch, args.tokens)]
+    dec = [r for s in args.shapes for r in decode_rows(s, args.batch, args.tokens, args.ffn or [None])]
     gemm = gptq = None
     if not args.skip_ops:
         gemm = fp8_gemm_row()
