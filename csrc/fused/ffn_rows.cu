@@ -121,8 +121,10 @@ __device__ __forceinline__ void sum_groups(float (&acc)[R][V], float* red, int g
     }
 }
 
+// Two blocks a multiprocessor for the one-row uint8 / e4m3 kinds (114-125 registers, no spills); the others as ptxas
+// chooses (fp16 / bf16: 92 at one row, 128 at four).
 template <typename F, int WK, int R>
-__global__ void __launch_bounds__(kRowsThreads) ffn_rows_kernel(
+__global__ void __launch_bounds__(kRowsThreads, WK != 0 && R == 1 ? 2 : 0) ffn_rows_kernel(
     const F* __restrict__ h, long h_stride, const WeightT<F, WK>* __restrict__ w, FfnRowsQuant qs,
     void* __restrict__ y, long y_stride, float* __restrict__ part, int* __restrict__ counters, int rows, int Fdim,
     int C, int per, int slices, int tiles, int tpr, int skip, int relu2, int out_f32) {
@@ -367,6 +369,9 @@ FfnRowsPlan ffn_rows_plan(int act, int wkind, int rows, int Fdim, int C, int blo
     p.tpr = tile_threads > 0 ? tile_threads : lanes >= 512 ? 64 : 32;
     p.tiles = (lanes + p.tpr - 1) / p.tpr;
     p.threads = kRowsThreads;
+    // the uint8 / e4m3 kinds at 2..4 rows need 160-167 registers a thread (ptxas, sm_90): one block per
+    // multiprocessor is resident, so a grid sized for more would run in waves; at one row they are held to two
+    if (wkind != 0 && rows > 1) blocks_per_sm = 1;
     const int want = max(1, blocks_per_sm * sm_count / p.tiles);
     // >= 256 rows of F per block where F allows (fewer partials for the last block to add; H100, 1.5B shapes:
     // 128 rows per block ran 20-25% slower)

@@ -142,17 +142,17 @@ def _value_rows(h, w, skip: bool, mm, skipped: list | None = None, relu2: bool =
     if y is None:
         return mm(torch.relu(h).square() if relu2 else h, w)
     if skip and skipped is not None:
-        skipped.append(sparse_ffn.zero_row_fraction(torch.relu(h) if relu2 else h))
+        skipped.append(sparse_ffn.zero_row_fraction(torch.relu(h).square() if relu2 else h))
     return y
 
 
-def _input_major(w):
+def _input_major(w, atype: torch.dtype):
     """A float [in, out] CUDA matrix stored contiguous [in, out], an i8 / f8 weight held input-major (same values):
-    its rows can be skipped."""
+    its rows can be skipped. ``atype``: the layer's activation dtype (f8 rows serve fp16 / bf16 ones only)."""
     if isinstance(w, Int8Weight):
         return w.with_layout(False) if _rows_ok(w) else w
     if isinstance(w, Float8Weight):
-        return w.with_layout(True) if _rows_ok(w) else w
+        return w.with_layout(True) if _rows_ok(w) and atype in (torch.float16, torch.bfloat16) else w
     return w.contiguous() if _rows_ok(w) else _output_major(w)
 
 
@@ -411,7 +411,8 @@ class FusedCuda(Backend):
         rows = ffn != "gemv"
         for p in model.layers:
             for name in _BIG:
-                p[name] = _input_major(p[name]) if rows and name == "ffn.value.weight" else _output_major(p[name])
+                p[name] = (_input_major(p[name], p["ln1.weight"].dtype) if rows and name == "ffn.value.weight"
+                           else _output_major(p[name]))
             f = {}
             if p["ln1.weight"].is_cuda:
                 f["mix6"] = torch.stack([p[f"att.x_{m}"] for m in "rwkvag"]).contiguous()
@@ -566,7 +567,7 @@ class FusedCuda(Backend):
                 return _value_rows(hk, fv, skip, mm, self.skipped)
             return _gemv([hk], [fv.t()], [0])[0]
         hk = self._big(xk, fk, 0, ours, small)
-        if small and _rows_laid(fv, hk):                   # i8 / f8 rows: relu² taken as the row kernel loads k
+        if small and not isinstance(fv, torch.Tensor) and _rows_laid(fv, hk):   # i8 / f8 rows: relu² taken on load
             return _value_rows(hk, fv, skip, mm, self.skipped, relu2=True)
         return self._big(hk, fv, 3, ours, small)
 

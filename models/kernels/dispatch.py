@@ -549,13 +549,13 @@ def mmf8(x: torch.Tensor, q: Float8Weight) -> torch.Tensor:
         return _f8.mmf8_torch(x, q)
     rows = _rows(x)
     K, N = q.shape
+    if q.input_major:               # the GEMVs and _scaled_mm read w8 output-major: a transient copy so laid out
+        q = q.with_layout(False)
     if _gemvq_serves(x) and K % 16 == 0 and q.w8.is_contiguous() and q.w8.data_ptr() % 16 == 0 \
             and q.scale.dtype == torch.float32:
         y = torch.empty(rows, N, dtype=x.dtype, device=x.device)
         _op("cuda", "gemvq_f8")(x.reshape(rows, K).contiguous(), q.w8.view(torch.uint8), q.scale.contiguous(), y)
         return y.reshape(*x.shape[:-1], N)
-    if q.input_major:               # the GEMVs and _scaled_mm read w8 output-major: a transient copy so laid out
-        q = q.with_layout(False)
     if x.dtype in (torch.float16, torch.bfloat16) and 1 <= rows <= _gemv.GEMV_ROWS and _triton_ok():
         return _gemv.f8_gemv(x.reshape(rows, K), q).reshape(*x.shape[:-1], N)
     if K % 16 == 0 and N % 16 == 0:

@@ -456,13 +456,15 @@ def case_ffn_rows(rows, F, C, dtype, device, seed, dead=0.0, out_f32=False, grap
     return rel_err(got, ref)
 
 
-def case_ffn_rows_i8(rows, F, C, dtype, device, seed, dead=0.0, graph=False, fmt="i8"):
+def case_ffn_rows_i8(rows, F, C, dtype, device, seed, dead=0.0, graph=False, fmt="i8", tile_threads=0,
+                     out_f32=False):
     """``dispatch.ffn_rows`` on an input-major i8 weight (``formats.i8``, uint8 rows; the kernel's uint8 kind; ``fmt``
-    "f8": an input-major ``formats.f8`` weight, e4m3 rows) with ``relu2``: k = randn (``dead``: that share of columns
-    of k negative in every row, so relu(k)² is zero there), against relu(k)² rounded to ``dtype`` times the float64
-    dequantized matrix; the sparse result bit-identical to the dense one (every row read). ``graph``: launched twice
-    in a CUDA graph replay."""
-    from rwkv_chat.models.formats.f8 import quantize_f8
+    "f8": an input-major ``formats.f8`` weight, e4m3 rows, the rows relu(k)² leaves unread set to NaN for the sparse
+    call, so a read of one shows) with ``relu2``: k = randn (``dead``: that share of columns of k negative in every
+    row, so relu(k)² is zero there), against relu(k)² rounded to ``dtype`` times the float64 dequantized matrix; the
+    sparse result bit-identical to the dense one (every row read of the clean weight). ``graph``: launched twice in a
+    CUDA graph replay; ``tile_threads``, ``out_f32``: as ``case_ffn_rows``."""
+    from rwkv_chat.models.formats.f8 import Float8Weight, quantize_f8
     from rwkv_chat.models.formats.i8 import quantize_i8
     from rwkv_chat.models.kernels import dispatch
 
@@ -484,21 +486,28 @@ def case_ffn_rows_i8(rows, F, C, dtype, device, seed, dead=0.0, graph=False, fmt
         wd = (q.w.double() + 0.5) * q.ry.double() * q.rx.double() + q.my.double() + q.mx.double()
     h = torch.relu(k).square()
     ref = h.double() @ wd
+    read = q
+    if fmt == "f8":                           # NaN (0x7F) in the rows that must stay unread
+        rows_f = q.w8.t().clone()
+        rows_f.view(torch.uint8)[(h == 0).all(dim=0)] = 0x7F
+        read = Float8Weight(rows_f.t(), q.scale)
+    od = torch.float32 if out_f32 else None
+    kw = dict(relu2=True, out_dtype=od, tile_threads=tile_threads)
     if graph:
-        dispatch.ffn_rows(k, q, relu2=True)
+        dispatch.ffn_rows(k, read, **kw)
         torch.cuda.synchronize()
         gr = torch.cuda.CUDAGraph()
         with torch.cuda.graph(gr):
-            got = dispatch.ffn_rows(k, q, relu2=True)
+            got = dispatch.ffn_rows(k, read, **kw)
         for _ in range(2):
             got.fill_(float("nan"))
             gr.replay()
         torch.cuda.synchronize()
     else:
-        got = dispatch.ffn_rows(k, q, relu2=True)
+        got = dispatch.ffn_rows(k, read, **kw)
     if got is None:
         raise AssertionError("dispatch.ffn_rows did not serve the case")
-    dense = dispatch.ffn_rows(k, q, skip_zeros=False, relu2=True)
+    dense = dispatch.ffn_rows(k, q, skip_zeros=False, **kw)
     if not torch.equal(got, dense):
         return math.inf
     return rel_err(got, ref)
@@ -649,6 +658,12 @@ def all_cases(device: str, quick: bool = False):
                                       f"{' CUDA graph' if graph else ''}", dt,
                                       lambda r=rows, F=F, C=C, d=dead, gr=graph, dt=dt, s=len(cases), fm=fmt:
                                       case_ffn_rows_i8(r, F, C, dt, device, s, d, gr, fm)))
+                for fmt, rows, tpr, f32 in (("i8", 1, 16, False), ("f8", 4, 16, True), ("i8", 3, 128, True),
+                                            ("f8", 1, 256, False)):
+                    cases.append(("ffn_rows", f"{fmt} rows={rows} F=8192 C=2048 dead=0.5 relu2 tile_threads={tpr}"
+                                  f"{' fp32 out' if f32 else ''}", dt,
+                                  lambda r=rows, t=tpr, f=f32, dt=dt, s=len(cases), fm=fmt:
+                                  case_ffn_rows_i8(r, 8192, 2048, dt, device, s, 0.5, False, fm, t, f)))
         if device == "cuda":   # int4 / fp8 / uint8 decode GEMVs: 1..4 rows, odd N, several tiles of K, groups 32..128
             for rows, K, N, group in ((1, 4096, 4096, 128), (1, 4096, 16384, 128), (1, 16384, 4096, 128),
                                       (2, 2048, 2048, 128), (3, 4096, 1001, 128), (4, 4096, 4096, 128),
