@@ -114,7 +114,7 @@ SKIP_STEPS = 8
 
 def rebuild_fused(model, **changes) -> str | None:
     """Rebuild the fused CUDA backend of ``model`` (before its first forward) with ``changes`` to its settings
-    (``ffn``, ``mix_rkv``, ``fold_norms``, ``tuned_gemm``, ``wkv7_tensor_cores``; the others kept); None on success,
+    (``ffn``, ``mix_rkv``, ``fold_norms``, ``tuned_gemm``, ``wkv7_tensor_cores``, ``quant_rows``; the others kept); None on success,
     else why it cannot (not RWKV-7 on the fused CUDA backend). A probed setting that does not serve is left off: the
     backend says why (``fold_note``)."""
     from rwkv_chat.models.backends.fused_cuda import FusedCuda
@@ -123,7 +123,7 @@ def rebuild_fused(model, **changes) -> str | None:
     if not isinstance(be, FusedCuda) or not be.decodes:
         return f"needs an RWKV-7 model on the fused CUDA backend (this one: {be})"
     settings = dict(ffn=be.ffn, mix_rkv=be.mix_rkv, fold_norms=be.fold_norms, tuned_gemm=be.tuned_gemm,
-                    wkv7_tensor_cores=be.wkv7_tensor_cores)
+                    wkv7_tensor_cores=be.wkv7_tensor_cores, quant_rows=be.quant_rows)
     model.backend = FusedCuda(model, be.ops, **{**settings, **changes})
     return None
 

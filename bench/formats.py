@@ -7,9 +7,10 @@ LayerNorm + int4 q/k/v projection. Writes a Markdown table (``--out``, e.g. ``be
 Decode runs through ``BatchDecoder`` (CUDA graphs; RWKV-7 through the fused CUDA backend, whose large products go
 to the model's ops: ``kernels.mm8`` / ``mm4`` / ``mmf8``). tok/s is the mean over ``--tokens`` steps after warm-up;
 "× fp16" is the ratio to the fp16 model of the same shape measured in the same call (with ``--ffn``, the same
-channel-mix value product: each format's model rebuilt with each one, the share of rows the row kernel skipped
-reported). Bytes per step are the weights of every layer and the head (``formats.nbytes``) plus the state read and
-written (every row of the value matrices counted).
+channel-mix value product: each format's model rebuilt with each one, "sparse" for the i8 / f8 value matrices
+too (``FusedCuda(quant_rows=True)``), the share of rows the row kernel skipped reported). Bytes per step are the
+weights of every layer and the head (``formats.nbytes``) plus the state read and written (every row of the value
+matrices counted).
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def decode_rows(shape: str, batches: list[int], tokens: int, ffns: list[str | No
             load_s = time.perf_counter() - t0
             note = ""
             if ffn is not None:
-                why = rebuild_fused(model, ffn=ffn)
+                why = rebuild_fused(model, ffn=ffn, quant_rows=ffn == "sparse")   # the row kernel for every format
                 note = f", value product {ffn}" if why is None else f", value product: {why}"
                 if why is None and ffn == "sparse" and (share := skipped_rows(model)) is not None:
                     note += f" ({share:.1%} of rows skipped)"

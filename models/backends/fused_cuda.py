@@ -39,9 +39,10 @@ Weights: at load (``FusedCuda``), each CUDA float matrix of the model is stored 
 checkpoint's [out, in] layout, exposed as the usual [in, out] view ``W.t()``), so a GEMV reads every output's
 weights contiguously and cuBLAS reads the same memory transposed; except, with ``ffn`` "sparse" or "dense",
 the fp16 / bf16 channel-mix value matrices, stored input-major ([F, C] contiguous: the row of input f is
-contiguous, so rows can be skipped; cuBLAS takes either layout), and the i8 and f8 ones likewise (uint8 / e4m3 rows;
-the row kernel takes relu(k)² of the key product's raw k as it loads it; products of more rows: i8 through
-``ops.gemv.i8_gemm``, which reads either layout, or the dequantized matrix, f8 through an output-major copy); the backend keeps its own per-layer tensors
+contiguous, so rows can be skipped; cuBLAS takes either layout), and with ``quant_rows`` the i8 and f8 ones likewise
+(uint8 / e4m3 rows; the row kernel takes relu(k)² of the key product's raw k as it loads it; products of more rows:
+i8 through ``ops.gemv.i8_gemm``, which reads either layout, or the dequantized matrix, f8 through an output-major
+copy); the backend keeps its own per-layer tensors
 (the six mixes stacked, the low-rank matrices output-major). Products of the large matrices outside the GEMV
 kernels and the tuned GEMMs go through the model's ops (``ops.matmul``: cuBLAS, the compiled mm8). Shapes: C channels, H heads
 of N, b rows.
@@ -384,6 +385,12 @@ class FusedCuda(Backend):
             algorithm timed per shape at the first step (``dispatch.gemm(tuned=True)`` / ``dispatch.bgemm``; probed
             here, ``tuned_gemm`` False where the probe fails). On by default: 7.2B at batch 64 1.03x cuBLAS's
             heuristic on an H100, 1.5B even.
+        quant_rows: with ``ffn`` "sparse" or "dense", the i8 / f8 channel-mix value matrices too are held input-major
+            and served by the row kernel (uint8 / e4m3 rows, relu² of the raw k taken as it loads). Off by default: on
+            an H100 at the 7.2B shape the row kernel beats the grouped GEMV per product at one row (i8 18.0 against
+            26.0 µs, f8 15.0 against 25.7, 50% rows skipped) but not in the decode step (batch 1 0.99× / 1.02×;
+            batch 2 0.82× / 0.89×, batch 4 0.84× / 0.91×: bench/results/h100.md, "Weight formats"), so quantized
+            value matrices keep the grouped GEMV of ``csrc/gemvq``.
         wkv7_tensor_cores: prefill's chunked WKV-7 on the tensor cores (``ops.wkv7_chunk``, Triton) where Triton
             serves, else on the CUDA cores (``csrc/wkv7/wkv7_chunk_cuda.cu``): ``dispatch.wkv7(tensor_cores=...)``.
             Off by default: slower so far (H100, T = 1,024, 32 heads: 402.6 us against 238.0; ``rwkv-chat bench
@@ -397,7 +404,7 @@ class FusedCuda(Backend):
     decode_on_device = True
 
     def __init__(self, model, ops: Ops, ffn: str = "gemv", mix_rkv: bool = False, fold_norms: bool = False,
-                 tuned_gemm: bool = True, wkv7_tensor_cores: bool = False):
+                 tuned_gemm: bool = True, wkv7_tensor_cores: bool = False, quant_rows: bool = False):
         super().__init__(ops)
         if ffn not in FFN_MODES:
             raise StrategyError(f"ffn must be one of {', '.join(FFN_MODES)}; got {ffn!r}")
@@ -409,10 +416,16 @@ class FusedCuda(Backend):
         self.spec = model.spec
         self.layers: list[dict[str, torch.Tensor]] = []
         rows = ffn != "gemv"
+        #: i8 / f8 channel-mix value matrices held input-major for the row kernel (with ``ffn`` sparse or dense)
+        self.quant_rows = quant_rows
+        quant_values = False
         for p in model.layers:
             for name in _BIG:
-                p[name] = (_input_major(p[name], p["ln1.weight"].dtype) if rows and name == "ffn.value.weight"
-                           else _output_major(p[name]))
+                w = p[name]
+                if name == "ffn.value.weight" and not isinstance(w, torch.Tensor):
+                    quant_values = True
+                laid = rows and name == "ffn.value.weight" and (quant_rows or isinstance(w, torch.Tensor))
+                p[name] = _input_major(w, p["ln1.weight"].dtype) if laid else _output_major(w)
             f = {}
             if p["ln1.weight"].is_cuda:
                 f["mix6"] = torch.stack([p[f"att.x_{m}"] for m in "rwkvag"]).contiguous()
@@ -455,6 +468,8 @@ class FusedCuda(Backend):
         value = {"sparse": "channel-mix value skipping zero rows of relu(k)²",
                  "dense": "channel-mix value by the row kernel, dense",
                  "gemv": "channel-mix value by the grouped GEMV"}[ffn]
+        if rows and quant_values and not quant_rows:
+            value += " (quantized value matrices: the grouped GEMV)"
         if self.mix_rkv:
             value += "; ln1 + mixes + int4 r/k/v in one launch (Triton)"
         if self.fold_norms:

@@ -85,7 +85,7 @@ def ffn_cases(w, tokens, row) -> None:
     for strategy in ("cuda fp16", "cuda bf16", "cuda fp16i8", "cuda bf16i8", "cuda fp16f8"):
         model = RWKV(model=w, strategy=strategy)
         if isinstance(model.backend, FusedCuda):        # the row kernel's input-major layout, before any forward
-            model.backend = FusedCuda(model, model.backend.ops, ffn="sparse")
+            model.backend = FusedCuda(model, model.backend.ops, ffn="sparse", quant_rows=True)
         if getattr(model.backend, "ffn", None) != "sparse":
             row("channel-mix value product", strategy, f"NOT SPARSE ({model.backend})", float("inf"))
             continue
