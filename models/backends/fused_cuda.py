@@ -136,7 +136,7 @@ def _rows_laid(w, h) -> bool:
 
 def _value_rows(h, w, skip: bool, mm, skipped: list | None = None, relu2: bool = False):
     """The channel-mix value product h [b, F] @ w on the input-major w [F, C] (a float matrix, or an input-major
-    ``Int8Weight``): the compiled row kernel (``dispatch.ffn_rows``: with ``skip`` the rows where h is zero in every
+    ``Int8Weight`` / ``Float8Weight``): the compiled row kernel (``dispatch.ffn_rows``: with ``skip`` the rows where h is zero in every
     row are left unread), else ``mm``. ``relu2``: h is the raw k and relu(k)² is multiplied. ``skipped``: where the
     kernel skipped rows, the share it left unread is appended (a host sync)."""
     y = dispatch.ffn_rows(h, w, skip_zeros=skip, relu2=relu2)
