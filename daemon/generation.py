@@ -548,8 +548,8 @@ class Generation:
 def sample_next(gens: list[Generation]) -> list[int | BaseException]:
     """Sample each generation's next token from its last logits (float32 [vocab]) with its own Sampler
     (greedy rows by one argmax each: ``batch_sampling.sample_rows``; rows on CUDA replay the passes as CUDA graphs)
-    and append it to its ``out_tokens``. A
-    generation whose sampling fails gets its exception in its place (the others still get their tokens)."""
+    and append it to its ``out_tokens``. A generation whose sampling fails gets its exception in its place (the
+    others still get their tokens)."""
     from rwkv_chat.models.text.batch_sampling import sample_rows
 
     tokens = sample_rows([g.sampler for g in gens], [g.logits for g in gens], return_errors=True)

@@ -117,8 +117,7 @@ class Host:
             n_threads = threads or auto_threads(model)
             torch.set_num_threads(n_threads)                    # the buckets are measured with these threads
             self._info["note"] = "measuring decode batch sizes"
-            buckets = decode_buckets(model, max_batch, batch_invariant)
-            decoder = model.decoder(max_batch, buckets)
+            decoder, invariant = make_decoder(model, max_batch, batch_invariant)
         except BaseException as e:
             torch.set_num_threads(old_threads)
             kind, message = classify(e)
@@ -138,7 +137,7 @@ class Host:
                       "n_layer": getattr(model, "n_layer", None), "n_embd": getattr(model, "n_embd", None),
                       "vocab_size": model.vocab_size, "tokenizer": self.tokenizer.name,
                       "threads": self.threads, "max_batch": max_batch, "buckets": list(decoder.buckets),
-                      "batch_invariant": buckets is not None,
+                      "batch_invariant": invariant,
                       "context_limit": limit_of(model, context_limit),
                       "sampling_defaults": dict(getattr(model.chat_template, "sampling_defaults", None) or {})}
 
@@ -195,17 +194,15 @@ class Host:
         max_batch, batch_invariant = self._decoding
         try:
             model.use_kernels()
-            buckets = decode_buckets(model, max_batch, batch_invariant)
-            decoder = model.decoder(max_batch, buckets)
+            decoder, invariant = make_decoder(model, max_batch, batch_invariant)
         except Exception as e:  # noqa: BLE001 — the torch path keeps serving
             log.exception("could not move the model to the compiled kernels; the torch path serves on")
             failed.append(f"switching failed: {type(e).__name__}: {e}")
-            buckets = decode_buckets(model, max_batch, batch_invariant)
-            decoder = model.decoder(max_batch, buckets)
+            decoder, invariant = make_decoder(model, max_batch, batch_invariant)
         self.decoder = decoder
         log.info("the model now runs on %s", model.backend)
         self._info.update(backend=str(model.backend), plan=str(model.plan), buckets=list(decoder.buckets),
-                          batch_invariant=buckets is not None, kernels_error="; ".join(failed))
+                          batch_invariant=invariant, kernels_error="; ".join(failed))
 
     def close(self) -> None:
         """Stop the background builds (the daemon is stopping; a later start resumes them)."""
@@ -284,6 +281,13 @@ def batch_invariance(setting: bool | str, device_types) -> bool:
     from rwkv_chat.daemon.config import ConfigError
 
     raise ConfigError(f'[daemon] batch_invariant must be true, false or "auto", got {setting!r}')
+
+
+def make_decoder(model, max_batch: int, batch_invariant: bool | str):
+    """``(decoder, invariant)``: the model's batched decoder with the batch sizes of :func:`decode_buckets`, and
+    whether its steps are batch-invariant (fixed buckets chosen)."""
+    buckets = decode_buckets(model, max_batch, batch_invariant)
+    return model.decoder(max_batch, buckets), buckets is not None
 
 
 def decode_buckets(model, max_batch: int, batch_invariant: bool | str) -> tuple[int, ...] | None:

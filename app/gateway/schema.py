@@ -80,8 +80,6 @@ def _positive(body: dict, name: str) -> float | None:
     return v
 
 
-
-
 def _number(body: dict, name: str, lo: float | None = None, hi: float | None = None, integer: bool = False):
     """``body[name]`` checked (None when absent or null); an integer field at most :data:`MAX_INT`."""
     v = body.get(name)

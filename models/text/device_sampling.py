@@ -186,6 +186,12 @@ def to_device(array, device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
+def _upload(dst: torch.Tensor, array) -> None:
+    """``dst`` (a static CUDA tensor of a graph) <- the numpy ``array``, one asynchronous copy from pinned memory."""
+    import torch
+    dst.copy_(torch.from_numpy(array).pin_memory(), non_blocking=True)
+
+
 def _bucket(n: int, least: int = 1) -> int:
     return max(least, 1 << (n - 1).bit_length())
 
@@ -264,8 +270,8 @@ class SamplingGraphs:
         self.graphs[key] = e                              # most recently used last
         e.x[:n].copy_(torch.stack(rows) if n > 1 else rows[0].unsqueeze(0))
         ids, vals = pack_entries(entries, vocab, e.cap, e.rows)
-        e.ids.copy_(torch.from_numpy(ids).pin_memory(), non_blocking=True)
-        e.values.copy_(torch.from_numpy(vals).pin_memory(), non_blocking=True)
+        _upload(e.ids, ids)
+        _upload(e.values, vals)
         if fresh:                                          # the probe: the eager passes on the same inputs
             flat = e.flat.clone()
             apply_entries(flat, e.ids, e.values)
@@ -295,7 +301,7 @@ class SamplingGraphs:
                 e.whole = False
                 return None
         g, p, tokens = e.whole
-        p.copy_(torch.from_numpy(params).pin_memory(), non_blocking=True)
+        _upload(p, params)
         g.replay()
         got = tokens.cpu()
         if fresh and not _same(got, whole_rows_tokens(e.probs, p).cpu()):
