@@ -130,7 +130,6 @@ def daemon_rates(model_path: str, strategy: str, n: int, batches: list[int], rep
     from rwkv_chat.daemon.paths import home_paths
     from rwkv_chat.daemon.protocol import messages as m
     from rwkv_chat.daemon.client import Client
-
     from rwkv_chat.models import kernels
 
     home = Path(tempfile.mkdtemp(prefix="rwkv-bench-"))
@@ -239,9 +238,9 @@ def main() -> None:
              "daemon (N clients) | daemon / BatchDecoder | daemon / forward | daemon / daemon's buckets |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     notes, summary = [], []
+    sampling = SAMPLING[args.sampling]
     try:
         for name, mp in models:
-            sampling = SAMPLING[args.sampling]
             e = engine_rates(mp, args.strategy, args.tokens, args.batch, args.repeats, args.threads, sampling)
             torch.cuda.empty_cache() if torch.cuda.is_available() else None
             d = daemon_rates(mp, args.strategy, args.tokens, args.batch, args.repeats, sampling)
