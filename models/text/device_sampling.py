@@ -40,17 +40,17 @@ def row_entries(s: Sampler):
     ban last): a factor of 1 and a penalty of 0 leave a logit as it is."""
     import numpy as np
     a = s.args
-    seen = np.asarray(s._seen_ids, dtype=np.int64) if a.repetition_penalty != 1 and s._seen_ids else None
+    seen = s._seen_ids.array if a.repetition_penalty != 1 and s._seen_ids else None
     present = penalty = None
     if s._present_ids and (a.alpha_frequency or a.alpha_presence):
         # reference: out[n] -= alpha_presence + occurrence[n] * alpha_frequency (in float64, rounded to float32)
-        present = np.asarray(s._present_ids, dtype=np.int64)
+        present = s._present_ids.array
         penalty = (s._counts_np[present] * a.alpha_frequency + a.alpha_presence).astype(np.float32)
-    ban = np.unique(s._ban.numpy()) if s._ban.numel() else None
+    ban = s._ban.numpy() if s._ban.numel() else None
     parts = [p for p in (seen, present, ban) if p is not None]
     if not parts:
         return None
-    ids = np.unique(np.concatenate(parts))
+    ids = _sorted_unique(np.concatenate(parts) if len(parts) > 1 else parts[0])
     values = np.zeros((3, ids.size), dtype=np.float32)
     values[0] = 1.0
     if seen is not None:
@@ -60,6 +60,16 @@ def row_entries(s: Sampler):
     if ban is not None:
         values[2, np.searchsorted(ids, ban)] = 1.0
     return ids, values
+
+
+def _sorted_unique(ids):
+    """``np.unique`` of a small int64 array (sorted, each id once) by a sort and a mask: several times faster than
+    numpy's hashing ``unique`` at the few hundred ids a row's penalties touch."""
+    import numpy as np
+    ids = np.sort(ids)
+    if ids.size > 1:
+        ids = ids[np.concatenate(([True], ids[1:] != ids[:-1]))]
+    return ids
 
 
 def pack_entries(entries: list, vocab: int, cap: int | None = None, rows: int | None = None):

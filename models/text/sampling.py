@@ -317,8 +317,8 @@ class Sampler:
         self._counts_np = self.counts.numpy()    # the same memory: per-token updates without torch dispatch
         self._present_np = self.present.numpy()
         self._seen_np = self.seen.numpy()
-        self._present_ids: list[int] = []        # the ids set in present / seen, each once (penalties touch these)
-        self._seen_ids: list[int] = []
+        self._present_ids = _Ids()                # the ids set in present / seen, each once (penalties touch these)
+        self._seen_ids = _Ids()
 
     def reset(self) -> None:
         """Forget every occurrence count (the RNG continues)."""
@@ -342,7 +342,7 @@ class Sampler:
         ids = np.unique(np.asarray(ids, dtype=np.int64))
         new = ids[~self._seen_np[ids]]
         self._seen_np[new] = True
-        self._seen_ids.extend(new.tolist())
+        self._seen_ids.extend(new)
 
     def is_stop(self, token: int) -> bool:
         """Whether ``token`` is one of ``args.token_stop``."""
@@ -398,7 +398,11 @@ class Sampler:
         if not 0 <= token < self.vocab_size:
             raise TokenError(f"token {token} is outside the vocabulary (0..{self.vocab_size - 1})")
         counts = self._counts_np                  # views of self.counts / self.present (same float64 math)
-        counts *= self.args.alpha_decay
+        present = self._present_ids.array
+        if present.size * 8 < counts.size:        # only present ids have a count: decay those (same products)
+            counts[present] *= self.args.alpha_decay
+        else:
+            counts *= self.args.alpha_decay
         counts[token] += self.weight(token)
         if not self._present_np[token]:
             self._present_np[token] = True
@@ -555,10 +559,53 @@ class Sampler:
             self.counts[ids] = torch.tensor(counts, dtype=torch.float64)
             self.present[ids] = True
             self.seen[torch.tensor(seen, dtype=torch.long)] = True
-            self._present_ids = torch.nonzero(self.present).flatten().tolist()
-            self._seen_ids = torch.nonzero(self.seen).flatten().tolist()
+            self._present_ids.extend(torch.nonzero(self.present).flatten().numpy())
+            self._seen_ids.extend(torch.nonzero(self.seen).flatten().numpy())
         elif self.counts is not None:
             self.reset()
+
+
+class _Ids:
+    """A growing list of token ids kept as an int64 numpy array (amortized doubling), so the penalties index the
+    counts with it directly: ``append`` / ``extend`` / ``clear``, ``len()``, truthiness, ``array`` (a view of the
+    ids so far, in insertion order)."""
+
+    __slots__ = ("_buf", "_n")
+
+    def __init__(self) -> None:
+        import numpy as np
+        self._buf = np.empty(64, dtype=np.int64)
+        self._n = 0
+
+    def _reserve(self, n: int) -> None:
+        import numpy as np
+        if n > self._buf.size:
+            buf = np.empty(max(n, 2 * self._buf.size), dtype=np.int64)
+            buf[:self._n] = self._buf[:self._n]
+            self._buf = buf
+
+    def append(self, token: int) -> None:
+        self._reserve(self._n + 1)
+        self._buf[self._n] = token
+        self._n += 1
+
+    def extend(self, ids) -> None:
+        self._reserve(self._n + len(ids))
+        self._buf[self._n:self._n + len(ids)] = ids
+        self._n += len(ids)
+
+    def clear(self) -> None:
+        self._n = 0
+
+    @property
+    def array(self):
+        return self._buf[:self._n]
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __bool__(self) -> bool:
+        return self._n > 0
 
 
 def _argmax(row: torch.Tensor) -> tuple[int, float]:
