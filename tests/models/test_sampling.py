@@ -121,6 +121,32 @@ def test_state_dict_round_trip_continues_identically():
         Sampler(args).load_state_dict({"format": 1})
 
 
+@pytest.mark.parametrize("vocab", [64, 4096])
+def test_counts_decay_like_the_reference_dict_whether_few_or_many_tokens_are_present(vocab):
+    """The reference decays every recorded occurrence each token (``occurrence[n] *= alpha_decay``); the counts
+    are decayed at the present ids while they are few and as a whole vector once many are present: the same
+    float64 products either way, and the saved state carries them."""
+    rng = np.random.default_rng(vocab)
+    s = Sampler(SamplerArgs(alpha_decay=0.93))
+    s._check_row(torch.zeros(vocab))
+    occurrence: dict[int, float] = {}
+    for _ in range(3 * vocab // 2):                         # crosses from few present ids to most of them
+        token = int(rng.integers(0, vocab))
+        s.record(token)
+        for n in occurrence:
+            occurrence[n] *= 0.93
+        occurrence[token] = occurrence.get(token, 0.0) + 1.0
+    ids = sorted(occurrence)
+    assert len(ids) * 8 >= vocab, "the whole-vector path was reached"
+    assert s.counts[ids].tolist() == [occurrence[n] for n in ids]
+    assert int(s.present.sum()) == len(ids) and float(s.counts.sum()) == float(s.counts[ids].sum())
+    r = Sampler(SamplerArgs(alpha_decay=0.93))
+    r.load_state_dict(s.state_dict())
+    r.record(ids[0])
+    s.record(ids[0])
+    assert torch.equal(r.counts, s.counts) and sorted(r._present_ids.array.tolist()) == ids
+
+
 # ---- repetition penalty (Hugging Face's) ----
 
 
