@@ -178,32 +178,35 @@ class Qwen2Decoder(Slots):
             return {}
         slots = {h: self._slot(h) for h in tokens}
         limit = self.model.context_limit
+        lens = self._lens.numpy()                  # the same memory: per-row bookkeeping without torch dispatch
         for h, t in tokens.items():
             if not 0 <= int(t) < self.model.vocab_size:
                 raise TokenError(f"token {t} outside the vocabulary [0, {self.model.vocab_size})")
-            if int(self._lens[slots[h]]) + 1 > limit:
-                raise ContextLimitError(f"the conversation holds {int(self._lens[slots[h]])} tokens: its cache is "
+            if int(lens[slots[h]]) + 1 > limit:
+                raise ContextLimitError(f"the conversation holds {int(lens[slots[h]])} tokens: its cache is "
                                         f"full (context limit {limit})", limit=limit, needed=limit + 1)
         n = self.size
-        need = int(self._lens[:n].max()) + 1       # every live row writes at its next position, fed or not
+        need = int(lens[:n].max()) + 1             # every live row writes at its next position, fed or not
         self._grow(need)
         b = self.bucket(n)
         self._stage(tokens, slots)
         logits = self._run(b, span(need, self.model.context_limit))
+        ids = self._tokens.numpy()                 # after _grow, which may have replaced it
         for h, t in tokens.items():
             s = slots[h]
-            self._tokens[s, int(self._lens[s])] = int(t)
-            self._lens[s] += 1
-        return {h: logits[slots[h]] for h in tokens}
+            ids[s, lens[s]] = int(t)
+            lens[s] += 1
+        rows = logits.unbind(0)
+        return {h: rows[slots[h]] for h in tokens}
 
     def _stage(self, tokens: dict[int, int], slots: dict[int, int]) -> None:
         """Copy the step's token ids (0 for rows not fed) and every slot's length to the device (one asynchronous
         copy out of pinned memory on CUDA); a step reads the rows of its bucket."""
-        host = self._inputs.host()
-        host[0].zero_()
+        host = self._inputs.host().numpy()
+        host[0] = 0
         for h, t in tokens.items():
             host[0, slots[h]] = int(t)
-        host[1].copy_(self._lens)
+        host[1] = self._lens.numpy()
         self._inputs.send()                                       # all slots: one contiguous transfer
 
     def _run(self, b: int, width: int) -> torch.Tensor:

@@ -174,7 +174,8 @@ class BatchDecoder(Slots):
         self._restore(held, saved)
         for h in tokens:
             self._count[h] += 1
-        return {h: logits[slots[h]] for h in tokens}
+        rows = logits.unbind(0)
+        return {h: rows[slots[h]] for h in tokens}
 
     def greedy(self, tokens: dict[int, int], n: int) -> dict[int, list[int]]:
         """Greedy decoding with the argmax on the device: feed one token to each given conversation,
@@ -223,8 +224,8 @@ class BatchDecoder(Slots):
         bucket = self.bucket(n)
         held = [s for s in range(n) if self._handle_at[s] not in tokens]
         saved = [[buf[s].clone() for bufs in self._bufs for buf in bufs] for s in held]
-        host = self._inputs.host()
-        host.zero_()
+        host = self._inputs.host().numpy()       # the same memory: no torch dispatch per row
+        host[:] = 0
         for h, t in tokens.items():
             host[slots[h], 0] = int(t)
         self._inputs.send(bucket)
