@@ -125,6 +125,30 @@ def _apply_rows(x: torch.Tensor, entries: list) -> None:
         ds.apply_entries(x.view(-1), ds.to_device(ids, x.device), ds.to_device(values, x.device))
 
 
+def _draw_windows(chosen: list[Sampler], drawn: list[int], values_h, ids_h, vocab: int, group: list[int],
+                  out: list) -> list[int]:
+    """Draw the sampled rows ``drawn`` (indices into ``chosen``) whose first sorted window decides them, all at
+    once (``sampling.window_kept`` / ``sampling.kept_draws``; one uniform number from each such row's generator, as
+    ``Sampler._draw_probs`` draws it); returns the rest, undrawn. ``values_h`` / ``ids_h``: the windows (float32 /
+    int64 CPU tensors [rows, w])."""
+    import numpy as np
+    import torch
+
+    from rwkv_chat.models.text.sampling import kept_draws, window_kept
+    if not drawn:
+        return []
+    head, ids = values_h.numpy()[drawn], ids_h.numpy()[drawn]
+    args = [chosen[j].args for j in drawn]
+    n_kept, decided = window_kept(head, ids, [a.top_p for a in args], [a.top_k for a in args], vocab)
+    rows = np.flatnonzero(decided)
+    if rows.size:
+        u = [float(torch.rand((), dtype=torch.float64, generator=chosen[drawn[r]].generator)) for r in rows]
+        tokens = kept_draws(head[rows], ids[rows], n_kept[rows], [args[r].temperature for r in rows], u).tolist()
+        for r, token in zip(rows.tolist(), tokens):
+            out[group[drawn[r]]] = chosen[drawn[r]]._take(token, vocab)
+    return [drawn[r] for r in np.flatnonzero(~decided).tolist()]
+
+
 def _passes():
     from rwkv_chat.models.text import device_sampling
     return device_sampling
@@ -176,17 +200,20 @@ def _sample_group(samplers: list[Sampler], rows: list[torch.Tensor], group: list
         host = packed.cpu()                               # one transfer (one wait for the device)
         n_rows = len(group)
     top, arg, values_h, ids_h = ds.unpack_first(host, n_rows, vocab, WINDOW)
-    undecided: list[int] = []
+    drawn: list[int] = []
     for j, s in enumerate(chosen):
         if not math.isfinite(top[j]):
             continue                                      # NaN, all -inf, +inf: the row's own path
         if s.args.temperature == 0:
             out[group[j]] = s._take(arg[j], vocab)
-            continue
-        token = s._draw_probs(probs[j], (values_h[j], ids_h[j]), grow=not whole_rows_here)
-        if token is None and whole_rows_here:
-            undecided.append(j)
-        out[group[j]] = None if token is None else s._take(token, vocab)
+        else:
+            drawn.append(j)
+    undecided = _draw_windows(chosen, drawn, values_h, ids_h, vocab, group, out)
+    if not whole_rows_here:                               # the host grows the windows of the rest
+        for j in undecided:
+            token = chosen[j]._draw_probs(probs[j], (values_h[j], ids_h[j]), grow=True)
+            out[group[j]] = None if token is None else chosen[j]._take(token, vocab)
+        return
     if not undecided:
         return
     params = ds.whole_row_params([chosen[j] for j in undecided], vocab)

@@ -379,6 +379,50 @@ def test_the_kept_token_draw_takes_the_tokens_of_the_full_path(args):
     assert sum(decided) >= len(rows) // 2                   # the kept-token path decided most draws
 
 
+@HYP
+@given(seed=st.integers(0, 2**31), vocab=st.sampled_from([40, 256, 3000]), scale=st.floats(0.1, 9.0),
+       top_p=st.one_of(st.just(0.85), st.just(1.0), st.floats(0.0, 1.0)), top_k=st.one_of(st.just(0), st.integers(1, 300)),
+       temperature=st.one_of(st.just(1.0), st.floats(0.3, 2.5)), ties=st.booleans())
+def test_windows_decided_together_keep_and_draw_what_each_row_alone_does(seed, vocab, scale, top_p, top_k,
+                                                                         temperature, ties):
+    """``window_kept`` over a batch decides the rows and keeps the tokens ``_top_p_head`` (first window only) and
+    the top-k cut keep row by row; ``kept_draws`` over a batch gives each row the token it gets alone, which is the
+    token ``Sampler._draw_probs`` draws with the same generator."""
+    from rwkv_chat.models.text.sampling import WINDOW, _top_p_head, kept_draws, window_kept
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for r in range(5):
+        x = torch.randn(vocab, generator=g) * scale * (r + 1) / 3
+        if ties:
+            x[x.topk(min(30, vocab)).indices[min(5, vocab - 1):]] = x.max() - 1
+        rows.append(torch.softmax(x, -1))
+    w = min(WINDOW, vocab)
+    firsts = [torch.sort(p, descending=True) if vocab <= w else torch.topk(p, w, sorted=True) for p in rows]
+    head = np.stack([f[0].numpy() for f in firsts])
+    ids = np.stack([f[1].numpy() for f in firsts])
+    n_kept, decided = window_kept(head, ids, [top_p] * 5, [top_k] * 5, vocab)
+    for r, p in enumerate(rows):
+        cutoff, kept, values = _top_p_head(p, top_p, top_k, (firsts[r][0], firsts[r][1]), grow=False)
+        if kept is not None and 0 < top_k < kept.numel():
+            kept = None if values[top_k - 1] == values[top_k] else kept[:top_k]
+        assert bool(decided[r]) == (kept is not None), r
+        if kept is not None:
+            assert int(n_kept[r]) == kept.numel() and ids[r, :n_kept[r]].tolist() == kept.tolist()
+    rows_d = np.flatnonzero(decided)
+    if rows_d.size:
+        u = torch.rand(rows_d.size, dtype=torch.float64, generator=g).numpy()
+        together = kept_draws(head[rows_d], ids[rows_d], n_kept[rows_d], [temperature] * rows_d.size, u)
+        for i, r in enumerate(rows_d):
+            alone = kept_draws(head[r:r + 1, :n_kept[r]], ids[r:r + 1, :n_kept[r]], n_kept[r:r + 1], [temperature],
+                               u[i:i + 1])
+            assert together[i] == alone[0]
+            s = Sampler(SamplerArgs(top_p=top_p, top_k=top_k, temperature=temperature, seed=seed + int(r)))
+            want_u = torch.Generator().manual_seed(seed + int(r))
+            s2 = kept_draws(head[r:r + 1], ids[r:r + 1], n_kept[r:r + 1], [temperature],
+                            [float(torch.rand((), dtype=torch.float64, generator=want_u))])[0]
+            assert s._draw_probs(rows[r], (firsts[r][0], firsts[r][1]), grow=False) == s2
+
+
 @pytest.mark.parametrize("vocab", [2000, 256, 100])
 def test_rows_sampled_together_take_the_tokens_of_each_alone(vocab):
     """``sample_rows`` over a batch (one copy, penalties as indexed updates over the batch, one softmax, one sorted
