@@ -176,13 +176,16 @@ def whole_rows_tokens(probs: torch.Tensor, params: torch.Tensor) -> torch.Tensor
     scaled = (q / q.amax(dim=1, keepdim=True)) ** (1.0 / temperature).float()[:, None]
     q = torch.where((temperature != 1.0)[:, None], scaled, q)
     q = q / q.sum(dim=1, keepdim=True)
-    cdf = torch.cumsum(q.double(), dim=1)
-    pick = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True).clamp(max=vocab - 1)
-    # the first kept id at or after each position (a scan's rounding may give a token left out a sliver of width)
-    kept_ids = torch.where(keep, order[None, :], torch.full_like(order, vocab)[None, :])
-    following = kept_ids.flip(1).cummin(dim=1).values.flip(1)
-    last = kept_ids.masked_fill(~keep, -1).amax(dim=1, keepdim=True)
-    return torch.minimum(following.gather(1, pick), last).flatten()
+    # the kept tokens packed to the front of each row in ascending ids (their places by an exact integer running
+    # count), so that no left-out token can be drawn whatever the rounding of the float64 running sum
+    place = torch.where(keep, torch.cumsum(keep, dim=1) - 1, vocab)
+    packed = torch.zeros(rows, vocab + 1, dtype=torch.float64, device=probs.device).scatter_(1, place, q.double())
+    ids_packed = torch.zeros(rows, vocab + 1, dtype=torch.long, device=probs.device).scatter_(
+        1, place, order[None, :].expand(rows, vocab))
+    cdf = torch.cumsum(packed[:, :vocab], dim=1)
+    pick = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True)
+    pick = torch.minimum(pick, keep.sum(dim=1, keepdim=True) - 1)
+    return ids_packed.gather(1, pick).flatten()
 
 
 def to_device(array, device) -> torch.Tensor:
