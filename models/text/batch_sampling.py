@@ -10,9 +10,11 @@ than a copy of the vocabulary to the host:
   presence / frequency penalties are applied as one indexed update over the batch (every changed logit an entry,
   gathered on the host and sent in asynchronous copies); then one softmax, and one ``topk`` of
   :data:`~sampling.WINDOW` sorted tokens per row (the whole row sorted where the vocabulary is that small). One
-  transfer brings each row's maximum, argmax and sorted window to the host, where each row is drawn as
-  ``Sampler.sample`` draws it (the top-p cutoff from the float32 running sum of the window, the top-k cut, the
-  temperature, the inverse-CDF draw with the sampler's own generator). A row whose window does not show its top-p
+  transfer brings each row's maximum, argmax and sorted window to the host, where the rows are drawn as
+  ``Sampler.sample`` draws each (the top-p cutoff from the float32 running sum of the window, the top-k cut, the
+  temperature, the inverse-CDF draw with the sampler's own generator), all the rows a window decides in one set of
+  array operations (``sampling.window_kept`` / ``sampling.kept_draws``: every sum runs along its row in order, so a
+  row draws the same token in any batch). A row whose window does not show its top-p
   set is drawn over the whole vocabulary on the device (``device_sampling.whole_rows_tokens``; on the CPU the window
   grows instead, as in ``Sampler.sample``). On CUDA both passes replay CUDA graphs (``device_sampling.SamplingGraphs``,
   each probed against the eager passes at its first use; ``sample_rows(..., cuda_graphs=False)``: eager).
