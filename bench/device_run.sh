@@ -86,7 +86,7 @@ step fold 90 240 bash -c "$B --shape 0.1B --batch 1 --prompt-len 0 --tokens 300 
 step b15t 60 200 bash -c "$B --shape 1.5B --batch 64 --prompt-len 0 --tokens 80 && $B --shape 1.5B --batch 64 --prompt-len 0 --tokens 80 --untuned-gemm"
 step b72t 100 300 bash -c "$B --shape 7.2B --batch 64 256 --prompt-len 0 --tokens 80 && $B --shape 7.2B --batch 64 --prompt-len 0 --tokens 80 --untuned-gemm"
 step daemon 150 300 python3 bench/daemon_overhead.py --shape 0.1B 1.5B --strategy "cuda fp16" --batch 1 4 --out "$OUT/daemon_overhead.md"
-step daemons 150 400 python3 bench/daemon_overhead.py --shape 0.1B 1.5B --strategy "cuda fp16" --batch 1 4 --tokens 256 --repeats 2 --sampling default --out "$OUT/daemon_sampled.md"
+step daemons 150 400 python3 bench/daemon_overhead.py --shape 0.1B 1.5B --strategy "cuda fp16" --batch 1 4 --tokens 512 --repeats 2 --sampling default --out "$OUT/daemon_sampled.md"
 step vsamp 60 200 python3 tests/gpu/verify_sampling.py --steps 12 --out "$OUT/verify_sampling.md"
 step b72 90 200 $B --shape 7.2B --batch 1 64 --prompt-len 1024 --tokens 100
 step b72i8 60 150 $B --shape 7.2B --strategy "cuda fp16i8" --batch 1 --prompt-len 0 --tokens 100
