@@ -42,8 +42,9 @@ def _number(kind, lo=None, hi=None):
                 f"{text!r} is not {'a whole number' if kind is int else 'a number'}") from None
         if kind is float and not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-        if not in_range(value, lo, hi):
-            raise argparse.ArgumentTypeError(f"{between(lo, hi)}, got {text}")
+        if not in_range(value, lo, hi):      # the 64-bit limit is named only to a value beyond it
+            bound = hi if hi != MAX_INT or in_range(value, lo, None) else None
+            raise argparse.ArgumentTypeError(f"{between(lo, bound)}, got {text}")
         return value
 
     parse.__name__ = "number"

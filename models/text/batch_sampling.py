@@ -141,7 +141,7 @@ def _draw_windows(chosen: list[Sampler], drawn: list[int], values_h, ids_h, voca
         return []
     head, ids = values_h.numpy()[drawn], ids_h.numpy()[drawn]
     args = [chosen[j].args for j in drawn]
-    n_kept, decided = window_kept(head, ids, [a.top_p for a in args], [a.top_k for a in args], vocab)
+    n_kept, decided = window_kept(head, ids, [a.top_p for a in args], [min(a.top_k, vocab) for a in args], vocab)
     rows = np.flatnonzero(decided)
     if rows.size:
         u = [float(torch.rand((), dtype=torch.float64, generator=chosen[drawn[r]].generator)) for r in rows]

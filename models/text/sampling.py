@@ -536,8 +536,9 @@ class Sampler:
     def _draw_kept(self, x: torch.Tensor) -> int | None:
         """``filtered_probs`` and the draw touching only the kept tokens after the softmax (a handful, where the
         full path makes a dozen passes over the vocabulary): the same kept set and the same per-token float32
-        values; the normalizing sum adds the same terms in another order, so a draw may differ from the full
-        path's only where ``u`` falls within float32 rounding of a boundary. Where the sorted window does not
+        values up to the last bit of the temperature's power (numpy's here, torch's there); the normalizing sum
+        adds the same terms in another order, so a draw may differ from the full path's only where ``u`` falls
+        within float32 rounding of a boundary. Where the sorted window does not
         show every kept token, or top_k cuts at a tie, the kept set is made over the whole vocabulary from the
         cutoff found (``_kept_probs``, as the full path). None for a non-finite logit, or a tie at the top-k cut
         of a window that ended before the cutoff: the full path decides, as before."""

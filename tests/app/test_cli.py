@@ -109,6 +109,8 @@ def test_mistakes_are_refused_in_words(tmp_path, home_env):
     for flag in ("--top-k", "--max-tokens"):                        # beyond the protocol's 64-bit integers
         r = run(home, "chat", "hi", flag, str(2**64))
         assert r.returncode == 2 and f"{flag}: must be between" in r.stderr and "Traceback" not in r.stderr
+    r = run(home, "complete", "x", "--max-tokens", "0")             # below: no 64-bit limit in the words
+    assert r.returncode == 2 and "--max-tokens: must be 1 or more, got 0" in r.stderr
 
     from rwkv_chat.app.widgets.sampling_panel import parse_field
     from rwkv_chat.models.text.sampling import SamplerArgs, SamplingError

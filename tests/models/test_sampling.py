@@ -423,6 +423,19 @@ def test_windows_decided_together_keep_and_draw_what_each_row_alone_does(seed, v
             assert s._draw_probs(rows[r], (firsts[r][0], firsts[r][1]), grow=False) == s2
 
 
+def test_a_top_k_beyond_64_bits_is_no_limit_on_the_batched_path(caplog):
+    """A top_k larger than any vocabulary (beyond int64 too) keeps every token on the batched window draw as on the
+    host path, without the batched path failing over to the host."""
+    from rwkv_chat.models.text.batch_sampling import sample_rows
+    g = torch.Generator().manual_seed(2)
+    rows = [torch.randn(3000, generator=g) * 6 for _ in range(3)]
+    batched = [Sampler(SamplerArgs(seed=i, top_k=2**70)) for i in range(3)]
+    alone = [Sampler(SamplerArgs(seed=i, top_k=2**70)) for i in range(3)]
+    with caplog.at_level("WARNING"):
+        got = sample_rows(batched, rows)
+    assert got == [s.sample(r) for s, r in zip(alone, rows)] and not caplog.records
+
+
 @pytest.mark.parametrize("vocab", [2000, 256, 100])
 def test_rows_sampled_together_take_the_tokens_of_each_alone(vocab):
     """``sample_rows`` over a batch (one copy, penalties as indexed updates over the batch, one softmax, one sorted
