@@ -127,18 +127,28 @@ def _apply_rows(x: torch.Tensor, entries: list) -> None:
         ds.apply_entries(x.view(-1), ds.to_device(ids, x.device), ds.to_device(values, x.device))
 
 
-def _draw_windows(chosen: list[Sampler], drawn: list[int], values_h, ids_h, vocab: int, group: list[int],
+def _draw_windows(chosen: list[Sampler], drawn: list[int], probs, values_h, ids_h, vocab: int, group: list[int],
                   out: list) -> list[int]:
     """Draw the sampled rows ``drawn`` (indices into ``chosen``) whose first sorted window decides them, all at
     once (``sampling.window_kept`` / ``sampling.kept_draws``; one uniform number from each such row's generator, as
-    ``Sampler._draw_probs`` draws it); returns the rest, undrawn. ``values_h`` / ``ids_h``: the windows (float32 /
-    int64 CPU tensors [rows, w])."""
+    ``Sampler._draw_probs`` draws it); returns the rest, undrawn. ``probs``: the rows' softmax (float32 [rows,
+    vocab], any device; only its size is read); ``values_h`` / ``ids_h``: the windows (float32 / int64 CPU tensors
+    [rows, w])."""
     import numpy as np
     import torch
 
     from rwkv_chat.models.text.sampling import kept_draws, window_kept
     if not drawn:
         return []
+    if len(drawn) <= 2:                # a row or two: the row's own draw (the same arithmetic, fewer array calls)
+        rest = []
+        for j in drawn:
+            token = chosen[j]._draw_probs(probs[j], (values_h[j], ids_h[j]), grow=False)
+            if token is None:
+                rest.append(j)
+            else:
+                out[group[j]] = chosen[j]._take(token, vocab)
+        return rest
     head, ids = values_h.numpy()[drawn], ids_h.numpy()[drawn]
     args = [chosen[j].args for j in drawn]
     n_kept, decided = window_kept(head, ids, [a.top_p for a in args], [min(a.top_k, vocab) for a in args], vocab)
@@ -210,7 +220,7 @@ def _sample_group(samplers: list[Sampler], rows: list[torch.Tensor], group: list
             out[group[j]] = s._take(arg[j], vocab)
         else:
             drawn.append(j)
-    undecided = _draw_windows(chosen, drawn, values_h, ids_h, vocab, group, out)
+    undecided = _draw_windows(chosen, drawn, probs, values_h, ids_h, vocab, group, out)
     if not whole_rows_here:                               # the host grows the windows of the rest
         for j in undecided:
             token = chosen[j]._draw_probs(probs[j], (values_h[j], ids_h[j]), grow=True)

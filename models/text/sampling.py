@@ -328,6 +328,16 @@ def kept_draws(values, ids, n_kept, temperature, u):
     """
     import numpy as np
     rows, k = values.shape
+    if rows == 1:                                    # the same arithmetic on the kept entries alone (fewer calls)
+        n, t = int(np.asarray(n_kept)[0]), float(np.asarray(temperature)[0])
+        order = np.argsort(ids[0, :n], kind="stable")
+        p = values[0, :n][order].astype(np.float32)
+        if t != 1.0:
+            p = np.power(p / np.float32(values[0, 0]), np.float32(1.0 / t))
+        q = p / np.cumsum(p)[-1]
+        cdf = np.cumsum(q.astype(np.float64))
+        pick = min(int(np.searchsorted(cdf, float(np.asarray(u)[0]) * cdf[-1], side="right")), n - 1)
+        return ids[0, :n][order][pick:pick + 1].astype(np.int64)
     kept = np.arange(k)[None, :] < np.asarray(n_kept)[:, None]
     key = np.where(kept, ids, np.iinfo(np.int64).max)
     order = np.argsort(key, axis=1, kind="stable")
