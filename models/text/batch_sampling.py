@@ -13,7 +13,7 @@ than a copy of the vocabulary to the host:
   transfer brings each row's maximum, argmax and sorted window to the host, where the rows are drawn as
   ``Sampler.sample`` draws each (the top-p cutoff from the float32 running sum of the window, the top-k cut, the
   temperature, the inverse-CDF draw with the sampler's own generator), all the rows a window decides in one set of
-  array operations (``sampling.window_kept`` / ``sampling.kept_draws``: every sum runs along its row in order, so a
+  array operations (``draws.window_kept`` / ``draws.kept_draws``: every sum runs along its row in order, so a
   row draws the same token in any batch). A row whose window does not show its top-p
   set is drawn over the whole vocabulary on the device (``device_sampling.whole_rows_tokens``; on the CPU the window
   grows instead, as in ``Sampler.sample``). On CUDA both passes replay CUDA graphs (``device_sampling.SamplingGraphs``,
@@ -130,14 +130,14 @@ def _apply_rows(x: torch.Tensor, entries: list) -> None:
 def _draw_windows(chosen: list[Sampler], drawn: list[int], probs, values_h, ids_h, vocab: int, group: list[int],
                   out: list) -> list[int]:
     """Draw the sampled rows ``drawn`` (indices into ``chosen``) whose first sorted window decides them, all at
-    once (``sampling.window_kept`` / ``sampling.kept_draws``; one uniform number from each such row's generator, as
+    once (``draws.window_kept`` / ``draws.kept_draws``; one uniform number from each such row's generator, as
     ``Sampler._draw_probs`` draws it); returns the rest, undrawn. ``probs``: the rows' softmax (float32 [rows,
     vocab], any device; only its size is read); ``values_h`` / ``ids_h``: the windows (float32 / int64 CPU tensors
     [rows, w])."""
     import numpy as np
     import torch
 
-    from rwkv_chat.models.text.sampling import kept_draws, window_kept
+    from rwkv_chat.models.text.draws import kept_draws, window_kept
     if not drawn:
         return []
     if len(drawn) <= 2:                # a row or two: the row's own draw (the same arithmetic, fewer array calls)

@@ -388,7 +388,8 @@ def test_windows_decided_together_keep_and_draw_what_each_row_alone_does(seed, v
     """``window_kept`` over a batch decides the rows and keeps the tokens ``_top_p_head`` (first window only) and
     the top-k cut keep row by row; ``kept_draws`` over a batch gives each row the token it gets alone, which is the
     token ``Sampler._draw_probs`` draws with the same generator."""
-    from rwkv_chat.models.text.sampling import WINDOW, _top_p_head, kept_draws, window_kept
+    from rwkv_chat.models.text.draws import kept_draws, window_kept
+    from rwkv_chat.models.text.sampling import WINDOW, _top_p_head
     g = torch.Generator().manual_seed(seed)
     rows = []
     for r in range(5):
