@@ -33,33 +33,49 @@ EXACT_F32 = 1 << 24
 
 
 def row_entries(s: Sampler):
-    """The logits ``s``'s penalties change, as ``(ids, values)``: ids int64 numpy [n] (sorted, unique) and values
-    float32 numpy [3, n] (the repetition penalty's factor, 1 where it does not apply; the presence / frequency
-    penalty, 0 where none; 1.0 for a banned id); None where nothing changes. Per entry ``apply_entries`` gives the
-    float32 result of steps 1-2 of ``sampling`` (the repetition penalty, then the presence / frequency penalty, a
-    ban last): a factor of 1 and a penalty of 0 leave a logit as it is."""
+    """The logits ``s``'s penalties change, as ``(ids, values)``: ids int64 numpy [n] (sorted, unique; shared with
+    later calls, not to be written) and values float32 numpy [3, n] (the repetition penalty's factor, 1 where it
+    does not apply; the presence / frequency penalty, 0 where none; 1.0 for a banned id); None where nothing
+    changes. Per entry ``apply_entries`` gives the float32 result of steps 1-2 of ``sampling`` (the repetition
+    penalty, then the presence / frequency penalty, a ban last): a factor of 1 and a penalty of 0 leave a logit as
+    it is. The ids and where each part sits among them are kept on the sampler until its id lists change (a token
+    seen for the first time, a reset, a load); each call recomputes only the decayed penalties."""
     import numpy as np
     a = s.args
-    seen = s._seen_ids.array if a.repetition_penalty != 1 and s._seen_ids else None
-    present = penalty = None
-    if s._present_ids and (a.alpha_frequency or a.alpha_presence):
-        # reference: out[n] -= alpha_presence + occurrence[n] * alpha_frequency (in float64, rounded to float32)
-        present = s._present_ids.array
-        penalty = (s._counts_np[present] * a.alpha_frequency + a.alpha_presence).astype(np.float32)
-    ban = s._ban.numpy() if s._ban.numel() else None
-    parts = [p for p in (seen, present, ban) if p is not None]
-    if not parts:
+    seen = s._seen_ids if a.repetition_penalty != 1 and s._seen_ids else None
+    present = s._present_ids if s._present_ids and (a.alpha_frequency or a.alpha_presence) else None
+    key = (a, seen is not None and seen.stamp, present is not None and present.stamp)
+    cached = s._entries
+    if cached is None or cached[0] != key:
+        s._entries = cached = (key, *_entry_layout(s, seen, present))
+    _, ids, base, at = cached
+    if ids is None:
         return None
-    ids = _sorted_unique(np.concatenate(parts) if len(parts) > 1 else parts[0])
-    values = np.zeros((3, ids.size), dtype=np.float32)
-    values[0] = 1.0
-    if seen is not None:
-        values[0, np.searchsorted(ids, seen)] = np.float32(a.repetition_penalty)
+    values = base.copy()
     if present is not None:
-        values[1, np.searchsorted(ids, present)] = penalty
-    if ban is not None:
-        values[2, np.searchsorted(ids, ban)] = 1.0
+        # reference: out[n] -= alpha_presence + occurrence[n] * alpha_frequency (in float64, rounded to float32)
+        values[1, at] = (s._counts_np[present.array] * a.alpha_frequency + a.alpha_presence).astype(np.float32)
     return ids, values
+
+
+def _entry_layout(s: Sampler, seen, present):
+    """``(ids, base, at)`` of ``row_entries``: the sorted unique ids of the seen, present and banned tokens, the
+    values without the presence / frequency penalties (float32 [3, n]), and where the present ids sit among the
+    ids; ``(None, None, None)`` where no token is penalized."""
+    import numpy as np
+    a = s.args
+    ban = s._ban.numpy() if s._ban.numel() else None
+    parts = [p.array for p in (seen, present) if p is not None] + ([ban] if ban is not None else [])
+    if not parts:
+        return None, None, None
+    ids = _sorted_unique(np.concatenate(parts) if len(parts) > 1 else parts[0])
+    base = np.zeros((3, ids.size), dtype=np.float32)
+    base[0] = 1.0
+    if seen is not None:
+        base[0, np.searchsorted(ids, seen.array)] = np.float32(a.repetition_penalty)
+    if ban is not None:
+        base[2, np.searchsorted(ids, ban)] = 1.0
+    return ids, base, (np.searchsorted(ids, present.array) if present is not None else None)
 
 
 def _sorted_unique(ids):

@@ -147,6 +147,46 @@ def test_counts_decay_like_the_reference_dict_whether_few_or_many_tokens_are_pre
     assert torch.equal(r.counts, s.counts) and sorted(r._present_ids.array.tolist()) == ids
 
 
+def test_penalty_entries_kept_between_steps_equal_fresh_ones_through_resets_loads_and_new_tokens():
+    """``row_entries`` keeps the layout of the penalized ids on the sampler between calls; after every record (a
+    repeated or a new token), observe, reset and load it gives what a fresh computation gives."""
+    from rwkv_chat.models.text.device_sampling import row_entries
+    rng = np.random.default_rng(4)
+    s = Sampler(SamplerArgs(repetition_penalty=1.3, token_ban=(3, 3, 8), alpha_decay=0.9))
+    other = Sampler(SamplerArgs(repetition_penalty=1.3, token_ban=(3, 3, 8)))
+    for t in (s, other):
+        t._check_row(torch.zeros(500))
+    for t in rng.integers(0, 500, 40).tolist():
+        other.record(t)
+
+    def check():
+        got = row_entries(s)
+        s._entries = None
+        want = row_entries(s)
+        assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+
+    for step in range(300):
+        op = step % 37
+        if op == 11:
+            s.reset()                              # the same lists, emptied: their stamps move on
+        elif op == 23:
+            s.load_state_dict(other.state_dict())  # new lists
+        elif op == 30:
+            s.observe(rng.integers(0, 500, 5).tolist())
+        else:
+            s.record(int(rng.integers(0, 60 if step % 2 else 500)))   # repeats and new tokens
+        check()
+    s = Sampler(SamplerArgs())                     # presence / frequency penalties only
+    s._check_row(torch.zeros(500))
+    for t in range(10):
+        s.record(t)
+    check()
+    s.reset()                                      # emptied and refilled to as many ids, no call between
+    for t in range(400, 410):
+        s.record(t)
+    check()
+
+
 # ---- repetition penalty (Hugging Face's) ----
 
 
