@@ -36,6 +36,7 @@ SECTIONS = (
     ("Decode and prefill", "bench.md", True),
     ("Daemon vs engine", "daemon_overhead.md", False),
     ("Daemon vs engine, sampled", "daemon_sampled.md", False),
+    ("Daemon vs engine, sampled, peaked logits (head x5)", "daemon_sampled_peaked.md", False),
     ("Sampling on the GPU vs the host path", "verify_sampling.md", False),
     ("Prefill profile", "prefill_profile.md", False),
     ("Compiled int4 / fp8 GEMVs (csrc/gemvq)", "verify_gemvq.md", False),

@@ -21,6 +21,9 @@ follow host reads of the sampled tokens).
 Models: checkpoint paths, and/or ``--shape NAME`` (an official RWKV-7 shape of ``models/rwkv/shapes.py`` with
 random weights, saved to a temporary ``.pth`` that the daemon loads like any file; vocabulary 65536, so
 daemon and engine both pick the World tokenizer). Nothing is downloaded. The table is printed at the end.
+Random weights give nearly flat logits (0.1B: the top-p 0.85 set of ~20k-34k tokens), so every sampled draw takes
+the whole-vocabulary path; ``--head-scale 5`` spreads them as a trained model's are (0.1B: sets of 1-63 tokens, the
+likeliest at 0.10-0.92), where the sorted window decides the draws.
 
     python bench/daemon_overhead.py [--tokens 256] [--batch 1 4] [--out FILE.md] MODEL...
     python bench/daemon_overhead.py --shape 0.1B --strategy "cuda fp16" --batch 1 4 8
@@ -29,6 +32,7 @@ daemon and engine both pick the World tokenizer). Nothing is downloaded. The tab
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import subprocess
 import sys
@@ -184,18 +188,22 @@ def load_daemon(home: Path, model_path: str, strategy: str) -> tuple[dict, list[
     return env, cmd
 
 
-def bench_models(paths: list[str], shapes: list[str], strategy: str, folder: Path) -> list[tuple[str, str]]:
+def bench_models(paths: list[str], shapes: list[str], strategy: str, folder: Path,
+                 head_scale: float = 1.0) -> list[tuple[str, str]]:
     """``(name, checkpoint path)`` of each given checkpoint, then of random weights of each official RWKV-7 shape
     (saved in ``folder``: ``random_model``)."""
     models = [(Path(mp).name, mp) for mp in paths]
+    scaled = f", head x{head_scale:g}" if head_scale != 1 else ""
     for shape in shapes:
-        models.append((f"RWKV-7 {shape} (random weights)", random_model(shape, strategy, folder)))
+        models.append((f"RWKV-7 {shape} (random weights{scaled})", random_model(shape, strategy, folder, head_scale)))
     return models
 
 
-def random_model(shape: str, strategy: str, folder: Path) -> str:
+def random_model(shape: str, strategy: str, folder: Path, head_scale: float = 1.0) -> str:
     """Save random weights of the official RWKV-7 ``shape`` (fp16; built on the GPU for a CUDA strategy)
-    as ``<folder>/rwkv7-<shape>-random.pth``; returns its path."""
+    as ``<folder>/rwkv7-<shape>-random.pth``; returns its path. ``head_scale`` multiplies the output head, so the
+    logits spread that much wider: random weights give nearly flat distributions, whose sampled draws all take the
+    whole-vocabulary path, where a trained model's mostly take the sorted window."""
     import torch
 
     from rwkv_chat.models.rwkv.shapes import random_checkpoint, save_pth
@@ -203,7 +211,9 @@ def random_model(shape: str, strategy: str, folder: Path) -> str:
     dev = "cuda" if "cuda" in strategy and torch.cuda.is_available() else "cpu"
     dtype = torch.float32 if strategy.split()[1:2] == ["fp32"] else torch.float16
     path = folder / f"rwkv7-{shape}-random.pth"
-    save_pth(random_checkpoint(shape, dtype=dtype, device=dev), path)
+    weights = random_checkpoint(shape, dtype=dtype, device=dev)
+    weights["head.weight"] = (weights["head.weight"].float() * head_scale).to(dtype)
+    save_pth(weights, path)
     return str(path)
 
 
@@ -220,6 +230,9 @@ def main() -> None:
                     "automatic choice for each model (1 below n_embd 512, else min(4, cores))")
     ap.add_argument("--sampling", choices=sorted(SAMPLING), default="greedy",
                     help="greedy (argmax, no penalties) or the daemon's default sampling settings")
+    ap.add_argument("--head-scale", type=float, default=1.0,
+                    help="multiply the random weights' output head (--shape): logits that much more spread, so a "
+                         "sampled draw meets the peaked distributions of a trained model instead of flat ones")
     ap.add_argument("--out")
     args = ap.parse_args()
     if not args.models and not args.shape:
@@ -229,7 +242,9 @@ def main() -> None:
     from rwkv_chat.app.bench import provenance
 
     tmp = Path(tempfile.mkdtemp(prefix="rwkv-bench-models-"))
-    models = bench_models(args.models, args.shape, args.strategy, tmp)
+    if not (args.head_scale > 0 and math.isfinite(args.head_scale)):
+        ap.error("--head-scale must be a finite number above 0")
+    models = bench_models(args.models, args.shape, args.strategy, tmp, args.head_scale)
     device = "cuda" if "cuda" in args.strategy else "cpu"
     lines = [*provenance(device=device), "",
              f"Decode tokens/s, {args.tokens} tokens per stream, sampling `{args.sampling}` (sampling + detokenizing "

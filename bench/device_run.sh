@@ -10,7 +10,7 @@
 # sections of the steps taken replaced (bench/assemble.py): copy it over bench/results/<gpu>.md.
 # The tables name the source tree from git; a copy without .git names none.
 BUDGET=${1:-560}; shift || true
-STEPS=${*:-"kernels fused kbench b01 b15 b72 b72i8 b15i8 pip cmp"}   # also: gemvq gbench daemon daemons vsamp sparse b72sp b15sp b01sp b72x256 fbench64 peers ops opsbench prenorm qwen formats qb15 qb15ours fbench qpeers qb7 tree pcache qprof fprof ...
+STEPS=${*:-"kernels fused kbench b01 b15 b72 b72i8 b15i8 pip cmp"}   # also: gemvq gbench daemon daemons daemonsp vsamp sparse b72sp b15sp b01sp b72x256 fbench64 peers ops opsbench prenorm qwen formats qb15 qb15ours fbench qpeers qb7 tree pcache qprof fprof ...
 OUT=${OUT:-/tmp/bench-out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 mkdir -p /tmp/shim/rwkv_chat && touch /tmp/shim/rwkv_chat/__init__.py
@@ -87,6 +87,7 @@ step b15t 60 200 bash -c "$B --shape 1.5B --batch 64 --prompt-len 0 --tokens 80 
 step b72t 100 300 bash -c "$B --shape 7.2B --batch 64 256 --prompt-len 0 --tokens 80 && $B --shape 7.2B --batch 64 --prompt-len 0 --tokens 80 --untuned-gemm"
 step daemon 150 300 python3 bench/daemon_overhead.py --shape 0.1B 1.5B --strategy "cuda fp16" --batch 1 4 --out "$OUT/daemon_overhead.md"
 step daemons 150 400 python3 bench/daemon_overhead.py --shape 0.1B 1.5B --strategy "cuda fp16" --batch 1 4 --tokens 512 --repeats 2 --sampling default --out "$OUT/daemon_sampled.md"
+step daemonsp 150 400 python3 bench/daemon_overhead.py --shape 0.1B 1.5B --strategy "cuda fp16" --batch 1 4 16 --tokens 512 --repeats 2 --sampling default --head-scale 5 --out "$OUT/daemon_sampled_peaked.md"
 step vsamp 60 200 python3 tests/gpu/verify_sampling.py --steps 12 --out "$OUT/verify_sampling.md"
 step b72 90 200 $B --shape 7.2B --batch 1 64 --prompt-len 1024 --tokens 100
 step b72i8 60 150 $B --shape 7.2B --strategy "cuda fp16i8" --batch 1 --prompt-len 0 --tokens 100
