@@ -38,13 +38,14 @@ def row_entries(s: Sampler):
     does not apply; the presence / frequency penalty, 0 where none; 1.0 for a banned id); None where nothing
     changes. Per entry ``apply_entries`` gives the float32 result of steps 1-2 of ``sampling`` (the repetition
     penalty, then the presence / frequency penalty, a ban last): a factor of 1 and a penalty of 0 leave a logit as
-    it is. The ids and where each part sits among them are kept on the sampler until its id lists change (a token
-    seen for the first time, a reset, a load); each call recomputes only the decayed penalties."""
+    it is. The ids and where each part sits among them are kept on the sampler (``Sampler._entries``) until its id
+    lists grow (a token seen for the first time; a reset or a load drops them); each call recomputes only the
+    decayed penalties."""
     import numpy as np
     a = s.args
     seen = s._seen_ids if a.repetition_penalty != 1 and s._seen_ids else None
     present = s._present_ids if s._present_ids and (a.alpha_frequency or a.alpha_presence) else None
-    key = (a, seen is not None and seen.stamp, present is not None and present.stamp)
+    key = (a, len(seen) if seen is not None else -1, len(present) if present is not None else -1)
     cached = s._entries
     if cached is None or cached[0] != key:
         s._entries = cached = (key, *_entry_layout(s, seen, present))

@@ -320,6 +320,7 @@ class Sampler:
         self._present_ids = _Ids()                # the ids set in present / seen, each once (penalties touch these)
         self._seen_ids = _Ids()
         self._entries = None                      # device_sampling.row_entries's layout of the penalized ids
+                                                  # (its key: the id lists' lengths; a reset or a load drops it)
 
     def reset(self) -> None:
         """Forget every occurrence count (the RNG continues)."""
@@ -329,6 +330,7 @@ class Sampler:
             self.seen.zero_()
             self._present_ids.clear()
             self._seen_ids.clear()
+            self._entries = None
 
     def observe(self, tokens) -> None:
         """Mark ``tokens`` (ids fed to the model: a prompt) as part of the context that ``repetition_penalty``
@@ -570,17 +572,14 @@ class Sampler:
 class _Ids:
     """A growing list of token ids kept as an int64 numpy array (amortized doubling), so the penalties index the
     counts with it directly: ``append`` / ``extend`` / ``clear``, ``len()``, truthiness, ``array`` (a view of the
-    ids so far, in insertion order), ``stamp`` (what the list holds, for caches of layouts made from it)."""
+    ids so far, in insertion order)."""
 
-    __slots__ = ("_buf", "_n", "_epoch")
-    _made = 0                                        # a count of lists made: each one's stamps are its own
+    __slots__ = ("_buf", "_n")
 
     def __init__(self) -> None:
         import numpy as np
         self._buf = np.empty(64, dtype=np.int64)
         self._n = 0
-        _Ids._made += 1
-        self._epoch = (_Ids._made, 0)
 
     def _reserve(self, n: int) -> None:
         import numpy as np
@@ -601,12 +600,6 @@ class _Ids:
 
     def clear(self) -> None:
         self._n = 0
-        self._epoch = (self._epoch[0], self._epoch[1] + 1)
-
-    @property
-    def stamp(self) -> tuple:
-        """Equal for two looks at the list only where it holds the same ids (no clear, no append in between)."""
-        return (*self._epoch, self._n)
 
     @property
     def array(self):
