@@ -104,7 +104,6 @@ def bench_decode(model, batch: int, tokens: int, graphs, compile, gemv: str, lar
             "ffn": (dec.ffn or getattr(model.backend, "ffn", None)) if dec.fused and batch <= 4 else None,
             "fold_norms": bool(getattr(model.backend, "fold_norms", False)) and dec.fused and batch <= 4
             and dec.gemv == "ours",
-            "low_rank_in_wkv": bool(getattr(model.backend, "low_rank_in_wkv", False)) and dec.fused and batch <= 4,
             "tuned_gemm": (bool(getattr(model.backend, "tuned_gemm", False)) if dec.fused and batch > 4
                            and dec.large != "compiled" else None)}
 
@@ -115,8 +114,7 @@ SKIP_STEPS = 8
 
 def rebuild_fused(model, **changes) -> str | None:
     """Rebuild the fused CUDA backend of ``model`` (before its first forward) with ``changes`` to its settings
-    (``ffn``, ``mix_rkv``, ``fold_norms``, ``tuned_gemm``, ``wkv7_tensor_cores``, ``quant_rows``, ``low_rank_in_wkv``; the
-    others kept); None on success,
+    (``ffn``, ``mix_rkv``, ``fold_norms``, ``tuned_gemm``, ``wkv7_tensor_cores``, ``quant_rows``; the others kept); None on success,
     else why it cannot (not RWKV-7 on the fused CUDA backend). A probed setting that does not serve is left off: the
     backend says why (``fold_note``)."""
     from rwkv_chat.models.backends.fused_cuda import FusedCuda
@@ -125,8 +123,7 @@ def rebuild_fused(model, **changes) -> str | None:
     if not isinstance(be, FusedCuda) or not be.decodes:
         return f"needs an RWKV-7 model on the fused CUDA backend (this one: {be})"
     settings = dict(ffn=be.ffn, mix_rkv=be.mix_rkv, fold_norms=be.fold_norms, tuned_gemm=be.tuned_gemm,
-                    wkv7_tensor_cores=be.wkv7_tensor_cores, quant_rows=be.quant_rows,
-                    low_rank_in_wkv=be.low_rank_in_wkv)
+                    wkv7_tensor_cores=be.wkv7_tensor_cores, quant_rows=be.quant_rows)
     model.backend = FusedCuda(model, be.ops, **{**settings, **changes})
     return None
 
@@ -195,7 +192,6 @@ def _path(d: dict) -> str:
     if d["fused"]:
         ffn = f", channel-mix value {d['ffn']}" if d.get("ffn") and d.get("gemv") == "ours" else ""
         fold = ", ln1 / ln2 inside the GEMVs" if d.get("fold_norms") else ""
-        fold += ", second low-rank stage inside the WKV launch" if d.get("low_rank_in_wkv") else ""
         tuned = {True: ", cuBLASLt tuned per shape", False: ", cuBLAS heuristic"}.get(d.get("tuned_gemm"), "")
         return "fused kernels" + (f" ({d['large']})" if d.get("large") else "") + ffn + fold + tuned
     return "torch.compile" if d["compile"] else "eager"
@@ -462,9 +458,6 @@ def rwkv_main(argv: list[str]) -> int:
     ap.add_argument("--no-fold-norms", action="store_true",
                     help="GPU only: RWKV-7 decode steps with ln1 / ln2 in launches of their own (the default above "
                          "C = 768; --fold-norms forces them inside for any size)")
-    ap.add_argument("--separate-low-rank", action="store_true",
-                    help="GPU only: RWKV-7 decode steps at <= 4 rows with the second low-rank stage (w2, a2, g2, v2) "
-                         "in a GEMV launch of its own instead of inside the WKV launch (the default where it serves)")
     ap.add_argument("--untuned-gemm", action="store_true",
                     help="GPU only: RWKV-7 decode above 4 rows with cuBLAS's heuristic algorithm for every product "
                          "instead of the cuBLASLt algorithm timed per shape at the first step")
@@ -509,9 +502,6 @@ def rwkv_main(argv: list[str]) -> int:
     if args.fold_norms or args.no_fold_norms:
         changes["fold_norms"] = args.fold_norms
         flags.append("--fold-norms" if args.fold_norms else "--no-fold-norms")
-    if args.separate_low_rank:
-        changes["low_rank_in_wkv"] = False
-        flags.append("--separate-low-rank")
     if args.untuned_gemm:
         changes["tuned_gemm"] = False
         flags.append("--untuned-gemm")

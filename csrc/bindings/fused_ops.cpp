@@ -306,57 +306,7 @@ void v7_tmix_one_cuda(const at::Tensor& r, const at::Tensor& k, const at::Tensor
     check_launch(v7_tmix_one_launch(act, (int)B, (int)H, (int)N, r.data_ptr(), k.data_ptr(), v.data_ptr(), wl.data_ptr(),
                                 al.data_ptr(), g.data_ptr(), vlp, vfp, w0.data_ptr<float>(), a0.data_ptr(),
                                 k_k.data_ptr(), k_a.data_ptr(), v0p, r_k.data_ptr(), lnw.data_ptr(), lnb.data_ptr(),
-                                s.data_ptr<float>(), out.data_ptr(), staged, nullptr, c10::cuda::getCurrentCUDAStream()),
-                 op);
-}
-
-// v7_tmix_one with the second low-rank stage in the same launch: hidden = the first stage's outputs [B, D_e]
-// (w with tanh, a, g with sigmoid, then v on layers after the first), low_w = the matching input-major [D_e, C]
-// matrices; copy_src -> copy_dst ([B, C] each, optional) is done by the launch after its dependency wait.
-void v7_tmix_low_cuda(const at::Tensor& r, const at::Tensor& k, const at::Tensor& v, at::TensorList hidden,
-                      at::TensorList low_w, const OptT& v_first, const at::Tensor& w0, const at::Tensor& a0,
-                      const at::Tensor& k_k, const at::Tensor& k_a, const OptT& v0, const at::Tensor& r_k,
-                      const at::Tensor& lnw, const at::Tensor& lnb, const at::Tensor& s, const at::Tensor& out,
-                      int64_t H, const OptT& copy_src, const OptT& copy_dst) {
-    const char* op = "rwkv_chat::v7_tmix_low_cuda";
-    const int64_t C = w0.numel(), B = r.numel() / C, N = C / H;
-    const auto F = r.scalar_type();
-    const int act = act_code(r, op);
-    TORCH_CHECK(H >= 1 && C % H == 0 && B * C == r.numel(), op, ": bad shapes");
-    for (const at::Tensor* t : {&r, &k, &v, &out}) tok(*t, op, "token tensor", F, B * C);
-    for (const at::Tensor* t : {&a0, &k_k, &k_a, &r_k, &lnw, &lnb}) tok(*t, op, "parameter", F, C);
-    tok(w0, op, "w0", at::kFloat, C);
-    tok(s, op, "s", at::kFloat, B * H * N * N);
-    const void* vfp = opt_ptr(v_first, op, "v_first", F, B * C);
-    const void* v0p = opt_ptr(v0, op, "v0", F, C);
-    const size_t n = hidden.size();
-    TORCH_CHECK(n == low_w.size() && n == (vfp ? 4u : 3u), op, ": 3 (first layer) or 4 hidden rows and matrices, "
-                "with v_first and v0 exactly when 4");
-    TORCH_CHECK((vfp == nullptr) == (v0p == nullptr), op, ": v_first and v0 go together");
-    Low2Args L;
-    for (size_t e = 0; e < n; ++e) {
-        const int64_t D = low_w[e].dim() == 2 ? low_w[e].size(0) : 0;
-        TORCH_CHECK(D >= 1 && low_w[e].size(1) == C, op, ": low_w[", e, "] must be [D, ", C, "]");
-        tok(low_w[e], op, "low_w", F, D * C);
-        tok(hidden[e], op, "hidden", F, B * D);
-        TORCH_CHECK(low_w[e].data_ptr() != nullptr && reinterpret_cast<uintptr_t>(low_w[e].data_ptr()) % 16 == 0 &&
-                    (N * low_w[e].element_size()) % 16 == 0 && (C * low_w[e].element_size()) % 16 == 0,
-                    op, ": low_w rows must be 16-byte aligned slices");
-        L.x[e] = hidden[e].data_ptr();
-        L.w[e] = low_w[e].data_ptr();
-        L.d[e] = (int)D;
-    }
-    const void* csp = opt_ptr(copy_src, op, "copy_src", F, B * C);
-    void* cdp = const_cast<void*>(opt_ptr(copy_dst, op, "copy_dst", F, B * C));
-    TORCH_CHECK((csp == nullptr) == (cdp == nullptr), op, ": copy_src and copy_dst go together");
-    L.copy_src = csp;
-    L.copy_dst = cdp;
-    L.copy_n = csp ? (long)(B * C) : 0;
-    const at::cuda::CUDAGuard guard(r.device());
-    check_launch(v7_tmix_one_launch(act, (int)B, (int)H, (int)N, r.data_ptr(), k.data_ptr(), v.data_ptr(), nullptr,
-                                    nullptr, nullptr, nullptr, vfp, w0.data_ptr<float>(), a0.data_ptr(), k_k.data_ptr(),
-                                    k_a.data_ptr(), v0p, r_k.data_ptr(), lnw.data_ptr(), lnb.data_ptr(),
-                                    s.data_ptr<float>(), out.data_ptr(), false, &L, c10::cuda::getCurrentCUDAStream()),
+                                s.data_ptr<float>(), out.data_ptr(), staged, c10::cuda::getCurrentCUDAStream()),
                  op);
 }
 
@@ -385,8 +335,4 @@ TORCH_LIBRARY_FRAGMENT(rwkv_chat, m) {
           "Tensor? v_first, Tensor w0, Tensor a0, Tensor k_k, Tensor k_a, Tensor? v0, Tensor r_k, Tensor lnw, "
           "Tensor lnb, Tensor(a!) s, Tensor(b!) out, int H, bool staged=False) -> ()",
           &rwkv_chat::v7_tmix_one_cuda);
-    m.def("v7_tmix_low_cuda(Tensor r, Tensor k, Tensor v, Tensor[] hidden, Tensor[] low_w, Tensor? v_first, "
-          "Tensor w0, Tensor a0, Tensor k_k, Tensor k_a, Tensor? v0, Tensor r_k, Tensor lnw, Tensor lnb, "
-          "Tensor(a!) s, Tensor(b!) out, int H, Tensor? copy_src=None, Tensor(c!)? copy_dst=None) -> ()",
-          &rwkv_chat::v7_tmix_low_cuda);
 }

@@ -101,32 +101,12 @@ int v7_pre_launch(int act, int rows, int H, int N, const void* k, const void* v,
                   cudaStream_t stream);
 int v7_post_launch(int act, int rows, int H, int N, const float* y, const void* r, const void* k, const void* v,
                    const void* g, const void* r_k, const void* lnw, const void* lnb, void* out, cudaStream_t stream);
-// The second low-rank stage run inside v7_tmix_one (entries w, a, g, v in that order): x[e] the first stage's
-// outputs [B, d[e]] (tanh / sigmoid applied), w[e] the matrices [d[e], C] input-major (the checkpoint's layout),
-// all contiguous in the act dtype; d[3] = 0 on the first layer (no v). A side copy copy_src -> copy_dst of copy_n
-// act-dtype elements runs in the same launch after its dependency wait (copy_n 0: none).
-struct Low2Args {
-    const void* x[4] = {nullptr, nullptr, nullptr, nullptr};
-    const void* w[4] = {nullptr, nullptr, nullptr, nullptr};
-    int d[4] = {0, 0, 0, 0};
-    const void* copy_src = nullptr;
-    void* copy_dst = nullptr;
-    long copy_n = 0;
-};
-// Dynamic shared memory of a v7_tmix_one block with the low-rank stage: the weight slices (sum(d) * N values of
-// elem bytes), 16-byte aligned, then the hidden rows (sum(d) floats).
-inline size_t low2_smem_bytes(const Low2Args& L, int N, int elem) {
-    const size_t D = (size_t)L.d[0] + L.d[1] + L.d[2] + L.d[3];
-    return (D * N * elem + 15) / 16 * 16 + D * sizeof(float);
-}
 // Decode: s [B, H, N, N] fp32 updated in place; out [B, H*N] act. staged: move the state through shared
-// memory in coalesced rows (many rows; head sizes <= 64, others ignore it). low: the second low-rank stage in the
-// same launch (wl, al, g, vl unused; needs sm_90 bulk copies, else kUnsupported); null: wl, al, g, vl are read.
+// memory in coalesced rows (many rows; head sizes <= 64, others ignore it).
 int v7_tmix_one_launch(int act, int B, int H, int N, const void* r, const void* k, const void* v, const void* wl,
                        const void* al, const void* g, const void* vl, const void* v_first, const float* w0,
                        const void* a0, const void* k_k, const void* k_a, const void* v0, const void* r_k,
-                       const void* lnw, const void* lnb, float* s, void* out, bool staged, const Low2Args* low,
-                       cudaStream_t stream);
+                       const void* lnw, const void* lnb, float* s, void* out, bool staged, cudaStream_t stream);
 
 // The channel-mix value product y = h @ W of decode steps for h [rows <= kGemvMaxRows, F] (row stride h_stride)
 // and W [F, C] input-major (contiguous; also uint8 / e4m3 with their scales, below), reading only the rows f of W

@@ -27,7 +27,6 @@
 // csrc/common/cuda_common.cuh).
 #include <algorithm>
 #include <type_traits>
-#include "../common/bulk_copy.cuh"
 #include "../common/cuda_common.cuh"
 #include "fused_launchers.h"
 
@@ -648,31 +647,22 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_multi_kernel(GemvBatch batc
 
 struct PreOut { float w, k, v, a, b; };
 
-// wlf, alf, vlf: this channel's second low-rank outputs (vlf read only with v_first).
-template <typename F, int N>
-__device__ __forceinline__ PreOut pre_vals(long o, int c, const F* k, const F* v, float wlf, float alf, float vlf,
-                                           const F* v_first, const float* w0, const F* a0, const F* k_k,
-                                           const F* k_a, const F* v0, float* sh) {
-    const float kf = to_f32(k[o]), vf = to_f32(v[o]);
-    PreOut p;
-    p.w = __expf(-kDecayScale * sigmoidf_(w0[c] + wlf));
-    const float a = sigmoidf_(to_f32(a0[c]) + alf);
-    const float kk = kf * to_f32(k_k[c]);
-    const float nrm = sqrtf(block_sum<N>(kk * kk, sh));
-    const float kkn = kk / fmaxf(nrm, 1e-12f);
-    p.k = kf * (1.f + (a - 1.f) * to_f32(k_a[c]));
-    p.v = v_first ? vf + (to_f32(v_first[o]) - vf) * sigmoidf_(to_f32(v0[c]) + vlf) : vf;
-    p.a = -kkn;
-    p.b = kkn * a;
-    return p;
-}
-
 template <typename F, int N>
 __device__ __forceinline__ PreOut pre_elem(long o, int c, const F* k, const F* v, const F* wl, const F* al,
                                            const F* vl, const F* v_first, const float* w0, const F* a0,
                                            const F* k_k, const F* k_a, const F* v0, float* sh) {
-    return pre_vals<F, N>(o, c, k, v, to_f32(wl[o]), to_f32(al[o]), v_first ? to_f32(vl[o]) : 0.f, v_first, w0, a0,
-                          k_k, k_a, v0, sh);
+    const float kf = to_f32(k[o]), vf = to_f32(v[o]);
+    PreOut p;
+    p.w = __expf(-kDecayScale * sigmoidf_(w0[c] + to_f32(wl[o])));
+    const float a = sigmoidf_(to_f32(a0[c]) + to_f32(al[o]));
+    const float kk = kf * to_f32(k_k[c]);
+    const float nrm = sqrtf(block_sum<N>(kk * kk, sh));
+    const float kkn = kk / fmaxf(nrm, 1e-12f);
+    p.k = kf * (1.f + (a - 1.f) * to_f32(k_a[c]));
+    p.v = v_first ? vf + (to_f32(v_first[o]) - vf) * sigmoidf_(to_f32(v0[c]) + to_f32(vl[o])) : vf;
+    p.a = -kkn;
+    p.b = kkn * a;
+    return p;
 }
 
 template <typename F, int N>
@@ -723,49 +713,19 @@ __global__ void __launch_bounds__(N) v7_post_kernel(int H, const float* __restri
                                          to_f32(g[o]), c, r_k, lnw, lnb, sh));
 }
 
-// LOW: the second low-rank stage in the same block (Low2Args): this head's N outputs of wl = lw @ w2,
-// al = la @ a2, g = lg @ g2 and vl = lv @ v2 (fp32 sums of activation-dtype products, rounded to the activation
-// dtype as the grouped GEMV's outputs are). The head's [D, N] slice of each input-major [D, C] matrix comes into
-// shared memory by bulk copies started before pdl_wait (weights only), one 2*N-byte row each; the hidden rows
-// (the first stage's outputs, activations applied) are read after it. The side copy (the folded ln1's new
-// shift state) runs after pdl_wait too: every block of the launch that read the old one has finished.
-// Dynamic shared memory: D * N activation-dtype values + D floats, D = the sum of the entries' D.
 // STAGE: the state moves between global and shared memory in coalesced float4 rows (thread i then
 // takes row i from a padded tile, N + 1 floats per row, no bank conflicts); without it each thread
 // reads its own 4*N-byte row directly (fine for few blocks, strided for many: batch > 4).
-template <typename F, int N, bool STAGE, bool LOW>
+template <typename F, int N, bool STAGE>
 __global__ void __launch_bounds__(N) v7_tmix_one_kernel(
     int H, const F* __restrict__ r, const F* __restrict__ k, const F* __restrict__ v, const F* __restrict__ wl,
     const F* __restrict__ al, const F* __restrict__ g, const F* __restrict__ vl, const F* __restrict__ v_first,
     const float* __restrict__ w0, const F* __restrict__ a0, const F* __restrict__ k_k, const F* __restrict__ k_a,
     const F* __restrict__ v0, const F* __restrict__ r_k, const F* __restrict__ lnw, const F* __restrict__ lnb,
-    float* __restrict__ s, F* __restrict__ out, Low2Args L) {
-    static_assert(!(STAGE && LOW), "the low-rank stage runs in the unstaged (few rows) form");
+    float* __restrict__ s, F* __restrict__ out) {
     __shared__ float sh[32];
     __shared__ __align__(16) float sw[N], sk[N], sa[N], sb[N], sr[N];
-    __shared__ __align__(8) uint64_t low_bar;
-    extern __shared__ __align__(16) float stile[];   // STAGE: [N][N + 1]; LOW: the weight slices, then the hidden rows
     pdl_trigger();
-    const int i = threadIdx.x;
-    int dtot = 0;
-    if (LOW) {
-        const int hh = blockIdx.x % H, C = H * N;
-        dtot = L.d[0] + L.d[1] + L.d[2] + L.d[3];
-        F* ws = reinterpret_cast<F*>(stile);
-        if (i == 0) {
-            mbarrier_init_one(&low_bar);
-            mbarrier_arrive_expect(&low_bar, (unsigned)(dtot * N * sizeof(F)));
-        }
-        __syncthreads();
-        int base = 0;
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const F* w = static_cast<const F*>(L.w[e]);
-            for (int d = i; d < L.d[e]; d += N)
-                bulk_copy_to_shared(ws + (long)(base + d) * N, w + (long)d * C + (long)hh * N, N * sizeof(F), &low_bar);
-            base += L.d[e];
-        }
-    }
     {
         const long c0 = (long)(blockIdx.x % H) * N;
         prefetch_l2(s + (long)blockIdx.x * N * N, (long)N * N * sizeof(float));
@@ -775,42 +735,13 @@ __global__ void __launch_bounds__(N) v7_tmix_one_kernel(
     pdl_wait();
     const long bh = blockIdx.x;
     const long row = bh / H;
-    const int h = bh % H;
+    const int h = bh % H, i = threadIdx.x;
     const int c = h * N + i;
     const long o = row * H * N + c;
-    float low[4] = {0.f, 0.f, 0.f, 0.f};             // LOW: this channel's wl, al, g, vl
-    if (LOW) {
-        for (long e = (long)blockIdx.x * N + i; e < L.copy_n; e += (long)gridDim.x * N)
-            static_cast<F*>(L.copy_dst)[e] = static_cast<const F*>(L.copy_src)[e];
-        const F* ws = reinterpret_cast<const F*>(stile);
-        float* xs = stile + (dtot * N * (int)sizeof(F) + 15) / 16 * 4;
-        int base = 0;
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const F* x = static_cast<const F*>(L.x[e]);
-            for (int d = i; d < L.d[e]; d += N) xs[base + d] = to_f32(x[row * L.d[e] + d]);
-            base += L.d[e];
-        }
-        __syncthreads();
-        mbarrier_wait(&low_bar, 0);
-        base = 0;
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            float p0 = 0.f, p1 = 0.f;
-            const int D = L.d[e];
-            int d = 0;
-            for (; d + 1 < D; d += 2) {
-                p0 = fmaf(xs[base + d], to_f32(ws[(base + d) * N + i]), p0);
-                p1 = fmaf(xs[base + d + 1], to_f32(ws[(base + d + 1) * N + i]), p1);
-            }
-            if (d < D) p0 = fmaf(xs[base + d], to_f32(ws[(base + d) * N + i]), p0);
-            low[e] = round_act<F>(p0 + p1);
-            base += D;
-        }
-    }
     // state row i (value index) into registers while the inputs are computed
     float S[N];
     float4* srow = reinterpret_cast<float4*>(s + (bh * N + i) * N);
+    extern __shared__ float stile[];                 // STAGE: [N][N + 1]
     float4* g4 = reinterpret_cast<float4*>(s + bh * N * N);
     if (STAGE) {
 #pragma unroll
@@ -830,8 +761,7 @@ __global__ void __launch_bounds__(N) v7_tmix_one_kernel(
             S[4 * j] = q.x; S[4 * j + 1] = q.y; S[4 * j + 2] = q.z; S[4 * j + 3] = q.w;
         }
     }
-    const PreOut p = LOW ? pre_vals<F, N>(o, c, k, v, low[0], low[1], low[3], v_first, w0, a0, k_k, k_a, v0, sh)
-                         : pre_elem<F, N>(o, c, k, v, wl, al, vl, v_first, w0, a0, k_k, k_a, v0, sh);
+    const PreOut p = pre_elem<F, N>(o, c, k, v, wl, al, vl, v_first, w0, a0, k_k, k_a, v0, sh);
     // the WKV inputs in the activation dtype, as the sequence path passes them
     const float rf = to_f32(r[o]);
     sw[i] = p.w; sk[i] = round_act<F>(p.k); sa[i] = round_act<F>(p.a); sb[i] = round_act<F>(p.b); sr[i] = rf;
@@ -865,7 +795,7 @@ __global__ void __launch_bounds__(N) v7_tmix_one_kernel(
         for (int j = 0; j < N / 4; ++j) srow[j] = make_float4(S[4 * j], S[4 * j + 1], S[4 * j + 2], S[4 * j + 3]);
     }
     const float y = round_act<F>(y0 + y1);
-    out[o] = from_f32<F>(post_elem<F, N>(y, rf, sk[i], vv, LOW ? low[2] : to_f32(g[o]), c, r_k, lnw, lnb, sh));
+    out[o] = from_f32<F>(post_elem<F, N>(y, rf, sk[i], vv, to_f32(g[o]), c, r_k, lnw, lnb, sh));
 }
 
 }  // namespace
@@ -1023,47 +953,30 @@ int v7_post_launch(int act, int rows, int H, int N, const float* y, const void* 
 int v7_tmix_one_launch(int act, int B, int H, int N, const void* r, const void* k, const void* v, const void* wl,
                        const void* al, const void* g, const void* vl, const void* v_first, const float* w0,
                        const void* a0, const void* k_k, const void* k_a, const void* v0, const void* r_k,
-                       const void* lnw, const void* lnb, float* s, void* out, bool staged, const Low2Args* low,
-                       cudaStream_t stream) {
+                       const void* lnw, const void* lnb, float* s, void* out, bool staged, cudaStream_t stream) {
     if (B * H == 0) return 0;
-    if (low != nullptr && !bulk_copy_supported()) return kUnsupported;
-    const Low2Args none{};
     cudaError_t err = cudaSuccess;
     const bool ok = dispatch_head_size(N, [&](auto n_tag) {
         constexpr int NN = decltype(n_tag)::value;
         constexpr bool kCanStage = NN >= 4 && NN <= 64;   // tile <= 16.3 KB of shared memory
-        if (low != nullptr) {
-            const size_t smem = low2_smem_bytes(*low, NN, act == 0 ? 4 : 2);
-            RWKV_CHAT_DISPATCH_ACT(static_cast<ActType>(act), F,
-                auto kern = v7_tmix_one_kernel<F, NN, false, true>;
-                err = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-                if (err == cudaSuccess)
-                    err = launch_pdl(kern, B * H, NN, smem, stream, H,
-                        static_cast<const F*>(r), static_cast<const F*>(k), static_cast<const F*>(v), nullptr, nullptr,
-                        nullptr, nullptr, static_cast<const F*>(v_first), w0, static_cast<const F*>(a0),
-                        static_cast<const F*>(k_k), static_cast<const F*>(k_a), static_cast<const F*>(v0),
-                        static_cast<const F*>(r_k), static_cast<const F*>(lnw), static_cast<const F*>(lnb), s,
-                        static_cast<F*>(out), *low));
-            return;
-        }
         if (staged && kCanStage) {
             RWKV_CHAT_DISPATCH_ACT(static_cast<ActType>(act), F,
-                err = launch_pdl(v7_tmix_one_kernel<F, NN, kCanStage, false>, B * H, NN, NN * (NN + 1) * sizeof(float), stream, H,
+                err = launch_pdl(v7_tmix_one_kernel<F, NN, kCanStage>, B * H, NN, NN * (NN + 1) * sizeof(float), stream, H,
                     static_cast<const F*>(r), static_cast<const F*>(k), static_cast<const F*>(v),
                     static_cast<const F*>(wl), static_cast<const F*>(al), static_cast<const F*>(g),
                     static_cast<const F*>(vl), static_cast<const F*>(v_first), w0, static_cast<const F*>(a0),
                     static_cast<const F*>(k_k), static_cast<const F*>(k_a), static_cast<const F*>(v0),
                     static_cast<const F*>(r_k), static_cast<const F*>(lnw), static_cast<const F*>(lnb), s,
-                    static_cast<F*>(out), none));
+                    static_cast<F*>(out)));
             return;
         }
         RWKV_CHAT_DISPATCH_ACT(static_cast<ActType>(act), F,
-            err = launch_pdl(v7_tmix_one_kernel<F, NN, false, false>, B * H, NN, 0, stream, H, static_cast<const F*>(r),
+            err = launch_pdl(v7_tmix_one_kernel<F, NN, false>, B * H, NN, 0, stream, H, static_cast<const F*>(r),
                 static_cast<const F*>(k), static_cast<const F*>(v), static_cast<const F*>(wl),
                 static_cast<const F*>(al), static_cast<const F*>(g), static_cast<const F*>(vl),
                 static_cast<const F*>(v_first), w0, static_cast<const F*>(a0), static_cast<const F*>(k_k),
                 static_cast<const F*>(k_a), static_cast<const F*>(v0), static_cast<const F*>(r_k),
-                static_cast<const F*>(lnw), static_cast<const F*>(lnb), s, static_cast<F*>(out), none));
+                static_cast<const F*>(lnw), static_cast<const F*>(lnb), s, static_cast<F*>(out)));
     });
     return ok ? launch_rc(err) : kUnsupported;
 }

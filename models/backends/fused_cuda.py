@@ -6,13 +6,9 @@ a few launches per layer:
 Decode (``FusedCuda.decode_step``, one token for each of b rows), per layer:
   1. ``v7_mix``: residual add + ln1 + token shift + the six lerps (r, w, k, v, a, g), att_x updated;
   2. one grouped GEMV for r, k, v and the first low-rank products (w1, a1, g1, v1) (b <= 4 rows);
-  3. one grouped GEMV for the second low-rank products (w2, a2, g2, v2), the first stage's tanh / sigmoid
-     applied to its outputs;
+  3. one grouped GEMV for the second low-rank products with tanh / sigmoid applied on the input;
   4. ``v7_tmix_one``: decay, in-context rate, kk normalization, v_first mix, the WKV-7 state step
-     (state updated in place), per-head group norm, the r·k bonus and the gate. With ``low_rank_in_wkv`` (probed;
-     sm_90+) step 3 runs inside this launch (``v7_tmix_low``): each (row, head) block brings its head's columns of
-     the four input-major matrices into shared memory by bulk copies started before it waits for step 2, then
-     takes its own N outputs of each product (one launch per layer fewer, where the blocks fit one wave);
+     (state updated in place), per-head group norm, the r·k bonus and the gate;
   5. GEMV output; 6. ``v7_mix`` residual add + ln2 + shift + lerp; 7. GEMV key writing relu(k)²; 8. the value
      product: the output-major grouped GEMV (``ffn="gemv"``, what ``attach`` picks below C = ``SPARSE_FFN_MIN_C``);
      ``ffn="sparse"`` (from that width up): the compiled row
@@ -68,7 +64,6 @@ GEMV_ROWS = 4           # rows served by the grouped GEMV kernel (more: cuBLAS)
 _BIG = ("att.receptance.weight", "att.key.weight", "att.value.weight", "att.output.weight",
         "ffn.key.weight", "ffn.value.weight")
 _LOW = ("att.w1", "att.w2", "att.a1", "att.a2", "att.g1", "att.g2", "att.v1", "att.v2")
-_LOW2 = ("att.w2", "att.a2", "att.g2", "att.v2")       # the second stage, in v7_tmix_low's order
 HEAD_SIZES = (8, 16, 32, 64, 128)
 #: the widest model (C) whose decode steps ``attach`` builds with ln1 / ln2 inside the GEMV launches (``fold_norms``):
 #: every block normalizes the row itself, which pays where launches dominate. H100, one call (bench/results/h100.md):
@@ -252,29 +247,6 @@ def _probe_fold(be: "FusedCuda", model) -> str | None:
     ln2 where the value product is the grouped GEMV) and agree with the unfolded steps (logits and every state
     tensor within 1e-2 relative, the LayerNorm sums taken in another order) for 1 and 3 rows from a random state;
     else why not."""
-    def served(rows):
-        if be.folded[0] != model.n_layer or (be.ffn == "gemv" and be.folded[1] != model.n_layer):
-            return (f"ln1 / ln2 ran inside the GEMV launches of {be.folded[0]} / {be.folded[1]} of "
-                    f"{model.n_layer} layers (weights or rows the grouped GEMV does not take)")
-        return None
-    return _probe_variant(be, model, "fold_norms", "folded", [0, 0], served, "ln1 / ln2 inside the GEMV launches")
-
-
-def _probe_low2(be: "FusedCuda", model) -> str | None:
-    """None when decode steps with the second low-rank stage inside the WKV launch (``low_rank_in_wkv``) take it
-    there in every layer and agree with the separate stage (as ``_probe_fold``) for 1 and 3 rows; else why not."""
-    def served(rows):
-        if rows == 1 and be.low2_fused != model.n_layer:
-            return f"the WKV launch took the second low-rank stage in {be.low2_fused} of {model.n_layer} layers"
-        return None
-    return _probe_variant(be, model, "low_rank_in_wkv", "low2_fused", 0, served,
-                          "the second low-rank stage inside the WKV launch")
-
-
-def _probe_variant(be: "FusedCuda", model, attr: str, counter: str, zero, served, what: str) -> str | None:
-    """None when decode steps with ``be.<attr>`` on agree with it off (logits and every state tensor within 1e-2
-    relative) for 1 and 3 rows from a random state, and ``served(rows)`` (after each step with it on, ``be.<counter>``
-    reset to ``zero`` before it) finds no fault; else why not. ``be.<attr>`` is left off."""
     spec, dev = model.spec, model.devices[0]
     dt = model.layers[0]["ln1.weight"].dtype
     C, H, N = spec.n_embd, spec.n_head, spec.head_size
@@ -293,38 +265,21 @@ def _probe_variant(be: "FusedCuda", model, attr: str, counter: str, zero, served
                               (torch.randn(b, C, generator=g) * 0.5).to(dev, dt)]
                 ids = torch.randint(0, model.emb.shape[0], (b, 1), generator=g).to(dev)
                 other = [t.clone() for t in state]
-                setattr(be, attr, False)
+                be.fold_norms = False
                 want = be.decode_step(model, ids, state)
-                setattr(be, attr, True)
-                setattr(be, counter, list(zero) if isinstance(zero, list) else zero)
+                be.fold_norms, be.folded = True, [0, 0]
                 got = be.decode_step(model, ids, other)
-                if (fault := served(b)) is not None:
-                    return fault
+                if be.folded[0] != model.n_layer or (be.ffn == "gemv" and be.folded[1] != model.n_layer):
+                    return (f"ln1 / ln2 ran inside the GEMV launches of {be.folded[0]} / {be.folded[1]} of "
+                            f"{model.n_layer} layers (weights or rows the grouped GEMV does not take)")
                 if not (torch.isfinite(got).all() and rel(got, want) <= 1e-2
                         and all(rel(x, y) <= 1e-2 for x, y in zip(other, state))):
-                    return f"{what}: the decode step differs from the one without it"
-    except Exception as e:  # noqa: BLE001 — the step without it serves; the note says why
-        return f"{what}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                    return "ln1 / ln2 inside the GEMV launches differ from the unfolded decode step"
+    except Exception as e:  # noqa: BLE001 — the unfolded step serves; the note says why
+        return f"ln1 / ln2 inside the GEMV launches: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     finally:
-        setattr(be, attr, False)
+        be.fold_norms = False
     return None
-
-
-def _low2_bytes(f: dict, first: bool, head_size: int, elem: int) -> int:
-    """Shared memory of a ``v7_tmix_low`` block (csrc/fused/fused_launchers.h ``low2_smem_bytes``): the head's
-    slices of the second low-rank matrices (w2, a2, g2 and, after the first layer, v2), then the hidden rows."""
-    d = sum(w.shape[0] for w in f["low2_in"][:3 if first else 4])
-    return (d * head_size * elem + 15) // 16 * 16 + 4 * d
-
-
-def _low2_fits(dev: torch.device, rows: int, H: int, smem: int) -> bool:
-    """Whether rows * H blocks of ``smem`` bytes of dynamic shared memory (plus ~2 KiB static and reserved) fit
-    the device's multiprocessors in one wave (64 threads a block)."""
-    pr = torch.cuda.get_device_properties(dev)
-    if smem > getattr(pr, "shared_memory_per_block_optin", 0):
-        return False
-    per_sm = min(32, getattr(pr, "shared_memory_per_multiprocessor", 0) // (smem + 2048))
-    return rows * H <= pr.multi_processor_count * per_sm
 
 
 def _tmix_split(ops, r, k, v, wl, al, g, vl, v_first, p, s, y, H, N):
@@ -449,8 +404,7 @@ class FusedCuda(Backend):
     decode_on_device = True
 
     def __init__(self, model, ops: Ops, ffn: str = "gemv", mix_rkv: bool = False, fold_norms: bool = False,
-                 tuned_gemm: bool = True, wkv7_tensor_cores: bool = False, quant_rows: bool = False,
-                 low_rank_in_wkv: bool = True):
+                 tuned_gemm: bool = True, wkv7_tensor_cores: bool = False, quant_rows: bool = False):
         super().__init__(ops)
         if ffn not in FFN_MODES:
             raise StrategyError(f"ffn must be one of {', '.join(FFN_MODES)}; got {ffn!r}")
@@ -465,7 +419,7 @@ class FusedCuda(Backend):
         #: i8 / f8 channel-mix value matrices held input-major for the row kernel (with ``ffn`` sparse or dense)
         self.quant_rows = quant_rows
         quant_values = False
-        for i, p in enumerate(model.layers):
+        for p in model.layers:
             for name in _BIG:
                 w = p[name]
                 if name == "ffn.value.weight" and not isinstance(w, torch.Tensor):
@@ -479,9 +433,6 @@ class FusedCuda(Backend):
                 for name in _LOW:
                     if name in p:
                         f[name] = p[name].t().contiguous()
-                low2 = [p[n] for n in _LOW2 if isinstance(p.get(n), torch.Tensor) and p[n].dim() == 2]
-                if len(low2) >= (3 if i == 0 else 4):
-                    f["low2_in"] = [w.contiguous() for w in low2]      # input-major [D, C], the checkpoint's
                 _stack_many(p, f)
             self.layers.append(f)
         model.head = _output_major(model.head)
@@ -506,22 +457,6 @@ class FusedCuda(Backend):
         else:
             self.fold_note = _probe_fold(self, model) if self.decodes else "the model does not decode here"
             self.fold_norms = self.fold_note is None
-        #: the second low-rank stage of decode steps inside the WKV launch (``v7_tmix_low``); why not, where it
-        #: does not serve
-        self.low_rank_in_wkv = False
-        #: how many layers of the decode steps built so far took it there (the probe's evidence)
-        self.low2_fused = 0
-        if not low_rank_in_wkv:
-            self.low2_note = "off (FusedCuda(low_rank_in_wkv=True) turns it on)"
-        elif not self.decodes:
-            self.low2_note = "the model does not decode here"
-        elif not all("low2_in" in f for f in self.layers):
-            self.low2_note = "a layer's low-rank matrices are not plain CUDA matrices"
-        elif torch.cuda.get_device_capability(model.devices[0])[0] < 9:
-            self.low2_note = "needs compute capability 9.0 (bulk asynchronous copies)"
-        else:
-            self.low2_note = _probe_low2(self, model)
-        self.low_rank_in_wkv = self.low2_note is None
         #: decode steps of more than GEMV_ROWS rows run their fp16 / bf16 products through cuBLASLt with the algorithm
         #: timed per shape (``dispatch.gemm(tuned=True)`` / ``dispatch.bgemm``; probed here, outside any capture)
         self.tuned_gemm = bool(tuned_gemm and self.decodes and all(
@@ -539,8 +474,6 @@ class FusedCuda(Backend):
             value += "; ln1 + mixes + int4 r/k/v in one launch (Triton)"
         if self.fold_norms:
             value += "; ln1 / ln2 inside the GEMV launches" if ffn == "gemv" else "; ln1 inside the GEMV launch"
-        if self.low_rank_in_wkv:
-            value += "; the second low-rank stage inside the WKV launch"
         if self.tuned_gemm:
             value += "; cuBLASLt algorithm timed per shape above 4 rows"
         pre = " (chunked WKV-7 on the tensor cores)" if wkv7_tensor_cores and _triton.available() else ""
@@ -727,16 +660,11 @@ class FusedCuda(Backend):
                 xr, xw, xk, xv, xa, xg = mix
             elif folded is None:
                 xr, xk, xv, xw, xa, xg = mix
-            low2 = small and self.low_rank_in_wkv and _low2_fits(x.device, b, H, _low2_bytes(
-                f, first, spec.head_size, x.element_size()))
-            side = None                 # (src, dst): the folded ln1's shift state, put in place by a later launch
             if folded is not None:
-                side = (shift1, att_x)  # att_x <- ln1 once every block of the folded launch has read it
-                if not low2:
-                    ws2 = [f["att.w2"], f["att.a2"], f["att.g2"]] + ([] if first else [f["att.v2"]])
-                    stage2 = _gemv(low, ws2, [0] * len(ws2), copy=side)
-                    wl, al, g = stage2[:3]
-                    vl = None if first else stage2[3]
+                ws2 = [f["att.w2"], f["att.a2"], f["att.g2"]] + ([] if first else [f["att.v2"]])
+                stage2 = _gemv(low, ws2, [0] * len(ws2), copy=(shift1, att_x))     # att_x <- ln1 (all have read it)
+                wl, al, g = stage2[:3]
+                vl = None if first else stage2[3]
             elif small:
                 xs, ws = [xw, xa, xg], [f["att.w1"], f["att.a1"], f["att.g1"]]
                 if not first:
@@ -757,11 +685,10 @@ class FusedCuda(Backend):
                 else:
                     r, k, v = (mm(xx, w) for xx, w in zip((xr, xk, xv), big))
                     low = _gemv(xs, ws, low_acts)
-                if not low2:
-                    ws2 = [f["att.w2"], f["att.a2"], f["att.g2"]] + ([] if first else [f["att.v2"]])
-                    stage2 = _gemv(low, ws2, [0] * len(ws2))
-                    wl, al, g = stage2[:3]
-                    vl = None if first else stage2[3]
+                ws2 = [f["att.w2"], f["att.a2"], f["att.g2"]] + ([] if first else [f["att.v2"]])
+                stage2 = _gemv(low, ws2, [0] * len(ws2))
+                wl, al, g = stage2[:3]
+                vl = None if first else stage2[3]
             else:       # batched GEMMs: r|k|v (plain matrices), v|w|a's two low-rank stages
                 bmm = dispatch.bgemm if self.tuned_gemm else torch.bmm
                 if "rkv" in f:
@@ -773,13 +700,7 @@ class FusedCuda(Backend):
                 vl = None if first else vl
                 g = torch.sigmoid(xg @ p["att.g1"]) @ p["att.g2"]
             y = torch.empty_like(x)
-            if low2:                            # one block per (row, head): the second stage + pre + step + post
-                ops.v7_tmix_low_cuda(r, k, v, list(low), f["low2_in"][:len(low)], v_first, p["att.w0"], p["att.a0"],
-                                     p["att.k_k"], p["att.k_a"], None if first else p["att.v0"], p["att.r_k"],
-                                     p["att.ln_x.weight"], p["att.ln_x.bias"], s, y, H,
-                                     *(side if side is not None else (None, None)))
-                self.low2_fused += 1
-            elif small or large_wkv == "one":   # one block per (row, head): pre + state step + post
+            if small or large_wkv == "one":   # one block per (row, head): pre + state step + post
                 ops.v7_tmix_one_cuda(r, k, v, wl, al, g, vl, v_first, p["att.w0"], p["att.a0"], p["att.k_k"],
                                      p["att.k_a"], None if first else p["att.v0"], p["att.r_k"],
                                      p["att.ln_x.weight"], p["att.ln_x.bias"], s, y, H, not small)

@@ -12,9 +12,7 @@ value product (the compiled row kernel ``dispatch.ffn_rows``, fp16 and bf16, i8 
 with fp16: uint8 / e4m3 rows, relu² taken as it loads k): decode steps with the zero rows of relu(k)² skipped
 (``ffn="sparse"``) give the same logits and states (``torch.equal``) as the same kernel reading every row
 (``ffn="dense"``) at batch 1 and 4, and agree with the grouped GEMV on the output-major matrix
-(``FusedCuda(ffn="gemv")``) to TOL; the share of rows skipped is printed per batch. The second low-rank stage inside
-the WKV launch (the default where its probe passes) against its own GEMV launch, with ln1 / ln2 folded and not.
-Exit status 1 on a failure.
+(``FusedCuda(ffn="gemv")``) to TOL; the share of rows skipped is printed per batch. Exit status 1 on a failure.
 """
 
 from __future__ import annotations
@@ -150,41 +148,6 @@ def fold_cases(w, tokens, row) -> None:
         torch.cuda.empty_cache()
 
 
-def low2_cases(w, tokens, row) -> None:
-    """The second low-rank stage inside the WKV launch (``FusedCuda(low_rank_in_wkv=True)``, the default where its
-    load probe passes): decode steps (CUDA graphs) vs the same model with the stage in its own GEMV launch (logits
-    and states; the stage's sums in another order), with ln1 / ln2 folded into the GEMV launches and not."""
-    from rwkv_chat.models.backends.fused_cuda import FusedCuda
-
-    for strategy in ("cuda fp16", "cuda bf16", "cuda fp16i8", "cuda fp16i4"):
-        for fold in (False, True):
-            model = RWKV(model=w, strategy=strategy)
-            note = "not the fused backend"
-            if isinstance(model.backend, FusedCuda):
-                model.backend = FusedCuda(model, model.backend.ops, fold_norms=fold)
-                note = model.backend.low2_note
-            if note is not None:
-                row(f"decode with the second low-rank stage inside the WKV launch (fold_norms={fold})", strategy,
-                    f"NOT SERVING ({note})", float("inf"))
-                continue
-            _, st = model.forward(tokens, None)
-            tol = TOL if "bf16" not in strategy else 2 * TOL     # bf16: 8 mantissa bits, other sum order
-            for batch in (1, 4):
-                model.backend.low2_fused = 0
-                got, st_got = decode_all(model, st, batch, 6)
-                fused = model.backend.low2_fused
-                model.backend.low_rank_in_wkv = False
-                want, st_want = decode_all(model, st, batch, 6)
-                model.backend.low_rank_in_wkv = True
-                row(f"decode batch {batch}, 6 steps: second low-rank stage inside the WKV launch vs its own GEMV "
-                    f"(logits, states; fold_norms={model.backend.fold_norms})", strategy,
-                    f"graph, v7_tmix_low in {fused} layer launches",
-                    max(rel(got, want), max(state_rel(a, b) for a, b in zip(st_got, st_want)))
-                    if fused else float("inf"), tol=tol)
-            del model
-            torch.cuda.empty_cache()
-
-
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="0.1B")
@@ -275,7 +238,6 @@ def main() -> int:
         torch.cuda.empty_cache()
     ffn_cases(w, tokens, row)
     fold_cases(w, tokens, row)
-    low2_cases(w, tokens, row)
     lines += ["", f"{count[0]} cases: {count[1]} pass, {count[0] - count[1]} fail"]
     return finish(lines, args.out, ok)
 
