@@ -89,10 +89,11 @@ def _sorted_unique(ids):
     return ids
 
 
-def pack_entries(entries: list, vocab: int, cap: int | None = None, rows: int | None = None):
+def pack_entries(entries: list, vocab: int, cap: int | None = None, rows: int | None = None, out=None):
     """Row j's entries (``row_entries``, None for none) as flat ids ``j * vocab + id`` (int64 numpy [E]) and their
     values (float32 numpy [3, E]); with ``cap``, each row padded to ``cap`` entries (and ``rows`` rows in all) whose
-    id is the scratch index ``rows * vocab`` and whose values change nothing."""
+    id is the scratch index ``rows * vocab`` and whose values change nothing; ``out``: with ``cap``, the arrays
+    (int64 [rows * cap], float32 [3, rows * cap]) to write them into."""
     import numpy as np
     if cap is None:
         ids = [e[0] + j * vocab for j, e in enumerate(entries) if e is not None]
@@ -100,15 +101,18 @@ def pack_entries(entries: list, vocab: int, cap: int | None = None, rows: int | 
         if not ids:
             return np.zeros(0, dtype=np.int64), np.zeros((3, 0), dtype=np.float32)
         return np.concatenate(ids), np.concatenate(vals, axis=1)
-    ids = np.full((rows, cap), rows * vocab, dtype=np.int64)
-    vals = np.zeros((3, rows, cap), dtype=np.float32)
+    if out is None:
+        out = np.empty(rows * cap, dtype=np.int64), np.empty((3, rows * cap), dtype=np.float32)
+    ids, vals = out[0].reshape(rows, cap), out[1].reshape(3, rows, cap)
+    ids.fill(rows * vocab)
     vals[0] = 1.0
+    vals[1:] = 0.0
     for j, e in enumerate(entries):
         if e is not None:
             n = e[0].size
             ids[j, :n] = e[0] + j * vocab
             vals[:, j, :n] = e[1]
-    return ids.reshape(-1), vals.reshape(3, -1)
+    return out
 
 
 def apply_entries(flat: torch.Tensor, ids: torch.Tensor, values: torch.Tensor) -> None:
@@ -216,10 +220,6 @@ def to_device(array, device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
-def _upload(dst: torch.Tensor, array) -> None:
-    """``dst`` (a static CUDA tensor of a graph) <- the numpy ``array``, one asynchronous copy from pinned memory."""
-    import torch
-    dst.copy_(torch.from_numpy(array).pin_memory(), non_blocking=True)
 
 
 def _bucket(n: int, least: int = 1) -> int:
@@ -229,7 +229,10 @@ def _bucket(n: int, least: int = 1) -> int:
 class _FirstGraph:
     """One captured first pass: static rows ``x`` (inside ``flat``, whose last element is the entries' scratch),
     entries ``ids`` / ``values``, outputs ``packed`` / ``probs``; and the whole-row pass on ``probs``, captured
-    when first needed (``params`` -> ``tokens``)."""
+    when first needed (``params`` -> ``tokens``). The entries and the parameters are staged in pinned host tensors
+    kept with the graph (``ids_h``, ``values_h``, ``params_h``) and sent by asynchronous copies; every replay ends
+    with a copy of its outputs to the host, which waits for those copies, so the next step may write the staging
+    tensors again (``inflight`` marks a step that did not get there)."""
 
     def __init__(self, device, rows: int, vocab: int, cap: int, window: int, pool) -> None:
         import torch
@@ -237,10 +240,43 @@ class _FirstGraph:
         self.flat = torch.zeros(rows * vocab + 1, dtype=torch.float32, device=device)
         self.x = self.flat[:rows * vocab].view(rows, vocab)
         ids, vals = pack_entries([], vocab, cap, rows)
-        self.ids = torch.from_numpy(ids).to(device)
-        self.values = torch.from_numpy(vals).to(device)
+        self.ids_h, self.values_h = torch.from_numpy(ids).pin_memory(), torch.from_numpy(vals).pin_memory()
+        self.ids = self.ids_h.to(device, copy=True)
+        self.values = self.values_h.to(device, copy=True)
+        self.padding_only = True                           # the device entries change nothing (no row has any)
+        self.params_h = torch.zeros(rows, 4, dtype=torch.float64).pin_memory()
+        self.inflight = False
         self.graph, (self.packed, self.probs) = _capture(self._body, device, pool)
         self.whole = None                                  # (graph, params, tokens), or False: eager
+
+    def stage(self, entries: list) -> None:
+        """Send the rows' penalty ``entries`` (padded to the capacity) to the static entry tensors, unless neither
+        they nor the last ones change anything."""
+        none = all(e is None for e in entries)
+        if none and self.padding_only:
+            return
+        self._settle()
+        pack_entries(entries, self.vocab, self.cap, self.rows, out=(self.ids_h.numpy(), self.values_h.numpy()))
+        self.inflight = True
+        self.ids.copy_(self.ids_h, non_blocking=True)
+        self.values.copy_(self.values_h, non_blocking=True)
+        self.padding_only = none
+
+    def stage_params(self, dst, params) -> None:
+        """``dst`` (the whole-row pass's static parameters) <- ``params`` (float64 numpy [rows, 4]), through
+        ``params_h``."""
+        self._settle()
+        self.params_h.numpy()[:] = params
+        self.inflight = True
+        dst.copy_(self.params_h, non_blocking=True)
+
+    def _settle(self) -> None:
+        """Wait for copies from the staging tensors that no replay's result has waited for (a step that failed
+        between its copies and its result)."""
+        if self.inflight and self.x.is_cuda:
+            import torch
+            torch.cuda.current_stream(self.x.device).synchronize()
+        self.inflight = False
 
     def _body(self):
         apply_entries(self.flat, self.ids, self.values)
@@ -298,16 +334,20 @@ class SamplingGraphs:
             while len(self.graphs) >= self.limit:
                 self.graphs.pop(next(iter(self.graphs)))
         self.graphs[key] = e                              # most recently used last
-        e.x[:n].copy_(torch.stack(rows) if n > 1 else rows[0].unsqueeze(0))
-        ids, vals = pack_entries(entries, vocab, e.cap, e.rows)
-        _upload(e.ids, ids)
-        _upload(e.values, vals)
+        if n == 1:
+            e.x[0].copy_(rows[0])
+        elif all(r.dtype == e.x.dtype for r in rows):
+            torch.stack(rows, out=e.x[:n])
+        else:
+            e.x[:n].copy_(torch.stack(rows))
+        e.stage(entries)
         if fresh:                                          # the probe: the eager passes on the same inputs
             flat = e.flat.clone()
             apply_entries(flat, e.ids, e.values)
             want = first_pass(flat[:e.rows * vocab].view(e.rows, vocab), self.window)[0]
         e.graph.replay()
         host = e.packed.cpu()
+        e.inflight = False
         if fresh and not _same(host, want.cpu()):
             self.graphs.pop(key)
             self.eager.add(key)
@@ -331,9 +371,10 @@ class SamplingGraphs:
                 e.whole = False
                 return None
         g, p, tokens = e.whole
-        _upload(p, params)
+        e.stage_params(p, params)
         g.replay()
         got = tokens.cpu()
+        e.inflight = False
         if fresh and not _same(got, whole_rows_tokens(e.probs, p).cpu()):
             e.whole = False
             return None

@@ -654,6 +654,31 @@ def test_a_sampling_graph_that_differs_from_the_eager_passes_is_not_used(monkeyp
     assert graphs.first([row], [ds.row_entries(s)]) is None
 
 
+def test_a_sampling_graph_sends_new_entries_and_clears_old_ones(monkeypatch):
+    """The entries staged for a graph follow the rows: a penalized row's entries reach the pass, and a later row
+    without any (after a reset, or another sampler in the same shape) gets none of them: its first pass equals the
+    eager one on its own logits; the pinned staging tensors are reused, not reallocated."""
+    from rwkv_chat.models.text import device_sampling as ds
+
+    graphs = _stand_in_graphs(monkeypatch)
+    s = Sampler(SamplerArgs(seed=0, alpha_presence=2.0, alpha_frequency=0.0))
+    s._allocate(3000)
+    row = torch.randn(3000, generator=torch.Generator().manual_seed(5)) * 3
+    for token in (int(torch.argmax(row)), 7, 9):
+        s._take(token, 3000)                       # drawn tokens: the presence penalty's
+    plain = ds.first_pass(row[None].clone(), 256)[0]
+    penalized_row = row.clone()
+    ds.apply_entries(penalized_row, *(torch.from_numpy(a) for a in ds.row_entries(s)))
+    penalized = ds.first_pass(penalized_row[None], 256)[0]
+    assert not torch.equal(plain, penalized)
+    for entries, want in (([None], plain), ([ds.row_entries(s)], penalized), ([None], plain), ([None], plain),
+                          ([ds.row_entries(s)], penalized)):
+        e, host = graphs.first([row], entries)
+        assert torch.equal(host, want)
+    (g,) = graphs.graphs.values()
+    assert g.padding_only is False and g.ids_h.numel() == g.cap
+
+
 def test_ties_at_the_top_k_cut_and_top_p_one_draw_alike_on_both_paths():
     """At a tie at the top-k cut both paths keep the lowest token ids, and top_p 1 keeps every token on both
     (whatever a float32 running sum does: on peaked rows it reaches 1 before the smallest tokens, which a
