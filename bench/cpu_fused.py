@@ -1,12 +1,13 @@
 """CPU decode/prefill: the engine (fused CPU call) against the reference ``rwkv`` 0.8.32, 1 and 2 threads.
 
-    python bench/cpu_fused.py [--tiny DIR] [--shape 0.1B] [--repeats 3] [--md FILE]
+    python bench/cpu_fused.py [--tiny DIR] [--shape 0.1B] [--strategy "cpu fp32"] [--repeats 3] [--md FILE]
 
 For every tiny model in DIR (and the RWKV-7 0.1B shape with random weights) and for torch threads 1 and
 2: decode tok/s through ``RWKV.forward`` one token at a time (greedy, the drop-in API the reference
 offers) and through ``BatchDecoder`` at batch 1 (the daemon's path), prefill tok/s (``forward`` of a
 prompt), each the median of ``--repeats`` runs. The reference runs in its own process on the same
-weights, with RWKV_JIT_ON=0 and =1 (its v7 class is TorchScript either way), timed the same way.
+weights and strategy (``cpu fp32`` or ``cpu fp32i8``), with RWKV_JIT_ON=0 and =1 (its v7 class is TorchScript
+either way), timed the same way.
 The machine may be shared: the medians damp, but do not remove, other processes' noise.
 """
 
@@ -31,7 +32,7 @@ out = os.fdopen(os.dup(1), "w"); os.dup2(2, 1); sys.stdout = sys.stderr
 import torch
 torch.set_num_threads(req["threads"])
 from rwkv.model import RWKV
-m = RWKV(model=req["model"], strategy="cpu fp32")
+m = RWKV(model=req["model"], strategy=req["strategy"])
 res = {"decode": [], "prefill": []}
 for _ in range(req["repeats"]):
     logits, st = m.forward([1, 2, 3, 4], None)
@@ -46,13 +47,13 @@ print(json.dumps(res), file=out, flush=True)
 
 
 def reference(pth: Path, v7: bool, threads: int, jit: bool, tokens: int, prompt: int, vocab: int,
-              repeats: int) -> dict:
+              repeats: int, strategy: str = "cpu fp32") -> dict:
     env = dict(os.environ, RWKV_JIT_ON="1" if jit else "0", RWKV_CUDA_ON="0")
     if v7:
         env["RWKV_V7_ON"] = "1"
     model = str(pth)[:-4] if v7 else str(pth)
     req = {"model": model, "threads": threads, "tokens": tokens, "prompt": prompt, "vocab": vocab,
-           "repeats": repeats}
+           "repeats": repeats, "strategy": strategy}
     p = subprocess.run([sys.executable, "-c", _REF, json.dumps(req)], env=env, text=True, capture_output=True,
                        timeout=1800)
     try:
@@ -98,6 +99,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", default=str(Path(__file__).resolve().parents[1] / ".." / "shared" / "models"))
     ap.add_argument("--shape", default="0.1B", help="RWKV-7 shape with random weights ('' to skip)")
     ap.add_argument("--only", nargs="*", help="substrings of the tiny model names to run")
+    ap.add_argument("--strategy", default="cpu fp32", choices=["cpu fp32", "cpu fp32i8"],
+                    help="the strategy of both engines (default: cpu fp32)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--md", help="append the table to this markdown file")
@@ -115,14 +118,14 @@ def main(argv=None) -> int:
             w = shapes.random_checkpoint(shape, dtype=torch.float32)
             tmp = Path(tempfile.mkdtemp(prefix="rwkv-cpu-bench-")) / f"rwkv7-{shape}.pth"
             shapes.save_pth(w, tmp)
-            model, pth, tokens, prompt = RWKV(w, "cpu fp32"), tmp, 24, 128
+            model, pth, tokens, prompt = RWKV(w, args.strategy), tmp, 24, 128
             del w
         else:
-            model, pth, tokens, prompt = RWKV(path, "cpu fp32"), path, 300, 256
+            model, pth, tokens, prompt = RWKV(path, args.strategy), path, 300, 256
         for th in args.threads:
             o = ours(model, th, tokens, prompt, args.repeats)
             refs = {jit: reference(pth, model.version == "7", th, jit, tokens, prompt, model.vocab_size,
-                                   args.repeats) for jit in (False, True)}
+                                   args.repeats, args.strategy) for jit in (False, True)}
             row = {"model": name, "threads": th, **o, "fused": model.fused_cpu is not None,
                    "ref_jit0": refs[False], "ref_jit1": refs[True]}
             rows.append(row)
@@ -131,7 +134,7 @@ def main(argv=None) -> int:
         if tmp:
             tmp.unlink(missing_ok=True)
     lines = [*provenance(device="cpu"), "",
-             f"`cpu fp32`; each number the median of {args.repeats} runs; decode: greedy, one token per `forward` "
+             f"`{args.strategy}`; each number the median of {args.repeats} runs; decode: greedy, one token per `forward` "
              "call (300 tokens, 24 for a random shape), and `BatchDecoder` at batch 1; prefill: one `forward` of 256 "
              "tokens (128 for a random shape); the reference `rwkv` 0.8.32 in its own process with RWKV_JIT_ON=0 "
              "and =1, the better of the two the ratio's denominator", "",

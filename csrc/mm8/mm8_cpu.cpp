@@ -1,19 +1,96 @@
 // mm8 on the CPU: y = x @ dequantize(w) for the reference's i8 weights, fp32 accumulation.
-// Formula and its factored evaluation: see mm8_cuda.cu. OpenMP over (row, column block); each
-// thread streams the weight rows of its column block (contiguous bytes).
+// Formula and its factored evaluation: see mm8_cuda.cu: y = rx * (sum_n xr[n] w[n, m] + 0.5 sum_n xr[n])
+// + sum_n x[n] my[n] + mx[m] sum_n x[n], xr = x * ry. The sum over the uint8 weights runs over chunks of
+// kChunk columns: for each input n in order, the chunk's accumulators take xr[n] * w[n, chunk] (each weight row
+// segment read contiguously; four rows a pass). With AVX2 + FMA (checked at run time) the accumulators are
+// 8-float vectors, the bytes widened by vpmovzxbd and each step one fused multiply-add; elsewhere plain loops.
+// OpenMP over (chunk, row), the rows of a chunk inner so its weights stay in cache across the rows of a prompt.
+// Each column's sum runs over n in order in one code path whatever the row count, so a row's results do not
+// depend on the other rows of the call.
 #include <algorithm>
+#include <cmath>
 #include <vector>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define RWKV_MM8_AVX2 1
+#endif
 
 #include "../common/cpu_kernels.h"
 
 namespace rwkv_chat {
 namespace {
 
+constexpr int64_t kChunk = 512;
+
+// acc[0:W] = sum_n xr[n] * w[n, 0:W] (row stride M), W <= kChunk; the plain form.
+void chunk_sums_plain(const float* xr, int64_t N, const uint8_t* w, int64_t M, int64_t W, float* acc) {
+    std::fill(acc, acc + W, 0.f);
+    for (int64_t n = 0; n < N; ++n) {
+        const float s = xr[n];
+        const uint8_t* wn = w + n * M;
+        for (int64_t m = 0; m < W; ++m) acc[m] = std::fma(s, static_cast<float>(wn[m]), acc[m]);
+    }
+}
+
+#ifdef RWKV_MM8_AVX2
+// The same sums with AVX2 + FMA: each accumulator takes xr[n] * w[n, m] for n in order (one fused multiply-add a
+// step, as std::fma in the plain form, so both give the same bits).
+__attribute__((target("avx2,fma"))) void chunk_sums_avx2(const float* xr, int64_t N, const uint8_t* w, int64_t M,
+                                                        int64_t W, float* acc) {
+    const int64_t V = W / 8 * 8;
+    std::fill(acc, acc + W, 0.f);
+    int64_t n = 0;
+    for (; n + 4 <= N; n += 4) {
+        const uint8_t* w0 = w + n * M;
+        const __m256 x0 = _mm256_set1_ps(xr[n]), x1 = _mm256_set1_ps(xr[n + 1]);
+        const __m256 x2 = _mm256_set1_ps(xr[n + 2]), x3 = _mm256_set1_ps(xr[n + 3]);
+        for (int64_t m = 0; m < V; m += 8) {
+            const uint8_t* p = w0 + m;
+            __m256 a = _mm256_loadu_ps(acc + m);
+            a = _mm256_fmadd_ps(x0, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
+                    _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)))), a);
+            a = _mm256_fmadd_ps(x1, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
+                    _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + M)))), a);
+            a = _mm256_fmadd_ps(x2, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
+                    _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 2 * M)))), a);
+            a = _mm256_fmadd_ps(x3, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
+                    _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 3 * M)))), a);
+            _mm256_storeu_ps(acc + m, a);
+        }
+        for (int64_t m = V; m < W; ++m)
+            for (int k = 0; k < 4; ++k) acc[m] = std::fma(xr[n + k], static_cast<float>(w0[k * M + m]), acc[m]);
+    }
+    for (; n < N; ++n) {
+        const uint8_t* wn = w + n * M;
+        const __m256 s = _mm256_set1_ps(xr[n]);
+        for (int64_t m = 0; m < V; m += 8)
+            _mm256_storeu_ps(acc + m, _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
+                _mm_loadl_epi64(reinterpret_cast<const __m128i*>(wn + m)))), _mm256_loadu_ps(acc + m)));
+        for (int64_t m = V; m < W; ++m) acc[m] = std::fma(xr[n], static_cast<float>(wn[m]), acc[m]);
+    }
+}
+
+bool have_avx2() {
+    static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    return yes;
+}
+#endif
+
+void chunk_sums(const float* xr, int64_t N, const uint8_t* w, int64_t M, int64_t W, float* acc) {
+#ifdef RWKV_MM8_AVX2
+    if (have_avx2()) {
+        chunk_sums_avx2(xr, N, w, M, W, acc);
+        return;
+    }
+#endif
+    chunk_sums_plain(xr, N, w, M, W, acc);
+}
+
 template <typename F>
 void mm8_impl(int64_t rows, int64_t N, int64_t M, const F* x, const uint8_t* w, const F* mx, const F* rx,
               const F* my, const F* ry, F* y) {
-    constexpr int64_t kCols = 256;
-    const int64_t blocks = (M + kCols - 1) / kCols;
+    const int64_t chunks = (M + kChunk - 1) / kChunk;
     // Per-row scalars: xr[n] = x[n] ry[n], sum xr, sum x my, sum x.
     std::vector<float> xr(rows * N), sxr(rows), sxmy(rows), sx(rows);
     for (int64_t r = 0; r < rows; ++r) {
@@ -28,18 +105,11 @@ void mm8_impl(int64_t rows, int64_t N, int64_t M, const F* x, const uint8_t* w, 
         sxr[r] = a; sxmy[r] = b; sx[r] = c;
     }
 #pragma omp parallel for collapse(2) schedule(static)
-    for (int64_t r = 0; r < rows; ++r) {
-        for (int64_t blk = 0; blk < blocks; ++blk) {
-            const int64_t m0 = blk * kCols, m1 = std::min(M, m0 + kCols);
-            float acc[kCols];
-            std::fill(acc, acc + kCols, 0.f);
-            const float* xrr = xr.data() + r * N;
-            for (int64_t n = 0; n < N; ++n) {
-                const float s = xrr[n];
-                const uint8_t* wr = w + n * M + m0;
-#pragma omp simd
-                for (int64_t m = 0; m < m1 - m0; ++m) acc[m] += s * static_cast<float>(wr[m]);
-            }
+    for (int64_t t = 0; t < chunks; ++t) {
+        for (int64_t r = 0; r < rows; ++r) {
+            const int64_t m0 = t * kChunk, m1 = std::min(M, m0 + kChunk);
+            float acc[kChunk];
+            chunk_sums(xr.data() + r * N, N, w + m0, M, m1 - m0, acc);
             for (int64_t m = m0; m < m1; ++m) {
                 const float v = static_cast<float>(rx[m]) * (acc[m - m0] + 0.5f * sxr[r]) + sxmy[r] +
                                 static_cast<float>(mx[m]) * sx[r];

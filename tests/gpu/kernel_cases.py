@@ -571,7 +571,7 @@ def all_cases(device: str, quick: bool = False):
                                   case_wkv7(B, T, H, 64, dt, device, s, L, tensor_cores=tc)))
         # mm8: 1..4 rows (GEMV on CUDA: one tile, several tiles of N, lane groups < 32 for small N, a
         # partial last block), more rows (dequantize + cuBLAS), N % 16 != 0 (dequantize path)
-        shapes = ((1, 64, 48), (5, 96, 80), (1, 33, 37)) if quick else (
+        shapes = ((1, 64, 48), (5, 96, 80), (1, 33, 37), (2, 70, 1037)) if quick else (
             (1, 2048, 2048), (1, 4096, 4096), (1, 4096, 16384), (1, 16384, 4096), (1, 24576, 256), (2, 4096, 1000),
             (3, 1024, 2048), (4, 2048, 4096), (4, 16384, 512), (1, 64, 48), (2, 96, 40), (4, 16, 24), (1, 1000, 4000),
             (3, 520, 77), (5, 256, 384), (16, 512, 1024), (40, 512, 768), (1, 96, 40),

@@ -62,6 +62,20 @@ def test_cpu_kernel_matches_torch_path(cpu_loader, family, desc, dtype, fn):
     assert err <= TOL[dtype], f"{family} {desc} {dtype}: relative error {err:.3e}"
 
 
+def test_a_row_of_the_cpu_mm8_is_the_same_alone_or_with_other_rows(cpu_loader):
+    """The compiled CPU mm8 gives each row the same bits whatever rows share the call (decode steps of any batch
+    size), across several column chunks with a partial last one."""
+    from rwkv_chat.models.formats.i8 import quantize_i8
+
+    g = torch.Generator().manual_seed(4)
+    q = quantize_i8(torch.randn(70, 1037, generator=g), torch.float32, output_major=False)
+    x = torch.randn(6, 70, generator=g)
+    together = kernels.mm8(x, q)
+    for i in range(6):
+        assert torch.equal(kernels.mm8(x[i:i + 1], q)[0], together[i])
+    assert torch.equal(kernels.mm8(x[2:5], q), together[2:5])
+
+
 def test_non_contiguous_inputs_are_served(cpu_loader):
     r, w, k, v, a, b, s = wkv7_inputs(2, 6, 2, 16, torch.float32, seed=11)
     rt = r.transpose(0, 1).contiguous().transpose(0, 1)     # same values, non-contiguous
