@@ -2,7 +2,8 @@
 // Activations are float32 [rows, width] row-major; a weight is [in N, out M] row-major, float32 or
 // the reference's i8 scheme (uint8 w [N, M], scales mx, rx [M], my, ry [N, 1], see models/formats/i8.py).
 // Small products run as hand loops on one thread (no dispatch, no fork/join); large ones go to
-// at::mm (MKL/oneDNN) or the OpenMP mm8 kernel (mm8/mm8_cpu.cpp).
+// at::mm (MKL/oneDNN) or the OpenMP mm8 kernel (mm8/mm8_cpu.cpp); an i8 matrix times a prompt's rows is
+// dequantized for at::mm.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -138,6 +139,24 @@ RWKV_FUSED_INLINE void gemm(const float* x, int64_t ldx, int64_t R, const Mat& m
             float* yr = y + r * M;
             gemv(xr, N, m.w, M, yr);
         }
+        return;
+    }
+    // i8, a prompt (more than kStepRows rows): the matrix dequantized, (w + 0.5) ry rx + my + mx (the reference's
+    // i8 formula, models/formats/i8.py), then at::mm: the rows share the BLAS product's tiles
+    if (big && R > kStepRows) {
+        at::Tensor wt = at::empty({N, M}, at::TensorOptions().dtype(at::kFloat));
+        float* wd = wt.data_ptr<float>();
+#pragma omp parallel for schedule(static)
+        for (int64_t n = 0; n < N; ++n) {
+            const uint8_t* qn = m.q + n * M;
+            float* dn = wd + n * M;
+            const float ry = m.ry[n], my = m.my[n];
+            for (int64_t j = 0; j < M; ++j) dn[j] = (static_cast<float>(qn[j]) + 0.5f) * ry * m.rx[j] + my + m.mx[j];
+        }
+        auto opts = at::TensorOptions().dtype(at::kFloat);
+        at::Tensor xt = at::from_blob(const_cast<float*>(x), {R, N}, {ldx, 1}, opts);
+        at::Tensor yt = at::from_blob(y, {R, M}, opts);
+        at::mm_out(yt, xt, wt);
         return;
     }
     // i8: y = rx * (sum_n x ry w + 0.5 sum_n x ry) + sum_n x my + mx * sum_n x (as mm8_cpu_kernel)

@@ -177,7 +177,9 @@ def mm8(x: torch.Tensor, q: _quant.Int8Weight, *, out=None) -> torch.Tensor:
         q: Int8Weight (logical [N, M]). The compiled ops read the layout of their device: output-major on
             CUDA (GEMV for <= 4 rows: the uint8 GEMV of ``csrc/gemvq`` where ``gemvq_u8_sound`` and it reads the
             weight (``gemvq_u8_ok``), else ``csrc/mm8``'s; more rows: dequantize + cuBLAS), input-major on the
-            CPU; a weight in the other layout is served by the torch path (``i8.mm8_torch``), correct but slower.
+            CPU (up to ``MM8_CPU_ROWS`` rows, decode steps: ``csrc/mm8``'s kernel; more, a prompt: dequantize +
+            BLAS, the rows sharing its tiles); a weight in the other layout is served by the torch path
+            (``i8.mm8_torch``), correct but slower.
             On CUDA, 5 to
             ``ops.gemv.I8_ROWS`` rows of fp16 / bf16 (decode batches) go to the Triton kernel reading the uint8
             weights as they are (``ops.gemv.i8_gemm``, either layout) where it is probed sound
@@ -199,7 +201,8 @@ def mm8(x: torch.Tensor, q: _quant.Int8Weight, *, out=None) -> torch.Tensor:
         N, M = q.shape
         y = _gemv.i8_gemm(x.reshape(-1, N), q).reshape(*x.shape[:-1], M)
         return y if out is None else out.copy_(y)
-    if not available(dev, "mm8") or q.output_major != _quant.prefers_output_major(x.device):
+    if (not available(dev, "mm8") or q.output_major != _quant.prefers_output_major(x.device)
+            or (dev == "cpu" and _rows(x) > MM8_CPU_ROWS)):
         y = _TORCH_MM8(x, q)
         return y if out is None else out.copy_(y)
     N, M = q.shape
@@ -214,6 +217,9 @@ def mm8(x: torch.Tensor, q: _quant.Int8Weight, *, out=None) -> torch.Tensor:
 GEMVQ_ROWS = 4
 #: the most rows the compiled mm8 GEMV serves (``csrc/mm8``; more: ``ops.gemv.i8_gemm`` or dequantize + cuBLAS)
 MM8_GEMV_ROWS = 4
+#: the most rows the compiled CPU mm8 kernel serves (a batched decode step; more rows, a prompt: dequantize + BLAS,
+#: as the fused CPU path's prompts above its ``kStepRows``)
+MM8_CPU_ROWS = 16
 
 
 def _i8_gemm_serves(x: torch.Tensor) -> bool:
