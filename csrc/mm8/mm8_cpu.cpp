@@ -3,7 +3,8 @@
 // + sum_n x[n] my[n] + mx[m] sum_n x[n], xr = x * ry. The sum over the uint8 weights runs over chunks of
 // kChunk columns: for each input n in order, the chunk's accumulators take xr[n] * w[n, chunk] (each weight row
 // segment read contiguously; four rows a pass). With AVX2 + FMA (checked at run time) the accumulators are
-// 8-float vectors, the bytes widened by vpmovzxbd and each step one fused multiply-add; elsewhere plain loops.
+// 8-float vectors, the bytes widened by vpmovzxbd and each step one fused multiply-add; elsewhere plain loops
+// (which the compiler vectorizes for the baseline).
 // OpenMP over (chunk, row), the rows of a chunk inner so its weights stay in cache across the rows of a prompt.
 // Each column's sum runs over n in order in one code path whatever the row count, so a row's results do not
 // depend on the other rows of the call.
@@ -29,13 +30,14 @@ void chunk_sums_plain(const float* xr, int64_t N, const uint8_t* w, int64_t M, i
     for (int64_t n = 0; n < N; ++n) {
         const float s = xr[n];
         const uint8_t* wn = w + n * M;
-        for (int64_t m = 0; m < W; ++m) acc[m] = std::fma(s, static_cast<float>(wn[m]), acc[m]);
+        for (int64_t m = 0; m < W; ++m) acc[m] += s * static_cast<float>(wn[m]);
     }
 }
 
 #ifdef RWKV_MM8_AVX2
-// The same sums with AVX2 + FMA: each accumulator takes xr[n] * w[n, m] for n in order (one fused multiply-add a
-// step, as std::fma in the plain form, so both give the same bits).
+// The same sums with AVX2 + FMA: each accumulator takes xr[n] * w[n, m] for n in order, one fused multiply-add a
+// step (the tail columns too), so the results are those of the plain form where the compiler fuses its
+// multiply-adds (aarch64, x86 built for FMA), within a rounding per step elsewhere.
 __attribute__((target("avx2,fma"))) void chunk_sums_avx2(const float* xr, int64_t N, const uint8_t* w, int64_t M,
                                                         int64_t W, float* acc) {
     const int64_t V = W / 8 * 8;

@@ -307,7 +307,8 @@ def test_tiny_models_same_logits_with_kernels(cpu_loader, model_path, version, s
 @pytest.mark.parametrize("K,N,rows,group,dtype,scale_dtype", [
     (256, 128, 1, 128, torch.float32, torch.float16), (1024, 300, 17, 128, torch.float32, torch.float16),
     (512, 520, 9, 128, torch.float32, torch.float32), (96, 40, 5, 32, torch.float32, torch.bfloat16),
-    (512, 64, 2, 64, torch.bfloat16, torch.float16), (136, 24, 3, 8, torch.float16, torch.float16)])
+    (512, 64, 2, 64, torch.bfloat16, torch.float16), (136, 24, 3, 8, torch.float16, torch.float16),
+    (200, 300, 1, 8, torch.float32, torch.float16)])
 def test_cpu_int4_product_equals_the_dequantized_one(cpu_loader, K, N, rows, group, dtype, scale_dtype):
     """``kernels.mm4`` on the CPU through the compiled product (``csrc/gemvq/gemvq_cpu.cpp``: GPTQ words read as
     stored, more than 8 rows in passes, N and K padded to the packing) against x @ the dequantized weight in
