@@ -10,7 +10,22 @@
 
 #include <cstdint>
 
+// x86-64 with GCC or Clang: kernels may carry an AVX2 + FMA form (functions with target("avx2,fma")), taken where
+// cpu_has_avx2_fma() says the CPU runs it.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define RWKV_CHAT_X86_AVX2 1
+#endif
+
 namespace rwkv_chat {
+
+#ifdef RWKV_CHAT_X86_AVX2
+// Whether this CPU runs AVX2 and FMA instructions (asked once).
+inline bool cpu_has_avx2_fma() {
+    static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    return yes;
+}
+#endif
 
 void wkv4_cpu_kernel(int act, int64_t B, int64_t T, int64_t C, const float* w, const float* u, const void* k,
                      const void* v, const float* aa, const float* bb, const float* pp, void* y, float* aa_out,

@@ -9,11 +9,6 @@
 #include <algorithm>
 #include <cmath>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#include <immintrin.h>
-#define RWKV_I4_AVX2 1
-#endif
-
 #include "../common/cpu_kernels.h"
 
 namespace rwkv_chat {
@@ -30,7 +25,7 @@ void word_row_plain(const uint32_t* wr, int64_t cols, const float* xv, float* ar
     }
 }
 
-#ifdef RWKV_I4_AVX2
+#ifdef RWKV_CHAT_X86_AVX2
 // The same with AVX2 + FMA: 8 columns a vector, each nibble widened in the register and one fused multiply-add
 // per nibble, in the same order.
 __attribute__((target("avx2,fma"))) void word_row_avx2(const uint32_t* wr, int64_t cols, const float* xv,
@@ -59,15 +54,11 @@ __attribute__((target("avx2,fma"))) void word_row_avx2(const uint32_t* wr, int64
     }
 }
 
-bool have_avx2() {
-    static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    return yes;
-}
 #endif
 
 void word_row(const uint32_t* wr, int64_t cols, const float* xv, float* ar) {
-#ifdef RWKV_I4_AVX2
-    if (have_avx2()) {
+#ifdef RWKV_CHAT_X86_AVX2
+    if (cpu_has_avx2_fma()) {
         word_row_avx2(wr, cols, xv, ar);
         return;
     }

@@ -12,11 +12,6 @@
 #include <cmath>
 #include <vector>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#include <immintrin.h>
-#define RWKV_MM8_AVX2 1
-#endif
-
 #include "../common/cpu_kernels.h"
 
 namespace rwkv_chat {
@@ -34,7 +29,7 @@ void chunk_sums_plain(const float* xr, int64_t N, const uint8_t* w, int64_t M, i
     }
 }
 
-#ifdef RWKV_MM8_AVX2
+#ifdef RWKV_CHAT_X86_AVX2
 // The same sums with AVX2 + FMA: each accumulator takes xr[n] * w[n, m] for n in order, one fused multiply-add a
 // step (the tail columns too), so the results are those of the plain form where the compiler fuses its
 // multiply-adds (aarch64, x86 built for FMA), within a rounding per step elsewhere.
@@ -73,15 +68,11 @@ __attribute__((target("avx2,fma"))) void chunk_sums_avx2(const float* xr, int64_
     }
 }
 
-bool have_avx2() {
-    static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    return yes;
-}
 #endif
 
 void chunk_sums(const float* xr, int64_t N, const uint8_t* w, int64_t M, int64_t W, float* acc) {
-#ifdef RWKV_MM8_AVX2
-    if (have_avx2()) {
+#ifdef RWKV_CHAT_X86_AVX2
+    if (cpu_has_avx2_fma()) {
         chunk_sums_avx2(xr, N, w, M, W, acc);
         return;
     }

@@ -334,9 +334,7 @@ class SamplingGraphs:
             while len(self.graphs) >= self.limit:
                 self.graphs.pop(next(iter(self.graphs)))
         self.graphs[key] = e                              # most recently used last
-        if n == 1:
-            e.x[0].copy_(rows[0])
-        elif all(r.dtype == e.x.dtype for r in rows):
+        if all(r.dtype == e.x.dtype for r in rows):
             torch.stack(rows, out=e.x[:n])
         else:
             e.x[:n].copy_(torch.stack(rows))
