@@ -13,35 +13,53 @@ import triton.language as tl
 
 
 @triton.jit
+def _f32_bits(v):
+    """int32 v in 0..15 -> float32 v + 2^23 (bits 0x4B000000 | v: the value lands in the mantissa), without a
+    conversion instruction; the difference of two such numbers is the integer difference, exactly."""
+    return (v | 0x4B000000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _f16_bits(v):
+    """int32 / int16 v in 0..1023 -> float16 v + 1024 (bits 0x6400 | v), exactly and without a conversion
+    instruction; the difference of two such numbers is the integer difference, exactly."""
+    return (v.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _zeros(qz_ptr, g, offs_n, n_ok, N):
+    """The zero points z (int32 0..15) of group row(s) g and columns offs_n: stored z - 1 (GPTQ v1), 8 per word."""
+    zw = tl.load(qz_ptr + g * (N // 8) + offs_n // 8, mask=n_ok, other=0)
+    return (((zw >> ((offs_n % 8) * 4)) & 15) + 1) & 15
+
+
+@triton.jit
 def _dequant_tile(qw_ptr, qz_ptr, sc_ptr, gi_ptr, k0, offs_k, k_ok, offs_n, n_ok, K, N, group, stride_qk, stride_qn,
                   HAS_GIDX: tl.constexpr, ONE_GROUP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """The float32 weight tile [BLOCK_K, BLOCK_N] at rows k0.. and columns offs_n of a GPTQ int4 matrix.
 
     Each int32 of ``qweight`` (word [i, n] at ``i * stride_qk + n * stride_qn``: (N, 1) in the GPTQ layout,
     (1, K / 8) output-major) is loaded once ([BLOCK_K / 8, BLOCK_N] words) and split into its eight nibbles
-    (row k = 8·i + j is nibble j of word i). With ``ONE_GROUP`` (no g_idx, BLOCK_K divides the group) the tile
-    lies in one group: one row of scales and zeros; otherwise per row through g_idx or k // group.
+    (row k = 8·i + j is nibble j of word i); q - z is made exactly in float32 from the bits (``_f32_bits``: no
+    int-to-float conversion). With ``ONE_GROUP`` (no g_idx, BLOCK_K divides the group) the tile lies in one group:
+    one row of scales and zeros; otherwise per row through g_idx or k // group.
     """
     offs_w = k0 // 8 + tl.arange(0, BLOCK_K // 8)
     qw = tl.load(qw_ptr + offs_w[:, None] * stride_qk + offs_n[None, :] * stride_qn,
                  mask=(offs_w[:, None] < K // 8) & n_ok[None, :], other=0)
     shifts = tl.arange(0, 8) * 4
-    q = tl.reshape((qw[:, None, :] >> shifts[None, :, None]) & 15, (BLOCK_K, BLOCK_N))
+    q = _f32_bits(tl.reshape((qw[:, None, :] >> shifts[None, :, None]) & 15, (BLOCK_K, BLOCK_N)))
     if ONE_GROUP:
         g = k0 // group
         s = tl.load(sc_ptr + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-        zw = tl.load(qz_ptr + g * (N // 8) + offs_n // 8, mask=n_ok, other=0)
-        z = (((zw >> ((offs_n % 8) * 4)) & 15) + 1) & 15
-        return (q - z[None, :]).to(tl.float32) * s[None, :]
+        return (q - _f32_bits(_zeros(qz_ptr, g, offs_n, n_ok, N))[None, :]) * s[None, :]
     if HAS_GIDX:
         g = tl.load(gi_ptr + offs_k, mask=k_ok, other=0)
     else:
         g = offs_k // group
     tile_ok = k_ok[:, None] & n_ok[None, :]
     s = tl.load(sc_ptr + g[:, None] * N + offs_n[None, :], mask=tile_ok, other=0.0).to(tl.float32)
-    zw = tl.load(qz_ptr + g[:, None] * (N // 8) + offs_n[None, :] // 8, mask=tile_ok, other=0)
-    z = (((zw >> ((offs_n[None, :] % 8) * 4)) & 15) + 1) & 15
-    return (q - z).to(tl.float32) * s
+    return (q - _f32_bits(_zeros(qz_ptr, g[:, None], offs_n[None, :], tile_ok, N))) * s
 
 
 @triton.jit
@@ -89,18 +107,58 @@ def _x_tile(x_ptr, offs_m, m_ok, k0, K, stride_xm, BLOCK_K: tl.constexpr):
 @triton.jit
 def i4_gemv_kernel(x_ptr, qw_ptr, qz_ptr, sc_ptr, gi_ptr, y_ptr, ws_ptr, cnt_ptr, M, K, N, group, stride_qk, stride_qn,
                    stride_xm, stride_ym, k_per_split, n_splits, HAS_GIDX: tl.constexpr, ONE_GROUP: tl.constexpr,
-                   SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """y[m, n] = sum_k x[m, k] * (q[k, n] - ((z[g(k), n] + 1) & 15)) * s[g(k), n] (GPTQ v1 zeros)."""
+                   SWAP: tl.constexpr, BF16: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y[m, n] = sum_k x[m, k] * (q[k, n] - ((z[g(k), n] + 1) & 15)) * s[g(k), n] (GPTQ v1 zeros).
+
+    With ``ONE_GROUP`` and float16 x the tile is made in half precision without a conversion instruction: the
+    nibble as the float16 1024 + q (``_f16_bits``), less 1024 + z (exact), times the group's scale (one rounding of
+    the exact product: the same values as ``Int4Weight.dequantize``); ``SWAP`` puts the weight tile [BLOCK_N,
+    BLOCK_K] first in ``tl.dot`` (y^T = W^T x^T: the tensor cores take it from registers). Otherwise (bfloat16 x,
+    g_idx, groups that split a tile) the float32 tile of ``_dequant_tile`` rounded to x's dtype, x first (the
+    wrapper passes ``SWAP`` only where the half-precision tile is made).
+    """
     offs_m, offs_n, m_ok, n_ok = _program_tile(M, N, BLOCK_M, BLOCK_N)
     pid_k = tl.program_id(1)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWAP:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    shifts = tl.arange(0, 8) * 4
     k_lo = pid_k * k_per_split
     for k0 in range(k_lo, tl.minimum(k_lo + k_per_split, K), BLOCK_K):
-        offs_k, k_ok, xk = _x_tile(x_ptr, offs_m, m_ok, k0, K, stride_xm, BLOCK_K)
-        w = _dequant_tile(qw_ptr, qz_ptr, sc_ptr, gi_ptr, k0, offs_k, k_ok, offs_n, n_ok, K, N, group, stride_qk,
-                          stride_qn, HAS_GIDX, ONE_GROUP, BLOCK_K, BLOCK_N).to(xk.dtype)
-        acc += tl.dot(xk, w)
-    _finish(acc, y_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, m_ok, n_ok, M, N, stride_ym, n_splits, SPLIT, BLOCK_M,
+        if ONE_GROUP and SWAP and not BF16:
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            offs_w = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+            g = k0 // group
+            xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None],
+                         mask=m_ok[None, :] & (offs_k[:, None] < K), other=0.0)                  # [BK, BM]
+            qw = tl.load(qw_ptr + offs_n[:, None] * stride_qn + offs_w[None, :] * stride_qk,
+                         mask=n_ok[:, None] & (offs_w[None, :] < K // 8), other=0)             # [BN, BK / 8]
+            q = tl.reshape((qw[:, :, None] >> shifts[None, None, :]) & 15, (BLOCK_N, BLOCK_K))
+            s = tl.load(sc_ptr + g * N + offs_n, mask=n_ok, other=0.0)
+            w = (_f16_bits(q) - _f16_bits(_zeros(qz_ptr, g, offs_n, n_ok, N))[:, None]) * s[:, None]
+            acc = tl.dot(w, xt, acc)
+        elif ONE_GROUP and not BF16:
+            offs_k, k_ok, xk = _x_tile(x_ptr, offs_m, m_ok, k0, K, stride_xm, BLOCK_K)
+            offs_w = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+            g = k0 // group
+            qw = tl.load(qw_ptr + offs_w[:, None] * stride_qk + offs_n[None, :] * stride_qn,
+                         mask=(offs_w[:, None] < K // 8) & n_ok[None, :], other=0)             # [BK / 8, BN]
+            q = tl.reshape((qw[:, None, :] >> shifts[None, :, None]) & 15, (BLOCK_K, BLOCK_N))
+            s = tl.load(sc_ptr + g * N + offs_n, mask=n_ok, other=0.0)
+            w = (_f16_bits(q) - _f16_bits(_zeros(qz_ptr, g, offs_n, n_ok, N))[None, :]) * s[None, :]
+            acc = tl.dot(xk, w, acc)
+        else:
+            offs_k, k_ok, xk = _x_tile(x_ptr, offs_m, m_ok, k0, K, stride_xm, BLOCK_K)
+            w = _dequant_tile(qw_ptr, qz_ptr, sc_ptr, gi_ptr, k0, offs_k, k_ok, offs_n, n_ok, K, N, group, stride_qk,
+                              stride_qn, HAS_GIDX, ONE_GROUP, BLOCK_K, BLOCK_N).to(xk.dtype)
+            acc = tl.dot(xk, w, acc)
+    if SWAP:
+        out = tl.trans(acc)
+    else:
+        out = acc
+    _finish(out, y_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, m_ok, n_ok, M, N, stride_ym, n_splits, SPLIT, BLOCK_M,
             BLOCK_N)
 
 
@@ -150,8 +208,9 @@ def i8_gemm_kernel(x_ptr, w_ptr, mx_ptr, rx_ptr, my_ptr, ry_ptr, y_ptr, ws_ptr, 
     rx[n] (sum_k xr[m, k] w[k, n] + 0.5 sum_k xr[m, k]) + sum_k x[m, k] my[k] + mx[n] sum_k x[m, k] with xr = x ry
     rounded to x's dtype: the first sum on the tensor cores in x's dtype (w, 0..255, is exact in fp16 and bf16),
     the row sums in float32 beside it. The operands are swapped (y^T = W^T xr^T): the uint8 tile [BLOCK_N, BLOCK_K],
-    converted in registers, is the product's first operand, which the tensor cores take from registers (H100, 16 to
-    128 rows: 1.2-1.9x the kernel with x first)."""
+    converted in registers (float16 x: as the float16 1024 + w less 1024, ``_f16_bits``, no conversion instruction),
+    is the product's first operand, which the tensor cores take from registers (H100, 16 to 128 rows: 1.2-1.9x the
+    kernel with x first)."""
     offs_m, offs_n, m_ok, n_ok = _program_tile(M, N, BLOCK_M, BLOCK_N)
     pid_k = tl.program_id(1)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -173,7 +232,10 @@ def i8_gemm_kernel(x_ptr, w_ptr, mx_ptr, rx_ptr, my_ptr, ry_ptr, y_ptr, ws_ptr, 
                     mask=k_ok[None, :] & n_ok[:, None], other=0)                                   # [BN, BK]
         xr = (xf * ry[:, None]).to(xt.dtype)
         sxr += tl.sum(xr.to(tl.float32), axis=0)
-        acc = tl.dot(w.to(xt.dtype), xr, acc)
+        if xt.dtype == tl.float16:      # w as float16 1024 + w less 1024: exact, no conversion instruction
+            acc = tl.dot(_f16_bits(w) - 1024.0, xr, acc)
+        else:
+            acc = tl.dot(w.to(xt.dtype), xr, acc)
     rx = tl.load(rx_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
     mx = tl.load(mx_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
     out = (tl.trans(acc) + 0.5 * sxr[:, None]) * rx[None, :] + sxm[:, None] + sx[:, None] * mx[None, :]
