@@ -7,7 +7,8 @@
 It runs in this process, without the daemon (the engine's ``rwkv/convert.py`` does the work; for a Qwen2
 folder, ``qwen2/convert.py``, which writes a GPTQ folder and needs i4 stages); like
 ``rwkv-chat bench`` it is one of the local tools that use the engine directly. A mistake (a missing file, a bad
-strategy, an unsupported output) is one line on stderr and exit code 2; a failure while writing, exit code 1.
+strategy, an unsupported output, an existing output file without ``--force``) is one line on stderr and exit code 2;
+a failure while writing, exit code 1.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--strategy", metavar="S",
                     help='the strategy the file is for, e.g. "cuda fp16i4" (i8, i4 or f8 stages are packed); '
                          "load the result with the same formats")
+    ap.add_argument("--force", action="store_true", help="replace OUT where it is an existing file")
     return ap
 
 
@@ -43,6 +45,9 @@ def main(argv: list[str]) -> int:
     from rwkv_chat.models.rwkv.convert import convert as rwkv_convert
 
     convert = _qwen2_convert if Path(args.model).expanduser().is_dir() else rwkv_convert
+    if Path(args.output).expanduser().is_file() and not args.force:
+        print(f"rwkv-chat convert: {args.output} exists; give --force to replace it", file=sys.stderr)
+        return 2
 
     def progress(done: int, total: int) -> None:
         if sys.stderr.isatty():

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 EXAMPLES = """examples:
   rwkv-chat plan ~/models/rwkv7-7.2B.pth --strategy "cuda:0 fp16 *16 -> cuda:1 fp16"
@@ -28,7 +29,8 @@ def parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
     ap.add_argument("model", metavar="MODEL", help="an RWKV .pth / .safetensors file, or a Qwen2 model folder")
     ap.add_argument("--strategy", metavar="S", help='e.g. "cuda fp16", "cuda:0 fp16 *16 -> cuda:1 fp16", '
-                    '"cuda fp16 *10+" (rwkv-chat load --help explains the syntax)')
+                    '"cuda fp16 *10+" (rwkv-chat load --help explains the syntax); default for a file of '
+                    '`rwkv-chat convert`: the strategy it was converted for')
     ap.add_argument("--suggest", action="store_true", help="list strategies that fit the devices of this machine")
     ap.add_argument("--conversations", type=int, default=1, metavar="N",
                     help="conversations whose state the need counts (default 1)")
@@ -55,7 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = parser()
     args = ap.parse_args(argv)
     if args.strategy is None and not args.suggest:
-        ap.error("give --strategy S (or --suggest)")
+        from rwkv_chat.models.rwkv.convert import converted_metadata
+
+        meta = converted_metadata(Path(args.model).expanduser())
+        if not (meta and meta.get("strategy")):
+            ap.error("give --strategy S (or --suggest); a file of `rwkv-chat convert` plans its own")
+        args.strategy = meta["strategy"]         # the strategy the file was converted for, as `load` takes it
     if args.conversations < 1:
         ap.error(f"--conversations must be 1 or more, got {args.conversations}")
     if args.context is not None and args.context < 1:

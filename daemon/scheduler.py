@@ -75,6 +75,7 @@ class Scheduler(KeepAlive):
         self.store = store
         self.sessions = sessions
         self.config = config            # rwkv_chat.daemon.config.Config
+        self.config_file = None         # the file it was read from (server): default_strategy reads it again
         self.emit = emit                # emit(topic: str, event: Msg) — thread-safe
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -364,6 +365,19 @@ class Scheduler(KeepAlive):
         if prompts is not None:
             prompts.release_device()
 
+    def default_strategy(self) -> str:
+        """The strategy of a load that names none: ``[model] strategy`` of the config file as it is now (so a
+        ``rwkv-chat load --default`` or an edit of the file applies without a restart), else, where there is no
+        file or it does not read, the one read at start."""
+        from .config import ConfigError, load_config
+
+        if self.config_file is not None and self.config_file.is_file():
+            try:
+                return load_config(self.config_file).model.strategy
+            except (ConfigError, OSError):
+                pass
+        return self.config.model.strategy
+
     def _run_load(self, job: Job) -> None:
         if job.kind == "unload":
             return self._run_unload(job)
@@ -378,7 +392,7 @@ class Scheduler(KeepAlive):
 
         self._release_prompt_states()         # off the devices before the new weights come
         try:
-            strategy = self.host.strategy_for(req.path, req.strategy, self.config.model.strategy)
+            strategy = self.host.strategy_for(req.path, req.strategy, self.default_strategy())
             self.host.load(req.path, strategy, self.config.model.tokenizer, max_batch=d.max_batch,
                            batch_invariant=d.batch_invariant, threads=d.threads, progress=progress,
                            context_limit=self.config.model.context_limit)

@@ -193,6 +193,7 @@ class Server:
 
             self.host = Host(resolve=lambda ref: registry.resolve(ref, self.paths.data_dir))
             self.scheduler = Scheduler(self.host, self.store, self.sessions, self.config, self.emit)
+            self.scheduler.config_file = self.paths.config_file
             self.scheduler.drafts = self.sessions.drafts = Drafts(d.draft_prefill)
             self.scheduler.start()
             self.sessions.prefix.budget = d.prefix_cache_bytes     # states of stateless chat requests (none yet)

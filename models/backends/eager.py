@@ -1,7 +1,7 @@
 """The eager backend: the generations' own blocks (``models/rwkv/v4.py`` … ``v7.py``) on torch ops.
 
 Its ops are the compiled per-op kernels of ``rwkv_chat.models.kernels.dispatch`` (WKV-4/5/6/7, mm8 for i8
-weights) when the model was loaded with ``kernels=True`` (each dispatch function falls back to torch where
+weights, gemvq for i4 and, on CUDA, f8) when the model was loaded with ``kernels=True`` (each dispatch function falls back to torch where
 its kernel is not built), else the pure-torch paths (``models/rwkv/wkv.py``, the formats' own products).
 Plain float matrices are ``x @ W`` either way. Every other backend keeps these ops for what it does not
 serve itself.
@@ -43,5 +43,6 @@ class Eager(Backend):
         super().__init__(ops if ops is not None else eager_ops(compiled))
         self.compiled = compiled
         self.name = "eager" if compiled else "torch"
-        self.detail = ("torch ops, compiled WKV / mm8 kernels where built" if compiled
+        self.detail = ("torch ops, compiled WKV and weight-format kernels (mm8 for i8, gemvq for i4) where built"
+                       if compiled
                        else "pure torch (kernels=False)")

@@ -178,12 +178,20 @@ def test_load_shows_one_progress_bar(daemon):
 
 def test_a_converted_file_loads_in_its_own_format_when_no_strategy_is_given(daemon, tmp_path, home_env):
     """`rwkv-chat load CONVERTED` with no --strategy: the config's strategy (cpu fp32) in the file's format; a
-    strategy the user names is still loaded as given (here refused, in one line naming the fix)."""
+    strategy the user names is still loaded as given (here refused, in one line naming the fix). `convert` does not
+    replace an existing file without --force; `plan CONVERTED` plans the strategy the file was made for; a default
+    saved by `load --default` applies to the next load without a restart."""
     out = tmp_path / "m-i4.safetensors"
     r = run(daemon.paths.home, "convert", str(daemon.model), "--strategy", "cpu fp32i4", "-o", str(out))
     i8 = tmp_path / "m-i8.safetensors"
     assert run(daemon.paths.home, "convert", str(daemon.model), "--strategy", "cpu fp32i8", "-o", str(i8)).returncode == 0
     assert r.returncode == 0, r.stderr
+    before = out.stat().st_mtime_ns
+    r = run(daemon.paths.home, "convert", str(daemon.model), "--strategy", "cpu fp32i8", "-o", str(out))
+    assert r.returncode == 2 and r.stderr.strip() == f"rwkv-chat convert: {out} exists; give --force to replace it"
+    assert out.stat().st_mtime_ns == before
+    r = run(daemon.paths.home, "plan", str(out))
+    assert r.returncode == 0 and "Strategy: cpu fp32i4 " in r.stdout and " i4 " in r.stdout, (r.stdout, r.stderr)
     try:
         r = run(daemon.paths.home, "load", str(out))
         assert r.returncode == 0 and r.stderr.strip().splitlines()[-1].startswith(f"loaded {out} with strategy "
@@ -203,6 +211,10 @@ def test_a_converted_file_loads_in_its_own_format_when_no_strategy_is_given(daem
         assert r.returncode == 0 and "with strategy 'cpu fp32i8'" in r.stderr, r.stderr
         saved = home.config_file.read_text()
         assert str(i8) in saved and 'strategy = "cpu fp32"' in saved, saved
+        r = run(home.home, "load", str(daemon.model), "--strategy", "cpu bf16", "--default")
+        assert r.returncode == 0, r.stderr
+        r = run(home.home, "load", str(i8))          # the new default, fitted to the file: no restart needed
+        assert r.returncode == 0 and "with strategy 'cpu bf16i8'" in r.stderr, r.stderr
     finally:
         run(home.home, "daemon", "stop")
 
