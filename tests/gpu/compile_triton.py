@@ -86,7 +86,7 @@ def install(arch: int, case: list) -> None:
 def cases(quick: bool = False):
     """(name, thunk) for every op and the specializations the models use (``quick``: two gated-MLP configs)."""
     from rwkv_chat.models import ops
-    from rwkv_chat.models.formats import f8, i4
+    from rwkv_chat.models.formats import f8, i4, i8
     from rwkv_chat.models.ops import _gated_mlp_kernels as gk, gemv, gptq, sparse_ffn
     from rwkv_chat.models.qwen2 import layers
 
@@ -152,6 +152,19 @@ def cases(quick: bool = False):
     for M, K, N in ((1, 4096, 4096), (4, 2048, 8192), (64, 4096, 4096)):
         q = i4.quantize_i4(torch.randn(K, N) * 0.02).with_layout(True)
         yield f"i4_gemv M={M} K={K} N={N}", lambda M=M, K=K, q=q: gemv.i4_gemv(r(M, K, dt=hf), q)
+        if M > 1:
+            yield f"i4_gemv M={M} K={K} N={N} bf16", lambda M=M, K=K, q=q: gemv.i4_gemv(r(M, K, dt=bf), q)
+
+            def swapped(M=M, K=K, q=q, tiles=gemv.i4_tiles):     # the weight tile as the product's first operand
+                gemv.i4_tiles = lambda rows: {**tiles(rows), "SWAP": True}
+                try:
+                    return gemv.i4_gemv(r(M, K, dt=hf), q)
+                finally:
+                    gemv.i4_tiles = tiles
+            yield f"i4_gemv M={M} K={K} N={N} weight tile first", swapped
+            q8 = i8.quantize_i8(torch.randn(K, N) * 0.02, hf, output_major=True)
+            for dt in (hf, bf):
+                yield f"i8_gemm M={M} K={K} N={N} {dt}", lambda M=M, K=K, q8=q8, dt=dt: gemv.i8_gemm(r(M, K, dt=dt), q8)
         w8 = f8.quantize_f8(torch.randn(K, N) * 0.02)
         if M <= gemv.GEMV_ROWS:
             yield f"f8_gemv M={M} K={K} N={N}", lambda M=M, K=K, w8=w8: gemv.f8_gemv(r(M, K, dt=hf), w8)
