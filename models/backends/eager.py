@@ -1,8 +1,8 @@
 """The eager backend: the generations' own blocks (``models/rwkv/v4.py`` … ``v7.py``) on torch ops.
 
 Its ops are the compiled per-op kernels of ``rwkv_chat.models.kernels.dispatch`` (WKV-4/5/6/7, mm8 for i8
-weights, gemvq for i4 and, on CUDA, f8) when the model was loaded with ``kernels=True`` (each dispatch function falls back to torch where
-its kernel is not built), else the pure-torch paths (``models/rwkv/wkv.py``, the formats' own products).
+weights, gemvq for i4 and, on CUDA, f8) when the model was loaded with ``kernels=True`` (each dispatch function
+falls back to torch where its kernel is not built), else the pure-torch paths (``models/rwkv/wkv.py``, the formats' own products).
 Plain float matrices are ``x @ W`` either way. Every other backend keeps these ops for what it does not
 serve itself.
 """

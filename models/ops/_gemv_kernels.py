@@ -107,58 +107,35 @@ def _x_tile(x_ptr, offs_m, m_ok, k0, K, stride_xm, BLOCK_K: tl.constexpr):
 @triton.jit
 def i4_gemv_kernel(x_ptr, qw_ptr, qz_ptr, sc_ptr, gi_ptr, y_ptr, ws_ptr, cnt_ptr, M, K, N, group, stride_qk, stride_qn,
                    stride_xm, stride_ym, k_per_split, n_splits, HAS_GIDX: tl.constexpr, ONE_GROUP: tl.constexpr,
-                   SWAP: tl.constexpr, BF16: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                   BF16: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
     """y[m, n] = sum_k x[m, k] * (q[k, n] - ((z[g(k), n] + 1) & 15)) * s[g(k), n] (GPTQ v1 zeros).
 
     With ``ONE_GROUP`` and float16 x the tile is made in half precision without a conversion instruction: the
     nibble as the float16 1024 + q (``_f16_bits``), less 1024 + z (exact), times the group's scale (one rounding of
-    the exact product: the same values as ``Int4Weight.dequantize``); ``SWAP`` puts the weight tile [BLOCK_N,
-    BLOCK_K] first in ``tl.dot`` (y^T = W^T x^T: the tensor cores take it from registers). Otherwise (bfloat16 x,
-    g_idx, groups that split a tile) the float32 tile of ``_dequant_tile`` rounded to x's dtype, x first (the
-    wrapper passes ``SWAP`` only where the half-precision tile is made).
+    the exact product: the same values as ``Int4Weight.dequantize``). Otherwise (bfloat16 x, g_idx, groups that
+    split a tile) the float32 tile of ``_dequant_tile`` rounded once to x's dtype.
     """
     offs_m, offs_n, m_ok, n_ok = _program_tile(M, N, BLOCK_M, BLOCK_N)
     pid_k = tl.program_id(1)
-    if SWAP:
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    shifts = tl.arange(0, 8) * 4
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_lo = pid_k * k_per_split
     for k0 in range(k_lo, tl.minimum(k_lo + k_per_split, K), BLOCK_K):
-        if ONE_GROUP and SWAP and not BF16:
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            offs_w = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-            g = k0 // group
-            xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None],
-                         mask=m_ok[None, :] & (offs_k[:, None] < K), other=0.0)                  # [BK, BM]
-            qw = tl.load(qw_ptr + offs_n[:, None] * stride_qn + offs_w[None, :] * stride_qk,
-                         mask=n_ok[:, None] & (offs_w[None, :] < K // 8), other=0)             # [BN, BK / 8]
-            q = tl.reshape((qw[:, :, None] >> shifts[None, None, :]) & 15, (BLOCK_N, BLOCK_K))
-            s = tl.load(sc_ptr + g * N + offs_n, mask=n_ok, other=0.0)
-            w = (_f16_bits(q) - _f16_bits(_zeros(qz_ptr, g, offs_n, n_ok, N))[:, None]) * s[:, None]
-            acc = tl.dot(w, xt, acc)
-        elif ONE_GROUP and not BF16:
-            offs_k, k_ok, xk = _x_tile(x_ptr, offs_m, m_ok, k0, K, stride_xm, BLOCK_K)
+        offs_k, k_ok, xk = _x_tile(x_ptr, offs_m, m_ok, k0, K, stride_xm, BLOCK_K)
+        if ONE_GROUP and not BF16:
             offs_w = k0 // 8 + tl.arange(0, BLOCK_K // 8)
             g = k0 // group
             qw = tl.load(qw_ptr + offs_w[:, None] * stride_qk + offs_n[None, :] * stride_qn,
                          mask=(offs_w[:, None] < K // 8) & n_ok[None, :], other=0)             # [BK / 8, BN]
+            shifts = tl.arange(0, 8) * 4
             q = tl.reshape((qw[:, None, :] >> shifts[None, :, None]) & 15, (BLOCK_K, BLOCK_N))
             s = tl.load(sc_ptr + g * N + offs_n, mask=n_ok, other=0.0)
             w = (_f16_bits(q) - _f16_bits(_zeros(qz_ptr, g, offs_n, n_ok, N))[None, :]) * s[None, :]
-            acc = tl.dot(xk, w, acc)
         else:
-            offs_k, k_ok, xk = _x_tile(x_ptr, offs_m, m_ok, k0, K, stride_xm, BLOCK_K)
             w = _dequant_tile(qw_ptr, qz_ptr, sc_ptr, gi_ptr, k0, offs_k, k_ok, offs_n, n_ok, K, N, group, stride_qk,
                               stride_qn, HAS_GIDX, ONE_GROUP, BLOCK_K, BLOCK_N).to(xk.dtype)
-            acc = tl.dot(xk, w, acc)
-    if SWAP:
-        out = tl.trans(acc)
-    else:
-        out = acc
-    _finish(out, y_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, m_ok, n_ok, M, N, stride_ym, n_splits, SPLIT, BLOCK_M,
+        acc = tl.dot(xk, w, acc)
+    _finish(acc, y_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, m_ok, n_ok, M, N, stride_ym, n_splits, SPLIT, BLOCK_M,
             BLOCK_N)
 
 

@@ -54,12 +54,6 @@ def i8_tiles(rows: int) -> dict:
     return {"BLOCK_N": bn, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4}
 
 
-def i4_tiles(rows: int) -> dict:
-    """The int4 kernel's tile for a batch of ``rows`` (BLOCK_N, BLOCK_K, warps, pipeline stages) and whether the
-    weight tile is the product's first operand (``SWAP``; float16 x, one group per tile)."""
-    return {"BLOCK_N": 64, "BLOCK_K": 128, "SWAP": False}
-
-
 def _check(x: torch.Tensor, K: int, tensors: dict, rows: int = GEMV_ROWS) -> None:
     check_dtype(x, "x", HALF_DTYPES)
     if x.dim() != 2 or x.shape[1] != K or x.shape[0] > rows:
@@ -117,13 +111,10 @@ def i4_gemv(x: torch.Tensor, q: Int4Weight) -> torch.Tensor:
         x = torch.nn.functional.pad(x, (0, kp - K))
     k = _kernels()
     gi = q.g_idx if q.g_idx is not None else q.qweight
-    tiles = i4_tiles(x.shape[0])
-    one_group = q.g_idx is None and q.group_size % tiles["BLOCK_K"] == 0
-    bf16 = x.dtype == torch.bfloat16
-    swap = tiles.pop("SWAP") and one_group and not bf16
     y = _launch(k.i4_gemv_kernel, x, np_, (q.qweight, q.qzeros, q.scales, gi),
-                (q.group_size, q.qweight.stride(0), q.qweight.stride(1)), x.device, tiles,
-                HAS_GIDX=q.g_idx is not None, ONE_GROUP=one_group, SWAP=swap, BF16=bf16)
+                (q.group_size, q.qweight.stride(0), q.qweight.stride(1)), x.device,
+                HAS_GIDX=q.g_idx is not None, ONE_GROUP=q.g_idx is None and q.group_size % _BLOCK_K == 0,
+                BF16=x.dtype == torch.bfloat16)
     return y if np_ == N else y[:, :N]
 
 

@@ -154,14 +154,6 @@ def cases(quick: bool = False):
         yield f"i4_gemv M={M} K={K} N={N}", lambda M=M, K=K, q=q: gemv.i4_gemv(r(M, K, dt=hf), q)
         if M > 1:
             yield f"i4_gemv M={M} K={K} N={N} bf16", lambda M=M, K=K, q=q: gemv.i4_gemv(r(M, K, dt=bf), q)
-
-            def swapped(M=M, K=K, q=q, tiles=gemv.i4_tiles):     # the weight tile as the product's first operand
-                gemv.i4_tiles = lambda rows: {**tiles(rows), "SWAP": True}
-                try:
-                    return gemv.i4_gemv(r(M, K, dt=hf), q)
-                finally:
-                    gemv.i4_tiles = tiles
-            yield f"i4_gemv M={M} K={K} N={N} weight tile first", swapped
             q8 = i8.quantize_i8(torch.randn(K, N) * 0.02, hf, output_major=True)
             for dt in (hf, bf):
                 yield f"i8_gemm M={M} K={K} N={N} {dt}", lambda M=M, K=K, q8=q8, dt=dt: gemv.i8_gemm(r(M, K, dt=dt), q8)

@@ -45,12 +45,6 @@ def main() -> int:
         for _ in range(2):                             # twice: the counters must have been reset
             errs.append(rel(gemv.i4_gemv(x, q), x.double() @ q.dequantize(torch.float64)))
         print(f"i4 K={K} N={N} M={M} g_idx={act} output_major={om} splits={splits}: {errs[-1]:.2e}")
-        tiles = gemv.i4_tiles
-        for swap in (False, True):                     # both operand orders of the half-precision tile
-            gemv.i4_tiles = lambda rows, swap=swap: {**tiles(rows), "SWAP": swap}
-            errs.append(rel(gemv.i4_gemv(x, q), x.double() @ q.dequantize(torch.float64)))
-            print(f"  weight tile {'first' if swap else 'second'}: {errs[-1]:.2e}")
-        gemv.i4_tiles = tiles
     for K, N, M, om in [(256, 128, 5, True), (200, 72, 17, False), (1000, 64, 64, True), (384, 40, 33, False)]:
         q = i8.quantize_i8(torch.randn(K, N) * 0.1 + 0.02, torch.float16, output_major=om)
         x = torch.randn(M, K).half()
