@@ -34,21 +34,28 @@ def _zeros(qz_ptr, g, offs_n, n_ok, N):
 
 
 @triton.jit
-def _dequant_tile(qw_ptr, qz_ptr, sc_ptr, gi_ptr, k0, offs_k, k_ok, offs_n, n_ok, K, N, group, stride_qk, stride_qn,
-                  HAS_GIDX: tl.constexpr, ONE_GROUP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The float32 weight tile [BLOCK_K, BLOCK_N] at rows k0.. and columns offs_n of a GPTQ int4 matrix.
-
-    Each int32 of ``qweight`` (word [i, n] at ``i * stride_qk + n * stride_qn``: (N, 1) in the GPTQ layout,
-    (1, K / 8) output-major) is loaded once ([BLOCK_K / 8, BLOCK_N] words) and split into its eight nibbles
-    (row k = 8·i + j is nibble j of word i); q - z is made exactly in float32 from the bits (``_f32_bits``: no
-    int-to-float conversion). With ``ONE_GROUP`` (no g_idx, BLOCK_K divides the group) the tile lies in one group:
-    one row of scales and zeros; otherwise per row through g_idx or k // group.
-    """
+def _nibbles(qw_ptr, k0, offs_n, n_ok, K, stride_qk, stride_qn, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The int32 nibbles q [BLOCK_K, BLOCK_N] (0..15) at rows k0.. and columns offs_n of a GPTQ int4 matrix: each
+    int32 of ``qweight`` (word [i, n] at ``i * stride_qk + n * stride_qn``: (N, 1) in the GPTQ layout, (1, K / 8)
+    output-major) loaded once ([BLOCK_K / 8, BLOCK_N] words) and split into its eight nibbles (row k = 8·i + j is
+    nibble j of word i)."""
     offs_w = k0 // 8 + tl.arange(0, BLOCK_K // 8)
     qw = tl.load(qw_ptr + offs_w[:, None] * stride_qk + offs_n[None, :] * stride_qn,
                  mask=(offs_w[:, None] < K // 8) & n_ok[None, :], other=0)
     shifts = tl.arange(0, 8) * 4
-    q = _f32_bits(tl.reshape((qw[:, None, :] >> shifts[None, :, None]) & 15, (BLOCK_K, BLOCK_N)))
+    return tl.reshape((qw[:, None, :] >> shifts[None, :, None]) & 15, (BLOCK_K, BLOCK_N))
+
+
+@triton.jit
+def _dequant_tile(qw_ptr, qz_ptr, sc_ptr, gi_ptr, k0, offs_k, k_ok, offs_n, n_ok, K, N, group, stride_qk, stride_qn,
+                  HAS_GIDX: tl.constexpr, ONE_GROUP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The float32 weight tile [BLOCK_K, BLOCK_N] at rows k0.. and columns offs_n of a GPTQ int4 matrix.
+
+    The nibbles of ``_nibbles``; q - z is made exactly in float32 from the bits (``_f32_bits``: no int-to-float
+    conversion). With ``ONE_GROUP`` (no g_idx, BLOCK_K divides the group) the tile lies in one group:
+    one row of scales and zeros; otherwise per row through g_idx or k // group.
+    """
+    q = _f32_bits(_nibbles(qw_ptr, k0, offs_n, n_ok, K, stride_qk, stride_qn, BLOCK_K, BLOCK_N))
     if ONE_GROUP:
         g = k0 // group
         s = tl.load(sc_ptr + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
@@ -123,12 +130,8 @@ def i4_gemv_kernel(x_ptr, qw_ptr, qz_ptr, sc_ptr, gi_ptr, y_ptr, ws_ptr, cnt_ptr
     for k0 in range(k_lo, tl.minimum(k_lo + k_per_split, K), BLOCK_K):
         offs_k, k_ok, xk = _x_tile(x_ptr, offs_m, m_ok, k0, K, stride_xm, BLOCK_K)
         if ONE_GROUP and not BF16:
-            offs_w = k0 // 8 + tl.arange(0, BLOCK_K // 8)
             g = k0 // group
-            qw = tl.load(qw_ptr + offs_w[:, None] * stride_qk + offs_n[None, :] * stride_qn,
-                         mask=(offs_w[:, None] < K // 8) & n_ok[None, :], other=0)             # [BK / 8, BN]
-            shifts = tl.arange(0, 8) * 4
-            q = tl.reshape((qw[:, None, :] >> shifts[None, :, None]) & 15, (BLOCK_K, BLOCK_N))
+            q = _nibbles(qw_ptr, k0, offs_n, n_ok, K, stride_qk, stride_qn, BLOCK_K, BLOCK_N)
             s = tl.load(sc_ptr + g * N + offs_n, mask=n_ok, other=0.0)
             w = (_f16_bits(q) - _f16_bits(_zeros(qz_ptr, g, offs_n, n_ok, N))[None, :]) * s[None, :]
         else:
