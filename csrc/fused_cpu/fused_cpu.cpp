@@ -102,11 +102,14 @@ class Named {
         return m;
     }
     // A strategy matrix [N, M]: float32 name, or uint8 name with float32 scales name.mx, name.rx [M] and
-    // name.my, name.ry [N, 1] (models/formats/i8.py).
+    // name.my, name.ry [N, 1] (models/formats/i8.py), or int32 name = qweight [Kp/8, Np] of the GPTQ layout with
+    // name.qzeros int32 [Kp/group, Np/8] and name.scales float32/float16/bfloat16 [Kp/group, Np] (Kp, Np: N, M
+    // rounded up to multiples of 8; the group a multiple of 8; models/formats/i4.py).
     Mat mat(const std::string& name, int64_t N, int64_t M, bool optional = false) {
         const at::Tensor w = get(name, optional);
         Mat m;
         if (!w.defined()) return m;
+        if (w.scalar_type() == at::kInt) return i4(name, w, N, M);
         TORCH_CHECK(w.dim() == 2 && w.size(0) == N && w.size(1) == M, "FusedCpuModel: ", scope_, " '", name,
                     "' has shape ", w.sizes(), ", expected [", N, ", ", M, "]");
         m.N = N;
@@ -130,6 +133,32 @@ class Named {
         }
         m.q = w.data_ptr<uint8_t>();
         m.mx = p[0]; m.rx = p[1]; m.my = p[2]; m.ry = p[3];
+        return m;
+    }
+    Mat i4(const std::string& name, const at::Tensor& w, int64_t N, int64_t M) {
+        Mat m;
+        m.N = N;
+        m.M = M;
+        m.Kp = (N + 7) / 8 * 8;
+        m.Np = (M + 7) / 8 * 8;
+        TORCH_CHECK(w.dim() == 2 && w.size(0) * 8 == m.Kp && w.size(1) == m.Np, "FusedCpuModel: ", scope_, " '", name,
+                    "' (int4 qweight) has shape ", w.sizes(), ", expected [", m.Kp / 8, ", ", m.Np, "]");
+        const at::Tensor z = get(name + ".qzeros"), s = get(name + ".scales");
+        const int64_t groups = z.dim() == 2 ? z.size(0) : 0;
+        m.group = groups > 0 ? m.Kp / groups : 0;
+        TORCH_CHECK(z.scalar_type() == at::kInt && groups > 0 && m.group * groups == m.Kp && m.group % 8 == 0 &&
+                        z.size(1) * 8 == m.Np,
+                    "FusedCpuModel: ", scope_, " '", name, ".qzeros' must be int32 [Kp/group, ", m.Np / 8,
+                    "] with the group a multiple of 8 dividing ", m.Kp, ", got ", z.scalar_type(), " ", z.sizes());
+        const auto st = s.scalar_type();
+        TORCH_CHECK((st == at::kFloat || st == at::kHalf || st == at::kBFloat16) && s.dim() == 2 &&
+                        s.size(0) == groups && s.size(1) == m.Np,
+                    "FusedCpuModel: ", scope_, " '", name, ".scales' must be float32/float16/bfloat16 [", groups, ", ",
+                    m.Np, "], got ", st, " ", s.sizes());
+        m.qw = w.data_ptr<int32_t>();
+        m.qz = z.data_ptr<int32_t>();
+        m.sc = s.data_ptr();
+        m.sc_type = st == at::kFloat ? 0 : st == at::kHalf ? 1 : 2;
         return m;
     }
     // Raises for the names nothing has read (a weight of a layout this class does not implement).
@@ -164,7 +193,8 @@ class FusedCpuModel : public torch::CustomClassHolder {
     //   "att.time_decay", "att.key.weight", ...; the names read per generation are in the constructor body).
     // Vectors are float32 with the layer's element count (any shape). A matrix "X.weight" [in, out] is
     // float32, or uint8 with its i8 scales as four more entries "X.weight.mx", "X.weight.rx" float32 [out]
-    // and "X.weight.my", "X.weight.ry" float32 [in, 1]. Every tensor is contiguous on the CPU; the object
+    // and "X.weight.my", "X.weight.ry" float32 [in, 1], or int32 (int4: the GPTQ qweight) with "X.weight.qzeros"
+    // and "X.weight.scales" (Named::mat). Every tensor is contiguous on the CPU; the object
     // keeps the dicts (references, no copies). Optional: v5 "att.gate.weight" (from 5.1; "att.time_mix_g"
     // is required with it), v7 layer 0's "att.v0", "att.v1", "att.v2". Raises (c10::Error, RuntimeError in
     // Python) naming the weight: a required name absent, a wrong dtype/shape/device/layout, or a name the

@@ -1,6 +1,7 @@
 // Fused CPU inference: building blocks shared by the per-generation layer functions (fused_cpu.cpp).
 // Activations are float32 [rows, width] row-major; a weight is [in N, out M] row-major, float32 or
-// the reference's i8 scheme (uint8 w [N, M], scales mx, rx [M], my, ry [N, 1], see models/formats/i8.py).
+// the reference's i8 scheme (uint8 w [N, M], scales mx, rx [M], my, ry [N, 1], see models/formats/i8.py),
+// or int4 in the GPTQ layout (models/formats/i4.py; the compiled product of gemvq/gemvq_cpu.cpp).
 // Small products run as hand loops on one thread (no dispatch, no fork/join); large ones go to
 // at::mm (MKL/oneDNN) or the OpenMP mm8 kernel (mm8/mm8_cpu.cpp); an i8 matrix times a prompt's rows is
 // dequantized for at::mm.
@@ -21,14 +22,67 @@
 namespace rwkv_chat {
 namespace fused {
 
-// A weight [N, M]: float32 (w) or i8 (q + scales). Raw pointers into tensors the model keeps alive.
+// A weight [N, M]: float32 (w), i8 (q + scales) or int4 (qw + qz + sc). Raw pointers into tensors the model
+// keeps alive.
 struct Mat {
     const float* w = nullptr;
     const uint8_t* q = nullptr;
     const float *mx = nullptr, *rx = nullptr, *my = nullptr, *ry = nullptr;
+    // int4, GPTQ v1 zeros: qweight int32 [Kp/8, Np], qzeros int32 [Kp/group, Np/8], scales [Kp/group, Np] of
+    // sc_type (0 float32, 1 float16, 2 bfloat16); Kp, Np: N and M rounded up to multiples of 8
+    const int32_t *qw = nullptr, *qz = nullptr;
+    const void* sc = nullptr;
+    int sc_type = 0;
+    int64_t Kp = 0, Np = 0, group = 0;
     int64_t N = 0, M = 0;
-    bool present() const { return w != nullptr || q != nullptr; }
+    bool present() const { return w != nullptr || q != nullptr || qw != nullptr; }
 };
+
+// The most rows an int4 product takes through the compiled product (as I4_CPU_ROWS of models/kernels/dispatch.py);
+// more rows (a prompt) dequantize the matrix once for at::mm.
+constexpr int64_t kI4Rows = 32;
+
+// W [N, M] of an int4 Mat as float32: (q - z) s, exact in float32 (a nibble difference times a 16-bit scale).
+template <typename S>
+void dequantize_i4(const Mat& m, const S* sc, float* wd) {
+    const int64_t N = m.N, M = m.M;
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; ++n) {
+        const int64_t g = n / m.group;
+        const int32_t* qn = m.qw + (n / 8) * m.Np;
+        const int32_t* zg = m.qz + g * (m.Np / 8);
+        const S* sg = sc + g * m.Np;
+        const int shift = 4 * static_cast<int>(n % 8);
+        float* dn = wd + n * M;
+        for (int64_t j = 0; j < M; ++j) {
+            const int32_t q = static_cast<int32_t>((static_cast<uint32_t>(qn[j]) >> shift) & 15u);
+            const int32_t z = static_cast<int32_t>(((static_cast<uint32_t>(zg[j / 8]) >> (4 * (j % 8))) + 1u) & 15u);
+            dn[j] = static_cast<float>(q - z) * static_cast<float>(sg[j]);
+        }
+    }
+}
+
+// y[R, M] = x[R, N] (row stride ldx) @ W for an int4 W (gemvq_i4_cpu_kernel: the words read as stored, a row's
+// result independent of the rows beside it); above kI4Rows rows W is dequantized (dequantize_i4) for at::mm.
+inline void gemm_i4(const float* x, int64_t ldx, int64_t R, const Mat& m, float* y) {
+    const int64_t N = m.N, M = m.M;
+    auto opts = at::TensorOptions().dtype(at::kFloat);
+    if (R <= kI4Rows) {
+        at::Tensor packed;
+        if (R > 1 && ldx != N) {            // the kernel reads rows of N floats
+            packed = at::empty({R, N}, opts);
+            for (int64_t r = 0; r < R; ++r) std::memcpy(packed.data_ptr<float>() + r * N, x + r * ldx, N * sizeof(float));
+            x = packed.data_ptr<float>();
+        }
+        gemvq_i4_cpu_kernel(0, m.sc_type, R, N, m.Kp, M, m.Np, m.group, x, m.qw, m.qz, m.sc, y);
+        return;
+    }
+    at::Tensor wt = at::empty({N, M}, opts);
+    RWKV_CHAT_CPU_DISPATCH_ACT(m.sc_type, S, dequantize_i4(m, static_cast<const S*>(m.sc), wt.data_ptr<float>()));
+    at::Tensor xt = at::from_blob(const_cast<float*>(x), {R, N}, {ldx, 1}, opts);
+    at::Tensor yt = at::from_blob(y, {R, M}, opts);
+    at::mm_out(yt, xt, wt);
+}
 
 // Products with at least this many multiply-adds (rows * N * M) leave the hand loops ...
 constexpr int64_t kBigWork = int64_t(1) << 18;
@@ -119,6 +173,10 @@ inline void gemv_parallel(const float* x, int64_t N, const W* w, int64_t M, floa
 
 // y[R, M] = x[R, N] (row stride ldx) @ W. y must not alias x.
 RWKV_FUSED_INLINE void gemm(const float* x, int64_t ldx, int64_t R, const Mat& m, float* y) {
+    if (m.qw != nullptr) {
+        gemm_i4(x, ldx, R, m, y);
+        return;
+    }
     const int64_t N = m.N, M = m.M;
     const bool big = R * N * M >= kBigWork && (N * M >= kSmallMat || R > kStepRows);
     if (m.w != nullptr) {

@@ -4,7 +4,9 @@
 // evaluated per group as  y[r, n] += s[g, n] * (sum_k x[r, k] q[k, n] - z[g, n] * sum_k x[r, k])  in float32
 // (the integer nibbles enter the sums exactly). OpenMP over column blocks; each thread streams the packed words of
 // its block (contiguous int32 along N: qweight [Kp/8, Np]), turns each word row into floats once and adds it into
-// up to kMaxRows rows of x (more rows: passes of kMaxRows), vectorized over the columns. group must be a multiple of 8 (a word never straddles two groups); K <= Kp (rows k >= K are
+// up to kMaxRows rows of x (more rows: passes of kMaxRows), vectorized over the columns. A row's sums take the same
+// operations in the same order whatever the number of rows (one row: straight from the word; several: from the
+// word row's floats, exact either way), so a row's result does not depend on the rows beside it. group must be a multiple of 8 (a word never straddles two groups); K <= Kp (rows k >= K are
 // padding: x is taken as 0 there), N <= Np.
 #include <algorithm>
 #include <cmath>
@@ -54,7 +56,46 @@ __attribute__((target("avx2,fma"))) void word_row_avx2(const uint32_t* wr, int64
     }
 }
 
+// ar[m] += sum_j xv[j] * nib[j][m], j = 0..7 in order (nib: a word row's nibbles as floats, stride kCols): the
+// operations of word_row_avx2, so a row gets the same sums alone or beside others.
+__attribute__((target("avx2,fma"))) void nib_row_avx2(const float* nib, int64_t stride, int64_t cols,
+                                                     const float* xv, float* ar) {
+    __m256 x[8];
+    for (int j = 0; j < 8; ++j) x[j] = _mm256_set1_ps(xv[j]);
+    int64_t m = 0;
+    for (; m + 8 <= cols; m += 8) {
+        __m256 a = _mm256_loadu_ps(ar + m);
+        for (int j = 0; j < 8; ++j) a = _mm256_fmadd_ps(x[j], _mm256_loadu_ps(nib + j * stride + m), a);
+        _mm256_storeu_ps(ar + m, a);
+    }
+    for (; m < cols; ++m) {
+        float a = ar[m];
+        for (int j = 0; j < 8; ++j) a = std::fma(xv[j], nib[j * stride + m], a);
+        ar[m] = a;
+    }
+}
+
 #endif
+
+// ar[m] += sum_j xv[j] * nib[j][m] in word_row_plain's order (nib stride: the row of nibble j).
+void nib_row_plain(const float* nib, int64_t stride, int64_t cols, const float* xv, float* ar) {
+#pragma omp simd
+    for (int64_t m = 0; m < cols; ++m) {
+        float a = ar[m];
+        for (int j = 0; j < 8; ++j) a += xv[j] * nib[j * stride + m];
+        ar[m] = a;
+    }
+}
+
+void nib_row(const float* nib, int64_t stride, int64_t cols, const float* xv, float* ar) {
+#ifdef RWKV_CHAT_X86_AVX2
+    if (cpu_has_avx2_fma()) {
+        nib_row_avx2(nib, stride, cols, xv, ar);
+        return;
+    }
+#endif
+    nib_row_plain(nib, stride, cols, xv, ar);
+}
 
 void word_row(const uint32_t* wr, int64_t cols, const float* xv, float* ar) {
 #ifdef RWKV_CHAT_X86_AVX2
@@ -106,13 +147,7 @@ void i4_impl(int64_t rows, int64_t K, int64_t Kp, int64_t N, int64_t Np, int64_t
                 for (int64_t r = 0; r < rows; ++r) {
                     float xv[8];
                     load_x(r, k, xv);
-                    float* ar = acc[r];
-#pragma omp simd
-                    for (int64_t m = 0; m < cols; ++m) {
-                        float a = ar[m];
-                        for (int j = 0; j < 8; ++j) a += xv[j] * nib[j][m];
-                        ar[m] = a;
-                    }
+                    nib_row(nib[0], kCols, cols, xv, acc[r]);
                 }
             }
             const int32_t* zr = qz + g * (Np / 8);

@@ -9,8 +9,8 @@ hand loops for the small products, ``at::mm`` (MKL/oneDNN) and the compiled mm8 
 ones. The formulas are those of ``models/rwkv/v4.py`` … ``models/rwkv/v7.py`` (ChatRWKV ``rwkv/model.py``,
 pip 0.8.32); results equal the eager path to float32 rounding.
 
-Served: every layer on the CPU with float32 activations and float32 or i8 weights (``cpu fp32``,
-``cpu fp32i8``, mixes of those), generations 4, 5, 5.1, 5.2, 6 and 7 (not RWKV-7 DeepEmbed). Anything
+Served: every layer on the CPU with float32 activations and float32, i8 or i4 weights (``cpu fp32``,
+``cpu fp32i8``, ``cpu fp32i4``, mixes of those; i4 in the GPTQ layout without g_idx, the group a multiple of 8), generations 4, 5, 5.1, 5.2, 6 and 7 (not RWKV-7 DeepEmbed). Anything
 else (bf16/fp16 activations, CUDA layers, kernels not built) keeps the eager path; ``reason(model)``
 says why (``RWKV.fused_cpu_reason``).
 """
@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from rwkv_chat.models.errors import StateError
+from rwkv_chat.models.formats.i4 import Int4Weight
 from rwkv_chat.models.formats.i8 import Int8Weight
 from rwkv_chat.models.state import State
 
@@ -63,8 +64,12 @@ def reason(model) -> str | None:
             return f"layer {i} is on {model.devices[i]}"
         if pl.atype != torch.float32:
             return f"layer {i} computes in {pl.atype} (the fused CPU path serves float32 activations)"
-        if pl.wtype not in (torch.float32, torch.uint8):
-            return f"layer {i} has {pl.wtype} weights (the fused CPU path serves float32 and i8)"
+        if pl.wtype not in (torch.float32, torch.uint8, torch.int32):
+            return f"layer {i} has {pl.wtype} weights (the fused CPU path serves float32, i8 and i4)"
+        for name, t in (model.layers[i].items() if i < len(model.layers) else ()):
+            if isinstance(t, Int4Weight) and (t.g_idx is not None or t.output_major or t.group_size % 8):
+                return (f"layer {i} '{name}': an i4 weight with g_idx, output-major or a group not a multiple of 8 "
+                        f"(group {t.group_size})")
     return None
 
 
@@ -75,13 +80,14 @@ def named_weights(p: dict) -> dict[str, torch.Tensor]:
     """Weights by name as ``FusedCpuModel`` reads them.
 
     Args:
-        p: name -> float32 tensor or ``Int8Weight`` (a layer's dict from ``model.layers``, names without
-            ``blocks.<i>.``, or the model-level names ``emb.weight``, ``ln_out.weight``, ``ln_out.bias``,
-            ``head.weight``).
+        p: name -> float32 tensor, ``Int8Weight`` or ``Int4Weight`` (GPTQ layout) (a layer's dict from
+            ``model.layers``, names without ``blocks.<i>.``, or the model-level names ``emb.weight``,
+            ``ln_out.weight``, ``ln_out.bias``, ``head.weight``).
     Returns:
         name -> CPU tensor: each tensor as given (``.contiguous()``: a no-op for the loader's contiguous
         weights); an ``Int8Weight`` ``X`` as uint8 ``X`` [N, M] plus float32 ``X.mx``, ``X.rx`` [M] and
-        ``X.my``, ``X.ry`` [N, 1]. The tensors are the model's (no copies for contiguous weights).
+        ``X.my``, ``X.ry`` [N, 1]; an ``Int4Weight`` ``X`` as its int32 ``qweight`` [Kp/8, Np] under ``X`` plus
+        ``X.qzeros`` and ``X.scales``. The tensors are the model's (no copies for contiguous weights).
     """
     out: dict[str, torch.Tensor] = {}
     for name, t in p.items():
@@ -89,6 +95,10 @@ def named_weights(p: dict) -> dict[str, torch.Tensor]:
             out[name] = t.w
             for part in _I8_PARTS:
                 out[f"{name}.{part}"] = getattr(t, part)
+        elif isinstance(t, Int4Weight):
+            out[name] = t.qweight.contiguous()
+            out[f"{name}.qzeros"] = t.qzeros.contiguous()
+            out[f"{name}.scales"] = t.scales.contiguous()
         else:
             out[name] = t.contiguous()
     return out

@@ -46,7 +46,7 @@ def _count_blocks(monkeypatch, model) -> list[int]:
     return calls
 
 
-@pytest.mark.parametrize("strategy", ["cpu fp32", "cpu fp32i8"])
+@pytest.mark.parametrize("strategy", ["cpu fp32", "cpu fp32i8", "cpu fp32i4"])
 @pytest.mark.parametrize("version", VERSIONS)
 def test_fused_matches_eager(model_path, version, strategy, monkeypatch):
     model = RWKV(model_path(version), strategy)
@@ -198,6 +198,45 @@ def _packed(model):
     dims = [fused_cpu._VERSION_CODE[spec.version], spec.n_layer, spec.n_embd, spec.n_att, spec.n_ffn,
             max(spec.n_head, 1), max(spec.head_size, 1), spec.vocab_size, 0]
     return dims, fused_cpu.model_weights(model), [fused_cpu.named_weights(p) for p in model.layers]
+
+
+def test_named_weights_i4_parts(model_path):
+    from rwkv_chat.models.backends import fused_cpu
+
+    model = RWKV(model_path("7"), "cpu fp32i4")
+    assert model.fused_cpu is not None, model.fused_cpu_reason
+    named = fused_cpu.named_weights(model.layers[1])
+    w = model.layers[1]["ffn.key.weight"]
+    assert named["ffn.key.weight"] is w.qweight and w.qweight.dtype == torch.int32
+    assert named["ffn.key.weight.qzeros"] is w.qzeros and named["ffn.key.weight.scales"] is w.scales
+    dims, top, layers = _packed(model)
+    cls = fused_cpu._class()
+    for name, t, match in [
+        ("ffn.key.weight.qzeros", w.qzeros[:, :-1].contiguous(), r"layer 1 'ffn.key.weight.qzeros' must be int32"),
+        ("ffn.key.weight.scales", w.scales.to(torch.float64), r"layer 1 'ffn.key.weight.scales' must be float32"),
+        ("ffn.key.weight", w.qweight[:-1].contiguous(), r"layer 1 'ffn.key.weight' \(int4 qweight\) has shape"),
+    ]:
+        bad = [dict(p) for p in layers]
+        bad[1][name] = t
+        with pytest.raises(RuntimeError, match=match):
+            cls(dims, top, bad)
+    bad = [dict(p) for p in layers]
+    del bad[1]["ffn.key.weight.scales"]
+    with pytest.raises(RuntimeError, match="layer 1 lacks 'ffn.key.weight.scales'"):
+        cls(dims, top, bad)
+
+
+def test_i4_with_g_idx_takes_the_eager_path(model_path):
+    from rwkv_chat.models.backends import fused_cpu
+    from rwkv_chat.models.formats.i4 import Int4Weight
+
+    model = RWKV(model_path("7"), "cpu fp32i4")
+    w = model.layers[2]["att.key.weight"]
+    model.layers[2]["att.key.weight"] = Int4Weight(w.qweight, w.qzeros, w.scales,
+                                                   torch.arange(w.shape[0], dtype=torch.int32) // w.group_size,
+                                                   w.group_size, w.shape)
+    assert fused_cpu.attach(model) is None
+    assert "layer 2 'att.key.weight'" in model.fused_cpu_reason and "g_idx" in model.fused_cpu_reason
 
 
 def test_named_weights_i8_parts(model_path):

@@ -325,6 +325,8 @@ def test_cpu_int4_product_equals_the_dequantized_one(cpu_loader, K, N, rows, gro
     ref = x.double() @ q.dequantize(torch.float64)
     assert got.dtype == dtype and got.shape == (rows, N)
     assert ((got.double() - ref).norm() / ref.norm()).item() <= (1e-6 if dtype == torch.float32 else 4e-3)
+    for r in range(rows):            # a row's result does not depend on the rows beside it (batched decode)
+        assert torch.equal(kernels.mm4(x[r:r + 1], q), got[r:r + 1]), f"row {r} alone differs"
     many = torch.randn(dispatch.I4_CPU_ROWS + 1, K, generator=g).to(dtype)
     assert not dispatch._i4_cpu_serves(many, q)
     desc = i4.Int4Weight(q.qweight, q.qzeros, q.scales, torch.arange(K, dtype=torch.int32) // q.group_size,
