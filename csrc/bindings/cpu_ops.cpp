@@ -115,6 +115,19 @@ void gemvq_i4_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tens
                         qzeros.data_ptr<int32_t>(), scales.data_ptr(), y.data_ptr());
 }
 
+void gemvq_f8_cpu(const at::Tensor& x, const at::Tensor& w8, const at::Tensor& scale, const at::Tensor& y) {
+    const char* op = "rwkv_chat::gemvq_f8_cpu";
+    TORCH_CHECK(x.dim() == 2 && w8.dim() == 2 && y.dim() == 2, op, ": x [rows, K], w8 [N, K], y [rows, N]");
+    const int64_t rows = x.size(0), K = x.size(1), N = w8.size(0);
+    const auto F = x.scalar_type();
+    const int act = act_code(x, op);
+    check_tensor(x, op, "x", kCPU, F, {rows, K});
+    check_tensor(w8, op, "w8", kCPU, at::kByte, {N, K});
+    check_tensor(scale, op, "scale", kCPU, at::kFloat, {N});
+    check_tensor(y, op, "y", kCPU, F, {rows, N});
+    gemvq_f8_cpu_kernel(act, rows, K, N, x.data_ptr(), w8.data_ptr<uint8_t>(), scale.data_ptr<float>(), y.data_ptr());
+}
+
 }  // namespace
 }  // namespace rwkv_chat
 
@@ -133,4 +146,5 @@ TORCH_LIBRARY_FRAGMENT(rwkv_chat, m) {
           &rwkv_chat::mm8_cpu);
     m.def("gemvq_i4_cpu(Tensor x, Tensor qweight, Tensor qzeros, Tensor scales, int group, Tensor(a!) y) -> ()",
           &rwkv_chat::gemvq_i4_cpu);
+    m.def("gemvq_f8_cpu(Tensor x, Tensor w8, Tensor scale, Tensor(a!) y) -> ()", &rwkv_chat::gemvq_f8_cpu);
 }

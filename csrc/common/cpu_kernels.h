@@ -44,6 +44,10 @@ void mm8_cpu_kernel(int act, int64_t rows, int64_t N, int64_t M, const void* x, 
 void gemvq_i4_cpu_kernel(int act, int scale_type, int64_t rows, int64_t K, int64_t Kp, int64_t N, int64_t Np,
                          int64_t group, const void* x, const int32_t* qweight, const int32_t* qzeros,
                          const void* scales, void* y);
+// fp8 e4m3fn, output-major (csrc/gemvq/gemvq_cpu.cpp): x [rows, K] (act), w8 e4m3 bytes [N, K], fscale float32
+// [N]; y [rows, N] (act) = fscale * (x @ e4m3(w8).T). Denormals must not be flushed (the decode relies on them).
+void gemvq_f8_cpu_kernel(int act, int64_t rows, int64_t K, int64_t N, const void* x, const uint8_t* w8,
+                         const float* fscale, void* y);
 
 }  // namespace rwkv_chat
 

@@ -104,12 +104,14 @@ class Named {
     // A strategy matrix [N, M]: float32 name, or uint8 name with float32 scales name.mx, name.rx [M] and
     // name.my, name.ry [N, 1] (models/formats/i8.py), or int32 name = qweight [Kp/8, Np] of the GPTQ layout with
     // name.qzeros int32 [Kp/group, Np/8] and name.scales float32/float16/bfloat16 [Kp/group, Np] (Kp, Np: N, M
-    // rounded up to multiples of 8; the group a multiple of 8; models/formats/i4.py).
+    // rounded up to multiples of 8; the group a multiple of 8; models/formats/i4.py), or float8_e4m3fn name
+    // [M, N] (output-major) with name.scale float32 [M] (models/formats/f8.py).
     Mat mat(const std::string& name, int64_t N, int64_t M, bool optional = false) {
         const at::Tensor w = get(name, optional);
         Mat m;
         if (!w.defined()) return m;
         if (w.scalar_type() == at::kInt) return i4(name, w, N, M);
+        if (w.scalar_type() == at::kFloat8_e4m3fn) return f8(name, w, N, M);
         TORCH_CHECK(w.dim() == 2 && w.size(0) == N && w.size(1) == M, "FusedCpuModel: ", scope_, " '", name,
                     "' has shape ", w.sizes(), ", expected [", N, ", ", M, "]");
         m.N = N;
@@ -161,6 +163,19 @@ class Named {
         m.sc_type = st == at::kFloat ? 0 : st == at::kHalf ? 1 : 2;
         return m;
     }
+    Mat f8(const std::string& name, const at::Tensor& w, int64_t N, int64_t M) {
+        Mat m;
+        m.N = N;
+        m.M = M;
+        TORCH_CHECK(w.dim() == 2 && w.size(0) == M && w.size(1) == N, "FusedCpuModel: ", scope_, " '", name,
+                    "' (fp8, output-major) has shape ", w.sizes(), ", expected [", M, ", ", N, "]");
+        const at::Tensor s = get(name + ".scale");
+        TORCH_CHECK(s.scalar_type() == at::kFloat && s.numel() == M, "FusedCpuModel: ", scope_, " '", name,
+                    ".scale' must be float32 with ", M, " elements, got ", s.scalar_type(), " ", s.sizes());
+        m.w8 = static_cast<const uint8_t*>(w.data_ptr());
+        m.fscale = s.data_ptr<float>();
+        return m;
+    }
     // Raises for the names nothing has read (a weight of a layout this class does not implement).
     void finish(int64_t version) const {
         std::string extra;
@@ -194,7 +209,8 @@ class FusedCpuModel : public torch::CustomClassHolder {
     // Vectors are float32 with the layer's element count (any shape). A matrix "X.weight" [in, out] is
     // float32, or uint8 with its i8 scales as four more entries "X.weight.mx", "X.weight.rx" float32 [out]
     // and "X.weight.my", "X.weight.ry" float32 [in, 1], or int32 (int4: the GPTQ qweight) with "X.weight.qzeros"
-    // and "X.weight.scales" (Named::mat). Every tensor is contiguous on the CPU; the object
+    // and "X.weight.scales", or float8_e4m3fn [out, in] (output-major) with "X.weight.scale" float32 [out]
+    // (Named::mat). Every tensor is contiguous on the CPU; the object
     // keeps the dicts (references, no copies). Optional: v5 "att.gate.weight" (from 5.1; "att.time_mix_g"
     // is required with it), v7 layer 0's "att.v0", "att.v1", "att.v2". Raises (c10::Error, RuntimeError in
     // Python) naming the weight: a required name absent, a wrong dtype/shape/device/layout, or a name the

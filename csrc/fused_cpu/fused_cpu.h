@@ -1,7 +1,8 @@
 // Fused CPU inference: building blocks shared by the per-generation layer functions (fused_cpu.cpp).
 // Activations are float32 [rows, width] row-major; a weight is [in N, out M] row-major, float32 or
 // the reference's i8 scheme (uint8 w [N, M], scales mx, rx [M], my, ry [N, 1], see models/formats/i8.py),
-// or int4 in the GPTQ layout (models/formats/i4.py; the compiled product of gemvq/gemvq_cpu.cpp).
+// or int4 in the GPTQ layout (models/formats/i4.py), or fp8 e4m3fn output-major (models/formats/f8.py; both through
+// the compiled products of gemvq/gemvq_cpu.cpp).
 // Small products run as hand loops on one thread (no dispatch, no fork/join); large ones go to
 // at::mm (MKL/oneDNN) or the OpenMP mm8 kernel (mm8/mm8_cpu.cpp); an i8 matrix times a prompt's rows is
 // dequantized for at::mm.
@@ -34,9 +35,39 @@ struct Mat {
     const void* sc = nullptr;
     int sc_type = 0;
     int64_t Kp = 0, Np = 0, group = 0;
+    // fp8 e4m3fn (models/formats/f8.py), output-major: w8 bytes [M, N], fscale float32 [M]
+    const uint8_t* w8 = nullptr;
+    const float* fscale = nullptr;
     int64_t N = 0, M = 0;
-    bool present() const { return w != nullptr || q != nullptr || qw != nullptr; }
+    bool present() const { return w != nullptr || q != nullptr || qw != nullptr || w8 != nullptr; }
 };
+
+// The most rows an fp8 product takes through the compiled product (F8_CPU_ROWS of models/kernels/dispatch.py);
+// more rows dequantize the matrix for at::mm.
+constexpr int64_t kF8Rows = 32;
+
+// y[R, M] = x[R, N] (row stride ldx) @ W for an fp8 W: gemvq_f8_cpu_kernel (e4m3 made float32 as read, a row's
+// sums the same alone or batched), or above kF8Rows rows W dequantized (e4m3 times the channel's scale, as
+// f8.mmf8_torch) for at::mm.
+inline void gemm_f8(const float* x, int64_t ldx, int64_t R, const Mat& m, float* y) {
+    const int64_t N = m.N, M = m.M;
+    auto opts = at::TensorOptions().dtype(at::kFloat);
+    at::Tensor packed;
+    if (R > 1 && ldx != N) {                 // both forms read rows of N floats
+        packed = at::empty({R, N}, opts);
+        for (int64_t r = 0; r < R; ++r) std::memcpy(packed.data_ptr<float>() + r * N, x + r * ldx, N * sizeof(float));
+        x = packed.data_ptr<float>();
+    }
+    if (R <= kF8Rows) {
+        gemvq_f8_cpu_kernel(0, R, N, M, x, m.w8, m.fscale, y);
+        return;
+    }
+    at::Tensor w8 = at::from_blob(const_cast<uint8_t*>(m.w8), {M, N}, at::TensorOptions().dtype(at::kFloat8_e4m3fn));
+    at::Tensor wt = w8.to(at::kFloat) * at::from_blob(const_cast<float*>(m.fscale), {M, 1}, opts);
+    at::Tensor xt = at::from_blob(const_cast<float*>(x), {R, N}, opts);
+    at::Tensor yt = at::from_blob(y, {R, M}, opts);
+    at::mm_out(yt, xt, wt.t());
+}
 
 // The most rows an int4 product takes through the compiled product (as I4_CPU_ROWS of models/kernels/dispatch.py);
 // more rows (a prompt) dequantize the matrix once for at::mm.
@@ -175,6 +206,10 @@ inline void gemv_parallel(const float* x, int64_t N, const W* w, int64_t M, floa
 RWKV_FUSED_INLINE void gemm(const float* x, int64_t ldx, int64_t R, const Mat& m, float* y) {
     if (m.qw != nullptr) {
         gemm_i4(x, ldx, R, m, y);
+        return;
+    }
+    if (m.w8 != nullptr) {
+        gemm_f8(x, ldx, R, m, y);
         return;
     }
     const int64_t N = m.N, M = m.M;

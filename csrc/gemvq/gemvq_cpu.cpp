@@ -10,6 +10,8 @@
 // padding: x is taken as 0 there), N <= Np.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <vector>
 
 #include "../common/cpu_kernels.h"
 
@@ -178,6 +180,107 @@ void gemvq_i4_cpu_kernel(int act, int scale_type, int64_t rows, int64_t K, int64
             RWKV_CHAT_CPU_DISPATCH_ACT(scale_type, S,
                 i4_impl<F, S>(n, K, Kp, N, Np, group, reinterpret_cast<const F*>(xb), qweight, qzeros,
                               static_cast<const S*>(scales), reinterpret_cast<F*>(yb))));
+    }
+}
+
+
+// fp8 e4m3fn products on the CPU: y[r, n] = fscale[n] * sum_k x[r, k] * e4m3(w8[n, k]) (models/formats/f8.py,
+// output-major w8 [N, K]), the e4m3 bytes read as stored (1 byte per weight) and made float32 exactly in registers:
+// the byte's low seven bits shifted into a float32's exponent and mantissa fields (bits 20-26) give 2^-120 times
+// its magnitude, normal or subnormal (the float32 is then subnormal itself: denormals must not be flushed, as
+// torch leaves them), the sign bit moved to bit 31, times 2^120. OpenMP over outputs; each output's K bytes are
+// decoded once per 8 inputs and added into every row of x, a row's sums in the same order alone or batched.
+namespace {
+
+constexpr float kE4m3Scale = 1.329227995784915872903807060280344576e36f;   // 2^120
+
+inline float e4m3_value(uint8_t b) {
+    const uint32_t bits = (static_cast<uint32_t>(b & 0x80u) << 24) | (static_cast<uint32_t>(b & 0x7Fu) << 20);
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f * kE4m3Scale;
+}
+
+constexpr int64_t kF8MaxRows = 8;   // rows of x per pass over the weights
+
+// acc[r] (8 lanes each) += x[r, k0 .. k0 + 8k) * the output's bytes, lane j summing the inputs k = j (mod 8); the
+// remaining K % 8 inputs into tail[r] in order.
+void f8_row_plain(const uint8_t* wn, int64_t K, int64_t rows, const float* const* xr, float (*acc)[8], float* tail) {
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+        float wv[8];
+        for (int j = 0; j < 8; ++j) wv[j] = e4m3_value(wn[k + j]);
+        for (int64_t r = 0; r < rows; ++r)
+            for (int j = 0; j < 8; ++j) acc[r][j] += xr[r][k + j] * wv[j];
+    }
+    for (; k < K; ++k) {
+        const float wv = e4m3_value(wn[k]);
+        for (int64_t r = 0; r < rows; ++r) tail[r] += xr[r][k] * wv;
+    }
+}
+
+#ifdef RWKV_CHAT_X86_AVX2
+__attribute__((target("avx2,fma"))) void f8_row_avx2(const uint8_t* wn, int64_t K, int64_t rows,
+                                                    const float* const* xr, float (*acc)[8], float* tail) {
+    const __m256i mag = _mm256_set1_epi32(0x7F), sign = _mm256_set1_epi32(static_cast<int>(0x80000000u));
+    const __m256 big = _mm256_set1_ps(kE4m3Scale);
+    __m256 a[kF8MaxRows];
+    for (int64_t r = 0; r < rows; ++r) a[r] = _mm256_loadu_ps(acc[r]);
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+        const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(wn + k)));
+        const __m256i bits = _mm256_or_si256(_mm256_and_si256(_mm256_slli_epi32(b, 24), sign),
+                                             _mm256_slli_epi32(_mm256_and_si256(b, mag), 20));
+        const __m256 w = _mm256_mul_ps(_mm256_castsi256_ps(bits), big);
+        for (int64_t r = 0; r < rows; ++r) a[r] = _mm256_fmadd_ps(_mm256_loadu_ps(xr[r] + k), w, a[r]);
+    }
+    for (int64_t r = 0; r < rows; ++r) _mm256_storeu_ps(acc[r], a[r]);
+    for (; k < K; ++k) {
+        const float wv = e4m3_value(wn[k]);
+        for (int64_t r = 0; r < rows; ++r) tail[r] = std::fma(xr[r][k], wv, tail[r]);
+    }
+}
+#endif
+
+template <typename F>
+void f8_impl(int64_t rows, int64_t K, int64_t N, const F* x, const uint8_t* w8, const float* fscale, F* y) {
+    // float32 copies of the rows (the products read x once per output)
+    std::vector<float> xf(static_cast<size_t>(rows * K));
+    for (int64_t i = 0; i < rows * K; ++i) xf[i] = static_cast<float>(x[i]);
+    const float* xr[kF8MaxRows];
+    for (int64_t r = 0; r < rows; ++r) xr[r] = xf.data() + r * K;
+#ifdef RWKV_CHAT_X86_AVX2
+    const bool avx2 = cpu_has_avx2_fma();
+#endif
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; ++n) {
+        float acc[kF8MaxRows][8] = {}, tail[kF8MaxRows] = {};
+        const uint8_t* wn = w8 + n * K;
+#ifdef RWKV_CHAT_X86_AVX2
+        if (avx2)
+            f8_row_avx2(wn, K, rows, xr, acc, tail);
+        else
+#endif
+            f8_row_plain(wn, K, rows, xr, acc, tail);
+        for (int64_t r = 0; r < rows; ++r) {
+            const float s = ((acc[r][0] + acc[r][1]) + (acc[r][2] + acc[r][3])) +
+                            ((acc[r][4] + acc[r][5]) + (acc[r][6] + acc[r][7])) + tail[r];
+            y[r * N + n] = static_cast<F>(s * fscale[n]);
+        }
+    }
+}
+
+}  // namespace
+
+void gemvq_f8_cpu_kernel(int act, int64_t rows, int64_t K, int64_t N, const void* x, const uint8_t* w8,
+                         const float* fscale, void* y) {
+    const int esize = act == 0 ? 4 : 2;
+    for (int64_t r0 = 0; r0 < rows; r0 += kF8MaxRows) {
+        const int64_t n = std::min(kF8MaxRows, rows - r0);
+        const char* xb = static_cast<const char*>(x) + r0 * K * esize;
+        char* yb = static_cast<char*>(y) + r0 * N * esize;
+        RWKV_CHAT_CPU_DISPATCH_ACT(act, F,
+            f8_impl<F>(n, K, N, reinterpret_cast<const F*>(xb), w8, fscale, reinterpret_cast<F*>(yb)));
     }
 }
 

@@ -3,7 +3,7 @@
 ``choose(model, kernels)`` picks one when ``RWKV`` loads; it is stored on the model (``model.backend``), named
 in ``model.plan``'s printout, and never changes anything outside that model:
 
-* ``fused-cpu`` (``fused_cpu.py``): every layer on the CPU in fp32 with fp32 / i8 / i4 weights: the whole model in
+* ``fused-cpu`` (``fused_cpu.py``): every layer on the CPU in fp32 with fp32 / i8 / i4 / f8 weights: the whole model in
   one compiled C++ call per forward of up to ``fused_cpu.SEQ_TOKENS`` tokens and per decode step;
 * ``fused-cuda`` (``fused_cuda.py``): RWKV-7 with layers on CUDA: fused layer kernels for prefill blocks and,
   all on one device, for the decode step;

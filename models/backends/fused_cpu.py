@@ -9,8 +9,9 @@ hand loops for the small products, ``at::mm`` (MKL/oneDNN) and the compiled mm8 
 ones. The formulas are those of ``models/rwkv/v4.py`` … ``models/rwkv/v7.py`` (ChatRWKV ``rwkv/model.py``,
 pip 0.8.32); results equal the eager path to float32 rounding.
 
-Served: every layer on the CPU with float32 activations and float32, i8 or i4 weights (``cpu fp32``,
-``cpu fp32i8``, ``cpu fp32i4``, mixes of those; i4 in the GPTQ layout without g_idx, the group a multiple of 8), generations 4, 5, 5.1, 5.2, 6 and 7 (not RWKV-7 DeepEmbed). Anything
+Served: every layer on the CPU with float32 activations and float32, i8, i4 or f8 weights (``cpu fp32``,
+``cpu fp32i8``, ``cpu fp32i4``, ``cpu fp32f8``, mixes of those; i4 in the GPTQ layout without g_idx, the group a
+multiple of 8; f8 output-major), generations 4, 5, 5.1, 5.2, 6 and 7 (not RWKV-7 DeepEmbed). Anything
 else (bf16/fp16 activations, CUDA layers, kernels not built) keeps the eager path; ``reason(model)``
 says why (``RWKV.fused_cpu_reason``).
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from rwkv_chat.models.errors import StateError
+from rwkv_chat.models.formats.f8 import Float8Weight
 from rwkv_chat.models.formats.i4 import Int4Weight
 from rwkv_chat.models.formats.i8 import Int8Weight
 from rwkv_chat.models.state import State
@@ -64,12 +66,14 @@ def reason(model) -> str | None:
             return f"layer {i} is on {model.devices[i]}"
         if pl.atype != torch.float32:
             return f"layer {i} computes in {pl.atype} (the fused CPU path serves float32 activations)"
-        if pl.wtype not in (torch.float32, torch.uint8, torch.int32):
-            return f"layer {i} has {pl.wtype} weights (the fused CPU path serves float32, i8 and i4)"
+        if pl.wtype not in (torch.float32, torch.uint8, torch.int32, torch.float8_e4m3fn):
+            return f"layer {i} has {pl.wtype} weights (the fused CPU path serves float32, i8, i4 and f8)"
         for name, t in (model.layers[i].items() if i < len(model.layers) else ()):
             if isinstance(t, Int4Weight) and (t.g_idx is not None or t.output_major or t.group_size % 8):
                 return (f"layer {i} '{name}': an i4 weight with g_idx, output-major or a group not a multiple of 8 "
                         f"(group {t.group_size})")
+            if isinstance(t, Float8Weight) and not t.w8.is_contiguous():
+                return f"layer {i} '{name}': an f8 weight held input-major"
     return None
 
 
@@ -80,14 +84,15 @@ def named_weights(p: dict) -> dict[str, torch.Tensor]:
     """Weights by name as ``FusedCpuModel`` reads them.
 
     Args:
-        p: name -> float32 tensor, ``Int8Weight`` or ``Int4Weight`` (GPTQ layout) (a layer's dict from
+        p: name -> float32 tensor, ``Int8Weight``, ``Int4Weight`` (GPTQ layout) or ``Float8Weight`` (a layer's dict from
             ``model.layers``, names without ``blocks.<i>.``, or the model-level names ``emb.weight``,
             ``ln_out.weight``, ``ln_out.bias``, ``head.weight``).
     Returns:
         name -> CPU tensor: each tensor as given (``.contiguous()``: a no-op for the loader's contiguous
         weights); an ``Int8Weight`` ``X`` as uint8 ``X`` [N, M] plus float32 ``X.mx``, ``X.rx`` [M] and
         ``X.my``, ``X.ry`` [N, 1]; an ``Int4Weight`` ``X`` as its int32 ``qweight`` [Kp/8, Np] under ``X`` plus
-        ``X.qzeros`` and ``X.scales``. The tensors are the model's (no copies for contiguous weights).
+        ``X.qzeros`` and ``X.scales``; a ``Float8Weight`` ``X`` as its float8_e4m3fn ``w8`` [N_out, K_in] (output-major)
+        plus float32 ``X.scale`` [N_out]. The tensors are the model's (no copies for contiguous weights).
     """
     out: dict[str, torch.Tensor] = {}
     for name, t in p.items():
@@ -99,6 +104,9 @@ def named_weights(p: dict) -> dict[str, torch.Tensor]:
             out[name] = t.qweight.contiguous()
             out[f"{name}.qzeros"] = t.qzeros.contiguous()
             out[f"{name}.scales"] = t.scales.contiguous()
+        elif isinstance(t, Float8Weight):
+            out[name] = t.w8.contiguous()
+            out[f"{name}.scale"] = t.scale.contiguous()
         else:
             out[name] = t.contiguous()
     return out

@@ -15,9 +15,11 @@ Products:
   same arithmetic); more rows, the fp8 tensor cores through ``torch._scaled_mm`` with the activations
   quantized per token (``rwkv_chat.models.ops.fp8``). The format's ``kernel`` is
   ``rwkv_chat.models.kernels.mmf8``.
-* CPU: an exact emulation: the e4m3 values are converted exactly to float32 and scaled, and the product runs
-  in the activation dtype (``matmul``). The plan calls it "f8 (emulated)"; it is a correctness path, not a
-  speed claim.
+* CPU: an emulation without fp8 arithmetic: up to ``rwkv_chat.models.kernels.dispatch.F8_CPU_ROWS`` rows the
+  compiled product of ``csrc/gemvq/gemvq_cpu.cpp`` (reads ``w8`` as stored, each e4m3 byte made float32 exactly in
+  registers, float32 sums, the scale applied per output; also inside the fused CPU call), more rows the e4m3
+  values converted exactly to float32 and scaled and the product in the activation dtype (``matmul``). The plan
+  calls it "f8 (emulated)".
 * Other devices (CUDA below 8.9, mps, dml): refused (``check_device``; ``DeviceError`` at load naming the stage).
 """
 

@@ -281,6 +281,16 @@ def _i4_cpu_serves(x: torch.Tensor, q: Int4Weight) -> bool:
             and q.scales.dtype in (torch.float32, torch.float16, torch.bfloat16) and available("cpu", "gemvq"))
 
 
+#: the most rows the compiled CPU fp8 product serves (more: the matrix dequantized for torch's GEMM)
+F8_CPU_ROWS = 32
+
+
+def _f8_cpu_serves(x: torch.Tensor, w8: torch.Tensor) -> bool:
+    """Whether the compiled CPU fp8 product serves x with the contiguous e4m3 bytes ``w8`` [N, K]."""
+    return (x.device.type == "cpu" and 1 <= _rows(x) <= F8_CPU_ROWS and w8.is_contiguous()
+            and available("cpu", "gemvq") and hasattr(torch.ops.rwkv_chat, "gemvq_f8_cpu"))
+
+
 def _gemvq_serves(x: torch.Tensor) -> bool:
     rows = _rows(x)
     return x.is_cuda and 1 <= rows <= GEMVQ_ROWS and available("cuda", "gemvq") and gemvq_sound(x.device)
@@ -546,12 +556,22 @@ def mmf8(x: torch.Tensor, q: Float8Weight) -> torch.Tensor:
     x [..., K] fp32/fp16/bf16 on q's device -> [..., N] in x's dtype. On CUDA (compute capability >= 8.9):
     1..``GEMVQ_ROWS`` rows, K % 16 == 0: the compiled weight-only GEMV of ``csrc/gemvq`` where it is built; else
     at most ``ops.gemv.GEMV_ROWS`` rows (fp16/bf16, Triton): the weight-only fp8 GEMV; more rows (K and N
-    multiples of 16): the activations quantized per token and the fp8 tensor cores (``torch._scaled_mm``);
-    elsewhere (the CPU) the exact emulation ``f8.mmf8_torch``.
+    multiples of 16): the activations quantized per token and the fp8 tensor cores (``torch._scaled_mm``). On the
+    CPU, up to ``F8_CPU_ROWS`` rows: the compiled product of ``csrc/gemvq/gemvq_cpu.cpp`` (the e4m3 bytes made
+    float32 exactly as they are read, float32 sums, times the channel's scale); elsewhere the exact emulation
+    ``f8.mmf8_torch``.
     Raises: DeviceError, ShapeMismatchError, UnsupportedDtypeError.
     """
     _check_packed(x, q, "f8")
     if not x.is_cuda:
+        if q.input_major and _f8_cpu_serves(x, q.w8.t()):
+            q = q.with_layout(False)      # a transient output-major copy: either layout gives the same product
+        if _f8_cpu_serves(x, q.w8):
+            rows, (K, N) = _rows(x), q.shape
+            y = torch.empty(rows, N, dtype=x.dtype, device=x.device)
+            _op("cpu", "gemvq_f8")(x.reshape(rows, K).contiguous(), q.w8.view(torch.uint8),
+                                   q.scale.float().contiguous(), y)
+            return y.reshape(*x.shape[:-1], N)
         return _f8.mmf8_torch(x, q)
     rows = _rows(x)
     K, N = q.shape

@@ -46,7 +46,7 @@ def _count_blocks(monkeypatch, model) -> list[int]:
     return calls
 
 
-@pytest.mark.parametrize("strategy", ["cpu fp32", "cpu fp32i8", "cpu fp32i4"])
+@pytest.mark.parametrize("strategy", ["cpu fp32", "cpu fp32i8", "cpu fp32i4", "cpu fp32f8"])
 @pytest.mark.parametrize("version", VERSIONS)
 def test_fused_matches_eager(model_path, version, strategy, monkeypatch):
     model = RWKV(model_path(version), strategy)
@@ -224,6 +224,28 @@ def test_named_weights_i4_parts(model_path):
     del bad[1]["ffn.key.weight.scales"]
     with pytest.raises(RuntimeError, match="layer 1 lacks 'ffn.key.weight.scales'"):
         cls(dims, top, bad)
+
+
+def test_named_weights_f8_parts(model_path):
+    from rwkv_chat.models.backends import fused_cpu
+
+    model = RWKV(model_path("5.2"), "cpu fp32f8")
+    assert model.fused_cpu is not None, model.fused_cpu_reason
+    w = model.layers[1]["ffn.key.weight"]
+    named = fused_cpu.named_weights(model.layers[1])
+    assert named["ffn.key.weight"] is w.w8 and named["ffn.key.weight.scale"] is w.scale
+    dims, top, layers = _packed(model)
+    cls = fused_cpu._class()
+    for name, t, match in [
+        ("ffn.key.weight.scale", w.scale[:-1].contiguous(), r"layer 1 'ffn.key.weight.scale' must be float32"),
+        ("ffn.key.weight", w.w8.t().contiguous(), r"layer 1 'ffn.key.weight' \(fp8, output-major\) has shape"),
+    ]:
+        bad = [dict(p) for p in layers]
+        bad[1][name] = t
+        with pytest.raises(RuntimeError, match=match):
+            cls(dims, top, bad)
+    model.layers[1]["ffn.key.weight"] = w.with_layout(True)
+    assert fused_cpu.attach(model) is None and "input-major" in model.fused_cpu_reason
 
 
 def test_i4_with_g_idx_takes_the_eager_path(model_path):

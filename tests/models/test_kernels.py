@@ -334,6 +334,33 @@ def test_cpu_int4_product_equals_the_dequantized_one(cpu_loader, K, N, rows, gro
     assert not dispatch._i4_cpu_serves(x, desc)
 
 
+@pytest.mark.parametrize("K,N,rows,dtype", [(96, 48, 1, torch.float32), (100, 37, 5, torch.float32),
+                                             (256, 130, 17, torch.float32), (64, 40, 3, torch.bfloat16),
+                                             (48, 24, 2, torch.float16)])
+def test_cpu_fp8_product_equals_the_dequantized_one(cpu_loader, K, N, rows, dtype):
+    """``kernels.mmf8`` on the CPU through the compiled product (``csrc/gemvq/gemvq_cpu.cpp``: the e4m3 bytes made
+    float32 in registers) against x @ the dequantized weight in float64: every finite e4m3 byte (subnormals, both
+    signs) appears in the weight, K need not be a multiple of 8, a row's result is the same alone, and more rows
+    than it serves take the torch path."""
+    from rwkv_chat.models.formats import f8
+    from rwkv_chat.models.kernels import dispatch
+
+    g = torch.Generator().manual_seed(K + N + rows)
+    codes = torch.tensor([b for b in range(256) if b & 0x7F != 0x7F], dtype=torch.uint8)     # no NaN
+    w8 = codes[torch.randint(0, codes.numel(), (N, K), generator=g)].view(torch.float8_e4m3fn)
+    q = f8.Float8Weight(w8, torch.rand(N, generator=g) * 0.01 + 1e-3)
+    x = torch.randn(rows, K, generator=g).to(dtype)
+    assert dispatch._f8_cpu_serves(x, q.w8)
+    got = kernels.mmf8(x, q)
+    ref = x.double() @ q.dequantize(torch.float64)
+    assert got.dtype == dtype and got.shape == (rows, N)
+    assert ((got.double() - ref).norm() / ref.norm()).item() <= (1e-6 if dtype == torch.float32 else 4e-3)
+    for r in range(rows):
+        assert torch.equal(kernels.mmf8(x[r:r + 1], q), got[r:r + 1]), f"row {r} alone differs"
+    assert torch.equal(kernels.mmf8(x, q.with_layout(True)), got)         # input-major: the same product
+    assert not dispatch._f8_cpu_serves(torch.randn(dispatch.F8_CPU_ROWS + 1, K), q.w8)
+
+
 def test_wkv7_chunked_kernel_only_for_long_sequences_of_few_heads():
     """The chunked WKV-7 kernel's time grows with batch x heads from the first head, the sequential kernel's
     stays flat until the heads fill the GPU (bench/results/h100.md, "Kernel benchmark"): with 132 multiprocessors a
