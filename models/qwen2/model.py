@@ -40,16 +40,17 @@ class TorchBackend:
     """What serves a Qwen model: the layer functions of ``layers.py`` on ``ops`` (``QwenOps``).
 
     Attributes:
-        name: "torch" (pure torch, ``kernels=False``) or "eager" (``kernels=True``: the compiled i8 product where
-            built; on one CUDA device in fp16/bf16, the Triton ops of ``rwkv_chat.models.ops`` that run there,
+        name: "torch" (pure torch, ``kernels=False``) or "eager" (``kernels=True``: the compiled products of the
+            weight formats where built; on one CUDA device in fp16/bf16, the Triton ops of ``rwkv_chat.models.ops`` that run there,
             see ``fused.fused_ops``).
         detail: one line (which ops serve). ops: the ``QwenOps`` the block calls.
     """
 
-    def __init__(self, compiled: bool, ops: QwenOps, note: str = "", i8: bool = False):
+    def __init__(self, compiled: bool, ops: QwenOps, note: str = "", quants: tuple[str, ...] = ()):
         self.ops, self.compiled = ops, compiled
         self.name = "eager" if compiled else "torch"
-        self.detail = (note or "torch ops") + ", SDPA prefill attention" + (", compiled i8 product where built" if i8 else "")
+        products = f", compiled {' / '.join(quants)} products where built" if quants else ""
+        self.detail = (note or "torch ops") + ", SDPA prefill attention" + products
 
     def __str__(self) -> str:
         return f"{self.name} ({self.detail})"
@@ -157,7 +158,8 @@ class Qwen2:
                 self.kernels["cuda"] = compiled.ensure_built("cuda")
             ops, note = fused_ops(ops, self.devices[0], dtypes.pop(), gemv=gemv)
             self.kernels.setdefault("cuda", {})["triton"] = note
-        self.backend = TorchBackend(bool(kernels), ops, note, i8=table is not None)
+        quants = tuple(sorted({s.quant for s in self.plan.stages if s.quant})) if table is not None else ()
+        self.backend = TorchBackend(bool(kernels), ops, note, quants)
         self.plan = replace(self.plan, backend=str(self.backend))
 
     def use_kernels(self, gemv: str | None = None):
