@@ -257,6 +257,10 @@ def ps(args) -> int:
         print(f"kind: {family}, {mdl.get('n_layer')} layers x {mdl.get('n_embd')}")
     if mdl.get("strategy"):
         print(f"strategy: {mdl['strategy']}")
+    if mdl.get("loaded") and mdl.get("backend"):
+        from .texts import serving_short
+
+        print(f"backend: {serving_short(mdl)}")
     print("devices: " + ", ".join(st["devices"]))
     mem = st["memory"]
     print(f"memory: RSS {_size(mem.get('rss_bytes', mem['max_rss_bytes']))}"

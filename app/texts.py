@@ -7,7 +7,7 @@ STRATEGY_HELP = """\
 A strategy says where the model's layers run and in which number format:
   DEVICE DTYPE [*N[+]] [-> DEVICE DTYPE ...]
   DEVICE   cpu, cuda, cuda:1, mps or dml
-  DTYPE    fp32 (exact; the CPU's choice), bf16 (half the memory), fp16 (GPUs);
+  DTYPE    fp32 (exact; on the CPU the only fast one), bf16 (half the memory), fp16 (GPUs);
            add i8 (8-bit weights, half the memory again), i4 (4-bit, GPTQ layout) or f8 (fp8 e4m3: GPUs
            of compute capability 8.9+, or the CPU, emulated): fp16i8, fp16i4, bf16f8, fp32f8
   *N       this stage holds N layers; *N+ keeps N layers on the GPU and streams the rest from CPU memory

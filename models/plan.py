@@ -40,7 +40,7 @@ import torch
 from rwkv_chat.models import formats
 from rwkv_chat.models.errors import CheckpointError, StrategyError
 from rwkv_chat.models.header import read_header, safetensors_header
-from rwkv_chat.models.strategy import Plan, parse_strategy, plan_layers
+from rwkv_chat.models.strategy import Plan, Stage, parse_strategy, plan_layers
 from rwkv_chat.models.stream import slot_bytes
 
 _NAMES = {torch.float16: "fp16", torch.float32: "fp32", torch.bfloat16: "bf16"}
@@ -286,9 +286,33 @@ def _held_format(p: Path) -> tuple[str | None, str | None]:
         return ("i4" if _gptq(_folder_tensors(p)) else None), None
     _, packed, meta = _rwkv_tensors(p) if p.suffix == ".safetensors" else (None, {}, None)
     suffixes = {formats.format_of(q).suffix for q in packed.values()}
-    if len(suffixes) > 1:
-        return None, (meta or {}).get("strategy")
+    recorded = (meta or {}).get("strategy")
+    if len(suffixes) > 1 or (suffixes and _mixes_formats(recorded)):
+        return None, recorded
     return (suffixes.pop() if suffixes else None), None
+
+
+def _mixes_formats(strategy: str | None) -> bool:
+    """Whether a recorded strategy gives its stages different weight formats (plain float counting as one:
+    ``cpu fp32 *3 -> cpu fp32i4``); False for none or one outside the grammar."""
+    try:
+        return bool(strategy) and len({stage.quant for stage in parse_strategy(strategy)}) > 1
+    except StrategyError:
+        return False
+
+
+def _merged(stages: list[Stage]) -> list[Stage]:
+    """``stages`` with each counted stage folded into the next where the two are alike but for the count (no
+    streaming): ``cpu fp32i4 *4 -> cpu fp32i4`` -> ``cpu fp32i4``, ``A *4 -> A *3 -> B`` -> ``A *7 -> B``."""
+    out: list[Stage] = []
+    for stage in stages:
+        prev = out[-1] if out else None
+        if (prev is not None and prev.count is not None and not prev.stream and not stage.stream
+                and (prev.device, prev.dtype, prev.quant) == (stage.device, stage.dtype, stage.quant)):
+            out[-1] = replace(prev, count=None if stage.count is None else prev.count + stage.count)
+        else:
+            out.append(stage)
+    return out
 
 
 def _gptq(w: dict) -> bool:
@@ -455,8 +479,9 @@ def gpus() -> list[str]:
 def fitted_strategy(path: str | Path, strategy: str) -> str:
     """A default ``strategy`` fitted to the weights the checkpoint at ``path`` holds: every stage in the checkpoint's
     one weight format where it holds one (a GPTQ folder: ``i4``; a file of ``rwkv-chat convert``: its format),
-    devices, dtypes and layer counts kept (``"cuda fp16"`` -> ``"cuda fp16i4"``); the strategy a converted file of
-    several formats was converted for; ``strategy`` itself for float weights. For defaults only (the config's
+    devices, dtypes and layer counts kept (``"cuda fp16"`` -> ``"cuda fp16i4"``; stages that become alike merged:
+    ``"cpu fp32 *4 -> cpu fp32i8"`` -> ``"cpu fp32i4"``); the strategy a converted file of several formats (plain
+    float layers beside packed ones counting as two) was converted for; ``strategy`` itself for float weights. For defaults only (the config's
     strategy when the user names none): a strategy the user gives is loaded as given, and a mismatch is refused
     with a message that names the fix.
 
@@ -468,7 +493,7 @@ def fitted_strategy(path: str | Path, strategy: str) -> str:
         return converted_for
     if held is None:
         return strategy
-    return " -> ".join(str(replace(stage, quant=held)) for stage in parse_strategy(strategy))
+    return " -> ".join(str(stage) for stage in _merged([replace(stage, quant=held) for stage in parse_strategy(strategy)]))
 
 
 def suggest(path: str | Path, devices: list[str] | None = None, *, free: dict[str, int | None] | None = None,

@@ -25,6 +25,11 @@ inline bool cpu_has_avx2_fma() {
     static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
     return yes;
 }
+// Whether this CPU also runs AVX-512F (asked once; the AVX-512 forms use AVX2 + FMA for their tails).
+inline bool cpu_has_avx512f() {
+    static const bool yes = cpu_has_avx2_fma() && __builtin_cpu_supports("avx512f");
+    return yes;
+}
 #endif
 
 void wkv4_cpu_kernel(int act, int64_t B, int64_t T, int64_t C, const float* w, const float* u, const void* k,

@@ -43,6 +43,6 @@ class Eager(Backend):
         super().__init__(ops if ops is not None else eager_ops(compiled))
         self.compiled = compiled
         self.name = "eager" if compiled else "torch"
-        self.detail = ("torch ops, compiled WKV and weight-format kernels (mm8 for i8, gemvq for i4) where built"
+        self.detail = ("torch ops, compiled WKV and weight-format kernels (mm8 for i8, gemvq for i4 and f8) where built"
                        if compiled
                        else "pure torch (kernels=False)")

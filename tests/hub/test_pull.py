@@ -63,6 +63,7 @@ def test_pull_then_load_by_name_and_chat_against_a_real_daemon(home, hub, model_
         ps = home.run("ps").stdout
         assert f"model: tiny-rwkv-7v0-834k ({entry['path']})" in ps and "state: loaded" in ps
         assert "conversations in memory: 1" in ps
+        assert any(line.startswith("backend: ") and len(line) > len("backend: ") for line in ps.splitlines()), ps
         home.run("unload")
         ps = home.run("ps").stdout
         assert "state: unloaded (request)" in ps and "conversations in memory: 0" in ps

@@ -160,7 +160,8 @@ def test_plan_bytes_equal_a_real_load(model_path, version, strategy):
     assert mp.fits is True and mp.devices[0].device == "cpu" and not mp.transfers
 
 
-@pytest.mark.parametrize("strategy", ["cpu fp32i8", "cpu bf16i4", "cpu fp32f8", "cpu fp32i8 *2 -> cpu fp32i4"])
+@pytest.mark.parametrize("strategy", ["cpu fp32i8", "cpu bf16i4", "cpu fp32f8", "cpu fp32i8 *2 -> cpu fp32i4",
+                                      "cpu fp32 *2 -> cpu fp32i4"])
 def test_plan_of_a_converted_file_equals_a_real_load(model_path, tmp_path, strategy):
     """A file of ``rwkv-chat convert``: planned as the loader places its packed weights, refused (in the
     loader's words) for a strategy asking other formats, and suggested only as strategies that load it."""
@@ -184,6 +185,10 @@ def test_plan_of_a_converted_file_equals_a_real_load(model_path, tmp_path, strat
     assert RWKV(out, fitted, kernels=False).plan.strategy == fitted
     assert fitted == (strategy if " -> " in strategy else f"cpu fp32{strategy.split()[1][4:]}")
     assert fitted_strategy(model_path("5.2"), "cpu bf16 *2 -> cpu fp32") == "cpu bf16 *2 -> cpu fp32"
+    if " -> " not in strategy:      # stages that become alike merge
+        quant = strategy.split()[1][4:]
+        assert fitted_strategy(out, "cpu fp32 *2 -> cpu fp32i8") == f"cpu fp32{quant}"
+        assert fitted_strategy(out, "cpu bf16 *1 -> cpu bf16 *2 -> cpu fp32") == f"cpu bf16{quant} *3 -> cpu fp32{quant}"
 
 
 def test_plan_of_a_file_that_is_no_checkpoint_says_so_as_the_loader_does(tmp_path):
