@@ -1,5 +1,5 @@
-"""``rwkv-chat doctor``: devices, versions, paths, daemon (what serves its model), and the kernels' build
-report."""
+"""``rwkv-chat doctor``: devices, versions, paths, daemon (what serves its model), the kernels' build report,
+and how each weight format runs on each device type."""
 
 from __future__ import annotations
 
@@ -53,6 +53,43 @@ def report(paths, build: bool = False, progress=None) -> dict:
     if info:
         out["daemon"].update(_serving(paths))
     out["kernels"], out["kernel_builds"] = kernel_status(paths, build=build, progress=progress)
+    out["formats"] = format_status(out["kernels"], {d: torch.cuda.get_device_capability(i)
+                                                    for i, d in enumerate(k for k in devices if k.startswith("cuda"))})
+    return out
+
+
+#: (family, what its compiled product does) of each weight format per device type (models/kernels/dispatch.py)
+_PRODUCTS = {"cpu": {"i8": ("mm8", "the uint8 weights read as stored"),
+                     "i4": ("gemvq", "the GPTQ words read as stored"),
+                     "f8": ("gemvq", "emulated: the e4m3 bytes made float32 as read")},
+             "cuda": {"i8": ("gemvq", "decode GEMVs on the uint8 weights"),
+                      "i4": ("gemvq", "decode GEMVs on the GPTQ words, Triton for decode batches"),
+                      "f8": ("gemvq", "decode GEMVs on the e4m3 bytes, the fp8 tensor cores for prompts")}}
+#: the lowest CUDA compute capability that runs f8 weights (models/formats/f8.py)
+F8_CAPABILITY = (8, 9)
+
+
+def format_status(kernels: dict, capabilities: dict) -> dict:
+    """How each weight format (``i8``, ``i4``, ``f8``) runs on this machine's device types: ``{"cpu": {format:
+    text}, "cuda:N": {...}}`` from the kernel report (``kernels``: :func:`kernel_status`'s first part) and each
+    GPU's compute capability (``capabilities``: ``{"cuda:N": (major, minor)}``): the compiled product that
+    serves it, or why the torch path does (each product dequantizes its matrix), or why it cannot run."""
+    out: dict = {}
+    for dev in ("cpu", *capabilities):
+        kind = dev.split(":")[0]
+        built = kernels.get(kind) if isinstance(kernels.get(kind), dict) else {}
+        row = {}
+        for fmt, (family, what) in _PRODUCTS[kind].items():
+            cap = capabilities.get(dev)
+            if fmt == "f8" and cap is not None and tuple(cap) < F8_CAPABILITY:
+                row[fmt] = (f"cannot run: f8 needs compute capability {F8_CAPABILITY[0]}.{F8_CAPABILITY[1]}+ "
+                            f"(this GPU: {cap[0]}.{cap[1]}); use i8 or i4")
+            elif built.get(family) == "ok":
+                row[fmt] = f"compiled ({family}: {what})"
+            else:
+                why = str(built.get(family, "unknown")).split(":")[0]      # "not built yet", "build failed", ...
+                row[fmt] = f"torch, each product dequantizing its matrix ({family} {why}; see [kernels])"
+        out[dev] = row
     return out
 
 
