@@ -61,6 +61,15 @@ def main(argv: list[str] | None = None) -> int:
 
         meta = converted_metadata(Path(args.model).expanduser())
         if not (meta and meta.get("strategy")):
+            from rwkv_chat.models.errors import RWKVError
+            from rwkv_chat.models.header import read_header
+
+            try:                                 # an unreadable file is named as such, not asked for a strategy
+                if Path(args.model).expanduser().is_file():
+                    read_header(Path(args.model).expanduser())
+            except RWKVError as e:
+                print(f"rwkv-chat plan: {e}", file=sys.stderr)
+                return 2
             ap.error("give --strategy S (or --suggest); a file of `rwkv-chat convert` plans its own")
         args.strategy = meta["strategy"]         # the strategy the file was converted for, as `load` takes it
     if args.conversations < 1:

@@ -41,7 +41,7 @@ def safetensors_json(path: Path) -> tuple[dict, int]:
     Raises:
         CheckpointError: unreadable; shorter than 8 bytes ("truncated"); a header length under 2, over
             ``MAX_HEADER`` or past the end of the file ("not a safetensors file or truncated"); not JSON; not a
-            JSON object.
+            JSON object; tensor data that would end past the end of the file ("truncated").
     """
     try:
         size = path.stat().st_size
@@ -59,6 +59,12 @@ def safetensors_json(path: Path) -> tuple[dict, int]:
         raise CheckpointError(f"{path}: cannot read the safetensors header: {e}") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: the safetensors header is not an object")
+    ends = [v["data_offsets"][1] for k, v in header.items()
+            if k != "__metadata__" and isinstance(v, dict) and isinstance(v.get("data_offsets"), list)
+            and len(v["data_offsets"]) == 2 and isinstance(v["data_offsets"][1], int)]
+    need = 8 + n + max(ends, default=0)
+    if need > size:
+        raise CheckpointError(f"{path}: truncated: its header describes {need:,} bytes, the file has {size:,}")
     return header, n
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from rwkv_chat.models.errors import CheckpointError
-from rwkv_chat.models.header import check_torch_file, rwkv_version
+from rwkv_chat.models.header import check_torch_file, rwkv_version, safetensors_json
 
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.")
 
@@ -68,6 +68,7 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     if p.stat().st_size == 0:
         raise CheckpointError(f"checkpoint is empty: {p}")
     if p.suffix == ".safetensors":
+        safetensors_json(p)                 # a truncated or corrupt header named as the planner names it
         try:
             from safetensors.torch import load_file
 

@@ -191,6 +191,31 @@ def test_plan_of_a_converted_file_equals_a_real_load(model_path, tmp_path, strat
         assert fitted_strategy(out, "cpu bf16 *1 -> cpu bf16 *2 -> cpu fp32") == f"cpu bf16{quant} *3 -> cpu fp32{quant}"
 
 
+@pytest.mark.parametrize("strategy", [None, "cpu fp32i8"])
+def test_a_truncated_converted_file_is_named_truncated_by_planner_loader_and_cli(model_path, tmp_path, strategy):
+    """A safetensors file cut short (a download or a copy interrupted): its header still reads, but the tensors
+    it describes end past the file; the planner, the loader and ``rwkv-chat plan`` (with or without a strategy)
+    say so in the same words instead of planning it as if it fit."""
+    from rwkv_chat.app.plan import main as plan_main
+    from rwkv_chat.models import load_model
+    from rwkv_chat.models.errors import CheckpointError
+    from rwkv_chat.models.rwkv.convert import convert
+
+    whole = tmp_path / "whole.safetensors"
+    convert(model_path("7"), whole, "cpu fp32i8")
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated") as planned:
+        plan_memory(cut, "cpu fp32i8", free={})
+    with pytest.raises(CheckpointError) as loaded:
+        load_model(cut, "cpu fp32i8")
+    assert str(planned.value) == str(loaded.value)
+    assert f"the file has {cut.stat().st_size:,}" in str(planned.value)
+    argv = [str(cut)] + (["--strategy", strategy] if strategy else [])
+    assert plan_main(argv) == 2
+    assert plan_memory(whole, "cpu fp32i8", free={}).fits is not False       # the whole file still plans
+
+
 def test_plan_of_a_file_that_is_no_checkpoint_says_so_as_the_loader_does(tmp_path):
     """The planner's words for a JSON file, or a file of a Qwen folder, are the loader's."""
     from rwkv_chat.models import load_model
