@@ -41,7 +41,7 @@ def safetensors_json(path: Path) -> tuple[dict, int]:
     Raises:
         CheckpointError: unreadable; shorter than 8 bytes ("truncated"); a header length under 2, over
             ``MAX_HEADER`` or past the end of the file ("not a safetensors file or truncated"); not JSON; not a
-            JSON object; tensor data that would end past the end of the file ("truncated").
+            JSON object; a tensor whose data would end past the end of the file ("truncated", naming it).
     """
     try:
         size = path.stat().st_size
@@ -59,12 +59,12 @@ def safetensors_json(path: Path) -> tuple[dict, int]:
         raise CheckpointError(f"{path}: cannot read the safetensors header: {e}") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: the safetensors header is not an object")
-    ends = [v["data_offsets"][1] for k, v in header.items()
-            if k != "__metadata__" and isinstance(v, dict) and isinstance(v.get("data_offsets"), list)
-            and len(v["data_offsets"]) == 2 and isinstance(v["data_offsets"][1], int)]
-    need = 8 + n + max(ends, default=0)
-    if need > size:
-        raise CheckpointError(f"{path}: truncated: its header describes {need:,} bytes, the file has {size:,}")
+    data = size - 8 - n
+    for key, info in header.items():
+        offs = info.get("data_offsets") if key != "__metadata__" and isinstance(info, dict) else None
+        if isinstance(offs, list) and len(offs) == 2 and isinstance(offs[1], int) and offs[1] > data:
+            raise CheckpointError(f"{path}: truncated: tensor {key!r} needs bytes up to {offs[1]:,} of the data, "
+                                  f"the file holds {data:,}")
     return header, n
 
 

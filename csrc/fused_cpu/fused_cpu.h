@@ -42,6 +42,15 @@ struct Mat {
     bool present() const { return w != nullptr || q != nullptr || qw != nullptr || w8 != nullptr; }
 };
 
+// x [R, N] with row stride ldx as contiguous rows of N floats: x itself where it already is (or one row), else a
+// copy held by `packed`.
+inline const float* packed_rows(const float* x, int64_t ldx, int64_t R, int64_t N, at::Tensor& packed) {
+    if (R <= 1 || ldx == N) return x;
+    packed = at::empty({R, N}, at::TensorOptions().dtype(at::kFloat));
+    for (int64_t r = 0; r < R; ++r) std::memcpy(packed.data_ptr<float>() + r * N, x + r * ldx, N * sizeof(float));
+    return packed.data_ptr<float>();
+}
+
 // The most rows an fp8 product takes through the compiled product (F8_CPU_ROWS of models/kernels/dispatch.py);
 // more rows dequantize the matrix for at::mm.
 constexpr int64_t kF8Rows = 32;
@@ -53,11 +62,7 @@ inline void gemm_f8(const float* x, int64_t ldx, int64_t R, const Mat& m, float*
     const int64_t N = m.N, M = m.M;
     auto opts = at::TensorOptions().dtype(at::kFloat);
     at::Tensor packed;
-    if (R > 1 && ldx != N) {                 // both forms read rows of N floats
-        packed = at::empty({R, N}, opts);
-        for (int64_t r = 0; r < R; ++r) std::memcpy(packed.data_ptr<float>() + r * N, x + r * ldx, N * sizeof(float));
-        x = packed.data_ptr<float>();
-    }
+    x = packed_rows(x, ldx, R, N, packed);   // both forms read rows of N floats
     if (R <= kF8Rows) {
         gemvq_f8_cpu_kernel(0, R, N, M, x, m.w8, m.fscale, y);
         return;
@@ -100,11 +105,7 @@ inline void gemm_i4(const float* x, int64_t ldx, int64_t R, const Mat& m, float*
     auto opts = at::TensorOptions().dtype(at::kFloat);
     if (R <= kI4Rows) {
         at::Tensor packed;
-        if (R > 1 && ldx != N) {            // the kernel reads rows of N floats
-            packed = at::empty({R, N}, opts);
-            for (int64_t r = 0; r < R; ++r) std::memcpy(packed.data_ptr<float>() + r * N, x + r * ldx, N * sizeof(float));
-            x = packed.data_ptr<float>();
-        }
+        x = packed_rows(x, ldx, R, N, packed);
         gemvq_i4_cpu_kernel(0, m.sc_type, R, N, m.Kp, M, m.Np, m.group, x, m.qw, m.qz, m.sc, y);
         return;
     }

@@ -210,7 +210,7 @@ def test_a_truncated_converted_file_is_named_truncated_by_planner_loader_and_cli
     with pytest.raises(CheckpointError) as loaded:
         load_model(cut, "cpu fp32i8")
     assert str(planned.value) == str(loaded.value)
-    assert f"the file has {cut.stat().st_size:,}" in str(planned.value)
+    assert "tensor '" in str(planned.value) and str(cut) in str(planned.value)
     argv = [str(cut)] + (["--strategy", strategy] if strategy else [])
     assert plan_main(argv) == 2
     assert plan_memory(whole, "cpu fp32i8", free={}).fits is not False       # the whole file still plans
