@@ -303,12 +303,16 @@ def _mixes_formats(strategy: str | None) -> bool:
 
 def _merged(stages: list[Stage]) -> list[Stage]:
     """``stages`` with each counted stage folded into the next where the two are alike but for the count (no
-    streaming): ``cpu fp32i4 *4 -> cpu fp32i4`` -> ``cpu fp32i4``, ``A *4 -> A *3 -> B`` -> ``A *7 -> B``."""
+    streaming) and the layers each gets stay the same: ``A *4 -> A *3 -> B`` -> ``A *7 -> B``; into a stage
+    without a count only where it is the one such stage (``cpu fp32i4 *4 -> cpu fp32i4`` -> ``cpu fp32i4``; with
+    several, they share the remaining layers and one more would change the split)."""
+    uncounted = sum(stage.count is None for stage in stages)
     out: list[Stage] = []
     for stage in stages:
         prev = out[-1] if out else None
         if (prev is not None and prev.count is not None and not prev.stream and not stage.stream
-                and (prev.device, prev.dtype, prev.quant) == (stage.device, stage.dtype, stage.quant)):
+                and (prev.device, prev.dtype, prev.quant) == (stage.device, stage.dtype, stage.quant)
+                and (stage.count is not None or uncounted == 1)):
             out[-1] = replace(prev, count=None if stage.count is None else prev.count + stage.count)
         else:
             out.append(stage)

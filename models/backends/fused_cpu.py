@@ -68,7 +68,7 @@ def reason(model) -> str | None:
             return f"layer {i} computes in {pl.atype} (the fused CPU path serves float32 activations)"
         if pl.wtype not in (torch.float32, torch.uint8, torch.int32, torch.float8_e4m3fn):
             return f"layer {i} has {pl.wtype} weights (the fused CPU path serves float32, i8, i4 and f8)"
-        for name, t in (model.layers[i].items() if i < len(model.layers) else ()):
+        for name, t in (model.layers[i].items() if i < len(model.layers) else (("head.weight", model.head),)):
             if isinstance(t, Int4Weight) and (t.g_idx is not None or t.output_major or t.group_size % 8):
                 return (f"layer {i} '{name}': an i4 weight with g_idx, output-major or a group not a multiple of 8 "
                         f"(group {t.group_size})")

@@ -189,6 +189,9 @@ def test_plan_of_a_converted_file_equals_a_real_load(model_path, tmp_path, strat
         quant = strategy.split()[1][4:]
         assert fitted_strategy(out, "cpu fp32 *2 -> cpu fp32i8") == f"cpu fp32{quant}"
         assert fitted_strategy(out, "cpu bf16 *1 -> cpu bf16 *2 -> cpu fp32") == f"cpu bf16{quant} *3 -> cpu fp32{quant}"
+        # two stages sharing the remaining layers: folding one more into them would move layers between devices
+        assert fitted_strategy(out, "cpu fp32 *2 -> cpu fp32i8 -> cpu bf16") == \
+            f"cpu fp32{quant} *2 -> cpu fp32{quant} -> cpu bf16{quant}"
 
 
 @pytest.mark.parametrize("strategy", [None, "cpu fp32i8"])
