@@ -17,7 +17,9 @@ Products:
   ``rwkv_chat.models.kernels.mmf8``.
 * CPU: an emulation without fp8 arithmetic: up to ``rwkv_chat.models.kernels.dispatch.F8_CPU_ROWS`` rows the
   compiled product of ``csrc/gemvq/gemvq_cpu.cpp`` (reads ``w8`` as stored, each e4m3 byte made float32 exactly in
-  registers, float32 sums, the scale applied per output; also inside the fused CPU call), more rows the e4m3
+  registers, float32 sums, the scale applied per output; also inside the fused CPU call; the e4m3 subnormals pass
+  through float32 subnormals, so a thread that flushes denormals, ``torch.set_flush_denormal(True)``, reads them
+  as 0), more rows the e4m3
   values converted exactly to float32 and scaled and the product in the activation dtype (``matmul``). The plan
   calls it "f8 (emulated)".
 * Other devices (CUDA below 8.9, mps, dml): refused (``check_device``; ``DeviceError`` at load naming the stage).
