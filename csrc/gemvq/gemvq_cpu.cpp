@@ -282,9 +282,9 @@ inline float e4m3_value(uint8_t b) {
 
 constexpr int64_t kF8MaxRows = 8;   // rows of x per pass over the weights
 
-// acc[r] (8 lanes each) += x[r, k0 .. k0 + 8k) * the output's bytes, lane j summing the inputs k = j (mod 8); the
+// acc[r] (its first 8 of 32 lanes) += x[r, k0 .. k0 + 8k) * the output's bytes, lane j summing the inputs k = j (mod 8); the
 // remaining K % 8 inputs into tail[r] in order.
-void f8_row_plain(const uint8_t* wn, int64_t K, int64_t rows, const float* const* xr, float (*acc)[8], float* tail) {
+void f8_row_plain(const uint8_t* wn, int64_t K, int64_t rows, const float* const* xr, float (*acc)[32], float* tail) {
     int64_t k = 0;
     for (; k + 8 <= K; k += 8) {
         float wv[8];
@@ -300,7 +300,7 @@ void f8_row_plain(const uint8_t* wn, int64_t K, int64_t rows, const float* const
 
 #ifdef RWKV_CHAT_X86_AVX2
 __attribute__((target("avx2,fma"))) void f8_row_avx2(const uint8_t* wn, int64_t K, int64_t rows,
-                                                    const float* const* xr, float (*acc)[8], float* tail) {
+                                                    const float* const* xr, float (*acc)[32], float* tail) {
     const __m256i mag = _mm256_set1_epi32(0x7F), sign = _mm256_set1_epi32(static_cast<int>(0x80000000u));
     const __m256 big = _mm256_set1_ps(kE4m3Scale);
     __m256 a[kF8MaxRows];
@@ -319,6 +319,48 @@ __attribute__((target("avx2,fma"))) void f8_row_avx2(const uint8_t* wn, int64_t 
         for (int64_t r = 0; r < rows; ++r) tail[r] = std::fma(xr[r][k], wv, tail[r]);
     }
 }
+
+// The same with AVX-512: 16 inputs a vector, two accumulators a row (lanes 0-15: the inputs k = j mod 32 < 16,
+// lanes 16-31: the others; two chains of fused multiply-adds, so one row does not wait on each one's latency), then
+// the AVX2 form for the last K mod 32 inputs (one more 16 into the first accumulator, then 8s and singles).
+__attribute__((target("avx512f,avx2,fma"))) __m512i e4m3_bits16(const uint8_t* p) {
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm512_or_si512(_mm512_and_si512(_mm512_slli_epi32(b, 24), _mm512_set1_epi32(static_cast<int>(0x80000000u))),
+                           _mm512_slli_epi32(_mm512_and_si512(b, _mm512_set1_epi32(0x7F)), 20));
+}
+
+__attribute__((target("avx512f,avx2,fma"))) void f8_row_avx512(const uint8_t* wn, int64_t K, int64_t rows,
+                                                               const float* const* xr, float (*acc)[32], float* tail) {
+    const __m512 big = _mm512_set1_ps(kE4m3Scale);
+    __m512 a0[kF8MaxRows], a1[kF8MaxRows];
+    for (int64_t r = 0; r < rows; ++r) {
+        a0[r] = _mm512_loadu_ps(acc[r]);
+        a1[r] = _mm512_loadu_ps(acc[r] + 16);
+    }
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+        const __m512 w0 = _mm512_mul_ps(_mm512_castsi512_ps(e4m3_bits16(wn + k)), big);
+        const __m512 w1 = _mm512_mul_ps(_mm512_castsi512_ps(e4m3_bits16(wn + k + 16)), big);
+        for (int64_t r = 0; r < rows; ++r) {
+            a0[r] = _mm512_fmadd_ps(_mm512_loadu_ps(xr[r] + k), w0, a0[r]);
+            a1[r] = _mm512_fmadd_ps(_mm512_loadu_ps(xr[r] + k + 16), w1, a1[r]);
+        }
+    }
+    if (k + 16 <= K) {
+        const __m512 w0 = _mm512_mul_ps(_mm512_castsi512_ps(e4m3_bits16(wn + k)), big);
+        for (int64_t r = 0; r < rows; ++r) a0[r] = _mm512_fmadd_ps(_mm512_loadu_ps(xr[r] + k), w0, a0[r]);
+        k += 16;
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+        _mm512_storeu_ps(acc[r], a0[r]);
+        _mm512_storeu_ps(acc[r] + 16, a1[r]);
+    }
+    if (k < K) {
+        const float* xk[kF8MaxRows];
+        for (int64_t r = 0; r < rows; ++r) xk[r] = xr[r] + k;
+        f8_row_avx2(wn + k, K - k, rows, xk, acc, tail);
+    }
+}
 #endif
 
 template <typename F>
@@ -329,21 +371,27 @@ void f8_impl(int64_t rows, int64_t K, int64_t N, const F* x, const uint8_t* w8, 
     const float* xr[kF8MaxRows];
     for (int64_t r = 0; r < rows; ++r) xr[r] = xf.data() + r * K;
 #ifdef RWKV_CHAT_X86_AVX2
-    const bool avx2 = cpu_has_avx2_fma();
+    const bool avx2 = cpu_has_avx2_fma(), avx512 = cpu_has_avx512f();
 #endif
 #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < N; ++n) {
-        float acc[kF8MaxRows][8] = {}, tail[kF8MaxRows] = {};
+        float acc[kF8MaxRows][32] = {}, tail[kF8MaxRows] = {};   // lanes 8-31: the AVX-512 form's only
         const uint8_t* wn = w8 + n * K;
 #ifdef RWKV_CHAT_X86_AVX2
-        if (avx2)
+        if (avx512)
+            f8_row_avx512(wn, K, rows, xr, acc, tail);
+        else if (avx2)
             f8_row_avx2(wn, K, rows, xr, acc, tail);
         else
 #endif
             f8_row_plain(wn, K, rows, xr, acc, tail);
         for (int64_t r = 0; r < rows; ++r) {
-            const float s = ((acc[r][0] + acc[r][1]) + (acc[r][2] + acc[r][3])) +
-                            ((acc[r][4] + acc[r][5]) + (acc[r][6] + acc[r][7])) + tail[r];
+            float part[4];                 // lanes in eights, each summed as a pairwise tree, then the four in order
+            for (int h = 0; h < 4; ++h) {
+                const float* q = acc[r] + 8 * h;
+                part[h] = ((q[0] + q[1]) + (q[2] + q[3])) + ((q[4] + q[5]) + (q[6] + q[7]));
+            }
+            const float s = ((part[0] + part[1]) + (part[2] + part[3])) + tail[r];
             y[r * N + n] = static_cast<F>(s * fscale[n]);
         }
     }
