@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "../common/cpu_kernels.h"
@@ -365,11 +366,18 @@ __attribute__((target("avx512f,avx2,fma"))) void f8_row_avx512(const uint8_t* wn
 
 template <typename F>
 void f8_impl(int64_t rows, int64_t K, int64_t N, const F* x, const uint8_t* w8, const float* fscale, F* y) {
-    // float32 copies of the rows (the products read x once per output)
-    std::vector<float> xf(static_cast<size_t>(rows * K));
-    for (int64_t i = 0; i < rows * K; ++i) xf[i] = static_cast<float>(x[i]);
+    // the rows as float32 (the products read x once per output): float32 x as it is, else a converted copy
+    std::vector<float> xf;
+    const float* xs = nullptr;
+    if constexpr (std::is_same_v<F, float>) {
+        xs = x;
+    } else {
+        xf.resize(static_cast<size_t>(rows * K));
+        for (int64_t i = 0; i < rows * K; ++i) xf[i] = static_cast<float>(x[i]);
+        xs = xf.data();
+    }
     const float* xr[kF8MaxRows];
-    for (int64_t r = 0; r < rows; ++r) xr[r] = xf.data() + r * K;
+    for (int64_t r = 0; r < rows; ++r) xr[r] = xs + r * K;
 #ifdef RWKV_CHAT_X86_AVX2
     const bool avx2 = cpu_has_avx2_fma(), avx512 = cpu_has_avx512f();
 #endif
