@@ -55,7 +55,7 @@ import torch
 from rwkv_chat.models.backends.base import Backend, Ops
 from rwkv_chat.models.errors import DeviceError, StrategyError
 from rwkv_chat.models.formats.f8 import Float8Weight
-from rwkv_chat.models.formats.i4 import Int4Weight
+from rwkv_chat.models.formats.i4 import Int4Weight, stack_i4
 from rwkv_chat.models.formats.i8 import Int8Weight
 from rwkv_chat.models.kernels import dispatch
 from rwkv_chat.models.ops import _triton, gemv as triton_gemv, gptq as fused_gptq, sparse_ffn
@@ -305,7 +305,9 @@ def _stack_many(p: dict, f: dict) -> None:
     ``MANY_ORDER``, so that r|k|v and v|w|a are each one [3, b, C] slice of the mix output), ``low1`` [3, C, D] and
     ``low2`` [3, D, C] (v1|w1|a1 and v2|w2|a2 zero-padded to the largest D; zeros for v in the first layer: one
     batched GEMM for each stage) and, where r, k, v are plain matrices of one shape and dtype, ``rkv`` [3, C, C]
-    (output-major, the model's three matrices becoming views of it: same values, no second copy)."""
+    (output-major, the model's three matrices becoming views of it: same values, no second copy); where they are
+    int4 weights of one shape, ``rkv_i4``: the three become views of one stack (``formats.i4.stack_i4``) that
+    ``dispatch.mm4_stack`` multiplies in one launch."""
     f["mix6_many"] = torch.stack([p[f"att.x_{m}"] for m in MANY_ORDER]).contiguous()
     w1 = [p.get("att.v1"), p["att.w1"], p["att.a1"]]
     w2 = [p.get("att.v2"), p["att.w2"], p["att.a2"]]
@@ -327,6 +329,10 @@ def _stack_many(p: dict, f: dict) -> None:
             rkv[i] = p[n].t()
             p[n] = rkv[i].t()
         f["rkv"] = rkv
+    elif all(isinstance(w, Int4Weight) and w.device == dev for w in big) and (stacked := stack_i4(big)) is not None:
+        for n, w in zip(_BIG[:3], stacked):
+            p[n] = w
+        f["rkv_i4"] = True
 
 
 def low_rank_many(mix: torch.Tensor, f: dict, bmm=torch.bmm) -> torch.Tensor:
@@ -693,6 +699,8 @@ class FusedCuda(Backend):
                 bmm = dispatch.bgemm if self.tuned_gemm else torch.bmm
                 if "rkv" in f:
                     r, k, v = bmm(mix[0:3], f["rkv"].transpose(1, 2))
+                elif "rkv_i4" in f and (rkv := dispatch.mm4_stack(mix[0:3], [p[n] for n in _BIG[:3]])) is not None:
+                    r, k, v = rkv
                 else:
                     r, k, v = (self._many(xx, p[n]) for xx, n in ((xr, "att.receptance.weight"),
                                                                  (xk, "att.key.weight"), (xv, "att.value.weight")))

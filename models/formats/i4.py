@@ -402,6 +402,22 @@ def concat_i4(parts: list[Int4Weight]) -> Int4Weight | None:
     return joined.with_layout(first.output_major)          # held as the parts were (output-major on CUDA)
 
 
+def stack_i4(parts: list[Int4Weight]) -> list[Int4Weight] | None:
+    """The same weights as views of one stack (per tensor: one [G, ...] allocation on their device, each part's
+    words, zeros and scales its g-th slice, the layout kept), so that one launch can multiply each by its own x
+    (``ops.gemv.i4_gemv_stack``: an RWKV-7 layer's r, k, v at decode batches); None where the parts differ in
+    shape, layout, group, scale dtype or device, or carry a g_idx. The parts' own tensors are not changed."""
+    first = parts[0]
+    if any(q.g_idx is not None or q.shape != first.shape or q.qweight.shape != first.qweight.shape
+           or q.output_major != first.output_major or q.group_size != first.group_size
+           or q.scales.dtype != first.scales.dtype or q.device != first.device for q in parts):
+        return None
+    stacks = [torch.stack([t.contiguous() for t in ts]) for ts in
+              ([q.storage for q in parts], [q.qzeros for q in parts], [q.scales for q in parts])]
+    return [Int4Weight(stacks[0][i].t() if first.output_major else stacks[0][i], stacks[1][i], stacks[2][i], None,
+                       first.group_size, first.shape, first.output_major) for i in range(len(parts))]
+
+
 def mm4_torch(x: torch.Tensor, q: Int4Weight) -> torch.Tensor:
     """``x @ q.dequantize()`` in pure torch: x [..., K] -> [..., N] in x's dtype."""
     return x @ q.dequantize(x.dtype)

@@ -550,6 +550,17 @@ def mm4(x: torch.Tensor, q: Int4Weight) -> torch.Tensor:
     return _i4.mm4_torch(x, q)
 
 
+def mm4_stack(x: torch.Tensor, qs: list[Int4Weight]) -> torch.Tensor | None:
+    """``x[g] @ qs[g].dequantize()`` for G int4 weights that are views of one stack (``formats.i4.stack_i4``) in one
+    Triton launch (``ops.gemv.i4_gemv_stack``): x [G, M, K] fp16/bf16 on their CUDA device, 1..``ops.gemv.I4_ROWS``
+    rows -> [G, M, N] in x's dtype; None where that kernel does not serve (another device or dtype, more rows, no
+    Triton, weights that are not one stack), for the caller to multiply them one by one."""
+    if not (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and x.dim() == 3 and x.shape[0] == len(qs)
+            and 1 <= x.shape[1] <= _gemv.I4_ROWS and _triton_ok()) or _gemv.i4_stack_strides(qs) is None:
+        return None
+    return _gemv.i4_gemv_stack(x, qs)
+
+
 def mmf8(x: torch.Tensor, q: Float8Weight) -> torch.Tensor:
     """``x @ q.dequantize()`` for an f8 weight (``formats.f8``); same contract as ``f8.mmf8_torch``.
 

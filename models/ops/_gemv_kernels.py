@@ -113,17 +113,29 @@ def _x_tile(x_ptr, offs_m, m_ok, k0, K, stride_xm, BLOCK_K: tl.constexpr):
 
 @triton.jit
 def i4_gemv_kernel(x_ptr, qw_ptr, qz_ptr, sc_ptr, gi_ptr, y_ptr, ws_ptr, cnt_ptr, M, K, N, group, stride_qk, stride_qn,
-                   stride_xm, stride_ym, k_per_split, n_splits, HAS_GIDX: tl.constexpr, ONE_GROUP: tl.constexpr,
-                   BF16: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr):
-    """y[m, n] = sum_k x[m, k] * (q[k, n] - ((z[g(k), n] + 1) & 15)) * s[g(k), n] (GPTQ v1 zeros).
+                   stride_xm, stride_ym, k_per_split, n_splits, row_blocks, stride_xg, stride_qg, stride_zg, stride_sg,
+                   stride_yg, HAS_GIDX: tl.constexpr, ONE_GROUP: tl.constexpr, BF16: tl.constexpr,
+                   SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y[g, m, n] = sum_k x[g, m, k] * (q_g[k, n] - ((z_g[g(k), n] + 1) & 15)) * s_g[g(k), n] (GPTQ v1 zeros) for
+    the G matrices of a stack (G = 1: one matrix, strides 0): the third grid axis runs over G x ``row_blocks``
+    blocks of rows; matrix g's words, zeros, scales, x and y lie ``stride_*g`` elements after matrix 0's, and its
+    split partials in the workspace's g-th [n_splits, M, N] block.
 
     With ``ONE_GROUP`` and float16 x the tile is made in half precision without a conversion instruction: the
     nibble as the float16 1024 + q (``_f16_bits``), less 1024 + z (exact), times the group's scale (one rounding of
     the exact product: the same values as ``Int4Weight.dequantize``). Otherwise (bfloat16 x, g_idx, groups that
     split a tile) the float32 tile of ``_dequant_tile`` rounded once to x's dtype.
     """
-    offs_m, offs_n, m_ok, n_ok = _program_tile(M, N, BLOCK_M, BLOCK_N)
+    g_mat = tl.program_id(2) // row_blocks
+    offs_m = (tl.program_id(2) % row_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok, n_ok = offs_m < M, offs_n < N
+    x_ptr += g_mat * stride_xg
+    qw_ptr += g_mat * stride_qg
+    qz_ptr += g_mat * stride_zg
+    sc_ptr += g_mat * stride_sg
+    y_ptr += g_mat * stride_yg
+    ws_ptr += g_mat * n_splits * M * N
     pid_k = tl.program_id(1)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_lo = pid_k * k_per_split

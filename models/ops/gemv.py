@@ -5,7 +5,7 @@ A decode step multiplies a few activation rows by every weight once: its time is
 memory bandwidth. These kernels read the packed weight (0.5 byte per weight for int4, 1 for fp8), dequantize in
 registers and accumulate in float32, so the step reads a quarter / half of fp16's bytes.
 
-``i4_gemv(x, q)`` (M <= ``I4_ROWS``), ``f8_gemv(x, q)`` (M <= ``GEMV_ROWS``) and ``i8_gemm(x, q)`` (M <= ``I8_ROWS``):
+``i4_gemv(x, q)`` (M <= ``I4_ROWS``; ``i4_gemv_stack(x, qs)``: G matrices of one stack in one launch), ``f8_gemv(x, q)`` (M <= ``GEMV_ROWS``) and ``i8_gemm(x, q)`` (M <= ``I8_ROWS``):
 x [M, K] fp16/bf16 on CUDA -> [M, N] in x's dtype. Row blocks of 16, 32 or 64 (the next power of two of M, at
 least 16: ``tl.dot``'s minimum). The dispatch products ``rwkv_chat.models.kernels.mm4`` / ``mmf8`` / ``mm8`` call
 them where they apply and use torch (or the compiled kernels) elsewhere. Errors: ``ShapeMismatchError``, ``UnsupportedDtypeError``, ``DeviceError`` (no CUDA / Triton).
@@ -44,6 +44,25 @@ def _split(K: int, N: int, device, block_n: int = _BLOCK_N, block_k: int = _BLOC
     per = -(-K // want)
     per = -(-per // block_k) * block_k
     return -(-K // per), per
+
+
+def _split_one_wave(K: int, programs: int, device, block_k: int) -> tuple[int, int]:
+    """(splits of K, K per split) for ``programs`` tiles of output: as many splits as keep every program in one
+    wave of two per multiprocessor (a third, partial wave costs more than the splits save: H100, int4, 64 rows,
+    16384x4096 in 128-wide tiles: 8 splits 55.2 us, 9 splits 67.2), at least one."""
+    want = max(1, min(2 * _sms(device) // max(programs, 1), -(-K // block_k)))
+    per = -(-K // want)
+    per = -(-per // block_k) * block_k
+    return -(-K // per), per
+
+
+def i4_tiles(rows: int, K: int, N: int) -> dict:
+    """The int4 kernel's tile for a batch of ``rows`` and a K x N matrix: BLOCK_N outputs by BLOCK_K inputs, warps
+    and pipeline stages. Up to 32 rows 64 x 128 (4 warps, 3 stages); above, 128 x 128 for matrices of 2^25 weights
+    or more (H100, 64 rows, best of 7 tiles x 5 splits: 4096x16384 51.8 us (fp16 cuBLAS 54.2), 16384x4096 55.2
+    (57.2); 4096x4096 keeps 64 x 128: 20.0 (14.8))."""
+    bn = 128 if rows > 32 and K * N >= 1 << 25 else 64
+    return {"BLOCK_N": bn, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
 
 
 def i8_tiles(rows: int) -> dict:
@@ -99,23 +118,90 @@ def _launch(kernel, x, N, args, extra, device, tiles: dict | None = None, **cons
 
 def i4_gemv(x: torch.Tensor, q: Int4Weight) -> torch.Tensor:
     """``x @ q.dequantize()`` for x [M, K] (M <= I4_ROWS, fp16/bf16, CUDA) -> [M, N] in x's dtype; q in either
-    layout (``Int4Weight.output_major``: the kernel reads ``qweight`` through its strides).
+    layout (``Int4Weight.output_major``: the kernel reads ``qweight`` through its strides). Tiles by ``i4_tiles``;
+    above 32 rows the K splits keep the programs in one wave (``_split_one_wave``).
 
     Raises: UnsupportedDtypeError, ShapeMismatchError, DeviceError.
     """
     K, N = q.shape
-    kp, np_ = q.qweight.shape[0] * 8, q.qweight.shape[1]
     _check(x, K, {"qweight": q.qweight, "qzeros": q.qzeros, "scales": q.scales, "g_idx": q.g_idx}, I4_ROWS)
+    kp, np_ = q.qweight.shape[0] * 8, q.qweight.shape[1]
     x = x.contiguous()
     if kp != K:
         x = torch.nn.functional.pad(x, (0, kp - K))
-    k = _kernels()
-    gi = q.g_idx if q.g_idx is not None else q.qweight
-    y = _launch(k.i4_gemv_kernel, x, np_, (q.qweight, q.qzeros, q.scales, gi),
-                (q.group_size, q.qweight.stride(0), q.qweight.stride(1)), x.device,
-                HAS_GIDX=q.g_idx is not None, ONE_GROUP=q.g_idx is None and q.group_size % _BLOCK_K == 0,
-                BF16=x.dtype == torch.bfloat16)
+    y = _i4_launch(x.unsqueeze(0), q, (0, 0, 0))[0]
     return y if np_ == N else y[:, :N]
+
+
+def i4_stack_strides(qs: list[Int4Weight]) -> tuple[int, int, int] | None:
+    """(qweight, qzeros, scales) element strides from one matrix to the next where ``qs`` are G >= 2 views of one
+    stack (``formats.i4.stack_i4``: same shape, layout, group and strides, no g_idx, each tensor lying a fixed
+    number of elements after the previous one's), else None."""
+    q0 = qs[0]
+    if len(qs) < 2 or any(q.g_idx is not None or q.shape != q0.shape or q.group_size != q0.group_size
+                          or q.output_major != q0.output_major or q.qweight.device != q0.qweight.device
+                          or q.scales.dtype != q0.scales.dtype
+                          or any(getattr(q, n).stride() != getattr(q0, n).stride() for n in ("qweight", "qzeros", "scales"))
+                          for q in qs):
+        return None
+    strides = []
+    for n in ("qweight", "qzeros", "scales"):
+        t0 = getattr(q0, n)
+        d = (getattr(qs[1], n).data_ptr() - t0.data_ptr()) // t0.element_size()
+        if d <= 0 or any(getattr(q, n).data_ptr() - t0.data_ptr() != i * d * t0.element_size()
+                         for i, q in enumerate(qs)):
+            return None
+        strides.append(d)
+    return tuple(strides)
+
+
+def i4_gemv_stack(x: torch.Tensor, qs: list[Int4Weight]) -> torch.Tensor:
+    """``x[g] @ qs[g].dequantize()`` for every g in one launch: x [G, M, K] (M <= I4_ROWS, fp16/bf16, CUDA, last dim
+    contiguous) and G int4 weights that are views of one stack (``i4_stack_strides``; the r, k, v matrices of an
+    RWKV-7 layer at a decode batch) -> [G, M, N] in x's dtype. K and N multiples of 8 (no padding). One launch fills
+    the GPU where one 4096² matrix does not (H100, 64 rows: 20.0 us a matrix against 14.8 for fp16 cuBLAS).
+
+    Raises: ShapeMismatchError (not one stack, or x's shape), UnsupportedDtypeError, DeviceError.
+    """
+    strides = i4_stack_strides(qs)
+    q = qs[0]
+    K, N = q.shape
+    if strides is None or x.dim() != 3 or x.shape[0] != len(qs) or q.qweight.shape[0] * 8 != K \
+            or q.qweight.shape[1] != N or x.stride(-1) != 1:
+        raise ShapeMismatchError(f"i4_gemv_stack needs x [G, M, {K}] (last dim contiguous) and G views of one int4 "
+                                 f"stack of K and N multiples of 8; got x {tuple(x.shape)} and {len(qs)} weights",
+                                 tensor="x", expected=(len(qs), "M", K), actual=tuple(x.shape))
+    _check(x[0], K, {"qweight": q.qweight, "qzeros": q.qzeros, "scales": q.scales}, I4_ROWS)
+    return _i4_launch(x, q, strides)
+
+
+def _i4_launch(x: torch.Tensor, q: Int4Weight, strides: tuple[int, int, int]) -> torch.Tensor:
+    """The int4 kernel over x [G, M, Kp] (rows contiguous) and the G matrices that lie ``strides`` (qweight, qzeros,
+    scales elements) after ``q`` -> [G, M, Np]."""
+    G, M, K = x.shape
+    N = q.qweight.shape[1]
+    device = x.device
+    tiles = i4_tiles(M, K, N)
+    block_m = min(64, max(16, 1 << (M - 1).bit_length()))
+    row_blocks = -(-M // block_m)
+    blocks_n = -(-N // tiles["BLOCK_N"])
+    if M > 32:
+        splits, per = _split_one_wave(K, blocks_n * row_blocks * G, device, tiles["BLOCK_K"])
+    else:       # the G matrices as G x N columns
+        splits, per = _split(K, G * N, device, tiles["BLOCK_N"], tiles["BLOCK_K"])
+    counters = _counters(device) if splits > 1 and blocks_n * row_blocks * G <= _MAX_TILES else None
+    if counters is None:
+        splits, per = 1, K
+    y = torch.empty(G, M, N, dtype=x.dtype, device=device)
+    ws = torch.empty(G, splits, M, N, dtype=torch.float32, device=device) if splits > 1 else y
+    gi = q.g_idx if q.g_idx is not None else q.qweight
+    _kernels().i4_gemv_kernel[(blocks_n, splits, G * row_blocks)](
+        x, q.qweight, q.qzeros, q.scales, gi, y, ws, counters if counters is not None else y, M, K, N, q.group_size,
+        q.qweight.stride(0), q.qweight.stride(1), x.stride(1), N, per, splits, row_blocks,
+        x.stride(0) if G > 1 else 0, *strides, M * N if G > 1 else 0,
+        HAS_GIDX=q.g_idx is not None, ONE_GROUP=q.g_idx is None and q.group_size % tiles["BLOCK_K"] == 0,
+        BF16=x.dtype == torch.bfloat16, SPLIT=splits > 1, BLOCK_M=block_m, **tiles)
+    return y
 
 
 def i8_gemm(x: torch.Tensor, q: Int8Weight) -> torch.Tensor:

@@ -149,9 +149,12 @@ def cases(quick: bool = False):
         yield f"fused_v7_mix_rkv_i4 C={C} rows={rows} dx={has_dx}", lambda C=C, rows=rows, d=has_dx, qs=qs: \
             gptq.fused_v7_mix_rkv_i4(r(rows, C, dt=hf), r(rows, C, dt=hf) if d else None, r(C, dt=hf), r(C, dt=hf),
                                      r(rows, C, dt=hf), r(6, C, dt=hf), qs)
-    for M, K, N in ((1, 4096, 4096), (4, 2048, 8192), (64, 4096, 4096)):
+    for M, K, N in ((1, 4096, 4096), (4, 2048, 8192), (64, 4096, 4096), (64, 4096, 8192)):
         q = i4.quantize_i4(torch.randn(K, N) * 0.02).with_layout(True)
         yield f"i4_gemv M={M} K={K} N={N}", lambda M=M, K=K, q=q: gemv.i4_gemv(r(M, K, dt=hf), q)
+        if M == 64:
+            qs = i4.stack_i4([q, q, q])
+            yield f"i4_gemv_stack G=3 M={M} K={K} N={N}", lambda M=M, K=K, qs=qs: gemv.i4_gemv_stack(r(3, M, K, dt=hf), qs)
         if M > 1:
             yield f"i4_gemv M={M} K={K} N={N} bf16", lambda M=M, K=K, q=q: gemv.i4_gemv(r(M, K, dt=bf), q)
             q8 = i8.quantize_i8(torch.randn(K, N) * 0.02, hf, output_major=True)

@@ -58,6 +58,15 @@ def products(fp8_ok: bool) -> list[tuple]:
                         xr = (x.float() / s).to(torch.float8_e4m3fn).double() * s.double()
                     err = rel(fn(x, q), xr @ ref_w)
                     rows.append((name, f"{K}x{N}", str(dt).replace("torch.", ""), M, err, err < 1e-2))
+    for K, N in [(4096, 4096), (2048, 8192)]:       # an RWKV-7 layer's r, k, v stacked: one launch for the three
+        qs = i4.stack_i4([i4.quantize_i4(torch.randn(K, N, device="cuda", generator=g) / K ** 0.5).to("cuda")
+                          for _ in range(3)])
+        for dt in (torch.float16, torch.bfloat16):
+            for M in (8, 64, 200):
+                x = torch.randn(3, M, K, device="cuda", generator=g).to(dt)
+                y = kernels.dispatch.mm4_stack(x, qs)
+                err = max(rel(y[i], x[i].double() @ qs[i].dequantize(torch.float64)) for i in range(3))
+                rows.append(("i4 stack of 3", f"{K}x{N}", str(dt).replace("torch.", ""), M, err, err < 1e-2))
     return rows
 
 

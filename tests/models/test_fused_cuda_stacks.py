@@ -76,6 +76,28 @@ def test_mismatched_rkv_are_left_alone():
     assert "rkv" not in f and p["att.key.weight"].device.type == "cpu"
 
 
+def test_int4_rkv_become_views_of_one_stack_that_mm4_stack_reads():
+    from rwkv_chat.models.formats import i4
+    from rwkv_chat.models.kernels import dispatch
+    from rwkv_chat.models.ops import gemv
+
+    p, f = _layer(False, torch.float32), {}
+    for n in fused_cuda._BIG[:3]:
+        p[n] = i4.quantize_i4(p[n].contiguous(), 32).with_layout(True)       # as CUDA holds them: output-major
+    before = {n: p[n].dequantize(torch.float64) for n in fused_cuda._BIG[:3]}
+    fused_cuda._stack_many(p, f)
+    assert f.get("rkv_i4") and "rkv" not in f
+    qs = [p[n] for n in fused_cuda._BIG[:3]]
+    assert gemv.i4_stack_strides(qs) is not None and all(q.qweight.t().is_contiguous() for q in qs)
+    for n in fused_cuda._BIG[:3]:
+        assert torch.equal(p[n].dequantize(torch.float64), before[n])
+    assert dispatch.mm4_stack(torch.randn(3, 8, C).half(), qs) is None      # the Triton kernel serves CUDA only
+    p, f = _layer(False, torch.float32), {}
+    p["att.key.weight"] = i4.quantize_i4(p["att.key.weight"].contiguous(), 32)
+    fused_cuda._stack_many(p, f)                     # one int4 matrix among plain ones: neither stack
+    assert "rkv" not in f and "rkv_i4" not in f
+
+
 def test_value_rows_off_cuda_is_the_plain_product():
     """The channel-mix value product of decode steps: the compiled row kernel serves CUDA tensors only
     (``dispatch.ffn_rows`` is None elsewhere, whatever the layout), and the backend then multiplies with its mm."""

@@ -13,6 +13,7 @@ from rwkv_chat.models import formats, kernels
 from rwkv_chat.models.errors import ShapeMismatchError
 from rwkv_chat.models.formats import i4, serialize
 from rwkv_chat.models.kernels import dispatch
+from rwkv_chat.models.ops import gemv
 
 SHAPES = [(256, 24, None), (200, 72, None), (64, 40, 32), (512, 16, 128)]
 
@@ -164,3 +165,28 @@ def test_grouped_gemv_is_not_served_on_the_cpu_and_checks_its_inputs():
     assert dispatch.gemvq_group([x], [torch.randn(256, 40)]) is None
     with pytest.raises(ShapeMismatchError):
         dispatch.gemvq_group([torch.randn(2, 128)], [q])
+
+
+@pytest.mark.parametrize("output_major", [False, True])
+def test_a_stack_holds_the_same_weights_as_views_of_one_allocation_per_tensor(output_major):
+    parts = [i4.quantize_i4(torch.randn(256, 72) * 0.05).with_layout(output_major) for _ in range(3)]
+    stacked = i4.stack_i4(parts)
+    for q, s in zip(parts, stacked):
+        assert s.output_major == output_major and s.shape == q.shape and s.group_size == q.group_size
+        assert torch.equal(s.dequantize(torch.float64), q.dequantize(torch.float64))
+        if output_major:
+            assert s.qweight.t().is_contiguous()      # still what the compiled GEMV reads
+    strides = gemv.i4_stack_strides(stacked)
+    assert strides == (stacked[0].qweight.numel(), stacked[0].qzeros.numel(), stacked[0].scales.numel())
+    assert gemv.i4_stack_strides(parts) is None            # separate allocations are not one stack
+    assert gemv.i4_stack_strides(stacked[:1]) is None
+    assert gemv.i4_stack_strides([stacked[0], stacked[2], stacked[1]]) is None     # out of order
+
+
+def test_weights_that_differ_do_not_stack():
+    a = i4.quantize_i4(torch.randn(256, 64))
+    assert i4.stack_i4([a, i4.quantize_i4(torch.randn(256, 72))]) is None                       # shape
+    assert i4.stack_i4([a, a.with_layout(True)]) is None                                      # layout
+    assert i4.stack_i4([a, i4.quantize_i4(torch.randn(256, 64), group_size=64)]) is None         # group
+    perm = torch.randperm(256).to(torch.int32) // a.group_size
+    assert i4.stack_i4([a, i4.Int4Weight(a.qweight, a.qzeros, a.scales, perm, a.group_size, a.shape)]) is None   # g_idx
