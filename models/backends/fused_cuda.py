@@ -242,6 +242,33 @@ def _probe_mix_rkv(model, ops) -> str | None:
     return None
 
 
+def _probe_rkv_stack(model, layers: list[dict]) -> str | None:
+    """None when the stacked int4 r, k, v of the first CUDA layer that has them (``rkv_i4``) multiply in one launch
+    (``dispatch.mm4_stack``) to the per-matrix products of the torch path at 8 and 40 rows; else why not (the caller
+    then multiplies them one by one)."""
+    at = next((i for i, f in enumerate(layers) if "rkv_i4" in f), None)
+    if at is None:
+        return "no CUDA layer with stacked int4 r/k/v"
+    from rwkv_chat.models.formats.i4 import mm4_torch
+
+    p = model.layers[at]
+    qs = [p[n] for n in _BIG[:3]]
+    dt, dev, C = p["ln1.weight"].dtype, p["ln1.weight"].device, qs[0].shape[0]
+    g = torch.Generator(device=dev).manual_seed(0)
+    try:
+        for rows in (8, 40):
+            x = torch.randn(3, rows, C, generator=g, device=dev).to(dt)
+            got = dispatch.mm4_stack(x, qs)
+            if got is None:
+                return "dispatch.mm4_stack does not serve these weights"
+            for i, q in enumerate(qs):
+                if not torch.allclose(got[i].float(), mm4_torch(x[i], q).float(), atol=3e-2, rtol=3e-2):
+                    return "dispatch.mm4_stack differs from the per-matrix int4 products"
+    except Exception as e:  # noqa: BLE001 — the per-matrix products serve; the detail says why
+        return f"dispatch.mm4_stack: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return None
+
+
 def _probe_fold(be: "FusedCuda", model) -> str | None:
     """None when decode steps with ln1 / ln2 inside the GEMV launches (``fold_norms``) fold every layer's ln1 (and
     ln2 where the value product is the grouped GEMV) and agree with the unfolded steps (logits and every state
@@ -453,6 +480,12 @@ class FusedCuda(Backend):
         else:
             self.mix_rkv_note = _probe_mix_rkv(model, ops) if self.decodes and _triton.available() else "no Triton"
         self.mix_rkv = self.mix_rkv_note is None
+        #: int4 r/k/v of decode batches in one launch (``rkv_i4``, probed here); why not, where it does not serve
+        self.rkv_stack_note = (_probe_rkv_stack(model, self.layers) if self.decodes and _triton.available()
+                               else "no Triton or no decode")
+        if self.rkv_stack_note is not None:
+            for f in self.layers:
+                f.pop("rkv_i4", None)
         #: ln1 / ln2 inside the grouped GEMV launches of decode steps; why not, where it does not serve
         self.fold_norms = False
         #: how many ln1 and ln2 the decode steps built so far ran inside a GEMV launch (the probe's evidence)
