@@ -49,7 +49,10 @@ def _backend(model, fmt: str) -> str:
     """The backend's name, with the probe outcome of the compiled GEMVs a quantized format's decode uses."""
     probes = getattr(model, "kernels", {}).get("cuda", {})
     key = {"i8": "gemvq u8 probe", "i4": "gemvq probe", "f8": "gemvq probe"}.get(fmt)
-    return f"{model.backend.name} ({key}: {probes[key]})" if key in probes else model.backend.name
+    notes = [f"{key}: {probes[key]}"] if key in probes else []
+    if fmt == "i4" and hasattr(model.backend, "rkv_stack_note"):     # r, k, v of decode batches in one launch
+        notes.append(f"r/k/v stack: {model.backend.rkv_stack_note or 'ok'}")
+    return f"{model.backend.name} ({'; '.join(notes)})" if notes else model.backend.name
 
 
 def decode_rows(shape: str, batches: list[int], tokens: int, ffns: list[str | None] = (None,)) -> list[dict]:
