@@ -244,7 +244,8 @@ def _probe_mix_rkv(model, ops) -> str | None:
 
 def _probe_rkv_stack(model, layers: list[dict]) -> str | None:
     """None when the stacked int4 r, k, v of the first CUDA layer that has them (``rkv_i4``) multiply in one launch
-    (``dispatch.mm4_stack``) to the per-matrix products of the torch path at 8 and 40 rows; else why not (the caller
+    (``dispatch.mm4_stack``) to the per-matrix products of the torch path at 16, 64 and 200 rows (one, one and four
+    blocks of rows); else why not (the caller
     then multiplies them one by one)."""
     at = next((i for i, f in enumerate(layers) if "rkv_i4" in f), None)
     if at is None:
@@ -256,7 +257,7 @@ def _probe_rkv_stack(model, layers: list[dict]) -> str | None:
     dt, dev, C = p["ln1.weight"].dtype, p["ln1.weight"].device, qs[0].shape[0]
     g = torch.Generator(device=dev).manual_seed(0)
     try:
-        for rows in (8, 40):
+        for rows in (16, 64, 200):
             x = torch.randn(3, rows, C, generator=g, device=dev).to(dt)
             got = dispatch.mm4_stack(x, qs)
             if got is None:

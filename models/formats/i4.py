@@ -406,7 +406,10 @@ def stack_i4(parts: list[Int4Weight]) -> list[Int4Weight] | None:
     """The same weights as views of one stack (per tensor: one [G, ...] allocation on their device, each part's
     words, zeros and scales its g-th slice, the layout kept), so that one launch can multiply each by its own x
     (``ops.gemv.i4_gemv_stack``: an RWKV-7 layer's r, k, v at decode batches); None where the parts differ in
-    shape, layout, group, scale dtype or device, or carry a g_idx. The parts' own tensors are not changed."""
+    shape, layout, group, scale dtype or device, carry a g_idx, or are fewer than two. The parts' own tensors are not
+    changed."""
+    if len(parts) < 2:
+        return None
     first = parts[0]
     if any(q.g_idx is not None or q.shape != first.shape or q.qweight.shape != first.qweight.shape
            or q.output_major != first.output_major or q.group_size != first.group_size

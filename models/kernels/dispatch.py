@@ -552,11 +552,18 @@ def mm4(x: torch.Tensor, q: Int4Weight) -> torch.Tensor:
 
 def mm4_stack(x: torch.Tensor, qs: list[Int4Weight]) -> torch.Tensor | None:
     """``x[g] @ qs[g].dequantize()`` for G int4 weights that are views of one stack (``formats.i4.stack_i4``) in one
-    Triton launch (``ops.gemv.i4_gemv_stack``): x [G, M, K] fp16/bf16 on their CUDA device, 1..``ops.gemv.I4_ROWS``
-    rows -> [G, M, N] in x's dtype; None where that kernel does not serve (another device or dtype, more rows, no
-    Triton, weights that are not one stack), for the caller to multiply them one by one."""
+    Triton launch (``ops.gemv.i4_gemv_stack``): x [G, M, K] fp16/bf16 on their CUDA device (last dim contiguous),
+    1..``ops.gemv.I4_ROWS`` rows, K and N multiples of 8 -> [G, M, N] in x's dtype. Returns None (raises nothing)
+    where that kernel does not serve: another device or dtype, other shapes, more rows, no Triton, weights that are
+    not one stack; the caller then multiplies them one by one."""
+    if not qs or not all(isinstance(q, Int4Weight) for q in qs):
+        return None
+    K, N = qs[0].shape
     if not (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and x.dim() == 3 and x.shape[0] == len(qs)
-            and 1 <= x.shape[1] <= _gemv.I4_ROWS and _triton_ok()) or _gemv.i4_stack_strides(qs) is None:
+            and x.shape[2] == K and x.stride(-1) == 1 and 1 <= x.shape[1] <= _gemv.I4_ROWS
+            and x.device == qs[0].qweight.device and K % 8 == 0 and N % 8 == 0 and _triton_ok()):
+        return None
+    if _gemv.i4_stack_strides(qs) is None:
         return None
     return _gemv.i4_gemv_stack(x, qs)
 

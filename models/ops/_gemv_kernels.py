@@ -2,7 +2,8 @@
 uint8 scheme (i8, for batches above the compiled GEMV's rows).
 
 Imported only through ``gemv._kernels()`` (after checking that Triton and CUDA are there). The kernels take
-x [M, K] (fp16/bf16; BLOCK_M rows per program, the third grid axis over row blocks), dequantize a [BLOCK_K, BLOCK_N] weight tile in registers
+x [M, K] (fp16/bf16; BLOCK_M rows per program, the third grid axis over row blocks; the int4 kernel also over the
+G matrices of a stack), dequantize a [BLOCK_K, BLOCK_N] weight tile in registers
 (the i8 kernel: [BLOCK_N, BLOCK_K], the product's first operand), and accumulate
 ``tl.dot`` products in float32 over a slice of K (``k_per_split``; the second grid axis), so that a decode
 step's matrices fill every multiprocessor. Split results meet in ``_finish``.
@@ -116,10 +117,10 @@ def i4_gemv_kernel(x_ptr, qw_ptr, qz_ptr, sc_ptr, gi_ptr, y_ptr, ws_ptr, cnt_ptr
                    stride_xm, stride_ym, k_per_split, n_splits, row_blocks, stride_xg, stride_qg, stride_zg, stride_sg,
                    stride_yg, HAS_GIDX: tl.constexpr, ONE_GROUP: tl.constexpr, BF16: tl.constexpr,
                    SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """y[g, m, n] = sum_k x[g, m, k] * (q_g[k, n] - ((z_g[g(k), n] + 1) & 15)) * s_g[g(k), n] (GPTQ v1 zeros) for
-    the G matrices of a stack (G = 1: one matrix, strides 0): the third grid axis runs over G x ``row_blocks``
-    blocks of rows; matrix g's words, zeros, scales, x and y lie ``stride_*g`` elements after matrix 0's, and its
-    split partials in the workspace's g-th [n_splits, M, N] block.
+    """y[i, m, n] = sum_k x[i, m, k] * (q_i[k, n] - ((z_i[g(k), n] + 1) & 15)) * s_i[g(k), n] (GPTQ v1 zeros,
+    g(k) the group of row k) for the G matrices i of a stack (G = 1: one matrix, strides 0): the third grid axis
+    runs over G x ``row_blocks`` blocks of rows; matrix i's words, zeros, scales, x and y lie i ``stride_*g``
+    elements after matrix 0's, and its split partials in the workspace's i-th [n_splits, M, N] block.
 
     With ``ONE_GROUP`` and float16 x the tile is made in half precision without a conversion instruction: the
     nibble as the float16 1024 + q (``_f16_bits``), less 1024 + z (exact), times the group's scale (one rounding of

@@ -5,7 +5,8 @@ A decode step multiplies a few activation rows by every weight once: its time is
 memory bandwidth. These kernels read the packed weight (0.5 byte per weight for int4, 1 for fp8), dequantize in
 registers and accumulate in float32, so the step reads a quarter / half of fp16's bytes.
 
-``i4_gemv(x, q)`` (M <= ``I4_ROWS``; ``i4_gemv_stack(x, qs)``: G matrices of one stack in one launch), ``f8_gemv(x, q)`` (M <= ``GEMV_ROWS``) and ``i8_gemm(x, q)`` (M <= ``I8_ROWS``):
+``i4_gemv(x, q)`` (M <= ``I4_ROWS``; ``i4_gemv_stack(x [G, M, K], qs)``: G matrices of one stack in one
+launch), ``f8_gemv(x, q)`` (M <= ``GEMV_ROWS``) and ``i8_gemm(x, q)`` (M <= ``I8_ROWS``):
 x [M, K] fp16/bf16 on CUDA -> [M, N] in x's dtype. Row blocks of 16, 32 or 64 (the next power of two of M, at
 least 16: ``tl.dot``'s minimum). The dispatch products ``rwkv_chat.models.kernels.mm4`` / ``mmf8`` / ``mm8`` call
 them where they apply and use torch (or the compiled kernels) elsewhere. Errors: ``ShapeMismatchError``, ``UnsupportedDtypeError``, ``DeviceError`` (no CUDA / Triton).
@@ -137,12 +138,14 @@ def i4_stack_strides(qs: list[Int4Weight]) -> tuple[int, int, int] | None:
     """(qweight, qzeros, scales) element strides from one matrix to the next where ``qs`` are G >= 2 views of one
     stack (``formats.i4.stack_i4``: same shape, layout, group and strides, no g_idx, each tensor lying a fixed
     number of elements after the previous one's), else None."""
+    if len(qs) < 2:
+        return None
     q0 = qs[0]
-    if len(qs) < 2 or any(q.g_idx is not None or q.shape != q0.shape or q.group_size != q0.group_size
-                          or q.output_major != q0.output_major or q.qweight.device != q0.qweight.device
-                          or q.scales.dtype != q0.scales.dtype
-                          or any(getattr(q, n).stride() != getattr(q0, n).stride() for n in ("qweight", "qzeros", "scales"))
-                          for q in qs):
+    if any(q.g_idx is not None or q.shape != q0.shape or q.group_size != q0.group_size
+           or q.output_major != q0.output_major or q.qweight.device != q0.qweight.device
+           or q.scales.dtype != q0.scales.dtype
+           or any(getattr(q, n).stride() != getattr(q0, n).stride() for n in ("qweight", "qzeros", "scales"))
+           for q in qs):
         return None
     strides = []
     for n in ("qweight", "qzeros", "scales"):

@@ -154,7 +154,8 @@ def cases(quick: bool = False):
         yield f"i4_gemv M={M} K={K} N={N}", lambda M=M, K=K, q=q: gemv.i4_gemv(r(M, K, dt=hf), q)
         if M == 64:
             qs = i4.stack_i4([q, q, q])
-            yield f"i4_gemv_stack G=3 M={M} K={K} N={N}", lambda M=M, K=K, qs=qs: gemv.i4_gemv_stack(r(3, M, K, dt=hf), qs)
+            yield f"i4_gemv_stack G=3 M={M} K={K} N={N}", \
+                lambda M=M, K=K, qs=qs: gemv.i4_gemv_stack(r(3, M, K, dt=hf), qs)
         if M > 1:
             yield f"i4_gemv M={M} K={K} N={N} bf16", lambda M=M, K=K, q=q: gemv.i4_gemv(r(M, K, dt=bf), q)
             q8 = i8.quantize_i8(torch.randn(K, N) * 0.02, hf, output_major=True)

@@ -47,13 +47,22 @@ def main() -> int:
         print(f"i4 K={K} N={N} M={M} g_idx={act} output_major={om} splits={splits}: {errs[-1]:.2e}")
     for K, N, M, G, om in [(256, 128, 40, 1, True), (512, 64, 70, 1, False), (256, 128, 5, 3, True),
                            (256, 64, 20, 3, False), (512, 128, 40, 3, True), (256, 64, 70, 2, True)]:
-        qs = i4.stack_i4([i4.quantize_i4(torch.randn(K, N)).with_layout(om) for _ in range(G)])
+        qs = [i4.quantize_i4(torch.randn(K, N)).with_layout(om) for _ in range(G)]
+        qs = i4.stack_i4(qs) if G > 1 else qs
         x = torch.randn(G + 1, M, K).half()[1:]          # x [G, M, K] not at its storage's start
         for _ in range(2):                             # twice: the counters must have been reset
             y = gemv.i4_gemv_stack(x, qs) if G > 1 else gemv.i4_gemv(x[0], qs[0]).unsqueeze(0)
             errs.append(max(rel(y[g], x[g].double() @ qs[g].dequantize(torch.float64)) for g in range(G)))
         print(f"i4 stack of {G}: K={K} N={N} M={M} output_major={om} tiles={gemv.i4_tiles(M, K, N)}: "
               f"{errs[-1]:.2e}")
+    tiles = gemv.i4_tiles                              # the 128-wide tile of large matrices, on a small one
+    gemv.i4_tiles = lambda rows, K, N: {**tiles(rows, K, N), "BLOCK_N": 128}
+    qs = i4.stack_i4([i4.quantize_i4(torch.randn(512, 256)).with_layout(True) for _ in range(3)])
+    x = torch.randn(3, 40, 512).half()
+    errs.append(max(rel(y, xx.double() @ q.dequantize(torch.float64))
+                    for y, xx, q in zip(gemv.i4_gemv_stack(x, qs), x, qs)))
+    gemv.i4_tiles = tiles
+    print(f"i4 stack of 3 in 128-wide tiles: K=512 N=256 M=40: {errs[-1]:.2e}")
     for K, N, M, om in [(256, 128, 5, True), (200, 72, 17, False), (1000, 64, 64, True), (384, 40, 33, False)]:
         q = i8.quantize_i8(torch.randn(K, N) * 0.1 + 0.02, torch.float16, output_major=om)
         x = torch.randn(M, K).half()

@@ -190,3 +190,14 @@ def test_weights_that_differ_do_not_stack():
     assert i4.stack_i4([a, i4.quantize_i4(torch.randn(256, 64), group_size=64)]) is None         # group
     perm = torch.randperm(256).to(torch.int32) // a.group_size
     assert i4.stack_i4([a, i4.Int4Weight(a.qweight, a.qzeros, a.scales, perm, a.group_size, a.shape)]) is None   # g_idx
+
+
+def test_a_stack_needs_two_weights_and_mm4_stack_declines_what_it_cannot_run():
+    a = i4.quantize_i4(torch.randn(256, 64))
+    assert i4.stack_i4([]) is None and i4.stack_i4([a]) is None
+    assert gemv.i4_stack_strides([]) is None
+    qs = i4.stack_i4([a, a, a])
+    x = torch.randn(3, 5, 256).half()
+    assert dispatch.mm4_stack(x, qs) is None                       # not CUDA: the caller multiplies one by one
+    assert dispatch.mm4_stack(x, []) is None
+    assert dispatch.mm4_stack(x, [a, a, "not a weight"]) is None
