@@ -245,8 +245,7 @@ def _probe_mix_rkv(model, ops) -> str | None:
 def _probe_rkv_stack(model, layers: list[dict]) -> str | None:
     """None when the stacked int4 r, k, v of the first CUDA layer that has them (``rkv_i4``) multiply in one launch
     (``dispatch.mm4_stack``) to the per-matrix products of the torch path at 16, 64 and 200 rows (one, one and four
-    blocks of rows); else why not (the caller
-    then multiplies them one by one)."""
+    blocks of rows); else why not (the caller then multiplies them one by one)."""
     at = next((i for i, f in enumerate(layers) if "rkv_i4" in f), None)
     if at is None:
         return "no CUDA layer with stacked int4 r/k/v"

@@ -158,16 +158,17 @@ def i4_stack_strides(qs: list[Int4Weight]) -> tuple[int, int, int] | None:
     return tuple(strides)
 
 
-def i4_gemv_stack(x: torch.Tensor, qs: list[Int4Weight]) -> torch.Tensor:
+def i4_gemv_stack(x: torch.Tensor, qs: list[Int4Weight], strides: tuple[int, int, int] | None = None) -> torch.Tensor:
     """``x[g] @ qs[g].dequantize()`` for every g in one launch: x [G, M, K] (M <= I4_ROWS, fp16/bf16, CUDA, last dim
     contiguous) and G int4 weights that are views of one stack (``i4_stack_strides``; the r, k, v matrices of an
     RWKV-7 layer at a decode batch) -> [G, M, N] in x's dtype. K and N multiples of 8 (no padding). The G matrices
     share one grid, so their tiles need fewer K splits than one 4096² matrix alone (H100, 64 rows: 256 programs of
-    8 k-tiles, 20.0 us, against 14.8 for fp16 cuBLAS).
+    8 k-tiles, 20.0 us, against 14.8 for fp16 cuBLAS). ``strides``: what ``i4_stack_strides(qs)`` returns, where the
+    caller has it already (found here otherwise).
 
     Raises: ShapeMismatchError (not one stack, or x's shape), UnsupportedDtypeError, DeviceError.
     """
-    strides = i4_stack_strides(qs)
+    strides = i4_stack_strides(qs) if strides is None else strides
     q = qs[0]
     K, N = q.shape
     if strides is None or x.dim() != 3 or x.shape[0] != len(qs) or q.qweight.shape[0] * 8 != K \
