@@ -249,6 +249,61 @@ void gemvq_u8_multi_cuda(at::TensorList xs, at::TensorList ws, at::TensorList mx
     run(op, kGemvqU8, act, rows, entries, xs[0]);
 }
 
+
+// int4 GEMM on the tensor cores for decode batches (csrc/gemvq/gemmq_cuda.cu): x [rows, K] fp16/bf16 (any rows >= 1),
+// qweight int32 [Np, K/8] output-major, qzeros int32 [K/group, Np/8], scales float16 [K/group, Np] (16-byte
+// aligned), y [rows, N]; K and group multiples of 128, group | K. splits >= 1 ranges of K; with more than one,
+// work float32 holding at least [splits, rows, N] and counters int32 with one zero entry per tile
+// (ceil(N / (32 warps)) x ceil(rows / 64)), left zero. warps: 4 or 8.
+void gemmq_i4_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& qzeros, const at::Tensor& scales,
+                   int64_t group, int64_t splits, int64_t warps, const at::Tensor& work, const at::Tensor& counters,
+                   const at::Tensor& y) {
+    const char* op = "rwkv_chat::gemmq_i4_cuda";
+    TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && qweight.dim() == 2, op, ": x, y and qweight must be 2-D");
+    const int act = act_code(x, op);
+    TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, op, ": x must be float16 or bfloat16");
+    const int64_t rows = x.size(0), K = x.size(1), N = y.size(1), Np = qweight.size(0);
+    TORCH_CHECK(rows >= 1 && rows <= INT32_MAX / 2, op, ": rows must be positive, got ", rows);
+    TORCH_CHECK(K >= 128 && K % 128 == 0, op, ": K must be a positive multiple of 128, got ", K);
+    TORCH_CHECK(group >= 128 && group % 128 == 0 && K % group == 0, op,
+                ": group must be a multiple of 128 dividing K, got ", group);
+    TORCH_CHECK(Np % 8 == 0 && N >= 1 && N <= Np, op, ": qweight rows ", Np, " must be a multiple of 8, at least N = ", N);
+    TORCH_CHECK(K * Np <= INT32_MAX && rows * N <= INT32_MAX, op, ": shapes beyond int32");
+    TORCH_CHECK(warps == 4 || warps == 8, op, ": warps must be 4 or 8, got ", warps);
+    TORCH_CHECK(splits >= 1 && splits <= K / 128, op, ": splits must be 1..K/128, got ", splits);
+    check_tensor(x, op, "x", kCUDA, x.scalar_type(), {rows, K});
+    check_tensor(qweight, op, "qweight", kCUDA, at::kInt, {Np, K / 8});
+    check_tensor(qzeros, op, "qzeros", kCUDA, at::kInt, {K / group, Np / 8});
+    check_tensor(scales, op, "scales", kCUDA, at::kHalf, {K / group, Np});
+    check_tensor(y, op, "y", kCUDA, x.scalar_type(), {rows, N});
+    check_same_device(op, {x, qweight, qzeros, scales, y});
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(qweight.data_ptr()) % 16 == 0, op, ": qweight must be 16-byte aligned");
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(scales.data_ptr()) % 16 == 0, op, ": scales must be 16-byte aligned");
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(qzeros.data_ptr()) % 4 == 0, op, ": qzeros must be 4-byte aligned");
+    float* wp = nullptr;
+    int* cp = nullptr;
+    if (splits > 1) {
+        const int64_t tiles = ((N + 32 * warps - 1) / (32 * warps)) * ((rows + 63) / 64);
+        TORCH_CHECK(work.is_cuda() && work.scalar_type() == at::kFloat && work.is_contiguous() &&
+                        work.numel() >= splits * rows * N,
+                    op, ": work must be a contiguous float32 CUDA tensor of at least splits x rows x N values");
+        TORCH_CHECK(counters.is_cuda() && counters.scalar_type() == at::kInt && counters.is_contiguous() &&
+                        counters.numel() >= tiles,
+                    op, ": counters must be a contiguous int32 CUDA tensor of at least ", tiles, " values");
+        check_same_device(op, {x, work, counters});
+        wp = work.data_ptr<float>();
+        cp = counters.data_ptr<int>();
+    }
+    std::vector<at::Tensor> keep;
+    const void* xp = aligned_x(x, keep);
+    const at::cuda::CUDAGuard guard(x.device());
+    check_launch(gemmq_i4_launch(act, (int)rows, (int)K, (int)N, (int)Np, (int)group, (int)splits, (int)warps, xp,
+                                 reinterpret_cast<const uint32_t*>(qweight.data_ptr()),
+                                 reinterpret_cast<const uint32_t*>(qzeros.data_ptr()), scales.data_ptr(), y.data_ptr(),
+                                 wp, cp, at::cuda::getCurrentCUDAStream()),
+                 op);
+}
+
 }  // namespace
 }  // namespace rwkv_chat
 
@@ -267,4 +322,7 @@ TORCH_LIBRARY_FRAGMENT(rwkv_chat, m) {
     m.def("gemvq_u8_multi_cuda(Tensor[] xs, Tensor[] ws, Tensor[] mxs, Tensor[] rxs, Tensor[] mys, Tensor[] rys, "
           "int[] acts, Tensor(a!)[] ys) -> ()",
           &rwkv_chat::gemvq_u8_multi_cuda);
+    m.def("gemmq_i4_cuda(Tensor x, Tensor qweight, Tensor qzeros, Tensor scales, int group, int splits, int warps, "
+          "Tensor work, Tensor counters, Tensor(a!) y) -> ()",
+          &rwkv_chat::gemmq_i4_cuda);
 }

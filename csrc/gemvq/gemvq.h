@@ -64,4 +64,13 @@ struct GemvqEntry {
 // (1..kGemvqMaxRows) of the activation dtype `act`, in one launch.
 int gemvq_launch(int kind, int act, int rows, int n, const GemvqEntry* entries, cudaStream_t stream);
 
+// int4 weight-only GEMM on the tensor cores for decode batches (csrc/gemvq/gemmq_cuda.cu): y [M, N] = x [M, K] @ W
+// with W as for the int4 GEMV above (qweight int32 [Np, K/8] output-major, qzeros, scales fp16 16-byte aligned);
+// `act` fp16 or bf16. K and group multiples of 128, group | K. `splits` ranges of K (> 1: float32 partials in
+// `work` [splits, M, N], and `counters` one int32 per tile, zero between launches, left zero); `warps` 4 or 8
+// (block width 32 x warps outputs). No host synchronization (CUDA-graph capturable).
+int gemmq_i4_launch(int act, int M, int K, int N, int Np, int group, int splits, int warps, const void* x,
+                    const uint32_t* qweight, const uint32_t* qzeros, const void* scales, void* y, float* work,
+                    int* counters, cudaStream_t stream);
+
 }  // namespace rwkv_chat

@@ -19,6 +19,7 @@ from rwkv_chat.models.formats import i8 as _quant
 from rwkv_chat.models.formats.f8 import Float8Weight
 from rwkv_chat.models.formats.i4 import Int4Weight
 from rwkv_chat.models.kernels import available
+from rwkv_chat.models.kernels import gemmq as _gemmq
 from rwkv_chat.models.kernels.checks import check_mm8, check_wkv4, check_wkv5, check_wkv7
 from rwkv_chat.models.ops import _triton
 from rwkv_chat.models.ops import gemv as _gemv
@@ -302,6 +303,8 @@ GEMVQ_PROBES: dict[torch.device, str | None] = {}
 GEMVQ_NORM_PROBES: dict[torch.device, str | None] = {}
 #: the same for the uint8 (i8) GEMV (``gemvq_u8_sound``)
 GEMVQ_U8_PROBES: dict[torch.device, str | None] = {}
+#: the same for the int4 GEMM on the tensor cores (``gemmq_sound``)
+GEMMQ_PROBES: dict[torch.device, str | None] = {}
 
 
 def _probe_key(device) -> torch.device:
@@ -335,6 +338,35 @@ def gemvq_u8_sound(device: torch.device) -> bool:
     return _sound(GEMVQ_U8_PROBES, _probe_gemvq_u8, device)
 
 
+def gemmq_sound(device: torch.device) -> bool:
+    """Whether the int4 GEMM on the tensor cores (``kernels.gemmq``) serves decode batches on ``device``: on first use
+    there it runs (fp16 and bf16; 5, 37 and 70 rows; one and two K splits; blocks of 4 and 8 warps; N a multiple
+    of 8 and not) on small random weights and is compared with ``i4.mm4_torch`` to half-precision rounding; a
+    mismatch or an error keeps the Triton kernel for the process (``GEMMQ_PROBES`` says why). Not probed inside a
+    CUDA graph capture."""
+    return _sound(GEMMQ_PROBES, _probe_gemmq, device)
+
+
+def _probe_gemmq(device: torch.device) -> str | None:
+    if not (available("cuda", "gemvq") and hasattr(torch.ops.rwkv_chat, "gemmq_i4_cuda")):
+        return "not built"
+    g = torch.Generator().manual_seed(3)
+    for n in (72, 77):
+        q = _i4.quantize_i4(torch.randn(256, n, generator=g) * 0.05 + 0.01, 128).to(device)
+        if not _gemmq.gemmq_i4_ok(q):
+            return "the probe's weight is not one it reads"
+        for dtype in (torch.float16, torch.bfloat16):
+            for rows in (5, 37, 70):
+                x = torch.randn(rows, 256, generator=g).to(device, dtype)
+                want = _i4.mm4_torch(x, q)
+                for splits, warps in ((1, 4), (2, 4), (2, 8)):
+                    err = _probe_error(_gemmq.gemmq_i4(x, q, splits, warps), want)
+                    if not err < 2e-2:
+                        return (f"gemmq_i4 differs from the torch product ({dtype}, {rows} rows, N {n}, {splits} "
+                                f"splits, {warps} warps: relative error {err:.3g})")
+    return None
+
+
 def _sound(table: dict, probe, device) -> bool:
     known = table.get(device, False)                # a tensor's device: one lookup per product once probed
     if known is not False:
@@ -355,7 +387,8 @@ def probe_weight_kernels(model) -> None:
     """Probe, at load (outside any CUDA graph capture), on every CUDA device of ``model``: the compiled int4 / fp8
     GEMVs (``gemvq_sound``) where a stage is i4 or f8; where a stage is i8, the compiled uint8 GEMV
     (``gemvq_u8_sound``; fp16 / bf16 stages) and the Triton i8 kernel of batches (``i8_gemm_sound``). The outcomes go
-    into ``model.kernels["cuda"]`` ("gemvq probe", "gemvq u8 probe", "i8 gemm probe": "ok" or why the other paths
+    into ``model.kernels["cuda"]`` ("gemvq probe", "gemmq probe" (i4: the tensor-core GEMM of batches, ``gemmq_sound``),
+    "gemvq u8 probe", "i8 gemm probe": "ok" or why the other paths
     serve)."""
     quants = {s.quant for s in model.plan.stages}
     half_i8 = any(s.quant == "i8" and s.dtype in (torch.float16, torch.bfloat16) for s in model.plan.stages)
@@ -363,6 +396,9 @@ def probe_weight_kernels(model) -> None:
         if quants & {"i4", "f8"} and available("cuda", "gemvq"):
             why = None if gemvq_sound(dev) else GEMVQ_PROBES.get(_probe_key(dev), "not probed")
             model.kernels.setdefault("cuda", {})["gemvq probe"] = why or "ok"
+        if "i4" in quants and available("cuda", "gemvq"):
+            why = None if gemmq_sound(dev) else GEMMQ_PROBES.get(_probe_key(dev), "not probed")
+            model.kernels.setdefault("cuda", {})["gemmq probe"] = why or "ok"
         if half_i8 and available("cuda", "gemvq"):      # the uint8 GEMV serves fp16 / bf16 activations
             why = None if gemvq_u8_sound(dev) else GEMVQ_U8_PROBES.get(_probe_key(dev), "not probed")
             model.kernels.setdefault("cuda", {})["gemvq u8 probe"] = why or "ok"
@@ -527,8 +563,10 @@ def mm4(x: torch.Tensor, q: Int4Weight) -> torch.Tensor:
 
     x [..., K] fp32/fp16/bf16 on q's device -> [..., N] in x's dtype. On CUDA: 1..``GEMVQ_ROWS`` rows with the
     compiled GEMV of ``csrc/gemvq`` where it is built and reads the weight (``gemvq_i4_ok``: output-major, the
-    layout a weight takes on CUDA); else, fp16/bf16 and at most ``ops.gemv.I4_ROWS`` rows (decode batches): the
-    Triton kernel (either layout; dequantized in registers, fp32 accumulation); more rows (prefill):
+    layout a weight takes on CUDA); from ``gemmq.MIN_ROWS`` to ``ops.gemv.I4_ROWS`` rows (decode batches) the int4
+    GEMM on the tensor cores (``kernels.gemmq``) where it reads the weight and ``gemmq_sound``; else, fp16/bf16 and
+    at most ``ops.gemv.I4_ROWS`` rows: the Triton kernel (either layout; dequantized in registers, fp32
+    accumulation); more rows (prefill):
     dequantized once per call and multiplied by cuBLAS. On the CPU, up to ``I4_CPU_ROWS`` rows: the compiled
     product of ``csrc/gemvq/gemvq_cpu.cpp`` reading the GPTQ words as stored (no g_idx, the group a multiple of 8);
     elsewhere the torch path.
@@ -545,9 +583,19 @@ def mm4(x: torch.Tensor, q: Int4Weight) -> torch.Tensor:
         y = torch.empty(rows, N, dtype=x.dtype, device=x.device)
         _op("cuda", "gemvq_i4")(x.reshape(rows, K).contiguous(), q.storage, q.qzeros, q.scales, q.group_size, y)
         return y.reshape(*x.shape[:-1], N)
+    if _gemmq_serves(x, q):
+        return _gemmq.gemmq_i4(x.reshape(rows, K).contiguous(), q).reshape(*x.shape[:-1], N)
     if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and 1 <= rows <= _gemv.I4_ROWS and _triton_ok():
         return _gemv.i4_gemv(x.reshape(rows, -1), q).reshape(*x.shape[:-1], N)
     return _i4.mm4_torch(x, q)
+
+
+def _gemmq_serves(x: torch.Tensor, q: Int4Weight) -> bool:
+    """Whether the int4 GEMM on the tensor cores takes this product: CUDA, fp16/bf16, ``gemmq.MIN_ROWS`` to
+    ``ops.gemv.I4_ROWS`` rows, a weight it reads, the device's probe passed."""
+    return (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+            and _gemmq.MIN_ROWS <= _rows(x) <= _gemv.I4_ROWS and _gemmq.gemmq_i4_ok(q)
+            and available("cuda", "gemvq") and gemmq_sound(x.device))
 
 
 def mm4_stack(x: torch.Tensor, qs: list[Int4Weight]) -> torch.Tensor | None:
@@ -563,6 +611,8 @@ def mm4_stack(x: torch.Tensor, qs: list[Int4Weight]) -> torch.Tensor | None:
             and x.shape[2] == K and x.stride(-1) == 1 and 1 <= x.shape[1] <= _gemv.I4_ROWS
             and x.device == qs[0].qweight.device and K % 8 == 0 and N % 8 == 0 and _triton_ok()):
         return None
+    if _gemmq_serves(x[0], qs[0]):
+        return None                                 # the tensor-core GEMM, one product at a time, is faster
     strides = _gemv.i4_stack_strides(qs)
     return None if strides is None else _gemv.i4_gemv_stack(x, qs, strides)
 

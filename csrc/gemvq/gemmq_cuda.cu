@@ -1,0 +1,380 @@
+// gemmq: int4 weight-only GEMM on the tensor cores for decode batches (5..256 rows): y [M, N] = x [M, K] @ W,
+// W in the GPTQ nibbles of models/formats/i4.py held output-major (Int4Weight.output_major: qweight int32
+// [Np, K/8], output n's K nibbles contiguous, eight per word along K, low nibble first), v1 zeros
+// (qzeros int32 [K/group, Np/8]), scales float16 [K/group, Np]; declarations in gemvq.h.
+//
+// The weights are dequantized in registers straight into the operand layout of mma.sync m16n8k16 (the
+// tensor cores' B fragment) without a shuffled copy of the weights: the product's k order is permuted
+// instead, identically for x, which is cheap because x is small.
+//   * A "unit" is 128 values of K. Lane (g, t) = (lane / 4, lane % 4) of a warp owns, in each 8-output tile,
+//     output n = g and the four words 4t..4t+3 of the unit (k = 32t .. 32t+31): one 16-byte load. The
+//     unit's eight mma steps j = 0..7 read, for the B fragment's two registers, word 4t + 2(j/4) + {0, 1}
+//     shifted right by 4(j%4): `lop3` with 0x000F000F puts nibbles j%4 and j%4 + 4 into the mantissas of
+//     two halves of magic 1024 (fp16: 0x6400; bf16: 128, 0x4300), exactly 1024 + q. Less 1024 + zero is
+//     the exact integer q - z; times the group's scale, one rounding (for fp16 the values of
+//     Int4Weight.dequantize; for bf16 the scale is rounded to bf16 first).
+//   * So mma step j's k index m (0..15) stands for k = 32t + 16(j/4) + 8(m >= 8) + j%4 + 4(m & 1) with
+//     t = (m & 7) / 2: x is staged in shared memory in that order (per row and t, four 16-byte slots;
+//     slot 2(j/4) + h holds the pairs (x[.. + j%4], x[.. + j%4 + 4]) for j%4 = 0..3 of half h), made from
+//     16-byte loads of x with four byte permutes each, so the A fragments are plain 16-byte shared loads.
+//   * A block is NW warps side by side along N (32 outputs each: four 8-output tiles) and MT 16-row tiles
+//     of x; each warp's accumulators are [MT][4] mma tiles (float32). Weights (with the unit's scales and
+//     zeros) stream through a STAGES-deep cp.async ring in shared memory; x is prefetched into registers one
+//     unit ahead and staged into one of two buffers.
+//   * K splits: grid.y splits K into ranges of whole units; with one split the block writes y, with several
+//     each writes float32 partials [splits, M, N] and the last split of a tile (a counter per tile, reset
+//     by that last split) adds them in split order and writes y: no atomics on y, the sum order is fixed.
+// Requirements (checked by the binding, kUnsupported here): K % 128 == 0, group % 128 == 0 and group | K,
+// Np % 8 == 0, N <= Np, 1 <= M; x, qweight 16-byte aligned, x rows contiguous.
+#include "../common/cuda_common.cuh"
+#include "gemvq.h"
+
+namespace rwkv_chat {
+namespace {
+
+constexpr int kUnit = 128;                    // K per unit
+constexpr int kStages = 4;                    // cp.async ring depth (units of weights in flight per block)
+constexpr int kRowBytes = 4 * 64 + 64;        // one row of staged x: 4 slots x (4 t x 16 B), +64 B: no conflicts
+
+template <typename F> struct Magic;
+template <> struct Magic<__half> {
+    static constexpr uint32_t bits = 0x64006400u;   // fp16 1024.0 in both halves
+    static constexpr float base = 1024.f;
+};
+template <> struct Magic<__nv_bfloat16> {
+    static constexpr uint32_t bits = 0x43004300u;   // bf16 128.0 in both halves
+    static constexpr float base = 128.f;
+};
+
+template <typename F> __device__ __forceinline__ uint32_t pack2(float v);
+template <> __device__ __forceinline__ uint32_t pack2<__half>(float v) {
+    const __half2 h = __float2half2_rn(v);
+    return *reinterpret_cast<const uint32_t*>(&h);
+}
+template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float v) {
+    const __nv_bfloat162 h = __float2bfloat162_rn(v);
+    return *reinterpret_cast<const uint32_t*>(&h);
+}
+
+// (q_lo - z, q_hi - z) * s for the nibble pair (v & 0xF, (v >> 16) & 0xF) of `v`, in F x 2 bits.
+template <typename F>
+__device__ __forceinline__ uint32_t dequant_pair(uint32_t v, uint32_t zz, uint32_t ss) {
+    uint32_t h;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(h) : "r"(v), "n"(0x000F000F), "n"(Magic<F>::bits));
+    uint32_t d;
+    if constexpr (std::is_same<F, __half>::value) {
+        asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(h), "r"(zz));
+        asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(d), "r"(ss));
+    } else {
+        asm("sub.rn.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(h), "r"(zz));
+        asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(d), "r"(ss));
+    }
+    return d;
+}
+
+template <typename F>
+__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    if constexpr (std::is_same<F, __half>::value) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+            "{%0, %1, %2, %3};"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    } else {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+            "{%0, %1, %2, %3};"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+}
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool pred) {
+    const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+    const int n = pred ? 16 : 0;   // 0 bytes read: the 16 bytes are zero-filled
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(s), "l"(gmem), "r"(n));
+}
+__device__ __forceinline__ void cp_async4(void* smem, const void* gmem, bool pred) {
+    const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+    const int n = pred ? 4 : 0;
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(s), "l"(gmem), "r"(n));
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N> __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
+
+// Shared memory of one block: the weight ring (per stage: words [NW*32 outputs][16], scales [NW*32] fp16,
+// zero words [NW*4]) and two x buffers [MT*16 rows][kRowBytes].
+template <int NW> struct StageLayout {
+    static constexpr int outs = NW * 32;
+    static constexpr int w_bytes = outs * 64;
+    static constexpr int s_bytes = outs * 2;
+    static constexpr int z_bytes = NW * 4 * 4;
+    static constexpr int bytes = w_bytes + s_bytes + z_bytes;   // a multiple of 16
+};
+template <int NW, int MT> constexpr int gemmq_smem_bytes() {
+    return kStages * StageLayout<NW>::bytes + 2 * MT * 16 * kRowBytes;
+}
+
+template <typename F, int NW, int MT>
+__global__ void __launch_bounds__(NW * 32) gemmq_i4_kernel(const F* __restrict__ x, const uint32_t* __restrict__ qw,
+                                                           const uint32_t* __restrict__ qz,
+                                                           const __half* __restrict__ sc, F* __restrict__ y,
+                                                           float* __restrict__ work, int* __restrict__ counters,
+                                                           int M, int K, int N, int Np, int group, int units_per_split) {
+    using L = StageLayout<NW>;
+    constexpr int kThreads = NW * 32, kRows = MT * 16;
+    extern __shared__ __align__(16) unsigned char smem[];
+    unsigned char* ring = smem;
+    unsigned char* xbuf = smem + kStages * L::bytes;
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+    const int n0 = blockIdx.x * L::outs, row0 = blockIdx.z * kRows;
+    const int units = K / kUnit, u0 = blockIdx.y * units_per_split;
+    const int u1 = min(units, u0 + units_per_split);
+    const int kw = K / 8;                        // words per output
+
+    // cp.async of unit u into stage st: the block's outputs' 64-byte unit slices, scales and zero words.
+    auto load_unit = [&](int u, int st) {
+        unsigned char* base = ring + st * L::bytes;
+        const int gi = (u * kUnit) / group;
+#pragma unroll
+        for (int i = 0; i < (L::outs * 4) / kThreads; ++i) {
+            const int c = tid + i * kThreads, o = c >> 2, part = c & 3, n = n0 + o;
+            const bool ok = n < Np;
+            cp_async16(base + o * 64 + part * 16, qw + (long)(ok ? n : 0) * kw + u * (kUnit / 8) + part * 4, ok);
+        }
+        if (tid < L::outs / 8) {                 // scales: 8 fp16 per 16 bytes
+            const int n = n0 + tid * 8;
+            const bool ok = n < Np;
+            cp_async16(base + L::w_bytes + tid * 16, sc + (long)gi * Np + (ok ? n : 0), ok);
+        }
+        if (tid < NW * 4) {                      // zero words: 8 outputs each
+            const int n = n0 + tid * 8;
+            const bool ok = n < Np;
+            cp_async4(base + L::w_bytes + L::s_bytes + tid * 4, qz + (long)gi * (Np / 8) + (ok ? n / 8 : 0), ok);
+        }
+    };
+
+    // x of unit u, this thread's 16-byte chunks (kRows rows x 16 chunks), into registers; zero beyond M.
+    constexpr int kXChunks = (kRows * 16 + kThreads - 1) / kThreads;
+    uint4 xr[kXChunks];
+    auto load_x = [&](int u) {
+#pragma unroll
+        for (int i = 0; i < kXChunks; ++i) {
+            const int c = tid + i * kThreads, r = c >> 4, ch = c & 15;
+            xr[i] = make_uint4(0u, 0u, 0u, 0u);
+            if (r < kRows && row0 + r < M)
+                xr[i] = __ldg(reinterpret_cast<const uint4*>(x + (long)(row0 + r) * K + u * kUnit + ch * 8));
+        }
+    };
+    // Stage the registers into buffer b in the permuted order: chunk ch = 4 t' + slot holds x[32 t' + 8 slot
+    // + e], e = 0..7; written as the pairs (e, e + 4), e = 0..3, at [row][slot][t'].
+    auto store_x = [&](int b) {
+        unsigned char* base = xbuf + b * kRows * kRowBytes;
+#pragma unroll
+        for (int i = 0; i < kXChunks; ++i) {
+            const int c = tid + i * kThreads, r = c >> 4, ch = c & 15;
+            if (r < kRows) {
+                const uint4 v = xr[i];
+                uint4 p;
+                p.x = __byte_perm(v.x, v.z, 0x5410);
+                p.y = __byte_perm(v.x, v.z, 0x7632);
+                p.z = __byte_perm(v.y, v.w, 0x5410);
+                p.w = __byte_perm(v.y, v.w, 0x7632);
+                *reinterpret_cast<uint4*>(base + r * kRowBytes + (ch & 3) * 64 + (ch >> 2) * 16) = p;
+            }
+        }
+    };
+
+    float acc[MT][4][4];
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[m][j][e] = 0.f;
+
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s) {
+        if (u0 + s < u1) load_unit(u0 + s, s);
+        cp_commit();
+    }
+    if (u0 < u1) load_x(u0);
+
+    const float magic = Magic<F>::base;
+    for (int u = u0; u < u1; ++u) {
+        const int it = u - u0;
+        store_x(it & 1);
+        if (u + 1 < u1) load_x(u + 1);
+        cp_wait<kStages - 2>();
+        __syncthreads();
+        if (u + kStages - 1 < u1) load_unit(u + kStages - 1, (it + kStages - 1) % kStages);
+        cp_commit();
+
+        const unsigned char* st = ring + (it % kStages) * L::bytes;
+        const unsigned char* xb = xbuf + (it & 1) * kRows * kRowBytes;
+        // this lane's words, zero and scale for each of the warp's four 8-output tiles
+        uint4 wq[4];
+        uint32_t zz[4], ss[4];
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt) {
+            const int o = warp * 32 + nt * 8 + g;
+            wq[nt] = *reinterpret_cast<const uint4*>(st + o * 64 + t * 16);
+            const uint32_t zw = *reinterpret_cast<const uint32_t*>(st + L::w_bytes + L::s_bytes + (warp * 4 + nt) * 4);
+            const float z = (float)(((zw >> (4 * g)) + 1u) & 15u);
+            const float s = __half2float(*reinterpret_cast<const __half*>(st + L::w_bytes + o * 2));
+            zz[nt] = pack2<F>(magic + z);
+            ss[nt] = pack2<F>(s);
+        }
+#pragma unroll
+        for (int jh = 0; jh < 2; ++jh) {
+            // B fragments of steps j = 4 jh + jj: (word 2 jh, word 2 jh + 1) >> 4 jj
+            uint32_t bf[4][4][2];
+#pragma unroll
+            for (int nt = 0; nt < 4; ++nt) {
+                const uint32_t w0 = jh ? wq[nt].z : wq[nt].x, w1 = jh ? wq[nt].w : wq[nt].y;
+#pragma unroll
+                for (int jj = 0; jj < 4; ++jj) {
+                    bf[nt][jj][0] = dequant_pair<F>(w0 >> (4 * jj), zz[nt], ss[nt]);
+                    bf[nt][jj][1] = dequant_pair<F>(w1 >> (4 * jj), zz[nt], ss[nt]);
+                }
+            }
+#pragma unroll
+            for (int m = 0; m < MT; ++m) {
+                // rows g and g + 8 of tile m: slots 2 jh (h = 0) and 2 jh + 1 (h = 1), pairs jj = 0..3
+                const unsigned char* r0 = xb + (m * 16 + g) * kRowBytes + t * 16;
+                const unsigned char* r1 = r0 + 8 * kRowBytes;
+                const uint4 a00 = *reinterpret_cast<const uint4*>(r0 + (2 * jh) * 64);
+                const uint4 a01 = *reinterpret_cast<const uint4*>(r0 + (2 * jh + 1) * 64);
+                const uint4 a10 = *reinterpret_cast<const uint4*>(r1 + (2 * jh) * 64);
+                const uint4 a11 = *reinterpret_cast<const uint4*>(r1 + (2 * jh + 1) * 64);
+                const uint32_t p00[4] = {a00.x, a00.y, a00.z, a00.w}, p01[4] = {a01.x, a01.y, a01.z, a01.w};
+                const uint32_t p10[4] = {a10.x, a10.y, a10.z, a10.w}, p11[4] = {a11.x, a11.y, a11.z, a11.w};
+#pragma unroll
+                for (int jj = 0; jj < 4; ++jj) {
+                    const uint32_t a[4] = {p00[jj], p10[jj], p01[jj], p11[jj]};
+#pragma unroll
+                    for (int nt = 0; nt < 4; ++nt) mma16816<F>(acc[m][nt], a, bf[nt][jj][0], bf[nt][jj][1]);
+                }
+            }
+        }
+    }
+    cp_wait<0>();
+
+    // Accumulator element e of tile (m, nt): row m*16 + g + 8 (e >= 2), column nt*8 + 2t + (e & 1).
+    const int splits = gridDim.y;
+    const bool even = (N & 1) == 0;
+    if (splits == 1) {
+#pragma unroll
+        for (int m = 0; m < MT; ++m)
+#pragma unroll
+            for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+                for (int hr = 0; hr < 2; ++hr) {
+                    const int r = row0 + m * 16 + g + 8 * hr, n = n0 + warp * 32 + nt * 8 + 2 * t;
+                    if (r >= M || n >= N) continue;
+                    F* yp = y + (long)r * N + n;
+                    if (even) {
+                        typename std::conditional<std::is_same<F, __half>::value, __half2, __nv_bfloat162>::type v;
+                        v.x = from_f32<F>(acc[m][nt][2 * hr]);
+                        v.y = from_f32<F>(acc[m][nt][2 * hr + 1]);
+                        *reinterpret_cast<decltype(v)*>(yp) = v;
+                    } else {
+                        yp[0] = from_f32<F>(acc[m][nt][2 * hr]);
+                        if (n + 1 < N) yp[1] = from_f32<F>(acc[m][nt][2 * hr + 1]);
+                    }
+                }
+        return;
+    }
+    float* part = work + (long)blockIdx.y * M * N;
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+            for (int hr = 0; hr < 2; ++hr) {
+                const int r = row0 + m * 16 + g + 8 * hr, n = n0 + warp * 32 + nt * 8 + 2 * t;
+                if (r >= M || n >= N) continue;
+                float* p = part + (long)r * N + n;
+                if (even) {
+                    __stcg(reinterpret_cast<float2*>(p), make_float2(acc[m][nt][2 * hr], acc[m][nt][2 * hr + 1]));
+                } else {
+                    __stcg(p, acc[m][nt][2 * hr]);
+                    if (n + 1 < N) __stcg(p + 1, acc[m][nt][2 * hr + 1]);
+                }
+            }
+    __threadfence();
+    __syncthreads();
+    __shared__ int last;
+    const int tile = blockIdx.z * gridDim.x + blockIdx.x;
+    if (tid == 0) last = atomicAdd(counters + tile, 1) == splits - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    // the tile's outputs: kRows rows x L::outs columns, one column pair per thread and step
+    constexpr int kPairs = kRows * L::outs / 2;
+    for (int i = tid; i < kPairs; i += kThreads) {
+        const int r = row0 + i / (L::outs / 2), n = n0 + 2 * (i % (L::outs / 2));
+        if (r >= M || n >= N) continue;
+        const bool two = n + 1 < N;
+        float s0 = 0.f, s1 = 0.f;
+        for (int sp = 0; sp < splits; ++sp) {
+            const float* p = work + ((long)sp * M + r) * N + n;
+            s0 += __ldcg(p);
+            if (two) s1 += __ldcg(p + 1);
+        }
+        y[(long)r * N + n] = from_f32<F>(s0);
+        if (two) y[(long)r * N + n + 1] = from_f32<F>(s1);
+    }
+    if (tid == 0) counters[tile] = 0;
+}
+
+template <typename F, int NW, int MT>
+int launch(int M, int K, int N, int Np, int group, int splits, const void* x, const uint32_t* qw, const uint32_t* qz,
+           const __half* sc, void* y, float* work, int* counters, cudaStream_t stream) {
+    constexpr int smem = gemmq_smem_bytes<NW, MT>();
+    static bool attr_set = false;   // per instantiation; the attribute is per function
+    if (!attr_set) {
+        const cudaError_t e = cudaFuncSetAttribute(gemmq_i4_kernel<F, NW, MT>,
+                                                   cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+        if (e != cudaSuccess) return (int)e;
+        attr_set = true;
+    }
+    const int units = K / kUnit;
+    const int per = (units + splits - 1) / splits;
+    const int used = (units + per - 1) / per;      // every split has at least one unit
+    const dim3 grid((N + NW * 32 - 1) / (NW * 32), used, (M + MT * 16 - 1) / (MT * 16));
+    gemmq_i4_kernel<F, NW, MT><<<grid, NW * 32, smem, stream>>>(
+        static_cast<const F*>(x), qw, qz, sc, static_cast<F*>(y), work, counters, M, K, N, Np, group, per);
+    return (int)cudaGetLastError();
+}
+
+}  // namespace
+
+int gemmq_i4_launch(int act, int M, int K, int N, int Np, int group, int splits, int warps, const void* x,
+                    const uint32_t* qweight, const uint32_t* qzeros, const void* scales, void* y, float* work,
+                    int* counters, cudaStream_t stream) {
+    if (M < 1 || N < 1) return 0;
+    if (K % kUnit || group % kUnit || K % group || Np % 8 || N > Np || splits < 1 || (warps != 4 && warps != 8))
+        return kUnsupported;
+    if (act != static_cast<int>(ActType::F16) && act != static_cast<int>(ActType::BF16)) return kUnsupported;
+    const __half* sc = static_cast<const __half*>(scales);
+    const bool half = act == static_cast<int>(ActType::F16);
+    const bool small = M <= 32;      // two 16-row tiles, else four
+    auto go = [&](auto f_tag, auto nw_tag, auto mt_tag) {
+        using F = decltype(f_tag);
+        return launch<F, decltype(nw_tag)::value, decltype(mt_tag)::value>(M, K, N, Np, group, splits, x, qweight,
+                                                                             qzeros, sc, y, work, counters, stream);
+    };
+    using I4 = std::integral_constant<int, 4>;
+    using I8 = std::integral_constant<int, 8>;
+    using I2 = std::integral_constant<int, 2>;
+    if (half) {
+        if (warps == 4) return small ? go(__half{}, I4{}, I2{}) : go(__half{}, I4{}, I4{});
+        return small ? go(__half{}, I8{}, I2{}) : go(__half{}, I8{}, I4{});
+    }
+    if (warps == 4) return small ? go(__nv_bfloat16{}, I4{}, I2{}) : go(__nv_bfloat16{}, I4{}, I4{});
+    return small ? go(__nv_bfloat16{}, I8{}, I2{}) : go(__nv_bfloat16{}, I8{}, I4{});
+}
+
+}  // namespace rwkv_chat

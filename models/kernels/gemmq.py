@@ -1,0 +1,62 @@
+"""The int4 GEMM on the tensor cores for decode batches (``csrc/gemvq/gemmq_cuda.cu``, op ``gemmq_i4_cuda``).
+
+``y = x @ W`` for x [M, K] fp16/bf16 (M from 5 up: the compiled GEMV of ``csrc/gemvq`` serves 1..4 rows) and an
+``Int4Weight`` held output-major (the layout of CUDA weights; ``formats.i4``). The kernel dequantizes the GPTQ words
+in registers straight into the B operand of ``mma.sync.m16n8k16`` (no shuffled copy of the weights: the product's
+k order is permuted instead, and x, which is small, is staged in that order), float32 accumulation; for fp16
+activations the weights take the values of ``Int4Weight.dequantize``, for bf16 the scale is rounded to bf16 first.
+K splits write float32 partials that the last split of each tile adds in split order (no atomics on y).
+
+``dispatch.mm4`` calls ``gemmq_i4`` where ``gemmq_i4_ok(q)`` and the device's probe (``dispatch.gemmq_sound``)
+agree; ``gemmq_tiles`` is the launch rule (warps per block, K splits).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rwkv_chat.models.formats.i4 import Int4Weight
+from rwkv_chat.models.ops import gemv as _gemv
+from rwkv_chat.models.ops._triton import multiprocessors as _sms
+
+#: K per unit of the kernel (K and the group must be multiples)
+UNIT = 128
+#: the fewest rows it serves (fewer: the compiled GEMV of ``csrc/gemvq``)
+MIN_ROWS = 5
+
+
+def gemmq_i4_ok(q: Int4Weight) -> bool:
+    """Whether the kernel reads ``q``: on CUDA, held output-major, no g_idx, K and the group multiples of 128, float16
+    scales, contiguous tensors, 16-byte aligned words and scales (the binding's checks, so a weight it would refuse
+    takes another path)."""
+    K = q.shape[0]
+    return (q.qweight.is_cuda and q.output_major and q.g_idx is None and K % UNIT == 0 and q.group_size % UNIT == 0
+            and K % q.group_size == 0 and q.qweight.shape[0] * 8 == K and q.scales.dtype == torch.float16
+            and q.storage.is_contiguous() and q.qzeros.is_contiguous() and q.scales.is_contiguous()
+            and q.storage.shape[0] % 8 == 0 and q.storage.data_ptr() % 16 == 0 and q.scales.data_ptr() % 16 == 0)
+
+
+def gemmq_tiles(rows: int, K: int, N: int, device, warps: int = 4) -> tuple[int, int]:
+    """(warps per block, K splits) for ``rows`` x K @ K x N: blocks of ``warps`` x 32 outputs and 32 (up to 32
+    rows) or 64 rows, as many K splits as keep every block in one wave of two per multiprocessor, at least one."""
+    blocks = -(-N // (32 * warps)) * -(-rows // (32 if rows <= 32 else 64))
+    splits = max(1, min(K // UNIT, 2 * _sms(device) // max(blocks, 1)))
+    return warps, splits
+
+
+def gemmq_i4(x: torch.Tensor, q: Int4Weight, splits: int | None = None, warps: int = 4) -> torch.Tensor:
+    """``x @ q.dequantize()`` on the tensor cores: x [M, K] fp16/bf16 contiguous on q's CUDA device, ``q`` as
+    ``gemmq_i4_ok`` asks -> [M, N] in x's dtype. ``splits`` / ``warps`` override ``gemmq_tiles`` (measuring).
+    Raises RuntimeError (the op's checks) for inputs outside that contract; callers check first."""
+    M, K = x.shape
+    N = q.shape[1]
+    w, s = gemmq_tiles(M, K, N, x.device, warps)
+    s = splits or s
+    counters = _gemv._counters(x.device) if s > 1 else None
+    if counters is None:
+        s = 1
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    work = torch.empty(s, M, N, dtype=torch.float32, device=x.device) if s > 1 else y
+    torch.ops.rwkv_chat.gemmq_i4_cuda(x, q.storage, q.qzeros, q.scales, q.group_size, s, w, work,
+                                      counters if counters is not None else y, y)
+    return y
