@@ -348,7 +348,7 @@ def gemmq_sound(device: torch.device) -> bool:
 
 
 def _probe_gemmq(device: torch.device) -> str | None:
-    if not (available("cuda", "gemvq") and hasattr(torch.ops.rwkv_chat, "gemmq_i4_cuda")):
+    if not _gemmq.built():
         return "not built"
     g = torch.Generator().manual_seed(3)
     for n in (72, 77):
@@ -595,7 +595,7 @@ def _gemmq_serves(x: torch.Tensor, q: Int4Weight) -> bool:
     ``ops.gemv.I4_ROWS`` rows, a weight it reads, the device's probe passed."""
     return (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
             and _gemmq.MIN_ROWS <= _rows(x) <= _gemv.I4_ROWS and _gemmq.gemmq_i4_ok(q)
-            and available("cuda", "gemvq") and gemmq_sound(x.device))
+            and _gemmq.built() and gemmq_sound(x.device))
 
 
 def mm4_stack(x: torch.Tensor, qs: list[Int4Weight]) -> torch.Tensor | None:

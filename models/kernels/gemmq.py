@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from rwkv_chat.models.formats.i4 import Int4Weight
+from rwkv_chat.models.kernels import available
 from rwkv_chat.models.ops import gemv as _gemv
 from rwkv_chat.models.ops._triton import multiprocessors as _sms
 
@@ -23,6 +24,11 @@ from rwkv_chat.models.ops._triton import multiprocessors as _sms
 UNIT = 128
 #: the fewest rows it serves (fewer: the compiled GEMV of ``csrc/gemvq``)
 MIN_ROWS = 5
+
+
+def built() -> bool:
+    """Whether the op is loaded (it is built with the ``gemvq`` family of ``csrc``)."""
+    return available("cuda", "gemvq") and hasattr(torch.ops.rwkv_chat, "gemmq_i4_cuda")
 
 
 def gemmq_i4_ok(q: Int4Weight) -> bool:

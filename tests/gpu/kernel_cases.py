@@ -216,6 +216,23 @@ def case_gemvq_i4(rows, K, N, group, dtype, device, seed, graph=False):
     return rel_err(_replayed(lambda: kernels.mm4(xd, qd)) if graph else kernels.mm4(xd, qd), ref)
 
 
+def case_gemmq_i4(rows, K, N, group, dtype, device, seed, graph=False):
+    """``kernels.mm4`` at decode-batch rows through the int4 GEMM on the tensor cores (``csrc/gemvq/gemmq_cuda.cu``)
+    against x (rounded) @ the dequantized weight in float64. ``graph``: captured in a CUDA graph and replayed into
+    a poisoned output."""
+    from rwkv_chat.models.formats import i4
+    from rwkv_chat.models.kernels import dispatch
+
+    _gemvq_built(device)
+    g = _gen(seed, device)
+    q = i4.quantize_i4(_randn(g, K, N, scale=K ** -0.5).to(device), group).to(device)
+    x = _randn(g, rows, K).to(dtype).to(device)
+    if not dispatch._gemmq_serves(x, q):
+        raise AssertionError(f"the tensor-core int4 GEMM does not serve this product ({dispatch.GEMMQ_PROBES})")
+    ref = x.double() @ q.dequantize(torch.float64)
+    return rel_err(_replayed(lambda: kernels.mm4(x, q)) if graph else kernels.mm4(x, q), ref)
+
+
 def case_gemvq_f8(rows, K, N, dtype, device, seed):
     """``kernels.mmf8`` through the compiled fp8 GEMV (``csrc/gemvq``) against x (rounded) @ the exact
     dequantized weight in float64."""
@@ -676,6 +693,14 @@ def all_cases(device: str, quick: bool = False):
                 cases.append(("gemvq", f"i4 rows={rows} K=2048 N=2048 group=128, CUDA graph", dt,
                               lambda r=rows, dt=dt, s=len(cases): case_gemvq_i4(r, 2048, 2048, 128, dt, device, s,
                                                                                  graph=True)))
+            for rows, K, N, graph in () if dt == torch.float32 else (
+                    (5, 4096, 4096, False), (64, 4096, 4096, False), (64, 4096, 16384, False),
+                    (64, 16384, 4096, False), (200, 4096, 1001, False), (37, 2048, 2048, False),
+                    (256, 896, 4864, False), (128, 4864, 896, False), (64, 2048, 2048, True)):
+                cases.append(("gemvq", f"i4 tensor cores rows={rows} K={K} N={N} group=128"
+                              f"{', CUDA graph' if graph else ''}", dt,
+                              lambda r=rows, K=K, N=N, dt=dt, s=len(cases), gr=graph:
+                              case_gemmq_i4(r, K, N, 128, dt, device, s, gr)))
             for rows, K, N in ((1, 4096, 4096), (1, 4096, 16384), (1, 16384, 4096), (2, 2048, 2048), (3, 4096, 1001),
                                (4, 4096, 4096), (4, 16384, 777), (1, 16, 5), (2, 48, 33), (1, 896, 4864)):
                 cases.append(("gemvq", f"f8 rows={rows} K={K} N={N}", dt,

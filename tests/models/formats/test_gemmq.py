@@ -1,0 +1,69 @@
+"""The int4 GEMM on the tensor cores (``kernels.gemmq``) serves a device only after agreeing with the torch product
+there (``dispatch.gemmq_sound``): the probe's logic on the CPU with the compiled op replaced by stand-ins — the
+torch product, one off everywhere, one off only where K is split (a wrong reduction of the partials), one off
+only for bf16, one off only where N is not a multiple of 8, one that raises — and the launch rule's bounds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rwkv_chat.models.formats import i4
+from rwkv_chat.models.kernels import dispatch, gemmq
+
+
+def _stand_in(off: str | None):
+    def run(x, q, splits=None, warps=4):
+        if off == "raises":
+            raise RuntimeError("no kernel image is available for execution on the device")
+        bad = (off == "all" or (off == "splits" and (splits or 1) > 1) or (off == "bf16" and x.dtype == torch.bfloat16)
+               or (off == "tail" and q.shape[1] % 8))
+        return i4.mm4_torch(x, q) * (1.05 if bad else 1.0)
+    return run
+
+
+@pytest.mark.parametrize("off, why", [(None, None), ("all", "gemmq_i4 differs"), ("splits", "2 splits"),
+                                      ("bf16", "torch.bfloat16"), ("tail", "N 77"), ("raises", "RuntimeError")])
+def test_the_probe_admits_only_a_kernel_that_agrees_with_torch(monkeypatch, off, why):
+    monkeypatch.setattr(gemmq, "built", lambda: True)
+    monkeypatch.setattr(gemmq, "gemmq_i4_ok", lambda q: True)
+    monkeypatch.setattr(gemmq, "gemmq_i4", _stand_in(off))
+    dev = torch.device("cpu")
+    try:
+        assert dispatch.gemmq_sound(dev) is (why is None)
+        got = dispatch.GEMMQ_PROBES[dev]
+        assert got is None if why is None else why in got, got
+        monkeypatch.setattr(gemmq, "gemmq_i4", None)            # decided once per device: no second probe
+        assert dispatch.gemmq_sound(dev) is (why is None)
+    finally:
+        dispatch.GEMMQ_PROBES.clear()
+
+
+def test_without_the_op_the_probe_says_so_and_mm4_keeps_its_paths():
+    dev = torch.device("cpu")
+    try:
+        assert not dispatch.gemmq_sound(dev)
+        assert dispatch.GEMMQ_PROBES[dev] == "not built"
+    finally:
+        dispatch.GEMMQ_PROBES.clear()
+    q = i4.quantize_i4(torch.randn(256, 40) * 0.05, 128)
+    x = torch.randn(9, 256)
+    assert not dispatch._gemmq_serves(x, q)
+    assert not gemmq.gemmq_i4_ok(q)                              # a CPU weight in the GPTQ layout
+    torch.testing.assert_close(dispatch.mm4(x, q), i4.mm4_torch(x, q))
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(5, 256), k_units=st.integers(1, 160), n=st.integers(1, 70000), sms=st.integers(1, 160),
+       warps=st.sampled_from([4, 8]))
+def test_the_split_rule_fills_one_wave_of_two_blocks_per_multiprocessor(rows, k_units, n, sms, warps):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gemmq, "_sms", lambda device: sms)
+        w, splits = gemmq.gemmq_tiles(rows, k_units * gemmq.UNIT, n, "cuda", warps)
+    blocks = -(-n // (32 * warps)) * -(-rows // (32 if rows <= 32 else 64))
+    assert w == warps and 1 <= splits <= k_units
+    if splits > 1:
+        assert blocks * splits <= 2 * sms                       # no second wave
+    assert splits == k_units or blocks * (splits + 1) > 2 * sms  # and no fewer splits than that allows
