@@ -16,7 +16,7 @@
 //   * So mma step j's k index m (0..15) stands for k = 32t + 16(j/4) + 8(m >= 8) + j%4 + 4(m & 1) with
 //     t = (m & 7) / 2: x is staged in shared memory in that order (per row and t, four 16-byte slots;
 //     slot 2(j/4) + h holds the pairs (x[.. + j%4], x[.. + j%4 + 4]) for j%4 = 0..3 of half h), made from
-//     16-byte loads of x with four byte permutes each, so the A fragments are plain 16-byte shared loads.
+//     16-byte loads of x with four byte permutes each, laid out so that each A fragment is one ldmatrix.x4.
 //   * A block is NW warps side by side along N (32 outputs each: four 8-output tiles) and MT 16-row tiles
 //     of x; each warp's accumulators are [MT][4] mma tiles (float32). Weights (with the unit's scales and
 //     zeros) stream through a STAGES-deep cp.async ring in shared memory; x is prefetched into registers one
@@ -34,7 +34,8 @@ namespace {
 
 constexpr int kUnit = 128;                    // K per unit
 constexpr int kStages = 4;                    // cp.async ring depth (units of weights in flight per block)
-constexpr int kRowBytes = 4 * 64 + 64;        // one row of staged x: 4 slots x (4 t x 16 B), +64 B: no conflicts
+constexpr int kRowBytes = 4 * 64 + 16;        // one row of staged x: 4 slots x 4 jj x 16 B; +16: ldmatrix rows
+                                              // 8 apart fall in distinct bank groups
 
 template <typename F> struct Magic;
 template <> struct Magic<__half> {
@@ -167,8 +168,9 @@ __global__ void __launch_bounds__(NW * 32) gemmq_i4_kernel(const F* __restrict__
                 xr[i] = __ldg(reinterpret_cast<const uint4*>(x + (long)(row0 + r) * K + u * kUnit + ch * 8));
         }
     };
-    // Stage the registers into buffer b in the permuted order: chunk ch = 4 t' + slot holds x[32 t' + 8 slot
-    // + e], e = 0..7; written as the pairs (e, e + 4), e = 0..3, at [row][slot][t'].
+    // Stage the registers into buffer b in the permuted order: chunk ch = 4 t' + slot holds x[32 t' + 8 slot + e],
+    // e = 0..7, written as the pairs (e, e + 4), e = jj = 0..3, each at [row][slot][jj][t'] (4 bytes): a 16-byte
+    // row of an 8 x 8 ldmatrix tile is the four lanes t' of one (row, slot, jj).
     auto store_x = [&](int b) {
         unsigned char* base = xbuf + b * kRows * kRowBytes;
 #pragma unroll
@@ -176,12 +178,11 @@ __global__ void __launch_bounds__(NW * 32) gemmq_i4_kernel(const F* __restrict__
             const int c = tid + i * kThreads, r = c >> 4, ch = c & 15;
             if (r < kRows) {
                 const uint4 v = xr[i];
-                uint4 p;
-                p.x = __byte_perm(v.x, v.z, 0x5410);
-                p.y = __byte_perm(v.x, v.z, 0x7632);
-                p.z = __byte_perm(v.y, v.w, 0x5410);
-                p.w = __byte_perm(v.y, v.w, 0x7632);
-                *reinterpret_cast<uint4*>(base + r * kRowBytes + (ch & 3) * 64 + (ch >> 2) * 16) = p;
+                uint32_t* o = reinterpret_cast<uint32_t*>(base + r * kRowBytes + (ch & 3) * 64 + (ch >> 2) * 4);
+                o[0] = __byte_perm(v.x, v.z, 0x5410);
+                o[4] = __byte_perm(v.x, v.z, 0x7632);
+                o[8] = __byte_perm(v.y, v.w, 0x5410);
+                o[12] = __byte_perm(v.y, v.w, 0x7632);
             }
         }
     };
@@ -241,18 +242,17 @@ __global__ void __launch_bounds__(NW * 32) gemmq_i4_kernel(const F* __restrict__
             }
 #pragma unroll
             for (int m = 0; m < MT; ++m) {
-                // rows g and g + 8 of tile m: slots 2 jh (h = 0) and 2 jh + 1 (h = 1), pairs jj = 0..3
-                const unsigned char* r0 = xb + (m * 16 + g) * kRowBytes + t * 16;
-                const unsigned char* r1 = r0 + 8 * kRowBytes;
-                const uint4 a00 = *reinterpret_cast<const uint4*>(r0 + (2 * jh) * 64);
-                const uint4 a01 = *reinterpret_cast<const uint4*>(r0 + (2 * jh + 1) * 64);
-                const uint4 a10 = *reinterpret_cast<const uint4*>(r1 + (2 * jh) * 64);
-                const uint4 a11 = *reinterpret_cast<const uint4*>(r1 + (2 * jh + 1) * 64);
-                const uint32_t p00[4] = {a00.x, a00.y, a00.z, a00.w}, p01[4] = {a01.x, a01.y, a01.z, a01.w};
-                const uint32_t p10[4] = {a10.x, a10.y, a10.z, a10.w}, p11[4] = {a11.x, a11.y, a11.z, a11.w};
+                // the A fragment of step (jh, jj), tile m, in one ldmatrix.x4: matrix i = lane / 8 is rows
+                // m*16 + 8(i & 1) + 0..7 of slot 2 jh + i / 2; lane (g, t) receives word t of row g of each
+                const int i = lane >> 3;
+                const unsigned char* ra = xb + (m * 16 + (lane & 7) + 8 * (i & 1)) * kRowBytes + (2 * jh + (i >> 1)) * 64;
 #pragma unroll
                 for (int jj = 0; jj < 4; ++jj) {
-                    const uint32_t a[4] = {p00[jj], p10[jj], p01[jj], p11[jj]};
+                    uint32_t a[4];
+                    const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(ra + jj * 16));
+                    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                                 : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
+                                 : "r"(addr));
 #pragma unroll
                     for (int nt = 0; nt < 4; ++nt) mma16816<F>(acc[m][nt], a, bf[nt][jj][0], bf[nt][jj][1]);
                 }
