@@ -254,6 +254,8 @@ def _probe_rkv_stack(model, layers: list[dict]) -> str | None:
     p = model.layers[at]
     qs = [p[n] for n in _BIG[:3]]
     dt, dev, C = p["ln1.weight"].dtype, p["ln1.weight"].device, qs[0].shape[0]
+    if dispatch.gemmq_serves(torch.empty(64, C, dtype=dt, device=dev), qs[0]):
+        return "not needed: the int4 GEMM on the tensor cores (kernels.gemmq) takes r, k, v one by one"
     g = torch.Generator(device=dev).manual_seed(0)
     try:
         for rows in (16, 64, 200):

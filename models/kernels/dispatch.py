@@ -583,16 +583,16 @@ def mm4(x: torch.Tensor, q: Int4Weight) -> torch.Tensor:
         y = torch.empty(rows, N, dtype=x.dtype, device=x.device)
         _op("cuda", "gemvq_i4")(x.reshape(rows, K).contiguous(), q.storage, q.qzeros, q.scales, q.group_size, y)
         return y.reshape(*x.shape[:-1], N)
-    if _gemmq_serves(x, q):
+    if gemmq_serves(x, q):
         return _gemmq.gemmq_i4(x.reshape(rows, K).contiguous(), q).reshape(*x.shape[:-1], N)
     if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and 1 <= rows <= _gemv.I4_ROWS and _triton_ok():
         return _gemv.i4_gemv(x.reshape(rows, -1), q).reshape(*x.shape[:-1], N)
     return _i4.mm4_torch(x, q)
 
 
-def _gemmq_serves(x: torch.Tensor, q: Int4Weight) -> bool:
-    """Whether the int4 GEMM on the tensor cores takes this product: CUDA, fp16/bf16, ``gemmq.MIN_ROWS`` to
-    ``ops.gemv.I4_ROWS`` rows, a weight it reads, the device's probe passed."""
+def gemmq_serves(x: torch.Tensor, q: Int4Weight) -> bool:
+    """Whether the int4 GEMM on the tensor cores (``kernels.gemmq``, ``mm4``'s path) takes this product: CUDA,
+    fp16/bf16, ``gemmq.MIN_ROWS`` to ``ops.gemv.I4_ROWS`` rows, a weight it reads, the device's probe passed."""
     return (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
             and _gemmq.MIN_ROWS <= _rows(x) <= _gemv.I4_ROWS and _gemmq.gemmq_i4_ok(q)
             and _gemmq.built() and gemmq_sound(x.device))
@@ -611,7 +611,7 @@ def mm4_stack(x: torch.Tensor, qs: list[Int4Weight]) -> torch.Tensor | None:
             and x.shape[2] == K and x.stride(-1) == 1 and 1 <= x.shape[1] <= _gemv.I4_ROWS
             and x.device == qs[0].qweight.device and K % 8 == 0 and N % 8 == 0 and _triton_ok()):
         return None
-    if _gemmq_serves(x[0], qs[0]):
+    if gemmq_serves(x[0], qs[0]):
         return None                                 # the tensor-core GEMM, one product at a time, is faster
     strides = _gemv.i4_stack_strides(qs)
     return None if strides is None else _gemv.i4_gemv_stack(x, qs, strides)

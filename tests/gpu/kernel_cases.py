@@ -227,7 +227,7 @@ def case_gemmq_i4(rows, K, N, group, dtype, device, seed, graph=False):
     g = _gen(seed, device)
     q = i4.quantize_i4(_randn(g, K, N, scale=K ** -0.5).to(device), group).to(device)
     x = _randn(g, rows, K).to(dtype).to(device)
-    if not dispatch._gemmq_serves(x, q):
+    if not dispatch.gemmq_serves(x, q):
         raise AssertionError(f"the tensor-core int4 GEMM does not serve this product ({dispatch.GEMMQ_PROBES})")
     ref = x.double() @ q.dequantize(torch.float64)
     return rel_err(_replayed(lambda: kernels.mm4(x, q)) if graph else kernels.mm4(x, q), ref)

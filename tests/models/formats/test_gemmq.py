@@ -50,7 +50,7 @@ def test_without_the_op_the_probe_says_so_and_mm4_keeps_its_paths():
         dispatch.GEMMQ_PROBES.clear()
     q = i4.quantize_i4(torch.randn(256, 40) * 0.05, 128)
     x = torch.randn(9, 256)
-    assert not dispatch._gemmq_serves(x, q)
+    assert not dispatch.gemmq_serves(x, q)
     assert not gemmq.gemmq_i4_ok(q)                              # a CPU weight in the GPTQ layout
     torch.testing.assert_close(dispatch.mm4(x, q), i4.mm4_torch(x, q))
 
