@@ -47,9 +47,11 @@ Triton kernels (strided ``qweight``), the CUDA GEMV (output-major only).
 
 Products: ``matmul`` dequantizes in torch and multiplies (any device); ``rwkv_chat.models.kernels.mm4``
 (the format's ``kernel``) serves 1..4 rows on CUDA with the compiled GEMV of ``csrc/gemvq`` where it is built
-(output-major weight, no g_idx, K and the group multiples of 32), else up to ``rwkv_chat.models.ops.gemv.I4_ROWS``
-rows with a Triton kernel that dequantizes in registers (``models/ops/_gemv_kernels.py``; decode steps and
-batches), more rows by dequantizing once and cuBLAS (prefill); on the CPU up to ``dispatch.I4_CPU_ROWS`` rows
+(output-major weight, no g_idx, K and the group multiples of 32), 5 to ``rwkv_chat.models.ops.gemv.I4_ROWS`` rows
+(decode batches) with the compiled GEMM on the tensor cores (``csrc/gemvq/gemmq_cuda.cu``, ``kernels.gemmq``: the
+words dequantized in registers into the mma operand; K and the group multiples of 128), else up to ``I4_ROWS`` rows
+with a Triton kernel that dequantizes in registers (``models/ops/_gemv_kernels.py``), more rows by dequantizing
+once and cuBLAS (prefill); on the CPU up to ``dispatch.I4_CPU_ROWS`` rows
 with the compiled product of ``csrc/gemvq/gemvq_cpu.cpp`` (GPTQ layout read as stored, no g_idx, the group a
 multiple of 8), more rows by dequantizing once.
 """
