@@ -11,8 +11,7 @@
 //      S_next = S P + D with P = diag(Γ_L) + Wᵀ B', D = U_vᵀ B' + Vᵀ K'; and the output terms
 //      Q = Γ r + M_rb W, Y_v = M_rb U_v + M_rk V, so that y = Q S_chunk_startᵀ + Y_v.
 //   2. scan (one block per batch x head x 16 value rows; rows of S are independent): the only
-//      sequential part, one [16, N] x [N, N] product per chunk (P and D loaded a chunk ahead); stores each
-//      chunk's start state.
+//      sequential part, one [16, N] x [N, N] product per chunk; stores each chunk's start state.
 //   3. out (one block per batch x head x chunk): y = Q Sᵀ + Y_v.
 // All arithmetic in fp32 on the CUDA cores (the sequential kernel's precision class: ~1e-7 relative
 // against float64). RWKV-7's decay w = exp(-e^{-1/2} sigmoid(.)) >= 0.545 keeps 1/Γ <= e^{19.4} over
@@ -232,11 +231,6 @@ __global__ void __launch_bounds__(kThreads) wkv7_chunk_scan(int nc, const float*
     const float4* P4 = reinterpret_cast<const float4*>(P_ + (long)bhi * nc * N * N);
 #pragma unroll
     for (int q = 0; q < PER; ++q) pre[q] = P4[q * kThreads + tid];
-    // this thread's D entries, one chunk ahead like P (the product starts from them)
-    const float* Dh = D_ + ((long)bhi * nc * N + row0) * N + ty * N + tx;
-    float dpre[N / 16];
-#pragma unroll
-    for (int jj = 0; jj < N / 16; ++jj) dpre[jj] = Dh[16 * jj];
     for (int c = 0; c < nc; ++c) {
         __syncthreads();   // Ss written; the previous product has read Ps
         float4* Pd = reinterpret_cast<float4*>(Ps);
@@ -245,17 +239,16 @@ __global__ void __launch_bounds__(kThreads) wkv7_chunk_scan(int nc, const float*
         float* Sc = S_ + (((long)bhi * nc + c) * N + row0) * N;
         for (int e = tid; e < R * N; e += kThreads) Sc[e] = Ss[(e / N) * SP + e % N];
         __syncthreads();
-        float acc[R / 16][N / 16];
-#pragma unroll
-        for (int jj = 0; jj < N / 16; ++jj) acc[0][jj] = dpre[jj];
         if (c + 1 < nc) {
             const float4* Pn = P4 + (long)(c + 1) * (N * N / 4);
 #pragma unroll
             for (int q = 0; q < PER; ++q) pre[q] = Pn[q * kThreads + tid];
-            const float* Dn = Dh + (long)(c + 1) * N * N;
-#pragma unroll
-            for (int jj = 0; jj < N / 16; ++jj) dpre[jj] = Dn[16 * jj];
         }
+        // this chunk's D: loaded before the product, so its latency hides behind the arithmetic
+        const float* D = D_ + (((long)bhi * nc + c) * N + row0) * N;
+        float acc[R / 16][N / 16];
+#pragma unroll
+        for (int jj = 0; jj < N / 16; ++jj) acc[0][jj] = D[ty * N + tx + 16 * jj];
         mm_acc<R, N, N, false, false>(acc, Ss, SP, Ps, N);
         __syncthreads();   // every thread has read Ss
 #pragma unroll
