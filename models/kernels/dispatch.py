@@ -396,7 +396,7 @@ def probe_weight_kernels(model) -> None:
         if quants & {"i4", "f8"} and available("cuda", "gemvq"):
             why = None if gemvq_sound(dev) else GEMVQ_PROBES.get(_probe_key(dev), "not probed")
             model.kernels.setdefault("cuda", {})["gemvq probe"] = why or "ok"
-        if "i4" in quants and available("cuda", "gemvq"):
+        if "i4" in quants and _gemmq.ENABLED and available("cuda", "gemvq"):
             why = None if gemmq_sound(dev) else GEMMQ_PROBES.get(_probe_key(dev), "not probed")
             model.kernels.setdefault("cuda", {})["gemmq probe"] = why or "ok"
         if half_i8 and available("cuda", "gemvq"):      # the uint8 GEMV serves fp16 / bf16 activations
@@ -592,8 +592,9 @@ def mm4(x: torch.Tensor, q: Int4Weight) -> torch.Tensor:
 
 def gemmq_serves(x: torch.Tensor, q: Int4Weight) -> bool:
     """Whether the int4 GEMM on the tensor cores (``kernels.gemmq``, ``mm4``'s path) takes this product: CUDA,
-    fp16/bf16, ``gemmq.MIN_ROWS`` to ``ops.gemv.I4_ROWS`` rows, a weight it reads, the device's probe passed."""
-    return (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+    fp16/bf16, ``gemmq.MIN_ROWS`` to ``ops.gemv.I4_ROWS`` rows, a weight it reads, the device's probe passed, and
+    ``gemmq.ENABLED``."""
+    return (_gemmq.ENABLED and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
             and _gemmq.MIN_ROWS <= _rows(x) <= _gemv.I4_ROWS and _gemmq.gemmq_i4_ok(q)
             and _gemmq.built() and gemmq_sound(x.device))
 

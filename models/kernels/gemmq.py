@@ -24,6 +24,9 @@ from rwkv_chat.models.ops._triton import multiprocessors as _sms
 UNIT = 128
 #: the fewest rows it serves (fewer: the compiled GEMV of ``csrc/gemvq``)
 MIN_ROWS = 5
+#: whether ``dispatch.mm4`` routes decode batches here. Off until the kernel has been checked and timed on a GPU
+#: (``tests/gpu/verify_kernels.py --family gemvq`` runs it directly either way); the Triton kernel serves meanwhile.
+ENABLED = False
 
 
 def built() -> bool:

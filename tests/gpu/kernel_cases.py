@@ -227,10 +227,15 @@ def case_gemmq_i4(rows, K, N, group, dtype, device, seed, graph=False):
     g = _gen(seed, device)
     q = i4.quantize_i4(_randn(g, K, N, scale=K ** -0.5).to(device), group).to(device)
     x = _randn(g, rows, K).to(dtype).to(device)
-    if not dispatch.gemmq_serves(x, q):
-        raise AssertionError(f"the tensor-core int4 GEMM does not serve this product ({dispatch.GEMMQ_PROBES})")
+    from rwkv_chat.models.kernels import gemmq
+
+    if not (gemmq.built() and gemmq.gemmq_i4_ok(q)):
+        raise AssertionError("the tensor-core int4 GEMM is not built or does not read this weight")
+    if gemmq.ENABLED and not dispatch.gemmq_serves(x, q):
+        raise AssertionError(f"kernels.mm4 does not route this product to it ({dispatch.GEMMQ_PROBES})")
     ref = x.double() @ q.dequantize(torch.float64)
-    return rel_err(_replayed(lambda: kernels.mm4(x, q)) if graph else kernels.mm4(x, q), ref)
+    run = (lambda: kernels.mm4(x, q)) if gemmq.ENABLED else (lambda: gemmq.gemmq_i4(x, q))
+    return rel_err(_replayed(run) if graph else run(), ref)
 
 
 def case_gemvq_f8(rows, K, N, dtype, device, seed):

@@ -28,6 +28,7 @@ def _stand_in(off: str | None):
                                       ("bf16", "torch.bfloat16"), ("tail", "N 77"), ("raises", "RuntimeError")])
 def test_the_probe_admits_only_a_kernel_that_agrees_with_torch(monkeypatch, off, why):
     monkeypatch.setattr(gemmq, "built", lambda: True)
+    monkeypatch.setattr(gemmq, "ENABLED", True)
     monkeypatch.setattr(gemmq, "gemmq_i4_ok", lambda q: True)
     monkeypatch.setattr(gemmq, "gemmq_i4", _stand_in(off))
     dev = torch.device("cpu")
