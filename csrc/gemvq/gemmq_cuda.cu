@@ -57,7 +57,8 @@ template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float v) {
     return *reinterpret_cast<const uint32_t*>(&h);
 }
 
-// (q_lo - z, q_hi - z) * s for the nibble pair (v & 0xF, (v >> 16) & 0xF) of `v`, in F x 2 bits.
+// (q_lo - z, q_hi - z) * s for the nibble pair (v & 0xF, (v >> 16) & 0xF) of `v`, in F x 2 bits; zz is 1024 + z
+// (fp16; for bf16 the negated 128 + z), ss the scale in both halves.
 template <typename F>
 __device__ __forceinline__ uint32_t dequant_pair(uint32_t v, uint32_t zz, uint32_t ss) {
     uint32_t h;
@@ -66,9 +67,9 @@ __device__ __forceinline__ uint32_t dequant_pair(uint32_t v, uint32_t zz, uint32
     if constexpr (std::is_same<F, __half>::value) {
         asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(h), "r"(zz));
         asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(d), "r"(ss));
-    } else {
-        asm("sub.rn.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(h), "r"(zz));
-        asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(d), "r"(ss));
+    } else {   // sm_80 has bf16x2 fma only: h * 1 - (128 + z), then d * s + (-0), each exact or one rounding
+        asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(h), "r"(0x3F803F80u), "r"(zz));
+        asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(d), "r"(ss), "r"(0x80008000u));
     }
     return d;
 }
@@ -90,18 +91,37 @@ __device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], 
     }
 }
 
+// cp.async, ldmatrix and the bf16 mma need sm_80: below it the kernel body is empty and the launcher refuses.
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+#define GEMMQ_ARCH_OK 1
+#else
+#define GEMMQ_ARCH_OK 0
+#endif
+
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool pred) {
+#if GEMMQ_ARCH_OK
     const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
     const int n = pred ? 16 : 0;   // 0 bytes read: the 16 bytes are zero-filled
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(s), "l"(gmem), "r"(n));
+#endif
 }
 __device__ __forceinline__ void cp_async4(void* smem, const void* gmem, bool pred) {
+#if GEMMQ_ARCH_OK
     const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
     const int n = pred ? 4 : 0;
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(s), "l"(gmem), "r"(n));
+#endif
 }
-__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;"); }
-template <int N> __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
+__device__ __forceinline__ void cp_commit() {
+#if GEMMQ_ARCH_OK
+    asm volatile("cp.async.commit_group;");
+#endif
+}
+template <int N> __device__ __forceinline__ void cp_wait() {
+#if GEMMQ_ARCH_OK
+    asm volatile("cp.async.wait_group %0;" ::"n"(N));
+#endif
+}
 
 // Shared memory of one block: the weight ring (per stage: words [NW*32 outputs][16], scales [NW*32] fp16,
 // zero words [NW*4]) and two x buffers [MT*16 rows][kRowBytes].
@@ -122,6 +142,7 @@ __global__ void __launch_bounds__(NW * 32) gemmq_i4_kernel(const F* __restrict__
                                                            const __half* __restrict__ sc, F* __restrict__ y,
                                                            float* __restrict__ work, int* __restrict__ counters,
                                                            int M, int K, int N, int Np, int group, int units_per_split) {
+#if GEMMQ_ARCH_OK
     using L = StageLayout<NW>;
     constexpr int kThreads = NW * 32, kRows = MT * 16;
     extern __shared__ __align__(16) unsigned char smem[];
@@ -224,7 +245,7 @@ __global__ void __launch_bounds__(NW * 32) gemmq_i4_kernel(const F* __restrict__
             const uint32_t zw = *reinterpret_cast<const uint32_t*>(st + L::w_bytes + L::s_bytes + (warp * 4 + nt) * 4);
             const float z = (float)(((zw >> (4 * g)) + 1u) & 15u);
             const float s = __half2float(*reinterpret_cast<const __half*>(st + L::w_bytes + o * 2));
-            zz[nt] = pack2<F>(magic + z);
+            zz[nt] = pack2<F>(std::is_same<F, __half>::value ? magic + z : -(magic + z));
             ss[nt] = pack2<F>(s);
         }
 #pragma unroll
@@ -327,6 +348,7 @@ __global__ void __launch_bounds__(NW * 32) gemmq_i4_kernel(const F* __restrict__
         if (two) y[(long)r * N + n + 1] = from_f32<F>(s1);
     }
     if (tid == 0) counters[tile] = 0;
+#endif
 }
 
 template <typename F, int NW, int MT>
@@ -358,6 +380,10 @@ int gemmq_i4_launch(int act, int M, int K, int N, int Np, int group, int splits,
     if (K % kUnit || group % kUnit || K % group || Np % 8 || N > Np || splits < 1 || (warps != 4 && warps != 8))
         return kUnsupported;
     if (act != static_cast<int>(ActType::F16) && act != static_cast<int>(ActType::BF16)) return kUnsupported;
+    int dev = 0, major = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess || major < 8)
+        return kUnsupported;   // sm_80 and up (see GEMMQ_ARCH_OK)
     const __half* sc = static_cast<const __half*>(scales);
     const bool half = act == static_cast<int>(ActType::F16);
     const bool small = M <= 32;      // two 16-row tiles, else four
