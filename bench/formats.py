@@ -55,41 +55,47 @@ def _backend(model, fmt: str) -> str:
     return f"{model.backend.name} ({'; '.join(notes)})" if notes else model.backend.name
 
 
-def decode_rows(shape: str, batches: list[int], tokens: int, ffns: list[str | None] = (None,)) -> list[dict]:
+def decode_rows(shape: str, batches: list[int], tokens: int, ffns: list[str | None] = (None,),
+                i4_gemms: list[str | None] = (None,)) -> list[dict]:
     """Decode rows of every format (and, per ``ffns`` entry not None, the fused backend rebuilt with that channel-mix
-    value product: "gemv" or "sparse")."""
+    value product: "gemv" or "sparse"; per ``i4_gemms`` entry not None, the i4 format with that int4 product of
+    decode batches: "tensor-cores" (``kernels.gemmq``) or "triton")."""
     from rwkv_chat.app.bench import bench_decode, rebuild_fused, skipped_rows
     from rwkv_chat.models import RWKV
+    from rwkv_chat.models.kernels import gemmq
     from rwkv_chat.models.rwkv import shapes
 
     rows = []
     ckpt = shapes.random_checkpoint(shape, dtype=torch.float16, device="cuda")
     base: dict[tuple, float] = {}
-    for fmt in FORMATS:
+    tree_gemm = gemmq.ENABLED
+    runs = [(f, ff, g) for f in FORMATS for ff in ffns for g in (i4_gemms if f == "i4" else (None,))]
+    for fmt, ffn, i4_gemm in runs:
         strategy = f"cuda fp16{fmt}"
-        for ffn in ffns:
-            t0 = time.perf_counter()
-            model = RWKV(ckpt, strategy)
-            load_s = time.perf_counter() - t0
-            note = ""
-            if ffn is not None:
-                why = rebuild_fused(model, ffn=ffn, quant_rows=ffn == "sparse")   # the row kernel for every format
-                note = f", value product {ffn}" if why is None else f", value product: {why}"
-                if why is None and ffn == "sparse" and (share := skipped_rows(model)) is not None:
-                    note += f" ({share:.1%} of rows skipped)"
-            for b in batches:
-                r = bench_decode(model, b, tokens, graphs=True, compile=None, gemv="auto")
-                tok_s = r["tok_s"]
-                if fmt == "":
-                    base[b, ffn] = tok_s
-                rows.append({"shape": shape, "strategy": strategy, "batch": b, "tok_s": tok_s,
-                             "ratio": tok_s / base[b, ffn], "gb_s": r["gb_s"], "step_mb": r["step_bytes"] / 2**20,
-                             "greedy": r["greedy_tok_s"], "load_s": load_s,
-                             "backend": _backend(model, fmt) + (note if b <= 4 else "")})
-                print(rows[-1], flush=True)
-            del model
-            gc.collect()
-            torch.cuda.empty_cache()
+        gemmq.ENABLED = tree_gemm if i4_gemm is None else i4_gemm == "tensor-cores"
+        t0 = time.perf_counter()
+        model = RWKV(ckpt, strategy)
+        load_s = time.perf_counter() - t0
+        note = "" if i4_gemm is None else f", int4 GEMM of batches: {i4_gemm}"
+        if ffn is not None:
+            why = rebuild_fused(model, ffn=ffn, quant_rows=ffn == "sparse")   # the row kernel for every format
+            note += f", value product {ffn}" if why is None else f", value product: {why}"
+            if why is None and ffn == "sparse" and (share := skipped_rows(model)) is not None:
+                note += f" ({share:.1%} of rows skipped)"
+        for b in batches:
+            r = bench_decode(model, b, tokens, graphs=True, compile=None, gemv="auto")
+            tok_s = r["tok_s"]
+            if fmt == "":
+                base[b, ffn] = tok_s
+            rows.append({"shape": shape, "strategy": strategy, "batch": b, "tok_s": tok_s,
+                         "ratio": tok_s / base[b, ffn], "gb_s": r["gb_s"], "step_mb": r["step_bytes"] / 2**20,
+                         "greedy": r["greedy_tok_s"], "load_s": load_s,
+                         "backend": _backend(model, fmt) + (note if b <= 4 or i4_gemm else "")})
+            print(rows[-1], flush=True)
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+    gemmq.ENABLED = tree_gemm
     del ckpt
     gc.collect()
     torch.cuda.empty_cache()
@@ -207,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="each format also with these RWKV-7 channel-mix value products of decode steps at <= 4 rows "
                          "(the grouped GEMV; the row kernel skipping zero rows of relu(k)^2); default: the backend's "
                          "choice for the width")
+    ap.add_argument("--i4-gemm", nargs="+", choices=["tensor-cores", "triton"], default=None,
+                    help="the i4 format also with these int4 products of decode batches above 4 rows (the compiled GEMM "
+                         "on the tensor cores, kernels.gemmq; the Triton kernel); default: the tree's")
     ap.add_argument("--out", help="write the Markdown table here (appended)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -215,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     from rwkv_chat.models import kernels
 
     kernels.ensure_built("cuda")
-    dec = [r for s in args.shapes for r in decode_rows(s, args.batch, args.tokens, args.ffn or [None])]
+    dec = [r for s in args.shapes
+           for r in decode_rows(s, args.batch, args.tokens, args.ffn or [None], args.i4_gemm or [None])]
     gemm = gptq = None
     if not args.skip_ops:
         gemm = fp8_gemm_row()

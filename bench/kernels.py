@@ -11,7 +11,8 @@ so weights come from device memory. Bytes = every input read once plus every out
 per mm8 size: a copy of the same bytes and a launch that only reads them (Triton), the floor of one launch. Pass
 mark for mm8 with one row (decode): >= 70% of the large-copy bandwidth at 2048², 4096² and 4096x16384.
 The int4 / fp8 decode GEMVs (``csrc/gemvq``) are timed against the fp16 cuBLAS GEMV of the same matrix in one
-table (``bench_gemvq``).
+table (``bench_gemvq``); the int4 GEMM on the tensor cores of decode batches against the Triton int4 kernel and fp16
+cuBLAS in another (``bench_gemmq``).
 """
 
 from __future__ import annotations
@@ -368,6 +369,49 @@ def bench_gemvq(rows_md: list, peak: float) -> None:
             print(rows_md[-1], flush=True)
 
 
+def bench_gemmq(rows_md: list) -> None:
+    """The int4 GEMM on the tensor cores for decode batches (``kernels.gemmq``, ``csrc/gemvq/gemmq_cuda.cu``) against
+    the Triton int4 kernel (``ops.gemv.i4_gemv``) and the fp16 cuBLAS product of the same matrix, at 16, 64 and 200
+    rows (fp16 activations, group 128, held output-major): CUDA graphs of GEMVQ_LAUNCHES launches over weight sets
+    > 3x L2, median of 7 replays; the launch rule's tiles and blocks of 8 warps; relative errors against float64."""
+    from rwkv_chat.models.formats import i4
+    from rwkv_chat.models.kernels import gemmq
+    from rwkv_chat.models.ops import gemv as triton_gemv
+
+    if not gemmq.built():
+        rows_md += ["", "int4 GEMM on the tensor cores: not built"]
+        return
+    dev = torch.device("cuda")
+    rows_md += ["", f"### int4 GEMM on the tensor cores vs the Triton int4 kernel and fp16 cuBLAS (decode batches; CUDA "
+                    f"graph of {GEMVQ_LAUNCHES} launches over weight sets > 3x L2)", "",
+                "| rows | K x N | fp16 cuBLAS us | Triton i4 us | tensor cores us (4 warps, splits) | 8 warps us | "
+                "best / cuBLAS | best / Triton | rel. err tensor cores | rel. err Triton |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
+    for K, N in GEMVQ_SHAPES:
+        xs = {rows: torch.randn(rows, K, device="cuda", dtype=torch.float16) for rows in (16, 64, 200)}
+        n = sets_for(K * N * 2)
+        ws = [(torch.randn(N, K, device="cuda") * K ** -0.5).half().t() for _ in range(n)]
+        t16 = {rows: time_ms(lambda i: x @ ws[i], n, iters=GEMVQ_LAUNCHES) for rows, x in xs.items()}
+        ws.clear()
+        n = sets_for(K * N // 2)
+        qs = [i4.quantize_i4(torch.randn(K, N, device="cuda") * K ** -0.5, 128).to("cuda") for _ in range(n)]
+        ref_w = qs[0].dequantize(torch.float64)
+        for rows, x in xs.items():
+            ref = x.double() @ ref_w
+            err = lambda y: ((y.double() - ref).norm() / ref.norm()).item()  # noqa: E731
+            e_tc, e_tr = err(gemmq.gemmq_i4(x, qs[0])), err(triton_gemv.i4_gemv(x, qs[0]))
+            _, splits = gemmq.gemmq_tiles(rows, K, N, dev)
+            tt = time_ms(lambda i: triton_gemv.i4_gemv(x, qs[i]), n, iters=GEMVQ_LAUNCHES)
+            t4 = time_ms(lambda i: gemmq.gemmq_i4(x, qs[i]), n, iters=GEMVQ_LAUNCHES)
+            t8 = time_ms(lambda i: gemmq.gemmq_i4(x, qs[i], None, 8), n, iters=GEMVQ_LAUNCHES)
+            best = min(t4, t8)
+            rows_md.append(f"| {rows} | {K}x{N} | {t16[rows] * 1e3:.1f} | {tt * 1e3:.1f} | {t4 * 1e3:.1f} ({splits}) | "
+                           f"{t8 * 1e3:.1f} | {t16[rows] / best:.2f}x | {tt / best:.2f}x | {e_tc:.1e} | {e_tr:.1e} |")
+            print(rows_md[-1], flush=True)
+        qs.clear()
+        torch.cuda.empty_cache()
+
+
 def bench_gemvq_group(rows_md: list) -> None:
     """Three products in one launch (``dispatch.gemvq_group``, the fused RWKV-7 decode's r, k, v) against three
     launches (``kernels.mm4`` / ``kernels.mmf8``), one row, CUDA graphs over weight sets > 3x L2."""
@@ -429,6 +473,7 @@ def main() -> int:
     if args.only in (None, "gemvq"):
         bench_gemvq(md, peak)
         bench_gemvq_group(md)
+        bench_gemmq(md)
     if args.only in (None, "wkv"):
         bench_wkv7(md, have_ref)
         bench_wkv456(md)
