@@ -155,56 +155,66 @@ __global__ void __launch_bounds__(NW * 32) gemmq_i4_kernel(const F* __restrict__
     const int u1 = min(units, u0 + units_per_split);
     const int kw = K / 8;                        // words per output
 
+    // Per-thread addresses, computed once: thread tid copies weight chunks c = tid + i kThreads (output
+    // o = c / 4, 16-byte part c % 4 of the unit's 64 bytes) and loads x chunks c = tid + i kThreads (row c / 16,
+    // 16-byte chunk c % 16 of the unit's 256 bytes); both strides are constants.
+    constexpr int kWChunks = L::outs * 4 / kThreads, kWRowStep = kThreads / 4;
+    constexpr int kXChunks = kRows * 16 / kThreads, kXRowStep = kThreads / 16;
+    static_assert(kWChunks * kThreads == L::outs * 4 && kXChunks * kThreads == kRows * 16, "tile and block differ");
+    const int w_out = tid >> 2, w_part = tid & 3, x_row = tid >> 4, x_ch = tid & 15;
+    const uint32_t* wsrc = qw + (long)(n0 + w_out) * kw + w_part * 4;
+    const long w_step = (long)kWRowStep * kw;
+    const int w_dst = w_out * 64 + w_part * 16;
+    const F* xsrc = x + (long)(row0 + x_row) * K + x_ch * 8;
+    const int x_dst = x_row * kRowBytes + (x_ch & 3) * 64 + (x_ch >> 2) * 4;
+    // the group of unit u: u >> shift where the units per group are a power of two, else a division
+    const int upg = group / kUnit, upg_shift = (upg & (upg - 1)) == 0 ? __ffs(upg) - 1 : -1;
+
     // cp.async of unit u into stage st: the block's outputs' 64-byte unit slices, scales and zero words.
     auto load_unit = [&](int u, int st) {
         unsigned char* base = ring + st * L::bytes;
-        const int gi = (u * kUnit) / group;
 #pragma unroll
-        for (int i = 0; i < (L::outs * 4) / kThreads; ++i) {
-            const int c = tid + i * kThreads, o = c >> 2, part = c & 3, n = n0 + o;
-            const bool ok = n < Np;
-            cp_async16(base + o * 64 + part * 16, qw + (long)(ok ? n : 0) * kw + u * (kUnit / 8) + part * 4, ok);
+        for (int i = 0; i < kWChunks; ++i) {
+            const bool ok = n0 + w_out + i * kWRowStep < Np;
+            cp_async16(base + w_dst + i * kWRowStep * 64, ok ? wsrc + i * w_step + u * (kUnit / 8) : qw, ok);
         }
-        if (tid < L::outs / 8) {                 // scales: 8 fp16 per 16 bytes
-            const int n = n0 + tid * 8;
-            const bool ok = n < Np;
-            cp_async16(base + L::w_bytes + tid * 16, sc + (long)gi * Np + (ok ? n : 0), ok);
-        }
-        if (tid < NW * 4) {                      // zero words: 8 outputs each
-            const int n = n0 + tid * 8;
-            const bool ok = n < Np;
-            cp_async4(base + L::w_bytes + L::s_bytes + tid * 4, qz + (long)gi * (Np / 8) + (ok ? n / 8 : 0), ok);
+        if (tid < L::outs / 8 + NW * 4) {
+            const int gi = upg_shift >= 0 ? u >> upg_shift : u / upg;
+            if (tid < L::outs / 8) {             // scales: 8 fp16 per 16 bytes
+                const int n = n0 + tid * 8;
+                const bool ok = n < Np;
+                cp_async16(base + L::w_bytes + tid * 16, sc + (ok ? (long)gi * Np + n : 0), ok);
+            } else {                             // zero words: 8 outputs each
+                const int zi = tid - L::outs / 8, n = n0 + zi * 8;
+                const bool ok = n < Np;
+                cp_async4(base + L::w_bytes + L::s_bytes + zi * 4, qz + (ok ? (long)gi * (Np / 8) + n / 8 : 0), ok);
+            }
         }
     };
 
-    // x of unit u, this thread's 16-byte chunks (kRows rows x 16 chunks), into registers; zero beyond M.
-    constexpr int kXChunks = (kRows * 16 + kThreads - 1) / kThreads;
+    // x of unit u, this thread's 16-byte chunks, into registers; zero beyond M.
     uint4 xr[kXChunks];
     auto load_x = [&](int u) {
 #pragma unroll
         for (int i = 0; i < kXChunks; ++i) {
-            const int c = tid + i * kThreads, r = c >> 4, ch = c & 15;
             xr[i] = make_uint4(0u, 0u, 0u, 0u);
-            if (r < kRows && row0 + r < M)
-                xr[i] = __ldg(reinterpret_cast<const uint4*>(x + (long)(row0 + r) * K + u * kUnit + ch * 8));
+            if (row0 + x_row + i * kXRowStep < M)
+                xr[i] = __ldg(reinterpret_cast<const uint4*>(xsrc + (long)i * kXRowStep * K + u * kUnit));
         }
     };
     // Stage the registers into buffer b in the permuted order: chunk ch = 4 t' + slot holds x[32 t' + 8 slot + e],
     // e = 0..7, written as the pairs (e, e + 4), e = jj = 0..3, each at [row][slot][jj][t'] (4 bytes): a 16-byte
     // row of an 8 x 8 ldmatrix tile is the four lanes t' of one (row, slot, jj).
     auto store_x = [&](int b) {
-        unsigned char* base = xbuf + b * kRows * kRowBytes;
+        unsigned char* base = xbuf + b * kRows * kRowBytes + x_dst;
 #pragma unroll
         for (int i = 0; i < kXChunks; ++i) {
-            const int c = tid + i * kThreads, r = c >> 4, ch = c & 15;
-            if (r < kRows) {
-                const uint4 v = xr[i];
-                uint32_t* o = reinterpret_cast<uint32_t*>(base + r * kRowBytes + (ch & 3) * 64 + (ch >> 2) * 4);
-                o[0] = __byte_perm(v.x, v.z, 0x5410);
-                o[4] = __byte_perm(v.x, v.z, 0x7632);
-                o[8] = __byte_perm(v.y, v.w, 0x5410);
-                o[12] = __byte_perm(v.y, v.w, 0x7632);
-            }
+            const uint4 v = xr[i];
+            uint32_t* o = reinterpret_cast<uint32_t*>(base + i * kXRowStep * kRowBytes);
+            o[0] = __byte_perm(v.x, v.z, 0x5410);
+            o[4] = __byte_perm(v.x, v.z, 0x7632);
+            o[8] = __byte_perm(v.y, v.w, 0x5410);
+            o[12] = __byte_perm(v.y, v.w, 0x7632);
         }
     };
 
