@@ -268,7 +268,7 @@ void gemmq_i4_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
     TORCH_CHECK(group >= 128 && group % 128 == 0 && K % group == 0, op,
                 ": group must be a multiple of 128 dividing K, got ", group);
     TORCH_CHECK(Np % 8 == 0 && N >= 1 && N <= Np, op, ": qweight rows ", Np, " must be a multiple of 8, at least N = ", N);
-    TORCH_CHECK(K * Np <= INT32_MAX && rows * N <= INT32_MAX, op, ": shapes beyond int32");
+    TORCH_CHECK(K <= INT32_MAX && Np <= INT32_MAX && N <= INT32_MAX, op, ": shapes beyond int32");
     TORCH_CHECK(warps == 4 || warps == 8, op, ": warps must be 4 or 8, got ", warps);
     TORCH_CHECK(splits >= 1 && splits <= K / 128, op, ": splits must be 1..K/128, got ", splits);
     check_tensor(x, op, "x", kCUDA, x.scalar_type(), {rows, K});
@@ -280,13 +280,15 @@ void gemmq_i4_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
     TORCH_CHECK(reinterpret_cast<uintptr_t>(qweight.data_ptr()) % 16 == 0, op, ": qweight must be 16-byte aligned");
     TORCH_CHECK(reinterpret_cast<uintptr_t>(scales.data_ptr()) % 16 == 0, op, ": scales must be 16-byte aligned");
     TORCH_CHECK(reinterpret_cast<uintptr_t>(qzeros.data_ptr()) % 4 == 0, op, ": qzeros must be 4-byte aligned");
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(y.data_ptr()) % 4 == 0, op, ": y must be 4-byte aligned");
     float* wp = nullptr;
     int* cp = nullptr;
     if (splits > 1) {
         const int64_t tiles = ((N + 32 * warps - 1) / (32 * warps)) * ((rows + 63) / 64);
         TORCH_CHECK(work.is_cuda() && work.scalar_type() == at::kFloat && work.is_contiguous() &&
-                        work.numel() >= splits * rows * N,
-                    op, ": work must be a contiguous float32 CUDA tensor of at least splits x rows x N values");
+                        work.numel() >= splits * rows * N && reinterpret_cast<uintptr_t>(work.data_ptr()) % 8 == 0,
+                    op, ": work must be a contiguous, 8-byte aligned float32 CUDA tensor of at least splits x rows x N "
+                    "values");
         TORCH_CHECK(counters.is_cuda() && counters.scalar_type() == at::kInt && counters.is_contiguous() &&
                         counters.numel() >= tiles,
                     op, ": counters must be a contiguous int32 CUDA tensor of at least ", tiles, " values");

@@ -19,8 +19,8 @@
 //     16-byte loads of x with four byte permutes each, laid out so that each A fragment is one ldmatrix.x4.
 //   * A block is NW warps side by side along N (32 outputs each: four 8-output tiles) and MT 16-row tiles
 //     of x; each warp's accumulators are [MT][4] mma tiles (float32). Weights (with the unit's scales and
-//     zeros) stream through a STAGES-deep cp.async ring in shared memory; x is prefetched into registers one
-//     unit ahead and staged into one of two buffers.
+//     zeros) stream through a cp.async ring in shared memory (StageLayout::stages deep); x is prefetched into
+//     registers one unit ahead and staged into one of two buffers.
 //   * K splits: grid.y splits K into ranges of whole units; with one split the block writes y, with several
 //     each writes float32 partials [splits, M, N] and the last split of a tile (a counter per tile, reset
 //     by that last split) adds them in split order and writes y: no atomics on y, the sum order is fixed.
@@ -33,7 +33,6 @@ namespace rwkv_chat {
 namespace {
 
 constexpr int kUnit = 128;                    // K per unit
-constexpr int kStages = 4;                    // cp.async ring depth (units of weights in flight per block)
 constexpr int kRowBytes = 4 * 64 + 16;        // one row of staged x: 4 slots x 4 jj x 16 B; +16: ldmatrix rows
                                               // 8 apart fall in distinct bank groups
 
@@ -126,6 +125,9 @@ template <int N> __device__ __forceinline__ void cp_wait() {
 // Shared memory of one block: the weight ring (per stage: words [NW*32 outputs][16], scales [NW*32] fp16,
 // zero words [NW*4]) and two x buffers [MT*16 rows][kRowBytes].
 template <int NW> struct StageLayout {
+    // cp.async ring depth (units of weights in flight per block): 4, or 3 for 8-warp blocks, whose 4-stage ring with
+    // 64 rows of x (102,928 bytes) exceeds the 101,376 bytes a block may have on sm_86 / sm_89 / sm_120
+    static constexpr int stages = NW == 8 ? 3 : 4;
     static constexpr int outs = NW * 32;
     static constexpr int w_bytes = outs * 64;
     static constexpr int s_bytes = outs * 2;
@@ -133,7 +135,7 @@ template <int NW> struct StageLayout {
     static constexpr int bytes = w_bytes + s_bytes + z_bytes;   // a multiple of 16
 };
 template <int NW, int MT> constexpr int gemmq_smem_bytes() {
-    return kStages * StageLayout<NW>::bytes + 2 * MT * 16 * kRowBytes;
+    return StageLayout<NW>::stages * StageLayout<NW>::bytes + 2 * MT * 16 * kRowBytes;
 }
 
 template <typename F, int NW, int MT>
@@ -144,7 +146,7 @@ __global__ void __launch_bounds__(NW * 32) gemmq_i4_kernel(const F* __restrict__
                                                            int M, int K, int N, int Np, int group, int units_per_split) {
 #if GEMMQ_ARCH_OK
     using L = StageLayout<NW>;
-    constexpr int kThreads = NW * 32, kRows = MT * 16;
+    constexpr int kThreads = NW * 32, kRows = MT * 16, kStages = L::stages;
     extern __shared__ __align__(16) unsigned char smem[];
     unsigned char* ring = smem;
     unsigned char* xbuf = smem + kStages * L::bytes;
@@ -364,19 +366,20 @@ __global__ void __launch_bounds__(NW * 32) gemmq_i4_kernel(const F* __restrict__
 template <typename F, int NW, int MT>
 int launch(int M, int K, int N, int Np, int group, int splits, const void* x, const uint32_t* qw, const uint32_t* qz,
            const __half* sc, void* y, float* work, int* counters, cudaStream_t stream) {
-    constexpr int smem = gemmq_smem_bytes<NW, MT>();
-    static bool attr_set = false;   // per instantiation; the attribute is per function
-    if (!attr_set) {
-        const cudaError_t e = cudaFuncSetAttribute(gemmq_i4_kernel<F, NW, MT>,
-                                                   cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-        if (e != cudaSuccess) return (int)e;
-        attr_set = true;
-    }
+    constexpr int smem = gemmq_smem_bytes<NW, MT>() + 16;   // + the static `last` flag
+    int dev = 0, optin = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess || smem > optin)
+        return kUnsupported;
+    // per launch: the attribute belongs to the current device's copy of the function
+    const cudaError_t e = cudaFuncSetAttribute(gemmq_i4_kernel<F, NW, MT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               gemmq_smem_bytes<NW, MT>());
+    if (e != cudaSuccess) return (int)e;
     const int units = K / kUnit;
     const int per = (units + splits - 1) / splits;
     const int used = (units + per - 1) / per;      // every split has at least one unit
     const dim3 grid((N + NW * 32 - 1) / (NW * 32), used, (M + MT * 16 - 1) / (MT * 16));
-    gemmq_i4_kernel<F, NW, MT><<<grid, NW * 32, smem, stream>>>(
+    gemmq_i4_kernel<F, NW, MT><<<grid, NW * 32, gemmq_smem_bytes<NW, MT>(), stream>>>(
         static_cast<const F*>(x), qw, qz, sc, static_cast<F*>(y), work, counters, M, K, N, Np, group, per);
     return (int)cudaGetLastError();
 }

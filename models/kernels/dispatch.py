@@ -340,8 +340,9 @@ def gemvq_u8_sound(device: torch.device) -> bool:
 
 def gemmq_sound(device: torch.device) -> bool:
     """Whether the int4 GEMM on the tensor cores (``kernels.gemmq``) serves decode batches on ``device``: on first use
-    there it runs (fp16 and bf16; 5, 37 and 70 rows; one and two K splits; blocks of 4 and 8 warps; N a multiple
-    of 8 and not) on small random weights and is compared with ``i4.mm4_torch`` to half-precision rounding; a
+    there it runs as ``mm4`` launches it (fp16 and bf16; 5, 37 and 70 rows; one and two K splits; six units of K,
+    groups of one and two units; N a multiple of 8 and not) on small random weights and is compared with
+    ``i4.mm4_torch`` to half-precision rounding; a
     mismatch or an error keeps the Triton kernel for the process (``GEMMQ_PROBES`` says why). Not probed inside a
     CUDA graph capture."""
     return _sound(GEMMQ_PROBES, _probe_gemmq, device)
@@ -351,19 +352,19 @@ def _probe_gemmq(device: torch.device) -> str | None:
     if not _gemmq.built():
         return "not built"
     g = torch.Generator().manual_seed(3)
-    for n in (72, 77):
-        q = _i4.quantize_i4(torch.randn(256, n, generator=g) * 0.05 + 0.01, 128).to(device)
+    for n, group in ((72, 128), (77, 256)):       # six units: past the copy ring's warm-up; groups of one and two
+        q = _i4.quantize_i4(torch.randn(768, n, generator=g) * 0.05 + 0.01, group).to(device)
         if not _gemmq.gemmq_i4_ok(q):
             return "the probe's weight is not one it reads"
         for dtype in (torch.float16, torch.bfloat16):
             for rows in (5, 37, 70):
-                x = torch.randn(rows, 256, generator=g).to(device, dtype)
+                x = torch.randn(rows, 768, generator=g).to(device, dtype)
                 want = _i4.mm4_torch(x, q)
-                for splits, warps in ((1, 4), (2, 4), (2, 8)):
-                    err = _probe_error(_gemmq.gemmq_i4(x, q, splits, warps), want)
+                for splits in (1, 2):
+                    err = _probe_error(_gemmq.gemmq_i4(x, q, splits), want)
                     if not err < 2e-2:
-                        return (f"gemmq_i4 differs from the torch product ({dtype}, {rows} rows, N {n}, {splits} "
-                                f"splits, {warps} warps: relative error {err:.3g})")
+                        return (f"gemmq_i4 differs from the torch product ({dtype}, {rows} rows, N {n}, group {group}, "
+                                f"{splits} splits: relative error {err:.3g})")
     return None
 
 

@@ -216,7 +216,7 @@ def case_gemvq_i4(rows, K, N, group, dtype, device, seed, graph=False):
     return rel_err(_replayed(lambda: kernels.mm4(xd, qd)) if graph else kernels.mm4(xd, qd), ref)
 
 
-def case_gemmq_i4(rows, K, N, group, dtype, device, seed, graph=False):
+def case_gemmq_i4(rows, K, N, group, dtype, device, seed, graph=False, warps=4):
     """``kernels.mm4`` at decode-batch rows through the int4 GEMM on the tensor cores (``csrc/gemvq/gemmq_cuda.cu``)
     against x (rounded) @ the dequantized weight in float64. ``graph``: captured in a CUDA graph and replayed into
     a poisoned output."""
@@ -234,7 +234,7 @@ def case_gemmq_i4(rows, K, N, group, dtype, device, seed, graph=False):
     if gemmq.ENABLED and not dispatch.gemmq_serves(x, q):
         raise AssertionError(f"kernels.mm4 does not route this product to it ({dispatch.GEMMQ_PROBES})")
     ref = x.double() @ q.dequantize(torch.float64)
-    run = (lambda: kernels.mm4(x, q)) if gemmq.ENABLED else (lambda: gemmq.gemmq_i4(x, q))
+    run = (lambda: kernels.mm4(x, q)) if gemmq.ENABLED and warps == 4 else (lambda: gemmq.gemmq_i4(x, q, None, warps))
     return rel_err(_replayed(run) if graph else run(), ref)
 
 
@@ -698,14 +698,18 @@ def all_cases(device: str, quick: bool = False):
                 cases.append(("gemvq", f"i4 rows={rows} K=2048 N=2048 group=128, CUDA graph", dt,
                               lambda r=rows, dt=dt, s=len(cases): case_gemvq_i4(r, 2048, 2048, 128, dt, device, s,
                                                                                  graph=True)))
-            for rows, K, N, graph in () if dt == torch.float32 else (
-                    (5, 4096, 4096, False), (64, 4096, 4096, False), (64, 4096, 16384, False),
-                    (64, 16384, 4096, False), (200, 4096, 1001, False), (37, 2048, 2048, False),
-                    (256, 896, 4864, False), (128, 4864, 896, False), (64, 2048, 2048, True)):
-                cases.append(("gemvq", f"i4 tensor cores rows={rows} K={K} N={N} group=128"
+            for rows, K, N, group, graph, warps in () if dt == torch.float32 else (
+                    (5, 4096, 4096, 128, False, 4), (64, 4096, 4096, 128, False, 4),
+                    (64, 4096, 16384, 128, False, 4), (64, 16384, 4096, 128, False, 4),
+                    (200, 4096, 1001, 128, False, 4), (37, 2048, 2048, 128, False, 4),
+                    (256, 896, 4864, 128, False, 4), (128, 4864, 896, 128, False, 4),
+                    (64, 2048, 2048, 128, True, 4), (64, 4096, 4096, 256, False, 4),
+                    (70, 4608, 1000, 384, False, 4), (64, 4096, 4096, 128, False, 8),
+                    (9, 2048, 777, 128, False, 8)):
+                cases.append(("gemvq", f"i4 tensor cores rows={rows} K={K} N={N} group={group} warps={warps}"
                               f"{', CUDA graph' if graph else ''}", dt,
-                              lambda r=rows, K=K, N=N, dt=dt, s=len(cases), gr=graph:
-                              case_gemmq_i4(r, K, N, 128, dt, device, s, gr)))
+                              lambda r=rows, K=K, N=N, gp=group, dt=dt, s=len(cases), gr=graph, w=warps:
+                              case_gemmq_i4(r, K, N, gp, dt, device, s, gr, w)))
             for rows, K, N in ((1, 4096, 4096), (1, 4096, 16384), (1, 16384, 4096), (2, 2048, 2048), (3, 4096, 1001),
                                (4, 4096, 4096), (4, 16384, 777), (1, 16, 5), (2, 48, 33), (1, 896, 4864)):
                 cases.append(("gemvq", f"f8 rows={rows} K={K} N={N}", dt,
