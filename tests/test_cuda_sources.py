@@ -1,0 +1,49 @@
+"""Every CUDA source the kernel build compiles (``models.kernels.CUDA_SOURCES``, the ``.cu`` files) compiles for the
+GPU generations the kernels serve (sm_80 and sm_90) with NVIDIA's compiler from its PyPI wheels (the ``test`` extra),
+so a device-code error (an instruction an architecture lacks, a bad inline PTX operand) fails here on a machine
+without a GPU, not in a user's first build. The bindings' C++ needs the CUDA libraries' headers as well and is
+built and run on a GPU (``tests/gpu``)."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from rwkv_chat.models import kernels
+
+ARCHES = ("80", "90")
+
+
+def _nvcc() -> Path | None:
+    spec = importlib.util.find_spec("nvidia")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        nvcc = Path(root) / "cu13" / "bin" / "nvcc"
+        if nvcc.exists():
+            return nvcc
+    return None
+
+
+NVCC = _nvcc()
+
+
+@pytest.mark.skipif(NVCC is None, reason="NVIDIA's compiler wheels (nvidia-cuda-nvcc, the test extra on Linux x86_64) "
+                                         "are not installed on this platform")
+def test_every_cuda_source_compiles_for_sm80_and_sm90(tmp_path):
+    src = kernels.default_source_dir()
+    sources = [s for s in kernels.CUDA_SOURCES if s.endswith(".cu")]
+    assert "gemvq/gemmq_cuda.cu" in sources and len(sources) >= 10
+
+    def compile_one(rel: str) -> str | None:
+        cmd = [str(NVCC), *(f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHES), "-std=c++17", "-O1",
+               "-Xptxas=-O0", f"-I{NVCC.parent.parent / 'include'}", "-c", str(src / rel),
+               "-o", str(tmp_path / (rel.replace("/", "_") + ".o"))]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        return None if r.returncode == 0 else f"{rel}:\n{r.stderr[-3000:]}"
+
+    with ThreadPoolExecutor(2) as pool:
+        failures = [f for f in pool.map(compile_one, sources) if f]
+    assert not failures, "\n\n".join(failures)
