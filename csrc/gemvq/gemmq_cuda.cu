@@ -73,6 +73,29 @@ __device__ __forceinline__ uint32_t dequant_pair(uint32_t v, uint32_t zz, uint32
     return d;
 }
 
+// The pair (a, b) of columns n, n + 1 at p: one paired store where N is even (p then 4- / 8-byte aligned), else one
+// by one, b only where `two` (n + 1 < N). F outputs round to F; float partials go to L2 (another block reads them).
+template <typename F>
+__device__ __forceinline__ void store_pair(F* p, float a, float b, bool even, bool two) {
+    if (even) {
+        typename std::conditional<std::is_same<F, __half>::value, __half2, __nv_bfloat162>::type v;
+        v.x = from_f32<F>(a);
+        v.y = from_f32<F>(b);
+        *reinterpret_cast<decltype(v)*>(p) = v;
+    } else {
+        p[0] = from_f32<F>(a);
+        if (two) p[1] = from_f32<F>(b);
+    }
+}
+__device__ __forceinline__ void store_pair(float* p, float a, float b, bool even, bool two) {
+    if (even) {
+        __stcg(reinterpret_cast<float2*>(p), make_float2(a, b));
+    } else {
+        __stcg(p, a);
+        if (two) __stcg(p + 1, b);
+    }
+}
+
 template <typename F>
 __device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
     if constexpr (std::is_same<F, __half>::value) {
@@ -294,31 +317,10 @@ __global__ void __launch_bounds__(NW * 32) gemmq_i4_kernel(const F* __restrict__
     }
     cp_wait<0>();
 
-    // Accumulator element e of tile (m, nt): row m*16 + g + 8 (e >= 2), column nt*8 + 2t + (e & 1).
+    // Accumulator element e of tile (m, nt): row m*16 + g + 8 (e >= 2), column nt*8 + 2t + (e & 1). One split
+    // writes y; several write float32 partials of their split.
     const int splits = gridDim.y;
     const bool even = (N & 1) == 0;
-    if (splits == 1) {
-#pragma unroll
-        for (int m = 0; m < MT; ++m)
-#pragma unroll
-            for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-                for (int hr = 0; hr < 2; ++hr) {
-                    const int r = row0 + m * 16 + g + 8 * hr, n = n0 + warp * 32 + nt * 8 + 2 * t;
-                    if (r >= M || n >= N) continue;
-                    F* yp = y + (long)r * N + n;
-                    if (even) {
-                        typename std::conditional<std::is_same<F, __half>::value, __half2, __nv_bfloat162>::type v;
-                        v.x = from_f32<F>(acc[m][nt][2 * hr]);
-                        v.y = from_f32<F>(acc[m][nt][2 * hr + 1]);
-                        *reinterpret_cast<decltype(v)*>(yp) = v;
-                    } else {
-                        yp[0] = from_f32<F>(acc[m][nt][2 * hr]);
-                        if (n + 1 < N) yp[1] = from_f32<F>(acc[m][nt][2 * hr + 1]);
-                    }
-                }
-        return;
-    }
     float* part = work + (long)blockIdx.y * M * N;
 #pragma unroll
     for (int m = 0; m < MT; ++m)
@@ -328,14 +330,14 @@ __global__ void __launch_bounds__(NW * 32) gemmq_i4_kernel(const F* __restrict__
             for (int hr = 0; hr < 2; ++hr) {
                 const int r = row0 + m * 16 + g + 8 * hr, n = n0 + warp * 32 + nt * 8 + 2 * t;
                 if (r >= M || n >= N) continue;
-                float* p = part + (long)r * N + n;
-                if (even) {
-                    __stcg(reinterpret_cast<float2*>(p), make_float2(acc[m][nt][2 * hr], acc[m][nt][2 * hr + 1]));
-                } else {
-                    __stcg(p, acc[m][nt][2 * hr]);
-                    if (n + 1 < N) __stcg(p + 1, acc[m][nt][2 * hr + 1]);
-                }
+                const long off = (long)r * N + n;
+                const float a = acc[m][nt][2 * hr], b = acc[m][nt][2 * hr + 1];
+                if (splits == 1)
+                    store_pair(y + off, a, b, even, n + 1 < N);
+                else
+                    store_pair(part + off, a, b, even, n + 1 < N);
             }
+    if (splits == 1) return;
     __threadfence();
     __syncthreads();
     __shared__ int last;
