@@ -7,8 +7,9 @@ k order is permuted instead, and x, which is small, is staged in that order), fl
 activations the weights take the values of ``Int4Weight.dequantize``, for bf16 the scale is rounded to bf16 first.
 K splits write float32 partials that the last split of each tile adds in split order (no atomics on y).
 
-``dispatch.mm4`` calls ``gemmq_i4`` where ``gemmq_i4_ok(q)`` and the device's probe (``dispatch.gemmq_sound``)
-agree; ``gemmq_tiles`` is the launch rule (warps per block, K splits).
+``dispatch.mm4`` calls ``gemmq_i4`` where ``ENABLED``, ``gemmq_i4_ok(q)`` and the device's probe
+(``dispatch.gemmq_sound``) agree; ``gemmq_tiles`` is the launch rule (warps per block, K splits). Needs compute
+capability 8.0 or later (the launcher refuses older devices).
 """
 
 from __future__ import annotations
