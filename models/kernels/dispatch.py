@@ -613,8 +613,6 @@ def mm4_stack(x: torch.Tensor, qs: list[Int4Weight]) -> torch.Tensor | None:
             and x.shape[2] == K and x.stride(-1) == 1 and 1 <= x.shape[1] <= _gemv.I4_ROWS
             and x.device == qs[0].qweight.device and K % 8 == 0 and N % 8 == 0 and _triton_ok()):
         return None
-    if gemmq_serves(x[0], qs[0]):
-        return None                                 # the tensor-core GEMM, one product at a time, is faster
     strides = _gemv.i4_stack_strides(qs)
     return None if strides is None else _gemv.i4_gemv_stack(x, qs, strides)
 
