@@ -84,6 +84,21 @@ inline int device_sm_count() {
     return cache[dev];
 }
 
+// An attribute of the current device (cached per device; 0 where it cannot be read).
+template <cudaDeviceAttr A>
+inline int device_attribute() {
+    static int cache[64] = {0};
+    static bool known[64] = {false};
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 0;
+    if (!known[dev]) {
+        int v = 0;
+        cache[dev] = cudaDeviceGetAttribute(&v, A, dev) == cudaSuccess ? v : 0;
+        known[dev] = true;
+    }
+    return cache[dev];
+}
+
 // A launcher's return code: the launch's error, else any error the launch left pending (0: none).
 inline int launch_rc(cudaError_t e) { return (int)(e != cudaSuccess ? e : cudaGetLastError()); }
 

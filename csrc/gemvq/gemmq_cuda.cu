@@ -369,10 +369,7 @@ template <typename F, int NW, int MT>
 int launch(int M, int K, int N, int Np, int group, int splits, const void* x, const uint32_t* qw, const uint32_t* qz,
            const __half* sc, void* y, float* work, int* counters, cudaStream_t stream) {
     constexpr int smem = gemmq_smem_bytes<NW, MT>() + 16;   // + the static `last` flag
-    int dev = 0, optin = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess ||
-        cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess || smem > optin)
-        return kUnsupported;
+    if (smem > device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>()) return kUnsupported;
     // per launch: the attribute belongs to the current device's copy of the function
     const cudaError_t e = cudaFuncSetAttribute(gemmq_i4_kernel<F, NW, MT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                gemmq_smem_bytes<NW, MT>());
@@ -395,10 +392,7 @@ int gemmq_i4_launch(int act, int M, int K, int N, int Np, int group, int splits,
     if (K % kUnit || group % kUnit || K % group || Np % 8 || N > Np || splits < 1 || (warps != 4 && warps != 8))
         return kUnsupported;
     if (act != static_cast<int>(ActType::F16) && act != static_cast<int>(ActType::BF16)) return kUnsupported;
-    int dev = 0, major = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess ||
-        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess || major < 8)
-        return kUnsupported;   // sm_80 and up (see GEMMQ_ARCH_OK)
+    if (device_attribute<cudaDevAttrComputeCapabilityMajor>() < 8) return kUnsupported;   // see GEMMQ_ARCH_OK
     const __half* sc = static_cast<const __half*>(scales);
     const bool half = act == static_cast<int>(ActType::F16);
     const bool small = M <= 32;      // two 16-row tiles, else four
