@@ -342,9 +342,8 @@ def gemmq_sound(device: torch.device) -> bool:
     """Whether the int4 GEMM on the tensor cores (``kernels.gemmq``) serves decode batches on ``device``: on first use
     there it runs as ``mm4`` launches it (fp16 and bf16; 5, 37 and 70 rows; one and two K splits; six units of K,
     groups of one and two units; N a multiple of 8 and not) on small random weights and is compared with
-    ``i4.mm4_torch`` to half-precision rounding; a
-    mismatch or an error keeps the Triton kernel for the process (``GEMMQ_PROBES`` says why). Not probed inside a
-    CUDA graph capture."""
+    ``i4.mm4_torch`` to half-precision rounding; a mismatch or an error keeps the Triton kernel for the process
+    (``GEMMQ_PROBES`` says why). Not probed inside a CUDA graph capture."""
     return _sound(GEMMQ_PROBES, _probe_gemmq, device)
 
 
@@ -388,9 +387,8 @@ def probe_weight_kernels(model) -> None:
     """Probe, at load (outside any CUDA graph capture), on every CUDA device of ``model``: the compiled int4 / fp8
     GEMVs (``gemvq_sound``) where a stage is i4 or f8; where a stage is i8, the compiled uint8 GEMV
     (``gemvq_u8_sound``; fp16 / bf16 stages) and the Triton i8 kernel of batches (``i8_gemm_sound``). The outcomes go
-    into ``model.kernels["cuda"]`` ("gemvq probe", "gemmq probe" (i4: the tensor-core GEMM of batches, ``gemmq_sound``),
-    "gemvq u8 probe", "i8 gemm probe": "ok" or why the other paths
-    serve)."""
+    into ``model.kernels["cuda"]`` ("gemvq probe", "gemmq probe" (i4: the tensor-core GEMM of batches,
+    ``gemmq_sound``), "gemvq u8 probe", "i8 gemm probe": "ok" or why the other paths serve)."""
     quants = {s.quant for s in model.plan.stages}
     half_i8 = any(s.quant == "i8" and s.dtype in (torch.float16, torch.bfloat16) for s in model.plan.stages)
     for dev in {d for d in model.devices if d.type == "cuda"}:
