@@ -96,6 +96,25 @@ __device__ __forceinline__ void store_pair(float* p, float a, float b, bool even
     }
 }
 
+__device__ __forceinline__ float vadd(float a, float b) { return a + b; }
+__device__ __forceinline__ float4 vadd(float4 a, float4 b) {
+    return make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w);
+}
+// p[0] + p[step] + ... + p[(splits - 1) step] added in split order (so the sum does not depend on which split came
+// last); the loads are issued four at a time, ahead of their additions (the partials are in L2).
+template <typename V>
+__device__ __forceinline__ V sum_splits(const V* p, long step, int splits) {
+    V s = __ldcg(p);
+    int sp = 1;
+    for (; sp + 4 <= splits; sp += 4) {
+        const V a = __ldcg(p + sp * step), b = __ldcg(p + (sp + 1) * step), c = __ldcg(p + (sp + 2) * step),
+                d = __ldcg(p + (sp + 3) * step);
+        s = vadd(vadd(vadd(vadd(s, a), b), c), d);
+    }
+    for (; sp < splits; ++sp) s = vadd(s, __ldcg(p + sp * step));
+    return s;
+}
+
 template <typename F>
 __device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
     if constexpr (std::is_same<F, __half>::value) {
@@ -346,20 +365,26 @@ __global__ void __launch_bounds__(NW * 32) gemmq_i4_kernel(const F* __restrict__
     __syncthreads();
     if (!last) return;
     __threadfence();
-    // the tile's outputs: kRows rows x L::outs columns, one column pair per thread and step
-    constexpr int kPairs = kRows * L::outs / 2;
-    for (int i = tid; i < kPairs; i += kThreads) {
-        const int r = row0 + i / (L::outs / 2), n = n0 + 2 * (i % (L::outs / 2));
-        if (r >= M || n >= N) continue;
-        const bool two = n + 1 < N;
-        float s0 = 0.f, s1 = 0.f;
-        for (int sp = 0; sp < splits; ++sp) {
-            const float* p = work + ((long)sp * M + r) * N + n;
-            s0 += __ldcg(p);
-            if (two) s1 += __ldcg(p + 1);
+    // the tile's outputs, kRows rows x L::outs columns: four columns per thread and step (16-byte loads of the
+    // partials) where N % 4 == 0, else one
+    if ((N & 3) == 0 && (reinterpret_cast<uintptr_t>(work) & 15) == 0) {
+        constexpr int kQuads = kRows * L::outs / 4;
+        for (int i = tid; i < kQuads; i += kThreads) {
+            const int r = row0 + i / (L::outs / 4), n = n0 + 4 * (i % (L::outs / 4));
+            if (r >= M || n >= N) continue;   // N % 4 == 0: n < N holds n + 3 < N too
+            const long off = (long)r * N + n;
+            const float4 v = sum_splits(reinterpret_cast<const float4*>(work + off), (long)M * N / 4, splits);
+            store_pair(y + off, v.x, v.y, true, true);
+            store_pair(y + off + 2, v.z, v.w, true, true);
         }
-        y[(long)r * N + n] = from_f32<F>(s0);
-        if (two) y[(long)r * N + n + 1] = from_f32<F>(s1);
+    } else {
+        constexpr int kOuts = kRows * L::outs;
+        for (int i = tid; i < kOuts; i += kThreads) {
+            const int r = row0 + i / L::outs, n = n0 + i % L::outs;
+            if (r >= M || n >= N) continue;
+            const long off = (long)r * N + n;
+            y[off] = from_f32<F>(sum_splits(work + off, (long)M * N, splits));
+        }
     }
     if (tid == 0) counters[tile] = 0;
 #endif
@@ -383,33 +408,60 @@ int launch(int M, int K, int N, int Np, int group, int splits, const void* x, co
     return (int)cudaGetLastError();
 }
 
+// Calls f(F{}, NW, MT) with the kernel's instantiation for act, M rows and warps: MT = 1, 2 or 4 16-row tiles
+// (M <= 16, M <= 32, else). kUnsupported for other act / warps.
+template <typename Fn> int with_instance(int act, int M, int warps, Fn&& f) {
+    using I1 = std::integral_constant<int, 1>;
+    using I2 = std::integral_constant<int, 2>;
+    using I4 = std::integral_constant<int, 4>;
+    using I8 = std::integral_constant<int, 8>;
+    auto by_mt = [&](auto f_tag, auto nw_tag) {
+        if (M <= 16) return f(f_tag, nw_tag, I1{});
+        if (M <= 32) return f(f_tag, nw_tag, I2{});
+        return f(f_tag, nw_tag, I4{});
+    };
+    auto by_nw = [&](auto f_tag) {
+        if (warps == 4) return by_mt(f_tag, I4{});
+        if (warps == 8) return by_mt(f_tag, I8{});
+        return (int)kUnsupported;
+    };
+    if (act == static_cast<int>(ActType::F16)) return by_nw(__half{});
+    if (act == static_cast<int>(ActType::BF16)) return by_nw(__nv_bfloat16{});
+    return kUnsupported;
+}
+
 }  // namespace
 
 int gemmq_i4_launch(int act, int M, int K, int N, int Np, int group, int splits, int warps, const void* x,
                     const uint32_t* qweight, const uint32_t* qzeros, const void* scales, void* y, float* work,
                     int* counters, cudaStream_t stream) {
     if (M < 1 || N < 1) return 0;
-    if (K % kUnit || group % kUnit || K % group || Np % 8 || N > Np || splits < 1 || (warps != 4 && warps != 8))
-        return kUnsupported;
-    if (act != static_cast<int>(ActType::F16) && act != static_cast<int>(ActType::BF16)) return kUnsupported;
+    if (K % kUnit || group % kUnit || K % group || Np % 8 || N > Np || splits < 1) return kUnsupported;
     if (device_attribute<cudaDevAttrComputeCapabilityMajor>() < 8) return kUnsupported;   // see GEMMQ_ARCH_OK
     const __half* sc = static_cast<const __half*>(scales);
-    const bool half = act == static_cast<int>(ActType::F16);
-    const bool small = M <= 32;      // two 16-row tiles, else four
-    auto go = [&](auto f_tag, auto nw_tag, auto mt_tag) {
+    return with_instance(act, M, warps, [&](auto f_tag, auto nw_tag, auto mt_tag) {
+        return launch<decltype(f_tag), decltype(nw_tag)::value, decltype(mt_tag)::value>(
+            M, K, N, Np, group, splits, x, qweight, qzeros, sc, y, work, counters, stream);
+    });
+}
+
+int gemmq_i4_blocks_per_sm(int act, int M, int warps) {
+    if (M < 1 || device_attribute<cudaDevAttrComputeCapabilityMajor>() < 8) return 0;
+    const int n = with_instance(act, M, warps, [&](auto f_tag, auto nw_tag, auto mt_tag) {
         using F = decltype(f_tag);
-        return launch<F, decltype(nw_tag)::value, decltype(mt_tag)::value>(M, K, N, Np, group, splits, x, qweight,
-                                                                             qzeros, sc, y, work, counters, stream);
-    };
-    using I4 = std::integral_constant<int, 4>;
-    using I8 = std::integral_constant<int, 8>;
-    using I2 = std::integral_constant<int, 2>;
-    if (half) {
-        if (warps == 4) return small ? go(__half{}, I4{}, I2{}) : go(__half{}, I4{}, I4{});
-        return small ? go(__half{}, I8{}, I2{}) : go(__half{}, I8{}, I4{});
-    }
-    if (warps == 4) return small ? go(__nv_bfloat16{}, I4{}, I2{}) : go(__nv_bfloat16{}, I4{}, I4{});
-    return small ? go(__nv_bfloat16{}, I8{}, I2{}) : go(__nv_bfloat16{}, I8{}, I4{});
+        constexpr int NW = decltype(nw_tag)::value, MT = decltype(mt_tag)::value;
+        constexpr int smem = gemmq_smem_bytes<NW, MT>();
+        if (smem + 16 > device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>()) return 0;
+        if (cudaFuncSetAttribute(gemmq_i4_kernel<F, NW, MT>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) !=
+            cudaSuccess)
+            return 0;
+        int blocks = 0;
+        if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, gemmq_i4_kernel<F, NW, MT>, NW * 32, smem) !=
+            cudaSuccess)
+            return 0;
+        return blocks;
+    });
+    return n > 0 ? n : 0;
 }
 
 }  // namespace rwkv_chat

@@ -72,5 +72,8 @@ int gemvq_launch(int kind, int act, int rows, int n, const GemvqEntry* entries, 
 int gemmq_i4_launch(int act, int M, int K, int N, int Np, int group, int splits, int warps, const void* x,
                     const uint32_t* qweight, const uint32_t* qzeros, const void* scales, void* y, float* work,
                     int* counters, cudaStream_t stream);
+// Blocks of gemmq_i4_launch's kernel for `act`, M rows and `warps` that one multiprocessor of the current device
+// holds at once (the CUDA occupancy calculator); 0 where it cannot run there.
+int gemmq_i4_blocks_per_sm(int act, int M, int warps);
 
 }  // namespace rwkv_chat

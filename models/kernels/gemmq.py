@@ -46,11 +46,36 @@ def gemmq_i4_ok(q: Int4Weight) -> bool:
             and q.storage.shape[0] % 8 == 0 and q.storage.data_ptr() % 16 == 0 and q.scales.data_ptr() % 16 == 0)
 
 
-def gemmq_tiles(rows: int, K: int, N: int, device, warps: int = 4) -> tuple[int, int]:
-    """(warps per block, K splits) for ``rows`` x K @ K x N: blocks of ``warps`` x 32 outputs and 32 (up to 32
-    rows) or 64 rows, as many K splits as keep every block in one wave of two per multiprocessor, at least one."""
-    blocks = -(-N // (32 * warps)) * -(-rows // (32 if rows <= 32 else 64))
-    splits = max(1, min(K // UNIT, 2 * _sms(device) // max(blocks, 1)))
+def row_tile(rows: int) -> int:
+    """Rows of x one block takes: 16, 32 or 64 (the kernel's 1, 2 or 4 tiles of 16 rows)."""
+    return 16 if rows <= 16 else 32 if rows <= 32 else 64
+
+
+_OCCUPANCY: dict[tuple, int] = {}
+
+
+def blocks_per_sm(device, dtype: torch.dtype, rows: int, warps: int) -> int:
+    """Blocks of the kernel for ``rows`` rows of ``dtype`` and ``warps`` that one multiprocessor of ``device`` holds
+    at once (the op's occupancy query, cached per device, dtype, row tile and warps); 2 where the op is not built."""
+    if not built():
+        return 2
+    d = torch.device(device)
+    index = d.index if d.index is not None else torch.cuda.current_device()
+    key = (index, dtype, row_tile(rows), warps)
+    if key not in _OCCUPANCY:
+        n = torch.ops.rwkv_chat.gemmq_i4_blocks_per_sm(index, dtype == torch.bfloat16, rows, warps)
+        _OCCUPANCY[key] = max(1, int(n))
+    return _OCCUPANCY[key]
+
+
+def gemmq_tiles(rows: int, K: int, N: int, device, warps: int = 4,
+                dtype: torch.dtype = torch.float16) -> tuple[int, int]:
+    """(warps per block, K splits) for ``rows`` x K @ K x N: blocks of ``warps`` x 32 outputs and ``row_tile(rows)``
+    rows, as many K splits as keep every block in one wave of the blocks the multiprocessors hold at once
+    (``blocks_per_sm``), at least one."""
+    blocks = -(-N // (32 * warps)) * -(-rows // row_tile(rows))
+    resident = blocks_per_sm(device, dtype, rows, warps) * _sms(device)
+    splits = max(1, min(K // UNIT, resident // max(blocks, 1)))
     return warps, splits
 
 
@@ -60,7 +85,7 @@ def gemmq_i4(x: torch.Tensor, q: Int4Weight, splits: int | None = None, warps: i
     Raises RuntimeError (the op's checks) for inputs outside that contract; callers check first."""
     M, K = x.shape
     N = q.shape[1]
-    w, s = gemmq_tiles(M, K, N, x.device, warps)
+    w, s = gemmq_tiles(M, K, N, x.device, warps, x.dtype)
     s = splits or s
     counters = _gemv._counters(x.device) if s > 1 else None
     if counters is None:
