@@ -308,8 +308,8 @@ void gemmq_i4_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
 
 // Blocks of gemmq_i4_cuda's kernel for `rows` rows of `x_dtype` activations and `warps` that one multiprocessor of
 // `device` holds at once (the split rule of models/kernels/gemmq.py fills them); 0 where it cannot run there.
-int64_t gemmq_i4_blocks_per_sm(int64_t device, bool bf16, int64_t rows, int64_t warps) {
-    const char* op = "rwkv_chat::gemmq_i4_blocks_per_sm";
+int64_t gemmq_i4_occupancy(int64_t device, bool bf16, int64_t rows, int64_t warps) {
+    const char* op = "rwkv_chat::gemmq_i4_occupancy";
     TORCH_CHECK(rows >= 1 && rows <= INT32_MAX, op, ": rows must be positive, got ", rows);
     TORCH_CHECK(warps == 4 || warps == 8, op, ": warps must be 4 or 8, got ", warps);
     TORCH_CHECK(device >= 0 && device < at::cuda::device_count(), op, ": no CUDA device ", device);
@@ -339,5 +339,5 @@ TORCH_LIBRARY_FRAGMENT(rwkv_chat, m) {
     m.def("gemmq_i4_cuda(Tensor x, Tensor qweight, Tensor qzeros, Tensor scales, int group, int splits, int warps, "
           "Tensor work, Tensor counters, Tensor(a!) y) -> ()",
           &rwkv_chat::gemmq_i4_cuda);
-    m.def("gemmq_i4_blocks_per_sm(int device, bool bf16, int rows, int warps) -> int", &rwkv_chat::gemmq_i4_blocks_per_sm);
+    m.def("gemmq_i4_occupancy(int device, bool bf16, int rows, int warps) -> int", &rwkv_chat::gemmq_i4_occupancy);
 }

@@ -63,7 +63,7 @@ def blocks_per_sm(device, dtype: torch.dtype, rows: int, warps: int) -> int:
     index = d.index if d.index is not None else torch.cuda.current_device()
     key = (index, dtype, row_tile(rows), warps)
     if key not in _OCCUPANCY:
-        n = torch.ops.rwkv_chat.gemmq_i4_blocks_per_sm(index, dtype == torch.bfloat16, rows, warps)
+        n = torch.ops.rwkv_chat.gemmq_i4_occupancy(index, dtype == torch.bfloat16, rows, warps)
         _OCCUPANCY[key] = max(1, int(n))
     return _OCCUPANCY[key]
 
