@@ -369,11 +369,17 @@ def bench_gemvq(rows_md: list, peak: float) -> None:
             print(rows_md[-1], flush=True)
 
 
+GEMMQ_ROWS = (8, 16, 32, 64, 128)
+GEMMQ_SPLITS = (1, 2, 3, 4, 6, 8, 12, 16)
+
+
 def bench_gemmq(rows_md: list) -> None:
     """The int4 GEMM on the tensor cores for decode batches (``kernels.gemmq``, ``csrc/gemvq/gemmq_cuda.cu``) against
-    the Triton int4 kernel (``ops.gemv.i4_gemv``) and the fp16 cuBLAS product of the same matrix, at 16, 64 and 200
-    rows (fp16 activations, group 128, held output-major): CUDA graphs of GEMVQ_LAUNCHES launches over weight sets
-    > 3x L2, median of 7 replays; the launch rule's tiles and blocks of 8 warps; relative errors against float64."""
+    the Triton int4 kernel (``ops.gemv.i4_gemv``) and the fp16 cuBLAS product of the same matrix, at GEMMQ_ROWS rows
+    (fp16 activations, group 128, held output-major): CUDA graphs of GEMVQ_LAUNCHES launches over weight sets
+    > 3x L2, median of 7 replays; the launch rule's tiles (``gemmq.gemmq_tiles``), blocks of 8 warps, and the
+    fastest of GEMMQ_SPLITS K splits with 4 warps (how far the split rule is from the best); relative errors against
+    float64."""
     from rwkv_chat.models.formats import i4
     from rwkv_chat.models.kernels import gemmq
     from rwkv_chat.models.ops import gemv as triton_gemv
@@ -384,11 +390,12 @@ def bench_gemmq(rows_md: list) -> None:
     dev = torch.device("cuda")
     rows_md += ["", f"### int4 GEMM on the tensor cores vs the Triton int4 kernel and fp16 cuBLAS (decode batches; CUDA "
                     f"graph of {GEMVQ_LAUNCHES} launches over weight sets > 3x L2)", "",
-                "| rows | K x N | fp16 cuBLAS us | Triton i4 us | tensor cores us (4 warps, splits) | 8 warps us | "
-                "best / cuBLAS | best / Triton | rel. err tensor cores | rel. err Triton |",
-                "|---|---|---|---|---|---|---|---|---|---|"]
+                "| rows | K x N | fp16 cuBLAS us | Triton i4 us | tensor cores us (4 warps, rule's splits) | 8 warps us | "
+                f"fastest of {'/'.join(map(str, GEMMQ_SPLITS))} splits us (splits) | rule / cuBLAS | rule / Triton | "
+                "rel. err tensor cores | rel. err Triton |",
+                "|---|---|---|---|---|---|---|---|---|---|---|"]
     for K, N in GEMVQ_SHAPES:
-        xs = {rows: torch.randn(rows, K, device="cuda", dtype=torch.float16) for rows in (16, 64, 200)}
+        xs = {rows: torch.randn(rows, K, device="cuda", dtype=torch.float16) for rows in GEMMQ_ROWS}
         n = sets_for(K * N * 2)
         ws = [(torch.randn(N, K, device="cuda") * K ** -0.5).half().t() for _ in range(n)]
         t16 = {rows: time_ms(lambda i: x @ ws[i], n, iters=GEMVQ_LAUNCHES) for rows, x in xs.items()}
@@ -404,9 +411,12 @@ def bench_gemmq(rows_md: list) -> None:
             tt = time_ms(lambda i: triton_gemv.i4_gemv(x, qs[i]), n, iters=GEMVQ_LAUNCHES)
             t4 = time_ms(lambda i: gemmq.gemmq_i4(x, qs[i]), n, iters=GEMVQ_LAUNCHES)
             t8 = time_ms(lambda i: gemmq.gemmq_i4(x, qs[i], None, 8), n, iters=GEMVQ_LAUNCHES)
-            best = min(t4, t8)
+            sweep = {s: time_ms(lambda i: gemmq.gemmq_i4(x, qs[i], s, 4), n, iters=GEMVQ_LAUNCHES)
+                     for s in GEMMQ_SPLITS if s <= K // gemmq.UNIT}
+            s_best = min(sweep, key=sweep.get)
             rows_md.append(f"| {rows} | {K}x{N} | {t16[rows] * 1e3:.1f} | {tt * 1e3:.1f} | {t4 * 1e3:.1f} ({splits}) | "
-                           f"{t8 * 1e3:.1f} | {t16[rows] / best:.2f}x | {tt / best:.2f}x | {e_tc:.1e} | {e_tr:.1e} |")
+                           f"{t8 * 1e3:.1f} | {sweep[s_best] * 1e3:.1f} ({s_best}) | {t16[rows] / t4:.2f}x | "
+                           f"{tt / t4:.2f}x | {e_tc:.1e} | {e_tr:.1e} |")
             print(rows_md[-1], flush=True)
         qs.clear()
         torch.cuda.empty_cache()

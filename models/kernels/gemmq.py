@@ -25,9 +25,9 @@ from rwkv_chat.models.ops._triton import multiprocessors as _sms
 UNIT = 128
 #: the fewest rows it serves (fewer: the compiled GEMV of ``csrc/gemvq``)
 MIN_ROWS = 5
-#: whether ``dispatch.mm4`` routes decode batches here. Off until the kernel has been checked and timed on a GPU
-#: (``tests/gpu/verify_kernels.py --family gemvq`` runs it directly either way); the Triton kernel serves meanwhile.
-ENABLED = False
+#: whether ``dispatch.mm4`` routes decode batches here (checked by ``tests/gpu/verify_kernels.py --family gemvq``;
+#: timed against the Triton int4 kernel by ``bench/kernels.py --only gemvq`` and ``bench/formats.py --i4-gemm``)
+ENABLED = True
 
 
 def built() -> bool:
@@ -51,6 +51,12 @@ def row_tile(rows: int) -> int:
     return 16 if rows <= 16 else 32 if rows <= 32 else 64
 
 
+#: blocks a multiprocessor per row tile that the split rule aims at. Measured on an H100 (bench/results/h100.md,
+#: "int4 GEMM on the tensor cores": splits swept at 8-128 rows, 4096 x 4096, 4096 x 16384, 16384 x 4096): every
+#: further split adds float32 partials to write and add, which costs more than the latency more warps would hide,
+#: beyond two blocks a multiprocessor of 16- or 32-row tiles and one of 64-row tiles.
+WAVE = {16: 2, 32: 2, 64: 1}
+
 _OCCUPANCY: dict[tuple, int] = {}
 
 
@@ -71,10 +77,11 @@ def blocks_per_sm(device, dtype: torch.dtype, rows: int, warps: int) -> int:
 def gemmq_tiles(rows: int, K: int, N: int, device, warps: int = 4,
                 dtype: torch.dtype = torch.float16) -> tuple[int, int]:
     """(warps per block, K splits) for ``rows`` x K @ K x N: blocks of ``warps`` x 32 outputs and ``row_tile(rows)``
-    rows, as many K splits as keep every block in one wave of the blocks the multiprocessors hold at once
-    (``blocks_per_sm``), at least one."""
-    blocks = -(-N // (32 * warps)) * -(-rows // row_tile(rows))
-    resident = blocks_per_sm(device, dtype, rows, warps) * _sms(device)
+    rows, as many K splits as keep the blocks within one wave of ``WAVE[row_tile(rows)]`` blocks a multiprocessor
+    (at most ``blocks_per_sm``), at least one."""
+    tile = row_tile(rows)
+    blocks = -(-N // (32 * warps)) * -(-rows // tile)
+    resident = min(WAVE[tile], blocks_per_sm(device, dtype, rows, warps)) * _sms(device)
     splits = max(1, min(K // UNIT, resident // max(blocks, 1)))
     return warps, splits
 

@@ -59,12 +59,14 @@ def test_without_the_op_the_probe_says_so_and_mm4_keeps_its_paths():
 @settings(max_examples=60, deadline=None)
 @given(rows=st.integers(5, 256), k_units=st.integers(1, 160), n=st.integers(1, 70000), sms=st.integers(1, 160),
        warps=st.sampled_from([4, 8]), resident=st.integers(1, 6))
-def test_the_split_rule_fills_one_wave_of_the_resident_blocks(rows, k_units, n, sms, warps, resident):
+def test_the_split_rule_keeps_to_one_wave_of_its_blocks_a_multiprocessor(rows, k_units, n, sms, warps, resident):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(gemmq, "_sms", lambda device: sms)
         mp.setattr(gemmq, "blocks_per_sm", lambda device, dtype, r, w: resident)
         w, splits = gemmq.gemmq_tiles(rows, k_units * gemmq.UNIT, n, "cuda", warps)
-    blocks = -(-n // (32 * warps)) * -(-rows // (16 if rows <= 16 else 32 if rows <= 32 else 64))
+    tile = 16 if rows <= 16 else 32 if rows <= 32 else 64
+    blocks = -(-n // (32 * warps)) * -(-rows // tile)
+    resident = min(resident, gemmq.WAVE[tile])
     assert w == warps and 1 <= splits <= k_units
     if splits > 1:
         assert blocks * splits <= resident * sms                       # no second wave
