@@ -254,8 +254,6 @@ def _probe_rkv_stack(model, layers: list[dict]) -> str | None:
     p = model.layers[at]
     qs = [p[n] for n in _BIG[:3]]
     dt, dev, C = p["ln1.weight"].dtype, p["ln1.weight"].device, qs[0].shape[0]
-    if dispatch.gemmq_serves(torch.empty(64, C, dtype=dt, device=dev), qs[0]):
-        return "not needed: the int4 GEMM on the tensor cores (kernels.gemmq) takes r, k, v one by one"
     g = torch.Generator(device=dev).manual_seed(0)
     try:
         for rows in (16, 64, 200):
@@ -734,7 +732,8 @@ class FusedCuda(Backend):
                 bmm = dispatch.bgemm if self.tuned_gemm else torch.bmm
                 if "rkv" in f:
                     r, k, v = bmm(mix[0:3], f["rkv"].transpose(1, 2))
-                elif "rkv_i4" in f and (rkv := dispatch.mm4_stack(mix[0:3], [p[n] for n in _BIG[:3]])) is not None:
+                elif ("rkv_i4" in f and not dispatch.gemmq_serves(mix[0], p["att.receptance.weight"])
+                      and (rkv := dispatch.mm4_stack(mix[0:3], [p[n] for n in _BIG[:3]])) is not None):
                     r, k, v = rkv
                 else:
                     r, k, v = (self._many(xx, p[n]) for xx, n in ((xr, "att.receptance.weight"),

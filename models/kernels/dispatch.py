@@ -562,8 +562,9 @@ def mm4(x: torch.Tensor, q: Int4Weight) -> torch.Tensor:
 
     x [..., K] fp32/fp16/bf16 on q's device -> [..., N] in x's dtype. On CUDA: 1..``GEMVQ_ROWS`` rows with the
     compiled GEMV of ``csrc/gemvq`` where it is built and reads the weight (``gemvq_i4_ok``: output-major, the
-    layout a weight takes on CUDA); from ``gemmq.MIN_ROWS`` to ``ops.gemv.I4_ROWS`` rows (decode batches) the int4
-    GEMM on the tensor cores (``kernels.gemmq``) where it reads the weight and ``gemmq_sound``; else, fp16/bf16 and
+    layout a weight takes on CUDA); from ``gemmq.MIN_ROWS`` to ``ops.gemv.I4_ROWS`` rows (decode batches) but
+    ``gemmq.TRITON_ROWS`` the int4 GEMM on the tensor cores (``kernels.gemmq``) where it reads the weight and
+    ``gemmq_sound``; else, fp16/bf16 and
     at most ``ops.gemv.I4_ROWS`` rows: the Triton kernel (either layout; dequantized in registers, fp32
     accumulation); more rows (prefill):
     dequantized once per call and multiplied by cuBLAS. On the CPU, up to ``I4_CPU_ROWS`` rows: the compiled
@@ -591,10 +592,10 @@ def mm4(x: torch.Tensor, q: Int4Weight) -> torch.Tensor:
 
 def gemmq_serves(x: torch.Tensor, q: Int4Weight) -> bool:
     """Whether the int4 GEMM on the tensor cores (``kernels.gemmq``, ``mm4``'s path) takes this product: CUDA,
-    fp16/bf16, ``gemmq.MIN_ROWS`` to ``ops.gemv.I4_ROWS`` rows, a weight it reads, the device's probe passed, and
-    ``gemmq.ENABLED``."""
+    fp16/bf16, ``gemmq.MIN_ROWS`` to ``ops.gemv.I4_ROWS`` rows but ``gemmq.TRITON_ROWS``, a weight it reads, the
+    device's probe passed, and ``gemmq.ENABLED``."""
     return (_gemmq.ENABLED and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
-            and _gemmq.MIN_ROWS <= _rows(x) <= _gemv.I4_ROWS and _gemmq.gemmq_i4_ok(q)
+            and _gemmq.serves_rows(_rows(x)) and _rows(x) <= _gemv.I4_ROWS and _gemmq.gemmq_i4_ok(q)
             and _gemmq.built() and gemmq_sound(x.device))
 
 

@@ -7,7 +7,7 @@ k order is permuted instead, and x, which is small, is staged in that order), fl
 activations the weights take the values of ``Int4Weight.dequantize``, for bf16 the scale is rounded to bf16 first.
 K splits write float32 partials that the last split of each tile adds in split order (no atomics on y).
 
-``dispatch.mm4`` calls ``gemmq_i4`` where ``ENABLED``, ``gemmq_i4_ok(q)`` and the device's probe
+``dispatch.mm4`` calls ``gemmq_i4`` where ``ENABLED``, ``serves_rows``, ``gemmq_i4_ok(q)`` and the device's probe
 (``dispatch.gemmq_sound``) agree; ``gemmq_tiles`` is the launch rule (warps per block, K splits). Needs compute
 capability 8.0 or later (the launcher refuses older devices).
 """
@@ -25,6 +25,10 @@ from rwkv_chat.models.ops._triton import multiprocessors as _sms
 UNIT = 128
 #: the fewest rows it serves (fewer: the compiled GEMV of ``csrc/gemvq``)
 MIN_ROWS = 5
+#: rows it leaves to the Triton int4 kernel (r, k, v of a layer stacked in one launch), which measured faster there:
+#: the 7.2B decode at batch 64 ran 0.93x fp16 that way and 0.88x with this kernel, at batches 16 and 128 this kernel
+#: was ahead (1.17x against 1.00x, 0.75x against 0.73x; H100, ``bench/formats.py --i4-gemm``, one call)
+TRITON_ROWS = range(33, 65)
 #: whether ``dispatch.mm4`` routes decode batches here (checked by ``tests/gpu/verify_kernels.py --family gemvq``;
 #: timed against the Triton int4 kernel by ``bench/kernels.py --only gemvq`` and ``bench/formats.py --i4-gemm``)
 ENABLED = True
@@ -33,6 +37,12 @@ ENABLED = True
 def built() -> bool:
     """Whether the op is loaded (it is built with the ``gemvq`` family of ``csrc``)."""
     return available("cuda", "gemvq") and hasattr(torch.ops.rwkv_chat, "gemmq_i4_cuda")
+
+
+def serves_rows(rows: int) -> bool:
+    """Whether ``dispatch.mm4`` gives products of ``rows`` rows to this kernel: ``MIN_ROWS`` up, outside
+    ``TRITON_ROWS`` (the upper bound is the caller's, ``ops.gemv.I4_ROWS``)."""
+    return rows >= MIN_ROWS and rows not in TRITON_ROWS
 
 
 def gemmq_i4_ok(q: Int4Weight) -> bool:

@@ -231,10 +231,11 @@ def case_gemmq_i4(rows, K, N, group, dtype, device, seed, graph=False, warps=4):
 
     if not (gemmq.built() and gemmq.gemmq_i4_ok(q)):
         raise AssertionError("the tensor-core int4 GEMM is not built or does not read this weight")
-    if gemmq.ENABLED and not dispatch.gemmq_serves(x, q):
+    routed = gemmq.ENABLED and gemmq.serves_rows(rows)       # mm4 gives these rows to it: check that route
+    if routed and not dispatch.gemmq_serves(x, q):
         raise AssertionError(f"kernels.mm4 does not route this product to it ({dispatch.GEMMQ_PROBES})")
     ref = x.double() @ q.dequantize(torch.float64)
-    run = (lambda: kernels.mm4(x, q)) if gemmq.ENABLED and warps == 4 else (lambda: gemmq.gemmq_i4(x, q, None, warps))
+    run = (lambda: kernels.mm4(x, q)) if routed and warps == 4 else (lambda: gemmq.gemmq_i4(x, q, None, warps))
     return rel_err(_replayed(run) if graph else run(), ref)
 
 

@@ -76,3 +76,10 @@ def test_the_split_rule_keeps_to_one_wave_of_its_blocks_a_multiprocessor(rows, k
 def test_without_the_op_two_blocks_a_multiprocessor_are_assumed():
     assert not gemmq.built()
     assert gemmq.blocks_per_sm("cuda", torch.float16, 64, 4) == 2
+
+
+def test_rows_go_to_it_from_five_up_but_the_band_the_triton_kernel_keeps():
+    assert [r for r in range(1, 300) if gemmq.serves_rows(r)] == \
+        [r for r in range(gemmq.MIN_ROWS, 300) if r not in gemmq.TRITON_ROWS]
+    assert not gemmq.serves_rows(4) and gemmq.serves_rows(5) and gemmq.serves_rows(32)
+    assert not gemmq.serves_rows(64) and gemmq.serves_rows(65)
