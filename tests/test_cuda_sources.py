@@ -1,13 +1,16 @@
 """Every CUDA source the kernel build compiles (``models.kernels.CUDA_SOURCES``, the ``.cu`` files) compiles for the
 GPU generations the kernels serve (sm_80 and sm_90) with NVIDIA's compiler from its PyPI wheels (the ``test`` extra),
 so a device-code error (an instruction an architecture lacks, a bad inline PTX operand) fails here on a machine
-without a GPU, not in a user's first build. The bindings' C++ needs the CUDA libraries' headers as well and is
-built and run on a GPU (``tests/gpu``)."""
+without a GPU, not in a user's first build. The op bindings' C++ (``csrc/bindings``: schemas, argument types, calls
+into the launchers) is checked too, with the host compiler, torch's headers and stand-ins for the four CUDA-library
+types torch's CUDA headers name (``tests/cuda_stubs``); it is built and run on a GPU (``tests/gpu``)."""
 
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import subprocess
+import sysconfig
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -46,4 +49,27 @@ def test_every_cuda_source_compiles_for_sm80_and_sm90(tmp_path):
 
     with ThreadPoolExecutor(2) as pool:
         failures = [f for f in pool.map(compile_one, sources) if f]
+    assert not failures, "\n\n".join(failures)
+
+
+STUBS = Path(__file__).resolve().parent / "cuda_stubs"
+
+
+@pytest.mark.skipif(NVCC is None or shutil.which("g++") is None,
+                    reason="needs NVIDIA's compiler wheels (for the CUDA runtime headers) and g++")
+def test_the_op_bindings_compile_against_torchs_headers():
+    from torch.utils.cpp_extension import include_paths
+
+    src = kernels.default_source_dir()
+    bindings = [s for s in kernels.CUDA_SOURCES if s.startswith("bindings/")]
+    assert "bindings/gemvq_ops.cpp" in bindings and len(bindings) >= 4
+    includes = [*include_paths(), str(STUBS), str(NVCC.parent.parent / "include"), sysconfig.get_paths()["include"]]
+
+    def check(rel: str) -> str | None:
+        cmd = ["g++", "-std=c++17", "-fsyntax-only", *(f"-I{i}" for i in includes), str(src / rel)]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        return None if r.returncode == 0 else f"{rel}:\n{r.stderr[-3000:]}"
+
+    with ThreadPoolExecutor(2) as pool:
+        failures = [f for f in pool.map(check, bindings) if f]
     assert not failures, "\n\n".join(failures)
