@@ -377,9 +377,9 @@ def bench_gemmq(rows_md: list) -> None:
     """The int4 GEMM on the tensor cores for decode batches (``kernels.gemmq``, ``csrc/gemvq/gemmq_cuda.cu``) against
     the Triton int4 kernel (``ops.gemv.i4_gemv``) and the fp16 cuBLAS product of the same matrix, at GEMMQ_ROWS rows
     (fp16 activations, group 128, held output-major): CUDA graphs of GEMVQ_LAUNCHES launches over weight sets
-    > 3x L2, median of 7 replays; the launch rule's tiles (``gemmq.gemmq_tiles``), blocks of 8 warps, and the
-    fastest of GEMMQ_SPLITS K splits with 4 warps (how far the split rule is from the best); relative errors against
-    float64."""
+    > 3x L2, median of 7 replays; the launch rule's tiles (``gemmq.gemmq_tiles``), blocks of 8 warps, the fastest
+    of GEMMQ_SPLITS K splits with 4 warps (how far the split rule is from the best), and above 32 rows blocks of two
+    K groups of 4 warps (the fastest of the same splits); relative errors against float64."""
     from rwkv_chat.models.formats import i4
     from rwkv_chat.models.kernels import gemmq
     from rwkv_chat.models.ops import gemv as triton_gemv
@@ -391,9 +391,9 @@ def bench_gemmq(rows_md: list) -> None:
     rows_md += ["", f"### int4 GEMM on the tensor cores vs the Triton int4 kernel and fp16 cuBLAS (decode batches; CUDA "
                     f"graph of {GEMVQ_LAUNCHES} launches over weight sets > 3x L2)", "",
                 "| rows | K x N | fp16 cuBLAS us | Triton i4 us | tensor cores us (4 warps, rule's splits) | 8 warps us | "
-                f"fastest of {'/'.join(map(str, GEMMQ_SPLITS))} splits us (splits) | rule / cuBLAS | rule / Triton | "
-                "rel. err tensor cores | rel. err Triton |",
-                "|---|---|---|---|---|---|---|---|---|---|---|"]
+                f"fastest of {'/'.join(map(str, GEMMQ_SPLITS))} splits us (splits) | 2 K groups, fastest us (splits) | "
+                "rule / cuBLAS | rule / Triton | rel. err tensor cores | rel. err 2 K groups | rel. err Triton |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for K, N in GEMVQ_SHAPES:
         xs = {rows: torch.randn(rows, K, device="cuda", dtype=torch.float16) for rows in GEMMQ_ROWS}
         n = sets_for(K * N * 2)
@@ -414,9 +414,16 @@ def bench_gemmq(rows_md: list) -> None:
             sweep = {s: time_ms(lambda i: gemmq.gemmq_i4(x, qs[i], s, 4), n, iters=GEMVQ_LAUNCHES)
                      for s in GEMMQ_SPLITS if s <= K // gemmq.UNIT}
             s_best = min(sweep, key=sweep.get)
+            kg, e_kg = "–", "–"
+            if rows > 32:
+                e_kg = f"{err(gemmq.gemmq_i4(x, qs[0], None, 4, 2)):.1e}"
+                sweep2 = {s: time_ms(lambda i: gemmq.gemmq_i4(x, qs[i], s, 4, 2), n, iters=GEMVQ_LAUNCHES)
+                          for s in GEMMQ_SPLITS if s <= K // gemmq.UNIT}
+                s2 = min(sweep2, key=sweep2.get)
+                kg = f"{sweep2[s2] * 1e3:.1f} ({s2})"
             rows_md.append(f"| {rows} | {K}x{N} | {t16[rows] * 1e3:.1f} | {tt * 1e3:.1f} | {t4 * 1e3:.1f} ({splits}) | "
-                           f"{t8 * 1e3:.1f} | {sweep[s_best] * 1e3:.1f} ({s_best}) | {t16[rows] / t4:.2f}x | "
-                           f"{tt / t4:.2f}x | {e_tc:.1e} | {e_tr:.1e} |")
+                           f"{t8 * 1e3:.1f} | {sweep[s_best] * 1e3:.1f} ({s_best}) | {kg} | {t16[rows] / t4:.2f}x | "
+                           f"{tt / t4:.2f}x | {e_tc:.1e} | {e_kg} | {e_tr:.1e} |")
             print(rows_md[-1], flush=True)
         qs.clear()
         torch.cuda.empty_cache()

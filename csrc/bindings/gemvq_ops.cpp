@@ -254,10 +254,10 @@ void gemvq_u8_multi_cuda(at::TensorList xs, at::TensorList ws, at::TensorList mx
 // qweight int32 [Np, K/8] output-major, qzeros int32 [K/group, Np/8], scales float16 [K/group, Np] (16-byte
 // aligned), y [rows, N]; K and group multiples of 128, group | K. splits >= 1 ranges of K; with more than one,
 // work float32 holding at least [splits, rows, N] and counters int32 with one zero entry per tile
-// (ceil(N / (32 warps)) x ceil(rows / 64)), left zero. warps: 4 or 8.
+// (ceil(N / (32 warps)) x ceil(rows / 64)), left zero. warps: 4 or 8; k_groups: 1, or 2 (4 warps, rows > 32).
 void gemmq_i4_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& qzeros, const at::Tensor& scales,
-                   int64_t group, int64_t splits, int64_t warps, const at::Tensor& work, const at::Tensor& counters,
-                   const at::Tensor& y) {
+                   int64_t group, int64_t splits, int64_t warps, int64_t k_groups, const at::Tensor& work,
+                   const at::Tensor& counters, const at::Tensor& y) {
     const char* op = "rwkv_chat::gemmq_i4_cuda";
     TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && qweight.dim() == 2, op, ": x, y and qweight must be 2-D");
     const int act = act_code(x, op);
@@ -270,6 +270,8 @@ void gemmq_i4_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
     TORCH_CHECK(Np % 8 == 0 && N >= 1 && N <= Np, op, ": qweight rows ", Np, " must be a multiple of 8, at least N = ", N);
     TORCH_CHECK(K <= INT32_MAX && Np <= INT32_MAX && N <= INT32_MAX, op, ": shapes beyond int32");
     TORCH_CHECK(warps == 4 || warps == 8, op, ": warps must be 4 or 8, got ", warps);
+    TORCH_CHECK(k_groups == 1 || (k_groups == 2 && warps == 4 && rows > 32), op,
+                ": k_groups must be 1, or 2 with 4 warps and more than 32 rows; got ", k_groups);
     TORCH_CHECK(splits >= 1 && splits <= K / 128, op, ": splits must be 1..K/128, got ", splits);
     check_tensor(x, op, "x", kCUDA, x.scalar_type(), {rows, K});
     check_tensor(qweight, op, "qweight", kCUDA, at::kInt, {Np, K / 8});
@@ -299,8 +301,8 @@ void gemmq_i4_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
     std::vector<at::Tensor> keep;
     const void* xp = aligned_x(x, keep);
     const at::cuda::CUDAGuard guard(x.device());
-    check_launch(gemmq_i4_launch(act, (int)rows, (int)K, (int)N, (int)Np, (int)group, (int)splits, (int)warps, xp,
-                                 reinterpret_cast<const uint32_t*>(qweight.data_ptr()),
+    check_launch(gemmq_i4_launch(act, (int)rows, (int)K, (int)N, (int)Np, (int)group, (int)splits, (int)warps,
+                                 (int)k_groups, xp, reinterpret_cast<const uint32_t*>(qweight.data_ptr()),
                                  reinterpret_cast<const uint32_t*>(qzeros.data_ptr()), scales.data_ptr(), y.data_ptr(),
                                  wp, cp, at::cuda::getCurrentCUDAStream()),
                  op);
@@ -337,7 +339,7 @@ TORCH_LIBRARY_FRAGMENT(rwkv_chat, m) {
           "int[] acts, Tensor(a!)[] ys) -> ()",
           &rwkv_chat::gemvq_u8_multi_cuda);
     m.def("gemmq_i4_cuda(Tensor x, Tensor qweight, Tensor qzeros, Tensor scales, int group, int splits, int warps, "
-          "Tensor work, Tensor counters, Tensor(a!) y) -> ()",
+          "int k_groups, Tensor work, Tensor counters, Tensor(a!) y) -> ()",
           &rwkv_chat::gemmq_i4_cuda);
     m.def("gemmq_i4_occupancy(int device, bool bf16, int rows, int warps) -> int", &rwkv_chat::gemmq_i4_occupancy);
 }

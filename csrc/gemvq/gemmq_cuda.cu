@@ -21,6 +21,10 @@
 //     of x; each warp's accumulators are [MT][4] mma tiles (float32). Weights (with the unit's scales and
 //     zeros) stream through a cp.async ring in shared memory (StageLayout::stages deep); x is prefetched into
 //     registers one unit ahead and staged into one of two buffers.
+//   * K groups (KG = 2, 64-row tiles only): the block has KG x NW warps; the warps of group k take units
+//     u0 + KG i + k of the block's range, each group with its own ring and x buffers, and group 1 adds its
+//     accumulators into group 0's through shared memory at the end (more warps a multiprocessor without more
+//     K splits and their float32 partials).
 //   * K splits: grid.y splits K into ranges of whole units; with one split the block writes y, with several
 //     each writes float32 partials [splits, M, N] and the last split of a tile (a counter per tile, reset
 //     by that last split) adds them in split order and writes y: no atomics on y, the sum order is fixed.
@@ -176,36 +180,39 @@ template <int NW> struct StageLayout {
     static constexpr int z_bytes = NW * 4 * 4;
     static constexpr int bytes = w_bytes + s_bytes + z_bytes;   // a multiple of 16
 };
-template <int NW, int MT> constexpr int gemmq_smem_bytes() {
-    return StageLayout<NW>::stages * StageLayout<NW>::bytes + 2 * MT * 16 * kRowBytes;
+template <int NW, int MT, int KG> constexpr int gemmq_smem_bytes() {
+    return KG * (StageLayout<NW>::stages * StageLayout<NW>::bytes + 2 * MT * 16 * kRowBytes);
 }
 
-template <typename F, int NW, int MT>
-__global__ void __launch_bounds__(NW * 32) gemmq_i4_kernel(const F* __restrict__ x, const uint32_t* __restrict__ qw,
+template <typename F, int NW, int MT, int KG>
+__global__ void __launch_bounds__(NW * 32 * KG) gemmq_i4_kernel(const F* __restrict__ x, const uint32_t* __restrict__ qw,
                                                            const uint32_t* __restrict__ qz,
                                                            const __half* __restrict__ sc, F* __restrict__ y,
                                                            float* __restrict__ work, int* __restrict__ counters,
                                                            int M, int K, int N, int Np, int group, int units_per_split) {
 #if GEMMQ_ARCH_OK
     using L = StageLayout<NW>;
-    constexpr int kThreads = NW * 32, kRows = MT * 16, kStages = L::stages;
+    constexpr int kGroupThreads = NW * 32, kThreads = kGroupThreads * KG, kRows = MT * 16, kStages = L::stages;
     extern __shared__ __align__(16) unsigned char smem[];
-    unsigned char* ring = smem;
-    unsigned char* xbuf = smem + kStages * L::bytes;
-
-    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+    const int tid = threadIdx.x, lane = tid & 31, g = lane >> 2, t = lane & 3;
+    const int kg = KG == 1 ? 0 : (tid >> 5) / NW;          // the warp's K group
+    const int warp = KG == 1 ? tid >> 5 : (tid >> 5) % NW;  // its place along N
+    const int gtid = KG == 1 ? tid : tid % kGroupThreads;   // the thread's index in its group
+    unsigned char* ring = smem + kg * (kStages * L::bytes);
+    unsigned char* xbuf = smem + KG * kStages * L::bytes + kg * (2 * kRows * kRowBytes);
     const int n0 = blockIdx.x * L::outs, row0 = blockIdx.z * kRows;
     const int units = K / kUnit, u0 = blockIdx.y * units_per_split;
     const int u1 = min(units, u0 + units_per_split);
     const int kw = K / 8;                        // words per output
 
-    // Per-thread addresses, computed once: thread tid copies weight chunks c = tid + i kThreads (output
-    // o = c / 4, 16-byte part c % 4 of the unit's 64 bytes) and loads x chunks c = tid + i kThreads (row c / 16,
-    // 16-byte chunk c % 16 of the unit's 256 bytes); both strides are constants.
-    constexpr int kWChunks = L::outs * 4 / kThreads, kWRowStep = kThreads / 4;
-    constexpr int kXChunks = kRows * 16 / kThreads, kXRowStep = kThreads / 16;
-    static_assert(kWChunks * kThreads == L::outs * 4 && kXChunks * kThreads == kRows * 16, "tile and block differ");
-    const int w_out = tid >> 2, w_part = tid & 3, x_row = tid >> 4, x_ch = tid & 15;
+    // Per-thread addresses, computed once: thread gtid of a group copies weight chunks c = gtid + i kGroupThreads
+    // (output o = c / 4, 16-byte part c % 4 of the unit's 64 bytes) and loads x chunks c = gtid + i kGroupThreads
+    // (row c / 16, 16-byte chunk c % 16 of the unit's 256 bytes); both strides are constants.
+    constexpr int kWChunks = L::outs * 4 / kGroupThreads, kWRowStep = kGroupThreads / 4;
+    constexpr int kXChunks = kRows * 16 / kGroupThreads, kXRowStep = kGroupThreads / 16;
+    static_assert(kWChunks * kGroupThreads == L::outs * 4 && kXChunks * kGroupThreads == kRows * 16,
+                  "tile and block differ");
+    const int w_out = gtid >> 2, w_part = gtid & 3, x_row = gtid >> 4, x_ch = gtid & 15;
     const uint32_t* wsrc = qw + (long)(n0 + w_out) * kw + w_part * 4;
     const long w_step = (long)kWRowStep * kw;
     const int w_dst = w_out * 64 + w_part * 16;
@@ -222,14 +229,14 @@ __global__ void __launch_bounds__(NW * 32) gemmq_i4_kernel(const F* __restrict__
             const bool ok = n0 + w_out + i * kWRowStep < Np;
             cp_async16(base + w_dst + i * kWRowStep * 64, ok ? wsrc + i * w_step + u * (kUnit / 8) : qw, ok);
         }
-        if (tid < L::outs / 8 + NW * 4) {
+        if (gtid < L::outs / 8 + NW * 4) {
             const int gi = upg_shift >= 0 ? u >> upg_shift : u / upg;
-            if (tid < L::outs / 8) {             // scales: 8 fp16 per 16 bytes
-                const int n = n0 + tid * 8;
+            if (gtid < L::outs / 8) {            // scales: 8 fp16 per 16 bytes
+                const int n = n0 + gtid * 8;
                 const bool ok = n < Np;
-                cp_async16(base + L::w_bytes + tid * 16, sc + (ok ? (long)gi * Np + n : 0), ok);
+                cp_async16(base + L::w_bytes + gtid * 16, sc + (ok ? (long)gi * Np + n : 0), ok);
             } else {                             // zero words: 8 outputs each
-                const int zi = tid - L::outs / 8, n = n0 + zi * 8;
+                const int zi = gtid - L::outs / 8, n = n0 + zi * 8;
                 const bool ok = n < Np;
                 cp_async4(base + L::w_bytes + L::s_bytes + zi * 4, qz + (ok ? (long)gi * (Np / 8) + n / 8 : 0), ok);
             }
@@ -270,22 +277,26 @@ __global__ void __launch_bounds__(NW * 32) gemmq_i4_kernel(const F* __restrict__
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[m][j][e] = 0.f;
 
+    // group kg takes units u0 + KG it + kg, it = 0 .. iters - 1; every thread passes every barrier (a group whose
+    // last unit is past u1 skips that iteration's work only)
 #pragma unroll
     for (int s = 0; s < kStages - 1; ++s) {
-        if (u0 + s < u1) load_unit(u0 + s, s);
+        if (u0 + s * KG + kg < u1) load_unit(u0 + s * KG + kg, s);
         cp_commit();
     }
-    if (u0 < u1) load_x(u0);
+    if (u0 + kg < u1) load_x(u0 + kg);
 
     const float magic = Magic<F>::base;
-    for (int u = u0; u < u1; ++u) {
-        const int it = u - u0;
-        store_x(it & 1);
-        if (u + 1 < u1) load_x(u + 1);
+    const int iters = (u1 - u0 + KG - 1) / KG;
+    for (int it = 0; it < iters; ++it) {
+        const int u = u0 + it * KG + kg;
+        if (KG == 1 || u < u1) store_x(it & 1);
+        if (u + KG < u1) load_x(u + KG);
         cp_wait<kStages - 2>();
         __syncthreads();
-        if (u + kStages - 1 < u1) load_unit(u + kStages - 1, (it + kStages - 1) % kStages);
+        if (u + (kStages - 1) * KG < u1) load_unit(u + (kStages - 1) * KG, (it + kStages - 1) % kStages);
         cp_commit();
+        if (KG > 1 && u >= u1) continue;
 
         const unsigned char* st = ring + (it % kStages) * L::bytes;
         const unsigned char* xb = xbuf + (it & 1) * kRows * kRowBytes;
@@ -335,27 +346,51 @@ __global__ void __launch_bounds__(NW * 32) gemmq_i4_kernel(const F* __restrict__
         }
     }
     cp_wait<0>();
+    if constexpr (KG == 2) {   // group 1's accumulators into group 0's, through the (now idle) rings
+        __syncthreads();
+        float* red = reinterpret_cast<float*>(smem) + warp * (MT * 16 * 32) + lane;
+        static_assert(NW * MT * 16 * 32 * 4 <= KG * kStages * L::bytes, "the rings hold the accumulators");
+        if (kg == 1) {
+#pragma unroll
+            for (int m = 0; m < MT; ++m)
+#pragma unroll
+                for (int j = 0; j < 4; ++j)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) red[((m * 4 + j) * 4 + e) * 32] = acc[m][j][e];
+        }
+        __syncthreads();
+        if (kg == 0) {
+#pragma unroll
+            for (int m = 0; m < MT; ++m)
+#pragma unroll
+                for (int j = 0; j < 4; ++j)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) acc[m][j][e] += red[((m * 4 + j) * 4 + e) * 32];
+        }
+    }
 
     // Accumulator element e of tile (m, nt): row m*16 + g + 8 (e >= 2), column nt*8 + 2t + (e & 1). One split
-    // writes y; several write float32 partials of their split.
+    // writes y; several write float32 partials of their split. With K groups, group 0 holds the sums.
     const int splits = gridDim.y;
     const bool even = (N & 1) == 0;
     float* part = work + (long)blockIdx.y * M * N;
+    if (kg == 0) {
 #pragma unroll
-    for (int m = 0; m < MT; ++m)
+        for (int m = 0; m < MT; ++m)
 #pragma unroll
-        for (int nt = 0; nt < 4; ++nt)
+            for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
-            for (int hr = 0; hr < 2; ++hr) {
-                const int r = row0 + m * 16 + g + 8 * hr, n = n0 + warp * 32 + nt * 8 + 2 * t;
-                if (r >= M || n >= N) continue;
-                const long off = (long)r * N + n;
-                const float a = acc[m][nt][2 * hr], b = acc[m][nt][2 * hr + 1];
-                if (splits == 1)
-                    store_pair(y + off, a, b, even, n + 1 < N);
-                else
-                    store_pair(part + off, a, b, even, n + 1 < N);
-            }
+                for (int hr = 0; hr < 2; ++hr) {
+                    const int r = row0 + m * 16 + g + 8 * hr, n = n0 + warp * 32 + nt * 8 + 2 * t;
+                    if (r >= M || n >= N) continue;
+                    const long off = (long)r * N + n;
+                    const float a = acc[m][nt][2 * hr], b = acc[m][nt][2 * hr + 1];
+                    if (splits == 1)
+                        store_pair(y + off, a, b, even, n + 1 < N);
+                    else
+                        store_pair(part + off, a, b, even, n + 1 < N);
+                }
+    }
     if (splits == 1) return;
     __threadfence();
     __syncthreads();
@@ -390,37 +425,40 @@ __global__ void __launch_bounds__(NW * 32) gemmq_i4_kernel(const F* __restrict__
 #endif
 }
 
-template <typename F, int NW, int MT>
+template <typename F, int NW, int MT, int KG>
 int launch(int M, int K, int N, int Np, int group, int splits, const void* x, const uint32_t* qw, const uint32_t* qz,
            const __half* sc, void* y, float* work, int* counters, cudaStream_t stream) {
-    constexpr int smem = gemmq_smem_bytes<NW, MT>() + 16;   // + the static `last` flag
-    if (smem > device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>()) return kUnsupported;
+    constexpr int smem = gemmq_smem_bytes<NW, MT, KG>();
+    if (smem + 16 > device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>()) return kUnsupported;   // + `last`
     // per launch: the attribute belongs to the current device's copy of the function
-    const cudaError_t e = cudaFuncSetAttribute(gemmq_i4_kernel<F, NW, MT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                               gemmq_smem_bytes<NW, MT>());
+    const cudaError_t e =
+        cudaFuncSetAttribute(gemmq_i4_kernel<F, NW, MT, KG>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (e != cudaSuccess) return (int)e;
     const int units = K / kUnit;
     const int per = (units + splits - 1) / splits;
     const int used = (units + per - 1) / per;      // every split has at least one unit
     const dim3 grid((N + NW * 32 - 1) / (NW * 32), used, (M + MT * 16 - 1) / (MT * 16));
-    gemmq_i4_kernel<F, NW, MT><<<grid, NW * 32, gemmq_smem_bytes<NW, MT>(), stream>>>(
+    gemmq_i4_kernel<F, NW, MT, KG><<<grid, NW * 32 * KG, smem, stream>>>(
         static_cast<const F*>(x), qw, qz, sc, static_cast<F*>(y), work, counters, M, K, N, Np, group, per);
     return (int)cudaGetLastError();
 }
 
-// Calls f(F{}, NW, MT) with the kernel's instantiation for act, M rows and warps: MT = 1, 2 or 4 16-row tiles
-// (M <= 16, M <= 32, else). kUnsupported for other act / warps.
-template <typename Fn> int with_instance(int act, int M, int warps, Fn&& f) {
+// Calls f(F{}, NW, MT, KG) with the kernel's instantiation for act, M rows, warps (along N) and K groups: MT = 1,
+// 2 or 4 16-row tiles (M <= 16, M <= 32, else); two K groups for 4 warps and 64-row tiles only. kUnsupported for
+// anything else.
+template <typename Fn> int with_instance(int act, int M, int warps, int k_groups, Fn&& f) {
     using I1 = std::integral_constant<int, 1>;
     using I2 = std::integral_constant<int, 2>;
     using I4 = std::integral_constant<int, 4>;
     using I8 = std::integral_constant<int, 8>;
     auto by_mt = [&](auto f_tag, auto nw_tag) {
-        if (M <= 16) return f(f_tag, nw_tag, I1{});
-        if (M <= 32) return f(f_tag, nw_tag, I2{});
-        return f(f_tag, nw_tag, I4{});
+        if (M <= 16) return f(f_tag, nw_tag, I1{}, I1{});
+        if (M <= 32) return f(f_tag, nw_tag, I2{}, I1{});
+        return f(f_tag, nw_tag, I4{}, I1{});
     };
     auto by_nw = [&](auto f_tag) {
+        if (k_groups == 2) return warps == 4 && M > 32 ? f(f_tag, I4{}, I4{}, I2{}) : (int)kUnsupported;
+        if (k_groups != 1) return (int)kUnsupported;
         if (warps == 4) return by_mt(f_tag, I4{});
         if (warps == 8) return by_mt(f_tag, I8{});
         return (int)kUnsupported;
@@ -432,32 +470,32 @@ template <typename Fn> int with_instance(int act, int M, int warps, Fn&& f) {
 
 }  // namespace
 
-int gemmq_i4_launch(int act, int M, int K, int N, int Np, int group, int splits, int warps, const void* x,
-                    const uint32_t* qweight, const uint32_t* qzeros, const void* scales, void* y, float* work,
-                    int* counters, cudaStream_t stream) {
+int gemmq_i4_launch(int act, int M, int K, int N, int Np, int group, int splits, int warps, int k_groups,
+                    const void* x, const uint32_t* qweight, const uint32_t* qzeros, const void* scales, void* y,
+                    float* work, int* counters, cudaStream_t stream) {
     if (M < 1 || N < 1) return 0;
     if (K % kUnit || group % kUnit || K % group || Np % 8 || N > Np || splits < 1) return kUnsupported;
     if (device_attribute<cudaDevAttrComputeCapabilityMajor>() < 8) return kUnsupported;   // see GEMMQ_ARCH_OK
     const __half* sc = static_cast<const __half*>(scales);
-    return with_instance(act, M, warps, [&](auto f_tag, auto nw_tag, auto mt_tag) {
-        return launch<decltype(f_tag), decltype(nw_tag)::value, decltype(mt_tag)::value>(
+    return with_instance(act, M, warps, k_groups, [&](auto f_tag, auto nw_tag, auto mt_tag, auto kg_tag) {
+        return launch<decltype(f_tag), decltype(nw_tag)::value, decltype(mt_tag)::value, decltype(kg_tag)::value>(
             M, K, N, Np, group, splits, x, qweight, qzeros, sc, y, work, counters, stream);
     });
 }
 
 int gemmq_i4_blocks_per_sm(int act, int M, int warps) {
     if (M < 1 || device_attribute<cudaDevAttrComputeCapabilityMajor>() < 8) return 0;
-    const int n = with_instance(act, M, warps, [&](auto f_tag, auto nw_tag, auto mt_tag) {
+    const int n = with_instance(act, M, warps, 1, [&](auto f_tag, auto nw_tag, auto mt_tag, auto kg_tag) {
         using F = decltype(f_tag);
-        constexpr int NW = decltype(nw_tag)::value, MT = decltype(mt_tag)::value;
-        constexpr int smem = gemmq_smem_bytes<NW, MT>();
+        constexpr int NW = decltype(nw_tag)::value, MT = decltype(mt_tag)::value, KG = decltype(kg_tag)::value;
+        constexpr int smem = gemmq_smem_bytes<NW, MT, KG>();
         if (smem + 16 > device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>()) return 0;
-        if (cudaFuncSetAttribute(gemmq_i4_kernel<F, NW, MT>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) !=
+        if (cudaFuncSetAttribute(gemmq_i4_kernel<F, NW, MT, KG>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) !=
             cudaSuccess)
             return 0;
         int blocks = 0;
-        if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, gemmq_i4_kernel<F, NW, MT>, NW * 32, smem) !=
-            cudaSuccess)
+        if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, gemmq_i4_kernel<F, NW, MT, KG>, NW * 32 * KG,
+                                                          smem) != cudaSuccess)
             return 0;
         return blocks;
     });

@@ -68,10 +68,11 @@ int gemvq_launch(int kind, int act, int rows, int n, const GemvqEntry* entries, 
 // with W as for the int4 GEMV above (qweight int32 [Np, K/8] output-major, qzeros, scales fp16 16-byte aligned);
 // `act` fp16 or bf16. K and group multiples of 128, group | K. `splits` ranges of K (> 1: float32 partials in
 // `work` [splits, M, N], and `counters` one int32 per tile, zero between launches, left zero); `warps` 4 or 8
-// (block width 32 x warps outputs). No host synchronization (CUDA-graph capturable).
-int gemmq_i4_launch(int act, int M, int K, int N, int Np, int group, int splits, int warps, const void* x,
-                    const uint32_t* qweight, const uint32_t* qzeros, const void* scales, void* y, float* work,
-                    int* counters, cudaStream_t stream);
+// (block width 32 x warps outputs); `k_groups` 1, or 2 (4 warps, M > 32: two groups of warps share each block's K
+// range). No host synchronization (CUDA-graph capturable).
+int gemmq_i4_launch(int act, int M, int K, int N, int Np, int group, int splits, int warps, int k_groups,
+                    const void* x, const uint32_t* qweight, const uint32_t* qzeros, const void* scales, void* y,
+                    float* work, int* counters, cudaStream_t stream);
 // Blocks of gemmq_i4_launch's kernel for `act`, M rows and `warps` that one multiprocessor of the current device
 // holds at once (the CUDA occupancy calculator); 0 where it cannot run there.
 int gemmq_i4_blocks_per_sm(int act, int M, int warps);

@@ -96,9 +96,12 @@ def gemmq_tiles(rows: int, K: int, N: int, device, warps: int = 4,
     return warps, splits
 
 
-def gemmq_i4(x: torch.Tensor, q: Int4Weight, splits: int | None = None, warps: int = 4) -> torch.Tensor:
+def gemmq_i4(x: torch.Tensor, q: Int4Weight, splits: int | None = None, warps: int = 4,
+             k_groups: int = 1) -> torch.Tensor:
     """``x @ q.dequantize()`` on the tensor cores: x [M, K] fp16/bf16 contiguous on q's CUDA device, ``q`` as
-    ``gemmq_i4_ok`` asks -> [M, N] in x's dtype. ``splits`` / ``warps`` override ``gemmq_tiles`` (measuring).
+    ``gemmq_i4_ok`` asks -> [M, N] in x's dtype. ``splits`` / ``warps`` override ``gemmq_tiles`` (measuring);
+    ``k_groups=2`` (4 warps, more than 32 rows) has two groups of warps share each block's K range, adding their sums
+    in shared memory (not yet timed on a GPU, so ``dispatch.mm4`` does not use it).
     Raises RuntimeError (the op's checks) for inputs outside that contract; callers check first."""
     M, K = x.shape
     N = q.shape[1]
@@ -109,6 +112,6 @@ def gemmq_i4(x: torch.Tensor, q: Int4Weight, splits: int | None = None, warps: i
         s = 1
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     work = torch.empty(s, M, N, dtype=torch.float32, device=x.device) if s > 1 else y
-    torch.ops.rwkv_chat.gemmq_i4_cuda(x, q.storage, q.qzeros, q.scales, q.group_size, s, w, work,
+    torch.ops.rwkv_chat.gemmq_i4_cuda(x, q.storage, q.qzeros, q.scales, q.group_size, s, w, k_groups, work,
                                       counters if counters is not None else y, y)
     return y

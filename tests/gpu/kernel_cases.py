@@ -216,7 +216,7 @@ def case_gemvq_i4(rows, K, N, group, dtype, device, seed, graph=False):
     return rel_err(_replayed(lambda: kernels.mm4(xd, qd)) if graph else kernels.mm4(xd, qd), ref)
 
 
-def case_gemmq_i4(rows, K, N, group, dtype, device, seed, graph=False, warps=4):
+def case_gemmq_i4(rows, K, N, group, dtype, device, seed, graph=False, warps=4, k_groups=1, splits=None):
     """``kernels.mm4`` at decode-batch rows through the int4 GEMM on the tensor cores (``csrc/gemvq/gemmq_cuda.cu``)
     against x (rounded) @ the dequantized weight in float64. ``graph``: captured in a CUDA graph and replayed into
     a poisoned output."""
@@ -232,10 +232,12 @@ def case_gemmq_i4(rows, K, N, group, dtype, device, seed, graph=False, warps=4):
     if not (gemmq.built() and gemmq.gemmq_i4_ok(q)):
         raise AssertionError("the tensor-core int4 GEMM is not built or does not read this weight")
     routed = gemmq.ENABLED and gemmq.serves_rows(rows)       # mm4 gives these rows to it: check that route
+    direct = warps != 4 or k_groups != 1 or splits is not None
     if routed and not dispatch.gemmq_serves(x, q):
         raise AssertionError(f"kernels.mm4 does not route this product to it ({dispatch.GEMMQ_PROBES})")
     ref = x.double() @ q.dequantize(torch.float64)
-    run = (lambda: kernels.mm4(x, q)) if routed and warps == 4 else (lambda: gemmq.gemmq_i4(x, q, None, warps))
+    run = ((lambda: kernels.mm4(x, q)) if routed and not direct
+           else (lambda: gemmq.gemmq_i4(x, q, splits, warps, k_groups)))
     return rel_err(_replayed(run) if graph else run(), ref)
 
 
@@ -711,6 +713,16 @@ def all_cases(device: str, quick: bool = False):
                               f"{', CUDA graph' if graph else ''}", dt,
                               lambda r=rows, K=K, N=N, gp=group, dt=dt, s=len(cases), gr=graph, w=warps:
                               case_gemmq_i4(r, K, N, gp, dt, device, s, gr, w)))
+            # two K groups a block: even and odd unit counts a split (a group idle in the last step), one to three
+            # splits, a group of three units, odd N, a CUDA graph
+            for rows, K, N, group, graph, splits in () if dt == torch.float32 else (
+                    (64, 4096, 4096, 128, False, None), (37, 2048, 2048, 128, False, None),
+                    (70, 640, 1000, 128, False, 1), (100, 4608, 1001, 384, False, 3),
+                    (64, 896, 4864, 128, True, 2), (256, 4096, 4096, 256, False, 4)):
+                cases.append(("gemvq", f"i4 tensor cores, 2 K groups, rows={rows} K={K} N={N} group={group} "
+                              f"splits={splits or 'rule'}{', CUDA graph' if graph else ''}", dt,
+                              lambda r=rows, K=K, N=N, gp=group, dt=dt, s=len(cases), gr=graph, sp=splits:
+                              case_gemmq_i4(r, K, N, gp, dt, device, s, gr, 4, 2, sp)))
             for rows, K, N in ((1, 4096, 4096), (1, 4096, 16384), (1, 16384, 4096), (2, 2048, 2048), (3, 4096, 1001),
                                (4, 4096, 4096), (4, 16384, 777), (1, 16, 5), (2, 48, 33), (1, 896, 4864)):
                 cases.append(("gemvq", f"f8 rows={rows} K={K} N={N}", dt,
