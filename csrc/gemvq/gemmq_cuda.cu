@@ -350,22 +350,15 @@ __global__ void __launch_bounds__(NW * 32 * KG) gemmq_i4_kernel(const F* __restr
         __syncthreads();
         float* red = reinterpret_cast<float*>(smem) + warp * (MT * 16 * 32) + lane;
         static_assert(NW * MT * 16 * 32 * 4 <= KG * kStages * L::bytes, "the rings hold the accumulators");
+        float* flat = &acc[0][0][0];   // [MT][4][4] in order; unrolled, every index is a register
         if (kg == 1) {
 #pragma unroll
-            for (int m = 0; m < MT; ++m)
-#pragma unroll
-                for (int j = 0; j < 4; ++j)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) red[((m * 4 + j) * 4 + e) * 32] = acc[m][j][e];
+            for (int i = 0; i < MT * 16; ++i) red[i * 32] = flat[i];
         }
         __syncthreads();
         if (kg == 0) {
 #pragma unroll
-            for (int m = 0; m < MT; ++m)
-#pragma unroll
-                for (int j = 0; j < 4; ++j)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) acc[m][j][e] += red[((m * 4 + j) * 4 + e) * 32];
+            for (int i = 0; i < MT * 16; ++i) flat[i] += red[i * 32];
         }
     }
 

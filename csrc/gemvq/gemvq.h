@@ -69,7 +69,8 @@ int gemvq_launch(int kind, int act, int rows, int n, const GemvqEntry* entries, 
 // `act` fp16 or bf16. K and group multiples of 128, group | K. `splits` ranges of K (> 1: float32 partials in
 // `work` [splits, M, N], and `counters` one int32 per tile, zero between launches, left zero); `warps` 4 or 8
 // (block width 32 x warps outputs); `k_groups` 1, or 2 (4 warps, M > 32: two groups of warps share each block's K
-// range). No host synchronization (CUDA-graph capturable).
+// range; 137,744 bytes of shared memory a block, which sm_86 / sm_89 / sm_120 lack: kUnsupported there). No host
+// synchronization (CUDA-graph capturable).
 int gemmq_i4_launch(int act, int M, int K, int N, int Np, int group, int splits, int warps, int k_groups,
                     const void* x, const uint32_t* qweight, const uint32_t* qzeros, const void* scales, void* y,
                     float* work, int* counters, cudaStream_t stream);

@@ -101,7 +101,8 @@ def gemmq_i4(x: torch.Tensor, q: Int4Weight, splits: int | None = None, warps: i
     """``x @ q.dequantize()`` on the tensor cores: x [M, K] fp16/bf16 contiguous on q's CUDA device, ``q`` as
     ``gemmq_i4_ok`` asks -> [M, N] in x's dtype. ``splits`` / ``warps`` override ``gemmq_tiles`` (measuring);
     ``k_groups=2`` (4 warps, more than 32 rows) has two groups of warps share each block's K range, adding their sums
-    in shared memory (not yet timed on a GPU, so ``dispatch.mm4`` does not use it).
+    in shared memory: about 135 KiB of shared memory a block (A100, H100, H200; the op raises elsewhere), splits by
+    the one-group rule; not yet timed on a GPU, so ``dispatch.mm4`` does not use it.
     Raises RuntimeError (the op's checks) for inputs outside that contract; callers check first."""
     M, K = x.shape
     N = q.shape[1]

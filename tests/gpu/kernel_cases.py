@@ -216,6 +216,10 @@ def case_gemvq_i4(rows, K, N, group, dtype, device, seed, graph=False):
     return rel_err(_replayed(lambda: kernels.mm4(xd, qd)) if graph else kernels.mm4(xd, qd), ref)
 
 
+#: shared memory a block of two K groups takes (gemmq_smem_bytes<4, 4, 2> + the 16-byte `last` flag)
+GEMMQ_K_GROUPS_SMEM = 137_744
+
+
 def case_gemmq_i4(rows, K, N, group, dtype, device, seed, graph=False, warps=4, k_groups=1, splits=None):
     """``kernels.mm4`` at decode-batch rows through the int4 GEMM on the tensor cores (``csrc/gemvq/gemmq_cuda.cu``)
     against x (rounded) @ the dequantized weight in float64. ``graph``: captured in a CUDA graph and replayed into
@@ -713,12 +717,15 @@ def all_cases(device: str, quick: bool = False):
                               f"{', CUDA graph' if graph else ''}", dt,
                               lambda r=rows, K=K, N=N, gp=group, dt=dt, s=len(cases), gr=graph, w=warps:
                               case_gemmq_i4(r, K, N, gp, dt, device, s, gr, w)))
-            # two K groups a block: even and odd unit counts a split (a group idle in the last step), one to three
-            # splits, a group of three units, odd N, a CUDA graph
-            for rows, K, N, group, graph, splits in () if dt == torch.float32 else (
+            # two K groups a block (where the device has the shared memory: about 135 KiB a block): even and odd unit
+            # counts a split (a group idle in the last step, or throughout with one unit), one to five splits, K = 128,
+            # a group of three units, odd N, a CUDA graph
+            optin = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 0)
+            for rows, K, N, group, graph, splits in () if dt == torch.float32 or optin < GEMMQ_K_GROUPS_SMEM else (
                     (64, 4096, 4096, 128, False, None), (37, 2048, 2048, 128, False, None),
                     (70, 640, 1000, 128, False, 1), (100, 4608, 1001, 384, False, 3),
-                    (64, 896, 4864, 128, True, 2), (256, 4096, 4096, 256, False, 4)):
+                    (64, 896, 4864, 128, True, 2), (256, 4096, 4096, 256, False, 4),
+                    (64, 1152, 1000, 128, False, 5), (40, 128, 256, 128, False, 1)):
                 cases.append(("gemvq", f"i4 tensor cores, 2 K groups, rows={rows} K={K} N={N} group={group} "
                               f"splits={splits or 'rule'}{', CUDA graph' if graph else ''}", dt,
                               lambda r=rows, K=K, N=N, gp=group, dt=dt, s=len(cases), gr=graph, sp=splits:
