@@ -630,19 +630,25 @@ def command_line(argv: list[str] | None = None, prog: str | None = None) -> str:
     return shlex.join(words)
 
 
-def _source_tree() -> str | None:
-    """The git commit of the checkout this package runs from (``+ local changes`` where tracked files
-    differ from it); None elsewhere (a copy without ``.git``)."""
-    root = Path(__file__).resolve().parents[1]
+def _source_tree(root: Path | None = None) -> str | None:
+    """The git commit of the checkout this package runs from (``root``: the package's folder); where its files
+    (tracked, or new and not ignored) differ from that commit, ``+ local changes, content <tree>``: the git tree id
+    of the files as they are, which is the tree id of any commit that holds the same files
+    (``git log --format='%h %T'`` finds it). None elsewhere (a copy without ``.git``)."""
+    root = (root or Path(__file__).resolve().parents[1]).resolve()
 
-    def git(*a: str) -> str:
-        return subprocess.run(["git", "-C", str(root), *a], capture_output=True, text=True, timeout=20,
-                              check=True).stdout.strip()
+    def git(*a: str, env: dict | None = None) -> str:
+        return subprocess.run(["git", "-C", str(root), *a], capture_output=True, text=True, timeout=60,
+                              check=True, env=env).stdout.strip()
     try:
         if Path(git("rev-parse", "--show-toplevel")).resolve() != root:
             return None
-        dirty = git("status", "--porcelain", "--untracked-files=no")
-        return git("rev-parse", "--short=10", "HEAD") + (" + local changes" if dirty else "")
+        head = git("rev-parse", "--short=10", "HEAD")
+        with tempfile.TemporaryDirectory() as d:    # a scratch index: the checkout's own index is left alone
+            env = {**os.environ, "GIT_INDEX_FILE": str(Path(d) / "index")}
+            git("add", "--all", env=env)
+            tree = git("write-tree", env=env)
+        return head if tree == git("rev-parse", "HEAD^{tree}") else f"{head} + local changes, content {tree[:10]}"
     except (OSError, subprocess.SubprocessError):
         return None
 
