@@ -644,13 +644,19 @@ def _source_tree(root: Path | None = None) -> str | None:
         if Path(git("rev-parse", "--show-toplevel")).resolve() != root:
             return None
         head = git("rev-parse", "--short=10", "HEAD")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    try:
         with tempfile.TemporaryDirectory() as d:    # a scratch index: the checkout's own index is left alone
             env = {**os.environ, "GIT_INDEX_FILE": str(Path(d) / "index")}
             git("add", "--all", env=env)
             tree = git("write-tree", env=env)
         return head if tree == git("rev-parse", "HEAD^{tree}") else f"{head} + local changes, content {tree[:10]}"
-    except (OSError, subprocess.SubprocessError):
-        return None
+    except (OSError, subprocess.SubprocessError):    # e.g. a read-only .git: whether tracked files differ
+        try:
+            return head + (" + local changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+        except (OSError, subprocess.SubprocessError):
+            return head
 
 
 def machine_line(device: str | torch.device | None = None) -> str:
