@@ -33,6 +33,18 @@ def _nvcc() -> Path | None:
 NVCC = _nvcc()
 
 
+def _failures(commands: dict[str, list[str]]) -> list[str]:
+    """Runs each source's compiler command, two at a time; the sources that failed, each with its compiler's
+    message."""
+    def run(item: tuple[str, list[str]]) -> str | None:
+        rel, cmd = item
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        return None if r.returncode == 0 else f"{rel}:\n{r.stderr[-3000:]}"
+
+    with ThreadPoolExecutor(2) as pool:
+        return [f for f in pool.map(run, commands.items()) if f]
+
+
 @pytest.mark.skipif(NVCC is None, reason="NVIDIA's compiler wheels (nvidia-cuda-nvcc, the test extra on Linux x86_64) "
                                          "are not installed on this platform")
 def test_every_cuda_source_compiles_for_sm80_and_sm90(tmp_path):
@@ -40,15 +52,9 @@ def test_every_cuda_source_compiles_for_sm80_and_sm90(tmp_path):
     sources = [s for s in kernels.CUDA_SOURCES if s.endswith(".cu")]
     assert "gemvq/gemmq_cuda.cu" in sources and len(sources) >= 10
 
-    def compile_one(rel: str) -> str | None:
-        cmd = [str(NVCC), *(f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHES), "-std=c++17", "-O1",
-               "-Xptxas=-O0", f"-I{NVCC.parent.parent / 'include'}", "-c", str(src / rel),
-               "-o", str(tmp_path / (rel.replace("/", "_") + ".o"))]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        return None if r.returncode == 0 else f"{rel}:\n{r.stderr[-3000:]}"
-
-    with ThreadPoolExecutor(2) as pool:
-        failures = [f for f in pool.map(compile_one, sources) if f]
+    failures = _failures({rel: [str(NVCC), *(f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHES), "-std=c++17",
+                                "-O1", "-Xptxas=-O0", f"-I{NVCC.parent.parent / 'include'}", "-c", str(src / rel),
+                                "-o", str(tmp_path / (rel.replace("/", "_") + ".o"))] for rel in sources})
     assert not failures, "\n\n".join(failures)
 
 
@@ -65,11 +71,6 @@ def test_the_op_bindings_compile_against_torchs_headers():
     assert "bindings/gemvq_ops.cpp" in bindings and len(bindings) >= 4
     includes = [*include_paths(), str(STUBS), str(NVCC.parent.parent / "include"), sysconfig.get_paths()["include"]]
 
-    def check(rel: str) -> str | None:
-        cmd = ["g++", "-std=c++17", "-fsyntax-only", *(f"-I{i}" for i in includes), str(src / rel)]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        return None if r.returncode == 0 else f"{rel}:\n{r.stderr[-3000:]}"
-
-    with ThreadPoolExecutor(2) as pool:
-        failures = [f for f in pool.map(check, bindings) if f]
+    failures = _failures({rel: ["g++", "-std=c++17", "-fsyntax-only", *(f"-I{i}" for i in includes), str(src / rel)]
+                          for rel in bindings})
     assert not failures, "\n\n".join(failures)

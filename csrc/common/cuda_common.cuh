@@ -71,19 +71,6 @@ inline bool pdl_supported() {
     return cache[dev] == 1;
 }
 
-// The current device's multiprocessor count (cached per device; 1 where it cannot be read).
-inline int device_sm_count() {
-    static int cache[64] = {0};
-    int dev = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 1;
-    if (cache[dev] == 0) {
-        int sms = 0;
-        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-        cache[dev] = sms > 0 ? sms : 1;
-    }
-    return cache[dev];
-}
-
 // An attribute of the current device (cached per device; 0 where it cannot be read).
 template <cudaDeviceAttr A>
 inline int device_attribute() {
@@ -97,6 +84,12 @@ inline int device_attribute() {
         known[dev] = true;
     }
     return cache[dev];
+}
+
+// The current device's multiprocessor count (cached per device; 1 where it cannot be read).
+inline int device_sm_count() {
+    const int sms = device_attribute<cudaDevAttrMultiProcessorCount>();
+    return sms > 0 ? sms : 1;
 }
 
 // A launcher's return code: the launch's error, else any error the launch left pending (0: none).
