@@ -370,16 +370,19 @@ def bench_gemvq(rows_md: list, peak: float) -> None:
 
 
 GEMMQ_ROWS = (8, 16, 32, 64, 128)
-GEMMQ_SPLITS = (1, 2, 3, 4, 6, 8, 12, 16)
+GEMMQ_SPLITS = (1, 2, 3, 4, 6, 8, 12)
+#: the r, k, v stacks timed in one launch (C x C each)
+GEMMQ_STACK_C = (2048, 4096)
 
 
 def bench_gemmq(rows_md: list) -> None:
     """The int4 GEMM on the tensor cores for decode batches (``kernels.gemmq``, ``csrc/gemvq/gemmq_cuda.cu``) against
     the Triton int4 kernel (``ops.gemv.i4_gemv``) and the fp16 cuBLAS product of the same matrix, at GEMMQ_ROWS rows
     (fp16 activations, group 128, held output-major): CUDA graphs of GEMVQ_LAUNCHES launches over weight sets
-    > 3x L2, median of 7 replays; the launch rule's tiles (``gemmq.gemmq_tiles``), blocks of 8 warps, the fastest
-    of GEMMQ_SPLITS K splits with 4 warps (how far the split rule is from the best), and above 32 rows blocks of two
-    K groups of 4 warps (the fastest of the same splits); relative errors against float64."""
+    > 3x L2, median of 7 replays; the launch rule (``gemmq.k_groups_for``, ``gemmq.gemmq_tiles``), and for 1, 2 and
+    (up to 32 rows) 4 K groups of 4 warps the fastest of GEMMQ_SPLITS K splits (how far the rule is from the best);
+    relative errors against float64. Then r, k, v stacks (three C x C) in one launch against the Triton stack kernel,
+    three launches and a batched fp16 cuBLAS product."""
     from rwkv_chat.models.formats import i4
     from rwkv_chat.models.kernels import gemmq
     from rwkv_chat.models.ops import gemv as triton_gemv
@@ -388,12 +391,13 @@ def bench_gemmq(rows_md: list) -> None:
         rows_md += ["", "int4 GEMM on the tensor cores: not built"]
         return
     dev = torch.device("cuda")
+    groups = (1, 2, 4)
     rows_md += ["", f"### int4 GEMM on the tensor cores vs the Triton int4 kernel and fp16 cuBLAS (decode batches; CUDA "
                     f"graph of {GEMVQ_LAUNCHES} launches over weight sets > 3x L2)", "",
-                "| rows | K x N | fp16 cuBLAS us | Triton i4 us | tensor cores us (4 warps, rule's splits) | 8 warps us | "
-                f"fastest of {'/'.join(map(str, GEMMQ_SPLITS))} splits us (splits) | 2 K groups, fastest us (splits) | "
-                "rule / cuBLAS | rule / Triton | rel. err tensor cores | rel. err 2 K groups | rel. err Triton |",
-                "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                "| rows | K x N | fp16 cuBLAS us | Triton i4 us | tensor cores, rule us (K groups, splits) | "
+                + " | ".join(f"{g} K group{'s' if g > 1 else ''}, fastest us (splits)" for g in groups)
+                + " | rule / cuBLAS | rule / Triton | rel. err tensor cores | rel. err Triton |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for K, N in GEMVQ_SHAPES:
         xs = {rows: torch.randn(rows, K, device="cuda", dtype=torch.float16) for rows in GEMMQ_ROWS}
         n = sets_for(K * N * 2)
@@ -407,29 +411,55 @@ def bench_gemmq(rows_md: list) -> None:
             ref = x.double() @ ref_w
             err = lambda y: ((y.double() - ref).norm() / ref.norm()).item()  # noqa: E731
             e_tc, e_tr = err(gemmq.gemmq_i4(x, qs[0])), err(triton_gemv.i4_gemv(x, qs[0]))
-            _, splits = gemmq.gemmq_tiles(rows, K, N, dev)
+            kg_rule = gemmq.k_groups_for(rows, dev)
+            _, splits = gemmq.gemmq_tiles(rows, K, N, dev, 4, torch.float16, kg_rule)
             tt = time_ms(lambda i: triton_gemv.i4_gemv(x, qs[i]), n, iters=GEMVQ_LAUNCHES)
             t4 = time_ms(lambda i: gemmq.gemmq_i4(x, qs[i]), n, iters=GEMVQ_LAUNCHES)
-            t8 = time_ms(lambda i: gemmq.gemmq_i4(x, qs[i], None, 8), n, iters=GEMVQ_LAUNCHES)
-            sweep = {s: time_ms(lambda i: gemmq.gemmq_i4(x, qs[i], s, 4), n, iters=GEMVQ_LAUNCHES)
-                     for s in GEMMQ_SPLITS if s <= K // gemmq.UNIT}
-            s_best = min(sweep, key=sweep.get)
-            kg, e_kg = "–", "–"
-            if rows > 32:
+            cells = []
+            for kg in groups:
+                if kg == 4 and rows > 32:
+                    cells.append("–")
+                    continue
                 try:
-                    e_kg = f"{err(gemmq.gemmq_i4(x, qs[0], None, 4, 2)):.1e}"
+                    gemmq.gemmq_i4(x, qs[0], None, 4, kg)
                 except RuntimeError as e:   # too little shared memory a block on this device
-                    kg = e_kg = f"not run: {str(e).splitlines()[0][:60]}"
-                else:
-                    sweep2 = {s: time_ms(lambda i: gemmq.gemmq_i4(x, qs[i], s, 4, 2), n, iters=GEMVQ_LAUNCHES)
-                              for s in GEMMQ_SPLITS if s <= K // gemmq.UNIT}
-                    s2 = min(sweep2, key=sweep2.get)
-                    kg = f"{sweep2[s2] * 1e3:.1f} ({s2})"
-            rows_md.append(f"| {rows} | {K}x{N} | {t16[rows] * 1e3:.1f} | {tt * 1e3:.1f} | {t4 * 1e3:.1f} ({splits}) | "
-                           f"{t8 * 1e3:.1f} | {sweep[s_best] * 1e3:.1f} ({s_best}) | {kg} | {t16[rows] / t4:.2f}x | "
-                           f"{tt / t4:.2f}x | {e_tc:.1e} | {e_kg} | {e_tr:.1e} |")
+                    cells.append(f"not run: {str(e).splitlines()[0][:40]}")
+                    continue
+                sweep = {s: time_ms(lambda i: gemmq.gemmq_i4(x, qs[i], s, 4, kg), n, iters=GEMVQ_LAUNCHES)
+                         for s in GEMMQ_SPLITS if s <= K // gemmq.UNIT}
+                best = min(sweep, key=sweep.get)
+                cells.append(f"{sweep[best] * 1e3:.1f} ({best})")
+            rows_md.append(f"| {rows} | {K}x{N} | {t16[rows] * 1e3:.1f} | {tt * 1e3:.1f} | {t4 * 1e3:.1f} ({kg_rule}, "
+                           f"{splits}) | {' | '.join(cells)} | {t16[rows] / t4:.2f}x | {tt / t4:.2f}x | {e_tc:.1e} | "
+                           f"{e_tr:.1e} |")
             print(rows_md[-1], flush=True)
         qs.clear()
+        torch.cuda.empty_cache()
+    rows_md += ["", "#### r, k, v (three C x C int4 weights of one stack, each with its own x) in one launch", "",
+                "| rows | 3 x C x C | fp16 cuBLAS bmm us | Triton stack us | tensor cores, stack us | tensor cores, "
+                "three launches us | stack / cuBLAS | stack / Triton | rel. err stack |",
+                "|---|---|---|---|---|---|---|---|---|"]
+    for C in GEMMQ_STACK_C:
+        n = sets_for(3 * C * C * 2)
+        ws = [(torch.randn(3, C, C, device="cuda") * C ** -0.5).half() for _ in range(n)]
+        xs = {rows: torch.randn(3, rows, C, device="cuda", dtype=torch.float16) for rows in GEMMQ_ROWS}
+        t16 = {rows: time_ms(lambda i: torch.bmm(x, ws[i]), n, iters=GEMVQ_LAUNCHES) for rows, x in xs.items()}
+        ws.clear()
+        n = sets_for(3 * C * C // 2)
+        stacks = [i4.stack_i4([i4.quantize_i4(torch.randn(C, C, device="cuda") * C ** -0.5, 128).to("cuda")
+                               for _ in range(3)]) for _ in range(n)]
+        strides = triton_gemv.i4_stack_strides(stacks[0])
+        for rows, x in xs.items():
+            y = gemmq.gemmq_i4_stack(x, stacks[0])
+            e = max(((y[g].double() - (r := x[g].double() @ stacks[0][g].dequantize(torch.float64))).norm()
+                     / r.norm()).item() for g in range(3))
+            ts = time_ms(lambda i: gemmq.gemmq_i4_stack(x, stacks[i]), n, iters=GEMVQ_LAUNCHES)
+            t3 = time_ms(lambda i: [gemmq.gemmq_i4(x[g], stacks[i][g]) for g in range(3)], n, iters=GEMVQ_LAUNCHES)
+            tt = time_ms(lambda i: triton_gemv.i4_gemv_stack(x, stacks[i], strides), n, iters=GEMVQ_LAUNCHES)
+            rows_md.append(f"| {rows} | 3 x {C}x{C} | {t16[rows] * 1e3:.1f} | {tt * 1e3:.1f} | {ts * 1e3:.1f} | "
+                           f"{t3 * 1e3:.1f} | {t16[rows] / ts:.2f}x | {tt / ts:.2f}x | {e:.1e} |")
+            print(rows_md[-1], flush=True)
+        stacks.clear()
         torch.cuda.empty_cache()
 
 

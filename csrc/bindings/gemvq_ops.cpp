@@ -252,17 +252,23 @@ void gemvq_u8_multi_cuda(at::TensorList xs, at::TensorList ws, at::TensorList mx
 
 // int4 GEMM on the tensor cores for decode batches (csrc/gemvq/gemmq_cuda.cu): x [rows, K] fp16/bf16 (any rows >= 1),
 // qweight int32 [Np, K/8] output-major, qzeros int32 [K/group, Np/8], scales float16 [K/group, Np] (16-byte
-// aligned), y [rows, N]; K and group multiples of 128, group | K. splits >= 1 ranges of K; with more than one,
-// work float32 holding at least [splits, rows, N] and counters int32 with one zero entry per tile
-// (ceil(N / (32 warps)) x ceil(rows / 64)), left zero. warps: 4 or 8; k_groups: 1, or 2 (4 warps, rows > 32).
+// aligned), y [rows, N]; or a stack of G such products, each its own x and y: x [G, rows, K], qweight [G, Np, K/8],
+// qzeros [G, K/group, Np/8], scales [G, K/group, Np], y [G, rows, N], all contiguous. K and group multiples of 128,
+// group | K. splits >= 1 ranges of K; with more than one, work float32 holding at least [splits, G, rows, N] and
+// counters int32 with one zero entry per tile (G x ceil(N / (32 warps)) x ceil(rows / 16)), left zero. warps: 4 or
+// 8; k_groups: 1, 2 (4 warps) or 4 (4 warps, rows <= 32).
 void gemmq_i4_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& qzeros, const at::Tensor& scales,
                    int64_t group, int64_t splits, int64_t warps, int64_t k_groups, const at::Tensor& work,
                    const at::Tensor& counters, const at::Tensor& y) {
     const char* op = "rwkv_chat::gemmq_i4_cuda";
-    TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && qweight.dim() == 2, op, ": x, y and qweight must be 2-D");
+    const int64_t d = x.dim();
+    TORCH_CHECK((d == 2 || d == 3) && y.dim() == d && qweight.dim() == d && qzeros.dim() == d && scales.dim() == d,
+                op, ": x, y, qweight, qzeros and scales must all be 2-D (one product) or all 3-D (a stack)");
     const int act = act_code(x, op);
     TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, op, ": x must be float16 or bfloat16");
-    const int64_t rows = x.size(0), K = x.size(1), N = y.size(1), Np = qweight.size(0);
+    const int64_t G = d == 3 ? x.size(0) : 1, rows = x.size(d - 2), K = x.size(d - 1), N = y.size(d - 1),
+                  Np = qweight.size(d - 2);
+    TORCH_CHECK(G >= 1 && G <= 64, op, ": a stack of 1..64 matrices, got ", G);
     TORCH_CHECK(rows >= 1 && rows <= INT32_MAX / 2, op, ": rows must be positive, got ", rows);
     TORCH_CHECK(K >= 128 && K % 128 == 0, op, ": K must be a positive multiple of 128, got ", K);
     TORCH_CHECK(group >= 128 && group % 128 == 0 && K % group == 0, op,
@@ -270,14 +276,22 @@ void gemmq_i4_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
     TORCH_CHECK(Np % 8 == 0 && N >= 1 && N <= Np, op, ": qweight rows ", Np, " must be a multiple of 8, at least N = ", N);
     TORCH_CHECK(K <= INT32_MAX && Np <= INT32_MAX && N <= INT32_MAX, op, ": shapes beyond int32");
     TORCH_CHECK(warps == 4 || warps == 8, op, ": warps must be 4 or 8, got ", warps);
-    TORCH_CHECK(k_groups == 1 || (k_groups == 2 && warps == 4 && rows > 32), op,
-                ": k_groups must be 1, or 2 with 4 warps and more than 32 rows; got ", k_groups);
+    TORCH_CHECK(k_groups == 1 || (k_groups == 2 && warps == 4) || (k_groups == 4 && warps == 4 && rows <= 32), op,
+                ": k_groups must be 1, 2 (4 warps) or 4 (4 warps, at most 32 rows); got ", k_groups);
     TORCH_CHECK(splits >= 1 && splits <= K / 128, op, ": splits must be 1..K/128, got ", splits);
-    check_tensor(x, op, "x", kCUDA, x.scalar_type(), {rows, K});
-    check_tensor(qweight, op, "qweight", kCUDA, at::kInt, {Np, K / 8});
-    check_tensor(qzeros, op, "qzeros", kCUDA, at::kInt, {K / group, Np / 8});
-    check_tensor(scales, op, "scales", kCUDA, at::kHalf, {K / group, Np});
-    check_tensor(y, op, "y", kCUDA, x.scalar_type(), {rows, N});
+    if (d == 2) {
+        check_tensor(x, op, "x", kCUDA, x.scalar_type(), {rows, K});
+        check_tensor(qweight, op, "qweight", kCUDA, at::kInt, {Np, K / 8});
+        check_tensor(qzeros, op, "qzeros", kCUDA, at::kInt, {K / group, Np / 8});
+        check_tensor(scales, op, "scales", kCUDA, at::kHalf, {K / group, Np});
+        check_tensor(y, op, "y", kCUDA, x.scalar_type(), {rows, N});
+    } else {
+        check_tensor(x, op, "x", kCUDA, x.scalar_type(), {G, rows, K});
+        check_tensor(qweight, op, "qweight", kCUDA, at::kInt, {G, Np, K / 8});
+        check_tensor(qzeros, op, "qzeros", kCUDA, at::kInt, {G, K / group, Np / 8});
+        check_tensor(scales, op, "scales", kCUDA, at::kHalf, {G, K / group, Np});
+        check_tensor(y, op, "y", kCUDA, x.scalar_type(), {G, rows, N});
+    }
     check_same_device(op, {x, qweight, qzeros, scales, y});
     TORCH_CHECK(reinterpret_cast<uintptr_t>(qweight.data_ptr()) % 16 == 0, op, ": qweight must be 16-byte aligned");
     TORCH_CHECK(reinterpret_cast<uintptr_t>(scales.data_ptr()) % 16 == 0, op, ": scales must be 16-byte aligned");
@@ -286,11 +300,11 @@ void gemmq_i4_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
     float* wp = nullptr;
     int* cp = nullptr;
     if (splits > 1) {
-        const int64_t tiles = ((N + 32 * warps - 1) / (32 * warps)) * ((rows + 63) / 64);
+        const int64_t tiles = G * ((N + 32 * warps - 1) / (32 * warps)) * ((rows + 15) / 16);
         TORCH_CHECK(work.is_cuda() && work.scalar_type() == at::kFloat && work.is_contiguous() &&
-                        work.numel() >= splits * rows * N && reinterpret_cast<uintptr_t>(work.data_ptr()) % 8 == 0,
-                    op, ": work must be a contiguous, 8-byte aligned float32 CUDA tensor of at least splits x rows x N "
-                    "values");
+                        work.numel() >= splits * G * rows * N && reinterpret_cast<uintptr_t>(work.data_ptr()) % 8 == 0,
+                    op, ": work must be a contiguous, 8-byte aligned float32 CUDA tensor of at least splits x G x rows x "
+                    "N values");
         TORCH_CHECK(counters.is_cuda() && counters.scalar_type() == at::kInt && counters.is_contiguous() &&
                         counters.numel() >= tiles,
                     op, ": counters must be a contiguous int32 CUDA tensor of at least ", tiles, " values");
@@ -301,23 +315,25 @@ void gemmq_i4_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
     std::vector<at::Tensor> keep;
     const void* xp = aligned_x(x, keep);
     const at::cuda::CUDAGuard guard(x.device());
-    check_launch(gemmq_i4_launch(act, (int)rows, (int)K, (int)N, (int)Np, (int)group, (int)splits, (int)warps,
+    check_launch(gemmq_i4_launch(act, (int)G, (int)rows, (int)K, (int)N, (int)Np, (int)group, (int)splits, (int)warps,
                                  (int)k_groups, xp, reinterpret_cast<const uint32_t*>(qweight.data_ptr()),
                                  reinterpret_cast<const uint32_t*>(qzeros.data_ptr()), scales.data_ptr(), y.data_ptr(),
                                  wp, cp, at::cuda::getCurrentCUDAStream()),
                  op);
 }
 
-// Blocks of gemmq_i4_cuda's kernel for `rows` rows of `x_dtype` activations and `warps` that one multiprocessor of
-// `device` holds at once (the split rule of models/kernels/gemmq.py fills them); 0 where it cannot run there.
-int64_t gemmq_i4_occupancy(int64_t device, bool bf16, int64_t rows, int64_t warps) {
+// Blocks of gemmq_i4_cuda's kernel for `rows` rows of `x_dtype` activations, `warps` and `k_groups` that one
+// multiprocessor of `device` holds at once (the split rule of models/kernels/gemmq.py fills them); 0 where it cannot
+// run there.
+int64_t gemmq_i4_occupancy(int64_t device, bool bf16, int64_t rows, int64_t warps, int64_t k_groups) {
     const char* op = "rwkv_chat::gemmq_i4_occupancy";
     TORCH_CHECK(rows >= 1 && rows <= INT32_MAX, op, ": rows must be positive, got ", rows);
     TORCH_CHECK(warps == 4 || warps == 8, op, ": warps must be 4 or 8, got ", warps);
+    TORCH_CHECK(k_groups == 1 || k_groups == 2 || k_groups == 4, op, ": k_groups must be 1, 2 or 4, got ", k_groups);
     TORCH_CHECK(device >= 0 && device < at::cuda::device_count(), op, ": no CUDA device ", device);
     const at::cuda::CUDAGuard guard((c10::DeviceIndex)device);
     const int act = bf16 ? 2 : 1;   // act_code of bfloat16 / float16
-    return gemmq_i4_blocks_per_sm(act, (int)rows, (int)warps);
+    return gemmq_i4_blocks_per_sm(act, (int)rows, (int)warps, (int)k_groups);
 }
 
 }  // namespace
@@ -341,5 +357,5 @@ TORCH_LIBRARY_FRAGMENT(rwkv_chat, m) {
     m.def("gemmq_i4_cuda(Tensor x, Tensor qweight, Tensor qzeros, Tensor scales, int group, int splits, int warps, "
           "int k_groups, Tensor work, Tensor counters, Tensor(a!) y) -> ()",
           &rwkv_chat::gemmq_i4_cuda);
-    m.def("gemmq_i4_occupancy(int device, bool bf16, int rows, int warps) -> int", &rwkv_chat::gemmq_i4_occupancy);
+    m.def("gemmq_i4_occupancy(int device, bool bf16, int rows, int warps, int k_groups) -> int", &rwkv_chat::gemmq_i4_occupancy);
 }

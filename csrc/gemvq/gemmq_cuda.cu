@@ -21,10 +21,13 @@
 //     of x; each warp's accumulators are [MT][4] mma tiles (float32). Weights (with the unit's scales and
 //     zeros) stream through a cp.async ring in shared memory (StageLayout::stages deep); x is prefetched into
 //     registers one unit ahead and staged into one of two buffers.
-//   * K groups (KG = 2, 64-row tiles only): the block has KG x NW warps; the warps of group k take units
-//     u0 + KG i + k of the block's range, each group with its own ring and x buffers, and group 1 adds its
-//     accumulators into group 0's through shared memory at the end (more warps a multiprocessor without more
-//     K splits and their float32 partials).
+//   * K groups (KG = 1, 2 or 4; 4 warps along N): the block has KG x NW warps; the warps of group k take units
+//     u0 + KG i + k of the block's range, each group with its own ring and x buffers, and groups 1..KG-1 add
+//     their accumulators into group 0's through shared memory at the end, in group order (more warps a
+//     multiprocessor without more K splits and their float32 partials).
+//   * Stacks (G >= 1): G matrices of one shape, each with its own x, laid one after another (x [G, M, K], qweight
+//     [G, Np, K/8], qzeros [G, K/group, Np/8], scales [G, K/group, Np], y [G, M, N]; an RWKV-7 layer's r, k, v):
+//     grid.z runs over G x the row tiles, so one launch fills the GPU with all of them.
 //   * K splits: grid.y splits K into ranges of whole units; with one split the block writes y, with several
 //     each writes float32 partials [splits, M, N] and the last split of a tile (a counter per tile, reset
 //     by that last split) adds them in split order and writes y: no atomics on y, the sum order is fixed.
@@ -189,7 +192,8 @@ __global__ void __launch_bounds__(NW * 32 * KG) gemmq_i4_kernel(const F* __restr
                                                            const uint32_t* __restrict__ qz,
                                                            const __half* __restrict__ sc, F* __restrict__ y,
                                                            float* __restrict__ work, int* __restrict__ counters,
-                                                           int M, int K, int N, int Np, int group, int units_per_split) {
+                                                           int M, int K, int N, int Np, int group, int units_per_split,
+                                                           int G) {
 #if GEMMQ_ARCH_OK
     using L = StageLayout<NW>;
     constexpr int kGroupThreads = NW * 32, kThreads = kGroupThreads * KG, kRows = MT * 16, kStages = L::stages;
@@ -200,7 +204,17 @@ __global__ void __launch_bounds__(NW * 32 * KG) gemmq_i4_kernel(const F* __restr
     const int gtid = KG == 1 ? tid : tid % kGroupThreads;   // the thread's index in its group
     unsigned char* ring = smem + kg * (kStages * L::bytes);
     unsigned char* xbuf = smem + KG * kStages * L::bytes + kg * (2 * kRows * kRowBytes);
-    const int n0 = blockIdx.x * L::outs, row0 = blockIdx.z * kRows;
+    // the block's matrix of the stack and its row tile; every pointer moved to that matrix
+    const int row_tiles = gridDim.z / G, gm = blockIdx.z / row_tiles;
+    {
+        const long groups = K / group;
+        x += (long)gm * M * K;
+        qw += (long)gm * Np * (K / 8);
+        qz += (long)gm * groups * (Np / 8);
+        sc += (long)gm * groups * Np;
+        y += (long)gm * M * N;
+    }
+    const int n0 = blockIdx.x * L::outs, row0 = (blockIdx.z - gm * row_tiles) * kRows;
     const int units = K / kUnit, u0 = blockIdx.y * units_per_split;
     const int u1 = min(units, u0 + units_per_split);
     const int kw = K / 8;                        // words per output
@@ -346,19 +360,22 @@ __global__ void __launch_bounds__(NW * 32 * KG) gemmq_i4_kernel(const F* __restr
         }
     }
     cp_wait<0>();
-    if constexpr (KG == 2) {   // group 1's accumulators into group 0's, through the (now idle) rings
+    if constexpr (KG > 1) {   // groups 1..KG-1's accumulators into group 0's, through the (now idle) rings
         __syncthreads();
+        constexpr int kAcc = NW * MT * 16 * 32;   // floats of one group's accumulators
+        static_assert((KG - 1) * kAcc * 4 <= KG * kStages * L::bytes, "the rings hold the accumulators");
         float* red = reinterpret_cast<float*>(smem) + warp * (MT * 16 * 32) + lane;
-        static_assert(NW * MT * 16 * 32 * 4 <= KG * kStages * L::bytes, "the rings hold the accumulators");
         float* flat = &acc[0][0][0];   // [MT][4][4] in order; unrolled, every index is a register
-        if (kg == 1) {
+        if (kg > 0) {
 #pragma unroll
-            for (int i = 0; i < MT * 16; ++i) red[i * 32] = flat[i];
+            for (int i = 0; i < MT * 16; ++i) red[(kg - 1) * kAcc + i * 32] = flat[i];
         }
         __syncthreads();
         if (kg == 0) {
 #pragma unroll
-            for (int i = 0; i < MT * 16; ++i) flat[i] += red[i * 32];
+            for (int k = 1; k < KG; ++k)
+#pragma unroll
+                for (int i = 0; i < MT * 16; ++i) flat[i] += red[(k - 1) * kAcc + i * 32];
         }
     }
 
@@ -366,7 +383,8 @@ __global__ void __launch_bounds__(NW * 32 * KG) gemmq_i4_kernel(const F* __restr
     // writes y; several write float32 partials of their split. With K groups, group 0 holds the sums.
     const int splits = gridDim.y;
     const bool even = (N & 1) == 0;
-    float* part = work + (long)blockIdx.y * M * N;
+    // partials [splits, G, M, N]: this block's split and matrix
+    float* part = work + ((long)blockIdx.y * G + gm) * M * N;
     if (kg == 0) {
 #pragma unroll
         for (int m = 0; m < MT; ++m)
@@ -395,13 +413,14 @@ __global__ void __launch_bounds__(NW * 32 * KG) gemmq_i4_kernel(const F* __restr
     __threadfence();
     // the tile's outputs, kRows rows x L::outs columns: four columns per thread and step (16-byte loads of the
     // partials) where N % 4 == 0, else one
+    const long wg = (long)gm * M * N;   // the matrix's partials of split 0
     if ((N & 3) == 0 && (reinterpret_cast<uintptr_t>(work) & 15) == 0) {
         constexpr int kQuads = kRows * L::outs / 4;
         for (int i = tid; i < kQuads; i += kThreads) {
             const int r = row0 + i / (L::outs / 4), n = n0 + 4 * (i % (L::outs / 4));
             if (r >= M || n >= N) continue;   // N % 4 == 0: n < N holds n + 3 < N too
             const long off = (long)r * N + n;
-            const float4 v = sum_splits(reinterpret_cast<const float4*>(work + off), (long)M * N / 4, splits);
+            const float4 v = sum_splits(reinterpret_cast<const float4*>(work + wg + off), (long)G * M * N / 4, splits);
             store_pair(y + off, v.x, v.y, true, true);
             store_pair(y + off + 2, v.z, v.w, true, true);
         }
@@ -411,7 +430,7 @@ __global__ void __launch_bounds__(NW * 32 * KG) gemmq_i4_kernel(const F* __restr
             const int r = row0 + i / L::outs, n = n0 + i % L::outs;
             if (r >= M || n >= N) continue;
             const long off = (long)r * N + n;
-            y[off] = from_f32<F>(sum_splits(work + off, (long)M * N, splits));
+            y[off] = from_f32<F>(sum_splits(work + wg + off, (long)G * M * N, splits));
         }
     }
     if (tid == 0) counters[tile] = 0;
@@ -419,8 +438,8 @@ __global__ void __launch_bounds__(NW * 32 * KG) gemmq_i4_kernel(const F* __restr
 }
 
 template <typename F, int NW, int MT, int KG>
-int launch(int M, int K, int N, int Np, int group, int splits, const void* x, const uint32_t* qw, const uint32_t* qz,
-           const __half* sc, void* y, float* work, int* counters, cudaStream_t stream) {
+int launch(int G, int M, int K, int N, int Np, int group, int splits, const void* x, const uint32_t* qw,
+           const uint32_t* qz, const __half* sc, void* y, float* work, int* counters, cudaStream_t stream) {
     constexpr int smem = gemmq_smem_bytes<NW, MT, KG>();
     if (smem + 16 > device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>()) return kUnsupported;   // + `last`
     // per launch: the attribute belongs to the current device's copy of the function
@@ -430,31 +449,34 @@ int launch(int M, int K, int N, int Np, int group, int splits, const void* x, co
     const int units = K / kUnit;
     const int per = (units + splits - 1) / splits;
     const int used = (units + per - 1) / per;      // every split has at least one unit
-    const dim3 grid((N + NW * 32 - 1) / (NW * 32), used, (M + MT * 16 - 1) / (MT * 16));
+    const long tiles_z = (long)G * ((M + MT * 16 - 1) / (MT * 16));
+    if (tiles_z > 65535) return kUnsupported;
+    const dim3 grid((N + NW * 32 - 1) / (NW * 32), used, (unsigned)tiles_z);
     gemmq_i4_kernel<F, NW, MT, KG><<<grid, NW * 32 * KG, smem, stream>>>(
-        static_cast<const F*>(x), qw, qz, sc, static_cast<F*>(y), work, counters, M, K, N, Np, group, per);
+        static_cast<const F*>(x), qw, qz, sc, static_cast<F*>(y), work, counters, M, K, N, Np, group, per, G);
     return (int)cudaGetLastError();
 }
 
 // Calls f(F{}, NW, MT, KG) with the kernel's instantiation for act, M rows, warps (along N) and K groups: MT = 1,
-// 2 or 4 16-row tiles (M <= 16, M <= 32, else); two K groups for 4 warps and 64-row tiles only. kUnsupported for
-// anything else.
+// 2 or 4 16-row tiles (M <= 16, M <= 32, else); K groups 1 (4 or 8 warps), 2 (4 warps) or 4 (4 warps, up to 32
+// rows: four groups of 64-row tiles would need 275 KB of shared memory). kUnsupported for anything else.
 template <typename Fn> int with_instance(int act, int M, int warps, int k_groups, Fn&& f) {
     using I1 = std::integral_constant<int, 1>;
     using I2 = std::integral_constant<int, 2>;
     using I4 = std::integral_constant<int, 4>;
     using I8 = std::integral_constant<int, 8>;
-    auto by_mt = [&](auto f_tag, auto nw_tag) {
-        if (M <= 16) return f(f_tag, nw_tag, I1{}, I1{});
-        if (M <= 32) return f(f_tag, nw_tag, I2{}, I1{});
-        return f(f_tag, nw_tag, I4{}, I1{});
+    auto by_mt = [&](auto f_tag, auto nw_tag, auto kg_tag) {
+        if (M <= 16) return f(f_tag, nw_tag, I1{}, kg_tag);
+        if (M <= 32) return f(f_tag, nw_tag, I2{}, kg_tag);
+        return f(f_tag, nw_tag, I4{}, kg_tag);
     };
     auto by_nw = [&](auto f_tag) {
-        if (k_groups == 2) return warps == 4 && M > 32 ? f(f_tag, I4{}, I4{}, I2{}) : (int)kUnsupported;
-        if (k_groups != 1) return (int)kUnsupported;
-        if (warps == 4) return by_mt(f_tag, I4{});
-        if (warps == 8) return by_mt(f_tag, I8{});
-        return (int)kUnsupported;
+        if (warps == 8) return k_groups == 1 ? by_mt(f_tag, I8{}, I1{}) : (int)kUnsupported;
+        if (warps != 4) return (int)kUnsupported;
+        if (k_groups == 1) return by_mt(f_tag, I4{}, I1{});
+        if (k_groups == 2) return by_mt(f_tag, I4{}, I2{});
+        if (k_groups != 4 || M > 32) return (int)kUnsupported;
+        return M <= 16 ? f(f_tag, I4{}, I1{}, I4{}) : f(f_tag, I4{}, I2{}, I4{});
     };
     if (act == static_cast<int>(ActType::F16)) return by_nw(__half{});
     if (act == static_cast<int>(ActType::BF16)) return by_nw(__nv_bfloat16{});
@@ -463,22 +485,22 @@ template <typename Fn> int with_instance(int act, int M, int warps, int k_groups
 
 }  // namespace
 
-int gemmq_i4_launch(int act, int M, int K, int N, int Np, int group, int splits, int warps, int k_groups,
+int gemmq_i4_launch(int act, int G, int M, int K, int N, int Np, int group, int splits, int warps, int k_groups,
                     const void* x, const uint32_t* qweight, const uint32_t* qzeros, const void* scales, void* y,
                     float* work, int* counters, cudaStream_t stream) {
-    if (M < 1 || N < 1) return 0;
+    if (M < 1 || N < 1 || G < 1) return 0;
     if (K % kUnit || group % kUnit || K % group || Np % 8 || N > Np || splits < 1) return kUnsupported;
     if (device_attribute<cudaDevAttrComputeCapabilityMajor>() < 8) return kUnsupported;   // see GEMMQ_ARCH_OK
     const __half* sc = static_cast<const __half*>(scales);
     return with_instance(act, M, warps, k_groups, [&](auto f_tag, auto nw_tag, auto mt_tag, auto kg_tag) {
         return launch<decltype(f_tag), decltype(nw_tag)::value, decltype(mt_tag)::value, decltype(kg_tag)::value>(
-            M, K, N, Np, group, splits, x, qweight, qzeros, sc, y, work, counters, stream);
+            G, M, K, N, Np, group, splits, x, qweight, qzeros, sc, y, work, counters, stream);
     });
 }
 
-int gemmq_i4_blocks_per_sm(int act, int M, int warps) {
+int gemmq_i4_blocks_per_sm(int act, int M, int warps, int k_groups) {
     if (M < 1 || device_attribute<cudaDevAttrComputeCapabilityMajor>() < 8) return 0;
-    const int n = with_instance(act, M, warps, 1, [&](auto f_tag, auto nw_tag, auto mt_tag, auto kg_tag) {
+    const int n = with_instance(act, M, warps, k_groups, [&](auto f_tag, auto nw_tag, auto mt_tag, auto kg_tag) {
         using F = decltype(f_tag);
         constexpr int NW = decltype(nw_tag)::value, MT = decltype(mt_tag)::value, KG = decltype(kg_tag)::value;
         constexpr int smem = gemmq_smem_bytes<NW, MT, KG>();

@@ -66,16 +66,18 @@ int gemvq_launch(int kind, int act, int rows, int n, const GemvqEntry* entries, 
 
 // int4 weight-only GEMM on the tensor cores for decode batches (csrc/gemvq/gemmq_cuda.cu): y [M, N] = x [M, K] @ W
 // with W as for the int4 GEMV above (qweight int32 [Np, K/8] output-major, qzeros, scales fp16 16-byte aligned);
-// `act` fp16 or bf16. K and group multiples of 128, group | K. `splits` ranges of K (> 1: float32 partials in
-// `work` [splits, M, N], and `counters` one int32 per tile, zero between launches, left zero); `warps` 4 or 8
-// (block width 32 x warps outputs); `k_groups` 1, or 2 (4 warps, M > 32: two groups of warps share each block's K
-// range; 137,744 bytes of shared memory a block, which sm_86 / sm_89 / sm_120 lack: kUnsupported there). No host
+// `act` fp16 or bf16. K and group multiples of 128, group | K. G >= 1 matrices of that shape laid one after
+// another, each with its own x and y (x [G, M, K], qweight [G, Np, K/8], qzeros [G, K/group, Np/8], scales
+// [G, K/group, Np], y [G, M, N]). `splits` ranges of K (> 1: float32 partials in `work` [splits, G, M, N], and
+// `counters` one int32 per tile (G x row tiles x column tiles), zero between launches, left zero); `warps` 4 or 8
+// (block width 32 x warps outputs); `k_groups` 1, 2 (4 warps) or 4 (4 warps, M <= 32): groups of warps share each
+// block's K range (up to 205,840 bytes of shared memory a block; kUnsupported where the device has less). No host
 // synchronization (CUDA-graph capturable).
-int gemmq_i4_launch(int act, int M, int K, int N, int Np, int group, int splits, int warps, int k_groups,
+int gemmq_i4_launch(int act, int G, int M, int K, int N, int Np, int group, int splits, int warps, int k_groups,
                     const void* x, const uint32_t* qweight, const uint32_t* qzeros, const void* scales, void* y,
                     float* work, int* counters, cudaStream_t stream);
-// Blocks of gemmq_i4_launch's kernel for `act`, M rows and `warps` that one multiprocessor of the current device
-// holds at once (the CUDA occupancy calculator); 0 where it cannot run there.
-int gemmq_i4_blocks_per_sm(int act, int M, int warps);
+// Blocks of gemmq_i4_launch's kernel for `act`, M rows, `warps` and `k_groups` that one multiprocessor of the current
+// device holds at once (the CUDA occupancy calculator); 0 where it cannot run there.
+int gemmq_i4_blocks_per_sm(int act, int M, int warps, int k_groups);
 
 }  // namespace rwkv_chat

@@ -732,8 +732,7 @@ class FusedCuda(Backend):
                 bmm = dispatch.bgemm if self.tuned_gemm else torch.bmm
                 if "rkv" in f:
                     r, k, v = bmm(mix[0:3], f["rkv"].transpose(1, 2))
-                elif ("rkv_i4" in f and not dispatch.gemmq_serves(mix[0], p["att.receptance.weight"])
-                      and (rkv := dispatch.mm4_stack(mix[0:3], [p[n] for n in _BIG[:3]])) is not None):
+                elif "rkv_i4" in f and (rkv := dispatch.mm4_stack(mix[0:3], [p[n] for n in _BIG[:3]])) is not None:
                     r, k, v = rkv
                 else:
                     r, k, v = (self._many(xx, p[n]) for xx, n in ((xr, "att.receptance.weight"),

@@ -25,10 +25,9 @@ from rwkv_chat.models.ops._triton import multiprocessors as _sms
 UNIT = 128
 #: the fewest rows it serves (fewer: the compiled GEMV of ``csrc/gemvq``)
 MIN_ROWS = 5
-#: rows it leaves to the Triton int4 kernel (r, k, v of a layer stacked in one launch), which measured faster there:
-#: the 7.2B decode at batch 64 ran 0.93x fp16 that way and 0.88x with this kernel, at batches 16 and 128 this kernel
-#: was ahead (1.17x against 1.00x, 0.75x against 0.73x; H100, ``bench/formats.py --i4-gemm``, one call)
-TRITON_ROWS = range(33, 65)
+#: rows it leaves to the Triton int4 kernel (none: with two K groups a block at 33-64 rows and r, k, v stacked in
+#: one launch (``gemmq_i4_stack``) this kernel took them too; see ``K_GROUPS``)
+TRITON_ROWS = range(0)
 #: whether ``dispatch.mm4`` routes decode batches here (checked by ``tests/gpu/verify_kernels.py --family gemvq``;
 #: timed against the Triton int4 kernel by ``bench/kernels.py --only gemvq`` and ``bench/formats.py --i4-gemm``)
 ENABLED = True
@@ -67,52 +66,98 @@ def row_tile(rows: int) -> int:
 #: beyond two blocks a multiprocessor of 16- or 32-row tiles and one of 64-row tiles.
 WAVE = {16: 2, 32: 2, 64: 1}
 
+#: K groups a block (4 warps) per row tile: groups of warps that share a block's K range and add their sums in
+#: shared memory, so a multiprocessor holds more warps without more K splits. Two for 64-row tiles: 4096 x 4096 at
+#: 64 rows took 20.6 us against 24.8 with one group, 16384 x 4096 48.3 against 53.6 (H100, bench/kernels.py --only
+#: gemvq). Groups the device lacks the shared memory for (``blocks_per_sm`` 0) fall back to one.
+K_GROUPS = {16: 1, 32: 1, 64: 2}
+
 _OCCUPANCY: dict[tuple, int] = {}
 
 
-def blocks_per_sm(device, dtype: torch.dtype, rows: int, warps: int) -> int:
-    """Blocks of the kernel for ``rows`` rows of ``dtype`` and ``warps`` that one multiprocessor of ``device`` holds
-    at once (the op's occupancy query, cached per device, dtype, row tile and warps); 2 where the op is not built."""
+def blocks_per_sm(device, dtype: torch.dtype, rows: int, warps: int, k_groups: int = 1) -> int:
+    """Blocks of the kernel for ``rows`` rows of ``dtype``, ``warps`` and ``k_groups`` that one multiprocessor of
+    ``device`` holds at once (the op's occupancy query, cached per device, dtype, row tile, warps and groups): 0 where
+    the device cannot run that instance (its shared memory); 2 where the op is not built."""
     if not built():
         return 2
     d = torch.device(device)
     index = d.index if d.index is not None else torch.cuda.current_device()
-    key = (index, dtype, row_tile(rows), warps)
+    key = (index, dtype, row_tile(rows), warps, k_groups)
     if key not in _OCCUPANCY:
-        n = torch.ops.rwkv_chat.gemmq_i4_occupancy(index, dtype == torch.bfloat16, rows, warps)
-        _OCCUPANCY[key] = max(1, int(n))
+        n = torch.ops.rwkv_chat.gemmq_i4_occupancy(index, dtype == torch.bfloat16, rows, warps, k_groups)
+        _OCCUPANCY[key] = max(0, int(n))
     return _OCCUPANCY[key]
 
 
-def gemmq_tiles(rows: int, K: int, N: int, device, warps: int = 4,
-                dtype: torch.dtype = torch.float16) -> tuple[int, int]:
-    """(warps per block, K splits) for ``rows`` x K @ K x N: blocks of ``warps`` x 32 outputs and ``row_tile(rows)``
-    rows, as many K splits as keep the blocks within one wave of ``WAVE[row_tile(rows)]`` blocks a multiprocessor
-    (at most ``blocks_per_sm``), at least one."""
+def k_groups_for(rows: int, device, warps: int = 4, dtype: torch.dtype = torch.float16) -> int:
+    """K groups of the launch rule: ``K_GROUPS`` of the row tile with 4 warps where the device runs it, else 1."""
+    kg = K_GROUPS[row_tile(rows)] if warps == 4 else 1
+    return kg if kg == 1 or blocks_per_sm(device, dtype, rows, warps, kg) > 0 else 1
+
+
+def gemmq_tiles(rows: int, K: int, N: int, device, warps: int = 4, dtype: torch.dtype = torch.float16,
+                k_groups: int = 1, stack: int = 1) -> tuple[int, int]:
+    """(warps per block, K splits) for ``stack`` products of ``rows`` x K @ K x N in one launch: blocks of ``warps`` x
+    32 outputs, ``row_tile(rows)`` rows and ``k_groups`` groups of warps, as many K splits as keep the blocks within
+    one wave of ``WAVE[row_tile(rows)]`` blocks a multiprocessor (at most ``blocks_per_sm``), at least one."""
     tile = row_tile(rows)
-    blocks = -(-N // (32 * warps)) * -(-rows // tile)
-    resident = min(WAVE[tile], blocks_per_sm(device, dtype, rows, warps)) * _sms(device)
+    blocks = stack * -(-N // (32 * warps)) * -(-rows // tile)
+    resident = min(WAVE[tile], max(1, blocks_per_sm(device, dtype, rows, warps, k_groups))) * _sms(device)
     splits = max(1, min(K // UNIT, resident // max(blocks, 1)))
     return warps, splits
 
 
-def gemmq_i4(x: torch.Tensor, q: Int4Weight, splits: int | None = None, warps: int = 4,
-             k_groups: int = 1) -> torch.Tensor:
-    """``x @ q.dequantize()`` on the tensor cores: x [M, K] fp16/bf16 contiguous on q's CUDA device, ``q`` as
-    ``gemmq_i4_ok`` asks -> [M, N] in x's dtype. ``splits`` / ``warps`` override ``gemmq_tiles`` (measuring);
-    ``k_groups=2`` (4 warps, more than 32 rows) has two groups of warps share each block's K range, adding their sums
-    in shared memory: about 135 KiB of shared memory a block (A100, H100, H200; the op raises elsewhere), splits by
-    the one-group rule; not yet timed on a GPU, so ``dispatch.mm4`` does not use it.
-    Raises RuntimeError (the op's checks) for inputs outside that contract; callers check first."""
-    M, K = x.shape
-    N = q.shape[1]
-    w, s = gemmq_tiles(M, K, N, x.device, warps, x.dtype)
+def _launch(x: torch.Tensor, qw, qz, sc, group: int, N: int, splits, warps, k_groups) -> torch.Tensor:
+    """One launch for x [M, K] (or a stack [G, M, K]) and the weight tensors of the same rank -> [(G,) M, N]."""
+    *g, M, K = x.shape
+    G = g[0] if g else 1
+    if k_groups is None:
+        k_groups = k_groups_for(M, x.device, warps, x.dtype)
+    w, s = gemmq_tiles(M, K, N, x.device, warps, x.dtype, k_groups, G)
     s = splits or s
     counters = _gemv._counters(x.device) if s > 1 else None
     if counters is None:
         s = 1
-    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    work = torch.empty(s, M, N, dtype=torch.float32, device=x.device) if s > 1 else y
-    torch.ops.rwkv_chat.gemmq_i4_cuda(x, q.storage, q.qzeros, q.scales, q.group_size, s, w, k_groups, work,
+    y = torch.empty(*g, M, N, dtype=x.dtype, device=x.device)
+    work = torch.empty(s, G, M, N, dtype=torch.float32, device=x.device) if s > 1 else y
+    torch.ops.rwkv_chat.gemmq_i4_cuda(x, qw, qz, sc, group, s, w, k_groups, work,
                                       counters if counters is not None else y, y)
     return y
+
+
+def gemmq_i4(x: torch.Tensor, q: Int4Weight, splits: int | None = None, warps: int = 4,
+             k_groups: int | None = None) -> torch.Tensor:
+    """``x @ q.dequantize()`` on the tensor cores: x [M, K] fp16/bf16 contiguous on q's CUDA device, ``q`` as
+    ``gemmq_i4_ok`` asks -> [M, N] in x's dtype. ``splits`` / ``warps`` / ``k_groups`` (1, 2, or 4 up to 32 rows;
+    4 warps for more than one) override the launch rule (``gemmq_tiles``, ``k_groups_for``) for measuring; two K
+    groups of 64-row tiles take about 135 KiB of shared memory a block, four of 32-row tiles about 201 KiB (the op
+    raises where the device has less).
+    Raises RuntimeError (the op's checks) for inputs outside that contract; callers check first."""
+    return _launch(x, q.storage, q.qzeros, q.scales, q.group_size, q.shape[1], splits, warps, k_groups)
+
+
+def stack_tensors(qs: list[Int4Weight]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(qweight [G, Np, K/8], qzeros [G, K/group, Np/8], scales [G, K/group, Np]) viewing G >= 2 int4 weights that lie
+    one after another in memory (``formats.i4.stack_i4``) and that ``gemmq_i4_ok`` accepts, else None."""
+    if len(qs) < 2 or not all(isinstance(q, Int4Weight) and gemmq_i4_ok(q) for q in qs):
+        return None
+    strides = _gemv.i4_stack_strides(qs)
+    if strides is None:
+        return None
+    out = []
+    for t0, d in zip((qs[0].storage, qs[0].qzeros, qs[0].scales), strides):   # storage: qweight's memory
+        if d != t0.numel():             # the parts lie back to back: one contiguous [G, ...] tensor
+            return None
+        out.append(torch.as_strided(t0, (len(qs), *t0.shape), (d, *t0.stride())))
+    return tuple(out)
+
+
+def gemmq_i4_stack(x: torch.Tensor, qs: list[Int4Weight], splits: int | None = None,
+                   k_groups: int | None = None) -> torch.Tensor | None:
+    """``x[g] @ qs[g].dequantize()`` for G int4 weights of one stack in one launch: x [G, M, K] fp16/bf16 contiguous
+    on their CUDA device -> [G, M, N] in x's dtype; None where ``stack_tensors`` does not view them as one stack."""
+    t = stack_tensors(qs)
+    if t is None or x.dim() != 3 or x.shape[0] != len(qs) or not x.is_contiguous():
+        return None
+    return _launch(x, *t, qs[0].group_size, qs[0].shape[1], splits, 4, k_groups)

@@ -216,14 +216,17 @@ def case_gemvq_i4(rows, K, N, group, dtype, device, seed, graph=False):
     return rel_err(_replayed(lambda: kernels.mm4(xd, qd)) if graph else kernels.mm4(xd, qd), ref)
 
 
-#: shared memory a block of two K groups takes (gemmq_smem_bytes<4, 4, 2> + the 16-byte `last` flag)
+#: shared memory a block of two K groups of 64-row tiles takes (gemmq_smem_bytes<4, 4, 2> + the 16-byte `last` flag)
 GEMMQ_K_GROUPS_SMEM = 137_744
+#: and of four K groups of 32-row tiles (gemmq_smem_bytes<4, 2, 4> + 16)
+GEMMQ_K_GROUPS4_SMEM = 205_840
 
 
-def case_gemmq_i4(rows, K, N, group, dtype, device, seed, graph=False, warps=4, k_groups=1, splits=None):
+def case_gemmq_i4(rows, K, N, group, dtype, device, seed, graph=False, warps=4, k_groups=None, splits=None):
     """``kernels.mm4`` at decode-batch rows through the int4 GEMM on the tensor cores (``csrc/gemvq/gemmq_cuda.cu``)
-    against x (rounded) @ the dequantized weight in float64. ``graph``: captured in a CUDA graph and replayed into
-    a poisoned output."""
+    against x (rounded) @ the dequantized weight in float64; ``warps``, ``k_groups`` or ``splits`` other than the
+    launch rule's call the kernel directly. ``graph``: captured in a CUDA graph and replayed into a poisoned
+    output."""
     from rwkv_chat.models.formats import i4
     from rwkv_chat.models.kernels import dispatch
 
@@ -236,13 +239,36 @@ def case_gemmq_i4(rows, K, N, group, dtype, device, seed, graph=False, warps=4, 
     if not (gemmq.built() and gemmq.gemmq_i4_ok(q)):
         raise AssertionError("the tensor-core int4 GEMM is not built or does not read this weight")
     routed = gemmq.ENABLED and gemmq.serves_rows(rows)       # mm4 gives these rows to it: check that route
-    direct = warps != 4 or k_groups != 1 or splits is not None
+    direct = warps != 4 or k_groups is not None or splits is not None
     if routed and not dispatch.gemmq_serves(x, q):
         raise AssertionError(f"kernels.mm4 does not route this product to it ({dispatch.GEMMQ_PROBES})")
     ref = x.double() @ q.dequantize(torch.float64)
     run = ((lambda: kernels.mm4(x, q)) if routed and not direct
            else (lambda: gemmq.gemmq_i4(x, q, splits, warps, k_groups)))
     return rel_err(_replayed(run) if graph else run(), ref)
+
+
+def case_gemmq_i4_stack(rows, K, N, group, dtype, device, seed, graph=False, k_groups=None, splits=None):
+    """``kernels.mm4_stack``: three int4 weights of one stack (``formats.i4.stack_i4``, as an RWKV-7 layer's r, k,
+    v) times their own x in one launch of the int4 GEMM on the tensor cores (``gemmq.gemmq_i4_stack``; directly where
+    ``k_groups`` or ``splits`` are given), each against x[g] (rounded) @ its dequantized weight in float64; the
+    largest relative error of the three."""
+    from rwkv_chat.models.formats import i4
+    from rwkv_chat.models.kernels import dispatch, gemmq
+
+    _gemvq_built(device)
+    g = _gen(seed, device)
+    qs = i4.stack_i4([i4.quantize_i4(_randn(g, K, N, scale=K ** -0.5).to(device), group).to(device)
+                      for _ in range(3)])
+    x = _randn(g, 3, rows, K).to(dtype).to(device)
+    if qs is None or gemmq.stack_tensors(qs) is None:
+        raise AssertionError("the three weights are not one stack the tensor-core int4 GEMM reads")
+    direct = k_groups is not None or splits is not None
+    if not direct and not dispatch.gemmq_serves(x[0], qs[0]):
+        raise AssertionError(f"kernels.mm4 does not route {rows} rows to it ({dispatch.GEMMQ_PROBES})")
+    run = ((lambda: gemmq.gemmq_i4_stack(x, qs, splits, k_groups)) if direct else (lambda: dispatch.mm4_stack(x, qs)))
+    y = _replayed(run) if graph else run()
+    return max(rel_err(y[k], x[k].double() @ qs[k].dequantize(torch.float64)) for k in range(3))
 
 
 def case_gemvq_f8(rows, K, N, dtype, device, seed):
@@ -730,6 +756,34 @@ def all_cases(device: str, quick: bool = False):
                               f"splits={splits or 'rule'}{', CUDA graph' if graph else ''}", dt,
                               lambda r=rows, K=K, N=N, gp=group, dt=dt, s=len(cases), gr=graph, sp=splits:
                               case_gemmq_i4(r, K, N, gp, dt, device, s, gr, 4, 2, sp)))
+            # one K group at 64-row tiles (the rule's choice there is two), four at 16- and 32-row tiles (about
+            # 201 KiB a block where the device has it)
+            for rows, K, N, group, splits in () if dt == torch.float32 else (
+                    (64, 4096, 4096, 128, None), (100, 2048, 1001, 256, 3)):
+                cases.append(("gemvq", f"i4 tensor cores, 1 K group, rows={rows} K={K} N={N} group={group} "
+                              f"splits={splits or 'rule'}", dt,
+                              lambda r=rows, K=K, N=N, gp=group, dt=dt, s=len(cases), sp=splits:
+                              case_gemmq_i4(r, K, N, gp, dt, device, s, False, 4, 1, sp)))
+            for rows, K, N, group, graph, splits in () if dt == torch.float32 or optin < GEMMQ_K_GROUPS4_SMEM else (
+                    (8, 4096, 4096, 128, False, None), (16, 2048, 2048, 128, False, 2),
+                    (32, 4096, 16384, 128, False, None), (20, 4608, 1001, 384, False, 3),
+                    (5, 640, 1000, 128, True, 1), (32, 1152, 1000, 128, False, 5)):
+                cases.append(("gemvq", f"i4 tensor cores, 4 K groups, rows={rows} K={K} N={N} group={group} "
+                              f"splits={splits or 'rule'}{', CUDA graph' if graph else ''}", dt,
+                              lambda r=rows, K=K, N=N, gp=group, dt=dt, s=len(cases), gr=graph, sp=splits:
+                              case_gemmq_i4(r, K, N, gp, dt, device, s, gr, 4, 4, sp)))
+            # r, k, v of one stack in one launch: the rule's tiles at 8 / 16 / 40 / 64 / 200 rows (two K groups at
+            # 33-64), odd N, splits given, a CUDA graph
+            for rows, K, N, group, graph, kg, splits in () if dt == torch.float32 else (
+                    (8, 4096, 4096, 128, False, None, None), (16, 2048, 2048, 128, True, None, None),
+                    (40, 2048, 2048, 128, False, None, None), (64, 4096, 4096, 128, False, None, None),
+                    (200, 1024, 1001, 256, False, None, None), (64, 896, 896, 128, False, 1, 3),
+                    (64, 1152, 1000, 128, True, 2, 5)):
+                cases.append(("gemvq", f"i4 tensor cores, r/k/v stack, rows={rows} K={K} N={N} group={group}"
+                              f"{f' K groups={kg}' if kg else ''} splits={splits or 'rule'}"
+                              f"{', CUDA graph' if graph else ''}", dt,
+                              lambda r=rows, K=K, N=N, gp=group, dt=dt, s=len(cases), gr=graph, kg=kg, sp=splits:
+                              case_gemmq_i4_stack(r, K, N, gp, dt, device, s, gr, kg, sp)))
             for rows, K, N in ((1, 4096, 4096), (1, 4096, 16384), (1, 16384, 4096), (2, 2048, 2048), (3, 4096, 1001),
                                (4, 4096, 4096), (4, 16384, 777), (1, 16, 5), (2, 48, 33), (1, 896, 4864)):
                 cases.append(("gemvq", f"f8 rows={rows} K={K} N={N}", dt,

@@ -58,19 +58,31 @@ def test_without_the_op_the_probe_says_so_and_mm4_keeps_its_paths():
 
 @settings(max_examples=60, deadline=None)
 @given(rows=st.integers(5, 256), k_units=st.integers(1, 160), n=st.integers(1, 70000), sms=st.integers(1, 160),
-       warps=st.sampled_from([4, 8]), resident=st.integers(1, 6))
-def test_the_split_rule_keeps_to_one_wave_of_its_blocks_a_multiprocessor(rows, k_units, n, sms, warps, resident):
+       warps=st.sampled_from([4, 8]), resident=st.integers(0, 6), k_groups=st.sampled_from([1, 2, 4]),
+       stack=st.integers(1, 3))
+def test_the_split_rule_keeps_to_one_wave_of_its_blocks_a_multiprocessor(rows, k_units, n, sms, warps, resident,
+                                                                          k_groups, stack):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(gemmq, "_sms", lambda device: sms)
-        mp.setattr(gemmq, "blocks_per_sm", lambda device, dtype, r, w: resident)
-        w, splits = gemmq.gemmq_tiles(rows, k_units * gemmq.UNIT, n, "cuda", warps)
+        mp.setattr(gemmq, "blocks_per_sm", lambda device, dtype, r, w, kg=1: resident)
+        w, splits = gemmq.gemmq_tiles(rows, k_units * gemmq.UNIT, n, "cuda", warps, torch.float16, k_groups, stack)
     tile = 16 if rows <= 16 else 32 if rows <= 32 else 64
-    blocks = -(-n // (32 * warps)) * -(-rows // tile)
-    resident = min(resident, gemmq.WAVE[tile])
+    blocks = stack * -(-n // (32 * warps)) * -(-rows // tile)
+    resident = min(max(resident, 1), gemmq.WAVE[tile])
     assert w == warps and 1 <= splits <= k_units
     if splits > 1:
         assert blocks * splits <= resident * sms                       # no second wave
     assert splits == k_units or blocks * (splits + 1) > resident * sms  # and no fewer splits than that allows
+
+
+def test_k_groups_follow_the_row_tile_and_fall_back_where_the_device_lacks_the_shared_memory(monkeypatch):
+    fits = {1: 2, 2: 1, 4: 1}
+    monkeypatch.setattr(gemmq, "blocks_per_sm", lambda device, dtype, r, w, kg=1: fits[kg])
+    for rows in (5, 16, 17, 32, 33, 64, 200):
+        assert gemmq.k_groups_for(rows, "cuda") == gemmq.K_GROUPS[gemmq.row_tile(rows)]
+        assert gemmq.k_groups_for(rows, "cuda", warps=8) == 1
+    fits[2] = fits[4] = 0                                               # e.g. 100 KiB of shared memory a block
+    assert {gemmq.k_groups_for(r, "cuda") for r in (5, 33, 64, 200)} == {1}
 
 
 def test_without_the_op_two_blocks_a_multiprocessor_are_assumed():
@@ -78,8 +90,23 @@ def test_without_the_op_two_blocks_a_multiprocessor_are_assumed():
     assert gemmq.blocks_per_sm("cuda", torch.float16, 64, 4) == 2
 
 
-def test_rows_go_to_it_from_five_up_but_the_band_the_triton_kernel_keeps():
+def test_a_stack_of_int4_weights_is_viewed_as_one_tensor_per_part(monkeypatch):
+    monkeypatch.setattr(gemmq, "gemmq_i4_ok", lambda q: True)
+    g = torch.Generator().manual_seed(0)
+    parts = [i4.quantize_i4(torch.randn(256, 64, generator=g) * 0.05, 128).with_layout(True) for _ in range(3)]
+    stacked = i4.stack_i4(parts)
+    views = gemmq.stack_tensors(stacked)
+    assert views is not None
+    for name, v in zip(("storage", "qzeros", "scales"), views):
+        assert v.shape == (3, *getattr(parts[0], name).shape) and v.is_contiguous()
+        for k in range(3):
+            assert torch.equal(v[k], getattr(parts[k], name))
+    assert gemmq.stack_tensors(parts) is None                          # three separate allocations: no stack
+    assert gemmq.stack_tensors(stacked[:1]) is None
+    assert gemmq.stack_tensors([stacked[0], stacked[2]]) is None       # not back to back
+
+
+def test_rows_go_to_it_from_five_up_but_any_band_the_triton_kernel_keeps():
     assert [r for r in range(1, 300) if gemmq.serves_rows(r)] == \
         [r for r in range(gemmq.MIN_ROWS, 300) if r not in gemmq.TRITON_ROWS]
-    assert not gemmq.serves_rows(4) and gemmq.serves_rows(5) and gemmq.serves_rows(32)
-    assert not gemmq.serves_rows(64) and gemmq.serves_rows(65)
+    assert not gemmq.serves_rows(4) and gemmq.serves_rows(5) and gemmq.serves_rows(32) and gemmq.serves_rows(65)
