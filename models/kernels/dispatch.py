@@ -602,13 +602,13 @@ def gemmq_serves(x: torch.Tensor, q: Int4Weight) -> bool:
 def mm4_stack(x: torch.Tensor, qs: list[Int4Weight]) -> torch.Tensor | None:
     """``x[g] @ qs[g].dequantize()`` for G int4 weights that are views of one stack (``formats.i4.stack_i4``) in one
     launch: x [G, M, K] fp16/bf16 on their CUDA device (last dim contiguous), 1..``ops.gemv.I4_ROWS`` rows -> [G, M, N]
-    in x's dtype. The int4 GEMM on the tensor cores (``gemmq.gemmq_i4_stack``) where ``gemmq_serves`` each product,
-    else the Triton kernel (``ops.gemv.i4_gemv_stack``; K and N multiples of 8). Returns None (raises nothing) where
+    in x's dtype. The int4 GEMM on the tensor cores (``gemmq.gemmq_i4_stack``) for ``gemmq.STACK_ROWS`` rows where
+    ``gemmq_serves`` each product, else the Triton kernel (``ops.gemv.i4_gemv_stack``; K and N multiples of 8). Returns None (raises nothing) where
     neither serves: another device or dtype, other shapes, more rows, no Triton, weights that are not one stack; the
     caller then multiplies them one by one."""
     if not qs or not all(isinstance(q, Int4Weight) for q in qs):
         return None
-    if x.dim() == 3 and x.shape[0] == len(qs) and gemmq_serves(x[0], qs[0]):
+    if x.dim() == 3 and x.shape[0] == len(qs) and x.shape[1] in _gemmq.STACK_ROWS and gemmq_serves(x[0], qs[0]):
         y = _gemmq.gemmq_i4_stack(x.contiguous(), qs)
         if y is not None:
             return y

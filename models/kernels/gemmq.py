@@ -66,11 +66,18 @@ def row_tile(rows: int) -> int:
 #: beyond two blocks a multiprocessor of 16- or 32-row tiles and one of 64-row tiles.
 WAVE = {16: 2, 32: 2, 64: 1}
 
-#: K groups a block (4 warps) per row tile: groups of warps that share a block's K range and add their sums in
-#: shared memory, so a multiprocessor holds more warps without more K splits. Two for 64-row tiles: 4096 x 4096 at
-#: 64 rows took 20.6 us against 24.8 with one group, 16384 x 4096 48.3 against 53.6 (H100, bench/kernels.py --only
-#: gemvq). Groups the device lacks the shared memory for (``blocks_per_sm`` 0) fall back to one.
-K_GROUPS = {16: 1, 32: 1, 64: 2}
+#: K groups a block (4 warps) up to ``K_GROUPS_ROWS`` rows: two groups of warps share a block's K range and add
+#: their sums in shared memory, so a multiprocessor holds more warps without more K splits. Measured on an H100
+#: (``bench/kernels.py --only gemvq``, fastest splits of each): 4096 x 4096 at 32 rows 14.8 us against 18.6 with one
+#: group, at 64 rows 20.5 against 25.3; 16384 x 4096 at 32 rows 33.1 against 39.5; at 8 and 16 rows 2-6% ahead; at 128
+#: rows one group is ahead on the large shapes (4096 x 16384: 66.6 against 82.3 us). Four groups (up to 32 rows) were
+#: no faster than two. Where the device lacks the shared memory (``blocks_per_sm`` 0) one group serves.
+K_GROUPS = 2
+K_GROUPS_ROWS = range(MIN_ROWS, 65)
+#: rows at which ``dispatch.mm4_stack`` gives a stack (r, k, v) to this kernel: three 4096 x 4096 at 64 rows took
+#: 41.6 us in one launch against 53.0 for the Triton stack kernel and 63.2 for three launches; at 128 rows the
+#: Triton stack kernel was ahead (74.1 against 83.2)
+STACK_ROWS = range(MIN_ROWS, 65)
 
 _OCCUPANCY: dict[tuple, int] = {}
 
@@ -91,8 +98,9 @@ def blocks_per_sm(device, dtype: torch.dtype, rows: int, warps: int, k_groups: i
 
 
 def k_groups_for(rows: int, device, warps: int = 4, dtype: torch.dtype = torch.float16) -> int:
-    """K groups of the launch rule: ``K_GROUPS`` of the row tile with 4 warps where the device runs it, else 1."""
-    kg = K_GROUPS[row_tile(rows)] if warps == 4 else 1
+    """K groups of the launch rule: ``K_GROUPS`` for ``K_GROUPS_ROWS`` rows with 4 warps where the device runs it,
+    else 1."""
+    kg = K_GROUPS if warps == 4 and rows in K_GROUPS_ROWS else 1
     return kg if kg == 1 or blocks_per_sm(device, dtype, rows, warps, kg) > 0 else 1
 
 
@@ -100,10 +108,12 @@ def gemmq_tiles(rows: int, K: int, N: int, device, warps: int = 4, dtype: torch.
                 k_groups: int = 1, stack: int = 1) -> tuple[int, int]:
     """(warps per block, K splits) for ``stack`` products of ``rows`` x K @ K x N in one launch: blocks of ``warps`` x
     32 outputs, ``row_tile(rows)`` rows and ``k_groups`` groups of warps, as many K splits as keep the blocks within
-    one wave of ``WAVE[row_tile(rows)]`` blocks a multiprocessor (at most ``blocks_per_sm``), at least one."""
+    one wave of ``WAVE[row_tile(rows)] // k_groups`` blocks a multiprocessor (the groups of a block count as blocks;
+    at least one, at most ``blocks_per_sm``), at least one split."""
     tile = row_tile(rows)
     blocks = stack * -(-N // (32 * warps)) * -(-rows // tile)
-    resident = min(WAVE[tile], max(1, blocks_per_sm(device, dtype, rows, warps, k_groups))) * _sms(device)
+    per_sm = min(max(1, WAVE[tile] // k_groups), max(1, blocks_per_sm(device, dtype, rows, warps, k_groups)))
+    resident = per_sm * _sms(device)
     splits = max(1, min(K // UNIT, resident // max(blocks, 1)))
     return warps, splits
 

@@ -251,7 +251,7 @@ def case_gemmq_i4(rows, K, N, group, dtype, device, seed, graph=False, warps=4, 
 def case_gemmq_i4_stack(rows, K, N, group, dtype, device, seed, graph=False, k_groups=None, splits=None):
     """``kernels.mm4_stack``: three int4 weights of one stack (``formats.i4.stack_i4``, as an RWKV-7 layer's r, k,
     v) times their own x in one launch of the int4 GEMM on the tensor cores (``gemmq.gemmq_i4_stack``; directly where
-    ``k_groups`` or ``splits`` are given), each against x[g] (rounded) @ its dequantized weight in float64; the
+    ``k_groups`` or ``splits`` are given or ``mm4_stack`` gives these rows to the Triton kernel), each against x[g] (rounded) @ its dequantized weight in float64; the
     largest relative error of the three."""
     from rwkv_chat.models.formats import i4
     from rwkv_chat.models.kernels import dispatch, gemmq
@@ -263,7 +263,7 @@ def case_gemmq_i4_stack(rows, K, N, group, dtype, device, seed, graph=False, k_g
     x = _randn(g, 3, rows, K).to(dtype).to(device)
     if qs is None or gemmq.stack_tensors(qs) is None:
         raise AssertionError("the three weights are not one stack the tensor-core int4 GEMM reads")
-    direct = k_groups is not None or splits is not None
+    direct = k_groups is not None or splits is not None or rows not in gemmq.STACK_ROWS   # above: Triton's stack
     if not direct and not dispatch.gemmq_serves(x[0], qs[0]):
         raise AssertionError(f"kernels.mm4 does not route {rows} rows to it ({dispatch.GEMMQ_PROBES})")
     run = ((lambda: gemmq.gemmq_i4_stack(x, qs, splits, k_groups)) if direct else (lambda: dispatch.mm4_stack(x, qs)))

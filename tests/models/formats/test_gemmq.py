@@ -68,18 +68,18 @@ def test_the_split_rule_keeps_to_one_wave_of_its_blocks_a_multiprocessor(rows, k
         w, splits = gemmq.gemmq_tiles(rows, k_units * gemmq.UNIT, n, "cuda", warps, torch.float16, k_groups, stack)
     tile = 16 if rows <= 16 else 32 if rows <= 32 else 64
     blocks = stack * -(-n // (32 * warps)) * -(-rows // tile)
-    resident = min(max(resident, 1), gemmq.WAVE[tile])
+    resident = min(max(resident, 1), max(1, gemmq.WAVE[tile] // k_groups))   # a block's groups count as blocks
     assert w == warps and 1 <= splits <= k_units
     if splits > 1:
         assert blocks * splits <= resident * sms                       # no second wave
     assert splits == k_units or blocks * (splits + 1) > resident * sms  # and no fewer splits than that allows
 
 
-def test_k_groups_follow_the_row_tile_and_fall_back_where_the_device_lacks_the_shared_memory(monkeypatch):
+def test_k_groups_follow_the_rows_and_fall_back_where_the_device_lacks_the_shared_memory(monkeypatch):
     fits = {1: 2, 2: 1, 4: 1}
     monkeypatch.setattr(gemmq, "blocks_per_sm", lambda device, dtype, r, w, kg=1: fits[kg])
-    for rows in (5, 16, 17, 32, 33, 64, 200):
-        assert gemmq.k_groups_for(rows, "cuda") == gemmq.K_GROUPS[gemmq.row_tile(rows)]
+    for rows in (5, 16, 17, 32, 33, 64, 65, 200):
+        assert gemmq.k_groups_for(rows, "cuda") == (gemmq.K_GROUPS if rows in gemmq.K_GROUPS_ROWS else 1)
         assert gemmq.k_groups_for(rows, "cuda", warps=8) == 1
     fits[2] = fits[4] = 0                                               # e.g. 100 KiB of shared memory a block
     assert {gemmq.k_groups_for(r, "cuda") for r in (5, 33, 64, 200)} == {1}
