@@ -65,6 +65,9 @@ def row_tile(rows: int) -> int:
 #: further split adds float32 partials to write and add, which costs more than the latency more warps would hide,
 #: beyond two blocks a multiprocessor of 16- or 32-row tiles and one of 64-row tiles.
 WAVE = {16: 2, 32: 2, 64: 1}
+#: and for more than 64 rows (several 64-row tiles, one K group): at 128 rows 16384 x 4096 took 76.4 us at four splits
+#: (two blocks a multiprocessor) against 94.2 at two (one); 4096 x 16384 has enough blocks without splits either way
+WAVE_MANY_ROWS = 2
 
 #: K groups a block (4 warps) up to ``K_GROUPS_ROWS`` rows: two groups of warps share a block's K range and add
 #: their sums in shared memory, so a multiprocessor holds more warps without more K splits. Measured on an H100
@@ -75,9 +78,9 @@ WAVE = {16: 2, 32: 2, 64: 1}
 K_GROUPS = 2
 K_GROUPS_ROWS = range(MIN_ROWS, 65)
 #: rows at which ``dispatch.mm4_stack`` gives a stack (r, k, v) to this kernel: three 4096 x 4096 at 64 rows took
-#: 41.6 us in one launch against 53.0 for the Triton stack kernel and 63.2 for three launches; at 128 rows the
-#: Triton stack kernel was ahead (74.1 against 83.2)
-STACK_ROWS = range(MIN_ROWS, 65)
+#: 41.3 us in one launch against 53.0 for the Triton stack kernel and 62.7 for three launches, at 128 rows 67.4
+#: against 74.1 and 96.2 (one K group there; with two it was 83.2)
+STACK_ROWS = range(MIN_ROWS, 257)
 
 _OCCUPANCY: dict[tuple, int] = {}
 
@@ -108,11 +111,12 @@ def gemmq_tiles(rows: int, K: int, N: int, device, warps: int = 4, dtype: torch.
                 k_groups: int = 1, stack: int = 1) -> tuple[int, int]:
     """(warps per block, K splits) for ``stack`` products of ``rows`` x K @ K x N in one launch: blocks of ``warps`` x
     32 outputs, ``row_tile(rows)`` rows and ``k_groups`` groups of warps, as many K splits as keep the blocks within
-    one wave of ``WAVE[row_tile(rows)] // k_groups`` blocks a multiprocessor (the groups of a block count as blocks;
-    at least one, at most ``blocks_per_sm``), at least one split."""
+    one wave of ``WAVE[row_tile(rows)] // k_groups`` (``WAVE_MANY_ROWS`` above 64 rows) blocks a multiprocessor (the
+    groups of a block count as blocks; at least one, at most ``blocks_per_sm``), at least one split."""
     tile = row_tile(rows)
     blocks = stack * -(-N // (32 * warps)) * -(-rows // tile)
-    per_sm = min(max(1, WAVE[tile] // k_groups), max(1, blocks_per_sm(device, dtype, rows, warps, k_groups)))
+    wave = WAVE_MANY_ROWS if rows > 64 else WAVE[tile]
+    per_sm = min(max(1, wave // k_groups), max(1, blocks_per_sm(device, dtype, rows, warps, k_groups)))
     resident = per_sm * _sms(device)
     splits = max(1, min(K // UNIT, resident // max(blocks, 1)))
     return warps, splits

@@ -68,7 +68,8 @@ def test_the_split_rule_keeps_to_one_wave_of_its_blocks_a_multiprocessor(rows, k
         w, splits = gemmq.gemmq_tiles(rows, k_units * gemmq.UNIT, n, "cuda", warps, torch.float16, k_groups, stack)
     tile = 16 if rows <= 16 else 32 if rows <= 32 else 64
     blocks = stack * -(-n // (32 * warps)) * -(-rows // tile)
-    resident = min(max(resident, 1), max(1, gemmq.WAVE[tile] // k_groups))   # a block's groups count as blocks
+    wave = gemmq.WAVE_MANY_ROWS if rows > 64 else gemmq.WAVE[tile]
+    resident = min(max(resident, 1), max(1, wave // k_groups))   # a block's groups count as blocks
     assert w == warps and 1 <= splits <= k_units
     if splits > 1:
         assert blocks * splits <= resident * sms                       # no second wave
