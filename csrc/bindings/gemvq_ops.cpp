@@ -256,9 +256,9 @@ void gemvq_u8_multi_cuda(at::TensorList xs, at::TensorList ws, at::TensorList mx
 // qzeros [G, K/group, Np/8], scales [G, K/group, Np], y [G, rows, N], all contiguous. K and group multiples of 128,
 // group | K. splits >= 1 ranges of K; with more than one, work float32 holding at least [splits, G, rows, N] and
 // counters int32 with one zero entry per tile (G x ceil(N / (32 warps)) x ceil(rows / 16)), left zero. warps: 4 or
-// 8; k_groups: 1, 2 (4 warps) or 4 (4 warps, rows <= 32).
+// 8; k_groups: 1, 2 (4 warps) or 4 (4 warps, rows <= 32). relu2: x taken as relu(x)^2 rounded to its dtype.
 void gemmq_i4_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& qzeros, const at::Tensor& scales,
-                   int64_t group, int64_t splits, int64_t warps, int64_t k_groups, const at::Tensor& work,
+                   int64_t group, int64_t splits, int64_t warps, int64_t k_groups, bool relu2, const at::Tensor& work,
                    const at::Tensor& counters, const at::Tensor& y) {
     const char* op = "rwkv_chat::gemmq_i4_cuda";
     const int64_t d = x.dim();
@@ -316,7 +316,7 @@ void gemmq_i4_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
     const void* xp = aligned_x(x, keep);
     const at::cuda::CUDAGuard guard(x.device());
     check_launch(gemmq_i4_launch(act, (int)G, (int)rows, (int)K, (int)N, (int)Np, (int)group, (int)splits, (int)warps,
-                                 (int)k_groups, xp, reinterpret_cast<const uint32_t*>(qweight.data_ptr()),
+                                 (int)k_groups, relu2 ? 1 : 0, xp, reinterpret_cast<const uint32_t*>(qweight.data_ptr()),
                                  reinterpret_cast<const uint32_t*>(qzeros.data_ptr()), scales.data_ptr(), y.data_ptr(),
                                  wp, cp, at::cuda::getCurrentCUDAStream()),
                  op);
@@ -355,7 +355,7 @@ TORCH_LIBRARY_FRAGMENT(rwkv_chat, m) {
           "int[] acts, Tensor(a!)[] ys) -> ()",
           &rwkv_chat::gemvq_u8_multi_cuda);
     m.def("gemmq_i4_cuda(Tensor x, Tensor qweight, Tensor qzeros, Tensor scales, int group, int splits, int warps, "
-          "int k_groups, Tensor work, Tensor counters, Tensor(a!) y) -> ()",
+          "int k_groups, bool relu2, Tensor work, Tensor counters, Tensor(a!) y) -> ()",
           &rwkv_chat::gemmq_i4_cuda);
     m.def("gemmq_i4_occupancy(int device, bool bf16, int rows, int warps, int k_groups) -> int", &rwkv_chat::gemmq_i4_occupancy);
 }

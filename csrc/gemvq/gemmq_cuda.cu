@@ -31,6 +31,8 @@
 //   * K splits: grid.y splits K into ranges of whole units; with one split the block writes y, with several
 //     each writes float32 partials [splits, M, N] and the last split of a tile (a counter per tile, reset
 //     by that last split) adds them in split order and writes y: no atomics on y, the sum order is fixed.
+//   * relu2: x is taken as relu(x)^2, each value rounded to the activation dtype (the RWKV channel-mix value's
+//     input), as it is staged.
 // Requirements (checked by the binding, kUnsupported here): K % 128 == 0, group % 128 == 0 and group | K,
 // Np % 8 == 0, N <= Np, 1 <= M; x, qweight 16-byte aligned, x rows contiguous.
 #include "../common/cuda_common.cuh"
@@ -52,6 +54,16 @@ template <> struct Magic<__nv_bfloat16> {
     static constexpr uint32_t bits = 0x43004300u;   // bf16 128.0 in both halves
     static constexpr float base = 128.f;
 };
+
+// relu(x)^2 of the two values of `w` (F x 2 bits), each rounded to F once as torch's relu(x).square() rounds it; a NaN
+// stays NaN (torch.relu keeps it).
+template <typename F> __device__ __forceinline__ uint32_t relu2_pair(uint32_t w) {
+    using F2 = typename std::conditional<std::is_same<F, __half>::value, __half2, __nv_bfloat162>::type;
+    F2 h = *reinterpret_cast<const F2*>(&w);
+    h = __hmax2_nan(h, F2{});
+    h = __hmul2(h, h);
+    return *reinterpret_cast<const uint32_t*>(&h);
+}
 
 template <typename F> __device__ __forceinline__ uint32_t pack2(float v);
 template <> __device__ __forceinline__ uint32_t pack2<__half>(float v) {
@@ -193,7 +205,7 @@ __global__ void __launch_bounds__(NW * 32 * KG) gemmq_i4_kernel(const F* __restr
                                                            const __half* __restrict__ sc, F* __restrict__ y,
                                                            float* __restrict__ work, int* __restrict__ counters,
                                                            int M, int K, int N, int Np, int group, int units_per_split,
-                                                           int G) {
+                                                           int G, int relu2) {
 #if GEMMQ_ARCH_OK
     using L = StageLayout<NW>;
     constexpr int kGroupThreads = NW * 32, kThreads = kGroupThreads * KG, kRows = MT * 16, kStages = L::stages;
@@ -274,7 +286,8 @@ __global__ void __launch_bounds__(NW * 32 * KG) gemmq_i4_kernel(const F* __restr
         unsigned char* base = xbuf + b * kRows * kRowBytes + x_dst;
 #pragma unroll
         for (int i = 0; i < kXChunks; ++i) {
-            const uint4 v = xr[i];
+            uint4 v = xr[i];
+            if (relu2) v = make_uint4(relu2_pair<F>(v.x), relu2_pair<F>(v.y), relu2_pair<F>(v.z), relu2_pair<F>(v.w));
             uint32_t* o = reinterpret_cast<uint32_t*>(base + i * kXRowStep * kRowBytes);
             o[0] = __byte_perm(v.x, v.z, 0x5410);
             o[4] = __byte_perm(v.x, v.z, 0x7632);
@@ -438,7 +451,7 @@ __global__ void __launch_bounds__(NW * 32 * KG) gemmq_i4_kernel(const F* __restr
 }
 
 template <typename F, int NW, int MT, int KG>
-int launch(int G, int M, int K, int N, int Np, int group, int splits, const void* x, const uint32_t* qw,
+int launch(int G, int M, int K, int N, int Np, int group, int splits, int relu2, const void* x, const uint32_t* qw,
            const uint32_t* qz, const __half* sc, void* y, float* work, int* counters, cudaStream_t stream) {
     constexpr int smem = gemmq_smem_bytes<NW, MT, KG>();
     if (smem + 16 > device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>()) return kUnsupported;   // + `last`
@@ -453,7 +466,7 @@ int launch(int G, int M, int K, int N, int Np, int group, int splits, const void
     if (tiles_z > 65535) return kUnsupported;
     const dim3 grid((N + NW * 32 - 1) / (NW * 32), used, (unsigned)tiles_z);
     gemmq_i4_kernel<F, NW, MT, KG><<<grid, NW * 32 * KG, smem, stream>>>(
-        static_cast<const F*>(x), qw, qz, sc, static_cast<F*>(y), work, counters, M, K, N, Np, group, per, G);
+        static_cast<const F*>(x), qw, qz, sc, static_cast<F*>(y), work, counters, M, K, N, Np, group, per, G, relu2);
     return (int)cudaGetLastError();
 }
 
@@ -486,7 +499,7 @@ template <typename Fn> int with_instance(int act, int M, int warps, int k_groups
 }  // namespace
 
 int gemmq_i4_launch(int act, int G, int M, int K, int N, int Np, int group, int splits, int warps, int k_groups,
-                    const void* x, const uint32_t* qweight, const uint32_t* qzeros, const void* scales, void* y,
+                    int relu2, const void* x, const uint32_t* qweight, const uint32_t* qzeros, const void* scales, void* y,
                     float* work, int* counters, cudaStream_t stream) {
     if (M < 1 || N < 1 || G < 1) return 0;
     if (K % kUnit || group % kUnit || K % group || Np % 8 || N > Np || splits < 1) return kUnsupported;
@@ -494,7 +507,7 @@ int gemmq_i4_launch(int act, int G, int M, int K, int N, int Np, int group, int 
     const __half* sc = static_cast<const __half*>(scales);
     return with_instance(act, M, warps, k_groups, [&](auto f_tag, auto nw_tag, auto mt_tag, auto kg_tag) {
         return launch<decltype(f_tag), decltype(nw_tag)::value, decltype(mt_tag)::value, decltype(kg_tag)::value>(
-            G, M, K, N, Np, group, splits, x, qweight, qzeros, sc, y, work, counters, stream);
+            G, M, K, N, Np, group, splits, relu2, x, qweight, qzeros, sc, y, work, counters, stream);
     });
 }
 

@@ -71,10 +71,11 @@ int gemvq_launch(int kind, int act, int rows, int n, const GemvqEntry* entries, 
 // [G, K/group, Np], y [G, M, N]). `splits` ranges of K (> 1: float32 partials in `work` [splits, G, M, N], and
 // `counters` one int32 per tile (G x row tiles x column tiles), zero between launches, left zero); `warps` 4 or 8
 // (block width 32 x warps outputs); `k_groups` 1, 2 (4 warps) or 4 (4 warps, M <= 32): groups of warps share each
-// block's K range (up to 205,840 bytes of shared memory a block; kUnsupported where the device has less). No host
-// synchronization (CUDA-graph capturable).
+// block's K range (up to 205,840 bytes of shared memory a block; kUnsupported where the device has less). relu2 != 0:
+// x is taken as relu(x)^2 rounded to `act` (the RWKV channel-mix value's input). No host synchronization
+// (CUDA-graph capturable).
 int gemmq_i4_launch(int act, int G, int M, int K, int N, int Np, int group, int splits, int warps, int k_groups,
-                    const void* x, const uint32_t* qweight, const uint32_t* qzeros, const void* scales, void* y,
+                    int relu2, const void* x, const uint32_t* qweight, const uint32_t* qzeros, const void* scales, void* y,
                     float* work, int* counters, cudaStream_t stream);
 // Blocks of gemmq_i4_launch's kernel for `act`, M rows, `warps` and `k_groups` that one multiprocessor of the current
 // device holds at once (the CUDA occupancy calculator); 0 where it cannot run there.

@@ -340,8 +340,8 @@ def gemvq_u8_sound(device: torch.device) -> bool:
 
 def gemmq_sound(device: torch.device) -> bool:
     """Whether the int4 GEMM on the tensor cores (``kernels.gemmq``) serves decode batches on ``device``: on first use
-    there it runs as ``mm4`` launches it (fp16 and bf16; 5, 37 and 70 rows; one and two K splits; six units of K,
-    groups of one and two units; N a multiple of 8 and not) on small random weights and is compared with
+    there it runs as ``mm4`` launches it (fp16 and bf16; 3, 5, 37 and 70 rows; x as is and relu(x)²; one and two K
+    splits; six units of K, groups of one and two units; N a multiple of 8 and not) on small random weights and is compared with
     ``i4.mm4_torch`` to half-precision rounding; a mismatch or an error keeps the Triton kernel for the process
     (``GEMMQ_PROBES`` says why). Not probed inside a CUDA graph capture."""
     return _sound(GEMMQ_PROBES, _probe_gemmq, device)
@@ -356,14 +356,16 @@ def _probe_gemmq(device: torch.device) -> str | None:
         if not _gemmq.gemmq_i4_ok(q):
             return "the probe's weight is not one it reads"
         for dtype in (torch.float16, torch.bfloat16):
-            for rows in (5, 37, 70):
+            for rows in (3, 5, 37, 70):
                 x = torch.randn(rows, 768, generator=g).to(device, dtype)
-                want = _i4.mm4_torch(x, q)
-                for splits in (1, 2):
-                    err = _probe_error(_gemmq.gemmq_i4(x, q, splits), want)
-                    if not err < 2e-2:
-                        return (f"gemmq_i4 differs from the torch product ({dtype}, {rows} rows, N {n}, group {group}, "
-                                f"{splits} splits: relative error {err:.3g})")
+                for relu2 in (False, True):
+                    want = _i4.mm4_torch(torch.relu(x).square() if relu2 else x, q)
+                    for splits in (1, 2):
+                        err = _probe_error(_gemmq.gemmq_i4(x, q, splits, relu2=relu2), want)
+                        if not err < 2e-2:
+                            return (f"gemmq_i4 differs from the torch product ({dtype}, {rows} rows, N {n}, group "
+                                    f"{group}, {splits} splits{', relu(x)²' if relu2 else ''}: relative error "
+                                    f"{err:.3g})")
     return None
 
 
@@ -560,11 +562,11 @@ def norm_gemv_i4(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, s
 def mm4(x: torch.Tensor, q: Int4Weight) -> torch.Tensor:
     """``x @ q.dequantize()`` for an i4 weight (``formats.i4``); same contract as ``i4.mm4_torch``.
 
-    x [..., K] fp32/fp16/bf16 on q's device -> [..., N] in x's dtype. On CUDA: 1..``GEMVQ_ROWS`` rows with the
+    x [..., K] fp32/fp16/bf16 on q's device -> [..., N] in x's dtype. On CUDA: the int4 GEMM on the tensor cores
+    (``kernels.gemmq``) where ``gemmq_serves`` (decode batches from ``gemmq.MIN_ROWS`` to ``ops.gemv.I4_ROWS`` rows
+    but ``gemmq.TRITON_ROWS``, and ``gemmq.FEW_ROWS`` rows of large weights); else 1..``GEMVQ_ROWS`` rows with the
     compiled GEMV of ``csrc/gemvq`` where it is built and reads the weight (``gemvq_i4_ok``: output-major, the
-    layout a weight takes on CUDA); from ``gemmq.MIN_ROWS`` to ``ops.gemv.I4_ROWS`` rows (decode batches) but
-    ``gemmq.TRITON_ROWS`` the int4 GEMM on the tensor cores (``kernels.gemmq``) where it reads the weight and
-    ``gemmq_sound``; else, fp16/bf16 and
+    layout a weight takes on CUDA); else, fp16/bf16 and
     at most ``ops.gemv.I4_ROWS`` rows: the Triton kernel (either layout; dequantized in registers, fp32
     accumulation); more rows (prefill):
     dequantized once per call and multiplied by cuBLAS. On the CPU, up to ``I4_CPU_ROWS`` rows: the compiled
@@ -579,12 +581,12 @@ def mm4(x: torch.Tensor, q: Int4Weight) -> torch.Tensor:
         y = torch.empty(rows, N, dtype=x.dtype, device=x.device)
         _op("cpu", "gemvq_i4")(x.reshape(rows, K).contiguous(), q.qweight, q.qzeros, q.scales, q.group_size, y)
         return y.reshape(*x.shape[:-1], N)
+    if gemmq_serves(x, q):
+        return _gemmq.gemmq_i4(x.reshape(rows, K).contiguous(), q).reshape(*x.shape[:-1], N)
     if _gemvq_serves(x) and gemvq_i4_ok(q):
         y = torch.empty(rows, N, dtype=x.dtype, device=x.device)
         _op("cuda", "gemvq_i4")(x.reshape(rows, K).contiguous(), q.storage, q.qzeros, q.scales, q.group_size, y)
         return y.reshape(*x.shape[:-1], N)
-    if gemmq_serves(x, q):
-        return _gemmq.gemmq_i4(x.reshape(rows, K).contiguous(), q).reshape(*x.shape[:-1], N)
     if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and 1 <= rows <= _gemv.I4_ROWS and _triton_ok():
         return _gemv.i4_gemv(x.reshape(rows, -1), q).reshape(*x.shape[:-1], N)
     return _i4.mm4_torch(x, q)
@@ -592,10 +594,10 @@ def mm4(x: torch.Tensor, q: Int4Weight) -> torch.Tensor:
 
 def gemmq_serves(x: torch.Tensor, q: Int4Weight) -> bool:
     """Whether the int4 GEMM on the tensor cores (``kernels.gemmq``, ``mm4``'s path) takes this product: CUDA,
-    fp16/bf16, ``gemmq.MIN_ROWS`` to ``ops.gemv.I4_ROWS`` rows but ``gemmq.TRITON_ROWS``, a weight it reads, the
-    device's probe passed, and ``gemmq.ENABLED``."""
+    fp16/bf16, rows and weight shape as ``gemmq.serves`` gives them (at most ``ops.gemv.I4_ROWS`` rows), a weight it
+    reads, the device's probe passed, and ``gemmq.ENABLED``."""
     return (_gemmq.ENABLED and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
-            and _gemmq.serves_rows(_rows(x)) and _rows(x) <= _gemv.I4_ROWS and _gemmq.gemmq_i4_ok(q)
+            and _gemmq.serves(_rows(x), *q.shape) and _rows(x) <= _gemv.I4_ROWS and _gemmq.gemmq_i4_ok(q)
             and _gemmq.built() and gemmq_sound(x.device))
 
 
@@ -668,7 +670,9 @@ GEMVQ_ACTS = (0, 3)
 
 def gemvq_group(xs: list[torch.Tensor], qs: list, acts: list[int] | None = None) -> list[torch.Tensor] | None:
     """``[act(x) @ q.dequantize() for x, q in zip(xs, qs)]`` in one launch of the compiled GEMV
-    (``csrc/gemvq``), or None where it does not serve them all (the caller multiplies one by one).
+    (``csrc/gemvq``), or None where it does not serve them all (the caller multiplies one by one); int4 products
+    that the int4 GEMM on the tensor cores takes (``gemmq_serves``: 3-4 rows of large weights) run there instead,
+    one launch each.
 
     Served: 1..4 products, every weight i4 (``gemvq_i4_ok``), every weight f8 (K % 16 == 0) or every weight i8
     (``gemvq_u8_ok``, where ``gemvq_u8_sound``), xs 2-D [rows, K_e] of one activation dtype on one CUDA device,
@@ -699,6 +703,8 @@ def gemvq_group(xs: list[torch.Tensor], qs: list, acts: list[int] | None = None)
     if not _gemvq_serves(x0) or any(x.dim() != 2 or x.shape[0] != x0.shape[0] or x.dtype != x0.dtype
                                     or x.device != x0.device for x in xs):
         return None
+    if all(isinstance(q, Int4Weight) for q in qs) and all(gemmq_serves(x, q) for x, q in zip(xs, qs)):
+        return [_gemmq.gemmq_i4(x.contiguous(), q, relu2=a == 3) for x, q, a in zip(xs, qs, acts)]   # 3: relu²
     ys = [torch.empty(x.shape[0], q.shape[1], dtype=x.dtype, device=x.device) for x, q in zip(xs, qs)]
     xc = [x.contiguous() for x in xs]
     if all(isinstance(q, Int4Weight) and gemvq_i4_ok(q) for q in qs):

@@ -39,9 +39,23 @@ def built() -> bool:
 
 
 def serves_rows(rows: int) -> bool:
-    """Whether ``dispatch.mm4`` gives products of ``rows`` rows to this kernel: ``MIN_ROWS`` up, outside
-    ``TRITON_ROWS`` (the upper bound is the caller's, ``ops.gemv.I4_ROWS``)."""
+    """Whether ``dispatch.mm4`` gives products of ``rows`` rows to this kernel whatever the weight: ``MIN_ROWS`` up,
+    outside ``TRITON_ROWS`` (the upper bound is the caller's, ``ops.gemv.I4_ROWS``)."""
     return rows >= MIN_ROWS and rows not in TRITON_ROWS
+
+
+#: fewer rows that it takes from the compiled GEMV for large weights (at least ``FEW_ROWS_WEIGHTS`` values): on an
+#: H100 the GEMV took 33.8 / 42.7 us for 4096 x 16384 / 16384 x 4096 at 4 rows (about 6 / 9 us a row beyond the
+#: first), this kernel 24.2 / 24.9 at 8 (one 16-row tile, the same at fewer rows); for 4096 x 4096 they tied at 4
+#: rows (11.5 / 11.4 us), so smaller weights keep the GEMV
+FEW_ROWS = range(3, MIN_ROWS)
+FEW_ROWS_WEIGHTS = 1 << 25
+
+
+def serves(rows: int, K: int, N: int) -> bool:
+    """Whether ``dispatch.mm4`` gives ``rows`` x K @ K x N to this kernel: ``serves_rows``, or ``FEW_ROWS`` rows of a
+    weight of at least ``FEW_ROWS_WEIGHTS`` values."""
+    return serves_rows(rows) or (rows in FEW_ROWS and K * N >= FEW_ROWS_WEIGHTS)
 
 
 def gemmq_i4_ok(q: Int4Weight) -> bool:
@@ -122,7 +136,8 @@ def gemmq_tiles(rows: int, K: int, N: int, device, warps: int = 4, dtype: torch.
     return warps, splits
 
 
-def _launch(x: torch.Tensor, qw, qz, sc, group: int, N: int, splits, warps, k_groups) -> torch.Tensor:
+def _launch(x: torch.Tensor, qw, qz, sc, group: int, N: int, splits, warps, k_groups,
+            relu2: bool = False) -> torch.Tensor:
     """One launch for x [M, K] (or a stack [G, M, K]) and the weight tensors of the same rank -> [(G,) M, N]."""
     *g, M, K = x.shape
     G = g[0] if g else 1
@@ -135,20 +150,21 @@ def _launch(x: torch.Tensor, qw, qz, sc, group: int, N: int, splits, warps, k_gr
         s = 1
     y = torch.empty(*g, M, N, dtype=x.dtype, device=x.device)
     work = torch.empty(s, G, M, N, dtype=torch.float32, device=x.device) if s > 1 else y
-    torch.ops.rwkv_chat.gemmq_i4_cuda(x, qw, qz, sc, group, s, w, k_groups, work,
+    torch.ops.rwkv_chat.gemmq_i4_cuda(x, qw, qz, sc, group, s, w, k_groups, relu2, work,
                                       counters if counters is not None else y, y)
     return y
 
 
 def gemmq_i4(x: torch.Tensor, q: Int4Weight, splits: int | None = None, warps: int = 4,
-             k_groups: int | None = None) -> torch.Tensor:
+             k_groups: int | None = None, relu2: bool = False) -> torch.Tensor:
     """``x @ q.dequantize()`` on the tensor cores: x [M, K] fp16/bf16 contiguous on q's CUDA device, ``q`` as
-    ``gemmq_i4_ok`` asks -> [M, N] in x's dtype. ``splits`` / ``warps`` / ``k_groups`` (1, 2, or 4 up to 32 rows;
-    4 warps for more than one) override the launch rule (``gemmq_tiles``, ``k_groups_for``) for measuring; two K
-    groups of 64-row tiles take about 135 KiB of shared memory a block, four of 32-row tiles about 201 KiB (the op
-    raises where the device has less).
+    ``gemmq_i4_ok`` asks -> [M, N] in x's dtype; with ``relu2``, ``torch.relu(x).square()`` (in x's dtype, the RWKV
+    channel-mix value's input) in place of x, taken as x is staged. ``splits`` / ``warps`` / ``k_groups`` (1, 2, or 4
+    up to 32 rows; 4 warps for more than one) override the launch rule (``gemmq_tiles``, ``k_groups_for``) for
+    measuring; two K groups of 64-row tiles take about 135 KiB of shared memory a block, four of 32-row tiles about
+    201 KiB (the op raises where the device has less).
     Raises RuntimeError (the op's checks) for inputs outside that contract; callers check first."""
-    return _launch(x, q.storage, q.qzeros, q.scales, q.group_size, q.shape[1], splits, warps, k_groups)
+    return _launch(x, q.storage, q.qzeros, q.scales, q.group_size, q.shape[1], splits, warps, k_groups, relu2)
 
 
 def stack_tensors(qs: list[Int4Weight]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:

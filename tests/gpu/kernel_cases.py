@@ -238,7 +238,7 @@ def case_gemmq_i4(rows, K, N, group, dtype, device, seed, graph=False, warps=4, 
 
     if not (gemmq.built() and gemmq.gemmq_i4_ok(q)):
         raise AssertionError("the tensor-core int4 GEMM is not built or does not read this weight")
-    routed = gemmq.ENABLED and gemmq.serves_rows(rows)       # mm4 gives these rows to it: check that route
+    routed = gemmq.ENABLED and gemmq.serves(rows, K, N)      # mm4 gives this product to it: check that route
     direct = warps != 4 or k_groups is not None or splits is not None
     if routed and not dispatch.gemmq_serves(x, q):
         raise AssertionError(f"kernels.mm4 does not route this product to it ({dispatch.GEMMQ_PROBES})")
@@ -302,7 +302,7 @@ def case_gemvq_u8(rows, K, N, dtype, device, seed, graph=False):
 
 def case_gemvq_group(rows, shapes, fmt, dtype, device, seed, acts=None, x_scale=1.0):
     """``dispatch.gemvq_group`` (one launch of ``gemvq_i4_multi_cuda`` / ``gemvq_f8_multi_cuda`` /
-    ``gemvq_u8_multi_cuda``) for weights
+    ``gemvq_u8_multi_cuda``; the int4 tensor-core GEMM where ``dispatch.gemmq_serves`` all of them) for weights
     [K_e, N_e] placed on CUDA: worst product against act(x) (rounded as torch rounds it) @ the dequantized weight
     in float64. acts: per product 0 or 3 (relu² on x); x_scale: the magnitude of x (the half-precision form
     scales each row of x by a power of two: rows far from 1 test it)."""
@@ -814,6 +814,20 @@ def all_cases(device: str, quick: bool = False):
                                            f"acts={acts} |x|~{xsc:g}", dt,
                                   lambda r=rows, shp=shp, f=fmt, a=acts, xs_=xsc, dt=dt, s=len(cases):
                                   case_gemvq_group(r, shp, f, dt, device, s, a, xs_)))
+            # 3-4 rows of large int4 weights go to the tensor-core GEMM (gemmq.FEW_ROWS), relu² on load included
+            for rows, shp, acts, xsc in () if dt == torch.float32 else (
+                    (4, ((16384, 4096),), [3], 4.0), (3, ((4096, 16384),), [0], 1.0),
+                    (3, ((16384, 4096),), [3], 30.0), (4, ((4096, 16384),), [0], 1e-2)):
+                cases.append(("gemvq", f"i4 group on the tensor cores rows={rows} "
+                                       f"{' '.join(f'{K}x{N}' for K, N in shp)} acts={acts} |x|~{xsc:g}", dt,
+                              lambda r=rows, shp=shp, a=acts, xs_=xsc, dt=dt, s=len(cases):
+                              case_gemvq_group(r, shp, "i4", dt, device, s, a, xs_)))
+            for rows, K, N, graph in () if dt == torch.float32 else (
+                    (3, 4096, 16384, False), (4, 16384, 4096, False), (4, 4096, 16384, True)):
+                cases.append(("gemvq", f"i4 tensor cores rows={rows} K={K} N={N} group=128 (few rows, large weight)"
+                                       f"{', CUDA graph' if graph else ''}", dt,
+                              lambda r=rows, K=K, N=N, dt=dt, s=len(cases), gr=graph:
+                              case_gemmq_i4(r, K, N, 128, dt, device, s, gr)))
             # LayerNorm / RMSNorm on load (fused_ln_qkv_gptq's compiled form; fp16/bf16); K = 20480: x in tiles
             for rows, K, N, rms, bias, shift in () if dt == torch.float32 else ((1, 4096, 12288, False, True, 0.0), (3, 2048, 1000, False, False, 5.0),
                                                  (1, 1536, 2048, True, False, 0.0), (4, 4096, 520, True, False, 2.0),

@@ -15,17 +15,20 @@ from rwkv_chat.models.kernels import dispatch, gemmq
 
 
 def _stand_in(off: str | None):
-    def run(x, q, splits=None, warps=4):
+    def run(x, q, splits=None, warps=4, relu2=False):
         if off == "raises":
             raise RuntimeError("no kernel image is available for execution on the device")
         bad = (off == "all" or (off == "splits" and (splits or 1) > 1) or (off == "bf16" and x.dtype == torch.bfloat16)
-               or (off == "tail" and q.shape[1] % 8))
+               or (off == "tail" and q.shape[1] % 8) or (off == "few" and x.shape[0] < gemmq.MIN_ROWS))
+        if relu2 and off != "relu2":            # "relu2": a kernel that ignores it
+            x = torch.relu(x).square()
         return i4.mm4_torch(x, q) * (1.05 if bad else 1.0)
     return run
 
 
 @pytest.mark.parametrize("off, why", [(None, None), ("all", "gemmq_i4 differs"), ("splits", "2 splits"),
-                                      ("bf16", "torch.bfloat16"), ("tail", "N 77"), ("raises", "RuntimeError")])
+                                      ("bf16", "torch.bfloat16"), ("tail", "N 77"), ("raises", "RuntimeError"),
+                                      ("relu2", "relu(x)²"), ("few", "3 rows")])
 def test_the_probe_admits_only_a_kernel_that_agrees_with_torch(monkeypatch, off, why):
     monkeypatch.setattr(gemmq, "built", lambda: True)
     monkeypatch.setattr(gemmq, "ENABLED", True)
@@ -105,6 +108,14 @@ def test_a_stack_of_int4_weights_is_viewed_as_one_tensor_per_part(monkeypatch):
     assert gemmq.stack_tensors(parts) is None                          # three separate allocations: no stack
     assert gemmq.stack_tensors(stacked[:1]) is None
     assert gemmq.stack_tensors([stacked[0], stacked[2]]) is None       # not back to back
+
+
+def test_three_or_four_rows_go_to_it_for_large_weights_only():
+    big, small = (4096, 16384), (4096, 4096)
+    assert gemmq.FEW_ROWS == range(3, gemmq.MIN_ROWS) and big[0] * big[1] >= gemmq.FEW_ROWS_WEIGHTS
+    assert [r for r in range(1, 8) if gemmq.serves(r, *big)] == [3, 4, 5, 6, 7]
+    assert [r for r in range(1, 8) if gemmq.serves(r, *small)] == [5, 6, 7]
+    assert all(gemmq.serves(r, *small) == gemmq.serves_rows(r) for r in range(5, 300))
 
 
 def test_rows_go_to_it_from_five_up_but_any_band_the_triton_kernel_keeps():
