@@ -43,6 +43,7 @@ SECTIONS = (
     ("Int4 / fp8 decode GEMVs vs fp16 cuBLAS", "gemvq_bench.md", False),
     ("Weight formats (bench/formats.py)", "formats_bench.md", False),
     ("Weight formats at decode batches (bench/formats.py)", "formats_batches.md", False),
+    ("Weight formats at 2-4 rows (bench/formats.py)", "formats_few.md", False),
     ("rwkv-quant-nv (the weight formats' peer)", "quant_peers.md", False),
     ("RWKV-7 decode step per weight format (profile)", "formats_profile.md", False),
     ("Weight-format checks", "verify_formats.md", False),

@@ -10,7 +10,7 @@
 # sections of the steps taken replaced (bench/assemble.py): copy it over bench/results/<gpu>.md.
 # The tables name the source tree from git; a copy without .git names none.
 BUDGET=${1:-560}; shift || true
-STEPS=${*:-"kernels fused kbench b01 b15 b72 b72i8 b15i8 pip cmp"}   # also: gemvq gbench daemon daemons daemonsp vsamp sparse b72sp b15sp b01sp b72x256 fbenchb peers ops opsbench prenorm qwen formats qb15 qb15ours fbench qpeers qb7 tree pcache qprof fprof ...
+STEPS=${*:-"kernels fused kbench b01 b15 b72 b72i8 b15i8 pip cmp"}   # also: gemvq gbench daemon daemons daemonsp vsamp sparse b72sp b15sp b01sp b72x256 fbenchb fbenchf peers ops opsbench prenorm qwen formats qb15 qb15ours fbench qpeers qb7 tree pcache qprof fprof ...
 OUT=${OUT:-/tmp/bench-out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 mkdir -p /tmp/shim/rwkv_chat && touch /tmp/shim/rwkv_chat/__init__.py
@@ -62,6 +62,7 @@ step qwen 60 180 python3 tests/gpu/verify_qwen2.py --shapes tiny 1.5B --dtypes b
 step formats 40 120 python3 tests/gpu/verify_formats.py --shape 0.1B --out "$OUT/verify_formats.md"
 step qb15 60 150 python3 -m rwkv_chat.app.bench --md "$OUT/qwen_bench.md" --family qwen2 --shape 1.5B --strategy "cuda bf16" --batch 1 64 --prompt-len 1024 --tokens 100
 step fbench 120 240 python3 bench/formats.py --shapes 1.5B 7.2B --batch 1 --tokens 100 --sweep --out "$OUT/formats_bench.md"
+step fbenchf 120 300 python3 bench/formats.py --shapes 7.2B 1.5B --batch 2 3 4 --tokens 30 --skip-ops --i4-gemm tensor-cores triton --out "$OUT/formats_few.md"
 step fbenchb 150 300 python3 bench/formats.py --shapes 7.2B --batch 16 64 128 --tokens 20 --skip-ops --i4-gemm tensor-cores triton --out "$OUT/formats_batches.md"
 step qpeers 150 500 bash -c 'bash bench/quant_peers.sh 1.5B 7.2B | tee "$0"' "$OUT/quant_peers.md"
 step prenorm 120 300 python3 bench/ops.py --prenorm --sweep --out "$OUT/prenorm_bench.md"
