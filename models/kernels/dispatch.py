@@ -341,8 +341,8 @@ def gemvq_u8_sound(device: torch.device) -> bool:
 def gemmq_sound(device: torch.device) -> bool:
     """Whether the int4 GEMM on the tensor cores (``kernels.gemmq``) serves decode batches on ``device``: on first use
     there it runs as ``mm4`` launches it (fp16 and bf16; 3, 5, 37 and 70 rows; x as is and relu(x)²; one and two K
-    splits; six units of K, groups of one and two units; N a multiple of 8 and not) on small random weights and is compared with
-    ``i4.mm4_torch`` to half-precision rounding; a mismatch or an error keeps the Triton kernel for the process
+    splits; six units of K, groups of one and two units; N a multiple of 8 and not) on small random weights and is
+    compared with ``i4.mm4_torch`` to half-precision rounding; a mismatch or an error keeps the Triton kernel for the process
     (``GEMMQ_PROBES`` says why). Not probed inside a CUDA graph capture."""
     return _sound(GEMMQ_PROBES, _probe_gemmq, device)
 
@@ -605,9 +605,9 @@ def mm4_stack(x: torch.Tensor, qs: list[Int4Weight]) -> torch.Tensor | None:
     """``x[g] @ qs[g].dequantize()`` for G int4 weights that are views of one stack (``formats.i4.stack_i4``) in one
     launch: x [G, M, K] fp16/bf16 on their CUDA device (last dim contiguous), 1..``ops.gemv.I4_ROWS`` rows -> [G, M, N]
     in x's dtype. The int4 GEMM on the tensor cores (``gemmq.gemmq_i4_stack``) for ``gemmq.STACK_ROWS`` rows where
-    ``gemmq_serves`` each product, else the Triton kernel (``ops.gemv.i4_gemv_stack``; K and N multiples of 8). Returns None (raises nothing) where
-    neither serves: another device or dtype, other shapes, more rows, no Triton, weights that are not one stack; the
-    caller then multiplies them one by one."""
+    ``gemmq_serves`` each product, else the Triton kernel (``ops.gemv.i4_gemv_stack``; K and N multiples of 8).
+    Returns None (raises nothing) where neither serves: another device or dtype, other shapes, more rows, no Triton,
+    weights that are not one stack; the caller then multiplies them one by one."""
     if not qs or not all(isinstance(q, Int4Weight) for q in qs):
         return None
     if x.dim() == 3 and x.shape[0] == len(qs) and x.shape[1] in _gemmq.STACK_ROWS and gemmq_serves(x[0], qs[0]):

@@ -249,10 +249,10 @@ def case_gemmq_i4(rows, K, N, group, dtype, device, seed, graph=False, warps=4, 
 
 
 def case_gemmq_i4_stack(rows, K, N, group, dtype, device, seed, graph=False, k_groups=None, splits=None):
-    """``kernels.mm4_stack``: three int4 weights of one stack (``formats.i4.stack_i4``, as an RWKV-7 layer's r, k,
+    """``dispatch.mm4_stack``: three int4 weights of one stack (``formats.i4.stack_i4``, as an RWKV-7 layer's r, k,
     v) times their own x in one launch of the int4 GEMM on the tensor cores (``gemmq.gemmq_i4_stack``; directly where
-    ``k_groups`` or ``splits`` are given or ``mm4_stack`` gives these rows to the Triton kernel), each against x[g] (rounded) @ its dequantized weight in float64; the
-    largest relative error of the three."""
+    ``k_groups`` or ``splits`` are given or ``mm4_stack`` gives these rows to the Triton kernel), each against x[g]
+    (rounded) @ its dequantized weight in float64; the largest relative error of the three."""
     from rwkv_chat.models.formats import i4
     from rwkv_chat.models.kernels import dispatch, gemmq
 
