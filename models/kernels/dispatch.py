@@ -342,8 +342,8 @@ def gemmq_sound(device: torch.device) -> bool:
     """Whether the int4 GEMM on the tensor cores (``kernels.gemmq``) serves decode batches on ``device``: on first use
     there it runs as ``mm4`` launches it (fp16 and bf16; 3, 5, 37 and 70 rows; x as is and relu(x)²; one and two K
     splits; six units of K, groups of one and two units; N a multiple of 8 and not) on small random weights and is
-    compared with ``i4.mm4_torch`` to half-precision rounding; a mismatch or an error keeps the Triton kernel for the process
-    (``GEMMQ_PROBES`` says why). Not probed inside a CUDA graph capture."""
+    compared with ``i4.mm4_torch`` to half-precision rounding; a mismatch or an error keeps the Triton kernel for the
+    process (``GEMMQ_PROBES`` says why). Not probed inside a CUDA graph capture."""
     return _sound(GEMMQ_PROBES, _probe_gemmq, device)
 
 
