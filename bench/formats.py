@@ -56,10 +56,10 @@ def _backend(model, fmt: str) -> str:
 
 
 def decode_rows(shape: str, batches: list[int], tokens: int, ffns: list[str | None] = (None,),
-                i4_gemms: list[str | None] = (None,)) -> list[dict]:
+                i4_gemms: list[str | None] = (None,), i8_gemms: list[str | None] = (None,)) -> list[dict]:
     """Decode rows of every format (and, per ``ffns`` entry not None, the fused backend rebuilt with that channel-mix
-    value product: "gemv" or "sparse"; per ``i4_gemms`` entry not None, the i4 format with that int4 product of
-    decode batches: "tensor-cores" (``kernels.gemmq``) or "triton")."""
+    value product: "gemv" or "sparse"; per ``i4_gemms`` / ``i8_gemms`` entry not None, the i4 / i8 format with that
+    product of decode batches: "tensor-cores" (``kernels.gemmq``; for i8 its uint8 form) or "triton")."""
     from rwkv_chat.app.bench import bench_decode, rebuild_fused, skipped_rows
     from rwkv_chat.models import RWKV
     from rwkv_chat.models.kernels import gemmq
@@ -68,15 +68,17 @@ def decode_rows(shape: str, batches: list[int], tokens: int, ffns: list[str | No
     rows = []
     ckpt = shapes.random_checkpoint(shape, dtype=torch.float16, device="cuda")
     base: dict[tuple, float] = {}
-    tree_gemm = gemmq.ENABLED
-    runs = [(f, ff, g) for f in FORMATS for ff in ffns for g in (i4_gemms if f == "i4" else (None,))]
-    for fmt, ffn, i4_gemm in runs:
+    tree_gemm, tree_u8 = gemmq.ENABLED, gemmq.U8_ENABLED
+    per_fmt = {"i4": i4_gemms, "i8": i8_gemms}
+    runs = [(f, ff, g) for f in FORMATS for ff in ffns for g in per_fmt.get(f, (None,))]
+    for fmt, ffn, gemm in runs:
         strategy = f"cuda fp16{fmt}"
-        gemmq.ENABLED = tree_gemm if i4_gemm is None else i4_gemm == "tensor-cores"
+        gemmq.ENABLED = tree_gemm if gemm is None or fmt != "i4" else gemm == "tensor-cores"
+        gemmq.U8_ENABLED = tree_u8 if gemm is None or fmt != "i8" else gemm == "tensor-cores"
         t0 = time.perf_counter()
         model = RWKV(ckpt, strategy)
         load_s = time.perf_counter() - t0
-        note = "" if i4_gemm is None else f", int4 GEMM of batches: {i4_gemm}"
+        note = "" if gemm is None else f", {'int4' if fmt == 'i4' else 'uint8'} GEMM of batches: {gemm}"
         if ffn is not None:
             why = rebuild_fused(model, ffn=ffn, quant_rows=ffn == "sparse")   # the row kernel for every format
             note += f", value product {ffn}" if why is None else f", value product: {why}"
@@ -90,12 +92,12 @@ def decode_rows(shape: str, batches: list[int], tokens: int, ffns: list[str | No
             rows.append({"shape": shape, "strategy": strategy, "batch": b, "tok_s": tok_s,
                          "ratio": tok_s / base[b, ffn], "gb_s": r["gb_s"], "step_mb": r["step_bytes"] / 2**20,
                          "greedy": r["greedy_tok_s"], "load_s": load_s,
-                         "backend": _backend(model, fmt) + (note if b <= 4 or i4_gemm else "")})
+                         "backend": _backend(model, fmt) + (note if b <= 4 or gemm else "")})
             print(rows[-1], flush=True)
         del model
         gc.collect()
         torch.cuda.empty_cache()
-    gemmq.ENABLED = tree_gemm
+    gemmq.ENABLED, gemmq.U8_ENABLED = tree_gemm, tree_u8
     del ckpt
     gc.collect()
     torch.cuda.empty_cache()
@@ -216,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--i4-gemm", nargs="+", choices=["tensor-cores", "triton"], default=None,
                     help="the i4 format also with these int4 products of decode batches above 4 rows (the compiled GEMM "
                          "on the tensor cores, kernels.gemmq; the Triton kernel); default: the tree's")
+    ap.add_argument("--i8-gemm", nargs="+", choices=["tensor-cores", "triton"], default=None,
+                    help="the i8 format also with these products of decode batches above 4 rows (the uint8 form of "
+                         "the tensor-core GEMM, kernels.gemmq.gemmq_u8; the Triton kernel); default: the tree's")
     ap.add_argument("--out", help="write the Markdown table here (appended)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -225,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
 
     kernels.ensure_built("cuda")
     dec = [r for s in args.shapes
-           for r in decode_rows(s, args.batch, args.tokens, args.ffn or [None], args.i4_gemm or [None])]
+           for r in decode_rows(s, args.batch, args.tokens, args.ffn or [None], args.i4_gemm or [None],
+                                args.i8_gemm or [None])]
     gemm = gptq = None
     if not args.skip_ops:
         gemm = fp8_gemm_row()

@@ -463,6 +463,59 @@ def bench_gemmq(rows_md: list) -> None:
         torch.cuda.empty_cache()
 
 
+def bench_gemmq_u8(rows_md: list) -> None:
+    """The uint8 form of the tensor-core GEMM (``gemmq.gemmq_u8``: i8 weights of the reference's scheme, fp16 x)
+    against the Triton i8 kernel (``ops.gemv.i8_gemm``) and fp16 cuBLAS at GEMMQ_ROWS rows: CUDA graphs of
+    GEMVQ_LAUNCHES launches over weight sets > 3x L2, median of 7 replays; the launch rule, and the fastest of
+    GEMMQ_SPLITS K splits with 1 and 2 K groups; relative errors against float64."""
+    from rwkv_chat.models.formats import i8
+    from rwkv_chat.models.kernels import gemmq
+    from rwkv_chat.models.ops import gemv as triton_gemv
+
+    if not gemmq.built():
+        return
+    dev = torch.device("cuda")
+    rows_md += ["", "#### i8 (the reference's uint8 scheme) on the tensor cores: the uint8 form (fp16 activations)", "",
+                "| rows | K x N | fp16 cuBLAS us | Triton i8 us | tensor cores, rule us (K groups, splits) | "
+                "1 K group, fastest us (splits) | 2 K groups, fastest us (splits) | rule / cuBLAS | rule / Triton | "
+                "rel. err tensor cores | rel. err Triton |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for K, N in GEMVQ_SHAPES:
+        xs = {rows: torch.randn(rows, K, device="cuda", dtype=torch.float16) for rows in GEMMQ_ROWS}
+        n = sets_for(K * N * 2)
+        ws = [(torch.randn(N, K, device="cuda") * K ** -0.5).half().t() for _ in range(n)]
+        t16 = {rows: time_ms(lambda i: x @ ws[i], n, iters=GEMVQ_LAUNCHES) for rows, x in xs.items()}
+        ws.clear()
+        n = sets_for(K * N)
+        qs = [i8.quantize_i8(torch.randn(K, N, device="cuda") * K ** -0.5, torch.float16, output_major=True)
+              for _ in range(n)]
+        ref_w = qs[0].dequantize(torch.float64)
+        for rows, x in xs.items():
+            ref = x.double() @ ref_w
+            err = lambda y: ((y.double() - ref).norm() / ref.norm()).item()  # noqa: E731
+            try:
+                e_tc = err(gemmq.gemmq_u8(x, qs[0]))
+            except RuntimeError as e:
+                rows_md.append(f"| {rows} | {K}x{N} | not run: {str(e).splitlines()[0][:80]} |")
+                continue
+            e_tr = err(triton_gemv.i8_gemm(x, qs[0]))
+            kg_rule = gemmq.k_groups_for(rows, dev, u8=True)
+            _, splits = gemmq.gemmq_tiles(rows, K, N, dev, 4, torch.float16, kg_rule, 1, True)
+            tt = time_ms(lambda i: triton_gemv.i8_gemm(x, qs[i]), n, iters=GEMVQ_LAUNCHES)
+            tr = time_ms(lambda i: gemmq.gemmq_u8(x, qs[i]), n, iters=GEMVQ_LAUNCHES)
+            cells = []
+            for kg in (1, 2):
+                sweep = {s: time_ms(lambda i: gemmq.gemmq_u8(x, qs[i], s, 4, kg), n, iters=GEMVQ_LAUNCHES)
+                         for s in GEMMQ_SPLITS if s <= K // gemmq.UNIT}
+                best = min(sweep, key=sweep.get)
+                cells.append(f"{sweep[best] * 1e3:.1f} ({best})")
+            rows_md.append(f"| {rows} | {K}x{N} | {t16[rows] * 1e3:.1f} | {tt * 1e3:.1f} | {tr * 1e3:.1f} ({kg_rule}, "
+                           f"{splits}) | {' | '.join(cells)} | {t16[rows] / tr:.2f}x | {tt / tr:.2f}x | {e_tc:.1e} | "
+                           f"{e_tr:.1e} |")
+            print(rows_md[-1], flush=True)
+        qs.clear()
+        torch.cuda.empty_cache()
+
+
 def bench_gemvq_group(rows_md: list) -> None:
     """Three products in one launch (``dispatch.gemvq_group``, the fused RWKV-7 decode's r, k, v) against three
     launches (``kernels.mm4`` / ``kernels.mmf8``), one row, CUDA graphs over weight sets > 3x L2."""
@@ -525,6 +578,7 @@ def main() -> int:
         bench_gemvq(md, peak)
         bench_gemvq_group(md)
         bench_gemmq(md)
+        bench_gemmq_u8(md)
     if args.only in (None, "wkv"):
         bench_wkv7(md, have_ref)
         bench_wkv456(md)

@@ -322,10 +322,64 @@ void gemmq_i4_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
                  op);
 }
 
-// Blocks of gemmq_i4_cuda's kernel for `rows` rows of `x_dtype` activations, `warps` and `k_groups` that one
-// multiprocessor of `device` holds at once (the split rule of models/kernels/gemmq.py fills them); 0 where it cannot
-// run there.
-int64_t gemmq_i4_occupancy(int64_t device, bool bf16, int64_t rows, int64_t warps, int64_t k_groups) {
+// The tensor-core GEMM for the reference's uint8 weights (csrc/gemvq/gemmq_cuda.cu, gemmq_u8_launch): x [rows, K]
+// fp16, w uint8 [N, K] (output-major storage), mx, rx fp16 [N], my, ry fp16 [K] (or [K, 1]), y [rows, N] fp16;
+// K a multiple of 128; splits, work, counters, warps, k_groups and relu2 as for gemmq_i4_cuda.
+void gemmq_u8_cuda(const at::Tensor& x, const at::Tensor& w, const at::Tensor& mx, const at::Tensor& rx,
+                   const at::Tensor& my, const at::Tensor& ry, int64_t splits, int64_t warps, int64_t k_groups,
+                   bool relu2, const at::Tensor& work, const at::Tensor& counters, const at::Tensor& y) {
+    const char* op = "rwkv_chat::gemmq_u8_cuda";
+    TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && y.dim() == 2, op, ": x, w and y must be 2-D");
+    TORCH_CHECK(x.scalar_type() == at::kHalf, op, ": x must be float16, got ", x.scalar_type());
+    const int64_t rows = x.size(0), K = x.size(1), N = w.size(0);
+    TORCH_CHECK(rows >= 1 && rows <= INT32_MAX / 2, op, ": rows must be positive, got ", rows);
+    TORCH_CHECK(K >= 128 && K % 128 == 0 && K <= INT32_MAX && N >= 1 && N <= INT32_MAX, op,
+                ": K must be a positive multiple of 128 and N positive; got K = ", K, ", N = ", N);
+    TORCH_CHECK(warps == 4 || warps == 8, op, ": warps must be 4 or 8, got ", warps);
+    TORCH_CHECK(k_groups == 1 || (k_groups == 2 && warps == 4) || (k_groups == 4 && warps == 4 && rows <= 32), op,
+                ": k_groups must be 1, 2 (4 warps) or 4 (4 warps, at most 32 rows); got ", k_groups);
+    TORCH_CHECK(splits >= 1 && splits <= K / 128, op, ": splits must be 1..K/128, got ", splits);
+    check_tensor(x, op, "x", kCUDA, at::kHalf, {rows, K});
+    check_tensor(w, op, "w", kCUDA, at::kByte, {N, K});
+    check_tensor(y, op, "y", kCUDA, at::kHalf, {rows, N});
+    for (const auto* t : {&mx, &rx})
+        TORCH_CHECK(t->is_cuda() && t->scalar_type() == at::kHalf && t->is_contiguous() && t->numel() == N, op,
+                    ": mx and rx must be contiguous float16 CUDA tensors of N = ", N, " values");
+    for (const auto* t : {&my, &ry})
+        TORCH_CHECK(t->is_cuda() && t->scalar_type() == at::kHalf && t->is_contiguous() && t->numel() == K &&
+                        reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0,
+                    op, ": my and ry must be contiguous, 16-byte aligned float16 CUDA tensors of K = ", K, " values");
+    check_same_device(op, {x, w, mx, rx, my, ry, y});
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0, op, ": w must be 16-byte aligned");
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(y.data_ptr()) % 4 == 0, op, ": y must be 4-byte aligned");
+    float* wp = nullptr;
+    int* cp = nullptr;
+    if (splits > 1) {
+        const int64_t tiles = ((N + 32 * warps - 1) / (32 * warps)) * ((rows + 15) / 16);
+        TORCH_CHECK(work.is_cuda() && work.scalar_type() == at::kFloat && work.is_contiguous() &&
+                        work.numel() >= splits * rows * N && reinterpret_cast<uintptr_t>(work.data_ptr()) % 8 == 0,
+                    op, ": work must be a contiguous, 8-byte aligned float32 CUDA tensor of at least splits x rows x N "
+                    "values");
+        TORCH_CHECK(counters.is_cuda() && counters.scalar_type() == at::kInt && counters.is_contiguous() &&
+                        counters.numel() >= tiles,
+                    op, ": counters must be a contiguous int32 CUDA tensor of at least ", tiles, " values");
+        check_same_device(op, {x, work, counters});
+        wp = work.data_ptr<float>();
+        cp = counters.data_ptr<int>();
+    }
+    std::vector<at::Tensor> keep;
+    const void* xp = aligned_x(x, keep);
+    const at::cuda::CUDAGuard guard(x.device());
+    check_launch(gemmq_u8_launch(1, (int)rows, (int)K, (int)N, (int)splits, (int)warps, (int)k_groups, relu2 ? 1 : 0, xp,
+                                 w.data_ptr<uint8_t>(), mx.data_ptr(), rx.data_ptr(), my.data_ptr(), ry.data_ptr(),
+                                 y.data_ptr(), wp, cp, at::cuda::getCurrentCUDAStream()),
+                 op);
+}
+
+// Blocks of gemmq_i4_cuda's (u8: gemmq_u8_cuda's) kernel for `rows` rows of `x_dtype` activations, `warps` and
+// `k_groups` that one multiprocessor of `device` holds at once (the split rule of models/kernels/gemmq.py fills
+// them); 0 where it cannot run there.
+int64_t gemmq_i4_occupancy(int64_t device, bool bf16, int64_t rows, int64_t warps, int64_t k_groups, bool u8) {
     const char* op = "rwkv_chat::gemmq_i4_occupancy";
     TORCH_CHECK(rows >= 1 && rows <= INT32_MAX, op, ": rows must be positive, got ", rows);
     TORCH_CHECK(warps == 4 || warps == 8, op, ": warps must be 4 or 8, got ", warps);
@@ -333,7 +387,7 @@ int64_t gemmq_i4_occupancy(int64_t device, bool bf16, int64_t rows, int64_t warp
     TORCH_CHECK(device >= 0 && device < at::cuda::device_count(), op, ": no CUDA device ", device);
     const at::cuda::CUDAGuard guard((c10::DeviceIndex)device);
     const int act = bf16 ? 2 : 1;   // act_code of bfloat16 / float16
-    return gemmq_i4_blocks_per_sm(act, (int)rows, (int)warps, (int)k_groups);
+    return gemmq_blocks_per_sm(act, (int)rows, (int)warps, (int)k_groups, u8);
 }
 
 }  // namespace
@@ -357,5 +411,9 @@ TORCH_LIBRARY_FRAGMENT(rwkv_chat, m) {
     m.def("gemmq_i4_cuda(Tensor x, Tensor qweight, Tensor qzeros, Tensor scales, int group, int splits, int warps, "
           "int k_groups, bool relu2, Tensor work, Tensor counters, Tensor(a!) y) -> ()",
           &rwkv_chat::gemmq_i4_cuda);
-    m.def("gemmq_i4_occupancy(int device, bool bf16, int rows, int warps, int k_groups) -> int", &rwkv_chat::gemmq_i4_occupancy);
+    m.def("gemmq_u8_cuda(Tensor x, Tensor w, Tensor mx, Tensor rx, Tensor my, Tensor ry, int splits, int warps, "
+          "int k_groups, bool relu2, Tensor work, Tensor counters, Tensor(a!) y) -> ()",
+          &rwkv_chat::gemmq_u8_cuda);
+    m.def("gemmq_i4_occupancy(int device, bool bf16, int rows, int warps, int k_groups, bool u8=False) -> int",
+          &rwkv_chat::gemmq_i4_occupancy);
 }

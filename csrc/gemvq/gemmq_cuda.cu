@@ -1,4 +1,4 @@
-// gemmq: int4 weight-only GEMM on the tensor cores for decode batches (5..256 rows): y [M, N] = x [M, K] @ W,
+// gemmq: int4 (and uint8) weight-only GEMM on the tensor cores for decode batches: y [M, N] = x [M, K] @ W,
 // W in the GPTQ nibbles of models/formats/i4.py held output-major (Int4Weight.output_major: qweight int32
 // [Np, K/8], output n's K nibbles contiguous, eight per word along K, low nibble first), v1 zeros
 // (qzeros int32 [K/group, Np/8]), scales float16 [K/group, Np]; declarations in gemvq.h.
@@ -33,6 +33,13 @@
 //     by that last split) adds them in split order and writes y: no atomics on y, the sum order is fixed.
 //   * relu2: x is taken as relu(x)^2, each value rounded to the activation dtype (the RWKV channel-mix value's
 //     input), as it is staged.
+//   * uint8 (U8; the reference's i8 weights of models/formats/i8.py, fp16 activations, gemmq_u8_launch): each
+//     output's 128 bytes of a unit (ring rows padded to 144 bytes against bank conflicts); lane (g, t) reads bytes
+//     32t..32t+31 and builds step (jh, jj)'s B fragment from byte jj of words (4jh, 4jh+1) and (4jh+2, 4jh+3):
+//     the int4 k order, so x is staged alike. prmt + lop3 put a byte into the mantissa of fp16 1024; less 1023.5
+//     it is q + 0.5 exactly. x is multiplied by ry (fp16) as it is staged and the row sums of x and x my are taken
+//     alongside (float32); the epilogue makes acc rx + sum(x my) + sum(x) mx, the reference's
+//     (q + 0.5) ry rx + my + mx factored (each K split's part of it, so the split sums add up).
 // Requirements (checked by the binding, kUnsupported here): K % 128 == 0, group % 128 == 0 and group | K,
 // Np % 8 == 0, N <= Np, 1 <= M; x, qweight 16-byte aligned, x rows contiguous.
 #include "../common/cuda_common.cuh"
@@ -183,31 +190,49 @@ template <int N> __device__ __forceinline__ void cp_wait() {
 #endif
 }
 
-// Shared memory of one block: the weight ring (per stage: words [NW*32 outputs][16], scales [NW*32] fp16,
-// zero words [NW*4]) and two x buffers [MT*16 rows][kRowBytes].
-template <int NW> struct StageLayout {
+// Shared memory of one block: the weight ring (per stage, int4: words [NW*32 outputs][16], scales [NW*32] fp16,
+// zero words [NW*4]; uint8: bytes [NW*32 outputs][128]) and two x buffers [MT*16 rows][kRowBytes].
+template <int NW, bool U8 = false> struct StageLayout {
     // cp.async ring depth (units of weights in flight per block): 4, or 3 for 8-warp blocks, whose 4-stage ring with
     // 64 rows of x (102,928 bytes) exceeds the 101,376 bytes a block may have on sm_86 / sm_89 / sm_120
     static constexpr int stages = NW == 8 ? 3 : 4;
     static constexpr int outs = NW * 32;
-    static constexpr int w_bytes = outs * 64;
-    static constexpr int s_bytes = outs * 2;
-    static constexpr int z_bytes = NW * 4 * 4;
+    static constexpr int out_bytes = U8 ? 128 : 64;   // one output's weights of a unit
+    // their stride in the ring: uint8 rows padded by 16 bytes, so the 16-byte loads of lanes (g, t) at
+    // g * 144 + t * 32 fall in distinct banks
+    static constexpr int out_stride = U8 ? 144 : 64;
+    static constexpr int w_bytes = outs * out_stride;
+    static constexpr int s_bytes = U8 ? 0 : outs * 2;
+    static constexpr int z_bytes = U8 ? 0 : NW * 4 * 4;
     static constexpr int bytes = w_bytes + s_bytes + z_bytes;   // a multiple of 16
 };
-template <int NW, int MT, int KG> constexpr int gemmq_smem_bytes() {
-    return KG * (StageLayout<NW>::stages * StageLayout<NW>::bytes + 2 * MT * 16 * kRowBytes);
+template <int NW, int MT, int KG, bool U8 = false> constexpr int gemmq_smem_bytes() {
+    return KG * (StageLayout<NW, U8>::stages * StageLayout<NW, U8>::bytes + 2 * MT * 16 * kRowBytes);
 }
 
-template <typename F, int NW, int MT, int KG>
-__global__ void __launch_bounds__(NW * 32 * KG) gemmq_i4_kernel(const F* __restrict__ x, const uint32_t* __restrict__ qw,
+// uint8: (q_a + 0.5, q_b + 0.5) in fp16 x 2 for byte jj of a and of b (exact: 1024 + q less 1023.5)
+template <int JJ> __device__ __forceinline__ uint32_t dequant_u8_pair(uint32_t a, uint32_t b) {
+    constexpr uint32_t sel = JJ | (JJ << 4) | ((4 + JJ) << 8) | ((4 + JJ) << 12);   // bytes (a_jj, -, b_jj, -)
+    const uint32_t v = __byte_perm(a, b, sel);
+    uint32_t h, d;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(h) : "r"(v), "n"(0x00FF00FF), "n"(0x64006400));
+    asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(h), "r"(0x63FF63FFu));   // 1023.5 in both halves
+    return d;
+}
+
+template <typename F, int NW, int MT, int KG, bool U8>
+__global__ void __launch_bounds__(NW * 32 * KG) gemmq_kernel(const F* __restrict__ x, const uint32_t* __restrict__ qw,
                                                            const uint32_t* __restrict__ qz,
-                                                           const __half* __restrict__ sc, F* __restrict__ y,
+                                                           const __half* __restrict__ sc, const __half* __restrict__ mxp,
+                                                           const __half* __restrict__ rxp,
+                                                           const __half* __restrict__ myp,
+                                                           const __half* __restrict__ ryp, F* __restrict__ y,
                                                            float* __restrict__ work, int* __restrict__ counters,
                                                            int M, int K, int N, int Np, int group, int units_per_split,
                                                            int G, int relu2) {
 #if GEMMQ_ARCH_OK
-    using L = StageLayout<NW>;
+    static_assert(!U8 || std::is_same<F, __half>::value, "uint8 weights take fp16 activations");
+    using L = StageLayout<NW, U8>;
     constexpr int kGroupThreads = NW * 32, kThreads = kGroupThreads * KG, kRows = MT * 16, kStages = L::stages;
     extern __shared__ __align__(16) unsigned char smem[];
     const int tid = threadIdx.x, lane = tid & 31, g = lane >> 2, t = lane & 3;
@@ -229,33 +254,36 @@ __global__ void __launch_bounds__(NW * 32 * KG) gemmq_i4_kernel(const F* __restr
     const int n0 = blockIdx.x * L::outs, row0 = (blockIdx.z - gm * row_tiles) * kRows;
     const int units = K / kUnit, u0 = blockIdx.y * units_per_split;
     const int u1 = min(units, u0 + units_per_split);
-    const int kw = K / 8;                        // words per output
+    const int kw = K / (U8 ? 4 : 8);             // words per output
+    constexpr int kUnitWords = U8 ? kUnit / 4 : kUnit / 8;   // words per output and unit
+    constexpr int kOutChunks = L::out_bytes / 16;            // 16-byte chunks per output and unit
 
     // Per-thread addresses, computed once: thread gtid of a group copies weight chunks c = gtid + i kGroupThreads
-    // (output o = c / 4, 16-byte part c % 4 of the unit's 64 bytes) and loads x chunks c = gtid + i kGroupThreads
-    // (row c / 16, 16-byte chunk c % 16 of the unit's 256 bytes); both strides are constants.
-    constexpr int kWChunks = L::outs * 4 / kGroupThreads, kWRowStep = kGroupThreads / 4;
+    // (output o = c / kOutChunks, 16-byte part c % kOutChunks of the unit's 64 (int4) or 128 (uint8) bytes) and loads
+    // x chunks c = gtid + i kGroupThreads (row c / 16, 16-byte chunk c % 16 of the unit's 256 bytes); both strides
+    // are constants.
+    constexpr int kWChunks = L::outs * kOutChunks / kGroupThreads, kWRowStep = kGroupThreads / kOutChunks;
     constexpr int kXChunks = kRows * 16 / kGroupThreads, kXRowStep = kGroupThreads / 16;
-    static_assert(kWChunks * kGroupThreads == L::outs * 4 && kXChunks * kGroupThreads == kRows * 16,
+    static_assert(kWChunks * kGroupThreads == L::outs * kOutChunks && kXChunks * kGroupThreads == kRows * 16,
                   "tile and block differ");
-    const int w_out = gtid >> 2, w_part = gtid & 3, x_row = gtid >> 4, x_ch = gtid & 15;
+    const int w_out = gtid / kOutChunks, w_part = gtid % kOutChunks, x_row = gtid >> 4, x_ch = gtid & 15;
     const uint32_t* wsrc = qw + (long)(n0 + w_out) * kw + w_part * 4;
     const long w_step = (long)kWRowStep * kw;
-    const int w_dst = w_out * 64 + w_part * 16;
+    const int w_dst = w_out * L::out_stride + w_part * 16;
     const F* xsrc = x + (long)(row0 + x_row) * K + x_ch * 8;
     const int x_dst = x_row * kRowBytes + (x_ch & 3) * 64 + (x_ch >> 2) * 4;
     // the group of unit u: u >> shift where the units per group are a power of two, else a division
     const int upg = group / kUnit, upg_shift = (upg & (upg - 1)) == 0 ? __ffs(upg) - 1 : -1;
 
-    // cp.async of unit u into stage st: the block's outputs' 64-byte unit slices, scales and zero words.
+    // cp.async of unit u into stage st: the block's outputs' unit slices, and for int4 the scales and zero words.
     auto load_unit = [&](int u, int st) {
         unsigned char* base = ring + st * L::bytes;
 #pragma unroll
         for (int i = 0; i < kWChunks; ++i) {
             const bool ok = n0 + w_out + i * kWRowStep < Np;
-            cp_async16(base + w_dst + i * kWRowStep * 64, ok ? wsrc + i * w_step + u * (kUnit / 8) : qw, ok);
+            cp_async16(base + w_dst + i * kWRowStep * L::out_stride, ok ? wsrc + i * w_step + u * kUnitWords : qw, ok);
         }
-        if (gtid < L::outs / 8 + NW * 4) {
+        if (!U8 && gtid < L::outs / 8 + NW * 4) {
             const int gi = upg_shift >= 0 ? u >> upg_shift : u / upg;
             if (gtid < L::outs / 8) {            // scales: 8 fp16 per 16 bytes
                 const int n = n0 + gtid * 8;
@@ -269,14 +297,22 @@ __global__ void __launch_bounds__(NW * 32 * KG) gemmq_i4_kernel(const F* __restr
         }
     };
 
-    // x of unit u, this thread's 16-byte chunks, into registers; zero beyond M.
-    uint4 xr[kXChunks];
+    // x of unit u, this thread's 16-byte chunks, into registers; zero beyond M. uint8: also the chunk's ry and my
+    // (one per k, the same for every row of the thread).
+    uint4 xr[kXChunks], ry8, my8;
+    float rs_x[U8 ? kXChunks : 1], rs_my[U8 ? kXChunks : 1];   // uint8: sums of x and x my of the thread's rows
+#pragma unroll
+    for (int i = 0; i < (U8 ? kXChunks : 1); ++i) rs_x[i] = rs_my[i] = 0.f;
     auto load_x = [&](int u) {
 #pragma unroll
         for (int i = 0; i < kXChunks; ++i) {
             xr[i] = make_uint4(0u, 0u, 0u, 0u);
             if (row0 + x_row + i * kXRowStep < M)
                 xr[i] = __ldg(reinterpret_cast<const uint4*>(xsrc + (long)i * kXRowStep * K + u * kUnit));
+        }
+        if constexpr (U8) {
+            ry8 = __ldg(reinterpret_cast<const uint4*>(ryp + u * kUnit + x_ch * 8));
+            my8 = __ldg(reinterpret_cast<const uint4*>(myp + u * kUnit + x_ch * 8));
         }
     };
     // Stage the registers into buffer b in the permuted order: chunk ch = 4 t' + slot holds x[32 t' + 8 slot + e],
@@ -288,6 +324,22 @@ __global__ void __launch_bounds__(NW * 32 * KG) gemmq_i4_kernel(const F* __restr
         for (int i = 0; i < kXChunks; ++i) {
             uint4 v = xr[i];
             if (relu2) v = make_uint4(relu2_pair<F>(v.x), relu2_pair<F>(v.y), relu2_pair<F>(v.z), relu2_pair<F>(v.w));
+            if constexpr (U8) {   // the row sums of x and x my (float32), then x ry staged in fp16
+                const uint32_t xs[4] = {v.x, v.y, v.z, v.w}, ms[4] = {my8.x, my8.y, my8.z, my8.w},
+                               rs[4] = {ry8.x, ry8.y, ry8.z, ry8.w};
+                uint32_t ps[4];
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const __half2 xh = *reinterpret_cast<const __half2*>(&xs[e]);
+                    const float2 xf = __half22float2(xh);
+                    const float2 mf = __half22float2(*reinterpret_cast<const __half2*>(&ms[e]));
+                    rs_x[i] += xf.x + xf.y;
+                    rs_my[i] += xf.x * mf.x + xf.y * mf.y;
+                    const __half2 p = __hmul2(xh, *reinterpret_cast<const __half2*>(&rs[e]));
+                    ps[e] = *reinterpret_cast<const uint32_t*>(&p);
+                }
+                v = make_uint4(ps[0], ps[1], ps[2], ps[3]);
+            }
             uint32_t* o = reinterpret_cast<uint32_t*>(base + i * kXRowStep * kRowBytes);
             o[0] = __byte_perm(v.x, v.z, 0x5410);
             o[4] = __byte_perm(v.x, v.z, 0x7632);
@@ -327,30 +379,48 @@ __global__ void __launch_bounds__(NW * 32 * KG) gemmq_i4_kernel(const F* __restr
 
         const unsigned char* st = ring + (it % kStages) * L::bytes;
         const unsigned char* xb = xbuf + (it & 1) * kRows * kRowBytes;
-        // this lane's words, zero and scale for each of the warp's four 8-output tiles
+        // int4: this lane's words, zero and scale for each of the warp's four 8-output tiles
         uint4 wq[4];
         uint32_t zz[4], ss[4];
+        if constexpr (!U8) {
 #pragma unroll
-        for (int nt = 0; nt < 4; ++nt) {
-            const int o = warp * 32 + nt * 8 + g;
-            wq[nt] = *reinterpret_cast<const uint4*>(st + o * 64 + t * 16);
-            const uint32_t zw = *reinterpret_cast<const uint32_t*>(st + L::w_bytes + L::s_bytes + (warp * 4 + nt) * 4);
-            const float z = (float)(((zw >> (4 * g)) + 1u) & 15u);
-            const float s = __half2float(*reinterpret_cast<const __half*>(st + L::w_bytes + o * 2));
-            zz[nt] = pack2<F>(std::is_same<F, __half>::value ? magic + z : -(magic + z));
-            ss[nt] = pack2<F>(s);
+            for (int nt = 0; nt < 4; ++nt) {
+                const int o = warp * 32 + nt * 8 + g;
+                wq[nt] = *reinterpret_cast<const uint4*>(st + o * 64 + t * 16);
+                const uint32_t zw =
+                    *reinterpret_cast<const uint32_t*>(st + L::w_bytes + L::s_bytes + (warp * 4 + nt) * 4);
+                const float z = (float)(((zw >> (4 * g)) + 1u) & 15u);
+                const float s = __half2float(*reinterpret_cast<const __half*>(st + L::w_bytes + o * 2));
+                zz[nt] = pack2<F>(std::is_same<F, __half>::value ? magic + z : -(magic + z));
+                ss[nt] = pack2<F>(s);
+            }
         }
 #pragma unroll
         for (int jh = 0; jh < 2; ++jh) {
-            // B fragments of steps j = 4 jh + jj: (word 2 jh, word 2 jh + 1) >> 4 jj
+            // B fragments of steps j = 4 jh + jj. int4: (word 2 jh, word 2 jh + 1) >> 4 jj of the lane's four; uint8:
+            // bytes jj of words (4 jh, 4 jh + 1) and (4 jh + 2, 4 jh + 3) of its eight (k = 32 t + 4 word + byte, so
+            // the k order is the int4 one and x is staged alike)
             uint32_t bf[4][4][2];
 #pragma unroll
             for (int nt = 0; nt < 4; ++nt) {
-                const uint32_t w0 = jh ? wq[nt].z : wq[nt].x, w1 = jh ? wq[nt].w : wq[nt].y;
+                if constexpr (U8) {
+                    const int o = warp * 32 + nt * 8 + g;
+                    const uint4 w8 = *reinterpret_cast<const uint4*>(st + o * L::out_stride + t * 32 + jh * 16);
+                    bf[nt][0][0] = dequant_u8_pair<0>(w8.x, w8.y);
+                    bf[nt][0][1] = dequant_u8_pair<0>(w8.z, w8.w);
+                    bf[nt][1][0] = dequant_u8_pair<1>(w8.x, w8.y);
+                    bf[nt][1][1] = dequant_u8_pair<1>(w8.z, w8.w);
+                    bf[nt][2][0] = dequant_u8_pair<2>(w8.x, w8.y);
+                    bf[nt][2][1] = dequant_u8_pair<2>(w8.z, w8.w);
+                    bf[nt][3][0] = dequant_u8_pair<3>(w8.x, w8.y);
+                    bf[nt][3][1] = dequant_u8_pair<3>(w8.z, w8.w);
+                } else {
+                    const uint32_t w0 = jh ? wq[nt].z : wq[nt].x, w1 = jh ? wq[nt].w : wq[nt].y;
 #pragma unroll
-                for (int jj = 0; jj < 4; ++jj) {
-                    bf[nt][jj][0] = dequant_pair<F>(w0 >> (4 * jj), zz[nt], ss[nt]);
-                    bf[nt][jj][1] = dequant_pair<F>(w1 >> (4 * jj), zz[nt], ss[nt]);
+                    for (int jj = 0; jj < 4; ++jj) {
+                        bf[nt][jj][0] = dequant_pair<F>(w0 >> (4 * jj), zz[nt], ss[nt]);
+                        bf[nt][jj][1] = dequant_pair<F>(w1 >> (4 * jj), zz[nt], ss[nt]);
+                    }
                 }
             }
 #pragma unroll
@@ -373,6 +443,28 @@ __global__ void __launch_bounds__(NW * 32 * KG) gemmq_i4_kernel(const F* __restr
         }
     }
     cp_wait<0>();
+    // uint8: the row sums of x and x my over this block's K range, per row of the tile and K group, into the first
+    // x buffer (every warp is past its last read of it at the barrier)
+    float* row_sums = reinterpret_cast<float*>(smem + KG * kStages * L::bytes);   // [KG][2][kRows]
+    if constexpr (U8) {
+#pragma unroll
+        for (int i = 0; i < kXChunks; ++i)
+#pragma unroll
+            for (int d = 1; d < 16; d <<= 1) {   // the 16 lanes of a row: x_ch = lane % 16
+                rs_x[i] += __shfl_xor_sync(0xffffffffu, rs_x[i], d);
+                rs_my[i] += __shfl_xor_sync(0xffffffffu, rs_my[i], d);
+            }
+        static_assert(KG * 2 * kRows * 4 <= 2 * kRows * kRowBytes, "the x buffers hold the row sums");
+        __syncthreads();
+        if (x_ch == 0) {
+#pragma unroll
+            for (int i = 0; i < kXChunks; ++i) {
+                row_sums[(kg * 2) * kRows + x_row + i * kXRowStep] = rs_x[i];
+                row_sums[(kg * 2 + 1) * kRows + x_row + i * kXRowStep] = rs_my[i];
+            }
+        }
+        __syncthreads();
+    }
     if constexpr (KG > 1) {   // groups 1..KG-1's accumulators into group 0's, through the (now idle) rings
         __syncthreads();
         constexpr int kAcc = NW * MT * 16 * 32;   // floats of one group's accumulators
@@ -408,7 +500,18 @@ __global__ void __launch_bounds__(NW * 32 * KG) gemmq_i4_kernel(const F* __restr
                     const int r = row0 + m * 16 + g + 8 * hr, n = n0 + warp * 32 + nt * 8 + 2 * t;
                     if (r >= M || n >= N) continue;
                     const long off = (long)r * N + n;
-                    const float a = acc[m][nt][2 * hr], b = acc[m][nt][2 * hr + 1];
+                    float a = acc[m][nt][2 * hr], b = acc[m][nt][2 * hr + 1];
+                    if constexpr (U8) {   // the reference's i8 identity: (x ry) @ (q + 0.5) * rx + x @ my + sum(x) mx
+                        const int rl = m * 16 + g + 8 * hr;
+                        float sx = 0.f, smy = 0.f;
+#pragma unroll
+                        for (int k = 0; k < KG; ++k) {
+                            sx += row_sums[(k * 2) * kRows + rl];
+                            smy += row_sums[(k * 2 + 1) * kRows + rl];
+                        }
+                        a = a * __half2float(rxp[n]) + smy + __half2float(mxp[n]) * sx;
+                        if (n + 1 < N) b = b * __half2float(rxp[n + 1]) + smy + __half2float(mxp[n + 1]) * sx;
+                    }
                     if (splits == 1)
                         store_pair(y + off, a, b, even, n + 1 < N);
                     else
@@ -450,14 +553,22 @@ __global__ void __launch_bounds__(NW * 32 * KG) gemmq_i4_kernel(const F* __restr
 #endif
 }
 
-template <typename F, int NW, int MT, int KG>
-int launch(int G, int M, int K, int N, int Np, int group, int splits, int relu2, const void* x, const uint32_t* qw,
-           const uint32_t* qz, const __half* sc, void* y, float* work, int* counters, cudaStream_t stream) {
-    constexpr int smem = gemmq_smem_bytes<NW, MT, KG>();
+// The weight tensors of a launch: int4 (qw words, qz, sc) or uint8 (qw the bytes, mx, rx, my, ry fp16).
+struct Weights {
+    const uint32_t* qw;
+    const uint32_t* qz;
+    const __half* sc;
+    const __half *mx, *rx, *my, *ry;
+};
+
+template <typename F, int NW, int MT, int KG, bool U8>
+int launch(int G, int M, int K, int N, int Np, int group, int splits, int relu2, const void* x, const Weights& w,
+           void* y, float* work, int* counters, cudaStream_t stream) {
+    constexpr int smem = gemmq_smem_bytes<NW, MT, KG, U8>();
     if (smem + 16 > device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>()) return kUnsupported;   // + `last`
     // per launch: the attribute belongs to the current device's copy of the function
     const cudaError_t e =
-        cudaFuncSetAttribute(gemmq_i4_kernel<F, NW, MT, KG>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+        cudaFuncSetAttribute(gemmq_kernel<F, NW, MT, KG, U8>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (e != cudaSuccess) return (int)e;
     const int units = K / kUnit;
     const int per = (units + splits - 1) / splits;
@@ -465,8 +576,9 @@ int launch(int G, int M, int K, int N, int Np, int group, int splits, int relu2,
     const long tiles_z = (long)G * ((M + MT * 16 - 1) / (MT * 16));
     if (tiles_z > 65535) return kUnsupported;
     const dim3 grid((N + NW * 32 - 1) / (NW * 32), used, (unsigned)tiles_z);
-    gemmq_i4_kernel<F, NW, MT, KG><<<grid, NW * 32 * KG, smem, stream>>>(
-        static_cast<const F*>(x), qw, qz, sc, static_cast<F*>(y), work, counters, M, K, N, Np, group, per, G, relu2);
+    gemmq_kernel<F, NW, MT, KG, U8><<<grid, NW * 32 * KG, smem, stream>>>(
+        static_cast<const F*>(x), w.qw, w.qz, w.sc, w.mx, w.rx, w.my, w.ry, static_cast<F*>(y), work, counters, M, K, N,
+        Np, group, per, G, relu2);
     return (int)cudaGetLastError();
 }
 
@@ -499,33 +611,54 @@ template <typename Fn> int with_instance(int act, int M, int warps, int k_groups
 }  // namespace
 
 int gemmq_i4_launch(int act, int G, int M, int K, int N, int Np, int group, int splits, int warps, int k_groups,
-                    int relu2, const void* x, const uint32_t* qweight, const uint32_t* qzeros, const void* scales, void* y,
-                    float* work, int* counters, cudaStream_t stream) {
+                    int relu2, const void* x, const uint32_t* qweight, const uint32_t* qzeros, const void* scales,
+                    void* y, float* work, int* counters, cudaStream_t stream) {
     if (M < 1 || N < 1 || G < 1) return 0;
     if (K % kUnit || group % kUnit || K % group || Np % 8 || N > Np || splits < 1) return kUnsupported;
     if (device_attribute<cudaDevAttrComputeCapabilityMajor>() < 8) return kUnsupported;   // see GEMMQ_ARCH_OK
-    const __half* sc = static_cast<const __half*>(scales);
+    const Weights w{qweight, qzeros, static_cast<const __half*>(scales), nullptr, nullptr, nullptr, nullptr};
     return with_instance(act, M, warps, k_groups, [&](auto f_tag, auto nw_tag, auto mt_tag, auto kg_tag) {
-        return launch<decltype(f_tag), decltype(nw_tag)::value, decltype(mt_tag)::value, decltype(kg_tag)::value>(
-            G, M, K, N, Np, group, splits, relu2, x, qweight, qzeros, sc, y, work, counters, stream);
+        return launch<decltype(f_tag), decltype(nw_tag)::value, decltype(mt_tag)::value, decltype(kg_tag)::value,
+                      false>(G, M, K, N, Np, group, splits, relu2, x, w, y, work, counters, stream);
     });
 }
 
-int gemmq_i4_blocks_per_sm(int act, int M, int warps, int k_groups) {
+int gemmq_u8_launch(int act, int M, int K, int N, int splits, int warps, int k_groups, int relu2, const void* x,
+                    const uint8_t* w8, const void* mx, const void* rx, const void* my, const void* ry, void* y,
+                    float* work, int* counters, cudaStream_t stream) {
+    if (M < 1 || N < 1) return 0;
+    if (act != static_cast<int>(ActType::F16) || K % kUnit || splits < 1) return kUnsupported;
+    if (device_attribute<cudaDevAttrComputeCapabilityMajor>() < 8) return kUnsupported;   // see GEMMQ_ARCH_OK
+    const Weights w{reinterpret_cast<const uint32_t*>(w8), nullptr, nullptr, static_cast<const __half*>(mx),
+                    static_cast<const __half*>(rx), static_cast<const __half*>(my), static_cast<const __half*>(ry)};
+    return with_instance(act, M, warps, k_groups, [&](auto f_tag, auto nw_tag, auto mt_tag, auto kg_tag) {
+        using F = decltype(f_tag);
+        if constexpr (std::is_same<F, __half>::value)
+            return launch<F, decltype(nw_tag)::value, decltype(mt_tag)::value, decltype(kg_tag)::value, true>(
+                1, M, K, N, N, K, splits, relu2, x, w, y, work, counters, stream);
+        else
+            return (int)kUnsupported;
+    });
+}
+
+int gemmq_blocks_per_sm(int act, int M, int warps, int k_groups, bool u8) {
     if (M < 1 || device_attribute<cudaDevAttrComputeCapabilityMajor>() < 8) return 0;
+    if (u8 && act != static_cast<int>(ActType::F16)) return 0;
     const int n = with_instance(act, M, warps, k_groups, [&](auto f_tag, auto nw_tag, auto mt_tag, auto kg_tag) {
         using F = decltype(f_tag);
         constexpr int NW = decltype(nw_tag)::value, MT = decltype(mt_tag)::value, KG = decltype(kg_tag)::value;
-        constexpr int smem = gemmq_smem_bytes<NW, MT, KG>();
-        if (smem + 16 > device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>()) return 0;
-        if (cudaFuncSetAttribute(gemmq_i4_kernel<F, NW, MT, KG>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) !=
-            cudaSuccess)
-            return 0;
-        int blocks = 0;
-        if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, gemmq_i4_kernel<F, NW, MT, KG>, NW * 32 * KG,
-                                                          smem) != cudaSuccess)
-            return 0;
-        return blocks;
+        auto query = [&](auto kernel, int smem) {
+            if (smem + 16 > device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>()) return 0;
+            if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess) return 0;
+            int blocks = 0;
+            if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, NW * 32 * KG, smem) != cudaSuccess)
+                return 0;
+            return blocks;
+        };
+        if (!u8) return query(gemmq_kernel<F, NW, MT, KG, false>, gemmq_smem_bytes<NW, MT, KG, false>());
+        if constexpr (std::is_same<F, __half>::value)
+            return query(gemmq_kernel<F, NW, MT, KG, true>, gemmq_smem_bytes<NW, MT, KG, true>());
+        return 0;
     });
     return n > 0 ? n : 0;
 }

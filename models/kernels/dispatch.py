@@ -184,7 +184,8 @@ def mm8(x: torch.Tensor, q: _quant.Int8Weight, *, out=None) -> torch.Tensor:
             On CUDA, 5 to
             ``ops.gemv.I8_ROWS`` rows of fp16 / bf16 (decode batches) go to the Triton kernel reading the uint8
             weights as they are (``ops.gemv.i8_gemm``, either layout) where it is probed sound
-            (``i8_gemm_sound``).
+            (``i8_gemm_sound``), or, for fp16 where ``gemmq_u8_serves``, to the uint8 form of the int4 tensor-core
+            GEMM (``kernels.gemmq.gemmq_u8``).
             Scales are cast to x.dtype if they differ.
         out: optional contiguous [..., M] tensor of x.dtype to write.
     Returns: [..., M] in x.dtype (fp32 accumulation in the compiled paths, except the uint8 GEMV with fp16 x: each
@@ -197,6 +198,10 @@ def mm8(x: torch.Tensor, q: _quant.Int8Weight, *, out=None) -> torch.Tensor:
     if gemvq_u8_ok(q, x) and _gemvq_u8_serves(x):
         N, M = q.shape
         y = _gemvq_u8([x.reshape(-1, N)], [q], [0])[0].reshape(*x.shape[:-1], M)
+        return y if out is None else out.copy_(y)
+    if gemmq_u8_serves(x, q):
+        N, M = q.shape
+        y = _gemmq.gemmq_u8(x.reshape(-1, N).contiguous(), q).reshape(*x.shape[:-1], M)
         return y if out is None else out.copy_(y)
     if _i8_gemm_serves(x):
         N, M = q.shape
@@ -238,6 +243,15 @@ def gemvq_u8_ok(q: _quant.Int8Weight, x: torch.Tensor) -> bool:
     return (x.dtype in (torch.float16, torch.bfloat16) and q.output_major and q.shape[0] % 16 == 0
             and q.storage.is_contiguous() and q.storage.data_ptr() % 16 == 0
             and all(t.dtype == x.dtype and t.is_contiguous() for t in (q.mx, q.rx, q.my, q.ry)))
+
+
+def gemmq_u8_serves(x: torch.Tensor, q: _quant.Int8Weight) -> bool:
+    """Whether the uint8 form of the tensor-core GEMM (``kernels.gemmq.gemmq_u8``, ``mm8``'s path) takes this product:
+    ``gemmq.U8_ENABLED``, CUDA fp16 x of ``gemmq.serves_rows`` rows (at most ``ops.gemv.I8_ROWS``), a weight it reads
+    (``gemmq.gemmq_u8_ok``), the op built and the device's probe passed (``gemmq_u8_sound``)."""
+    rows = _rows(x)
+    return (_gemmq.U8_ENABLED and x.is_cuda and x.dtype == torch.float16 and _gemmq.serves_rows(rows)
+            and rows <= _gemv.I8_ROWS and _gemmq.gemmq_u8_ok(q, x) and _gemmq.built() and gemmq_u8_sound(x.device))
 
 
 def _gemvq_u8_serves(x: torch.Tensor) -> bool:
@@ -345,6 +359,39 @@ def gemmq_sound(device: torch.device) -> bool:
     compared with ``i4.mm4_torch`` to half-precision rounding; a mismatch or an error keeps the Triton kernel for the
     process (``GEMMQ_PROBES`` says why). Not probed inside a CUDA graph capture."""
     return _sound(GEMMQ_PROBES, _probe_gemmq, device)
+
+
+#: device -> None where the uint8 form of the tensor-core GEMM agrees with the torch product there, else why not
+GEMMQ_U8_PROBES: dict[torch.device, str | None] = {}
+
+
+def gemmq_u8_sound(device: torch.device) -> bool:
+    """Whether the uint8 form of the tensor-core GEMM (``kernels.gemmq.gemmq_u8``) serves i8 decode batches on
+    ``device``: on first use there it runs (fp16; 5, 37 and 70 rows; x as is and relu(x)²; one and two K splits;
+    N a multiple of 8 and not) on small random weights and is compared with ``i8.mm8_torch`` to half-precision
+    rounding; a mismatch or an error keeps the Triton kernel for the process (``GEMMQ_U8_PROBES`` says why)."""
+    return _sound(GEMMQ_U8_PROBES, _probe_gemmq_u8, device)
+
+
+def _probe_gemmq_u8(device: torch.device) -> str | None:
+    if not _gemmq.built():
+        return "not built"
+    g = torch.Generator().manual_seed(5)
+    for n in (72, 77):
+        q = _quant.quantize_i8(torch.randn(768, n, generator=g) * 0.05 + 0.01, torch.float16,
+                               output_major=True).to(device, output_major=True)
+        for rows in (5, 37, 70):
+            x = torch.randn(rows, 768, generator=g).to(device, torch.float16)
+            if not _gemmq.gemmq_u8_ok(q, x):
+                return "the probe's weight is not one it reads"
+            for relu2 in (False, True):
+                want = _quant.mm8_torch(torch.relu(x).square() if relu2 else x, q)
+                for splits in (1, 2):
+                    err = _probe_error(_gemmq.gemmq_u8(x, q, splits, relu2=relu2), want)
+                    if not err < 2e-2:
+                        return (f"gemmq_u8 differs from the torch product ({rows} rows, N {n}, {splits} splits"
+                                f"{', relu(x)²' if relu2 else ''}: relative error {err:.3g})")
+    return None
 
 
 def _probe_gemmq(device: torch.device) -> str | None:

@@ -1,15 +1,17 @@
-"""The int4 GEMM on the tensor cores for decode batches (``csrc/gemvq/gemmq_cuda.cu``, op ``gemmq_i4_cuda``).
+"""The int4 GEMM on the tensor cores for decode batches (``csrc/gemvq/gemmq_cuda.cu``, op ``gemmq_i4_cuda``), and
+its form for the reference's uint8 weights (``gemmq_u8``, op ``gemmq_u8_cuda``; off until checked on a GPU).
 
-``y = x @ W`` for x [M, K] fp16/bf16 (M from 5 up: the compiled GEMV of ``csrc/gemvq`` serves 1..4 rows) and an
+``y = x @ W`` for x [M, K] fp16/bf16 (M from 5 up, from 3 for large weights: the compiled GEMV of ``csrc/gemvq``
+serves the fewer rows) and an
 ``Int4Weight`` held output-major (the layout of CUDA weights; ``formats.i4``). The kernel dequantizes the GPTQ words
 in registers straight into the B operand of ``mma.sync.m16n8k16`` (no shuffled copy of the weights: the product's
 k order is permuted instead, and x, which is small, is staged in that order), float32 accumulation; for fp16
 activations the weights take the values of ``Int4Weight.dequantize``, for bf16 the scale is rounded to bf16 first.
 K splits write float32 partials that the last split of each tile adds in split order (no atomics on y).
 
-``dispatch.mm4`` calls ``gemmq_i4`` where ``ENABLED``, ``serves_rows``, ``gemmq_i4_ok(q)`` and the device's probe
-(``dispatch.gemmq_sound``) agree; ``gemmq_tiles`` is the launch rule (warps per block, K splits). Needs compute
-capability 8.0 or later (the launcher refuses older devices).
+``dispatch.mm4`` (and ``mm4_stack``, ``gemvq_group``) call it where ``ENABLED``, ``serves``, ``gemmq_i4_ok(q)`` and
+the device's probe (``dispatch.gemmq_sound``) agree; ``k_groups_for`` and ``gemmq_tiles`` are the launch rule (K
+groups, warps per block, K splits). Needs compute capability 8.0 or later (the launcher refuses older devices).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from rwkv_chat.models.formats.i4 import Int4Weight
+from rwkv_chat.models.formats.i8 import Int8Weight
 from rwkv_chat.models.kernels import available
 from rwkv_chat.models.ops import gemv as _gemv
 from rwkv_chat.models.ops._triton import multiprocessors as _sms
@@ -99,30 +102,31 @@ STACK_ROWS = range(MIN_ROWS, 257)
 _OCCUPANCY: dict[tuple, int] = {}
 
 
-def blocks_per_sm(device, dtype: torch.dtype, rows: int, warps: int, k_groups: int = 1) -> int:
-    """Blocks of the kernel for ``rows`` rows of ``dtype``, ``warps`` and ``k_groups`` that one multiprocessor of
-    ``device`` holds at once (the op's occupancy query, cached per device, dtype, row tile, warps and groups): 0 where
-    the device cannot run that instance (its shared memory); 2 where the op is not built."""
+def blocks_per_sm(device, dtype: torch.dtype, rows: int, warps: int, k_groups: int = 1, u8: bool = False) -> int:
+    """Blocks of the kernel (``u8``: its uint8 form) for ``rows`` rows of ``dtype``, ``warps`` and ``k_groups`` that
+    one multiprocessor of ``device`` holds at once (the op's occupancy query, cached per device, dtype, row tile,
+    warps, groups and form): 0 where the device cannot run that instance (its shared memory); 2 where the op is not
+    built."""
     if not built():
         return 2
     d = torch.device(device)
     index = d.index if d.index is not None else torch.cuda.current_device()
-    key = (index, dtype, row_tile(rows), warps, k_groups)
+    key = (index, dtype, row_tile(rows), warps, k_groups, u8)
     if key not in _OCCUPANCY:
-        n = torch.ops.rwkv_chat.gemmq_i4_occupancy(index, dtype == torch.bfloat16, rows, warps, k_groups)
+        n = torch.ops.rwkv_chat.gemmq_i4_occupancy(index, dtype == torch.bfloat16, rows, warps, k_groups, u8)
         _OCCUPANCY[key] = max(0, int(n))
     return _OCCUPANCY[key]
 
 
-def k_groups_for(rows: int, device, warps: int = 4, dtype: torch.dtype = torch.float16) -> int:
+def k_groups_for(rows: int, device, warps: int = 4, dtype: torch.dtype = torch.float16, u8: bool = False) -> int:
     """K groups of the launch rule: ``K_GROUPS`` for ``K_GROUPS_ROWS`` rows with 4 warps where the device runs it,
     else 1."""
     kg = K_GROUPS if warps == 4 and rows in K_GROUPS_ROWS else 1
-    return kg if kg == 1 or blocks_per_sm(device, dtype, rows, warps, kg) > 0 else 1
+    return kg if kg == 1 or blocks_per_sm(device, dtype, rows, warps, kg, u8) > 0 else 1
 
 
 def gemmq_tiles(rows: int, K: int, N: int, device, warps: int = 4, dtype: torch.dtype = torch.float16,
-                k_groups: int = 1, stack: int = 1) -> tuple[int, int]:
+                k_groups: int = 1, stack: int = 1, u8: bool = False) -> tuple[int, int]:
     """(warps per block, K splits) for ``stack`` products of ``rows`` x K @ K x N in one launch: blocks of ``warps`` x
     32 outputs, ``row_tile(rows)`` rows and ``k_groups`` groups of warps, as many K splits as keep the blocks within
     one wave of ``WAVE[row_tile(rows)] // k_groups`` (``WAVE_MANY_ROWS`` above 64 rows) blocks a multiprocessor (the
@@ -130,28 +134,33 @@ def gemmq_tiles(rows: int, K: int, N: int, device, warps: int = 4, dtype: torch.
     tile = row_tile(rows)
     blocks = stack * -(-N // (32 * warps)) * -(-rows // tile)
     wave = WAVE_MANY_ROWS if rows > 64 else WAVE[tile]
-    per_sm = min(max(1, wave // k_groups), max(1, blocks_per_sm(device, dtype, rows, warps, k_groups)))
+    per_sm = min(max(1, wave // k_groups), max(1, blocks_per_sm(device, dtype, rows, warps, k_groups, u8)))
     resident = per_sm * _sms(device)
     splits = max(1, min(K // UNIT, resident // max(blocks, 1)))
     return warps, splits
 
 
-def _launch(x: torch.Tensor, qw, qz, sc, group: int, N: int, splits, warps, k_groups,
+def _launch(x: torch.Tensor, weights: tuple, group: int | None, N: int, splits, warps, k_groups,
             relu2: bool = False) -> torch.Tensor:
-    """One launch for x [M, K] (or a stack [G, M, K]) and the weight tensors of the same rank -> [(G,) M, N]."""
+    """One launch for x [M, K] (or a stack [G, M, K]) and the weight tensors (int4: qweight, qzeros, scales of the
+    same rank; ``group`` None: the uint8 form's w, mx, rx, my, ry) -> [(G,) M, N]."""
     *g, M, K = x.shape
     G = g[0] if g else 1
+    u8 = group is None
     if k_groups is None:
-        k_groups = k_groups_for(M, x.device, warps, x.dtype)
-    w, s = gemmq_tiles(M, K, N, x.device, warps, x.dtype, k_groups, G)
+        k_groups = k_groups_for(M, x.device, warps, x.dtype, u8)
+    w, s = gemmq_tiles(M, K, N, x.device, warps, x.dtype, k_groups, G, u8)
     s = splits or s
     counters = _gemv._counters(x.device) if s > 1 else None
     if counters is None:
         s = 1
     y = torch.empty(*g, M, N, dtype=x.dtype, device=x.device)
     work = torch.empty(s, G, M, N, dtype=torch.float32, device=x.device) if s > 1 else y
-    torch.ops.rwkv_chat.gemmq_i4_cuda(x, qw, qz, sc, group, s, w, k_groups, relu2, work,
-                                      counters if counters is not None else y, y)
+    tail = (s, w, k_groups, relu2, work, counters if counters is not None else y, y)
+    if u8:
+        torch.ops.rwkv_chat.gemmq_u8_cuda(x, *weights, *tail)
+    else:
+        torch.ops.rwkv_chat.gemmq_i4_cuda(x, *weights, group, *tail)
     return y
 
 
@@ -164,7 +173,7 @@ def gemmq_i4(x: torch.Tensor, q: Int4Weight, splits: int | None = None, warps: i
     measuring; two K groups of 64-row tiles take about 135 KiB of shared memory a block, four of 32-row tiles about
     201 KiB (the op raises where the device has less).
     Raises RuntimeError (the op's checks) for inputs outside that contract; callers check first."""
-    return _launch(x, q.storage, q.qzeros, q.scales, q.group_size, q.shape[1], splits, warps, k_groups, relu2)
+    return _launch(x, (q.storage, q.qzeros, q.scales), q.group_size, q.shape[1], splits, warps, k_groups, relu2)
 
 
 def stack_tensors(qs: list[Int4Weight]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -190,4 +199,35 @@ def gemmq_i4_stack(x: torch.Tensor, qs: list[Int4Weight], splits: int | None = N
     t = stack_tensors(qs)
     if t is None or x.dim() != 3 or x.shape[0] != len(qs) or not x.is_contiguous():
         return None
-    return _launch(x, *t, qs[0].group_size, qs[0].shape[1], splits, 4, k_groups)
+    return _launch(x, t, qs[0].group_size, qs[0].shape[1], splits, 4, k_groups)
+
+
+#: whether ``dispatch.mm8`` gives fp16 decode batches (``serves_rows``) of i8 weights to the uint8 form
+#: (``gemmq_u8``); off until ``tests/gpu/verify_kernels.py --family gemvq`` has checked it on a GPU and
+#: ``bench/kernels.py --only gemvq`` timed it against the Triton i8 kernel
+U8_ENABLED = False
+
+
+def gemmq_u8_ok(q: Int8Weight, x: torch.Tensor) -> bool:
+    """Whether the uint8 form reads the i8 weight ``q`` (``formats.i8``, the reference's scheme) with activations
+    ``x``: fp16 x on q's CUDA device, q held output-major, K (its input size) a multiple of 128, the matrix contiguous
+    and 16-byte aligned, the four scale vectors contiguous fp16 (my, ry 16-byte aligned): the binding's checks."""
+    K = q.shape[0]
+    st = q.storage
+    return (x.dtype == torch.float16 and st.is_cuda and q.output_major and K % UNIT == 0 and st.is_contiguous()
+            and st.data_ptr() % 16 == 0
+            and all(t.dtype == torch.float16 and t.is_contiguous() for t in (q.mx, q.rx, q.my, q.ry))
+            and q.my.data_ptr() % 16 == 0 and q.ry.data_ptr() % 16 == 0)
+
+
+def gemmq_u8(x: torch.Tensor, q: Int8Weight, splits: int | None = None, warps: int = 4,
+             k_groups: int | None = None, relu2: bool = False) -> torch.Tensor:
+    """``x @ q.dequantize()`` for an i8 weight on the tensor cores: x [M, K] fp16 contiguous on q's CUDA device, ``q``
+    as ``gemmq_u8_ok`` asks -> [M, N] fp16. The reference's ``(w + 0.5) ry rx + my + mx`` factored: ``((x ry) @
+    (w + 0.5)) rx + x @ my + sum(x) mx``, x ry rounded to fp16 as it is staged (w + 0.5 is exact in fp16), float32
+    sums; within half-precision rounding of ``i8.mm8_torch``, not bit-equal to it. ``relu2``, ``splits``, ``warps``,
+    ``k_groups`` as for ``gemmq_i4`` (four K groups exceed every device's shared memory in this form: 1 or 2).
+    Raises RuntimeError (the op's checks) outside that contract."""
+    K = q.shape[0]
+    weights = (q.storage, q.mx.reshape(-1), q.rx.reshape(-1), q.my.reshape(K), q.ry.reshape(K))
+    return _launch(x, weights, None, q.shape[1], splits, warps, k_groups, relu2)

@@ -248,6 +248,27 @@ def case_gemmq_i4(rows, K, N, group, dtype, device, seed, graph=False, warps=4, 
     return rel_err(_replayed(run) if graph else run(), ref)
 
 
+def case_gemmq_u8(rows, K, N, device, seed, graph=False, k_groups=None, splits=None, relu2=False):
+    """The uint8 form of the tensor-core GEMM (``gemmq.gemmq_u8``; through ``kernels.mm8`` where it routes these rows
+    there) for an i8 weight of the reference's scheme held output-major, fp16 x, against act(x) (rounded as torch
+    rounds it) @ the dequantized weight in float64. ``graph``: captured in a CUDA graph and replayed into a poisoned
+    output."""
+    from rwkv_chat.models.formats import i8
+    from rwkv_chat.models.kernels import gemmq
+
+    _gemvq_built(device)
+    g = _gen(seed, device)
+    q = i8.quantize_i8(_randn(g, K, N, scale=K ** -0.5).to(device), torch.float16, output_major=True)
+    x = _randn(g, rows, K).to(torch.float16).to(device)
+    if not (gemmq.built() and gemmq.gemmq_u8_ok(q, x)):
+        raise AssertionError("the uint8 tensor-core GEMM is not built or does not read this weight")
+    routed = dispatch.gemmq_u8_serves(x, q) and k_groups is None and splits is None and not relu2
+    run = ((lambda: kernels.mm8(x, q)) if routed
+           else (lambda: gemmq.gemmq_u8(x, q, splits, 4, k_groups, relu2)))
+    ins = torch.relu(x).square() if relu2 else x
+    return rel_err(_replayed(run) if graph else run(), ins.double() @ q.dequantize(torch.float64))
+
+
 def case_gemmq_i4_stack(rows, K, N, group, dtype, device, seed, graph=False, k_groups=None, splits=None):
     """``dispatch.mm4_stack``: three int4 weights of one stack (``formats.i4.stack_i4``, as an RWKV-7 layer's r, k,
     v) times their own x in one launch of the int4 GEMM on the tensor cores (``gemmq.gemmq_i4_stack``; directly where
@@ -814,6 +835,19 @@ def all_cases(device: str, quick: bool = False):
                                            f"acts={acts} |x|~{xsc:g}", dt,
                                   lambda r=rows, shp=shp, f=fmt, a=acts, xs_=xsc, dt=dt, s=len(cases):
                                   case_gemvq_group(r, shp, f, dt, device, s, a, xs_)))
+            # the uint8 form (i8 weights, fp16 x): the rule's tiles, K groups 1 / 2, splits given, odd N, relu²,
+            # a CUDA graph
+            for rows, K, N, kg, splits, relu2, graph in () if dt != torch.float16 else (
+                    (5, 4096, 4096, None, None, False, False), (16, 2048, 2048, None, None, False, False),
+                    (37, 4096, 16384, None, None, False, False), (64, 16384, 4096, None, None, False, False),
+                    (64, 4096, 4096, 1, 3, False, False), (128, 4096, 1001, None, None, False, False),
+                    (200, 640, 1000, None, None, True, False), (32, 1152, 1000, 2, 5, False, False),
+                    (8, 896, 4864, 2, 2, True, True), (70, 128, 256, None, 1, False, False)):
+                cases.append(("gemvq", f"i8 (uint8) tensor cores rows={rows} K={K} N={N}"
+                                       f"{f' K groups={kg}' if kg else ''} splits={splits or 'rule'}"
+                                       f"{' relu²' if relu2 else ''}{', CUDA graph' if graph else ''}", dt,
+                              lambda r=rows, K=K, N=N, kg=kg, sp=splits, r2=relu2, gr=graph, s=len(cases):
+                              case_gemmq_u8(r, K, N, device, s, gr, kg, sp, r2)))
             # 3-4 rows of large int4 weights go to the tensor-core GEMM (gemmq.FEW_ROWS), relu² on load included
             for rows, shp, acts, xsc in () if dt == torch.float32 else (
                     (4, ((16384, 4096),), [3], 4.0), (3, ((4096, 16384),), [0], 1.0),

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rwkv_chat.models.formats import i4
+from rwkv_chat.models.formats import i4, i8
 from rwkv_chat.models.kernels import dispatch, gemmq
 
 
@@ -45,6 +45,38 @@ def test_the_probe_admits_only_a_kernel_that_agrees_with_torch(monkeypatch, off,
         dispatch.GEMMQ_PROBES.clear()
 
 
+def _stand_in_u8(off: str | None):
+    def run(x, q, splits=None, warps=4, k_groups=None, relu2=False):
+        if relu2 and off != "relu2":
+            x = torch.relu(x).square()
+        bad = off == "all" or (off == "splits" and (splits or 1) > 1) or (off == "tail" and q.shape[1] % 8)
+        return i8.mm8_torch(x, q) * (1.05 if bad else 1.0)
+    return run
+
+
+@pytest.mark.parametrize("off, why", [(None, None), ("all", "gemmq_u8 differs"), ("splits", "2 splits"),
+                                      ("tail", "N 77"), ("relu2", "relu(x)²")])
+def test_the_uint8_probe_admits_only_a_kernel_that_agrees_with_torch(monkeypatch, off, why):
+    monkeypatch.setattr(gemmq, "built", lambda: True)
+    monkeypatch.setattr(gemmq, "gemmq_u8_ok", lambda q, x: True)
+    monkeypatch.setattr(gemmq, "gemmq_u8", _stand_in_u8(off))
+    dev = torch.device("cpu")
+    try:
+        assert dispatch.gemmq_u8_sound(dev) is (why is None)
+        got = dispatch.GEMMQ_U8_PROBES[dev]
+        assert got is None if why is None else why in got, got
+    finally:
+        dispatch.GEMMQ_U8_PROBES.clear()
+
+
+def test_the_uint8_form_is_off_until_checked_on_a_gpu_and_mm8_keeps_its_paths():
+    assert gemmq.U8_ENABLED is False
+    q = i8.quantize_i8(torch.randn(256, 40) * 0.05, torch.float16)
+    x = torch.randn(9, 256, dtype=torch.float16)
+    assert not dispatch.gemmq_u8_serves(x, q) and not gemmq.gemmq_u8_ok(q, x)     # CPU, input-major
+    torch.testing.assert_close(dispatch.mm8(x.float(), q), i8.mm8_torch(x.float(), q))
+
+
 def test_without_the_op_the_probe_says_so_and_mm4_keeps_its_paths():
     dev = torch.device("cpu")
     try:
@@ -67,7 +99,7 @@ def test_the_split_rule_keeps_to_one_wave_of_its_blocks_a_multiprocessor(rows, k
                                                                           k_groups, stack):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(gemmq, "_sms", lambda device: sms)
-        mp.setattr(gemmq, "blocks_per_sm", lambda device, dtype, r, w, kg=1: resident)
+        mp.setattr(gemmq, "blocks_per_sm", lambda device, dtype, r, w, kg=1, u8=False: resident)
         w, splits = gemmq.gemmq_tiles(rows, k_units * gemmq.UNIT, n, "cuda", warps, torch.float16, k_groups, stack)
     tile = 16 if rows <= 16 else 32 if rows <= 32 else 64
     blocks = stack * -(-n // (32 * warps)) * -(-rows // tile)
@@ -81,7 +113,7 @@ def test_the_split_rule_keeps_to_one_wave_of_its_blocks_a_multiprocessor(rows, k
 
 def test_k_groups_follow_the_rows_and_fall_back_where_the_device_lacks_the_shared_memory(monkeypatch):
     fits = {1: 2, 2: 1, 4: 1}
-    monkeypatch.setattr(gemmq, "blocks_per_sm", lambda device, dtype, r, w, kg=1: fits[kg])
+    monkeypatch.setattr(gemmq, "blocks_per_sm", lambda device, dtype, r, w, kg=1, u8=False: fits[kg])
     for rows in (5, 16, 17, 32, 33, 64, 65, 200):
         assert gemmq.k_groups_for(rows, "cuda") == (gemmq.K_GROUPS if rows in gemmq.K_GROUPS_ROWS else 1)
         assert gemmq.k_groups_for(rows, "cuda", warps=8) == 1
