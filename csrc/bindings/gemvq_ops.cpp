@@ -324,7 +324,7 @@ void gemmq_i4_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
 
 // The tensor-core GEMM for the reference's uint8 weights (csrc/gemvq/gemmq_cuda.cu, gemmq_u8_launch): x [rows, K]
 // fp16, w uint8 [N, K] (output-major storage), mx, rx fp16 [N], my, ry fp16 [K] (or [K, 1]), y [rows, N] fp16;
-// K a multiple of 128; splits, work, counters, warps, k_groups and relu2 as for gemmq_i4_cuda.
+// K a multiple of 128; splits, work, counters, warps and relu2 as for gemmq_i4_cuda; k_groups 1 or 2 (4 warps).
 void gemmq_u8_cuda(const at::Tensor& x, const at::Tensor& w, const at::Tensor& mx, const at::Tensor& rx,
                    const at::Tensor& my, const at::Tensor& ry, int64_t splits, int64_t warps, int64_t k_groups,
                    bool relu2, const at::Tensor& work, const at::Tensor& counters, const at::Tensor& y) {
@@ -336,8 +336,8 @@ void gemmq_u8_cuda(const at::Tensor& x, const at::Tensor& w, const at::Tensor& m
     TORCH_CHECK(K >= 128 && K % 128 == 0 && K <= INT32_MAX && N >= 1 && N <= INT32_MAX, op,
                 ": K must be a positive multiple of 128 and N positive; got K = ", K, ", N = ", N);
     TORCH_CHECK(warps == 4 || warps == 8, op, ": warps must be 4 or 8, got ", warps);
-    TORCH_CHECK(k_groups == 1 || (k_groups == 2 && warps == 4) || (k_groups == 4 && warps == 4 && rows <= 32), op,
-                ": k_groups must be 1, 2 (4 warps) or 4 (4 warps, at most 32 rows); got ", k_groups);
+    TORCH_CHECK(k_groups == 1 || (k_groups == 2 && warps == 4), op, ": k_groups must be 1 or 2 (4 warps); got ",
+                k_groups);
     TORCH_CHECK(splits >= 1 && splits <= K / 128, op, ": splits must be 1..K/128, got ", splits);
     check_tensor(x, op, "x", kCUDA, at::kHalf, {rows, K});
     check_tensor(w, op, "w", kCUDA, at::kByte, {N, K});

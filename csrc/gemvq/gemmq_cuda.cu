@@ -40,8 +40,9 @@
 //     it is q + 0.5 exactly. x is multiplied by ry (fp16) as it is staged and the row sums of x and x my are taken
 //     alongside (float32); the epilogue makes acc rx + sum(x my) + sum(x) mx, the reference's
 //     (q + 0.5) ry rx + my + mx factored (each K split's part of it, so the split sums add up).
-// Requirements (checked by the binding, kUnsupported here): K % 128 == 0, group % 128 == 0 and group | K,
-// Np % 8 == 0, N <= Np, 1 <= M; x, qweight 16-byte aligned, x rows contiguous.
+// Requirements (checked by the binding, kUnsupported here): K % 128 == 0, 1 <= M, x rows contiguous; int4: group %
+// 128 == 0 and group | K, Np % 8 == 0, N <= Np, x and qweight 16-byte aligned; uint8: x, w8, my, ry 16-byte aligned,
+// 1 or 2 K groups.
 #include "../common/cuda_common.cuh"
 #include "gemvq.h"
 
@@ -191,11 +192,13 @@ template <int N> __device__ __forceinline__ void cp_wait() {
 }
 
 // Shared memory of one block: the weight ring (per stage, int4: words [NW*32 outputs][16], scales [NW*32] fp16,
-// zero words [NW*4]; uint8: bytes [NW*32 outputs][128]) and two x buffers [MT*16 rows][kRowBytes].
+// zero words [NW*4]; uint8: bytes [NW*32 outputs][128], rows 144 bytes apart) and two x buffers
+// [MT*16 rows][kRowBytes].
 template <int NW, bool U8 = false> struct StageLayout {
     // cp.async ring depth (units of weights in flight per block): 4, or 3 for 8-warp blocks, whose 4-stage ring with
-    // 64 rows of x (102,928 bytes) exceeds the 101,376 bytes a block may have on sm_86 / sm_89 / sm_120
-    static constexpr int stages = NW == 8 ? 3 : 4;
+    // 64 rows of x (102,928 bytes) exceeds the 101,376 bytes a block may have on sm_86 / sm_89 / sm_120, and for
+    // uint8 (twice the bytes a unit: 4-warp blocks of one K group then fit those devices at every row tile)
+    static constexpr int stages = NW == 8 || U8 ? 3 : 4;
     static constexpr int outs = NW * 32;
     static constexpr int out_bytes = U8 ? 128 : 64;   // one output's weights of a unit
     // their stride in the ring: uint8 rows padded by 16 bytes, so the 16-byte loads of lanes (g, t) at
@@ -633,8 +636,9 @@ int gemmq_u8_launch(int act, int M, int K, int N, int splits, int warps, int k_g
                     static_cast<const __half*>(rx), static_cast<const __half*>(my), static_cast<const __half*>(ry)};
     return with_instance(act, M, warps, k_groups, [&](auto f_tag, auto nw_tag, auto mt_tag, auto kg_tag) {
         using F = decltype(f_tag);
-        if constexpr (std::is_same<F, __half>::value)
-            return launch<F, decltype(nw_tag)::value, decltype(mt_tag)::value, decltype(kg_tag)::value, true>(
+        constexpr int KG = decltype(kg_tag)::value;
+        if constexpr (std::is_same<F, __half>::value && KG <= 2)
+            return launch<F, decltype(nw_tag)::value, decltype(mt_tag)::value, KG, true>(
                 1, M, K, N, N, K, splits, relu2, x, w, y, work, counters, stream);
         else
             return (int)kUnsupported;
@@ -656,7 +660,7 @@ int gemmq_blocks_per_sm(int act, int M, int warps, int k_groups, bool u8) {
             return blocks;
         };
         if (!u8) return query(gemmq_kernel<F, NW, MT, KG, false>, gemmq_smem_bytes<NW, MT, KG, false>());
-        if constexpr (std::is_same<F, __half>::value)
+        if constexpr (std::is_same<F, __half>::value && KG <= 2)
             return query(gemmq_kernel<F, NW, MT, KG, true>, gemmq_smem_bytes<NW, MT, KG, true>());
         return 0;
     });

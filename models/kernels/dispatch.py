@@ -368,7 +368,7 @@ GEMMQ_U8_PROBES: dict[torch.device, str | None] = {}
 def gemmq_u8_sound(device: torch.device) -> bool:
     """Whether the uint8 form of the tensor-core GEMM (``kernels.gemmq.gemmq_u8``) serves i8 decode batches on
     ``device``: on first use there it runs (fp16; 5, 37 and 70 rows; x as is and relu(x)²; one and two K splits;
-    N a multiple of 8 and not) on small random weights and is compared with ``i8.mm8_torch`` to half-precision
+    N a multiple of 8 and not, K above and below N) on small random weights and is compared with ``i8.mm8_torch`` to half-precision
     rounding; a mismatch or an error keeps the Triton kernel for the process (``GEMMQ_U8_PROBES`` says why)."""
     return _sound(GEMMQ_U8_PROBES, _probe_gemmq_u8, device)
 
@@ -377,11 +377,13 @@ def _probe_gemmq_u8(device: torch.device) -> str | None:
     if not _gemmq.built():
         return "not built"
     g = torch.Generator().manual_seed(5)
-    for n in (72, 77):
-        q = _quant.quantize_i8(torch.randn(768, n, generator=g) * 0.05 + 0.01, torch.float16,
+    # K > N and K < N: the column offsets mx are zero where every column holds some row's minimum (K > N) and not
+    # otherwise; x with a nonzero mean, so sum(x) mx counts
+    for k, n in ((768, 72), (768, 77), (256, 300)):
+        q = _quant.quantize_i8(torch.randn(k, n, generator=g) * 0.05 + 0.01, torch.float16,
                                output_major=True).to(device, output_major=True)
         for rows in (5, 37, 70):
-            x = torch.randn(rows, 768, generator=g).to(device, torch.float16)
+            x = (torch.randn(rows, k, generator=g) + 0.5).to(device, torch.float16)
             if not _gemmq.gemmq_u8_ok(q, x):
                 return "the probe's weight is not one it reads"
             for relu2 in (False, True):
@@ -437,7 +439,8 @@ def probe_weight_kernels(model) -> None:
     GEMVs (``gemvq_sound``) where a stage is i4 or f8; where a stage is i8, the compiled uint8 GEMV
     (``gemvq_u8_sound``; fp16 / bf16 stages) and the Triton i8 kernel of batches (``i8_gemm_sound``). The outcomes go
     into ``model.kernels["cuda"]`` ("gemvq probe", "gemmq probe" (i4: the tensor-core GEMM of batches,
-    ``gemmq_sound``), "gemvq u8 probe", "i8 gemm probe": "ok" or why the other paths serve)."""
+    ``gemmq_sound``), "gemvq u8 probe", "i8 gemm probe", "gemmq u8 probe" (fp16 i8 where ``gemmq.U8_ENABLED``:
+    ``gemmq_u8_sound``): "ok" or why the other paths serve)."""
     quants = {s.quant for s in model.plan.stages}
     half_i8 = any(s.quant == "i8" and s.dtype in (torch.float16, torch.bfloat16) for s in model.plan.stages)
     for dev in {d for d in model.devices if d.type == "cuda"}:
@@ -453,6 +456,10 @@ def probe_weight_kernels(model) -> None:
         if "i8" in quants and _triton_ok():
             why = None if i8_gemm_sound(dev) else I8_GEMM_PROBES.get(_probe_key(dev), "not probed")
             model.kernels.setdefault("cuda", {})["i8 gemm probe"] = why or "ok"
+        fp16_i8 = any(s.quant == "i8" and s.dtype == torch.float16 for s in model.plan.stages)
+        if fp16_i8 and _gemmq.U8_ENABLED and available("cuda", "gemvq"):   # the uint8 form: fp16 activations
+            why = None if gemmq_u8_sound(dev) else GEMMQ_U8_PROBES.get(_probe_key(dev), "not probed")
+            model.kernels.setdefault("cuda", {})["gemmq u8 probe"] = why or "ok"
 
 
 #: device -> None (the Triton i8 kernel agrees with the torch product there) or why it does not serve it

@@ -212,11 +212,12 @@ def gemmq_u8_ok(q: Int8Weight, x: torch.Tensor) -> bool:
     """Whether the uint8 form reads the i8 weight ``q`` (``formats.i8``, the reference's scheme) with activations
     ``x``: fp16 x on q's CUDA device, q held output-major, K (its input size) a multiple of 128, the matrix contiguous
     and 16-byte aligned, the four scale vectors contiguous fp16 (my, ry 16-byte aligned): the binding's checks."""
-    K = q.shape[0]
+    K, N = q.shape
     st = q.storage
-    return (x.dtype == torch.float16 and st.is_cuda and q.output_major and K % UNIT == 0 and st.is_contiguous()
-            and st.data_ptr() % 16 == 0
+    return (x.dtype == torch.float16 and x.shape[-1] == K and st.is_cuda and x.device == st.device
+            and q.output_major and K % UNIT == 0 and st.is_contiguous() and st.data_ptr() % 16 == 0
             and all(t.dtype == torch.float16 and t.is_contiguous() for t in (q.mx, q.rx, q.my, q.ry))
+            and q.mx.numel() == q.rx.numel() == N and q.my.numel() == q.ry.numel() == K
             and q.my.data_ptr() % 16 == 0 and q.ry.data_ptr() % 16 == 0)
 
 
@@ -226,7 +227,7 @@ def gemmq_u8(x: torch.Tensor, q: Int8Weight, splits: int | None = None, warps: i
     as ``gemmq_u8_ok`` asks -> [M, N] fp16. The reference's ``(w + 0.5) ry rx + my + mx`` factored: ``((x ry) @
     (w + 0.5)) rx + x @ my + sum(x) mx``, x ry rounded to fp16 as it is staged (w + 0.5 is exact in fp16), float32
     sums; within half-precision rounding of ``i8.mm8_torch``, not bit-equal to it. ``relu2``, ``splits``, ``warps``,
-    ``k_groups`` as for ``gemmq_i4`` (four K groups exceed every device's shared memory in this form: 1 or 2).
+    ``k_groups`` as for ``gemmq_i4`` but 1 or 2 (four would exceed every device's shared memory in this form).
     Raises RuntimeError (the op's checks) outside that contract."""
     K = q.shape[0]
     weights = (q.storage, q.mx.reshape(-1), q.rx.reshape(-1), q.my.reshape(K), q.ry.reshape(K))
