@@ -375,6 +375,30 @@ GEMMQ_SPLITS = (1, 2, 3, 4, 6, 8, 12)
 GEMMQ_STACK_C = (2048, 4096)
 
 
+def fastest_split(run, n_sets: int, K: int) -> str:
+    """"us (splits)" of the fastest of GEMMQ_SPLITS K splits (those K allows) for run(i, splits) over n_sets inputs."""
+    sweep = {s: time_ms(lambda i: run(i, s), n_sets, iters=GEMVQ_LAUNCHES) for s in GEMMQ_SPLITS if s <= K // 128}
+    best = min(sweep, key=sweep.get)
+    return f"{sweep[best] * 1e3:.1f} ({best})"
+
+
+def cublas_rows(K: int, N: int) -> tuple[dict, dict]:
+    """({rows: fp16 x [rows, K]}, {rows: ms of x @ an fp16 K x N weight (cuBLAS)}) at GEMMQ_ROWS rows, weight sets
+    > 3x L2."""
+    xs = {rows: torch.randn(rows, K, device="cuda", dtype=torch.float16) for rows in GEMMQ_ROWS}
+    n = sets_for(K * N * 2)
+    ws = [(torch.randn(N, K, device="cuda") * K ** -0.5).half().t() for _ in range(n)]
+    return xs, {rows: time_ms(lambda i: x @ ws[i], n, iters=GEMVQ_LAUNCHES) for rows, x in xs.items()}
+
+
+def gemmq_row(rows, K, N, t16, tt, tr, kg_rule, splits, cells, e_tc, e_tr) -> str:
+    """One printed row of the tensor-core GEMM tables (times in ms: cuBLAS, Triton, the rule's launch)."""
+    row = (f"| {rows} | {K}x{N} | {t16 * 1e3:.1f} | {tt * 1e3:.1f} | {tr * 1e3:.1f} ({kg_rule}, {splits}) | "
+           f"{' | '.join(cells)} | {t16 / tr:.2f}x | {tt / tr:.2f}x | {e_tc:.1e} | {e_tr:.1e} |")
+    print(row, flush=True)
+    return row
+
+
 def bench_gemmq(rows_md: list) -> None:
     """The int4 GEMM on the tensor cores for decode batches (``kernels.gemmq``, ``csrc/gemvq/gemmq_cuda.cu``) against
     the Triton int4 kernel (``ops.gemv.i4_gemv``) and the fp16 cuBLAS product of the same matrix, at GEMMQ_ROWS rows
@@ -399,11 +423,7 @@ def bench_gemmq(rows_md: list) -> None:
                 + " | rule / cuBLAS | rule / Triton | rel. err tensor cores | rel. err Triton |",
                 "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for K, N in GEMVQ_SHAPES:
-        xs = {rows: torch.randn(rows, K, device="cuda", dtype=torch.float16) for rows in GEMMQ_ROWS}
-        n = sets_for(K * N * 2)
-        ws = [(torch.randn(N, K, device="cuda") * K ** -0.5).half().t() for _ in range(n)]
-        t16 = {rows: time_ms(lambda i: x @ ws[i], n, iters=GEMVQ_LAUNCHES) for rows, x in xs.items()}
-        ws.clear()
+        xs, t16 = cublas_rows(K, N)
         n = sets_for(K * N // 2)
         qs = [i4.quantize_i4(torch.randn(K, N, device="cuda") * K ** -0.5, 128).to("cuda") for _ in range(n)]
         ref_w = qs[0].dequantize(torch.float64)
@@ -425,14 +445,8 @@ def bench_gemmq(rows_md: list) -> None:
                 except RuntimeError as e:   # too little shared memory a block on this device
                     cells.append(f"not run: {str(e).splitlines()[0][:40]}")
                     continue
-                sweep = {s: time_ms(lambda i: gemmq.gemmq_i4(x, qs[i], s, 4, kg), n, iters=GEMVQ_LAUNCHES)
-                         for s in GEMMQ_SPLITS if s <= K // gemmq.UNIT}
-                best = min(sweep, key=sweep.get)
-                cells.append(f"{sweep[best] * 1e3:.1f} ({best})")
-            rows_md.append(f"| {rows} | {K}x{N} | {t16[rows] * 1e3:.1f} | {tt * 1e3:.1f} | {t4 * 1e3:.1f} ({kg_rule}, "
-                           f"{splits}) | {' | '.join(cells)} | {t16[rows] / t4:.2f}x | {tt / t4:.2f}x | {e_tc:.1e} | "
-                           f"{e_tr:.1e} |")
-            print(rows_md[-1], flush=True)
+                cells.append(fastest_split(lambda i, s: gemmq.gemmq_i4(x, qs[i], s, 4, kg), n, K))
+            rows_md.append(gemmq_row(rows, K, N, t16[rows], tt, t4, kg_rule, splits, cells, e_tc, e_tr))
         qs.clear()
         torch.cuda.empty_cache()
     rows_md += ["", "#### r, k, v (three C x C int4 weights of one stack, each with its own x) in one launch", "",
@@ -480,11 +494,7 @@ def bench_gemmq_u8(rows_md: list) -> None:
                 "1 K group, fastest us (splits) | 2 K groups, fastest us (splits) | rule / cuBLAS | rule / Triton | "
                 "rel. err tensor cores | rel. err Triton |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for K, N in GEMVQ_SHAPES:
-        xs = {rows: torch.randn(rows, K, device="cuda", dtype=torch.float16) for rows in GEMMQ_ROWS}
-        n = sets_for(K * N * 2)
-        ws = [(torch.randn(N, K, device="cuda") * K ** -0.5).half().t() for _ in range(n)]
-        t16 = {rows: time_ms(lambda i: x @ ws[i], n, iters=GEMVQ_LAUNCHES) for rows, x in xs.items()}
-        ws.clear()
+        xs, t16 = cublas_rows(K, N)
         n = sets_for(K * N)
         qs = [i8.quantize_i8(torch.randn(K, N, device="cuda") * K ** -0.5, torch.float16, output_major=True)
               for _ in range(n)]
@@ -504,14 +514,8 @@ def bench_gemmq_u8(rows_md: list) -> None:
             tr = time_ms(lambda i: gemmq.gemmq_u8(x, qs[i]), n, iters=GEMVQ_LAUNCHES)
             cells = []
             for kg in (1, 2):
-                sweep = {s: time_ms(lambda i: gemmq.gemmq_u8(x, qs[i], s, 4, kg), n, iters=GEMVQ_LAUNCHES)
-                         for s in GEMMQ_SPLITS if s <= K // gemmq.UNIT}
-                best = min(sweep, key=sweep.get)
-                cells.append(f"{sweep[best] * 1e3:.1f} ({best})")
-            rows_md.append(f"| {rows} | {K}x{N} | {t16[rows] * 1e3:.1f} | {tt * 1e3:.1f} | {tr * 1e3:.1f} ({kg_rule}, "
-                           f"{splits}) | {' | '.join(cells)} | {t16[rows] / tr:.2f}x | {tt / tr:.2f}x | {e_tc:.1e} | "
-                           f"{e_tr:.1e} |")
-            print(rows_md[-1], flush=True)
+                cells.append(fastest_split(lambda i, s: gemmq.gemmq_u8(x, qs[i], s, 4, kg), n, K))
+            rows_md.append(gemmq_row(rows, K, N, t16[rows], tt, tr, kg_rule, splits, cells, e_tc, e_tr))
         qs.clear()
         torch.cuda.empty_cache()
 

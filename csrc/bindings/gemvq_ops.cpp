@@ -9,6 +9,7 @@
 
 #include <stdint.h>
 
+#include <utility>
 #include <vector>
 
 #include "../gemvq/gemvq.h"
@@ -250,6 +251,25 @@ void gemvq_u8_multi_cuda(at::TensorList xs, at::TensorList ws, at::TensorList mx
 }
 
 
+// The K-split buffers of a tensor-core GEMM launch (csrc/gemvq/gemmq_cuda.cu): with more than one split, work float32
+// (contiguous, 8-byte aligned, at least splits x G x rows x N values) and counters int32 (one per tile: G x
+// ceil(N / (32 warps)) x ceil(rows / 16)); null pointers with one split.
+std::pair<float*, int*> split_buffers(const char* op, const at::Tensor& x, const at::Tensor& work,
+                                      const at::Tensor& counters, int64_t splits, int64_t G, int64_t rows, int64_t N,
+                                      int64_t warps) {
+    if (splits <= 1) return {nullptr, nullptr};
+    const int64_t tiles = G * ((N + 32 * warps - 1) / (32 * warps)) * ((rows + 15) / 16);
+    TORCH_CHECK(work.is_cuda() && work.scalar_type() == at::kFloat && work.is_contiguous() &&
+                    work.numel() >= splits * G * rows * N && reinterpret_cast<uintptr_t>(work.data_ptr()) % 8 == 0,
+                op, ": work must be a contiguous, 8-byte aligned float32 CUDA tensor of at least splits x G x rows x N "
+                "values");
+    TORCH_CHECK(counters.is_cuda() && counters.scalar_type() == at::kInt && counters.is_contiguous() &&
+                    counters.numel() >= tiles,
+                op, ": counters must be a contiguous int32 CUDA tensor of at least ", tiles, " values");
+    check_same_device(op, {x, work, counters});
+    return {work.data_ptr<float>(), counters.data_ptr<int>()};
+}
+
 // int4 GEMM on the tensor cores for decode batches (csrc/gemvq/gemmq_cuda.cu): x [rows, K] fp16/bf16 (any rows >= 1),
 // qweight int32 [Np, K/8] output-major, qzeros int32 [K/group, Np/8], scales float16 [K/group, Np] (16-byte
 // aligned), y [rows, N]; or a stack of G such products, each its own x and y: x [G, rows, K], qweight [G, Np, K/8],
@@ -297,21 +317,7 @@ void gemmq_i4_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
     TORCH_CHECK(reinterpret_cast<uintptr_t>(scales.data_ptr()) % 16 == 0, op, ": scales must be 16-byte aligned");
     TORCH_CHECK(reinterpret_cast<uintptr_t>(qzeros.data_ptr()) % 4 == 0, op, ": qzeros must be 4-byte aligned");
     TORCH_CHECK(reinterpret_cast<uintptr_t>(y.data_ptr()) % 4 == 0, op, ": y must be 4-byte aligned");
-    float* wp = nullptr;
-    int* cp = nullptr;
-    if (splits > 1) {
-        const int64_t tiles = G * ((N + 32 * warps - 1) / (32 * warps)) * ((rows + 15) / 16);
-        TORCH_CHECK(work.is_cuda() && work.scalar_type() == at::kFloat && work.is_contiguous() &&
-                        work.numel() >= splits * G * rows * N && reinterpret_cast<uintptr_t>(work.data_ptr()) % 8 == 0,
-                    op, ": work must be a contiguous, 8-byte aligned float32 CUDA tensor of at least splits x G x rows x "
-                    "N values");
-        TORCH_CHECK(counters.is_cuda() && counters.scalar_type() == at::kInt && counters.is_contiguous() &&
-                        counters.numel() >= tiles,
-                    op, ": counters must be a contiguous int32 CUDA tensor of at least ", tiles, " values");
-        check_same_device(op, {x, work, counters});
-        wp = work.data_ptr<float>();
-        cp = counters.data_ptr<int>();
-    }
+    const auto [wp, cp] = split_buffers(op, x, work, counters, splits, G, rows, N, warps);
     std::vector<at::Tensor> keep;
     const void* xp = aligned_x(x, keep);
     const at::cuda::CUDAGuard guard(x.device());
@@ -352,21 +358,7 @@ void gemmq_u8_cuda(const at::Tensor& x, const at::Tensor& w, const at::Tensor& m
     check_same_device(op, {x, w, mx, rx, my, ry, y});
     TORCH_CHECK(reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0, op, ": w must be 16-byte aligned");
     TORCH_CHECK(reinterpret_cast<uintptr_t>(y.data_ptr()) % 4 == 0, op, ": y must be 4-byte aligned");
-    float* wp = nullptr;
-    int* cp = nullptr;
-    if (splits > 1) {
-        const int64_t tiles = ((N + 32 * warps - 1) / (32 * warps)) * ((rows + 15) / 16);
-        TORCH_CHECK(work.is_cuda() && work.scalar_type() == at::kFloat && work.is_contiguous() &&
-                        work.numel() >= splits * rows * N && reinterpret_cast<uintptr_t>(work.data_ptr()) % 8 == 0,
-                    op, ": work must be a contiguous, 8-byte aligned float32 CUDA tensor of at least splits x rows x N "
-                    "values");
-        TORCH_CHECK(counters.is_cuda() && counters.scalar_type() == at::kInt && counters.is_contiguous() &&
-                        counters.numel() >= tiles,
-                    op, ": counters must be a contiguous int32 CUDA tensor of at least ", tiles, " values");
-        check_same_device(op, {x, work, counters});
-        wp = work.data_ptr<float>();
-        cp = counters.data_ptr<int>();
-    }
+    const auto [wp, cp] = split_buffers(op, x, work, counters, splits, 1, rows, N, warps);
     std::vector<at::Tensor> keep;
     const void* xp = aligned_x(x, keep);
     const at::cuda::CUDAGuard guard(x.device());
