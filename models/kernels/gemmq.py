@@ -2,10 +2,10 @@
 its form for the reference's uint8 weights (``gemmq_u8``, op ``gemmq_u8_cuda``; off until checked on a GPU).
 
 ``y = x @ W`` for x [M, K] fp16/bf16 (M from 5 up, from 3 for large weights: the compiled GEMV of ``csrc/gemvq``
-serves the fewer rows) and an
-``Int4Weight`` held output-major (the layout of CUDA weights; ``formats.i4``). The kernel dequantizes the GPTQ words
-in registers straight into the B operand of ``mma.sync.m16n8k16`` (no shuffled copy of the weights: the product's
-k order is permuted instead, and x, which is small, is staged in that order), float32 accumulation; for fp16
+serves the fewer rows) and an ``Int4Weight`` held output-major (the layout of CUDA weights; ``formats.i4``). The
+kernel dequantizes the GPTQ words in registers straight into the B operand of ``mma.sync.m16n8k16`` (no shuffled
+copy of the weights: the product's k order is permuted instead, and x, which is small, is staged in that order),
+float32 accumulation; for fp16
 activations the weights take the values of ``Int4Weight.dequantize``, for bf16 the scale is rounded to bf16 first.
 K splits write float32 partials that the last split of each tile adds in split order (no atomics on y).
 
