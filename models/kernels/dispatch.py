@@ -368,8 +368,9 @@ GEMMQ_U8_PROBES: dict[torch.device, str | None] = {}
 def gemmq_u8_sound(device: torch.device) -> bool:
     """Whether the uint8 form of the tensor-core GEMM (``kernels.gemmq.gemmq_u8``) serves i8 decode batches on
     ``device``: on first use there it runs (fp16; 5, 37 and 70 rows; x as is and relu(x)²; one and two K splits;
-    N a multiple of 8 and not, K above and below N) on small random weights and is compared with ``i8.mm8_torch`` to half-precision
-    rounding; a mismatch or an error keeps the Triton kernel for the process (``GEMMQ_U8_PROBES`` says why)."""
+    N a multiple of 8 and not, K above and below N) on small random weights and is compared with ``i8.mm8_torch``
+    to half-precision rounding; a mismatch or an error keeps the Triton kernel for the process (``GEMMQ_U8_PROBES``
+    says why)."""
     return _sound(GEMMQ_U8_PROBES, _probe_gemmq_u8, device)
 
 
@@ -386,13 +387,23 @@ def _probe_gemmq_u8(device: torch.device) -> str | None:
             x = (torch.randn(rows, k, generator=g) + 0.5).to(device, torch.float16)
             if not _gemmq.gemmq_u8_ok(q, x):
                 return "the probe's weight is not one it reads"
-            for relu2 in (False, True):
-                want = _quant.mm8_torch(torch.relu(x).square() if relu2 else x, q)
-                for splits in (1, 2):
-                    err = _probe_error(_gemmq.gemmq_u8(x, q, splits, relu2=relu2), want)
-                    if not err < 2e-2:
-                        return (f"gemmq_u8 differs from the torch product ({rows} rows, N {n}, {splits} splits"
-                                f"{', relu(x)²' if relu2 else ''}: relative error {err:.3g})")
+            why = _gemmq_mismatch("gemmq_u8", lambda x_, s_, r_: _gemmq.gemmq_u8(x_, q, s_, relu2=r_),
+                                  lambda x_: _quant.mm8_torch(x_, q), x, f"{rows} rows, N {n}")
+            if why:
+                return why
+    return None
+
+
+def _gemmq_mismatch(name: str, run, torch_product, x: torch.Tensor, what: str) -> str | None:
+    """Why ``run(x, splits, relu2)`` (one and two K splits; x as is and relu(x)²) differs from ``torch_product`` of
+    the same input beyond half-precision rounding (``_probe_error`` 2e-2), or None; ``what`` names the case."""
+    for relu2 in (False, True):
+        want = torch_product(torch.relu(x).square() if relu2 else x)
+        for splits in (1, 2):
+            err = _probe_error(run(x, splits, relu2), want)
+            if not err < 2e-2:
+                return (f"{name} differs from the torch product ({what}, {splits} splits"
+                        f"{', relu(x)²' if relu2 else ''}: relative error {err:.3g})")
     return None
 
 
@@ -407,14 +418,10 @@ def _probe_gemmq(device: torch.device) -> str | None:
         for dtype in (torch.float16, torch.bfloat16):
             for rows in (3, 5, 37, 70):
                 x = torch.randn(rows, 768, generator=g).to(device, dtype)
-                for relu2 in (False, True):
-                    want = _i4.mm4_torch(torch.relu(x).square() if relu2 else x, q)
-                    for splits in (1, 2):
-                        err = _probe_error(_gemmq.gemmq_i4(x, q, splits, relu2=relu2), want)
-                        if not err < 2e-2:
-                            return (f"gemmq_i4 differs from the torch product ({dtype}, {rows} rows, N {n}, group "
-                                    f"{group}, {splits} splits{', relu(x)²' if relu2 else ''}: relative error "
-                                    f"{err:.3g})")
+                why = _gemmq_mismatch("gemmq_i4", lambda x_, s_, r_: _gemmq.gemmq_i4(x_, q, s_, relu2=r_),
+                                      lambda x_: _i4.mm4_torch(x_, q), x, f"{dtype}, {rows} rows, N {n}, group {group}")
+                if why:
+                    return why
     return None
 
 
