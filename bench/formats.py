@@ -10,7 +10,8 @@ to the model's ops: ``kernels.mm8`` / ``mm4`` / ``mmf8``). tok/s is the mean ove
 channel-mix value product: each format's model rebuilt with each one, "sparse" for the i8 / f8 value matrices
 too (``FusedCuda(quant_rows=True)``), the share of rows the row kernel skipped reported). Bytes per step are the
 weights of every layer and the head (``formats.nbytes``) plus the state read and written (every row of the value
-matrices counted).
+matrices counted). "fp16 bytes / bytes" is the ratio a format would reach at fp16's bandwidth of the same call: the
+ceiling of "× fp16" unless the format's step moves its bytes faster than fp16's does.
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ def decode_rows(shape: str, batches: list[int], tokens: int, ffns: list[str | No
     rows = []
     ckpt = shapes.random_checkpoint(shape, dtype=torch.float16, device="cuda")
     base: dict[tuple, float] = {}
+    base_mb: dict[tuple, float] = {}
     tree_gemm, tree_u8 = gemmq.ENABLED, gemmq.U8_ENABLED
     per_fmt = {"i4": i4_gemms, "i8": i8_gemms}
     runs = [(f, ff, g) for f in FORMATS for ff in ffns for g in per_fmt.get(f, (None,))]
@@ -88,9 +90,10 @@ def decode_rows(shape: str, batches: list[int], tokens: int, ffns: list[str | No
             r = bench_decode(model, b, tokens, graphs=True, compile=None, gemv="auto")
             tok_s = r["tok_s"]
             if fmt == "":
-                base[b, ffn] = tok_s
+                base[b, ffn], base_mb[b, ffn] = tok_s, r["step_bytes"] / 2**20
             rows.append({"shape": shape, "strategy": strategy, "batch": b, "tok_s": tok_s,
                          "ratio": tok_s / base[b, ffn], "gb_s": r["gb_s"], "step_mb": r["step_bytes"] / 2**20,
+                         "bytes_ratio": base_mb[b, ffn] / (r["step_bytes"] / 2**20),
                          "greedy": r["greedy_tok_s"], "load_s": load_s,
                          "backend": _backend(model, fmt) + (note if b <= 4 or gemm else "")})
             print(rows[-1], flush=True)
@@ -182,11 +185,11 @@ def table(dec: list[dict], gemm: dict | None, gptq: list[dict] | None, argv: lis
 
     lines = ["## Weight formats (bench/formats.py)", "", *provenance(argv, "python bench/formats.py", "cuda")]
     if dec:
-        lines += ["", "| shape | strategy | batch | tok/s | × fp16 | GB/s | MiB/step | backend |",
-                  "|---|---|---:|---:|---:|---:|---:|---|"]
+        lines += ["", "| shape | strategy | batch | tok/s | × fp16 | fp16 bytes / bytes | GB/s | MiB/step | backend |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in dec:
         lines.append(f"| {r['shape']} | {r['strategy']} | {r['batch']} | {r['tok_s']:.1f} | {r['ratio']:.2f}× | "
-                     f"{r['gb_s']:.0f} | {r['step_mb']:.0f} | {r['backend']} |")
+                     f"{r['bytes_ratio']:.2f}× | {r['gb_s']:.0f} | {r['step_mb']:.0f} | {r['backend']} |")
     if gemm:
         lines += ["", f"fp8_gemm {gemm['n']}³: {gemm['fp8_ms']:.2f} ms ({gemm['fp8_tflops']:.0f} TFLOP/s) vs bf16 "
                       f"matmul {gemm['bf16_ms']:.2f} ms ({gemm['bf16_tflops']:.0f} TFLOP/s): {gemm['ratio']:.2f}× "
