@@ -49,8 +49,8 @@ def _time(fn, reps: int = 50) -> float:
 def _backend(model, fmt: str) -> str:
     """The backend's name, with the probe outcome of the compiled GEMVs a quantized format's decode uses."""
     probes = getattr(model, "kernels", {}).get("cuda", {})
-    key = {"i8": "gemvq u8 probe", "i4": "gemvq probe", "f8": "gemvq probe"}.get(fmt)
-    notes = [f"{key}: {probes[key]}"] if key in probes else []
+    keys = {"i8": ("gemvq u8 probe", "gemmq u8 probe"), "i4": ("gemvq probe",), "f8": ("gemvq probe",)}.get(fmt, ())
+    notes = [f"{key}: {probes[key]}" for key in keys if key in probes]
     if fmt == "i4" and hasattr(model.backend, "rkv_stack_note"):     # r, k, v of decode batches in one launch
         notes.append(f"r/k/v stack: {model.backend.rkv_stack_note or 'ok'}")
     return f"{model.backend.name} ({'; '.join(notes)})" if notes else model.backend.name

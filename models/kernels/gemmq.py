@@ -203,9 +203,10 @@ def gemmq_i4_stack(x: torch.Tensor, qs: list[Int4Weight], splits: int | None = N
 
 
 #: whether ``dispatch.mm8`` gives fp16 decode batches (``serves_rows``) of i8 weights to the uint8 form
-#: (``gemmq_u8``); off until ``tests/gpu/verify_kernels.py --family gemvq`` has checked it on a GPU and
-#: ``bench/kernels.py --only gemvq`` timed it against the Triton i8 kernel
-U8_ENABLED = False
+#: (``gemmq_u8``): checked by ``tests/gpu/verify_kernels.py --family gemvq``; per product 1.0-1.6x the Triton i8
+#: kernel at 8-128 rows (``bench/kernels.py --only gemvq``, H100); a switch for benchmarks (``bench/formats.py
+#: --i8-gemm``), as ``ENABLED`` is for the int4 form
+U8_ENABLED = True
 
 
 def gemmq_u8_ok(q: Int8Weight, x: torch.Tensor) -> bool:

@@ -69,8 +69,8 @@ def test_the_uint8_probe_admits_only_a_kernel_that_agrees_with_torch(monkeypatch
         dispatch.GEMMQ_U8_PROBES.clear()
 
 
-def test_the_uint8_form_is_off_until_checked_on_a_gpu_and_mm8_keeps_its_paths():
-    assert gemmq.U8_ENABLED is False
+def test_the_uint8_form_serves_cuda_fp16_only_and_mm8_keeps_its_paths_elsewhere():
+    assert gemmq.U8_ENABLED is True
     q = i8.quantize_i8(torch.randn(256, 40) * 0.05, torch.float16)
     x = torch.randn(9, 256, dtype=torch.float16)
     assert not dispatch.gemmq_u8_serves(x, q) and not gemmq.gemmq_u8_ok(q, x)     # CPU, input-major
