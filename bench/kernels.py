@@ -454,11 +454,7 @@ def bench_gemmq(rows_md: list) -> None:
                 "three launches us | stack / cuBLAS | stack / Triton | rel. err stack |",
                 "|---|---|---|---|---|---|---|---|---|"]
     for C in GEMMQ_STACK_C:
-        n = sets_for(3 * C * C * 2)
-        ws = [(torch.randn(3, C, C, device="cuda") * C ** -0.5).half() for _ in range(n)]
-        xs = {rows: torch.randn(3, rows, C, device="cuda", dtype=torch.float16) for rows in GEMMQ_ROWS}
-        t16 = {rows: time_ms(lambda i: torch.bmm(x, ws[i]), n, iters=GEMVQ_LAUNCHES) for rows, x in xs.items()}
-        ws.clear()
+        xs, t16 = bmm_rows(C)
         n = sets_for(3 * C * C // 2)
         stacks = [i4.stack_i4([i4.quantize_i4(torch.randn(C, C, device="cuda") * C ** -0.5, 128).to("cuda")
                                for _ in range(3)]) for _ in range(n)]
@@ -475,6 +471,17 @@ def bench_gemmq(rows_md: list) -> None:
             print(rows_md[-1], flush=True)
         stacks.clear()
         torch.cuda.empty_cache()
+
+
+def bmm_rows(C: int) -> tuple[dict, dict]:
+    """x [3, rows, C] fp16 per GEMMQ_ROWS rows and the fp16 cuBLAS batched product's seconds for three C x C weights
+    (CUDA graphs of GEMVQ_LAUNCHES launches over weight sets > 3x L2): the r/k/v stacks' baseline."""
+    n = sets_for(3 * C * C * 2)
+    ws = [(torch.randn(3, C, C, device="cuda") * C ** -0.5).half() for _ in range(n)]
+    xs = {rows: torch.randn(3, rows, C, device="cuda", dtype=torch.float16) for rows in GEMMQ_ROWS}
+    t16 = {rows: time_ms(lambda i: torch.bmm(x, ws[i]), n, iters=GEMVQ_LAUNCHES) for rows, x in xs.items()}
+    ws.clear()
+    return xs, t16
 
 
 def bench_gemmq_u8(rows_md: list) -> None:
@@ -517,6 +524,27 @@ def bench_gemmq_u8(rows_md: list) -> None:
                 cells.append(fastest_split(lambda i, s: gemmq.gemmq_u8(x, qs[i], s, 4, kg), n, K))
             rows_md.append(gemmq_row(rows, K, N, t16[rows], tt, tr, kg_rule, splits, cells, e_tc, e_tr))
         qs.clear()
+        torch.cuda.empty_cache()
+    rows_md += ["", "#### r, k, v (three C x C i8 weights of one stack, each with its own x) in one launch, uint8 form",
+                "", "| rows | 3 x C x C | fp16 cuBLAS bmm us | stack us | three launches us | Triton i8, three launches "
+                "us | stack / cuBLAS | stack / three | rel. err stack |", "|---|---|---|---|---|---|---|---|---|"]
+    for C in GEMMQ_STACK_C:
+        xs, t16 = bmm_rows(C)
+        n = sets_for(3 * C * C)
+        stacks = [i8.stack_i8([i8.quantize_i8(torch.randn(C, C, device="cuda") * C ** -0.5, torch.float16,
+                                              output_major=True) for _ in range(3)]) for _ in range(n)]
+        for rows, x in xs.items():
+            y = gemmq.gemmq_u8_stack(x, stacks[0])
+            e = max(((y[g].double() - (r := x[g].double() @ stacks[0][g].dequantize(torch.float64))).norm()
+                     / r.norm()).item() for g in range(3))
+            ts = time_ms(lambda i: gemmq.gemmq_u8_stack(x, stacks[i]), n, iters=GEMVQ_LAUNCHES)
+            t3 = time_ms(lambda i: [gemmq.gemmq_u8(x[g], stacks[i][g]) for g in range(3)], n, iters=GEMVQ_LAUNCHES)
+            tt = time_ms(lambda i: [triton_gemv.i8_gemm(x[g], stacks[i][g]) for g in range(3)], n,
+                         iters=GEMVQ_LAUNCHES)
+            rows_md.append(f"| {rows} | 3 x {C}x{C} | {t16[rows] * 1e3:.1f} | {ts * 1e3:.1f} | {t3 * 1e3:.1f} | "
+                           f"{tt * 1e3:.1f} | {t16[rows] / ts:.2f}x | {t3 / ts:.2f}x | {e:.1e} |")
+            print(rows_md[-1], flush=True)
+        stacks.clear()
         torch.cuda.empty_cache()
 
 

@@ -329,15 +329,20 @@ void gemmq_i4_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
 }
 
 // The tensor-core GEMM for the reference's uint8 weights (csrc/gemvq/gemmq_cuda.cu, gemmq_u8_launch): x [rows, K]
-// fp16, w uint8 [N, K] (output-major storage), mx, rx fp16 [N], my, ry fp16 [K] (or [K, 1]), y [rows, N] fp16;
-// K a multiple of 128; splits, work, counters, warps and relu2 as for gemmq_i4_cuda; k_groups 1 or 2 (4 warps).
+// fp16, w uint8 [N, K] (output-major storage), mx, rx fp16 [N], my, ry fp16 [K] (or [K, 1]), y [rows, N] fp16; or a
+// stack of G such products, each its own x and y: x [G, rows, K], w [G, N, K], mx, rx [G, N] (or [G, N, 1]), my, ry
+// [G, K] (or [G, K, 1]), y [G, rows, N]. K a multiple of 128; splits, work, counters, warps and relu2 as for
+// gemmq_i4_cuda; k_groups 1 or 2 (4 warps).
 void gemmq_u8_cuda(const at::Tensor& x, const at::Tensor& w, const at::Tensor& mx, const at::Tensor& rx,
                    const at::Tensor& my, const at::Tensor& ry, int64_t splits, int64_t warps, int64_t k_groups,
                    bool relu2, const at::Tensor& work, const at::Tensor& counters, const at::Tensor& y) {
     const char* op = "rwkv_chat::gemmq_u8_cuda";
-    TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && y.dim() == 2, op, ": x, w and y must be 2-D");
+    const int64_t d = x.dim();
+    TORCH_CHECK((d == 2 || d == 3) && w.dim() == d && y.dim() == d, op,
+                ": x, w and y must all be 2-D (one product) or all 3-D (a stack)");
     TORCH_CHECK(x.scalar_type() == at::kHalf, op, ": x must be float16, got ", x.scalar_type());
-    const int64_t rows = x.size(0), K = x.size(1), N = w.size(0);
+    const int64_t G = d == 3 ? x.size(0) : 1, rows = x.size(d - 2), K = x.size(d - 1), N = w.size(d - 2);
+    TORCH_CHECK(G >= 1 && G <= 64, op, ": a stack of 1..64 matrices, got ", G);
     TORCH_CHECK(rows >= 1 && rows <= INT32_MAX / 2, op, ": rows must be positive, got ", rows);
     TORCH_CHECK(K >= 128 && K % 128 == 0 && K <= INT32_MAX && N >= 1 && N <= INT32_MAX, op,
                 ": K must be a positive multiple of 128 and N positive; got K = ", K, ", N = ", N);
@@ -345,26 +350,33 @@ void gemmq_u8_cuda(const at::Tensor& x, const at::Tensor& w, const at::Tensor& m
     TORCH_CHECK(k_groups == 1 || (k_groups == 2 && warps == 4), op, ": k_groups must be 1 or 2 (4 warps); got ",
                 k_groups);
     TORCH_CHECK(splits >= 1 && splits <= K / 128, op, ": splits must be 1..K/128, got ", splits);
-    check_tensor(x, op, "x", kCUDA, at::kHalf, {rows, K});
-    check_tensor(w, op, "w", kCUDA, at::kByte, {N, K});
-    check_tensor(y, op, "y", kCUDA, at::kHalf, {rows, N});
+    if (d == 2) {
+        check_tensor(x, op, "x", kCUDA, at::kHalf, {rows, K});
+        check_tensor(w, op, "w", kCUDA, at::kByte, {N, K});
+        check_tensor(y, op, "y", kCUDA, at::kHalf, {rows, N});
+    } else {
+        check_tensor(x, op, "x", kCUDA, at::kHalf, {G, rows, K});
+        check_tensor(w, op, "w", kCUDA, at::kByte, {G, N, K});
+        check_tensor(y, op, "y", kCUDA, at::kHalf, {G, rows, N});
+    }
     for (const auto* t : {&mx, &rx})
-        TORCH_CHECK(t->is_cuda() && t->scalar_type() == at::kHalf && t->is_contiguous() && t->numel() == N, op,
-                    ": mx and rx must be contiguous float16 CUDA tensors of N = ", N, " values");
+        TORCH_CHECK(t->is_cuda() && t->scalar_type() == at::kHalf && t->is_contiguous() && t->numel() == G * N, op,
+                    ": mx and rx must be contiguous float16 CUDA tensors of G x N = ", G * N, " values");
     for (const auto* t : {&my, &ry})
-        TORCH_CHECK(t->is_cuda() && t->scalar_type() == at::kHalf && t->is_contiguous() && t->numel() == K &&
+        TORCH_CHECK(t->is_cuda() && t->scalar_type() == at::kHalf && t->is_contiguous() && t->numel() == G * K &&
                         reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0,
-                    op, ": my and ry must be contiguous, 16-byte aligned float16 CUDA tensors of K = ", K, " values");
+                    op, ": my and ry must be contiguous, 16-byte aligned float16 CUDA tensors of G x K = ", G * K,
+                    " values");
     check_same_device(op, {x, w, mx, rx, my, ry, y});
     TORCH_CHECK(reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0, op, ": w must be 16-byte aligned");
     TORCH_CHECK(reinterpret_cast<uintptr_t>(y.data_ptr()) % 4 == 0, op, ": y must be 4-byte aligned");
-    const auto [wp, cp] = split_buffers(op, x, work, counters, splits, 1, rows, N, warps);
+    const auto [wp, cp] = split_buffers(op, x, work, counters, splits, G, rows, N, warps);
     std::vector<at::Tensor> keep;
     const void* xp = aligned_x(x, keep);
     const at::cuda::CUDAGuard guard(x.device());
-    check_launch(gemmq_u8_launch(1, (int)rows, (int)K, (int)N, (int)splits, (int)warps, (int)k_groups, relu2 ? 1 : 0, xp,
-                                 w.data_ptr<uint8_t>(), mx.data_ptr(), rx.data_ptr(), my.data_ptr(), ry.data_ptr(),
-                                 y.data_ptr(), wp, cp, at::cuda::getCurrentCUDAStream()),
+    check_launch(gemmq_u8_launch(1, (int)G, (int)rows, (int)K, (int)N, (int)splits, (int)warps, (int)k_groups,
+                                 relu2 ? 1 : 0, xp, w.data_ptr<uint8_t>(), mx.data_ptr(), rx.data_ptr(), my.data_ptr(),
+                                 ry.data_ptr(), y.data_ptr(), wp, cp, at::cuda::getCurrentCUDAStream()),
                  op);
 }
 

@@ -27,7 +27,8 @@
 //     multiprocessor without more K splits and their float32 partials).
 //   * Stacks (G >= 1): G matrices of one shape, each with its own x, laid one after another (x [G, M, K], qweight
 //     [G, Np, K/8], qzeros [G, K/group, Np/8], scales [G, K/group, Np], y [G, M, N]; an RWKV-7 layer's r, k, v):
-//     grid.z runs over G x the row tiles, so one launch fills the GPU with all of them.
+//     grid.z runs over G x the row tiles, so one launch fills the GPU with all of them. The uint8 form's stacks:
+//     w8 [G, N, K], mx, rx [G, N], my, ry [G, K].
 //   * K splits: grid.y splits K into ranges of whole units; with one split the block writes y, with several
 //     each writes float32 partials [splits, M, N] and the last split of a tile (a counter per tile, reset
 //     by that last split) adds them in split order and writes y: no atomics on y, the sum order is fixed.
@@ -246,13 +247,19 @@ __global__ void __launch_bounds__(NW * 32 * KG) gemmq_kernel(const F* __restrict
     unsigned char* xbuf = smem + KG * kStages * L::bytes + kg * (2 * kRows * kRowBytes);
     // the block's matrix of the stack and its row tile; every pointer moved to that matrix
     const int row_tiles = gridDim.z / G, gm = blockIdx.z / row_tiles;
-    {
+    x += (long)gm * M * K;
+    y += (long)gm * M * N;
+    if constexpr (U8) {   // w [G, N, K] bytes, mx / rx [G, N], my / ry [G, K]
+        qw += (long)gm * N * (K / 4);
+        mxp += (long)gm * N;
+        rxp += (long)gm * N;
+        myp += (long)gm * K;
+        ryp += (long)gm * K;
+    } else {
         const long groups = K / group;
-        x += (long)gm * M * K;
         qw += (long)gm * Np * (K / 8);
         qz += (long)gm * groups * (Np / 8);
         sc += (long)gm * groups * Np;
-        y += (long)gm * M * N;
     }
     const int n0 = blockIdx.x * L::outs, row0 = (blockIdx.z - gm * row_tiles) * kRows;
     const int units = K / kUnit, u0 = blockIdx.y * units_per_split;
@@ -626,10 +633,10 @@ int gemmq_i4_launch(int act, int G, int M, int K, int N, int Np, int group, int 
     });
 }
 
-int gemmq_u8_launch(int act, int M, int K, int N, int splits, int warps, int k_groups, int relu2, const void* x,
+int gemmq_u8_launch(int act, int G, int M, int K, int N, int splits, int warps, int k_groups, int relu2, const void* x,
                     const uint8_t* w8, const void* mx, const void* rx, const void* my, const void* ry, void* y,
                     float* work, int* counters, cudaStream_t stream) {
-    if (M < 1 || N < 1) return 0;
+    if (M < 1 || N < 1 || G < 1) return 0;
     if (act != static_cast<int>(ActType::F16) || K % kUnit || splits < 1) return kUnsupported;
     if (device_attribute<cudaDevAttrComputeCapabilityMajor>() < 8) return kUnsupported;   // see GEMMQ_ARCH_OK
     const Weights w{reinterpret_cast<const uint32_t*>(w8), nullptr, nullptr, static_cast<const __half*>(mx),
@@ -639,7 +646,7 @@ int gemmq_u8_launch(int act, int M, int K, int N, int splits, int warps, int k_g
         constexpr int KG = decltype(kg_tag)::value;
         if constexpr (std::is_same<F, __half>::value && KG <= 2)
             return launch<F, decltype(nw_tag)::value, decltype(mt_tag)::value, KG, true>(
-                1, M, K, N, N, K, splits, relu2, x, w, y, work, counters, stream);
+                G, M, K, N, N, K, splits, relu2, x, w, y, work, counters, stream);
         else
             return (int)kUnsupported;
     });

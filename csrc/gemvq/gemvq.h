@@ -78,11 +78,12 @@ int gemmq_i4_launch(int act, int G, int M, int K, int N, int Np, int group, int 
                     int relu2, const void* x, const uint32_t* qweight, const uint32_t* qzeros, const void* scales, void* y,
                     float* work, int* counters, cudaStream_t stream);
 // The same GEMM for the reference's uint8 weights (models/formats/i8.py, output-major: w8 uint8 [N, K], each
-// output's K bytes contiguous; mx, rx fp16 [N], my, ry fp16 [K]; fp16 activations only, one matrix):
+// output's K bytes contiguous; mx, rx fp16 [N], my, ry fp16 [K]; fp16 activations only; or a stack of G such
+// products, each its own x and y, laid one after another: x [G, M, K], w8 [G, N, K], mx, rx [G, N], my, ry [G, K]):
 // y = ((x ry) @ (w8 + 0.5)) rx + (x @ my) + sum(x) mx, the reference's (w8 + 0.5) ry rx + my + mx factored, x ry
 // rounded to fp16 as it is staged and the row sums taken in float32 alongside. K % 128 == 0; x, w8, my and ry
 // 16-byte aligned.
-int gemmq_u8_launch(int act, int M, int K, int N, int splits, int warps, int k_groups, int relu2, const void* x,
+int gemmq_u8_launch(int act, int G, int M, int K, int N, int splits, int warps, int k_groups, int relu2, const void* x,
                     const uint8_t* w8, const void* mx, const void* rx, const void* my, const void* ry, void* y,
                     float* work, int* counters, cudaStream_t stream);
 // Blocks of gemmq_i4_launch's (u8: gemmq_u8_launch's) kernel for `act`, M rows, `warps` and `k_groups` that one

@@ -56,7 +56,7 @@ from rwkv_chat.models.backends.base import Backend, Ops
 from rwkv_chat.models.errors import DeviceError, StrategyError
 from rwkv_chat.models.formats.f8 import Float8Weight
 from rwkv_chat.models.formats.i4 import Int4Weight, stack_i4
-from rwkv_chat.models.formats.i8 import Int8Weight
+from rwkv_chat.models.formats.i8 import Int8Weight, stack_i8
 from rwkv_chat.models.kernels import dispatch
 from rwkv_chat.models.ops import _triton, gemv as triton_gemv, gptq as fused_gptq, sparse_ffn
 
@@ -243,14 +243,19 @@ def _probe_mix_rkv(model, ops) -> str | None:
 
 
 def _probe_rkv_stack(model, layers: list[dict]) -> str | None:
-    """None when the stacked int4 r, k, v of the first CUDA layer that has them (``rkv_i4``) multiply in one launch
-    (``dispatch.mm4_stack``) to the per-matrix products of the torch path at 16, 64 and 200 rows (one, one and four
-    blocks of rows); else why not (the caller then multiplies them one by one)."""
-    at = next((i for i, f in enumerate(layers) if "rkv_i4" in f), None)
+    """None when the stacked int4 (i8) r, k, v of the first CUDA layer that has them (``rkv_i4``, ``rkv_i8``)
+    multiply in one launch (``dispatch.mm4_stack``, ``mm8_stack``) to the per-matrix products of the torch path at
+    16, 64 and 200 rows (one, one and four blocks of rows); else why not (the caller then multiplies them one by
+    one)."""
+    at = next((i for i, f in enumerate(layers) if "rkv_i4" in f or "rkv_i8" in f), None)
     if at is None:
-        return "no CUDA layer with stacked int4 r/k/v"
+        return "no CUDA layer with stacked int4 or i8 r/k/v"
     from rwkv_chat.models.formats.i4 import mm4_torch
+    from rwkv_chat.models.formats.i8 import mm8_torch
 
+    i8 = "rkv_i8" in layers[at]
+    name, stacked, plain = (("dispatch.mm8_stack", dispatch.mm8_stack, mm8_torch) if i8 else
+                            ("dispatch.mm4_stack", dispatch.mm4_stack, mm4_torch))
     p = model.layers[at]
     qs = [p[n] for n in _BIG[:3]]
     dt, dev, C = p["ln1.weight"].dtype, p["ln1.weight"].device, qs[0].shape[0]
@@ -258,14 +263,14 @@ def _probe_rkv_stack(model, layers: list[dict]) -> str | None:
     try:
         for rows in (16, 64, 200):
             x = torch.randn(3, rows, C, generator=g, device=dev).to(dt)
-            got = dispatch.mm4_stack(x, qs)
+            got = stacked(x, qs)
             if got is None:
-                return "dispatch.mm4_stack does not serve these weights"
+                return f"{name} does not serve these weights"
             for i, q in enumerate(qs):
-                if not torch.allclose(got[i].float(), mm4_torch(x[i], q).float(), atol=3e-2, rtol=3e-2):
-                    return "dispatch.mm4_stack differs from the per-matrix int4 products"
+                if not torch.allclose(got[i].float(), plain(x[i], q).float(), atol=3e-2, rtol=3e-2):
+                    return f"{name} differs from the per-matrix products"
     except Exception as e:  # noqa: BLE001 — the per-matrix products serve; the detail says why
-        return f"dispatch.mm4_stack: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        return f"{name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     return None
 
 
@@ -334,7 +339,8 @@ def _stack_many(p: dict, f: dict) -> None:
     batched GEMM for each stage) and, where r, k, v are plain matrices of one shape and dtype, ``rkv`` [3, C, C]
     (output-major, the model's three matrices becoming views of it: same values, no second copy); where they are
     int4 weights of one shape, ``rkv_i4``: the three become views of one stack (``formats.i4.stack_i4``) that
-    ``dispatch.mm4_stack`` multiplies in one launch."""
+    ``dispatch.mm4_stack`` multiplies in one launch; i8 weights alike, ``rkv_i8`` (``formats.i8.stack_i8``,
+    ``dispatch.mm8_stack``)."""
     f["mix6_many"] = torch.stack([p[f"att.x_{m}"] for m in MANY_ORDER]).contiguous()
     w1 = [p.get("att.v1"), p["att.w1"], p["att.a1"]]
     w2 = [p.get("att.v2"), p["att.w2"], p["att.a2"]]
@@ -360,6 +366,10 @@ def _stack_many(p: dict, f: dict) -> None:
         for n, w in zip(_BIG[:3], stacked):
             p[n] = w
         f["rkv_i4"] = True
+    elif all(isinstance(w, Int8Weight) and w.device == dev for w in big) and (stacked := stack_i8(big)) is not None:
+        for n, w in zip(_BIG[:3], stacked):
+            p[n] = w
+        f["rkv_i8"] = True
 
 
 def low_rank_many(mix: torch.Tensor, f: dict, bmm=torch.bmm) -> torch.Tensor:
@@ -480,12 +490,14 @@ class FusedCuda(Backend):
         else:
             self.mix_rkv_note = _probe_mix_rkv(model, ops) if self.decodes and _triton.available() else "no Triton"
         self.mix_rkv = self.mix_rkv_note is None
-        #: int4 r/k/v of decode batches in one launch (``rkv_i4``, probed here); why not, where it does not serve
+        #: int4 / i8 r/k/v of decode batches in one launch (``rkv_i4`` / ``rkv_i8``, probed here); why not, where it
+        #: does not serve
         self.rkv_stack_note = (_probe_rkv_stack(model, self.layers) if self.decodes and _triton.available()
                                else "no Triton or no decode")
         if self.rkv_stack_note is not None:
             for f in self.layers:
                 f.pop("rkv_i4", None)
+                f.pop("rkv_i8", None)
         #: ln1 / ln2 inside the grouped GEMV launches of decode steps; why not, where it does not serve
         self.fold_norms = False
         #: how many ln1 and ln2 the decode steps built so far ran inside a GEMV launch (the probe's evidence)
@@ -733,6 +745,8 @@ class FusedCuda(Backend):
                 if "rkv" in f:
                     r, k, v = bmm(mix[0:3], f["rkv"].transpose(1, 2))
                 elif "rkv_i4" in f and (rkv := dispatch.mm4_stack(mix[0:3], [p[n] for n in _BIG[:3]])) is not None:
+                    r, k, v = rkv
+                elif "rkv_i8" in f and (rkv := dispatch.mm8_stack(mix[0:3], [p[n] for n in _BIG[:3]])) is not None:
                     r, k, v = rkv
                 else:
                     r, k, v = (self._many(xx, p[n]) for xx, n in ((xr, "att.receptance.weight"),

@@ -176,6 +176,24 @@ def quantize_i8(weight: torch.Tensor, atype: torch.dtype, output_major: bool | N
                       my.to(atype).contiguous(), (ry / 16).to(atype).contiguous(), output_major)
 
 
+def stack_i8(parts: list[Int8Weight]) -> list[Int8Weight] | None:
+    """The same weights as views of one stack (per tensor: one [G, ...] allocation on their device, each part's
+    bytes and scale vectors its g-th slice, the layout kept), so that one launch can multiply each by its own x
+    (``kernels.gemmq.gemmq_u8_stack``: an RWKV-7 layer's r, k, v at decode batches); None where the parts differ in
+    shape, layout, scale dtype or device, or are fewer than two. The parts' own tensors are not changed."""
+    if len(parts) < 2:
+        return None
+    first = parts[0]
+    if any(q.shape != first.shape or q.output_major != first.output_major or q.mx.dtype != first.mx.dtype
+           or any(a.shape != b.shape for a, b in zip(q._scales(lambda t: t), first._scales(lambda t: t)))
+           or q.device != first.device for q in parts):
+        return None
+    stored = torch.stack([q.storage.contiguous() for q in parts])
+    scales = [torch.stack([t.contiguous() for t in ts]) for ts in zip(*(q._scales(lambda t: t) for q in parts))]
+    return [Int8Weight(stored[i].t() if first.output_major else stored[i], *(s[i] for s in scales),
+                       first.output_major) for i in range(len(parts))]
+
+
 def mm8_torch(x: torch.Tensor, q: Int8Weight) -> torch.Tensor:
     """``x @ dequantize(q)`` in pure torch, either layout. x: [..., N] -> [..., M], dtype of x."""
     return x @ q.dequantize(x.dtype)

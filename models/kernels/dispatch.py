@@ -684,6 +684,18 @@ def mm4_stack(x: torch.Tensor, qs: list[Int4Weight]) -> torch.Tensor | None:
     return None if strides is None else _gemv.i4_gemv_stack(x, qs, strides)
 
 
+def mm8_stack(x: torch.Tensor, qs: list[_quant.Int8Weight]) -> torch.Tensor | None:
+    """``x[g] @ qs[g].dequantize()`` for G i8 weights that are views of one stack (``formats.i8.stack_i8``) in one
+    launch of the uint8 tensor-core GEMM (``gemmq.gemmq_u8_stack``): x [G, M, K] fp16 on their CUDA device, M rows
+    where ``gemmq_u8_serves`` each product -> [G, M, N] fp16. Returns None (raises nothing) where it does not serve:
+    another device or dtype, other rows, weights that are not one stack; the caller then multiplies them one by
+    one."""
+    if (not qs or x.dim() != 3 or x.shape[0] != len(qs) or not isinstance(qs[0], _quant.Int8Weight)
+            or not gemmq_u8_serves(x[0], qs[0])):
+        return None
+    return _gemmq.gemmq_u8_stack(x.contiguous(), qs)
+
+
 def mmf8(x: torch.Tensor, q: Float8Weight) -> torch.Tensor:
     """``x @ q.dequantize()`` for an f8 weight (``formats.f8``); same contract as ``f8.mmf8_torch``.
 

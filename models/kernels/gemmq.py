@@ -222,6 +222,39 @@ def gemmq_u8_ok(q: Int8Weight, x: torch.Tensor) -> bool:
             and q.my.data_ptr() % 16 == 0 and q.ry.data_ptr() % 16 == 0)
 
 
+def stack_u8_tensors(qs: list[Int8Weight]) -> tuple[torch.Tensor, ...] | None:
+    """(w [G, N, K], mx [G, N], rx [G, N], my [G, K, 1], ry [G, K, 1]) viewing G >= 2 i8 weights of one shape that lie
+    one after another in memory (``formats.i8.stack_i8``), output-major, K a multiple of 128, fp16 scales, the bytes
+    and my / ry 16-byte aligned (``gemmq_u8_ok``'s checks of the weight), else None."""
+    if len(qs) < 2 or not all(isinstance(q, Int8Weight) for q in qs):
+        return None
+    q0 = qs[0]
+    if not all(q.shape == q0.shape and gemmq_u8_ok(q, torch.empty(0, q.shape[0], dtype=torch.float16,
+                                                                 device=q.storage.device)) for q in qs):
+        return None
+    out = []
+    for i, t0 in enumerate((q0.storage, q0.mx, q0.rx, q0.my, q0.ry)):
+        parts = [(q.storage, q.mx, q.rx, q.my, q.ry)[i] for q in qs]
+        step = t0.numel() * t0.element_size()
+        if any(t.stride() != t0.stride() or t.shape != t0.shape or t.data_ptr() - t0.data_ptr() != g * step
+               for g, t in enumerate(parts)):
+            return None         # not back to back: the products go one by one
+        out.append(torch.as_strided(t0, (len(qs), *t0.shape), (t0.numel(), *t0.stride())))
+    return tuple(out)
+
+
+def gemmq_u8_stack(x: torch.Tensor, qs: list[Int8Weight], splits: int | None = None,
+                   k_groups: int | None = None) -> torch.Tensor | None:
+    """``x[g] @ qs[g].dequantize()`` for G i8 weights of one stack in one launch (the uint8 form): x [G, M, K] fp16
+    contiguous on their CUDA device -> [G, M, N] fp16; None where ``stack_u8_tensors`` does not view them as one
+    stack or x is not that."""
+    t = stack_u8_tensors(qs)
+    if (t is None or x.dim() != 3 or x.shape[0] != len(qs) or not x.is_contiguous() or x.dtype != torch.float16
+            or x.device != t[0].device):
+        return None
+    return _launch(x, t, None, qs[0].shape[1], splits, 4, k_groups)
+
+
 def gemmq_u8(x: torch.Tensor, q: Int8Weight, splits: int | None = None, warps: int = 4,
              k_groups: int | None = None, relu2: bool = False) -> torch.Tensor:
     """``x @ q.dequantize()`` for an i8 weight on the tensor cores: x [M, K] fp16 contiguous on q's CUDA device, ``q``

@@ -292,6 +292,29 @@ def case_gemmq_i4_stack(rows, K, N, group, dtype, device, seed, graph=False, k_g
     return max(rel_err(y[k], x[k].double() @ qs[k].dequantize(torch.float64)) for k in range(3))
 
 
+def case_gemmq_u8_stack(rows, K, N, device, seed, graph=False, k_groups=None, splits=None):
+    """``dispatch.mm8_stack``: three i8 weights of one stack (``formats.i8.stack_i8``, as an RWKV-7 layer's r, k, v)
+    times their own fp16 x in one launch of the uint8 tensor-core GEMM (``gemmq.gemmq_u8_stack``; directly where
+    ``k_groups`` or ``splits`` are given), each against x[g] @ its dequantized weight in float64; the largest
+    relative error of the three."""
+    from rwkv_chat.models.formats import i8
+    from rwkv_chat.models.kernels import dispatch, gemmq
+
+    _gemvq_built(device)
+    g = _gen(seed, device)
+    qs = i8.stack_i8([i8.quantize_i8(_randn(g, K, N, scale=K ** -0.5).to(device), torch.float16, output_major=True)
+                      for _ in range(3)])
+    x = _randn(g, 3, rows, K).to(torch.float16).to(device)
+    if qs is None or gemmq.stack_u8_tensors(qs) is None:
+        raise AssertionError("the three weights are not one stack the uint8 tensor-core GEMM reads")
+    direct = k_groups is not None or splits is not None
+    if not direct and not dispatch.gemmq_u8_serves(x[0], qs[0]):
+        raise AssertionError(f"kernels.mm8 does not route {rows} rows to it ({dispatch.GEMMQ_U8_PROBES})")
+    run = ((lambda: gemmq.gemmq_u8_stack(x, qs, splits, k_groups)) if direct else (lambda: dispatch.mm8_stack(x, qs)))
+    y = _replayed(run) if graph else run()
+    return max(rel_err(y[k], x[k].double() @ qs[k].dequantize(torch.float64)) for k in range(3))
+
+
 def case_gemvq_f8(rows, K, N, dtype, device, seed):
     """``kernels.mmf8`` through the compiled fp8 GEMV (``csrc/gemvq``) against x (rounded) @ the exact
     dequantized weight in float64."""
@@ -848,6 +871,16 @@ def all_cases(device: str, quick: bool = False):
                                        f"{' relu²' if relu2 else ''}{', CUDA graph' if graph else ''}", dt,
                               lambda r=rows, K=K, N=N, kg=kg, sp=splits, r2=relu2, gr=graph, s=len(cases):
                               case_gemmq_u8(r, K, N, device, s, gr, kg, sp, r2)))
+            # the uint8 form's r/k/v stack in one launch: the rule's tiles, odd N, K groups and splits given, a graph
+            for rows, K, N, kg, splits, graph in () if dt != torch.float16 else (
+                    (8, 4096, 4096, None, None, False), (16, 2048, 2048, None, None, True),
+                    (64, 4096, 4096, None, None, False), (200, 1024, 1001, None, None, False),
+                    (64, 1152, 1000, 2, 5, True), (40, 896, 896, 1, 3, False)):
+                cases.append(("gemvq", f"i8 (uint8) tensor cores, r/k/v stack, rows={rows} K={K} N={N}"
+                                       f"{f' K groups={kg}' if kg else ''} splits={splits or 'rule'}"
+                                       f"{', CUDA graph' if graph else ''}", dt,
+                              lambda r=rows, K=K, N=N, kg=kg, sp=splits, gr=graph, s=len(cases):
+                              case_gemmq_u8_stack(r, K, N, device, s, gr, kg, sp)))
             # 3-4 rows of large int4 weights go to the tensor-core GEMM (gemmq.FEW_ROWS), relu² on load included
             for rows, shp, acts, xsc in () if dt == torch.float32 else (
                     (4, ((16384, 4096),), [3], 4.0), (3, ((4096, 16384),), [0], 1.0),

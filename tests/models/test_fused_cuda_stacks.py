@@ -98,6 +98,22 @@ def test_int4_rkv_become_views_of_one_stack_that_mm4_stack_reads():
     assert "rkv" not in f and "rkv_i4" not in f
 
 
+def test_i8_rkv_become_views_of_one_stack():
+    from rwkv_chat.models.formats import i8
+
+    p, f = _layer(False, torch.float32), {}
+    for n in fused_cuda._BIG[:3]:
+        p[n] = i8.quantize_i8(p[n].contiguous(), torch.float16, output_major=True)     # as CUDA holds them
+    before = {n: p[n].dequantize(torch.float64) for n in fused_cuda._BIG[:3]}
+    fused_cuda._stack_many(p, f)
+    assert f.get("rkv_i8") and "rkv" not in f and "rkv_i4" not in f
+    qs = [p[n] for n in fused_cuda._BIG[:3]]
+    base = qs[0].storage.data_ptr()
+    assert [q.storage.data_ptr() - base for q in qs] == [0, C * C, 2 * C * C]       # back to back
+    for n in fused_cuda._BIG[:3]:
+        assert torch.equal(p[n].dequantize(torch.float64), before[n]) and p[n].output_major
+
+
 def test_value_rows_off_cuda_is_the_plain_product():
     """The channel-mix value product of decode steps: the compiled row kernel serves CUDA tensors only
     (``dispatch.ffn_rows`` is None elsewhere, whatever the layout), and the backend then multiplies with its mm."""

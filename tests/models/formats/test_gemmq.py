@@ -142,6 +142,28 @@ def test_a_stack_of_int4_weights_is_viewed_as_one_tensor_per_part(monkeypatch):
     assert gemmq.stack_tensors([stacked[0], stacked[2]]) is None       # not back to back
 
 
+def test_a_stack_of_i8_weights_is_viewed_as_one_tensor_per_part(monkeypatch):
+    monkeypatch.setattr(gemmq, "gemmq_u8_ok", lambda q, x: True)       # the layout checks of a CUDA weight
+    g = torch.Generator().manual_seed(0)
+    parts = [i8.quantize_i8(torch.randn(256, 64, generator=g) * 0.05, torch.float16, output_major=True)
+             for _ in range(3)]
+    stacked = i8.stack_i8(parts)
+    for a, b in zip(stacked, parts):
+        assert torch.equal(a.dequantize(torch.float32), b.dequantize(torch.float32)) and a.output_major
+    views = gemmq.stack_u8_tensors(stacked)
+    assert views is not None
+    for name, v in zip(("storage", "mx", "rx", "my", "ry"), views):
+        assert v.shape == (3, *getattr(parts[0], name).shape) and v.is_contiguous()
+        for k in range(3):
+            assert torch.equal(v[k], getattr(parts[k], name))
+    assert gemmq.stack_u8_tensors(parts) is None                       # three separate allocations: no stack
+    assert gemmq.stack_u8_tensors(stacked[:1]) is None
+    assert gemmq.stack_u8_tensors([stacked[0], stacked[2]]) is None    # not back to back
+    assert i8.stack_i8([parts[0], i8.quantize_i8(torch.randn(256, 32), torch.float16, output_major=True)]) is None
+    x = torch.randn(3, 8, 256, dtype=torch.float16)
+    assert dispatch.mm8_stack(x, stacked) is None                      # CPU: the per-matrix products serve
+
+
 def test_three_or_four_rows_go_to_it_for_large_weights_only():
     big, small = (4096, 16384), (4096, 4096)
     assert gemmq.FEW_ROWS == range(3, gemmq.MIN_ROWS) and big[0] * big[1] >= gemmq.FEW_ROWS_WEIGHTS

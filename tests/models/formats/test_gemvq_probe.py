@@ -128,7 +128,7 @@ def test_the_u8_gemv_reads_half_activations_only():
 @pytest.mark.parametrize("dtype, probed", [(torch.float16, True), (torch.bfloat16, True), (torch.float32, False)])
 def test_the_load_probes_the_u8_gemv_for_half_i8_stages_only(monkeypatch, dtype, probed):
     """``probe_weight_kernels`` runs the uint8 GEMV's probe where a CUDA stage is fp16 / bf16 i8 (float32 i8 stays on
-    the mm8 GEMV, so nothing is probed or reported for it)."""
+    the mm8 GEMV, so nothing is probed or reported for it), and the uint8 tensor-core GEMM's for fp16 only."""
     from types import SimpleNamespace
 
     from rwkv_chat.models.strategy import Stage
@@ -137,8 +137,13 @@ def test_the_load_probes_the_u8_gemv_for_half_i8_stages_only(monkeypatch, dtype,
     monkeypatch.setattr(dispatch, "available", lambda dev, family: True)
     monkeypatch.setattr(dispatch, "_triton_ok", lambda: False)
     monkeypatch.setattr(dispatch, "gemvq_u8_sound", lambda dev: asked.append(dev) or True)
+    gemm_asked = []
+    monkeypatch.setattr(dispatch, "gemmq_u8_sound", lambda dev: gemm_asked.append(dev) or False)
     model = SimpleNamespace(plan=SimpleNamespace(stages=[Stage("cuda", dtype, "i8")]),
                             devices=[torch.device("cuda", 0)], kernels={})
     dispatch.probe_weight_kernels(model)
     assert (asked == [torch.device("cuda", 0)]) is probed
     assert (model.kernels.get("cuda", {}).get("gemvq u8 probe") == "ok") is probed
+    fp16 = dtype == torch.float16
+    assert (gemm_asked == [torch.device("cuda", 0)]) is fp16
+    assert (model.kernels.get("cuda", {}).get("gemmq u8 probe") == "not probed") is fp16     # refused: reported
