@@ -51,8 +51,9 @@ def _backend(model, fmt: str) -> str:
     probes = getattr(model, "kernels", {}).get("cuda", {})
     keys = {"i8": ("gemvq u8 probe", "gemmq u8 probe"), "i4": ("gemvq probe",), "f8": ("gemvq probe",)}.get(fmt, ())
     notes = [f"{key}: {probes[key]}" for key in keys if key in probes]
-    if fmt in ("i4", "i8") and hasattr(model.backend, "rkv_stack_note"):   # r, k, v of decode batches in one launch
-        notes.append(f"r/k/v stack: {model.backend.rkv_stack_note or 'ok'}")
+    note = {"i4": "rkv_stack_note", "i8": "rkv8_stack_note"}.get(fmt)   # r, k, v of decode batches in one launch
+    if note and hasattr(model.backend, note):
+        notes.append(f"r/k/v stack: {getattr(model.backend, note) or 'ok'}")
     return f"{model.backend.name} ({'; '.join(notes)})" if notes else model.backend.name
 
 

@@ -242,26 +242,26 @@ def _probe_mix_rkv(model, ops) -> str | None:
     return None
 
 
-def _probe_rkv_stack(model, layers: list[dict]) -> str | None:
-    """None when the stacked int4 (i8) r, k, v of the first CUDA layer that has them (``rkv_i4``, ``rkv_i8``)
-    multiply in one launch (``dispatch.mm4_stack``, ``mm8_stack``) to the per-matrix products of the torch path at
-    16, 64 and 200 rows (one, one and four blocks of rows); else why not (the caller then multiplies them one by
-    one)."""
-    at = next((i for i, f in enumerate(layers) if "rkv_i4" in f or "rkv_i8" in f), None)
+def _probe_rkv_stack(model, layers: list[dict], key: str) -> str | None:
+    """None when the stacked r, k, v of the first CUDA layer that has them (``key``: "rkv_i4", int4, through
+    ``dispatch.mm4_stack``; "rkv_i8", i8, through ``dispatch.mm8_stack``) multiply in one launch to the per-matrix
+    products of the torch path at 16, 24, 64 and 200 rows (one 16-, 32- and 64-row tile, and four); else why not (the
+    caller then multiplies them one by one)."""
+    at = next((i for i, f in enumerate(layers) if key in f), None)
+    kind = "int4" if key == "rkv_i4" else "i8"
     if at is None:
-        return "no CUDA layer with stacked int4 or i8 r/k/v"
+        return f"no CUDA layer with stacked {kind} r/k/v"
     from rwkv_chat.models.formats.i4 import mm4_torch
     from rwkv_chat.models.formats.i8 import mm8_torch
 
-    i8 = "rkv_i8" in layers[at]
-    name, stacked, plain = (("dispatch.mm8_stack", dispatch.mm8_stack, mm8_torch) if i8 else
-                            ("dispatch.mm4_stack", dispatch.mm4_stack, mm4_torch))
+    name, stacked, plain = (("dispatch.mm4_stack", dispatch.mm4_stack, mm4_torch) if kind == "int4" else
+                            ("dispatch.mm8_stack", dispatch.mm8_stack, mm8_torch))
     p = model.layers[at]
     qs = [p[n] for n in _BIG[:3]]
     dt, dev, C = p["ln1.weight"].dtype, p["ln1.weight"].device, qs[0].shape[0]
     g = torch.Generator(device=dev).manual_seed(0)
     try:
-        for rows in (16, 64, 200):
+        for rows in (16, 24, 64, 200):
             x = torch.randn(3, rows, C, generator=g, device=dev).to(dt)
             got = stacked(x, qs)
             if got is None:
@@ -366,7 +366,9 @@ def _stack_many(p: dict, f: dict) -> None:
         for n, w in zip(_BIG[:3], stacked):
             p[n] = w
         f["rkv_i4"] = True
-    elif all(isinstance(w, Int8Weight) and w.device == dev for w in big) and (stacked := stack_i8(big)) is not None:
+    elif (all(isinstance(w, Int8Weight) and w.device == dev and w.output_major and w.mx.dtype == torch.float16
+              and w.shape[0] % 128 == 0 for w in big)          # what the uint8 tensor-core GEMM reads
+          and (stacked := stack_i8(big)) is not None):
         for n, w in zip(_BIG[:3], stacked):
             p[n] = w
         f["rkv_i8"] = True
@@ -490,14 +492,15 @@ class FusedCuda(Backend):
         else:
             self.mix_rkv_note = _probe_mix_rkv(model, ops) if self.decodes and _triton.available() else "no Triton"
         self.mix_rkv = self.mix_rkv_note is None
-        #: int4 / i8 r/k/v of decode batches in one launch (``rkv_i4`` / ``rkv_i8``, probed here); why not, where it
-        #: does not serve
-        self.rkv_stack_note = (_probe_rkv_stack(model, self.layers) if self.decodes and _triton.available()
-                               else "no Triton or no decode")
-        if self.rkv_stack_note is not None:
-            for f in self.layers:
-                f.pop("rkv_i4", None)
-                f.pop("rkv_i8", None)
+        #: int4 r/k/v of decode batches in one launch (``rkv_i4``, probed here); why not, where it does not serve
+        self.rkv_stack_note = (_probe_rkv_stack(model, self.layers, "rkv_i4")
+                               if self.decodes and _triton.available() else "no Triton or no decode")
+        #: the same for i8 r/k/v (``rkv_i8``: the uint8 tensor-core GEMM)
+        self.rkv8_stack_note = _probe_rkv_stack(model, self.layers, "rkv_i8") if self.decodes else "no decode"
+        for key, note in (("rkv_i4", self.rkv_stack_note), ("rkv_i8", self.rkv8_stack_note)):
+            if note is not None:
+                for f in self.layers:
+                    f.pop(key, None)
         #: ln1 / ln2 inside the grouped GEMV launches of decode steps; why not, where it does not serve
         self.fold_norms = False
         #: how many ln1 and ln2 the decode steps built so far ran inside a GEMV launch (the probe's evidence)

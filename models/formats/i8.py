@@ -184,8 +184,9 @@ def stack_i8(parts: list[Int8Weight]) -> list[Int8Weight] | None:
     if len(parts) < 2:
         return None
     first = parts[0]
-    if any(q.shape != first.shape or q.output_major != first.output_major or q.mx.dtype != first.mx.dtype
-           or any(a.shape != b.shape for a, b in zip(q._scales(lambda t: t), first._scales(lambda t: t)))
+    if any(q.shape != first.shape or q.output_major != first.output_major
+           or any(a.shape != b.shape or a.dtype != b.dtype
+                  for a, b in zip(q._scales(lambda t: t), first._scales(lambda t: t)))
            or q.device != first.device for q in parts):
         return None
     stored = torch.stack([q.storage.contiguous() for q in parts])

@@ -690,7 +690,7 @@ def mm8_stack(x: torch.Tensor, qs: list[_quant.Int8Weight]) -> torch.Tensor | No
     where ``gemmq_u8_serves`` each product -> [G, M, N] fp16. Returns None (raises nothing) where it does not serve:
     another device or dtype, other rows, weights that are not one stack; the caller then multiplies them one by
     one."""
-    if (not qs or x.dim() != 3 or x.shape[0] != len(qs) or not isinstance(qs[0], _quant.Int8Weight)
+    if (not qs or len(qs) > 64 or x.dim() != 3 or x.shape[0] != len(qs) or not isinstance(qs[0], _quant.Int8Weight)
             or not gemmq_u8_serves(x[0], qs[0])):
         return None
     return _gemmq.gemmq_u8_stack(x.contiguous(), qs)

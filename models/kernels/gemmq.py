@@ -1,5 +1,5 @@
 """The int4 GEMM on the tensor cores for decode batches (``csrc/gemvq/gemmq_cuda.cu``, op ``gemmq_i4_cuda``), and
-its form for the reference's uint8 weights (``gemmq_u8``, op ``gemmq_u8_cuda``; off until checked on a GPU).
+its form for the reference's uint8 weights (``gemmq_u8``, op ``gemmq_u8_cuda``; fp16 activations, ``U8_ENABLED``).
 
 ``y = x @ W`` for x [M, K] fp16/bf16 (M from 5 up, from 3 for large weights: the compiled GEMV of ``csrc/gemvq``
 serves the fewer rows) and an ``Int4Weight`` held output-major (the layout of CUDA weights; ``formats.i4``). The
@@ -185,8 +185,10 @@ def stack_tensors(qs: list[Int4Weight]) -> tuple[torch.Tensor, torch.Tensor, tor
     if strides is None:
         return None
     out = []
-    for t0, d in zip((qs[0].storage, qs[0].qzeros, qs[0].scales), strides):   # storage: qweight's memory
-        if d != t0.numel():             # the parts lie back to back: one contiguous [G, ...] tensor
+    for n, d in zip(("storage", "qzeros", "scales"), strides):    # storage: qweight's memory
+        t0 = getattr(qs[0], n)
+        base = t0.untyped_storage().data_ptr()      # one allocation (neighbours in an allocator segment are not)
+        if d != t0.numel() or any(getattr(q, n).untyped_storage().data_ptr() != base for q in qs[1:]):
             return None
         out.append(torch.as_strided(t0, (len(qs), *t0.shape), (d, *t0.stride())))
     return tuple(out)
@@ -236,8 +238,9 @@ def stack_u8_tensors(qs: list[Int8Weight]) -> tuple[torch.Tensor, ...] | None:
     for i, t0 in enumerate((q0.storage, q0.mx, q0.rx, q0.my, q0.ry)):
         parts = [(q.storage, q.mx, q.rx, q.my, q.ry)[i] for q in qs]
         step = t0.numel() * t0.element_size()
+        base = t0.untyped_storage().data_ptr()
         if any(t.stride() != t0.stride() or t.shape != t0.shape or t.data_ptr() - t0.data_ptr() != g * step
-               for g, t in enumerate(parts)):
+               or t.untyped_storage().data_ptr() != base for g, t in enumerate(parts)):
             return None         # not back to back: the products go one by one
         out.append(torch.as_strided(t0, (len(qs), *t0.shape), (t0.numel(), *t0.stride())))
     return tuple(out)

@@ -101,17 +101,25 @@ def test_int4_rkv_become_views_of_one_stack_that_mm4_stack_reads():
 def test_i8_rkv_become_views_of_one_stack():
     from rwkv_chat.models.formats import i8
 
+    g, K = torch.Generator().manual_seed(2), 128          # the uint8 tensor-core GEMM reads K % 128 == 0
     p, f = _layer(False, torch.float32), {}
-    for n in fused_cuda._BIG[:3]:
-        p[n] = i8.quantize_i8(p[n].contiguous(), torch.float16, output_major=True)     # as CUDA holds them
+    for n in fused_cuda._BIG[:3]:                          # fp16 scales, output-major: as CUDA holds them
+        p[n] = i8.quantize_i8(torch.randn(K, K, generator=g), torch.float16, output_major=True)
     before = {n: p[n].dequantize(torch.float64) for n in fused_cuda._BIG[:3]}
     fused_cuda._stack_many(p, f)
     assert f.get("rkv_i8") and "rkv" not in f and "rkv_i4" not in f
     qs = [p[n] for n in fused_cuda._BIG[:3]]
     base = qs[0].storage.data_ptr()
-    assert [q.storage.data_ptr() - base for q in qs] == [0, C * C, 2 * C * C]       # back to back
+    assert [q.storage.data_ptr() - base for q in qs] == [0, K * K, 2 * K * K]       # back to back
     for n in fused_cuda._BIG[:3]:
         assert torch.equal(p[n].dequantize(torch.float64), before[n]) and p[n].output_major
+    for make in (lambda w: i8.quantize_i8(w[:64, :64].contiguous(), torch.float16, output_major=True),   # K % 128
+                 lambda w: i8.quantize_i8(w, torch.bfloat16, output_major=True)):     # scales the GEMM does not read
+        p, f = _layer(False, torch.float32), {}
+        for n in fused_cuda._BIG[:3]:
+            p[n] = make(torch.randn(K, K, generator=g))
+        fused_cuda._stack_many(p, f)
+        assert "rkv_i8" not in f
 
 
 def test_value_rows_off_cuda_is_the_plain_product():
