@@ -63,7 +63,7 @@ step formats 40 120 python3 tests/gpu/verify_formats.py --shape 0.1B --out "$OUT
 step qb15 60 150 python3 -m rwkv_chat.app.bench --md "$OUT/qwen_bench.md" --family qwen2 --shape 1.5B --strategy "cuda bf16" --batch 1 64 --prompt-len 1024 --tokens 100
 step fbench 120 240 python3 bench/formats.py --shapes 1.5B 7.2B --batch 1 --tokens 100 --sweep --out "$OUT/formats_bench.md"
 step fbenchf 120 300 python3 bench/formats.py --shapes 7.2B 1.5B --batch 2 3 4 --tokens 30 --skip-ops --i4-gemm tensor-cores triton --out "$OUT/formats_few.md"
-step fbenchb 150 300 python3 bench/formats.py --shapes 7.2B --batch 16 64 128 --tokens 20 --skip-ops --i4-gemm tensor-cores triton --i8-gemm tensor-cores triton --out "$OUT/formats_batches.md"
+step fbenchb 150 300 python3 bench/formats.py --shapes 7.2B --batch 16 64 128 --tokens 20 --skip-ops --i4-gemm tensor-cores triton --i8-gemm tensor-cores tensor-cores-stack triton --out "$OUT/formats_batches.md"
 step vf72i4 90 300 python3 tests/gpu/verify_fused.py --shape 7.2B --strategies "cuda fp16i4" --out "$OUT/verify_fused_72.md"
 step qpeers 150 500 bash -c 'bash bench/quant_peers.sh 1.5B 7.2B | tee "$0"' "$OUT/quant_peers.md"
 step prenorm 120 300 python3 bench/ops.py --prenorm --sweep --out "$OUT/prenorm_bench.md"

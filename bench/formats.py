@@ -71,13 +71,14 @@ def decode_rows(shape: str, batches: list[int], tokens: int, ffns: list[str | No
     ckpt = shapes.random_checkpoint(shape, dtype=torch.float16, device="cuda")
     base: dict[tuple, float] = {}
     base_mb: dict[tuple, float] = {}
-    tree_gemm, tree_u8 = gemmq.ENABLED, gemmq.U8_ENABLED
+    tree_gemm, tree_u8, tree_stack = gemmq.ENABLED, gemmq.U8_ENABLED, gemmq.U8_STACK_ENABLED
     per_fmt = {"i4": i4_gemms, "i8": i8_gemms}
     runs = [(f, ff, g) for f in FORMATS for ff in ffns for g in per_fmt.get(f, (None,))]
     for fmt, ffn, gemm in runs:
         strategy = f"cuda fp16{fmt}"
         gemmq.ENABLED = tree_gemm if gemm is None or fmt != "i4" else gemm == "tensor-cores"
-        gemmq.U8_ENABLED = tree_u8 if gemm is None or fmt != "i8" else gemm == "tensor-cores"
+        gemmq.U8_ENABLED = tree_u8 if gemm is None or fmt != "i8" else gemm.startswith("tensor-cores")
+        gemmq.U8_STACK_ENABLED = tree_stack if gemm is None or fmt != "i8" else gemm == "tensor-cores-stack"
         t0 = time.perf_counter()
         model = RWKV(ckpt, strategy)
         load_s = time.perf_counter() - t0
@@ -101,7 +102,7 @@ def decode_rows(shape: str, batches: list[int], tokens: int, ffns: list[str | No
         del model
         gc.collect()
         torch.cuda.empty_cache()
-    gemmq.ENABLED, gemmq.U8_ENABLED = tree_gemm, tree_u8
+    gemmq.ENABLED, gemmq.U8_ENABLED, gemmq.U8_STACK_ENABLED = tree_gemm, tree_u8, tree_stack
     del ckpt
     gc.collect()
     torch.cuda.empty_cache()
@@ -222,9 +223,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--i4-gemm", nargs="+", choices=["tensor-cores", "triton"], default=None,
                     help="the i4 format also with these int4 products of decode batches above 4 rows (the compiled GEMM "
                          "on the tensor cores, kernels.gemmq; the Triton kernel); default: the tree's")
-    ap.add_argument("--i8-gemm", nargs="+", choices=["tensor-cores", "triton"], default=None,
+    ap.add_argument("--i8-gemm", nargs="+", choices=["tensor-cores", "tensor-cores-stack", "triton"], default=None,
                     help="the i8 format also with these products of decode batches above 4 rows (the uint8 form of "
-                         "the tensor-core GEMM, kernels.gemmq.gemmq_u8; the Triton kernel); default: the tree's")
+                         "the tensor-core GEMM, kernels.gemmq.gemmq_u8; the same with r, k, v in one launch, "
+                         "gemmq.U8_STACK_ENABLED; the Triton kernel); default: the tree's")
     ap.add_argument("--out", help="write the Markdown table here (appended)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():

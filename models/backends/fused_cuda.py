@@ -58,6 +58,7 @@ from rwkv_chat.models.formats.f8 import Float8Weight
 from rwkv_chat.models.formats.i4 import Int4Weight, stack_i4
 from rwkv_chat.models.formats.i8 import Int8Weight, stack_i8
 from rwkv_chat.models.kernels import dispatch
+from rwkv_chat.models.kernels import gemmq as _gemmq
 from rwkv_chat.models.ops import _triton, gemv as triton_gemv, gptq as fused_gptq, sparse_ffn
 
 GEMV_ROWS = 4           # rows served by the grouped GEMV kernel (more: cuBLAS)
@@ -339,8 +340,8 @@ def _stack_many(p: dict, f: dict) -> None:
     batched GEMM for each stage) and, where r, k, v are plain matrices of one shape and dtype, ``rkv`` [3, C, C]
     (output-major, the model's three matrices becoming views of it: same values, no second copy); where they are
     int4 weights of one shape, ``rkv_i4``: the three become views of one stack (``formats.i4.stack_i4``) that
-    ``dispatch.mm4_stack`` multiplies in one launch; i8 weights alike, ``rkv_i8`` (``formats.i8.stack_i8``,
-    ``dispatch.mm8_stack``)."""
+    ``dispatch.mm4_stack`` multiplies in one launch; fp16 i8 weights alike where ``gemmq.U8_STACK_ENABLED``,
+    ``rkv_i8`` (``formats.i8.stack_i8``, ``dispatch.mm8_stack``)."""
     f["mix6_many"] = torch.stack([p[f"att.x_{m}"] for m in MANY_ORDER]).contiguous()
     w1 = [p.get("att.v1"), p["att.w1"], p["att.a1"]]
     w2 = [p.get("att.v2"), p["att.w2"], p["att.a2"]]
@@ -366,8 +367,9 @@ def _stack_many(p: dict, f: dict) -> None:
         for n, w in zip(_BIG[:3], stacked):
             p[n] = w
         f["rkv_i4"] = True
-    elif (all(isinstance(w, Int8Weight) and w.device == dev and w.output_major and w.mx.dtype == torch.float16
-              and w.shape[0] % 128 == 0 for w in big)          # what the uint8 tensor-core GEMM reads
+    elif (_gemmq.U8_STACK_ENABLED
+          and all(isinstance(w, Int8Weight) and w.device == dev and w.output_major and w.mx.dtype == torch.float16
+                  and w.shape[0] % 128 == 0 for w in big)      # what the uint8 tensor-core GEMM reads
           and (stacked := stack_i8(big)) is not None):
         for n, w in zip(_BIG[:3], stacked):
             p[n] = w

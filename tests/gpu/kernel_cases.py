@@ -296,7 +296,7 @@ def case_gemmq_u8_stack(rows, K, N, device, seed, graph=False, k_groups=None, sp
     """``dispatch.mm8_stack``: three i8 weights of one stack (``formats.i8.stack_i8``, as an RWKV-7 layer's r, k, v)
     times their own fp16 x in one launch of the uint8 tensor-core GEMM (``gemmq.gemmq_u8_stack``; directly where
     ``k_groups`` or ``splits`` are given), each against x[g] @ its dequantized weight in float64; the largest
-    relative error of the three."""
+    relative error of the three. Runs whether or not ``gemmq.U8_STACK_ENABLED`` (the backend's switch) is on."""
     from rwkv_chat.models.formats import i8
     from rwkv_chat.models.kernels import dispatch, gemmq
 

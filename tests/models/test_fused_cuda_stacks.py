@@ -98,14 +98,20 @@ def test_int4_rkv_become_views_of_one_stack_that_mm4_stack_reads():
     assert "rkv" not in f and "rkv_i4" not in f
 
 
-def test_i8_rkv_become_views_of_one_stack():
+def test_i8_rkv_become_views_of_one_stack(monkeypatch):
     from rwkv_chat.models.formats import i8
+    from rwkv_chat.models.kernels import gemmq
 
     g, K = torch.Generator().manual_seed(2), 128          # the uint8 tensor-core GEMM reads K % 128 == 0
     p, f = _layer(False, torch.float32), {}
     for n in fused_cuda._BIG[:3]:                          # fp16 scales, output-major: as CUDA holds them
         p[n] = i8.quantize_i8(torch.randn(K, K, generator=g), torch.float16, output_major=True)
     before = {n: p[n].dequantize(torch.float64) for n in fused_cuda._BIG[:3]}
+    own = {n: p[n] for n in fused_cuda._BIG[:3]}
+    assert gemmq.U8_STACK_ENABLED is False              # off until its GPU cases have run: nothing stacked
+    fused_cuda._stack_many(p, f)
+    assert "rkv_i8" not in f and all(p[n] is own[n] for n in fused_cuda._BIG[:3])
+    monkeypatch.setattr(gemmq, "U8_STACK_ENABLED", True)
     fused_cuda._stack_many(p, f)
     assert f.get("rkv_i8") and "rkv" not in f and "rkv_i4" not in f
     qs = [p[n] for n in fused_cuda._BIG[:3]]
