@@ -4,7 +4,9 @@
 
 Random weights of an official RWKV-7 shape. Two models share the weights: one with the compiled
 kernels and the fused paths, one built with ``kernels=False`` whose blocks run the eager torch code
-(``models/rwkv/v7.py``). Checked, relative error ‖a − b‖ / ‖b‖ of fp16 logits and states <= 1e-2:
+(``models/rwkv/v7.py``). Checked, relative error ‖a − b‖ / ‖b‖ of fp16 logits and states <= 1e-2 (the prefill
+logits against the eager ones: or twice the eager path's own error against an fp32 eager model of the same
+weights, where that is larger):
 prefill (64 tokens, full output) and decode steps through ``BatchDecoder`` (CUDA graphs) at batch
 1 and 3 (grouped GEMV, "ours" and "cublas") and 8 (cuBLAS GEMM; WKV fused or row-split; or the torch.compile'd step), and fp16i8
 (grouped mm8 GEMV at 1 and 3 rows); the prefill CUDA graph bit-identical to the eager prefill. The channel-mix
@@ -230,8 +232,16 @@ def main() -> int:
         for t in range(6):
             lg, s1 = plain.forward([(31 * t) % plain.vocab_size], s1)
             one.append(lg.float())
-        row("prefill 64 tokens, logits vs eager torch", strategy, "v7_mix + v7_pre + chunked WKV-7 + v7_post",
-            rel(seq, ref_seq))
+        # the eager fp16 path is itself only an fp16 answer: both against an fp32 eager model of the same (quantized)
+        # weights; the fused logits may differ from the eager ones by twice the eager path's own error (a deep
+        # random-weight model amplifies rounding), at least TOL
+        wide = RWKV(model=w, strategy=strategy.replace("fp16", "fp32", 1), kernels=False)
+        ref32 = wide.forward(tokens, None, full_output=True)[0]
+        del wide
+        torch.cuda.empty_cache()
+        own = rel(ref_seq, ref32)
+        row("prefill 64 tokens, logits vs eager torch", strategy, "v7_mix + v7_pre + chunked WKV-7 + v7_post "
+            f"(vs fp32: fused {rel(seq, ref32):.2e}, eager fp16 {own:.2e})", rel(seq, ref_seq), tol=max(TOL, 2 * own))
         row("prefill 64 tokens, state vs eager torch", strategy, "same", state_rel(st, ref_st))
         got, _, dec = decode_run(fused, ref_st, 1, 6)
         row("decode batch 1 from the eager state vs eager one token at a time", strategy, f"graph, gemv={dec.gemv}",
