@@ -461,8 +461,7 @@ def bench_gemmq(rows_md: list) -> None:
         strides = triton_gemv.i4_stack_strides(stacks[0])
         for rows, x in xs.items():
             y = gemmq.gemmq_i4_stack(x, stacks[0])
-            e = max(((y[g].double() - (r := x[g].double() @ stacks[0][g].dequantize(torch.float64))).norm()
-                     / r.norm()).item() for g in range(3))
+            e = stack_error(y, x, stacks[0])
             ts = time_ms(lambda i: gemmq.gemmq_i4_stack(x, stacks[i]), n, iters=GEMVQ_LAUNCHES)
             t3 = time_ms(lambda i: [gemmq.gemmq_i4(x[g], stacks[i][g]) for g in range(3)], n, iters=GEMVQ_LAUNCHES)
             tt = time_ms(lambda i: triton_gemv.i4_gemv_stack(x, stacks[i], strides), n, iters=GEMVQ_LAUNCHES)
@@ -471,6 +470,12 @@ def bench_gemmq(rows_md: list) -> None:
             print(rows_md[-1], flush=True)
         stacks.clear()
         torch.cuda.empty_cache()
+
+
+def stack_error(y: torch.Tensor, x: torch.Tensor, qs: list) -> float:
+    """The largest relative error of y[g] against x[g] @ qs[g] dequantized, in float64, over a stack."""
+    return max(((y[g].double() - (r := x[g].double() @ q.dequantize(torch.float64))).norm() / r.norm()).item()
+               for g, q in enumerate(qs))
 
 
 def bmm_rows(C: int) -> tuple[dict, dict]:
@@ -535,8 +540,7 @@ def bench_gemmq_u8(rows_md: list) -> None:
                                               output_major=True) for _ in range(3)]) for _ in range(n)]
         for rows, x in xs.items():
             y = gemmq.gemmq_u8_stack(x, stacks[0])
-            e = max(((y[g].double() - (r := x[g].double() @ stacks[0][g].dequantize(torch.float64))).norm()
-                     / r.norm()).item() for g in range(3))
+            e = stack_error(y, x, stacks[0])
             ts = time_ms(lambda i: gemmq.gemmq_u8_stack(x, stacks[i]), n, iters=GEMVQ_LAUNCHES)
             t3 = time_ms(lambda i: [gemmq.gemmq_u8(x[g], stacks[i][g]) for g in range(3)], n, iters=GEMVQ_LAUNCHES)
             tt = time_ms(lambda i: [triton_gemv.i8_gemm(x[g], stacks[i][g]) for g in range(3)], n,

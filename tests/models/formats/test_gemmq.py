@@ -126,17 +126,21 @@ def test_without_the_op_two_blocks_a_multiprocessor_are_assumed():
     assert gemmq.blocks_per_sm("cuda", torch.float16, 64, 4) == 2
 
 
+def _assert_views(views, parts, names):
+    """views: one [G, ...] tensor per name, whose g-th slice equals that tensor of parts[g]."""
+    assert views is not None
+    for name, v in zip(names, views, strict=True):
+        assert v.shape == (len(parts), *getattr(parts[0], name).shape) and v.is_contiguous()
+        for k, q in enumerate(parts):
+            assert torch.equal(v[k], getattr(q, name))
+
+
 def test_a_stack_of_int4_weights_is_viewed_as_one_tensor_per_part(monkeypatch):
     monkeypatch.setattr(gemmq, "gemmq_i4_ok", lambda q: True)
     g = torch.Generator().manual_seed(0)
     parts = [i4.quantize_i4(torch.randn(256, 64, generator=g) * 0.05, 128).with_layout(True) for _ in range(3)]
     stacked = i4.stack_i4(parts)
-    views = gemmq.stack_tensors(stacked)
-    assert views is not None
-    for name, v in zip(("storage", "qzeros", "scales"), views):
-        assert v.shape == (3, *getattr(parts[0], name).shape) and v.is_contiguous()
-        for k in range(3):
-            assert torch.equal(v[k], getattr(parts[k], name))
+    _assert_views(gemmq.stack_tensors(stacked), parts, ("storage", "qzeros", "scales"))
     assert gemmq.stack_tensors(parts) is None                          # three separate allocations: no stack
     assert gemmq.stack_tensors(stacked[:1]) is None
     assert gemmq.stack_tensors([stacked[0], stacked[2]]) is None       # not back to back
@@ -150,12 +154,7 @@ def test_a_stack_of_i8_weights_is_viewed_as_one_tensor_per_part(monkeypatch):
     stacked = i8.stack_i8(parts)
     for a, b in zip(stacked, parts):
         assert torch.equal(a.dequantize(torch.float32), b.dequantize(torch.float32)) and a.output_major
-    views = gemmq.stack_u8_tensors(stacked)
-    assert views is not None
-    for name, v in zip(("storage", "mx", "rx", "my", "ry"), views):
-        assert v.shape == (3, *getattr(parts[0], name).shape) and v.is_contiguous()
-        for k in range(3):
-            assert torch.equal(v[k], getattr(parts[k], name))
+    _assert_views(gemmq.stack_u8_tensors(stacked), parts, ("storage", "mx", "rx", "my", "ry"))
     assert gemmq.stack_u8_tensors(parts) is None                       # three separate allocations: no stack
     assert gemmq.stack_u8_tensors(stacked[:1]) is None
     assert gemmq.stack_u8_tensors([stacked[0], stacked[2]]) is None    # not back to back
