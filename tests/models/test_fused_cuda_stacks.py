@@ -140,3 +140,36 @@ def test_value_rows_off_cuda_is_the_plain_product():
     assert dispatch.ffn_rows(h, w, skip_zeros=False) is None
     got = fused_cuda._value_rows(h, w, True, lambda a, b: (a.float() @ b.float()).half())
     assert torch.equal(got, (h.float() @ w.float()).half())
+
+
+@pytest.mark.parametrize("wrong", [None, "none", "off"])
+def test_the_i8_stack_probe_admits_only_a_product_that_agrees_with_torch(monkeypatch, wrong):
+    """``_probe_rkv_stack(..., "rkv_i8")`` compares ``dispatch.mm8_stack`` with the per-matrix torch products at
+    16, 24, 64 and 200 rows: a stand-in that agrees passes; one that does not serve, or is off by a little, is
+    refused with why; the int4 key of the same layers is probed on its own."""
+    from types import SimpleNamespace
+
+    from rwkv_chat.models.formats import i8
+    from rwkv_chat.models.kernels import dispatch
+
+    g, K = torch.Generator().manual_seed(4), 128
+    p = {"ln1.weight": torch.ones(K, dtype=torch.float16)}
+    for n in fused_cuda._BIG[:3]:
+        p[n] = i8.quantize_i8(torch.randn(K, K, generator=g), torch.float16, output_major=True)
+    rows_seen = []
+
+    def stand_in(x, qs):
+        rows_seen.append(x.shape[1])
+        if wrong == "none":
+            return None
+        y = torch.stack([i8.mm8_torch(x[k], q) for k, q in enumerate(qs)])
+        return y * 1.05 if wrong == "off" and x.shape[1] == 64 else y
+
+    monkeypatch.setattr(dispatch, "mm8_stack", stand_in)
+    model, layers = SimpleNamespace(layers=[p]), [{"rkv_i8": True}]
+    note = fused_cuda._probe_rkv_stack(model, layers, "rkv_i8")
+    expected = {None: None, "none": "dispatch.mm8_stack does not serve these weights",
+                "off": "dispatch.mm8_stack differs from the per-matrix products"}[wrong]
+    assert note == expected
+    assert rows_seen == {None: [16, 24, 64, 200], "none": [16], "off": [16, 24, 64]}[wrong]
+    assert fused_cuda._probe_rkv_stack(model, layers, "rkv_i4") == "no CUDA layer with stacked int4 r/k/v"
