@@ -217,12 +217,17 @@ U8_STACK_ENABLED = False
 
 def gemmq_u8_ok(q: Int8Weight, x: torch.Tensor) -> bool:
     """Whether the uint8 form reads the i8 weight ``q`` (``formats.i8``, the reference's scheme) with activations
-    ``x``: fp16 x on q's CUDA device, q held output-major, K (its input size) a multiple of 128, the matrix contiguous
-    and 16-byte aligned, the four scale vectors contiguous fp16 (my, ry 16-byte aligned): the binding's checks."""
+    ``x``: fp16 x on q's device, K wide, and a weight ``u8_weight_ok`` accepts: the binding's checks."""
+    return (x.dtype == torch.float16 and x.shape[-1] == q.shape[0] and x.device == q.storage.device
+            and u8_weight_ok(q))
+
+
+def u8_weight_ok(q: Int8Weight) -> bool:
+    """The weight's part of ``gemmq_u8_ok``: on CUDA, held output-major, K (its input size) a multiple of 128, the
+    matrix contiguous and 16-byte aligned, the four scale vectors contiguous fp16 (my, ry 16-byte aligned)."""
     K, N = q.shape
     st = q.storage
-    return (x.dtype == torch.float16 and x.shape[-1] == K and st.is_cuda and x.device == st.device
-            and q.output_major and K % UNIT == 0 and st.is_contiguous() and st.data_ptr() % 16 == 0
+    return (st.is_cuda and q.output_major and K % UNIT == 0 and st.is_contiguous() and st.data_ptr() % 16 == 0
             and all(t.dtype == torch.float16 and t.is_contiguous() for t in (q.mx, q.rx, q.my, q.ry))
             and q.mx.numel() == q.rx.numel() == N and q.my.numel() == q.ry.numel() == K
             and q.my.data_ptr() % 16 == 0 and q.ry.data_ptr() % 16 == 0)
@@ -231,12 +236,11 @@ def gemmq_u8_ok(q: Int8Weight, x: torch.Tensor) -> bool:
 def stack_u8_tensors(qs: list[Int8Weight]) -> tuple[torch.Tensor, ...] | None:
     """(w [G, N, K], mx [G, N], rx [G, N], my [G, K, 1], ry [G, K, 1]) viewing G >= 2 i8 weights of one shape that lie
     one after another in memory (``formats.i8.stack_i8``), output-major, K a multiple of 128, fp16 scales, the bytes
-    and my / ry 16-byte aligned (``gemmq_u8_ok``'s checks of the weight), else None."""
+    and my / ry 16-byte aligned (``u8_weight_ok``), else None."""
     if len(qs) < 2 or not all(isinstance(q, Int8Weight) for q in qs):
         return None
     q0 = qs[0]
-    if not all(q.shape == q0.shape and gemmq_u8_ok(q, torch.empty(0, q.shape[0], dtype=torch.float16,
-                                                                 device=q.storage.device)) for q in qs):
+    if not all(q.shape == q0.shape and u8_weight_ok(q) for q in qs):
         return None
     out = []
     for i, t0 in enumerate((q0.storage, q0.mx, q0.rx, q0.my, q0.ry)):

@@ -147,7 +147,7 @@ def test_a_stack_of_int4_weights_is_viewed_as_one_tensor_per_part(monkeypatch):
 
 
 def test_a_stack_of_i8_weights_is_viewed_as_one_tensor_per_part(monkeypatch):
-    monkeypatch.setattr(gemmq, "gemmq_u8_ok", lambda q, x: True)       # the layout checks of a CUDA weight
+    monkeypatch.setattr(gemmq, "u8_weight_ok", lambda q: True)         # the layout checks of a CUDA weight
     g = torch.Generator().manual_seed(0)
     parts = [i8.quantize_i8(torch.randn(256, 64, generator=g) * 0.05, torch.float16, output_major=True)
              for _ in range(3)]
