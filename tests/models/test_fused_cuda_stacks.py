@@ -108,7 +108,7 @@ def test_i8_rkv_become_views_of_one_stack(monkeypatch):
         p[n] = i8.quantize_i8(torch.randn(K, K, generator=g), torch.float16, output_major=True)
     before = {n: p[n].dequantize(torch.float64) for n in fused_cuda._BIG[:3]}
     own = {n: p[n] for n in fused_cuda._BIG[:3]}
-    assert gemmq.U8_STACK_ENABLED is False              # off until its GPU cases have run: nothing stacked
+    monkeypatch.setattr(gemmq, "U8_STACK_ENABLED", False)      # switched off: nothing stacked
     fused_cuda._stack_many(p, f)
     assert "rkv_i8" not in f and all(p[n] is own[n] for n in fused_cuda._BIG[:3])
     monkeypatch.setattr(gemmq, "U8_STACK_ENABLED", True)
