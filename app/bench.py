@@ -104,6 +104,8 @@ def bench_decode(model, batch: int, tokens: int, graphs, compile, gemv: str, lar
             "ffn": (dec.ffn or getattr(model.backend, "ffn", None)) if dec.fused and batch <= 4 else None,
             "fold_norms": bool(getattr(model.backend, "fold_norms", False)) and dec.fused and batch <= 4
             and dec.gemv == "ours",
+            "persistent": getattr(model.backend, "persistent", None) is not None and dec.fused and batch == 1
+            and dec.gemv == "ours",
             "tuned_gemm": (bool(getattr(model.backend, "tuned_gemm", False)) if dec.fused and batch > 4
                            and dec.large != "compiled" else None)}
 
@@ -114,7 +116,8 @@ SKIP_STEPS = 8
 
 def rebuild_fused(model, **changes) -> str | None:
     """Rebuild the fused CUDA backend of ``model`` (before its first forward) with ``changes`` to its settings
-    (``ffn``, ``mix_rkv``, ``fold_norms``, ``tuned_gemm``, ``wkv7_tensor_cores``, ``quant_rows``; the others kept); None on success,
+    (``ffn``, ``mix_rkv``, ``fold_norms``, ``tuned_gemm``, ``wkv7_tensor_cores``, ``quant_rows``, ``persistent_step``;
+    the others kept); None on success,
     else why it cannot (not RWKV-7 on the fused CUDA backend). A probed setting that does not serve is left off: the
     backend says why (``fold_note``)."""
     from rwkv_chat.models.backends.fused_cuda import FusedCuda
@@ -123,7 +126,8 @@ def rebuild_fused(model, **changes) -> str | None:
     if not isinstance(be, FusedCuda) or not be.decodes:
         return f"needs an RWKV-7 model on the fused CUDA backend (this one: {be})"
     settings = dict(ffn=be.ffn, mix_rkv=be.mix_rkv, fold_norms=be.fold_norms, tuned_gemm=be.tuned_gemm,
-                    wkv7_tensor_cores=be.wkv7_tensor_cores, quant_rows=be.quant_rows)
+                    wkv7_tensor_cores=be.wkv7_tensor_cores, quant_rows=be.quant_rows,
+                    persistent_step=be.persistent is not None)
     model.backend = FusedCuda(model, be.ops, **{**settings, **changes})
     return None
 
@@ -192,6 +196,8 @@ def _path(d: dict) -> str:
     if d["fused"]:
         ffn = f", channel-mix value {d['ffn']}" if d.get("ffn") and d.get("gemv") == "ours" else ""
         fold = ", ln1 / ln2 inside the GEMVs" if d.get("fold_norms") else ""
+        if d.get("persistent"):
+            fold = ", every layer in one persistent launch"
         tuned = {True: ", cuBLASLt tuned per shape", False: ", cuBLAS heuristic"}.get(d.get("tuned_gemm"), "")
         return "fused kernels" + (f" ({d['large']})" if d.get("large") else "") + ffn + fold + tuned
     return "torch.compile" if d["compile"] else "eager"
@@ -458,6 +464,10 @@ def rwkv_main(argv: list[str]) -> int:
     ap.add_argument("--no-fold-norms", action="store_true",
                     help="GPU only: RWKV-7 decode steps with ln1 / ln2 in launches of their own (the default above "
                          "C = 768; --fold-norms forces them inside for any size)")
+    ap.add_argument("--persistent-step", choices=("prefetch", "plain"),
+                    help="GPU only: RWKV-7 decode steps of one row run every layer in one persistent launch "
+                         "(csrc/fused/v7_step.cu; 'prefetch': each stage asks L2 for the next stage's weights before "
+                         "the grid barrier, 'plain': it does not)")
     ap.add_argument("--untuned-gemm", action="store_true",
                     help="GPU only: RWKV-7 decode above 4 rows with cuBLAS's heuristic algorithm for every product "
                          "instead of the cuBLASLt algorithm timed per shape at the first step")
@@ -502,6 +512,9 @@ def rwkv_main(argv: list[str]) -> int:
     if args.fold_norms or args.no_fold_norms:
         changes["fold_norms"] = args.fold_norms
         flags.append("--fold-norms" if args.fold_norms else "--no-fold-norms")
+    if args.persistent_step:
+        changes["persistent_step"] = True
+        flags.append(f"--persistent-step {args.persistent_step}")
     if args.untuned_gemm:
         changes["tuned_gemm"] = False
         flags.append("--untuned-gemm")
@@ -509,10 +522,13 @@ def rwkv_main(argv: list[str]) -> int:
         changes["wkv7_tensor_cores"] = args.wkv7_chunk == "tensor-cores"
         flags.append(f"--wkv7-chunk {args.wkv7_chunk}")
     if changes:
-        why = rebuild_fused(model, **changes) or (model.backend.fold_note if args.fold_norms else None)
+        why = (rebuild_fused(model, **changes) or (model.backend.fold_note if args.fold_norms else None)
+               or (model.backend.persistent_note if args.persistent_step else None))
         if why:
             print(f"rwkv-chat bench: {' '.join(flags)}: {why}", file=sys.stderr)
             return 2
+    if args.persistent_step:
+        model.backend.persistent.prefetch = args.persistent_step == "prefetch"
     if getattr(model.backend, "ffn", None) == "sparse" and getattr(model.backend, "decodes", False):
         with torch.no_grad():
             skipped = skipped_rows(model)

@@ -310,6 +310,49 @@ void v7_tmix_one_cuda(const at::Tensor& r, const at::Tensor& k, const at::Tensor
                  op);
 }
 
+int64_t v7_step_cuda(const at::Tensor& table, at::TensorList att_x, at::TensorList s, at::TensorList ffn_x,
+                     const at::Tensor& x, const at::Tensor& dx, const at::Tensor& scratch, const at::Tensor& bar,
+                     int64_t H, int64_t ffn, at::IntArrayRef dims, bool prefetch) {
+    const char* op = "rwkv_chat::v7_step_cuda";
+    const int64_t L = table.dim() == 2 ? table.size(0) : -1, C = x.numel();
+    const auto F = x.scalar_type();
+    const int act = act_code(x, op);
+    TORCH_CHECK(table.is_cuda() && table.scalar_type() == at::kLong && table.is_contiguous() && L >= 1 &&
+                    L <= kStepMaxLayers && table.size(1) == kStepSlots,
+                op, ": table must be a contiguous int64 CUDA tensor [L, ", (int)kStepSlots, "], 1 <= L <= ",
+                kStepMaxLayers);
+    TORCH_CHECK((int64_t)att_x.size() == L && (int64_t)s.size() == L && (int64_t)ffn_x.size() == L, op,
+                ": one att_x, s and ffn_x per layer of the table");
+    TORCH_CHECK(dims.size() == 4, op, ": dims must be [dw, da, dg, dv]");
+    TORCH_CHECK(H >= 1 && C == H * 64, op, ": C must be H * 64 (head size 64)");
+    tok(x, op, "x", F, C);
+    tok(dx, op, "dx", F, C);
+    tok(scratch, op, "scratch", F, 7 * C + kStepMaxLow + ffn);
+    tok(bar, op, "bar", at::kInt, 3);
+    V7StepArgs a = {};
+    a.table = reinterpret_cast<const long long*>(table.data_ptr<int64_t>());
+    a.L = (int)L; a.C = (int)C; a.H = (int)H; a.ffn = (int)ffn;
+    a.dw = (int)dims[0]; a.da = (int)dims[1]; a.dg = (int)dims[2]; a.dv = (int)dims[3];
+    a.x = x.data_ptr(); a.dx = dx.data_ptr(); a.scratch = scratch.data_ptr();
+    a.bar = reinterpret_cast<unsigned*>(bar.data_ptr<int>());
+    a.flag = bar.data_ptr<int>() + 2;
+    a.prefetch = prefetch ? 1 : 0;
+    for (int64_t i = 0; i < L; ++i) {
+        tok(att_x[i], op, "att_x", F, C);
+        tok(ffn_x[i], op, "ffn_x", F, C);
+        tok(s[i], op, "s", at::kFloat, C * 64);
+        TORCH_CHECK(att_x[i].device() == x.device() && s[i].device() == x.device() && ffn_x[i].device() == x.device(),
+                    op, ": every tensor on x's device");
+        a.att_x[i] = att_x[i].data_ptr(); a.s[i] = s[i].data_ptr<float>(); a.ffn_x[i] = ffn_x[i].data_ptr();
+    }
+    TORCH_CHECK(table.device() == x.device() && dx.device() == x.device() && scratch.device() == x.device() &&
+                    bar.device() == x.device(), op, ": every tensor on x's device");
+    const at::cuda::CUDAGuard guard(x.device());
+    int grid = 0;
+    check_launch(v7_step_launch(act, a, &grid, c10::cuda::getCurrentCUDAStream()), op);
+    return grid;
+}
+
 }  // namespace
 }  // namespace rwkv_chat
 
@@ -335,4 +378,7 @@ TORCH_LIBRARY_FRAGMENT(rwkv_chat, m) {
           "Tensor? v_first, Tensor w0, Tensor a0, Tensor k_k, Tensor k_a, Tensor? v0, Tensor r_k, Tensor lnw, "
           "Tensor lnb, Tensor(a!) s, Tensor(b!) out, int H, bool staged=False) -> ()",
           &rwkv_chat::v7_tmix_one_cuda);
+    m.def("v7_step_cuda(Tensor table, Tensor(a!)[] att_x, Tensor(b!)[] s, Tensor(c!)[] ffn_x, Tensor(d!) x, "
+          "Tensor(e!) dx, Tensor(f!) scratch, Tensor(g!) bar, int H, int ffn, int[] dims, bool prefetch) -> int",
+          &rwkv_chat::v7_step_cuda);
 }

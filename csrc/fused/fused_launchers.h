@@ -139,4 +139,35 @@ int ffn_rows_launch(int act, int wkind, const FfnRowsPlan& plan, int rows, int F
                     long h_stride, const void* w, const FfnRowsQuant& qs, void* y, long y_stride, bool y_f32,
                     float* part, int* counters, bool skip, bool relu2, cudaStream_t stream);
 
+// The whole decode step of one token row through every layer of an RWKV-7 model in one persistent launch
+// (csrc/fused/v7_step.cu). table [L, kStepSlots]: each layer's device pointers in V7StepSlot order (matrices
+// output-major [M, K] in the activation dtype, fp16 or bf16: r, k, v, output [C, C]; w1, a1, g1, v1 [D, C]; w2, a2,
+// g2, v2 [C, D]; ffn key [ffn, C]; ffn value [C, ffn]; mix6 [6, C] in r w k v a g order; w0 float32 [C]; v1, v2, v0
+// null in layer 0). x [C]: the embedding row on entry, the last layer's residual stream on exit; dx [C]: its last
+// channel-mix output (the caller adds it before ln_out). scratch: 7 C + kStepMaxLow + ffn values. bar: two
+// unsigned counters, zero before the first launch (each launch leaves them so); flag: set to 1 when a barrier timed
+// out. The states att_x [C], s float32 [H, 64, 64] and ffn_x [C] of each layer are updated in place. Head size 64.
+constexpr int kStepMaxLayers = 64;
+constexpr int kStepMaxLow = 1024;   // dw + da + dg + dv
+enum V7StepSlot : int {
+    kStepWr, kStepWk, kStepWv, kStepW1, kStepA1, kStepG1, kStepV1, kStepW2, kStepA2, kStepG2, kStepV2, kStepWo,
+    kStepFk, kStepFv, kStepLn1W, kStepLn1B, kStepLn2W, kStepLn2B, kStepMix6, kStepMixK, kStepW0, kStepA0, kStepKk,
+    kStepKa, kStepV0, kStepRk, kStepLnxW, kStepLnxB, kStepSlots
+};
+struct V7StepArgs {
+    const long long* table;
+    int L, C, H, ffn, dw, da, dg, dv;
+    void* x;
+    void* dx;
+    void* scratch;
+    unsigned* bar;
+    int* flag;
+    int prefetch;   // ask L2 for the next stage's weights before each barrier
+    void* att_x[kStepMaxLayers];
+    float* s[kStepMaxLayers];
+    void* ffn_x[kStepMaxLayers];
+};
+// act: 1 fp16, 2 bf16. grid_out (nullable): the blocks launched (one per multiprocessor).
+int v7_step_launch(int act, const V7StepArgs& args, int* grid_out, cudaStream_t stream);
+
 }  // namespace rwkv_chat

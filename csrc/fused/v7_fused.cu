@@ -29,44 +29,10 @@
 #include <type_traits>
 #include "../common/cuda_common.cuh"
 #include "fused_launchers.h"
+#include "v7_device.cuh"
 
 namespace rwkv_chat {
 namespace {
-
-constexpr float kDecayScale = 0.606531f;  // exp(-0.5), as in the reference
-constexpr float kLnEps = 1e-5f;
-constexpr float kGnEps = 64e-5f;
-
-__device__ __forceinline__ float sigmoidf_(float x) { return 1.f / (1.f + __expf(-x)); }
-
-template <typename F> __device__ __forceinline__ float round_act(float x) { return to_f32(from_f32<F>(x)); }
-
-// Ask L2 for the 128-byte lines of [p, p + bytes), spread over the block's threads (safe before
-// pdl_wait: L2 is the point of coherence, a prefetch never returns stale data to the SM).
-__device__ __forceinline__ void prefetch_l2(const void* p, long bytes) {
-    if (p == nullptr) return;
-    const char* c = static_cast<const char*>(p);
-    for (long o = (long)threadIdx.x * 128; o < bytes; o += (long)blockDim.x * 128)
-        asm volatile("prefetch.global.L2 [%0];" ::"l"(c + o));
-}
-// Sum over the NT threads of a block (NT <= 1024); sh: >= 32 floats of shared memory. All threads
-// get the result. Contains barriers: every thread of the block must call it.
-template <int NT>
-__device__ __forceinline__ float block_sum(float v, float* sh) {
-    constexpr int W = NT < 32 ? NT : 32;
-    constexpr unsigned mask = NT < 32 ? ((1u << NT) - 1u) : 0xffffffffu;
-#pragma unroll
-    for (int o = W / 2; o > 0; o >>= 1) v += __shfl_xor_sync(mask, v, o, W);
-    if (NT <= 32) return v;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    __syncthreads();
-    if (lane == 0) sh[warp] = v;
-    __syncthreads();
-    float t = 0.f;
-#pragma unroll
-    for (int i = 0; i < (NT + 31) / 32; ++i) t += sh[i];
-    return t;
-}
 
 // ---------------------------------------------------------------------------------------------
 // v7_mix
@@ -327,14 +293,6 @@ constexpr int kGemvUnroll = 2;   // 16-byte loads per lane per chunk (2 chunks i
 // 4096 vs 8192 vs 16384 per layer of 1.5B 40.5 / 43.0 / 43.4 us, of 7.2B 143.1 / 142.4 / 143.2 us.
 constexpr long kGemvTargetWarps = 4096;
 
-__device__ __forceinline__ float act_apply(int act, float v) {
-    switch (act) {
-    case 1: return tanhf(v);
-    case 2: return sigmoidf_(v);
-    case 3: { const float r = fmaxf(v, 0.f); return r * r; }
-    default: return v;
-    }
-}
 
 // The norm of GemvBatch.norm (see fused_launchers.h: kind 1 RMSNorm, kind 2 LayerNorm) into xs [rows, C] in shared
 // memory; every thread of the block calls it after pdl_wait. red: >= kGemvWarps * R floats of shared memory.
@@ -645,37 +603,6 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_multi_kernel(GemvBatch batc
 // ---------------------------------------------------------------------------------------------
 // v7_pre / v7_post / v7_tmix_one: one block of N threads per (row, head); thread i = channel h*N+i.
 
-struct PreOut { float w, k, v, a, b; };
-
-template <typename F, int N>
-__device__ __forceinline__ PreOut pre_elem(long o, int c, const F* k, const F* v, const F* wl, const F* al,
-                                           const F* vl, const F* v_first, const float* w0, const F* a0,
-                                           const F* k_k, const F* k_a, const F* v0, float* sh) {
-    const float kf = to_f32(k[o]), vf = to_f32(v[o]);
-    PreOut p;
-    p.w = __expf(-kDecayScale * sigmoidf_(w0[c] + to_f32(wl[o])));
-    const float a = sigmoidf_(to_f32(a0[c]) + to_f32(al[o]));
-    const float kk = kf * to_f32(k_k[c]);
-    const float nrm = sqrtf(block_sum<N>(kk * kk, sh));
-    const float kkn = kk / fmaxf(nrm, 1e-12f);
-    p.k = kf * (1.f + (a - 1.f) * to_f32(k_a[c]));
-    p.v = v_first ? vf + (to_f32(v_first[o]) - vf) * sigmoidf_(to_f32(v0[c]) + to_f32(vl[o])) : vf;
-    p.a = -kkn;
-    p.b = kkn * a;
-    return p;
-}
-
-template <typename F, int N>
-__device__ __forceinline__ float post_elem(float y, float rf, float kf, float vf, float g, int c, const F* r_k,
-                                           const F* lnw, const F* lnb, float* sh) {
-    const float mean = block_sum<N>(y, sh) / N;
-    const float d = y - mean;
-    const float var = block_sum<N>(d * d, sh) / N;
-    const float yn = round_act<F>(d * rsqrtf(var + kGnEps) * to_f32(lnw[c]) + to_f32(lnb[c]));
-    const float bonus = block_sum<N>(rf * kf * to_f32(r_k[c]), sh);
-    return (yn + round_act<F>(bonus * vf)) * g;
-}
-
 template <typename F, int N>
 __global__ void __launch_bounds__(N) v7_pre_kernel(int H, const F* __restrict__ k, const F* __restrict__ v,
                                                    const F* __restrict__ wl, const F* __restrict__ al,
@@ -767,18 +694,7 @@ __global__ void __launch_bounds__(N) v7_tmix_one_kernel(
     sw[i] = p.w; sk[i] = round_act<F>(p.k); sa[i] = round_act<F>(p.a); sb[i] = round_act<F>(p.b); sr[i] = rf;
     const float vv = round_act<F>(p.v);
     __syncthreads();
-    float p0 = 0.f, p1 = 0.f;
-#pragma unroll
-    for (int j = 0; j < N; j += 2) { p0 += sa[j] * S[j]; p1 += sa[j + 1] * S[j + 1]; }
-    const float sab = p0 + p1;
-    float y0 = 0.f, y1 = 0.f;
-#pragma unroll
-    for (int j = 0; j < N; j += 2) {
-        S[j] = S[j] * sw[j] + sab * sb[j] + vv * sk[j];
-        S[j + 1] = S[j + 1] * sw[j + 1] + sab * sb[j + 1] + vv * sk[j + 1];
-        y0 += S[j] * sr[j];
-        y1 += S[j + 1] * sr[j + 1];
-    }
+    const float yw = wkv7_row_step<N>(S, sw, sk, sa, sb, sr, vv);
     if (STAGE) {
         __syncthreads();
 #pragma unroll
@@ -794,7 +710,7 @@ __global__ void __launch_bounds__(N) v7_tmix_one_kernel(
 #pragma unroll
         for (int j = 0; j < N / 4; ++j) srow[j] = make_float4(S[4 * j], S[4 * j + 1], S[4 * j + 2], S[4 * j + 3]);
     }
-    const float y = round_act<F>(y0 + y1);
+    const float y = round_act<F>(yw);
     out[o] = from_f32<F>(post_elem<F, N>(y, rf, sk[i], vv, to_f32(g[o]), c, r_k, lnw, lnb, sh));
 }
 

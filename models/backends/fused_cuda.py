@@ -52,7 +52,9 @@ from __future__ import annotations
 
 import torch
 
+from rwkv_chat.models.backends import persistent_step as _persistent
 from rwkv_chat.models.backends.base import Backend, Ops
+from rwkv_chat.models.backends.persistent_step import PersistentStep
 from rwkv_chat.models.errors import DeviceError, StrategyError
 from rwkv_chat.models.formats.f8 import Float8Weight
 from rwkv_chat.models.formats.i4 import Int4Weight, stack_i4
@@ -442,6 +444,10 @@ class FusedCuda(Backend):
             serves, else on the CUDA cores (``csrc/wkv7/wkv7_chunk_cuda.cu``): ``dispatch.wkv7(tensor_cores=...)``.
             Off by default: slower so far (H100, T = 1,024, 32 heads: 402.6 us against 238.0; ``rwkv-chat bench
             --wkv7-chunk tensor-cores`` compares the model's prefill).
+        persistent_step: decode steps of one row run every layer in one persistent launch
+            (``persistent_step.PersistentStep``, ``csrc/fused/v7_step.cu``: fp16 / bf16 plain matrices, head size 64,
+            ``ffn`` "gemv"; probed here against the layer launches, ``persistent_note`` says why not where it does not
+            serve). Off by default (``rwkv-chat bench --persistent-step`` measures it).
 
     Raises:
         StrategyError: ``ffn`` not one of ``FFN_MODES``.
@@ -451,7 +457,8 @@ class FusedCuda(Backend):
     decode_on_device = True
 
     def __init__(self, model, ops: Ops, ffn: str = "gemv", mix_rkv: bool = False, fold_norms: bool = False,
-                 tuned_gemm: bool = True, wkv7_tensor_cores: bool = False, quant_rows: bool = False):
+                 tuned_gemm: bool = True, wkv7_tensor_cores: bool = False, quant_rows: bool = False,
+                 persistent_step: bool = False):
         super().__init__(ops)
         if ffn not in FFN_MODES:
             raise StrategyError(f"ffn must be one of {', '.join(FFN_MODES)}; got {ffn!r}")
@@ -461,6 +468,8 @@ class FusedCuda(Backend):
         #: share of rows it left unread (a host sync: for reports over eager steps, never while a graph captures)
         self.skipped: list[float] | None = None
         self.spec = model.spec
+        #: the whole one-row decode step in one persistent launch, where it serves (else None: ``persistent_note``)
+        self.persistent: PersistentStep | None = None
         self.layers: list[dict[str, torch.Tensor]] = []
         rows = ffn != "gemv"
         #: i8 / f8 channel-mix value matrices held input-major for the row kernel (with ``ffn`` sparse or dense)
@@ -513,6 +522,16 @@ class FusedCuda(Backend):
         else:
             self.fold_note = _probe_fold(self, model) if self.decodes else "the model does not decode here"
             self.fold_norms = self.fold_note is None
+        if not persistent_step:
+            self.persistent_note = "off (FusedCuda(persistent_step=True) turns it on)"
+        elif not self.decodes:
+            self.persistent_note = "the model does not decode here"
+        else:
+            self.persistent, self.persistent_note = PersistentStep.build(model, self.layers, ffn)
+            if self.persistent is not None:
+                self.persistent_note = _persistent.probe(self, model)
+                if self.persistent_note is not None:
+                    self.persistent = None
         #: decode steps of more than GEMV_ROWS rows run their fp16 / bf16 products through cuBLASLt with the algorithm
         #: timed per shape (``dispatch.gemm(tuned=True)`` / ``dispatch.bgemm``; probed here, outside any capture)
         self.tuned_gemm = bool(tuned_gemm and self.decodes and all(
@@ -530,6 +549,8 @@ class FusedCuda(Backend):
             value += "; ln1 + mixes + int4 r/k/v in one launch (Triton)"
         if self.fold_norms:
             value += "; ln1 / ln2 inside the GEMV launches" if ffn == "gemv" else "; ln1 inside the GEMV launch"
+        if self.persistent is not None:
+            value += "; one row: every layer in one persistent launch"
         if self.tuned_gemm:
             value += "; cuBLASLt algorithm timed per shape above 4 rows"
         pre = " (chunked WKV-7 on the tensor cores)" if wkv7_tensor_cores and _triton.available() else ""
@@ -690,6 +711,9 @@ class FusedCuda(Backend):
         small = b <= GEMV_ROWS
         ours = small and gemv == "ours"
         skip = (ffn or self.ffn) != "dense"
+        if b == 1 and ours and self.persistent is not None:       # every layer in one launch
+            x, dx = self.persistent.run(model, ids, state)
+            return self._logits(model, x, dx, ours, small)
         x = torch.index_select(model.emb, 0, ids.view(-1))    # [b, C]
         C = x.shape[-1]
         dx = None
@@ -780,9 +804,14 @@ class FusedCuda(Backend):
                 ops.v7_mix_cuda(x, att, xn, p["ln2.weight"], p["ln2.bias"], ffn_x, ffn_x, f["mixk"], xk2, 1)
                 x = xn
                 dx = self._ffn(xk2[0], fk, fv, ours, small, skip, mm)
+        return self._logits(model, x, dx, ours, small)
+
+    def _logits(self, model, x, dx, ours: bool, small: bool) -> torch.Tensor:
+        """ln_out of x + dx ([b, C] each) and the head: logits float32 [b, vocab]."""
+        b, C = x.shape
         xo = torch.empty(1, b, C, dtype=x.dtype, device=x.device)
         ln_w, ln_b = model.ln_out
-        ops.v7_mix_cuda(x, dx, None, ln_w, ln_b, None, None, ln_w.new_empty(0, C), xo, 1)
+        _ops().v7_mix_cuda(x, dx, None, ln_w, ln_b, None, None, ln_w.new_empty(0, C), xo, 1)
         hw = model.head
         if ours and isinstance(hw, torch.Tensor):
             return _gemv([xo[0]], [hw.t()], [0], out_dtype=torch.float32)[0]

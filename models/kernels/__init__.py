@@ -47,8 +47,8 @@ CPU_SOURCES = ("bindings/cpu_ops.cpp", "wkv4/wkv4_cpu.cpp", "wkv5/wkv5_cpu.cpp",
 CUDA_SOURCES = ("bindings/cuda_ops.cpp", "bindings/fused_ops.cpp", "bindings/chunk_ops.cpp", "gemm/gemm_cuda.cpp",
                 "gemm/gemm_lt.cpp",
                 "wkv4/wkv4_cuda.cu", "wkv5/wkv5_cuda.cu", "wkv6/wkv6_cuda.cu", "wkv7/wkv7_cuda.cu",
-                "wkv7/wkv7_chunk_cuda.cu", "mm8/mm8_cuda.cu", "fused/v7_fused.cu", "fused/ffn_rows.cu", "bindings/gemvq_ops.cpp",
-                "gemvq/gemvq_cuda.cu", "gemvq/gemmq_cuda.cu")
+                "wkv7/wkv7_chunk_cuda.cu", "mm8/mm8_cuda.cu", "fused/v7_fused.cu", "fused/v7_step.cu",
+                "fused/ffn_rows.cu", "bindings/gemvq_ops.cpp", "gemvq/gemvq_cuda.cu", "gemvq/gemmq_cuda.cu")
 CPU_CFLAGS = ("-O3", "-std=c++17", "-fopenmp")
 CUDA_CFLAGS = ("-O3", "-std=c++17")
 CUDA_NVCC_FLAGS = ("-O3", "-std=c++17", "-Xptxas=-O3", "--extra-device-vectorization")

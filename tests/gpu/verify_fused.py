@@ -150,6 +150,45 @@ def fold_cases(w, tokens, row) -> None:
         torch.cuda.empty_cache()
 
 
+def persistent_cases(w, tokens, row) -> None:
+    """Every layer of a one-row decode step in one persistent launch (``FusedCuda(persistent_step=True)``, its load
+    probe; with and without the L2 prefetch): decode steps (CUDA graphs) vs the same model's layer launches (logits
+    and states; the sums in another order), and in fp16 vs the sequence path over prompt + the decoded tokens."""
+    from rwkv_chat.models.backends.fused_cuda import FusedCuda
+
+    for strategy in ("cuda fp16", "cuda bf16"):
+        model = RWKV(model=w, strategy=strategy)
+        note = "not the fused backend"
+        if isinstance(model.backend, FusedCuda):
+            model.backend = FusedCuda(model, model.backend.ops, persistent_step=True)
+            note = model.backend.persistent_note
+        if note is not None:
+            row("decode with every layer in one persistent launch (FusedCuda(persistent_step=True))", strategy,
+                f"NOT SERVING ({note})", float("inf"))
+            continue
+        _, st = model.forward(tokens, None)
+        tol = TOL if strategy.endswith("fp16") else 2 * TOL      # bf16: 8 mantissa bits, other sum order
+        step = model.backend.persistent
+        model.backend.persistent = None
+        want, st_want = decode_all(model, st, 1, 6)
+        model.backend.persistent = step
+        for prefetch in (True, False):
+            step.prefetch = prefetch
+            got, st_got = decode_all(model, st, 1, 6)
+            timed_out = step.timed_out()
+            row(f"decode batch 1, 6 steps: every layer in one persistent launch ({step.grid} blocks, prefetch "
+                f"{'on' if prefetch else 'off'}) vs the layer launches (logits, states)", strategy,
+                "graph, persistent / layers" + (" BARRIER TIMED OUT" if timed_out else ""),
+                float("inf") if timed_out else max(rel(got, want), state_rel(st_got[0], st_want[0])), tol=tol)
+        if strategy.endswith("fp16"):
+            ref = model.forward(tokens + [(31 * t) % model.vocab_size for t in range(6)], None,
+                                full_output=True)[0][-6:].float()
+            row("decode batch 1, 6 steps vs forward(prompt + 6), every layer in one persistent launch", strategy,
+                "graph, persistent", rel(got[:, 0], ref))
+        del model
+        torch.cuda.empty_cache()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="0.1B")
@@ -249,6 +288,7 @@ def main() -> int:
         del fused, plain, dec
         torch.cuda.empty_cache()
     if "cuda fp16" in args.strategies:
+        persistent_cases(w, tokens, row)
         ffn_cases(w, tokens, row)
         fold_cases(w, tokens, row)
     lines += ["", f"{count[0]} cases: {count[1]} pass, {count[0] - count[1]} fail"]

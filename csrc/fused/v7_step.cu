@@ -1,0 +1,443 @@
+// The whole RWKV-7 decode step of one token row, every layer, in one persistent launch: a cooperative grid of one
+// block per multiprocessor runs the layers' stages in order and meets at a grid-wide barrier between them (five per
+// layer), so a small model's step costs one launch instead of six per layer. Formulas: ChatRWKV rwkv/model.py
+// (pip rwkv 0.8.32) RWKV_x070_TMix_one / RWKV_x070_CMix_one, as the per-piece kernels of v7_fused.cu compute them
+// (the same roundings to the activation dtype; the sums of the products in another order).
+//
+// Stages of layer i (every block takes a share of each product's output rows, one warp per row, x from shared memory):
+//   A  x = round(x + dx); ln1; the six token-shift lerps (every block, into shared memory); r, k, v = W x_{r,k,v},
+//      the first low-rank products tanh(w1 x_w), a1 x_a, sigmoid(g1 x_g), v1 x_v
+//   B  one block per head: the second low-rank products (wl, al, g, vl of the head's channels), the WKV-7 inputs,
+//      one state step (state in place), group norm, bonus and gate -> y          (v7_tmix_one's math)
+//   C  att = Wo y
+//   D  x = round(x + att); ln2; the channel-mix lerp; hk = relu(round(Wk x_k))^2
+//   E  dx = Wv hk
+// The shift states take ln1 / ln2's output and the residual stream is written back by block 0 one stage later, once
+// every block has read the old values. Before each barrier a block may ask L2 for the weights of its rows of the next
+// stage (V7StepArgs.prefetch).
+#include <algorithm>
+#include "../common/cuda_common.cuh"
+#include "fused_launchers.h"
+#include "v7_device.cuh"
+
+namespace rwkv_chat {
+namespace {
+
+constexpr int kStepThreads = 512;
+constexpr int kStepWarps = kStepThreads / 32;
+constexpr int kStepN = 64;                   // head size
+constexpr int kStepUnroll = 4;               // 16-byte weight loads per lane per row in flight
+constexpr long kSpinLimit = 1L << 24;        // barrier polls before giving up (seconds; only a broken launch)
+
+template <typename F> __device__ __forceinline__ F ldcg_(const F* p) {
+    const unsigned short u = __ldcg(reinterpret_cast<const unsigned short*>(p));
+    return *reinterpret_cast<const F*>(&u);
+}
+
+// Grid-wide barrier (sense reversal): bar[0] counts arrivals, bar[1] is the generation. Every block's writes before
+// it are visible to every block after it (reads of data other blocks wrote go through L2: ld.global.cg).
+// A barrier that waits past kSpinLimit sets *flag and lets its block go on (the step's output is then wrong, and the
+// flag says so); a cooperative launch keeps every block resident, so it does not happen in a sound launch.
+__device__ __forceinline__ void grid_sync(unsigned* bar, int* flag) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        volatile unsigned* gen = bar + 1;
+        const unsigned g = *gen;
+        __threadfence();
+        if (atomicAdd(bar, 1u) == gridDim.x - 1) {
+            atomicExch(bar, 0u);
+            __threadfence();
+            atomicAdd(bar + 1, 1u);
+        } else {
+            long spins = 0;
+            while (*gen == g) {
+                if (++spins > kSpinLimit) { atomicExch(flag, 1); break; }
+                __nanosleep(32);
+            }
+        }
+        __threadfence();
+    }
+    __syncthreads();
+}
+
+// A barrier of the head's 64 threads (threads 0..63 of the block), id 1 (0 is __syncthreads).
+__device__ __forceinline__ void head_bar() { asm volatile("bar.sync 1, 64;" ::: "memory"); }
+
+// Sum over the head's 64 threads, summed as block_sum<64> sums (the same bits as v7_tmix_one); sh: 2 floats.
+__device__ __forceinline__ float head_sum(float v, float* sh) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    head_bar();
+    if (threadIdx.x % 32 == 0) sh[threadIdx.x / 32] = v;
+    head_bar();
+    return sh[0] + sh[1];
+}
+
+// One product of a stage: rows [M, K] output-major, x (K values in shared memory), y [M]; out_act as gemv_multi's
+// (0 none, 1 tanh, 2 sigmoid, 3 relu^2, on the rounded sum).
+template <typename F>
+struct StepProd {
+    const F* w;
+    const F* x;
+    F* y;
+    int M;
+    int act;
+};
+
+// Thread 0 puts the n (<= 7) products P into the block's table sp (barriers around: sp may still be read).
+template <typename F, int NP>
+__device__ __forceinline__ void publish(StepProd<F>* sp, const StepProd<F> (&P)[NP], int n) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+#pragma unroll
+        for (int i = 0; i < NP; ++i)
+            if (i < n) sp[i] = P[i];
+    }
+    __syncthreads();
+}
+
+template <typename F>
+__device__ __forceinline__ int find_prod(const StepProd<F>* P, int n, int& m) {
+    int e = 0;
+    while (e + 1 < n && m >= P[e].M) { m -= P[e].M; ++e; }
+    return e;
+}
+
+// Ask L2 for the weights of the rows this warp takes in the products P (the same assignment as run_prods).
+template <typename F>
+__device__ __forceinline__ void prefetch_prods(const StepProd<F>* P, int n, int K) {
+    int total = 0;
+    for (int e = 0; e < n; ++e) total += P[e].M;
+    const int lane = threadIdx.x % 32;
+    const int tw = gridDim.x * kStepWarps;
+    const long bytes = (long)K * sizeof(F);
+    for (int m0 = blockIdx.x * kStepWarps + threadIdx.x / 32; m0 < total; m0 += tw) {
+        int m = m0;
+        const int e = find_prod(P, n, m);
+        const char* row = reinterpret_cast<const char*>(P[e].w + (long)m * K);
+        for (long o = (long)lane * 128; o < bytes; o += 32 * 128) asm volatile("prefetch.global.L2 [%0];" ::"l"(row + o));
+    }
+}
+
+// The products P (n of them, each K wide) over the grid's warps: warp gw takes rows gw, gw + TW, ... of their
+// concatenation, two at a time (their weights in flight together), one lane group of 16-byte loads per row.
+template <typename F>
+__device__ __forceinline__ void run_prods(const StepProd<F>* P, int n, int K) {
+    constexpr int EPV = 16 / sizeof(F);
+    union V { uint4 q; F v[EPV]; };
+    int total = 0;
+    for (int e = 0; e < n; ++e) total += P[e].M;
+    const int lane = threadIdx.x % 32;
+    const int tw = gridDim.x * kStepWarps;
+    for (int m0 = blockIdx.x * kStepWarps + threadIdx.x / 32; m0 < total; m0 += 2 * tw) {
+        int ma = m0, mb = m0 + tw;
+        const bool hb = mb < total;
+        const int ea = find_prod(P, n, ma);
+        const int eb = hb ? find_prod(P, n, mb) : ea;
+        if (!hb) mb = ma;
+        const F* wa = P[ea].w + (long)ma * K;
+        const F* wb = P[eb].w + (long)mb * K;
+        const F* xa = P[ea].x;
+        const F* xb = P[eb].x;
+        float a = 0.f, b = 0.f;
+        for (int n0 = lane * EPV; n0 < K; n0 += 32 * EPV * kStepUnroll) {
+            V qa[kStepUnroll], qb[kStepUnroll];
+#pragma unroll
+            for (int u = 0; u < kStepUnroll; ++u) {
+                const int k = n0 + u * 32 * EPV;
+                qa[u].q = k < K ? __ldcs(reinterpret_cast<const uint4*>(wa + k)) : make_uint4(0, 0, 0, 0);
+                qb[u].q = (hb && k < K) ? __ldcs(reinterpret_cast<const uint4*>(wb + k)) : make_uint4(0, 0, 0, 0);
+            }
+#pragma unroll
+            for (int u = 0; u < kStepUnroll; ++u) {
+                const int k = n0 + u * 32 * EPV;
+                if (k < K) {
+                    V x1, x2;
+                    x1.q = *reinterpret_cast<const uint4*>(xa + k);
+                    x2.q = *reinterpret_cast<const uint4*>(xb + k);
+#pragma unroll
+                    for (int c = 0; c < EPV; ++c) {
+                        a = fmaf(to_f32(x1.v[c]), to_f32(qa[u].v[c]), a);
+                        b = fmaf(to_f32(x2.v[c]), to_f32(qb[u].v[c]), b);
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            a += __shfl_xor_sync(0xffffffffu, a, o);
+            b += __shfl_xor_sync(0xffffffffu, b, o);
+        }
+        if (lane == 0) {
+            float v = round_act<F>(a);
+            if (P[ea].act != 0) v = act_apply(P[ea].act, v);
+            P[ea].y[ma] = from_f32<F>(v);
+            if (hb) {
+                float u = round_act<F>(b);
+                if (P[eb].act != 0) u = act_apply(P[eb].act, u);
+                P[eb].y[mb] = from_f32<F>(u);
+            }
+        }
+    }
+}
+
+// x = round(x + dx) (dx nullable) into cur (float, C), its LayerNorm xl = round((x - mean) rstd w + b) into xl, and
+// the n_mix lerps round(xl + (shift - xl) mix[m]) into xm[m * C + c]: as v7_mix_one computes them. Every thread.
+template <typename F>
+__device__ __forceinline__ void norm_mix(const F* x, const F* dx, const F* lnw, const F* lnb, const F* shift,
+                                         const F* mix, int n_mix, int C, float* cur, F* xl, F* xm, float* red) {
+    float sum = 0.f;
+    for (int c = threadIdx.x; c < C; c += kStepThreads) {
+        float v = to_f32(ldcg_(x + c));
+        if (dx) v = round_act<F>(v + to_f32(ldcg_(dx + c)));
+        cur[c] = v;
+        sum += v;
+    }
+    const float mean = block_sum<kStepThreads>(sum, red) / C;
+    float sq = 0.f;
+    for (int c = threadIdx.x; c < C; c += kStepThreads) { const float d = cur[c] - mean; sq += d * d; }
+    const float rstd = rsqrtf(block_sum<kStepThreads>(sq, red) / C + kLnEps);
+    for (int c = threadIdx.x; c < C; c += kStepThreads) {
+        const float l = round_act<F>((cur[c] - mean) * rstd * to_f32(lnw[c]) + to_f32(lnb[c]));
+        xl[c] = from_f32<F>(l);
+        const float d = to_f32(ldcg_(shift + c)) - l;
+        for (int m = 0; m < n_mix; ++m) xm[(long)m * C + c] = from_f32<F>(l + d * to_f32(mix[(long)m * C + c]));
+    }
+    __syncthreads();
+}
+
+// n values of global memory other blocks wrote -> shared memory (every thread; a barrier after).
+template <typename F>
+__device__ __forceinline__ void stage_in(const F* src, F* dst, int n) {
+    for (int i = threadIdx.x; i < n; i += kStepThreads) dst[i] = ldcg_(src + i);
+    __syncthreads();
+}
+
+// A dot product of one thread: row w (n values, 16-byte aligned) with x (shared memory).
+template <typename F>
+__device__ __forceinline__ float row_dot(const F* w, const F* x, int n) {
+    constexpr int EPV = 16 / sizeof(F);
+    union V { uint4 q; F v[EPV]; };
+    float a = 0.f;
+    for (int k = 0; k < n; k += EPV) {
+        V q, xq;
+        q.q = __ldg(reinterpret_cast<const uint4*>(w + k));
+        xq.q = *reinterpret_cast<const uint4*>(x + k);
+#pragma unroll
+        for (int c = 0; c < EPV; ++c) a = fmaf(to_f32(xq.v[c]), to_f32(q.v[c]), a);
+    }
+    return a;
+}
+
+template <typename F>
+__device__ __forceinline__ const F* slot(const long long* t, int i) { return reinterpret_cast<const F*>(t[i]); }
+
+// Stage B for head h: threads 0..63 of the block (thread i = channel h*64 + i).
+template <typename F>
+__device__ __forceinline__ void head_step(const V7StepArgs& a, const long long* t, int layer, int h, F* low,
+                                          float* sh, float* sw, float* sk, float* sa, float* sb, float* sr) {
+    constexpr int N = kStepN;
+    const int i = threadIdx.x, c = h * N + i, C = a.C;
+    const int nlow = a.dw + a.da + a.dg + (layer > 0 ? a.dv : 0);
+    F* scr = static_cast<F*>(a.scratch);
+    const F* r = scr;
+    const F* k = scr + C;
+    const F* v = scr + 2 * C;
+    const F* low1 = scr + 3 * C;
+    F* vfirst = scr + 3 * C + kStepMaxLow;
+    F* y = vfirst + C;
+    for (int j = i; j < nlow; j += N) low[j] = ldcg_(low1 + j);
+    head_bar();
+    const bool later = layer > 0;
+    const float wl = round_act<F>(row_dot(slot<F>(t, kStepW2) + (long)c * a.dw, low, a.dw));
+    const float al = round_act<F>(row_dot(slot<F>(t, kStepA2) + (long)c * a.da, low + a.dw, a.da));
+    const float g = round_act<F>(row_dot(slot<F>(t, kStepG2) + (long)c * a.dg, low + a.dw + a.da, a.dg));
+    const float vl = later ? round_act<F>(row_dot(slot<F>(t, kStepV2) + (long)c * a.dv, low + a.dw + a.da + a.dg,
+                                                  a.dv))
+                           : 0.f;
+    const float rf = to_f32(ldcg_(r + c)), kf = to_f32(ldcg_(k + c));
+    const F vraw = ldcg_(v + c);
+    const float vf = to_f32(vraw);
+    const float vfirst_f = later ? to_f32(ldcg_(vfirst + c)) : 0.f;
+    if (!later) vfirst[c] = vraw;
+    float* s = a.s[layer] + (long)h * N * N;
+    float S[N];
+    float4* srow = reinterpret_cast<float4*>(s + (long)i * N);
+#pragma unroll
+    for (int j = 0; j < N / 4; ++j) {
+        const float4 q = __ldcg(srow + j);
+        S[4 * j] = q.x; S[4 * j + 1] = q.y; S[4 * j + 2] = q.z; S[4 * j + 3] = q.w;
+    }
+    auto sum = [sh](float x) { return head_sum(x, sh); };
+    const PreOut p = pre_vals<F>(kf, vf, wl, al, later, vfirst_f, vl, c, reinterpret_cast<const float*>(t[kStepW0]),
+                                 slot<F>(t, kStepA0), slot<F>(t, kStepKk), slot<F>(t, kStepKa),
+                                 later ? slot<F>(t, kStepV0) : nullptr, sum);
+    sw[i] = p.w; sk[i] = round_act<F>(p.k); sa[i] = round_act<F>(p.a); sb[i] = round_act<F>(p.b); sr[i] = rf;
+    const float vv = round_act<F>(p.v);
+    head_bar();
+    const float yw = round_act<F>(wkv7_row_step<N>(S, sw, sk, sa, sb, sr, vv));
+#pragma unroll
+    for (int j = 0; j < N / 4; ++j) srow[j] = make_float4(S[4 * j], S[4 * j + 1], S[4 * j + 2], S[4 * j + 3]);
+    y[c] = from_f32<F>(post_vals<F, N>(yw, rf, sk[i], vv, g, c, slot<F>(t, kStepRk), slot<F>(t, kStepLnxW),
+                                       slot<F>(t, kStepLnxB), sum));
+}
+
+template <typename F>
+__global__ void __launch_bounds__(kStepThreads, 1) v7_step_kernel(const __grid_constant__ V7StepArgs a) {
+    extern __shared__ __align__(16) unsigned char step_smem[];
+    const int C = a.C, Fd = a.ffn;
+    float* cur = reinterpret_cast<float*>(step_smem);                 // [C] the residual stream, float
+    F* xl = reinterpret_cast<F*>(cur + C);                            // [C] ln1 / ln2 output
+    F* xm = xl + C;                                                   // [6, C] lerps; later y or hk staged
+    __shared__ float red[32];
+    __shared__ float hsh[2];
+    __shared__ StepProd<F> sp[7];
+    __shared__ __align__(16) F low[kStepMaxLow];
+    __shared__ __align__(16) float sw[kStepN], sk[kStepN], sa[kStepN], sb[kStepN], sr[kStepN];
+    F* x = static_cast<F*>(a.x);
+    F* dx = static_cast<F*>(a.dx);
+    F* scr = static_cast<F*>(a.scratch);
+    F *r = scr, *k = scr + C, *v = scr + 2 * C, *low1 = scr + 3 * C;
+    F* y = scr + 3 * C + kStepMaxLow + C;
+    F* att = y + C;
+    F* hk = att + C;
+    const bool first_block = blockIdx.x == 0;
+    for (int layer = 0; layer < a.L; ++layer) {
+        const long long* t = a.table + (long)layer * kStepSlots;
+        const bool later = layer > 0;
+        F* att_x = static_cast<F*>(a.att_x[layer]);
+        F* ffn_x = static_cast<F*>(a.ffn_x[layer]);
+        // A: ln1 + lerps; r, k, v and the first low-rank products
+        norm_mix<F>(x, later ? dx : nullptr, slot<F>(t, kStepLn1W), slot<F>(t, kStepLn1B), att_x,
+                    slot<F>(t, kStepMix6), 6, C, cur, xl, xm, red);
+        {
+            const StepProd<F> P[7] = {
+                {slot<F>(t, kStepWr), xm, r, C, 0},
+                {slot<F>(t, kStepWk), xm + 2 * C, k, C, 0},
+                {slot<F>(t, kStepWv), xm + 3 * C, v, C, 0},
+                {slot<F>(t, kStepW1), xm + C, low1, a.dw, 1},
+                {slot<F>(t, kStepA1), xm + 4 * C, low1 + a.dw, a.da, 0},
+                {slot<F>(t, kStepG1), xm + 5 * C, low1 + a.dw + a.da, a.dg, 2},
+                {slot<F>(t, kStepV1), xm + 3 * C, low1 + a.dw + a.da + a.dg, a.dv, 0}};
+            publish(sp, P, later ? 7 : 6);
+            run_prods<F>(sp, later ? 7 : 6, C);
+        }
+        if (a.prefetch) {                                             // B's rows: the head's low-rank rows + state
+            for (int h = blockIdx.x; h < a.H; h += gridDim.x) {
+                const long c0 = (long)h * kStepN;
+                prefetch_l2(slot<F>(t, kStepW2) + c0 * a.dw, (long)kStepN * a.dw * sizeof(F));
+                prefetch_l2(slot<F>(t, kStepA2) + c0 * a.da, (long)kStepN * a.da * sizeof(F));
+                prefetch_l2(slot<F>(t, kStepG2) + c0 * a.dg, (long)kStepN * a.dg * sizeof(F));
+                if (later) prefetch_l2(slot<F>(t, kStepV2) + c0 * a.dv, (long)kStepN * a.dv * sizeof(F));
+                prefetch_l2(a.s[layer] + c0 * kStepN, (long)kStepN * kStepN * sizeof(float));
+            }
+        }
+        grid_sync(a.bar, a.flag);
+        // B: per head; block 0 puts ln1's output in the shift state and the residual stream in place
+        if (first_block) {
+            for (int c = threadIdx.x; c < C; c += kStepThreads) { att_x[c] = xl[c]; x[c] = from_f32<F>(cur[c]); }
+        }
+        if (threadIdx.x < kStepN) {
+            for (int h = blockIdx.x; h < a.H; h += gridDim.x) head_step<F>(a, t, layer, h, low, hsh, sw, sk, sa, sb, sr);
+        }
+        if (a.prefetch) {
+            const StepProd<F> P[1] = {{slot<F>(t, kStepWo), xm, att, C, 0}};
+            publish(sp, P, 1);
+            prefetch_prods<F>(sp, 1, C);
+        }
+        grid_sync(a.bar, a.flag);
+        // C: att = Wo y
+        stage_in<F>(y, xm, C);
+        {
+            const StepProd<F> P[1] = {{slot<F>(t, kStepWo), xm, att, C, 0}};
+            publish(sp, P, 1);
+            run_prods<F>(sp, 1, C);
+        }
+        if (a.prefetch) {
+            const StepProd<F> P[1] = {{slot<F>(t, kStepFk), xm, hk, Fd, 3}};
+            publish(sp, P, 1);
+            prefetch_prods<F>(sp, 1, C);
+        }
+        grid_sync(a.bar, a.flag);
+        // D: ln2 + the channel-mix lerp; hk = relu(Wk x_k)^2
+        norm_mix<F>(x, att, slot<F>(t, kStepLn2W), slot<F>(t, kStepLn2B), ffn_x, slot<F>(t, kStepMixK), 1, C, cur,
+                    xl, xm, red);
+        {
+            const StepProd<F> P[1] = {{slot<F>(t, kStepFk), xm, hk, Fd, 3}};
+            publish(sp, P, 1);
+            run_prods<F>(sp, 1, C);
+        }
+        if (a.prefetch) {
+            const StepProd<F> P[1] = {{slot<F>(t, kStepFv), xm, dx, C, 0}};
+            publish(sp, P, 1);
+            prefetch_prods<F>(sp, 1, Fd);
+        }
+        grid_sync(a.bar, a.flag);
+        // E: dx = Wv hk; block 0 puts ln2's output in the shift state and the residual stream in place
+        if (first_block) {
+            for (int c = threadIdx.x; c < C; c += kStepThreads) { ffn_x[c] = xl[c]; x[c] = from_f32<F>(cur[c]); }
+        }
+        stage_in<F>(hk, xm, Fd);
+        {
+            const StepProd<F> P[1] = {{slot<F>(t, kStepFv), xm, dx, C, 0}};
+            publish(sp, P, 1);
+            run_prods<F>(sp, 1, Fd);
+        }
+        if (a.prefetch && layer + 1 < a.L) {
+            const long long* tn = t + kStepSlots;
+            const StepProd<F> P[7] = {
+                {slot<F>(tn, kStepWr), xm, r, C, 0}, {slot<F>(tn, kStepWk), xm, k, C, 0},
+                {slot<F>(tn, kStepWv), xm, v, C, 0}, {slot<F>(tn, kStepW1), xm, low1, a.dw, 1},
+                {slot<F>(tn, kStepA1), xm, low1, a.da, 0}, {slot<F>(tn, kStepG1), xm, low1, a.dg, 2},
+                {slot<F>(tn, kStepV1), xm, low1, a.dv, 0}};
+            publish(sp, P, 7);
+            prefetch_prods<F>(sp, 7, C);
+        }
+        grid_sync(a.bar, a.flag);
+    }
+}
+
+}  // namespace
+
+int v7_step_launch(int act, const V7StepArgs& args, int* grid_out, cudaStream_t stream) {
+    if (args.L < 1 || args.L > kStepMaxLayers || args.C % kStepN != 0 || args.H * kStepN != args.C ||
+        args.ffn % 8 != 0 || args.dw % 8 || args.da % 8 || args.dg % 8 || args.dv % 8 || args.dw < 8 || args.da < 8 ||
+        args.dg < 8 || args.dv < 8 || args.dw + args.da + args.dg + args.dv > kStepMaxLow || act == 0)
+        return kUnsupported;
+    const size_t esize = 2;
+    const size_t smem = (size_t)args.C * sizeof(float) + (size_t)args.C * esize +
+                        std::max((size_t)6 * args.C, (size_t)args.ffn) * esize;
+    cudaError_t err = cudaSuccess;
+    int dev = 0;
+    if ((err = cudaGetDevice(&dev)) != cudaSuccess) return (int)err;
+    int coop = 0, optin = 0;
+    cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, dev);
+    cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+    if (!coop || smem > (size_t)optin) return kUnsupported;
+    auto go = [&](auto kernel) -> int {
+        if (smem > 48 * 1024 &&
+            (err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem)) != cudaSuccess)
+            return (int)err;
+        int per_sm = 0;
+        if ((err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kStepThreads, smem)) != cudaSuccess)
+            return (int)err;
+        if (per_sm < 1) return kUnsupported;
+        const int grid = device_sm_count();
+        if (grid_out) *grid_out = grid;
+        cudaLaunchConfig_t cfg = {};
+        cfg.gridDim = dim3(grid);
+        cfg.blockDim = dim3(kStepThreads);
+        cfg.dynamicSmemBytes = smem;
+        cfg.stream = stream;
+        cudaLaunchAttribute attr[1];
+        attr[0].id = cudaLaunchAttributeCooperative;
+        attr[0].val.cooperative = 1;
+        cfg.attrs = attr;
+        cfg.numAttrs = 1;
+        return launch_rc(cudaLaunchKernelEx(&cfg, kernel, args));
+    };
+    if (act == 1) return go(v7_step_kernel<__half>);
+    return go(v7_step_kernel<__nv_bfloat16>);
+}
+
+}  // namespace rwkv_chat
