@@ -577,6 +577,14 @@ def rwkv_main(argv: list[str]) -> int:
                          f"{d['gb_s']:.1f} | {model.backend.name} |")
     if any(d.get("tuned_gemm") for d in dec) and (note := tuned_gemm_note([d["batch"] for d in dec], tuned_before)):
         lines += ["", note]
+    if args.persistent_step and gpu:
+        with torch.no_grad():
+            _, st = model.forward([1, 2, 3], None)
+            us = model.backend.persistent.stage_times(model, [t.contiguous() for lay in st.layers for t in lay])
+        res["persistent_stage_us"] = us
+        lines += ["", "persistent step, µs per layer by stage to its barrier's exit (eager steps): " + ", ".join(
+            f"{n} {u:.1f}" for n, u in zip(("A ln1 + r/k/v + low-rank 1", "B heads", "C output", "D ln2 + key",
+                                            "E value"), us)) + f"; {sum(us):.1f} per layer"]
     if skipped is not None:
         lines += ["", f"channel-mix value product by the row kernel: {100 * skipped:.1f}% of the value matrices' rows "
                       f"skipped (relu(k)^2 zero; mean over {SKIP_STEPS} eager batch-1 decode steps)"]

@@ -163,6 +163,7 @@ struct V7StepArgs {
     unsigned* bar;
     int* flag;
     int prefetch;   // ask L2 for the next stage's weights before each barrier
+    unsigned long long* times;   // nullable: the global timer (ns) at the start and after each barrier, 1 + 5 L values
     void* att_x[kStepMaxLayers];
     float* s[kStepMaxLayers];
     void* ffn_x[kStepMaxLayers];

@@ -7,8 +7,9 @@
 // Stages of layer i (every block takes a share of each product's output rows, one warp per row, x from shared memory):
 //   A  x = round(x + dx); ln1; the six token-shift lerps (every block, into shared memory); r, k, v = W x_{r,k,v},
 //      the first low-rank products tanh(w1 x_w), a1 x_a, sigmoid(g1 x_g), v1 x_v
-//   B  one block per head: the second low-rank products (wl, al, g, vl of the head's channels), the WKV-7 inputs,
-//      one state step (state in place), group norm, bonus and gate -> y          (v7_tmix_one's math)
+//   B  one block per head: the second low-rank products (wl, al, g, vl of the head's channels, 8 lanes each), the
+//      WKV-7 inputs, one state step (state in place, through shared memory), group norm, bonus and gate -> y
+//      (v7_tmix_one's math)
 //   C  att = Wo y
 //   D  x = round(x + att); ln2; the channel-mix lerp; hk = relu(round(Wk x_k))^2
 //   E  dx = Wv hk
@@ -213,73 +214,132 @@ __device__ __forceinline__ void stage_in(const F* src, F* dst, int n) {
     __syncthreads();
 }
 
-// A dot product of one thread: row w (n values, 16-byte aligned) with x (shared memory).
-template <typename F>
-__device__ __forceinline__ float row_dot(const F* w, const F* x, int n) {
-    constexpr int EPV = 16 / sizeof(F);
-    union V { uint4 q; F v[EPV]; };
-    float a = 0.f;
-    for (int k = 0; k < n; k += EPV) {
-        V q, xq;
-        q.q = __ldg(reinterpret_cast<const uint4*>(w + k));
-        xq.q = *reinterpret_cast<const uint4*>(x + k);
-#pragma unroll
-        for (int c = 0; c < EPV; ++c) a = fmaf(to_f32(xq.v[c]), to_f32(q.v[c]), a);
-    }
-    return a;
-}
-
 template <typename F>
 __device__ __forceinline__ const F* slot(const long long* t, int i) { return reinterpret_cast<const F*>(t[i]); }
 
-// Stage B for head h: threads 0..63 of the block (thread i = channel h*64 + i).
+constexpr int kLowLanes = 8;     // lanes per channel in the second low-rank products (64 channels x 8 = 512 threads)
+constexpr int kLowChunks = 4;    // 16-byte loads per lane per product issued together (widths up to 256 at once)
+constexpr int kTileStride = kStepN + 1;   // the state tile's padded row (no bank conflicts)
+
+// Stage B for head h, every thread of the block (the loop over heads is uniform in the block). The state moves through
+// shared memory in coalesced float4 rows; the second low-rank products of the head's 64 channels take 8 lanes per
+// channel with all their weights in flight together; threads 0..63 then run v7_tmix_one's math for channel h*64 + i.
+// lr: [4][64] floats, tile: [64][65] floats (shared memory).
 template <typename F>
-__device__ __forceinline__ void head_step(const V7StepArgs& a, const long long* t, int layer, int h, F* low,
-                                          float* sh, float* sw, float* sk, float* sa, float* sb, float* sr) {
-    constexpr int N = kStepN;
-    const int i = threadIdx.x, c = h * N + i, C = a.C;
-    const int nlow = a.dw + a.da + a.dg + (layer > 0 ? a.dv : 0);
+__device__ __forceinline__ void head_stage(const V7StepArgs& a, const long long* t, int layer, int h, F* low,
+                                           float* lr, float* tile, float* sh, float* sw, float* sk, float* sa,
+                                           float* sb, float* sr) {
+    constexpr int N = kStepN, EPV = 16 / sizeof(F);
+    union V { uint4 q; F v[EPV]; };
+    const int tid = threadIdx.x, C = a.C;
+    const bool later = layer > 0;
+    const int nlow = a.dw + a.da + a.dg + (later ? a.dv : 0);
     F* scr = static_cast<F*>(a.scratch);
-    const F* r = scr;
-    const F* k = scr + C;
-    const F* v = scr + 2 * C;
     const F* low1 = scr + 3 * C;
     F* vfirst = scr + 3 * C + kStepMaxLow;
     F* y = vfirst + C;
-    for (int j = i; j < nlow; j += N) low[j] = ldcg_(low1 + j);
-    head_bar();
-    const bool later = layer > 0;
-    const float wl = round_act<F>(row_dot(slot<F>(t, kStepW2) + (long)c * a.dw, low, a.dw));
-    const float al = round_act<F>(row_dot(slot<F>(t, kStepA2) + (long)c * a.da, low + a.dw, a.da));
-    const float g = round_act<F>(row_dot(slot<F>(t, kStepG2) + (long)c * a.dg, low + a.dw + a.da, a.dg));
-    const float vl = later ? round_act<F>(row_dot(slot<F>(t, kStepV2) + (long)c * a.dv, low + a.dw + a.da + a.dg,
-                                                  a.dv))
-                           : 0.f;
-    const float rf = to_f32(ldcg_(r + c)), kf = to_f32(ldcg_(k + c));
-    const F vraw = ldcg_(v + c);
-    const float vf = to_f32(vraw);
-    const float vfirst_f = later ? to_f32(ldcg_(vfirst + c)) : 0.f;
-    if (!later) vfirst[c] = vraw;
-    float* s = a.s[layer] + (long)h * N * N;
-    float S[N];
-    float4* srow = reinterpret_cast<float4*>(s + (long)i * N);
+    const int c0 = h * N;
+    // the state (N*N floats = N*N/4 float4, kStepThreads threads) and the channel's inputs, requested first
+    float4* g4 = reinterpret_cast<float4*>(a.s[layer] + (long)c0 * N);
+    constexpr int kStateVec = N * N / 4 / kStepThreads;
+    float4 sreg[kStateVec];
 #pragma unroll
-    for (int j = 0; j < N / 4; ++j) {
-        const float4 q = __ldcg(srow + j);
-        S[4 * j] = q.x; S[4 * j + 1] = q.y; S[4 * j + 2] = q.z; S[4 * j + 3] = q.w;
+    for (int u = 0; u < kStateVec; ++u) sreg[u] = __ldcg(g4 + tid + u * kStepThreads);
+    float rf = 0.f, kf = 0.f, vfirst_f = 0.f;
+    F vraw = from_f32<F>(0.f);
+    if (tid < N) {
+        const int c = c0 + tid;
+        rf = to_f32(ldcg_(scr + c));
+        kf = to_f32(ldcg_(scr + C + c));
+        vraw = ldcg_(scr + 2 * C + c);
+        if (later) vfirst_f = to_f32(ldcg_(vfirst + c));
+        for (int sl : {kStepW0, kStepA0, kStepKk, kStepKa, kStepV0, kStepRk, kStepLnxW, kStepLnxB}) {
+            const char* q = reinterpret_cast<const char*>(t[sl]);
+            if (q) asm volatile("prefetch.global.L1 [%0];" ::"l"(q + (long)c * (sl == kStepW0 ? 4 : (int)sizeof(F))));
+        }
     }
-    auto sum = [sh](float x) { return head_sum(x, sh); };
-    const PreOut p = pre_vals<F>(kf, vf, wl, al, later, vfirst_f, vl, c, reinterpret_cast<const float*>(t[kStepW0]),
-                                 slot<F>(t, kStepA0), slot<F>(t, kStepKk), slot<F>(t, kStepKa),
-                                 later ? slot<F>(t, kStepV0) : nullptr, sum);
-    sw[i] = p.w; sk[i] = round_act<F>(p.k); sa[i] = round_act<F>(p.a); sb[i] = round_act<F>(p.b); sr[i] = rf;
-    const float vv = round_act<F>(p.v);
-    head_bar();
-    const float yw = round_act<F>(wkv7_row_step<N>(S, sw, sk, sa, sb, sr, vv));
+    for (int j = tid; j < nlow; j += kStepThreads) low[j] = ldcg_(low1 + j);
+    __syncthreads();
+    {   // wl, al, g, vl of channel c0 + i: lanes l of 8 split each row
+        const int i = tid / kLowLanes, l = tid % kLowLanes;
+        const long c = c0 + i;
+        const F* w[4] = {slot<F>(t, kStepW2) + c * a.dw, slot<F>(t, kStepA2) + c * a.da,
+                         slot<F>(t, kStepG2) + c * a.dg, later ? slot<F>(t, kStepV2) + c * a.dv : nullptr};
+        const int d[4] = {a.dw, a.da, a.dg, later ? a.dv : 0};
+        const int off[4] = {0, a.dw, a.dw + a.da, a.dw + a.da + a.dg};
+        V q[4][kLowChunks];
 #pragma unroll
-    for (int j = 0; j < N / 4; ++j) srow[j] = make_float4(S[4 * j], S[4 * j + 1], S[4 * j + 2], S[4 * j + 3]);
-    y[c] = from_f32<F>(post_vals<F, N>(yw, rf, sk[i], vv, g, c, slot<F>(t, kStepRk), slot<F>(t, kStepLnxW),
-                                       slot<F>(t, kStepLnxB), sum));
+        for (int m = 0; m < 4; ++m) {
+#pragma unroll
+            for (int u = 0; u < kLowChunks; ++u) {
+                const int k = (l + u * kLowLanes) * EPV;
+                q[m][u].q = k < d[m] ? __ldg(reinterpret_cast<const uint4*>(w[m] + k)) : make_uint4(0, 0, 0, 0);
+            }
+        }
+        float acc[4];
+#pragma unroll
+        for (int m = 0; m < 4; ++m) {
+            acc[m] = 0.f;
+#pragma unroll
+            for (int u = 0; u < kLowChunks; ++u) {
+                const int k = (l + u * kLowLanes) * EPV;
+                if (k < d[m]) {
+                    V xq;
+                    xq.q = *reinterpret_cast<const uint4*>(low + off[m] + k);
+#pragma unroll
+                    for (int e = 0; e < EPV; ++e) acc[m] = fmaf(to_f32(xq.v[e]), to_f32(q[m][u].v[e]), acc[m]);
+                }
+            }
+            for (int k = (l + kLowChunks * kLowLanes) * EPV; k < d[m]; k += kLowLanes * EPV) {   // wider rows
+                V wq, xq;
+                wq.q = __ldg(reinterpret_cast<const uint4*>(w[m] + k));
+                xq.q = *reinterpret_cast<const uint4*>(low + off[m] + k);
+#pragma unroll
+                for (int e = 0; e < EPV; ++e) acc[m] = fmaf(to_f32(xq.v[e]), to_f32(wq.v[e]), acc[m]);
+            }
+#pragma unroll
+            for (int o = kLowLanes / 2; o > 0; o >>= 1) acc[m] += __shfl_xor_sync(0xffffffffu, acc[m], o);
+        }
+        if (l == 0) {
+#pragma unroll
+            for (int m = 0; m < 4; ++m) lr[m * N + i] = round_act<F>(acc[m]);
+        }
+    }
+#pragma unroll
+    for (int u = 0; u < kStateVec; ++u) {
+        const int e = tid + u * kStepThreads;
+        float* d = tile + (e / (N / 4)) * kTileStride + (e % (N / 4)) * 4;
+        d[0] = sreg[u].x; d[1] = sreg[u].y; d[2] = sreg[u].z; d[3] = sreg[u].w;
+    }
+    __syncthreads();
+    if (tid < N) {
+        const int i = tid, c = c0 + i;
+        if (!later) vfirst[c] = vraw;
+        const float vf = to_f32(vraw);
+        float S[N];
+#pragma unroll
+        for (int j = 0; j < N; ++j) S[j] = tile[i * kTileStride + j];
+        auto sum = [sh](float x) { return head_sum(x, sh); };
+        const PreOut p = pre_vals<F>(kf, vf, lr[i], lr[N + i], later, vfirst_f, later ? lr[3 * N + i] : 0.f, c,
+                                     reinterpret_cast<const float*>(t[kStepW0]), slot<F>(t, kStepA0),
+                                     slot<F>(t, kStepKk), slot<F>(t, kStepKa), later ? slot<F>(t, kStepV0) : nullptr,
+                                     sum);
+        sw[i] = p.w; sk[i] = round_act<F>(p.k); sa[i] = round_act<F>(p.a); sb[i] = round_act<F>(p.b); sr[i] = rf;
+        const float vv = round_act<F>(p.v);
+        head_bar();
+        const float yw = round_act<F>(wkv7_row_step<N>(S, sw, sk, sa, sb, sr, vv));
+#pragma unroll
+        for (int j = 0; j < N; ++j) tile[i * kTileStride + j] = S[j];
+        y[c] = from_f32<F>(post_vals<F, N>(yw, rf, sk[i], vv, lr[2 * N + i], c, slot<F>(t, kStepRk),
+                                           slot<F>(t, kStepLnxW), slot<F>(t, kStepLnxB), sum));
+    }
+    __syncthreads();
+#pragma unroll
+    for (int u = 0; u < kStateVec; ++u) {
+        const int e = tid + u * kStepThreads;
+        const float* d = tile + (e / (N / 4)) * kTileStride + (e % (N / 4)) * 4;
+        g4[e] = make_float4(d[0], d[1], d[2], d[3]);
+    }
 }
 
 template <typename F>
@@ -294,6 +354,19 @@ __global__ void __launch_bounds__(kStepThreads, 1) v7_step_kernel(const __grid_c
     __shared__ StepProd<F> sp[7];
     __shared__ __align__(16) F low[kStepMaxLow];
     __shared__ __align__(16) float sw[kStepN], sk[kStepN], sa[kStepN], sb[kStepN], sr[kStepN];
+    __shared__ __align__(16) float lr[4 * kStepN];
+    __shared__ __align__(16) float tile[kStepN * kTileStride];
+    unsigned long long* times = (blockIdx.x == 0 && threadIdx.x == 0) ? a.times : nullptr;
+    int mark = 0;
+    auto stamp = [&]() {
+        if (times) {
+            unsigned long long ns;
+            asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(ns));
+            times[mark] = ns;
+        }
+        ++mark;
+    };
+    stamp();
     F* x = static_cast<F*>(a.x);
     F* dx = static_cast<F*>(a.dx);
     F* scr = static_cast<F*>(a.scratch);
@@ -333,19 +406,20 @@ __global__ void __launch_bounds__(kStepThreads, 1) v7_step_kernel(const __grid_c
             }
         }
         grid_sync(a.bar, a.flag);
+        stamp();
         // B: per head; block 0 puts ln1's output in the shift state and the residual stream in place
         if (first_block) {
             for (int c = threadIdx.x; c < C; c += kStepThreads) { att_x[c] = xl[c]; x[c] = from_f32<F>(cur[c]); }
         }
-        if (threadIdx.x < kStepN) {
-            for (int h = blockIdx.x; h < a.H; h += gridDim.x) head_step<F>(a, t, layer, h, low, hsh, sw, sk, sa, sb, sr);
-        }
+        for (int h = blockIdx.x; h < a.H; h += gridDim.x)
+            head_stage<F>(a, t, layer, h, low, lr, tile, hsh, sw, sk, sa, sb, sr);
         if (a.prefetch) {
             const StepProd<F> P[1] = {{slot<F>(t, kStepWo), xm, att, C, 0}};
             publish(sp, P, 1);
             prefetch_prods<F>(sp, 1, C);
         }
         grid_sync(a.bar, a.flag);
+        stamp();
         // C: att = Wo y
         stage_in<F>(y, xm, C);
         {
@@ -359,6 +433,7 @@ __global__ void __launch_bounds__(kStepThreads, 1) v7_step_kernel(const __grid_c
             prefetch_prods<F>(sp, 1, C);
         }
         grid_sync(a.bar, a.flag);
+        stamp();
         // D: ln2 + the channel-mix lerp; hk = relu(Wk x_k)^2
         norm_mix<F>(x, att, slot<F>(t, kStepLn2W), slot<F>(t, kStepLn2B), ffn_x, slot<F>(t, kStepMixK), 1, C, cur,
                     xl, xm, red);
@@ -373,6 +448,7 @@ __global__ void __launch_bounds__(kStepThreads, 1) v7_step_kernel(const __grid_c
             prefetch_prods<F>(sp, 1, Fd);
         }
         grid_sync(a.bar, a.flag);
+        stamp();
         // E: dx = Wv hk; block 0 puts ln2's output in the shift state and the residual stream in place
         if (first_block) {
             for (int c = threadIdx.x; c < C; c += kStepThreads) { ffn_x[c] = xl[c]; x[c] = from_f32<F>(cur[c]); }
@@ -394,6 +470,7 @@ __global__ void __launch_bounds__(kStepThreads, 1) v7_step_kernel(const __grid_c
             prefetch_prods<F>(sp, 7, C);
         }
         grid_sync(a.bar, a.flag);
+        stamp();
     }
 }
 

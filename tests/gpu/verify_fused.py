@@ -195,6 +195,8 @@ def main() -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--strategies", nargs="+", default=["cuda fp16", "cuda fp16i8", "cuda fp16i4"],
                     help="the strategies checked (the sparse FFN and folded-norm cases run with cuda fp16)")
+    ap.add_argument("--only-persistent", action="store_true",
+                    help="only the persistent decode step's cases (fp16 and bf16)")
     args = ap.parse_args()
     print(kernels.ensure_built("cuda"), flush=True)
     w = shapes.random_checkpoint(args.shape, dtype=torch.float16, device="cuda", seed=3)
@@ -214,7 +216,7 @@ def main() -> int:
         lines.append(f"| {case} | {strategy} | {path} | {err:.2e} | {tol:g} | {'pass' if good else 'FAIL'} |")
         print(lines[-1], flush=True)
 
-    for strategy in args.strategies:
+    for strategy in ([] if args.only_persistent else args.strategies):
         fused = RWKV(model=w, strategy=strategy)
         seq, st = fused.forward(tokens, None, full_output=True)
         if strategy.endswith("i4"):     # ln1 + mixes + int4 r/k/v in one launch (opt-in): its load probe
@@ -287,7 +289,9 @@ def main() -> int:
             rel(got[:, 0], torch.stack(one)))
         del fused, plain, dec
         torch.cuda.empty_cache()
-    if "cuda fp16" in args.strategies:
+    if args.only_persistent:
+        persistent_cases(w, tokens, row)
+    elif "cuda fp16" in args.strategies:
         persistent_cases(w, tokens, row)
         ffn_cases(w, tokens, row)
         fold_cases(w, tokens, row)
