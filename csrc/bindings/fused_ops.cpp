@@ -312,7 +312,8 @@ void v7_tmix_one_cuda(const at::Tensor& r, const at::Tensor& k, const at::Tensor
 
 int64_t v7_step_cuda(const at::Tensor& table, at::TensorList att_x, at::TensorList s, at::TensorList ffn_x,
                      const at::Tensor& x, const at::Tensor& dx, const at::Tensor& scratch, const at::Tensor& bar,
-                     int64_t H, int64_t ffn, at::IntArrayRef dims, bool prefetch, const OptT& times) {
+                     int64_t H, int64_t ffn, at::IntArrayRef dims, bool prefetch, const OptT& times,
+                     int64_t blocks) {
     const char* op = "rwkv_chat::v7_step_cuda";
     const int64_t L = table.dim() == 2 ? table.size(0) : -1, C = x.numel();
     const auto F = x.scalar_type();
@@ -354,7 +355,8 @@ int64_t v7_step_cuda(const at::Tensor& table, at::TensorList att_x, at::TensorLi
                     bar.device() == x.device(), op, ": every tensor on x's device");
     const at::cuda::CUDAGuard guard(x.device());
     int grid = 0;
-    check_launch(v7_step_launch(act, a, &grid, c10::cuda::getCurrentCUDAStream()), op);
+    TORCH_CHECK(blocks >= 0, op, ": blocks must be >= 0");
+    check_launch(v7_step_launch(act, a, (int)blocks, &grid, c10::cuda::getCurrentCUDAStream()), op);
     return grid;
 }
 
@@ -385,6 +387,6 @@ TORCH_LIBRARY_FRAGMENT(rwkv_chat, m) {
           &rwkv_chat::v7_tmix_one_cuda);
     m.def("v7_step_cuda(Tensor table, Tensor(a!)[] att_x, Tensor(b!)[] s, Tensor(c!)[] ffn_x, Tensor(d!) x, "
           "Tensor(e!) dx, Tensor(f!) scratch, Tensor(g!) bar, int H, int ffn, int[] dims, bool prefetch, "
-          "Tensor(h!)? times=None) -> int",
+          "Tensor(h!)? times=None, int blocks=0) -> int",
           &rwkv_chat::v7_step_cuda);
 }

@@ -168,7 +168,8 @@ struct V7StepArgs {
     float* s[kStepMaxLayers];
     void* ffn_x[kStepMaxLayers];
 };
-// act: 1 fp16, 2 bf16. grid_out (nullable): the blocks launched (one per multiprocessor).
-int v7_step_launch(int act, const V7StepArgs& args, int* grid_out, cudaStream_t stream);
+// act: 1 fp16, 2 bf16. blocks: the grid (0: one block per multiprocessor; at most that). grid_out (nullable): the
+// blocks launched.
+int v7_step_launch(int act, const V7StepArgs& args, int blocks, int* grid_out, cudaStream_t stream);
 
 }  // namespace rwkv_chat

@@ -476,7 +476,7 @@ __global__ void __launch_bounds__(kStepThreads, 1) v7_step_kernel(const __grid_c
 
 }  // namespace
 
-int v7_step_launch(int act, const V7StepArgs& args, int* grid_out, cudaStream_t stream) {
+int v7_step_launch(int act, const V7StepArgs& args, int blocks, int* grid_out, cudaStream_t stream) {
     if (args.L < 1 || args.L > kStepMaxLayers || args.C % kStepN != 0 || args.H * kStepN != args.C ||
         args.ffn % 8 != 0 || args.dw % 8 || args.da % 8 || args.dg % 8 || args.dv % 8 || args.dw < 8 || args.da < 8 ||
         args.dg < 8 || args.dv < 8 || args.dw + args.da + args.dg + args.dv > kStepMaxLow || act == 0)
@@ -499,7 +499,7 @@ int v7_step_launch(int act, const V7StepArgs& args, int* grid_out, cudaStream_t 
         if ((err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kStepThreads, smem)) != cudaSuccess)
             return (int)err;
         if (per_sm < 1) return kUnsupported;
-        const int grid = device_sm_count();
+        const int grid = blocks > 0 ? std::min(blocks, device_sm_count()) : device_sm_count();
         if (grid_out) *grid_out = grid;
         cudaLaunchConfig_t cfg = {};
         cfg.gridDim = dim3(grid);

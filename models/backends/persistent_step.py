@@ -91,7 +91,8 @@ class PersistentStep:
     the residual buffers and the grid barrier, all on the model's device.
 
     Attributes:
-        prefetch: ask L2 for the next stage's weights before each barrier (a benchmark switch; on by default).
+        prefetch: ask L2 for the next stage's weights before each barrier (a benchmark switch; off by default: slower at 0.1B on an H100).
+        blocks: the grid's blocks (0, the default: one per multiprocessor; a benchmark switch).
         grid: the blocks of the last launch (one per multiprocessor), 0 before the first.
     """
 
@@ -115,7 +116,9 @@ class PersistentStep:
         self.scratch = torch.empty(7 * C + MAX_LOW + self.ffn, dtype=dt, device=dev)
         #: arrivals, generation, timed-out flag
         self.bar = torch.zeros(3, dtype=torch.int32, device=dev)
-        self.prefetch = True
+        self.prefetch = False
+        #: the grid's blocks (0: one per multiprocessor, the most it takes; a benchmark switch)
+        self.blocks = 0
         self.grid = 0
 
     @classmethod
@@ -134,7 +137,7 @@ class PersistentStep:
         each grid barrier."""
         torch.index_select(model.emb, 0, ids.view(-1), out=self.x)
         self.grid = _op()(self.table, state[0::3], state[1::3], state[2::3], self.x, self.dx, self.scratch, self.bar,
-                          self.H, self.ffn, self.dims, self.prefetch, times)
+                          self.H, self.ffn, self.dims, self.prefetch, times, self.blocks)
         return self.x, self.dx
 
     def stage_times(self, model, state: list[torch.Tensor], steps: int = 20) -> list[float]:
