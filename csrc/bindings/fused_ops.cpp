@@ -312,7 +312,7 @@ void v7_tmix_one_cuda(const at::Tensor& r, const at::Tensor& k, const at::Tensor
 
 int64_t v7_step_cuda(const at::Tensor& table, at::TensorList att_x, at::TensorList s, at::TensorList ffn_x,
                      const at::Tensor& x, const at::Tensor& dx, const at::Tensor& scratch, const at::Tensor& bar,
-                     int64_t H, int64_t ffn, at::IntArrayRef dims, bool prefetch, const OptT& times,
+                     int64_t H, int64_t ffn, at::IntArrayRef dims, int64_t prefetch, const OptT& times,
                      int64_t blocks) {
     const char* op = "rwkv_chat::v7_step_cuda";
     const int64_t L = table.dim() == 2 ? table.size(0) : -1, C = x.numel();
@@ -337,7 +337,8 @@ int64_t v7_step_cuda(const at::Tensor& table, at::TensorList att_x, at::TensorLi
     a.x = x.data_ptr(); a.dx = dx.data_ptr(); a.scratch = scratch.data_ptr();
     a.bar = reinterpret_cast<unsigned*>(bar.data_ptr<int>());
     a.flag = bar.data_ptr<int>() + 2;
-    a.prefetch = prefetch ? 1 : 0;
+    TORCH_CHECK(prefetch >= 0 && prefetch <= 2, op, ": prefetch must be 0 (none), 1 (L2) or 2 (registers)");
+    a.prefetch = (int)prefetch;
     if (times.has_value() && times->defined()) {
         tok(*times, op, "times", at::kLong, 1 + 5 * L);
         TORCH_CHECK(times->device() == x.device(), op, ": every tensor on x's device");
@@ -386,7 +387,7 @@ TORCH_LIBRARY_FRAGMENT(rwkv_chat, m) {
           "Tensor lnb, Tensor(a!) s, Tensor(b!) out, int H, bool staged=False) -> ()",
           &rwkv_chat::v7_tmix_one_cuda);
     m.def("v7_step_cuda(Tensor table, Tensor(a!)[] att_x, Tensor(b!)[] s, Tensor(c!)[] ffn_x, Tensor(d!) x, "
-          "Tensor(e!) dx, Tensor(f!) scratch, Tensor(g!) bar, int H, int ffn, int[] dims, bool prefetch, "
+          "Tensor(e!) dx, Tensor(f!) scratch, Tensor(g!) bar, int H, int ffn, int[] dims, int prefetch, "
           "Tensor(h!)? times=None, int blocks=0) -> int",
           &rwkv_chat::v7_step_cuda);
 }

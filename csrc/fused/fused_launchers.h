@@ -162,7 +162,7 @@ struct V7StepArgs {
     void* scratch;
     unsigned* bar;
     int* flag;
-    int prefetch;   // ask L2 for the next stage's weights before each barrier
+    int prefetch;   // before each barrier, the next stage's weights: 0 not requested, 1 into L2, 2 into registers
     unsigned long long* times;   // nullable: the global timer (ns) at the start and after each barrier, 1 + 5 L values
     void* att_x[kStepMaxLayers];
     float* s[kStepMaxLayers];

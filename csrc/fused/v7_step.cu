@@ -14,8 +14,9 @@
 //   D  x = round(x + att); ln2; the channel-mix lerp; hk = relu(round(Wk x_k))^2
 //   E  dx = Wv hk
 // The shift states take ln1 / ln2's output and the residual stream is written back by block 0 one stage later, once
-// every block has read the old values. Before each barrier a block may ask L2 for the weights of its rows of the next
-// stage (V7StepArgs.prefetch).
+// every block has read the old values. Before each barrier a block may request the weights of its rows of the next
+// stage (V7StepArgs.prefetch): 1 into L2 (prefetch.global.L2), 2 the first chunk of each warp's first two rows into
+// registers (and stage B's into L2).
 #include <algorithm>
 #include "../common/cuda_common.cuh"
 #include "fused_launchers.h"
@@ -120,16 +121,45 @@ __device__ __forceinline__ void prefetch_prods(const StepProd<F>* P, int n, int 
     }
 }
 
+// The first chunk of the weights of a warp's first two rows of the products P (see run_prods), loaded into registers
+// ahead of time: before the grid barrier that precedes the stage (weights never change), so after it only the
+// x-dependent work and the rest of longer rows remain.
+template <typename F>
+struct FirstChunk {
+    uint4 a[kStepUnroll], b[kStepUnroll];
+};
+
+template <typename F>
+__device__ __forceinline__ void first_chunk(const StepProd<F>* P, int n, int K, FirstChunk<F>& L) {
+    constexpr int EPV = 16 / sizeof(F);
+    int total = 0;
+    for (int e = 0; e < n; ++e) total += P[e].M;
+    const int tw = gridDim.x * kStepWarps, lane = threadIdx.x % 32;
+    int ma = blockIdx.x * kStepWarps + threadIdx.x / 32, mb = ma + tw;
+    const bool ha = ma < total, hb = mb < total;
+    const F* wa = ha ? P[find_prod(P, n, ma)].w + (long)ma * K : nullptr;
+    const F* wb = hb ? P[find_prod(P, n, mb)].w + (long)mb * K : nullptr;
+#pragma unroll
+    for (int u = 0; u < kStepUnroll; ++u) {
+        const int k = lane * EPV + u * 32 * EPV;
+        L.a[u] = (ha && k < K) ? __ldcs(reinterpret_cast<const uint4*>(wa + k)) : make_uint4(0, 0, 0, 0);
+        L.b[u] = (hb && k < K) ? __ldcs(reinterpret_cast<const uint4*>(wb + k)) : make_uint4(0, 0, 0, 0);
+    }
+}
+
 // The products P (n of them, each K wide) over the grid's warps: warp gw takes rows gw, gw + TW, ... of their
 // concatenation, two at a time (their weights in flight together), one lane group of 16-byte loads per row.
+// use_pre: take the first chunk from first_chunk's registers pre (loaded for these products).
 template <typename F>
-__device__ __forceinline__ void run_prods(const StepProd<F>* P, int n, int K) {
+__device__ __forceinline__ void run_prods(const StepProd<F>* P, int n, int K, const FirstChunk<F>& pre,
+                                          bool use_pre) {
     constexpr int EPV = 16 / sizeof(F);
     union V { uint4 q; F v[EPV]; };
     int total = 0;
     for (int e = 0; e < n; ++e) total += P[e].M;
     const int lane = threadIdx.x % 32;
     const int tw = gridDim.x * kStepWarps;
+    bool first = true;
     for (int m0 = blockIdx.x * kStepWarps + threadIdx.x / 32; m0 < total; m0 += 2 * tw) {
         int ma = m0, mb = m0 + tw;
         const bool hb = mb < total;
@@ -143,12 +173,19 @@ __device__ __forceinline__ void run_prods(const StepProd<F>* P, int n, int K) {
         float a = 0.f, b = 0.f;
         for (int n0 = lane * EPV; n0 < K; n0 += 32 * EPV * kStepUnroll) {
             V qa[kStepUnroll], qb[kStepUnroll];
+            if (first && use_pre) {
 #pragma unroll
-            for (int u = 0; u < kStepUnroll; ++u) {
-                const int k = n0 + u * 32 * EPV;
-                qa[u].q = k < K ? __ldcs(reinterpret_cast<const uint4*>(wa + k)) : make_uint4(0, 0, 0, 0);
-                qb[u].q = (hb && k < K) ? __ldcs(reinterpret_cast<const uint4*>(wb + k)) : make_uint4(0, 0, 0, 0);
+                for (int u = 0; u < kStepUnroll; ++u) { qa[u].q = pre.a[u]; qb[u].q = pre.b[u]; }
+            } else {
+#pragma unroll
+                for (int u = 0; u < kStepUnroll; ++u) {
+                    const int k = n0 + u * 32 * EPV;
+                    qa[u].q = k < K ? __ldcs(reinterpret_cast<const uint4*>(wa + k)) : make_uint4(0, 0, 0, 0);
+                    qb[u].q = (hb && k < K) ? __ldcs(reinterpret_cast<const uint4*>(wb + k))
+                                            : make_uint4(0, 0, 0, 0);
+                }
             }
+            first = false;
 #pragma unroll
             for (int u = 0; u < kStepUnroll; ++u) {
                 const int k = n0 + u * 32 * EPV;
@@ -164,6 +201,7 @@ __device__ __forceinline__ void run_prods(const StepProd<F>* P, int n, int K) {
                 }
             }
         }
+        first = false;
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) {
             a += __shfl_xor_sync(0xffffffffu, a, o);
@@ -342,7 +380,8 @@ __device__ __forceinline__ void head_stage(const V7StepArgs& a, const long long*
     }
 }
 
-template <typename F>
+// PRE: V7StepArgs.prefetch == 2 (the first weights of each stage in registers before its barrier).
+template <typename F, bool PRE>
 __global__ void __launch_bounds__(kStepThreads, 1) v7_step_kernel(const __grid_constant__ V7StepArgs a) {
     extern __shared__ __align__(16) unsigned char step_smem[];
     const int C = a.C, Fd = a.ffn;
@@ -375,26 +414,41 @@ __global__ void __launch_bounds__(kStepThreads, 1) v7_step_kernel(const __grid_c
     F* att = y + C;
     F* hk = att + C;
     const bool first_block = blockIdx.x == 0;
+    constexpr bool pre = PRE;
+    FirstChunk<F> fc;
+    // The products of a stage go into the block's table sp before the barrier that precedes the stage (with their
+    // first weights requested: into L2 with prefetch 1, into registers with 2).
+    auto stage_a = [&](const long long* tl, bool lat) {
+        const StepProd<F> P[7] = {
+            {slot<F>(tl, kStepWr), xm, r, C, 0},
+            {slot<F>(tl, kStepWk), xm + 2 * C, k, C, 0},
+            {slot<F>(tl, kStepWv), xm + 3 * C, v, C, 0},
+            {slot<F>(tl, kStepW1), xm + C, low1, a.dw, 1},
+            {slot<F>(tl, kStepA1), xm + 4 * C, low1 + a.dw, a.da, 0},
+            {slot<F>(tl, kStepG1), xm + 5 * C, low1 + a.dw + a.da, a.dg, 2},
+            {slot<F>(tl, kStepV1), xm + 3 * C, low1 + a.dw + a.da + a.dg, a.dv, 0}};
+        publish(sp, P, lat ? 7 : 6);
+    };
+    auto one = [&](const F* w, F* out, int M, int act) {
+        const StepProd<F> P[1] = {{w, xm, out, M, act}};
+        publish(sp, P, 1);
+    };
+    auto request = [&](int n, int K) {
+        if (a.prefetch == 1) prefetch_prods<F>(sp, n, K);
+        else if (pre) first_chunk<F>(sp, n, K, fc);
+    };
+    stage_a(a.table, false);
+    request(6, C);
     for (int layer = 0; layer < a.L; ++layer) {
         const long long* t = a.table + (long)layer * kStepSlots;
         const bool later = layer > 0;
+        const int na = later ? 7 : 6;
         F* att_x = static_cast<F*>(a.att_x[layer]);
         F* ffn_x = static_cast<F*>(a.ffn_x[layer]);
         // A: ln1 + lerps; r, k, v and the first low-rank products
         norm_mix<F>(x, later ? dx : nullptr, slot<F>(t, kStepLn1W), slot<F>(t, kStepLn1B), att_x,
                     slot<F>(t, kStepMix6), 6, C, cur, xl, xm, red);
-        {
-            const StepProd<F> P[7] = {
-                {slot<F>(t, kStepWr), xm, r, C, 0},
-                {slot<F>(t, kStepWk), xm + 2 * C, k, C, 0},
-                {slot<F>(t, kStepWv), xm + 3 * C, v, C, 0},
-                {slot<F>(t, kStepW1), xm + C, low1, a.dw, 1},
-                {slot<F>(t, kStepA1), xm + 4 * C, low1 + a.dw, a.da, 0},
-                {slot<F>(t, kStepG1), xm + 5 * C, low1 + a.dw + a.da, a.dg, 2},
-                {slot<F>(t, kStepV1), xm + 3 * C, low1 + a.dw + a.da + a.dg, a.dv, 0}};
-            publish(sp, P, later ? 7 : 6);
-            run_prods<F>(sp, later ? 7 : 6, C);
-        }
+        run_prods<F>(sp, na, C, fc, pre);
         if (a.prefetch) {                                             // B's rows: the head's low-rank rows + state
             for (int h = blockIdx.x; h < a.H; h += gridDim.x) {
                 const long c0 = (long)h * kStepN;
@@ -413,40 +467,23 @@ __global__ void __launch_bounds__(kStepThreads, 1) v7_step_kernel(const __grid_c
         }
         for (int h = blockIdx.x; h < a.H; h += gridDim.x)
             head_stage<F>(a, t, layer, h, low, lr, tile, hsh, sw, sk, sa, sb, sr);
-        if (a.prefetch) {
-            const StepProd<F> P[1] = {{slot<F>(t, kStepWo), xm, att, C, 0}};
-            publish(sp, P, 1);
-            prefetch_prods<F>(sp, 1, C);
-        }
+        one(slot<F>(t, kStepWo), att, C, 0);
+        request(1, C);
         grid_sync(a.bar, a.flag);
         stamp();
         // C: att = Wo y
         stage_in<F>(y, xm, C);
-        {
-            const StepProd<F> P[1] = {{slot<F>(t, kStepWo), xm, att, C, 0}};
-            publish(sp, P, 1);
-            run_prods<F>(sp, 1, C);
-        }
-        if (a.prefetch) {
-            const StepProd<F> P[1] = {{slot<F>(t, kStepFk), xm, hk, Fd, 3}};
-            publish(sp, P, 1);
-            prefetch_prods<F>(sp, 1, C);
-        }
+        run_prods<F>(sp, 1, C, fc, pre);
+        one(slot<F>(t, kStepFk), hk, Fd, 3);
+        request(1, C);
         grid_sync(a.bar, a.flag);
         stamp();
         // D: ln2 + the channel-mix lerp; hk = relu(Wk x_k)^2
         norm_mix<F>(x, att, slot<F>(t, kStepLn2W), slot<F>(t, kStepLn2B), ffn_x, slot<F>(t, kStepMixK), 1, C, cur,
                     xl, xm, red);
-        {
-            const StepProd<F> P[1] = {{slot<F>(t, kStepFk), xm, hk, Fd, 3}};
-            publish(sp, P, 1);
-            run_prods<F>(sp, 1, C);
-        }
-        if (a.prefetch) {
-            const StepProd<F> P[1] = {{slot<F>(t, kStepFv), xm, dx, C, 0}};
-            publish(sp, P, 1);
-            prefetch_prods<F>(sp, 1, Fd);
-        }
+        run_prods<F>(sp, 1, C, fc, pre);
+        one(slot<F>(t, kStepFv), dx, C, 0);
+        request(1, Fd);
         grid_sync(a.bar, a.flag);
         stamp();
         // E: dx = Wv hk; block 0 puts ln2's output in the shift state and the residual stream in place
@@ -454,20 +491,10 @@ __global__ void __launch_bounds__(kStepThreads, 1) v7_step_kernel(const __grid_c
             for (int c = threadIdx.x; c < C; c += kStepThreads) { ffn_x[c] = xl[c]; x[c] = from_f32<F>(cur[c]); }
         }
         stage_in<F>(hk, xm, Fd);
-        {
-            const StepProd<F> P[1] = {{slot<F>(t, kStepFv), xm, dx, C, 0}};
-            publish(sp, P, 1);
-            run_prods<F>(sp, 1, Fd);
-        }
-        if (a.prefetch && layer + 1 < a.L) {
-            const long long* tn = t + kStepSlots;
-            const StepProd<F> P[7] = {
-                {slot<F>(tn, kStepWr), xm, r, C, 0}, {slot<F>(tn, kStepWk), xm, k, C, 0},
-                {slot<F>(tn, kStepWv), xm, v, C, 0}, {slot<F>(tn, kStepW1), xm, low1, a.dw, 1},
-                {slot<F>(tn, kStepA1), xm, low1, a.da, 0}, {slot<F>(tn, kStepG1), xm, low1, a.dg, 2},
-                {slot<F>(tn, kStepV1), xm, low1, a.dv, 0}};
-            publish(sp, P, 7);
-            prefetch_prods<F>(sp, 7, C);
+        run_prods<F>(sp, 1, Fd, fc, pre);
+        if (layer + 1 < a.L) {
+            stage_a(t + kStepSlots, true);
+            request(7, C);
         }
         grid_sync(a.bar, a.flag);
         stamp();
@@ -513,8 +540,9 @@ int v7_step_launch(int act, const V7StepArgs& args, int blocks, int* grid_out, c
         cfg.numAttrs = 1;
         return launch_rc(cudaLaunchKernelEx(&cfg, kernel, args));
     };
-    if (act == 1) return go(v7_step_kernel<__half>);
-    return go(v7_step_kernel<__nv_bfloat16>);
+    const bool pre = args.prefetch == 2;
+    if (act == 1) return pre ? go(v7_step_kernel<__half, true>) : go(v7_step_kernel<__half, false>);
+    return pre ? go(v7_step_kernel<__nv_bfloat16, true>) : go(v7_step_kernel<__nv_bfloat16, false>);
 }
 
 }  // namespace rwkv_chat

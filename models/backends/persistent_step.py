@@ -91,7 +91,8 @@ class PersistentStep:
     the residual buffers and the grid barrier, all on the model's device.
 
     Attributes:
-        prefetch: ask L2 for the next stage's weights before each barrier (a benchmark switch; off by default: slower at 0.1B on an H100).
+        prefetch: the next stage's weights requested before each grid barrier: 0 not, 1 into L2
+            (prefetch.global.L2), 2 the first chunk of each warp's first rows into registers (a benchmark switch).
         blocks: the grid's blocks (0, the default: one per multiprocessor; a benchmark switch).
         grid: the blocks of the last launch (one per multiprocessor), 0 before the first.
     """
@@ -116,7 +117,7 @@ class PersistentStep:
         self.scratch = torch.empty(7 * C + MAX_LOW + self.ffn, dtype=dt, device=dev)
         #: arrivals, generation, timed-out flag
         self.bar = torch.zeros(3, dtype=torch.int32, device=dev)
-        self.prefetch = False
+        self.prefetch = 2
         #: the grid's blocks (0: one per multiprocessor, the most it takes; a benchmark switch)
         self.blocks = 0
         self.grid = 0

@@ -152,7 +152,7 @@ def fold_cases(w, tokens, row) -> None:
 
 def persistent_cases(w, tokens, row) -> None:
     """Every layer of a one-row decode step in one persistent launch (``FusedCuda(persistent_step=True)``, its load
-    probe; with and without the L2 prefetch): decode steps (CUDA graphs) vs the same model's layer launches (logits
+    probe; the next stage's weights requested into registers, into L2 or not): decode steps (CUDA graphs) vs the same model's layer launches (logits
     and states; the sums in another order), and in fp16 vs the sequence path over prompt + the decoded tokens."""
     from rwkv_chat.models.backends.fused_cuda import FusedCuda
 
@@ -172,12 +172,12 @@ def persistent_cases(w, tokens, row) -> None:
         model.backend.persistent = None
         want, st_want = decode_all(model, st, 1, 6)
         model.backend.persistent = step
-        for prefetch in (True, False):
+        for prefetch in (2, 1, 0):
             step.prefetch = prefetch
             got, st_got = decode_all(model, st, 1, 6)
             timed_out = step.timed_out()
             row(f"decode batch 1, 6 steps: every layer in one persistent launch ({step.grid} blocks, prefetch "
-                f"{'on' if prefetch else 'off'}) vs the layer launches (logits, states)", strategy,
+                f"{('none', 'L2', 'registers')[prefetch]}) vs the layer launches (logits, states)", strategy,
                 "graph, persistent / layers" + (" BARRIER TIMED OUT" if timed_out else ""),
                 float("inf") if timed_out else max(rel(got, want), state_rel(st_got[0], st_want[0])), tol=tol)
         if strategy.endswith("fp16"):
