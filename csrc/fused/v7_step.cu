@@ -29,6 +29,7 @@ constexpr int kStepThreads = 512;
 constexpr int kStepWarps = kStepThreads / 32;
 constexpr int kStepN = 64;                   // head size
 constexpr int kStepUnroll = 4;               // 16-byte weight loads per lane per row in flight
+constexpr size_t kStepStaticSmem = 24 * 1024;   // above the kernel's static shared memory (ptxas: 21.4 KiB)
 constexpr long kSpinLimit = 1L << 24;        // barrier polls before giving up (seconds; only a broken launch)
 
 template <typename F> __device__ __forceinline__ F ldcg_(const F* p) {
@@ -36,28 +37,31 @@ template <typename F> __device__ __forceinline__ F ldcg_(const F* p) {
     return *reinterpret_cast<const F*>(&u);
 }
 
-// Grid-wide barrier (sense reversal): bar[0] counts arrivals, bar[1] is the generation. Every block's writes before
-// it are visible to every block after it (reads of data other blocks wrote go through L2: ld.global.cg).
-// A barrier that waits past kSpinLimit sets *flag and lets its block go on (the step's output is then wrong, and the
-// flag says so); a cooperative launch keeps every block resident, so it does not happen in a sound launch.
-__device__ __forceinline__ void grid_sync(unsigned* bar, int* flag) {
+// Grid-wide barrier on a counter that only grows: bar[0] counts every arrival of every launch, bar[1] holds its value
+// at the end of the last launch (each launch starts from it: target = bar[1] + k * blocks at its k-th barrier, and
+// block 0 writes the final target back). Arrival is one release add, the wait one acquire load in a loop, so the
+// barrier costs about two trips to L2. Every block's writes before it are visible to every block after it (reads of
+// data other blocks wrote go through L2: ld.global.cg). A wait past kSpinLimit polls sets *flag and lets its block go on
+// (the step's output is then wrong, and the flag says so); a cooperative launch keeps every block resident, so it
+// does not happen in a sound launch.
+__device__ __forceinline__ unsigned grid_base(const unsigned* bar) {
+    unsigned v;
+    asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(bar + 1) : "memory");
+    return v;
+}
+
+__device__ __forceinline__ void grid_sync(unsigned* bar, unsigned& target, int* flag) {
     __syncthreads();
+    target += gridDim.x;
     if (threadIdx.x == 0) {
-        volatile unsigned* gen = bar + 1;
-        const unsigned g = *gen;
-        __threadfence();
-        if (atomicAdd(bar, 1u) == gridDim.x - 1) {
-            atomicExch(bar, 0u);
-            __threadfence();
-            atomicAdd(bar + 1, 1u);
-        } else {
-            long spins = 0;
-            while (*gen == g) {
-                if (++spins > kSpinLimit) { atomicExch(flag, 1); break; }
-                __nanosleep(32);
-            }
+        asm volatile("red.release.gpu.global.add.u32 [%0], %1;" ::"l"(bar), "r"(1u) : "memory");
+        long spins = 0;
+        while (true) {
+            unsigned v;
+            asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(bar) : "memory");
+            if ((int)(v - target) >= 0) break;
+            if (++spins > kSpinLimit) { atomicExch(flag, 1); break; }
         }
-        __threadfence();
     }
     __syncthreads();
 }
@@ -243,6 +247,18 @@ __device__ __forceinline__ void norm_mix(const F* x, const F* dx, const F* lnw, 
         for (int m = 0; m < n_mix; ++m) xm[(long)m * C + c] = from_f32<F>(l + d * to_f32(mix[(long)m * C + c]));
     }
     __syncthreads();
+}
+
+// Ask L1 for a norm's weight, bias and n_mix lerp vectors ([C] each, the lerps [n_mix, C]) ahead of norm_mix.
+template <typename F>
+__device__ __forceinline__ void prefetch_norm(const F* lnw, const F* lnb, const F* mix, int n_mix, int C) {
+    const long bytes = (long)C * sizeof(F);
+    for (long o = (long)threadIdx.x * 128; o < bytes; o += (long)kStepThreads * 128) {
+        asm volatile("prefetch.global.L1 [%0];" ::"l"(reinterpret_cast<const char*>(lnw) + o));
+        asm volatile("prefetch.global.L1 [%0];" ::"l"(reinterpret_cast<const char*>(lnb) + o));
+        for (int m = 0; m < n_mix; ++m)
+            asm volatile("prefetch.global.L1 [%0];" ::"l"(reinterpret_cast<const char*>(mix + (long)m * C) + o));
+    }
 }
 
 // n values of global memory other blocks wrote -> shared memory (every thread; a barrier after).
@@ -437,6 +453,7 @@ __global__ void __launch_bounds__(kStepThreads, 1) v7_step_kernel(const __grid_c
         if (a.prefetch == 1) prefetch_prods<F>(sp, n, K);
         else if (pre) first_chunk<F>(sp, n, K, fc);
     };
+    unsigned target = grid_base(a.bar);
     stage_a(a.table, false);
     request(6, C);
     for (int layer = 0; layer < a.L; ++layer) {
@@ -459,7 +476,7 @@ __global__ void __launch_bounds__(kStepThreads, 1) v7_step_kernel(const __grid_c
                 prefetch_l2(a.s[layer] + c0 * kStepN, (long)kStepN * kStepN * sizeof(float));
             }
         }
-        grid_sync(a.bar, a.flag);
+        grid_sync(a.bar, target, a.flag);
         stamp();
         // B: per head; block 0 puts ln1's output in the shift state and the residual stream in place
         if (first_block) {
@@ -469,14 +486,15 @@ __global__ void __launch_bounds__(kStepThreads, 1) v7_step_kernel(const __grid_c
             head_stage<F>(a, t, layer, h, low, lr, tile, hsh, sw, sk, sa, sb, sr);
         one(slot<F>(t, kStepWo), att, C, 0);
         request(1, C);
-        grid_sync(a.bar, a.flag);
+        grid_sync(a.bar, target, a.flag);
         stamp();
         // C: att = Wo y
         stage_in<F>(y, xm, C);
         run_prods<F>(sp, 1, C, fc, pre);
         one(slot<F>(t, kStepFk), hk, Fd, 3);
         request(1, C);
-        grid_sync(a.bar, a.flag);
+        prefetch_norm(slot<F>(t, kStepLn2W), slot<F>(t, kStepLn2B), slot<F>(t, kStepMixK), 1, C);
+        grid_sync(a.bar, target, a.flag);
         stamp();
         // D: ln2 + the channel-mix lerp; hk = relu(Wk x_k)^2
         norm_mix<F>(x, att, slot<F>(t, kStepLn2W), slot<F>(t, kStepLn2B), ffn_x, slot<F>(t, kStepMixK), 1, C, cur,
@@ -484,7 +502,7 @@ __global__ void __launch_bounds__(kStepThreads, 1) v7_step_kernel(const __grid_c
         run_prods<F>(sp, 1, C, fc, pre);
         one(slot<F>(t, kStepFv), dx, C, 0);
         request(1, Fd);
-        grid_sync(a.bar, a.flag);
+        grid_sync(a.bar, target, a.flag);
         stamp();
         // E: dx = Wv hk; block 0 puts ln2's output in the shift state and the residual stream in place
         if (first_block) {
@@ -495,10 +513,13 @@ __global__ void __launch_bounds__(kStepThreads, 1) v7_step_kernel(const __grid_c
         if (layer + 1 < a.L) {
             stage_a(t + kStepSlots, true);
             request(7, C);
+            const long long* tn = t + kStepSlots;
+            prefetch_norm(slot<F>(tn, kStepLn1W), slot<F>(tn, kStepLn1B), slot<F>(tn, kStepMix6), 6, C);
         }
-        grid_sync(a.bar, a.flag);
+        grid_sync(a.bar, target, a.flag);
         stamp();
     }
+    if (blockIdx.x == 0 && threadIdx.x == 0) a.bar[1] = target;     // every block read bar[1] before barrier 1
 }
 
 }  // namespace
@@ -517,10 +538,9 @@ int v7_step_launch(int act, const V7StepArgs& args, int blocks, int* grid_out, c
     int coop = 0, optin = 0;
     cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, dev);
     cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-    if (!coop || smem > (size_t)optin) return kUnsupported;
+    if (!coop || smem + kStepStaticSmem > (size_t)optin) return kUnsupported;
     auto go = [&](auto kernel) -> int {
-        if (smem > 48 * 1024 &&
-            (err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem)) != cudaSuccess)
+        if ((err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem)) != cudaSuccess)
             return (int)err;
         int per_sm = 0;
         if ((err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kStepThreads, smem)) != cudaSuccess)
