@@ -30,7 +30,7 @@ constexpr int kStepWarps = kStepThreads / 32;
 constexpr int kStepN = 64;                   // head size
 constexpr int kStepUnroll = 4;               // 16-byte weight loads per lane per row in flight
 constexpr size_t kStepStaticSmem = 24 * 1024;   // above the kernel's static shared memory (ptxas: 21.4 KiB)
-constexpr long kSpinLimit = 1L << 24;        // barrier polls before giving up (seconds; only a broken launch)
+constexpr long kSpinLimit = 1L << 22;        // barrier polls before giving up (about a second; a broken launch)
 
 template <typename F> __device__ __forceinline__ F ldcg_(const F* p) {
     const unsigned short u = __ldcg(reinterpret_cast<const unsigned short*>(p));
@@ -61,6 +61,7 @@ __device__ __forceinline__ void grid_sync(unsigned* bar, unsigned& target, int* 
             asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(bar) : "memory");
             if ((int)(v - target) >= 0) break;
             if (++spins > kSpinLimit) { atomicExch(flag, 1); break; }
+            if ((spins & 1023) == 0 && *reinterpret_cast<volatile int*>(flag)) break;   // an earlier one gave up
         }
     }
     __syncthreads();
