@@ -328,7 +328,7 @@ int64_t v7_step_cuda(const at::Tensor& table, at::TensorList att_x, at::TensorLi
     TORCH_CHECK(H >= 1 && C == H * 64, op, ": C must be H * 64 (head size 64)");
     tok(x, op, "x", F, C);
     tok(dx, op, "dx", F, C);
-    tok(scratch, op, "scratch", F, 7 * C + kStepMaxLow + ffn);
+    tok(scratch, op, "scratch", F, 6 * C + kStepMaxLow + ffn);
     tok(bar, op, "bar", at::kInt, 3);
     V7StepArgs a = {};
     a.table = reinterpret_cast<const long long*>(table.data_ptr<int64_t>());
@@ -348,6 +348,7 @@ int64_t v7_step_cuda(const at::Tensor& table, at::TensorList att_x, at::TensorLi
         tok(att_x[i], op, "att_x", F, C);
         tok(ffn_x[i], op, "ffn_x", F, C);
         tok(s[i], op, "s", at::kFloat, C * 64);
+        TORCH_CHECK(reinterpret_cast<uintptr_t>(s[i].data_ptr()) % 16 == 0, op, ": s must be 16-byte aligned");
         TORCH_CHECK(att_x[i].device() == x.device() && s[i].device() == x.device() && ffn_x[i].device() == x.device(),
                     op, ": every tensor on x's device");
         a.att_x[i] = att_x[i].data_ptr(); a.s[i] = s[i].data_ptr<float>(); a.ffn_x[i] = ffn_x[i].data_ptr();

@@ -95,22 +95,39 @@ inline int device_sm_count() {
 // A launcher's return code: the launch's error, else any error the launch left pending (0: none).
 inline int launch_rc(cudaError_t e) { return (int)(e != cudaSuccess ? e : cudaGetLastError()); }
 
-// Launch a kernel that calls pdl_wait before touching data of earlier kernels, with programmatic stream
-// serialization where the device has it. Returns the launch's error code.
+// Launch a kernel with one launch attribute (used when `on`). Returns the launch's error code.
 template <typename... KArgs, typename... Args>
-inline cudaError_t launch_pdl(void (*kernel)(KArgs...), unsigned grid, unsigned block, size_t smem,
-                              cudaStream_t stream, Args... args) {
+inline cudaError_t launch_with(cudaLaunchAttribute attr, bool on, void (*kernel)(KArgs...), unsigned grid,
+                               unsigned block, size_t smem, cudaStream_t stream, Args... args) {
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = dim3(grid);
     cfg.blockDim = dim3(block);
     cfg.dynamicSmemBytes = smem;
     cfg.stream = stream;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = pdl_supported() ? 1 : 0;
+    cfg.attrs = &attr;
+    cfg.numAttrs = on ? 1 : 0;
     return cudaLaunchKernelEx(&cfg, kernel, args...);
+}
+
+// Launch a kernel that calls pdl_wait before touching data of earlier kernels, with programmatic stream
+// serialization where the device has it. Returns the launch's error code.
+template <typename... KArgs, typename... Args>
+inline cudaError_t launch_pdl(void (*kernel)(KArgs...), unsigned grid, unsigned block, size_t smem,
+                              cudaStream_t stream, Args... args) {
+    cudaLaunchAttribute attr = {};
+    attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr.val.programmaticStreamSerializationAllowed = 1;
+    return launch_with(attr, pdl_supported(), kernel, grid, block, smem, stream, args...);
+}
+
+// Launch a cooperative kernel (every block resident at once, or the launch fails: grid barriers are safe).
+template <typename... KArgs, typename... Args>
+inline cudaError_t launch_cooperative(void (*kernel)(KArgs...), unsigned grid, unsigned block, size_t smem,
+                                      cudaStream_t stream, Args... args) {
+    cudaLaunchAttribute attr = {};
+    attr.id = cudaLaunchAttributeCooperative;
+    attr.val.cooperative = 1;
+    return launch_with(attr, true, kernel, grid, block, smem, stream, args...);
 }
 
 }  // namespace rwkv_chat

@@ -144,9 +144,10 @@ int ffn_rows_launch(int act, int wkind, const FfnRowsPlan& plan, int rows, int F
 // output-major [M, K] in the activation dtype, fp16 or bf16: r, k, v, output [C, C]; w1, a1, g1, v1 [D, C]; w2, a2,
 // g2, v2 [C, D]; ffn key [ffn, C]; ffn value [C, ffn]; mix6 [6, C] in r w k v a g order; w0 float32 [C]; v1, v2, v0
 // null in layer 0). x [C]: the embedding row on entry, the last layer's residual stream on exit; dx [C]: its last
-// channel-mix output (the caller adds it before ln_out). scratch: 7 C + kStepMaxLow + ffn values. bar: two
+// channel-mix output (the caller adds it before ln_out; x is NaN where a barrier gave up). scratch: 6 C +
+// kStepMaxLow + ffn values. bar: two
 // unsigned counters (the grid barrier's arrivals and their count at the end of the last launch), zero before the
-// first launch, kept between launches; flag: set to 1 when a barrier timed out. The states att_x [C], s float32 [H, 64, 64] and ffn_x [C] of each layer are updated in place. Head size 64.
+// first launch, kept between launches; flag: nonzero once a barrier wait gave up (it stays so). The states att_x [C], s float32 [H, 64, 64] and ffn_x [C] of each layer are updated in place. Head size 64.
 constexpr int kStepMaxLayers = 64;
 constexpr int kStepMaxLow = 1024;   // dw + da + dg + dv
 enum V7StepSlot : int {

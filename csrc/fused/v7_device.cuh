@@ -44,6 +44,25 @@ __device__ __forceinline__ float block_sum(float v, float* sh) {
     return t;
 }
 
+// The residual add and LayerNorm statistics of one row over NT threads: cur[c] = round(x[c] + dx[c]) (dx nullable:
+// x[c]) as float, and (mean, rstd) with rstd = 1 / sqrt(var + 1e-5), the variance about the mean (two passes).
+// load(p) reads one value of x or dx. red: >= 32 floats of shared memory; contains barriers (every thread calls it).
+template <typename F, int NT, typename Load>
+__device__ __forceinline__ float2 residual_ln_stats(const F* x, const F* dx, int C, float* cur, float* red,
+                                                    Load&& load) {
+    float sum = 0.f;
+    for (int c = threadIdx.x; c < C; c += NT) {
+        float v = to_f32(load(x + c));
+        if (dx) v = round_act<F>(v + to_f32(load(dx + c)));
+        cur[c] = v;
+        sum += v;
+    }
+    const float mean = block_sum<NT>(sum, red) / C;
+    float sq = 0.f;
+    for (int c = threadIdx.x; c < C; c += NT) { const float d = cur[c] - mean; sq += d * d; }
+    return make_float2(mean, rsqrtf(block_sum<NT>(sq, red) / C + kLnEps));
+}
+
 // gemv_multi's activation codes: 0 none, 1 tanh, 2 sigmoid, 3 relu^2.
 __device__ __forceinline__ float act_apply(int act, float v) {
     switch (act) {

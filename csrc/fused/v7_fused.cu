@@ -256,17 +256,8 @@ __global__ void __launch_bounds__(kMix1Threads) v7_mix_one_kernel(
     pdl_wait();
     const F* xr = x + row * C;
     const F* dr = dx ? dx + row * C : nullptr;
-    float sum = 0.f;
-    for (int c = threadIdx.x; c < C; c += kMix1Threads) {
-        float v = to_f32(xr[c]);
-        if (dr) v = round_act<F>(v + to_f32(dr[c]));
-        cur[c] = v;
-        sum += v;
-    }
-    const float mean = block_sum<kMix1Threads>(sum, red) / C;
-    float sq = 0.f;
-    for (int c = threadIdx.x; c < C; c += kMix1Threads) { const float d = cur[c] - mean; sq += d * d; }
-    const float rstd = rsqrtf(block_sum<kMix1Threads>(sq, red) / C + kLnEps);
+    const float2 st = residual_ln_stats<F, kMix1Threads>(xr, dr, C, cur, red, [](const F* p) { return *p; });
+    const float mean = st.x, rstd = st.y;
     for (int c = c0 + threadIdx.x; c < c1; c += kMix1Threads) {
         const long o = row * C + c;
         const float v = cur[c];

@@ -50,7 +50,9 @@ __device__ __forceinline__ unsigned grid_base(const unsigned* bar) {
     return v;
 }
 
-__device__ __forceinline__ void grid_sync(unsigned* bar, unsigned& target, int* flag) {
+// flag: 0, or the marker (base | 1, nonzero) of a launch where a wait gave up; the later waits of that launch give up
+// at once, and the flag stays set for the host (PersistentStep.timed_out) and the launch's end (V7StepArgs.x poisoned).
+__device__ __forceinline__ void grid_sync(unsigned* bar, unsigned& target, int* flag, int marker) {
     __syncthreads();
     target += gridDim.x;
     if (threadIdx.x == 0) {
@@ -60,8 +62,8 @@ __device__ __forceinline__ void grid_sync(unsigned* bar, unsigned& target, int* 
             unsigned v;
             asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(bar) : "memory");
             if ((int)(v - target) >= 0) break;
-            if (++spins > kSpinLimit) { atomicExch(flag, 1); break; }
-            if ((spins & 1023) == 0 && *reinterpret_cast<volatile int*>(flag)) break;   // an earlier one gave up
+            if (++spins > kSpinLimit) { atomicExch(flag, marker); break; }
+            if ((spins & 1023) == 0 && *reinterpret_cast<volatile int*>(flag) == marker) break;   // gave up before
         }
     }
     __syncthreads();
@@ -142,8 +144,10 @@ __device__ __forceinline__ void first_chunk(const StepProd<F>* P, int n, int K, 
     const int tw = gridDim.x * kStepWarps, lane = threadIdx.x % 32;
     int ma = blockIdx.x * kStepWarps + threadIdx.x / 32, mb = ma + tw;
     const bool ha = ma < total, hb = mb < total;
-    const F* wa = ha ? P[find_prod(P, n, ma)].w + (long)ma * K : nullptr;
-    const F* wb = hb ? P[find_prod(P, n, mb)].w + (long)mb * K : nullptr;
+    const int ea = ha ? find_prod(P, n, ma) : 0;       // (find_prod moves ma / mb into their product)
+    const int eb = hb ? find_prod(P, n, mb) : 0;
+    const F* wa = ha ? P[ea].w + (long)ma * K : nullptr;
+    const F* wb = hb ? P[eb].w + (long)mb * K : nullptr;
 #pragma unroll
     for (int u = 0; u < kStepUnroll; ++u) {
         const int k = lane * EPV + u * 32 * EPV;
@@ -230,17 +234,8 @@ __device__ __forceinline__ void run_prods(const StepProd<F>* P, int n, int K, co
 template <typename F>
 __device__ __forceinline__ void norm_mix(const F* x, const F* dx, const F* lnw, const F* lnb, const F* shift,
                                          const F* mix, int n_mix, int C, float* cur, F* xl, F* xm, float* red) {
-    float sum = 0.f;
-    for (int c = threadIdx.x; c < C; c += kStepThreads) {
-        float v = to_f32(ldcg_(x + c));
-        if (dx) v = round_act<F>(v + to_f32(ldcg_(dx + c)));
-        cur[c] = v;
-        sum += v;
-    }
-    const float mean = block_sum<kStepThreads>(sum, red) / C;
-    float sq = 0.f;
-    for (int c = threadIdx.x; c < C; c += kStepThreads) { const float d = cur[c] - mean; sq += d * d; }
-    const float rstd = rsqrtf(block_sum<kStepThreads>(sq, red) / C + kLnEps);
+    const float2 st = residual_ln_stats<F, kStepThreads>(x, dx, C, cur, red, [](const F* p) { return ldcg_(p); });
+    const float mean = st.x, rstd = st.y;
     for (int c = threadIdx.x; c < C; c += kStepThreads) {
         const float l = round_act<F>((cur[c] - mean) * rstd * to_f32(lnw[c]) + to_f32(lnb[c]));
         xl[c] = from_f32<F>(l);
@@ -455,6 +450,7 @@ __global__ void __launch_bounds__(kStepThreads, 1) v7_step_kernel(const __grid_c
         else if (pre) first_chunk<F>(sp, n, K, fc);
     };
     unsigned target = grid_base(a.bar);
+    const int marker = (int)(target | 1u);
     stage_a(a.table, false);
     request(6, C);
     for (int layer = 0; layer < a.L; ++layer) {
@@ -477,7 +473,7 @@ __global__ void __launch_bounds__(kStepThreads, 1) v7_step_kernel(const __grid_c
                 prefetch_l2(a.s[layer] + c0 * kStepN, (long)kStepN * kStepN * sizeof(float));
             }
         }
-        grid_sync(a.bar, target, a.flag);
+        grid_sync(a.bar, target, a.flag, marker);
         stamp();
         // B: per head; block 0 puts ln1's output in the shift state and the residual stream in place
         if (first_block) {
@@ -487,7 +483,7 @@ __global__ void __launch_bounds__(kStepThreads, 1) v7_step_kernel(const __grid_c
             head_stage<F>(a, t, layer, h, low, lr, tile, hsh, sw, sk, sa, sb, sr);
         one(slot<F>(t, kStepWo), att, C, 0);
         request(1, C);
-        grid_sync(a.bar, target, a.flag);
+        grid_sync(a.bar, target, a.flag, marker);
         stamp();
         // C: att = Wo y
         stage_in<F>(y, xm, C);
@@ -495,7 +491,7 @@ __global__ void __launch_bounds__(kStepThreads, 1) v7_step_kernel(const __grid_c
         one(slot<F>(t, kStepFk), hk, Fd, 3);
         request(1, C);
         prefetch_norm(slot<F>(t, kStepLn2W), slot<F>(t, kStepLn2B), slot<F>(t, kStepMixK), 1, C);
-        grid_sync(a.bar, target, a.flag);
+        grid_sync(a.bar, target, a.flag, marker);
         stamp();
         // D: ln2 + the channel-mix lerp; hk = relu(Wk x_k)^2
         norm_mix<F>(x, att, slot<F>(t, kStepLn2W), slot<F>(t, kStepLn2B), ffn_x, slot<F>(t, kStepMixK), 1, C, cur,
@@ -503,7 +499,7 @@ __global__ void __launch_bounds__(kStepThreads, 1) v7_step_kernel(const __grid_c
         run_prods<F>(sp, 1, C, fc, pre);
         one(slot<F>(t, kStepFv), dx, C, 0);
         request(1, Fd);
-        grid_sync(a.bar, target, a.flag);
+        grid_sync(a.bar, target, a.flag, marker);
         stamp();
         // E: dx = Wv hk; block 0 puts ln2's output in the shift state and the residual stream in place
         if (first_block) {
@@ -517,10 +513,14 @@ __global__ void __launch_bounds__(kStepThreads, 1) v7_step_kernel(const __grid_c
             const long long* tn = t + kStepSlots;
             prefetch_norm(slot<F>(tn, kStepLn1W), slot<F>(tn, kStepLn1B), slot<F>(tn, kStepMix6), 6, C);
         }
-        grid_sync(a.bar, target, a.flag);
+        grid_sync(a.bar, target, a.flag, marker);
         stamp();
     }
-    if (blockIdx.x == 0 && threadIdx.x == 0) a.bar[1] = target;     // every block read bar[1] before barrier 1
+    if (first_block) {
+        if (threadIdx.x == 0) a.bar[1] = target;                    // every block read bar[1] before barrier 1
+        if (*reinterpret_cast<volatile int*>(a.flag) == marker)      // a wait gave up: make the output non-finite
+            for (int c = threadIdx.x; c < C; c += kStepThreads) x[c] = from_f32<F>(__int_as_float(0x7fc00000));
+    }
 }
 
 }  // namespace
@@ -549,17 +549,7 @@ int v7_step_launch(int act, const V7StepArgs& args, int blocks, int* grid_out, c
         if (per_sm < 1) return kUnsupported;
         const int grid = blocks > 0 ? std::min(blocks, device_sm_count()) : device_sm_count();
         if (grid_out) *grid_out = grid;
-        cudaLaunchConfig_t cfg = {};
-        cfg.gridDim = dim3(grid);
-        cfg.blockDim = dim3(kStepThreads);
-        cfg.dynamicSmemBytes = smem;
-        cfg.stream = stream;
-        cudaLaunchAttribute attr[1];
-        attr[0].id = cudaLaunchAttributeCooperative;
-        attr[0].val.cooperative = 1;
-        cfg.attrs = attr;
-        cfg.numAttrs = 1;
-        return launch_rc(cudaLaunchKernelEx(&cfg, kernel, args));
+        return launch_rc(launch_cooperative(kernel, grid, kStepThreads, smem, stream, args));
     };
     const bool pre = args.prefetch == 2;
     if (act == 1) return pre ? go(v7_step_kernel<__half, true>) : go(v7_step_kernel<__half, false>);

@@ -103,10 +103,13 @@ class PersistentStep:
         dev = model.layers[0]["ln1.weight"].device
         dt = model.layers[0]["ln1.weight"].dtype
         ptrs = []
+        #: the tensors behind the table's pointers, kept alive as long as it is
+        self.tensors = []
         for i in range(L):
             for name in SLOTS:
                 t = _table_tensor(model, layers, i, name)
                 ptrs.append(0 if t is None else t.data_ptr())
+                self.tensors.append(t)
         #: [L, len(SLOTS)] int64 device pointers (the weights never move after load)
         self.table = torch.tensor(ptrs, dtype=torch.int64).view(L, len(SLOTS)).to(dev)
         self.dims = _dims(layers[:2])
@@ -114,8 +117,8 @@ class PersistentStep:
         self.H = spec.n_head
         self.x = torch.empty(1, C, dtype=dt, device=dev)
         self.dx = torch.empty(1, C, dtype=dt, device=dev)
-        self.scratch = torch.empty(7 * C + MAX_LOW + self.ffn, dtype=dt, device=dev)
-        #: arrivals, generation, timed-out flag
+        self.scratch = torch.empty(6 * C + MAX_LOW + self.ffn, dtype=dt, device=dev)
+        #: the grid barrier's arrivals, their count at the end of the last launch, and the give-up flag
         self.bar = torch.zeros(3, dtype=torch.int32, device=dev)
         self.prefetch = 2
         #: the grid's blocks (0: one per multiprocessor, the most it takes; a benchmark switch)
@@ -156,7 +159,7 @@ class PersistentStep:
         return [v / steps for v in sums]
 
     def timed_out(self) -> bool:
-        """Whether a barrier of a launch so far gave up waiting (a host sync; the output was then wrong)."""
+        """Whether a barrier of a launch so far gave up waiting (a host sync; that launch's logits came out NaN)."""
         return bool(self.bar[2].item())
 
 

@@ -115,21 +115,30 @@ def ffn_cases(w, tokens, row) -> None:
         torch.cuda.empty_cache()
 
 
+def probed_model(w, strategy, row, setting: str, note_attr: str, case: str):
+    """The model of ``strategy`` on a fused backend rebuilt with ``setting=True`` (a probed setting), or None after a
+    failing row naming why it does not serve (the backend's ``note_attr``)."""
+    from rwkv_chat.models.backends.fused_cuda import FusedCuda
+
+    model = RWKV(model=w, strategy=strategy)
+    note = "not the fused backend"
+    if isinstance(model.backend, FusedCuda):
+        model.backend = FusedCuda(model, model.backend.ops, **{setting: True})
+        note = getattr(model.backend, note_attr)
+    if note is not None:
+        row(case, strategy, f"NOT SERVING ({note})", float("inf"))
+        return None
+    return model
+
+
 def fold_cases(w, tokens, row) -> None:
     """ln1 / ln2 inside the grouped GEMV launches (``FusedCuda(fold_norms=True)``, its load probe): decode steps
     (CUDA graphs) vs the same model's unfolded decode steps (logits and states; the LayerNorm sums in another order),
     and in fp16 vs the sequence path over prompt + the decoded tokens."""
-    from rwkv_chat.models.backends.fused_cuda import FusedCuda
-
     for strategy in ("cuda fp16", "cuda bf16"):
-        model = RWKV(model=w, strategy=strategy)
-        note = "not the fused backend"
-        if isinstance(model.backend, FusedCuda):
-            model.backend = FusedCuda(model, model.backend.ops, fold_norms=True)
-            note = model.backend.fold_note
-        if note is not None:
-            row("decode with ln1 / ln2 inside the GEMV launches (FusedCuda(fold_norms=True))", strategy,
-                f"NOT SERVING ({note})", float("inf"))
+        model = probed_model(w, strategy, row, "fold_norms", "fold_note",
+                             "decode with ln1 / ln2 inside the GEMV launches (FusedCuda(fold_norms=True))")
+        if model is None:
             continue
         _, st = model.forward(tokens, None)
         tol = TOL if strategy.endswith("fp16") else 2 * TOL      # bf16: 8 mantissa bits, other sum order
@@ -152,19 +161,13 @@ def fold_cases(w, tokens, row) -> None:
 
 def persistent_cases(w, tokens, row) -> None:
     """Every layer of a one-row decode step in one persistent launch (``FusedCuda(persistent_step=True)``, its load
-    probe; the next stage's weights requested into registers, into L2 or not): decode steps (CUDA graphs) vs the same model's layer launches (logits
-    and states; the sums in another order), and in fp16 vs the sequence path over prompt + the decoded tokens."""
-    from rwkv_chat.models.backends.fused_cuda import FusedCuda
-
+    probe; the next stage's weights requested into registers, into L2 or not): decode steps (CUDA graphs) vs the same
+    model's layer launches (logits and states; the sums in another order), and in fp16 vs the sequence path over
+    prompt + the decoded tokens."""
     for strategy in ("cuda fp16", "cuda bf16"):
-        model = RWKV(model=w, strategy=strategy)
-        note = "not the fused backend"
-        if isinstance(model.backend, FusedCuda):
-            model.backend = FusedCuda(model, model.backend.ops, persistent_step=True)
-            note = model.backend.persistent_note
-        if note is not None:
-            row("decode with every layer in one persistent launch (FusedCuda(persistent_step=True))", strategy,
-                f"NOT SERVING ({note})", float("inf"))
+        model = probed_model(w, strategy, row, "persistent_step", "persistent_note",
+                             "decode with every layer in one persistent launch (FusedCuda(persistent_step=True))")
+        if model is None:
             continue
         _, st = model.forward(tokens, None)
         tol = TOL if strategy.endswith("fp16") else 2 * TOL      # bf16: 8 mantissa bits, other sum order
