@@ -10,7 +10,7 @@
 # sections of the steps taken replaced (bench/assemble.py): copy it over bench/results/<gpu>.md.
 # The tables name the source tree from git; a copy without .git names none.
 BUDGET=${1:-560}; shift || true
-STEPS=${*:-"kernels fused kbench b01 b15 b72 b72i8 b15i8 pip cmp"}   # also: gemvq gbench daemon daemons daemonsp vsamp sparse b72sp b15sp b01sp b72x256 fbenchb fbenchf peers ops opsbench prenorm qwen formats qb15 qb15ours fbench qpeers qb7 tree pcache qprof fprof ...
+STEPS=${*:-"kernels fused kbench b01 b15 b72 b72i8 b15i8 pip cmp"}   # also: vpers pstep gemvq gbench daemon daemons daemonsp vsamp sparse b72sp b15sp b01sp b72x256 fbenchb fbenchf peers ops opsbench prenorm qwen formats qb15 qb15ours fbench qpeers qb7 tree pcache qprof fprof ...
 OUT=${OUT:-/tmp/bench-out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 mkdir -p /tmp/shim/rwkv_chat && touch /tmp/shim/rwkv_chat/__init__.py
