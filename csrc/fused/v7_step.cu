@@ -105,6 +105,14 @@ __device__ __forceinline__ void publish(StepProd<F>* sp, const StepProd<F> (&P)[
     __syncthreads();
 }
 
+// The output rows of the n products P together.
+template <typename F>
+__device__ __forceinline__ int total_rows(const StepProd<F>* P, int n) {
+    int total = 0;
+    for (int e = 0; e < n; ++e) total += P[e].M;
+    return total;
+}
+
 template <typename F>
 __device__ __forceinline__ int find_prod(const StepProd<F>* P, int n, int& m) {
     int e = 0;
@@ -115,8 +123,7 @@ __device__ __forceinline__ int find_prod(const StepProd<F>* P, int n, int& m) {
 // Ask L2 for the weights of the rows this warp takes in the products P (the same assignment as run_prods).
 template <typename F>
 __device__ __forceinline__ void prefetch_prods(const StepProd<F>* P, int n, int K) {
-    int total = 0;
-    for (int e = 0; e < n; ++e) total += P[e].M;
+    const int total = total_rows(P, n);
     const int lane = threadIdx.x % 32;
     const int tw = gridDim.x * kStepWarps;
     const long bytes = (long)K * sizeof(F);
@@ -139,8 +146,7 @@ struct FirstChunk {
 template <typename F>
 __device__ __forceinline__ void first_chunk(const StepProd<F>* P, int n, int K, FirstChunk<F>& L) {
     constexpr int EPV = 16 / sizeof(F);
-    int total = 0;
-    for (int e = 0; e < n; ++e) total += P[e].M;
+    const int total = total_rows(P, n);
     const int tw = gridDim.x * kStepWarps, lane = threadIdx.x % 32;
     int ma = blockIdx.x * kStepWarps + threadIdx.x / 32, mb = ma + tw;
     const bool ha = ma < total, hb = mb < total;
@@ -164,8 +170,7 @@ __device__ __forceinline__ void run_prods(const StepProd<F>* P, int n, int K, co
                                           bool use_pre) {
     constexpr int EPV = 16 / sizeof(F);
     union V { uint4 q; F v[EPV]; };
-    int total = 0;
-    for (int e = 0; e < n; ++e) total += P[e].M;
+    const int total = total_rows(P, n);
     const int lane = threadIdx.x % 32;
     const int tw = gridDim.x * kStepWarps;
     bool first = true;
