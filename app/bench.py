@@ -464,10 +464,11 @@ def rwkv_main(argv: list[str]) -> int:
     ap.add_argument("--no-fold-norms", action="store_true",
                     help="GPU only: RWKV-7 decode steps with ln1 / ln2 in launches of their own (the default above "
                          "C = 768; --fold-norms forces them inside for any size)")
-    ap.add_argument("--persistent-step", choices=("registers", "l2", "plain"),
+    ap.add_argument("--persistent-step", choices=("ring", "registers", "l2", "plain"),
                     help="GPU only: RWKV-7 decode steps of one row run every layer in one persistent launch "
-                         "(csrc/fused/v7_step.cu), the next stage's weights requested before each grid barrier "
-                         "into registers, into L2, or not")
+                         "(csrc/fused/v7_step.cu), each block's weights streamed through a ring of shared-memory "
+                         "tiles (sm_90+), or the next stage's weights requested before each grid barrier into "
+                         "registers, into L2, or not")
     ap.add_argument("--untuned-gemm", action="store_true",
                     help="GPU only: RWKV-7 decode above 4 rows with cuBLAS's heuristic algorithm for every product "
                          "instead of the cuBLASLt algorithm timed per shape at the first step")
@@ -528,7 +529,8 @@ def rwkv_main(argv: list[str]) -> int:
             print(f"rwkv-chat bench: {' '.join(flags)}: {why}", file=sys.stderr)
             return 2
     if args.persistent_step:
-        model.backend.persistent.prefetch = ("plain", "l2", "registers").index(args.persistent_step)
+        from rwkv_chat.models.backends.persistent_step import PREFETCH
+        model.backend.persistent.prefetch = PREFETCH.index(args.persistent_step)
     if getattr(model.backend, "ffn", None) == "sparse" and getattr(model.backend, "decodes", False):
         with torch.no_grad():
             skipped = skipped_rows(model)

@@ -337,7 +337,8 @@ int64_t v7_step_cuda(const at::Tensor& table, at::TensorList att_x, at::TensorLi
     a.x = x.data_ptr(); a.dx = dx.data_ptr(); a.scratch = scratch.data_ptr();
     a.bar = reinterpret_cast<unsigned*>(bar.data_ptr<int>());
     a.flag = bar.data_ptr<int>() + 2;
-    TORCH_CHECK(prefetch >= 0 && prefetch <= 2, op, ": prefetch must be 0 (none), 1 (L2) or 2 (registers)");
+    TORCH_CHECK(prefetch >= 0 && prefetch <= 3, op,
+                ": prefetch must be 0 (none), 1 (L2), 2 (registers) or 3 (shared-memory ring, sm_90+)");
     a.prefetch = (int)prefetch;
     if (times.has_value() && times->defined()) {
         tok(*times, op, "times", at::kLong, 1 + 5 * L);

@@ -50,6 +50,14 @@ __device__ __forceinline__ void bulk_copy_to_shared(void* dst, const void* src, 
 #endif
 }
 
+// Order this thread's (and, after a block barrier, the block's) earlier shared-memory accesses before the bulk copies
+// it starts next (the copy engine is another proxy: PTX ISA "Proxies").
+__device__ __forceinline__ void fence_proxy_async_shared() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+#endif
+}
+
 // Wait until the barrier's phase `parity` (0 for the first) has completed; the copied bytes are then
 // visible to the waiting thread.
 __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, unsigned parity) {

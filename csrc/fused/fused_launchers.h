@@ -163,7 +163,9 @@ struct V7StepArgs {
     void* scratch;
     unsigned* bar;
     int* flag;
-    int prefetch;   // before each barrier, the next stage's weights: 0 not requested, 1 into L2, 2 into registers
+    int prefetch;   // before each barrier, the next stage's weights: 0 not requested, 1 into L2, 2 into registers;
+                    // 3 (sm_90+): every product's weights through a ring of shared-memory tiles (bulk copies)
+    int ring_slots, ring_slot_bytes;   // set by v7_step_launch (the ring's slots and their size, bytes)
     unsigned long long* times;   // nullable: the global timer (ns) at the start and after each barrier, 1 + 5 L values
     void* att_x[kStepMaxLayers];
     float* s[kStepMaxLayers];

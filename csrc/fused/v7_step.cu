@@ -16,11 +16,14 @@
 // The shift states take ln1 / ln2's output and the residual stream is written back by block 0 one stage later, once
 // every block has read the old values. Before each barrier a block may request the weights of its rows of the next
 // stage (V7StepArgs.prefetch): 1 into L2 (prefetch.global.L2), 2 the first chunk of each warp's first two rows into
-// registers (and stage B's into L2).
+// registers (and stage B's into L2). 3 (sm_90+) streams the products' weights through a ring of shared-memory tiles
+// instead (weight_ring.cuh): each block takes a contiguous share of each stage's rows, and its next tiles, of this
+// stage or the next ones, are in flight while it computes, norms and waits at the barriers.
 #include <algorithm>
 #include "../common/cuda_common.cuh"
 #include "fused_launchers.h"
 #include "v7_device.cuh"
+#include "weight_ring.cuh"
 
 namespace rwkv_chat {
 namespace {
@@ -111,6 +114,14 @@ __device__ __forceinline__ int total_rows(const StepProd<F>* P, int n) {
     int total = 0;
     for (int e = 0; e < n; ++e) total += P[e].M;
     return total;
+}
+
+// Row m of product p from its sum: rounded to the activation dtype, then the product's activation.
+template <typename F>
+__device__ __forceinline__ void store_row(const StepProd<F>& p, int m, float sum) {
+    float v = round_act<F>(sum);
+    if (p.act != 0) v = act_apply(p.act, v);
+    p.y[m] = from_f32<F>(v);
 }
 
 template <typename F>
@@ -222,14 +233,8 @@ __device__ __forceinline__ void run_prods(const StepProd<F>* P, int n, int K, co
             b += __shfl_xor_sync(0xffffffffu, b, o);
         }
         if (lane == 0) {
-            float v = round_act<F>(a);
-            if (P[ea].act != 0) v = act_apply(P[ea].act, v);
-            P[ea].y[ma] = from_f32<F>(v);
-            if (hb) {
-                float u = round_act<F>(b);
-                if (P[eb].act != 0) u = act_apply(P[eb].act, u);
-                P[eb].y[mb] = from_f32<F>(u);
-            }
+            store_row(P[ea], ma, a);
+            if (hb) store_row(P[eb], mb, b);
         }
     }
 }
@@ -271,6 +276,126 @@ __device__ __forceinline__ void stage_in(const F* src, F* dst, int n) {
 
 template <typename F>
 __device__ __forceinline__ const F* slot(const long long* t, int i) { return reinterpret_cast<const F*>(t[i]); }
+
+// Where a layer's products read and write: xm (the stage's input, shared memory) and the scratch buffers.
+template <typename F>
+struct StepBufs {
+    F *xm, *r, *k, *v, *low1, *att, *hk, *dx;
+};
+
+// The products of stage s of layer l that stream weights (0: A's r, k, v and first low-rank products, 1: C's output,
+// 2: D's channel-mix key, 3: E's value) into P; returns their count and their width K.
+template <typename F>
+__device__ __forceinline__ int stage_prods(const V7StepArgs& a, const StepBufs<F>& B, int l, int s, StepProd<F>* P,
+                                           int& K) {
+    const long long* t = a.table + (long)l * kStepSlots;
+    const int C = a.C;
+    K = s == 3 ? a.ffn : C;
+    switch (s) {
+        case 0:
+            P[0] = {slot<F>(t, kStepWr), B.xm, B.r, C, 0};
+            P[1] = {slot<F>(t, kStepWk), B.xm + 2 * C, B.k, C, 0};
+            P[2] = {slot<F>(t, kStepWv), B.xm + 3 * C, B.v, C, 0};
+            P[3] = {slot<F>(t, kStepW1), B.xm + C, B.low1, a.dw, 1};
+            P[4] = {slot<F>(t, kStepA1), B.xm + 4 * C, B.low1 + a.dw, a.da, 0};
+            P[5] = {slot<F>(t, kStepG1), B.xm + 5 * C, B.low1 + a.dw + a.da, a.dg, 2};
+            P[6] = {slot<F>(t, kStepV1), B.xm + 3 * C, B.low1 + a.dw + a.da + a.dg, a.dv, 0};
+            return l > 0 ? 7 : 6;
+        case 1: P[0] = {slot<F>(t, kStepWo), B.xm, B.att, C, 0}; return 1;
+        case 2: P[0] = {slot<F>(t, kStepFk), B.xm, B.hk, a.ffn, 3}; return 1;
+        default: P[0] = {slot<F>(t, kStepFv), B.xm, B.dx, C, 0}; return 1;
+    }
+}
+
+// This block's contiguous share [lo, hi) of a stage's rows (the products' rows one after another).
+__device__ __forceinline__ void block_rows(long total, long& lo, long& hi) {
+    lo = total * blockIdx.x / gridDim.x;
+    hi = total * (blockIdx.x + 1) / gridDim.x;
+}
+
+// The ring tile at row g of a stage's rows: rows m .. m + rows of product e, at most hi - g, as many as a slot holds.
+template <typename F>
+struct RingTile {
+    const F* w;
+    int e, m, rows;
+};
+
+template <typename F>
+__device__ __forceinline__ RingTile<F> tile_at(const StepProd<F>* P, int n, int K, long g, long hi, int slot_bytes) {
+    int m = (int)g;
+    const int e = find_prod(P, n, m);
+    const int per = max(1, slot_bytes / (K * (int)sizeof(F)));
+    const int rows = (int)min((long)min(P[e].M - m, per), hi - g);
+    return {P[e].w + (long)m * K, e, m, rows};
+}
+
+// The issuing thread's place in the step's sequence of tiles: layer, stage (0..3 as stage_prods), the next row of the
+// block's share and its end (g < 0: the stage not entered yet).
+struct RingCursor {
+    int layer, stage;
+    long g, hi;
+};
+
+// Thread 0: the step's next tile, if any is left, into the ring.
+template <typename F>
+__device__ __noinline__ void ring_feed(WeightRing& R, RingCursor& c, const V7StepArgs& a, const StepBufs<F>& B) {
+    while (c.layer < a.L) {
+        StepProd<F> P[7];
+        int K;
+        const int n = stage_prods(a, B, c.layer, c.stage, P, K);
+        if (c.g < 0) {
+            long lo;
+            block_rows(total_rows(P, n), lo, c.hi);
+            c.g = lo;
+        }
+        if (c.g < c.hi) {
+            const RingTile<F> T = tile_at(P, n, K, c.g, c.hi, R.slot_bytes);
+            ring_issue(R, T.w, (unsigned)(T.rows * K * (int)sizeof(F)));
+            c.g += T.rows;
+            return;
+        }
+        c.g = -1;
+        if (++c.stage == 4) { c.stage = 0; ++c.layer; }
+    }
+}
+
+// Stage s of layer l from the ring: the block's share of the stage's rows, tile by tile, one warp per row with x from
+// shared memory; thread 0 refills each slot once every thread is done with it.
+template <typename F>
+__device__ __forceinline__ void ring_stage(WeightRing& R, RingCursor& c, const V7StepArgs& a, const StepBufs<F>& B,
+                                           int l, int s) {
+    constexpr int EPV = 16 / sizeof(F);
+    union V { uint4 q; F v[EPV]; };
+    StepProd<F> P[7];
+    int K;
+    const int n = stage_prods(a, B, l, s, P, K);
+    long g, hi;
+    block_rows(total_rows(P, n), g, hi);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    while (g < hi) {
+        const RingTile<F> T = tile_at(P, n, K, g, hi, R.slot_bytes);
+        const F* w = reinterpret_cast<const F*>(ring_wait(R));
+        const F* x = P[T.e].x;
+        for (int r = warp; r < T.rows; r += kStepWarps) {
+            const F* wr = w + (long)r * K;
+            float acc = 0.f;
+            for (int k = lane * EPV; k < K; k += 32 * EPV) {
+                V xq, wq;
+                xq.q = *reinterpret_cast<const uint4*>(x + k);
+                wq.q = *reinterpret_cast<const uint4*>(wr + k);
+#pragma unroll
+                for (int q = 0; q < EPV; ++q) acc = fmaf(to_f32(xq.v[q]), to_f32(wq.v[q]), acc);
+            }
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+            if (lane == 0) store_row(P[T.e], T.m + r, acc);
+        }
+        __syncthreads();
+        ++R.taken;
+        if (threadIdx.x == 0) ring_feed(R, c, a, B);
+        g += T.rows;
+    }
+}
 
 constexpr int kLowLanes = 8;     // lanes per channel in the second low-rank products (64 channels x 8 = 512 threads)
 constexpr int kLowChunks = 4;    // 16-byte loads per lane per product issued together (widths up to 256 at once)
@@ -397,10 +522,12 @@ __device__ __forceinline__ void head_stage(const V7StepArgs& a, const long long*
     }
 }
 
-// PRE: V7StepArgs.prefetch == 2 (the first weights of each stage in registers before its barrier).
-template <typename F, bool PRE>
+// MODE: V7StepArgs.prefetch when it is 2 (the first weights of each stage in registers before its barrier) or 3 (the
+// weights through the shared-memory ring); 0 for 0 and 1 (nothing, or L2 prefetches, chosen at run time).
+template <typename F, int MODE>
 __global__ void __launch_bounds__(kStepThreads, 1) v7_step_kernel(const __grid_constant__ V7StepArgs a) {
-    extern __shared__ __align__(16) unsigned char step_smem[];
+    extern __shared__ __align__(128) unsigned char step_smem[];
+    constexpr bool pre = MODE == 2, ring = MODE == 3;
     const int C = a.C, Fd = a.ffn;
     float* cur = reinterpret_cast<float*>(step_smem);                 // [C] the residual stream, float
     F* xl = reinterpret_cast<F*>(cur + C);                            // [C] ln1 / ln2 output
@@ -412,6 +539,7 @@ __global__ void __launch_bounds__(kStepThreads, 1) v7_step_kernel(const __grid_c
     __shared__ __align__(16) float sw[kStepN], sk[kStepN], sa[kStepN], sb[kStepN], sr[kStepN];
     __shared__ __align__(16) float lr[4 * kStepN];
     __shared__ __align__(16) float tile[kStepN * kTileStride];
+    __shared__ uint64_t ring_full[kRingMaxSlots];
     unsigned long long* times = (blockIdx.x == 0 && threadIdx.x == 0) ? a.times : nullptr;
     int mark = 0;
     auto stamp = [&]() {
@@ -424,50 +552,49 @@ __global__ void __launch_bounds__(kStepThreads, 1) v7_step_kernel(const __grid_c
     };
     stamp();
     F* x = static_cast<F*>(a.x);
-    F* dx = static_cast<F*>(a.dx);
     F* scr = static_cast<F*>(a.scratch);
-    F *r = scr, *k = scr + C, *v = scr + 2 * C, *low1 = scr + 3 * C;
     F* y = scr + 3 * C + kStepMaxLow + C;
-    F* att = y + C;
-    F* hk = att + C;
+    const StepBufs<F> B = {xm, scr, scr + C, scr + 2 * C, scr + 3 * C, y + C, y + 2 * C, static_cast<F*>(a.dx)};
     const bool first_block = blockIdx.x == 0;
-    constexpr bool pre = PRE;
     FirstChunk<F> fc;
-    // The products of a stage go into the block's table sp before the barrier that precedes the stage (with their
-    // first weights requested: into L2 with prefetch 1, into registers with 2).
-    auto stage_a = [&](const long long* tl, bool lat) {
-        const StepProd<F> P[7] = {
-            {slot<F>(tl, kStepWr), xm, r, C, 0},
-            {slot<F>(tl, kStepWk), xm + 2 * C, k, C, 0},
-            {slot<F>(tl, kStepWv), xm + 3 * C, v, C, 0},
-            {slot<F>(tl, kStepW1), xm + C, low1, a.dw, 1},
-            {slot<F>(tl, kStepA1), xm + 4 * C, low1 + a.dw, a.da, 0},
-            {slot<F>(tl, kStepG1), xm + 5 * C, low1 + a.dw + a.da, a.dg, 2},
-            {slot<F>(tl, kStepV1), xm + 3 * C, low1 + a.dw + a.da + a.dg, a.dv, 0}};
-        publish(sp, P, lat ? 7 : 6);
+    // Without the ring, the products of a stage go into the block's table sp before the barrier that precedes the
+    // stage (with their first weights requested: into L2 with prefetch 1, into registers with 2).
+    auto publish_stage = [&](int l, int st) {
+        if constexpr (!ring) {
+            StepProd<F> P[7];
+            int K;
+            const int n = stage_prods(a, B, l, st, P, K);
+            publish(sp, P, n);
+            if (a.prefetch == 1) prefetch_prods<F>(sp, n, K);
+            else if (pre) first_chunk<F>(sp, n, K, fc);
+        }
     };
-    auto one = [&](const F* w, F* out, int M, int act) {
-        const StepProd<F> P[1] = {{w, xm, out, M, act}};
-        publish(sp, P, 1);
+    WeightRing R = {nullptr, ring_full, a.ring_slots, a.ring_slot_bytes, 0u, 0u};
+    RingCursor rc = {0, 0, -1, 0};
+    auto products = [&](int l, int st, int K) {
+        if constexpr (ring) ring_stage<F>(R, rc, a, B, l, st);
+        else run_prods<F>(sp, st == 0 ? (l > 0 ? 7 : 6) : 1, K, fc, pre);
     };
-    auto request = [&](int n, int K) {
-        if (a.prefetch == 1) prefetch_prods<F>(sp, n, K);
-        else if (pre) first_chunk<F>(sp, n, K, fc);
-    };
+    if constexpr (ring) {
+        const size_t base = (size_t)C * sizeof(float) + (size_t)C * sizeof(F) + (size_t)max(6 * C, Fd) * sizeof(F);
+        R.buf = step_smem + ((base + 127) & ~(size_t)127);
+        ring_init(R);
+        __syncthreads();
+        if (threadIdx.x == 0)
+            for (int i = 0; i < R.slots; ++i) ring_feed(R, rc, a, B);
+    }
     unsigned target = grid_base(a.bar);
     const int marker = (int)(target | 1u);
-    stage_a(a.table, false);
-    request(6, C);
+    publish_stage(0, 0);
     for (int layer = 0; layer < a.L; ++layer) {
         const long long* t = a.table + (long)layer * kStepSlots;
         const bool later = layer > 0;
-        const int na = later ? 7 : 6;
         F* att_x = static_cast<F*>(a.att_x[layer]);
         F* ffn_x = static_cast<F*>(a.ffn_x[layer]);
         // A: ln1 + lerps; r, k, v and the first low-rank products
-        norm_mix<F>(x, later ? dx : nullptr, slot<F>(t, kStepLn1W), slot<F>(t, kStepLn1B), att_x,
+        norm_mix<F>(x, later ? B.dx : nullptr, slot<F>(t, kStepLn1W), slot<F>(t, kStepLn1B), att_x,
                     slot<F>(t, kStepMix6), 6, C, cur, xl, xm, red);
-        run_prods<F>(sp, na, C, fc, pre);
+        products(layer, 0, C);
         if (a.prefetch) {                                             // B's rows: the head's low-rank rows + state
             for (int h = blockIdx.x; h < a.H; h += gridDim.x) {
                 const long c0 = (long)h * kStepN;
@@ -486,35 +613,31 @@ __global__ void __launch_bounds__(kStepThreads, 1) v7_step_kernel(const __grid_c
         }
         for (int h = blockIdx.x; h < a.H; h += gridDim.x)
             head_stage<F>(a, t, layer, h, low, lr, tile, hsh, sw, sk, sa, sb, sr);
-        one(slot<F>(t, kStepWo), att, C, 0);
-        request(1, C);
+        publish_stage(layer, 1);
         grid_sync(a.bar, target, a.flag, marker);
         stamp();
         // C: att = Wo y
         stage_in<F>(y, xm, C);
-        run_prods<F>(sp, 1, C, fc, pre);
-        one(slot<F>(t, kStepFk), hk, Fd, 3);
-        request(1, C);
+        products(layer, 1, C);
+        publish_stage(layer, 2);
         prefetch_norm(slot<F>(t, kStepLn2W), slot<F>(t, kStepLn2B), slot<F>(t, kStepMixK), 1, C);
         grid_sync(a.bar, target, a.flag, marker);
         stamp();
         // D: ln2 + the channel-mix lerp; hk = relu(Wk x_k)^2
-        norm_mix<F>(x, att, slot<F>(t, kStepLn2W), slot<F>(t, kStepLn2B), ffn_x, slot<F>(t, kStepMixK), 1, C, cur,
-                    xl, xm, red);
-        run_prods<F>(sp, 1, C, fc, pre);
-        one(slot<F>(t, kStepFv), dx, C, 0);
-        request(1, Fd);
+        norm_mix<F>(x, B.att, slot<F>(t, kStepLn2W), slot<F>(t, kStepLn2B), ffn_x, slot<F>(t, kStepMixK), 1, C,
+                    cur, xl, xm, red);
+        products(layer, 2, C);
+        publish_stage(layer, 3);
         grid_sync(a.bar, target, a.flag, marker);
         stamp();
         // E: dx = Wv hk; block 0 puts ln2's output in the shift state and the residual stream in place
         if (first_block) {
             for (int c = threadIdx.x; c < C; c += kStepThreads) { ffn_x[c] = xl[c]; x[c] = from_f32<F>(cur[c]); }
         }
-        stage_in<F>(hk, xm, Fd);
-        run_prods<F>(sp, 1, Fd, fc, pre);
+        stage_in<F>(B.hk, xm, Fd);
+        products(layer, 3, Fd);
         if (layer + 1 < a.L) {
-            stage_a(t + kStepSlots, true);
-            request(7, C);
+            publish_stage(layer + 1, 0);
             const long long* tn = t + kStepSlots;
             prefetch_norm(slot<F>(tn, kStepLn1W), slot<F>(tn, kStepLn1B), slot<F>(tn, kStepMix6), 6, C);
         }
@@ -530,14 +653,16 @@ __global__ void __launch_bounds__(kStepThreads, 1) v7_step_kernel(const __grid_c
 
 }  // namespace
 
-int v7_step_launch(int act, const V7StepArgs& args, int blocks, int* grid_out, cudaStream_t stream) {
+int v7_step_launch(int act, const V7StepArgs& args_in, int blocks, int* grid_out, cudaStream_t stream) {
+    V7StepArgs args = args_in;
     if (args.L < 1 || args.L > kStepMaxLayers || args.C % kStepN != 0 || args.H * kStepN != args.C ||
         args.ffn % 8 != 0 || args.dw % 8 || args.da % 8 || args.dg % 8 || args.dv % 8 || args.dw < 8 || args.da < 8 ||
-        args.dg < 8 || args.dv < 8 || args.dw + args.da + args.dg + args.dv > kStepMaxLow || act == 0)
+        args.dg < 8 || args.dv < 8 || args.dw + args.da + args.dg + args.dv > kStepMaxLow || act == 0 ||
+        args.prefetch < 0 || args.prefetch > 3)
         return kUnsupported;
     const size_t esize = 2;
-    const size_t smem = (size_t)args.C * sizeof(float) + (size_t)args.C * esize +
-                        std::max((size_t)6 * args.C, (size_t)args.ffn) * esize;
+    size_t smem = (size_t)args.C * sizeof(float) + (size_t)args.C * esize +
+                  std::max((size_t)6 * args.C, (size_t)args.ffn) * esize;
     cudaError_t err = cudaSuccess;
     int dev = 0;
     if ((err = cudaGetDevice(&dev)) != cudaSuccess) return (int)err;
@@ -545,6 +670,19 @@ int v7_step_launch(int act, const V7StepArgs& args, int blocks, int* grid_out, c
     cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, dev);
     cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
     if (!coop || smem + kStepStaticSmem > (size_t)optin) return kUnsupported;
+    args.ring_slots = args.ring_slot_bytes = 0;
+    if (args.prefetch == 3) {   // the ring: what shared memory is left, in slots of whole rows (a row fits a slot)
+        if (!bulk_copy_supported()) return kUnsupported;
+        smem = (smem + 127) & ~(size_t)127;
+        const size_t left = (size_t)optin - kStepStaticSmem - smem;
+        const size_t row = (size_t)std::max(args.C, args.ffn) * esize;
+        const size_t slot = row * std::max<size_t>(1, left / 4 / row);
+        const size_t slots = std::min<size_t>(kRingMaxSlots, left / slot);
+        if (slots < 2) return kUnsupported;
+        args.ring_slots = (int)slots;
+        args.ring_slot_bytes = (int)slot;
+        smem += slots * slot;
+    }
     auto go = [&](auto kernel) -> int {
         if ((err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem)) != cudaSuccess)
             return (int)err;
@@ -556,9 +694,18 @@ int v7_step_launch(int act, const V7StepArgs& args, int blocks, int* grid_out, c
         if (grid_out) *grid_out = grid;
         return launch_rc(launch_cooperative(kernel, grid, kStepThreads, smem, stream, args));
     };
-    const bool pre = args.prefetch == 2;
-    if (act == 1) return pre ? go(v7_step_kernel<__half, true>) : go(v7_step_kernel<__half, false>);
-    return pre ? go(v7_step_kernel<__nv_bfloat16, true>) : go(v7_step_kernel<__nv_bfloat16, false>);
+    if (act == 1) {
+        switch (args.prefetch) {
+            case 2: return go(v7_step_kernel<__half, 2>);
+            case 3: return go(v7_step_kernel<__half, 3>);
+            default: return go(v7_step_kernel<__half, 0>);
+        }
+    }
+    switch (args.prefetch) {
+        case 2: return go(v7_step_kernel<__nv_bfloat16, 2>);
+        case 3: return go(v7_step_kernel<__nv_bfloat16, 3>);
+        default: return go(v7_step_kernel<__nv_bfloat16, 0>);
+    }
 }
 
 }  // namespace rwkv_chat

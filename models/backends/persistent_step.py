@@ -21,6 +21,9 @@ SLOTS = ("att.receptance.weight", "att.key.weight", "att.value.weight", "att.w1"
 _MATRICES = SLOTS[:3] + SLOTS[11:14]           # held by the model, stored [K, N] with an output-major transpose
 _LOW = ("att.w1", "att.a1", "att.g1", "att.v1", "att.w2", "att.a2", "att.g2", "att.v2")   # held by the backend
 _LATER_ONLY = ("att.v1", "att.v2", "att.v0")   # not read in layer 0
+#: V7StepArgs.prefetch by name: where each stage's weights are requested ahead of its grid barrier (nowhere, into L2,
+#: the first chunk into registers) or streamed from (a ring of shared-memory tiles fed by bulk copies, sm_90+)
+PREFETCH = ("plain", "l2", "registers", "ring")
 #: the kernel's limits (csrc/fused/fused_launchers.h): layers, and the sum of the four low-rank widths
 MAX_LAYERS = 64
 MAX_LOW = 1024
@@ -91,8 +94,10 @@ class PersistentStep:
     the residual buffers and the grid barrier, all on the model's device.
 
     Attributes:
-        prefetch: the next stage's weights requested before each grid barrier: 0 not, 1 into L2
-            (prefetch.global.L2), 2 the first chunk of each warp's first rows into registers (a benchmark switch).
+        prefetch: the index in ``PREFETCH`` (a benchmark switch): the next stage's weights requested before each
+            grid barrier: 0 not, 1 into L2 (prefetch.global.L2), 2 the first chunk of each warp's first rows into
+            registers; 3 (the default from compute capability 9.0) every product's weights streamed through a ring
+            of shared-memory tiles, each block's next tiles in flight across the barriers.
         blocks: the grid's blocks (0, the default: one per multiprocessor; a benchmark switch).
         grid: the blocks of the last launch (one per multiprocessor), 0 before the first.
     """
@@ -120,7 +125,7 @@ class PersistentStep:
         self.scratch = torch.empty(6 * C + MAX_LOW + self.ffn, dtype=dt, device=dev)
         #: the grid barrier's arrivals, their count at the end of the last launch, and the give-up flag
         self.bar = torch.zeros(3, dtype=torch.int32, device=dev)
-        self.prefetch = 2
+        self.prefetch = 3 if torch.cuda.get_device_capability(dev)[0] >= 9 else 2
         #: the grid's blocks (0: one per multiprocessor, the most it takes; a benchmark switch)
         self.blocks = 0
         self.grid = 0

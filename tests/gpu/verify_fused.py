@@ -32,6 +32,7 @@ from rwkv_chat.models import RWKV, kernels  # noqa: E402
 from rwkv_chat.models.rwkv import shapes  # noqa: E402
 from tests.gpu.report import finish  # noqa: E402
 from rwkv_chat.models.rwkv.decode import BatchDecoder  # noqa: E402
+from rwkv_chat.models.backends.persistent_step import PREFETCH  # noqa: E402
 
 TOL = 1e-2
 
@@ -175,12 +176,13 @@ def persistent_cases(w, tokens, row) -> None:
         model.backend.persistent = None
         want, st_want = decode_all(model, st, 1, 6)
         model.backend.persistent = step
-        for prefetch in (2, 1, 0):
+        modes = (3, 2, 1, 0) if torch.cuda.get_device_capability()[0] >= 9 else (2, 1, 0)
+        for prefetch in modes:
             step.prefetch = prefetch
             got, st_got = decode_all(model, st, 1, 6)
             timed_out = step.timed_out()
             row(f"decode batch 1, 6 steps: every layer in one persistent launch ({step.grid} blocks, prefetch "
-                f"{('none', 'L2', 'registers')[prefetch]}) vs the layer launches (logits, states)", strategy,
+                f"{PREFETCH[prefetch]}) vs the layer launches (logits, states)", strategy,
                 "graph, persistent / layers" + (" BARRIER TIMED OUT" if timed_out else ""),
                 float("inf") if timed_out else max(rel(got, want), state_rel(st_got[0], st_want[0])), tol=tol)
         if strategy.endswith("fp16"):
