@@ -336,9 +336,12 @@ struct RingCursor {
     long g, hi;
 };
 
-// Thread 0: the step's next tile, if any is left, into the ring.
+// The ring's issuing thread: the last of the block (its warp takes a tile's rows last, so it is the one most often idle).
+__device__ __forceinline__ bool ring_issuer() { return threadIdx.x == kStepThreads - 1; }
+
+// The issuing thread: the step's next tile, if any is left, into the ring.
 template <typename F>
-__device__ __noinline__ void ring_feed(WeightRing& R, RingCursor& c, const V7StepArgs& a, const StepBufs<F>& B) {
+__device__ __forceinline__ void ring_feed(WeightRing& R, RingCursor& c, const V7StepArgs& a, const StepBufs<F>& B) {
     while (c.layer < a.L) {
         StepProd<F> P[7];
         int K;
@@ -359,11 +362,12 @@ __device__ __noinline__ void ring_feed(WeightRing& R, RingCursor& c, const V7Ste
     }
 }
 
-// Stage s of layer l from the ring: the block's share of the stage's rows, tile by tile, one warp per row with x from
-// shared memory; thread 0 refills each slot once every thread is done with it.
+// Stage s of layer l from the ring: the block's share of the stage's rows, tile by tile, with x from shared memory;
+// the issuing thread refills each slot once every thread is done with it. A tile of at least 16 rows takes a warp per
+// row; a shorter one splits each row's K over 16 / rows warps and sums their parts in a fixed order (part: 16 floats).
 template <typename F>
 __device__ __forceinline__ void ring_stage(WeightRing& R, RingCursor& c, const V7StepArgs& a, const StepBufs<F>& B,
-                                           int l, int s) {
+                                           int l, int s, float* part) {
     constexpr int EPV = 16 / sizeof(F);
     union V { uint4 q; F v[EPV]; };
     StepProd<F> P[7];
@@ -372,27 +376,58 @@ __device__ __forceinline__ void ring_stage(WeightRing& R, RingCursor& c, const V
     long g, hi;
     block_rows(total_rows(P, n), g, hi);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    auto dot = [&](const F* x, const F* wr, int k0, int step) {
+        float acc0 = 0.f, acc1 = 0.f;
+        int k = k0;
+        for (; k + step < K; k += 2 * step) {
+            V x0, w0, x1, w1;
+            x0.q = *reinterpret_cast<const uint4*>(x + k);
+            w0.q = *reinterpret_cast<const uint4*>(wr + k);
+            x1.q = *reinterpret_cast<const uint4*>(x + k + step);
+            w1.q = *reinterpret_cast<const uint4*>(wr + k + step);
+#pragma unroll
+            for (int q = 0; q < EPV; ++q) {
+                acc0 = fmaf(to_f32(x0.v[q]), to_f32(w0.v[q]), acc0);
+                acc1 = fmaf(to_f32(x1.v[q]), to_f32(w1.v[q]), acc1);
+            }
+        }
+        if (k < K) {
+            V x0, w0;
+            x0.q = *reinterpret_cast<const uint4*>(x + k);
+            w0.q = *reinterpret_cast<const uint4*>(wr + k);
+#pragma unroll
+            for (int q = 0; q < EPV; ++q) acc0 = fmaf(to_f32(x0.v[q]), to_f32(w0.v[q]), acc0);
+        }
+        float acc = acc0 + acc1;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+        return acc;
+    };
     while (g < hi) {
         const RingTile<F> T = tile_at(P, n, K, g, hi, R.slot_bytes);
         const F* w = reinterpret_cast<const F*>(ring_wait(R));
-        const F* x = P[T.e].x;
-        for (int r = warp; r < T.rows; r += kStepWarps) {
-            const F* wr = w + (long)r * K;
-            float acc = 0.f;
-            for (int k = lane * EPV; k < K; k += 32 * EPV) {
-                V xq, wq;
-                xq.q = *reinterpret_cast<const uint4*>(x + k);
-                wq.q = *reinterpret_cast<const uint4*>(wr + k);
-#pragma unroll
-                for (int q = 0; q < EPV; ++q) acc = fmaf(to_f32(xq.v[q]), to_f32(wq.v[q]), acc);
+        const StepProd<F> p = P[T.e];
+        if (T.rows >= kStepWarps) {
+            for (int r = warp; r < T.rows; r += kStepWarps) {
+                const float acc = dot(p.x, w + (long)r * K, lane * EPV, 32 * EPV);
+                if (lane == 0) store_row(p, T.m + r, acc);
             }
-#pragma unroll
-            for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-            if (lane == 0) store_row(P[T.e], T.m + r, acc);
+        } else {
+            const int parts = kStepWarps / T.rows, r = warp / parts, q = warp % parts;
+            if (r < T.rows) {
+                const float acc = dot(p.x, w + (long)r * K, (q * 32 + lane) * EPV, parts * 32 * EPV);
+                if (lane == 0) part[warp] = acc;
+            }
+            __syncthreads();
+            if (threadIdx.x < T.rows) {
+                float acc = 0.f;
+                for (int u = 0; u < parts; ++u) acc += part[threadIdx.x * parts + u];
+                store_row(p, T.m + threadIdx.x, acc);
+            }
         }
         __syncthreads();
         ++R.taken;
-        if (threadIdx.x == 0) ring_feed(R, c, a, B);
+        if (ring_issuer()) ring_feed(R, c, a, B);
         g += T.rows;
     }
 }
@@ -540,6 +575,7 @@ __global__ void __launch_bounds__(kStepThreads, 1) v7_step_kernel(const __grid_c
     __shared__ __align__(16) float lr[4 * kStepN];
     __shared__ __align__(16) float tile[kStepN * kTileStride];
     __shared__ uint64_t ring_full[kRingMaxSlots];
+    __shared__ float ring_part[kStepWarps];
     unsigned long long* times = (blockIdx.x == 0 && threadIdx.x == 0) ? a.times : nullptr;
     int mark = 0;
     auto stamp = [&]() {
@@ -572,7 +608,7 @@ __global__ void __launch_bounds__(kStepThreads, 1) v7_step_kernel(const __grid_c
     WeightRing R = {nullptr, ring_full, a.ring_slots, a.ring_slot_bytes, 0u, 0u};
     RingCursor rc = {0, 0, -1, 0};
     auto products = [&](int l, int st, int K) {
-        if constexpr (ring) ring_stage<F>(R, rc, a, B, l, st);
+        if constexpr (ring) ring_stage<F>(R, rc, a, B, l, st, ring_part);
         else run_prods<F>(sp, st == 0 ? (l > 0 ? 7 : 6) : 1, K, fc, pre);
     };
     if constexpr (ring) {
@@ -580,7 +616,7 @@ __global__ void __launch_bounds__(kStepThreads, 1) v7_step_kernel(const __grid_c
         R.buf = step_smem + ((base + 127) & ~(size_t)127);
         ring_init(R);
         __syncthreads();
-        if (threadIdx.x == 0)
+        if (ring_issuer())
             for (int i = 0; i < R.slots; ++i) ring_feed(R, rc, a, B);
     }
     unsigned target = grid_base(a.bar);
@@ -674,6 +710,7 @@ int v7_step_launch(int act, const V7StepArgs& args_in, int blocks, int* grid_out
     if (args.prefetch == 3) {   // the ring: what shared memory is left, in slots of whole rows (a row fits a slot)
         if (!bulk_copy_supported()) return kUnsupported;
         smem = (smem + 127) & ~(size_t)127;
+        if (smem + kStepStaticSmem >= (size_t)optin) return kUnsupported;
         const size_t left = (size_t)optin - kStepStaticSmem - smem;
         const size_t row = (size_t)std::max(args.C, args.ffn) * esize;
         const size_t slot = row * std::max<size_t>(1, left / 4 / row);
