@@ -55,9 +55,12 @@ __device__ __forceinline__ unsigned grid_base(const unsigned* bar) {
 
 // flag: 0, or the marker (base | 1, nonzero) of a launch where a wait gave up; the later waits of that launch give up
 // at once, and the flag stays set for the host (PersistentStep.timed_out) and the launch's end (V7StepArgs.x poisoned).
-__device__ __forceinline__ void grid_sync(unsigned* bar, unsigned& target, int* flag, int marker) {
+// idle(): run by the block's last thread while thread 0 waits (work that would otherwise delay the block).
+template <typename Idle>
+__device__ __forceinline__ void grid_sync(unsigned* bar, unsigned& target, int* flag, int marker, Idle&& idle) {
     __syncthreads();
     target += gridDim.x;
+    if (threadIdx.x == blockDim.x - 1) idle();
     if (threadIdx.x == 0) {
         asm volatile("red.release.gpu.global.add.u32 [%0], %1;" ::"l"(bar), "r"(1u) : "memory");
         long spins = 0;
@@ -308,9 +311,9 @@ __device__ __forceinline__ int stage_prods(const V7StepArgs& a, const StepBufs<F
 }
 
 // This block's contiguous share [lo, hi) of a stage's rows (the products' rows one after another).
-__device__ __forceinline__ void block_rows(long total, long& lo, long& hi) {
-    lo = total * blockIdx.x / gridDim.x;
-    hi = total * (blockIdx.x + 1) / gridDim.x;
+__device__ __forceinline__ void block_rows(int total, int& lo, int& hi) {
+    lo = (int)((unsigned)total * blockIdx.x / gridDim.x);
+    hi = (int)((unsigned)total * (blockIdx.x + 1) / gridDim.x);
 }
 
 // The ring tile at row g of a stage's rows: rows m .. m + rows of product e, at most hi - g, as many as a slot holds.
@@ -321,59 +324,61 @@ struct RingTile {
 };
 
 template <typename F>
-__device__ __forceinline__ RingTile<F> tile_at(const StepProd<F>* P, int n, int K, long g, long hi, int slot_bytes) {
-    int m = (int)g;
+__device__ __forceinline__ RingTile<F> tile_at(const StepProd<F>* P, int n, int K, int g, int hi, int slot_bytes) {
+    int m = g;
     const int e = find_prod(P, n, m);
     const int per = max(1, slot_bytes / (K * (int)sizeof(F)));
-    const int rows = (int)min((long)min(P[e].M - m, per), hi - g);
+    const int rows = min(min(P[e].M - m, per), hi - g);
     return {P[e].w + (long)m * K, e, m, rows};
 }
 
-// The issuing thread's place in the step's sequence of tiles: layer, stage (0..3 as stage_prods), the next row of the
-// block's share and its end (g < 0: the stage not entered yet).
+// The issuer's place in the step's sequence of tiles: layer, stage (0..3 as stage_prods), the stage's products (read
+// from the table once, as the cursor enters the stage), the next row of the block's share and its end.
+template <typename F>
 struct RingCursor {
-    int layer, stage;
-    long g, hi;
+    int layer, stage, g, hi, n, K;
+    bool entered;
+    StepProd<F> P[7];
 };
 
 // The ring's issuing thread: the last of the block (its warp takes a tile's rows last, so it is the one most often idle).
 __device__ __forceinline__ bool ring_issuer() { return threadIdx.x == kStepThreads - 1; }
 
-// The issuing thread: the step's next tile, if any is left, into the ring.
+// The issuer: the step's next tile, if any is left, into the ring.
 template <typename F>
-__device__ __forceinline__ void ring_feed(WeightRing& R, RingCursor& c, const V7StepArgs& a, const StepBufs<F>& B) {
+__device__ __forceinline__ void ring_feed(WeightRing& R, RingCursor<F>& c, const V7StepArgs& a, const StepBufs<F>& B) {
     while (c.layer < a.L) {
-        StepProd<F> P[7];
-        int K;
-        const int n = stage_prods(a, B, c.layer, c.stage, P, K);
-        if (c.g < 0) {
-            long lo;
-            block_rows(total_rows(P, n), lo, c.hi);
+        if (!c.entered) {
+            c.n = stage_prods(a, B, c.layer, c.stage, c.P, c.K);
+            int lo;
+            block_rows(total_rows(c.P, c.n), lo, c.hi);
             c.g = lo;
+            c.entered = true;
         }
         if (c.g < c.hi) {
-            const RingTile<F> T = tile_at(P, n, K, c.g, c.hi, R.slot_bytes);
-            ring_issue(R, T.w, (unsigned)(T.rows * K * (int)sizeof(F)));
+            const RingTile<F> T = tile_at(c.P, c.n, c.K, c.g, c.hi, R.slot_bytes);
+            ring_issue(R, T.w, (unsigned)(T.rows * c.K * (int)sizeof(F)));
             c.g += T.rows;
             return;
         }
-        c.g = -1;
+        c.entered = false;
         if (++c.stage == 4) { c.stage = 0; ++c.layer; }
     }
 }
 
 // Stage s of layer l from the ring: the block's share of the stage's rows, tile by tile, with x from shared memory;
-// the issuing thread refills each slot once every thread is done with it. A tile of at least 16 rows takes a warp per
-// row; a shorter one splits each row's K over 16 / rows warps and sums their parts in a fixed order (part: 16 floats).
+// P: the stage's n products (the block's table, published before the barrier), each K wide. Once every thread is done
+// with a slot, the issuer refills it at once while its cursor is still in this stage, else (the next tile belongs to a
+// later stage) counts it in `pending`, for the wait at the next grid barrier. A tile of at least 16 rows takes a warp
+// per row; a shorter one splits each row's K over 16 / rows warps and sums their parts in a fixed order (part: 16
+// floats).
 template <typename F>
-__device__ __forceinline__ void ring_stage(WeightRing& R, RingCursor& c, const V7StepArgs& a, const StepBufs<F>& B,
-                                           int l, int s, float* part) {
+__device__ __forceinline__ void ring_stage(WeightRing& R, RingCursor<F>& c, int& pending, const V7StepArgs& a,
+                                           const StepBufs<F>& B, int l, int s, const StepProd<F>* P, int n, int K,
+                                           float* part) {
     constexpr int EPV = 16 / sizeof(F);
     union V { uint4 q; F v[EPV]; };
-    StepProd<F> P[7];
-    int K;
-    const int n = stage_prods(a, B, l, s, P, K);
-    long g, hi;
+    int g, hi;
     block_rows(total_rows(P, n), g, hi);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     auto dot = [&](const F* x, const F* wr, int k0, int step) {
@@ -427,7 +432,10 @@ __device__ __forceinline__ void ring_stage(WeightRing& R, RingCursor& c, const V
         }
         __syncthreads();
         ++R.taken;
-        if (ring_issuer()) ring_feed(R, c, a, B);
+        if (ring_issuer()) {
+            if (c.layer == l && c.stage == s) ring_feed(R, c, a, B);
+            else ++pending;
+        }
         g += T.rows;
     }
 }
@@ -596,19 +604,26 @@ __global__ void __launch_bounds__(kStepThreads, 1) v7_step_kernel(const __grid_c
     // Without the ring, the products of a stage go into the block's table sp before the barrier that precedes the
     // stage (with their first weights requested: into L2 with prefetch 1, into registers with 2).
     auto publish_stage = [&](int l, int st) {
+        StepProd<F> P[7];
+        int K;
+        const int n = stage_prods(a, B, l, st, P, K);
+        publish(sp, P, n);
         if constexpr (!ring) {
-            StepProd<F> P[7];
-            int K;
-            const int n = stage_prods(a, B, l, st, P, K);
-            publish(sp, P, n);
             if (a.prefetch == 1) prefetch_prods<F>(sp, n, K);
             else if (pre) first_chunk<F>(sp, n, K, fc);
         }
     };
     WeightRing R = {nullptr, ring_full, a.ring_slots, a.ring_slot_bytes, 0u, 0u};
-    RingCursor rc = {0, 0, -1, 0};
+    RingCursor<F> rc;
+    rc.layer = rc.stage = 0;
+    rc.entered = false;
+    int pending = 0;                                                  // the issuer's deferred refills
+    auto idle = [&]() {
+        if constexpr (ring)
+            for (; pending > 0; --pending) ring_feed(R, rc, a, B);
+    };
     auto products = [&](int l, int st, int K) {
-        if constexpr (ring) ring_stage<F>(R, rc, a, B, l, st, ring_part);
+        if constexpr (ring) ring_stage<F>(R, rc, pending, a, B, l, st, sp, st == 0 ? (l > 0 ? 7 : 6) : 1, K, ring_part);
         else run_prods<F>(sp, st == 0 ? (l > 0 ? 7 : 6) : 1, K, fc, pre);
     };
     if constexpr (ring) {
@@ -641,7 +656,7 @@ __global__ void __launch_bounds__(kStepThreads, 1) v7_step_kernel(const __grid_c
                 prefetch_l2(a.s[layer] + c0 * kStepN, (long)kStepN * kStepN * sizeof(float));
             }
         }
-        grid_sync(a.bar, target, a.flag, marker);
+        grid_sync(a.bar, target, a.flag, marker, idle);
         stamp();
         // B: per head; block 0 puts ln1's output in the shift state and the residual stream in place
         if (first_block) {
@@ -650,21 +665,21 @@ __global__ void __launch_bounds__(kStepThreads, 1) v7_step_kernel(const __grid_c
         for (int h = blockIdx.x; h < a.H; h += gridDim.x)
             head_stage<F>(a, t, layer, h, low, lr, tile, hsh, sw, sk, sa, sb, sr);
         publish_stage(layer, 1);
-        grid_sync(a.bar, target, a.flag, marker);
+        grid_sync(a.bar, target, a.flag, marker, idle);
         stamp();
         // C: att = Wo y
         stage_in<F>(y, xm, C);
         products(layer, 1, C);
         publish_stage(layer, 2);
         prefetch_norm(slot<F>(t, kStepLn2W), slot<F>(t, kStepLn2B), slot<F>(t, kStepMixK), 1, C);
-        grid_sync(a.bar, target, a.flag, marker);
+        grid_sync(a.bar, target, a.flag, marker, idle);
         stamp();
         // D: ln2 + the channel-mix lerp; hk = relu(Wk x_k)^2
         norm_mix<F>(x, B.att, slot<F>(t, kStepLn2W), slot<F>(t, kStepLn2B), ffn_x, slot<F>(t, kStepMixK), 1, C,
                     cur, xl, xm, red);
         products(layer, 2, C);
         publish_stage(layer, 3);
-        grid_sync(a.bar, target, a.flag, marker);
+        grid_sync(a.bar, target, a.flag, marker, idle);
         stamp();
         // E: dx = Wv hk; block 0 puts ln2's output in the shift state and the residual stream in place
         if (first_block) {
@@ -677,7 +692,7 @@ __global__ void __launch_bounds__(kStepThreads, 1) v7_step_kernel(const __grid_c
             const long long* tn = t + kStepSlots;
             prefetch_norm(slot<F>(tn, kStepLn1W), slot<F>(tn, kStepLn1B), slot<F>(tn, kStepMix6), 6, C);
         }
-        grid_sync(a.bar, target, a.flag, marker);
+        grid_sync(a.bar, target, a.flag, marker, idle);
         stamp();
     }
     if (first_block) {
