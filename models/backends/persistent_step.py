@@ -95,9 +95,10 @@ class PersistentStep:
 
     Attributes:
         prefetch: the index in ``PREFETCH`` (a benchmark switch): the next stage's weights requested before each
-            grid barrier: 0 not, 1 into L2 (prefetch.global.L2), 2 the first chunk of each warp's first rows into
-            registers; 3 (the default from compute capability 9.0) every product's weights streamed through a ring
-            of shared-memory tiles, each block's next tiles in flight across the barriers.
+            grid barrier: 0 not (the default: the fastest measured, H100), 1 into L2 (prefetch.global.L2), 2 the
+            first chunk of each warp's first rows into registers; 3 (compute capability 9.0+) every product's
+            weights streamed through a ring of shared-memory tiles, each block's next tiles in flight across the
+            barriers.
         blocks: the grid's blocks (0, the default: one per multiprocessor; a benchmark switch).
         grid: the blocks of the last launch (one per multiprocessor), 0 before the first.
     """
@@ -125,7 +126,7 @@ class PersistentStep:
         self.scratch = torch.empty(6 * C + MAX_LOW + self.ffn, dtype=dt, device=dev)
         #: the grid barrier's arrivals, their count at the end of the last launch, and the give-up flag
         self.bar = torch.zeros(3, dtype=torch.int32, device=dev)
-        self.prefetch = 3 if torch.cuda.get_device_capability(dev)[0] >= 9 else 2
+        self.prefetch = 0
         #: the grid's blocks (0: one per multiprocessor, the most it takes; a benchmark switch)
         self.blocks = 0
         self.grid = 0
