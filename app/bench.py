@@ -530,6 +530,10 @@ def rwkv_main(argv: list[str]) -> int:
             return 2
     if args.persistent_step:
         from rwkv_chat.models.backends.persistent_step import PREFETCH
+        if args.persistent_step == "ring" and torch.cuda.get_device_capability(model.devices[0])[0] < 9:
+            print("rwkv-chat bench: --persistent-step ring: needs compute capability 9.0 or newer (bulk copies); "
+                  "plain, l2 or registers run here", file=sys.stderr)
+            return 2
         model.backend.persistent.prefetch = PREFETCH.index(args.persistent_step)
     if getattr(model.backend, "ffn", None) == "sparse" and getattr(model.backend, "decodes", False):
         with torch.no_grad():

@@ -341,7 +341,7 @@ struct RingCursor {
     StepProd<F> P[7];
 };
 
-// The ring's issuing thread: the last of the block (its warp takes a tile's rows last, so it is the one most often idle).
+// The ring's issuing thread: the block's last (its warp takes a tile's rows last, so it is the one most often idle).
 __device__ __forceinline__ bool ring_issuer() { return threadIdx.x == kStepThreads - 1; }
 
 // The issuer: the step's next tile, if any is left, into the ring.
@@ -601,8 +601,8 @@ __global__ void __launch_bounds__(kStepThreads, 1) v7_step_kernel(const __grid_c
     const StepBufs<F> B = {xm, scr, scr + C, scr + 2 * C, scr + 3 * C, y + C, y + 2 * C, static_cast<F*>(a.dx)};
     const bool first_block = blockIdx.x == 0;
     FirstChunk<F> fc;
-    // Without the ring, the products of a stage go into the block's table sp before the barrier that precedes the
-    // stage (with their first weights requested: into L2 with prefetch 1, into registers with 2).
+    // The products of a stage go into the block's table sp before the barrier that precedes the stage (without the
+    // ring, with their first weights requested: into L2 with prefetch 1, into registers with 2).
     auto publish_stage = [&](int l, int st) {
         StepProd<F> P[7];
         int K;
@@ -623,8 +623,9 @@ __global__ void __launch_bounds__(kStepThreads, 1) v7_step_kernel(const __grid_c
             for (; pending > 0; --pending) ring_feed(R, rc, a, B);
     };
     auto products = [&](int l, int st, int K) {
-        if constexpr (ring) ring_stage<F>(R, rc, pending, a, B, l, st, sp, st == 0 ? (l > 0 ? 7 : 6) : 1, K, ring_part);
-        else run_prods<F>(sp, st == 0 ? (l > 0 ? 7 : 6) : 1, K, fc, pre);
+        const int n = st == 0 ? (l > 0 ? 7 : 6) : 1;
+        if constexpr (ring) ring_stage<F>(R, rc, pending, a, B, l, st, sp, n, K, ring_part);
+        else run_prods<F>(sp, n, K, fc, pre);
     };
     if constexpr (ring) {
         const size_t base = (size_t)C * sizeof(float) + (size_t)C * sizeof(F) + (size_t)max(6 * C, Fd) * sizeof(F);

@@ -1,7 +1,7 @@
 // A ring of weight tiles in shared memory, fed by bulk asynchronous copies (csrc/common/bulk_copy.cuh; sm_90+):
-// one thread (the issuer) starts the copy of the next tile into the slot the block has just finished with, so a block that runs
-// through a known sequence of weight tiles keeps `slots` of them in flight ahead of its compute, across whatever it
-// waits for in between (a grid barrier, a norm). Tiles are consumed in the order they were issued.
+// one thread (the issuer) starts the copy of the next tile into the slot the block has just finished with, so a block
+// that runs through a known sequence of weight tiles keeps `slots` of them in flight ahead of its compute, across
+// whatever it waits for in between (a grid barrier, a norm). Tiles are consumed in the order they were issued.
 #pragma once
 
 #include "../common/bulk_copy.cuh"
