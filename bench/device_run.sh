@@ -85,7 +85,7 @@ step fprof 120 240 python3 bench/formats_profile.py --shape 7.2B --out "$OUT/for
 step fprof64 120 300 python3 bench/formats_profile.py --shape 7.2B --formats "" --batch 64 --large fused --out "$OUT/formats_profile.md"
 step b01 40 100 $B --shape 0.1B --batch 1 --prompt-len 1024 --tokens 300
 step vpers 40 150 python3 tests/gpu/verify_fused.py --only-persistent --out "$OUT/verify_persistent.md"
-step pstep 120 400 bash -c "for s in 0.1B 1.5B; do $B --shape \$s --batch 1 --prompt-len 0 --tokens 300 && $B --shape \$s --batch 1 --prompt-len 0 --tokens 300 --persistent-step ring && $B --shape \$s --batch 1 --prompt-len 0 --tokens 300 --persistent-step registers || exit 1; done"
+step pstep 120 400 bash -c "for s in 0.1B 1.5B; do $B --shape \$s --batch 1 --prompt-len 0 --tokens 300 && $B --shape \$s --batch 1 --prompt-len 0 --tokens 300 --persistent-step plain && $B --shape \$s --batch 1 --prompt-len 0 --tokens 300 --persistent-step ring || exit 1; done"
 step fold 90 240 bash -c "$B --shape 0.1B --batch 1 --prompt-len 0 --tokens 300 && $B --shape 0.1B --batch 1 --prompt-len 0 --tokens 300 --no-fold-norms && $B --shape 1.5B --batch 1 --prompt-len 0 --tokens 200 && $B --shape 1.5B --batch 1 --prompt-len 0 --tokens 200 --fold-norms"
 step b15t 60 200 bash -c "$B --shape 1.5B --batch 64 --prompt-len 0 --tokens 80 && $B --shape 1.5B --batch 64 --prompt-len 0 --tokens 80 --untuned-gemm"
 step b72t 100 300 bash -c "$B --shape 7.2B --batch 64 256 --prompt-len 0 --tokens 80 && $B --shape 7.2B --batch 64 --prompt-len 0 --tokens 80 --untuned-gemm"
