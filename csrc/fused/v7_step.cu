@@ -55,12 +55,16 @@ __device__ __forceinline__ unsigned grid_base(const unsigned* bar) {
 
 // flag: 0, or the marker (base | 1, nonzero) of a launch where a wait gave up; the later waits of that launch give up
 // at once, and the flag stays set for the host (PersistentStep.timed_out) and the launch's end (V7StepArgs.x poisoned).
-// idle(): run by the block's last thread while thread 0 waits (work that would otherwise delay the block).
+// The block's last thread: the ring's issuer (its warp takes a tile's rows last, so it is the one most often idle),
+// which also runs grid_sync's idle work.
+__device__ __forceinline__ bool ring_issuer() { return threadIdx.x == kStepThreads - 1; }
+
+// idle(): run by the ring's issuer while thread 0 waits (work that would otherwise delay the block).
 template <typename Idle>
 __device__ __forceinline__ void grid_sync(unsigned* bar, unsigned& target, int* flag, int marker, Idle&& idle) {
     __syncthreads();
     target += gridDim.x;
-    if (threadIdx.x == blockDim.x - 1) idle();
+    if (ring_issuer()) idle();
     if (threadIdx.x == 0) {
         asm volatile("red.release.gpu.global.add.u32 [%0], %1;" ::"l"(bar), "r"(1u) : "memory");
         long spins = 0;
@@ -340,9 +344,6 @@ struct RingCursor {
     bool entered;
     StepProd<F> P[7];
 };
-
-// The ring's issuing thread: the block's last (its warp takes a tile's rows last, so it is the one most often idle).
-__device__ __forceinline__ bool ring_issuer() { return threadIdx.x == kStepThreads - 1; }
 
 // The issuer: the step's next tile, if any is left, into the ring.
 template <typename F>
