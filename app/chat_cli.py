@@ -165,6 +165,7 @@ def _conversations(args) -> int:
 
     from .texts import exchanges, plural, terminal_safe
 
+    shown = terminal_safe if sys.stdout.isatty() else str       # a terminal gets stand-ins for control characters
     with Client(_paths()) as c:
         if args.conv_cmd == "list":
             items = c.conversations()
@@ -176,18 +177,17 @@ def _conversations(args) -> int:
                 _err("no conversations yet: `rwkv-chat chat MESSAGE` or the terminal UI (`rwkv-chat`) starts one")
             for it in ([] if args.json else items):
                 when = time.strftime("%Y-%m-%d %H:%M", time.localtime(it.updated))
-                print(f"{it.id}\t{when}\t{plural(exchanges(it), 'exchange')}\t{it.title}")
+                print(f"{it.id}\t{when}\t{plural(exchanges(it), 'exchange')}\t{shown(it.title)}")
             return 0
         cid = _resolve(c, args.id)
         if args.conv_cmd == "show":
             d = c.conversation(cid, context=True)
-            print(f"# {d.conversation.title or d.conversation.id}")
+            print(f"# {shown(d.conversation.title or d.conversation.id)}")
             if d.conversation.system_prompt:
-                print(f"System: {d.conversation.system_prompt}")
+                print(f"System: {shown(d.conversation.system_prompt)}")
             for t in d.turns:
                 stopped = " [stopped]" if t.reason == "cancelled" else ""
-                text = terminal_safe(t.text) if sys.stdout.isatty() else t.text
-                print(f"{t.role.capitalize()}: {text}{stopped}")
+                print(f"{t.role.capitalize()}: {shown(t.text)}{stopped}")
             if d.context_limit:          # as after a reply of `rwkv-chat chat`: what the next one starts from
                 _err(f"[context {d.context_used}/{d.context_limit} tokens]")
         elif args.conv_cmd == "export":

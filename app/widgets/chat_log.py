@@ -19,6 +19,8 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.widgets import Markdown, ProgressBar, Static
 
+from ..texts import terminal_safe
+
 FLUSH_HZ = 15
 PREVIEW_CHARS = 4000       # a longer user message is shown shortened (it is sent whole)
 
@@ -41,10 +43,11 @@ def reply_parser() -> MarkdownIt:
 
 
 def preview(text: str, limit: int = PREVIEW_CHARS) -> str:
-    """``text`` cut to ``limit`` characters with a note of how many were left out."""
+    """``text`` cut to ``limit`` characters with a note of how many were left out, its control characters shown
+    as stand-ins (``texts.terminal_safe``)."""
     if len(text) <= limit:
-        return text
-    return text[:limit] + f"\n… ({len(text) - limit:,} more characters)"
+        return terminal_safe(text)
+    return terminal_safe(text[:limit]) + f"\n… ({len(text) - limit:,} more characters)"
 
 
 class BranchArrow(Static):
@@ -183,7 +186,7 @@ class AssistantMessage(MessageBox):
     def compose(self) -> ComposeResult:
         yield from self.compose_header()
         yield ProgressBar(total=None, show_eta=False, classes="prefill")
-        yield Markdown(self.text, classes="body", parser_factory=reply_parser)
+        yield Markdown(terminal_safe(self.text), classes="body", parser_factory=reply_parser)
         yield Static(self._footer or ("…" if self.streaming else ""), classes="footer")
 
     def on_mount(self) -> None:
@@ -220,7 +223,7 @@ class AssistantMessage(MessageBox):
         if self._pending and self._ready():
             chunk = "".join(self._pending)
             self._pending.clear()
-            self.query_one(Markdown).append(chunk)
+            self.query_one(Markdown).append(terminal_safe(chunk))
             self.post_message(ChatLog.Grew())
 
     def finish(self, text: str | None, footer: str) -> None:
@@ -237,7 +240,7 @@ class AssistantMessage(MessageBox):
             self.call_after_refresh(self.finish, None, footer)
             return
         self.query_one(ProgressBar).display = False
-        self.query_one(Markdown).update(self.text)
+        self.query_one(Markdown).update(terminal_safe(self.text))
         self.set_footer(footer)
         self.post_message(ChatLog.Grew())
 

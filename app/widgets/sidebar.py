@@ -13,12 +13,13 @@ from textual.message import Message
 from textual.widgets import OptionList, Static
 from textual.widgets.option_list import Option
 
-from ..texts import exchanges
+from ..texts import exchanges, terminal_safe
 
 
 def title_of(info) -> str:
-    """The display title of a ``ConversationInfo`` ("New conversation" when untitled)."""
-    return (info.title or "").strip() or "New conversation"
+    """The display title of a ``ConversationInfo`` ("New conversation" when untitled; control characters shown
+    as stand-ins)."""
+    return terminal_safe((info.title or "").strip()) or "New conversation"
 
 
 class Sidebar(Vertical):

@@ -330,3 +330,39 @@ async def test_the_editor_saves_text_typed_just_before_ctrl_s():
         app.post_message(events.Key("ctrl+s", None))
         await pilot.pause(0.3)
     assert app.result == "Hello again"
+
+
+@async_test
+async def test_control_characters_of_a_reply_are_shown_not_sent_to_the_terminal():
+    """A model may write ESC, shift-out and other C0 codes: the reply and user views show stand-ins, the text
+    kept for copying stays as generated."""
+    from textual.app import App
+    from textual.widgets import Markdown
+
+    from rwkv_chat.app.widgets.chat_log import ChatLog
+
+    raw = "a\x1b[2Jb\x0ec\x9b\x07d\ne\tf"
+
+    class Host(App):
+        def compose(self):
+            yield ChatLog()
+
+    app = Host()
+    async with app.run_test(size=(80, 24)) as pilot:
+        log = app.query_one(ChatLog)
+        user, reply = UserMessage(raw), AssistantMessage(streaming=True)
+        log.add(user)
+        log.add(reply)
+        await pilot.pause(0.1)
+        reply.append(raw[:4])
+        reply.append(raw[4:])
+        await pilot.pause(0.3)                          # streamed chunks flushed
+        streamed = reply.query_one(Markdown).source
+        reply.finish(None, "done")
+        await pilot.pause(0.1)
+        final = reply.query_one(Markdown).source
+        shown_user = str(user.query_one(".body").render())
+    for shown in (streamed, final, shown_user):
+        assert not any(ord(ch) < 0x20 and ch not in "\n\t" or 0x7F <= ord(ch) < 0xA0 for ch in shown), repr(shown)
+        assert "\u241b[2Jb" in shown and "e\tf" in shown
+    assert reply.text == raw and user.text == raw
