@@ -40,7 +40,8 @@ def _daemon(args) -> int:
             raise UsageError(str(e)) from None
         info = spawn_daemon(paths, model, args.strategy or own_strategy or None)
         _err(f"rwkv-chat: daemon started (pid {info.pid}, {info.request})")
-        return _wait_for_load(paths) if model else 0
+        # the model named, or the config's default model, which the daemon loads at start: followed to its end
+        return _wait_for_load(paths) if model or _config(paths).model.path else 0
     if args.daemon_cmd == "stop":
         info = ping(paths) if lock_held(paths.lock_file) else None
         if info is None and not lock_held(paths.lock_file):

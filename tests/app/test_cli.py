@@ -145,6 +145,21 @@ def test_a_chat_after_the_configured_model_failed_to_load_says_why(tmp_path, hom
         run(paths.home, "daemon", "stop")
 
 
+def test_daemon_start_follows_the_configured_models_load(tmp_path, home_env, model_path):
+    """No --model: the daemon loads the config's model at start, and ``daemon start`` follows that load as it does
+    a model named, so a strategy that cannot load it exits 1 with the reason instead of 0."""
+    paths = make_home(tmp_path, model_path("5.2"))
+    try:
+        r = run(paths.home, "daemon", "start", "--strategy", "cuda fp16i3")
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r
+        assert "the model did not load" in r.stderr and "'i3'" in r.stderr, r.stderr
+        run(paths.home, "daemon", "stop")
+        r = run(paths.home, "daemon", "start", "--strategy", "cpu fp32i8")
+        assert r.returncode == 0 and "loaded" in r.stderr.splitlines()[-1] and "'cpu fp32i8'" in r.stderr, r
+    finally:
+        run(paths.home, "daemon", "stop")
+
+
 def test_a_broken_config_is_one_line_without_earlier_log_lines(tmp_path, home_env):
     """A wrong value in config.toml: ``daemon start`` and a ``chat`` that would start one say so in one line
     naming the file, not with the daemon log's tail (earlier runs' lines included)."""
