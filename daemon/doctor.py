@@ -132,7 +132,8 @@ def kernel_status(paths, build: bool = False, progress=None) -> tuple[dict, dict
         for dev in ("cpu", "cuda"):
             if not loader.ready(dev):
                 if not build:
-                    out[dev] = {f: NOT_BUILT for f in loader.report()[dev]}
+                    out[dev] = {f: NOT_BUILT if why == kernels.NOT_BUILT else why
+                                for f, why in loader.report()[dev].items()}
                     continue
                 job = loader.build_in_background(dev, nice=0)
                 while not job.wait(0.5):

@@ -56,6 +56,13 @@ NOT_BUILT = "not built yet (ensure_built has not run for this device)"
 CPU_GEMM_REASON = "no compiled CPU gemm: torch.matmul (oneDNN/MKL) serves CPU products"
 CPU_REASONS = {"gemm": CPU_GEMM_REASON,
                "v7fused": "the fused RWKV-7 layer kernels (models/backends/fused_cuda.py) are CUDA only"}
+
+
+def _no_kernel(family: str) -> str:
+    """Why a family has no compiled kernel on the CPU (the torch path serves it)."""
+    return CPU_REASONS.get(family, "no compiled kernel for this device: torch path")
+
+
 #: the op whose presence marks a family as loaded (default ``<family>_<device>``)
 OP_NAMES = {"v7fused": "v7_tmix_one", "gemvq": "gemvq_i4"}
 
@@ -112,8 +119,10 @@ class KernelLoader:
         self.source_dir = Path(source_dir) if source_dir else default_source_dir()
         self._cache_dir = Path(cache_dir) if cache_dir else None
         self.progress = progress
+        # a family with no kernel for a device type says so from the start, built or not
         self.status: dict[str, dict[str, str]] = {
-            "cpu": {f: NOT_BUILT for f in FAMILIES}, "cuda": {f: NOT_BUILT for f in FAMILIES}}
+            dev: {f: NOT_BUILT if f in fams else _no_kernel(f) for f in FAMILIES}
+            for dev, fams in (("cpu", CPU_FAMILIES), ("cuda", CUDA_FAMILIES))}
         self.builds: dict[str, dict] = {}
         self._background: dict[str, BackgroundBuild] = {}
         self._lock = threading.Lock()
@@ -213,7 +222,7 @@ class KernelLoader:
             ops = torch.ops.rwkv_chat
             for f in FAMILIES:
                 if f not in families:
-                    self.status[dev][f] = CPU_REASONS.get(f, "no compiled kernel for this device: torch path")
+                    self.status[dev][f] = _no_kernel(f)
                 elif hasattr(ops, f"{OP_NAMES.get(f, f)}_{dev}"):
                     self.status[dev][f] = "ok"
                     _LOADED.add((dev, f))
