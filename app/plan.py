@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
             from rwkv_chat.models.errors import RWKVError
             from rwkv_chat.models.header import read_header
 
+            if not Path(args.model).expanduser().exists():     # a missing file is named, not asked a strategy
+                print(f"rwkv-chat plan: checkpoint not found: {args.model}", file=sys.stderr)
+                return 2
             try:                                 # an unreadable file is named as such, not asked for a strategy
                 if Path(args.model).expanduser().is_file():
                     read_header(Path(args.model).expanduser())

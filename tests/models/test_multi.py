@@ -364,7 +364,8 @@ def test_plan_cli(model_path, tmp_path, capsys):
     mp = plan_memory(path, "cpu fp32 *2 -> cpu bf16", free={})
     assert "Strategy: cpu fp32 *2 -> cpu bf16" in r.stdout and mp.describe in r.stdout
     for bad, why in [((path, "--strategy", "cpu fp64"), "unknown dtype 'fp64'"),
-                     ((tmp_path / "nope.pth", "--strategy", "cpu fp32"), "checkpoint not found")]:
+                     ((tmp_path / "nope.pth", "--strategy", "cpu fp32"), "checkpoint not found"),
+                     ((tmp_path / "nope.pth",), "checkpoint not found")]:      # named before any strategy
         r = _cli(*bad)
         assert r.returncode == 2 and why in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
