@@ -64,7 +64,7 @@ class ChatApp(App):
     BINDINGS = [
         Binding("f1", "help", "Help"),
         Binding("question_mark", "help", "Help", show=False),
-        Binding("ctrl+t", "toggle_theme", "Theme"),
+        Binding("ctrl+t", "toggle_theme", "Theme", show=False),
         Binding("ctrl+l", "load_model", "Model", show=False),
         Binding("ctrl+q", "quit", "Quit", priority=True),
     ]

@@ -44,8 +44,9 @@ def _fingerprint(status: dict) -> str | None:
 
 class ChatScreen(ConversationActions, DraftSender, Screen):
     AUTO_FOCUS = "#input"
-    #: F5-F8 (system prompt, export, copy reply, delete) are left out of the footer so that it keeps the app's
-    #: keys (Help, Quit) on a 160-column terminal; F1 lists every key
+    #: F2, F3, F5-F9 (rename, edit, system prompt, export, copy reply, delete, sidebar) and the app's Ctrl+T are
+    #: left out of the footer so that it keeps the app's keys (Model, Help, Quit) on a 100-column terminal; F1
+    #: lists every key, the sidebar's line shows Ctrl+N, F2 and F8
     BINDINGS = [
         Binding("escape", "stop", "Stop"),
         Binding("ctrl+c", "stop_or_copy", "Stop", show=False, priority=True),
@@ -57,14 +58,14 @@ class ChatScreen(ConversationActions, DraftSender, Screen):
         Binding("ctrl+r", "regenerate", "Regenerate"),
         Binding("alt+left", "branch_last(-1)", "Branch ‹", show=False),
         Binding("alt+right", "branch_last(1)", "Branch ›", show=False),
-        Binding("f2", "rename", "Rename", priority=True),
-        Binding("f3", "edit_last", "Edit last", priority=True),
+        Binding("f2", "rename", "Rename", priority=True, show=False),      # the sidebar shows it
+        Binding("f3", "edit_last", "Edit last", priority=True, show=False),
         Binding("f4", "toggle_sampling", "Sampling", priority=True),
         Binding("f5", "system_prompt", "System prompt", priority=True, show=False),
         Binding("f6", "export", "Export", priority=True, show=False),
         Binding("f7", "copy_last", "Copy reply", priority=True, show=False),
         Binding("f8", "delete", "Delete", priority=True, show=False),
-        Binding("f9", "toggle_sidebar", "Sidebar", priority=True),
+        Binding("f9", "toggle_sidebar", "Sidebar", priority=True, show=False),
         Binding("ctrl+l", "app.load_model", "Model"),
     ]
 

@@ -158,6 +158,9 @@ async def test_switching_conversations_by_keyboard_with_their_own_history(fresh_
         # the keys are in the footer and in the help
         footer = " ".join(str(k.render()) for k in app.chat.query("FooterKey, FooterLabel"))
         assert "Conversation" in footer
+        keys = list(app.chat.query("FooterKey"))            # the app's keys fit a 100-column terminal
+        assert {"Model", "Help", "Quit"} <= {k.description for k in keys}
+        assert all(k.region.right <= app.size.width == 100 for k in keys), [(k.description, k.region) for k in keys]
         app.chat.input.clear()
         await pilot.press("f1")
         await wait_for(pilot, lambda: isinstance(app.screen, HelpScreen), what="help")
