@@ -23,7 +23,7 @@ def _stream(gen, strip_first: bool = False, chat: bool = False, started=None) ->
     interactive = sys.stderr.isatty()
     tty = sys.stdout.isatty()
     position = None
-    noted = reloading = False
+    noted = reloading = begun = False      # begun: the daemon started the generation (it was not only queued)
     try:
         for ev in gen:
             if isinstance(ev, m.Queued):
@@ -32,6 +32,7 @@ def _stream(gen, strip_first: bool = False, chat: bool = False, started=None) ->
                     _err(f"rwkv-chat: queued, position {ev.position} of {ev.queued} ({queued_reason(ev.active)})")
                 continue
             position = None
+            begun = begun or isinstance(ev, (m.Started, m.Token))
             if isinstance(ev, m.Started) and started is not None:
                 started(ev)
             elif isinstance(ev, m.Token):
@@ -76,7 +77,10 @@ def _stream(gen, strip_first: bool = False, chat: bool = False, started=None) ->
     except KeyboardInterrupt:
         gen.close()          # cancels the generation in the daemon
         sys.stdout.write("\n")
-        _err("rwkv-chat: stopped (the reply so far is kept in the conversation)" if chat else "rwkv-chat: cancelled")
+        if chat and not begun:
+            _err("rwkv-chat: stopped while queued: nothing was sent to the conversation")
+        else:
+            _err("rwkv-chat: stopped (the reply so far is kept in the conversation)" if chat else "rwkv-chat: cancelled")
         return 130
     except BrokenPipeError:
         gen.close()          # the reader went away: cancel, then exit quietly (main)
@@ -98,12 +102,16 @@ def _complete(args) -> int:
 
 def _resolve(client, ref: str, new_ok: bool = False) -> str:
     """The id of the conversation ``ref`` names (its id, the start of its id, or its exact title). With
-    ``new_ok``, a valid id that names none is returned as it is (a new conversation). Raises UsageError."""
+    ``new_ok`` (a message is sent), a valid id that names none is returned as it is (a new conversation), and
+    the start of an id is refused: it may be a new id meant for a conversation of its own. Raises UsageError."""
     from rwkv_chat.daemon.protocol import CONVERSATION_ID_RE
 
     if not ref.strip() or len(ref) > 1000:
         raise UsageError(f"{ref[:40]!r} does not name a conversation: give its id, the start of its id, or its title")
     items = client.find(ref)
+    if len(items) == 1 and new_ok and ref not in (items[0].id, items[0].title):
+        raise UsageError(f"{ref!r} is the start of the id of conversation {items[0].id} "
+                         f"({items[0].title or 'untitled'}): give its whole id to continue it, or another new id")
     if len(items) == 1:
         return items[0].id
     if items:

@@ -163,8 +163,9 @@ def parser() -> argparse.ArgumentParser:
                'rwkv-chat chat "Name a colour." --temperature 0 --max-tokens 10'])
     ch.add_argument("message", metavar="MESSAGE", help="your message (not empty)")
     ch.add_argument("--conversation", metavar="CONVERSATION",
-                    help="continue this conversation: its id, the start of its id, or its exact title; a new id "
-                         "(letters, digits, _ and -) starts a conversation with that id (default: a new one)")
+                    help="continue this conversation: its whole id or its exact title; a new id (letters, digits, "
+                         "_ and -, not the start of an existing id) starts a conversation with that id (default: a "
+                         "new one)")
     _sampling_flags(ch)
     sv = _sub(sub, "serve", "serve an OpenAI-compatible HTTP API in front of the daemon",
               "Serve /v1/models, /v1/chat/completions and /v1/completions (streaming too) for any OpenAI client,\n"

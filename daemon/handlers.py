@@ -158,7 +158,7 @@ def _status(server, msg):
         home={"config": str(paths.config_dir), "data": str(paths.data_dir), "cache": str(paths.cache_dir),
               "runtime": str(paths.runtime_dir), "dropped_frames": server.dropped,
               "sessions": server.sessions.stats()},
-        prefix_cache=server.sessions.prefix.stats()), []
+        prefix_cache=server.sessions.prefix.stats(), store_revision=server.store.revision()), []
 
 
 @handles(m.Probe)

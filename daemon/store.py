@@ -237,6 +237,12 @@ class Store:
         """Conversations in the store."""
         return self.db.execute("SELECT COUNT(*) FROM conversations").fetchone()[0]
 
+    def revision(self) -> list:
+        """A value that changes whenever the list of conversations does (one made or removed, a turn added, a
+        rename, another branch chosen): ``[count, latest update time, sum of the chosen leaves]``, for clients
+        that keep a list current by polling the status."""
+        return list(self.db.execute("SELECT COUNT(*), MAX(updated), TOTAL(leaf) FROM conversations").fetchone())
+
     def list(self, offset: int = 0, limit: int = -1) -> list[ConversationInfo]:
         """Summaries of ``limit`` conversations (-1 = all) from the ``offset``-th, most recently updated first:
         title and system prompt cut to ``SUMMARY_CHARS`` characters (``truncated`` set when cut); one query,

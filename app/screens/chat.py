@@ -73,6 +73,7 @@ class ChatScreen(ConversationActions, DraftSender, Screen):
         super().__init__()
         self.cid: str | None = None          # the open conversation
         self.infos: dict = {}                # id -> ConversationInfo
+        self.store_revision = None           # the daemon's last reported store revision (the sidebar follows it)
         self._model_defaults: dict | None = None   # the loaded model's sampling defaults (the panel shows them)
         self.job: str | None = None          # generation running in the open conversation
         self.bubble: AssistantMessage | None = None
@@ -204,6 +205,10 @@ class ChatScreen(ConversationActions, DraftSender, Screen):
         self._note_family(status)
         self._model_sampling(status)
         self._say_resume((status.get("model") or {}).get("fingerprint"))
+        revision = status.get("store_revision")
+        if revision and revision != self.store_revision:    # another client made, changed or removed one
+            self.store_revision = revision
+            self.refresh_conversations()
         fp = _fingerprint(status)
         if fp and self.cid in self.infos and self.context_model != (self.cid, fp) and not self.busy():
             self.refresh_context()           # a model loaded (or another one) since the conversation opened

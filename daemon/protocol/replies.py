@@ -54,6 +54,7 @@ class StatusReply(Msg):
     clients: int
     home: dict
     prefix_cache: dict = {}       # the prefix cache of ChatMessages: entries, bytes, budget, hits, misses, tokens
+    store_revision: list = []     # changes whenever the list of conversations does (Store.revision)
 
 
 class ConversationInfo(msgspec.Struct, forbid_unknown_fields=True):

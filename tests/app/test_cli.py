@@ -160,6 +160,39 @@ def test_daemon_start_follows_the_configured_models_load(tmp_path, home_env, mod
         run(paths.home, "daemon", "stop")
 
 
+def test_ctrl_c_of_a_queued_chat_says_nothing_was_sent(tmp_path, home_env, model_path):
+    """One generation at a time: a chat queued behind a completion and interrupted there says that nothing went
+    to the conversation (none is made), not that a reply was kept."""
+    import signal
+
+    from rwkv_chat.daemon.client import Client
+    from rwkv_chat.daemon.config import load_config, save_config
+
+    paths = make_home(tmp_path, model_path("5.2"))
+    cfg = load_config(paths.config_file)
+    cfg.daemon.max_active = 1
+    save_config(cfg, paths.config_file)
+    env = dict(os.environ, RWKV_CHAT_HOME=str(paths.home))
+    try:
+        assert run(paths.home, "daemon", "start").returncode == 0
+        long = subprocess.Popen([*CLI, "complete", "Forever", "--max-tokens", "100000"], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        assert long.stdout.read(1)                                   # it generates
+        chat = subprocess.Popen([*CLI, "chat", "--conversation", "qc1", "Hi"], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        line = chat.stderr.readline().decode()
+        assert "queued" in line, line
+        chat.send_signal(signal.SIGINT)
+        _, err = chat.communicate(timeout=30)
+        assert chat.returncode == 130 and "stopped while queued: nothing was sent" in err.decode(), err
+        with Client(paths, autostart=False) as c:
+            assert not c.find("qc1")
+        long.send_signal(signal.SIGINT)
+        long.communicate(timeout=30)
+    finally:
+        run(paths.home, "daemon", "stop")
+
+
 def test_a_broken_config_is_one_line_without_earlier_log_lines(tmp_path, home_env):
     """A wrong value in config.toml: ``daemon start`` and a ``chat`` that would start one say so in one line
     naming the file, not with the daemon log's tail (earlier runs' lines included)."""

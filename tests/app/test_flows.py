@@ -176,3 +176,27 @@ async def test_a_lost_daemon_is_said_once(tmp_path, home_env):
         await wait_for(pilot, lambda: any("unreachable" in n for n in notices(app)), what="the notice")
         (notice,) = [n for n in notices(app) if "unreachable" in n]
         assert notice.lower().count("unreachable") == 1 and notice.startswith("Daemon unreachable: no daemon")
+
+
+@async_test
+async def test_the_sidebar_follows_conversations_other_clients_make_change_and_remove(fresh_daemon):
+    """Another client (a script, the CLI) makes, renames and removes conversations while the window is open:
+    the sidebar follows through the daemon's store revision in its status, with no event of the open one."""
+    client = fresh_daemon.client
+    a = client.create_conversation(title="open here")
+    app = make_app(fresh_daemon, snapshot=False)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await ready(pilot, app)
+        await wait_for(pilot, lambda: app.chat.cid == a.id, what="the conversation opened")
+        sidebar = app.chat.query_one("Sidebar")
+        ids = lambda: [c.id for c in sidebar.items]                      # noqa: E731
+        b = client.create_conversation(title="made elsewhere")
+        await wait_for(pilot, lambda: b.id in ids(), what="the new conversation listed")
+        client.rename(b.id, "renamed elsewhere")
+        await wait_for(pilot, lambda: app.chat.infos[b.id].title == "renamed elsewhere", what="the new title")
+        for _ in client.chat(b.id, "Hello"):
+            pass
+        await wait_for(pilot, lambda: app.chat.infos[b.id].turns == 2, what="its exchange counted")
+        client.delete(b.id)
+        await wait_for(pilot, lambda: b.id not in ids(), what="the removed conversation gone")
+        assert app.chat.cid == a.id

@@ -247,6 +247,10 @@ def test_cli_names_conversations_by_id_prefix_or_title_and_refuses_bad_names(dae
     r = cli(daemon_home, "chat", "--conversation", "my trip", "Where to?", "--max-tokens", 4)
     assert [t.text for t in client.conversation(trip.id).turns][0] == "Where to?"
     assert "Where to?" in cli(daemon_home, "conversations", "show", "trip0a1").stdout      # an id prefix
+    r = cli(daemon_home, "chat", "--conversation", "trip0a1", "More?", "--max-tokens", 4, check=False)
+    assert r.returncode == 2 and "trip0a1b2c" in r.stderr and r.stderr.count("\n") == 1, r.stderr   # writes none
+    assert len(client.conversation(trip.id).turns) == 2 and not client.find("trip0a1b")[1:]
+    assert [c.id for c in client.find("trip0a1")] == ["trip0a1b2c"]                       # "trip0a1" not made
     r = cli(daemon_home, "conversations", "show", "trip0a", check=False)                   # two of them
     assert r.returncode == 2 and "trip0a1b2c" in r.stderr and "trip0a9z" in r.stderr
     cli(daemon_home, "conversations", "rm", "other")
