@@ -161,6 +161,8 @@ async def test_switching_conversations_by_keyboard_with_their_own_history(fresh_
         keys = list(app.chat.query("FooterKey"))            # the app's keys fit a 100-column terminal
         assert {"Model", "Help", "Quit"} <= {k.description for k in keys}
         assert all(k.region.right <= app.size.width == 100 for k in keys), [(k.description, k.region) for k in keys]
+        label = app.chat.query_one("FooterLabel")            # "^↑^↓ Conversation ^r Regenerate": a space after it
+        assert min(k.region.x for k in keys if k.region.x >= label.region.right) > label.region.right
         app.chat.input.clear()
         await pilot.press("f1")
         await wait_for(pilot, lambda: isinstance(app.screen, HelpScreen), what="help")
